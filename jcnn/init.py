@@ -1,0 +1,1 @@
+"""Weight initializers with the jax.nn.initializers signature ``(key, shape, dtype) -> array``."""
