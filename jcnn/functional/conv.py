@@ -1,1 +1,365 @@
-__all__: list[str] = []
+"""Convolutions over 1-, 2- and 3-D channels-last inputs: cross-correlation, true convolution and
+the transposed convolution.
+
+Inputs are ``(N, *spatial, C)`` and kernels ``(*window, C_in // groups, C_out)``; the spatial rank
+comes from the kernel's rank. Every convolution here reaches ``lax.conv_general_dilated`` through
+one private function, :func:`_conv_nhwc`, so that a faster implementation can replace it in one
+place.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jcnn.functional._checks import PaddingLike, as_int_tuple, check_array, normalize_padding
+
+__all__ = ["conv", "convolve", "conv_transpose"]
+
+# jcnn's padding modes and the jnp.pad mode that builds each. "reflect" mirrors about the edge
+# pixel without repeating it (PyTorch's and NumPy's "reflect"), the notes' "mirror padding".
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+_LAYOUTS = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
+_WINDOWS = {
+    1: "(L, C_in // groups, C_out)",
+    2: "(H, W, C_in // groups, C_out)",
+    3: "(D, H, W, C_in // groups, C_out)",
+}
+_DIMENSION_NUMBERS = {
+    1: ("NWC", "WIO", "NWC"),
+    2: ("NHWC", "HWIO", "NHWC"),
+    3: ("NDHWC", "DHWIO", "NDHWC"),
+}
+
+
+def _conv_nhwc(x, w, stride, padding_pairs, dilation, groups):
+    """Cross-correlation of channels-last ``x`` with an HWIO kernel ``w``, without bias.
+
+    The single entry point to ``lax.conv_general_dilated`` (a faster implementation with its own
+    VJP may replace this body). Arguments are already checked and normalized: ``x`` is
+    ``(N, *spatial, C_in)``, ``w`` is ``(*window, C_in // groups, C_out)`` of the same dtype,
+    ``stride``, ``dilation`` are tuples of positive ints and ``padding_pairs`` a tuple of
+    non-negative ``(lo, hi)`` zero-padding pairs, one per spatial dim.
+
+    Returns:
+        ``(N, *out_spatial, C_out)`` with
+        ``out = (size + lo + hi - (k - 1) * dilation - 1) // stride + 1``.
+    """
+    return lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=stride,
+        padding=padding_pairs,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSION_NUMBERS[w.ndim - 2],
+        feature_group_count=groups,
+    )
+
+
+def _check_kernel_and_input(x, w) -> int:
+    """Check dtypes and ranks of ``x`` and ``w``; return the spatial rank."""
+    check_array(w, "w")
+    if w.ndim not in (3, 4, 5):
+        raise ValueError(
+            "w: expected rank 3, 4 or 5 (*window, C_in // groups, C_out) for a 1-, 2- or 3-D "
+            f"kernel, got rank {w.ndim} with shape {tuple(w.shape)}"
+        )
+    spatial_rank = w.ndim - 2
+    check_array(x, "x")
+    if x.ndim != w.ndim:
+        raise ValueError(
+            f"x: expected rank {w.ndim} {_LAYOUTS[spatial_rank]} for a {spatial_rank}-D kernel "
+            f"{_WINDOWS[spatial_rank]} of shape {tuple(w.shape)}, got rank {x.ndim} with shape "
+            f"{tuple(x.shape)}"
+        )
+    return spatial_rank
+
+
+def _check_groups(groups) -> int:
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool):
+        raise TypeError(f"groups: expected a positive int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups}")
+    return int(groups)
+
+
+def _check_bias(b, out_channels: int) -> None:
+    if b is None:
+        return
+    check_array(b, "b")
+    if tuple(b.shape) != (out_channels,):
+        raise ValueError(
+            f"b: expected shape ({out_channels},), one bias per output channel, "
+            f"got shape {tuple(b.shape)}"
+        )
+
+
+def _promote(x, w, b):
+    """``x``, ``w`` and ``b`` cast to their common floating dtype (lax needs equal dtypes)."""
+    operands = (x, w) if b is None else (x, w, b)
+    dtype = jnp.result_type(*operands)
+    x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    return x, w, (None if b is None else jnp.asarray(b, dtype))
+
+
+def _add_bias(y, b):
+    if b is None:
+        return y
+    return y + b.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def conv(
+    x,
+    w,
+    b=None,
+    *,
+    stride=1,
+    padding: PaddingLike = 0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    flip: bool = False,
+):
+    """Cross-correlation of ``x`` with the kernel ``w`` (the "convolution" of deep learning).
+
+    ``y[n, i, o] = b[o] + sum_{a, c} x_padded[n, i * stride + a * dilation, c] w[a, c, o]`` over
+    every spatial index, with the input channels split into ``groups`` independent groups
+    (``groups = C_in`` with ``C_out = m * C_in`` is a depthwise convolution).
+
+    Args:
+        x: input ``(N, *spatial, C_in)`` with 1, 2 or 3 spatial dims.
+        w: kernel ``(*window, C_in // groups, C_out)``; its rank sets the spatial rank.
+        b: optional bias ``(C_out,)``.
+        stride: an int or one int per spatial dim, each >= 1.
+        padding: an int (both sides of every dim), one int per dim, one ``(lo, hi)`` pair per dim,
+            ``"VALID"`` (none) or ``"SAME"`` (output size ``ceil(size / stride)``, the odd pixel on
+            the high side as in TensorFlow and ``lax``).
+        dilation: spacing between kernel taps, an int or one per spatial dim, each >= 1.
+        groups: number of channel groups; divides both ``C_in`` and ``C_out``.
+        padding_mode: what fills the padding: ``"zeros"``, ``"reflect"`` (mirror about the edge
+            pixel without repeating it, PyTorch's ``reflect``; each pad must be smaller than the
+            size), ``"replicate"`` (repeat the edge pixel) or ``"circular"`` (wrap around; each pad
+            at most the size).
+        flip: flip the kernel along every spatial axis first (true convolution, see
+            :func:`convolve`).
+
+    Returns:
+        ``(N, *out_spatial, C_out)`` with
+        ``out = (size + lo + hi - dilation * (k - 1) - 1) // stride + 1``, in the common dtype
+        of ``x``, ``w`` and ``b``.
+
+    Examples:
+        The worked example of the course notes (a 3x3 input and a 2x2 kernel):
+
+        >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+        >>> w = jnp.array([[0.0, 1.0], [2.0, 3.0]]).reshape(2, 2, 1, 1)
+        >>> conv(x, w)[0, :, :, 0].tolist()
+        [[19.0, 25.0], [37.0, 43.0]]
+
+        Ten 5x5 filters, stride 1, pad 2 on a 3x32x32 image keep the 32x32 size:
+
+        >>> conv(jnp.ones((1, 32, 32, 3)), jnp.ones((5, 5, 3, 10)), stride=1, padding=2).shape
+        (1, 32, 32, 10)
+    """
+    spatial_rank = _check_kernel_and_input(x, w)
+    groups = _check_groups(groups)
+    in_channels, out_channels = x.shape[-1], w.shape[-1]
+    if in_channels % groups:
+        raise ValueError(
+            f"groups: the input channels C_in = x.shape[-1] = {in_channels} are not divisible by "
+            f"groups = {groups}"
+        )
+    if out_channels % groups:
+        raise ValueError(
+            f"groups: the output channels C_out = w.shape[-1] = {out_channels} are not divisible "
+            f"by groups = {groups}"
+        )
+    if w.shape[-2] * groups != in_channels:
+        raise ValueError(
+            f"x: expected {w.shape[-2] * groups} channels (w.shape[-2] = {w.shape[-2]} per group "
+            f"x groups = {groups}), got {in_channels} in shape {tuple(x.shape)}"
+        )
+    _check_bias(b, out_channels)
+    stride = as_int_tuple(stride, spatial_rank, "stride", minimum=1)
+    dilation = as_int_tuple(dilation, spatial_rank, "dilation", minimum=1)
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(
+            f"padding_mode: expected one of {', '.join(map(repr, _PAD_MODES))}, "
+            f"got {padding_mode!r}"
+        )
+    sizes = tuple(x.shape[1:-1])
+    window = tuple(w.shape[:-2])
+    pads = normalize_padding(padding, sizes, window, stride, dilation)
+    for dim, (size, (lo, hi)) in enumerate(zip(sizes, pads, strict=True)):
+        if padding_mode == "reflect" and max(lo, hi) >= size:
+            raise ValueError(
+                f"padding: 'reflect' padding must be smaller than the input size, got {(lo, hi)} "
+                f"for size {size} along spatial dim {dim}"
+            )
+        if padding_mode == "circular" and max(lo, hi) > size:
+            raise ValueError(
+                f"padding: 'circular' padding must be at most the input size, got {(lo, hi)} "
+                f"for size {size} along spatial dim {dim}"
+            )
+    for dim, (size, k, d, (lo, hi)) in enumerate(zip(sizes, window, dilation, pads, strict=True)):
+        span = d * (k - 1) + 1
+        if span > size + lo + hi:
+            raise ValueError(
+                f"w: the dilated window {span} (kernel {k}, dilation {d}) is larger than the "
+                f"padded input {size + lo + hi} (size {size} + padding {(lo, hi)}) along spatial "
+                f"dim {dim}"
+            )
+
+    x, w, b = _promote(x, w, b)
+    if flip:
+        w = jnp.flip(w, axis=tuple(range(spatial_rank)))
+    if padding_mode != "zeros" and any(lo or hi for lo, hi in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
+        pads = ((0, 0),) * spatial_rank
+    y = _conv_nhwc(x, w, stride, pads, dilation, groups)
+    return _add_bias(y, b)
+
+
+def convolve(
+    x,
+    w,
+    b=None,
+    *,
+    stride=1,
+    padding: PaddingLike = 0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+):
+    """True (signal-processing) convolution: :func:`conv` with ``w`` flipped on every spatial axis.
+
+    ``(x * k)[i, j] = sum_{p, q} x[i + p, j + q] k[r - p, r - q]`` as in the course notes. Takes the
+    same arguments as :func:`conv` (without ``flip``) and returns the same shape.
+
+    Args:
+        x: input ``(N, *spatial, C_in)``.
+        w: kernel ``(*window, C_in // groups, C_out)``.
+        b: optional bias ``(C_out,)``.
+        stride, padding, dilation, groups, padding_mode: as in :func:`conv`.
+
+    Returns:
+        ``(N, *out_spatial, C_out)``.
+
+    Example:
+        The notes' example, next to the cross-correlation of the same arrays:
+
+        >>> x = jnp.array([[0.0, 80, 40], [20, 40, 0], [0, 0, 40]]).reshape(1, 3, 3, 1)
+        >>> k = jnp.array([[0.0, 0.25], [0.5, 1]]).reshape(2, 2, 1, 1)
+        >>> convolve(x, k)[0, :, :, 0].tolist()
+        [[45.0, 110.0], [40.0, 40.0]]
+        >>> conv(x, k)[0, :, :, 0].tolist()
+        [[70.0, 30.0], [10.0, 40.0]]
+    """
+    return conv(
+        x,
+        w,
+        b,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+        flip=True,
+    )
+
+
+def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+    """Transposed convolution (the gradient of :func:`conv` with respect to its input).
+
+    Equals PyTorch's ``conv_transpose1d/2d/3d`` with the same weights and arguments: each input
+    pixel scatters ``w``, scaled, into the output at ``stride`` spacing; ``padding`` then crops
+    the full output and ``output_padding`` adds rows at the high end.
+
+    Args:
+        x: input ``(N, *spatial, C_in)``.
+        w: kernel ``(*window, C_in, C_out // groups)``, PyTorch's ``(C_in, C_out // groups,
+            *window)`` with the axes moved; not flipped.
+        b: optional bias ``(C_out,)``.
+        stride: an int or one per spatial dim, each >= 1.
+        padding: cropped from the full output: an int, one int per dim or one ``(lo, hi)`` pair
+            per dim, all >= 0 (``"VALID"`` means 0).
+        output_padding: extra size at the high end of each dim (an int or one per dim); each must
+            be smaller than the stride or the dilation of its dim.
+        dilation: spacing between kernel taps, an int or one per spatial dim, each >= 1.
+        groups: number of channel groups; divides ``C_in``.
+
+    Returns:
+        ``(N, *out_spatial, C_out)`` with
+        ``out = (size - 1) * stride - lo - hi + dilation * (k - 1) + output_padding + 1``.
+
+    Example:
+        A 4x4 kernel with stride 2 and padding 1 doubles the size:
+
+        >>> x, w = jnp.ones((1, 5, 5, 8)), jnp.ones((4, 4, 8, 3))
+        >>> conv_transpose(x, w, stride=2, padding=1).shape
+        (1, 10, 10, 3)
+    """
+    spatial_rank = _check_kernel_and_input(x, w)
+    groups = _check_groups(groups)
+    in_channels = w.shape[-2]
+    if x.shape[-1] != in_channels:
+        raise ValueError(
+            f"x: expected C_in = w.shape[-2] = {in_channels} channels, got {x.shape[-1]} in "
+            f"shape {tuple(x.shape)}"
+        )
+    if in_channels % groups:
+        raise ValueError(
+            f"groups: the input channels C_in = w.shape[-2] = {in_channels} are not divisible by "
+            f"groups = {groups}"
+        )
+    out_channels = w.shape[-1] * groups
+    _check_bias(b, out_channels)
+    stride = as_int_tuple(stride, spatial_rank, "stride", minimum=1)
+    dilation = as_int_tuple(dilation, spatial_rank, "dilation", minimum=1)
+    output_padding = as_int_tuple(output_padding, spatial_rank, "output_padding", minimum=0)
+    if isinstance(padding, str) and padding.upper() != "VALID":
+        raise ValueError(
+            f"padding: conv_transpose takes an int, one int per dim, (lo, hi) pairs or 'VALID', "
+            f"got {padding!r}"
+        )
+    sizes = tuple(x.shape[1:-1])
+    window = tuple(w.shape[:-2])
+    pads = normalize_padding(padding, sizes, window, stride, dilation)
+    if any(p >= s and p >= d for p, s, d in zip(output_padding, stride, dilation, strict=True)):
+        raise ValueError(
+            f"output_padding: each entry must be smaller than the stride or the dilation of its "
+            f"dim, got output_padding={output_padding} with stride={stride}, dilation={dilation}"
+        )
+    for dim, (size, k, s, d, (lo, hi), extra) in enumerate(
+        zip(sizes, window, stride, dilation, pads, output_padding, strict=True)
+    ):
+        out = (size - 1) * s - lo - hi + d * (k - 1) + extra + 1
+        if out < 1:
+            raise ValueError(
+                f"padding: {(lo, hi)} leaves an output size of {out} along spatial dim {dim} "
+                f"(size {size}, kernel {k}, stride {s}, dilation {d}, output_padding {extra})"
+            )
+
+    x, w, b = _promote(x, w, b)
+    # A stride-1 cross-correlation of the zero-interleaved input with the flipped kernel, whose
+    # groups' (C_in // groups, C_out // groups) blocks are laid side by side along C_out.
+    window_axes = tuple(range(spatial_rank))
+    forward_w = jnp.flip(w, axis=window_axes)
+    forward_w = forward_w.reshape(*window, groups, in_channels // groups, w.shape[-1])
+    forward_w = jnp.swapaxes(forward_w, spatial_rank, spatial_rank + 1)
+    forward_w = forward_w.reshape(*window, in_channels // groups, out_channels)
+    # Edge padding of the interleaved input; a negative amount (padding beyond the kernel's
+    # reach) crops, which lax.pad does and the conv's padding does not.
+    edges = [
+        (d * (k - 1) - lo, d * (k - 1) - hi + extra)
+        for k, d, (lo, hi), extra in zip(window, dilation, pads, output_padding, strict=True)
+    ]
+    interleave = [
+        (min(lo, 0), min(hi, 0), s - 1) for (lo, hi), s in zip(edges, stride, strict=True)
+    ]
+    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *interleave, (0, 0, 0)])
+    conv_pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in edges)
+    y = _conv_nhwc(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)
+    return _add_bias(y, b)
