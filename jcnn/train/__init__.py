@@ -1,1 +1,7 @@
-"""jcnn.train."""
+"""Training: optimizers and schedules, the train state, jit-compiled steps, fit(), checkpoints,
+data parallelism and the ``jcnn-train`` command line."""
+
+from jcnn.train import schedules
+from jcnn.train.optim import OPTIMIZERS, default_decay_mask, optimizer
+
+__all__ = ["schedules", "optimizer", "default_decay_mask", "OPTIMIZERS"]

@@ -1,0 +1,192 @@
+"""Optimizers over Optax, written to the update rules of the course notes.
+
+``optimizer(name, learning_rate, ...)`` returns an ``optax.GradientTransformation``:
+
+==============  ==========================================================================
+``sgd``         ``x -= α g``
+``momentum``    ``v = ρ v + g;  x -= α v``
+``nesterov``    ``v' = ρ v − α g;  x += −ρ v + (1 + ρ) v'`` (the notes' change of variables)
+``adagrad``     ``s += g²;  x -= α g / (√s + ε)``
+``rmsprop``     ``s = β s + (1 − β) g²;  x -= α g / (√s + ε)``
+``adam``        bias-corrected moments, ``x -= α m̂ / (√v̂ + ε)``
+``adamw``       Adam with decoupled weight decay (Loshchilov & Hutter)
+``lars``        layer-wise trust ratio on SGD+momentum (You et al. 2017), via ``optax.lars``
+``lamb``        layer-wise trust ratio on Adam (You et al. 2019), via ``optax.lamb``
+==============  ==========================================================================
+
+Differences from Optax's defaults, all to follow the notes: AdaGrad and RMSProp add ``ε`` *outside*
+the square root and start their accumulators at 0 (Optax's ``adagrad`` starts at 0.1 and both put
+``ε`` inside the root), and ``ε = 1e-7`` everywhere (Optax: 1e-8 for Adam, 1e-7 for AdaGrad).
+
+Weight decay ``λ`` is *coupled* (``g += λ x`` before the optimizer, i.e. L2 regularization) for
+every optimizer except ``adamw``, ``lars`` and ``lamb``, where it is *decoupled*
+(``x -= α (update + λ x)``); ``decoupled=`` overrides. A ``mask`` (a pytree of bools or a
+function of the params) chooses which parameters decay; the default decays only arrays of rank
+>= 2 (conv and dense kernels), never biases or BatchNorm scales/offsets.
+``clip_norm`` clips the global gradient norm before anything else.
+
+>>> import jax.numpy as jnp
+>>> tx = optimizer("momentum", 0.1, momentum=0.9)
+>>> params = {"w": jnp.ones(2)}
+>>> state = tx.init(params)
+>>> updates, state = tx.update({"w": jnp.ones(2)}, state, params)
+>>> [round(float(u), 3) for u in updates["w"]]
+[-0.1, -0.1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["optimizer", "default_decay_mask", "scale_by_adagrad", "scale_by_rmsprop", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb")
+_DECOUPLED_BY_DEFAULT = ("adamw", "lars", "lamb")
+
+
+class _AccumulatorState(NamedTuple):
+    accumulator: Any
+
+
+def scale_by_adagrad(eps: float = 1e-7) -> optax.GradientTransformation:
+    """The notes' AdaGrad direction ``g / (√(Σ g²) + ε)``, the sum starting at 0."""
+
+    def init(params):
+        return _AccumulatorState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None):
+        del params
+        accumulator = jax.tree.map(lambda s, g: s + g * g, state.accumulator, updates)
+        scaled = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, accumulator)
+        return scaled, _AccumulatorState(accumulator)
+
+    return optax.GradientTransformation(init, update)
+
+
+def scale_by_rmsprop(decay: float = 0.9, eps: float = 1e-7) -> optax.GradientTransformation:
+    """The notes' RMSProp direction ``g / (√s + ε)``, ``s = β s + (1 − β) g²`` starting at 0."""
+
+    def init(params):
+        return _AccumulatorState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None):
+        del params
+        accumulator = jax.tree.map(
+            lambda s, g: decay * s + (1.0 - decay) * g * g, state.accumulator, updates
+        )
+        scaled = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, accumulator)
+        return scaled, _AccumulatorState(accumulator)
+
+    return optax.GradientTransformation(init, update)
+
+
+def default_decay_mask(params) -> Any:
+    """``True`` for the parameters that should decay: arrays of rank >= 2 (kernels)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def _check_rate(value, name: str) -> None:
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative number or a schedule, got {value!r}")
+
+
+def optimizer(
+    name: str,
+    learning_rate: float | Callable,
+    *,
+    momentum: float = 0.9,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    decay: float = 0.9,
+    eps: float = 1e-7,
+    weight_decay: float = 0.0,
+    decoupled: bool | None = None,
+    mask: Any | Callable | None = None,
+    clip_norm: float | None = None,
+    trust_coefficient: float = 0.001,
+) -> optax.GradientTransformation:
+    """An Optax optimizer following the notes' update rules.
+
+    Args:
+        name: one of ``sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw, lars, lamb``.
+        learning_rate: a number or a schedule ``step -> rate`` (see ``jcnn.train.schedules``).
+        momentum: ``ρ`` of momentum, Nesterov and LARS.
+        beta1: Adam/AdamW/LAMB first-moment decay.
+        beta2: Adam/AdamW/LAMB second-moment decay.
+        decay: RMSProp's ``decay_rate`` of the squared-gradient average.
+        eps: added to the denominator of the adaptive methods (outside the square root).
+        weight_decay: ``λ``; 0 disables it.
+        decoupled: ``True`` for decoupled decay ``x -= α λ x``, ``False`` for L2 (``g += λ x``);
+            ``None`` picks decoupled for adamw/lars/lamb and coupled otherwise.
+        mask: which parameters decay: a pytree of bools or a function of the params;
+            default ``default_decay_mask`` (kernels only).
+        clip_norm: if given, clip the global gradient norm to this value first.
+        trust_coefficient: LARS's trust coefficient ``η``.
+
+    Returns:
+        An ``optax.GradientTransformation``.
+    """
+    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
+        raise ValueError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    name = name.lower()
+    _check_rate(learning_rate, "learning_rate")
+    _check_rate(weight_decay, "weight_decay")
+    for value, label in (
+        (momentum, "momentum"),
+        (beta1, "beta1"),
+        (beta2, "beta2"),
+        (decay, "decay"),
+    ):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{label}: expected a value in [0, 1), got {value!r}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
+    mask = default_decay_mask if mask is None else mask
+    if decoupled is None:
+        decoupled = name in _DECOUPLED_BY_DEFAULT
+
+    chain = []
+    if clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(clip_norm))
+    if weight_decay and not decoupled:
+        chain.append(optax.add_decayed_weights(weight_decay, mask))
+
+    if name in ("lars", "lamb"):
+        decay_here = weight_decay if decoupled else 0.0
+        if name == "lars":
+            base = optax.lars(
+                learning_rate,
+                weight_decay=decay_here,
+                weight_decay_mask=mask,
+                trust_coefficient=trust_coefficient,
+                eps=0.0,
+                trust_ratio_mask=mask,
+                momentum=momentum,
+            )
+        else:
+            base = optax.lamb(
+                learning_rate, b1=beta1, b2=beta2, eps=eps, weight_decay=decay_here, mask=mask
+            )
+        return optax.chain(*chain, base)
+
+    directions = {
+        "sgd": lambda: optax.identity(),
+        "momentum": lambda: optax.trace(decay=momentum, nesterov=False),
+        "nesterov": lambda: optax.trace(decay=momentum, nesterov=True),
+        "adagrad": lambda: scale_by_adagrad(eps=eps),
+        "rmsprop": lambda: scale_by_rmsprop(decay=decay, eps=eps),
+        "adam": lambda: optax.scale_by_adam(b1=beta1, b2=beta2, eps=eps),
+        "adamw": lambda: optax.scale_by_adam(b1=beta1, b2=beta2, eps=eps),
+    }
+    chain.append(directions[name]())
+    if weight_decay and decoupled:
+        chain.append(optax.add_decayed_weights(weight_decay, mask))
+    chain.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*chain)

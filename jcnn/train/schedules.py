@@ -1,0 +1,274 @@
+"""Learning-rate schedules: callables ``step -> learning rate`` usable by any Optax optimizer.
+
+Every schedule follows the formulas of the course notes, with ``t`` the optimizer step (a Python int
+or a traced integer array, so schedules work inside ``jit``):
+
+=================  ===========================================================
+``constant``       ``α0``
+``step``           ``α0 · factor^(number of boundaries <= t)`` (e.g. ×0.1 at epochs 30/60/90)
+``exponential``    ``α0 · e^(−k t)``
+``inverse_time``   ``α0 / (1 + k t)``
+``cosine``         ``½ α0 (1 + cos(π t / T))`` for ``t <= T``, ``0`` after
+``linear``         ``α0 (1 − t / T)`` for ``t <= T``, ``0`` after
+``inverse_sqrt``   ``α0 / sqrt(max(t, 1))`` (the notes' ``α0/√t``, defined at ``t = 0``)
+``warmup``         linear ramp from 0 over ``warmup_steps``, then any schedule, shifted
+``one_cycle``      linear ramp ``max/div → max``, then cosine ``max → max/final_div``
+=================  ===========================================================
+
+Optax has no inverse-time or inverse-sqrt schedule; all of these are written here directly so
+that each is its formula and nothing else.
+
+>>> sched = warmup(cosine(0.1, total_steps=100), warmup_steps=10)
+>>> [round(float(sched(t)), 4) for t in (0, 5, 10, 60, 110)]
+[0.0, 0.05, 0.1, 0.05, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+
+__all__ = [
+    "Schedule",
+    "constant",
+    "step",
+    "exponential",
+    "inverse_time",
+    "cosine",
+    "linear",
+    "inverse_sqrt",
+    "warmup",
+    "one_cycle",
+    "SCHEDULES",
+]
+
+Schedule = Callable[[int], jnp.ndarray]
+
+
+def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name}: expected {kind} finite number, got {value!r}")
+    return float(value)
+
+
+def _check_steps(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int number of steps, got {value!r}")
+    return value
+
+
+def _as_float(t) -> jnp.ndarray:
+    return jnp.asarray(t, dtype=jnp.float32)
+
+
+def constant(learning_rate: float) -> Schedule:
+    """``α0`` at every step.
+
+    Args:
+        learning_rate: the constant ``α0``.
+
+    Returns:
+        A schedule ``t -> α0``.
+    """
+    lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
+    return lambda t: jnp.full((), lr, jnp.float32) + 0.0 * _as_float(t)
+
+
+def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -> Schedule:
+    """Piecewise-constant decay: multiply by ``factor`` at each boundary step.
+
+    Args:
+        learning_rate: ``α0``, the rate before the first boundary.
+        boundaries: increasing steps at which the rate is multiplied by ``factor`` (the new rate
+            applies from that step on).
+        factor: the multiplier at each boundary (0.1 for the classic ResNet schedule, 0.5 for
+            "halve every few epochs").
+
+    Returns:
+        A schedule ``t -> α0 · factor^(#{b in boundaries : b <= t})``.
+
+    >>> sched = step(1.0, [3, 6], factor=0.5)
+    >>> [float(sched(t)) for t in range(8)]
+    [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+    """
+    lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
+    factor = _check_positive(factor, "factor")
+    bounds = [int(b) for b in boundaries]
+    if any(b < 0 for b in bounds) or any(b >= c for b, c in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"boundaries: expected strictly increasing non-negative steps, got {bounds}"
+        )
+    bounds_array = jnp.asarray(bounds, dtype=jnp.int32)
+
+    def schedule(t):
+        passed = jnp.sum(jnp.asarray(t, jnp.int32) >= bounds_array)
+        return lr * jnp.power(jnp.float32(factor), passed.astype(jnp.float32))
+
+    return schedule
+
+
+def exponential(learning_rate: float, decay_rate: float) -> Schedule:
+    """Exponential decay ``α0 · e^(−k t)``.
+
+    Args:
+        learning_rate: ``α0``.
+        decay_rate: ``k >= 0`` per step.
+
+    Returns:
+        The schedule.
+    """
+    lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
+    k = _check_positive(decay_rate, "decay_rate", allow_zero=True)
+    return lambda t: lr * jnp.exp(-k * _as_float(t))
+
+
+def inverse_time(learning_rate: float, decay_rate: float) -> Schedule:
+    """The notes' 1/t decay ``α0 / (1 + k t)``.
+
+    Args:
+        learning_rate: ``α0``.
+        decay_rate: ``k >= 0`` per step.
+
+    Returns:
+        The schedule.
+    """
+    lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
+    k = _check_positive(decay_rate, "decay_rate", allow_zero=True)
+    return lambda t: lr / (1.0 + k * _as_float(t))
+
+
+def cosine(learning_rate: float, total_steps: int) -> Schedule:
+    """Cosine decay ``½ α0 (1 + cos(π t / T))``, held at 0 after ``T``.
+
+    Args:
+        learning_rate: ``α0``.
+        total_steps: ``T``, the step at which the rate reaches 0.
+
+    Returns:
+        The schedule.
+    """
+    lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
+    total = _check_steps(total_steps, "total_steps")
+
+    def schedule(t):
+        progress = jnp.clip(_as_float(t) / total, 0.0, 1.0)
+        return 0.5 * lr * (1.0 + jnp.cos(jnp.pi * progress))
+
+    return schedule
+
+
+def linear(learning_rate: float, total_steps: int) -> Schedule:
+    """Linear decay ``α0 (1 − t / T)``, held at 0 after ``T``.
+
+    Args:
+        learning_rate: ``α0``.
+        total_steps: ``T``.
+
+    Returns:
+        The schedule.
+    """
+    lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
+    total = _check_steps(total_steps, "total_steps")
+    return lambda t: lr * (1.0 - jnp.clip(_as_float(t) / total, 0.0, 1.0))
+
+
+def inverse_sqrt(learning_rate: float) -> Schedule:
+    """Inverse square-root decay ``α0 / √t``, with ``t`` clamped to at least 1.
+
+    Args:
+        learning_rate: ``α0``.
+
+    Returns:
+        The schedule (``α0`` at steps 0 and 1).
+    """
+    lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
+    return lambda t: lr / jnp.sqrt(jnp.maximum(_as_float(t), 1.0))
+
+
+def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
+    """Linear warmup from 0 to ``schedule(0)`` over ``warmup_steps``, then ``schedule(t − W)``.
+
+    The wrapped schedule starts after the warmup, so its own horizon (``T`` of cosine/linear) is
+    counted from the end of the warmup.
+
+    Args:
+        schedule: any schedule.
+        warmup_steps: ``W``, the length of the ramp (``t = W`` is the first step of ``schedule``).
+
+    Returns:
+        The warmed-up schedule.
+    """
+    if not callable(schedule):
+        raise TypeError(
+            f"schedule: expected a callable step -> rate, got {type(schedule).__name__}"
+        )
+    ramp = _check_steps(warmup_steps, "warmup_steps")
+    peak = schedule(0)
+
+    def warmed(t):
+        t_float = _as_float(t)
+        after = schedule(jnp.maximum(jnp.asarray(t, jnp.int32) - ramp, 0))
+        return jnp.where(t_float < ramp, peak * t_float / ramp, after)
+
+    return warmed
+
+
+def one_cycle(
+    max_learning_rate: float,
+    total_steps: int,
+    *,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> Schedule:
+    """The one-cycle policy (Smith & Topin 2018) in its common two-phase form.
+
+    From ``max/div_factor`` the rate rises linearly to ``max`` over the first ``pct_start · T``
+    steps, then falls along a half cosine to ``max/(div_factor · final_div_factor)`` at ``T``
+    (PyTorch's ``OneCycleLR`` with ``anneal_strategy="cos"`` anneals the rise with a cosine too;
+    the rise here is linear).
+
+    Args:
+        max_learning_rate: the peak rate.
+        total_steps: ``T``.
+        pct_start: the fraction of ``T`` spent rising, in ``(0, 1)``.
+        div_factor: the initial rate is ``max / div_factor``.
+        final_div_factor: the final rate is ``initial / final_div_factor``.
+
+    Returns:
+        The schedule.
+    """
+    peak = _check_positive(max_learning_rate, "max_learning_rate")
+    total = _check_steps(total_steps, "total_steps")
+    if not 0.0 < pct_start < 1.0:
+        raise ValueError(f"pct_start: expected a fraction in (0, 1), got {pct_start!r}")
+    initial = peak / _check_positive(div_factor, "div_factor")
+    final = initial / _check_positive(final_div_factor, "final_div_factor")
+    rise = max(1, int(round(pct_start * total)))
+    fall = max(1, total - rise)
+
+    def schedule(t):
+        t_float = _as_float(t)
+        up = initial + (peak - initial) * jnp.clip(t_float / rise, 0.0, 1.0)
+        progress = jnp.clip((t_float - rise) / fall, 0.0, 1.0)
+        down = final + 0.5 * (peak - final) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(t_float < rise, up, down)
+
+    return schedule
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "constant": constant,
+    "step": step,
+    "exponential": exponential,
+    "inverse_time": inverse_time,
+    "cosine": cosine,
+    "linear": linear,
+    "inverse_sqrt": inverse_sqrt,
+    "one_cycle": one_cycle,
+}

@@ -1,0 +1,142 @@
+"""Each optimizer against the notes' pseudo-code, written out in NumPy, for a few steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jcnn.train import optim
+from jcnn.train import schedules as S
+
+LR, RHO, BETA1, BETA2, DECAY, EPS = 0.05, 0.9, 0.9, 0.999, 0.9, 1e-7
+
+
+def _gradient(x, target):
+    """Gradient of a non-quadratic loss sum(cosh(x - target)) so that steps depend on x."""
+    return np.sinh(x - target)
+
+
+def _reference(name, x, target, steps, weight_decay=0.0, decoupled=False):
+    """The notes' update loops (lecture 003), with optional coupled or decoupled weight decay."""
+    x = x.astype(np.float64).copy()
+    v = np.zeros_like(x)
+    m = np.zeros_like(x)
+    s = np.zeros_like(x)
+    for t in range(1, steps + 1):
+        dx = _gradient(x, target)
+        if weight_decay and not decoupled:
+            dx = dx + weight_decay * x
+        if name == "sgd":
+            step = LR * dx
+        elif name == "momentum":
+            v = RHO * v + dx
+            step = LR * v
+        elif name == "nesterov":
+            old_v = v
+            v = RHO * v - LR * dx
+            step = -(-RHO * old_v + (1 + RHO) * v)
+        elif name == "adagrad":
+            s = s + dx * dx
+            step = LR * dx / (np.sqrt(s) + EPS)
+        elif name == "rmsprop":
+            s = DECAY * s + (1 - DECAY) * dx * dx
+            step = LR * dx / (np.sqrt(s) + EPS)
+        elif name in ("adam", "adamw"):
+            m = BETA1 * m + (1 - BETA1) * dx
+            s = BETA2 * s + (1 - BETA2) * dx * dx
+            m_hat, s_hat = m / (1 - BETA1**t), s / (1 - BETA2**t)
+            step = LR * m_hat / (np.sqrt(s_hat) + EPS)
+        if weight_decay and decoupled:
+            step = step + LR * weight_decay * x
+        x = x - step
+    return x
+
+
+def _run(tx, x, target, steps):
+    params = {"w": jnp.asarray(x, jnp.float32)}
+    state = tx.init(params)
+
+    @jax.jit
+    def one(params, state):
+        grads = {"w": jnp.sinh(params["w"] - target)}
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = one(params, state)
+    return np.asarray(params["w"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"])
+def test_matches_notes_pseudocode(name, rng):
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    target = rng.normal(size=(3, 4)).astype(np.float32)
+    tx = optim.optimizer(name, LR, momentum=RHO, beta1=BETA1, beta2=BETA2, decay=DECAY, eps=EPS)
+    got = _run(tx, x, target, steps=6)
+    expected = _reference(name, x, target, steps=6)
+    assert not np.allclose(expected, x, atol=1e-3)  # the steps moved
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name, decoupled", [("momentum", False), ("adam", False), ("adamw", True)])
+def test_weight_decay_coupled_and_decoupled(name, decoupled, rng):
+    x = rng.normal(size=(2, 5)).astype(np.float32)
+    target = rng.normal(size=(2, 5)).astype(np.float32)
+    tx = optim.optimizer(name, LR, weight_decay=0.1)
+    got = _run(tx, x, target, steps=5)
+    expected = _reference(name, x, target, steps=5, weight_decay=0.1, decoupled=decoupled)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
+    without = _reference(name, x, target, steps=5)
+    assert np.abs(expected - without).max() > 1e-4  # decay made a difference
+
+
+def test_default_mask_spares_biases_and_bn(rng):
+    params = {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3), "scale": jnp.ones(3)}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = optim.optimizer("sgd", 1.0, weight_decay=0.5)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.5 * np.ones((3, 3)))
+    np.testing.assert_allclose(updates["bias"], 0.0)
+    np.testing.assert_allclose(updates["scale"], 0.0)
+
+
+def test_clip_norm_clips_the_global_norm(rng):
+    params = {"a": jnp.zeros(4), "b": jnp.zeros((2, 2))}
+    grads = {
+        "a": jnp.asarray(rng.normal(size=4) * 10),
+        "b": jnp.asarray(rng.normal(size=(2, 2)) * 10),
+    }
+    tx = optim.optimizer("sgd", 1.0, clip_norm=1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    norm = np.sqrt(sum(float(jnp.sum(u**2)) for u in jax.tree.leaves(updates)))
+    assert norm == pytest.approx(1.0, rel=1e-5)
+
+
+def test_schedule_as_learning_rate():
+    sched = S.step(1.0, [2], 0.1)
+    tx = optim.optimizer("sgd", sched)
+    params = {"w": jnp.zeros(1)}
+    state = tx.init(params)
+    seen = []
+    for _ in range(4):
+        updates, state = tx.update({"w": jnp.ones(1)}, state, params)
+        seen.append(-float(updates["w"][0]))
+    np.testing.assert_allclose(seen, [1.0, 1.0, 0.1, 0.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_layerwise_optimizers_decrease_loss(name, rng):
+    x = rng.normal(size=(4, 4)).astype(np.float32)
+    target = np.zeros((4, 4), np.float32)
+    got = _run(optim.optimizer(name, 0.5 if name == "lars" else 0.05), x, target, steps=20)
+    assert np.cosh(got).sum() < np.cosh(x).sum()
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="name: expected one of"):
+        optim.optimizer("adamax", 0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        optim.optimizer("momentum", 0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        optim.optimizer("sgd", -1.0)

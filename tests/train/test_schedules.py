@@ -1,0 +1,95 @@
+"""Each schedule against its formula from the notes, eagerly and under jit."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.train import schedules as S
+
+
+def _formulas(rng):
+    a0 = float(rng.uniform(0.01, 1.0))
+    k = float(rng.uniform(0.001, 0.1))
+    total = int(rng.integers(20, 200))
+    return (
+        a0,
+        k,
+        total,
+        [
+            (S.constant(a0), lambda t: a0),
+            (S.exponential(a0, k), lambda t: a0 * math.exp(-k * t)),
+            (S.inverse_time(a0, k), lambda t: a0 / (1 + k * t)),
+            (
+                S.cosine(a0, total),
+                lambda t: 0.5 * a0 * (1 + math.cos(math.pi * min(t, total) / total)),
+            ),
+            (S.linear(a0, total), lambda t: a0 * (1 - min(t, total) / total)),
+            (S.inverse_sqrt(a0), lambda t: a0 / math.sqrt(max(t, 1))),
+            (
+                S.step(a0, [total // 3, 2 * total // 3], 0.1),
+                lambda t: a0 * 0.1 ** ((t >= total // 3) + (t >= 2 * total // 3)),
+            ),
+        ],
+    )
+
+
+def test_schedules_match_formulas(rng):
+    _, _, total, pairs = _formulas(rng)
+    steps = np.concatenate(
+        [np.arange(0, 5), rng.integers(0, 2 * total, size=30), [total, 2 * total]]
+    )
+    for schedule, formula in pairs:
+        expected = np.array([formula(int(t)) for t in steps])
+        eager = np.array([float(schedule(int(t))) for t in steps])
+        traced = np.asarray(jax.jit(jax.vmap(schedule))(jnp.asarray(steps, jnp.int32)))
+        np.testing.assert_allclose(eager, expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(traced, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_step_schedule_classic_resnet():
+    sched = S.step(0.1, [30, 60, 90], 0.1)
+    got = [float(sched(t)) for t in (0, 29, 30, 59, 60, 89, 90, 200)]
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-5)
+
+
+def test_warmup_wraps_any_schedule(rng):
+    _, _, _, pairs = _formulas(rng)
+    ramp = int(rng.integers(3, 15))
+    for schedule, formula in pairs:
+        warmed = S.warmup(schedule, ramp)
+        for t in [0, 1, ramp // 2, ramp - 1]:
+            assert float(warmed(t)) == pytest.approx(formula(0) * t / ramp, rel=1e-5, abs=1e-8)
+        for t in [ramp, ramp + 1, ramp + 17]:
+            assert float(warmed(t)) == pytest.approx(formula(t - ramp), rel=1e-5, abs=1e-8)
+
+
+def test_one_cycle_shape():
+    peak, total = 0.4, 100
+    sched = S.one_cycle(peak, total, pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+    initial, final = peak / 10, peak / 1000
+    assert float(sched(0)) == pytest.approx(initial)
+    assert float(sched(12)) == pytest.approx(initial + (peak - initial) * 12 / 25, rel=1e-5)
+    assert float(sched(25)) == pytest.approx(peak)
+    for t in (26, 50, 99):
+        falling = final + 0.5 * (peak - final) * (1 + math.cos(math.pi * (t - 25) / 75))
+        assert float(sched(t)) == pytest.approx(falling, rel=1e-5)
+    assert float(sched(total)) == pytest.approx(final, rel=1e-5)
+    assert float(sched(10 * total)) == pytest.approx(final, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: S.cosine(0.1, 0), "total_steps"),
+        (lambda: S.step(0.1, [5, 3]), "boundaries"),
+        (lambda: S.exponential(-1.0, 0.1), "learning_rate"),
+        (lambda: S.warmup(0.1, 5), "schedule"),
+        (lambda: S.one_cycle(0.1, 10, pct_start=1.5), "pct_start"),
+    ],
+)
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
