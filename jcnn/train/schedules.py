@@ -99,7 +99,9 @@ def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
     factor = _check_positive(factor, "factor")
     bounds = [int(b) for b in boundaries]
-    if any(b < 0 for b in bounds) or any(b >= c for b, c in zip(bounds, bounds[1:])):
+    if any(b < 0 for b in bounds) or any(
+        b >= c for b, c in zip(bounds[:-1], bounds[1:], strict=True)
+    ):
         raise ValueError(
             f"boundaries: expected strictly increasing non-negative steps, got {bounds}"
         )
