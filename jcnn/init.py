@@ -1,1 +1,348 @@
-"""Weight initializers with the jax.nn.initializers signature ``(key, shape, dtype) -> array``."""
+"""Weight initializers with the jax.nn.initializers signature ``(key, shape, dtype) -> array``.
+
+Every fan-based initializer understands dense kernels ``(C_in, C_out)`` and conv kernels
+``(*window, C_in // groups, C_out)`` (HWIO): with ``receptive = prod(window)``,
+
+- ``fan_in = receptive * shape[-2]``: the inputs one output unit sees. The stored ``shape[-2]`` is
+  already ``C_in // groups``, so this is right for grouped and depthwise convs with no extra
+  argument.
+- ``fan_out = receptive * shape[-1] // groups``: the outputs one input unit feeds. A grouped conv
+  connects each input channel to only ``C_out // groups`` output channels, which the kernel shape
+  cannot tell, so the initializers that use ``fan_out`` take ``groups``. PyTorch ignores groups
+  (its ``fan_out`` is ``receptive * C_out``); that is jcnn's ``groups=1``, the default.
+
+Formulas follow the course notes (a unit's pre-activation ``Y = sum_i W_i X_i`` keeps the variance
+of its inputs when ``Var(W) = 1 / n``; ReLU halves it, hence ``2 / n``), with plain (not truncated)
+normal draws as in the notes and PyTorch. Where the notes and libraries differ:
+
+- ``xavier_*``: the notes define Xavier by ``Var(W) = 1 / fan_in`` (forward pass only); that is the
+  default here (``mode="fan_in"``), the same as ``lecun_normal``. Glorot and Bengio's paper, PyTorch
+  and ``jax.nn.initializers.glorot_*`` average both directions, ``Var(W) = 2 / (fan_in + fan_out)``:
+  pass ``mode="fan_avg"`` for that.
+- ``lecun_normal`` and ``he_normal`` draw a plain normal; ``jax.nn.initializers`` truncates it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn.functional.dropout import _check_key
+
+__all__ = [
+    "compute_fans",
+    "dirac",
+    "he_normal",
+    "he_uniform",
+    "lecun_normal",
+    "normal",
+    "ones",
+    "orthogonal",
+    "xavier_normal",
+    "xavier_uniform",
+    "zeros",
+]
+
+_MODES = ("fan_in", "fan_out", "fan_avg")
+
+
+def _check_shape_dtype(key, shape, dtype, *, min_rank: int = 0):
+    """Checked ``(shape, dtype)``: a tuple of ints and a floating dtype (``None``: float32)."""
+    _check_key(key)
+    if not isinstance(shape, Sequence) or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise TypeError(f"shape: expected a sequence of non-negative ints, got {shape!r}")
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < min_rank:
+        raise ValueError(
+            f"shape: expected rank >= {min_rank} (a dense (C_in, C_out) or conv (*window, "
+            f"C_in // groups, C_out) kernel), got {shape}"
+        )
+    dtype = jnp.float32 if dtype is None else dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype: expected a floating dtype, got {jnp.dtype(dtype)}")
+    return shape, dtype
+
+
+def _check_positive(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a positive number, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value}")
+
+
+def _check_groups(groups) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+
+
+def compute_fans(shape, groups=1) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a dense or conv kernel ``(*window, C_in // groups, C_out)``.
+
+    Args:
+        shape: the kernel's shape, rank >= 2.
+        groups: the conv's groups; ``C_out`` must divide by it.
+
+    Returns:
+        ``(prod(window) * shape[-2], prod(window) * shape[-1] // groups)``.
+
+    >>> compute_fans((3, 3, 16, 32))
+    (144, 288)
+    >>> compute_fans((3, 3, 4, 32), groups=4)
+    (36, 72)
+    """
+    if not isinstance(shape, Sequence) or len(shape) < 2:
+        raise ValueError(
+            f"shape: expected a dense (C_in, C_out) or conv (*window, C_in // groups, C_out) "
+            f"kernel shape of rank >= 2, got {shape!r}"
+        )
+    _check_groups(groups)
+    if shape[-1] % groups:
+        raise ValueError(
+            f"groups: the kernel's {shape[-1]} output channels (shape {tuple(shape)}) must divide "
+            f"by groups, got {groups}"
+        )
+    receptive = math.prod(shape[:-2])
+    return receptive * shape[-2], receptive * shape[-1] // groups
+
+
+def _fan(shape, mode: str, groups: int) -> float:
+    fan_in, fan_out = compute_fans(shape, groups)
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+    if fan == 0:
+        raise ValueError(f"shape: a kernel with no inputs or outputs has {mode} 0, got {shape}")
+    return fan
+
+
+def _check_mode(mode) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+
+
+def zeros(key, shape, dtype=jnp.float32):
+    """All zeros (biases; the last BatchNorm scale of a residual block).
+
+    >>> zeros(jax.random.key(0), (2,)).tolist()
+    [0.0, 0.0]
+    """
+    shape, dtype = _check_shape_dtype(key, shape, dtype)
+    return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype=jnp.float32):
+    """All ones (BatchNorm and LayerNorm scales).
+
+    >>> ones(jax.random.key(0), (2,)).tolist()
+    [1.0, 1.0]
+    """
+    shape, dtype = _check_shape_dtype(key, shape, dtype)
+    return jnp.ones(shape, dtype)
+
+
+def normal(stddev=0.01):
+    """Zero-mean normal with a fixed ``stddev`` (the notes' "small random numbers", ``0.01``).
+
+    Args:
+        stddev: standard deviation, positive.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``.
+
+    >>> normal(0.5)(jax.random.key(0), (3, 2)).shape
+    (3, 2)
+    """
+    _check_positive(stddev, "stddev")
+
+    def init(key, shape, dtype=jnp.float32):
+        shape, dtype = _check_shape_dtype(key, shape, dtype)
+        return stddev * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def _scaled_normal(variance_numerator: float, mode: str, groups: int):
+    def init(key, shape, dtype=jnp.float32):
+        shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=2)
+        std = math.sqrt(variance_numerator / _fan(shape, mode, groups))
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def _scaled_uniform(variance_numerator: float, mode: str, groups: int):
+    def init(key, shape, dtype=jnp.float32):
+        shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=2)
+        # U(-a, a) has variance a**2 / 3.
+        limit = math.sqrt(3 * variance_numerator / _fan(shape, mode, groups))
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+def _check_common(gain, mode, groups) -> None:
+    _check_positive(gain, "gain")
+    _check_mode(mode)
+    _check_groups(groups)
+
+
+def xavier_normal(gain=1.0, *, mode="fan_in", groups=1):
+    """Xavier/Glorot normal: ``N(0, gain**2 / fan)``; the notes' ``fan = fan_in`` by default.
+
+    Args:
+        gain: multiplies the standard deviation (PyTorch's ``calculate_gain``).
+        mode: ``"fan_in"`` (the course notes), ``"fan_avg"`` (``(fan_in + fan_out) / 2``: Glorot
+            and Bengio 2010, PyTorch's ``xavier_normal_``) or ``"fan_out"``.
+        groups: the conv's groups, for ``fan_out`` (see the module docstring).
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
+    """
+    _check_common(gain, mode, groups)
+    return _scaled_normal(gain**2, mode, groups)
+
+
+def xavier_uniform(gain=1.0, *, mode="fan_in", groups=1):
+    """Xavier/Glorot uniform: ``U(-a, a)``, ``a = gain * sqrt(3 / fan)`` (variance ``gain**2/fan``).
+
+    Args:
+        gain: multiplies the limit.
+        mode: ``"fan_in"`` (the course notes), ``"fan_avg"`` (Glorot and Bengio 2010, PyTorch's
+            ``xavier_uniform_``: ``a = gain * sqrt(6 / (fan_in + fan_out))``) or ``"fan_out"``.
+        groups: the conv's groups, for ``fan_out``.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
+    """
+    _check_common(gain, mode, groups)
+    return _scaled_uniform(gain**2, mode, groups)
+
+
+def he_normal(*, mode="fan_in", groups=1):
+    """He/Kaiming normal for ReLU nets (He et al. 2015): ``N(0, 2 / fan)``, ``fan = fan_in``.
+
+    The notes' ``randn(fan_in, fan_out) / sqrt(fan_in / 2)``; PyTorch's
+    ``kaiming_normal_(w, mode="fan_in", nonlinearity="relu")``.
+
+    Args:
+        mode: ``"fan_in"`` keeps forward activations' variance; ``"fan_out"`` the backward
+            gradients'.
+        groups: the conv's groups, for ``fan_out``.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
+
+    >>> w = he_normal()(jax.random.key(0), (3, 3, 64, 64))
+    >>> round(float(w.std() * (2 / (3 * 3 * 64)) ** -0.5), 1)
+    1.0
+    """
+    _check_common(1.0, mode, groups)
+    return _scaled_normal(2.0, mode, groups)
+
+
+def he_uniform(*, mode="fan_in", groups=1):
+    """He/Kaiming uniform: ``U(-a, a)``, ``a = sqrt(6 / fan)``, variance ``2 / fan``.
+
+    PyTorch's ``kaiming_uniform_(w, mode="fan_in", nonlinearity="relu")``.
+
+    Args:
+        mode: ``"fan_in"`` or ``"fan_out"``.
+        groups: the conv's groups, for ``fan_out``.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
+    """
+    _check_common(1.0, mode, groups)
+    return _scaled_uniform(2.0, mode, groups)
+
+
+def lecun_normal():
+    """LeCun normal: ``N(0, 1 / fan_in)`` (LeCun et al. 1998; the notes' Xavier), for tanh/SELU.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
+    """
+    return _scaled_normal(1.0, "fan_in", 1)
+
+
+def orthogonal(gain=1.0):
+    """A (semi-)orthogonal kernel (Saxe et al. 2013), orthogonal as a ``(rows, C_out)`` matrix.
+
+    With ``rows = prod(shape[:-1])`` (``prod(window) * C_in // groups`` for a conv kernel) and
+    ``cols = shape[-1]``: the columns are orthonormal (``W^T W = gain**2 I``) when ``rows >= cols``,
+    else the rows are. Drawn uniformly (Haar) via the QR of a normal matrix with the signs of
+    ``R``'s diagonal folded into ``Q``.
+
+    Args:
+        gain: multiplies the matrix.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
+
+    >>> w = orthogonal()(jax.random.key(0), (3, 3, 8, 16)).reshape(72, 16)
+    >>> bool(jnp.allclose(w.T @ w, jnp.eye(16), atol=1e-5))
+    True
+    """
+    _check_positive(gain, "gain")
+
+    def init(key, shape, dtype=jnp.float32):
+        shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=2)
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        tall = (max(rows, cols), min(rows, cols))
+        a = jax.random.normal(key, tall, jnp.promote_types(dtype, jnp.float32))
+        q, r = jnp.linalg.qr(a)
+        q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+        if rows < cols:
+            q = q.T
+        return (gain * q).astype(dtype).reshape(shape)
+
+    return init
+
+
+def dirac(groups=1):
+    """The identity conv kernel: with padding ``(k - 1) // 2`` and odd windows, ``conv(x, w) == x``.
+
+    For a kernel ``(*window, C_in // groups, C_out)``, output channel ``g * (C_out // groups) + d``
+    of group ``g`` copies that group's input channel ``d`` at the window's centre
+    (``window // 2``), for ``d < min(C_in // groups, C_out // groups)``; the other outputs are
+    zero. This is PyTorch's ``dirac_(w, groups)`` in jcnn's layout. For an even window the centre
+    is the upper middle tap, so the identity comes with a one-pixel shift.
+
+    Args:
+        groups: the conv's groups; ``C_out`` must divide by it.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 3 (a conv kernel).
+
+    >>> w = dirac()(jax.random.key(0), (3, 3, 2, 2))
+    >>> w[1, 1].tolist(), float(w.sum())
+    ([[1.0, 0.0], [0.0, 1.0]], 2.0)
+    """
+    _check_groups(groups)
+
+    def init(key, shape, dtype=jnp.float32):
+        shape, dtype = _check_shape_dtype(key, shape, dtype)
+        if len(shape) < 3:
+            raise ValueError(
+                f"shape: expected a conv kernel (*window, C_in // groups, C_out) of rank >= 3, "
+                f"got {shape}"
+            )
+        *window, in_per_group, out_channels = shape
+        if out_channels % groups:
+            raise ValueError(
+                f"groups: the kernel's {out_channels} output channels (shape {shape}) must divide "
+                f"by groups, got {groups}"
+            )
+        out_per_group = out_channels // groups
+        kernel = np.zeros(shape, dtype=np.float32)
+        centre = tuple(k // 2 for k in window)
+        for g in range(groups):
+            for d in range(min(in_per_group, out_per_group)):
+                kernel[(*centre, d, g * out_per_group + d)] = 1.0
+        return jnp.asarray(kernel, dtype)
+
+    return init

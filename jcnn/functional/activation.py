@@ -1,1 +1,307 @@
-__all__: list[str] = []
+"""Elementwise activations and maxout, channels-last.
+
+Each function matches ``torch.nn.functional`` in value and gradient, including the gradient at
+exactly ``x == 0``, where PyTorch takes the negative branch: ``relu``, ``leaky_relu``, ``prelu``
+and ``elu`` have the gradient of their negative part there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn.functional._checks import check_array
+
+__all__ = [
+    "elu",
+    "gelu",
+    "leaky_relu",
+    "maxout",
+    "mish",
+    "prelu",
+    "rectify",
+    "relu",
+    "selu",
+    "sigmoid",
+    "silu",
+    "softplus",
+    "swish",
+    "tanh",
+]
+
+
+def _check_real(value, name: str) -> None:
+    """Raise unless ``value`` is a real number or a 0-d real array (it may be traced)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if value.shape != () or not (
+            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"{name}: expected a real number or a 0-d real array, got an array of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        return
+    raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+
+
+def relu(x):
+    """Rectified linear unit ``max(0, x)``.
+
+    Args:
+        x: floating array of any shape.
+
+    Returns:
+        An array like ``x``.
+
+    >>> relu(jnp.array([-1.0, 0.0, 2.0])).tolist()
+    [0.0, 0.0, 2.0]
+    """
+    check_array(x, "x")
+    return jax.nn.relu(x)
+
+
+def leaky_relu(x, negative_slope=0.01):
+    """Leaky ReLU ``x if x > 0 else negative_slope * x``.
+
+    Args:
+        x: floating array of any shape.
+        negative_slope: slope of the negative part (a number or a 0-d array).
+
+    Returns:
+        An array like ``x``.
+
+    >>> leaky_relu(jnp.array([-2.0, 3.0]), 0.5).tolist()
+    [-1.0, 3.0]
+    """
+    check_array(x, "x")
+    _check_real(negative_slope, "negative_slope")
+    return jnp.where(x > 0, x, negative_slope * x)
+
+
+def prelu(x, alpha):
+    """Parametric ReLU ``x if x > 0 else alpha * x`` with a learned slope.
+
+    Args:
+        x: floating array ``(..., C)``, channels last.
+        alpha: the slope: a scalar (shape ``()`` or ``(1,)``), shared by every channel, or one per
+            channel, shape ``(C,)``, broadcast along the last axis of ``x`` (PyTorch's ``weight``,
+            which it applies along axis 1 of channels-first input).
+
+    Returns:
+        An array like ``x``.
+
+    >>> prelu(jnp.array([[-2.0, -2.0], [1.0, 1.0]]), jnp.array([0.5, 0.25])).tolist()
+    [[-1.0, -0.5], [1.0, 1.0]]
+    """
+    check_array(x, "x")
+    check_array(alpha, "alpha", ndim=(0, 1))
+    if x.ndim == 0 and alpha.shape not in ((), (1,)):
+        raise ValueError(f"alpha: expected shape () or (1,) for a 0-d x, got {tuple(alpha.shape)}")
+    if alpha.ndim == 1 and alpha.shape[0] not in (1, x.shape[-1]):
+        raise ValueError(
+            f"alpha: expected shape (), (1,) or ({x.shape[-1]},) (the channels, last axis of x "
+            f"with shape {tuple(x.shape)}), got {tuple(alpha.shape)}"
+        )
+    slope = alpha.reshape(()) if alpha.shape == (1,) else alpha
+    if slope.ndim == 1:
+        slope = slope.reshape((1,) * (x.ndim - 1) + slope.shape)
+    return jnp.where(x > 0, x, slope * x)
+
+
+def elu(x, alpha=1.0):
+    """Exponential linear unit ``x if x > 0 else alpha * (exp(x) - 1)`` (Clevert et al. 2015).
+
+    Args:
+        x: floating array of any shape.
+        alpha: saturation value of the negative part is ``-alpha``.
+
+    Returns:
+        An array like ``x``.
+
+    >>> [round(v, 4) for v in elu(jnp.array([-1.0, 2.0])).tolist()]
+    [-0.6321, 2.0]
+    """
+    check_array(x, "x")
+    _check_real(alpha, "alpha")
+    return jax.nn.elu(x, alpha)
+
+
+def selu(x):
+    """Scaled ELU (Klambauer et al. 2017) with the self-normalizing constants PyTorch uses.
+
+    Args:
+        x: floating array of any shape.
+
+    Returns:
+        An array like ``x``: ``1.0507 * elu(x, alpha=1.6733)``.
+    """
+    check_array(x, "x")
+    return jax.nn.selu(x)
+
+
+def gelu(x, *, approximate=False):
+    """Gaussian error linear unit ``x * Phi(x)`` (Hendrycks and Gimpel 2016).
+
+    Unlike ``jax.nn.gelu`` (tanh approximation by default), the default is the exact erf form, as
+    in PyTorch (``approximate='none'``); ``approximate=True`` is PyTorch's ``approximate='tanh'``.
+
+    Args:
+        x: floating array of any shape.
+        approximate: use the tanh approximation instead of the exact erf.
+
+    Returns:
+        An array like ``x``.
+
+    >>> [round(v, 4) for v in gelu(jnp.array([-1.0, 1.0])).tolist()]
+    [-0.1587, 0.8413]
+    """
+    check_array(x, "x")
+    if not isinstance(approximate, bool):
+        raise TypeError(f"approximate: expected a Python bool, got {approximate!r}")
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def swish(x):
+    """Swish ``x * sigmoid(x)`` (Ramachandran et al. 2017), PyTorch's ``silu``.
+
+    Args:
+        x: floating array of any shape.
+
+    Returns:
+        An array like ``x``.
+
+    >>> [round(v, 4) for v in swish(jnp.array([-1.0, 1.0])).tolist()]
+    [-0.2689, 0.7311]
+    """
+    check_array(x, "x")
+    return jax.nn.silu(x)
+
+
+silu = swish
+
+
+def mish(x):
+    """Mish ``x * tanh(softplus(x))`` (Misra 2019).
+
+    Args:
+        x: floating array of any shape.
+
+    Returns:
+        An array like ``x``.
+    """
+    check_array(x, "x")
+    return jax.nn.mish(x)
+
+
+def maxout(x, num_pieces):
+    """Maxout over the channel axis (Goodfellow et al. 2013): the max of each group of channels.
+
+    The ``C`` channels form ``C // num_pieces`` groups of ``num_pieces`` *consecutive* channels:
+    output channel ``j`` is ``max(x[..., j * num_pieces : (j + 1) * num_pieces])``. In PyTorch's
+    channels-first layout this is ``x.view(N, C // num_pieces, num_pieces, H, W).amax(2)``.
+    The affine maps ``w_i^T x + b_i`` of the maxout unit are the preceding conv or dense layer, with
+    ``num_pieces`` times as many output channels.
+
+    Args:
+        x: floating array ``(..., C)``, channels last, rank >= 1.
+        num_pieces: number of channels per group; must divide ``C``.
+
+    Returns:
+        An array ``(..., C // num_pieces)``.
+
+    >>> maxout(jnp.array([[1.0, 4.0, 3.0, 2.0]]), 2).tolist()
+    [[4.0, 3.0]]
+    """
+    check_array(x, "x")
+    if x.ndim == 0:
+        raise ValueError("x: expected rank >= 1 with channels on the last axis, got a 0-d array")
+    if not isinstance(num_pieces, (int, np.integer)) or isinstance(num_pieces, bool):
+        raise TypeError(f"num_pieces: expected a positive int, got {num_pieces!r}")
+    if num_pieces < 1:
+        raise ValueError(f"num_pieces: expected a positive int, got {num_pieces}")
+    channels = x.shape[-1]
+    if channels % num_pieces:
+        raise ValueError(
+            f"num_pieces: the {channels} channels (last axis of x with shape {tuple(x.shape)}) "
+            f"must divide by num_pieces, got {num_pieces}"
+        )
+    grouped = x.reshape(*x.shape[:-1], channels // num_pieces, int(num_pieces))
+    return jnp.max(grouped, axis=-1)
+
+
+def rectify(x):
+    """Absolute-value rectification ``|x|`` (Jarrett et al. 2009), blind to the sign of a feature.
+
+    Args:
+        x: floating array of any shape.
+
+    Returns:
+        An array like ``x``; its gradient at ``0`` is ``0``.
+
+    >>> rectify(jnp.array([-2.0, 0.0, 3.0])).tolist()
+    [2.0, 0.0, 3.0]
+    """
+    check_array(x, "x")
+    return jnp.abs(x)
+
+
+def sigmoid(x):
+    """Logistic sigmoid ``1 / (1 + exp(-x))``.
+
+    Args:
+        x: floating array of any shape.
+
+    Returns:
+        An array like ``x`` with values in ``[0, 1]``.
+
+    >>> sigmoid(jnp.array([0.0])).tolist()
+    [0.5]
+    """
+    check_array(x, "x")
+    return jax.nn.sigmoid(x)
+
+
+def tanh(x):
+    """Hyperbolic tangent.
+
+    Args:
+        x: floating array of any shape.
+
+    Returns:
+        An array like ``x`` with values in ``[-1, 1]``.
+    """
+    check_array(x, "x")
+    return jnp.tanh(x)
+
+
+def softplus(x, beta=1.0, threshold=20.0):
+    """Softplus ``log(1 + exp(beta * x)) / beta``, linear where ``beta * x > threshold``.
+
+    Matches PyTorch's ``softplus(x, beta, threshold)``; the log-sum-exp form is stable for any
+    ``x``, so the threshold only decides where the output is exactly ``x``.
+
+    Args:
+        x: floating array of any shape.
+        beta: sharpness (a positive number).
+        threshold: above ``beta * x > threshold`` the output is ``x``; ``None`` never switches.
+
+    Returns:
+        An array like ``x``.
+
+    >>> [round(v, 4) for v in softplus(jnp.array([0.0, 30.0])).tolist()]
+    [0.6931, 30.0]
+    """
+    check_array(x, "x")
+    _check_real(beta, "beta")
+    if isinstance(beta, (int, float, np.integer, np.floating)) and beta <= 0:
+        raise ValueError(f"beta: expected a positive number, got {beta}")
+    smooth = jnp.logaddexp(beta * x, jnp.zeros_like(x)) / beta
+    if threshold is None:
+        return smooth
+    _check_real(threshold, "threshold")
+    return jnp.where(beta * x > threshold, x, smooth)

@@ -1,1 +1,100 @@
-__all__: list[str] = []
+"""Dropout (Srivastava et al. 2014) with inverted scaling, and its channel-wise spatial variant."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn.functional._checks import check_array
+
+__all__ = ["dropout", "spatial_dropout"]
+
+
+def _check_key(key, name: str = "key") -> None:
+    """Raise unless ``key`` is a ``jax.random`` key: typed (``jax.random.key``) or raw uint32."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is None or not (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
+    ):
+        described = f"dtype {dtype}" if dtype is not None else type(key).__name__
+        raise TypeError(
+            f"{name}: expected a jax.random key (jax.random.key(seed) or "
+            f"jax.random.PRNGKey(seed)), got {described}"
+        )
+
+
+def _check_dropout_args(key, x, rate, train) -> None:
+    _check_key(key)
+    check_array(x, "x")
+    if not isinstance(train, bool):
+        raise TypeError(f"train: expected a Python bool (static), got {train!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise TypeError(f"rate: expected a Python number in [0, 1], got {rate!r}")
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate: expected a drop probability in [0, 1], got {rate}")
+
+
+def _drop(key, x, rate, mask_shape):
+    if rate == 1:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def dropout(key, x, rate, *, train=True):
+    """Zero each element with probability ``rate`` and scale the kept ones by ``1 / (1 - rate)``.
+
+    With this "inverted" scaling the expected output equals ``x``, so evaluation needs no
+    rescaling: with ``train=False`` (or ``rate == 0``) the input comes back unchanged. ``rate == 1``
+    drops everything and returns zeros (as PyTorch does), with a zero gradient.
+
+    Args:
+        key: a ``jax.random`` key; the same key gives the same mask.
+        x: floating array of any shape.
+        rate: drop probability, a Python number in ``[0, 1]``.
+        train: apply dropout (a Python bool); ``False`` returns ``x``.
+
+    Returns:
+        An array like ``x``.
+
+    >>> y = dropout(jax.random.key(0), jnp.ones(1000), 0.25)
+    >>> sorted({round(v, 4) for v in y.tolist()})
+    [0.0, 1.3333]
+    """
+    _check_dropout_args(key, x, rate, train)
+    if not train or rate == 0:
+        return x
+    return _drop(key, x, rate, x.shape)
+
+
+def spatial_dropout(key, x, rate, *, train=True):
+    """Drop whole channels (feature maps) of each example, scaling the kept ones by ``1/(1-rate)``.
+
+    Neighbouring pixels of a feature map are strongly correlated, so elementwise dropout barely
+    regularizes a conv layer; dropping entire maps does (Tompson et al. 2015). This is PyTorch's
+    ``dropout1d/2d/3d`` for channels-last input: one Bernoulli draw per (example, channel), shared
+    by every spatial position.
+
+    Args:
+        key: a ``jax.random`` key.
+        x: floating array ``(N, *spatial, C)`` with at least one spatial axis.
+        rate: drop probability of a channel, a Python number in ``[0, 1]``.
+        train: apply dropout (a Python bool); ``False`` returns ``x``.
+
+    Returns:
+        An array like ``x``.
+
+    >>> y = spatial_dropout(jax.random.key(1), jnp.ones((2, 3, 3, 4)), 0.5)
+    >>> bool(((y == 0).all(axis=(1, 2)) | (y == 2).all(axis=(1, 2))).all())
+    True
+    """
+    _check_dropout_args(key, x, rate, train)
+    if x.ndim < 3:
+        raise ValueError(
+            f"x: expected rank >= 3 (N, *spatial, C) for spatial dropout, got rank {x.ndim} with "
+            f"shape {tuple(x.shape)}; use dropout for (N, C) features"
+        )
+    if not train or rate == 0:
+        return x
+    return _drop(key, x, rate, (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))

@@ -1,1 +1,124 @@
-__all__: list[str] = []
+"""Classification loss and accuracy over channels-last logits ``(..., K)``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn.functional._checks import check_array
+
+__all__ = ["accuracy", "cross_entropy"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_labels(logits, labels) -> bool:
+    """Check ``labels`` against ``logits``; return True for integer class labels."""
+    if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+        raise TypeError(f"labels: expected an array, got {type(labels).__name__}")
+    logits_shape = tuple(logits.shape)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if tuple(labels.shape) != logits_shape[:-1]:
+            raise ValueError(
+                f"labels: integer class labels must have shape {logits_shape[:-1]} (logits shape "
+                f"{logits_shape} without the class axis), got {tuple(labels.shape)}"
+            )
+        return True
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        if tuple(labels.shape) != logits_shape:
+            raise ValueError(
+                f"labels: class probabilities must have the logits' shape {logits_shape}, "
+                f"got {tuple(labels.shape)}"
+            )
+        return False
+    raise TypeError(
+        f"labels: expected integer class labels or floating class probabilities, got dtype "
+        f"{labels.dtype}"
+    )
+
+
+def _check_logits(logits) -> None:
+    check_array(logits, "logits")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(
+            f"logits: expected shape (..., K) with K >= 1 classes on the last axis, got "
+            f"{tuple(logits.shape)}"
+        )
+
+
+def cross_entropy(logits, labels, *, label_smoothing=0.0, reduction="mean"):
+    """Softmax cross-entropy of ``logits`` against class labels or class probabilities.
+
+    Computed through ``log_softmax`` (stable for any logits, in at least float32). With smoothing
+    ``eps`` the target becomes ``(1 - eps) * target + eps / K`` for both kinds of labels, as in
+    PyTorch's ``cross_entropy(..., label_smoothing=eps)``.
+
+    Args:
+        logits: floating array ``(..., K)``: class scores on the last axis, e.g. ``(N, K)`` or a
+            segmentation map ``(N, H, W, K)``.
+        labels: integer classes ``(...)`` in ``[0, K)`` (a label outside that range gives a NaN
+            loss for its example), or floating class probabilities ``(..., K)``.
+        label_smoothing: ``eps`` in ``[0, 1]``.
+        reduction: ``"mean"`` over every example (and position), ``"sum"``, or ``"none"`` for
+            the per-example losses ``(...)``.
+
+    Returns:
+        A scalar, or an array ``logits.shape[:-1]`` for ``reduction="none"``.
+
+    >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> round(float(cross_entropy(logits, jnp.array([0, 1]))), 4)
+    0.6753
+    >>> round(float(cross_entropy(logits, jnp.array([[1.0, 0, 0], [0, 1.0, 0]]))), 4)
+    0.6753
+    """
+    _check_logits(logits)
+    integer_labels = _check_labels(logits, labels)
+    if isinstance(label_smoothing, bool) or not isinstance(
+        label_smoothing, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+
+    num_classes = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+    if integer_labels:
+        picked = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+        in_range = (labels >= 0) & (labels < num_classes)
+        losses = -jnp.where(in_range, picked, jnp.nan)
+        if label_smoothing:
+            uniform = -jnp.mean(log_probs, axis=-1)
+            losses = (1 - label_smoothing) * losses + label_smoothing * uniform
+    else:
+        target = labels.astype(log_probs.dtype)
+        if label_smoothing:
+            target = (1 - label_smoothing) * target + label_smoothing / num_classes
+        losses = -jnp.sum(target * log_probs, axis=-1)
+
+    if reduction == "mean":
+        return jnp.mean(losses)
+    if reduction == "sum":
+        return jnp.sum(losses)
+    return losses
+
+
+def accuracy(logits, labels):
+    """Fraction of examples whose highest logit is the label (the argmax of probability labels).
+
+    Args:
+        logits: floating array ``(..., K)``.
+        labels: integer classes ``(...)`` or class probabilities ``(..., K)`` (e.g. mixup or
+            smoothed targets), whose argmax is the class.
+
+    Returns:
+        A float32 scalar in ``[0, 1]``, the mean over every example (and position).
+
+    >>> float(accuracy(jnp.array([[2.0, 1.0], [0.0, 3.0]]), jnp.array([0, 0])))
+    0.5
+    """
+    _check_logits(logits)
+    classes = labels if _check_labels(logits, labels) else jnp.argmax(labels, axis=-1)
+    return jnp.mean((jnp.argmax(logits, axis=-1) == classes).astype(jnp.float32))
