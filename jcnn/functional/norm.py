@@ -1,1 +1,563 @@
-__all__: list[str] = []
+"""Normalization layers as pure functions: batch, layer, group, instance, local contrast and local
+response normalization, and the folding of an inference-mode batch norm into the preceding conv.
+
+All arrays are channels-last, ``(N, *spatial, C)``. Per-channel parameters (``scale``, ``bias``, the
+running statistics) have shape ``(C,)``; ``scale`` or ``bias`` may be ``None`` (no affine part).
+Statistics are computed in at least float32 (so float16/bfloat16 inputs are normalized accurately)
+and with the two-pass formula ``mean((x - mean(x))**2)``, which stays exact for inputs with a large
+common offset where ``E[x**2] - E[x]**2`` cancels catastrophically. Outputs keep the input's dtype;
+running statistics keep the state's dtype.
+
+Running averages follow the course notes and Flax:
+``new = momentum * old + (1 - momentum) * batch``, so PyTorch's ``momentum=m`` is jcnn's ``1 - m``.
+By default the running variance stores the biased batch variance (divided by the count, as in the
+notes and Flax); ``unbiased_running_var=True`` stores the unbiased one (divided by count - 1), as
+PyTorch does. Normalization itself always uses the biased batch variance, as every library does.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jcnn.functional._checks import as_int_tuple, check_array
+
+__all__ = [
+    "BatchNormState",
+    "batch_norm",
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "local_contrast_norm",
+    "local_response_norm",
+    "fold_batch_norm",
+]
+
+
+class BatchNormState(NamedTuple):
+    """Running statistics of a batch (or instance) norm: per-channel ``mean`` and ``var`` (C,).
+
+    >>> state = BatchNormState(jnp.zeros(3), jnp.ones(3))
+    >>> state.var.shape
+    (3,)
+    """
+
+    mean: jax.Array
+    var: jax.Array
+
+
+def batch_norm(
+    x,
+    scale,
+    bias,
+    state: BatchNormState,
+    *,
+    train: bool,
+    momentum: float = 0.99,
+    eps: float = 1e-5,
+    axis_name=None,
+    unbiased_running_var: bool = False,
+):
+    """Batch normalization over every axis but the last (channels), for inputs of any rank >= 2.
+
+    In training, ``x`` is normalized with the statistics of the batch (mean and biased variance per
+    channel) and the running statistics move toward them:
+    ``new = momentum * old + (1 - momentum) * batch``. In evaluation, ``x`` is normalized with the
+    running statistics and ``state`` comes back unchanged.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array.
+      scale: ``(C,)`` multiplier (gamma), or ``None`` for 1.
+      bias: ``(C,)`` offset (beta), or ``None`` for 0.
+      state: ``BatchNormState(mean, var)`` of shape ``(C,)`` each: the running statistics.
+      train: use (and update with) batch statistics if ``True``, running statistics if ``False``.
+      momentum: decay of the running average, in [0, 1]; PyTorch's ``momentum=m`` is ``1 - m`` here.
+      eps: added to the variance before the square root; must be > 0.
+      axis_name: name (or tuple of names) of a mapped axis (``jax.vmap``, ``shard_map``, ``pmap``)
+        over which the batch is split; the statistics are then those of the whole batch, averaged
+        with ``lax.pmean`` in two passes (mean first, then the mean squared deviation from it).
+        Every shard must hold the same number of examples.
+      unbiased_running_var: store the unbiased batch variance (count / (count - 1) times the biased
+        one, count over all shards) in the running average, as PyTorch does. Default ``False``: the
+        biased variance, as in the course notes and Flax.
+
+    Returns:
+      ``(y, new_state)``: ``y`` has the shape and dtype of ``x``.
+
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> state = BatchNormState(jnp.zeros(2), jnp.ones(2))
+    >>> y, state = batch_norm(x, None, None, state, train=True, momentum=0.9)
+    >>> print(np.round(y, 3).tolist(), np.round(state.mean, 3).tolist())
+    [[-1.0, -1.0], [1.0, 1.0]] [0.2, 2.0]
+    """
+    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    channels = x.shape[-1]
+    _check_channel_param(scale, "scale", channels)
+    _check_channel_param(bias, "bias", channels)
+    state = _check_state(state, "state", channels, required=True)
+    _check_flag(train, "train")
+    _check_fraction(momentum, "momentum")
+    _check_positive(eps, "eps")
+    _check_flag(unbiased_running_var, "unbiased_running_var")
+
+    compute_dtype = _compute_dtype(x.dtype)
+    xf = x.astype(compute_dtype)
+    reduce_axes = tuple(range(x.ndim - 1))
+    if train:
+        mean = jnp.mean(xf, axis=reduce_axes)
+        if axis_name is not None:
+            mean = lax.pmean(mean, axis_name)
+        centered = xf - _per_channel(mean, x.ndim)
+        var = jnp.mean(jnp.square(centered), axis=reduce_axes)
+        if axis_name is not None:
+            var = lax.pmean(var, axis_name)
+        count = math.prod(x.shape[:-1])
+        if axis_name is not None:
+            count *= lax.axis_size(axis_name)
+        new_state = _update_running(
+            state, mean, _running_var_sample(var, count, unbiased_running_var), momentum
+        )
+    else:
+        mean, var = (s.astype(compute_dtype) for s in state)
+        centered = xf - _per_channel(mean, x.ndim)
+        new_state = state
+    y = _affine(centered * _per_channel(lax.rsqrt(var + eps), x.ndim), scale, bias)
+    return y.astype(x.dtype), new_state
+
+
+def layer_norm(x, scale, bias, *, eps: float = 1e-5):
+    """Layer normalization: each example normalized over all its axes (spatial and channels).
+
+    This is the layer norm of the course notes and of Wu and He (2018): for images, statistics over
+    ``(H, W, C)`` per example, i.e. ``torch.nn.LayerNorm([C, H, W])`` in PyTorch's layout (for
+    ``(N, D)`` inputs it is the usual per-row normalization). Flax's ``nn.LayerNorm`` instead
+    normalizes over the last axis only by default.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array (rank >= 2).
+      scale: ``None``, a per-channel ``(C,)`` array (as in Wu and He, where it equals
+        ``group_norm(..., num_groups=1)``), or an elementwise ``x.shape[1:]`` array (as in
+        ``torch.nn.LayerNorm(normalized_shape)`` with ``elementwise_affine=True``).
+      bias: ``None`` or an array of one of the same two shapes.
+      eps: added to the variance before the square root; must be > 0.
+
+    Returns:
+      The normalized array, shape and dtype of ``x``.
+
+    >>> y = layer_norm(jnp.array([[1.0, 2.0, 3.0]]), None, None)
+    >>> print(np.round(y, 3).tolist())
+    [[-1.225, 0.0, 1.225]]
+    """
+    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    _check_positive(eps, "eps")
+    for value, name in ((scale, "scale"), (bias, "bias")):
+        if value is None:
+            continue
+        check_array(value, name)
+        if tuple(value.shape) not in {(x.shape[-1],), tuple(x.shape[1:])}:
+            raise ValueError(
+                f"{name}: expected shape (C,)=({x.shape[-1]},) or the per-example shape "
+                f"{tuple(x.shape[1:])}, got {tuple(value.shape)}"
+            )
+
+    xf = x.astype(_compute_dtype(x.dtype))
+    y = _standardize(xf, tuple(range(1, x.ndim)), eps)
+    if scale is not None:
+        y = y * _expand_leading(scale, x.ndim)
+    if bias is not None:
+        y = y + _expand_leading(bias, x.ndim)
+    return y.astype(x.dtype)
+
+
+def group_norm(x, scale, bias, *, num_groups: int, eps: float = 1e-5):
+    """Group normalization (Wu and He, 2018): per example, over the spatial axes and each group of
+    ``C // num_groups`` consecutive channels; matches ``torch.nn.functional.group_norm``.
+
+    ``num_groups=1`` is the layer norm over ``(*spatial, C)``; ``num_groups=C`` is instance norm.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array (rank >= 2).
+      scale: ``(C,)`` or ``None``.
+      bias: ``(C,)`` or ``None``.
+      num_groups: positive int dividing ``C``.
+      eps: added to the variance before the square root; must be > 0.
+
+    Returns:
+      The normalized array, shape and dtype of ``x``.
+
+    >>> y = group_norm(jnp.array([[1.0, 3.0, 10.0, 30.0]]), None, None, num_groups=2)
+    >>> print(np.round(y, 3).tolist())
+    [[-1.0, 1.0, -1.0, 1.0]]
+    """
+    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    channels = x.shape[-1]
+    _check_channel_param(scale, "scale", channels)
+    _check_channel_param(bias, "bias", channels)
+    _check_positive(eps, "eps")
+    (num_groups,) = as_int_tuple(num_groups, 1, "num_groups", minimum=1)
+    if channels % num_groups:
+        raise ValueError(
+            f"num_groups: must divide the number of channels C={channels}, got {num_groups}"
+        )
+
+    xf = x.astype(_compute_dtype(x.dtype))
+    grouped = xf.reshape(*x.shape[:-1], num_groups, channels // num_groups)
+    reduce_axes = (*range(1, x.ndim - 1), x.ndim)
+    y = _standardize(grouped, reduce_axes, eps).reshape(x.shape)
+    return _affine(y, scale, bias).astype(x.dtype)
+
+
+def instance_norm(
+    x,
+    scale,
+    bias,
+    state: BatchNormState | None = None,
+    *,
+    train: bool = True,
+    momentum: float = 0.99,
+    eps: float = 1e-5,
+    unbiased_running_var: bool = False,
+):
+    """Instance normalization: each example and channel normalized over the spatial axes.
+
+    Without ``state`` it always uses the statistics of each instance and returns ``y``. With a
+    ``state`` (PyTorch's ``track_running_stats=True``) it returns ``(y, new_state)``: in training
+    it uses the instance statistics and moves the running ones toward their average over the batch
+    (``new = momentum * old + (1 - momentum) * batch``); in evaluation it normalizes every instance
+    with the running statistics and returns ``state`` unchanged.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array (rank >= 3).
+      scale: ``(C,)`` or ``None``.
+      bias: ``(C,)`` or ``None``.
+      state: ``None`` or ``BatchNormState(mean, var)`` of shape ``(C,)`` each.
+      train: with a ``state``, whether to use instance statistics and update the running ones.
+      momentum: decay of the running average, in [0, 1]; PyTorch's ``momentum=m`` is ``1 - m`` here.
+      eps: added to the variance before the square root; must be > 0.
+      unbiased_running_var: store the average of the instances' unbiased variances (divided by
+        the number of spatial positions - 1), as PyTorch does; default ``False``: biased ones.
+
+    Returns:
+      ``y`` (shape and dtype of ``x``) when ``state`` is ``None``, else ``(y, new_state)``.
+
+    >>> x = jnp.array([[[1.0], [3.0]], [[10.0], [30.0]]])
+    >>> print(np.round(instance_norm(x, None, None)[..., 0], 3).tolist())
+    [[-1.0, 1.0], [-1.0, 1.0]]
+    """
+    _check_input(x, "x", min_rank=3, layout="(N, *spatial, C)")
+    channels = x.shape[-1]
+    _check_channel_param(scale, "scale", channels)
+    _check_channel_param(bias, "bias", channels)
+    state = _check_state(state, "state", channels, required=False)
+    _check_flag(train, "train")
+    _check_fraction(momentum, "momentum")
+    _check_positive(eps, "eps")
+    _check_flag(unbiased_running_var, "unbiased_running_var")
+
+    compute_dtype = _compute_dtype(x.dtype)
+    xf = x.astype(compute_dtype)
+    spatial_axes = tuple(range(1, x.ndim - 1))
+    if state is not None and not train:
+        mean, var = (_per_channel(s.astype(compute_dtype), x.ndim) for s in state)
+        y = (xf - mean) * lax.rsqrt(var + eps)
+        return _affine(y, scale, bias).astype(x.dtype), state
+
+    mean = jnp.mean(xf, axis=spatial_axes, keepdims=True)
+    centered = xf - mean
+    var = jnp.mean(jnp.square(centered), axis=spatial_axes, keepdims=True)
+    y = _affine(centered * lax.rsqrt(var + eps), scale, bias).astype(x.dtype)
+    if state is None:
+        return y
+    count = math.prod(x.shape[1:-1])
+    instance_var = _running_var_sample(var, count, unbiased_running_var)
+    batch_axes = (0, *spatial_axes)
+    new_state = _update_running(
+        state, jnp.mean(mean, axis=batch_axes), jnp.mean(instance_var, axis=batch_axes), momentum
+    )
+    return y, new_state
+
+
+def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
+    """Local contrast normalization of Jarrett et al. (2009): subtractive, then divisive.
+
+    With ``w`` a Gaussian window normalized so that ``sum_{i,p,q} w_pq = 1`` over space *and*
+    channels (so the local mean is shared by all channels):
+
+    * subtractive: ``v_ijk = x_ijk - sum_{i,p,q} w_pq x_{i, j+p, k+q}``;
+    * divisive: ``y_ijk = v_ijk / max(c, sigma_jk)`` with the local deviation
+      ``sigma_jk = sqrt(sum_{i,p,q} w_pq v_{i, j+p, k+q}**2)`` and ``c = mean_{j,k}(sigma_jk)``
+      per example, as in Jarrett et al. (the course notes call ``c`` a small constant; here that
+      role is played by ``eps``, the floor of the divisor: ``max(c, sigma_jk, eps)``).
+
+    Borders: a window reaching outside the image uses only the pixels inside, with the weights
+    renormalized by the window mass inside the image (a zero-padded filtering divided by the
+    filtering of ones), so the local mean of a constant image is that constant everywhere.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array with 1 to 3 spatial axes.
+      size: odd window width, an int or one per spatial axis.
+      sigma: standard deviation of the Gaussian in pixels (> 0); ``None``: a quarter of the width
+        (``size / 4`` per axis).
+      eps: floor of the divisor, > 0; avoids dividing by zero on flat inputs.
+
+    Returns:
+      The normalized array, shape and dtype of ``x``.
+
+    >>> y = local_contrast_norm(jnp.full((1, 5, 5, 2), 7.0), size=3)
+    >>> print(float(jnp.abs(y).max()))
+    0.0
+    """
+    _check_input(x, "x", min_rank=3, layout="(N, *spatial, C)")
+    if x.ndim > 5:
+        raise ValueError(
+            f"x: expected 1 to 3 spatial axes (rank 3 to 5), got rank {x.ndim} "
+            f"with shape {tuple(x.shape)}"
+        )
+    num_spatial = x.ndim - 2
+    window = as_int_tuple(size, num_spatial, "size", minimum=1)
+    if any(k % 2 == 0 for k in window):
+        raise ValueError(f"size: expected odd window widths, got {size!r}")
+    if sigma is None:
+        sigmas = tuple(k / 4 for k in window)
+    else:
+        _check_positive(sigma, "sigma")
+        sigmas = (float(sigma),) * num_spatial
+    _check_positive(eps, "eps")
+
+    taps = [_gaussian_taps(k, s) for k, s in zip(window, sigmas, strict=True)]
+    compute_dtype = _compute_dtype(x.dtype)
+    xf = x.astype(compute_dtype)
+    spatial_shape = x.shape[1:-1]
+    mass = _separable_filter(jnp.ones((1, *spatial_shape), compute_dtype), taps)
+
+    local_mean = _separable_filter(jnp.mean(xf, axis=-1), taps) / mass
+    centered = xf - local_mean[..., None]
+    local_var = _separable_filter(jnp.mean(jnp.square(centered), axis=-1), taps) / mass
+    local_std = _safe_sqrt(local_var)
+    spatial_axes = tuple(range(1, num_spatial + 1))
+    contrast = jnp.mean(local_std, axis=spatial_axes, keepdims=True)
+    divisor = jnp.maximum(jnp.maximum(contrast, local_std), eps)
+    return (centered / divisor[..., None]).astype(x.dtype)
+
+
+def local_response_norm(x, size: int, *, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+    """Local response normalization across channels (Krizhevsky et al., 2012, AlexNet).
+
+    ``y_c = x_c / (k + alpha * sum_{c'} x_{c'}**2) ** beta`` with ``c'`` over the ``size`` channels
+    ``c - size // 2, ..., c + (size - 1) // 2`` that exist (centred for odd ``size``).
+    ``alpha`` multiplies the sum directly, as in the AlexNet paper (whose setting is ``size=5,
+    alpha=1e-4, beta=0.75, k=2``). PyTorch divides its ``alpha`` by ``size``: jcnn's
+    ``alpha`` equals PyTorch's ``alpha / size``.
+
+    Args:
+      x: ``(N, ..., C)`` floating array (rank >= 2).
+      size: number of channels in the window, a positive int.
+      alpha: scale of the sum of squares.
+      beta: exponent.
+      k: additive constant; ``k + alpha * sum`` must stay positive (``k > 0`` ensures it).
+
+    Returns:
+      The normalized array, shape and dtype of ``x``.
+
+    >>> y = local_response_norm(jnp.ones((1, 3)), 3, alpha=1.0, beta=1.0, k=1.0)
+    >>> print(np.round(y, 3).tolist())
+    [[0.333, 0.25, 0.333]]
+    """
+    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    (size,) = as_int_tuple(size, 1, "size", minimum=1)
+    for value, name in ((alpha, "alpha"), (beta, "beta")):
+        _check_real(value, name)
+    _check_positive(k, "k")
+
+    xf = x.astype(_compute_dtype(x.dtype))
+    window = (1,) * (x.ndim - 1) + (size,)
+    padding = ((0, 0),) * (x.ndim - 1) + ((size // 2, (size - 1) // 2),)
+    sum_squares = lax.reduce_window(
+        jnp.square(xf), jnp.zeros((), xf.dtype), lax.add, window, (1,) * x.ndim, padding
+    )
+    return (xf * (k + alpha * sum_squares) ** -beta).astype(x.dtype)
+
+
+def fold_batch_norm(w, b, scale, bias, state: BatchNormState, *, eps: float = 1e-5):
+    """Fold an inference-mode batch norm into the conv (or dense layer) before it.
+
+    ``batch_norm(conv(x, w, b), scale, bias, state, train=False)`` equals
+    ``conv(x, w_folded, b_folded)`` with ``f = scale / sqrt(state.var + eps)``,
+    ``w_folded = w * f`` along the output-channel (last) axis and
+    ``b_folded = (b - state.mean) * f + bias``.
+
+    Args:
+      w: kernel ``(*window, C_in // groups, C_out)`` (or a dense ``(D_in, C_out)``).
+      b: ``(C_out,)`` conv bias, or ``None`` for 0.
+      scale: ``(C_out,)`` batch-norm multiplier, or ``None`` for 1.
+      bias: ``(C_out,)`` batch-norm offset, or ``None`` for 0.
+      state: ``BatchNormState`` with the running statistics, shape ``(C_out,)`` each.
+      eps: the batch norm's ``eps``, > 0.
+
+    Returns:
+      ``(w_folded, b_folded)`` in the dtype of ``w``; ``b_folded`` is always an array.
+
+    >>> state = BatchNormState(jnp.array([1.0, 2.0]), jnp.array([4.0, 16.0]))
+    >>> w, b = fold_batch_norm(jnp.ones((1, 1, 1, 2)), None, None, jnp.array([0.5, 0.0]), state,
+    ...                        eps=0.01)
+    >>> print(np.round(w.ravel(), 3).tolist(), np.round(b, 3).tolist())
+    [0.499, 0.25] [0.001, -0.5]
+    """
+    _check_input(w, "w", min_rank=2, layout="(*window, C_in // groups, C_out)")
+    channels = w.shape[-1]
+    for value, name in ((b, "b"), (scale, "scale"), (bias, "bias")):
+        _check_channel_param(value, name, channels, label="C_out")
+    state = _check_state(state, "state", channels, required=True, label="C_out")
+    _check_positive(eps, "eps")
+
+    compute_dtype = _compute_dtype(w.dtype)
+    mean, var = (s.astype(compute_dtype) for s in state)
+    factor = lax.rsqrt(var + eps)
+    if scale is not None:
+        factor = factor * scale.astype(compute_dtype)
+    w_folded = w.astype(compute_dtype) * _per_channel(factor, w.ndim)
+    b_folded = -mean if b is None else b.astype(compute_dtype) - mean
+    b_folded = b_folded * factor
+    if bias is not None:
+        b_folded = b_folded + bias.astype(compute_dtype)
+    return w_folded.astype(w.dtype), b_folded.astype(w.dtype)
+
+
+def _compute_dtype(dtype):
+    """At least float32: half-precision statistics lose too much."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _per_channel(values, ndim: int):
+    """A ``(C,)`` vector shaped to broadcast against a rank-``ndim`` channels-last array."""
+    return values.reshape((1,) * (ndim - 1) + values.shape)
+
+
+def _expand_leading(values, ndim: int):
+    """``values`` with leading unit axes up to rank ``ndim`` (explicit: rank promotion is off)."""
+    return values.reshape((1,) * (ndim - values.ndim) + values.shape)
+
+
+def _affine(y, scale, bias):
+    if scale is not None:
+        y = y * _per_channel(scale.astype(y.dtype), y.ndim)
+    if bias is not None:
+        y = y + _per_channel(bias.astype(y.dtype), y.ndim)
+    return y
+
+
+def _standardize(x, axes: tuple[int, ...], eps: float):
+    """``(x - mean) / sqrt(var + eps)`` over ``axes``, with the two-pass variance."""
+    centered = x - jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(centered), axis=axes, keepdims=True)
+    return centered * lax.rsqrt(var + eps)
+
+
+def _running_var_sample(var, count: int, unbiased: bool):
+    """The variance the running average receives: biased, or corrected by count / (count - 1)."""
+    if not unbiased:
+        return var
+    if count < 2:
+        raise ValueError(
+            "unbiased_running_var: the unbiased variance needs at least 2 values per channel, "
+            f"got {count}"
+        )
+    return var * (count / (count - 1))
+
+
+def _update_running(state: BatchNormState, mean, var, momentum: float) -> BatchNormState:
+    def blend(old, new):
+        updated = momentum * old.astype(new.dtype) + (1 - momentum) * new
+        return updated.astype(old.dtype)
+
+    return BatchNormState(blend(state.mean, mean), blend(state.var, var))
+
+
+def _gaussian_taps(width: int, sigma: float) -> np.ndarray:
+    offsets = np.arange(width) - width // 2
+    taps = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _separable_filter(z, taps):
+    """Zero-padded 'same' filtering of ``z`` ``(N, *spatial)`` by the outer product of ``taps``."""
+    out = z[:, None]
+    num_spatial = len(taps)
+    for axis, axis_taps in enumerate(taps):
+        kernel_shape = [1] * num_spatial
+        kernel_shape[axis] = axis_taps.size
+        kernel = jnp.asarray(axis_taps.reshape(1, 1, *kernel_shape), out.dtype)
+        padding = [(0, 0)] * num_spatial
+        padding[axis] = (axis_taps.size // 2, axis_taps.size // 2)
+        out = lax.conv_general_dilated(
+            out, kernel, (1,) * num_spatial, padding, precision=lax.Precision.HIGHEST
+        )
+    return out[:, 0]
+
+
+def _safe_sqrt(values):
+    """``sqrt`` whose gradient at 0 is 0 rather than infinite (flat regions of an image)."""
+    positive = values > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, values, 1.0)), 0.0)
+
+
+def _check_input(x, name: str, *, min_rank: int, layout: str) -> None:
+    check_array(x, name)
+    if x.ndim < min_rank:
+        raise ValueError(
+            f"{name}: expected rank >= {min_rank} {layout}, got rank {x.ndim} "
+            f"with shape {tuple(x.shape)}"
+        )
+
+
+def _check_channel_param(value, name: str, channels: int, *, label: str = "C") -> None:
+    if value is None:
+        return
+    check_array(value, name)
+    if tuple(value.shape) != (channels,):
+        raise ValueError(
+            f"{name}: expected shape ({label},)=({channels},), got {tuple(value.shape)}"
+        )
+
+
+def _check_state(state, name: str, channels: int, *, required: bool, label: str = "C"):
+    if state is None:
+        if required:
+            raise TypeError(f"{name}: expected a BatchNormState(mean, var), got None")
+        return None
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError(f"{name}: expected a BatchNormState(mean, var), got {type(state).__name__}")
+    state = BatchNormState(*state)
+    for field in BatchNormState._fields:
+        _check_channel_param(getattr(state, field), f"{name}.{field}", channels, label=label)
+    return state
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{name}: expected a Python bool (it selects the computation), got {value!r}"
+        )
+
+
+def _check_real(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+
+
+def _check_fraction(value, name: str) -> None:
+    _check_real(value, name)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+
+
+def _check_positive(value, name: str) -> None:
+    _check_real(value, name)
+    if not value > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value!r}")
