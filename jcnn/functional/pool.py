@@ -1,1 +1,436 @@
-__all__: list[str] = []
+"""Pooling over 1, 2 or 3 spatial dims: max, average, L^p, global, adaptive and pick-one.
+
+Arrays are channels-last, ``(N, *spatial, C)``; every op pools each channel of each example on its
+own. The spatial rank comes from the length of ``window`` (or ``stride``, ``output_size``); an int
+there means "the same in every spatial dim" and the rank is then ``x.ndim - 2``.
+
+Windows, strides, padding, ``dilation``, ``ceil_mode`` and ``count_include_pad`` mean what they
+mean in ``torch.nn.functional`` (max pooling pads with ``-inf``; in ``ceil_mode`` a last window
+that would start in the right padding is dropped; the average never counts the ``ceil_mode``
+overhang past the right padding), and the results agree with PyTorch's to float rounding. Two
+differences, both stricter: padding may also be ``"SAME"``/``"VALID"`` or ``(lo, hi)`` pairs, and
+a window that sees only padding (possible with a large ``dilation``) is an error where PyTorch
+returns ``-inf``.
+
+Gradients follow the course notes: a max pool sends each output's gradient to the winning input
+only (the first one in window order on ties, as PyTorch does), and an average pool sends to every
+input the gradient of each window it is in divided by that window's size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jcnn.functional._checks import PaddingLike, as_int_tuple, check_array, normalize_padding
+
+__all__ = [
+    "max_pool",
+    "avg_pool",
+    "lp_pool",
+    "global_avg_pool",
+    "global_max_pool",
+    "adaptive_avg_pool",
+    "adaptive_max_pool",
+    "subsample",
+]
+
+_LAYOUTS = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _spatial_rank(x, spec, name: str) -> int:
+    """Spatial rank given by ``spec`` (an int: ``x.ndim - 2``; a sequence: its length), checked."""
+    check_array(x, "x")
+    if _is_int(spec):
+        rank = x.ndim - 2
+        if rank not in _LAYOUTS:
+            expected = ", ".join(f"{r + 2} {layout}" for r, layout in _LAYOUTS.items())
+            raise ValueError(
+                f"x: expected rank {expected}, got rank {x.ndim} with shape {tuple(x.shape)}"
+            )
+        return rank
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        rank = len(spec)
+        if rank not in _LAYOUTS:
+            raise ValueError(
+                f"{name}: expected an int or 1 to 3 entries (one per spatial dim), got {spec!r}"
+            )
+        if x.ndim != rank + 2:
+            raise ValueError(
+                f"x: expected rank {rank + 2} {_LAYOUTS[rank]} for a {rank}-D {name}, "
+                f"got rank {x.ndim} with shape {tuple(x.shape)}"
+            )
+        return rank
+    raise TypeError(f"{name}: expected an int or a sequence of ints, got {spec!r}")
+
+
+def _window_geometry(
+    in_sizes: Sequence[int],
+    window: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    padding: PaddingLike,
+    ceil_mode: bool,
+) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """Checked ``(padding pairs, padding that yields exactly the output, output sizes)``.
+
+    The second padding differs from the first where ``ceil_mode`` adds an overhang on the right
+    (more padding) or where the floor leaves input pixels unused on the right (less, >= 0).
+    """
+    pads = normalize_padding(padding, in_sizes, window, stride, dilation)
+    if not isinstance(padding, str):
+        for dim, (k, pair) in enumerate(zip(window, pads, strict=True)):
+            if max(pair) > k // 2:
+                raise ValueError(
+                    f"padding: expected at most half the window (window // 2 = {k // 2}) on each "
+                    f"side of spatial dim {dim}, got {pair}"
+                )
+    exact_pads, out_sizes = [], []
+    for dim, (size, k, s, d, (lo, hi)) in enumerate(
+        zip(in_sizes, window, stride, dilation, pads, strict=True)
+    ):
+        span = (k - 1) * d + 1
+        if span > size + lo + hi:
+            raise ValueError(
+                f"window: the window spans {span} pixels (window {k}, dilation {d}) in spatial dim "
+                f"{dim}, larger than the padded input {size + lo + hi} (size {size}, padding "
+                f"{(lo, hi)})"
+            )
+        room = size + lo + hi - span
+        out = (-(-room // s) if ceil_mode else room // s) + 1
+        if ceil_mode and (out - 1) * s >= size + lo:
+            out -= 1
+        starts = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :] * d
+        blind = ~((starts >= 0) & (starts < size)).any(axis=1)
+        if blind.any():
+            raise ValueError(
+                f"window: output {int(np.argmax(blind))} of spatial dim {dim} sees only padding "
+                f"(size {size}, window {k}, dilation {d}, padding {(lo, hi)}); reduce the padding "
+                f"or the dilation"
+            )
+        exact_pads.append((lo, max((out - 1) * s + span - size - lo, 0)))
+        out_sizes.append(out)
+    return pads, tuple(exact_pads), tuple(out_sizes)
+
+
+def _accumulation_dtype(dtype):
+    """float32 for the half-precision floats (sums lose digits there), else ``dtype`` itself."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _full_window(spatial: Sequence[int], fill: int = 1) -> tuple[int, ...]:
+    return (fill, *spatial, fill)
+
+
+def max_pool(
+    x,
+    window,
+    stride=None,
+    padding: PaddingLike = 0,
+    *,
+    dilation=1,
+    ceil_mode: bool = False,
+):
+    """Max pooling over 1, 2 or 3 spatial dims, as ``torch.nn.functional.max_pool{1,2,3}d``.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array.
+      window: window size, an int or one per spatial dim (its length sets the spatial rank).
+      stride: step between windows; defaults to ``window`` (non-overlapping windows).
+      padding: an int or one per dim (at most ``window // 2``, PyTorch's rule), ``(lo, hi)``
+        pairs, or ``"SAME"``/``"VALID"``. Padded pixels hold ``-inf`` and never win.
+      dilation: spacing between the pixels of a window.
+      ceil_mode: round the output size up instead of down (a last, partial window).
+
+    Returns:
+      ``(N, *out_spatial, C)`` array, the maximum of each window.
+
+    The 2x2 max pool with stride 1 of the course notes:
+
+    >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    >>> max_pool(x, (2, 2), stride=1)[0, :, :, 0].tolist()
+    [[4.0, 5.0], [7.0, 8.0]]
+    """
+    rank = _spatial_rank(x, window, "window")
+    window = as_int_tuple(window, rank, "window", minimum=1)
+    stride = window if stride is None else as_int_tuple(stride, rank, "stride", minimum=1)
+    dilation = as_int_tuple(dilation, rank, "dilation", minimum=1)
+    _, pads, _ = _window_geometry(x.shape[1:-1], window, stride, dilation, padding, ceil_mode)
+    lowest = jnp.array(-jnp.inf, x.dtype)
+    if all(d == 1 for d in dilation):
+        return lax.reduce_window(
+            x, lowest, lax.max, _full_window(window), _full_window(stride), ((0, 0), *pads, (0, 0))
+        )
+    return _dilated_max_pool(x, lowest, window, stride, dilation, pads)
+
+
+def _dilated_max_pool(x, lowest, window, stride, dilation, pads):
+    """Dilated max pool from an undilated ``reduce_window`` (JAX has no VJP for window dilation).
+
+    With the padded length a multiple of ``d``, row ``r`` of ``x.reshape(L // d, d)`` holds pixels
+    ``r*d .. r*d + d-1``, so an undilated window of ``k`` rows at row ``r``, column ``c`` covers the
+    dilated window that starts at pixel ``r*d + c``: the stride-1 dilated pool is the plain pool
+    of the reshaped array, flattened back; striding is then a slice.
+    """
+    batch, channels = x.shape[0], x.shape[-1]
+    sizes = x.shape[1:-1]
+    config = [(0, 0, 0)]
+    for size, d, (lo, hi) in zip(sizes, dilation, pads, strict=True):
+        config.append((lo, hi + (-(size + lo + hi)) % d, 0))
+    config.append((0, 0, 0))
+    padded = lax.pad(x, lowest, config)
+    split_shape, split_window = [batch], [1]
+    for length, k, d in zip(padded.shape[1:-1], window, dilation, strict=True):
+        split_shape += [length // d, d]
+        split_window += [k, 1]
+    split = padded.reshape(*split_shape, channels)
+    pooled = lax.reduce_window(
+        split, lowest, lax.max, (*split_window, 1), (1,) * split.ndim, "VALID"
+    )
+    starts = pooled.reshape(
+        batch, *(p * d for p, d in zip(pooled.shape[1:-1:2], dilation, strict=True)), channels
+    )
+    limits = [
+        (length - (k - 1) * d - 1) // s * s + 1
+        for length, k, s, d in zip(padded.shape[1:-1], window, stride, dilation, strict=True)
+    ]
+    return lax.slice(starts, (0,) * starts.ndim, (batch, *limits, channels), _full_window(stride))
+
+
+def _window_counts(size, k, s, lo, hi, out, count_include_pad) -> np.ndarray:
+    """PyTorch's average-pool divisor along one dim for each of the ``out`` windows."""
+    start = np.arange(out) * s - lo
+    stop = np.minimum(start + k, size + hi)
+    if count_include_pad:
+        return stop - start
+    return np.minimum(stop, size) - np.maximum(start, 0)
+
+
+def avg_pool(
+    x,
+    window,
+    stride=None,
+    padding: PaddingLike = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+):
+    """Average pooling over 1, 2 or 3 spatial dims, as ``torch.nn.functional.avg_pool{1,2,3}d``.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array.
+      window: window size, an int or one per spatial dim (its length sets the spatial rank).
+      stride: step between windows; defaults to ``window``.
+      padding: an int or one per dim (at most ``window // 2``), ``(lo, hi)`` pairs, or
+        ``"SAME"``/``"VALID"``. Padded pixels are zeros.
+      ceil_mode: round the output size up instead of down (a last, partial window).
+      count_include_pad: divide by the window size including the zero padding (but never the
+        ``ceil_mode`` overhang past it, as PyTorch); if False, by the input pixels in the window.
+
+    Returns:
+      ``(N, *out_spatial, C)`` array, the mean of each window (half precision sums in float32).
+
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> avg_pool(x, 2)[0, :, :, 0].tolist()
+    [[2.5, 4.5], [10.5, 12.5]]
+    """
+    rank = _spatial_rank(x, window, "window")
+    window = as_int_tuple(window, rank, "window", minimum=1)
+    stride = window if stride is None else as_int_tuple(stride, rank, "stride", minimum=1)
+    sizes = x.shape[1:-1]
+    pads, exact_pads, out_sizes = _window_geometry(
+        sizes, window, stride, (1,) * rank, padding, ceil_mode
+    )
+    accumulate = _accumulation_dtype(x.dtype)
+    sums = lax.reduce_window(
+        x.astype(accumulate),
+        jnp.array(0, accumulate),
+        lax.add,
+        _full_window(window),
+        _full_window(stride),
+        ((0, 0), *exact_pads, (0, 0)),
+    )
+    counts = np.ones((), np.int64)
+    for size, k, s, (lo, hi), out in zip(sizes, window, stride, pads, out_sizes, strict=True):
+        counts = np.multiply.outer(
+            counts, _window_counts(size, k, s, lo, hi, out, count_include_pad)
+        )
+    return (sums / counts.reshape(_full_window(out_sizes)).astype(accumulate)).astype(x.dtype)
+
+
+def lp_pool(x, p, window, stride=None):
+    """Power-average pooling ``(sum of x**p over the window) ** (1/p)``, as ``F.lp_pool{1,2,3}d``.
+
+    ``p = 1`` is sum pooling and a large ``p`` approaches max pooling. As in PyTorch, ``x**p`` is
+    not ``|x|**p``: a negative sum with a fractional root gives NaN (use non-negative inputs, e.g.
+    after a ReLU, or an even integer ``p``). No padding.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array.
+      p: the positive, finite power.
+      window: window size, an int or one per spatial dim (its length sets the spatial rank).
+      stride: step between windows; defaults to ``window``.
+
+    Returns:
+      ``(N, *out_spatial, C)`` array.
+
+    >>> x = jnp.array([3.0, 4.0, 6.0, 8.0]).reshape(1, 4, 1)
+    >>> lp_pool(x, 2, (2,))[0, :, 0].tolist()
+    [5.0, 10.0]
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"p: expected a positive real number, got {p!r}")
+    if not (math.isfinite(p) and p > 0):
+        raise ValueError(f"p: expected a positive, finite power, got {p!r}")
+    rank = _spatial_rank(x, window, "window")
+    window = as_int_tuple(window, rank, "window", minimum=1)
+    stride = window if stride is None else as_int_tuple(stride, rank, "stride", minimum=1)
+    _window_geometry(x.shape[1:-1], window, stride, (1,) * rank, 0, False)
+    accumulate = _accumulation_dtype(x.dtype)
+    power = int(p) if float(p).is_integer() else float(p)
+    sums = lax.reduce_window(
+        x.astype(accumulate) ** power,
+        jnp.array(0, accumulate),
+        lax.add,
+        _full_window(window),
+        _full_window(stride),
+        "VALID",
+    )
+    return (sums ** (1.0 / float(p))).astype(x.dtype)
+
+
+def _check_global(x) -> tuple[int, ...]:
+    check_array(x, "x", ndim=(3, 4, 5))
+    return tuple(range(1, x.ndim - 1))
+
+
+def global_avg_pool(x):
+    """Mean over all spatial dims: ``(N, *spatial, C) -> (N, C)``.
+
+    >>> global_avg_pool(jnp.arange(8.0).reshape(1, 2, 2, 2)).tolist()
+    [[3.0, 4.0]]
+    """
+    axes = _check_global(x)
+    return jnp.mean(x.astype(_accumulation_dtype(x.dtype)), axis=axes).astype(x.dtype)
+
+
+def global_max_pool(x):
+    """Maximum over all spatial dims: ``(N, *spatial, C) -> (N, C)``.
+
+    >>> global_max_pool(jnp.arange(8.0).reshape(1, 2, 2, 2)).tolist()
+    [[6.0, 7.0]]
+    """
+    return jnp.max(x, axis=_check_global(x))
+
+
+def _adaptive_sizes(x, output_size) -> tuple[int, ...]:
+    rank = _spatial_rank(x, output_size, "output_size")
+    entries = (output_size,) * rank if _is_int(output_size) else tuple(output_size)
+    sizes = []
+    for entry, in_size in zip(entries, x.shape[1:-1], strict=True):
+        if entry is None:
+            sizes.append(in_size)
+        elif _is_int(entry) and entry >= 1:
+            sizes.append(int(entry))
+        else:
+            raise ValueError(
+                f"output_size: expected positive ints (or None to keep an input size), "
+                f"got {output_size!r}"
+            )
+    return tuple(sizes)
+
+
+def adaptive_avg_pool(x, output_size):
+    """Average pooling to a fixed output size, with PyTorch's bins.
+
+    Output ``i`` of a dim of size ``n`` pooled to ``m`` averages input pixels
+    ``floor(i * n / m)`` to ``ceil((i + 1) * n / m) - 1``; neighbouring bins may overlap.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array.
+      output_size: an int or one per spatial dim (``None`` keeps that dim's size).
+
+    Returns:
+      ``(N, *output_size, C)`` array.
+
+    >>> x = jnp.arange(5.0).reshape(1, 5, 1)
+    >>> adaptive_avg_pool(x, (3,))[0, :, 0].tolist()
+    [0.5, 2.0, 3.5]
+    """
+    out_sizes = _adaptive_sizes(x, output_size)
+    accumulate = _accumulation_dtype(x.dtype)
+    pooled = x.astype(accumulate)
+    for axis, (size, out) in enumerate(zip(x.shape[1:-1], out_sizes, strict=True), start=1):
+        pooled = _adaptive_axis(pooled, axis, size, out, average=True)
+    return pooled.astype(x.dtype)
+
+
+def adaptive_max_pool(x, output_size):
+    """Max pooling to a fixed output size, with PyTorch's bins (see ``adaptive_avg_pool``).
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array.
+      output_size: an int or one per spatial dim (``None`` keeps that dim's size).
+
+    Returns:
+      ``(N, *output_size, C)`` array.
+
+    >>> x = jnp.array([1.0, 5.0, 2.0, 0.0, 3.0]).reshape(1, 5, 1)
+    >>> adaptive_max_pool(x, 3)[0, :, 0].tolist()
+    [5.0, 5.0, 3.0]
+    """
+    out_sizes = _adaptive_sizes(x, output_size)
+    pooled = x
+    for axis, (size, out) in enumerate(zip(x.shape[1:-1], out_sizes, strict=True), start=1):
+        pooled = _adaptive_axis(pooled, axis, size, out, average=False)
+    return pooled
+
+
+def _adaptive_axis(x, axis: int, size: int, out: int, *, average: bool):
+    """Pool one spatial axis into PyTorch's adaptive bins (boxes are separable, so axis by axis)."""
+    if size == out:
+        return x
+    if size % out == 0:
+        grouped = x.reshape(*x.shape[:axis], out, size // out, *x.shape[axis + 1 :])
+        return (jnp.mean if average else jnp.max)(grouped, axis=axis + 1)
+    starts = np.arange(out) * size // out
+    stops = -(-(np.arange(out) + 1) * size // out)
+    widths = stops - starts
+    offsets = np.arange(int(widths.max()))
+    index = np.minimum(starts[:, None] + offsets, stops[:, None] - 1)
+    trailing = (1,) * (x.ndim - axis - 1)
+    inside = (offsets < widths[:, None]).reshape((1,) * axis + index.shape + trailing)
+    gathered = jnp.take(x, index, axis=axis, mode="clip")
+    if average:
+        sums = jnp.sum(jnp.where(inside, gathered, 0), axis=axis + 1)
+        return sums / widths.reshape((out,) + trailing).astype(x.dtype)
+    return jnp.max(jnp.where(inside, gathered, -jnp.inf), axis=axis + 1)
+
+
+def subsample(x, stride):
+    """Pick-one pooling: keep every ``stride``-th pixel of each spatial dim, starting at the first.
+
+    Equivalent to a strided 1x1 window; the gradient reaches only the kept pixels.
+
+    Args:
+      x: ``(N, *spatial, C)`` floating array.
+      stride: an int or one per spatial dim (its length sets the spatial rank).
+
+    Returns:
+      ``(N, *ceil(spatial / stride), C)`` array.
+
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> subsample(x, 2)[0, :, :, 0].tolist()
+    [[0.0, 2.0], [8.0, 10.0]]
+    """
+    rank = _spatial_rank(x, stride, "stride")
+    stride = as_int_tuple(stride, rank, "stride", minimum=1)
+    return x[(slice(None), *(slice(None, None, s) for s in stride), slice(None))]
