@@ -1,0 +1,3 @@
+"""Data augmentation."""
+
+__all__ = []

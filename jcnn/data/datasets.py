@@ -1,0 +1,406 @@
+"""Image classification datasets read from their original distribution files.
+
+``load(name, split)`` reads MNIST, Fashion-MNIST and CIFAR-10 from the files their publishers
+distribute (the gzip IDX files; the CIFAR-10 binary tarball or its extracted folder) and returns
+``uint8`` images ``(N, H, W, C)`` and ``int32`` labels in the official train/test split. Any other
+name goes through tensorflow-datasets (the optional ``tfds`` extra), see :func:`load_tfds`.
+
+The data directory is, in order: the ``data_dir`` argument, the ``JCNN_DATA_DIR`` environment
+variable, then the per-user cache ``$XDG_CACHE_HOME/jcnn/data`` (``~/.cache/jcnn/data``). A dataset's
+files are looked for in ``<data_dir>/<name>/`` and then in ``<data_dir>/`` itself.
+
+Reading is all-or-nothing: every file is decompressed in memory and checked (gzip integrity, IDX
+magic number and dimensions, byte count, record count, label range) before any array is returned, and
+a failure raises :class:`CorruptFileError` naming the file and what was wrong. Archives are read
+member by member in memory; nothing is ever written to disk, and an archive holding a member with an
+absolute path or ``..`` is refused.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+__all__ = [
+    "CorruptFileError",
+    "DATASETS",
+    "default_data_dir",
+    "load",
+    "load_tfds",
+    "verify",
+    "verify_sha256sums",
+]
+
+
+class CorruptFileError(ValueError):
+    """A dataset file exists but is truncated, corrupt or not what its name says."""
+
+
+@dataclass(frozen=True)
+class _IdxDataset:
+    """An MNIST-style dataset: four gzip IDX files."""
+
+    shape: tuple[int, int, int]
+    num_classes: int
+    counts: dict[str, int]
+    prefixes = {"train": "train", "test": "t10k"}
+
+    def files(self, split: str) -> tuple[str, str]:
+        prefix = self.prefixes[split]
+        return (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+
+
+@dataclass(frozen=True)
+class _CifarDataset:
+    """A CIFAR-10-style binary dataset: fixed-size records of 1 label byte and 3 colour planes."""
+
+    archive: str
+    folder: str
+    members: dict[str, tuple[str, ...]]
+    shape: tuple[int, int, int]
+    num_classes: int
+    records_per_file: int
+
+
+DATASETS = {
+    "mnist": _IdxDataset((28, 28, 1), 10, {"train": 60000, "test": 10000}),
+    "fashion_mnist": _IdxDataset((28, 28, 1), 10, {"train": 60000, "test": 10000}),
+    "cifar10": _CifarDataset(
+        archive="cifar-10-binary.tar.gz",
+        folder="cifar-10-batches-bin",
+        members={
+            "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+            "test": ("test_batch.bin",),
+        },
+        shape=(32, 32, 3),
+        num_classes=10,
+        records_per_file=10000,
+    ),
+}
+"""The datasets read from their original files, by name."""
+
+# SHA-256 of the decompressed content of each official file. Content hashes (not hashes of the
+# .gz/.tar.gz) so that a re-compressed or re-packed copy of the same data verifies too.
+CONTENT_SHA256 = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+    "cifar10": {
+        "data_batch_1.bin": "cee916563c9f80d84e3cc88e17fdc0941787f1244f00a67874d45b261883ada5",
+        "data_batch_2.bin": "a591ca11fa1708a91ee40f54b3da4784ccd871ecf2137de63f51ada8b3fa57ed",
+        "data_batch_3.bin": "bbe8596564c0f86427f876058170b84dac6670ddf06d79402899d93ceea26f67",
+        "data_batch_4.bin": "014e562d6e23c72197cc727519169a60359f5eccd8945ad5a09d710285ff4e48",
+        "data_batch_5.bin": "755304fc0b379caeae8c14f0dac912fbc7d6cd469eb67a1029a08a39453a9add",
+        "test_batch.bin": "8e2eb146ae340b09e24670f29cabc6326dba54da8789dab6768acf480273f65b",
+    },
+}
+
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned-byte data with 3 or 1 dimensions
+
+
+def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory: ``data_dir``, else ``$JCNN_DATA_DIR``, else the per-user cache.
+
+    The per-user cache is ``$XDG_CACHE_HOME/jcnn/data``, or ``~/.cache/jcnn/data`` where
+    ``XDG_CACHE_HOME`` is unset.
+
+    >>> str(default_data_dir("/tmp/somewhere"))
+    '/tmp/somewhere'
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get("JCNN_DATA_DIR"):
+        return Path(os.environ["JCNN_DATA_DIR"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "jcnn" / "data"
+
+
+def _candidate_dirs(name: str, data_dir) -> list[Path]:
+    root = default_data_dir(data_dir)
+    return [root / name, root]
+
+
+def _missing(name: str, split: str, expected: list[str], searched: list[Path]) -> FileNotFoundError:
+    places = ", ".join(str(p) for p in searched)
+    return FileNotFoundError(
+        f"{name} ({split}): expected {' and '.join(expected)} in one of: {places}. Pass data_dir=, "
+        f"set JCNN_DATA_DIR, or place the original files in the per-user cache "
+        f"{default_data_dir(None) if not os.environ.get('JCNN_DATA_DIR') else '(JCNN_DATA_DIR)'}."
+    )
+
+
+def _gunzip(path: Path) -> bytes:
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as err:
+        raise CorruptFileError(f"{path}: not a valid gzip file ({err})") from err
+
+
+def _parse_idx(raw: bytes, path: Path, ndim: int, expected_count: int, item_shape) -> np.ndarray:
+    """An IDX unsigned-byte array after checking its magic number, dimensions and byte count."""
+    header_size = 4 * (1 + ndim)
+    if len(raw) < header_size:
+        raise CorruptFileError(f"{path}: {len(raw)} bytes, too short for an IDX header")
+    magic, *dims = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
+    if magic != _IDX_MAGIC[ndim]:
+        raise CorruptFileError(
+            f"{path}: wrong IDX magic number 0x{int(magic):08x}, expected 0x{_IDX_MAGIC[ndim]:08x} "
+            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})"
+        )
+    dims = tuple(int(d) for d in dims)
+    if dims[0] != expected_count or dims[1:] != tuple(item_shape):
+        raise CorruptFileError(
+            f"{path}: header says shape {dims}, expected {(expected_count, *item_shape)}"
+        )
+    expected_bytes = header_size + int(np.prod(dims))
+    if len(raw) != expected_bytes:
+        raise CorruptFileError(
+            f"{path}: {len(raw)} bytes after decompression, expected {expected_bytes} "
+            f"for shape {dims} (file truncated or padded)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(dims)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+    if labels.size and int(labels.max()) >= num_classes:
+        raise CorruptFileError(
+            f"{source}: label {int(labels.max())} out of range, expected 0..{num_classes - 1}"
+        )
+
+
+def _verify_content(name: str, filename: str, raw: bytes, source: str) -> None:
+    expected = CONTENT_SHA256[name][filename]
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected:
+        raise CorruptFileError(
+            f"{source}: SHA-256 of the content is {actual}, expected {expected} (official {name})"
+        )
+
+
+def _load_idx(name: str, spec: _IdxDataset, split: str, data_dir, verify: bool):
+    image_file, label_file = spec.files(split)
+    searched = _candidate_dirs(name, data_dir)
+    folder = next(
+        (d for d in searched if (d / image_file).is_file() and (d / label_file).is_file()), None
+    )
+    if folder is None:
+        raise _missing(name, split, [image_file, label_file], searched)
+    count = spec.counts[split]
+    raw_images = _gunzip(folder / image_file)
+    raw_labels = _gunzip(folder / label_file)
+    if verify:
+        _verify_content(name, image_file, raw_images, str(folder / image_file))
+        _verify_content(name, label_file, raw_labels, str(folder / label_file))
+    images = _parse_idx(raw_images, folder / image_file, 3, count, spec.shape[:2])
+    labels = _parse_idx(raw_labels, folder / label_file, 1, count, ())
+    _check_labels(labels, spec.num_classes, str(folder / label_file))
+    return images.reshape(count, *spec.shape), labels.astype(np.int32)
+
+
+def _safe_member_name(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        raise CorruptFileError(
+            f"{archive}: refusing member {member.name!r} (absolute path or '..' component)"
+        )
+    if member.issym() or member.islnk():
+        raise CorruptFileError(f"{archive}: refusing link member {member.name!r}")
+    return path
+
+
+def _read_tar_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
+    """The files named ``wanted`` (base names) from a tar archive, read in memory."""
+    try:
+        raw = gzip.decompress(archive.read_bytes()) if archive.suffix == ".gz" else None
+        fileobj = io.BytesIO(raw) if raw is not None else archive.open("rb")
+        found = {}
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for member in tar:
+                path = _safe_member_name(member, archive)
+                if member.isfile() and path.name in wanted:
+                    found[path.name] = tar.extractfile(member).read()
+        return found
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
+        raise CorruptFileError(f"{archive}: not a readable tar.gz archive ({err})") from err
+
+
+def _parse_cifar(raw: bytes, source: str, spec: _CifarDataset):
+    height, width, channels = spec.shape
+    record = 1 + height * width * channels
+    expected = record * spec.records_per_file
+    if len(raw) != expected:
+        raise CorruptFileError(
+            f"{source}: {len(raw)} bytes, expected {expected} "
+            f"({spec.records_per_file} records of {record} bytes); wrong record count or truncated"
+        )
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(spec.records_per_file, record)
+    labels = records[:, 0].astype(np.int32)
+    _check_labels(labels, spec.num_classes, source)
+    planes = records[:, 1:].reshape(spec.records_per_file, channels, height, width)
+    return planes.transpose(0, 2, 3, 1), labels
+
+
+def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bool):
+    members = spec.members[split]
+    searched = _candidate_dirs(name, data_dir)
+    contents = None
+    for folder in searched:
+        extracted = folder / spec.folder
+        if all((extracted / m).is_file() for m in members):
+            contents = {m: (extracted / m).read_bytes() for m in members}
+            sources = {m: str(extracted / m) for m in members}
+            break
+        if (folder / spec.archive).is_file():
+            archive = folder / spec.archive
+            contents = _read_tar_members(archive, set(members))
+            absent = [m for m in members if m not in contents]
+            if absent:
+                raise CorruptFileError(f"{archive}: members {absent} missing from the archive")
+            sources = {m: f"{archive}:{spec.folder}/{m}" for m in members}
+            break
+    if contents is None:
+        expected = [spec.archive, f"{spec.folder}/{{{','.join(members)}}}"]
+        raise _missing(name, split, expected, searched)
+    images, labels = [], []
+    for member in members:
+        if verify:
+            _verify_content(name, member, contents[member], sources[member])
+        batch_images, batch_labels = _parse_cifar(contents[member], sources[member], spec)
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def load(
+    name: str, split: str, *, data_dir: str | os.PathLike | None = None, verify: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split of a dataset, from its original files.
+
+    Args:
+      name: ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"`` (read from the original files); any
+        other name is loaded through tensorflow-datasets with :func:`load_tfds`.
+      split: ``"train"`` or ``"test"`` (the official split).
+      data_dir: folder holding ``<name>/`` with the original files (or the files themselves);
+        defaults to ``$JCNN_DATA_DIR``, then ``~/.cache/jcnn/data``.
+      verify: also check the SHA-256 of every file's decompressed content against the official
+        data (robust to re-compression and re-packing, which change the archive's own checksum).
+
+    Returns:
+      ``(images, labels)``: ``uint8`` array ``(N, H, W, C)`` and ``int32`` array ``(N,)``, in the
+      order of the original files.
+
+    Raises:
+      FileNotFoundError: naming the files expected and every folder searched.
+      CorruptFileError: naming the file and what is wrong with it (nothing is returned half-read).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
+    if name not in DATASETS:
+        return load_tfds(name, split, data_dir=data_dir)
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test' for {name}, got {split!r}")
+    spec = DATASETS[name]
+    if isinstance(spec, _IdxDataset):
+        return _load_idx(name, spec, split, data_dir, verify)
+    return _load_cifar(name, spec, split, data_dir, verify)
+
+
+def verify(name: str, *, data_dir: str | os.PathLike | None = None) -> None:
+    """Check every file of ``name`` against the official content; raise on the first mismatch.
+
+    Loads both splits with ``verify=True``: a missing file raises ``FileNotFoundError``, a corrupt
+    or different one :class:`CorruptFileError`.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name: expected one of {sorted(DATASETS)}, got {name!r}")
+    for split in ("train", "test"):
+        load(name, split, data_dir=data_dir, verify=True)
+
+
+def verify_sha256sums(sums_file: str | os.PathLike) -> dict[str, bool]:
+    """Check the files listed in a ``sha256sum``-format file (paths relative to its folder).
+
+    Returns:
+      ``{relative path: matches}`` for every listed file; a listed file that is absent raises
+      ``FileNotFoundError``.
+    """
+    sums_file = Path(sums_file)
+    results = {}
+    for line in sums_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        expected, relative = line.split(maxsplit=1)
+        relative = relative.lstrip("*")
+        digest = hashlib.sha256()
+        with (sums_file.parent / relative).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        results[relative] = digest.hexdigest() == expected.lower()
+    return results
+
+
+def load_tfds(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of a split through tensorflow-datasets (optional extra ``jcnn[tfds]``).
+
+    Prepares the dataset on first use (needs TensorFlow, ``tensorflow-cpu``) and reads the whole
+    split into memory. With ``manual_dir`` the original files are taken from that folder instead of
+    the network (e.g. the Fashion-MNIST files of ``load``'s data directory).
+
+    tensorflow-datasets stores the examples in its own (shuffled) order, so the arrays hold the same
+    examples as :func:`load` in a different order.
+
+    Args:
+      name: a tensorflow-datasets name (``"cifar100"``, ``"svhn_cropped"``, ``"fashion_mnist"``...).
+      split: a tfds split string (``"train"``, ``"test"``, ``"train[:10%]"``...).
+      data_dir: where tfds keeps prepared datasets (tfds's default where None).
+      manual_dir: a folder holding the original downloads, used instead of the network.
+      download: prepare the dataset if it is not prepared yet.
+
+    Returns:
+      ``(images, labels)``: ``uint8`` ``(N, H, W, C)`` and ``int32`` ``(N,)``.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise ImportError(
+            f"dataset {name!r} is not read from original files by jcnn; loading it through "
+            "tensorflow-datasets needs the optional extra: pip install 'jcnn[tfds]'"
+        ) from err
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=None if manual_dir is None else os.fspath(manual_dir)
+    )
+    data = tfds.load(
+        name,
+        split=split,
+        data_dir=None if data_dir is None else os.fspath(data_dir),
+        batch_size=-1,
+        download=download,
+        download_and_prepare_kwargs={"download_config": download_config},
+        as_supervised=True,
+    )
+    images, labels = tfds.as_numpy(data)
+    return np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int32)

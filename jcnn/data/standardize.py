@@ -1,0 +1,175 @@
+"""Input standardization fit on the training set and applied unchanged to every other split.
+
+The course notes (lectures 000 and 003) prescribe zero-mean, unit-variance inputs with statistics
+computed on the training set only and reused for validation and test, and list the usual image
+variants: subtract the mean image (AlexNet), subtract the per-channel mean (VGG), subtract the
+per-channel mean and divide by the per-channel std (ResNet); PCA and whitening are "not common"
+for images but available here as options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Standardize", "MODES"]
+
+MODES = ("per_channel", "center", "mean_image", "pca", "zca")
+"""``Standardize.fit`` modes: see its docstring."""
+
+_CHUNK = 4096  # examples per chunk when accumulating statistics in float64
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Standardize:
+    """Fitted standardization statistics; call the object on images to standardize them.
+
+    Build it with :meth:`Standardize.fit` on the training images, then apply the same object to
+    training, validation and test images (any leading batch dimensions, or a single image). It is
+    a pytree, so it can be closed over or passed into ``jit``.
+
+    Attributes:
+      mean: subtracted first: ``(C,)`` for the per-channel modes, ``(H, W, C)`` otherwise.
+      scale: divided by after centering (``(C,)``; ones where only centering applies).
+      projection: ``(D, K)`` whitening matrix for ``"pca"``/``"zca"`` (``D = H * W * C``), else None.
+      mode: the mode it was fit with.
+    """
+
+    mean: jax.Array
+    scale: jax.Array
+    projection: jax.Array | None
+    mode: str = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def fit(
+        cls,
+        train_images,
+        *,
+        mode: str = "per_channel",
+        eps: float = 1e-2,
+        num_components: int | None = None,
+    ) -> Standardize:
+        """Statistics of ``train_images`` (``(N, H, W, C)``, any numeric dtype).
+
+        Args:
+          train_images: the training images only (never validation or test).
+          mode: ``"per_channel"``: subtract the per-channel mean, divide by the per-channel std
+            (population std, over N, H and W); ``"center"``: subtract the per-channel mean only;
+            ``"mean_image"``: subtract the mean image ``(H, W, C)``; ``"pca"``: center on the mean
+            image and project on the principal components scaled to unit variance, giving
+            ``(..., K)`` features; ``"zca"``: PCA whitening rotated back to pixel space, giving
+            images ``(..., H, W, C)`` with (near) identity covariance that stay close to the input.
+          eps: added to the covariance eigenvalues before whitening (``"pca"``/``"zca"``), in the
+            squared units of the input; it keeps near-zero-variance directions from being
+            amplified into noise.
+          num_components: ``"pca"`` only: keep the top ``K`` components (all where None).
+
+        Returns:
+          The fitted :class:`Standardize`.
+
+        >>> images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+        >>> stats = Standardize.fit(images)
+        >>> [round(float(v), 3) for v in stats.mean]
+        [10.5, 11.5, 12.5]
+        >>> out = stats(images)
+        >>> out.shape, str(out.dtype), round(float(out[..., 0].std()), 3)
+        ((2, 2, 2, 3), 'float32', 1.0)
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if not hasattr(train_images, "shape") or len(train_images.shape) != 4:
+            shape = getattr(train_images, "shape", type(train_images).__name__)
+            raise ValueError(f"train_images: expected rank 4 (N, H, W, C), got {shape}")
+        if train_images.shape[0] < 2:
+            raise ValueError(
+                f"train_images: expected at least 2 images to fit statistics, got "
+                f"{train_images.shape[0]}"
+            )
+        if mode != "pca" and num_components is not None:
+            raise ValueError(f"num_components: only meaningful for mode='pca', got mode={mode!r}")
+        n = train_images.shape[0]
+        total = np.zeros(train_images.shape[1:], np.float64)
+        for start in range(0, n, _CHUNK):
+            total += np.asarray(train_images[start : start + _CHUNK], np.float64).sum(0)
+        mean_image = total / n
+        channels = train_images.shape[-1]
+        if mode in ("per_channel", "center"):
+            channel_mean = mean_image.reshape(-1, channels).mean(0)
+            scale = np.ones(channels)
+            if mode == "per_channel":
+                sq = np.zeros(channels)
+                for start in range(0, n, _CHUNK):
+                    chunk = np.asarray(train_images[start : start + _CHUNK], np.float64)
+                    sq += ((chunk - channel_mean) ** 2).reshape(-1, channels).sum(0)
+                scale = np.sqrt(sq / (n * np.prod(train_images.shape[1:-1])))
+                if np.any(scale == 0):
+                    raise ValueError(
+                        f"train_images: channel(s) {np.flatnonzero(scale == 0).tolist()} are "
+                        "constant (std 0); use mode='center'"
+                    )
+            return cls(jnp.asarray(channel_mean, jnp.float32), jnp.asarray(scale, jnp.float32),
+                       None, mode)
+        ones = jnp.ones((channels,), jnp.float32)
+        if mode == "mean_image":
+            return cls(jnp.asarray(mean_image, jnp.float32), ones, None, mode)
+        dim = mean_image.size
+        flat_mean = mean_image.reshape(-1)
+        covariance = np.zeros((dim, dim))
+        for start in range(0, n, _CHUNK):
+            chunk = np.asarray(train_images[start : start + _CHUNK], np.float64).reshape(-1, dim)
+            chunk = chunk - flat_mean
+            covariance += chunk.T @ chunk
+        covariance /= n
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        order = np.argsort(eigenvalues)[::-1]
+        eigenvalues, eigenvectors = np.clip(eigenvalues[order], 0, None), eigenvectors[:, order]
+        if num_components is not None:
+            if not 1 <= num_components <= dim:
+                raise ValueError(f"num_components: expected 1..{dim}, got {num_components}")
+            eigenvalues = eigenvalues[:num_components]
+            eigenvectors = eigenvectors[:, :num_components]
+        projection = eigenvectors / np.sqrt(eigenvalues + eps)
+        if mode == "zca":
+            projection = projection @ eigenvectors.T
+        return cls(jnp.asarray(mean_image, jnp.float32), ones,
+                   jnp.asarray(projection, jnp.float32), mode)
+
+    def __call__(self, images) -> jax.Array:
+        """``images`` standardized, as ``float32`` (works under ``jit`` and ``vmap``).
+
+        Args:
+          images: ``(..., H, W, C)`` with the training images' ``H, W, C`` (``C`` only for the
+            per-channel modes).
+
+        Returns:
+          ``(..., H, W, C)`` float32; ``(..., K)`` for ``"pca"``.
+        """
+        if not hasattr(images, "shape"):
+            raise TypeError(f"images: expected an array, got {type(images).__name__}")
+        trailing = self.mean.shape
+        if tuple(images.shape[images.ndim - len(trailing):]) != tuple(trailing) or (
+            images.ndim < 3
+        ):
+            raise ValueError(
+                f"images: expected shape (..., {', '.join(map(str, self._image_shape()))}) as in "
+                f"the training images, got {tuple(images.shape)}"
+            )
+        x = jnp.asarray(images).astype(jnp.float32)
+        lead = (1,) * (x.ndim - self.mean.ndim)
+        mean = self.mean.reshape(lead + self.mean.shape)
+        if self.projection is None:
+            scale = self.scale.reshape((1,) * (x.ndim - 1) + self.scale.shape)
+            return (x - mean) / scale
+        batch_shape = x.shape[: x.ndim - 3]
+        flat = (x - mean).reshape(*batch_shape, -1)
+        out = flat @ self.projection
+        if self.mode == "zca":
+            return out.reshape(x.shape)
+        return out
+
+    def _image_shape(self):
+        return ("H", "W", self.mean.shape[0]) if self.mean.ndim == 1 else self.mean.shape

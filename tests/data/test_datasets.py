@@ -1,0 +1,223 @@
+"""Tests of jcnn.data.datasets on the real files and on deliberately corrupted copies."""
+
+import gzip
+import io
+import os
+import shutil
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+
+from jcnn import data
+from jcnn.data.datasets import CorruptFileError
+
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "shape"),
+    [
+        ("mnist", "train", (60000, 28, 28, 1)),
+        ("mnist", "test", (10000, 28, 28, 1)),
+        ("fashion_mnist", "test", (10000, 28, 28, 1)),
+        ("cifar10", "train", (50000, 32, 32, 3)),
+        ("cifar10", "test", (10000, 32, 32, 3)),
+    ],
+)
+def test_shapes_dtypes_and_labels(loaded, name, split, shape):
+    images, labels = loaded(name, split)
+    assert images.shape == shape and images.dtype == np.uint8
+    assert labels.shape == shape[:1] and labels.dtype == np.int32
+    counts = np.bincount(labels, minlength=10)
+    assert counts.size == 10 and counts.sum() == shape[0]
+    assert 0 < images.mean() < 255 and images.max() == 255 and images.min() == 0
+
+
+def test_official_class_counts(loaded):
+    assert np.bincount(loaded("mnist", "test")[1]).tolist() == MNIST_TEST_COUNTS
+    assert np.bincount(loaded("cifar10", "test")[1]).tolist() == [1000] * 10
+    assert np.bincount(loaded("cifar10", "train")[1]).tolist() == [5000] * 10
+    assert np.bincount(loaded("fashion_mnist", "test")[1]).tolist() == [1000] * 10
+
+
+def test_idx_against_independent_parse(data_dir, loaded):
+    """Pixels and labels match a struct-based reading of the raw IDX bytes."""
+    images, labels = loaded("mnist", "test")
+    raw = gzip.decompress((data_dir / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes())
+    magic, count, rows, cols = struct.unpack(">IIII", raw[:16])
+    assert (magic, count, rows, cols) == (2051, 10000, 28, 28)
+    for index in (0, 1234, 9999):
+        start = 16 + index * 784
+        expected = np.array(list(raw[start : start + 784]), np.uint8).reshape(28, 28)
+        np.testing.assert_array_equal(images[index, :, :, 0], expected)
+    raw_labels = gzip.decompress((data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    assert labels[:5].tolist() == list(raw_labels[8:13]) == [7, 2, 1, 0, 4]
+
+
+def _cifar_record_bytes(image, label):
+    return bytes([label]) + image.transpose(2, 0, 1).tobytes()
+
+
+def test_cifar_extracted_folder_equals_tarball(tmp_path, loaded):
+    """The extracted-folder route reads the same arrays; records are label + R, G, B planes."""
+    images, labels = loaded("cifar10", "test")
+    folder = tmp_path / "cifar10" / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    (folder / "test_batch.bin").write_bytes(
+        b"".join(_cifar_record_bytes(images[i], int(labels[i])) for i in range(10000))
+    )
+    again_images, again_labels = data.load("cifar10", "test", data_dir=tmp_path)
+    np.testing.assert_array_equal(again_images, images)
+    np.testing.assert_array_equal(again_labels, labels)
+    # the first CIFAR-10 test image is a cat (3); the first record's label byte agrees
+    assert labels[0] == 3 and (folder / "test_batch.bin").read_bytes()[0] == 3
+
+
+def test_checksums(data_dir):
+    results = data.verify_sha256sums(data_dir / "SHA256SUMS")
+    assert len(results) == 9 and all(results.values()), results
+    data.verify("mnist", data_dir=data_dir)
+    data.load("cifar10", "test", data_dir=data_dir, verify=True)
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setenv("JCNN_DATA_DIR", str(data_dir))
+    assert data.default_data_dir() == data_dir
+    assert data.load("fashion_mnist", "test")[0].shape == (10000, 28, 28, 1)
+    monkeypatch.delenv("JCNN_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data.default_data_dir() == tmp_path / "jcnn" / "data"
+    # the dataset folder itself is accepted as data_dir too
+    assert data.load("mnist", "test", data_dir=data_dir / "mnist")[1].shape == (10000,)
+
+
+# ---- corrupted copies -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mnist_copy(tmp_path, data_dir):
+    """A writable copy of the MNIST test files; returns its data_dir."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(data_dir / "mnist" / name, folder / name)
+    return tmp_path
+
+
+def _rewrite(path, transform):
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(transform(raw)))
+
+
+def test_missing_file_names_files_and_places(mnist_copy):
+    (mnist_copy / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        data.load("mnist", "test", data_dir=mnist_copy)
+    message = str(info.value)
+    assert "t10k-labels-idx1-ubyte.gz" in message and "t10k-images-idx3-ubyte.gz" in message
+    assert str(mnist_copy / "mnist") in message
+    with pytest.raises(FileNotFoundError, match="cifar-10-binary.tar.gz"):
+        data.load("cifar10", "test", data_dir=mnist_copy)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "not a valid gzip"),
+        (lambda p: p.write_bytes(b"this is not gzip data"), "not a valid gzip"),
+        (lambda p: _rewrite(p, lambda r: b"\x00\x00\x08\x01" + r[4:]), "wrong IDX magic"),
+        (lambda p: _rewrite(p, lambda r: r[:-784]), "bytes after decompression"),
+        (lambda p: _rewrite(p, lambda r: r + b"\x00"), "bytes after decompression"),
+        (lambda p: _rewrite(p, lambda r: r[:4] + struct.pack(">I", 9999) + r[8:]), "header says"),
+        (lambda p: _rewrite(p, lambda r: r[:10]), "too short"),
+    ],
+    ids=["truncated_gzip", "not_gzip", "magic", "short", "long", "count", "header"],
+)
+def test_corrupt_images_reported_with_file_name(mnist_copy, corrupt, match):
+    path = mnist_copy / "mnist" / "t10k-images-idx3-ubyte.gz"
+    corrupt(path)
+    with pytest.raises(CorruptFileError, match=match) as info:
+        data.load("mnist", "test", data_dir=mnist_copy)
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_labels_reported(mnist_copy):
+    path = mnist_copy / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    _rewrite(path, lambda r: r[:8] + b"\x0c" + r[9:])
+    with pytest.raises(CorruptFileError, match="label 12 out of range") as info:
+        data.load("mnist", "test", data_dir=mnist_copy)
+    assert str(path) in str(info.value)
+    with pytest.raises(CorruptFileError, match="SHA-256"):
+        data.load("mnist", "test", data_dir=mnist_copy, verify=True)
+
+
+def test_verify_detects_changed_pixel(mnist_copy):
+    path = mnist_copy / "mnist" / "t10k-images-idx3-ubyte.gz"
+    _rewrite(path, lambda r: r[:500] + bytes([r[500] ^ 1]) + r[501:])
+    assert data.load("mnist", "test", data_dir=mnist_copy)[0].shape == (10000, 28, 28, 1)
+    with pytest.raises(CorruptFileError, match="SHA-256") as info:
+        data.load("mnist", "test", data_dir=mnist_copy, verify=True)
+    assert str(path) in str(info.value)
+
+
+def _write_tar(path, members):
+    """A .tar.gz holding ``members``: (name, bytes) pairs, names stored verbatim."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+
+
+@pytest.fixture
+def small_cifar_record():
+    rng = np.random.default_rng(0)
+    return _cifar_record_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 7)
+
+
+def test_cifar_wrong_record_count(tmp_path, small_cifar_record):
+    (tmp_path / "cifar10").mkdir()
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    _write_tar(archive, [("cifar-10-batches-bin/test_batch.bin", small_cifar_record * 9999)])
+    with pytest.raises(CorruptFileError, match="wrong record count") as info:
+        data.load("cifar10", "test", data_dir=tmp_path)
+    assert "test_batch.bin" in str(info.value) and str(archive) in str(info.value)
+
+
+def test_cifar_missing_member_and_truncated_archive(tmp_path, small_cifar_record, data_dir):
+    (tmp_path / "cifar10").mkdir()
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    _write_tar(archive, [("cifar-10-batches-bin/data_batch_1.bin", small_cifar_record)])
+    with pytest.raises(CorruptFileError, match="test_batch.bin"):
+        data.load("cifar10", "test", data_dir=tmp_path)
+    with open(data_dir / "cifar10" / "cifar-10-binary.tar.gz", "rb") as f:
+        archive.write_bytes(f.read(5_000_000))
+    with pytest.raises(CorruptFileError, match="not a readable tar.gz") as info:
+        data.load("cifar10", "test", data_dir=tmp_path)
+    assert str(archive) in str(info.value)
+
+
+@pytest.mark.parametrize("evil", ["../escaped.bin", "/tmp/jcnn_escaped_absolute.bin"])
+def test_archive_member_outside_target_is_refused(tmp_path, small_cifar_record, evil):
+    target = tmp_path / "data"
+    (target / "cifar10").mkdir(parents=True)
+    archive = target / "cifar10" / "cifar-10-binary.tar.gz"
+    _write_tar(
+        archive,
+        [(evil, b"payload"), ("cifar-10-batches-bin/test_batch.bin", small_cifar_record * 10000)],
+    )
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(CorruptFileError, match="refusing member") as info:
+        data.load("cifar10", "test", data_dir=target)
+    assert evil in str(info.value)
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not os.path.exists("/tmp/jcnn_escaped_absolute.bin")
+
+
+def test_bad_arguments(data_dir):
+    with pytest.raises(ValueError, match="split: expected 'train' or 'test'"):
+        data.load("mnist", "validation", data_dir=data_dir)
+    with pytest.raises(TypeError, match="name"):
+        data.load(3, "train")
