@@ -1,0 +1,94 @@
+"""The training state: one pytree holding everything a step reads and writes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["TrainState"]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Parameters, BatchNorm statistics, optimizer state, step count and a PRNG key.
+
+    The arrays are pytree leaves (they are what ``jit`` traces, donates, shards and
+    checkpoints); ``apply_fn`` (the model's ``apply``) and ``tx`` (the Optax optimizer) are static
+    fields, so a ``TrainState`` can be passed straight to the jit-compiled steps.
+
+    Attributes:
+        params: the model's ``params`` collection (float32).
+        batch_stats: the model's ``batch_stats`` collection (``{}`` for a model without BatchNorm).
+        opt_state: the optimizer's state.
+        step: number of optimizer steps taken, an int32 scalar.
+        key: the PRNG key from which each step's dropout key is derived (``fold_in(key, step)``).
+    """
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jnp.ndarray
+    key: jnp.ndarray
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, model, tx: optax.GradientTransformation, key, sample_input) -> TrainState:
+        """Initialize a model's variables and the optimizer state.
+
+        Args:
+            model: a Flax Linen module whose ``__call__`` takes ``(x, train: bool)``.
+            tx: an Optax optimizer (e.g. from ``jcnn.train.optimizer``).
+            key: a ``jax.random`` key; split into the init key and the state's dropout key.
+            sample_input: an array with the input's shape and dtype (a batch of one is enough).
+
+        Returns:
+            A ``TrainState`` at step 0.
+        """
+        if not hasattr(model, "init") or not hasattr(model, "apply"):
+            raise TypeError(f"model: expected a Flax module, got {type(model).__name__}")
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"tx: expected an optax.GradientTransformation, got {type(tx).__name__}"
+            )
+        if not hasattr(sample_input, "shape"):
+            raise TypeError(f"sample_input: expected an array, got {type(sample_input).__name__}")
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        init_key, dropout_key = jax.random.split(key)
+        variables = model.init({"params": init_key, "dropout": init_key}, sample_input, train=False)
+        params = variables["params"]
+        return cls(
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32),
+            key=dropout_key,
+            apply_fn=model.apply,
+            tx=tx,
+        )
+
+    def variables(self) -> dict:
+        """The model's variables for ``apply``: params plus batch_stats where there are any."""
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
+
+    def arrays(self) -> dict:
+        """The state's arrays as a plain dict (what a checkpoint stores)."""
+        return {
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state,
+            "step": self.step,
+            "key": self.key,
+        }
+
+    def with_arrays(self, arrays: dict) -> TrainState:
+        """This state with its arrays replaced by ``arrays`` (same structure, e.g. restored)."""
+        return self.replace(**arrays)

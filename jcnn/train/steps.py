@@ -1,0 +1,160 @@
+"""Jit-compiled, pure training and evaluation steps on a ``TrainState``."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jcnn import functional as F
+from jcnn.functional._checks import check_array
+from jcnn.train.state import TrainState
+
+__all__ = ["train_step", "eval_step", "loss_and_logits"]
+
+
+def _check_batch(state, batch):
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected a jcnn.train.TrainState, got {type(state).__name__}")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch: expected a pair (images, labels), got {type(batch).__name__}")
+    images, labels = batch
+    check_array(images, "batch images")
+    if not hasattr(labels, "shape") or labels.shape[:1] != images.shape[:1]:
+        raise ValueError(
+            f"batch labels: expected one label per image ({images.shape[0]}), got "
+            f"{getattr(labels, 'shape', type(labels).__name__)}"
+        )
+    return images, labels
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def loss_and_logits(
+    params,
+    state: TrainState,
+    images,
+    labels,
+    *,
+    train: bool,
+    dropout_key=None,
+    compute_dtype=None,
+    label_smoothing: float = 0.0,
+):
+    """Mean cross-entropy of the model on a batch, with the logits and the new BatchNorm statistics.
+
+    Args:
+        params: the parameters to differentiate with respect to (float32).
+        state: supplies ``apply_fn`` and ``batch_stats``.
+        images: a floating batch ``(N, ...)``.
+        labels: integer classes ``(N,)`` or class probabilities ``(N, K)``.
+        train: training mode (batch statistics, dropout) or evaluation mode (running statistics).
+        dropout_key: the key of the ``dropout`` RNG stream (training only).
+        compute_dtype: e.g. ``jnp.bfloat16`` to run the model in that dtype; parameters stay float32
+            (they are cast inside, so gradients come back in float32) and the loss is float32.
+        label_smoothing: passed to ``F.cross_entropy``.
+
+    Returns:
+        ``(loss, (logits, new_batch_stats))``.
+    """
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    if compute_dtype is not None:
+        variables = _cast_floats(variables, compute_dtype)
+        images = images.astype(compute_dtype)
+    if train:
+        logits, updates = state.apply_fn(
+            variables,
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_key},
+        )
+        new_stats = updates.get("batch_stats", state.batch_stats)
+    else:
+        logits = state.apply_fn(variables, images, train=False)
+        new_stats = state.batch_stats
+    # BN statistics keep the dtype they are stored in whatever the compute dtype.
+    new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats, state.batch_stats)
+    logits = logits.astype(jnp.float32)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return loss, (logits, new_stats)
+
+
+@functools.partial(
+    jax.jit, donate_argnums=(0,), static_argnames=("compute_dtype", "label_smoothing")
+)
+def train_step(state: TrainState, batch, *, compute_dtype=None, label_smoothing: float = 0.0):
+    """One optimizer step on a batch; the old state's buffers are donated.
+
+    The dropout key of step ``t`` is ``fold_in(state.key, t)``, so a run is a pure function of its
+    initial state and its batches (what exact resume relies on).
+
+    Args:
+        state: the ``TrainState`` (invalid after the call: its buffers are reused).
+        batch: ``(images, labels)``: floating images ``(N, ...)``; integer labels ``(N,)`` or
+            soft labels ``(N, K)`` (mixup, cutmix, smoothing).
+        compute_dtype: ``None`` (the parameters' float32) or ``jnp.bfloat16``.
+        label_smoothing: cross-entropy label smoothing.
+
+    Returns:
+        ``(new_state, metrics)`` with scalar ``metrics["loss"]``, ``metrics["accuracy"]`` (on the
+        batch, before the update) and ``metrics["grad_norm"]``.
+    """
+    images, labels = _check_batch(state, batch)
+    dropout_key = jax.random.fold_in(state.key, state.step)
+    grad_fn = jax.value_and_grad(loss_and_logits, has_aux=True)
+    (loss, (logits, new_stats)), grads = grad_fn(
+        state.params,
+        state,
+        images,
+        labels,
+        train=True,
+        dropout_key=dropout_key,
+        compute_dtype=compute_dtype,
+        label_smoothing=label_smoothing,
+    )
+    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=new_stats,
+        opt_state=new_opt_state,
+        step=state.step + 1,
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": F.accuracy(logits, labels),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def eval_step(state: TrainState, batch, *, compute_dtype=None):
+    """Loss and accuracy of the model in evaluation mode (running BatchNorm statistics).
+
+    Args:
+        state: the ``TrainState`` (not modified, not donated).
+        batch: ``(images, labels)`` as for ``train_step``.
+        compute_dtype: as for ``train_step``.
+
+    Returns:
+        ``{"loss", "accuracy", "count"}``: batch means and the number of examples, so that means
+        over a dataset are ``sum(count * value) / sum(count)``.
+    """
+    images, labels = _check_batch(state, batch)
+    loss, (logits, _) = loss_and_logits(
+        state.params, state, images, labels, train=False, compute_dtype=compute_dtype
+    )
+    return {
+        "loss": loss,
+        "accuracy": F.accuracy(logits, labels),
+        "count": jnp.asarray(images.shape[0], jnp.int32),
+    }

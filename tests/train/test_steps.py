@@ -1,0 +1,145 @@
+"""train_step / eval_step on a small Flax CNN with BatchNorm and dropout."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jcnn.train import TrainState, eval_step, optimizer, train_step
+
+
+class SmallNet(nn.Module):
+    """conv -> BN -> relu -> mean-pool -> dropout -> dense: every kind of state a step threads."""
+
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = jnp.mean(nn.relu(x), axis=(1, 2))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(3)(x)
+
+
+def _batch(rng, n=8):
+    images = jnp.asarray(rng.normal(size=(n, 6, 6, 2)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+    return images, labels
+
+
+def _state(model, lr=0.1, seed=0):
+    return TrainState.create(
+        model, optimizer("sgd", lr), jax.random.PRNGKey(seed), jnp.zeros((1, 6, 6, 2))
+    )
+
+
+def _copy(state):
+    return jax.tree.map(jnp.array, state)
+
+
+def _reference_loss(params, batch_stats, model, images, labels):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    log_probs = logits - jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+    return -jnp.mean(log_probs[jnp.arange(labels.shape[0]), labels]), updates["batch_stats"]
+
+
+def test_train_step_is_an_sgd_step_with_bn_statistics(rng):
+    model = SmallNet()
+    state = _state(model)
+    images, labels = _batch(rng)
+    before = _copy(state)
+    (loss, stats), grads = jax.value_and_grad(_reference_loss, has_aux=True)(
+        before.params, before.batch_stats, model, images, labels
+    )
+    new_state, metrics = train_step(state, (images, labels))
+    assert int(new_state.step) == 1
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, before.params, grads)
+    for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # BN running mean moved from 0 towards the batch mean: new = 0.9 * 0 + 0.1 * mean.
+    for got, want in zip(
+        jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(new_state.batch_stats["BatchNorm_0"]["mean"]).max()) > 1e-4
+    grad_norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads)))
+    assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-4)
+
+
+def test_old_state_is_donated(rng):
+    state = _state(SmallNet())
+    leaf = jax.tree.leaves(state.params)[0]
+    train_step(state, _batch(rng))
+    assert leaf.is_deleted()
+
+
+def test_dropout_keys_follow_key_and_step(rng):
+    model = SmallNet(dropout=0.5)
+    batch = _batch(rng)
+    state = _state(model, seed=1)
+    a, ma = train_step(_copy(state), batch)
+    b, mb = train_step(_copy(state), batch)
+    assert float(ma["loss"]) == float(mb["loss"])  # same key and step: same masks, bit for bit
+    c, mc = train_step(_copy(state).replace(step=jnp.asarray(7, jnp.int32)), batch)
+    d, md = train_step(_copy(state).replace(key=jax.random.PRNGKey(99)), batch)
+    assert float(mc["loss"]) != float(ma["loss"])
+    assert float(md["loss"]) != float(ma["loss"])
+
+
+def test_soft_labels_equal_integer_labels_when_one_hot(rng):
+    images, labels = _batch(rng)
+    state = _state(SmallNet())
+    a, ma = train_step(_copy(state), (images, labels))
+    b, mb = train_step(_copy(state), (images, jax.nn.one_hot(labels, 3)))
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    assert float(ma["accuracy"]) == float(mb["accuracy"])
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params(rng):
+    images, labels = _batch(rng)
+    state = _state(SmallNet())
+    f32, m32 = train_step(_copy(state), (images, labels))
+    bf16, m16 = train_step(_copy(state), (images, labels), compute_dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.params))
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(bf16.batch_stats))
+    assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=3e-2)
+    for x, y in zip(jax.tree.leaves(f32.params), jax.tree.leaves(bf16.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=0.05, atol=0.01)
+
+
+def test_eval_step_uses_running_statistics_and_training_learns(rng):
+    model = SmallNet()
+    images = jnp.asarray(rng.normal(size=(24, 6, 6, 2)), jnp.float32)
+    labels = jnp.asarray(
+        np.argmax(np.asarray(images).mean(axis=(1, 2)) @ [[1, -1, 0], [0, 1, -1]], -1)
+    )
+    state = TrainState.create(model, optimizer("adam", 0.05), jax.random.PRNGKey(0), images[:1])
+    first = eval_step(state, (images, labels))
+    for _ in range(40):
+        state, _ = train_step(state, (images, labels))
+    last = eval_step(state, (images, labels))
+    logits = model.apply(state.variables(), images, train=False)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    assert float(last["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert int(last["count"]) == 24
+    assert float(last["loss"]) < 0.5 * float(first["loss"])
+    assert float(last["accuracy"]) >= 0.9
+
+
+def test_bad_batches_are_named(rng):
+    state = _state(SmallNet())
+    images, labels = _batch(rng)
+    with pytest.raises(ValueError, match="batch labels"):
+        eval_step(state, (images, labels[:3]))
+    with pytest.raises(TypeError, match="batch images"):
+        eval_step(state, (images.astype(jnp.int32), labels))
+    with pytest.raises(TypeError, match="state"):
+        eval_step({"params": 1}, (images, labels))
