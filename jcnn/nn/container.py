@@ -1,0 +1,95 @@
+"""Composition modules: ``Sequential`` (a chain of layers) and ``Residual`` (``f(x) + x``).
+
+Both forward ``train`` to every layer whose ``__call__`` takes a ``train`` argument (BatchNorm,
+Dropout, nested containers, models) and call the others with ``x`` alone, so parameter-free
+functions such as ``F.relu`` can sit in the chain too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+
+__all__ = ["Sequential", "Residual"]
+
+
+def _train_parameter(layer: Callable) -> inspect.Parameter | None:
+    try:
+        signature = inspect.signature(layer)
+    except (TypeError, ValueError):
+        return None
+    return signature.parameters.get("train")
+
+
+def _call(layer: Callable, x, train: bool | None, where: str):
+    parameter = _train_parameter(layer)
+    if parameter is None:
+        return layer(x)
+    if train is None:
+        if parameter.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"train: {where} ({type(layer).__name__}) needs train=True or False; "
+                "pass train to the container"
+            )
+        return layer(x)
+    return layer(x, train=train)
+
+
+class Sequential(nn.Module):
+    """Apply ``layers`` in order, passing ``train`` to those that take it.
+
+    Attributes:
+        layers: modules or functions of one array.
+
+    Example:
+        >>> import jcnn
+        >>> from jcnn import nn
+        >>> net = nn.Sequential([nn.Dense(8), jcnn.functional.relu, nn.Dropout(0.5), nn.Dense(2)])
+        >>> x = jnp.ones((3, 4))
+        >>> variables = net.init(jax.random.key(0), x, train=False)
+        >>> net.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}).shape
+        (3, 2)
+    """
+
+    layers: Sequence[Callable]
+
+    @nn.compact
+    def __call__(self, x, train: bool | None = None):
+        """Run ``x`` through every layer; ``train`` reaches the layers that accept it."""
+        for index, layer in enumerate(self.layers):
+            x = _call(layer, x, train, f"layer {index}")
+        return x
+
+
+class Residual(nn.Module):
+    """``body(x) + x``, or ``body(x) + projection(x)`` when the shapes differ.
+
+    Attributes:
+        body: the residual branch (a module or function of one array).
+        projection: optional shortcut branch (e.g. a strided 1x1 ``Conv`` then ``BatchNorm``).
+
+    Example:
+        >>> import jcnn
+        >>> from jcnn import nn
+        >>> block = nn.Residual(nn.Conv(4, 3, padding=1), projection=nn.Conv(4, 1))
+        >>> x = jnp.ones((1, 5, 5, 2))
+        >>> block.apply(block.init(jax.random.key(0), x), x).shape
+        (1, 5, 5, 4)
+    """
+
+    body: Callable
+    projection: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool | None = None):
+        """Apply the block to ``x``; ``train`` reaches the branches that accept it."""
+        y = _call(self.body, x, train, "body")
+        shortcut = x if self.projection is None else _call(self.projection, x, train, "projection")
+        if y.shape != shortcut.shape:
+            raise ValueError(
+                f"body: output shape {tuple(y.shape)} differs from the shortcut's "
+                f"{tuple(shortcut.shape)}; give a projection that maps x to the body's shape"
+            )
+        return y + shortcut

@@ -1,0 +1,164 @@
+"""Convolution modules: ``Conv`` (1-, 2- or 3-D) and ``ConvTranspose``, thin wrappers of
+``F.conv`` and ``F.conv_transpose``.
+
+Parameters: ``kernel`` of shape ``(*window, C_in // groups, features)`` (HWIO; PyTorch's OIHW
+weight is ``weight.permute(2, 3, 1, 0)``) and ``bias`` of shape ``(features,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from jcnn import functional as F
+from jcnn import init
+from jcnn.functional._checks import PaddingLike
+from jcnn.nn._util import check_channels_divisible, check_positive_int, window_and_check
+
+__all__ = ["Conv", "ConvTranspose"]
+
+Initializer = Callable[..., Any]
+
+
+class Conv(nn.Module):
+    """Cross-correlation layer (what every deep-learning library calls convolution).
+
+    The spatial rank comes from ``len(kernel_size)``; an int ``kernel_size`` takes it from the
+    input (``(N, L, C)``, ``(N, H, W, C)`` or ``(N, D, H, W, C)``).
+
+    Attributes:
+        features: number of output channels.
+        kernel_size: window size, an int or one int per spatial dim.
+        stride, padding, dilation, groups, padding_mode: as in ``F.conv`` (padding defaults to 0,
+            as in PyTorch; ``"SAME"`` and ``"VALID"`` are accepted).
+        use_bias: whether to add a learned ``bias``.
+        kernel_init: initializer of ``kernel`` (default He normal, suited to ReLU networks).
+        bias_init: initializer of ``bias`` (default zeros).
+        flip: True computes the signal-processing convolution (``F.convolve``).
+        dtype: computation dtype (default: inferred from inputs and params).
+        param_dtype: dtype of the parameters.
+
+    Example:
+        >>> import jcnn
+        >>> layer = jcnn.nn.Conv(features=10, kernel_size=(5, 5), padding=2)
+        >>> x = jnp.ones((1, 32, 32, 3))
+        >>> params = layer.init(jax.random.key(0), x)
+        >>> params["params"]["kernel"].shape, layer.apply(params, x).shape
+        ((5, 5, 3, 10), (1, 32, 32, 10))
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: PaddingLike = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    padding_mode: str = "zeros"
+    use_bias: bool = True
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    flip: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
+        window = window_and_check(self.kernel_size, x, "kernel_size")
+        check_positive_int(self.features, "features")
+        c_in = x.shape[-1]
+        check_channels_divisible(c_in, self.groups, "input channels")
+        check_channels_divisible(self.features, self.groups, "features")
+        kernel = self.param(
+            "kernel",
+            self.kernel_init or init.he_normal(groups=self.groups),
+            (*window, c_in // self.groups, self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init or init.zeros, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+            flip=self.flip,
+        )
+
+
+class ConvTranspose(nn.Module):
+    """Transposed convolution (the gradient of ``Conv`` with respect to its input).
+
+    ``kernel`` has shape ``(*window, C_in, features // groups)``: PyTorch's ``ConvTranspose``
+    weight ``(C_in, C_out // groups, *window)`` with its axes moved, no flip, so that outputs equal
+    ``torch.nn.functional.conv_transpose2d`` with the same weights and arguments.
+
+    Attributes:
+        features: number of output channels.
+        kernel_size: window size, an int or one int per spatial dim.
+        stride, padding, output_padding, dilation, groups: as in ``F.conv_transpose``.
+        use_bias, kernel_init, bias_init, dtype, param_dtype: as in ``Conv``.
+
+    Example:
+        >>> import jcnn
+        >>> layer = jcnn.nn.ConvTranspose(features=4, kernel_size=2, stride=2)
+        >>> x = jnp.ones((1, 5, 5, 3))
+        >>> layer.apply(layer.init(jax.random.key(0), x), x).shape
+        (1, 10, 10, 4)
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: int | Sequence[int] = 0
+    output_padding: int | Sequence[int] = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    use_bias: bool = True
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
+        window = window_and_check(self.kernel_size, x, "kernel_size")
+        check_positive_int(self.features, "features")
+        c_in = x.shape[-1]
+        check_channels_divisible(c_in, self.groups, "input channels")
+        check_channels_divisible(self.features, self.groups, "features")
+        kernel = self.param(
+            "kernel",
+            self.kernel_init or init.he_normal(groups=self.groups),
+            (*window, c_in, self.features // self.groups),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init or init.zeros, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return F.conv_transpose(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )

@@ -1,0 +1,65 @@
+"""Dropout modules: ``Dropout`` (per unit) and ``SpatialDropout`` (whole channels).
+
+Both draw their randomness from the ``"dropout"`` rng collection
+(``model.apply(variables, x, train=True, rngs={"dropout": key})``) and are the identity when
+``train=False``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from jcnn import functional as F
+
+__all__ = ["Dropout", "SpatialDropout"]
+
+
+def _check_rate(rate) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise ValueError(f"rate: expected a probability in [0, 1], got {rate!r}")
+
+
+class Dropout(nn.Module):
+    """Zero each unit with probability ``rate`` and scale the rest by ``1 / (1 - rate)``.
+
+    Attributes:
+        rate: probability of dropping a unit, in ``[0, 1]``.
+
+    Example:
+        >>> import jcnn
+        >>> layer = jcnn.nn.Dropout(0.5)
+        >>> x = jnp.ones((2, 4))
+        >>> bool((layer.apply({}, x, train=False) == x).all())
+        True
+        >>> y = layer.apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
+        >>> sorted({float(v) for v in y.ravel()})
+        [0.0, 2.0]
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        """Apply dropout to ``x`` when ``train``; identity otherwise."""
+        _check_rate(self.rate)
+        if not train or self.rate == 0:
+            return x
+        return F.dropout(self.make_rng("dropout"), x, self.rate, train=True)
+
+
+class SpatialDropout(nn.Module):
+    """Zero whole channels of each example with probability ``rate`` (Tompson et al. 2015).
+
+    Attributes:
+        rate: probability of dropping a channel, in ``[0, 1]``.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        """Apply spatial dropout to ``x`` of shape ``(N, *spatial, C)`` when ``train``."""
+        _check_rate(self.rate)
+        if not train or self.rate == 0:
+            return x
+        return F.spatial_dropout(self.make_rng("dropout"), x, self.rate, train=True)

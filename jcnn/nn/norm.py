@@ -1,0 +1,281 @@
+"""Normalization modules: ``BatchNorm``, ``LayerNorm``, ``GroupNorm``, ``InstanceNorm``,
+``LocalContrastNorm`` and ``LocalResponseNorm``, thin wrappers of the ``F.*_norm`` functions.
+
+Learned parameters are per channel (last axis): ``scale`` and ``bias`` of shape ``(C,)``.
+Running statistics live in Flax's ``batch_stats`` collection as ``mean`` and ``var`` of shape
+``(C,)``; they change only in a call with ``train=True`` (and ``mutable=["batch_stats"]``),
+never during ``init``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from jcnn import functional as F
+from jcnn import init
+from jcnn.functional._checks import check_array
+from jcnn.nn._util import check_positive_int
+
+__all__ = [
+    "BatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LocalContrastNorm",
+    "LocalResponseNorm",
+]
+
+Initializer = Callable[..., Any]
+
+
+def _check_features_last(x) -> int:
+    check_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x: expected rank >= 2 (N, ..., C), got rank {x.ndim} with shape {tuple(x.shape)}"
+        )
+    return x.shape[-1]
+
+
+def _affine(module, channels: int, use_scale: bool, use_bias: bool):
+    scale = (
+        module.param("scale", module.scale_init, (channels,), module.param_dtype)
+        if use_scale
+        else None
+    )
+    bias = (
+        module.param("bias", module.bias_init, (channels,), module.param_dtype)
+        if use_bias
+        else None
+    )
+    return scale, bias
+
+
+def _running_stats(module, channels: int):
+    mean = module.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    var = module.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    return mean, var
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over every axis but the last (channels), ``F.batch_norm``.
+
+    With ``train=True`` it normalizes with the batch statistics and updates the running ones,
+    ``new = momentum * old + (1 - momentum) * batch`` (``momentum`` is the decay: PyTorch's
+    ``momentum=m`` is jcnn's ``1 - m``); with ``train=False`` it uses the running statistics and
+    changes nothing.
+
+    Attributes:
+        momentum: decay of the running averages (default 0.99, as in the course notes and Flax).
+        eps: added to the variance before the square root.
+        axis_name: a ``pmap``/``shard_map`` axis name over which batch statistics are averaged.
+        unbiased_running_var: store the unbiased batch variance in the running average, as
+            PyTorch does (default False: the biased one, as in the course notes and Flax).
+        use_scale: learn a per-channel ``scale`` (gamma); without it the scale is 1.
+        use_bias: learn a per-channel ``bias`` (beta); without it the bias is 0.
+        scale_init, bias_init: initializers (ones and zeros).
+        dtype: computation dtype of the output; param_dtype: dtype of ``scale`` and ``bias``.
+
+    Example:
+        >>> import jcnn
+        >>> bn = jcnn.nn.BatchNorm()
+        >>> x = jnp.arange(8.0).reshape(4, 2)
+        >>> variables = bn.init(jax.random.key(0), x, train=False)
+        >>> y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> [round(float(v), 3) for v in updates["batch_stats"]["mean"]]
+        [0.03, 0.04]
+    """
+
+    momentum: float = 0.99
+    eps: float = 1e-5
+    axis_name: str | None = None
+    unbiased_running_var: bool = False
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = init.ones
+    bias_init: Initializer = init.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        """Normalize ``x`` of shape ``(N, ..., C)``; running stats update only when ``train``."""
+        channels = _check_features_last(x)
+        mean, var = _running_stats(self, channels)
+        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        y, new_state = F.batch_norm(
+            x,
+            scale,
+            bias,
+            F.BatchNormState(mean.value, var.value),
+            train=train,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis_name=None if self.is_initializing() else self.axis_name,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+        if train and not self.is_initializing():
+            mean.value = new_state.mean
+            var.value = new_state.var
+        return y
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization, ``F.layer_norm``: each example over all its axes (spatial and
+    channels, as in the course notes), then a per-channel affine map.
+
+    Attributes:
+        eps: added to the variance before the square root.
+        use_scale, use_bias, scale_init, bias_init, dtype, param_dtype: as in ``BatchNorm``.
+    """
+
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = init.ones
+    bias_init: Initializer = init.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """Normalize ``x`` of shape ``(N, ..., C)``."""
+        channels = _check_features_last(x)
+        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        return F.layer_norm(x, scale, bias, eps=self.eps)
+
+
+class GroupNorm(nn.Module):
+    """Group normalization, ``F.group_norm``: statistics per example over each group of channels.
+
+    Attributes:
+        num_groups: number of channel groups (must divide the channels).
+        eps, use_scale, use_bias, scale_init, bias_init, dtype, param_dtype: as in ``LayerNorm``.
+    """
+
+    num_groups: int = 32
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = init.ones
+    bias_init: Initializer = init.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """Normalize ``x`` of shape ``(N, ..., C)``."""
+        channels = _check_features_last(x)
+        check_positive_int(self.num_groups, "num_groups")
+        if channels % self.num_groups:
+            raise ValueError(
+                f"num_groups: the channels ({channels}) must be divisible by num_groups "
+                f"({self.num_groups})"
+            )
+        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        return F.group_norm(x, scale, bias, num_groups=self.num_groups, eps=self.eps)
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization, ``F.instance_norm``: statistics per example and channel.
+
+    With ``track_running_stats=True`` it also keeps running averages in ``batch_stats`` and,
+    like ``BatchNorm``, normalizes with them when ``train=False``; ``train`` must then be given.
+
+    Attributes:
+        track_running_stats: keep running statistics (PyTorch's option of the same name).
+        momentum: decay of the running averages.
+        unbiased_running_var: as in ``BatchNorm``.
+        eps, use_scale, use_bias, scale_init, bias_init, dtype, param_dtype: as in ``LayerNorm``.
+    """
+
+    track_running_stats: bool = False
+    momentum: float = 0.99
+    unbiased_running_var: bool = False
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = init.ones
+    bias_init: Initializer = init.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool | None = None):
+        """Normalize ``x`` of shape ``(N, *spatial, C)``."""
+        channels = _check_features_last(x)
+        if x.ndim < 3:
+            raise ValueError(
+                f"x: expected rank >= 3 (N, *spatial, C), got rank {x.ndim} "
+                f"with shape {tuple(x.shape)}"
+            )
+        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        if not self.track_running_stats:
+            return F.instance_norm(x, scale, bias, eps=self.eps)
+        if train is None:
+            raise ValueError("train: InstanceNorm(track_running_stats=True) needs train=True/False")
+        mean, var = _running_stats(self, channels)
+        y, new_state = F.instance_norm(
+            x,
+            scale,
+            bias,
+            F.BatchNormState(mean.value, var.value),
+            train=train,
+            momentum=self.momentum,
+            eps=self.eps,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+        if train and not self.is_initializing():
+            mean.value = new_state.mean
+            var.value = new_state.var
+        return y
+
+
+class LocalContrastNorm(nn.Module):
+    """Local contrast normalization (Jarrett et al. 2009), ``F.local_contrast_norm``.
+
+    Subtracts a Gaussian-weighted local mean over a ``size x size`` window and all channels, then
+    divides by ``max(c, local std)``. No parameters.
+
+    Attributes:
+        size: side of the Gaussian window.
+        sigma: its standard deviation (``None``: the functional default).
+        eps: the floor ``c`` of the divisor.
+    """
+
+    size: int = 9
+    sigma: float | None = None
+    eps: float = 1e-4
+
+    @nn.compact
+    def __call__(self, x):
+        """Normalize ``x`` of shape ``(N, H, W, C)``."""
+        return F.local_contrast_norm(x, size=self.size, sigma=self.sigma, eps=self.eps)
+
+
+class LocalResponseNorm(nn.Module):
+    """Local response normalization across channels (Krizhevsky et al. 2012).
+
+    Attributes:
+        size: number of neighbouring channels summed over.
+        alpha, beta, k: the constants of ``F.local_response_norm``.
+    """
+
+    size: int = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        """Normalize ``x`` of shape ``(N, ..., C)``."""
+        return F.local_response_norm(x, self.size, alpha=self.alpha, beta=self.beta, k=self.k)
