@@ -1,0 +1,326 @@
+"""Convolution that XLA:CPU runs near its matmul rate, behind a custom VJP.
+
+``conv_general`` is a drop-in replacement for the one ``lax.conv_general_dilated`` call behind
+``F.conv``: channels-last input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``,
+explicit padding, 1-, 2- or 3-D. On CPU it runs a ``jax.custom_vjp`` whose three products use
+formulations that XLA:CPU turns into large matrix products; on every other platform
+(``lax.platform_dependent``) it is exactly ``lax.conv_general_dilated`` and its native gradients,
+so GPUs and TPUs keep cuDNN and XLA's own convolutions.
+
+The CPU formulations, chosen per shape at trace time by ``plan`` (rules measured on an AVX-512
+machine, see ``experiments/benchmarks/README.md``):
+
+* weight gradient: im2col in batch chunks of about ``_CHUNK_BYTES`` of patches, one GEMM per chunk
+  accumulated by ``lax.scan`` (XLA:CPU's own weight gradient runs at 10-40 GFLOP/s; this at 50-130).
+  Under ``vmap`` (per-example gradients) it becomes one batched GEMM per example instead of a
+  grouped convolution.
+* forward: XLA's convolution, except for few input channels per group (``C // groups <
+  _FEW_CHANNELS``), where XLA:CPU's convolution runs far below its matmul rate (1 GFLOP/s for
+  LeNet's first layer) and a sum of one matmul per window offset ("shift-and-matmul") is used.
+* input gradient: XLA's transposed convolution, or for few input channels one GEMM against the
+  flattened kernel followed by col2im (a sum of strided pads, which XLA fuses into one loop).
+
+Every formulation is written with differentiable ``lax`` primitives, so second derivatives and
+``vmap`` of the custom VJP work; values and gradients equal ``lax.conv_general_dilated`` to
+floating-point rounding (the sums are reordered).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jcnn.functional._checks import as_int_tuple, check_array
+
+__all__ = ["conv_general", "native_conv", "plan", "ConvPlan"]
+
+# Patches held per GEMM in the weight gradient: a few MB stays within L2/L3 on the measured
+# machine; larger chunks ran up to 2x slower, smaller ones pay per-iteration overhead.
+_CHUNK_BYTES = 4 * 2**20
+# Below this many input channels per group XLA:CPU's convolution is memory-bound on tiny inner
+# products; shift-and-matmul forward and GEMM+col2im input gradient run several times faster.
+_FEW_CHANNELS = 4
+
+_SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
+
+
+class ConvPlan(NamedTuple):
+    """The formulation of each product: ``forward`` and ``input_grad`` are ``"xla"`` or
+    ``"shift"``, ``weight_grad`` is ``"xla"`` or ``"im2col"``; ``chunk`` is images per weight
+    gradient GEMM."""
+
+    forward: str
+    input_grad: str
+    weight_grad: str
+    chunk: int
+
+
+class _Config(NamedTuple):
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int
+    plan: ConvPlan | None
+
+
+def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> ConvPlan:
+    """The CPU formulation ``conv_general`` picks for these static shapes and options.
+
+    >>> plan((128, 28, 28, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
+    ConvPlan(forward='shift', input_grad='shift', weight_grad='im2col', chunk=128)
+    """
+    channels_per_group = w_shape[-2]
+    window = w_shape[:-2]
+    few = channels_per_group < _FEW_CHANNELS
+    out_sizes = _output_sizes(x_shape[1:-1], window, stride, padding, dilation)
+    patch_bytes = math.prod(out_sizes) * math.prod(window) * x_shape[-1] * itemsize
+    chunk = max(1, min(x_shape[0], _CHUNK_BYTES // max(patch_bytes, 1)))
+    return ConvPlan(
+        forward="shift" if few else "xla",
+        input_grad="shift" if few else "xla",
+        weight_grad="im2col",
+        chunk=chunk,
+    )
+
+
+def conv_general(x, w, stride, padding, dilation, groups, *, conv_plan: ConvPlan | None = None):
+    """Cross-correlation equal to ``lax.conv_general_dilated``, fast on CPU in all three products.
+
+    Args:
+      x: input ``(N, *spatial, C)`` with 1 to 3 spatial dims.
+      w: kernel ``(*window, C // groups, C_out)``, same dtype as ``x``.
+      stride: one positive int per spatial dim.
+      padding: one ``(lo, hi)`` pair of non-negative ints per spatial dim.
+      dilation: one positive int per spatial dim (kernel dilation).
+      groups: feature groups; divides ``C`` and ``C_out``.
+      conv_plan: force a formulation (tests and benchmarks); by default ``plan`` picks per shape.
+
+    Returns:
+      ``(N, *out_spatial, C_out)``, as ``lax.conv_general_dilated`` computes it.
+
+    >>> x = jnp.ones((2, 6, 6, 3)); w = jnp.ones((3, 3, 3, 4))
+    >>> conv_general(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1).shape
+    (2, 6, 6, 4)
+    """
+    config = _check(x, w, stride, padding, dilation, groups, conv_plan)
+    return lax.platform_dependent(
+        x, w, cpu=partial(_cpu_conv, config=config), default=partial(native_conv, config=config)
+    )
+
+
+def native_conv(x, w, config):
+    """``lax.conv_general_dilated`` in jcnn's layout (NHWC / HWIO), for ``config``'s options."""
+    letters = _SPATIAL_LETTERS[w.ndim - 2]
+    return lax.conv_general_dilated(
+        x,
+        w,
+        config.stride,
+        config.padding,
+        rhs_dilation=config.dilation,
+        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
+        feature_group_count=config.groups,
+    )
+
+
+def _check(x, w, stride, padding, dilation, groups, conv_plan) -> _Config:
+    check_array(w, "w", ndim=(3, 4, 5))
+    n = w.ndim - 2
+    check_array(x, "x", ndim=n + 2)
+    if x.dtype != w.dtype:
+        raise TypeError(f"w: expected the dtype of x ({x.dtype}), got {w.dtype}")
+    stride = as_int_tuple(stride, n, "stride", minimum=1)
+    dilation = as_int_tuple(dilation, n, "dilation", minimum=1)
+    if (
+        not isinstance(padding, (tuple, list))
+        or len(padding) != n
+        or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding)
+    ):
+        raise ValueError(f"padding: expected {n} (lo, hi) pairs, got {padding!r}")
+    padding = tuple(as_int_tuple(p, 2, "padding", minimum=0) for p in padding)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    channels, out_channels = x.shape[-1], w.shape[-1]
+    if channels % groups or out_channels % groups:
+        raise ValueError(
+            f"groups: must divide input channels {channels} and output channels {out_channels}, "
+            f"got {groups}"
+        )
+    if w.shape[-2] * groups != channels:
+        raise ValueError(
+            f"w: expected {channels // groups} input channels per group (x has {channels}, "
+            f"groups={groups}), got shape {tuple(w.shape)}"
+        )
+    out_sizes = _output_sizes(x.shape[1:-1], w.shape[:-2], stride, padding, dilation)
+    if any(size < 1 for size in out_sizes):
+        raise ValueError(
+            f"w: dilated window {tuple(w.shape[:-2])} (dilation {dilation}) is larger than the "
+            f"padded input {tuple(x.shape[1:-1])} with padding {padding}"
+        )
+    return _Config(stride, padding, dilation, groups, conv_plan)
+
+
+def _output_sizes(in_sizes, window, stride, padding, dilation):
+    return tuple(
+        (size + lo + hi - (k - 1) * d - 1) // s + 1
+        for size, k, s, (lo, hi), d in zip(in_sizes, window, stride, padding, dilation, strict=True)
+    )
+
+
+def _resolve_plan(x, w, config) -> ConvPlan:
+    if config.plan is not None:
+        return config.plan
+    return plan(
+        x.shape,
+        w.shape,
+        config.stride,
+        config.padding,
+        config.dilation,
+        config.groups,
+        x.dtype.itemsize,
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_conv(x, w, config):
+    return _cpu_forward(x, w, config)
+
+
+def _cpu_conv_fwd(x, w, config):
+    return _cpu_forward(x, w, config), (x, w)
+
+
+def _cpu_conv_bwd(config, residuals, g):
+    x, w = residuals
+    conv_plan = _resolve_plan(x, w, config)
+    if conv_plan.input_grad == "shift":
+        dx = _shift_input_grad(g, w, x.shape, config)
+    else:
+        dx = jax.vjp(lambda x: native_conv(x, w, config), x)[1](g)[0]
+    if conv_plan.weight_grad == "im2col":
+        dw = _im2col_weight_grad(x, g, w.shape, config, conv_plan.chunk)
+    else:
+        dw = jax.vjp(lambda w: native_conv(x, w, config), w)[1](g)[0]
+    return dx, dw
+
+
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def _cpu_forward(x, w, config):
+    if _resolve_plan(x, w, config).forward == "shift":
+        return _shift_forward(x, w, config)
+    return native_conv(x, w, config)
+
+
+def _pad_input(x, config):
+    return lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        ((0, 0, 0), *((lo, hi, 0) for lo, hi in config.padding), (0, 0, 0)),
+    )
+
+
+def _window_slices(x_padded, window, out_sizes, config):
+    """For each window offset (row-major), the input pixels it multiplies: ``(N, *out, C)``."""
+    batch, channels = x_padded.shape[0], x_padded.shape[-1]
+    for offset in itertools.product(*(range(k) for k in window)):
+        starts = [o * d for o, d in zip(offset, config.dilation, strict=True)]
+        limits = [
+            a + (n - 1) * s + 1 for a, n, s in zip(starts, out_sizes, config.stride, strict=True)
+        ]
+        yield lax.slice(
+            x_padded,
+            (0, *starts, 0),
+            (batch, *limits, channels),
+            (1, *config.stride, 1),
+        )
+
+
+def _grouped(a, groups):
+    """``(..., C)`` as ``(..., groups, C // groups)``."""
+    return a.reshape(*a.shape[:-1], groups, a.shape[-1] // groups)
+
+
+def _shift_forward(x, w, config):
+    """Sum over window offsets of (shifted input) @ (kernel tap): no patch matrix is built."""
+    window = w.shape[:-2]
+    groups = config.groups
+    out_sizes = _output_sizes(x.shape[1:-1], window, config.stride, config.padding, config.dilation)
+    taps = w.reshape(-1, w.shape[-2], groups, w.shape[-1] // groups)  # (K, Cg, G, Og)
+    total = None
+    for tap, shifted in zip(
+        taps, _window_slices(_pad_input(x, config), window, out_sizes, config), strict=True
+    ):
+        term = jnp.einsum("...gc,cgo->...go", _grouped(shifted, groups), tap)
+        total = term if total is None else total + term
+    return total.reshape(*total.shape[:-2], w.shape[-1])
+
+
+def _shift_input_grad(g, w, x_shape, config):
+    """One GEMM of the output gradient with the flattened kernel, then col2im as strided pads."""
+    window = w.shape[:-2]
+    groups = config.groups
+    taps = w.reshape(-1, w.shape[-2], groups, w.shape[-1] // groups)  # (K, Cg, G, Og)
+    columns = jnp.einsum("...go,kcgo->k...gc", _grouped(g, groups), taps)
+    out_sizes = g.shape[1:-1]
+    zero = jnp.zeros((), g.dtype)
+    total = None
+    for column, offset in zip(columns, itertools.product(*(range(k) for k in window)), strict=True):
+        column = column.reshape(*column.shape[:-2], x_shape[-1])
+        # Place tap `offset`'s contribution at padded positions o*d + s*t, then crop the padding
+        # (negative edge padding) to land on x's own pixels.
+        spec = [(0, 0, 0)]
+        for o, d, s, n, size, (lo, hi) in zip(
+            offset,
+            config.dilation,
+            config.stride,
+            out_sizes,
+            x_shape[1:-1],
+            config.padding,
+            strict=True,
+        ):
+            start = o * d
+            spec.append((start - lo, size + lo + hi - (start + (n - 1) * s + 1) - hi, s - 1))
+        spec.append((0, 0, 0))
+        term = lax.pad(column, zero, spec)
+        total = term if total is None else total + term
+    return total
+
+
+def _im2col_weight_grad(x, g, w_shape, config, chunk):
+    """Patches of ``chunk`` images at a time times the output gradient, one GEMM per chunk."""
+    window = w_shape[:-2]
+    groups = config.groups
+    out_sizes = g.shape[1:-1]
+
+    def chunk_grad(x_chunk, g_chunk):
+        slices = list(_window_slices(_pad_input(x_chunk, config), window, out_sizes, config))
+        patches = _grouped(jnp.stack(slices, axis=-2), groups)  # (n, *out, K, G, Cg)
+        patches = patches.reshape(-1, *patches.shape[-3:])
+        grads = _grouped(g_chunk, groups).reshape(-1, groups, w_shape[-1] // groups)
+        dw = jnp.einsum("mkgc,mgo->kcgo", patches, grads)
+        return dw.reshape(w_shape)
+
+    batch = x.shape[0]
+    num_chunks, rest = divmod(batch, chunk)
+    if num_chunks <= 1:
+        return chunk_grad(x, g)
+    whole = num_chunks * chunk
+
+    def step(total, chunk_pair):
+        return total + chunk_grad(*chunk_pair), None
+
+    chunks = (
+        x[:whole].reshape(num_chunks, chunk, *x.shape[1:]),
+        g[:whole].reshape(num_chunks, chunk, *g.shape[1:]),
+    )
+    total, _ = lax.scan(step, jnp.zeros(w_shape, x.dtype), chunks)
+    if rest:
+        total = total + chunk_grad(x[whole:], g[whole:])
+    return total
