@@ -295,7 +295,7 @@ def orthogonal(gain=1.0):
         tall = (max(rows, cols), min(rows, cols))
         a = jax.random.normal(key, tall, jnp.promote_types(dtype, jnp.float32))
         q, r = jnp.linalg.qr(a)
-        q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+        q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)[None, :]
         if rows < cols:
             q = q.T
         return (gain * q).astype(dtype).reshape(shape)

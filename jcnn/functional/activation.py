@@ -247,7 +247,8 @@ def rectify(x):
     [2.0, 0.0, 3.0]
     """
     check_array(x, "x")
-    return jnp.abs(x)
+    # sign(x) * x rather than abs(x): its gradient at 0 is 0, as in PyTorch (lax.abs gives 1).
+    return jnp.sign(x) * x
 
 
 def sigmoid(x):

@@ -1,0 +1,182 @@
+"""Activations against torch.nn.functional: values and gradients, incl. at 0 and at large |x|."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.functional import activation as A
+
+SPECIAL = np.array([0.0, 0.0, 1e-3, -1e-3, 1.0, -1.0, 19.9, 20.1, 30.0, -30.0, 60.0, -60.0])
+
+
+def _inputs(rng, shape=(3, 5, 7)):
+    """Random values in the shape, with exact zeros, tiny and large magnitudes mixed in."""
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, SPECIAL.size, replace=False)] = SPECIAL
+    return x
+
+
+def _torch_value_and_vjp(torch, fn, arrays, cotangent):
+    tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out = fn(*tensors)
+    out.backward(torch.tensor(cotangent))
+    return out.detach().numpy(), [t.grad.numpy() for t in tensors]
+
+
+def _jax_value_and_vjp(fn, arrays, cotangent):
+    out, vjp = jax.vjp(fn, *[jnp.asarray(a) for a in arrays])
+    return np.asarray(out), [np.asarray(g) for g in vjp(jnp.asarray(cotangent))]
+
+
+def _torch_cases(torch):
+    tF = torch.nn.functional
+    return {
+        "relu": (A.relu, tF.relu),
+        "leaky_relu": (lambda x: A.leaky_relu(x, 0.2), lambda x: tF.leaky_relu(x, 0.2)),
+        "leaky_relu_default": (A.leaky_relu, tF.leaky_relu),
+        "elu": (lambda x: A.elu(x, 0.7), lambda x: tF.elu(x, 0.7)),
+        "selu": (A.selu, tF.selu),
+        "gelu": (A.gelu, tF.gelu),
+        "gelu_tanh": (
+            lambda x: A.gelu(x, approximate=True),
+            lambda x: tF.gelu(x, approximate="tanh"),
+        ),
+        "swish": (A.swish, tF.silu),
+        "mish": (A.mish, tF.mish),
+        "rectify": (A.rectify, torch.abs),
+        "sigmoid": (A.sigmoid, torch.sigmoid),
+        "tanh": (A.tanh, torch.tanh),
+        "softplus": (A.softplus, tF.softplus),
+        "softplus_beta": (
+            lambda x: A.softplus(x, beta=2.0, threshold=5.0),
+            lambda x: tF.softplus(x, beta=2.0, threshold=5.0),
+        ),
+    }
+
+
+def test_elementwise_match_torch_values_and_grads(torch, rng):
+    x = _inputs(rng)
+    for name, (ours, theirs) in _torch_cases(torch).items():
+        cotangent = rng.standard_normal(x.shape).astype(np.float32)
+        want, (want_grad,) = _torch_value_and_vjp(torch, theirs, [x], cotangent)
+        got, (got_grad,) = _jax_value_and_vjp(ours, [x], cotangent)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got_grad, want_grad, rtol=2e-5, atol=5e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("alpha_shape", [(), (1,), (7,)])
+def test_prelu_matches_torch_on_channels_last(torch, rng, alpha_shape):
+    x = _inputs(rng, (2, 3, 5, 7))
+    alpha = rng.uniform(-0.5, 0.5, alpha_shape).astype(np.float32)
+    cotangent = rng.standard_normal(x.shape).astype(np.float32)
+
+    def torch_prelu(x, alpha):
+        weight = alpha.reshape(-1) if alpha.ndim else alpha.reshape(1)
+        return torch.nn.functional.prelu(x.permute(0, 3, 1, 2), weight).permute(0, 2, 3, 1)
+
+    want, want_grads = _torch_value_and_vjp(torch, torch_prelu, [x, alpha], cotangent)
+    got, got_grads = _jax_value_and_vjp(A.prelu, [x, alpha], cotangent)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_grads[0], want_grads[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_grads[1], want_grads[1].reshape(alpha_shape), rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_pieces", [1, 2, 3])
+def test_maxout_matches_torch_reshape_convention(torch, rng, num_pieces):
+    channels = 4 * num_pieces
+    x = rng.standard_normal((2, 3, 5, channels)).astype(np.float32)
+    cotangent = rng.standard_normal((2, 3, 5, channels // num_pieces)).astype(np.float32)
+
+    def torch_maxout(x):
+        n, h, w, c = x.shape
+        nchw = x.permute(0, 3, 1, 2).reshape(n, c // num_pieces, num_pieces, h, w)
+        return nchw.amax(2).permute(0, 2, 3, 1)
+
+    want, (want_grad,) = _torch_value_and_vjp(torch, torch_maxout, [x], cotangent)
+    got, (got_grad,) = _jax_value_and_vjp(lambda v: A.maxout(v, num_pieces), [x], cotangent)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_grad, want_grad)
+
+
+def test_maxout_groups_consecutive_channels():
+    x = jnp.arange(6.0)[::-1]  # channels 5, 4, 3, 2, 1, 0
+    assert A.maxout(x, 3).tolist() == [5.0, 2.0]
+    assert A.maxout(x, 2).tolist() == [5.0, 3.0, 1.0]
+
+
+def test_vmap_equals_loop(rng):
+    x = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    alpha = rng.uniform(0, 0.5, (6,)).astype(np.float32)
+
+    def layer(v):
+        return A.maxout(A.prelu(v, alpha), 2) + A.leaky_relu(A.softplus(v, beta=3.0), 0.1)[..., :3]
+
+    batched = jax.vmap(layer)(x)
+    looped = np.stack([np.asarray(layer(jnp.asarray(row))) for row in x])
+    np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-7)
+
+
+def test_jit_equals_eager(rng):
+    x = jnp.asarray(_inputs(rng, (3, 8)))
+    alpha = jnp.full((8,), 0.3)
+
+    def everything(x, alpha):
+        return (
+            A.relu(x),
+            A.leaky_relu(x),
+            A.prelu(x, alpha),
+            A.elu(x),
+            A.selu(x),
+            A.gelu(x),
+            A.gelu(x, approximate=True),
+            A.swish(x),
+            A.mish(x),
+            A.maxout(x, 4),
+            A.rectify(x),
+            A.sigmoid(x),
+            A.tanh(x),
+            A.softplus(x),
+        )
+
+    for got, want in zip(jax.jit(everything)(x, alpha), everything(x, alpha), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_traced_hyperparameters_are_accepted(rng):
+    x = jnp.asarray(rng.standard_normal((5,)).astype(np.float32))
+    slope_grad = jax.grad(lambda s: A.leaky_relu(x, s).sum())(jnp.float32(0.1))
+    np.testing.assert_allclose(slope_grad, np.minimum(np.asarray(x), 0).sum(), rtol=1e-6)
+
+
+def test_silu_is_swish():
+    assert A.silu is A.swish
+
+
+def test_dtype_is_preserved():
+    x = jnp.linspace(-3, 3, 7, dtype=jnp.bfloat16)
+    for fn in (A.relu, A.gelu, A.mish, A.softplus, A.selu, A.rectify):
+        assert fn(x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: A.relu(jnp.arange(3)), TypeError, "x: expected a floating-point array, got"),
+        (lambda: A.relu([1.0, 2.0]), TypeError, "x: expected an array, got list"),
+        (lambda: A.prelu(jnp.ones((2, 5)), jnp.ones(3)), ValueError, r"alpha: expected shape"),
+        (lambda: A.prelu(jnp.ones((2, 5)), jnp.ones((5, 1))), ValueError, "alpha: expected rank"),
+        (lambda: A.maxout(jnp.ones((2, 5)), 2), ValueError, "5 channels .* divide by num_pieces"),
+        (lambda: A.maxout(jnp.ones((2, 4)), 0), ValueError, "num_pieces: expected a positive"),
+        (lambda: A.maxout(jnp.ones((2, 4)), 2.0), TypeError, "num_pieces: expected a positive"),
+        (lambda: A.maxout(jnp.ones(()), 1), ValueError, "x: expected rank >= 1"),
+        (lambda: A.gelu(jnp.ones(2), approximate="tanh"), TypeError, "approximate: expected"),
+        (lambda: A.softplus(jnp.ones(2), beta=0), ValueError, "beta: expected a positive"),
+        (lambda: A.leaky_relu(jnp.ones(2), jnp.ones(2)), TypeError, "negative_slope: expected"),
+        (lambda: A.elu(jnp.ones(2), "1"), TypeError, "alpha: expected a real number"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
