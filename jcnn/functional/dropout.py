@@ -39,11 +39,13 @@ def _drop(key, x, rate, mask_shape):
     if rate == 1:
         return jnp.zeros_like(x)
     keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+    # Multiply by the rounded reciprocal, as PyTorch does (XLA would rewrite a division so anyway).
+    scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
+    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
 def dropout(key, x, rate, *, train=True):
-    """Zero each element with probability ``rate`` and scale the kept ones by ``1 / (1 - rate)``.
+    """Zero each element with probability ``rate``, multiply the kept ones by ``1 / (1 - rate)``.
 
     With this "inverted" scaling the expected output equals ``x``, so evaluation needs no
     rescaling: with ``train=False`` (or ``rate == 0``) the input comes back unchanged. ``rate == 1``

@@ -1,0 +1,120 @@
+"""Dropout and spatial dropout: keep statistics, exact scaling, determinism, eval identity."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.functional.dropout import dropout, spatial_dropout
+
+
+def _within_sigmas(fraction, p, n, sigmas=5.0):
+    return abs(fraction - p) < sigmas * np.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.8])
+def test_drop_fraction_and_exact_scaling(rng, rate):
+    x = jnp.asarray(rng.uniform(0.5, 2.0, (500, 1001)).astype(np.float32))
+    y = np.asarray(dropout(jax.random.key(3), x, rate))
+    dropped = y == 0
+    assert _within_sigmas(dropped.mean(), rate, x.size)
+    expected = np.asarray(x) * np.float32(1 / (1 - rate))
+    np.testing.assert_array_equal(y[~dropped], expected[~dropped])
+    # Inverted scaling keeps the mean, E[y] = x: sum(y) / sum(x) is 1 within 5 standard deviations.
+    x64 = np.asarray(x, np.float64)
+    std = np.sqrt(rate / (1 - rate) * (x64**2).sum()) / x64.sum()
+    assert abs(y.sum(dtype=np.float64) / x64.sum() - 1) < 5 * std
+
+
+def test_masks_are_independent_across_elements(rng):
+    # Adjacent elements must not share draws: their joint drop frequency is rate**2.
+    y = np.asarray(dropout(jax.random.key(0), jnp.ones((400, 1000)), 0.5))
+    both = ((y[:, :-1] == 0) & (y[:, 1:] == 0)).mean()
+    assert _within_sigmas(both, 0.25, y[:, 1:].size)
+
+
+def test_same_key_same_mask_other_key_other_mask(rng):
+    x = jnp.asarray(rng.standard_normal((64, 33)).astype(np.float32))
+    a = dropout(jax.random.key(7), x, 0.5)
+    np.testing.assert_array_equal(a, dropout(jax.random.key(7), x, 0.5))
+    assert not np.array_equal(a, dropout(jax.random.key(8), x, 0.5))
+    legacy = dropout(jax.random.PRNGKey(7), x, 0.5)
+    np.testing.assert_array_equal(legacy, dropout(jax.random.PRNGKey(7), x, 0.5))
+
+
+def test_eval_and_zero_rate_are_identity(rng):
+    x = jnp.asarray(rng.standard_normal((4, 5, 5, 3)).astype(np.float32))
+    key = jax.random.key(0)
+    assert dropout(key, x, 0.7, train=False) is x
+    assert dropout(key, x, 0.0) is x
+    assert spatial_dropout(key, x, 0.7, train=False) is x
+    assert spatial_dropout(key, x, 0) is x
+
+
+def test_rate_one_gives_zeros_and_zero_gradient():
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    key = jax.random.key(0)
+    assert not dropout(key, x, 1.0).any()
+    assert not spatial_dropout(key, x.reshape(1, 3, 4), 1).any()
+    grad = jax.grad(lambda v: dropout(key, v, 1.0).sum())(x)
+    assert np.isfinite(grad).all() and not grad.any()
+
+
+def test_gradient_is_the_scaled_mask(rng):
+    x = jnp.asarray(rng.standard_normal((8, 9)).astype(np.float32))
+    key = jax.random.key(5)
+    y = dropout(key, x, 0.25)
+    grad = jax.grad(lambda v: dropout(key, v, 0.25).sum())(x)
+    np.testing.assert_allclose(grad, np.where(np.asarray(y) != 0, 1 / 0.75, 0.0), rtol=1e-6)
+
+
+def test_jit_and_vmap_over_keys(rng):
+    x = jnp.asarray(rng.standard_normal((6, 7)).astype(np.float32))
+    keys = jax.random.split(jax.random.key(1), 4)
+    jitted = jax.jit(functools.partial(dropout, rate=0.5))
+    batched = jax.vmap(jitted, in_axes=(0, None))(keys, x)
+    for key, row in zip(keys, batched, strict=True):
+        np.testing.assert_array_equal(row, dropout(key, x, 0.5))
+    assert len({np.asarray(row == 0).tobytes() for row in batched}) == 4
+
+
+def test_dtype_is_kept():
+    y = dropout(jax.random.key(0), jnp.ones((16,), jnp.bfloat16), 0.5)
+    assert y.dtype == jnp.bfloat16
+    assert set(np.asarray(y, np.float32).tolist()) <= {0.0, 2.0}
+
+
+@pytest.mark.parametrize("shape", [(50, 9, 64), (40, 3, 5, 64), (30, 2, 3, 2, 64)])
+def test_spatial_dropout_drops_whole_channels_per_example(rng, shape):
+    rate = 0.3
+    x = jnp.asarray(rng.uniform(1.0, 2.0, shape).astype(np.float32))
+    y = np.asarray(spatial_dropout(jax.random.key(2), x, rate))
+    spatial_axes = tuple(range(1, len(shape) - 1))
+    channel_dropped = (y == 0).all(axis=spatial_axes)
+    channel_kept = (y != 0).all(axis=spatial_axes)
+    assert (channel_dropped | channel_kept).all(), "a channel was partly dropped"
+    assert _within_sigmas(channel_dropped.mean(), rate, channel_dropped.size)
+    # Each example draws its own channels.
+    assert len({row.tobytes() for row in channel_dropped}) > shape[0] // 2
+    kept = y != 0
+    np.testing.assert_array_equal(y[kept], (np.asarray(x) * np.float32(1 / (1 - rate)))[kept])
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda k, x: dropout(k, x, 1.5), ValueError, r"rate: expected a drop probability in"),
+        (lambda k, x: dropout(k, x, -0.1), ValueError, r"rate: expected a drop probability"),
+        (lambda k, x: dropout(k, x, jnp.float32(0.5)), TypeError, "rate: expected a Python"),
+        (lambda k, x: dropout(k, x, 0.5, train=jnp.bool_(1)), TypeError, "train: expected a"),
+        (lambda k, x: dropout(0, x, 0.5), TypeError, "key: expected a jax.random key"),
+        (lambda k, x: dropout(jnp.zeros(2), x, 0.5), TypeError, "key: expected .* float32"),
+        (lambda k, x: dropout(k, x.astype(jnp.int32), 0.5), TypeError, "x: expected a floating"),
+        (lambda k, x: spatial_dropout(k, x[0], 0.5), ValueError, r"x: expected rank >= 3"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(jax.random.key(0), jnp.ones((2, 3, 4)))
