@@ -1,0 +1,219 @@
+"""``jcnn-train``: train a model of ``jcnn.models`` on a dataset, into a run folder.
+
+Example (the README's main job)::
+
+    jcnn-train --model lenet5 --dataset mnist --epochs 4 --batch-size 128 \\
+        --optimizer momentum --lr 0.05 --schedule cosine --out runs/lenet5-mnist
+
+A killed run continues exactly where its last checkpoint left it with ``--resume`` (same command,
+same ``--out``); the run folder holds ``config.json``, ``history.json``/``.csv``, ``curves.png``,
+``summary.json`` (with the test accuracy) and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "MODELS"]
+
+# CLI name -> (attribute of jcnn.models, keyword arguments)
+MODELS = {
+    "lenet5": ("LeNet5", {}),
+    "lenet5_1998": ("LeNet5", {"original": True}),
+    "alexnet": ("AlexNet", {}),
+    "vgg": ("VGG", {}),
+    "resnet": ("ResNet", {}),
+    "airbench": ("AirbenchNet", {}),
+    "jarrett": ("JarrettNet", {}),
+}
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``jcnn-train``."""
+    from jcnn.train import schedules
+    from jcnn.train.optim import OPTIMIZERS
+
+    p = argparse.ArgumentParser(
+        prog="jcnn-train", description="Train a jcnn model; writes a run folder."
+    )
+    p.add_argument("--model", default="lenet5", choices=sorted(MODELS))
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        help=f"{', '.join(DATASETS)} ('synthetic': a small random task for smoke tests)",
+    )
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="momentum", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=0.05, help="base (peak) learning rate")
+    p.add_argument("--schedule", default="cosine", choices=sorted(schedules.SCHEDULES))
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--step-epochs", default="", help="for --schedule step: e.g. 30,60,90")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--clip-norm", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--augment",
+        default="",
+        help="comma-separated per-example ops of jcnn.data.augment, applied in order "
+        "(e.g. random_crop,horizontal_flip); 'mixup'/'cutmix' act on whole batches",
+    )
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
+    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=None, help="data-parallel over N devices")
+    p.add_argument("--checkpoint-every-steps", type=int, default=0)
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    return p
+
+
+def _synthetic(split: str, seed: int):
+    """10 classes of 28x28 digits-like blobs: class c is a bright square at a fixed place."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+    n = 512 if split == "train" else 256
+    labels = rng.integers(0, 10, size=n).astype(np.int32)
+    images = rng.integers(0, 60, size=(n, 28, 28, 1)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        row, col = 2 + 8 * (c // 4), 2 + 8 * (c % 4)
+        images[i, row : row + 6, col : col + 6, 0] += 150
+    return images, labels
+
+
+def _augmenters(spec: str, num_classes: int):
+    import functools
+
+    from jcnn.data import augment
+
+    per_example, per_batch = [], None
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        fn = getattr(augment, name, None)
+        if fn is None or not callable(fn):
+            raise SystemExit(f"--augment: jcnn.data.augment has no op {name!r}")
+        if name in ("mixup", "cutmix"):
+            per_batch = functools.partial(fn, num_classes=num_classes)
+        else:
+            per_example.append(fn)
+    if not per_example:
+        return None, per_batch
+
+    def composed(key, image):
+        import jax
+
+        for op, op_key in zip(per_example, jax.random.split(key, len(per_example)), strict=True):
+            image = op(op_key, image)
+        return image
+
+    return composed, per_batch
+
+
+def main(argv=None) -> int:
+    """Entry point of ``jcnn-train``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+
+    import jax
+
+    from jcnn import data, models
+    from jcnn.train import parallel
+    from jcnn.train.checkpoint import CheckpointError
+    from jcnn.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
+
+    if args.dataset not in DATASETS:
+        raise SystemExit(f"--dataset: expected one of {', '.join(DATASETS)}, got {args.dataset!r}")
+    out = Path(args.out or f"runs/{args.model}-{args.dataset}")
+    if args.dataset == "synthetic":
+        (train_x, train_y), (test_x, test_y) = _synthetic("train", 0), _synthetic("test", 0)
+    else:
+        train_x, train_y = data.load(args.dataset, "train", data_dir=args.data_dir)
+        test_x, test_y = data.load(args.dataset, "test", data_dir=args.data_dir)
+    if args.limit_train:
+        train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    stats = data.Standardize.fit(train_x)
+    train_x, test_x = stats(train_x), stats(test_x)
+
+    sharding = None
+    if args.devices:
+        sharding = parallel.data_sharding(parallel.make_mesh(args.devices))
+    example_aug, batch_aug = _augmenters(args.augment, num_classes)
+    train_loader = data.Loader(
+        train_x,
+        train_y,
+        batch_size=args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        augment=example_aug,
+        batch_augment=batch_aug,
+        sharding=sharding,
+    )
+    test_loader = data.Loader(
+        test_x,
+        test_y,
+        batch_size=min(1000, test_x.shape[0]),
+        shuffle=False,
+        drop_remainder=False,
+        sharding=sharding,
+    )
+    attribute, kwargs = MODELS[args.model]
+    model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
+    config = TrainConfig(
+        epochs=args.epochs,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        step_epochs=tuple(int(e) for e in args.step_epochs.split(",") if e.strip()),
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        clip_norm=args.clip_norm,
+        label_smoothing=args.label_smoothing,
+        compute_dtype=args.compute_dtype,
+        seed=args.seed,
+        devices=args.devices,
+        out=str(out),
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        keep_last=args.keep_last,
+        resume=args.resume,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    started = time.perf_counter()
+    try:
+        result = fit(model, train_loader, test_loader, config)
+    except NonFiniteLossError as error:
+        print(f"jcnn-train: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        print(f"jcnn-train: cannot resume: {error}", file=sys.stderr)
+        return 3
+    mesh = parallel.make_mesh(args.devices) if args.devices else None
+    test = evaluate(result["state"], test_loader, mesh=mesh)
+    summary = dict(result["summary"])
+    summary.update(
+        test_loss=test["loss"],
+        test_accuracy=test["accuracy"],
+        wall_seconds=time.perf_counter() - started,
+        devices=len(mesh.devices.flat) if mesh is not None else 1,
+        backend=jax.default_backend(),
+        command="jcnn-train " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); "
+        f"wall {summary['wall_seconds']:.1f}s; run folder {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
