@@ -1,0 +1,145 @@
+"""AirbenchNet: the fast CIFAR-10 network of Keller Jordan's airbench94.
+
+A 2x2 patch-whitening conv (``2 * 3 * 2 * 2 = 24`` channels, no padding, with bias) and GELU;
+three groups ``conv -> maxpool 2 -> BN -> GELU -> conv -> BN -> GELU`` of widths 64, 256, 256
+(3x3 "same" convs without bias, BatchNorm without a learned scale); a 3x3 max pool; a linear head
+without bias whose output is multiplied by 1/9. On 32x32 inputs: 31 -> 15 -> 7 -> 3 -> 1.
+1,971,640 parameters for 10 classes (airbench's count, 1,972,792, also includes the 1,152 BN
+weights that it keeps frozen at 1).
+
+airbench's BatchNorm uses PyTorch momentum 0.4, i.e. a decay of 0.6 here, and eps 1e-12.
+``whitening_kernel`` computes airbench's data-dependent initialization of the first conv; the
+training recipe (freezing that layer, label smoothing, lookahead, test-time augmentation, dirac
+initialization of the convs) belongs to the training code, not to the architecture.
+
+Submodules: ``whiten``, ``gelu0``, ``group1``..``group3`` (each with ``conv1``, ``pool``,
+``norm1``, ``gelu1``, ``conv2``, ``norm2``, ``gelu2``), ``pool``, ``flatten``, ``head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jcnn import init
+from jcnn.functional._checks import check_array
+from jcnn.nn import GELU, BatchNorm, Conv, Dense, Flatten, MaxPool
+
+__all__ = ["AirbenchNet", "ConvGroup", "whitening_kernel"]
+
+
+class ConvGroup(nn.Module):
+    """``conv -> maxpool 2 -> BN -> GELU -> conv -> BN -> GELU`` (airbench's block).
+
+    Attributes:
+        features: output channels of both convs.
+        bn_momentum: decay of the BatchNorm running averages.
+        bn_eps: BatchNorm epsilon.
+    """
+
+    features: int
+    bn_momentum: float = 0.6
+    bn_eps: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """Apply the group to ``x`` ``(N, H, W, C)``; halves H and W."""
+        x = Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv1")(x)
+        x = MaxPool(2, name="pool")(x)
+        x = self._norm("norm1")(x, train)
+        x = GELU(name="gelu1")(x)
+        x = Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(x)
+        x = self._norm("norm2")(x, train)
+        return GELU(name="gelu2")(x)
+
+    def _norm(self, name: str) -> BatchNorm:
+        return BatchNorm(momentum=self.bn_momentum, eps=self.bn_eps, use_scale=False, name=name)
+
+
+class AirbenchNet(nn.Module):
+    """airbench94's network for ``(N, 32, 32, 3)`` images.
+
+    Attributes:
+        num_classes: number of outputs (logits).
+        widths: widths of the three conv groups.
+        whiten_kernel_size: window of the whitening conv (its width is ``2 * C * k * k``).
+        scaling_factor: multiplier of the logits.
+        bn_momentum, bn_eps: BatchNorm settings of the groups.
+
+    Example:
+        >>> import jcnn
+        >>> model = jcnn.models.AirbenchNet()
+        >>> x = jnp.zeros((2, 32, 32, 3))
+        >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        >>> sum(p.size for p in jax.tree.leaves(variables["params"]))
+        1971640
+    """
+
+    num_classes: int = 10
+    widths: Sequence[int] = (64, 256, 256)
+    whiten_kernel_size: int = 2
+    scaling_factor: float = 1 / 9
+    bn_momentum: float = 0.6
+    bn_eps: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
+        check_array(x, "x", ndim=4)
+        k = self.whiten_kernel_size
+        x = Conv(2 * x.shape[-1] * k * k, (k, k), name="whiten")(x)
+        x = GELU(name="gelu0")(x)
+        for index, width in enumerate(self.widths, start=1):
+            x = ConvGroup(width, self.bn_momentum, self.bn_eps, name=f"group{index}")(x, train)
+        x = MaxPool(3, name="pool")(x)
+        x = Flatten(name="flatten")(x)
+        x = Dense(self.num_classes, use_bias=False, kernel_init=init.lecun_normal(), name="head")(x)
+        return x * self.scaling_factor
+
+
+def whitening_kernel(images, kernel_size: int = 2, eps: float = 5e-4):
+    """airbench's whitening initialization of the first conv, from training images.
+
+    Takes every ``kernel_size x kernel_size`` patch of ``images``, the eigendecomposition of their
+    (uncentred) second-moment matrix ``E[p p^T]``, and returns the kernel whose filters are the
+    eigenvectors divided by ``sqrt(eigenvalue + eps)`` (largest eigenvalue first) followed by their
+    negatives: convolving the images with it gives decorrelated channels of unit second moment
+    (up to ``eps``).
+
+    Args:
+        images: floating array ``(N, H, W, C)``, already normalized as the network will see them.
+        kernel_size: the whitening window ``k``.
+        eps: added to the eigenvalues.
+
+    Returns:
+        The kernel ``(k, k, C, 2 * k * k * C)`` for ``AirbenchNet``'s ``whiten`` conv.
+
+    Example:
+        >>> images = jax.random.normal(jax.random.key(0), (8, 6, 6, 3))
+        >>> whitening_kernel(images).shape
+        (2, 2, 3, 24)
+    """
+    check_array(images, "images", ndim=4)
+    n, height, width, channels = images.shape
+    k = kernel_size
+    if not isinstance(k, int) or not 1 <= k <= min(height, width):
+        raise ValueError(
+            f"kernel_size: expected an int in [1, {min(height, width)}] (the image size), got {k!r}"
+        )
+    patches = jnp.stack(
+        [
+            images[:, i : height - k + 1 + i, j : width - k + 1 + j, :]
+            for i in range(k)
+            for j in range(k)
+        ],
+        axis=-2,
+    ).reshape(-1, k * k * channels)
+    patches = patches.astype(jnp.float32)
+    second_moment = patches.T @ patches / patches.shape[0]
+    eigenvalues, eigenvectors = jnp.linalg.eigh(second_moment)
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    filters = eigenvectors / jnp.sqrt(eigenvalues + eps)[None, :]
+    kernel = filters.reshape(k, k, channels, k * k * channels)
+    return jnp.concatenate([kernel, -kernel], axis=-1)
