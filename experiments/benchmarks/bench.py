@@ -29,7 +29,6 @@ import numpy as np
 import optax
 import torch
 import torch.nn.functional as TF
-from jax import lax
 
 from jcnn.functional._conv_cpu import conv_general
 
