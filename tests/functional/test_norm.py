@@ -1,0 +1,614 @@
+"""Tests of jcnn.functional.norm against PyTorch (float64) and NumPy loop references."""
+
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from jcnn.functional.norm import (
+    BatchNormState,
+    batch_norm,
+    fold_batch_norm,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    local_contrast_norm,
+    local_response_norm,
+)
+
+TOL = 1e-5
+
+
+def assert_rel_close(actual, expected, tol=TOL, name="value"):
+    """Max abs error, relative to the largest reference entry, at most ``tol``."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    error = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
+    assert error <= tol, f"{name}: relative error {error:.2e} > {tol:.0e}"
+
+
+def random_shape(rng, rank, *, max_channels=6, min_channels=1, min_batch=2):
+    """(N, *spatial, C): a small batch, spatial sizes 1 to 5, C in [min_channels, max_channels]."""
+    spatial = tuple(int(s) for s in rng.integers(1, 6, size=rank - 2))
+    batch = int(rng.integers(min_batch, min_batch + 3))
+    return (batch, *spatial, int(rng.integers(min_channels, max_channels + 1)))
+
+
+def to_torch(torch, array):
+    """Channels-last NumPy array as a float64 channels-first torch tensor."""
+    return torch.from_numpy(np.moveaxis(np.asarray(array, np.float64), -1, 1).copy())
+
+
+def from_torch(tensor):
+    return np.moveaxis(tensor.detach().numpy(), 1, -1)
+
+
+def random_affine(rng, channels):
+    scale = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    bias = rng.normal(size=channels).astype(np.float32)
+    return scale, bias
+
+
+def jax_value_and_vjp(fn, args, cotangent):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(jnp.asarray(cotangent, jnp.float32))
+
+
+def torch_value_and_grads(torch, fn, args, cotangent):
+    leaves = [torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in args]
+    out = fn(*leaves)
+    (out * torch.from_numpy(np.asarray(cotangent, np.float64))).sum().backward()
+    return out.detach().numpy(), [leaf.grad.numpy() for leaf in leaves]
+
+
+# ---------------------------------------------------------------- batch norm
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_batch_norm_train_then_eval_matches_torch(torch, rng, rank):
+    shape = random_shape(rng, rank, min_batch=6)
+    channels = shape[-1]
+    momentum = float(rng.uniform(0.5, 0.95))
+    scale, bias = random_affine(rng, channels)
+    state = BatchNormState(
+        jnp.asarray(rng.normal(size=channels), jnp.float32),
+        jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32),
+    )
+    torch_mean = torch.tensor(np.asarray(state.mean, np.float64))
+    torch_var = torch.tensor(np.asarray(state.var, np.float64))
+
+    for step in range(3):
+        x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.normal()).astype(np.float32)
+        cotangent = rng.normal(size=shape)
+
+        def jcnn_fn(x, scale, bias, state=state):
+            return batch_norm(
+                x, scale, bias, state, train=True, momentum=momentum, unbiased_running_var=True
+            )
+
+        y, vjp, state = jax.vjp(jcnn_fn, x, scale, bias, has_aux=True)
+        dx, dscale, dbias = vjp(jnp.asarray(cotangent, jnp.float32))
+
+        def torch_fn(x, scale, bias):
+            y = torch.nn.functional.batch_norm(
+                torch.movedim(x, -1, 1),
+                torch_mean,
+                torch_var,
+                scale,
+                bias,
+                training=True,
+                momentum=1 - momentum,
+                eps=1e-5,
+            )
+            return torch.movedim(y, 1, -1)
+
+        y_ref, (dx_ref, dscale_ref, dbias_ref) = torch_value_and_grads(
+            torch, torch_fn, (x, scale, bias), cotangent
+        )
+        assert_rel_close(y, y_ref, name=f"step {step} y")
+        assert_rel_close(state.mean, torch_mean.numpy(), name=f"step {step} running mean")
+        assert_rel_close(state.var, torch_var.numpy(), name=f"step {step} running var")
+        assert_rel_close(dx, dx_ref, name=f"step {step} dx")
+        assert_rel_close(dscale, dscale_ref, name=f"step {step} dscale")
+        assert_rel_close(dbias, dbias_ref, name=f"step {step} dbias")
+
+    x = rng.normal(size=shape).astype(np.float32)
+    y, new_state = batch_norm(x, scale, bias, state, train=False)
+    y_ref = torch.nn.functional.batch_norm(
+        to_torch(torch, x),
+        torch_mean,
+        torch_var,
+        torch.tensor(scale, dtype=torch.float64),
+        torch.tensor(bias, dtype=torch.float64),
+        training=False,
+        eps=1e-5,
+    )
+    assert_rel_close(y, from_torch(y_ref), name="eval y")
+    np.testing.assert_array_equal(new_state.mean, state.mean)
+    np.testing.assert_array_equal(new_state.var, state.var)
+
+
+def test_batch_norm_default_running_var_is_biased(rng):
+    x = rng.normal(size=(3, 4, 5, 2)).astype(np.float32)
+    state = BatchNormState(jnp.full(2, 0.5), jnp.full(2, 2.0))
+    _, new_state = batch_norm(x, None, None, state, train=True, momentum=0.75)
+    x64 = x.astype(np.float64).reshape(-1, 2)
+    assert_rel_close(new_state.mean, 0.75 * 0.5 + 0.25 * x64.mean(0), name="mean")
+    assert_rel_close(new_state.var, 0.75 * 2.0 + 0.25 * x64.var(0), name="var")
+    # The unbiased alternative really differs (the test above can tell them apart).
+    _, unbiased = batch_norm(
+        x, None, None, state, train=True, momentum=0.75, unbiased_running_var=True
+    )
+    assert_rel_close(unbiased.var, 0.75 * 2.0 + 0.25 * x64.var(0, ddof=1), name="unbiased var")
+    assert not np.allclose(unbiased.var, new_state.var, rtol=1e-3)
+
+
+def test_batch_norm_half_precision_keeps_dtypes(rng):
+    x = rng.normal(size=(4, 3, 3, 5)).astype(np.float32)
+    state = BatchNormState(jnp.zeros(5), jnp.ones(5))
+    y16, state16 = batch_norm(jnp.asarray(x, jnp.bfloat16), None, None, state, train=True)
+    y32, state32 = batch_norm(
+        jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), None, None, state, train=True
+    )
+    assert y16.dtype == jnp.bfloat16 and state16.mean.dtype == state16.var.dtype == jnp.float32
+    assert_rel_close(y16, y32, tol=1e-2, name="bfloat16 y")
+    assert_rel_close(state16.var, state32.var, name="bfloat16 stats are float32")
+
+
+# ------------------------------------------------------ large common offset
+
+
+def standardized_reference(x, axes):
+    x = np.asarray(x, np.float64)
+    centered = x - x.mean(axis=axes, keepdims=True)
+    return centered / np.sqrt((centered**2).mean(axis=axes, keepdims=True) + 1e-5)
+
+
+def test_variance_is_accurate_with_large_common_offset(rng):
+    """1e4 + unit noise in float32: E[x^2] - E[x]^2 loses every digit; two-pass keeps ~1e-6."""
+    x = (1e4 + rng.normal(size=(8, 6, 6, 4))).astype(np.float32)
+    x64 = x.astype(np.float64)
+
+    naive = jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(jnp.mean(x, axis=(0, 1, 2)))
+    naive_error = np.max(np.abs(np.asarray(naive) - x64.reshape(-1, 4).var(0)))
+    assert naive_error > 1e-2, "the one-pass formula should fail here, else the test is too easy"
+
+    state = BatchNormState(jnp.zeros(4), jnp.zeros(4))
+    y_bn, batch_stats = batch_norm(x, None, None, state, train=True, momentum=0.0)
+    assert_rel_close(batch_stats.var, x64.reshape(-1, 4).var(0), name="batch_norm var")
+
+    grouped_shape = (8, 6, 6, 2, 2)
+    cases = {  # name: (output, shape to view it in, normalized axes)
+        "batch_norm": (y_bn, x.shape, (0, 1, 2)),
+        "layer_norm": (layer_norm(x, None, None), x.shape, (1, 2, 3)),
+        "group_norm": (group_norm(x, None, None, num_groups=2), grouped_shape, (1, 2, 4)),
+        "instance_norm": (instance_norm(x, None, None), x.shape, (1, 2)),
+    }
+    for name, (y, shape, axes) in cases.items():
+        y = np.asarray(y, np.float64).reshape(shape)
+        expected = standardized_reference(x.reshape(shape), axes)
+        # The spread of y measures the variance alone: it must be right to float32 precision.
+        assert_rel_close(y.std(axis=axes), expected.std(axis=axes), name=f"{name} std of y")
+        # The float32 mean of values near 1e4 is only known to ~1e-3 (half an ulp), hence 3e-3.
+        assert_rel_close(y, expected, tol=3e-3, name=f"{name} y")
+
+
+# ------------------------------------------------------------- cross-device
+
+
+def test_batch_norm_axis_name_under_vmap_equals_full_batch(rng):
+    x = rng.normal(size=(8, 3, 5, 4)).astype(np.float32) * 2 + 1
+    scale, bias = random_affine(rng, 4)
+    state = BatchNormState(jnp.asarray(rng.normal(size=4)), jnp.asarray(rng.uniform(1, 2, 4)))
+
+    def full(x, scale, bias):
+        return batch_norm(x, scale, bias, state, train=True, unbiased_running_var=True)
+
+    def sharded(x, scale, bias):
+        def per_shard(shard):
+            return batch_norm(
+                shard, scale, bias, state, train=True, axis_name="d", unbiased_running_var=True
+            )
+
+        y, new_state = jax.vmap(per_shard, axis_name="d")(x.reshape(4, 2, 3, 5, 4))
+        return y.reshape(x.shape), new_state
+
+    y_ref, state_ref = full(x, scale, bias)
+    y, stacked_state = jax.jit(sharded)(x, scale, bias)
+    assert_rel_close(y, y_ref, name="y")
+    for shard in range(4):
+        assert_rel_close(stacked_state.mean[shard], state_ref.mean, name="running mean")
+        assert_rel_close(stacked_state.var[shard], state_ref.var, name="running var (count 120)")
+
+    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    grads_ref = jax.grad(lambda *a: jnp.sum(full(*a)[0] * cotangent), (0, 1, 2))(x, scale, bias)
+    grads = jax.grad(lambda *a: jnp.sum(sharded(*a)[0] * cotangent), (0, 1, 2))(x, scale, bias)
+    for name, g, g_ref in zip(("dx", "dscale", "dbias"), grads, grads_ref, strict=True):
+        assert_rel_close(g, g_ref, name=name)
+
+
+def test_batch_norm_axis_name_under_shard_map(rng):
+    x = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    state = BatchNormState(jnp.zeros(2), jnp.ones(2))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+
+    def per_shard(x):
+        return batch_norm(x, None, None, state, train=True, axis_name="d")
+
+    sharded = jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=PartitionSpec("d"),
+        out_specs=(PartitionSpec("d"), PartitionSpec()),
+    )
+    y, new_state = jax.jit(sharded)(x)
+    y_ref, state_ref = batch_norm(x, None, None, state, train=True)
+    assert_rel_close(y, y_ref, name="y")
+    assert_rel_close(new_state.var, state_ref.var, name="running var")
+
+
+# ----------------------------------------------------------- vmap == loop
+
+
+PER_EXAMPLE_OPS = {
+    "batch_norm": lambda x: batch_norm(
+        x, None, None, BatchNormState(jnp.zeros(4), jnp.ones(4)), train=True
+    ),
+    "layer_norm": lambda x: layer_norm(x, jnp.arange(1.0, 5.0), None),
+    "group_norm": lambda x: group_norm(x, None, jnp.arange(4.0), num_groups=2),
+    "instance_norm": lambda x: instance_norm(
+        x, None, None, BatchNormState(jnp.zeros(4), jnp.ones(4)), momentum=0.5
+    ),
+    "local_contrast_norm": lambda x: local_contrast_norm(x, size=3),
+    "local_response_norm": lambda x: local_response_norm(x, 3, alpha=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_EXAMPLE_OPS))
+def test_vmap_equals_loop(rng, name):
+    op = PER_EXAMPLE_OPS[name]
+    xs = rng.normal(size=(3, 2, 5, 4, 4)).astype(np.float32)
+    batched = jax.vmap(op)(xs)
+    looped = [op(x) for x in xs]
+    expected = jax.tree.map(lambda *leaves: np.stack(leaves), *looped)
+    for leaf, leaf_ref in zip(jax.tree.leaves(batched), jax.tree.leaves(expected), strict=True):
+        assert_rel_close(leaf, leaf_ref, name=name)
+
+
+# ---------------------------------------------- layer, group, instance norm
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_layer_norm_matches_torch(torch, rng, rank):
+    shape = random_shape(rng, rank, min_channels=4)  # >= 4 values per example: real gradients
+    x = (rng.normal(size=shape) * 3 + 2).astype(np.float32)
+    cotangent = rng.normal(size=shape)
+    per_channel = random_affine(rng, shape[-1])
+    elementwise = tuple(rng.normal(size=shape[1:]).astype(np.float32) for _ in range(2))
+    for scale, bias in (per_channel, elementwise):
+
+        def torch_fn(x, scale, bias):
+            # torch.nn.LayerNorm([C, *spatial]) in channels-first layout, affine broadcast to it.
+            full_scale = torch.movedim(scale.expand(x.shape[1:]), -1, 0)
+            full_bias = torch.movedim(bias.expand(x.shape[1:]), -1, 0)
+            x_cf = torch.movedim(x, -1, 1)
+            y = torch.nn.functional.layer_norm(x_cf, x_cf.shape[1:], full_scale, full_bias, 1e-5)
+            return torch.movedim(y, 1, -1)
+
+        y, grads = jax_value_and_vjp(lambda *a: layer_norm(*a), (x, scale, bias), cotangent)
+        y_ref, grads_ref = torch_value_and_grads(torch, torch_fn, (x, scale, bias), cotangent)
+        assert_rel_close(y, y_ref, name=f"y, scale {scale.shape}")
+        for g, g_ref, name in zip(grads, grads_ref, ("dx", "dscale", "dbias"), strict=True):
+            assert_rel_close(g, g_ref, name=f"{name}, scale {scale.shape}")
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_group_norm_matches_torch(torch, rng, rank):
+    shape = (*random_shape(rng, rank)[:-1], 12)
+    group_sizes = [g for g in (1, 2, 3, 4, 6, 12) if np.prod(shape[1:]) // g >= 4]
+    num_groups = int(rng.choice(group_sizes))  # at least 4 values per group: no degenerate grads
+    x = (rng.normal(size=shape) * 2 - 1).astype(np.float32)
+    cotangent = rng.normal(size=shape)
+    scale, bias = random_affine(rng, 12)
+
+    def torch_fn(x, scale, bias):
+        y = torch.nn.functional.group_norm(torch.movedim(x, -1, 1), num_groups, scale, bias, 1e-5)
+        return torch.movedim(y, 1, -1)
+
+    def jcnn_fn(x, scale, bias):
+        return group_norm(x, scale, bias, num_groups=num_groups)
+
+    y, grads = jax_value_and_vjp(jcnn_fn, (x, scale, bias), cotangent)
+    y_ref, grads_ref = torch_value_and_grads(torch, torch_fn, (x, scale, bias), cotangent)
+    assert_rel_close(y, y_ref, name=f"y, {num_groups} groups")
+    for g, g_ref, name in zip(grads, grads_ref, ("dx", "dscale", "dbias"), strict=True):
+        assert_rel_close(g, g_ref, name=f"{name}, {num_groups} groups")
+
+
+@pytest.mark.parametrize("rank", [3, 4, 5])
+def test_instance_norm_with_running_stats_matches_torch(torch, rng, rank):
+    shape = random_shape(rng, rank)
+    shape = (shape[0], *(max(s, 2) for s in shape[1:-1]), shape[-1])
+    channels = shape[-1]
+    momentum = float(rng.uniform(0.5, 0.95))
+    scale, bias = random_affine(rng, channels)
+    scale_t, bias_t = (torch.tensor(v, dtype=torch.float64) for v in (scale, bias))
+    state = BatchNormState(jnp.zeros(channels), jnp.ones(channels))
+    torch_mean = torch.zeros(channels, dtype=torch.float64)
+    torch_var = torch.ones(channels, dtype=torch.float64)
+
+    for step in range(3):
+        x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.normal()).astype(np.float32)
+        y, state = instance_norm(
+            x, scale, bias, state, train=True, momentum=momentum, unbiased_running_var=True
+        )
+        y_ref = torch.nn.functional.instance_norm(
+            to_torch(torch, x),
+            torch_mean,
+            torch_var,
+            scale_t,
+            bias_t,
+            use_input_stats=True,
+            momentum=1 - momentum,
+            eps=1e-5,
+        )
+        assert_rel_close(y, from_torch(y_ref), name=f"step {step} y")
+        assert_rel_close(state.mean, torch_mean.numpy(), name=f"step {step} running mean")
+        assert_rel_close(state.var, torch_var.numpy(), name=f"step {step} running var")
+        assert_rel_close(instance_norm(x, scale, bias), from_torch(y_ref), name="stateless y")
+
+    x = rng.normal(size=shape).astype(np.float32)
+    y, new_state = instance_norm(x, scale, bias, state, train=False)
+    y_ref = torch.nn.functional.instance_norm(
+        to_torch(torch, x), torch_mean, torch_var, scale_t, bias_t, use_input_stats=False, eps=1e-5
+    )
+    assert_rel_close(y, from_torch(y_ref), name="eval y")
+    np.testing.assert_array_equal(new_state.var, state.var)
+
+
+# ------------------------------------------------ local response / contrast
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_local_response_norm_matches_torch(torch, rng, rank):
+    shape = random_shape(rng, rank, max_channels=9)
+    x = (rng.normal(size=shape) * 4).astype(np.float32)
+    for size in (1, 2, 3, 4, 5, 7):
+        alpha, beta, k = float(rng.uniform(1e-3, 0.1)), float(rng.uniform(0.5, 1)), 1.5
+        y = local_response_norm(x, size, alpha=alpha, beta=beta, k=k)
+        y_ref = torch.nn.functional.local_response_norm(
+            to_torch(torch, x), size, alpha=alpha * size, beta=beta, k=k
+        )
+        assert_rel_close(y, from_torch(y_ref), name=f"size {size}")
+
+
+def test_local_response_norm_is_alexnet_formula(rng):
+    """AlexNet: b_i = a_i / (k + alpha * sum_{j=i-n/2}^{i+n/2} a_j^2)^beta, alpha not over n."""
+    x = rng.normal(size=(2, 8)).astype(np.float32)
+    n, alpha, beta, k = 5, 0.05, 0.75, 2.0
+    expected = np.empty((2, 8))
+    for i in range(8):
+        window = x[:, max(0, i - n // 2) : min(8, i + n // 2 + 1)].astype(np.float64)
+        expected[:, i] = x[:, i] / (k + alpha * (window**2).sum(1)) ** beta
+    assert_rel_close(local_response_norm(x, n, alpha=alpha, beta=beta, k=k), expected)
+
+
+def lcn_reference(x, window, sigmas, eps):
+    """Jarrett et al.'s formula summed term by term, weights renormalized inside the image."""
+    x = np.asarray(x, np.float64)
+    spatial = x.shape[1:-1]
+    channels = x.shape[-1]
+    offsets = list(itertools.product(*(range(-(k // 2), k // 2 + 1) for k in window)))
+    weights = {
+        o: np.prod([np.exp(-(d**2) / (2 * s**2)) for d, s in zip(o, sigmas, strict=True)])
+        for o in offsets
+    }
+    total = sum(weights.values()) * channels  # sum over i, p, q of w_pq is 1
+
+    def local_average(z):
+        out = np.zeros(z.shape[:-1])
+        for pos in itertools.product(*(range(n) for n in spatial)):
+            acc, mass = 0.0, 0.0
+            for o in offsets:
+                q = tuple(p + d for p, d in zip(pos, o, strict=True))
+                if all(0 <= c < n for c, n in zip(q, spatial, strict=True)):
+                    w = weights[o] / total
+                    acc = acc + w * z[(slice(None), *q)].sum(-1)
+                    mass += w * channels
+            out[(slice(None), *pos)] = acc / mass
+        return out
+
+    v = x - local_average(x)[..., None]
+    sigma = np.sqrt(local_average(v**2))
+    c = sigma.mean(axis=tuple(range(1, sigma.ndim)), keepdims=True)
+    divisor = np.maximum(np.maximum(c, sigma), eps)
+    return v / divisor[..., None], sigma, c
+
+
+@pytest.mark.parametrize(
+    "shape, size, sigma",
+    [((2, 6, 7, 3), 3, 1.0), ((2, 7, 5, 2), (5, 3), None), ((3, 11, 4), 5, 2.0)],
+)
+def test_local_contrast_norm_matches_formula(rng, shape, size, sigma):
+    # A spatial ramp of contrast makes sigma_jk exceed c on one side and not on the other.
+    ramp = np.linspace(0.1, 3.0, shape[1]).reshape(1, -1, *([1] * (len(shape) - 2)))
+    x = (rng.normal(size=shape) * ramp + 5.0).astype(np.float32)
+    window = (size,) * (len(shape) - 2) if isinstance(size, int) else size
+    sigmas = tuple(k / 4 for k in window) if sigma is None else (sigma,) * len(window)
+    expected, local_std, contrast = lcn_reference(x, window, sigmas, 1e-4)
+    assert (local_std > contrast).any() and (local_std < contrast).any()
+    y = local_contrast_norm(x, size=size, sigma=sigma)
+    assert_rel_close(y, expected)
+
+
+def test_local_contrast_norm_flat_input_gives_zero_and_finite_gradient():
+    x = jnp.full((1, 6, 6, 2), 1000.0)
+    y, grad = jax.value_and_grad(lambda x: jnp.sum(local_contrast_norm(x, size=5) ** 2))(x)
+    assert float(y) == 0.0  # exact: the subtracted means of a flat image are exact
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+# ------------------------------------------------------------ fold batch norm
+
+
+@pytest.mark.parametrize("groups, with_bias", [(1, True), (2, False), (3, True)])
+def test_fold_batch_norm_equals_conv_then_batch_norm(rng, groups, with_bias):
+    c_in, c_out = 3 * groups, 2 * groups
+    x = rng.normal(size=(2, 7, 6, c_in)).astype(np.float32)
+    w = rng.normal(size=(3, 2, c_in // groups, c_out)).astype(np.float32)
+    b = rng.normal(size=c_out).astype(np.float32) if with_bias else None
+    scale, bias = random_affine(rng, c_out)
+    state = BatchNormState(
+        jnp.asarray(rng.normal(size=c_out), jnp.float32),
+        jnp.asarray(rng.uniform(0.1, 3.0, c_out), jnp.float32),
+    )
+
+    def conv(x, w, b):
+        y = lax.conv_general_dilated(
+            x,
+            w,
+            (2, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+            precision=lax.Precision.HIGHEST,
+        )
+        return y if b is None else y + b.reshape(1, 1, 1, -1)
+
+    expected, _ = batch_norm(conv(x, w, b), scale, bias, state, train=False)
+    w_folded, b_folded = fold_batch_norm(w, b, scale, bias, state)
+    assert w_folded.shape == w.shape and b_folded.shape == (c_out,)
+    assert_rel_close(conv(x, w_folded, b_folded), expected)
+
+
+def test_fold_batch_norm_dense(rng):
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    state = BatchNormState(jnp.asarray(rng.normal(size=3)), jnp.asarray(rng.uniform(1, 2, 3)))
+    expected, _ = batch_norm(x @ w, None, None, state, train=False, eps=1e-3)
+    w_folded, b_folded = fold_batch_norm(w, None, None, None, state, eps=1e-3)
+    assert_rel_close(x @ w_folded + b_folded.reshape(1, 3), expected)
+
+
+# ----------------------------------------------------------------- bad input
+
+
+X4 = jnp.zeros((2, 3, 3, 16))
+STATE16 = BatchNormState(jnp.zeros(16), jnp.ones(16))
+
+BAD_INPUTS = [
+    (
+        lambda: batch_norm(X4, None, None, BatchNormState(jnp.zeros(8), jnp.ones(16)), train=True),
+        ValueError,
+        "state.mean: expected shape (C,)=(16,), got (8,)",
+    ),
+    (
+        lambda: batch_norm(jnp.zeros(4), None, None, STATE16, train=True),
+        ValueError,
+        "x: expected rank >= 2 (N, ..., C), got rank 1 with shape (4,)",
+    ),
+    (
+        lambda: batch_norm(X4.astype(jnp.int32), None, None, STATE16, train=True),
+        TypeError,
+        "x: expected a floating-point array, got dtype int32",
+    ),
+    (
+        lambda: batch_norm(X4, jnp.ones(15), None, STATE16, train=True),
+        ValueError,
+        "scale: expected shape (C,)=(16,), got (15,)",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, momentum=1.5),
+        ValueError,
+        "momentum: expected a number in [0, 1], got 1.5",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, eps=0.0),
+        ValueError,
+        "eps: expected a number > 0, got 0.0",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=jnp.array(True)),
+        TypeError,
+        "train: expected a Python bool",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, None, train=True),
+        TypeError,
+        "state: expected a BatchNormState(mean, var), got None",
+    ),
+    (
+        lambda: batch_norm(
+            jnp.zeros((1, 16)), None, None, STATE16, train=True, unbiased_running_var=True
+        ),
+        ValueError,
+        "unbiased_running_var: the unbiased variance needs at least 2 values per channel, got 1",
+    ),
+    (
+        lambda: layer_norm(X4, jnp.ones((3, 16)), None),
+        ValueError,
+        "scale: expected shape (C,)=(16,) or the per-example shape (3, 3, 16), got (3, 16)",
+    ),
+    (
+        lambda: group_norm(X4, None, None, num_groups=3),
+        ValueError,
+        "num_groups: must divide the number of channels C=16, got 3",
+    ),
+    (
+        lambda: group_norm(X4, None, None, num_groups=0),
+        ValueError,
+        "num_groups: every entry must be >= 1",
+    ),
+    (
+        lambda: instance_norm(jnp.zeros((2, 16)), None, None),
+        ValueError,
+        "x: expected rank >= 3 (N, *spatial, C), got rank 2 with shape (2, 16)",
+    ),
+    (
+        lambda: instance_norm(X4, None, None, BatchNormState(jnp.zeros(16), jnp.ones(4))),
+        ValueError,
+        "state.var: expected shape (C,)=(16,), got (4,)",
+    ),
+    (
+        lambda: local_contrast_norm(X4, size=4),
+        ValueError,
+        "size: expected odd window widths, got 4",
+    ),
+    (
+        lambda: local_contrast_norm(X4, size=3, sigma=-1.0),
+        ValueError,
+        "sigma: expected a number > 0, got -1.0",
+    ),
+    (
+        lambda: local_contrast_norm(jnp.zeros((1, 2, 2, 2, 2, 2)), size=3),
+        ValueError,
+        "x: expected 1 to 3 spatial axes (rank 3 to 5), got rank 6",
+    ),
+    (
+        lambda: local_response_norm(X4, 0),
+        ValueError,
+        "size: every entry must be >= 1, got 0",
+    ),
+    (
+        lambda: local_response_norm(X4, 3, k=0.0),
+        ValueError,
+        "k: expected a number > 0, got 0.0",
+    ),
+    (
+        lambda: fold_batch_norm(jnp.zeros((3, 3, 2, 4)), jnp.zeros(3), None, None, STATE16),
+        ValueError,
+        "b: expected shape (C_out,)=(4,), got (3,)",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_INPUTS, ids=[m for *_, m in BAD_INPUTS])
+def test_bad_input_is_reported(call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call()
