@@ -1,3 +1,817 @@
-"""Data augmentation."""
+"""Data augmentation in pure JAX: per-example ops under ``jit`` and ``vmap``, one key per example.
 
-__all__ = []
+Conventions:
+
+- An image is ``(H, W, C)``; ``uint8`` images take values ``0..255``, floating images ``[0, 1]``
+  (the "maximum value" below). Every op returns the dtype it was given (rounding and clipping
+  ``uint8`` results), except :func:`mixup`, which returns ``float32`` in the input's units.
+- A random per-example op has the signature ``op(key, image, **options) -> image``; bind its options
+  with ``functools.partial`` and chain ops with :func:`compose`. A batch gets one key per example:
+  :func:`apply_batch` (or :class:`jcnn.data.Loader`) splits a key and ``vmap``s the op.
+- Batch ops that mix examples, :func:`mixup` and :func:`cutmix`, take
+  ``(key, images, labels) -> (images, soft_labels)``; every other op leaves labels untouched.
+- Deterministic ops (:func:`hflip`, :func:`rotate`, :func:`posterize`...) take the image first.
+
+>>> import functools
+>>> augment = compose(
+...     functools.partial(random_crop, padding=4, pad_mode="reflect"),
+...     random_hflip,
+...     functools.partial(cutout, size=8),
+... )
+>>> images = jnp.zeros((5, 32, 32, 3), jnp.uint8)
+>>> out = apply_batch(augment, jax.random.key(0), images)
+>>> out.shape, str(out.dtype)
+((5, 32, 32, 3), 'uint8')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_sharpness",
+    "affine",
+    "apply_batch",
+    "autocontrast",
+    "color_jitter",
+    "compose",
+    "cutmix",
+    "cutout",
+    "equalize",
+    "hflip",
+    "mixup",
+    "pattern",
+    "pixmix",
+    "posterize",
+    "rand_augment",
+    "random_apply",
+    "random_crop",
+    "random_hflip",
+    "random_resized_crop",
+    "random_rotate",
+    "random_translate",
+    "random_vflip",
+    "rotate",
+    "solarize",
+    "translate",
+    "trivial_augment",
+    "vflip",
+]
+
+Op = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _check_image(image, name: str = "image") -> None:
+    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
+        raise TypeError(f"{name}: expected an array (H, W, C), got {type(image).__name__}")
+    if image.ndim != 3:
+        raise ValueError(
+            f"{name}: expected rank 3 (H, W, C) for one image (vmap over a batch), got rank "
+            f"{image.ndim} with shape {tuple(image.shape)}"
+        )
+    if not (jnp.issubdtype(image.dtype, jnp.floating) or image.dtype == jnp.uint8):
+        raise TypeError(f"{name}: expected uint8 or floating dtype, got {image.dtype}")
+
+
+def _check_batch(images, labels) -> None:
+    if not hasattr(images, "ndim") or images.ndim != 4:
+        raise ValueError(
+            f"images: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
+        )
+    if (
+        not hasattr(labels, "ndim")
+        or labels.ndim not in (1, 2)
+        or labels.shape[0] != images.shape[0]
+    ):
+        raise ValueError(
+            f"labels: expected ({images.shape[0]},) integer labels or ({images.shape[0]}, K) soft "
+            f"labels, got shape {getattr(labels, 'shape', labels)!r}"
+        )
+
+
+def _max_value(dtype) -> float:
+    return 255.0 if dtype == jnp.uint8 else 1.0
+
+
+def _to_float(image) -> jax.Array:
+    return image.astype(jnp.float32)
+
+
+def _restore(x, dtype) -> jax.Array:
+    """``x`` (float, in the units of ``dtype``) back to ``dtype``: uint8 is rounded and clipped."""
+    if dtype == jnp.uint8:
+        return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+    return x.astype(dtype)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value):
+        raise ValueError(f"{name}: expected a positive int or (height, width), got {value!r}")
+    return tuple(value)
+
+
+def _grayscale(x) -> jax.Array:
+    """Luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B) of a float image, shape (H, W, 1)."""
+    if x.shape[-1] == 1:
+        return x
+    if x.shape[-1] != 3:
+        raise ValueError(f"image: colour ops expect 1 or 3 channels, got {x.shape[-1]}")
+    weights = jnp.array([0.299, 0.587, 0.114], jnp.float32)
+    return jnp.sum(x * weights.reshape(1, 1, 3), axis=-1, keepdims=True)
+
+
+def _blend(x, other, factor, max_value):
+    return jnp.clip(factor * x + (1.0 - factor) * other, 0.0, max_value)
+
+
+def _bilinear(image, rows, cols, *, fill=0.0, edge=False) -> jax.Array:
+    """``image`` (float) sampled at fractional ``rows``, ``cols`` (each ``(H_out, W_out)``).
+
+    Outside the image a neighbour contributes ``fill``, or the nearest edge pixel where ``edge``.
+    """
+    height, width = image.shape[:2]
+    r0 = jnp.floor(rows)
+    c0 = jnp.floor(cols)
+    dr = (rows - r0)[..., None]
+    dc = (cols - c0)[..., None]
+    r0 = r0.astype(jnp.int32)
+    c0 = c0.astype(jnp.int32)
+
+    def tap(r, c):
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        value = image[jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1)]
+        return value if edge else jnp.where(inside[..., None], value, fill)
+
+    return (
+        tap(r0, c0) * (1 - dr) * (1 - dc)
+        + tap(r0, c0 + 1) * (1 - dr) * dc
+        + tap(r0 + 1, c0) * dr * (1 - dc)
+        + tap(r0 + 1, c0 + 1) * dr * dc
+    )
+
+
+# ---- geometry ---------------------------------------------------------------------------------
+
+
+def affine(image, matrix, *, fill=0.0) -> jax.Array:
+    """``image`` warped by an affine map about its centre, bilinear, ``fill`` outside.
+
+    Args:
+      image: ``(H, W, C)``.
+      matrix: ``(2, 3)``: maps an output pixel's centred ``(x, y)`` coordinates (``x`` to the
+        right, ``y`` up, origin at the image centre) plus translation to the input point it samples.
+      fill: value of pixels that come from outside the image (in the image's units).
+
+    Returns:
+      The warped image, same shape and dtype.
+    """
+    _check_image(image)
+    height, width = image.shape[:2]
+    rows, cols = jnp.meshgrid(
+        jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+    )
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    x_out, y_out = cols - cx, cy - rows
+    matrix = jnp.asarray(matrix, jnp.float32)
+    x_in = matrix[0, 0] * x_out + matrix[0, 1] * y_out + matrix[0, 2]
+    y_in = matrix[1, 0] * x_out + matrix[1, 1] * y_out + matrix[1, 2]
+    # snap coordinates within float noise of a pixel centre, so that exact multiples of 90 degrees
+    # and integer shifts copy pixels exactly
+    rows_in = cy - y_in
+    cols_in = cx + x_in
+    rows_in = jnp.where(jnp.abs(rows_in - jnp.round(rows_in)) < 1e-4, jnp.round(rows_in), rows_in)
+    cols_in = jnp.where(jnp.abs(cols_in - jnp.round(cols_in)) < 1e-4, jnp.round(cols_in), cols_in)
+    out = _bilinear(_to_float(image), rows_in, cols_in, fill=fill)
+    return _restore(out, image.dtype)
+
+
+def rotate(image, angle, *, fill=0.0) -> jax.Array:
+    """``image`` rotated counter-clockwise by ``angle`` degrees about its centre (bilinear).
+
+    ``rotate(image, 90)`` equals ``jnp.rot90(image)`` for a square image.
+
+    >>> image = jnp.arange(9.0).reshape(3, 3, 1)
+    >>> rotate(image, 90)[..., 0].tolist() == jnp.rot90(image)[..., 0].tolist()
+    True
+    """
+    theta = jnp.deg2rad(jnp.asarray(angle, jnp.float32))
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    # the output point p samples the input point R(-angle) p
+    matrix = jnp.stack([jnp.stack([cos, sin, 0.0 * cos]), jnp.stack([-sin, cos, 0.0 * cos])])
+    return affine(image, matrix, fill=fill)
+
+
+def translate(image, shift_y, shift_x, *, fill=0.0) -> jax.Array:
+    """``image`` moved down by ``shift_y``, right by ``shift_x`` pixels (bilinear if fractional)."""
+    one, zero = jnp.float32(1), jnp.float32(0)
+    sx = jnp.asarray(shift_x, jnp.float32)
+    sy = jnp.asarray(shift_y, jnp.float32)
+    matrix = jnp.stack([jnp.stack([one, zero, -sx]), jnp.stack([zero, one, sy])])
+    return affine(image, matrix, fill=fill)
+
+
+def _shear(image, shear, axis, fill=0.0):
+    one, zero = jnp.float32(1), jnp.float32(0)
+    s = jnp.asarray(shear, jnp.float32)
+    if axis == "x":
+        matrix = jnp.stack([jnp.stack([one, s, zero]), jnp.stack([zero, one, zero])])
+    else:
+        matrix = jnp.stack([jnp.stack([one, zero, zero]), jnp.stack([s, one, zero])])
+    return affine(image, matrix, fill=fill)
+
+
+def hflip(image) -> jax.Array:
+    """``image`` mirrored left-right."""
+    _check_image(image)
+    return image[:, ::-1]
+
+
+def vflip(image) -> jax.Array:
+    """``image`` mirrored top-bottom."""
+    _check_image(image)
+    return image[::-1]
+
+
+def random_hflip(key, image, *, p: float = 0.5) -> jax.Array:
+    """``image`` mirrored left-right with probability ``p``."""
+    _check_image(image)
+    return jnp.where(jax.random.bernoulli(key, p), image[:, ::-1], image)
+
+
+def random_vflip(key, image, *, p: float = 0.5) -> jax.Array:
+    """``image`` mirrored top-bottom with probability ``p``."""
+    _check_image(image)
+    return jnp.where(jax.random.bernoulli(key, p), image[::-1], image)
+
+
+def random_crop(key, image, *, size=None, padding: int = 0, pad_mode: str = "zeros") -> jax.Array:
+    """A ``size`` crop of ``image`` padded by ``padding``, offsets uniform over every position.
+
+    Args:
+      key: PRNG key.
+      image: ``(H, W, C)``.
+      size: ``(h, w)`` or an int; the image's own size where None (the usual pad-and-crop).
+      padding: pixels added on every side before cropping.
+      pad_mode: ``"zeros"`` or ``"reflect"`` (mirror without repeating the edge, as ``np.pad``).
+
+    Returns:
+      ``(h, w, C)``; the top-left corner in padded coordinates is uniform on
+      ``{0..H + 2 padding - h} x {0..W + 2 padding - w}``.
+    """
+    _check_image(image)
+    height, width, channels = image.shape
+    size = (height, width) if size is None else _pair(size, "size")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding: expected a non-negative int, got {padding!r}")
+    if pad_mode not in ("zeros", "reflect"):
+        raise ValueError(f"pad_mode: expected 'zeros' or 'reflect', got {pad_mode!r}")
+    if pad_mode == "reflect" and padding >= min(height, width):
+        raise ValueError(f"padding: reflect padding must be < {min(height, width)}, got {padding}")
+    padded_h, padded_w = height + 2 * padding, width + 2 * padding
+    if size[0] > padded_h or size[1] > padded_w:
+        raise ValueError(f"size: crop {size} larger than the padded image {(padded_h, padded_w)}")
+    pads = ((padding, padding), (padding, padding), (0, 0))
+    padded = jnp.pad(image, pads, mode="constant" if pad_mode == "zeros" else "reflect")
+    key_y, key_x = jax.random.split(key)
+    top = jax.random.randint(key_y, (), 0, padded_h - size[0] + 1)
+    left = jax.random.randint(key_x, (), 0, padded_w - size[1] + 1)
+    return jax.lax.dynamic_slice(padded, (top, left, 0), (*size, channels))
+
+
+def random_translate(key, image, *, max_shift: int) -> jax.Array:
+    """``image`` shifted by whole pixels, each axis uniform on ``-max_shift..max_shift``, 0 fill."""
+    return random_crop(key, image, padding=max_shift)
+
+
+def random_rotate(key, image, *, degrees: float, fill=0.0) -> jax.Array:
+    """``image`` rotated by an angle uniform on ``[-degrees, degrees]`` (bilinear)."""
+    angle = jax.random.uniform(key, (), minval=-degrees, maxval=degrees)
+    return rotate(image, angle, fill=fill)
+
+
+def random_resized_crop(key, image, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> jax.Array:
+    """A random box of ``image`` resized (bilinear) to ``size``, as in Inception training.
+
+    The box's area is a fraction uniform on ``scale`` of the image's, its aspect ratio (width /
+    height) log-uniform on ``ratio``; a box that does not fit is clipped to the image (instead of
+    re-drawn, which has no fixed cost under ``jit``). Its position is uniform over where it fits.
+    """
+    _check_image(image)
+    out_h, out_w = _pair(size, "size")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale: expected 0 < low <= high <= 1, got {scale!r}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio: expected 0 < low <= high, got {ratio!r}")
+    height, width = image.shape[:2]
+    k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+    area = jax.random.uniform(k_area, (), minval=scale[0], maxval=scale[1]) * height * width
+    aspect = jnp.exp(
+        jax.random.uniform(k_ratio, (), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+    )
+    box_w = jnp.clip(jnp.sqrt(area * aspect), 1.0, width)
+    box_h = jnp.clip(jnp.sqrt(area / aspect), 1.0, height)
+    top = jax.random.uniform(k_top, ()) * (height - box_h)
+    left = jax.random.uniform(k_left, ()) * (width - box_w)
+    rows = top + (jnp.arange(out_h, dtype=jnp.float32) + 0.5) * box_h / out_h - 0.5
+    cols = left + (jnp.arange(out_w, dtype=jnp.float32) + 0.5) * box_w / out_w - 0.5
+    grid_r, grid_c = jnp.meshgrid(rows, cols, indexing="ij")
+    out = _bilinear(_to_float(image), grid_r, grid_c, edge=True)
+    return _restore(out, image.dtype)
+
+
+def cutout(key, image, *, size: int, fill=0) -> jax.Array:
+    """``image`` with a ``size x size`` square set to ``fill`` (DeVries & Taylor 2017).
+
+    The square's centre is uniform over the image's pixels; the part outside the image is dropped,
+    so near the border less than ``size**2`` pixels are erased.
+    """
+    _check_image(image)
+    _positive_int(size, "size")
+    height, width = image.shape[:2]
+    key_y, key_x = jax.random.split(key)
+    cy = jax.random.randint(key_y, (), 0, height)
+    cx = jax.random.randint(key_x, (), 0, width)
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    top, left = cy - size // 2, cx - size // 2
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return jnp.where(inside[..., None], jnp.asarray(fill, image.dtype), image)
+
+
+# ---- photometric ------------------------------------------------------------------------------
+
+
+def autocontrast(image) -> jax.Array:
+    """Each channel stretched linearly: its minimum maps to 0, its maximum to the maximum value.
+
+    A constant channel is left unchanged.
+    """
+    _check_image(image)
+    x = _to_float(image)
+    low = x.min(axis=(0, 1), keepdims=True)
+    high = x.max(axis=(0, 1), keepdims=True)
+    spread = high - low
+    scaled = (x - low) * (_max_value(image.dtype) / jnp.where(spread > 0, spread, 1.0))
+    return _restore(jnp.where(spread > 0, scaled, x), image.dtype)
+
+
+def posterize(image, bits) -> jax.Array:
+    """Keep the ``bits`` most significant bits of every 8-bit value: ``v & (0xFF << (8 - bits))``.
+
+    Floating images are quantized through ``round(255 v)``. ``bits`` may be traced (1..8).
+
+    >>> posterize(jnp.array([[[255, 100, 7]]], jnp.uint8), 3).tolist()
+    [[[224, 96, 0]]]
+    """
+    _check_image(image)
+    bits = jnp.asarray(bits, jnp.int32)
+    mask = (jnp.left_shift(jnp.int32(0xFF), 8 - bits) & 0xFF).astype(jnp.uint8)
+    if image.dtype == jnp.uint8:
+        return image & mask
+    levels = jnp.round(jnp.clip(image.astype(jnp.float32), 0, 1) * 255).astype(jnp.uint8)
+    return ((levels & mask).astype(jnp.float32) / 255).astype(image.dtype)
+
+
+def solarize(image, threshold) -> jax.Array:
+    """Invert every value at or above ``threshold``: ``v -> max_value - v``.
+
+    >>> solarize(jnp.array([[[10, 128, 200]]], jnp.uint8), 128).tolist()
+    [[[10, 127, 55]]]
+    """
+    _check_image(image)
+    inverted = jnp.asarray(_max_value(image.dtype), image.dtype) - image
+    return jnp.where(image >= jnp.asarray(threshold).astype(image.dtype), inverted, image)
+
+
+def equalize(image) -> jax.Array:
+    """Histogram equalization of each channel over 256 levels (a constant channel is unchanged).
+
+    The level ``v`` of a channel maps to ``round(255 (cdf(v) - cdf_min) / (n - cdf_min))``.
+    """
+    _check_image(image)
+    max_value = _max_value(image.dtype)
+    levels = jnp.round(jnp.clip(_to_float(image) / max_value, 0, 1) * 255).astype(jnp.int32)
+
+    def channel(level):
+        hist = jnp.bincount(level.reshape(-1), length=256)
+        cdf = jnp.cumsum(hist)
+        cdf_min = cdf[jnp.argmax(hist > 0)]
+        total = level.size
+        lut = jnp.round(255.0 * (cdf - cdf_min) / jnp.maximum(total - cdf_min, 1))
+        lut = jnp.where(total > cdf_min, lut, jnp.arange(256, dtype=jnp.float32))
+        return lut[level]
+
+    out = jax.vmap(channel, in_axes=-1, out_axes=-1)(levels)
+    return _restore(out * (max_value / 255.0), image.dtype)
+
+
+def adjust_brightness(image, factor) -> jax.Array:
+    """``image`` blended with black: ``clip(factor * v)``; 1 leaves it unchanged."""
+    _check_image(image)
+    x = _to_float(image)
+    return _restore(_blend(x, jnp.zeros_like(x), factor, _max_value(image.dtype)), image.dtype)
+
+
+def adjust_contrast(image, factor) -> jax.Array:
+    """``image`` blended with its mean grey level: ``clip(f v + (1 - f) mean_luma)``."""
+    _check_image(image)
+    x = _to_float(image)
+    mean = jnp.mean(_grayscale(x))
+    return _restore(_blend(x, mean, factor, _max_value(image.dtype)), image.dtype)
+
+
+def adjust_saturation(image, factor) -> jax.Array:
+    """``image`` blended with its grey version (per-pixel luma); 0 gives grey, 1 unchanged."""
+    _check_image(image)
+    x = _to_float(image)
+    return _restore(_blend(x, _grayscale(x), factor, _max_value(image.dtype)), image.dtype)
+
+
+def adjust_sharpness(image, factor) -> jax.Array:
+    """``image`` blended with a smoothed copy (3x3 kernel: centre 5, others 1, over 13)."""
+    _check_image(image)
+    x = _to_float(image)
+    height, width = x.shape[:2]
+    if height < 3 or width < 3:
+        return image
+    window = sum(x[dy : height - 2 + dy, dx : width - 2 + dx] for dy in range(3) for dx in range(3))
+    smooth_inner = (window + 4 * x[1:-1, 1:-1]) / 13.0
+    smooth = x.at[1:-1, 1:-1].set(smooth_inner)
+    return _restore(_blend(x, smooth, factor, _max_value(image.dtype)), image.dtype)
+
+
+def color_jitter(
+    key, image, *, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0
+) -> jax.Array:
+    """Brightness, contrast, then saturation, each factor uniform on ``[1 - s, 1 + s]``."""
+    k_b, k_c, k_s = jax.random.split(key, 3)
+    for k, strength, adjust in (
+        (k_b, brightness, adjust_brightness),
+        (k_c, contrast, adjust_contrast),
+        (k_s, saturation, adjust_saturation),
+    ):
+        if strength < 0:
+            raise ValueError(f"color_jitter: strengths must be >= 0, got {strength}")
+        if strength:
+            factor = jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)
+            image = adjust(image, jnp.maximum(factor, 0.0))
+    return image
+
+
+# ---- batch mixing -----------------------------------------------------------------------------
+
+
+def _soft_labels(labels, num_classes):
+    if labels.ndim == 2:
+        return labels.astype(jnp.float32)
+    if num_classes is None:
+        raise ValueError("num_classes: required when labels are integers (to build soft labels)")
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+
+def mixup(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = None):
+    """Mixup (Zhang et al. 2018): each example mixed with a partner from the same batch.
+
+    ``lam ~ Beta(alpha, alpha)``, one per batch; the partners are a random permutation of the
+    batch; ``images = lam x + (1 - lam) x[perm]`` and the labels likewise.
+
+    Returns:
+      ``(images float32 in the input's units, soft labels (N, K) float32)``.
+    """
+    _check_batch(images, labels)
+    if alpha <= 0:
+        raise ValueError(f"alpha: expected > 0, got {alpha}")
+    soft = _soft_labels(labels, num_classes)
+    k_lam, k_perm = jax.random.split(key)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    perm = jax.random.permutation(k_perm, images.shape[0])
+    x = images.astype(jnp.float32)
+    return lam * x + (1 - lam) * x[perm], lam * soft + (1 - lam) * soft[perm]
+
+
+def cutmix(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = None):
+    """CutMix (Yun et al. 2019): a box of each partner's image pasted in, labels by pasted area.
+
+    ``lam ~ Beta(alpha, alpha)``; one box per batch of size ``floor(H sqrt(1 - lam)) x
+    floor(W sqrt(1 - lam))`` centred uniformly and clipped to the image; partners are a random
+    permutation of the batch. The label weight of the partner is exactly the pasted fraction of
+    the image (after clipping), the rest stays with the example's own label.
+
+    Returns:
+      ``(images, same dtype; soft labels (N, K) float32)``.
+    """
+    _check_batch(images, labels)
+    if alpha <= 0:
+        raise ValueError(f"alpha: expected > 0, got {alpha}")
+    soft = _soft_labels(labels, num_classes)
+    height, width = images.shape[1:3]
+    k_lam, k_perm, k_y, k_x = jax.random.split(key, 4)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    cut = jnp.sqrt(1.0 - lam)
+    cut_h = jnp.floor(height * cut).astype(jnp.int32)
+    cut_w = jnp.floor(width * cut).astype(jnp.int32)
+    cy = jax.random.randint(k_y, (), 0, height)
+    cx = jax.random.randint(k_x, (), 0, width)
+    top, bottom = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h - cut_h // 2, 0, height)
+    left, right = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w - cut_w // 2, 0, width)
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    perm = jax.random.permutation(k_perm, images.shape[0])
+    mixed = jnp.where(box[None, :, :, None], images[perm], images)
+    pasted = ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
+    return mixed, (1 - pasted) * soft + pasted * soft[perm]
+
+
+# ---- PixMix -----------------------------------------------------------------------------------
+
+
+def pattern(key, shape) -> jax.Array:
+    """A procedurally generated picture ``shape = (H, W, C)``, float32 in ``[0, 1]``.
+
+    One of: a sum of random sinusoidal gratings, smooth value noise (a random coarse grid upsampled
+    bilinearly), a checkerboard of random cell size and colours, or concentric rings; each colour
+    channel gets its own phase or colours. These stand in for the fractals of PixMix: structured,
+    label-free images of high complexity.
+    """
+    height, width, channels = shape
+    k_kind, k1, k2, k3 = jax.random.split(key, 4)
+    rows, cols = jnp.meshgrid(
+        jnp.linspace(-1, 1, height), jnp.linspace(-1, 1, width), indexing="ij"
+    )
+
+    def gratings(_):
+        n = 4
+        freq = jax.random.uniform(k1, (n, 1, 1, 1), minval=1.0, maxval=12.0)
+        angle = jax.random.uniform(k2, (n, 1, 1, 1), maxval=math.pi)
+        phase = jax.random.uniform(k3, (n, 1, 1, channels), maxval=2 * math.pi)
+        along = cols[None, :, :, None] * jnp.cos(angle) + rows[None, :, :, None] * jnp.sin(angle)
+        return 0.5 + 0.5 * jnp.mean(jnp.sin(freq * math.pi * along + phase), axis=0)
+
+    def value_noise(_):
+        coarse = jax.random.uniform(k1, (5, 5, channels))
+        grid_r = (rows + 1) / 2 * 4
+        grid_c = (cols + 1) / 2 * 4
+        return _bilinear(coarse, grid_r, grid_c, edge=True)
+
+    def checkerboard(_):
+        cells = jax.random.randint(k1, (), 2, 9)
+        colours = jax.random.uniform(k2, (2, channels))
+        parity = (jnp.floor((rows + 1) * cells) + jnp.floor((cols + 1) * cells)) % 2
+        return jnp.where(parity[..., None] > 0, colours[0], colours[1])
+
+    def rings(_):
+        freq = jax.random.uniform(k1, (), minval=3.0, maxval=15.0)
+        centre = jax.random.uniform(k2, (2,), minval=-0.5, maxval=0.5)
+        phase = jax.random.uniform(k3, (channels,), maxval=2 * math.pi)
+        radius = jnp.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2)
+        return 0.5 + 0.5 * jnp.sin(freq * math.pi * radius[..., None] + phase)
+
+    kind = jax.random.randint(k_kind, (), 0, 4)
+    out = jax.lax.switch(kind, [gratings, value_noise, checkerboard, rings], None)
+    return out.astype(jnp.float32)
+
+
+def _mixing_weights(key, beta):
+    """Weights (a, b) of a PixMix step: an interpolating or (prob. 1/2) extrapolating pair."""
+    k_choice, k_a, k_b = jax.random.split(key, 3)
+    a_in = jax.random.beta(k_a, beta, 1.0)
+    b_in = jax.random.beta(k_b, 1.0, beta)
+    extrapolate = jax.random.bernoulli(k_choice)
+    return jnp.where(extrapolate, 1.0 + b_in, a_in), jnp.where(extrapolate, -b_in, b_in)
+
+
+def pixmix(
+    key,
+    image,
+    *,
+    k: int = 4,
+    beta: float = 3.0,
+    mixing_images=None,
+    augment: Op | None = None,
+) -> jax.Array:
+    """PixMix (Hendrycks et al. 2022): mix the image with structured pictures, additively or
+    multiplicatively, a random number of times.
+
+    Starting from the image (or ``augment(image)``, with probability 1/2 where ``augment`` is
+    given), up to ``k`` rounds (the count uniform on ``0..k``) each mix in a partner: a
+    :func:`pattern`, a random one of ``mixing_images`` (``(M, H, W, C)`` in the image's units),
+    or, with probability 1/2 where ``augment`` is given, a fresh ``augment(image)``. Each round is
+    additive, ``a u + b v`` on values mapped to ``[-1, 1]``, or multiplicative,
+    ``(2u)^a (2v)^b / 2``, with probability 1/2; ``(a, b)`` come from Beta draws with parameter
+    ``beta``. The result is clipped to the value range.
+    """
+    _check_image(image)
+    max_value = _max_value(image.dtype)
+    x = _to_float(image) / max_value
+    keys = jax.random.split(key, 3 + k)
+    if augment is not None:
+        start = _to_float(augment(keys[0], image)) / max_value
+        x_mixed = jnp.where(jax.random.bernoulli(keys[1]), start, x)
+    else:
+        x_mixed = x
+    rounds = jax.random.randint(keys[2], (), 0, k + 1)
+    for i in range(k):
+        k_src, k_pick, k_aug, k_op, k_weights = jax.random.split(keys[3 + i], 5)
+        if mixing_images is not None:
+            index = jax.random.randint(k_src, (), 0, mixing_images.shape[0])
+            partner = _to_float(mixing_images[index]) / max_value
+        else:
+            partner = pattern(k_src, image.shape)
+        if augment is not None:
+            augmented = _to_float(augment(k_aug, image)) / max_value
+            partner = jnp.where(jax.random.bernoulli(k_pick), augmented, partner)
+        a, b = _mixing_weights(k_weights, beta)
+        added = ((a * (2 * x_mixed - 1) + b * (2 * partner - 1)) + 1) / 2
+        multiplied = (
+            jnp.power(jnp.maximum(2 * x_mixed, 1e-6), a)
+            * jnp.power(jnp.maximum(2 * partner, 1e-6), b)
+            / 2
+        )
+        step = jnp.where(jax.random.bernoulli(k_op), added, multiplied)
+        x_mixed = jnp.clip(jnp.where(i < rounds, step, x_mixed), 0.0, 1.0)
+    return _restore(x_mixed * max_value, image.dtype)
+
+
+# ---- policies ---------------------------------------------------------------------------------
+
+# Each policy op: (float image in the units of max_value, magnitude in [0, 1], sign, max_value,
+# wide) -> float image. "wide" selects TrivialAugment's wider ranges.
+
+
+def _op_identity(x, m, sign, max_value, wide):
+    return x
+
+
+def _op_shear_x(x, m, sign, max_value, wide):
+    return _shear(x, sign * m * (0.99 if wide else 0.3), "x")
+
+
+def _op_shear_y(x, m, sign, max_value, wide):
+    return _shear(x, sign * m * (0.99 if wide else 0.3), "y")
+
+
+def _op_translate_x(x, m, sign, max_value, wide):
+    limit = 32.0 if wide else 150.0 / 331.0 * x.shape[1]
+    return translate(x, 0.0, jnp.round(sign * m * limit))
+
+
+def _op_translate_y(x, m, sign, max_value, wide):
+    limit = 32.0 if wide else 150.0 / 331.0 * x.shape[0]
+    return translate(x, jnp.round(sign * m * limit), 0.0)
+
+
+def _op_rotate(x, m, sign, max_value, wide):
+    return rotate(x, sign * m * (135.0 if wide else 30.0))
+
+
+def _factor(m, sign, wide):
+    return 1.0 + sign * m * (0.99 if wide else 0.9)
+
+
+def _with_range(fn, x, max_value, *args):
+    """Apply an op written for images in [0, 1] to a float image in the units of max_value."""
+    return fn(x / max_value, *args) * max_value
+
+
+def _op_brightness(x, m, sign, max_value, wide):
+    return _with_range(adjust_brightness, x, max_value, _factor(m, sign, wide))
+
+
+def _op_saturation(x, m, sign, max_value, wide):
+    return _with_range(adjust_saturation, x, max_value, _factor(m, sign, wide))
+
+
+def _op_contrast(x, m, sign, max_value, wide):
+    return _with_range(adjust_contrast, x, max_value, _factor(m, sign, wide))
+
+
+def _op_sharpness(x, m, sign, max_value, wide):
+    return _with_range(adjust_sharpness, x, max_value, _factor(m, sign, wide))
+
+
+def _op_posterize(x, m, sign, max_value, wide):
+    bits = 8 - jnp.floor(m * (6 if wide else 4)).astype(jnp.int32)
+    return _with_range(posterize, x, max_value, bits)
+
+
+def _op_solarize(x, m, sign, max_value, wide):
+    return _with_range(solarize, x, max_value, 1.0 - m)
+
+
+def _op_autocontrast(x, m, sign, max_value, wide):
+    return _with_range(autocontrast, x, max_value)
+
+
+def _op_equalize(x, m, sign, max_value, wide):
+    return _with_range(equalize, x, max_value)
+
+
+POLICY_OPS = (
+    ("identity", _op_identity),
+    ("shear_x", _op_shear_x),
+    ("shear_y", _op_shear_y),
+    ("translate_x", _op_translate_x),
+    ("translate_y", _op_translate_y),
+    ("rotate", _op_rotate),
+    ("brightness", _op_brightness),
+    ("saturation", _op_saturation),
+    ("contrast", _op_contrast),
+    ("sharpness", _op_sharpness),
+    ("posterize", _op_posterize),
+    ("solarize", _op_solarize),
+    ("autocontrast", _op_autocontrast),
+    ("equalize", _op_equalize),
+)
+"""The ops RandAugment and TrivialAugment choose from, by name (the RandAugment paper's list)."""
+
+
+def _policy_step(key, x, magnitude, max_value, wide):
+    k_op, k_sign = jax.random.split(key)
+    index = jax.random.randint(k_op, (), 0, len(POLICY_OPS))
+    sign = jnp.where(jax.random.bernoulli(k_sign), 1.0, -1.0)
+    branches = [(lambda x, m, s, fn=fn: fn(x, m, s, max_value, wide)) for _, fn in POLICY_OPS]
+    return jax.lax.switch(index, branches, x, magnitude, sign)
+
+
+def rand_augment(key, image, *, num_ops: int = 2, magnitude: float = 9, max_magnitude: float = 30):
+    """RandAugment (Cubuk et al. 2020): ``num_ops`` ops drawn uniformly from :data:`POLICY_OPS`,
+    each at strength ``magnitude / max_magnitude`` of its range, with a random sign.
+    """
+    _check_image(image)
+    _positive_int(num_ops, "num_ops")
+    if not 0 <= magnitude <= max_magnitude:
+        raise ValueError(f"magnitude: expected 0..{max_magnitude}, got {magnitude}")
+    max_value = _max_value(image.dtype)
+    x = _to_float(image)
+    for k in jax.random.split(key, num_ops):
+        x = jnp.clip(_policy_step(k, x, magnitude / max_magnitude, max_value, False), 0, max_value)
+    return _restore(x, image.dtype)
+
+
+def trivial_augment(key, image) -> jax.Array:
+    """TrivialAugment (Müller & Hutter 2021): one op from :data:`POLICY_OPS` at a uniformly random
+    strength over its wide range, with a random sign.
+    """
+    _check_image(image)
+    max_value = _max_value(image.dtype)
+    k_step, k_mag = jax.random.split(key)
+    magnitude = jax.random.uniform(k_mag, ())
+    x = _policy_step(k_step, _to_float(image), magnitude, max_value, True)
+    return _restore(jnp.clip(x, 0, max_value), image.dtype)
+
+
+# ---- composition ------------------------------------------------------------------------------
+
+
+def compose(*ops: Op) -> Op:
+    """One op applying ``ops`` in order, each with its own key split from the one given."""
+    for i, op in enumerate(ops):
+        if not callable(op):
+            raise TypeError(f"ops[{i}]: expected a callable (key, image) -> image, got {op!r}")
+
+    def composed(key, image):
+        for k, op in zip(jax.random.split(key, max(len(ops), 1)), ops, strict=False):
+            image = op(k, image)
+        return image
+
+    return composed
+
+
+def random_apply(op: Op, p: float) -> Op:
+    """An op applying ``op`` with probability ``p`` (else the image unchanged)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+
+    def maybe(key, image):
+        k_apply, k_op = jax.random.split(key)
+        return jnp.where(jax.random.bernoulli(k_apply, p), op(k_op, image), image)
+
+    return maybe
+
+
+def apply_batch(op: Op, key, images) -> jax.Array:
+    """``op`` applied to every image of ``images`` ``(N, H, W, C)`` with keys ``split(key, N)``."""
+    if not hasattr(images, "ndim") or images.ndim != 4:
+        raise ValueError(
+            f"images: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
+        )
+    return jax.vmap(op)(jax.random.split(key, images.shape[0]), images)

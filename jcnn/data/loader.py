@@ -39,7 +39,7 @@ class Loader:
     """Batches of ``(images, labels)`` for training, augmented on the device inside ``jit``.
 
     The whole dataset is put on the device once; each batch is gathered, augmented and (optionally)
-    placed with ``sharding`` by one jitted function, so on an accelerator the host does no image work.
+    placed with ``sharding`` by one jitted function; on an accelerator the host does no image work.
 
     Interface used by training (and by exact resume)::
 
@@ -160,7 +160,7 @@ class Loader:
         return self._place(self._make_batch(indices, epoch, step))
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
-        """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch with ``start_step``)."""
+        """The batches of ``epoch`` from ``start_step`` on (``start_step`` resumes mid-epoch)."""
         if not 0 <= start_step <= len(self):
             raise ValueError(f"start_step: expected 0..{len(self)}, got {start_step}")
         order = self.order(epoch)

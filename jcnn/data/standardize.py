@@ -35,7 +35,7 @@ class Standardize:
     Attributes:
       mean: subtracted first: ``(C,)`` for the per-channel modes, ``(H, W, C)`` otherwise.
       scale: divided by after centering (``(C,)``; ones where only centering applies).
-      projection: ``(D, K)`` whitening matrix for ``"pca"``/``"zca"`` (``D = H * W * C``), else None.
+      projection: ``(D, K)`` whitening matrix for ``"pca"``/``"zca"`` (``D = H W C``), else None.
       mode: the mode it was fit with.
     """
 
@@ -111,8 +111,9 @@ class Standardize:
                         f"train_images: channel(s) {np.flatnonzero(scale == 0).tolist()} are "
                         "constant (std 0); use mode='center'"
                     )
-            return cls(jnp.asarray(channel_mean, jnp.float32), jnp.asarray(scale, jnp.float32),
-                       None, mode)
+            return cls(
+                jnp.asarray(channel_mean, jnp.float32), jnp.asarray(scale, jnp.float32), None, mode
+            )
         ones = jnp.ones((channels,), jnp.float32)
         if mode == "mean_image":
             return cls(jnp.asarray(mean_image, jnp.float32), ones, None, mode)
@@ -135,8 +136,9 @@ class Standardize:
         projection = eigenvectors / np.sqrt(eigenvalues + eps)
         if mode == "zca":
             projection = projection @ eigenvectors.T
-        return cls(jnp.asarray(mean_image, jnp.float32), ones,
-                   jnp.asarray(projection, jnp.float32), mode)
+        return cls(
+            jnp.asarray(mean_image, jnp.float32), ones, jnp.asarray(projection, jnp.float32), mode
+        )
 
     def __call__(self, images) -> jax.Array:
         """``images`` standardized, as ``float32`` (works under ``jit`` and ``vmap``).
@@ -151,7 +153,7 @@ class Standardize:
         if not hasattr(images, "shape"):
             raise TypeError(f"images: expected an array, got {type(images).__name__}")
         trailing = self.mean.shape
-        if tuple(images.shape[images.ndim - len(trailing):]) != tuple(trailing) or (
+        if tuple(images.shape[images.ndim - len(trailing) :]) != tuple(trailing) or (
             images.ndim < 3
         ):
             raise ValueError(

@@ -108,7 +108,7 @@ def mnist_copy(tmp_path, data_dir):
 
 def _rewrite(path, transform):
     raw = gzip.decompress(path.read_bytes())
-    path.write_bytes(gzip.compress(transform(raw)))
+    path.write_bytes(gzip.compress(transform(raw), compresslevel=1))
 
 
 def test_missing_file_names_files_and_places(mnist_copy):
