@@ -88,17 +88,19 @@ def prelu(x, alpha):
 
     Args:
         x: floating array ``(..., C)``, channels last.
-        alpha: the slope: a scalar (shape ``()`` or ``(1,)``), shared by every channel, or one per
-            channel, shape ``(C,)``, broadcast along the last axis of ``x`` (PyTorch's ``weight``,
-            which it applies along axis 1 of channels-first input).
+        alpha: the slope: a number or an array of shape ``()`` or ``(1,)``, shared by every
+            channel, or one per channel, shape ``(C,)``, broadcast along the last axis of ``x``
+            (PyTorch's ``weight``, which it applies along axis 1 of channels-first input).
 
     Returns:
-        An array like ``x``.
+        An array like ``x`` (of its dtype: ``alpha`` is cast to it).
 
     >>> prelu(jnp.array([[-2.0, -2.0], [1.0, 1.0]]), jnp.array([0.5, 0.25])).tolist()
     [[-1.0, -0.5], [1.0, 1.0]]
     """
     check_array(x, "x")
+    if isinstance(alpha, (int, float, np.integer, np.floating)) and not isinstance(alpha, bool):
+        alpha = jnp.asarray(alpha, x.dtype)
     check_array(alpha, "alpha", ndim=(0, 1))
     if x.ndim == 0 and alpha.shape not in ((), (1,)):
         raise ValueError(f"alpha: expected shape () or (1,) for a 0-d x, got {tuple(alpha.shape)}")
@@ -107,7 +109,7 @@ def prelu(x, alpha):
             f"alpha: expected shape (), (1,) or ({x.shape[-1]},) (the channels, last axis of x "
             f"with shape {tuple(x.shape)}), got {tuple(alpha.shape)}"
         )
-    slope = alpha.reshape(()) if alpha.shape == (1,) else alpha
+    slope = (alpha.reshape(()) if alpha.shape == (1,) else alpha).astype(x.dtype)
     if slope.ndim == 1:
         slope = slope.reshape((1,) * (x.ndim - 1) + slope.shape)
     return jnp.where(x > 0, x, slope * x)

@@ -100,6 +100,13 @@ def test_maxout_matches_torch_reshape_convention(torch, rng, num_pieces):
     np.testing.assert_array_equal(got_grad, want_grad)
 
 
+def test_prelu_accepts_a_number_and_keeps_the_input_dtype():
+    x = jnp.array([[-2.0, 1.0]], jnp.bfloat16)
+    y = A.prelu(x, jnp.array([0.5, 0.5]))
+    assert y.dtype == jnp.bfloat16 and y.tolist() == [[-1.0, 1.0]]
+    assert A.prelu(jnp.array([-2.0, 3.0]), 0.25).tolist() == [-0.5, 3.0]
+
+
 def test_maxout_groups_consecutive_channels():
     x = jnp.arange(6.0)[::-1]  # channels 5, 4, 3, 2, 1, 0
     assert A.maxout(x, 3).tolist() == [5.0, 2.0]
