@@ -286,8 +286,9 @@ def instance_norm(
 def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
     """Local contrast normalization of Jarrett et al. (2009): subtractive, then divisive.
 
-    With ``w`` a Gaussian window normalized so that ``sum_{i,p,q} w_pq = 1`` over space *and*
-    channels (so the local mean is shared by all channels):
+    With ``i`` indexing channels, ``(j, k)`` positions and ``w`` a Gaussian window normalized so
+    that ``sum_{i,p,q} w_pq = 1`` over space *and* channels (so the local mean and deviation are
+    shared by all channels of a position):
 
     * subtractive: ``v_ijk = x_ijk - sum_{i,p,q} w_pq x_{i, j+p, k+q}``;
     * divisive: ``y_ijk = v_ijk / max(c, sigma_jk)`` with the local deviation
@@ -309,10 +310,8 @@ def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
     Returns:
       The normalized array, shape and dtype of ``x``.
 
-    >>> x = jnp.arange(2 * 6 * 6 * 3.0).reshape(2, 6, 6, 3)
-    >>> local_contrast_norm(x, size=5).shape
-    (2, 6, 6, 3)
-    >>> print(float(jnp.abs(local_contrast_norm(jnp.full((1, 5, 5, 2), 7.0), size=3)).max()))
+    >>> flat = jnp.full((1, 5, 5, 2), 7.0)  # no contrast at all: exactly zero
+    >>> print(float(jnp.abs(local_contrast_norm(flat, size=3)).max()))
     0.0
     """
     _check_input(x, "x", min_rank=3, layout="(N, *spatial, C)")
@@ -363,9 +362,9 @@ def local_response_norm(x, size: int, *, alpha: float = 1e-4, beta: float = 0.75
     Args:
       x: ``(N, ..., C)`` floating array (rank >= 2).
       size: number of channels in the window, a positive int.
-      alpha: scale of the sum of squares.
+      alpha: scale of the sum of squares, >= 0.
       beta: exponent.
-      k: additive constant; ``k + alpha * sum`` must stay positive (``k > 0`` ensures it).
+      k: additive constant, > 0 (so that the base of the power stays positive).
 
     Returns:
       The normalized array, shape and dtype of ``x``.
@@ -376,8 +375,10 @@ def local_response_norm(x, size: int, *, alpha: float = 1e-4, beta: float = 0.75
     """
     _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
     (size,) = as_int_tuple(size, 1, "size", minimum=1)
-    for value, name in ((alpha, "alpha"), (beta, "beta")):
-        _check_real(value, name)
+    _check_real(alpha, "alpha")
+    if alpha < 0:
+        raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
+    _check_real(beta, "beta")
     _check_positive(k, "k")
 
     xf = x.astype(_compute_dtype(x.dtype))

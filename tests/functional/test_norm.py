@@ -2,6 +2,7 @@
 
 import itertools
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +57,14 @@ def random_affine(rng, channels):
 
 
 def jax_value_and_vjp(fn, args, cotangent):
-    out, vjp = jax.vjp(fn, *args)
-    return out, vjp(jnp.asarray(cotangent, jnp.float32))
+    """``fn(*args)`` and the gradients of ``sum(fn(*args) * cotangent)``, in one compilation."""
+
+    @jax.jit
+    def value_and_vjp(args, cotangent):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(cotangent)
+
+    return value_and_vjp(args, jnp.asarray(cotangent, jnp.float32))
 
 
 def torch_value_and_grads(torch, fn, args, cotangent):
@@ -83,17 +90,22 @@ def test_batch_norm_train_then_eval_matches_torch(torch, rng, rank):
     torch_mean = torch.tensor(np.asarray(state.mean, np.float64))
     torch_var = torch.tensor(np.asarray(state.var, np.float64))
 
-    for step in range(3):
-        x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.normal()).astype(np.float32)
-        cotangent = rng.normal(size=shape)
-
-        def jcnn_fn(x, scale, bias, state=state):
+    @jax.jit
+    def train_step(x, scale, bias, state, cotangent):
+        def forward(x, scale, bias):
             return batch_norm(
                 x, scale, bias, state, train=True, momentum=momentum, unbiased_running_var=True
             )
 
-        y, vjp, state = jax.vjp(jcnn_fn, x, scale, bias, has_aux=True)
-        dx, dscale, dbias = vjp(jnp.asarray(cotangent, jnp.float32))
+        y, vjp, new_state = jax.vjp(forward, x, scale, bias, has_aux=True)
+        return y, new_state, vjp(cotangent)
+
+    for step in range(3):
+        x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.normal()).astype(np.float32)
+        cotangent = rng.normal(size=shape)
+        y, state, (dx, dscale, dbias) = train_step(
+            x, scale, bias, state, cotangent.astype(np.float32)
+        )
 
         def torch_fn(x, scale, bias):
             y = torch.nn.functional.batch_norm(
@@ -119,7 +131,7 @@ def test_batch_norm_train_then_eval_matches_torch(torch, rng, rank):
         assert_rel_close(dbias, dbias_ref, name=f"step {step} dbias")
 
     x = rng.normal(size=shape).astype(np.float32)
-    y, new_state = batch_norm(x, scale, bias, state, train=False)
+    y, new_state = jax.jit(partial(batch_norm, train=False))(x, scale, bias, state)
     y_ref = torch.nn.functional.batch_norm(
         to_torch(torch, x),
         torch_mean,
@@ -137,14 +149,16 @@ def test_batch_norm_train_then_eval_matches_torch(torch, rng, rank):
 def test_batch_norm_default_running_var_is_biased(rng):
     x = rng.normal(size=(3, 4, 5, 2)).astype(np.float32)
     state = BatchNormState(jnp.full(2, 0.5), jnp.full(2, 2.0))
-    _, new_state = batch_norm(x, None, None, state, train=True, momentum=0.75)
+    biased_step = jax.jit(partial(batch_norm, train=True, momentum=0.75))
+    unbiased_step = jax.jit(
+        partial(batch_norm, train=True, momentum=0.75, unbiased_running_var=True)
+    )
+    _, new_state = biased_step(x, None, None, state)
     x64 = x.astype(np.float64).reshape(-1, 2)
     assert_rel_close(new_state.mean, 0.75 * 0.5 + 0.25 * x64.mean(0), name="mean")
     assert_rel_close(new_state.var, 0.75 * 2.0 + 0.25 * x64.var(0), name="var")
     # The unbiased alternative really differs (the test above can tell them apart).
-    _, unbiased = batch_norm(
-        x, None, None, state, train=True, momentum=0.75, unbiased_running_var=True
-    )
+    _, unbiased = unbiased_step(x, None, None, state)
     assert_rel_close(unbiased.var, 0.75 * 2.0 + 0.25 * x64.var(0, ddof=1), name="unbiased var")
     assert not np.allclose(unbiased.var, new_state.var, rtol=1e-3)
 
@@ -152,10 +166,10 @@ def test_batch_norm_default_running_var_is_biased(rng):
 def test_batch_norm_half_precision_keeps_dtypes(rng):
     x = rng.normal(size=(4, 3, 3, 5)).astype(np.float32)
     state = BatchNormState(jnp.zeros(5), jnp.ones(5))
-    y16, state16 = batch_norm(jnp.asarray(x, jnp.bfloat16), None, None, state, train=True)
-    y32, state32 = batch_norm(
-        jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), None, None, state, train=True
-    )
+    step = jax.jit(partial(batch_norm, train=True))
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    y16, state16 = step(x16, None, None, state)
+    y32, state32 = step(x16.astype(jnp.float32), None, None, state)
     assert y16.dtype == jnp.bfloat16 and state16.mean.dtype == state16.var.dtype == jnp.float32
     assert_rel_close(y16, y32, tol=1e-2, name="bfloat16 y")
     assert_rel_close(state16.var, state32.var, name="bfloat16 stats are float32")
@@ -179,18 +193,29 @@ def test_variance_is_accurate_with_large_common_offset(rng):
     naive_error = np.max(np.abs(np.asarray(naive) - x64.reshape(-1, 4).var(0)))
     assert naive_error > 1e-2, "the one-pass formula should fail here, else the test is too easy"
 
-    state = BatchNormState(jnp.zeros(4), jnp.zeros(4))
-    y_bn, batch_stats = batch_norm(x, None, None, state, train=True, momentum=0.0)
-    assert_rel_close(batch_stats.var, x64.reshape(-1, 4).var(0), name="batch_norm var")
+    @jax.jit
+    def normalize_all(x):
+        state = BatchNormState(jnp.zeros(4), jnp.zeros(4))
+        y_bn, batch_stats = batch_norm(x, None, None, state, train=True, momentum=0.0)
+        outputs = {
+            "batch_norm": y_bn,
+            "layer_norm": layer_norm(x, None, None),
+            "group_norm": group_norm(x, None, None, num_groups=2),
+            "instance_norm": instance_norm(x, None, None),
+        }
+        return outputs, batch_stats.var
 
+    outputs, batch_var = normalize_all(x)
+    assert_rel_close(batch_var, x64.reshape(-1, 4).var(0), name="batch_norm var")
     grouped_shape = (8, 6, 6, 2, 2)
-    cases = {  # name: (output, shape to view it in, normalized axes)
-        "batch_norm": (y_bn, x.shape, (0, 1, 2)),
-        "layer_norm": (layer_norm(x, None, None), x.shape, (1, 2, 3)),
-        "group_norm": (group_norm(x, None, None, num_groups=2), grouped_shape, (1, 2, 4)),
-        "instance_norm": (instance_norm(x, None, None), x.shape, (1, 2)),
+    views = {  # name: (shape to view the output in, normalized axes)
+        "batch_norm": (x.shape, (0, 1, 2)),
+        "layer_norm": (x.shape, (1, 2, 3)),
+        "group_norm": (grouped_shape, (1, 2, 4)),
+        "instance_norm": (x.shape, (1, 2)),
     }
-    for name, (y, shape, axes) in cases.items():
+    for name, (shape, axes) in views.items():
+        y = outputs[name]
         y = np.asarray(y, np.float64).reshape(shape)
         expected = standardized_reference(x.reshape(shape), axes)
         # The spread of y measures the variance alone: it must be right to float32 precision.
@@ -219,7 +244,7 @@ def test_batch_norm_axis_name_under_vmap_equals_full_batch(rng):
         y, new_state = jax.vmap(per_shard, axis_name="d")(x.reshape(4, 2, 3, 5, 4))
         return y.reshape(x.shape), new_state
 
-    y_ref, state_ref = full(x, scale, bias)
+    y_ref, state_ref = jax.jit(full)(x, scale, bias)
     y, stacked_state = jax.jit(sharded)(x, scale, bias)
     assert_rel_close(y, y_ref, name="y")
     for shard in range(4):
@@ -227,8 +252,12 @@ def test_batch_norm_axis_name_under_vmap_equals_full_batch(rng):
         assert_rel_close(stacked_state.var[shard], state_ref.var, name="running var (count 120)")
 
     cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    grads_ref = jax.grad(lambda *a: jnp.sum(full(*a)[0] * cotangent), (0, 1, 2))(x, scale, bias)
-    grads = jax.grad(lambda *a: jnp.sum(sharded(*a)[0] * cotangent), (0, 1, 2))(x, scale, bias)
+    grads_ref = jax.jit(jax.grad(lambda *a: jnp.sum(full(*a)[0] * cotangent), (0, 1, 2)))(
+        x, scale, bias
+    )
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(sharded(*a)[0] * cotangent), (0, 1, 2)))(
+        x, scale, bias
+    )
     for name, g, g_ref in zip(("dx", "dscale", "dbias"), grads, grads_ref, strict=True):
         assert_rel_close(g, g_ref, name=name)
 
@@ -274,7 +303,8 @@ PER_EXAMPLE_OPS = {
 def test_vmap_equals_loop(rng, name):
     op = PER_EXAMPLE_OPS[name]
     xs = rng.normal(size=(3, 2, 5, 4, 4)).astype(np.float32)
-    batched = jax.vmap(op)(xs)
+    batched = jax.jit(jax.vmap(op))(xs)
+    op = jax.jit(op)
     looped = [op(x) for x in xs]
     expected = jax.tree.map(lambda *leaves: np.stack(leaves), *looped)
     for leaf, leaf_ref in zip(jax.tree.leaves(batched), jax.tree.leaves(expected), strict=True):
@@ -343,11 +373,13 @@ def test_instance_norm_with_running_stats_matches_torch(torch, rng, rank):
     torch_mean = torch.zeros(channels, dtype=torch.float64)
     torch_var = torch.ones(channels, dtype=torch.float64)
 
+    train_step = jax.jit(
+        partial(instance_norm, train=True, momentum=momentum, unbiased_running_var=True)
+    )
+    stateless = jax.jit(instance_norm)
     for step in range(3):
         x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.normal()).astype(np.float32)
-        y, state = instance_norm(
-            x, scale, bias, state, train=True, momentum=momentum, unbiased_running_var=True
-        )
+        y, state = train_step(x, scale, bias, state)
         y_ref = torch.nn.functional.instance_norm(
             to_torch(torch, x),
             torch_mean,
@@ -361,10 +393,10 @@ def test_instance_norm_with_running_stats_matches_torch(torch, rng, rank):
         assert_rel_close(y, from_torch(y_ref), name=f"step {step} y")
         assert_rel_close(state.mean, torch_mean.numpy(), name=f"step {step} running mean")
         assert_rel_close(state.var, torch_var.numpy(), name=f"step {step} running var")
-        assert_rel_close(instance_norm(x, scale, bias), from_torch(y_ref), name="stateless y")
+        assert_rel_close(stateless(x, scale, bias), from_torch(y_ref), name="stateless y")
 
     x = rng.normal(size=shape).astype(np.float32)
-    y, new_state = instance_norm(x, scale, bias, state, train=False)
+    y, new_state = jax.jit(partial(instance_norm, train=False))(x, scale, bias, state)
     y_ref = torch.nn.functional.instance_norm(
         to_torch(torch, x), torch_mean, torch_var, scale_t, bias_t, use_input_stats=False, eps=1e-5
     )
@@ -381,7 +413,7 @@ def test_local_response_norm_matches_torch(torch, rng, rank):
     x = (rng.normal(size=shape) * 4).astype(np.float32)
     for size in (1, 2, 3, 4, 5, 7):
         alpha, beta, k = float(rng.uniform(1e-3, 0.1)), float(rng.uniform(0.5, 1)), 1.5
-        y = local_response_norm(x, size, alpha=alpha, beta=beta, k=k)
+        y = jax.jit(partial(local_response_norm, size=size, alpha=alpha, beta=beta, k=k))(x)
         y_ref = torch.nn.functional.local_response_norm(
             to_torch(torch, x), size, alpha=alpha * size, beta=beta, k=k
         )
@@ -443,13 +475,13 @@ def test_local_contrast_norm_matches_formula(rng, shape, size, sigma):
     sigmas = tuple(k / 4 for k in window) if sigma is None else (sigma,) * len(window)
     expected, local_std, contrast = lcn_reference(x, window, sigmas, 1e-4)
     assert (local_std > contrast).any() and (local_std < contrast).any()
-    y = local_contrast_norm(x, size=size, sigma=sigma)
+    y = jax.jit(partial(local_contrast_norm, size=size, sigma=sigma))(x)
     assert_rel_close(y, expected)
 
 
 def test_local_contrast_norm_flat_input_gives_zero_and_finite_gradient():
     x = jnp.full((1, 6, 6, 2), 1000.0)
-    y, grad = jax.value_and_grad(lambda x: jnp.sum(local_contrast_norm(x, size=5) ** 2))(x)
+    y, grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(local_contrast_norm(x, size=5) ** 2)))(x)
     assert float(y) == 0.0  # exact: the subtracted means of a flat image are exact
     assert np.isfinite(np.asarray(grad)).all()
 
@@ -481,10 +513,15 @@ def test_fold_batch_norm_equals_conv_then_batch_norm(rng, groups, with_bias):
         )
         return y if b is None else y + b.reshape(1, 1, 1, -1)
 
-    expected, _ = batch_norm(conv(x, w, b), scale, bias, state, train=False)
-    w_folded, b_folded = fold_batch_norm(w, b, scale, bias, state)
+    @jax.jit
+    def folded_and_reference(x, w, b, scale, bias, state):
+        expected, _ = batch_norm(conv(x, w, b), scale, bias, state, train=False)
+        w_folded, b_folded = fold_batch_norm(w, b, scale, bias, state)
+        return conv(x, w_folded, b_folded), expected, w_folded, b_folded
+
+    y, expected, w_folded, b_folded = folded_and_reference(x, w, b, scale, bias, state)
     assert w_folded.shape == w.shape and b_folded.shape == (c_out,)
-    assert_rel_close(conv(x, w_folded, b_folded), expected)
+    assert_rel_close(y, expected)
 
 
 def test_fold_batch_norm_dense(rng):
@@ -594,6 +631,11 @@ BAD_INPUTS = [
         lambda: local_response_norm(X4, 0),
         ValueError,
         "size: every entry must be >= 1, got 0",
+    ),
+    (
+        lambda: local_response_norm(X4, 3, alpha=-1e-4),
+        ValueError,
+        "alpha: expected a number >= 0, got -0.0001",
     ),
     (
         lambda: local_response_norm(X4, 3, k=0.0),
