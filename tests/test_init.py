@@ -173,6 +173,16 @@ def test_dtypes_and_constant_initializers():
     np.testing.assert_array_equal(a, init.he_normal()(jax.random.key(3), (4, 5)))
 
 
+def test_initializers_plug_into_flax():
+    import flax.linen as fnn
+
+    layer = fnn.Conv(8, (3, 3), kernel_init=init.dirac(), bias_init=init.zeros)
+    x = jnp.arange(2 * 5 * 5 * 8, dtype=jnp.float32).reshape(2, 5, 5, 8)
+    params = layer.init(KEY, x)
+    assert params["params"]["kernel"].shape == (3, 3, 8, 8)
+    np.testing.assert_array_equal(layer.apply(params, x), x)
+
+
 def test_initializers_work_under_jit():
     w = jax.jit(init.he_uniform(), static_argnums=(1, 2))(KEY, (3, 3, 2, 4), jnp.float32)
     assert w.shape == (3, 3, 2, 4)
