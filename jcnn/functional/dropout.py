@@ -27,7 +27,7 @@ def _check_key(key, name: str = "key") -> None:
 def _check_dropout_args(key, x, rate, train) -> None:
     _check_key(key)
     check_array(x, "x")
-    if not isinstance(train, bool):
+    if not isinstance(train, (bool, np.bool_)):
         raise TypeError(f"train: expected a Python bool (static), got {train!r}")
     if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
         raise TypeError(f"rate: expected a Python number in [0, 1], got {rate!r}")
