@@ -109,7 +109,9 @@ class ConvTranspose(nn.Module):
         features: number of output channels.
         kernel_size: window size, an int or one int per spatial dim.
         stride, padding, output_padding, dilation, groups: as in ``F.conv_transpose``.
-        use_bias, kernel_init, bias_init, dtype, param_dtype: as in ``Conv``.
+        kernel_init: initializer of ``kernel`` (default He normal with
+            ``fan_in = prod(window) * C_in``).
+        use_bias, bias_init, dtype, param_dtype: as in ``Conv``.
 
     Example:
         >>> import jcnn
@@ -142,7 +144,7 @@ class ConvTranspose(nn.Module):
         check_channels_divisible(self.features, self.groups, "features")
         kernel = self.param(
             "kernel",
-            self.kernel_init or init.he_normal(groups=self.groups),
+            self.kernel_init or init.he_normal(),
             (*window, c_in, self.features // self.groups),
             self.param_dtype,
         )

@@ -1,0 +1,75 @@
+"""jcnn.nn activation modules: PReLU against PyTorch, Maxout against NumPy, the parameter-free
+ones against their functional ops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import functional as F
+from jcnn import nn
+
+
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_prelu_forward_and_gradient_match_torch(torch, rng, channelwise):
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+    layer = nn.PReLU(channelwise=channelwise)
+    params = layer.init(jax.random.key(0), x)["params"]
+    assert params["alpha"].shape == ((5,) if channelwise else ())
+    np.testing.assert_array_equal(params["alpha"], np.full(params["alpha"].shape, 0.25))
+    params = {
+        "alpha": params["alpha"]
+        + jnp.asarray(rng.uniform(0, 0.5, size=params["alpha"].shape), jnp.float32)
+    }
+
+    def loss(params, x):
+        return jnp.sum(layer.apply({"params": params}, x) ** 2)
+
+    g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    weight = torch.tensor(np.asarray(params["alpha"], np.float64).reshape(-1)).requires_grad_(True)
+    xt = torch.tensor(np.transpose(np.asarray(x, np.float64), (0, 3, 1, 2))).requires_grad_(True)
+    yt = torch.nn.functional.prelu(xt, weight)
+    (yt**2).sum().backward()
+    y = layer.apply({"params": params}, x)
+    np.testing.assert_allclose(y, np.transpose(yt.detach().numpy(), (0, 2, 3, 1)), rtol=1e-6)
+    np.testing.assert_allclose(g_x, np.transpose(xt.grad.numpy(), (0, 2, 3, 1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        g_params["alpha"], weight.grad.numpy().reshape(params["alpha"].shape), rtol=1e-5
+    )
+
+
+def test_maxout_learned_unit_is_max_of_affine_pieces(rng):
+    x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    layer = nn.Maxout(num_pieces=3, features=2)
+    params = layer.init(jax.random.key(0), x)["params"]
+    kernel, bias = (np.asarray(params["linear"][k], np.float64) for k in ("kernel", "bias"))
+    assert kernel.shape == (6, 6) and bias.shape == (6,)
+    pieces = (np.asarray(x, np.float64) @ kernel + bias).reshape(4, 2, 3)
+    y = jax.jit(layer.apply)({"params": params}, x)
+    np.testing.assert_allclose(y, pieces.max(-1), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x))))(params)
+    # Each output's gradient reaches exactly its winning piece's column.
+    assert int((np.abs(np.asarray(grads["linear"]["bias"])) > 0).sum()) <= 4 * 2
+    assert np.asarray(grads["linear"]["bias"]).sum() == pytest.approx(8.0)
+    plain = nn.Maxout(num_pieces=2)
+    assert plain.init(jax.random.key(0), x) == {}
+    np.testing.assert_array_equal(plain.apply({}, x), F.maxout(x, 2))
+
+
+def test_parameter_free_activations_equal_functional(rng):
+    x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    cases = [
+        (nn.ReLU(), F.relu),
+        (nn.LeakyReLU(0.2), lambda x: F.leaky_relu(x, 0.2)),
+        (nn.ELU(0.5), lambda x: F.elu(x, 0.5)),
+        (nn.GELU(), F.gelu),
+        (nn.Tanh(), F.tanh),
+        (nn.Sigmoid(), F.sigmoid),
+        (nn.Rectify(), F.rectify),
+        (nn.Swish(), F.swish),
+        (nn.Softplus(), F.softplus),
+    ]
+    for layer, op in cases:
+        assert layer.init(jax.random.key(0), x) == {}
+        np.testing.assert_array_equal(layer.apply({}, x), op(x))
+    np.testing.assert_array_equal(nn.Rectify().apply({}, x), np.abs(np.asarray(x)))

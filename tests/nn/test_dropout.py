@@ -1,0 +1,50 @@
+"""jcnn.nn.Dropout / SpatialDropout: identity in evaluation, masks and scaling in training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import functional as F
+from jcnn import nn
+
+
+def test_dropout_train_vs_eval_and_gradient():
+    layer = nn.Dropout(0.25)
+    x = jnp.asarray(np.arange(1.0, 2001.0).reshape(4, 500), jnp.float32)
+    np.testing.assert_array_equal(layer.apply({}, x, train=False), x)
+    apply = jax.jit(lambda x, key: layer.apply({}, x, train=True, rngs={"dropout": key}))
+    y = apply(x, jax.random.key(0))
+    kept = np.asarray(y) != 0
+    assert 0.7 < kept.mean() < 0.8
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    # Same rng, same mask; the module draws what F.dropout draws from the "dropout" stream.
+    np.testing.assert_array_equal(apply(x, jax.random.key(0)), y)
+    assert (np.asarray(apply(x, jax.random.key(1))) != 0).tolist() != kept.tolist()
+    grad = jax.jit(
+        jax.grad(
+            lambda x: jnp.sum(layer.apply({}, x, train=True, rngs={"dropout": jax.random.key(0)}))
+        )
+    )(x)
+    np.testing.assert_allclose(grad, kept / 0.75, rtol=1e-6)
+
+
+def test_spatial_dropout_drops_whole_channels():
+    layer = nn.SpatialDropout(0.5)
+    x = jnp.ones((8, 5, 5, 16))
+    np.testing.assert_array_equal(layer.apply({}, x, train=False), x)
+    y = np.asarray(layer.apply({}, x, train=True, rngs={"dropout": jax.random.key(3)}))
+    per_channel = y.reshape(8, 25, 16)
+    assert (per_channel == per_channel[:, :1]).all()  # constant over space
+    assert set(np.unique(y)) == {0.0, 2.0}
+    assert 0.3 < (per_channel[:, 0] == 0).mean() < 0.7
+
+
+def test_dropout_argument_errors():
+    with pytest.raises(ValueError, match="rate"):
+        nn.Dropout(1.5).apply({}, jnp.ones(3), train=False)
+    with pytest.raises(Exception, match="dropout"):
+        nn.Dropout(0.5).apply({}, jnp.ones(3), train=True)  # no "dropout" rng given
+    with pytest.raises(TypeError, match="train"):
+        nn.Dropout(0.5).apply({}, jnp.ones(3))
+    assert F.dropout is not None
