@@ -4,9 +4,11 @@ response normalization, and the folding of an inference-mode batch norm into the
 All arrays are channels-last, ``(N, *spatial, C)``. Per-channel parameters (``scale``, ``bias``, the
 running statistics) have shape ``(C,)``; ``scale`` or ``bias`` may be ``None`` (no affine part).
 Statistics are computed in at least float32 (so float16/bfloat16 inputs are normalized accurately)
-and with the two-pass formula ``mean((x - mean(x))**2)``, which stays exact for inputs with a large
-common offset where ``E[x**2] - E[x]**2`` cancels catastrophically. Outputs keep the input's dtype;
-running statistics keep the state's dtype.
+and in two passes, the variance as the mean squared deviation from the mean, never as
+``E[x**2] - E[x]**2``, which cancels catastrophically for inputs with a large common offset. The
+second pass also corrects the mean by the mean of the deviations (the corrected two-pass algorithm
+of Chan, Golub and LeVeque), since a float32 mean of values near 1e4 can be off by ~1e-3. Outputs
+keep the input's dtype; running statistics keep the state's dtype.
 
 Running averages follow the course notes and Flax:
 ``new = momentum * old + (1 - momentum) * batch``, so PyTorch's ``momentum=m`` is jcnn's ``1 - m``.
@@ -81,7 +83,7 @@ def batch_norm(
       eps: added to the variance before the square root; must be > 0.
       axis_name: name (or tuple of names) of a mapped axis (``jax.vmap``, ``shard_map``, ``pmap``)
         over which the batch is split; the statistics are then those of the whole batch, averaged
-        with ``lax.pmean`` in two passes (mean first, then the mean squared deviation from it).
+        with ``lax.pmean`` in two passes (mean first, then the deviations from it).
         Every shard must hold the same number of examples.
       unbiased_running_var: store the unbiased batch variance (count / (count - 1) times the biased
         one, count over all shards) in the running average, as PyTorch does. Default ``False``: the
@@ -110,13 +112,8 @@ def batch_norm(
     xf = x.astype(compute_dtype)
     reduce_axes = tuple(range(x.ndim - 1))
     if train:
-        mean = jnp.mean(xf, axis=reduce_axes)
-        if axis_name is not None:
-            mean = lax.pmean(mean, axis_name)
-        centered = xf - _per_channel(mean, x.ndim)
-        var = jnp.mean(jnp.square(centered), axis=reduce_axes)
-        if axis_name is not None:
-            var = lax.pmean(var, axis_name)
+        centered, mean, var = _moments(xf, reduce_axes, axis_name)
+        mean, var = mean.reshape(channels), var.reshape(channels)
         count = math.prod(x.shape[:-1])
         if axis_name is not None:
             count *= lax.axis_size(axis_name)
@@ -268,9 +265,7 @@ def instance_norm(
         y = (xf - mean) * lax.rsqrt(var + eps)
         return _affine(y, scale, bias).astype(x.dtype), state
 
-    mean = jnp.mean(xf, axis=spatial_axes, keepdims=True)
-    centered = xf - mean
-    var = jnp.mean(jnp.square(centered), axis=spatial_axes, keepdims=True)
+    centered, mean, var = _moments(xf, spatial_axes)
     y = _affine(centered * lax.rsqrt(var + eps), scale, bias).astype(x.dtype)
     if state is None:
         return y
@@ -458,10 +453,29 @@ def _affine(y, scale, bias):
     return y
 
 
+def _moments(x, axes: tuple[int, ...], axis_name=None):
+    """``(x - mean, mean, biased variance)`` over ``axes`` (kept as unit dims), in two passes.
+
+    The second pass averages the deviations ``d = x - mean`` and their squares: the mean of ``d``
+    is the rounding error of the first mean (small, but squared it would bias the variance and
+    shift every output), so it is added back to the mean and removed from the deviations.
+    ``axis_name`` extends every average over the shards of a mapped axis.
+    """
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    if axis_name is not None:
+        mean = lax.pmean(mean, axis_name)
+    deviation = x - mean
+    correction = jnp.mean(deviation, axis=axes, keepdims=True)
+    mean_square = jnp.mean(jnp.square(deviation), axis=axes, keepdims=True)
+    if axis_name is not None:
+        correction, mean_square = lax.pmean((correction, mean_square), axis_name)
+    var = jnp.maximum(mean_square - jnp.square(correction), 0.0)
+    return deviation - correction, mean + correction, var
+
+
 def _standardize(x, axes: tuple[int, ...], eps: float):
-    """``(x - mean) / sqrt(var + eps)`` over ``axes``, with the two-pass variance."""
-    centered = x - jnp.mean(x, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(centered), axis=axes, keepdims=True)
+    """``(x - mean) / sqrt(var + eps)`` over ``axes``."""
+    centered, _, var = _moments(x, axes)
     return centered * lax.rsqrt(var + eps)
 
 
