@@ -1,0 +1,785 @@
+"""Tests of jcnn.functional.conv against PyTorch CPU and NumPy loops.
+
+The parity suites draw hundreds of random configurations (spatial rank, odd sizes, channels, groups
+including depthwise, stride, dilation, every padding form and mode, bias or not) from seeded
+generators and compare the forward values and the gradients with respect to x, w and b with
+PyTorch computing in float64, by the norm-wise relative error ``||jcnn - torch|| / ||torch||``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.functional.conv import conv, conv_transpose, convolve
+
+RELATIVE_TOLERANCE = 1e-5
+CONV_CHUNKS, CONV_CASES_PER_CHUNK = 4, 45
+TRANSPOSE_CHUNKS, TRANSPOSE_CASES_PER_CHUNK = 2, 45
+# The parity chunks compile their many small programs as one; LLVM's optimizations only cost time
+# there, the numerics are XLA's either way.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def relative_error(actual, expected) -> float:
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def torch_tensor(array, torch, *, grad: bool = False):
+    return torch.tensor(np.ascontiguousarray(array), dtype=torch.float64, requires_grad=grad)
+
+
+def to_torch_layout(array: np.ndarray, torch, *, grad: bool = False):
+    """``(N, *spatial, C)`` -> torch ``(N, C, *spatial)`` in float64."""
+    return torch_tensor(np.moveaxis(array, -1, 1), torch, grad=grad)
+
+
+def from_torch_layout(tensor) -> np.ndarray:
+    return np.moveaxis(tensor.detach().numpy(), 1, -1)
+
+
+def kernel_to_torch(w: np.ndarray, torch, *, transposed: bool = False, grad: bool = False):
+    """jcnn's ``(*window, A, B)`` -> torch's ``(B, A, *window)`` (conv) or ``(A, B, *window)``."""
+    order = (-2, -1) if transposed else (-1, -2)
+    return torch_tensor(np.moveaxis(w, order, (0, 1)), torch, grad=grad)
+
+
+def kernel_from_torch(w: np.ndarray, *, transposed: bool = False) -> np.ndarray:
+    """The inverse of :func:`kernel_to_torch` (for gradients)."""
+    order = (-2, -1) if transposed else (-1, -2)
+    return np.moveaxis(w, (0, 1), order)
+
+
+def torch_pad_widths(pairs) -> tuple[int, ...]:
+    """``((lo, hi), ...)`` in spatial order -> torch.nn.functional.pad's last-dim-first list."""
+    return tuple(v for lo, hi in reversed(pairs) for v in (lo, hi))
+
+
+def same_padding_reference(sizes, window, stride, dilation):
+    """TensorFlow's "SAME": output ceil(n / s); of an odd total, the extra pixel goes last."""
+    pairs = []
+    for n, k, s, d in zip(sizes, window, stride, dilation, strict=True):
+        out = (n + s - 1) // s
+        total = max(0, (out - 1) * s + d * (k - 1) + 1 - n)
+        pairs.append((total // 2, total - total // 2))
+    return tuple(pairs)
+
+
+def per_dim(value, rank: int) -> tuple[int, ...]:
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def torch_conv_nd(torch, rank: int, *, transposed: bool = False):
+    functional = torch.nn.functional
+    if transposed:
+        return (
+            functional.conv_transpose1d,
+            functional.conv_transpose2d,
+            functional.conv_transpose3d,
+        )[rank - 1]
+    return (functional.conv1d, functional.conv2d, functional.conv3d)[rank - 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Random configurations
+
+
+def draw_channels(rng):
+    """(C_in, C_out, groups) of a plain, grouped or depthwise convolution."""
+    kind = rng.choice(["plain", "grouped", "depthwise"], p=[0.4, 0.35, 0.25])
+    if kind == "plain":
+        return int(rng.integers(1, 5)), int(rng.integers(1, 5)), 1
+    if kind == "grouped":
+        groups = int(rng.integers(2, 4))
+        return groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3)), groups
+    groups = int(rng.integers(2, 5))
+    return groups, groups * int(rng.integers(1, 3)), groups
+
+
+def draw_int_or_per_dim(rng, rank: int, low: int, high: int):
+    """An int or a per-dim tuple, as passed to jcnn."""
+    values = tuple(int(v) for v in rng.integers(low, high + 1, size=rank))
+    return values[0] if rng.random() < 0.4 else values
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    batch: int
+    sizes: tuple[int, ...]
+    window: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    groups: int
+    stride: int | tuple[int, ...]
+    dilation: int | tuple[int, ...]
+    padding: object  # exactly what jcnn receives
+    pairs: tuple[tuple[int, int], ...]  # the same padding, explicit, computed by the test
+    padding_mode: str
+    bias: bool
+
+    @property
+    def rank(self) -> int:
+        return len(self.sizes)
+
+    def shapes(self):
+        """Shapes of x, w and b (None without bias)."""
+        kernel = (*self.window, self.in_channels // self.groups, self.out_channels)
+        bias = (self.out_channels,) if self.bias else None
+        return (self.batch, *self.sizes, self.in_channels), kernel, bias
+
+    def jcnn(self, x, w, b):
+        return conv(
+            x,
+            w,
+            b,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+        )
+
+    def torch(self, x, w, b, torch):
+        """PyTorch's answer, with padding built independently of jcnn."""
+        conv_nd = torch_conv_nd(torch, self.rank)
+        stride = per_dim(self.stride, self.rank)
+        keywords = dict(stride=stride, dilation=self.dilation, groups=self.groups)
+        is_same = isinstance(self.padding, str) and self.padding.upper() == "SAME"
+        if self.padding_mode == "zeros":
+            if is_same and all(s == 1 for s in stride):
+                return conv_nd(x, w, b, padding="same", **keywords)
+            if all(lo == hi for lo, hi in self.pairs):
+                return conv_nd(x, w, b, padding=tuple(lo for lo, _ in self.pairs), **keywords)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        padded = torch.nn.functional.pad(x, torch_pad_widths(self.pairs), mode=mode)
+        return conv_nd(padded, w, b, **keywords)
+
+
+def draw_conv_case(rng) -> ConvCase:
+    rank = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
+    in_channels, out_channels, groups = draw_channels(rng)
+    window = tuple(int(k) for k in rng.integers(1, 4 if rank < 3 else 3, size=rank))
+    stride = draw_int_or_per_dim(rng, rank, 1, 3)
+    dilation = draw_int_or_per_dim(rng, rank, 1, 2)
+    padding_mode = str(
+        rng.choice(["zeros", "reflect", "replicate", "circular"], p=[0.4, 0.2, 0.2, 0.2])
+    )
+    form = rng.choice(["int", "per_dim", "pairs", "SAME", "VALID"], p=[0.2, 0.2, 0.3, 0.2, 0.1])
+    spans = [d * (k - 1) + 1 for k, d in zip(window, per_dim(dilation, rank), strict=True)]
+    if form == "int":
+        p = int(rng.integers(0, 3))
+        padding, pairs = p, ((p, p),) * rank
+    elif form == "per_dim":
+        padding = tuple(int(p) for p in rng.integers(0, 3, size=rank))
+        pairs = tuple((p, p) for p in padding)
+    elif form == "pairs":
+        padding = pairs = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 4, size=(rank, 2)))
+    else:
+        padding = str(form) if rng.random() < 0.7 else str(form).lower()
+        pairs = None
+    max_size = 9 if rank < 3 else 5
+    sizes = []
+    for dim in range(rank):
+        if pairs is None:  # "SAME" pads less than the span on each side, "VALID" not at all
+            smallest = spans[dim]
+        else:
+            lo, hi = pairs[dim]
+            smallest = max(1, spans[dim] - lo - hi)
+            if padding_mode == "reflect":
+                smallest = max(smallest, lo + 1, hi + 1)
+            elif padding_mode == "circular":
+                smallest = max(smallest, lo, hi)
+        sizes.append(int(rng.integers(smallest, max(smallest, max_size) + 1)))
+    sizes = tuple(sizes)
+    if form == "SAME":
+        pairs = same_padding_reference(
+            sizes, window, per_dim(stride, rank), per_dim(dilation, rank)
+        )
+    elif form == "VALID":
+        pairs = ((0, 0),) * rank
+    return ConvCase(
+        batch=int(rng.integers(1, 3)),
+        sizes=sizes,
+        window=window,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        groups=groups,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        pairs=pairs,
+        padding_mode=padding_mode,
+        bias=bool(rng.random() < 0.6),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TransposeCase:
+    batch: int
+    sizes: tuple[int, ...]
+    window: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    groups: int
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    padding: object
+    pairs: tuple[tuple[int, int], ...]
+    bias: bool
+
+    @property
+    def rank(self) -> int:
+        return len(self.sizes)
+
+    def shapes(self):
+        kernel = (*self.window, self.in_channels, self.out_channels // self.groups)
+        bias = (self.out_channels,) if self.bias else None
+        return (self.batch, *self.sizes, self.in_channels), kernel, bias
+
+    def jcnn(self, x, w, b):
+        return conv_transpose(
+            x,
+            w,
+            b,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+
+    def torch(self, x, w, b, torch):
+        """PyTorch's answer; an asymmetric (lo, hi) crop slices its unpadded output."""
+        conv_nd = torch_conv_nd(torch, self.rank, transposed=True)
+        keywords = dict(
+            stride=self.stride,
+            output_padding=self.output_padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+        if all(lo == hi for lo, hi in self.pairs):
+            return conv_nd(x, w, b, padding=tuple(lo for lo, _ in self.pairs), **keywords)
+        full = conv_nd(x, w, b, padding=0, **keywords)
+        crop = tuple(slice(lo, full.shape[2 + dim] - hi) for dim, (lo, hi) in enumerate(self.pairs))
+        return full[(slice(None), slice(None), *crop)]
+
+
+def draw_transpose_case(rng) -> TransposeCase:
+    rank = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
+    in_channels, out_channels, groups = draw_channels(rng)
+    window = tuple(int(k) for k in rng.integers(1, 5 if rank < 3 else 3, size=rank))
+    stride = tuple(int(s) for s in rng.integers(1, 4, size=rank))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, size=rank))
+    output_padding = tuple(
+        int(rng.integers(0, max(s, d))) for s, d in zip(stride, dilation, strict=True)
+    )
+    sizes = tuple(int(n) for n in rng.integers(1, 6 if rank < 3 else 4, size=rank))
+    pairs = []
+    for n, k, s, d, extra in zip(sizes, window, stride, dilation, output_padding, strict=True):
+        full = (n - 1) * s + d * (k - 1) + extra + 1
+        lo = int(rng.integers(0, (full - 1) // 2 + 1))
+        hi = int(rng.integers(0, full - lo))  # at least one output pixel survives
+        pairs.append((lo, hi))
+    form = rng.choice(["int", "per_dim", "pairs"], p=[0.3, 0.3, 0.4])
+    if form == "int":
+        p = min(min(pair) for pair in pairs)
+        pairs, padding = [(p, p)] * rank, p
+    elif form == "per_dim":
+        pairs = [(min(pair),) * 2 for pair in pairs]
+        padding = tuple(lo for lo, _ in pairs)
+    else:
+        padding = tuple(pairs)
+    return TransposeCase(
+        batch=int(rng.integers(1, 3)),
+        sizes=sizes,
+        window=window,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        groups=groups,
+        stride=stride,
+        dilation=dilation,
+        output_padding=output_padding,
+        padding=padding,
+        pairs=tuple(pairs),
+        bias=bool(rng.random() < 0.6),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with PyTorch
+
+
+def jcnn_outputs_and_vjps(cases, inputs, cotangents):
+    """Each case's output and VJP, all compiled as one XLA program (compiling dominates)."""
+
+    def run(inputs, cotangents):
+        results = []
+        for case, (x, w, b), cotangent in zip(cases, inputs, cotangents, strict=True):
+            y, vjp = jax.vjp(case.jcnn, x, w, b)
+            results.append((y, vjp(cotangent)))
+        return results
+
+    compiled = jax.jit(run).lower(inputs, cotangents).compile(compiler_options=FAST_COMPILE)
+    return compiled(inputs, cotangents)
+
+
+def parity_failures(cases, rng, torch, *, transposed: bool):
+    """Cases whose output or gradients differ from PyTorch's, and the largest error seen."""
+    inputs, cotangents = [], []
+    for case in cases:
+        x_shape, w_shape, b_shape = case.shapes()
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        b = None if b_shape is None else rng.standard_normal(b_shape).astype(np.float32)
+        inputs.append((x, w, b))
+        y_shape = jax.eval_shape(case.jcnn, x, w, b).shape
+        cotangents.append(rng.standard_normal(y_shape).astype(np.float32))
+    results = jcnn_outputs_and_vjps(cases, inputs, cotangents)
+
+    failures, worst = [], 0.0
+    for case, (x, w, b), cotangent, (y, grads) in zip(
+        cases, inputs, cotangents, results, strict=True
+    ):
+        tx = to_torch_layout(x, torch, grad=True)
+        tw = kernel_to_torch(w, torch, transposed=transposed, grad=True)
+        tb = None if b is None else torch_tensor(b, torch, grad=True)
+        ty = case.torch(tx, tw, tb, torch)
+        ty.backward(to_torch_layout(cotangent, torch))
+        errors = {
+            "y": relative_error(y, from_torch_layout(ty)),
+            "dx": relative_error(grads[0], from_torch_layout(tx.grad)),
+            "dw": relative_error(
+                grads[1], kernel_from_torch(tw.grad.numpy(), transposed=transposed)
+            ),
+        }
+        if b is not None:
+            errors["db"] = relative_error(grads[2], tb.grad.numpy())
+        worst = max(worst, *errors.values())
+        if max(errors.values()) > RELATIVE_TOLERANCE:
+            failures.append((case, errors))
+    return failures, worst
+
+
+@pytest.mark.parametrize("chunk", range(CONV_CHUNKS))
+def test_conv_matches_torch_on_random_configurations(chunk, rng, torch):
+    cases = [draw_conv_case(rng) for _ in range(CONV_CASES_PER_CHUNK)]
+    failures, worst = parity_failures(cases, rng, torch, transposed=False)
+    assert not failures, f"{len(failures)} configurations differ from torch: {failures[:3]}"
+    assert worst > 0.0  # float32 against float64 rounds somewhere: the numbers were compared
+
+
+@pytest.mark.parametrize("chunk", range(TRANSPOSE_CHUNKS))
+def test_conv_transpose_matches_torch_on_random_configurations(chunk, rng, torch):
+    cases = [draw_transpose_case(rng) for _ in range(TRANSPOSE_CASES_PER_CHUNK)]
+    failures, worst = parity_failures(cases, rng, torch, transposed=True)
+    assert not failures, f"{len(failures)} configurations differ from torch: {failures[:3]}"
+    assert worst > 0.0
+
+
+def test_random_configurations_cover_every_feature():
+    """The parity draws reach every rank, padding form and mode, groups kind, stride, dilation."""
+    rng = np.random.default_rng(0)
+    cases = [draw_conv_case(rng) for _ in range(CONV_CHUNKS * CONV_CASES_PER_CHUNK)]
+    assert {case.rank for case in cases} == {1, 2, 3}
+    assert {case.padding_mode for case in cases} == {"zeros", "reflect", "replicate", "circular"}
+    forms = {
+        type(case.padding).__name__ if not isinstance(case.padding, str) else case.padding
+        for case in cases
+    }
+    assert {"int", "tuple", "SAME", "VALID", "same", "valid"} <= forms
+    assert any(lo != hi for case in cases for lo, hi in case.pairs)
+    assert any(case.groups == case.in_channels > 1 for case in cases)  # depthwise
+    assert any(1 < case.groups < case.in_channels for case in cases)
+    assert any(max(per_dim(case.stride, case.rank)) > 1 for case in cases)
+    assert any(max(per_dim(case.dilation, case.rank)) > 1 for case in cases)
+    assert any(case.bias for case in cases) and not all(case.bias for case in cases)
+    transposed = [draw_transpose_case(rng) for _ in range(100)]
+    assert any(max(case.output_padding) > 0 for case in transposed)
+    assert any(case.groups > 1 for case in transposed)
+    assert any(lo != hi for case in transposed for lo, hi in case.pairs)
+
+
+def test_same_padding_matches_explicit_asymmetric_padding(rng, torch):
+    """ "SAME" keeps ceil(size / stride) and pads the odd pixel at the high end."""
+    functional = torch.nn.functional
+    configs = [  # (size, kernel, stride, dilation)
+        ((7, 6), (2, 3), (1, 1), (1, 1)),
+        ((7, 8), (4, 3), (2, 3), (1, 1)),
+        ((5, 9), (3, 2), (1, 2), (2, 3)),
+        ((6, 5), (1, 5), (3, 1), (1, 1)),
+    ]
+    for sizes, window, stride, dilation in configs:
+        x = rng.standard_normal((2, *sizes, 3)).astype(np.float32)
+        w = rng.standard_normal((*window, 3, 4)).astype(np.float32)
+        y = conv(x, w, stride=stride, padding="SAME", dilation=dilation)
+        assert y.shape[1:3] == tuple(-(-n // s) for n, s in zip(sizes, stride, strict=True))
+        tx, tw = to_torch_layout(x, torch), kernel_to_torch(w, torch)
+        if stride == (1, 1):
+            expected = functional.conv2d(tx, tw, padding="same", dilation=dilation)
+        else:
+            pairs = same_padding_reference(sizes, window, stride, dilation)
+            padded = functional.pad(tx, torch_pad_widths(pairs))
+            expected = functional.conv2d(padded, tw, stride=stride, dilation=dilation)
+        assert relative_error(y, from_torch_layout(expected)) < RELATIVE_TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy loops: the definitions, independent of lax
+
+
+def numpy_conv2d(x, w, b, *, stride, pairs, dilation, groups, flip=False):
+    """Direct sums over output pixels and kernel taps; ``flip`` reads ``w[kh-1-a, kw-1-c]``."""
+    x = np.pad(x.astype(np.float64), ((0, 0), *pairs, (0, 0)))
+    n, height, width, _ = x.shape
+    kh, kw, in_per_group, out_channels = w.shape
+    out_per_group = out_channels // groups
+    out_h = (height - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = np.zeros((n, out_h, out_w, out_channels))
+    for i in range(out_h):
+        for j in range(out_w):
+            for a in range(kh):
+                for c in range(kw):
+                    pixel = x[:, i * stride[0] + a * dilation[0], j * stride[1] + c * dilation[1]]
+                    tap = w[kh - 1 - a, kw - 1 - c] if flip else w[a, c]
+                    for g in range(groups):
+                        ins = slice(g * in_per_group, (g + 1) * in_per_group)
+                        outs = slice(g * out_per_group, (g + 1) * out_per_group)
+                        y[:, i, j, outs] += pixel[:, ins] @ tap[:, outs]
+    return y if b is None else y + b
+
+
+def numpy_conv_transpose2d(x, w, b, *, stride, padding, output_padding, dilation, groups):
+    """Scatter every input pixel times the kernel into the output, then crop ``padding``."""
+    n, height, width, in_channels = x.shape
+    kh, kw, _, out_per_group = w.shape
+    in_per_group = in_channels // groups
+    full = np.zeros(
+        (
+            n,
+            (height - 1) * stride[0] + dilation[0] * (kh - 1) + 1 + output_padding[0],
+            (width - 1) * stride[1] + dilation[1] * (kw - 1) + 1 + output_padding[1],
+            out_per_group * groups,
+        )
+    )
+    for i in range(height):
+        for j in range(width):
+            for a in range(kh):
+                for c in range(kw):
+                    row, col = i * stride[0] + a * dilation[0], j * stride[1] + c * dilation[1]
+                    for g in range(groups):
+                        ins = slice(g * in_per_group, (g + 1) * in_per_group)
+                        outs = slice(g * out_per_group, (g + 1) * out_per_group)
+                        full[:, row, col, outs] += x[:, i, j, ins] @ w[a, c, ins]
+    (top, bottom), (left, right) = padding
+    y = full[:, top : full.shape[1] - bottom, left : full.shape[2] - right]
+    return y if b is None else y + b
+
+
+def test_conv_and_convolve_match_numpy_loops(rng):
+    configs = [  # (size, window, C_in, C_out, groups, stride, pairs, dilation)
+        ((5, 6), (3, 2), 2, 3, 1, (1, 1), ((0, 0), (0, 0)), (1, 1)),
+        ((7, 5), (3, 3), 4, 6, 2, (2, 1), ((1, 2), (0, 1)), (1, 2)),
+        ((6, 7), (2, 3), 3, 6, 3, (1, 3), ((2, 0), (1, 1)), (2, 1)),
+        ((4, 5), (1, 2), 2, 2, 2, (2, 2), ((1, 1), (2, 2)), (1, 1)),
+    ]
+    for sizes, window, c_in, c_out, groups, stride, pairs, dilation in configs:
+        x = rng.standard_normal((2, *sizes, c_in)).astype(np.float32)
+        w = rng.standard_normal((*window, c_in // groups, c_out)).astype(np.float32)
+        b = rng.standard_normal(c_out).astype(np.float32)
+        keywords = dict(stride=stride, dilation=dilation, groups=groups)
+        expected = numpy_conv2d(x, w, b, pairs=pairs, **keywords)
+        assert relative_error(conv(x, w, b, padding=pairs, **keywords), expected) < 1e-6
+        expected = numpy_conv2d(x, w, b, pairs=pairs, flip=True, **keywords)
+        assert relative_error(convolve(x, w, b, padding=pairs, **keywords), expected) < 1e-6
+        flipped = conv(x, w, b, padding=pairs, flip=True, **keywords)
+        assert relative_error(flipped, expected) < 1e-6
+
+
+def test_conv_transpose_matches_numpy_scatter(rng):
+    configs = [  # (size, window, C_in, C_out / groups, groups, stride, pairs, out_pad, dilation)
+        ((3, 4), (3, 2), 2, 3, 1, (2, 1), ((0, 0), (0, 0)), (1, 0), (1, 1)),
+        ((4, 3), (2, 3), 4, 1, 2, (3, 2), ((1, 2), (0, 1)), (2, 1), (1, 2)),
+        ((2, 5), (3, 3), 3, 2, 3, (1, 2), ((2, 1), (1, 1)), (1, 1), (2, 1)),
+    ]
+    for (
+        sizes,
+        window,
+        c_in,
+        out_per_group,
+        groups,
+        stride,
+        pairs,
+        output_padding,
+        dilation,
+    ) in configs:
+        x = rng.standard_normal((2, *sizes, c_in)).astype(np.float32)
+        w = rng.standard_normal((*window, c_in, out_per_group)).astype(np.float32)
+        b = rng.standard_normal(out_per_group * groups).astype(np.float32)
+        keywords = dict(
+            stride=stride, output_padding=output_padding, dilation=dilation, groups=groups
+        )
+        expected = numpy_conv_transpose2d(x, w, b, padding=pairs, **keywords)
+        assert relative_error(conv_transpose(x, w, b, padding=pairs, **keywords), expected) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformations: vmap, jit, grad, second derivatives
+
+
+def test_vmap_over_a_leading_axis_equals_the_loop(rng):
+    xs = rng.standard_normal((3, 2, 7, 6, 4)).astype(np.float32)
+    ws = rng.standard_normal((3, 3, 2, 2, 6)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+
+    def forward(x, w):
+        return conv(x, w, b, stride=(2, 1), padding="SAME", groups=2, padding_mode="reflect")
+
+    looped = np.stack([forward(x, w) for x, w in zip(xs, ws, strict=True)])
+    np.testing.assert_allclose(jax.vmap(forward)(xs, ws), looped, rtol=1e-5, atol=1e-5)
+    shared = np.stack([forward(x, ws[0]) for x in xs])
+    np.testing.assert_allclose(
+        jax.vmap(forward, (0, None))(xs, ws[0]), shared, rtol=1e-5, atol=1e-5
+    )
+
+    def backward(x, w):
+        return conv_transpose(x, w, b, stride=2, padding=1, output_padding=1, groups=2)
+
+    wt = rng.standard_normal((3, 3, 3, 4, 3)).astype(np.float32)
+    looped = np.stack([backward(x, w) for x, w in zip(xs, wt, strict=True)])
+    np.testing.assert_allclose(jax.vmap(backward)(xs, wt), looped, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_and_grad_agree_with_eager_and_torch(rng, torch):
+    x = rng.standard_normal((2, 9, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 1, 6)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+
+    def loss(x, w, b):
+        y = conv(x, w, b, stride=2, padding=(2,), dilation=2, groups=3, padding_mode="circular")
+        return jnp.sum(jnp.tanh(y))
+
+    value = loss(x, w, b)
+    eager = jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+    jitted_value, jitted = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w, b)
+    np.testing.assert_allclose(jitted_value, value, rtol=1e-6)
+    for a, e in zip(jitted, eager, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+    tx, tw, tb = (
+        to_torch_layout(x, torch, grad=True),
+        kernel_to_torch(w, torch, grad=True),
+        (torch_tensor(b, torch, grad=True)),
+    )
+    padded = torch.nn.functional.pad(tx, (2, 2), mode="circular")
+    torch.tanh(
+        torch.nn.functional.conv1d(padded, tw, tb, stride=2, dilation=2, groups=3)
+    ).sum().backward()
+    assert relative_error(eager[0], from_torch_layout(tx.grad)) < RELATIVE_TOLERANCE
+    assert relative_error(eager[1], kernel_from_torch(tw.grad.numpy())) < RELATIVE_TOLERANCE
+    assert relative_error(eager[2], tb.grad.numpy()) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
+def test_second_derivatives_match_torch(transposed, rng, torch):
+    """Gradient of <grad loss, v>: a Hessian-vector product through the convolution."""
+    x = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+    w_shape = (3, 2, 4, 3) if transposed else (3, 2, 2, 6)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    vx = rng.standard_normal(x.shape).astype(np.float32)
+    vw = rng.standard_normal(w.shape).astype(np.float32)
+    keywords = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+
+    def loss(x, w):
+        op = conv_transpose if transposed else conv
+        return jnp.sum(jnp.tanh(op(x, w, **keywords)))
+
+    def directional(x, w):
+        gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+        return jnp.vdot(gx, vx) + jnp.vdot(gw, vw)
+
+    hx, hw = jax.grad(directional, argnums=(0, 1))(x, w)
+
+    tx = to_torch_layout(x, torch, grad=True)
+    tw = kernel_to_torch(w, torch, transposed=transposed, grad=True)
+    op = torch_conv_nd(torch, 2, transposed=transposed)
+    total = torch.tanh(op(tx, tw, **keywords)).sum()
+    gx, gw = torch.autograd.grad(total, (tx, tw), create_graph=True)
+    tvx = to_torch_layout(vx, torch)
+    tvw = kernel_to_torch(vw, torch, transposed=transposed)
+    thx, thw = torch.autograd.grad((gx * tvx).sum() + (gw * tvw).sum(), (tx, tw))
+    assert relative_error(hx, from_torch_layout(thx)) < RELATIVE_TOLERANCE
+    assert relative_error(hw, kernel_from_torch(thw.numpy(), transposed=transposed)) < (
+        RELATIVE_TOLERANCE
+    )
+
+
+def test_mixed_dtypes_promote_and_low_precision_is_kept(rng):
+    x = jnp.asarray(rng.standard_normal((1, 5, 5, 2)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
+    assert conv(x, w).dtype == jnp.float32
+    assert conv(x, w.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    assert conv_transpose(x, w.astype(jnp.bfloat16).transpose(0, 1, 2, 3)[..., :2, :]).dtype == (
+        jnp.bfloat16
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: one case each, at trace time, naming the argument
+
+X2 = np.zeros((2, 5, 5, 4), np.float32)
+W2 = np.zeros((3, 3, 4, 6), np.float32)
+WT = np.zeros((3, 3, 4, 3), np.float32)  # conv_transpose: C_in = 4, C_out / groups = 3
+
+BAD_INPUTS = {
+    "x rank vs kernel rank": (
+        lambda: conv(X2[0], W2),
+        ValueError,
+        r"x: expected rank 4 \(N, H, W, C\) for a 2-D kernel .* got rank 3 with shape \(5, 5, 4\)",
+    ),
+    "kernel rank": (lambda: conv(X2, W2[0, 0]), ValueError, r"w: expected rank 3, 4 or 5"),
+    "x channels vs C_in * groups": (
+        lambda: conv(X2, np.zeros((3, 3, 1, 6), np.float32), groups=2),
+        ValueError,
+        r"x: expected 2 channels \(w.shape\[-2\] = 1 per group x groups = 2\), got 4",
+    ),
+    "groups not dividing C_in": (
+        lambda: conv(X2, np.zeros((3, 3, 1, 6), np.float32), groups=3),
+        ValueError,
+        r"groups: the input channels C_in = x.shape\[-1\] = 4 are not divisible by groups = 3",
+    ),
+    "groups not dividing C_out": (
+        lambda: conv(X2, np.zeros((3, 3, 1, 6), np.float32), groups=4),
+        ValueError,
+        r"groups: the output channels C_out = w.shape\[-1\] = 6 are not divisible by groups = 4",
+    ),
+    "non-positive groups": (lambda: conv(X2, W2, groups=0), ValueError, r"groups: .* got 0"),
+    "non-int groups": (lambda: conv(X2, W2, groups=1.0), TypeError, r"groups: expected a positive"),
+    "non-positive stride": (
+        lambda: conv(X2, W2, stride=(1, 0)),
+        ValueError,
+        r"stride: every entry must be >= 1, got \(1, 0\)",
+    ),
+    "stride of the wrong length": (
+        lambda: conv(X2, W2, stride=(1, 1, 1)),
+        ValueError,
+        r"stride: expected an int or a sequence of 2 ints",
+    ),
+    "non-positive dilation": (
+        lambda: conv(X2, W2, dilation=0),
+        ValueError,
+        r"dilation: every entry must be >= 1, got 0",
+    ),
+    "negative padding": (
+        lambda: conv(X2, W2, padding=((1, -1), (0, 0))),
+        ValueError,
+        r"padding: padding must be non-negative",
+    ),
+    "unknown padding string": (
+        lambda: conv(X2, W2, padding="FULL"),
+        ValueError,
+        r"padding: expected 'SAME', 'VALID', or ints, got 'FULL'",
+    ),
+    "unknown padding mode": (
+        lambda: conv(X2, W2, padding=1, padding_mode="mirror"),
+        ValueError,
+        r"padding_mode: expected one of 'zeros', 'reflect', 'replicate', 'circular', got 'mirror'",
+    ),
+    "reflect padding not smaller than the size": (
+        lambda: conv(X2, W2, padding=5, padding_mode="reflect"),
+        ValueError,
+        r"padding: 'reflect' padding must be smaller than the input size, got \(5, 5\) for size 5",
+    ),
+    "circular padding larger than the size": (
+        lambda: conv(X2, W2, padding=((0, 0), (6, 0)), padding_mode="circular"),
+        ValueError,
+        r"padding: 'circular' padding must be at most the input size, got \(6, 0\) for size 5",
+    ),
+    "dilated window larger than the padded input": (
+        lambda: conv(X2, W2, dilation=3, padding=((0, 0), (1, 0))),
+        ValueError,
+        r"w: the dilated window 7 \(kernel 3, dilation 3\) is larger than the padded input 5 "
+        r"\(size 5 \+ padding \(0, 0\)\) along spatial dim 0",
+    ),
+    "bias shape": (
+        lambda: conv(X2, W2, np.zeros(4, np.float32)),
+        ValueError,
+        r"b: expected shape \(6,\), one bias per output channel, got shape \(4,\)",
+    ),
+    "integer x": (
+        lambda: conv(X2.astype(np.int32), W2),
+        TypeError,
+        r"x: expected a floating-point array, got dtype int32",
+    ),
+    "integer w": (
+        lambda: conv(X2, W2.astype(np.int8)),
+        TypeError,
+        r"w: expected a floating-point array, got dtype int8",
+    ),
+    "complex b": (
+        lambda: conv(X2, W2, np.zeros(6, np.complex64)),
+        TypeError,
+        r"b: expected a floating-point array, got dtype complex64",
+    ),
+    "x not an array": (lambda: conv([[1.0]], W2), TypeError, r"x: expected an array, got list"),
+    "transpose: x channels vs C_in": (
+        lambda: conv_transpose(X2[..., :3], WT),
+        ValueError,
+        r"x: expected C_in = w.shape\[-2\] = 4 channels, got 3",
+    ),
+    "transpose: groups not dividing C_in": (
+        lambda: conv_transpose(X2, WT, groups=3),
+        ValueError,
+        r"groups: the input channels C_in = w.shape\[-2\] = 4 are not divisible by groups = 3",
+    ),
+    "transpose: output_padding too large": (
+        lambda: conv_transpose(X2, WT, stride=(2, 1), output_padding=(1, 1)),
+        ValueError,
+        r"output_padding: each entry must be smaller than the stride or the dilation",
+    ),
+    "transpose: negative output_padding": (
+        lambda: conv_transpose(X2, WT, output_padding=-1),
+        ValueError,
+        r"output_padding: every entry must be >= 0",
+    ),
+    "transpose: padding leaves no output": (
+        lambda: conv_transpose(X2, WT, padding=(4, 0)),
+        ValueError,
+        r"padding: \(4, 4\) leaves an output size of -1 along spatial dim 0",
+    ),
+    "transpose: SAME padding": (
+        lambda: conv_transpose(X2, WT, padding="SAME"),
+        ValueError,
+        r"padding: conv_transpose takes an int, one int per dim, \(lo, hi\) pairs or 'VALID'",
+    ),
+    "transpose: bias shape": (
+        lambda: conv_transpose(X2, WT, np.zeros(3, np.float32), groups=2),
+        ValueError,
+        r"b: expected shape \(6,\)",
+    ),
+    "transpose: x rank": (
+        lambda: conv_transpose(X2[None], WT),
+        ValueError,
+        r"x: expected rank 4 \(N, H, W, C\) for a 2-D kernel",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_raises_a_clear_error(case):
+    call, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_checks_run_at_trace_time_under_jit():
+    with pytest.raises(ValueError, match=r"groups: the output channels"):
+        jax.jit(lambda x, w: conv(x, w, groups=4)).lower(X2, np.zeros((3, 3, 1, 6), np.float32))
