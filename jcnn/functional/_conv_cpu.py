@@ -73,20 +73,29 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
     """The CPU formulation ``conv_general`` picks for these static shapes and options.
 
     >>> plan((128, 28, 28, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
-    ConvPlan(forward='shift', input_grad='shift', weight_grad='im2col', chunk=128)
+    ConvPlan(forward='shift', input_grad='shift', weight_grad='im2col', chunk=32)
     """
     channels_per_group = w_shape[-2]
     window = w_shape[:-2]
     few = channels_per_group < _FEW_CHANNELS
     out_sizes = _output_sizes(x_shape[1:-1], window, stride, padding, dilation)
     patch_bytes = math.prod(out_sizes) * math.prod(window) * x_shape[-1] * itemsize
-    chunk = max(1, min(x_shape[0], _CHUNK_BYTES // max(patch_bytes, 1)))
     return ConvPlan(
         forward="shift" if few else "xla",
         input_grad="shift" if few else "xla",
         weight_grad="im2col",
-        chunk=chunk,
+        chunk=_chunk_size(x_shape[0], patch_bytes),
     )
+
+
+def _chunk_size(batch, patch_bytes_per_image):
+    """Images per weight-gradient GEMM: about ``_CHUNK_BYTES`` of patches, dividing ``batch``
+    evenly when a divisor is near (one scan, no remainder GEMM to compile)."""
+    largest = max(1, min(batch, _CHUNK_BYTES // max(patch_bytes_per_image, 1)))
+    for chunk in range(largest, (largest + 1) // 2 - 1, -1):
+        if batch % chunk == 0:
+            return chunk
+    return largest
 
 
 def conv_general(x, w, stride, padding, dilation, groups, *, conv_plan: ConvPlan | None = None):

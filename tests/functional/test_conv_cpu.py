@@ -1,0 +1,165 @@
+"""jcnn.functional._conv_cpu: every CPU formulation equals lax.conv_general_dilated and its VJP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export, lax
+
+from jcnn.functional._conv_cpu import ConvPlan, conv_general, plan
+
+_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
+_PLANS = [
+    ConvPlan("shift", "shift", "im2col", 2),  # scan over 2-image chunks (+ remainder if odd)
+    ConvPlan("xla", "xla", "im2col", 64),  # one GEMM over the whole batch
+    ConvPlan("xla", "xla", "xla", 1),
+]
+
+
+def lax_conv(x, w, stride, padding, dilation, groups):
+    letters = _LETTERS[w.ndim - 2]
+    return lax.conv_general_dilated(
+        x,
+        w,
+        stride,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
+        feature_group_count=groups,
+        precision=lax.Precision.HIGHEST,
+    )
+
+
+def random_config(rng, rank):
+    groups = int(rng.choice([1, 1, 2, 3]))
+    window = tuple(int(k) for k in rng.integers(1, 4, rank))
+    stride = tuple(int(s) for s in rng.integers(1, 3, rank))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, rank))
+    padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (rank, 2)))
+    sizes = tuple(
+        int((k - 1) * d + rng.integers(1, 6)) for k, d in zip(window, dilation, strict=True)
+    )
+    batch = int(rng.integers(1, 6))
+    x_shape = (batch, *sizes, groups * int(rng.integers(1, 4)))
+    w_shape = (*window, x_shape[-1] // groups, groups * int(rng.integers(1, 4)))
+    return x_shape, w_shape, stride, padding, dilation, groups
+
+
+def all_products(x, w, g, options):
+    """Forward, dx and dw of lax's convolution and of conv_general under every plan."""
+
+    def products(conv):
+        y, vjp = jax.vjp(conv, x, w)
+        return (y, *vjp(g))
+
+    results = [products(lambda x, w: lax_conv(x, w, *options))]
+    for conv_plan in _PLANS:
+        results.append(
+            products(lambda x, w, p=conv_plan: conv_general(x, w, *options, conv_plan=p))
+        )
+    return results
+
+
+@pytest.mark.parametrize(("rank", "count"), [(1, 4), (2, 5), (3, 3)])
+def test_values_and_gradients_equal_lax_for_every_plan(rng, rank, count):
+    for x_shape, w_shape, *options in (random_config(rng, rank) for _ in range(count)):
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        y_shape = jax.eval_shape(lambda x, w: lax_conv(x, w, *options), x, w).shape  # noqa: B023
+        g = jnp.asarray(rng.standard_normal(y_shape), jnp.float32)
+        want, *got_by_plan = jax.jit(all_products, static_argnums=3)(x, w, g, tuple(options))
+        for conv_plan, got in zip(_PLANS, got_by_plan, strict=True):
+            for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
+                scale = float(jnp.max(jnp.abs(b))) + 1e-6
+                np.testing.assert_allclose(
+                    a,
+                    b,
+                    atol=2e-5 * scale,
+                    rtol=0,
+                    err_msg=f"{name} {x_shape} {w_shape} {options} {conv_plan}",
+                )
+
+
+def test_default_plan_uses_shift_for_few_channels_and_chunks_the_weight_gradient():
+    lenet = plan((128, 28, 28, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
+    assert (lenet.forward, lenet.input_grad, lenet.weight_grad) == ("shift", "shift", "im2col")
+    wide = plan((256, 15, 15, 64), (3, 3, 64, 256), (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    assert (wide.forward, wide.input_grad, wide.weight_grad) == ("xla", "xla", "im2col")
+    # 15*15*9*64 floats per image: 8 images of patches fill the 4 MiB chunk; 256 % 8 == 0.
+    assert wide.chunk == 8
+    assert plan((7, 4, 4, 8), (3, 3, 8, 8), (1, 1), ((1, 1),) * 2, (1, 1), 1).chunk == 7
+
+
+def test_chunked_weight_gradient_with_remainder_is_jittable_and_exact(rng):
+    x = jnp.asarray(rng.standard_normal((7, 9, 9, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 5, 4)), jnp.float32)
+    options = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    grad = jax.jit(
+        jax.grad(lambda w: jnp.sum(conv_general(x, w, *options, conv_plan=_PLANS[0]) ** 2))
+    )
+    want = jax.grad(lambda w: jnp.sum(lax_conv(x, w, *options) ** 2))(w)
+    np.testing.assert_allclose(grad(w), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("conv_plan", _PLANS[:2], ids=["shift", "xla-im2col"])
+def test_second_derivatives_and_per_example_gradients_equal_lax(rng, conv_plan):
+    x = jnp.asarray(rng.standard_normal((3, 7, 6, 2)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 2, 1, 4)), jnp.float32) / 3
+    options = ((2, 1), ((1, 0), (1, 1)), (1, 2), 2)
+
+    def results(conv, w, x):
+        def loss(w, x):
+            return jnp.sum(jnp.tanh(conv(x, w)) ** 2)
+
+        per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0))(w, x[:, None])
+        # Hessian-vector products in w and in x: grad of a function of the gradient.
+        hvp_w = jax.grad(lambda w: jnp.sum(jax.grad(loss)(w, x) ** 2))(w)
+        hvp_x = jax.grad(lambda x: jnp.sum(jax.grad(loss, argnums=1)(w, x) ** 2))(x)
+        return per_example, hvp_w, hvp_x
+
+    results = jax.jit(results, static_argnums=0)
+    got = results(lambda x, w: conv_general(x, w, *options, conv_plan=conv_plan), w, x)
+    want = results(lambda x, w: lax_conv(x, w, *options), w, x)
+    for name, a, b in zip(("per-example", "hvp_w", "hvp_x"), got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_other_platforms_keep_the_native_convolution():
+    def weight_grad(x, w):
+        loss = lambda w: jnp.sum(conv_general(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1) ** 2)  # noqa: E731
+        return jax.grad(loss)(w)
+
+    shapes = (jax.ShapeDtypeStruct((4, 8, 8, 8), jnp.float32),) + (
+        jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32),
+    )
+    gpu = export.export(jax.jit(weight_grad), platforms=["cuda"])(*shapes).mlir_module()
+    cpu = export.export(jax.jit(weight_grad), platforms=["cpu"])(*shapes).mlir_module()
+    # GPU: forward and weight gradient both XLA convolutions, no matrix product.
+    assert gpu.count("stablehlo.convolution") == 2 and "dot_general" not in gpu
+    # CPU: the weight gradient is an im2col GEMM.
+    assert cpu.count("stablehlo.convolution") == 1 and "dot_general" in cpu
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "stride", "padding", "groups", "error", "match"),
+    [
+        ((2, 5, 5, 4), (3, 3, 4, 6), (1, 1), ((0, 0),) * 2, 3, ValueError, "groups: must divide"),
+        ((2, 5, 5, 4), (3, 3, 3, 6), (1, 1), ((0, 0),) * 2, 1, ValueError, "w: expected 4 input"),
+        ((2, 5, 5), (3, 3, 5, 6), (1, 1), ((0, 0),) * 2, 1, ValueError, "x: expected rank 4"),
+        ((2, 5, 5, 4), (7, 3, 4, 6), (1, 1), ((0, 0),) * 2, 1, ValueError, "larger than"),
+        ((2, 5, 5, 4), (3, 3, 4, 6), (0, 1), ((0, 0),) * 2, 1, ValueError, "stride"),
+        ((2, 5, 5, 4), (3, 3, 4, 6), (1, 1), ((0, 0),), 1, ValueError, "padding: expected 2"),
+    ],
+)
+def test_invalid_arguments_raise_naming_the_argument(
+    x_shape, w_shape, stride, padding, groups, error, match
+):
+    with pytest.raises(error, match=match):
+        conv_general(jnp.zeros(x_shape), jnp.zeros(w_shape), stride, padding, (1, 1), groups)
+
+
+def test_mismatched_dtypes_raise():
+    with pytest.raises(TypeError, match="w: expected the dtype of x"):
+        conv_general(
+            jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 2, 2), jnp.float16), 1, ((0, 0),) * 2, 1, 1
+        )
