@@ -293,7 +293,8 @@ def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
 
     Borders: a window reaching outside the image uses only the pixels inside, with the weights
     renormalized by the window mass inside the image (a zero-padded filtering divided by the
-    filtering of ones), so the local mean of a constant image is that constant everywhere.
+    filtering of ones), so the local mean of a constant image is that constant everywhere. The
+    window may be larger than the image.
 
     Args:
       x: ``(N, *spatial, C)`` floating array with 1 to 3 spatial axes.
@@ -394,7 +395,8 @@ def fold_batch_norm(w, b, scale, bias, state: BatchNormState, *, eps: float = 1e
     ``b_folded = (b - state.mean) * f + bias``.
 
     Args:
-      w: kernel ``(*window, C_in // groups, C_out)`` (or a dense ``(D_in, C_out)``).
+      w: ``conv`` kernel ``(*window, C_in // groups, C_out)`` or dense kernel ``(D_in, C_out)``
+        (not a ``conv_transpose`` kernel with groups, whose last axis is ``C_out // groups``).
       b: ``(C_out,)`` conv bias, or ``None`` for 0.
       scale: ``(C_out,)`` batch-norm multiplier, or ``None`` for 1.
       bias: ``(C_out,)`` batch-norm offset, or ``None`` for 0.
