@@ -163,16 +163,19 @@ def max_pool(
     window = as_int_tuple(window, rank, "window", minimum=1)
     stride = window if stride is None else as_int_tuple(stride, rank, "stride", minimum=1)
     dilation = as_int_tuple(dilation, rank, "dilation", minimum=1)
-    _, pads, _ = _window_geometry(x.shape[1:-1], window, stride, dilation, padding, ceil_mode)
-    lowest = jnp.array(-jnp.inf, x.dtype)
+    _, pads, out_sizes = _window_geometry(
+        x.shape[1:-1], window, stride, dilation, padding, ceil_mode
+    )
+    # A concrete (NumPy) init value lets lax pick its differentiable max-pool primitive.
+    lowest = np.array(-np.inf, x.dtype)
     if all(d == 1 for d in dilation):
         return lax.reduce_window(
             x, lowest, lax.max, _full_window(window), _full_window(stride), ((0, 0), *pads, (0, 0))
         )
-    return _dilated_max_pool(x, lowest, window, stride, dilation, pads)
+    return _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes)
 
 
-def _dilated_max_pool(x, lowest, window, stride, dilation, pads):
+def _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes):
     """Dilated max pool from an undilated ``reduce_window`` (JAX has no VJP for window dilation).
 
     With the padded length a multiple of ``d``, row ``r`` of ``x.reshape(L // d, d)`` holds pixels
@@ -198,10 +201,7 @@ def _dilated_max_pool(x, lowest, window, stride, dilation, pads):
     starts = pooled.reshape(
         batch, *(p * d for p, d in zip(pooled.shape[1:-1:2], dilation, strict=True)), channels
     )
-    limits = [
-        (length - (k - 1) * d - 1) // s * s + 1
-        for length, k, s, d in zip(padded.shape[1:-1], window, stride, dilation, strict=True)
-    ]
+    limits = [(out - 1) * s + 1 for out, s in zip(out_sizes, stride, strict=True)]
     return lax.slice(starts, (0,) * starts.ndim, (batch, *limits, channels), _full_window(stride))
 
 
@@ -252,7 +252,7 @@ def avg_pool(
     accumulate = _accumulation_dtype(x.dtype)
     sums = lax.reduce_window(
         x.astype(accumulate),
-        jnp.array(0, accumulate),
+        np.array(0, accumulate),
         lax.add,
         _full_window(window),
         _full_window(stride),
@@ -298,7 +298,7 @@ def lp_pool(x, p, window, stride=None):
     power = int(p) if float(p).is_integer() else float(p)
     sums = lax.reduce_window(
         x.astype(accumulate) ** power,
-        jnp.array(0, accumulate),
+        np.array(0, accumulate),
         lax.add,
         _full_window(window),
         _full_window(stride),
@@ -411,7 +411,7 @@ def _adaptive_axis(x, axis: int, size: int, out: int, *, average: bool):
     gathered = jnp.take(x, index, axis=axis, mode="clip")
     if average:
         sums = jnp.sum(jnp.where(inside, gathered, 0), axis=axis + 1)
-        return sums / widths.reshape((out,) + trailing).astype(x.dtype)
+        return sums / widths.reshape((1,) * axis + (out,) + trailing).astype(x.dtype)
     return jnp.max(jnp.where(inside, gathered, -jnp.inf), axis=axis + 1)
 
 

@@ -1,0 +1,447 @@
+"""Tests for jcnn.functional.pool.
+
+Values and gradients against torch.nn.functional over randomized (seeded) configs, the gradient
+rules of the course notes on hand-built inputs, transforms (vmap, jit) and the input checks.
+Every parity config compiles once: forward and pullback together under one ``jit``.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.functional.pool import (
+    adaptive_avg_pool,
+    adaptive_max_pool,
+    avg_pool,
+    global_avg_pool,
+    global_max_pool,
+    lp_pool,
+    max_pool,
+    subsample,
+)
+
+RTOL, ATOL = 1e-5, 1e-6
+MAX_SIZE = {1: 14, 2: 9, 3: 6}  # largest random spatial extent per rank, to keep shapes small
+
+
+def _channels_first(a):
+    return np.ascontiguousarray(np.moveaxis(a, -1, 1))
+
+
+def _channels_last(a):
+    return np.moveaxis(a, 1, -1)
+
+
+def _distinct_values(rng, shape):
+    """Float32 values, exactly representable and all different (no ties for a max to break)."""
+    size = math.prod(shape)
+    return ((rng.permutation(size) - size // 2) / 8).astype(np.float32).reshape(shape)
+
+
+def _torch_value_and_grad(torch, fn, x, rng):
+    """PyTorch's output and the gradient for a random cotangent, all channels-last."""
+    xt = torch.tensor(_channels_first(x), requires_grad=True)
+    yt = fn(xt)
+    cotangent = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(cotangent))
+    return (
+        _channels_last(yt.detach().numpy()),
+        _channels_last(xt.grad.numpy()),
+        _channels_last(cotangent),
+    )
+
+
+def _assert_parity(torch, cases, rng, *, chunk=40):
+    """Every ``(ours, theirs, x, context)`` case: same output and gradient as PyTorch.
+
+    The cases of a chunk share one ``jit`` (compiling each alone would dominate the run time).
+    """
+    for begin in range(0, len(cases), chunk):
+        batch = cases[begin : begin + chunk]
+        expected = [_torch_value_and_grad(torch, theirs, x, rng) for _, theirs, x, _ in batch]
+        for (ours, _, x, context), (expected_y, _, _) in zip(batch, expected, strict=True):
+            assert jax.eval_shape(ours, x).shape == expected_y.shape, context
+
+        @jax.jit
+        def values_and_grads(xs, cotangents, batch=batch):
+            results = []
+            for (ours, _, _, _), x, cotangent in zip(batch, xs, cotangents, strict=True):
+                y, pullback = jax.vjp(ours, x)
+                results.append((y, pullback(cotangent)[0]))
+            return results
+
+        results = values_and_grads([case[2] for case in batch], [e[2] for e in expected])
+        for (_, _, _, context), (y, grad), (expected_y, expected_grad, _) in zip(
+            batch, results, expected, strict=True
+        ):
+            np.testing.assert_allclose(y, expected_y, rtol=RTOL, atol=ATOL, err_msg=context)
+            np.testing.assert_allclose(grad, expected_grad, rtol=RTOL, atol=ATOL, err_msg=context)
+
+
+def _window_config(rng, rank, *, dilation=False, padding=True, fit=False):
+    """Random window/stride/padding (within PyTorch's rule) and an input size that fits."""
+    window = rng.integers(1, 5, rank)
+    stride = rng.integers(1, 4, rank)
+    dil = rng.integers(1, 4, rank) if dilation else np.ones(rank, int)
+    pad = np.array([rng.integers(0, k // 2 + 1) if padding else 0 for k in window])
+    low = np.maximum((window - 1) * dil + 1 - (0 if fit else 2 * pad), 1)
+    sizes = [int(rng.integers(lo, max(lo, MAX_SIZE[rank]) + 1)) for lo in low]
+    as_tuple = lambda a: tuple(int(v) for v in a)  # noqa: E731
+    return sizes, as_tuple(window), as_tuple(stride), as_tuple(dil), as_tuple(pad)
+
+
+def _extends_floor(ours, x, window, stride, padding, dilation):
+    """Whether ``ceil_mode`` made some output dim longer than the floor formula's."""
+    out_sizes = jax.eval_shape(ours, x).shape[1:-1]
+    return any(
+        out > (n + 2 * p - (k - 1) * d - 1) // s + 1
+        for n, k, s, p, d, out in zip(
+            x.shape[1:-1], window, stride, padding, dilation, out_sizes, strict=True
+        )
+    )
+
+
+def test_max_pool_matches_torch_forward_and_gradient(torch, rng):
+    counts = {"ceil_extends": 0, "dilated": 0, "padded": 0, "padding_only": 0}
+    cases = []
+    for trial in range(120):
+        rank = 1 + trial % 3
+        sizes, window, stride, dilation, padding = _window_config(rng, rank, dilation=True)
+        ceil_mode = bool(rng.integers(2))
+        x = _distinct_values(rng, (2, *sizes, 3))
+        options = dict(stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+        ours = functools.partial(max_pool, window=window, **options)
+        torch_pool = getattr(torch.nn.functional, f"max_pool{rank}d")
+        theirs = functools.partial(torch_pool, kernel_size=window, **options)
+        if np.isneginf(theirs(torch.tensor(_channels_first(x))).numpy()).any():
+            # PyTorch returns -inf for a window that sees only padding; jcnn refuses it.
+            with pytest.raises(ValueError, match="sees only padding"):
+                ours(x)
+            counts["padding_only"] += 1
+            continue
+        cases.append((ours, theirs, x, f"{sizes=} {window=} {options}"))
+        counts["dilated"] += max(dilation) > 1
+        counts["padded"] += max(padding) > 0
+        counts["ceil_extends"] += _extends_floor(ours, x, window, stride, padding, dilation)
+    _assert_parity(torch, cases, rng)
+    assert len(cases) >= 100 and min(counts.values()) >= 1, counts
+
+
+def test_avg_pool_matches_torch_forward_and_gradient(torch, rng):
+    counts = {"ceil_extends": 0, "padded_excluded": 0, "padded_included": 0}
+    cases = []
+    for trial in range(120):
+        rank = 1 + trial % 3
+        # PyTorch's avg_pool3d wants the input at least as large as the window, padding aside.
+        sizes, window, stride, dilation, padding = _window_config(rng, rank, fit=rank == 3)
+        ceil_mode, count_include_pad = (bool(b) for b in rng.integers(2, size=2))
+        x = rng.standard_normal((2, *sizes, 3)).astype(np.float32)
+        options = dict(
+            stride=stride, padding=padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad
+        )
+        ours = functools.partial(avg_pool, window=window, **options)
+        torch_pool = getattr(torch.nn.functional, f"avg_pool{rank}d")
+        theirs = functools.partial(torch_pool, kernel_size=window, **options)
+        cases.append((ours, theirs, x, f"{sizes=} {window=} {options}"))
+        counts["ceil_extends"] += _extends_floor(ours, x, window, stride, padding, dilation)
+        if max(padding) > 0:
+            counts["padded_included" if count_include_pad else "padded_excluded"] += 1
+    _assert_parity(torch, cases, rng)
+    assert min(counts.values()) >= 5, counts
+
+
+def test_lp_pool_matches_torch_forward_and_gradient(torch, rng):
+    cases = []
+    for trial in range(45):
+        rank = 1 + trial % 3
+        sizes, window, stride, _, _ = _window_config(rng, rank, padding=False)
+        p = [1, 2, 3, 1.5, 4.5][trial % 5]
+        # Positive inputs: torch's x**p is not |x|**p, so a negative sum has no real root.
+        x = rng.uniform(0.2, 2.0, (2, *sizes, 3)).astype(np.float32)
+        torch_pool = getattr(torch.nn.functional, f"lp_pool{rank}d")
+        torch_window = window[0] if rank == 1 else window  # lp_pool1d wants an int
+        cases.append(
+            (
+                functools.partial(lp_pool, p=p, window=window, stride=stride),
+                functools.partial(torch_pool, norm_type=p, kernel_size=torch_window, stride=stride),
+                x,
+                f"{sizes=} {window=} {stride=} {p=}",
+            )
+        )
+    # An even power of signed inputs is defined too.
+    x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
+    cases.append(
+        (
+            functools.partial(lp_pool, p=2, window=(3, 2), stride=(2, 1)),
+            functools.partial(
+                torch.nn.functional.lp_pool2d, norm_type=2, kernel_size=(3, 2), stride=(2, 1)
+            ),
+            x,
+            "p=2 on signed input",
+        )
+    )
+    _assert_parity(torch, cases, rng)
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_adaptive_pool_matches_torch_forward_and_gradient(torch, rng, kind):
+    ours_pool = {"avg": adaptive_avg_pool, "max": adaptive_max_pool}[kind]
+    cases = []
+    for trial in range(60):
+        rank = 1 + trial % 3
+        sizes = [int(n) for n in rng.integers(1, MAX_SIZE[rank] + 1, rank)]
+        # Include outputs larger than the input (overlapping bins) and divisible ones.
+        output_size = tuple(int(rng.integers(1, n + 3)) for n in sizes)
+        x = _distinct_values(rng, (2, *sizes, 3))
+        torch_pool = getattr(torch.nn.functional, f"adaptive_{kind}_pool{rank}d")
+        cases.append(
+            (
+                functools.partial(ours_pool, output_size=output_size),
+                functools.partial(torch_pool, output_size=output_size),
+                x,
+                f"{sizes=} {output_size=}",
+            )
+        )
+    uneven = sum(
+        any(n % m for n, m in zip(c[2].shape[1:-1], c[0].keywords["output_size"], strict=True))
+        for c in cases
+    )
+    assert uneven >= 30
+    _assert_parity(torch, cases, rng)
+
+
+def test_adaptive_pool_none_keeps_the_input_size(rng):
+    x = rng.standard_normal((1, 5, 7, 2)).astype(np.float32)
+    y = adaptive_avg_pool(x, (2, None))
+    assert y.shape == (1, 2, 7, 2)
+    np.testing.assert_allclose(y, adaptive_avg_pool(x, (2, 7)), rtol=0, atol=0)
+
+
+def _same_padding(size, k, s, d=1):
+    """TensorFlow's SAME: output ceil(size / s), the odd pixel of padding on the high side."""
+    total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _torch_pads(pads):
+    return [v for pair in reversed(list(pads)) for v in pair]  # F.pad lists the last dim first
+
+
+def test_same_and_valid_padding_match_explicitly_padded_torch(torch, rng):
+    nnf = torch.nn.functional
+    for trial in range(12):
+        sizes = [int(n) for n in rng.integers(3, 10, 2)]
+        window = tuple(int(k) for k in rng.integers(1, 5, 2))
+        stride = tuple(int(s) for s in rng.integers(1, 4, 2))
+        dilation = (1, 1) if trial % 2 else tuple(int(d) for d in rng.integers(1, 3, 2))
+        x = _distinct_values(rng, (2, *sizes, 3))
+        xt = torch.tensor(_channels_first(x))
+        context = f"{sizes=} {window=} {stride=} {dilation=}"
+        expected_shape = (2, *(-(-n // s) for n, s in zip(sizes, stride, strict=True)), 3)
+
+        pads = map(_same_padding, sizes, window, stride, dilation)
+        padded = nnf.pad(xt, _torch_pads(pads), value=-math.inf)
+        expected = nnf.max_pool2d(padded, window, stride, dilation=dilation).numpy()
+        y = max_pool(x, window, stride, "SAME", dilation=dilation)
+        assert y.shape == expected_shape, context
+        np.testing.assert_array_equal(y, _channels_last(expected), err_msg=context)
+
+        pads = _torch_pads(map(_same_padding, sizes, window, stride))
+        sums = nnf.avg_pool2d(nnf.pad(xt, pads), window, stride) * math.prod(window)
+        pixels = nnf.avg_pool2d(nnf.pad(torch.ones_like(xt), pads), window, stride)
+        for count_include_pad, divisor in [(True, 1), (False, pixels)]:
+            y = avg_pool(x, window, stride, "same", count_include_pad=count_include_pad)
+            expected = _channels_last((sums / math.prod(window) / divisor).numpy())
+            np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL, err_msg=context)
+
+        if all(n >= (k - 1) * d + 1 for n, k, d in zip(sizes, window, dilation, strict=True)):
+            y = max_pool(x, window, stride, "VALID", dilation=dilation)
+            expected = nnf.max_pool2d(xt, window, stride, dilation=dilation).numpy()
+            np.testing.assert_array_equal(y, _channels_last(expected), err_msg=context)
+
+
+def test_asymmetric_padding_pairs_match_explicitly_padded_torch(torch, rng):
+    x = _distinct_values(rng, (2, 8, 3))
+    xt = torch.tensor(_channels_first(x))
+    y = max_pool(x, (3,), 2, ((0, 1),))
+    padded = torch.nn.functional.pad(xt, (0, 1), value=-math.inf)
+    np.testing.assert_array_equal(
+        y, _channels_last(torch.nn.functional.max_pool1d(padded, 3, 2).numpy())
+    )
+
+
+def _numpy_max_pool_grad(x, cotangent, window, stride, dilation, padding):
+    """The notes' rule by loops: each output's gradient goes to its window's argmax pixel."""
+    grad = np.zeros_like(x)
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = window, stride, dilation, padding
+    n, out_h, out_w, c = cotangent.shape
+    for b, i, j, ch in np.ndindex(n, out_h, out_w, c):
+        best, where = -np.inf, None
+        for p, q in np.ndindex(kh, kw):
+            r, s = i * sh - ph + p * dh, j * sw - pw + q * dw
+            if 0 <= r < x.shape[1] and 0 <= s < x.shape[2] and x[b, r, s, ch] > best:
+                best, where = x[b, r, s, ch], (b, r, s, ch)
+        grad[where] += cotangent[b, i, j, ch]
+    return grad
+
+
+@pytest.mark.parametrize(
+    "window, stride, dilation, padding",
+    [((3, 3), (2, 2), (1, 1), (1, 0)), ((2, 3), (1, 2), (2, 3), (1, 1))],
+    ids=["overlapping", "dilated"],
+)
+def test_max_pool_gradient_goes_to_the_winning_unit_only(rng, window, stride, dilation, padding):
+    x = _distinct_values(rng, (2, 9, 8, 2))
+    y, pullback = jax.vjp(lambda x: max_pool(x, window, stride, padding, dilation=dilation), x)
+    cotangent = rng.standard_normal(y.shape).astype(np.float32)
+    expected = _numpy_max_pool_grad(x, cotangent, window, stride, dilation, padding)
+    np.testing.assert_allclose(pullback(cotangent)[0], expected, rtol=RTOL, atol=ATOL)
+    assert np.count_nonzero(expected) <= cotangent.size
+
+
+def test_max_pool_gradient_of_the_notes_example():
+    """seeds/002: 2x2 max pool, stride 1, of [[0,1,2],[3,4,5],[6,7,8]]; 4 wins one window, 8 one."""
+    x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    y, pullback = jax.vjp(lambda x: max_pool(x, 2, 1), x)
+    assert y[0, :, :, 0].tolist() == [[4.0, 5.0], [7.0, 8.0]]
+    grad = pullback(jnp.array([1.0, 10.0, 100.0, 1000.0]).reshape(y.shape))[0]
+    assert grad[0, :, :, 0].tolist() == [[0, 0, 0], [0, 1, 10], [0, 100, 1000]]
+
+
+def test_avg_pool_gradient_is_the_upsampled_gradient_over_the_window_size(rng):
+    x = rng.standard_normal((2, 6, 9, 3)).astype(np.float32)
+    y, pullback = jax.vjp(lambda x: avg_pool(x, (2, 3)), x)
+    cotangent = rng.standard_normal(y.shape).astype(np.float32)
+    upsampled = np.repeat(np.repeat(cotangent, 2, axis=1), 3, axis=2)
+    np.testing.assert_allclose(pullback(cotangent)[0], upsampled / 6, rtol=RTOL, atol=ATOL)
+
+
+def test_subsample_keeps_every_stride_th_pixel_like_a_1x1_torch_pool(torch, rng):
+    cases = []
+    for rank, stride in [(1, (3,)), (2, (2, 3)), (3, 2)]:
+        sizes = [int(n) for n in rng.integers(1, 8, rank)]
+        x = rng.standard_normal((2, *sizes, 3)).astype(np.float32)
+        torch_pool = getattr(torch.nn.functional, f"max_pool{rank}d")
+        cases.append(
+            (
+                functools.partial(subsample, stride=stride),
+                functools.partial(torch_pool, kernel_size=1, stride=stride),
+                x,
+                f"{sizes=} {stride=}",
+            )
+        )
+    _assert_parity(torch, cases, rng)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_global_pools_reduce_every_spatial_dim(rng, rank):
+    x = rng.standard_normal((2, *rng.integers(1, 6, rank), 4)).astype(np.float32)
+    axes = tuple(range(1, rank + 1))
+    np.testing.assert_allclose(global_avg_pool(x), x.mean(axis=axes), rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(global_max_pool(x), x.max(axis=axes))
+    assert global_avg_pool(x).shape == (2, 4)
+
+
+def test_half_precision_average_accumulates_in_float32(rng):
+    x32 = rng.uniform(1.0, 1.01, (1, 32, 32, 2)).astype(np.float32)
+    x = jnp.asarray(x32, jnp.bfloat16)
+    exact = np.asarray(x, np.float32).mean(axis=(1, 2))
+    for y in [avg_pool(x, 32)[:, 0, 0], adaptive_avg_pool(x, 1)[:, 0, 0], global_avg_pool(x)]:
+        assert y.dtype == jnp.bfloat16
+        # One bfloat16 rounding of the exact mean; a bfloat16 running sum drifts far more.
+        np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-8)
+
+
+POOLS = {
+    "max_pool": lambda x: max_pool(x, (3, 2), (2, 1), 1, dilation=(1, 2), ceil_mode=True),
+    "avg_pool": lambda x: avg_pool(x, 3, 2, (1, 0), ceil_mode=True, count_include_pad=False),
+    "lp_pool": lambda x: lp_pool(x, 2, (2, 3)),
+    "adaptive_avg_pool": lambda x: adaptive_avg_pool(x, (3, 4)),
+    "adaptive_max_pool": lambda x: adaptive_max_pool(x, (4, 3)),
+    "global_avg_pool": global_avg_pool,
+    "global_max_pool": global_max_pool,
+    "subsample": lambda x: subsample(x, (2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLS))
+def test_jit_of_vmap_over_an_extra_axis_equals_the_loop(rng, name):
+    pool = POOLS[name]
+    xs = _distinct_values(rng, (3, 2, 7, 8, 2))
+    batched = jax.jit(jax.vmap(pool))(xs)
+    looped = np.stack([pool(x) for x in xs])
+    np.testing.assert_allclose(batched, looped, rtol=RTOL, atol=ATOL)
+
+
+X2 = np.zeros((2, 5, 5, 3), np.float32)
+BAD_INPUTS = [
+    (lambda: max_pool(X2.astype(np.int32), 2), TypeError, "x: expected a floating-point array"),
+    (lambda: max_pool([[1.0]], 1), TypeError, "x: expected an array, got list"),
+    (
+        lambda: max_pool(X2[0], (2, 2)),
+        ValueError,
+        r"x: expected rank 4 \(N, H, W, C\) for a 2-D window, got rank 3 with shape \(5, 5, 3\)",
+    ),
+    (lambda: max_pool(X2[None, None], 2), ValueError, r"x: expected rank 3 \(N, L, C\), 4"),
+    (lambda: max_pool(X2, (2, 2, 2, 2)), ValueError, "window: expected an int or 1 to 3"),
+    (lambda: max_pool(X2, "2"), TypeError, "window: expected an int or a sequence of ints"),
+    (lambda: max_pool(X2, 0), ValueError, "window: every entry must be >= 1, got 0"),
+    (lambda: max_pool(X2, 2, stride=(1, 0)), ValueError, "stride: every entry must be >= 1"),
+    (lambda: max_pool(X2, 2, (1, 2, 3)), ValueError, "stride: expected an int or a sequence of 2"),
+    (lambda: max_pool(X2, 2, dilation=-1), ValueError, "dilation: every entry must be >= 1"),
+    (
+        lambda: max_pool(X2, (2, 4), padding=(1, 3)),
+        ValueError,
+        r"padding: expected at most half the window \(window // 2 = 2\) on each side of spatial "
+        r"dim 1, got \(3, 3\)",
+    ),
+    (lambda: avg_pool(X2, 3, padding=((0, 2), (1, 1))), ValueError, "at most half the window"),
+    (lambda: avg_pool(X2, 2, padding=-1), ValueError, "padding must be non-negative"),
+    (lambda: avg_pool(X2, 2, padding="FULL"), ValueError, "padding: expected 'SAME', 'VALID'"),
+    (
+        lambda: max_pool(X2, (2, 7)),
+        ValueError,
+        r"window: the window spans 7 pixels \(window 7, dilation 1\) in spatial dim 1, larger "
+        r"than the padded input 5",
+    ),
+    (
+        lambda: max_pool(X2, 2, dilation=5),
+        ValueError,
+        r"window spans 6 pixels \(window 2, dilation 5",
+    ),
+    (
+        lambda: max_pool(X2[:, :2, :2], 2, 1, padding=1, dilation=3),
+        ValueError,
+        "window: output 0 of spatial dim 0 sees only padding",
+    ),
+    (lambda: lp_pool(X2, 0, 2), ValueError, "p: expected a positive, finite power, got 0"),
+    (lambda: lp_pool(X2, math.inf, 2), ValueError, "p: expected a positive, finite power"),
+    (lambda: lp_pool(X2, "2", 2), TypeError, "p: expected a positive real number, got '2'"),
+    (lambda: lp_pool(X2, 2, 6), ValueError, "window: the window spans 6 pixels"),
+    (lambda: adaptive_avg_pool(X2, 0), ValueError, "output_size: expected positive ints"),
+    (lambda: adaptive_max_pool(X2, (2, 1.5)), ValueError, "output_size: expected positive ints"),
+    (
+        lambda: adaptive_max_pool(X2, (2,)),
+        ValueError,
+        r"x: expected rank 3 \(N, L, C\) for a 1-D output_size, got rank 4",
+    ),
+    (lambda: global_avg_pool(X2[0, 0]), ValueError, "x: expected rank 3 or 4 or 5, got rank 2"),
+    (lambda: global_max_pool(X2 > 0), TypeError, "x: expected a floating-point array"),
+    (lambda: subsample(X2, (2, 0)), ValueError, "stride: every entry must be >= 1"),
+    (lambda: subsample(X2, (2, 2, 2)), ValueError, r"x: expected rank 5 \(N, D, H, W, C\)"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_INPUTS, ids=range(len(BAD_INPUTS)))
+def test_bad_inputs_raise_a_message_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_checks_run_at_trace_time_under_jit():
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        jax.jit(lambda x: avg_pool(x, 6))(X2)
