@@ -398,7 +398,8 @@ def solarize(image, threshold) -> jax.Array:
     """
     _check_image(image)
     inverted = jnp.asarray(_max_value(image.dtype), image.dtype) - image
-    return jnp.where(image >= jnp.asarray(threshold).astype(image.dtype), inverted, image)
+    above = image.astype(jnp.float32) >= jnp.asarray(threshold, jnp.float32)
+    return jnp.where(above, inverted, image)
 
 
 def equalize(image) -> jax.Array:
@@ -574,14 +575,14 @@ def pattern(key, shape) -> jax.Array:
 
     def checkerboard(_):
         cells = jax.random.randint(k1, (), 2, 9)
-        colours = jax.random.uniform(k2, (2, channels))
+        colours = jax.random.uniform(k2, (2, 1, 1, channels))
         parity = (jnp.floor((rows + 1) * cells) + jnp.floor((cols + 1) * cells)) % 2
         return jnp.where(parity[..., None] > 0, colours[0], colours[1])
 
     def rings(_):
         freq = jax.random.uniform(k1, (), minval=3.0, maxval=15.0)
         centre = jax.random.uniform(k2, (2,), minval=-0.5, maxval=0.5)
-        phase = jax.random.uniform(k3, (channels,), maxval=2 * math.pi)
+        phase = jax.random.uniform(k3, (1, 1, channels), maxval=2 * math.pi)
         radius = jnp.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2)
         return 0.5 + 0.5 * jnp.sin(freq * math.pi * radius[..., None] + phase)
 

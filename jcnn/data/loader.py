@@ -94,17 +94,87 @@ class Loader:
                 f"labels: expected {images.shape[0]} labels (one per image), got shape "
                 f"{tuple(labels.shape)}"
             )
+        self._configure(
+            int(images.shape[0]),
+            batch_size,
+            shuffle,
+            seed,
+            augment,
+            batch_augment,
+            drop_remainder,
+            sharding,
+        )
+        self._images = jax.device_put(jnp.asarray(images))
+        self._labels = jax.device_put(jnp.asarray(labels))
+        self._source = None
+        self._make_batch = jax.jit(self._gather_and_transform, static_argnames="size")
+
+    @classmethod
+    def from_source(
+        cls,
+        source,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: ExampleAugment | None = None,
+        batch_augment: BatchAugment | None = None,
+        drop_remainder: bool = True,
+        sharding: jax.sharding.Sharding | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> Loader:
+        """A streaming loader over a random-access source too large for memory, same interface.
+
+        ``source`` has ``len(source)`` and ``source[i]`` (and, if available, the faster
+        ``source.__getitems__(indices)``), each record a mapping with ``image_key`` and
+        ``label_key`` or an ``(image, label)`` pair: e.g. ``tfds.data_source(name, split=...)`` or a
+        grain data source. Each batch's records are read on the host, stacked, put on the device
+        and augmented there by the same jitted function; order and augmentations are exactly those
+        of an in-memory ``Loader`` over the same examples with the same seed.
+        """
+        if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
+            raise TypeError(
+                f"source: expected a random-access source (len() and [i]), got "
+                f"{type(source).__name__}"
+            )
+        loader = cls.__new__(cls)
+        loader._configure(
+            len(source),
+            batch_size,
+            shuffle,
+            seed,
+            augment,
+            batch_augment,
+            drop_remainder,
+            sharding,
+        )
+        loader._source = source
+        loader._keys = (image_key, label_key)
+        loader._make_batch = jax.jit(loader._transform)
+        return loader
+
+    def _configure(
+        self,
+        num_examples,
+        batch_size,
+        shuffle,
+        seed,
+        augment,
+        batch_augment,
+        drop_remainder,
+        sharding,
+    ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
             raise TypeError(f"batch_size: expected an int, got {batch_size!r}")
-        if not 1 <= batch_size <= images.shape[0]:
+        if not 1 <= batch_size <= num_examples:
             raise ValueError(
-                f"batch_size: expected 1..{images.shape[0]} (the number of examples), "
-                f"got {batch_size}"
+                f"batch_size: expected 1..{num_examples} (the number of examples), got {batch_size}"
             )
         for name, fn in (("augment", augment), ("batch_augment", batch_augment)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable or None, got {type(fn).__name__}")
-        self.num_examples = int(images.shape[0])
+        self.num_examples = num_examples
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -112,13 +182,7 @@ class Loader:
         self.sharding = sharding
         self._augment = augment
         self._batch_augment = batch_augment
-        self._images = self._resident(images)
-        self._labels = self._resident(labels)
         self._next_epoch = 0
-        self._make_batch = jax.jit(self._batch_fn)
-
-    def _resident(self, array):
-        return jax.device_put(jnp.asarray(array))
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -131,12 +195,38 @@ class Loader:
             return jnp.arange(self.num_examples)
         return jax.random.permutation(_order_key(self.seed, epoch), self.num_examples)
 
-    def _gather(self, indices):
-        return self._images[indices], self._labels[indices]
+    def _gather_and_transform(self, all_images, all_labels, order, epoch, step, *, size):
+        indices = jax.lax.dynamic_slice_in_dim(order, step * self.batch_size, size)
+        return self._transform(all_images[indices], all_labels[indices], epoch, step)
 
-    def _batch_fn(self, indices, epoch, step):
-        images, labels = self._gather(indices)
-        return self._transform(images, labels, epoch, step)
+    def _read_source(self, indices):
+        indices = np.asarray(indices).tolist()
+        if hasattr(self._source, "__getitems__"):
+            records = self._source.__getitems__(indices)
+        else:
+            records = [self._source[i] for i in indices]
+        image_key, label_key = self._keys
+        if isinstance(records[0], dict):
+            pairs = [(r[image_key], r[label_key]) for r in records]
+        else:
+            pairs = [tuple(r) for r in records]
+        images = np.stack([np.asarray(image) for image, _ in pairs])
+        labels = np.stack([np.asarray(label) for _, label in pairs])
+        if labels.dtype == np.int64:
+            labels = labels.astype(np.int32)
+        return jax.device_put(images), jax.device_put(labels)
+
+    def _make(self, order, epoch, step):
+        start = step * self.batch_size
+        size = min(self.batch_size, self.num_examples - start)
+        if self._source is None:
+            batch = self._make_batch(self._images, self._labels, order, epoch, step, size=size)
+        else:
+            indices = np.asarray(order[start : start + size])
+            batch = self._make_batch(*self._read_source(indices), epoch, step)
+        if self.sharding is not None:
+            batch = jax.device_put(batch, self.sharding)
+        return batch
 
     def _transform(self, images, labels, epoch, step):
         step_key = _step_key(self.seed, epoch, step)
@@ -147,26 +237,21 @@ class Loader:
             images, labels = self._batch_augment(jax.random.fold_in(step_key, 1), images, labels)
         return images, labels
 
-    def _place(self, batch):
-        if self.sharding is None:
-            return batch
-        return jax.device_put(batch, self.sharding)
-
     def batch(self, epoch: int, step: int) -> tuple[jax.Array, jax.Array]:
         """Batch ``step`` of ``epoch``: exactly the one ``epoch(epoch)`` yields at that step."""
         if not 0 <= step < len(self):
             raise ValueError(f"step: expected 0..{len(self) - 1}, got {step}")
-        indices = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
-        return self._place(self._make_batch(indices, epoch, step))
+        return self._make(self.order(epoch), epoch, step)
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
         """The batches of ``epoch`` from ``start_step`` on (``start_step`` resumes mid-epoch)."""
         if not 0 <= start_step <= len(self):
             raise ValueError(f"start_step: expected 0..{len(self)}, got {start_step}")
         order = self.order(epoch)
+        if self._source is not None:
+            order = np.asarray(order)
         for step in range(start_step, len(self)):
-            indices = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield self._place(self._make_batch(indices, epoch, step))
+            yield self._make(order, epoch, step)
 
     def __iter__(self) -> Iterator[tuple[jax.Array, jax.Array]]:
         """The next epoch's batches: epoch 0 on the first iteration, then 1, 2, ..."""

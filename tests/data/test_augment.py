@@ -1,0 +1,368 @@
+"""Tests of jcnn.data.augment: exact tests of deterministic ops, statistics of random ones."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+
+from jcnn.data import augment as A
+
+P_MIN = 1e-3  # smallest p-value accepted by the goodness-of-fit tests (fixed seeds: no flakiness)
+
+
+def _many(op, image, n, seed=0):
+    """``op(key, image)`` for ``n`` keys, one jitted vmap."""
+    keys = jax.random.split(jax.random.key(seed), n)
+    return np.asarray(jax.jit(jax.vmap(op, in_axes=(0, None)))(keys, image))
+
+
+# ---- deterministic ops ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_rotate_multiples_of_90_equal_rot90(rng, dtype):
+    image = rng.integers(0, 256, (7, 7, 3)).astype(dtype)
+    rotate = jax.jit(A.rotate)
+    for k in range(-1, 4):
+        np.testing.assert_array_equal(rotate(jnp.asarray(image), 90.0 * k), np.rot90(image, k))
+
+
+def test_rotate_any_angle_matches_scipy_bilinear(rng):
+    image = rng.random((16, 16, 2)).astype(np.float32)
+    rotate = jax.jit(A.rotate)
+    for angle in (17.0, -33.0, 123.0):
+        ours = np.asarray(rotate(jnp.asarray(image), angle))
+        reference = ndimage.rotate(
+            image, angle, axes=(1, 0), reshape=False, order=1, mode="grid-constant", cval=0.0
+        )
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_translate_and_flips(rng):
+    image = rng.random((5, 6, 2)).astype(np.float32)
+    shifted = np.asarray(jax.jit(A.translate)(jnp.asarray(image), 2, -1))
+    expected = np.zeros_like(image)
+    expected[2:, :-1] = image[:-2, 1:]
+    np.testing.assert_array_equal(shifted, expected)
+    np.testing.assert_array_equal(A.hflip(jnp.asarray(image)), image[:, ::-1])
+    np.testing.assert_array_equal(A.vflip(jnp.asarray(image)), image[::-1])
+
+
+def test_posterize_formula_all_values():
+    values = jnp.arange(256, dtype=jnp.uint8).reshape(16, 16, 1)
+    for bits in range(1, 9):
+        expected = np.arange(256).reshape(16, 16, 1) & ((0xFF << (8 - bits)) & 0xFF)
+        np.testing.assert_array_equal(A.posterize(values, bits), expected)
+        as_float = A.posterize(values.astype(jnp.float32) / 255, bits)
+        np.testing.assert_allclose(np.asarray(as_float) * 255, expected, atol=1e-4)
+
+
+def test_solarize_formula_all_values():
+    values = np.arange(256).reshape(16, 16, 1)
+    for threshold in (0, 1, 77, 128, 255, 256):
+        expected = np.where(values >= threshold, 255 - values, values)
+        np.testing.assert_array_equal(
+            A.solarize(jnp.asarray(values, jnp.uint8), threshold), expected
+        )
+    floats = values.astype(np.float32) / 255
+    np.testing.assert_allclose(
+        A.solarize(jnp.asarray(floats), 0.5), np.where(floats >= 0.5, 1 - floats, floats), atol=1e-7
+    )
+
+
+def test_autocontrast_and_equalize(rng):
+    image = rng.integers(40, 200, (6, 5, 3)).astype(np.float32)
+    image[..., 2] = 90  # constant channel: unchanged
+    out = np.asarray(A.autocontrast(jnp.asarray(image / 255)))
+    low, high = image[..., :2].min((0, 1)), image[..., :2].max((0, 1))
+    np.testing.assert_allclose(out[..., :2], (image[..., :2] - low) / (high - low), atol=1e-6)
+    np.testing.assert_allclose(out[..., 2], 90 / 255, atol=1e-7)
+    two_levels = np.where(np.arange(16).reshape(4, 4, 1) < 8, 50, 100).astype(np.uint8)
+    np.testing.assert_array_equal(
+        A.equalize(jnp.asarray(two_levels)), np.where(two_levels == 50, 0, 255)
+    )
+
+
+def test_colour_adjustments(rng):
+    image = rng.random((4, 5, 3)).astype(np.float32)
+    x = jnp.asarray(image)
+    luma = image @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(A.adjust_brightness(x, 0.5), image * 0.5, atol=1e-6)
+    np.testing.assert_allclose(A.adjust_brightness(x, 3.0), np.clip(image * 3, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(
+        A.adjust_saturation(x, 0.0), np.repeat(luma[..., None], 3, -1), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        A.adjust_contrast(x, 0.0), np.full_like(image, luma.mean()), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        A.adjust_contrast(x, 0.5), 0.5 * image + 0.5 * luma.mean(), atol=1e-6
+    )
+    for adjust in (A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_sharpness):
+        np.testing.assert_allclose(adjust(x, 1.0), image, atol=1e-6)
+    sharp = np.asarray(A.adjust_sharpness(x, 0.0))
+    kernel = np.ones((3, 3)) / 13
+    kernel[1, 1] = 5 / 13
+    smooth = ndimage.correlate(image[..., 0], kernel, mode="constant")
+    np.testing.assert_allclose(sharp[1:-1, 1:-1, 0], smooth[1:-1, 1:-1], atol=1e-6)
+    np.testing.assert_allclose(sharp[0], image[0], atol=1e-7)
+
+
+# ---- random per-example ops -------------------------------------------------------------------
+
+
+def test_flip_rate():
+    image = jnp.arange(12.0).reshape(2, 6, 1)
+    n = 4000
+    for p in (0.5, 0.2):
+        out = _many(functools.partial(A.random_hflip, p=p), image, n)
+        flipped = np.all(out == np.asarray(image)[:, ::-1], axis=(1, 2, 3))
+        kept = np.all(out == np.asarray(image), axis=(1, 2, 3))
+        assert np.all(flipped ^ kept)
+        assert stats.binomtest(int(flipped.sum()), n, p).pvalue > P_MIN
+    out = _many(A.random_vflip, image, 1000)
+    assert 400 < np.all(out == np.asarray(image)[::-1], axis=(1, 2, 3)).sum() < 600
+
+
+@pytest.mark.parametrize("padding", [2, 3])
+def test_crop_offsets_uniform_over_allowed_range(padding):
+    height, width = 6, 7
+    image = (jnp.arange(height * width, dtype=jnp.float32) + 1).reshape(height, width, 1)
+    n = 3000
+    out = _many(functools.partial(A.random_crop, padding=padding), image, n)
+    flat = out.reshape(n, -1)
+    position = flat.argmax(1)  # the brightest pixel is the original bottom-right (or nearest)
+    value = flat.max(1).astype(int) - 1
+    top = value // width + padding - position // width
+    left = value % width + padding - position % width
+    for offsets, span in ((top, 2 * padding + 1), (left, 2 * padding + 1)):
+        counts = np.bincount(offsets, minlength=span)
+        assert counts.size == span and counts.min() > 0, counts
+        assert stats.chisquare(counts).pvalue > P_MIN
+    # reflect padding: same offsets for the same keys, content from np.pad(mode="reflect")
+    reflect = _many(
+        functools.partial(A.random_crop, padding=padding, pad_mode="reflect"), image, 50
+    )
+    padded = np.pad(
+        np.asarray(image), ((padding, padding), (padding, padding), (0, 0)), mode="reflect"
+    )
+    for i in range(50):
+        np.testing.assert_array_equal(
+            reflect[i], padded[top[i] : top[i] + height, left[i] : left[i] + width]
+        )
+
+
+def test_crop_smaller_size_and_translate_range():
+    image = (jnp.arange(64, dtype=jnp.float32) + 1).reshape(8, 8, 1)
+    out = _many(functools.partial(A.random_crop, size=(3, 5)), image, 2000)
+    assert out.shape == (2000, 3, 5, 1)
+    top, left = np.divmod(out[:, 0, 0, 0].astype(int) - 1, 8)
+    assert set(top) == set(range(6)) and set(left) == set(range(4))
+    shifted = _many(functools.partial(A.random_translate, max_shift=2), image, 500)
+    assert shifted.shape == (500, 8, 8, 1)
+    zero_rows = (shifted[..., 0] == 0).all(2).sum(1)
+    assert set(zero_rows) == {0, 1, 2}
+
+
+def test_cutout_area_matches_exact_expectation():
+    height, width, size = 9, 7, 4
+    n = 4000
+    out = _many(functools.partial(A.cutout, size=size), jnp.ones((height, width, 1)), n)
+    erased = out[..., 0] == 0
+    # every erased region is a rectangle of at most size x size
+    rows, cols = erased.any(2), erased.any(1)
+    assert np.array_equal(erased.sum((1, 2)), rows.sum(1) * cols.sum(1))
+    assert rows.sum(1).max() == size and cols.sum(1).max() == size
+
+    # mean erased area against the exact average over the uniformly drawn centres
+    def span(c, limit):
+        return min(c - size // 2 + size, limit) - max(c - size // 2, 0)
+
+    expected = np.mean(
+        [span(y, height) * span(x, width) for y in range(height) for x in range(width)]
+    )
+    areas = erased.sum((1, 2))
+    assert abs(areas.mean() - expected) < 4 * areas.std() / np.sqrt(n)
+
+
+def test_rotation_angle_uniform():
+    image = jnp.zeros((9, 9, 1)).at[4, 8, 0].set(1.0).at[4, 4, 0].set(1.0)
+    degrees = 40.0
+    out = _many(functools.partial(A.random_rotate, degrees=degrees), image, 1500)
+    # the bright pixel's centre of mass gives the angle it was rotated by
+    rows, cols = np.meshgrid(np.arange(9), np.arange(9), indexing="ij")
+    weight = out[..., 0] * (np.hypot(rows - 4, cols - 4) > 1)[None]
+    y = 4 - (weight * rows).sum((1, 2)) / weight.sum((1, 2))
+    x = (weight * cols).sum((1, 2)) / weight.sum((1, 2)) - 4
+    angles = np.degrees(np.arctan2(y, x))
+    assert np.abs(angles).max() < degrees + 3
+    assert stats.kstest(angles, stats.uniform(-degrees, 2 * degrees).cdf).statistic < 0.06
+
+
+def test_random_resized_crop_scale_and_ratio_distributions():
+    size = 32
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    ramp = jnp.asarray(np.stack([rows, cols], -1), jnp.float32)
+    out_size = 8
+
+    def box_shape(samples):
+        # interior output samples are linear in the input coordinates: slope = box / out_size
+        box_h = (samples[:, -2, 3, 0] - samples[:, 1, 3, 0]) / (out_size - 3) * out_size
+        box_w = (samples[:, 3, -2, 1] - samples[:, 3, 1, 1]) / (out_size - 3) * out_size
+        return box_h, box_w
+
+    scale = (0.1, 0.6)
+    op = functools.partial(A.random_resized_crop, size=out_size, scale=scale, ratio=(1.0, 1.0))
+    box_h, box_w = box_shape(_many(op, ramp, 1500))
+    np.testing.assert_allclose(box_h, box_w, rtol=1e-3)
+    area = box_h * box_w / size**2
+    assert stats.kstest(area, stats.uniform(scale[0], scale[1] - scale[0]).cdf).pvalue > P_MIN
+    ratio = (0.5, 2.0)
+    op = functools.partial(A.random_resized_crop, size=out_size, scale=(0.2, 0.2), ratio=ratio)
+    box_h, box_w = box_shape(_many(op, ramp, 1500, seed=1))
+    log_aspect = np.log(box_w / box_h)
+    uniform = stats.uniform(np.log(ratio[0]), np.log(ratio[1]) - np.log(ratio[0]))
+    assert stats.kstest(log_aspect, uniform.cdf).pvalue > P_MIN
+    np.testing.assert_allclose(box_h * box_w / size**2, 0.2, rtol=1e-3)
+    whole = A.random_resized_crop(jax.random.key(0), ramp, size=size, scale=(1, 1), ratio=(1, 1))
+    np.testing.assert_allclose(whole, ramp, atol=1e-4)
+
+
+def test_color_jitter_factor_range(rng):
+    image = jnp.asarray(rng.uniform(0.2, 0.5, (4, 4, 3)), jnp.float32)
+    out = _many(functools.partial(A.color_jitter, brightness=0.4), image, 2000)
+    factors = (out / np.asarray(image)).reshape(2000, -1)
+    np.testing.assert_allclose(factors.min(1), factors.max(1), rtol=1e-4)
+    assert stats.kstest(factors[:, 0], stats.uniform(0.6, 0.8).cdf).pvalue > P_MIN
+
+
+# ---- batch mixing -----------------------------------------------------------------------------
+
+
+def _mix_many(fn, images, labels, n, **kw):
+    keys = jax.random.split(jax.random.key(3), n)
+    run = jax.jit(jax.vmap(lambda k: fn(k, images, labels, num_classes=4, **kw)))
+    mixed, soft = run(keys)
+    return np.asarray(mixed), np.asarray(soft)
+
+
+@pytest.mark.parametrize("alpha", [0.4, 2.0])
+def test_mixup_lambda_is_beta_and_images_match_labels(alpha):
+    images = jnp.arange(4, dtype=jnp.uint8).reshape(4, 1, 1, 1) * jnp.ones((4, 3, 2, 1), jnp.uint8)
+    labels = jnp.arange(4)
+    mixed, soft = _mix_many(A.mixup, images, labels, 3000, alpha=alpha)
+    np.testing.assert_allclose(soft.sum(-1), 1, atol=1e-6)
+    # image i holds the value i everywhere, so its mixed value is the label-weighted mean class
+    np.testing.assert_allclose(mixed[..., 0, 0, 0], soft @ np.arange(4), atol=1e-4)
+    assert mixed.dtype == np.float32
+    moved = ~np.isclose(soft[:, 0, 0], 1.0)  # example 0 got a partner
+    lam = soft[moved, 0, 0]
+    assert stats.kstest(lam, stats.beta(alpha, alpha).cdf).pvalue > P_MIN
+
+
+def test_cutmix_label_weights_equal_pasted_area():
+    height, width = 10, 8
+    values = jnp.arange(1, 5, dtype=jnp.uint8) * 40
+    images = values.reshape(4, 1, 1, 1) * jnp.ones((4, height, width, 2), jnp.uint8)
+    labels = jnp.arange(4)
+    mixed, soft = _mix_many(A.cutmix, images, labels, 2000, alpha=1.0)
+    assert mixed.dtype == np.uint8
+    own = mixed[..., 0] == np.asarray(values).reshape(1, 4, 1, 1)
+    pasted = 1 - own.mean((2, 3))
+    own_weight = soft[:, np.arange(4), np.arange(4)]
+    np.testing.assert_allclose(own_weight, 1 - pasted, atol=1e-6)
+    np.testing.assert_allclose(soft.sum(-1), 1, atol=1e-6)
+    # the pasted region is one rectangle, the same for the whole batch
+    region = ~own[:, 0] | ~own[:, 1]
+    rows, cols = region.any(2), region.any(1)
+    assert np.array_equal(region.sum((1, 2)), rows.sum(1) * cols.sum(1))
+    assert pasted.max() > 0.5 and pasted.min() == 0
+
+
+def test_mixing_ops_need_num_classes_for_integer_labels():
+    images = jnp.zeros((2, 4, 4, 1))
+    with pytest.raises(ValueError, match="num_classes"):
+        A.mixup(jax.random.key(0), images, jnp.array([0, 1]))
+    soft = jax.nn.one_hot(jnp.array([0, 1]), 3)
+    assert A.cutmix(jax.random.key(0), images, soft)[1].shape == (2, 3)
+    with pytest.raises(ValueError, match="labels"):
+        A.mixup(jax.random.key(0), images, jnp.zeros(3, jnp.int32), num_classes=2)
+
+
+# ---- PixMix, policies, composition ------------------------------------------------------------
+
+
+def test_pixmix_and_patterns(rng):
+    image = jnp.asarray(rng.integers(0, 256, (12, 12, 3)), jnp.uint8)
+    out = _many(A.pixmix, image, 64)
+    assert out.dtype == np.uint8 and out.shape == (64, 12, 12, 3)
+    unchanged = np.all(out == np.asarray(image), axis=(1, 2, 3))
+    assert 0 < unchanged.sum() < 32  # zero rounds with probability 1/5
+    np.testing.assert_array_equal(A.pixmix(jax.random.key(1), image, k=0), image)
+    patterns = _many(lambda k, _: A.pattern(k, (12, 12, 3)), image, 64)
+    assert patterns.min() >= 0 and patterns.max() <= 1 and patterns.std(axis=(1, 2)).min() > 0
+    with_set = A.pixmix(
+        jax.random.key(2),
+        image.astype(jnp.float32) / 255,
+        mixing_images=jnp.zeros((3, 12, 12, 3)),
+        augment=functools.partial(A.random_crop, padding=2),
+    )
+    assert (
+        with_set.dtype == jnp.float32 and 0 <= float(with_set.min()) <= float(with_set.max()) <= 1
+    )
+
+
+def test_policies_cover_every_op_and_are_reproducible(rng):
+    image = jnp.asarray(rng.integers(0, 256, (10, 10, 3)), jnp.uint8)
+    # one RandAugment op at a fixed magnitude: 3 sign-free ops + 11 ops with 2 signs = 25 outcomes;
+    # TrivialAugment also draws the magnitude, so nearly every outcome is new
+    policies = (
+        (functools.partial(A.rand_augment, num_ops=1, magnitude=9), 20, 25),
+        (A.trivial_augment, 100, 200),
+    )
+    for policy, at_least, at_most in policies:
+        out = _many(policy, image, 200)
+        assert out.dtype == np.uint8 and out.shape == (200, 10, 10, 3)
+        assert at_least <= len({o.tobytes() for o in out}) <= at_most
+    chosen = [
+        int(jax.random.randint(jax.random.split(k)[0], (), 0, len(A.POLICY_OPS)))
+        for k in jax.random.split(jax.random.key(0), 200)
+    ]
+    assert set(chosen) == set(range(len(A.POLICY_OPS)))
+
+
+def test_compose_random_apply_and_batches(rng):
+    image = jnp.asarray(rng.random((6, 6, 1)), jnp.float32)
+    key = jax.random.key(5)
+    crop = functools.partial(A.random_crop, padding=1)
+    composed = A.compose(crop, A.random_hflip)
+    k1, k2 = jax.random.split(key)
+    np.testing.assert_array_equal(composed(key, image), A.random_hflip(k2, crop(k1, image)))
+    np.testing.assert_array_equal(A.random_apply(crop, 0.0)(key, image), image)
+    always = A.random_apply(crop, 1.0)(key, image)
+    np.testing.assert_array_equal(always, crop(jax.random.split(key)[1], image))
+    batch = jnp.stack([image] * 6)
+    out = A.apply_batch(composed, key, batch)
+    keys = jax.random.split(key, 6)
+    for i in range(6):
+        np.testing.assert_array_equal(out[i], composed(keys[i], image))
+    assert len({np.asarray(o).tobytes() for o in out}) > 1
+
+
+def test_argument_checks():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"image: expected rank 3 \(H, W, C\)"):
+        A.random_hflip(key, jnp.zeros((2, 4, 4, 1)))
+    with pytest.raises(TypeError, match="image: expected uint8 or floating"):
+        A.hflip(jnp.zeros((4, 4, 1), jnp.int32))
+    with pytest.raises(ValueError, match="pad_mode"):
+        A.random_crop(key, jnp.zeros((4, 4, 1)), padding=1, pad_mode="wrap")
+    with pytest.raises(ValueError, match="size"):
+        A.random_crop(key, jnp.zeros((4, 4, 1)), size=9, padding=1)
+    with pytest.raises(ValueError, match="magnitude"):
+        A.rand_augment(key, jnp.zeros((4, 4, 1)), magnitude=31)
+    with pytest.raises(TypeError, match=r"ops\[1\]"):
+        A.compose(A.random_hflip, 3)
