@@ -1,7 +1,9 @@
 """Training: optimizers and schedules, the train state, jit-compiled steps, fit(), checkpoints,
 data parallelism and the ``jcnn-train`` command line."""
 
-from jcnn.train import schedules
+from jcnn.train import parallel, schedules
+from jcnn.train.checkpoint import CheckpointError, CheckpointManager
+from jcnn.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from jcnn.train.optim import OPTIMIZERS, default_decay_mask, optimizer
 from jcnn.train.state import TrainState
 from jcnn.train.steps import eval_step, train_step
@@ -14,4 +16,11 @@ __all__ = [
     "TrainState",
     "train_step",
     "eval_step",
+    "TrainConfig",
+    "fit",
+    "evaluate",
+    "NonFiniteLossError",
+    "CheckpointManager",
+    "CheckpointError",
+    "parallel",
 ]
