@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional.dropout import _check_key
+from jcnn.functional._checks import check_key
 
 __all__ = [
     "compute_fans",
@@ -52,7 +52,7 @@ _MODES = ("fan_in", "fan_out", "fan_avg")
 
 def _check_shape_dtype(key, shape, dtype, *, min_rank: int = 0):
     """Checked ``(shape, dtype)``: a tuple of ints and a floating dtype (``None``: float32)."""
-    _check_key(key)
+    check_key(key)
     if not isinstance(shape, Sequence) or not all(
         isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
     ):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,15 +81,17 @@ def normalize_padding(
             return ((0, 0),) * n
         if mode == "SAME":
             pads = []
-            for size, k, s, d in zip(in_sizes, window, stride, dilation):
+            for size, k, s, d in zip(in_sizes, window, stride, dilation, strict=True):
                 effective = (k - 1) * d + 1
                 out = -(-size // s)
                 total = max((out - 1) * s + effective - size, 0)
                 pads.append((total // 2, total - total // 2))
             return tuple(pads)
         raise ValueError(f"{name}: expected 'SAME', 'VALID', or ints, got {padding!r}")
-    if isinstance(padding, Sequence) and padding and all(
-        isinstance(p, Sequence) and not isinstance(p, str) for p in padding
+    if (
+        isinstance(padding, Sequence)
+        and padding
+        and all(isinstance(p, Sequence) and not isinstance(p, str) for p in padding)
     ):
         if len(padding) != n or not all(
             len(p) == 2 and all(isinstance(v, (int, np.integer)) for v in p) for p in padding
@@ -102,3 +105,16 @@ def normalize_padding(
     if any(v < 0 for pair in pairs for v in pair):
         raise ValueError(f"{name}: padding must be non-negative, got {padding!r}")
     return pairs
+
+
+def check_key(key, name: str = "key") -> None:
+    """Raise unless ``key`` is a ``jax.random`` key: typed (``jax.random.key``) or raw uint32."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is None or not (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
+    ):
+        described = f"dtype {dtype}" if dtype is not None else type(key).__name__
+        raise TypeError(
+            f"{name}: expected a jax.random key (jax.random.key(seed) or "
+            f"jax.random.PRNGKey(seed)), got {described}"
+        )

@@ -6,26 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_key
 
 __all__ = ["dropout", "spatial_dropout"]
 
 
-def _check_key(key, name: str = "key") -> None:
-    """Raise unless ``key`` is a ``jax.random`` key: typed (``jax.random.key``) or raw uint32."""
-    dtype = getattr(key, "dtype", None)
-    if dtype is None or not (
-        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
-    ):
-        described = f"dtype {dtype}" if dtype is not None else type(key).__name__
-        raise TypeError(
-            f"{name}: expected a jax.random key (jax.random.key(seed) or "
-            f"jax.random.PRNGKey(seed)), got {described}"
-        )
-
-
 def _check_dropout_args(key, x, rate, train) -> None:
-    _check_key(key)
+    check_key(key)
     check_array(x, "x")
     if not isinstance(train, (bool, np.bool_)):
         raise TypeError(f"train: expected a Python bool (static), got {train!r}")
