@@ -1,1 +1,7 @@
-"""jcnn.analysis."""
+"""jcnn.analysis: model summary (shapes, parameters, multiply-adds, receptive fields), inference
+folding of BatchNorm, PyTorch weights, and per-example gradients (clipping, DP-SGD)."""
+
+from jcnn.analysis.summary import *  # noqa: F403
+from jcnn.analysis.summary import __all__ as _summary
+
+__all__ = [*_summary]

@@ -1,0 +1,122 @@
+"""Abstract run of a Flax model that records every module call (shapes only, no FLOPs spent).
+
+``trace_layers`` runs ``model.init`` under ``jax.eval_shape`` and ``flax.linen.intercept_methods``
+and returns, in call order, one ``LayerCall`` per module ``__call__``: the module (with its
+attributes), its path, its input and output shapes and whether it called other modules (a leaf
+calls none). Tensors are matched by identity while tracing, so a call also knows which earlier
+call produced its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jcnn.functional._checks import as_int_tuple
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """One ``__call__`` of a module during the abstract run."""
+
+    index: int
+    path: tuple[str, ...]
+    module: nn.Module
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None = None
+    parent: int | None = None
+    is_leaf: bool = True
+    source: int | None = None  # index of the call whose output is this call's input
+    consumers: list[int] = dataclasses.field(default_factory=list)
+
+
+def accepts_train(model: nn.Module) -> bool:
+    """Whether ``model.__call__`` takes a ``train`` argument."""
+    try:
+        return "train" in inspect.signature(model.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_input_shape(input_shape, name: str = "input_shape") -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints (batch axis included)."""
+    if isinstance(input_shape, int) or not isinstance(input_shape, Sequence):
+        raise TypeError(
+            f"{name}: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), "
+            f"got {input_shape!r}"
+        )
+    return as_int_tuple(tuple(input_shape), len(input_shape), name, minimum=1)
+
+
+def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
+    """Run ``model.init`` abstractly on zeros of ``input_shape``; returns ``(calls, variables)``.
+
+    ``variables`` holds ``jax.ShapeDtypeStruct`` leaves (nothing is allocated).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
+    input_shape = check_input_shape(input_shape)
+    calls: list[LayerCall] = []
+    stack: list[LayerCall] = []
+    producer: dict[int, int] = {}
+    # Keeps every traced array alive so that ``id`` stays unique during the run.
+    alive: list = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not args:
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        call = LayerCall(
+            index=len(calls),
+            path=tuple(context.module.path),
+            module=context.module,
+            input_shape=tuple(x.shape) if hasattr(x, "shape") else None,
+            parent=stack[-1].index if stack else None,
+            source=producer.get(id(x)),
+        )
+        if stack:
+            stack[-1].is_leaf = False
+        if call.source is not None:
+            calls[call.source].consumers.append(call.index)
+        calls.append(call)
+        stack.append(call)
+        try:
+            y = next_fun(*args, **kwargs)
+        finally:
+            stack.pop()
+        if hasattr(y, "shape"):
+            call.output_shape = tuple(y.shape)
+            producer[id(y)] = call.index
+            alive.append(y)
+        alive.append(x)
+        return y
+
+    kwargs = {"train": False} if accepts_train(model) else {}
+
+    def init(x):
+        with nn.intercept_methods(interceptor):
+            return model.init(jax.random.key(0), x, **kwargs)
+
+    variables = jax.eval_shape(init, jax.ShapeDtypeStruct(input_shape, dtype))
+    alive.clear()
+    return calls, variables
+
+
+def subtree(variables, collection: str, path: Sequence[str]):
+    """The nested dict of ``variables[collection]`` at ``path`` (``{}`` where absent)."""
+    node = variables.get(collection, {})
+    for name in path:
+        if not hasattr(node, "get"):
+            return {}
+        node = node.get(name, {})
+    return node
+
+
+def leaf_calls(calls: list[LayerCall]) -> list[LayerCall]:
+    """The calls that called no other module (the layers), in call order."""
+    return [call for call in calls if call.is_leaf]

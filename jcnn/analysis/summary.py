@@ -1,0 +1,507 @@
+"""Layer table of a model: shapes, parameters, multiply-adds, receptive field and effective stride.
+
+``summary(model, input_shape)`` runs the model abstractly (``jax.eval_shape``, nothing is computed)
+and records every layer, i.e. every module call that calls no other module (the ``jcnn.nn``
+modules), with its attributes and its input and output shapes. Shapes are jcnn's channels-last
+ones: an output ``(1, 28, 28, 20)`` is the course's ``20 x 28 x 28`` and a conv kernel
+``(5, 5, 1, 20)`` (HWIO) is the course's weight ``20 x 1 x 5 x 5`` (OIHW).
+
+Multiply-adds count the products of convolutions and dense layers for the whole ``input_shape``
+batch (bias additions, normalizations, activations and pools count 0; an eval-mode BatchNorm folds
+into the conv before it). The receptive field of a unit is the side of the input window it
+depends on, unclipped by the image border: ``r_out = r_in + (k_eff - 1) * j_in`` with
+``k_eff = d (k - 1) + 1`` and the effective stride (jump) ``j_out = j_in * s``, composed from the
+input (``r = j = 1``). After a flatten, a global pool or a normalization over all positions every
+unit sees the whole input window of the layer before it. Where tensors are combined outside the
+layers (a residual ``f(x) + x``) the combined tensor takes the largest receptive field among the
+layer outputs of the same spatial size inside the enclosing module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn import nn as jnn
+from jcnn.analysis._trace import LayerCall, leaf_calls, subtree, trace_layers
+from jcnn.functional._checks import as_int_tuple, normalize_padding
+
+__all__ = [
+    "conv_output_size",
+    "pool_output_size",
+    "ReceptiveField",
+    "LayerRow",
+    "Summary",
+    "summary",
+    "receptive_field",
+]
+
+
+def _check_sizes(size, kernel, stride, dilation, padding):
+    for value, name, minimum in (
+        (size, "size", 1),
+        (kernel, "kernel", 1),
+        (stride, "stride", 1),
+        (dilation, "dilation", 1),
+        (padding, "padding", 0),
+    ):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{name}: expected an int, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def conv_output_size(size, kernel, stride=1, padding=0, dilation=1, ceil_mode=False) -> int:
+    """Output length of a convolution along one axis.
+
+    ``floor((W + 2P - D (K - 1) - 1) / S) + 1``, the course's ``(W - K + 2P) / S + 1`` with
+    dilation; with ``ceil_mode`` the division rounds up, as in PyTorch (see ``pool_output_size``
+    for the rule that keeps the last window from starting in the padding).
+
+    Args:
+      size: input length ``W``.
+      kernel: window ``K``.
+      stride: step ``S``.
+      padding: zeros ``P`` added on each side.
+      dilation: spacing ``D`` between window taps.
+      ceil_mode: round the division up instead of down.
+
+    Returns:
+      The output length, an int >= 1.
+
+    >>> conv_output_size(32, 5, stride=1, padding=2)
+    32
+    >>> conv_output_size(224, 7, stride=2, padding=3), conv_output_size(28, 2, stride=2)
+    (112, 14)
+    >>> conv_output_size(10, 3, dilation=2), conv_output_size(7, 2, stride=2, ceil_mode=True)
+    (6, 4)
+    """
+    _check_sizes(size, kernel, stride, dilation, padding)
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    if span < 0:
+        raise ValueError(
+            f"kernel: the dilated window {dilation * (kernel - 1) + 1} is larger than the padded "
+            f"input {size + 2 * padding}"
+        )
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def pool_output_size(size, window, stride=None, padding=0, dilation=1, ceil_mode=False) -> int:
+    """Output length of a pooling layer along one axis (the stride defaults to the window).
+
+    Same formula as ``conv_output_size``; with ``ceil_mode`` a last partial window is kept unless
+    it would start inside the right padding (PyTorch's rule).
+
+    >>> pool_output_size(28, 2), pool_output_size(112, 3, 2, padding=1)
+    (14, 56)
+    >>> pool_output_size(5, 2, ceil_mode=True), pool_output_size(6, 3, 2, padding=1, ceil_mode=True)
+    (3, 4)
+    """
+    if padding * 2 > window:
+        raise ValueError(f"padding: expected at most half the window ({window}), got {padding}")
+    stride = window if stride is None else stride
+    return conv_output_size(size, window, stride, padding, dilation, ceil_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceptiveField:
+    """Receptive field of the units of a layer, per spatial axis.
+
+    Attributes:
+      size: side of the input window one unit depends on (unclipped by the border).
+      stride: input pixels between the windows of neighbouring units (the effective stride).
+      start: input coordinate of the first pixel of unit 0's window (negative in the padding);
+        unit ``i`` sees ``[start + i * stride, start + i * stride + size - 1]``.
+    """
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    start: tuple[int, ...]
+
+    def grow(self, kernel, stride, dilation, padding_low) -> ReceptiveField:
+        """The field after a window ``kernel`` with ``stride``, ``dilation`` and left padding."""
+        return ReceptiveField(
+            tuple(
+                r + (d * (k - 1)) * j
+                for r, k, d, j in zip(self.size, kernel, dilation, self.stride, strict=True)
+            ),
+            tuple(j * s for j, s in zip(self.stride, stride, strict=True)),
+            tuple(a - p * j for a, p, j in zip(self.start, padding_low, self.stride, strict=True)),
+        )
+
+    def whole(self, spatial) -> ReceptiveField:
+        """The field of a unit that sees every position of a ``spatial`` map."""
+        return ReceptiveField(
+            tuple(r + (n - 1) * j for r, n, j in zip(self.size, spatial, self.stride, strict=True)),
+            tuple(j * n for j, n in zip(self.stride, spatial, strict=True)),
+            self.start,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One layer of a ``Summary``.
+
+    Attributes:
+      name: the module's path (``layer1_0/conv1``).
+      layer: its type and main attributes (``Conv(20, k=5, s=1, p=2)``).
+      input_shape, output_shape: channels-last shapes with the batch axis.
+      weight_shape: shape of ``kernel`` (conv HWIO, dense ``(in, out)``) or of the first parameter,
+        ``None`` for parameter-free layers.
+      params: number of parameters of the layer.
+      macs: multiply-adds for the whole batch.
+      receptive_field: the field of the output units, ``None`` where unknown.
+    """
+
+    name: str
+    layer: str
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None
+    weight_shape: tuple[int, ...] | None
+    params: int
+    macs: int
+    receptive_field: ReceptiveField | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """The table returned by ``summary``: ``rows`` plus totals; ``str()`` formats it.
+
+    Attributes:
+      rows: one ``LayerRow`` per layer, in call order.
+      input_shape: the input the model was run on.
+      total_params: every parameter of the model (shared layers counted once).
+      total_macs: the sum of the rows' multiply-adds.
+    """
+
+    rows: tuple[LayerRow, ...]
+    input_shape: tuple[int, ...]
+    total_params: int
+    total_macs: int
+
+    def __str__(self) -> str:
+        header = ("Layer", "Type", "Output shape", "Weight shape", "Params", "MACs", "RF", "Stride")
+        lines = [("input", "", _fmt_shape(self.input_shape), "", "", "", "1", "1")]
+        for row in self.rows:
+            field = row.receptive_field
+            lines.append(
+                (
+                    row.name,
+                    row.layer,
+                    _fmt_shape(row.output_shape),
+                    _fmt_shape(row.weight_shape),
+                    f"{row.params:,}",
+                    f"{row.macs:,}",
+                    _fmt_axes(field.size) if field else "?",
+                    _fmt_axes(field.stride) if field else "?",
+                )
+            )
+        widths = [max(len(line[i]) for line in (header, *lines)) for i in range(len(header))]
+        numeric = {4, 5, 6, 7}
+
+        def render(cells):
+            return "  ".join(
+                cell.rjust(w) if i in numeric else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        rule = "-" * len(render(header))
+        total = f"Total params: {self.total_params:,}    Total MACs: {self.total_macs:,}"
+        return "\n".join([render(header), rule, *map(render, lines), rule, total])
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _fmt_shape(shape) -> str:
+    return "" if shape is None else str(tuple(shape))
+
+
+def _fmt_axes(values) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "x".join(str(v) for v in values)
+
+
+def _count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+# Layers that act on each position separately (any mode), so they keep the receptive field.
+_POINTWISE = (
+    jnn.BatchNorm,
+    jnn.Dropout,
+    jnn.SpatialDropout,
+    jnn.LocalResponseNorm,
+    jnn.PReLU,
+    jnn.Maxout,
+    jnn.Dense,
+)
+# Layers whose every output depends on every position of their input.
+_GLOBAL = (jnn.GlobalAvgPool, jnn.Flatten, jnn.LayerNorm, jnn.GroupNorm, jnn.InstanceNorm)
+
+
+def _spatial(shape) -> tuple[int, ...] | None:
+    return None if shape is None or len(shape) < 3 else tuple(shape[1:-1])
+
+
+def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField | None:
+    """The field after a windowed layer (conv, pools, local contrast norm); None if unknown."""
+    n = len(spatial_in)
+    if isinstance(module, jnn.Conv):
+        window = as_int_tuple(module.kernel_size, n, "kernel_size")
+        stride = as_int_tuple(module.stride, n, "stride")
+        dilation = as_int_tuple(module.dilation, n, "dilation")
+        padding = normalize_padding(module.padding, spatial_in, window, stride, dilation)
+    elif isinstance(module, (jnn.MaxPool, jnn.AvgPool, jnn.LPPool)):
+        window = as_int_tuple(module.window, n, "window")
+        stride = window if module.stride is None else as_int_tuple(module.stride, n, "stride")
+        dilation = as_int_tuple(getattr(module, "dilation", 1), n, "dilation")
+        padding = normalize_padding(
+            getattr(module, "padding", 0), spatial_in, window, stride, dilation
+        )
+    elif isinstance(module, jnn.LocalContrastNorm):
+        # Subtractive then divisive normalization over the same centred window: twice its reach.
+        size = as_int_tuple(module.size, n, "size")
+        window = tuple(2 * k - 1 for k in size)
+        stride = dilation = (1,) * n
+        padding = tuple((k // 2 * 2, k // 2 * 2) for k in size)
+    elif isinstance(module, jnn.AdaptiveAvgPool):
+        out = as_int_tuple(module.output_size, n, "output_size")
+        if any(size % o for size, o in zip(spatial_in, out, strict=True)):
+            return None
+        window = stride = tuple(size // o for size, o in zip(spatial_in, out, strict=True))
+        dilation = (1,) * n
+        padding = ((0, 0),) * n
+    else:
+        return None
+    return field.grow(window, stride, dilation, tuple(lo for lo, _ in padding))
+
+
+def _macs(module, call: LayerCall) -> int:
+    if call.output_shape is None or call.input_shape is None:
+        return 0
+    if isinstance(module, jnn.Conv):
+        window = _kernel_volume(module, call)
+        return math.prod(call.output_shape) * window * call.input_shape[-1] // module.groups
+    if isinstance(module, jnn.ConvTranspose):
+        window = _kernel_volume(module, call)
+        return math.prod(call.input_shape) * window * module.features // module.groups
+    if isinstance(module, jnn.Dense):
+        return math.prod(call.output_shape) * call.input_shape[-1]
+    return 0
+
+
+def _kernel_volume(module, call: LayerCall) -> int:
+    n = len(call.input_shape) - 2
+    return math.prod(as_int_tuple(module.kernel_size, n, "kernel_size"))
+
+
+def _describe(module) -> str:
+    name = type(module).__name__
+    if isinstance(module, (jnn.Conv, jnn.ConvTranspose)):
+        parts = [str(module.features), f"k={_fmt_axes(_as_tuple(module.kernel_size))}"]
+        parts.append(f"s={_fmt_axes(_as_tuple(module.stride))}")
+        padding = module.padding
+        parts.append(f"p={padding}" if isinstance(padding, str) else f"p={_fmt_pad(padding)}")
+        if _as_tuple(module.dilation) != (1,) * len(_as_tuple(module.dilation)):
+            parts.append(f"d={_fmt_axes(_as_tuple(module.dilation))}")
+        if module.groups != 1:
+            parts.append(f"g={module.groups}")
+        return f"{name}({', '.join(parts)})"
+    if isinstance(module, (jnn.MaxPool, jnn.AvgPool, jnn.LPPool)):
+        window = _as_tuple(module.window)
+        stride = window if module.stride is None else _as_tuple(module.stride)
+        text = f"{name}(k={_fmt_axes(window)}, s={_fmt_axes(stride)}"
+        padding = getattr(module, "padding", 0)
+        if padding not in (0, "VALID"):
+            text += f", p={padding}" if isinstance(padding, str) else f", p={_fmt_pad(padding)}"
+        return text + ")"
+    if isinstance(module, jnn.Dense):
+        return f"{name}({module.features})"
+    if isinstance(module, jnn.AdaptiveAvgPool):
+        return f"{name}({_fmt_axes(_as_tuple(module.output_size))})"
+    return name
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+
+
+def _fmt_pad(padding) -> str:
+    values = _as_tuple(padding)
+    flat = [v for p in values for v in _as_tuple(p)]
+    return str(flat[0]) if len(set(flat)) == 1 else str(padding)
+
+
+def _weight_shape(params) -> tuple[int, ...] | None:
+    if not params:
+        return None
+    if "kernel" in params:
+        return tuple(params["kernel"].shape)
+    first = jax.tree.leaves(params)[0]
+    return tuple(first.shape)
+
+
+def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
+    """The receptive field of each call's output, by call index (calls come in call order)."""
+    fields: dict[int, ReceptiveField | None] = {}
+    input_fields: dict[int, ReceptiveField | None] = {}
+
+    def output_field(index: int) -> ReceptiveField | None:
+        if index not in fields:
+            # A container's output: the widest field among its calls' outputs of that shape.
+            call = calls[index]
+            fields[index] = _widest(
+                output_field(c.index)
+                for c in calls[index + 1 :]
+                if _descends(calls, c, index) and c.output_shape == call.output_shape
+            )
+        return fields[index]
+
+    def input_field(call: LayerCall) -> ReceptiveField | None:
+        if call.source is not None:
+            return output_field(call.source)
+        if call.parent is None:
+            n = len(call.input_shape) - 2 if call.input_shape and len(call.input_shape) > 2 else 0
+            return ReceptiveField((1,) * n, (1,) * n, (0,) * n)
+        # Combined outside the layers (e.g. f(x) + x): the widest candidate of the same size.
+        ancestor = call.parent
+        while ancestor is not None:
+            candidates = [
+                output_field(c.index)
+                for c in calls[ancestor + 1 : call.index]
+                if _descends(calls, c, ancestor) and _same_grid(c.output_shape, call.input_shape)
+            ]
+            if _same_grid(calls[ancestor].input_shape, call.input_shape):
+                candidates.append(input_fields[ancestor])
+            widest = _widest(candidates)
+            if widest is not None:
+                return widest
+            ancestor = calls[ancestor].parent
+        return None
+
+    for call in calls:
+        input_fields[call.index] = input_field(call)
+        if call.is_leaf:
+            fields[call.index] = _layer_field(call, input_fields[call.index])
+    for call in calls:
+        output_field(call.index)
+    return fields
+
+
+def _same_grid(shape, other) -> bool:
+    return shape is not None and other is not None and shape[:-1] == other[:-1]
+
+
+def _widest(fields) -> ReceptiveField | None:
+    known = [f for f in fields if f is not None]
+    return max(known, key=lambda f: f.size) if known else None
+
+
+def _descends(calls, call: LayerCall, ancestor: int) -> bool:
+    parent = call.parent
+    while parent is not None:
+        if parent == ancestor:
+            return True
+        parent = calls[parent].parent
+    return False
+
+
+def _layer_field(call: LayerCall, field: ReceptiveField | None) -> ReceptiveField | None:
+    if field is None:
+        return None
+    module = call.module
+    spatial_in = _spatial(call.input_shape)
+    if isinstance(module, _GLOBAL):
+        return field.whole(spatial_in) if spatial_in else field
+    if isinstance(module, _POINTWISE) or type(module).__module__ == "jcnn.nn.activation":
+        return field
+    if spatial_in is None or len(spatial_in) != len(field.size):
+        return None
+    return _window_field(module, field, spatial_in)
+
+
+def summary(model: nn.Module, input_shape: Sequence[int], dtype=jnp.float32) -> Summary:
+    """Table of the layers of ``model`` run on an input of ``input_shape``.
+
+    Args:
+      model: a Flax module (a ``jcnn.models`` network, a ``jcnn.nn.Sequential``, your own).
+      input_shape: the input's shape with the batch axis, channels-last, e.g. ``(1, 28, 28, 1)``.
+      dtype: the input's dtype.
+
+    Returns:
+      A ``Summary``: ``print`` it for the table, or read ``.rows`` (``LayerRow``), ``.total_params``
+      and ``.total_macs``.
+
+    >>> import jcnn
+    >>> table = summary(jcnn.nn.Conv(10, 5, padding=2), (1, 32, 32, 3))
+    >>> table.total_params, table.total_macs
+    (760, 768000)
+    >>> print(table)  # doctest: +NORMALIZE_WHITESPACE
+    Layer  Type                       Output shape     Weight shape  Params     MACs  RF  Stride
+    -------------------------------------------------------------------------------------------
+    input                             (1, 32, 32, 3)                                   1       1
+           Conv(10, k=5, s=1, p=2)    (1, 32, 32, 10)  (5, 5, 3, 10)    760  768,000   5       1
+    -------------------------------------------------------------------------------------------
+    Total params: 760    Total MACs: 768,000
+    """
+    calls, variables = trace_layers(model, input_shape, dtype)
+    fields = _fields(calls)
+    rows = []
+    for call in leaf_calls(calls):
+        params = subtree(variables, "params", call.path)
+        rows.append(
+            LayerRow(
+                name="/".join(call.path),
+                layer=_describe(call.module),
+                input_shape=call.input_shape,
+                output_shape=call.output_shape,
+                weight_shape=_weight_shape(params),
+                params=_count(params),
+                macs=_macs(call.module, call),
+                receptive_field=fields.get(call.index),
+            )
+        )
+    return Summary(
+        rows=tuple(rows),
+        input_shape=tuple(input_shape),
+        total_params=_count(variables.get("params", {})),
+        total_macs=sum(row.macs for row in rows),
+    )
+
+
+def receptive_field(model: nn.Module, input_shape: Sequence[int]) -> ReceptiveField | None:
+    """Receptive field of the units of ``model``'s output, composed from its layers.
+
+    Args:
+      model: a Flax module built from ``jcnn.nn`` layers.
+      input_shape: the input's shape with the batch axis, channels-last.
+
+    Returns:
+      A ``ReceptiveField`` (size, effective stride and start per spatial axis), or ``None`` when
+      a layer of unknown geometry (e.g. a transposed convolution) sits on the way.
+
+    Three stacked 3x3 convs see ``1 + 3 * 2 = 7`` pixels; after a 2x2 pool a 3x3 conv adds 2 * 2:
+
+    >>> import jcnn
+    >>> from jcnn import nn
+    >>> convs = nn.Sequential([nn.Conv(4, 3), nn.Conv(4, 3), nn.Conv(4, 3)])
+    >>> receptive_field(convs, (1, 16, 16, 1))
+    ReceptiveField(size=(7, 7), stride=(1, 1), start=(0, 0))
+    >>> pooled = nn.Sequential([nn.Conv(4, 3), nn.MaxPool(2), nn.Conv(4, 3)])
+    >>> receptive_field(pooled, (1, 16, 16, 1)).size
+    (8, 8)
+    """
+    calls, _ = trace_layers(model, input_shape)
+    fields = _fields(calls)
+    return fields.get(0)
