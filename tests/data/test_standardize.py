@@ -1,0 +1,103 @@
+"""Tests of jcnn.data.Standardize against NumPy float64 statistics."""
+
+import jax
+import numpy as np
+import pytest
+
+from jcnn.data import Standardize
+
+
+@pytest.fixture
+def splits(rng):
+    """Train/test uint8 images whose channels have different means and spreads."""
+
+    def make(n):
+        base = rng.normal([60, 128, 200], [10, 30, 20], (n, 5, 4, 3))
+        return np.clip(base, 0, 255).astype(np.uint8)
+
+    return make(300), make(40)
+
+
+def test_per_channel_fit_on_train_applied_unchanged_to_test(splits):
+    train, test = splits
+    stats = Standardize.fit(train)
+    mean = train.astype(np.float64).mean((0, 1, 2))
+    std = train.astype(np.float64).std((0, 1, 2))
+    np.testing.assert_allclose(stats.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(stats.scale, std, rtol=1e-6)
+    out_train = np.asarray(stats(train), np.float64)
+    np.testing.assert_allclose(out_train.mean((0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(out_train.std((0, 1, 2)), 1, atol=1e-5)
+    out_test = np.asarray(stats(test))
+    assert out_test.dtype == np.float32 and out_test.shape == test.shape
+    np.testing.assert_allclose(out_test, (test - mean) / std, rtol=1e-5, atol=1e-5)
+    # one image, and inside jit with the statistics as a pytree argument
+    np.testing.assert_allclose(stats(test[0]), out_test[0], rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda s, x: s(x))(stats, test), out_test, rtol=1e-6)
+
+
+def test_centering_modes(splits):
+    train, test = splits
+    center = Standardize.fit(train, mode="center")
+    np.testing.assert_allclose(
+        center(test), test - train.astype(np.float64).mean((0, 1, 2)), atol=1e-4
+    )
+    mean_image = Standardize.fit(train, mode="mean_image")
+    assert mean_image.mean.shape == (5, 4, 3)
+    np.testing.assert_allclose(mean_image(test), test - train.astype(np.float64).mean(0), atol=1e-4)
+
+
+def test_whitening(rng):
+    mixing = rng.normal(size=(16, 16))
+    train = (rng.normal(size=(2000, 16)) @ mixing + 5).reshape(2000, 2, 4, 2).astype(np.float32)
+    zca = Standardize.fit(train, mode="zca", eps=1e-8)
+    white = np.asarray(zca(train), np.float64).reshape(2000, 16)
+    assert zca(train).shape == train.shape
+    np.testing.assert_allclose(np.cov(white, rowvar=False, bias=True), np.eye(16), atol=1e-3)
+    np.testing.assert_allclose(zca.projection, zca.projection.T, atol=1e-4)  # ZCA is symmetric
+    pca = Standardize.fit(train, mode="pca", eps=1e-8)
+    features = np.asarray(pca(train), np.float64)
+    assert features.shape == (2000, 16)
+    np.testing.assert_allclose(np.cov(features, rowvar=False, bias=True), np.eye(16), atol=1e-3)
+    # ZCA is the whitening closest to the input: closer than the PCA one
+    centered = train.reshape(2000, 16) - train.reshape(2000, 16).mean(0)
+    assert np.linalg.norm(white - centered) < np.linalg.norm(features - centered)
+    top = Standardize.fit(train, mode="pca", num_components=3)
+    assert top(train[:7]).shape == (7, 3)
+    flat = centered.astype(np.float64)
+    top_direction = np.linalg.eigh(np.cov(flat, rowvar=False, bias=True))[1][:, -1]
+    assert (
+        abs(
+            abs(
+                np.asarray(top.projection[:, 0])
+                / np.linalg.norm(top.projection[:, 0])
+                @ top_direction
+            )
+            - 1
+        )
+        < 1e-3
+    )
+
+
+def test_cifar10_channel_statistics(loaded):
+    images, _ = loaded("cifar10", "train")
+    stats = Standardize.fit(images)
+    # the widely quoted CIFAR-10 training statistics, in [0, 1] units
+    np.testing.assert_allclose(np.asarray(stats.mean) / 255, [0.4914, 0.4822, 0.4465], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(stats.scale) / 255, [0.2470, 0.2435, 0.2616], atol=1e-4)
+
+
+def test_argument_checks(splits):
+    train, _ = splits
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        Standardize.fit(train, mode="minmax")
+    with pytest.raises(ValueError, match=r"train_images: expected rank 4 \(N, H, W, C\)"):
+        Standardize.fit(train[0])
+    constant = np.zeros((4, 2, 2, 2), np.uint8)
+    with pytest.raises(ValueError, match=r"channel\(s\) \[0, 1\] are constant"):
+        Standardize.fit(constant)
+    with pytest.raises(ValueError, match="num_components"):
+        Standardize.fit(train, mode="zca", num_components=3)
+    stats = Standardize.fit(train, mode="mean_image")
+    with pytest.raises(ValueError, match="images: expected shape"):
+        stats(np.zeros((2, 4, 5, 3), np.float32))
