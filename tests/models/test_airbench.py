@@ -1,0 +1,57 @@
+"""AirbenchNet: structure, parameter count, forward pass, whitening initialization."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn import functional as F
+from jcnn import models
+
+from ._helpers import count_params, param_shapes
+
+
+def test_airbench_structure_and_count():
+    params = param_shapes(models.AirbenchNet(), (1, 32, 32, 3))
+    assert params["whiten"]["kernel"].shape == (2, 2, 3, 24)
+    assert params["whiten"]["bias"].shape == (24,)
+    assert params["group1"]["conv1"]["kernel"].shape == (3, 3, 24, 64)
+    assert set(params["group2"]["norm1"]) == {"bias"}  # BatchNorm without a learned scale
+    assert set(params["head"]) == {"kernel"} and params["head"]["kernel"].shape == (256, 10)
+    # whiten 312 + convs 1,967,616 + BN biases 1,152 + head 2,560
+    assert count_params(models.AirbenchNet(), (1, 32, 32, 3)) == 1_971_640
+
+
+def test_airbench_forward_scales_the_head(rng):
+    model = models.AirbenchNet()
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    (logits, updates), state = (
+        jax.jit(
+            lambda v, x: model.apply(
+                v,
+                x,
+                train=True,
+                mutable=["batch_stats", "intermediates"],
+                capture_intermediates=True,
+            )
+        )(variables, x),
+        None,
+    )
+    features = updates["intermediates"]["flatten"]["__call__"][0]
+    assert features.shape == (2, 256)
+    head = variables["params"]["head"]["kernel"]
+    np.testing.assert_allclose(logits, (features @ head) / 9, rtol=1e-5, atol=1e-6)
+    # airbench's BN momentum 0.4 (PyTorch) is a decay of 0.6 here.
+    mean = updates["batch_stats"]["group1"]["norm1"]["mean"]
+    assert np.isfinite(mean).all() and state is None
+
+
+def test_whitening_kernel_whitens_patches(rng):
+    mixing = rng.normal(size=(3, 3))
+    images = jnp.asarray(rng.normal(size=(16, 10, 10, 3)) @ mixing, jnp.float32)
+    kernel = models.whitening_kernel(images, kernel_size=2, eps=1e-6)
+    assert kernel.shape == (2, 2, 3, 24)
+    out = np.asarray(F.conv(images, kernel), np.float64).reshape(-1, 24)
+    second_moment = out.T @ out / out.shape[0]
+    np.testing.assert_allclose(second_moment[:12, :12], np.eye(12), atol=2e-3)
+    np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])

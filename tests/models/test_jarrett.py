@@ -1,0 +1,33 @@
+"""JarrettNet: the stage pipeline conv -> tanh -> |x| -> LCN -> pool, shapes and gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import functional as F
+from jcnn import models
+
+
+def test_jarrett_stage_is_conv_tanh_abs_lcn_pool(rng):
+    model = models.JarrettNet(widths=(4, 6), lcn_size=5)
+    x = jnp.asarray(rng.normal(size=(2, 28, 28, 1)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+    logits, state = model.apply(variables, x, capture_intermediates=True)
+    stage1 = state["intermediates"]["pool1"]["__call__"][0]
+    k1 = params["conv1"]
+    expected = F.avg_pool(
+        F.local_contrast_norm(
+            jnp.abs(jnp.tanh(F.conv(x, k1["kernel"], k1["bias"], padding=2))), size=5
+        ),
+        2,
+    )
+    np.testing.assert_allclose(stage1, expected, rtol=1e-5, atol=1e-5)
+    assert stage1.shape == (2, 14, 14, 4) and logits.shape == (2, 10)
+    assert params["fc"]["kernel"].shape == (7 * 7 * 6, 10)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)))(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["conv1"]["kernel"]).sum()) > 0
+    with pytest.raises(ValueError, match="pool"):
+        models.JarrettNet(pool="median").init(jax.random.key(0), x)

@@ -1,0 +1,44 @@
+"""VGG: published parameter counts, names, a small-input forward pass with BatchNorm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import models
+
+from ._helpers import count_params, param_shapes
+
+
+@pytest.mark.parametrize(
+    ("depth", "batch_norm", "expected"),
+    [
+        (11, False, 132_863_336),
+        (13, False, 133_047_848),
+        (16, False, 138_357_544),
+        (19, False, 143_667_240),
+        (16, True, 138_365_992),
+    ],
+)
+def test_vgg_parameter_counts(depth, batch_norm, expected):
+    assert count_params(models.VGG(depth, batch_norm), (1, 224, 224, 3)) == expected
+
+
+def test_vgg16_names_and_shapes():
+    params = param_shapes(models.VGG(16), (1, 224, 224, 3))
+    convs = [k for k in params if k.startswith("conv")]
+    assert len(convs) == 13 and "conv5_3" in params and "conv5_4" not in params
+    assert params["fc6"]["kernel"].shape == (7 * 7 * 512, 4096)
+    assert params["fc8"]["kernel"].shape == (4096, 1000)
+
+
+def test_small_input_vgg_with_batchnorm_forward(rng):
+    model = models.VGG(11, batch_norm=True, num_classes=10, small_input=True)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    assert variables["params"]["fc"]["kernel"].shape == (512, 10)
+    logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x
+    )
+    assert logits.shape == (2, 10) and np.isfinite(logits).all()
+    assert not np.allclose(updates["batch_stats"]["bn1_1"]["mean"], 0)
