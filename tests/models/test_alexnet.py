@@ -12,10 +12,18 @@ from ._helpers import count_params
 
 @pytest.mark.parametrize(
     ("variant", "size", "expected"),
-    [("imagenet", 224, 61_100_840), ("imagenet", 227, 61_100_840), ("original", 227, 62_378_344)],
+    [
+        ("imagenet", 224, 61_100_840),
+        ("imagenet", 227, 61_100_840),
+        ("original", 227, 62_378_344),
+        # conv 1,792 + 110,784 + 663,936 + 884,992 + 590,080; dense 1,049,600 * 2 + 10,250
+        ("cifar", 32, 4_361_034),
+    ],
 )
 def test_alexnet_parameter_counts(variant, size, expected):
-    assert count_params(models.AlexNet(variant=variant), (1, size, size, 3)) == expected
+    num_classes = 10 if variant == "cifar" else 1000
+    model = models.AlexNet(num_classes=num_classes, variant=variant)
+    assert count_params(model, (1, size, size, 3)) == expected
 
 
 def test_original_alexnet_shapes():

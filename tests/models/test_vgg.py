@@ -32,6 +32,13 @@ def test_vgg16_names_and_shapes():
     assert params["fc8"]["kernel"].shape == (4096, 1000)
 
 
+def test_small_input_vgg_counts():
+    # The convs of VGG-11 (132,863,336 minus the 123,642,856 of the ImageNet head) + 512x10 + 10.
+    assert count_params(models.VGG(11, num_classes=10, small_input=True), (1, 32, 32, 3)) == (
+        9_225_610
+    )
+
+
 def test_small_input_vgg_with_batchnorm_forward(rng):
     model = models.VGG(11, batch_norm=True, num_classes=10, small_input=True)
     x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
