@@ -23,7 +23,22 @@ TRANSPOSE_CHUNKS, TRANSPOSE_CASES_PER_CHUNK = 2, 45
 # The parity chunks compile their many small programs as one. XLA:CPU's older elemental fusion
 # emitters without LLVM optimizations compile that about six times faster than the defaults; the
 # operations, and so the numerics, are the same.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+FAST_COMPILE = (
+    {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+    if jax.default_backend() == "cpu"
+    else {}
+)
+
+
+def fast_jit(function):
+    return jax.jit(function, compiler_options=FAST_COMPILE)
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_precision():
+    """Full float32 convolutions on accelerators too (no TF32), as the tolerances assume."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def relative_error(actual, expected) -> float:
@@ -328,8 +343,7 @@ def jcnn_outputs_and_vjps(cases, inputs, cotangents):
             results.append((y, vjp(cotangent)))
         return results
 
-    compiled = jax.jit(run).lower(inputs, cotangents).compile(compiler_options=FAST_COMPILE)
-    return compiled(inputs, cotangents)
+    return fast_jit(run)(inputs, cotangents)
 
 
 def parity_failures(cases, rng, torch, *, transposed: bool):
@@ -607,7 +621,7 @@ def test_second_derivatives_match_torch(transposed, rng, torch):
         gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
         return jnp.vdot(gx, vx) + jnp.vdot(gw, vw)
 
-    hx, hw = jax.grad(directional, argnums=(0, 1))(x, w)
+    hx, hw = fast_jit(jax.grad(directional, argnums=(0, 1)))(x, w)
 
     tx = to_torch_layout(x, torch, grad=True)
     tw = kernel_to_torch(w, torch, transposed=transposed, grad=True)
@@ -623,14 +637,33 @@ def test_second_derivatives_match_torch(transposed, rng, torch):
     )
 
 
+def test_conv_transpose_is_the_input_gradient_of_conv(rng):
+    """With the kernel's last two axes swapped, conv_transpose is the VJP of conv w.r.t. x."""
+    configs = [  # (size, window, C_in, C_out, groups, stride, padding, dilation)
+        ((9, 8), (3, 2), 4, 6, 2, (2, 3), ((1, 0), (2, 1)), (1, 2)),
+        ((7,), (4,), 3, 3, 3, (3,), 2, (2,)),
+    ]
+    for sizes, window, c_in, c_out, groups, stride, padding, dilation in configs:
+        x = rng.standard_normal((2, *sizes, c_in)).astype(np.float32)
+        w = rng.standard_normal((*window, c_in // groups, c_out)).astype(np.float32)
+        keywords = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        y, vjp = jax.vjp(lambda x, w=w, keywords=keywords: conv(x, w, **keywords), x)
+        cotangent = rng.standard_normal(y.shape).astype(np.float32)
+        (expected,) = vjp(cotangent)
+        plain = conv_transpose(cotangent, jnp.swapaxes(w, -1, -2), **keywords)
+        output_padding = tuple(a - b for a, b in zip(sizes, plain.shape[1:-1], strict=True))
+        actual = conv_transpose(
+            cotangent, jnp.swapaxes(w, -1, -2), output_padding=output_padding, **keywords
+        )
+        assert relative_error(actual, expected) < 1e-6
+
+
 def test_mixed_dtypes_promote_and_low_precision_is_kept(rng):
     x = jnp.asarray(rng.standard_normal((1, 5, 5, 2)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
     assert conv(x, w).dtype == jnp.float32
     assert conv(x, w.astype(jnp.bfloat16)).dtype == jnp.bfloat16
-    assert conv_transpose(x, w.astype(jnp.bfloat16).transpose(0, 1, 2, 3)[..., :2, :]).dtype == (
-        jnp.bfloat16
-    )
+    assert conv_transpose(x, w.astype(jnp.bfloat16), stride=2).dtype == jnp.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
