@@ -29,6 +29,7 @@ import numpy as np
 import optax
 import torch
 import torch.nn.functional as TF
+from jax import lax
 
 from jcnn.functional._conv_cpu import conv_general
 
@@ -442,6 +443,59 @@ def per_example_rows(batch, rounds, steps):
     }
 
 
+LAYERS = [  # name, input (N, H, W, C), kernel (k, k, C, O), padding
+    ("LeNet c1", (128, 28, 28, 1), (5, 5, 1, 6), 2),
+    ("LeNet c3", (128, 14, 14, 6), (5, 5, 6, 16), 0),
+    ("Airbench whiten", (256, 32, 32, 3), (2, 2, 3, 24), 0),
+    ("Airbench g1.conv1", (256, 31, 31, 24), (3, 3, 24, 64), 1),
+    ("Airbench g1.conv2", (256, 15, 15, 64), (3, 3, 64, 64), 1),
+    ("Airbench g2.conv1", (256, 15, 15, 64), (3, 3, 64, 256), 1),
+    ("Airbench g2.conv2", (256, 7, 7, 256), (3, 3, 256, 256), 1),
+    ("Airbench g3.conv2", (256, 3, 3, 256), (3, 3, 256, 256), 1),
+]
+
+
+def layer_rows(rounds, steps):
+    """GFLOP/s of each product of each conv layer: XLA's native conv against conv_general's."""
+    rows = []
+    for name, x_shape, w_shape, pad in LAYERS:
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        options = ((1, 1), ((pad, pad),) * 2, (1, 1), 1)
+        native = partial(
+            lax.conv_general_dilated,
+            window_strides=(1, 1),
+            padding=options[1],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        convs = {"xla": native, "jcnn": lambda x, w, o=options: conv_general(x, w, *o)}
+        g = jnp.ones(jax.eval_shape(native, x, w).shape, jnp.float32)
+        flops = 2 * np.prod(g.shape) * np.prod(w_shape[:-1])
+        runners = {}
+        for impl, conv in convs.items():
+            fns = {
+                "fwd": jax.jit(conv),
+                "dx": jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)),
+                "dw": jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)),
+            }
+            for product, fn in fns.items():
+                args = (x, w) if product == "fwd" else (x, w, g)
+                jax.block_until_ready(fn(*args))
+                runners[f"{impl} {product}"] = partial(
+                    lambda fn, args: jax.block_until_ready(fn(*args)), fn, args
+                )
+        result = interleaved(runners, rounds, steps)
+        cells = {"layer": name, "GFLOP": f"{flops / 1e9:.2f}"}
+        for product in ("fwd", "dx", "dw"):
+            cells[f"{product} GFLOP/s xla/jcnn"] = "/".join(
+                f"{flops / result[f'{impl} {product}'][0] / 1e9:.0f}" for impl in convs
+            )
+        rows.append(cells)
+        print(markdown(rows[-1:]), flush=True)
+    return rows
+
+
 def markdown(rows):
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -454,7 +508,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny batches, one round: smoke run")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--steps", type=int, default=3, help="calls per round and implementation")
-    parser.add_argument("--only", choices=["lenet", "airbench", "per-example"], nargs="*")
+    parser.add_argument(
+        "--only",
+        choices=["lenet", "airbench", "per-example", "layers"],
+        nargs="*",
+        help="sections to run (default: all but layers, the per-layer conv GFLOP/s)",
+    )
     args = parser.parse_args()
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     only = set(args.only or ["lenet", "airbench", "per-example"])
@@ -492,6 +551,9 @@ def main():
     if "per-example" in only:
         print()
         print(markdown([per_example_rows(pe_batch, rounds, steps)]))
+    if "layers" in only:
+        print()
+        print(markdown(layer_rows(rounds, steps)))
 
 
 if __name__ == "__main__":
