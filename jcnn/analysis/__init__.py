@@ -1,7 +1,9 @@
 """jcnn.analysis: model summary (shapes, parameters, multiply-adds, receptive fields), inference
 folding of BatchNorm, PyTorch weights, and per-example gradients (clipping, DP-SGD)."""
 
+from jcnn.analysis.fold import *  # noqa: F403
+from jcnn.analysis.fold import __all__ as _fold
 from jcnn.analysis.summary import *  # noqa: F403
 from jcnn.analysis.summary import __all__ as _summary
 
-__all__ = [*_summary]
+__all__ = [*_summary, *_fold]

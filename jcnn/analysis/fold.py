@@ -1,0 +1,184 @@
+"""Inference folding: every conv (or dense) layer followed by a BatchNorm becomes one layer.
+
+``fold_batch_norms(model, variables, input_shape)`` finds each ``jcnn.nn.Conv``/``Dense`` whose
+output goes only into a ``jcnn.nn.BatchNorm`` (by running the model abstractly), folds the
+BatchNorm's running statistics and affine map into the layer's kernel and bias with
+``F.fold_batch_norm``, and returns a ``FoldedModel``: the same network with those BatchNorms
+skipped, and parameters at the same paths (the BatchNorms' entries removed, a ``bias`` added to
+convs built with ``use_bias=False``). The folded network computes the original's eval-mode
+(``train=False``) function with one layer less per pair; it is meant for inference.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jcnn import functional as F
+from jcnn import nn as jnn
+from jcnn.analysis._trace import accepts_train, leaf_calls, trace_layers
+
+__all__ = ["FoldedModel", "fold_batch_norms"]
+
+Path = tuple[str, ...]
+
+
+class FoldedModel(nn.Module):
+    """``model`` with the BatchNorms at ``skipped`` removed (they are folded into the layers).
+
+    Built by ``fold_batch_norms``; parameters keep ``model``'s paths.
+
+    Attributes:
+      model: the original network.
+      skipped: paths of the BatchNorms that act as the identity.
+      added_bias: paths of the layers built without a bias that add the folded ``bias``.
+    """
+
+    model: nn.Module
+    skipped: tuple[Path, ...] = ()
+    added_bias: tuple[Path, ...] = ()
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, x, train: bool = False):
+        """The folded network's output for ``x`` (``train`` reaches layers such as Dropout)."""
+        skipped, added_bias = set(self.skipped), set(self.added_bias)
+        # The wrapped model's calls report paths under this module's attribute name ("model")
+        # even though its variables live in this module's (shared) scope.
+        prefix = (*self.path, "model")
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            path = tuple(context.module.path)
+            path = path[len(prefix) :] if path[: len(prefix)] == prefix else path
+            if path in skipped:
+                return args[0]
+            y = next_fun(*args, **kwargs)
+            if path in added_bias:
+                bias = context.module.get_variable("params", "bias")
+                y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
+            return y
+
+        kwargs = {"train": train} if accepts_train(self.model) else {}
+        with nn.intercept_methods(interceptor):
+            return self.model(x, **kwargs)
+
+
+def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float]]:
+    """``(layer path, BatchNorm path, layer has a bias, BatchNorm eps)`` per foldable pair."""
+    calls, _ = trace_layers(model, input_shape)
+    leaves = leaf_calls(calls)
+    call_counts: dict[Path, int] = {}
+    for call in leaves:
+        call_counts[call.path] = call_counts.get(call.path, 0) + 1
+    pairs = []
+    for call in leaves:
+        if not isinstance(call.module, jnn.BatchNorm) or call.source is None:
+            continue
+        layer = calls[call.source]
+        if (
+            layer.is_leaf
+            and type(layer.module) in (jnn.Conv, jnn.Dense)
+            and layer.consumers == [call.index]
+            and call_counts[layer.path] == 1
+            and call_counts[call.path] == 1
+        ):
+            pairs.append((layer.path, call.path, layer.module.use_bias, call.module.eps))
+    return pairs
+
+
+def _node(tree, path: Sequence[str], name: str):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            raise ValueError(
+                f"variables: expected {name} at {'/'.join(path)!r}, missing in the given variables"
+            )
+        tree = tree[key]
+    return tree
+
+
+def _delete(tree: dict, path: Sequence[str]) -> None:
+    parents = [tree]
+    for key in path[:-1]:
+        parents.append(parents[-1][key])
+    parents[-1].pop(path[-1], None)
+    # Drop containers left empty (a block whose only variables were the BatchNorm's).
+    for depth in range(len(path) - 1, 0, -1):
+        if not parents[depth]:
+            parents[depth - 1].pop(path[depth - 1])
+
+
+def _plain(tree):
+    """A mutable deep copy of nested (possibly frozen) dicts."""
+    if hasattr(tree, "items"):
+        return {key: _plain(value) for key, value in tree.items()}
+    return copy.copy(tree)
+
+
+def fold_batch_norms(model: nn.Module, variables, input_shape: Sequence[int]):
+    """Fold every conv/dense + BatchNorm pair of a trained ``model`` into one layer.
+
+    Args:
+      model: a Flax module built from ``jcnn.nn`` layers (e.g. ``models.VGG(batch_norm=True)``).
+      variables: its variables, ``{"params": ..., "batch_stats": ...}``.
+      input_shape: an input shape with the batch axis, to run the model abstractly.
+
+    Returns:
+      ``(folded_model, folded_variables)``: ``folded_model.apply(folded_variables, x)`` equals
+      ``model.apply(variables, x, train=False)`` up to float rounding.
+
+    >>> import jcnn
+    >>> from jcnn import nn
+    >>> model = nn.Sequential([nn.Conv(4, 3, use_bias=False), nn.BatchNorm(), nn.ReLU()])
+    >>> x = jnp.ones((1, 6, 6, 2))
+    >>> variables = model.init(jax.random.key(0), x, train=False)
+    >>> folded, folded_variables = fold_batch_norms(model, variables, x.shape)
+    >>> sorted(folded_variables), sorted(folded_variables["params"]["layers_0"])
+    (['params'], ['bias', 'kernel'])
+    >>> bool(jnp.allclose(folded.apply(folded_variables, x),
+    ...                   model.apply(variables, x, train=False), atol=1e-5))
+    True
+    """
+    pairs = _pairs(model, input_shape)
+    folded = _plain(dict(variables))
+    params = folded.setdefault("params", {})
+    stats = folded.get("batch_stats", {})
+    for layer_path, norm_path, _, eps in pairs:
+        layer_params = _node(params, layer_path, "the layer's params")
+        norm_params = (
+            _node(params, norm_path, "the BatchNorm's params") if _has(params, norm_path) else {}
+        )
+        norm_stats = _node(stats, norm_path, "the BatchNorm's batch_stats")
+        kernel, bias = F.fold_batch_norm(
+            jnp.asarray(layer_params["kernel"]),
+            layer_params.get("bias"),
+            norm_params.get("scale"),
+            norm_params.get("bias"),
+            F.BatchNormState(jnp.asarray(norm_stats["mean"]), jnp.asarray(norm_stats["var"])),
+            eps=eps,
+        )
+        layer_params["kernel"], layer_params["bias"] = kernel, bias
+        if norm_params:
+            _delete(params, norm_path)
+        _delete(stats, norm_path)
+    if "batch_stats" in folded and not folded["batch_stats"]:
+        del folded["batch_stats"]
+    folded_model = FoldedModel(
+        model,
+        skipped=tuple(norm for _, norm, _, _ in pairs),
+        added_bias=tuple(layer for layer, _, has_bias, _ in pairs if not has_bias),
+    )
+    return folded_model, folded
+
+
+def _has(tree, path: Sequence[str]) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True

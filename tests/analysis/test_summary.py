@@ -1,0 +1,280 @@
+"""Tests of jcnn.analysis.summary: output-size formulas (vs PyTorch), the course's tables, and
+receptive fields (vs the gradient-based definition)."""
+
+import math
+
+import flax.linen as flax_nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcnn
+from jcnn import functional as F
+from jcnn import nn
+from jcnn.analysis import (
+    ReceptiveField,
+    conv_output_size,
+    pool_output_size,
+    receptive_field,
+    summary,
+)
+from jcnn.models.resnet import BasicBlock
+
+
+def test_output_sizes_match_torch(torch, rng):
+    for _ in range(300):
+        kernel, stride, dilation = (int(v) for v in rng.integers(1, 5, size=3))
+        padding = int(rng.integers(0, kernel // 2 + 1))
+        size = int(rng.integers(dilation * (kernel - 1) + 1, 20))
+        x = torch.zeros(1, 1, size)
+        conv = torch.nn.functional.conv1d(
+            x, torch.zeros(1, 1, kernel), stride=stride, padding=padding, dilation=dilation
+        )
+        assert conv_output_size(size, kernel, stride, padding, dilation) == conv.shape[-1]
+        for ceil_mode in (False, True):
+            pooled = torch.nn.functional.max_pool1d(
+                x, kernel, stride, padding, dilation=dilation, ceil_mode=ceil_mode
+            )
+            expected = pooled.shape[-1]
+            assert pool_output_size(size, kernel, stride, padding, dilation, ceil_mode) == expected
+            assert conv_output_size(size, kernel, stride, padding, dilation, ceil_mode) == expected
+
+
+def test_output_size_checks():
+    with pytest.raises(ValueError, match="kernel: the dilated window 5 is larger"):
+        conv_output_size(4, 3, dilation=2)
+    with pytest.raises(ValueError, match="stride: expected an int >= 1, got 0"):
+        conv_output_size(8, 3, stride=0)
+    with pytest.raises(TypeError, match="size: expected an int, got 2.5"):
+        conv_output_size(2.5, 1)
+    with pytest.raises(ValueError, match="padding: expected at most half the window"):
+        pool_output_size(8, 2, padding=2)
+
+
+def test_course_conv_example():
+    """001: ten 5x5 filters, stride 1, pad 2 on 3x32x32: 760 parameters, 768,000 MACs."""
+    table = summary(nn.Conv(10, (5, 5), stride=1, padding=2), (1, 32, 32, 3))
+    (row,) = table.rows
+    assert row.output_shape == (1, 32, 32, 10)
+    assert (row.params, row.macs) == (760, 768_000)
+    assert (table.total_params, table.total_macs) == (760, 768_000)
+
+
+# The course's LeNet-5 table (001): layer, output size (C x H x W), weight size (OIHW).
+_LENET_COURSE = [
+    ("Conv", (20, 28, 28), (20, 1, 5, 5)),
+    ("ReLU", (20, 28, 28), None),
+    ("MaxPool", (20, 14, 14), None),
+    ("Conv", (50, 14, 14), (50, 20, 5, 5)),
+    ("ReLU", (50, 14, 14), None),
+    ("MaxPool", (50, 7, 7), None),
+    ("Flatten", (2450,), None),
+    ("Linear", (500,), (2450, 500)),
+    ("ReLU", (500,), None),
+    ("Linear", (10,), (500, 10)),
+]
+
+
+def _course_layout(row):
+    """A jcnn row in the course's notation: CHW outputs, OIHW conv weights, Linear for Dense."""
+    kind = row.layer.split("(")[0].replace("Dense", "Linear")
+    out = row.output_shape[1:]
+    out = (out[-1], *out[:-1]) if len(out) == 3 else out
+    weight = row.weight_shape
+    if weight is not None and len(weight) == 4:
+        weight = (weight[3], weight[2], weight[0], weight[1])
+    return kind, out, weight
+
+
+def test_lenet5_reproduces_course_table():
+    table = summary(jcnn.models.LeNet5(), (1, 28, 28, 1))
+    assert [_course_layout(row) for row in table.rows] == _LENET_COURSE
+    assert table.rows[0].layer == "Conv(20, k=5, s=1, p=2)"
+    assert table.rows[2].layer == "MaxPool(k=2, s=2)"
+    assert [row.params for row in table.rows if row.params] == [520, 25_050, 1_225_500, 5_010]
+    assert table.total_params == 1_256_080
+    macs = [28 * 28 * 20 * 25, 14 * 14 * 50 * 500, 2450 * 500, 500 * 10]
+    assert [row.macs for row in table.rows if row.macs] == macs
+    assert table.total_macs == sum(macs)
+    # Receptive field: 5, then the pool (6, stride 2), then 6 + 4 * 2 = 14, pool 16 (stride 4).
+    assert [row.receptive_field.size[0] for row in table.rows[:6]] == [5, 5, 6, 14, 14, 16]
+    assert [row.receptive_field.stride[0] for row in table.rows[:6]] == [1, 1, 2, 2, 2, 4]
+    text = str(table)
+    assert "Total params: 1,256,080" in text
+    assert "(1, 7, 7, 50)" in text and "(2450, 500)" in text
+    assert len(text.splitlines()) == len(table.rows) + 5
+
+
+def test_summary_counts_match_params_and_macs_formula(rng):
+    """Grouped/strided/dilated convs: params equal the tree's, MACs the formula per output."""
+    for _ in range(3):
+        groups = int(rng.choice([1, 2]))
+        c_in, c_out = 2 * int(rng.integers(1, 3)), 2 * int(rng.integers(1, 4))
+        k, s, d = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        conv = nn.Conv(c_out, (k, k + 1), stride=s, dilation=d, groups=groups, padding=1)
+        model = nn.Sequential([conv, nn.Flatten(), nn.Dense(3)])
+        shape = (2, 9, 8, c_in)
+        table = summary(model, shape)
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        assert table.total_params == sum(p.size for p in jax.tree.leaves(variables))
+        out = table.rows[0].output_shape
+        conv_params = {"params": variables["params"]["layers_0"]}
+        assert out == jax.eval_shape(conv.apply, conv_params, x).shape
+        assert out == (
+            2,
+            conv_output_size(9, k, s, 1, d),
+            conv_output_size(8, k + 1, s, 1, d),
+            c_out,
+        )
+        assert table.rows[0].macs == math.prod(out) * k * (k + 1) * c_in // groups
+        assert table.rows[2].macs == 2 * math.prod(out[1:]) * 3
+
+
+def test_stacked_convs_grow_linearly_and_pools_exponentially():
+    for layers in range(1, 6):
+        convs = nn.Sequential([nn.Conv(2, 3, padding=1) for _ in range(layers)])
+        field = receptive_field(convs, (1, 16, 16, 1))
+        assert field == ReceptiveField((1 + 2 * layers,) * 2, (1, 1), (-layers, -layers))
+        blocks = []
+        for _ in range(layers):
+            blocks += [nn.Conv(2, 3, padding=1), nn.MaxPool(2)]
+        field = receptive_field(nn.Sequential(blocks), (1, 64, 64, 1))
+        assert field.size == (1 + 3 * (2**layers - 1),) * 2
+        assert field.stride == (2**layers,) * 2
+
+
+def test_resnet20_summary():
+    table = summary(jcnn.models.resnet20(), (1, 32, 32, 3))
+    assert table.total_params == 269_722
+    names = [row.name for row in table.rows]
+    assert names[:4] == ["conv1", "bn1", "relu", "layer1_0/conv1"]
+    by_name = {row.name: row for row in table.rows}
+    # 19 3x3 convs: 7 at stride 1, 6 at 2, 6 at 4: r = 1 + 2 * (7 + 12 + 24); centred windows.
+    assert by_name["layer1_2/relu2"].receptive_field.size == (15, 15)
+    assert by_name["layer2_2/relu2"].receptive_field.size == (37, 37)
+    assert by_name["layer3_2/relu2"].receptive_field == ReceptiveField((81, 81), (4, 4), (-40, -40))
+
+
+# --- receptive field against its gradient-based definition -------------------------------------
+
+
+def _avg_for_max(next_fun, args, kwargs, context):
+    """Max pooling routes the gradient to one pixel; its window is that of an average pool."""
+    module = context.module
+    if isinstance(module, nn.MaxPool) and context.method_name == "__call__":
+        return F.avg_pool(args[0], module.window, module.stride, module.padding)
+    return next_fun(*args, **kwargs)
+
+
+def _dependency_box(model, shape, rng):
+    """Bounding box and density of the input pixels with non-zero gradient for the centre unit."""
+    x = jnp.asarray(rng.uniform(0.5, 1.5, size=shape), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    # Positive weights and inputs keep every ReLU open and every product non-zero.
+    variables = jax.tree.map(lambda v: jnp.abs(v) + 0.1, variables)
+
+    def unit(x):
+        with flax_nn.intercept_methods(_avg_for_max):
+            y = model.apply(variables, x)
+        centre = tuple(n // 2 for n in y.shape[1:-1])
+        return y[(0, *centre, 0)], centre
+
+    grad, centre = jax.grad(unit, has_aux=True)(x)
+    mask = np.asarray(jnp.abs(grad[0]).sum(-1) > 0)
+    boxes = [(int(idx.min()), int(idx.max())) for idx in np.nonzero(mask)]
+    return boxes, centre, mask
+
+
+def _predicted_box(field, centre, spatial):
+    return [
+        (max(a + c * j, 0), min(a + c * j + r - 1, n - 1))
+        for r, j, a, c, n in zip(
+            field.size, field.stride, field.start, centre, spatial, strict=True
+        )
+    ]
+
+
+def _random_layers(rng):
+    layers = []
+    for _ in range(int(rng.integers(2, 5))):
+        k = int(rng.integers(1, 5))
+        if rng.random() < 0.3:
+            pool = nn.MaxPool if rng.random() < 0.5 else nn.AvgPool
+            stride = int(rng.integers(1, k + 1))
+            layers.append(pool(k, stride, padding=int(rng.integers(0, k // 2 + 1))))
+        else:
+            layers.append(
+                nn.Conv(
+                    2,
+                    (k, int(rng.integers(1, 5))),
+                    stride=int(rng.integers(1, 3)),
+                    padding=int(rng.integers(0, 3)),
+                    dilation=int(rng.integers(1, 3)),
+                )
+            )
+            layers.append(nn.ReLU())
+    return layers
+
+
+def test_receptive_field_matches_gradient_definition(rng):
+    shape = (1, 41, 37, 2)
+    checked = 0
+    while checked < 5:
+        model = nn.Sequential(_random_layers(rng))
+        try:
+            field = receptive_field(model, shape)
+        except ValueError:  # a window larger than its (shrunken) input: draw again
+            continue
+        boxes, centre, mask = _dependency_box(model, shape, rng)
+        assert boxes == _predicted_box(field, centre, shape[1:-1]), model
+        checked += 1
+
+
+def test_receptive_field_full_box_without_dilation(rng):
+    model = nn.Sequential(
+        [nn.Conv(3, 5, stride=2, padding=2), nn.ReLU(), nn.MaxPool(3, 2, 1), nn.Conv(2, 3)]
+    )
+    shape = (1, 40, 40, 1)
+    field = receptive_field(model, shape)
+    assert field == ReceptiveField((17, 17), (4, 4), (-4, -4))
+    boxes, centre, mask = _dependency_box(model, shape, rng)
+    assert boxes == _predicted_box(field, centre, shape[1:-1])
+    (r0, r1), (c0, c1) = boxes
+    assert mask[r0 : r1 + 1, c0 : c1 + 1].all() and mask.sum() == (r1 - r0 + 1) * (c1 - c0 + 1)
+
+
+def test_receptive_field_of_residual_blocks(rng):
+    """Residual sums take the widest branch: ResNet basic blocks and nn.Residual."""
+    model = nn.Sequential(
+        [
+            nn.Conv(4, 3, padding=1),
+            BasicBlock(6, stride=2, shortcut="pad"),
+            BasicBlock(6, stride=1),
+            nn.Residual(
+                nn.Sequential([nn.Conv(8, 3, padding=1), nn.ReLU(), nn.Conv(8, 5, padding=2)])
+            ),
+        ]
+    )
+    shape = (1, 40, 40, 3)
+    field = receptive_field(model, shape)
+    # 3, then 3x3/2 (+2), 3x3 (+4), two 3x3 (+8), 3x3 and 5x5 (+4 +8): 29 at stride 2.
+    assert field.size == (29, 29) and field.stride == (2, 2)
+    boxes, centre, _ = _dependency_box(model, shape, rng)
+    assert boxes == _predicted_box(field, centre, shape[1:-1])
+
+
+def test_receptive_field_unknown_for_transposed_conv():
+    model = nn.Sequential([nn.Conv(2, 3), nn.ConvTranspose(2, 2, stride=2)])
+    assert receptive_field(model, (1, 8, 8, 1)) is None
+    assert "?" in str(summary(model, (1, 8, 8, 1)))
+
+
+def test_summary_input_checks():
+    with pytest.raises(TypeError, match="input_shape: expected a shape tuple"):
+        summary(jcnn.models.LeNet5(), 28)
+    with pytest.raises(TypeError, match="model: expected a flax.linen.Module"):
+        summary(lambda x: x, (1, 4, 4, 1))
+    with pytest.raises(ValueError, match="x: expected rank 4"):
+        summary(jcnn.models.LeNet5(), (28, 28, 1))
