@@ -22,11 +22,7 @@ __all__ = ["conv", "convolve", "conv_transpose"]
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 _LAYOUTS = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
-_WINDOWS = {
-    1: "(L, C_in // groups, C_out)",
-    2: "(H, W, C_in // groups, C_out)",
-    3: "(D, H, W, C_in // groups, C_out)",
-}
+_WINDOW_AXES = {1: "K", 2: "KH, KW", 3: "KD, KH, KW"}
 _DIMENSION_NUMBERS = {
     1: ("NWC", "WIO", "NWC"),
     2: ("NHWC", "HWIO", "NHWC"),
@@ -58,12 +54,15 @@ def _conv_nhwc(x, w, stride, padding_pairs, dilation, groups):
     )
 
 
-def _check_kernel_and_input(x, w) -> int:
-    """Check dtypes and ranks of ``x`` and ``w``; return the spatial rank."""
+def _check_kernel_and_input(x, w, channel_axes: str) -> int:
+    """Check dtypes and ranks of ``x`` and ``w``; return the spatial rank.
+
+    ``channel_axes`` names ``w``'s last two axes in the messages.
+    """
     check_array(w, "w")
     if w.ndim not in (3, 4, 5):
         raise ValueError(
-            "w: expected rank 3, 4 or 5 (*window, C_in // groups, C_out) for a 1-, 2- or 3-D "
+            f"w: expected rank 3, 4 or 5 (*window, {channel_axes}) for a 1-, 2- or 3-D "
             f"kernel, got rank {w.ndim} with shape {tuple(w.shape)}"
         )
     spatial_rank = w.ndim - 2
@@ -71,8 +70,8 @@ def _check_kernel_and_input(x, w) -> int:
     if x.ndim != w.ndim:
         raise ValueError(
             f"x: expected rank {w.ndim} {_LAYOUTS[spatial_rank]} for a {spatial_rank}-D kernel "
-            f"{_WINDOWS[spatial_rank]} of shape {tuple(w.shape)}, got rank {x.ndim} with shape "
-            f"{tuple(x.shape)}"
+            f"({_WINDOW_AXES[spatial_rank]}, {channel_axes}) of shape {tuple(w.shape)}, "
+            f"got rank {x.ndim} with shape {tuple(x.shape)}"
         )
     return spatial_rank
 
@@ -163,7 +162,7 @@ def conv(
         >>> conv(jnp.ones((1, 32, 32, 3)), jnp.ones((5, 5, 3, 10)), stride=1, padding=2).shape
         (1, 32, 32, 10)
     """
-    spatial_rank = _check_kernel_and_input(x, w)
+    spatial_rank = _check_kernel_and_input(x, w, "C_in // groups, C_out")
     groups = _check_groups(groups)
     in_channels, out_channels = x.shape[-1], w.shape[-1]
     if in_channels % groups:
@@ -301,7 +300,7 @@ def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilat
         >>> conv_transpose(x, w, stride=2, padding=1).shape
         (1, 10, 10, 3)
     """
-    spatial_rank = _check_kernel_and_input(x, w)
+    spatial_rank = _check_kernel_and_input(x, w, "C_in, C_out // groups")
     groups = _check_groups(groups)
     in_channels = w.shape[-2]
     if x.shape[-1] != in_channels:

@@ -802,7 +802,7 @@ BAD_INPUTS = {
     "transpose: x rank": (
         lambda: conv_transpose(X2[None], WT),
         ValueError,
-        r"x: expected rank 4 \(N, H, W, C\) for a 2-D kernel",
+        r"x: expected rank 4 \(N, H, W, C\) for a 2-D kernel \(KH, KW, C_in, C_out // groups\)",
     ),
 }
 
