@@ -1,0 +1,120 @@
+"""Tests of jcnn.analysis.fold: folded networks equal the originals in eval mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcnn
+from jcnn import nn
+from jcnn.analysis import FoldedModel, fold_batch_norms, summary
+
+
+def _randomize_batch_norms(variables, rng):
+    """Random BN scale/bias and running statistics (a 'trained' network), other params kept."""
+
+    def visit(params, stats):
+        for name, value in params.items():
+            if isinstance(value, dict):
+                visit(value, stats.get(name, {}) if stats else {})
+        if stats and "mean" in stats:
+            channels = stats["mean"].shape
+            stats["mean"] = jnp.asarray(rng.normal(0, 0.5, channels), jnp.float32)
+            stats["var"] = jnp.asarray(rng.uniform(0.3, 3.0, channels), jnp.float32)
+            params["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+            params["bias"] = jnp.asarray(rng.normal(0, 0.2, channels), jnp.float32)
+
+    variables = _to_dict(variables)
+    visit(variables["params"], variables["batch_stats"])
+    return variables
+
+
+def _to_dict(tree):
+    return {k: _to_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def _relative_error(folded, original):
+    folded, original = np.asarray(folded), np.asarray(original)
+    return float(np.abs(folded - original).max() / np.abs(original).max())
+
+
+def _check_fold(model, shape, rng, expected_pairs):
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(model.init(jax.random.key(1), x), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    assert isinstance(folded_model, FoldedModel)
+    assert len(folded_model.skipped) == expected_pairs
+    assert "batch_stats" not in folded
+    original = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    result = jax.jit(folded_model.apply)(folded, x)
+    assert _relative_error(result, original) < 1e-5
+    # The folded network has no BatchNorm left: 2 parameters per BN channel are gone.
+    bn_params = sum(row.params for row in summary(model, shape).rows if row.layer == "BatchNorm")
+    count = sum(p.size for p in jax.tree.leaves(folded["params"]))
+    bias_added = sum(_node(folded["params"], path)["bias"].size for path in folded_model.added_bias)
+    assert (
+        count == sum(p.size for p in jax.tree.leaves(variables["params"])) - bn_params + bias_added
+    )
+    return folded_model, folded
+
+
+def _node(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_fold_vgg_with_batch_norm(rng):
+    model = jcnn.models.VGG(depth=11, batch_norm=True, num_classes=10, small_input=True)
+    folded_model, folded = _check_fold(model, (2, 32, 32, 3), rng, expected_pairs=8)
+    # Convs with a bias keep their paths; the BN entries are gone.
+    assert set(folded["params"]) == {
+        f"conv{s}" for s in ("1_1", "2_1", "3_1", "3_2", "4_1", "4_2", "5_1", "5_2")
+    } | {"fc"}
+    assert folded_model.added_bias == ()
+
+
+def test_fold_resnet20_with_random_statistics(rng):
+    model = jcnn.models.resnet20()
+    folded_model, folded = _check_fold(model, (2, 16, 16, 3), rng, expected_pairs=19)
+    # The convs had no bias: each gets the folded one.
+    assert len(folded_model.added_bias) == 19
+    assert folded["params"]["layer2_0"]["conv1"]["bias"].shape == (32,)
+
+
+def test_fold_projection_shortcuts_and_dense(rng):
+    model = nn.Sequential(
+        [
+            nn.Conv(4, 3, padding=1),
+            nn.BatchNorm(),
+            jcnn.models.resnet.BasicBlock(6, stride=2),
+            nn.Flatten(),
+            nn.Dense(5),
+            nn.BatchNorm(use_scale=False),
+            nn.ReLU(),
+            nn.Dense(3),
+        ]
+    )
+    folded_model, _ = _check_fold(model, (3, 8, 8, 2), rng, expected_pairs=6)
+    assert ("layers_2", "downsample_conv") in folded_model.added_bias
+
+
+def test_unfoldable_batch_norm_is_kept(rng):
+    """A BN after an activation (not after a conv) stays, with its statistics."""
+    model = nn.Sequential([nn.Conv(3, 3), nn.ReLU(), nn.BatchNorm(), nn.Conv(2, 1), nn.BatchNorm()])
+    shape = (2, 6, 6, 1)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(model.init(jax.random.key(0), x, train=False), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    assert folded_model.skipped == (("layers_4",),)
+    assert list(folded["batch_stats"]) == ["layers_2"]
+    original = model.apply(variables, x, train=False)
+    assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
+
+
+def test_fold_reports_missing_variables(rng):
+    model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm()])
+    x = jnp.zeros((1, 5, 5, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="variables: expected the BatchNorm's batch_stats"):
+        fold_batch_norms(model, {"params": variables["params"]}, x.shape)
