@@ -383,26 +383,35 @@ def parity_failures(cases, rng, torch, *, transposed: bool):
     return failures, worst
 
 
+def drawn_cases(draw, chunk: int):
+    """The chunk's configurations, and the generator (seeded by chunk) that goes on to fill them."""
+    rng = np.random.default_rng([int(draw is draw_transpose_case), chunk])
+    cases_per_chunk = (
+        TRANSPOSE_CASES_PER_CHUNK if draw is draw_transpose_case else (CONV_CASES_PER_CHUNK)
+    )
+    return [draw(rng) for _ in range(cases_per_chunk)], rng
+
+
 @pytest.mark.parametrize("chunk", range(CONV_CHUNKS))
-def test_conv_matches_torch_on_random_configurations(chunk, rng, torch):
-    cases = [draw_conv_case(rng) for _ in range(CONV_CASES_PER_CHUNK)]
+def test_conv_matches_torch_on_random_configurations(chunk, torch):
+    cases, rng = drawn_cases(draw_conv_case, chunk)
     failures, worst = parity_failures(cases, rng, torch, transposed=False)
     assert not failures, f"{len(failures)} configurations differ from torch: {failures[:3]}"
     assert worst > 0.0  # float32 against float64 rounds somewhere: the numbers were compared
 
 
 @pytest.mark.parametrize("chunk", range(TRANSPOSE_CHUNKS))
-def test_conv_transpose_matches_torch_on_random_configurations(chunk, rng, torch):
-    cases = [draw_transpose_case(rng) for _ in range(TRANSPOSE_CASES_PER_CHUNK)]
+def test_conv_transpose_matches_torch_on_random_configurations(chunk, torch):
+    cases, rng = drawn_cases(draw_transpose_case, chunk)
     failures, worst = parity_failures(cases, rng, torch, transposed=True)
     assert not failures, f"{len(failures)} configurations differ from torch: {failures[:3]}"
     assert worst > 0.0
 
 
 def test_random_configurations_cover_every_feature():
-    """The parity draws reach every rank, padding form and mode, groups kind, stride, dilation."""
-    rng = np.random.default_rng(0)
-    cases = [draw_conv_case(rng) for _ in range(CONV_CHUNKS * CONV_CASES_PER_CHUNK)]
+    """The configurations of the parity tests reach every rank, padding form and mode, groups
+    kind, stride, dilation, output_padding."""
+    cases = [case for chunk in range(CONV_CHUNKS) for case in drawn_cases(draw_conv_case, chunk)[0]]
     assert {case.rank for case in cases} == {1, 2, 3}
     assert {case.padding_mode for case in cases} == {"zeros", "reflect", "replicate", "circular"}
     forms = {
@@ -411,12 +420,18 @@ def test_random_configurations_cover_every_feature():
     }
     assert {"int", "tuple", "SAME", "VALID", "same", "valid"} <= forms
     assert any(lo != hi for case in cases for lo, hi in case.pairs)
+    assert any(case.padding == "SAME" and case.padding_mode != "zeros" for case in cases)
     assert any(case.groups == case.in_channels > 1 for case in cases)  # depthwise
     assert any(1 < case.groups < case.in_channels for case in cases)
     assert any(max(per_dim(case.stride, case.rank)) > 1 for case in cases)
     assert any(max(per_dim(case.dilation, case.rank)) > 1 for case in cases)
     assert any(case.bias for case in cases) and not all(case.bias for case in cases)
-    transposed = [draw_transpose_case(rng) for _ in range(100)]
+    transposed = [
+        case
+        for chunk in range(TRANSPOSE_CHUNKS)
+        for case in drawn_cases(draw_transpose_case, chunk)[0]
+    ]
+    assert {case.rank for case in transposed} == {1, 2, 3}
     assert any(max(case.output_padding) > 0 for case in transposed)
     assert any(case.groups > 1 for case in transposed)
     assert any(lo != hi for case in transposed for lo, hi in case.pairs)
