@@ -82,7 +82,7 @@ def _convert_conv(group, prefix, path, params_shapes):
     )
     n = weight.ndim
     params = {"kernel": weight.transpose(*range(2, n), 1, 0)}
-    return params, _bias(group, prefix, name, params_shapes, params)
+    return _bias(group, prefix, name, params_shapes, params)
 
 
 def _convert_dense(group, prefix, path, params_shapes, flattened_from):
@@ -100,7 +100,7 @@ def _convert_dense(group, prefix, path, params_shapes, flattened_from):
         weight = weight.reshape(out, channels, *spatial)
         weight = weight.transpose(0, *range(2, 2 + len(spatial)), 1).reshape(out, -1)
     params = {"kernel": weight.T}
-    return params, _bias(group, prefix, name, params_shapes, params)
+    return _bias(group, prefix, name, params_shapes, params)
 
 
 def _bias(group, prefix, name, params_shapes, params):

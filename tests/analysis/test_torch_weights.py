@@ -1,0 +1,224 @@
+"""Tests of jcnn.analysis.torch_weights: PyTorch twins of LeNet5, VGG and ResNet give the same
+logits with converted weights; weights files are loaded as data and checked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcnn
+from jcnn.analysis import from_torch_state_dict, load_torch_weights
+
+
+def _randomize_norm_statistics(torch, net, rng):
+    """Random BN affine and running statistics, as in a trained network."""
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            c = module.num_features
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)))
+                module.bias.copy_(torch.from_numpy(rng.normal(0, 0.2, c).astype(np.float32)))
+                module.running_mean.copy_(
+                    torch.from_numpy(rng.normal(0, 0.3, c).astype(np.float32))
+                )
+                module.running_var.copy_(
+                    torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32))
+                )
+    return net.eval()
+
+
+def _compare(torch, net, model, shape, rng):
+    """Logits of the PyTorch twin (NCHW) and of the jcnn model (NHWC) with converted weights."""
+    x = rng.normal(size=shape).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    variables = from_torch_state_dict(model, net.state_dict(), shape)
+    got = np.asarray(
+        jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(x))
+    )
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    return variables
+
+
+def _lenet_twin(torch):
+    class LeNet5(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(1, 20, 5, padding=2)
+            self.conv2 = torch.nn.Conv2d(20, 50, 5, padding=2)
+            self.fc1 = torch.nn.Linear(2450, 500)
+            self.fc2 = torch.nn.Linear(500, 10)
+
+        def forward(self, x):
+            f = torch.nn.functional
+            x = f.max_pool2d(f.relu(self.conv1(x)), 2)
+            x = f.max_pool2d(f.relu(self.conv2(x)), 2)
+            return self.fc2(f.relu(self.fc1(torch.flatten(x, 1))))
+
+    return LeNet5()
+
+
+def test_lenet5_logits_match_torch(torch, rng):
+    torch.manual_seed(0)
+    variables = _compare(torch, _lenet_twin(torch), jcnn.models.LeNet5(), (3, 28, 28, 1), rng)
+    assert variables["params"]["fc1"]["kernel"].shape == (2450, 500)
+    assert "batch_stats" not in variables
+
+
+def _vgg_twin(torch, depth_config, batch_norm, num_classes):
+    layers, c_in = [], 3
+    for convs, width in zip(depth_config, (64, 128, 256, 512, 512), strict=True):
+        for _ in range(convs):
+            layers.append(torch.nn.Conv2d(c_in, width, 3, padding=1))
+            if batch_norm:
+                layers.append(torch.nn.BatchNorm2d(width))
+            layers.append(torch.nn.ReLU())
+            c_in = width
+        layers.append(torch.nn.MaxPool2d(2))
+    return torch.nn.Sequential(
+        torch.nn.Sequential(*layers), torch.nn.Flatten(), torch.nn.Linear(512, num_classes)
+    )
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_vgg11_logits_match_torch(torch, rng, batch_norm):
+    torch.manual_seed(1)
+    net = _randomize_norm_statistics(torch, _vgg_twin(torch, (1, 1, 2, 2, 2), batch_norm, 10), rng)
+    model = jcnn.models.VGG(depth=11, batch_norm=batch_norm, num_classes=10, small_input=True)
+    _compare(torch, net, model, (2, 32, 32, 3), rng)
+
+
+def _resnet_twin(torch, stage_sizes, widths, stem, shortcut, bottleneck, num_classes):
+    nn = torch.nn
+
+    class Block(nn.Module):
+        expansion = 4 if bottleneck else 1
+
+        def __init__(self, c_in, width, stride):
+            super().__init__()
+            out = width * self.expansion
+            if bottleneck:
+                self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+                self.bn1 = nn.BatchNorm2d(width)
+                self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+                self.bn2 = nn.BatchNorm2d(width)
+                self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+                self.bn3 = nn.BatchNorm2d(out)
+            else:
+                self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
+                self.bn1 = nn.BatchNorm2d(width)
+                self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+                self.bn2 = nn.BatchNorm2d(width)
+            self.pad = None
+            self.downsample = None
+            if stride != 1 or c_in != out:
+                if shortcut == "pad":
+                    self.pad = (stride, (out - c_in) // 2, out - c_in - (out - c_in) // 2)
+                else:
+                    self.downsample = nn.Sequential(
+                        nn.Conv2d(c_in, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+                    )
+
+        def forward(self, x):
+            f = torch.nn.functional
+            y = f.relu(self.bn1(self.conv1(x)))
+            if bottleneck:
+                y = f.relu(self.bn2(self.conv2(y)))
+                y = self.bn3(self.conv3(y))
+            else:
+                y = self.bn2(self.conv2(y))
+            if self.downsample is not None:
+                x = self.downsample(x)
+            elif self.pad is not None:
+                stride, before, after = self.pad
+                x = f.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, before, after))
+            return f.relu(y + x)
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            k, s, p = (7, 2, 3) if stem == "imagenet" else (3, 1, 1)
+            self.conv1 = nn.Conv2d(3, widths[0], k, s, p, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+            blocks, c_in = [], widths[0]
+            for stage, (size, width) in enumerate(zip(stage_sizes, widths, strict=True)):
+                for index in range(size):
+                    stride = 2 if stage > 0 and index == 0 else 1
+                    blocks.append(Block(c_in, width, stride))
+                    c_in = width * Block.expansion
+            self.blocks = nn.Sequential(*blocks)
+            self.fc = nn.Linear(c_in, num_classes)
+
+        def forward(self, x):
+            x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+            return self.fc(self.blocks(x).mean((2, 3)))
+
+    return ResNet()
+
+
+def test_resnet20_logits_match_torch(torch, rng):
+    torch.manual_seed(2)
+    twin = _resnet_twin(torch, (3, 3, 3), (16, 32, 64), "cifar", "pad", False, 10)
+    net = _randomize_norm_statistics(torch, twin, rng)
+    variables = _compare(torch, net, jcnn.models.resnet20(), (2, 32, 32, 3), rng)
+    assert variables["batch_stats"]["layer3_2"]["bn2"]["var"].shape == (64,)
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_imagenet_resnet_logits_match_torch(torch, rng, bottleneck):
+    """ImageNet stem, projection shortcuts (torchvision's downsample.0/1), basic and bottleneck."""
+    torch.manual_seed(3)
+    widths = (8, 16)
+    twin = _resnet_twin(torch, (2, 1), widths, "imagenet", "projection", bottleneck, 5)
+    net = _randomize_norm_statistics(torch, twin, rng)
+    block = "bottleneck" if bottleneck else "basic"
+    model = jcnn.models.ResNet((2, 1), block, num_classes=5, widths=widths)
+    _compare(torch, net, model, (2, 40, 40, 3), rng)
+
+
+def test_weights_file_round_trip_and_checks(torch, rng, tmp_path):
+    torch.manual_seed(4)
+    net = _lenet_twin(torch)
+    path = tmp_path / "lenet.pt"
+    torch.save(net.state_dict(), path)
+    model = jcnn.models.LeNet5()
+    variables = load_torch_weights(path, model, (1, 28, 28, 1))
+    expected = net.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(np.asarray(variables["params"]["conv1"]["kernel"]), expected)
+    # A checkpoint that wraps the weights is accepted too.
+    torch.save({"state_dict": net.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pt")
+    wrapped = load_torch_weights(tmp_path / "checkpoint.pt", model, (1, 28, 28, 1))
+    assert jax.tree.all(jax.tree.map(np.array_equal, wrapped, variables))
+
+    # Shapes that do not fit: the message names the PyTorch key and the jcnn parameter.
+    state = net.state_dict()
+    state["fc1.weight"] = torch.zeros(400, 2450)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(
+        ValueError, match=r"fc1\.weight: shape \(400, 2450\) does not fit jcnn parameter fc1/kernel"
+    ):
+        load_torch_weights(tmp_path / "bad.pt", model, (1, 28, 28, 1))
+    state = net.state_dict()
+    del state["conv2.bias"]
+    with pytest.raises(ValueError, match=r"conv2\.bias: missing from the state_dict"):
+        from_torch_state_dict(model, state, (1, 28, 28, 1))
+    state = net.state_dict()
+    del state["fc2.weight"], state["fc2.bias"]
+    with pytest.raises(ValueError, match="state_dict: expected 4 modules with parameters"):
+        from_torch_state_dict(model, state, (1, 28, 28, 1))
+
+
+def test_pickled_code_is_refused(torch, tmp_path):
+    """weights_only=True: a file that would run code on load is rejected, the code never runs."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"conv1.weight": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_torch_weights(tmp_path / "evil.pt", jcnn.models.LeNet5(), (1, 28, 28, 1))
+    assert not marker.exists()
