@@ -24,9 +24,12 @@ __all__ = ["main", "build_parser", "MODELS"]
 MODELS = {
     "lenet5": ("LeNet5", {}),
     "lenet5_1998": ("LeNet5", {"original": True}),
-    "alexnet": ("AlexNet", {}),
-    "vgg": ("VGG", {}),
-    "resnet": ("ResNet", {}),
+    "alexnet_cifar": ("AlexNet", {"variant": "cifar"}),
+    "vgg11_bn": ("VGG", {"depth": 11, "batch_norm": True, "small_input": True}),
+    "vgg16_bn": ("VGG", {"depth": 16, "batch_norm": True, "small_input": True}),
+    "resnet18": ("resnet18", {}),
+    "resnet20": ("resnet20", {}),
+    "resnet56": ("resnet56", {}),
     "airbench": ("AirbenchNet", {}),
     "jarrett": ("JarrettNet", {}),
 }
