@@ -594,8 +594,9 @@ def pattern(key, shape) -> jax.Array:
 def _mixing_weights(key, beta):
     """Weights (a, b) of a PixMix step: an interpolating or (prob. 1/2) extrapolating pair."""
     k_choice, k_a, k_b = jax.random.split(key, 3)
-    a_in = jax.random.beta(k_a, beta, 1.0)
-    b_in = jax.random.beta(k_b, 1.0, beta)
+    # Beta(beta, 1) and Beta(1, beta) by inverting their CDFs x^beta and 1 - (1 - x)^beta
+    a_in = jax.random.uniform(k_a, ()) ** (1.0 / beta)
+    b_in = 1.0 - jax.random.uniform(k_b, ()) ** (1.0 / beta)
     extrapolate = jax.random.bernoulli(k_choice)
     return jnp.where(extrapolate, 1.0 + b_in, a_in), jnp.where(extrapolate, -b_in, b_in)
 
@@ -623,15 +624,16 @@ def pixmix(
     _check_image(image)
     max_value = _max_value(image.dtype)
     x = _to_float(image) / max_value
-    keys = jax.random.split(key, 3 + k)
+    keys = jax.random.split(key, 4)
     if augment is not None:
         start = _to_float(augment(keys[0], image)) / max_value
         x_mixed = jnp.where(jax.random.bernoulli(keys[1]), start, x)
     else:
         x_mixed = x
     rounds = jax.random.randint(keys[2], (), 0, k + 1)
-    for i in range(k):
-        k_src, k_pick, k_aug, k_op, k_weights = jax.random.split(keys[3 + i], 5)
+
+    def mix_round(i, x_mixed):
+        k_src, k_pick, k_aug, k_op, k_weights = jax.random.split(jax.random.fold_in(keys[3], i), 5)
         if mixing_images is not None:
             index = jax.random.randint(k_src, (), 0, mixing_images.shape[0])
             partner = _to_float(mixing_images[index]) / max_value
@@ -648,7 +650,9 @@ def pixmix(
             / 2
         )
         step = jnp.where(jax.random.bernoulli(k_op), added, multiplied)
-        x_mixed = jnp.clip(jnp.where(i < rounds, step, x_mixed), 0.0, 1.0)
+        return jnp.clip(jnp.where(i < rounds, step, x_mixed), 0.0, 1.0)
+
+    x_mixed = jax.lax.fori_loop(0, k, mix_round, x_mixed)
     return _restore(x_mixed * max_value, image.dtype)
 
 

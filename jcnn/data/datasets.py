@@ -379,6 +379,7 @@ def load_tfds(
     data_dir: str | os.PathLike | None = None,
     manual_dir: str | os.PathLike | None = None,
     download: bool = True,
+    download_options: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of a split through tensorflow-datasets (optional extra ``jcnn[tfds]``).
 
@@ -395,6 +396,8 @@ def load_tfds(
       data_dir: where tfds keeps prepared datasets (tfds's default where None).
       manual_dir: a folder holding the original downloads, used instead of the network.
       download: prepare the dataset if it is not prepared yet.
+      download_options: more ``tfds.download.DownloadConfig`` fields, e.g.
+        ``{"max_examples_per_split": 1000}`` to prepare a quick subset.
 
     Returns:
       ``(images, labels)``: ``uint8`` ``(N, H, W, C)`` and ``int32`` ``(N,)``.
@@ -407,7 +410,8 @@ def load_tfds(
             "tensorflow-datasets needs the optional extra: pip install 'jcnn[tfds]'"
         ) from err
     download_config = tfds.download.DownloadConfig(
-        manual_dir=None if manual_dir is None else os.fspath(manual_dir)
+        manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+        **(download_options or {}),
     )
     data = tfds.load(
         name,

@@ -221,3 +221,33 @@ def test_bad_arguments(data_dir):
         data.load("mnist", "validation", data_dir=data_dir)
     with pytest.raises(TypeError, match="name"):
         data.load(3, "train")
+
+
+@pytest.mark.slow
+def test_tfds_route_offline_gives_identical_arrays(tmp_path, data_dir, loaded):
+    """tensorflow-datasets prepares Fashion-MNIST from the same files, without network.
+
+    Slow (imports TensorFlow and prepares the dataset, ~20 s): only the test split is compared;
+    the train split is capped at 10,000 examples to keep preparation short.
+    """
+    pytest.importorskip("tensorflow", reason="the tfds route needs the extra: pip install .[tfds]")
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    images, labels = data.load_tfds(
+        "fashion_mnist",
+        "test",
+        data_dir=tmp_path / "tfds",
+        manual_dir=data_dir / "fashion_mnist",
+        download_options={"max_examples_per_split": 10000},
+    )
+    expected_images, expected_labels = loaded("fashion_mnist", "test")
+    assert images.shape == expected_images.shape and images.dtype == np.uint8
+    assert labels.dtype == np.int32
+
+    def canonical(images, labels):
+        # tfds stores examples in its own shuffled order: compare in a canonical order
+        order = sorted(range(len(labels)), key=lambda i: (int(labels[i]), images[i].tobytes()))
+        return images[order], labels[order]
+
+    got, want = canonical(images, labels), canonical(expected_images, expected_labels)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
