@@ -392,6 +392,7 @@ def drawn_cases(draw, chunk: int):
     return [draw(rng) for _ in range(cases_per_chunk)], rng
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's note on its own copy
 @pytest.mark.parametrize("chunk", range(CONV_CHUNKS))
 def test_conv_matches_torch_on_random_configurations(chunk, torch):
     cases, rng = drawn_cases(draw_conv_case, chunk)
@@ -437,6 +438,7 @@ def test_random_configurations_cover_every_feature():
     assert any(lo != hi for case in transposed for lo, hi in case.pairs)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_same_padding_matches_explicit_asymmetric_padding(rng, torch):
     """ "SAME" keeps ceil(size / stride) and pads the odd pixel at the high end."""
     functional = torch.nn.functional
