@@ -253,7 +253,7 @@ def test_receptive_field_of_residual_blocks(rng):
             BasicBlock(6, stride=2, shortcut="pad"),
             BasicBlock(6, stride=1),
             nn.Residual(
-                nn.Sequential([nn.Conv(8, 3, padding=1), nn.ReLU(), nn.Conv(8, 5, padding=2)])
+                nn.Sequential([nn.Conv(6, 3, padding=1), nn.ReLU(), nn.Conv(6, 5, padding=2)])
             ),
         ]
     )
