@@ -233,7 +233,8 @@ def avg_pool(
         ``"SAME"``/``"VALID"``. Padded pixels are zeros.
       ceil_mode: round the output size up instead of down (a last, partial window).
       count_include_pad: divide by the window size including the zero padding (but never the
-        ``ceil_mode`` overhang past it, as PyTorch); if False, by the input pixels in the window.
+        ``ceil_mode`` overhang past it, as PyTorch); if False, by the input pixels in the window
+        (TensorFlow's ``"SAME"`` average pooling is ``padding="SAME", count_include_pad=False``).
 
     Returns:
       ``(N, *out_spatial, C)`` array, the mean of each window (half precision sums in float32).

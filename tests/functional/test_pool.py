@@ -89,6 +89,15 @@ def _assert_parity(torch, cases, rng, *, chunk=40):
             np.testing.assert_allclose(grad, expected_grad, rtol=RTOL, atol=ATOL, err_msg=context)
 
 
+def _batched_outputs(functions, xs):
+    """``[f(x) for f, x in zip(functions, xs)]``, compiled as one (cheap) program."""
+
+    def outputs(xs):
+        return [f(x) for f, x in zip(functions, xs, strict=True)]
+
+    return jax.jit(outputs).lower(xs).compile(FAST_COMPILE)(xs)
+
+
 def _window_config(rng, rank, *, dilation=False, padding=True, fit=False):
     """Random window/stride/padding (within PyTorch's rule) and an input size that fits."""
     window = rng.integers(1, 5, rank)
@@ -113,11 +122,12 @@ def _extends_floor(ours, x, window, stride, padding, dilation):
 
 
 def test_max_pool_matches_torch_forward_and_gradient(torch, rng):
-    counts = {"ceil_extends": 0, "dilated": 0, "padded": 0, "padding_only": 0}
+    counts = {"ceil_extends": 0, "dilated": 0, "padded": 0}
     cases = []
-    for trial in range(120):
+    for trial in range(96):
         rank = 1 + trial % 3
-        sizes, window, stride, dilation, padding = _window_config(rng, rank, dilation=True)
+        dilated = trial % 2 == 1  # the dilated path is a different implementation
+        sizes, window, stride, dilation, padding = _window_config(rng, rank, dilation=dilated)
         ceil_mode = bool(rng.integers(2))
         x = _distinct_values(rng, (2, *sizes, 3))
         options = dict(stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
@@ -128,14 +138,13 @@ def test_max_pool_matches_torch_forward_and_gradient(torch, rng):
             # PyTorch returns -inf for a window that sees only padding; jcnn refuses it.
             with pytest.raises(ValueError, match="sees only padding"):
                 ours(x)
-            counts["padding_only"] += 1
             continue
         cases.append((ours, theirs, x, f"{sizes=} {window=} {options}"))
         counts["dilated"] += max(dilation) > 1
         counts["padded"] += max(padding) > 0
         counts["ceil_extends"] += _extends_floor(ours, x, window, stride, padding, dilation)
     _assert_parity(torch, cases, rng)
-    assert len(cases) >= 100 and min(counts.values()) >= 1, counts
+    assert len(cases) >= 80 and min(counts.values()) >= 1, counts
 
 
 def test_avg_pool_matches_torch_forward_and_gradient(torch, rng):
@@ -198,7 +207,7 @@ def test_lp_pool_matches_torch_forward_and_gradient(torch, rng):
 def test_adaptive_pool_matches_torch_forward_and_gradient(torch, rng, kind):
     ours_pool = {"avg": adaptive_avg_pool, "max": adaptive_max_pool}[kind]
     cases = []
-    for trial in range(60):
+    for trial in range(45):
         rank = 1 + trial % 3
         sizes = [int(n) for n in rng.integers(1, MAX_SIZE[rank] + 1, rank)]
         # Include outputs larger than the input (overlapping bins) and divisible ones.
@@ -217,7 +226,7 @@ def test_adaptive_pool_matches_torch_forward_and_gradient(torch, rng, kind):
         any(n % m for n, m in zip(c[2].shape[1:-1], c[0].keywords["output_size"], strict=True))
         for c in cases
     )
-    assert uneven >= 30
+    assert uneven >= 20
     _assert_parity(torch, cases, rng)
 
 
@@ -226,6 +235,15 @@ def test_adaptive_pool_none_keeps_the_input_size(rng):
     y = adaptive_avg_pool(x, (2, None))
     assert y.shape == (1, 2, 7, 2)
     np.testing.assert_allclose(y, adaptive_avg_pool(x, (2, 7)), rtol=0, atol=0)
+
+
+def test_a_window_seeing_only_padding_is_an_error_where_torch_returns_minus_inf(torch):
+    x = np.arange(4, dtype=np.float32).reshape(1, 2, 2, 1)
+    options = dict(stride=1, padding=1, dilation=3)
+    expected = torch.nn.functional.max_pool2d(torch.tensor(_channels_first(x)), 2, **options)
+    assert np.isneginf(expected.numpy()).all()
+    with pytest.raises(ValueError, match="output 0 of spatial dim 0 sees only padding"):
+        max_pool(x, 2, **options)
 
 
 def _same_padding(size, k, s, d=1):
@@ -240,6 +258,7 @@ def _torch_pads(pads):
 
 def test_same_and_valid_padding_match_explicitly_padded_torch(torch, rng):
     nnf = torch.nn.functional
+    checks = []  # (our pooling, input, PyTorch's output, context)
     for trial in range(12):
         sizes = [int(n) for n in rng.integers(3, 10, 2)]
         window = tuple(int(k) for k in rng.integers(1, 5, 2))
@@ -248,27 +267,34 @@ def test_same_and_valid_padding_match_explicitly_padded_torch(torch, rng):
         x = _distinct_values(rng, (2, *sizes, 3))
         xt = torch.tensor(_channels_first(x))
         context = f"{sizes=} {window=} {stride=} {dilation=}"
-        expected_shape = (2, *(-(-n // s) for n, s in zip(sizes, stride, strict=True)), 3)
+        same_shape = (2, *(-(-n // s) for n, s in zip(sizes, stride, strict=True)), 3)
 
         pads = map(_same_padding, sizes, window, stride, dilation)
         padded = nnf.pad(xt, _torch_pads(pads), value=-math.inf)
-        expected = nnf.max_pool2d(padded, window, stride, dilation=dilation).numpy()
-        y = max_pool(x, window, stride, "SAME", dilation=dilation)
-        assert y.shape == expected_shape, context
-        np.testing.assert_array_equal(y, _channels_last(expected), err_msg=context)
+        expected = nnf.max_pool2d(padded, window, stride, dilation=dilation)
+        ours = functools.partial(max_pool, window=window, stride=stride, dilation=dilation)
+        checks.append((functools.partial(ours, padding="SAME"), x, expected, context))
+        assert expected.shape == _channels_first(np.empty(same_shape)).shape, context
 
         pads = _torch_pads(map(_same_padding, sizes, window, stride))
-        sums = nnf.avg_pool2d(nnf.pad(xt, pads), window, stride) * math.prod(window)
+        means = nnf.avg_pool2d(nnf.pad(xt, pads), window, stride)
         pixels = nnf.avg_pool2d(nnf.pad(torch.ones_like(xt), pads), window, stride)
-        for count_include_pad, divisor in [(True, 1), (False, pixels)]:
-            y = avg_pool(x, window, stride, "same", count_include_pad=count_include_pad)
-            expected = _channels_last((sums / math.prod(window) / divisor).numpy())
-            np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL, err_msg=context)
+        for count_include_pad, expected in [(True, means), (False, means / pixels)]:
+            ours = functools.partial(
+                avg_pool, window=window, stride=stride, count_include_pad=count_include_pad
+            )
+            checks.append((functools.partial(ours, padding="same"), x, expected, context))
 
         if all(n >= (k - 1) * d + 1 for n, k, d in zip(sizes, window, dilation, strict=True)):
-            y = max_pool(x, window, stride, "VALID", dilation=dilation)
-            expected = nnf.max_pool2d(xt, window, stride, dilation=dilation).numpy()
-            np.testing.assert_array_equal(y, _channels_last(expected), err_msg=context)
+            expected = nnf.max_pool2d(xt, window, stride, dilation=dilation)
+            ours = functools.partial(max_pool, window=window, stride=stride, dilation=dilation)
+            checks.append((functools.partial(ours, padding="VALID"), x, expected, context))
+
+    outputs = _batched_outputs([c[0] for c in checks], [c[1] for c in checks])
+    for (_, _, expected, context), y in zip(checks, outputs, strict=True):
+        expected = _channels_last(expected.numpy())
+        assert y.shape == expected.shape, context
+        np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL, err_msg=context)
 
 
 def test_asymmetric_padding_pairs_match_explicitly_padded_torch(torch, rng):
