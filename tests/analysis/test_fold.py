@@ -21,8 +21,10 @@ def _randomize_batch_norms(variables, rng):
             channels = stats["mean"].shape
             stats["mean"] = jnp.asarray(rng.normal(0, 0.5, channels), jnp.float32)
             stats["var"] = jnp.asarray(rng.uniform(0.3, 3.0, channels), jnp.float32)
-            params["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
-            params["bias"] = jnp.asarray(rng.normal(0, 0.2, channels), jnp.float32)
+            if "scale" in params:
+                params["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+            if "bias" in params:
+                params["bias"] = jnp.asarray(rng.normal(0, 0.2, channels), jnp.float32)
 
     variables = _to_dict(variables)
     visit(variables["params"], variables["batch_stats"])
