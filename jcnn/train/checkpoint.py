@@ -108,7 +108,8 @@ class CheckpointManager:
         """
         arrays = state.arrays() if hasattr(state, "arrays") else state
         final = self.path(step)
-        if final.exists():
+        lead = jax.process_index() == 0  # with several processes, one of them edits the folder
+        if final.exists() and lead:
             shutil.rmtree(final)
         payload = {"meta": dict(meta or {}), "metric": metric}
         self._checkpointer.save(
@@ -117,10 +118,11 @@ class CheckpointManager:
                 state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(payload)
             ),
         )
-        metrics = self._metrics()
-        metrics[int(step)] = None if metric is None else float(metric)
-        self._write_index(metrics)
-        self._prune()
+        if lead:
+            metrics = self._metrics()
+            metrics[int(step)] = None if metric is None else float(metric)
+            self._write_index(metrics)
+            self._prune()
         return final
 
     def _prune(self) -> None:

@@ -428,13 +428,14 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
             batch_index = 0
             running = {"loss": 0.0, "accuracy": 0.0, "batches": 0, "images": 0}
             if out is not None:
-                _write_history(out, history)
+                if jax.process_index() == 0:
+                    _write_history(out, history)
                 every = config.checkpoint_every_epochs
                 if every and (epoch % every == 0 or epoch == config.epochs):
                     save(metric=record["val_accuracy"])
                 if int(state.step) == crash_after:
                     os._exit(17)
     summary = _summary(history, time.perf_counter() - started, progress) if history else {}
-    if out is not None:
+    if out is not None and jax.process_index() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return {"history": history, "summary": summary, "state": state}
