@@ -1,7 +1,8 @@
-"""Pooling modules: ``MaxPool``, ``AvgPool``, ``LPPool``, ``GlobalAvgPool``, ``AdaptiveAvgPool``.
+"""Pooling modules: ``MaxPool``, ``AvgPool``, ``LPPool``, ``GlobalAvgPool``, ``GlobalMaxPool``,
+``AdaptiveAvgPool``, ``AdaptiveMaxPool``.
 
-Parameter-free wrappers of ``F.max_pool``, ``F.avg_pool``, ``F.lp_pool``, ``F.global_avg_pool`` and
-``F.adaptive_avg_pool``; the stride defaults to the window, as in PyTorch.
+Parameter-free wrappers of the ``F`` pooling functions of the same names; the stride defaults to
+the window, as in PyTorch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import flax.linen as nn
 from jcnn import functional as F
 from jcnn.functional._checks import PaddingLike
 
-__all__ = ["MaxPool", "AvgPool", "LPPool", "GlobalAvgPool", "AdaptiveAvgPool"]
+__all__ = [
+    "MaxPool",
+    "AvgPool",
+    "LPPool",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
+    "AdaptiveAvgPool",
+    "AdaptiveMaxPool",
+]
 
 
 class MaxPool(nn.Module):
@@ -100,6 +109,15 @@ class GlobalAvgPool(nn.Module):
         return F.global_avg_pool(x)
 
 
+class GlobalMaxPool(nn.Module):
+    """Maximum over all spatial positions: ``(N, *spatial, C)`` to ``(N, C)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)``."""
+        return F.global_max_pool(x)
+
+
 class AdaptiveAvgPool(nn.Module):
     """Average pooling to a fixed output size whatever the input size (as PyTorch's).
 
@@ -113,3 +131,18 @@ class AdaptiveAvgPool(nn.Module):
     def __call__(self, x):
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
         return F.adaptive_avg_pool(x, self.output_size)
+
+
+class AdaptiveMaxPool(nn.Module):
+    """Max pooling to a fixed output size whatever the input size (as PyTorch's).
+
+    Attributes:
+        output_size: an int or one int per spatial dim.
+    """
+
+    output_size: int | Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
+        return F.adaptive_max_pool(x, self.output_size)

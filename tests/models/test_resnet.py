@@ -89,6 +89,11 @@ def test_option_a_shortcut_and_small_bottleneck(rng):
     shortcut[..., 2:6] = np.asarray(x)[:, ::2, ::2]
     np.testing.assert_allclose(y, np.maximum(body + shortcut, 0), atol=1e-5)
 
+    identity = models.BasicBlock(4, zero_init_residual=True)
+    variables = identity.init(jax.random.key(2), x)
+    np.testing.assert_array_equal(variables["params"]["bn2"]["scale"], np.zeros(4))
+    np.testing.assert_allclose(identity.apply(variables, x), np.maximum(x, 0), atol=1e-6)
+
     net = models.ResNet((1, 1), "bottleneck", 5, stem="cifar", widths=(4, 8))
     variables = net.init(jax.random.key(1), x)
     assert variables["params"]["layer1_0"]["conv3"]["kernel"].shape == (1, 1, 4, 16)

@@ -34,6 +34,16 @@ def test_pools_forward_and_gradient_match_torch(torch, rng):
             lambda x: F.adaptive_avg_pool(x, (4, 3)),
         ),
         (
+            nn.AdaptiveMaxPool((4, 3)),
+            lambda t: tf.adaptive_max_pool2d(t, (4, 3)),
+            lambda x: F.adaptive_max_pool(x, (4, 3)),
+        ),
+        (
+            nn.GlobalMaxPool(),
+            lambda t: t.amax((2, 3), keepdim=True),
+            F.global_max_pool,
+        ),
+        (
             nn.GlobalAvgPool(),
             lambda t: t.mean((2, 3), keepdim=True),
             F.global_avg_pool,
