@@ -3,9 +3,11 @@ folding of BatchNorm, PyTorch weights, and per-example gradients (clipping, DP-S
 
 from jcnn.analysis.fold import *  # noqa: F403
 from jcnn.analysis.fold import __all__ as _fold
+from jcnn.analysis.per_example import *  # noqa: F403
+from jcnn.analysis.per_example import __all__ as _per_example
 from jcnn.analysis.summary import *  # noqa: F403
 from jcnn.analysis.summary import __all__ as _summary
 from jcnn.analysis.torch_weights import *  # noqa: F403
 from jcnn.analysis.torch_weights import __all__ as _torch_weights
 
-__all__ = [*_summary, *_fold, *_torch_weights]
+__all__ = [*_summary, *_fold, *_torch_weights, *_per_example]
