@@ -108,8 +108,8 @@ def _window_geometry(
         out = (-(-room // s) if ceil_mode else room // s) + 1
         if ceil_mode and (out - 1) * s >= size + lo:
             out -= 1
-        starts = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :] * d
-        blind = ~((starts >= 0) & (starts < size)).any(axis=1)
+        pixels = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :] * d
+        blind = ~((pixels >= 0) & (pixels < size)).any(axis=1)
         if blind.any():
             raise ValueError(
                 f"window: output {int(np.argmax(blind))} of spatial dim {dim} sees only padding "
@@ -126,8 +126,9 @@ def _accumulation_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _full_window(spatial: Sequence[int], fill: int = 1) -> tuple[int, ...]:
-    return (fill, *spatial, fill)
+def _full_window(spatial: Sequence[int]) -> tuple[int, ...]:
+    """Per-axis window/stride/shape of ``(N, *spatial, C)``: 1 on the batch and channel axes."""
+    return (1, *spatial, 1)
 
 
 def max_pool(
@@ -198,11 +199,13 @@ def _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes):
     pooled = lax.reduce_window(
         split, lowest, lax.max, (*split_window, 1), (1,) * split.ndim, "VALID"
     )
-    starts = pooled.reshape(
+    every_start = pooled.reshape(
         batch, *(p * d for p, d in zip(pooled.shape[1:-1:2], dilation, strict=True)), channels
     )
     limits = [(out - 1) * s + 1 for out, s in zip(out_sizes, stride, strict=True)]
-    return lax.slice(starts, (0,) * starts.ndim, (batch, *limits, channels), _full_window(stride))
+    return lax.slice(
+        every_start, (0,) * every_start.ndim, (batch, *limits, channels), _full_window(stride)
+    )
 
 
 def _window_counts(size, k, s, lo, hi, out, count_include_pad) -> np.ndarray:
@@ -268,7 +271,7 @@ def avg_pool(
 
 
 def lp_pool(x, p, window, stride=None):
-    """Power-average pooling ``(sum of x**p over the window) ** (1/p)``, as ``F.lp_pool{1,2,3}d``.
+    """L^p pooling ``(sum of x**p over the window) ** (1/p)``, as ``F.lp_pool{1,2,3}d``.
 
     ``p = 1`` is sum pooling and a large ``p`` approaches max pooling. As in PyTorch, ``x**p`` is
     not ``|x|**p``: a negative sum with a fractional root gives NaN (use non-negative inputs, e.g.
@@ -305,7 +308,11 @@ def lp_pool(x, p, window, stride=None):
         _full_window(stride),
         "VALID",
     )
-    return (sums ** (1.0 / float(p))).astype(x.dtype)
+    # A window of zeros (after a ReLU, say) has output 0 and, as in PyTorch, gradient 0 rather
+    # than the NaN of the root's infinite slope times the power's zero slope.
+    nonzero = sums != 0
+    root = jnp.where(nonzero, jnp.where(nonzero, sums, 1) ** (1.0 / float(p)), 0)
+    return root.astype(x.dtype)
 
 
 def _check_global(x) -> tuple[int, ...]:

@@ -188,6 +188,18 @@ def test_lp_pool_matches_torch_forward_and_gradient(torch, rng):
                 f"{sizes=} {window=} {stride=} {p=}",
             )
         )
+    # Windows of zeros, as after a ReLU: output 0 and gradient 0 (not NaN), as in PyTorch.
+    x = np.maximum(rng.standard_normal((2, 9, 3)), 0).astype(np.float32)
+    x[:, :4] = 0
+    for p in (2, 1.5):
+        cases.append(
+            (
+                functools.partial(lp_pool, p=p, window=(2,)),
+                functools.partial(torch.nn.functional.lp_pool1d, norm_type=p, kernel_size=2),
+                x,
+                f"zero windows, {p=}",
+            )
+        )
     # An even power of signed inputs is defined too.
     x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
     cases.append(
