@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jcnn import models
 
@@ -88,3 +89,11 @@ def test_lenet5_equals_its_pytorch_twin_and_trains(torch, rng):
     np.testing.assert_allclose(
         grads["fc1"]["kernel"], fc1_grad.reshape(2450, 500), rtol=1e-3, atol=1e-5
     )
+
+
+def test_models_reject_unbatched_input():
+    for model in (models.LeNet5(), models.resnet20(), models.AirbenchNet()):
+        with pytest.raises(
+            ValueError, match=r"x: expected rank 4, got rank 3 with shape \(28, 28, 1\)"
+        ):
+            jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((28, 28, 1)))
