@@ -250,8 +250,7 @@ class Loader:
         order = self.order(epoch)
         if self._source is not None:
             order = np.asarray(order)
-        for step in range(start_step, len(self)):
-            yield self._make(order, epoch, step)
+        return (self._make(order, epoch, step) for step in range(start_step, len(self)))
 
     def __iter__(self) -> Iterator[tuple[jax.Array, jax.Array]]:
         """The next epoch's batches: epoch 0 on the first iteration, then 1, 2, ..."""

@@ -209,6 +209,6 @@ def test_argument_checks(dataset):
     with pytest.raises(ValueError, match="step: expected 0..9"):
         loader.batch(0, 10)
     with pytest.raises(ValueError, match="start_step"):
-        next(loader.epoch(0, start_step=11))
+        loader.epoch(0, start_step=11)
     with pytest.raises(TypeError, match="source"):
         Loader.from_source(3, batch_size=2)
