@@ -78,7 +78,11 @@ WORKER = textwrap.dedent(
 
 def _env(devices=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
+    flags = " ".join(
+        flag
+        for flag in env.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    )
     if devices:
         flags += f" --xla_force_host_platform_device_count={devices}"
     env["XLA_FLAGS"] = flags
