@@ -2,7 +2,8 @@
 
 Values and gradients against torch.nn.functional over randomized (seeded) configs, the gradient
 rules of the course notes on hand-built inputs, transforms (vmap, jit) and the input checks.
-Every parity config compiles once: forward and pullback together under one ``jit``.
+The parity configs are compiled in chunks (forward and pullback of many configs in one program):
+compiling each alone would take most of the run time.
 """
 
 import functools
