@@ -10,10 +10,11 @@ so GPUs and TPUs keep cuDNN and XLA's own convolutions.
 The CPU formulations, chosen per shape at trace time by ``plan`` (rules measured on an AVX-512
 machine, see ``experiments/benchmarks/README.md``):
 
-* weight gradient: im2col in batch chunks of about ``_CHUNK_BYTES`` of patches, one GEMM per chunk
-  accumulated by ``lax.scan`` (XLA:CPU's own weight gradient runs at 10-40 GFLOP/s; this at 50-130).
-  Under ``vmap`` (per-example gradients) it becomes one batched GEMM per example instead of a
-  grouped convolution.
+* weight gradient: for kernels of at least ``_GEMM_MIN_WEIGHTS`` weights, im2col in batch chunks
+  of about ``_CHUNK_BYTES`` of patches, one GEMM per chunk accumulated by ``lax.scan`` (XLA:CPU's
+  own weight gradient ran at 10-40 GFLOP/s on airbench's layers, this at 50-130). Under ``vmap``
+  (per-example gradients) it becomes one batched GEMM instead of a grouped convolution. Smaller
+  kernels (LeNet) keep XLA's weight gradient, which is as fast there.
 * forward: XLA's convolution, except for few input channels per group (``C // groups <
   _FEW_CHANNELS``), where XLA:CPU's convolution runs far below its matmul rate (1 GFLOP/s for
   LeNet's first layer) and a sum of one matmul per window offset ("shift-and-matmul") is used.
@@ -46,6 +47,10 @@ _CHUNK_BYTES = 4 * 2**20
 # Below this many input channels per group XLA:CPU's convolution is memory-bound on tiny inner
 # products; shift-and-matmul forward and GEMM+col2im input gradient run several times faster.
 _FEW_CHANNELS = 4
+# Kernels smaller than this (window * C_in/groups * C_out) make the weight-gradient GEMM a long thin
+# reduction that XLA:CPU runs no faster than its own convolution (LeNet: equal within noise);
+# from airbench's 3x3x24x64 (13,824) up, the chunked GEMM ran 2-4x faster.
+_GEMM_MIN_WEIGHTS = 8192
 
 _SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
 
@@ -73,7 +78,7 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
     """The CPU formulation ``conv_general`` picks for these static shapes and options.
 
     >>> plan((128, 28, 28, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
-    ConvPlan(forward='shift', input_grad='shift', weight_grad='im2col', chunk=32)
+    ConvPlan(forward='shift', input_grad='shift', weight_grad='xla', chunk=32)
     """
     channels_per_group = w_shape[-2]
     window = w_shape[:-2]
@@ -83,7 +88,7 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
     return ConvPlan(
         forward="shift" if few else "xla",
         input_grad="shift" if few else "xla",
-        weight_grad="im2col",
+        weight_grad="im2col" if math.prod(w_shape) >= _GEMM_MIN_WEIGHTS else "xla",
         chunk=_chunk_size(x_shape[0], patch_bytes),
     )
 
