@@ -11,10 +11,12 @@ batch (bias additions, normalizations, activations and pools count 0; an eval-mo
 into the conv before it). The receptive field of a unit is the side of the input window it
 depends on, unclipped by the image border: ``r_out = r_in + (k_eff - 1) * j_in`` with
 ``k_eff = d (k - 1) + 1`` and the effective stride (jump) ``j_out = j_in * s``, composed from the
-input (``r = j = 1``). After a flatten, a global pool or a normalization over all positions every
-unit sees the whole input window of the layer before it. Where tensors are combined outside the
-layers (a residual ``f(x) + x``) the combined tensor takes the largest receptive field among the
-layer outputs of the same spatial size inside the enclosing module.
+input (``r = j = 1``). After a flatten, a global pool or a normalization with statistics over all
+positions (layer, group, instance and local contrast normalization, whose divisor involves the
+image's mean deviation) every unit sees the whole input window of the layer before it. Where
+tensors are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the
+largest receptive field among the layer outputs of the same spatial size inside the enclosing
+module.
 """
 
 from __future__ import annotations
@@ -246,8 +248,16 @@ _POINTWISE = (
     jnn.Maxout,
     jnn.Dense,
 )
-# Layers whose every output depends on every position of their input.
-_GLOBAL = (jnn.GlobalAvgPool, jnn.Flatten, jnn.LayerNorm, jnn.GroupNorm, jnn.InstanceNorm)
+# Layers whose every output depends on every position of their input (LocalContrastNorm too: its
+# divisor is at least the image's mean local deviation).
+_GLOBAL = (
+    jnn.GlobalAvgPool,
+    jnn.Flatten,
+    jnn.LayerNorm,
+    jnn.GroupNorm,
+    jnn.InstanceNorm,
+    jnn.LocalContrastNorm,
+)
 
 
 def _spatial(shape) -> tuple[int, ...] | None:
@@ -255,7 +265,7 @@ def _spatial(shape) -> tuple[int, ...] | None:
 
 
 def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField | None:
-    """The field after a windowed layer (conv, pools, local contrast norm); None if unknown."""
+    """The field after a windowed layer (conv, pools); None if unknown."""
     n = len(spatial_in)
     if isinstance(module, jnn.Conv):
         window = as_int_tuple(module.kernel_size, n, "kernel_size")
@@ -269,12 +279,6 @@ def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField |
         padding = normalize_padding(
             getattr(module, "padding", 0), spatial_in, window, stride, dilation
         )
-    elif isinstance(module, jnn.LocalContrastNorm):
-        # Subtractive then divisive normalization over the same centred window: twice its reach.
-        size = as_int_tuple(module.size, n, "size")
-        window = tuple(2 * k - 1 for k in size)
-        stride = dilation = (1,) * n
-        padding = tuple((k // 2 * 2, k // 2 * 2) for k in size)
     elif isinstance(module, jnn.AdaptiveAvgPool):
         out = as_int_tuple(module.output_size, n, "output_size")
         if any(size % o for size, o in zip(spatial_in, out, strict=True)):

@@ -293,3 +293,13 @@ def test_summary_input_checks():
         summary(lambda x: x, (1, 4, 4, 1))
     with pytest.raises(ValueError, match="x: expected rank 4"):
         summary(jcnn.models.LeNet5(), (28, 28, 1))
+
+
+def test_local_contrast_norm_depends_on_the_whole_image(rng):
+    """Its divisor is at least the image's mean local deviation: every pixel counts."""
+    model = nn.Sequential([nn.Conv(2, 3), nn.LocalContrastNorm(size=5)])
+    shape = (1, 24, 24, 1)
+    field = receptive_field(model, shape)
+    assert field == ReceptiveField((24, 24), (22, 22), (0, 0))
+    boxes, _, _ = _dependency_box(model, shape, rng, (0, 0))
+    assert boxes == [(0, 23), (0, 23)]
