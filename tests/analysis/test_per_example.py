@@ -37,9 +37,8 @@ def problem(rng):
 def _loop(params, batch):
     """Reference: one jax.grad per example, stacked."""
     images, labels = batch
-    grads = [
-        jax.grad(_loss)(params, (images[i : i + 1], labels[i : i + 1])) for i in range(len(labels))
-    ]
+    grad = jax.jit(jax.grad(_loss))
+    grads = [grad(params, (images[i : i + 1], labels[i : i + 1])) for i in range(len(labels))]
     return jax.tree.map(lambda *g: np.stack(g), *grads)
 
 
@@ -52,7 +51,8 @@ def test_per_example_grads_match_loop_and_chunks(problem):
     expected = _loop(params, batch)
     got = jax.jit(lambda p, b: per_example_grads(_loss, p, b))(params, batch)
     _assert_trees_close(got, expected)
-    chunked = per_example_grads(_loss, params, batch, chunk_size=2)  # 5 = 2 + 2 + 1
+    chunked = jax.jit(lambda p, b: per_example_grads(_loss, p, b, chunk_size=2))(params, batch)
+    # 5 examples in chunks of 2: the last chunk is partial.
     _assert_trees_close(chunked, expected)
     # A mean loss: the batch gradient is the mean of the per-example ones.
     full = jax.grad(_loss)(params, batch)
