@@ -144,6 +144,10 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir).expanduser()
     if os.environ.get("JCNN_DATA_DIR"):
         return Path(os.environ["JCNN_DATA_DIR"]).expanduser()
+    return _user_cache()
+
+
+def _user_cache() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "jcnn" / "data"
 
@@ -157,8 +161,8 @@ def _missing(name: str, split: str, expected: list[str], searched: list[Path]) -
     places = ", ".join(str(p) for p in searched)
     return FileNotFoundError(
         f"{name} ({split}): expected {' and '.join(expected)} in one of: {places}. Pass data_dir=, "
-        f"set JCNN_DATA_DIR, or place the original files in the per-user cache "
-        f"{default_data_dir(None) if not os.environ.get('JCNN_DATA_DIR') else '(JCNN_DATA_DIR)'}."
+        f"set JCNN_DATA_DIR, or place the original files in {_user_cache() / name} (the per-user "
+        f"cache)."
     )
 
 
