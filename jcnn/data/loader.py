@@ -67,8 +67,11 @@ class Loader:
         ``augment``, e.g. ``functools.partial(augment.mixup, alpha=0.2, num_classes=10)``.
       drop_remainder: drop the last incomplete batch (default); else yield it, smaller.
       sharding: a ``jax.sharding.Sharding`` each batch is placed with, e.g.
-        ``NamedSharding(mesh, PartitionSpec("data"))`` for data-parallel training; ``batch_size``
-        must then divide evenly across its devices.
+        ``NamedSharding(mesh, PartitionSpec("data"))`` for data-parallel training; every batch
+        (the last one too, where ``drop_remainder=False``) must then divide evenly across its
+        devices. With a ``NamedSharding`` the dataset is replicated on the mesh's devices and each
+        device gathers and augments its own part of the batch; the values are those of the
+        unsharded loader.
     """
 
     def __init__(
@@ -104,10 +107,17 @@ class Loader:
             drop_remainder,
             sharding,
         )
-        self._images = jax.device_put(jnp.asarray(images))
-        self._labels = jax.device_put(jnp.asarray(labels))
+        placement, out_shardings = None, None
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            # every device holds the dataset and builds its own slice of each batch
+            placement = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            out_shardings = sharding
+        self._images = jax.device_put(jnp.asarray(images), placement)
+        self._labels = jax.device_put(jnp.asarray(labels), placement)
         self._source = None
-        self._make_batch = jax.jit(self._gather_and_transform, static_argnames="size")
+        self._make_batch = jax.jit(
+            self._gather_and_transform, static_argnames="size", out_shardings=out_shardings
+        )
 
     @classmethod
     def from_source(
