@@ -17,7 +17,8 @@ machine, see ``experiments/benchmarks/README.md``):
   kernels (LeNet) keep XLA's weight gradient, which is as fast there.
 * forward: XLA's convolution, except for few input channels per group (``C // groups <
   _FEW_CHANNELS``), where XLA:CPU's convolution runs far below its matmul rate (1 GFLOP/s for
-  LeNet's first layer) and a sum of one matmul per window offset ("shift-and-matmul") is used.
+  LeNet's first layer) and a fused sum of broadcast multiplies, one per window offset and input
+  channel ("shift-and-multiply-add"), is used (LeNet c1 15x, airbench's 2x2 whitening conv 15x).
 * input gradient: XLA's transposed convolution, or for few input channels one GEMM against the
   flattened kernel followed by col2im (a sum of strided pads, which XLA fuses into one loop).
 
@@ -44,8 +45,8 @@ __all__ = ["conv_general", "native_conv", "plan", "ConvPlan"]
 # Patches held per GEMM in the weight gradient: a few MB stays within L2/L3 on the measured
 # machine; larger chunks ran up to 2x slower, smaller ones pay per-iteration overhead.
 _CHUNK_BYTES = 4 * 2**20
-# Below this many input channels per group XLA:CPU's convolution is memory-bound on tiny inner
-# products; shift-and-matmul forward and GEMM+col2im input gradient run several times faster.
+# Below this many input channels per group XLA:CPU's convolution runs at 1-3 GFLOP/s (tiny inner
+# products); shift-and-multiply-add forward and GEMM+col2im input gradient run far faster.
 _FEW_CHANNELS = 4
 # Kernels smaller than this (window * C_in/groups * C_out) make the weight-gradient GEMM a long thin
 # reduction that XLA:CPU runs no faster than its own convolution (LeNet: equal within noise);
@@ -262,17 +263,26 @@ def _grouped(a, groups):
 
 
 def _shift_forward(x, w, config):
-    """Sum over window offsets of (shifted input) @ (kernel tap): no patch matrix is built."""
+    """Sum over window offsets and input channels of (shifted input channel) * (kernel row).
+
+    With few input channels per group every term is a broadcast multiply, and XLA fuses the whole
+    sum into one loop over the output: no patch matrix, no matrix product with a tiny inner
+    dimension (which XLA:CPU runs at 1-3 GFLOP/s).
+    """
     window = w.shape[:-2]
     groups = config.groups
     out_sizes = _output_sizes(x.shape[1:-1], window, config.stride, config.padding, config.dilation)
     taps = w.reshape(-1, w.shape[-2], groups, w.shape[-1] // groups)  # (K, Cg, G, Og)
+    spatial_ones = (1,) * (x.ndim - 1)
     total = None
     for tap, shifted in zip(
         taps, _window_slices(_pad_input(x, config), window, out_sizes, config), strict=True
     ):
-        term = jnp.einsum("...gc,cgo->...go", _grouped(shifted, groups), tap)
-        total = term if total is None else total + term
+        shifted = _grouped(shifted, groups)  # (N, *out, G, Cg)
+        for channel in range(w.shape[-2]):
+            row = tap[channel].reshape(*spatial_ones, *tap.shape[1:])  # (1, ..., G, Og)
+            term = shifted[..., channel : channel + 1] * row
+            total = term if total is None else total + term
     return total.reshape(*total.shape[:-2], w.shape[-1])
 
 
