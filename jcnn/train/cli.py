@@ -3,7 +3,7 @@
 Example (the README's main job)::
 
     jcnn-train --model lenet5 --dataset mnist --epochs 4 --batch-size 128 \\
-        --optimizer momentum --lr 0.05 --schedule cosine --out runs/lenet5-mnist
+        --optimizer adam --lr 0.001 --schedule cosine --out runs/lenet5-mnist
 
 A killed run continues exactly where its last checkpoint left it with ``--resume`` (same command,
 same ``--out``); the run folder holds ``config.json``, ``history.json``/``.csv``, ``curves.png``,
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", default="momentum", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=float, default=0.05, help="base (peak) learning rate")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=1e-3, help="base (peak) learning rate")
     p.add_argument("--schedule", default="cosine", choices=sorted(schedules.SCHEDULES))
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--step-epochs", default="", help="for --schedule step: e.g. 30,60,90")

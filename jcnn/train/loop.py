@@ -79,8 +79,8 @@ class TrainConfig:
     """
 
     epochs: int = 1
-    optimizer: str = "momentum"
-    learning_rate: float = 0.05
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     step_epochs: tuple[int, ...] = ()
