@@ -216,6 +216,14 @@ def test_archive_member_outside_target_is_refused(tmp_path, small_cifar_record, 
     assert not os.path.exists("/tmp/jcnn_escaped_absolute.bin")
 
 
+def test_other_names_go_through_tfds_and_say_how_to_get_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"'cifar100'.*pip install 'jcnn\[tfds\]'"):
+        data.load("cifar100", "train")
+
+
 def test_bad_arguments(data_dir):
     with pytest.raises(ValueError, match="split: expected 'train' or 'test'"):
         data.load("mnist", "validation", data_dir=data_dir)
