@@ -272,18 +272,21 @@ def _shift_forward(x, w, config):
     window = w.shape[:-2]
     groups = config.groups
     out_sizes = _output_sizes(x.shape[1:-1], window, config.stride, config.padding, config.dilation)
-    taps = w.reshape(-1, w.shape[-2], groups, w.shape[-1] // groups)  # (K, Cg, G, Og)
+    channels_per_group, out_per_group = w.shape[-2], w.shape[-1] // groups
+    taps = w.reshape(-1, channels_per_group, w.shape[-1])  # (K, Cg, O)
     spatial_ones = (1,) * (x.ndim - 1)
     total = None
     for tap, shifted in zip(
         taps, _window_slices(_pad_input(x, config), window, out_sizes, config), strict=True
     ):
-        shifted = _grouped(shifted, groups)  # (N, *out, G, Cg)
-        for channel in range(w.shape[-2]):
-            row = tap[channel].reshape(*spatial_ones, *tap.shape[1:])  # (1, ..., G, Og)
-            term = shifted[..., channel : channel + 1] * row
+        for channel in range(channels_per_group):
+            # Input channel `channel` of every group, repeated over its group's outputs.
+            column = shifted[..., channel::channels_per_group]
+            if groups > 1:
+                column = jnp.repeat(column, out_per_group, axis=-1)
+            term = column * tap[channel].reshape(*spatial_ones, w.shape[-1])
             total = term if total is None else total + term
-    return total.reshape(*total.shape[:-2], w.shape[-1])
+    return total
 
 
 def _shift_input_grad(g, w, x_shape, config):
