@@ -13,14 +13,16 @@ from jcnn.train.checkpoint import CheckpointManager
 from jcnn.train.cli import build_parser
 from jcnn.train.loop import CRASH_AFTER_STEP_ENV
 
-# 512 synthetic images, batch 64: 8 steps per epoch, 2 epochs; the small 1998 LeNet keeps
-# compilation short. A checkpoint every 3 steps; the crash comes after step 11
-# (epoch 2, batch 3), so the resumed run restarts from step 9, mid-epoch.
+# 256 synthetic images, batch 64: 4 steps per epoch, 2 epochs; the small 1998 LeNet keeps
+# compilation short. A checkpoint every 3 steps (and at each epoch's end); the crash comes after
+# step 7 (epoch 2, batch 3), so the resumed run restarts from step 6, mid-epoch.
 ARGS = [
     "--model",
     "lenet5_1998",
     "--dataset",
     "synthetic",
+    "--limit-train",
+    "256",
     "--epochs",
     "2",
     "--batch-size",
@@ -75,16 +77,16 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     done = _cli(full)
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = _cli(broken, crash_after=11)
+    killed = _cli(broken, crash_after=7)
     assert killed.returncode == 17, killed.stderr[-3000:]
-    assert CheckpointManager(broken / "checkpoints").latest_step() == 9
+    assert CheckpointManager(broken / "checkpoints").latest_step() == 6
     resumed = _cli(broken, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "step_00000009" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "step_00000006" in resumed.stdout
 
     step_a, arrays_a = _final_arrays(full)
     step_b, arrays_b = _final_arrays(broken)
-    assert step_a == step_b == 16
+    assert step_a == step_b == 8
     flat_a = dict(ocp.tree.to_flat_dict(arrays_a))
     flat_b = dict(ocp.tree.to_flat_dict(arrays_b))
     assert flat_a.keys() == flat_b.keys()
@@ -98,12 +100,12 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
         assert (broken / name).exists()
 
     # A corrupt checkpoint stops --resume with a message naming it.
-    for path in (CheckpointManager(full / "checkpoints").path(16) / "state").rglob("*"):
+    for path in (CheckpointManager(full / "checkpoints").path(8) / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
     failed = _cli(full, "--resume")
     assert failed.returncode == 3
-    assert "cannot resume" in failed.stderr and "step_00000016 is corrupt" in failed.stderr
+    assert "cannot resume" in failed.stderr and "step_00000008 is corrupt" in failed.stderr
 
 
 def test_parser_has_the_issue_flags():
