@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--augment",
         default="",
-        help="comma-separated per-example ops of jcnn.data.augment, applied in order "
-        "(e.g. random_crop,horizontal_flip); 'mixup'/'cutmix' act on whole batches",
+        help="comma-separated ops of jcnn.data.augment applied in order, each "
+        "name[:key=value...], e.g. random_crop:padding=4,random_hflip; "
+        "mixup/cutmix (e.g. mixup:alpha=0.2) act on whole batches",
     )
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
     p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
@@ -95,30 +96,30 @@ def _synthetic(split: str, seed: int):
 
 
 def _augmenters(spec: str, num_classes: int):
+    """Per-example and batch augmentation from ``name[:key=value...],name...``."""
+    import ast
     import functools
 
     from jcnn.data import augment
 
     per_example, per_batch = [], None
-    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        name, *settings = item.split(":")
         fn = getattr(augment, name, None)
         if fn is None or not callable(fn):
             raise SystemExit(f"--augment: jcnn.data.augment has no op {name!r}")
+        try:
+            kwargs = {
+                key: ast.literal_eval(value)
+                for key, value in (setting.split("=", 1) for setting in settings)
+            }
+        except (ValueError, SyntaxError) as error:
+            raise SystemExit(f"--augment: cannot parse {item!r} as name:key=value") from error
         if name in ("mixup", "cutmix"):
-            per_batch = functools.partial(fn, num_classes=num_classes)
+            per_batch = functools.partial(fn, num_classes=num_classes, **kwargs)
         else:
-            per_example.append(fn)
-    if not per_example:
-        return None, per_batch
-
-    def composed(key, image):
-        import jax
-
-        for op, op_key in zip(per_example, jax.random.split(key, len(per_example)), strict=True):
-            image = op(op_key, image)
-        return image
-
-    return composed, per_batch
+            per_example.append(functools.partial(fn, **kwargs))
+    return (augment.compose(*per_example) if per_example else None), per_batch
 
 
 def main(argv=None) -> int:

@@ -144,3 +144,21 @@ def test_parser_has_the_issue_flags():
     assert args.resume and args.weight_decay == 0.05
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--optimizer", "adamax"])
+
+
+def test_augment_flag_builds_ops_with_settings():
+    import jax
+    import jax.numpy as jnp
+
+    from jcnn.train.cli import _augmenters
+
+    per_example, per_batch = _augmenters("random_translate:max_shift=2,mixup:alpha=0.2", 10)
+    assert per_batch.keywords == {"num_classes": 10, "alpha": 0.2}
+    image = jnp.arange(36.0).reshape(6, 6, 1)
+    shifted = per_example(jax.random.PRNGKey(0), image)
+    assert shifted.shape == image.shape
+    assert _augmenters("", 10) == (None, None)
+    with pytest.raises(SystemExit, match="no op 'warp'"):
+        _augmenters("warp", 10)
+    with pytest.raises(SystemExit, match="cannot parse"):
+        _augmenters("random_translate:max_shift=two", 10)
