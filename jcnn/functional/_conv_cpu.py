@@ -15,7 +15,7 @@ machine, see ``experiments/benchmarks/README.md``):
   own weight gradient ran at 10-40 GFLOP/s on airbench's layers, this at 50-130). Under ``vmap``
   (per-example gradients) it becomes one batched GEMM instead of a grouped convolution. Smaller
   kernels (LeNet) keep XLA's weight gradient, which is as fast there.
-* forward: XLA's convolution, except for few input channels per group (``C // groups <
+* forward: XLA's convolution, except for a single input channel per group (``C // groups <
   _FEW_CHANNELS``), where XLA:CPU's convolution runs far below its matmul rate (1 GFLOP/s for
   LeNet's first layer) and a fused sum of broadcast multiplies, one per window offset and input
   channel ("shift-and-multiply-add"), is used (LeNet c1 15x, airbench's 2x2 whitening conv 15x).
@@ -46,8 +46,10 @@ __all__ = ["conv_general", "native_conv", "plan", "ConvPlan"]
 # machine; larger chunks ran up to 2x slower, smaller ones pay per-iteration overhead.
 _CHUNK_BYTES = 4 * 2**20
 # Below this many input channels per group XLA:CPU's convolution runs at 1-3 GFLOP/s (tiny inner
-# products); shift-and-multiply-add forward and GEMM+col2im input gradient run far faster.
-_FEW_CHANNELS = 4
+# products); shift-and-multiply-add forward and GEMM+col2im input gradient run far faster. With 3
+# channels (RGB stems) the multiply-add sum also wins alone (24 vs 2 GFLOP/s) but XLA splits it
+# into materialized terms inside a network, which made AirbenchNet's inference 5-15% slower.
+_FEW_CHANNELS = 2
 # Kernels smaller than this (window * C_in/groups * C_out) make the weight-gradient GEMM a long thin
 # reduction that XLA:CPU runs no faster than its own convolution (LeNet: equal within noise);
 # from airbench's 3x3x24x64 (13,824) up, the chunked GEMM ran 2-4x faster.
