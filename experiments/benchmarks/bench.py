@@ -546,8 +546,9 @@ def main():
             matmul,
         )
         print(markdown(rows[-2:]), flush=True)
-    print()
-    print(markdown(rows))
+    if rows:
+        print()
+        print(markdown(rows))
     if "per-example" in only:
         print()
         print(markdown([per_example_rows(pe_batch, rounds, steps)]))
