@@ -2,9 +2,9 @@
 the transposed convolution.
 
 Inputs are ``(N, *spatial, C)`` and kernels ``(*window, C_in // groups, C_out)``; the spatial rank
-comes from the kernel's rank. Every convolution here reaches ``lax.conv_general_dilated`` through
-one private function, :func:`_conv_nhwc`, so that a faster implementation can replace it in one
-place.
+comes from the kernel's rank. Every convolution here runs through
+:func:`jcnn.functional._conv_cpu.conv_general`: ``lax.conv_general_dilated`` on GPU and TPU, a
+formulation with a custom VJP that XLA:CPU runs near its matmul rate on CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 
 from jcnn.functional._checks import PaddingLike, as_int_tuple, check_array, normalize_padding
+from jcnn.functional._conv_cpu import conv_general
 
 __all__ = ["conv", "convolve", "conv_transpose"]
 
@@ -23,35 +24,6 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "c
 
 _LAYOUTS = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 _WINDOW_AXES = {1: "K", 2: "KH, KW", 3: "KD, KH, KW"}
-_DIMENSION_NUMBERS = {
-    1: ("NWC", "WIO", "NWC"),
-    2: ("NHWC", "HWIO", "NHWC"),
-    3: ("NDHWC", "DHWIO", "NDHWC"),
-}
-
-
-def _conv_nhwc(x, w, stride, padding_pairs, dilation, groups):
-    """Cross-correlation of channels-last ``x`` with an HWIO kernel ``w``, without bias.
-
-    The single entry point to ``lax.conv_general_dilated`` (a faster implementation with its own
-    VJP may replace this body). Arguments are already checked and normalized: ``x`` is
-    ``(N, *spatial, C_in)``, ``w`` is ``(*window, C_in // groups, C_out)`` of the same dtype,
-    ``stride``, ``dilation`` are tuples of positive ints and ``padding_pairs`` a tuple of
-    non-negative ``(lo, hi)`` zero-padding pairs, one per spatial dim.
-
-    Returns:
-        ``(N, *out_spatial, C_out)`` with
-        ``out = (size + lo + hi - (k - 1) * dilation - 1) // stride + 1``.
-    """
-    return lax.conv_general_dilated(
-        x,
-        w,
-        window_strides=stride,
-        padding=padding_pairs,
-        rhs_dilation=dilation,
-        dimension_numbers=_DIMENSION_NUMBERS[w.ndim - 2],
-        feature_group_count=groups,
-    )
 
 
 def _check_kernel_and_input(x, w, channel_axes: str) -> int:
@@ -217,7 +189,7 @@ def conv(
     if padding_mode != "zeros" and any(lo or hi for lo, hi in pads):
         x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
         pads = ((0, 0),) * spatial_rank
-    y = _conv_nhwc(x, w, stride, pads, dilation, groups)
+    y = conv_general(x, w, stride, pads, dilation, groups)
     return _add_bias(y, b)
 
 
@@ -360,5 +332,5 @@ def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilat
     ]
     x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *interleave, (0, 0, 0)])
     conv_pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in edges)
-    y = _conv_nhwc(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)
+    y = conv_general(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)
     return _add_bias(y, b)
