@@ -19,9 +19,11 @@ input the gradient of each window it is in divided by that window's size.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -169,11 +171,64 @@ def max_pool(
     )
     # A concrete (NumPy) init value lets lax pick its differentiable max-pool primitive.
     lowest = np.array(-np.inf, x.dtype)
+    if all(d == 1 for d in dilation) and stride == window:
+        return _tiled_max_pool(x, lowest, window, pads, out_sizes)
     if all(d == 1 for d in dilation):
         return lax.reduce_window(
             x, lowest, lax.max, _full_window(window), _full_window(stride), ((0, 0), *pads, (0, 0))
         )
     return _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes)
+
+
+def _tiled_max_pool(x, lowest, window, pads, out_sizes):
+    """Max pool with ``stride == window``: pad/crop to whole tiles, split each axis, reduce.
+
+    ``(N, H, W, C)`` becomes ``(N, H / kh, kh, W / kw, kw, C)`` (a free reshape) and the maximum
+    runs over the tile axes. XLA compiles the gradient of ``reduce_window`` max to
+    ``select_and_scatter``, 2-4x slower on CPU than this formulation's elementwise gradient (see
+    ``_max_over_tiles``); used on every platform because both directions are plain fusable
+    reductions and broadcasts, which no backend handles worse than a window scatter.
+    """
+    config = [(0, 0, 0)]
+    for size, k, (lo, _), out in zip(x.shape[1:-1], window, pads, out_sizes, strict=True):
+        # hi < 0 crops the pixels a floor-mode pool leaves unused.
+        config.append((lo, out * k - size - lo, 0))
+    config.append((0, 0, 0))
+    if any(lo or hi for lo, hi, _ in config):
+        x = lax.pad(x, lowest, config)
+    split_shape = [x.shape[0]]
+    for out, k in zip(out_sizes, window, strict=True):
+        split_shape += [out, k]
+    tile_axes = tuple(range(2, 2 * len(window) + 1, 2))
+    return _max_over_tiles(x.reshape(*split_shape, x.shape[-1]), tile_axes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_over_tiles(tiles, axes):
+    """``jnp.max(tiles, axes)`` whose derivative follows only the first maximum of each tile.
+
+    jnp.max's own derivative splits it evenly among tied maxima (ReLU zeros tie often); PyTorch
+    and ``reduce_window`` give it all to the first in window (row-major) order. The tangent rule
+    is a mask and a sum, linear in the tangent, so reverse mode transposes it into a broadcast
+    and a select, and it composes with ``vmap`` and higher derivatives.
+    """
+    return jnp.max(tiles, axis=axes)
+
+
+@_max_over_tiles.defjvp
+def _max_over_tiles_jvp(axes, primals, tangents):
+    (tiles,), (tangent,) = primals, tangents
+    peak = _max_over_tiles(tiles, axes)
+    # Position of each tile element in window order, broadcast against the tile axes.
+    window = [tiles.shape[a] for a in axes]
+    order_shape = [1] * tiles.ndim
+    for axis, k in zip(axes, window, strict=True):
+        order_shape[axis] = k
+    order = np.arange(math.prod(window), dtype=np.int32).reshape(order_shape)
+    # NaN wins a max (it propagates), so the first NaN of a tile takes the gradient.
+    wins = (tiles == jnp.expand_dims(peak, axes)) | jnp.isnan(tiles)
+    first = jnp.min(jnp.where(wins, order, math.prod(window)), axis=axes, keepdims=True)
+    return peak, jnp.sum(jnp.where(order == first, tangent, 0), axis=axes)
 
 
 def _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes):
