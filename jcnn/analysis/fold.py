@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jcnn import functional as F
 from jcnn import nn as jnn
-from jcnn.analysis._trace import accepts_train, leaf_calls, trace_layers
+from jcnn.analysis._trace import accepts_train, leaf_calls, subtree, trace_layers
 
 __all__ = ["FoldedModel", "fold_batch_norms"]
 
@@ -150,9 +150,7 @@ def fold_batch_norms(model: nn.Module, variables, input_shape: Sequence[int]):
     stats = folded.get("batch_stats", {})
     for layer_path, norm_path, _, eps in pairs:
         layer_params = _node(params, layer_path, "the layer's params")
-        norm_params = (
-            _node(params, norm_path, "the BatchNorm's params") if _has(params, norm_path) else {}
-        )
+        norm_params = subtree(folded, "params", norm_path)
         norm_stats = _node(stats, norm_path, "the BatchNorm's batch_stats")
         kernel, bias = F.fold_batch_norm(
             jnp.asarray(layer_params["kernel"]),
@@ -174,11 +172,3 @@ def fold_batch_norms(model: nn.Module, variables, input_shape: Sequence[int]):
         added_bias=tuple(layer for layer, _, has_bias, _ in pairs if not has_bias),
     )
     return folded_model, folded
-
-
-def _has(tree, path: Sequence[str]) -> bool:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return False
-        tree = tree[key]
-    return True
