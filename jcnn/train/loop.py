@@ -296,12 +296,11 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a jcnn.train.TrainConfig, got {type(config).__name__}")
-    for name, loader in (("train_loader", train_loader),):
-        if not hasattr(loader, "epoch") or not hasattr(loader, "__len__"):
-            raise TypeError(
-                f"{name}: expected a loader with len() and epoch(epoch, start_step=...), "
-                f"got {type(loader).__name__}"
-            )
+    if not hasattr(train_loader, "epoch") or not hasattr(train_loader, "__len__"):
+        raise TypeError(
+            "train_loader: expected a loader with len() and epoch(epoch, start_step=...), "
+            f"got {type(train_loader).__name__}"
+        )
     if isinstance(config.epochs, bool) or not isinstance(config.epochs, int) or config.epochs < 1:
         raise ValueError(f"config.epochs: expected an int >= 1, got {config.epochs!r}")
     steps_per_epoch = len(train_loader)
