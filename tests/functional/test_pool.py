@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from jcnn.functional.pool import (
     adaptive_avg_pool,
@@ -367,7 +368,133 @@ def test_max_pool_gradient_breaks_ties_like_torch(torch, rng):
         )
         for dilation in (1, 2)
     ]
+    tiled = dict(kernel_size=(2, 3), padding=1, ceil_mode=True)  # the stride == window path
+    cases.append(
+        (
+            functools.partial(max_pool, window=(2, 3), padding=1, ceil_mode=True),
+            functools.partial(torch.nn.functional.max_pool2d, **tiled),
+            x,
+            "ties, stride == window",
+        )
+    )
     _assert_parity(torch, cases, rng)
+
+
+def _reference_tiled_max_pool(x, window, padding, ceil_mode):
+    """``lax.reduce_window`` max (the general path) for ``stride == window``, sizes as PyTorch."""
+    pads = []
+    for size, k, p in zip(x.shape[1:-1], window, padding, strict=True):
+        out = (-(-(size + p - k) // k) if ceil_mode else (size + 2 * p - k) // k) + 1
+        pads.append((p, max(out * k - size - p, 0)))
+    lowest = np.array(-np.inf, x.dtype)
+    full = (1, *window, 1)
+    return lax.reduce_window(x, lowest, lax.max, full, full, ((0, 0), *pads, (0, 0)))
+
+
+def _primitives(fn, *shapes):
+    jaxpr = jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
+    return str(jaxpr)
+
+
+@pytest.mark.parametrize(
+    "shape", [(128, 28, 28, 20), (128, 14, 14, 50), (256, 32, 32, 64), (256, 16, 16, 256)]
+)
+def test_non_overlapping_max_pool_avoids_select_and_scatter(shape):
+    """LeNet-5 and AirbenchNet pools: a reshape + max, no window scatter, batch or per example."""
+    c_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+    batch = _primitives(jax.grad(lambda x, c: jnp.sum(max_pool(x, 2) * c)), shape, c_shape)
+    per_example = _primitives(
+        jax.vmap(jax.grad(lambda x, c: jnp.sum(max_pool(x[None], 2) * c[None]))), shape, c_shape
+    )
+    for text in (batch, per_example):
+        assert "reduce_max" in text and "reduce_window" not in text
+        assert "select_and_scatter" not in text
+    overlapping = _primitives(jax.grad(lambda x: jnp.sum(max_pool(x, 2, stride=1))), shape)
+    assert "select_and_scatter_add" in overlapping  # the general path, for contrast
+
+
+def test_non_overlapping_max_pool_equals_reduce_window_exactly_with_ties(rng):
+    """Random stride == window pools (padding, ceil_mode, ranks 1-3, float32 and bfloat16)."""
+    cases = []
+    for trial in range(36):
+        rank = 1 + trial % 3
+        window = tuple(int(k) for k in rng.integers(1, 4, rank))
+        padding = tuple(int(rng.integers(0, k // 2 + 1)) for k in window)
+        sizes = tuple(int(rng.integers(k, MAX_SIZE[rank] + 1)) for k in window)
+        dtype = jnp.bfloat16 if trial % 4 == 3 else jnp.float32
+        # Few distinct values: most windows hold tied maxima (as after a ReLU).
+        x = jnp.asarray(rng.integers(-1, 3, (2, *sizes, 2)), dtype)
+        cases.append((x, window, padding, bool(rng.integers(2))))
+
+    def values_and_grads(xs, cotangents):
+        results = []
+        for (_, window, padding, ceil_mode), x, cotangent in zip(
+            cases, xs, cotangents, strict=True
+        ):
+            for pool in (
+                functools.partial(max_pool, window=window, padding=padding, ceil_mode=ceil_mode),
+                functools.partial(
+                    _reference_tiled_max_pool, window=window, padding=padding, ceil_mode=ceil_mode
+                ),
+            ):
+                y, pullback = jax.vjp(pool, x)
+                results.append((y, pullback(cotangent)[0]))
+        return results
+
+    xs = [case[0] for case in cases]
+    out_shapes = [
+        jax.eval_shape(
+            functools.partial(_reference_tiled_max_pool, window=w, padding=p, ceil_mode=c), x
+        )
+        for x, w, p, c in cases
+    ]
+    cotangents = [
+        jnp.asarray(rng.standard_normal(o.shape), x.dtype)
+        for o, x in zip(out_shapes, xs, strict=True)
+    ]
+    results = jax.jit(values_and_grads).lower(xs, cotangents).compile(FAST_COMPILE)(xs, cotangents)
+    assert (
+        sum(c[3] and any(n % k for n, k in zip(c[0].shape[1:-1], c[1], strict=True)) for c in cases)
+        >= 3
+    )
+    for case, ours, reference in zip(cases, results[::2], results[1::2], strict=True):
+        context = f"shape={case[0].shape} dtype={case[0].dtype} window, padding, ceil={case[1:]}"
+        for got, expected in zip(ours, reference, strict=True):
+            assert got.dtype == expected.dtype == case[0].dtype, context
+            np.testing.assert_array_equal(
+                np.asarray(got, np.float32), np.asarray(expected, np.float32), err_msg=context
+            )
+
+
+def test_non_overlapping_max_pool_second_derivatives_and_per_example_grads(rng):
+    """Forward-over-reverse, reverse-over-reverse and vmap(grad) equal the reduce_window path."""
+    x = jnp.asarray(rng.integers(-2, 3, (3, 6, 7, 2)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((3, 4, 4, 2)), jnp.float32)
+    direction = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    pools = {
+        "fast": lambda x: max_pool(x, 2, padding=(1, 0), ceil_mode=True),
+        "reference": lambda x: _reference_tiled_max_pool(x, (2, 2), (1, 0), True),
+    }
+
+    def derivatives(pool):
+        def loss(x, weights):
+            return jnp.sum(weights * pool(x) ** 2)
+
+        grad = jax.grad(loss)
+        hvp_forward = jax.jvp(lambda x: grad(x, weights), (x,), (direction,))[1]
+        hvp_reverse = jax.grad(lambda x: jnp.vdot(grad(x, weights), direction))(x)
+        per_example = jax.vmap(lambda xi, wi: grad(xi[None], wi[None])[0])(x, weights)
+        return hvp_forward, hvp_reverse, per_example
+
+    fast, reference = jax.jit(
+        lambda: (derivatives(pools["fast"]), derivatives(pools["reference"]))
+    )()
+    for got, expected in zip(fast, reference, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert np.count_nonzero(fast[0]) > 0
+    np.testing.assert_array_equal(fast[0], fast[1])
+    whole_batch = jax.grad(lambda x: jnp.sum(weights * pools["fast"](x) ** 2))(x)
+    np.testing.assert_array_equal(fast[2], whole_batch)
 
 
 def test_max_pool_gradient_of_the_notes_example():
@@ -425,6 +552,7 @@ def test_half_precision_average_accumulates_in_float32(rng):
 
 POOLS = {
     "max_pool": lambda x: max_pool(x, (3, 2), (2, 1), 1, dilation=(1, 2), ceil_mode=True),
+    "non_overlapping_max_pool": lambda x: max_pool(x, (2, 3), padding=(1, 0), ceil_mode=True),
     "avg_pool": lambda x: avg_pool(x, 3, 2, (1, 0), ceil_mode=True, count_include_pad=False),
     "lp_pool": lambda x: lp_pool(x, 2, (2, 3)),
     "adaptive_avg_pool": lambda x: adaptive_avg_pool(x, (3, 4)),
