@@ -9,10 +9,15 @@ Every row is measured in the same process, the implementations interleaved round
 warm-up; a cell is the median over rounds, and the spread (max/min - 1 over rounds) is printed
 so the noise of a shared machine is visible. Columns:
 
-* ``jcnn``: the Flax twin with every convolution through ``jcnn.functional._conv_cpu.conv_general``
-  (the custom-VJP CPU convolution behind ``F.conv``); same parameters, same everything else.
-* ``flax``: the hand-written Flax Linen twin (``flax.linen.Conv``, i.e. XLA's native convolution).
-* ``torch``: the same network in PyTorch CPU (eager), same initial weights.
+* ``jcnn``: the library itself, ``jcnn.models.LeNet5()``, ``AirbenchNet()`` and ``resnet20()``,
+  trained by ``jcnn.train.train_step`` on a ``jcnn.train.TrainState`` (per-example gradients:
+  ``jcnn.analysis.per_example_grads``).
+* ``flax``: a hand-written Flax Linen twin of the same architecture (``flax.linen.Conv``,
+  ``BatchNorm``, ``max_pool``: XLA's native operations), parameter paths equal to jcnn's.
+* ``torch``: the same network in PyTorch CPU (eager), loaded with the same initial weights.
+
+The three networks of a row are checked to have the same trainable parameter count and the same
+first-step loss.
 """
 
 from __future__ import annotations
@@ -31,165 +36,256 @@ import torch
 import torch.nn.functional as TF
 from jax import lax
 
-from jcnn.functional._conv_cpu import conv_general
+import jcnn
+from jcnn import functional as F
+from jcnn.analysis import per_example_grads
+from jcnn.train import TrainState, train_step
 
-# ----------------------------------------------------------------------------- JAX models
-
-
-class JcnnConv(nn.Module):
-    """``flax.linen.Conv``'s parameters and semantics, computed by jcnn's CPU convolution."""
-
-    features: int
-    kernel_size: tuple[int, int]
-    padding: int = 0
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (*self.kernel_size, x.shape[-1], self.features),
-        )
-        pads = ((self.padding, self.padding),) * 2
-        y = conv_general(x, kernel, (1, 1), pads, (1, 1), 1)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-        return y
+# ----------------------------------------------------------------------------- Flax twins
+# Parameter paths are jcnn.models' paths, so one variables tree feeds both JAX networks.
 
 
-def make_conv(impl, features, kernel, padding=0, use_bias=True, name=None):
-    if impl == "jcnn":
-        return JcnnConv(features, (kernel, kernel), padding, use_bias, name=name)
-    return nn.Conv(
-        features, (kernel, kernel), padding=((padding, padding),) * 2, use_bias=use_bias, name=name
-    )
-
-
-class LeNet5(nn.Module):
-    """LeNet-5 on 28x28 MNIST: conv5(6, pad 2)-relu-maxpool2, conv5(16)-relu-maxpool2, 120-84-10."""
-
-    impl: str = "flax"
+class FlaxLeNet5(nn.Module):
+    """jcnn.models.LeNet5(): conv 20@5x5 pad 2, relu, maxpool 2, conv 50@5x5 pad 2, relu,
+    maxpool 2, dense 500, relu, dense 10."""
 
     @nn.compact
-    def __call__(self, x, train=True):
-        x = nn.relu(make_conv(self.impl, 6, 5, padding=2, name="c1")(x))
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(20, (5, 5), padding=((2, 2), (2, 2)), name="conv1")(x))
         x = nn.max_pool(x, (2, 2), (2, 2))
-        x = nn.relu(make_conv(self.impl, 16, 5, name="c3")(x))
+        x = nn.relu(nn.Conv(50, (5, 5), padding=((2, 2), (2, 2)), name="conv2")(x))
         x = nn.max_pool(x, (2, 2), (2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120, name="f5")(x))
-        x = nn.relu(nn.Dense(84, name="f6")(x))
-        return nn.Dense(10, name="f7")(x)
+        x = nn.relu(nn.Dense(500, name="fc1")(x))
+        return nn.Dense(10, name="fc2")(x)
 
 
-class ConvGroup(nn.Module):
-    impl: str
+class FlaxConvGroup(nn.Module):
     width: int
 
     @nn.compact
     def __call__(self, x, train):
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.6, epsilon=1e-12)
-        x = make_conv(self.impl, self.width, 3, padding=1, use_bias=False, name="conv1")(x)
+        norm = partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.6,
+            epsilon=1e-12,
+            use_scale=False,
+        )
+        x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv1")(x)
         x = nn.max_pool(x, (2, 2), (2, 2))
-        x = nn.gelu(norm(name="norm1")(x))
-        x = make_conv(self.impl, self.width, 3, padding=1, use_bias=False, name="conv2")(x)
-        return nn.gelu(norm(name="norm2")(x))
+        x = nn.gelu(norm(name="norm1")(x), approximate=False)
+        x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv2")(x)
+        return nn.gelu(norm(name="norm2")(x), approximate=False)
 
 
-class AirbenchNet(nn.Module):
-    """airbench94's CIFAR-10 network: 2x2 whitening conv, three conv groups (64/256/256)."""
+class FlaxAirbenchNet(nn.Module):
+    """jcnn.models.AirbenchNet(): 2x2 whitening conv, three conv groups (64/256/256), exact GELU."""
 
-    impl: str = "flax"
     widths: tuple[int, int, int] = (64, 256, 256)
 
     @nn.compact
-    def __call__(self, x, train=True):
-        x = nn.gelu(make_conv(self.impl, 24, 2, name="whiten")(x))
-        for i, width in enumerate(self.widths):
-            x = ConvGroup(self.impl, width, name=f"group{i}")(x, train)
+    def __call__(self, x, train=False):
+        x = nn.gelu(nn.Conv(24, (2, 2), padding="VALID", name="whiten")(x), approximate=False)
+        for i, width in enumerate(self.widths, start=1):
+            x = FlaxConvGroup(width, name=f"group{i}")(x, train)
         x = nn.max_pool(x, (3, 3), (3, 3))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(10, use_bias=False, name="head")(x) / 9.0
 
 
+class FlaxBasicBlock(nn.Module):
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        conv = partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+        y = conv(self.features, strides=self.stride, name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        y = norm(name="bn2")(conv(self.features, name="conv2")(y))
+        if self.stride != 1 or x.shape[-1] != self.features:  # option A: subsample, zero-pad
+            x = x[:, :: self.stride, :: self.stride]
+            extra = self.features - x.shape[-1]
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return nn.relu(y + x)
+
+
+class FlaxResNet20(nn.Module):
+    """jcnn.models.resnet20(): 3x3 conv 16, BN, relu, 3 stages of 3 basic blocks (16/32/64,
+    option-A shortcuts), global average pool, dense 10."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv1")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn1")(x)
+        x = nn.relu(x)
+        for stage, width in enumerate((16, 32, 64), start=1):
+            for index in range(3):
+                stride = 2 if stage > 1 and index == 0 else 1
+                x = FlaxBasicBlock(width, stride, name=f"layer{stage}_{index}")(x, train)
+        return nn.Dense(10, name="fc")(x.mean(axis=(1, 2)))
+
+
 # ----------------------------------------------------------------------------- torch twins
+# Attribute names are jcnn's, so load_into_torch maps ``a/b/kernel`` to ``a.b.weight``.
 
 
 class TorchLeNet5(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.c1 = torch.nn.Conv2d(1, 6, 5, padding=2)
-        self.c3 = torch.nn.Conv2d(6, 16, 5)
-        self.f5 = torch.nn.Linear(400, 120)
-        self.f6 = torch.nn.Linear(120, 84)
-        self.f7 = torch.nn.Linear(84, 10)
+        self.conv1 = torch.nn.Conv2d(1, 20, 5, padding=2)
+        self.conv2 = torch.nn.Conv2d(20, 50, 5, padding=2)
+        self.fc1 = torch.nn.Linear(2450, 500)
+        self.fc2 = torch.nn.Linear(500, 10)
 
     def forward(self, x):
-        x = TF.max_pool2d(TF.relu(self.c1(x)), 2)
-        x = TF.max_pool2d(TF.relu(self.c3(x)), 2)
-        x = x.permute(0, 2, 3, 1).flatten(1)  # NHWC flattening order, as in the JAX twin
-        return self.f7(TF.relu(self.f6(TF.relu(self.f5(x)))))
+        x = TF.max_pool2d(TF.relu(self.conv1(x)), 2)
+        x = TF.max_pool2d(TF.relu(self.conv2(x)), 2)
+        x = x.permute(0, 2, 3, 1).flatten(1)  # NHWC flattening order, as in jcnn
+        return self.fc2(TF.relu(self.fc1(x)))
+
+
+def frozen_unit_scale_bn(width, **options):
+    """BatchNorm without a learned scale (airbench's): the weight stays 1 and is not trained."""
+    norm = torch.nn.BatchNorm2d(width, **options)
+    norm.weight.requires_grad_(False)
+    return norm
 
 
 class TorchConvGroup(torch.nn.Module):
     def __init__(self, c_in, width):
         super().__init__()
         self.conv1 = torch.nn.Conv2d(c_in, width, 3, padding=1, bias=False)
-        self.norm1 = torch.nn.BatchNorm2d(width, momentum=0.4, eps=1e-12)
+        self.norm1 = frozen_unit_scale_bn(width, momentum=0.4, eps=1e-12)
         self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.norm2 = torch.nn.BatchNorm2d(width, momentum=0.4, eps=1e-12)
+        self.norm2 = frozen_unit_scale_bn(width, momentum=0.4, eps=1e-12)
 
     def forward(self, x):
-        x = TF.gelu(self.norm1(TF.max_pool2d(self.conv1(x), 2)), approximate="tanh")
-        return TF.gelu(self.norm2(self.conv2(x)), approximate="tanh")
+        x = TF.gelu(self.norm1(TF.max_pool2d(self.conv1(x), 2)))
+        return TF.gelu(self.norm2(self.conv2(x)))
 
 
 class TorchAirbenchNet(torch.nn.Module):
     def __init__(self, widths=(64, 256, 256)):
         super().__init__()
         self.whiten = torch.nn.Conv2d(3, 24, 2)
-        groups, c_in = [], 24
-        for width in widths:
-            groups.append(TorchConvGroup(c_in, width))
+        c_in = 24
+        for i, width in enumerate(widths, start=1):
+            setattr(self, f"group{i}", TorchConvGroup(c_in, width))
             c_in = width
-        self.groups = torch.nn.Sequential(*groups)
         self.head = torch.nn.Linear(widths[-1], 10, bias=False)
 
     def forward(self, x):
-        x = TF.gelu(self.whiten(x), approximate="tanh")
-        x = TF.max_pool2d(self.groups(x), 3)
-        return self.head(x.flatten(1)) / 9.0
+        x = TF.gelu(self.whiten(x))
+        x = self.group3(self.group2(self.group1(x)))
+        return self.head(TF.max_pool2d(x, 3).flatten(1)) / 9.0
+
+
+class TorchBasicBlock(torch.nn.Module):
+    def __init__(self, c_in, features, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c_in, features, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(features)
+        self.conv2 = torch.nn.Conv2d(features, features, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(features)
+        self.stride, self.extra = stride, features - c_in
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(TF.relu(self.bn1(self.conv1(x)))))
+        if self.stride != 1 or self.extra:
+            x = x[:, :, :: self.stride, :: self.stride]
+            x = TF.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return TF.relu(y + x)
+
+
+class TorchResNet20(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.blocks, c_in = [], 16
+        for stage, width in enumerate((16, 32, 64), start=1):
+            for index in range(3):
+                stride = 2 if stage > 1 and index == 0 else 1
+                block = TorchBasicBlock(c_in, width, stride)
+                setattr(self, f"layer{stage}_{index}", block)
+                self.blocks.append(block)
+                c_in = width
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = TF.relu(self.bn1(self.conv1(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean(dim=(2, 3)))
 
 
 def load_into_torch(module, params):
-    """Copy the JAX twin's parameters into the torch twin (HWIO -> OIHW, (in, out) -> (out, in))."""
-    flat = {
-        "/".join(k.key for k in path): np.asarray(v)
-        for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
+    """Copy jcnn-path parameters into the torch twin (HWIO -> OIHW, (in, out) -> (out, in))."""
     state = {}
-    for key, value in flat.items():
-        name = key.replace("/", ".").replace("group", "groups.")
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = ".".join(k.key for k in path)
         name = name.replace(".kernel", ".weight").replace(".scale", ".weight")
+        value = np.array(value)
         if value.ndim == 4:
             value = value.transpose(3, 2, 0, 1)
         elif value.ndim == 2:
             value = value.T
         state[name] = torch.from_numpy(np.ascontiguousarray(value))
     missing, unexpected = module.load_state_dict(state, strict=False)
-    assert not unexpected and all("running" in m or "num_batches" in m for m in missing), (
-        missing,
-        unexpected,
-    )
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    assert not unexpected and all(
+        "running" in m or "num_batches" in m or m in frozen for m in missing
+    ), (missing, unexpected)
+
+
+def count_params(params):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+def count_torch_params(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------- steps
 
+OPTIMIZER = partial(optax.sgd, 0.01, momentum=0.9, nesterov=True)
 
-def jax_steps(model, params, batch_stats, x, labels, lr=0.01):
-    """Jitted train step, eval step and their first-call compile time."""
-    tx = optax.sgd(lr, momentum=0.9, nesterov=True)
+
+def jcnn_steps(model, params, batch_stats, x, labels):
+    """jcnn.train.train_step on a TrainState (the library's own step), and a jitted eval call."""
+    tx = OPTIMIZER()
+    state = TrainState.create(model, tx, jax.random.key(0), x[:1])
+    # train_step donates its state: give it copies, the caller's arrays are used again.
+    params_copy, stats_copy = jax.tree.map(jnp.copy, (params, batch_stats))
+    state = state.replace(
+        params=params_copy, batch_stats=stats_copy, opt_state=tx.init(params_copy)
+    )
+    start = time.perf_counter()
+    state, metrics = train_step(state, (x, labels))
+    loss = float(metrics["loss"])
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run_train():
+        holder["state"], metrics = train_step(holder["state"], (x, labels))
+        return float(metrics["loss"])
+
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def run_eval():
+        jax.block_until_ready(evaluate(variables, x))
+
+    run_eval()
+    return run_train, run_eval, compile_s, loss
+
+
+def flax_steps(model, params, batch_stats, x, labels):
+    """The twin's jitted train step (same optimizer, optax's loss), eval step, compile s."""
+    tx = OPTIMIZER()
     opt_state = tx.init(params)
     has_bn = bool(batch_stats)
 
@@ -204,7 +300,7 @@ def jax_steps(model, params, batch_stats, x, labels, lr=0.01):
         return loss, new_stats
 
     @jax.jit
-    def train_step(state, x, labels):
+    def step(state, x, labels):
         params, batch_stats, opt_state = state
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, x, labels
@@ -215,18 +311,17 @@ def jax_steps(model, params, batch_stats, x, labels, lr=0.01):
     @jax.jit
     def eval_step(params, batch_stats, x):
         variables = {"params": params, **({"batch_stats": batch_stats} if has_bn else {})}
-        return model.apply(variables, x, train=False) if has_bn else model.apply(variables, x)
+        return model.apply(variables, x, train=False)
 
     state = (params, batch_stats, opt_state)
     start = time.perf_counter()
-    state, loss = train_step(state, x, labels)
+    state, loss = step(state, x, labels)
     jax.block_until_ready(loss)
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
     def run_train():
-        holder["state"], loss = train_step(holder["state"], x, labels)
-        jax.block_until_ready(loss)
+        holder["state"], loss = step(holder["state"], x, labels)
         return float(loss)
 
     def run_eval():
@@ -236,8 +331,10 @@ def jax_steps(model, params, batch_stats, x, labels, lr=0.01):
     return run_train, run_eval, compile_s, float(loss)
 
 
-def torch_steps(module, x, labels, lr=0.01):
-    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, nesterov=True)
+def torch_steps(module, x, labels):
+    opt = torch.optim.SGD(
+        [p for p in module.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True
+    )
 
     def run_train():
         module.train()
@@ -319,30 +416,41 @@ def matmul_runners(size=2048):
 # ----------------------------------------------------------------------------- benchmarks
 
 
-def network_rows(name, make_jax, make_torch, input_shape, batch, rounds, steps, matmul):
+def network_rows(
+    name, jcnn_model, flax_model, torch_module, input_shape, batch, rounds, steps, matmul
+):
+    """Train and inference rows of one network: jcnn, its Flax twin and its torch twin."""
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((batch, *input_shape)).astype(np.float32)
     labels_np = rng.integers(0, 10, batch)
     x, labels = jnp.asarray(x_np), jnp.asarray(labels_np, jnp.int32)
-    variables = make_jax("flax").init(jax.random.key(0), x)
+    variables = jcnn_model.init(jax.random.key(0), x, train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    twin_shapes = jax.eval_shape(flax_model.init, jax.random.key(0), x)
+    assert jax.tree.map(np.shape, twin_shapes) == jax.tree.map(np.shape, dict(variables)), (
+        f"{name}: the Flax twin's variables differ from jcnn's"
+    )
+    load_into_torch(torch_module, params)
+    counts = (count_params(params), count_params(twin_shapes["params"]))
+    counts += (count_torch_params(torch_module),)
+    assert len(set(counts)) == 1, f"{name}: parameter counts jcnn/flax/torch {counts}"
     train, infer, compile_s, losses = {}, {}, {}, {}
-    for impl in ("jcnn", "flax"):
-        train[impl], infer[impl], compile_s[impl], losses[impl] = jax_steps(
-            make_jax(impl), params, batch_stats, x, labels
-        )
-    module = make_torch()
-    load_into_torch(module, params)
+    train["jcnn"], infer["jcnn"], compile_s["jcnn"], losses["jcnn"] = jcnn_steps(
+        jcnn_model, params, batch_stats, x, labels
+    )
+    train["flax"], infer["flax"], compile_s["flax"], losses["flax"] = flax_steps(
+        flax_model, params, batch_stats, x, labels
+    )
     x_torch = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
     labels_torch = torch.from_numpy(labels_np)
     train["torch"], infer["torch"], compile_s["torch"], losses["torch"] = torch_steps(
-        module, x_torch, labels_torch
+        torch_module, x_torch, labels_torch
     )
     assert abs(losses["jcnn"] - losses["flax"]) < 1e-4 * max(1, abs(losses["flax"])), losses
     assert abs(losses["torch"] - losses["flax"]) < 1e-3 * max(1, abs(losses["flax"])), losses
     for runner in train.values():  # warm-up
         runner()
-    flops = conv_flops(make_jax("flax"), x)
+    flops = conv_flops(flax_model, x)
     rows = []
     matmul_fns, matmul_flops = matmul
     for kind, runners, flop_factor in (("train", train, 3), ("infer", infer, 1)):
@@ -354,6 +462,7 @@ def network_rows(name, make_jax, make_torch, input_shape, batch, rounds, steps, 
             row(
                 f"{name} {kind} b{batch}",
                 batch,
+                counts[0],
                 result,
                 compile_s if kind == "train" else None,
                 flop_factor * flops,
@@ -364,10 +473,11 @@ def network_rows(name, make_jax, make_torch, input_shape, batch, rounds, steps, 
     return rows
 
 
-def row(label, batch, result, compile_s, flops, peak, torch_peak):
+def row(label, batch, n_params, result, compile_s, flops, peak, torch_peak):
     speed = {impl: batch / t for impl, (t, _) in result.items()}
     cells = {
         "benchmark": label,
+        "params": f"{n_params:,}",
         "jcnn img/s": f"{speed['jcnn']:.0f}",
         "flax img/s": f"{speed['flax']:.0f}",
         "torch img/s": f"{speed['torch']:.0f}",
@@ -389,29 +499,40 @@ def per_example_rows(batch, rounds, steps):
     x_np = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     labels_np = rng.integers(0, 10, batch)
     x, labels = jnp.asarray(x_np), jnp.asarray(labels_np, jnp.int32)
-    params = LeNet5().init(jax.random.key(0), x)["params"]
+    jcnn_model = jcnn.models.LeNet5()
+    params = jcnn_model.init(jax.random.key(0), x)["params"]
     runners = {}
-    for impl in ("jcnn", "flax"):
-        model = LeNet5(impl)
+    for impl, model in (("jcnn", jcnn_model), ("flax", FlaxLeNet5())):
 
-        def loss(params, x, labels, model=model):
-            logits = model.apply({"params": params}, x)
+        def loss(params, batch, model=model, impl=impl):
+            images, labels = batch
+            logits = model.apply({"params": params}, images)
+            if impl == "jcnn":
+                return F.cross_entropy(logits, labels)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        per_example = jax.jit(
-            jax.vmap(lambda p, x, y, loss=loss: jax.grad(loss)(p, x[None], y[None]), (None, 0, 0))
-        )
+        if impl == "jcnn":
+            per_example = jax.jit(partial(per_example_grads, loss))
+        else:
+            per_example = jax.jit(
+                jax.vmap(
+                    lambda p, x, y, loss=loss: jax.grad(loss)(p, (x[None], y[None])), (None, 0, 0)
+                )
+            )
+            per_example = partial(lambda f, p, batch: f(p, *batch), per_example)
         batch_grad = jax.jit(jax.grad(loss))
-        per = per_example(params, x, labels)
-        whole = batch_grad(params, x, labels)
+        per = per_example(params, (x, labels))
+        whole = batch_grad(params, (x, labels))
         np.testing.assert_allclose(
-            np.asarray(per["c1"]["kernel"].mean(0)), np.asarray(whole["c1"]["kernel"]), atol=1e-5
+            np.asarray(per["conv1"]["kernel"].mean(0)),
+            np.asarray(whole["conv1"]["kernel"]),
+            atol=1e-5,
         )
         runners[f"{impl} vmap"] = partial(
-            lambda f: jax.block_until_ready(f(params, x, labels)), per_example
+            lambda f: jax.block_until_ready(f(params, (x, labels))), per_example
         )
         runners[f"{impl} batch"] = partial(
-            lambda f: jax.block_until_ready(f(params, x, labels)), batch_grad
+            lambda f: jax.block_until_ready(f(params, (x, labels))), batch_grad
         )
     module = TorchLeNet5()
     load_into_torch(module, params)
@@ -424,17 +545,23 @@ def per_example_rows(batch, rounds, steps):
         return TF.cross_entropy(logits, y[None])
 
     torch_per_example = torch.func.vmap(torch.func.grad(torch_loss), in_dims=(None, 0, 0))
-    torch_per_example(torch_params, x_torch, labels_torch)
+    torch_grads = torch_per_example(torch_params, x_torch, labels_torch)
+    np.testing.assert_allclose(
+        torch_grads["conv1.weight"].numpy().transpose(0, 3, 4, 2, 1),
+        np.asarray(per_example(params, (x, labels))["conv1"]["kernel"]),
+        atol=1e-4,
+    )
     runners["torch vmap"] = lambda: torch_per_example(torch_params, x_torch, labels_torch)
     for fn in runners.values():
         fn()
     result = interleaved(runners, rounds, steps)
     t = {name: value[0] for name, value in result.items()}
     return {
-        "benchmark": f"LeNet-5 per-example grads b{batch}",
+        "benchmark": f"LeNet-5 per-example grads b{batch} ({count_params(params):,} params)",
         "jcnn vmap ms": f"{1e3 * t['jcnn vmap']:.1f}",
         "flax vmap ms": f"{1e3 * t['flax vmap']:.1f}",
         "torch.func ms": f"{1e3 * t['torch vmap']:.1f}",
+        "jcnn batch ms": f"{1e3 * t['jcnn batch']:.1f}",
         "jcnn vmap/batch": f"{t['jcnn vmap'] / t['jcnn batch']:.2f}x",
         "flax vmap/batch": f"{t['flax vmap'] / t['flax batch']:.2f}x",
         "jcnn speed vs torch.func": f"{t['torch vmap'] / t['jcnn vmap']:.2f}x",
@@ -444,32 +571,34 @@ def per_example_rows(batch, rounds, steps):
 
 
 LAYERS = [  # name, input (N, H, W, C), kernel (k, k, C, O), padding
-    ("LeNet c1", (128, 28, 28, 1), (5, 5, 1, 6), 2),
-    ("LeNet c3", (128, 14, 14, 6), (5, 5, 6, 16), 0),
-    ("Airbench whiten", (256, 32, 32, 3), (2, 2, 3, 24), 0),
-    ("Airbench g1.conv1", (256, 31, 31, 24), (3, 3, 24, 64), 1),
-    ("Airbench g1.conv2", (256, 15, 15, 64), (3, 3, 64, 64), 1),
-    ("Airbench g2.conv1", (256, 15, 15, 64), (3, 3, 64, 256), 1),
-    ("Airbench g2.conv2", (256, 7, 7, 256), (3, 3, 256, 256), 1),
-    ("Airbench g3.conv2", (256, 3, 3, 256), (3, 3, 256, 256), 1),
+    ("LeNet conv1 (5x5, 1->20)", (128, 28, 28, 1), (5, 5, 1, 20), 2),
+    ("LeNet conv2 (5x5, 20->50)", (128, 14, 14, 20), (5, 5, 20, 50), 2),
+    ("Airbench whiten (2x2, 3->24)", (256, 32, 32, 3), (2, 2, 3, 24), 0),
+    ("Airbench g1.conv1 (24->64, 31x31)", (256, 31, 31, 24), (3, 3, 24, 64), 1),
+    ("Airbench g1.conv2 (64->64, 15x15)", (256, 15, 15, 64), (3, 3, 64, 64), 1),
+    ("Airbench g2.conv1 (64->256, 15x15)", (256, 15, 15, 64), (3, 3, 64, 256), 1),
+    ("Airbench g2.conv2 (256->256, 7x7)", (256, 7, 7, 256), (3, 3, 256, 256), 1),
+    ("Airbench g3.conv2 (256->256, 3x3)", (256, 3, 3, 256), (3, 3, 256, 256), 1),
+    ("ResNet-20 conv1 (3->16, 32x32)", (256, 32, 32, 3), (3, 3, 3, 16), 1),
+    ("ResNet-20 layer1 (16->16, 32x32)", (256, 32, 32, 16), (3, 3, 16, 16), 1),
+    ("ResNet-20 layer3 (64->64, 8x8)", (256, 8, 8, 64), (3, 3, 64, 64), 1),
 ]
 
 
 def layer_rows(rounds, steps):
-    """GFLOP/s of each product of each conv layer: XLA's native conv against conv_general's."""
+    """GFLOP/s of each product of each conv layer: XLA's native conv against jcnn's ``F.conv``."""
     rows = []
     for name, x_shape, w_shape, pad in LAYERS:
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
-        options = ((1, 1), ((pad, pad),) * 2, (1, 1), 1)
         native = partial(
             lax.conv_general_dilated,
             window_strides=(1, 1),
-            padding=options[1],
+            padding=((pad, pad),) * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        convs = {"xla": native, "jcnn": lambda x, w, o=options: conv_general(x, w, *o)}
+        convs = {"xla": native, "jcnn": partial(F.conv, padding=pad)}
         g = jnp.ones(jax.eval_shape(native, x, w).shape, jnp.float32)
         flops = 2 * np.prod(g.shape) * np.prod(w_shape[:-1])
         runners = {}
@@ -510,42 +639,53 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="calls per round and implementation")
     parser.add_argument(
         "--only",
-        choices=["lenet", "airbench", "per-example", "layers"],
+        choices=["lenet", "airbench", "resnet20", "per-example", "layers"],
         nargs="*",
         help="sections to run (default: all but layers, the per-layer conv GFLOP/s)",
     )
     args = parser.parse_args()
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
-    only = set(args.only or ["lenet", "airbench", "per-example"])
-    lenet_batch, air_batch, pe_batch = (8, 8, 4) if args.quick else (128, 256, 64)
+    only = set(args.only or ["lenet", "airbench", "resnet20", "per-example"])
+    lenet_batch, cifar_batch, pe_batch = (8, 8, 4) if args.quick else (128, 256, 64)
 
     matmul = matmul_runners(256 if args.quick else 2048)
     print(f"# jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     rows = []
-    if "lenet" in only:
-        rows += network_rows(
+    networks = {  # section: (name, jcnn model, Flax twin, torch twin, input, batch, steps)
+        "lenet": (
             "LeNet-5",
-            lambda impl: LeNet5(impl),
+            jcnn.models.LeNet5(),
+            FlaxLeNet5(),
             TorchLeNet5,
             (28, 28, 1),
             lenet_batch,
-            rounds,
             steps,
-            matmul,
-        )
-        print(markdown(rows[-2:]), flush=True)
-    if "airbench" in only:
-        rows += network_rows(
+        ),
+        "airbench": (
             "AirbenchNet",
-            lambda impl: AirbenchNet(impl),
+            jcnn.models.AirbenchNet(),
+            FlaxAirbenchNet(),
             TorchAirbenchNet,
             (32, 32, 3),
-            air_batch,
-            rounds,
+            cifar_batch,
             max(1, steps // 2),
-            matmul,
-        )
-        print(markdown(rows[-2:]), flush=True)
+        ),
+        "resnet20": (
+            "ResNet-20",
+            jcnn.models.resnet20(),
+            FlaxResNet20(),
+            TorchResNet20,
+            (32, 32, 3),
+            cifar_batch,
+            steps,
+        ),
+    }
+    for section, (name, model, twin, make_torch, shape, batch, n_steps) in networks.items():
+        if section in only:
+            rows += network_rows(
+                name, model, twin, make_torch(), shape, batch, rounds, n_steps, matmul
+            )
+            print(markdown(rows[-2:]), flush=True)
     if rows:
         print()
         print(markdown(rows))
