@@ -147,9 +147,8 @@ def main(argv=None) -> int:
     stats = data.Standardize.fit(train_x)
     train_x, test_x = stats(train_x), stats(test_x)
 
-    sharding = None
-    if args.devices:
-        sharding = parallel.data_sharding(parallel.make_mesh(args.devices))
+    mesh = parallel.make_mesh(args.devices) if args.devices else None
+    sharding = parallel.data_sharding(mesh) if mesh is not None else None
     example_aug, batch_aug = _augmenters(args.augment, num_classes)
     train_loader = data.Loader(
         train_x,
@@ -200,7 +199,6 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"jcnn-train: cannot resume: {error}", file=sys.stderr)
         return 3
-    mesh = parallel.make_mesh(args.devices) if args.devices else None
     test = evaluate(result["state"], test_loader, mesh=mesh)
     summary = dict(result["summary"])
     summary.update(
