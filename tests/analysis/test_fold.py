@@ -125,7 +125,7 @@ def test_unfoldable_batch_norm_is_kept(rng):
     assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
 
 
-def test_fold_reports_missing_variables(rng):
+def test_fold_reports_missing_variables():
     model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm()])
     x = jnp.zeros((1, 5, 5, 1))
     variables = model.init(jax.random.key(0), x, train=False)

@@ -178,7 +178,7 @@ def test_imagenet_resnet_logits_match_torch(torch, rng, bottleneck):
     _compare(torch, net, model, (2, 40, 40, 3), rng)
 
 
-def test_weights_file_round_trip_and_checks(torch, rng, tmp_path):
+def test_weights_file_round_trip_and_checks(torch, tmp_path):
     torch.manual_seed(4)
     net = _lenet_twin(torch)
     path = tmp_path / "lenet.pt"

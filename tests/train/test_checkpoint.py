@@ -109,7 +109,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path, rng):
     _assert_bitwise_equal(restored, tree)
 
 
-def test_mismatched_template_and_missing_checkpoint(tmp_path, rng):
+def test_mismatched_template_and_missing_checkpoint(tmp_path):
     manager = CheckpointManager(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         manager.restore({"w": jnp.zeros(3)})

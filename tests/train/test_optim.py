@@ -91,7 +91,7 @@ def test_weight_decay_coupled_and_decoupled(name, decoupled, rng):
     assert np.abs(expected - without).max() > 1e-4  # decay made a difference
 
 
-def test_default_mask_spares_biases_and_bn(rng):
+def test_default_mask_spares_biases_and_bn():
     params = {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3), "scale": jnp.ones(3)}
     zero = jax.tree.map(jnp.zeros_like, params)
     tx = optim.optimizer("sgd", 1.0, weight_decay=0.5)
