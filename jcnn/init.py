@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_key
+from jcnn.functional._checks import check_key, check_positive_int
 
 __all__ = [
     "compute_fans",
@@ -76,11 +76,6 @@ def _check_positive(value, name: str) -> None:
         raise ValueError(f"{name}: expected a positive number, got {value}")
 
 
-def _check_groups(groups) -> None:
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
-        raise ValueError(f"groups: expected a positive int, got {groups!r}")
-
-
 def compute_fans(shape, groups=1) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a dense or conv kernel ``(*window, C_in // groups, C_out)``.
 
@@ -101,7 +96,7 @@ def compute_fans(shape, groups=1) -> tuple[int, int]:
             f"shape: expected a dense (C_in, C_out) or conv (*window, C_in // groups, C_out) "
             f"kernel shape of rank >= 2, got {shape!r}"
         )
-    _check_groups(groups)
+    check_positive_int(groups, "groups")
     if shape[-1] % groups:
         raise ValueError(
             f"groups: the kernel's {shape[-1]} output channels (shape {tuple(shape)}) must divide "
@@ -117,11 +112,6 @@ def _fan(shape, mode: str, groups: int) -> float:
     if fan == 0:
         raise ValueError(f"shape: a kernel with no inputs or outputs has {mode} 0, got {shape}")
     return fan
-
-
-def _check_mode(mode) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
 
 
 def zeros(key, shape, dtype=jnp.float32):
@@ -184,10 +174,10 @@ def _scaled_uniform(variance_numerator: float, mode: str, groups: int):
     return init
 
 
-def _check_common(gain, mode, groups) -> None:
-    _check_positive(gain, "gain")
-    _check_mode(mode)
-    _check_groups(groups)
+def _check_mode_and_groups(mode, groups) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    check_positive_int(groups, "groups")
 
 
 def xavier_normal(gain=1.0, *, mode="fan_in", groups=1):
@@ -202,7 +192,8 @@ def xavier_normal(gain=1.0, *, mode="fan_in", groups=1):
     Returns:
         An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
     """
-    _check_common(gain, mode, groups)
+    _check_positive(gain, "gain")
+    _check_mode_and_groups(mode, groups)
     return _scaled_normal(gain**2, mode, groups)
 
 
@@ -218,7 +209,8 @@ def xavier_uniform(gain=1.0, *, mode="fan_in", groups=1):
     Returns:
         An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
     """
-    _check_common(gain, mode, groups)
+    _check_positive(gain, "gain")
+    _check_mode_and_groups(mode, groups)
     return _scaled_uniform(gain**2, mode, groups)
 
 
@@ -240,7 +232,7 @@ def he_normal(*, mode="fan_in", groups=1):
     >>> round(float(w.std() * (2 / (3 * 3 * 64)) ** -0.5), 1)
     1.0
     """
-    _check_common(1.0, mode, groups)
+    _check_mode_and_groups(mode, groups)
     return _scaled_normal(2.0, mode, groups)
 
 
@@ -256,7 +248,7 @@ def he_uniform(*, mode="fan_in", groups=1):
     Returns:
         An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
     """
-    _check_common(1.0, mode, groups)
+    _check_mode_and_groups(mode, groups)
     return _scaled_uniform(2.0, mode, groups)
 
 
@@ -322,7 +314,7 @@ def dirac(groups=1):
     >>> w[1, 1].tolist(), float(w.sum())
     ([[1.0, 0.0], [0.0, 1.0]], 2.0)
     """
-    _check_groups(groups)
+    check_positive_int(groups, "groups")
 
     def init(key, shape, dtype=jnp.float32):
         shape, dtype = _check_shape_dtype(key, shape, dtype)

@@ -40,6 +40,21 @@ def as_int_tuple(value, n: int, name: str, *, minimum: int | None = None) -> tup
     return values
 
 
+def check_positive_int(value, name: str) -> int:
+    """``value`` as a Python int, raising unless it is an int (not a bool) >= 1.
+
+    >>> check_positive_int(0, "groups")
+    Traceback (most recent call last):
+    ...
+    ValueError: groups: expected a positive int, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
 def check_array(x, name: str, *, ndim: int | Sequence[int] | None = None) -> None:
     """Raise unless ``x`` is a floating array (optionally of one of the ranks ``ndim``)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -53,6 +68,22 @@ def check_array(x, name: str, *, ndim: int | Sequence[int] | None = None) -> Non
             raise ValueError(
                 f"{name}: expected rank {expected}, got rank {x.ndim} with shape {tuple(x.shape)}"
             )
+
+
+def check_min_rank(x, name: str, min_rank: int, layout: str) -> None:
+    """Raise unless ``x`` is a floating array of rank >= ``min_rank``; ``layout`` names its axes.
+
+    >>> check_min_rank(jnp.ones(3), "x", 2, "(N, ..., C)")
+    Traceback (most recent call last):
+    ...
+    ValueError: x: expected rank >= 2 (N, ..., C), got rank 1 with shape (3,)
+    """
+    check_array(x, name)
+    if x.ndim < min_rank:
+        raise ValueError(
+            f"{name}: expected rank >= {min_rank} {layout}, got rank {x.ndim} "
+            f"with shape {tuple(x.shape)}"
+        )
 
 
 def normalize_padding(

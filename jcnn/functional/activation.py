@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_positive_int
 
 __all__ = [
     "elu",
@@ -222,17 +222,14 @@ def maxout(x, num_pieces):
     check_array(x, "x")
     if x.ndim == 0:
         raise ValueError("x: expected rank >= 1 with channels on the last axis, got a 0-d array")
-    if not isinstance(num_pieces, (int, np.integer)) or isinstance(num_pieces, bool):
-        raise TypeError(f"num_pieces: expected a positive int, got {num_pieces!r}")
-    if num_pieces < 1:
-        raise ValueError(f"num_pieces: expected a positive int, got {num_pieces}")
+    num_pieces = check_positive_int(num_pieces, "num_pieces")
     channels = x.shape[-1]
     if channels % num_pieces:
         raise ValueError(
             f"num_pieces: the {channels} channels (last axis of x with shape {tuple(x.shape)}) "
             f"must divide by num_pieces, got {num_pieces}"
         )
-    grouped = x.reshape(*x.shape[:-1], channels // num_pieces, int(num_pieces))
+    grouped = x.reshape(*x.shape[:-1], channels // num_pieces, num_pieces)
     return jnp.max(grouped, axis=-1)
 
 

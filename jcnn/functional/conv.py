@@ -10,10 +10,15 @@ formulation with a custom VJP that XLA:CPU runs near its matmul rate on CPU.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jcnn.functional._checks import PaddingLike, as_int_tuple, check_array, normalize_padding
+from jcnn.functional._checks import (
+    PaddingLike,
+    as_int_tuple,
+    check_array,
+    check_positive_int,
+    normalize_padding,
+)
 from jcnn.functional._conv_cpu import conv_general
 
 __all__ = ["conv", "convolve", "conv_transpose"]
@@ -46,14 +51,6 @@ def _check_kernel_and_input(x, w, channel_axes: str) -> int:
             f"got rank {x.ndim} with shape {tuple(x.shape)}"
         )
     return spatial_rank
-
-
-def _check_groups(groups) -> int:
-    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool):
-        raise TypeError(f"groups: expected a positive int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups: expected a positive int, got {groups}")
-    return int(groups)
 
 
 def _check_bias(b, out_channels: int) -> None:
@@ -135,7 +132,7 @@ def conv(
         (1, 32, 32, 10)
     """
     spatial_rank = _check_kernel_and_input(x, w, "C_in // groups, C_out")
-    groups = _check_groups(groups)
+    groups = check_positive_int(groups, "groups")
     in_channels, out_channels = x.shape[-1], w.shape[-1]
     if in_channels % groups:
         raise ValueError(
@@ -273,7 +270,7 @@ def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilat
         (1, 10, 10, 3)
     """
     spatial_rank = _check_kernel_and_input(x, w, "C_in, C_out // groups")
-    groups = _check_groups(groups)
+    groups = check_positive_int(groups, "groups")
     in_channels = w.shape[-2]
     if x.shape[-1] != in_channels:
         raise ValueError(

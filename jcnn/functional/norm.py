@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcnn.functional._checks import as_int_tuple, check_array
+from jcnn.functional._checks import as_int_tuple, check_array, check_min_rank
 
 __all__ = [
     "BatchNormState",
@@ -98,7 +98,7 @@ def batch_norm(
     >>> print(np.round(y, 3).tolist(), np.round(state.mean, 3).tolist())
     [[-1.0, -1.0], [1.0, 1.0]] [0.2, 2.0]
     """
-    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    check_min_rank(x, "x", 2, "(N, ..., C)")
     channels = x.shape[-1]
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
@@ -122,9 +122,9 @@ def batch_norm(
         )
     else:
         mean, var = (s.astype(compute_dtype) for s in state)
-        centered = xf - _per_channel(mean, x.ndim)
+        centered = xf - _expand_leading(mean, x.ndim)
         new_state = state
-    y = _affine(centered * _per_channel(lax.rsqrt(var + eps), x.ndim), scale, bias)
+    y = _affine(centered * _expand_leading(lax.rsqrt(var + eps), x.ndim), scale, bias)
     return y.astype(x.dtype), new_state
 
 
@@ -151,7 +151,7 @@ def layer_norm(x, scale, bias, *, eps: float = 1e-5):
     >>> print(np.round(y, 3).tolist())
     [[-1.225, 0.0, 1.225]]
     """
-    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    check_min_rank(x, "x", 2, "(N, ..., C)")
     _check_positive(eps, "eps")
     for value, name in ((scale, "scale"), (bias, "bias")):
         if value is None:
@@ -165,11 +165,7 @@ def layer_norm(x, scale, bias, *, eps: float = 1e-5):
 
     xf = x.astype(_compute_dtype(x.dtype))
     y = _standardize(xf, tuple(range(1, x.ndim)), eps)
-    if scale is not None:
-        y = y * _expand_leading(scale, x.ndim)
-    if bias is not None:
-        y = y + _expand_leading(bias, x.ndim)
-    return y.astype(x.dtype)
+    return _affine(y, scale, bias).astype(x.dtype)
 
 
 def group_norm(x, scale, bias, *, num_groups: int, eps: float = 1e-5):
@@ -192,7 +188,7 @@ def group_norm(x, scale, bias, *, num_groups: int, eps: float = 1e-5):
     >>> print(np.round(y, 3).tolist())
     [[-1.0, 1.0, -1.0, 1.0]]
     """
-    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    check_min_rank(x, "x", 2, "(N, ..., C)")
     channels = x.shape[-1]
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
@@ -247,7 +243,7 @@ def instance_norm(
     >>> print(np.round(instance_norm(x, None, None)[..., 0], 3).tolist())
     [[-1.0, 1.0], [-1.0, 1.0]]
     """
-    _check_input(x, "x", min_rank=3, layout="(N, *spatial, C)")
+    check_min_rank(x, "x", 3, "(N, *spatial, C)")
     channels = x.shape[-1]
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
@@ -261,7 +257,7 @@ def instance_norm(
     xf = x.astype(compute_dtype)
     spatial_axes = tuple(range(1, x.ndim - 1))
     if state is not None and not train:
-        mean, var = (_per_channel(s.astype(compute_dtype), x.ndim) for s in state)
+        mean, var = (_expand_leading(s.astype(compute_dtype), x.ndim) for s in state)
         y = (xf - mean) * lax.rsqrt(var + eps)
         return _affine(y, scale, bias).astype(x.dtype), state
 
@@ -310,7 +306,7 @@ def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
     >>> print(float(jnp.abs(local_contrast_norm(flat, size=3)).max()))
     0.0
     """
-    _check_input(x, "x", min_rank=3, layout="(N, *spatial, C)")
+    check_min_rank(x, "x", 3, "(N, *spatial, C)")
     if x.ndim > 5:
         raise ValueError(
             f"x: expected 1 to 3 spatial axes (rank 3 to 5), got rank {x.ndim} "
@@ -369,7 +365,7 @@ def local_response_norm(x, size: int, *, alpha: float = 1e-4, beta: float = 0.75
     >>> print(np.round(y, 3).tolist())
     [[0.333, 0.25, 0.333]]
     """
-    _check_input(x, "x", min_rank=2, layout="(N, ..., C)")
+    check_min_rank(x, "x", 2, "(N, ..., C)")
     (size,) = as_int_tuple(size, 1, "size", minimum=1)
     _check_real(alpha, "alpha")
     if alpha < 0:
@@ -412,7 +408,7 @@ def fold_batch_norm(w, b, scale, bias, state: BatchNormState, *, eps: float = 1e
     >>> print(np.round(w.ravel(), 3).tolist(), np.round(b, 3).tolist())
     [0.499, 0.25] [0.001, -0.5]
     """
-    _check_input(w, "w", min_rank=2, layout="(*window, C_in // groups, C_out)")
+    check_min_rank(w, "w", 2, "(*window, C_in // groups, C_out)")
     channels = w.shape[-1]
     for value, name in ((b, "b"), (scale, "scale"), (bias, "bias")):
         _check_channel_param(value, name, channels, label="C_out")
@@ -424,7 +420,7 @@ def fold_batch_norm(w, b, scale, bias, state: BatchNormState, *, eps: float = 1e
     factor = lax.rsqrt(var + eps)
     if scale is not None:
         factor = factor * scale.astype(compute_dtype)
-    w_folded = w.astype(compute_dtype) * _per_channel(factor, w.ndim)
+    w_folded = w.astype(compute_dtype) * _expand_leading(factor, w.ndim)
     b_folded = -mean if b is None else b.astype(compute_dtype) - mean
     b_folded = b_folded * factor
     if bias is not None:
@@ -437,21 +433,17 @@ def _compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _per_channel(values, ndim: int):
-    """A ``(C,)`` vector shaped to broadcast against a rank-``ndim`` channels-last array."""
-    return values.reshape((1,) * (ndim - 1) + values.shape)
-
-
 def _expand_leading(values, ndim: int):
-    """``values`` with leading unit axes up to rank ``ndim`` (explicit: rank promotion is off)."""
+    """``values`` (e.g. a ``(C,)`` vector) with leading unit axes up to rank ``ndim``, so that it
+    broadcasts against a channels-last array (explicitly: rank promotion is off)."""
     return values.reshape((1,) * (ndim - values.ndim) + values.shape)
 
 
 def _affine(y, scale, bias):
     if scale is not None:
-        y = y * _per_channel(scale.astype(y.dtype), y.ndim)
+        y = y * _expand_leading(scale.astype(y.dtype), y.ndim)
     if bias is not None:
-        y = y + _per_channel(bias.astype(y.dtype), y.ndim)
+        y = y + _expand_leading(bias.astype(y.dtype), y.ndim)
     return y
 
 
@@ -527,15 +519,6 @@ def _safe_sqrt(values):
     """``sqrt`` whose gradient at 0 is 0 rather than infinite (flat regions of an image)."""
     positive = values > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, values, 1.0)), 0.0)
-
-
-def _check_input(x, name: str, *, min_rank: int, layout: str) -> None:
-    check_array(x, name)
-    if x.ndim < min_rank:
-        raise ValueError(
-            f"{name}: expected rank >= {min_rank} {layout}, got rank {x.ndim} "
-            f"with shape {tuple(x.shape)}"
-        )
 
 
 def _check_channel_param(value, name: str, channels: int, *, label: str = "C") -> None:
