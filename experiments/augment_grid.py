@@ -64,8 +64,8 @@ def main(argv=None):
     parser.add_argument(
         "--data-dir",
         default=None,
-        help="folder holding cifar10/ (default: "
-        "JCNN_DATA_DIR, then ../shared/data, then the per-user cache)",
+        help="folder holding cifar10/ (default: ../shared/data where it exists, else "
+        "JCNN_DATA_DIR, then the per-user cache)",
     )
     parser.add_argument("--out", default="docs/figures/augmentations.png")
     parser.add_argument("--images", type=int, default=6)
