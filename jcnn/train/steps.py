@@ -63,9 +63,7 @@ def loss_and_logits(
     Returns:
         ``(loss, (logits, new_batch_stats))``.
     """
-    variables = {"params": params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+    variables = {**state.variables(), "params": params}
     if compute_dtype is not None:
         variables = _cast_floats(variables, compute_dtype)
         images = images.astype(compute_dtype)
