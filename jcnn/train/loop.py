@@ -227,6 +227,11 @@ class _Progress:
             print(message, flush=True)
 
 
+def _new_running() -> dict:
+    """The sums behind an epoch's running train loss and accuracy (saved in checkpoints)."""
+    return {"loss": 0.0, "accuracy": 0.0, "batches": 0}
+
+
 def _write_history(out: Path, history: list[dict]) -> None:
     (out / "history.json").write_text(json.dumps(history, indent=1))
     if history:
@@ -330,7 +335,7 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
 
     history: list[dict] = []
     epoch, start_batch = 0, 0
-    running = {"loss": 0.0, "accuracy": 0.0, "batches": 0, "images": 0}
+    running = _new_running()
     progress = _Progress(config.progress)
     if config.resume and manager is not None and manager.latest_step() is not None:
         state, meta = manager.restore(state)
@@ -378,7 +383,6 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
                 running["loss"] += loss
                 running["accuracy"] += float(metrics["accuracy"])
                 running["batches"] += 1
-                running["images"] += n
                 images_this_process += n
                 if batch_index % 10 == 0 or batch_index == steps_per_epoch:
                     rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
@@ -425,7 +429,7 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
             )
             epoch, start_batch = epoch + 1, 0
             batch_index = 0
-            running = {"loss": 0.0, "accuracy": 0.0, "batches": 0, "images": 0}
+            running = _new_running()
             if out is not None:
                 if jax.process_index() == 0:
                     _write_history(out, history)
