@@ -83,11 +83,15 @@ def _check_image(image, name: str = "image") -> None:
         raise TypeError(f"{name}: expected uint8 or floating dtype, got {image.dtype}")
 
 
-def _check_batch(images, labels) -> None:
+def _check_images(images) -> None:
     if not hasattr(images, "ndim") or images.ndim != 4:
         raise ValueError(
             f"images: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
         )
+
+
+def _check_batch(images, labels) -> None:
+    _check_images(images)
     if (
         not hasattr(labels, "ndim")
         or labels.ndim not in (1, 2)
@@ -480,7 +484,11 @@ def color_jitter(
 # ---- batch mixing -----------------------------------------------------------------------------
 
 
-def _soft_labels(labels, num_classes):
+def _mixing_labels(images, labels, alpha, num_classes):
+    """The checked batch's labels as soft labels ``(N, K)`` float32 (mixup and cutmix)."""
+    _check_batch(images, labels)
+    if alpha <= 0:
+        raise ValueError(f"alpha: expected > 0, got {alpha}")
     if labels.ndim == 2:
         return labels.astype(jnp.float32)
     if num_classes is None:
@@ -497,10 +505,7 @@ def mixup(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = 
     Returns:
       ``(images float32 in the input's units, soft labels (N, K) float32)``.
     """
-    _check_batch(images, labels)
-    if alpha <= 0:
-        raise ValueError(f"alpha: expected > 0, got {alpha}")
-    soft = _soft_labels(labels, num_classes)
+    soft = _mixing_labels(images, labels, alpha, num_classes)
     k_lam, k_perm = jax.random.split(key)
     lam = jax.random.beta(k_lam, alpha, alpha)
     perm = jax.random.permutation(k_perm, images.shape[0])
@@ -519,10 +524,7 @@ def cutmix(key, images, labels, *, alpha: float = 1.0, num_classes: int | None =
     Returns:
       ``(images, same dtype; soft labels (N, K) float32)``.
     """
-    _check_batch(images, labels)
-    if alpha <= 0:
-        raise ValueError(f"alpha: expected > 0, got {alpha}")
-    soft = _soft_labels(labels, num_classes)
+    soft = _mixing_labels(images, labels, alpha, num_classes)
     height, width = images.shape[1:3]
     k_lam, k_perm, k_y, k_x = jax.random.split(key, 4)
     lam = jax.random.beta(k_lam, alpha, alpha)
@@ -815,8 +817,5 @@ def random_apply(op: Op, p: float) -> Op:
 
 def apply_batch(op: Op, key, images) -> jax.Array:
     """``op`` applied to every image of ``images`` ``(N, H, W, C)`` with keys ``split(key, N)``."""
-    if not hasattr(images, "ndim") or images.ndim != 4:
-        raise ValueError(
-            f"images: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
-        )
+    _check_images(images)
     return jax.vmap(op)(jax.random.split(key, images.shape[0]), images)
