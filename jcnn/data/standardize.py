@@ -23,6 +23,12 @@ MODES = ("per_channel", "center", "mean_image", "pca", "zca")
 _CHUNK = 4096  # examples per chunk when accumulating statistics in float64
 
 
+def _float64_chunks(images):
+    """``images`` in consecutive chunks of ``_CHUNK`` examples, each as a float64 NumPy array."""
+    for start in range(0, images.shape[0], _CHUNK):
+        yield np.asarray(images[start : start + _CHUNK], np.float64)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Standardize:
@@ -93,8 +99,8 @@ class Standardize:
             raise ValueError(f"num_components: only meaningful for mode='pca', got mode={mode!r}")
         n = train_images.shape[0]
         total = np.zeros(train_images.shape[1:], np.float64)
-        for start in range(0, n, _CHUNK):
-            total += np.asarray(train_images[start : start + _CHUNK], np.float64).sum(0)
+        for chunk in _float64_chunks(train_images):
+            total += chunk.sum(0)
         mean_image = total / n
         channels = train_images.shape[-1]
         if mode in ("per_channel", "center"):
@@ -102,8 +108,7 @@ class Standardize:
             scale = np.ones(channels)
             if mode == "per_channel":
                 sq = np.zeros(channels)
-                for start in range(0, n, _CHUNK):
-                    chunk = np.asarray(train_images[start : start + _CHUNK], np.float64)
+                for chunk in _float64_chunks(train_images):
                     sq += ((chunk - channel_mean) ** 2).reshape(-1, channels).sum(0)
                 scale = np.sqrt(sq / (n * np.prod(train_images.shape[1:-1])))
                 if np.any(scale == 0):
@@ -120,10 +125,9 @@ class Standardize:
         dim = mean_image.size
         flat_mean = mean_image.reshape(-1)
         covariance = np.zeros((dim, dim))
-        for start in range(0, n, _CHUNK):
-            chunk = np.asarray(train_images[start : start + _CHUNK], np.float64).reshape(-1, dim)
-            chunk = chunk - flat_mean
-            covariance += chunk.T @ chunk
+        for chunk in _float64_chunks(train_images):
+            centered = chunk.reshape(-1, dim) - flat_mean
+            covariance += centered.T @ centered
         covariance /= n
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         order = np.argsort(eigenvalues)[::-1]
