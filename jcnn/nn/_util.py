@@ -1,10 +1,16 @@
-"""Helpers shared by the modules: spatial rank inference and parameter checks."""
+"""Helpers shared by the modules: spatial rank inference, parameter checks, kernel and bias."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from jcnn.functional._checks import as_int_tuple, check_array
+from flax.linen.dtypes import promote_dtype
+
+from jcnn import init
+from jcnn.functional._checks import as_int_tuple, check_array, check_positive_int
+
+Initializer = Callable[..., Any]
 
 _LAYOUT = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 
@@ -34,16 +40,25 @@ def window_and_check(window, x, name: str) -> tuple[int, ...]:
     return as_int_tuple(window, n, name, minimum=1)
 
 
-def check_positive_int(value, name: str) -> None:
-    """Raise unless ``value`` is a positive Python int."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-
-
 def check_channels_divisible(channels: int, groups: int, what: str) -> None:
     """Raise unless ``groups`` divides ``channels``."""
     check_positive_int(groups, "groups")
     if channels % groups:
         raise ValueError(f"groups: {what} ({channels}) must be divisible by groups ({groups})")
+
+
+def kernel_and_bias(module, x, kernel_shape: tuple[int, ...], default_kernel_init: Initializer):
+    """``(x, kernel, bias)`` promoted to the module's dtype; ``bias`` is ``None`` without one.
+
+    ``module`` has ``features``, ``use_bias``, ``kernel_init``, ``bias_init`` (``None``: the
+    defaults, ``default_kernel_init`` and zeros), ``dtype`` and ``param_dtype``.
+    """
+    kernel = module.param(
+        "kernel", module.kernel_init or default_kernel_init, kernel_shape, module.param_dtype
+    )
+    bias = (
+        module.param("bias", module.bias_init or init.zeros, (module.features,), module.param_dtype)
+        if module.use_bias
+        else None
+    )
+    return promote_dtype(x, kernel, bias, dtype=module.dtype)

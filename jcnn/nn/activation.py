@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array
-from jcnn.nn._util import check_positive_int
+from jcnn.functional._checks import check_array, check_positive_int
 from jcnn.nn.linear import Dense
 
 __all__ = [

@@ -7,21 +7,33 @@ weight is ``weight.permute(2, 3, 1, 0)``) and ``bias`` of shape ``(features,)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import PaddingLike
-from jcnn.nn._util import check_channels_divisible, check_positive_int, window_and_check
+from jcnn.functional._checks import PaddingLike, check_positive_int
+from jcnn.nn._util import (
+    Initializer,
+    check_channels_divisible,
+    kernel_and_bias,
+    window_and_check,
+)
 
 __all__ = ["Conv", "ConvTranspose"]
 
-Initializer = Callable[..., Any]
+
+def _check_conv_args(module, x) -> tuple[tuple[int, ...], int]:
+    """The window and the input channels, once ``x``, ``features`` and ``groups`` are checked."""
+    window = window_and_check(module.kernel_size, x, "kernel_size")
+    check_positive_int(module.features, "features")
+    c_in = x.shape[-1]
+    check_channels_divisible(c_in, module.groups, "input channels")
+    check_channels_divisible(module.features, module.groups, "features")
+    return window, c_in
 
 
 class Conv(nn.Module):
@@ -68,23 +80,13 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x):
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
-        window = window_and_check(self.kernel_size, x, "kernel_size")
-        check_positive_int(self.features, "features")
-        c_in = x.shape[-1]
-        check_channels_divisible(c_in, self.groups, "input channels")
-        check_channels_divisible(self.features, self.groups, "features")
-        kernel = self.param(
-            "kernel",
-            self.kernel_init or init.he_normal(groups=self.groups),
+        window, c_in = _check_conv_args(self, x)
+        x, kernel, bias = kernel_and_bias(
+            self,
+            x,
             (*window, c_in // self.groups, self.features),
-            self.param_dtype,
+            init.he_normal(groups=self.groups),
         )
-        bias = (
-            self.param("bias", self.bias_init or init.zeros, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         return F.conv(
             x,
             kernel,
@@ -137,23 +139,10 @@ class ConvTranspose(nn.Module):
     @nn.compact
     def __call__(self, x):
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
-        window = window_and_check(self.kernel_size, x, "kernel_size")
-        check_positive_int(self.features, "features")
-        c_in = x.shape[-1]
-        check_channels_divisible(c_in, self.groups, "input channels")
-        check_channels_divisible(self.features, self.groups, "features")
-        kernel = self.param(
-            "kernel",
-            self.kernel_init or init.he_normal(),
-            (*window, c_in, self.features // self.groups),
-            self.param_dtype,
+        window, c_in = _check_conv_args(self, x)
+        x, kernel, bias = kernel_and_bias(
+            self, x, (*window, c_in, self.features // self.groups), init.he_normal()
         )
-        bias = (
-            self.param("bias", self.bias_init or init.zeros, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         return F.conv_transpose(
             x,
             kernel,

@@ -14,9 +14,18 @@ from jcnn import functional as F
 __all__ = ["Dropout", "SpatialDropout"]
 
 
-def _check_rate(rate) -> None:
+def _apply(module, drop, x, train: bool):
+    """``drop(key, x, rate)`` with a key from the ``"dropout"`` rng collection, when ``train``.
+
+    The rate is checked here too, so that a bad one raises in evaluation (where ``drop`` is not
+    called and no rng is needed) as well.
+    """
+    rate = module.rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
         raise ValueError(f"rate: expected a probability in [0, 1], got {rate!r}")
+    if not train or rate == 0:
+        return x
+    return drop(module.make_rng("dropout"), x, rate, train=True)
 
 
 class Dropout(nn.Module):
@@ -41,10 +50,7 @@ class Dropout(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """Apply dropout to ``x`` when ``train``; identity otherwise."""
-        _check_rate(self.rate)
-        if not train or self.rate == 0:
-            return x
-        return F.dropout(self.make_rng("dropout"), x, self.rate, train=True)
+        return _apply(self, F.dropout, x, train)
 
 
 class SpatialDropout(nn.Module):
@@ -59,7 +65,4 @@ class SpatialDropout(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """Apply spatial dropout to ``x`` of shape ``(N, *spatial, C)`` when ``train``."""
-        _check_rate(self.rate)
-        if not train or self.rate == 0:
-            return x
-        return F.spatial_dropout(self.make_rng("dropout"), x, self.rate, train=True)
+        return _apply(self, F.spatial_dropout, x, train)

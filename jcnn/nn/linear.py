@@ -9,20 +9,16 @@ move between the two libraries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
 from jcnn import init
-from jcnn.functional._checks import check_array
-from jcnn.nn._util import check_positive_int
+from jcnn.functional._checks import check_array, check_positive_int
+from jcnn.nn._util import Initializer, kernel_and_bias
 
 __all__ = ["Dense", "Flatten"]
-
-Initializer = Callable[..., Any]
 
 
 class Dense(nn.Module):
@@ -59,18 +55,7 @@ class Dense(nn.Module):
         if x.ndim < 1:
             raise ValueError("x: expected rank >= 1 (..., in_features), got a scalar")
         check_positive_int(self.features, "features")
-        kernel = self.param(
-            "kernel",
-            self.kernel_init or init.he_normal(),
-            (x.shape[-1], self.features),
-            self.param_dtype,
-        )
-        bias = (
-            self.param("bias", self.bias_init or init.zeros, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = kernel_and_bias(self, x, (x.shape[-1], self.features), init.he_normal())
         y = jnp.tensordot(x, kernel, axes=1)
         if bias is None:
             return y

@@ -9,7 +9,6 @@ never during ``init``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,8 +17,8 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_array
-from jcnn.nn._util import check_positive_int
+from jcnn.functional._checks import check_min_rank, check_positive_int
+from jcnn.nn._util import Initializer
 
 __all__ = [
     "BatchNorm",
@@ -30,27 +29,17 @@ __all__ = [
     "LocalResponseNorm",
 ]
 
-Initializer = Callable[..., Any]
 
-
-def _check_features_last(x) -> int:
-    check_array(x, "x")
-    if x.ndim < 2:
-        raise ValueError(
-            f"x: expected rank >= 2 (N, ..., C), got rank {x.ndim} with shape {tuple(x.shape)}"
-        )
-    return x.shape[-1]
-
-
-def _affine(module, channels: int, use_scale: bool, use_bias: bool):
+def _scale_and_bias(module, channels: int):
+    """The module's ``(C,)`` ``scale`` and ``bias`` parameters, each ``None`` when not learned."""
     scale = (
         module.param("scale", module.scale_init, (channels,), module.param_dtype)
-        if use_scale
+        if module.use_scale
         else None
     )
     bias = (
         module.param("bias", module.bias_init, (channels,), module.param_dtype)
-        if use_bias
+        if module.use_bias
         else None
     )
     return scale, bias
@@ -60,6 +49,13 @@ def _running_stats(module, channels: int):
     mean = module.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
     var = module.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
     return mean, var
+
+
+def _store_running_stats(module, mean, var, new_state: F.BatchNormState, train: bool) -> None:
+    """Write ``new_state`` into the ``batch_stats`` variables in training (never during init)."""
+    if train and not module.is_initializing():
+        mean.value = new_state.mean
+        var.value = new_state.var
 
 
 class BatchNorm(nn.Module):
@@ -105,9 +101,10 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """Normalize ``x`` of shape ``(N, ..., C)``; running stats update only when ``train``."""
-        channels = _check_features_last(x)
+        check_min_rank(x, "x", 2, "(N, ..., C)")
+        channels = x.shape[-1]
         mean, var = _running_stats(self, channels)
-        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        scale, bias = _scale_and_bias(self, channels)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         y, new_state = F.batch_norm(
             x,
@@ -120,9 +117,7 @@ class BatchNorm(nn.Module):
             axis_name=None if self.is_initializing() else self.axis_name,
             unbiased_running_var=self.unbiased_running_var,
         )
-        if train and not self.is_initializing():
-            mean.value = new_state.mean
-            var.value = new_state.var
+        _store_running_stats(self, mean, var, new_state, train)
         return y
 
 
@@ -146,8 +141,9 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         """Normalize ``x`` of shape ``(N, ..., C)``."""
-        channels = _check_features_last(x)
-        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        check_min_rank(x, "x", 2, "(N, ..., C)")
+        channels = x.shape[-1]
+        scale, bias = _scale_and_bias(self, channels)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         return F.layer_norm(x, scale, bias, eps=self.eps)
 
@@ -172,14 +168,15 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         """Normalize ``x`` of shape ``(N, ..., C)``."""
-        channels = _check_features_last(x)
+        check_min_rank(x, "x", 2, "(N, ..., C)")
+        channels = x.shape[-1]
         check_positive_int(self.num_groups, "num_groups")
         if channels % self.num_groups:
             raise ValueError(
                 f"num_groups: the channels ({channels}) must be divisible by num_groups "
                 f"({self.num_groups})"
             )
-        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        scale, bias = _scale_and_bias(self, channels)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         return F.group_norm(x, scale, bias, num_groups=self.num_groups, eps=self.eps)
 
@@ -211,13 +208,9 @@ class InstanceNorm(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         """Normalize ``x`` of shape ``(N, *spatial, C)``."""
-        channels = _check_features_last(x)
-        if x.ndim < 3:
-            raise ValueError(
-                f"x: expected rank >= 3 (N, *spatial, C), got rank {x.ndim} "
-                f"with shape {tuple(x.shape)}"
-            )
-        scale, bias = _affine(self, channels, self.use_scale, self.use_bias)
+        check_min_rank(x, "x", 3, "(N, *spatial, C)")
+        channels = x.shape[-1]
+        scale, bias = _scale_and_bias(self, channels)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         if not self.track_running_stats:
             return F.instance_norm(x, scale, bias, eps=self.eps)
@@ -234,9 +227,7 @@ class InstanceNorm(nn.Module):
             eps=self.eps,
             unbiased_running_var=self.unbiased_running_var,
         )
-        if train and not self.is_initializing():
-            mean.value = new_state.mean
-            var.value = new_state.var
+        _store_running_stats(self, mean, var, new_state, train)
         return y
 
 
