@@ -56,11 +56,12 @@ def _group(state_dict: Mapping) -> list[tuple[str, dict[str, np.ndarray]]]:
     return list(groups.items())
 
 
-def _check_shape(array, expected, torch_key: str, jcnn_name: str, torch_expected) -> None:
+def _check_shape(array, expected, torch_key: str, jcnn_name: str) -> None:
+    """Raise unless ``array`` (the PyTorch tensor ``torch_key``) has the shape ``expected``."""
     if tuple(array.shape) != tuple(expected):
         raise ValueError(
             f"{torch_key}: shape {tuple(array.shape)} does not fit jcnn parameter {jcnn_name} "
-            f"(expected a PyTorch tensor of shape {tuple(torch_expected)})"
+            f"(expected a PyTorch tensor of shape {tuple(expected)})"
         )
 
 
@@ -77,9 +78,7 @@ def _convert_conv(group, prefix, path, params_shapes):
     kernel_shape = tuple(params_shapes["kernel"].shape)
     torch_shape = (kernel_shape[-1], kernel_shape[-2], *kernel_shape[:-2])
     weight = _take(group, prefix, "weight", f"{name}/kernel")
-    _check_shape(
-        weight, torch_shape, f"{prefix}.weight", f"{name}/kernel {kernel_shape}", torch_shape
-    )
+    _check_shape(weight, torch_shape, f"{prefix}.weight", f"{name}/kernel {kernel_shape}")
     n = weight.ndim
     params = {"kernel": weight.transpose(*range(2, n), 1, 0)}
     return _bias(group, prefix, name, params_shapes, params)
@@ -90,9 +89,7 @@ def _convert_dense(group, prefix, path, params_shapes, flattened_from):
     kernel_shape = tuple(params_shapes["kernel"].shape)
     torch_shape = kernel_shape[::-1]
     weight = _take(group, prefix, "weight", f"{name}/kernel")
-    _check_shape(
-        weight, torch_shape, f"{prefix}.weight", f"{name}/kernel {kernel_shape}", torch_shape
-    )
+    _check_shape(weight, torch_shape, f"{prefix}.weight", f"{name}/kernel {kernel_shape}")
     if flattened_from is not None:
         # PyTorch flattened (C, *spatial); jcnn flattens (*spatial, C).
         *spatial, channels = flattened_from
@@ -107,7 +104,7 @@ def _bias(group, prefix, name, params_shapes, params):
     if "bias" in params_shapes:
         bias = _take(group, prefix, "bias", f"{name}/bias")
         expected = tuple(params_shapes["bias"].shape)
-        _check_shape(bias, expected, f"{prefix}.bias", f"{name}/bias {expected}", expected)
+        _check_shape(bias, expected, f"{prefix}.bias", f"{name}/bias {expected}")
         params["bias"] = bias
     elif "bias" in group:
         raise ValueError(f"{prefix}.bias: the jcnn layer {name} has no bias (use_bias=False)")
@@ -129,7 +126,7 @@ def _convert_norm(group, prefix, path, params_shapes, stats_shapes):
             continue
         value = _take(group, prefix, torch_name, f"{name}/{jcnn_name}")
         expected = tuple(shapes[jcnn_name].shape)
-        _check_shape(value, expected, f"{prefix}.{torch_name}", f"{name}/{jcnn_name}", expected)
+        _check_shape(value, expected, f"{prefix}.{torch_name}", f"{name}/{jcnn_name}")
         target[jcnn_name] = value
     return params, stats
 
@@ -188,9 +185,12 @@ def from_torch_state_dict(model: nn.Module, state_dict: Mapping, input_shape: Se
         elif isinstance(module, jnn.Dense):
             source = calls[call.source] if call.source is not None else None
             flattened_from = None
-            if source is not None and isinstance(source.module, jnn.Flatten):
-                if len(source.input_shape) > 2:
-                    flattened_from = source.input_shape[1:]
+            if (
+                source is not None
+                and isinstance(source.module, jnn.Flatten)
+                and len(source.input_shape) > 2
+            ):
+                flattened_from = source.input_shape[1:]
             params = _convert_dense(group, prefix, call.path, params_shapes, flattened_from)
             stats = {}
         else:
