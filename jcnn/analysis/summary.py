@@ -315,8 +315,7 @@ def _describe(module) -> str:
     if isinstance(module, (jnn.Conv, jnn.ConvTranspose)):
         parts = [str(module.features), f"k={_fmt_axes(_as_tuple(module.kernel_size))}"]
         parts.append(f"s={_fmt_axes(_as_tuple(module.stride))}")
-        padding = module.padding
-        parts.append(f"p={padding}" if isinstance(padding, str) else f"p={_fmt_pad(padding)}")
+        parts.append(f"p={_fmt_pad(module.padding)}")
         if _as_tuple(module.dilation) != (1,) * len(_as_tuple(module.dilation)):
             parts.append(f"d={_fmt_axes(_as_tuple(module.dilation))}")
         if module.groups != 1:
@@ -328,7 +327,7 @@ def _describe(module) -> str:
         text = f"{name}(k={_fmt_axes(window)}, s={_fmt_axes(stride)}"
         padding = getattr(module, "padding", 0)
         if padding not in (0, "VALID"):
-            text += f", p={padding}" if isinstance(padding, str) else f", p={_fmt_pad(padding)}"
+            text += f", p={_fmt_pad(padding)}"
         return text + ")"
     if isinstance(module, jnn.Dense):
         return f"{name}({module.features})"
@@ -342,6 +341,7 @@ def _as_tuple(value) -> tuple:
 
 
 def _fmt_pad(padding) -> str:
+    """``padding`` as written, or its one value where every entry is the same (strings as is)."""
     values = _as_tuple(padding)
     flat = [v for p in values for v in _as_tuple(p)]
     return str(flat[0]) if len(set(flat)) == 1 else str(padding)
