@@ -53,36 +53,29 @@ class _AccumulatorState(NamedTuple):
     accumulator: Any
 
 
-def scale_by_adagrad(eps: float = 1e-7) -> optax.GradientTransformation:
-    """The notes' AdaGrad direction ``g / (√(Σ g²) + ε)``, the sum starting at 0."""
+def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTransformation:
+    """The direction ``g / (√s + ε)`` with ``s = accumulate(s, g)`` per leaf, starting at 0."""
 
     def init(params):
         return _AccumulatorState(jax.tree.map(jnp.zeros_like, params))
 
     def update(updates, state, params=None):
         del params
-        accumulator = jax.tree.map(lambda s, g: s + g * g, state.accumulator, updates)
+        accumulator = jax.tree.map(accumulate, state.accumulator, updates)
         scaled = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, accumulator)
         return scaled, _AccumulatorState(accumulator)
 
     return optax.GradientTransformation(init, update)
+
+
+def scale_by_adagrad(eps: float = 1e-7) -> optax.GradientTransformation:
+    """The notes' AdaGrad direction ``g / (√(Σ g²) + ε)``, the sum starting at 0."""
+    return _scale_by_accumulated_squares(lambda s, g: s + g * g, eps)
 
 
 def scale_by_rmsprop(decay: float = 0.9, eps: float = 1e-7) -> optax.GradientTransformation:
     """The notes' RMSProp direction ``g / (√s + ε)``, ``s = β s + (1 − β) g²`` starting at 0."""
-
-    def init(params):
-        return _AccumulatorState(jax.tree.map(jnp.zeros_like, params))
-
-    def update(updates, state, params=None):
-        del params
-        accumulator = jax.tree.map(
-            lambda s, g: decay * s + (1.0 - decay) * g * g, state.accumulator, updates
-        )
-        scaled = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, accumulator)
-        return scaled, _AccumulatorState(accumulator)
-
-    return optax.GradientTransformation(init, update)
+    return _scale_by_accumulated_squares(lambda s, g: decay * s + (1.0 - decay) * g * g, eps)
 
 
 def default_decay_mask(params) -> Any:
@@ -177,7 +170,7 @@ def optimizer(
         return optax.chain(*chain, base)
 
     directions = {
-        "sgd": lambda: optax.identity(),
+        "sgd": optax.identity,
         "momentum": lambda: optax.trace(decay=momentum, nesterov=False),
         "nesterov": lambda: optax.trace(decay=momentum, nesterov=True),
         "adagrad": lambda: scale_by_adagrad(eps=eps),
