@@ -225,10 +225,16 @@ def _max_over_tiles_jvp(axes, primals, tangents):
     for axis, k in zip(axes, window, strict=True):
         order_shape[axis] = k
     order = np.arange(math.prod(window), dtype=np.int32).reshape(order_shape)
-    # NaN wins a max (it propagates), so the first NaN of a tile takes the gradient.
-    wins = (tiles == jnp.expand_dims(peak, axes)) | jnp.isnan(tiles)
-    first = jnp.min(jnp.where(wins, order, math.prod(window)), axis=axes, keepdims=True)
-    return peak, jnp.sum(jnp.where(order == first, tangent, 0), axis=axes)
+    # The winner has the lowest rank: the first maximum, or, as a NaN propagates through the max,
+    # the last NaN of the tile as in PyTorch (reduce_window's gradient goes to the pixel after a
+    # NaN, whatever its value).
+    rank = jnp.where(
+        jnp.isnan(tiles),
+        -1 - order,
+        jnp.where(tiles == jnp.expand_dims(peak, axes), order, math.prod(window)),
+    )
+    wins = rank == jnp.min(rank, axis=axes, keepdims=True)
+    return peak, jnp.sum(jnp.where(wins, tangent, 0), axis=axes)
 
 
 def _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes):

@@ -377,6 +377,10 @@ def test_max_pool_gradient_breaks_ties_like_torch(torch, rng):
             "ties, stride == window",
         )
     )
+    # A NaN wins (propagates) and takes the gradient, the last one of a window as in PyTorch;
+    # reduce_window's gradient would go to the pixel after a NaN, whatever its value.
+    with_nans = np.where(rng.random(x.shape) < 0.3, np.float32(np.nan), x)
+    cases.append((*cases[-1][:2], with_nans, "NaN, stride == window"))
     _assert_parity(torch, cases, rng)
 
 
