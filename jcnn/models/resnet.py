@@ -51,7 +51,19 @@ def _pad_shortcut(x, features: int, stride: int):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """The settings every residual block takes (see ``BasicBlock``)."""
+
+    features: int
+    stride: int = 1
+    shortcut: str = "projection"
+    bn_momentum: float = 0.9
+    zero_init_residual: bool = False
+
+    expansion = 1  # output channels per unit of ``features``
+
+
+class BasicBlock(_Block):
     """Two 3x3 conv-BN layers plus the shortcut, then ReLU (ResNet-18/34 and the CIFAR nets).
 
     Attributes:
@@ -61,14 +73,6 @@ class BasicBlock(nn.Module):
         bn_momentum: decay of the BatchNorm running averages.
         zero_init_residual: start the last BN scale at zero, so the block starts as the identity.
     """
-
-    features: int
-    stride: int = 1
-    shortcut: str = "projection"
-    bn_momentum: float = 0.9
-    zero_init_residual: bool = False
-
-    expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -81,19 +85,13 @@ class BasicBlock(nn.Module):
         return ReLU(name="relu2")(y + _shortcut(self, x, self.features, train))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1 reduce, 3x3 (strided), 1x1 expand by 4, each with BN, plus the shortcut, then ReLU.
 
     Attributes:
         features: width of the 3x3 conv; the block outputs ``4 * features`` channels.
         stride, shortcut, bn_momentum, zero_init_residual: as in ``BasicBlock``.
     """
-
-    features: int
-    stride: int = 1
-    shortcut: str = "projection"
-    bn_momentum: float = 0.9
-    zero_init_residual: bool = False
 
     expansion = 4
 
