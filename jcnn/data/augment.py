@@ -32,6 +32,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jcnn.functional._checks import check_positive_int
+
 __all__ = [
     "adjust_brightness",
     "adjust_contrast",
@@ -116,12 +118,6 @@ def _restore(x, dtype) -> jax.Array:
     if dtype == jnp.uint8:
         return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
     return x.astype(dtype)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -348,7 +344,7 @@ def cutout(key, image, *, size: int, fill=0) -> jax.Array:
     so near the border less than ``size**2`` pixels are erased.
     """
     _check_image(image)
-    _positive_int(size, "size")
+    check_positive_int(size, "size")
     height, width = image.shape[:2]
     key_y, key_x = jax.random.split(key)
     cy = jax.random.randint(key_y, (), 0, height)
@@ -764,7 +760,7 @@ def rand_augment(key, image, *, num_ops: int = 2, magnitude: float = 9, max_magn
     each at strength ``magnitude / max_magnitude`` of its range, with a random sign.
     """
     _check_image(image)
-    _positive_int(num_ops, "num_ops")
+    check_positive_int(num_ops, "num_ops")
     if not 0 <= magnitude <= max_magnitude:
         raise ValueError(f"magnitude: expected 0..{max_magnitude}, got {magnitude}")
     max_value = _max_value(image.dtype)

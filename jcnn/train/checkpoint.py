@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jcnn.functional._checks import check_positive_int
+
 __all__ = ["CheckpointManager", "CheckpointError"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -45,8 +47,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory, *, keep_last: int = 3, keep_best: bool = True, mode="max"):
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"keep_last: expected an int >= 1, got {keep_last!r}")
+        check_positive_int(keep_last, "keep_last")
         if mode not in ("max", "min"):
             raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
         self.directory = Path(directory).absolute()

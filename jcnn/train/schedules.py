@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 
+from jcnn.functional._checks import check_positive_int
+
 __all__ = [
     "Schedule",
     "constant",
@@ -54,12 +56,6 @@ def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name}: expected {kind} finite number, got {value!r}")
     return float(value)
-
-
-def _check_steps(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int number of steps, got {value!r}")
-    return value
 
 
 def _as_float(t) -> jnp.ndarray:
@@ -155,7 +151,7 @@ def cosine(learning_rate: float, total_steps: int) -> Schedule:
         The schedule.
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
-    total = _check_steps(total_steps, "total_steps")
+    total = check_positive_int(total_steps, "total_steps")
 
     def schedule(t):
         progress = jnp.clip(_as_float(t) / total, 0.0, 1.0)
@@ -175,7 +171,7 @@ def linear(learning_rate: float, total_steps: int) -> Schedule:
         The schedule.
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
-    total = _check_steps(total_steps, "total_steps")
+    total = check_positive_int(total_steps, "total_steps")
     return lambda t: lr * (1.0 - jnp.clip(_as_float(t) / total, 0.0, 1.0))
 
 
@@ -209,7 +205,7 @@ def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
         raise TypeError(
             f"schedule: expected a callable step -> rate, got {type(schedule).__name__}"
         )
-    ramp = _check_steps(warmup_steps, "warmup_steps")
+    ramp = check_positive_int(warmup_steps, "warmup_steps")
     peak = schedule(0)
 
     def warmed(t):
@@ -246,7 +242,7 @@ def one_cycle(
         The schedule.
     """
     peak = _check_positive(max_learning_rate, "max_learning_rate")
-    total = _check_steps(total_steps, "total_steps")
+    total = check_positive_int(total_steps, "total_steps")
     if not 0.0 < pct_start < 1.0:
         raise ValueError(f"pct_start: expected a fraction in (0, 1), got {pct_start!r}")
     initial = peak / _check_positive(div_factor, "div_factor")
