@@ -185,9 +185,10 @@ def _tiled_max_pool(x, lowest, window, pads, out_sizes):
 
     ``(N, H, W, C)`` becomes ``(N, H / kh, kh, W / kw, kw, C)`` (a free reshape) and the maximum
     runs over the tile axes. XLA compiles the gradient of ``reduce_window`` max to
-    ``select_and_scatter``, 2-4x slower on CPU than this formulation's elementwise gradient (see
-    ``_max_over_tiles``); used on every platform because both directions are plain fusable
-    reductions and broadcasts, which no backend handles worse than a window scatter.
+    ``select_and_scatter``, 1.7-8x slower on CPU than this formulation's elementwise gradient
+    (``_max_over_tiles``; numbers in ``experiments/benchmarks/README.md``). Used on every
+    platform: both directions are plain reductions, broadcasts and selects that every XLA backend
+    fuses, where ``select_and_scatter`` is a window scatter (not yet timed on a GPU).
     """
     config = [(0, 0, 0)]
     for size, k, (lo, _), out in zip(x.shape[1:-1], window, pads, out_sizes, strict=True):
