@@ -103,10 +103,7 @@ def batch_norm(
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
     state = _check_state(state, "state", channels, required=True)
-    _check_flag(train, "train")
-    _check_fraction(momentum, "momentum")
-    _check_positive(eps, "eps")
-    _check_flag(unbiased_running_var, "unbiased_running_var")
+    _check_running_options(train, momentum, eps, unbiased_running_var)
 
     compute_dtype = _compute_dtype(x.dtype)
     xf = x.astype(compute_dtype)
@@ -248,10 +245,7 @@ def instance_norm(
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
     state = _check_state(state, "state", channels, required=False)
-    _check_flag(train, "train")
-    _check_fraction(momentum, "momentum")
-    _check_positive(eps, "eps")
-    _check_flag(unbiased_running_var, "unbiased_running_var")
+    _check_running_options(train, momentum, eps, unbiased_running_var)
 
     compute_dtype = _compute_dtype(x.dtype)
     xf = x.astype(compute_dtype)
@@ -542,6 +536,14 @@ def _check_state(state, name: str, channels: int, *, required: bool, label: str 
     for field in BatchNormState._fields:
         _check_channel_param(getattr(state, field), f"{name}.{field}", channels, label=label)
     return state
+
+
+def _check_running_options(train, momentum, eps, unbiased_running_var) -> None:
+    """The keyword arguments shared by ``batch_norm`` and ``instance_norm``."""
+    _check_flag(train, "train")
+    _check_fraction(momentum, "momentum")
+    _check_positive(eps, "eps")
+    _check_flag(unbiased_running_var, "unbiased_running_var")
 
 
 def _check_flag(value, name: str) -> None:

@@ -58,7 +58,7 @@ class PReLU(nn.Module):
         alpha = self.param(
             "alpha", lambda _, s, d: jnp.full(s, self.alpha_init, d), shape, self.param_dtype
         )
-        return F.prelu(x, alpha.astype(x.dtype))
+        return F.prelu(x, alpha)
 
 
 class Maxout(nn.Module):

@@ -235,12 +235,12 @@ class LocalContrastNorm(nn.Module):
     """Local contrast normalization (Jarrett et al. 2009), ``F.local_contrast_norm``.
 
     Subtracts a Gaussian-weighted local mean over a ``size x size`` window and all channels, then
-    divides by ``max(c, local std)``. No parameters.
+    divides by ``max(c, local std, eps)``, ``c`` the mean local std of the example. No parameters.
 
     Attributes:
         size: side of the Gaussian window.
         sigma: its standard deviation (``None``: the functional default).
-        eps: the floor ``c`` of the divisor.
+        eps: the floor of the divisor.
     """
 
     size: int = 9
@@ -249,7 +249,7 @@ class LocalContrastNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        """Normalize ``x`` of shape ``(N, H, W, C)``."""
+        """Normalize ``x`` of shape ``(N, *spatial, C)`` (1 to 3 spatial axes)."""
         return F.local_contrast_norm(x, size=self.size, sigma=self.sigma, eps=self.eps)
 
 
