@@ -43,14 +43,14 @@ def accepts_train(model: nn.Module) -> bool:
         return False
 
 
-def check_input_shape(input_shape, name: str = "input_shape") -> tuple[int, ...]:
+def check_input_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints (batch axis included)."""
     if isinstance(input_shape, int) or not isinstance(input_shape, Sequence):
         raise TypeError(
-            f"{name}: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), "
+            "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), "
             f"got {input_shape!r}"
         )
-    return as_int_tuple(tuple(input_shape), len(input_shape), name, minimum=1)
+    return as_int_tuple(tuple(input_shape), len(input_shape), "input_shape", minimum=1)
 
 
 def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
