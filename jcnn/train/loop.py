@@ -6,6 +6,7 @@ A run folder (``config.out``) holds::
     history.json      one record per epoch (train/val loss and accuracy, lr, time, images/s)
     history.csv       the same table
     curves.png        loss and accuracy curves
+    summary.json      the final metrics (written when training ends)
     checkpoints/      atomic orbax checkpoints (keep-last-k plus best validation accuracy)
 
 Exact resume: a checkpoint stores the ``TrainState`` (parameters, BatchNorm statistics, optimizer
@@ -30,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jcnn.functional._checks import check_positive_int
 from jcnn.train import parallel
 from jcnn.train import schedules as S
 from jcnn.train.checkpoint import CheckpointManager
@@ -306,8 +308,7 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
             "train_loader: expected a loader with len() and epoch(epoch, start_step=...), "
             f"got {type(train_loader).__name__}"
         )
-    if isinstance(config.epochs, bool) or not isinstance(config.epochs, int) or config.epochs < 1:
-        raise ValueError(f"config.epochs: expected an int >= 1, got {config.epochs!r}")
+    check_positive_int(config.epochs, "config.epochs")
     steps_per_epoch = len(train_loader)
     if steps_per_epoch < 1:
         raise ValueError("train_loader: expected at least one batch per epoch, got 0")
