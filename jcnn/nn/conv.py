@@ -126,7 +126,7 @@ class ConvTranspose(nn.Module):
     features: int
     kernel_size: int | Sequence[int]
     stride: int | Sequence[int] = 1
-    padding: int | Sequence[int] = 0
+    padding: PaddingLike = 0
     output_padding: int | Sequence[int] = 0
     dilation: int | Sequence[int] = 1
     groups: int = 1
