@@ -47,6 +47,11 @@ def _batch_size(batch, name: str = "batch") -> int:
     return sizes.pop()
 
 
+def _check_clip(l2_norm_clip) -> None:
+    if not l2_norm_clip > 0:
+        raise ValueError(f"l2_norm_clip: expected a positive number, got {l2_norm_clip!r}")
+
+
 def per_example_grads(loss_fn: Callable, params, batch, *, chunk_size: int | None = None):
     """Gradient of ``loss_fn`` for each example of ``batch`` separately.
 
@@ -112,8 +117,7 @@ def clip_per_example(per_example, l2_norm_clip: float):
     Returns:
       The clipped per-example gradients (same structure).
     """
-    if not l2_norm_clip > 0:
-        raise ValueError(f"l2_norm_clip: expected a positive number, got {l2_norm_clip!r}")
+    _check_clip(l2_norm_clip)
     _batch_size(per_example, "per_example")
     factor = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(_norms(per_example), 1e-12))
 
@@ -146,8 +150,7 @@ def dp_aggregate(l2_norm_clip: float, noise_multiplier: float, seed: int = 0):
     """
     if not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
-    if not l2_norm_clip > 0:
-        raise ValueError(f"l2_norm_clip: expected a positive number, got {l2_norm_clip!r}")
+    _check_clip(l2_norm_clip)
 
     def init(params):
         del params
