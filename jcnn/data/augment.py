@@ -168,6 +168,13 @@ def _bilinear(image, rows, cols, *, fill=0.0, edge=False) -> jax.Array:
     )
 
 
+def _snap(coordinates) -> jax.Array:
+    """Coordinates within float noise of a pixel centre moved onto it, so that exact multiples of
+    90 degrees and integer shifts copy pixels exactly."""
+    nearest = jnp.round(coordinates)
+    return jnp.where(jnp.abs(coordinates - nearest) < 1e-4, nearest, coordinates)
+
+
 # ---- geometry ---------------------------------------------------------------------------------
 
 
@@ -193,13 +200,7 @@ def affine(image, matrix, *, fill=0.0) -> jax.Array:
     matrix = jnp.asarray(matrix, jnp.float32)
     x_in = matrix[0, 0] * x_out + matrix[0, 1] * y_out + matrix[0, 2]
     y_in = matrix[1, 0] * x_out + matrix[1, 1] * y_out + matrix[1, 2]
-    # snap coordinates within float noise of a pixel centre, so that exact multiples of 90 degrees
-    # and integer shifts copy pixels exactly
-    rows_in = cy - y_in
-    cols_in = cx + x_in
-    rows_in = jnp.where(jnp.abs(rows_in - jnp.round(rows_in)) < 1e-4, jnp.round(rows_in), rows_in)
-    cols_in = jnp.where(jnp.abs(cols_in - jnp.round(cols_in)) < 1e-4, jnp.round(cols_in), cols_in)
-    out = _bilinear(_to_float(image), rows_in, cols_in, fill=fill)
+    out = _bilinear(_to_float(image), _snap(cy - y_in), _snap(cx + x_in), fill=fill)
     return _restore(out, image.dtype)
 
 
