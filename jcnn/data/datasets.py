@@ -248,10 +248,11 @@ def _safe_member_name(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
 def _read_tar_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
     """The files named ``wanted`` (base names) from a tar archive, read in memory."""
     try:
-        raw = gzip.decompress(archive.read_bytes()) if archive.suffix == ".gz" else None
-        fileobj = io.BytesIO(raw) if raw is not None else archive.open("rb")
+        raw = archive.read_bytes()
+        if archive.suffix == ".gz":
+            raw = gzip.decompress(raw)
         found = {}
-        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             for member in tar:
                 path = _safe_member_name(member, archive)
                 if member.isfile() and path.name in wanted:
