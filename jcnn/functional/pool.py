@@ -172,7 +172,7 @@ def max_pool(
     # A concrete (NumPy) init value lets lax pick its differentiable max-pool primitive.
     lowest = np.array(-np.inf, x.dtype)
     if all(d == 1 for d in dilation) and stride == window:
-        return _tiled_max_pool(x, lowest, window, pads, out_sizes)
+        return _tiled_max_pool(x, window, pads, out_sizes)
     if all(d == 1 for d in dilation):
         return lax.reduce_window(
             x, lowest, lax.max, _full_window(window), _full_window(stride), ((0, 0), *pads, (0, 0))
@@ -180,48 +180,59 @@ def max_pool(
     return _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes)
 
 
-def _tiled_max_pool(x, lowest, window, pads, out_sizes):
-    """Max pool with ``stride == window``: pad/crop to whole tiles, split each axis, reduce.
+def _tiled_max_pool(x, window, pads, out_sizes):
+    """Max pool with ``stride == window``: the pad or crop to whole tiles, then ``_max_over_tiles``.
 
-    ``(N, H, W, C)`` becomes ``(N, H / kh, kh, W / kw, kw, C)`` (a free reshape) and the maximum
-    runs over the tile axes. XLA compiles the gradient of ``reduce_window`` max to
-    ``select_and_scatter``, 1.7-8x slower on CPU than this formulation's elementwise gradient
-    (``_max_over_tiles``; numbers in ``experiments/benchmarks/README.md``). Used on every
+    For the derivative, ``(N, H, W, C)`` becomes ``(N, H / kh, kh, W / kw, kw, C)`` (a free
+    reshape) and the first maximum of each tile is selected elementwise. XLA compiles the
+    gradient of ``reduce_window`` max to ``select_and_scatter``, 1.7-8x slower on CPU than this
+    elementwise gradient (numbers in ``experiments/benchmarks/README.md``). Used on every
     platform: both directions are plain reductions, broadcasts and selects that every XLA backend
     fuses, where ``select_and_scatter`` is a window scatter (not yet timed on a GPU).
     """
-    config = [(0, 0, 0)]
-    for size, k, (lo, _), out in zip(x.shape[1:-1], window, pads, out_sizes, strict=True):
-        # hi < 0 crops the pixels a floor-mode pool leaves unused.
-        config.append((lo, out * k - size - lo, 0))
-    config.append((0, 0, 0))
-    if any(lo or hi for lo, hi, _ in config):
-        x = lax.pad(x, lowest, config)
-    split_shape = [x.shape[0]]
-    for out, k in zip(out_sizes, window, strict=True):
-        split_shape += [out, k]
-    tile_axes = tuple(range(2, 2 * len(window) + 1, 2))
-    return _max_over_tiles(x.reshape(*split_shape, x.shape[-1]), tile_axes)
+    fit = tuple(
+        (lo, out * k - size - lo)
+        for size, k, (lo, _), out in zip(x.shape[1:-1], window, pads, out_sizes, strict=True)
+    )
+    return _max_over_tiles(x, tuple(window), fit)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _max_over_tiles(tiles, axes):
-    """``jnp.max(tiles, axes)`` whose derivative follows only the first maximum of each tile.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _max_over_tiles(x, window, fit):
+    """Max over the non-overlapping ``window`` tiles of ``x`` padded by ``fit`` (``(lo, hi)`` per
+    spatial axis; ``hi < 0`` crops the pixels a floor-mode pool leaves unused).
 
-    jnp.max's own derivative splits it evenly among tied maxima (ReLU zeros tie often); PyTorch
-    and ``reduce_window`` give it all to the first in window (row-major) order. The tangent rule
-    is a mask and a sum, linear in the tangent, so reverse mode transposes it into a broadcast
-    and a select, and it composes with ``vmap`` and higher derivatives.
+    The value is XLA's ``reduce_window`` (the fastest forward, on odd sizes too); the derivative
+    follows only the first maximum of each tile. jnp.max's own derivative splits it evenly among
+    tied maxima (ReLU zeros tie often); PyTorch and ``reduce_window`` give it all to the first in
+    window (row-major) order. The tangent rule is a mask and a sum over the tiles split into their
+    own axes (a free reshape), linear in the tangent, so reverse mode transposes it into a
+    broadcast and a select, and it composes with ``vmap`` and higher derivatives.
     """
-    return jnp.max(tiles, axis=axes)
+    dims = (1, *window, 1)
+    # A window never starts in the cropped pixels, so VALID with only the positive padding drops
+    # them exactly as the crop would.
+    padding = ((0, 0), *((lo, max(hi, 0)) for lo, hi in fit), (0, 0))
+    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, dims, padding)
+
+
+def _split_tiles(x, window):
+    """``(N, *spatial, C)`` as ``(N, out_0, k_0, out_1, k_1, ..., C)``, and the tile axes."""
+    split_shape = [x.shape[0]]
+    for size, k in zip(x.shape[1:-1], window, strict=True):
+        split_shape += [size // k, k]
+    tile_axes = tuple(range(2, 2 * len(window) + 1, 2))
+    return x.reshape(*split_shape, x.shape[-1]), tile_axes
 
 
 @_max_over_tiles.defjvp
-def _max_over_tiles_jvp(axes, primals, tangents):
-    (tiles,), (tangent,) = primals, tangents
-    peak = _max_over_tiles(tiles, axes)
+def _max_over_tiles_jvp(window, fit, primals, tangents):
+    (x,), (x_tangent,) = primals, tangents
+    peak = _max_over_tiles(x, window, fit)
+    config = [(0, 0, 0), *((lo, hi, 0) for lo, hi in fit), (0, 0, 0)]
+    tiles, axes = _split_tiles(lax.pad(x, np.array(-np.inf, x.dtype), config), window)
+    tangent, _ = _split_tiles(lax.pad(x_tangent, np.zeros((), x.dtype), config), window)
     # Position of each tile element in window order, broadcast against the tile axes.
-    window = [tiles.shape[a] for a in axes]
     order_shape = [1] * tiles.ndim
     for axis, k in zip(axes, window, strict=True):
         order_shape[axis] = k
