@@ -15,10 +15,11 @@ machine, see ``experiments/benchmarks/README.md``):
   own weight gradient ran at 10-40 GFLOP/s on airbench's layers, this at 50-130). Under ``vmap``
   (per-example gradients) it becomes one batched GEMM instead of a grouped convolution. Smaller
   kernels (LeNet) keep XLA's weight gradient, which is as fast there.
-* forward: XLA's convolution, except for a single input channel per group (``C // groups <
-  _FEW_CHANNELS``), where XLA:CPU's convolution runs far below its matmul rate (1 GFLOP/s for
-  LeNet's first layer) and a fused sum of broadcast multiplies, one per window offset and input
-  channel ("shift-and-multiply-add"), is used (LeNet c1 15x, airbench's 2x2 whitening conv 15x).
+* forward: XLA's convolution. A fused sum of broadcast multiplies, one per window offset and
+  input channel (``ConvPlan(forward="shift")``), ran 15x faster than XLA:CPU's convolution on
+  single-channel layers measured alone, but inside whole networks XLA materializes its terms:
+  the course LeNet-5 ran inference at 16 ms with XLA's forward against 26-30 ms with it, and
+  training at the same speed, so the default plan no longer picks it (selectable per call).
 * input gradient: XLA's transposed convolution, or for few input channels one GEMM against the
   flattened kernel followed by col2im (a sum of strided pads, which XLA fuses into one loop).
 
@@ -45,10 +46,8 @@ __all__ = ["conv_general", "native_conv", "plan", "ConvPlan"]
 # Patches held per GEMM in the weight gradient: a few MB stays within L2/L3 on the measured
 # machine; larger chunks ran up to 2x slower, smaller ones pay per-iteration overhead.
 _CHUNK_BYTES = 4 * 2**20
-# Below this many input channels per group XLA:CPU's convolution runs at 1-3 GFLOP/s (tiny inner
-# products); shift-and-multiply-add forward and GEMM+col2im input gradient run far faster. With 3
-# channels (RGB stems) the multiply-add sum also wins alone (24 vs 2 GFLOP/s) but XLA splits it
-# into materialized terms inside a network, which made AirbenchNet's inference 5-15% slower.
+# Below this many input channels per group XLA:CPU's transposed convolution (the input gradient)
+# runs at 1-3 GFLOP/s (tiny inner products); GEMM + col2im runs far faster.
 _FEW_CHANNELS = 2
 # Kernels smaller than this (window * C_in/groups * C_out) make the weight-gradient GEMM a long thin
 # reduction that XLA:CPU runs no faster than its own convolution (LeNet: equal within noise);
@@ -81,7 +80,7 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
     """The CPU formulation ``conv_general`` picks for these static shapes and options.
 
     >>> plan((128, 28, 28, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
-    ConvPlan(forward='shift', input_grad='shift', weight_grad='xla', chunk=32)
+    ConvPlan(forward='xla', input_grad='shift', weight_grad='xla', chunk=32)
     """
     channels_per_group = w_shape[-2]
     window = w_shape[:-2]
@@ -89,7 +88,7 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
     out_sizes = _output_sizes(x_shape[1:-1], window, stride, padding, dilation)
     patch_bytes = math.prod(out_sizes) * math.prod(window) * x_shape[-1] * itemsize
     return ConvPlan(
-        forward="shift" if few else "xla",
+        forward="xla",
         input_grad="shift" if few else "xla",
         weight_grad="im2col" if math.prod(w_shape) >= _GEMM_MIN_WEIGHTS else "xla",
         chunk=_chunk_size(x_shape[0], patch_bytes),
