@@ -2,9 +2,11 @@
 the transposed convolution.
 
 Inputs are ``(N, *spatial, C)`` and kernels ``(*window, C_in // groups, C_out)``; the spatial rank
-comes from the kernel's rank. Every convolution here runs through
-:func:`jcnn.functional._conv_cpu.conv_general`: ``lax.conv_general_dilated`` on GPU and TPU, a
-formulation with a custom VJP that XLA:CPU runs near its matmul rate on CPU.
+comes from the kernel's rank. On GPU and TPU every convolution here is ``lax.conv_general_dilated``.
+On CPU, float32 convolutions call oneDNN when the optional native library is built
+(:mod:`jcnn.native`, :mod:`jcnn.functional._conv_onednn`); otherwise, and for other dtypes, they
+run :func:`jcnn.functional._conv_cpu.conv_general`, formulations with a custom VJP that XLA:CPU
+runs near its matmul rate.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from jcnn import native
+from jcnn.functional import _conv_cpu, _conv_onednn
 from jcnn.functional._checks import (
     PaddingLike,
     as_int_tuple,
@@ -19,7 +23,6 @@ from jcnn.functional._checks import (
     check_positive_int,
     normalize_padding,
 )
-from jcnn.functional._conv_cpu import conv_general
 
 __all__ = ["conv", "convolve", "conv_transpose"]
 
@@ -29,6 +32,14 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "c
 
 _LAYOUTS = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 _WINDOW_AXES = {1: "K", 2: "KH, KW", 3: "KD, KH, KW"}
+
+
+def _conv_general(x, w, stride, padding, dilation, groups):
+    """The CPU convolution backend chosen at trace time: oneDNN for float32 when the native library
+    is built (:func:`jcnn.native.conv_backend`), else jcnn's XLA formulations."""
+    if x.dtype == jnp.float32 and native.conv_backend() == "onednn":
+        return _conv_onednn.conv_general(x, w, stride, padding, dilation, groups)
+    return _conv_cpu.conv_general(x, w, stride, padding, dilation, groups)
 
 
 def _check_kernel_and_input(x, w, channel_axes: str) -> int:
@@ -186,7 +197,7 @@ def conv(
     if padding_mode != "zeros" and any(lo or hi for lo, hi in pads):
         x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
         pads = ((0, 0),) * spatial_rank
-    y = conv_general(x, w, stride, pads, dilation, groups)
+    y = _conv_general(x, w, stride, pads, dilation, groups)
     return _add_bias(y, b)
 
 
@@ -329,5 +340,5 @@ def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilat
     ]
     x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *interleave, (0, 0, 0)])
     conv_pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in edges)
-    y = conv_general(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)
+    y = _conv_general(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)
     return _add_bias(y, b)

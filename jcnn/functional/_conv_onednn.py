@@ -1,0 +1,118 @@
+"""Convolution through oneDNN on CPU (the optional native backend of :mod:`jcnn.native`).
+
+``conv_general`` has the contract of :func:`jcnn.functional._conv_cpu.conv_general`: channels-last
+input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``, explicit non-negative padding,
+1-, 2- or 3-D, float32. On CPU its three products (forward, input gradient, weight gradient) are
+XLA FFI calls into oneDNN; on other platforms it is ``lax.conv_general_dilated``.
+
+Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
+three are bilinear and each one's transpose is another), so derivatives of any order stay on
+oneDNN. The FFI calls batch with ``vmap_method="expand_dims"``: the native side folds a vmapped
+input into the batch axis when the kernel is shared, and loops otherwise (per-example weight
+gradients).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import numpy as np
+from jax import lax
+
+from jcnn.functional._conv_cpu import _check, _Config, _output_sizes, native_conv
+
+__all__ = ["config", "conv_general"]
+
+
+def config(x, w, stride, padding, dilation, groups) -> _Config:
+    """Check the operands and options as ``_conv_cpu.conv_general`` does; the static config."""
+    return _check(x, w, stride, padding, dilation, groups, None)
+
+
+def conv_general(x, w, stride, padding, dilation, groups):
+    """Cross-correlation equal to ``lax.conv_general_dilated`` (float32), through oneDNN on CPU.
+
+    Needs the native library (:func:`jcnn.native.available`).
+
+    >>> from jcnn import native
+    >>> if native.available():
+    ...     y = conv_general(jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4)), (1, 1),
+    ...                      ((1, 1), (1, 1)), (1, 1), 1)
+    ...     print(y.shape, float(y[0, 2, 2, 0]))
+    ... else:
+    ...     print((2, 6, 6, 4), 27.0)
+    (2, 6, 6, 4) 27.0
+    """
+    static = config(x, w, stride, padding, dilation, groups)
+    return lax.platform_dependent(
+        x, w, cpu=partial(_forward, config=static), default=partial(native_conv, config=static)
+    )
+
+
+def _call(target, out_shape, first, second, config):
+    return jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(out_shape, first.dtype), vmap_method="expand_dims"
+    )(
+        first,
+        second,
+        stride=np.asarray(config.stride, np.int64),
+        pad_lo=np.asarray([lo for lo, _ in config.padding], np.int64),
+        pad_hi=np.asarray([hi for _, hi in config.padding], np.int64),
+        dilation=np.asarray(config.dilation, np.int64),
+        groups=np.int64(config.groups),
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _forward(x, w, config):
+    out_sizes = _output_sizes(
+        x.shape[1:-1], w.shape[:-2], config.stride, config.padding, config.dilation
+    )
+    return _call("jcnn_conv_forward", (x.shape[0], *out_sizes, w.shape[-1]), x, w, config)
+
+
+def _forward_fwd(x, w, config):
+    return _forward(x, w, config), (x, w)
+
+
+def _forward_bwd(config, residuals, g):
+    x, w = residuals
+    return _backward_data(g, w, config, x.shape), _backward_weights(x, g, config, w.shape)
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _backward_data(dy, w, config, x_shape):
+    return _call("jcnn_conv_backward_data", x_shape, dy, w, config)
+
+
+def _backward_data_fwd(dy, w, config, x_shape):
+    return _backward_data(dy, w, config, x_shape), (dy, w)
+
+
+def _backward_data_bwd(config, x_shape, residuals, g):
+    dy, w = residuals
+    return _forward(g, w, config), _backward_weights(g, dy, config, w.shape)
+
+
+_backward_data.defvjp(_backward_data_fwd, _backward_data_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _backward_weights(x, dy, config, w_shape):
+    return _call("jcnn_conv_backward_weights", w_shape, x, dy, config)
+
+
+def _backward_weights_fwd(x, dy, config, w_shape):
+    return _backward_weights(x, dy, config, w_shape), (x, dy)
+
+
+def _backward_weights_bwd(config, w_shape, residuals, g):
+    x, dy = residuals
+    return _backward_data(dy, g, config, x.shape), _forward(x, g, config)
+
+
+_backward_weights.defvjp(_backward_weights_fwd, _backward_weights_bwd)

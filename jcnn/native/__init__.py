@@ -1,0 +1,208 @@
+"""Optional native CPU backend: oneDNN convolutions called from jitted code as XLA FFI custom calls.
+
+jcnn runs everywhere without it: when the library is not built, ``F.conv`` uses its pure-XLA
+formulations. To enable it on a CPU machine (needs a C++17 compiler)::
+
+    pip install "jcnn[native]"   # oneDNN 3.2 (GNU OpenMP) headers and library from PyPI
+    jcnn-build-native            # compiles onednn_conv.cc against jaxlib's FFI headers, self-checks
+
+The library lands in a cache directory (``JCNN_NATIVE_DIR``, default ``~/.cache/jcnn``) under a
+name that hashes the source, the jaxlib version, the oneDNN location and the compiler, so an
+upgrade of any of them simply needs a rebuild and never loads a stale build.
+
+Which backend float32 convolutions on CPU use is read when a function is traced, from the
+environment variable ``JCNN_CONV_BACKEND``: ``auto`` (default: oneDNN when built, else XLA),
+``onednn`` (an error when the library is missing) or ``xla``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "NativeBuildError",
+    "available",
+    "build",
+    "conv_backend",
+    "library_path",
+    "main",
+    "onednn_root",
+]
+
+SOURCE = Path(__file__).with_name("onednn_conv.cc")
+TARGETS = ("jcnn_conv_forward", "jcnn_conv_backward_data", "jcnn_conv_backward_weights")
+BACKENDS = ("auto", "onednn", "xla")
+
+
+class NativeBuildError(RuntimeError):
+    """The native library could not be built (no compiler, no oneDNN, a compile error)."""
+
+
+def onednn_root() -> Path:
+    """Where oneDNN's ``include/`` and ``lib/`` are: ``JCNN_ONEDNN_ROOT``, else this Python's prefix
+    (where ``pip install onednn-devel-cpu-gomp`` puts them)."""
+    return Path(os.environ.get("JCNN_ONEDNN_ROOT", sys.prefix))
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX", "c++"))
+
+
+def library_path() -> Path:
+    """Where the library for this source, jaxlib, oneDNN and compiler is built and loaded from."""
+    import jaxlib
+
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jaxlib.__version__, str(onednn_root()), *_compiler()):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    cache = Path(os.environ.get("JCNN_NATIVE_DIR", Path.home() / ".cache" / "jcnn"))
+    return cache / f"libjcnn_onednn-{digest.hexdigest()[:16]}.so"
+
+
+def build(*, verbose: bool = False) -> Path:
+    """Compile the oneDNN convolution library (if not already built) and return its path.
+
+    Raises:
+      NativeBuildError: oneDNN's headers or library are missing, or the compiler failed (its
+        output is in the message).
+    """
+    import jax
+
+    root = onednn_root()
+    header = root / "include" / "oneapi" / "dnnl" / "dnnl.hpp"
+    libdir = root / "lib"
+    if not header.is_file() or not any(libdir.glob("libdnnl.so*")):
+        raise NativeBuildError(
+            f"oneDNN not found: expected {header} and {libdir}/libdnnl.so; install it with "
+            "`pip install 'jcnn[native]'` or point JCNN_ONEDNN_ROOT at a oneDNN 3.x installation"
+        )
+    target = library_path()
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        partial_build = Path(scratch) / target.name
+        command = [
+            *_compiler(),
+            "-O2",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            str(SOURCE),
+            f"-I{jax.ffi.include_dir()}",
+            f"-I{root / 'include'}",
+            f"-L{libdir}",
+            "-ldnnl",
+            f"-Wl,-rpath,{libdir}",
+            "-Wl,--no-undefined",
+            "-o",
+            str(partial_build),
+        ]
+        if verbose:
+            print(shlex.join(command), flush=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except FileNotFoundError as error:
+            raise NativeBuildError(
+                f"no C++ compiler: {command[0]!r} was not found (set CXX to choose one)"
+            ) from error
+        if result.returncode != 0:
+            raise NativeBuildError(
+                f"compiling {SOURCE.name} failed (exit {result.returncode}):\n{result.stderr}"
+            )
+        os.replace(partial_build, target)  # atomic: a concurrent loader never sees half a file
+    return target
+
+
+@functools.cache
+def _load() -> str | None:
+    """Load and register the library once; the reason it is unavailable, or None."""
+    import jax
+
+    try:
+        path = library_path()
+    except OSError as error:
+        return f"cannot locate the library: {error}"
+    if not path.is_file():
+        return f"not built ({path} does not exist): run `jcnn-build-native`"
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        return f"{path} does not load: {error}"
+    for name in TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+    return None
+
+
+def available() -> bool:
+    """Whether the oneDNN library is built, loads, and its FFI targets are registered."""
+    return _load() is None
+
+
+def conv_backend() -> str:
+    """``"onednn"`` or ``"xla"``: what float32 CPU convolutions traced now use (see module doc).
+
+    Raises:
+      ValueError: ``JCNN_CONV_BACKEND`` is not one of ``auto``, ``onednn``, ``xla``.
+      RuntimeError: ``JCNN_CONV_BACKEND=onednn`` but the library is unavailable.
+    """
+    choice = os.environ.get("JCNN_CONV_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(
+            f"JCNN_CONV_BACKEND: expected one of {', '.join(BACKENDS)}, got {choice!r}"
+        )
+    if choice == "xla":
+        return "xla"
+    reason = _load()
+    if reason is None:
+        return "onednn"
+    if choice == "onednn":
+        raise RuntimeError(f"JCNN_CONV_BACKEND=onednn but the oneDNN library is {reason}")
+    return "xla"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``jcnn-build-native``: build the library, load it and check it against XLA's convolution."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="jcnn-build-native", description=main.__doc__)
+    parser.add_argument("--verbose", action="store_true", help="print the compiler command")
+    args = parser.parse_args(argv)
+    try:
+        path = build(verbose=args.verbose)
+    except NativeBuildError as error:
+        print(f"jcnn-build-native: {error}", file=sys.stderr)
+        return 1
+    reason = _load()
+    if reason is not None:
+        print(f"jcnn-build-native: built {path} but it is {reason}", file=sys.stderr)
+        return 1
+    error = _self_check()
+    print(f"jcnn-build-native: {path} (oneDNN convolution vs XLA, max relative error {error:.1e})")
+    return 0 if error < 1e-5 else 1
+
+
+def _self_check() -> float:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jcnn.functional import _conv_onednn
+    from jcnn.functional._conv_cpu import native_conv
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], (2, 9, 8, 6))
+    w = jax.random.normal(keys[1], (3, 3, 3, 4))
+    options = ((2, 1), ((1, 1), (0, 2)), (1, 2), 2)
+    config = _conv_onednn.config(x, w, *options)
+    reference = native_conv(x, w, config)
+    got = _conv_onednn.conv_general(x, w, *options)
+    return float(jnp.max(jnp.abs(got - reference)) / np.max(np.abs(reference)))

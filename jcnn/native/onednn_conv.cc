@@ -1,0 +1,358 @@
+// Convolutions for XLA:CPU through oneDNN, exposed as XLA FFI handlers.
+//
+// Three handlers, one per product of a convolution y = conv(x, w):
+//   jcnn_conv_forward          (x, w)  -> y
+//   jcnn_conv_backward_data    (dy, w) -> dx
+//   jcnn_conv_backward_weights (x, dy) -> dw
+// in jcnn's layout: activations (N, *spatial, C) and kernels (*window, C / groups, C_out), row-major,
+// fp32. Every operand may carry extra leading axes from jax.vmap (vmap_method="expand_dims"): an
+// operand that is not batched along an axis has size 1 there. When the kernel of a forward or
+// input-gradient call is not batched, the leading axes fold into N (one oneDNN call); otherwise
+// the call loops over them.
+//
+// Primitives are cached by problem; scratchpads are owned by the call, so concurrent calls from
+// XLA's threads are safe.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Dims = memory::dims;
+
+namespace {
+
+enum class Op { kForward, kBackwardData, kBackwardWeights };
+
+// One convolution problem, with the vmap axes already folded or stripped.
+struct Problem {
+  Op op;
+  int64_t batch, channels, out_channels, groups;
+  Dims in_sizes, out_sizes, window, stride, dilation, pad_lo, pad_hi;
+
+  std::string Key() const {
+    std::ostringstream key;
+    key << static_cast<int>(op) << '|' << batch << '|' << channels << '|' << out_channels << '|'
+        << groups;
+    for (const Dims* dims :
+         {&in_sizes, &out_sizes, &window, &stride, &dilation, &pad_lo, &pad_hi}) {
+      key << '|';
+      for (int64_t d : *dims) key << d << ',';
+    }
+    return key.str();
+  }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+memory::format_tag ChannelsLast(size_t spatial_rank) {
+  switch (spatial_rank) {
+    case 1:
+      return memory::format_tag::nwc;
+    case 2:
+      return memory::format_tag::nhwc;
+    default:
+      return memory::format_tag::ndhwc;
+  }
+}
+
+memory::desc ActivationDesc(int64_t batch, int64_t channels, const Dims& sizes) {
+  Dims dims{batch, channels};
+  dims.insert(dims.end(), sizes.begin(), sizes.end());
+  return memory::desc(dims, memory::data_type::f32, ChannelsLast(sizes.size()));
+}
+
+// The kernel (*window, C / G, O) as oneDNN's (O, C, *window) or (G, O / G, C / G, *window).
+memory::desc KernelDims(const Problem& p, Dims* dims) {
+  const int64_t per_group_in = p.channels / p.groups, per_group_out = p.out_channels / p.groups;
+  int64_t window_stride = per_group_in * p.out_channels;
+  Dims window_strides(p.window.size());
+  for (size_t i = p.window.size(); i-- > 0;) {
+    window_strides[i] = window_stride;
+    window_stride *= p.window[i];
+  }
+  Dims strides;
+  if (p.groups == 1) {
+    *dims = {p.out_channels, p.channels};
+    strides = {1, p.out_channels};
+  } else {
+    *dims = {p.groups, per_group_out, per_group_in};
+    strides = {per_group_out, 1, p.out_channels};
+  }
+  dims->insert(dims->end(), p.window.begin(), p.window.end());
+  strides.insert(strides.end(), window_strides.begin(), window_strides.end());
+  return memory::desc(*dims, memory::data_type::f32, strides);
+}
+
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc kernel;       // the kernel as the primitive wants it
+  memory::desc user_kernel;  // the kernel in jcnn's layout
+  bool reorder_kernel;
+  dnnl::primitive to_primitive_kernel, to_user_kernel;
+  memory::desc scratchpad;
+};
+
+std::unique_ptr<Plan> MakePlan(const Problem& p) {
+  auto& engine = Engine();
+  Dims kernel_dims;
+  auto plan = std::make_unique<Plan>();
+  plan->user_kernel = KernelDims(p, &kernel_dims);
+  auto any_kernel = memory::desc(kernel_dims, memory::data_type::f32, memory::format_tag::any);
+  auto src = ActivationDesc(p.batch, p.channels, p.in_sizes);
+  auto dst = ActivationDesc(p.batch, p.out_channels, p.out_sizes);
+  Dims dilation(p.dilation.size());
+  for (size_t i = 0; i < dilation.size(); ++i) dilation[i] = p.dilation[i] - 1;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto forward = dnnl::convolution_forward::primitive_desc(
+      engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src,
+      any_kernel, dst, p.stride, dilation, p.pad_lo, p.pad_hi, attr);
+  switch (p.op) {
+    case Op::kForward:
+      plan->conv = dnnl::convolution_forward(forward);
+      plan->kernel = forward.weights_desc();
+      plan->scratchpad = forward.scratchpad_desc();
+      break;
+    case Op::kBackwardData: {
+      auto backward = dnnl::convolution_backward_data::primitive_desc(
+          engine, dnnl::algorithm::convolution_direct, src, any_kernel, dst, p.stride, dilation,
+          p.pad_lo, p.pad_hi, forward, attr);
+      plan->conv = dnnl::convolution_backward_data(backward);
+      plan->kernel = backward.weights_desc();
+      plan->scratchpad = backward.scratchpad_desc();
+      break;
+    }
+    case Op::kBackwardWeights: {
+      auto backward = dnnl::convolution_backward_weights::primitive_desc(
+          engine, dnnl::algorithm::convolution_direct, src, any_kernel, dst, p.stride, dilation,
+          p.pad_lo, p.pad_hi, forward, attr);
+      plan->conv = dnnl::convolution_backward_weights(backward);
+      plan->kernel = backward.diff_weights_desc();
+      plan->scratchpad = backward.scratchpad_desc();
+      break;
+    }
+  }
+  plan->reorder_kernel = plan->kernel != plan->user_kernel;
+  if (plan->reorder_kernel) {
+    if (p.op == Op::kBackwardWeights) {
+      plan->to_user_kernel = dnnl::reorder(
+          dnnl::reorder::primitive_desc(engine, plan->kernel, engine, plan->user_kernel));
+    } else {
+      plan->to_primitive_kernel = dnnl::reorder(
+          dnnl::reorder::primitive_desc(engine, plan->user_kernel, engine, plan->kernel));
+    }
+  }
+  return plan;
+}
+
+const Plan& GetPlan(const Problem& p) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, std::unique_ptr<Plan>> plans;
+  const std::string key = p.Key();
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto found = plans.find(key);
+    if (found != plans.end()) return *found->second;
+  }
+  auto plan = MakePlan(p);  // outside the lock: creating a primitive can take milliseconds
+  std::lock_guard<std::mutex> lock(mutex);
+  auto inserted = plans.emplace(key, std::move(plan));
+  return *inserted.first->second;
+}
+
+struct AlignedBuffer {
+  explicit AlignedBuffer(size_t bytes)
+      : data(bytes ? std::aligned_alloc(64, (bytes + 63) / 64 * 64) : nullptr) {}
+  ~AlignedBuffer() { std::free(data); }
+  void* data;
+};
+
+// Runs the problem once: `activation` is x (forward, weight gradient) or dy (input gradient),
+// `other` is w (forward, input gradient) or dy (weight gradient), `out` the result.
+void Run(const Problem& p, const Plan& plan, float* activation, float* other, float* out) {
+  auto& engine = Engine();
+  dnnl::stream stream(engine);
+  auto src_desc = ActivationDesc(p.batch, p.channels, p.in_sizes);
+  auto dst_desc = ActivationDesc(p.batch, p.out_channels, p.out_sizes);
+  AlignedBuffer scratchpad(plan.scratchpad.get_size());
+  AlignedBuffer kernel(plan.reorder_kernel ? plan.kernel.get_size() : 0);
+  memory scratchpad_memory(plan.scratchpad, engine, scratchpad.data);
+  if (p.op == Op::kBackwardWeights) {
+    memory user_kernel(plan.user_kernel, engine, out);
+    memory diff_kernel = plan.reorder_kernel ? memory(plan.kernel, engine, kernel.data) : user_kernel;
+    plan.conv.execute(stream, {{DNNL_ARG_SRC, memory(src_desc, engine, activation)},
+                               {DNNL_ARG_DIFF_DST, memory(dst_desc, engine, other)},
+                               {DNNL_ARG_DIFF_WEIGHTS, diff_kernel},
+                               {DNNL_ARG_SCRATCHPAD, scratchpad_memory}});
+    if (plan.reorder_kernel) {
+      plan.to_user_kernel.execute(stream, {{DNNL_ARG_FROM, diff_kernel}, {DNNL_ARG_TO, user_kernel}});
+    }
+  } else {
+    memory user_kernel(plan.user_kernel, engine, other);
+    memory weights = user_kernel;
+    if (plan.reorder_kernel) {
+      weights = memory(plan.kernel, engine, kernel.data);
+      plan.to_primitive_kernel.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, weights}});
+    }
+    if (p.op == Op::kForward) {
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, memory(src_desc, engine, activation)},
+                                 {DNNL_ARG_WEIGHTS, weights},
+                                 {DNNL_ARG_DST, memory(dst_desc, engine, out)},
+                                 {DNNL_ARG_SCRATCHPAD, scratchpad_memory}});
+    } else {
+      plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, memory(dst_desc, engine, activation)},
+                                 {DNNL_ARG_WEIGHTS, weights},
+                                 {DNNL_ARG_DIFF_SRC, memory(src_desc, engine, out)},
+                                 {DNNL_ARG_SCRATCHPAD, scratchpad_memory}});
+    }
+  }
+  stream.wait();
+}
+
+using Span = ffi::Span<const int64_t>;
+
+template <typename Sequence>
+Dims ToDims(const Sequence& values) {
+  return Dims(values.begin(), values.end());
+}
+
+int64_t Product(const Dims& dims, size_t begin, size_t end) {
+  int64_t product = 1;
+  for (size_t i = begin; i < end; ++i) product *= dims[i];
+  return product;
+}
+
+// Shapes of the three operands in the order (activation-like first input, second input, result).
+ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Result<ffi::AnyBuffer> result,
+                    Span stride, Span pad_lo, Span pad_hi, Span dilation, int64_t groups) {
+  const size_t spatial = stride.size();
+  for (auto* buffer : {&first, &second}) {
+    if (buffer->element_type() != ffi::DataType::F32) {
+      return ffi::Error::InvalidArgument("jcnn oneDNN convolution: only float32 is supported");
+    }
+  }
+  if (result->element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("jcnn oneDNN convolution: only float32 is supported");
+  }
+  const size_t rank = spatial + 2;
+  const Dims shapes[3] = {ToDims(first.dimensions()), ToDims(second.dimensions()),
+                          ToDims(result->dimensions())};
+  for (const Dims& shape : shapes) {
+    if (shape.size() < rank || shape.size() != shapes[2].size()) {
+      return ffi::Error::InvalidArgument("jcnn oneDNN convolution: operand ranks do not match");
+    }
+  }
+  const size_t lead = shapes[2].size() - rank;
+  // Operands by role: x (N, *in, C), y (N, *out, O), w (*window, C / G, O).
+  const Dims& x = shapes[op == Op::kBackwardData ? 2 : 0];
+  const Dims& y = shapes[op == Op::kForward ? 2 : (op == Op::kBackwardData ? 0 : 1)];
+  const Dims& w = shapes[op == Op::kBackwardWeights ? 2 : 1];
+
+  Problem p;
+  p.op = op;
+  p.batch = x[lead];
+  p.channels = x.back();
+  p.out_channels = y.back();
+  p.groups = groups;
+  p.in_sizes = Dims(x.begin() + lead + 1, x.end() - 1);
+  p.out_sizes = Dims(y.begin() + lead + 1, y.end() - 1);
+  p.window = Dims(w.begin() + lead, w.end() - 2);
+  p.stride = ToDims(stride);
+  p.dilation = ToDims(dilation);
+  p.pad_lo = ToDims(pad_lo);
+  p.pad_hi = ToDims(pad_hi);
+
+  float* data[3] = {first.typed_data<float>(), second.typed_data<float>(),
+                    result->typed_data<float>()};
+  int64_t sizes[3];
+  for (int i = 0; i < 3; ++i) sizes[i] = Product(shapes[i], lead, shapes[i].size());
+  const Dims lead_shape(shapes[2].begin(), shapes[2].begin() + lead);
+  const int64_t count = Product(lead_shape, 0, lead);
+
+  if (p.batch == 0 || p.channels == 0 || p.out_channels == 0 ||
+      std::any_of(p.out_sizes.begin(), p.out_sizes.end(), [](int64_t s) { return s == 0; })) {
+    std::memset(data[2], 0, sizeof(float) * sizes[2] * count);
+    return ffi::Error::Success();
+  }
+
+  bool kernel_unbatched = op != Op::kBackwardWeights;
+  for (size_t i = 0; i < lead && kernel_unbatched; ++i) {
+    kernel_unbatched = shapes[1][i] == 1 && shapes[0][i] == lead_shape[i];
+  }
+  try {
+    if (kernel_unbatched && count > 1) {
+      p.batch *= count;
+      Run(p, GetPlan(p), data[0], data[1], data[2]);
+      return ffi::Error::Success();
+    }
+    const Plan& plan = GetPlan(p);
+    for (int64_t index = 0; index < count; ++index) {
+      // Offset of each operand for this leading index; size-1 axes broadcast.
+      int64_t offsets[2] = {0, 0};
+      int64_t rest = index;
+      int64_t scale[2] = {1, 1};
+      for (size_t axis = lead; axis-- > 0;) {
+        const int64_t coordinate = rest % lead_shape[axis];
+        rest /= lead_shape[axis];
+        for (int operand = 0; operand < 2; ++operand) {
+          const int64_t extent = shapes[operand][axis];
+          if (extent != 1) offsets[operand] += coordinate * scale[operand];
+          scale[operand] *= extent;
+        }
+      }
+      Run(p, plan, data[0] + offsets[0] * sizes[0], data[1] + offsets[1] * sizes[1],
+          data[2] + index * sizes[2]);
+    }
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("jcnn oneDNN convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+#define JCNN_BIND                                                                  \
+  ffi::Ffi::Bind()                                                                 \
+      .Arg<ffi::AnyBuffer>()                                                       \
+      .Arg<ffi::AnyBuffer>()                                                       \
+      .Ret<ffi::AnyBuffer>()                                                       \
+      .Attr<Span>("stride")                                                        \
+      .Attr<Span>("pad_lo")                                                        \
+      .Attr<Span>("pad_hi")                                                        \
+      .Attr<Span>("dilation")                                                      \
+      .Attr<int64_t>("groups")
+
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, Span stride,
+                   Span pad_lo, Span pad_hi, Span dilation, int64_t groups) {
+  return Convolve(Op::kForward, x, w, y, stride, pad_lo, pad_hi, dilation, groups);
+}
+
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                        Span stride, Span pad_lo, Span pad_hi, Span dilation, int64_t groups) {
+  return Convolve(Op::kBackwardData, dy, w, dx, stride, pad_lo, pad_hi, dilation, groups);
+}
+
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                           Span stride, Span pad_lo, Span pad_hi, Span dilation, int64_t groups) {
+  return Convolve(Op::kBackwardWeights, x, dy, dw, stride, pad_lo, pad_hi, dilation, groups);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jcnn_conv_forward, Forward, JCNN_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jcnn_conv_backward_data, BackwardData, JCNN_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jcnn_conv_backward_weights, BackwardWeights, JCNN_BIND);
