@@ -23,7 +23,9 @@ def torch():
     except ImportError:
         if os.environ.get("JCNN_REQUIRE_TORCH") == "1":
             raise
-        pytest.skip("PyTorch is the test oracle for this test; install it with `pip install -e .[dev]`")
+        pytest.skip(
+            "PyTorch is the test oracle for this test; install it with `pip install -e .[dev]`"
+        )
     torch_module.set_num_threads(1)
     return torch_module
 
@@ -40,3 +42,20 @@ def _doctest_namespace(doctest_namespace):
     import jax.numpy as jnp
 
     doctest_namespace.update(jax=jax, jnp=jnp, np=np)
+
+
+@pytest.fixture
+def onednn():
+    """The native oneDNN backend (:mod:`jcnn.native`), built and loaded.
+
+    Skips where it is not built, unless ``JCNN_REQUIRE_NATIVE=1`` (set by CI after
+    ``jcnn-build-native``), where its absence fails.
+    """
+    from jcnn import native
+
+    if not native.available():
+        message = f"the oneDNN library is {native._load()}"
+        if os.environ.get("JCNN_REQUIRE_NATIVE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return native

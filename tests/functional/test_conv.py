@@ -41,6 +41,15 @@ def _full_float32_precision():
         yield
 
 
+@pytest.fixture(params=["xla", "onednn"])
+def conv_backend(request, monkeypatch):
+    """Both CPU backends of F.conv: jcnn's XLA formulations and oneDNN (where it is built)."""
+    if request.param == "onednn":
+        request.getfixturevalue("onednn")
+    monkeypatch.setenv("JCNN_CONV_BACKEND", request.param)
+    return request.param
+
+
 def relative_error(actual, expected) -> float:
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
@@ -394,7 +403,7 @@ def drawn_cases(draw, chunk: int):
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's note on its own copy
 @pytest.mark.parametrize("chunk", range(CONV_CHUNKS))
-def test_conv_matches_torch_on_random_configurations(chunk, torch):
+def test_conv_matches_torch_on_random_configurations(chunk, torch, conv_backend):
     cases, rng = drawn_cases(draw_conv_case, chunk)
     failures, worst = parity_failures(cases, rng, torch, transposed=False)
     assert not failures, f"{len(failures)} configurations differ from torch: {failures[:3]}"
@@ -402,7 +411,7 @@ def test_conv_matches_torch_on_random_configurations(chunk, torch):
 
 
 @pytest.mark.parametrize("chunk", range(TRANSPOSE_CHUNKS))
-def test_conv_transpose_matches_torch_on_random_configurations(chunk, torch):
+def test_conv_transpose_matches_torch_on_random_configurations(chunk, torch, conv_backend):
     cases, rng = drawn_cases(draw_transpose_case, chunk)
     failures, worst = parity_failures(cases, rng, torch, transposed=True)
     assert not failures, f"{len(failures)} configurations differ from torch: {failures[:3]}"
@@ -621,7 +630,7 @@ def test_jit_and_grad_agree_with_eager_and_torch(rng, torch):
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
-def test_second_derivatives_match_torch(transposed, rng, torch):
+def test_second_derivatives_match_torch(transposed, rng, torch, conv_backend):
     """Gradient of <grad loss, v>: a Hessian-vector product through the convolution."""
     x = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
     w_shape = (3, 2, 4, 3) if transposed else (3, 2, 2, 6)

@@ -1,0 +1,161 @@
+"""The oneDNN convolution (jcnn/functional/_conv_onednn.py) against XLA's and jcnn's XLA path."""
+
+import itertools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.functional import _conv_cpu, _conv_onednn
+
+
+def _reference(x, w, options):
+    return _conv_cpu.native_conv(x, w, _conv_onednn.config(x, w, *options))
+
+
+def _onednn(x, w, options):
+    return _conv_onednn.conv_general(x, w, *options)
+
+
+def _xla_path(x, w, options):
+    return _conv_cpu.conv_general(x, w, *options)
+
+
+def _random_problem(rng, spatial_rank):
+    groups = int(rng.choice([1, 1, 2, 3]))
+    channels = groups * int(rng.choice([1, 2, 5, 16]))
+    out_channels = groups * int(rng.choice([1, 3, 8, 24]))
+    window = tuple(int(k) for k in rng.integers(1, 4, spatial_rank))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, spatial_rank))
+    stride = tuple(int(s) for s in rng.integers(1, 4, spatial_rank))
+    padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (spatial_rank, 2)))
+    span = [(k - 1) * d + 1 for k, d in zip(window, dilation, strict=True)]
+    sizes = tuple(
+        int(rng.integers(max(1, s - lo - hi), s + 6))
+        for s, (lo, hi) in zip(span, padding, strict=True)
+    )
+    batch = int(rng.integers(1, 4))
+    x = rng.standard_normal((batch, *sizes, channels)).astype(np.float32)
+    w = rng.standard_normal((*window, channels // groups, out_channels)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w), (stride, padding, dilation, groups)
+
+
+def _relative_error(got, want):
+    return float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-30))
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_values_and_gradients_match_xla(onednn, rng, spatial_rank):
+    for _ in range({1: 10, 2: 16, 3: 6}[spatial_rank]):
+        x, w, options = _random_problem(rng, spatial_rank)
+        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
+        assert got.shape == want.shape, options
+        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+        for name, a, b in zip(
+            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
+        ):
+            assert _relative_error(a, b) < 2e-6, (name, x.shape, w.shape, options)
+
+
+def _tanh_loss(x, w, conv):
+    return jnp.sum(jnp.tanh(conv(x, w)))
+
+
+def test_agrees_with_the_xla_formulations(onednn, rng):
+    # Both CPU paths of F.conv, including the XLA path's own GEMM and col2im formulations.
+    for _ in range(6):
+        x, w, options = _random_problem(rng, 2)
+        got = jax.grad(_tanh_loss, argnums=(0, 1))(x, w, partial(_onednn, options=options))
+        want = jax.grad(_tanh_loss, argnums=(0, 1))(x, w, partial(_xla_path, options=options))
+        for a, b in zip(got, want, strict=True):
+            assert _relative_error(a, b) < 2e-6, options
+
+
+def test_wide_layers_use_blocked_kernels_correctly(onednn, rng):
+    # 64 channels: oneDNN reorders the kernel into its blocked layout in all three products.
+    x = jnp.asarray(rng.standard_normal((3, 9, 9, 64)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 64, 64)).astype(np.float32))
+    options = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+    got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
+    g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+    for a, b in zip((got, *got_vjp(g)), (want, *want_vjp(g)), strict=True):
+        assert _relative_error(a, b) < 2e-6
+
+
+def _gradient_penalty(x, w, conv):
+    dx = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, w))))(x)
+    dw = jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(w)
+    return jnp.sum(dx**2) + jnp.sum(dw**2)
+
+
+def test_second_derivatives(onednn, rng):
+    for _ in range(3):
+        x, w, options = _random_problem(rng, 2)
+        penalty_grad = jax.grad(_gradient_penalty, argnums=(0, 1))
+        got = penalty_grad(x, w, partial(_onednn, options=options))
+        want = penalty_grad(x, w, partial(_reference, options=options))
+        for a, b in zip(got, want, strict=True):
+            assert _relative_error(a, b) < 1e-5, options
+
+
+def test_vmap_every_batching_pattern(onednn, rng):
+    x, w, options = _random_problem(rng, 2)
+    xs = jnp.stack([x, 2 * x + 1, -x])
+    ws = jnp.stack([w, -w, 0.5 * w])
+    conv = partial(_onednn, options=options)
+    reference = partial(_reference, options=options)
+    for axes, args in [((0, None), (xs, w)), ((None, 0), (x, ws)), ((0, 0), (xs, ws))]:
+        got = jax.vmap(conv, in_axes=axes)(*args)
+        want = jnp.stack(
+            [
+                reference(*[a[i] if ax == 0 else a for a, ax in zip(args, axes, strict=True)])
+                for i in range(3)
+            ]
+        )
+        assert _relative_error(got, want) < 2e-6, axes
+    # Nested vmap: inputs batched along the outer axis, kernels along the inner one.
+    nested = jax.vmap(jax.vmap(conv, in_axes=(None, 0)), in_axes=(0, None))(xs, ws)
+    for i, j in itertools.product(range(3), range(3)):
+        assert _relative_error(nested[i, j], reference(xs[i], ws[j])) < 2e-6
+
+
+def test_per_example_gradients_match_a_loop(onednn, rng):
+    x, w, options = _random_problem(rng, 2)
+
+    def loss(w, example, conv):
+        return jnp.sum(jnp.tanh(conv(example[None], w)))
+
+    per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, None)), static_argnums=2)
+    got = per_example(w, x, partial(_onednn, options=options))
+    for i in range(x.shape[0]):
+        want = jax.grad(loss)(w, x[i], partial(_reference, options=options))
+        assert _relative_error(got[i], want) < 2e-6
+
+
+def test_empty_batch(onednn):
+    x, w = jnp.ones((0, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    options = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    y, vjp = jax.vjp(partial(_onednn, options=options), x, w)
+    dx, dw = vjp(jnp.ones(y.shape))
+    assert y.shape == (0, 5, 5, 4) and dx.shape == x.shape
+    np.testing.assert_array_equal(dw, np.zeros(w.shape))
+
+
+def test_bad_options_are_reported_before_the_native_call(onednn):
+    with pytest.raises(ValueError, match="groups: must divide input channels 3"):
+        _conv_onednn.conv_general(
+            jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 1, 4)), (1, 1), ((0, 0),) * 2, (1, 1), 2
+        )
+    with pytest.raises(TypeError, match="w: expected the dtype of x"):
+        _conv_onednn.conv_general(
+            jnp.ones((1, 5, 5, 3)),
+            jnp.ones((3, 3, 3, 4), jnp.bfloat16),
+            (1, 1),
+            ((0, 0),) * 2,
+            (1, 1),
+            1,
+        )
