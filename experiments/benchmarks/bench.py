@@ -11,7 +11,9 @@ so the noise of a shared machine is visible. Columns:
 
 * ``jcnn``: the library itself, ``jcnn.models.LeNet5()``, ``AirbenchNet()`` and ``resnet20()``,
   trained by ``jcnn.train.train_step`` on a ``jcnn.train.TrainState`` (per-example gradients:
-  ``jcnn.analysis.per_example_grads``).
+  ``jcnn.analysis.per_example_grads``). Its convolutions run through oneDNN when the native
+  library is built (``jcnn-build-native``; the header line says which backend), else through
+  jcnn's XLA formulations; ``JCNN_CONV_BACKEND=xla`` forces the latter.
 * ``flax``: a hand-written Flax Linen twin of the same architecture (``flax.linen.Conv``,
   ``BatchNorm``, ``max_pool``: XLA's native operations), parameter paths equal to jcnn's.
 * ``torch``: the same network in PyTorch CPU (eager), loaded with the same initial weights.
@@ -585,21 +587,49 @@ LAYERS = [  # name, input (N, H, W, C), kernel (k, k, C, O), padding
 ]
 
 
+def torch_conv_products(x, w, g, pad):
+    """PyTorch's forward, input gradient and weight gradient of one conv layer (NCHW, eager)."""
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    wt = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
+    gt = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
+
+    def backward(mask):
+        return torch.ops.aten.convolution_backward(
+            gt, xt, wt, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask
+        )
+
+    return {
+        "fwd": lambda: TF.conv2d(xt, wt, padding=pad),
+        "dx": partial(backward, [True, False, False]),
+        "dw": partial(backward, [False, True, False]),
+    }
+
+
 def layer_rows(rounds, steps):
-    """GFLOP/s of each product of each conv layer: XLA's native conv against jcnn's ``F.conv``."""
+    """GFLOP/s of each product of each conv layer: XLA's native convolution, jcnn's XLA
+    formulations (``_conv_cpu``), jcnn's oneDNN backend (when built) and PyTorch."""
+    from jcnn import native
+    from jcnn.functional import _conv_cpu, _conv_onednn
+
     rows = []
     for name, x_shape, w_shape, pad in LAYERS:
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
-        native = partial(
+        options = ((1, 1), ((pad, pad),) * 2, (1, 1), 1)
+        native_conv = partial(
             lax.conv_general_dilated,
             window_strides=(1, 1),
             padding=((pad, pad),) * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        convs = {"xla": native, "jcnn": partial(F.conv, padding=pad)}
-        g = jnp.ones(jax.eval_shape(native, x, w).shape, jnp.float32)
+        convs = {
+            "xla": native_conv,
+            "jcnn-xla": lambda x, w: _conv_cpu.conv_general(x, w, *options),  # noqa: B023
+        }
+        if native.available():
+            convs["onednn"] = lambda x, w: _conv_onednn.conv_general(x, w, *options)  # noqa: B023
+        g = jnp.ones(jax.eval_shape(native_conv, x, w).shape, jnp.float32)
         flops = 2 * np.prod(g.shape) * np.prod(w_shape[:-1])
         runners = {}
         for impl, conv in convs.items():
@@ -614,11 +644,15 @@ def layer_rows(rounds, steps):
                 runners[f"{impl} {product}"] = partial(
                     lambda fn, args: jax.block_until_ready(fn(*args)), fn, args
                 )
+        for product, fn in torch_conv_products(x, w, g, pad).items():
+            fn()
+            runners[f"torch {product}"] = fn
         result = interleaved(runners, rounds, steps)
+        impls = [*convs, "torch"]
         cells = {"layer": name, "GFLOP": f"{flops / 1e9:.2f}"}
         for product in ("fwd", "dx", "dw"):
-            cells[f"{product} GFLOP/s xla/jcnn"] = "/".join(
-                f"{flops / result[f'{impl} {product}'][0] / 1e9:.0f}" for impl in convs
+            cells[f"{product} GFLOP/s {'/'.join(impls)}"] = "/".join(
+                f"{flops / result[f'{impl} {product}'][0] / 1e9:.0f}" for impl in impls
             )
         rows.append(cells)
         print(markdown(rows[-1:]), flush=True)
@@ -649,7 +683,10 @@ def main():
     lenet_batch, cifar_batch, pe_batch = (8, 8, 4) if args.quick else (128, 256, 64)
 
     matmul = matmul_runners(256 if args.quick else 2048)
-    print(f"# jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(
+        f"# jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"jcnn conv backend on CPU: {jcnn.native.conv_backend()}"
+    )
     rows = []
     networks = {  # section: (name, jcnn model, Flax twin, torch twin, input, batch, steps)
         "lenet": (
