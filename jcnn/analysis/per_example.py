@@ -6,6 +6,15 @@ gradient of example ``i`` is the gradient of ``loss_fn`` on the batch made of ex
 (``jax.vmap`` over examples, each given as a batch of one, so models that expect a batch axis
 work unchanged). For a mean loss, the batch gradient is the mean of the per-example ones.
 
+``per_example_grads`` evaluates ``vmap(grad(loss_fn))`` with one rewrite that XLA:CPU needs: a
+dense layer's per-example weight gradient is an outer product (a ``dot_general`` whose contracted
+dimensions all have size 1, e.g. ``(B, 1, 2450) x (B, 1, 500)``) that JAX's transpose rule
+follows with a ``transpose`` to the kernel's ``(in, out)`` order. XLA:CPU computes the product in
+``(B, out, in)`` order and then copies it into ``(B, in, out)``: two writes of the largest array of
+the whole computation (314 MB for LeNet-5's ``fc1`` at batch 64), the second one a transposing
+copy. Here such a pair is one broadcast multiply written directly in the final order. The values
+are the same (a product of single terms is exact); only the evaluation order changes.
+
 DP-SGD (Abadi et al. 2016) clips each example's gradient to L2 norm at most ``C`` (over all
 parameters together), sums, adds Gaussian noise of standard deviation ``noise_multiplier * C``
 and divides by the batch size.
@@ -19,6 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
+from jax.extend import core as jax_core
 
 __all__ = [
     "per_example_grads",
@@ -59,7 +70,7 @@ def per_example_grads(loss_fn: Callable, params, batch, *, chunk_size: int | Non
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: the parameters (any pytree).
       batch: a pytree of arrays with a common leading batch axis ``B``.
-      chunk_size: compute ``chunk_size`` examples at a time (``jax.lax.map`` over vmapped
+      chunk_size: compute ``chunk_size`` examples at a time (``lax.scan`` over vmapped
         chunks) to bound memory; ``None`` vmaps the whole batch.
 
     Returns:
@@ -70,19 +81,146 @@ def per_example_grads(loss_fn: Callable, params, batch, *, chunk_size: int | Non
     >>> per_example_grads(loss, jnp.zeros(2), (x, y)).tolist()
     [[-2.0, 0.0], [0.0, 0.0]]
     """
-    _batch_size(batch)
+    size = _batch_size(batch)
     if chunk_size is not None and (
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     grad_fn = jax.grad(loss_fn)
 
-    def one(example):
+    def one(params, example):
         return grad_fn(params, jax.tree.map(lambda leaf: leaf[None], example))
 
-    if chunk_size is None:
-        return jax.vmap(one)(batch)
-    return jax.lax.map(one, batch, batch_size=chunk_size)
+    batched = _with_outer_products_in_place(jax.vmap(one, in_axes=(None, 0)))
+    if chunk_size is None or chunk_size >= size:
+        return batched(params, batch)
+    return _in_chunks(batched, params, batch, size, chunk_size)
+
+
+def _in_chunks(batched, params, batch, size: int, chunk_size: int):
+    """``batched`` on ``chunk_size`` examples at a time (``lax.scan``), then the remainder."""
+    num_chunks, rest = divmod(size, chunk_size)
+    whole = num_chunks * chunk_size
+    chunks = jax.tree.map(
+        lambda leaf: leaf[:whole].reshape(num_chunks, chunk_size, *leaf.shape[1:]), batch
+    )
+    _, grads = lax.scan(lambda carry, chunk: (carry, batched(params, chunk)), None, chunks)
+    grads = jax.tree.map(lambda leaf: leaf.reshape(whole, *leaf.shape[2:]), grads)
+    if rest:
+        tail = batched(params, jax.tree.map(lambda leaf: leaf[whole:], batch))
+        grads = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), grads, tail)
+    return grads
+
+
+def _is_outer_product(eqn) -> bool:
+    """A real floating ``dot_general`` whose contracted dimensions all have size 1."""
+    if eqn.primitive is not lax.dot_general_p or eqn.params.get("out_sharding") is not None:
+        return False
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs, rhs = (var.aval for var in eqn.invars)
+    return all(lhs.shape[d] == 1 for d in lhs_contract) and all(
+        jnp.issubdtype(dtype, jnp.floating)
+        for dtype in (lhs.dtype, rhs.dtype, eqn.outvars[0].aval.dtype)
+    )
+
+
+def _transposed_outer_products(jaxpr) -> dict:
+    """``{id(transpose eqn): dot eqn}`` for each outer product used only by one ``transpose``."""
+    users: dict[Any, list] = {}
+    for eqn in jaxpr.eqns:
+        for var in eqn.invars:
+            if isinstance(var, jax_core.Var):
+                users.setdefault(var, []).append(eqn)
+    outputs = {var for var in jaxpr.outvars if isinstance(var, jax_core.Var)}
+    folded = {}
+    for eqn in jaxpr.eqns:
+        if not _is_outer_product(eqn):
+            continue
+        (out,) = eqn.outvars
+        consumers = users.get(out, [])
+        if out not in outputs and len(consumers) == 1 and consumers[0].primitive is lax.transpose_p:
+            folded[id(consumers[0])] = eqn
+    return folded
+
+
+def _needs_rewrite(jaxpr) -> bool:
+    return bool(_transposed_outer_products(jaxpr)) or any(
+        eqn.primitive is jax_core.primitives.jit_p and _needs_rewrite(eqn.params["jaxpr"].jaxpr)
+        for eqn in jaxpr.eqns
+    )
+
+
+def _outer_product(dot_eqn, lhs, rhs, permutation):
+    """``transpose(dot_general(lhs, rhs), permutation)`` as one broadcast multiply.
+
+    ``dot_general`` orders its result (batch dims, lhs free dims, rhs free dims); each operand,
+    its size-1 contracted dimensions squeezed, is broadcast straight to its place in the
+    transposed result.
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dot_eqn.params["dimension_numbers"]
+    out = dot_eqn.outvars[0].aval
+    position = {axis: i for i, axis in enumerate(permutation)}  # dot axis -> result axis
+    shape = tuple(out.shape[axis] for axis in permutation)
+    lhs_free = [d for d in range(lhs.ndim) if d not in lhs_contract and d not in lhs_batch]
+    rhs_free = [d for d in range(rhs.ndim) if d not in rhs_contract and d not in rhs_batch]
+
+    def place(operand, batch_dims, free_dims, first_free_axis, contract_dims):
+        dot_axis = {d: i for i, d in enumerate(batch_dims)}
+        dot_axis.update({d: first_free_axis + i for i, d in enumerate(free_dims)})
+        kept = [d for d in range(operand.ndim) if d not in contract_dims]
+        operand = lax.squeeze(operand.astype(out.dtype), tuple(contract_dims))
+        return lax.broadcast_in_dim(operand, shape, [position[dot_axis[d]] for d in kept])
+
+    num_batch = len(lhs_batch)
+    return place(lhs, lhs_batch, lhs_free, num_batch, lhs_contract) * place(
+        rhs, rhs_batch, rhs_free, num_batch + len(lhs_free), rhs_contract
+    )
+
+
+def _evaluate(jaxpr, consts, *args):
+    """``jax.core.eval_jaxpr`` that writes each transposed outer product once, in final order,
+    and inlines the nested ``jit`` calls that contain one."""
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(var):
+        return var.val if isinstance(var, jax_core.Literal) else env[var]
+
+    folded = _transposed_outer_products(jaxpr)
+    skipped = {id(eqn) for eqn in folded.values()}
+    for eqn in jaxpr.eqns:
+        if id(eqn) in skipped:
+            continue
+        if id(eqn) in folded:
+            dot_eqn = folded[id(eqn)]
+            outs = [_outer_product(dot_eqn, *map(read, dot_eqn.invars), eqn.params["permutation"])]
+        elif eqn.primitive is jax_core.primitives.jit_p and _needs_rewrite(
+            eqn.params["jaxpr"].jaxpr
+        ):
+            inner = eqn.params["jaxpr"]
+            outs = _evaluate(inner.jaxpr, inner.consts, *map(read, eqn.invars))
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(
+                    *map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params)
+                )
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(var) for var in jaxpr.outvars]
+
+
+def _with_outer_products_in_place(fn):
+    """``fn`` evaluated through ``_evaluate`` when its jaxpr has a transposed outer product."""
+
+    def rewritten(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        if not _needs_rewrite(closed.jaxpr):
+            return fn(*args)
+        outs = _evaluate(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return rewritten
 
 
 def _norms(per_example) -> jax.Array:

@@ -1,4 +1,6 @@
-"""Tests of jcnn.analysis.per_example against a Python loop over examples."""
+"""Tests of jcnn.analysis.per_example against a Python loop over examples and torch.func."""
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,135 @@ def test_input_checks(problem):
         dp_aggregate(0.0, 1.0)
     with pytest.raises(ValueError, match="noise_multiplier: expected a number >= 0"):
         dp_sgd(0.1, 1.0, -1.0)
+
+
+def _random_outer_product(rng):
+    """Random ``dot_general`` operands whose contracted dims have size 1, axes in random order."""
+    num_batch, lhs_free, rhs_free = rng.integers(0, 3), rng.integers(0, 3), rng.integers(1, 3)
+    num_contract = rng.integers(0, 3)
+    batch_sizes = rng.integers(1, 5, num_batch).tolist()
+
+    def operand(num_free):
+        """An array with the batch, size-1 contracted and free axes shuffled."""
+        kinds = ["b"] * num_batch + ["c"] * num_contract + ["f"] * num_free
+        order = rng.permutation(len(kinds))  # order[axis]: which kind sits at `axis`
+        shape, batch_dims, contract_dims = [], [None] * num_batch, [None] * num_contract
+        for axis, kind_index in enumerate(order):
+            kind = kinds[kind_index]
+            if kind == "b":
+                batch_dims[kind_index] = axis
+                shape.append(batch_sizes[kind_index])
+            elif kind == "c":
+                contract_dims[kind_index - num_batch] = axis
+                shape.append(1)
+            else:
+                shape.append(int(rng.integers(1, 6)))
+        return rng.normal(size=shape).astype(np.float32), tuple(contract_dims), tuple(batch_dims)
+
+    lhs, lhs_contract, lhs_batch = operand(lhs_free)
+    rhs, rhs_contract, rhs_batch = operand(rhs_free)
+    return lhs, rhs, ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
+
+
+def test_outer_product_equals_transposed_dot_general(rng):
+    from jcnn.analysis.per_example import _is_outer_product, _outer_product
+
+    for _ in range(12):
+        lhs, rhs, dimension_numbers = _random_outer_product(rng)
+        dot = partial(jax.lax.dot_general, dimension_numbers=dimension_numbers)
+        closed = jax.make_jaxpr(dot)(lhs, rhs)
+        (eqn,) = closed.jaxpr.eqns
+        assert _is_outer_product(eqn)
+        expected = dot(lhs, rhs)
+        permutation = tuple(rng.permutation(expected.ndim).tolist())
+        got = _outer_product(eqn, jnp.asarray(lhs), jnp.asarray(rhs), permutation)
+        np.testing.assert_array_equal(got, jnp.transpose(expected, permutation))
+
+
+def _all_eqns(jaxpr):
+    """The equations of ``jaxpr`` and of the jaxprs nested in it, recursively."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple) else (value,):
+                if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+                    yield from _all_eqns(sub.jaxpr)
+
+
+def _dense_loss(params, batch):
+    x, labels = batch
+    hidden = jax.jit(lambda x, w: jax.nn.relu(x @ w))(x, params["w1"])  # a nested jit
+    logits = jnp.einsum("nh,hk->nk", hidden, params["w2"]) + params["b2"][None]
+    return F.cross_entropy(logits, labels)
+
+
+def test_dense_weight_gradients_are_written_once_in_final_order(rng):
+    """No transpose of a per-example kernel gradient is left for XLA: each (B, in, out)
+    gradient comes from one broadcast multiply, and the values equal a loop of jax.grad."""
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(7, 9)), jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(9, 5)), jnp.float32),
+        "b2": jnp.asarray(rng.normal(size=5), jnp.float32),
+    }
+    batch = (
+        jnp.asarray(rng.normal(size=(6, 7)), jnp.float32),
+        jnp.asarray(rng.integers(0, 5, 6), jnp.int32),
+    )
+    jaxpr = jax.make_jaxpr(lambda p, b: per_example_grads(_dense_loss, p, b))(params, batch)
+    made = {(eqn.primitive.name, eqn.outvars[0].aval.shape) for eqn in _all_eqns(jaxpr.jaxpr)}
+    for kernel_grad in ((6, 7, 9), (6, 9, 5)):
+        assert ("mul", kernel_grad) in made
+        assert ("transpose", kernel_grad) not in made
+    grad = jax.jit(jax.grad(_dense_loss))
+    expected = [grad(params, (batch[0][i : i + 1], batch[1][i : i + 1])) for i in range(6)]
+    expected = jax.tree.map(lambda *g: np.stack(g), *expected)
+    for chunk_size in (None, 4, 6):
+        got = per_example_grads(_dense_loss, params, batch, chunk_size=chunk_size)
+        _assert_trees_close(got, expected)
+
+
+def test_per_example_grads_match_torch_func(torch, rng):
+    """The conv + max-pool + dense network of ``_MODEL`` against ``torch.func.vmap(grad)``, on an
+    odd batch with random weights (not the initializer's) so that no gradient is trivially 0."""
+    images = jnp.asarray(rng.normal(size=(7, 6, 6, 2)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, size=7), jnp.int32)
+    params = jax.tree.map(
+        lambda leaf: jnp.asarray(rng.normal(size=leaf.shape), jnp.float32),
+        _MODEL.init(jax.random.key(0), images)["params"],
+    )
+    got = jax.jit(lambda p, b: per_example_grads(_loss, p, b))(params, (images, labels))
+
+    functional = torch.nn.functional
+
+    def torch_loss(p, image, label):
+        x = functional.conv2d(image[None], p["conv_w"], p["conv_b"], padding=1)
+        x = functional.max_pool2d(functional.relu(x), 2)
+        x = x.permute(0, 2, 3, 1).reshape(1, -1)  # channels-last flatten, as nn.Flatten
+        return functional.cross_entropy(
+            functional.linear(x, p["dense_w"], p["dense_b"]), label[None]
+        )
+
+    conv, dense = params["layers_0"], params["layers_4"]
+    torch_params = {
+        "conv_w": torch.from_numpy(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1).copy()),
+        "conv_b": torch.from_numpy(np.array(conv["bias"])),
+        "dense_w": torch.from_numpy(np.asarray(dense["kernel"]).T.copy()),
+        "dense_b": torch.from_numpy(np.array(dense["bias"])),
+    }
+    expected = torch.func.vmap(torch.func.grad(torch_loss), in_dims=(None, 0, 0))(
+        torch_params,
+        torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()),
+        torch.from_numpy(np.asarray(labels, np.int64)),
+    )
+    expected = {
+        "layers_0": {
+            "kernel": expected["conv_w"].numpy().transpose(0, 3, 4, 2, 1),
+            "bias": expected["conv_b"].numpy(),
+        },
+        "layers_4": {
+            "kernel": expected["dense_w"].numpy().transpose(0, 2, 1),
+            "bias": expected["dense_b"].numpy(),
+        },
+    }
+    _assert_trees_close(got, expected, tol=1e-4)
+    assert all(np.abs(leaf).min(axis=0).max() > 0 for leaf in jax.tree.leaves(expected))
