@@ -13,6 +13,8 @@ _PLANS = [
     ConvPlan("shift", "shift", "im2col", 2),  # scan over 2-image chunks (+ remainder if odd)
     ConvPlan("xla", "xla", "im2col", 64),  # one GEMM over the whole batch
     ConvPlan("xla", "xla", "xla", 1),
+    ConvPlan("xla", "xla", "taps_first", 1),  # channels-first patch rows, one GEMM
+    ConvPlan("xla", "xla", "per_tap", 1),  # one GEMM per window offset
 ]
 
 
@@ -90,6 +92,16 @@ def test_default_plan_uses_shift_for_few_channels_and_chunks_the_weight_gradient
     assert plan((7, 4, 4, 8), (3, 3, 8, 8), (1, 1), ((1, 1),) * 2, (1, 1), 1).chunk == 7
 
 
+def test_single_image_weight_gradient_avoids_xla_and_the_patch_matrix():
+    """N == 1 is what each example of a vmap over examples (per-example gradients) sees."""
+    lenet_conv1 = plan((1, 28, 28, 1), (5, 5, 1, 20), (1, 1), ((2, 2),) * 2, (1, 1), 1)
+    lenet_conv2 = plan((1, 14, 14, 20), (5, 5, 20, 50), (1, 1), ((2, 2),) * 2, (1, 1), 1)
+    assert (lenet_conv1.weight_grad, lenet_conv2.weight_grad) == ("taps_first", "per_tap")
+    assert plan((2, 14, 14, 20), (5, 5, 20, 50), (1, 1), ((2, 2),) * 2, (1, 1), 1).weight_grad == (
+        "im2col"
+    )
+
+
 def test_chunked_weight_gradient_with_remainder_is_jittable_and_exact(rng):
     x = jnp.asarray(rng.standard_normal((7, 9, 9, 5)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 5, 4)), jnp.float32)
@@ -101,7 +113,11 @@ def test_chunked_weight_gradient_with_remainder_is_jittable_and_exact(rng):
     np.testing.assert_allclose(grad(w), want, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("conv_plan", _PLANS[:2], ids=["shift", "xla-im2col"])
+@pytest.mark.parametrize(
+    "conv_plan",
+    [_PLANS[0], _PLANS[1], _PLANS[3], _PLANS[4], None],
+    ids=["shift", "xla-im2col", "taps_first", "per_tap", "default"],
+)
 def test_second_derivatives_and_per_example_gradients_equal_lax(rng, conv_plan):
     x = jnp.asarray(rng.standard_normal((3, 7, 6, 2)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 2, 1, 4)), jnp.float32) / 3
