@@ -3,7 +3,11 @@
 ``conv_general`` has the contract of :func:`jcnn.functional._conv_cpu.conv_general`: channels-last
 input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``, explicit non-negative padding,
 1-, 2- or 3-D, float32. On CPU its three products (forward, input gradient, weight gradient) are
-XLA FFI calls into oneDNN; on other platforms it is ``lax.conv_general_dilated``.
+XLA FFI calls into oneDNN; on other platforms it is ``lax.conv_general_dilated``. One exception,
+measured on the benchmark machine: with one input channel per group, oneDNN's channels-last
+forward and input gradient ran at a third to half of XLA's, so those two products keep jcnn's XLA
+formulations there (XLA's forward, GEMM + col2im input gradient); the weight gradient stays on
+oneDNN (7x faster).
 
 Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
 three are bilinear and each one's transpose is another), so derivatives of any order stay on
@@ -20,7 +24,13 @@ import jax
 import numpy as np
 from jax import lax
 
-from jcnn.functional._conv_cpu import _check, _Config, _output_sizes, native_conv
+from jcnn.functional._conv_cpu import (
+    _check,
+    _Config,
+    _output_sizes,
+    _shift_input_grad,
+    native_conv,
+)
 
 __all__ = ["config", "conv_general"]
 
@@ -64,8 +74,14 @@ def _call(target, out_shape, first, second, config):
     )
 
 
+def _one_channel_per_group(w):
+    return w.shape[-2] == 1
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _forward(x, w, config):
+    if _one_channel_per_group(w):
+        return native_conv(x, w, config)
     out_sizes = _output_sizes(
         x.shape[1:-1], w.shape[:-2], config.stride, config.padding, config.dilation
     )
@@ -86,6 +102,8 @@ _forward.defvjp(_forward_fwd, _forward_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _backward_data(dy, w, config, x_shape):
+    if _one_channel_per_group(w):
+        return _shift_input_grad(dy, w, x_shape, config)
     return _call("jcnn_conv_backward_data", x_shape, dy, w, config)
 
 

@@ -176,11 +176,24 @@ const Plan& GetPlan(const Problem& p) {
   return *inserted.first->second;
 }
 
-struct AlignedBuffer {
-  explicit AlignedBuffer(size_t bytes)
-      : data(bytes ? std::aligned_alloc(64, (bytes + 63) / 64 * 64) : nullptr) {}
-  ~AlignedBuffer() { std::free(data); }
-  void* data;
+// Grow-only 64-byte aligned memory owned by the calling thread: scratchpads and reordered kernels
+// are reused across calls instead of being mapped (and page-faulted) afresh each time.
+class ThreadBuffer {
+ public:
+  void* Get(size_t bytes) {
+    if (bytes > capacity_) {
+      capacity_ = (bytes + 63) / 64 * 64;
+      data_.reset(static_cast<char*>(std::aligned_alloc(64, capacity_)));
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  std::unique_ptr<char, Free> data_;
+  size_t capacity_ = 0;
 };
 
 // Runs the problem once: `activation` is x (forward, weight gradient) or dy (input gradient),
@@ -190,12 +203,13 @@ void Run(const Problem& p, const Plan& plan, float* activation, float* other, fl
   dnnl::stream stream(engine);
   auto src_desc = ActivationDesc(p.batch, p.channels, p.in_sizes);
   auto dst_desc = ActivationDesc(p.batch, p.out_channels, p.out_sizes);
-  AlignedBuffer scratchpad(plan.scratchpad.get_size());
-  AlignedBuffer kernel(plan.reorder_kernel ? plan.kernel.get_size() : 0);
-  memory scratchpad_memory(plan.scratchpad, engine, scratchpad.data);
+  thread_local ThreadBuffer scratchpad, kernel;
+  memory scratchpad_memory(plan.scratchpad, engine, scratchpad.Get(plan.scratchpad.get_size()));
   if (p.op == Op::kBackwardWeights) {
     memory user_kernel(plan.user_kernel, engine, out);
-    memory diff_kernel = plan.reorder_kernel ? memory(plan.kernel, engine, kernel.data) : user_kernel;
+    memory diff_kernel = plan.reorder_kernel
+                             ? memory(plan.kernel, engine, kernel.Get(plan.kernel.get_size()))
+                             : user_kernel;
     plan.conv.execute(stream, {{DNNL_ARG_SRC, memory(src_desc, engine, activation)},
                                {DNNL_ARG_DIFF_DST, memory(dst_desc, engine, other)},
                                {DNNL_ARG_DIFF_WEIGHTS, diff_kernel},
@@ -207,7 +221,7 @@ void Run(const Problem& p, const Plan& plan, float* activation, float* other, fl
     memory user_kernel(plan.user_kernel, engine, other);
     memory weights = user_kernel;
     if (plan.reorder_kernel) {
-      weights = memory(plan.kernel, engine, kernel.data);
+      weights = memory(plan.kernel, engine, kernel.Get(plan.kernel.get_size()));
       plan.to_primitive_kernel.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, weights}});
     }
     if (p.op == Op::kForward) {
