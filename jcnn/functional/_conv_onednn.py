@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax import lax
 
+from jcnn import native
 from jcnn.functional._conv_cpu import (
     _check,
     _Config,
@@ -43,7 +44,8 @@ def config(x, w, stride, padding, dilation, groups) -> _Config:
 def conv_general(x, w, stride, padding, dilation, groups):
     """Cross-correlation equal to ``lax.conv_general_dilated`` (float32), through oneDNN on CPU.
 
-    Needs the native library (:func:`jcnn.native.available`).
+    Needs the native library (:func:`jcnn.native.available`); a ``RuntimeError`` says why when it
+    is missing.
 
     >>> from jcnn import native
     >>> if native.available():
@@ -55,6 +57,7 @@ def conv_general(x, w, stride, padding, dilation, groups):
     (2, 6, 6, 4) 27.0
     """
     static = config(x, w, stride, padding, dilation, groups)
+    native.load()
     return lax.platform_dependent(
         x, w, cpu=partial(_forward, config=static), default=partial(native_conv, config=static)
     )

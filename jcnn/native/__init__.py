@@ -33,6 +33,7 @@ __all__ = [
     "build",
     "conv_backend",
     "library_path",
+    "load",
     "main",
     "onednn_root",
 ]
@@ -145,6 +146,17 @@ def _load() -> str | None:
 def available() -> bool:
     """Whether the oneDNN library is built, loads, and its FFI targets are registered."""
     return _load() is None
+
+
+def load() -> None:
+    """Load the library and register its FFI targets (once).
+
+    Raises:
+      RuntimeError: the library is not built or does not load; the message says why.
+    """
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"the oneDNN library is {reason}")
 
 
 def conv_backend() -> str:

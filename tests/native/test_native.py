@@ -64,6 +64,8 @@ def test_conv_backend_choice(monkeypatch):
     monkeypatch.setattr(native, "_load", lambda: "not built (/x.so does not exist)")
     monkeypatch.setenv("JCNN_CONV_BACKEND", "auto")
     assert native.conv_backend() == "xla"
+    with pytest.raises(RuntimeError, match="the oneDNN library is not built"):
+        native.load()
     monkeypatch.setenv("JCNN_CONV_BACKEND", "onednn")
     with pytest.raises(
         RuntimeError, match="JCNN_CONV_BACKEND=onednn but the oneDNN library is not built"
