@@ -79,7 +79,9 @@ def per_example_grads(loss_fn: Callable, params, batch, *, chunk_size: int | Non
       params: the parameters (any pytree).
       batch: a pytree of arrays with a common leading batch axis ``B``.
       chunk_size: compute ``chunk_size`` examples at a time (``lax.scan`` over vmapped
-        chunks) to bound memory; ``None`` vmaps the whole batch.
+        chunks) to bound the memory of the intermediates; ``None`` vmaps the whole batch. On
+        XLA:CPU the loop costs time: convolutions inside it miss XLA's fast library kernels and
+        the stacked result is zero-filled first (LeNet-5, batch 64, chunks of 16: 2x slower).
 
     Returns:
       A pytree like ``params`` whose leaves have a leading axis ``B``.
