@@ -656,3 +656,32 @@ BAD_INPUTS = [
 def test_bad_input_is_reported(call, error, message):
     with pytest.raises(error, match=re.escape(message)):
         call()
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2), (1, 2, 3)], ids=["batch", "instance", "layer"])
+def test_closed_form_derivative_equals_autodiff_of_the_statistics(rng, axes):
+    # The custom VJP behind every norm against autodiff of the textbook formula, in float64,
+    # with cotangents on all three outputs (y, and the mean and variance the running stats use),
+    # and one order further (the gradient of a gradient norm).
+    from jcnn.functional.norm import _normalize
+
+    def textbook(x):
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-3), mean, var
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(3, 5, 4, 6)) * 2 + 1)
+        outputs, vjp = jax.vjp(partial(_normalize, axes=axes, eps=1e-3), x)
+        expected_outputs, expected_vjp = jax.vjp(textbook, x)
+        cotangents = tuple(jnp.asarray(rng.normal(size=o.shape)) for o in outputs)
+        for got, want in zip(outputs, expected_outputs, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(vjp(cotangents)[0], expected_vjp(cotangents)[0], rtol=1e-10)
+
+        def gradient_norm(normalize, x):
+            return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(normalize(x)[0])))(x) ** 2)
+
+        got = jax.grad(partial(gradient_norm, partial(_normalize, axes=axes, eps=1e-3)))(x)
+        want = jax.grad(partial(gradient_norm, textbook))(x)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
