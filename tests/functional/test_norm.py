@@ -665,23 +665,34 @@ def test_closed_form_derivative_equals_autodiff_of_the_statistics(rng, axes):
     # and one order further (the gradient of a gradient norm).
     from jcnn.functional.norm import _normalize
 
-    def textbook(x):
+    def textbook(x, scale, bias):
         mean = jnp.mean(x, axis=axes, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
-        return (x - mean) / jnp.sqrt(var + 1e-3), mean, var
+        return scale * (x - mean) / jnp.sqrt(var + 1e-3) + bias, mean, var
 
     with jax.enable_x64(True):
         x = jnp.asarray(rng.normal(size=(3, 5, 4, 6)) * 2 + 1)
-        outputs, vjp = jax.vjp(partial(_normalize, axes=axes, eps=1e-3), x)
-        expected_outputs, expected_vjp = jax.vjp(textbook, x)
+        # Per-channel affine where it is constant along the reduced axes, else scalars.
+        affine_shape = (1, 1, 1, 6) if 3 not in axes else (1, 1, 1, 1)
+        if 0 not in axes:
+            affine_shape = (3, *affine_shape[1:])
+        scale = jnp.asarray(rng.normal(size=affine_shape))
+        bias = jnp.asarray(rng.normal(size=affine_shape))
+        normalize = partial(_normalize, axes=axes, eps=1e-3)
+        outputs, vjp = jax.vjp(normalize, x, scale, bias)
+        expected_outputs, expected_vjp = jax.vjp(textbook, x, scale, bias)
         cotangents = tuple(jnp.asarray(rng.normal(size=o.shape)) for o in outputs)
         for got, want in zip(outputs, expected_outputs, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(vjp(cotangents)[0], expected_vjp(cotangents)[0], rtol=1e-10)
+        for got, want in zip(vjp(cotangents), expected_vjp(cotangents), strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
-        def gradient_norm(normalize, x):
-            return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(normalize(x)[0])))(x) ** 2)
+        def gradient_norm(normalize, x, scale):
+            loss = lambda x, scale: jnp.sum(jnp.sin(normalize(x, scale, bias)[0]))  # noqa: E731
+            return sum(jnp.sum(d**2) for d in jax.grad(loss, argnums=(0, 1))(x, scale))
 
-        got = jax.grad(partial(gradient_norm, partial(_normalize, axes=axes, eps=1e-3)))(x)
-        want = jax.grad(partial(gradient_norm, textbook))(x)
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        got = jax.grad(partial(gradient_norm, normalize), argnums=(0, 1))(x, scale)
+        want = jax.grad(partial(gradient_norm, textbook), argnums=(0, 1))(x, scale)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
