@@ -483,48 +483,39 @@ def _standardize(x, axes: tuple[int, ...], eps: float):
     return _normalize(x, one, jnp.zeros_like(one), axes, eps)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _normalize(x, scale, bias, axes: tuple[int, ...], eps: float):
     """``(scale * (x - mean) / sqrt(var + eps) + bias, mean, var)``, statistics over ``axes``.
 
-    ``scale`` and ``bias`` broadcast against ``x`` and are constant along ``axes`` (size 1 there:
-    per-channel for batch and instance norm; pass ones and zeros and apply other affines outside).
-    The values are ``_moments``'. The derivative is written in closed form,
-    ``dx = scale (g - mean(g) - x_hat mean(g x_hat)) / sqrt(var + eps)`` plus the terms of the
-    ``mean`` and ``var`` outputs, from two reductions that also give ``dscale`` and ``dbias``: where
-    differentiating the two-pass statistics takes several more passes over ``x``. XLA:CPU ran the
-    batch norm (forward and backward) of ResNet-20's first stage, (256, 32, 32, 16), 3x faster.
+    ``scale`` and ``bias`` broadcast against ``x`` and are constant along ``axes`` (per-channel
+    for batch and instance norm; ones and zeros otherwise, the affine applied outside). The values
+    are ``_moments``'. The derivative
+    is given in closed form, ``dx_hat = (dx - mean(dx) - x_hat mean(x_hat dx)) / sqrt(var + eps)``,
+    instead of being differentiated through the two-pass statistics: its transpose (the gradient)
+    is then two reductions and one elementwise pass over ``x``, where autodiff of the statistics
+    took several more (see ``experiments/benchmarks/README.md``). A JVP rule, not a VJP one, so
+    forward mode (``jax.jvp``, Hessian-vector products) keeps working.
     """
     centered, mean, var = _moments(x, axes)
-    return centered * (lax.rsqrt(var + eps) * scale) + bias, mean, var
+    return centered * lax.rsqrt(var + eps) * scale + bias, mean, var
 
 
-def _normalize_fwd(x, scale, bias, axes, eps):
+@_normalize.defjvp
+def _normalize_jvp(axes, eps, primals, tangents):
+    x, scale, bias = primals
+    dx, dscale, dbias = tangents
     centered, mean, var = _moments(x, axes)
     inverse_std = lax.rsqrt(var + eps)
     normalized = centered * inverse_std
-    return (normalized * scale + bias, mean, var), (normalized, inverse_std, scale, bias)
-
-
-def _normalize_bwd(axes, eps, residuals, cotangents):
-    normalized, inverse_std, scale, bias = residuals
-    g, g_mean, g_var = cotangents
-    count = math.prod(normalized.shape[axis] for axis in axes)
-    sum_g = jnp.sum(g, axis=axes, keepdims=True)
-    sum_g_normalized = jnp.sum(g * normalized, axis=axes, keepdims=True)
-    dx = (scale * inverse_std) * (g - (sum_g + normalized * sum_g_normalized) / count)
-    # mean and var's own terms: d mean / dx = 1 / count, d var / dx = 2 (x - mean) / count.
-    dx = dx + (g_mean + 2 * g_var * normalized / inverse_std) / count
-    return dx, _sum_to_shape(sum_g_normalized, scale.shape), _sum_to_shape(sum_g, bias.shape)
-
-
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def _sum_to_shape(values, shape):
-    """Sum ``values`` over the axes where ``shape`` (same rank) is 1 and ``values`` is not."""
-    axes = tuple(i for i, (v, n) in enumerate(zip(values.shape, shape, strict=True)) if n == 1 != v)
-    return jnp.sum(values, axis=axes, keepdims=True)
+    # Written so that the transpose (the gradient) reduces the cotangent g itself: sum(g) and
+    # sum(g * x_hat), the two sums dbias and dscale need too, then one elementwise pass. Both
+    # reductions read dx (mean(x_hat) = 0 makes mean(x_hat * (dx - d_mean)) = mean(x_hat * dx)),
+    # and the per-channel gain multiplies their results, which needs scale constant along axes.
+    d_mean = jnp.mean(dx, axis=axes, keepdims=True)
+    d_spread = jnp.mean(normalized * dx, axis=axes, keepdims=True)  # d var / 2, times 1/std
+    gain = scale * inverse_std
+    d_y = gain * dx - gain * d_mean - normalized * (gain * d_spread) + normalized * dscale + dbias
+    return (normalized * scale + bias, mean, var), (d_y, d_mean, 2 * d_spread / inverse_std)
 
 
 def _running_var_sample(var, count: int, unbiased: bool):

@@ -660,9 +660,9 @@ def test_bad_input_is_reported(call, error, message):
 
 @pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2), (1, 2, 3)], ids=["batch", "instance", "layer"])
 def test_closed_form_derivative_equals_autodiff_of_the_statistics(rng, axes):
-    # The custom VJP behind every norm against autodiff of the textbook formula, in float64,
-    # with cotangents on all three outputs (y, and the mean and variance the running stats use),
-    # and one order further (the gradient of a gradient norm).
+    # The closed-form derivative behind every norm against autodiff of the textbook formula, in
+    # float64: reverse mode with cotangents on all three outputs (y, and the mean and variance the
+    # running stats use), forward mode, and one order further (the gradient of a gradient norm).
     from jcnn.functional.norm import _normalize
 
     def textbook(x, scale, bias):
@@ -687,6 +687,11 @@ def test_closed_form_derivative_equals_autodiff_of_the_statistics(rng, axes):
         for got, want in zip(vjp(cotangents), expected_vjp(cotangents), strict=True):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        directions = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in (x, scale, bias))
+        _, got = jax.jvp(normalize, (x, scale, bias), directions)
+        _, want = jax.jvp(textbook, (x, scale, bias), directions)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
         def gradient_norm(normalize, x, scale):
             loss = lambda x, scale: jnp.sum(jnp.sin(normalize(x, scale, bias)[0]))  # noqa: E731
