@@ -120,6 +120,7 @@ def build(*, verbose: bool = False) -> Path:
                 f"compiling {SOURCE.name} failed (exit {result.returncode}):\n{result.stderr}"
             )
         os.replace(partial_build, target)  # atomic: a concurrent loader never sees half a file
+    _load.cache_clear()  # a failed load earlier in this process may now succeed
     return target
 
 

@@ -7,11 +7,11 @@
 // in jcnn's layout: activations (N, *spatial, C) and kernels (*window, C / groups, C_out), row-major,
 // fp32. Every operand may carry extra leading axes from jax.vmap (vmap_method="expand_dims"): an
 // operand that is not batched along an axis has size 1 there. When the kernel of a forward or
-// input-gradient call is not batched, the leading axes fold into N (one oneDNN call); otherwise
-// the call loops over them.
+// input-gradient call is not batched, the leading axes fold into N (one oneDNN call); otherwise,
+// and always for the weight gradient, the call loops over them.
 //
-// Primitives are cached by problem; scratchpads are owned by the call, so concurrent calls from
-// XLA's threads are safe.
+// Primitives are cached by problem and run with scratchpads owned by the calling thread, so
+// concurrent calls from XLA's threads are safe.
 
 #include <algorithm>
 #include <cstdint>
@@ -19,7 +19,6 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <numeric>
 #include <sstream>
 #include <string>
 #include <unordered_map>
