@@ -120,7 +120,8 @@ def build(*, verbose: bool = False) -> Path:
                 f"compiling {SOURCE.name} failed (exit {result.returncode}):\n{result.stderr}"
             )
         os.replace(partial_build, target)  # atomic: a concurrent loader never sees half a file
-    _load.cache_clear()  # a failed load earlier in this process may now succeed
+    if _load.cache_info().currsize and _load() is not None:
+        _load.cache_clear()  # a failed load earlier in this process may now succeed
     return target
 
 
