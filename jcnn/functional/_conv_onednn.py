@@ -7,7 +7,7 @@ XLA FFI calls into oneDNN; on other platforms it is ``lax.conv_general_dilated``
 measured on the benchmark machine: with one input channel per group, oneDNN's channels-last
 forward and input gradient ran at a third to half of XLA's, so those two products keep jcnn's XLA
 formulations there (XLA's forward, GEMM + col2im input gradient); the weight gradient stays on
-oneDNN (7x faster).
+oneDNN (1.5-2x XLA's on LeNet-5's first layer).
 
 Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
 three are bilinear and each one's transpose is another), so derivatives of any order stay on
