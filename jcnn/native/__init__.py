@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 __all__ = [
@@ -120,14 +121,24 @@ def build(*, verbose: bool = False) -> Path:
                 f"compiling {SOURCE.name} failed (exit {result.returncode}):\n{result.stderr}"
             )
         os.replace(partial_build, target)  # atomic: a concurrent loader never sees half a file
-    if _load.cache_info().currsize and _load() is not None:
-        _load.cache_clear()  # a failed load earlier in this process may now succeed
+    with _LOAD_LOCK:
+        if _load_once.cache_info().currsize and _load_once() is not None:
+            _load_once.cache_clear()  # a failed load earlier in this process may now succeed
     return target
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()
+
+
 def _load() -> str | None:
-    """Load and register the library once; the reason it is unavailable, or None."""
+    """Load and register the library once per process (thread-safe: XLA refuses a second
+    registration); the reason it is unavailable, or None."""
+    with _LOAD_LOCK:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> str | None:
     import jax
 
     try:
