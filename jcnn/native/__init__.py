@@ -3,7 +3,7 @@
 jcnn runs everywhere without it: when the library is not built, ``F.conv`` uses its pure-XLA
 formulations. To enable it on a CPU machine (needs a C++17 compiler)::
 
-    pip install "jcnn[native]"   # oneDNN 3.2 (GNU OpenMP) headers and library from PyPI
+    pip install "jcnn[native]"   # oneDNN 3.2 (GNU OpenMP) from PyPI, Linux x86-64
     jcnn-build-native            # compiles onednn_conv.cc against jaxlib's FFI headers, self-checks
 
 The library lands in a cache directory (``JCNN_NATIVE_DIR``, default ``~/.cache/jcnn``) under a
@@ -104,7 +104,7 @@ def build(*, verbose: bool = False) -> Path:
             f"-L{libdir}",
             "-ldnnl",
             f"-Wl,-rpath,{libdir}",
-            "-Wl,--no-undefined",
+            *(["-Wl,--no-undefined"] if sys.platform.startswith("linux") else []),
             "-o",
             str(partial_build),
         ]
