@@ -2,8 +2,9 @@
 
 ``conv_general`` has the contract of :func:`jcnn.functional._conv_cpu.conv_general`: channels-last
 input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``, explicit non-negative padding,
-1-, 2- or 3-D, float32. On CPU its three products (forward, input gradient, weight gradient) are
-XLA FFI calls into oneDNN; on other platforms it is ``lax.conv_general_dilated``. One exception,
+1-, 2- or 3-D, float32 or bfloat16 (oneDNN accumulates bfloat16 in float32 and rounds once). On
+CPU its three products (forward, input gradient, weight gradient) are XLA FFI calls into oneDNN;
+on other platforms it is ``lax.conv_general_dilated``. One exception,
 measured on the benchmark machine: with one input channel per group, oneDNN's channels-last
 forward and input gradient ran at a third to half of XLA's, so those two products keep jcnn's XLA
 formulations there (XLA's forward, GEMM + col2im input gradient); the weight gradient stays on
@@ -42,7 +43,7 @@ def config(x, w, stride, padding, dilation, groups) -> _Config:
 
 
 def conv_general(x, w, stride, padding, dilation, groups):
-    """Cross-correlation equal to ``lax.conv_general_dilated`` (float32), through oneDNN on CPU.
+    """Cross-correlation equal to ``lax.conv_general_dilated``, through oneDNN on CPU.
 
     Needs the native library (:func:`jcnn.native.available`); a ``RuntimeError`` says why when it
     is missing.

@@ -3,7 +3,7 @@ the transposed convolution.
 
 Inputs are ``(N, *spatial, C)`` and kernels ``(*window, C_in // groups, C_out)``; the spatial rank
 comes from the kernel's rank. On GPU and TPU every convolution here is ``lax.conv_general_dilated``.
-On CPU, float32 convolutions call oneDNN when the optional native library is built
+On CPU, float32 and bfloat16 convolutions call oneDNN when the optional native library is built
 (:mod:`jcnn.native`, :mod:`jcnn.functional._conv_onednn`); otherwise, and for other dtypes, they
 run :func:`jcnn.functional._conv_cpu.conv_general`, formulations with a custom VJP that XLA:CPU
 runs near its matmul rate.
@@ -35,9 +35,9 @@ _WINDOW_AXES = {1: "K", 2: "KH, KW", 3: "KD, KH, KW"}
 
 
 def _conv_general(x, w, stride, padding, dilation, groups):
-    """The CPU convolution backend chosen at trace time: oneDNN for float32 when the native library
-    is built (:func:`jcnn.native.conv_backend`), else jcnn's XLA formulations."""
-    if x.dtype == jnp.float32 and native.conv_backend() == "onednn":
+    """The CPU convolution backend chosen at trace time: oneDNN for float32 and bfloat16 when the
+    native library is built (:func:`jcnn.native.conv_backend`), else jcnn's XLA formulations."""
+    if x.dtype in (jnp.float32, jnp.bfloat16) and native.conv_backend() == "onednn":
         return _conv_onednn.conv_general(x, w, stride, padding, dilation, groups)
     return _conv_cpu.conv_general(x, w, stride, padding, dilation, groups)
 

@@ -5,7 +5,7 @@
 //   jcnn_conv_backward_data    (dy, w) -> dx
 //   jcnn_conv_backward_weights (x, dy) -> dw
 // in jcnn's layout: activations (N, *spatial, C) and kernels (*window, C / groups, C_out), row-major,
-// fp32. Every operand may carry extra leading axes from jax.vmap (vmap_method="expand_dims"): an
+// float32 or bfloat16 (all three operands alike; oneDNN accumulates bfloat16 in float32). Every operand may carry extra leading axes from jax.vmap (vmap_method="expand_dims"): an
 // operand that is not batched along an axis has size 1 there. When the kernel of a forward or
 // input-gradient call is not batched, the leading axes fold into N (one oneDNN call); otherwise,
 // and always for the weight gradient, the call loops over them.
@@ -38,12 +38,13 @@ enum class Op { kForward, kBackwardData, kBackwardWeights };
 // One convolution problem, with the vmap axes already folded or stripped.
 struct Problem {
   Op op;
+  memory::data_type dtype;
   int64_t batch, channels, out_channels, groups;
   Dims in_sizes, out_sizes, window, stride, dilation, pad_lo, pad_hi;
 
   std::string Key() const {
     std::ostringstream key;
-    key << static_cast<int>(op) << '|' << batch << '|' << channels << '|' << out_channels << '|'
+    key << static_cast<int>(op) << '|' << static_cast<int>(dtype) << '|' << batch << '|' << channels << '|' << out_channels << '|'
         << groups;
     for (const Dims* dims :
          {&in_sizes, &out_sizes, &window, &stride, &dilation, &pad_lo, &pad_hi}) {
@@ -70,10 +71,10 @@ memory::format_tag ChannelsLast(size_t spatial_rank) {
   }
 }
 
-memory::desc ActivationDesc(int64_t batch, int64_t channels, const Dims& sizes) {
-  Dims dims{batch, channels};
+memory::desc ActivationDesc(const Problem& p, int64_t channels, const Dims& sizes) {
+  Dims dims{p.batch, channels};
   dims.insert(dims.end(), sizes.begin(), sizes.end());
-  return memory::desc(dims, memory::data_type::f32, ChannelsLast(sizes.size()));
+  return memory::desc(dims, p.dtype, ChannelsLast(sizes.size()));
 }
 
 // The kernel (*window, C / G, O) as oneDNN's (O, C, *window) or (G, O / G, C / G, *window).
@@ -95,7 +96,7 @@ memory::desc KernelDims(const Problem& p, Dims* dims) {
   }
   dims->insert(dims->end(), p.window.begin(), p.window.end());
   strides.insert(strides.end(), window_strides.begin(), window_strides.end());
-  return memory::desc(*dims, memory::data_type::f32, strides);
+  return memory::desc(*dims, p.dtype, strides);
 }
 
 struct Plan {
@@ -112,9 +113,9 @@ std::unique_ptr<Plan> MakePlan(const Problem& p) {
   Dims kernel_dims;
   auto plan = std::make_unique<Plan>();
   plan->user_kernel = KernelDims(p, &kernel_dims);
-  auto any_kernel = memory::desc(kernel_dims, memory::data_type::f32, memory::format_tag::any);
-  auto src = ActivationDesc(p.batch, p.channels, p.in_sizes);
-  auto dst = ActivationDesc(p.batch, p.out_channels, p.out_sizes);
+  auto any_kernel = memory::desc(kernel_dims, p.dtype, memory::format_tag::any);
+  auto src = ActivationDesc(p, p.channels, p.in_sizes);
+  auto dst = ActivationDesc(p, p.out_channels, p.out_sizes);
   Dims dilation(p.dilation.size());
   for (size_t i = 0; i < dilation.size(); ++i) dilation[i] = p.dilation[i] - 1;
   dnnl::primitive_attr attr;
@@ -197,11 +198,11 @@ class ThreadBuffer {
 
 // Runs the problem once: `activation` is x (forward, weight gradient) or dy (input gradient),
 // `other` is w (forward, input gradient) or dy (weight gradient), `out` the result.
-void Run(const Problem& p, const Plan& plan, float* activation, float* other, float* out) {
+void Run(const Problem& p, const Plan& plan, void* activation, void* other, void* out) {
   auto& engine = Engine();
   dnnl::stream stream(engine);
-  auto src_desc = ActivationDesc(p.batch, p.channels, p.in_sizes);
-  auto dst_desc = ActivationDesc(p.batch, p.out_channels, p.out_sizes);
+  auto src_desc = ActivationDesc(p, p.channels, p.in_sizes);
+  auto dst_desc = ActivationDesc(p, p.out_channels, p.out_sizes);
   thread_local ThreadBuffer scratchpad, kernel;
   memory scratchpad_memory(plan.scratchpad, engine, scratchpad.Get(plan.scratchpad.get_size()));
   if (p.op == Op::kBackwardWeights) {
@@ -255,14 +256,14 @@ int64_t Product(const Dims& dims, size_t begin, size_t end) {
 ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Result<ffi::AnyBuffer> result,
                     Span stride, Span pad_lo, Span pad_hi, Span dilation, int64_t groups) {
   const size_t spatial = stride.size();
-  for (auto* buffer : {&first, &second}) {
-    if (buffer->element_type() != ffi::DataType::F32) {
-      return ffi::Error::InvalidArgument("jcnn oneDNN convolution: only float32 is supported");
-    }
+  const ffi::DataType element_type = first.element_type();
+  if (element_type != ffi::DataType::F32 && element_type != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument("jcnn oneDNN convolution: expected float32 or bfloat16");
   }
-  if (result->element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("jcnn oneDNN convolution: only float32 is supported");
+  if (second.element_type() != element_type || result->element_type() != element_type) {
+    return ffi::Error::InvalidArgument("jcnn oneDNN convolution: operand dtypes differ");
   }
+  const int64_t item_bytes = element_type == ffi::DataType::F32 ? 4 : 2;
   const size_t rank = spatial + 2;
   const Dims shapes[3] = {ToDims(first.dimensions()), ToDims(second.dimensions()),
                           ToDims(result->dimensions())};
@@ -279,6 +280,7 @@ ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Res
 
   Problem p;
   p.op = op;
+  p.dtype = element_type == ffi::DataType::F32 ? memory::data_type::f32 : memory::data_type::bf16;
   p.batch = x[lead];
   p.channels = x.back();
   p.out_channels = y.back();
@@ -291,16 +293,17 @@ ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Res
   p.pad_lo = ToDims(pad_lo);
   p.pad_hi = ToDims(pad_hi);
 
-  float* data[3] = {first.typed_data<float>(), second.typed_data<float>(),
-                    result->typed_data<float>()};
-  int64_t sizes[3];
-  for (int i = 0; i < 3; ++i) sizes[i] = Product(shapes[i], lead, shapes[i].size());
+  char* data[3] = {static_cast<char*>(first.untyped_data()),
+                   static_cast<char*>(second.untyped_data()),
+                   static_cast<char*>(result->untyped_data())};
+  int64_t bytes[3];  // of one problem (one index of the leading axes)
+  for (int i = 0; i < 3; ++i) bytes[i] = item_bytes * Product(shapes[i], lead, shapes[i].size());
   const Dims lead_shape(shapes[2].begin(), shapes[2].begin() + lead);
   const int64_t count = Product(lead_shape, 0, lead);
 
   if (p.batch == 0 || p.channels == 0 || p.out_channels == 0 ||
       std::any_of(p.out_sizes.begin(), p.out_sizes.end(), [](int64_t s) { return s == 0; })) {
-    std::memset(data[2], 0, sizeof(float) * sizes[2] * count);
+    std::memset(data[2], 0, bytes[2] * count);
     return ffi::Error::Success();
   }
 
@@ -329,8 +332,8 @@ ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Res
           scale[operand] *= extent;
         }
       }
-      Run(p, plan, data[0] + offsets[0] * sizes[0], data[1] + offsets[1] * sizes[1],
-          data[2] + index * sizes[2]);
+      Run(p, plan, data[0] + offsets[0] * bytes[0], data[1] + offsets[1] * bytes[1],
+          data[2] + index * bytes[2]);
     }
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("jcnn oneDNN convolution: ") + e.what());

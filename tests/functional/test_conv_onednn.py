@@ -74,6 +74,31 @@ def test_agrees_with_the_xla_formulations(onednn, rng):
             assert _relative_error(a, b) < 2e-6, options
 
 
+def _float32_products(options, x, w, g):
+    y, vjp = jax.vjp(partial(_reference, options=options), x, w)
+    return (y, *vjp(g))
+
+
+def test_bfloat16_rounds_a_float32_accumulation_once(onednn, rng):
+    # Every product in bfloat16 against the float32 products of the same (bfloat16-exact) values.
+    # A float32 accumulation rounded once to bfloat16 is off by at most 2^-8 relative to the sum
+    # of the terms' magnitudes (the same product of |operands|): the bound checked, with slack.
+    for _ in range(4):
+        x, w, options = _random_problem(rng, 2)
+        x, w = (a.astype(jnp.bfloat16) for a in (x, w))
+        y = _reference(x.astype(jnp.float32), w.astype(jnp.float32), options)
+        g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32)).astype(jnp.bfloat16)
+        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
+        products = (got, *got_vjp(g))
+
+        exact = _float32_products(options, *(a.astype(jnp.float32) for a in (x, w, g)))
+        magnitude = _float32_products(options, *(jnp.abs(a.astype(jnp.float32)) for a in (x, w, g)))
+        for name, a, b, m in zip(["y", "dx", "dw"], products, exact, magnitude, strict=True):
+            assert a.dtype == jnp.bfloat16, name
+            excess = jnp.abs(a.astype(jnp.float32) - b) - 2**-7 * m
+            assert float(jnp.max(excess)) <= 1e-6, (name, options)
+
+
 def test_wide_layers_use_blocked_kernels_correctly(onednn, rng):
     # 64 channels: oneDNN reorders the kernel into its blocked layout in all three products.
     x = jnp.asarray(rng.standard_normal((3, 9, 9, 64)).astype(np.float32))

@@ -87,7 +87,8 @@ def test_f_conv_dispatch(onednn, monkeypatch):
     x, w = jnp.ones((2, 7, 7, 3)), jnp.ones((3, 3, 3, 5))
     monkeypatch.setenv("JCNN_CONV_BACKEND", "auto")
     assert _custom_calls(x, w) == 3  # forward, input gradient, weight gradient
-    assert _custom_calls(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 0
+    assert _custom_calls(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 3
+    assert _custom_calls(x.astype(jnp.float16), w.astype(jnp.float16)) == 0
     monkeypatch.setenv("JCNN_CONV_BACKEND", "xla")
     assert _custom_calls(x, w) == 0
 
