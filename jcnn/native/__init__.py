@@ -10,9 +10,9 @@ The library lands in a cache directory (``JCNN_NATIVE_DIR``, default ``~/.cache/
 name that hashes the source, the jaxlib version, the oneDNN location and the compiler, so an
 upgrade of any of them simply needs a rebuild and never loads a stale build.
 
-Which backend float32 convolutions on CPU use is read when a function is traced, from the
-environment variable ``JCNN_CONV_BACKEND``: ``auto`` (default: oneDNN when built, else XLA),
-``onednn`` (an error when the library is missing) or ``xla``.
+Which backend float32 and bfloat16 convolutions on CPU use is read when a function is traced,
+from the environment variable ``JCNN_CONV_BACKEND``: ``auto`` (default: oneDNN when built, else
+XLA), ``onednn`` (an error when the library is missing) or ``xla``.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def load() -> None:
 
 
 def conv_backend() -> str:
-    """``"onednn"`` or ``"xla"``: what float32 CPU convolutions traced now use (see module doc).
+    """``"onednn"`` or ``"xla"``: what float32 and bfloat16 CPU convolutions traced now use.
 
     Raises:
       ValueError: ``JCNN_CONV_BACKEND`` is not one of ``auto``, ``onednn``, ``xla``.
