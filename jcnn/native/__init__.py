@@ -12,11 +12,14 @@ upgrade of any of them simply needs a rebuild and never loads a stale build.
 
 Which backend float32 and bfloat16 convolutions on CPU use is read when a function is traced,
 from the environment variable ``JCNN_CONV_BACKEND``: ``auto`` (default: oneDNN when built, else
-XLA), ``onednn`` (an error when the library is missing) or ``xla``.
+XLA), ``onednn`` (an error when the library is missing) or ``xla``; ``conv_backend_scope``
+overrides it for the functions traced inside a block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -33,6 +36,7 @@ __all__ = [
     "available",
     "build",
     "conv_backend",
+    "conv_backend_scope",
     "library_path",
     "load",
     "main",
@@ -42,6 +46,9 @@ __all__ = [
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 TARGETS = ("jcnn_conv_forward", "jcnn_conv_backward_data", "jcnn_conv_backward_weights")
 BACKENDS = ("auto", "onednn", "xla")
+_SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jcnn_conv_backend", default=None
+)
 
 
 class NativeBuildError(RuntimeError):
@@ -179,7 +186,7 @@ def conv_backend() -> str:
       ValueError: ``JCNN_CONV_BACKEND`` is not one of ``auto``, ``onednn``, ``xla``.
       RuntimeError: ``JCNN_CONV_BACKEND=onednn`` but the library is unavailable.
     """
-    choice = os.environ.get("JCNN_CONV_BACKEND", "auto")
+    choice = _SCOPED_BACKEND.get() or os.environ.get("JCNN_CONV_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(
             f"JCNN_CONV_BACKEND: expected one of {', '.join(BACKENDS)}, got {choice!r}"
@@ -192,6 +199,29 @@ def conv_backend() -> str:
     if choice == "onednn":
         raise RuntimeError(f"JCNN_CONV_BACKEND=onednn but the oneDNN library is {reason}")
     return "xla"
+
+
+@contextlib.contextmanager
+def conv_backend_scope(backend: str | None):
+    """Within the block, functions traced use ``backend`` (one of ``auto``, ``onednn``, ``xla``)
+    instead of ``JCNN_CONV_BACKEND``; ``None`` leaves the choice as it is.
+
+    Only tracing reads it: a function jitted and traced before the block keeps its backend.
+
+    >>> with conv_backend_scope("xla"):
+    ...     print(conv_backend())
+    xla
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or None, got {backend!r}")
+    if backend is None:
+        yield
+        return
+    token = _SCOPED_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _SCOPED_BACKEND.reset(token)
 
 
 def main(argv: list[str] | None = None) -> int:

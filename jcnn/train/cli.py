@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -148,10 +147,6 @@ def main(argv=None) -> int:
     stats = data.Standardize.fit(train_x)
     train_x, test_x = stats(train_x), stats(test_x)
 
-    if args.devices and args.devices > 1:
-        # XLA's SPMD partitioner cannot split the oneDNN custom calls over the batch: it would
-        # gather the whole batch onto every device for each convolution.
-        os.environ.setdefault("JCNN_CONV_BACKEND", "xla")
     mesh = parallel.make_mesh(args.devices) if args.devices else None
     sharding = parallel.data_sharding(mesh) if mesh is not None else None
     example_aug, batch_aug = _augmenters(args.augment, num_classes)

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jcnn import native
 from jcnn.functional._checks import check_positive_int
 from jcnn.train import parallel
 from jcnn.train import schedules as S
@@ -355,7 +356,10 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "-1"))
     started = time.perf_counter()
-    with progress:
+    # XLA's SPMD partitioner cannot split the oneDNN custom calls over the batch: it would gather
+    # the whole batch onto every device for each convolution.
+    several_devices = mesh is not None and mesh.size > 1
+    with progress, native.conv_backend_scope("xla" if several_devices else None):
         while epoch < config.epochs:
             progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, start_batch)
             epoch_start = time.perf_counter()

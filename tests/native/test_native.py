@@ -97,3 +97,17 @@ def test_build_command_self_checks(onednn, capsys):
     assert native.main([]) == 0
     out = capsys.readouterr().out
     assert str(native.library_path()) in out and "max relative error" in out
+
+
+def test_conv_backend_scope_overrides_the_environment(onednn, monkeypatch):
+    monkeypatch.setenv("JCNN_CONV_BACKEND", "onednn")
+    x, w = jnp.ones((2, 7, 7, 3)), jnp.ones((3, 3, 3, 5))
+    with native.conv_backend_scope("xla"):
+        assert native.conv_backend() == "xla"
+        assert _custom_calls(x, w) == 0
+        with native.conv_backend_scope(None):
+            assert native.conv_backend() == "xla"
+    assert _custom_calls(x, w) == 3
+    with pytest.raises(ValueError, match="backend: expected one of auto, onednn, xla or None"):
+        with native.conv_backend_scope("cudnn"):
+            pass
