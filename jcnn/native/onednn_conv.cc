@@ -101,6 +101,7 @@ memory::desc KernelDims(const Problem& p, Dims* dims) {
 
 struct Plan {
   dnnl::primitive conv;
+  memory::desc src, dst;     // x and y (or their gradients), channels-last
   memory::desc kernel;       // the kernel as the primitive wants it
   memory::desc user_kernel;  // the kernel in jcnn's layout
   bool reorder_kernel;
@@ -114,8 +115,8 @@ std::unique_ptr<Plan> MakePlan(const Problem& p) {
   auto plan = std::make_unique<Plan>();
   plan->user_kernel = KernelDims(p, &kernel_dims);
   auto any_kernel = memory::desc(kernel_dims, p.dtype, memory::format_tag::any);
-  auto src = ActivationDesc(p, p.channels, p.in_sizes);
-  auto dst = ActivationDesc(p, p.out_channels, p.out_sizes);
+  auto& src = plan->src = ActivationDesc(p, p.channels, p.in_sizes);
+  auto& dst = plan->dst = ActivationDesc(p, p.out_channels, p.out_sizes);
   Dims dilation(p.dilation.size());
   for (size_t i = 0; i < dilation.size(); ++i) dilation[i] = p.dilation[i] - 1;
   dnnl::primitive_attr attr;
@@ -198,14 +199,12 @@ class ThreadBuffer {
 
 // Runs the problem once: `activation` is x (forward, weight gradient) or dy (input gradient),
 // `other` is w (forward, input gradient) or dy (weight gradient), `out` the result.
-void Run(const Problem& p, const Plan& plan, void* activation, void* other, void* out) {
+void Run(Op op, const Plan& plan, dnnl::stream& stream, void* activation, void* other, void* out) {
   auto& engine = Engine();
-  dnnl::stream stream(engine);
-  auto src_desc = ActivationDesc(p, p.channels, p.in_sizes);
-  auto dst_desc = ActivationDesc(p, p.out_channels, p.out_sizes);
+  const memory::desc &src_desc = plan.src, &dst_desc = plan.dst;
   thread_local ThreadBuffer scratchpad, kernel;
   memory scratchpad_memory(plan.scratchpad, engine, scratchpad.Get(plan.scratchpad.get_size()));
-  if (p.op == Op::kBackwardWeights) {
+  if (op == Op::kBackwardWeights) {
     memory user_kernel(plan.user_kernel, engine, out);
     memory diff_kernel = plan.reorder_kernel
                              ? memory(plan.kernel, engine, kernel.Get(plan.kernel.get_size()))
@@ -224,7 +223,7 @@ void Run(const Problem& p, const Plan& plan, void* activation, void* other, void
       weights = memory(plan.kernel, engine, kernel.Get(plan.kernel.get_size()));
       plan.to_primitive_kernel.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, weights}});
     }
-    if (p.op == Op::kForward) {
+    if (op == Op::kForward) {
       plan.conv.execute(stream, {{DNNL_ARG_SRC, memory(src_desc, engine, activation)},
                                  {DNNL_ARG_WEIGHTS, weights},
                                  {DNNL_ARG_DST, memory(dst_desc, engine, out)},
@@ -312,9 +311,10 @@ ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Res
     kernel_unbatched = shapes[1][i] == 1 && shapes[0][i] == lead_shape[i];
   }
   try {
+    dnnl::stream stream(Engine());
     if (kernel_unbatched && count > 1) {
       p.batch *= count;
-      Run(p, GetPlan(p), data[0], data[1], data[2]);
+      Run(op, GetPlan(p), stream, data[0], data[1], data[2]);
       return ffi::Error::Success();
     }
     const Plan& plan = GetPlan(p);
@@ -332,7 +332,7 @@ ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Res
           scale[operand] *= extent;
         }
       }
-      Run(p, plan, data[0] + offsets[0] * bytes[0], data[1] + offsets[1] * bytes[1],
+      Run(op, plan, stream, data[0] + offsets[0] * bytes[0], data[1] + offsets[1] * bytes[1],
           data[2] + index * bytes[2]);
     }
   } catch (const dnnl::error& e) {
