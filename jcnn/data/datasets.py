@@ -18,10 +18,11 @@ absolute path or ``..`` is refused.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
-import io
 import os
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ class _IdxDataset:
         prefix = self.prefixes[split]
         return (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
 
+    def file_size(self, split: str, filename: str) -> int:
+        """The decompressed size of one IDX file: its header and ``count`` items."""
+        if "images" in filename:
+            return 16 + self.counts[split] * int(np.prod(self.shape[:2]))
+        return 8 + self.counts[split]
+
 
 @dataclass(frozen=True)
 class _CifarDataset:
@@ -68,6 +75,17 @@ class _CifarDataset:
     shape: tuple[int, int, int]
     num_classes: int
     records_per_file: int
+
+    @property
+    def member_size(self) -> int:
+        """Bytes in one batch file: ``records_per_file`` records of a label byte and the pixels."""
+        return self.records_per_file * (1 + int(np.prod(self.shape)))
+
+    @property
+    def archive_limit(self) -> int:
+        """A bound on the decompressed archive: every batch file plus room for headers and text."""
+        batches = sum(len(members) for members in self.members.values())
+        return batches * self.member_size + (16 << 20)
 
 
 DATASETS = {
@@ -166,9 +184,15 @@ def _missing(name: str, split: str, expected: list[str], searched: list[Path]) -
     )
 
 
-def _gunzip(path: Path) -> bytes:
+def _gunzip(path: Path, limit: int) -> bytes:
+    """The decompressed content of ``path``, reading at most ``limit + 1`` bytes of it.
+
+    The bound keeps a file that inflates far beyond the dataset's size (a gzip bomb, or the wrong
+    file) from filling memory: the caller sees ``limit + 1`` bytes and reports the excess.
+    """
     try:
-        return gzip.decompress(path.read_bytes())
+        with gzip.open(path, "rb") as f:
+            return f.read(limit + 1)
     except (OSError, EOFError, zlib.error) as err:
         raise CorruptFileError(f"{path}: not a valid gzip file ({err})") from err
 
@@ -190,6 +214,12 @@ def _parse_idx(raw: bytes, path: Path, ndim: int, expected_count: int, item_shap
             f"{path}: header says shape {dims}, expected {(expected_count, *item_shape)}"
         )
     expected_bytes = header_size + int(np.prod(dims))
+    if len(raw) > expected_bytes:
+        raise CorruptFileError(
+            f"{path}: more than {expected_bytes} bytes after decompression, expected "
+            f"{expected_bytes} for shape {dims} (file padded or not this dataset); decompression "
+            "stopped there"
+        )
     if len(raw) != expected_bytes:
         raise CorruptFileError(
             f"{path}: {len(raw)} bytes after decompression, expected {expected_bytes} "
@@ -223,8 +253,8 @@ def _load_idx(name: str, spec: _IdxDataset, split: str, data_dir, verify: bool):
     if folder is None:
         raise _missing(name, split, [image_file, label_file], searched)
     count = spec.counts[split]
-    raw_images = _gunzip(folder / image_file)
-    raw_labels = _gunzip(folder / label_file)
+    raw_images = _gunzip(folder / image_file, spec.file_size(split, image_file))
+    raw_labels = _gunzip(folder / label_file, spec.file_size(split, label_file))
     if verify:
         _verify_content(name, image_file, raw_images, str(folder / image_file))
         _verify_content(name, label_file, raw_labels, str(folder / label_file))
@@ -245,32 +275,74 @@ def _safe_member_name(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
     return path
 
 
-def _read_tar_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
-    """The files named ``wanted`` (base names) from a tar archive, read in memory."""
+class _BoundedReader:
+    """A file object raising :class:`CorruptFileError` once more than ``limit`` bytes are read."""
+
+    def __init__(self, fileobj, limit: int, source: Path):
+        self._fileobj, self._limit, self._source, self._count = fileobj, limit, source, 0
+
+    def read(self, size: int = -1) -> bytes:
+        room = self._limit - self._count + 1
+        chunk = self._fileobj.read(room if size is None or size < 0 else min(size, room))
+        self._count += len(chunk)
+        if self._count > self._limit:
+            raise CorruptFileError(
+                f"{self._source}: more than {self._limit} bytes after decompression, more than "
+                "this dataset's archive holds; decompression stopped there"
+            )
+        return chunk
+
+
+def _wrong_size(source: str, size: int, spec: _CifarDataset) -> CorruptFileError:
+    record = 1 + int(np.prod(spec.shape))
+    return CorruptFileError(
+        f"{source}: {size} bytes, expected {spec.member_size} "
+        f"({spec.records_per_file} records of {record} bytes); wrong record count or truncated"
+    )
+
+
+def _read_tar_members(archive: Path, wanted: set[str], spec: _CifarDataset) -> dict[str, bytes]:
+    """The batch files named ``wanted`` (base names) from a tar archive, read in memory.
+
+    The archive is streamed once to its end (so that the gzip checksum is checked) with the
+    decompressed size bounded by ``spec.archive_limit``; a wanted member whose header declares any
+    size other than a batch file's is refused before it is read.
+    """
+    found = {}
     try:
-        raw = archive.read_bytes()
-        if archive.suffix == ".gz":
-            raw = gzip.decompress(raw)
-        found = {}
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(
+                gzip.open(archive, "rb") if archive.suffix == ".gz" else archive.open("rb")
+            )
+            stream = _BoundedReader(raw, spec.archive_limit, archive)
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
             for member in tar:
                 path = _safe_member_name(member, archive)
                 if member.isfile() and path.name in wanted:
+                    source = f"{archive}:{member.name}"
+                    if path.name in found:
+                        raise CorruptFileError(f"{source}: a second member named {path.name}")
+                    if member.size != spec.member_size:
+                        raise _wrong_size(source, member.size, spec)
                     found[path.name] = tar.extractfile(member).read()
+                tar.members = []  # stream mode keeps every header otherwise
         return found
     except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
         raise CorruptFileError(f"{archive}: not a readable tar.gz archive ({err})") from err
 
 
+def _read_batch_file(path: Path, spec: _CifarDataset) -> bytes:
+    size = path.stat().st_size
+    if size != spec.member_size:
+        raise _wrong_size(str(path), size, spec)
+    return path.read_bytes()
+
+
 def _parse_cifar(raw: bytes, source: str, spec: _CifarDataset):
     height, width, channels = spec.shape
     record = 1 + height * width * channels
-    expected = record * spec.records_per_file
-    if len(raw) != expected:
-        raise CorruptFileError(
-            f"{source}: {len(raw)} bytes, expected {expected} "
-            f"({spec.records_per_file} records of {record} bytes); wrong record count or truncated"
-        )
+    if len(raw) != spec.member_size:
+        raise _wrong_size(source, len(raw), spec)
     records = np.frombuffer(raw, dtype=np.uint8).reshape(spec.records_per_file, record)
     labels = records[:, 0].astype(np.int32)
     _check_labels(labels, spec.num_classes, source)
@@ -285,12 +357,12 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
     for folder in searched:
         extracted = folder / spec.folder
         if all((extracted / m).is_file() for m in members):
-            contents = {m: (extracted / m).read_bytes() for m in members}
+            contents = {m: _read_batch_file(extracted / m, spec) for m in members}
             sources = {m: str(extracted / m) for m in members}
             break
         if (folder / spec.archive).is_file():
             archive = folder / spec.archive
-            contents = _read_tar_members(archive, set(members))
+            contents = _read_tar_members(archive, set(members), spec)
             absent = [m for m in members if m not in contents]
             if absent:
                 raise CorruptFileError(f"{archive}: members {absent} missing from the archive")
@@ -355,26 +427,50 @@ def verify(name: str, *, data_dir: str | os.PathLike | None = None) -> None:
         load(name, split, data_dir=data_dir, verify=True)
 
 
+_SUMS_LINE = re.compile(r"([0-9A-Fa-f]{64}) [ *](.+)")
+
+
 def verify_sha256sums(sums_file: str | os.PathLike) -> dict[str, bool]:
     """Check the files listed in a ``sha256sum``-format file (paths relative to its folder).
 
+    Each non-blank line is ``<64 hex digits>  <path>`` (or ``<digits> *<path>``, binary mode).
+
     Returns:
-      ``{relative path: matches}`` for every listed file; a listed file that is absent raises
-      ``FileNotFoundError``.
+      ``{relative path: matches}`` for every listed file.
+
+    Raises:
+      CorruptFileError: a line that is not in that format, naming the file and the line number
+        (checked for every line before any file is hashed).
+      FileNotFoundError: a listed file is absent.
     """
     sums_file = Path(sums_file)
-    results = {}
-    for line in sums_file.read_text().splitlines():
+    try:
+        text = sums_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(f"{sums_file}: not a text checksum file ({err})") from err
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        expected, relative = line.split(maxsplit=1)
-        relative = relative.lstrip("*")
-        digest = hashlib.sha256()
-        with (sums_file.parent / relative).open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        results[relative] = digest.hexdigest() == expected.lower()
-    return results
+        match = _SUMS_LINE.fullmatch(line.rstrip("\r"))
+        if match is None:
+            raise CorruptFileError(
+                f"{sums_file}, line {number}: expected '<64 hex digits>  <file>' (sha256sum "
+                f"format), got {line[:200]!r}"
+            )
+        entries.append((match[1].lower(), match[2]))
+    return {
+        relative: _sha256_file(sums_file.parent / relative) == expected
+        for expected, relative in entries
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_tfds(
