@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import os
 import re
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -176,11 +177,15 @@ def _candidate_dirs(name: str, data_dir) -> list[Path]:
 
 
 def _missing(name: str, split: str, expected: list[str], searched: list[Path]) -> FileNotFoundError:
+    from jcnn.data.fetch import SOURCES
+
     places = ", ".join(str(p) for p in searched)
+    addresses = " or ".join(SOURCES[name].mirrors)
     return FileNotFoundError(
-        f"{name} ({split}): expected {' and '.join(expected)} in one of: {places}. Pass data_dir=, "
-        f"set JCNN_DATA_DIR, or place the original files in {_user_cache() / name} (the per-user "
-        f"cache)."
+        f"{name} ({split}): expected {' and '.join(expected)} in one of: {places}. Download them "
+        f"with `jcnn-data download {name}` or load(..., download=True) (from {addresses}), or "
+        f"place the original files in {_user_cache() / name} (the per-user cache), or in a "
+        f"folder given as data_dir= (--data-dir on the command line) or JCNN_DATA_DIR."
     )
 
 
@@ -264,6 +269,29 @@ def _load_idx(name: str, spec: _IdxDataset, split: str, data_dir, verify: bool):
     return images.reshape(count, *spec.shape), labels.astype(np.int32)
 
 
+def _verify_file_content(name: str, filename: str, path: Path) -> None:
+    """Check one file of ``name`` against the official *content*; raise CorruptFileError if not.
+
+    The content of a gzip IDX file, or of every batch file of a CIFAR archive, so that a faithful
+    re-compressed or re-packed copy passes.
+    """
+    spec = DATASETS[name]
+    if isinstance(spec, _IdxDataset):
+        split = next(s for s in spec.prefixes if filename.startswith(spec.prefixes[s] + "-"))
+        limit = spec.file_size(split, filename)
+        raw = _gunzip(path, limit)
+        if len(raw) > limit:
+            raise CorruptFileError(f"{path}: more than {limit} bytes after decompression")
+        _verify_content(name, filename, raw, str(path))
+        return
+    members = [m for split_members in spec.members.values() for m in split_members]
+    contents = _read_tar_members(path, set(members), spec)
+    for member in members:
+        if member not in contents:
+            raise CorruptFileError(f"{path}: member {member} missing from the archive")
+        _verify_content(name, member, contents[member], f"{path}:{spec.folder}/{member}")
+
+
 def _safe_member_name(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
     path = PurePosixPath(member.name)
     if path.is_absolute() or ".." in path.parts:
@@ -315,7 +343,7 @@ def _read_tar_members(archive: Path, wanted: set[str], spec: _CifarDataset) -> d
                 gzip.open(archive, "rb") if archive.suffix == ".gz" else archive.open("rb")
             )
             stream = _BoundedReader(raw, spec.archive_limit, archive)
-            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20))
             for member in tar:
                 path = _safe_member_name(member, archive)
                 if member.isfile() and path.name in wanted:
@@ -382,7 +410,12 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
 
 
 def load(
-    name: str, split: str, *, data_dir: str | os.PathLike | None = None, verify: bool = False
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    verify: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of one split of a dataset, from its original files.
 
@@ -392,6 +425,9 @@ def load(
       split: ``"train"`` or ``"test"`` (the official split).
       data_dir: folder holding ``<name>/`` with the original files (or the files themselves);
         defaults to ``$JCNN_DATA_DIR``, then ``~/.cache/jcnn/data``.
+      download: where the files are not found, download them into ``<data_dir>/<name>/`` first
+        with :func:`jcnn.data.download` (checked against the official SHA-256). Names read
+        through tensorflow-datasets are downloaded by tfds itself.
       verify: also check the SHA-256 of every file's decompressed content against the official
         data (robust to re-compression and re-packing, which change the archive's own checksum).
 
@@ -400,9 +436,12 @@ def load(
       order of the original files.
 
     Raises:
-      FileNotFoundError: naming the files expected and every folder searched.
+      FileNotFoundError: naming the files expected, every folder searched and where to get them.
       CorruptFileError: naming the file and what is wrong with it (nothing is returned half-read).
+      DownloadError: with ``download=True``, when no address delivered a verified file.
     """
+    if not isinstance(download, bool):
+        raise TypeError(f"download: expected True or False, got {download!r}")
     if not isinstance(name, str):
         raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
     if name not in DATASETS:
@@ -410,9 +449,16 @@ def load(
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test' for {name}, got {split!r}")
     spec = DATASETS[name]
-    if isinstance(spec, _IdxDataset):
-        return _load_idx(name, spec, split, data_dir, verify)
-    return _load_cifar(name, spec, split, data_dir, verify)
+    reader = _load_idx if isinstance(spec, _IdxDataset) else _load_cifar
+    try:
+        return reader(name, spec, split, data_dir, verify)
+    except FileNotFoundError:
+        if not download:
+            raise
+    from jcnn.data.fetch import download as fetch
+
+    fetch(name, data_dir=data_dir, progress=sys.stderr.isatty())
+    return reader(name, spec, split, data_dir, verify)
 
 
 def verify(name: str, *, data_dir: str | os.PathLike | None = None) -> None:
