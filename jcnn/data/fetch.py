@@ -306,7 +306,7 @@ def _fetch_file(name, remote: RemoteFile, addresses, target: Path, timeout, bar)
             _fetch_into(url, remote, part, timeout, bar, task)
         except _AttemptFailed as failure:
             failures.append((url, str(failure)))
-            if not failure.keep_partial:
+            if not failure.keep_partial or (part.is_file() and part.stat().st_size == 0):
                 part.unlink(missing_ok=True)
             continue
         os.replace(part, target)
@@ -381,7 +381,7 @@ def _append_from(url, remote: RemoteFile, part: Path, have: int, timeout, bar, t
             out.seek(start)
             out.truncate()
             try:
-                while chunk := response.read(min(_CHUNK, remote.size + 1 - received)):
+                while chunk := response.read1(min(_CHUNK, remote.size + 1 - received)):
                     received += len(chunk)
                     if received > remote.size:
                         raise _AttemptFailed(
