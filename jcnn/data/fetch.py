@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import math
 import os
 import re
 import sys
@@ -158,6 +159,10 @@ def mirrors_for(name: str, mirrors=None) -> list[str]:
         mirrors = [m for m in re.split(r"[,\s]+", from_env) if m] or list(source.mirrors)
     elif isinstance(mirrors, str):
         raise TypeError(f"mirrors: expected a list of base URLs, got the string {mirrors!r}")
+    else:
+        mirrors = list(mirrors)
+        if not mirrors:
+            raise ValueError("mirrors: expected at least one base URL, got an empty list")
     bases = []
     for mirror in mirrors:
         if not isinstance(mirror, str) or not re.match(r"https?://", mirror):
@@ -215,12 +220,16 @@ def download(
         failure, and how to place the files by hand.
     """
     source = _source(name)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout: expected a number of seconds, got {type(timeout).__name__}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout: expected a finite number of seconds > 0, got {timeout!r}")
     addresses = urls(name, mirrors)
     folder = _resolve_folder(name, data_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError("not writable")
     except OSError as err:
         raise DownloadError(
             f"{name}: cannot create the data folder {folder} ({err}); give another one as "
@@ -304,6 +313,11 @@ def _fetch_file(name, remote: RemoteFile, addresses, target: Path, timeout, bar)
     for url in addresses:
         try:
             _fetch_into(url, remote, part, timeout, bar, task)
+        except OSError as err:  # the local file, not the server (those are _AttemptFailed)
+            raise DownloadError(
+                f"{name}: cannot write {part} ({err}); free some space or give another folder as "
+                "--data-dir (data_dir= in Python) or JCNN_DATA_DIR"
+            ) from err
         except _AttemptFailed as failure:
             failures.append((url, str(failure)))
             if not failure.keep_partial or (part.is_file() and part.stat().st_size == 0):
@@ -380,27 +394,17 @@ def _append_from(url, remote: RemoteFile, part: Path, have: int, timeout, bar, t
         with part.open("r+b" if start else "wb") as out:
             out.seek(start)
             out.truncate()
-            try:
-                while chunk := response.read1(min(_CHUNK, remote.size + 1 - received)):
-                    received += len(chunk)
-                    if received > remote.size:
-                        raise _AttemptFailed(
-                            f"the server sent more than the expected {remote.size} bytes (deleted)",
-                            keep_partial=False,
-                        )
-                    out.write(chunk)
-                    bar.update(task, completed=received)
-            except TimeoutError:
-                out.flush()
-                raise _AttemptFailed(
-                    f"stalled: no data for {timeout:g} s after {received} of {remote.size} bytes",
-                    keep_partial=True,
-                ) from None
-            except (http.client.HTTPException, OSError) as err:
-                raise _AttemptFailed(
-                    f"connection lost after {received} of {remote.size} bytes ({err!r})",
-                    keep_partial=True,
-                ) from None
+            while chunk := _read_some(
+                response, remote.size + 1 - received, received, remote, timeout
+            ):
+                received += len(chunk)
+                if received > remote.size:
+                    raise _AttemptFailed(
+                        f"the server sent more than the expected {remote.size} bytes (deleted)",
+                        keep_partial=False,
+                    )
+                out.write(chunk)  # a local error (disk full) is not the server's: it propagates
+                bar.update(task, completed=received)
             out.flush()
             os.fsync(out.fileno())
         if received < remote.size:
@@ -409,6 +413,22 @@ def _append_from(url, remote: RemoteFile, part: Path, have: int, timeout, bar, t
                 f"{remote.size} bytes",
                 keep_partial=True,
             )
+
+
+def _read_some(response, room: int, received: int, remote: RemoteFile, timeout) -> bytes:
+    """The next bytes of the body (at most ``room``), empty at its end; a stall is a failure."""
+    try:
+        return response.read1(min(_CHUNK, room))
+    except TimeoutError:
+        raise _AttemptFailed(
+            f"stalled: no data for {timeout:g} s after {received} of {remote.size} bytes",
+            keep_partial=True,
+        ) from None
+    except (http.client.HTTPException, OSError) as err:
+        raise _AttemptFailed(
+            f"connection lost after {received} of {remote.size} bytes ({err!r})",
+            keep_partial=True,
+        ) from None
 
 
 def _start_offset(response, have: int) -> int:
@@ -428,25 +448,44 @@ def _start_offset(response, have: int) -> int:
 # ---- command line -------------------------------------------------------------------------------
 
 
-def _describe(name: str, folder: Path) -> list[tuple[str, str, bool]]:
-    """``(file, state, ok)`` for each file of ``name`` in ``folder``."""
-    rows = []
-    for remote in SOURCES[name].files:
-        path = folder / remote.filename
-        if not path.is_file():
-            rows.append((remote.filename, "missing", False))
-        elif path.stat().st_size == remote.size and file_sha256(path) == remote.sha256:
-            rows.append((remote.filename, "ok: the official file (SHA-256 matches)", True))
-        else:
-            try:
-                datasets._verify_file_content(name, remote.filename, path)
-            except datasets.CorruptFileError as err:
-                rows.append((remote.filename, f"BAD: {err}", False))
-            else:
-                rows.append(
-                    (remote.filename, "ok: content identical to the official (re-packed)", True)
-                )
-    return rows
+def _describe(name: str, data_dir) -> list[tuple[Path, str, bool]]:
+    """``(path, state, ok)`` for each file of ``name`` where :func:`jcnn.data.load` finds them."""
+    candidates = datasets._candidate_dirs(name, data_dir)
+    spec = datasets.DATASETS[name]
+    filenames = [remote.filename for remote in SOURCES[name].files]
+    folder = next((d for d in candidates if any((d / f).is_file() for f in filenames)), None)
+    if folder is None and isinstance(spec, datasets._CifarDataset):
+        extracted = next((d / spec.folder for d in candidates if (d / spec.folder).is_dir()), None)
+        if extracted is not None:
+            members = [m for split_members in spec.members.values() for m in split_members]
+            return [_describe_batch_file(name, spec, extracted / m) for m in members]
+    folder = folder or candidates[0]
+    return [
+        _describe_file(name, remote, folder / remote.filename) for remote in SOURCES[name].files
+    ]
+
+
+def _describe_file(name: str, remote: RemoteFile, path: Path) -> tuple[Path, str, bool]:
+    if not path.is_file():
+        return path, "missing", False
+    if path.stat().st_size == remote.size and file_sha256(path) == remote.sha256:
+        return path, "ok: the official file (SHA-256 matches)", True
+    try:
+        datasets._verify_file_content(name, remote.filename, path)
+    except datasets.CorruptFileError as err:
+        return path, f"BAD: {err}", False
+    return path, "ok: content identical to the official (re-compressed or re-packed)", True
+
+
+def _describe_batch_file(name: str, spec, path: Path) -> tuple[Path, str, bool]:
+    if not path.is_file():
+        return path, "missing", False
+    try:
+        raw = datasets._read_batch_file(path, spec)
+        datasets._verify_content(name, path.name, raw, str(path))
+    except datasets.CorruptFileError as err:
+        return path, f"BAD: {err}", False
+    return path, "ok: content identical to the official (extracted)", True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,13 +523,11 @@ def main(argv=None) -> int:
         print(f"data directory: {root}")
         for name in SOURCES:
             print(f"{name}:")
-            addresses = urls(name)
-            for filename, state, _ in _describe(name, root / name):
-                print(f"  {filename}: {state}")
-                for url in addresses[filename]:
-                    print(f"    {url}")
+            for path, state, _ in _describe(name, args.data_dir):
+                print(f"  {path}: {state}")
+            for filename, addresses in urls(name).items():
+                print(f"  {filename} from: {' or '.join(addresses)}")
         return 0
-    folder = _resolve_folder(args.name, args.data_dir)
     if args.command == "download":
         if not args.timeout > 0:
             print(
@@ -511,9 +548,9 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("jcnn-data: interrupted; run the same command to resume", file=sys.stderr)
             return 130
-    rows = _describe(args.name, folder)
-    for filename, state, _ in rows:
-        print(f"{folder / filename}: {state}")
+    rows = _describe(args.name, args.data_dir)
+    for path, state, _ in rows:
+        print(f"{path}: {state}")
     return 0 if all(ok for _, _, ok in rows) else 1
 
 

@@ -393,10 +393,26 @@ def test_cli_download_verify_list(tmp_path, server, monkeypatch, capsys, data_di
     assert f"{target}: BAD" in capsys.readouterr().out
     assert fetch.main(["list", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert (
-        "cifar-10-binary.tar.gz: missing" in out
-        and server.url("ok").replace("{name}", "cifar10") in out
+    assert f"{tmp_path / 'cifar10' / 'cifar-10-binary.tar.gz'}: missing" in out
+    assert server.url("ok").replace("{name}", "cifar10") + "cifar-10-binary.tar.gz" in out
+    # the dataset folder itself as --data-dir, as data.load accepts it
+    assert fetch.main(["verify", "mnist", "--data-dir", str(data_dir / "mnist")]) == 0
+    assert capsys.readouterr().out.count(": ok:") == 4
+
+
+def test_cli_verify_extracted_cifar_folder(tmp_path, capsys, loaded):
+    """CIFAR-10 as an extracted folder: each batch file checked against the official content."""
+    images, labels = loaded("cifar10", "test")
+    folder = tmp_path / "cifar10" / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    records = np.concatenate(
+        [labels.astype(np.uint8)[:, None], images.transpose(0, 3, 1, 2).reshape(10000, -1)], axis=1
     )
+    (folder / "test_batch.bin").write_bytes(records.tobytes())
+    assert fetch.main(["verify", "cifar10", "--data-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{folder / 'test_batch.bin'}: ok: content identical" in out
+    assert f"{folder / 'data_batch_1.bin'}: missing" in out
 
 
 def test_cli_download_failure_is_one_clear_message(tmp_path, server, monkeypatch, capsys):
@@ -440,3 +456,17 @@ def test_jcnn_train_downloads_into_an_empty_cache(tmp_path, server):
     assert _listing(folder) == sorted(f.filename for f in fetch.SOURCES["fashion_mnist"].files)
     for remote in fetch.SOURCES["fashion_mnist"].files:
         assert hashlib.sha256((folder / remote.filename).read_bytes()).hexdigest() == remote.sha256
+
+
+def test_unusable_data_folder_is_a_clear_error(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "mnist", LABELS)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DownloadError, match="cannot create the data folder .*--data-dir"):
+        data.download("mnist", data_dir=tmp_path / "a_file", mirrors=[server.url("ok")])
+    with pytest.raises(TypeError, match="timeout"):
+        data.download("mnist", data_dir=tmp_path, timeout="5")
+    with pytest.raises(ValueError, match="timeout"):
+        data.download("mnist", data_dir=tmp_path, timeout=float("inf"))
+    with pytest.raises(ValueError, match="at least one"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[])
+    assert server.requests == []
