@@ -339,9 +339,12 @@ def _read_tar_members(archive: Path, wanted: set[str], spec: _CifarDataset) -> d
     found = {}
     try:
         with contextlib.ExitStack() as stack:
-            raw = stack.enter_context(
-                gzip.open(archive, "rb") if archive.suffix == ".gz" else archive.open("rb")
-            )
+            raw = stack.enter_context(archive.open("rb"))
+            if raw.read(2) == b"\x1f\x8b":  # gzip magic, whatever the file's name
+                raw.seek(0)
+                raw = stack.enter_context(gzip.open(raw, "rb"))
+            else:
+                raw.seek(0)
             stream = _BoundedReader(raw, spec.archive_limit, archive)
             tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20))
             for member in tar:

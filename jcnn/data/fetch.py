@@ -238,20 +238,10 @@ def download(
     with _folder_lock(folder), _progress_bar(progress) as bar:
         for remote in source.files:
             target = folder / remote.filename
-            if not force and target.is_file() and _present_and_valid(name, remote, target):
+            if not force and target.is_file() and _mismatch(name, remote, target) is None:
                 continue
             _fetch_file(name, remote, addresses[remote.filename], target, timeout, bar)
     return folder
-
-
-def _present_and_valid(name: str, remote: RemoteFile, path: Path) -> bool:
-    if path.stat().st_size == remote.size and file_sha256(path) == remote.sha256:
-        return True
-    try:
-        datasets._verify_file_content(name, remote.filename, path)
-    except datasets.CorruptFileError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -312,7 +302,7 @@ def _fetch_file(name, remote: RemoteFile, addresses, target: Path, timeout, bar)
     task = bar.add_task(remote.filename, total=remote.size)
     for url in addresses:
         try:
-            _fetch_into(url, remote, part, timeout, bar, task)
+            _fetch_into(name, url, remote, part, timeout, bar, task)
         except OSError as err:  # the local file, not the server (those are _AttemptFailed)
             raise DownloadError(
                 f"{name}: cannot write {part} ({err}); free some space or give another folder as "
@@ -324,7 +314,8 @@ def _fetch_file(name, remote: RemoteFile, addresses, target: Path, timeout, bar)
                 part.unlink(missing_ok=True)
             continue
         os.replace(part, target)
-        bar.update(task, completed=remote.size)
+        size = target.stat().st_size
+        bar.update(task, total=size, completed=size)
         return
     raise _all_failed(name, remote, target, part, failures)
 
@@ -334,8 +325,8 @@ def _all_failed(name, remote: RemoteFile, target: Path, part: Path, failures) ->
     kept = ""
     if part.is_file():
         kept = (
-            f"\n{part.stat().st_size} of {remote.size} bytes are kept in {part}; the next attempt "
-            "resumes from there."
+            f"\n{part.stat().st_size} bytes are kept in {part}; the next attempt resumes from "
+            "there."
         )
     return DownloadError(
         f"{name}: could not download {remote.filename} ({remote.size} bytes, SHA-256 "
@@ -347,87 +338,108 @@ def _all_failed(name, remote: RemoteFile, target: Path, part: Path, failures) ->
     )
 
 
-def _fetch_into(url: str, remote: RemoteFile, part: Path, timeout, bar, task) -> None:
-    """Complete ``part`` from ``url`` (resuming what it holds) and check its digest."""
+def _size_limit(remote: RemoteFile) -> int:
+    """The most bytes accepted for a file: room for a re-compressed copy, not an endless stream."""
+    return 2 * remote.size + (1 << 20)
+
+
+def _fetch_into(name: str, url: str, remote: RemoteFile, part: Path, timeout, bar, task) -> None:
+    """Complete ``part`` from ``url`` (resuming what it holds), then verify it."""
     have = part.stat().st_size if part.is_file() else 0
-    if have > remote.size:
+    if have > _size_limit(remote):
         part.unlink()
         have = 0
-    if have < remote.size:
-        _append_from(url, remote, part, have, timeout, bar, task)
-    actual = file_sha256(part)
-    if actual != remote.sha256:
-        raise _AttemptFailed(
-            f"SHA-256 mismatch: got {actual}, expected {remote.sha256} (wrong or corrupted bytes;"
-            " deleted)",
-            keep_partial=False,
+    if have == remote.size and _mismatch(name, remote, part) is None:
+        return  # a complete .part left by a process stopped before its rename
+    _append_from(url, remote, part, have, timeout, bar, task)
+    problem = _mismatch(name, remote, part)
+    if problem is not None:
+        raise _AttemptFailed(f"{problem}; deleted", keep_partial=False)
+
+
+def _mismatch(name: str, remote: RemoteFile, path: Path) -> str | None:
+    """None when ``path`` is the official file or a faithful copy of its content, else why not.
+
+    The bytes are checked against the pinned SHA-256 of the official file; bytes that differ are
+    accepted only if their decompressed content has the official content digests (a mirror that
+    re-compressed the file), read with the loader's bounded decompression.
+    """
+    actual = file_sha256(path)
+    if actual == remote.sha256:
+        return None
+    try:
+        datasets._verify_file_content(name, remote.filename, path)
+    except datasets.CorruptFileError as err:
+        return (
+            f"SHA-256 mismatch: got {actual}, expected {remote.sha256}, and the content is not "
+            f"the official data either ({err})"
         )
+    return None
 
 
 def _append_from(url, remote: RemoteFile, part: Path, have: int, timeout, bar, task) -> None:
+    """Write the body of ``url`` into ``part``, from byte ``have`` where the server allows it."""
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
-        if err.code == 416:  # our range is past what the server has: start that file over
-            raise _AttemptFailed(
-                f"HTTP 416 for bytes {have}- (partial file dropped)", keep_partial=False
-            ) from None
+        if err.code == 416 and have:  # nothing past what we hold: the .part may be complete
+            return
         raise _AttemptFailed(f"HTTP {err.code} {err.reason}", keep_partial=True) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         if isinstance(reason, TimeoutError):
             reason = f"no answer within {timeout:g} s"
         raise _AttemptFailed(f"cannot connect ({reason})", keep_partial=True) from None
+    limit = _size_limit(remote)
     with response:
         start = _start_offset(response, have)
         length = response.headers.get("Content-Length")
-        if length is not None and length.isdigit() and start + int(length) != remote.size:
+        total = start + int(length) if length is not None and length.isdigit() else None
+        if total is not None and total > limit:
             raise _AttemptFailed(
-                f"the server announces {start + int(length)} bytes, expected {remote.size}",
+                f"the server announces {total} bytes, far more than the official {remote.size}",
                 keep_partial=True,
             )
         received = start
-        bar.update(task, completed=received)
+        bar.update(task, total=total or remote.size, completed=received)
         with part.open("r+b" if start else "wb") as out:
             out.seek(start)
             out.truncate()
-            while chunk := _read_some(
-                response, remote.size + 1 - received, received, remote, timeout
-            ):
+            while chunk := _read_some(response, limit + 1 - received, received, total, timeout):
                 received += len(chunk)
-                if received > remote.size:
+                if received > limit:
                     raise _AttemptFailed(
-                        f"the server sent more than the expected {remote.size} bytes (deleted)",
+                        f"the server sent more than {limit} bytes, far more than the official "
+                        f"{remote.size}",
                         keep_partial=False,
                     )
                 out.write(chunk)  # a local error (disk full) is not the server's: it propagates
                 bar.update(task, completed=received)
             out.flush()
             os.fsync(out.fileno())
-        if received < remote.size:
+        if total is not None and received < total:
             raise _AttemptFailed(
-                f"truncated: the server closed the connection after {received} of "
-                f"{remote.size} bytes",
+                f"truncated: the server closed the connection after {received} of {total} bytes",
                 keep_partial=True,
             )
 
 
-def _read_some(response, room: int, received: int, remote: RemoteFile, timeout) -> bytes:
+def _read_some(response, room: int, received: int, total, timeout) -> bytes:
     """The next bytes of the body (at most ``room``), empty at its end; a stall is a failure."""
+    of_total = f" of {total}" if total is not None else ""
     try:
         return response.read1(min(_CHUNK, room))
     except TimeoutError:
         raise _AttemptFailed(
-            f"stalled: no data for {timeout:g} s after {received} of {remote.size} bytes",
+            f"stalled: no data for {timeout:g} s after {received}{of_total} bytes",
             keep_partial=True,
         ) from None
     except (http.client.HTTPException, OSError) as err:
         raise _AttemptFailed(
-            f"connection lost after {received} of {remote.size} bytes ({err!r})",
-            keep_partial=True,
+            f"connection lost after {received}{of_total} bytes ({err!r})", keep_partial=True
         ) from None
 
 

@@ -4,7 +4,8 @@ The server serves the shared data folder's files. Its behaviour is chosen by the
 URL path (``/<mode>/<dataset>/<file>``), so one server plays every kind of mirror: ``ok`` (honours
 ``Range``), ``norange`` (ignores it), ``missing`` (404), ``truncate`` (announces the full length,
 sends half and closes), ``corrupt`` (one byte changed), ``long`` (extra bytes, no length),
-``stall`` (half the body, then silence), ``silent`` (no answer at all).
+``flood`` (4 MiB of zeros, no length), ``bloated`` (announces 1 TB), ``stall`` (half the body,
+then silence), ``silent`` (no answer at all).
 """
 
 import filecmp
@@ -24,7 +25,7 @@ import pytest
 
 from jcnn import data
 from jcnn.data import fetch
-from jcnn.data.fetch import DownloadError, RemoteFile, Source
+from jcnn.data.fetch import DownloadError, Source
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
 
@@ -61,7 +62,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        if mode != "long":
+        if mode == "bloated":
+            self.send_header("Content-Length", str(10**12))
+        elif mode not in ("long", "flood"):
             self.send_header("Content-Length", str(len(body) - start))
         self.send_header("Connection", "close")
         self.end_headers()
@@ -70,6 +73,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             payload = payload[: len(payload) // 2]
         if mode == "long":
             payload += b"extra bytes"
+        if mode == "flood":
+            payload = bytes(4 << 20)
         self.wfile.write(payload)
         self.wfile.flush()
         server.sent.append(len(payload))
@@ -93,24 +98,6 @@ def server(data_dir):
     httpd.release.set()
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture
-def local_digests(monkeypatch, data_dir):
-    """SOURCES pinned to the shared folder's files (two of which were re-packed, see its README)."""
-    sums = dict(
-        reversed(line.split("  ", 1)) for line in (data_dir / "SHA256SUMS").read_text().splitlines()
-    )
-    for name, source in list(fetch.SOURCES.items()):
-        files = tuple(
-            RemoteFile(
-                f.filename,
-                (data_dir / name / f.filename).stat().st_size,
-                sums[f"{name}/{f.filename}"],
-            )
-            for f in source.files
-        )
-        monkeypatch.setitem(fetch.SOURCES, name, Source(("http://unused.invalid/",), files, ""))
 
 
 def _only(monkeypatch, name, filename):
@@ -216,7 +203,9 @@ def test_not_found_on_first_mirror_then_second(tmp_path, server, monkeypatch):
     [
         ("missing", "HTTP 404", False),
         ("corrupt", "SHA-256 mismatch", False),
-        ("long", "more than the expected", False),
+        ("long", "SHA-256 mismatch", False),
+        ("flood", "sent more than 1057660 bytes", False),
+        ("bloated", "announces 1000000000000 bytes", False),
         ("truncate", "truncated: the server closed the connection after 2271 of 4542 bytes", True),
     ],
 )
@@ -347,9 +336,7 @@ def test_faithful_repacked_copy_is_kept(tmp_path, server, data_dir):
     assert server.requests == []
 
 
-def test_environment_mirrors_and_load_download(
-    tmp_path, server, monkeypatch, local_digests, loaded
-):
+def test_environment_mirrors_and_load_download(tmp_path, server, monkeypatch, loaded):
     """load(download=True) into an empty cache, mirrors from JCNN_DATA_MIRRORS (all MNIST)."""
     monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("ok"))
     monkeypatch.delenv("JCNN_DATA_DIR", raising=False)
@@ -367,7 +354,7 @@ def test_environment_mirrors_and_load_download(
         data.load("mnist", "test", download="yes")
 
 
-def test_cifar10_archive(tmp_path, server, local_digests):
+def test_cifar10_archive(tmp_path, server):
     data.download("cifar10", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
     assert _listing(tmp_path / "cifar10") == ["cifar-10-binary.tar.gz"]
     name = "cifar-10-binary.tar.gz"
@@ -470,3 +457,16 @@ def test_unusable_data_folder_is_a_clear_error(tmp_path, server, monkeypatch):
     with pytest.raises(ValueError, match="at least one"):
         data.download("mnist", data_dir=tmp_path, mirrors=[])
     assert server.requests == []
+
+
+def test_mirror_serving_a_recompressed_copy(tmp_path, server, monkeypatch, data_dir):
+    """Other bytes with the official content (re-compressed) pass; a changed byte in them fails."""
+    name = "train-images-idx3-ubyte.gz"
+    _only(monkeypatch, "mnist", name)
+    served = server.root / "mnist" / name
+    assert fetch.file_sha256(served) != fetch.SOURCES["mnist"].files[0].sha256
+    with pytest.raises(DownloadError, match="SHA-256 mismatch.*not the official data either"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("corrupt")], progress=False)
+    assert _listing(tmp_path / "mnist") == []
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert filecmp.cmp(tmp_path / "mnist" / name, served, shallow=False)
