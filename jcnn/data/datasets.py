@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import os
 import re
+import shlex
 import sys
 import tarfile
 import zlib
@@ -176,14 +177,18 @@ def _candidate_dirs(name: str, data_dir) -> list[Path]:
     return [root / name, root]
 
 
-def _missing(name: str, split: str, expected: list[str], searched: list[Path]) -> FileNotFoundError:
+def _missing(name: str, split: str, expected: list[str], data_dir) -> FileNotFoundError:
     from jcnn.data.fetch import SOURCES
 
+    searched = _candidate_dirs(name, data_dir)
     places = ", ".join(str(p) for p in searched)
     addresses = " or ".join(SOURCES[name].mirrors)
+    command = f"jcnn-data download {name}"
+    if data_dir is not None:
+        command += f" --data-dir {shlex.quote(str(searched[1]))}"
     return FileNotFoundError(
         f"{name} ({split}): expected {' and '.join(expected)} in one of: {places}. Download them "
-        f"with `jcnn-data download {name}` or load(..., download=True) (from {addresses}), or "
+        f"with `{command}` or load(..., download=True) (from {addresses}), or "
         f"place the original files in {_user_cache() / name} (the per-user cache), or in a "
         f"folder given as data_dir= (--data-dir on the command line) or JCNN_DATA_DIR."
     )
@@ -256,7 +261,7 @@ def _load_idx(name: str, spec: _IdxDataset, split: str, data_dir, verify: bool):
         (d for d in searched if (d / image_file).is_file() and (d / label_file).is_file()), None
     )
     if folder is None:
-        raise _missing(name, split, [image_file, label_file], searched)
+        raise _missing(name, split, [image_file, label_file], data_dir)
     count = spec.counts[split]
     raw_images = _gunzip(folder / image_file, spec.file_size(split, image_file))
     raw_labels = _gunzip(folder / label_file, spec.file_size(split, label_file))
@@ -401,7 +406,7 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
             break
     if contents is None:
         expected = [spec.archive, f"{spec.folder}/{{{','.join(members)}}}"]
-        raise _missing(name, split, expected, searched)
+        raise _missing(name, split, expected, data_dir)
     images, labels = [], []
     for member in members:
         if verify:

@@ -7,6 +7,9 @@ the publishers' addresses and their mirrors, each tried in order. Every file is 
 holds anything but a complete, verified file. An interrupted download (connection lost, server
 stalled, Ctrl-C) keeps its ``.part``, and the next attempt asks for the rest with an HTTP ``Range``
 request; the whole file is verified at the end either way. Bytes that fail the check are deleted.
+Bytes that differ from the pinned digest are accepted only when their decompressed content has the
+official content digests (``datasets.CONTENT_SHA256``, read with the loader's bounded
+decompression): a mirror that re-compressed a file still delivers verified data.
 
 ``jcnn-data download NAME`` / ``jcnn-data verify NAME`` / ``jcnn-data list`` are the command line.
 
@@ -32,7 +35,18 @@ from pathlib import Path
 
 from jcnn.data import datasets
 
-__all__ = ["DownloadError", "MIRRORS_ENV", "RemoteFile", "SOURCES", "Source", "download", "main"]
+__all__ = [
+    "DownloadError",
+    "MIRRORS_ENV",
+    "RemoteFile",
+    "SOURCES",
+    "Source",
+    "download",
+    "file_sha256",
+    "main",
+    "mirrors_for",
+    "urls",
+]
 
 MIRRORS_ENV = "JCNN_DATA_MIRRORS"
 """Environment variable overriding the built-in addresses: base URLs separated by commas/spaces."""
@@ -232,7 +246,7 @@ def download(
             raise PermissionError("not writable")
     except OSError as err:
         raise DownloadError(
-            f"{name}: cannot create the data folder {folder} ({err}); give another one as "
+            f"{name}: cannot create or write the data folder {folder} ({err}); give another as "
             "--data-dir (data_dir= in Python) or JCNN_DATA_DIR"
         ) from err
     with _folder_lock(folder), _progress_bar(progress) as bar:
