@@ -470,3 +470,28 @@ def test_mirror_serving_a_recompressed_copy(tmp_path, server, monkeypatch, data_
     assert _listing(tmp_path / "mnist") == []
     data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
     assert filecmp.cmp(tmp_path / "mnist" / name, served, shallow=False)
+
+
+def test_jcnn_train_missing_files_are_one_line_errors(tmp_path, server, monkeypatch):
+    """With --data-dir nothing is downloaded; without it a failed download is one message."""
+    from jcnn.train.cli import main
+
+    monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("missing"))
+    monkeypatch.delenv("JCNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    empty = tmp_path / "my data"
+    empty.mkdir()
+    common = ["--dataset", "mnist", "--out", str(tmp_path / "run"), "--no-progress"]
+    with pytest.raises(SystemExit) as info:
+        main([*common, "--data-dir", str(empty)])
+    message = str(info.value.code)
+    assert message.startswith("jcnn-train: mnist (train): expected")
+    assert f"jcnn-data download mnist --data-dir '{empty}'" in message
+    assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in message
+    assert server.requests == [] and _listing(empty) == []
+    with pytest.raises(SystemExit) as info:
+        main(common)
+    message = str(info.value.code)
+    assert message.startswith("jcnn-train: mnist: could not download") and "HTTP 404" in message
+    assert _listing(tmp_path / "cache" / "jcnn" / "data" / "mnist") == []
+    assert not (tmp_path / "run").exists()
