@@ -100,6 +100,12 @@ def server(data_dir):
     httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _never_the_real_network(monkeypatch):
+    """A test that forgets its mirrors gets a refused connection, never the publishers' servers."""
+    monkeypatch.setenv(fetch.MIRRORS_ENV, "http://127.0.0.1:9/")
+
+
 def _only(monkeypatch, name, filename):
     """Restrict ``name`` to one of its files, keeping the pinned digest (small, fast tests)."""
     source = fetch.SOURCES[name]
@@ -132,8 +138,14 @@ def test_pinned_digests_match_the_official_files_we_have(data_dir):
             assert (data_dir / key).stat().st_size == remote.size, key
             checked += 1
     assert checked == 7
-    # every dataset jcnn reads from original files can be downloaded
+    # every dataset jcnn reads from original files can be downloaded, under the names it reads
     assert set(fetch.SOURCES) == set(data.DATASETS)
+    for name, spec in data.DATASETS.items():
+        if hasattr(spec, "archive"):
+            expected = {spec.archive}
+        else:
+            expected = {f for split in ("train", "test") for f in spec.files(split)}
+        assert {f.filename for f in fetch.SOURCES[name].files} == expected
 
 
 def test_mirror_list_resolution(monkeypatch):
@@ -448,7 +460,7 @@ def test_jcnn_train_downloads_into_an_empty_cache(tmp_path, server):
 def test_unusable_data_folder_is_a_clear_error(tmp_path, server, monkeypatch):
     _only(monkeypatch, "mnist", LABELS)
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(DownloadError, match="cannot create the data folder .*--data-dir"):
+    with pytest.raises(DownloadError, match="cannot create or write the data folder .*--data-dir"):
         data.download("mnist", data_dir=tmp_path / "a_file", mirrors=[server.url("ok")])
     with pytest.raises(TypeError, match="timeout"):
         data.download("mnist", data_dir=tmp_path, timeout="5")
