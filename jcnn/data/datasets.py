@@ -7,13 +7,15 @@ name goes through tensorflow-datasets (the optional ``tfds`` extra), see :func:`
 
 The data directory is, in order: the ``data_dir`` argument, the ``JCNN_DATA_DIR`` environment
 variable, then the per-user cache ``$XDG_CACHE_HOME/jcnn/data`` (``~/.cache/jcnn/data``).
-A dataset's files are looked for in ``<data_dir>/<name>/`` and then in ``<data_dir>/`` itself.
+A dataset's files are looked for in ``<data_dir>/<name>/`` and then in ``<data_dir>/`` itself;
+``load(..., download=True)`` fetches missing ones first (:mod:`jcnn.data.fetch`).
 
 Reading is all-or-nothing: every file is decompressed in memory and checked (gzip integrity, IDX
 magic number and dimensions, byte count, record count, label range) before any array is returned,
-and a failure raises :class:`CorruptFileError` naming the file and what was wrong. Archives are read
-member by member in memory; nothing is ever written to disk, and an archive holding a member with an
-absolute path or ``..`` is refused.
+and a failure raises :class:`CorruptFileError` naming the file and what was wrong. Decompression is
+bounded by the dataset's known sizes: a file inflating past them is refused there, never held whole
+in memory. Archives are streamed member by member in memory; nothing is ever written to disk, and
+an archive holding a member with an absolute path or ``..`` is refused.
 """
 
 from __future__ import annotations
