@@ -16,7 +16,8 @@ decompression): a mirror that re-compressed a file still delivers verified data.
 The addresses tried are, in order: the ``mirrors`` argument, else the environment variable
 ``JCNN_DATA_MIRRORS``, else the built-in list of :data:`SOURCES`. Each address is a base URL that
 the file name is appended to; ``{name}`` in it becomes the dataset's name, so one local mirror can
-serve every dataset (``JCNN_DATA_MIRRORS=http://mirror.lan/datasets/{name}/``).
+serve every dataset (``JCNN_DATA_MIRRORS=http://mirror.lan/datasets/{name}/``). A given address
+without ``{name}`` is tried as is, then with ``<name>/`` appended (a copy of a data directory).
 """
 
 from __future__ import annotations
@@ -164,13 +165,20 @@ def _source(name) -> Source:
 def mirrors_for(name: str, mirrors=None) -> list[str]:
     """The base URLs tried for ``name``, in order: ``mirrors``, ``$JCNN_DATA_MIRRORS``, built-in.
 
+    ``{name}`` in a given mirror becomes the dataset's name; a mirror without it is tried as a copy
+    of the dataset's folder, then as a copy of a whole data directory (``<mirror>/<name>/``).
+
     >>> mirrors_for("cifar10", ["http://127.0.0.1:8000/{name}"])
     ['http://127.0.0.1:8000/cifar10/']
+    >>> mirrors_for("mnist", ["http://mirror.lan/data"])
+    ['http://mirror.lan/data/', 'http://mirror.lan/data/mnist/']
     """
     source = _source(name)
     if mirrors is None:
-        from_env = os.environ.get(MIRRORS_ENV, "")
-        mirrors = [m for m in re.split(r"[,\s]+", from_env) if m] or list(source.mirrors)
+        from_env = [m for m in re.split(r"[,\s]+", os.environ.get(MIRRORS_ENV, "")) if m]
+        if not from_env:
+            return list(source.mirrors)
+        mirrors = from_env
     elif isinstance(mirrors, str):
         raise TypeError(f"mirrors: expected a list of base URLs, got the string {mirrors!r}")
     else:
@@ -182,7 +190,9 @@ def mirrors_for(name: str, mirrors=None) -> list[str]:
         if not isinstance(mirror, str) or not re.match(r"https?://", mirror):
             raise ValueError(f"mirrors: expected http:// or https:// base URLs, got {mirror!r}")
         base = mirror.replace("{name}", name)
-        bases.append(base if base.endswith("/") else base + "/")
+        base = base if base.endswith("/") else base + "/"
+        # without {name}: a copy of one dataset's folder, or of a whole data directory
+        bases += [base] if "{name}" in mirror else [base, f"{base}{name}/"]
     return bases
 
 

@@ -9,6 +9,7 @@ then silence), ``silent`` (no answer at all).
 """
 
 import filecmp
+import functools
 import hashlib
 import http.server
 import os
@@ -153,11 +154,15 @@ def test_mirror_list_resolution(monkeypatch):
     assert fetch.mirrors_for("mnist")[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
     assert len(fetch.mirrors_for("mnist")) >= 2
     monkeypatch.setenv(fetch.MIRRORS_ENV, "http://a.lan/{name}, http://b.lan/x/")
-    assert fetch.mirrors_for("cifar10") == ["http://a.lan/cifar10/", "http://b.lan/x/"]
+    assert fetch.mirrors_for("cifar10") == [
+        "http://a.lan/cifar10/",
+        "http://b.lan/x/",
+        "http://b.lan/x/cifar10/",
+    ]
     assert fetch.urls("cifar10")["cifar-10-binary.tar.gz"][0] == (
         "http://a.lan/cifar10/cifar-10-binary.tar.gz"
     )
-    assert fetch.mirrors_for("mnist", ["http://c.lan"]) == ["http://c.lan/"]
+    assert fetch.mirrors_for("mnist", ["http://c.lan"]) == ["http://c.lan/", "http://c.lan/mnist/"]
     with pytest.raises(TypeError, match="mirrors"):
         fetch.mirrors_for("mnist", "http://c.lan")
     with pytest.raises(ValueError, match="mirrors.*ftp://x"):
@@ -507,3 +512,26 @@ def test_jcnn_train_missing_files_are_one_line_errors(tmp_path, server, monkeypa
     assert message.startswith("jcnn-train: mnist: could not download") and "HTTP 404" in message
     assert _listing(tmp_path / "cache" / "jcnn" / "data" / "mnist") == []
     assert not (tmp_path / "run").exists()
+
+
+def test_plain_http_server_over_a_data_directory(tmp_path, monkeypatch, data_dir):
+    """``python -m http.server`` in a data directory is a mirror as is: no {name} needed."""
+    handler = functools.partial(_QuietFiles, directory=str(data_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        host, port = httpd.server_address
+        monkeypatch.setenv(fetch.MIRRORS_ENV, f"http://{host}:{port}")
+        _only(monkeypatch, "fashion_mnist", LABELS)
+        data.download("fashion_mnist", data_dir=tmp_path, progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert filecmp.cmp(
+        tmp_path / "fashion_mnist" / LABELS, data_dir / "fashion_mnist" / LABELS, shallow=False
+    )
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
