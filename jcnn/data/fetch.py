@@ -373,8 +373,11 @@ def _fetch_into(name: str, url: str, remote: RemoteFile, part: Path, timeout, ba
     if have > _size_limit(remote):
         part.unlink()
         have = 0
-    if have == remote.size and _mismatch(name, remote, part) is None:
-        return  # a complete .part left by a process stopped before its rename
+    if have == remote.size:  # complete, e.g. left by a process stopped before its rename
+        if _mismatch(name, remote, part) is None:
+            return
+        part.unlink()
+        have = 0
     _append_from(url, remote, part, have, timeout, bar, task)
     problem = _mismatch(name, remote, part)
     if problem is not None:

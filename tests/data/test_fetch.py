@@ -535,3 +535,19 @@ def test_plain_http_server_over_a_data_directory(tmp_path, monkeypatch, data_dir
 class _QuietFiles(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+
+def test_complete_part_file_is_used_or_replaced(tmp_path, server, monkeypatch):
+    """A full-size .part is renamed without a request when right, fetched again when wrong."""
+    _only(monkeypatch, "mnist", LABELS)
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / (LABELS + ".part")).write_bytes(original)
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert server.requests == [] and _listing(folder) == [LABELS]
+    (folder / LABELS).unlink()
+    (folder / (LABELS + ".part")).write_bytes(bytes(len(original)))
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert server.requests == [(f"/ok/mnist/{LABELS}", None)]
+    assert (folder / LABELS).read_bytes() == original and _listing(folder) == [LABELS]
