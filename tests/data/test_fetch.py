@@ -551,3 +551,29 @@ def test_complete_part_file_is_used_or_replaced(tmp_path, server, monkeypatch):
     data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
     assert server.requests == [(f"/ok/mnist/{LABELS}", None)]
     assert (folder / LABELS).read_bytes() == original and _listing(folder) == [LABELS]
+
+
+def test_ctrl_c_keeps_the_part_and_the_next_run_resumes(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "fashion_mnist", LABELS)
+    original = (server.root / "fashion_mnist" / LABELS).read_bytes()
+    monkeypatch.setattr(fetch, "_CHUNK", 1000)
+    real_read_some, calls = fetch._read_some, []
+
+    def interrupted_after_two_chunks(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_read_some(*args)
+
+    monkeypatch.setattr(fetch, "_read_some", interrupted_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        data.download(
+            "fashion_mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False
+        )
+    folder = tmp_path / "fashion_mnist"
+    assert _listing(folder) == [LABELS + ".part"]
+    assert (folder / (LABELS + ".part")).read_bytes() == original[:2000]
+    monkeypatch.setattr(fetch, "_read_some", real_read_some)
+    data.download("fashion_mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert server.requests[-1] == (f"/ok/fashion_mnist/{LABELS}", "bytes=2000-")
+    assert (folder / LABELS).read_bytes() == original and _listing(folder) == [LABELS]
