@@ -139,8 +139,15 @@ def main(argv=None) -> int:
     if args.dataset == "synthetic":
         (train_x, train_y), (test_x, test_y) = _synthetic("train", 0), _synthetic("test", 0)
     else:
-        train_x, train_y = data.load(args.dataset, "train", data_dir=args.data_dir)
-        test_x, test_y = data.load(args.dataset, "test", data_dir=args.data_dir)
+        # without --data-dir, missing files are downloaded into the cache (jcnn.data.download)
+        fetch = args.data_dir is None
+        try:
+            train_x, train_y = data.load(
+                args.dataset, "train", data_dir=args.data_dir, download=fetch
+            )
+            test_x, test_y = data.load(args.dataset, "test", data_dir=args.data_dir, download=fetch)
+        except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
+            raise SystemExit(f"jcnn-train: {error}") from None
     if args.limit_train:
         train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
     num_classes = int(max(train_y.max(), test_y.max())) + 1
