@@ -1,10 +1,14 @@
 """Training: optimizers and schedules, the train state, jit-compiled steps, fit(), checkpoints,
 data parallelism and the ``jcnn-train`` command line."""
 
-from jcnn.train import parallel, schedules
+from jcnn.train import callbacks, parallel, schedules
+from jcnn.train.callbacks import BestCheckpoint, Callback, CallbackError, EarlyStopping, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from jcnn.train.optim import OPTIMIZERS, default_decay_mask, optimizer
+from jcnn.train.protocol import TrainLoader
+from jcnn.train.runs import Run, RunFolderError, load_run
+from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
 from jcnn.train.steps import eval_step, train_step
 
@@ -23,4 +27,15 @@ __all__ = [
     "CheckpointManager",
     "CheckpointError",
     "parallel",
+    "callbacks",
+    "Callback",
+    "CallbackError",
+    "RunContext",
+    "EarlyStopping",
+    "BestCheckpoint",
+    "TrainLoader",
+    "split_validation",
+    "load_run",
+    "Run",
+    "RunFolderError",
 ]
