@@ -1,8 +1,9 @@
 """jcnn: convolutional networks in JAX, pure functions first."""
 
-from jcnn import analysis, data, functional, init, models, native, nn, train
+from jcnn import analysis, data, functional, init, models, native, nn, nnx, train
+from jcnn._version import installed_version as _installed_version
 
-__version__ = "0.1.0"
+__version__ = _installed_version()
 
 __all__ = [
     "analysis",
@@ -12,6 +13,7 @@ __all__ = [
     "models",
     "native",
     "nn",
+    "nnx",
     "train",
     "__version__",
 ]
