@@ -1,4 +1,4 @@
-"""The version of the installed distribution, read from its metadata (one source: pyproject.toml)."""
+"""The installed distribution's version, read from its metadata (one source: pyproject.toml)."""
 
 from __future__ import annotations
 

@@ -39,5 +39,13 @@ from jcnn.nnx.pool import *  # noqa: F403
 from jcnn.nnx.pool import __all__ as _pool
 
 __all__ = [
-    *_conv, *_linear, *_norm, *_pool, *_activation, *_dropout, *_container, *_convert, *_bridge,
+    *_conv,
+    *_linear,
+    *_norm,
+    *_pool,
+    *_activation,
+    *_dropout,
+    *_container,
+    *_convert,
+    *_bridge,
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 from jcnn.functional._checks import as_int_tuple, check_array, check_positive_int
@@ -77,15 +78,18 @@ def check_divisible(channels: int, groups: int, what: str) -> None:
 
 
 def check_flag(value, name: str) -> None:
-    """Raise unless ``value`` is a Python bool (``None`` passes: the attribute decides)."""
-    if value is not None and not isinstance(value, bool):
+    """Raise unless ``value`` is a bool (``None`` passes: the attribute decides).
+
+    A traced array is refused too: train and evaluation are different programs, chosen in Python.
+    """
+    if value is not None and not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected True, False or None, got {value!r}")
 
 
 def training(train: bool | None, attribute_says_train: bool) -> bool:
     """Whether this call trains: ``train`` when given, else the module's attribute."""
     check_flag(train, "train")
-    return attribute_says_train if train is None else train
+    return bool(attribute_says_train if train is None else train)
 
 
 def value(variable):

@@ -103,7 +103,7 @@ class Maxout(nnx.Module):
         if features is None:
             if in_features is not None:
                 raise ValueError(
-                    f"in_features: only used with features (the learned maxout), got {in_features!r}"
+                    f"in_features: only used with features (learned maxout), got {in_features!r}"
                 )
             self.linear = None
             return

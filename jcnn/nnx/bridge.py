@@ -42,7 +42,9 @@ def to_nnx(linen_model: linen.Module, sample_input, *, rngs: nnx.Rngs | jax.Arra
         (2, 10)
     """
     if not isinstance(linen_model, linen.Module):
-        raise TypeError(f"linen_model: expected a flax.linen.Module, got {type(linen_model).__name__}")
+        raise TypeError(
+            f"linen_model: expected a flax.linen.Module, got {type(linen_model).__name__}"
+        )
     if not isinstance(rngs, (nnx.Rngs, jax.Array)):
         raise TypeError(f"rngs: expected nnx.Rngs or a jax key, got {type(rngs).__name__}")
     try:

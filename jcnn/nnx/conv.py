@@ -37,7 +37,9 @@ class _ConvBase(nnx.Module):
         self, kernel_shape, features, use_bias, kernel_init, bias_init, param_dtype, rngs
     ):
         self.kernel = param(rngs, kernel_init, kernel_shape, param_dtype)
-        self.bias = param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
+        self.bias = (
+            param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
+        )
 
     def _operands(self, x):
         check_input(x, len(self.kernel_size), self.in_features, type(self).__name__)
@@ -114,7 +116,7 @@ class Conv(_ConvBase):
         )
 
     def __call__(self, x):
-        """Apply the layer to ``x`` ``(N, *spatial, in_features)``; returns ``(N, *out, features)``."""
+        """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
         return F.conv(
             x,
@@ -188,7 +190,7 @@ class ConvTranspose(_ConvBase):
         )
 
     def __call__(self, x):
-        """Apply the layer to ``x`` ``(N, *spatial, in_features)``; returns ``(N, *out, features)``."""
+        """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
         return F.conv_transpose(
             x,

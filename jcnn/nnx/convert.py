@@ -79,7 +79,9 @@ def load_linen_variables(module: nnx.Module, variables: Mapping) -> None:
     for key, variable in _variables(module):
         where = "/".join(key)
         if key not in given:
-            raise ValueError(f"variables: no {where} for {type(module).__name__}; got {_names(given)}")
+            raise ValueError(
+                f"variables: no {where} for {type(module).__name__}; got {_names(given)}"
+            )
         new = jnp.asarray(given.pop(key))
         old = variable[...]
         if new.shape != old.shape or new.dtype != old.dtype:

@@ -43,7 +43,9 @@ class _Dropout(nnx.Module):
             return rngs[self.rng_collection].fork()
         if isinstance(rngs, nnx.RngStream):
             return rngs.fork()
-        raise TypeError(f"{name}: expected nnx.Rngs, nnx.RngStream or None, got {type(rngs).__name__}")
+        raise TypeError(
+            f"{name}: expected nnx.Rngs, nnx.RngStream or None, got {type(rngs).__name__}"
+        )
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view``: set ``deterministic`` when given."""

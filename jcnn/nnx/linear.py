@@ -57,8 +57,12 @@ class Dense(nnx.Module):
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
         self.in_features, self.features, self.dtype = in_features, features, dtype
-        self.kernel = param(rngs, kernel_init or init.he_normal(), (in_features, features), param_dtype)
-        self.bias = param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
+        self.kernel = param(
+            rngs, kernel_init or init.he_normal(), (in_features, features), param_dtype
+        )
+        self.bias = (
+            param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
+        )
 
     def __call__(self, x):
         """Apply the layer to ``x`` ``(..., in_features)``; returns ``(..., features)``."""

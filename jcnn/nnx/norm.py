@@ -36,8 +36,18 @@ __all__ = [
 class _Affine(nnx.Module):
     """Holds the per-channel ``scale`` and ``bias`` (each ``None`` when not learned)."""
 
-    def _make_affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
-                     dtype, rngs, owner):
+    def _make_affine(
+        self,
+        num_features,
+        use_scale,
+        use_bias,
+        scale_init,
+        bias_init,
+        param_dtype,
+        dtype,
+        rngs,
+        owner,
+    ):
         check_rngs(rngs, owner)
         check_positive_int(num_features, "num_features")
         self.num_features, self.dtype = num_features, dtype
@@ -119,8 +129,17 @@ class BatchNorm(_RunningStats):
         use_running_average: bool = False,
         rngs: nnx.Rngs,
     ):
-        self._make_affine(num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
-                          dtype, rngs, "BatchNorm")
+        self._make_affine(
+            num_features,
+            use_scale,
+            use_bias,
+            scale_init,
+            bias_init,
+            param_dtype,
+            dtype,
+            rngs,
+            "BatchNorm",
+        )
         self.momentum, self.eps, self.axis_name = momentum, eps, axis_name
         self.unbiased_running_var = unbiased_running_var
         self._make_stats(use_running_average)
@@ -167,8 +186,17 @@ class LayerNorm(_Affine):
         *,
         rngs: nnx.Rngs,
     ):
-        self._make_affine(num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
-                          dtype, rngs, "LayerNorm")
+        self._make_affine(
+            num_features,
+            use_scale,
+            use_bias,
+            scale_init,
+            bias_init,
+            param_dtype,
+            dtype,
+            rngs,
+            "LayerNorm",
+        )
         self.eps = eps
 
     def __call__(self, x):
@@ -208,8 +236,17 @@ class GroupNorm(_Affine):
                 f"num_groups: the channels (num_features={num_features}) must be divisible by "
                 f"num_groups ({num_groups})"
             )
-        self._make_affine(num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
-                          dtype, rngs, "GroupNorm")
+        self._make_affine(
+            num_features,
+            use_scale,
+            use_bias,
+            scale_init,
+            bias_init,
+            param_dtype,
+            dtype,
+            rngs,
+            "GroupNorm",
+        )
         self.num_groups, self.eps = num_groups, eps
 
     def __call__(self, x):
@@ -250,8 +287,17 @@ class InstanceNorm(_RunningStats):
         use_running_average: bool = False,
         rngs: nnx.Rngs,
     ):
-        self._make_affine(num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
-                          dtype, rngs, "InstanceNorm")
+        self._make_affine(
+            num_features,
+            use_scale,
+            use_bias,
+            scale_init,
+            bias_init,
+            param_dtype,
+            dtype,
+            rngs,
+            "InstanceNorm",
+        )
         self.track_running_stats = track_running_stats
         self.momentum, self.unbiased_running_var, self.eps = momentum, unbiased_running_var, eps
         if track_running_stats:

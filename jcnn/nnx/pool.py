@@ -51,7 +51,11 @@ class MaxPool(nnx.Module):
     def __call__(self, x):
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.max_pool(
-            x, self.window, self.stride, self.padding, dilation=self.dilation,
+            x,
+            self.window,
+            self.stride,
+            self.padding,
+            dilation=self.dilation,
             ceil_mode=self.ceil_mode,
         )
 
@@ -77,7 +81,11 @@ class AvgPool(nnx.Module):
     def __call__(self, x):
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.avg_pool(
-            x, self.window, self.stride, self.padding, ceil_mode=self.ceil_mode,
+            x,
+            self.window,
+            self.stride,
+            self.padding,
+            ceil_mode=self.ceil_mode,
             count_include_pad=self.count_include_pad,
         )
 
@@ -89,7 +97,9 @@ class LPPool(nnx.Module):
         p, window, stride: as in ``F.lp_pool``.
     """
 
-    def __init__(self, p: float, window: int | Sequence[int], stride: int | Sequence[int] | None = None):
+    def __init__(
+        self, p: float, window: int | Sequence[int], stride: int | Sequence[int] | None = None
+    ):
         self.p, self.window, self.stride = p, window, stride
 
     def __call__(self, x):

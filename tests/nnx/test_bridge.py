@@ -86,7 +86,9 @@ def test_to_nnx_checks_its_arguments():
 
 
 def test_load_linen_variables_refuses_a_mismatch_and_leaves_the_module_as_it_was():
-    model = jnnx.Sequential([jnnx.Conv(2, 3, 3, rngs=nnx.Rngs(0)), jnnx.BatchNorm(3, rngs=nnx.Rngs(0))])
+    model = jnnx.Sequential(
+        [jnnx.Conv(2, 3, 3, rngs=nnx.Rngs(0)), jnnx.BatchNorm(3, rngs=nnx.Rngs(0))]
+    )
     before = jax.tree.map(np.asarray, jnnx.linen_variables(model))
     good = jax.tree.map(lambda a: a + 1, before)
     wrong_shape = jax.tree.map(lambda a: a, good)

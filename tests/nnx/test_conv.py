@@ -26,12 +26,22 @@ def test_conv_kernel_rank_comes_from_kernel_size_or_spatial_dims(kernel_size, sp
 
 def test_conv_computes_f_conv_with_its_parameters(rng):
     layer = jnnx.Conv(
-        3, 5, (3, 2), stride=(2, 1), padding=((1, 0), (2, 1)), dilation=(1, 2),
-        bias_init=init.normal(1.0), rngs=nnx.Rngs(0),
+        3,
+        5,
+        (3, 2),
+        stride=(2, 1),
+        padding=((1, 0), (2, 1)),
+        dilation=(1, 2),
+        bias_init=init.normal(1.0),
+        rngs=nnx.Rngs(0),
     )
     x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)
     expected = F.conv(
-        x, layer.kernel[...], layer.bias[...], stride=(2, 1), padding=((1, 0), (2, 1)),
+        x,
+        layer.kernel[...],
+        layer.bias[...],
+        stride=(2, 1),
+        padding=((1, 0), (2, 1)),
         dilation=(1, 2),
     )
     np.testing.assert_array_equal(layer(x), expected)

@@ -35,86 +35,139 @@ class Twin:
 def _bn_seq():
     return (
         lambda: nn.Sequential(
-            [nn.Conv(6, 3, padding=1), nn.BatchNorm(momentum=0.8), F.relu, nn.MaxPool(2),
-             nn.Flatten(), nn.Dense(5)]
+            [
+                nn.Conv(6, 3, padding=1),
+                nn.BatchNorm(momentum=0.8),
+                F.relu,
+                nn.MaxPool(2),
+                nn.Flatten(),
+                nn.Dense(5),
+            ]
         ),
         lambda r: jnnx.Sequential(
-            [jnnx.Conv(2, 6, 3, padding=1, rngs=r), jnnx.BatchNorm(6, momentum=0.8, rngs=r),
-             F.relu, jnnx.MaxPool(2), jnnx.Flatten(), jnnx.Dense(6 * 3 * 3, 5, rngs=r)]
+            [
+                jnnx.Conv(2, 6, 3, padding=1, rngs=r),
+                jnnx.BatchNorm(6, momentum=0.8, rngs=r),
+                F.relu,
+                jnnx.MaxPool(2),
+                jnnx.Flatten(),
+                jnnx.Dense(6 * 3 * 3, 5, rngs=r),
+            ]
         ),
     )
 
 
 TWINS: dict[str, list[Twin]] = {
     "Conv": [
-        Twin(lambda: nn.Conv(6, (3, 2), stride=2, padding=1, groups=2),
-             lambda r: jnnx.Conv(4, 6, (3, 2), stride=2, padding=1, groups=2, rngs=r),
-             (2, 9, 7, 4)),
-        Twin(lambda: nn.Conv(5, 3, dilation=2, padding=2, padding_mode="circular"),
-             lambda r: jnnx.Conv(3, 5, 3, dilation=2, padding=2, padding_mode="circular",
-                                 spatial_dims=1, rngs=r),
-             (2, 11, 3)),
-        Twin(lambda: nn.Conv(4, (2, 3, 2), use_bias=False, flip=True, padding="SAME"),
-             lambda r: jnnx.Conv(3, 4, (2, 3, 2), use_bias=False, flip=True, padding="SAME",
-                                 rngs=r),
-             (1, 5, 6, 4, 3)),
+        Twin(
+            lambda: nn.Conv(6, (3, 2), stride=2, padding=1, groups=2),
+            lambda r: jnnx.Conv(4, 6, (3, 2), stride=2, padding=1, groups=2, rngs=r),
+            (2, 9, 7, 4),
+        ),
+        Twin(
+            lambda: nn.Conv(5, 3, dilation=2, padding=2, padding_mode="circular"),
+            lambda r: jnnx.Conv(
+                3, 5, 3, dilation=2, padding=2, padding_mode="circular", spatial_dims=1, rngs=r
+            ),
+            (2, 11, 3),
+        ),
+        Twin(
+            lambda: nn.Conv(4, (2, 3, 2), use_bias=False, flip=True, padding="SAME"),
+            lambda r: jnnx.Conv(3, 4, (2, 3, 2), use_bias=False, flip=True, padding="SAME", rngs=r),
+            (1, 5, 6, 4, 3),
+        ),
     ],
     "ConvTranspose": [
-        Twin(lambda: nn.ConvTranspose(6, 3, stride=2, padding=1, output_padding=1, groups=2),
-             lambda r: jnnx.ConvTranspose(4, 6, 3, stride=2, padding=1, output_padding=1,
-                                          groups=2, rngs=r),
-             (2, 5, 4, 4)),
-        Twin(lambda: nn.ConvTranspose(2, (3,), use_bias=False, dilation=2),
-             lambda r: jnnx.ConvTranspose(3, 2, (3,), use_bias=False, dilation=2, rngs=r),
-             (2, 6, 3)),
+        Twin(
+            lambda: nn.ConvTranspose(6, 3, stride=2, padding=1, output_padding=1, groups=2),
+            lambda r: jnnx.ConvTranspose(
+                4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, rngs=r
+            ),
+            (2, 5, 4, 4),
+        ),
+        Twin(
+            lambda: nn.ConvTranspose(2, (3,), use_bias=False, dilation=2),
+            lambda r: jnnx.ConvTranspose(3, 2, (3,), use_bias=False, dilation=2, rngs=r),
+            (2, 6, 3),
+        ),
     ],
     "Dense": [
         Twin(lambda: nn.Dense(3), lambda r: jnnx.Dense(5, 3, rngs=r), (2, 3, 5)),
-        Twin(lambda: nn.Dense(4, use_bias=False, kernel_init=init.xavier_uniform()),
-             lambda r: jnnx.Dense(7, 4, use_bias=False, kernel_init=init.xavier_uniform(), rngs=r),
-             (3, 7)),
+        Twin(
+            lambda: nn.Dense(4, use_bias=False, kernel_init=init.xavier_uniform()),
+            lambda r: jnnx.Dense(7, 4, use_bias=False, kernel_init=init.xavier_uniform(), rngs=r),
+            (3, 7),
+        ),
     ],
     "Flatten": [Twin(nn.Flatten, lambda r: jnnx.Flatten(), (2, 3, 4, 5))],
     "BatchNorm": [
         Twin(nn.BatchNorm, lambda r: jnnx.BatchNorm(3, rngs=r), (8, 5, 5, 3), takes_train=True),
-        Twin(lambda: nn.BatchNorm(momentum=0.7, unbiased_running_var=True, use_scale=False,
-                                  eps=1e-3),
-             lambda r: jnnx.BatchNorm(4, momentum=0.7, unbiased_running_var=True,
-                                      use_scale=False, eps=1e-3, rngs=r),
-             (6, 4), takes_train=True),
+        Twin(
+            lambda: nn.BatchNorm(
+                momentum=0.7, unbiased_running_var=True, use_scale=False, eps=1e-3
+            ),
+            lambda r: jnnx.BatchNorm(
+                4, momentum=0.7, unbiased_running_var=True, use_scale=False, eps=1e-3, rngs=r
+            ),
+            (6, 4),
+            takes_train=True,
+        ),
     ],
     "LayerNorm": [
         Twin(nn.LayerNorm, lambda r: jnnx.LayerNorm(3, rngs=r), (2, 4, 4, 3)),
-        Twin(lambda: nn.LayerNorm(use_bias=False, eps=1e-2),
-             lambda r: jnnx.LayerNorm(5, use_bias=False, eps=1e-2, rngs=r), (3, 5)),
+        Twin(
+            lambda: nn.LayerNorm(use_bias=False, eps=1e-2),
+            lambda r: jnnx.LayerNorm(5, use_bias=False, eps=1e-2, rngs=r),
+            (3, 5),
+        ),
     ],
     "GroupNorm": [
-        Twin(lambda: nn.GroupNorm(num_groups=2), lambda r: jnnx.GroupNorm(6, num_groups=2, rngs=r),
-             (2, 3, 3, 6)),
+        Twin(
+            lambda: nn.GroupNorm(num_groups=2),
+            lambda r: jnnx.GroupNorm(6, num_groups=2, rngs=r),
+            (2, 3, 3, 6),
+        ),
     ],
     "InstanceNorm": [
         Twin(nn.InstanceNorm, lambda r: jnnx.InstanceNorm(3, rngs=r), (2, 5, 5, 3)),
-        Twin(lambda: nn.InstanceNorm(track_running_stats=True, momentum=0.8,
-                                     unbiased_running_var=True),
-             lambda r: jnnx.InstanceNorm(2, track_running_stats=True, momentum=0.8,
-                                         unbiased_running_var=True, rngs=r),
-             (3, 4, 6, 2), takes_train=True),
+        Twin(
+            lambda: nn.InstanceNorm(
+                track_running_stats=True, momentum=0.8, unbiased_running_var=True
+            ),
+            lambda r: jnnx.InstanceNorm(
+                2, track_running_stats=True, momentum=0.8, unbiased_running_var=True, rngs=r
+            ),
+            (3, 4, 6, 2),
+            takes_train=True,
+        ),
     ],
     "LocalContrastNorm": [
-        Twin(lambda: nn.LocalContrastNorm(size=3), lambda r: jnnx.LocalContrastNorm(size=3),
-             (2, 8, 7, 3)),
+        Twin(
+            lambda: nn.LocalContrastNorm(size=3),
+            lambda r: jnnx.LocalContrastNorm(size=3),
+            (2, 8, 7, 3),
+        ),
     ],
     "LocalResponseNorm": [
-        Twin(lambda: nn.LocalResponseNorm(3, alpha=1e-2), lambda r: jnnx.LocalResponseNorm(3, alpha=1e-2),
-             (2, 4, 4, 6)),
+        Twin(
+            lambda: nn.LocalResponseNorm(3, alpha=1e-2),
+            lambda r: jnnx.LocalResponseNorm(3, alpha=1e-2),
+            (2, 4, 4, 6),
+        ),
     ],
     "MaxPool": [
-        Twin(lambda: nn.MaxPool(3, stride=2, padding=1, ceil_mode=True),
-             lambda r: jnnx.MaxPool(3, stride=2, padding=1, ceil_mode=True), (2, 9, 8, 3)),
+        Twin(
+            lambda: nn.MaxPool(3, stride=2, padding=1, ceil_mode=True),
+            lambda r: jnnx.MaxPool(3, stride=2, padding=1, ceil_mode=True),
+            (2, 9, 8, 3),
+        ),
     ],
     "AvgPool": [
-        Twin(lambda: nn.AvgPool((2, 3), padding=1, count_include_pad=False),
-             lambda r: jnnx.AvgPool((2, 3), padding=1, count_include_pad=False), (2, 7, 8, 3)),
+        Twin(
+            lambda: nn.AvgPool((2, 3), padding=1, count_include_pad=False),
+            lambda r: jnnx.AvgPool((2, 3), padding=1, count_include_pad=False),
+            (2, 7, 8, 3),
+        ),
     ],
     "LPPool": [Twin(lambda: nn.LPPool(2.0, 2), lambda r: jnnx.LPPool(2.0, 2), (2, 6, 6, 3))],
     "GlobalAvgPool": [Twin(nn.GlobalAvgPool, lambda r: jnnx.GlobalAvgPool(), (2, 5, 4, 3))],
@@ -123,18 +176,25 @@ TWINS: dict[str, list[Twin]] = {
         Twin(lambda: nn.AdaptiveAvgPool(3), lambda r: jnnx.AdaptiveAvgPool(3), (2, 7, 8, 2)),
     ],
     "AdaptiveMaxPool": [
-        Twin(lambda: nn.AdaptiveMaxPool((2, 3)), lambda r: jnnx.AdaptiveMaxPool((2, 3)),
-             (2, 7, 8, 2)),
+        Twin(
+            lambda: nn.AdaptiveMaxPool((2, 3)), lambda r: jnnx.AdaptiveMaxPool((2, 3)), (2, 7, 8, 2)
+        ),
     ],
     "PReLU": [
         Twin(nn.PReLU, lambda r: jnnx.PReLU(), (3, 4)),
-        Twin(lambda: nn.PReLU(channelwise=True, alpha_init=0.1),
-             lambda r: jnnx.PReLU(channelwise=True, alpha_init=0.1, num_features=3), (2, 4, 4, 3)),
+        Twin(
+            lambda: nn.PReLU(channelwise=True, alpha_init=0.1),
+            lambda r: jnnx.PReLU(channelwise=True, alpha_init=0.1, num_features=3),
+            (2, 4, 4, 3),
+        ),
     ],
     "Maxout": [
         Twin(lambda: nn.Maxout(3), lambda r: jnnx.Maxout(3), (2, 4, 6)),
-        Twin(lambda: nn.Maxout(2, features=3), lambda r: jnnx.Maxout(2, 3, in_features=5, rngs=r),
-             (4, 5)),
+        Twin(
+            lambda: nn.Maxout(2, features=3),
+            lambda r: jnnx.Maxout(2, 3, in_features=5, rngs=r),
+            (4, 5),
+        ),
     ],
     "ReLU": [Twin(nn.ReLU, lambda r: jnnx.ReLU(), (3, 5))],
     "LeakyReLU": [Twin(lambda: nn.LeakyReLU(0.2), lambda r: jnnx.LeakyReLU(0.2), (3, 5))],
@@ -149,26 +209,64 @@ TWINS: dict[str, list[Twin]] = {
         Twin(lambda: nn.Dropout(0.3), lambda r: jnnx.Dropout(0.3), (4, 10), True, True),
     ],
     "SpatialDropout": [
-        Twin(lambda: nn.SpatialDropout(0.5), lambda r: jnnx.SpatialDropout(0.5), (3, 4, 4, 5),
-             True, True),
+        Twin(
+            lambda: nn.SpatialDropout(0.5),
+            lambda r: jnnx.SpatialDropout(0.5),
+            (3, 4, 4, 5),
+            True,
+            True,
+        ),
     ],
     "Sequential": [Twin(*_bn_seq(), (4, 6, 6, 2), takes_train=True)],
     "Residual": [
-        Twin(lambda: nn.Residual(
-                 nn.Sequential([nn.Conv(4, 3, stride=2, padding=1), nn.BatchNorm(), F.relu]),
-                 projection=nn.Conv(4, 1, stride=2)),
-             lambda r: jnnx.Residual(
-                 jnnx.Sequential([jnnx.Conv(3, 4, 3, stride=2, padding=1, rngs=r),
-                                  jnnx.BatchNorm(4, rngs=r), F.relu]),
-                 projection=jnnx.Conv(3, 4, 1, stride=2, rngs=r)),
-             (2, 7, 7, 3), takes_train=True),
-        Twin(lambda: nn.Residual(nn.LayerNorm()), lambda r: jnnx.Residual(jnnx.LayerNorm(3, rngs=r)),
-             (2, 4, 4, 3)),
+        Twin(
+            lambda: nn.Residual(
+                nn.Sequential([nn.Conv(4, 3, stride=2, padding=1), nn.BatchNorm(), F.relu]),
+                projection=nn.Conv(4, 1, stride=2),
+            ),
+            lambda r: jnnx.Residual(
+                jnnx.Sequential(
+                    [
+                        jnnx.Conv(3, 4, 3, stride=2, padding=1, rngs=r),
+                        jnnx.BatchNorm(4, rngs=r),
+                        F.relu,
+                    ]
+                ),
+                projection=jnnx.Conv(3, 4, 1, stride=2, rngs=r),
+            ),
+            (2, 7, 7, 3),
+            takes_train=True,
+        ),
+        Twin(
+            lambda: nn.Residual(nn.LayerNorm()),
+            lambda r: jnnx.Residual(jnnx.LayerNorm(3, rngs=r)),
+            (2, 4, 4, 3),
+        ),
     ],
 }
 
 CASES = [
     pytest.param(twin, id=f"{name}-{index}")
+    for name, twins in TWINS.items()
+    for index, twin in enumerate(twins)
+]
+
+# Known defect of the functional op (not of the twins): F.local_response_norm sums squares with
+# lax.reduce_window and a jnp.zeros init, which under jit is a tracer, so JAX takes its generic
+# reduce_window, which has no reverse-mode rule; differentiating it under jit fails in jcnn.nn and
+# jcnn.nnx alike. Strict: this fails (and should lose its mark) once the op is fixed.
+JIT_GRAD_DEFECTS = {
+    "LocalResponseNorm": "F.local_response_norm is not differentiable under jit (reduce_window "
+    "with a traced init value)",
+}
+GRAD_CASES = [
+    pytest.param(
+        twin,
+        id=f"{name}-{index}",
+        marks=[pytest.mark.xfail(strict=True, raises=ValueError, reason=JIT_GRAD_DEFECTS[name])]
+        if name in JIT_GRAD_DEFECTS
+        else [],
+    )
     for name, twins in TWINS.items()
     for index, twin in enumerate(twins)
 ]
@@ -248,7 +346,7 @@ def test_twin_has_the_linen_variables_and_outputs(twin, rng):
         assert bool((_nnx_call(twin, twin_module, x, True, key, by_attribute=True) == 0).any())
 
 
-@pytest.mark.parametrize("twin", CASES)
+@pytest.mark.parametrize("twin", GRAD_CASES)
 def test_twin_gradients_and_training_steps_match(twin, rng):
     x = _inputs(twin, rng)
     module = twin.linen()
@@ -284,7 +382,12 @@ def test_twin_gradients_and_training_steps_match(twin, rng):
     for step in range(3):
         x = _inputs(twin, rng)
         key = jax.random.key(step)
-        out = jax.eval_shape(lambda x: _linen_call(twin, module, variables, x, True, key)[0], x)
+        out, _ = jax.eval_shape(
+            lambda variables, x, key: _linen_call(twin, module, variables, x, True, key),
+            variables,
+            x,
+            key,
+        )
         weights = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
         linen_grad, linen_grad_x, variables = linen_step(variables, x, key, weights)
 

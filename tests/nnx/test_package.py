@@ -106,9 +106,7 @@ def test_per_example_grads_of_an_nnx_model_through_analysis(rng):
     )
     for i in range(x.shape[0]):
         expected = one_example_grad(model, x[i : i + 1], y[i : i + 1])
-        for got, want in zip(
-            jax.tree.leaves(per_example), jax.tree.leaves(expected), strict=True
-        ):
+        for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(got[i], want, rtol=2e-5, atol=1e-6)
     batch_grad = jax.jit(jax.grad(loss_fn))(params, (x, y))
     for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(batch_grad), strict=True):
