@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jcnn import nn
 from jcnn import nnx as jnnx
 
 
@@ -68,8 +69,6 @@ def test_norm_arguments_are_checked():
 
 def test_local_response_norm_gradient_matches_the_linen_twin_eagerly(rng):
     # Under jit, F.local_response_norm cannot be differentiated yet (see test_convert.py).
-    from jcnn import nn
-
     x = jnp.asarray(rng.normal(size=(2, 3, 3, 6)), jnp.float32)
     weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     twin = jnnx.LocalResponseNorm(3, alpha=0.1, beta=0.6, k=1.5)
