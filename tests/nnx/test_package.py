@@ -151,3 +151,21 @@ def test_a_call_with_train_overrides_the_attributes(rng):
     )
     with pytest.raises(TypeError, match="train"):
         model(x, train=1)
+
+
+def test_jcnn_nnx_is_reachable_as_an_attribute_and_refuses_an_old_flax(monkeypatch):
+    import importlib
+    import sys
+
+    import flax
+
+    import jcnn
+
+    assert jcnn.nnx is jnnx
+    assert "nnx" in jcnn.__all__
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        jcnn.no_such_thing  # noqa: B018
+    monkeypatch.setattr(flax, "__version__", "0.10.2")
+    monkeypatch.delitem(sys.modules, "jcnn.nnx")
+    with pytest.raises(ImportError, match=r"flax>=0.12.*installed: flax 0.10.2"):
+        importlib.import_module("jcnn.nnx")
