@@ -1,8 +1,19 @@
 """jcnn: convolutional networks in JAX, pure functions first."""
 
-from jcnn import analysis, data, functional, init, models, native, nn, train
+import importlib as _importlib
 
-__version__ = "0.1.0"
+from jcnn import analysis, data, functional, init, models, native, nn, train
+from jcnn._version import installed_version as _installed_version
+
+__version__ = _installed_version()
+
+
+def __getattr__(name: str):
+    # jcnn.nnx needs Flax >= 0.12 (the rest of jcnn less): it is imported on first use.
+    if name == "nnx":
+        return _importlib.import_module("jcnn.nnx")
+    raise AttributeError(f"module 'jcnn' has no attribute {name!r}")
+
 
 __all__ = [
     "analysis",
@@ -12,6 +23,7 @@ __all__ = [
     "models",
     "native",
     "nn",
+    "nnx",
     "train",
     "__version__",
 ]

@@ -1,0 +1,194 @@
+"""Activation modules, NNX twins of ``jcnn.nn``'s: ``PReLU`` and ``Maxout`` (learned) and the
+parameter-free ``ReLU``, ``LeakyReLU``, ``ELU``, ``GELU``, ``Tanh``, ``Sigmoid``, ``Rectify``,
+``Swish``, ``Softplus``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jcnn import functional as F
+from jcnn.functional._checks import check_array, check_positive_int
+from jcnn.nnx._util import check_input, check_rngs
+from jcnn.nnx.linear import Dense
+
+__all__ = [
+    "PReLU",
+    "Maxout",
+    "ReLU",
+    "LeakyReLU",
+    "ELU",
+    "GELU",
+    "Tanh",
+    "Sigmoid",
+    "Rectify",
+    "Swish",
+    "Softplus",
+]
+
+
+class PReLU(nnx.Module):
+    """Parametric ReLU, ``max(alpha * x, x)`` with a learned slope ``alpha``; the NNX twin of
+    ``jcnn.nn.PReLU``.
+
+    Args:
+        channelwise: one slope per channel (shape ``(num_features,)``) instead of one scalar.
+        alpha_init: initial slope (0.25).
+        param_dtype: dtype of ``alpha``.
+        num_features: the channels, needed (only) with ``channelwise=True``.
+
+    Example:
+        >>> import jcnn
+        >>> jcnn.nnx.PReLU()(jnp.array([[-2.0, 3.0]])).tolist()
+        [[-0.5, 3.0]]
+    """
+
+    def __init__(
+        self,
+        channelwise: bool = False,
+        alpha_init: float = 0.25,
+        param_dtype: Any = jnp.float32,
+        *,
+        num_features: int | None = None,
+    ):
+        if channelwise:
+            if num_features is None:
+                raise ValueError("num_features: PReLU(channelwise=True) needs the channel count")
+            check_positive_int(num_features, "num_features")
+        elif num_features is not None:
+            raise ValueError(
+                f"num_features: only used with channelwise=True, got {num_features!r} with one "
+                "shared slope"
+            )
+        self.channelwise, self.num_features = channelwise, num_features
+        shape = (num_features,) if channelwise else ()
+        self.alpha = nnx.Param(jnp.full(shape, alpha_init, param_dtype))
+
+    def __call__(self, x):
+        """Apply the activation to ``x`` of shape ``(N, ..., C)``."""
+        if self.channelwise:
+            check_input(x, None, self.num_features, "PReLU")
+        else:
+            check_array(x, "x")
+        return F.prelu(x, self.alpha[...])
+
+
+class Maxout(nnx.Module):
+    """Maxout (Goodfellow et al. 2013), the NNX twin of ``jcnn.nn.Maxout``.
+
+    With ``features`` set, a learned ``Dense`` (attribute ``linear``) from ``in_features`` to
+    ``features * num_pieces`` units comes first; without it the module only takes the maximum
+    over groups of ``num_pieces`` channels (``F.maxout``).
+
+    Args:
+        num_pieces: how many linear pieces each output takes the maximum of.
+        features: number of outputs of the learned version, or None for the parameter-free one.
+        in_features: size of the input's last axis (learned version only).
+        rngs: ``nnx.Rngs`` for the learned version's kernel.
+    """
+
+    def __init__(
+        self,
+        num_pieces: int,
+        features: int | None = None,
+        *,
+        in_features: int | None = None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        check_positive_int(num_pieces, "num_pieces")
+        self.num_pieces, self.features = num_pieces, features
+        if features is None:
+            if in_features is not None:
+                raise ValueError(
+                    f"in_features: only used with features (learned maxout), got {in_features!r}"
+                )
+            self.linear = None
+            return
+        check_positive_int(features, "features")
+        if in_features is None:
+            raise ValueError("in_features: Maxout(features=...) needs the input size")
+        self.linear = Dense(in_features, features * num_pieces, rngs=check_rngs(rngs, "Maxout"))
+
+    def __call__(self, x):
+        """Apply maxout to ``x`` of shape ``(N, ..., C)``."""
+        if self.linear is not None:
+            x = self.linear(x)
+        return F.maxout(x, self.num_pieces)
+
+
+class _Activation(nnx.Module):
+    def __call__(self, x):
+        """Apply the activation elementwise."""
+        return self._apply(x)
+
+
+class ReLU(_Activation):
+    """``max(x, 0)``, ``F.relu``."""
+
+    def _apply(self, x):
+        return F.relu(x)
+
+
+class LeakyReLU(_Activation):
+    """``max(negative_slope * x, x)``, ``F.leaky_relu``."""
+
+    def __init__(self, negative_slope: float = 0.01):
+        self.negative_slope = negative_slope
+
+    def _apply(self, x):
+        return F.leaky_relu(x, self.negative_slope)
+
+
+class ELU(_Activation):
+    """Exponential linear unit, ``F.elu``."""
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def _apply(self, x):
+        return F.elu(x, self.alpha)
+
+
+class GELU(_Activation):
+    """Gaussian error linear unit, ``F.gelu``."""
+
+    def _apply(self, x):
+        return F.gelu(x)
+
+
+class Tanh(_Activation):
+    """Hyperbolic tangent, ``F.tanh``."""
+
+    def _apply(self, x):
+        return F.tanh(x)
+
+
+class Sigmoid(_Activation):
+    """Logistic sigmoid, ``F.sigmoid``."""
+
+    def _apply(self, x):
+        return F.sigmoid(x)
+
+
+class Rectify(_Activation):
+    """Absolute value ``|x|``, ``F.rectify``."""
+
+    def _apply(self, x):
+        return F.rectify(x)
+
+
+class Swish(_Activation):
+    """``x * sigmoid(x)``, ``F.swish``."""
+
+    def _apply(self, x):
+        return F.swish(x)
+
+
+class Softplus(_Activation):
+    """``log(1 + exp(x))``, ``F.softplus``."""
+
+    def _apply(self, x):
+        return F.softplus(x)

@@ -1,0 +1,204 @@
+"""Convolution modules: ``Conv`` (1-, 2- or 3-D) and ``ConvTranspose``, thin NNX wrappers of
+``F.conv`` and ``F.conv_transpose``, twins of ``jcnn.nn.Conv`` and ``jcnn.nn.ConvTranspose``.
+
+Parameters and their shapes are the Linen twin's: ``kernel`` ``(*window, C_in // groups,
+features)`` (``ConvTranspose``: ``(*window, C_in, features // groups)``) and ``bias``
+``(features,)``. As in ``flax.nnx.Conv``, the input channels come first, at construction
+(``in_features``), and an int ``kernel_size`` means 2-D unless ``spatial_dims`` says otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from flax.linen.dtypes import promote_dtype
+
+from jcnn import functional as F
+from jcnn import init
+from jcnn.functional._checks import PaddingLike, check_positive_int
+from jcnn.nnx._util import (
+    Initializer,
+    check_divisible,
+    check_input,
+    check_rngs,
+    param,
+    spatial_window,
+    value,
+)
+
+__all__ = ["Conv", "ConvTranspose"]
+
+
+class _ConvBase(nnx.Module):
+    def _make_params(
+        self, kernel_shape, features, use_bias, kernel_init, bias_init, param_dtype, rngs
+    ):
+        self.kernel = param(rngs, kernel_init, kernel_shape, param_dtype)
+        self.bias = (
+            param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
+        )
+
+    def _operands(self, x):
+        check_input(x, len(self.kernel_size), self.in_features, type(self).__name__)
+        return promote_dtype(x, value(self.kernel), value(self.bias), dtype=self.dtype)
+
+
+def _check_features(in_features, features, groups) -> None:
+    check_positive_int(in_features, "in_features")
+    check_positive_int(features, "features")
+    check_divisible(in_features, groups, "in_features")
+    check_divisible(features, groups, "features")
+
+
+class Conv(_ConvBase):
+    """Cross-correlation layer, the NNX twin of ``jcnn.nn.Conv``.
+
+    Args:
+        in_features: number of input channels (NNX modules create their parameters at once).
+        features: number of output channels.
+        kernel_size: window size, an int or one int per spatial dim.
+        stride, padding, dilation, groups, padding_mode: as in ``F.conv``.
+        use_bias: whether to add a learned ``bias``.
+        kernel_init: initializer of ``kernel`` (default He normal, as the Linen twin).
+        bias_init: initializer of ``bias`` (default zeros).
+        flip: True computes the signal-processing convolution (``F.convolve``).
+        dtype: computation dtype (default: inferred from inputs and params).
+        param_dtype: dtype of the parameters.
+        spatial_dims: spatial rank (1, 2 or 3) when ``kernel_size`` is an int (default 2).
+        rngs: ``nnx.Rngs`` whose ``params`` stream draws the initial kernel.
+
+    Example:
+        >>> import jcnn
+        >>> from flax import nnx
+        >>> layer = jcnn.nnx.Conv(3, 10, kernel_size=(5, 5), padding=2, rngs=nnx.Rngs(0))
+        >>> layer.kernel.shape, layer(jnp.ones((1, 32, 32, 3))).shape
+        ((5, 5, 3, 10), (1, 32, 32, 10))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: PaddingLike = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        flip: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        *,
+        spatial_dims: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        check_rngs(rngs, "Conv")
+        _check_features(in_features, features, groups)
+        self.in_features, self.features = in_features, features
+        self.kernel_size = spatial_window(kernel_size, spatial_dims, "Conv")
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.groups, self.padding_mode, self.flip = groups, padding_mode, flip
+        self.dtype = dtype
+        self._make_params(
+            (*self.kernel_size, in_features // groups, features),
+            features,
+            use_bias,
+            kernel_init or init.he_normal(groups=groups),
+            bias_init,
+            param_dtype,
+            rngs,
+        )
+
+    def __call__(self, x):
+        """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
+        x, kernel, bias = self._operands(x)
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+            flip=self.flip,
+        )
+
+
+class ConvTranspose(_ConvBase):
+    """Transposed convolution, the NNX twin of ``jcnn.nn.ConvTranspose``.
+
+    ``kernel`` has shape ``(*window, in_features, features // groups)``: PyTorch's weight with
+    its axes moved, no flip.
+
+    Args:
+        in_features: number of input channels.
+        features: number of output channels.
+        kernel_size: window size, an int or one int per spatial dim.
+        stride, padding, output_padding, dilation, groups: as in ``F.conv_transpose``.
+        use_bias, kernel_init, bias_init, dtype, param_dtype, spatial_dims, rngs: as in ``Conv``
+            (the default kernel initializer is He normal with ``fan_in = prod(window) * C_in``).
+
+    Example:
+        >>> import jcnn
+        >>> from flax import nnx
+        >>> layer = jcnn.nnx.ConvTranspose(3, 4, kernel_size=2, stride=2, rngs=nnx.Rngs(0))
+        >>> layer(jnp.ones((1, 5, 5, 3))).shape
+        (1, 10, 10, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: PaddingLike = 0,
+        output_padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        *,
+        spatial_dims: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        check_rngs(rngs, "ConvTranspose")
+        _check_features(in_features, features, groups)
+        self.in_features, self.features = in_features, features
+        self.kernel_size = spatial_window(kernel_size, spatial_dims, "ConvTranspose")
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation, self.groups = dilation, groups
+        self.dtype = dtype
+        self._make_params(
+            (*self.kernel_size, in_features, features // groups),
+            features,
+            use_bias,
+            kernel_init or init.he_normal(),
+            bias_init,
+            param_dtype,
+            rngs,
+        )
+
+    def __call__(self, x):
+        """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
+        x, kernel, bias = self._operands(x)
+        return F.conv_transpose(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )

@@ -1,0 +1,112 @@
+"""Dropout modules, NNX twins of ``jcnn.nn.Dropout`` (per unit) and ``jcnn.nn.SpatialDropout``
+(whole channels).
+
+Randomness comes from ``nnx.Rngs``: the ``rngs`` given at construction (its ``"dropout"``
+stream, forked) or at the call, which takes precedence. Train or evaluate: the
+``deterministic`` attribute decides (False after construction and ``model.train()``, True after
+``model.eval()`` or in ``nnx.view(model, deterministic=True)``), unless a call passes
+``train=True``/``False``, which overrides it for that call, as in ``jcnn.nn``.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jcnn import functional as F
+from jcnn.nnx._util import check_flag, training
+
+__all__ = ["Dropout", "SpatialDropout"]
+
+
+class _Dropout(nnx.Module):
+    _drop = staticmethod(F.dropout)
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        deterministic: bool = False,
+        rng_collection: str = "dropout",
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+    ):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise ValueError(f"rate: expected a probability in [0, 1], got {rate!r}")
+        check_flag(deterministic, "deterministic")
+        self.rate, self.deterministic, self.rng_collection = rate, deterministic, rng_collection
+        self.rngs = nnx.data(self._stream(rngs, "rngs"))
+
+    def _stream(self, rngs, name):
+        if rngs is None:
+            return None
+        if isinstance(rngs, nnx.Rngs):
+            return rngs[self.rng_collection].fork()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs.fork()
+        raise TypeError(
+            f"{name}: expected nnx.Rngs, nnx.RngStream or None, got {type(rngs).__name__}"
+        )
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view``: set ``deterministic`` when given."""
+        if deterministic is not None:
+            check_flag(deterministic, "deterministic")
+            self.deterministic = deterministic
+
+    def __call__(self, x, train: bool | None = None, *, rngs=None):
+        """Drop when training (``train`` if given, else ``not deterministic``); identity otherwise.
+
+        ``rngs`` (an ``nnx.Rngs``, ``nnx.RngStream`` or key) overrides the construction's.
+        """
+        if not training(train, not self.deterministic) or self.rate == 0:
+            return x
+        if isinstance(rngs, jax.Array):
+            key = rngs
+        elif isinstance(rngs, nnx.Rngs):
+            key = rngs[self.rng_collection]()
+        elif isinstance(rngs, nnx.RngStream):
+            key = rngs()
+        elif rngs is None and self.rngs is not None:
+            key = self.rngs()
+        elif rngs is None:
+            raise ValueError(
+                f"rngs: {type(self).__name__} is training but has no randomness; give "
+                "rngs=nnx.Rngs(dropout=seed) at construction or at the call"
+            )
+        else:
+            raise TypeError(
+                f"rngs: expected nnx.Rngs, nnx.RngStream or a key, got {type(rngs).__name__}"
+            )
+        return type(self)._drop(key, x, self.rate, train=True)
+
+
+class Dropout(_Dropout):
+    """Zero each unit with probability ``rate`` and scale the rest by ``1 / (1 - rate)``.
+
+    Args:
+        rate: probability of dropping a unit, in ``[0, 1]``.
+        deterministic: be the identity (evaluation); ``model.eval()`` sets it.
+        rng_collection: the stream of ``rngs`` that draws the masks (``"dropout"``).
+        rngs: ``nnx.Rngs`` (or one stream) that draws the masks.
+
+    Example:
+        >>> import jcnn
+        >>> from flax import nnx
+        >>> layer = jcnn.nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+        >>> sorted({float(v) for v in layer(jnp.ones((2, 4))).ravel()})
+        [0.0, 2.0]
+        >>> bool((layer(jnp.ones((2, 4)), train=False) == 1).all())
+        True
+    """
+
+    _drop = staticmethod(F.dropout)
+
+
+class SpatialDropout(_Dropout):
+    """Zero whole channels of each example with probability ``rate`` (Tompson et al. 2015).
+
+    Args:
+        rate, deterministic, rng_collection, rngs: as in ``Dropout``.
+    """
+
+    _drop = staticmethod(F.spatial_dropout)

@@ -1,0 +1,153 @@
+"""Pooling modules, NNX twins of ``jcnn.nn``'s: ``MaxPool``, ``AvgPool``, ``LPPool``,
+``GlobalAvgPool``, ``GlobalMaxPool``, ``AdaptiveAvgPool``, ``AdaptiveMaxPool``.
+
+Parameter-free wrappers of the ``F`` pooling functions, with the twin's arguments and defaults
+(the stride defaults to the window; an int window takes its spatial rank from the input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flax import nnx
+
+from jcnn import functional as F
+from jcnn.functional._checks import PaddingLike
+
+__all__ = [
+    "MaxPool",
+    "AvgPool",
+    "LPPool",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
+    "AdaptiveAvgPool",
+    "AdaptiveMaxPool",
+]
+
+
+class MaxPool(nnx.Module):
+    """Max pooling, ``F.max_pool``.
+
+    Args:
+        window, stride, padding, dilation, ceil_mode: as in ``F.max_pool``.
+
+    Example:
+        >>> import jcnn
+        >>> jcnn.nnx.MaxPool(2)(jnp.ones((1, 28, 28, 20))).shape
+        (1, 14, 14, 20)
+    """
+
+    def __init__(
+        self,
+        window: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: PaddingLike = 0,
+        dilation: int | Sequence[int] = 1,
+        ceil_mode: bool = False,
+    ):
+        self.window, self.stride, self.padding = window, stride, padding
+        self.dilation, self.ceil_mode = dilation, ceil_mode
+
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)``."""
+        return F.max_pool(
+            x,
+            self.window,
+            self.stride,
+            self.padding,
+            dilation=self.dilation,
+            ceil_mode=self.ceil_mode,
+        )
+
+
+class AvgPool(nnx.Module):
+    """Average pooling, ``F.avg_pool``.
+
+    Args:
+        window, stride, padding, ceil_mode, count_include_pad: as in ``F.avg_pool``.
+    """
+
+    def __init__(
+        self,
+        window: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: PaddingLike = 0,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+    ):
+        self.window, self.stride, self.padding = window, stride, padding
+        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)``."""
+        return F.avg_pool(
+            x,
+            self.window,
+            self.stride,
+            self.padding,
+            ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad,
+        )
+
+
+class LPPool(nnx.Module):
+    """Power-average pooling, ``F.lp_pool``.
+
+    Args:
+        p, window, stride: as in ``F.lp_pool``.
+    """
+
+    def __init__(
+        self, p: float, window: int | Sequence[int], stride: int | Sequence[int] | None = None
+    ):
+        self.p, self.window, self.stride = p, window, stride
+
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)``."""
+        return F.lp_pool(x, self.p, self.window, self.stride)
+
+
+class GlobalAvgPool(nnx.Module):
+    """Mean over all spatial positions, ``(N, *spatial, C)`` to ``(N, C)``."""
+
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)``."""
+        return F.global_avg_pool(x)
+
+
+class GlobalMaxPool(nnx.Module):
+    """Maximum over all spatial positions, ``(N, *spatial, C)`` to ``(N, C)``."""
+
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)``."""
+        return F.global_max_pool(x)
+
+
+class AdaptiveAvgPool(nnx.Module):
+    """Average pooling to a fixed output size, ``F.adaptive_avg_pool``.
+
+    Args:
+        output_size: an int or one int per spatial dim.
+    """
+
+    def __init__(self, output_size: int | Sequence[int]):
+        self.output_size = output_size
+
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
+        return F.adaptive_avg_pool(x, self.output_size)
+
+
+class AdaptiveMaxPool(nnx.Module):
+    """Max pooling to a fixed output size, ``F.adaptive_max_pool``.
+
+    Args:
+        output_size: an int or one int per spatial dim.
+    """
+
+    def __init__(self, output_size: int | Sequence[int]):
+        self.output_size = output_size
+
+    def __call__(self, x):
+        """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
+        return F.adaptive_max_pool(x, self.output_size)

@@ -1,0 +1,40 @@
+"""jcnn.nnx activations with parameters (PReLU, Maxout): shapes and checks."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jcnn import nnx as jnnx
+
+
+def test_prelu_slopes():
+    shared = jnnx.PReLU()
+    assert shared.alpha.shape == ()
+    channelwise = jnnx.PReLU(channelwise=True, alpha_init=0.5, num_features=2)
+    channelwise.alpha[...] = jnp.array([0.5, 2.0])
+    np.testing.assert_array_equal(
+        channelwise(jnp.array([[-2.0, -2.0], [1.0, 3.0]])), [[-1.0, -4.0], [1.0, 3.0]]
+    )
+    with pytest.raises(ValueError, match="num_features"):
+        jnnx.PReLU(channelwise=True)
+    with pytest.raises(ValueError, match="num_features"):
+        jnnx.PReLU(num_features=3)
+    with pytest.raises(ValueError, match="built for 2 features"):
+        channelwise(jnp.ones((1, 3)))
+
+
+def test_maxout_learned_and_parameter_free(rng):
+    learned = jnnx.Maxout(3, 2, in_features=4, rngs=nnx.Rngs(0))
+    assert learned.linear.kernel.shape == (4, 6)
+    x = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    assert learned(x).shape == (5, 2)
+    free = jnnx.Maxout(2)
+    assert free.linear is None
+    np.testing.assert_array_equal(free(jnp.array([[1.0, 4.0, 3.0, 2.0]])), [[4.0, 3.0]])
+    with pytest.raises(ValueError, match="in_features"):
+        jnnx.Maxout(2, 3)
+    with pytest.raises(ValueError, match="in_features"):
+        jnnx.Maxout(2, in_features=3)
+    with pytest.raises(TypeError, match="rngs"):
+        jnnx.Maxout(2, 3, in_features=4)

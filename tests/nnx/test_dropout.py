@@ -1,0 +1,50 @@
+"""jcnn.nnx.Dropout and SpatialDropout: where the randomness comes from, modes, checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jcnn import functional as F
+from jcnn import nnx as jnnx
+
+
+def test_dropout_draws_from_the_construction_stream_or_the_call():
+    x = jnp.ones((4, 50))
+    layer = jnnx.Dropout(0.5, rngs=nnx.Rngs(dropout=3))
+    expected_stream = nnx.Rngs(dropout=3)["dropout"].fork()
+    np.testing.assert_array_equal(layer(x), F.dropout(expected_stream(), x, 0.5))
+    np.testing.assert_array_equal(layer(x), F.dropout(expected_stream(), x, 0.5))  # a new mask
+    key = jax.random.key(9)
+    np.testing.assert_array_equal(layer(x, rngs=key), F.dropout(key, x, 0.5))
+    call_rngs = nnx.Rngs(dropout=5)
+    np.testing.assert_array_equal(
+        layer(x, rngs=call_rngs), F.dropout(nnx.Rngs(dropout=5).dropout(), x, 0.5)
+    )
+
+
+def test_spatial_dropout_drops_whole_channels():
+    layer = jnnx.SpatialDropout(0.5, rngs=nnx.Rngs(dropout=0))
+    y = np.asarray(layer(jnp.ones((4, 3, 3, 16))))
+    per_channel = y.reshape(4, 9, 16)
+    assert ((per_channel == 0).all(axis=1) | (per_channel == 2).all(axis=1)).all()
+    assert (y == 0).any() and (y == 2).any()
+
+
+def test_dropout_modes_and_checks():
+    x = jnp.ones((2, 4))
+    layer = jnnx.Dropout(0.5)
+    with pytest.raises(ValueError, match="rngs"):
+        layer(x)
+    np.testing.assert_array_equal(layer(x, train=False), x)
+    layer.eval()
+    np.testing.assert_array_equal(layer(x), x)
+    np.testing.assert_array_equal(jnnx.Dropout(0.0)(x), x)
+    for rate in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="rate"):
+            jnnx.Dropout(rate)
+    with pytest.raises(TypeError, match="rngs"):
+        jnnx.Dropout(0.5, rngs=0)
+    with pytest.raises(TypeError, match="rngs"):
+        jnnx.Dropout(0.5)(x, rngs=3)

@@ -1,0 +1,78 @@
+"""jcnn.nnx normalization: statistics as nnx.BatchStat, train/eval by attribute or argument,
+input checks (the Linen parity is in test_convert.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jcnn import nn
+from jcnn import nnx as jnnx
+
+
+def test_batch_norm_running_statistics_follow_the_mode(rng):
+    bn = jnnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
+    assert isinstance(bn.mean, nnx.BatchStat) and isinstance(bn.var, nnx.BatchStat)
+    assert isinstance(bn.scale, nnx.Param) and isinstance(bn.bias, nnx.Param)
+    x = rng.normal(3.0, 2.0, size=(6, 4, 3)).astype(np.float32)
+    bn(jnp.asarray(x))  # training by default
+    flat = x.reshape(-1, 3)
+    np.testing.assert_allclose(bn.mean[...], 0.5 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], 0.5 + 0.5 * flat.var(0), rtol=1e-5)
+    bn.eval()
+    mean, var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+    y = bn(jnp.asarray(x))
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(bn.mean[...], mean)
+
+
+def test_instance_norm_holds_statistics_only_when_tracking(rng):
+    plain = jnnx.InstanceNorm(2, rngs=nnx.Rngs(0))
+    assert not hasattr(plain, "mean")
+    x = jnp.asarray(rng.normal(size=(2, 5, 5, 2)), jnp.float32)
+    np.testing.assert_array_equal(plain(x, train=False), plain(x, train=True))
+    tracking = jnnx.InstanceNorm(2, track_running_stats=True, rngs=nnx.Rngs(0))
+    tracking(x)
+    assert not np.allclose(tracking.var[...], 1.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: jnnx.BatchNorm(4, rngs=r),
+        lambda r: jnnx.LayerNorm(4, rngs=r),
+        lambda r: jnnx.GroupNorm(4, num_groups=2, rngs=r),
+        lambda r: jnnx.InstanceNorm(4, rngs=r),
+    ],
+)
+def test_norms_check_the_channels(make):
+    layer = make(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_features=4"):
+        layer(jnp.ones((2, 3, 3, 3)))
+
+
+def test_norm_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_groups"):
+        jnnx.GroupNorm(6, num_groups=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_features"):
+        jnnx.LayerNorm(0, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="rngs"):
+        jnnx.BatchNorm(3)
+    with pytest.raises(TypeError, match="use_running_average"):
+        jnnx.BatchNorm(3, use_running_average="yes", rngs=nnx.Rngs(0))
+    bn = jnnx.BatchNorm(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
+    assert bn.scale is None and bn.bias is None
+    with pytest.raises(TypeError, match="train"):
+        bn(jnp.ones((2, 3)), train="no")
+
+
+def test_local_response_norm_gradient_matches_the_linen_twin_eagerly(rng):
+    # Under jit, F.local_response_norm cannot be differentiated yet (see test_convert.py).
+    x = jnp.asarray(rng.normal(size=(2, 3, 3, 6)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    twin = jnnx.LocalResponseNorm(3, alpha=0.1, beta=0.6, k=1.5)
+    linen = nn.LocalResponseNorm(3, alpha=0.1, beta=0.6, k=1.5)
+    got = jax.grad(lambda x: jnp.sum(twin(x) * weights))(x)
+    want = jax.grad(lambda x: jnp.sum(linen.apply({}, x) * weights))(x)
+    np.testing.assert_array_equal(got, want)
