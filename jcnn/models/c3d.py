@@ -35,8 +35,7 @@ class SmallC3D(nn.Module):
         >>> import jcnn
         >>> model = jcnn.models.SmallC3D(num_classes=4, widths=(4, 8))
         >>> x = jnp.zeros((2, 4, 8, 8, 3))
-        >>> variables = model.init(jax.random.key(0), x)
-        >>> model.apply(variables, x).shape
+        >>> jax.eval_shape(model.init_with_output, jax.random.key(0), x)[0].shape
         (2, 4)
     """
 

@@ -61,8 +61,8 @@ class ConvNeXtBlock(nn.Module):
         >>> import jcnn
         >>> block = jcnn.models.ConvNeXtBlock()
         >>> x = jnp.ones((1, 7, 7, 8))
-        >>> variables = block.init(jax.random.key(0), x)
-        >>> variables["params"]["dwconv"]["kernel"].shape, block.apply(variables, x).shape
+        >>> y, variables = jax.eval_shape(block.init_with_output, jax.random.key(0), x)
+        >>> variables["params"]["dwconv"]["kernel"].shape, y.shape
         ((7, 7, 1, 8), (1, 7, 7, 8))
     """
 
@@ -116,8 +116,7 @@ class ConvNeXt(nn.Module):
         >>> import jcnn
         >>> model = jcnn.models.ConvNeXt(depths=(1, 1), widths=(8, 16), num_classes=3, patch_size=2)
         >>> x = jnp.zeros((2, 16, 16, 3))
-        >>> variables = model.init(jax.random.key(0), x)
-        >>> model.apply(variables, x).shape
+        >>> jax.eval_shape(model.init_with_output, jax.random.key(0), x)[0].shape
         (2, 3)
     """
 

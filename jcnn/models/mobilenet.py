@@ -80,8 +80,8 @@ class InvertedResidual(nn.Module):
         >>> import jcnn
         >>> block = jcnn.models.InvertedResidual(features=8, expansion=6)
         >>> x = jnp.ones((1, 5, 5, 8))
-        >>> variables = block.init(jax.random.key(0), x)
-        >>> variables["params"]["depthwise_conv"]["kernel"].shape, block.apply(variables, x).shape
+        >>> y, variables = jax.eval_shape(block.init_with_output, jax.random.key(0), x)
+        >>> variables["params"]["depthwise_conv"]["kernel"].shape, y.shape
         ((3, 3, 1, 48), (1, 5, 5, 8))
     """
 
@@ -138,11 +138,12 @@ class MobileNetV2(nn.Module):
 
     Example:
         >>> import jcnn
-        >>> model = jcnn.models.mobilenet_v2_cifar(width_multiplier=0.25)
+        >>> model = jcnn.models.mobilenet_v2_cifar()
         >>> x = jnp.zeros((2, 32, 32, 3))
-        >>> variables = model.init(jax.random.key(0), x)
-        >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
-        ...                               rngs={"dropout": jax.random.key(1)})
+        >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        >>> sum(p.size for p in jax.tree.leaves(variables["params"]))
+        2236682
+        >>> logits = jax.eval_shape(model.apply, variables, x)
         >>> logits.shape
         (2, 10)
     """

@@ -85,11 +85,11 @@ class UNet(nn.Module):
         >>> import jcnn
         >>> model = jcnn.models.UNet(out_channels=3, widths=(4, 8), padding="same")
         >>> x = jnp.zeros((1, 16, 16, 1))
-        >>> model.apply(model.init(jax.random.key(0), x), x).shape
+        >>> jax.eval_shape(model.init_with_output, jax.random.key(0), x)[0].shape
         (1, 16, 16, 3)
-        >>> model = jcnn.models.UNet(widths=(4, 8, 16))
+        >>> model = jcnn.models.UNet(widths=(4, 8, 16))  # the paper's valid convs
         >>> x = jnp.zeros((1, 92, 92, 1))
-        >>> model.apply(model.init(jax.random.key(0), x), x).shape
+        >>> jax.eval_shape(model.init_with_output, jax.random.key(0), x)[0].shape
         (1, 52, 52, 2)
     """
 

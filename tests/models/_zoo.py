@@ -9,7 +9,7 @@ import optax
 def check_training_step(model, x, labels, *, rngs=None):
     """One jitted SGD step on cross-entropy: finite loss, every parameter gets a nonzero gradient,
     every running statistic moves; returns the updated variables."""
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     optimizer = optax.sgd(0.01)

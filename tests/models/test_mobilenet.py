@@ -73,7 +73,7 @@ def test_train_and_eval_modes(rng):
         num_classes=4, width_multiplier=0.25, dropout_rate=0.0, stages=SHORT_STAGES
     )
     x = jnp.asarray(rng.normal(size=(3, 8, 8, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     apply_eval = jax.jit(model.apply)
     apply_train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
     # Evaluation uses the running statistics: an example's logits do not depend on the batch.
