@@ -98,8 +98,8 @@ def conv_runners(case, scale):
         )
 
         def native_op(x, w):
-            # XLA's transposed conv: an input-dilated conv of the flipped, in/out-swapped kernel.
-            kernel = jnp.flip(w, tuple(range(rank))).swapaxes(-1, -2)
+            # XLA's transposed conv: an input-dilated conv of the spatially flipped kernel.
+            kernel = jnp.flip(w, tuple(range(rank)))
             lo = window - 1 - padding
             return lax.conv_general_dilated(
                 x,
