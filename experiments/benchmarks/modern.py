@@ -320,7 +320,7 @@ def network_runners(build_jcnn, build_torch, batch, shape):
             {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, updates["batch_stats"]
+        return loss, updates.get("batch_stats", {})
 
     @jax.jit
     def step(params, batch_stats, opt_state):
@@ -329,7 +329,7 @@ def network_runners(build_jcnn, build_torch, batch, shape):
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     params = variables["params"]
-    state = {"value": (params, variables["batch_stats"], tx.init(params))}
+    state = {"value": (params, variables.get("batch_stats", {}), tx.init(params))}
     start = time.perf_counter()
     state["value"] = step(*state["value"])[:3]
     jax.block_until_ready(state["value"])
