@@ -345,7 +345,7 @@ def network_runners(build_jcnn, build_torch, batch, shape):
     if n_torch != n_jcnn:
         raise AssertionError(f"parameter counts differ: jcnn {n_jcnn}, PyTorch {n_torch}")
     xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
-    lt = torch.from_numpy(np.asarray(labels)).long()
+    lt = torch.from_numpy(np.array(labels)).long()
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
 
     def run_torch():
