@@ -16,6 +16,10 @@ and the twins in the tests. Conversions:
 
 Every shape is checked; a mismatch raises ``ValueError`` naming the PyTorch key and the jcnn
 parameter. Files are read as data only: ``torch.load(..., weights_only=True)``.
+
+``from_torchvision_state_dict`` matches by name instead, for the zoo's networks whose PyTorch twin
+is torchvision's (``MobileNetV2``, ``ConvNeXt``): it also converts LayerNorm weights and
+ConvNeXt's layer scales.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 from jcnn import nn as jnn
 from jcnn.analysis._trace import leaf_calls, subtree, trace_layers
 
-__all__ = ["from_torch_state_dict", "load_torch_weights"]
+__all__ = ["from_torch_state_dict", "from_torchvision_state_dict", "load_torch_weights"]
 
 _SKIPPED_KEYS = ("num_batches_tracked",)
 
@@ -233,3 +237,158 @@ def load_torch_weights(path, model: nn.Module, input_shape: Sequence[int]):
             f"got {type(state_dict).__name__}"
         )
     return from_torch_state_dict(model, state_dict, input_shape)
+
+
+# torchvision's MobileNetV2 and ConvNeXt, matched by name --------------------------------------
+
+_MOBILENET_V2_BLOCK_LAYERS = (
+    "expand_conv",
+    "expand_bn",
+    "depthwise_conv",
+    "depthwise_bn",
+    "project_conv",
+    "project_bn",
+)
+_CONVNEXT_BLOCK_LAYERS = {
+    "dwconv": "block.0",
+    "norm": "block.2",
+    "pwconv1": "block.3",
+    "pwconv2": "block.5",
+}
+
+
+def _mobilenet_v2_prefix(path: tuple[str, ...], params) -> str:
+    """torchvision's module name of the jcnn MobileNetV2 layer at ``path``."""
+    blocks = sum(name.startswith("block") for name in params)
+    top = path[0]
+    fixed = {
+        "stem_conv": "features.0.0",
+        "stem_bn": "features.0.1",
+        "head_conv": f"features.{blocks + 1}.0",
+        "head_bn": f"features.{blocks + 1}.1",
+        "classifier": "classifier.1",
+    }
+    if top in fixed:
+        return fixed[top]
+    layers = [name for name in _MOBILENET_V2_BLOCK_LAYERS if name in params[top]]
+    index = layers.index(path[1])
+    # A pair conv + BN followed by ReLU6 is one torchvision Conv2dNormActivation ("conv.0.0");
+    # the projection conv and its BN are separate entries ("conv.2", "conv.3").
+    if index < len(layers) - 2:
+        position = f"{index // 2}.{index % 2}"
+    else:
+        position = str(len(layers) // 2 - 1 + index - (len(layers) - 2))
+    return f"features.{top[len('block') :]}.conv.{position}"
+
+
+def _convnext_prefix(path: tuple[str, ...], params) -> str:
+    """torchvision's module name of the jcnn ConvNeXt layer at ``path``."""
+    del params
+    top = path[0]
+    fixed = {
+        "stem_conv": "features.0.0",
+        "stem_norm": "features.0.1",
+        "head_norm": "classifier.0",
+        "head": "classifier.2",
+    }
+    if top in fixed:
+        return fixed[top]
+    if top.startswith("downsample"):
+        stage, _, layer = top[len("downsample") :].partition("_")
+        return f"features.{2 * int(stage) - 2}.{0 if layer == 'norm' else 1}"
+    stage, _, block = top[len("stage") :].partition("_")
+    prefix = f"features.{2 * int(stage) - 1}.{block}"
+    return prefix if len(path) == 1 else f"{prefix}.{_CONVNEXT_BLOCK_LAYERS[path[1]]}"
+
+
+def _torchvision_leaf(leaf_name: str, shape, collection: str) -> tuple[str, tuple]:
+    """PyTorch's parameter name and shape for the jcnn leaf ``leaf_name`` of shape ``shape``."""
+    if collection == "batch_stats":
+        return {"mean": "running_mean", "var": "running_var"}[leaf_name], shape
+    if leaf_name == "kernel":
+        return "weight", (shape[-1], shape[-2], *shape[:-2]) if len(shape) > 2 else shape[::-1]
+    if leaf_name == "layer_scale":
+        return "layer_scale", (shape[0], 1, 1)
+    return {"scale": "weight", "bias": "bias"}[leaf_name], shape
+
+
+def _from_torch_layout(array: np.ndarray, leaf_name: str, shape) -> np.ndarray:
+    if leaf_name == "kernel":
+        n = array.ndim
+        return array.transpose(*range(2, n), 1, 0) if n > 2 else array.T
+    return array.reshape(shape)
+
+
+def from_torchvision_state_dict(
+    model: nn.Module, state_dict: Mapping, input_shape=(1, 224, 224, 3)
+):
+    """Convert torchvision's ``mobilenet_v2`` or ``convnext_*`` weights into jcnn variables.
+
+    Layers are matched by name (``block3/depthwise_conv`` is ``features.3.conv.1.0``,
+    ``stage3_4/pwconv1`` is ``features.5.4.block.3``; see ``jcnn.models.mobilenet`` and
+    ``jcnn.models.convnext``), for any width, depth or number of classes. Conv weights go from OIHW
+    to HWIO, linear weights are transposed, BatchNorm and LayerNorm ``weight`` become ``scale``,
+    running statistics go to ``batch_stats`` and ConvNeXt's ``(C, 1, 1)`` layer scales become
+    ``(C,)`` vectors; ``num_batches_tracked`` is ignored.
+
+    Args:
+      model: a ``jcnn.models.MobileNetV2`` or ``jcnn.models.ConvNeXt``.
+      state_dict: torchvision's ``model.state_dict()`` (tensors or NumPy arrays), in any order.
+      input_shape: an input shape with the batch axis (channels-last), to trace ``model``.
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` for MobileNetV2 only) for
+      ``model.apply(variables, x, train=False)``.
+
+    Raises:
+      TypeError: when ``model`` is neither network.
+      ValueError: naming the PyTorch key and the jcnn parameter when a key is missing, left over
+        or of the wrong shape.
+    """
+    from jcnn import models
+
+    if isinstance(model, models.MobileNetV2):
+        prefix_of = _mobilenet_v2_prefix
+    elif isinstance(model, models.ConvNeXt):
+        prefix_of = _convnext_prefix
+    else:
+        raise TypeError(
+            "model: expected a jcnn.models.MobileNetV2 or jcnn.models.ConvNeXt, "
+            f"got {type(model).__name__}"
+        )
+    import jax
+
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    )
+    remaining = {
+        key: value
+        for key, value in state_dict.items()
+        if key.rpartition(".")[2] not in _SKIPPED_KEYS
+    }
+    variables: dict = {}
+    for collection in ("params", "batch_stats"):
+        if collection not in shapes:
+            continue
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(shapes[collection])[0]:
+            path = tuple(entry.key for entry in key_path)
+            module_path, leaf_name = path[:-1], path[-1]
+            jcnn_name = f"{collection}/{'/'.join(path)}"
+            torch_name, torch_shape = _torchvision_leaf(leaf_name, tuple(leaf.shape), collection)
+            prefix = prefix_of(module_path, shapes["params"])
+            torch_key = f"{prefix}.{torch_name}"
+            if torch_key not in remaining:
+                raise ValueError(
+                    f"{torch_key}: missing from the state_dict, needed for jcnn parameter "
+                    f"{jcnn_name} {tuple(leaf.shape)}"
+                )
+            array = _as_numpy(remaining.pop(torch_key), torch_key)
+            _check_shape(array, torch_shape, torch_key, f"{jcnn_name} {tuple(leaf.shape)}")
+            value = _from_torch_layout(array, leaf_name, tuple(leaf.shape))
+            _insert(variables.setdefault(collection, {}), module_path, {leaf_name: value})
+    if remaining:
+        raise ValueError(
+            f"state_dict: {', '.join(remaining)}: no jcnn parameter of {type(model).__name__} "
+            "matches (a different width, depth or number of classes?)"
+        )
+    return variables

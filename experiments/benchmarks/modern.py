@@ -1,0 +1,427 @@
+"""CPU speed of the modern networks' convolutions and training steps: jcnn against PyTorch.
+
+    /work/venv/bin/python experiments/benchmarks/modern.py                      # full run
+    /work/venv/bin/python experiments/benchmarks/modern.py --rounds 1 --steps 1 --scale 0.25
+
+Two tables, every row measured in one process with the implementations interleaved round by
+round after warm-up (median over rounds; the spread, max/min - 1, shows a shared machine's noise):
+
+* the convolutions of issue 16: depthwise 3x3 and 7x7, transposed 2-D and 3-D. A cell times one
+  jitted call computing the forward pass and the gradients of the input and the kernel, for
+  ``jcnn.functional.conv`` / ``conv_transpose`` (oneDNN when built, see the header line), XLA's
+  native ``lax.conv_general_dilated`` and PyTorch (eager, ``torch.autograd``);
+* one SGD-momentum training step (forward, backward, update, BatchNorm statistics) of each new
+  network at a small size: ``jcnn.models`` jitted against the same architecture written in
+  PyTorch, their parameter counts checked equal. Dropout and stochastic depth are off.
+
+``--scale`` multiplies every batch size (at least 1) for smoke runs on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as TF
+from jax import lax
+
+from jcnn import functional as F
+from jcnn import models
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved(runners, rounds, steps):
+    """Median seconds per call of each runner, and its spread, timing them round-robin."""
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: (statistics.median(ts), max(ts) / min(ts) - 1) for name, ts in times.items()}
+
+
+def markdown(rows):
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _batch(batch, scale):
+    return max(1, int(round(batch * scale)))
+
+
+# ----------------------------------------------------------------------------- convolutions
+
+# name, kind, batch, spatial, C_in, C_out, window, stride, padding
+CONV_CASES = [
+    ("depthwise 3x3, 128 ch, 56x56", "depthwise", 32, (56, 56), 128, 128, 3, 1, 1),
+    ("depthwise 7x7, 256 ch, 28x28", "depthwise", 32, (28, 28), 256, 256, 7, 1, 3),
+    ("transposed 2-D 4x4/2, 64->32, 16x16", "transposed", 32, (16, 16), 64, 32, 4, 2, 1),
+    ("transposed 3-D 3x3x3/2, 32->16, 8^3", "transposed", 4, (8, 8, 8), 32, 16, 3, 2, 1),
+]
+
+
+def conv_runners(case, scale):
+    name, kind, batch, spatial, c_in, c_out, window, stride, padding = case
+    rank = len(spatial)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((_batch(batch, scale), *spatial, c_in)), jnp.float32)
+    spec = "NDHWC" if rank == 3 else "NHWC"
+    if kind == "depthwise":
+        w = jnp.asarray(rng.standard_normal((*(window,) * rank, 1, c_out)), jnp.float32)
+        jcnn_op = partial(F.conv, stride=stride, padding=padding, groups=c_in)
+        native_op = partial(
+            lax.conv_general_dilated,
+            window_strides=(stride,) * rank,
+            padding=((padding, padding),) * rank,
+            dimension_numbers=(spec, spec[1:-1] + "IO", spec),
+            feature_group_count=c_in,
+        )
+        torch_fn = partial(TF.conv2d, stride=stride, padding=padding, groups=c_in)
+        torch_w = w.transpose(rank + 1, rank, *range(rank))
+    else:
+        w = jnp.asarray(rng.standard_normal((*(window,) * rank, c_in, c_out)), jnp.float32)
+        output_padding = 1
+        jcnn_op = partial(
+            F.conv_transpose, stride=stride, padding=padding, output_padding=output_padding
+        )
+
+        def native_op(x, w):
+            # XLA's transposed conv: an input-dilated conv of the spatially flipped kernel.
+            kernel = jnp.flip(w, tuple(range(rank)))
+            lo = window - 1 - padding
+            return lax.conv_general_dilated(
+                x,
+                kernel,
+                (1,) * rank,
+                ((lo, lo + output_padding),) * rank,
+                lhs_dilation=(stride,) * rank,
+                dimension_numbers=(spec, spec[1:-1] + "IO", spec),
+            )
+
+        torch_fn = partial(
+            TF.conv_transpose3d if rank == 3 else TF.conv_transpose2d,
+            stride=stride,
+            padding=padding,
+            output_padding=output_padding,
+        )
+        torch_w = w.transpose(rank, rank + 1, *range(rank))
+    reference = jcnn_op(x, w)
+    np.testing.assert_allclose(native_op(x, w), reference, rtol=1e-3, atol=1e-3)
+
+    def products(op):
+        def fn(x, w):
+            y, vjp = jax.vjp(op, x, w)
+            return y, *vjp(jnp.ones_like(y))
+
+        compiled = jax.jit(fn)
+        jax.block_until_ready(compiled(x, w))
+        return lambda: jax.block_until_ready(compiled(x, w))
+
+    xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy()).requires_grad_()
+    wt = torch.from_numpy(np.asarray(torch_w).copy()).requires_grad_()
+
+    def torch_products():
+        y = torch_fn(xt, wt)
+        dx, dw = torch.autograd.grad(y, (xt, wt), torch.ones_like(y))
+        return dx, dw
+
+    torch_products()
+    return {"jcnn": products(jcnn_op), "xla": products(native_op), "torch": torch_products}
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def torch_mobilenet_v2_cifar(width, num_classes):
+    nn = torch.nn
+
+    def divisible(v, d=8):
+        new = max(d, int(v + d / 2) // d * d)
+        return new + d if new < 0.9 * v else new
+
+    def cbr(cin, cout, stride=1, groups=1, k=3):
+        return [
+            nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU6(),
+        ]
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride, t):
+            super().__init__()
+            hidden = cin * t
+            layers = cbr(cin, hidden, k=1) if t != 1 else []
+            layers += cbr(hidden, hidden, stride, hidden)
+            layers += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+            self.conv = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    cin = divisible(32 * width)
+    layers = cbr(3, cin)
+    for t, c, n, s in models.mobilenet.MOBILENET_V2_STAGES:
+        s = 1 if c == 24 else s
+        for i in range(n):
+            cout = divisible(c * width)
+            layers.append(Block(cin, cout, s if i == 0 else 1, t))
+            cin = cout
+    last = divisible(1280 * max(1.0, width))
+    layers += cbr(cin, last, k=1)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(last, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def torch_convnext(depths, widths, patch, num_classes):
+    nn = torch.nn
+
+    class ChannelNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+            self.norm = nn.LayerNorm(c, eps=1e-6)
+            self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+            self.layer_scale = nn.Parameter(torch.full((c,), 1e-6))
+
+        def forward(self, x):
+            y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+            return x + (self.mlp(y) * self.layer_scale).permute(0, 3, 1, 2)
+
+    layers = [nn.Conv2d(3, widths[0], patch, patch), ChannelNorm(widths[0], eps=1e-6)]
+    for i, (depth, c) in enumerate(zip(depths, widths, strict=True)):
+        if i:
+            layers += [ChannelNorm(widths[i - 1], eps=1e-6), nn.Conv2d(widths[i - 1], c, 2, 2)]
+        layers += [Block(c) for _ in range(depth)]
+    layers += [
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.LayerNorm(widths[-1], eps=1e-6),
+        nn.Linear(widths[-1], num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def torch_unet(widths, out_channels):
+    nn = torch.nn
+
+    def double(cin, cout):
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+        )
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            chans = [3, *widths]
+            self.down = nn.ModuleList(
+                double(a, b) for a, b in zip(chans[:-2], chans[1:-1], strict=True)
+            )
+            self.bottom = double(widths[-2], widths[-1])
+            pairs = list(zip(widths[:0:-1], widths[-2::-1], strict=True))
+            self.up = nn.ModuleList(nn.ConvTranspose2d(a, b, 2, 2) for a, b in pairs)
+            self.blocks = nn.ModuleList(double(2 * b, b) for _, b in pairs)
+            self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+        def forward(self, x):
+            skips = []
+            for block in self.down:
+                x = block(x)
+                skips.append(x)
+                x = TF.max_pool2d(x, 2)
+            x = self.bottom(x)
+            for up, block, skip in zip(self.up, self.blocks, skips[::-1], strict=True):
+                x = block(torch.cat([skip, up(x)], 1))
+            return self.head(x)
+
+    return UNet()
+
+
+def torch_c3d(widths, num_classes):
+    nn = torch.nn
+    layers, cin = [], 3
+    for i, width in enumerate(widths):
+        layers += [
+            nn.Conv3d(cin, width, 3, padding=1, bias=False),
+            nn.BatchNorm3d(width),
+            nn.ReLU(),
+            nn.MaxPool3d((1, 2, 2) if i == 0 else 2),
+        ]
+        cin = width
+    layers += [nn.AdaptiveAvgPool3d(1), nn.Flatten(1), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# name, jcnn model, PyTorch module, batch, input shape without batch (channels-last)
+NETWORKS = [
+    (
+        "MobileNetV2-CIFAR x0.5",
+        lambda: models.mobilenet_v2_cifar(10, 0.5, dropout_rate=0.0),
+        lambda: torch_mobilenet_v2_cifar(0.5, 10),
+        32,
+        (32, 32, 3),
+    ),
+    (
+        "ConvNeXt (2,2,2,2)x(32..256), 2x2 stem",
+        lambda: models.ConvNeXt((2, 2, 2, 2), (32, 64, 128, 256), 10, patch_size=2),
+        lambda: torch_convnext((2, 2, 2, 2), (32, 64, 128, 256), 2, 10),
+        32,
+        (32, 32, 3),
+    ),
+    (
+        "U-Net (16,32,64,128) same+BN",
+        lambda: models.UNet(2, (16, 32, 64, 128), "same", batch_norm=True),
+        lambda: torch_unet((16, 32, 64, 128), 2),
+        8,
+        (64, 64, 3),
+    ),
+    (
+        "SmallC3D (32..256)",
+        lambda: models.SmallC3D(10),
+        lambda: torch_c3d((32, 64, 128, 256), 10),
+        8,
+        (8, 32, 32, 3),
+    ),
+]
+
+
+def network_runners(build_jcnn, build_torch, batch, shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
+    model = build_jcnn()
+    variables = model.init(jax.random.key(0), x[:1])
+    out_shape = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x).shape
+    labels = jnp.asarray(rng.integers(0, out_shape[-1], out_shape[:-1]))
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    def loss_fn(params, batch_stats):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updates.get("batch_stats", {})
+
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    params = variables["params"]
+    state = {"value": (params, variables.get("batch_stats", {}), tx.init(params))}
+    start = time.perf_counter()
+    state["value"] = step(*state["value"])[:3]
+    jax.block_until_ready(state["value"])
+    compile_s = time.perf_counter() - start
+
+    def run_jcnn():
+        *state["value"], loss = step(*state["value"])
+        return float(loss)
+
+    module = build_torch()
+    n_torch = sum(p.numel() for p in module.parameters())
+    n_jcnn = sum(p.size for p in jax.tree.leaves(params))
+    if n_torch != n_jcnn:
+        raise AssertionError(f"parameter counts differ: jcnn {n_jcnn}, PyTorch {n_torch}")
+    xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
+    lt = torch.from_numpy(np.array(labels)).long()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+
+    def run_torch():
+        module.train()
+        opt.zero_grad(set_to_none=True)
+        loss = TF.cross_entropy(module(xt), lt)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    run_jcnn()
+    run_torch()
+    return {"jcnn": run_jcnn, "torch": run_torch}, compile_s, n_jcnn
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--steps", type=int, default=2, help="calls per round and implementation")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every batch size")
+    parser.add_argument(
+        "--only", nargs="*", choices=["convs", "networks"], default=["convs", "networks"]
+    )
+    args = parser.parse_args()
+    from jcnn import native
+
+    backend = "oneDNN" if native.available() else "XLA formulations (native library not built)"
+    print(
+        f"jcnn backend: {backend}; torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads; jax {jax.__version__}; rounds {args.rounds}, steps {args.steps}, "
+        f"batch scale {args.scale}",
+        flush=True,
+    )
+    if "convs" in args.only:
+        rows = []
+        for case in CONV_CASES:
+            result = interleaved(conv_runners(case, args.scale), args.rounds, args.steps)
+            (jcnn_s, jcnn_spread), (xla_s, _), (torch_s, _) = (
+                result["jcnn"],
+                result["xla"],
+                result["torch"],
+            )
+            rows.append(
+                {
+                    "case (fwd + dx + dw)": case[0],
+                    "batch": _batch(case[2], args.scale),
+                    "jcnn ms": f"{jcnn_s * 1e3:.1f}",
+                    "XLA native ms": f"{xla_s * 1e3:.1f}",
+                    "PyTorch ms": f"{torch_s * 1e3:.1f}",
+                    "jcnn vs PyTorch": f"{torch_s / jcnn_s:.2f}x",
+                    "jcnn vs XLA": f"{xla_s / jcnn_s:.2f}x",
+                    "jcnn spread": f"{jcnn_spread:.0%}",
+                }
+            )
+            print(markdown(rows[-1:]), flush=True)
+        print("\n" + markdown(rows), flush=True)
+    if "networks" in args.only:
+        rows = []
+        for name, build_jcnn, build_torch, batch, shape in NETWORKS:
+            batch = _batch(batch, args.scale)
+            runners, compile_s, n_params = network_runners(build_jcnn, build_torch, batch, shape)
+            result = interleaved(runners, args.rounds, args.steps)
+            rows.append(
+                {
+                    "network (training step)": name,
+                    "params": f"{n_params:,}",
+                    "input": f"{batch}x{'x'.join(map(str, shape))}",
+                    "jcnn ms": f"{result['jcnn'][0] * 1e3:.1f}",
+                    "PyTorch ms": f"{result['torch'][0] * 1e3:.1f}",
+                    "jcnn vs PyTorch": f"{result['torch'][0] / result['jcnn'][0]:.2f}x",
+                    "jcnn compile s": f"{compile_s:.1f}",
+                }
+            )
+            print(markdown(rows[-1:]), flush=True)
+        print("\n" + markdown(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

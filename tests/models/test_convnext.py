@@ -1,0 +1,181 @@
+"""ConvNeXt: published parameter counts, shapes, training step, stochastic depth, and
+torchvision weights against a hand-written PyTorch twin with torchvision's module names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import analysis, models
+
+from ._helpers import count_params, param_shapes
+from ._zoo import check_training_step, randomize_torch, torch_forward
+
+
+def _convnext_count(depths, widths, patch, in_channels, num_classes):
+    """The parameter count from the architecture, layer by layer."""
+    total = patch * patch * in_channels * widths[0] + widths[0] + 2 * widths[0]  # stem + LN
+    for stage, (depth, c) in enumerate(zip(depths, widths, strict=True)):
+        if stage:
+            total += 2 * widths[stage - 1] + 4 * widths[stage - 1] * c + c  # LN + 2x2 conv
+        block = 49 * c + c + 2 * c + (c * 4 * c + 4 * c) + (4 * c * c + c) + c
+        total += depth * block
+    return total + 2 * widths[-1] + widths[-1] * num_classes + num_classes
+
+
+def test_published_parameter_counts():
+    # torchvision's convnext_tiny: 28,589,128 parameters.
+    assert count_params(models.convnext_tiny(), (1, 224, 224, 3)) == 28_589_128
+    assert _convnext_count((3, 3, 9, 3), (96, 192, 384, 768), 4, 3, 1000) == 28_589_128
+    cifar = count_params(models.convnext_cifar(), (1, 32, 32, 3))
+    assert cifar == _convnext_count((3, 3, 9, 3), (48, 96, 192, 384), 2, 3, 10) == 7_055_482
+
+
+def test_structure_and_names():
+    params = param_shapes(models.convnext_tiny(), (1, 224, 224, 3))
+    assert params["stem_conv"]["kernel"].shape == (4, 4, 3, 96)
+    block = params["stage3_8"]
+    assert block["dwconv"]["kernel"].shape == (7, 7, 1, 384)
+    assert block["pwconv1"]["kernel"].shape == (384, 1536)
+    assert block["layer_scale"].shape == (384,)
+    assert params["downsample4_conv"]["kernel"].shape == (2, 2, 384, 768)
+    assert "downsample1_conv" not in params and "stage4_3" not in params
+    variables = jax.jit(models.ConvNeXt((1,), (8,), 3, patch_size=1).init)(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 2))
+    )
+    np.testing.assert_array_equal(
+        variables["params"]["stage1_0"]["layer_scale"], np.full(8, 1e-6, np.float32)
+    )
+
+
+def test_cifar_feature_maps():
+    model = models.convnext_cifar()
+    (logits, state) = jax.eval_shape(
+        lambda x: model.init_with_output(
+            jax.random.key(0), x, capture_intermediates=lambda m, _: m.name == "stage4_2"
+        ),
+        jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+    )
+    assert logits.shape == (2, 10)
+    assert state["intermediates"]["stage4_2"]["__call__"][0].shape == (2, 2, 2, 384)
+
+
+def test_training_step_with_stochastic_depth(rng):
+    model = models.ConvNeXt((1, 1), (8, 16), num_classes=4, patch_size=4, stochastic_depth=0.3)
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+    check_training_step(model, x, jnp.array([0, 3]), rngs={"dropout": jax.random.key(1)})
+
+
+def test_stochastic_depth_drops_whole_examples(rng):
+    block = models.ConvNeXtBlock(stochastic_depth=0.5, layer_scale_init=1.0)
+    x = jnp.asarray(rng.normal(size=(16, 5, 5, 4)), jnp.float32)
+    variables = jax.jit(block.init)(jax.random.key(0), x)
+    kept = jax.jit(block.apply)(variables, x)  # evaluation: never dropped, never rescaled
+    dropped = jax.jit(lambda k: block.apply(variables, x, train=True, rngs={"dropout": k}))(
+        jax.random.key(5)
+    )
+    branch = np.asarray(kept - x)
+    outcomes = []
+    for i in range(16):
+        if np.allclose(dropped[i], x[i], atol=1e-6):
+            outcomes.append(0)
+        else:
+            np.testing.assert_allclose(dropped[i], x[i] + 2 * branch[i], rtol=1e-4, atol=1e-5)
+            outcomes.append(1)
+    assert 0 < sum(outcomes) < 16
+    with pytest.raises(ValueError, match="stochastic_depth"):
+        models.ConvNeXtBlock(stochastic_depth=1.0).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="widths"):
+        models.ConvNeXt((1, 1), (8,)).init(jax.random.key(0), x)
+
+
+def _torch_twin(torch, depths, widths, patch, num_classes):
+    """torchvision's ConvNeXt written out, with its module names (features.i.j.block.k...)."""
+    tnn = torch.nn
+
+    class LayerNorm2d(tnn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    class Permute(tnn.Module):
+        def __init__(self, dims):
+            super().__init__()
+            self.dims = dims
+
+        def forward(self, x):
+            return x.permute(*self.dims)
+
+    class Block(tnn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.block = tnn.Sequential(
+                tnn.Conv2d(c, c, 7, padding=3, groups=c),
+                Permute((0, 2, 3, 1)),
+                tnn.LayerNorm(c, eps=1e-6),
+                tnn.Linear(c, 4 * c),
+                tnn.GELU(),
+                tnn.Linear(4 * c, c),
+                Permute((0, 3, 1, 2)),
+            )
+            self.layer_scale = tnn.Parameter(torch.ones(c, 1, 1) * 1e-6)
+
+        def forward(self, x):
+            return x + self.layer_scale * self.block(x)
+
+    class Twin(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = [
+                tnn.Sequential(
+                    tnn.Conv2d(3, widths[0], patch, patch), LayerNorm2d(widths[0], eps=1e-6)
+                )
+            ]
+            for i, (depth, c) in enumerate(zip(depths, widths, strict=True)):
+                if i:
+                    layers.append(
+                        tnn.Sequential(
+                            LayerNorm2d(widths[i - 1], eps=1e-6),
+                            tnn.Conv2d(widths[i - 1], c, 2, 2),
+                        )
+                    )
+                layers.append(tnn.Sequential(*[Block(c) for _ in range(depth)]))
+            self.features = tnn.Sequential(*layers)
+            self.classifier = tnn.Sequential(
+                LayerNorm2d(widths[-1], eps=1e-6),
+                tnn.Flatten(1),
+                tnn.Linear(widths[-1], num_classes),
+            )
+
+        def forward(self, x):
+            x = self.features(x).mean((2, 3), keepdim=True)
+            return self.classifier(x)
+
+    return Twin()
+
+
+@pytest.mark.parametrize(
+    ("depths", "widths", "patch", "size"),
+    [((1, 1, 2, 1), (8, 16, 24, 32), 4, 32), ((2, 1), (12, 20), 2, 12)],
+)
+def test_torchvision_weights_give_the_same_logits(torch, rng, depths, widths, patch, size):
+    twin = _torch_twin(torch, depths, widths, patch, 5)
+    randomize_torch(torch, twin, seed=2)
+    model = models.ConvNeXt(depths, widths, num_classes=5, patch_size=patch)
+    x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    assert count_params(model, x.shape) == sum(p.numel() for p in twin.parameters())
+    variables = analysis.from_torchvision_state_dict(model, twin.state_dict(), x.shape)
+    assert "batch_stats" not in variables
+    expected = torch_forward(torch, twin, x)
+    got = jax.jit(model.apply)(variables, jnp.asarray(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_import_rejects_mismatches(torch):
+    twin = _torch_twin(torch, (1, 1), (8, 16), 4, 5)
+    state = twin.state_dict()
+    with pytest.raises(ValueError, match=r"features\.3\.1\.\S+: missing"):
+        analysis.from_torchvision_state_dict(models.ConvNeXt((1, 2), (8, 16), 5), state)
+    with pytest.raises(ValueError, match=r"classifier\.2\.weight: shape \(5, 16\) .*head/kernel"):
+        analysis.from_torchvision_state_dict(models.ConvNeXt((1,), (8,), 5), state)
+    with pytest.raises(ValueError, match=r"features\.2\.1\.weight: shape \(16, 8, 2, 2\)"):
+        analysis.from_torchvision_state_dict(models.ConvNeXt((1, 1), (12, 16), 5), state)
