@@ -21,14 +21,14 @@ from jcnn import functional as F
 
 
 def stack(depth, kernel, *, pool_after=(), stride_after=()):
-    """``depth`` convs (``kernel``, unpadded) with tanh; 2x2 max pools or stride-2 convs after
+    """``depth`` convs (``kernel``, unpadded) with tanh; 2x2 average pools or stride-2 convs after
     the listed layers (1-based)."""
     layers = []
     for i in range(1, depth + 1):
         stride = 2 if i in stride_after else 1
         layers += [nn.Conv(1, kernel, stride=stride, kernel_init=init.normal(1.0)), F.tanh]
         if i in pool_after:
-            layers.append(nn.MaxPool(2))
+            layers.append(nn.AvgPool(2))
     return nn.Sequential(layers)
 
 
@@ -74,7 +74,7 @@ def main(argv=None):
     growth_depth = 2 if args.quick else 6
     variants = {
         "stride 1": {},
-        "2x2 max pool after every layer": {"pool_after": range(1, growth_depth + 1)},
+        "2x2 average pool after every layer": {"pool_after": range(1, growth_depth + 1)},
         "stride 2 in every layer": {"stride_after": range(1, growth_depth + 1)},
     }
     growth = {name: [] for name in variants}
@@ -94,11 +94,10 @@ def main(argv=None):
               "(lecture 000: pooling makes the receptive field grow exponentially).")
     page.table(["network", "L", "analysis.receptive_field", "measured", "match"], growth_rows)
     mismatches = sum(r[-1] == "NO" for r in rows + growth_rows)
-    page.text(f"**{mismatches} mismatch(es)** between the measured fields and the formulas."
-              + ("" if mismatches == 0 else
-                 " A max pool routes the gradient to one input per window, so a measured field "
-                 "can be smaller than the geometric one for a given input (the formula is the "
-                 "largest field)."))
+    page.text(f"**{mismatches} mismatch(es)** between the measured fields and the formulas. "
+              "Average pools are used because every input of a window then has a non-zero "
+              "gradient; a max pool routes the gradient to one input per window, so its measured "
+              "field for one input can be smaller than the geometric field.")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kernel in kernels:
