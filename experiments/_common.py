@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import shlex
 import subprocess
@@ -49,9 +50,21 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, split: str, data_dir):
+    images, labels = data.load(name, split, data_dir=data_dir)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
 def load(args, name: str, split: str, limit: int | None = None):
-    """``jcnn.data.load`` from ``--data-dir`` (or ``JCNN_DATA_DIR``), optionally the first ``limit``."""
-    images, labels = data.load(name, split, data_dir=args.data_dir)
+    """``jcnn.data.load`` from ``--data-dir`` (or ``JCNN_DATA_DIR``), optionally the first ``limit``.
+
+    Cached per process (read-only arrays), so that running several experiments in one process
+    (the smoke test) reads each file once.
+    """
+    images, labels = _load_cached(name, split, args.data_dir)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images, labels

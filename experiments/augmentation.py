@@ -46,8 +46,7 @@ def settings(quick):
         "pixmix": ([functools.partial(A.pixmix, augment=A.random_hflip)], None),
     }
     if quick:
-        out = {k: out[k] for k in ("none", "flip + crop + cutout", "flip + crop + mixup",
-                                   "posterize (4 bits, p=0.5)")}
+        out = {k: out[k] for k in ("none", "flip + crop + cutout", "flip + crop + mixup")}
     return out
 
 

@@ -57,7 +57,9 @@ def main(argv=None):
                         "BatchNorm folding", args)
     x_train, y_train, x_test, y_test = _common.standardized(args, "cifar10", n_train, n_test)
     rows, states = [], {}
-    for name, (rectify, lcn) in VARIANTS.items():
+    names = list(VARIANTS)[:: 3] if quick else list(VARIANTS)
+    for name in names:
+        rectify, lcn = VARIANTS[name]
         model = jarrett_net(widths, rectify, lcn)
         history, state = _common.run_fit(
             model, (x_train, y_train), (x_test, y_test), epochs=epochs, batch_size=64,

@@ -30,7 +30,9 @@ def main(argv=None):
     page = _common.Page("optimizers", "Optimizers: loss curves and AdaGrad's step", args)
     x_train, y_train, _, _ = _common.standardized(args, "cifar10", n_train, 10)
     curves = {}
-    for name, lr in RATES.items():
+    names = ("sgd", "adagrad", "adam") if quick else tuple(RATES)
+    for name in names:
+        lr = RATES[name]
         model = _common.conv_net(widths)
         curves[name] = _common.train_curve(model, (x_train, y_train), train.optimizer(name, lr),
                                            epochs=epochs, batch_size=64, seed=args.seed)
@@ -38,7 +40,7 @@ def main(argv=None):
         f"The same CNN (convs of widths {widths}, ReLU, 2x2 max pools, global average pooling), "
         f"the same initialization and batches (batch 64, {epochs} epochs over {n_train} CIFAR-10 "
         "images), a constant learning rate per method: "
-        + ", ".join(f"{k} {v:g}" for k, v in RATES.items()) + ".")
+        + ", ".join(f"{k} {RATES[k]:g}" for k in names) + ".")
     rows = []
     quarter = max(1, len(curves["sgd"][0]) // 4)
     for name, (loss, step, grad) in curves.items():
