@@ -47,7 +47,7 @@ def main(argv=None):
         rows.append([name, RATES[name], loss[:quarter].mean(), loss[-quarter:].mean(),
                      step[:quarter].mean() / RATES[name], step[-quarter:].mean() / RATES[name]])
     page.table(["optimizer", "lr", "mean loss, first quarter", "mean loss, last quarter",
-                "||step|| / lr, first quarter", "||step|| / lr, last quarter"], rows)
+                "step norm / lr, first quarter", "step norm / lr, last quarter"], rows)
     adagrad = curves["adagrad"][1] / (curves["adagrad"][2] + 1e-12)
     early, late = adagrad[:quarter].mean(), adagrad[-quarter:].mean()
     page.text(

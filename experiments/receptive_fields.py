@@ -120,7 +120,7 @@ def main(argv=None):
     stats = data.Standardize.fit(images)
     image = jnp.asarray(stats(images[:1]))
     panels = [("3 convs 3x3", stack(3, 3)), ("3 convs 3x3 + pools", stack(3, 3, pool_after=(1, 2))),
-              ("6 convs 3x3", stack(6, 3))]
+              ("6 convs 3x3", stack(6, 3))][: 1 if args.quick else 3]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3))
     axes[0].imshow(images[0])
     axes[0].set_title("CIFAR-10 test image 0", fontsize=8)
