@@ -59,7 +59,7 @@ def _load_cached(name: str, split: str, data_dir):
 
 
 def load(args, name: str, split: str, limit: int | None = None):
-    """``jcnn.data.load`` from ``--data-dir`` (or ``JCNN_DATA_DIR``), optionally the first ``limit``.
+    """``jcnn.data.load`` from ``--data-dir`` (or ``JCNN_DATA_DIR``), the first ``limit`` if given.
 
     Cached per process (read-only arrays), so that running several experiments in one process
     (the smoke test) reads each file once.

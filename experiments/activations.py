@@ -10,11 +10,11 @@ Run: ``python experiments/activations.py [--quick] [--data-dir DIR]`` (full: abo
 
 from __future__ import annotations
 
+import _common
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import _common
 from jcnn import nn
 
 ACTIVATIONS = {

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 
+import _common
 import jax
 import matplotlib.pyplot as plt
 
-import _common
 from jcnn import data, train
 from jcnn.data import augment as A
 

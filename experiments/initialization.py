@@ -9,11 +9,11 @@ Run: ``python experiments/initialization.py [--quick]`` (seconds either way; no 
 
 from __future__ import annotations
 
+import _common
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-import _common
 from jcnn import functional as F
 from jcnn import init
 

@@ -8,12 +8,12 @@ properties are asserted in ``tests/functional/test_equivariance.py``).
 
 from __future__ import annotations
 
+import _common
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import _common
 from jcnn import data
 from jcnn import functional as F
 from jcnn.data import augment as A

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 
+import _common
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import _common
 from jcnn import analysis, nn
 
 VARIANTS = {  # (rectify, lcn), named as in the paper: R_abs = |x|, N = local contrast norm.

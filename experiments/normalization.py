@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 
+import _common
 import matplotlib.pyplot as plt
 
-import _common
 from jcnn import nn
 
 # Wu & He 2018 (Group Normalization), Table 2: ResNet-50 ImageNet validation error (%) by

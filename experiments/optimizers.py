@@ -6,10 +6,10 @@ Run: ``python experiments/optimizers.py [--quick] [--data-dir DIR]`` (full: abou
 
 from __future__ import annotations
 
+import _common
 import matplotlib.pyplot as plt
 import numpy as np
 
-import _common
 from jcnn import train
 
 # Learning rates in each method's usual range (the notes' defaults where they give one).
@@ -43,7 +43,7 @@ def main(argv=None):
         + ", ".join(f"{k} {RATES[k]:g}" for k in names) + ".")
     rows = []
     quarter = max(1, len(curves["sgd"][0]) // 4)
-    for name, (loss, step, grad) in curves.items():
+    for name, (loss, step, _) in curves.items():
         rows.append([name, RATES[name], loss[:quarter].mean(), loss[-quarter:].mean(),
                      step[:quarter].mean() / RATES[name], step[-quarter:].mean() / RATES[name]])
     page.table(["optimizer", "lr", "mean loss, first quarter", "mean loss, last quarter",

@@ -10,12 +10,12 @@ Run: ``python experiments/receptive_fields.py [--quick] [--data-dir DIR]`` (seco
 
 from __future__ import annotations
 
+import _common
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import _common
 from jcnn import analysis, data, init, nn
 from jcnn import functional as F
 

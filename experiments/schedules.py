@@ -6,9 +6,8 @@ Run: ``python experiments/schedules.py [--quick] [--data-dir DIR]`` (full: about
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-
 import _common
+import matplotlib.pyplot as plt
 
 SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "linear",
              "inverse_sqrt")

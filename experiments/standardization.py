@@ -7,12 +7,12 @@ Run: ``python experiments/standardization.py [--quick] [--data-dir DIR]`` (full:
 
 from __future__ import annotations
 
+import _common
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import _common
 from jcnn import data, train
 
 

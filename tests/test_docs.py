@@ -37,7 +37,8 @@ def code_blocks(path: Path):
                 body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
                 i += 1
             skip = SKIP.search(previous)
-            blocks.append((start, textwrap.dedent("\n".join(body)), skip.group(1) if skip else None))
+            reason = skip.group(1) if skip else None
+            blocks.append((start, textwrap.dedent("\n".join(body)), reason))
         if stripped:
             previous = stripped
         i += 1

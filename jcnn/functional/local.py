@@ -60,7 +60,7 @@ def locally_connected_output_shape(
 
 
 def locally_connected(x, w, b=None, *, stride=1, padding: PaddingLike = 0, dilation=1):
-    """Locally connected layer: ``y[n, p, o] = sum_{k, c} x[n, p*stride + k*dilation, c] w[p, k, c, o]``.
+    """Locally connected layer, ``y[n, p, o] = sum_{k,c} x[n, p*s + k*d, c] w[p, k, c, o]``.
 
     Like :func:`jcnn.functional.conv` (cross-correlation), but the filter at every output position
     ``p`` is its own parameter (unshared weights, e.g. DeepFace's layers; lecture 004). It is

@@ -165,7 +165,7 @@ class Softplus(_Activation):
 
 
 class SiLU(_Activation):
-    """Sigmoid-weighted linear unit ``x * sigmoid(x)`` (the same function as ``Swish``), ``F.silu``."""
+    """Sigmoid-weighted linear unit ``x * sigmoid(x)`` (the same as ``Swish``), ``F.silu``."""
 
     def _apply(self, x):
         return F.silu(x)

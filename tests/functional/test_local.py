@@ -21,7 +21,9 @@ def reference(x, w, b, stride, pads, dilation):
     y = np.zeros((x.shape[0], *out, w.shape[-1]))
     for p in itertools.product(*(range(n) for n in out)):
         for k in itertools.product(*(range(n) for n in window)):
-            index = tuple(pi * s + ki * d for pi, ki, s, d in zip(p, k, stride, dilation))
+            index = tuple(
+                pi * s + ki * d for pi, ki, s, d in zip(p, k, stride, dilation, strict=True)
+            )
             y[(slice(None), *p)] += x[(slice(None), *index)] @ w[(*p, *k)]
         if b is not None:
             y[(slice(None), *p)] += b[p]
