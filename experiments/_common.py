@@ -80,13 +80,22 @@ def standardized(args, name: str, train_limit: int, test_limit: int):
 
 def run_fit(model, train_xy, test_xy, *, epochs, batch_size, seed=0, augment=None,
             batch_augment=None, **config) -> list[dict]:
-    """``jcnn.train.fit`` on arrays, quietly; returns ``(per-epoch history, final TrainState)``."""
+    """``jcnn.train.fit`` on arrays, quietly; returns ``(per-epoch history, final TrainState)``.
+
+    A run whose loss becomes non-finite is a result, not a crash: it returns a one-record history
+    of NaNs and ``None`` for the state.
+    """
     loader = data.Loader(*train_xy, batch_size=batch_size, seed=seed, augment=augment,
                          batch_augment=batch_augment)
     val = data.Loader(*test_xy, batch_size=min(500, len(test_xy[1])), shuffle=False,
                       drop_remainder=False)
-    result = train.fit(model, loader, val, train.TrainConfig(
-        epochs=epochs, seed=seed, progress=False, **config))
+    try:
+        result = train.fit(model, loader, val, train.TrainConfig(
+            epochs=epochs, seed=seed, progress=False, **config))
+    except train.NonFiniteLossError:
+        nan = float("nan")
+        return [{"epoch": 1, "train_loss": nan, "train_accuracy": nan, "val_loss": nan,
+                 "val_accuracy": nan}], None
     return result["history"], result["state"]
 
 

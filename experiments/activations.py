@@ -66,7 +66,7 @@ def main(argv=None):
         histories[name] = history
         reached = _common.first_epoch_reaching(history, "train_accuracy", 1 - target_error)
         dead = "n/a"
-        if name == "ReLU":
+        if name == "ReLU" and state is not None:
             variables = {"params": state.params}
             dead = f"{dead_relu_fraction(model, variables, jnp.asarray(x_test[:256])):.1%}"
         rows.append([name, reached if reached else f"> {epochs}",

@@ -70,7 +70,8 @@ def main(argv=None):
             epochs=epochs, batch_size=64, seed=args.seed, augment=A.compose(*ops, stats),
             batch_augment=batch_op, optimizer="momentum", learning_rate=0.05,
             schedule="cosine", weight_decay=5e-4)
-        train_acc = train.evaluate(state, clean_train)["accuracy"]
+        train_acc = (train.evaluate(state, clean_train)["accuracy"] if state is not None
+                     else float("nan"))  # diverged
         test_acc = history[-1]["val_accuracy"]
         accuracy[name] = (train_acc, test_acc)
         rows.append([name, train_acc, test_acc, train_acc - test_acc,
