@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         default="mnist",
-        help=f"{', '.join(DATASETS)} ('synthetic': a small random task for smoke tests)",
+        help=f"{', '.join(DATASETS)} ('synthetic': a small random task for smoke tests), or "
+        "tfds:NAME for a tensorflow-datasets dataset (e.g. tfds:cifar100)",
     )
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
@@ -78,7 +79,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every-steps", type=int, default=0)
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    p.add_argument(
+        "--val-split",
+        type=_val_split,
+        default=None,
+        help="carve a validation set from the training set: a count (5000) or a fraction (0.1); "
+        "it chooses the best checkpoint and early stopping, the test set is only reported",
+    )
+    p.add_argument("--val-split-seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--eval-every-steps", type=int, default=0, help="also validate every N steps")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in all")
+    p.add_argument(
+        "--early-stopping",
+        type=int,
+        default=None,
+        metavar="PATIENCE",
+        help="stop when the validation loss has not improved for PATIENCE evaluations "
+        "(needs --val-split)",
+    )
+    p.add_argument(
+        "--manual-dir",
+        default=None,
+        help="tfds:NAME only: folder with the original downloads, used instead of the network",
+    )
     return p
+
+
+def _val_split(text: str):
+    """``--val-split``: an int count or a float fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a count (e.g. 5000) or a fraction (e.g. 0.1), got {text!r}"
+            ) from None
+
+
+def load_dataset(name: str, split: str, *, data_dir=None, manual_dir=None):
+    """``(images, labels)`` of a ``--dataset`` name: jcnn's datasets, synthetic, or tfds:NAME."""
+    from jcnn import data
+
+    if name == "synthetic":
+        return _synthetic(split, 0)
+    if name.startswith("tfds:"):
+        return data.load_tfds(name[len("tfds:") :], split, data_dir=data_dir, manual_dir=manual_dir)
+    if name not in DATASETS:
+        raise SystemExit(
+            f"--dataset: expected one of {', '.join(DATASETS)} or tfds:NAME, got {name!r}"
+        )
+    # without --data-dir, missing files are downloaded into the cache (jcnn.data.download)
+    return data.load(name, split, data_dir=data_dir, download=data_dir is None)
 
 
 def _synthetic(split: str, seed: int):
@@ -130,22 +183,26 @@ def main(argv=None) -> int:
 
     from jcnn import data, models
     from jcnn.train import parallel
+    from jcnn.train.callbacks import EarlyStopping
     from jcnn.train.checkpoint import CheckpointError
-    from jcnn.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
+    from jcnn.train.loop import NonFiniteLossError, TrainConfig, fit
 
-    if args.dataset not in DATASETS:
-        raise SystemExit(f"--dataset: expected one of {', '.join(DATASETS)}, got {args.dataset!r}")
-    out = Path(args.out or f"runs/{args.model}-{args.dataset}")
-    if args.dataset == "synthetic":
-        (train_x, train_y), (test_x, test_y) = _synthetic("train", 0), _synthetic("test", 0)
-    else:
-        train_x, train_y = data.load(args.dataset, "train", data_dir=args.data_dir)
-        test_x, test_y = data.load(args.dataset, "test", data_dir=args.data_dir)
+    if args.dataset not in DATASETS and not args.dataset.startswith("tfds:"):
+        raise SystemExit(
+            f"--dataset: expected one of {', '.join(DATASETS)} or tfds:NAME, got {args.dataset!r}"
+        )
+    if args.early_stopping is not None and args.val_split is None:
+        raise SystemExit("--early-stopping: needs a validation set (--val-split N)")
+    out = Path(args.out or f"runs/{args.model}-{args.dataset.replace(':', '-')}")
+    source = dict(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    try:
+        train_x, train_y = load_dataset(args.dataset, "train", **source)
+        test_x, test_y = load_dataset(args.dataset, "test", **source)
+    except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
+        raise SystemExit(f"jcnn-train: {error}") from None
     if args.limit_train:
         train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    stats = data.Standardize.fit(train_x)
-    train_x, test_x = stats(train_x), stats(test_x)
 
     mesh = parallel.make_mesh(args.devices) if args.devices else None
     sharding = parallel.data_sharding(mesh) if mesh is not None else None
@@ -168,6 +225,9 @@ def main(argv=None) -> int:
         drop_remainder=False,
         sharding=sharding,
     )
+    callbacks = []
+    if args.early_stopping is not None:
+        callbacks.append(EarlyStopping("val_loss", mode="min", patience=args.early_stopping))
     attribute, kwargs = MODELS[args.model]
     model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
     config = TrainConfig(
@@ -189,21 +249,30 @@ def main(argv=None) -> int:
         keep_last=args.keep_last,
         resume=args.resume,
         progress=not args.no_progress and sys.stderr.isatty(),
+        val_split=args.val_split,
+        val_split_seed=args.val_split_seed,
+        standardize="per_channel",
+        eval_every_steps=args.eval_every_steps,
+        max_steps=args.max_steps,
+        test_every_epoch=args.val_split is None,
+        callbacks=tuple(callbacks),
     )
+    metadata = {"model": args.model, "dataset": args.dataset, **source}
     started = time.perf_counter()
     try:
-        result = fit(model, train_loader, test_loader, config)
+        result = fit(model, train_loader, None, config, test_loader=test_loader, metadata=metadata)
     except NonFiniteLossError as error:
         print(f"jcnn-train: {error}", file=sys.stderr)
         return 2
     except CheckpointError as error:
         print(f"jcnn-train: cannot resume: {error}", file=sys.stderr)
         return 3
-    test = evaluate(result["state"], test_loader, mesh=mesh)
+    except ValueError as error:
+        print(f"jcnn-train: {error}", file=sys.stderr)
+        return 2
     summary = dict(result["summary"])
+    test = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
     summary.update(
-        test_loss=test["loss"],
-        test_accuracy=test["accuracy"],
         wall_seconds=time.perf_counter() - started,
         devices=len(mesh.devices.flat) if mesh is not None else 1,
         backend=jax.default_backend(),
