@@ -26,7 +26,10 @@ def stack(depth, kernel, *, pool_after=(), stride_after=()):
     layers = []
     for i in range(1, depth + 1):
         stride = 2 if i in stride_after else 1
-        layers += [nn.Conv(1, kernel, stride=stride, kernel_init=init.normal(1.0)), F.tanh]
+        # std 1/K keeps the pre-activations near unit variance: tanh does not saturate, so
+        # the gradient of a deep stack does not underflow to zero inside the field
+        layers += [nn.Conv(1, kernel, stride=stride, kernel_init=init.normal(1.0 / kernel)),
+                   F.tanh]
         if i in pool_after:
             layers.append(nn.AvgPool(2))
     return nn.Sequential(layers)
@@ -43,6 +46,8 @@ def measured_field(model, size, key, channels=1):
 
     grad = np.abs(np.asarray(jax.grad(centre)(x))[0].sum(-1))
     rows, cols = np.nonzero(grad > 0)
+    if rows.size == 0:
+        raise FloatingPointError("the centre unit's input gradient is zero everywhere")
     return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1), grad
 
 
@@ -65,8 +70,8 @@ def main(argv=None):
             rows.append([kernel, depth, predicted, theory, f"{h} x {w}",
                          "yes" if h == w == predicted else "NO"])
     page.text("## Stride-1 stacks: 1 + L(K-1)\n"
-              "Unpadded `nn.Conv` layers with N(0,1) weights and tanh between them; the field is "
-              "the bounding box of the non-zero input gradient of the centre output unit. "
+              "Unpadded `nn.Conv` layers with N(0, 1/K²) weights and tanh between them; the "
+              "field is the bounding box of the non-zero input gradient of the centre output unit. "
               "`analysis.receptive_field` is jcnn's static computation.")
     page.table(["K", "L", "1 + L(K-1)", "analysis.receptive_field", "measured",
                 "match"], rows)
