@@ -144,16 +144,38 @@ class Standardize:
             jnp.asarray(mean_image, jnp.float32), ones, jnp.asarray(projection, jnp.float32), mode
         )
 
-    def __call__(self, images) -> jax.Array:
+    def __call__(self, *args) -> jax.Array:
         """``images`` standardized, as ``float32`` (works under ``jit`` and ``vmap``).
 
+        Called as ``stats(images)``, or with the signature of an augmentation op,
+        ``stats(key, image)`` (the key is not used), so that it can end an
+        ``augment.compose(...)`` pipeline or be a ``Loader``'s ``augment``.
+
         Args:
-          images: ``(..., H, W, C)`` with the training images' ``H, W, C`` (``C`` only for the
-            per-channel modes).
+          *args: ``images`` or ``(key, images)``; ``images`` is ``(..., H, W, C)`` with the
+            training images' ``H, W, C`` (``C`` only for the per-channel modes).
 
         Returns:
           ``(..., H, W, C)`` float32; ``(..., K)`` for ``"pca"``.
+
+        Example:
+          >>> from jcnn import data
+          >>> from jcnn.data import augment as A
+          >>> train = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.uint8).reshape(2, 4, 4, 3)
+          >>> stats = data.Standardize.fit(train)
+          >>> pipeline = A.compose(A.random_hflip, stats)
+          >>> pipeline(jax.random.key(0), train[0]).dtype
+          dtype('float32')
         """
+        if len(args) == 1:
+            (images,) = args
+        elif len(args) == 2:
+            _, images = args
+        else:
+            raise TypeError(
+                f"Standardize: expected (images) or (key, image) as an augmentation op, got "
+                f"{len(args)} arguments"
+            )
         if not hasattr(images, "shape"):
             raise TypeError(f"images: expected an array, got {type(images).__name__}")
         trailing = self.mean.shape

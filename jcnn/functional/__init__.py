@@ -6,6 +6,7 @@ Arrays are channels-last (``(N, *spatial, C)``) and kernels ``(*window, C_in // 
 from jcnn.functional.activation import *  # noqa: F403
 from jcnn.functional.conv import *  # noqa: F403
 from jcnn.functional.dropout import *  # noqa: F403
+from jcnn.functional.local import *  # noqa: F403
 from jcnn.functional.loss import *  # noqa: F403
 from jcnn.functional.norm import *  # noqa: F403
 from jcnn.functional.pool import *  # noqa: F403

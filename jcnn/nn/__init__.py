@@ -17,9 +17,11 @@ from jcnn.nn.dropout import *  # noqa: F403
 from jcnn.nn.dropout import __all__ as _dropout
 from jcnn.nn.linear import *  # noqa: F403
 from jcnn.nn.linear import __all__ as _linear
+from jcnn.nn.local import *  # noqa: F403
+from jcnn.nn.local import __all__ as _local
 from jcnn.nn.norm import *  # noqa: F403
 from jcnn.nn.norm import __all__ as _norm
 from jcnn.nn.pool import *  # noqa: F403
 from jcnn.nn.pool import __all__ as _pool
 
-__all__ = [*_conv, *_linear, *_norm, *_pool, *_activation, *_dropout, *_container]
+__all__ = [*_conv, *_local, *_linear, *_norm, *_pool, *_activation, *_dropout, *_container]

@@ -27,6 +27,9 @@ __all__ = [
     "Rectify",
     "Swish",
     "Softplus",
+    "SiLU",
+    "Mish",
+    "SELU",
 ]
 
 
@@ -159,3 +162,40 @@ class Softplus(_Activation):
 
     def _apply(self, x):
         return F.softplus(x)
+
+
+class SiLU(_Activation):
+    """Sigmoid-weighted linear unit ``x * sigmoid(x)`` (the same as ``Swish``), ``F.silu``."""
+
+    def _apply(self, x):
+        return F.silu(x)
+
+
+class Mish(_Activation):
+    """``x * tanh(softplus(x))`` (Misra 2019), ``F.mish``.
+
+    Example:
+        >>> import jcnn
+        >>> layer = jcnn.nn.Mish()
+        >>> x = jnp.array([-1.0, 0.0, 2.0])
+        >>> bool(jnp.allclose(layer.apply({}, x), jcnn.functional.mish(x)))
+        True
+    """
+
+    def _apply(self, x):
+        return F.mish(x)
+
+
+class SELU(_Activation):
+    """Scaled exponential linear unit (Klambauer et al. 2017), ``F.selu``.
+
+    Example:
+        >>> import jcnn
+        >>> layer = jcnn.nn.SELU()
+        >>> x = jnp.array([-1.0, 0.0, 2.0])
+        >>> bool(jnp.allclose(layer.apply({}, x), jcnn.functional.selu(x)))
+        True
+    """
+
+    def _apply(self, x):
+        return F.selu(x)

@@ -101,3 +101,22 @@ def test_argument_checks(splits):
     stats = Standardize.fit(train, mode="mean_image")
     with pytest.raises(ValueError, match="images: expected shape"):
         stats(np.zeros((2, 4, 5, 3), np.float32))
+
+
+def test_standardize_as_the_last_op_of_an_augmentation_pipeline(rng):
+    from jcnn import data
+    from jcnn.data import augment as A
+
+    images = rng.integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    stats = data.Standardize.fit(images)
+    key = jax.random.key(3)
+    pipeline = A.compose(lambda _, x: A.hflip(x), stats)
+    expected = (np.asarray(A.hflip(images[2]), np.float64) - np.asarray(stats.mean)) / np.asarray(
+        stats.scale
+    )
+    np.testing.assert_allclose(pipeline(key, images[2]), expected, rtol=1e-5, atol=1e-5)
+    loader = data.Loader(images, np.arange(7, dtype=np.int32), batch_size=3, augment=stats)
+    batch, labels = loader.batch(0, 0)
+    np.testing.assert_allclose(batch, stats(images[np.asarray(labels)]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="Standardize"):
+        stats(key, images, images)

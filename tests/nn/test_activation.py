@@ -73,3 +73,29 @@ def test_parameter_free_activations_equal_functional(rng):
         assert layer.init(jax.random.key(0), x) == {}
         np.testing.assert_array_equal(layer.apply({}, x), op(x))
     np.testing.assert_array_equal(nn.Rectify().apply({}, x), np.abs(np.asarray(x)))
+
+
+@pytest.mark.parametrize("name", ["Mish", "SELU", "SiLU"])
+def test_mish_selu_silu_modules_match_torch(torch, rng, name):
+    x = jnp.asarray(rng.normal(scale=3.0, size=(2, 4, 3, 5)), jnp.float32)
+    layer = getattr(nn, name)()
+    assert layer.init(jax.random.key(0), x) == {}
+    reference = {"Mish": torch.nn.functional.mish, "SELU": torch.nn.functional.selu,
+                 "SiLU": torch.nn.functional.silu}[name]
+    xt = torch.tensor(np.asarray(x, np.float64)).requires_grad_(True)
+    yt = reference(xt)
+    (yt**2).sum().backward()
+    y, g = jax.value_and_grad(lambda v: jnp.sum(layer.apply({}, v) ** 2))(x)
+    np.testing.assert_allclose(layer.apply({}, x), yt.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_every_functional_activation_has_a_module():
+    functional_names = {"elu", "gelu", "leaky_relu", "maxout", "mish", "prelu", "rectify", "relu",
+                        "selu", "sigmoid", "silu", "softplus", "swish", "tanh"}
+    from jcnn.functional import activation
+
+    assert set(activation.__all__) == functional_names
+    modules = {name.lower() for name in nn.__all__}
+    modules = {m.replace("leakyrelu", "leaky_relu") for m in modules}
+    assert functional_names <= modules, functional_names - modules

@@ -1,0 +1,231 @@
+"""Plumbing shared by the experiment scripts: arguments, data, short training runs, result pages.
+
+Every script is ``python experiments/<name>.py [--quick] [--out DIR] [--data-dir DIR]``; it writes
+``<out>/<name>.md`` and its figures ``<out>/<name>_*.png`` (``--out`` defaults to
+``docs/experiments``). ``--quick`` runs a smoke-sized version in seconds (CI runs every script this
+way); its page says in its first lines that its numbers are not the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jcnn import data, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "docs" / "experiments"
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    """The arguments every experiment takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke-sized run (seconds); the page says so"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for the page and its figures"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="datasets folder (default: $JCNN_DATA_DIR, then jcnn's per-user cache)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, split: str, data_dir):
+    images, labels = data.load(name, split, data_dir=data_dir)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def load(args, name: str, split: str, limit: int | None = None):
+    """``jcnn.data.load`` from ``--data-dir`` (or ``JCNN_DATA_DIR``), the first ``limit`` if given.
+
+    Cached per process (read-only arrays), so that running several experiments in one process
+    (the smoke test) reads each file once.
+    """
+    images, labels = _load_cached(name, split, args.data_dir)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def standardized(args, name: str, train_limit: int, test_limit: int):
+    """Float32 train and test arrays standardized with the training subset's per-channel stats."""
+    x_train, y_train = load(args, name, "train", train_limit)
+    x_test, y_test = load(args, name, "test", test_limit)
+    stats = data.Standardize.fit(x_train)
+    return np.asarray(stats(x_train)), y_train, np.asarray(stats(x_test)), y_test
+
+
+def run_fit(model, train_xy, test_xy, *, epochs, batch_size, seed=0, augment=None,
+            batch_augment=None, **config) -> list[dict]:
+    """``jcnn.train.fit`` on arrays, quietly; returns ``(per-epoch history, final TrainState)``.
+
+    A run whose loss becomes non-finite is a result, not a crash: it returns a one-record history
+    of NaNs and ``None`` for the state.
+    """
+    loader = data.Loader(*train_xy, batch_size=batch_size, seed=seed, augment=augment,
+                         batch_augment=batch_augment)
+    val = data.Loader(*test_xy, batch_size=min(500, len(test_xy[1])), shuffle=False,
+                      drop_remainder=False)
+    try:
+        result = train.fit(model, loader, val, train.TrainConfig(
+            epochs=epochs, seed=seed, progress=False, **config))
+    except train.NonFiniteLossError:
+        nan = float("nan")
+        return [{"epoch": 1, "train_loss": nan, "train_accuracy": nan, "val_loss": nan,
+                 "val_accuracy": nan}], None
+    return result["history"], result["state"]
+
+
+def train_curve(model, train_xy, tx, *, epochs, batch_size, seed=0):
+    """Per-step loss and parameter-step norm of ``model`` trained with optimizer ``tx``.
+
+    Returns ``(losses, step_norms, grad_norms)``, NumPy arrays of one value per step
+    (``step_norms`` is ``||theta_{t+1} - theta_t||``); a non-finite loss ends the run early.
+    """
+    loader = data.Loader(*train_xy, batch_size=batch_size, seed=seed)
+    sample, _ = loader.batch(0, 0)
+    state = train.TrainState.create(model, tx, jax.random.key(seed), sample[:1])
+    losses, steps, grads = [], [], []
+    flat = jax.jit(lambda p: jnp.concatenate([a.ravel() for a in jax.tree.leaves(p)]))
+    before = np.asarray(flat(state.params))
+    for epoch in range(epochs):
+        for batch in loader.epoch(epoch):
+            state, metrics = train.train_step(state, batch)
+            loss = float(metrics["loss"])
+            after = np.asarray(flat(state.params))
+            losses.append(loss)
+            steps.append(float(np.linalg.norm(after - before)))
+            grads.append(float(metrics["grad_norm"]))
+            before = after
+            if not np.isfinite(loss):
+                return np.array(losses), np.array(steps), np.array(grads)
+    return np.array(losses), np.array(steps), np.array(grads)
+
+
+def commit() -> str:
+    """The checked-out commit (with ``+dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Page:
+    """A results page: Markdown text, tables and figures, written by :meth:`write`."""
+
+    def __init__(self, name: str, title: str, args: argparse.Namespace):
+        self.name, self.title, self.args = name, title, args
+        self.parts: list[str] = []
+        self.figures: list[tuple[str, object]] = []
+        self.started = time.perf_counter()
+
+    def text(self, markdown: str) -> None:
+        self.parts.append(markdown.strip() + "\n")
+
+    def table(self, headers, rows) -> None:
+        lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+        self.parts.append("\n".join(lines) + "\n")
+
+    def figure(self, fig, stem: str, caption: str) -> None:
+        filename = f"{self.name}_{stem}.png"
+        self.figures.append((filename, fig))
+        self.parts.append(f"![{caption}]({filename})\n\n*{caption}*\n")
+
+    def write(self) -> Path:
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for filename, fig in self.figures:
+            fig.savefig(out / filename, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+        wall = time.perf_counter() - self.started
+        script = f"experiments/{self.name}.py"
+        command = " ".join(["python", script, *map(shlex.quote, sys.argv[1:])])
+        full = f"python {script} --data-dir /path/to/data"
+        head = [f"# {self.title}\n"]
+        if self.args.quick:
+            head.append(
+                "!!! warning \"Quick mode\"\n    This page was written by a `--quick` smoke run "
+                "(tiny data, few steps): its numbers and figures are NOT the experiment's "
+                f"results. Run `{full}` for them.\n"
+            )
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        head.append(
+            f"Command: `{command}` · commit `{commit()}` · {date} · "
+            f"wall time {wall:.0f} s on {os.cpu_count()} CPU core(s), "
+            f"{jax.devices()[0].platform} backend · full mode: `{full}`\n"
+        )
+        path = out / f"{self.name}.md"
+        path.write_text("\n".join(head + self.parts))
+        print(f"wrote {path}")
+        return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+def first_epoch_reaching(history, key: str, target: float, *, below: bool = False):
+    """The first epoch (1-based) where ``history[key]`` reaches ``target``, or ``None``."""
+    for record in history:
+        value = record[key]
+        if value is not None and (value <= target if below else value >= target):
+            return record["epoch"]
+    return None
+
+
+def conv_net(widths, *, activation=None, norm=None, pool_every=1, num_classes=10,
+             kernel_size=3, kernel_init=None):
+    """A plain CNN: ``[conv 3x3 -> norm -> activation (-> max pool 2)] * len(widths)``, then
+    global average pooling and a dense layer, as a ``jcnn.nn.Sequential``.
+
+    ``norm`` is a callable ``features -> module`` (or ``None``); ``activation`` a zero-argument
+    factory of the activation layer (default ``lambda: F.relu``), called once per layer so that
+    learned activations get their own parameters; a 2x2 max pool follows every ``pool_every``-th
+    conv.
+    """
+    from jcnn import functional as F
+    from jcnn import nn
+
+    layers = []
+    for i, width in enumerate(widths):
+        layers.append(nn.Conv(width, kernel_size, padding=kernel_size // 2,
+                              use_bias=norm is None, kernel_init=kernel_init))
+        if norm is not None:
+            layers.append(norm(width))
+        layers.append(F.relu if activation is None else activation())
+        if (i + 1) % pool_every == 0:
+            layers.append(nn.MaxPool(2))
+    layers += [nn.GlobalAvgPool(), nn.Dense(num_classes)]
+    return nn.Sequential(layers)

@@ -1,0 +1,89 @@
+"""``LocallyConnected``: the unshared-weight layer of lecture 004, a thin wrapper of
+``F.locally_connected``.
+
+Parameters: ``kernel`` of shape ``(*out_spatial, *window, C_in, features)`` (one filter bank per
+output position) and ``bias`` of shape ``(*out_spatial, features)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jcnn import functional as F
+from jcnn import init
+from jcnn.functional._checks import PaddingLike, check_positive_int
+from jcnn.nn._util import Initializer, window_and_check
+
+__all__ = ["LocallyConnected"]
+
+
+def _unshared_he_normal(key, shape, dtype=jnp.float32):
+    """He normal per output position: fan_in = prod(window) * C_in, independent per position."""
+    rank = (len(shape) - 2) // 2
+    out, window, (c_in, c_out) = shape[:rank], shape[rank : 2 * rank], shape[-2:]
+    positions = math.prod(out)
+    draws = init.he_normal()(key, (*window, c_in, positions * c_out), dtype)
+    draws = draws.reshape(*window, c_in, positions, c_out)
+    return jnp.moveaxis(draws, -2, 0).reshape(shape)
+
+
+class LocallyConnected(nn.Module):
+    """Locally connected layer (unshared convolution), ``F.locally_connected``.
+
+    Attributes:
+        features: output channels.
+        kernel_size: window, an int (every spatial axis) or one per axis (1-, 2- or 3-D).
+        stride, padding, dilation: as for ``F.locally_connected`` (zero padding).
+        use_bias: add an unshared bias ``(*out_spatial, features)``.
+        kernel_init: initializer of ``kernel`` (default: He normal with
+            ``fan_in = prod(window) * C_in``, drawn independently for every position).
+        bias_init: initializer of ``bias`` (default zeros).
+        param_dtype: dtype of the parameters.
+
+    Example:
+        >>> import jcnn
+        >>> layer = jcnn.nn.LocallyConnected(4, 3)
+        >>> x = jnp.ones((2, 6, 5, 3))
+        >>> variables = layer.init(jax.random.key(0), x)
+        >>> variables["params"]["kernel"].shape, layer.apply(variables, x).shape
+        ((4, 3, 3, 3, 3, 4), (2, 4, 3, 4))
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: PaddingLike = 0
+    dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """Apply the layer to ``x`` of shape ``(N, *spatial, C_in)``."""
+        window = window_and_check(self.kernel_size, x, "kernel_size")
+        check_positive_int(self.features, "features")
+        out = F.locally_connected_output_shape(
+            x.shape[1:-1], window, stride=self.stride, padding=self.padding,
+            dilation=self.dilation,
+        )
+        kernel = self.param(
+            "kernel",
+            self.kernel_init or _unshared_he_normal,
+            (*out, *window, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias", self.bias_init or init.zeros, (*out, self.features), self.param_dtype
+            )
+        return F.locally_connected(
+            x, kernel, bias, stride=self.stride, padding=self.padding, dilation=self.dilation
+        )

@@ -1,0 +1,60 @@
+"""Smoke test of every experiment script: its ``--quick`` mode runs and writes its page.
+
+The scripts run in this process (imported from ``experiments/``), so the datasets and jcnn are
+loaded once; each writes into a temporary folder, never into ``docs/``.
+"""
+
+import importlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+NAMES = ["initialization", "receptive_fields", "normalization", "activations", "optimizers",
+         "schedules", "augmentation", "invariance", "standardization", "jarrett"]
+NEEDS_DATA = set(NAMES) - {"initialization"}
+
+
+def _data_dir():
+    """``JCNN_DATA_DIR``, else ``<repo>/../shared/data`` (as the data tests look), if it has
+    CIFAR-10."""
+    shared = EXPERIMENTS.parents[1] / "shared" / "data"
+    directory = Path(os.environ.get("JCNN_DATA_DIR") or shared)
+    return directory if (directory / "cifar10").is_dir() else None
+
+
+@pytest.fixture(scope="module")
+def experiments_on_path():
+    sys.path.insert(0, str(EXPERIMENTS))
+    yield
+    sys.path.remove(str(EXPERIMENTS))
+
+
+def test_every_script_is_listed():
+    scripts = {p.stem for p in EXPERIMENTS.glob("*.py") if not p.stem.startswith("_")}
+    scripts -= {"augment_grid", "plot_schedules"}  # figure scripts of the user guide
+    assert scripts == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_mode_writes_its_page(name, tmp_path, experiments_on_path, monkeypatch):
+    if name in NEEDS_DATA and _data_dir() is None:
+        if os.environ.get("JCNN_REQUIRE_DATA") == "1":
+            pytest.fail("CIFAR-10 not found: set JCNN_DATA_DIR")
+        pytest.skip("CIFAR-10 not found (set JCNN_DATA_DIR)")
+    monkeypatch.setattr(sys, "argv", [f"experiments/{name}.py", "--quick"])
+    module = importlib.import_module(name)
+    data_dir = ["--data-dir", str(_data_dir())] if name in NEEDS_DATA else []
+    module.main(["--quick", "--out", str(tmp_path), *data_dir])
+    page = (tmp_path / f"{name}.md").read_text()
+    assert page.startswith("# ")
+    assert "Quick mode" in page and "NOT the experiment's results" in page
+    assert re.search(r"commit `[0-9a-f]{4,}(\+dirty)?`|commit `unknown`", page)
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", page)
+    assert figures, "the page shows no figure"
+    for figure in figures:
+        assert (tmp_path / figure).stat().st_size > 1000, figure
+    assert "|" in page  # a results table

@@ -1,0 +1,119 @@
+"""F.locally_connected against a plain NumPy loop over output positions (no PyTorch), and the
+LocallyConnected module."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import functional as F
+from jcnn import nn
+
+
+def reference(x, w, b, stride, pads, dilation):
+    """Direct definition: every output position has its own (window, C_in, C_out) filter."""
+    rank = x.ndim - 2
+    x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    out = w.shape[:rank]
+    window = w.shape[rank : 2 * rank]
+    y = np.zeros((x.shape[0], *out, w.shape[-1]))
+    for p in itertools.product(*(range(n) for n in out)):
+        for k in itertools.product(*(range(n) for n in window)):
+            index = tuple(
+                pi * s + ki * d for pi, ki, s, d in zip(p, k, stride, dilation, strict=True)
+            )
+            y[(slice(None), *p)] += x[(slice(None), *index)] @ w[(*p, *k)]
+        if b is not None:
+            y[(slice(None), *p)] += b[p]
+    return y
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_matches_a_numpy_loop_on_random_shapes(rng, rank):
+    for _ in range(4 if rank < 3 else 2):
+        spatial = tuple(int(v) for v in rng.integers(4, 9 if rank < 3 else 6, rank))
+        window = tuple(int(v) for v in rng.integers(1, 4, rank))
+        stride = tuple(int(v) for v in rng.integers(1, 3, rank))
+        dilation = tuple(int(v) for v in rng.integers(1, 3, rank))
+        pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (rank, 2)))
+        c_in, c_out = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        try:
+            out = F.locally_connected_output_shape(
+                spatial, window, stride=stride, padding=pads, dilation=dilation
+            )
+        except ValueError:
+            continue
+        x = rng.normal(size=(2, *spatial, c_in))
+        w = rng.normal(size=(*out, *window, c_in, c_out))
+        b = rng.normal(size=(*out, c_out)) if rng.random() < 0.5 else None
+        y = F.locally_connected(
+            jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
+            None if b is None else jnp.asarray(b, jnp.float32),
+            stride=stride, padding=pads, dilation=dilation,
+        )
+        expected = reference(x, w, b, stride, pads, dilation)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_match_the_loop_by_linearity(rng):
+    x = rng.normal(size=(2, 6, 5, 3))
+    w = rng.normal(size=(3, 3, 3, 3, 3, 4))
+    grad_x, grad_w = jax.grad(
+        lambda x, w: jnp.sum(F.locally_connected(x, w, stride=(2, 2), padding=1) ** 2),
+        argnums=(0, 1),
+    )(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    # d/dw of sum(y^2) = 2 * sum_n y * patch; checked through a finite difference of the loop
+    y = reference(x, w, None, (2, 2), ((1, 1), (1, 1)), (1, 1))
+    direction = rng.normal(size=w.shape)
+    eps = 1e-3
+    plus = reference(x, w + eps * direction, None, (2, 2), ((1, 1), (1, 1)), (1, 1))
+    minus = reference(x, w - eps * direction, None, (2, 2), ((1, 1), (1, 1)), (1, 1))
+    numeric = (np.sum(plus**2) - np.sum(minus**2)) / (2 * eps)
+    np.testing.assert_allclose(np.sum(np.asarray(grad_w) * direction), numeric, rtol=1e-3)
+    assert grad_x.shape == x.shape and np.all(np.isfinite(grad_x))
+    assert y.shape == (2, 3, 3, 4)
+
+
+def test_equals_conv_when_every_position_has_the_same_filter(rng):
+    x = jnp.asarray(rng.normal(size=(3, 7, 6, 2)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 2, 2, 5)), jnp.float32)
+    out = F.locally_connected_output_shape((7, 6), (3, 2), stride=(2, 1), padding="SAME")
+    w = jnp.broadcast_to(k, (*out, *k.shape))
+    np.testing.assert_allclose(
+        F.locally_connected(x, w, stride=(2, 1), padding="SAME"),
+        F.conv(x, k, stride=(2, 1), padding="SAME"), rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_bad_inputs_name_the_argument():
+    x = jnp.ones((1, 5, 5, 2))
+    with pytest.raises(ValueError, match="w: expected out_spatial"):
+        F.locally_connected(x, jnp.ones((4, 4, 3, 3, 2, 1)))
+    with pytest.raises(ValueError, match="w: expected C_in = 2"):
+        F.locally_connected(x, jnp.ones((3, 3, 3, 3, 1, 1)))
+    with pytest.raises(ValueError, match="b: expected shape"):
+        F.locally_connected(x, jnp.ones((3, 3, 3, 3, 2, 1)), jnp.ones((1,)))
+    with pytest.raises(ValueError, match="x: expected rank 4"):
+        F.locally_connected(jnp.ones((5, 5, 2)), jnp.ones((3, 3, 3, 3, 2, 1)))
+    with pytest.raises(ValueError, match="window"):
+        F.locally_connected_output_shape((2, 2), 3)
+    with pytest.raises(TypeError, match="x"):
+        F.locally_connected(np.ones((1, 5, 5, 2), np.int32), jnp.ones((3, 3, 3, 3, 2, 1)))
+
+
+def test_module_parameters_and_output(rng):
+    layer = nn.LocallyConnected(3, (3, 2), stride=2, padding=1)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 4)), jnp.float32)
+    variables = layer.init(jax.random.key(0), x)
+    kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+    assert kernel.shape == (4, 4, 3, 2, 4, 3) and bias.shape == (4, 4, 3)
+    # He normal per position: variance 2 / (window * C_in), positions drawn independently
+    np.testing.assert_allclose(np.var(np.asarray(kernel)), 2 / (3 * 2 * 4), rtol=0.2)
+    assert not np.allclose(kernel[0, 0], kernel[1, 1])
+    bias = jnp.asarray(rng.normal(size=bias.shape), jnp.float32)
+    y = layer.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+    expected = reference(np.asarray(x, np.float64), np.asarray(kernel, np.float64),
+                         np.asarray(bias, np.float64), (2, 2), ((1, 1), (1, 1)), (1, 1))
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
