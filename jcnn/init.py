@@ -37,6 +37,7 @@ __all__ = [
     "compute_fans",
     "dirac",
     "he_normal",
+    "he_normal_per_position",
     "he_uniform",
     "lecun_normal",
     "normal",
@@ -234,6 +235,33 @@ def he_normal(*, mode="fan_in", groups=1):
     """
     _check_mode_and_groups(mode, groups)
     return _scaled_normal(2.0, mode, groups)
+
+
+def he_normal_per_position():
+    """He normal for an unshared (locally connected) kernel
+    ``(*out_spatial, *window, C_in, C_out)``: ``N(0, 2 / fan_in)`` with
+    ``fan_in = prod(window) * C_in``, drawn independently per output position.
+
+    >>> w = he_normal_per_position()(jax.random.key(0), (4, 4, 3, 3, 8, 16))
+    >>> round(float(w.std() * (2 / (3 * 3 * 8)) ** -0.5), 1)
+    1.0
+    """
+
+    def initializer(key, shape, dtype=jnp.float32):
+        shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=4)
+        if len(shape) % 2:
+            raise ValueError(
+                f"shape: expected (*out_spatial, *window, C_in, C_out) with as many window as "
+                f"output axes, got {shape}"
+            )
+        rank = (len(shape) - 2) // 2
+        out, window, (c_in, c_out) = shape[:rank], shape[rank : 2 * rank], shape[-2:]
+        positions = math.prod(out)
+        draws = he_normal()(key, (*window, c_in, positions * c_out), dtype)
+        draws = draws.reshape(*window, c_in, positions, c_out)
+        return jnp.moveaxis(draws, -2, 0).reshape(shape)
+
+    return initializer
 
 
 def he_uniform(*, mode="fan_in", groups=1):

@@ -7,7 +7,6 @@ output position) and ``bias`` of shape ``(*out_spatial, features)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,16 +19,6 @@ from jcnn.functional._checks import PaddingLike, check_positive_int
 from jcnn.nn._util import Initializer, window_and_check
 
 __all__ = ["LocallyConnected"]
-
-
-def _unshared_he_normal(key, shape, dtype=jnp.float32):
-    """He normal per output position: fan_in = prod(window) * C_in, independent per position."""
-    rank = (len(shape) - 2) // 2
-    out, window, (c_in, c_out) = shape[:rank], shape[rank : 2 * rank], shape[-2:]
-    positions = math.prod(out)
-    draws = init.he_normal()(key, (*window, c_in, positions * c_out), dtype)
-    draws = draws.reshape(*window, c_in, positions, c_out)
-    return jnp.moveaxis(draws, -2, 0).reshape(shape)
 
 
 class LocallyConnected(nn.Module):
@@ -70,12 +59,15 @@ class LocallyConnected(nn.Module):
         window = window_and_check(self.kernel_size, x, "kernel_size")
         check_positive_int(self.features, "features")
         out = F.locally_connected_output_shape(
-            x.shape[1:-1], window, stride=self.stride, padding=self.padding,
+            x.shape[1:-1],
+            window,
+            stride=self.stride,
+            padding=self.padding,
             dilation=self.dilation,
         )
         kernel = self.param(
             "kernel",
-            self.kernel_init or _unshared_he_normal,
+            self.kernel_init or init.he_normal_per_position(),
             (*out, *window, x.shape[-1], self.features),
             self.param_dtype,
         )

@@ -45,6 +45,8 @@ from jcnn.nnx.dropout import *  # noqa: E402, F403
 from jcnn.nnx.dropout import __all__ as _dropout  # noqa: E402
 from jcnn.nnx.linear import *  # noqa: E402, F403
 from jcnn.nnx.linear import __all__ as _linear  # noqa: E402
+from jcnn.nnx.local import *  # noqa: E402, F403
+from jcnn.nnx.local import __all__ as _local  # noqa: E402
 from jcnn.nnx.norm import *  # noqa: E402, F403
 from jcnn.nnx.norm import __all__ as _norm  # noqa: E402
 from jcnn.nnx.pool import *  # noqa: E402, F403
@@ -53,6 +55,7 @@ from jcnn.nnx.pool import __all__ as _pool  # noqa: E402
 __all__ = [
     *_conv,
     *_linear,
+    *_local,
     *_norm,
     *_pool,
     *_activation,

@@ -27,6 +27,9 @@ __all__ = [
     "Rectify",
     "Swish",
     "Softplus",
+    "SiLU",
+    "Mish",
+    "SELU",
 ]
 
 
@@ -192,3 +195,24 @@ class Softplus(_Activation):
 
     def _apply(self, x):
         return F.softplus(x)
+
+
+class SiLU(_Activation):
+    """Sigmoid-weighted linear unit ``x * sigmoid(x)`` (the same as ``Swish``), ``F.silu``."""
+
+    def _apply(self, x):
+        return F.silu(x)
+
+
+class Mish(_Activation):
+    """``x * tanh(softplus(x))`` (Misra 2019), ``F.mish``."""
+
+    def _apply(self, x):
+        return F.mish(x)
+
+
+class SELU(_Activation):
+    """Scaled exponential linear unit (Klambauer et al. 2017), ``F.selu``."""
+
+    def _apply(self, x):
+        return F.selu(x)

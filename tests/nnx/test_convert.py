@@ -205,6 +205,25 @@ TWINS: dict[str, list[Twin]] = {
     "Rectify": [Twin(nn.Rectify, lambda r: jnnx.Rectify(), (3, 5))],
     "Swish": [Twin(nn.Swish, lambda r: jnnx.Swish(), (3, 5))],
     "Softplus": [Twin(nn.Softplus, lambda r: jnnx.Softplus(), (3, 5))],
+    "SiLU": [Twin(nn.SiLU, lambda r: jnnx.SiLU(), (3, 5))],
+    "Mish": [Twin(nn.Mish, lambda r: jnnx.Mish(), (3, 5))],
+    "SELU": [Twin(nn.SELU, lambda r: jnnx.SELU(), (3, 5))],
+    "LocallyConnected": [
+        Twin(
+            lambda: nn.LocallyConnected(4, (3, 2), stride=(2, 1), padding=1),
+            lambda r: jnnx.LocallyConnected(
+                3, 4, (3, 2), input_size=(7, 6), stride=(2, 1), padding=1, rngs=r
+            ),
+            (2, 7, 6, 3),
+        ),
+        Twin(
+            lambda: nn.LocallyConnected(2, 3, dilation=2, use_bias=False),
+            lambda r: jnnx.LocallyConnected(
+                2, 2, 3, input_size=(9,), dilation=2, use_bias=False, rngs=r
+            ),
+            (3, 9, 2),
+        ),
+    ],
     "Dropout": [
         Twin(lambda: nn.Dropout(0.3), lambda r: jnnx.Dropout(0.3), (4, 10), True, True),
     ],

@@ -1,0 +1,103 @@
+"""``LocallyConnected``: the unshared-weight layer of lecture 004, the NNX twin of
+``jcnn.nn.LocallyConnected`` (a thin wrapper of ``F.locally_connected``).
+
+Its kernel holds one filter bank per output position, so besides ``in_features`` the module needs
+the input's spatial size at construction (``input_size``) to create it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jcnn import functional as F
+from jcnn import init
+from jcnn.functional._checks import PaddingLike, as_int_tuple, check_positive_int
+from jcnn.nnx._util import Initializer, check_input, check_rngs, param, spatial_window, value
+
+__all__ = ["LocallyConnected"]
+
+
+class LocallyConnected(nnx.Module):
+    """Locally connected layer (unshared convolution), ``F.locally_connected``.
+
+    Args:
+        in_features: input channels.
+        features: output channels.
+        kernel_size: window, an int or one per spatial axis.
+        input_size: the input's spatial size ``(H, W)`` (or ``(L,)``, ``(D, H, W)``); it sets
+            the spatial rank (an int is every axis of a 2-D input unless ``kernel_size`` is a
+            sequence).
+        stride, padding, dilation: as for ``F.locally_connected`` (zero padding).
+        use_bias: add an unshared bias ``(*out_spatial, features)``.
+        kernel_init: initializer of ``kernel`` (default ``init.he_normal_per_position()``).
+        bias_init: initializer of ``bias`` (default zeros).
+        param_dtype: dtype of the parameters.
+        rngs: ``nnx.Rngs`` for the initializers.
+
+    Example:
+        >>> from flax import nnx
+        >>> from jcnn import nnx as jnnx
+        >>> layer = jnnx.LocallyConnected(3, 4, 3, input_size=(6, 5), rngs=nnx.Rngs(0))
+        >>> layer.kernel.shape, layer(jnp.ones((2, 6, 5, 3))).shape
+        ((4, 3, 3, 3, 3, 4), (2, 4, 3, 4))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        input_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: PaddingLike = 0,
+        dilation: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_rngs(rngs, "LocallyConnected")
+        check_positive_int(in_features, "in_features")
+        check_positive_int(features, "features")
+        rank = len(input_size) if isinstance(input_size, Sequence) else None
+        self.kernel_size = spatial_window(kernel_size, rank, "LocallyConnected")
+        self.input_size = as_int_tuple(input_size, len(self.kernel_size), "input_size", minimum=1)
+        self.in_features, self.features = in_features, features
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        out = F.locally_connected_output_shape(
+            self.input_size, self.kernel_size, stride=stride, padding=padding, dilation=dilation
+        )
+        self.kernel = param(
+            rngs,
+            kernel_init or init.he_normal_per_position(),
+            (*out, *self.kernel_size, in_features, features),
+            param_dtype,
+        )
+        self.bias = (
+            param(rngs, bias_init or init.zeros, (*out, features), param_dtype)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x):
+        """Apply the layer to ``x`` of shape ``(N, *input_size, in_features)``."""
+        check_input(x, len(self.kernel_size), self.in_features, "LocallyConnected")
+        if tuple(x.shape[1:-1]) != self.input_size:
+            raise ValueError(
+                f"x: LocallyConnected was built for spatial size {self.input_size}, got shape "
+                f"{tuple(x.shape)}"
+            )
+        return F.locally_connected(
+            x,
+            value(self.kernel),
+            value(self.bias),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
