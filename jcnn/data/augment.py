@@ -419,7 +419,9 @@ def posterize(image, bits) -> jax.Array:
     _check_image(image)
     if isinstance(bits, jax.core.Tracer):
         if bits.shape != () or not jnp.issubdtype(bits.dtype, jnp.integer):
-            raise TypeError(f"bits: expected an int in [1, 8], got a traced {bits.dtype}{bits.shape}")
+            raise TypeError(
+                f"bits: expected an int in [1, 8], got a traced {bits.dtype}{bits.shape}"
+            )
         bits = jnp.clip(bits, 1, 8).astype(jnp.int32)
     else:
         bits = jnp.int32(check_int(bits, "bits", low=1, high=8))
@@ -543,9 +545,12 @@ def _mixing_labels(images, labels, alpha, num_classes):
     alpha = check_real(alpha, "alpha", low=0, low_open=True)
     if labels.ndim == 2:
         if not jnp.issubdtype(labels.dtype, jnp.floating):
-            raise TypeError(f"labels: expected floating soft labels (N, K), got dtype {labels.dtype}")
-        if num_classes is not None and check_positive_int(num_classes, "num_classes") != (
-            labels.shape[1]
+            raise TypeError(
+                f"labels: expected floating soft labels (N, K), got dtype {labels.dtype}"
+            )
+        if (
+            num_classes is not None
+            and check_positive_int(num_classes, "num_classes") != (labels.shape[1])
         ):
             raise ValueError(
                 f"num_classes: {num_classes} differs from the soft labels' {labels.shape[1]} "
@@ -564,7 +569,8 @@ def _mixing_labels(images, labels, alpha, num_classes):
         if outside.any():
             raise ValueError(
                 f"labels: expected classes in [0, {num_classes}) (num_classes={num_classes}), got "
-                f"{values[outside][:5].tolist()} at positions {np.flatnonzero(outside)[:5].tolist()}"
+                f"{values[outside][:5].tolist()} at positions "
+                f"{np.flatnonzero(outside)[:5].tolist()}"
             )
         return soft, alpha
     inside = (labels >= 0) & (labels < num_classes)

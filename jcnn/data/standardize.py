@@ -102,9 +102,11 @@ class Standardize:
         if mode != "pca" and num_components is not None:
             raise ValueError(f"num_components: only meaningful for mode='pca', got mode={mode!r}")
         dtype = getattr(train_images, "dtype", None)
-        if dtype is None or not (
-            np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
-        ) or np.issubdtype(dtype, np.bool_):
+        if (
+            dtype is None
+            or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+            or np.issubdtype(dtype, np.bool_)
+        ):
             raise TypeError(
                 f"train_images: expected an integer or floating array, got dtype {dtype}"
             )

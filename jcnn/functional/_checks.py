@@ -26,7 +26,11 @@ def as_int_tuple(value, n: int, name: str, *, minimum: int | None = None) -> tup
     ...
     ValueError: stride: expected an int or a sequence of 3 ints, got (1, 2)
     """
-    if isinstance(value, np.ndarray) and value.ndim <= 1 and jnp.issubdtype(value.dtype, jnp.integer):
+    if (
+        isinstance(value, np.ndarray)
+        and value.ndim <= 1
+        and jnp.issubdtype(value.dtype, jnp.integer)
+    ):
         value = int(value) if value.ndim == 0 else tuple(value.tolist())
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         values = (int(value),) * n

@@ -264,7 +264,8 @@ def instance_norm(
     spatial_axes = tuple(range(1, x.ndim - 1))
     if state is None or train:
         _check_batch_count(
-            math.prod(x.shape[1:-1]), f"instance statistics over the spatial axes of {tuple(x.shape)}"
+            math.prod(x.shape[1:-1]),
+            f"instance statistics over the spatial axes of {tuple(x.shape)}",
         )
     if state is not None and not train:
         mean, var = (_expand_leading(s.astype(compute_dtype), x.ndim) for s in state)

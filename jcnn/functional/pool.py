@@ -58,7 +58,9 @@ def _is_int(value) -> bool:
 def _spatial_rank(x, spec, name: str) -> int:
     """Spatial rank given by ``spec`` (an int: ``x.ndim - 2``; a sequence: its length), checked."""
     check_array(x, "x")
-    if _is_int(spec):
+    if isinstance(spec, np.ndarray) and spec.ndim == 1:
+        spec = tuple(spec.tolist())
+    if _is_int(spec) or (isinstance(spec, np.ndarray) and spec.ndim == 0):
         rank = x.ndim - 2
         if rank not in _LAYOUTS:
             expected = ", ".join(f"{r + 2} {layout}" for r, layout in _LAYOUTS.items())

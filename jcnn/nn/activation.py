@@ -56,7 +56,9 @@ class PReLU(nn.Module):
         check_array(x, "x")
         alpha_init = check_real(self.alpha_init, "alpha_init")
         if check_bool(self.channelwise, "channelwise") and x.ndim == 0:
-            raise ValueError("x: PReLU(channelwise=True) needs channels on a last axis, got a 0-d x")
+            raise ValueError(
+                "x: PReLU(channelwise=True) needs channels on a last axis, got a 0-d x"
+            )
         shape = (x.shape[-1],) if self.channelwise else ()
         alpha = self.param(
             "alpha", lambda _, s, d: jnp.full(s, alpha_init, d), shape, self.param_dtype

@@ -110,7 +110,7 @@ def _arrays(rng, shapes, batch=None, dtype=np.float32):
 
 
 def _assert_trees_close(got, want, rtol=1e-4):
-    """Equal up to float32 rounding (jit and vmap may reorder sums), relative to each leaf's scale."""
+    """Equal up to float32 rounding (jit and vmap reorder sums), relative to each leaf's scale."""
     got, want = jax.tree.leaves(got), jax.tree.leaves(want)
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
@@ -170,9 +170,10 @@ def test_local_response_norm_jit_grad_matches_torch(torch, rng):
     x = rng.normal(size=(2, 4, 4, 7)).astype(np.float32)
     cotangent = rng.normal(size=x.shape).astype(np.float32)
     size, alpha, beta, k = 5, 1e-2, 0.75, 2.0
-    loss = lambda x: jnp.sum(
-        F.local_response_norm(x, size, alpha=alpha, beta=beta, k=k) * cotangent
-    )  # noqa: E731
+
+    def loss(x):
+        return jnp.sum(F.local_response_norm(x, size, alpha=alpha, beta=beta, k=k) * cotangent)
+
     got = jax.jit(jax.grad(loss))(jnp.asarray(x))
     xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     yt = torch.nn.functional.local_response_norm(xt, size, alpha=alpha * size, beta=beta, k=k)

@@ -72,7 +72,7 @@ BATCH = 2  # the leading axis vmap maps over
 
 
 def _assert_trees_close(got, want, rtol=1e-4):
-    """Equal up to float32 rounding (jit and vmap may reorder sums), relative to each leaf's scale."""
+    """Equal up to float32 rounding (jit and vmap reorder sums), relative to each leaf's scale."""
     got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(got_leaves, want_leaves, strict=True):
