@@ -133,15 +133,18 @@ def test_transformations_equal_eager(name, rng):
     fn, shapes = CASES[name]
     argnums = tuple(range(len(shapes)))
     grad = jax.grad(_loss(fn), argnums=argnums)
+    jit_fn, jit_grad = jax.jit(fn), jax.jit(grad)
     args = _arrays(rng, shapes)
-    _assert_trees_close(jax.jit(fn)(*args), fn(*args))
+    _assert_trees_close(jit_fn(*args), fn(*args))
     eager = grad(*args)
-    _assert_trees_close(jax.jit(grad)(*args), eager)
+    _assert_trees_close(jit_grad(*args), eager)
 
+    # vmap over a leading axis equals a loop over its entries (through the jitted functions just
+    # checked against eager, which keeps this fast).
     stacked = _arrays(rng, shapes, batch=BATCH)
     examples = [[a[i] for a in stacked] for i in range(BATCH)]
-    _assert_trees_close(jax.vmap(fn)(*stacked), _stack([fn(*e) for e in examples]))
-    want = _stack([grad(*e) for e in examples])
+    _assert_trees_close(jax.jit(jax.vmap(fn))(*stacked), _stack([jit_fn(*e) for e in examples]))
+    want = _stack([jit_grad(*e) for e in examples])
     _assert_trees_close(jax.vmap(grad)(*stacked), want)  # per-example gradients
     _assert_trees_close(jax.jit(jax.vmap(grad))(*stacked), want)
 
@@ -149,19 +152,17 @@ def test_transformations_equal_eager(name, rng):
         assert all(not np.asarray(g).any() for g in eager)
         return
     assert any(np.asarray(g).any() for g in eager), "a gradient of 0 checks nothing"
-    # The eager gradient itself against a central difference along a random direction, in float64.
+    # The gradient itself against a central difference along a random direction, in float64.
     with jax.enable_x64(True):
         args64 = [jnp.asarray(a, jnp.float64) for a in args]
-        direction64 = [jnp.asarray(d, jnp.float64) for d in _arrays(rng, shapes)]
-        loss = _loss(fn)
+        direction = [jnp.asarray(d, jnp.float64) for d in _arrays(rng, shapes)]
+        loss = jax.jit(_loss(fn))
         h = 1e-6
-        plus = loss(*(a + h * d for a, d in zip(args64, direction64, strict=True)))
-        minus = loss(*(a - h * d for a, d in zip(args64, direction64, strict=True)))
+        plus = loss(*(a + h * d for a, d in zip(args64, direction, strict=True)))
+        minus = loss(*(a - h * d for a, d in zip(args64, direction, strict=True)))
         numeric = float(plus - minus) / (2 * h)
-        analytic = sum(
-            float(jnp.vdot(g, d))
-            for g, d in zip(jax.grad(loss, argnums=argnums)(*args64), direction64, strict=True)
-        )
+        gradient = jax.jit(jax.grad(_loss(fn), argnums=argnums))(*args64)
+        analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(gradient, direction, strict=True))
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-6)
 
 

@@ -116,15 +116,17 @@ def test_transformations_equal_eager(name, rng):
         )
 
     grad = jax.grad(loss, argnums=(0, 1))
-    _assert_trees_close(jax.jit(forward)(params, x), forward(params, x))
+    jit_forward, jit_grad = jax.jit(forward), jax.jit(grad)
+    _assert_trees_close(jit_forward(params, x), forward(params, x))
     eager = grad(params, x)
     assert any(np.asarray(g).any() for g in jax.tree.leaves(eager))
-    _assert_trees_close(jax.jit(grad)(params, x), eager)
+    _assert_trees_close(jit_grad(params, x), eager)
 
+    # vmap over examples (variables shared) equals a loop, through the jitted functions above.
     xs = jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32))
-    looped = [forward(params, xs[i]) for i in range(BATCH)]
-    _assert_trees_close(jax.vmap(forward, in_axes=(None, 0))(params, xs), _stack(looped))
-    want = _stack([grad(params, xs[i]) for i in range(BATCH)])
+    looped = _stack([jit_forward(params, xs[i]) for i in range(BATCH)])
+    _assert_trees_close(jax.jit(jax.vmap(forward, in_axes=(None, 0)))(params, xs), looped)
+    want = _stack([jit_grad(params, xs[i]) for i in range(BATCH)])
     per_example = jax.vmap(grad, in_axes=(None, 0))
     _assert_trees_close(per_example(params, xs), want)
     _assert_trees_close(jax.jit(per_example)(params, xs), want)
