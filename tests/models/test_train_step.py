@@ -34,7 +34,7 @@ CASES = {
     "resnet50": [(models.resnet50(num_classes=5), (2, 32, 32, 3))],
     "resnet20": [(models.resnet20(num_classes=5), (2, 16, 16, 3))],
     "resnet56": [(models.resnet56(num_classes=5), (2, 8, 8, 3))],
-    "AirbenchNet": [(models.AirbenchNet(num_classes=5), (2, 16, 16, 3))],
+    "AirbenchNet": [(models.AirbenchNet(num_classes=5), (2, 32, 32, 3))],
     "JarrettNet": [(models.JarrettNet(num_classes=5), (2, 16, 16, 3))],
 }
 # Building blocks and helpers of the models, exercised through them.
