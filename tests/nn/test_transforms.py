@@ -2,8 +2,8 @@
 
 For each name in ``nn.__all__`` a small module and input: ``apply`` under ``jit`` and ``vmap`` (over
 examples, the variables shared) equals the eager result, and the gradient with respect to the
-parameters and the input under ``jit(grad)``, ``vmap(grad)`` (per-example gradients, as in DP-SGD)
-and ``jit(vmap(grad))`` equals the eager one. Modules with running statistics run in training
+parameters and the input under ``jit(grad)`` and ``jit(vmap(grad))`` (per-example gradients, as
+in DP-SGD) equals the eager one. Modules with running statistics run in training
 mode with ``mutable=["batch_stats"]`` (the updates are outputs too), dropout with a fixed key.
 A new public module without a case here fails ``test_every_public_module_has_a_case``.
 """
@@ -127,6 +127,5 @@ def test_transformations_equal_eager(name, rng):
     looped = _stack([jit_forward(params, xs[i]) for i in range(BATCH)])
     _assert_trees_close(jax.jit(jax.vmap(forward, in_axes=(None, 0)))(params, xs), looped)
     want = _stack([jit_grad(params, xs[i]) for i in range(BATCH)])
-    per_example = jax.vmap(grad, in_axes=(None, 0))
+    per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))  # as in DP-SGD
     _assert_trees_close(per_example(params, xs), want)
-    _assert_trees_close(jax.jit(per_example)(params, xs), want)
