@@ -57,8 +57,9 @@ PAGES_WITH_CODE = [p for p in PAGES if code_blocks(p)]
 def test_the_collector_sees_the_pages_and_few_skips():
     names = {p.relative_to(ROOT).as_posix() for p in PAGES_WITH_CODE}
     assert {"README.md", "docs/data.md", "docs/training.md", "docs/analysis.md"} <= names
-    skipped = [(p.name, line, reason) for p in PAGES for line, _, reason in code_blocks(p)
-               if reason]
+    skipped = [
+        (p.name, line, reason) for p in PAGES for line, _, reason in code_blocks(p) if reason
+    ]
     assert len(skipped) <= MAX_SKIPPED, skipped
 
 
@@ -100,7 +101,10 @@ def test_mkdocs_build_strict(tmp_path):
         pytest.skip("mkdocs is not installed: pip install -e '.[docs]'")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "index.html").exists()

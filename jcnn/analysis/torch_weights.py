@@ -41,12 +41,30 @@ _SKIPPED_KEYS = ("num_batches_tracked",)
 
 def _as_numpy(value, key: str) -> np.ndarray:
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    if not hasattr(value, "shape"):
+        if getattr(value, "is_complex", lambda: False)():
+            raise TypeError(
+                f"state_dict[{key!r}]: expected a real tensor, got dtype {value.dtype}; jcnn "
+                "parameters are real and the imaginary part would be lost"
+            )
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widen exactly
+            value = value.float()
+        value = value.numpy()
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         raise TypeError(
             f"state_dict[{key!r}]: expected a tensor or array, got {type(value).__name__}"
         )
-    return np.asarray(value)
+    array = np.asarray(value)
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise TypeError(
+            f"state_dict[{key!r}]: expected a real tensor, got dtype {array.dtype}; jcnn "
+            "parameters are real and the imaginary part would be lost"
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(
+            f"state_dict[{key!r}]: expected a floating (or integer) tensor, got dtype {array.dtype}"
+        )
+    return array
 
 
 def _group(state_dict: Mapping) -> list[tuple[str, dict[str, np.ndarray]]]:

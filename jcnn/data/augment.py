@@ -31,8 +31,16 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jcnn.functional._checks import check_positive_int
+from jcnn.functional._checks import (
+    check_choice,
+    check_int,
+    check_key,
+    check_positive_int,
+    check_real,
+    check_real_or_traced,
+)
 
 __all__ = [
     "adjust_brightness",
@@ -121,11 +129,31 @@ def _restore(x, dtype) -> jax.Array:
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
+    """A positive int or a ``(height, width)`` pair of them (Python or NumPy ints)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = (value, value)
-    if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name}: expected a positive int or (height, width), got {value!r}")
+    if len(value) != 2:
         raise ValueError(f"{name}: expected a positive int or (height, width), got {value!r}")
-    return tuple(value)
+    return tuple(check_int(v, f"{name}[{i}]", low=1) for i, v in enumerate(value))
+
+
+def _range(value, name: str, *, low=None, low_open=False, high=None) -> tuple[float, float]:
+    """A ``(low, high)`` pair of finite numbers, ordered and within the given bounds."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{name}: expected a (low, high) pair of numbers, got {value!r}")
+    pair = tuple(
+        check_real(v, f"{name}[{i}]", low=low, low_open=low_open, high=high)
+        for i, v in enumerate(value)
+    )
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name}: expected low <= high, got {value!r}")
+    return pair
+
+
+def _probability(p, name: str = "p"):
+    return check_real_or_traced(p, name, low=0, high=1)
 
 
 def _grayscale(x) -> jax.Array:
@@ -197,7 +225,12 @@ def affine(image, matrix, *, fill=0.0) -> jax.Array:
     )
     cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
     x_out, y_out = cols - cx, cy - rows
+    if getattr(matrix, "shape", None) is None and not isinstance(matrix, (list, tuple)):
+        raise TypeError(f"matrix: expected a (2, 3) array, got {type(matrix).__name__}")
     matrix = jnp.asarray(matrix, jnp.float32)
+    if matrix.shape != (2, 3):
+        raise ValueError(f"matrix: expected shape (2, 3), got {tuple(matrix.shape)}")
+    fill = check_real_or_traced(fill, "fill")
     x_in = matrix[0, 0] * x_out + matrix[0, 1] * y_out + matrix[0, 2]
     y_in = matrix[1, 0] * x_out + matrix[1, 1] * y_out + matrix[1, 2]
     out = _bilinear(_to_float(image), _snap(cy - y_in), _snap(cx + x_in), fill=fill)
@@ -213,7 +246,7 @@ def rotate(image, angle, *, fill=0.0) -> jax.Array:
     >>> rotate(image, 90)[..., 0].tolist() == jnp.rot90(image)[..., 0].tolist()
     True
     """
-    theta = jnp.deg2rad(jnp.asarray(angle, jnp.float32))
+    theta = jnp.deg2rad(jnp.asarray(check_real_or_traced(angle, "angle"), jnp.float32))
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     # the output point p samples the input point R(-angle) p
     matrix = jnp.stack([jnp.stack([cos, sin, 0.0 * cos]), jnp.stack([-sin, cos, 0.0 * cos])])
@@ -223,8 +256,8 @@ def rotate(image, angle, *, fill=0.0) -> jax.Array:
 def translate(image, shift_y, shift_x, *, fill=0.0) -> jax.Array:
     """``image`` moved down by ``shift_y``, right by ``shift_x`` pixels (bilinear if fractional)."""
     one, zero = jnp.float32(1), jnp.float32(0)
-    sx = jnp.asarray(shift_x, jnp.float32)
-    sy = jnp.asarray(shift_y, jnp.float32)
+    sx = jnp.asarray(check_real_or_traced(shift_x, "shift_x"), jnp.float32)
+    sy = jnp.asarray(check_real_or_traced(shift_y, "shift_y"), jnp.float32)
     matrix = jnp.stack([jnp.stack([one, zero, -sx]), jnp.stack([zero, one, sy])])
     return affine(image, matrix, fill=fill)
 
@@ -252,14 +285,16 @@ def vflip(image) -> jax.Array:
 
 
 def random_hflip(key, image, *, p: float = 0.5) -> jax.Array:
-    """``image`` mirrored left-right with probability ``p``."""
+    """``image`` mirrored left-right with probability ``p`` (in [0, 1])."""
     _check_image(image)
+    p = _probability(p)
     return jnp.where(jax.random.bernoulli(key, p), image[:, ::-1], image)
 
 
 def random_vflip(key, image, *, p: float = 0.5) -> jax.Array:
-    """``image`` mirrored top-bottom with probability ``p``."""
+    """``image`` mirrored top-bottom with probability ``p`` (in [0, 1])."""
     _check_image(image)
+    p = _probability(p)
     return jnp.where(jax.random.bernoulli(key, p), image[::-1], image)
 
 
@@ -280,10 +315,8 @@ def random_crop(key, image, *, size=None, padding: int = 0, pad_mode: str = "zer
     _check_image(image)
     height, width, channels = image.shape
     size = (height, width) if size is None else _pair(size, "size")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding: expected a non-negative int, got {padding!r}")
-    if pad_mode not in ("zeros", "reflect"):
-        raise ValueError(f"pad_mode: expected 'zeros' or 'reflect', got {pad_mode!r}")
+    padding = check_int(padding, "padding", low=0)
+    check_choice(pad_mode, "pad_mode", ("zeros", "reflect"))
     if pad_mode == "reflect" and padding >= min(height, width):
         raise ValueError(f"padding: reflect padding must be < {min(height, width)}, got {padding}")
     padded_h, padded_w = height + 2 * padding, width + 2 * padding
@@ -299,11 +332,12 @@ def random_crop(key, image, *, size=None, padding: int = 0, pad_mode: str = "zer
 
 def random_translate(key, image, *, max_shift: int) -> jax.Array:
     """``image`` shifted by whole pixels, each axis uniform on ``-max_shift..max_shift``, 0 fill."""
-    return random_crop(key, image, padding=max_shift)
+    return random_crop(key, image, padding=check_int(max_shift, "max_shift", low=0))
 
 
 def random_rotate(key, image, *, degrees: float, fill=0.0) -> jax.Array:
     """``image`` rotated by an angle uniform on ``[-degrees, degrees]`` (bilinear)."""
+    degrees = check_real(degrees, "degrees", low=0)
     angle = jax.random.uniform(key, (), minval=-degrees, maxval=degrees)
     return rotate(image, angle, fill=fill)
 
@@ -317,10 +351,8 @@ def random_resized_crop(key, image, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 
     """
     _check_image(image)
     out_h, out_w = _pair(size, "size")
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"scale: expected 0 < low <= high <= 1, got {scale!r}")
-    if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"ratio: expected 0 < low <= high, got {ratio!r}")
+    scale = _range(scale, "scale", low=0, low_open=True, high=1)
+    ratio = _range(ratio, "ratio", low=0, low_open=True)
     height, width = image.shape[:2]
     k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
     area = jax.random.uniform(k_area, (), minval=scale[0], maxval=scale[1]) * height * width
@@ -345,7 +377,8 @@ def cutout(key, image, *, size: int, fill=0) -> jax.Array:
     so near the border less than ``size**2`` pixels are erased.
     """
     _check_image(image)
-    check_positive_int(size, "size")
+    size = check_positive_int(size, "size")
+    fill = check_real_or_traced(fill, "fill")
     height, width = image.shape[:2]
     key_y, key_x = jax.random.split(key)
     cy = jax.random.randint(key_y, (), 0, height)
@@ -377,13 +410,21 @@ def autocontrast(image) -> jax.Array:
 def posterize(image, bits) -> jax.Array:
     """Keep the ``bits`` most significant bits of every 8-bit value: ``v & (0xFF << (8 - bits))``.
 
-    Floating images are quantized through ``round(255 v)``. ``bits`` may be traced (1..8).
+    Floating images are quantized through ``round(255 v)``. ``bits`` is an int in 1..8 (checked
+    where concrete; a traced value is clipped to that range).
 
     >>> posterize(jnp.array([[[255, 100, 7]]], jnp.uint8), 3).tolist()
     [[[224, 96, 0]]]
     """
     _check_image(image)
-    bits = jnp.asarray(bits, jnp.int32)
+    if isinstance(bits, jax.core.Tracer):
+        if bits.shape != () or not jnp.issubdtype(bits.dtype, jnp.integer):
+            raise TypeError(
+                f"bits: expected an int in [1, 8], got a traced {bits.dtype}{bits.shape}"
+            )
+        bits = jnp.clip(bits, 1, 8).astype(jnp.int32)
+    else:
+        bits = jnp.int32(check_int(bits, "bits", low=1, high=8))
     mask = (jnp.left_shift(jnp.int32(0xFF), 8 - bits) & 0xFF).astype(jnp.uint8)
     if image.dtype == jnp.uint8:
         return image & mask
@@ -398,6 +439,7 @@ def solarize(image, threshold) -> jax.Array:
     [[[10, 127, 55]]]
     """
     _check_image(image)
+    threshold = check_real_or_traced(threshold, "threshold")
     inverted = jnp.asarray(_max_value(image.dtype), image.dtype) - image
     above = image.astype(jnp.float32) >= jnp.asarray(threshold, jnp.float32)
     return jnp.where(above, inverted, image)
@@ -428,6 +470,7 @@ def equalize(image) -> jax.Array:
 def adjust_brightness(image, factor) -> jax.Array:
     """``image`` blended with black: ``clip(factor * v)``; 1 leaves it unchanged."""
     _check_image(image)
+    factor = check_real_or_traced(factor, "factor", low=0)
     x = _to_float(image)
     return _restore(_blend(x, jnp.zeros_like(x), factor, _max_value(image.dtype)), image.dtype)
 
@@ -435,6 +478,7 @@ def adjust_brightness(image, factor) -> jax.Array:
 def adjust_contrast(image, factor) -> jax.Array:
     """``image`` blended with its mean grey level: ``clip(f v + (1 - f) mean_luma)``."""
     _check_image(image)
+    factor = check_real_or_traced(factor, "factor", low=0)
     x = _to_float(image)
     mean = jnp.mean(_grayscale(x))
     return _restore(_blend(x, mean, factor, _max_value(image.dtype)), image.dtype)
@@ -443,6 +487,7 @@ def adjust_contrast(image, factor) -> jax.Array:
 def adjust_saturation(image, factor) -> jax.Array:
     """``image`` blended with its grey version (per-pixel luma); 0 gives grey, 1 unchanged."""
     _check_image(image)
+    factor = check_real_or_traced(factor, "factor", low=0)
     x = _to_float(image)
     return _restore(_blend(x, _grayscale(x), factor, _max_value(image.dtype)), image.dtype)
 
@@ -450,6 +495,7 @@ def adjust_saturation(image, factor) -> jax.Array:
 def adjust_sharpness(image, factor) -> jax.Array:
     """``image`` blended with a smoothed copy (3x3 kernel: centre 5, others 1, over 13)."""
     _check_image(image)
+    factor = check_real_or_traced(factor, "factor", low=0)
     x = _to_float(image)
     height, width = x.shape[:2]
     if height < 3 or width < 3:
@@ -464,14 +510,20 @@ def color_jitter(
     key, image, *, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0
 ) -> jax.Array:
     """Brightness, contrast, then saturation, each factor uniform on ``[1 - s, 1 + s]``."""
+    brightness, contrast, saturation = (
+        check_real(value, name, low=0)
+        for value, name in (
+            (brightness, "brightness"),
+            (contrast, "contrast"),
+            (saturation, "saturation"),
+        )
+    )
     k_b, k_c, k_s = jax.random.split(key, 3)
     for k, strength, adjust in (
         (k_b, brightness, adjust_brightness),
         (k_c, contrast, adjust_contrast),
         (k_s, saturation, adjust_saturation),
     ):
-        if strength < 0:
-            raise ValueError(f"color_jitter: strengths must be >= 0, got {strength}")
         if strength:
             factor = jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)
             image = adjust(image, jnp.maximum(factor, 0.0))
@@ -482,15 +534,47 @@ def color_jitter(
 
 
 def _mixing_labels(images, labels, alpha, num_classes):
-    """The checked batch's labels as soft labels ``(N, K)`` float32 (mixup and cutmix)."""
+    """The checked batch's labels as soft labels ``(N, K)`` float32 (mixup and cutmix), and
+    ``alpha`` as a float.
+
+    Integer labels must lie in ``[0, num_classes)``: checked where the labels are concrete; where
+    they are traced (inside ``jit``, as in :class:`jcnn.data.Loader`) an out-of-range label gives
+    a row of NaN, so that the loss is NaN and the run stops on it, never a silent all-zero target.
+    """
     _check_batch(images, labels)
-    if alpha <= 0:
-        raise ValueError(f"alpha: expected > 0, got {alpha}")
+    alpha = check_real(alpha, "alpha", low=0, low_open=True)
     if labels.ndim == 2:
-        return labels.astype(jnp.float32)
+        if not jnp.issubdtype(labels.dtype, jnp.floating):
+            raise TypeError(
+                f"labels: expected floating soft labels (N, K), got dtype {labels.dtype}"
+            )
+        if (
+            num_classes is not None
+            and check_positive_int(num_classes, "num_classes") != (labels.shape[1])
+        ):
+            raise ValueError(
+                f"num_classes: {num_classes} differs from the soft labels' {labels.shape[1]} "
+                f"classes (shape {tuple(labels.shape)})"
+            )
+        return labels.astype(jnp.float32), alpha
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels: expected integer class labels (N,), got dtype {labels.dtype}")
     if num_classes is None:
         raise ValueError("num_classes: required when labels are integers (to build soft labels)")
-    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    num_classes = check_positive_int(num_classes, "num_classes")
+    soft = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if not isinstance(labels, jax.core.Tracer):
+        values = np.asarray(labels)
+        outside = (values < 0) | (values >= num_classes)
+        if outside.any():
+            raise ValueError(
+                f"labels: expected classes in [0, {num_classes}) (num_classes={num_classes}), got "
+                f"{values[outside][:5].tolist()} at positions "
+                f"{np.flatnonzero(outside)[:5].tolist()}"
+            )
+        return soft, alpha
+    inside = (labels >= 0) & (labels < num_classes)
+    return jnp.where(inside[:, None], soft, jnp.nan), alpha
 
 
 def mixup(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = None):
@@ -502,7 +586,7 @@ def mixup(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = 
     Returns:
       ``(images float32 in the input's units, soft labels (N, K) float32)``.
     """
-    soft = _mixing_labels(images, labels, alpha, num_classes)
+    soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
     k_lam, k_perm = jax.random.split(key)
     lam = jax.random.beta(k_lam, alpha, alpha)
     perm = jax.random.permutation(k_perm, images.shape[0])
@@ -521,7 +605,7 @@ def cutmix(key, images, labels, *, alpha: float = 1.0, num_classes: int | None =
     Returns:
       ``(images, same dtype; soft labels (N, K) float32)``.
     """
-    soft = _mixing_labels(images, labels, alpha, num_classes)
+    soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
     height, width = images.shape[1:3]
     k_lam, k_perm, k_y, k_x = jax.random.split(key, 4)
     lam = jax.random.beta(k_lam, alpha, alpha)
@@ -621,6 +705,17 @@ def pixmix(
     ``beta``. The result is clipped to the value range.
     """
     _check_image(image)
+    k = check_int(k, "k", low=0)
+    beta = check_real(beta, "beta", low=0, low_open=True)
+    if augment is not None and not callable(augment):
+        raise TypeError(f"augment: expected a callable (key, image) -> image, got {augment!r}")
+    if mixing_images is not None:
+        _check_images(mixing_images)
+        if tuple(mixing_images.shape[1:]) != tuple(image.shape) or mixing_images.shape[0] < 1:
+            raise ValueError(
+                f"mixing_images: expected shape (M >= 1, {', '.join(map(str, image.shape))}) like "
+                f"the image, got {tuple(mixing_images.shape)}"
+            )
     max_value = _max_value(image.dtype)
     x = _to_float(image) / max_value
     keys = jax.random.split(key, 4)
@@ -761,9 +856,9 @@ def rand_augment(key, image, *, num_ops: int = 2, magnitude: float = 9, max_magn
     each at strength ``magnitude / max_magnitude`` of its range, with a random sign.
     """
     _check_image(image)
-    check_positive_int(num_ops, "num_ops")
-    if not 0 <= magnitude <= max_magnitude:
-        raise ValueError(f"magnitude: expected 0..{max_magnitude}, got {magnitude}")
+    num_ops = check_positive_int(num_ops, "num_ops")
+    max_magnitude = check_real(max_magnitude, "max_magnitude", low=0, low_open=True)
+    magnitude = check_real(magnitude, "magnitude", low=0, high=max_magnitude)
     max_value = _max_value(image.dtype)
     x = _to_float(image)
     for k in jax.random.split(key, num_ops):
@@ -802,8 +897,9 @@ def compose(*ops: Op) -> Op:
 
 def random_apply(op: Op, p: float) -> Op:
     """An op applying ``op`` with probability ``p`` (else the image unchanged)."""
-    if not 0 <= p <= 1:
-        raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+    if not callable(op):
+        raise TypeError(f"op: expected a callable (key, image) -> image, got {op!r}")
+    p = check_real(p, "p", low=0, high=1)
 
     def maybe(key, image):
         k_apply, k_op = jax.random.split(key)
@@ -814,5 +910,8 @@ def random_apply(op: Op, p: float) -> Op:
 
 def apply_batch(op: Op, key, images) -> jax.Array:
     """``op`` applied to every image of ``images`` ``(N, H, W, C)`` with keys ``split(key, N)``."""
+    if not callable(op):
+        raise TypeError(f"op: expected a callable (key, image) -> image, got {op!r}")
+    check_key(key)
     _check_images(images)
     return jax.vmap(op)(jax.random.split(key, images.shape[0]), images)

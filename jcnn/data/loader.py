@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcnn.functional._checks import check_bool, check_int
+
 __all__ = ["Loader"]
 
 ExampleAugment = Callable[[jax.Array, jax.Array], jax.Array]
@@ -175,8 +177,7 @@ class Loader:
         drop_remainder,
         sharding,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise TypeError(f"batch_size: expected an int, got {batch_size!r}")
+        batch_size = check_int(batch_size, "batch_size")
         if not 1 <= batch_size <= num_examples:
             raise ValueError(
                 f"batch_size: expected 1..{num_examples} (the number of examples), got {batch_size}"
@@ -184,11 +185,15 @@ class Loader:
         for name, fn in (("augment", augment), ("batch_augment", batch_augment)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable or None, got {type(fn).__name__}")
+        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+            raise TypeError(
+                f"sharding: expected a jax.sharding.Sharding or None, got {type(sharding).__name__}"
+            )
         self.num_examples = num_examples
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_remainder = bool(drop_remainder)
+        self.batch_size = batch_size
+        self.shuffle = check_bool(shuffle, "shuffle")
+        self.seed = check_int(seed, "seed")
+        self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
         self.sharding = sharding
         self._augment = augment
         self._batch_augment = batch_augment
@@ -274,14 +279,14 @@ class Loader:
 
     def batch(self, epoch: int, step: int) -> tuple[jax.Array, jax.Array]:
         """Batch ``step`` of ``epoch``: exactly the one ``epoch(epoch)`` yields at that step."""
-        if not 0 <= step < len(self):
-            raise ValueError(f"step: expected 0..{len(self) - 1}, got {step}")
+        epoch = check_int(epoch, "epoch", low=0)
+        step = check_int(step, "step", low=0, high=len(self) - 1)
         return self._make(self.order(epoch), epoch, step)
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
         """The batches of ``epoch`` from ``start_step`` on (``start_step`` resumes mid-epoch)."""
-        if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step: expected 0..{len(self)}, got {start_step}")
+        epoch = check_int(epoch, "epoch", low=0)
+        start_step = check_int(start_step, "start_step", low=0, high=len(self))
         order = self.order(epoch)
         if self._source is not None:
             order = np.asarray(order)

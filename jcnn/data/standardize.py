@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcnn.functional._checks import check_choice, check_positive_int, check_real
+
 __all__ = ["Standardize", "MODES"]
 
 MODES = ("per_channel", "center", "mean_image", "pca", "zca")
@@ -85,8 +87,10 @@ class Standardize:
         >>> out.shape, str(out.dtype), round(float(out[..., 0].std()), 3)
         ((2, 2, 2, 3), 'float32', 1.0)
         """
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        check_choice(mode, "mode", MODES)
+        eps = check_real(eps, "eps", low=0)
+        if num_components is not None:
+            num_components = check_positive_int(num_components, "num_components")
         if not hasattr(train_images, "shape") or len(train_images.shape) != 4:
             shape = getattr(train_images, "shape", type(train_images).__name__)
             raise ValueError(f"train_images: expected rank 4 (N, H, W, C), got {shape}")
@@ -97,9 +101,25 @@ class Standardize:
             )
         if mode != "pca" and num_components is not None:
             raise ValueError(f"num_components: only meaningful for mode='pca', got mode={mode!r}")
+        dtype = getattr(train_images, "dtype", None)
+        if (
+            dtype is None
+            or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+            or np.issubdtype(dtype, np.bool_)
+        ):
+            raise TypeError(
+                f"train_images: expected an integer or floating array, got dtype {dtype}"
+            )
         n = train_images.shape[0]
         total = np.zeros(train_images.shape[1:], np.float64)
-        for chunk in _float64_chunks(train_images):
+        for start, chunk in zip(range(0, n, _CHUNK), _float64_chunks(train_images), strict=True):
+            finite = np.isfinite(chunk)
+            if not finite.all():
+                index = start + int(np.argwhere(~finite)[0][0])
+                raise ValueError(
+                    f"train_images: expected finite values, got {int((~finite).sum())} NaN or "
+                    f"infinite value(s) (first in image {index}); statistics of them would be NaN"
+                )
             total += chunk.sum(0)
         mean_image = total / n
         channels = train_images.shape[-1]

@@ -4,9 +4,18 @@ Arrays are channels-last (``(N, *spatial, C)``) and kernels ``(*window, C_in // 
 """
 
 from jcnn.functional.activation import *  # noqa: F403
+from jcnn.functional.activation import __all__ as _activation
 from jcnn.functional.conv import *  # noqa: F403
+from jcnn.functional.conv import __all__ as _conv
 from jcnn.functional.dropout import *  # noqa: F403
+from jcnn.functional.dropout import __all__ as _dropout
 from jcnn.functional.local import *  # noqa: F403
+from jcnn.functional.local import __all__ as _local
 from jcnn.functional.loss import *  # noqa: F403
+from jcnn.functional.loss import __all__ as _loss
 from jcnn.functional.norm import *  # noqa: F403
+from jcnn.functional.norm import __all__ as _norm
 from jcnn.functional.pool import *  # noqa: F403
+from jcnn.functional.pool import __all__ as _pool
+
+__all__ = [*_activation, *_conv, *_dropout, *_local, *_loss, *_norm, *_pool]

@@ -6,6 +6,7 @@ time with a message naming the argument, what was expected and what came.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +26,12 @@ def as_int_tuple(value, n: int, name: str, *, minimum: int | None = None) -> tup
     ...
     ValueError: stride: expected an int or a sequence of 3 ints, got (1, 2)
     """
+    if (
+        isinstance(value, np.ndarray)
+        and value.ndim <= 1
+        and jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        value = int(value) if value.ndim == 0 else tuple(value.tolist())
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         values = (int(value),) * n
     elif isinstance(value, Sequence) and not isinstance(value, str):
@@ -149,3 +156,164 @@ def check_key(key, name: str = "key") -> None:
             f"{name}: expected a jax.random key (jax.random.key(seed) or "
             f"jax.random.PRNGKey(seed)), got {described}"
         )
+
+
+def _is_real_scalar(value) -> bool:
+    """A Python or NumPy real scalar, or a concrete 0-d real NumPy/JAX array; never a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (
+        getattr(value, "shape", None) == ()
+        and dtype is not None
+        and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+        and not isinstance(value, jax.core.Tracer)
+    )
+
+
+def _describe(value) -> str:
+    if isinstance(value, (str, type(None), bool, np.bool_, int, float, np.number)):
+        return repr(value)
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _range_text(low, high, low_open: bool, high_open: bool, finite: bool) -> str:
+    if low is not None and high is not None:
+        return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    prefix = "a finite number" if finite else "a number"
+    if low is not None:
+        return f"{prefix} {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{prefix} {'<' if high_open else '<='} {high}"
+    return prefix
+
+
+def check_real(
+    value,
+    name: str,
+    *,
+    low=None,
+    high=None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """``value`` as a Python float, checked to be a real number within the given bounds.
+
+    Accepts Python ints and floats, NumPy scalars and concrete 0-d real arrays; refuses bools,
+    strings, ``None`` and arrays of other shapes with a ``TypeError``, and values outside
+    ``[low, high]`` (open where ``low_open``/``high_open``) or non-finite ones (unless ``finite``
+    is False) with a ``ValueError``, both naming the argument.
+
+    >>> check_real(np.float32(0.5), "p", low=0, high=1)
+    0.5
+    >>> check_real(2.0, "p", low=0, high=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: p: expected a number in [0, 1], got 2.0
+    >>> check_real(float("inf"), "eps", low=0, low_open=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: eps: expected a finite number > 0, got inf
+    >>> check_real("0.1", "eps")
+    Traceback (most recent call last):
+    ...
+    TypeError: eps: expected a finite number, got '0.1'
+    """
+    expected = _range_text(low, high, low_open, high_open, finite)
+    if not _is_real_scalar(value):
+        raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
+    number = float(value)
+    shown = value if isinstance(value, (int, float)) else number
+    if math.isnan(number) or (finite and math.isinf(number)):
+        raise ValueError(f"{name}: expected {expected}, got {shown!r}")
+    if low is not None and (number < low or (low_open and number == low)):
+        raise ValueError(f"{name}: expected {expected}, got {shown!r}")
+    if high is not None and (number > high or (high_open and number == high)):
+        raise ValueError(f"{name}: expected {expected}, got {shown!r}")
+    return number
+
+
+def check_real_or_traced(value, name: str, **bounds):
+    """``check_real`` for a concrete value; a traced 0-d real array passes unchecked (its value is
+    unknown at trace time) and comes back as it is."""
+    if isinstance(value, jax.core.Tracer):
+        if value.shape != () or not (
+            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"{name}: expected a real number or a 0-d real array, got {_describe(value)}"
+            )
+        return value
+    return check_real(value, name, **bounds)
+
+
+def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as a Python int within ``[low, high]``: a Python or NumPy integer or a concrete
+    0-d integer array, never a bool or a float (even an integral one).
+
+    >>> check_int(np.int64(3), "bits", low=1, high=8)
+    3
+    >>> check_int(9, "bits", low=1, high=8)
+    Traceback (most recent call last):
+    ...
+    ValueError: bits: expected an int in [1, 8], got 9
+    >>> check_int(1.5, "step")
+    Traceback (most recent call last):
+    ...
+    TypeError: step: expected an int, got 1.5
+    """
+    if low is not None and high is not None:
+        expected = f"an int in [{low}, {high}]"
+    elif low is not None:
+        expected = f"an int >= {low}"
+    elif high is not None:
+        expected = f"an int <= {high}"
+    else:
+        expected = "an int"
+    integral = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not integral and not (
+        getattr(value, "shape", None) == ()
+        and hasattr(value, "dtype")
+        and jnp.issubdtype(value.dtype, jnp.integer)
+        and not isinstance(value, jax.core.Tracer)
+    ):
+        raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
+    number = int(value)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise ValueError(f"{name}: expected {expected}, got {number}")
+    return number
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` as a Python bool: a Python or NumPy bool only (it selects the computation).
+
+    >>> check_bool(1, "train")
+    Traceback (most recent call last):
+    ...
+    TypeError: train: expected a Python bool, got 1
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a Python bool, got {_describe(value)}")
+    return bool(value)
+
+
+def check_choice(value, name: str, choices) -> str:
+    """``value`` if it is one of the strings ``choices``, else a clear error.
+
+    >>> check_choice("max", "reduction", ("mean", "sum"))
+    Traceback (most recent call last):
+    ...
+    ValueError: reduction: expected one of 'mean', 'sum', got 'max'
+    """
+    listed = ", ".join(map(repr, choices))
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {listed}, got {_describe(value)}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {listed}, got {value!r}")
+    return value

@@ -11,7 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_array, check_positive_int
+from jcnn.functional._checks import (
+    check_array,
+    check_bool,
+    check_positive_int,
+    check_real_or_traced,
+)
 
 __all__ = [
     "elu",
@@ -31,22 +36,9 @@ __all__ = [
 ]
 
 
-def _check_real(value, name: str) -> None:
-    """Raise unless ``value`` is a real number or a 0-d real array (it may be traced)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected a real number, got {value!r}")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        if value.shape != () or not (
-            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
-        ):
-            raise TypeError(
-                f"{name}: expected a real number or a 0-d real array, got an array of shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}"
-            )
-        return
-    raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+def _check_real(value, name: str, **bounds):
+    """A real number or a 0-d real array (which may be traced, and is then not range-checked)."""
+    return check_real_or_traced(value, name, **bounds)
 
 
 def relu(x):
@@ -79,7 +71,7 @@ def leaky_relu(x, negative_slope=0.01):
     [-1.0, 3.0]
     """
     check_array(x, "x")
-    _check_real(negative_slope, "negative_slope")
+    negative_slope = _check_real(negative_slope, "negative_slope")
     return jnp.where(x > 0, x, negative_slope * x)
 
 
@@ -104,7 +96,7 @@ def prelu(x, alpha):
     check_array(alpha, "alpha", ndim=(0, 1))
     if x.ndim == 0 and alpha.shape not in ((), (1,)):
         raise ValueError(f"alpha: expected shape () or (1,) for a 0-d x, got {tuple(alpha.shape)}")
-    if alpha.ndim == 1 and alpha.shape[0] not in (1, x.shape[-1]):
+    if x.ndim > 0 and alpha.ndim == 1 and alpha.shape[0] not in (1, x.shape[-1]):
         raise ValueError(
             f"alpha: expected shape (), (1,) or ({x.shape[-1]},) (the channels, last axis of x "
             f"with shape {tuple(x.shape)}), got {tuple(alpha.shape)}"
@@ -129,7 +121,7 @@ def elu(x, alpha=1.0):
     [-0.6321, 2.0]
     """
     check_array(x, "x")
-    _check_real(alpha, "alpha")
+    alpha = _check_real(alpha, "alpha")
     return jax.nn.elu(x, alpha)
 
 
@@ -163,8 +155,7 @@ def gelu(x, *, approximate=False):
     [-0.1587, 0.8413]
     """
     check_array(x, "x")
-    if not isinstance(approximate, bool):
-        raise TypeError(f"approximate: expected a Python bool, got {approximate!r}")
+    check_bool(approximate, "approximate")
     return jax.nn.gelu(x, approximate=approximate)
 
 
@@ -297,11 +288,9 @@ def softplus(x, beta=1.0, threshold=20.0):
     [0.6931, 30.0]
     """
     check_array(x, "x")
-    _check_real(beta, "beta")
-    if isinstance(beta, (int, float, np.integer, np.floating)) and beta <= 0:
-        raise ValueError(f"beta: expected a positive number, got {beta}")
+    beta = _check_real(beta, "beta", low=0, low_open=True)
     smooth = jnp.logaddexp(beta * x, jnp.zeros_like(x)) / beta
     if threshold is None:
         return smooth
-    _check_real(threshold, "threshold")
+    threshold = _check_real(threshold, "threshold", finite=False)
     return jnp.where(beta * x > threshold, x, smooth)

@@ -20,6 +20,8 @@ from jcnn.functional._checks import (
     PaddingLike,
     as_int_tuple,
     check_array,
+    check_bool,
+    check_choice,
     check_positive_int,
     normalize_padding,
 )
@@ -177,11 +179,8 @@ def conv(
     _check_bias(b, out_channels)
     stride = as_int_tuple(stride, spatial_rank, "stride", minimum=1)
     dilation = as_int_tuple(dilation, spatial_rank, "dilation", minimum=1)
-    if padding_mode not in _PAD_MODES:
-        raise ValueError(
-            f"padding_mode: expected one of {', '.join(map(repr, _PAD_MODES))}, "
-            f"got {padding_mode!r}"
-        )
+    check_choice(padding_mode, "padding_mode", tuple(_PAD_MODES))
+    check_bool(flip, "flip")
     sizes = tuple(x.shape[1:-1])
     window = tuple(w.shape[:-2])
     pads = normalize_padding(padding, sizes, window, stride, dilation)

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jcnn.functional._checks import check_array, check_key
+from jcnn.functional._checks import check_array, check_bool, check_key, check_real
 
 __all__ = ["dropout", "spatial_dropout"]
 
 
-def _check_dropout_args(key, x, rate, train) -> None:
+def _check_dropout_args(key, x, rate, train) -> float:
+    """The checked arguments' ``rate`` as a Python float."""
     check_key(key)
     check_array(x, "x")
-    if not isinstance(train, (bool, np.bool_)):
-        raise TypeError(f"train: expected a Python bool (static), got {train!r}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
-        raise TypeError(f"rate: expected a Python number in [0, 1], got {rate!r}")
-    if not 0 <= rate <= 1:
-        raise ValueError(f"rate: expected a drop probability in [0, 1], got {rate}")
+    check_bool(train, "train")
+    return check_real(rate, "rate", low=0, high=1)
 
 
 def _drop(key, x, rate, mask_shape):
@@ -51,7 +47,7 @@ def dropout(key, x, rate, *, train=True):
     >>> sorted({round(v, 4) for v in y.tolist()})
     [0.0, 1.3333]
     """
-    _check_dropout_args(key, x, rate, train)
+    rate = _check_dropout_args(key, x, rate, train)
     if not train or rate == 0:
         return x
     return _drop(key, x, rate, x.shape)
@@ -78,7 +74,7 @@ def spatial_dropout(key, x, rate, *, train=True):
     >>> bool(((y == 0).all(axis=(1, 2)) | (y == 2).all(axis=(1, 2))).all())
     True
     """
-    _check_dropout_args(key, x, rate, train)
+    rate = _check_dropout_args(key, x, rate, train)
     if x.ndim < 3:
         raise ValueError(
             f"x: expected rank >= 3 (N, *spatial, C) for spatial dropout, got rank {x.ndim} with "

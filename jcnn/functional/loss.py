@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_choice, check_real
 
 __all__ = ["accuracy", "cross_entropy"]
 
@@ -74,14 +73,8 @@ def cross_entropy(logits, labels, *, label_smoothing=0.0, reduction="mean"):
     """
     _check_logits(logits)
     integer_labels = _check_labels(logits, labels)
-    if isinstance(label_smoothing, bool) or not isinstance(
-        label_smoothing, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
-    if not 0 <= label_smoothing <= 1:
-        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    label_smoothing = check_real(label_smoothing, "label_smoothing", low=0, high=1)
+    check_choice(reduction, "reduction", _REDUCTIONS)
 
     num_classes = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))

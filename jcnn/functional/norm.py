@@ -20,7 +20,6 @@ PyTorch does. Normalization itself always uses the biased batch variance, as eve
 from __future__ import annotations
 
 import math
-import numbers
 from functools import partial
 from typing import NamedTuple
 
@@ -29,7 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcnn.functional._checks import as_int_tuple, check_array, check_min_rank
+from jcnn.functional._checks import (
+    as_int_tuple,
+    check_array,
+    check_min_rank,
+    check_real,
+)
 
 __all__ = [
     "BatchNormState",
@@ -104,12 +108,16 @@ def batch_norm(
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
     state = _check_state(state, "state", channels, required=True)
-    _check_running_options(train, momentum, eps, unbiased_running_var)
+    momentum, eps = _check_running_options(train, momentum, eps, unbiased_running_var)
 
     compute_dtype = _compute_dtype(x.dtype)
     xf = x.astype(compute_dtype)
     reduce_axes = tuple(range(x.ndim - 1))
     if train:
+        count = math.prod(x.shape[:-1])
+        if axis_name is not None:
+            count *= lax.axis_size(axis_name)
+        _check_batch_count(count, f"x has shape {tuple(x.shape)}")
         if axis_name is None:
             y, mean, var = _normalize(
                 xf, *_channel_affine(scale, bias, x.ndim, compute_dtype), reduce_axes, eps
@@ -118,9 +126,6 @@ def batch_norm(
             centered, mean, var = _moments(xf, reduce_axes, axis_name)
             y = _affine(centered * lax.rsqrt(var + eps), scale, bias)
         mean, var = mean.reshape(channels), var.reshape(channels)
-        count = math.prod(x.shape[:-1])
-        if axis_name is not None:
-            count *= lax.axis_size(axis_name)
         new_state = _update_running(
             state, mean, _running_var_sample(var, count, unbiased_running_var), momentum
         )
@@ -156,7 +161,7 @@ def layer_norm(x, scale, bias, *, eps: float = 1e-5):
     [[-1.225, 0.0, 1.225]]
     """
     check_min_rank(x, "x", 2, "(N, ..., C)")
-    _check_positive(eps, "eps")
+    eps = _check_positive(eps, "eps")
     for value, name in ((scale, "scale"), (bias, "bias")):
         if value is None:
             continue
@@ -196,7 +201,7 @@ def group_norm(x, scale, bias, *, num_groups: int, eps: float = 1e-5):
     channels = x.shape[-1]
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
-    _check_positive(eps, "eps")
+    eps = _check_positive(eps, "eps")
     (num_groups,) = as_int_tuple(num_groups, 1, "num_groups", minimum=1)
     if channels % num_groups:
         raise ValueError(
@@ -252,11 +257,16 @@ def instance_norm(
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
     state = _check_state(state, "state", channels, required=False)
-    _check_running_options(train, momentum, eps, unbiased_running_var)
+    momentum, eps = _check_running_options(train, momentum, eps, unbiased_running_var)
 
     compute_dtype = _compute_dtype(x.dtype)
     xf = x.astype(compute_dtype)
     spatial_axes = tuple(range(1, x.ndim - 1))
+    if state is None or train:
+        _check_batch_count(
+            math.prod(x.shape[1:-1]),
+            f"instance statistics over the spatial axes of {tuple(x.shape)}",
+        )
     if state is not None and not train:
         mean, var = (_expand_leading(s.astype(compute_dtype), x.ndim) for s in state)
         y = (xf - mean) * lax.rsqrt(var + eps)
@@ -322,9 +332,8 @@ def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
     if sigma is None:
         sigmas = tuple(k / 4 for k in window)
     else:
-        _check_positive(sigma, "sigma")
-        sigmas = (float(sigma),) * num_spatial
-    _check_positive(eps, "eps")
+        sigmas = (_check_positive(sigma, "sigma"),) * num_spatial
+    eps = _check_positive(eps, "eps")
 
     taps = [_gaussian_taps(k, s) for k, s in zip(window, sigmas, strict=True)]
     compute_dtype = _compute_dtype(x.dtype)
@@ -370,17 +379,17 @@ def local_response_norm(x, size: int, *, alpha: float = 1e-4, beta: float = 0.75
     """
     check_min_rank(x, "x", 2, "(N, ..., C)")
     (size,) = as_int_tuple(size, 1, "size", minimum=1)
-    _check_real(alpha, "alpha")
-    if alpha < 0:
-        raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
-    _check_real(beta, "beta")
-    _check_positive(k, "k")
+    alpha = check_real(alpha, "alpha", low=0)
+    beta = check_real(beta, "beta")
+    k = _check_positive(k, "k")
 
     xf = x.astype(_compute_dtype(x.dtype))
     window = (1,) * (x.ndim - 1) + (size,)
     padding = ((0, 0),) * (x.ndim - 1) + ((size // 2, (size - 1) // 2),)
+    # A NumPy (concrete) init value: lax then picks its differentiable windowed-sum primitive. A
+    # traced jnp zero, as under jit, selects the generic reduce_window, which has no JVP.
     sum_squares = lax.reduce_window(
-        jnp.square(xf), jnp.zeros((), xf.dtype), lax.add, window, (1,) * x.ndim, padding
+        jnp.square(xf), np.zeros((), xf.dtype), lax.add, window, (1,) * x.ndim, padding
     )
     return (xf * (k + alpha * sum_squares) ** -beta).astype(x.dtype)
 
@@ -416,7 +425,7 @@ def fold_batch_norm(w, b, scale, bias, state: BatchNormState, *, eps: float = 1e
     for value, name in ((b, "b"), (scale, "scale"), (bias, "bias")):
         _check_channel_param(value, name, channels, label="C_out")
     state = _check_state(state, "state", channels, required=True, label="C_out")
-    _check_positive(eps, "eps")
+    eps = _check_positive(eps, "eps")
 
     compute_dtype = _compute_dtype(w.dtype)
     mean, var = (s.astype(compute_dtype) for s in state)
@@ -519,14 +528,10 @@ def _normalize_jvp(axes, eps, primals, tangents):
 
 
 def _running_var_sample(var, count: int, unbiased: bool):
-    """The variance the running average receives: biased, or corrected by count / (count - 1)."""
+    """The variance the running average receives: biased, or corrected by count / (count - 1)
+    (``count >= 2``, checked by the callers)."""
     if not unbiased:
         return var
-    if count < 2:
-        raise ValueError(
-            "unbiased_running_var: the unbiased variance needs at least 2 values per channel, "
-            f"got {count}"
-        )
     return var * (count / (count - 1))
 
 
@@ -589,33 +594,33 @@ def _check_state(state, name: str, channels: int, *, required: bool, label: str 
     return state
 
 
-def _check_running_options(train, momentum, eps, unbiased_running_var) -> None:
-    """The keyword arguments shared by ``batch_norm`` and ``instance_norm``."""
+def _check_running_options(train, momentum, eps, unbiased_running_var) -> tuple[float, float]:
+    """The keyword arguments shared by ``batch_norm`` and ``instance_norm``: ``(momentum, eps)``
+    as Python floats."""
     _check_flag(train, "train")
-    _check_fraction(momentum, "momentum")
-    _check_positive(eps, "eps")
+    momentum = check_real(momentum, "momentum", low=0, high=1)
+    eps = _check_positive(eps, "eps")
     _check_flag(unbiased_running_var, "unbiased_running_var")
+    return momentum, eps
 
 
 def _check_flag(value, name: str) -> None:
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(
             f"{name}: expected a Python bool (it selects the computation), got {value!r}"
         )
 
 
-def _check_real(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {value!r}")
+def _check_positive(value, name: str) -> float:
+    """A finite number > 0 (``eps``, ``k``, ``sigma``): infinity would silently zero the output."""
+    return check_real(value, name, low=0, low_open=True)
 
 
-def _check_fraction(value, name: str) -> None:
-    _check_real(value, name)
-    if not 0 <= value <= 1:
-        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
-
-
-def _check_positive(value, name: str) -> None:
-    _check_real(value, name)
-    if not value > 0:
-        raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+def _check_batch_count(count: int, what: str) -> None:
+    """Batch statistics need two values per channel: from one, every output is exactly 0 (the
+    value minus itself) and the variance 0, as PyTorch refuses too; from none, NaN."""
+    if count < 2:
+        raise ValueError(
+            f"x: expected more than 1 value per channel when training ({what}), got {count}; "
+            "use train=False (running statistics) for a single example"
+        )

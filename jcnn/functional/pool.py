@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcnn.functional._checks import PaddingLike, as_int_tuple, check_array, normalize_padding
+from jcnn.functional._checks import (
+    PaddingLike,
+    as_int_tuple,
+    check_array,
+    check_bool,
+    check_real,
+    normalize_padding,
+)
 
 __all__ = [
     "max_pool",
@@ -51,7 +58,9 @@ def _is_int(value) -> bool:
 def _spatial_rank(x, spec, name: str) -> int:
     """Spatial rank given by ``spec`` (an int: ``x.ndim - 2``; a sequence: its length), checked."""
     check_array(x, "x")
-    if _is_int(spec):
+    if isinstance(spec, np.ndarray) and spec.ndim == 1:
+        spec = tuple(spec.tolist())
+    if _is_int(spec) or (isinstance(spec, np.ndarray) and spec.ndim == 0):
         rank = x.ndim - 2
         if rank not in _LAYOUTS:
             expected = ", ".join(f"{r + 2} {layout}" for r, layout in _LAYOUTS.items())
@@ -87,6 +96,7 @@ def _window_geometry(
     The second padding differs from the first where ``ceil_mode`` adds an overhang on the right
     (more padding) or where the floor leaves input pixels unused on the right (less, >= 0).
     """
+    check_bool(ceil_mode, "ceil_mode")
     pads = normalize_padding(padding, in_sizes, window, stride, dilation)
     if not isinstance(padding, str):
         for dim, (k, pair) in enumerate(zip(window, pads, strict=True)):
@@ -322,6 +332,7 @@ def avg_pool(
     rank = _spatial_rank(x, window, "window")
     window = as_int_tuple(window, rank, "window", minimum=1)
     stride = window if stride is None else as_int_tuple(stride, rank, "stride", minimum=1)
+    check_bool(count_include_pad, "count_include_pad")
     sizes = x.shape[1:-1]
     pads, exact_pads, out_sizes = _window_geometry(
         sizes, window, stride, (1,) * rank, padding, ceil_mode
@@ -363,10 +374,7 @@ def lp_pool(x, p, window, stride=None):
     >>> lp_pool(x, 2, (2,))[0, :, 0].tolist()
     [5.0, 10.0]
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
-        raise TypeError(f"p: expected a positive real number, got {p!r}")
-    if not (math.isfinite(p) and p > 0):
-        raise ValueError(f"p: expected a positive, finite power, got {p!r}")
+    p = check_real(p, "p", low=0, low_open=True)
     rank = _spatial_rank(x, window, "window")
     window = as_int_tuple(window, rank, "window", minimum=1)
     stride = window if stride is None else as_int_tuple(stride, rank, "stride", minimum=1)
@@ -390,7 +398,43 @@ def lp_pool(x, p, window, stride=None):
 
 def _check_global(x) -> tuple[int, ...]:
     check_array(x, "x", ndim=(3, 4, 5))
+    if 0 in x.shape[1:-1]:
+        raise ValueError(
+            f"x: expected at least one pixel in every spatial dim to pool, got shape "
+            f"{tuple(x.shape)}"
+        )
     return tuple(range(1, x.ndim - 1))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _first_max(x, axis: int):
+    """``jnp.max(x, axis)`` whose derivative goes to one winner per output, as ``max_pool``'s: the
+    first maximum along ``axis`` (the last NaN where there are NaNs), not split among ties."""
+    return jnp.max(x, axis=axis)
+
+
+@_first_max.defjvp
+def _first_max_jvp(axis, primals, tangents):
+    (x,), (x_tangent,) = primals, tangents
+    peak = jnp.max(x, axis=axis)
+    length = x.shape[axis]
+    order_shape = [1] * x.ndim
+    order_shape[axis] = length
+    order = np.arange(length, dtype=np.int32).reshape(order_shape)
+    rank = jnp.where(
+        jnp.isnan(x), -1 - order, jnp.where(x == jnp.expand_dims(peak, axis), order, length)
+    )
+    wins = order == jnp.argmin(rank, axis=axis, keepdims=True)
+    return peak, jnp.sum(jnp.where(wins, x_tangent, jnp.zeros((), x_tangent.dtype)), axis=axis)
+
+
+def _first_max_over(x, axes: Sequence[int]):
+    """Max over ``axes`` whose derivative reaches the first maximum in row-major order over them:
+    reducing the innermost axis first, each row keeps its first maximum, then the first row
+    holding the overall maximum wins."""
+    for axis in sorted(axes, reverse=True):
+        x = _first_max(x, axis)
+    return x
 
 
 def global_avg_pool(x):
@@ -406,14 +450,22 @@ def global_avg_pool(x):
 def global_max_pool(x):
     """Maximum over all spatial dims: ``(N, *spatial, C) -> (N, C)``.
 
+    The gradient goes to the first maximum in row-major order (as ``max_pool``'s and PyTorch's
+    ``adaptive_max_pool(x, 1)``), not split among tied maxima.
+
     >>> global_max_pool(jnp.arange(8.0).reshape(1, 2, 2, 2)).tolist()
     [[6.0, 7.0]]
     """
-    return jnp.max(x, axis=_check_global(x))
+    return _first_max_over(x, _check_global(x))
 
 
 def _adaptive_sizes(x, output_size) -> tuple[int, ...]:
     rank = _spatial_rank(x, output_size, "output_size")
+    if 0 in x.shape[1:-1]:
+        raise ValueError(
+            f"x: expected at least one pixel in every spatial dim to pool, got shape "
+            f"{tuple(x.shape)}"
+        )
     entries = (output_size,) * rank if _is_int(output_size) else tuple(output_size)
     sizes = []
     for entry, in_size in zip(entries, x.shape[1:-1], strict=True):
@@ -421,6 +473,11 @@ def _adaptive_sizes(x, output_size) -> tuple[int, ...]:
             sizes.append(in_size)
         elif _is_int(entry) and entry >= 1:
             sizes.append(int(entry))
+        elif not _is_int(entry):
+            raise TypeError(
+                f"output_size: expected positive ints (or None to keep an input size), "
+                f"got {output_size!r}"
+            )
         else:
             raise ValueError(
                 f"output_size: expected positive ints (or None to keep an input size), "
@@ -457,6 +514,9 @@ def adaptive_avg_pool(x, output_size):
 def adaptive_max_pool(x, output_size):
     """Max pooling to a fixed output size, with PyTorch's bins (see ``adaptive_avg_pool``).
 
+    The gradient of each output goes to the first maximum of its bin in row-major order (the last
+    NaN where there are NaNs), as in PyTorch and ``max_pool``.
+
     Args:
       x: ``(N, *spatial, C)`` floating array.
       output_size: an int or one per spatial dim (``None`` keeps that dim's size).
@@ -470,7 +530,10 @@ def adaptive_max_pool(x, output_size):
     """
     out_sizes = _adaptive_sizes(x, output_size)
     pooled = x
-    for axis, (size, out) in enumerate(zip(x.shape[1:-1], out_sizes, strict=True), start=1):
+    # Innermost axis first, so that the gradient reaches the first maximum of each bin in
+    # row-major order (see _first_max_over).
+    dims = list(enumerate(zip(x.shape[1:-1], out_sizes, strict=True), start=1))
+    for axis, (size, out) in reversed(dims):
         pooled = _adaptive_axis(pooled, axis, size, out, average=False)
     return pooled
 
@@ -481,7 +544,7 @@ def _adaptive_axis(x, axis: int, size: int, out: int, *, average: bool):
         return x
     if size % out == 0:
         grouped = x.reshape(*x.shape[:axis], out, size // out, *x.shape[axis + 1 :])
-        return (jnp.mean if average else jnp.max)(grouped, axis=axis + 1)
+        return jnp.mean(grouped, axis=axis + 1) if average else _first_max(grouped, axis + 1)
     starts = np.arange(out) * size // out
     stops = -(-(np.arange(out) + 1) * size // out)
     widths = stops - starts
@@ -493,7 +556,7 @@ def _adaptive_axis(x, axis: int, size: int, out: int, *, average: bool):
     if average:
         sums = jnp.sum(jnp.where(inside, gathered, 0), axis=axis + 1)
         return sums / widths.reshape((1,) * axis + (out,) + trailing).astype(x.dtype)
-    return jnp.max(jnp.where(inside, gathered, -jnp.inf), axis=axis + 1)
+    return _first_max(jnp.where(inside, gathered, -jnp.inf), axis + 1)
 
 
 def subsample(x, stride):

@@ -8,7 +8,7 @@ from typing import Any
 from flax.linen.dtypes import promote_dtype
 
 from jcnn import init
-from jcnn.functional._checks import as_int_tuple, check_array, check_positive_int
+from jcnn.functional._checks import as_int_tuple, check_array, check_bool, check_positive_int
 
 Initializer = Callable[..., Any]
 
@@ -53,6 +53,7 @@ def kernel_and_bias(module, x, kernel_shape: tuple[int, ...], default_kernel_ini
     ``module`` has ``features``, ``use_bias``, ``kernel_init``, ``bias_init`` (``None``: the
     defaults, ``default_kernel_init`` and zeros), ``dtype`` and ``param_dtype``.
     """
+    check_bool(module.use_bias, "use_bias")
     kernel = module.param(
         "kernel", module.kernel_init or default_kernel_init, kernel_shape, module.param_dtype
     )

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array, check_positive_int
+from jcnn.functional._checks import check_array, check_bool, check_positive_int, check_real
 from jcnn.nn.linear import Dense
 
 __all__ = [
@@ -57,9 +57,14 @@ class PReLU(nn.Module):
     def __call__(self, x):
         """Apply the activation to ``x`` of shape ``(N, ..., C)``."""
         check_array(x, "x")
+        alpha_init = check_real(self.alpha_init, "alpha_init")
+        if check_bool(self.channelwise, "channelwise") and x.ndim == 0:
+            raise ValueError(
+                "x: PReLU(channelwise=True) needs channels on a last axis, got a 0-d x"
+            )
         shape = (x.shape[-1],) if self.channelwise else ()
         alpha = self.param(
-            "alpha", lambda _, s, d: jnp.full(s, self.alpha_init, d), shape, self.param_dtype
+            "alpha", lambda _, s, d: jnp.full(s, alpha_init, d), shape, self.param_dtype
         )
         return F.prelu(x, alpha)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from jcnn import functional as F
+from jcnn.functional._checks import check_bool, check_real
 
 __all__ = ["Dropout", "SpatialDropout"]
 
@@ -20,9 +21,8 @@ def _apply(module, drop, x, train: bool):
     The rate is checked here too, so that a bad one raises in evaluation (where ``drop`` is not
     called and no rng is needed) as well.
     """
-    rate = module.rate
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-        raise ValueError(f"rate: expected a probability in [0, 1], got {rate!r}")
+    rate = check_real(module.rate, "rate", low=0, high=1)
+    check_bool(train, "train")
     if not train or rate == 0:
         return x
     return drop(module.make_rng("dropout"), x, rate, train=True)

@@ -17,7 +17,7 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_min_rank, check_positive_int
+from jcnn.functional._checks import check_bool, check_min_rank, check_positive_int
 from jcnn.nn._util import Initializer
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
 
 def _scale_and_bias(module, channels: int):
     """The module's ``(C,)`` ``scale`` and ``bias`` parameters, each ``None`` when not learned."""
+    check_bool(module.use_scale, "use_scale")
+    check_bool(module.use_bias, "use_bias")
     scale = (
         module.param("scale", module.scale_init, (channels,), module.param_dtype)
         if module.use_scale
@@ -212,7 +214,7 @@ class InstanceNorm(nn.Module):
         channels = x.shape[-1]
         scale, bias = _scale_and_bias(self, channels)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
-        if not self.track_running_stats:
+        if not check_bool(self.track_running_stats, "track_running_stats"):
             return F.instance_norm(x, scale, bias, eps=self.eps)
         if train is None:
             raise ValueError("train: InstanceNorm(track_running_stats=True) needs train=True/False")

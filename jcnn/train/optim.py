@@ -36,13 +36,14 @@ function of the params) chooses which parameters decay; the default decays only 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jcnn.functional._checks import check_bool, check_real
 
 __all__ = ["optimizer", "default_decay_mask", "scale_by_adagrad", "scale_by_rmsprop", "OPTIMIZERS"]
 
@@ -84,11 +85,17 @@ def default_decay_mask(params) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def _check_rate(value, name: str) -> None:
+def _check_rate(value, name: str):
+    """A schedule (any callable) as it is, else a finite number >= 0 as a Python float (a NumPy
+    scalar or 0-d array is accepted; NaN, infinity, strings and ``None`` are not)."""
     if callable(value):
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"{name}: expected a non-negative number or a schedule, got {value!r}")
+        return value
+    try:
+        return check_real(value, name, low=0)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a finite number >= 0 or a schedule step -> rate, got {value!r}"
+        ) from None
 
 
 def optimizer(
@@ -127,21 +134,28 @@ def optimizer(
     Returns:
         An ``optax.GradientTransformation``.
     """
-    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name.lower() not in OPTIMIZERS:
         raise ValueError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
     name = name.lower()
-    _check_rate(learning_rate, "learning_rate")
-    _check_rate(weight_decay, "weight_decay")
-    for value, label in (
-        (momentum, "momentum"),
-        (beta1, "beta1"),
-        (beta2, "beta2"),
-        (decay, "decay"),
-    ):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{label}: expected a value in [0, 1), got {value!r}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
+    learning_rate = _check_rate(learning_rate, "learning_rate")
+    weight_decay = check_real(weight_decay, "weight_decay", low=0)
+    momentum, beta1, beta2, decay = (
+        check_real(value, label, low=0, high=1, high_open=True)
+        for value, label in (
+            (momentum, "momentum"),
+            (beta1, "beta1"),
+            (beta2, "beta2"),
+            (decay, "decay"),
+        )
+    )
+    eps = check_real(eps, "eps", low=0)
+    trust_coefficient = check_real(trust_coefficient, "trust_coefficient", low=0, low_open=True)
+    if clip_norm is not None:
+        clip_norm = check_real(clip_norm, "clip_norm", low=0, low_open=True)
+    if decoupled is not None:
+        decoupled = check_bool(decoupled, "decoupled")
     mask = default_decay_mask if mask is None else mask
     if decoupled is None:
         decoupled = name in _DECOUPLED_BY_DEFAULT

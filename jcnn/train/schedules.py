@@ -25,12 +25,11 @@ that each is its formula and nothing else.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 
-from jcnn.functional._checks import check_positive_int
+from jcnn.functional._checks import check_int, check_positive_int, check_real
 
 __all__ = [
     "Schedule",
@@ -50,12 +49,8 @@ Schedule = Callable[[int], jnp.ndarray]
 
 
 def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{name}: expected {kind} finite number, got {value!r}")
-    return float(value)
+    """A finite number > 0 (>= 0 where ``allow_zero``) as a Python float; NumPy scalars too."""
+    return check_real(value, name, low=0, low_open=not allow_zero)
 
 
 def _as_float(t) -> jnp.ndarray:
@@ -94,13 +89,11 @@ def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
     factor = _check_positive(factor, "factor")
-    bounds = [int(b) for b in boundaries]
-    if any(b < 0 for b in bounds) or any(
-        b >= c for b, c in zip(bounds[:-1], bounds[1:], strict=True)
-    ):
-        raise ValueError(
-            f"boundaries: expected strictly increasing non-negative steps, got {bounds}"
-        )
+    if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__iter__"):
+        raise TypeError(f"boundaries: expected a sequence of int steps, got {boundaries!r}")
+    bounds = [check_int(b, f"boundaries[{i}]", low=0) for i, b in enumerate(boundaries)]
+    if any(b >= c for b, c in zip(bounds[:-1], bounds[1:], strict=True)):
+        raise ValueError(f"boundaries: expected strictly increasing steps, got {bounds}")
     bounds_array = jnp.asarray(bounds, dtype=jnp.int32)
 
     def schedule(t):
@@ -243,8 +236,7 @@ def one_cycle(
     """
     peak = _check_positive(max_learning_rate, "max_learning_rate")
     total = check_positive_int(total_steps, "total_steps")
-    if not 0.0 < pct_start < 1.0:
-        raise ValueError(f"pct_start: expected a fraction in (0, 1), got {pct_start!r}")
+    pct_start = check_real(pct_start, "pct_start", low=0, high=1, low_open=True, high_open=True)
     initial = peak / _check_positive(div_factor, "div_factor")
     final = initial / _check_positive(final_div_factor, "final_div_factor")
     rise = max(1, int(round(pct_start * total)))

@@ -222,3 +222,28 @@ def test_pickled_code_is_refused(torch, tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         load_torch_weights(tmp_path / "evil.pt", jcnn.models.LeNet5(), (1, 28, 28, 1))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype_name", ["complex64", "complex128", "bool"])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_complex_or_boolean_tensors_are_refused(torch, dtype_name, as_numpy):
+    # A complex weight would lose its imaginary part in the float32 cast, a bool one its meaning.
+    state_dict = _lenet_twin(torch).state_dict()
+    weight = state_dict["conv2.weight"]
+    changed = weight.to(getattr(torch, dtype_name))
+    state_dict["conv2.weight"] = changed.numpy() if as_numpy else changed
+    with pytest.raises(TypeError, match=r"state_dict\['conv2.weight'\]: expected a"):
+        from_torch_state_dict(jcnn.models.LeNet5(), state_dict, (1, 28, 28, 1))
+
+
+def test_bfloat16_and_float64_tensors_are_converted_exactly(torch, rng):
+    torch.manual_seed(1)
+    net = _lenet_twin(torch)
+    want = from_torch_state_dict(jcnn.models.LeNet5(), net.state_dict(), (1, 28, 28, 1))
+    wide = {k: v.double() for k, v in net.state_dict().items()}
+    got = from_torch_state_dict(jcnn.models.LeNet5(), wide, (1, 28, 28, 1))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    narrow = {k: v.bfloat16() for k, v in net.state_dict().items()}
+    got = from_torch_state_dict(jcnn.models.LeNet5(), narrow, (1, 28, 28, 1))
+    rounded = {k: v.bfloat16().float().numpy() for k, v in net.state_dict().items()}
+    np.testing.assert_array_equal(got["params"]["conv1"]["bias"], rounded["conv1.bias"])

@@ -1,6 +1,7 @@
 """Tests of jcnn.data.augment: exact tests of deterministic ops, statistics of random ones."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -366,3 +367,214 @@ def test_argument_checks():
         A.rand_augment(key, jnp.zeros((4, 4, 1)), magnitude=31)
     with pytest.raises(TypeError, match=r"ops\[1\]"):
         A.compose(A.random_hflip, 3)
+
+
+_KEY = jax.random.key(0)
+_IMAGE = jnp.zeros((8, 8, 3), jnp.uint8)
+_IMAGES = jnp.zeros((4, 8, 8, 3), jnp.float32)
+_LABELS = jnp.array([0, 1, 2, 1], jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: A.random_hflip(_KEY, _IMAGE, p=2.0),
+            ValueError,
+            "p: expected a number in [0, 1], got 2.0",
+        ),
+        (
+            lambda: A.random_vflip(_KEY, _IMAGE, p=-0.5),
+            ValueError,
+            "p: expected a number in [0, 1], got -0.5",
+        ),
+        (
+            lambda: A.random_hflip(_KEY, _IMAGE, p="0.5"),
+            TypeError,
+            "p: expected a number in [0, 1], got '0.5'",
+        ),
+        (
+            lambda: A.random_apply(A.random_hflip, 1.5),
+            ValueError,
+            "p: expected a number in [0, 1], got 1.5",
+        ),
+        (lambda: A.random_apply(None, 0.5), TypeError, "op: expected a callable"),
+        (lambda: A.posterize(_IMAGE, 9), ValueError, "bits: expected an int in [1, 8], got 9"),
+        (lambda: A.posterize(_IMAGE, 0), ValueError, "bits: expected an int in [1, 8], got 0"),
+        (lambda: A.posterize(_IMAGE, 2.5), TypeError, "bits: expected an int in [1, 8], got 2.5"),
+        (
+            lambda: A.solarize(_IMAGE, None),
+            TypeError,
+            "threshold: expected a finite number, got None",
+        ),
+        (
+            lambda: A.adjust_brightness(_IMAGE, -1.0),
+            ValueError,
+            "factor: expected a finite number >= 0, got -1.0",
+        ),
+        (
+            lambda: A.adjust_contrast(_IMAGE, float("nan")),
+            ValueError,
+            "factor: expected a finite number >= 0, got nan",
+        ),
+        (
+            lambda: A.rotate(_IMAGE, float("inf")),
+            ValueError,
+            "angle: expected a finite number, got inf",
+        ),
+        (
+            lambda: A.translate(_IMAGE, "1", 0),
+            TypeError,
+            "shift_y: expected a finite number, got '1'",
+        ),
+        (
+            lambda: A.affine(_IMAGE, jnp.eye(3)),
+            ValueError,
+            "matrix: expected shape (2, 3), got (3, 3)",
+        ),
+        (
+            lambda: A.random_crop(_KEY, _IMAGE, padding=-1),
+            ValueError,
+            "padding: expected an int >= 0, got -1",
+        ),
+        (
+            lambda: A.random_crop(_KEY, _IMAGE, padding=1.5),
+            TypeError,
+            "padding: expected an int >= 0, got 1.5",
+        ),
+        (
+            lambda: A.random_crop(_KEY, _IMAGE, size=(4, 0)),
+            ValueError,
+            "size[1]: expected an int >= 1, got 0",
+        ),
+        (
+            lambda: A.random_crop(_KEY, _IMAGE, pad_mode=None),
+            TypeError,
+            "pad_mode: expected one of 'zeros', 'reflect', got None",
+        ),
+        (
+            lambda: A.random_translate(_KEY, _IMAGE, max_shift=-2),
+            ValueError,
+            "max_shift: expected an int >= 0, got -2",
+        ),
+        (
+            lambda: A.random_rotate(_KEY, _IMAGE, degrees=float("nan")),
+            ValueError,
+            "degrees: expected a finite number >= 0, got nan",
+        ),
+        (
+            lambda: A.random_resized_crop(_KEY, _IMAGE, size=4, scale=(0.5, 0.2)),
+            ValueError,
+            "scale: expected low <= high",
+        ),
+        (
+            lambda: A.random_resized_crop(_KEY, _IMAGE, size=4, scale=(0.5, 2.0)),
+            ValueError,
+            "scale[1]: expected a number in (0, 1], got 2.0",
+        ),
+        (
+            lambda: A.random_resized_crop(_KEY, _IMAGE, size=4, ratio=(0, 1)),
+            ValueError,
+            "ratio[0]: expected a finite number > 0, got 0",
+        ),
+        (
+            lambda: A.random_resized_crop(_KEY, _IMAGE, size=4, ratio=1.0),
+            TypeError,
+            "ratio: expected a (low, high) pair",
+        ),
+        (
+            lambda: A.cutout(_KEY, _IMAGE, size=0),
+            ValueError,
+            "size: expected a positive int, got 0",
+        ),
+        (
+            lambda: A.color_jitter(_KEY, _IMAGE, brightness=-0.1),
+            ValueError,
+            "brightness: expected a finite number >= 0, got -0.1",
+        ),
+        (
+            lambda: A.color_jitter(_KEY, _IMAGE, saturation=float("inf")),
+            ValueError,
+            "saturation: expected a finite number >= 0, got inf",
+        ),
+        (
+            lambda: A.rand_augment(_KEY, _IMAGE, magnitude=31),
+            ValueError,
+            "magnitude: expected a number in [0, 30.0], got 31",
+        ),
+        (
+            lambda: A.rand_augment(_KEY, _IMAGE, num_ops=0),
+            ValueError,
+            "num_ops: expected a positive int, got 0",
+        ),
+        (lambda: A.pixmix(_KEY, _IMAGE, k=-1), ValueError, "k: expected an int >= 0, got -1"),
+        (
+            lambda: A.pixmix(_KEY, _IMAGE, beta=0.0),
+            ValueError,
+            "beta: expected a finite number > 0, got 0.0",
+        ),
+        (
+            lambda: A.pixmix(_KEY, _IMAGE, mixing_images=jnp.zeros((2, 4, 4, 3))),
+            ValueError,
+            "mixing_images: expected shape (M >= 1, 8, 8, 3)",
+        ),
+        (lambda: A.apply_batch(A.hflip, 0, _IMAGES), TypeError, "key: expected a jax.random key"),
+        (
+            lambda: A.mixup(_KEY, _IMAGES, _LABELS, alpha=0.0, num_classes=3),
+            ValueError,
+            "alpha: expected a finite number > 0, got 0.0",
+        ),
+        (
+            lambda: A.cutmix(_KEY, _IMAGES, _LABELS, alpha=float("inf"), num_classes=3),
+            ValueError,
+            "alpha: expected a finite number > 0, got inf",
+        ),
+        (
+            lambda: A.mixup(_KEY, _IMAGES, _LABELS, num_classes=0),
+            ValueError,
+            "num_classes: expected a positive int, got 0",
+        ),
+        (
+            lambda: A.mixup(_KEY, _IMAGES, _LABELS, num_classes=2),
+            ValueError,
+            "labels: expected classes in [0, 2) (num_classes=2), got [2] at positions [2]",
+        ),
+        (
+            lambda: A.cutmix(_KEY, _IMAGES, _LABELS - 1, num_classes=3),
+            ValueError,
+            "labels: expected classes in [0, 3) (num_classes=3), got [-1] at positions [0]",
+        ),
+        (
+            lambda: A.mixup(_KEY, _IMAGES, jnp.zeros((4, 3)), num_classes=5),
+            ValueError,
+            "num_classes: 5 differs from the soft labels' 3 classes",
+        ),
+        (
+            lambda: A.mixup(_KEY, _IMAGES, _LABELS.astype(jnp.float32), num_classes=3),
+            TypeError,
+            "labels: expected integer class labels (N,), got dtype float32",
+        ),
+    ],
+)
+def test_every_probability_range_and_label_is_checked(call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call()
+
+
+def test_posterize_accepts_numpy_ints_and_clips_traced_bits():
+    image = jnp.array([[[255, 100, 7]]], jnp.uint8)
+    want = A.posterize(image, 3).tolist()
+    assert A.posterize(image, np.int64(3)).tolist() == want == [[[224, 96, 0]]]
+    assert jax.jit(A.posterize)(image, 3).tolist() == want
+    assert jax.jit(A.posterize)(image, 12).tolist() == A.posterize(image, 8).tolist()
+
+
+@pytest.mark.parametrize("mix", [A.mixup, A.cutmix])
+def test_traced_labels_outside_num_classes_give_nan_not_zero_targets(mix):
+    labels = jnp.array([0, 1, 5, 1], jnp.int32)
+    mixed = jax.jit(functools.partial(mix, num_classes=3))
+    _, soft = mixed(_KEY, _IMAGES, labels)
+    assert np.isnan(np.asarray(soft)).any()  # the loss, and the run's NaN stop, see it
+    _, soft = mixed(_KEY, _IMAGES, _LABELS)  # in range: as eagerly, rows summing to 1
+    np.testing.assert_allclose(soft, mix(_KEY, _IMAGES, _LABELS, num_classes=3)[1], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(soft).sum(axis=1), 1.0, rtol=1e-6)

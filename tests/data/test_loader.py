@@ -206,10 +206,19 @@ def test_argument_checks(dataset):
     with pytest.raises(TypeError, match="augment"):
         Loader(images, labels, batch_size=5, augment="flip")
     loader = Loader(images, labels, batch_size=5)
-    with pytest.raises(ValueError, match="step: expected 0..9"):
+    with pytest.raises(ValueError, match=r"step: expected an int in \[0, 9\], got 10"):
         loader.batch(0, 10)
+    with pytest.raises(TypeError, match="step: expected an int in"):
+        loader.batch(0, 1.0)
     with pytest.raises(ValueError, match="start_step"):
         loader.epoch(0, start_step=11)
+    with pytest.raises(TypeError, match="shuffle: expected a Python bool, got 'no'"):
+        Loader(images, labels, batch_size=5, shuffle="no")
+    with pytest.raises(TypeError, match="seed: expected an int, got 1.5"):
+        Loader(images, labels, batch_size=5, seed=1.5)
+    with pytest.raises(TypeError, match="sharding: expected a jax.sharding.Sharding"):
+        Loader(images, labels, batch_size=5, sharding="data")
+    assert Loader(images, labels, batch_size=np.int64(5), seed=np.int32(3)).batch_size == 5
     with pytest.raises(TypeError, match="source"):
         Loader.from_source(3, batch_size=2)
 

@@ -120,3 +120,39 @@ def test_standardize_as_the_last_op_of_an_augmentation_pipeline(rng):
     np.testing.assert_allclose(batch, stats(images[np.asarray(labels)]), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="Standardize"):
         stats(key, images, images)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("mode", ["per_channel", "center", "mean_image", "pca", "zca"])
+def test_non_finite_training_data_is_refused(mode, bad):
+    images = np.random.default_rng(0).normal(size=(6, 2, 2, 3)).astype(np.float32)
+    images[4, 1, 0, 2] = bad
+    with pytest.raises(
+        ValueError,
+        match=r"train_images: expected finite values, got 1 NaN or "
+        r"infinite value\(s\) \(first in image 4\)",
+    ):
+        Standardize.fit(images, mode=mode)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"mode": None}, TypeError, "mode: expected one of"),
+        ({"mode": "whiten"}, ValueError, "mode: expected one of"),
+        ({"mode": "zca", "eps": float("nan")}, ValueError, "eps: expected a finite number >= 0"),
+        (
+            {"mode": "pca", "num_components": 1.5},
+            TypeError,
+            "num_components: expected a positive int",
+        ),
+    ],
+)
+def test_options_are_checked(kwargs, error, message):
+    images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+    with pytest.raises(error, match=message):
+        Standardize.fit(images, **kwargs)
+    with pytest.raises(TypeError, match="train_images: expected an integer or floating array"):
+        Standardize.fit(images.astype(bool))
+    stats = Standardize.fit(images, mode="pca", num_components=np.int64(2), eps=np.float32(1e-2))
+    assert stats.projection.shape == (12, 2)

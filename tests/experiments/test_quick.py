@@ -13,8 +13,18 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-NAMES = ["initialization", "receptive_fields", "normalization", "activations", "optimizers",
-         "schedules", "augmentation", "invariance", "standardization", "jarrett"]
+NAMES = [
+    "initialization",
+    "receptive_fields",
+    "normalization",
+    "activations",
+    "optimizers",
+    "schedules",
+    "augmentation",
+    "invariance",
+    "standardization",
+    "jarrett",
+]
 NEEDS_DATA = set(NAMES) - {"initialization"}
 
 

@@ -1,6 +1,7 @@
 """Dropout and spatial dropout: keep statistics, exact scaling, determinism, eval identity."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -105,9 +106,15 @@ def test_spatial_dropout_drops_whole_channels_per_example(rng, shape):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda k, x: dropout(k, x, 1.5), ValueError, r"rate: expected a drop probability in"),
-        (lambda k, x: dropout(k, x, -0.1), ValueError, r"rate: expected a drop probability"),
-        (lambda k, x: dropout(k, x, jnp.float32(0.5)), TypeError, "rate: expected a Python"),
+        (lambda k, x: dropout(k, x, 1.5), ValueError, r"rate: expected a number in \[0, 1\]"),
+        (lambda k, x: dropout(k, x, -0.1), ValueError, r"rate: expected a number in \[0, 1\]"),
+        (lambda k, x: dropout(k, x, math.nan), ValueError, r"rate: expected .*got nan"),
+        (lambda k, x: dropout(k, x, "0.5"), TypeError, r"rate: expected .*got '0.5'"),
+        (
+            lambda k, x: jax.jit(lambda r: dropout(k, x, r))(0.5),
+            TypeError,
+            r"rate: expected a number in \[0, 1\], got .*Tracer",
+        ),
         (lambda k, x: dropout(k, x, 0.5, train=jnp.bool_(1)), TypeError, "train: expected a"),
         (lambda k, x: dropout(0, x, 0.5), TypeError, "key: expected a jax.random key"),
         (lambda k, x: dropout(jnp.zeros(2), x, 0.5), TypeError, "key: expected .* float32"),

@@ -19,8 +19,9 @@ def test_conv_with_circular_padding_is_exactly_translation_equivariant(rng, wind
     pads = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in window)
     conv = lambda v: F.conv(v, w, padding=pads, padding_mode="circular")  # noqa: E731
     for dy, dx in [(1, 0), (0, 3), (4, 7), (-2, 5)]:
-        np.testing.assert_allclose(conv(shift(x, dy, dx)), shift(conv(x), dy, dx),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            conv(shift(x, dy, dx)), shift(conv(x), dy, dx), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_zero_padding_breaks_equivariance_only_near_the_border(rng):
@@ -30,20 +31,24 @@ def test_zero_padding_breaks_equivariance_only_near_the_border(rng):
     s = 2
     shifted, expected = conv(shift(x, s, s)), shift(conv(x), s, s)
     # interior: away from the padded border and the rows/columns wrapped by the roll
-    np.testing.assert_allclose(shifted[:, s + 1 : -1, s + 1 : -1],
-                               expected[:, s + 1 : -1, s + 1 : -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        shifted[:, s + 1 : -1, s + 1 : -1],
+        expected[:, s + 1 : -1, s + 1 : -1],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     border = np.abs(np.asarray(shifted - expected))
     assert border[:, : s + 1].max() > 1e-2 or border[:, -1].max() > 1e-2
 
 
 def test_max_pool_is_invariant_to_shifts_inside_its_window_not_beyond():
     x = np.zeros((1, 8, 8, 1), np.float32)
-    x[0, 2, 2, 0] = 1.0                       # one feature inside the window [2, 4) x [2, 4)
+    x[0, 2, 2, 0] = 1.0  # one feature inside the window [2, 4) x [2, 4)
     pooled = F.max_pool(jnp.asarray(x), 2)
     np.testing.assert_array_equal(F.max_pool(shift(jnp.asarray(x), 1, 1), 2), pooled)
     moved = F.max_pool(shift(jnp.asarray(x), 2, 0), 2)
     assert not np.array_equal(moved, pooled)  # a shift out of the window moves the output
-    np.testing.assert_array_equal(moved, shift(pooled, 1, 0))   # by stride-scaled equivariance
+    np.testing.assert_array_equal(moved, shift(pooled, 1, 0))  # by stride-scaled equivariance
 
 
 def test_conv_is_not_rotation_equivariant_unless_the_kernel_is_symmetric(rng):
@@ -54,5 +59,6 @@ def test_conv_is_not_rotation_equivariant_unless_the_kernel_is_symmetric(rng):
     error = np.abs(np.asarray(conv(rot(x), w) - rot(conv(x, w)))).max()
     assert error > 0.1
     symmetric = sum(jnp.rot90(w, r, axes=(0, 1)) for r in range(4)) / 4
-    np.testing.assert_allclose(conv(rot(x), symmetric), rot(conv(x, symmetric)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        conv(rot(x), symmetric), rot(conv(x, symmetric)), rtol=1e-5, atol=1e-5
+    )

@@ -49,9 +49,12 @@ def test_matches_a_numpy_loop_on_random_shapes(rng, rank):
         w = rng.normal(size=(*out, *window, c_in, c_out))
         b = rng.normal(size=(*out, c_out)) if rng.random() < 0.5 else None
         y = F.locally_connected(
-            jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
+            jnp.asarray(x, jnp.float32),
+            jnp.asarray(w, jnp.float32),
             None if b is None else jnp.asarray(b, jnp.float32),
-            stride=stride, padding=pads, dilation=dilation,
+            stride=stride,
+            padding=pads,
+            dilation=dilation,
         )
         expected = reference(x, w, b, stride, pads, dilation)
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
@@ -83,7 +86,9 @@ def test_equals_conv_when_every_position_has_the_same_filter(rng):
     w = jnp.broadcast_to(k, (*out, *k.shape))
     np.testing.assert_allclose(
         F.locally_connected(x, w, stride=(2, 1), padding="SAME"),
-        F.conv(x, k, stride=(2, 1), padding="SAME"), rtol=1e-5, atol=1e-5,
+        F.conv(x, k, stride=(2, 1), padding="SAME"),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -114,6 +119,12 @@ def test_module_parameters_and_output(rng):
     assert not np.allclose(kernel[0, 0], kernel[1, 1])
     bias = jnp.asarray(rng.normal(size=bias.shape), jnp.float32)
     y = layer.apply({"params": {"kernel": kernel, "bias": bias}}, x)
-    expected = reference(np.asarray(x, np.float64), np.asarray(kernel, np.float64),
-                         np.asarray(bias, np.float64), (2, 2), ((1, 1), (1, 1)), (1, 1))
+    expected = reference(
+        np.asarray(x, np.float64),
+        np.asarray(kernel, np.float64),
+        np.asarray(bias, np.float64),
+        (2, 2),
+        ((1, 1), (1, 1)),
+        (1, 1),
+    )
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)

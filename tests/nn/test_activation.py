@@ -80,8 +80,11 @@ def test_mish_selu_silu_modules_match_torch(torch, rng, name):
     x = jnp.asarray(rng.normal(scale=3.0, size=(2, 4, 3, 5)), jnp.float32)
     layer = getattr(nn, name)()
     assert layer.init(jax.random.key(0), x) == {}
-    reference = {"Mish": torch.nn.functional.mish, "SELU": torch.nn.functional.selu,
-                 "SiLU": torch.nn.functional.silu}[name]
+    reference = {
+        "Mish": torch.nn.functional.mish,
+        "SELU": torch.nn.functional.selu,
+        "SiLU": torch.nn.functional.silu,
+    }[name]
     xt = torch.tensor(np.asarray(x, np.float64)).requires_grad_(True)
     yt = reference(xt)
     (yt**2).sum().backward()
@@ -91,8 +94,22 @@ def test_mish_selu_silu_modules_match_torch(torch, rng, name):
 
 
 def test_every_functional_activation_has_a_module():
-    functional_names = {"elu", "gelu", "leaky_relu", "maxout", "mish", "prelu", "rectify", "relu",
-                        "selu", "sigmoid", "silu", "softplus", "swish", "tanh"}
+    functional_names = {
+        "elu",
+        "gelu",
+        "leaky_relu",
+        "maxout",
+        "mish",
+        "prelu",
+        "rectify",
+        "relu",
+        "selu",
+        "sigmoid",
+        "silu",
+        "softplus",
+        "swish",
+        "tanh",
+    }
     from jcnn.functional import activation
 
     assert set(activation.__all__) == functional_names

@@ -270,26 +270,6 @@ CASES = [
     for index, twin in enumerate(twins)
 ]
 
-# Known defect of the functional op (not of the twins): F.local_response_norm sums squares with
-# lax.reduce_window and a jnp.zeros init, which under jit is a tracer, so JAX takes its generic
-# reduce_window, which has no reverse-mode rule; differentiating it under jit fails in jcnn.nn and
-# jcnn.nnx alike. Strict: this fails (and should lose its mark) once the op is fixed.
-JIT_GRAD_DEFECTS = {
-    "LocalResponseNorm": "F.local_response_norm is not differentiable under jit (reduce_window "
-    "with a traced init value)",
-}
-GRAD_CASES = [
-    pytest.param(
-        twin,
-        id=f"{name}-{index}",
-        marks=[pytest.mark.xfail(strict=True, raises=ValueError, reason=JIT_GRAD_DEFECTS[name])]
-        if name in JIT_GRAD_DEFECTS
-        else [],
-    )
-    for name, twins in TWINS.items()
-    for index, twin in enumerate(twins)
-]
-
 
 class _Key(linen.Module):
     """The key a root Linen module's first make_rng("dropout") returns."""
@@ -365,7 +345,7 @@ def test_twin_has_the_linen_variables_and_outputs(twin, rng):
         assert bool((_nnx_call(twin, twin_module, x, True, key, by_attribute=True) == 0).any())
 
 
-@pytest.mark.parametrize("twin", GRAD_CASES)
+@pytest.mark.parametrize("twin", CASES)
 def test_twin_gradients_and_training_steps_match(twin, rng):
     x = _inputs(twin, rng)
     module = twin.linen()

@@ -1,5 +1,7 @@
 """Each optimizer against the notes' pseudo-code, written out in NumPy, for a few steps."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,64 @@ def test_bad_arguments_are_named():
         optim.optimizer("momentum", 0.1, momentum=1.5)
     with pytest.raises(ValueError, match="learning_rate"):
         optim.optimizer("sgd", -1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            {"learning_rate": float("nan")},
+            ValueError,
+            "learning_rate: expected a finite number >= 0, got nan",
+        ),
+        (
+            {"learning_rate": float("inf")},
+            ValueError,
+            "learning_rate: expected a finite number >= 0, got inf",
+        ),
+        (
+            {"learning_rate": "0.1"},
+            TypeError,
+            "learning_rate: expected a finite number >= 0 or a schedule",
+        ),
+        (
+            {"learning_rate": None},
+            TypeError,
+            "learning_rate: expected a finite number >= 0 or a schedule",
+        ),
+        (
+            {"name": "adam", "eps": -1e-8},
+            ValueError,
+            "eps: expected a finite number >= 0, got -1e-08",
+        ),
+        (
+            {"name": "adam", "eps": float("nan")},
+            ValueError,
+            "eps: expected a finite number >= 0, got nan",
+        ),
+        ({"beta2": 1.0}, ValueError, "beta2: expected a number in [0, 1), got 1.0"),
+        ({"beta1": None}, TypeError, "beta1: expected a number in [0, 1), got None"),
+        (
+            {"weight_decay": float("inf")},
+            ValueError,
+            "weight_decay: expected a finite number >= 0, got inf",
+        ),
+        ({"clip_norm": 0.0}, ValueError, "clip_norm: expected a finite number > 0, got 0.0"),
+        ({"clip_norm": "1"}, TypeError, "clip_norm: expected a finite number > 0, got '1'"),
+        ({"decoupled": "yes"}, TypeError, "decoupled: expected a Python bool, got 'yes'"),
+        ({"name": 3}, TypeError, "name: expected one of sgd"),
+    ],
+)
+def test_every_option_is_checked(kwargs, error, message):
+    kwargs = {"name": "sgd", "learning_rate": 0.1, **kwargs}
+    with pytest.raises(error, match=re.escape(message)):
+        optim.optimizer(**kwargs)
+
+
+def test_numpy_scalars_are_valid_rates(rng):
+    x = rng.normal(size=(3,)).astype(np.float32)
+    target = np.zeros(3, np.float32)
+    want = _run(optim.optimizer("adam", 0.05, eps=1e-7), x, target, steps=3)
+    for rate in (np.float32(0.05), np.float64(0.05), np.array(0.05, np.float32)):
+        got = _run(optim.optimizer("adam", rate, eps=np.float32(1e-7)), x, target, steps=3)
+        np.testing.assert_allclose(got, want, rtol=1e-6)

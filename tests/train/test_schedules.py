@@ -1,6 +1,7 @@
 """Each schedule against its formula from the notes, eagerly and under jit."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +94,68 @@ def test_one_cycle_shape():
 def test_bad_arguments_are_named(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: S.step(0.1, [1.5, 2.7]),
+            TypeError,
+            "boundaries[0]: expected an int >= 0, got 1.5",
+        ),
+        (lambda: S.step(0.1, [1, 2.0]), TypeError, "boundaries[1]: expected an int >= 0, got 2.0"),
+        (lambda: S.step(0.1, [True]), TypeError, "boundaries[0]: expected an int >= 0, got True"),
+        (lambda: S.step(0.1, [-1, 3]), ValueError, "boundaries[0]: expected an int >= 0, got -1"),
+        (lambda: S.step(0.1, [3, 3]), ValueError, "boundaries: expected strictly increasing steps"),
+        (
+            lambda: S.step(0.1, 30),
+            TypeError,
+            "boundaries: expected a sequence of int steps, got 30",
+        ),
+        (lambda: S.step(0.1, [3], factor=float("nan")), ValueError, "factor: expected a finite"),
+        (
+            lambda: S.constant(float("nan")),
+            ValueError,
+            "learning_rate: expected a finite number >= 0, got nan",
+        ),
+        (
+            lambda: S.cosine(float("inf"), 10),
+            ValueError,
+            "learning_rate: expected a finite number >= 0, got inf",
+        ),
+        (
+            lambda: S.linear(None, 10),
+            TypeError,
+            "learning_rate: expected a finite number >= 0, got None",
+        ),
+        (lambda: S.cosine(0.1, 10.0), TypeError, "total_steps: expected a positive int, got 10.0"),
+        (
+            lambda: S.warmup(S.constant(0.1), 2.5),
+            TypeError,
+            "warmup_steps: expected a positive int",
+        ),
+        (
+            lambda: S.one_cycle(0.1, 10, pct_start=float("nan")),
+            ValueError,
+            "pct_start: expected a number in (0, 1), got nan",
+        ),
+        (
+            lambda: S.one_cycle(0.1, 10, div_factor="25"),
+            TypeError,
+            "div_factor: expected a finite number > 0",
+        ),
+    ],
+)
+def test_every_argument_is_checked(call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call()
+
+
+def test_numpy_integers_and_floats_are_accepted():
+    want = S.step(1.0, [3, 6], factor=0.5)
+    got = S.step(np.float32(1.0), np.array([3, 6]), factor=np.float64(0.5))
+    got_list = S.step(1.0, [np.int64(3), np.int32(6)], factor=0.5)
+    for t in range(8):
+        assert float(got(t)) == float(want(t)) == float(got_list(t))
+    assert float(S.cosine(np.float32(0.5), np.int64(10))(5)) == pytest.approx(0.25)

@@ -1,0 +1,136 @@
+"""Every module of ``jcnn.nn`` under ``jit``, ``grad``, ``vmap`` and their compositions.
+
+For each name in ``nn.__all__`` a small module and input: ``apply`` under ``jit`` and ``vmap`` (over
+examples, the variables shared) equals the eager result, and the gradient with respect to the
+parameters and the input under ``jit(grad)`` and ``jit(vmap(grad))`` (per-example gradients, as
+in DP-SGD) equals the eager one. Modules with running statistics run in training
+mode with ``mutable=["batch_stats"]`` (the updates are outputs too), dropout with a fixed key.
+A new public module without a case here fails ``test_every_public_module_has_a_case``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import functional as F
+from jcnn import nn
+
+RNGS = {"dropout": jax.random.key(7)}
+
+# name -> (module, input shape, keyword arguments of apply, mutable collections)
+CASES = {
+    "Conv": (nn.Conv(3, (3, 3), stride=2, padding=1), (2, 5, 5, 2), {}, False),
+    "ConvTranspose": (nn.ConvTranspose(3, 2, stride=2), (2, 3, 3, 2), {}, False),
+    "Dense": (nn.Dense(3), (2, 4), {}, False),
+    "Flatten": (nn.Flatten(), (2, 2, 2, 3), {}, False),
+    "BatchNorm": (nn.BatchNorm(momentum=0.9), (4, 2, 3), {"train": True}, True),
+    "LayerNorm": (nn.LayerNorm(), (2, 3, 3), {}, False),
+    "GroupNorm": (nn.GroupNorm(num_groups=2), (2, 3, 4), {}, False),
+    "InstanceNorm": (
+        nn.InstanceNorm(track_running_stats=True),
+        (2, 4, 3),
+        {"train": True},
+        True,
+    ),
+    "LocalContrastNorm": (nn.LocalContrastNorm(size=3), (2, 5, 5, 2), {}, False),
+    "LocalResponseNorm": (nn.LocalResponseNorm(3, alpha=0.1, k=2.0), (2, 3, 3, 5), {}, False),
+    "MaxPool": (nn.MaxPool(2, stride=1), (2, 4, 4, 2), {}, False),
+    "AvgPool": (nn.AvgPool(2, padding=1), (2, 4, 4, 2), {}, False),
+    "LPPool": (nn.LPPool(2, 2), (2, 4, 4, 2), {}, False),  # even p: no NaN root
+    "GlobalAvgPool": (nn.GlobalAvgPool(), (2, 3, 3, 2), {}, False),
+    "GlobalMaxPool": (nn.GlobalMaxPool(), (2, 3, 3, 2), {}, False),
+    "AdaptiveAvgPool": (nn.AdaptiveAvgPool((2, 3)), (2, 5, 4, 2), {}, False),
+    "AdaptiveMaxPool": (nn.AdaptiveMaxPool((2, 3)), (2, 5, 4, 2), {}, False),
+    "PReLU": (nn.PReLU(channelwise=True), (2, 3), {}, False),
+    "Maxout": (nn.Maxout(2, features=3), (2, 4), {}, False),
+    "ReLU": (nn.ReLU(), (2, 3), {}, False),
+    "LeakyReLU": (nn.LeakyReLU(0.2), (2, 3), {}, False),
+    "ELU": (nn.ELU(0.5), (2, 3), {}, False),
+    "GELU": (nn.GELU(), (2, 3), {}, False),
+    "Tanh": (nn.Tanh(), (2, 3), {}, False),
+    "Sigmoid": (nn.Sigmoid(), (2, 3), {}, False),
+    "Rectify": (nn.Rectify(), (2, 3), {}, False),
+    "Swish": (nn.Swish(), (2, 3), {}, False),
+    "Softplus": (nn.Softplus(), (2, 3), {}, False),
+    "SiLU": (nn.SiLU(), (2, 3), {}, False),
+    "Mish": (nn.Mish(), (2, 3), {}, False),
+    "SELU": (nn.SELU(), (2, 3), {}, False),
+    "LocallyConnected": (nn.LocallyConnected(3, 2, stride=2, padding=1), (2, 5, 5, 2), {}, False),
+    "Dropout": (nn.Dropout(0.5), (2, 3), {"train": True, "rngs": RNGS}, False),
+    "SpatialDropout": (nn.SpatialDropout(0.5), (2, 3, 3, 2), {"train": True, "rngs": RNGS}, False),
+    "Sequential": (
+        nn.Sequential([nn.Conv(2, 3, padding=1), nn.BatchNorm(), F.relu, nn.MaxPool(2)]),
+        (2, 4, 4, 1),
+        {"train": True},
+        True,
+    ),
+    "Residual": (
+        nn.Residual(nn.Conv(4, 3, padding=1), projection=nn.Conv(4, 1)),
+        (2, 3, 3, 2),
+        {},
+        False,
+    ),
+}
+BATCH = 2  # the leading axis vmap maps over
+
+
+def _assert_trees_close(got, want, rtol=1e-4):
+    """Equal up to float32 rounding (jit and vmap reorder sums), relative to each leaf's scale."""
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(got_leaves, want_leaves, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        b = np.asarray(b, np.float64)
+        assert np.isfinite(b).all(), "a case whose reference is not finite checks nothing"
+        scale = float(np.abs(b).max()) if b.size else 0.0
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=rtol * scale)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def test_every_public_module_has_a_case():
+    assert set(CASES) == set(nn.__all__)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_transformations_equal_eager(name, rng):
+    module, shape, kwargs, mutable = CASES[name]
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    init_kwargs = {k: v for k, v in kwargs.items() if k != "rngs"}
+    variables = module.init(jax.random.key(0), x, **init_kwargs)
+    params = variables.get("params", {})
+    others = {k: v for k, v in variables.items() if k != "params"}
+
+    def forward(params, x):
+        out = module.apply(
+            {"params": params, **others},
+            x,
+            **kwargs,
+            **({"mutable": ["batch_stats"]} if mutable else {}),
+        )
+        return out
+
+    def loss(params, x):
+        leaves = jax.tree.leaves(forward(params, x))
+        return sum(
+            jnp.sum(jnp.sin(leaf * (1.0 + 0.05 * jnp.arange(leaf.size).reshape(leaf.shape))))
+            for leaf in leaves
+        )
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    jit_forward, jit_grad = jax.jit(forward), jax.jit(grad)
+    _assert_trees_close(jit_forward(params, x), forward(params, x))
+    eager = grad(params, x)
+    assert any(np.asarray(g).any() for g in jax.tree.leaves(eager))
+    _assert_trees_close(jit_grad(params, x), eager)
+
+    # vmap over examples (variables shared) equals a loop, through the jitted functions above.
+    xs = jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32))
+    looped = _stack([jit_forward(params, xs[i]) for i in range(BATCH)])
+    _assert_trees_close(jax.jit(jax.vmap(forward, in_axes=(None, 0)))(params, xs), looped)
+    want = _stack([jit_grad(params, xs[i]) for i in range(BATCH)])
+    per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))  # as in DP-SGD
+    _assert_trees_close(per_example(params, xs), want)
