@@ -19,6 +19,7 @@ PyTorch does. Normalization itself always uses the biased batch variance, as eve
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 from functools import partial
@@ -30,6 +31,12 @@ import numpy as np
 from jax import lax
 
 from jcnn.functional._checks import as_int_tuple, check_array, check_min_rank
+
+# While jcnn.analysis traces a per-example function (each example a batch of one), this holds the
+# error message to raise if batch statistics are computed: they would be one example's own.
+PER_EXAMPLE_TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jcnn_per_example_trace", default=None
+)
 
 __all__ = [
     "BatchNormState",
@@ -111,6 +118,8 @@ def batch_norm(
     reduce_axes = tuple(range(x.ndim - 1))
     if train:
         if axis_name is None:
+            if (message := PER_EXAMPLE_TRACE.get()) is not None:
+                raise ValueError(message)
             y, mean, var = _normalize(
                 xf, *_channel_affine(scale, bias, x.ndim, compute_dtype), reduce_axes, eps
             )
