@@ -1,6 +1,8 @@
 """jcnn.analysis: model summary (shapes, parameters, multiply-adds, receptive fields), inference
 folding of BatchNorm, PyTorch weights, and per-example gradients (clipping, DP-SGD)."""
 
+from jcnn.analysis.accounting import *  # noqa: F403
+from jcnn.analysis.accounting import __all__ as _accounting
 from jcnn.analysis.batch_norm import *  # noqa: F403
 from jcnn.analysis.batch_norm import __all__ as _batch_norm
 from jcnn.analysis.fold import *  # noqa: F403
@@ -18,4 +20,5 @@ __all__ = [
     *_torch_weights,
     *_per_example,
     *_batch_norm,
+    *_accounting,
 ]
