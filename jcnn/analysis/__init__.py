@@ -5,8 +5,12 @@ from jcnn.analysis.accounting import *  # noqa: F403
 from jcnn.analysis.accounting import __all__ as _accounting
 from jcnn.analysis.batch_norm import *  # noqa: F403
 from jcnn.analysis.batch_norm import __all__ as _batch_norm
+from jcnn.analysis.dp import *  # noqa: F403
+from jcnn.analysis.dp import __all__ as _dp
 from jcnn.analysis.fold import *  # noqa: F403
 from jcnn.analysis.fold import __all__ as _fold
+from jcnn.analysis.ghost import *  # noqa: F403
+from jcnn.analysis.ghost import __all__ as _ghost
 from jcnn.analysis.per_example import *  # noqa: F403
 from jcnn.analysis.per_example import __all__ as _per_example
 from jcnn.analysis.summary import *  # noqa: F403
@@ -21,4 +25,6 @@ __all__ = [
     *_per_example,
     *_batch_norm,
     *_accounting,
+    *_ghost,
+    *_dp,
 ]
