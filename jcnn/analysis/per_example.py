@@ -30,16 +30,21 @@ and divides by the batch size.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 from jax.extend import core as jax_core
 
+from jcnn.functional.norm import PER_EXAMPLE_TRACE
+
 __all__ = [
+    "per_example_trace",
     "per_example_grads",
     "per_example_grad_norms",
     "clip_per_example",
@@ -66,13 +71,83 @@ def _batch_size(batch, name: str = "batch") -> int:
     return sizes.pop()
 
 
+_BATCH_NORM_MESSAGE = (
+    "{where}: the model computes BatchNorm statistics in training mode. Per-example gradients "
+    "treat each example as a batch of one, so each would be normalized by its own statistics "
+    "(wrong gradients, silently; zero after a dense layer), and in a real batch an example's "
+    "gradient depends on every other example. Choose one: (1) frozen statistics: call the model "
+    "with train=False (the running statistics are constants); (2) the batch's statistics shared "
+    "across examples: BatchNorm(axis_name=NAME) and {where}(..., axis_name=NAME) (the mean of the "
+    "per-example gradients is then the batch gradient, but an example's gradient depends on the "
+    "others: no DP guarantee); (3) GroupNorm instead: jcnn.analysis.replace_batch_norm(model)."
+)
+
+
+def _flax_batch_norm_guard(where: str):
+    """Method interceptor raising on a train-mode ``flax.linen.BatchNorm`` without an axis name."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and type(module) is linen.BatchNorm:
+            frozen = linen.merge_param(
+                "use_running_average",
+                module.use_running_average,
+                kwargs.get("use_running_average", args[1] if len(args) > 1 else None),
+            )
+            if not frozen and module.axis_name is None:
+                raise ValueError(_BATCH_NORM_MESSAGE.format(where=where))
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+@contextlib.contextmanager
+def per_example_trace(where: str):
+    """While tracing a per-example function: BatchNorm with batch statistics raises ``ValueError``.
+
+    Covers ``F.batch_norm``/``jcnn.nn.BatchNorm`` (``train=True`` without ``axis_name``) and
+    ``flax.linen.BatchNorm`` (``use_running_average=False`` without ``axis_name``). ``where``
+    names the public function in the message.
+    """
+    token = PER_EXAMPLE_TRACE.set(_BATCH_NORM_MESSAGE.format(where=where))
+    try:
+        with linen.intercept_methods(_flax_batch_norm_guard(where)):
+            yield
+    finally:
+        PER_EXAMPLE_TRACE.reset(token)
+
+
+def _check_chunk_size(chunk_size, axis_name, size) -> None:
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if axis_name is not None and chunk_size is not None and chunk_size < size:
+        raise ValueError(
+            f"chunk_size: {chunk_size} < batch size {size} with axis_name={axis_name!r} would "
+            "compute the shared statistics per chunk; use chunk_size=None"
+        )
+
+
 def _check_clip(l2_norm_clip) -> None:
+    if isinstance(l2_norm_clip, jax.core.Tracer):
+        return  # a traced value (an argument of a jitted function) is checked by its caller
     if not l2_norm_clip > 0:
         raise ValueError(f"l2_norm_clip: expected a positive number, got {l2_norm_clip!r}")
 
 
-def per_example_grads(loss_fn: Callable, params, batch, *, chunk_size: int | None = None):
+def per_example_grads(
+    loss_fn: Callable, params, batch, *, chunk_size: int | None = None, axis_name=None
+):
     """Gradient of ``loss_fn`` for each example of ``batch`` separately.
+
+    Wrap the call in ``jax.jit`` (or call it inside a jitted function): unjitted, every call traces
+    and dispatches each operation separately (LeNet-5: seconds, against milliseconds jitted).
+
+    A model whose BatchNorm uses batch statistics (training mode) raises ``ValueError``: one
+    example alone would be normalized by its own statistics. Use the running statistics
+    (``train=False``), share the batch's statistics (``axis_name``, below) or
+    ``replace_batch_norm``; see docs/privacy.md.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -82,6 +157,15 @@ def per_example_grads(loss_fn: Callable, params, batch, *, chunk_size: int | Non
         chunks) to bound the memory of the intermediates; ``None`` vmaps the whole batch. On
         XLA:CPU the loop costs time: convolutions inside it miss XLA's fast library kernels and
         the stacked result is zero-filled first (LeNet-5, batch 64, chunks of 16: 2x slower).
+      axis_name: name of the mapped example axis, for layers that reduce over the batch
+        (``BatchNorm(axis_name=...)``): its statistics are then those of the whole batch, shared by
+        the examples, in the forward and in the backward pass. The gradient of example ``i`` is
+        the part of the batch gradient that flows through example ``i``'s own activations (the
+        derivative of the sum of all losses with respect to a copy of the parameters used by
+        example ``i`` alone): they sum to the gradient of the summed loss (their mean is the batch
+        gradient of a mean loss), but each depends on the other examples, so clipping it bounds
+        no one's influence (no DP guarantee). Incompatible with a ``chunk_size`` smaller than
+        the batch.
 
     Returns:
       A pytree like ``params`` whose leaves have a leading axis ``B``.
@@ -91,20 +175,41 @@ def per_example_grads(loss_fn: Callable, params, batch, *, chunk_size: int | Non
     >>> per_example_grads(loss, jnp.zeros(2), (x, y)).tolist()
     [[-2.0, 0.0], [0.0, 0.0]]
     """
+    return _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, "per_example_grads")
+
+
+def _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, where):
     size = _batch_size(batch)
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    grad_fn = jax.grad(loss_fn)
+    _check_chunk_size(chunk_size, axis_name, size)
+    grad_fn = jax.grad(_scalar_loss(loss_fn))
 
     def one(params, example):
         return grad_fn(params, jax.tree.map(lambda leaf: leaf[None], example))
 
-    batched = _with_outer_products_in_place(jax.vmap(one, in_axes=(None, 0)))
-    if chunk_size is None or chunk_size >= size:
-        return batched(params, batch)
-    return _in_chunks(batched, params, batch, size, chunk_size)
+    batched = _with_outer_products_in_place(jax.vmap(one, in_axes=(None, 0), axis_name=axis_name))
+    with per_example_trace(where):
+        if chunk_size is None or chunk_size >= size:
+            return batched(params, batch)
+        return _in_chunks(batched, params, batch, size, chunk_size)
+
+
+def _scalar_loss(loss_fn: Callable) -> Callable:
+    """``loss_fn`` checked, when traced, to return a real scalar."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+
+    def checked(params, batch):
+        loss = loss_fn(params, batch)
+        shape = getattr(loss, "shape", None)
+        dtype = getattr(loss, "dtype", None)
+        if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                "loss_fn: expected a real floating scalar (the loss of the batch), got "
+                f"{type(loss).__name__} with shape {shape} and dtype {dtype}"
+            )
+        return loss
+
+    return checked
 
 
 def _in_chunks(batched, params, batch, size: int, chunk_size: int):
@@ -241,18 +346,25 @@ def _norms(per_example) -> jax.Array:
     return jnp.sqrt(sum(squares))
 
 
-def per_example_grad_norms(loss_fn: Callable, params, batch, *, chunk_size: int | None = None):
+def per_example_grad_norms(
+    loss_fn: Callable, params, batch, *, chunk_size: int | None = None, axis_name=None
+):
     """L2 norm of each example's gradient over all parameters together, shape ``(B,)``.
 
+    The per-example gradients are materialized; ``ghost_norms`` computes the same norms layer by
+    layer without them. Wrap the call in ``jax.jit``.
+
     Args:
-      loss_fn, params, batch, chunk_size: as in ``per_example_grads``.
+      loss_fn, params, batch, chunk_size, axis_name: as in ``per_example_grads``.
 
     >>> loss = lambda w, batch: jnp.mean((batch[0] @ w - batch[1]) ** 2)
     >>> x, y = jnp.array([[3.0, 4.0], [0.0, 1.0]]), jnp.array([0.0, 0.0])
     >>> per_example_grad_norms(loss, jnp.ones(2), (x, y)).tolist()
     [70.0, 2.0]
     """
-    return _norms(per_example_grads(loss_fn, params, batch, chunk_size=chunk_size))
+    return _norms(
+        _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, "per_example_grad_norms")
+    )
 
 
 def clip_per_example(per_example, l2_norm_clip: float):

@@ -10,6 +10,11 @@ Randomness (the contract exact resume relies on)::
 
 so batch ``step`` of epoch ``epoch`` (its examples and every random augmentation applied to them)
 depends on nothing else: not on the batches before it, not on how many epochs ran in this process.
+
+With ``sampling="poisson"`` the examples of a batch are drawn instead as::
+
+    poisson_key = fold_in(fold_in(fold_in(root, 2), epoch), step)
+    members     = bernoulli(poisson_key, batch_size / num_examples, (num_examples,))
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ BatchAugment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.
 
 def _order_key(seed: int, epoch: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), epoch)
+
+
+def _poisson_key(seed: int, epoch: int, step: int) -> jax.Array:
+    root = jax.random.fold_in(jax.random.key(seed), 2)
+    return jax.random.fold_in(jax.random.fold_in(root, epoch), step)
 
 
 def _step_key(seed: int, epoch, step) -> jax.Array:
@@ -74,6 +84,15 @@ class Loader:
         devices. With a ``NamedSharding`` the dataset is replicated on the mesh's devices and each
         device gathers and augments its own part of the batch; the values are those of the
         unsharded loader.
+      sampling: ``"shuffle"`` (default): each epoch is a permutation cut into batches (every
+        example once per epoch). ``"poisson"``: each batch takes each example independently with
+        probability ``batch_size / num_examples`` (a batch of random size, ``batch_size`` on
+        average; ``len(loader)`` such batches make an epoch, ``num_examples // batch_size``):
+        the Poisson subsampling that DP-SGD's privacy accounting assumes (``dp_epsilon`` with
+        ``sampling_rate = batch_size / num_examples``); the batches are smaller or larger than
+        ``batch_size``, so a jitted step compiles once per size (``jcnn.analysis.pad_batch``
+        pads them to a few sizes). ``shuffle`` and ``drop_remainder`` do not apply; not with
+        ``sharding``.
     """
 
     def __init__(
@@ -88,6 +107,7 @@ class Loader:
         batch_augment: BatchAugment | None = None,
         drop_remainder: bool = True,
         sharding: jax.sharding.Sharding | None = None,
+        sampling: str = "shuffle",
     ):
         if not hasattr(images, "shape") or not hasattr(labels, "shape"):
             raise TypeError(
@@ -108,6 +128,7 @@ class Loader:
             batch_augment,
             drop_remainder,
             sharding,
+            sampling,
         )
         placement, out_shardings = None, None
         if isinstance(sharding, jax.sharding.NamedSharding):
@@ -120,6 +141,7 @@ class Loader:
         self._make_batch = jax.jit(
             self._gather_and_transform, static_argnames="size", out_shardings=out_shardings
         )
+        self._make_indexed_batch = jax.jit(self._gather_indices_and_transform)
 
     @classmethod
     def from_source(
@@ -135,6 +157,7 @@ class Loader:
         sharding: jax.sharding.Sharding | None = None,
         image_key: str = "image",
         label_key: str = "label",
+        sampling: str = "shuffle",
     ) -> Loader:
         """A streaming loader over a random-access source too large for memory, same interface.
 
@@ -160,6 +183,7 @@ class Loader:
             batch_augment,
             drop_remainder,
             sharding,
+            sampling,
         )
         loader._source = source
         loader._keys = (image_key, label_key)
@@ -176,7 +200,14 @@ class Loader:
         batch_augment,
         drop_remainder,
         sharding,
+        sampling="shuffle",
     ):
+        if sampling not in ("shuffle", "poisson"):
+            raise ValueError(f"sampling: expected 'shuffle' or 'poisson', got {sampling!r}")
+        if sampling == "poisson" and sharding is not None:
+            raise ValueError(
+                "sharding: not available with sampling='poisson' (batches of random size)"
+            )
         batch_size = check_int(batch_size, "batch_size")
         if not 1 <= batch_size <= num_examples:
             raise ValueError(
@@ -195,6 +226,7 @@ class Loader:
         self.seed = check_int(seed, "seed")
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
         self.sharding = sharding
+        self.sampling = sampling
         self._augment = augment
         self._batch_augment = batch_augment
         self._next_epoch = 0
@@ -222,10 +254,13 @@ class Loader:
             batch_augment=self._batch_augment,
             drop_remainder=self.drop_remainder,
             sharding=self.sharding,
+            sampling=self.sampling,
         )
 
     def __len__(self) -> int:
         """Batches per epoch."""
+        if self.sampling == "poisson":
+            return self.num_examples // self.batch_size
         full, rest = divmod(self.num_examples, self.batch_size)
         return full if self.drop_remainder or rest == 0 else full + 1
 
@@ -237,6 +272,22 @@ class Loader:
 
     def _gather_and_transform(self, all_images, all_labels, order, epoch, step, *, size):
         indices = jax.lax.dynamic_slice_in_dim(order, step * self.batch_size, size)
+        return self._transform(all_images[indices], all_labels[indices], epoch, step)
+
+    @property
+    def sampling_rate(self) -> float:
+        """``batch_size / num_examples``: with ``sampling="poisson"``, each example's chance to be
+        in a batch (the ``sampling_rate`` of ``dp_epsilon``)."""
+        return self.batch_size / self.num_examples
+
+    def poisson_indices(self, epoch: int, step: int) -> np.ndarray:
+        """The (sorted) example indices of Poisson batch ``step`` of ``epoch``."""
+        members = jax.random.bernoulli(
+            _poisson_key(self.seed, epoch, step), self.sampling_rate, (self.num_examples,)
+        )
+        return np.flatnonzero(np.asarray(members))
+
+    def _gather_indices_and_transform(self, all_images, all_labels, indices, epoch, step):
         return self._transform(all_images[indices], all_labels[indices], epoch, step)
 
     def _read_source(self, indices):
@@ -257,6 +308,13 @@ class Loader:
         return jax.device_put(images), jax.device_put(labels)
 
     def _make(self, order, epoch, step):
+        if self.sampling == "poisson":
+            indices = self.poisson_indices(epoch, step)
+            if self._source is None:
+                return self._make_indexed_batch(
+                    self._images, self._labels, jnp.asarray(indices, jnp.int32), epoch, step
+                )
+            return self._make_batch(*self._read_source(indices), epoch, step)
         start = step * self.batch_size
         size = min(self.batch_size, self.num_examples - start)
         if self._source is None:

@@ -19,6 +19,7 @@ PyTorch does. Normalization itself always uses the biased batch variance, as eve
 
 from __future__ import annotations
 
+import contextvars
 import math
 from functools import partial
 from typing import NamedTuple
@@ -33,6 +34,12 @@ from jcnn.functional._checks import (
     check_array,
     check_min_rank,
     check_real,
+)
+
+# While jcnn.analysis traces a per-example function (each example a batch of one), this holds the
+# error message to raise if batch statistics are computed: they would be one example's own.
+PER_EXAMPLE_TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jcnn_per_example_trace", default=None
 )
 
 __all__ = [
@@ -119,6 +126,8 @@ def batch_norm(
             count *= lax.axis_size(axis_name)
         _check_batch_count(count, f"x has shape {tuple(x.shape)}")
         if axis_name is None:
+            if (message := PER_EXAMPLE_TRACE.get()) is not None:
+                raise ValueError(message)
             y, mean, var = _normalize(
                 xf, *_channel_affine(scale, bias, x.ndim, compute_dtype), reduce_axes, eps
             )

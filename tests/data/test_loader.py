@@ -242,3 +242,43 @@ def test_with_examples_keeps_every_setting(dataset):
     streaming = Loader.from_source(list(zip(images, labels, strict=True)), batch_size=8)
     with pytest.raises(TypeError, match="examples: a streaming loader"):
         _ = streaming.examples
+
+
+def test_poisson_sampling_draws_each_example_independently(dataset):
+    images, labels = dataset
+    loader = Loader(images, labels, batch_size=10, sampling="poisson", seed=3, augment=AUGMENT)
+    assert len(loader) == N // 10 and loader.sampling_rate == 10 / N
+    counts = np.zeros(N)
+    sizes = []
+    for epoch in range(40):
+        batches = _epoch(loader, epoch)
+        assert len(batches) == len(loader)
+        for step, (_, y) in enumerate(batches):
+            # the documented key derivation, and the batch is exactly those examples
+            key = jax.random.fold_in(
+                jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 2), epoch), step
+            )
+            members = np.flatnonzero(np.asarray(jax.random.bernoulli(key, 0.2, (N,))))
+            np.testing.assert_array_equal(y, members)
+            np.testing.assert_array_equal(loader.poisson_indices(epoch, step), members)
+            counts[y] += 1
+            sizes.append(len(y))
+    assert len(set(sizes)) > 5  # random sizes, not a fixed batch
+    # 200 batches at q = 0.2: each example's count ~ Binomial(200, 0.2) (mean 40, sd 5.7)
+    assert abs(np.mean(sizes) - 10) < 1.0 and counts.min() > 15 and counts.max() < 65
+    # reproducible from (seed, epoch, step), augmentations included
+    again = Loader(images, labels, batch_size=10, sampling="poisson", seed=3, augment=AUGMENT)
+    x1, y1 = loader.batch(7, 2)
+    x2, y2 = again.batch(7, 2)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_poisson_sampling_argument_checks(dataset):
+    images, labels = dataset
+    with pytest.raises(ValueError, match="sampling"):
+        Loader(images, labels, batch_size=10, sampling="uniform")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    with pytest.raises(ValueError, match="sharding"):
+        Loader(images, labels, batch_size=10, sampling="poisson", sharding=sharding)

@@ -1,0 +1,85 @@
+"""BatchNorm replaced by GroupNorm throughout a model, for per-example gradients and DP-SGD.
+
+In training mode BatchNorm normalizes each example with statistics of the whole batch, so an
+example's output (and its gradient) depends on every other example: there is no per-example
+gradient to clip, and DP-SGD's sensitivity bound does not hold. GroupNorm normalizes each example
+with its own statistics, over groups of channels, and is the usual replacement in private training
+(Opacus' ``ModuleValidator.fix`` does the same for PyTorch models).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import flax.linen as linen
+
+from jcnn import functional as F
+from jcnn.nn.norm import BatchNorm
+
+__all__ = ["replace_batch_norm"]
+
+
+class _GroupNormForBatchNorm(linen.Module):
+    """``model`` with each BatchNorm call computed as a GroupNorm (see ``replace_batch_norm``)."""
+
+    model: linen.Module
+    num_groups: int = 32
+
+    def setup(self):
+        linen.share_scope(self, self.model)
+
+    def __call__(self, *args, **kwargs):
+        with linen.intercept_methods(partial(_group_norm_instead, self.num_groups)):
+            return self.model(*args, **kwargs)
+
+
+def _group_norm_instead(num_groups, next_fun, args, kwargs, context):
+    """Method interceptor: a BatchNorm call computed as ``F.group_norm`` with its parameters."""
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (BatchNorm, linen.BatchNorm)):
+        return next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["x"]
+    channels = x.shape[-1]
+    scale = bias = None
+    if module.use_scale:
+        scale = module.param("scale", module.scale_init, (channels,), module.param_dtype)
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, (channels,), module.param_dtype)
+    return F.group_norm(
+        x,
+        scale,
+        bias,
+        num_groups=math.gcd(num_groups, channels),
+        eps=module.epsilon if isinstance(module, linen.BatchNorm) else module.eps,
+    )
+
+
+def replace_batch_norm(model: linen.Module, *, num_groups: int = 32) -> linen.Module:
+    """``model`` with every BatchNorm (``jcnn.nn.BatchNorm`` or ``flax.linen.BatchNorm``) computed
+    as a GroupNorm: each example normalized over groups of channels with its own statistics.
+
+    Each BatchNorm layer keeps its name and its ``scale``/``bias`` parameters (same shapes,
+    initializers and ``eps``); it has no ``batch_stats`` any more and its ``train`` argument is
+    ignored. A layer with ``C`` channels gets ``gcd(num_groups, C)`` groups (as Opacus'
+    ``ModuleValidator.fix``). The model is called exactly as before (same arguments), and its
+    other layers are untouched, so the result works with ``per_example_grads`` and DP-SGD.
+
+    Args:
+      model: a Flax Linen module (e.g. ``jcnn.models.ResNet``); it is not modified.
+      num_groups: the wanted number of groups per layer (a positive int).
+
+    Returns:
+      A Flax Linen module with the same parameter tree as ``model`` less ``batch_stats``.
+
+    >>> import jcnn
+    >>> net = replace_batch_norm(jcnn.nn.Sequential([jcnn.nn.Dense(4), jcnn.nn.BatchNorm()]))
+    >>> variables = net.init(jax.random.key(0), jnp.ones((2, 3)), train=True)
+    >>> sorted(variables), sorted(variables["params"]["layers_1"])
+    (['params'], ['bias', 'scale'])
+    """
+    if not isinstance(model, linen.Module):
+        raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+    return _GroupNormForBatchNorm(model.clone(parent=None), num_groups)

@@ -1,0 +1,163 @@
+"""DP-SGD's private gradient for any optax optimizer: clip each example, sum, add noise, average.
+
+``private_grad`` computes ``(sum_i w_i clip_C(g_i) + N(0, (sigma C)^2 I)) / denominator`` from a
+loss, parameters and a batch, with the norms and the clipped sum from ``ghost_clipped_sum`` (no
+per-example gradient of dense or convolution layers is materialized) or from the materialized
+``per_example_grads``; any optax optimizer then takes it as its gradient (Abadi et al. 2016 use
+SGD; the privacy guarantee holds for any optimizer, which only post-processes it).
+
+With ``Loader(..., sampling="poisson")`` the batches have random sizes; ``pad_batch`` pads them
+to a few fixed sizes (so that a jitted step compiles a few times, not once per size), the mask of
+real examples is ``weights`` and ``denominator`` is the expected batch size, as the accountant
+(``dp_epsilon``) assumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn.analysis.ghost import ghost_clipped_sum
+from jcnn.analysis.per_example import (
+    _batch_size,
+    _check_clip,
+    _norms,
+    per_example_grads,
+)
+
+__all__ = ["private_grad", "pad_batch"]
+
+_METHODS = ("ghost", "materialize")
+
+
+def _check_noise(noise_multiplier) -> None:
+    if isinstance(noise_multiplier, jax.core.Tracer):
+        return  # a traced value (an argument of a jitted function) is checked by its caller
+    if isinstance(noise_multiplier, bool) or not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
+
+
+def private_grad(
+    loss_fn: Callable,
+    params,
+    batch,
+    key: jax.Array,
+    *,
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    weights=None,
+    denominator: float | None = None,
+    method: str = "ghost",
+    chunk_size: int | None = None,
+):
+    """The DP-SGD gradient of one batch: clipped per-example gradients, summed, noised, averaged.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``; each example's gradient is that of
+        ``loss_fn`` on the batch made of it alone (as in ``per_example_grads``).
+      params: the parameters (any pytree).
+      batch: a pytree of arrays with a common leading batch axis ``B``.
+      key: a ``jax.random`` key for the noise (a fresh one each step: e.g. ``fold_in(key, step)``).
+      l2_norm_clip: the per-example bound ``C`` > 0.
+      noise_multiplier: ``sigma`` >= 0: the noise's standard deviation is ``sigma * C``.
+      weights: optional ``(B,)`` weights of the examples, 0 for padding (``pad_batch``'s mask).
+      denominator: what the noised sum is divided by: the expected batch size under Poisson
+        sampling (``loader.batch_size``), required with ``weights``; default ``B``.
+      method: ``"ghost"`` (default): ``ghost_clipped_sum``, no per-example gradients of dense and
+        convolution layers; ``"materialize"``: ``per_example_grads`` then clipping.
+      chunk_size: as in ``per_example_grads``.
+
+    Returns:
+      ``(gradient, norms)``: a pytree like ``params`` and the ``(B,)`` per-example norms before
+      clipping (for monitoring; they are not private).
+
+    >>> import jcnn
+    >>> model = jcnn.nn.Dense(1, use_bias=False)
+    >>> loss = lambda p, b: jnp.mean((model.apply({"params": p}, b[0])[:, 0] - b[1]) ** 2)
+    >>> x, y = jnp.array([[3.0, 4.0], [0.0, 1.0]]), jnp.array([0.0, 0.0])
+    >>> params = {"kernel": jnp.ones((2, 1))}
+    >>> grad, norms = private_grad(loss, params, (x, y), jax.random.key(0), l2_norm_clip=1.0,
+    ...                            noise_multiplier=0.0)
+    >>> np.round(grad["kernel"][:, 0], 3).tolist(), norms.tolist()  # mean of unit gradients
+    ([0.3, 0.9], [70.0, 2.0])
+    """
+    _check_clip(l2_norm_clip)
+    _check_noise(noise_multiplier)
+    if method not in _METHODS:
+        raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
+    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise TypeError(f"key: expected a jax.random.key, got {type(key).__name__}")
+    size = _batch_size(batch)
+    if weights is not None:
+        if jnp.shape(weights) != (size,):
+            raise ValueError(
+                f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
+            )
+        if denominator is None:
+            raise ValueError(
+                "denominator: required with weights (the expected batch size, e.g. "
+                "loader.batch_size under Poisson sampling)"
+            )
+    if denominator is None:
+        denominator = size
+    if not isinstance(denominator, jax.core.Tracer) and (
+        isinstance(denominator, bool)
+        or not (isinstance(denominator, (int, float, np.number, np.ndarray)) and denominator > 0)
+    ):
+        raise ValueError(f"denominator: expected a number > 0, got {denominator!r}")
+
+    if method == "ghost":
+        total, norms = ghost_clipped_sum(
+            loss_fn, params, batch, l2_norm_clip, weights=weights, chunk_size=chunk_size
+        )
+    else:
+        grads = per_example_grads(loss_fn, params, batch, chunk_size=chunk_size)
+        norms = _norms(grads)
+        factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
+        if weights is not None:
+            factors = factors * jnp.asarray(weights, factors.dtype)
+        total = jax.tree.map(lambda g: jnp.tensordot(factors.astype(g.dtype), g, axes=1), grads)
+    leaves, treedef = jax.tree.flatten(total)
+    keys = jax.random.split(key, len(leaves))
+    std = noise_multiplier * l2_norm_clip
+    noised = [
+        (leaf + std * jax.random.normal(k, leaf.shape, leaf.dtype)) / denominator
+        for leaf, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noised), norms
+
+
+def pad_batch(batch, multiple: int):
+    """``batch`` padded with zero examples to the next multiple of ``multiple``, and its mask.
+
+    Poisson batches have random sizes; padded to multiples of (say) 32, a jitted step compiles
+    once per multiple reached instead of once per size. Pass the mask as ``private_grad``'s
+    ``weights``: the padding examples then contribute nothing.
+
+    Args:
+      batch: a pytree of arrays with a common leading batch axis.
+      multiple: a positive int.
+
+    Returns:
+      ``(padded_batch, mask)``: ``mask`` is a float32 ``(padded size,)`` array, 1 for the real
+      examples (first) and 0 for the padding.
+
+    >>> padded, mask = pad_batch((jnp.ones((3, 2)), jnp.arange(3)), 4)
+    >>> padded[1].tolist(), mask.tolist()
+    ([0, 1, 2, 0], [1.0, 1.0, 1.0, 0.0])
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple: expected a positive int, got {multiple!r}")
+    size = _batch_size(batch)
+    padded_size = max(multiple, math.ceil(size / multiple) * multiple)
+
+    def pad(leaf):
+        widths = [(0, padded_size - size)] + [(0, 0)] * (leaf.ndim - 1)
+        return jnp.pad(leaf, widths)
+
+    mask = (jnp.arange(padded_size) < size).astype(jnp.float32)
+    return jax.tree.map(pad, batch), mask

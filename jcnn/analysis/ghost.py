@@ -1,0 +1,412 @@
+"""Per-example gradient norms and clipped gradient sums without per-example gradients.
+
+DP-SGD needs two things from each batch: the norm of each example's gradient and the sum of the
+clipped gradients. Neither needs the per-example gradients themselves (``B`` copies of the
+parameters). A dense layer ``y = x @ W`` receives, for example ``i``, its input ``a_i`` (``T``
+positions by ``d`` features: tokens, or image patches for a convolution) and the loss's cotangent
+``g_i`` on its output (``T`` by ``p``); its weight gradient is ``a_i^T g_i``, whose squared norm is
+
+* **ghost** (Goodfellow 2015; Li et al. 2021): ``sum((a_i a_i^T) * (g_i g_i^T))``, two ``T x T``
+  Gram matrices, cost ``O(T^2 (d + p))``;
+* **direct**: ``||a_i^T g_i||^2``, the layer's gradient for this example alone, cost ``O(T d p)``.
+
+Mixed ghost clipping (Bu, Mao and Xu 2022) takes, per layer, the cheaper one: ghost where
+``T^2 <= d p``. Convolutions (1/2/3-D, any stride, dilation, padding and padding mode, groups) are
+the same computation on their unfolded input patches (``F.conv`` with an identity kernel);
+transposed convolutions on the unfolded output cotangent (a transposed convolution's weight
+gradient is that of the convolution it is the adjoint of, with input and output swapped).
+
+Layers are found with Flax's method interception: every call of ``jcnn.nn.Dense``,
+``jcnn.nn.Conv``, ``jcnn.nn.ConvTranspose`` or ``flax.linen.Dense`` whose parameters are leaves of
+``params`` used by no other call. The norms then take one pass: the model runs on each example
+(``vmap``), the inputs of those layers are recorded and their outputs get a zero "tap" whose
+gradient is the output cotangent. Every other parameter (norm scales and biases, PReLU slopes, the
+parameters of any other layer, or of the layers above when shared) gets its per-example gradient
+in the same backward pass, materialized: small for norms and activations; ``ghost_plan`` lists
+which rule each parameter gets. The clipped sum is a second backward pass of the loss reweighted by
+each example's clip factor (Lee and Kifer 2021; Li et al. 2021), which writes no per-example
+gradient either.
+
+Assumptions: ``loss_fn(params, batch)`` applies the Flax model to ``params``' leaves as they are
+(no transformation of a layer's kernel before the layer uses it); a model that breaks it (weights
+computed from other weights) still gets right norms when its layers are not Flax modules (their
+parameters are then materialized), wrong ones otherwise. The tests compare every layer type and the
+zoo models to the materialized ``per_example_grads``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn import functional as F
+from jcnn.analysis.per_example import (
+    _batch_size,
+    _check_chunk_size,
+    _check_clip,
+    _in_chunks,
+    _scalar_loss,
+    per_example_trace,
+)
+from jcnn.nn import Conv, ConvTranspose, Dense
+
+__all__ = ["ghost_norms", "ghost_clipped_sum", "ghost_plan", "LayerRule"]
+
+
+class LayerRule(NamedTuple):
+    """How ``ghost_norms`` treats one layer call (``ghost_plan``'s rows)."""
+
+    path: str  # the Flax module path, e.g. "conv1" or "layer1_0/conv2"
+    kind: str  # "Dense", "Conv", "ConvTranspose"; "parameter" for a parameter leaf
+    rule: str  # "ghost", "direct" or "per-example gradient" (materialized)
+    positions: int  # T: positions (tokens, output pixels) per example; 0 for a parameter leaf
+    size: int  # parameters of the layer (or of the leaf)
+
+
+class _Call(NamedTuple):
+    """One intercepted layer call found by the discovery trace."""
+
+    module: Any  # the (unbound) module: its attributes give the layer's configuration
+    kind: str
+    path: str
+    kernel: int  # index of the kernel leaf in params' leaves
+    bias: int | None
+    input_shape: tuple[int, ...]  # per example (a batch of one)
+    output_shape: tuple[int, ...]
+    output_dtype: Any
+
+
+def _layer_kind(module) -> str | None:
+    if isinstance(module, (Dense, linen.Dense)):
+        return "Dense"
+    if isinstance(module, Conv):
+        return "Conv"
+    if isinstance(module, ConvTranspose) and not isinstance(module.padding, str):
+        return "ConvTranspose"
+    return None
+
+
+def _leaf_index(module, name: str, index_of: dict) -> int | None:
+    if not module.has_variable("params", name):
+        return None
+    return index_of.get(id(module.get_variable("params", name)))
+
+
+def _discover(loss_fn, leaves, treedef, example) -> list[_Call]:
+    """The supported layer calls of ``loss_fn`` on one example, in call order (shapes only)."""
+    calls: list[_Call] = []
+
+    def trace(leaves, example):
+        index_of = {id(leaf): i for i, leaf in enumerate(leaves)}
+
+        def intercept(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            module = context.module
+            kind = _layer_kind(module) if context.method_name == "__call__" else None
+            kernel = _leaf_index(module, "kernel", index_of) if kind else None
+            if kernel is not None and len(args) == 1 and not kwargs:
+                bias = _leaf_index(module, "bias", index_of)
+                if bias is not None or not module.has_variable("params", "bias"):
+                    calls.append(
+                        _Call(
+                            module.clone(parent=None),
+                            kind,
+                            "/".join(module.path),
+                            kernel,
+                            bias,
+                            tuple(args[0].shape),
+                            tuple(out.shape),
+                            out.dtype,
+                        )
+                    )
+            return out
+
+        with linen.intercept_methods(intercept):
+            return loss_fn(jax.tree.unflatten(treedef, leaves), example)
+
+    jax.eval_shape(trace, leaves, example)
+    # A parameter seen by two calls (a layer called twice, shared weights) is materialized.
+    uses: dict[int, int] = {}
+    for call in calls:
+        for leaf in (call.kernel, call.bias):
+            if leaf is not None:
+                uses[leaf] = uses.get(leaf, 0) + 1
+    return [call for call in calls if uses[call.kernel] == 1 and uses.get(call.bias, 1) == 1]
+
+
+def _positions(call: _Call) -> int:
+    shape = call.output_shape if call.kind != "ConvTranspose" else call.input_shape
+    return math.prod(shape[1:-1])
+
+
+def _ghost_is_cheaper(call: _Call, kernel_size: int) -> bool:
+    positions = _positions(call)
+    return positions * positions <= kernel_size
+
+
+def _identity_kernel(window, channels_per_group: int, groups: int, dtype):
+    """``(*window, c, groups * K * c)`` kernel whose convolution unfolds patches, per group."""
+    size = math.prod(window) * channels_per_group
+    eye = jnp.eye(size, dtype=dtype).reshape(*window, channels_per_group, size)
+    return jnp.tile(eye, (1,) * (len(window) + 1) + (groups,))
+
+
+def _unfold(call: _Call, activation, cotangent):
+    """``(P, Q, groups)``: per group, the layer's weight gradient is ``P_g^T Q_g``; ``P`` is
+    ``(T, groups, features)`` and ``Q`` is ``(T, groups, outputs per group)``."""
+    module = call.module
+    if call.kind == "Dense":
+        return (
+            activation.reshape(-1, 1, activation.shape[-1]),
+            cotangent.reshape(-1, 1, cotangent.shape[-1]),
+            1,
+        )
+    groups = module.groups
+    ndim = activation.ndim - 2
+    window = tuple(np.broadcast_to(np.asarray(module.kernel_size), (ndim,)).tolist())
+    if call.kind == "Conv":
+        source, other = activation, cotangent
+        patches = F.conv(
+            source,
+            _identity_kernel(window, source.shape[-1] // groups, groups, source.dtype),
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=groups,
+            padding_mode=module.padding_mode,
+        )
+    else:  # a transposed convolution: unfold the cotangent, paired with the input
+        source, other = cotangent, activation
+        patches = F.conv(
+            source,
+            _identity_kernel(window, source.shape[-1] // groups, groups, source.dtype),
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=groups,
+        )
+        # output_padding >= stride adds a row no input position reaches
+        patches = patches[(slice(None), *(slice(0, n) for n in other.shape[1:-1]))]
+    return (
+        patches.reshape(-1, groups, patches.shape[-1] // groups),
+        other.reshape(-1, groups, other.shape[-1] // groups),
+        groups,
+    )
+
+
+def _layer_square_norm(call: _Call, activation, cotangent, ghost: bool):
+    """Squared norm of one example's gradient of the layer's kernel and bias (float32)."""
+    activation = activation.astype(jnp.float32)
+    cotangent = cotangent.astype(jnp.float32)
+    p, q, _ = _unfold(call, activation, cotangent)
+    if ghost:
+        square = jnp.sum(jnp.einsum("tgf,sgf->gts", p, p) * jnp.einsum("tgo,sgo->gts", q, q))
+    else:
+        square = jnp.sum(jnp.square(jnp.einsum("tgf,tgo->gfo", p, q)))
+    if call.bias is not None:
+        square = square + jnp.sum(
+            jnp.square(jnp.sum(cotangent.reshape(-1, cotangent.shape[-1]), axis=0))
+        )
+    return square
+
+
+_LAYER_RULES = ("mixed", "ghost", "direct")
+
+
+def _check_layer_rule(layer_rule) -> None:
+    if layer_rule not in _LAYER_RULES:
+        raise ValueError(f"layer_rule: expected one of {_LAYER_RULES}, got {layer_rule!r}")
+
+
+def _plan(loss_fn, params, batch, layer_rule):
+    leaves, treedef = jax.tree.flatten(params)
+    example = jax.tree.map(lambda leaf: leaf[:1], batch)
+    with per_example_trace("ghost_norms"):
+        calls = _discover(loss_fn, leaves, treedef, example)
+    ghost = [
+        layer_rule == "ghost"
+        or (layer_rule == "mixed" and _ghost_is_cheaper(call, leaves[call.kernel].size))
+        for call in calls
+    ]
+    handled = {call.kernel for call in calls} | {
+        call.bias for call in calls if call.bias is not None
+    }
+    materialized = [i for i in range(len(leaves)) if i not in handled]
+    return leaves, treedef, calls, ghost, materialized
+
+
+def ghost_plan(loss_fn: Callable, params, batch, *, layer_rule: str = "mixed") -> list[LayerRule]:
+    """The rule ``ghost_norms`` uses for each layer and for each remaining parameter leaf.
+
+    Args:
+      loss_fn, params, batch, layer_rule: as in ``ghost_norms`` (only shapes are used).
+
+    Returns:
+      A list of ``LayerRule``: first the layers in call order (rule ``"ghost"`` or ``"direct"``),
+      then every parameter leaf whose per-example gradient is materialized (rule
+      ``"per-example gradient"``, path from ``jax.tree_util.keystr``).
+    """
+    _batch_size(batch)
+    _check_layer_rule(layer_rule)
+    leaves, _, calls, ghost, materialized = _plan(_scalar_loss(loss_fn), params, batch, layer_rule)
+    rows = [
+        LayerRule(
+            call.path,
+            call.kind,
+            "ghost" if is_ghost else "direct",
+            _positions(call),
+            leaves[call.kernel].size + (0 if call.bias is None else leaves[call.bias].size),
+        )
+        for call, is_ghost in zip(calls, ghost, strict=True)
+    ]
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    rows += [
+        LayerRule(paths[i], "parameter", "per-example gradient", 0, int(np.size(leaves[i])))
+        for i in materialized
+    ]
+    return rows
+
+
+def _square_norms(loss_fn, params, batch, layer_rule: str, where: str):
+    """Per-example squared gradient norms ``(B,)`` through layer taps (one backward pass)."""
+    leaves, treedef, calls, ghost, materialized = _plan(loss_fn, params, batch, layer_rule)
+
+    def one(free, taps, fixed, example):
+        all_leaves = list(fixed)
+        for index, leaf in zip(materialized, free, strict=True):
+            all_leaves[index] = leaf
+        inputs = []
+
+        def intercept(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and len(inputs) < len(calls):
+                module = context.module
+                call = calls[len(inputs)]
+                if "/".join(module.path) == call.path and _layer_kind(module) == call.kind:
+                    inputs.append(args[0])
+                    return out + taps[len(inputs) - 1]
+            return out
+
+        with linen.intercept_methods(intercept):
+            loss = loss_fn(jax.tree.unflatten(treedef, all_leaves), example)
+        if len(inputs) != len(calls):
+            raise RuntimeError(
+                f"{where}: the model called {len(inputs)} of the {len(calls)} layers found when "
+                "tracing it first; loss_fn must call the same layers on every example"
+            )
+        return loss, inputs
+
+    grad_fn = jax.grad(one, argnums=(0, 1), has_aux=True)
+
+    def per_example(free, fixed, example):
+        taps = [jnp.zeros(call.output_shape, call.output_dtype) for call in calls]
+        example = jax.tree.map(lambda leaf: leaf[None], example)
+        (free_grads, cotangents), inputs = grad_fn(free, taps, fixed, example)
+        square = sum(
+            (jnp.sum(jnp.square(g.astype(jnp.float32))) for g in free_grads), jnp.float32(0)
+        )
+        for call, is_ghost, a, g in zip(calls, ghost, inputs, cotangents, strict=True):
+            square = square + _layer_square_norm(call, a, g, is_ghost)
+        return square
+
+    free = [leaves[i] for i in materialized]
+    return jax.vmap(per_example, in_axes=(None, None, 0))(free, leaves, batch)
+
+
+def ghost_norms(
+    loss_fn: Callable,
+    params,
+    batch,
+    *,
+    chunk_size: int | None = None,
+    layer_rule: str = "mixed",
+):
+    """L2 norm of each example's gradient (all parameters together), shape ``(B,)``, without
+    materializing the per-example gradients of dense and convolution layers.
+
+    Equal to ``per_example_grad_norms`` (to float32 rounding); see the module docstring for the
+    rules and ``ghost_plan`` for the rule of each layer. Wrap the call in ``jax.jit``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, a Flax model applied to ``params``.
+      params: the parameters (any pytree).
+      batch: a pytree of arrays with a common leading batch axis ``B``.
+      chunk_size: ``chunk_size`` examples at a time (``lax.scan``), as in ``per_example_grads``.
+      layer_rule: ``"mixed"`` (default): per layer, the ghost norm where ``T^2 <= d p``, else the
+        direct one; ``"ghost"`` or ``"direct"``: that rule for every layer.
+
+    >>> import jcnn
+    >>> model = jcnn.nn.Dense(1, use_bias=False)
+    >>> loss = lambda p, b: jnp.mean((model.apply({"params": p}, b[0])[:, 0] - b[1]) ** 2)
+    >>> x, y = jnp.array([[3.0, 4.0], [0.0, 1.0]]), jnp.array([0.0, 0.0])
+    >>> params = {"kernel": jnp.ones((2, 1))}
+    >>> ghost_norms(loss, params, (x, y)).tolist()
+    [70.0, 2.0]
+    """
+    size = _batch_size(batch)
+    _check_chunk_size(chunk_size, None, size)
+    _check_layer_rule(layer_rule)
+    loss_fn = _scalar_loss(loss_fn)
+
+    def norms(params, batch):
+        with per_example_trace("ghost_norms"):
+            return jnp.sqrt(_square_norms(loss_fn, params, batch, layer_rule, "ghost_norms"))
+
+    if chunk_size is None or chunk_size >= size:
+        return norms(params, batch)
+    return _in_chunks(norms, params, batch, size, chunk_size)
+
+
+def ghost_clipped_sum(
+    loss_fn: Callable,
+    params,
+    batch,
+    l2_norm_clip: float,
+    *,
+    weights=None,
+    chunk_size: int | None = None,
+    layer_rule: str = "mixed",
+):
+    """``sum_i w_i min(1, C / ||g_i||) g_i`` and the norms ``||g_i||``, without per-example
+    gradients: ``ghost_norms``, then one backward pass of the loss reweighted by the factors.
+
+    Args:
+      loss_fn, params, batch, chunk_size, layer_rule: as in ``ghost_norms``.
+      l2_norm_clip: the bound ``C`` > 0.
+      weights: optional ``(B,)`` per-example weights ``w_i`` (e.g. 0/1 for padding examples);
+        default 1.
+
+    Returns:
+      ``(clipped_sum, norms)``: a pytree like ``params`` and the ``(B,)`` norms.
+    """
+    _check_clip(l2_norm_clip)
+    size = _batch_size(batch)
+    norms = ghost_norms(loss_fn, params, batch, chunk_size=chunk_size, layer_rule=layer_rule)
+    factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
+    if weights is not None:
+        if jnp.shape(weights) != (size,):
+            raise ValueError(
+                f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
+            )
+        factors = factors * jnp.asarray(weights, factors.dtype)
+    factors = jax.lax.stop_gradient(factors)
+    return _weighted_gradient_sum(loss_fn, params, batch, factors), norms
+
+
+def _weighted_gradient_sum(loss_fn, params, batch, factors):
+    """``sum_i factors_i * grad loss_fn(params, example_i)``: one backward pass, params shared."""
+
+    def weighted(params):
+        def one(example):
+            return _scalar_loss(loss_fn)(params, jax.tree.map(lambda leaf: leaf[None], example))
+
+        return jnp.sum(factors * jax.vmap(one)(batch).astype(factors.dtype))
+
+    with per_example_trace("ghost_clipped_sum"):
+        return jax.grad(weighted)(params)

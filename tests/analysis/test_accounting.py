@@ -1,0 +1,79 @@
+"""Tests of jcnn.analysis.accounting against the closed form of the Gaussian mechanism."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from jcnn.analysis import dp_epsilon, dp_noise_multiplier
+
+pytest.importorskip("dp_accounting")
+
+
+def _gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of the Gaussian mechanism (sensitivity 1), Balle and Wang 2018, Theorem 8."""
+
+    def delta_of(eps):
+        return (
+            stats.norm.cdf(-eps * sigma + 1 / (2 * sigma))
+            - math.exp(eps) * stats.norm.cdf(-eps * sigma - 1 / (2 * sigma))
+            - delta
+        )
+
+    return optimize.brentq(delta_of, 0.0, 100.0)
+
+
+@pytest.mark.parametrize("sigma, steps", [(2.0, 1), (5.0, 9), (9.0, 40)])
+def test_full_batch_steps_compose_to_one_gaussian(sigma, steps):
+    # Without subsampling, `steps` Gaussian steps are one Gaussian with sigma / sqrt(steps).
+    exact = _gaussian_epsilon(sigma / math.sqrt(steps), 1e-5)
+    pld = dp_epsilon(sigma, 1.0, steps, 1e-5, accountant="pld")
+    rdp = dp_epsilon(sigma, 1.0, steps, 1e-5, accountant="rdp")
+    np.testing.assert_allclose(pld, exact, rtol=0.02)
+    assert exact * 0.999 <= rdp <= exact * 1.5  # RDP is an upper bound, looser
+
+
+def test_subsampled_rdp_and_pld_agree_roughly_and_move_the_right_way():
+    q, steps, delta = 256 / 60000, 60 * 60000 // 256, 1e-5  # 60 epochs of MNIST, batch 256
+    rdp = dp_epsilon(1.1, q, steps, delta)
+    pld = dp_epsilon(1.1, q, steps, delta, accountant="pld")
+    assert 0.75 * rdp < pld < rdp
+    assert dp_epsilon(1.1, q, steps // 2, delta) < rdp < dp_epsilon(1.1, 2 * q, steps, delta)
+    assert dp_epsilon(1.5, q, steps, delta) < rdp < dp_epsilon(1.1, q, steps, delta / 10)
+    assert dp_epsilon(0.0, q, steps, delta) == math.inf
+    assert dp_epsilon(1.1, q, 0, delta) == 0.0
+    # Subsampling amplifies privacy: far below the full-batch epsilon of the same steps.
+    assert rdp < 0.1 * dp_epsilon(1.1, 1.0, steps, delta)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_noise_multiplier_reaches_the_target_epsilon(accountant):
+    q, steps, delta = 0.01, 1000, 1e-5
+    sigma = dp_noise_multiplier(2.0, q, steps, delta, accountant=accountant)
+    assert dp_epsilon(sigma, q, steps, delta, accountant=accountant) <= 2.0
+    assert dp_epsilon(sigma * 0.995, q, steps, delta, accountant=accountant) > 2.0
+
+
+def test_bad_input_names_the_argument():
+    q, steps = 0.01, 100
+    for delta in (0.0, 1.0, -0.1, 2.0):
+        with pytest.raises(ValueError, match=f"delta: .*{delta}"):
+            dp_epsilon(1.0, q, steps, delta)
+    for rate in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=f"sampling_rate: .*{rate}"):
+            dp_epsilon(1.0, rate, steps, 1e-5)
+    with pytest.raises(ValueError, match="noise_multiplier: .*-1"):
+        dp_epsilon(-1.0, q, steps, 1e-5)
+    with pytest.raises(ValueError, match="steps"):
+        dp_epsilon(1.0, q, -3, 1e-5)
+    with pytest.raises(TypeError, match="delta"):
+        dp_epsilon(1.0, q, steps, "1e-5")
+    with pytest.raises(ValueError, match="accountant"):
+        dp_epsilon(1.0, q, steps, 1e-5, accountant="prv")
+    for target in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="target_epsilon"):
+            dp_noise_multiplier(target, q, steps, 1e-5)
+    # 100000 full-batch steps: even sigma = 1000 gives epsilon ~ 1.5 > 0.01
+    with pytest.raises(ValueError, match="target_epsilon: 0.01 is not reached"):
+        dp_noise_multiplier(0.01, 1.0, 100000, 1e-5)

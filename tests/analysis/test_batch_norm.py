@@ -1,0 +1,243 @@
+"""BatchNorm under per-example gradients: the error, and the three ways out (frozen statistics,
+shared batch statistics through ``axis_name``, GroupNorm through ``replace_batch_norm``)."""
+
+import math
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import functional as F
+from jcnn import models, nn
+from jcnn.analysis import per_example_grad_norms, per_example_grads, replace_batch_norm
+
+
+def _net(axis_name=None):
+    # A BatchNorm right after a dense layer: with per-example statistics its gradients are zero.
+    return nn.Sequential(
+        [
+            nn.Conv(3, 3, padding=1),
+            nn.BatchNorm(axis_name=axis_name),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Dense(4),
+            nn.BatchNorm(axis_name=axis_name),
+        ]
+    )
+
+
+@pytest.fixture
+def problem(rng):
+    images = jnp.asarray(rng.normal(size=(6, 5, 5, 2)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, size=6), jnp.int32)
+    variables = _net().init(jax.random.key(1), images, train=False)
+    # running statistics away from (0, 1), so that frozen statistics are a real test
+    stats = jax.tree.map(
+        lambda s: s + jnp.asarray(rng.uniform(0.2, 0.5, s.shape)), variables["batch_stats"]
+    )
+    return variables["params"], stats, (images, labels)
+
+
+def _loss(model, stats, train):
+    def loss(params, batch):
+        variables = {"params": params, "batch_stats": stats}
+        logits, _ = model.apply(variables, batch[0], train=train, mutable=["batch_stats"])
+        return F.cross_entropy(logits, batch[1])
+
+    return loss
+
+
+def _assert_trees_close(a, b, tol=2e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
+
+
+@pytest.mark.parametrize("fn", [per_example_grads, per_example_grad_norms])
+def test_train_mode_batch_norm_raises_naming_the_ways_out(problem, fn):
+    params, stats, batch = problem
+    with pytest.raises(ValueError, match=fn.__name__) as error:
+        jax.jit(lambda p, b: fn(_loss(_net(), stats, True), p, b))(params, batch)
+    for way_out in ("train=False", "axis_name", "replace_batch_norm"):
+        assert way_out in str(error.value)
+
+
+def test_train_mode_functional_and_flax_batch_norm_raise(problem):
+    state = F.BatchNormState(jnp.zeros(3), jnp.ones(3))
+
+    def functional_loss(w, x):
+        y, _ = F.batch_norm(x @ w, None, None, state, train=True)
+        return jnp.mean(y**2)
+
+    x = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match="BatchNorm statistics"):
+        per_example_grads(functional_loss, jnp.ones((2, 3)), x)
+
+    class FlaxNet(linen.Module):
+        @linen.compact
+        def __call__(self, x, train):
+            return linen.BatchNorm(use_running_average=not train)(linen.Dense(3)(x))
+
+    net = FlaxNet()
+    variables = net.init(jax.random.key(0), x, False)
+
+    def flax_loss(train):
+        def loss(params, x):
+            out, _ = net.apply({**variables, "params": params}, x, train, mutable=["batch_stats"])
+            return jnp.mean(out**2)
+
+        return loss
+
+    with pytest.raises(ValueError, match="BatchNorm statistics"):
+        per_example_grads(flax_loss(True), variables["params"], x)
+    frozen = per_example_grads(flax_loss(False), variables["params"], x)
+    assert frozen["Dense_0"]["kernel"].shape == (4, 2, 3)
+    # outside per-example functions, train-mode BatchNorm works as before
+    assert jnp.isfinite(jax.grad(functional_loss)(jnp.ones((2, 3)), x)).all()
+
+
+def test_frozen_statistics_mean_of_per_example_gradients_is_batch_gradient(problem):
+    params, stats, batch = problem
+    loss = _loss(_net(), stats, False)
+    grads = jax.jit(lambda p, b: per_example_grads(loss, p, b))(params, batch)
+    _assert_trees_close(jax.tree.map(lambda g: g.mean(0), grads), jax.grad(loss)(params, batch))
+    # each example's gradient is the gradient of the model on that example alone
+    i = 4
+    alone = jax.grad(loss)(params, jax.tree.map(lambda leaf: leaf[i : i + 1], batch))
+    _assert_trees_close(jax.tree.map(lambda g: g[i], grads), alone)
+
+
+def test_shared_statistics_through_axis_name(problem):
+    params, stats, batch = problem
+    images, labels = batch
+    shared = _loss(_net("examples"), stats, True)
+    grads = jax.jit(lambda p, b: per_example_grads(shared, p, b, axis_name="examples"))(
+        params, batch
+    )
+
+    # Independent reference, no vmap: every example runs with its own copy of the parameters,
+    # the statistics are those of the whole batch, and example i's gradient is the derivative
+    # of the sum of all the losses with respect to copy i (the statistics' backward pass is
+    # shared, so it is not d loss_i / d params).
+    def total_loss(copies):
+        def bn(h, p):
+            normalized, _ = F.batch_norm(
+                jnp.concatenate(h), None, None, F.BatchNormState(*stats_of(p)), train=True
+            )
+            expand = (1,) * (normalized.ndim - 1)
+            return [
+                normalized[i : i + 1] * q["scale"].reshape(*expand, -1)
+                + q["bias"].reshape(*expand, -1)
+                for i, q in enumerate(p)
+            ]
+
+        def stats_of(layer_params):
+            channels = layer_params[0]["scale"].shape
+            return jnp.zeros(channels), jnp.ones(channels)
+
+        h = [
+            F.conv(images[i : i + 1], c["layers_0"]["kernel"], c["layers_0"]["bias"], padding=1)
+            for i, c in enumerate(copies)
+        ]
+        h = bn(h, [c["layers_1"] for c in copies])
+        h = [
+            jax.nn.relu(a).reshape(1, -1) @ c["layers_4"]["kernel"] + c["layers_4"]["bias"][None]
+            for a, c in zip(h, copies, strict=True)
+        ]
+        h = bn(h, [c["layers_5"] for c in copies])
+        return sum(F.cross_entropy(h[i], labels[i : i + 1]) for i in range(len(copies)))
+
+    expected = jax.grad(total_loss)([params] * 6)
+    _assert_trees_close(grads, jax.tree.map(lambda *g: jnp.stack(g), *expected))
+    # The mean of the per-example gradients is the batch gradient (a mean loss).
+    batch_gradient = jax.grad(_loss(_net(), stats, True))(params, batch)
+    _assert_trees_close(jax.tree.map(lambda g: g.mean(0), grads), batch_gradient)
+    norms = per_example_grad_norms(shared, params, batch, axis_name="examples")
+    expected = np.sqrt(sum((g.reshape(6, -1) ** 2).sum(1) for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_example_grads(shared, params, batch, axis_name="examples", chunk_size=2)
+
+
+def test_replace_batch_norm_computes_group_norm_with_the_same_parameters(rng):
+    model = nn.Sequential([nn.Dense(12), nn.BatchNorm(eps=1e-3), nn.Dense(6), nn.BatchNorm()])
+    replaced = replace_batch_norm(model, num_groups=8)
+    x = jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
+    variables = replaced.init(jax.random.key(0), x, train=True)
+    assert list(variables) == ["params"]
+    original = model.init(jax.random.key(0), x, train=False)["params"]
+    assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, original)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), original)
+    expected = nn.Sequential(
+        [nn.Dense(12), nn.GroupNorm(num_groups=4, eps=1e-3), nn.Dense(6), nn.GroupNorm(2)]
+    ).apply({"params": params}, x)
+    for train in (True, False):
+        _assert_trees_close(replaced.apply({"params": params}, x, train=train), expected)
+    with pytest.raises(ValueError, match="num_groups"):
+        replace_batch_norm(model, num_groups=0)
+    with pytest.raises(TypeError, match="model"):
+        replace_batch_norm(lambda x: x)
+
+
+# (constructor, image size, whether to compare values: the large ones are checked on shapes only)
+_ZOO_WITH_BATCH_NORM = {
+    "resnet20": (lambda: models.resnet20(num_classes=10), (8, 8), True),
+    "airbench": (lambda: models.AirbenchNet(widths=(8, 16, 16)), (32, 32), True),
+    "resnet18": (lambda: models.resnet18(num_classes=5), (32, 32), False),
+    "vgg11_bn": (
+        lambda: models.VGG(depth=11, batch_norm=True, num_classes=10, small_input=True),
+        (32, 32),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ZOO_WITH_BATCH_NORM))
+def test_replace_batch_norm_on_zoo_models(name, rng):
+    make, size, compare_values = _ZOO_WITH_BATCH_NORM[name]
+    model = make()
+    images = jnp.asarray(rng.normal(size=(3, *size, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 5, size=3), jnp.int32)
+    original = model.init(jax.random.key(0), images[:1], train=False)
+    assert "batch_stats" in original
+
+    def loss(model, stats):
+        def fn(params, batch):
+            variables = {"params": params, **stats}
+            logits = model.apply(variables, batch[0], train=True, mutable=list(stats) or False)
+            logits = logits[0] if stats else logits
+            return F.cross_entropy(logits, batch[1])
+
+        return fn
+
+    with pytest.raises(ValueError, match="BatchNorm statistics"):
+        jax.eval_shape(
+            lambda p, b: per_example_grads(
+                loss(model, {"batch_stats": original["batch_stats"]}), p, b
+            ),
+            original["params"],
+            (images, labels),
+        )
+    replaced = replace_batch_norm(model, num_groups=4)
+    params = replaced.init(jax.random.key(0), images[:1], train=True)
+    assert list(params) == ["params"]
+    assert jax.tree.map(jnp.shape, params["params"]) == jax.tree.map(jnp.shape, original["params"])
+    params = params["params"]
+    private_loss = loss(replaced, {})
+    if not compare_values:
+        shapes = jax.eval_shape(
+            lambda p, b: per_example_grads(private_loss, p, b), params, (images, labels)
+        )
+        assert jax.tree.map(lambda s: s.shape[0], shapes) == jax.tree.map(lambda _: 3, params)
+        return
+    grads = jax.jit(lambda p, b: per_example_grads(private_loss, p, b))(params, (images, labels))
+    # Examples are independent now: the per-example gradients average to the batch gradient
+    # and each is the gradient on the example alone.
+    _assert_trees_close(
+        jax.tree.map(lambda g: g.mean(0), grads),
+        jax.grad(private_loss)(params, (images, labels)),
+        tol=1e-4,
+    )
+    alone = jax.grad(private_loss)(params, (images[2:], labels[2:]))
+    _assert_trees_close(jax.tree.map(lambda g: g[2], grads), alone, tol=1e-4)
+    assert math.isfinite(float(sum(jnp.sum(g) for g in jax.tree.leaves(grads))))

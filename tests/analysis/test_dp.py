@@ -1,0 +1,144 @@
+"""Tests of jcnn.analysis.dp: the private gradient (clip, sum, noise, average) and pad_batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jcnn import functional as F
+from jcnn import nn
+from jcnn.analysis import clip_per_example, pad_batch, per_example_grads, private_grad
+
+_MODEL = nn.Sequential(
+    [nn.Conv(3, 3, padding=1), nn.GroupNorm(3), nn.ReLU(), nn.Flatten(), nn.Dense(4)]
+)
+
+
+def _loss(params, batch):
+    images, labels = batch
+    return F.cross_entropy(_MODEL.apply({"params": params}, images), labels)
+
+
+@pytest.fixture
+def problem(rng):
+    images = jnp.asarray(rng.normal(size=(6, 5, 5, 2)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, size=6), jnp.int32)
+    params = _MODEL.init(jax.random.key(0), images)["params"]
+    return params, (images, labels)
+
+
+def _clipped_sum(params, batch, clip, weights):
+    clipped = clip_per_example(per_example_grads(_loss, params, batch), clip)
+    return jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), clipped)
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_private_grad_is_clipped_sum_plus_seeded_noise_over_denominator(problem, method):
+    params, batch = problem
+    norms = np.sqrt(
+        sum(
+            (g.reshape(6, -1) ** 2).sum(1)
+            for g in jax.tree.leaves(per_example_grads(_loss, params, batch))
+        )
+    )
+    clip = float(np.median(norms))
+    weights = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    key = jax.random.key(7)
+
+    @jax.jit
+    def private(params, batch, key, sigma):
+        return private_grad(
+            _loss,
+            params,
+            batch,
+            key,
+            l2_norm_clip=clip,
+            noise_multiplier=sigma,
+            weights=weights,
+            denominator=5.0,
+            method=method,
+        )
+
+    expected = jax.tree.map(lambda s: s / 5.0, _clipped_sum(params, batch, clip, weights))
+    clean, got_norms = private(params, batch, key, 0.0)
+    np.testing.assert_allclose(got_norms, norms, rtol=2e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), clean, expected
+    )
+    # the noise: reproducible from the key, N(0, (sigma C / denominator)^2) per coordinate
+    noisy, _ = private(params, batch, key, 2.0)
+    again, _ = private(params, batch, key, 2.0)
+    other, _ = private(params, batch, jax.random.key(8), 2.0)
+    jax.tree.map(np.testing.assert_array_equal, noisy, again)
+    noise = np.concatenate(
+        [
+            np.ravel(n - c)
+            for n, c in zip(jax.tree.leaves(noisy), jax.tree.leaves(clean), strict=True)
+        ]
+    )
+    assert noise.size > 100
+    np.testing.assert_allclose(noise.std(), 2.0 * clip / 5.0, rtol=0.2)
+    assert abs(noise.mean()) < 0.2 * noise.std()
+    assert not np.allclose(jax.tree.leaves(noisy)[0], jax.tree.leaves(other)[0])
+
+
+def test_private_grad_drives_any_optax_optimizer(problem):
+    params, batch = problem
+    tx = optax.adam(1e-2)
+    state = tx.init(params)
+    losses = []
+    for step in range(30):
+        grad, _ = private_grad(
+            _loss, params, batch, jax.random.key(step), l2_norm_clip=10.0, noise_multiplier=0.01
+        )
+        updates, state = tx.update(grad, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(_loss(params, batch)))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_private_grad_bad_input(problem):
+    params, batch = problem
+    key = jax.random.key(0)
+    kw = dict(l2_norm_clip=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="l2_norm_clip: .*0"):
+        private_grad(_loss, params, batch, key, l2_norm_clip=0.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="noise_multiplier: .*-0.5"):
+        private_grad(_loss, params, batch, key, l2_norm_clip=1.0, noise_multiplier=-0.5)
+    with pytest.raises(ValueError, match="leaves disagree"):
+        private_grad(_loss, params, (batch[0], batch[1][:4]), key, **kw)
+    with pytest.raises(ValueError, match="loss_fn: expected a real floating scalar"):
+        private_grad(lambda p, b: jnp.stack([_loss(p, b)] * 2), params, batch, key, **kw)
+    with pytest.raises(ValueError, match="loss_fn: expected a real floating scalar"):
+        private_grad(
+            lambda p, b: jnp.stack([_loss(p, b)] * 2),
+            params,
+            batch,
+            key,
+            **kw,
+            method="materialize",
+        )
+    with pytest.raises(ValueError, match="denominator: required"):
+        private_grad(_loss, params, batch, key, **kw, weights=jnp.ones(6))
+    with pytest.raises(ValueError, match="weights"):
+        private_grad(_loss, params, batch, key, **kw, weights=jnp.ones(4), denominator=4)
+    with pytest.raises(ValueError, match="denominator"):
+        private_grad(_loss, params, batch, key, **kw, denominator=0)
+    with pytest.raises(ValueError, match="method"):
+        private_grad(_loss, params, batch, key, **kw, method="fast")
+    with pytest.raises(TypeError, match="key"):
+        private_grad(_loss, params, batch, 0, **kw)
+
+
+def test_pad_batch():
+    batch = (jnp.arange(10.0).reshape(5, 2), jnp.arange(5))
+    padded, mask = pad_batch(batch, 4)
+    assert padded[0].shape == (8, 2) and padded[1].shape == (8,)
+    np.testing.assert_array_equal(padded[0][:5], batch[0])
+    np.testing.assert_array_equal(padded[0][5:], 0)
+    np.testing.assert_array_equal(mask, [1, 1, 1, 1, 1, 0, 0, 0])
+    same, mask = pad_batch(batch, 5)
+    assert same[0].shape == (5, 2) and mask.sum() == 5
+    with pytest.raises(ValueError, match="multiple"):
+        pad_batch(batch, 0)
