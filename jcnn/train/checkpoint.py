@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints of a ``TrainState`` (through orbax-checkpoint), keep-last-k plus best.
+"""Atomic, verified checkpoints of a ``TrainState`` (orbax-checkpoint): keep-last-k plus best.
 
 Layout of a checkpoint directory::
 
@@ -261,7 +261,7 @@ class CheckpointManager:
         """
         if status not in ("good", "bad"):
             raise ValueError(f"status: expected 'good' or 'bad', got {status!r}")
-        if self.status(step) == "bad":
+        if self.status(step) in ("bad", status):
             return
         self._statuses[int(step)] = status
         if jax.process_index() == 0:
@@ -289,9 +289,7 @@ class CheckpointManager:
         return pick(metrics, key=lambda s: (metrics[s], s))
 
     def _write_index(self) -> None:
-        table = {
-            str(s): {"metric": self.metric(s), "status": self.status(s)} for s in self.steps()
-        }
+        table = {str(s): {"metric": self.metric(s), "status": self.status(s)} for s in self.steps()}
         payload = _seal({"format": _FORMAT, "checkpoints": table})
         _write_json_atomically(self.directory / _INDEX, payload)
 

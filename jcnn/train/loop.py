@@ -2,7 +2,8 @@
 
 A run folder (``config.out``) holds::
 
-    config.json       the TrainConfig
+    config.json       the full configuration (``jcnn.train.run_folder.run_record``)
+    .lock             held (flock) while a process owns the folder
     history.json      one record per epoch (train/val loss and accuracy, lr, time, images/s)
     history.csv       the same table
     curves.png        loss and accuracy curves
@@ -33,9 +34,9 @@ import jax.numpy as jnp
 
 from jcnn import native
 from jcnn.functional._checks import check_positive_int
-from jcnn.train import parallel
+from jcnn.train import parallel, run_folder
 from jcnn.train import schedules as S
-from jcnn.train.checkpoint import CheckpointManager
+from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.optim import optimizer
 from jcnn.train.state import TrainState
 from jcnn.train.steps import eval_step, train_step
@@ -77,7 +78,10 @@ class TrainConfig:
         checkpoint_every_epochs: save at the end of every that many epochs (0: never).
         checkpoint_every_steps: also save every that many steps, mid-epoch (0: never).
         keep_last: checkpoints kept besides the best one.
-        resume: continue from the latest checkpoint in ``out`` if there is one.
+        resume: continue the run in ``out`` from its latest checkpoint not known bad (the folder
+            must hold that run's checkpoints and the same settings: see
+            ``jcnn.train.run_folder``).
+        overwrite: start over in an ``out`` that holds a run, deleting that run's files.
         progress: show a progress bar (rich).
     """
 
@@ -101,6 +105,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     keep_last: int = 3
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
 
     def to_json(self) -> dict:
@@ -230,6 +235,15 @@ class _Progress:
             print(message, flush=True)
 
 
+def _all_finite(batch) -> bool:
+    """Whether a batch's floating arrays are all finite (a NaN input is the data's fault)."""
+    return all(
+        bool(jnp.isfinite(x).all())
+        for x in jax.tree.leaves(batch)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    )
+
+
 def _new_running() -> dict:
     """The sums behind an epoch's running train loss and accuracy (saved in checkpoints)."""
     return {"loss": 0.0, "accuracy": 0.0, "batches": 0}
@@ -285,8 +299,13 @@ def _summary(history: list[dict], wall: float, progress: _Progress) -> dict:
     return summary
 
 
-def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
+def fit(model, train_loader, val_loader, config: TrainConfig, *, settings=None) -> dict:
     """Train ``model`` for ``config.epochs`` epochs; evaluate, checkpoint and log each epoch.
+
+    With ``config.out`` the run folder belongs to this call (``jcnn.train.run_folder``): it is
+    locked against other processes, ``config.json`` records the full configuration, a resume with
+    other settings or without checkpoints is refused, and so is a new run into a folder holding
+    one unless ``config.overwrite``. A refused call raises before writing anything there.
 
     Args:
         model: a Flax module ``__call__(x, train: bool)`` returning logits.
@@ -294,16 +313,29 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
             yielding floating images and integer or soft labels.
         val_loader: a loader for evaluation each epoch, or ``None``.
         config: a ``TrainConfig``.
+        settings: what else defines the run and ``fit`` cannot see (dataset, data directory,
+            standardization statistics...): plain JSON values recorded in ``config.json`` and
+            compared on resume (``data_dir`` and ``command`` may change).
 
     Returns:
         ``{"history": [per-epoch records], "summary": {...}, "state": final TrainState}``.
 
     Raises:
-        NonFiniteLossError: a step's loss was NaN or infinite (the message names the step; the
-            checkpoints on disk are the last good ones).
+        NonFiniteLossError: a step's loss was NaN or infinite (the message names the step and
+            the newest checkpoint known good: finite, and a finite loss from its parameters).
+        RunFolderError: the folder is in use, or the start was refused (see above).
+        CheckpointError: the checkpoint to resume from is corrupt or does not match.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a jcnn.train.TrainConfig, got {type(config).__name__}")
+    if config.out is None or jax.process_index() != 0:
+        return _fit(model, train_loader, val_loader, config, settings)
+    run_folder.check_start(config.out, resume=config.resume, overwrite=config.overwrite)
+    with run_folder.claim(config.out):
+        return _fit(model, train_loader, val_loader, config, settings)
+
+
+def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict:
     if not hasattr(train_loader, "epoch") or not hasattr(train_loader, "__len__"):
         raise TypeError(
             "train_loader: expected a loader with len() and epoch(epoch, start_step=...), "
@@ -331,28 +363,50 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
     out = Path(config.out) if config.out else None
     manager = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
+        record = run_folder.run_record(config, model, train_loader, settings)
+        run_folder.check_start(out, resume=config.resume, overwrite=config.overwrite, record=record)
+        if config.overwrite and jax.process_index() == 0:
+            run_folder.clear(out)
         manager = CheckpointManager(out / "checkpoints", keep_last=config.keep_last)
 
     history: list[dict] = []
     epoch, start_batch = 0, 0
     running = _new_running()
     progress = _Progress(config.progress)
-    if config.resume and manager is not None and manager.latest_step() is not None:
-        state, meta = manager.restore(state)
+    pending = None  # a checkpoint whose parameters the next step's loss will judge
+    if config.resume and manager is not None:
+        usable = [s for s in manager.steps() if manager.status(s) != "bad"]
+        if not usable:
+            raise CheckpointError(
+                f"nothing to resume in {manager.directory}: every checkpoint holds non-finite "
+                "values or produced a non-finite loss"
+            )
+        state, meta = manager.restore(state, usable[-1])
         epoch, start_batch = meta["epoch"], meta["batch"]
         running, history = meta["running"], meta["history"]
+        if epoch > config.epochs:
+            raise run_folder.RunFolderError(
+                f"cannot resume {out} with epochs={config.epochs}: the run has already trained "
+                f"{epoch} epochs",
+                out,
+            )
+        pending = usable[-1]
         progress.print(
-            f"resumed from {manager.path(manager.latest_step())} (epoch {epoch + 1}, "
-            f"batch {start_batch})"
+            f"resumed from {manager.path(usable[-1])} (epoch {epoch + 1}, batch {start_batch})"
         )
+    if out is not None and jax.process_index() == 0:
+        run_folder.write_config(out, record)  # only now: a refused start leaves the folder as is
     if mesh is not None:
         state = parallel.replicate(state, mesh)
 
     def save(metric=None):
+        nonlocal pending
         meta = {"epoch": epoch, "batch": batch_index, "running": running, "history": history}
-        manager.save(int(state.step), state, meta, metric=metric)
+        # the parameters' loss on the batch they last trained on: finite or not
+        check = jax.device_get(eval_step(state, tuple(batch), compute_dtype=compute_dtype))
+        status = "good" if math.isfinite(float(check["loss"])) else "bad"
+        manager.save(int(state.step), state, meta, metric=metric, status=status)
+        pending = int(state.step)
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "-1"))
     started = time.perf_counter()
@@ -377,12 +431,24 @@ def fit(model, train_loader, val_loader, config: TrainConfig) -> dict:
                 loss = float(metrics["loss"])
                 step = int(state.step)
                 if not math.isfinite(loss):
-                    last = manager.latest_step() if manager is not None else None
-                    kept = f"; last good checkpoint: step {last}" if last is not None else ""
+                    kept = ""
+                    if manager is not None:
+                        if pending == step - 1 and _all_finite(batch):
+                            manager.mark(pending, "bad")  # its parameters gave this loss
+                        last = manager.last_good_step()
+                        kept = (
+                            f"; last good checkpoint: step {last} ({manager.path(last)})"
+                            if last is not None
+                            else "; no checkpoint is known good"
+                        )
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss}) at step {step} (epoch {epoch + 1}, batch "
                         f"{batch_index + 1}); training stopped{kept}"
                     )
+                if pending is not None:
+                    if pending == step - 1:
+                        manager.mark(pending, "good")
+                    pending = None
                 batch_index += 1
                 n = int(batch[0].shape[0])
                 running["loss"] += loss

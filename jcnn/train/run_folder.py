@@ -84,7 +84,9 @@ MAY_CHANGE = frozenset(
 """Record entries that may differ between a run and its resumption (``train.epochs``: see
 :data:`LENGTH_FREE_SCHEDULES`)."""
 
-LENGTH_FREE_SCHEDULES = frozenset({"constant", "step", "exponential", "inverse_time", "inverse_sqrt"})
+LENGTH_FREE_SCHEDULES = frozenset(
+    {"constant", "step", "exponential", "inverse_time", "inverse_sqrt"}
+)
 """Schedules whose rate at a step does not depend on the number of epochs: with these a resume may
 change ``epochs`` (to extend a run)."""
 
@@ -114,7 +116,7 @@ _HELD: dict[str, RunLock] = {}  # the locks this process holds, by real path (cl
 class RunLock:
     """An exclusive lock on a run folder, held by this process (see :func:`claim`)."""
 
-    def __init__(self, folder: Path, handle: int, created_folder: bool):
+    def __init__(self, folder: Path, handle: int, created_folder: Path | None):
         self.folder = folder
         self._handle = handle
         self._created_folder = created_folder
@@ -135,11 +137,16 @@ class RunLock:
         fcntl.flock(self._handle, fcntl.LOCK_UN)
         os.close(self._handle)
         self._handle = None
-        if self._created_folder:
-            try:
-                self.folder.rmdir()  # only if empty: a refused first command leaves no folder
-            except OSError:
-                pass
+        if self._created_folder is not None:  # a refused first command leaves no folder
+            folder = self.folder
+            while True:
+                try:
+                    folder.rmdir()  # only if empty
+                except OSError:
+                    break
+                if folder == self._created_folder:
+                    break
+                folder = folder.parent
 
     def __enter__(self) -> RunLock:
         return self
@@ -163,7 +170,10 @@ def claim(folder) -> RunLock:
     folder = Path(folder).absolute()
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run folder {folder} exists and is not a directory", folder)
-    created = not folder.exists()
+    created = folder
+    while not created.parent.exists():
+        created = created.parent  # the topmost folder this claim creates
+    created = None if folder.exists() else created
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     if key in _HELD and _HELD[key]._handle is not None:
@@ -349,7 +359,7 @@ def _flatten(record, prefix="") -> dict[str, Any]:
     flat = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and "class" not in value and "function" not in value:
+        if isinstance(value, dict) and value:
             flat.update(_flatten(value, name + "."))
         else:
             flat[name] = value
@@ -413,14 +423,17 @@ def check_start(folder, *, resume: bool, overwrite: bool, record: dict | None = 
     if resume:
         checkpoints = folder / "checkpoints"
         has_checkpoint = checkpoints.is_dir() and any(
-            entry.name.startswith("step_") and not entry.name.endswith(".partial")
+            entry.name.startswith("step_")
+            and not entry.name.endswith(".partial")
             and "." not in entry.name
             for entry in checkpoints.iterdir()
         )
         if not has_checkpoint:
             what = (
-                "its checkpoints are gone" if present else "it holds no run"
-            ) if folder.is_dir() else "it does not exist"
+                ("its checkpoints are gone" if present else "it holds no run")
+                if folder.is_dir()
+                else "it does not exist"
+            )
             raise RunFolderError(
                 f"nothing to resume in {folder}: {what} (start a new run without resume, "
                 "or with overwrite to replace what is there)",
