@@ -162,3 +162,241 @@ def test_augment_flag_builds_ops_with_settings():
         _augmenters("warp", 10)
     with pytest.raises(SystemExit, match="cannot parse"):
         _augmenters("random_translate:max_shift=two", 10)
+
+
+# ---- user mistakes: one line in the command's terms, a non-zero exit, nothing touched ---------
+
+
+def _main(argv, capsys):
+    from jcnn.train.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def _assert_one_line(err):
+    assert err.startswith("jcnn-train: error: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--limit-train", "-5"], "--limit-train: expected a positive integer, got -5"),
+        (["--limit-train", "0"], "--limit-train: expected a positive integer"),
+        (["--epochs", "0"], "--epochs: expected a positive integer"),
+        (["--epochs", "2.5"], "--epochs: expected a positive integer, got '2.5'"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--keep-last", "0"], "--keep-last"),
+        (["--devices", "0"], "--devices"),
+        (["--checkpoint-every-steps", "-1"], "--checkpoint-every-steps"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--lr", "0"], "--lr: expected a positive number"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "fast"], "--lr"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs"),
+        (["--warmup-epochs", "5", "--epochs", "4"], "--warmup-epochs 5 is longer than the run"),
+        (["--weight-decay", "-1e-4"], "--weight-decay"),
+        (["--optimizer", "momentum", "--momentum", "1.0"], "--momentum"),
+        (["--momentum", "0.5"], "--momentum applies to --optimizer momentum"),
+        (["--clip-norm", "0"], "--clip-norm"),
+        (["--label-smoothing", "1"], "--label-smoothing"),
+        (["--schedule", "step", "--step-epochs", "1,x"], "--step-epochs: expected comma-sep"),
+        (["--schedule", "step", "--step-epochs", "3,2"], "--step-epochs: expected increasing"),
+        (["--schedule", "step", "--step-epochs", "0"], "--step-epochs"),
+        (["--schedule", "step"], "--schedule step needs --step-epochs"),
+        (["--step-epochs", "2"], "--step-epochs applies to --schedule step only"),
+        (["--model", "resnet1000"], "--model: invalid choice: 'resnet1000'"),
+        (["--dataset", "imagenet"], "--dataset: invalid choice"),
+        (["--optimizer", "adamax"], "--optimizer: invalid choice"),
+        (["--compute-dtype", "float16"], "--compute-dtype"),
+        (["--resume", "--overwrite"], "--overwrite: not allowed with argument --resume"),
+        (["--devices", "4096"], "--devices 4096: only"),
+        (["--augment", "hflip"], "--augment hflip: expected a random op taking (key, image"),
+        (["--augment", "compose"], "--augment compose"),
+        (["--augment", "random_apply"], "--augment random_apply"),
+        (["--augment", "warp"], "--augment: jcnn.data.augment has no op 'warp'"),
+        (["--augment", "_check_image"], "no op '_check_image'"),
+        (["--augment", "random_translate"], "--augment random_translate: needs max_shift="),
+        (["--augment", "random_hflip:q=1"], "--augment random_hflip: unknown setting q"),
+        (["--augment", "random_hflip:p"], "--augment: cannot parse 'random_hflip:p'"),
+        (["--augment", "mixup:num_classes=3"], "--augment mixup: unknown setting num_classes"),
+        (["--augment", "mixup,cutmix"], "at most one of mixup and cutmix"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
+    code, err = _main([*argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2, err
+    _assert_one_line(err)
+    assert says in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--augment", "random_crop:padding=-1"], "--augment random_crop:padding=-1: padding"),
+        (["--limit-train", "100000"], "--limit-train 100000: the synthetic training set has only"),
+        (["--batch-size", "1024"], "--batch-size 1024: larger than the 512 training images"),
+    ],
+)
+def test_bad_values_found_once_the_data_is_loaded(argv, says, capsys, tmp_path):
+    code, err = _main(["--dataset", "synthetic", *argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2, err
+    _assert_one_line(err)
+    assert says in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "dataset, url",
+    [
+        ("mnist", "https://yann.lecun.com/exdb/mnist/"),
+        ("fashion_mnist", "fashion-mnist"),
+        ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar.html"),
+    ],
+)
+def test_missing_dataset_names_data_dir_and_the_download_location(dataset, url, capsys, tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    argv = ["--dataset", dataset, "--data-dir", str(empty), "--out", str(tmp_path / "run")]
+    code, err = _main(argv, capsys)
+    assert code == 1
+    _assert_one_line(err)
+    assert f"--dataset {dataset}" in err and "--data-dir" in err and url in err
+    assert "data_dir=" not in err
+    code, err = _main([*argv[:2], "--data-dir", str(tmp_path / "nowhere")], capsys)
+    assert code == 1 and "--data-dir" in err and "no such folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+SMALL = [
+    "--model",
+    "lenet5_1998",
+    "--dataset",
+    "synthetic",
+    "--limit-train",
+    "128",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--optimizer",
+    "momentum",
+    "--schedule",
+    "constant",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from jcnn.train.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main([*SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def _copy_run(small_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(small_run, copy)
+    return copy
+
+
+def _snapshot(folder):
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_config_json_records_the_command_line_settings(small_run):
+    record = json.loads((small_run / "config.json").read_text())
+    settings = record["settings"]
+    assert settings["model"] == "lenet5_1998" and settings["dataset"] == "synthetic"
+    assert (settings["limit_train"], settings["batch_size"], settings["train_images"]) == (
+        128,
+        64,
+        128,
+    )
+    assert settings["augment"] == "" and settings["num_classes"] == 10
+    assert len(settings["standardize"]["mean"]) == len(settings["standardize"]["scale"]) == 1
+    assert record["train"]["learning_rate"] == 0.001 and record["train"]["seed"] == 0
+    assert record["model"]["original"] is True
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--lr", "0.01"], "--lr: 0.001 in the run, 0.01 now"),
+        (["--batch-size", "32"], "--batch-size: 64 in the run, 32 now"),
+        (["--model", "lenet5"], "--model"),
+        (["--limit-train", "256"], "--limit-train: 128 in the run, 256 now"),
+        (["--seed", "1"], "--seed"),
+        (["--augment", "random_hflip"], "--augment"),
+        (["--optimizer", "nesterov"], "--optimizer"),
+    ],
+)
+def test_resume_with_other_flags_is_refused_naming_them(small_run, tmp_path, capsys, extra, named):
+    run = _copy_run(small_run, tmp_path)
+    before = _snapshot(run)
+    argv = [*SMALL, *extra, "--out", str(run), "--resume"]
+    code, err = _main(argv, capsys)
+    assert code == 3, err
+    _assert_one_line(err)
+    assert "cannot --resume" in err and named in err and len(err) < 800
+    assert _snapshot(run) == before  # config.json not overwritten
+
+
+def test_used_folder_needs_resume_or_overwrite(small_run, tmp_path, capsys):
+    run = _copy_run(small_run, tmp_path)
+    before = _snapshot(run)
+    code, err = _main([*SMALL, "--out", str(run)], capsys)
+    assert code == 3
+    _assert_one_line(err)
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert _snapshot(run) == before
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    before = _snapshot(run)
+    code, err = _main([*SMALL, "--out", str(run), "--resume"], capsys)
+    assert code == 3 and "nothing to resume" in err and "checkpoints are gone" in err
+    _assert_one_line(err)
+    assert _snapshot(run) == before
+    code, err = _main([*SMALL, "--out", str(tmp_path / "new"), "--resume"], capsys)
+    assert code == 3 and "does not exist" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_second_process_on_the_same_out_fails_at_once(tmp_path, capsys):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from jcnn.train import run_folder; "
+            "run_folder.claim(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _snapshot(tmp_path / "run")
+        code, err = _main([*SMALL, "--out", str(tmp_path / "run")], capsys)
+        assert code == 3
+        _assert_one_line(err)
+        assert "in use by another process" in err and f"pid {holder.pid}" in err
+        assert _snapshot(tmp_path / "run") == before
+    finally:
+        holder.kill()
+        holder.wait()
