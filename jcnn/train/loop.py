@@ -342,6 +342,10 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
             f"got {type(train_loader).__name__}"
         )
     check_positive_int(config.epochs, "config.epochs")
+    if (config.resume or config.overwrite) and config.out is None:
+        raise ValueError(
+            "config.resume, config.overwrite: expected with a run folder (config.out), got out=None"
+        )
     steps_per_epoch = len(train_loader)
     if steps_per_epoch < 1:
         raise ValueError("train_loader: expected at least one batch per epoch, got 0")
@@ -386,8 +390,8 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
         running, history = meta["running"], meta["history"]
         if epoch > config.epochs:
             raise run_folder.RunFolderError(
-                f"cannot resume {out} with epochs={config.epochs}: the run has already trained "
-                f"{epoch} epochs",
+                f"cannot resume {out}: it has already trained {epoch} epochs, more than the "
+                f"{config.epochs} asked for",
                 out,
             )
         pending = usable[-1]

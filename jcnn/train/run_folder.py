@@ -246,12 +246,15 @@ def describe(value, depth: int = 0) -> Any:
     if isinstance(value, type):
         return _qualified(value)
     if hasattr(value, "dtype") and hasattr(value, "shape"):
-        shape = tuple(int(n) for n in value.shape)
-        if len(shape) == 0 or (len(shape) == 1 and shape[0] <= 16):
-            import numpy as np
+        import hashlib
 
-            return describe(np.asarray(value).tolist(), depth + 1)
-        return f"array{shape} {value.dtype}"
+        import numpy as np
+
+        array = np.asarray(value)
+        if array.size <= 16 and array.ndim <= 1:
+            return describe(array.tolist(), depth + 1)
+        digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+        return f"array{array.shape} {array.dtype} sha256:{digest}"
     if hasattr(value, "item") and hasattr(value, "dtype"):  # NumPy scalar
         return describe(value.item(), depth + 1)
     if dataclasses.is_dataclass(value):
@@ -306,7 +309,7 @@ def run_record(config, model=None, train_loader=None, settings: dict | None = No
 
     record = {
         "jcnn_version": __version__,
-        "train": describe(dataclasses.asdict(config)),
+        "train": {f.name: describe(getattr(config, f.name)) for f in dataclasses.fields(config)},
         "model": describe(model) if model is not None else None,
         "train_loader": _describe_loader(train_loader),
         "settings": describe(dict(settings or {})),

@@ -400,3 +400,22 @@ def test_second_process_on_the_same_out_fails_at_once(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_out_that_is_a_file_and_a_corrupt_dataset(tmp_path, capsys):
+    taken = tmp_path / "file"
+    taken.write_text("x")
+    code, err = _main(["--dataset", "synthetic", "--out", str(taken)], capsys)
+    assert code == 3 and "is not a directory" in err and "--out" in err
+    _assert_one_line(err)
+    assert taken.read_text() == "x"
+    data_dir = tmp_path / "data" / "mnist"
+    data_dir.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (data_dir / name).write_bytes(b"not gzip")
+    argv = ["--dataset", "mnist", "--data-dir", str(tmp_path / "data")]
+    code, err = _main([*argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 1
+    _assert_one_line(err)
+    assert "--dataset mnist" in err and "train-images-idx3-ubyte.gz" in err
+    assert not (tmp_path / "run").exists()

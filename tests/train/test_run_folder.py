@@ -209,3 +209,21 @@ def test_describe_never_shows_a_memory_address():
     assert run_folder.describe(jnp.float32) == "jax.numpy.float32"
     assert run_folder.describe(np.float32(0.5)) == 0.5
     assert run_folder.describe(float("nan")) == "nan"
+
+
+def test_resume_and_overwrite_need_a_folder_and_a_resume_cannot_shrink_the_run(run):
+    for flag in ("resume", "overwrite"):
+        with pytest.raises(ValueError, match="config.resume, config.overwrite"):
+            fit(Net(), _loader(), None, TrainConfig(progress=False, **{flag: True}))
+    extended = _config(run, resume=True, epochs=3)
+    fit(Net(), _loader(), None, extended, settings={"dataset": "toy", "data_dir": "/a"})
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="already trained 3 epochs, more than the 2"):
+        fit(
+            Net(),
+            _loader(),
+            None,
+            _config(run, resume=True, epochs=2),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before
