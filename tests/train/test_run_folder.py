@@ -227,3 +227,33 @@ def test_resume_and_overwrite_need_a_folder_and_a_resume_cannot_shrink_the_run(r
             settings={"dataset": "toy", "data_dir": "/a"},
         )
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "garbage_index", "missing_manifest"])
+def test_a_damaged_checkpoint_stops_a_resume_before_training(run, damage):
+    from jcnn.train import CheckpointError
+
+    checkpoints = run / "checkpoints"
+    latest = sorted(checkpoints.glob("step_*"))[-1]
+    if damage == "flipped_byte":
+        data = next(p for p in latest.rglob("*") if p.is_file() and "/d/" in p.as_posix())
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x80
+        data.write_bytes(bytes(raw))
+        says = f"{latest.name} is corrupt.*differs from its SHA-256"
+    elif damage == "garbage_index":
+        (checkpoints / "index.json").write_text('{"format": 1, "checkpoints": {"2": ')
+        says = "index.json is unreadable"
+    else:
+        (latest / "manifest.json").unlink()
+        says = "has no manifest.json"
+    before = _snapshot(run)
+    with pytest.raises(CheckpointError, match=says):
+        fit(
+            Net(),
+            _loader(),
+            None,
+            _config(run, resume=True),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before
