@@ -270,7 +270,7 @@ def _augmenters(spec: str, num_classes: int, image_shape=None):
     from jcnn.data import augment
 
     per_example, per_batch = [], None
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+    for item in _top_level_split(spec, ","):
         name, *settings = item.split(":")
         fn = getattr(augment, name, None) if not name.startswith("_") else None
         if fn is None or not inspect.isfunction(fn):
@@ -279,6 +279,8 @@ def _augmenters(spec: str, num_classes: int, image_shape=None):
             kwargs = {}
             for setting in settings:
                 key, value = setting.split("=", 1)
+                if key.strip() in kwargs:
+                    raise UsageError(f"--augment {name}: {key.strip()} given twice")
                 kwargs[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError) as error:
             raise UsageError(f"--augment: cannot parse {item!r} as name:key=value") from error
@@ -326,6 +328,21 @@ def _augmenters(spec: str, num_classes: int, image_shape=None):
         else:
             per_example.append(op)
     return (augment.compose(*per_example) if per_example else None), per_batch
+
+
+def _top_level_split(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside brackets, e.g. ``a:size=(28,28),b`` -> 2 items."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == separator and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item.strip() for item in items if item.strip()]
 
 
 def _load_dataset(args):

@@ -158,6 +158,8 @@ def test_augment_flag_builds_ops_with_settings():
     shifted = per_example(jax.random.PRNGKey(0), image)
     assert shifted.shape == image.shape
     assert _augmenters("", 10) == (None, None)
+    crop, _ = _augmenters("random_crop:size=(4, 4):padding=1, random_hflip", 10, (6, 6, 1))
+    assert crop(jax.random.PRNGKey(1), image).shape == (4, 4, 1)
     with pytest.raises(SystemExit, match="no op 'warp'"):
         _augmenters("warp", 10)
     with pytest.raises(SystemExit, match="cannot parse"):
@@ -226,6 +228,8 @@ def _assert_one_line(err):
         (["--augment", "random_hflip:p"], "--augment: cannot parse 'random_hflip:p'"),
         (["--augment", "mixup:num_classes=3"], "--augment mixup: unknown setting num_classes"),
         (["--augment", "mixup,cutmix"], "at most one of mixup and cutmix"),
+        (["--augment", "random_hflip:p=0.5:p=0.2"], "--augment random_hflip: p given twice"),
+        (["--augment", "random_crop:size=(28,28"], "--augment: cannot parse"),
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
