@@ -371,6 +371,10 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
         run_folder.check_start(out, resume=config.resume, overwrite=config.overwrite, record=record)
         if config.overwrite and jax.process_index() == 0:
             run_folder.clear(out)
+        if jax.process_count() > 1:  # nobody opens the checkpoints while process 0 clears them
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jcnn_run_folder_ready")
         manager = CheckpointManager(out / "checkpoints", keep_last=config.keep_last)
 
     history: list[dict] = []
