@@ -7,21 +7,26 @@ name goes through tensorflow-datasets (the optional ``tfds`` extra), see :func:`
 
 The data directory is, in order: the ``data_dir`` argument, the ``JCNN_DATA_DIR`` environment
 variable, then the per-user cache ``$XDG_CACHE_HOME/jcnn/data`` (``~/.cache/jcnn/data``).
-A dataset's files are looked for in ``<data_dir>/<name>/`` and then in ``<data_dir>/`` itself.
+A dataset's files are looked for in ``<data_dir>/<name>/`` and then in ``<data_dir>/`` itself;
+``load(..., download=True)`` fetches missing ones first (:mod:`jcnn.data.fetch`).
 
 Reading is all-or-nothing: every file is decompressed in memory and checked (gzip integrity, IDX
 magic number and dimensions, byte count, record count, label range) before any array is returned,
-and a failure raises :class:`CorruptFileError` naming the file and what was wrong. Archives are read
-member by member in memory; nothing is ever written to disk, and an archive holding a member with an
-absolute path or ``..`` is refused.
+and a failure raises :class:`CorruptFileError` naming the file and what was wrong. Decompression is
+bounded by the dataset's known sizes: a file inflating past them is refused there, never held whole
+in memory. Archives are streamed member by member in memory; nothing is ever written to disk, and
+an archive holding a member with an absolute path or ``..`` is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
-import io
 import os
+import re
+import shlex
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -57,6 +62,12 @@ class _IdxDataset:
         prefix = self.prefixes[split]
         return (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
 
+    def file_size(self, split: str, filename: str) -> int:
+        """The decompressed size of one IDX file: its header and ``count`` items."""
+        if "images" in filename:
+            return 16 + self.counts[split] * int(np.prod(self.shape[:2]))
+        return 8 + self.counts[split]
+
 
 @dataclass(frozen=True)
 class _CifarDataset:
@@ -68,6 +79,17 @@ class _CifarDataset:
     shape: tuple[int, int, int]
     num_classes: int
     records_per_file: int
+
+    @property
+    def member_size(self) -> int:
+        """Bytes in one batch file: ``records_per_file`` records of a label byte and the pixels."""
+        return self.records_per_file * (1 + int(np.prod(self.shape)))
+
+    @property
+    def archive_limit(self) -> int:
+        """A bound on the decompressed archive: every batch file plus room for headers and text."""
+        batches = sum(len(members) for members in self.members.values())
+        return batches * self.member_size + (16 << 20)
 
 
 DATASETS = {
@@ -157,18 +179,32 @@ def _candidate_dirs(name: str, data_dir) -> list[Path]:
     return [root / name, root]
 
 
-def _missing(name: str, split: str, expected: list[str], searched: list[Path]) -> FileNotFoundError:
+def _missing(name: str, split: str, expected: list[str], data_dir) -> FileNotFoundError:
+    from jcnn.data.fetch import SOURCES
+
+    searched = _candidate_dirs(name, data_dir)
     places = ", ".join(str(p) for p in searched)
+    addresses = " or ".join(SOURCES[name].mirrors)
+    command = f"jcnn-data download {name}"
+    if data_dir is not None:
+        command += f" --data-dir {shlex.quote(str(searched[1]))}"
     return FileNotFoundError(
-        f"{name} ({split}): expected {' and '.join(expected)} in one of: {places}. Pass data_dir=, "
-        f"set JCNN_DATA_DIR, or place the original files in {_user_cache() / name} (the per-user "
-        f"cache)."
+        f"{name} ({split}): expected {' and '.join(expected)} in one of: {places}. Download them "
+        f"with `{command}` or load(..., download=True) (from {addresses}), or "
+        f"place the original files in {_user_cache() / name} (the per-user cache), or in a "
+        f"folder given as data_dir= (--data-dir on the command line) or JCNN_DATA_DIR."
     )
 
 
-def _gunzip(path: Path) -> bytes:
+def _gunzip(path: Path, limit: int) -> bytes:
+    """The decompressed content of ``path``, reading at most ``limit + 1`` bytes of it.
+
+    The bound keeps a file that inflates far beyond the dataset's size (a gzip bomb, or the wrong
+    file) from filling memory: the caller sees ``limit + 1`` bytes and reports the excess.
+    """
     try:
-        return gzip.decompress(path.read_bytes())
+        with gzip.open(path, "rb") as f:
+            return f.read(limit + 1)
     except (OSError, EOFError, zlib.error) as err:
         raise CorruptFileError(f"{path}: not a valid gzip file ({err})") from err
 
@@ -190,6 +226,12 @@ def _parse_idx(raw: bytes, path: Path, ndim: int, expected_count: int, item_shap
             f"{path}: header says shape {dims}, expected {(expected_count, *item_shape)}"
         )
     expected_bytes = header_size + int(np.prod(dims))
+    if len(raw) > expected_bytes:
+        raise CorruptFileError(
+            f"{path}: more than {expected_bytes} bytes after decompression, expected "
+            f"{expected_bytes} for shape {dims} (file padded or not this dataset); decompression "
+            "stopped there"
+        )
     if len(raw) != expected_bytes:
         raise CorruptFileError(
             f"{path}: {len(raw)} bytes after decompression, expected {expected_bytes} "
@@ -221,10 +263,10 @@ def _load_idx(name: str, spec: _IdxDataset, split: str, data_dir, verify: bool):
         (d for d in searched if (d / image_file).is_file() and (d / label_file).is_file()), None
     )
     if folder is None:
-        raise _missing(name, split, [image_file, label_file], searched)
+        raise _missing(name, split, [image_file, label_file], data_dir)
     count = spec.counts[split]
-    raw_images = _gunzip(folder / image_file)
-    raw_labels = _gunzip(folder / label_file)
+    raw_images = _gunzip(folder / image_file, spec.file_size(split, image_file))
+    raw_labels = _gunzip(folder / label_file, spec.file_size(split, label_file))
     if verify:
         _verify_content(name, image_file, raw_images, str(folder / image_file))
         _verify_content(name, label_file, raw_labels, str(folder / label_file))
@@ -232,6 +274,29 @@ def _load_idx(name: str, spec: _IdxDataset, split: str, data_dir, verify: bool):
     labels = _parse_idx(raw_labels, folder / label_file, 1, count, ())
     _check_labels(labels, spec.num_classes, str(folder / label_file))
     return images.reshape(count, *spec.shape), labels.astype(np.int32)
+
+
+def _verify_file_content(name: str, filename: str, path: Path) -> None:
+    """Check one file of ``name`` against the official *content*; raise CorruptFileError if not.
+
+    The content of a gzip IDX file, or of every batch file of a CIFAR archive, so that a faithful
+    re-compressed or re-packed copy passes.
+    """
+    spec = DATASETS[name]
+    if isinstance(spec, _IdxDataset):
+        split = next(s for s in spec.prefixes if filename.startswith(spec.prefixes[s] + "-"))
+        limit = spec.file_size(split, filename)
+        raw = _gunzip(path, limit)
+        if len(raw) > limit:
+            raise CorruptFileError(f"{path}: more than {limit} bytes after decompression")
+        _verify_content(name, filename, raw, str(path))
+        return
+    members = [m for split_members in spec.members.values() for m in split_members]
+    contents = _read_tar_members(path, set(members), spec)
+    for member in members:
+        if member not in contents:
+            raise CorruptFileError(f"{path}: member {member} missing from the archive")
+        _verify_content(name, member, contents[member], f"{path}:{spec.folder}/{member}")
 
 
 def _safe_member_name(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
@@ -245,32 +310,77 @@ def _safe_member_name(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
     return path
 
 
-def _read_tar_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
-    """The files named ``wanted`` (base names) from a tar archive, read in memory."""
+class _BoundedReader:
+    """A file object raising :class:`CorruptFileError` once more than ``limit`` bytes are read."""
+
+    def __init__(self, fileobj, limit: int, source: Path):
+        self._fileobj, self._limit, self._source, self._count = fileobj, limit, source, 0
+
+    def read(self, size: int = -1) -> bytes:
+        room = self._limit - self._count + 1
+        chunk = self._fileobj.read(room if size is None or size < 0 else min(size, room))
+        self._count += len(chunk)
+        if self._count > self._limit:
+            raise CorruptFileError(
+                f"{self._source}: more than {self._limit} bytes after decompression, more than "
+                "this dataset's archive holds; decompression stopped there"
+            )
+        return chunk
+
+
+def _wrong_size(source: str, size: int, spec: _CifarDataset) -> CorruptFileError:
+    record = 1 + int(np.prod(spec.shape))
+    return CorruptFileError(
+        f"{source}: {size} bytes, expected {spec.member_size} "
+        f"({spec.records_per_file} records of {record} bytes); wrong record count or truncated"
+    )
+
+
+def _read_tar_members(archive: Path, wanted: set[str], spec: _CifarDataset) -> dict[str, bytes]:
+    """The batch files named ``wanted`` (base names) from a tar archive, read in memory.
+
+    The archive is streamed once to its end (so that the gzip checksum is checked) with the
+    decompressed size bounded by ``spec.archive_limit``; a wanted member whose header declares any
+    size other than a batch file's is refused before it is read.
+    """
+    found = {}
     try:
-        raw = archive.read_bytes()
-        if archive.suffix == ".gz":
-            raw = gzip.decompress(raw)
-        found = {}
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(archive.open("rb"))
+            if raw.read(2) == b"\x1f\x8b":  # gzip magic, whatever the file's name
+                raw.seek(0)
+                raw = stack.enter_context(gzip.open(raw, "rb"))
+            else:
+                raw.seek(0)
+            stream = _BoundedReader(raw, spec.archive_limit, archive)
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20))
             for member in tar:
                 path = _safe_member_name(member, archive)
                 if member.isfile() and path.name in wanted:
+                    source = f"{archive}:{member.name}"
+                    if path.name in found:
+                        raise CorruptFileError(f"{source}: a second member named {path.name}")
+                    if member.size != spec.member_size:
+                        raise _wrong_size(source, member.size, spec)
                     found[path.name] = tar.extractfile(member).read()
+                tar.members = []  # stream mode keeps every header otherwise
         return found
     except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
         raise CorruptFileError(f"{archive}: not a readable tar.gz archive ({err})") from err
 
 
+def _read_batch_file(path: Path, spec: _CifarDataset) -> bytes:
+    size = path.stat().st_size
+    if size != spec.member_size:
+        raise _wrong_size(str(path), size, spec)
+    return path.read_bytes()
+
+
 def _parse_cifar(raw: bytes, source: str, spec: _CifarDataset):
     height, width, channels = spec.shape
     record = 1 + height * width * channels
-    expected = record * spec.records_per_file
-    if len(raw) != expected:
-        raise CorruptFileError(
-            f"{source}: {len(raw)} bytes, expected {expected} "
-            f"({spec.records_per_file} records of {record} bytes); wrong record count or truncated"
-        )
+    if len(raw) != spec.member_size:
+        raise _wrong_size(source, len(raw), spec)
     records = np.frombuffer(raw, dtype=np.uint8).reshape(spec.records_per_file, record)
     labels = records[:, 0].astype(np.int32)
     _check_labels(labels, spec.num_classes, source)
@@ -285,12 +395,12 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
     for folder in searched:
         extracted = folder / spec.folder
         if all((extracted / m).is_file() for m in members):
-            contents = {m: (extracted / m).read_bytes() for m in members}
+            contents = {m: _read_batch_file(extracted / m, spec) for m in members}
             sources = {m: str(extracted / m) for m in members}
             break
         if (folder / spec.archive).is_file():
             archive = folder / spec.archive
-            contents = _read_tar_members(archive, set(members))
+            contents = _read_tar_members(archive, set(members), spec)
             absent = [m for m in members if m not in contents]
             if absent:
                 raise CorruptFileError(f"{archive}: members {absent} missing from the archive")
@@ -298,7 +408,7 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
             break
     if contents is None:
         expected = [spec.archive, f"{spec.folder}/{{{','.join(members)}}}"]
-        raise _missing(name, split, expected, searched)
+        raise _missing(name, split, expected, data_dir)
     images, labels = [], []
     for member in members:
         if verify:
@@ -310,7 +420,12 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
 
 
 def load(
-    name: str, split: str, *, data_dir: str | os.PathLike | None = None, verify: bool = False
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    verify: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of one split of a dataset, from its original files.
 
@@ -320,6 +435,9 @@ def load(
       split: ``"train"`` or ``"test"`` (the official split).
       data_dir: folder holding ``<name>/`` with the original files (or the files themselves);
         defaults to ``$JCNN_DATA_DIR``, then ``~/.cache/jcnn/data``.
+      download: where the files are not found, download them into ``<data_dir>/<name>/`` first
+        with :func:`jcnn.data.download` (checked against the official SHA-256). Names read
+        through tensorflow-datasets are downloaded by tfds itself.
       verify: also check the SHA-256 of every file's decompressed content against the official
         data (robust to re-compression and re-packing, which change the archive's own checksum).
 
@@ -328,9 +446,12 @@ def load(
       order of the original files.
 
     Raises:
-      FileNotFoundError: naming the files expected and every folder searched.
+      FileNotFoundError: naming the files expected, every folder searched and where to get them.
       CorruptFileError: naming the file and what is wrong with it (nothing is returned half-read).
+      DownloadError: with ``download=True``, when no address delivered a verified file.
     """
+    if not isinstance(download, bool):
+        raise TypeError(f"download: expected True or False, got {download!r}")
     if not isinstance(name, str):
         raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
     if name not in DATASETS:
@@ -338,9 +459,16 @@ def load(
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test' for {name}, got {split!r}")
     spec = DATASETS[name]
-    if isinstance(spec, _IdxDataset):
-        return _load_idx(name, spec, split, data_dir, verify)
-    return _load_cifar(name, spec, split, data_dir, verify)
+    reader = _load_idx if isinstance(spec, _IdxDataset) else _load_cifar
+    try:
+        return reader(name, spec, split, data_dir, verify)
+    except FileNotFoundError:
+        if not download:
+            raise
+    from jcnn.data.fetch import download as fetch
+
+    fetch(name, data_dir=data_dir, progress=sys.stderr.isatty())
+    return reader(name, spec, split, data_dir, verify)
 
 
 def verify(name: str, *, data_dir: str | os.PathLike | None = None) -> None:
@@ -355,26 +483,50 @@ def verify(name: str, *, data_dir: str | os.PathLike | None = None) -> None:
         load(name, split, data_dir=data_dir, verify=True)
 
 
+_SUMS_LINE = re.compile(r"([0-9A-Fa-f]{64}) [ *](.+)")
+
+
 def verify_sha256sums(sums_file: str | os.PathLike) -> dict[str, bool]:
     """Check the files listed in a ``sha256sum``-format file (paths relative to its folder).
 
+    Each non-blank line is ``<64 hex digits>  <path>`` (or ``<digits> *<path>``, binary mode).
+
     Returns:
-      ``{relative path: matches}`` for every listed file; a listed file that is absent raises
-      ``FileNotFoundError``.
+      ``{relative path: matches}`` for every listed file.
+
+    Raises:
+      CorruptFileError: a line that is not in that format, naming the file and the line number
+        (checked for every line before any file is hashed).
+      FileNotFoundError: a listed file is absent.
     """
     sums_file = Path(sums_file)
-    results = {}
-    for line in sums_file.read_text().splitlines():
+    try:
+        text = sums_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(f"{sums_file}: not a text checksum file ({err})") from err
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        expected, relative = line.split(maxsplit=1)
-        relative = relative.lstrip("*")
-        digest = hashlib.sha256()
-        with (sums_file.parent / relative).open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        results[relative] = digest.hexdigest() == expected.lower()
-    return results
+        match = _SUMS_LINE.fullmatch(line.rstrip("\r"))
+        if match is None:
+            raise CorruptFileError(
+                f"{sums_file}, line {number}: expected '<64 hex digits>  <file>' (sha256sum "
+                f"format), got {line[:200]!r}"
+            )
+        entries.append((match[1].lower(), match[2]))
+    return {
+        relative: _sha256_file(sums_file.parent / relative) == expected
+        for expected, relative in entries
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_tfds(

@@ -169,6 +169,8 @@ def native_conv(x, w, config):
 
 def _check(x, w, stride, padding, dilation, groups, conv_plan) -> _Config:
     check_array(w, "w", ndim=(3, 4, 5))
+    if w.size == 0:
+        raise ValueError(f"w: expected a kernel with at least one element, got shape {w.shape}")
     n = w.ndim - 2
     check_array(x, "x", ndim=n + 2)
     if x.dtype != w.dtype:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -34,7 +35,9 @@ from jcnn.functional._conv_cpu import (
     native_conv,
 )
 
-__all__ = ["config", "conv_general"]
+__all__ = ["config", "conv_general", "unsupported_reason"]
+
+_PRODUCTS = {0: "forward", 1: "input gradient", 2: "weight gradient"}
 
 
 def config(x, w, stride, padding, dilation, groups) -> _Config:
@@ -42,11 +45,47 @@ def config(x, w, stride, padding, dilation, groups) -> _Config:
     return _check(x, w, stride, padding, dilation, groups, None)
 
 
+def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
+    """Why oneDNN cannot run this convolution on this CPU (one of its three products has no
+    implementation for the dtype and shape, e.g. bfloat16 without AVX-512), or ``None``.
+
+    Asked at trace time with the traced shapes; the batch size is irrelevant to oneDNN's choice
+    (a ``vmap`` folds into it), so one answer covers the derivatives too.
+    """
+    static = config(x, w, stride, padding, dilation, groups)
+    spatial = w.ndim - 2
+    out_sizes = _output_sizes(
+        x.shape[1:-1], w.shape[:-2], static.stride, static.padding, static.dilation
+    )
+    dims = (
+        max(x.shape[0], 1),
+        x.shape[-1],
+        w.shape[-1],
+        static.groups,
+        *x.shape[1:-1],
+        *out_sizes,
+        *w.shape[:-2],
+        *static.stride,
+        *static.dilation,
+        *(lo for lo, _ in static.padding),
+        *(hi for _, hi in static.padding),
+    )
+    bfloat16 = x.dtype == jnp.bfloat16
+    for op, product in _PRODUCTS.items():
+        if op < 2 and _one_channel_per_group(w):
+            continue  # kept on XLA (see the module docstring)
+        reason = native.unsupported_reason(op, bfloat16, tuple(int(d) for d in dims), spatial)
+        if reason is not None:
+            return f"oneDNN has no {x.dtype} {product} for this convolution on this CPU ({reason})"
+    return None
+
+
 def conv_general(x, w, stride, padding, dilation, groups):
     """Cross-correlation equal to ``lax.conv_general_dilated``, through oneDNN on CPU.
 
     Needs the native library (:func:`jcnn.native.available`); a ``RuntimeError`` says why when it
-    is missing.
+    is missing, a ``ValueError`` when oneDNN has no implementation of the problem on this CPU
+    (:func:`unsupported_reason`).
 
     >>> from jcnn import native
     >>> if native.available():
@@ -58,7 +97,9 @@ def conv_general(x, w, stride, padding, dilation, groups):
     (2, 6, 6, 4) 27.0
     """
     static = config(x, w, stride, padding, dilation, groups)
-    native.load()
+    reason = unsupported_reason(x, w, stride, padding, dilation, groups)
+    if reason is not None:
+        raise ValueError(f"{reason}; jcnn.functional.conv routes such convolutions to XLA")
     return lax.platform_dependent(
         x, w, cpu=partial(_forward, config=static), default=partial(native_conv, config=static)
     )

@@ -36,8 +36,13 @@ _WINDOW_AXES = {1: "K", 2: "KH, KW", 3: "KD, KH, KW"}
 
 def _conv_general(x, w, stride, padding, dilation, groups):
     """The CPU convolution backend chosen at trace time: oneDNN for float32 and bfloat16 when the
-    native library is built (:func:`jcnn.native.conv_backend`), else jcnn's XLA formulations."""
-    if x.dtype in (jnp.float32, jnp.bfloat16) and native.conv_backend() == "onednn":
+    native library is built (:func:`jcnn.native.conv_backend`) and oneDNN implements the problem on
+    this CPU (bfloat16 needs AVX-512 or AVX2-VNNI-2), else jcnn's XLA formulations."""
+    if (
+        x.dtype in (jnp.float32, jnp.bfloat16)
+        and native.conv_backend() == "onednn"
+        and _conv_onednn.unsupported_reason(x, w, stride, padding, dilation, groups) is None
+    ):
         return _conv_onednn.conv_general(x, w, stride, padding, dilation, groups)
     return _conv_cpu.conv_general(x, w, stride, padding, dilation, groups)
 
@@ -54,6 +59,7 @@ def _check_kernel_and_input(x, w, channel_axes: str) -> int:
             f"kernel, got rank {w.ndim} with shape {tuple(w.shape)}"
         )
     spatial_rank = w.ndim - 2
+    _check_nonempty_kernel(w)
     check_array(x, "x")
     if x.ndim != w.ndim:
         raise ValueError(
@@ -62,6 +68,14 @@ def _check_kernel_and_input(x, w, channel_axes: str) -> int:
             f"got rank {x.ndim} with shape {tuple(x.shape)}"
         )
     return spatial_rank
+
+
+def _check_nonempty_kernel(w) -> None:
+    if w.size == 0:
+        raise ValueError(
+            f"w: expected a kernel with at least one element (every window extent and channel "
+            f"count >= 1), got shape {tuple(w.shape)}"
+        )
 
 
 def _check_bias(b, out_channels: int) -> None:

@@ -13,7 +13,9 @@ upgrade of any of them simply needs a rebuild and never loads a stale build.
 Which backend float32 and bfloat16 convolutions on CPU use is read when a function is traced,
 from the environment variable ``JCNN_CONV_BACKEND``: ``auto`` (default: oneDNN when built, else
 XLA), ``onednn`` (an error when the library is missing) or ``xla``; ``conv_backend_scope``
-overrides it for the functions traced inside a block.
+overrides it for the functions traced inside a block. Whatever the choice, a convolution that
+oneDNN does not implement on this CPU (bfloat16 without AVX-512 or AVX2-VNNI-2: oneDNN is asked,
+:func:`unsupported_reason`) runs on XLA. ``jax.export`` needs :func:`portable`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ __all__ = [
     "load",
     "main",
     "onednn_root",
+    "portable",
+    "unsupported_reason",
 ]
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
@@ -160,7 +164,45 @@ def _load_once() -> str | None:
         return f"{path} does not load: {error}"
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+    probe = library.jcnn_conv_supported
+    probe.restype = ctypes.c_int
+    probe.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.c_char_p,
+        ctypes.c_int64,
+    ]
+    _PROBE[:] = [probe]
     return None
+
+
+_PROBE: list = []  # the library's jcnn_conv_supported, once loaded
+
+
+def unsupported_reason(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: int) -> str | None:
+    """Why oneDNN cannot run one convolution product on this CPU, or ``None`` when it can.
+
+    oneDNN's implementations depend on the instruction set (bfloat16 needs AVX-512 or AVX2-VNNI-2;
+    ``ONEDNN_MAX_CPU_ISA`` caps it), so the answer is oneDNN's own: it creates the primitive (then
+    cached for the call) or says why not. ``op`` is 0 (forward), 1 (input gradient) or 2 (weight
+    gradient); ``dims`` is the flattened problem described in ``onednn_conv.cc``.
+
+    Raises:
+      RuntimeError: the library is not loaded (see :func:`load`).
+    """
+    load()
+    return _unsupported_reason(op, bfloat16, dims, spatial)
+
+
+@functools.cache
+def _unsupported_reason(op, bfloat16, dims, spatial):
+    reason = ctypes.create_string_buffer(512)
+    packed = (ctypes.c_int64 * len(dims))(*dims)
+    if _PROBE[0](op, int(bfloat16), spatial, packed, reason, len(reason)):
+        return None
+    return reason.value.decode(errors="replace") or "no implementation"
 
 
 def available() -> bool:
@@ -222,6 +264,29 @@ def conv_backend_scope(backend: str | None):
         yield
     finally:
         _SCOPED_BACKEND.reset(token)
+
+
+def portable(fun):
+    """``fun`` with every convolution it traces on XLA's own path, never a oneDNN custom call.
+
+    For ``jax.export``, which refuses custom calls without a compatibility guarantee (an artifact
+    holding one would also need jcnn's library wherever it is loaded)::
+
+        exported = jax.export.export(jax.jit(native.portable(f)))(x, w)
+
+    Pass the plain Python function: a function already jitted and traced keeps its cached trace.
+    Calling the result directly works too and runs the XLA path.
+
+    >>> portable(conv_backend)()
+    'xla'
+    """
+
+    @functools.wraps(fun)
+    def on_xla(*args, **kwargs):
+        with conv_backend_scope("xla"):
+            return fun(*args, **kwargs)
+
+    return on_xla
 
 
 def main(argv: list[str] | None = None) -> int:

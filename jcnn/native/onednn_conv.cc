@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -368,6 +369,36 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 }
 
 }  // namespace
+
+// Whether oneDNN implements this problem on this CPU (bfloat16 needs AVX-512 or AVX2-VNNI-2, for
+// example), asked before tracing so that unsupported problems stay on XLA. `dims` holds batch,
+// channels, out_channels, groups, then `spatial` values each of in_sizes, out_sizes, window, stride,
+// dilation, pad_lo, pad_hi. Returns 1 (the plan is now cached) or 0 with oneDNN's reason in
+// `reason`.
+extern "C" int jcnn_conv_supported(int op, int bfloat16, int64_t spatial, const int64_t* dims,
+                                   char* reason, int64_t reason_size) {
+  Problem p;
+  p.op = static_cast<Op>(op);
+  p.dtype = bfloat16 ? memory::data_type::bf16 : memory::data_type::f32;
+  p.batch = dims[0];
+  p.channels = dims[1];
+  p.out_channels = dims[2];
+  p.groups = dims[3];
+  Dims* fields[] = {&p.in_sizes, &p.out_sizes, &p.window, &p.stride,
+                    &p.dilation, &p.pad_lo, &p.pad_hi};
+  const int64_t* next = dims + 4;
+  for (Dims* field : fields) {
+    field->assign(next, next + spatial);
+    next += spatial;
+  }
+  try {
+    GetPlan(p);
+    return 1;
+  } catch (const dnnl::error& e) {
+    std::snprintf(reason, static_cast<size_t>(reason_size), "%s", e.what());
+    return 0;
+  }
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jcnn_conv_forward, Forward, JCNN_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jcnn_conv_backward_data, BackwardData, JCNN_BIND);

@@ -3,10 +3,13 @@ data parallelism and the ``jcnn-train`` command line."""
 
 from jcnn.train import parallel, schedules
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
+from jcnn.train.lookahead import lookahead
 from jcnn.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from jcnn.train.optim import OPTIMIZERS, default_decay_mask, optimizer
+from jcnn.train.param_groups import active_for, label_by_path
 from jcnn.train.state import TrainState
 from jcnn.train.steps import eval_step, train_step
+from jcnn.train.tta import flip_translate_views, tta_logits
 
 __all__ = [
     "schedules",
@@ -23,4 +26,9 @@ __all__ = [
     "CheckpointManager",
     "CheckpointError",
     "parallel",
+    "label_by_path",
+    "active_for",
+    "lookahead",
+    "flip_translate_views",
+    "tta_logits",
 ]

@@ -11,9 +11,10 @@ same ``--out``); the run folder holds ``config.json``, ``history.json``/``.csv``
 time; ``--resume`` refuses other settings, and a used folder needs ``--resume`` or ``--overwrite``
 (see ``jcnn.train.run_folder``).
 
-A mistake in the command is one line on stderr, in the command's own terms, and a non-zero exit:
-2 for a bad flag, 1 for a missing or corrupt dataset, 3 for a refused run folder or checkpoint
-(the folder is then left as it was), 2 also when training stops on a non-finite loss.
+A mistake in the command is one line on stderr, in the command's own terms, and a non-zero exit
+(``SystemExit``, as argparse does): 2 for a bad flag, 1 for a missing or corrupt dataset, 3 for a
+refused run folder (the folder is then left as it was). A run that stops on a non-finite loss exits
+with 2, one whose checkpoint cannot be restored with 3.
 """
 
 from __future__ import annotations
@@ -42,25 +43,6 @@ MODELS = {
     "jarrett": ("JarrettNet", {}),
 }
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
-
-# Where the publishers distribute the original files that jcnn.data.load reads.
-DOWNLOADS = {
-    "mnist": (
-        "https://yann.lecun.com/exdb/mnist/",
-        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-        "t10k-labels-idx1-ubyte.gz",
-    ),
-    "fashion_mnist": (
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ "
-        "(see https://github.com/zalandoresearch/fashion-mnist)",
-        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-        "t10k-labels-idx1-ubyte.gz",
-    ),
-    "cifar10": (
-        "https://www.cs.toronto.edu/~kriz/cifar.html",
-        "cifar-10-binary.tar.gz (the binary version)",
-    ),
-}
 
 # Optimizers that use --momentum (the others would silently ignore it).
 USES_MOMENTUM = ("momentum", "nesterov", "lars")
@@ -346,31 +328,21 @@ def _top_level_split(text: str, separator: str) -> list[str]:
 
 
 def _load_dataset(args):
-    """``(train, test)`` pairs of images and labels; a missing or corrupt dataset is a
-    ``UsageError`` naming ``--dataset``/``--data-dir`` and where to download the files."""
+    """``(train, test)`` pairs of images and labels. Without ``--data-dir`` missing files are
+    downloaded into the cache (``jcnn.data.download``); a missing, undownloadable or corrupt dataset
+    exits with one line naming the files, the folders searched and where to download them."""
     from jcnn import data
 
     if args.dataset == "synthetic":
         return _synthetic("train", 0), _synthetic("test", 0)
-    root = data.default_data_dir(args.data_dir)
-    if args.data_dir is not None and not root.is_dir():
-        raise UsageError(f"--data-dir {args.data_dir}: no such folder", code=1)
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        raise SystemExit(f"jcnn-train: --data-dir {args.data_dir}: no such folder")
+    fetch = args.data_dir is None
     try:
-        train = data.load(args.dataset, "train", data_dir=args.data_dir)
-        test = data.load(args.dataset, "test", data_dir=args.data_dir)
-    except FileNotFoundError:
-        url, files = DOWNLOADS[args.dataset]
-        where = "--data-dir" if args.data_dir is not None else "the data folder (--data-dir)"
-        raise UsageError(
-            f"--dataset {args.dataset}: its files are not in {where} {root} (nor in "
-            f"{root / args.dataset}); download {files} from {url} into {root / args.dataset}, "
-            "or point --data-dir at the folder holding them",
-            code=1,
-        ) from None
-    except data.CorruptFileError as error:
-        raise UsageError(
-            f"--dataset {args.dataset} in --data-dir {root}: {error}", code=1
-        ) from None
+        train = data.load(args.dataset, "train", data_dir=args.data_dir, download=fetch)
+        test = data.load(args.dataset, "test", data_dir=args.data_dir, download=fetch)
+    except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
+        raise SystemExit(f"jcnn-train: {error}") from None
     return train, test
 
 
@@ -396,12 +368,14 @@ def _flag_names() -> dict:
 
 
 def main(argv=None) -> int:
-    """Entry point of ``jcnn-train``; returns the exit status (see the module docstring)."""
+    """Entry point of ``jcnn-train``: returns 0 when the run completes, 2 when it stops on a
+    non-finite loss, 3 when its checkpoint cannot be restored; a mistake in the command prints
+    one line and raises ``SystemExit`` (see the module docstring)."""
     try:
         return _main(argv)
     except UsageError as error:
         print(f"jcnn-train: error: {error.message}", file=sys.stderr)
-        return error.exit_status
+        raise SystemExit(error.exit_status) from None
 
 
 def _main(argv) -> int:

@@ -6,6 +6,8 @@ import os
 import shutil
 import struct
 import tarfile
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -259,3 +261,146 @@ def test_tfds_route_offline_gives_identical_arrays(tmp_path, data_dir, loaded):
     got, want = canonical(images, labels), canonical(expected_images, expected_labels)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+# ---- bounded decompression (nothing inflated past the dataset's size) --------------------------
+
+
+def _zeros_after(prefix: bytes, mebibytes: int, wbits: int = 31) -> bytes:
+    """A gzip stream of ``prefix`` then ``mebibytes`` MiB of zeros, built in a few milliseconds.
+
+    After a full flush deflate starts afresh, so every further MiB of zeros compresses to the same
+    ~1 KB block: 1 GiB of content costs ~1 MB of file, as in a decompression bomb. The trailer's
+    CRC is not the content's (computing it would take a second): a reader must stop long before.
+    """
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    head = compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH)
+    block = compressor.compress(bytes(1 << 20)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return head + block * mebibytes + compressor.flush()
+
+
+def test_bomb_builder_really_inflates():
+    bomb = _zeros_after(b"xy", 3)
+    assert len(bomb) < 4000
+    assert zlib.decompressobj(31).decompress(bomb[:-8]) == b"xy" + bytes(3 << 20)
+
+
+def _peak_memory_of(fn):
+    """Run ``fn`` (expected to raise CorruptFileError); return (error, peak traced bytes)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFileError) as info:
+            fn()
+        return info.value, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("which", ["labels", "images"])
+def test_gzip_bomb_stops_at_the_dataset_size(mnist_copy, which):
+    """1 GiB of zeros behind a valid header: refused after the expected size, memory stays small."""
+    folder = mnist_copy / "mnist"
+    if which == "labels":
+        path, header, expected = folder / "t10k-labels-idx1-ubyte.gz", (2049, 10000), 10008
+    else:
+        path, header, expected = (
+            folder / "t10k-images-idx3-ubyte.gz",
+            (2051, 10000, 28, 28),
+            7840016,
+        )
+    path.write_bytes(_zeros_after(struct.pack(f">{len(header)}I", *header), 1024))
+    assert path.stat().st_size < 1_200_000
+    error, peak = _peak_memory_of(lambda: data.load("mnist", "test", data_dir=mnist_copy))
+    assert str(path) in str(error) and f"more than {expected} bytes" in str(error)
+    assert peak < 64 << 20, f"peak traced memory {peak / 2**20:.0f} MiB"
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def test_tar_member_declaring_a_huge_size_is_refused_before_reading(tmp_path):
+    (tmp_path / "cifar10").mkdir()
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    archive.write_bytes(
+        _zeros_after(_tar_header("cifar-10-batches-bin/test_batch.bin", 1 << 30), 1024)
+    )
+    error, peak = _peak_memory_of(lambda: data.load("cifar10", "test", data_dir=tmp_path))
+    assert "test_batch.bin" in str(error) and f"{1 << 30} bytes" in str(error)
+    assert "wrong record count" in str(error) and str(archive) in str(error)
+    assert peak < 64 << 20, f"peak traced memory {peak / 2**20:.0f} MiB"
+
+
+def test_tar_stream_bounded_in_total(tmp_path):
+    """An unwanted 1 GiB member: the archive is refused once it outgrows any CIFAR-10 archive."""
+    (tmp_path / "cifar10").mkdir()
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    archive.write_bytes(
+        _zeros_after(_tar_header("cifar-10-batches-bin/readme.html", 1 << 30), 1024)
+    )
+    limit = data.DATASETS["cifar10"].archive_limit
+    assert 184_380_000 < limit < 1 << 30
+    error, peak = _peak_memory_of(lambda: data.load("cifar10", "test", data_dir=tmp_path))
+    assert str(archive) in str(error) and f"more than {limit} bytes" in str(error)
+    assert peak < 64 << 20, f"peak traced memory {peak / 2**20:.0f} MiB"
+
+
+def test_extracted_batch_file_of_wrong_size_is_not_read(tmp_path):
+    folder = tmp_path / "cifar10" / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    with open(folder / "test_batch.bin", "wb") as f:
+        f.truncate(1 << 34)  # sparse: 16 GiB that would not fit in memory
+    with pytest.raises(CorruptFileError, match="wrong record count") as info:
+        data.load("cifar10", "test", data_dir=tmp_path)
+    assert str(folder / "test_batch.bin") in str(info.value) and str(1 << 34) in str(info.value)
+
+
+def test_duplicate_member_in_archive_is_refused(tmp_path, small_cifar_record):
+    (tmp_path / "cifar10").mkdir()
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    batch = small_cifar_record * 10000
+    _write_tar(archive, [("cifar-10-batches-bin/test_batch.bin", batch)] * 2)
+    with pytest.raises(CorruptFileError, match="second member named test_batch.bin"):
+        data.load("cifar10", "test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("not a checksum line", "words"),
+        ("abc123  mnist/t10k-labels-idx1-ubyte.gz", "short digest"),
+        ("f" * 64 + "mnist/t10k-labels-idx1-ubyte.gz", "no separator"),
+        ("g" * 64 + "  mnist/t10k-labels-idx1-ubyte.gz", "not hex"),
+        ("f" * 64, "no file"),
+        ("f" * 64 + "  ", "empty file name"),
+    ],
+)
+def test_malformed_checksum_line_names_file_and_line(tmp_path, data_dir, line, why):
+    good = next(s for s in (data_dir / "SHA256SUMS").read_text().splitlines() if "t10k-labels" in s)
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"{good}\n\n{line}\n")
+    with pytest.raises(CorruptFileError) as info:
+        data.verify_sha256sums(sums)
+    assert str(sums) in str(info.value) and "line 3" in str(info.value), why
+    (tmp_path / "bin.sums").write_bytes(b"\xff\xfe" + bytes(70))
+    with pytest.raises(CorruptFileError, match="bin.sums"):
+        data.verify_sha256sums(tmp_path / "bin.sums")
+
+
+def test_checksum_file_formats_accepted(tmp_path, data_dir):
+    lines = (data_dir / "SHA256SUMS").read_text().splitlines()
+    binary_mode = [line.replace("  ", " *", 1) for line in lines]
+    upper = [line[:64].upper() + line[64:] for line in lines]
+    (tmp_path / "a").write_text("\r\n".join(binary_mode[:2] + upper[2:4]) + "\r\n")
+    shutil.copytree(data_dir / "cifar10", tmp_path / "cifar10")
+    shutil.copytree(data_dir / "fashion_mnist", tmp_path / "fashion_mnist")
+    results = data.verify_sha256sums(tmp_path / "a")
+    assert len(results) == 4 and all(results.values()), results
+    target = tmp_path / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz"
+    target.chmod(0o644)
+    target.write_bytes(b"changed")
+    assert (
+        data.verify_sha256sums(tmp_path / "a")["fashion_mnist/t10k-labels-idx1-ubyte.gz"] is False
+    )

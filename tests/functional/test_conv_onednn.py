@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jcnn import native
 from jcnn.functional import _conv_cpu, _conv_onednn
+from jcnn.functional.conv import _conv_general
 
 
 def _reference(x, w, options):
@@ -21,6 +23,11 @@ def _onednn(x, w, options):
 
 def _xla_path(x, w, options):
     return _conv_cpu.conv_general(x, w, *options)
+
+
+def _routed(x, w, options):
+    """What ``F.conv`` runs: oneDNN where it implements the problem on this CPU, else XLA."""
+    return _conv_general(x, w, *options)
 
 
 def _random_problem(rng, spatial_rank):
@@ -83,12 +90,14 @@ def test_bfloat16_rounds_a_float32_accumulation_once(onednn, rng):
     # Every product in bfloat16 against the float32 products of the same (bfloat16-exact) values.
     # A float32 accumulation rounded once to bfloat16 is off by at most 2^-8 relative to the sum
     # of the terms' magnitudes (the same product of |operands|): the bound checked, with slack.
+    # Through F.conv's routing: oneDNN on a CPU with bfloat16 support, XLA's path elsewhere (and
+    # in test_native.py's run with oneDNN capped at AVX2), both held to the same bound.
     for _ in range(4):
         x, w, options = _random_problem(rng, 2)
         x, w = (a.astype(jnp.bfloat16) for a in (x, w))
         y = _reference(x.astype(jnp.float32), w.astype(jnp.float32), options)
         g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32)).astype(jnp.bfloat16)
-        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
+        got, got_vjp = jax.vjp(partial(_routed, options=options), x, w)
         products = (got, *got_vjp(g))
 
         exact = _float32_products(options, *(a.astype(jnp.float32) for a in (x, w, g)))
@@ -184,3 +193,34 @@ def test_bad_options_are_reported_before_the_native_call(onednn):
             (1, 1),
             1,
         )
+
+
+def test_float32_problems_are_supported_in_every_product(onednn, rng):
+    # oneDNN's reference implementations cover every float32 problem on any x86-64 CPU.
+    for spatial_rank in (1, 2, 3):
+        x, w, options = _random_problem(rng, spatial_rank)
+        assert _conv_onednn.unsupported_reason(x, w, *options) is None
+
+
+def test_unsupported_problems_are_refused_and_routed_to_xla(onednn, monkeypatch, rng):
+    # What a CPU without bfloat16 kernels looks like to the backend: oneDNN says no.
+    monkeypatch.setattr(native, "unsupported_reason", lambda *args: "no implementation")
+    x, w, options = _random_problem(rng, 2)
+    x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    with pytest.raises(ValueError, match="oneDNN has no bfloat16 forward .*no implementation"):
+        _onednn(x, w, options)
+    lowered = jax.jit(partial(_routed, options=options)).lower(x, w).as_text()
+    assert "jcnn_conv_" not in lowered
+    g = jnp.ones(_reference(x, w, options).shape, jnp.bfloat16)
+    got, got_vjp = jax.vjp(partial(_routed, options=options), x, w)
+    want, want_vjp = jax.vjp(partial(_xla_path, options=options), x, w)
+    for a, b in zip((got, *got_vjp(g)), (want, *want_vjp(g)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_zero_size_kernels_are_refused_by_both_backends(onednn):
+    x = jnp.ones((1, 5, 5, 2))
+    for w_shape in [(0, 3, 2, 4), (3, 0, 2, 4), (3, 3, 2, 0)]:
+        for path in (_onednn, _xla_path):
+            with pytest.raises(ValueError, match=r"w: expected a kernel with at least one element"):
+                path(x, jnp.ones(w_shape), ((1, 1), ((0, 0), (0, 0)), (1, 1), 1))

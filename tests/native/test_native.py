@@ -1,11 +1,17 @@
 """Building, locating and selecting the optional oneDNN library (jcnn/native/__init__.py)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jcnn.functional as F
 from jcnn import native
+from jcnn.functional import _conv_cpu, _conv_onednn
 
 
 def test_build_without_onednn_names_what_is_missing(tmp_path, monkeypatch):
@@ -87,7 +93,10 @@ def test_f_conv_dispatch(onednn, monkeypatch):
     x, w = jnp.ones((2, 7, 7, 3)), jnp.ones((3, 3, 3, 5))
     monkeypatch.setenv("JCNN_CONV_BACKEND", "auto")
     assert _custom_calls(x, w) == 3  # forward, input gradient, weight gradient
-    assert _custom_calls(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 3
+    # bfloat16 through oneDNN where this CPU has its kernels (AVX-512, AVX2-VNNI-2), else XLA.
+    bfloat16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    supported = _conv_onednn.unsupported_reason(*bfloat16, (1, 1), ((1, 1),) * 2, (1, 1), 1) is None
+    assert _custom_calls(*bfloat16) == (3 if supported else 0)
     assert _custom_calls(x.astype(jnp.float16), w.astype(jnp.float16)) == 0
     monkeypatch.setenv("JCNN_CONV_BACKEND", "xla")
     assert _custom_calls(x, w) == 0
@@ -111,3 +120,61 @@ def test_conv_backend_scope_overrides_the_environment(onednn, monkeypatch):
     with pytest.raises(ValueError, match="backend: expected one of auto, onednn, xla or None"):
         with native.conv_backend_scope("cudnn"):
             pass
+
+
+@pytest.mark.skipif(
+    os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2", reason="runs with oneDNN capped at AVX2"
+)
+def test_a_cpu_without_bfloat16_kernels_routes_bfloat16_to_xla(onednn):
+    x, w = jnp.ones((2, 7, 7, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 5), jnp.bfloat16)
+    options = ((1, 1), ((1, 1),) * 2, (1, 1), 1)
+    assert "bfloat16 forward" in _conv_onednn.unsupported_reason(x, w, *options)
+    assert _custom_calls(x, w) == 0
+    assert _custom_calls(x.astype(jnp.float32), w.astype(jnp.float32)) == 3
+    got = F.conv(x, w, padding=1)
+    want = _conv_cpu.conv_general(x, w, *options)
+    assert got.dtype == jnp.bfloat16
+    assert jnp.array_equal(got, want)
+
+
+@pytest.mark.skipif("ONEDNN_MAX_CPU_ISA" in os.environ, reason="already capped")
+def test_bfloat16_tests_pass_on_a_cpu_without_bfloat16_kernels(onednn):
+    # Whatever this machine is, rerun the bfloat16 tests as an AVX2-only CPU (no bfloat16 in
+    # oneDNN 3.2) sees them, so the fallback is exercised on every machine.
+    root = Path(__file__).resolve().parents[2]
+    tests = [
+        "tests/native/test_native.py::test_a_cpu_without_bfloat16_kernels_routes_bfloat16_to_xla",
+        "tests/native/test_native.py::test_f_conv_dispatch",
+        "tests/functional/test_conv_onednn.py::test_bfloat16_rounds_a_float32_accumulation_once",
+        "tests/functional/test_conv.py::test_mixed_dtypes_promote_and_low_precision_is_kept",
+        "tests/nn/test_conv.py::test_conv_dtype_and_param_dtype",
+    ]
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "JCNN_REQUIRE_NATIVE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", *tests],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{len(tests)} passed" in result.stdout
+
+
+def test_export_of_a_portable_function(onednn, rng):
+    def f(x, w):
+        return jnp.tanh(F.conv(x, w, padding=1, stride=(2, 1)))
+
+    x = jnp.asarray(rng.standard_normal((2, 9, 8, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)
+    with pytest.raises(ValueError, match="custom calls"):
+        jax.export.export(jax.jit(lambda x, w: f(x, w)))(x, w)  # the oneDNN calls
+    exported = jax.export.export(jax.jit(native.portable(f)))(x, w)
+    assert "jcnn_conv_" not in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    np_want = f(x, w)
+    assert jnp.allclose(restored.call(x, w), np_want, rtol=1e-5, atol=1e-5)
+    # Gradients export as well.
+    grad = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=1)
+    exported_grad = jax.export.export(jax.jit(native.portable(grad)))(x, w)
+    assert jnp.allclose(exported_grad.call(x, w), grad(x, w), rtol=1e-4, atol=1e-4)

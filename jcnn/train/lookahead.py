@@ -1,0 +1,91 @@
+"""Lookahead on the parameters themselves: every ``sync_period`` steps the weights move to a slow
+average that then replaces them (Zhang et al. 2019; airbench94's "lookahead" EMA).
+
+Unlike ``optax.lookahead``, which asks the caller to carry a pair of fast and slow parameters, this
+transformation keeps the slow weights in its state and expresses the synchronization as an
+update, so it drops into ``fit`` or any ``params = optax.apply_updates(params, updates)`` loop.
+
+>>> import jax.numpy as jnp, optax
+>>> tx = lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.5)
+>>> params = jnp.zeros(1); state = tx.init(params)
+>>> for _ in range(2):
+...     updates, state = tx.update(-jnp.ones(1), state, params)
+...     params = optax.apply_updates(params, updates)
+>>> float(params[0])  # fast weights reached 2, the sync pulls them halfway back to the slow 0
+1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["lookahead", "LookaheadState"]
+
+
+class LookaheadState(NamedTuple):
+    """The inner optimizer's state, the slow weights and the number of updates so far."""
+
+    inner: Any
+    slow: Any
+    count: jax.Array
+
+
+def lookahead(
+    inner: optax.GradientTransformation,
+    sync_period: int,
+    slow_step_size: float | Callable[[jax.Array], jax.Array],
+) -> optax.GradientTransformation:
+    """Wrap ``inner``: after every ``sync_period``-th update, ``slow += α (fast - slow)`` and the
+    parameters become ``slow``.
+
+    Args:
+        inner: the optimizer of the fast weights.
+        sync_period: updates between synchronizations (``k``), a positive int.
+        slow_step_size: ``α`` in ``[0, 1]``, or a function of the update count (a schedule, called
+            with the 1-based count of the synchronizing update).
+
+    Returns:
+        An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+    """
+    if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
+        raise ValueError(f"sync_period: expected a positive int, got {sync_period!r}")
+    if not callable(slow_step_size):
+        if isinstance(slow_step_size, bool) or not isinstance(slow_step_size, (int, float)):
+            raise TypeError(
+                f"slow_step_size: expected a number or a schedule, got {slow_step_size!r}"
+            )
+        if not 0.0 <= float(slow_step_size) <= 1.0:
+            raise ValueError(f"slow_step_size: expected a value in [0, 1], got {slow_step_size!r}")
+
+    def init(params):
+        slow = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+        return LookaheadState(inner.init(params), slow, jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("params: lookahead needs the current parameters in update()")
+        updates, inner_state = inner.update(updates, state.inner, params)
+        count = state.count + 1
+        fast = optax.apply_updates(params, updates)
+        alpha = slow_step_size(count) if callable(slow_step_size) else slow_step_size
+        sync = count % sync_period == 0
+        slow = jax.tree.map(
+            lambda s, f: jnp.where(sync, s + jnp.asarray(alpha, s.dtype) * (f - s), s),
+            state.slow,
+            fast,
+        )
+        updates = jax.tree.map(
+            lambda u, s, f, p: jnp.where(sync, s - p, u).astype(u.dtype),
+            updates,
+            slow,
+            fast,
+            params,
+        )
+        return updates, LookaheadState(inner_state, slow, count)
+
+    return optax.GradientTransformation(init, update)

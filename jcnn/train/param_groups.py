@@ -1,0 +1,98 @@
+"""Per-parameter-group optimization: labels from parameter paths for ``optax.multi_transform``.
+
+Recipes such as airbench94 train groups of parameters differently: the BatchNorm biases at 64x the
+learning rate, the whitening layer frozen, its bias trained only for the first epochs. Optax
+expresses this as ``optax.multi_transform(transforms, labels)``; ``label_by_path`` builds the
+``labels`` from glob patterns on the ``/``-joined parameter paths, and ``active_for`` stops a
+transformation's updates after a number of steps.
+
+>>> import jax.numpy as jnp, optax
+>>> params = {"whiten": {"kernel": jnp.ones(2), "bias": jnp.ones(1)},
+...           "head": {"kernel": jnp.ones(3)}}
+>>> labels = label_by_path([("whiten/kernel", "frozen"), ("*/bias", "bias")], default="rest")
+>>> labels(params)
+{'head': {'kernel': 'rest'}, 'whiten': {'bias': 'bias', 'kernel': 'frozen'}}
+>>> tx = optax.multi_transform(
+...     {"frozen": optax.set_to_zero(), "bias": optax.sgd(0.5), "rest": optax.sgd(0.1)}, labels)
+>>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+>>> [float(u[0]) for u in jax.tree.leaves(updates)]
+[-0.1, -0.5, 0.0]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["label_by_path", "active_for", "path_name"]
+
+
+def path_name(path) -> str:
+    """The ``/``-joined name of a ``jax.tree_util`` key path (``"group1/conv1/kernel"``)."""
+    parts = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def label_by_path(rules: Sequence[tuple[str, Hashable]], default: Hashable) -> Callable[[Any], Any]:
+    """A function ``params -> labels`` for ``optax.multi_transform``.
+
+    Each parameter gets the label of the first rule whose glob pattern (``fnmatch``: ``*`` also
+    matches ``/``) matches its path, else ``default``. A pattern that matches no parameter is an
+    error when the labels are computed: a misspelled rule never passes silently.
+
+    Args:
+        rules: ``(pattern, label)`` pairs, tried in order.
+        default: the label of parameters no rule matches.
+
+    Returns:
+        A function of the parameter pytree returning a pytree of labels of the same structure.
+    """
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise TypeError(f"rules: expected a sequence of (pattern, label) pairs, got {rules!r}")
+    for rule in rules:
+        if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise TypeError(f"rules: expected (pattern: str, label) pairs, got {rule!r}")
+
+    def labels(params):
+        used = [False] * len(rules)
+
+        def label(path, _):
+            name = path_name(path)
+            for index, (pattern, value) in enumerate(rules):
+                if fnmatch.fnmatchcase(name, pattern):
+                    used[index] = True
+                    return value
+            return default
+
+        tree = jax.tree_util.tree_map_with_path(label, params)
+        unused = [pattern for (pattern, _), hit in zip(rules, used, strict=True) if not hit]
+        if unused:
+            names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+            raise ValueError(
+                f"rules: pattern(s) {unused} match no parameter; the parameters are {names}"
+            )
+        return tree
+
+    return labels
+
+
+def active_for(transform: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """``transform`` for its first ``steps`` updates, zero updates after (the parameters freeze).
+
+    The wrapped transformation's state keeps advancing; only its output is masked.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, jnp.integer)) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
+    return optax.chain(transform, optax.scale_by_schedule(lambda count: (count < steps) * 1.0))

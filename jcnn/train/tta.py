@@ -1,0 +1,91 @@
+"""Test-time augmentation: predictions averaged over transformed views of each image.
+
+``flip_translate_views`` gives the views airbench94 evaluates with (the image and its mirror,
+each also shifted by a pixel with reflect padding); ``tta_logits`` averages a prediction
+function's outputs over any list of views.
+
+>>> images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+>>> views = flip_translate_views(shifts=((0, 0),))
+>>> len(views)
+2
+>>> predict = lambda x: x.mean(axis=(1, 2))          # invariant to a mirror
+>>> bool(jnp.allclose(tta_logits(predict, images, views), predict(images)))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jcnn.functional._checks import check_array
+
+__all__ = ["tta_logits", "flip_translate_views", "translate_batch"]
+
+View = Callable[[jax.Array], jax.Array]
+
+
+def translate_batch(images, shift_y: int, shift_x: int, *, pad_mode: str = "reflect"):
+    """``images`` ``(N, H, W, C)`` shifted by whole pixels (content moves down/right for positive
+    shifts), the uncovered border filled by ``pad_mode`` (``"reflect"``, ``"edge"`` or ``"zeros"``).
+    """
+    check_array(images, "images", ndim=4)
+    modes = {"reflect": "reflect", "edge": "edge", "zeros": "constant"}
+    if pad_mode not in modes:
+        raise ValueError(f"pad_mode: expected one of {', '.join(modes)}, got {pad_mode!r}")
+    height, width = images.shape[1:3]
+    for name, shift, size in (("shift_y", shift_y, height), ("shift_x", shift_x, width)):
+        if isinstance(shift, bool) or not isinstance(shift, int) or abs(shift) >= size:
+            raise ValueError(f"{name}: expected an int with |{name}| < {size}, got {shift!r}")
+    py, px = abs(shift_y), abs(shift_x)
+    padded = jnp.pad(images, ((0, 0), (py, py), (px, px), (0, 0)), mode=modes[pad_mode])
+    top, left = py - shift_y, px - shift_x
+    return padded[:, top : top + height, left : left + width, :]
+
+
+def flip_translate_views(
+    shifts: Sequence[tuple[int, int]] = ((0, 0), (-1, -1), (1, 1)),
+    *,
+    flip: bool = True,
+    pad_mode: str = "reflect",
+) -> list[View]:
+    """Views ``{identity, horizontal mirror} x shifts`` (6 with the defaults, as airbench94)."""
+    if not shifts:
+        raise ValueError("shifts: expected at least one (shift_y, shift_x) pair, got none")
+    views = []
+    for mirror in (False, True) if flip else (False,):
+        for shift_y, shift_x in shifts:
+
+            def view(images, mirror=mirror, shift_y=shift_y, shift_x=shift_x):
+                if mirror:
+                    images = images[:, :, ::-1, :]
+                if shift_y or shift_x:
+                    images = translate_batch(images, shift_y, shift_x, pad_mode=pad_mode)
+                return images
+
+            views.append(view)
+    return views
+
+
+def tta_logits(predict: Callable[[jax.Array], jax.Array], images, views: Sequence[View]):
+    """The mean of ``predict(view(images))`` over ``views`` (logits averaged, as airbench94).
+
+    Args:
+        predict: images ``(N, ...)`` -> outputs ``(N, ...)``, e.g. ``lambda x: model.apply(v, x)``.
+        images: the batch.
+        views: functions ``images -> images`` of the same shape.
+    """
+    if not views:
+        raise ValueError("views: expected at least one view, got none")
+    total = None
+    for view in views:
+        transformed = view(images)
+        if transformed.shape != images.shape:
+            raise ValueError(
+                f"views: each view must keep the shape {images.shape}, got {transformed.shape}"
+            )
+        out = predict(transformed).astype(jnp.float32)
+        total = out if total is None else total + out
+    return total / len(views)

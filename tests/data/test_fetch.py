@@ -1,0 +1,579 @@
+"""Tests of jcnn.data.fetch against a local HTTP server on 127.0.0.1 (never the real network).
+
+The server serves the shared data folder's files. Its behaviour is chosen by the first part of the
+URL path (``/<mode>/<dataset>/<file>``), so one server plays every kind of mirror: ``ok`` (honours
+``Range``), ``norange`` (ignores it), ``missing`` (404), ``truncate`` (announces the full length,
+sends half and closes), ``corrupt`` (one byte changed), ``long`` (extra bytes, no length),
+``flood`` (4 MiB of zeros, no length), ``bloated`` (announces 1 TB), ``stall`` (half the body,
+then silence), ``silent`` (no answer at all).
+"""
+
+import filecmp
+import functools
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jcnn import data
+from jcnn.data import fetch
+from jcnn.data.fetch import DownloadError, Source
+
+LABELS = "t10k-labels-idx1-ubyte.gz"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append((self.path, self.headers.get("Range")))
+        try:
+            mode, name, filename = self.path.strip("/").split("/", 2)
+        except ValueError:
+            mode = "missing"
+        path = server.root / name / filename if mode != "missing" else None
+        if path is None or not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        if mode == "silent":
+            server.release.wait(60)
+            return
+        if mode == "corrupt":
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+        start = 0
+        wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if wanted and mode == "ok":
+            start = int(wanted[1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        if mode == "bloated":
+            self.send_header("Content-Length", str(10**12))
+        elif mode not in ("long", "flood"):
+            self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        payload = body[start:]
+        if mode in ("truncate", "stall"):
+            payload = payload[: len(payload) // 2]
+        if mode == "long":
+            payload += b"extra bytes"
+        if mode == "flood":
+            payload = bytes(4 << 20)
+        self.wfile.write(payload)
+        self.wfile.flush()
+        server.sent.append(len(payload))
+        if mode == "stall":
+            server.release.wait(60)
+        self.close_connection = True
+
+
+@pytest.fixture
+def server(data_dir):
+    """A threaded HTTP server on 127.0.0.1 serving ``data_dir``; ``server.url(mode)``: a mirror."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.root, httpd.requests, httpd.sent = Path(data_dir), [], []
+    httpd.release = threading.Event()
+    host, port = httpd.server_address
+    httpd.url = lambda mode: f"http://{host}:{port}/{mode}/{{name}}/"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _never_the_real_network(monkeypatch):
+    """A test that forgets its mirrors gets a refused connection, never the publishers' servers."""
+    monkeypatch.setenv(fetch.MIRRORS_ENV, "http://127.0.0.1:9/")
+
+
+def _only(monkeypatch, name, filename):
+    """Restrict ``name`` to one of its files, keeping the pinned digest (small, fast tests)."""
+    source = fetch.SOURCES[name]
+    files = tuple(f for f in source.files if f.filename == filename)
+    monkeypatch.setitem(fetch.SOURCES, name, Source(source.mirrors, files, source.homepage))
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ---- the pinned digests -----------------------------------------------------------------------
+
+
+def test_pinned_digests_match_the_official_files_we_have(data_dir):
+    """The shared folder's byte-identical files (all but two, per its README) match the pins."""
+    sums = dict(
+        reversed(line.split("  ", 1)) for line in (data_dir / "SHA256SUMS").read_text().splitlines()
+    )
+    repacked = {"mnist/train-images-idx3-ubyte.gz", "cifar10/cifar-10-binary.tar.gz"}
+    checked = 0
+    for name, source in fetch.SOURCES.items():
+        for remote in source.files:
+            key = f"{name}/{remote.filename}"
+            assert re.fullmatch(r"[0-9a-f]{64}", remote.sha256) and remote.size > 0
+            if key in repacked:
+                assert sums[key] != remote.sha256
+                continue
+            assert sums[key] == remote.sha256, key
+            assert (data_dir / key).stat().st_size == remote.size, key
+            checked += 1
+    assert checked == 7
+    # every dataset jcnn reads from original files can be downloaded, under the names it reads
+    assert set(fetch.SOURCES) == set(data.DATASETS)
+    for name, spec in data.DATASETS.items():
+        if hasattr(spec, "archive"):
+            expected = {spec.archive}
+        else:
+            expected = {f for split in ("train", "test") for f in spec.files(split)}
+        assert {f.filename for f in fetch.SOURCES[name].files} == expected
+
+
+def test_mirror_list_resolution(monkeypatch):
+    monkeypatch.delenv(fetch.MIRRORS_ENV, raising=False)
+    assert fetch.mirrors_for("mnist")[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+    assert len(fetch.mirrors_for("mnist")) >= 2
+    monkeypatch.setenv(fetch.MIRRORS_ENV, "http://a.lan/{name}, http://b.lan/x/")
+    assert fetch.mirrors_for("cifar10") == [
+        "http://a.lan/cifar10/",
+        "http://b.lan/x/",
+        "http://b.lan/x/cifar10/",
+    ]
+    assert fetch.urls("cifar10")["cifar-10-binary.tar.gz"][0] == (
+        "http://a.lan/cifar10/cifar-10-binary.tar.gz"
+    )
+    assert fetch.mirrors_for("mnist", ["http://c.lan"]) == ["http://c.lan/", "http://c.lan/mnist/"]
+    with pytest.raises(TypeError, match="mirrors"):
+        fetch.mirrors_for("mnist", "http://c.lan")
+    with pytest.raises(ValueError, match="mirrors.*ftp://x"):
+        fetch.mirrors_for("mnist", ["ftp://x"])
+    with pytest.raises(ValueError, match="name: expected one of"):
+        data.download("imagenet")
+    with pytest.raises(ValueError, match="timeout"):
+        data.download("mnist", timeout=0)
+
+
+# ---- downloads --------------------------------------------------------------------------------
+
+
+def test_download_all_files_and_load_them(tmp_path, server, data_dir):
+    """Fashion-MNIST's four files, checked against the real pinned digests, load as originals."""
+    folder = data.download(
+        "fashion_mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False
+    )
+    assert folder == tmp_path / "fashion_mnist"
+    assert _listing(folder) == sorted(f.filename for f in fetch.SOURCES["fashion_mnist"].files)
+    for remote in fetch.SOURCES["fashion_mnist"].files:
+        assert (folder / remote.filename).read_bytes() == (
+            data_dir / "fashion_mnist" / remote.filename
+        ).read_bytes()
+    images, labels = data.load("fashion_mnist", "test", data_dir=tmp_path)
+    assert images.shape == (10000, 28, 28, 1) and np.bincount(labels).tolist() == [1000] * 10
+    # present and verified: nothing is fetched again, even from a mirror that would fail
+    count = len(server.requests)
+    data.download(
+        "fashion_mnist", data_dir=tmp_path, mirrors=[server.url("missing")], progress=False
+    )
+    assert len(server.requests) == count
+
+
+def test_progress_bar_shown(tmp_path, server, monkeypatch, capsys):
+    _only(monkeypatch, "mnist", LABELS)
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=True)
+    err = capsys.readouterr().err
+    assert LABELS in err and "4.5" in err  # the file's name and its size (4.5 kB)
+
+
+def test_not_found_on_first_mirror_then_second(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "mnist", LABELS)
+    mirrors = [server.url("missing"), server.url("ok")]
+    data.download("mnist", data_dir=tmp_path, mirrors=mirrors, progress=False)
+    assert [path for path, _ in server.requests] == [
+        f"/missing/mnist/{LABELS}",
+        f"/ok/mnist/{LABELS}",
+    ]
+    assert _listing(tmp_path / "mnist") == [LABELS]
+
+
+@pytest.mark.parametrize(
+    ("mode", "match", "kept"),
+    [
+        ("missing", "HTTP 404", False),
+        ("corrupt", "SHA-256 mismatch", False),
+        ("long", "SHA-256 mismatch", False),
+        ("flood", "sent more than 1057660 bytes", False),
+        ("bloated", "announces 1000000000000 bytes", False),
+        ("truncate", "truncated: the server closed the connection after 2271 of 4542 bytes", True),
+    ],
+)
+def test_failures_are_clear_and_leave_nothing_half_written(
+    tmp_path, server, monkeypatch, mode, match, kept
+):
+    _only(monkeypatch, "mnist", LABELS)
+    url = server.url(mode)
+    with pytest.raises(DownloadError, match=match) as info:
+        data.download("mnist", data_dir=tmp_path, mirrors=[url], progress=False)
+    message = str(info.value)
+    assert url.replace("{name}", "mnist") + LABELS in message
+    assert "--data-dir" in message and str(tmp_path / "mnist") in message
+    assert not (tmp_path / "mnist" / LABELS).exists()
+    part = tmp_path / "mnist" / (LABELS + ".part")
+    if kept:  # an interrupted download keeps what it received, to resume from
+        assert part.read_bytes() == (server.root / "mnist" / LABELS).read_bytes()[:2271]
+        assert "resumes from there" in message
+    else:
+        assert _listing(tmp_path / "mnist") == []
+
+
+def test_stalled_server_times_out_and_next_mirror_resumes(tmp_path, server, monkeypatch):
+    """A server silent mid-body fails after ``timeout``; the next mirror continues with Range."""
+    _only(monkeypatch, "mnist", LABELS)
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    with pytest.raises(DownloadError, match=r"stalled: no data for 0.5 s after 2271 of 4542 bytes"):
+        data.download(
+            "mnist", data_dir=tmp_path, mirrors=[server.url("stall")], timeout=0.5, progress=False
+        )
+    assert not (tmp_path / "mnist" / LABELS).exists()
+    data.download(
+        "mnist",
+        data_dir=tmp_path,
+        mirrors=[server.url("stall"), server.url("ok")],
+        timeout=0.5,
+        progress=False,
+    )
+    assert (tmp_path / "mnist" / LABELS).read_bytes() == original
+    assert server.requests[-1] == (f"/ok/mnist/{LABELS}", "bytes=2271-")
+    assert server.sent[-1] == len(original) - 2271
+    assert _listing(tmp_path / "mnist") == [LABELS]
+
+
+def test_server_that_never_answers_times_out(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "mnist", LABELS)
+    with pytest.raises(DownloadError, match=r"no answer within 0.3 s"):
+        data.download(
+            "mnist", data_dir=tmp_path, mirrors=[server.url("silent")], timeout=0.3, progress=False
+        )
+    assert _listing(tmp_path / "mnist") == []
+
+
+@pytest.mark.parametrize("mode", ["ok", "norange"])
+def test_resume_of_a_partial_file(tmp_path, server, monkeypatch, mode):
+    """A kept .part is completed with a Range request (or fetched whole where Range is ignored)."""
+    _only(monkeypatch, "fashion_mnist", "t10k-images-idx3-ubyte.gz")
+    original = (server.root / "fashion_mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    folder = tmp_path / "fashion_mnist"
+    folder.mkdir()
+    (folder / "t10k-images-idx3-ubyte.gz.part").write_bytes(original[:1_000_003])
+    data.download("fashion_mnist", data_dir=tmp_path, mirrors=[server.url(mode)], progress=False)
+    assert (folder / "t10k-images-idx3-ubyte.gz").read_bytes() == original
+    assert _listing(folder) == ["t10k-images-idx3-ubyte.gz"]
+    assert server.requests == [
+        (f"/{mode}/fashion_mnist/t10k-images-idx3-ubyte.gz", "bytes=1000003-")
+    ]
+    assert server.sent == [len(original) - 1_000_003 if mode == "ok" else len(original)]
+
+
+def test_resume_after_a_truncated_download(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "mnist", LABELS)
+    with pytest.raises(DownloadError, match="truncated"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("truncate")], progress=False)
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert server.requests[-1] == (f"/ok/mnist/{LABELS}", "bytes=2271-")
+    assert server.sent[-1] == 4542 - 2271
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    assert (tmp_path / "mnist" / LABELS).read_bytes() == original
+
+
+def test_wrong_partial_file_is_detected_and_dropped(tmp_path, server, monkeypatch):
+    """A .part whose bytes are not the file's start fails the final check and is deleted."""
+    _only(monkeypatch, "mnist", LABELS)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / (LABELS + ".part")).write_bytes(b"\x00" * 1000)
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert _listing(folder) == []
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert _listing(folder) == [LABELS]
+
+
+def test_offline_error_lists_every_address(tmp_path, monkeypatch):
+    _only(monkeypatch, "mnist", LABELS)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mirrors = [f"http://127.0.0.1:{port}/a/", f"http://127.0.0.1:{port}/b/"]
+    with pytest.raises(DownloadError) as info:
+        data.download("mnist", data_dir=tmp_path, mirrors=mirrors, progress=False)
+    message = str(info.value)
+    for mirror in mirrors:
+        assert f"{mirror}{LABELS}: cannot connect" in message
+    assert "--data-dir" in message and "JCNN_DATA_DIR" in message
+    assert _listing(tmp_path / "mnist") == []
+
+
+def test_present_file_that_is_wrong_is_replaced_only_by_a_verified_one(
+    tmp_path, server, monkeypatch
+):
+    _only(monkeypatch, "mnist", LABELS)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / LABELS).write_bytes(b"not the labels")
+    with pytest.raises(DownloadError):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("corrupt")], progress=False)
+    assert (folder / LABELS).read_bytes() == b"not the labels"  # a failed download changes nothing
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert (folder / LABELS).read_bytes() == (server.root / "mnist" / LABELS).read_bytes()
+
+
+def test_faithful_repacked_copy_is_kept(tmp_path, server, data_dir):
+    """The shared MNIST (train images re-compressed) verifies by content: nothing downloaded."""
+    shutil.copytree(data_dir / "mnist", tmp_path / "mnist")
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("missing")], progress=False)
+    assert server.requests == []
+
+
+def test_environment_mirrors_and_load_download(tmp_path, server, monkeypatch, loaded):
+    """load(download=True) into an empty cache, mirrors from JCNN_DATA_MIRRORS (all MNIST)."""
+    monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("ok"))
+    monkeypatch.delenv("JCNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="jcnn-data download mnist"):
+        data.load("mnist", "test")
+    images, labels = data.load("mnist", "test", download=True)
+    expected_images, expected_labels = loaded("mnist", "test")
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert _listing(tmp_path / "jcnn" / "data" / "mnist") == sorted(
+        f.filename for f in fetch.SOURCES["mnist"].files
+    )
+    with pytest.raises(TypeError, match="download"):
+        data.load("mnist", "test", download="yes")
+
+
+def test_cifar10_archive(tmp_path, server):
+    data.download("cifar10", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert _listing(tmp_path / "cifar10") == ["cifar-10-binary.tar.gz"]
+    name = "cifar-10-binary.tar.gz"
+    assert filecmp.cmp(tmp_path / "cifar10" / name, server.root / "cifar10" / name, shallow=False)
+
+
+# ---- jcnn-data --------------------------------------------------------------------------------
+
+
+def test_cli_download_verify_list(tmp_path, server, monkeypatch, capsys, data_dir):
+    monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("ok"))
+    assert fetch.main(["download", "fashion_mnist", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok: the official file") == 4
+    assert fetch.main(["verify", "mnist", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        out.count("ok: the official file") == 3 and "train-images-idx3-ubyte.gz: ok: content" in out
+    )
+    target = tmp_path / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz"
+    target.write_bytes(target.read_bytes()[:-1])
+    assert fetch.main(["verify", "fashion_mnist", "--data-dir", str(tmp_path)]) == 1
+    assert f"{target}: BAD" in capsys.readouterr().out
+    assert fetch.main(["list", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'cifar10' / 'cifar-10-binary.tar.gz'}: missing" in out
+    assert server.url("ok").replace("{name}", "cifar10") + "cifar-10-binary.tar.gz" in out
+    # the dataset folder itself as --data-dir, as data.load accepts it
+    assert fetch.main(["verify", "mnist", "--data-dir", str(data_dir / "mnist")]) == 0
+    assert capsys.readouterr().out.count(": ok:") == 4
+
+
+def test_cli_verify_extracted_cifar_folder(tmp_path, capsys, loaded):
+    """CIFAR-10 as an extracted folder: each batch file checked against the official content."""
+    images, labels = loaded("cifar10", "test")
+    folder = tmp_path / "cifar10" / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    records = np.concatenate(
+        [labels.astype(np.uint8)[:, None], images.transpose(0, 3, 1, 2).reshape(10000, -1)], axis=1
+    )
+    (folder / "test_batch.bin").write_bytes(records.tobytes())
+    assert fetch.main(["verify", "cifar10", "--data-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{folder / 'test_batch.bin'}: ok: content identical" in out
+    assert f"{folder / 'data_batch_1.bin'}: missing" in out
+
+
+def test_cli_download_failure_is_one_clear_message(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("missing"))
+    assert fetch.main(["download", "mnist", "--data-dir", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jcnn-data: mnist: could not download") and "Traceback" not in err
+    assert "HTTP 404" in err and "--data-dir" in err
+    with pytest.raises(SystemExit):
+        fetch.main(["download", "imagenet"])
+
+
+@pytest.mark.slow
+def test_jcnn_train_downloads_into_an_empty_cache(tmp_path, server):
+    """``jcnn-train`` without --data-dir, empty cache, mirror reachable: downloads and trains."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("JCNN_DATA_DIR", None)
+    env[fetch.MIRRORS_ENV] = server.url("ok")
+    code = "import sys; from jcnn.train.cli import main; sys.exit(main())"
+    args = [
+        "--model",
+        "lenet5_1998",
+        "--dataset",
+        "fashion_mnist",
+        "--limit-train",
+        "256",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test accuracy" in done.stdout
+    folder = tmp_path / "cache" / "jcnn" / "data" / "fashion_mnist"
+    assert _listing(folder) == sorted(f.filename for f in fetch.SOURCES["fashion_mnist"].files)
+    for remote in fetch.SOURCES["fashion_mnist"].files:
+        assert hashlib.sha256((folder / remote.filename).read_bytes()).hexdigest() == remote.sha256
+
+
+def test_unusable_data_folder_is_a_clear_error(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "mnist", LABELS)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DownloadError, match="cannot create or write the data folder .*--data-dir"):
+        data.download("mnist", data_dir=tmp_path / "a_file", mirrors=[server.url("ok")])
+    with pytest.raises(TypeError, match="timeout"):
+        data.download("mnist", data_dir=tmp_path, timeout="5")
+    with pytest.raises(ValueError, match="timeout"):
+        data.download("mnist", data_dir=tmp_path, timeout=float("inf"))
+    with pytest.raises(ValueError, match="at least one"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[])
+    assert server.requests == []
+
+
+def test_mirror_serving_a_recompressed_copy(tmp_path, server, monkeypatch, data_dir):
+    """Other bytes with the official content (re-compressed) pass; a changed byte in them fails."""
+    name = "train-images-idx3-ubyte.gz"
+    _only(monkeypatch, "mnist", name)
+    served = server.root / "mnist" / name
+    assert fetch.file_sha256(served) != fetch.SOURCES["mnist"].files[0].sha256
+    with pytest.raises(DownloadError, match="SHA-256 mismatch.*not the official data either"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("corrupt")], progress=False)
+    assert _listing(tmp_path / "mnist") == []
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert filecmp.cmp(tmp_path / "mnist" / name, served, shallow=False)
+
+
+def test_jcnn_train_missing_files_are_one_line_errors(tmp_path, server, monkeypatch):
+    """With --data-dir nothing is downloaded; without it a failed download is one message."""
+    from jcnn.train.cli import main
+
+    monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("missing"))
+    monkeypatch.delenv("JCNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    empty = tmp_path / "my data"
+    empty.mkdir()
+    common = ["--dataset", "mnist", "--out", str(tmp_path / "run"), "--no-progress"]
+    with pytest.raises(SystemExit) as info:
+        main([*common, "--data-dir", str(empty)])
+    message = str(info.value.code)
+    assert message.startswith("jcnn-train: mnist (train): expected")
+    assert f"jcnn-data download mnist --data-dir '{empty}'" in message
+    assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in message
+    assert server.requests == [] and _listing(empty) == []
+    with pytest.raises(SystemExit) as info:
+        main(common)
+    message = str(info.value.code)
+    assert message.startswith("jcnn-train: mnist: could not download") and "HTTP 404" in message
+    assert _listing(tmp_path / "cache" / "jcnn" / "data" / "mnist") == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_plain_http_server_over_a_data_directory(tmp_path, monkeypatch, data_dir):
+    """``python -m http.server`` in a data directory is a mirror as is: no {name} needed."""
+    handler = functools.partial(_QuietFiles, directory=str(data_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        host, port = httpd.server_address
+        monkeypatch.setenv(fetch.MIRRORS_ENV, f"http://{host}:{port}")
+        _only(monkeypatch, "fashion_mnist", LABELS)
+        data.download("fashion_mnist", data_dir=tmp_path, progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert filecmp.cmp(
+        tmp_path / "fashion_mnist" / LABELS, data_dir / "fashion_mnist" / LABELS, shallow=False
+    )
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_complete_part_file_is_used_or_replaced(tmp_path, server, monkeypatch):
+    """A full-size .part is renamed without a request when right, fetched again when wrong."""
+    _only(monkeypatch, "mnist", LABELS)
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / (LABELS + ".part")).write_bytes(original)
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert server.requests == [] and _listing(folder) == [LABELS]
+    (folder / LABELS).unlink()
+    (folder / (LABELS + ".part")).write_bytes(bytes(len(original)))
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert server.requests == [(f"/ok/mnist/{LABELS}", None)]
+    assert (folder / LABELS).read_bytes() == original and _listing(folder) == [LABELS]
+
+
+def test_ctrl_c_keeps_the_part_and_the_next_run_resumes(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "fashion_mnist", LABELS)
+    original = (server.root / "fashion_mnist" / LABELS).read_bytes()
+    monkeypatch.setattr(fetch, "_CHUNK", 1000)
+    real_read_some, calls = fetch._read_some, []
+
+    def interrupted_after_two_chunks(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_read_some(*args)
+
+    monkeypatch.setattr(fetch, "_read_some", interrupted_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        data.download(
+            "fashion_mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False
+        )
+    folder = tmp_path / "fashion_mnist"
+    assert _listing(folder) == [LABELS + ".part"]
+    assert (folder / (LABELS + ".part")).read_bytes() == original[:2000]
+    monkeypatch.setattr(fetch, "_read_some", real_read_some)
+    data.download("fashion_mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert server.requests[-1] == (f"/ok/fashion_mnist/{LABELS}", "bytes=2000-")
+    assert (folder / LABELS).read_bytes() == original and _listing(folder) == [LABELS]

@@ -1,0 +1,53 @@
+"""Lookahead on the parameters (jcnn/train/lookahead.py) against a NumPy loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jcnn.train.lookahead import lookahead
+
+
+def _reference(grads, lr, momentum, period, alpha):
+    """Lookahead around momentum SGD, written out: fast weights, slow weights, sync every k."""
+    params = np.zeros_like(grads[0])
+    slow = params.copy()
+    velocity = np.zeros_like(params)
+    history = []
+    for count, g in enumerate(grads, start=1):
+        velocity = momentum * velocity + g
+        params = params - lr * velocity
+        if count % period == 0:
+            slow = slow + alpha(count) * (params - slow)
+            params = slow.copy()
+        history.append(params.copy())
+    return history
+
+
+@pytest.mark.parametrize("period", [1, 3, 5])
+@pytest.mark.parametrize("schedule", [False, True])
+def test_matches_the_written_out_algorithm(rng, period, schedule):
+    grads = rng.standard_normal((13, 4, 3)).astype(np.float32)
+    alpha = (lambda count: 1.0 - 0.5 ** (count / period)) if schedule else (lambda count: 0.4)
+    tx = lookahead(optax.sgd(0.1, momentum=0.9), period, alpha if schedule else 0.4)
+    params = {"w": jnp.zeros((4, 3))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    want = _reference(grads, 0.1, 0.9, period, alpha)
+    for g, expected in zip(grads, want, strict=True):
+        updates, state = update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(params["w"], expected, rtol=2e-5, atol=2e-6)
+
+
+def test_needs_params_and_checks_its_arguments():
+    tx = lookahead(optax.sgd(0.1), 2, 0.5)
+    with pytest.raises(ValueError, match="params: lookahead needs the current parameters"):
+        tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+    with pytest.raises(ValueError, match="sync_period: expected a positive int, got 0"):
+        lookahead(optax.sgd(0.1), 0, 0.5)
+    with pytest.raises(ValueError, match=r"slow_step_size: expected a value in \[0, 1\], got 1.5"):
+        lookahead(optax.sgd(0.1), 2, 1.5)
+    with pytest.raises(TypeError, match="slow_step_size: expected a number or a schedule"):
+        lookahead(optax.sgd(0.1), 2, "0.5")

@@ -1,0 +1,82 @@
+"""Parameter groups for optax.multi_transform (jcnn/train/param_groups.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jcnn import models
+from jcnn.train.param_groups import active_for, label_by_path, path_name
+
+
+def _airbench_params():
+    model = models.AirbenchNet(widths=(8, 8, 8))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), variables["params"])
+
+
+def test_labels_follow_the_first_matching_rule_on_a_real_model():
+    params = _airbench_params()
+    rules = [("whiten/kernel", "frozen"), ("*/norm*/bias", "bn_bias"), ("*bias", "other_bias")]
+    labels = label_by_path(rules, default="rest")(params)
+    flat = {path_name(path): label for path, label in jax.tree_util.tree_leaves_with_path(labels)}
+    for name, label in flat.items():
+        if name == "whiten/kernel":
+            assert label == "frozen"
+        elif "/norm" in name and name.endswith("bias"):
+            assert label == "bn_bias", name
+        elif name.endswith("bias"):
+            assert label == "other_bias", name
+        else:
+            assert label == "rest", name
+    assert sum(label == "bn_bias" for label in flat.values()) == 6
+
+
+def test_multi_transform_scales_each_group():
+    params = _airbench_params()
+    labels = label_by_path([("whiten/*", "frozen"), ("*/norm*/bias", "bn_bias")], default="rest")
+    tx = optax.multi_transform(
+        {"frozen": optax.set_to_zero(), "bn_bias": optax.sgd(0.64), "rest": optax.sgd(0.01)},
+        labels,
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for path, update in jax.tree_util.tree_leaves_with_path(updates):
+        name = path_name(path)
+        want = 0.0 if name.startswith("whiten/") else (-0.64 if "/norm" in name else -0.01)
+        np.testing.assert_allclose(np.asarray(update), want, rtol=1e-6, err_msg=name)
+
+
+def test_a_rule_matching_nothing_is_an_error():
+    labels = label_by_path([("*/norm*/bias", "bn"), ("hed/kernel", "typo")], default="rest")
+    with pytest.raises(
+        ValueError, match=r"rules: pattern\(s\) \['hed/kernel'\] match no parameter"
+    ):
+        labels(_airbench_params())
+
+
+@pytest.mark.parametrize(
+    "rules, error",
+    [("whiten/*", TypeError), ([("whiten/*",)], TypeError), ([(1, "x")], TypeError)],
+)
+def test_malformed_rules(rules, error):
+    with pytest.raises(error, match="rules: expected"):
+        label_by_path(rules, default="rest")
+
+
+def test_active_for_freezes_after_the_given_updates():
+    tx = active_for(optax.sgd(0.1, momentum=0.9), steps=3)
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    seen = []
+    for _ in range(6):
+        updates, state = tx.update(jnp.ones(2), state, params)
+        params = optax.apply_updates(params, updates)
+        seen.append(float(updates[0]))
+    # Momentum SGD for three steps (0.1, 0.19, 0.271), then nothing.
+    np.testing.assert_allclose(seen, [-0.1, -0.19, -0.271, 0.0, 0.0, 0.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="steps: expected a non-negative int, got -1"):
+        active_for(optax.sgd(0.1), -1)
+    with pytest.raises(ValueError, match="steps: expected a non-negative int, got 1.5"):
+        active_for(optax.sgd(0.1), 1.5)

@@ -1,0 +1,56 @@
+"""Test-time augmentation (jcnn/train/tta.py) against NumPy."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.train.tta import flip_translate_views, translate_batch, tta_logits
+
+
+@pytest.mark.parametrize(
+    "pad_mode, np_mode", [("reflect", "reflect"), ("edge", "edge"), ("zeros", "constant")]
+)
+def test_translate_batch_against_numpy(rng, pad_mode, np_mode):
+    images = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
+    for dy, dx in [(0, 0), (1, 0), (0, -2), (-1, 2), (4, -6)]:
+        got = translate_batch(jnp.asarray(images), dy, dx, pad_mode=pad_mode)
+        py, px = abs(dy), abs(dx)
+        padded = np.pad(images, ((0, 0), (py, py), (px, px), (0, 0)), mode=np_mode)
+        want = np.empty_like(images)
+        for i in range(5):
+            for j in range(7):
+                # Output pixel (i, j) shows input pixel (i - dy, j - dx) of the padded image.
+                want[:, i, j] = padded[:, i - dy + py, j - dx + px]
+        np.testing.assert_array_equal(got, want)
+
+
+def test_flip_translate_views_and_their_mean(rng):
+    images = jnp.asarray(rng.standard_normal((3, 6, 6, 2)).astype(np.float32))
+    views = flip_translate_views()
+    assert len(views) == 6
+    weights = jnp.asarray(rng.standard_normal((6 * 6 * 2, 4)).astype(np.float32))
+
+    def predict(x):
+        return x.reshape(x.shape[0], -1) @ weights
+
+    want = np.zeros((3, 4), np.float32)
+    for mirror in (False, True):
+        base = images[:, :, ::-1] if mirror else images
+        for dy, dx in [(0, 0), (-1, -1), (1, 1)]:
+            want += np.asarray(predict(translate_batch(base, dy, dx))) / 6
+    np.testing.assert_allclose(tta_logits(predict, images, views), want, rtol=1e-5, atol=1e-5)
+    assert len(flip_translate_views(flip=False)) == 3
+
+
+def test_bad_views_and_shifts():
+    images = jnp.ones((1, 4, 4, 1))
+    with pytest.raises(ValueError, match=r"views: each view must keep the shape \(1, 4, 4, 1\)"):
+        tta_logits(lambda x: x, images, [lambda x: x[:, :2]])
+    with pytest.raises(ValueError, match="views: expected at least one view"):
+        tta_logits(lambda x: x, images, [])
+    with pytest.raises(ValueError, match=r"shift_x: expected an int with \|shift_x\| < 4, got 4"):
+        translate_batch(images, 0, 4)
+    with pytest.raises(ValueError, match="pad_mode: expected one of reflect, edge, zeros"):
+        translate_batch(images, 1, 1, pad_mode="wrap")
+    with pytest.raises(ValueError, match="shifts: expected at least one"):
+        flip_translate_views(shifts=())
