@@ -194,6 +194,31 @@ class Loader:
         self._batch_augment = batch_augment
         self._next_epoch = 0
 
+    @property
+    def examples(self) -> tuple[jax.Array, jax.Array]:
+        """The ``(images, labels)`` the loader batches (an in-memory loader only)."""
+        if self._source is not None:
+            raise TypeError(
+                "examples: a streaming loader (Loader.from_source) holds no arrays; split or "
+                "transform its source instead"
+            )
+        return self._images, self._labels
+
+    def with_examples(self, images, labels) -> Loader:
+        """A loader with these settings (batch size, order, seed, augmentations, sharding) over
+        other examples, e.g. the training part of a split or standardized images."""
+        return type(self)(
+            images,
+            labels,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            augment=self._augment,
+            batch_augment=self._batch_augment,
+            drop_remainder=self.drop_remainder,
+            sharding=self.sharding,
+        )
+
     def __len__(self) -> int:
         """Batches per epoch."""
         full, rest = divmod(self.num_examples, self.batch_size)

@@ -56,9 +56,9 @@ FLAG_NAMES = {
     "train_loader.batches_per_epoch": "the number of batches per epoch",
     "settings.train_images": "the number of training images (--limit-train, --dataset)",
     "settings.num_classes": "the number of classes",
-    "settings.standardize.mean": "the training images (their standardization statistics)",
-    "settings.standardize.scale": "the training images (their standardization statistics)",
-    "settings.standardize.mode": "the standardization mode",
+    "settings.train_data.images": "the training images (--dataset, --data-dir)",
+    "settings.train_data.labels": "the training labels (--dataset, --data-dir)",
+    "train.callbacks": "--early-stopping",
 }
 
 
@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         default="mnist",
-        choices=DATASETS,
-        help="'synthetic': a small random task for smoke tests",
+        type=_dataset,
+        help=f"{', '.join(DATASETS)} ('synthetic': a small random task for smoke tests), or "
+        "tfds:NAME for a tensorflow-datasets dataset (e.g. tfds:cifar100)",
     )
     p.add_argument("--epochs", type=positive, default=4)
     p.add_argument("--batch-size", type=positive, default=128)
@@ -201,6 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every-steps", type=_int_at_least(0, "an integer >= 0"), default=0)
     p.add_argument("--keep-last", type=positive, default=3)
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    p.add_argument(
+        "--val-split",
+        type=_val_split,
+        default=None,
+        help="carve a validation set from the training set: a count (5000) or a fraction (0.1); "
+        "it chooses the best checkpoint and early stopping, the test set is only reported",
+    )
+    p.add_argument("--val-split-seed", type=_seed, default=0, help="seed of the validation split")
+    p.add_argument(
+        "--eval-every-steps",
+        type=_int_at_least(0, "an integer >= 0"),
+        default=0,
+        help="also validate every N steps (needs --val-split)",
+    )
+    p.add_argument("--max-steps", type=positive, default=None, help="stop after N steps in all")
+    p.add_argument(
+        "--early-stopping",
+        type=positive,
+        default=None,
+        metavar="PATIENCE",
+        help="stop when the validation loss has not improved for PATIENCE evaluations "
+        "(needs --val-split)",
+    )
+    p.add_argument(
+        "--manual-dir",
+        default=None,
+        help="tfds:NAME only: folder with the original downloads, used instead of the network",
+    )
     return p
 
 
@@ -219,6 +248,59 @@ def _check_combinations(args) -> None:
             f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs "
             f"{args.epochs}): the rate would never reach --lr"
         )
+    if args.early_stopping is not None and args.val_split is None:
+        raise UsageError("--early-stopping needs a validation set (--val-split N)")
+    if args.eval_every_steps and args.val_split is None:
+        raise UsageError("--eval-every-steps needs a validation set (--val-split N)")
+    if args.manual_dir is not None and not args.dataset.startswith("tfds:"):
+        raise UsageError(f"--manual-dir applies to --dataset tfds:NAME only, not {args.dataset}")
+    if args.manual_dir is not None and not Path(args.manual_dir).expanduser().is_dir():
+        raise UsageError(f"--manual-dir {args.manual_dir}: no such folder")
+
+
+def _val_split(text: str):
+    """``--val-split``: a count (an integer >= 1) or a fraction in (0, 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+    if value is None or (isinstance(value, int) and value < 1):
+        raise argparse.ArgumentTypeError(
+            f"expected a count (e.g. 5000) or a fraction (e.g. 0.1), got {text!r}"
+        )
+    if isinstance(value, float) and not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a count (e.g. 5000) or a fraction in (0, 1) (e.g. 0.1), got {text}"
+        )
+    return value
+
+
+def _dataset(text: str) -> str:
+    """``--dataset``: one of ``DATASETS`` or ``tfds:NAME``."""
+    if text in DATASETS or (text.startswith("tfds:") and text[len("tfds:") :].strip()):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(DATASETS)} or tfds:NAME, got {text!r}"
+    )
+
+
+def load_dataset(name: str, split: str, *, data_dir=None, manual_dir=None):
+    """``(images, labels)`` of a ``--dataset`` name: jcnn's datasets, synthetic, or tfds:NAME."""
+    from jcnn import data
+
+    if name == "synthetic":
+        return _synthetic(split, 0)
+    if name.startswith("tfds:"):
+        return data.load_tfds(name[len("tfds:") :], split, data_dir=data_dir, manual_dir=manual_dir)
+    if name not in DATASETS:
+        raise SystemExit(
+            f"--dataset: expected one of {', '.join(DATASETS)} or tfds:NAME, got {name!r}"
+        )
+    # without --data-dir, missing files are downloaded into the cache (jcnn.data.download)
+    return data.load(name, split, data_dir=data_dir, download=data_dir is None)
 
 
 def _synthetic(split: str, seed: int):
@@ -335,12 +417,13 @@ def _load_dataset(args):
 
     if args.dataset == "synthetic":
         return _synthetic("train", 0), _synthetic("test", 0)
-    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+    tfds = args.dataset.startswith("tfds:")  # tensorflow-datasets prepares its --data-dir
+    if not tfds and args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         raise SystemExit(f"jcnn-train: --data-dir {args.data_dir}: no such folder")
-    fetch = args.data_dir is None
+    source = dict(data_dir=args.data_dir, manual_dir=args.manual_dir)
     try:
-        train = data.load(args.dataset, "train", data_dir=args.data_dir, download=fetch)
-        test = data.load(args.dataset, "test", data_dir=args.data_dir, download=fetch)
+        train = load_dataset(args.dataset, "train", **source)
+        test = load_dataset(args.dataset, "test", **source)
     except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
         raise SystemExit(f"jcnn-train: {error}") from None
     return train, test
@@ -360,9 +443,12 @@ def _flag_names() -> dict:
         "label_smoothing",
         "compute_dtype",
         "seed",
+        "val_split",
+        "val_split_seed",
+        "max_steps",
     ):
         names[f"train.{field}"] = "--" + field.replace("_", "-")
-    for field in ("model", "dataset", "limit_train", "augment", "batch_size"):
+    for field in ("model", "dataset", "limit_train", "augment", "batch_size", "manual_dir"):
         names[f"settings.{field}"] = "--" + field.replace("_", "-")
     return names
 
@@ -381,15 +467,16 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     _check_combinations(args)
-    out = Path(args.out or f"runs/{args.model}-{args.dataset}")
+    out = Path(args.out or f"runs/{args.model}-{args.dataset.replace(':', '-')}")
     _augmenters(args.augment, 10)  # the spelling of every op, before any work
 
     import jax
 
     from jcnn import data, models
     from jcnn.train import parallel, run_folder
+    from jcnn.train.callbacks import EarlyStopping
     from jcnn.train.checkpoint import CheckpointError
-    from jcnn.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
+    from jcnn.train.loop import NonFiniteLossError, TrainConfig, fit
 
     if args.devices is not None and args.devices > jax.device_count():
         raise UsageError(
@@ -420,8 +507,6 @@ def _main(argv) -> int:
                 "images (an epoch would have no batch)"
             )
         num_classes = int(max(train_y.max(), test_y.max())) + 1
-        stats = data.Standardize.fit(train_x)
-        train_x, test_x = stats(train_x), stats(test_x)
 
         mesh = parallel.make_mesh(args.devices) if args.devices else None
         sharding = parallel.data_sharding(mesh) if mesh is not None else None
@@ -444,6 +529,9 @@ def _main(argv) -> int:
             drop_remainder=False,
             sharding=sharding,
         )
+        callbacks = []
+        if args.early_stopping is not None:
+            callbacks.append(EarlyStopping("val_loss", mode="min", patience=args.early_stopping))
         attribute, kwargs = MODELS[args.model]
         model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
         config = TrainConfig(
@@ -466,6 +554,13 @@ def _main(argv) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress and sys.stderr.isatty(),
+            val_split=args.val_split,
+            val_split_seed=args.val_split_seed,
+            standardize="per_channel",  # fit on the training examples, after the validation split
+            eval_every_steps=args.eval_every_steps,
+            max_steps=args.max_steps,
+            test_every_epoch=args.val_split is None,
+            callbacks=tuple(callbacks),
         )
         command = "jcnn-train " + " ".join(sys.argv[1:] if argv is None else argv)
         settings = {
@@ -473,18 +568,35 @@ def _main(argv) -> int:
             "dataset": args.dataset,
             "data_dir": None
             if args.dataset == "synthetic"
+            else args.data_dir
+            if args.dataset.startswith("tfds:")
             else str(data.default_data_dir(args.data_dir).absolute()),
+            "manual_dir": args.manual_dir,
             "limit_train": args.limit_train,
             "augment": args.augment,
             "batch_size": args.batch_size,
             "train_images": int(train_x.shape[0]),
             "num_classes": num_classes,
-            "standardize": {"mode": stats.mode, "mean": stats.mean, "scale": stats.scale},
+            "train_data": {"images": train_x, "labels": train_y},  # described by digest
             "command": command,
+        }
+        metadata = {
+            "model": args.model,
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "manual_dir": args.manual_dir,
         }
         started = time.perf_counter()
         try:
-            result = fit(model, train_loader, test_loader, config, settings=settings)
+            result = fit(
+                model,
+                train_loader,
+                None,
+                config,
+                test_loader=test_loader,
+                metadata=metadata,
+                settings=settings,
+            )
         except NonFiniteLossError as error:
             print(f"jcnn-train: {error}", file=sys.stderr)
             return 2
@@ -499,11 +611,11 @@ def _main(argv) -> int:
                     + run_folder.format_differences(error.differences, _flag_names())
                 )
             raise UsageError(_in_flags(message), code=3) from None
-        test = evaluate(result["state"], test_loader, mesh=mesh)
+        except ValueError as error:  # a setting fit refuses, e.g. --val-split too large
+            raise UsageError(str(error)) from None
         summary = dict(result["summary"])
+        test = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
         summary.update(
-            test_loss=test["loss"],
-            test_accuracy=test["accuracy"],
             wall_seconds=time.perf_counter() - started,
             devices=len(mesh.devices.flat) if mesh is not None else 1,
             backend=jax.default_backend(),

@@ -1,19 +1,26 @@
-"""``fit``: epochs of jit-compiled steps with evaluation, checkpoints, exact resume, a run folder.
+"""``fit``: epochs of jit-compiled steps with evaluation, callbacks, checkpoints, exact resume.
 
 A run folder (``config.out``) holds::
 
-    config.json       the full configuration (``jcnn.train.run_folder.run_record``)
-    .lock             held (flock) while a process owns the folder
-    history.json      one record per epoch (train/val loss and accuracy, lr, time, images/s)
-    history.csv       the same table
-    curves.png        loss and accuracy curves
-    summary.json      the final metrics (written when training ends)
-    checkpoints/      atomic orbax checkpoints (keep-last-k plus best validation accuracy)
+    config.json         the full configuration (``jcnn.train.run_folder.run_record``)
+    .lock               held (flock) while a process owns the folder
+    run.json            how to rebuild the model (its class and fields), the input shape, metadata
+    standardize.npz     the standardization statistics (when fit knows them), for load_run
+    history.json        one record per epoch (train/val loss, accuracy and metrics, lr, time, img/s)
+    history.csv         the same table
+    evaluations.json    every validation evaluation (each epoch, and every eval_every_steps steps)
+    curves.png          loss, accuracy and metric curves, labelled train / val / test
+    summary.json        the final metrics, the test set's apart (written when training ends)
+    checkpoints/        atomic orbax checkpoints (keep-last-k plus best by ``config.monitor``)
+
+The validation set chooses (best checkpoint, early stopping); the test set (``test_loader``) is
+only evaluated and reported, at the end (and each epoch with ``config.test_every_epoch``).
 
 Exact resume: a checkpoint stores the ``TrainState`` (parameters, BatchNorm statistics, optimizer
-state, step, key), the position ``(epoch, batch)`` and the running sums of the epoch's metrics.
-Batches come from ``loader.epoch(epoch, start_step=batch)``, a pure function of
-``(seed, epoch, step)`` (see ``jcnn.data.Loader``), and the dropout key of a step is
+state, step, key), the position ``(epoch, batch)``, the running sums of the epoch's metrics, the
+evaluations so far and every callback's ``state_dict()``. Batches come from
+``loader.epoch(epoch, start_step=batch)``, a pure function of ``(seed, epoch, step)`` (see
+``jcnn.data.Loader`` and ``jcnn.train.protocol``), and the dropout key of a step is
 ``fold_in(key, step)``, so a resumed run performs exactly the computations of an uninterrupted one
 and ends with bitwise the same parameters and metrics.
 """
@@ -22,24 +29,32 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
+import numbers
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from jcnn import native
 from jcnn.functional._checks import check_positive_int
-from jcnn.train import parallel, run_folder
+from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
+from jcnn.train.callbacks import HOOKS, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
-from jcnn.train.optim import optimizer
+from jcnn.train.optim import OPTIMIZERS, optimizer
+from jcnn.train.protocol import check_eval_loader, check_train_loader
+from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
-from jcnn.train.steps import eval_step, train_step
+from jcnn.train.steps import RESERVED_METRICS, eval_step, train_step
 
 __all__ = ["TrainConfig", "fit", "evaluate", "build_schedule", "NonFiniteLossError"]
 
@@ -58,10 +73,16 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training loader.
-        optimizer: a name for ``jcnn.train.optimizer`` (sgd, momentum, nesterov, adam, ...).
-        learning_rate: the base rate ``α0`` (the peak for ``one_cycle``).
+        optimizer: a name for ``jcnn.train.optimizer`` (sgd, momentum, nesterov, adam, ...), or any
+            ``optax.GradientTransformation``, used as it is: it brings its own learning rate, so
+            ``learning_rate``, ``schedule``, ``warmup_epochs``, ``momentum`` do not apply and
+            ``weight_decay``/``clip_norm`` must stay off (chain ``optax.add_decayed_weights`` or
+            ``optax.clip_by_global_norm`` into it instead).
+        learning_rate: the base rate ``α0`` (the peak for ``one_cycle``): a number (Python or
+            NumPy), or a schedule ``step -> rate`` used as it is (then ``schedule``,
+            ``warmup_epochs``, ``step_epochs``, ``decay_rate`` do not apply).
         schedule: constant, step, exponential, inverse_time, cosine, linear, inverse_sqrt,
-            one_cycle.
+            one_cycle (over ``epochs`` epochs, or ``max_steps`` steps if fewer).
         warmup_epochs: linear warmup (in epochs, may be fractional) around the schedule.
         step_epochs: for ``schedule="step"``, the epochs at which the rate is multiplied by
             ``step_factor``.
@@ -70,12 +91,13 @@ class TrainConfig:
         weight_decay: ``λ`` (coupled or decoupled as ``jcnn.train.optimizer`` chooses).
         momentum: momentum of momentum/nesterov/lars.
         clip_norm: global gradient-norm clipping, or ``None``.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (the default loss only).
         compute_dtype: ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
         seed: initializes the model and the dropout keys (the loader has its own seed).
         devices: data-parallel over this many devices (``None``: one device, no mesh).
         out: run folder; ``None`` writes nothing (no checkpoints, no history files).
-        checkpoint_every_epochs: save at the end of every that many epochs (0: never).
+        checkpoint_every_epochs: save at the end of every that many epochs (0: only when training
+            ends).
         checkpoint_every_steps: also save every that many steps, mid-epoch (0: never).
         keep_last: checkpoints kept besides the best one.
         resume: continue the run in ``out`` from its latest checkpoint not known bad (the folder
@@ -83,11 +105,33 @@ class TrainConfig:
             ``jcnn.train.run_folder``).
         overwrite: start over in an ``out`` that holds a run, deleting that run's files.
         progress: show a progress bar (rich).
+        val_split: carve a validation set from the training loader's examples: a count (int) or a
+            fraction in ``(0, 1)``, drawn with ``val_split_seed`` (see ``split_validation``);
+            needs a ``jcnn.data.Loader`` over arrays and no ``val_loader``. ``None``: no split.
+        val_split_seed: seed of the validation split (independent of ``seed``).
+        standardize: a ``jcnn.data.Standardize`` mode (``"per_channel"``...) fit on the training
+            examples (after the validation split: never on validation or test examples) and
+            applied to the train, validation and test loaders; saved in the run folder.
+            ``None``: the loaders' images are used as they are.
+        eval_every_steps: also evaluate the validation set every that many steps (0: each epoch
+            only).
+        eval_batch_size: batch size of the validation loader carved by ``val_split``.
+        max_steps: stop after this many optimizer steps in all, even mid-epoch (``None``: no
+            limit); training ends at ``epochs`` or ``max_steps``, whichever comes first.
+        monitor: the metric ranking checkpoints for keep-best (``val_accuracy``, ``val_loss``,
+            ``val_<name>`` of an extra metric, or a ``train_`` one).
+        monitor_mode: ``"max"`` or ``"min"``: which direction of ``monitor`` is better.
+        test_every_epoch: also evaluate the test loader at each epoch's end (reported as
+            ``test_*`` in the history, never used to choose anything).
+        loss: ``(logits, labels) -> per-example (N,) or mean () loss``; ``None``: cross-entropy.
+        metrics: ``{name: fn(logits, labels) -> scalar}`` computed besides loss and accuracy
+            (per batch in training, averaged over examples in evaluation).
+        callbacks: callbacks (see ``jcnn.train.callbacks``).
     """
 
     epochs: int = 1
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
+    optimizer: str | optax.GradientTransformation = "adam"
+    learning_rate: float | Callable = 1e-3
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     step_epochs: tuple[int, ...] = ()
@@ -107,18 +151,79 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    val_split: int | float | None = None
+    val_split_seed: int = 0
+    standardize: str | None = None
+    eval_every_steps: int = 0
+    eval_batch_size: int = 1000
+    max_steps: int | None = None
+    monitor: str = "val_accuracy"
+    monitor_mode: str = "max"
+    test_every_epoch: bool = False
+    loss: Callable | None = None
+    metrics: Mapping[str, Callable] | None = None
+    callbacks: tuple = ()
 
     def to_json(self) -> dict:
-        """The config as a JSON-serializable dict."""
-        return dataclasses.asdict(self)
+        """The config as a JSON-serializable dict (objects are recorded by their names)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _jsonable(value):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, optax.GradientTransformation):
+        return "<optax.GradientTransformation>"
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if np.ndim(value) == 0 and hasattr(value, "dtype"):
+        return value.item()
+    return f"<{runs.qualified_name(value)}>"
+
+
+def _check_non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _base_rate(value) -> float:
+    """A learning rate given as a number: Python or NumPy scalar, or a 0-d array."""
+    is_scalar_array = hasattr(value, "dtype") and np.ndim(value) == 0
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or is_scalar_array):
+        raise TypeError(
+            "config.learning_rate: expected a number or a schedule (a callable step -> rate), "
+            f"got {type(value).__name__}"
+        )
+    rate = float(value)
+    if not (math.isfinite(rate) and rate >= 0):
+        raise ValueError(f"config.learning_rate: expected a finite number >= 0, got {value!r}")
+    return rate
+
+
+def _total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    total = config.epochs * steps_per_epoch
+    return min(total, config.max_steps) if config.max_steps is not None else total
 
 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
-    """The learning-rate schedule of ``config`` with epochs converted to steps."""
-    total = max(1, config.epochs * steps_per_epoch)
+    """The learning-rate schedule of ``config`` with epochs converted to steps.
+
+    A callable ``config.learning_rate`` is the schedule itself; a number is the base rate of
+    ``config.schedule``, whose horizon is the run's last step (``epochs`` or ``max_steps``).
+    """
+    if callable(config.learning_rate):
+        return config.learning_rate
+    lr = _base_rate(config.learning_rate)
+    total = max(1, _total_steps(config, steps_per_epoch))
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     horizon = max(1, total - warmup)
-    lr = config.learning_rate
     name = config.schedule
     if name == "constant":
         schedule = S.constant(lr)
@@ -142,6 +247,30 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
     return S.warmup(schedule, warmup) if warmup > 0 else schedule
 
 
+def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformation:
+    chosen = config.optimizer
+    if isinstance(chosen, optax.GradientTransformation):
+        if config.weight_decay or config.clip_norm is not None:
+            raise ValueError(
+                "config.optimizer: an optax.GradientTransformation is used as it is; "
+                "weight_decay and clip_norm apply to the named optimizers only (chain "
+                "optax.add_decayed_weights / optax.clip_by_global_norm into yours)"
+            )
+        return chosen
+    if not isinstance(chosen, str):
+        raise TypeError(
+            f"config.optimizer: expected a name (one of {', '.join(OPTIMIZERS)}) or an "
+            f"optax.GradientTransformation, got {type(chosen).__name__}"
+        )
+    return optimizer(
+        chosen,
+        schedule,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+    )
+
+
 def _compute_dtype(config):
     if config.compute_dtype in ("float32", None):
         return None
@@ -152,32 +281,146 @@ def _compute_dtype(config):
     )
 
 
-def evaluate(state: TrainState, loader, *, compute_dtype=None, mesh=None) -> dict:
-    """Mean loss and accuracy of ``state`` over one pass of ``loader`` (evaluation mode).
+def _either(given, configured, name: str, empty):
+    """The value given to ``fit`` or the one in the config; both at once is an error."""
+    if given is not None and configured not in (None, empty) and given is not configured:
+        raise ValueError(f"{name}: given both to fit and in TrainConfig.{name}; give it once")
+    return given if given is not None else configured
+
+
+def metric_pairs(metrics) -> tuple:
+    """``{name: fn}`` (or ``(name, fn)`` pairs) checked, as the hashable tuple the steps take."""
+    if metrics is None:
+        return ()
+    if isinstance(metrics, Mapping):
+        items = tuple(metrics.items())
+    elif isinstance(metrics, (tuple, list)) and all(
+        isinstance(p, tuple) and len(p) == 2 for p in metrics
+    ):
+        items = tuple(metrics)
+    else:
+        raise TypeError(
+            f"metrics: expected a dict {{name: fn(logits, labels) -> scalar}}, got "
+            f"{type(metrics).__name__}"
+        )
+    for name, fn in items:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"metrics: expected names that are identifiers, got {name!r}")
+        if name in RESERVED_METRICS:
+            raise ValueError(
+                f"metrics: {name!r} is computed already; reserved names are "
+                f"{', '.join(RESERVED_METRICS)}"
+            )
+        if not callable(fn):
+            raise TypeError(f"metrics[{name!r}]: expected a callable, got {type(fn).__name__}")
+    return items
+
+
+def _check_callbacks(callbacks) -> tuple:
+    if callbacks is None:
+        return ()
+    if not isinstance(callbacks, (tuple, list)):
+        callbacks = (callbacks,)
+    for i, callback in enumerate(callbacks):
+        if isinstance(callback, type):
+            raise TypeError(
+                f"callbacks[{i}]: expected a callback object, got the class {callback.__name__} "
+                f"(call it: {callback.__name__}(...))"
+            )
+        if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
+            raise TypeError(
+                f"callbacks[{i}]: expected an object with some of {', '.join(HOOKS)}, got "
+                f"{type(callback).__name__}"
+            )
+    return tuple(callbacks)
+
+
+def _call(callbacks, hook: str, run: RunContext, *args) -> None:
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is None:
+            continue
+        try:
+            method(run, *args)
+        except Exception as error:
+            message = (
+                f"callback {type(callback).__name__}.{hook} raised at step {run.step}: "
+                f"{type(error).__name__}: {error}"
+            )
+            if hook == "on_train_begin" and type(error) in (ValueError, TypeError):
+                raise type(error)(message) from error  # a configuration mistake
+            raise CallbackError(message) from error
+
+
+def _callback_states(callbacks) -> list[dict]:
+    states = []
+    for callback in callbacks:
+        get = getattr(callback, "state_dict", None)
+        try:
+            state = get() if callable(get) else {}
+            json.dumps(state)
+        except Exception as error:
+            raise CallbackError(
+                f"callback {type(callback).__name__}.state_dict: expected a JSON-serializable "
+                f"dict, failed with {type(error).__name__}: {error}"
+            ) from error
+        states.append({"name": type(callback).__name__, "state": state})
+    return states
+
+
+def _restore_callbacks(callbacks, saved: list[dict]) -> None:
+    names = [type(c).__name__ for c in callbacks]
+    if [s["name"] for s in saved] != names:
+        raise ValueError(
+            f"callbacks: the checkpoint holds the state of [{', '.join(s['name'] for s in saved)}]"
+            f" but fit was given [{', '.join(names)}]; resume with the same callbacks"
+        )
+    for callback, entry in zip(callbacks, saved, strict=True):
+        load = getattr(callback, "load_state_dict", None)
+        if callable(load):
+            try:
+                load(entry["state"])
+            except Exception as error:
+                raise CallbackError(
+                    f"callback {type(callback).__name__}.load_state_dict raised: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+
+
+def evaluate(
+    state: TrainState, loader, *, compute_dtype=None, mesh=None, loss=None, metrics=None
+) -> dict:
+    """Mean loss, accuracy and extra metrics of ``state`` over one pass of ``loader`` (eval mode).
 
     Args:
         state: the ``TrainState``.
         loader: yields ``(images, labels)`` from ``loader.epoch(0)`` (or plain iteration).
         compute_dtype: as for ``eval_step``.
         mesh: shard each batch over this mesh (data parallel), or ``None``.
+        loss: the loss ``(logits, labels) -> (N,) or ()``; ``None``: cross-entropy.
+        metrics: ``{name: fn(logits, labels) -> scalar}``.
 
     Returns:
-        ``{"loss", "accuracy", "count"}`` over the whole pass.
+        ``{"loss", "accuracy", <metric names>..., "count"}``: means over the examples (each batch's
+        value weighted by its size) and the number of examples.
     """
-    loss_sum = correct = 0.0
+    pairs = metric_pairs(metrics)
+    sums: dict[str, float] = {}
     count = 0
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
     for batch in batches:
         if mesh is not None:
             batch = _place_batch(batch, mesh)
-        metrics = jax.device_get(eval_step(state, tuple(batch), compute_dtype=compute_dtype))
-        n = int(metrics["count"])
-        loss_sum += float(metrics["loss"]) * n
-        correct += float(metrics["accuracy"]) * n
+        values = jax.device_get(
+            eval_step(state, tuple(batch), compute_dtype=compute_dtype, loss_fn=loss, metrics=pairs)
+        )
+        n = int(values.pop("count"))
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n
         count += n
     if count == 0:
         raise ValueError("loader: the evaluation loader yielded no batches")
-    return {"loss": loss_sum / count, "accuracy": correct / count, "count": count}
+    return {**{key: total / count for key, total in sums.items()}, "count": count}
 
 
 def _place_batch(batch, mesh):
@@ -244,19 +487,98 @@ def _all_finite(batch) -> bool:
     )
 
 
-def _new_running() -> dict:
-    """The sums behind an epoch's running train loss and accuracy (saved in checkpoints)."""
-    return {"loss": 0.0, "accuracy": 0.0, "batches": 0}
+def _new_running(names=()) -> dict:
+    """The sums behind an epoch's running train loss, accuracy, metrics (saved in checkpoints)."""
+    return {"loss": 0.0, "accuracy": 0.0, **{name: 0.0 for name in names}, "batches": 0}
 
 
-def _write_history(out: Path, history: list[dict]) -> None:
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+def _restandardize(loader, transform, name: str):
+    from jcnn.data import Loader
+
+    if not isinstance(loader, Loader):
+        raise TypeError(
+            f"{name}: config.standardize needs a jcnn.data.Loader over arrays, got "
+            f"{type(loader).__name__}"
+        )
+    images, labels = loader.examples
+    return loader.with_examples(transform(images), labels)
+
+
+def _prepare_data(config, train_loader, val_loader, test_loader, stats):
+    """Carve config.val_split, fit and apply config.standardize; the loaders to train on."""
+    if config.val_split is None and config.standardize is None:
+        return train_loader, val_loader, test_loader, stats
+    from jcnn.data import Loader, Standardize
+
+    option = "config.val_split" if config.val_split is not None else "config.standardize"
+    if stats is not None and config.standardize is not None:
+        raise ValueError(
+            "standardize: fit was given fitted statistics and config.standardize asks to fit "
+            "them; give one or the other"
+        )
+    if config.val_split is not None and val_loader is not None:
+        raise ValueError("config.val_split: fit was also given a val_loader; give one or the other")
+    if not isinstance(train_loader, Loader):
+        raise TypeError(
+            f"train_loader: {option} needs a jcnn.data.Loader over arrays (carve the split "
+            f"yourself with jcnn.train.split_validation otherwise), got "
+            f"{type(train_loader).__name__}"
+        )
+    images, labels = (np.asarray(a) for a in train_loader.examples)
+    if config.val_split is not None:
+        (images, labels), (val_images, val_labels) = split_validation(
+            images, labels, config.val_split, seed=config.val_split_seed
+        )
+        if images.shape[0] < train_loader.batch_size:
+            raise ValueError(
+                f"config.val_split: {config.val_split!r} leaves {images.shape[0]} training "
+                f"examples, fewer than the batch size {train_loader.batch_size}"
+            )
+
+    def transform(x):
+        return x
+
+    if config.standardize is not None:
+        stats = Standardize.fit(images, mode=config.standardize)
+        transform = stats
+    train_loader = train_loader.with_examples(transform(images), labels)
+    if config.val_split is not None:
+        val_loader = Loader(
+            transform(val_images),
+            val_labels,
+            batch_size=min(config.eval_batch_size, val_images.shape[0]),
+            shuffle=False,
+            drop_remainder=False,
+            sharding=train_loader.sharding,
+        )
+    elif val_loader is not None and config.standardize is not None:
+        val_loader = _restandardize(val_loader, transform, "val_loader")
+    if test_loader is not None and config.standardize is not None:
+        test_loader = _restandardize(test_loader, transform, "test_loader")
+    return train_loader, val_loader, test_loader, stats
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file and a rename: never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _write_history(out: Path, history: list[dict], evaluations: list[dict]) -> None:
+    _atomic_write(out / "history.json", json.dumps(history, indent=1))
+    _atomic_write(out / "evaluations.json", json.dumps(evaluations, indent=1))
     if history:
-        with open(out / "history.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
+        fields = list(dict.fromkeys(key for record in history for key in record))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+        _atomic_write(out / "history.csv", table.getvalue())
     _plot_curves(out / "curves.png", history)
+
+
+_CURVES = (("train", "train", "o-"), ("val", "validation", "s-"), ("test", "test", "^-"))
 
 
 def _plot_curves(path: Path, history: list[dict]) -> None:
@@ -265,31 +587,42 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(dict.fromkeys(k[len("train_") :] for r in history for k in r if k[:6] == "train_"))
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
-        if history and history[0].get(f"val_{key}") is not None:
-            ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation")
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for name, ax in zip(names, axes[0], strict=True):
+        for prefix, label, style in _CURVES:
+            values = [h.get(f"{prefix}_{name}") for h in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, [np.nan if v is None else v for v in values], style, label=label)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
+        ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    _atomic_write(path, buffer.getvalue())
 
 
-def _summary(history: list[dict], wall: float, progress: _Progress) -> dict:
+def _summary(history, evaluations, test, stop_reason, wall, progress) -> dict:
     last = history[-1]
-    vals = [h["val_accuracy"] for h in history if h.get("val_accuracy") is not None]
+    val_acc = [e["val_accuracy"] for e in evaluations]
+    val_loss = [e["val_loss"] for e in evaluations]
+    if not val_acc:  # a run resumed from a checkpoint of an older version has no evaluations
+        val_acc = [h["val_accuracy"] for h in history if h.get("val_accuracy") is not None]
     summary = {
         "epochs": last["epoch"],
+        "steps": last["step"],
         "final_train_loss": last["train_loss"],
         "final_train_accuracy": last["train_accuracy"],
         "final_val_loss": last.get("val_loss"),
         "final_val_accuracy": last.get("val_accuracy"),
-        "best_val_accuracy": max(vals) if vals else None,
+        "best_val_accuracy": max(val_acc) if val_acc else None,
+        "best_val_loss": min(val_loss) if val_loss else None,
+        "stopped": stop_reason,
+        **({f"test_{k}": v for k, v in test.items()} if test is not None else {}),
         "wall_seconds_this_process": wall,
     }
     lines = ["summary"] + [
@@ -299,8 +632,34 @@ def _summary(history: list[dict], wall: float, progress: _Progress) -> dict:
     return summary
 
 
-def fit(model, train_loader, val_loader, config: TrainConfig, *, settings=None) -> dict:
-    """Train ``model`` for ``config.epochs`` epochs; evaluate, checkpoint and log each epoch.
+def _prefixed(prefix: str, values: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in values.items() if k != "count"}
+
+
+def _format(values: dict, prefix: str) -> str:
+    parts = [
+        f"{k[len(prefix) + 1 :]} {v:.4f}"
+        for k, v in values.items()
+        if k[: len(prefix) + 1] == prefix + "_" and v is not None
+    ]
+    return f"{prefix} " + " ".join(parts)
+
+
+def fit(
+    model,
+    train_loader,
+    val_loader=None,
+    config: TrainConfig | None = None,
+    *,
+    test_loader=None,
+    loss=None,
+    metrics=None,
+    callbacks=None,
+    standardize=None,
+    metadata: dict | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """Train ``model``; evaluate, call back, checkpoint and log as ``config`` says.
 
     With ``config.out`` the run folder belongs to this call (``jcnn.train.run_folder``): it is
     locked against other processes, ``config.json`` records the full configuration, a resume with
@@ -309,55 +668,129 @@ def fit(model, train_loader, val_loader, config: TrainConfig, *, settings=None) 
 
     Args:
         model: a Flax module ``__call__(x, train: bool)`` returning logits.
-        train_loader: a ``jcnn.data.Loader`` (``len``, ``epoch(e, start_step=s)``, ``batch(e, s)``)
-            yielding floating images and integer or soft labels.
-        val_loader: a loader for evaluation each epoch, or ``None``.
-        config: a ``TrainConfig``.
-        settings: what else defines the run and ``fit`` cannot see (dataset, data directory,
-            standardization statistics...): plain JSON values recorded in ``config.json`` and
-            compared on resume (``data_dir`` and ``command`` may change).
+        train_loader: a loader with ``len()``, ``epoch(e, start_step=s)`` and ``batch(e, s)``
+            (``jcnn.data.Loader``; see ``jcnn.train.protocol``) yielding floating images and
+            integer or soft labels.
+        val_loader: the validation set, evaluated each epoch (and every
+            ``config.eval_every_steps``); it chooses the best checkpoint and drives early stopping.
+            ``None``: none, or the one ``config.val_split`` carves from ``train_loader``.
+        config: a ``TrainConfig`` (default ``TrainConfig()``).
+        test_loader: the test set, evaluated at the end (``test_*`` in the summary), never used
+            to choose anything.
+        loss: ``(logits, labels) -> per-example (N,) or mean () loss`` (or ``config.loss``).
+        metrics: ``{name: fn(logits, labels) -> scalar}`` (or ``config.metrics``).
+        callbacks: a list of callbacks (or ``config.callbacks``; see ``jcnn.train.callbacks``).
+        standardize: the fitted ``jcnn.data.Standardize`` already applied to the loaders' images,
+            saved in the run folder so that ``load_run`` can apply it to new images (with
+            ``config.standardize`` fit computes and saves it itself).
+        metadata: JSON-serializable facts saved in ``run.json`` (e.g. the dataset's name).
+        settings: what else defines the run and ``fit`` cannot see (dataset, data directory...):
+            plain JSON values recorded in ``config.json`` and compared on resume (``data_dir``
+            and ``command`` may change).
 
     Returns:
-        ``{"history": [per-epoch records], "summary": {...}, "state": final TrainState}``.
+        ``{"history": [per-epoch records], "evaluations": [...], "summary": {...},
+        "state": final TrainState, "standardize": the statistics or None}``.
 
     Raises:
         NonFiniteLossError: a step's loss was NaN or infinite (the message names the step and
             the newest checkpoint known good: finite, and a finite loss from its parameters).
+        CallbackError: a callback raised (the message names it; nothing of that step is saved).
         RunFolderError: the folder is in use, or the start was refused (see above).
         CheckpointError: the checkpoint to resume from is corrupt or does not match.
     """
+    config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a jcnn.train.TrainConfig, got {type(config).__name__}")
+    arguments = dict(
+        test_loader=test_loader,
+        loss=loss,
+        metrics=metrics,
+        callbacks=callbacks,
+        standardize=standardize,
+        metadata=metadata,
+        settings=settings,
+    )
     if config.out is None or jax.process_index() != 0:
-        return _fit(model, train_loader, val_loader, config, settings)
+        return _fit(model, train_loader, val_loader, config, **arguments)
     run_folder.check_start(config.out, resume=config.resume, overwrite=config.overwrite)
     with run_folder.claim(config.out):
-        return _fit(model, train_loader, val_loader, config, settings)
+        return _fit(model, train_loader, val_loader, config, **arguments)
 
 
-def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict:
-    if not hasattr(train_loader, "epoch") or not hasattr(train_loader, "__len__"):
-        raise TypeError(
-            "train_loader: expected a loader with len() and epoch(epoch, start_step=...), "
-            f"got {type(train_loader).__name__}"
-        )
+def _fit(
+    model,
+    train_loader,
+    val_loader,
+    config: TrainConfig,
+    *,
+    test_loader,
+    loss,
+    metrics,
+    callbacks,
+    standardize,
+    metadata,
+    settings,
+) -> dict:
+    from jcnn.data import Standardize
+
+    check_train_loader(train_loader)
+    for name, loader in (("val_loader", val_loader), ("test_loader", test_loader)):
+        if loader is not None:
+            check_eval_loader(loader, name)
     check_positive_int(config.epochs, "config.epochs")
     if (config.resume or config.overwrite) and config.out is None:
         raise ValueError(
             "config.resume, config.overwrite: expected with a run folder (config.out), got out=None"
+        )
+    if config.max_steps is not None:
+        check_positive_int(config.max_steps, "config.max_steps")
+    _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")
+    check_positive_int(config.eval_batch_size, "config.eval_batch_size")
+    if config.monitor_mode not in ("max", "min"):
+        raise ValueError(
+            f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
+        )
+    loss_fn = _either(loss, config.loss, "loss", None)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
+    if loss_fn is not None and config.label_smoothing:
+        raise ValueError(
+            "config.label_smoothing: applies to the default cross-entropy only, not to a custom "
+            "loss (smooth inside your loss)"
+        )
+    pairs = metric_pairs(_either(metrics, config.metrics, "metrics", {}))
+    extra_names = [name for name, _ in pairs]
+    callbacks = _check_callbacks(_either(callbacks, config.callbacks, "callbacks", ()))
+    if standardize is not None and not isinstance(standardize, Standardize):
+        raise TypeError(
+            "standardize: expected a fitted jcnn.data.Standardize, got "
+            f"{type(standardize).__name__}"
+        )
+    if metadata is not None:
+        try:
+            json.dumps(metadata)
+        except TypeError as error:
+            raise TypeError(f"metadata: expected a JSON-serializable dict ({error})") from error
+    given_train_loader = train_loader
+    train_loader, val_loader, test_loader, stats = _prepare_data(
+        config, train_loader, val_loader, test_loader, standardize
+    )
+    has_val = val_loader is not None
+    val_names = ["val_loss", "val_accuracy", *[f"val_{n}" for n in extra_names]]
+    monitorable = val_names + ["train_loss", "train_accuracy", *[f"train_{n}" for n in extra_names]]
+    if config.monitor not in monitorable:
+        raise ValueError(
+            f"config.monitor: expected one of {', '.join(monitorable)}, got {config.monitor!r}"
         )
     steps_per_epoch = len(train_loader)
     if steps_per_epoch < 1:
         raise ValueError("train_loader: expected at least one batch per epoch, got 0")
     compute_dtype = _compute_dtype(config)
     schedule = build_schedule(config, steps_per_epoch)
-    tx = optimizer(
-        config.optimizer,
-        schedule,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm,
-    )
+    tx = _build_optimizer(config, schedule)
+    if isinstance(config.optimizer, optax.GradientTransformation):
+        schedule = None  # the optimizer's own rate: not known here
     sample_images, _ = train_loader.batch(0, 0)
     state = TrainState.create(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
@@ -367,19 +800,31 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
     out = Path(config.out) if config.out else None
     manager = None
     if out is not None:
-        record = run_folder.run_record(config, model, train_loader, settings)
-        run_folder.check_start(out, resume=config.resume, overwrite=config.overwrite, record=record)
+        # what defines the run, as fit uses it (loss, metrics, callbacks given here or in config)
+        effective = dataclasses.replace(
+            config, loss=loss_fn, metrics=dict(pairs) or None, callbacks=callbacks
+        )
+        config_record = run_folder.run_record(effective, model, given_train_loader, settings)
+        if standardize is not None:
+            config_record["standardize"] = run_folder.describe(standardize)
+        run_folder.check_start(
+            out, resume=config.resume, overwrite=config.overwrite, record=config_record
+        )
         if config.overwrite and jax.process_index() == 0:
             run_folder.clear(out)
         if jax.process_count() > 1:  # nobody opens the checkpoints while process 0 clears them
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("jcnn_run_folder_ready")
-        manager = CheckpointManager(out / "checkpoints", keep_last=config.keep_last)
+        manager = CheckpointManager(
+            out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
+        )
 
     history: list[dict] = []
+    evaluations: list[dict] = []
     epoch, start_batch = 0, 0
-    running = _new_running()
+    running = _new_running(extra_names)
+    stop_reason = None
     progress = _Progress(config.progress)
     pending = None  # a checkpoint whose parameters the next step's loss will judge
     if config.resume and manager is not None:
@@ -392,53 +837,110 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
         state, meta = manager.restore(state, usable[-1])
         epoch, start_batch = meta["epoch"], meta["batch"]
         running, history = meta["running"], meta["history"]
+        evaluations = meta.get("evaluations", [])
+        stop_reason = meta.get("stopped")
         if epoch > config.epochs:
             raise run_folder.RunFolderError(
                 f"cannot resume {out}: it has already trained {epoch} epochs, more than the "
                 f"{config.epochs} asked for",
                 out,
             )
+        if config.max_steps is not None and int(state.step) > config.max_steps:
+            raise run_folder.RunFolderError(
+                f"cannot resume {out}: it has already trained {int(state.step)} steps, more than "
+                f"max_steps={config.max_steps}",
+                out,
+            )
+        if "callbacks" in meta:
+            _restore_callbacks(callbacks, meta["callbacks"])
         pending = usable[-1]
         progress.print(
             f"resumed from {manager.path(usable[-1])} (epoch {epoch + 1}, batch {start_batch})"
         )
     if out is not None and jax.process_index() == 0:
-        run_folder.write_config(out, record)  # only now: a refused start leaves the folder as is
+        # only now: a refused start or a failed restore leaves the folder as it was
+        run_folder.write_config(out, config_record)
+        description = runs.run_description(model, sample_images, metadata)
+        _atomic_write(out / runs.RUN_FILE, json.dumps(description, indent=1))
+        if stats is not None:
+            runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
     if mesh is not None:
         state = parallel.replicate(state, mesh)
 
+    run = RunContext(
+        config=config,
+        steps_per_epoch=steps_per_epoch,
+        out=out,
+        has_validation=has_val,
+        validation_metrics=val_names if has_val else (),
+    )
+    run.history, run.evaluations, run.stop_reason = history, evaluations, stop_reason
+    run.state, run.step, run.epoch, run.batch = state, int(state.step), epoch, start_batch
+
     def save(metric=None):
         nonlocal pending
-        meta = {"epoch": epoch, "batch": batch_index, "running": running, "history": history}
+        meta = {
+            "epoch": epoch,
+            "batch": batch_index,
+            "running": running,
+            "history": history,
+            "evaluations": evaluations,
+            "callbacks": _callback_states(callbacks),
+            "stopped": run.stop_reason,
+        }
         # the parameters' loss on the batch they last trained on: finite or not
-        check = jax.device_get(eval_step(state, tuple(batch), compute_dtype=compute_dtype))
+        check = jax.device_get(
+            eval_step(state, tuple(batch), compute_dtype=compute_dtype, loss_fn=loss_fn)
+        )
         status = "good" if math.isfinite(float(check["loss"])) else "bad"
         manager.save(int(state.step), state, meta, metric=metric, status=status)
         pending = int(state.step)
+
+    def validate():
+        values = evaluate(
+            state, val_loader, compute_dtype=compute_dtype, mesh=mesh, loss=loss_fn, metrics=pairs
+        )
+        entry = {"step": int(state.step), "epoch": epoch + 1, **_prefixed("val", values)}
+        evaluations.append(entry)
+        _call(callbacks, "on_evaluation", run, dict(entry))
+        return entry
+
+    def finished():
+        return (
+            run.stop_reason is not None
+            or epoch >= config.epochs
+            or (config.max_steps is not None and int(state.step) >= config.max_steps)
+        )
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "-1"))
     started = time.perf_counter()
     # XLA's SPMD partitioner cannot split the oneDNN custom calls over the batch: it would gather
     # the whole batch onto every device for each convolution.
     several_devices = mesh is not None and mesh.size > 1
+    batch_index = start_batch
     with progress, native.conv_backend_scope("xla" if several_devices else None):
-        while epoch < config.epochs:
+        _call(callbacks, "on_train_begin", run)
+        while not finished():
             progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, start_batch)
             epoch_start = time.perf_counter()
             images_this_process = 0
             batch_index = start_batch
+            last_evaluation = None
             for batch in train_loader.epoch(epoch, start_step=start_batch):
                 if mesh is not None:
                     batch = _place_batch(batch, mesh)
-                state, metrics = train_step(
+                state, step_metrics = train_step(
                     state,
                     tuple(batch),
                     compute_dtype=compute_dtype,
                     label_smoothing=config.label_smoothing,
+                    loss_fn=loss_fn,
+                    metrics=pairs,
                 )
-                loss = float(metrics["loss"])
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                loss_value = values["loss"]
                 step = int(state.step)
-                if not math.isfinite(loss):
+                if not math.isfinite(loss_value):
                     kept = ""
                     if manager is not None:
                         if pending == step - 1 and _all_finite(batch):
@@ -450,7 +952,7 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
                             else "; no checkpoint is known good"
                         )
                     raise NonFiniteLossError(
-                        f"non-finite loss ({loss}) at step {step} (epoch {epoch + 1}, batch "
+                        f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, batch "
                         f"{batch_index + 1}); training stopped{kept}"
                     )
                 if pending is not None:
@@ -458,19 +960,30 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
                         manager.mark(pending, "good")
                     pending = None
                 batch_index += 1
-                n = int(batch[0].shape[0])
-                running["loss"] += loss
-                running["accuracy"] += float(metrics["accuracy"])
+                for name in ("loss", "accuracy", *extra_names):
+                    running[name] += values[name]
                 running["batches"] += 1
-                images_this_process += n
+                images_this_process += int(batch[0].shape[0])
                 if batch_index % 10 == 0 or batch_index == steps_per_epoch:
                     rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
+                    lr = f"lr {float(schedule(step)):.3g} " if schedule is not None else ""
                     progress.update(
                         batch_index,
                         f"loss {running['loss'] / running['batches']:.4f} "
                         f"acc {running['accuracy'] / running['batches']:.4f} "
-                        f"lr {float(schedule(step)):.3g} {rate:,.0f} img/s",
+                        f"{lr}{rate:,.0f} img/s",
                     )
+                run.state, run.step, run.epoch, run.batch = state, step, epoch, batch_index
+                _call(callbacks, "on_step", run, values)
+                if (
+                    has_val
+                    and config.eval_every_steps
+                    and step % config.eval_every_steps == 0
+                    and batch_index < steps_per_epoch
+                ):
+                    last_evaluation = validate()
+                if finished():
+                    break
                 if (
                     manager is not None
                     and config.checkpoint_every_steps
@@ -481,43 +994,86 @@ def _fit(model, train_loader, val_loader, config: TrainConfig, settings) -> dict
                 if step == crash_after and batch_index < steps_per_epoch:
                     os._exit(17)
             seconds = time.perf_counter() - epoch_start
+            step = int(state.step)
+            batches = max(running["batches"], 1)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "step": int(state.step),
-                "train_loss": running["loss"] / running["batches"],
-                "train_accuracy": running["accuracy"] / running["batches"],
-                "val_loss": None,
-                "val_accuracy": None,
-                "learning_rate": float(schedule(int(state.step))),
+                "step": step,
+                "train_loss": running["loss"] / batches,
+                "train_accuracy": running["accuracy"] / batches,
+                **{f"train_{n}": running[n] / batches for n in extra_names},
+                **dict.fromkeys(val_names),
+                "learning_rate": float(schedule(step)) if schedule is not None else None,
                 "seconds": seconds,
                 "images_per_second": images_this_process / max(seconds, 1e-9),
             }
-            if val_loader is not None:
-                val = evaluate(state, val_loader, compute_dtype=compute_dtype, mesh=mesh)
-                record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
+            if has_val:
+                reuse = last_evaluation is not None and last_evaluation["step"] == step
+                entry = last_evaluation if reuse else validate()
+                record.update({k: entry[k] for k in val_names})
+            if test_loader is not None and config.test_every_epoch:
+                test = evaluate(
+                    state,
+                    test_loader,
+                    compute_dtype=compute_dtype,
+                    mesh=mesh,
+                    loss=loss_fn,
+                    metrics=pairs,
+                )
+                record.update(_prefixed("test", test))
             history.append(record)
             progress.print(
-                f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.4f}"
-                + (
-                    f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}"
-                    if record["val_loss"] is not None
-                    else ""
-                )
+                f"epoch {epoch + 1}: {_format(record, 'train')}"
+                + (f" | {_format(record, 'val')}" if has_val else "")
+                + (f" | {_format(record, 'test')}" if "test_loss" in record else "")
                 + f" | {record['images_per_second']:,.0f} img/s, {seconds:.1f}s"
+                + (" (stopped mid-epoch)" if batch_index < steps_per_epoch else "")
             )
-            epoch, start_batch = epoch + 1, 0
-            batch_index = 0
-            running = _new_running()
+            _call(callbacks, "on_epoch_end", run, dict(record))
+            completed = batch_index == steps_per_epoch
+            if completed:
+                epoch, start_batch, batch_index = epoch + 1, 0, 0
+                running = _new_running(extra_names)
+            run.epoch, run.batch = epoch, batch_index
             if out is not None:
                 if jax.process_index() == 0:
-                    _write_history(out, history)
+                    _write_history(out, history, evaluations)
                 every = config.checkpoint_every_epochs
-                if every and (epoch % every == 0 or epoch == config.epochs):
-                    save(metric=record["val_accuracy"])
+                if finished() or (every and completed and epoch % every == 0):
+                    save(metric=record.get(config.monitor))
                 if int(state.step) == crash_after:
                     os._exit(17)
-    summary = _summary(history, time.perf_counter() - started, progress) if history else {}
+        if run.stop_reason is not None:
+            progress.print(f"stopped: {run.stop_reason}")
+        _call(callbacks, "on_train_end", run)
+    test = None
+    if test_loader is not None:
+        last = history[-1] if history else {}
+        if "test_loss" in last and last["step"] == int(state.step):
+            test = {k[len("test_") :]: v for k, v in last.items() if k.startswith("test_")}
+        else:
+            test = evaluate(
+                state,
+                test_loader,
+                compute_dtype=compute_dtype,
+                mesh=mesh,
+                loss=loss_fn,
+                metrics=pairs,
+            )
+            test.pop("count")
+    summary = (
+        _summary(
+            history, evaluations, test, run.stop_reason, time.perf_counter() - started, progress
+        )
+        if history
+        else {}
+    )
     if out is not None and jax.process_index() == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return {"history": history, "summary": summary, "state": state}
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    return {
+        "history": history,
+        "evaluations": evaluations,
+        "summary": summary,
+        "state": state,
+        "standardize": stats,
+    }

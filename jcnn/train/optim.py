@@ -36,6 +36,7 @@ function of the params) chooses which parameters decay; the default decays only 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -86,7 +87,7 @@ def default_decay_mask(params) -> Any:
 def _check_rate(value, name: str) -> None:
     if callable(value):
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
         raise ValueError(f"{name}: expected a non-negative number or a schedule, got {value!r}")
 
 

@@ -58,11 +58,15 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 RUN_FILES = (
     CONFIG_FILE,
+    "run.json",
+    "standardize.npz",
     "history.json",
     "history.csv",
+    "evaluations.json",
     "curves.png",
     "summary.json",
     "checkpoints",
+    "best",
 )
 """What a run writes into its folder; ``overwrite`` deletes these and nothing else."""
 
@@ -77,25 +81,38 @@ MAY_CHANGE = frozenset(
         "train.keep_last",
         "train.checkpoint_every_epochs",
         "train.checkpoint_every_steps",
+        "train.eval_every_steps",
+        "train.eval_batch_size",
+        "train.test_every_epoch",
+        "train.callbacks",
         "settings.data_dir",
         "settings.command",
     }
 )
-"""Record entries that may differ between a run and its resumption (``train.epochs``: see
-:data:`LENGTH_FREE_SCHEDULES`)."""
+"""Record entries that may differ between a run and its resumption (``train.epochs`` and
+``train.max_steps``: see :data:`LENGTH_FREE_SCHEDULES`). What is evaluated and when, and the
+callbacks, may change: they do not enter the training computations (``fit`` checks that a resume
+has callbacks of the same classes, to restore their state)."""
+
+LENGTH_SETTINGS = ("train.epochs", "train.max_steps")
+"""The run's length: may change on resume when the learning rate does not depend on it."""
 
 LENGTH_FREE_SCHEDULES = frozenset(
     {"constant", "step", "exponential", "inverse_time", "inverse_sqrt"}
 )
 """Schedules whose rate at a step does not depend on the number of epochs: with these a resume may
-change ``epochs`` (to extend a run)."""
+change ``epochs`` or ``max_steps`` (to extend a run). So may a run whose learning rate is a schedule
+of its own (a callable ``learning_rate``, or an ``optax`` optimizer bringing its rate)."""
 
 _MISSING = "(absent)"
 
 
-class RunFolderError(RuntimeError):
-    """The run folder is in use, holds another run, lacks what a resume needs, or its recorded
-    configuration differs from the one given.
+class RunFolderError(ValueError, RuntimeError):
+    """The run folder is in use, holds another run, lacks what a resume needs, its recorded
+    configuration differs from the one given, or (``load_run``) it is not a readable run.
+
+    A ``ValueError`` (a folder that does not fit the request) and a ``RuntimeError`` (a folder
+    busy with another process), so that either ``except`` catches it.
 
     Attributes:
         folder: the run folder.
@@ -376,12 +393,25 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     found = []
     for key in sorted(flat_old.keys() | flat_new.keys()):
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
-        if before == after or key in MAY_CHANGE:
+        if before == after or _may_change(key):
             continue
-        if key == "train.epochs" and flat_new.get("train.schedule") in LENGTH_FREE_SCHEDULES:
+        if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
             continue
         found.append((key, before, after))
     return found
+
+
+def _may_change(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in MAY_CHANGE)
+
+
+def _length_free(train: dict) -> bool:
+    """Whether the learning rate at a step is the same whatever the run's length."""
+    own_rate = "learning_rate" in train and not isinstance(train["learning_rate"], (int, float))
+    own_optimizer = "optimizer" in train and not isinstance(train["optimizer"], str)
+    if own_rate or own_optimizer:
+        return True  # the rate is the user's own schedule (or the optax optimizer's)
+    return train.get("schedule") in LENGTH_FREE_SCHEDULES
 
 
 def _show(value) -> str:
@@ -399,7 +429,7 @@ def format_differences(found, names=None) -> str:
             continue
         seen.add(label)
         note = ""
-        if key == "train.epochs":
+        if key in LENGTH_SETTINGS:
             note = " (the schedule depends on the run's length)"
         parts.append(f"{label}: {_show(before)} in the run, {_show(after)} now{note}")
     return "; ".join(parts)

@@ -12,7 +12,55 @@ from jcnn import functional as F
 from jcnn.functional._checks import check_array
 from jcnn.train.state import TrainState
 
-__all__ = ["train_step", "eval_step", "loss_and_logits"]
+__all__ = ["train_step", "eval_step", "loss_and_logits", "batch_loss", "batch_metrics"]
+
+RESERVED_METRICS = ("loss", "accuracy", "grad_norm", "count")
+
+
+def _describe(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def batch_loss(loss_fn, logits, labels):
+    """The mean of ``loss_fn(logits, labels)`` over the batch, its shape checked.
+
+    ``loss_fn`` returns one loss per example ``(N,)`` (averaged here) or their mean, a scalar.
+    Anything else (a ``(N, K)`` table, a wrong length) is a ``ValueError`` naming ``loss_fn``.
+
+    >>> import jax.numpy as jnp
+    >>> logits, labels = jnp.zeros((4, 3)), jnp.array([0, 1, 2, 0])
+    >>> float(batch_loss(lambda z, y: jnp.sum(z, axis=1) + 1.0, logits, labels))
+    1.0
+    """
+    value = jnp.asarray(loss_fn(logits, labels))
+    n = logits.shape[0]
+    if value.shape not in ((), (n,)):
+        raise ValueError(
+            f"loss {_describe(loss_fn)}: expected one loss per example, shape ({n},), or their "
+            f"mean, shape (), got shape {value.shape}"
+        )
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(
+            f"loss {_describe(loss_fn)}: expected a floating loss, got dtype {value.dtype}"
+        )
+    return jnp.mean(value.astype(jnp.float32)) if value.ndim else value.astype(jnp.float32)
+
+
+def batch_metrics(metrics, logits, labels) -> dict:
+    """``{name: fn(logits, labels)}`` for the ``(name, fn)`` pairs of ``metrics``, each a scalar.
+
+    A metric that returns anything but a scalar is a ``ValueError`` naming it.
+    """
+    values = {}
+    for name, fn in metrics or ():
+        value = jnp.asarray(fn(logits, labels))
+        if value.shape != ():
+            raise ValueError(
+                f"metric {name!r} ({_describe(fn)}): expected a scalar (the batch's value), got "
+                f"shape {value.shape}"
+            )
+        values[name] = value.astype(jnp.float32)
+    return values
 
 
 def _check_batch(state, batch):
@@ -46,8 +94,9 @@ def loss_and_logits(
     dropout_key=None,
     compute_dtype=None,
     label_smoothing: float = 0.0,
+    loss_fn=None,
 ):
-    """Mean cross-entropy of the model on a batch, with the logits and the new BatchNorm statistics.
+    """Mean loss of the model on a batch, with the logits and the new BatchNorm statistics.
 
     Args:
         params: the parameters to differentiate with respect to (float32).
@@ -59,6 +108,8 @@ def loss_and_logits(
         compute_dtype: e.g. ``jnp.bfloat16`` to run the model in that dtype; parameters stay float32
             (they are cast inside, so gradients come back in float32) and the loss is float32.
         label_smoothing: passed to ``F.cross_entropy``.
+        loss_fn: ``(logits, labels) -> per-example (N,) or mean loss`` (see ``batch_loss``); the
+            default ``None`` is ``F.cross_entropy`` with ``label_smoothing``.
 
     Returns:
         ``(loss, (logits, new_batch_stats))``.
@@ -82,14 +133,27 @@ def loss_and_logits(
     # BN statistics keep the dtype they are stored in whatever the compute dtype.
     new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats, state.batch_stats)
     logits = logits.astype(jnp.float32)
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if loss_fn is None:
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    else:
+        loss = batch_loss(loss_fn, logits, labels)
     return loss, (logits, new_stats)
 
 
 @functools.partial(
-    jax.jit, donate_argnums=(0,), static_argnames=("compute_dtype", "label_smoothing")
+    jax.jit,
+    donate_argnums=(0,),
+    static_argnames=("compute_dtype", "label_smoothing", "loss_fn", "metrics"),
 )
-def train_step(state: TrainState, batch, *, compute_dtype=None, label_smoothing: float = 0.0):
+def train_step(
+    state: TrainState,
+    batch,
+    *,
+    compute_dtype=None,
+    label_smoothing: float = 0.0,
+    loss_fn=None,
+    metrics=None,
+):
     """One optimizer step on a batch; the old state's buffers are donated.
 
     The dropout key of step ``t`` is ``fold_in(state.key, t)``, so a run is a pure function of its
@@ -100,11 +164,15 @@ def train_step(state: TrainState, batch, *, compute_dtype=None, label_smoothing:
         batch: ``(images, labels)``: floating images ``(N, ...)``; integer labels ``(N,)`` or
             soft labels ``(N, K)`` (mixup, cutmix, smoothing).
         compute_dtype: ``None`` (the parameters' float32) or ``jnp.bfloat16``.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (default loss only).
+        loss_fn: a loss ``(logits, labels) -> (N,) or ()`` instead of cross-entropy (hashable:
+            it is a static argument).
+        metrics: a tuple of ``(name, fn)`` pairs, ``fn(logits, labels) -> scalar``, computed on
+            the batch besides the loss and accuracy.
 
     Returns:
         ``(new_state, metrics)`` with scalar ``metrics["loss"]``, ``metrics["accuracy"]`` (on the
-        batch, before the update) and ``metrics["grad_norm"]``.
+        batch, before the update), ``metrics["grad_norm"]`` and one entry per extra metric.
     """
     images, labels = _check_batch(state, batch)
     dropout_key = jax.random.fold_in(state.key, state.step)
@@ -118,6 +186,7 @@ def train_step(state: TrainState, batch, *, compute_dtype=None, label_smoothing:
         dropout_key=dropout_key,
         compute_dtype=compute_dtype,
         label_smoothing=label_smoothing,
+        loss_fn=loss_fn,
     )
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
@@ -126,33 +195,43 @@ def train_step(state: TrainState, batch, *, compute_dtype=None, label_smoothing:
         opt_state=new_opt_state,
         step=state.step + 1,
     )
-    metrics = {
+    values = {
         "loss": loss,
         "accuracy": F.accuracy(logits, labels),
         "grad_norm": optax.tree.norm(grads),
+        **batch_metrics(metrics, logits, labels),
     }
-    return new_state, metrics
+    return new_state, values
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype",))
-def eval_step(state: TrainState, batch, *, compute_dtype=None):
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "loss_fn", "metrics"))
+def eval_step(state: TrainState, batch, *, compute_dtype=None, loss_fn=None, metrics=None):
     """Loss and accuracy of the model in evaluation mode (running BatchNorm statistics).
 
     Args:
         state: the ``TrainState`` (not modified, not donated).
         batch: ``(images, labels)`` as for ``train_step``.
         compute_dtype: as for ``train_step``.
+        loss_fn: as for ``train_step``.
+        metrics: as for ``train_step``.
 
     Returns:
-        ``{"loss", "accuracy", "count"}``: batch means and the number of examples, so that means
-        over a dataset are ``sum(count * value) / sum(count)``.
+        ``{"loss", "accuracy", "count"}`` and the extra metrics: batch means and the number of
+        examples, so that means over a dataset are ``sum(count * value) / sum(count)``.
     """
     images, labels = _check_batch(state, batch)
     loss, (logits, _) = loss_and_logits(
-        state.params, state, images, labels, train=False, compute_dtype=compute_dtype
+        state.params,
+        state,
+        images,
+        labels,
+        train=False,
+        compute_dtype=compute_dtype,
+        loss_fn=loss_fn,
     )
     return {
         "loss": loss,
         "accuracy": F.accuracy(logits, labels),
+        **batch_metrics(metrics, logits, labels),
         "count": jnp.asarray(images.shape[0], jnp.int32),
     }

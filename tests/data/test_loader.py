@@ -212,3 +212,24 @@ def test_argument_checks(dataset):
         loader.epoch(0, start_step=11)
     with pytest.raises(TypeError, match="source"):
         Loader.from_source(3, batch_size=2)
+
+
+def test_with_examples_keeps_every_setting(dataset):
+    images, labels = dataset
+    loader = Loader(images, labels, batch_size=8, seed=4, augment=AUGMENT, drop_remainder=False)
+    held, held_labels = loader.examples
+    np.testing.assert_array_equal(np.asarray(held), images)
+    np.testing.assert_array_equal(np.asarray(held_labels), labels)
+    part = loader.with_examples(images[:20], labels[:20])
+    fresh = Loader(
+        images[:20], labels[:20], batch_size=8, seed=4, augment=AUGMENT, drop_remainder=False
+    )
+    assert len(part) == len(fresh) == 3
+    for (x, y), (x2, y2) in zip(_epoch(part, 2), _epoch(fresh, 2), strict=True):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+    with pytest.raises(ValueError, match="batch_size: expected 1..5"):
+        loader.with_examples(images[:5], labels[:5])
+    streaming = Loader.from_source(list(zip(images, labels, strict=True)), batch_size=8)
+    with pytest.raises(TypeError, match="examples: a streaming loader"):
+        _ = streaming.examples

@@ -220,7 +220,25 @@ def _assert_one_line(err):
         (["--schedule", "step"], "--schedule step needs --step-epochs"),
         (["--step-epochs", "2"], "--step-epochs applies to --schedule step only"),
         (["--model", "resnet1000"], "--model: invalid choice: 'resnet1000'"),
-        (["--dataset", "imagenet"], "--dataset: invalid choice"),
+        (["--dataset", "imagenet"], "--dataset: expected one of mnist"),
+        (["--dataset", "tfds:"], "or tfds:NAME, got 'tfds:'"),
+        (["--val-split", "0"], "--val-split: expected a count"),
+        (["--val-split", "-3"], "--val-split: expected a count"),
+        (
+            ["--val-split", "1.5"],
+            "--val-split: expected a count (e.g. 5000) or a fraction in (0, 1)",
+        ),
+        (["--val-split", "nan"], "--val-split"),
+        (["--val-split", "ten"], "--val-split: expected a count"),
+        (["--val-split-seed", "-1"], "--val-split-seed"),
+        (["--eval-every-steps", "-1"], "--eval-every-steps: expected an integer >= 0"),
+        (["--eval-every-steps", "5"], "--eval-every-steps needs a validation set"),
+        (["--max-steps", "0"], "--max-steps: expected a positive integer"),
+        (["--max-steps", "1.5"], "--max-steps: expected a positive integer"),
+        (["--early-stopping", "0"], "--early-stopping: expected a positive integer"),
+        (["--early-stopping", "3"], "--early-stopping needs a validation set"),
+        (["--manual-dir", "."], "--manual-dir applies to --dataset tfds:NAME only"),
+        (["--dataset", "tfds:toy", "--manual-dir", "/nonexistent/x"], "no such folder"),
         (["--optimizer", "adamax"], "--optimizer: invalid choice"),
         (["--compute-dtype", "float16"], "--compute-dtype"),
         (["--resume", "--overwrite"], "--overwrite: not allowed with argument --resume"),
@@ -335,8 +353,10 @@ def test_config_json_records_the_command_line_settings(small_run):
         128,
     )
     assert settings["augment"] == "" and settings["num_classes"] == 10
-    assert len(settings["standardize"]["mean"]) == len(settings["standardize"]["scale"]) == 1
+    assert settings["train_data"]["images"].startswith("array(128, 28, 28, 1) uint8 sha256:")
+    assert settings["train_data"]["labels"].startswith("array(128,) int32 sha256:")
     assert record["train"]["learning_rate"] == 0.001 and record["train"]["seed"] == 0
+    assert record["train"]["standardize"] == "per_channel" and record["train"]["val_split"] is None
     assert record["model"]["original"] is True
 
 
@@ -350,6 +370,7 @@ def test_config_json_records_the_command_line_settings(small_run):
         (["--seed", "1"], "--seed"),
         (["--augment", "random_hflip"], "--augment"),
         (["--optimizer", "nesterov"], "--optimizer"),
+        (["--val-split", "32"], "--val-split: null in the run, 32 now"),
     ],
 )
 def test_resume_with_other_flags_is_refused_naming_them(small_run, tmp_path, capsys, extra, named):
@@ -426,3 +447,135 @@ def test_out_that_is_a_file_and_a_corrupt_dataset(tmp_path, capsys):
     _assert_one_line(err)
     assert "train-images-idx3-ubyte.gz" in err and "gzip" in err
     assert not (tmp_path / "run").exists()
+
+
+# --- validation split, jcnn-eval, tfds:NAME ---
+
+SMALL_SPLIT = [
+    "--model",
+    "lenet5_1998",
+    "--dataset",
+    "synthetic",
+    "--limit-train",
+    "256",
+    "--batch-size",
+    "64",
+    "--no-progress",
+]
+
+
+def test_val_split_run_then_jcnn_eval(tmp_path, capsys):
+    from jcnn.train.cli import main
+    from jcnn.train.eval_cli import main as eval_main
+
+    out = tmp_path / "run"
+    args = [*SMALL_SPLIT, "--epochs", "2", "--val-split", "64", "--eval-every-steps", "2"]
+    assert main([*args, "--max-steps", "5", "--early-stopping", "10", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [3, 5]  # 192 training images: 3 steps per epoch
+    assert all(h["val_accuracy"] is not None and "test_accuracy" not in h for h in history)
+    assert summary["final_val_accuracy"] == history[-1]["val_accuracy"]
+    assert 0 <= summary["test_accuracy"] <= 1 and "test_loss" in summary
+    assert (out / "standardize.npz").exists()
+    config = json.loads((out / "config.json").read_text())["train"]
+    assert config["val_split"] == 64 and config["callbacks"] == [
+        "<jcnn.train.callbacks.EarlyStopping>"
+    ]
+    capsys.readouterr()
+
+    assert eval_main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"synthetic test: accuracy {summary['test_accuracy']:.4f}" in printed
+    assert printed.count("  class ") == 10
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert report["step"] == 5 and np.sum(report["confusion_matrix"]) == 256
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = tmp_path / "best.png"
+    assert eval_main([str(out), "--which", "best", "--confusion", str(png)]) == 0
+    assert png.exists()
+
+
+def test_jcnn_eval_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from jcnn.train.eval_cli import main as eval_main
+
+    assert eval_main([str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "jcnn-eval:" in error and "is not a jcnn run folder" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_val_split_is_refused_and_writes_nothing(tmp_path, capsys):
+
+    out = tmp_path / "run"
+    code, err = _main([*SMALL_SPLIT, "--val-split", "256", "--out", str(out)], capsys)
+    assert code == 2
+    _assert_one_line(err)
+    assert "asks for 256 validation examples, but the training set has only 256" in err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--val-split", "ten"])
+    assert build_parser().parse_args(["--val-split", "0.1"]).val_split == 0.1
+    assert build_parser().parse_args(["--val-split", "500"]).val_split == 500
+
+
+def test_tfds_dataset_names_reach_tensorflow_datasets(tmp_path, monkeypatch, capsys):
+    from jcnn import data
+    from jcnn.train.cli import _synthetic, main
+    from jcnn.train.eval_cli import main as eval_main
+
+    calls = []
+
+    def fake_load_tfds(name, split, *, data_dir=None, manual_dir=None):
+        calls.append((name, split, data_dir, manual_dir))
+        return _synthetic(split, 0)
+
+    monkeypatch.setattr(data, "load_tfds", fake_load_tfds)
+    out = tmp_path / "run"
+    (tmp_path / "downloads").mkdir()
+    monkeypatch.chdir(tmp_path)
+    source = ["--data-dir", "prepared", "--manual-dir", "downloads"]
+    args = [
+        *SMALL_SPLIT[:2],
+        "--dataset",
+        "tfds:toy",
+        *SMALL_SPLIT[4:],
+        "--max-steps",
+        "2",
+        *source,
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    assert calls == [
+        ("toy", "train", "prepared", "downloads"),
+        ("toy", "test", "prepared", "downloads"),
+    ]
+    assert json.loads((out / "run.json").read_text())["metadata"]["dataset"] == "tfds:toy"
+    assert eval_main([str(out)]) == 0
+    assert calls[-1] == ("toy", "test", "prepared", "downloads")
+    assert "tfds:toy test: accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tfds_fashion_mnist_prepared_offline_trains(tmp_path):
+    """Fashion-MNIST prepared by tensorflow-datasets from the local files (no network)."""
+    pytest.importorskip("tensorflow", reason="the tfds route needs the extra: pip install .[tfds]")
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    from jcnn import data
+    from jcnn.train.cli import main
+
+    manual = data.default_data_dir() / "fashion_mnist"
+    prepared = tmp_path / "tfds"
+    data.load_tfds(
+        "fashion_mnist",
+        "test",
+        data_dir=prepared,
+        manual_dir=manual,
+        download_options={"max_examples_per_split": 2000},
+    )
+    out = tmp_path / "run"
+    args = ["--model", "lenet5_1998", "--dataset", "tfds:fashion_mnist", "--data-dir"]
+    rest = ["--limit-train", "512", "--max-steps", "4", "--batch-size", "64", "--no-progress"]
+    assert main([*args, str(prepared), *rest, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["test_accuracy"] <= 1

@@ -8,10 +8,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jcnn.data import Loader
-from jcnn.train import CheckpointManager, NonFiniteLossError, TrainConfig, fit
+from jcnn.train import (
+    BestCheckpoint,
+    CheckpointManager,
+    EarlyStopping,
+    NonFiniteLossError,
+    TrainConfig,
+    fit,
+    split_validation,
+)
 from jcnn.train.loop import build_schedule
 
 
@@ -184,3 +193,324 @@ def _optimizer_of(config):
     from jcnn.train.optim import optimizer
 
     return optimizer(config.optimizer, build_schedule(config, 4), momentum=config.momentum)
+
+
+# --- an open engine: optax optimizers, schedules, losses, metrics, limits, validation split ---
+
+
+def _final_params(result):
+    return [np.asarray(p) for p in jax.tree.leaves(result["state"].params)]
+
+
+def _quiet(**kw):
+    return TrainConfig(**{"epochs": 1, "progress": False, **kw})
+
+
+def test_any_optax_optimizer_and_learning_rate_forms(rng):
+    train, _ = _loaders(*_data(rng, n=48))
+    named = fit(
+        TinyNet(), train, None, _quiet(optimizer="sgd", learning_rate=0.1, schedule="constant")
+    )
+    assert named["history"][0]["learning_rate"] == pytest.approx(0.1)
+    for config in (
+        _quiet(optimizer=optax.sgd(0.1)),
+        _quiet(optimizer="sgd", learning_rate=lambda step: 0.1),
+        _quiet(optimizer="sgd", learning_rate=np.float32(0.1), schedule="constant"),
+    ):
+        other = fit(TinyNet(), train, None, config)
+        for a, b in zip(_final_params(named), _final_params(other), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        if isinstance(config.optimizer, optax.GradientTransformation):
+            assert other["history"][0]["learning_rate"] is None  # the optimizer's own, unknown
+
+
+def test_bad_optimizer_and_learning_rate_are_named(rng):
+    train, _ = _loaders(*_data(rng, n=48))
+    with pytest.raises(TypeError, match=r"config.optimizer: expected a name .* or an optax"):
+        fit(TinyNet(), train, None, _quiet(optimizer=3))
+    with pytest.raises(ValueError, match="config.optimizer: expected one of|name"):
+        fit(TinyNet(), train, None, _quiet(optimizer="adamax"))
+    with pytest.raises(TypeError, match="config.learning_rate: expected a number or a schedule"):
+        fit(TinyNet(), train, None, _quiet(learning_rate="fast"))
+    with pytest.raises(ValueError, match="config.learning_rate: expected a finite number"):
+        fit(TinyNet(), train, None, _quiet(learning_rate=float("nan")))
+    with pytest.raises(ValueError, match="weight_decay and clip_norm"):
+        fit(TinyNet(), train, None, _quiet(optimizer=optax.sgd(0.1), weight_decay=1e-4))
+
+
+def test_custom_loss_per_example_or_mean_equals_cross_entropy(rng):
+    train, val = _loaders(*_data(rng, n=48))
+    base = _quiet(optimizer="sgd", learning_rate=0.1, schedule="constant")
+    default = fit(TinyNet(), train, val, base)
+
+    def per_example(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    def mean(logits, labels):
+        return jnp.mean(per_example(logits, labels))
+
+    for loss in (per_example, mean):
+        custom = fit(TinyNet(), train, val, base, loss=loss)
+        for a, b in zip(_final_params(default), _final_params(custom), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert custom["history"][0]["val_loss"] == pytest.approx(
+            default["history"][0]["val_loss"], rel=1e-5
+        )
+
+    # a squared-error loss really is used (the history's loss is its value, not cross-entropy)
+    def squared(logits, labels):
+        return jnp.sum((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 3)) ** 2, axis=-1)
+
+    result = fit(TinyNet(), train, val, _quiet(loss=squared))
+    assert 0 < result["history"][0]["val_loss"] < 2  # bounded, unlike cross-entropy
+
+
+def test_bad_loss_is_named(rng):
+    train, _ = _loaders(*_data(rng, n=48))
+
+    def table_loss(logits, labels):
+        return jnp.square(logits)
+
+    with pytest.raises(ValueError, match=r"loss .*table_loss.*shape \(16,\).*got shape \(16, 3\)"):
+        fit(TinyNet(), train, None, _quiet(), loss=table_loss)
+
+    def int_loss(logits, labels):
+        return labels
+
+    with pytest.raises(TypeError, match="loss .*int_loss.*floating"):
+        fit(TinyNet(), train, None, _quiet(), loss=int_loss)
+    with pytest.raises(TypeError, match="loss: expected a callable"):
+        fit(TinyNet(), train, None, _quiet(), loss="mse")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fit(TinyNet(), train, None, _quiet(label_smoothing=0.1), loss=lambda z, y: z[:, 0])
+    with pytest.raises(ValueError, match="loss: given both to fit and in TrainConfig"):
+        fit(TinyNet(), train, None, _quiet(loss=table_loss), loss=int_loss)
+
+
+def test_extra_metrics_are_recorded_and_exact(rng):
+    images, labels = _data(rng, n=48)
+    train = Loader(images, labels, batch_size=16, seed=3)
+    val = Loader(images[:40], labels[:40], batch_size=16, shuffle=False, drop_remainder=False)
+
+    def top2(logits, labels):
+        top = jnp.argsort(logits, axis=-1)[:, -2:]
+        return jnp.mean(jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32))
+
+    result = fit(TinyNet(), train, val, _quiet(metrics={"top2": top2}))
+    record = result["history"][0]
+    assert {"train_top2", "val_top2"} <= record.keys()
+    state = result["state"]
+    logits = np.asarray(state.apply_fn(state.variables(), images[:40], train=False))
+    expected = np.mean([labels[i] in np.argsort(logits[i])[-2:] for i in range(40)])
+    assert record["val_top2"] == pytest.approx(expected, abs=1e-6)  # weighted over 16+16+8
+
+
+def test_bad_metrics_are_named(rng):
+    train, val = _loaders(*_data(rng, n=48))
+    with pytest.raises(ValueError, match=r"metric 'margin'.*expected a scalar.*shape \(16,\)"):
+        fit(TinyNet(), train, val, _quiet(), metrics={"margin": lambda z, y: z[:, 0]})
+    with pytest.raises(ValueError, match="'loss' is computed already"):
+        fit(TinyNet(), train, val, _quiet(), metrics={"loss": lambda z, y: z.sum()})
+    with pytest.raises(ValueError, match="identifiers"):
+        fit(TinyNet(), train, val, _quiet(), metrics={"top 2": lambda z, y: z.sum()})
+    with pytest.raises(TypeError, match=r"metrics\['f1'\]: expected a callable"):
+        fit(TinyNet(), train, val, _quiet(), metrics={"f1": 0.5})
+    with pytest.raises(TypeError, match="metrics: expected a dict"):
+        fit(TinyNet(), train, val, _quiet(), metrics=[len])
+    with pytest.raises(ValueError, match="config.monitor: expected one of"):
+        fit(TinyNet(), train, val, _quiet(monitor="val_f1"))
+
+
+def test_max_steps_and_evaluation_every_n_steps(tmp_path, rng):
+    train, val = _loaders(*_data(rng))  # 4 steps per epoch
+    result = fit(
+        TinyNet(), train, val, _config(tmp_path, epochs=3, max_steps=6, eval_every_steps=3)
+    )
+    assert [h["step"] for h in result["history"]] == [4, 6]
+    assert [e["step"] for e in result["evaluations"]] == [3, 4, 6]
+    assert [e["epoch"] for e in result["evaluations"]] == [1, 1, 2]
+    assert result["history"][-1]["learning_rate"] == pytest.approx(0.0, abs=1e-9)  # horizon 6
+    assert int(result["state"].step) == 6
+    assert CheckpointManager(tmp_path / "checkpoints").latest_step() == 6
+    assert json.loads((tmp_path / "evaluations.json").read_text()) == result["evaluations"]
+    assert result["history"][-1]["val_loss"] == result["evaluations"][-1]["val_loss"]
+    # resuming the finished run trains no further
+    again = fit(
+        TinyNet(),
+        train,
+        val,
+        _config(tmp_path, epochs=3, max_steps=6, eval_every_steps=3, resume=True),
+    )
+    assert _metrics(again["history"]) == _metrics(result["history"])
+    with pytest.raises(ValueError, match="config.max_steps"):
+        fit(TinyNet(), train, val, _quiet(max_steps=0))
+    with pytest.raises(ValueError, match="config.eval_every_steps"):
+        fit(TinyNet(), train, val, _quiet(eval_every_steps=-1))
+
+
+class _NoBatch:
+    def __len__(self):
+        return 1
+
+    def epoch(self, epoch, *, start_step=0):
+        return iter(())
+
+
+class _NoStartStep(_NoBatch):
+    def epoch(self, epoch):
+        return iter(())
+
+    def batch(self, epoch, step):
+        return None
+
+
+class _Minimal(_NoBatch):
+    def batch(self, epoch, step):
+        return None
+
+
+def test_loader_protocol_is_checked_in_full(rng):
+    with pytest.raises(TypeError, match=r"_NoBatch lacks batch\(epoch, step\)$"):
+        fit(TinyNet(), _NoBatch(), None, _quiet())
+    with pytest.raises(TypeError, match="lacks the start_step keyword"):
+        fit(TinyNet(), _NoStartStep(), None, _quiet())
+    with pytest.raises(
+        TypeError, match=r"object lacks len\(\) .*epoch\(epoch.*batch\(epoch, step\)"
+    ):
+        fit(TinyNet(), object(), None, _quiet())
+    train, _ = _loaders(*_data(rng, n=48))
+    with pytest.raises(TypeError, match="val_loader: expected a loader with epoch"):
+        fit(TinyNet(), train, 3, _quiet())
+    from jcnn.train import TrainLoader
+
+    assert isinstance(train, TrainLoader) and not isinstance(_NoBatch(), TrainLoader)
+
+
+def _uint8_data(rng, n):
+    images, labels = _data(rng, n=n)
+    return (images * 20 + 100).clip(0, 255).astype(np.uint8), labels
+
+
+def test_validation_split_is_carved_before_standardization(tmp_path, rng):
+    images, labels = _uint8_data(rng, 80)
+    test_images, test_labels = _uint8_data(rng, 24)
+    train = Loader(images, labels, batch_size=16, seed=3)
+    test = Loader(test_images, test_labels, batch_size=24, shuffle=False)
+    config = _config(tmp_path, val_split=0.2, val_split_seed=7, standardize="per_channel")
+    result = fit(TinyNet(), train, None, config, test_loader=test)
+    (kept, _), (held_out, held_labels) = split_validation(images, labels, 16, seed=7)
+    assert len(kept) == 64 and len(held_out) == 16
+    stats = result["standardize"]
+    pixels = kept.astype(np.float64)  # statistics of the 64 remaining training images only
+    np.testing.assert_allclose(stats.mean, [pixels.mean()], rtol=1e-6)
+    np.testing.assert_allclose(stats.scale, [pixels.std()], rtol=1e-6)
+    assert [h["step"] for h in result["history"]] == [4, 8]  # 64 / 16 batches per epoch
+    # the validation metrics are those of the held-out images, standardized with those statistics
+    state = result["state"]
+    logits = state.apply_fn(state.variables(), stats(held_out), train=False)
+    accuracy = float(np.mean(np.asarray(logits).argmax(-1) == held_labels))
+    assert result["history"][-1]["val_accuracy"] == pytest.approx(accuracy)
+    assert all(not k.startswith("test_") for k in result["history"][-1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    logits = state.apply_fn(state.variables(), stats(test_images), train=False)
+    assert summary["test_accuracy"] == pytest.approx(
+        float(np.mean(np.asarray(logits).argmax(-1) == test_labels))
+    )
+    assert summary["final_val_accuracy"] == result["history"][-1]["val_accuracy"]
+    # the best checkpoint is chosen on validation accuracy
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    best = max(result["history"], key=lambda h: (h["val_accuracy"], h["step"]))
+    assert manager.best_step() == best["step"]
+    # the same seed carves the same split; another seed another one
+    (_, _), (again, _) = split_validation(images, labels, 0.2, seed=7)
+    (_, _), (other, _) = split_validation(images, labels, 0.2, seed=8)
+    np.testing.assert_array_equal(again, held_out)
+    assert not np.array_equal(other, held_out)
+
+
+def test_test_every_epoch_is_labelled_test(rng):
+    images, labels = _uint8_data(rng, 48)
+    train = Loader(images, labels, batch_size=16, seed=3)
+    test = Loader(images[:16], labels[:16], batch_size=16, shuffle=False)
+    result = fit(
+        TinyNet(),
+        train,
+        None,
+        _quiet(standardize="center", test_every_epoch=True),
+        test_loader=test,
+    )
+    record = result["history"][0]
+    assert record["val_loss"] is None and record["test_loss"] is not None
+    assert result["summary"]["test_accuracy"] == record["test_accuracy"]
+    assert result["summary"]["best_val_accuracy"] is None  # the test set chose nothing
+
+
+def test_bad_validation_splits_are_named_and_write_nothing(tmp_path, rng):
+    images, labels = _uint8_data(rng, 48)
+    train = Loader(images, labels, batch_size=16, seed=3)
+    out = tmp_path / "run"
+    for split, pattern in (
+        (48, "asks for 48 validation examples, but the training set has only 48"),
+        (100, "asks for 100 validation examples, but the training set has only 48"),
+        (1.0, r"expected a fraction in \(0, 1\)"),
+        (0, "expected a count >= 1"),
+        (40, "leaves 8 training examples, fewer than the batch size 16"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            fit(TinyNet(), train, None, _config(out, val_split=split))
+    with pytest.raises(TypeError, match="val_split: expected a count"):
+        fit(TinyNet(), train, None, _config(out, val_split="10%"))
+    with pytest.raises(ValueError, match="also given a val_loader"):
+        fit(TinyNet(), train, train, _config(out, val_split=8))
+    with pytest.raises(TypeError, match="needs a jcnn.data.Loader over arrays"):
+        fit(TinyNet(), _Minimal(), None, _config(out, val_split=8))
+    assert not out.exists()
+
+
+def test_resume_with_callbacks_and_validation_split_is_bitwise_exact(tmp_path, rng):
+    images, labels = _uint8_data(rng, 80)
+    train = Loader(images, labels, batch_size=16, seed=3)
+
+    def callbacks():
+        # min_delta 1.0: accuracy never improves after the first evaluation, so the run stops
+        # at the third; only a restored counter stops the resumed run at the same step
+        return [
+            EarlyStopping("val_accuracy", mode="max", patience=2, min_delta=1.0),
+            BestCheckpoint("val_loss", mode="min"),
+        ]
+
+    def config(out, **kw):
+        return _config(
+            out,
+            epochs=3,
+            val_split=16,
+            standardize="per_channel",
+            eval_every_steps=2,
+            checkpoint_every_steps=3,
+            **kw,
+        )
+
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    first = callbacks()
+    full = fit(TinyNet(), train, None, config(full_dir), callbacks=first)
+    assert [e["step"] for e in full["evaluations"]] == [2, 4, 6]
+    assert full["summary"]["stopped"].startswith("early stopping: val_accuracy")
+    assert CheckpointManager(full_dir / "checkpoints").steps() == [3, 4, 6]
+    shutil.copytree(full_dir, resumed_dir)
+    for step in (4, 6):  # as if killed after step 3 was saved
+        shutil.rmtree(resumed_dir / "checkpoints" / f"step_{step:08d}")
+    second = callbacks()
+    resumed = fit(TinyNet(), train, None, config(resumed_dir, resume=True), callbacks=second)
+    assert _metrics(resumed["history"]) == _metrics(full["history"])
+    assert resumed["evaluations"] == full["evaluations"]
+    assert resumed["summary"]["stopped"] == full["summary"]["stopped"]
+    assert [c.state_dict() for c in second] == [c.state_dict() for c in first]
+    a, b = full["state"], resumed["state"]
+    for x, y in zip(jax.tree.leaves(a.arrays()), jax.tree.leaves(b.arrays()), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    best = min(full["evaluations"], key=lambda e: e["val_loss"])["step"]
+    assert CheckpointManager(resumed_dir / "best").steps() == [best]
+    # other callbacks than those saved: refused, not silently reset
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_00000006")
+    with pytest.raises(ValueError, match=r"holds the state of \[EarlyStopping, BestCheckpoint\]"):
+        fit(TinyNet(), train, None, config(resumed_dir, resume=True), callbacks=[])

@@ -34,6 +34,10 @@ def _loader(batch_size=16, seed=3):
     return Loader(images, labels, batch_size=batch_size, shuffle=True, seed=seed)
 
 
+def _mean_squared_logits(logits, labels):
+    return jnp.mean(logits**2, axis=-1)
+
+
 def _config(out, **kw):
     base = dict(epochs=1, learning_rate=0.01, out=str(out), progress=False, schedule="constant")
     return TrainConfig(**{**base, **kw})
@@ -92,6 +96,12 @@ def test_config_records_the_whole_run(finished_run):
         (dict(loader=_loader(batch_size=8)), "train_loader.batch_size: 16 in the run, 8 now"),
         (dict(loader=_loader(seed=4)), "train_loader.seed"),
         (dict(settings={"dataset": "other", "data_dir": "/a"}), "settings.dataset"),
+        (dict(config=dict(val_split=8)), "val_split: null in the run, 8 now"),
+        (dict(config=dict(standardize="per_channel")), "standardize: null in the run"),
+        (dict(config=dict(monitor="train_loss")), "monitor: val_accuracy in the run"),
+        (dict(config=dict(max_steps=1, schedule="cosine")), "max_steps"),
+        (dict(fit=dict(loss=_mean_squared_logits)), "loss: null in the run"),
+        (dict(fit=dict(metrics={"top": _mean_squared_logits})), "metrics"),
     ],
 )
 def test_resume_with_other_settings_is_refused_and_touches_nothing(run, change, named):
@@ -105,6 +115,7 @@ def test_resume_with_other_settings_is_refused_and_touches_nothing(run, change, 
             None,
             config,
             settings=settings,
+            **change.get("fit", {}),
         )
     assert named in str(error.value)
     assert len(str(error.value)) < 1000 and "\n" not in str(error.value)
@@ -127,6 +138,44 @@ def test_epochs_may_not_change_when_the_schedule_depends_on_them():
     for name in run_folder.LENGTH_FREE_SCHEDULES:
         old = {"train": {"schedule": name, "epochs": 4}}
         assert not run_folder.differences(old, {"train": {"schedule": name, "epochs": 8}})
+
+
+def test_length_and_engine_settings_on_resume():
+    """max_steps follows the epochs rule; a schedule of the user's own (a callable rate or an optax
+    optimizer) never depends on the run's length; the evaluation cadence and the callbacks may
+    change; what defines the computation (split, standardization, loss, metrics, monitor) may
+    not."""
+    base = {"schedule": "cosine", "epochs": 4, "max_steps": None, "optimizer": "adam"}
+    cosine = {"train": {**base, "learning_rate": 0.001}}
+    longer = {"train": {**base, "learning_rate": 0.001, "max_steps": 50, "epochs": 8}}
+    assert [d[0] for d in run_folder.differences(cosine, longer)] == [
+        "train.epochs",
+        "train.max_steps",
+    ]
+    constant = {"train": {**cosine["train"], "schedule": "constant"}}
+    assert not run_folder.differences(
+        constant, {"train": {**longer["train"], "schedule": "constant"}}
+    )
+    own_rate = {"train": {**base, "learning_rate": "mymodule.warmup_cosine"}}
+    assert not run_folder.differences(own_rate, {"train": {**own_rate["train"], "epochs": 9}})
+    optax_chain = {"train": {**base, "learning_rate": 0.001, "optimizer": ["optax.f", "optax.g"]}}
+    assert not run_folder.differences(
+        optax_chain, {"train": {**optax_chain["train"], "max_steps": 7}}
+    )
+    may = {"eval_every_steps": 5, "eval_batch_size": 10, "test_every_epoch": True}
+    may["callbacks"] = [{"class": "jcnn.train.callbacks.EarlyStopping", "patience": 9}]
+    assert not run_folder.differences(cosine, {"train": {**cosine["train"], **may}})
+    for name, value in [
+        ("val_split", 100),
+        ("val_split_seed", 1),
+        ("standardize", "per_channel"),
+        ("loss", "mymodule.focal"),
+        ("metrics", {"top5": "mymodule.top5"}),
+        ("monitor", "val_loss"),
+        ("monitor_mode", "min"),
+    ]:
+        found = run_folder.differences(cosine, {"train": {**cosine["train"], name: value}})
+        assert found and found[0][0].startswith(f"train.{name}"), (name, found)
 
 
 def test_resume_without_checkpoints_is_refused(run, tmp_path):
@@ -224,6 +273,15 @@ def test_resume_and_overwrite_need_a_folder_and_a_resume_cannot_shrink_the_run(r
             _loader(),
             None,
             _config(run, resume=True, epochs=2),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before
+    with pytest.raises(RunFolderError, match="already trained 6 steps, more than max_steps=5"):
+        fit(
+            Net(),
+            _loader(),
+            None,
+            _config(run, resume=True, epochs=3, max_steps=5),
             settings={"dataset": "toy", "data_dir": "/a"},
         )
     assert _snapshot(run) == before

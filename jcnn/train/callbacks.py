@@ -1,0 +1,261 @@
+"""Callbacks of ``fit``: a small protocol, early stopping and best-checkpoint-by-metric.
+
+A callback is any object with some of these methods (missing ones are skipped; subclassing
+``Callback`` gives no-op defaults)::
+
+    on_train_begin(run)              once, before the first step (after a resume: after restoring)
+    on_step(run, metrics)            after every optimizer step; metrics: floats of that batch
+                                     (loss, accuracy, grad_norm and the extra metrics)
+    on_evaluation(run, metrics)      after every evaluation of the validation set; metrics:
+                                     {"step", "epoch", "val_loss", "val_accuracy", "val_<name>"...}
+    on_epoch_end(run, record)        after each epoch's record (the row of history.json)
+    on_train_end(run)                once, when training ends (finished or stopped)
+    state_dict() -> dict             JSON-serializable state saved with every checkpoint
+    load_state_dict(state)           restores it when ``fit`` resumes
+
+``run`` is a ``RunContext``: the configuration, the current ``TrainState`` (read it during the call;
+its buffers are reused by the next step, so copy with ``jax.device_get`` to keep anything), the
+position (``step``, ``epoch``, ``batch``), the history so far, the run folder, and
+``run.request_stop(reason)``, which ends training after the current step (a final record,
+evaluation and checkpoint are still written).
+
+Hooks run in the order the callbacks are given. A callback that raises stops ``fit`` with a
+``CallbackError`` naming the callback, the hook and the step; nothing is written for that step, so
+the run folder holds the last checkpoint and history before it, and ``resume`` continues from there.
+
+Exact resume: ``fit`` saves every callback's ``state_dict()`` in each checkpoint and calls
+``load_state_dict`` on resume, so an early-stopping counter or a best value continue as if the run
+had never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Callback",
+    "CallbackError",
+    "RunContext",
+    "EarlyStopping",
+    "BestCheckpoint",
+    "HOOKS",
+]
+
+HOOKS = ("on_train_begin", "on_step", "on_evaluation", "on_epoch_end", "on_train_end")
+
+
+class CallbackError(RuntimeError):
+    """A callback raised; the message names the callback, the hook and the step."""
+
+
+class RunContext:
+    """What a callback sees of the run in progress (see the module docstring).
+
+    Attributes:
+        config: the ``TrainConfig``.
+        state: the current ``TrainState``.
+        step: optimizer steps taken so far.
+        epoch: the current epoch, counted from 0.
+        batch: batches done in the current epoch.
+        steps_per_epoch: batches per epoch.
+        history: the per-epoch records so far.
+        evaluations: every validation evaluation so far (``on_evaluation``'s dicts).
+        out: the run folder (a ``Path``) or ``None``.
+        has_validation: whether the run evaluates a validation set.
+        validation_metrics: the keys of an evaluation's metrics (``val_loss``, ``val_accuracy``,
+            ``val_<name>`` for each extra metric).
+        stop_reason: ``None``, or why training was asked to stop.
+    """
+
+    def __init__(self, *, config, steps_per_epoch, out, has_validation, validation_metrics):
+        self.config = config
+        self.state = None
+        self.step = 0
+        self.epoch = 0
+        self.batch = 0
+        self.steps_per_epoch = steps_per_epoch
+        self.history: list[dict] = []
+        self.evaluations: list[dict] = []
+        self.out = None if out is None else Path(out)
+        self.has_validation = has_validation
+        self.validation_metrics = tuple(validation_metrics)
+        self.stop_reason: str | None = None
+
+    def request_stop(self, reason: str = "stopped by a callback") -> None:
+        """End training after the current step (its record and checkpoint are still written)."""
+        if self.stop_reason is None:
+            self.stop_reason = str(reason)
+
+
+class Callback:
+    """Base class with no-op hooks and an empty state; override what you need."""
+
+    def on_train_begin(self, run: RunContext) -> None:
+        pass
+
+    def on_step(self, run: RunContext, metrics: dict) -> None:
+        pass
+
+    def on_evaluation(self, run: RunContext, metrics: dict) -> None:
+        pass
+
+    def on_epoch_end(self, run: RunContext, record: dict) -> None:
+        pass
+
+    def on_train_end(self, run: RunContext) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """JSON-serializable state saved with each checkpoint (``{}``: nothing to save)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (called when ``fit`` resumes)."""
+
+
+def _check_mode(mode):
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode: expected 'min' or 'max', got {mode!r}")
+
+
+def _check_monitor(monitor, run: RunContext, owner: str):
+    if not run.has_validation:
+        raise ValueError(
+            f"{owner}: monitors {monitor!r} but the run has no validation set (give fit a "
+            "val_loader or TrainConfig(val_split=...))"
+        )
+    if monitor not in run.validation_metrics:
+        raise ValueError(
+            f"{owner}: monitor {monitor!r} is not an evaluation metric; expected one of "
+            f"{', '.join(run.validation_metrics)}"
+        )
+
+
+class _Monitor(Callback):
+    """The best value of one validation metric (min or max) and the step it was reached at."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor: expected a metric name (str), got {type(monitor).__name__}")
+        _check_mode(mode)
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, (int, float))
+            or not (min_delta >= 0)
+        ):
+            raise ValueError(f"min_delta: expected a number >= 0, got {min_delta!r}")
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = float(min_delta)
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def on_train_begin(self, run):
+        _check_monitor(self.monitor, run, type(self).__name__)
+
+    def _improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def state_dict(self):
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state):
+        self.best, self.best_step = state["best"], state["best_step"]
+
+
+class EarlyStopping(_Monitor):
+    """Stop when a validation metric has not improved for ``patience`` evaluations in a row.
+
+    Args:
+        monitor: an evaluation metric: ``"val_loss"``, ``"val_accuracy"`` or ``"val_<name>"`` of
+            an extra metric.
+        mode: ``"min"`` (a loss) or ``"max"`` (an accuracy): which direction is better.
+        patience: evaluations without improvement tolerated before stopping (>= 1).
+        min_delta: an improvement must exceed this much.
+
+    >>> stopper = EarlyStopping("val_loss", mode="min", patience=2)
+    >>> stopper.state_dict()
+    {'best': None, 'best_step': None, 'wait': 0}
+    """
+
+    def __init__(
+        self, monitor: str = "val_loss", *, mode: str = "min", patience: int = 5, min_delta=0.0
+    ):
+        super().__init__(monitor, mode, min_delta)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience: expected an int >= 1, got {patience!r}")
+        self.patience = patience
+        self.wait = 0
+
+    def on_evaluation(self, run, metrics):
+        value = float(metrics[self.monitor])
+        if self._improves(value):
+            self.best, self.best_step, self.wait = value, int(metrics["step"]), 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            run.request_stop(
+                f"early stopping: {self.monitor} did not improve for {self.wait} evaluations "
+                f"(best {self.best:.6g} at step {self.best_step})"
+            )
+
+    def state_dict(self):
+        return {**super().state_dict(), "wait": self.wait}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.wait = int(state["wait"])
+
+
+class BestCheckpoint(_Monitor):
+    """Save the state whenever a validation metric reaches its best value so far.
+
+    The checkpoint goes to ``<run folder>/<directory>/step_XXXXXXXX`` (only the best one is kept);
+    ``jcnn.train.load_run(folder, which="best")`` loads it.
+
+    Args:
+        monitor: an evaluation metric (``"val_accuracy"``, ``"val_loss"``, ``"val_<name>"``).
+        mode: ``"max"`` or ``"min"``: which direction is better.
+        directory: the folder under the run folder.
+        min_delta: an improvement must exceed this much.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_accuracy",
+        *,
+        mode: str = "max",
+        directory: str = "best",
+        min_delta=0.0,
+    ):
+        super().__init__(monitor, mode, min_delta)
+        if not isinstance(directory, str) or not directory or Path(directory).is_absolute():
+            raise ValueError(
+                f"directory: expected a folder name inside the run folder, got {directory!r}"
+            )
+        self.directory = directory
+        self._manager: Any = None
+
+    def on_train_begin(self, run):
+        super().on_train_begin(run)
+        if run.out is None:
+            raise ValueError("BestCheckpoint: needs a run folder (TrainConfig(out=...))")
+        from jcnn.train.checkpoint import CheckpointManager
+
+        self._manager = CheckpointManager(run.out / self.directory, keep_last=1, keep_best=False)
+
+    def on_evaluation(self, run, metrics):
+        value = float(metrics[self.monitor])
+        if not self._improves(value):
+            return
+        self.best, self.best_step = value, int(metrics["step"])
+        meta = {"monitor": self.monitor, "mode": self.mode, "value": value, "epoch": run.epoch}
+        self._manager.save(run.step, run.state, meta, metric=value)

@@ -1,0 +1,136 @@
+"""``jcnn-eval``: evaluate a run folder's model on its test set.
+
+Example::
+
+    jcnn-eval runs/lenet5-mnist                 # the latest checkpoint on the run's dataset
+    jcnn-eval runs/lenet5-mnist --which best --dataset fashion_mnist --data-dir ../shared/data
+
+Prints the test accuracy and loss and the accuracy of every class, and writes the confusion matrix
+as a PNG (``<folder>/confusion_matrix.png`` unless ``--confusion``) and the numbers as JSON
+(``<folder>/evaluation.json`` unless ``--json``). The dataset is the one the run recorded
+(``jcnn-train`` records it); a run trained through ``fit`` names it with ``--dataset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "plot_confusion"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``jcnn-eval``."""
+    p = argparse.ArgumentParser(
+        prog="jcnn-eval", description="Evaluate a jcnn run folder on a test set."
+    )
+    p.add_argument("folder", help="the run folder (jcnn-train --out, TrainConfig.out)")
+    p.add_argument("--which", default="latest", help="latest, best, or a checkpoint step")
+    p.add_argument("--dataset", default=None, help="default: the dataset the run recorded")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--manual-dir", default=None, help="tfds:NAME only: the original downloads")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--confusion", default=None, help="PNG path of the confusion matrix")
+    p.add_argument("--json", default=None, help="JSON path of the results")
+    return p
+
+
+def plot_confusion(path, confusion, title: str) -> None:
+    """Write the confusion matrix (rows: true class, columns: predicted) as a PNG, atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    confusion = np.asarray(confusion)
+    classes = confusion.shape[0]
+    size = max(4.0, 0.5 * classes + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    if classes <= 20:
+        for (row, col), count in np.ndenumerate(confusion):
+            light = count > confusion.max() / 2
+            ax.text(
+                col,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if light else "black",
+            )
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    """Entry point of ``jcnn-eval``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from jcnn.train.cli import load_dataset
+    from jcnn.train.runs import RunFolderError, load_run
+
+    which = int(args.which) if args.which.isdigit() else args.which
+    try:
+        run = load_run(args.folder, which)
+    except (RunFolderError, ValueError) as error:
+        print(f"jcnn-eval: {error}", file=sys.stderr)
+        return 2
+    dataset = args.dataset or run.metadata.get("dataset")
+    if dataset is None:
+        print(
+            f"jcnn-eval: {args.folder} does not record its dataset (trained through fit); name "
+            "it with --dataset",
+            file=sys.stderr,
+        )
+        return 2
+    data_dir = args.data_dir if args.data_dir is not None else run.metadata.get("data_dir")
+    manual_dir = args.manual_dir if args.manual_dir is not None else run.metadata.get("manual_dir")
+    images, labels = load_dataset(dataset, args.split, data_dir=data_dir, manual_dir=manual_dir)
+    report = run.evaluate(images, labels, batch_size=args.batch_size)
+    print(
+        f"{dataset} {args.split}: accuracy {report['accuracy']:.4f} (loss {report['loss']:.4f}) "
+        f"on {report['count']} images; checkpoint step {run.step} ({run.which})"
+    )
+    for label, accuracy in enumerate(report["per_class_accuracy"]):
+        total = sum(report["confusion_matrix"][label])
+        shown = "no example" if accuracy is None else f"{accuracy:.4f}"
+        print(f"  class {label}: {shown} ({report['confusion_matrix'][label][label]}/{total})")
+    folder = Path(args.folder)
+    confusion = Path(args.confusion) if args.confusion else folder / "confusion_matrix.png"
+    plot_confusion(
+        confusion, report["confusion_matrix"], f"{dataset} {args.split}, step {run.step}"
+    )
+    record = {
+        "dataset": dataset,
+        "split": args.split,
+        "step": run.step,
+        "which": run.which,
+        **report,
+    }
+    results = Path(args.json) if args.json else folder / "evaluation.json"
+    tmp = results.with_name(results.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, results)
+    print(f"confusion matrix: {confusion}; results: {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The loader protocol ``fit`` relies on, written down and checked.
+
+A training loader is any object with::
+
+    len(loader)                          -> batches per epoch (>= 1)
+    loader.epoch(epoch, start_step=s)    -> iterable of (images, labels), batches s, s+1, ...
+    loader.batch(epoch, step)            -> (images, labels), batch ``step`` of ``epoch``
+
+``epoch(e, start_step=s)`` must yield exactly the batches ``s, s + 1, ...`` an uninterrupted pass
+would (a pure function of ``(e, step)``): exact resume depends on it. ``fit`` calls
+``batch(0, 0)`` once to build the model's variables from a sample. ``jcnn.data.Loader`` is the
+reference implementation.
+
+An evaluation loader (validation, test) needs only ``epoch(0)`` or plain iteration, yielding
+``(images, labels)`` batches that cover the set once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Protocol, runtime_checkable
+
+__all__ = ["TrainLoader", "check_train_loader", "check_eval_loader"]
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What ``fit`` needs of its training loader (see the module docstring)."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, *, start_step: int = 0): ...
+
+    def batch(self, epoch: int, step: int): ...
+
+
+def _accepts_start_step(method) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):  # a builtin or C method: cannot tell, trust it
+        return True
+    return "start_step" in parameters or any(
+        p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def check_train_loader(loader, name: str = "train_loader") -> None:
+    """Raise a ``TypeError`` listing every piece of the protocol ``loader`` lacks."""
+    missing = []
+    if not hasattr(type(loader), "__len__"):
+        missing.append("len() (__len__)")
+    epoch = getattr(loader, "epoch", None)
+    if not callable(epoch):
+        missing.append("epoch(epoch, start_step=...)")
+    elif not _accepts_start_step(epoch):
+        missing.append("the start_step keyword of epoch(epoch, start_step=...)")
+    if not callable(getattr(loader, "batch", None)):
+        missing.append("batch(epoch, step)")
+    if missing:
+        raise TypeError(
+            f"{name}: expected a loader with len(), epoch(epoch, start_step=...) and "
+            f"batch(epoch, step) (see jcnn.train.protocol); {type(loader).__name__} lacks "
+            f"{', '.join(missing)}"
+        )
+
+
+def check_eval_loader(loader, name: str) -> None:
+    """Raise a ``TypeError`` unless ``loader`` has ``epoch(0)`` or can be iterated."""
+    if not callable(getattr(loader, "epoch", None)) and not hasattr(type(loader), "__iter__"):
+        raise TypeError(
+            f"{name}: expected a loader with epoch(0) or iteration yielding (images, labels) "
+            f"batches, got {type(loader).__name__}"
+        )

@@ -1,0 +1,389 @@
+"""Reloadable runs: what ``fit`` records of a model and its standardization, and ``load_run``.
+
+``fit`` writes into the run folder ``run.json`` (the model's class and fields, so it can be
+rebuilt; the input shape; metadata such as the dataset) and ``standardize.npz`` (the statistics
+applied to the images). ``load_run(folder)`` reads them back with a checkpoint's variables::
+
+    run = jcnn.train.load_run("runs/lenet5-mnist", which="best")
+    logits = run.predict(raw_test_images)          # standardized as in training
+    report = run.evaluate(raw_test_images, labels) # loss, accuracy, per class, confusion matrix
+
+A model whose class cannot be imported again (defined in a script's ``__main__``, or with fields
+that are not plain values) is rebuilt by the caller: ``load_run(folder, model=MyNet(...))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcnn.train.run_folder import RunFolderError
+
+__all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
+
+RUN_FILE = "run.json"
+STANDARDIZE_FILE = "standardize.npz"
+
+
+def qualified_name(obj) -> str:
+    """``module.QualName`` of a class, a function or an object's class."""
+    target = (
+        obj
+        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__")
+        else type(obj)
+    )
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _resolve(path: str):
+    module_name, _, attribute = path.rpartition(".")
+    parts = []
+    while module_name:
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError:
+            module_name, _, head = module_name.rpartition(".")
+            parts.insert(0, head)
+            continue
+        for name in [*parts, attribute]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"cannot import {path}")
+
+
+class _NotRebuildable(Exception):
+    pass
+
+
+def _encode(value):
+    import flax.linen as nn
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"__dict__": {k: _encode(v) for k, v in value.items()}}
+    if isinstance(value, nn.Module):
+        return {"__module__": describe_model(value, nested=True)}
+    if isinstance(value, type) or callable(value):
+        path = qualified_name(value)
+        try:
+            if path.startswith("__main__.") or _resolve(path) is not value:
+                raise _NotRebuildable(path)
+        except Exception as error:
+            raise _NotRebuildable(f"{path} cannot be imported by name") from error
+        return {"__ref__": path}
+    raise _NotRebuildable(f"a field holds a {type(value).__name__}")
+
+
+def _decode(value):
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {k: _decode(v) for k, v in value["__dict__"].items()}
+    if "__module__" in value:
+        return _build(value["__module__"])
+    if "__ref__" in value:
+        return _resolve(value["__ref__"])
+    raise ValueError(f"unknown encoded value {value!r}")
+
+
+def describe_model(model, *, nested: bool = False) -> dict:
+    """The model's class path and constructor fields, as JSON (raises if it cannot be rebuilt)."""
+    cls = type(model)
+    path = qualified_name(cls)
+    if path.startswith("__main__."):
+        raise _NotRebuildable(f"{path} is defined in __main__")
+    fields = {}
+    for field in dataclasses.fields(model):
+        if not field.init or field.name == "parent" or (field.name == "name" and not nested):
+            continue
+        value = getattr(model, field.name)
+        if field.name == "name" and value is None:
+            continue
+        fields[field.name] = _encode(value)
+    return {"class": path, "fields": fields}
+
+
+def _build(description: dict):
+    cls = _resolve(description["class"])
+    return cls(**{k: _decode(v) for k, v in description["fields"].items()})
+
+
+def run_description(model, sample_images, metadata) -> dict:
+    """What ``fit`` writes to ``run.json``: the model (if it can be rebuilt), input, metadata."""
+    entry: dict[str, Any] = {"class": qualified_name(model)}
+    try:
+        entry = describe_model(model)
+        if _build(entry) != model:
+            raise _NotRebuildable("rebuilding it from its fields gives a different module")
+        entry["rebuildable"] = True
+    except Exception as error:  # any field that cannot round-trip: record why
+        entry.update(rebuildable=False, reason=str(error) or type(error).__name__)
+    return {
+        "model": entry,
+        "input": {"shape": list(sample_images.shape[1:]), "dtype": str(sample_images.dtype)},
+        "metadata": metadata or {},
+    }
+
+
+def save_standardize(path: Path, stats) -> None:
+    """Write a ``jcnn.data.Standardize`` to ``path`` (``.npz``) atomically."""
+    arrays = {"mean": np.asarray(stats.mean), "scale": np.asarray(stats.scale)}
+    if stats.projection is not None:
+        arrays["projection"] = np.asarray(stats.projection)
+    buffer = io.BytesIO()
+    np.savez(buffer, mode=np.asarray(stats.mode), **arrays)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def load_standardize(path: Path):
+    """The ``jcnn.data.Standardize`` saved by ``save_standardize``."""
+    from jcnn.data import Standardize
+
+    try:
+        with np.load(path) as stored:
+            projection = stored["projection"] if "projection" in stored else None
+            return Standardize(
+                jnp.asarray(stored["mean"]),
+                jnp.asarray(stored["scale"]),
+                None if projection is None else jnp.asarray(projection),
+                str(stored["mode"]),
+            )
+    except Exception as error:
+        raise RunFolderError(f"{path} is unreadable ({type(error).__name__}: {error})") from error
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained model loaded from its run folder, ready for inference.
+
+    Attributes:
+        folder: the run folder.
+        model: the Flax module.
+        variables: ``{"params": ..., "batch_stats": ...}`` of the chosen checkpoint.
+        standardize: the ``jcnn.data.Standardize`` applied in training, or ``None``.
+        config: the ``TrainConfig`` as recorded (a dict: the ``train`` table of ``config.json``).
+        metadata: what the run recorded (e.g. ``{"dataset": "mnist"}`` for ``jcnn-train``).
+        step: the checkpoint's step.
+        which: ``"latest"``, ``"best"`` or the step asked for.
+    """
+
+    folder: Path
+    model: Any
+    variables: dict
+    standardize: Any
+    config: dict
+    metadata: dict
+    step: int
+    which: str | int
+
+    def predict(self, images, *, batch_size: int = 1000, standardized: bool = False):
+        """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
+        if not hasattr(images, "shape"):
+            raise TypeError(f"images: expected an array, got {type(images).__name__}")
+        apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
+        outputs = []
+        for start in range(0, images.shape[0], batch_size):
+            x = jnp.asarray(images[start : start + batch_size])
+            if self.standardize is not None and not standardized:
+                x = self.standardize(x)
+            outputs.append(np.asarray(apply(self.variables, x), np.float32))
+        return np.concatenate(outputs)
+
+    def evaluate(self, images, labels, *, batch_size: int = 1000, standardized: bool = False):
+        """Loss, accuracy, per-class accuracy and the confusion matrix on ``(images, labels)``.
+
+        Returns:
+            ``{"loss", "accuracy", "count", "per_class_accuracy": [K] (None for a class with no
+            example), "confusion_matrix": [[K x K]]}`` (rows: true class, columns: predicted).
+        """
+        from jcnn import functional as F
+
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"labels: expected integer classes ({images.shape[0]},), got {labels.shape}"
+            )
+        logits = self.predict(images, batch_size=batch_size, standardized=standardized)
+        classes = logits.shape[-1]
+        predicted = logits.argmax(-1)
+        confusion = np.zeros((classes, classes), np.int64)
+        np.add.at(confusion, (labels, predicted), 1)
+        totals = confusion.sum(1)
+        per_class = [
+            None if totals[c] == 0 else float(confusion[c, c] / totals[c]) for c in range(classes)
+        ]
+        loss = F.cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32))
+        return {
+            "loss": float(loss),
+            "accuracy": float(np.mean(predicted == labels)),
+            "count": int(labels.shape[0]),
+            "per_class_accuracy": per_class,
+            "confusion_matrix": confusion.tolist(),
+        }
+
+
+def _not_a_run(folder: Path, why: str) -> RunFolderError:
+    return RunFolderError(
+        f"{folder} is not a jcnn run folder ({why}); expected the folder fit or jcnn-train wrote "
+        "(config.json, run.json, checkpoints/)"
+    )
+
+
+def _manager(directory: Path):
+    from jcnn.train.checkpoint import CheckpointError, CheckpointManager
+
+    try:
+        return CheckpointManager(directory)
+    except CheckpointError as error:
+        raise RunFolderError(f"{directory} is unreadable ({error})") from error
+
+
+def _pick_step(folder: Path, which):
+    """``(manager, step)`` of the checkpoint ``which`` names."""
+    manager = _manager(folder / "checkpoints")
+    if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+        if int(which) not in manager.steps():
+            raise RunFolderError(f"which: no checkpoint at step {which}; have {manager.steps()}")
+        return manager, int(which)
+    if which == "latest":
+        if not manager.steps():
+            raise _not_a_run(folder, "no checkpoint in checkpoints/")
+        usable = [s for s in manager.steps() if manager.status(s) != "bad"]
+        if not usable:
+            raise RunFolderError(
+                f"{folder}: every checkpoint holds non-finite values or produced a non-finite "
+                "loss; load one by its step to inspect it"
+            )
+        return manager, usable[-1]
+    if which == "best":
+        best_dir = folder / "best"
+        if best_dir.is_dir():
+            best = _manager(best_dir)
+            if best.latest_step() is not None:
+                return best, best.latest_step()
+        step = manager.best_step()
+        if step is None:
+            raise RunFolderError(
+                f"which='best': {folder} has no best checkpoint (the run had no validation "
+                "metric to rank by); use which='latest'"
+            )
+        return manager, step
+    raise ValueError(f"which: expected 'latest', 'best' or a step (int), got {which!r}")
+
+
+def _verify(manager, step: int) -> Path:
+    """The checkpoint's folder, once every file matches its manifest (never half-read)."""
+    from jcnn.train.checkpoint import CheckpointError
+
+    path = manager.path(step)
+    try:
+        manager.verify(step)
+    except CheckpointError as error:
+        raise RunFolderError(f"checkpoint {path} is corrupt or unreadable ({error})") from error
+    return path
+
+
+def _restore_variables(path: Path, template: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    try:
+        arrays = ocp.StandardCheckpointer().restore(path / "state")
+        restored = {"params": arrays["params"]}
+        if template.get("batch_stats"):
+            restored["batch_stats"] = arrays["batch_stats"]
+    except Exception as error:
+        raise RunFolderError(
+            f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {error})"
+        ) from error
+    want = jax.tree_util.tree_flatten_with_path({k: template[k] for k in restored})[0]
+    got = jax.tree_util.tree_flatten_with_path(restored)[0]
+    describe = lambda leaves: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}  # noqa: E731
+    if describe(want) != describe(got):
+        raise RunFolderError(
+            f"checkpoint {path} does not match the model: its variables are {describe(got)}, the "
+            f"model's are {describe(want)}"
+        )
+    return jax.tree.map(jnp.asarray, restored)
+
+
+def load_run(folder, which: str | int = "latest", *, model=None) -> Run:
+    """Load a run folder written by ``fit`` or ``jcnn-train`` for inference.
+
+    Args:
+        folder: the run folder (``TrainConfig.out`` / ``--out``).
+        which: ``"latest"`` (the last checkpoint: the final state of a finished run), ``"best"``
+            (a ``BestCheckpoint`` callback's checkpoint if the run had one, else the checkpoint
+            ranked best by ``config.monitor``) or a step.
+        model: the Flax module, required only if the run could not record how to rebuild it
+            (``run.json`` says why).
+
+    Returns:
+        A ``Run``.
+
+    Raises:
+        RunFolderError: the folder is not a run, its checkpoint fails its manifest (SHA-256 of
+            every file), is unreadable or does not fit the model (the message says which).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise _not_a_run(folder, "no such folder")
+    missing = [n for n in ("config.json", RUN_FILE, "checkpoints") if not (folder / n).exists()]
+    if missing:
+        raise _not_a_run(folder, f"missing {', '.join(missing)}")
+    try:
+        record = json.loads((folder / "config.json").read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"config.json holds a {type(record).__name__}, expected an object")
+        config = record.get("train", record)  # a run_folder record; older runs: the TrainConfig
+        description = json.loads((folder / RUN_FILE).read_text())
+        entry, input_spec = description["model"], description["input"]
+    except (ValueError, KeyError) as error:
+        raise _not_a_run(folder, f"unreadable config.json or {RUN_FILE}: {error}") from error
+    if model is None:
+        if not entry.get("rebuildable"):
+            raise RunFolderError(
+                f"{folder}: the run's model {entry.get('class')} cannot be rebuilt from "
+                f"{RUN_FILE} ({entry.get('reason')}); pass it: load_run(folder, model=...)"
+            )
+        model = _build(entry)
+    path = _verify(*_pick_step(folder, which))
+    sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
+    key = jax.random.PRNGKey(0)
+    template = jax.eval_shape(
+        lambda: model.init({"params": key, "dropout": key}, sample, train=False)
+    )
+    variables = _restore_variables(path, dict(template))
+    stats_path = folder / STANDARDIZE_FILE
+    stats = load_standardize(stats_path) if stats_path.exists() else None
+    return Run(
+        folder=folder,
+        model=model,
+        variables=variables,
+        standardize=stats,
+        config=config,
+        metadata=description.get("metadata", {}),
+        step=int(path.name.split("_")[-1]),
+        which=which,
+    )

@@ -1,0 +1,74 @@
+"""A validation set carved from the training set, deterministically."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["validation_size", "split_validation"]
+
+
+def validation_size(val_split, num_examples: int, name: str = "val_split") -> int:
+    """The number of validation examples ``val_split`` asks for out of ``num_examples``.
+
+    ``val_split`` is a count (an int ``1 <= n < num_examples``) or a fraction (a float in
+    ``(0, 1)``, rounded to the nearest count, at least 1). A split that leaves no training example
+    is an error.
+
+    >>> validation_size(0.1, 512), validation_size(100, 512)
+    (51, 100)
+    """
+    if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real):
+        raise TypeError(
+            f"{name}: expected a count (int) or a fraction in (0, 1), got "
+            f"{type(val_split).__name__}"
+        )
+    if isinstance(val_split, numbers.Integral):
+        count = int(val_split)
+        if count < 1:
+            raise ValueError(f"{name}: expected a count >= 1 or a fraction in (0, 1), got {count}")
+    else:
+        fraction = float(val_split)
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(
+                f"{name}: expected a fraction in (0, 1) or an integer count, got {val_split!r}"
+            )
+        count = max(1, int(round(fraction * num_examples)))
+    if count >= num_examples:
+        raise ValueError(
+            f"{name}: {val_split!r} asks for {count} validation examples, but the training set "
+            f"has only {num_examples}; expected fewer than {num_examples} so that some remain "
+            "for training"
+        )
+    return count
+
+
+def split_validation(images, labels, val_split, *, seed: int = 0):
+    """Split ``(images, labels)`` into a training part and a validation part.
+
+    The validation examples are a uniformly random subset drawn with ``seed`` (the same seed gives
+    the same split on every machine); both parts keep the original order of their examples.
+
+    Args:
+        images: ``(N, ...)`` array.
+        labels: ``(N, ...)`` array.
+        val_split: a count or a fraction in ``(0, 1)`` (see ``validation_size``).
+        seed: seeds NumPy's ``default_rng`` that draws the subset.
+
+    Returns:
+        ``((train_images, train_labels), (val_images, val_labels))``.
+
+    >>> x, y = np.arange(10).reshape(10, 1), np.arange(10)
+    >>> (tx, ty), (vx, vy) = split_validation(x, y, 3, seed=0)
+    >>> len(ty), len(vy), sorted(ty.tolist() + vy.tolist()) == list(range(10))
+    (7, 3, True)
+    """
+    n = int(images.shape[0])
+    if int(labels.shape[0]) != n:
+        raise ValueError(f"labels: expected {n} labels (one per image), got {labels.shape[0]}")
+    count = validation_size(val_split, n)
+    chosen = np.zeros(n, bool)
+    chosen[np.random.default_rng(seed).permutation(n)[:count]] = True
+    train_index, val_index = np.flatnonzero(~chosen), np.flatnonzero(chosen)
+    return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])

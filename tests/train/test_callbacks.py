@@ -1,0 +1,233 @@
+"""Callbacks: the protocol, early stopping, best checkpoint, stopping, a callback that raises."""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.data import Loader
+from jcnn.train import (
+    BestCheckpoint,
+    Callback,
+    CallbackError,
+    CheckpointManager,
+    EarlyStopping,
+    RunContext,
+    TrainConfig,
+    fit,
+    load_run,
+)
+
+
+class TinyNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(4, (3, 3), strides=2)(x)
+        return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+def _loaders(rng, n=64):
+    labels = rng.integers(0, 3, size=n).astype(np.int32)
+    images = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+    images[np.arange(n), 2 * labels + 1, 2 * labels + 1, 0] += 4.0
+    train = Loader(images, labels, batch_size=16, seed=1)
+    val = Loader(images[:32], labels[:32], batch_size=32, shuffle=False)
+    return train, val
+
+
+def _config(out=None, **kw):
+    return TrainConfig(
+        **{"epochs": 2, "learning_rate": 0.02, "progress": False, "out": out and str(out), **kw}
+    )
+
+
+def _context(has_validation=True):
+    return RunContext(
+        config=None,
+        steps_per_epoch=4,
+        out=None,
+        has_validation=has_validation,
+        validation_metrics=("val_loss", "val_accuracy"),
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, values, min_delta, stop_at",
+    [
+        ("min", [1.0, 0.9, 0.95, 0.91, 0.8], 0.0, 4),  # two in a row without a new minimum
+        ("min", [1.0, 0.99, 0.98, 0.97], 0.05, 3),  # improvements below min_delta do not count
+        ("max", [0.1, 0.2, 0.3, 0.4], 0.0, None),
+        ("max", [0.5, float("nan"), 0.4], 0.0, 3),  # NaN never improves
+    ],
+)
+def test_early_stopping_counts_evaluations_without_improvement(mode, values, min_delta, stop_at):
+    run = _context()
+    stopper = EarlyStopping("val_loss", mode=mode, patience=2, min_delta=min_delta)
+    stopper.on_train_begin(run)
+    stopped = None
+    for i, value in enumerate(values, start=1):
+        run.step = i
+        stopper.on_evaluation(run, {"step": i, "val_loss": value})
+        if run.stop_reason is not None and stopped is None:
+            stopped = i
+    assert stopped == stop_at
+    if stop_at is not None:
+        assert run.stop_reason.startswith("early stopping: val_loss did not improve for 2")
+    restored = EarlyStopping("val_loss", mode=mode, patience=2, min_delta=min_delta)
+    restored.load_state_dict(json.loads(json.dumps(stopper.state_dict())))
+    assert restored.state_dict() == stopper.state_dict()
+
+
+def test_monitor_callbacks_check_their_settings():
+    with pytest.raises(ValueError, match="patience: expected an int >= 1"):
+        EarlyStopping(patience=0)
+    with pytest.raises(ValueError, match="mode: expected 'min' or 'max'"):
+        EarlyStopping(mode="up")
+    with pytest.raises(ValueError, match="min_delta"):
+        BestCheckpoint(min_delta=-1)
+    with pytest.raises(TypeError, match="monitor: expected a metric name"):
+        BestCheckpoint(monitor=3)
+    with pytest.raises(ValueError, match="directory"):
+        BestCheckpoint(directory="/abs")
+    with pytest.raises(ValueError, match="EarlyStopping: monitors 'val_loss' but the run has no"):
+        EarlyStopping().on_train_begin(_context(has_validation=False))
+    with pytest.raises(ValueError, match="monitor 'val_f1' is not an evaluation metric"):
+        EarlyStopping("val_f1").on_train_begin(_context())
+
+
+def test_callbacks_are_checked_against_the_run(tmp_path, rng):
+    train, val = _loaders(rng)
+    with pytest.raises(ValueError, match="EarlyStopping.on_train_begin.*no validation set"):
+        fit(TinyNet(), train, None, _config(), callbacks=[EarlyStopping()])
+    with pytest.raises(ValueError, match="BestCheckpoint: needs a run folder"):
+        fit(TinyNet(), train, val, _config(), callbacks=[BestCheckpoint()])
+    with pytest.raises(TypeError, match=r"got the class EarlyStopping \(call it"):
+        fit(TinyNet(), train, val, _config(), callbacks=[EarlyStopping])
+    with pytest.raises(TypeError, match=r"callbacks\[0\]: expected an object with some of"):
+        fit(TinyNet(), train, val, _config(), callbacks=[print])
+
+
+class Recorder:
+    """A duck-typed callback (no base class) that stops after the first epoch."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_step(self, run, metrics):
+        self.calls.append(("step", run.step, run.epoch, run.batch, sorted(metrics)))
+
+    def on_evaluation(self, run, metrics):
+        self.calls.append(("evaluation", metrics["step"]))
+
+    def on_epoch_end(self, run, record):
+        self.calls.append(("epoch", record["epoch"], record["step"]))
+        run.request_stop("enough")
+
+
+def test_hooks_order_and_stopping_from_a_callback(tmp_path, rng):
+    train, val = _loaders(rng)
+    recorder = Recorder()
+    result = fit(TinyNet(), train, val, _config(tmp_path, eval_every_steps=2), callbacks=[recorder])
+    steps = [c for c in recorder.calls if c[0] == "step"]
+    assert [c[1:4] for c in steps] == [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 0, 4)]
+    assert steps[0][4] == ["accuracy", "grad_norm", "loss"]
+    assert [c for c in recorder.calls if c[0] != "step"] == [
+        ("evaluation", 2),
+        ("evaluation", 4),
+        ("epoch", 1, 4),
+    ]
+    assert result["summary"]["stopped"] == "enough"
+    assert CheckpointManager(tmp_path / "checkpoints").latest_step() == 4
+    # a stopped run resumed does not train further
+    again = fit(TinyNet(), train, val, _config(tmp_path, resume=True), callbacks=[Recorder()])
+    assert len(again["history"]) == 1 and int(again["state"].step) == 4
+
+
+class Bomb(Callback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step(self, run, metrics):
+        if run.step == self.at_step:
+            raise RuntimeError("boom")
+
+
+def test_a_callback_that_raises_is_named_and_leaves_the_folder_resumable(tmp_path, rng):
+    train, val = _loaders(rng)
+    clean = fit(TinyNet(), train, val, _config(tmp_path / "clean"), callbacks=[Bomb(None)])
+    broken = tmp_path / "broken"
+    config = _config(broken, checkpoint_every_steps=1)
+    with pytest.raises(
+        CallbackError, match=r"callback Bomb.on_step raised at step 6: RuntimeError: boom"
+    ):
+        fit(TinyNet(), train, val, config, callbacks=[Bomb(6)])
+    assert CheckpointManager(broken / "checkpoints").latest_step() == 5  # nothing of step 6
+    history = json.loads((broken / "history.json").read_text())
+    assert [h["step"] for h in history] == [4]
+    assert not (broken / "summary.json").exists()
+    assert not list(broken.rglob("*.tmp"))
+    resumed = fit(
+        TinyNet(),
+        train,
+        val,
+        _config(broken, checkpoint_every_steps=1, resume=True),
+        callbacks=[Bomb(None)],
+    )
+
+    def strip(hs):
+        return [
+            {k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in hs
+        ]
+
+    assert strip(resumed["history"]) == strip(clean["history"])
+    for a, b in zip(
+        jax.tree.leaves(clean["state"].params),
+        jax.tree.leaves(resumed["state"].params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class Unsaveable(Callback):
+    def state_dict(self):
+        return {"array": np.zeros(2)}
+
+
+def test_callback_state_must_be_json(tmp_path, rng):
+    train, val = _loaders(rng)
+    with pytest.raises(CallbackError, match="Unsaveable.state_dict: expected a JSON-serializable"):
+        fit(TinyNet(), train, val, _config(tmp_path, epochs=1), callbacks=[Unsaveable()])
+
+
+def test_best_checkpoint_keeps_the_best_evaluation_of_any_metric(tmp_path, rng):
+    train, val = _loaders(rng)
+
+    def error_rate(logits, labels):
+        return 1.0 - jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+    keeper = BestCheckpoint("val_loss", mode="min", directory="best")
+    result = fit(
+        TinyNet(),
+        train,
+        val,
+        _config(tmp_path, epochs=3, eval_every_steps=1, learning_rate=0.05),
+        metrics={"error": error_rate},
+        callbacks=[keeper, BestCheckpoint("val_error", mode="min", directory="best_error")],
+    )
+    evaluations = result["evaluations"]
+    best = min(evaluations, key=lambda e: e["val_loss"])
+    assert keeper.best_step == best["step"] and math.isclose(keeper.best, best["val_loss"])
+    assert CheckpointManager(tmp_path / "best").steps() == [best["step"]]
+    first_lowest_error = min(evaluations, key=lambda e: (e["val_error"], e["step"]))
+    assert CheckpointManager(tmp_path / "best_error").steps() == [first_lowest_error["step"]]
+    # the reloaded best checkpoint reproduces the evaluation that made it best
+    run = load_run(tmp_path, which="best")
+    assert run.step == best["step"]
+    images, labels = val.examples
+    report = run.evaluate(np.asarray(images), np.asarray(labels))
+    assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert report["accuracy"] == pytest.approx(best["val_accuracy"])

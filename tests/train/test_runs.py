@@ -1,0 +1,197 @@
+"""load_run: a run folder back to a model, its variables and standardization, for inference."""
+
+import json
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import models
+from jcnn.data import Loader
+from jcnn.train import CheckpointManager, RunFolderError, TrainConfig, fit, load_run
+from jcnn.train.cli import MODELS
+from jcnn.train.runs import _build, run_description
+
+
+class SmallNet(nn.Module):
+    features: int = 4
+    widths: tuple = (3,)
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(self.features, (3, 3), strides=2)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+class ActivationNet(SmallNet):
+    activation: object = None  # a callable field: cannot be recorded by name
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dense(3)(self.activation(x.reshape(x.shape[0], -1)))
+
+
+def _data(rng, n):
+    labels = rng.integers(0, 3, size=n).astype(np.int32)
+    images = rng.integers(0, 120, size=(n, 8, 8, 2)).astype(np.uint8)
+    images[np.arange(n), 2 * labels + 1, 2 * labels + 1, :] += 120
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images, labels = _data(rng, 80)
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(
+        epochs=2,
+        learning_rate=0.02,
+        val_split=16,
+        standardize="per_channel",
+        out=str(out),
+        progress=False,
+        keep_last=1,
+    )
+    train = Loader(images, labels, batch_size=16, seed=0)
+    result = fit(SmallNet(features=5), train, None, config, metadata={"dataset": "toy"})
+    return out, result, _data(rng, 30)
+
+
+def test_load_run_gives_model_variables_standardization_and_config(trained):
+    out, result, (images, labels) = trained
+    run = load_run(out)
+    assert run.model == SmallNet(features=5)
+    assert run.config["val_split"] == 16 and run.metadata == {"dataset": "toy"}
+    assert run.step == 8 and run.which == "latest"
+    state = result["state"]
+    for a, b in zip(
+        jax.tree.leaves(state.variables()), jax.tree.leaves(run.variables), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    stats = result["standardize"]
+    np.testing.assert_array_equal(run.standardize.mean, stats.mean)
+    np.testing.assert_array_equal(run.standardize.scale, stats.scale)
+    # predict standardizes raw images as training did
+    expected = state.apply_fn(state.variables(), stats(images), train=False)
+    np.testing.assert_allclose(run.predict(images, batch_size=7), expected, rtol=1e-6, atol=1e-6)
+    # evaluate: an independent count of the confusion matrix
+    report = run.evaluate(images, labels, batch_size=7)
+    predicted = np.asarray(expected).argmax(-1)
+    confusion = np.zeros((3, 3), int)
+    for t, p in zip(labels, predicted, strict=True):
+        confusion[t, p] += 1
+    assert report["confusion_matrix"] == confusion.tolist()
+    assert report["accuracy"] == pytest.approx(np.mean(predicted == labels))
+    for c in range(3):
+        mask = labels == c
+        want = None if not mask.any() else np.mean(predicted[mask] == c)
+        assert report["per_class_accuracy"][c] == pytest.approx(want)
+    z = np.asarray(expected, np.float64)
+    log_probs = z - z.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    assert report["loss"] == pytest.approx(-np.mean(log_probs[np.arange(30), labels]), rel=1e-5)
+
+
+def test_load_run_best_and_steps(trained):
+    out, result, _ = trained
+    manager = CheckpointManager(out / "checkpoints")
+    best = load_run(out, which="best")
+    assert best.step == manager.best_step()
+    history = result["history"]
+    assert best.step == max(history, key=lambda h: (h["val_accuracy"], h["step"]))["step"]
+    assert load_run(out, which=best.step).step == best.step
+    with pytest.raises(RunFolderError, match="no checkpoint at step 3"):
+        load_run(out, which=3)
+    with pytest.raises(ValueError, match="which: expected 'latest', 'best' or a step"):
+        load_run(out, which="first")
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path, trained):
+    with pytest.raises(RunFolderError, match="is not a jcnn run folder .no such folder"):
+        load_run(tmp_path / "absent")
+    with pytest.raises(RunFolderError, match="missing config.json, run.json, checkpoints"):
+        load_run(tmp_path)
+    out, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "run.json").write_text("{not json")
+    with pytest.raises(RunFolderError, match="unreadable config.json or run.json"):
+        load_run(copy)
+    shutil.copy(out / "run.json", copy / "run.json")
+    with pytest.raises(RunFolderError, match="does not match the model"):
+        load_run(copy, model=SmallNet(features=6))
+    step = CheckpointManager(copy / "checkpoints").latest_step()
+    for path in (CheckpointManager(copy / "checkpoints").path(step) / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with pytest.raises(RunFolderError, match=f"step_{step:08d} is corrupt or unreadable"):
+        load_run(copy)
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.json").write_text("{}")
+    (empty / "run.json").write_text((out / "run.json").read_text())
+    with pytest.raises(RunFolderError, match="no checkpoint in checkpoints/"):
+        load_run(empty)
+
+
+def test_a_flipped_byte_in_any_checkpoint_file_is_never_loaded(trained, tmp_path):
+    """load_run checks the manifest first: a byte changed in the array data (which orbax would
+    read without complaint) or in any other file stops it, naming the checkpoint and the file."""
+    out, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    intact = load_run(copy)
+    folder = CheckpointManager(copy / "checkpoints").path(intact.step)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"]
+    assert any("state" in p.relative_to(folder).parts for p in files)
+    for path in files:
+        data = bytearray(path.read_bytes())
+        where = len(data) // 2
+        data[where] ^= 0x01
+        path.write_bytes(bytes(data))
+        name = str(path.relative_to(folder))
+        with pytest.raises(RunFolderError, match=f"step_{intact.step:08d} is corrupt") as error:
+            load_run(copy)
+        assert name in str(error.value) and "SHA-256" in str(error.value)
+        data[where] ^= 0x01
+        path.write_bytes(bytes(data))
+    again = load_run(copy)
+    for a, b in zip(
+        jax.tree.leaves(intact.variables), jax.tree.leaves(again.variables), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_run_config_is_the_train_table_of_the_record(trained):
+    out, _, _ = trained
+    record = json.loads((out / "config.json").read_text())
+    assert set(record) >= {"jcnn_version", "train", "model", "train_loader", "settings"}
+    assert load_run(out).config == record["train"]
+
+
+def test_a_model_that_cannot_be_recorded_is_passed_back(tmp_path, rng):
+    images, labels = _data(rng, 32)
+    model = ActivationNet(activation=lambda x: jnp.tanh(x))
+    config = TrainConfig(epochs=1, out=str(tmp_path), progress=False)
+    fit(model, Loader(images.astype(np.float32), labels, batch_size=16), None, config)
+    description = json.loads((tmp_path / "run.json").read_text())["model"]
+    assert description["rebuildable"] is False and "cannot be imported" in description["reason"]
+    with pytest.raises(RunFolderError, match=r"cannot be rebuilt .*load_run\(folder, model=...\)"):
+        load_run(tmp_path)
+    run = load_run(tmp_path, model=model)
+    with pytest.raises(RunFolderError, match="no best checkpoint"):  # no validation: no ranking
+        load_run(tmp_path, model=model, which="best")
+    assert run.standardize is None and run.predict(images.astype(np.float32)).shape == (32, 3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_cli_model_is_recorded_and_rebuilt(name):
+    attribute, kwargs = MODELS[name]
+    model = getattr(models, attribute)(num_classes=7, **kwargs)
+    entry = run_description(model, np.zeros((1, 32, 32, 3), np.uint8), None)["model"]
+    assert entry["rebuildable"], entry
+    assert _build(json.loads(json.dumps(entry))) == model

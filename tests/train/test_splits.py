@@ -1,0 +1,51 @@
+"""split_validation / validation_size: deterministic, disjoint, covering; bad sizes named."""
+
+import numpy as np
+import pytest
+
+from jcnn.train.splits import split_validation, validation_size
+
+
+@pytest.mark.parametrize(
+    "split, n, expected",
+    [(1, 10, 1), (9, 10, 9), (0.1, 512, 51), (0.5, 7, 4), (0.001, 100, 1), (np.int64(3), 5, 3)],
+)
+def test_validation_size(split, n, expected):
+    assert validation_size(split, n) == expected
+
+
+@pytest.mark.parametrize(
+    "split, error, pattern",
+    [
+        (10, ValueError, "asks for 10 validation examples, but the training set has only 10"),
+        (0.9999, ValueError, "asks for 10 validation examples"),
+        (0, ValueError, "expected a count >= 1"),
+        (-2, ValueError, "expected a count >= 1"),
+        (1.0, ValueError, r"fraction in \(0, 1\)"),
+        (2.5, ValueError, r"fraction in \(0, 1\)"),
+        (float("nan"), ValueError, r"fraction in \(0, 1\)"),
+        (True, TypeError, "expected a count"),
+        ("0.1", TypeError, "expected a count"),
+    ],
+)
+def test_bad_validation_sizes(split, error, pattern):
+    with pytest.raises(error, match=pattern):
+        validation_size(split, 10)
+
+
+def test_split_is_a_seeded_partition_keeping_order(rng):
+    n = int(rng.integers(20, 60))
+    images = rng.normal(size=(n, 3, 3, 1))
+    labels = np.arange(n)
+    (train_x, train_y), (val_x, val_y) = split_validation(images, labels, 0.25, seed=3)
+    assert len(val_y) == round(0.25 * n) and len(train_y) == n - len(val_y)
+    assert sorted(np.concatenate([train_y, val_y]).tolist()) == list(range(n))
+    assert np.all(np.diff(train_y) > 0) and np.all(np.diff(val_y) > 0)
+    np.testing.assert_array_equal(train_x, images[train_y])
+    np.testing.assert_array_equal(val_x, images[val_y])
+    (_, again), (_, _) = split_validation(images, labels, 0.25, seed=3)
+    np.testing.assert_array_equal(again, train_y)
+    (_, _), (_, other) = split_validation(images, labels, 0.25, seed=4)
+    assert not np.array_equal(other, val_y)
+    with pytest.raises(ValueError, match="labels: expected"):
+        split_validation(images, labels[:-1], 2)
