@@ -1,7 +1,7 @@
 """Training: optimizers and schedules, the train state, jit-compiled steps, fit(), checkpoints,
 data parallelism and the ``jcnn-train`` command line."""
 
-from jcnn.train import callbacks, parallel, schedules
+from jcnn.train import callbacks, parallel, run_folder, schedules
 from jcnn.train.callbacks import BestCheckpoint, Callback, CallbackError, EarlyStopping, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.lookahead import lookahead
@@ -9,7 +9,8 @@ from jcnn.train.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from jcnn.train.optim import OPTIMIZERS, default_decay_mask, optimizer
 from jcnn.train.param_groups import active_for, label_by_path
 from jcnn.train.protocol import TrainLoader
-from jcnn.train.runs import Run, RunFolderError, load_run
+from jcnn.train.run_folder import RunFolderError
+from jcnn.train.runs import Run, load_run
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
 from jcnn.train.steps import eval_step, train_step
@@ -46,4 +47,5 @@ __all__ = [
     "load_run",
     "Run",
     "RunFolderError",
+    "run_folder",
 ]

@@ -7,13 +7,22 @@ Example (the README's main job)::
 
 A killed run continues exactly where its last checkpoint left it with ``--resume`` (same command,
 same ``--out``); the run folder holds ``config.json``, ``history.json``/``.csv``, ``curves.png``,
-``summary.json`` (with the test accuracy) and ``checkpoints/``.
+``summary.json`` (with the test accuracy) and ``checkpoints/``. One process owns a run folder at a
+time; ``--resume`` refuses other settings, and a used folder needs ``--resume`` or ``--overwrite``
+(see ``jcnn.train.run_folder``).
+
+A mistake in the command is one line on stderr, in the command's own terms, and a non-zero exit
+(``SystemExit``, as argparse does): 2 for a bad flag, 1 for a missing or corrupt dataset, 3 for a
+refused run folder (the folder is then left as it was). A run that stops on a non-finite loss exits
+with 2, one whose checkpoint cannot be restored with 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,33 +44,137 @@ MODELS = {
 }
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 
+# Optimizers that use --momentum (the others would silently ignore it).
+USES_MOMENTUM = ("momentum", "nesterov", "lars")
+
+# TrainConfig fields and run settings named as the flags that set them (for refused resumes).
+FLAG_NAMES = {
+    "train.learning_rate": "--lr",
+    "train_loader.batch_size": "--batch-size",
+    "train_loader.seed": "--seed",
+    "train_loader.num_examples": "the number of training images (--limit-train, --dataset)",
+    "train_loader.batches_per_epoch": "the number of batches per epoch",
+    "settings.train_images": "the number of training images (--limit-train, --dataset)",
+    "settings.num_classes": "the number of classes",
+    "settings.train_data.images": "the training images (--dataset, --data-dir)",
+    "settings.train_data.labels": "the training labels (--dataset, --data-dir)",
+    "train.callbacks": "--early-stopping",
+}
+
+
+class UsageError(SystemExit):
+    """A mistake in the command line: ``main`` prints it as one line and returns 2."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.message = message
+        self.exit_status = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the flags are in --help
+        raise UsageError(f"{message} (jcnn-train --help lists the flags)")
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(what: str, *, low=None, high=None, low_open=False, high_open=False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value <= low if low_open else value < low)
+        bad |= high is not None and (value >= high if high_open else value > high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    value = _int_at_least(0, "an integer in [0, 2**32)")(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {value}")
+    return value
+
+
+def _epoch_list(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    values = []
+    for part in parts:
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated positive epochs such as 30,60,90, got {text!r} "
+                f"({part!r} is not an integer)"
+            ) from None
+        if value < 1 or (values and value <= values[-1]):
+            raise argparse.ArgumentTypeError(
+                f"expected increasing positive epochs such as 30,60,90, got {text!r}"
+            )
+        values.append(value)
+    return tuple(values)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``jcnn-train``."""
     from jcnn.train import schedules
     from jcnn.train.optim import OPTIMIZERS
 
-    p = argparse.ArgumentParser(
-        prog="jcnn-train", description="Train a jcnn model; writes a run folder."
-    )
+    positive = _int_at_least(1, "a positive integer")
+    p = _Parser(prog="jcnn-train", description="Train a jcnn model; writes a run folder.")
     p.add_argument("--model", default="lenet5", choices=sorted(MODELS))
     p.add_argument(
         "--dataset",
         default="mnist",
+        type=_dataset,
         help=f"{', '.join(DATASETS)} ('synthetic': a small random task for smoke tests), or "
         "tfds:NAME for a tensorflow-datasets dataset (e.g. tfds:cifar100)",
     )
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=positive, default=4)
+    p.add_argument("--batch-size", type=positive, default=128)
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=float, default=1e-3, help="base (peak) learning rate")
+    p.add_argument(
+        "--lr",
+        type=_number("a positive number", low=0, low_open=True),
+        default=1e-3,
+        help="base (peak) learning rate",
+    )
     p.add_argument("--schedule", default="cosine", choices=sorted(schedules.SCHEDULES))
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
-    p.add_argument("--step-epochs", default="", help="for --schedule step: e.g. 30,60,90")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--clip-norm", type=float, default=None)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--warmup-epochs", type=_number("a number >= 0", low=0), default=0.0)
+    p.add_argument(
+        "--step-epochs", type=_epoch_list, default=(), help="for --schedule step: e.g. 30,60,90"
+    )
+    p.add_argument("--weight-decay", type=_number("a number >= 0", low=0), default=0.0)
+    p.add_argument(
+        "--momentum",
+        type=_number("a number in [0, 1)", low=0, high=1, high_open=True),
+        default=None,
+        help=f"for {', '.join(USES_MOMENTUM)} (default 0.9)",
+    )
+    p.add_argument(
+        "--clip-norm", type=_number("a positive number", low=0, low_open=True), default=None
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=_number("a number in [0, 1)", low=0, high=1, high_open=True),
+        default=0.0,
+    )
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument(
         "--augment",
@@ -71,13 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
         "mixup/cutmix (e.g. mixup:alpha=0.2) act on whole batches",
     )
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-    p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
+    p.add_argument(
+        "--limit-train", type=positive, default=None, help="use the first N train images"
+    )
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--devices", type=int, default=None, help="data-parallel over N devices")
-    p.add_argument("--checkpoint-every-steps", type=int, default=0)
-    p.add_argument("--keep-last", type=int, default=3)
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds a run (deletes that run's files)",
+    )
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--devices", type=positive, default=None, help="data-parallel over N devices")
+    p.add_argument("--checkpoint-every-steps", type=_int_at_least(0, "an integer >= 0"), default=0)
+    p.add_argument("--keep-last", type=positive, default=3)
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
     p.add_argument(
         "--val-split",
@@ -86,12 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="carve a validation set from the training set: a count (5000) or a fraction (0.1); "
         "it chooses the best checkpoint and early stopping, the test set is only reported",
     )
-    p.add_argument("--val-split-seed", type=int, default=0, help="seed of the validation split")
-    p.add_argument("--eval-every-steps", type=int, default=0, help="also validate every N steps")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in all")
+    p.add_argument("--val-split-seed", type=_seed, default=0, help="seed of the validation split")
+    p.add_argument(
+        "--eval-every-steps",
+        type=_int_at_least(0, "an integer >= 0"),
+        default=0,
+        help="also validate every N steps (needs --val-split)",
+    )
+    p.add_argument("--max-steps", type=positive, default=None, help="stop after N steps in all")
     p.add_argument(
         "--early-stopping",
-        type=int,
+        type=positive,
         default=None,
         metavar="PATIENCE",
         help="stop when the validation loss has not improved for PATIENCE evaluations "
@@ -105,17 +233,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_combinations(args) -> None:
+    """Flags that are fine alone but would be ignored or contradict each other together."""
+    if args.step_epochs and args.schedule != "step":
+        raise UsageError(f"--step-epochs applies to --schedule step only, not {args.schedule}")
+    if args.schedule == "step" and not args.step_epochs:
+        raise UsageError("--schedule step needs --step-epochs (e.g. --step-epochs 30,60)")
+    if args.momentum is not None and args.optimizer not in USES_MOMENTUM:
+        raise UsageError(
+            f"--momentum applies to --optimizer {', '.join(USES_MOMENTUM)}, not {args.optimizer}"
+        )
+    if args.warmup_epochs > args.epochs:
+        raise UsageError(
+            f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs "
+            f"{args.epochs}): the rate would never reach --lr"
+        )
+    if args.early_stopping is not None and args.val_split is None:
+        raise UsageError("--early-stopping needs a validation set (--val-split N)")
+    if args.eval_every_steps and args.val_split is None:
+        raise UsageError("--eval-every-steps needs a validation set (--val-split N)")
+    if args.manual_dir is not None and not args.dataset.startswith("tfds:"):
+        raise UsageError(f"--manual-dir applies to --dataset tfds:NAME only, not {args.dataset}")
+    if args.manual_dir is not None and not Path(args.manual_dir).expanduser().is_dir():
+        raise UsageError(f"--manual-dir {args.manual_dir}: no such folder")
+
+
 def _val_split(text: str):
-    """``--val-split``: an int count or a float fraction."""
+    """``--val-split``: a count (an integer >= 1) or a fraction in (0, 1)."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a count (e.g. 5000) or a fraction (e.g. 0.1), got {text!r}"
-            ) from None
+            value = None
+    if value is None or (isinstance(value, int) and value < 1):
+        raise argparse.ArgumentTypeError(
+            f"expected a count (e.g. 5000) or a fraction (e.g. 0.1), got {text!r}"
+        )
+    if isinstance(value, float) and not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a count (e.g. 5000) or a fraction in (0, 1) (e.g. 0.1), got {text}"
+        )
+    return value
+
+
+def _dataset(text: str) -> str:
+    """``--dataset``: one of ``DATASETS`` or ``tfds:NAME``."""
+    if text in DATASETS or (text.startswith("tfds:") and text[len("tfds:") :].strip()):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(DATASETS)} or tfds:NAME, got {text!r}"
+    )
 
 
 def load_dataset(name: str, split: str, *, data_dir=None, manual_dir=None):
@@ -148,142 +317,327 @@ def _synthetic(split: str, seed: int):
     return images, labels
 
 
-def _augmenters(spec: str, num_classes: int):
-    """Per-example and batch augmentation from ``name[:key=value...],name...``."""
+def _augmenters(spec: str, num_classes: int, image_shape=None):
+    """Per-example and batch augmentation from ``name[:key=value...],name...``.
+
+    Each op must be a random op of ``jcnn.data.augment`` (``(key, image, *, ...)``, or
+    ``(key, images, labels, *, ...)`` for mixup/cutmix) given every keyword it needs and no other;
+    with ``image_shape`` each is also tried once on a blank image, so that a bad value is reported
+    now, naming the op, rather than as a traceback from inside the first training step.
+    """
     import ast
     import functools
+
+    import jax
+    import jax.numpy as jnp
 
     from jcnn.data import augment
 
     per_example, per_batch = [], None
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+    for item in _top_level_split(spec, ","):
         name, *settings = item.split(":")
-        fn = getattr(augment, name, None)
-        if fn is None or not callable(fn):
-            raise SystemExit(f"--augment: jcnn.data.augment has no op {name!r}")
+        fn = getattr(augment, name, None) if not name.startswith("_") else None
+        if fn is None or not inspect.isfunction(fn):
+            raise UsageError(f"--augment: jcnn.data.augment has no op {name!r}")
         try:
-            kwargs = {
-                key: ast.literal_eval(value)
-                for key, value in (setting.split("=", 1) for setting in settings)
-            }
+            kwargs = {}
+            for setting in settings:
+                key, value = setting.split("=", 1)
+                if key.strip() in kwargs:
+                    raise UsageError(f"--augment {name}: {key.strip()} given twice")
+                kwargs[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError) as error:
-            raise SystemExit(f"--augment: cannot parse {item!r} as name:key=value") from error
-        if name in ("mixup", "cutmix"):
-            per_batch = functools.partial(fn, num_classes=num_classes, **kwargs)
+            raise UsageError(f"--augment: cannot parse {item!r} as name:key=value") from error
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [q.name for q in params if q.kind is q.POSITIONAL_OR_KEYWORD]
+        batch_op = positional == ["key", "images", "labels"]
+        if positional != ["key", "image"] and not batch_op:
+            raise UsageError(
+                f"--augment {name}: expected a random op taking (key, image, ...) or (key, images, "
+                f"labels, ...), but jcnn.data.augment.{name} takes ({', '.join(positional)})"
+                + ("; use random_" + name if hasattr(augment, "random_" + name) else "")
+            )
+        keywords = {q.name: q for q in params if q.kind is q.KEYWORD_ONLY}
+        if batch_op:
+            keywords.pop("num_classes", None)  # the dataset's, set here
+        unknown = sorted(set(kwargs) - set(keywords))
+        if unknown:
+            raise UsageError(
+                f"--augment {name}: unknown setting {', '.join(unknown)}; it takes "
+                f"{', '.join(keywords) or 'no settings'}"
+            )
+        missing = [k for k, q in keywords.items() if q.default is q.empty and k not in kwargs]
+        if missing:
+            raise UsageError(
+                f"--augment {name}: needs {', '.join(f'{k}=...' for k in missing)} "
+                f"(e.g. {name}:{missing[0]}=...)"
+            )
+        if batch_op:
+            op = functools.partial(fn, num_classes=num_classes, **kwargs)
         else:
-            per_example.append(functools.partial(fn, **kwargs))
+            op = functools.partial(fn, **kwargs)
+        if image_shape is not None:
+            try:
+                key = jax.random.PRNGKey(0)
+                if batch_op:
+                    op(key, jnp.zeros((2, *image_shape)), jnp.arange(2) % num_classes)
+                else:
+                    op(key, jnp.zeros(image_shape))
+            except (ValueError, TypeError) as error:
+                raise UsageError(f"--augment {item}: {error}") from error
+        if batch_op:
+            if per_batch is not None:
+                raise UsageError("--augment: at most one of mixup and cutmix")
+            per_batch = op
+        else:
+            per_example.append(op)
     return (augment.compose(*per_example) if per_example else None), per_batch
 
 
+def _top_level_split(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside brackets, e.g. ``a:size=(28,28),b`` -> 2 items."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == separator and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item.strip() for item in items if item.strip()]
+
+
+def _load_dataset(args):
+    """``(train, test)`` pairs of images and labels. Without ``--data-dir`` missing files are
+    downloaded into the cache (``jcnn.data.download``); a missing, undownloadable or corrupt dataset
+    exits with one line naming the files, the folders searched and where to download them."""
+    from jcnn import data
+
+    if args.dataset == "synthetic":
+        return _synthetic("train", 0), _synthetic("test", 0)
+    tfds = args.dataset.startswith("tfds:")  # tensorflow-datasets prepares its --data-dir
+    if not tfds and args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        raise SystemExit(f"jcnn-train: --data-dir {args.data_dir}: no such folder")
+    source = dict(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    try:
+        train = load_dataset(args.dataset, "train", **source)
+        test = load_dataset(args.dataset, "test", **source)
+    except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
+        raise SystemExit(f"jcnn-train: {error}") from None
+    return train, test
+
+
+def _flag_names() -> dict:
+    names = dict(FLAG_NAMES)
+    for field in (
+        "epochs",
+        "optimizer",
+        "schedule",
+        "warmup_epochs",
+        "step_epochs",
+        "weight_decay",
+        "momentum",
+        "clip_norm",
+        "label_smoothing",
+        "compute_dtype",
+        "seed",
+        "val_split",
+        "val_split_seed",
+        "max_steps",
+    ):
+        names[f"train.{field}"] = "--" + field.replace("_", "-")
+    for field in ("model", "dataset", "limit_train", "augment", "batch_size", "manual_dir"):
+        names[f"settings.{field}"] = "--" + field.replace("_", "-")
+    return names
+
+
 def main(argv=None) -> int:
-    """Entry point of ``jcnn-train``; returns the exit status."""
+    """Entry point of ``jcnn-train``: returns 0 when the run completes, 2 when it stops on a
+    non-finite loss, 3 when its checkpoint cannot be restored; a mistake in the command prints
+    one line and raises ``SystemExit`` (see the module docstring)."""
+    try:
+        return _main(argv)
+    except UsageError as error:
+        print(f"jcnn-train: error: {error.message}", file=sys.stderr)
+        raise SystemExit(error.exit_status) from None
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    _check_combinations(args)
+    out = Path(args.out or f"runs/{args.model}-{args.dataset.replace(':', '-')}")
+    _augmenters(args.augment, 10)  # the spelling of every op, before any work
 
     import jax
 
     from jcnn import data, models
-    from jcnn.train import parallel
+    from jcnn.train import parallel, run_folder
     from jcnn.train.callbacks import EarlyStopping
     from jcnn.train.checkpoint import CheckpointError
     from jcnn.train.loop import NonFiniteLossError, TrainConfig, fit
 
-    if args.dataset not in DATASETS and not args.dataset.startswith("tfds:"):
-        raise SystemExit(
-            f"--dataset: expected one of {', '.join(DATASETS)} or tfds:NAME, got {args.dataset!r}"
+    if args.devices is not None and args.devices > jax.device_count():
+        raise UsageError(
+            f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} "
+            "device(s) are available"
         )
-    if args.early_stopping is not None and args.val_split is None:
-        raise SystemExit("--early-stopping: needs a validation set (--val-split N)")
-    out = Path(args.out or f"runs/{args.model}-{args.dataset.replace(':', '-')}")
-    source = dict(data_dir=args.data_dir, manual_dir=args.manual_dir)
-    try:
-        train_x, train_y = load_dataset(args.dataset, "train", **source)
-        test_x, test_y = load_dataset(args.dataset, "test", **source)
-    except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
-        raise SystemExit(f"jcnn-train: {error}") from None
-    if args.limit_train:
-        train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    try:  # before the lock (which creates the folder), and again once the folder is ours
+        run_folder.check_start(out, resume=args.resume, overwrite=args.overwrite)
+        lock = run_folder.claim(out)
+    except run_folder.RunFolderError as error:
+        raise UsageError(f"--out {out}: {_in_flags(str(error))}", code=3) from None
+    with lock:
+        try:
+            run_folder.check_start(out, resume=args.resume, overwrite=args.overwrite)
+        except run_folder.RunFolderError as error:
+            raise UsageError(f"--out {out}: {_in_flags(str(error))}", code=3) from None
+        (train_x, train_y), (test_x, test_y) = _load_dataset(args)
+        if args.limit_train is not None:
+            if args.limit_train > train_x.shape[0]:
+                raise UsageError(
+                    f"--limit-train {args.limit_train}: the {args.dataset} training set has only "
+                    f"{train_x.shape[0]} images"
+                )
+            train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
+        if args.batch_size > train_x.shape[0]:
+            raise UsageError(
+                f"--batch-size {args.batch_size}: larger than the {train_x.shape[0]} training "
+                "images (an epoch would have no batch)"
+            )
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
 
-    mesh = parallel.make_mesh(args.devices) if args.devices else None
-    sharding = parallel.data_sharding(mesh) if mesh is not None else None
-    example_aug, batch_aug = _augmenters(args.augment, num_classes)
-    train_loader = data.Loader(
-        train_x,
-        train_y,
-        batch_size=args.batch_size,
-        shuffle=True,
-        seed=args.seed,
-        augment=example_aug,
-        batch_augment=batch_aug,
-        sharding=sharding,
-    )
-    test_loader = data.Loader(
-        test_x,
-        test_y,
-        batch_size=min(1000, test_x.shape[0]),
-        shuffle=False,
-        drop_remainder=False,
-        sharding=sharding,
-    )
-    callbacks = []
-    if args.early_stopping is not None:
-        callbacks.append(EarlyStopping("val_loss", mode="min", patience=args.early_stopping))
-    attribute, kwargs = MODELS[args.model]
-    model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
-    config = TrainConfig(
-        epochs=args.epochs,
-        optimizer=args.optimizer,
-        learning_rate=args.lr,
-        schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs,
-        step_epochs=tuple(int(e) for e in args.step_epochs.split(",") if e.strip()),
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        clip_norm=args.clip_norm,
-        label_smoothing=args.label_smoothing,
-        compute_dtype=args.compute_dtype,
-        seed=args.seed,
-        devices=args.devices,
-        out=str(out),
-        checkpoint_every_steps=args.checkpoint_every_steps,
-        keep_last=args.keep_last,
-        resume=args.resume,
-        progress=not args.no_progress and sys.stderr.isatty(),
-        val_split=args.val_split,
-        val_split_seed=args.val_split_seed,
-        standardize="per_channel",
-        eval_every_steps=args.eval_every_steps,
-        max_steps=args.max_steps,
-        test_every_epoch=args.val_split is None,
-        callbacks=tuple(callbacks),
-    )
-    metadata = {"model": args.model, "dataset": args.dataset, **source}
-    started = time.perf_counter()
-    try:
-        result = fit(model, train_loader, None, config, test_loader=test_loader, metadata=metadata)
-    except NonFiniteLossError as error:
-        print(f"jcnn-train: {error}", file=sys.stderr)
-        return 2
-    except CheckpointError as error:
-        print(f"jcnn-train: cannot resume: {error}", file=sys.stderr)
-        return 3
-    except ValueError as error:
-        print(f"jcnn-train: {error}", file=sys.stderr)
-        return 2
-    summary = dict(result["summary"])
-    test = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
-    summary.update(
-        wall_seconds=time.perf_counter() - started,
-        devices=len(mesh.devices.flat) if mesh is not None else 1,
-        backend=jax.default_backend(),
-        command="jcnn-train " + " ".join(sys.argv[1:] if argv is None else argv),
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        mesh = parallel.make_mesh(args.devices) if args.devices else None
+        sharding = parallel.data_sharding(mesh) if mesh is not None else None
+        example_aug, batch_aug = _augmenters(args.augment, num_classes, tuple(train_x.shape[1:]))
+        train_loader = data.Loader(
+            train_x,
+            train_y,
+            batch_size=args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            augment=example_aug,
+            batch_augment=batch_aug,
+            sharding=sharding,
+        )
+        test_loader = data.Loader(
+            test_x,
+            test_y,
+            batch_size=min(1000, test_x.shape[0]),
+            shuffle=False,
+            drop_remainder=False,
+            sharding=sharding,
+        )
+        callbacks = []
+        if args.early_stopping is not None:
+            callbacks.append(EarlyStopping("val_loss", mode="min", patience=args.early_stopping))
+        attribute, kwargs = MODELS[args.model]
+        model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
+        config = TrainConfig(
+            epochs=args.epochs,
+            optimizer=args.optimizer,
+            learning_rate=args.lr,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            step_epochs=args.step_epochs,
+            weight_decay=args.weight_decay,
+            momentum=0.9 if args.momentum is None else args.momentum,
+            clip_norm=args.clip_norm,
+            label_smoothing=args.label_smoothing,
+            compute_dtype=args.compute_dtype,
+            seed=args.seed,
+            devices=args.devices,
+            out=str(out),
+            checkpoint_every_steps=args.checkpoint_every_steps,
+            keep_last=args.keep_last,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            val_split=args.val_split,
+            val_split_seed=args.val_split_seed,
+            standardize="per_channel",  # fit on the training examples, after the validation split
+            eval_every_steps=args.eval_every_steps,
+            max_steps=args.max_steps,
+            test_every_epoch=args.val_split is None,
+            callbacks=tuple(callbacks),
+        )
+        command = "jcnn-train " + " ".join(sys.argv[1:] if argv is None else argv)
+        settings = {
+            "model": args.model,
+            "dataset": args.dataset,
+            "data_dir": None
+            if args.dataset == "synthetic"
+            else args.data_dir
+            if args.dataset.startswith("tfds:")
+            else str(data.default_data_dir(args.data_dir).absolute()),
+            "manual_dir": args.manual_dir,
+            "limit_train": args.limit_train,
+            "augment": args.augment,
+            "batch_size": args.batch_size,
+            "train_images": int(train_x.shape[0]),
+            "num_classes": num_classes,
+            "train_data": {"images": train_x, "labels": train_y},  # described by digest
+            "command": command,
+        }
+        metadata = {
+            "model": args.model,
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "manual_dir": args.manual_dir,
+        }
+        started = time.perf_counter()
+        try:
+            result = fit(
+                model,
+                train_loader,
+                None,
+                config,
+                test_loader=test_loader,
+                metadata=metadata,
+                settings=settings,
+            )
+        except NonFiniteLossError as error:
+            print(f"jcnn-train: {error}", file=sys.stderr)
+            return 2
+        except CheckpointError as error:
+            print(f"jcnn-train: cannot resume: {error}", file=sys.stderr)
+            return 3
+        except run_folder.RunFolderError as error:
+            message = str(error)
+            if error.differences:
+                message = (
+                    f"cannot --resume {out} with other settings: "
+                    + run_folder.format_differences(error.differences, _flag_names())
+                )
+            raise UsageError(_in_flags(message), code=3) from None
+        except ValueError as error:  # a setting fit refuses, e.g. --val-split too large
+            raise UsageError(str(error)) from None
+        summary = dict(result["summary"])
+        test = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
+        summary.update(
+            wall_seconds=time.perf_counter() - started,
+            devices=len(mesh.devices.flat) if mesh is not None else 1,
+            backend=jax.default_backend(),
+            command=command,
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(
         f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); "
         f"wall {summary['wall_seconds']:.1f}s; run folder {out}"
     )
     return 0
+
+
+def _in_flags(message: str) -> str:
+    """A run-folder message in the command's terms (``resume`` is ``--resume``...)."""
+    for word in ("resume", "overwrite"):
+        message = message.replace(f"without {word}", f"without --{word}")
+        message = message.replace(f"with {word}", f"with --{word}")
+        message = message.replace(f"; {word} it", f"; --{word} it")
+        message = message.replace(f"{word} and", f"--{word} and")
+        message = message.replace(f"and {word} exclude", f"and --{word} exclude")
+    return message
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A run folder (``config.out``) holds::
 
-    config.json         the TrainConfig
+    config.json         the full configuration (``jcnn.train.run_folder.run_record``)
+    .lock               held (flock) while a process owns the folder
     run.json            how to rebuild the model (its class and fields), the input shape, metadata
     standardize.npz     the standardization statistics (when fit knows them), for load_run
     history.json        one record per epoch (train/val loss, accuracy and metrics, lr, time, img/s)
@@ -45,10 +46,10 @@ import optax
 
 from jcnn import native
 from jcnn.functional._checks import check_positive_int
-from jcnn.train import parallel, runs
+from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, CallbackError, RunContext
-from jcnn.train.checkpoint import CheckpointManager
+from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.optim import OPTIMIZERS, optimizer
 from jcnn.train.protocol import check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
@@ -99,7 +100,10 @@ class TrainConfig:
             ends).
         checkpoint_every_steps: also save every that many steps, mid-epoch (0: never).
         keep_last: checkpoints kept besides the best one.
-        resume: continue from the latest checkpoint in ``out`` if there is one.
+        resume: continue the run in ``out`` from its latest checkpoint not known bad (the folder
+            must hold that run's checkpoints and the same settings: see
+            ``jcnn.train.run_folder``).
+        overwrite: start over in an ``out`` that holds a run, deleting that run's files.
         progress: show a progress bar (rich).
         val_split: carve a validation set from the training loader's examples: a count (int) or a
             fraction in ``(0, 1)``, drawn with ``val_split_seed`` (see ``split_validation``);
@@ -145,6 +149,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     keep_last: int = 3
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     val_split: int | float | None = None
     val_split_seed: int = 0
@@ -473,6 +478,15 @@ class _Progress:
             print(message, flush=True)
 
 
+def _all_finite(batch) -> bool:
+    """Whether a batch's floating arrays are all finite (a NaN input is the data's fault)."""
+    return all(
+        bool(jnp.isfinite(x).all())
+        for x in jax.tree.leaves(batch)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    )
+
+
 def _new_running(names=()) -> dict:
     """The sums behind an epoch's running train loss, accuracy, metrics (saved in checkpoints)."""
     return {"loss": 0.0, "accuracy": 0.0, **{name: 0.0 for name in names}, "batches": 0}
@@ -643,8 +657,14 @@ def fit(
     callbacks=None,
     standardize=None,
     metadata: dict | None = None,
+    settings: dict | None = None,
 ) -> dict:
     """Train ``model``; evaluate, call back, checkpoint and log as ``config`` says.
+
+    With ``config.out`` the run folder belongs to this call (``jcnn.train.run_folder``): it is
+    locked against other processes, ``config.json`` records the full configuration, a resume with
+    other settings or without checkpoints is refused, and so is a new run into a folder holding
+    one unless ``config.overwrite``. A refused call raises before writing anything there.
 
     Args:
         model: a Flax module ``__call__(x, train: bool)`` returning logits.
@@ -664,26 +684,65 @@ def fit(
             saved in the run folder so that ``load_run`` can apply it to new images (with
             ``config.standardize`` fit computes and saves it itself).
         metadata: JSON-serializable facts saved in ``run.json`` (e.g. the dataset's name).
+        settings: what else defines the run and ``fit`` cannot see (dataset, data directory...):
+            plain JSON values recorded in ``config.json`` and compared on resume (``data_dir``
+            and ``command`` may change).
 
     Returns:
         ``{"history": [per-epoch records], "evaluations": [...], "summary": {...},
         "state": final TrainState, "standardize": the statistics or None}``.
 
     Raises:
-        NonFiniteLossError: a step's loss was NaN or infinite (the message names the step; the
-            checkpoints on disk are the last good ones).
+        NonFiniteLossError: a step's loss was NaN or infinite (the message names the step and
+            the newest checkpoint known good: finite, and a finite loss from its parameters).
         CallbackError: a callback raised (the message names it; nothing of that step is saved).
+        RunFolderError: the folder is in use, or the start was refused (see above).
+        CheckpointError: the checkpoint to resume from is corrupt or does not match.
     """
-    from jcnn.data import Standardize
-
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a jcnn.train.TrainConfig, got {type(config).__name__}")
+    arguments = dict(
+        test_loader=test_loader,
+        loss=loss,
+        metrics=metrics,
+        callbacks=callbacks,
+        standardize=standardize,
+        metadata=metadata,
+        settings=settings,
+    )
+    if config.out is None or jax.process_index() != 0:
+        return _fit(model, train_loader, val_loader, config, **arguments)
+    run_folder.check_start(config.out, resume=config.resume, overwrite=config.overwrite)
+    with run_folder.claim(config.out):
+        return _fit(model, train_loader, val_loader, config, **arguments)
+
+
+def _fit(
+    model,
+    train_loader,
+    val_loader,
+    config: TrainConfig,
+    *,
+    test_loader,
+    loss,
+    metrics,
+    callbacks,
+    standardize,
+    metadata,
+    settings,
+) -> dict:
+    from jcnn.data import Standardize
+
     check_train_loader(train_loader)
     for name, loader in (("val_loader", val_loader), ("test_loader", test_loader)):
         if loader is not None:
             check_eval_loader(loader, name)
     check_positive_int(config.epochs, "config.epochs")
+    if (config.resume or config.overwrite) and config.out is None:
+        raise ValueError(
+            "config.resume, config.overwrite: expected with a run folder (config.out), got out=None"
+        )
     if config.max_steps is not None:
         check_positive_int(config.max_steps, "config.max_steps")
     _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")
@@ -713,6 +772,7 @@ def fit(
             json.dumps(metadata)
         except TypeError as error:
             raise TypeError(f"metadata: expected a JSON-serializable dict ({error})") from error
+    given_train_loader = train_loader
     train_loader, val_loader, test_loader, stats = _prepare_data(
         config, train_loader, val_loader, test_loader, standardize
     )
@@ -740,13 +800,22 @@ def fit(
     out = Path(config.out) if config.out else None
     manager = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            _atomic_write(out / "config.json", json.dumps(config.to_json(), indent=1))
-            description = runs.run_description(model, sample_images, metadata)
-            _atomic_write(out / "run.json", json.dumps(description, indent=1))
-            if stats is not None:
-                runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
+        # what defines the run, as fit uses it (loss, metrics, callbacks given here or in config)
+        effective = dataclasses.replace(
+            config, loss=loss_fn, metrics=dict(pairs) or None, callbacks=callbacks
+        )
+        config_record = run_folder.run_record(effective, model, given_train_loader, settings)
+        if standardize is not None:
+            config_record["standardize"] = run_folder.describe(standardize)
+        run_folder.check_start(
+            out, resume=config.resume, overwrite=config.overwrite, record=config_record
+        )
+        if config.overwrite and jax.process_index() == 0:
+            run_folder.clear(out)
+        if jax.process_count() > 1:  # nobody opens the checkpoints while process 0 clears them
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jcnn_run_folder_ready")
         manager = CheckpointManager(
             out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
         )
@@ -757,18 +826,44 @@ def fit(
     running = _new_running(extra_names)
     stop_reason = None
     progress = _Progress(config.progress)
-    if config.resume and manager is not None and manager.latest_step() is not None:
-        state, meta = manager.restore(state)
+    pending = None  # a checkpoint whose parameters the next step's loss will judge
+    if config.resume and manager is not None:
+        usable = [s for s in manager.steps() if manager.status(s) != "bad"]
+        if not usable:
+            raise CheckpointError(
+                f"nothing to resume in {manager.directory}: every checkpoint holds non-finite "
+                "values or produced a non-finite loss"
+            )
+        state, meta = manager.restore(state, usable[-1])
         epoch, start_batch = meta["epoch"], meta["batch"]
         running, history = meta["running"], meta["history"]
         evaluations = meta.get("evaluations", [])
         stop_reason = meta.get("stopped")
+        if epoch > config.epochs:
+            raise run_folder.RunFolderError(
+                f"cannot resume {out}: it has already trained {epoch} epochs, more than the "
+                f"{config.epochs} asked for",
+                out,
+            )
+        if config.max_steps is not None and int(state.step) > config.max_steps:
+            raise run_folder.RunFolderError(
+                f"cannot resume {out}: it has already trained {int(state.step)} steps, more than "
+                f"max_steps={config.max_steps}",
+                out,
+            )
         if "callbacks" in meta:
             _restore_callbacks(callbacks, meta["callbacks"])
+        pending = usable[-1]
         progress.print(
-            f"resumed from {manager.path(manager.latest_step())} (epoch {epoch + 1}, "
-            f"batch {start_batch})"
+            f"resumed from {manager.path(usable[-1])} (epoch {epoch + 1}, batch {start_batch})"
         )
+    if out is not None and jax.process_index() == 0:
+        # only now: a refused start or a failed restore leaves the folder as it was
+        run_folder.write_config(out, config_record)
+        description = runs.run_description(model, sample_images, metadata)
+        _atomic_write(out / runs.RUN_FILE, json.dumps(description, indent=1))
+        if stats is not None:
+            runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
     if mesh is not None:
         state = parallel.replicate(state, mesh)
 
@@ -783,6 +878,7 @@ def fit(
     run.state, run.step, run.epoch, run.batch = state, int(state.step), epoch, start_batch
 
     def save(metric=None):
+        nonlocal pending
         meta = {
             "epoch": epoch,
             "batch": batch_index,
@@ -792,7 +888,13 @@ def fit(
             "callbacks": _callback_states(callbacks),
             "stopped": run.stop_reason,
         }
-        manager.save(int(state.step), state, meta, metric=metric)
+        # the parameters' loss on the batch they last trained on: finite or not
+        check = jax.device_get(
+            eval_step(state, tuple(batch), compute_dtype=compute_dtype, loss_fn=loss_fn)
+        )
+        status = "good" if math.isfinite(float(check["loss"])) else "bad"
+        manager.save(int(state.step), state, meta, metric=metric, status=status)
+        pending = int(state.step)
 
     def validate():
         values = evaluate(
@@ -839,12 +941,24 @@ def fit(
                 loss_value = values["loss"]
                 step = int(state.step)
                 if not math.isfinite(loss_value):
-                    last = manager.latest_step() if manager is not None else None
-                    kept = f"; last good checkpoint: step {last}" if last is not None else ""
+                    kept = ""
+                    if manager is not None:
+                        if pending == step - 1 and _all_finite(batch):
+                            manager.mark(pending, "bad")  # its parameters gave this loss
+                        last = manager.last_good_step()
+                        kept = (
+                            f"; last good checkpoint: step {last} ({manager.path(last)})"
+                            if last is not None
+                            else "; no checkpoint is known good"
+                        )
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, batch "
                         f"{batch_index + 1}); training stopped{kept}"
                     )
+                if pending is not None:
+                    if pending == step - 1:
+                        manager.mark(pending, "good")
+                    pending = None
                 batch_index += 1
                 for name in ("loss", "accuracy", *extra_names):
                     running[name] += values[name]

@@ -26,14 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcnn.train.run_folder import RunFolderError
+
 __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
 
 RUN_FILE = "run.json"
 STANDARDIZE_FILE = "standardize.npz"
-
-
-class RunFolderError(ValueError):
-    """A folder is not a run folder, or its files do not fit together (the message says why)."""
 
 
 def qualified_name(obj) -> str:
@@ -185,7 +183,7 @@ class Run:
         model: the Flax module.
         variables: ``{"params": ..., "batch_stats": ...}`` of the chosen checkpoint.
         standardize: the ``jcnn.data.Standardize`` applied in training, or ``None``.
-        config: the ``TrainConfig`` as recorded (a dict, from ``config.json``).
+        config: the ``TrainConfig`` as recorded (a dict: the ``train`` table of ``config.json``).
         metadata: what the run recorded (e.g. ``{"dataset": "mnist"}`` for ``jcnn-train``).
         step: the checkpoint's step.
         which: ``"latest"``, ``"best"`` or the step asked for.
@@ -253,33 +251,58 @@ def _not_a_run(folder: Path, why: str) -> RunFolderError:
     )
 
 
-def _pick_step(folder: Path, which):
-    from jcnn.train.checkpoint import CheckpointManager
+def _manager(directory: Path):
+    from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 
-    manager = CheckpointManager(folder / "checkpoints")
+    try:
+        return CheckpointManager(directory)
+    except CheckpointError as error:
+        raise RunFolderError(f"{directory} is unreadable ({error})") from error
+
+
+def _pick_step(folder: Path, which):
+    """``(manager, step)`` of the checkpoint ``which`` names."""
+    manager = _manager(folder / "checkpoints")
     if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
         if int(which) not in manager.steps():
             raise RunFolderError(f"which: no checkpoint at step {which}; have {manager.steps()}")
-        return manager.path(int(which))
+        return manager, int(which)
     if which == "latest":
-        step = manager.latest_step()
-        if step is None:
+        if not manager.steps():
             raise _not_a_run(folder, "no checkpoint in checkpoints/")
-        return manager.path(step)
+        usable = [s for s in manager.steps() if manager.status(s) != "bad"]
+        if not usable:
+            raise RunFolderError(
+                f"{folder}: every checkpoint holds non-finite values or produced a non-finite "
+                "loss; load one by its step to inspect it"
+            )
+        return manager, usable[-1]
     if which == "best":
         best_dir = folder / "best"
         if best_dir.is_dir():
-            best = CheckpointManager(best_dir)
+            best = _manager(best_dir)
             if best.latest_step() is not None:
-                return best.path(best.latest_step())
+                return best, best.latest_step()
         step = manager.best_step()
         if step is None:
             raise RunFolderError(
                 f"which='best': {folder} has no best checkpoint (the run had no validation "
                 "metric to rank by); use which='latest'"
             )
-        return manager.path(step)
+        return manager, step
     raise ValueError(f"which: expected 'latest', 'best' or a step (int), got {which!r}")
+
+
+def _verify(manager, step: int) -> Path:
+    """The checkpoint's folder, once every file matches its manifest (never half-read)."""
+    from jcnn.train.checkpoint import CheckpointError
+
+    path = manager.path(step)
+    try:
+        manager.verify(step)
+    except CheckpointError as error:
+        raise RunFolderError(f"checkpoint {path} is corrupt or unreadable ({error})") from error
+    return path
 
 
 def _restore_variables(path: Path, template: dict) -> dict:
@@ -320,8 +343,8 @@ def load_run(folder, which: str | int = "latest", *, model=None) -> Run:
         A ``Run``.
 
     Raises:
-        RunFolderError: the folder is not a run, its checkpoint is unreadable or does not fit
-            the model (the message says which).
+        RunFolderError: the folder is not a run, its checkpoint fails its manifest (SHA-256 of
+            every file), is unreadable or does not fit the model (the message says which).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -330,7 +353,10 @@ def load_run(folder, which: str | int = "latest", *, model=None) -> Run:
     if missing:
         raise _not_a_run(folder, f"missing {', '.join(missing)}")
     try:
-        config = json.loads((folder / "config.json").read_text())
+        record = json.loads((folder / "config.json").read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"config.json holds a {type(record).__name__}, expected an object")
+        config = record.get("train", record)  # a run_folder record; older runs: the TrainConfig
         description = json.loads((folder / RUN_FILE).read_text())
         entry, input_spec = description["model"], description["input"]
     except (ValueError, KeyError) as error:
@@ -342,7 +368,7 @@ def load_run(folder, which: str | int = "latest", *, model=None) -> Run:
                 f"{RUN_FILE} ({entry.get('reason')}); pass it: load_run(folder, model=...)"
             )
         model = _build(entry)
-    path = _pick_step(folder, which)
+    path = _verify(*_pick_step(folder, which))
     sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
     key = jax.random.PRNGKey(0)
     template = jax.eval_shape(

@@ -1,5 +1,7 @@
 """Checkpoints: bitwise round trip, keep-last-k plus best, crash mid-save, corrupt files."""
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -118,3 +120,151 @@ def test_mismatched_template_and_missing_checkpoint(tmp_path):
         manager.restore({"w": jnp.zeros(4)})
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+# ---- integrity: every byte of a checkpoint is checked ------------------------------------------
+
+
+def _saved(tmp_path, rng, steps=(1, 2)):
+    tree = _tree(rng)
+    manager = CheckpointManager(tmp_path / "ckpt")
+    for step in steps:
+        manager.save(step, tree, {"epoch": step}, metric=0.5)
+    return manager, tree
+
+
+def _checkpoint_files(manager, step):
+    return sorted(p for p in manager.path(step).rglob("*") if p.is_file())
+
+
+def test_every_file_of_a_checkpoint_is_covered_by_a_checksum(tmp_path, rng):
+    manager, tree = _saved(tmp_path, rng)
+    files = _checkpoint_files(manager, 2)
+    kinds = {p.relative_to(manager.path(2)).parts[0] for p in files}
+    assert {"state", "meta", "manifest.json"} <= kinds
+    assert any("/d/" in p.as_posix() for p in files)  # orbax's array data files are among them
+    for path in files:
+        original = path.read_bytes()
+        for position in sorted({0, len(original) // 2, len(original) - 1}):
+            flipped = bytearray(original)
+            flipped[position] ^= 0x01  # one bit of one byte
+            path.write_bytes(bytes(flipped))
+            name = path.relative_to(manager.path(2)).as_posix()
+            with pytest.raises(CheckpointError, match="step_00000002") as error:
+                manager.restore(tree)
+            assert name in str(error.value) or "manifest.json" in str(error.value), str(error.value)
+            assert "available: [1]" in str(error.value)
+            path.write_bytes(original)
+    restored, meta = manager.restore(tree)  # intact again: restores bitwise
+    _assert_bitwise_equal(restored, tree)
+    assert meta == {"epoch": 2}
+
+
+@pytest.mark.parametrize("cut", ["one_byte", "empty"])
+def test_truncated_files_are_reported_with_their_sizes(tmp_path, rng, cut):
+    manager, tree = _saved(tmp_path, rng, steps=(3,))
+    for path in _checkpoint_files(manager, 3):
+        if path.name == "manifest.json":
+            continue
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] if cut == "one_byte" else b"")
+        size = len(original) - 1 if cut == "one_byte" else 0
+        with pytest.raises(CheckpointError, match=f"has {size} bytes, expected {len(original)}"):
+            manager.restore(tree)
+        path.write_bytes(original)
+
+
+def test_missing_extra_and_renamed_files_are_reported(tmp_path, rng):
+    manager, tree = _saved(tmp_path, rng, steps=(4,))
+    data_file = next(p for p in _checkpoint_files(manager, 4) if "/d/" in p.as_posix())
+    data_file.rename(data_file.with_name("moved"))
+    with pytest.raises(CheckpointError, match=r"is missing.*moved is not in the manifest"):
+        manager.restore(tree)
+
+
+def test_missing_or_garbage_manifest(tmp_path, rng):
+    manager, tree = _saved(tmp_path, rng, steps=(5,))
+    manifest = manager.path(5) / "manifest.json"
+    text = manifest.read_text()
+    manifest.unlink()
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        manager.restore(tree)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        CheckpointManager(manager.directory)  # reported on opening, before any training
+    for garbage in ("", "{", "[1, 2]", text.replace('"metric": 0.5', '"metric": 0.6')):
+        manifest.write_text(garbage)
+        with pytest.raises(CheckpointError, match="manifest.json is unreadable"):
+            CheckpointManager(manager.directory)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "not json", "[]", '{"format": 1}', '{"metrics": {"1": 0.5}}', '{"format": 1, "che'],
+)
+def test_garbage_index_is_reported_when_the_manager_opens(tmp_path, rng, garbage):
+    manager, _ = _saved(tmp_path, rng, steps=(1,))
+    (manager.directory / "index.json").write_text(garbage)
+    with pytest.raises(CheckpointError, match=r"index.json is unreadable"):
+        CheckpointManager(manager.directory)
+
+
+def test_a_flipped_byte_in_the_index_is_reported(tmp_path, rng):
+    manager, _ = _saved(tmp_path, rng, steps=(1,))
+    index = manager.directory / "index.json"
+    text = index.read_text()
+    index.write_text(text.replace("unverified", "good"))  # still valid JSON, a valid status
+    with pytest.raises(CheckpointError, match="index.json is unreadable.*own checksum"):
+        CheckpointManager(manager.directory)
+
+
+def test_restored_arrays_are_checked_against_the_arrays_saved(tmp_path, rng):
+    """Files consistent with a forged manifest still fail: the arrays' own checksums differ."""
+    from jcnn.train import checkpoint as C
+
+    manager, tree = _saved(tmp_path, rng, steps=(1,))
+    other = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    manager.save(2, other)
+    shutil.rmtree(manager.path(1) / "state")
+    shutil.copytree(manager.path(2) / "state", manager.path(1) / "state")
+    manifest = C._unseal(json.loads((manager.path(1) / "manifest.json").read_text()))
+    manifest["files"] = {
+        name: {"size": path.stat().st_size, "sha256": C._sha256_file(path)}
+        for name, path in C._files(manager.path(1)).items()
+    }
+    (manager.path(1) / "manifest.json").write_text(json.dumps(C._seal(manifest)))
+    with pytest.raises(CheckpointError, match=r"restored arrays fail their checksums") as error:
+        manager.restore(tree, step=1)
+    assert "batch_stats/mean differs from the array saved" in str(error.value)
+    assert "and 2 more" in str(error.value)  # 7 float arrays changed: five named, two counted
+
+
+def test_mismatched_state_is_a_short_message_naming_the_arrays(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    layers = {f"layer{i}": {"kernel": jnp.zeros((3, 3, 4, 4))} for i in range(40)}
+    manager.save(1, layers)
+    changed = dict(layers, layer7={"kernel": jnp.zeros((3, 3, 4, 8))}, extra=jnp.zeros(2))
+    with pytest.raises(CheckpointError) as error:
+        manager.restore(changed)
+    message = str(error.value)
+    assert len(message) < 600, message
+    assert "extra is not in the checkpoint" in message
+    assert "layer7/kernel is float32(3, 3, 4, 4) in the checkpoint, float32(3, 3, 4, 8)" in message
+
+
+def test_statuses_and_the_newest_good_checkpoint_survives_pruning(tmp_path, rng):
+    tree = _tree(rng)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(1, tree, status="good")
+    manager.save(2, tree)
+    bad = dict(tree, params=jax.tree.map(lambda x: x * jnp.inf, tree["params"]))
+    manager.save(3, bad, status="good")  # non-finite arrays are bad whatever the caller says
+    assert [manager.status(s) for s in (1, 2, 3)] == ["good", "unverified", "bad"]
+    manager.mark(2, "bad")
+    manager.save(4, bad)
+    assert manager.steps() == [1, 3, 4]  # 1 kept: the newest good one
+    assert manager.last_good_step() == 1
+    reopened = CheckpointManager(tmp_path, keep_last=2)  # statuses persist in the index
+    assert [reopened.status(s) for s in (1, 3, 4)] == ["good", "bad", "bad"]
+    assert reopened.manifest(3)["non_finite"] == ["params/bias", "params/conv/kernel"]
+    with pytest.raises(ValueError, match="status"):
+        manager.save(5, tree, status="fine")

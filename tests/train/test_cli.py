@@ -158,15 +158,300 @@ def test_augment_flag_builds_ops_with_settings():
     shifted = per_example(jax.random.PRNGKey(0), image)
     assert shifted.shape == image.shape
     assert _augmenters("", 10) == (None, None)
+    crop, _ = _augmenters("random_crop:size=(4, 4):padding=1, random_hflip", 10, (6, 6, 1))
+    assert crop(jax.random.PRNGKey(1), image).shape == (4, 4, 1)
     with pytest.raises(SystemExit, match="no op 'warp'"):
         _augmenters("warp", 10)
     with pytest.raises(SystemExit, match="cannot parse"):
         _augmenters("random_translate:max_shift=two", 10)
 
 
-# --- validation split, jcnn-eval, tfds:NAME ---
+# ---- user mistakes: one line in the command's terms, a non-zero exit, nothing touched ---------
+
+
+def _main(argv, capsys):
+    """``(exit status, stderr)`` of ``jcnn-train argv`` run in this process, as a shell sees them
+    (``SystemExit("message")`` prints the message and exits with 1)."""
+    from jcnn.train.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err.strip()
+    if isinstance(code, str):
+        code, err = 1, (err + "\n" + code).strip()
+    return code, err
+
+
+def _assert_one_line(err):
+    assert err.startswith("jcnn-train: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--limit-train", "-5"], "--limit-train: expected a positive integer, got -5"),
+        (["--limit-train", "0"], "--limit-train: expected a positive integer"),
+        (["--epochs", "0"], "--epochs: expected a positive integer"),
+        (["--epochs", "2.5"], "--epochs: expected a positive integer, got '2.5'"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--keep-last", "0"], "--keep-last"),
+        (["--devices", "0"], "--devices"),
+        (["--checkpoint-every-steps", "-1"], "--checkpoint-every-steps"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--lr", "0"], "--lr: expected a positive number"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "fast"], "--lr"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs"),
+        (["--warmup-epochs", "5", "--epochs", "4"], "--warmup-epochs 5 is longer than the run"),
+        (["--weight-decay", "-1e-4"], "--weight-decay"),
+        (["--optimizer", "momentum", "--momentum", "1.0"], "--momentum"),
+        (["--momentum", "0.5"], "--momentum applies to --optimizer momentum"),
+        (["--clip-norm", "0"], "--clip-norm"),
+        (["--label-smoothing", "1"], "--label-smoothing"),
+        (["--schedule", "step", "--step-epochs", "1,x"], "--step-epochs: expected comma-sep"),
+        (["--schedule", "step", "--step-epochs", "3,2"], "--step-epochs: expected increasing"),
+        (["--schedule", "step", "--step-epochs", "0"], "--step-epochs"),
+        (["--schedule", "step"], "--schedule step needs --step-epochs"),
+        (["--step-epochs", "2"], "--step-epochs applies to --schedule step only"),
+        (["--model", "resnet1000"], "--model: invalid choice: 'resnet1000'"),
+        (["--dataset", "imagenet"], "--dataset: expected one of mnist"),
+        (["--dataset", "tfds:"], "or tfds:NAME, got 'tfds:'"),
+        (["--val-split", "0"], "--val-split: expected a count"),
+        (["--val-split", "-3"], "--val-split: expected a count"),
+        (
+            ["--val-split", "1.5"],
+            "--val-split: expected a count (e.g. 5000) or a fraction in (0, 1)",
+        ),
+        (["--val-split", "nan"], "--val-split"),
+        (["--val-split", "ten"], "--val-split: expected a count"),
+        (["--val-split-seed", "-1"], "--val-split-seed"),
+        (["--eval-every-steps", "-1"], "--eval-every-steps: expected an integer >= 0"),
+        (["--eval-every-steps", "5"], "--eval-every-steps needs a validation set"),
+        (["--max-steps", "0"], "--max-steps: expected a positive integer"),
+        (["--max-steps", "1.5"], "--max-steps: expected a positive integer"),
+        (["--early-stopping", "0"], "--early-stopping: expected a positive integer"),
+        (["--early-stopping", "3"], "--early-stopping needs a validation set"),
+        (["--manual-dir", "."], "--manual-dir applies to --dataset tfds:NAME only"),
+        (["--dataset", "tfds:toy", "--manual-dir", "/nonexistent/x"], "no such folder"),
+        (["--optimizer", "adamax"], "--optimizer: invalid choice"),
+        (["--compute-dtype", "float16"], "--compute-dtype"),
+        (["--resume", "--overwrite"], "--overwrite: not allowed with argument --resume"),
+        (["--devices", "4096"], "--devices 4096: only"),
+        (["--augment", "hflip"], "--augment hflip: expected a random op taking (key, image"),
+        (["--augment", "compose"], "--augment compose"),
+        (["--augment", "random_apply"], "--augment random_apply"),
+        (["--augment", "warp"], "--augment: jcnn.data.augment has no op 'warp'"),
+        (["--augment", "_check_image"], "no op '_check_image'"),
+        (["--augment", "random_translate"], "--augment random_translate: needs max_shift="),
+        (["--augment", "random_hflip:q=1"], "--augment random_hflip: unknown setting q"),
+        (["--augment", "random_hflip:p"], "--augment: cannot parse 'random_hflip:p'"),
+        (["--augment", "mixup:num_classes=3"], "--augment mixup: unknown setting num_classes"),
+        (["--augment", "mixup,cutmix"], "at most one of mixup and cutmix"),
+        (["--augment", "random_hflip:p=0.5:p=0.2"], "--augment random_hflip: p given twice"),
+        (["--augment", "random_crop:size=(28,28"], "--augment: cannot parse"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
+    code, err = _main([*argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2, err
+    _assert_one_line(err)
+    assert says in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--augment", "random_crop:padding=-1"], "--augment random_crop:padding=-1: padding"),
+        (["--limit-train", "100000"], "--limit-train 100000: the synthetic training set has only"),
+        (["--batch-size", "1024"], "--batch-size 1024: larger than the 512 training images"),
+    ],
+)
+def test_bad_values_found_once_the_data_is_loaded(argv, says, capsys, tmp_path):
+    code, err = _main(["--dataset", "synthetic", *argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2, err
+    _assert_one_line(err)
+    assert says in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist", "cifar10"])
+def test_missing_dataset_names_data_dir_and_the_download_location(dataset, capsys, tmp_path):
+    from jcnn.data.fetch import SOURCES
+
+    empty = tmp_path / "data"
+    empty.mkdir()
+    argv = ["--dataset", dataset, "--data-dir", str(empty), "--out", str(tmp_path / "run")]
+    code, err = _main(argv, capsys)  # with --data-dir nothing is downloaded
+    assert code == 1
+    _assert_one_line(err)
+    assert f"jcnn-data download {dataset} --data-dir" in err and str(empty) in err
+    assert any(mirror in err for mirror in SOURCES[dataset].mirrors)
+    code, err = _main([*argv[:2], "--data-dir", str(tmp_path / "nowhere")], capsys)
+    assert code == 1 and "--data-dir" in err and "no such folder" in err
+    _assert_one_line(err)
+    assert not (tmp_path / "run").exists() and list(empty.iterdir()) == []
+
 
 SMALL = [
+    "--model",
+    "lenet5_1998",
+    "--dataset",
+    "synthetic",
+    "--limit-train",
+    "128",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--optimizer",
+    "momentum",
+    "--schedule",
+    "constant",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from jcnn.train.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main([*SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def _copy_run(small_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(small_run, copy)
+    return copy
+
+
+def _snapshot(folder):
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_config_json_records_the_command_line_settings(small_run):
+    record = json.loads((small_run / "config.json").read_text())
+    settings = record["settings"]
+    assert settings["model"] == "lenet5_1998" and settings["dataset"] == "synthetic"
+    assert (settings["limit_train"], settings["batch_size"], settings["train_images"]) == (
+        128,
+        64,
+        128,
+    )
+    assert settings["augment"] == "" and settings["num_classes"] == 10
+    assert settings["train_data"]["images"].startswith("array(128, 28, 28, 1) uint8 sha256:")
+    assert settings["train_data"]["labels"].startswith("array(128,) int32 sha256:")
+    assert record["train"]["learning_rate"] == 0.001 and record["train"]["seed"] == 0
+    assert record["train"]["standardize"] == "per_channel" and record["train"]["val_split"] is None
+    assert record["model"]["original"] is True
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--lr", "0.01"], "--lr: 0.001 in the run, 0.01 now"),
+        (["--batch-size", "32"], "--batch-size: 64 in the run, 32 now"),
+        (["--model", "lenet5"], "--model"),
+        (["--limit-train", "256"], "--limit-train: 128 in the run, 256 now"),
+        (["--seed", "1"], "--seed"),
+        (["--augment", "random_hflip"], "--augment"),
+        (["--optimizer", "nesterov"], "--optimizer"),
+        (["--val-split", "32"], "--val-split: null in the run, 32 now"),
+    ],
+)
+def test_resume_with_other_flags_is_refused_naming_them(small_run, tmp_path, capsys, extra, named):
+    run = _copy_run(small_run, tmp_path)
+    before = _snapshot(run)
+    argv = [*SMALL, *extra, "--out", str(run), "--resume"]
+    code, err = _main(argv, capsys)
+    assert code == 3, err
+    _assert_one_line(err)
+    assert "cannot --resume" in err and named in err and len(err) < 800
+    assert _snapshot(run) == before  # config.json not overwritten
+
+
+def test_used_folder_needs_resume_or_overwrite(small_run, tmp_path, capsys):
+    run = _copy_run(small_run, tmp_path)
+    before = _snapshot(run)
+    code, err = _main([*SMALL, "--out", str(run)], capsys)
+    assert code == 3
+    _assert_one_line(err)
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert _snapshot(run) == before
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    before = _snapshot(run)
+    code, err = _main([*SMALL, "--out", str(run), "--resume"], capsys)
+    assert code == 3 and "nothing to resume" in err and "checkpoints are gone" in err
+    _assert_one_line(err)
+    assert _snapshot(run) == before
+    code, err = _main([*SMALL, "--out", str(tmp_path / "new"), "--resume"], capsys)
+    assert code == 3 and "does not exist" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_second_process_on_the_same_out_fails_at_once(tmp_path, capsys):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from jcnn.train import run_folder; "
+            "run_folder.claim(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _snapshot(tmp_path / "run")
+        code, err = _main([*SMALL, "--out", str(tmp_path / "run")], capsys)
+        assert code == 3
+        _assert_one_line(err)
+        assert "in use by another process" in err and f"pid {holder.pid}" in err
+        assert _snapshot(tmp_path / "run") == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_out_that_is_a_file_and_a_corrupt_dataset(tmp_path, capsys):
+    taken = tmp_path / "file"
+    taken.write_text("x")
+    code, err = _main(["--dataset", "synthetic", "--out", str(taken)], capsys)
+    assert code == 3 and "is not a directory" in err and "--out" in err
+    _assert_one_line(err)
+    assert taken.read_text() == "x"
+    data_dir = tmp_path / "data" / "mnist"
+    data_dir.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (data_dir / name).write_bytes(b"not gzip")
+    argv = ["--dataset", "mnist", "--data-dir", str(tmp_path / "data")]
+    code, err = _main([*argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 1
+    _assert_one_line(err)
+    assert "train-images-idx3-ubyte.gz" in err and "gzip" in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- validation split, jcnn-eval, tfds:NAME ---
+
+SMALL_SPLIT = [
     "--model",
     "lenet5_1998",
     "--dataset",
@@ -184,7 +469,7 @@ def test_val_split_run_then_jcnn_eval(tmp_path, capsys):
     from jcnn.train.eval_cli import main as eval_main
 
     out = tmp_path / "run"
-    args = [*SMALL, "--epochs", "2", "--val-split", "64", "--eval-every-steps", "2"]
+    args = [*SMALL_SPLIT, "--epochs", "2", "--val-split", "64", "--eval-every-steps", "2"]
     assert main([*args, "--max-steps", "5", "--early-stopping", "10", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     history = json.loads((out / "history.json").read_text())
@@ -193,7 +478,7 @@ def test_val_split_run_then_jcnn_eval(tmp_path, capsys):
     assert summary["final_val_accuracy"] == history[-1]["val_accuracy"]
     assert 0 <= summary["test_accuracy"] <= 1 and "test_loss" in summary
     assert (out / "standardize.npz").exists()
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())["train"]
     assert config["val_split"] == 64 and config["callbacks"] == [
         "<jcnn.train.callbacks.EarlyStopping>"
     ]
@@ -222,22 +507,17 @@ def test_jcnn_eval_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_bad_val_split_is_refused_and_writes_nothing(tmp_path, capsys):
-    from jcnn.train.cli import main
 
     out = tmp_path / "run"
-    assert main([*SMALL, "--val-split", "256", "--out", str(out)]) == 2
-    assert "asks for 256 validation examples, but the training set has only 256" in (
-        capsys.readouterr().err
-    )
+    code, err = _main([*SMALL_SPLIT, "--val-split", "256", "--out", str(out)], capsys)
+    assert code == 2
+    _assert_one_line(err)
+    assert "asks for 256 validation examples, but the training set has only 256" in err
     assert not out.exists()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--val-split", "ten"])
     assert build_parser().parse_args(["--val-split", "0.1"]).val_split == 0.1
     assert build_parser().parse_args(["--val-split", "500"]).val_split == 500
-    with pytest.raises(SystemExit, match="--early-stopping: needs a validation set"):
-        main([*SMALL, "--early-stopping", "3", "--out", str(out)])
-    with pytest.raises(SystemExit, match="or tfds:NAME"):
-        main([*SMALL[:2], "--dataset", "imagenet", "--out", str(out)])
 
 
 def test_tfds_dataset_names_reach_tensorflow_datasets(tmp_path, monkeypatch, capsys):
@@ -253,8 +533,18 @@ def test_tfds_dataset_names_reach_tensorflow_datasets(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(data, "load_tfds", fake_load_tfds)
     out = tmp_path / "run"
+    (tmp_path / "downloads").mkdir()
+    monkeypatch.chdir(tmp_path)
     source = ["--data-dir", "prepared", "--manual-dir", "downloads"]
-    args = [*SMALL[:2], "--dataset", "tfds:toy", *SMALL[4:], "--max-steps", "2", *source]
+    args = [
+        *SMALL_SPLIT[:2],
+        "--dataset",
+        "tfds:toy",
+        *SMALL_SPLIT[4:],
+        "--max-steps",
+        "2",
+        *source,
+    ]
     assert main([*args, "--out", str(out)]) == 0
     assert calls == [
         ("toy", "train", "prepared", "downloads"),

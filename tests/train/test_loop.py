@@ -136,6 +136,65 @@ def test_bad_config_is_named(rng):
         fit(TinyNet(), train, val, TrainConfig(epochs=0, progress=False))
 
 
+@pytest.mark.parametrize("learning_rate", [1e4, 1e15])
+def test_nan_stop_names_only_a_checkpoint_whose_parameters_gave_a_finite_loss(
+    tmp_path, rng, learning_rate
+):
+    """A huge rate: parameters blow up (to ~1e30 or to inf) before the loss turns NaN; the
+    checkpoints saved after the blow-up must never be called good."""
+    import re
+
+    from jcnn.train.state import TrainState
+    from jcnn.train.steps import eval_step, train_step
+
+    images, labels = _data(rng)
+    train, val = _loaders(images, labels)
+    config = _config(
+        tmp_path,
+        optimizer="sgd",
+        learning_rate=learning_rate,
+        schedule="constant",
+        checkpoint_every_steps=1,
+        epochs=3,
+    )
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(TinyNet(), train, val, config)
+    message = str(error.value)
+    stop = int(re.search(r"at step (\d+)", message).group(1))
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    named = re.search(r"last good checkpoint: step (\d+)", message)
+    good = int(named.group(1)) if named else None
+    if good is None:
+        assert "no checkpoint is known good" in message
+    after = [s for s in manager.steps() if good is None or s > good]
+    assert after and all(manager.status(s) == "bad" for s in after)
+    # the class of the issue: finite (huge) parameters whose loss is already NaN
+    finite_but_diverged = [s for s in after if not manager.manifest(s)["non_finite"]]
+    if learning_rate == 1e15:
+        assert finite_but_diverged
+    if good is None:
+        return
+    assert good < stop and manager.status(good) == "good"
+    template = TrainState.create(
+        TinyNet(), _optimizer_of(config), jax.random.PRNGKey(0), jnp.asarray(images[:1])
+    )
+    state, _ = manager.restore(template, step=good)
+    for leaf in jax.tree.leaves(state.arrays()):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert bool(jnp.isfinite(leaf).all())
+    batch = train.batch(good // len(train), good % len(train))  # the step after the checkpoint
+    assert np.isfinite(float(eval_step(state, batch)["loss"]))
+    _, metrics = train_step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def _optimizer_of(config):
+    from jcnn.train.loop import build_schedule
+    from jcnn.train.optim import optimizer
+
+    return optimizer(config.optimizer, build_schedule(config, 4), momentum=config.momentum)
+
+
 # --- an open engine: optax optimizers, schedules, losses, metrics, limits, validation split ---
 
 

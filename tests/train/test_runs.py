@@ -136,10 +136,41 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path, trained):
     (empty / "run.json").write_text((out / "run.json").read_text())
     with pytest.raises(RunFolderError, match="no checkpoint in checkpoints/"):
         load_run(empty)
-    with pytest.raises(RunFolderError, match="no best checkpoint"):
-        shutil.copytree(out / "checkpoints", empty / "checkpoints", dirs_exist_ok=True)
-        (empty / "checkpoints" / "index.json").write_text(json.dumps({"metrics": {}}))
-        load_run(empty, which="best")
+
+
+def test_a_flipped_byte_in_any_checkpoint_file_is_never_loaded(trained, tmp_path):
+    """load_run checks the manifest first: a byte changed in the array data (which orbax would
+    read without complaint) or in any other file stops it, naming the checkpoint and the file."""
+    out, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    intact = load_run(copy)
+    folder = CheckpointManager(copy / "checkpoints").path(intact.step)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"]
+    assert any("state" in p.relative_to(folder).parts for p in files)
+    for path in files:
+        data = bytearray(path.read_bytes())
+        where = len(data) // 2
+        data[where] ^= 0x01
+        path.write_bytes(bytes(data))
+        name = str(path.relative_to(folder))
+        with pytest.raises(RunFolderError, match=f"step_{intact.step:08d} is corrupt") as error:
+            load_run(copy)
+        assert name in str(error.value) and "SHA-256" in str(error.value)
+        data[where] ^= 0x01
+        path.write_bytes(bytes(data))
+    again = load_run(copy)
+    for a, b in zip(
+        jax.tree.leaves(intact.variables), jax.tree.leaves(again.variables), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_run_config_is_the_train_table_of_the_record(trained):
+    out, _, _ = trained
+    record = json.loads((out / "config.json").read_text())
+    assert set(record) >= {"jcnn_version", "train", "model", "train_loader", "settings"}
+    assert load_run(out).config == record["train"]
 
 
 def test_a_model_that_cannot_be_recorded_is_passed_back(tmp_path, rng):
@@ -152,6 +183,8 @@ def test_a_model_that_cannot_be_recorded_is_passed_back(tmp_path, rng):
     with pytest.raises(RunFolderError, match=r"cannot be rebuilt .*load_run\(folder, model=...\)"):
         load_run(tmp_path)
     run = load_run(tmp_path, model=model)
+    with pytest.raises(RunFolderError, match="no best checkpoint"):  # no validation: no ranking
+        load_run(tmp_path, model=model, which="best")
     assert run.standardize is None and run.predict(images.astype(np.float32)).shape == (32, 3)
 
 

@@ -1,0 +1,499 @@
+"""Run folders that belong to one run: a lock, the full configuration, resume rules.
+
+``fit(..., config.out=...)`` and ``jcnn-train --out`` use these pieces:
+
+- **One owner.** :func:`claim` takes an exclusive OS lock (``flock``) on ``<out>/.lock`` for the
+  whole command; the operating system releases it when the process ends, even on ``SIGKILL``. A
+  second process on the same folder fails at once with :class:`RunFolderError`, touching nothing.
+- **The full configuration.** :func:`run_record` describes the run in plain JSON: every
+  ``TrainConfig`` field, the model's class and fields, the training loader (batch size, seed,
+  shuffling, number of examples, augmentation), the caller's ``settings`` (``jcnn-train`` adds the
+  dataset, data directory, ``--limit-train``, ``--augment`` and the standardization statistics)
+  and the jcnn version. It is saved as ``config.json``.
+- **Resume into the same run only.** :func:`check_start` refuses a resume whose record differs
+  from the folder's ``config.json`` (naming each differing setting, old and new), a resume of a
+  folder without checkpoints, and a new run into a folder that already holds one unless
+  ``overwrite`` (which then deletes that run's files, and only those). Every check runs before
+  anything in the folder is written, so a refused command leaves it as it was.
+
+Settings that may change on resume (:data:`MAY_CHANGE`): where the folder and the data are
+(``out``, ``settings.data_dir``), the bookkeeping (``resume``, ``overwrite``, ``progress``,
+``keep_last``, ``checkpoint_every_epochs``, ``checkpoint_every_steps``), ``devices`` (data parallel
+over more or fewer devices: the same run up to float32 summation order), the jcnn version, and
+``epochs`` when the learning-rate schedule does not depend on the run's length
+(:data:`LENGTH_FREE_SCHEDULES`); with ``cosine``, ``linear`` or ``one_cycle`` a new number of
+epochs would change the rate of the steps already taken, so it is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RunFolderError",
+    "RunLock",
+    "claim",
+    "run_record",
+    "describe",
+    "read_config",
+    "write_config",
+    "holds_run",
+    "check_start",
+    "differences",
+    "MAY_CHANGE",
+    "LENGTH_FREE_SCHEDULES",
+    "RUN_FILES",
+    "LOCK_FILE",
+]
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+RUN_FILES = (
+    CONFIG_FILE,
+    "run.json",
+    "standardize.npz",
+    "history.json",
+    "history.csv",
+    "evaluations.json",
+    "curves.png",
+    "summary.json",
+    "checkpoints",
+    "best",
+)
+"""What a run writes into its folder; ``overwrite`` deletes these and nothing else."""
+
+MAY_CHANGE = frozenset(
+    {
+        "jcnn_version",
+        "train.out",
+        "train.resume",
+        "train.overwrite",
+        "train.progress",
+        "train.devices",
+        "train.keep_last",
+        "train.checkpoint_every_epochs",
+        "train.checkpoint_every_steps",
+        "train.eval_every_steps",
+        "train.eval_batch_size",
+        "train.test_every_epoch",
+        "train.callbacks",
+        "settings.data_dir",
+        "settings.command",
+    }
+)
+"""Record entries that may differ between a run and its resumption (``train.epochs`` and
+``train.max_steps``: see :data:`LENGTH_FREE_SCHEDULES`). What is evaluated and when, and the
+callbacks, may change: they do not enter the training computations (``fit`` checks that a resume
+has callbacks of the same classes, to restore their state)."""
+
+LENGTH_SETTINGS = ("train.epochs", "train.max_steps")
+"""The run's length: may change on resume when the learning rate does not depend on it."""
+
+LENGTH_FREE_SCHEDULES = frozenset(
+    {"constant", "step", "exponential", "inverse_time", "inverse_sqrt"}
+)
+"""Schedules whose rate at a step does not depend on the number of epochs: with these a resume may
+change ``epochs`` or ``max_steps`` (to extend a run). So may a run whose learning rate is a schedule
+of its own (a callable ``learning_rate``, or an ``optax`` optimizer bringing its rate)."""
+
+_MISSING = "(absent)"
+
+
+class RunFolderError(ValueError, RuntimeError):
+    """The run folder is in use, holds another run, lacks what a resume needs, its recorded
+    configuration differs from the one given, or (``load_run``) it is not a readable run.
+
+    A ``ValueError`` (a folder that does not fit the request) and a ``RuntimeError`` (a folder
+    busy with another process), so that either ``except`` catches it.
+
+    Attributes:
+        folder: the run folder.
+        differences: for a refused resume, ``[(setting, in the run, now), ...]``.
+    """
+
+    def __init__(self, message: str, folder=None, differences=()):
+        super().__init__(message)
+        self.folder = folder
+        self.differences = list(differences)
+
+
+# ---- ownership ---------------------------------------------------------------------------------
+
+_HELD: dict[str, RunLock] = {}  # the locks this process holds, by real path (claim is reentrant)
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held by this process (see :func:`claim`)."""
+
+    def __init__(self, folder: Path, handle: int, created_folder: Path | None):
+        self.folder = folder
+        self._handle = handle
+        self._created_folder = created_folder
+        self._count = 1
+
+    def release(self) -> None:
+        """Give the folder up (the last of nested claims removes the lock file and unlocks)."""
+        import fcntl
+
+        self._count -= 1
+        if self._count > 0 or self._handle is None:
+            return
+        _HELD.pop(str(self.folder), None)
+        try:
+            (self.folder / LOCK_FILE).unlink()  # still locked: nobody can take a stale inode
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        os.close(self._handle)
+        self._handle = None
+        if self._created_folder is not None:  # a refused first command leaves no folder
+            folder = self.folder
+            while True:
+                try:
+                    folder.rmdir()  # only if empty
+                except OSError:
+                    break
+                if folder == self._created_folder:
+                    break
+                folder = folder.parent
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(folder) -> RunLock:
+    """Lock the run folder ``folder`` for this process (created if needed).
+
+    Reentrant within a process: ``jcnn-train`` claims the folder for the whole command and
+    ``fit`` claims it again; each claim is released once (or used as a context manager).
+
+    Raises:
+        RunFolderError: another process holds the folder (the message names it), or ``folder``
+            is not a directory.
+    """
+    import fcntl
+
+    folder = Path(folder).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"run folder {folder} exists and is not a directory", folder)
+    created = folder
+    while not created.parent.exists():
+        created = created.parent  # the topmost folder this claim creates
+    created = None if folder.exists() else created
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD and _HELD[key]._handle is not None:
+        _HELD[key]._count += 1
+        return _HELD[key]
+    path = folder / LOCK_FILE
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(handle)
+            os.close(handle)
+            raise RunFolderError(
+                f"run folder {folder} is in use by another process{holder}; wait for it to end "
+                "or choose another folder",
+                folder,
+            ) from None
+        try:
+            same = os.fstat(handle).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file as we opened it: lock the new one
+            break
+        os.close(handle)
+    os.ftruncate(handle, 0)
+    os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    lock = RunLock(Path(key), handle, created)
+    _HELD[key] = lock
+    return lock
+
+
+def _read_holder(handle: int) -> str:
+    try:
+        pid, host = os.pread(handle, 256, 0).decode().split()[:2]
+        return f" (pid {int(pid)} on {host})"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return ""
+
+
+# ---- the record --------------------------------------------------------------------------------
+
+
+def describe(value, depth: int = 0) -> Any:
+    """A plain-JSON description of a setting: numbers, strings, lists and dicts as they are;
+    dtypes and types by name; functions by qualified name (with a ``functools.partial``'s
+    arguments and the values a closure captured); a dataclass (a Flax module) by class and fields.
+    Never a memory address, so the same setting describes the same in every process.
+
+    >>> import functools
+    >>> describe(functools.partial(round, ndigits=2))
+    {'function': 'builtins.round', 'args': [], 'keywords': {'ndigits': 2}}
+    """
+    if depth > 8:
+        return "..."
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [describe(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {
+            "function": describe(value.func, depth + 1),
+            "args": [describe(v, depth + 1) for v in value.args],
+            "keywords": {k: describe(v, depth + 1) for k, v in value.keywords.items()},
+        }
+    if isinstance(value, type):
+        return _qualified(value)
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        import hashlib
+
+        import numpy as np
+
+        array = np.asarray(value)
+        if array.size <= 16 and array.ndim <= 1:
+            return describe(array.tolist(), depth + 1)
+        digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+        return f"array{array.shape} {array.dtype} sha256:{digest}"
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # NumPy scalar
+        return describe(value.item(), depth + 1)
+    if dataclasses.is_dataclass(value):
+        fields = {
+            f.name: describe(getattr(value, f.name, None), depth + 1)
+            for f in dataclasses.fields(value)
+            if f.name not in ("parent", "name")
+        }
+        return {"class": _qualified(type(value)), **fields}
+    if callable(value) and hasattr(value, "__qualname__"):
+        cells = getattr(value, "__closure__", None) or ()
+        captured = [describe(c.cell_contents, depth + 1) for c in cells if _filled(c)]
+        name = _qualified(value)
+        return {"function": name, "captured": captured} if captured else name
+    if hasattr(value, "name") and isinstance(value.name, str):  # e.g. a NumPy dtype
+        return value.name
+    return f"<{_qualified(type(value))}>"
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+        return True
+    except ValueError:
+        return False
+
+
+def _qualified(obj) -> str:
+    module = getattr(obj, "__module__", None)
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", repr(obj))
+    return f"{module}.{name}" if module else name
+
+
+def _describe_loader(loader) -> dict | None:
+    if loader is None:
+        return None
+    record = {"class": _qualified(type(loader))}
+    for attribute in ("batch_size", "seed", "shuffle", "drop_remainder", "num_examples"):
+        if hasattr(loader, attribute):
+            record[attribute] = describe(getattr(loader, attribute))
+    if hasattr(loader, "__len__"):
+        record["batches_per_epoch"] = len(loader)
+    for attribute in ("augment", "batch_augment"):
+        if hasattr(loader, "_" + attribute):
+            record[attribute] = describe(getattr(loader, "_" + attribute))
+    return record
+
+
+def run_record(config, model=None, train_loader=None, settings: dict | None = None) -> dict:
+    """The plain-JSON record of a run that ``config.json`` holds (see the module docstring)."""
+    from jcnn import __version__
+
+    record = {
+        "jcnn_version": __version__,
+        "train": {f.name: describe(getattr(config, f.name)) for f in dataclasses.fields(config)},
+        "model": describe(model) if model is not None else None,
+        "train_loader": _describe_loader(train_loader),
+        "settings": describe(dict(settings or {})),
+    }
+    return json.loads(json.dumps(record))  # exactly what config.json will give back
+
+
+# ---- folder state ------------------------------------------------------------------------------
+
+
+def holds_run(folder) -> list[str]:
+    """The files of a run present in ``folder`` (empty: no run there)."""
+    folder = Path(folder)
+    return [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def read_config(folder) -> dict:
+    """The record in ``<folder>/config.json``.
+
+    Raises:
+        RunFolderError: the file is missing or is not a jcnn run record.
+    """
+    path = Path(folder) / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("train"), dict):
+            raise ValueError("not a jcnn run record (no 'train' table)")
+        return record
+    except FileNotFoundError:
+        raise RunFolderError(
+            f"{path} is missing: the run's settings are unknown, so it cannot be resumed "
+            "(start over with overwrite)",
+            folder,
+        ) from None
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise RunFolderError(
+            f"{path} is unreadable ({type(error).__name__}: {str(error)[:200]})", folder
+        ) from error
+
+
+def write_config(folder, record: dict) -> None:
+    """Write ``config.json`` atomically (a crash leaves the old file or the new one)."""
+    path = Path(folder) / CONFIG_FILE
+    tmp = path.with_name(CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def _flatten(record, prefix="") -> dict[str, Any]:
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``[(setting, in old, in new)]`` for every entry of two records that may not differ on
+    resume (absent entries show as ``"(absent)"``)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    found = []
+    for key in sorted(flat_old.keys() | flat_new.keys()):
+        before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
+        if before == after or _may_change(key):
+            continue
+        if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
+            continue
+        found.append((key, before, after))
+    return found
+
+
+def _may_change(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in MAY_CHANGE)
+
+
+def _length_free(train: dict) -> bool:
+    """Whether the learning rate at a step is the same whatever the run's length."""
+    own_rate = "learning_rate" in train and not isinstance(train["learning_rate"], (int, float))
+    own_optimizer = "optimizer" in train and not isinstance(train["optimizer"], str)
+    if own_rate or own_optimizer:
+        return True  # the rate is the user's own schedule (or the optax optimizer's)
+    return train.get("schedule") in LENGTH_FREE_SCHEDULES
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_differences(found, names=None) -> str:
+    """``"setting: A in the run, B now; ..."`` with ``names`` mapping a setting to its label."""
+    names = names or {}
+    seen, parts = set(), []
+    for key, before, after in found:
+        label = names.get(key, key.split(".", 1)[1] if key.startswith("train.") else key)
+        if label in seen:
+            continue
+        seen.add(label)
+        note = ""
+        if key in LENGTH_SETTINGS:
+            note = " (the schedule depends on the run's length)"
+        parts.append(f"{label}: {_show(before)} in the run, {_show(after)} now{note}")
+    return "; ".join(parts)
+
+
+def check_start(folder, *, resume: bool, overwrite: bool, record: dict | None = None) -> None:
+    """Refuse a start that would mix two runs in ``folder``; reads only, writes nothing.
+
+    Args:
+        folder: the run folder.
+        resume: the start continues the run in the folder.
+        overwrite: the start replaces whatever run the folder holds.
+        record: the new run's :func:`run_record`, compared with ``config.json`` on resume
+            (``None``: only the checks that need no record).
+
+    Raises:
+        RunFolderError: both ``resume`` and ``overwrite``; a resume with nothing to resume or with
+            other settings (``differences`` lists them); a new run into a folder holding one.
+    """
+    folder = Path(folder).absolute()
+    if resume and overwrite:
+        raise RunFolderError("resume and overwrite exclude each other", folder)
+    present = holds_run(folder)
+    if resume:
+        checkpoints = folder / "checkpoints"
+        has_checkpoint = checkpoints.is_dir() and any(
+            entry.name.startswith("step_")
+            and not entry.name.endswith(".partial")
+            and "." not in entry.name
+            for entry in checkpoints.iterdir()
+        )
+        if not has_checkpoint:
+            what = (
+                ("its checkpoints are gone" if present else "it holds no run")
+                if folder.is_dir()
+                else "it does not exist"
+            )
+            raise RunFolderError(
+                f"nothing to resume in {folder}: {what} (start a new run without resume, "
+                "or with overwrite to replace what is there)",
+                folder,
+            )
+        if record is not None:
+            found = differences(read_config(folder), record)
+            if found:
+                raise RunFolderError(
+                    f"cannot resume {folder} with other settings: {format_differences(found)}",
+                    folder,
+                    found,
+                )
+    elif present and not overwrite:
+        raise RunFolderError(
+            f"{folder} already holds a run ({', '.join(present)}); resume it, or start over "
+            "with overwrite (which deletes those files)",
+            folder,
+        )
+
+
+def clear(folder) -> None:
+    """Delete the files of the run in ``folder`` (:data:`RUN_FILES`), nothing else."""
+    folder = Path(folder)
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

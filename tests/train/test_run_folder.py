@@ -1,0 +1,317 @@
+"""Run folders: one owner (an OS lock), the full configuration, resume and overwrite rules, and
+nothing touched by a refused start."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn.data import Loader
+from jcnn.train import TrainConfig, fit, run_folder
+from jcnn.train.run_folder import RunFolderError
+
+
+class Net(nn.Module):
+    width: int = 3
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dense(self.width)(jnp.mean(x, axis=(1, 2)))
+
+
+def _loader(batch_size=16, seed=3):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(32, 4, 4, 1)).astype(np.float32)
+    labels = rng.integers(0, 3, size=32).astype(np.int32)
+    return Loader(images, labels, batch_size=batch_size, shuffle=True, seed=seed)
+
+
+def _mean_squared_logits(logits, labels):
+    return jnp.mean(logits**2, axis=-1)
+
+
+def _config(out, **kw):
+    base = dict(epochs=1, learning_rate=0.01, out=str(out), progress=False, schedule="constant")
+    return TrainConfig(**{**base, **kw})
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    fit(Net(), _loader(), None, _config(out), settings={"dataset": "toy", "data_dir": "/a"})
+    return out
+
+
+@pytest.fixture
+def run(finished_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["train"]["out"] = str(copy)  # as if it had been trained there
+    (copy / "config.json").write_text(json.dumps(config, indent=1))
+    return copy
+
+
+def test_config_records_the_whole_run(finished_run):
+    record = json.loads((finished_run / "config.json").read_text())
+    import jcnn
+
+    assert record["jcnn_version"] == jcnn.__version__
+    fields = TrainConfig.__dataclass_fields__
+    assert set(record["train"]) == set(fields)  # every TrainConfig field
+    assert record["model"] == {"class": f"{Net.__module__}.Net", "width": 3}
+    loader = record["train_loader"]
+    assert (loader["batch_size"], loader["seed"], loader["shuffle"]) == (16, 3, True)
+    assert (loader["num_examples"], loader["batches_per_epoch"]) == (32, 2)
+    assert record["settings"] == {"dataset": "toy", "data_dir": "/a"}
+    assert not (finished_run / run_folder.LOCK_FILE).exists()  # released at the end
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(config=dict(learning_rate=0.02)), "learning_rate: 0.01 in the run, 0.02 now"),
+        (dict(config=dict(optimizer="sgd")), "optimizer"),
+        (dict(config=dict(seed=1)), "seed"),
+        (dict(config=dict(compute_dtype="bfloat16")), "compute_dtype"),
+        (dict(config=dict(schedule="cosine", epochs=2)), "schedule"),
+        (dict(model=Net(width=4)), "model.width: 3 in the run, 4 now"),
+        (dict(loader=_loader(batch_size=8)), "train_loader.batch_size: 16 in the run, 8 now"),
+        (dict(loader=_loader(seed=4)), "train_loader.seed"),
+        (dict(settings={"dataset": "other", "data_dir": "/a"}), "settings.dataset"),
+        (dict(config=dict(val_split=8)), "val_split: null in the run, 8 now"),
+        (dict(config=dict(standardize="per_channel")), "standardize: null in the run"),
+        (dict(config=dict(monitor="train_loss")), "monitor: val_accuracy in the run"),
+        (dict(config=dict(max_steps=1, schedule="cosine")), "max_steps"),
+        (dict(fit=dict(loss=_mean_squared_logits)), "loss: null in the run"),
+        (dict(fit=dict(metrics={"top": _mean_squared_logits})), "metrics"),
+    ],
+)
+def test_resume_with_other_settings_is_refused_and_touches_nothing(run, change, named):
+    before = _snapshot(run)
+    config = _config(run, resume=True, **change.get("config", {}))
+    settings = change.get("settings", {"dataset": "toy", "data_dir": "/a"})
+    with pytest.raises(RunFolderError, match="cannot resume") as error:
+        fit(
+            change.get("model", Net()),
+            change.get("loader", _loader()),
+            None,
+            config,
+            settings=settings,
+            **change.get("fit", {}),
+        )
+    assert named in str(error.value)
+    assert len(str(error.value)) < 1000 and "\n" not in str(error.value)
+    assert error.value.differences
+    assert _snapshot(run) == before
+
+
+def test_settings_that_may_change_on_resume(run):
+    settings = {"dataset": "toy", "data_dir": "/moved"}
+    config = _config(run, resume=True, epochs=2, keep_last=5, progress=False)
+    result = fit(Net(), _loader(), None, config, settings=settings)  # constant: epochs may grow
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    record = json.loads((run / "config.json").read_text())
+    assert record["train"]["epochs"] == 2 and record["settings"]["data_dir"] == "/moved"
+
+
+def test_epochs_may_not_change_when_the_schedule_depends_on_them():
+    old = {"train": {"schedule": "cosine", "epochs": 4}}
+    assert run_folder.differences(old, {"train": {"schedule": "cosine", "epochs": 8}})
+    for name in run_folder.LENGTH_FREE_SCHEDULES:
+        old = {"train": {"schedule": name, "epochs": 4}}
+        assert not run_folder.differences(old, {"train": {"schedule": name, "epochs": 8}})
+
+
+def test_length_and_engine_settings_on_resume():
+    """max_steps follows the epochs rule; a schedule of the user's own (a callable rate or an optax
+    optimizer) never depends on the run's length; the evaluation cadence and the callbacks may
+    change; what defines the computation (split, standardization, loss, metrics, monitor) may
+    not."""
+    base = {"schedule": "cosine", "epochs": 4, "max_steps": None, "optimizer": "adam"}
+    cosine = {"train": {**base, "learning_rate": 0.001}}
+    longer = {"train": {**base, "learning_rate": 0.001, "max_steps": 50, "epochs": 8}}
+    assert [d[0] for d in run_folder.differences(cosine, longer)] == [
+        "train.epochs",
+        "train.max_steps",
+    ]
+    constant = {"train": {**cosine["train"], "schedule": "constant"}}
+    assert not run_folder.differences(
+        constant, {"train": {**longer["train"], "schedule": "constant"}}
+    )
+    own_rate = {"train": {**base, "learning_rate": "mymodule.warmup_cosine"}}
+    assert not run_folder.differences(own_rate, {"train": {**own_rate["train"], "epochs": 9}})
+    optax_chain = {"train": {**base, "learning_rate": 0.001, "optimizer": ["optax.f", "optax.g"]}}
+    assert not run_folder.differences(
+        optax_chain, {"train": {**optax_chain["train"], "max_steps": 7}}
+    )
+    may = {"eval_every_steps": 5, "eval_batch_size": 10, "test_every_epoch": True}
+    may["callbacks"] = [{"class": "jcnn.train.callbacks.EarlyStopping", "patience": 9}]
+    assert not run_folder.differences(cosine, {"train": {**cosine["train"], **may}})
+    for name, value in [
+        ("val_split", 100),
+        ("val_split_seed", 1),
+        ("standardize", "per_channel"),
+        ("loss", "mymodule.focal"),
+        ("metrics", {"top5": "mymodule.top5"}),
+        ("monitor", "val_loss"),
+        ("monitor_mode", "min"),
+    ]:
+        found = run_folder.differences(cosine, {"train": {**cosine["train"], name: value}})
+        assert found and found[0][0].startswith(f"train.{name}"), (name, found)
+
+
+def test_resume_without_checkpoints_is_refused(run, tmp_path):
+    shutil.rmtree(run / "checkpoints")
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="nothing to resume.*checkpoints are gone"):
+        fit(Net(), _loader(), None, _config(run, resume=True))
+    assert _snapshot(run) == before
+    for empty in (tmp_path / "never", tmp_path / "empty"):
+        if empty.name == "empty":
+            empty.mkdir()
+        with pytest.raises(RunFolderError, match="nothing to resume"):
+            fit(Net(), _loader(), None, _config(empty, resume=True))
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_new_run_into_a_used_folder_needs_overwrite(run):
+    (run / "notes.txt").write_text("mine")
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="already holds a run.*overwrite"):
+        fit(Net(), _loader(), None, _config(run, learning_rate=0.5))
+    assert _snapshot(run) == before
+    with pytest.raises(RunFolderError, match="exclude each other"):
+        fit(Net(), _loader(), None, _config(run, resume=True, overwrite=True))
+    fit(Net(width=5), _loader(), None, _config(run, overwrite=True))
+    record = json.loads((run / "config.json").read_text())
+    assert record["model"]["width"] == 5
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files were replaced
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from jcnn.train import run_folder
+    lock = run_folder.claim(sys.argv[1])
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A run folder locked by another process (killed with SIGKILL at the end)."""
+    folder = tmp_path / "held"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    yield folder, holder
+    holder.kill()
+    holder.wait()
+
+
+def test_a_folder_has_one_owner(held):
+    folder, holder = held
+    before = _snapshot(folder)
+    with pytest.raises(RunFolderError, match=f"in use by another process \\(pid {holder.pid}"):
+        run_folder.claim(folder)
+    with pytest.raises(RunFolderError, match="in use"):
+        fit(Net(), _loader(), None, _config(folder))
+    assert _snapshot(folder) == before
+    holder.send_signal(signal.SIGKILL)  # the OS releases the lock of a dead process
+    holder.wait()
+    with run_folder.claim(folder):
+        with run_folder.claim(folder):  # reentrant within a process
+            pass
+        assert (folder / run_folder.LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    assert not (folder / run_folder.LOCK_FILE).exists()
+
+
+def test_describe_never_shows_a_memory_address():
+    import functools
+
+    from jcnn.data import augment
+
+    op = augment.compose(functools.partial(augment.random_crop, padding=4), augment.random_hflip)
+    described = json.dumps(run_folder.describe(op))
+    assert "0x" not in described and "padding" in described and "random_hflip" in described
+    assert run_folder.describe(jnp.float32) == "jax.numpy.float32"
+    assert run_folder.describe(np.float32(0.5)) == 0.5
+    assert run_folder.describe(float("nan")) == "nan"
+
+
+def test_resume_and_overwrite_need_a_folder_and_a_resume_cannot_shrink_the_run(run):
+    for flag in ("resume", "overwrite"):
+        with pytest.raises(ValueError, match="config.resume, config.overwrite"):
+            fit(Net(), _loader(), None, TrainConfig(progress=False, **{flag: True}))
+    extended = _config(run, resume=True, epochs=3)
+    fit(Net(), _loader(), None, extended, settings={"dataset": "toy", "data_dir": "/a"})
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="already trained 3 epochs, more than the 2"):
+        fit(
+            Net(),
+            _loader(),
+            None,
+            _config(run, resume=True, epochs=2),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before
+    with pytest.raises(RunFolderError, match="already trained 6 steps, more than max_steps=5"):
+        fit(
+            Net(),
+            _loader(),
+            None,
+            _config(run, resume=True, epochs=3, max_steps=5),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "garbage_index", "missing_manifest"])
+def test_a_damaged_checkpoint_stops_a_resume_before_training(run, damage):
+    from jcnn.train import CheckpointError
+
+    checkpoints = run / "checkpoints"
+    latest = sorted(checkpoints.glob("step_*"))[-1]
+    if damage == "flipped_byte":
+        data = next(p for p in latest.rglob("*") if p.is_file() and "/d/" in p.as_posix())
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x80
+        data.write_bytes(bytes(raw))
+        says = f"{latest.name} is corrupt.*differs from its SHA-256"
+    elif damage == "garbage_index":
+        (checkpoints / "index.json").write_text('{"format": 1, "checkpoints": {"2": ')
+        says = "index.json is unreadable"
+    else:
+        (latest / "manifest.json").unlink()
+        says = "has no manifest.json"
+    before = _snapshot(run)
+    with pytest.raises(CheckpointError, match=says):
+        fit(
+            Net(),
+            _loader(),
+            None,
+            _config(run, resume=True),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before
