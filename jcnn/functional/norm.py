@@ -121,13 +121,13 @@ def batch_norm(
     xf = x.astype(compute_dtype)
     reduce_axes = tuple(range(x.ndim - 1))
     if train:
+        if axis_name is None and (message := PER_EXAMPLE_TRACE.get()) is not None:
+            raise ValueError(message)  # each example would be normalized by its own statistics
         count = math.prod(x.shape[:-1])
         if axis_name is not None:
             count *= lax.axis_size(axis_name)
         _check_batch_count(count, f"x has shape {tuple(x.shape)}")
         if axis_name is None:
-            if (message := PER_EXAMPLE_TRACE.get()) is not None:
-                raise ValueError(message)
             y, mean, var = _normalize(
                 xf, *_channel_affine(scale, bias, x.ndim, compute_dtype), reduce_axes, eps
             )
