@@ -164,28 +164,6 @@ class TrainConfig:
     metrics: Mapping[str, Callable] | None = None
     callbacks: tuple = ()
 
-    def to_json(self) -> dict:
-        """The config as a JSON-serializable dict (objects are recorded by their names)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def _jsonable(value):
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, optax.GradientTransformation):
-        return "<optax.GradientTransformation>"
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if np.ndim(value) == 0 and hasattr(value, "dtype"):
-        return value.item()
-    return f"<{runs.qualified_name(value)}>"
-
 
 def _check_non_negative_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
