@@ -36,6 +36,7 @@ from jcnn.functional._checks import check_key, check_positive_int
 __all__ = [
     "compute_fans",
     "dirac",
+    "from_array",
     "he_normal",
     "he_normal_per_position",
     "he_uniform",
@@ -45,6 +46,7 @@ __all__ = [
     "orthogonal",
     "xavier_normal",
     "xavier_uniform",
+    "with_dirac",
     "zeros",
 ]
 
@@ -364,5 +366,68 @@ def dirac(groups=1):
             for d in range(min(in_per_group, out_per_group)):
                 kernel[(*centre, d, g * out_per_group + d)] = 1.0
         return jnp.asarray(kernel, dtype)
+
+    return init
+
+
+def with_dirac(base, groups=1):
+    """``base``'s kernel with its first output channels replaced by the identity (airbench94).
+
+    Output channel ``d < C_in // groups`` of each group copies input channel ``d`` (the kernel of
+    ``dirac(groups)`` there); the remaining output channels keep ``base``'s draw. A conv so
+    initialized starts as a residual-like layer that passes its input through on those channels.
+
+    Args:
+        base: the initializer of the other output channels.
+        groups: the conv's groups, as for ``dirac``.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 3 (a conv kernel).
+
+    >>> w = with_dirac(normal(1.0))(jax.random.key(0), (3, 3, 2, 5))
+    >>> w[1, 1, :, :2].tolist(), float(jnp.abs(w[..., 2:]).sum()) > 0
+    ([[1.0, 0.0], [0.0, 1.0]], True)
+    """
+    if not callable(base):
+        raise TypeError(f"base: expected an initializer (key, shape, dtype) -> array, got {base!r}")
+    identity = dirac(groups)
+
+    def init(key, shape, dtype=jnp.float32):
+        eye = identity(key, shape, dtype)
+        *_, in_per_group, out_channels = eye.shape
+        out_per_group = out_channels // groups
+        copied = (jnp.arange(out_channels) % out_per_group) < min(in_per_group, out_per_group)
+        return jnp.where(copied, eye, base(key, shape, dtype))
+
+    return init
+
+
+def from_array(array):
+    """An initializer returning ``array`` itself: a kernel computed beforehand, e.g. from data.
+
+    It checks that the parameter asks for exactly ``array``'s shape (nothing is broadcast or
+    reshaped) and casts to the requested dtype.
+
+    Args:
+        array: the parameter's value.
+
+    Returns:
+        An initializer ``(key, shape, dtype=float32) -> array``.
+
+    >>> from_array(jnp.eye(2))(jax.random.key(0), (2, 2)).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        raise TypeError(f"array: expected an array, got {type(array).__name__}")
+    value = jnp.asarray(array)
+
+    def init(key, shape, dtype=jnp.float32):
+        shape, dtype = _check_shape_dtype(key, shape, dtype)
+        if shape != value.shape:
+            raise ValueError(
+                f"shape: the parameter has shape {shape}, but the given array has shape "
+                f"{value.shape}"
+            )
+        return value.astype(dtype)
 
     return init

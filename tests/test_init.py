@@ -163,6 +163,34 @@ def test_dirac_matches_torch_layout(torch, shape, groups):
     np.testing.assert_array_equal(init.dirac(groups)(KEY, shape), want)
 
 
+@pytest.mark.parametrize(
+    "shape, groups", [((3, 3, 4, 7), 1), ((3, 3, 6, 4), 1), ((3, 5, 2, 6), 3), ((2, 3, 4), 1)]
+)
+def test_with_dirac_matches_airbench_torch_init(torch, shape, groups):
+    base = init.he_normal()
+    ours = init.with_dirac(base, groups)(KEY, shape)
+    drawn = np.asarray(base(KEY, shape))
+    # airbench94: the default draw, then dirac_ on the first C_in output channels of each group
+    theirs = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.moveaxis(drawn, -1, 0), -1, 1)))
+    in_per_group, out_per_group = shape[-2], shape[-1] // groups
+    copied = min(in_per_group, out_per_group)
+    for g in range(groups):
+        block = theirs[g * out_per_group : g * out_per_group + copied]
+        torch.nn.init.dirac_(block)
+    want = np.moveaxis(np.moveaxis(theirs.numpy(), 0, -1), 0, -2)
+    np.testing.assert_array_equal(ours, want)
+
+
+def test_from_array_returns_the_array_and_checks_the_shape():
+    value = np.random.default_rng(0).standard_normal((2, 2, 3, 24)).astype(np.float32)
+    np.testing.assert_array_equal(init.from_array(value)(KEY, (2, 2, 3, 24)), value)
+    assert init.from_array(value)(KEY, (2, 2, 3, 24), jnp.bfloat16).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"shape: the parameter has shape \(2, 2, 3, 12\)"):
+        init.from_array(value)(KEY, (2, 2, 3, 12))
+    with pytest.raises(TypeError, match="array: expected an array"):
+        init.from_array([1.0, 2.0])
+
+
 def test_dtypes_and_constant_initializers():
     for initializer in (init.he_normal(), init.xavier_uniform(), init.orthogonal(), init.dirac()):
         assert initializer(KEY, (3, 3, 4, 4), jnp.bfloat16).dtype == jnp.bfloat16
@@ -201,6 +229,8 @@ def test_initializers_work_under_jit():
         (lambda: init.normal(-1.0), ValueError, "stddev: expected a positive number"),
         (lambda: init.normal("0.1"), TypeError, "stddev: expected a positive number"),
         (lambda: init.dirac(0), ValueError, "groups: expected a positive int"),
+        (lambda: init.with_dirac(0.1), TypeError, "base: expected an initializer"),
+        (lambda: init.with_dirac(init.zeros)(KEY, (3, 4)), ValueError, "expected a conv kernel"),
         (lambda: init.he_normal()(KEY, (3, 4), jnp.int32), TypeError, "dtype: expected a float"),
         (lambda: init.zeros(KEY, (3, -1)), TypeError, "shape: expected a sequence of non-neg"),
         (lambda: init.zeros(KEY, 3), TypeError, "shape: expected a sequence"),

@@ -15,6 +15,10 @@ With ``sampling="poisson"`` the examples of a batch are drawn instead as::
 
     poisson_key = fold_in(fold_in(fold_in(root, 2), epoch), step)
     members     = bernoulli(poisson_key, batch_size / num_examples, (num_examples,))
+
+With ``alternating_flip=True`` example ``i`` is mirrored in epoch ``epoch`` when::
+
+    bernoulli(fold_in(fold_in(root, 3), i)) != (epoch % 2 == 1)
 """
 
 from __future__ import annotations
@@ -93,6 +97,10 @@ class Loader:
         ``batch_size``, so a jitted step compiles once per size (``jcnn.analysis.pad_batch``
         pads them to a few sizes). ``shuffle`` and ``drop_remainder`` do not apply; not with
         ``sharding``.
+      alternating_flip: mirror (left-right) a random half of the examples in even epochs and
+        exactly the other half in odd epochs, before ``augment`` (Jordan 2024, airbench94: every
+        pair of consecutive epochs shows each image both ways, where independent random flips
+        repeat an orientation half of the time). Images must be ``(N, H, W, C)``.
     """
 
     def __init__(
@@ -108,6 +116,7 @@ class Loader:
         drop_remainder: bool = True,
         sharding: jax.sharding.Sharding | None = None,
         sampling: str = "shuffle",
+        alternating_flip: bool = False,
     ):
         if not hasattr(images, "shape") or not hasattr(labels, "shape"):
             raise TypeError(
@@ -129,6 +138,8 @@ class Loader:
             drop_remainder,
             sharding,
             sampling,
+            alternating_flip,
+            tuple(images.shape),
         )
         placement, out_shardings = None, None
         if isinstance(sharding, jax.sharding.NamedSharding):
@@ -158,6 +169,7 @@ class Loader:
         image_key: str = "image",
         label_key: str = "label",
         sampling: str = "shuffle",
+        alternating_flip: bool = False,
     ) -> Loader:
         """A streaming loader over a random-access source too large for memory, same interface.
 
@@ -184,6 +196,7 @@ class Loader:
             drop_remainder,
             sharding,
             sampling,
+            alternating_flip,
         )
         loader._source = source
         loader._keys = (image_key, label_key)
@@ -201,6 +214,8 @@ class Loader:
         drop_remainder,
         sharding,
         sampling="shuffle",
+        alternating_flip=False,
+        shape=None,
     ):
         if sampling not in ("shuffle", "poisson"):
             raise ValueError(f"sampling: expected 'shuffle' or 'poisson', got {sampling!r}")
@@ -227,6 +242,9 @@ class Loader:
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
         self.sharding = sharding
         self.sampling = sampling
+        self.alternating_flip = check_bool(alternating_flip, "alternating_flip")
+        if self.alternating_flip and shape is not None and len(shape) != 4:
+            raise ValueError(f"alternating_flip: expected images (N, H, W, C), got shape {shape}")
         self._augment = augment
         self._batch_augment = batch_augment
         self._next_epoch = 0
@@ -255,6 +273,7 @@ class Loader:
             drop_remainder=self.drop_remainder,
             sharding=self.sharding,
             sampling=self.sampling,
+            alternating_flip=self.alternating_flip,
         )
 
     def __len__(self) -> int:
@@ -272,7 +291,7 @@ class Loader:
 
     def _gather_and_transform(self, all_images, all_labels, order, epoch, step, *, size):
         indices = jax.lax.dynamic_slice_in_dim(order, step * self.batch_size, size)
-        return self._transform(all_images[indices], all_labels[indices], epoch, step)
+        return self._transform(all_images[indices], all_labels[indices], epoch, step, indices)
 
     @property
     def sampling_rate(self) -> float:
@@ -288,7 +307,7 @@ class Loader:
         return np.flatnonzero(np.asarray(members))
 
     def _gather_indices_and_transform(self, all_images, all_labels, indices, epoch, step):
-        return self._transform(all_images[indices], all_labels[indices], epoch, step)
+        return self._transform(all_images[indices], all_labels[indices], epoch, step, indices)
 
     def _read_source(self, indices):
         indices = np.asarray(indices).tolist()
@@ -314,19 +333,28 @@ class Loader:
                 return self._make_indexed_batch(
                     self._images, self._labels, jnp.asarray(indices, jnp.int32), epoch, step
                 )
-            return self._make_batch(*self._read_source(indices), epoch, step)
+            return self._make_batch(*self._read_source(indices), epoch, step, indices)
         start = step * self.batch_size
         size = min(self.batch_size, self.num_examples - start)
         if self._source is None:
             batch = self._make_batch(self._images, self._labels, order, epoch, step, size=size)
         else:
             indices = np.asarray(order[start : start + size])
-            batch = self._make_batch(*self._read_source(indices), epoch, step)
+            batch = self._make_batch(*self._read_source(indices), epoch, step, indices)
         if self.sharding is not None:
             batch = jax.device_put(batch, self.sharding)
         return batch
 
-    def _transform(self, images, labels, epoch, step):
+    def _transform(self, images, labels, epoch, step, indices):
+        if self.alternating_flip:
+            if images.ndim != 4:
+                raise ValueError(
+                    f"alternating_flip: expected images (N, H, W, C), got shape {images.shape}"
+                )
+            flip_root = jax.random.fold_in(jax.random.key(self.seed), 3)
+            first = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(flip_root, i)))
+            flip = first(jnp.asarray(indices)) != (epoch % 2 == 1)
+            images = jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
         step_key = _step_key(self.seed, epoch, step)
         if self._augment is not None:
             keys = jax.random.split(jax.random.fold_in(step_key, 0), images.shape[0])

@@ -18,7 +18,8 @@ Submodules: ``whiten``, ``gelu0``, ``group1``..``group3`` (each with ``conv1``, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -37,20 +38,30 @@ class ConvGroup(nn.Module):
         features: output channels of both convs.
         bn_momentum: decay of the BatchNorm running averages.
         bn_eps: BatchNorm epsilon.
+        kernel_init: initializer of both conv kernels (``None``: ``Conv``'s default).
     """
 
     features: int
     bn_momentum: float = 0.6
     bn_eps: float = 1e-12
+    kernel_init: Callable | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         """Apply the group to ``x`` ``(N, H, W, C)``; halves H and W."""
-        x = Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv1")(x)
+        conv = functools.partial(
+            Conv,
+            self.features,
+            (3, 3),
+            padding="SAME",
+            use_bias=False,
+            kernel_init=self.kernel_init,
+        )
+        x = conv(name="conv1")(x)
         x = MaxPool(2, name="pool")(x)
         x = self._norm("norm1")(x, train)
         x = GELU(name="gelu1")(x)
-        x = Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(x)
+        x = conv(name="conv2")(x)
         x = self._norm("norm2")(x, train)
         return GELU(name="gelu2")(x)
 
@@ -67,6 +78,10 @@ class AirbenchNet(nn.Module):
         whiten_kernel_size: window of the whitening conv (its width is ``2 * C * k * k``).
         scaling_factor: multiplier of the logits.
         bn_momentum, bn_eps: BatchNorm settings of the groups.
+        conv_init: initializer of the groups' conv kernels (``None``: ``Conv``'s default);
+            airbench94 uses ``init.with_dirac`` over PyTorch's default.
+        whiten_init: initializer of the whitening kernel, e.g.
+            ``init.from_array(whitening_kernel(images))`` (``None``: ``Conv``'s default).
 
     Example:
         >>> import jcnn
@@ -83,16 +98,21 @@ class AirbenchNet(nn.Module):
     scaling_factor: float = 1 / 9
     bn_momentum: float = 0.6
     bn_eps: float = 1e-12
+    conv_init: Callable | None = None
+    whiten_init: Callable | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         k = self.whiten_kernel_size
-        x = Conv(2 * x.shape[-1] * k * k, (k, k), name="whiten")(x)
+        x = Conv(2 * x.shape[-1] * k * k, (k, k), kernel_init=self.whiten_init, name="whiten")(x)
         x = GELU(name="gelu0")(x)
         for index, width in enumerate(self.widths, start=1):
-            x = ConvGroup(width, self.bn_momentum, self.bn_eps, name=f"group{index}")(x, train)
+            group = ConvGroup(
+                width, self.bn_momentum, self.bn_eps, self.conv_init, name=f"group{index}"
+            )
+            x = group(x, train)
         x = MaxPool(3, name="pool")(x)
         x = Flatten(name="flatten")(x)
         x = Dense(self.num_classes, use_bias=False, kernel_init=init.lecun_normal(), name="head")(x)

@@ -14,7 +14,7 @@ from jcnn.train.runs import Run, load_run
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
 from jcnn.train.steps import eval_step, train_step
-from jcnn.train.tta import flip_translate_views, tta_logits
+from jcnn.train.tta import flip_translate_views, tta_logits, with_tta
 
 __all__ = [
     "schedules",
@@ -36,6 +36,7 @@ __all__ = [
     "lookahead",
     "flip_translate_views",
     "tta_logits",
+    "with_tta",
     "callbacks",
     "Callback",
     "CallbackError",

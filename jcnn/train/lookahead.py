@@ -39,6 +39,8 @@ def lookahead(
     inner: optax.GradientTransformation,
     sync_period: int,
     slow_step_size: float | Callable[[jax.Array], jax.Array],
+    *,
+    final_step: int | None = None,
 ) -> optax.GradientTransformation:
     """Wrap ``inner``: after every ``sync_period``-th update, ``slow += α (fast - slow)`` and the
     parameters become ``slow``.
@@ -48,6 +50,10 @@ def lookahead(
         sync_period: updates between synchronizations (``k``), a positive int.
         slow_step_size: ``α`` in ``[0, 1]``, or a function of the update count (a schedule, called
             with the 1-based count of the synchronizing update).
+        final_step: the run's last update, if known: there the parameters become the slow
+            weights as they are (a synchronization with ``α = 0``, as airbench94 ends), so the
+            trained model is the average rather than the last fast weights. Later updates are
+            plain fast updates again.
 
     Returns:
         An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -61,6 +67,10 @@ def lookahead(
             )
         if not 0.0 <= float(slow_step_size) <= 1.0:
             raise ValueError(f"slow_step_size: expected a value in [0, 1], got {slow_step_size!r}")
+    if final_step is not None and (
+        isinstance(final_step, bool) or not isinstance(final_step, int) or final_step < 1
+    ):
+        raise ValueError(f"final_step: expected a positive int or None, got {final_step!r}")
 
     def init(params):
         slow = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
@@ -74,6 +84,10 @@ def lookahead(
         fast = optax.apply_updates(params, updates)
         alpha = slow_step_size(count) if callable(slow_step_size) else slow_step_size
         sync = count % sync_period == 0
+        if final_step is not None:
+            last = count == final_step
+            alpha = jnp.where(last, 0.0, alpha)
+            sync = sync | last
         slow = jax.tree.map(
             lambda s, f: jnp.where(sync, s + jnp.asarray(alpha, s.dtype) * (f - s), s),
             state.slow,

@@ -309,7 +309,15 @@ def _describe_loader(loader) -> dict | None:
     if loader is None:
         return None
     record = {"class": _qualified(type(loader))}
-    for attribute in ("batch_size", "seed", "shuffle", "drop_remainder", "num_examples"):
+    for attribute in (
+        "batch_size",
+        "seed",
+        "shuffle",
+        "drop_remainder",
+        "num_examples",
+        "sampling",
+        "alternating_flip",
+    ):
         if hasattr(loader, attribute):
             record[attribute] = describe(getattr(loader, attribute))
     if hasattr(loader, "__len__"):

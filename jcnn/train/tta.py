@@ -2,7 +2,9 @@
 
 ``flip_translate_views`` gives the views airbench94 evaluates with (the image and its mirror,
 each also shifted by a pixel with reflect padding); ``tta_logits`` averages a prediction
-function's outputs over any list of views.
+function's outputs over any list of views; ``with_tta`` makes a model's ``apply`` do so in
+evaluation, so that ``jcnn.train.evaluate`` (and its loss and metrics) report the TTA accuracy:
+``evaluate(state.replace(apply_fn=with_tta(state.apply_fn, views)), test_loader)``.
 
 >>> images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
 >>> views = flip_translate_views(shifts=((0, 0),))
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from jcnn.functional._checks import check_array
 
-__all__ = ["tta_logits", "flip_translate_views", "translate_batch"]
+__all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 
 View = Callable[[jax.Array], jax.Array]
 
@@ -89,3 +91,30 @@ def tta_logits(predict: Callable[[jax.Array], jax.Array], images, views: Sequenc
         out = predict(transformed).astype(jnp.float32)
         total = out if total is None else total + out
     return total / len(views)
+
+
+def with_tta(apply_fn: Callable, views: Sequence[View]) -> Callable:
+    """A Flax ``apply`` that averages the logits over ``views`` in evaluation mode.
+
+    Calls with ``train=False`` (the default) return ``tta_logits`` of the model over the views;
+    calls with ``train=True``, or that ask for mutable collections, are passed through unchanged,
+    so training is never augmented by it.
+
+    Args:
+        apply_fn: the model's ``apply`` (``TrainState.apply_fn``).
+        views: functions ``images -> images`` of the same shape, e.g. ``flip_translate_views()``.
+    """
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn: expected a model's apply function, got {apply_fn!r}")
+    views = tuple(views)
+    if not views:
+        raise ValueError("views: expected at least one view, got none")
+
+    def apply(variables, images, *args, train: bool = False, **kwargs):
+        if train or kwargs.get("mutable"):
+            return apply_fn(variables, images, *args, train=train, **kwargs)
+        return tta_logits(
+            lambda x: apply_fn(variables, x, *args, train=False, **kwargs), images, views
+        )
+
+    return apply

@@ -9,7 +9,7 @@ import pytest
 from jcnn.train.lookahead import lookahead
 
 
-def _reference(grads, lr, momentum, period, alpha):
+def _reference(grads, lr, momentum, period, alpha, final_step=None):
     """Lookahead around momentum SGD, written out: fast weights, slow weights, sync every k."""
     params = np.zeros_like(grads[0])
     slow = params.copy()
@@ -18,7 +18,9 @@ def _reference(grads, lr, momentum, period, alpha):
     for count, g in enumerate(grads, start=1):
         velocity = momentum * velocity + g
         params = params - lr * velocity
-        if count % period == 0:
+        if count == final_step:  # airbench94's end: the weights become the average as it is
+            params = slow.copy()
+        elif count % period == 0:
             slow = slow + alpha(count) * (params - slow)
             params = slow.copy()
         history.append(params.copy())
@@ -27,14 +29,17 @@ def _reference(grads, lr, momentum, period, alpha):
 
 @pytest.mark.parametrize("period", [1, 3, 5])
 @pytest.mark.parametrize("schedule", [False, True])
-def test_matches_the_written_out_algorithm(rng, period, schedule):
+@pytest.mark.parametrize("final_step", [None, 11, 10])
+def test_matches_the_written_out_algorithm(rng, period, schedule, final_step):
     grads = rng.standard_normal((13, 4, 3)).astype(np.float32)
     alpha = (lambda count: 1.0 - 0.5 ** (count / period)) if schedule else (lambda count: 0.4)
-    tx = lookahead(optax.sgd(0.1, momentum=0.9), period, alpha if schedule else 0.4)
+    tx = lookahead(
+        optax.sgd(0.1, momentum=0.9), period, alpha if schedule else 0.4, final_step=final_step
+    )
     params = {"w": jnp.zeros((4, 3))}
     state = tx.init(params)
     update = jax.jit(tx.update)
-    want = _reference(grads, 0.1, 0.9, period, alpha)
+    want = _reference(grads, 0.1, 0.9, period, alpha, final_step)
     for g, expected in zip(grads, want, strict=True):
         updates, state = update({"w": jnp.asarray(g)}, state, params)
         params = optax.apply_updates(params, updates)
@@ -51,3 +56,5 @@ def test_needs_params_and_checks_its_arguments():
         lookahead(optax.sgd(0.1), 2, 1.5)
     with pytest.raises(TypeError, match="slow_step_size: expected a number or a schedule"):
         lookahead(optax.sgd(0.1), 2, "0.5")
+    with pytest.raises(ValueError, match="final_step: expected a positive int or None, got 0"):
+        lookahead(optax.sgd(0.1), 2, 0.5, final_step=0)

@@ -54,3 +54,39 @@ def test_bad_views_and_shifts():
         translate_batch(images, 1, 1, pad_mode="wrap")
     with pytest.raises(ValueError, match="shifts: expected at least one"):
         flip_translate_views(shifts=())
+
+
+def test_with_tta_averages_in_evaluation_only(rng):
+    import jax
+
+    from jcnn.models import AirbenchNet
+    from jcnn.train import TrainState, evaluate
+    from jcnn.train.tta import with_tta
+
+    model = AirbenchNet(widths=(8, 8, 8))
+    images = jnp.asarray(rng.standard_normal((5, 32, 32, 3)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, 10, 5).astype(np.int32))
+    variables = model.init(jax.random.key(0), images[:1])
+    views = flip_translate_views()
+    apply = with_tta(model.apply, views)
+    want = np.mean(
+        [np.asarray(model.apply(variables, np.asarray(view(images)))) for view in views], axis=0
+    )
+    np.testing.assert_allclose(apply(variables, images), want, rtol=1e-5, atol=1e-6)
+    trained, _ = apply(variables, images, train=True, mutable=["batch_stats"])
+    direct, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(trained, direct)
+    # evaluate() of a state with the TTA apply: accuracy of the averaged logits
+    import optax
+
+    state = TrainState.create(model, optax.sgd(0.1), jax.random.key(0), images[:1])
+    tta_state = state.replace(apply_fn=with_tta(state.apply_fn, views))
+    averaged = np.mean(
+        [np.asarray(state.apply_fn(state.variables(), view(images))) for view in views], axis=0
+    )
+    result = evaluate(tta_state, [(images, labels)])
+    assert result["accuracy"] == pytest.approx(np.mean(averaged.argmax(1) == np.asarray(labels)))
+    with pytest.raises(ValueError, match="views: expected at least one view"):
+        with_tta(model.apply, [])
+    with pytest.raises(TypeError, match="apply_fn: expected"):
+        with_tta(None, views)
