@@ -20,6 +20,7 @@ with 2, one whose checkpoint cannot be restored with 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import math
@@ -43,6 +44,32 @@ MODELS = {
     "jarrett": ("JarrettNet", {}),
 }
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+
+# jcnn.train.recipes.RECIPES, named here to keep --help free of heavy imports.
+RECIPE_NAMES = {
+    "airbench94": "CIFAR-10 to 94% (Keller Jordan's airbench94, legacy)",
+    "mnist99": "MNIST to 99% in seconds on a CPU",
+}
+# Flags a recipe sets itself: giving one with --recipe contradicts the recipe.
+RECIPE_SETS = (
+    "model",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "schedule",
+    "warmup_epochs",
+    "step_epochs",
+    "weight_decay",
+    "momentum",
+    "clip_norm",
+    "label_smoothing",
+    "compute_dtype",
+    "augment",
+    "max_steps",
+    "val_split",
+    "val_split_seed",
+    "devices",
+)
 
 # Optimizers that use --momentum (the others would silently ignore it).
 USES_MOMENTUM = ("momentum", "nesterov", "lars")
@@ -138,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     positive = _int_at_least(1, "a positive integer")
     p = _Parser(prog="jcnn-train", description="Train a jcnn model; writes a run folder.")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        choices=sorted(RECIPE_NAMES),
+        help="a complete training set-up of jcnn.train.recipes (model, optimizer, schedule, "
+        "augmentation, length; --epochs, --seed and the run-folder flags still apply): "
+        + "; ".join(f"{name}: {summary}" for name, summary in RECIPE_NAMES.items()),
+    )
     p.add_argument("--model", default="lenet5", choices=sorted(MODELS))
     p.add_argument(
         "--dataset",
@@ -231,6 +266,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="tfds:NAME only: folder with the original downloads, used instead of the network",
     )
     return p
+
+
+def _given_flags(argv) -> set[str]:
+    """The destinations of the flags written on the command line (defaults not included)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _check_recipe(args, argv) -> None:
+    """``--recipe`` with a flag it sets itself, or with a dataset it is not built for."""
+    from jcnn.train.recipes import RECIPES_BY_NAME
+
+    recipe = RECIPES_BY_NAME[args.recipe]
+    given = _given_flags(argv)
+    clashes = [f"--{name.replace('_', '-')}" for name in RECIPE_SETS if name in given]
+    if clashes:
+        raise UsageError(
+            f"--recipe {args.recipe} sets {', '.join(clashes)} itself; drop "
+            f"{'it' if len(clashes) == 1 else 'them'} (--epochs, --seed and the run-folder flags "
+            "may be changed)"
+        )
+    if "dataset" not in given:
+        args.dataset = recipe.dataset
+    shapes = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+    shape = shapes.get(args.dataset)
+    if shape is not None and shape != recipe.image_shape:
+        raise UsageError(
+            f"--recipe {args.recipe} is built for {recipe.dataset} "
+            f"({'x'.join(map(str, recipe.image_shape))} images), not --dataset {args.dataset} "
+            f"({'x'.join(map(str, shape))} images)"
+        )
 
 
 def _check_combinations(args) -> None:
@@ -465,18 +533,22 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.recipe is not None:
+        _check_recipe(args, argv)
     _check_combinations(args)
-    out = Path(args.out or f"runs/{args.model}-{args.dataset.replace(':', '-')}")
+    name = args.recipe or args.model
+    out = Path(args.out or f"runs/{name}-{args.dataset.replace(':', '-')}")
     _augmenters(args.augment, 10)  # the spelling of every op, before any work
 
     import jax
 
-    from jcnn import data, models
+    from jcnn import data
     from jcnn.train import parallel, run_folder
-    from jcnn.train.callbacks import EarlyStopping
     from jcnn.train.checkpoint import CheckpointError
-    from jcnn.train.loop import NonFiniteLossError, TrainConfig, fit
+    from jcnn.train.loop import NonFiniteLossError, evaluate, fit
+    from jcnn.train.tta import with_tta
 
     if args.devices is not None and args.devices > jax.device_count():
         raise UsageError(
@@ -501,7 +573,7 @@ def _main(argv) -> int:
                     f"{train_x.shape[0]} images"
                 )
             train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
-        if args.batch_size > train_x.shape[0]:
+        if args.recipe is None and args.batch_size > train_x.shape[0]:
             raise UsageError(
                 f"--batch-size {args.batch_size}: larger than the {train_x.shape[0]} training "
                 "images (an epoch would have no batch)"
@@ -510,60 +582,39 @@ def _main(argv) -> int:
 
         mesh = parallel.make_mesh(args.devices) if args.devices else None
         sharding = parallel.data_sharding(mesh) if mesh is not None else None
-        example_aug, batch_aug = _augmenters(args.augment, num_classes, tuple(train_x.shape[1:]))
-        train_loader = data.Loader(
-            train_x,
-            train_y,
-            batch_size=args.batch_size,
-            shuffle=True,
-            seed=args.seed,
-            augment=example_aug,
-            batch_augment=batch_aug,
-            sharding=sharding,
-        )
-        test_loader = data.Loader(
-            test_x,
-            test_y,
-            batch_size=min(1000, test_x.shape[0]),
-            shuffle=False,
-            drop_remainder=False,
-            sharding=sharding,
-        )
-        callbacks = []
-        if args.early_stopping is not None:
-            callbacks.append(EarlyStopping("val_loss", mode="min", patience=args.early_stopping))
-        attribute, kwargs = MODELS[args.model]
-        model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
-        config = TrainConfig(
-            epochs=args.epochs,
-            optimizer=args.optimizer,
-            learning_rate=args.lr,
-            schedule=args.schedule,
-            warmup_epochs=args.warmup_epochs,
-            step_epochs=args.step_epochs,
-            weight_decay=args.weight_decay,
-            momentum=0.9 if args.momentum is None else args.momentum,
-            clip_norm=args.clip_norm,
-            label_smoothing=args.label_smoothing,
-            compute_dtype=args.compute_dtype,
-            seed=args.seed,
-            devices=args.devices,
+        run_options = dict(
             out=str(out),
             checkpoint_every_steps=args.checkpoint_every_steps,
             keep_last=args.keep_last,
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress and sys.stderr.isatty(),
-            val_split=args.val_split,
-            val_split_seed=args.val_split_seed,
-            standardize="per_channel",  # fit on the training examples, after the validation split
-            eval_every_steps=args.eval_every_steps,
-            max_steps=args.max_steps,
-            test_every_epoch=args.val_split is None,
-            callbacks=tuple(callbacks),
         )
-        command = "jcnn-train " + " ".join(sys.argv[1:] if argv is None else argv)
+        prepared, standardize = None, None
+        if args.recipe is not None:
+            from jcnn.train import recipes
+
+            epochs = args.epochs if "epochs" in _given_flags(argv) else None
+            try:
+                prepared = recipes.prepare(
+                    args.recipe, train_x, train_y, seed=args.seed, epochs=epochs
+                )
+                test_loader = prepared.test_loader(test_x, test_y)
+            except ValueError as error:
+                raise UsageError(f"--recipe {args.recipe}: {error}") from None
+            model, train_loader, standardize = (
+                prepared.model,
+                prepared.train_loader,
+                prepared.standardize,
+            )
+            config = dataclasses.replace(prepared.config, test_every_epoch=True, **run_options)
+        else:
+            model, train_loader, test_loader, config = _plain_run(
+                args, train_x, train_y, test_x, test_y, num_classes, sharding, run_options
+            )
+        command = "jcnn-train " + " ".join(argv)
         settings = {
+            "recipe": args.recipe,
             "model": args.model,
             "dataset": args.dataset,
             "data_dir": None
@@ -581,6 +632,7 @@ def _main(argv) -> int:
             "command": command,
         }
         metadata = {
+            "recipe": args.recipe,
             "model": args.model,
             "dataset": args.dataset,
             "data_dir": args.data_dir,
@@ -594,6 +646,7 @@ def _main(argv) -> int:
                 None,
                 config,
                 test_loader=test_loader,
+                standardize=standardize,
                 metadata=metadata,
                 settings=settings,
             )
@@ -615,6 +668,11 @@ def _main(argv) -> int:
             raise UsageError(str(error)) from None
         summary = dict(result["summary"])
         test = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
+        if prepared is not None and prepared.views is not None:
+            state = result["state"]
+            apply = with_tta(state.apply_fn, prepared.views, prepared.view_weights)
+            tta = evaluate(state.replace(apply_fn=apply), test_loader)
+            summary["test_accuracy_tta"] = test["accuracy_tta"] = tta["accuracy"]
         summary.update(
             wall_seconds=time.perf_counter() - started,
             devices=len(mesh.devices.flat) if mesh is not None else 1,
@@ -622,11 +680,68 @@ def _main(argv) -> int:
             command=command,
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with_views = f", {test['accuracy_tta']:.4f} with TTA" if "accuracy_tta" in test else ""
     print(
-        f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}); "
+        f"test accuracy {test['accuracy']:.4f}{with_views} (loss {test['loss']:.4f}); "
         f"wall {summary['wall_seconds']:.1f}s; run folder {out}"
     )
     return 0
+
+
+def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, run_options):
+    """``(model, train_loader, test_loader, TrainConfig)`` from the flags (no ``--recipe``)."""
+    from jcnn import data, models
+    from jcnn.train.callbacks import EarlyStopping
+    from jcnn.train.loop import TrainConfig
+
+    example_aug, batch_aug = _augmenters(args.augment, num_classes, tuple(train_x.shape[1:]))
+    train_loader = data.Loader(
+        train_x,
+        train_y,
+        batch_size=args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        augment=example_aug,
+        batch_augment=batch_aug,
+        sharding=sharding,
+    )
+    test_loader = data.Loader(
+        test_x,
+        test_y,
+        batch_size=min(1000, test_x.shape[0]),
+        shuffle=False,
+        drop_remainder=False,
+        sharding=sharding,
+    )
+    callbacks = []
+    if args.early_stopping is not None:
+        callbacks.append(EarlyStopping("val_loss", mode="min", patience=args.early_stopping))
+    attribute, kwargs = MODELS[args.model]
+    model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
+    config = TrainConfig(
+        epochs=args.epochs,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        step_epochs=args.step_epochs,
+        weight_decay=args.weight_decay,
+        momentum=0.9 if args.momentum is None else args.momentum,
+        clip_norm=args.clip_norm,
+        label_smoothing=args.label_smoothing,
+        compute_dtype=args.compute_dtype,
+        seed=args.seed,
+        devices=args.devices,
+        val_split=args.val_split,
+        val_split_seed=args.val_split_seed,
+        standardize="per_channel",  # fit on the training examples, after the validation split
+        eval_every_steps=args.eval_every_steps,
+        max_steps=args.max_steps,
+        test_every_epoch=args.val_split is None,
+        callbacks=tuple(callbacks),
+        **run_options,
+    )
+    return model, train_loader, test_loader, config
 
 
 def _in_flags(message: str) -> str:

@@ -51,9 +51,9 @@ def lookahead(
         slow_step_size: ``α`` in ``[0, 1]``, or a function of the update count (a schedule, called
             with the 1-based count of the synchronizing update).
         final_step: the run's last update, if known: there the parameters become the slow
-            weights as they are (a synchronization with ``α = 0``, as airbench94 ends), so the
-            trained model is the average rather than the last fast weights. Later updates are
-            plain fast updates again.
+            weights, so that the trained model is the average rather than the last fast weights
+            (as airbench94 ends). If it is not a synchronizing update it synchronizes with
+            ``α = 0`` (the slow weights as they are). Later updates are plain fast updates again.
 
     Returns:
         An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -85,9 +85,9 @@ def lookahead(
         alpha = slow_step_size(count) if callable(slow_step_size) else slow_step_size
         sync = count % sync_period == 0
         if final_step is not None:
-            last = count == final_step
-            alpha = jnp.where(last, 0.0, alpha)
-            sync = sync | last
+            extra = (count == final_step) & ~sync
+            alpha = jnp.where(extra, 0.0, alpha)
+            sync = sync | extra
         slow = jax.tree.map(
             lambda s, f: jnp.where(sync, s + jnp.asarray(alpha, s.dtype) * (f - s), s),
             state.slow,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_real
 
 __all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 
@@ -71,29 +71,49 @@ def flip_translate_views(
     return views
 
 
-def tta_logits(predict: Callable[[jax.Array], jax.Array], images, views: Sequence[View]):
+def tta_logits(
+    predict: Callable[[jax.Array], jax.Array],
+    images,
+    views: Sequence[View],
+    weights: Sequence[float] | None = None,
+):
     """The mean of ``predict(view(images))`` over ``views`` (logits averaged, as airbench94).
 
     Args:
         predict: images ``(N, ...)`` -> outputs ``(N, ...)``, e.g. ``lambda x: model.apply(v, x)``.
         images: the batch.
         views: functions ``images -> images`` of the same shape.
+        weights: one positive weight per view for a weighted mean (they are normalized to sum to
+            1); ``None``: equal weights.
     """
     if not views:
         raise ValueError("views: expected at least one view, got none")
+    weights = _check_weights(weights, len(views))
     total = None
-    for view in views:
+    for view, weight in zip(views, weights, strict=True):
         transformed = view(images)
         if transformed.shape != images.shape:
             raise ValueError(
                 f"views: each view must keep the shape {images.shape}, got {transformed.shape}"
             )
-        out = predict(transformed).astype(jnp.float32)
+        out = weight * predict(transformed).astype(jnp.float32)
         total = out if total is None else total + out
-    return total / len(views)
+    return total
 
 
-def with_tta(apply_fn: Callable, views: Sequence[View]) -> Callable:
+def _check_weights(weights, count: int) -> tuple[float, ...]:
+    if weights is None:
+        return (1.0 / count,) * count
+    values = tuple(check_real(w, "weights", low=0, low_open=True) for w in weights)
+    if len(values) != count:
+        raise ValueError(f"weights: expected one per view ({count}), got {len(values)}")
+    total = sum(values)
+    return tuple(v / total for v in values)
+
+
+def with_tta(
+    apply_fn: Callable, views: Sequence[View], weights: Sequence[float] | None = None
+) -> Callable:
     """A Flax ``apply`` that averages the logits over ``views`` in evaluation mode.
 
     Calls with ``train=False`` (the default) return ``tta_logits`` of the model over the views;
@@ -103,18 +123,20 @@ def with_tta(apply_fn: Callable, views: Sequence[View]) -> Callable:
     Args:
         apply_fn: the model's ``apply`` (``TrainState.apply_fn``).
         views: functions ``images -> images`` of the same shape, e.g. ``flip_translate_views()``.
+        weights: as for ``tta_logits``.
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a model's apply function, got {apply_fn!r}")
     views = tuple(views)
     if not views:
         raise ValueError("views: expected at least one view, got none")
+    weights = _check_weights(weights, len(views))
 
     def apply(variables, images, *args, train: bool = False, **kwargs):
         if train or kwargs.get("mutable"):
             return apply_fn(variables, images, *args, train=train, **kwargs)
         return tta_logits(
-            lambda x: apply_fn(variables, x, *args, train=False, **kwargs), images, views
+            lambda x: apply_fn(variables, x, *args, train=False, **kwargs), images, views, weights
         )
 
     return apply

@@ -40,6 +40,13 @@ def test_flip_translate_views_and_their_mean(rng):
             want += np.asarray(predict(translate_batch(base, dy, dx))) / 6
     np.testing.assert_allclose(tta_logits(predict, images, views), want, rtol=1e-5, atol=1e-5)
     assert len(flip_translate_views(flip=False)) == 3
+    # airbench94's weighting: half on the (mirrored) image, half on its two translations
+    airbench = (2, 1, 1, 2, 1, 1)
+    want = np.zeros((3, 4), np.float32)
+    for index, view in enumerate(views):
+        want += airbench[index] / 8 * np.asarray(predict(view(images)))
+    got = tta_logits(predict, images, views, weights=airbench)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_views_and_shifts():
@@ -48,6 +55,10 @@ def test_bad_views_and_shifts():
         tta_logits(lambda x: x, images, [lambda x: x[:, :2]])
     with pytest.raises(ValueError, match="views: expected at least one view"):
         tta_logits(lambda x: x, images, [])
+    with pytest.raises(ValueError, match=r"weights: expected one per view \(2\), got 3"):
+        tta_logits(lambda x: x, images, [lambda x: x] * 2, weights=(1, 1, 1))
+    with pytest.raises(ValueError, match="weights: expected a finite number > 0, got 0"):
+        tta_logits(lambda x: x, images, [lambda x: x] * 2, weights=(1, 0))
     with pytest.raises(ValueError, match=r"shift_x: expected an int with \|shift_x\| < 4, got 4"):
         translate_batch(images, 0, 4)
     with pytest.raises(ValueError, match="pad_mode: expected one of reflect, edge, zeros"):
