@@ -17,6 +17,8 @@ from jcnn.models.c3d import *  # noqa: F403
 from jcnn.models.c3d import __all__ as _c3d
 from jcnn.models.convnext import *  # noqa: F403
 from jcnn.models.convnext import __all__ as _convnext
+from jcnn.models.fast_mnist import *  # noqa: F403
+from jcnn.models.fast_mnist import __all__ as _fast_mnist
 from jcnn.models.jarrett import *  # noqa: F403
 from jcnn.models.jarrett import __all__ as _jarrett
 from jcnn.models.lenet import *  # noqa: F403
@@ -31,4 +33,4 @@ from jcnn.models.vgg import *  # noqa: F403
 from jcnn.models.vgg import __all__ as _vgg
 
 __all__ = [*_lenet, *_alexnet, *_vgg, *_resnet, *_airbench, *_jarrett]
-__all__ += [*_mobilenet, *_convnext, *_unet, *_c3d]
+__all__ += [*_mobilenet, *_convnext, *_unet, *_c3d, *_fast_mnist]

@@ -36,6 +36,7 @@ CASES = {
     "resnet56": [(models.resnet56(num_classes=5), (2, 8, 8, 3))],
     "AirbenchNet": [(models.AirbenchNet(num_classes=5), (2, 32, 32, 3))],
     "JarrettNet": [(models.JarrettNet(num_classes=5), (2, 16, 16, 3))],
+    "FastMNISTNet": [(models.FastMNISTNet(num_classes=5, widths=(4, 6)), (3, 28, 28, 1))],
 }
 # Building blocks and helpers of the models, exercised through them; and the networks whose
 # jitted training step has its own test (tests/models/test_{mobilenet,convnext,unet,c3d}.py).

@@ -1,0 +1,64 @@
+"""FastMNISTNet: structure, parameter count, and the forward pass against a PyTorch twin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import models
+
+from ._helpers import count_params, param_shapes
+
+
+def test_structure_and_count():
+    params = param_shapes(models.FastMNISTNet(), (1, 28, 28, 1))
+    assert params["conv1"]["kernel"].shape == (5, 5, 1, 16)
+    assert set(params["conv1"]) == {"kernel"}  # no bias before a BatchNorm
+    assert params["conv2"]["kernel"].shape == (5, 5, 16, 32)
+    assert params["head"]["kernel"].shape == (4 * 4 * 32, 10)
+    # convs 400 + 12,800, BatchNorm scales and biases 96, head 5,130
+    assert count_params(models.FastMNISTNet(), (1, 28, 28, 1)) == 18_426
+    assert count_params(models.FastMNISTNet(widths=(8, 12), num_classes=3), (1, 28, 28, 1)) == (
+        200 + 2400 + 40 + 16 * 12 * 3 + 3
+    )
+    with pytest.raises(ValueError, match=r"widths: expected two conv widths, got \(8,\)"):
+        models.FastMNISTNet(widths=(8,)).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_matches_torch(torch, rng, train):
+    model = models.FastMNISTNet(widths=(6, 10), num_classes=7)
+    x = rng.standard_normal((5, 28, 28, 1)).astype(np.float32)
+    variables = model.init(jax.random.key(1), jnp.asarray(x))
+    params = jax.tree.map(np.asarray, variables["params"])
+    stats = {
+        k: {n: np.asarray(v) + 0.1 for n, v in s.items()}
+        for k, s in variables["batch_stats"].items()
+    }
+    layers = []
+    for index, (cin, cout) in enumerate(((1, 6), (6, 10)), start=1):
+        conv = torch.nn.Conv2d(cin, cout, 5, bias=False)
+        conv.weight.data = torch.from_numpy(params[f"conv{index}"]["kernel"].transpose(3, 2, 0, 1))
+        norm = torch.nn.BatchNorm2d(cout, eps=1e-5)
+        norm.weight.data = torch.from_numpy(params[f"norm{index}"]["scale"] + 0.5)
+        norm.bias.data = torch.from_numpy(params[f"norm{index}"]["bias"] + 0.25)
+        norm.running_mean.data = torch.from_numpy(stats[f"norm{index}"]["mean"])
+        norm.running_var.data = torch.from_numpy(stats[f"norm{index}"]["var"])
+        layers += [conv, torch.nn.MaxPool2d(2), norm, torch.nn.ReLU()]
+        params[f"norm{index}"] = {
+            "scale": params[f"norm{index}"]["scale"] + 0.5,
+            "bias": params[f"norm{index}"]["bias"] + 0.25,
+        }
+    head = torch.nn.Linear(160, 7)
+    # jcnn flattens channels-last: (h, w, c) order
+    kernel = params["head"]["kernel"].reshape(4, 4, 10, 7).transpose(3, 2, 0, 1).reshape(7, 160)
+    head.weight.data = torch.from_numpy(np.ascontiguousarray(kernel))
+    head.bias.data = torch.from_numpy(params["head"]["bias"])
+    twin = torch.nn.Sequential(*layers, torch.nn.Flatten(), head).train(train)
+    want = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
+    variables = {"params": params, "batch_stats": stats}
+    if train:
+        got, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    else:
+        got = model.apply(variables, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
