@@ -86,6 +86,7 @@ FLAG_NAMES = {
     "settings.train_data.images": "the training images (--dataset, --data-dir)",
     "settings.train_data.labels": "the training labels (--dataset, --data-dir)",
     "train.callbacks": "--early-stopping",
+    "settings.recipe.steps": "--epochs (the steps of the recipe, whose schedules depend on them)",
 }
 
 
@@ -614,7 +615,10 @@ def _main(argv) -> int:
             )
         command = "jcnn-train " + " ".join(argv)
         settings = {
-            "recipe": args.recipe,
+            # a recipe's schedules depend on its length: another --epochs cannot resume it
+            "recipe": None
+            if prepared is None
+            else {"name": args.recipe, "steps": prepared.config.max_steps},
             "model": args.model,
             "dataset": args.dataset,
             "data_dir": None

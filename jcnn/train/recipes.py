@@ -67,6 +67,7 @@ class Recipe:
         image_shape: ``(H, W, C)`` of the images it takes.
         num_classes: the number of classes it takes.
         epochs: its training length (fractional epochs end mid-epoch).
+        batch_size: its batch size (the training set must hold at least one batch).
         build: ``(images, labels, seed, epochs) -> Prepared``, given the checked training set.
     """
 
@@ -76,6 +77,7 @@ class Recipe:
     image_shape: tuple[int, int, int]
     num_classes: int
     epochs: float
+    batch_size: int
     build: Callable
 
 
@@ -130,7 +132,8 @@ def _nesterov_group(rate, decay: float, momentum: float) -> optax.GradientTransf
 
 
 def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
-    batch_size, momentum, lr, weight_decay, bias_scaler = 1024, 0.85, 11.5, 0.0153, 64.0
+    batch_size = RECIPES_BY_NAME["airbench94"].batch_size
+    momentum, lr, weight_decay, bias_scaler = 0.85, 11.5, 0.0153, 64.0
     stats = Standardize.fit(images)
     standardized = stats(images)
     kernel = models.whitening_kernel(standardized[:5000])
@@ -188,7 +191,7 @@ def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
 
 
 def _mnist99(images, labels, seed: int, epochs: float) -> Prepared:
-    batch_size, momentum, peak = 128, 0.9, 0.1
+    batch_size, momentum, peak = RECIPES_BY_NAME["mnist99"].batch_size, 0.9, 0.1
     stats = Standardize.fit(images)
     loader = Loader(stats(images), jnp.asarray(labels), batch_size=batch_size, seed=seed)
     length, total = _length(epochs, len(loader))
@@ -215,9 +218,12 @@ RECIPES = (
         (32, 32, 3),
         10,
         9.9,
+        1024,
         _airbench94,
     ),
-    Recipe("mnist99", "MNIST to 99% in seconds on a CPU", "mnist", (28, 28, 1), 10, 2, _mnist99),
+    Recipe(
+        "mnist99", "MNIST to 99% in seconds on a CPU", "mnist", (28, 28, 1), 10, 2, 128, _mnist99
+    ),
 )
 RECIPES_BY_NAME = {recipe.name: recipe for recipe in RECIPES}
 
@@ -271,6 +277,10 @@ def prepare(name: str, images, labels, *, seed: int = 0, epochs: float | None = 
         epochs = recipe.epochs
     if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
         raise ValueError(f"epochs: expected a number > 0, got {epochs!r}")
+    if images.shape[0] < recipe.batch_size:
+        raise ValueError(
+            f"images: {name} trains on batches of {recipe.batch_size}, got {images.shape[0]} images"
+        )
     return recipe.build(images, labels, int(seed), epochs)
 
 
@@ -298,7 +308,6 @@ def run_recipe(
         ``fit``'s result with ``"test_accuracy"`` and ``"test_accuracy_tta"`` added (the latter
         ``None`` for a recipe without test-time views) and the ``"prepared"`` run.
     """
-    prepared = prepare(name, *train, seed=seed, epochs=epochs)
     owned = {"optimizer", "label_smoothing", "seed", "epochs", "max_steps", "learning_rate"}
     clashes = sorted(owned & set(config_changes))
     if clashes:
@@ -306,6 +315,7 @@ def run_recipe(
             f"config_changes: {name} sets {', '.join(clashes)} itself (choose seed and epochs "
             "with the arguments of the same name)"
         )
+    prepared = prepare(name, *train, seed=seed, epochs=epochs)
     config = dataclasses.replace(prepared.config, **config_changes)
     test_loader = prepared.test_loader(*test)
     result = fit(

@@ -255,6 +255,18 @@ def _assert_one_line(err):
         (["--augment", "mixup,cutmix"], "at most one of mixup and cutmix"),
         (["--augment", "random_hflip:p=0.5:p=0.2"], "--augment random_hflip: p given twice"),
         (["--augment", "random_crop:size=(28,28"], "--augment: cannot parse"),
+        (["--recipe", "airbench95"], "--recipe: invalid choice: 'airbench95'"),
+        (["--recipe", "mnist99", "--lr", "0.1"], "--recipe mnist99 sets --lr itself"),
+        (
+            ["--recipe", "airbench94", "--batch-size=512", "--augment", "random_hflip"],
+            "--recipe airbench94 sets --batch-size, --augment itself; drop them",
+        ),
+        (
+            ["--recipe", "airbench94", "--dataset", "mnist"],
+            "--recipe airbench94 is built for cifar10 (32x32x3 images), not --dataset mnist "
+            "(28x28x1 images)",
+        ),
+        (["--recipe", "mnist99", "--model", "lenet5"], "--recipe mnist99 sets --model itself"),
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
@@ -271,6 +283,15 @@ def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
         (["--augment", "random_crop:padding=-1"], "--augment random_crop:padding=-1: padding"),
         (["--limit-train", "100000"], "--limit-train 100000: the synthetic training set has only"),
         (["--batch-size", "1024"], "--batch-size 1024: larger than the 512 training images"),
+        (
+            ["--recipe", "airbench94"],
+            "--recipe airbench94: images: airbench94 is built for cifar10 images (N, 32, 32, 3), "
+            "got shape (512, 28, 28, 1)",
+        ),
+        (
+            ["--recipe", "mnist99", "--limit-train", "100"],
+            "--recipe mnist99: images: mnist99 trains on batches of 128, got 100 images",
+        ),
     ],
 )
 def test_bad_values_found_once_the_data_is_loaded(argv, says, capsys, tmp_path):
@@ -579,3 +600,26 @@ def test_tfds_fashion_mnist_prepared_offline_trains(tmp_path):
     assert main([*args, str(prepared), *rest, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_recipe_runs_into_a_run_folder_and_reports_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--recipe", "mnist99", "--dataset", "synthetic", "--no-progress", "--out", str(out)]
+    code, _ = _main([*argv, "--epochs", "1"], capsys)
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["steps"] == 4  # 512 synthetic images, batches of 128
+    assert f"test accuracy {summary['test_accuracy']:.4f}" in printed or summary["test_accuracy"]
+    record = json.loads((out / "config.json").read_text())
+    assert record["settings"]["recipe"] == {"name": "mnist99", "steps": 4}
+    assert record["model"]["class"] == "jcnn.models.fast_mnist.FastMNISTNet"
+    assert record["train"]["label_smoothing"] == 0.1
+    assert (out / "standardize.npz").exists()  # the recipe's statistics, for load_run
+    # the recipe's length is a setting of the run: a resume with another one is refused
+    code, err = _main([*argv, "--epochs", "2", "--resume"], capsys)
+    assert code == 3, err
+    assert (
+        "--epochs (the steps of the recipe, whose schedules depend on them): 4 in the run, 8 now"
+        in err
+    )

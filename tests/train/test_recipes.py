@@ -1,0 +1,196 @@
+"""Training recipes (jcnn/train/recipes.py): airbench94's optimizer against its PyTorch form,
+the pieces each recipe assembles, a short run, and the argument checks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import init, models
+from jcnn.train import recipes
+from jcnn.train.param_groups import path_name
+
+
+def _cifar_like(rng, n):
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return images, rng.integers(0, 10, n).astype(np.int32)
+
+
+def _airbench_torch_reference(torch, params, grads_per_step, steps_per_epoch, total):
+    """airbench94's optimization as its PyTorch code does it, written out independently: a summed
+    loss (gradients x1024), SGD groups with lr and weight_decay = wd / lr, LambdaLR, the whitening
+    bias trained for 3 epochs, lookahead every 5 steps and the weights set to the average at the
+    end. Returns the parameters after every step."""
+    batch, momentum = 1024, 0.85
+    kilostep = batch * (1 + 1 / (1 - momentum))
+    lr, wd = 11.5 / kilostep, 0.0153 * batch / kilostep
+    lr_biases = 64 * lr
+    names = sorted(params)
+    tensors = {n: torch.tensor(np.asarray(params[n]), dtype=torch.float64) for n in names}
+    for t in tensors.values():
+        t.requires_grad_(True)
+    trained = [n for n in names if n != "whiten/kernel"]
+    norm_biases = [tensors[n] for n in trained if "norm" in n]
+    others = [tensors[n] for n in trained if "norm" not in n]
+    optimizer = torch.optim.SGD(
+        [
+            dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
+            dict(params=others, lr=lr, weight_decay=wd / lr),
+        ],
+        momentum=momentum,
+        nesterov=True,
+    )
+    warmup = int(total * 0.23)
+
+    def factor(step):
+        if step < warmup:
+            return 0.2 + 0.8 * step / warmup
+        return 1.0 - 0.93 * (step - warmup) / (total - warmup)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    ema = {n: t.detach().clone() for n, t in tensors.items()}
+    history = []
+    for step, grads in enumerate(grads_per_step):
+        epoch = step // steps_per_epoch
+        for n in trained:
+            frozen = n == "whiten/bias" and epoch >= 3
+            tensors[n].grad = (
+                None if frozen else torch.tensor(batch * grads[n], dtype=torch.float64)
+            )
+        optimizer.step()
+        scheduler.step()
+        count = step + 1
+        with torch.no_grad():
+            if count % 5 == 0:
+                decay = 0.95**5 * (count / total) ** 3
+                for n in names:
+                    ema[n].lerp_(tensors[n], 1 - decay)
+                    tensors[n].copy_(ema[n])
+            if count >= total:
+                for n in names:
+                    tensors[n].copy_(ema[n])
+        history.append({n: tensors[n].detach().numpy().copy() for n in names})
+    return history
+
+
+def _flat(tree):
+    return {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_airbench94_optimizer_is_airbenchs_pytorch_sgd(torch, rng):
+    images, labels = _cifar_like(rng, 2048)
+    prepared = recipes.prepare("airbench94", images, labels, seed=0, epochs=9.9)
+    steps_per_epoch = len(prepared.train_loader)
+    assert steps_per_epoch == 2
+    total = math.ceil(9.9 * steps_per_epoch)
+    assert prepared.config.max_steps == total and prepared.config.epochs == 10
+    variables = prepared.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    params = variables["params"]
+    names = sorted(_flat(params))
+    grads_per_step = [
+        {
+            n: rng.standard_normal(np.shape(v)).astype(np.float32) * 1e-3
+            for n, v in _flat(params).items()
+        }
+        for _ in range(total)
+    ]
+    want = _airbench_torch_reference(torch, _flat(params), grads_per_step, steps_per_epoch, total)
+    tx = prepared.config.optimizer
+    state = tx.init(params)
+    treedef = jax.tree_util.tree_structure(params)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return jax.tree.map(lambda p, u: p + u, params, updates), state
+
+    for grads, expected in zip(grads_per_step, want, strict=True):
+        tree = jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                jnp.asarray(grads[n])
+                for n in [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            ],
+        )
+        params, state = step(params, state, tree)
+        got = _flat(params)
+        for n in names:
+            np.testing.assert_allclose(got[n], expected[n], rtol=2e-5, atol=2e-6, err_msg=n)
+
+
+def test_airbench94_assembles_its_pieces(rng):
+    images, labels = _cifar_like(rng, 5200)
+    prepared = recipes.prepare("airbench94", images, labels, seed=3)
+    loader = prepared.train_loader
+    assert loader.batch_size == 1024 and loader.alternating_flip and loader.seed == 3
+    assert prepared.config.label_smoothing == 0.2 and prepared.config.seed == 3
+    standardized = prepared.standardize(images)
+    np.testing.assert_allclose(np.asarray(standardized).mean(axis=(0, 1, 2)), 0, atol=1e-4)
+    params = prepared.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    kernel = models.whitening_kernel(standardized[:5000])
+    np.testing.assert_array_equal(params["whiten"]["kernel"], kernel)
+    conv = np.asarray(params["group1"]["conv1"]["kernel"])  # (3, 3, 24, 64)
+    identity = np.asarray(init.dirac()(jax.random.key(0), (3, 3, 24, 24)))
+    np.testing.assert_array_equal(conv[..., :24], identity)
+    assert np.abs(conv[..., 24:]).max() <= 1 / math.sqrt(9 * 24)  # PyTorch's default bound
+    assert len(prepared.views) == 6 and prepared.view_weights == (2, 1, 1, 2, 1, 1)
+    test_loader = prepared.test_loader(images[:10], labels[:10])
+    x, _ = next(iter(test_loader.epoch(0)))
+    np.testing.assert_allclose(x, standardized[:10], rtol=1e-6)
+
+
+def test_mnist99_runs_end_to_end_and_learns(rng):
+    n = 1024
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.integers(0, 40, (n, 28, 28, 1)).astype(np.uint8)
+    for i, c in enumerate(labels):  # a bright square whose place is the class
+        images[i, 2 + 8 * (c // 4) : 8 + 8 * (c // 4), 2 + 8 * (c % 4) : 8 + 8 * (c % 4)] += 200
+    train, test = (images[:768], labels[:768]), (images[768:], labels[768:])
+    result = recipes.run_recipe("mnist99", train, test, seed=1, epochs=2)
+    assert result["test_accuracy"] >= 0.95
+    assert result["test_accuracy_tta"] is None  # mnist99 has no test-time views
+    assert len(result["history"]) == 2
+    again = recipes.run_recipe("mnist99", train, test, seed=1, epochs=2)
+    assert again["test_accuracy"] == result["test_accuracy"]  # a pure function of the seed
+
+
+@pytest.mark.parametrize(
+    "call, error, says",
+    [
+        (lambda x, y: recipes.prepare("airbench95", x, y), ValueError, "name: expected one of"),
+        (
+            lambda x, y: recipes.prepare("airbench94", x[..., :1], y),
+            ValueError,
+            r"images: airbench94 is built for cifar10 images \(N, 32, 32, 3\), got shape",
+        ),
+        (
+            lambda x, y: recipes.prepare("mnist99", x, y),
+            ValueError,
+            r"mnist99 is built for mnist images \(N, 28, 28, 1\)",
+        ),
+        (lambda x, y: recipes.prepare("airbench94", x, y + 5), ValueError, "built for 10 classes"),
+        (lambda x, y: recipes.prepare("airbench94", x, y[:3]), ValueError, "expected 16 integer"),
+        (
+            lambda x, y: recipes.prepare("airbench94", x, y, epochs=0),
+            ValueError,
+            "epochs: expected",
+        ),
+        (lambda x, y: recipes.prepare("airbench94", x, y, seed=-1), ValueError, "seed: expected"),
+        (
+            lambda x, y: recipes.prepare("airbench94", x, y),
+            ValueError,
+            "images: airbench94 trains on batches of 1024, got 16 images",
+        ),
+        (
+            lambda x, y: recipes.run_recipe("airbench94", (x, y), (x, y), label_smoothing=0.1),
+            ValueError,
+            "airbench94 sets label_smoothing itself",
+        ),
+    ],
+)
+def test_bad_arguments_are_named(rng, call, error, says):
+    images, labels = _cifar_like(rng, 16)
+    with pytest.raises(error, match=says):
+        call(images, labels)
