@@ -24,6 +24,7 @@ NAMES = [
     "invariance",
     "standardization",
     "jarrett",
+    "time_to_accuracy",
 ]
 NEEDS_DATA = set(NAMES) - {"initialization"}
 

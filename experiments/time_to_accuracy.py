@@ -1,0 +1,164 @@
+"""Time to accuracy: the airbench94 and mnist99 recipes of ``jcnn.train.recipes``, per seed.
+
+airbench94 is Keller Jordan's CIFAR-10 recipe (94.01% mean test accuracy over 1,000 runs with
+test-time augmentation, 3.83 s on an A100 in PyTorch); mnist99 is jcnn's MNIST recipe, whose goal
+is a mean of at least 99.0% over 5 seeds in at most 20 s on a 2-core CPU, from loading the data to
+the test accuracy. Each run is ``recipes.run_recipe`` (``jcnn-train --recipe NAME`` does the same
+into a run folder); ``--from-runs`` adds finished ``jcnn-train --recipe`` run folders instead of
+training again (a full airbench94 run takes about an hour on 2 cores).
+
+Run: ``python experiments/time_to_accuracy.py [--quick] [--recipes airbench94 mnist99]
+[--seeds 0 1 2] [--from-runs RUN_FOLDER ...] [--data-dir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import _common
+import matplotlib.pyplot as plt
+import numpy as np
+
+from jcnn import data
+from jcnn.train import recipes
+
+PUBLISHED = {
+    "airbench94": "94.01% mean with TTA over 1,000 runs, 3.83 s on one A100 (PyTorch; Jordan 2024)",
+    "mnist99": "goal: mean >= 99.0% over 5 seeds in <= 20 s on this 2-core CPU; "
+    "tuomaso/train_mnist_fast: 99.04% mean in 0.76 s on a laptop GPU",
+}
+DATASETS = {"airbench94": "cifar10", "mnist99": "mnist"}
+
+
+def parse_args(argv=None):
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--recipes", nargs="+", default=["airbench94", "mnist99"])
+    extra.add_argument("--seeds", nargs="+", type=int, default=None)
+    extra.add_argument("--from-runs", nargs="*", type=Path, default=[])
+    known, rest = extra.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args = _common.parse_args(__doc__.splitlines()[0], rest)
+    for name in known.recipes:
+        if name not in recipes.RECIPES_BY_NAME:
+            raise SystemExit(f"--recipes: expected names of {', '.join(recipes.RECIPES_BY_NAME)}")
+    return argparse.Namespace(**vars(args), **vars(known))
+
+
+def train_one(args, name: str, seed: int) -> dict:
+    """One run of the recipe, timed from reading the data files to the test accuracy."""
+    started = time.perf_counter()
+    dataset = DATASETS[name]
+    train = data.load(dataset, "train", data_dir=args.data_dir)
+    test = data.load(dataset, "test", data_dir=args.data_dir)
+    epochs = None
+    if args.quick:
+        size = recipes.RECIPES_BY_NAME[name].batch_size
+        train, test = (train[0][:size], train[1][:size]), (test[0][:256], test[1][:256])
+        epochs = 1
+    result = recipes.run_recipe(name, train, test, seed=seed, epochs=epochs, test_every_epoch=True)
+    wall = time.perf_counter() - started
+    history = result["history"]
+    return {
+        "recipe": name,
+        "seed": seed,
+        "source": "this script",
+        "accuracy": result["test_accuracy"],
+        "accuracy_tta": result["test_accuracy_tta"],
+        "epochs": len(history),
+        "epoch_seconds": [h["seconds"] for h in history],
+        "curve": [h.get("test_accuracy") for h in history],
+        "wall": wall,
+    }
+
+
+def from_run_folder(folder: Path) -> dict:
+    """The same record from a finished ``jcnn-train --recipe`` run folder."""
+    summary = json.loads((folder / "summary.json").read_text())
+    history = json.loads((folder / "history.json").read_text())
+    record = json.loads((folder / "config.json").read_text())
+    recipe = (record.get("settings") or {}).get("recipe") or {}
+    if "name" not in recipe:
+        raise SystemExit(f"--from-runs {folder}: not a jcnn-train --recipe run folder")
+    return {
+        "recipe": recipe["name"],
+        "seed": record["train"]["seed"],
+        "source": f"`{summary.get('command', folder)}`",
+        "accuracy": summary["test_accuracy"],
+        "accuracy_tta": summary.get("test_accuracy_tta"),
+        "epochs": len(history),
+        "epoch_seconds": [h["seconds"] for h in history],
+        "curve": [h.get("test_accuracy") for h in history],
+        "wall": summary.get("wall_seconds"),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    page = _common.Page("time_to_accuracy", "Time to accuracy: airbench94 and mnist99", args)
+    page.text(__doc__.split("\n\n")[1])
+    runs = [from_run_folder(folder) for folder in args.from_runs]
+    # a quick airbench94 step alone is a batch of 1024 CIFAR-10 images: too slow for a smoke run
+    names = (
+        ["mnist99"] if args.quick and args.recipes == ["airbench94", "mnist99"] else args.recipes
+    )
+    for name in names:
+        seeds = args.seeds
+        if seeds is None:
+            seeds = [0] if args.quick else ([0, 1, 2, 3, 4] if name == "mnist99" else [])
+        for seed in seeds:
+            runs.append(train_one(args, name, seed))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in dict.fromkeys(run["recipe"] for run in runs):
+        mine = [run for run in runs if run["recipe"] == name]
+        page.text(f"## {name}\n\nPublished: {PUBLISHED[name]}.")
+        rows = []
+        for run in mine:
+            seconds = run["epoch_seconds"]
+            rows.append(
+                [
+                    run["seed"],
+                    run["accuracy"],
+                    run["accuracy_tta"] if run["accuracy_tta"] is not None else "-",
+                    run["epochs"],
+                    float(np.median(seconds)) if seconds else "-",
+                    run["wall"] if run["wall"] is not None else "-",
+                    run["source"],
+                ]
+            )
+            if any(v is not None for v in run["curve"]):
+                ax.plot(
+                    range(1, len(run["curve"]) + 1),
+                    [np.nan if v is None else v for v in run["curve"]],
+                    marker="o",
+                    label=f"{name} seed {run['seed']}",
+                )
+        page.table(
+            ["seed", "test acc", "test acc (TTA)", "epochs", "s / epoch (median)", "wall s", "run"],
+            rows,
+        )
+        accuracies = [run["accuracy_tta"] or run["accuracy"] for run in mine]
+        walls = [run["wall"] for run in mine if run["wall"] is not None]
+        page.text(
+            f"Mean over {len(mine)} run(s): test accuracy {np.mean(accuracies):.4f} "
+            f"({'with TTA' if mine[0]['accuracy_tta'] is not None else 'no TTA'}), "
+            f"min {np.min(accuracies):.4f}"
+            + (
+                f"; wall time {np.mean(walls):.1f} s (mean), {np.max(walls):.1f} s (max)."
+                if walls
+                else "."
+            )
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (no TTA)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    page.figure(fig, "curves", "Test accuracy after each epoch, per run")
+    page.write()
+
+
+if __name__ == "__main__":
+    main()
