@@ -28,9 +28,11 @@ feature, so a recipe is also a worked example of how to assemble one's own.
     ``lookahead`` averages the parameters only.
 
 ``mnist99``
-    MNIST to 99% in seconds on a CPU: ``models.FastMNISTNet`` (two 5x5 conv-BatchNorm-ReLU-pool
-    stages and a linear head), Nesterov SGD with a short warm-up and linear decay, label
-    smoothing and lookahead, for two epochs of batches of 128.
+    MNIST to 99% in seconds on a CPU: ``models.FastMNISTNet`` (two stages of a 5x5 conv, max pool,
+    BatchNorm and ReLU, and a linear head; 62k parameters), Nesterov SGD (momentum 0.9, peak rate
+    0.15, warm-up over the first 10% of the steps from 0.1x, then linear decay to 0), weight
+    decay 5e-4 on the kernels, label smoothing 0.1 and airbench's lookahead, for 1.2 epochs of
+    batches of 128 (563 steps).
 """
 
 from __future__ import annotations
@@ -131,6 +133,17 @@ def _nesterov_group(rate, decay: float, momentum: float) -> optax.GradientTransf
     )
 
 
+def _airbench_lookahead(inner, total: int) -> optax.GradientTransformation:
+    """airbench's lookahead: every 5 steps the slow weights move by ``1 - 0.95**5 (t/T)**3``
+    towards the fast ones (nearly all the way early on, a slow average at the end), and the run
+    ends on the average."""
+
+    def slow_step_size(count):
+        return 1.0 - 0.95**5 * (count / total) ** 3
+
+    return lookahead(inner, 5, slow_step_size, final_step=total)
+
+
 def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
     batch_size = RECIPES_BY_NAME["airbench94"].batch_size
     momentum, lr, weight_decay, bias_scaler = 0.85, 11.5, 0.0153, 64.0
@@ -175,12 +188,7 @@ def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
         default="other",
     )
 
-    def slow_step_size(count):
-        return 1.0 - 0.95**5 * (count / total) ** 3
-
-    optimizer = lookahead(
-        optax.multi_transform(groups, labeller), 5, slow_step_size, final_step=total
-    )
+    optimizer = _airbench_lookahead(optax.multi_transform(groups, labeller), total)
     config = TrainConfig(
         optimizer=optimizer, label_smoothing=0.2, seed=seed, progress=False, **length
     )
@@ -191,7 +199,7 @@ def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
 
 
 def _mnist99(images, labels, seed: int, epochs: float) -> Prepared:
-    batch_size, momentum, peak = RECIPES_BY_NAME["mnist99"].batch_size, 0.9, 0.1
+    batch_size, momentum, peak = RECIPES_BY_NAME["mnist99"].batch_size, 0.9, 0.15
     stats = Standardize.fit(images)
     loader = Loader(stats(images), jnp.asarray(labels), batch_size=batch_size, seed=seed)
     length, total = _length(epochs, len(loader))
@@ -200,10 +208,11 @@ def _mnist99(images, labels, seed: int, epochs: float) -> Prepared:
     def rate(step):
         return peak * jnp.interp(step, jnp.array([0, warmup, total]), jnp.array([0.1, 1.0, 0.0]))
 
-    optimizer = optax.chain(
+    sgd = optax.chain(
         optax.add_decayed_weights(5e-4, mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p)),
         optax.sgd(rate, momentum=momentum, nesterov=True),
     )
+    optimizer = _airbench_lookahead(sgd, total)
     config = TrainConfig(
         optimizer=optimizer, label_smoothing=0.1, seed=seed, progress=False, **length
     )
@@ -222,7 +231,7 @@ RECIPES = (
         _airbench94,
     ),
     Recipe(
-        "mnist99", "MNIST to 99% in seconds on a CPU", "mnist", (28, 28, 1), 10, 2, 128, _mnist99
+        "mnist99", "MNIST to 99% in seconds on a CPU", "mnist", (28, 28, 1), 10, 1.2, 128, _mnist99
     ),
 )
 RECIPES_BY_NAME = {recipe.name: recipe for recipe in RECIPES}

@@ -12,12 +12,12 @@ from ._helpers import count_params, param_shapes
 
 def test_structure_and_count():
     params = param_shapes(models.FastMNISTNet(), (1, 28, 28, 1))
-    assert params["conv1"]["kernel"].shape == (5, 5, 1, 16)
+    assert params["conv1"]["kernel"].shape == (5, 5, 1, 32)
     assert set(params["conv1"]) == {"kernel"}  # no bias before a BatchNorm
-    assert params["conv2"]["kernel"].shape == (5, 5, 16, 32)
-    assert params["head"]["kernel"].shape == (4 * 4 * 32, 10)
-    # convs 400 + 12,800, BatchNorm scales and biases 96, head 5,130
-    assert count_params(models.FastMNISTNet(), (1, 28, 28, 1)) == 18_426
+    assert params["conv2"]["kernel"].shape == (5, 5, 32, 64)
+    assert params["head"]["kernel"].shape == (4 * 4 * 64, 10)
+    # convs 800 + 51,200, BatchNorm scales and biases 192, head 10,250
+    assert count_params(models.FastMNISTNet(), (1, 28, 28, 1)) == 62_442
     assert count_params(models.FastMNISTNet(widths=(8, 12), num_classes=3), (1, 28, 28, 1)) == (
         200 + 2400 + 40 + 16 * 12 * 3 + 3
     )
