@@ -107,20 +107,47 @@ def _decode(value):
 
 
 def describe_model(model, *, nested: bool = False) -> dict:
-    """The model's class path and constructor fields, as JSON (raises if it cannot be rebuilt)."""
+    """The model's class path and constructor fields, as JSON (raises if it cannot be rebuilt).
+
+    An initializer field that cannot be named (a closure such as ``init.from_array(kernel)``) is
+    left out and listed under ``init_only``: the rebuilt model takes its default, which changes
+    nothing once the parameters are loaded from a checkpoint.
+    """
     cls = type(model)
     path = qualified_name(cls)
     if path.startswith("__main__."):
         raise _NotRebuildable(f"{path} is defined in __main__")
-    fields = {}
+    fields, skipped = {}, []
     for field in dataclasses.fields(model):
         if not field.init or field.name == "parent" or (field.name == "name" and not nested):
             continue
         value = getattr(model, field.name)
         if field.name == "name" and value is None:
             continue
-        fields[field.name] = _encode(value)
-    return {"class": path, "fields": fields}
+        try:
+            fields[field.name] = _encode(value)
+        except _NotRebuildable:
+            if not _init_only(field):
+                raise
+            skipped.append(field.name)
+    description = {"class": path, "fields": fields}
+    if skipped:
+        description["init_only"] = skipped
+    return description
+
+
+def _init_only(field) -> bool:
+    """An initializer field (``kernel_init``, ``whiten_init``...) with a default: it shapes only
+    ``init``, so a model rebuilt to load a checkpoint may take the default instead."""
+    has_default = field.default is not dataclasses.MISSING
+    return field.name.endswith("_init") and has_default
+
+
+def _without_init_only(model, description: dict):
+    """``model`` with the initializer fields its description skipped set to their defaults."""
+    names = description.get("init_only", ())
+    defaults = {f.name: f.default for f in dataclasses.fields(model) if f.name in names}
+    return model.clone(**defaults) if defaults else model
 
 
 def _build(description: dict):
@@ -133,7 +160,7 @@ def run_description(model, sample_images, metadata) -> dict:
     entry: dict[str, Any] = {"class": qualified_name(model)}
     try:
         entry = describe_model(model)
-        if _build(entry) != model:
+        if _build(entry) != _without_init_only(model, entry):
             raise _NotRebuildable("rebuilding it from its fields gives a different module")
         entry["rebuildable"] = True
     except Exception as error:  # any field that cannot round-trip: record why

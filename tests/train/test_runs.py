@@ -195,3 +195,26 @@ def test_every_cli_model_is_recorded_and_rebuilt(name):
     entry = run_description(model, np.zeros((1, 32, 32, 3), np.uint8), None)["model"]
     assert entry["rebuildable"], entry
     assert _build(json.loads(json.dumps(entry))) == model
+
+
+def test_initializer_closures_are_left_out_of_the_rebuilt_model(rng):
+    """A data-dependent init (airbench94's whitening kernel) only shapes ``init``: the record
+    lists it under ``init_only`` and the rebuilt model, which loads its parameters from a
+    checkpoint, computes the same outputs."""
+    from jcnn import init
+
+    kernel = rng.standard_normal((2, 2, 3, 24)).astype(np.float32)
+    model = models.AirbenchNet(
+        widths=(8, 8, 8),
+        conv_init=init.with_dirac(init.he_normal()),
+        whiten_init=init.from_array(kernel),
+    )
+    entry = run_description(model, np.zeros((1, 32, 32, 3), np.uint8), None)["model"]
+    assert entry["rebuildable"], entry
+    assert entry["init_only"] == ["conv_init", "whiten_init"]
+    rebuilt = _build(json.loads(json.dumps(entry)))
+    assert rebuilt == models.AirbenchNet(widths=(8, 8, 8))
+    x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)).astype(np.float32))
+    variables = model.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(variables["params"]["whiten"]["kernel"], kernel)
+    np.testing.assert_array_equal(rebuilt.apply(variables, x), model.apply(variables, x))
