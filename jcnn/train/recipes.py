@@ -118,7 +118,7 @@ class Prepared:
         )
 
 
-def _length(epochs, steps_per_epoch: int) -> dict:
+def _length(epochs, steps_per_epoch: int) -> tuple[dict, int]:
     """``TrainConfig`` fields for a possibly fractional number of epochs, and the step count."""
     total = math.ceil(epochs * steps_per_epoch)
     return {"epochs": math.ceil(epochs), "max_steps": total}, total
