@@ -3,8 +3,9 @@ NNX wrappers of ``F.conv`` and ``F.conv_transpose``, twins of the ``jcnn.nn`` mo
 
 Parameters and their shapes are the Linen twin's: ``kernel`` ``(*window, C_in // groups,
 features)`` (``DepthwiseConv``: ``(*window, 1, C_in * depth_multiplier)``; ``ConvTranspose``:
-``(*window, C_in, features // groups)``) and ``bias`` ``(features,)``. As in ``flax.nnx.Conv``, the input channels come first, at construction
-(``in_features``), and an int ``kernel_size`` means 2-D unless ``spatial_dims`` says otherwise.
+``(*window, C_in, features // groups)``) and ``bias`` ``(features,)``. As in ``flax.nnx.Conv``,
+the input channels come first, at construction (``in_features``), and an int ``kernel_size``
+means 2-D unless ``spatial_dims`` says otherwise.
 """
 
 from __future__ import annotations
