@@ -191,6 +191,7 @@ DEPTHWISE_CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's note on its own copy
 @pytest.mark.parametrize("case", DEPTHWISE_CASES)
 def test_depthwise_conv_matches_torch_grouped_conv(torch, rng, case):
     sizes, kernel, stride, padding, dilation, c_in, multiplier, use_bias, mode = case
@@ -309,6 +310,8 @@ def test_depthwise_conv_input_errors_name_the_argument():
         nn.DepthwiseConv((3, 3)).init(jax.random.key(0), jnp.ones((2, 5, 5)))
     with pytest.raises(TypeError, match="x: expected a floating-point array"):
         nn.DepthwiseConv(3).init(jax.random.key(0), jnp.ones((1, 5, 5, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"x: expected at least one channel .* \(1, 5, 5, 0\)"):
+        nn.DepthwiseConv(3).init(jax.random.key(0), jnp.ones((1, 5, 5, 0)))
     with pytest.raises(ValueError, match=r"kernel_size: .*got \(3, 0\)"):
         nn.DepthwiseConv((3, 0)).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
     with pytest.raises(ValueError, match=r"w: the dilated window 5 \(kernel 3, dilation 2\)"):
