@@ -267,7 +267,7 @@ def _spatial(shape) -> tuple[int, ...] | None:
 def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField | None:
     """The field after a windowed layer (conv, pools); None if unknown."""
     n = len(spatial_in)
-    if isinstance(module, jnn.Conv):
+    if isinstance(module, (jnn.Conv, jnn.DepthwiseConv)):
         window = as_int_tuple(module.kernel_size, n, "kernel_size")
         stride = as_int_tuple(module.stride, n, "stride")
         dilation = as_int_tuple(module.dilation, n, "dilation")
@@ -297,6 +297,8 @@ def _macs(module, call: LayerCall) -> int:
     if isinstance(module, jnn.Conv):
         window = _kernel_volume(module, call)
         return math.prod(call.output_shape) * window * call.input_shape[-1] // module.groups
+    if isinstance(module, jnn.DepthwiseConv):  # one input channel per output channel
+        return math.prod(call.output_shape) * _kernel_volume(module, call)
     if isinstance(module, jnn.ConvTranspose):
         window = _kernel_volume(module, call)
         return math.prod(call.input_shape) * window * module.features // module.groups
@@ -320,6 +322,13 @@ def _describe(module) -> str:
             parts.append(f"d={_fmt_axes(_as_tuple(module.dilation))}")
         if module.groups != 1:
             parts.append(f"g={module.groups}")
+        return f"{name}({', '.join(parts)})"
+    if isinstance(module, jnn.DepthwiseConv):
+        parts = [f"x{module.depth_multiplier}", f"k={_fmt_axes(_as_tuple(module.kernel_size))}"]
+        parts.append(f"s={_fmt_axes(_as_tuple(module.stride))}")
+        parts.append(f"p={_fmt_pad(module.padding)}")
+        if _as_tuple(module.dilation) != (1,) * len(_as_tuple(module.dilation)):
+            parts.append(f"d={_fmt_axes(_as_tuple(module.dilation))}")
         return f"{name}({', '.join(parts)})"
     if isinstance(module, (jnn.MaxPool, jnn.AvgPool, jnn.LPPool)):
         window = _as_tuple(module.window)

@@ -47,18 +47,31 @@ def check_channels_divisible(channels: int, groups: int, what: str) -> None:
         raise ValueError(f"groups: {what} ({channels}) must be divisible by groups ({groups})")
 
 
-def kernel_and_bias(module, x, kernel_shape: tuple[int, ...], default_kernel_init: Initializer):
+def kernel_and_bias(
+    module,
+    x,
+    kernel_shape: tuple[int, ...],
+    default_kernel_init: Initializer,
+    *,
+    features: int | None = None,
+):
     """``(x, kernel, bias)`` promoted to the module's dtype; ``bias`` is ``None`` without one.
 
-    ``module`` has ``features``, ``use_bias``, ``kernel_init``, ``bias_init`` (``None``: the
-    defaults, ``default_kernel_init`` and zeros), ``dtype`` and ``param_dtype``.
+    ``module`` has ``use_bias``, ``kernel_init``, ``bias_init`` (``None``: the defaults,
+    ``default_kernel_init`` and zeros), ``dtype``, ``param_dtype`` and ``features`` (the bias
+    size), unless ``features`` is given.
     """
     check_bool(module.use_bias, "use_bias")
     kernel = module.param(
         "kernel", module.kernel_init or default_kernel_init, kernel_shape, module.param_dtype
     )
     bias = (
-        module.param("bias", module.bias_init or init.zeros, (module.features,), module.param_dtype)
+        module.param(
+            "bias",
+            module.bias_init or init.zeros,
+            (module.features if features is None else features,),
+            module.param_dtype,
+        )
         if module.use_bias
         else None
     )

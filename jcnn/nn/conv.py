@@ -1,5 +1,5 @@
-"""Convolution modules: ``Conv`` (1-, 2- or 3-D) and ``ConvTranspose``, thin wrappers of
-``F.conv`` and ``F.conv_transpose``.
+"""Convolution modules: ``Conv`` (1-, 2- or 3-D), ``DepthwiseConv`` and ``ConvTranspose``, thin
+wrappers of ``F.conv`` and ``F.conv_transpose``.
 
 Parameters: ``kernel`` of shape ``(*window, C_in // groups, features)`` (HWIO; PyTorch's OIHW
 weight is ``weight.permute(2, 3, 1, 0)``) and ``bias`` of shape ``(features,)``.
@@ -23,7 +23,7 @@ from jcnn.nn._util import (
     window_and_check,
 )
 
-__all__ = ["Conv", "ConvTranspose"]
+__all__ = ["Conv", "ConvTranspose", "DepthwiseConv"]
 
 
 def _check_conv_args(module, x) -> tuple[tuple[int, ...], int]:
@@ -97,6 +97,73 @@ class Conv(nn.Module):
             groups=self.groups,
             padding_mode=self.padding_mode,
             flip=self.flip,
+        )
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise convolution: each input channel convolved with its own ``depth_multiplier``
+    filters (Keras' ``DepthwiseConv2D``; PyTorch's ``Conv2d(C, C * depth_multiplier, k,
+    groups=C)``).
+
+    It is ``F.conv`` with ``groups = C_in`` and a kernel ``(*window, 1, C_in * depth_multiplier)``.
+    Output channel ``c * depth_multiplier + j`` is filter ``j`` of input channel ``c``, PyTorch's
+    order, so a PyTorch weight ``(C_in * depth_multiplier, 1, *window)`` moves over as in ``Conv``
+    (``weight.permute(2, 3, 1, 0)`` in 2-D).
+
+    Attributes:
+        kernel_size: window size, an int (spatial rank from the input) or one int per spatial dim.
+        depth_multiplier: filters per input channel, a positive int (default 1).
+        stride, padding, dilation, padding_mode: as in ``F.conv`` (padding defaults to 0).
+        use_bias: whether to add a learned ``bias`` ``(C_in * depth_multiplier,)``.
+        kernel_init: initializer of ``kernel`` (default He normal with ``groups = C_in``, as
+            ``Conv`` with those groups: ``fan_in = prod(window)``).
+        bias_init, dtype, param_dtype: as in ``Conv``.
+
+    Example:
+        >>> import jcnn
+        >>> layer = jcnn.nn.DepthwiseConv((3, 3), depth_multiplier=2, padding=1)
+        >>> x = jnp.ones((1, 8, 8, 3))
+        >>> params = layer.init(jax.random.key(0), x)
+        >>> params["params"]["kernel"].shape, layer.apply(params, x).shape
+        ((3, 3, 1, 6), (1, 8, 8, 6))
+    """
+
+    kernel_size: int | Sequence[int]
+    depth_multiplier: int = 1
+    stride: int | Sequence[int] = 1
+    padding: PaddingLike = 0
+    dilation: int | Sequence[int] = 1
+    padding_mode: str = "zeros"
+    use_bias: bool = True
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns
+        ``(N, *out, C_in * depth_multiplier)``."""
+        check_positive_int(self.depth_multiplier, "depth_multiplier")
+        window = window_and_check(self.kernel_size, x, "kernel_size")
+        c_in = x.shape[-1]
+        if c_in < 1:
+            raise ValueError(
+                f"x: expected at least one channel on the last axis, got shape {tuple(x.shape)}"
+            )
+        features = c_in * self.depth_multiplier
+        x, kernel, bias = kernel_and_bias(
+            self, x, (*window, 1, features), init.he_normal(groups=c_in), features=features
+        )
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=c_in,
+            padding_mode=self.padding_mode,
         )
 
 

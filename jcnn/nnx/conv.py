@@ -1,10 +1,11 @@
-"""Convolution modules: ``Conv`` (1-, 2- or 3-D) and ``ConvTranspose``, thin NNX wrappers of
-``F.conv`` and ``F.conv_transpose``, twins of ``jcnn.nn.Conv`` and ``jcnn.nn.ConvTranspose``.
+"""Convolution modules: ``Conv`` (1-, 2- or 3-D), ``DepthwiseConv`` and ``ConvTranspose``, thin
+NNX wrappers of ``F.conv`` and ``F.conv_transpose``, twins of the ``jcnn.nn`` modules.
 
 Parameters and their shapes are the Linen twin's: ``kernel`` ``(*window, C_in // groups,
-features)`` (``ConvTranspose``: ``(*window, C_in, features // groups)``) and ``bias``
-``(features,)``. As in ``flax.nnx.Conv``, the input channels come first, at construction
-(``in_features``), and an int ``kernel_size`` means 2-D unless ``spatial_dims`` says otherwise.
+features)`` (``DepthwiseConv``: ``(*window, 1, C_in * depth_multiplier)``; ``ConvTranspose``:
+``(*window, C_in, features // groups)``) and ``bias`` ``(features,)``. As in ``flax.nnx.Conv``,
+the input channels come first, at construction (``in_features``), and an int ``kernel_size``
+means 2-D unless ``spatial_dims`` says otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jcnn.nnx._util import (
     value,
 )
 
-__all__ = ["Conv", "ConvTranspose"]
+__all__ = ["Conv", "ConvTranspose", "DepthwiseConv"]
 
 
 class _ConvBase(nnx.Module):
@@ -128,6 +129,78 @@ class Conv(_ConvBase):
             groups=self.groups,
             padding_mode=self.padding_mode,
             flip=self.flip,
+        )
+
+
+class DepthwiseConv(_ConvBase):
+    """Depthwise convolution, the NNX twin of ``jcnn.nn.DepthwiseConv``: ``F.conv`` with
+    ``groups = in_features`` and a kernel ``(*window, 1, in_features * depth_multiplier)``, output
+    channels in PyTorch's order (``c * depth_multiplier + j``: filter ``j`` of input channel ``c``).
+
+    Args:
+        in_features: number of input channels.
+        kernel_size: window size, an int or one int per spatial dim.
+        depth_multiplier: filters per input channel, a positive int (default 1).
+        stride, padding, dilation, padding_mode: as in ``F.conv``.
+        use_bias, kernel_init, bias_init, dtype, param_dtype, spatial_dims, rngs: as in ``Conv``
+            (the default kernel initializer is He normal with ``groups = in_features``).
+
+    Example:
+        >>> import jcnn
+        >>> from flax import nnx
+        >>> layer = jcnn.nnx.DepthwiseConv(3, (3, 3), depth_multiplier=2, rngs=nnx.Rngs(0))
+        >>> layer.kernel.shape, layer(jnp.ones((1, 8, 8, 3))).shape
+        ((3, 3, 1, 6), (1, 6, 6, 6))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        kernel_size: int | Sequence[int],
+        depth_multiplier: int = 1,
+        stride: int | Sequence[int] = 1,
+        padding: PaddingLike = 0,
+        dilation: int | Sequence[int] = 1,
+        padding_mode: str = "zeros",
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        *,
+        spatial_dims: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        check_rngs(rngs, "DepthwiseConv")
+        check_positive_int(in_features, "in_features")
+        check_positive_int(depth_multiplier, "depth_multiplier")
+        self.in_features, self.depth_multiplier = in_features, depth_multiplier
+        self.features = in_features * depth_multiplier
+        self.kernel_size = spatial_window(kernel_size, spatial_dims, "DepthwiseConv")
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.padding_mode, self.dtype = padding_mode, dtype
+        self._make_params(
+            (*self.kernel_size, 1, self.features),
+            self.features,
+            use_bias,
+            kernel_init or init.he_normal(groups=in_features),
+            bias_init,
+            param_dtype,
+            rngs,
+        )
+
+    def __call__(self, x):
+        """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
+        x, kernel, bias = self._operands(x)
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.in_features,
+            padding_mode=self.padding_mode,
         )
 
 

@@ -303,3 +303,23 @@ def test_local_contrast_norm_depends_on_the_whole_image(rng):
     assert field == ReceptiveField((24, 24), (22, 22), (0, 0))
     boxes, _, _ = _dependency_box(model, shape, rng, (0, 0))
     assert boxes == [(0, 23), (0, 23)]
+
+
+def test_depthwise_conv_rows_equal_the_grouped_conv_rows():
+    # DepthwiseConv is Conv with groups = C_in: the same shapes, parameters, MACs and field.
+    options = {"stride": (2, 1), "padding": 1, "dilation": (1, 2)}
+    depthwise = nn.Sequential([nn.Conv(6, 3), nn.DepthwiseConv((3, 2), 3, **options)])
+    grouped = nn.Sequential([nn.Conv(6, 3), nn.Conv(18, (3, 2), groups=6, **options)])
+    got, want = summary(depthwise, (2, 13, 11, 3)), summary(grouped, (2, 13, 11, 3))
+    for a, b in zip(got.rows, want.rows, strict=True):
+        assert (a.output_shape, a.weight_shape, a.params, a.macs, a.receptive_field) == (
+            b.output_shape,
+            b.weight_shape,
+            b.params,
+            b.macs,
+            b.receptive_field,
+        )
+    row = got.rows[-1]
+    assert row.macs == math.prod(row.output_shape) * 3 * 2 > 0
+    assert row.receptive_field.size == (5, 5)
+    assert "DepthwiseConv(x3, k=3x2, s=2x1, p=1, d=1x2)" in str(got)

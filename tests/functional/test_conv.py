@@ -843,3 +843,100 @@ def test_bad_input_raises_a_clear_error(case):
 def test_checks_run_at_trace_time_under_jit():
     with pytest.raises(ValueError, match=r"groups: the output channels"):
         jax.jit(lambda x, w: conv(x, w, groups=4)).lower(X2, np.zeros((3, 3, 1, 6), np.float32))
+
+
+def _zeros(*shape):
+    return np.zeros(shape, np.float32)
+
+
+# Issue 16's bad inputs, in 1-, 2- and 3-D: (call, exception, message). Each must raise the same
+# exception with the same message on every convolution backend, eagerly and under jit.
+BACKEND_BAD_INPUTS = {
+    "groups not dividing C_in": (
+        lambda: conv(_zeros(2, 5, 5, 4), _zeros(3, 3, 1, 6), groups=3),
+        ValueError,
+        r"groups: the input channels C_in = x.shape\[-1\] = 4 are not divisible by groups = 3",
+    ),
+    "groups not dividing C_out": (
+        lambda: conv(_zeros(2, 5, 5, 4), _zeros(3, 3, 1, 6), groups=4),
+        ValueError,
+        r"groups: the output channels C_out = w.shape\[-1\] = 6 are not divisible by groups = 4",
+    ),
+    "1-D: groups not dividing C_in": (
+        lambda: conv(_zeros(2, 7, 6), _zeros(3, 2, 4), groups=4),
+        ValueError,
+        r"groups: the input channels C_in = x.shape\[-1\] = 6 are not divisible by groups = 4",
+    ),
+    "3-D: groups not dividing C_out": (
+        lambda: convolve(_zeros(1, 4, 4, 4, 3), _zeros(2, 2, 2, 1, 4), groups=3),
+        ValueError,
+        r"groups: the output channels C_out = w.shape\[-1\] = 4 are not divisible by groups = 3",
+    ),
+    "transpose: groups not dividing C_in": (
+        lambda: conv_transpose(_zeros(2, 5, 5, 4), _zeros(3, 3, 4, 3), groups=3),
+        ValueError,
+        r"groups: the input channels C_in = w.shape\[-2\] = 4 are not divisible by groups = 3",
+    ),
+    "transpose: output_padding equal to the stride": (
+        lambda: conv_transpose(_zeros(2, 5, 5, 4), _zeros(3, 3, 4, 3), stride=2, output_padding=2),
+        ValueError,
+        r"output_padding: each entry must be smaller than the stride or the dilation of its dim, "
+        r"got output_padding=\(2, 2\) with stride=\(2, 2\), dilation=\(1, 1\)",
+    ),
+    "1-D transpose: output_padding equal to the dilation": (
+        lambda: conv_transpose(_zeros(2, 5, 4), _zeros(3, 4, 3), dilation=2, output_padding=(2,)),
+        ValueError,
+        r"output_padding: .* got output_padding=\(2,\) with stride=\(1,\), dilation=\(2,\)",
+    ),
+    "3-D transpose: output_padding beyond both in one dim": (
+        lambda: conv_transpose(
+            _zeros(1, 3, 3, 3, 2),
+            _zeros(2, 2, 2, 2, 3),
+            stride=(2, 1, 2),
+            dilation=(1, 3, 1),
+            output_padding=(1, 4, 1),
+        ),
+        ValueError,
+        r"output_padding: .* got output_padding=\(1, 4, 1\) with stride=\(2, 1, 2\), "
+        r"dilation=\(1, 3, 1\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
+@pytest.mark.parametrize("case", list(BACKEND_BAD_INPUTS), ids=list(BACKEND_BAD_INPUTS))
+def test_bad_input_raises_the_same_error_on_every_backend(case, backend, request):
+    from jcnn import native
+
+    if backend == "onednn":
+        request.getfixturevalue("onednn")  # skips where the library is not built
+    call, error, message = BACKEND_BAD_INPUTS[case]
+    raised = set()
+    for scope in ("xla", backend):
+        for run in (call, lambda: jax.jit(call)()):
+            with native.conv_backend_scope(scope), pytest.raises(error, match=message) as info:
+                run()
+            raised.add((type(info.value), str(info.value)))
+    assert len(raised) == 1, raised
+
+
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
+def test_output_padding_below_the_stride_or_the_dilation_is_accepted(backend, request, torch, rng):
+    # The boundary of the rule above: output_padding 1 < stride 2 in one dim, 2 < dilation 3 in
+    # the other (PyTorch accepts either).
+    from jcnn import native
+
+    if backend == "onednn":
+        request.getfixturevalue("onednn")
+    x = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
+    options = {"stride": (2, 1), "dilation": (1, 3), "output_padding": (1, 2)}
+    with native.conv_backend_scope(backend):
+        y = jax.jit(lambda x, w: conv_transpose(x, w, **options))(x, w)
+    expected = torch.nn.functional.conv_transpose2d(
+        torch.tensor(np.moveaxis(x, -1, 1)).double(),
+        torch.tensor(np.transpose(w, (2, 3, 0, 1))).double(),
+        **options,
+    )
+    assert y.shape == (2, 10, 10, 4)
+    np.testing.assert_allclose(y, np.moveaxis(expected.numpy(), 1, -1), rtol=1e-4, atol=1e-4)

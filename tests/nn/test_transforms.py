@@ -22,6 +22,7 @@ RNGS = {"dropout": jax.random.key(7)}
 CASES = {
     "Conv": (nn.Conv(3, (3, 3), stride=2, padding=1), (2, 5, 5, 2), {}, False),
     "ConvTranspose": (nn.ConvTranspose(3, 2, stride=2), (2, 3, 3, 2), {}, False),
+    "DepthwiseConv": (nn.DepthwiseConv(3, depth_multiplier=2, padding=1), (2, 4, 5, 3), {}, False),
     "Dense": (nn.Dense(3), (2, 4), {}, False),
     "Flatten": (nn.Flatten(), (2, 2, 2, 3), {}, False),
     "BatchNorm": (nn.BatchNorm(momentum=0.9), (4, 2, 3), {"train": True}, True),

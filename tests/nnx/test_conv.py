@@ -1,13 +1,14 @@
-"""jcnn.nnx.Conv and ConvTranspose: kernel shapes and spatial rank at construction, input
-checks, and the functional op they wrap (the Linen parity is in test_convert.py)."""
+"""jcnn.nnx.Conv, DepthwiseConv and ConvTranspose: kernel shapes and spatial rank at construction,
+input checks, and the functional op they wrap (the Linen parity is in test_convert.py)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from jcnn import functional as F
-from jcnn import init
+from jcnn import init, nn
 from jcnn import nnx as jnnx
 
 
@@ -74,3 +75,90 @@ def test_conv_checks_its_arguments_and_input():
         layer(jnp.ones((2, 5, 3)))
     with pytest.raises(ValueError, match="built for 3 features"):
         layer(jnp.ones((2, 5, 5, 2)))
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "spatial_dims", "multiplier", "window"),
+    [(3, None, 1, (3, 3)), (3, 1, 2, (3,)), (3, 3, 3, (3, 3, 3)), ((2, 5), None, 2, (2, 5))],
+)
+def test_depthwise_conv_kernel_shape(kernel_size, spatial_dims, multiplier, window):
+    layer = jnnx.DepthwiseConv(
+        4, kernel_size, depth_multiplier=multiplier, spatial_dims=spatial_dims, rngs=nnx.Rngs(0)
+    )
+    assert layer.kernel.shape == (*window, 1, 4 * multiplier)
+    assert layer.bias.shape == (4 * multiplier,)
+    assert layer.features == 4 * multiplier
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_depthwise_conv_matches_torch_grouped_conv(torch, rng, spatial_rank):
+    c_in, multiplier = 3, 2
+    window = (3, 2, 3)[:spatial_rank]
+    stride, dilation = (2, 1, 1)[:spatial_rank], (1, 2, 1)[:spatial_rank]
+    layer = jnnx.DepthwiseConv(
+        c_in,
+        window,
+        depth_multiplier=multiplier,
+        stride=stride,
+        padding=1,
+        dilation=dilation,
+        bias_init=init.normal(1.0),
+        rngs=nnx.Rngs(0),
+    )
+    x = jnp.asarray(rng.normal(size=(2, *(7, 6, 5)[:spatial_rank], c_in)), jnp.float32)
+    conv = getattr(torch.nn, f"Conv{spatial_rank}d")(
+        c_in, c_in * multiplier, window, stride, 1, dilation, groups=c_in
+    ).double()
+    with torch.no_grad():
+        kernel = np.asarray(layer.kernel[...])
+        axes = (spatial_rank + 1, spatial_rank, *range(spatial_rank))
+        conv.weight.copy_(torch.tensor(np.transpose(kernel, axes)))
+        conv.bias.copy_(torch.tensor(np.asarray(layer.bias[...])))
+        nchw = torch.tensor(np.moveaxis(np.asarray(x), -1, 1)).double()
+        expected = np.moveaxis(conv(nchw).numpy(), 1, -1)
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_default_initializer_is_conv_with_groups():
+    layer = jnnx.DepthwiseConv(8, 3, depth_multiplier=2, rngs=nnx.Rngs(3))
+    grouped = jnnx.Conv(8, 16, 3, groups=8, rngs=nnx.Rngs(3))
+    np.testing.assert_array_equal(layer.kernel[...], grouped.kernel[...])
+    wide = jnnx.DepthwiseConv(256, 5, depth_multiplier=2, use_bias=False, rngs=nnx.Rngs(0))
+    assert wide.bias is None
+    np.testing.assert_allclose(np.std(wide.kernel[...]), np.sqrt(2 / 25), rtol=0.03)
+
+
+@pytest.mark.parametrize(
+    ("multiplier", "error", "message"),
+    [
+        (0, ValueError, r"depth_multiplier: expected a positive int, got 0"),
+        (-2, ValueError, r"depth_multiplier: expected a positive int, got -2"),
+        (2.0, TypeError, r"depth_multiplier: expected a positive int, got 2.0"),
+        (True, TypeError, r"depth_multiplier: expected a positive int, got True"),
+        ("2", TypeError, r"depth_multiplier: expected a positive int, got '2'"),
+    ],
+)
+def test_depthwise_conv_refuses_a_bad_depth_multiplier_as_the_linen_twin(
+    multiplier, error, message
+):
+    with pytest.raises(error, match=f"^{message}$") as info:
+        jnnx.DepthwiseConv(2, 3, depth_multiplier=multiplier, rngs=nnx.Rngs(0))
+    linen = nn.DepthwiseConv(3, depth_multiplier=multiplier)
+    with pytest.raises(error) as linen_info:
+        linen.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+    assert str(linen_info.value).startswith(str(info.value))
+
+
+def test_depthwise_conv_checks_its_arguments_and_input():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="in_features: expected a positive int, got 0"):
+        jnnx.DepthwiseConv(0, 3, rngs=rngs)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        jnnx.DepthwiseConv(3, (3, 3), spatial_dims=3, rngs=rngs)
+    with pytest.raises(TypeError, match="rngs: DepthwiseConv"):
+        jnnx.DepthwiseConv(3, 3, rngs=None)
+    layer = jnnx.DepthwiseConv(3, 3, depth_multiplier=2, rngs=rngs)
+    with pytest.raises(ValueError, match=r"x: expected rank 4 \(N, H, W, C\) for a 2-D Depth"):
+        layer(jnp.ones((2, 5, 3)))
+    with pytest.raises(ValueError, match="built for 3 features"):
+        layer(jnp.ones((2, 5, 5, 6)))

@@ -91,6 +91,36 @@ TWINS: dict[str, list[Twin]] = {
             (2, 6, 3),
         ),
     ],
+    "DepthwiseConv": [
+        Twin(
+            lambda: nn.DepthwiseConv((3, 2), depth_multiplier=2, stride=2, padding=1),
+            lambda r: jnnx.DepthwiseConv(
+                3, (3, 2), depth_multiplier=2, stride=2, padding=1, rngs=r
+            ),
+            (2, 7, 6, 3),
+        ),
+        Twin(
+            lambda: nn.DepthwiseConv(
+                3, dilation=2, padding=2, use_bias=False, padding_mode="reflect"
+            ),
+            lambda r: jnnx.DepthwiseConv(
+                4,
+                3,
+                dilation=2,
+                padding=2,
+                use_bias=False,
+                padding_mode="reflect",
+                spatial_dims=1,
+                rngs=r,
+            ),
+            (2, 9, 4),
+        ),
+        Twin(
+            lambda: nn.DepthwiseConv((2, 2, 3), depth_multiplier=3, padding="SAME"),
+            lambda r: jnnx.DepthwiseConv(2, (2, 2, 3), depth_multiplier=3, padding="SAME", rngs=r),
+            (1, 4, 5, 4, 2),
+        ),
+    ],
     "Dense": [
         Twin(lambda: nn.Dense(3), lambda r: jnnx.Dense(5, 3, rngs=r), (2, 3, 5)),
         Twin(
