@@ -739,7 +739,7 @@ def _main(argv) -> int:
                 )
             raise UsageError(_in_flags(message), code=3) from None
         except ValueError as error:  # a setting fit refuses, e.g. --val-split too large
-            raise UsageError(str(error)) from None
+            raise UsageError(_config_in_flags(str(error))) from None
         summary = dict(result["summary"])
         test = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
         summary.update(
@@ -757,6 +757,14 @@ def _main(argv) -> int:
         f"wall {summary['wall_seconds']:.1f}s; run folder {out}"
     )
     return 0
+
+
+def _config_in_flags(message: str) -> str:
+    """A message of ``fit`` in the command's terms (``config.dp_delta`` is ``--dp-delta``)."""
+    for setting, label in _flag_names().items():
+        if setting.startswith("train.") and label.startswith("--"):
+            message = message.replace(f"config.{setting[len('train.') :]}:", f"{label}:")
+    return message
 
 
 def _in_flags(message: str) -> str:
