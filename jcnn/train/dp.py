@@ -52,7 +52,7 @@ def dp_enabled(config) -> bool:
     return config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
 
 
-def _positive_real(value, name: str, *, allow_zero: bool = False) -> float:
+def _finite_number(value, name: str, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"{name}: expected a number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -89,10 +89,10 @@ def check_dp_config(config) -> None:
             f"{config.dp_noise_multiplier!r} and {config.dp_target_epsilon!r})"
         )
     if config.dp_noise_multiplier is not None:
-        _positive_real(config.dp_noise_multiplier, "config.dp_noise_multiplier", allow_zero=True)
+        _finite_number(config.dp_noise_multiplier, "config.dp_noise_multiplier", allow_zero=True)
     else:
-        _positive_real(config.dp_target_epsilon, "config.dp_target_epsilon")
-    _positive_real(config.dp_clip_norm, "config.dp_clip_norm")
+        _finite_number(config.dp_target_epsilon, "config.dp_target_epsilon")
+    _finite_number(config.dp_clip_norm, "config.dp_clip_norm")
     delta = config.dp_delta
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
         raise ValueError(f"config.dp_delta: expected a number in (0, 1), got {delta!r}")
