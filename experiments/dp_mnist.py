@@ -186,6 +186,14 @@ def write_report(results, args, out: Path) -> None:
             f"{r['accuracy']:.2f}% | {published} | "
             f"{r['seconds']:.0f} s |"
         )
+    asked = [r["target_epsilon"] for r in results]
+    missing = [f"{eps:g}" for eps in OPACUS if eps not in asked]
+    if missing:
+        lines += [
+            "",
+            f"Not run here: epsilon {', '.join(missing)} (this run asked for "
+            f"{', '.join(f'{eps:g}' for eps in asked)} only).",
+        ]
     lines += ["", f"![accuracy vs epsilon]({figure.name})", ""]
     (out / "dp_mnist.md").write_text("\n".join(lines))
 

@@ -71,6 +71,19 @@ RECIPE_SETS = (
     "devices",
 )
 
+# Models of MODELS with BatchNorm layers: DP-SGD needs them with --group-norm.
+BATCH_NORM_MODELS = ("vgg11_bn", "vgg16_bn", "resnet18", "resnet20", "resnet56", "airbench")
+
+# The DP-SGD flags (any of them but the first two needs one of the first two).
+DP_FLAGS = (
+    "--dp-noise-multiplier",
+    "--dp-target-epsilon",
+    "--dp-clip-norm",
+    "--dp-delta",
+    "--dp-sampling",
+    "--dp-accountant",
+)
+
 # Optimizers that use --momentum (the others would silently ignore it).
 USES_MOMENTUM = ("momentum", "nesterov", "lars")
 
@@ -87,6 +100,7 @@ FLAG_NAMES = {
     "settings.train_data.labels": "the training labels (--dataset, --data-dir)",
     "train.callbacks": "--early-stopping",
     "settings.recipe.steps": "--epochs (the steps of the recipe, whose schedules depend on them)",
+    "train_loader.sampling": "--dp-sampling",
 }
 
 
@@ -262,6 +276,52 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs --val-split)",
     )
     p.add_argument(
+        "--group-norm",
+        action="store_true",
+        help="compute every BatchNorm of the model as a GroupNorm "
+        "(jcnn.analysis.replace_batch_norm): what DP-SGD needs for models with BatchNorm",
+    )
+    dp = p.add_argument_group(
+        "DP-SGD", "differentially private training (docs/privacy.md); epsilon is reported per epoch"
+    )
+    dp.add_argument(
+        "--dp-noise-multiplier",
+        type=_number("a number >= 0", low=0),
+        default=None,
+        help="train with DP-SGD at this noise multiplier (noise std / clip norm)",
+    )
+    dp.add_argument(
+        "--dp-target-epsilon",
+        type=_number("a positive number", low=0, low_open=True),
+        default=None,
+        help="train with DP-SGD, the noise calibrated to end the run at this epsilon",
+    )
+    dp.add_argument(
+        "--dp-clip-norm",
+        type=_number("a positive number", low=0, low_open=True),
+        default=None,
+        help="DP-SGD's per-example gradient clip norm (default 1.0)",
+    )
+    dp.add_argument(
+        "--dp-delta",
+        type=_number("a number in (0, 1)", low=0, high=1, low_open=True, high_open=True),
+        default=None,
+        help="delta of the reported epsilon (default 1e-5)",
+    )
+    dp.add_argument(
+        "--dp-sampling",
+        choices=("poisson", "shuffle"),
+        default=None,
+        help="batches by Poisson subsampling, what the accountant assumes (default), or "
+        "shuffled fixed-size batches, accounted as if Poisson (an approximation)",
+    )
+    dp.add_argument(
+        "--dp-accountant",
+        choices=("rdp", "pld"),
+        default=None,
+        help="privacy accountant: rdp (default, as Opacus reports) or pld (tighter)",
+    )
+    p.add_argument(
         "--manual-dir",
         default=None,
         help="tfds:NAME only: folder with the original downloads, used instead of the network",
@@ -283,6 +343,12 @@ def _check_recipe(args, argv) -> None:
 
     recipe = RECIPES_BY_NAME[args.recipe]
     given = _given_flags(argv)
+    private = [f for f in (*DP_FLAGS, "--group-norm") if f[2:].replace("-", "_") in given]
+    if private:
+        raise UsageError(
+            f"--recipe {args.recipe} trains without DP-SGD and keeps its BatchNorm; drop "
+            + ", ".join(private)
+        )
     clashes = [f"--{name.replace('_', '-')}" for name in RECIPE_SETS if name in given]
     if clashes:
         raise UsageError(
@@ -325,6 +391,39 @@ def _check_combinations(args) -> None:
         raise UsageError(f"--manual-dir applies to --dataset tfds:NAME only, not {args.dataset}")
     if args.manual_dir is not None and not Path(args.manual_dir).expanduser().is_dir():
         raise UsageError(f"--manual-dir {args.manual_dir}: no such folder")
+    if args.group_norm and args.model not in BATCH_NORM_MODELS:
+        raise UsageError(f"--group-norm: --model {args.model} has no BatchNorm to replace")
+    _check_dp(args)
+
+
+def _private(args) -> bool:
+    return args.dp_noise_multiplier is not None or args.dp_target_epsilon is not None
+
+
+def _check_dp(args) -> None:
+    """The DP-SGD flags against each other and the rest of the command."""
+    given = [f for f in DP_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
+    if not _private(args):
+        if given:
+            raise UsageError(
+                f"{given[0]} applies to DP-SGD only: add --dp-target-epsilon or "
+                "--dp-noise-multiplier"
+            )
+        return
+    if args.dp_noise_multiplier is not None and args.dp_target_epsilon is not None:
+        raise UsageError(
+            "--dp-noise-multiplier and --dp-target-epsilon exclude each other: give the noise, "
+            "or the epsilon to calibrate it to"
+        )
+    if args.model in BATCH_NORM_MODELS and not args.group_norm:
+        raise UsageError(
+            f"DP-SGD needs per-example gradients, and --model {args.model} has BatchNorm (each "
+            "example's gradient would depend on the others): add --group-norm (GroupNorm "
+            "instead), or choose a model without BatchNorm such as "
+            + ", ".join(m for m in MODELS if m not in BATCH_NORM_MODELS)
+        )
+    if args.devices is not None:
+        raise UsageError("--devices: DP-SGD trains on one device; drop --devices")
 
 
 def _val_split(text: str):
@@ -515,9 +614,22 @@ def _flag_names() -> dict:
         "val_split",
         "val_split_seed",
         "max_steps",
+        "dp_noise_multiplier",
+        "dp_target_epsilon",
+        "dp_clip_norm",
+        "dp_delta",
+        "dp_accountant",
     ):
         names[f"train.{field}"] = "--" + field.replace("_", "-")
-    for field in ("model", "dataset", "limit_train", "augment", "batch_size", "manual_dir"):
+    for field in (
+        "model",
+        "dataset",
+        "limit_train",
+        "augment",
+        "batch_size",
+        "manual_dir",
+        "group_norm",
+    ):
         names[f"settings.{field}"] = "--" + field.replace("_", "-")
     return names
 
@@ -541,7 +653,12 @@ def _main(argv) -> int:
     _check_combinations(args)
     name = args.recipe or args.model
     out = Path(args.out or f"runs/{name}-{args.dataset.replace(':', '-')}")
-    _augmenters(args.augment, 10)  # the spelling of every op, before any work
+    _, mixes = _augmenters(args.augment, 10)  # the spelling of every op, before any work
+    if mixes is not None and _private(args):
+        raise UsageError(
+            "--augment: mixup and cutmix mix examples, so one example reaches several gradients "
+            "and DP-SGD's clipping bounds nothing; use per-example ops with DP-SGD"
+        )
 
     import jax
 
@@ -630,6 +747,7 @@ def _main(argv) -> int:
             "limit_train": args.limit_train,
             "augment": args.augment,
             "batch_size": args.batch_size,
+            "group_norm": args.group_norm,
             "train_images": int(train_x.shape[0]),
             "num_classes": num_classes,
             "train_data": {"images": train_x, "labels": train_y},  # described by digest
@@ -669,7 +787,7 @@ def _main(argv) -> int:
                 )
             raise UsageError(_in_flags(message), code=3) from None
         except ValueError as error:  # a setting fit refuses, e.g. --val-split too large
-            raise UsageError(str(error)) from None
+            raise UsageError(_config_in_flags(str(error))) from None
         summary = dict(result["summary"])
         test = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
         if prepared is not None and prepared.views is not None:
@@ -685,11 +803,22 @@ def _main(argv) -> int:
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     with_views = f", {test['accuracy_tta']:.4f} with TTA" if "accuracy_tta" in test else ""
+    privacy = ""
+    if "epsilon" in summary:
+        privacy = f"epsilon {summary['epsilon']:.3f} (delta {summary['dp_delta']:g}); "
     print(
-        f"test accuracy {test['accuracy']:.4f}{with_views} (loss {test['loss']:.4f}); "
+        f"test accuracy {test['accuracy']:.4f}{with_views} (loss {test['loss']:.4f}); {privacy}"
         f"wall {summary['wall_seconds']:.1f}s; run folder {out}"
     )
     return 0
+
+
+def _config_in_flags(message: str) -> str:
+    """A message of ``fit`` in the command's terms (``config.dp_delta`` is ``--dp-delta``)."""
+    for setting, label in _flag_names().items():
+        if setting.startswith("train.") and label.startswith("--"):
+            message = message.replace(f"config.{setting[len('train.') :]}:", f"{label}:")
+    return message
 
 
 def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, run_options):
@@ -708,6 +837,7 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
         augment=example_aug,
         batch_augment=batch_aug,
         sharding=sharding,
+        sampling=(args.dp_sampling or "poisson") if _private(args) else "shuffle",
     )
     test_loader = data.Loader(
         test_x,
@@ -722,6 +852,19 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
         callbacks.append(EarlyStopping("val_loss", mode="min", patience=args.early_stopping))
     attribute, kwargs = MODELS[args.model]
     model = getattr(models, attribute)(num_classes=num_classes, **kwargs)
+    if args.group_norm:
+        from jcnn.analysis import replace_batch_norm
+
+        model = replace_batch_norm(model)
+    dp_settings = {}
+    if _private(args):
+        dp_settings = dict(
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_target_epsilon=args.dp_target_epsilon,
+            dp_clip_norm=1.0 if args.dp_clip_norm is None else args.dp_clip_norm,
+            dp_delta=1e-5 if args.dp_delta is None else args.dp_delta,
+            dp_accountant=args.dp_accountant or "rdp",
+        )
     config = TrainConfig(
         epochs=args.epochs,
         optimizer=args.optimizer,
@@ -743,6 +886,7 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
         max_steps=args.max_steps,
         test_every_epoch=args.val_split is None,
         callbacks=tuple(callbacks),
+        **dp_settings,
         **run_options,
     )
     return model, train_loader, test_loader, config

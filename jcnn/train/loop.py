@@ -50,6 +50,7 @@ from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
+from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
 from jcnn.train.optim import OPTIMIZERS, optimizer
 from jcnn.train.protocol import check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
@@ -127,6 +128,19 @@ class TrainConfig:
         metrics: ``{name: fn(logits, labels) -> scalar}`` computed besides loss and accuracy
             (per batch in training, averaged over examples in evaluation).
         callbacks: callbacks (see ``jcnn.train.callbacks``).
+        dp_noise_multiplier: train with DP-SGD (``jcnn.train.dp``, docs/privacy.md) at this noise
+            multiplier ``sigma`` >= 0: each example's gradient clipped to ``dp_clip_norm``, the
+            sum noised with ``N(0, (sigma * dp_clip_norm)^2)``, divided by the (expected) batch
+            size, given to the optimizer. ``None``: no DP-SGD (unless ``dp_target_epsilon``).
+        dp_target_epsilon: train with DP-SGD at the smallest noise multiplier that ends the run
+            (``epochs`` or ``max_steps``) at this epsilon; give this or ``dp_noise_multiplier``.
+        dp_clip_norm: DP-SGD's per-example clip norm ``C`` > 0 (``clip_norm`` is the optimizer's
+            global clipping, another thing).
+        dp_delta: the delta, in (0, 1), of the epsilon reported in each epoch's record
+            (``epsilon``) and in the summary; well below 1 / the number of training examples.
+        dp_accountant: ``"rdp"`` (as Opacus and TF Privacy report) or ``"pld"`` (tighter).
+            The sampling rate is the training loader's ``batch_size / num_examples``: exact for a
+            ``Loader(sampling="poisson")``, an approximation for shuffled fixed-size batches.
     """
 
     epochs: int = 1
@@ -163,6 +177,11 @@ class TrainConfig:
     loss: Callable | None = None
     metrics: Mapping[str, Callable] | None = None
     callbacks: tuple = ()
+    dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_clip_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"
 
 
 def _check_non_negative_int(value, name: str) -> int:
@@ -584,7 +603,7 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
     _atomic_write(path, buffer.getvalue())
 
 
-def _summary(history, evaluations, test, stop_reason, wall, progress) -> dict:
+def _summary(history, evaluations, test, stop_reason, wall, progress, private=None) -> dict:
     last = history[-1]
     val_acc = [e["val_accuracy"] for e in evaluations]
     val_loss = [e["val_loss"] for e in evaluations]
@@ -601,13 +620,19 @@ def _summary(history, evaluations, test, stop_reason, wall, progress) -> dict:
         "best_val_loss": min(val_loss) if val_loss else None,
         "stopped": stop_reason,
         **({f"test_{k}": v for k, v in test.items()} if test is not None else {}),
+        **({"epsilon": last["epsilon"], **private.describe()} if private is not None else {}),
         "wall_seconds_this_process": wall,
     }
-    lines = ["summary"] + [
-        f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in summary.items()
-    ]
+    lines = ["summary"] + [f"  {k}: {_show(v)}" for k, v in summary.items()]
     progress.print("\n".join(lines))
     return summary
+
+
+def _show(value) -> str:
+    """A summary value: floats to 4 decimals, tiny ones (a DP delta) to 3 significant digits."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
 
 def _prefixed(prefix: str, values: dict) -> dict:
@@ -729,6 +754,7 @@ def _fit(
         raise ValueError(
             f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
         )
+    check_dp_config(config)
     loss_fn = _either(loss, config.loss, "loss", None)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
@@ -739,6 +765,8 @@ def _fit(
         )
     pairs = metric_pairs(_either(metrics, config.metrics, "metrics", {}))
     extra_names = [name for name, _ in pairs]
+    # what the running sums of a training epoch hold besides loss and accuracy
+    running_names = [*extra_names, *(["clipped_fraction"] if dp_enabled(config) else [])]
     callbacks = _check_callbacks(_either(callbacks, config.callbacks, "callbacks", ()))
     if standardize is not None and not isinstance(standardize, Standardize):
         raise TypeError(
@@ -765,14 +793,21 @@ def _fit(
     if steps_per_epoch < 1:
         raise ValueError("train_loader: expected at least one batch per epoch, got 0")
     compute_dtype = _compute_dtype(config)
+    private = None
+    if dp_enabled(config):
+        private = DPTraining.create(config, train_loader, _total_steps(config, steps_per_epoch))
     schedule = build_schedule(config, steps_per_epoch)
     tx = _build_optimizer(config, schedule)
     if isinstance(config.optimizer, optax.GradientTransformation):
         schedule = None  # the optimizer's own rate: not known here
-    sample_images, _ = train_loader.batch(0, 0)
+    sample_images, sample_labels = train_loader.batch(0, 0)
     state = TrainState.create(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
+    if private is not None:
+        private.check_model(
+            state, (sample_images, sample_labels), compute_dtype=compute_dtype, loss_fn=loss_fn
+        )
     mesh = parallel.make_mesh(config.devices) if config.devices else None
 
     out = Path(config.out) if config.out else None
@@ -801,7 +836,7 @@ def _fit(
     history: list[dict] = []
     evaluations: list[dict] = []
     epoch, start_batch = 0, 0
-    running = _new_running(extra_names)
+    running = _new_running(running_names)
     stop_reason = None
     progress = _Progress(config.progress)
     pending = None  # a checkpoint whose parameters the next step's loss will judge
@@ -907,14 +942,24 @@ def _fit(
             for batch in train_loader.epoch(epoch, start_step=start_batch):
                 if mesh is not None:
                     batch = _place_batch(batch, mesh)
-                state, step_metrics = train_step(
-                    state,
-                    tuple(batch),
-                    compute_dtype=compute_dtype,
-                    label_smoothing=config.label_smoothing,
-                    loss_fn=loss_fn,
-                    metrics=pairs,
-                )
+                if private is not None:
+                    state, step_metrics = private.step(
+                        state,
+                        batch,
+                        compute_dtype=compute_dtype,
+                        label_smoothing=config.label_smoothing,
+                        loss_fn=loss_fn,
+                        metrics=pairs,
+                    )
+                else:
+                    state, step_metrics = train_step(
+                        state,
+                        tuple(batch),
+                        compute_dtype=compute_dtype,
+                        label_smoothing=config.label_smoothing,
+                        loss_fn=loss_fn,
+                        metrics=pairs,
+                    )
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 loss_value = values["loss"]
                 step = int(state.step)
@@ -938,7 +983,7 @@ def _fit(
                         manager.mark(pending, "good")
                     pending = None
                 batch_index += 1
-                for name in ("loss", "accuracy", *extra_names):
+                for name in ("loss", "accuracy", *running_names):
                     running[name] += values[name]
                 running["batches"] += 1
                 images_this_process += int(batch[0].shape[0])
@@ -979,12 +1024,14 @@ def _fit(
                 "step": step,
                 "train_loss": running["loss"] / batches,
                 "train_accuracy": running["accuracy"] / batches,
-                **{f"train_{n}": running[n] / batches for n in extra_names},
+                **{f"train_{n}": running[n] / batches for n in running_names},
                 **dict.fromkeys(val_names),
                 "learning_rate": float(schedule(step)) if schedule is not None else None,
                 "seconds": seconds,
                 "images_per_second": images_this_process / max(seconds, 1e-9),
             }
+            if private is not None:  # the privacy spent by the steps taken so far
+                record["epsilon"] = private.epsilon(step)
             if has_val:
                 reuse = last_evaluation is not None and last_evaluation["step"] == step
                 entry = last_evaluation if reuse else validate()
@@ -1004,6 +1051,7 @@ def _fit(
                 f"epoch {epoch + 1}: {_format(record, 'train')}"
                 + (f" | {_format(record, 'val')}" if has_val else "")
                 + (f" | {_format(record, 'test')}" if "test_loss" in record else "")
+                + (f" | epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
                 + f" | {record['images_per_second']:,.0f} img/s, {seconds:.1f}s"
                 + (" (stopped mid-epoch)" if batch_index < steps_per_epoch else "")
             )
@@ -1011,7 +1059,7 @@ def _fit(
             completed = batch_index == steps_per_epoch
             if completed:
                 epoch, start_batch, batch_index = epoch + 1, 0, 0
-                running = _new_running(extra_names)
+                running = _new_running(running_names)
             run.epoch, run.batch = epoch, batch_index
             if out is not None:
                 if jax.process_index() == 0:
@@ -1041,7 +1089,13 @@ def _fit(
             test.pop("count")
     summary = (
         _summary(
-            history, evaluations, test, run.stop_reason, time.perf_counter() - started, progress
+            history,
+            evaluations,
+            test,
+            run.stop_reason,
+            time.perf_counter() - started,
+            progress,
+            private,
         )
         if history
         else {}

@@ -22,7 +22,8 @@ Settings that may change on resume (:data:`MAY_CHANGE`): where the folder and th
 over more or fewer devices: the same run up to float32 summation order), the jcnn version, and
 ``epochs`` when the learning-rate schedule does not depend on the run's length
 (:data:`LENGTH_FREE_SCHEDULES`); with ``cosine``, ``linear`` or ``one_cycle`` a new number of
-epochs would change the rate of the steps already taken, so it is refused.
+epochs would change the rate of the steps already taken, so it is refused, and so it is with
+DP-SGD at a target epsilon (``dp_target_epsilon``), whose noise is calibrated to the run's length.
 """
 
 from __future__ import annotations
@@ -414,7 +415,10 @@ def _may_change(key: str) -> bool:
 
 
 def _length_free(train: dict) -> bool:
-    """Whether the learning rate at a step is the same whatever the run's length."""
+    """Whether the learning rate and DP-SGD's noise at a step are the same whatever the run's
+    length (a target epsilon calibrates the noise to the run's length)."""
+    if train.get("dp_target_epsilon") is not None:
+        return False
     own_rate = "learning_rate" in train and not isinstance(train["learning_rate"], (int, float))
     own_optimizer = "optimizer" in train and not isinstance(train["optimizer"], str)
     if own_rate or own_optimizer:
@@ -438,7 +442,7 @@ def format_differences(found, names=None) -> str:
         seen.add(label)
         note = ""
         if key in LENGTH_SETTINGS:
-            note = " (the schedule depends on the run's length)"
+            note = " (the schedule or the DP noise depends on the run's length)"
         parts.append(f"{label}: {_show(before)} in the run, {_show(after)} now{note}")
     return "; ".join(parts)
 

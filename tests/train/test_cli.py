@@ -267,6 +267,36 @@ def _assert_one_line(err):
             "(28x28x1 images)",
         ),
         (["--recipe", "mnist99", "--model", "lenet5"], "--recipe mnist99 sets --model itself"),
+        (
+            ["--dp-target-epsilon", "3", "--dp-noise-multiplier", "1"],
+            "--dp-noise-multiplier and --dp-target-epsilon exclude each other",
+        ),
+        (["--dp-clip-norm", "0.5"], "--dp-clip-norm applies to DP-SGD only: add --dp-target-eps"),
+        (["--dp-delta", "1e-6"], "--dp-delta applies to DP-SGD only"),
+        (["--dp-sampling", "shuffle"], "--dp-sampling applies to DP-SGD only"),
+        (["--dp-accountant", "pld"], "--dp-accountant applies to DP-SGD only"),
+        (["--dp-noise-multiplier", "-1"], "--dp-noise-multiplier: expected a number >= 0"),
+        (["--dp-target-epsilon", "0"], "--dp-target-epsilon: expected a positive number, got 0"),
+        (["--dp-target-epsilon", "inf"], "--dp-target-epsilon: expected a positive number"),
+        (["--dp-clip-norm", "0"], "--dp-clip-norm: expected a positive number, got 0"),
+        (["--dp-delta", "1"], "--dp-delta: expected a number in (0, 1), got 1"),
+        (["--dp-delta", "0"], "--dp-delta: expected a number in (0, 1), got 0"),
+        (["--dp-sampling", "fixed"], "--dp-sampling: invalid choice: 'fixed'"),
+        (
+            ["--model", "resnet20", "--dp-target-epsilon", "3"],
+            "--model resnet20 has BatchNorm (each example's gradient would depend on the "
+            "others): add --group-norm",
+        ),
+        (["--model", "vgg11_bn", "--dp-noise-multiplier", "1"], "lenet5, lenet5_1998"),
+        (["--dp-noise-multiplier", "1", "--devices", "1"], "--devices: DP-SGD trains on one"),
+        (["--dp-noise-multiplier", "1", "--augment", "mixup:alpha=0.2"], "--augment: mixup and"),
+        (["--dp-noise-multiplier", "1", "--augment", "random_hflip,cutmix"], "DP-SGD's clip"),
+        (["--group-norm"], "--group-norm: --model lenet5 has no BatchNorm to replace"),
+        (
+            ["--recipe", "mnist99", "--dp-target-epsilon", "3"],
+            "--recipe mnist99 trains without DP-SGD and keeps its BatchNorm; drop "
+            "--dp-target-epsilon",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
@@ -291,6 +321,11 @@ def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
         (
             ["--recipe", "mnist99", "--limit-train", "100"],
             "--recipe mnist99: images: mnist99 trains on batches of 128, got 100 images",
+        ),
+        (
+            ["--batch-size", "512", "--dp-target-epsilon", "0.0001"],  # every image every step
+            "--dp-target-epsilon: 0.0001 is not reached by any noise multiplier up to 1000 in 4 "
+            "steps at sampling_rate=1.0",
         ),
     ],
 )
@@ -623,3 +658,54 @@ def test_recipe_runs_into_a_run_folder_and_reports_it(tmp_path, capsys):
         "--epochs (the steps of the recipe, whose schedules depend on them): 4 in the run, 8 now"
         in err
     )
+
+
+def test_batch_norm_models_are_the_ones_listed():
+    import jax
+    import jax.numpy as jnp
+
+    from jcnn import models
+    from jcnn.train.cli import BATCH_NORM_MODELS, MODELS
+
+    for name, (attribute, kwargs) in MODELS.items():
+        model = getattr(models, attribute)(num_classes=10, **kwargs)
+        shape = (1, 28, 28, 1) if name.startswith("lenet") else (1, 32, 32, 3)
+        variables = jax.eval_shape(
+            lambda m=model, s=shape: m.init(jax.random.key(0), jnp.zeros(s), train=False)
+        )
+        assert ("batch_stats" in variables) == (name in BATCH_NORM_MODELS), name
+
+
+def test_dp_run_reports_epsilon_and_refuses_a_resume_with_other_dp_flags(tmp_path, capsys):
+    from jcnn.analysis import dp_epsilon
+    from jcnn.train.cli import main
+
+    out = tmp_path / "run"
+    dp = ["--dp-noise-multiplier", "1.1", "--dp-clip-norm", "0.5", "--dp-sampling", "shuffle"]
+    assert main([*SMALL, *dp, "--dp-delta", "1e-4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    expected = dp_epsilon(1.1, 64 / 128, 2, 1e-4)
+    assert history[-1]["epsilon"] == summary["epsilon"] == expected
+    assert f"epsilon {expected:.3f} (delta 0.0001)" in printed.splitlines()[-1]
+    assert "epsilon" in printed.splitlines()[0]  # the epoch's line
+    record = json.loads((out / "config.json").read_text())
+    assert record["train"]["dp_noise_multiplier"] == 1.1
+    assert record["train"]["dp_clip_norm"] == 0.5 and record["train"]["dp_delta"] == 1e-4
+    assert record["train_loader"]["sampling"] == "shuffle"
+    assert record["settings"]["group_norm"] is False
+    before = _snapshot(out)
+    for extra, named in [
+        (["--dp-clip-norm", "0.7"], "--dp-clip-norm: 0.5 in the run, 0.7 now"),
+        (["--dp-sampling", "poisson"], "--dp-sampling: shuffle in the run, poisson now"),
+        (["--dp-delta", "1e-5"], "--dp-delta: 0.0001 in the run, 1e-05 now"),
+    ]:
+        argv = [*SMALL, *dp, "--dp-delta", "1e-4", *extra, "--out", str(out), "--resume"]
+        code, err = _main(argv, capsys)
+        assert code == 3, err
+        _assert_one_line(err)
+        assert named in err
+    code, err = _main([*SMALL, "--out", str(out), "--resume"], capsys)  # without DP
+    assert code == 3 and "--dp-noise-multiplier: 1.1 in the run, null now" in err
+    assert _snapshot(out) == before
