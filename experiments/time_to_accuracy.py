@@ -36,11 +36,15 @@ DATASETS = {"airbench94": "cifar10", "mnist99": "mnist"}
 
 def parse_args(argv=None):
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--recipes", nargs="+", default=["airbench94", "mnist99"])
+    extra.add_argument(
+        "--recipes", nargs="+", default=None, help="default: both, or none with --from-runs"
+    )
     extra.add_argument("--seeds", nargs="+", type=int, default=None)
     extra.add_argument("--from-runs", nargs="*", type=Path, default=[])
     known, rest = extra.parse_known_args(sys.argv[1:] if argv is None else argv)
     args = _common.parse_args(__doc__.splitlines()[0], rest)
+    if known.recipes is None:
+        known.recipes = [] if known.from_runs else ["airbench94", "mnist99"]
     for name in known.recipes:
         if name not in recipes.RECIPES_BY_NAME:
             raise SystemExit(f"--recipes: expected names of {', '.join(recipes.RECIPES_BY_NAME)}")
