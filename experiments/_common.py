@@ -145,6 +145,9 @@ class Page:
         self.parts: list[str] = []
         self.figures: list[tuple[str, object]] = []
         self.started = time.perf_counter()
+        # The code that runs is the tree as it is now; at write time the page's own figures
+        # (tracked files) would make any tree look modified.
+        self.commit = commit()
 
     def text(self, markdown: str) -> None:
         self.parts.append(markdown.strip() + "\n")
@@ -178,7 +181,7 @@ class Page:
             )
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         head.append(
-            f"Command: `{command}` · commit `{commit()}` · {date} · "
+            f"Command: `{command}` · commit `{self.commit}` · {date} · "
             f"wall time {wall:.0f} s on {os.cpu_count()} CPU core(s), "
             f"{jax.devices()[0].platform} backend · full mode: `{full}`\n"
         )

@@ -63,8 +63,17 @@ def main(argv=None):
     for name, (loss, step, grad) in curves.items():
         axes[0].plot(smooth(loss, width), label=name)
         axes[1].semilogy(smooth(step / (grad + 1e-12), width), label=name)
+    # AdaGrad's first steps (a large step before its accumulator grows) would set the scale.
+    settled = np.concatenate([smooth(loss, width)[len(loss) // 10:] for loss, _, _ in
+                              curves.values()])
+    settled = settled[np.isfinite(settled)]
+    top = 1.15 * float(settled.max()) if settled.size else None
+    clipped = top is not None and any(np.nanmax(smooth(loss, width)) > top
+                                       for loss, _, _ in curves.values())
+    axes[0].set_ylim(top=top)
     axes[0].set_xlabel("step")
-    axes[0].set_ylabel(f"training loss (moving average of {width})")
+    axes[0].set_ylabel(f"training loss (moving average of {width})"
+                       + (", first steps clipped" if clipped else ""))
     axes[0].legend(fontsize=8)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("||parameter step|| / ||gradient||")

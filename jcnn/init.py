@@ -25,11 +25,12 @@ normal draws as in the notes and PyTorch. Where the notes and libraries differ:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jcnn.functional._checks import check_key, check_positive_int
 
@@ -79,7 +80,7 @@ def _check_positive(value, name: str) -> None:
         raise ValueError(f"{name}: expected a positive number, got {value}")
 
 
-def compute_fans(shape, groups=1) -> tuple[int, int]:
+def compute_fans(shape: Sequence[int], groups: int = 1) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a dense or conv kernel ``(*window, C_in // groups, C_out)``.
 
     Args:
@@ -117,7 +118,7 @@ def _fan(shape, mode: str, groups: int) -> float:
     return fan
 
 
-def zeros(key, shape, dtype=jnp.float32):
+def zeros(key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32) -> jax.Array:
     """All zeros (biases; the last BatchNorm scale of a residual block).
 
     >>> zeros(jax.random.key(0), (2,)).tolist()
@@ -127,7 +128,7 @@ def zeros(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype)
 
 
-def ones(key, shape, dtype=jnp.float32):
+def ones(key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32) -> jax.Array:
     """All ones (BatchNorm and LayerNorm scales).
 
     >>> ones(jax.random.key(0), (2,)).tolist()
@@ -137,7 +138,7 @@ def ones(key, shape, dtype=jnp.float32):
     return jnp.ones(shape, dtype)
 
 
-def normal(stddev=0.01):
+def normal(stddev: float = 0.01) -> Callable[..., jax.Array]:
     """Zero-mean normal with a fixed ``stddev`` (the notes' "small random numbers", ``0.01``).
 
     Args:
@@ -151,7 +152,9 @@ def normal(stddev=0.01):
     """
     _check_positive(stddev, "stddev")
 
-    def init(key, shape, dtype=jnp.float32):
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
+    ) -> jax.Array:
         shape, dtype = _check_shape_dtype(key, shape, dtype)
         return stddev * jax.random.normal(key, shape, dtype)
 
@@ -159,7 +162,9 @@ def normal(stddev=0.01):
 
 
 def _scaled_normal(variance_numerator: float, mode: str, groups: int):
-    def init(key, shape, dtype=jnp.float32):
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
+    ) -> jax.Array:
         shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=2)
         std = math.sqrt(variance_numerator / _fan(shape, mode, groups))
         return std * jax.random.normal(key, shape, dtype)
@@ -168,7 +173,9 @@ def _scaled_normal(variance_numerator: float, mode: str, groups: int):
 
 
 def _scaled_uniform(variance_numerator: float, mode: str, groups: int):
-    def init(key, shape, dtype=jnp.float32):
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
+    ) -> jax.Array:
         shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=2)
         # U(-a, a) has variance a**2 / 3.
         limit = math.sqrt(3 * variance_numerator / _fan(shape, mode, groups))
@@ -183,7 +190,9 @@ def _check_mode_and_groups(mode, groups) -> None:
     check_positive_int(groups, "groups")
 
 
-def xavier_normal(gain=1.0, *, mode="fan_in", groups=1):
+def xavier_normal(
+    gain: float = 1.0, *, mode: str = "fan_in", groups: int = 1
+) -> Callable[..., jax.Array]:
     """Xavier/Glorot normal: ``N(0, gain**2 / fan)``; the notes' ``fan = fan_in`` by default.
 
     Args:
@@ -200,7 +209,9 @@ def xavier_normal(gain=1.0, *, mode="fan_in", groups=1):
     return _scaled_normal(gain**2, mode, groups)
 
 
-def xavier_uniform(gain=1.0, *, mode="fan_in", groups=1):
+def xavier_uniform(
+    gain: float = 1.0, *, mode: str = "fan_in", groups: int = 1
+) -> Callable[..., jax.Array]:
     """Xavier/Glorot uniform: ``U(-a, a)``, ``a = gain * sqrt(3 / fan)`` (variance ``gain**2/fan``).
 
     Args:
@@ -217,7 +228,7 @@ def xavier_uniform(gain=1.0, *, mode="fan_in", groups=1):
     return _scaled_uniform(gain**2, mode, groups)
 
 
-def he_normal(*, mode="fan_in", groups=1):
+def he_normal(*, mode: str = "fan_in", groups: int = 1) -> Callable[..., jax.Array]:
     """He/Kaiming normal for ReLU nets (He et al. 2015): ``N(0, 2 / fan)``, ``fan = fan_in``.
 
     The notes' ``randn(fan_in, fan_out) / sqrt(fan_in / 2)``; PyTorch's
@@ -239,7 +250,7 @@ def he_normal(*, mode="fan_in", groups=1):
     return _scaled_normal(2.0, mode, groups)
 
 
-def he_normal_per_position():
+def he_normal_per_position() -> Callable[..., jax.Array]:
     """He normal for an unshared (locally connected) kernel
     ``(*out_spatial, *window, C_in, C_out)``: ``N(0, 2 / fan_in)`` with
     ``fan_in = prod(window) * C_in``, drawn independently per output position.
@@ -249,7 +260,9 @@ def he_normal_per_position():
     1.0
     """
 
-    def initializer(key, shape, dtype=jnp.float32):
+    def initializer(
+        key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
+    ) -> jax.Array:
         shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=4)
         if len(shape) % 2:
             raise ValueError(
@@ -266,7 +279,7 @@ def he_normal_per_position():
     return initializer
 
 
-def he_uniform(*, mode="fan_in", groups=1):
+def he_uniform(*, mode: str = "fan_in", groups: int = 1) -> Callable[..., jax.Array]:
     """He/Kaiming uniform: ``U(-a, a)``, ``a = sqrt(6 / fan)``, variance ``2 / fan``.
 
     PyTorch's ``kaiming_uniform_(w, mode="fan_in", nonlinearity="relu")``.
@@ -282,7 +295,7 @@ def he_uniform(*, mode="fan_in", groups=1):
     return _scaled_uniform(2.0, mode, groups)
 
 
-def lecun_normal():
+def lecun_normal() -> Callable[..., jax.Array]:
     """LeCun normal: ``N(0, 1 / fan_in)`` (LeCun et al. 1998; the notes' Xavier), for tanh/SELU.
 
     Returns:
@@ -291,7 +304,7 @@ def lecun_normal():
     return _scaled_normal(1.0, "fan_in", 1)
 
 
-def orthogonal(gain=1.0):
+def orthogonal(gain: float = 1.0) -> Callable[..., jax.Array]:
     """A (semi-)orthogonal kernel (Saxe et al. 2013), orthogonal as a ``(rows, C_out)`` matrix.
 
     With ``rows = prod(shape[:-1])`` (``prod(window) * C_in // groups`` for a conv kernel) and
@@ -311,7 +324,9 @@ def orthogonal(gain=1.0):
     """
     _check_positive(gain, "gain")
 
-    def init(key, shape, dtype=jnp.float32):
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
+    ) -> jax.Array:
         shape, dtype = _check_shape_dtype(key, shape, dtype, min_rank=2)
         rows, cols = math.prod(shape[:-1]), shape[-1]
         tall = (max(rows, cols), min(rows, cols))
@@ -325,7 +340,7 @@ def orthogonal(gain=1.0):
     return init
 
 
-def dirac(groups=1):
+def dirac(groups: int = 1) -> Callable[..., jax.Array]:
     """The identity conv kernel: with padding ``(k - 1) // 2`` and odd windows, ``conv(x, w) == x``.
 
     For a kernel ``(*window, C_in // groups, C_out)``, output channel ``g * (C_out // groups) + d``
@@ -346,7 +361,9 @@ def dirac(groups=1):
     """
     check_positive_int(groups, "groups")
 
-    def init(key, shape, dtype=jnp.float32):
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
+    ) -> jax.Array:
         shape, dtype = _check_shape_dtype(key, shape, dtype)
         if len(shape) < 3:
             raise ValueError(
@@ -370,7 +387,7 @@ def dirac(groups=1):
     return init
 
 
-def with_dirac(base, groups=1):
+def with_dirac(base: Callable[..., jax.Array], groups: int = 1) -> Callable[..., jax.Array]:
     """``base``'s kernel with its first output channels replaced by the identity (airbench94).
 
     Output channel ``d < C_in // groups`` of each group copies input channel ``d`` (the kernel of
@@ -402,7 +419,7 @@ def with_dirac(base, groups=1):
     return init
 
 
-def from_array(array):
+def from_array(array: jax.typing.ArrayLike) -> Callable[..., jax.Array]:
     """An initializer returning ``array`` itself: a kernel computed beforehand, e.g. from data.
 
     It checks that the parameter asks for exactly ``array``'s shape (nothing is broadcast or

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +44,17 @@ def _check_noise(noise_multiplier) -> None:
 
 def private_grad(
     loss_fn: Callable,
-    params,
-    batch,
+    params: Any,
+    batch: Any,
     key: jax.Array,
     *,
     l2_norm_clip: float,
     noise_multiplier: float,
-    weights=None,
+    weights: jax.Array | None = None,
     denominator: float | None = None,
     method: str = "ghost",
     chunk_size: int | None = None,
-):
+) -> tuple[Any, jax.Array]:
     """The DP-SGD gradient of one batch: clipped per-example gradients, summed, noised, averaged.
 
     Args:
@@ -131,7 +132,7 @@ def private_grad(
     return jax.tree.unflatten(treedef, noised), norms
 
 
-def pad_batch(batch, multiple: int):
+def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:
     """``batch`` padded with zero examples to the next multiple of ``multiple``, and its mask.
 
     Poisson batches have random sizes; padded to multiples of (say) 32, a jitted step compiles

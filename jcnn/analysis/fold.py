@@ -12,9 +12,11 @@ convs built with ``use_bias=False``). The folded network computes the original's
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import functional as F
@@ -41,10 +43,10 @@ class FoldedModel(nn.Module):
     skipped: tuple[Path, ...] = ()
     added_bias: tuple[Path, ...] = ()
 
-    def setup(self):
+    def setup(self) -> None:
         nn.share_scope(self, self.model)
 
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> Any:
         """The folded network's output for ``x`` (``train`` reaches layers such as Dropout)."""
         skipped, added_bias = set(self.skipped), set(self.added_bias)
         # The wrapped model's calls report paths under this module's attribute name ("model")
@@ -120,7 +122,9 @@ def _plain(tree):
     return copy.copy(tree)
 
 
-def fold_batch_norms(model: nn.Module, variables, input_shape: Sequence[int]):
+def fold_batch_norms(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> tuple[FoldedModel, dict[str, Any]]:
     """Fold every conv/dense + BatchNorm pair of a trained ``model`` into one layer.
 
     Args:

@@ -241,7 +241,9 @@ def _plan(loss_fn, params, batch, layer_rule):
     return leaves, treedef, calls, ghost, materialized
 
 
-def ghost_plan(loss_fn: Callable, params, batch, *, layer_rule: str = "mixed") -> list[LayerRule]:
+def ghost_plan(
+    loss_fn: Callable, params: Any, batch: Any, *, layer_rule: str = "mixed"
+) -> list[LayerRule]:
     """The rule ``ghost_norms`` uses for each layer and for each remaining parameter leaf.
 
     Args:
@@ -321,12 +323,12 @@ def _square_norms(loss_fn, params, batch, layer_rule: str, where: str):
 
 def ghost_norms(
     loss_fn: Callable,
-    params,
-    batch,
+    params: Any,
+    batch: Any,
     *,
     chunk_size: int | None = None,
     layer_rule: str = "mixed",
-):
+) -> jax.Array:
     """L2 norm of each example's gradient (all parameters together), shape ``(B,)``, without
     materializing the per-example gradients of dense and convolution layers.
 
@@ -365,14 +367,14 @@ def ghost_norms(
 
 def ghost_clipped_sum(
     loss_fn: Callable,
-    params,
-    batch,
+    params: Any,
+    batch: Any,
     l2_norm_clip: float,
     *,
-    weights=None,
+    weights: jax.Array | None = None,
     chunk_size: int | None = None,
     layer_rule: str = "mixed",
-):
+) -> tuple[Any, jax.Array]:
     """``sum_i w_i min(1, C / ||g_i||) g_i`` and the norms ``||g_i||``, without per-example
     gradients: ``ghost_norms``, then one backward pass of the loss reweighted by the factors.
 

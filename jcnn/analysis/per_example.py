@@ -31,7 +31,7 @@ and divides by the batch size.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NamedTuple
 
 import flax.linen as linen
@@ -102,7 +102,7 @@ def _flax_batch_norm_guard(where: str):
 
 
 @contextlib.contextmanager
-def per_example_trace(where: str):
+def per_example_trace(where: str) -> Iterator[None]:
     """While tracing a per-example function: BatchNorm with batch statistics raises ``ValueError``.
 
     Covers ``F.batch_norm``/``jcnn.nn.BatchNorm`` (``train=True`` without ``axis_name``) and
@@ -137,8 +137,13 @@ def _check_clip(l2_norm_clip) -> None:
 
 
 def per_example_grads(
-    loss_fn: Callable, params, batch, *, chunk_size: int | None = None, axis_name=None
-):
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    chunk_size: int | None = None,
+    axis_name: Hashable | None = None,
+) -> Any:
     """Gradient of ``loss_fn`` for each example of ``batch`` separately.
 
     Wrap the call in ``jax.jit`` (or call it inside a jitted function): unjitted, every call traces
@@ -347,8 +352,13 @@ def _norms(per_example) -> jax.Array:
 
 
 def per_example_grad_norms(
-    loss_fn: Callable, params, batch, *, chunk_size: int | None = None, axis_name=None
-):
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    chunk_size: int | None = None,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
     """L2 norm of each example's gradient over all parameters together, shape ``(B,)``.
 
     The per-example gradients are materialized; ``ghost_norms`` computes the same norms layer by
@@ -367,7 +377,7 @@ def per_example_grad_norms(
     )
 
 
-def clip_per_example(per_example, l2_norm_clip: float):
+def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     """Scale each example's gradient to L2 norm at most ``l2_norm_clip`` (all leaves together).
 
     Args:
@@ -393,7 +403,9 @@ class DPAggregateState(NamedTuple):
     key: Any
 
 
-def dp_aggregate(l2_norm_clip: float, noise_multiplier: float, seed: int = 0):
+def dp_aggregate(
+    l2_norm_clip: float, noise_multiplier: float, seed: int = 0
+) -> optax.GradientTransformation:
     """Optax transformation: per-example gradients in, clipped noised mean gradient out.
 
     ``update(per_example, state)`` takes per-example gradients (leaves with a leading batch axis
@@ -434,14 +446,14 @@ def dp_aggregate(l2_norm_clip: float, noise_multiplier: float, seed: int = 0):
 
 
 def dp_sgd(
-    learning_rate,
+    learning_rate: float | optax.Schedule,
     l2_norm_clip: float,
     noise_multiplier: float,
     *,
     seed: int = 0,
     momentum: float | None = None,
     nesterov: bool = False,
-):
+) -> optax.GradientTransformation:
     """DP-SGD: ``dp_aggregate`` followed by ``optax.sgd``; feed it per-example gradients.
 
     Args:

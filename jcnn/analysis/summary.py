@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jcnn import nn as jnn
 from jcnn.analysis._trace import LayerCall, leaf_calls, subtree, trace_layers
@@ -59,7 +60,14 @@ def _check_sizes(size, kernel, stride, dilation, padding):
             raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
-def conv_output_size(size, kernel, stride=1, padding=0, dilation=1, ceil_mode=False) -> int:
+def conv_output_size(
+    size: int,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    ceil_mode: bool = False,
+) -> int:
     """Output length of a convolution along one axis.
 
     ``floor((W + 2P - D (K - 1) - 1) / S) + 1``, the course's ``(W - K + 2P) / S + 1`` with
@@ -99,7 +107,14 @@ def conv_output_size(size, kernel, stride=1, padding=0, dilation=1, ceil_mode=Fa
     return out
 
 
-def pool_output_size(size, window, stride=None, padding=0, dilation=1, ceil_mode=False) -> int:
+def pool_output_size(
+    size: int,
+    window: int,
+    stride: int | None = None,
+    padding: int = 0,
+    dilation: int = 1,
+    ceil_mode: bool = False,
+) -> int:
     """Output length of a pooling layer along one axis (the stride defaults to the window).
 
     Same formula as ``conv_output_size``; with ``ceil_mode`` a last partial window is kept unless
@@ -131,7 +146,13 @@ class ReceptiveField:
     stride: tuple[int, ...]
     start: tuple[int, ...]
 
-    def grow(self, kernel, stride, dilation, padding_low) -> ReceptiveField:
+    def grow(
+        self,
+        kernel: Sequence[int],
+        stride: Sequence[int],
+        dilation: Sequence[int],
+        padding_low: Sequence[int],
+    ) -> ReceptiveField:
         """The field after a window ``kernel`` with ``stride``, ``dilation`` and left padding."""
         return ReceptiveField(
             tuple(
@@ -142,7 +163,7 @@ class ReceptiveField:
             tuple(a - p * j for a, p, j in zip(self.start, padding_low, self.stride, strict=True)),
         )
 
-    def whole(self, spatial) -> ReceptiveField:
+    def whole(self, spatial: Sequence[int]) -> ReceptiveField:
         """The field of a unit that sees every position of a ``spatial`` map."""
         return ReceptiveField(
             tuple(r + (n - 1) * j for r, n, j in zip(self.size, spatial, self.stride, strict=True)),
@@ -444,7 +465,9 @@ def _layer_field(call: LayerCall, field: ReceptiveField | None) -> ReceptiveFiel
     return _window_field(module, field, spatial_in)
 
 
-def summary(model: nn.Module, input_shape: Sequence[int], dtype=jnp.float32) -> Summary:
+def summary(
+    model: nn.Module, input_shape: Sequence[int], dtype: DTypeLike = jnp.float32
+) -> Summary:
     """Table of the layers of ``model`` run on an input of ``input_shape``.
 
     Args:

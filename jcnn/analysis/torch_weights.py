@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -159,7 +160,9 @@ def _insert(tree: dict, path: Sequence[str], values: dict) -> None:
     tree.update({k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
 
 
-def from_torch_state_dict(model: nn.Module, state_dict: Mapping, input_shape: Sequence[int]):
+def from_torch_state_dict(
+    model: nn.Module, state_dict: Mapping, input_shape: Sequence[int]
+) -> dict[str, Any]:
     """Convert a PyTorch ``state_dict`` into variables of the equivalent jcnn ``model``.
 
     Args:
@@ -226,7 +229,9 @@ def from_torch_state_dict(model: nn.Module, state_dict: Mapping, input_shape: Se
     return variables
 
 
-def load_torch_weights(path, model: nn.Module, input_shape: Sequence[int]):
+def load_torch_weights(
+    path: str | os.PathLike, model: nn.Module, input_shape: Sequence[int]
+) -> dict[str, Any]:
     """Load a PyTorch weights file as variables of ``model`` (see ``from_torch_state_dict``).
 
     The file is read as data, never executed: ``torch.load(path, map_location="cpu",
@@ -338,8 +343,8 @@ def _from_torch_layout(array: np.ndarray, leaf_name: str, shape) -> np.ndarray:
 
 
 def from_torchvision_state_dict(
-    model: nn.Module, state_dict: Mapping, input_shape=(1, 224, 224, 3)
-):
+    model: nn.Module, state_dict: Mapping, input_shape: Sequence[int] = (1, 224, 224, 3)
+) -> dict[str, Any]:
     """Convert torchvision's ``mobilenet_v2`` or ``convnext_*`` weights into jcnn variables.
 
     Layers are matched by name (``block3/depthwise_conv`` is ``features.3.conv.1.0``,

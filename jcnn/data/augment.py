@@ -27,11 +27,12 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jcnn.functional._checks import (
     check_choice,
@@ -206,7 +207,7 @@ def _snap(coordinates) -> jax.Array:
 # ---- geometry ---------------------------------------------------------------------------------
 
 
-def affine(image, matrix, *, fill=0.0) -> jax.Array:
+def affine(image: jax.Array, matrix: ArrayLike, *, fill: ArrayLike = 0.0) -> jax.Array:
     """``image`` warped by an affine map about its centre, bilinear, ``fill`` outside.
 
     Args:
@@ -237,7 +238,7 @@ def affine(image, matrix, *, fill=0.0) -> jax.Array:
     return _restore(out, image.dtype)
 
 
-def rotate(image, angle, *, fill=0.0) -> jax.Array:
+def rotate(image: jax.Array, angle: ArrayLike, *, fill: ArrayLike = 0.0) -> jax.Array:
     """``image`` rotated counter-clockwise by ``angle`` degrees about its centre (bilinear).
 
     ``rotate(image, 90)`` equals ``jnp.rot90(image)`` for a square image.
@@ -253,7 +254,9 @@ def rotate(image, angle, *, fill=0.0) -> jax.Array:
     return affine(image, matrix, fill=fill)
 
 
-def translate(image, shift_y, shift_x, *, fill=0.0) -> jax.Array:
+def translate(
+    image: jax.Array, shift_y: ArrayLike, shift_x: ArrayLike, *, fill: ArrayLike = 0.0
+) -> jax.Array:
     """``image`` moved down by ``shift_y``, right by ``shift_x`` pixels (bilinear if fractional)."""
     one, zero = jnp.float32(1), jnp.float32(0)
     sx = jnp.asarray(check_real_or_traced(shift_x, "shift_x"), jnp.float32)
@@ -272,33 +275,40 @@ def _shear(image, shear, axis, fill=0.0):
     return affine(image, matrix, fill=fill)
 
 
-def hflip(image) -> jax.Array:
+def hflip(image: jax.Array) -> jax.Array:
     """``image`` mirrored left-right."""
     _check_image(image)
     return image[:, ::-1]
 
 
-def vflip(image) -> jax.Array:
+def vflip(image: jax.Array) -> jax.Array:
     """``image`` mirrored top-bottom."""
     _check_image(image)
     return image[::-1]
 
 
-def random_hflip(key, image, *, p: float = 0.5) -> jax.Array:
+def random_hflip(key: jax.Array, image: jax.Array, *, p: float = 0.5) -> jax.Array:
     """``image`` mirrored left-right with probability ``p`` (in [0, 1])."""
     _check_image(image)
     p = _probability(p)
     return jnp.where(jax.random.bernoulli(key, p), image[:, ::-1], image)
 
 
-def random_vflip(key, image, *, p: float = 0.5) -> jax.Array:
+def random_vflip(key: jax.Array, image: jax.Array, *, p: float = 0.5) -> jax.Array:
     """``image`` mirrored top-bottom with probability ``p`` (in [0, 1])."""
     _check_image(image)
     p = _probability(p)
     return jnp.where(jax.random.bernoulli(key, p), image[::-1], image)
 
 
-def random_crop(key, image, *, size=None, padding: int = 0, pad_mode: str = "zeros") -> jax.Array:
+def random_crop(
+    key: jax.Array,
+    image: jax.Array,
+    *,
+    size: int | Sequence[int] | None = None,
+    padding: int = 0,
+    pad_mode: str = "zeros",
+) -> jax.Array:
     """A ``size`` crop of ``image`` padded by ``padding``, offsets uniform over every position.
 
     Args:
@@ -330,19 +340,28 @@ def random_crop(key, image, *, size=None, padding: int = 0, pad_mode: str = "zer
     return jax.lax.dynamic_slice(padded, (top, left, 0), (*size, channels))
 
 
-def random_translate(key, image, *, max_shift: int) -> jax.Array:
+def random_translate(key: jax.Array, image: jax.Array, *, max_shift: int) -> jax.Array:
     """``image`` shifted by whole pixels, each axis uniform on ``-max_shift..max_shift``, 0 fill."""
     return random_crop(key, image, padding=check_int(max_shift, "max_shift", low=0))
 
 
-def random_rotate(key, image, *, degrees: float, fill=0.0) -> jax.Array:
+def random_rotate(
+    key: jax.Array, image: jax.Array, *, degrees: float, fill: ArrayLike = 0.0
+) -> jax.Array:
     """``image`` rotated by an angle uniform on ``[-degrees, degrees]`` (bilinear)."""
     degrees = check_real(degrees, "degrees", low=0)
     angle = jax.random.uniform(key, (), minval=-degrees, maxval=degrees)
     return rotate(image, angle, fill=fill)
 
 
-def random_resized_crop(key, image, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> jax.Array:
+def random_resized_crop(
+    key: jax.Array,
+    image: jax.Array,
+    *,
+    size: int | Sequence[int],
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> jax.Array:
     """A random box of ``image`` resized (bilinear) to ``size``, as in Inception training.
 
     The box's area is a fraction uniform on ``scale`` of the image's, its aspect ratio (width /
@@ -370,7 +389,7 @@ def random_resized_crop(key, image, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 
     return _restore(out, image.dtype)
 
 
-def cutout(key, image, *, size: int, fill=0) -> jax.Array:
+def cutout(key: jax.Array, image: jax.Array, *, size: int, fill: ArrayLike = 0) -> jax.Array:
     """``image`` with a ``size x size`` square set to ``fill`` (DeVries & Taylor 2017).
 
     The square's centre is uniform over the image's pixels; the part outside the image is dropped,
@@ -393,7 +412,7 @@ def cutout(key, image, *, size: int, fill=0) -> jax.Array:
 # ---- photometric ------------------------------------------------------------------------------
 
 
-def autocontrast(image) -> jax.Array:
+def autocontrast(image: jax.Array) -> jax.Array:
     """Each channel stretched linearly: its minimum maps to 0, its maximum to the maximum value.
 
     A constant channel is left unchanged.
@@ -407,7 +426,7 @@ def autocontrast(image) -> jax.Array:
     return _restore(jnp.where(spread > 0, scaled, x), image.dtype)
 
 
-def posterize(image, bits) -> jax.Array:
+def posterize(image: jax.Array, bits: int | jax.Array) -> jax.Array:
     """Keep the ``bits`` most significant bits of every 8-bit value: ``v & (0xFF << (8 - bits))``.
 
     Floating images are quantized through ``round(255 v)``. ``bits`` is an int in 1..8 (checked
@@ -432,7 +451,7 @@ def posterize(image, bits) -> jax.Array:
     return ((levels & mask).astype(jnp.float32) / 255).astype(image.dtype)
 
 
-def solarize(image, threshold) -> jax.Array:
+def solarize(image: jax.Array, threshold: ArrayLike) -> jax.Array:
     """Invert every value at or above ``threshold``: ``v -> max_value - v``.
 
     >>> solarize(jnp.array([[[10, 128, 200]]], jnp.uint8), 128).tolist()
@@ -445,7 +464,7 @@ def solarize(image, threshold) -> jax.Array:
     return jnp.where(above, inverted, image)
 
 
-def equalize(image) -> jax.Array:
+def equalize(image: jax.Array) -> jax.Array:
     """Histogram equalization of each channel over 256 levels (a constant channel is unchanged).
 
     The level ``v`` of a channel maps to ``round(255 (cdf(v) - cdf_min) / (n - cdf_min))``.
@@ -467,7 +486,7 @@ def equalize(image) -> jax.Array:
     return _restore(out * (max_value / 255.0), image.dtype)
 
 
-def adjust_brightness(image, factor) -> jax.Array:
+def adjust_brightness(image: jax.Array, factor: ArrayLike) -> jax.Array:
     """``image`` blended with black: ``clip(factor * v)``; 1 leaves it unchanged."""
     _check_image(image)
     factor = check_real_or_traced(factor, "factor", low=0)
@@ -475,7 +494,7 @@ def adjust_brightness(image, factor) -> jax.Array:
     return _restore(_blend(x, jnp.zeros_like(x), factor, _max_value(image.dtype)), image.dtype)
 
 
-def adjust_contrast(image, factor) -> jax.Array:
+def adjust_contrast(image: jax.Array, factor: ArrayLike) -> jax.Array:
     """``image`` blended with its mean grey level: ``clip(f v + (1 - f) mean_luma)``."""
     _check_image(image)
     factor = check_real_or_traced(factor, "factor", low=0)
@@ -484,7 +503,7 @@ def adjust_contrast(image, factor) -> jax.Array:
     return _restore(_blend(x, mean, factor, _max_value(image.dtype)), image.dtype)
 
 
-def adjust_saturation(image, factor) -> jax.Array:
+def adjust_saturation(image: jax.Array, factor: ArrayLike) -> jax.Array:
     """``image`` blended with its grey version (per-pixel luma); 0 gives grey, 1 unchanged."""
     _check_image(image)
     factor = check_real_or_traced(factor, "factor", low=0)
@@ -492,7 +511,7 @@ def adjust_saturation(image, factor) -> jax.Array:
     return _restore(_blend(x, _grayscale(x), factor, _max_value(image.dtype)), image.dtype)
 
 
-def adjust_sharpness(image, factor) -> jax.Array:
+def adjust_sharpness(image: jax.Array, factor: ArrayLike) -> jax.Array:
     """``image`` blended with a smoothed copy (3x3 kernel: centre 5, others 1, over 13)."""
     _check_image(image)
     factor = check_real_or_traced(factor, "factor", low=0)
@@ -507,7 +526,12 @@ def adjust_sharpness(image, factor) -> jax.Array:
 
 
 def color_jitter(
-    key, image, *, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0
+    key: jax.Array,
+    image: jax.Array,
+    *,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    saturation: float = 0.0,
 ) -> jax.Array:
     """Brightness, contrast, then saturation, each factor uniform on ``[1 - s, 1 + s]``."""
     brightness, contrast, saturation = (
@@ -577,7 +601,14 @@ def _mixing_labels(images, labels, alpha, num_classes):
     return jnp.where(inside[:, None], soft, jnp.nan), alpha
 
 
-def mixup(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = None):
+def mixup(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    alpha: float = 1.0,
+    num_classes: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Mixup (Zhang et al. 2018): each example mixed with a partner from the same batch.
 
     ``lam ~ Beta(alpha, alpha)``, one per batch; the partners are a random permutation of the
@@ -594,7 +625,14 @@ def mixup(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = 
     return lam * x + (1 - lam) * x[perm], lam * soft + (1 - lam) * soft[perm]
 
 
-def cutmix(key, images, labels, *, alpha: float = 1.0, num_classes: int | None = None):
+def cutmix(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    alpha: float = 1.0,
+    num_classes: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """CutMix (Yun et al. 2019): a box of each partner's image pasted in, labels by pasted area.
 
     ``lam ~ Beta(alpha, alpha)``; one box per batch of size ``floor(H sqrt(1 - lam)) x
@@ -628,7 +666,7 @@ def cutmix(key, images, labels, *, alpha: float = 1.0, num_classes: int | None =
 # ---- PixMix -----------------------------------------------------------------------------------
 
 
-def pattern(key, shape) -> jax.Array:
+def pattern(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     """A procedurally generated picture ``shape = (H, W, C)``, float32 in ``[0, 1]``.
 
     One of: a sum of random sinusoidal gratings, smooth value noise (a random coarse grid upsampled
@@ -685,12 +723,12 @@ def _mixing_weights(key, beta):
 
 
 def pixmix(
-    key,
-    image,
+    key: jax.Array,
+    image: jax.Array,
     *,
     k: int = 4,
     beta: float = 3.0,
-    mixing_images=None,
+    mixing_images: jax.Array | None = None,
     augment: Op | None = None,
 ) -> jax.Array:
     """PixMix (Hendrycks et al. 2022): mix the image with structured pictures, additively or
@@ -851,7 +889,14 @@ def _policy_step(key, x, magnitude, max_value, wide):
     return jax.lax.switch(index, branches, x, magnitude, sign)
 
 
-def rand_augment(key, image, *, num_ops: int = 2, magnitude: float = 9, max_magnitude: float = 30):
+def rand_augment(
+    key: jax.Array,
+    image: jax.Array,
+    *,
+    num_ops: int = 2,
+    magnitude: float = 9,
+    max_magnitude: float = 30,
+) -> jax.Array:
     """RandAugment (Cubuk et al. 2020): ``num_ops`` ops drawn uniformly from :data:`POLICY_OPS`,
     each at strength ``magnitude / max_magnitude`` of its range, with a random sign.
     """
@@ -866,7 +911,7 @@ def rand_augment(key, image, *, num_ops: int = 2, magnitude: float = 9, max_magn
     return _restore(x, image.dtype)
 
 
-def trivial_augment(key, image) -> jax.Array:
+def trivial_augment(key: jax.Array, image: jax.Array) -> jax.Array:
     """TrivialAugment (Müller & Hutter 2021): one op from :data:`POLICY_OPS` at a uniformly random
     strength over its wide range, with a random sign.
     """
@@ -908,7 +953,7 @@ def random_apply(op: Op, p: float) -> Op:
     return maybe
 
 
-def apply_batch(op: Op, key, images) -> jax.Array:
+def apply_batch(op: Op, key: jax.Array, images: jax.Array) -> jax.Array:
     """``op`` applied to every image of ``images`` ``(N, H, W, C)`` with keys ``split(key, N)``."""
     if not callable(op):
         raise TypeError(f"op: expected a callable (key, image) -> image, got {op!r}")

@@ -31,6 +31,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def _source(name) -> Source:
     return SOURCES[name]
 
 
-def mirrors_for(name: str, mirrors=None) -> list[str]:
+def mirrors_for(name: str, mirrors: Iterable[str] | None = None) -> list[str]:
     """The base URLs tried for ``name``, in order: ``mirrors``, ``$JCNN_DATA_MIRRORS``, built-in.
 
     ``{name}`` in a given mirror becomes the dataset's name; a mirror without it is tried as a copy
@@ -196,7 +197,7 @@ def mirrors_for(name: str, mirrors=None) -> list[str]:
     return bases
 
 
-def urls(name: str, mirrors=None) -> dict[str, list[str]]:
+def urls(name: str, mirrors: Iterable[str] | None = None) -> dict[str, list[str]]:
     """``{file name: [address, ...]}``: every address each file of ``name`` is fetched from."""
     bases = mirrors_for(name, mirrors)
     return {f.filename: [base + f.filename for base in bases] for f in _source(name).files}
@@ -215,7 +216,7 @@ def download(
     name: str,
     *,
     data_dir: str | os.PathLike | None = None,
-    mirrors=None,
+    mirrors: Iterable[str] | None = None,
     timeout: float = 30.0,
     progress: bool = True,
     force: bool = False,

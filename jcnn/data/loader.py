@@ -24,6 +24,7 @@ With ``alternating_flip=True`` example ``i`` is mirrored in epoch ``epoch`` when
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,8 +106,8 @@ class Loader:
 
     def __init__(
         self,
-        images,
-        labels,
+        images: np.ndarray | jax.Array,
+        labels: np.ndarray | jax.Array,
         *,
         batch_size: int,
         shuffle: bool = True,
@@ -157,7 +158,7 @@ class Loader:
     @classmethod
     def from_source(
         cls,
-        source,
+        source: Any,
         *,
         batch_size: int,
         shuffle: bool = True,
@@ -259,7 +260,9 @@ class Loader:
             )
         return self._images, self._labels
 
-    def with_examples(self, images, labels) -> Loader:
+    def with_examples(
+        self, images: np.ndarray | jax.Array, labels: np.ndarray | jax.Array
+    ) -> Loader:
         """A loader with these settings (batch size, order, seed, augmentations, sharding) over
         other examples, e.g. the training part of a split or standardized images."""
         return type(self)(

@@ -55,7 +55,7 @@ class Standardize:
     @classmethod
     def fit(
         cls,
-        train_images,
+        train_images: np.ndarray | jax.Array,
         *,
         mode: str = "per_channel",
         eps: float = 1e-2,
@@ -164,7 +164,7 @@ class Standardize:
             jnp.asarray(mean_image, jnp.float32), ones, jnp.asarray(projection, jnp.float32), mode
         )
 
-    def __call__(self, *args) -> jax.Array:
+    def __call__(self, *args: np.ndarray | jax.Array) -> jax.Array:
         """``images`` standardized, as ``float32`` (works under ``jit`` and ``vmap``).
 
         Called as ``stats(images)``, or with the signature of an augmentation op,

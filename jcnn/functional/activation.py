@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jcnn.functional._checks import (
     check_array,
@@ -41,7 +42,7 @@ def _check_real(value, name: str, **bounds):
     return check_real_or_traced(value, name, **bounds)
 
 
-def relu(x):
+def relu(x: jax.Array) -> jax.Array:
     """Rectified linear unit ``max(0, x)``.
 
     Args:
@@ -57,7 +58,7 @@ def relu(x):
     return jax.nn.relu(x)
 
 
-def leaky_relu(x, negative_slope=0.01):
+def leaky_relu(x: jax.Array, negative_slope: ArrayLike = 0.01) -> jax.Array:
     """Leaky ReLU ``x if x > 0 else negative_slope * x``.
 
     Args:
@@ -75,7 +76,7 @@ def leaky_relu(x, negative_slope=0.01):
     return jnp.where(x > 0, x, negative_slope * x)
 
 
-def prelu(x, alpha):
+def prelu(x: jax.Array, alpha: ArrayLike) -> jax.Array:
     """Parametric ReLU ``x if x > 0 else alpha * x`` with a learned slope.
 
     Args:
@@ -107,7 +108,7 @@ def prelu(x, alpha):
     return jnp.where(x > 0, x, slope * x)
 
 
-def elu(x, alpha=1.0):
+def elu(x: jax.Array, alpha: ArrayLike = 1.0) -> jax.Array:
     """Exponential linear unit ``x if x > 0 else alpha * (exp(x) - 1)`` (Clevert et al. 2015).
 
     Args:
@@ -125,7 +126,7 @@ def elu(x, alpha=1.0):
     return jax.nn.elu(x, alpha)
 
 
-def selu(x):
+def selu(x: jax.Array) -> jax.Array:
     """Scaled ELU (Klambauer et al. 2017) with the self-normalizing constants PyTorch uses.
 
     Args:
@@ -138,7 +139,7 @@ def selu(x):
     return jax.nn.selu(x)
 
 
-def gelu(x, *, approximate=False):
+def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
     """Gaussian error linear unit ``x * Phi(x)`` (Hendrycks and Gimpel 2016).
 
     Unlike ``jax.nn.gelu`` (tanh approximation by default), the default is the exact erf form, as
@@ -159,7 +160,7 @@ def gelu(x, *, approximate=False):
     return jax.nn.gelu(x, approximate=approximate)
 
 
-def swish(x):
+def swish(x: jax.Array) -> jax.Array:
     """Swish ``x * sigmoid(x)`` (Ramachandran et al. 2017), PyTorch's ``silu``.
 
     Args:
@@ -178,7 +179,7 @@ def swish(x):
 silu = swish
 
 
-def mish(x):
+def mish(x: jax.Array) -> jax.Array:
     """Mish ``x * tanh(softplus(x))`` (Misra 2019).
 
     Args:
@@ -191,7 +192,7 @@ def mish(x):
     return jax.nn.mish(x)
 
 
-def maxout(x, num_pieces):
+def maxout(x: jax.Array, num_pieces: int) -> jax.Array:
     """Maxout over the channel axis (Goodfellow et al. 2013): the max of each group of channels.
 
     The ``C`` channels form ``C // num_pieces`` groups of ``num_pieces`` *consecutive* channels:
@@ -224,7 +225,7 @@ def maxout(x, num_pieces):
     return jnp.max(grouped, axis=-1)
 
 
-def rectify(x):
+def rectify(x: jax.Array) -> jax.Array:
     """Absolute-value rectification ``|x|`` (Jarrett et al. 2009), blind to the sign of a feature.
 
     Args:
@@ -241,7 +242,7 @@ def rectify(x):
     return jnp.sign(x) * x
 
 
-def sigmoid(x):
+def sigmoid(x: jax.Array) -> jax.Array:
     """Logistic sigmoid ``1 / (1 + exp(-x))``.
 
     Args:
@@ -257,7 +258,7 @@ def sigmoid(x):
     return jax.nn.sigmoid(x)
 
 
-def tanh(x):
+def tanh(x: jax.Array) -> jax.Array:
     """Hyperbolic tangent.
 
     Args:
@@ -270,7 +271,7 @@ def tanh(x):
     return jnp.tanh(x)
 
 
-def softplus(x, beta=1.0, threshold=20.0):
+def softplus(x: jax.Array, beta: ArrayLike = 1.0, threshold: ArrayLike | None = 20.0) -> jax.Array:
     """Softplus ``log(1 + exp(beta * x)) / beta``, linear where ``beta * x > threshold``.
 
     Matches PyTorch's ``softplus(x, beta, threshold)``; the log-sum-exp form is stable for any

@@ -11,6 +11,9 @@ runs near its matmul rate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -106,17 +109,17 @@ def _add_bias(y, b):
 
 
 def conv(
-    x,
-    w,
-    b=None,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
     *,
-    stride=1,
+    stride: int | Sequence[int] = 1,
     padding: PaddingLike = 0,
-    dilation=1,
+    dilation: int | Sequence[int] = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
     flip: bool = False,
-):
+) -> jax.Array:
     """Cross-correlation of ``x`` with the kernel ``w`` (the "convolution" of deep learning).
 
     ``y[n, i, o] = b[o] + sum_{a, c} x_padded[n, i * stride + a * dilation, c] w[a, c, o]`` over
@@ -215,16 +218,16 @@ def conv(
 
 
 def convolve(
-    x,
-    w,
-    b=None,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
     *,
-    stride=1,
+    stride: int | Sequence[int] = 1,
     padding: PaddingLike = 0,
-    dilation=1,
+    dilation: int | Sequence[int] = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
-):
+) -> jax.Array:
     """True (signal-processing) convolution: :func:`conv` with ``w`` flipped on every spatial axis.
 
     ``(x * k)[i, j] = sum_{p, q} x[i + p, j + q] k[r - p, r - q]`` as in the course notes. Takes the
@@ -262,7 +265,17 @@ def convolve(
     )
 
 
-def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+def conv_transpose(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: PaddingLike = 0,
+    output_padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> jax.Array:
     """Transposed convolution (the gradient of :func:`conv` with respect to its input).
 
     Equals PyTorch's ``conv_transpose1d/2d/3d`` with the same weights and arguments: each input

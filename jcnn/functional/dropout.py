@@ -27,7 +27,7 @@ def _drop(key, x, rate, mask_shape):
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
-def dropout(key, x, rate, *, train=True):
+def dropout(key: jax.Array, x: jax.Array, rate: float, *, train: bool = True) -> jax.Array:
     """Zero each element with probability ``rate``, multiply the kept ones by ``1 / (1 - rate)``.
 
     With this "inverted" scaling the expected output equals ``x``, so evaluation needs no
@@ -53,7 +53,7 @@ def dropout(key, x, rate, *, train=True):
     return _drop(key, x, rate, x.shape)
 
 
-def spatial_dropout(key, x, rate, *, train=True):
+def spatial_dropout(key: jax.Array, x: jax.Array, rate: float, *, train: bool = True) -> jax.Array:
     """Drop whole channels (feature maps) of each example, scaling the kept ones by ``1/(1-rate)``.
 
     Neighbouring pixels of a feature map are strongly correlated, so elementwise dropout barely

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,12 @@ __all__ = ["locally_connected", "locally_connected_output_shape"]
 
 
 def locally_connected_output_shape(
-    in_spatial, window, *, stride=1, padding: PaddingLike = 0, dilation=1
+    in_spatial: Sequence[int],
+    window: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: PaddingLike = 0,
+    dilation: int | Sequence[int] = 1,
 ) -> tuple[int, ...]:
     """The output's spatial shape of :func:`locally_connected` (as for a convolution).
 
@@ -59,7 +65,15 @@ def locally_connected_output_shape(
     return tuple(out)
 
 
-def locally_connected(x, w, b=None, *, stride=1, padding: PaddingLike = 0, dilation=1):
+def locally_connected(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: PaddingLike = 0,
+    dilation: int | Sequence[int] = 1,
+) -> jax.Array:
     """Locally connected layer, ``y[n, p, o] = sum_{k,c} x[n, p*s + k*d, c] w[p, k, c, o]``.
 
     Like :func:`jcnn.functional.conv` (cross-correlation), but the filter at every output position

@@ -46,7 +46,13 @@ def _check_logits(logits) -> None:
         )
 
 
-def cross_entropy(logits, labels, *, label_smoothing=0.0, reduction="mean"):
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> jax.Array:
     """Softmax cross-entropy of ``logits`` against class labels or class probabilities.
 
     Computed through ``log_softmax`` (stable for any logits, in at least float32). With smoothing
@@ -98,7 +104,7 @@ def cross_entropy(logits, labels, *, label_smoothing=0.0, reduction="mean"):
     return losses
 
 
-def accuracy(logits, labels):
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Fraction of examples whose highest logit is the label (the argmax of probability labels).
 
     Args:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+from collections.abc import Hashable, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -67,17 +68,17 @@ class BatchNormState(NamedTuple):
 
 
 def batch_norm(
-    x,
-    scale,
-    bias,
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
     state: BatchNormState,
     *,
     train: bool,
     momentum: float = 0.99,
     eps: float = 1e-5,
-    axis_name=None,
+    axis_name: Hashable | tuple[Hashable, ...] | None = None,
     unbiased_running_var: bool = False,
-):
+) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization over every axis but the last (channels), for inputs of any rank >= 2.
 
     In training, ``x`` is normalized with the statistics of the batch (mean and biased variance per
@@ -146,7 +147,9 @@ def batch_norm(
     return y.astype(x.dtype), new_state
 
 
-def layer_norm(x, scale, bias, *, eps: float = 1e-5):
+def layer_norm(
+    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *, eps: float = 1e-5
+) -> jax.Array:
     """Layer normalization: each example normalized over all its axes (spatial and channels).
 
     This is the layer norm of the course notes and of Wu and He (2018): for images, statistics over
@@ -186,7 +189,14 @@ def layer_norm(x, scale, bias, *, eps: float = 1e-5):
     return _affine(y, scale, bias).astype(x.dtype)
 
 
-def group_norm(x, scale, bias, *, num_groups: int, eps: float = 1e-5):
+def group_norm(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    *,
+    num_groups: int,
+    eps: float = 1e-5,
+) -> jax.Array:
     """Group normalization (Wu and He, 2018): per example, over the spatial axes and each group of
     ``C // num_groups`` consecutive channels; matches ``torch.nn.functional.group_norm``.
 
@@ -225,16 +235,16 @@ def group_norm(x, scale, bias, *, num_groups: int, eps: float = 1e-5):
 
 
 def instance_norm(
-    x,
-    scale,
-    bias,
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
     state: BatchNormState | None = None,
     *,
     train: bool = True,
     momentum: float = 0.99,
     eps: float = 1e-5,
     unbiased_running_var: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, BatchNormState]:
     """Instance normalization: each example and channel normalized over the spatial axes.
 
     Without ``state`` it always uses the statistics of each instance and returns ``y``. With a
@@ -296,7 +306,13 @@ def instance_norm(
     return y, new_state
 
 
-def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
+def local_contrast_norm(
+    x: jax.Array,
+    *,
+    size: int | Sequence[int] = 9,
+    sigma: float | None = None,
+    eps: float = 1e-4,
+) -> jax.Array:
     """Local contrast normalization of Jarrett et al. (2009): subtractive, then divisive.
 
     With ``i`` indexing channels, ``(j, k)`` positions and ``w`` a Gaussian window normalized so
@@ -363,7 +379,9 @@ def local_contrast_norm(x, *, size=9, sigma=None, eps: float = 1e-4):
     return (centered / divisor[..., None]).astype(x.dtype)
 
 
-def local_response_norm(x, size: int, *, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+def local_response_norm(
+    x: jax.Array, size: int, *, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+) -> jax.Array:
     """Local response normalization across channels (Krizhevsky et al., 2012, AlexNet).
 
     ``y_c = x_c / (k + alpha * sum_{c'} x_{c'}**2) ** beta`` with ``c'`` over the ``size`` channels
@@ -403,7 +421,15 @@ def local_response_norm(x, size: int, *, alpha: float = 1e-4, beta: float = 0.75
     return (xf * (k + alpha * sum_squares) ** -beta).astype(x.dtype)
 
 
-def fold_batch_norm(w, b, scale, bias, state: BatchNormState, *, eps: float = 1e-5):
+def fold_batch_norm(
+    w: jax.Array,
+    b: jax.Array | None,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    state: BatchNormState,
+    *,
+    eps: float = 1e-5,
+) -> tuple[jax.Array, jax.Array]:
     """Fold an inference-mode batch norm into the conv (or dense layer) before it.
 
     ``batch_norm(conv(x, w, b), scale, bias, state, train=False)`` equals

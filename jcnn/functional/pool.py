@@ -143,14 +143,14 @@ def _full_window(spatial: Sequence[int]) -> tuple[int, ...]:
 
 
 def max_pool(
-    x,
-    window,
-    stride=None,
+    x: jax.Array,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
     padding: PaddingLike = 0,
     *,
-    dilation=1,
+    dilation: int | Sequence[int] = 1,
     ceil_mode: bool = False,
-):
+) -> jax.Array:
     """Max pooling over 1, 2 or 3 spatial dims, as ``torch.nn.functional.max_pool{1,2,3}d``.
 
     Args:
@@ -279,14 +279,14 @@ def _window_counts(size, k, s, lo, hi, out, count_include_pad) -> np.ndarray:
 
 
 def avg_pool(
-    x,
-    window,
-    stride=None,
+    x: jax.Array,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
     padding: PaddingLike = 0,
     *,
     ceil_mode: bool = False,
     count_include_pad: bool = True,
-):
+) -> jax.Array:
     """Average pooling over 1, 2 or 3 spatial dims, as ``torch.nn.functional.avg_pool{1,2,3}d``.
 
     Args:
@@ -332,7 +332,9 @@ def avg_pool(
     return (sums / counts.reshape(_full_window(out_sizes)).astype(accumulate)).astype(x.dtype)
 
 
-def lp_pool(x, p, window, stride=None):
+def lp_pool(
+    x: jax.Array, p: float, window: int | Sequence[int], stride: int | Sequence[int] | None = None
+) -> jax.Array:
     """L^p pooling ``(sum of x**p over the window) ** (1/p)``, as ``F.lp_pool{1,2,3}d``.
 
     ``p = 1`` is sum pooling and a large ``p`` approaches max pooling. As in PyTorch, ``x**p`` is
@@ -415,7 +417,7 @@ def _first_max_over(x, axes: Sequence[int]):
     return x
 
 
-def global_avg_pool(x):
+def global_avg_pool(x: jax.Array) -> jax.Array:
     """Mean over all spatial dims: ``(N, *spatial, C) -> (N, C)``.
 
     >>> global_avg_pool(jnp.arange(8.0).reshape(1, 2, 2, 2)).tolist()
@@ -425,7 +427,7 @@ def global_avg_pool(x):
     return jnp.mean(x.astype(_accumulation_dtype(x.dtype)), axis=axes).astype(x.dtype)
 
 
-def global_max_pool(x):
+def global_max_pool(x: jax.Array) -> jax.Array:
     """Maximum over all spatial dims: ``(N, *spatial, C) -> (N, C)``.
 
     The gradient goes to the first maximum in row-major order (as ``max_pool``'s and PyTorch's
@@ -464,7 +466,7 @@ def _adaptive_sizes(x, output_size) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def adaptive_avg_pool(x, output_size):
+def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int | None]) -> jax.Array:
     """Average pooling to a fixed output size, with PyTorch's bins.
 
     Output ``i`` of a dim of size ``n`` pooled to ``m`` averages input pixels
@@ -489,7 +491,7 @@ def adaptive_avg_pool(x, output_size):
     return pooled.astype(x.dtype)
 
 
-def adaptive_max_pool(x, output_size):
+def adaptive_max_pool(x: jax.Array, output_size: int | Sequence[int | None]) -> jax.Array:
     """Max pooling to a fixed output size, with PyTorch's bins (see ``adaptive_avg_pool``).
 
     The gradient of each output goes to the first maximum of its bin in row-major order (the last
@@ -537,7 +539,7 @@ def _adaptive_axis(x, axis: int, size: int, out: int, *, average: bool):
     return _first_max(jnp.where(inside, gathered, -jnp.inf), axis + 1)
 
 
-def subsample(x, stride):
+def subsample(x: jax.Array, stride: int | Sequence[int]) -> jax.Array:
     """Pick-one pooling: keep every ``stride``-th pixel of each spatial dim, starting at the first.
 
     Equivalent to a strided 1x1 window; the gradient reaches only the kept pixels.

@@ -31,8 +31,13 @@ had never stopped.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jcnn.train.loop import TrainConfig
 
 __all__ = [
     "Callback",
@@ -69,7 +74,15 @@ class RunContext:
         stop_reason: ``None``, or why training was asked to stop.
     """
 
-    def __init__(self, *, config, steps_per_epoch, out, has_validation, validation_metrics):
+    def __init__(
+        self,
+        *,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        out: str | os.PathLike | None,
+        has_validation: bool,
+        validation_metrics: Iterable[str],
+    ) -> None:
         self.config = config
         self.state = None
         self.step = 0
@@ -152,7 +165,7 @@ class _Monitor(Callback):
         self.best: float | None = None
         self.best_step: int | None = None
 
-    def on_train_begin(self, run):
+    def on_train_begin(self, run: RunContext) -> None:
         _check_monitor(self.monitor, run, type(self).__name__)
 
     def _improves(self, value: float) -> bool:
@@ -164,10 +177,10 @@ class _Monitor(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         self.best, self.best_step = state["best"], state["best_step"]
 
 
@@ -187,15 +200,20 @@ class EarlyStopping(_Monitor):
     """
 
     def __init__(
-        self, monitor: str = "val_loss", *, mode: str = "min", patience: int = 5, min_delta=0.0
-    ):
+        self,
+        monitor: str = "val_loss",
+        *,
+        mode: str = "min",
+        patience: int = 5,
+        min_delta: float = 0.0,
+    ) -> None:
         super().__init__(monitor, mode, min_delta)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience: expected an int >= 1, got {patience!r}")
         self.patience = patience
         self.wait = 0
 
-    def on_evaluation(self, run, metrics):
+    def on_evaluation(self, run: RunContext, metrics: dict) -> None:
         value = float(metrics[self.monitor])
         if self._improves(value):
             self.best, self.best_step, self.wait = value, int(metrics["step"]), 0
@@ -207,10 +225,10 @@ class EarlyStopping(_Monitor):
                 f"(best {self.best:.6g} at step {self.best_step})"
             )
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return {**super().state_dict(), "wait": self.wait}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.wait = int(state["wait"])
 
@@ -234,8 +252,8 @@ class BestCheckpoint(_Monitor):
         *,
         mode: str = "max",
         directory: str = "best",
-        min_delta=0.0,
-    ):
+        min_delta: float = 0.0,
+    ) -> None:
         super().__init__(monitor, mode, min_delta)
         if not isinstance(directory, str) or not directory or Path(directory).is_absolute():
             raise ValueError(
@@ -244,7 +262,7 @@ class BestCheckpoint(_Monitor):
         self.directory = directory
         self._manager: Any = None
 
-    def on_train_begin(self, run):
+    def on_train_begin(self, run: RunContext) -> None:
         super().on_train_begin(run)
         if run.out is None:
             raise ValueError("BestCheckpoint: needs a run folder (TrainConfig(out=...))")
@@ -252,7 +270,7 @@ class BestCheckpoint(_Monitor):
 
         self._manager = CheckpointManager(run.out / self.directory, keep_last=1, keep_best=False)
 
-    def on_evaluation(self, run, metrics):
+    def on_evaluation(self, run: RunContext, metrics: dict) -> None:
         value = float(metrics[self.monitor])
         if not self._improves(value):
             return

@@ -160,7 +160,14 @@ class CheckpointManager:
         CheckpointError: ``index.json`` or a checkpoint's ``manifest.json`` is unreadable.
     """
 
-    def __init__(self, directory, *, keep_last: int = 3, keep_best: bool = True, mode="max"):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int = 3,
+        keep_best: bool = True,
+        mode: str = "max",
+    ) -> None:
         check_positive_int(keep_last, "keep_last")
         if mode not in ("max", "min"):
             raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
@@ -298,7 +305,7 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        state,
+        state: Any,
         meta: dict | None = None,
         metric: float | None = None,
         *,
@@ -430,7 +437,7 @@ class CheckpointManager:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
         return int(step)
 
-    def restore(self, template, step: int | None = None) -> tuple[Any, dict]:
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Load a verified checkpoint into the structure of ``template``.
 
         Args:

@@ -35,24 +35,27 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import DTypeLike
 
 from jcnn import native
+from jcnn.data import Standardize
 from jcnn.functional._checks import check_positive_int
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
-from jcnn.train.callbacks import HOOKS, CallbackError, RunContext
+from jcnn.train.callbacks import HOOKS, Callback, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
 from jcnn.train.optim import OPTIMIZERS, optimizer
-from jcnn.train.protocol import check_eval_loader, check_train_loader
+from jcnn.train.protocol import TrainLoader, check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
 from jcnn.train.steps import RESERVED_METRICS, eval_step, train_step
@@ -385,7 +388,13 @@ def _restore_callbacks(callbacks, saved: list[dict]) -> None:
 
 
 def evaluate(
-    state: TrainState, loader, *, compute_dtype=None, mesh=None, loss=None, metrics=None
+    state: TrainState,
+    loader: Iterable,
+    *,
+    compute_dtype: DTypeLike | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    metrics: Mapping[str, Callable[[jax.Array, jax.Array], jax.Array]] | None = None,
 ) -> dict:
     """Mean loss, accuracy and extra metrics of ``state`` over one pass of ``loader`` (eval mode).
 
@@ -505,7 +514,7 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     """Carve config.val_split, fit and apply config.standardize; the loaders to train on."""
     if config.val_split is None and config.standardize is None:
         return train_loader, val_loader, test_loader, stats
-    from jcnn.data import Loader, Standardize
+    from jcnn.data import Loader
 
     option = "config.val_split" if config.val_split is not None else "config.standardize"
     if stats is not None and config.standardize is not None:
@@ -649,16 +658,16 @@ def _format(values: dict, prefix: str) -> str:
 
 
 def fit(
-    model,
-    train_loader,
-    val_loader=None,
+    model: nn.Module,
+    train_loader: TrainLoader,
+    val_loader: Iterable | None = None,
     config: TrainConfig | None = None,
     *,
-    test_loader=None,
-    loss=None,
-    metrics=None,
-    callbacks=None,
-    standardize=None,
+    test_loader: Iterable | None = None,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    metrics: Mapping[str, Callable[[jax.Array, jax.Array], jax.Array]] | None = None,
+    callbacks: Sequence[Callback] | None = None,
+    standardize: Standardize | None = None,
     metadata: dict | None = None,
     settings: dict | None = None,
 ) -> dict:
@@ -735,8 +744,6 @@ def _fit(
     metadata,
     settings,
 ) -> dict:
-    from jcnn.data import Standardize
-
     check_train_loader(train_loader)
     for name, loader in (("val_loader", val_loader), ("test_loader", test_loader)):
         if loader is not None:

@@ -80,7 +80,7 @@ def scale_by_rmsprop(decay: float = 0.9, eps: float = 1e-7) -> optax.GradientTra
     return _scale_by_accumulated_squares(lambda s, g: decay * s + (1.0 - decay) * g * g, eps)
 
 
-def default_decay_mask(params) -> Any:
+def default_decay_mask(params: Any) -> Any:
     """``True`` for the parameters that should decay: arrays of rank >= 2 (kernels)."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 

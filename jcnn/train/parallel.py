@@ -17,6 +17,9 @@ Multi-process (one process per host, or several on one machine for testing)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -34,7 +37,7 @@ __all__ = [
 DATA_AXIS = "data"
 
 
-def make_mesh(devices=None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all processes).
 
     Args:
@@ -68,7 +71,7 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def replicate(tree, mesh: Mesh):
+def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every array of ``tree`` (e.g. a ``TrainState``) replicated over the mesh.
 
     Each process must hold the same values (true for a state built from the same seed).
@@ -82,7 +85,7 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(place, tree)
 
 
-def shard_batch(batch, mesh: Mesh):
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """A batch as global arrays sharded on ``"data"``, from this process's local part.
 
     With one process the local part is the whole batch. With several, each passes its own

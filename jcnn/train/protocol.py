@@ -18,7 +18,8 @@ An evaluation loader (validation, test) needs only ``epoch(0)`` or plain iterati
 from __future__ import annotations
 
 import inspect
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["TrainLoader", "check_train_loader", "check_eval_loader"]
 
@@ -29,9 +30,9 @@ class TrainLoader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def epoch(self, epoch: int, *, start_step: int = 0): ...
+    def epoch(self, epoch: int, *, start_step: int = 0) -> Iterable[tuple[Any, Any]]: ...
 
-    def batch(self, epoch: int, step: int): ...
+    def batch(self, epoch: int, step: int) -> tuple[Any, Any]: ...
 
 
 def _accepts_start_step(method) -> bool:

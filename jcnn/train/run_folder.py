@@ -35,8 +35,14 @@ import math
 import os
 import shutil
 import socket
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import flax.linen as nn
+
+    from jcnn.train.loop import TrainConfig
 
 __all__ = [
     "RunFolderError",
@@ -120,7 +126,12 @@ class RunFolderError(ValueError, RuntimeError):
         differences: for a refused resume, ``[(setting, in the run, now), ...]``.
     """
 
-    def __init__(self, message: str, folder=None, differences=()):
+    def __init__(
+        self,
+        message: str,
+        folder: str | os.PathLike | None = None,
+        differences: Iterable[tuple[str, Any, Any]] = (),
+    ) -> None:
         super().__init__(message)
         self.folder = folder
         self.differences = list(differences)
@@ -173,7 +184,7 @@ class RunLock:
         self.release()
 
 
-def claim(folder) -> RunLock:
+def claim(folder: str | os.PathLike) -> RunLock:
     """Lock the run folder ``folder`` for this process (created if needed).
 
     Reentrant within a process: ``jcnn-train`` claims the folder for the whole command and
@@ -235,7 +246,7 @@ def _read_holder(handle: int) -> str:
 # ---- the record --------------------------------------------------------------------------------
 
 
-def describe(value, depth: int = 0) -> Any:
+def describe(value: Any, depth: int = 0) -> Any:
     """A plain-JSON description of a setting: numbers, strings, lists and dicts as they are;
     dtypes and types by name; functions by qualified name (with a ``functools.partial``'s
     arguments and the values a closure captured); a dataclass (a Flax module) by class and fields.
@@ -329,7 +340,12 @@ def _describe_loader(loader) -> dict | None:
     return record
 
 
-def run_record(config, model=None, train_loader=None, settings: dict | None = None) -> dict:
+def run_record(
+    config: TrainConfig,
+    model: nn.Module | None = None,
+    train_loader: Any = None,
+    settings: dict | None = None,
+) -> dict:
     """The plain-JSON record of a run that ``config.json`` holds (see the module docstring)."""
     from jcnn import __version__
 
@@ -346,13 +362,13 @@ def run_record(config, model=None, train_loader=None, settings: dict | None = No
 # ---- folder state ------------------------------------------------------------------------------
 
 
-def holds_run(folder) -> list[str]:
+def holds_run(folder: str | os.PathLike) -> list[str]:
     """The files of a run present in ``folder`` (empty: no run there)."""
     folder = Path(folder)
     return [name for name in RUN_FILES if (folder / name).exists()]
 
 
-def read_config(folder) -> dict:
+def read_config(folder: str | os.PathLike) -> dict:
     """The record in ``<folder>/config.json``.
 
     Raises:
@@ -376,7 +392,7 @@ def read_config(folder) -> dict:
         ) from error
 
 
-def write_config(folder, record: dict) -> None:
+def write_config(folder: str | os.PathLike, record: dict) -> None:
     """Write ``config.json`` atomically (a crash leaves the old file or the new one)."""
     path = Path(folder) / CONFIG_FILE
     tmp = path.with_name(CONFIG_FILE + ".tmp")
@@ -447,7 +463,9 @@ def format_differences(found, names=None) -> str:
     return "; ".join(parts)
 
 
-def check_start(folder, *, resume: bool, overwrite: bool, record: dict | None = None) -> None:
+def check_start(
+    folder: str | os.PathLike, *, resume: bool, overwrite: bool, record: dict | None = None
+) -> None:
     """Refuse a start that would mix two runs in ``folder``; reads only, writes nothing.
 
     Args:

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,8 +66,6 @@ class _NotRebuildable(Exception):
 
 
 def _encode(value):
-    import flax.linen as nn
-
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (np.integer, np.floating)):
@@ -225,7 +224,9 @@ class Run:
     step: int
     which: str | int
 
-    def predict(self, images, *, batch_size: int = 1000, standardized: bool = False):
+    def predict(
+        self, images: np.ndarray | jax.Array, *, batch_size: int = 1000, standardized: bool = False
+    ) -> np.ndarray:
         """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
         if not hasattr(images, "shape"):
             raise TypeError(f"images: expected an array, got {type(images).__name__}")
@@ -238,7 +239,14 @@ class Run:
             outputs.append(np.asarray(apply(self.variables, x), np.float32))
         return np.concatenate(outputs)
 
-    def evaluate(self, images, labels, *, batch_size: int = 1000, standardized: bool = False):
+    def evaluate(
+        self,
+        images: np.ndarray | jax.Array,
+        labels: np.ndarray | jax.Array,
+        *,
+        batch_size: int = 1000,
+        standardized: bool = False,
+    ) -> dict[str, Any]:
         """Loss, accuracy, per-class accuracy and the confusion matrix on ``(images, labels)``.
 
         Returns:
@@ -355,7 +363,9 @@ def _restore_variables(path: Path, template: dict) -> dict:
     return jax.tree.map(jnp.asarray, restored)
 
 
-def load_run(folder, which: str | int = "latest", *, model=None) -> Run:
+def load_run(
+    folder: str | os.PathLike, which: str | int = "latest", *, model: nn.Module | None = None
+) -> Run:
     """Load a run folder written by ``fit`` or ``jcnn-train`` for inference.
 
     Args:

@@ -9,7 +9,7 @@ import numpy as np
 __all__ = ["validation_size", "split_validation"]
 
 
-def validation_size(val_split, num_examples: int, name: str = "val_split") -> int:
+def validation_size(val_split: int | float, num_examples: int, name: str = "val_split") -> int:
     """The number of validation examples ``val_split`` asks for out of ``num_examples``.
 
     ``val_split`` is a count (an int ``1 <= n < num_examples``) or a fraction (a float in
@@ -44,7 +44,9 @@ def validation_size(val_split, num_examples: int, name: str = "val_split") -> in
     return count
 
 
-def split_validation(images, labels, val_split, *, seed: int = 0):
+def split_validation(
+    images: np.ndarray, labels: np.ndarray, val_split: int | float, *, seed: int = 0
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Split ``(images, labels)`` into a training part and a validation part.
 
     The validation examples are a uniformly random subset drawn with ``seed`` (the same seed gives

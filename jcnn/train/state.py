@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,13 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, model, tx: optax.GradientTransformation, key, sample_input) -> TrainState:
+    def create(
+        cls,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        key: jax.Array,
+        sample_input: jax.Array,
+    ) -> TrainState:
         """Initialize a model's variables and the optimizer state.
 
         Args:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import DTypeLike
 
 from jcnn import functional as F
 from jcnn.functional._checks import check_array
@@ -21,7 +24,9 @@ def _describe(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
-def batch_loss(loss_fn, logits, labels):
+def batch_loss(
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array], logits: jax.Array, labels: jax.Array
+) -> jax.Array:
     """The mean of ``loss_fn(logits, labels)`` over the batch, its shape checked.
 
     ``loss_fn`` returns one loss per example ``(N,)`` (averaged here) or their mean, a scalar.
@@ -46,7 +51,11 @@ def batch_loss(loss_fn, logits, labels):
     return jnp.mean(value.astype(jnp.float32)) if value.ndim else value.astype(jnp.float32)
 
 
-def batch_metrics(metrics, logits, labels) -> dict:
+def batch_metrics(
+    metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None,
+    logits: jax.Array,
+    labels: jax.Array,
+) -> dict[str, jax.Array]:
     """``{name: fn(logits, labels)}`` for the ``(name, fn)`` pairs of ``metrics``, each a scalar.
 
     A metric that returns anything but a scalar is a ``ValueError`` naming it.
@@ -85,17 +94,17 @@ def _cast_floats(tree, dtype):
 
 
 def loss_and_logits(
-    params,
+    params: Any,
     state: TrainState,
-    images,
-    labels,
+    images: jax.Array,
+    labels: jax.Array,
     *,
     train: bool,
-    dropout_key=None,
-    compute_dtype=None,
+    dropout_key: jax.Array | None = None,
+    compute_dtype: DTypeLike | None = None,
     label_smoothing: float = 0.0,
-    loss_fn=None,
-):
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, Any]]:
     """Mean loss of the model on a batch, with the logits and the new BatchNorm statistics.
 
     Args:
@@ -147,13 +156,13 @@ def loss_and_logits(
 )
 def train_step(
     state: TrainState,
-    batch,
+    batch: tuple[jax.Array, jax.Array],
     *,
-    compute_dtype=None,
+    compute_dtype: DTypeLike | None = None,
     label_smoothing: float = 0.0,
-    loss_fn=None,
-    metrics=None,
-):
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch; the old state's buffers are donated.
 
     The dropout key of step ``t`` is ``fold_in(state.key, t)``, so a run is a pure function of its
@@ -205,7 +214,14 @@ def train_step(
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "loss_fn", "metrics"))
-def eval_step(state: TrainState, batch, *, compute_dtype=None, loss_fn=None, metrics=None):
+def eval_step(
+    state: TrainState,
+    batch: tuple[jax.Array, jax.Array],
+    *,
+    compute_dtype: DTypeLike | None = None,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None = None,
+) -> dict[str, jax.Array]:
     """Loss and accuracy of the model in evaluation mode (running BatchNorm statistics).
 
     Args:

@@ -29,7 +29,9 @@ __all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 View = Callable[[jax.Array], jax.Array]
 
 
-def translate_batch(images, shift_y: int, shift_x: int, *, pad_mode: str = "reflect"):
+def translate_batch(
+    images: jax.Array, shift_y: int, shift_x: int, *, pad_mode: str = "reflect"
+) -> jax.Array:
     """``images`` ``(N, H, W, C)`` shifted by whole pixels (content moves down/right for positive
     shifts), the uncovered border filled by ``pad_mode`` (``"reflect"``, ``"edge"`` or ``"zeros"``).
     """
@@ -73,10 +75,10 @@ def flip_translate_views(
 
 def tta_logits(
     predict: Callable[[jax.Array], jax.Array],
-    images,
+    images: jax.Array,
     views: Sequence[View],
     weights: Sequence[float] | None = None,
-):
+) -> jax.Array:
     """The mean of ``predict(view(images))`` over ``views`` (logits averaged, as airbench94).
 
     Args:
