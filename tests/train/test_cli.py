@@ -709,3 +709,10 @@ def test_dp_run_reports_epsilon_and_refuses_a_resume_with_other_dp_flags(tmp_pat
     code, err = _main([*SMALL, "--out", str(out), "--resume"], capsys)  # without DP
     assert code == 3 and "--dp-noise-multiplier: 1.1 in the run, null now" in err
     assert _snapshot(out) == before
+
+
+def test_recipe_names_of_the_parser_are_the_recipes():
+    from jcnn.train import recipes
+    from jcnn.train.cli import RECIPE_NAMES
+
+    assert RECIPE_NAMES == {recipe.name: recipe.summary for recipe in recipes.RECIPES}
