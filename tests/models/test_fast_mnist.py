@@ -30,7 +30,7 @@ def test_forward_matches_torch(torch, rng, train):
     model = models.FastMNISTNet(widths=(6, 10), num_classes=7)
     x = rng.standard_normal((5, 28, 28, 1)).astype(np.float32)
     variables = model.init(jax.random.key(1), jnp.asarray(x))
-    params = jax.tree.map(np.asarray, variables["params"])
+    params = jax.tree.map(np.array, variables["params"])  # writable copies, as torch wants
     stats = {
         k: {n: np.asarray(v) + 0.1 for n, v in s.items()}
         for k, s in variables["batch_stats"].items()
