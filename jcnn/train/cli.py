@@ -337,8 +337,9 @@ def _given_flags(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _check_recipe(args, argv) -> None:
-    """``--recipe`` with a flag it sets itself, or with a dataset it is not built for."""
+def _check_recipe(args, argv) -> set[str]:
+    """``--recipe`` with a flag it sets itself, or with a dataset it is not built for; returns the
+    flags written on the command line."""
     from jcnn.train.recipes import RECIPES_BY_NAME
 
     recipe = RECIPES_BY_NAME[args.recipe]
@@ -366,6 +367,7 @@ def _check_recipe(args, argv) -> None:
             f"({'x'.join(map(str, recipe.image_shape))} images), not --dataset {args.dataset} "
             f"({'x'.join(map(str, shape))} images)"
         )
+    return given
 
 
 def _check_combinations(args) -> None:
@@ -648,8 +650,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.recipe is not None:
-        _check_recipe(args, argv)
+    given = _check_recipe(args, argv) if args.recipe is not None else set()
     _check_combinations(args)
     name = args.recipe or args.model
     out = Path(args.out or f"runs/{name}-{args.dataset.replace(':', '-')}")
@@ -712,7 +713,7 @@ def _main(argv) -> int:
         if args.recipe is not None:
             from jcnn.train import recipes
 
-            epochs = args.epochs if "epochs" in _given_flags(argv) else None
+            epochs = args.epochs if "epochs" in given else None
             try:
                 prepared = recipes.prepare(
                     args.recipe, train_x, train_y, seed=args.seed, epochs=epochs
