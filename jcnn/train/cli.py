@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(RECIPE_NAMES),
         help="a complete training set-up of jcnn.train.recipes (model, optimizer, schedule, "
         "augmentation, length; --epochs, --seed and the run-folder flags still apply): "
-        + "; ".join(f"{name}: {summary}" for name, summary in RECIPE_NAMES.items()),
+        + "; ".join(f"{name}: {summary}" for name, summary in RECIPE_NAMES.items()).replace(
+            "%", "%%"
+        ),
     )
     p.add_argument("--model", default="lenet5", choices=sorted(MODELS))
     p.add_argument(
