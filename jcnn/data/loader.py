@@ -118,7 +118,7 @@ class Loader:
         sharding: jax.sharding.Sharding | None = None,
         sampling: str = "shuffle",
         alternating_flip: bool = False,
-    ):
+    ) -> None:
         if not hasattr(images, "shape") or not hasattr(labels, "shape"):
             raise TypeError(
                 f"images, labels: expected arrays, got {type(images).__name__}, "

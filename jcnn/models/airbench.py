@@ -22,6 +22,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import init
@@ -47,7 +48,7 @@ class ConvGroup(nn.Module):
     kernel_init: Callable | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the group to ``x`` ``(N, H, W, C)``; halves H and W."""
         conv = functools.partial(
             Conv,
@@ -102,7 +103,7 @@ class AirbenchNet(nn.Module):
     whiten_init: Callable | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         k = self.whiten_kernel_size
@@ -119,7 +120,7 @@ class AirbenchNet(nn.Module):
         return x * self.scaling_factor
 
 
-def whitening_kernel(images, kernel_size: int = 2, eps: float = 5e-4):
+def whitening_kernel(images: jax.Array, kernel_size: int = 2, eps: float = 5e-4) -> jax.Array:
     """airbench's whitening initialization of the first conv, from training images.
 
     Takes every ``kernel_size x kernel_size`` patch of ``images``, the eigendecomposition of their

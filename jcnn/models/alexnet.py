@@ -18,6 +18,7 @@ Submodules: ``conv1``..``conv5``, ``relu1``..``relu7``, ``lrn1``/``lrn2`` (origi
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
@@ -66,7 +67,7 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, 3)``."""
         check_array(x, "x", ndim=4)
         if self.variant not in _VARIANTS:

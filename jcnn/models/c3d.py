@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
@@ -44,7 +45,7 @@ class SmallC3D(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for volumes ``x`` ``(N, D, H, W, C)``."""
         check_array(x, "x", ndim=5)
         if not self.widths:

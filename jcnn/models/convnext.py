@@ -22,6 +22,7 @@ Parameter names: ``stem_conv``, ``stem_norm``; blocks ``stage{s}_{b}`` (stage fr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,7 +73,7 @@ class ConvNeXtBlock(nn.Module):
     expansion: int = 4
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         rate = self.stochastic_depth
@@ -128,7 +129,7 @@ class ConvNeXt(nn.Module):
     layer_scale_init: float = 1e-6
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         if len(self.depths) != len(self.widths) or not self.depths:
@@ -160,7 +161,9 @@ class ConvNeXt(nn.Module):
         return Dense(self.num_classes, kernel_init=_weight_init, name="head")(x)
 
 
-def convnext_tiny(num_classes: int = 1000, stochastic_depth: float = 0.1, **kwargs) -> ConvNeXt:
+def convnext_tiny(
+    num_classes: int = 1000, stochastic_depth: float = 0.1, **kwargs: Any
+) -> ConvNeXt:
     """ConvNeXt-T for 224x224 inputs (28,589,128 parameters for 1000 classes).
 
     ``stochastic_depth`` 0.1 is torchvision's setting for ConvNeXt-T.
@@ -168,7 +171,7 @@ def convnext_tiny(num_classes: int = 1000, stochastic_depth: float = 0.1, **kwar
     return ConvNeXt((3, 3, 9, 3), (96, 192, 384, 768), num_classes, 4, stochastic_depth, **kwargs)
 
 
-def convnext_cifar(num_classes: int = 10, stochastic_depth: float = 0.1, **kwargs) -> ConvNeXt:
+def convnext_cifar(num_classes: int = 10, stochastic_depth: float = 0.1, **kwargs: Any) -> ConvNeXt:
     """ConvNeXt-T's depths at half width with a 2x2 stem, for 32x32 inputs (7,055,482 parameters
     for 10 classes)."""
     return ConvNeXt((3, 3, 9, 3), (48, 96, 192, 384), num_classes, 2, stochastic_depth, **kwargs)

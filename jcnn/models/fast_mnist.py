@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 
 from jcnn.functional._checks import check_array
 from jcnn.nn import BatchNorm, Conv, Dense, Flatten, MaxPool, ReLU
@@ -45,7 +46,7 @@ class FastMNISTNet(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, 28, 28, C)``."""
         check_array(x, "x", ndim=4)
         if len(self.widths) != 2:

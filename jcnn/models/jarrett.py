@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
@@ -53,7 +54,7 @@ class JarrettNet(nn.Module):
     lcn_size: int = 9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``; ``train`` is unused."""
         check_array(x, "x", ndim=4)
         pools = {"avg": AvgPool, "max": MaxPool}

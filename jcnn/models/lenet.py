@@ -10,6 +10,7 @@ weight ``(500, 50 * 7 * 7)`` maps to ``kernel = w.reshape(500, 50, 7, 7).transpo
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
@@ -49,7 +50,7 @@ class LeNet5(nn.Module):
     original: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, 1)``; ``train`` is unused."""
         check_array(x, "x", ndim=4)
         if self.original:

@@ -26,8 +26,10 @@ Parameter names: ``stem_conv``, ``stem_bn``; blocks ``block1`` ... ``block17`` h
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import init
@@ -91,7 +93,7 @@ class InvertedResidual(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         if not isinstance(self.expansion, int) or self.expansion < 1:
@@ -156,7 +158,7 @@ class MobileNetV2(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         if self.stem not in ("imagenet", "cifar"):
@@ -197,13 +199,15 @@ class MobileNetV2(nn.Module):
         return Dense(self.num_classes, kernel_init=init.normal(0.01), name="classifier")(x)
 
 
-def mobilenet_v2(num_classes: int = 1000, width_multiplier: float = 1.0, **kwargs) -> MobileNetV2:
+def mobilenet_v2(
+    num_classes: int = 1000, width_multiplier: float = 1.0, **kwargs: Any
+) -> MobileNetV2:
     """MobileNetV2 for 224x224 inputs (3,504,872 parameters at width 1.0, 1000 classes)."""
     return MobileNetV2(num_classes, width_multiplier, "imagenet", **kwargs)
 
 
 def mobilenet_v2_cifar(
-    num_classes: int = 10, width_multiplier: float = 1.0, **kwargs
+    num_classes: int = 10, width_multiplier: float = 1.0, **kwargs: Any
 ) -> MobileNetV2:
     """MobileNetV2 for 32x32 inputs (2,236,682 parameters at width 1.0, 10 classes)."""
     return MobileNetV2(num_classes, width_multiplier, "cifar", **kwargs)

@@ -22,8 +22,10 @@ the same paths in ``batch_stats``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import functional as F
@@ -75,7 +77,7 @@ class BasicBlock(_Block):
     """
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         y = Conv(self.features, (3, 3), self.stride, 1, use_bias=False, name="conv1")(x)
         y = BatchNorm(momentum=self.bn_momentum, name="bn1")(y, train)
@@ -96,7 +98,7 @@ class Bottleneck(_Block):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         out = self.features * self.expansion
         y = Conv(self.features, (1, 1), use_bias=False, name="conv1")(x)
@@ -157,7 +159,7 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -197,17 +199,17 @@ class ResNet(nn.Module):
         return Dense(self.num_classes, kernel_init=init.lecun_normal(), name="fc")(x)
 
 
-def resnet18(num_classes: int = 1000, **kwargs) -> ResNet:
+def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     """ResNet-18 for ImageNet-size inputs (11,689,512 parameters for 1000 classes)."""
     return ResNet((2, 2, 2, 2), "basic", num_classes, **kwargs)
 
 
-def resnet34(num_classes: int = 1000, **kwargs) -> ResNet:
+def resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     """ResNet-34 for ImageNet-size inputs (21,797,672 parameters for 1000 classes)."""
     return ResNet((3, 4, 6, 3), "basic", num_classes, **kwargs)
 
 
-def resnet50(num_classes: int = 1000, **kwargs) -> ResNet:
+def resnet50(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     """ResNet-50 for ImageNet-size inputs (25,557,032 parameters for 1000 classes)."""
     return ResNet((3, 4, 6, 3), "bottleneck", num_classes, **kwargs)
 
@@ -217,11 +219,11 @@ def _cifar(n: int, num_classes: int, kwargs) -> ResNet:
     return ResNet((n, n, n), "basic", num_classes, **options)
 
 
-def resnet20(num_classes: int = 10, **kwargs) -> ResNet:
+def resnet20(num_classes: int = 10, **kwargs: Any) -> ResNet:
     """ResNet-20 for CIFAR-10 (n = 3, 269,722 parameters with option-A shortcuts)."""
     return _cifar(3, num_classes, kwargs)
 
 
-def resnet56(num_classes: int = 10, **kwargs) -> ResNet:
+def resnet56(num_classes: int = 10, **kwargs: Any) -> ResNet:
     """ResNet-56 for CIFAR-10 (n = 9, 853,018 parameters with option-A shortcuts)."""
     return _cifar(9, num_classes, kwargs)

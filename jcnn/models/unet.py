@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn.functional._checks import check_array
@@ -49,7 +50,7 @@ class DoubleConv(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply both convs to ``x`` ``(N, H, W, C)``."""
         for i in (1, 2):
             x = Conv(
@@ -100,7 +101,7 @@ class UNet(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Scores ``(N, H', W', out_channels)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         if self.padding not in _PADDINGS:

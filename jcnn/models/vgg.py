@@ -16,6 +16,7 @@ same order.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
@@ -48,7 +49,7 @@ class VGG(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, 3)``."""
         check_array(x, "x", ndim=4)
         if self.depth not in _STAGE_DEPTHS:

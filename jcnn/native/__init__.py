@@ -31,7 +31,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 __all__ = [
     "NativeBuildError",
@@ -53,6 +55,9 @@ BACKENDS = ("auto", "onednn", "xla")
 _SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "jcnn_conv_backend", default=None
 )
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class NativeBuildError(RuntimeError):
@@ -244,7 +249,7 @@ def conv_backend() -> str:
 
 
 @contextlib.contextmanager
-def conv_backend_scope(backend: str | None):
+def conv_backend_scope(backend: str | None) -> Iterator[None]:
     """Within the block, functions traced use ``backend`` (one of ``auto``, ``onednn``, ``xla``)
     instead of ``JCNN_CONV_BACKEND``; ``None`` leaves the choice as it is.
 
@@ -266,7 +271,7 @@ def conv_backend_scope(backend: str | None):
         _SCOPED_BACKEND.reset(token)
 
 
-def portable(fun):
+def portable(fun: Callable[_P, _R]) -> Callable[_P, _R]:
     """``fun`` with every convolution it traces on XLA's own path, never a oneDNN custom call.
 
     For ``jax.export``, which refuses custom calls without a compatibility guarantee (an artifact
@@ -282,7 +287,7 @@ def portable(fun):
     """
 
     @functools.wraps(fun)
-    def on_xla(*args, **kwargs):
+    def on_xla(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with conv_backend_scope("xla"):
             return fun(*args, **kwargs)
 

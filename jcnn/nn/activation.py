@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import functional as F
@@ -54,7 +55,7 @@ class PReLU(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the activation to ``x`` of shape ``(N, ..., C)``."""
         check_array(x, "x")
         alpha_init = check_real(self.alpha_init, "alpha_init")
@@ -86,7 +87,7 @@ class Maxout(nn.Module):
     features: int | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply maxout to ``x`` of shape ``(N, ..., C)``."""
         check_positive_int(self.num_pieces, "num_pieces")
         if self.features is not None:
@@ -97,7 +98,7 @@ class Maxout(nn.Module):
 
 class _Activation(nn.Module):
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the activation elementwise."""
         return self._apply(x)
 

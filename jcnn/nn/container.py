@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
+import jax
 
 __all__ = ["Sequential", "Residual"]
 
@@ -56,7 +57,7 @@ class Sequential(nn.Module):
     layers: Sequence[Callable]
 
     @nn.compact
-    def __call__(self, x, train: bool | None = None):
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Run ``x`` through every layer; ``train`` reaches the layers that accept it."""
         for index, layer in enumerate(self.layers):
             x = _call(layer, x, train, f"layer {index}")
@@ -83,7 +84,7 @@ class Residual(nn.Module):
     projection: Callable | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool | None = None):
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Apply the block to ``x``; ``train`` reaches the branches that accept it."""
         y = _call(self.body, x, train, "body")
         shortcut = x if self.projection is None else _call(self.projection, x, train, "projection")

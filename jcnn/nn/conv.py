@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import functional as F
@@ -78,7 +79,7 @@ class Conv(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
         window, c_in = _check_conv_args(self, x)
         x, kernel, bias = kernel_and_bias(
@@ -141,7 +142,7 @@ class DepthwiseConv(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns
         ``(N, *out, C_in * depth_multiplier)``."""
         check_positive_int(self.depth_multiplier, "depth_multiplier")
@@ -204,7 +205,7 @@ class ConvTranspose(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
         window, c_in = _check_conv_args(self, x)
         x, kernel, bias = kernel_and_bias(

@@ -8,6 +8,7 @@ Both draw their randomness from the ``"dropout"`` rng collection
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from jcnn import functional as F
 from jcnn.functional._checks import check_bool, check_real
@@ -48,7 +49,7 @@ class Dropout(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Apply dropout to ``x`` when ``train``; identity otherwise."""
         return _apply(self, F.dropout, x, train)
 
@@ -63,6 +64,6 @@ class SpatialDropout(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Apply spatial dropout to ``x`` of shape ``(N, *spatial, C)`` when ``train``."""
         return _apply(self, F.spatial_dropout, x, train)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import init
@@ -49,7 +50,7 @@ class Dense(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` of shape ``(..., in_features)``; returns ``(..., features)``."""
         check_array(x, "x")
         if x.ndim < 1:
@@ -72,7 +73,7 @@ class Flatten(nn.Module):
     """
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Reshape ``x`` of shape ``(N, ...)`` to ``(N, prod(...))``."""
         check_array(x, "x")
         if x.ndim < 1:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcnn import functional as F
@@ -54,7 +55,7 @@ class LocallyConnected(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` of shape ``(N, *spatial, C_in)``."""
         window = window_and_check(self.kernel_size, x, "kernel_size")
         check_positive_int(self.features, "features")

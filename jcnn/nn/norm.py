@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
@@ -101,7 +102,7 @@ class BatchNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``; running stats update only when ``train``."""
         check_min_rank(x, "x", 2, "(N, ..., C)")
         channels = x.shape[-1]
@@ -141,7 +142,7 @@ class LayerNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         check_min_rank(x, "x", 2, "(N, ..., C)")
         channels = x.shape[-1]
@@ -168,7 +169,7 @@ class GroupNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         check_min_rank(x, "x", 2, "(N, ..., C)")
         channels = x.shape[-1]
@@ -208,7 +209,7 @@ class InstanceNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool | None = None):
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Normalize ``x`` of shape ``(N, *spatial, C)``."""
         check_min_rank(x, "x", 3, "(N, *spatial, C)")
         channels = x.shape[-1]
@@ -250,7 +251,7 @@ class LocalContrastNorm(nn.Module):
     eps: float = 1e-4
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, *spatial, C)`` (1 to 3 spatial axes)."""
         return F.local_contrast_norm(x, size=self.size, sigma=self.sigma, eps=self.eps)
 
@@ -269,6 +270,6 @@ class LocalResponseNorm(nn.Module):
     k: float = 1.0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         return F.local_response_norm(x, self.size, alpha=self.alpha, beta=self.beta, k=self.k)

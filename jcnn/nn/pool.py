@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 
 from jcnn import functional as F
 from jcnn.functional._checks import PaddingLike
@@ -44,7 +45,7 @@ class MaxPool(nn.Module):
     ceil_mode: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.max_pool(
             x,
@@ -70,7 +71,7 @@ class AvgPool(nn.Module):
     count_include_pad: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.avg_pool(
             x,
@@ -95,7 +96,7 @@ class LPPool(nn.Module):
     stride: int | Sequence[int] | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.lp_pool(x, self.p, self.window, self.stride)
 
@@ -104,7 +105,7 @@ class GlobalAvgPool(nn.Module):
     """Mean over all spatial positions: ``(N, *spatial, C)`` to ``(N, C)``."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.global_avg_pool(x)
 
@@ -113,7 +114,7 @@ class GlobalMaxPool(nn.Module):
     """Maximum over all spatial positions: ``(N, *spatial, C)`` to ``(N, C)``."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.global_max_pool(x)
 
@@ -128,7 +129,7 @@ class AdaptiveAvgPool(nn.Module):
     output_size: int | Sequence[int]
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
         return F.adaptive_avg_pool(x, self.output_size)
 
@@ -143,6 +144,6 @@ class AdaptiveMaxPool(nn.Module):
     output_size: int | Sequence[int]
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
         return F.adaptive_max_pool(x, self.output_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -56,7 +57,7 @@ class PReLU(nnx.Module):
         param_dtype: Any = jnp.float32,
         *,
         num_features: int | None = None,
-    ):
+    ) -> None:
         if channelwise:
             if num_features is None:
                 raise ValueError("num_features: PReLU(channelwise=True) needs the channel count")
@@ -70,7 +71,7 @@ class PReLU(nnx.Module):
         shape = (num_features,) if channelwise else ()
         self.alpha = nnx.Param(jnp.full(shape, alpha_init, param_dtype))
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the activation to ``x`` of shape ``(N, ..., C)``."""
         if self.channelwise:
             check_input(x, None, self.num_features, "PReLU")
@@ -100,7 +101,7 @@ class Maxout(nnx.Module):
         *,
         in_features: int | None = None,
         rngs: nnx.Rngs | None = None,
-    ):
+    ) -> None:
         check_positive_int(num_pieces, "num_pieces")
         self.num_pieces, self.features = num_pieces, features
         if features is None:
@@ -115,7 +116,7 @@ class Maxout(nnx.Module):
             raise ValueError("in_features: Maxout(features=...) needs the input size")
         self.linear = Dense(in_features, features * num_pieces, rngs=check_rngs(rngs, "Maxout"))
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply maxout to ``x`` of shape ``(N, ..., C)``."""
         if self.linear is not None:
             x = self.linear(x)
@@ -123,7 +124,7 @@ class Maxout(nnx.Module):
 
 
 class _Activation(nnx.Module):
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the activation elementwise."""
         return self._apply(x)
 
@@ -138,7 +139,7 @@ class ReLU(_Activation):
 class LeakyReLU(_Activation):
     """``max(negative_slope * x, x)``, ``F.leaky_relu``."""
 
-    def __init__(self, negative_slope: float = 0.01):
+    def __init__(self, negative_slope: float = 0.01) -> None:
         self.negative_slope = negative_slope
 
     def _apply(self, x):
@@ -148,7 +149,7 @@ class LeakyReLU(_Activation):
 class ELU(_Activation):
     """Exponential linear unit, ``F.elu``."""
 
-    def __init__(self, alpha: float = 1.0):
+    def __init__(self, alpha: float = 1.0) -> None:
         self.alpha = alpha
 
     def _apply(self, x):

@@ -11,15 +11,23 @@ writes the new running statistics into the module), ``model(x, train=False)`` ev
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import jax
 from flax import linen, nnx
 from flax.nnx import bridge
+from jax.typing import ArrayLike
 
 __all__ = ["to_nnx"]
 
 
-def to_nnx(linen_model: linen.Module, sample_input, *, rngs: nnx.Rngs | jax.Array, **init_kwargs):
+def to_nnx(
+    linen_model: linen.Module,
+    sample_input: ArrayLike,
+    *,
+    rngs: nnx.Rngs | jax.Array,
+    **init_kwargs: Any,
+) -> bridge.ToNNX:
     """``linen_model`` as an NNX module, its variables initialized on ``sample_input``.
 
     Args:

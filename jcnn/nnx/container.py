@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
+import jax
 from flax import nnx
 
 from jcnn.nnx._util import check_flag
@@ -55,7 +56,7 @@ class Sequential(nnx.Module):
         (3, 2)
     """
 
-    def __init__(self, layers: Sequence[Callable]):
+    def __init__(self, layers: Sequence[Callable]) -> None:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
             raise TypeError(
                 f"layers: expected a sequence of modules or functions, got {type(layers).__name__}"
@@ -65,7 +66,7 @@ class Sequential(nnx.Module):
                 raise TypeError(f"layers: entry {index} is not callable: {layer!r}")
         self.layers = nnx.List(layers)
 
-    def __call__(self, x, train: bool | None = None):
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Run ``x`` through every layer; ``train`` (when given) reaches those that accept it."""
         check_flag(train, "train")
         for index, layer in enumerate(self.layers):
@@ -90,14 +91,14 @@ class Residual(nnx.Module):
         (1, 5, 5, 4)
     """
 
-    def __init__(self, body: Callable, projection: Callable | None = None):
+    def __init__(self, body: Callable, projection: Callable | None = None) -> None:
         if not callable(body):
             raise TypeError(f"body: expected a module or function, got {body!r}")
         if projection is not None and not callable(projection):
             raise TypeError(f"projection: expected a module, function or None, got {projection!r}")
         self.body, self.projection = body, projection
 
-    def __call__(self, x, train: bool | None = None):
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Apply the block to ``x``; ``train`` (when given) reaches the branches that take it."""
         check_flag(train, "train")
         y = _call(self.body, x, train, "body")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
@@ -98,7 +99,7 @@ class Conv(_ConvBase):
         *,
         spatial_dims: int | None = None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         check_rngs(rngs, "Conv")
         _check_features(in_features, features, groups)
         self.in_features, self.features = in_features, features
@@ -116,7 +117,7 @@ class Conv(_ConvBase):
             rngs,
         )
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
         return F.conv(
@@ -170,7 +171,7 @@ class DepthwiseConv(_ConvBase):
         *,
         spatial_dims: int | None = None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         check_rngs(rngs, "DepthwiseConv")
         check_positive_int(in_features, "in_features")
         check_positive_int(depth_multiplier, "depth_multiplier")
@@ -189,7 +190,7 @@ class DepthwiseConv(_ConvBase):
             rngs,
         )
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
         return F.conv(
@@ -244,7 +245,7 @@ class ConvTranspose(_ConvBase):
         *,
         spatial_dims: int | None = None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         check_rngs(rngs, "ConvTranspose")
         _check_features(in_features, features, groups)
         self.in_features, self.features = in_features, features
@@ -262,7 +263,7 @@ class ConvTranspose(_ConvBase):
             rngs,
         )
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
         return F.conv_transpose(

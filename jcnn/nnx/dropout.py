@@ -29,7 +29,7 @@ class _Dropout(nnx.Module):
         deterministic: bool = False,
         rng_collection: str = "dropout",
         rngs: nnx.Rngs | nnx.RngStream | None = None,
-    ):
+    ) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise ValueError(f"rate: expected a probability in [0, 1], got {rate!r}")
         check_flag(deterministic, "deterministic")
@@ -47,13 +47,19 @@ class _Dropout(nnx.Module):
             f"{name}: expected nnx.Rngs, nnx.RngStream or None, got {type(rngs).__name__}"
         )
 
-    def set_view(self, deterministic: bool | None = None):
+    def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view``: set ``deterministic`` when given."""
         if deterministic is not None:
             check_flag(deterministic, "deterministic")
             self.deterministic = deterministic
 
-    def __call__(self, x, train: bool | None = None, *, rngs=None):
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool | None = None,
+        *,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+    ) -> jax.Array:
         """Drop when training (``train`` if given, else ``not deterministic``); identity otherwise.
 
         ``rngs`` (an ``nnx.Rngs``, ``nnx.RngStream`` or key) overrides the construction's.

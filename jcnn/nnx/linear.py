@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
@@ -52,7 +53,7 @@ class Dense(nnx.Module):
         param_dtype: Any = jnp.float32,
         *,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         check_rngs(rngs, "Dense")
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
@@ -64,7 +65,7 @@ class Dense(nnx.Module):
             param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
         )
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(..., in_features)``; returns ``(..., features)``."""
         check_input(x, None, self.in_features, "Dense")
         x, kernel, bias = promote_dtype(x, value(self.kernel), value(self.bias), dtype=self.dtype)
@@ -83,7 +84,7 @@ class Flatten(nnx.Module):
         (2, 2450)
     """
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Reshape ``x`` of shape ``(N, ...)`` to ``(N, prod(...))``."""
         check_array(x, "x")
         if x.ndim < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -61,7 +62,7 @@ class LocallyConnected(nnx.Module):
         bias_init: Initializer | None = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         check_rngs(rngs, "LocallyConnected")
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
@@ -85,7 +86,7 @@ class LocallyConnected(nnx.Module):
             else None
         )
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` of shape ``(N, *input_size, in_features)``."""
         check_input(x, len(self.kernel_size), self.in_features, "LocallyConnected")
         if tuple(x.shape[1:-1]) != self.input_size:

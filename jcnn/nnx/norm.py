@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
@@ -79,7 +80,7 @@ class _RunningStats(_Affine):
         self.mean[...] = new_state.mean
         self.var[...] = new_state.var
 
-    def set_view(self, use_running_average: bool | None = None):
+    def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``: set ``use_running_average`` when given."""
         if use_running_average is not None:
             check_flag(use_running_average, "use_running_average")
@@ -128,7 +129,7 @@ class BatchNorm(_RunningStats):
         *,
         use_running_average: bool = False,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self._make_affine(
             num_features,
             use_scale,
@@ -144,7 +145,7 @@ class BatchNorm(_RunningStats):
         self.unbiased_running_var = unbiased_running_var
         self._make_stats(use_running_average)
 
-    def __call__(self, x, train: bool | None = None):
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Normalize ``x`` ``(N, ..., C)``; ``train`` (when given) overrides the attribute."""
         train = training(train, not self.use_running_average)
         x, scale, bias = self._operands(x, 2, "(N, ..., C)")
@@ -185,7 +186,7 @@ class LayerNorm(_Affine):
         param_dtype: Any = jnp.float32,
         *,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self._make_affine(
             num_features,
             use_scale,
@@ -199,7 +200,7 @@ class LayerNorm(_Affine):
         )
         self.eps = eps
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         x, scale, bias = self._operands(x, 2, "(N, ..., C)")
         return F.layer_norm(x, scale, bias, eps=self.eps)
@@ -228,7 +229,7 @@ class GroupNorm(_Affine):
         param_dtype: Any = jnp.float32,
         *,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         check_positive_int(num_groups, "num_groups")
         check_positive_int(num_features, "num_features")
         if num_features % num_groups:
@@ -249,7 +250,7 @@ class GroupNorm(_Affine):
         )
         self.num_groups, self.eps = num_groups, eps
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         x, scale, bias = self._operands(x, 2, "(N, ..., C)")
         return F.group_norm(x, scale, bias, num_groups=self.num_groups, eps=self.eps)
@@ -286,7 +287,7 @@ class InstanceNorm(_RunningStats):
         *,
         use_running_average: bool = False,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self._make_affine(
             num_features,
             use_scale,
@@ -306,7 +307,7 @@ class InstanceNorm(_RunningStats):
             check_flag(use_running_average, "use_running_average")
             self.use_running_average = use_running_average
 
-    def __call__(self, x, train: bool | None = None):
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Normalize ``x`` ``(N, *spatial, C)``; ``train`` (when given) overrides the attribute."""
         train = training(train, not self.use_running_average)
         x, scale, bias = self._operands(x, 3, "(N, *spatial, C)")
@@ -335,10 +336,10 @@ class LocalContrastNorm(nnx.Module):
         size, sigma, eps: as the twin's.
     """
 
-    def __init__(self, size: int = 9, sigma: float | None = None, eps: float = 1e-4):
+    def __init__(self, size: int = 9, sigma: float | None = None, eps: float = 1e-4) -> None:
         self.size, self.sigma, self.eps = size, sigma, eps
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, *spatial, C)``."""
         return F.local_contrast_norm(x, size=self.size, sigma=self.sigma, eps=self.eps)
 
@@ -351,9 +352,11 @@ class LocalResponseNorm(nnx.Module):
         size, alpha, beta, k: as the twin's.
     """
 
-    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+    def __init__(
+        self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+    ) -> None:
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         return F.local_response_norm(x, self.size, alpha=self.alpha, beta=self.beta, k=self.k)

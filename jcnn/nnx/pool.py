@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 from flax import nnx
 
 from jcnn import functional as F
@@ -44,11 +45,11 @@ class MaxPool(nnx.Module):
         padding: PaddingLike = 0,
         dilation: int | Sequence[int] = 1,
         ceil_mode: bool = False,
-    ):
+    ) -> None:
         self.window, self.stride, self.padding = window, stride, padding
         self.dilation, self.ceil_mode = dilation, ceil_mode
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.max_pool(
             x,
@@ -74,11 +75,11 @@ class AvgPool(nnx.Module):
         padding: PaddingLike = 0,
         ceil_mode: bool = False,
         count_include_pad: bool = True,
-    ):
+    ) -> None:
         self.window, self.stride, self.padding = window, stride, padding
         self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.avg_pool(
             x,
@@ -99,10 +100,10 @@ class LPPool(nnx.Module):
 
     def __init__(
         self, p: float, window: int | Sequence[int], stride: int | Sequence[int] | None = None
-    ):
+    ) -> None:
         self.p, self.window, self.stride = p, window, stride
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.lp_pool(x, self.p, self.window, self.stride)
 
@@ -110,7 +111,7 @@ class LPPool(nnx.Module):
 class GlobalAvgPool(nnx.Module):
     """Mean over all spatial positions, ``(N, *spatial, C)`` to ``(N, C)``."""
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.global_avg_pool(x)
 
@@ -118,7 +119,7 @@ class GlobalAvgPool(nnx.Module):
 class GlobalMaxPool(nnx.Module):
     """Maximum over all spatial positions, ``(N, *spatial, C)`` to ``(N, C)``."""
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
         return F.global_max_pool(x)
 
@@ -130,10 +131,10 @@ class AdaptiveAvgPool(nnx.Module):
         output_size: an int or one int per spatial dim.
     """
 
-    def __init__(self, output_size: int | Sequence[int]):
+    def __init__(self, output_size: int | Sequence[int]) -> None:
         self.output_size = output_size
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
         return F.adaptive_avg_pool(x, self.output_size)
 
@@ -145,9 +146,9 @@ class AdaptiveMaxPool(nnx.Module):
         output_size: an int or one int per spatial dim.
     """
 
-    def __init__(self, output_size: int | Sequence[int]):
+    def __init__(self, output_size: int | Sequence[int]) -> None:
         self.output_size = output_size
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
         return F.adaptive_max_pool(x, self.output_size)

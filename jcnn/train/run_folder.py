@@ -145,7 +145,7 @@ _HELD: dict[str, RunLock] = {}  # the locks this process holds, by real path (cl
 class RunLock:
     """An exclusive lock on a run folder, held by this process (see :func:`claim`)."""
 
-    def __init__(self, folder: Path, handle: int, created_folder: Path | None):
+    def __init__(self, folder: Path, handle: int, created_folder: Path | None) -> None:
         self.folder = folder
         self._handle = handle
         self._created_folder = created_folder
