@@ -90,12 +90,12 @@ class _RunningStats(_Affine):
 class BatchNorm(_RunningStats):
     """Batch normalization over every axis but the last, ``F.batch_norm``; the NNX twin of
     ``jcnn.nn.BatchNorm`` (same arguments and defaults, ``momentum`` the decay of the running
-    averages).
+    averages). ``momentum``, ``eps``, ``axis_name``, ``unbiased_running_var``, ``use_scale``,
+    ``use_bias``, ``scale_init``, ``bias_init``, ``dtype`` and ``param_dtype`` are as in
+    ``jcnn.nn.BatchNorm``.
 
     Args:
         num_features: number of channels (last axis).
-        momentum, eps, axis_name, unbiased_running_var, use_scale, use_bias, scale_init,
-            bias_init, dtype, param_dtype: as in ``jcnn.nn.BatchNorm``.
         use_running_average: evaluate with the running statistics (``model.eval()`` sets it,
             ``model.train()`` clears it).
         rngs: ``nnx.Rngs`` for the initializers.
@@ -261,12 +261,12 @@ class InstanceNorm(_RunningStats):
 
     With ``track_running_stats=True`` it keeps ``mean`` and ``var`` as ``nnx.BatchStat`` and, in
     evaluation (``use_running_average`` or ``train=False``), normalizes with them; without it,
-    train and evaluation are the same and it holds no statistics.
+    train and evaluation are the same and it holds no statistics. ``track_running_stats``,
+    ``momentum``, ``unbiased_running_var``, ``eps``, ``use_scale``, ``use_bias``, ``scale_init``,
+    ``bias_init``, ``dtype`` and ``param_dtype`` are as in the twin.
 
     Args:
         num_features: number of channels (last axis).
-        track_running_stats, momentum, unbiased_running_var, eps, use_scale, use_bias,
-            scale_init, bias_init, dtype, param_dtype: as the twin's.
         use_running_average: as in ``BatchNorm`` (used only with ``track_running_stats``).
         rngs: ``nnx.Rngs`` for the initializers.
     """
