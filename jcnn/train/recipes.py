@@ -337,7 +337,9 @@ def run_recipe(
         metadata={"recipe": name},
     )
     state = result["state"]
-    accuracy = evaluate(state, test_loader)["accuracy"]
+    accuracy = result["summary"].get("test_accuracy")
+    if accuracy is None:  # fit trained no step (a finished run resumed): nothing evaluated yet
+        accuracy = evaluate(state, test_loader)["accuracy"]
     tta = None
     if prepared.views is not None:
         apply = with_tta(state.apply_fn, prepared.views, prepared.view_weights)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jcnn import init, models
-from jcnn.train import recipes
+from jcnn.train import evaluate, recipes
 from jcnn.train.param_groups import path_name
 
 
@@ -151,6 +151,8 @@ def test_mnist99_runs_end_to_end_and_learns(rng):
     result = recipes.run_recipe("mnist99", train, test, seed=1, epochs=2)
     assert result["test_accuracy"] >= 0.95
     assert result["test_accuracy_tta"] is None  # mnist99 has no test-time views
+    test_loader = result["prepared"].test_loader(*test)
+    assert result["test_accuracy"] == evaluate(result["state"], test_loader)["accuracy"]
     assert len(result["history"]) == 2
     again = recipes.run_recipe("mnist99", train, test, seed=1, epochs=2)
     assert again["test_accuracy"] == result["test_accuracy"]  # a pure function of the seed
