@@ -804,7 +804,7 @@ def _main(argv) -> int:
             backend=jax.default_backend(),
             command=command,
         )
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        run_folder.write_atomically(out / "summary.json", json.dumps(summary, indent=1))
     with_views = f", {test['accuracy_tta']:.4f} with TTA" if "accuracy_tta" in test else ""
     privacy = ""
     if "epsilon" in summary:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -49,6 +48,8 @@ def plot_confusion(path, confusion, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from jcnn.train import run_folder
+
     confusion = np.asarray(confusion)
     classes = confusion.shape[0]
     size = max(4.0, 0.5 * classes + 2)
@@ -74,15 +75,13 @@ def plot_confusion(path, confusion, title: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    run_folder.write_atomically(path, buffer.getvalue())
 
 
 def main(argv=None) -> int:
     """Entry point of ``jcnn-eval``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from jcnn.train import run_folder
     from jcnn.train.cli import load_dataset
     from jcnn.train.runs import RunFolderError, load_run
 
@@ -125,9 +124,7 @@ def main(argv=None) -> int:
         **report,
     }
     results = Path(args.json) if args.json else folder / "evaluation.json"
-    tmp = results.with_name(results.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, results)
+    run_folder.write_atomically(results, json.dumps(record, indent=1))
     print(f"confusion matrix: {confusion}; results: {results}")
     return 0
 

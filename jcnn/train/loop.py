@@ -564,23 +564,16 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     return train_loader, val_loader, test_loader, stats
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``path`` through a temporary file and a rename: never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _write_history(out: Path, history: list[dict], evaluations: list[dict]) -> None:
-    _atomic_write(out / "history.json", json.dumps(history, indent=1))
-    _atomic_write(out / "evaluations.json", json.dumps(evaluations, indent=1))
+    run_folder.write_atomically(out / "history.json", json.dumps(history, indent=1))
+    run_folder.write_atomically(out / "evaluations.json", json.dumps(evaluations, indent=1))
     if history:
         fields = list(dict.fromkeys(key for record in history for key in record))
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)
-        _atomic_write(out / "history.csv", table.getvalue())
+        run_folder.write_atomically(out / "history.csv", table.getvalue())
     _plot_curves(out / "curves.png", history)
 
 
@@ -609,7 +602,7 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    _atomic_write(path, buffer.getvalue())
+    run_folder.write_atomically(path, buffer.getvalue())
 
 
 def _summary(history, evaluations, test, stop_reason, wall, progress, private=None) -> dict:
@@ -881,7 +874,7 @@ def _fit(
         # only now: a refused start or a failed restore leaves the folder as it was
         run_folder.write_config(out, config_record)
         description = runs.run_description(model, sample_images, metadata)
-        _atomic_write(out / runs.RUN_FILE, json.dumps(description, indent=1))
+        run_folder.write_atomically(out / runs.RUN_FILE, json.dumps(description, indent=1))
         if stats is not None:
             runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
     if mesh is not None:
@@ -1108,7 +1101,7 @@ def _fit(
         else {}
     )
     if out is not None and jax.process_index() == 0:
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+        run_folder.write_atomically(out / "summary.json", json.dumps(summary, indent=1))
     return {
         "history": history,
         "evaluations": evaluations,

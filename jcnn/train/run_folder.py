@@ -52,6 +52,7 @@ __all__ = [
     "describe",
     "read_config",
     "write_config",
+    "write_atomically",
     "holds_run",
     "check_start",
     "differences",
@@ -392,12 +393,18 @@ def read_config(folder: str | os.PathLike) -> dict:
         ) from error
 
 
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file and a rename: a crash leaves the old file or the
+    new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 def write_config(folder: str | os.PathLike, record: dict) -> None:
     """Write ``config.json`` atomically (a crash leaves the old file or the new one)."""
-    path = Path(folder) / CONFIG_FILE
-    tmp = path.with_name(CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_atomically(Path(folder) / CONFIG_FILE, json.dumps(record, indent=1))
 
 
 def _flatten(record, prefix="") -> dict[str, Any]:

@@ -315,3 +315,18 @@ def test_a_damaged_checkpoint_stops_a_resume_before_training(run, damage):
             settings={"dataset": "toy", "data_dir": "/a"},
         )
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("data", ["text é", b"\x00bytes"])
+def test_write_atomically_replaces_whole_files_or_nothing(tmp_path, monkeypatch, data):
+    path = tmp_path / "summary.json"
+    run_folder.write_atomically(path, data)
+    assert path.read_bytes() == (data.encode() if isinstance(data, str) else data)
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run_folder.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_folder.write_atomically(path, "new")
+    assert path.read_bytes() == (data.encode() if isinstance(data, str) else data)
