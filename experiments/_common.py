@@ -126,11 +126,15 @@ def train_curve(model, train_xy, tx, *, epochs, batch_size, seed=0):
 
 
 def commit() -> str:
-    """The checked-out commit (with ``+dirty`` when the tree has changes), or ``unknown``."""
+    """The checked-out commit (with ``+dirty`` when the code differs from it), or ``unknown``.
+
+    The pages other experiments have just written (``docs/experiments/``) do not make it dirty.
+    """
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)docs/experiments"],
                                cwd=ROOT, text=True, capture_output=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
