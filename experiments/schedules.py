@@ -8,32 +8,46 @@ from __future__ import annotations
 
 import _common
 import matplotlib.pyplot as plt
+import numpy as np
 
 SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "linear",
              "inverse_sqrt")
 
 
-def schedule_findings(rows, peak_lr):
-    """What the ``[schedule, warmup, final train loss, test accuracy]`` rows show (Markdown)."""
+def noise_level(accuracy, n_test):
+    """Two standard errors of the difference of two accuracies near ``accuracy`` measured on
+    ``n_test`` images: smaller differences are not told apart."""
+    return 2 * np.sqrt(2 * accuracy * (1 - accuracy) / n_test)
+
+
+def schedule_findings(rows, peak_lr, n_test):
+    """What the ``[schedule, warmup, final train loss, test accuracy]`` rows show (Markdown),
+    each difference judged against the noise of ``n_test`` test images."""
+    accuracy = {(r[0], r[1]): r[3] for r in rows}
     best = max(rows, key=lambda r: r[3])
     warmup = "no" if best[1] == "none" else best[1]
     text = (f"Best here: {best[0]} ({warmup} warmup), test accuracy {best[3]:.3f}. The notes "
-            "recommend step or cosine decay, with warmup for large learning rates or batches.")
-    accuracy = {(r[0], r[1]): r[3] for r in rows}
-    decaying = [a for (name, _), a in accuracy.items() if name != "constant"]
-    constant = [a for (name, _), a in accuracy.items() if name == "constant"]
-    if decaying and constant:
-        text += (f" Decaying schedules span {min(decaying):.3f} to {max(decaying):.3f} test "
-                 f"accuracy, constant lr {max(constant):.3f}: "
-                 + ("decay helps, as the notes say." if max(decaying) > max(constant) else
-                    "**decay does not beat a constant lr here**."))
-    with_warmup = [(a, accuracy.get((name, "none"))) for (name, w), a in accuracy.items()
-                   if w != "none" and (name, "none") in accuracy]
-    if with_warmup:
-        better = sum(a > b for a, b in with_warmup)
-        text += (f" One epoch of warmup raises the test accuracy for {better} of "
-                 f"{len(with_warmup)} schedules (peak lr {peak_lr}, batch 64: not the large "
-                 "rates or batches the notes recommend it for).")
+            "recommend step or cosine decay, with warmup for large learning rates or batches. "
+            f"Differences are judged against two standard errors on {n_test} test images "
+            f"(±{100 * noise_level(best[3], n_test):.1f} points near the best).")
+    for setting in dict.fromkeys(w for _, w in accuracy):
+        constant = accuracy.get(("constant", setting))
+        decaying = {n: a for (n, w), a in accuracy.items() if w == setting and n != "constant"}
+        if constant is None or not decaying:
+            continue
+        name = max(decaying, key=decaying.get)
+        gain = decaying[name] - constant
+        verdict = ("decay helps, as the notes say" if gain > noise_level(constant, n_test) else
+                   "**no decaying schedule beats a constant rate beyond the noise here**")
+        text += (f" With {'no' if setting == 'none' else setting} warmup, the best decaying "
+                 f"schedule ({name}, {decaying[name]:.3f}) vs a constant rate ({constant:.3f}): "
+                 f"{100 * gain:+.1f} points, {verdict}.")
+    pairs = [(a, accuracy[(name, "none")]) for (name, w), a in accuracy.items()
+             if w != "none" and (name, "none") in accuracy]
+    if pairs:
+        raised = sum(a - b > noise_level(b, n_test) for a, b in pairs)
+        text += (f" One epoch of warmup raises the test accuracy beyond the noise for {raised} of "
+                 f"{len(pairs)} schedules (peak lr {peak_lr} with momentum 0.9, batch 64).")
     return text
 
 
@@ -66,7 +80,7 @@ def main(argv=None):
         f"{epochs // 2} and {3 * epochs // 4}; exponential and 1/t use k = 0.5 per epoch. "
         "Warmup is linear from 0 over the first epoch.")
     page.table(["schedule", "warmup", "final train loss", "test accuracy"], rows)
-    page.text(schedule_findings(rows, base_lr))
+    page.text(schedule_findings(rows, base_lr, len(y_test)))
 
     # Linear scaling rule: lr proportional to batch size, with warmup (Goyal et al. 2017).
     batch_sizes = (64,) if quick else (32, 64, 128, 256, 512)
