@@ -4,7 +4,7 @@
 Krizhevsky et al. (2012, Figure 1) report a 4-layer CNN with ReLUs reaching 25% training error on
 CIFAR-10 six times faster than the same network with tanh; the notes repeat "e.g. 6x".
 
-Run: ``python experiments/activations.py [--quick] [--data-dir DIR]`` (full: about 10 min on
+Run: ``python experiments/activations.py [--quick] [--data-dir DIR]`` (full: 6 min measured on
 2 cores).
 """
 
