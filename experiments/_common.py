@@ -125,6 +125,12 @@ def train_curve(model, train_xy, tx, *, epochs, batch_size, seed=0):
     return np.array(losses), np.array(steps), np.array(grads)
 
 
+def noise_level(accuracy: float, n_test: int) -> float:
+    """Two standard errors of the difference of two accuracies near ``accuracy``, each measured
+    on ``n_test`` images: smaller differences are not told apart."""
+    return 2 * np.sqrt(2 * accuracy * (1 - accuracy) / n_test)
+
+
 def commit() -> str:
     """The checked-out commit (with ``+dirty`` when the code differs from it), or ``unknown``.
 

@@ -2,7 +2,8 @@
 contribute to a conv -> tanh -> |x| -> LCN -> pool network; its first-layer filters and feature
 maps; and BatchNorm folding (same accuracy, faster inference).
 
-Run: ``python experiments/jarrett.py [--quick] [--data-dir DIR]`` (full: 6.5 min measured on 2 cores).
+Run: ``python experiments/jarrett.py [--quick] [--data-dir DIR]`` (full: 6.5 min measured on
+2 cores).
 """
 
 from __future__ import annotations
@@ -48,10 +49,9 @@ def frozen_features_optimizer(model, learning_rate):
 
 
 def compare(test, better, worse, n_test):
-    """``better``'s test accuracy minus ``worse``'s, and whether it exceeds the noise: two
-    standard errors of the difference of two accuracies measured on ``n_test`` images."""
-    p = (test[better] + test[worse]) / 2
-    noise = 2 * np.sqrt(2 * p * (1 - p) / n_test)
+    """``better``'s test accuracy minus ``worse``'s, and whether it exceeds the noise of
+    ``n_test`` test images (``_common.noise_level``)."""
+    noise = _common.noise_level((test[better] + test[worse]) / 2, n_test)
     difference = test[better] - test[worse]
     return (f"{test[better]:.3f} vs {test[worse]:.3f}, {100 * difference:+.1f} points against a "
             f"noise level of ±{100 * noise:.1f}"), difference > noise

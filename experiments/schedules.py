@@ -1,23 +1,17 @@
 """Learning-rate schedules and warmup (lecture 003), and the linear scaling rule of Goyal et al.
 (2017) across batch sizes.
 
-Run: ``python experiments/schedules.py [--quick] [--data-dir DIR]`` (full: 9 min measured on 2 cores).
+Run: ``python experiments/schedules.py [--quick] [--data-dir DIR]`` (full: 9 min measured on
+2 cores).
 """
 
 from __future__ import annotations
 
 import _common
 import matplotlib.pyplot as plt
-import numpy as np
 
 SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "linear",
              "inverse_sqrt")
-
-
-def noise_level(accuracy, n_test):
-    """Two standard errors of the difference of two accuracies near ``accuracy`` measured on
-    ``n_test`` images: smaller differences are not told apart."""
-    return 2 * np.sqrt(2 * accuracy * (1 - accuracy) / n_test)
 
 
 def schedule_findings(rows, peak_lr, n_test):
@@ -29,7 +23,7 @@ def schedule_findings(rows, peak_lr, n_test):
     text = (f"Best here: {best[0]} ({warmup} warmup), test accuracy {best[3]:.3f}. The notes "
             "recommend step or cosine decay, with warmup for large learning rates or batches. "
             f"Differences are judged against two standard errors on {n_test} test images "
-            f"(±{100 * noise_level(best[3], n_test):.1f} points near the best).")
+            f"(±{100 * _common.noise_level(best[3], n_test):.1f} points near the best).")
     for setting in dict.fromkeys(w for _, w in accuracy):
         constant = accuracy.get(("constant", setting))
         decaying = {n: a for (n, w), a in accuracy.items() if w == setting and n != "constant"}
@@ -37,7 +31,8 @@ def schedule_findings(rows, peak_lr, n_test):
             continue
         name = max(decaying, key=decaying.get)
         gain = decaying[name] - constant
-        verdict = ("decay helps, as the notes say" if gain > noise_level(constant, n_test) else
+        beyond_noise = gain > _common.noise_level(constant, n_test)
+        verdict = ("decay helps, as the notes say" if beyond_noise else
                    "**no decaying schedule beats a constant rate beyond the noise here**")
         text += (f" With {'no' if setting == 'none' else setting} warmup, the best decaying "
                  f"schedule ({name}, {decaying[name]:.3f}) vs a constant rate ({constant:.3f}): "
@@ -45,7 +40,7 @@ def schedule_findings(rows, peak_lr, n_test):
     pairs = [(a, accuracy[(name, "none")]) for (name, w), a in accuracy.items()
              if w != "none" and (name, "none") in accuracy]
     if pairs:
-        raised = sum(a - b > noise_level(b, n_test) for a, b in pairs)
+        raised = sum(a - b > _common.noise_level(b, n_test) for a, b in pairs)
         text += (f" One epoch of warmup raises the test accuracy beyond the noise for {raised} of "
                  f"{len(pairs)} schedules (peak lr {peak_lr} with momentum 0.9, batch 64).")
     return text
