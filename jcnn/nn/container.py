@@ -7,35 +7,14 @@ functions such as ``F.relu`` can sit in the chain too.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 
+from jcnn.nn._shared import add_shortcut, call_layer
+
 __all__ = ["Sequential", "Residual"]
-
-
-def _train_parameter(layer: Callable) -> inspect.Parameter | None:
-    try:
-        signature = inspect.signature(layer)
-    except (TypeError, ValueError):
-        return None
-    return signature.parameters.get("train")
-
-
-def _call(layer: Callable, x, train: bool | None, where: str):
-    parameter = _train_parameter(layer)
-    if parameter is None:
-        return layer(x)
-    if train is None:
-        if parameter.default is inspect.Parameter.empty:
-            raise ValueError(
-                f"train: {where} ({type(layer).__name__}) needs train=True or False; "
-                "pass train to the container"
-            )
-        return layer(x)
-    return layer(x, train=train)
 
 
 class Sequential(nn.Module):
@@ -60,7 +39,7 @@ class Sequential(nn.Module):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Run ``x`` through every layer; ``train`` reaches the layers that accept it."""
         for index, layer in enumerate(self.layers):
-            x = _call(layer, x, train, f"layer {index}")
+            x = call_layer(layer, x, train, f"layer {index}")
         return x
 
 
@@ -86,11 +65,8 @@ class Residual(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Apply the block to ``x``; ``train`` reaches the branches that accept it."""
-        y = _call(self.body, x, train, "body")
-        shortcut = x if self.projection is None else _call(self.projection, x, train, "projection")
-        if y.shape != shortcut.shape:
-            raise ValueError(
-                f"body: output shape {tuple(y.shape)} differs from the shortcut's "
-                f"{tuple(shortcut.shape)}; give a projection that maps x to the body's shape"
-            )
-        return y + shortcut
+        y = call_layer(self.body, x, train, "body")
+        shortcut = (
+            x if self.projection is None else call_layer(self.projection, x, train, "projection")
+        )
+        return add_shortcut(y, shortcut)

@@ -15,25 +15,24 @@ import jax
 import jax.numpy as jnp
 
 from jcnn import functional as F
-from jcnn import init
 from jcnn.functional._checks import PaddingLike, check_positive_int
-from jcnn.nn._util import (
+from jcnn.nn._shared import (
     Initializer,
-    check_channels_divisible,
-    kernel_and_bias,
-    window_and_check,
+    check_conv_channels,
+    conv_kernel,
+    conv_transpose_kernel,
+    depthwise_kernel,
 )
+from jcnn.nn._util import kernel_and_bias, window_and_check
 
 __all__ = ["Conv", "ConvTranspose", "DepthwiseConv"]
 
 
-def _check_conv_args(module, x) -> tuple[tuple[int, ...], int]:
+def _window_and_channels(module, x) -> tuple[tuple[int, ...], int]:
     """The window and the input channels, once ``x``, ``features`` and ``groups`` are checked."""
     window = window_and_check(module.kernel_size, x, "kernel_size")
-    check_positive_int(module.features, "features")
     c_in = x.shape[-1]
-    check_channels_divisible(c_in, module.groups, "input channels")
-    check_channels_divisible(module.features, module.groups, "features")
+    check_conv_channels(c_in, module.features, module.groups, "input channels")
     return window, c_in
 
 
@@ -81,13 +80,8 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
-        window, c_in = _check_conv_args(self, x)
-        x, kernel, bias = kernel_and_bias(
-            self,
-            x,
-            (*window, c_in // self.groups, self.features),
-            init.he_normal(groups=self.groups),
-        )
+        spec = conv_kernel(*_window_and_channels(self, x), self.features, self.groups)
+        x, kernel, bias = kernel_and_bias(self, x, spec)
         return F.conv(
             x,
             kernel,
@@ -152,10 +146,8 @@ class DepthwiseConv(nn.Module):
             raise ValueError(
                 f"x: expected at least one channel on the last axis, got shape {tuple(x.shape)}"
             )
-        features = c_in * self.depth_multiplier
-        x, kernel, bias = kernel_and_bias(
-            self, x, (*window, 1, features), init.he_normal(groups=c_in), features=features
-        )
+        spec = depthwise_kernel(window, c_in, self.depth_multiplier)
+        x, kernel, bias = kernel_and_bias(self, x, spec)
         return F.conv(
             x,
             kernel,
@@ -207,10 +199,8 @@ class ConvTranspose(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
-        window, c_in = _check_conv_args(self, x)
-        x, kernel, bias = kernel_and_bias(
-            self, x, (*window, c_in, self.features // self.groups), init.he_normal()
-        )
+        spec = conv_transpose_kernel(*_window_and_channels(self, x), self.features, self.groups)
+        x, kernel, bias = kernel_and_bias(self, x, spec)
         return F.conv_transpose(
             x,
             kernel,

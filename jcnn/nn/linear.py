@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jcnn import init
 from jcnn.functional._checks import check_array, check_positive_int
-from jcnn.nn._util import Initializer, kernel_and_bias
+from jcnn.nn._shared import Initializer, dense_kernel
+from jcnn.nn._util import kernel_and_bias
 
 __all__ = ["Dense", "Flatten"]
 
@@ -56,7 +56,7 @@ class Dense(nn.Module):
         if x.ndim < 1:
             raise ValueError("x: expected rank >= 1 (..., in_features), got a scalar")
         check_positive_int(self.features, "features")
-        x, kernel, bias = kernel_and_bias(self, x, (x.shape[-1], self.features), init.he_normal())
+        x, kernel, bias = kernel_and_bias(self, x, dense_kernel(x.shape[-1], self.features))
         y = jnp.tensordot(x, kernel, axes=1)
         if bias is None:
             return y

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import PaddingLike, check_positive_int
-from jcnn.nn._util import Initializer, window_and_check
+from jcnn.nn._shared import Initializer
+from jcnn.nn._util import window_and_check
 
 __all__ = ["LocallyConnected"]
 

@@ -19,7 +19,7 @@ from flax.linen.dtypes import promote_dtype
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import check_bool, check_min_rank, check_positive_int
-from jcnn.nn._util import Initializer
+from jcnn.nn._shared import Initializer
 
 __all__ = [
     "BatchNorm",

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
 import numpy as np
 from flax import nnx
 
-from jcnn.functional._checks import as_int_tuple, check_array, check_positive_int
-
-Initializer = Callable[..., Any]
-
-LAYOUT = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
+from jcnn import init
+from jcnn.functional._checks import as_int_tuple, check_array
+from jcnn.nn._shared import LAYOUT, Initializer, KernelSpec, check_spatial_rank, window_rank
 
 
 def check_rngs(rngs, owner: str) -> nnx.Rngs:
@@ -30,6 +25,22 @@ def param(rngs: nnx.Rngs, initializer: Initializer, shape: tuple[int, ...], dtyp
     return nnx.Param(initializer(rngs.params(), shape, dtype))
 
 
+def kernel_and_bias(
+    rngs: nnx.Rngs,
+    spec: KernelSpec,
+    use_bias: bool,
+    kernel_init: Initializer | None,
+    bias_init: Initializer | None,
+    param_dtype,
+) -> tuple[nnx.Param, nnx.Param | None]:
+    """The ``kernel`` and ``bias`` parameters that ``spec`` describes (``bias`` is ``None``
+    without ``use_bias``); ``None`` initializers take the defaults, ``spec.default_init`` and
+    zeros."""
+    kernel = param(rngs, kernel_init or spec.default_init, spec.shape, param_dtype)
+    bias = param(rngs, bias_init or init.zeros, (spec.features,), param_dtype) if use_bias else None
+    return kernel, bias
+
+
 def spatial_window(kernel_size, spatial_dims: int | None, owner: str) -> tuple[int, ...]:
     """The kernel window as a tuple of ints.
 
@@ -38,17 +49,14 @@ def spatial_window(kernel_size, spatial_dims: int | None, owner: str) -> tuple[i
     """
     if spatial_dims is not None and spatial_dims not in LAYOUT:
         raise ValueError(f"spatial_dims: expected 1, 2 or 3, got {spatial_dims!r}")
-    if isinstance(kernel_size, Sequence) and not isinstance(kernel_size, str):
-        n = len(kernel_size)
-        if n not in LAYOUT:
-            raise ValueError(f"kernel_size: expected 1, 2 or 3 spatial sizes, got {kernel_size!r}")
-        if spatial_dims is not None and spatial_dims != n:
-            raise ValueError(
-                f"spatial_dims: {spatial_dims} disagrees with kernel_size {kernel_size!r} "
-                f"({n} spatial sizes) of {owner}"
-            )
-    else:
+    n = window_rank(kernel_size, "kernel_size")
+    if n is None:
         n = 2 if spatial_dims is None else spatial_dims
+    elif spatial_dims is not None and spatial_dims != n:
+        raise ValueError(
+            f"spatial_dims: {spatial_dims} disagrees with kernel_size {kernel_size!r} "
+            f"({n} spatial sizes) of {owner}"
+        )
     return as_int_tuple(kernel_size, n, "kernel_size", minimum=1)
 
 
@@ -56,11 +64,8 @@ def check_input(x, spatial_rank: int | None, channels: int, owner: str) -> None:
     """Raise unless ``x`` is ``(N, *spatial, channels)`` with ``spatial_rank`` spatial axes
     (``None``: any rank >= 1 of the form ``(..., channels)``)."""
     check_array(x, "x")
-    if spatial_rank is not None and x.ndim != spatial_rank + 2:
-        raise ValueError(
-            f"x: expected rank {spatial_rank + 2} {LAYOUT[spatial_rank]} for a {spatial_rank}-D "
-            f"{owner}, got rank {x.ndim} with shape {tuple(x.shape)}"
-        )
+    if spatial_rank is not None:
+        check_spatial_rank(x, spatial_rank, owner)
     if x.ndim < 1:
         raise ValueError(f"x: expected rank >= 1 (..., {channels}) for {owner}, got a scalar")
     if x.shape[-1] != channels:
@@ -68,13 +73,6 @@ def check_input(x, spatial_rank: int | None, channels: int, owner: str) -> None:
             f"x: {owner} was built for {channels} features on the last axis, got shape "
             f"{tuple(x.shape)}"
         )
-
-
-def check_divisible(channels: int, groups: int, what: str) -> None:
-    """Raise unless ``groups`` divides ``channels``."""
-    check_positive_int(groups, "groups")
-    if channels % groups:
-        raise ValueError(f"groups: {what} ({channels}) must be divisible by groups ({groups})")
 
 
 def check_flag(value, name: str) -> None:

@@ -8,32 +8,15 @@ and ``model.eval()`` set them all).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 
 import jax
 from flax import nnx
 
+from jcnn.nn._shared import add_shortcut, call_layer
 from jcnn.nnx._util import check_flag
 
 __all__ = ["Sequential", "Residual"]
-
-
-def _call(layer: Callable, x, train: bool | None, where: str):
-    try:
-        parameter = inspect.signature(layer).parameters.get("train")
-    except (TypeError, ValueError):
-        parameter = None
-    if parameter is None:
-        return layer(x)
-    if train is None:
-        if parameter.default is inspect.Parameter.empty:
-            raise ValueError(
-                f"train: {where} ({type(layer).__name__}) needs train=True or False; "
-                "pass train to the container"
-            )
-        return layer(x)
-    return layer(x, train=train)
 
 
 class Sequential(nnx.Module):
@@ -70,7 +53,7 @@ class Sequential(nnx.Module):
         """Run ``x`` through every layer; ``train`` (when given) reaches those that accept it."""
         check_flag(train, "train")
         for index, layer in enumerate(self.layers):
-            x = _call(layer, x, train, f"layer {index}")
+            x = call_layer(layer, x, train, f"layer {index}")
         return x
 
 
@@ -101,11 +84,8 @@ class Residual(nnx.Module):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Apply the block to ``x``; ``train`` (when given) reaches the branches that take it."""
         check_flag(train, "train")
-        y = _call(self.body, x, train, "body")
-        shortcut = x if self.projection is None else _call(self.projection, x, train, "projection")
-        if y.shape != shortcut.shape:
-            raise ValueError(
-                f"body: output shape {tuple(y.shape)} differs from the shortcut's "
-                f"{tuple(shortcut.shape)}; give a projection that maps x to the body's shape"
-            )
-        return y + shortcut
+        y = call_layer(self.body, x, train, "body")
+        shortcut = (
+            x if self.projection is None else call_layer(self.projection, x, train, "projection")
+        )
+        return add_shortcut(y, shortcut)

@@ -19,40 +19,31 @@ from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
-from jcnn import init
 from jcnn.functional._checks import PaddingLike, check_positive_int
-from jcnn.nnx._util import (
+from jcnn.nn._shared import (
     Initializer,
-    check_divisible,
-    check_input,
-    check_rngs,
-    param,
-    spatial_window,
-    value,
+    check_conv_channels,
+    conv_kernel,
+    conv_transpose_kernel,
+    depthwise_kernel,
 )
+from jcnn.nnx._util import check_input, check_rngs, kernel_and_bias, spatial_window, value
 
 __all__ = ["Conv", "ConvTranspose", "DepthwiseConv"]
 
 
 class _ConvBase(nnx.Module):
-    def _make_params(
-        self, kernel_shape, features, use_bias, kernel_init, bias_init, param_dtype, rngs
-    ):
-        self.kernel = param(rngs, kernel_init, kernel_shape, param_dtype)
-        self.bias = (
-            param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
-        )
-
     def _operands(self, x):
         check_input(x, len(self.kernel_size), self.in_features, type(self).__name__)
         return promote_dtype(x, value(self.kernel), value(self.bias), dtype=self.dtype)
 
 
-def _check_features(in_features, features, groups) -> None:
+def _checked_window(owner, rngs, in_features, features, groups, kernel_size, spatial_dims):
+    """The kernel window, once ``rngs``, the channel counts and ``groups`` are checked."""
+    check_rngs(rngs, owner)
     check_positive_int(in_features, "in_features")
-    check_positive_int(features, "features")
-    check_divisible(in_features, groups, "in_features")
-    check_divisible(features, groups, "features")
+    check_conv_channels(in_features, features, groups, "in_features")
+    return spatial_window(kernel_size, spatial_dims, owner)
 
 
 class Conv(_ConvBase):
@@ -100,21 +91,20 @@ class Conv(_ConvBase):
         spatial_dims: int | None = None,
         rngs: nnx.Rngs,
     ) -> None:
-        check_rngs(rngs, "Conv")
-        _check_features(in_features, features, groups)
+        self.kernel_size = _checked_window(
+            "Conv", rngs, in_features, features, groups, kernel_size, spatial_dims
+        )
         self.in_features, self.features = in_features, features
-        self.kernel_size = spatial_window(kernel_size, spatial_dims, "Conv")
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.padding_mode, self.flip = groups, padding_mode, flip
         self.dtype = dtype
-        self._make_params(
-            (*self.kernel_size, in_features // groups, features),
-            features,
+        self.kernel, self.bias = kernel_and_bias(
+            rngs,
+            conv_kernel(self.kernel_size, in_features, features, groups),
             use_bias,
-            kernel_init or init.he_normal(groups=groups),
+            kernel_init,
             bias_init,
             param_dtype,
-            rngs,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -176,18 +166,13 @@ class DepthwiseConv(_ConvBase):
         check_positive_int(in_features, "in_features")
         check_positive_int(depth_multiplier, "depth_multiplier")
         self.in_features, self.depth_multiplier = in_features, depth_multiplier
-        self.features = in_features * depth_multiplier
         self.kernel_size = spatial_window(kernel_size, spatial_dims, "DepthwiseConv")
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.padding_mode, self.dtype = padding_mode, dtype
-        self._make_params(
-            (*self.kernel_size, 1, self.features),
-            self.features,
-            use_bias,
-            kernel_init or init.he_normal(groups=in_features),
-            bias_init,
-            param_dtype,
-            rngs,
+        spec = depthwise_kernel(self.kernel_size, in_features, depth_multiplier)
+        self.features = spec.features
+        self.kernel, self.bias = kernel_and_bias(
+            rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -246,21 +231,20 @@ class ConvTranspose(_ConvBase):
         spatial_dims: int | None = None,
         rngs: nnx.Rngs,
     ) -> None:
-        check_rngs(rngs, "ConvTranspose")
-        _check_features(in_features, features, groups)
+        self.kernel_size = _checked_window(
+            "ConvTranspose", rngs, in_features, features, groups, kernel_size, spatial_dims
+        )
         self.in_features, self.features = in_features, features
-        self.kernel_size = spatial_window(kernel_size, spatial_dims, "ConvTranspose")
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups = dilation, groups
         self.dtype = dtype
-        self._make_params(
-            (*self.kernel_size, in_features, features // groups),
-            features,
+        self.kernel, self.bias = kernel_and_bias(
+            rngs,
+            conv_transpose_kernel(self.kernel_size, in_features, features, groups),
             use_bias,
-            kernel_init or init.he_normal(),
+            kernel_init,
             bias_init,
             param_dtype,
-            rngs,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
-from jcnn import init
 from jcnn.functional._checks import check_array, check_positive_int
-from jcnn.nnx._util import Initializer, check_input, check_rngs, param, value
+from jcnn.nn._shared import Initializer, dense_kernel
+from jcnn.nnx._util import check_input, check_rngs, kernel_and_bias, value
 
 __all__ = ["Dense", "Flatten"]
 
@@ -58,11 +58,8 @@ class Dense(nnx.Module):
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
         self.in_features, self.features, self.dtype = in_features, features, dtype
-        self.kernel = param(
-            rngs, kernel_init or init.he_normal(), (in_features, features), param_dtype
-        )
-        self.bias = (
-            param(rngs, bias_init or init.zeros, (features,), param_dtype) if use_bias else None
+        self.kernel, self.bias = kernel_and_bias(
+            rngs, dense_kernel(in_features, features), use_bias, kernel_init, bias_init, param_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

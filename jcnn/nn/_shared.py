@@ -1,0 +1,119 @@
+"""What the Linen modules (``jcnn.nn``) and their NNX twins (``jcnn.nnx``) share: argument checks
+with their messages, the convolution kernels' shapes and default initializers, and how a
+container calls its layers. Written once here so that the twins cannot drift apart; no Flax.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from jcnn import init
+from jcnn.functional._checks import check_positive_int
+
+Initializer = Callable[..., Any]
+
+LAYOUT = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
+
+
+def window_rank(window, name: str) -> int | None:
+    """The spatial rank (1, 2 or 3) that a sequence ``window`` fixes; ``None`` for an int."""
+    if isinstance(window, Sequence) and not isinstance(window, str):
+        if len(window) not in LAYOUT:
+            raise ValueError(f"{name}: expected 1, 2 or 3 spatial sizes, got {window!r}")
+        return len(window)
+    return None
+
+
+def check_spatial_rank(x, rank: int, what: str) -> None:
+    """Raise unless ``x`` is ``(N, *spatial, C)`` with ``rank`` spatial axes (for a ``what``)."""
+    if x.ndim != rank + 2:
+        raise ValueError(
+            f"x: expected rank {rank + 2} {LAYOUT[rank]} for a {rank}-D {what}, got rank "
+            f"{x.ndim} with shape {tuple(x.shape)}"
+        )
+
+
+def check_channels_divisible(channels: int, groups: int, what: str) -> None:
+    """Raise unless ``groups`` is a positive int that divides ``channels``."""
+    check_positive_int(groups, "groups")
+    if channels % groups:
+        raise ValueError(f"groups: {what} ({channels}) must be divisible by groups ({groups})")
+
+
+def check_conv_channels(in_channels: int, features: int, groups: int, in_what: str) -> None:
+    """Raise unless ``features`` is a positive int and ``groups`` divides both channel counts
+    (``in_what`` names the input channels in the message)."""
+    check_positive_int(features, "features")
+    check_channels_divisible(in_channels, groups, in_what)
+    check_channels_divisible(features, groups, "features")
+
+
+class KernelSpec(NamedTuple):
+    """A layer's ``kernel`` shape, its output channels (the ``bias`` size) and the default
+    initializer of its kernel."""
+
+    shape: tuple[int, ...]
+    features: int
+    default_init: Initializer
+
+
+def conv_kernel(
+    window: tuple[int, ...], in_channels: int, features: int, groups: int
+) -> KernelSpec:
+    """``Conv``'s kernel ``(*window, C_in // groups, features)``, He normal with ``groups``."""
+    return KernelSpec(
+        (*window, in_channels // groups, features), features, init.he_normal(groups=groups)
+    )
+
+
+def depthwise_kernel(
+    window: tuple[int, ...], in_channels: int, depth_multiplier: int
+) -> KernelSpec:
+    """``DepthwiseConv``'s kernel ``(*window, 1, C_in * depth_multiplier)``, He normal with
+    ``groups = C_in``."""
+    features = in_channels * depth_multiplier
+    return KernelSpec((*window, 1, features), features, init.he_normal(groups=in_channels))
+
+
+def conv_transpose_kernel(
+    window: tuple[int, ...], in_channels: int, features: int, groups: int
+) -> KernelSpec:
+    """``ConvTranspose``'s kernel ``(*window, C_in, features // groups)``, He normal with
+    ``fan_in = prod(window) * C_in``."""
+    return KernelSpec((*window, in_channels, features // groups), features, init.he_normal())
+
+
+def dense_kernel(in_features: int, features: int) -> KernelSpec:
+    """``Dense``'s kernel ``(in_features, features)``, He normal."""
+    return KernelSpec((in_features, features), features, init.he_normal())
+
+
+def call_layer(layer: Callable, x, train: bool | None, where: str):
+    """``layer(x, train=train)`` when ``layer`` takes ``train`` and one is given, else ``layer(x)``;
+    a ValueError naming ``where`` when ``layer`` requires ``train`` and none is given."""
+    try:
+        parameter = inspect.signature(layer).parameters.get("train")
+    except (TypeError, ValueError):
+        parameter = None
+    if parameter is None:
+        return layer(x)
+    if train is None:
+        if parameter.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"train: {where} ({type(layer).__name__}) needs train=True or False; "
+                "pass train to the container"
+            )
+        return layer(x)
+    return layer(x, train=train)
+
+
+def add_shortcut(y, shortcut):
+    """``y + shortcut`` for a residual block, once their shapes are checked to agree."""
+    if y.shape != shortcut.shape:
+        raise ValueError(
+            f"body: output shape {tuple(y.shape)} differs from the shortcut's "
+            f"{tuple(shortcut.shape)}; give a projection that maps x to the body's shape"
+        )
+    return y + shortcut
