@@ -21,13 +21,19 @@ from flax.linen.dtypes import promote_dtype
 from jcnn import functional as F
 from jcnn.functional._checks import PaddingLike, check_positive_int
 from jcnn.nn._shared import (
-    Initializer,
     check_conv_channels,
     conv_kernel,
     conv_transpose_kernel,
     depthwise_kernel,
 )
-from jcnn.nnx._util import check_input, check_rngs, kernel_and_bias, spatial_window, value
+from jcnn.nnx._util import (
+    Initializer,
+    check_input,
+    check_rngs,
+    kernel_and_bias,
+    spatial_window,
+    value,
+)
 
 __all__ = ["Conv", "ConvTranspose", "DepthwiseConv"]
 
@@ -98,13 +104,9 @@ class Conv(_ConvBase):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.padding_mode, self.flip = groups, padding_mode, flip
         self.dtype = dtype
+        spec = conv_kernel(self.kernel_size, in_features, features, groups)
         self.kernel, self.bias = kernel_and_bias(
-            rngs,
-            conv_kernel(self.kernel_size, in_features, features, groups),
-            use_bias,
-            kernel_init,
-            bias_init,
-            param_dtype,
+            rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -238,13 +240,9 @@ class ConvTranspose(_ConvBase):
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups = dilation, groups
         self.dtype = dtype
+        spec = conv_transpose_kernel(self.kernel_size, in_features, features, groups)
         self.kernel, self.bias = kernel_and_bias(
-            rngs,
-            conv_transpose_kernel(self.kernel_size, in_features, features, groups),
-            use_bias,
-            kernel_init,
-            bias_init,
-            param_dtype,
+            rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
