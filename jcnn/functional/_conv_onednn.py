@@ -5,10 +5,15 @@ input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``, explicit n
 1-, 2- or 3-D, float32 or bfloat16 (oneDNN accumulates bfloat16 in float32 and rounds once). On
 CPU its three products (forward, input gradient, weight gradient) are XLA FFI calls into oneDNN;
 on other platforms it is ``lax.conv_general_dilated``. One exception,
-measured on the benchmark machine: with one input channel per group, oneDNN's channels-last
-forward and input gradient ran at a third to half of XLA's, so those two products keep jcnn's XLA
-formulations there (XLA's forward, GEMM + col2im input gradient); the weight gradient stays on
-oneDNN (1.5-2x XLA's on LeNet-5's first layer).
+measured on the benchmark machine: with a single input channel (``C_in == 1``, LeNet-5's first
+layer), oneDNN's channels-last forward and input gradient ran at a third to half of XLA's, so
+those two products keep jcnn's XLA formulations there (XLA's forward, GEMM + col2im input
+gradient); the weight gradient stays on oneDNN (1.5-2x XLA's). Depthwise convolutions
+(``groups == C_in > 1``) run all three products on oneDNN, whose depthwise kernels
+(``brdgmm_dw``/``jit_dw``) take channels-last directly: forward + both gradients measured 1.4-4.5x
+PyTorch CPU and 3-30x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, with
+oneDNN limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``) as well as on AVX-512
+(``experiments/benchmarks/README.md``).
 
 Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
 three are bilinear and each one's transpose is another), so derivatives of any order stay on
@@ -72,7 +77,7 @@ def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     )
     bfloat16 = x.dtype == jnp.bfloat16
     for op, product in _PRODUCTS.items():
-        if op < 2 and _one_channel_per_group(w):
+        if op < 2 and _single_input_channel(w, static):
             continue  # kept on XLA (see the module docstring)
         reason = native.unsupported_reason(op, bfloat16, tuple(int(d) for d in dims), spatial)
         if reason is not None:
@@ -119,13 +124,13 @@ def _call(target, out_shape, first, second, config):
     )
 
 
-def _one_channel_per_group(w):
-    return w.shape[-2] == 1
+def _single_input_channel(w, config):
+    return w.shape[-2] == 1 and config.groups == 1
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _forward(x, w, config):
-    if _one_channel_per_group(w):
+    if _single_input_channel(w, config):
         return native_conv(x, w, config)
     out_sizes = _output_sizes(
         x.shape[1:-1], w.shape[:-2], config.stride, config.padding, config.dilation
@@ -147,7 +152,7 @@ _forward.defvjp(_forward_fwd, _forward_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _backward_data(dy, w, config, x_shape):
-    if _one_channel_per_group(w):
+    if _single_input_channel(w, config):
         return _shift_input_grad(dy, w, x_shape, config)
     return _call("jcnn_conv_backward_data", x_shape, dy, w, config)
 
