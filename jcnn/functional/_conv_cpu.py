@@ -35,10 +35,13 @@ machine, see ``experiments/benchmarks/README.md``):
   into one vectorized loop each. Forward: the sum over window offsets of (strided slice of the
   padded input) x (kernel row). Input gradient: the same sum on the stride-dilated, re-padded
   cotangent with the flipped kernel (``"flipped_shift"``). Weight gradient: per window offset, the
-  sum over batch and pixels of slice x cotangent (``"per_tap_sum"``). Measured against XLA's
-  grouped convolution and the plans above on MobileNetV2/ConvNeXt shapes (3x3 and 7x7, stride 1
-  and 2, 32-512 channels, batch 4, loaded 2-core AVX-512 machine): forward 10-25x, input gradient
-  2-70x (col2im degrades with the window: 7x7 at 1-2 % of this), weight gradient 3-10x faster.
+  sum over batch and pixels of slice x cotangent (``"per_tap_sum"``). Forward + both gradients
+  on MobileNetV2/ConvNeXt shapes (3x3 and 7x7, stride 1 and 2, 32-512 channels, batch 4, loaded
+  2-core machine): 4-25x the plans above (XLA's forward and weight gradient, GEMM + col2im input
+  gradient, whose col2im degrades with the window; 450x with a channel multiplier of 2) and
+  6-40x XLA's grouped convolution, but 0.35-2.6x PyTorch: the weight gradient's per-offset
+  reductions dominate. With the native library built, depthwise runs on oneDNN instead
+  (:mod:`jcnn.functional._conv_onednn`).
 
 Every formulation is written with differentiable ``lax`` primitives, so second derivatives and
 ``vmap`` of the custom VJP work; values and gradients equal ``lax.conv_general_dilated`` to

@@ -10,10 +10,10 @@ layer), oneDNN's channels-last forward and input gradient ran at a third to half
 those two products keep jcnn's XLA formulations there (XLA's forward, GEMM + col2im input
 gradient); the weight gradient stays on oneDNN (1.5-2x XLA's). Depthwise convolutions
 (``groups == C_in > 1``) run all three products on oneDNN, whose depthwise kernels
-(``brdgmm_dw``/``jit_dw``) take channels-last directly: forward + both gradients measured 1.4-4.5x
-PyTorch CPU and 3-30x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, with
-oneDNN limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``) as well as on AVX-512
-(``experiments/benchmarks/README.md``).
+(``brdgmm_dw``/``jit_dw``) take channels-last directly: forward + both gradients measured 1.2-5x
+PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, on
+AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
+``experiments/benchmarks/README.md``.
 
 Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
 three are bilinear and each one's transpose is another), so derivatives of any order stay on
