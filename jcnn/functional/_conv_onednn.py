@@ -40,7 +40,7 @@ from jcnn.functional._conv_cpu import (
     native_conv,
 )
 
-__all__ = ["config", "conv_general", "unsupported_reason"]
+__all__ = ["config", "conv_general", "conv_transpose", "transposed_problem", "unsupported_reason"]
 
 _PRODUCTS = {0: "forward", 1: "input gradient", 2: "weight gradient"}
 
@@ -108,6 +108,61 @@ def conv_general(x, w, stride, padding, dilation, groups):
     return lax.platform_dependent(
         x, w, cpu=partial(_forward, config=static), default=partial(native_conv, config=static)
     )
+
+
+def transposed_problem(x, w, stride, padding, dilation, groups, out_sizes):
+    """The convolution whose input gradient is ``F.conv_transpose(x, w, ...)``: its input shape
+    (``x``'s batch, ``out_sizes``, ``C_out``) and kernel ``(*window, C_out // groups, C_in)``
+    (``w``'s per-group blocks transposed), or ``None`` when an ``output_padding`` reaching the
+    stride (allowed below the dilation) makes that convolution's output longer than ``x``."""
+    reach = zip(out_sizes, x.shape[1:-1], w.shape[:-2], stride, padding, dilation, strict=True)
+    if any((o + lo + hi - d * (k - 1) - 1) // s + 1 != n for o, n, k, s, (lo, hi), d in reach):
+        return None
+    window, in_channels, out_per_group = w.shape[:-2], w.shape[-2], w.shape[-1]
+    blocks = w.reshape(*window, groups, in_channels // groups, out_per_group)
+    forward_w = jnp.moveaxis(blocks, -1, -3).reshape(*window, out_per_group, in_channels)
+    x_shape = (x.shape[0], *out_sizes, out_per_group * groups)
+    return jax.ShapeDtypeStruct(x_shape, x.dtype), forward_w
+
+
+def conv_transpose(x, w, stride, padding, dilation, groups, out_sizes):
+    """``F.conv_transpose`` (kernel ``(*window, C_in, C_out // groups)``, output spatial sizes
+    ``out_sizes``) as oneDNN's input gradient of the convolution it transposes: no
+    zero-interleaved input, so a stride-2 transposed convolution costs what the stride-2
+    convolution does instead of 2^rank times more. Derivatives of any order stay on oneDNN.
+
+    >>> from jcnn import native
+    >>> if native.available():
+    ...     y = conv_transpose(jnp.ones((1, 3, 3, 2)), jnp.ones((2, 2, 2, 5)), (2, 2),
+    ...                        ((0, 0), (0, 0)), (1, 1), 1, (6, 6))
+    ...     print(y.shape, float(y[0, 0, 0, 0]))
+    ... else:
+    ...     print((1, 6, 6, 5), 2.0)
+    (1, 6, 6, 5) 2.0
+    """
+    problem = transposed_problem(x, w, stride, padding, dilation, groups, out_sizes)
+    if problem is None:
+        raise ValueError(
+            f"out_sizes: {out_sizes} is not the input size of a convolution with output "
+            f"{tuple(x.shape[1:-1])} (stride {stride}); jcnn.functional.conv_transpose routes "
+            f"such output paddings to XLA"
+        )
+    forward_x, forward_w = problem
+    static = config(forward_x, forward_w, stride, padding, dilation, groups)
+    reason = unsupported_reason(forward_x, forward_w, stride, padding, dilation, groups)
+    if reason is not None:
+        raise ValueError(f"{reason}; jcnn.functional.conv_transpose routes such problems to XLA")
+    return lax.platform_dependent(
+        x,
+        forward_w,
+        cpu=partial(_backward_data, config=static, x_shape=forward_x.shape),
+        default=partial(_native_input_grad, config=static, x_shape=forward_x.shape),
+    )
+
+
+def _native_input_grad(dy, w, config, x_shape):
+    zeros = jnp.zeros(x_shape, dy.dtype)
+    return jax.vjp(lambda x: native_conv(x, w, config), zeros)[1](dy)[0]
 
 
 def _call(target, out_shape, first, second, config):

@@ -10,7 +10,7 @@ import pytest
 
 from jcnn import native
 from jcnn.functional import _conv_cpu, _conv_onednn
-from jcnn.functional.conv import _conv_general
+from jcnn.functional.conv import _conv_general, conv_transpose
 
 
 def _reference(x, w, options):
@@ -280,3 +280,63 @@ def test_depthwise_second_derivatives_and_per_example_gradients(onednn, rng):
     got = per_example(w, x, partial(_routed, options=options))
     want = per_example(w, x, partial(_reference, options=options))
     assert _relative_error(got, want) < 2e-6
+
+
+def _random_transposed_problem(rng, spatial_rank):
+    groups = int(rng.choice([1, 2, 3]))
+    window = tuple(int(k) for k in rng.integers(1, 5, spatial_rank))
+    stride = tuple(int(s) for s in rng.integers(1, 4, spatial_rank))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, spatial_rank))
+    padding = tuple(int(rng.integers(0, k)) for k in window)
+    output_padding = tuple(int(rng.integers(0, s)) for s in stride)
+    sizes = tuple(int(rng.integers(1, 6)) + 1 for _ in window)
+    x = rng.standard_normal((int(rng.integers(1, 3)), *sizes, groups * int(rng.integers(1, 4))))
+    w = rng.standard_normal((*window, x.shape[-1], int(rng.integers(1, 4))))
+    options = dict(
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    return jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), options
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_conv_transpose_is_onednns_input_gradient_and_matches_xla(onednn, rng, spatial_rank):
+    # Second derivatives and both backends against PyTorch: test_conv.py's transposed cases.
+    for _ in range({1: 3, 2: 4, 3: 2}[spatial_rank]):
+        x, w, options = _random_transposed_problem(rng, spatial_rank)
+        transpose = partial(conv_transpose, **options)
+        try:
+            y_shape = jax.eval_shape(transpose, x, w).shape
+        except ValueError:  # the padding cropped the whole output
+            continue
+        g = jnp.asarray(rng.standard_normal(y_shape).astype(np.float32))
+        results = {}
+        for backend in ("onednn", "xla"):
+            with native.conv_backend_scope(backend):
+                # A fresh function per backend: the scope is read when tracing, jit's cache
+                # does not know it.
+                products = jax.jit(lambda x, w, g: _products(transpose, x, w, g))  # noqa: B023
+                results[backend] = products(x, w, g)
+                lowered = products.lower(x, w, g).as_text()
+            if backend == "onednn":
+                # One custom call per product, and no zero-interleaved input (a lax.pad).
+                assert lowered.count("jcnn_conv_") == 3, options
+                assert "stablehlo.pad" not in lowered, options
+        for name, a, b in zip(["y", "dx", "dw"], *results.values(), strict=True):
+            assert _relative_error(a, b) < 2e-6, (name, x.shape, w.shape, options)
+
+
+def _products(conv, x, w, g):
+    y, vjp = jax.vjp(conv, x, w)
+    return (y, *vjp(g))
+
+
+def test_conv_transpose_output_padding_beyond_the_stride_keeps_the_interleaved_path(onednn):
+    x, w = jnp.ones((1, 5, 2)), jnp.ones((3, 2, 4))
+    # output_padding 1 reaches stride 1 (allowed below dilation 2): no convolution has this input
+    assert _conv_onednn.transposed_problem(x, w, (1,), ((0, 0),), (2,), 1, (10,)) is None
+    with pytest.raises(ValueError, match="out_sizes: .* routes such output paddings to XLA"):
+        _conv_onednn.conv_transpose(x, w, (1,), ((0, 0),), (2,), 1, (10,))
