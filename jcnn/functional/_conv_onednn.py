@@ -15,6 +15,10 @@ PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt sh
 AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
 ``experiments/benchmarks/README.md``.
 
+``conv_transpose`` runs ``F.conv_transpose`` as the input gradient of the convolution it
+transposes, so a stride-``s`` transposed convolution no longer convolves an ``s^rank`` times larger
+zero-interleaved input.
+
 Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
 three are bilinear and each one's transpose is another), so derivatives of any order stay on
 oneDNN. The FFI calls batch with ``vmap_method="expand_dims"``: the native side folds a vmapped

@@ -55,8 +55,8 @@ def _conv_general(x, w, stride, padding, dilation, groups):
 def _transpose_on_onednn(x, w, stride, padding, dilation, groups, out_sizes) -> bool:
     """Whether oneDNN runs this transposed convolution as the input gradient of the convolution
     it transposes (the backend and dtype rules of :func:`_conv_general`), instead of a
-    convolution of the zero-interleaved input: 2-4x faster for the stride-2 2-D and 3-D cases of
-    ``experiments/benchmarks/modern.py``."""
+    convolution of the zero-interleaved input: 1.5-5x faster on the stride-2 2-D and 3-D cases of
+    ``experiments/benchmarks/modern.py`` (loaded machine)."""
     if x.dtype not in (jnp.float32, jnp.bfloat16) or native.conv_backend() != "onednn":
         return False
     problem = _conv_onednn.transposed_problem(x, w, stride, padding, dilation, groups, out_sizes)
