@@ -5,10 +5,19 @@ input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``, explicit n
 1-, 2- or 3-D, float32 or bfloat16 (oneDNN accumulates bfloat16 in float32 and rounds once). On
 CPU its three products (forward, input gradient, weight gradient) are XLA FFI calls into oneDNN;
 on other platforms it is ``lax.conv_general_dilated``. One exception,
-measured on the benchmark machine: with one input channel per group, oneDNN's channels-last
-forward and input gradient ran at a third to half of XLA's, so those two products keep jcnn's XLA
-formulations there (XLA's forward, GEMM + col2im input gradient); the weight gradient stays on
-oneDNN (1.5-2x XLA's on LeNet-5's first layer).
+measured on the benchmark machine: with a single input channel (``C_in == 1``, LeNet-5's first
+layer), oneDNN's channels-last forward and input gradient ran at a third to half of XLA's, so
+those two products keep jcnn's XLA formulations there (XLA's forward, GEMM + col2im input
+gradient); the weight gradient stays on oneDNN (1.5-2x XLA's). Depthwise convolutions
+(``groups == C_in > 1``) run all three products on oneDNN, whose depthwise kernels
+(``brdgmm_dw``/``jit_dw``) take channels-last directly: forward + both gradients measured 1.2-5x
+PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, on
+AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
+``experiments/benchmarks/README.md``.
+
+``conv_transpose`` runs ``F.conv_transpose`` as the input gradient of the convolution it
+transposes, so a stride-``s`` transposed convolution no longer convolves an ``s^rank`` times larger
+zero-interleaved input.
 
 Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
 three are bilinear and each one's transpose is another), so derivatives of any order stay on
@@ -35,7 +44,7 @@ from jcnn.functional._conv_cpu import (
     native_conv,
 )
 
-__all__ = ["config", "conv_general", "unsupported_reason"]
+__all__ = ["config", "conv_general", "conv_transpose", "transposed_problem", "unsupported_reason"]
 
 _PRODUCTS = {0: "forward", 1: "input gradient", 2: "weight gradient"}
 
@@ -72,7 +81,7 @@ def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     )
     bfloat16 = x.dtype == jnp.bfloat16
     for op, product in _PRODUCTS.items():
-        if op < 2 and _one_channel_per_group(w):
+        if op < 2 and _single_input_channel(w, static):
             continue  # kept on XLA (see the module docstring)
         reason = native.unsupported_reason(op, bfloat16, tuple(int(d) for d in dims), spatial)
         if reason is not None:
@@ -105,6 +114,61 @@ def conv_general(x, w, stride, padding, dilation, groups):
     )
 
 
+def transposed_problem(x, w, stride, padding, dilation, groups, out_sizes):
+    """The convolution whose input gradient is ``F.conv_transpose(x, w, ...)``: its input shape
+    (``x``'s batch, ``out_sizes``, ``C_out``) and kernel ``(*window, C_out // groups, C_in)``
+    (``w``'s per-group blocks transposed), or ``None`` when an ``output_padding`` reaching the
+    stride (allowed below the dilation) makes that convolution's output longer than ``x``."""
+    reach = zip(out_sizes, x.shape[1:-1], w.shape[:-2], stride, padding, dilation, strict=True)
+    if any((o + lo + hi - d * (k - 1) - 1) // s + 1 != n for o, n, k, s, (lo, hi), d in reach):
+        return None
+    window, in_channels, out_per_group = w.shape[:-2], w.shape[-2], w.shape[-1]
+    blocks = w.reshape(*window, groups, in_channels // groups, out_per_group)
+    forward_w = jnp.moveaxis(blocks, -1, -3).reshape(*window, out_per_group, in_channels)
+    x_shape = (x.shape[0], *out_sizes, out_per_group * groups)
+    return jax.ShapeDtypeStruct(x_shape, x.dtype), forward_w
+
+
+def conv_transpose(x, w, stride, padding, dilation, groups, out_sizes):
+    """``F.conv_transpose`` (kernel ``(*window, C_in, C_out // groups)``, output spatial sizes
+    ``out_sizes``) as oneDNN's input gradient of the convolution it transposes: no
+    zero-interleaved input, so a stride-2 transposed convolution costs what the stride-2
+    convolution does instead of 2^rank times more. Derivatives of any order stay on oneDNN.
+
+    >>> from jcnn import native
+    >>> if native.available():
+    ...     y = conv_transpose(jnp.ones((1, 3, 3, 2)), jnp.ones((2, 2, 2, 5)), (2, 2),
+    ...                        ((0, 0), (0, 0)), (1, 1), 1, (6, 6))
+    ...     print(y.shape, float(y[0, 0, 0, 0]))
+    ... else:
+    ...     print((1, 6, 6, 5), 2.0)
+    (1, 6, 6, 5) 2.0
+    """
+    problem = transposed_problem(x, w, stride, padding, dilation, groups, out_sizes)
+    if problem is None:
+        raise ValueError(
+            f"out_sizes: {out_sizes} is not the input size of a convolution with output "
+            f"{tuple(x.shape[1:-1])} (stride {stride}); jcnn.functional.conv_transpose routes "
+            f"such output paddings to XLA"
+        )
+    forward_x, forward_w = problem
+    static = config(forward_x, forward_w, stride, padding, dilation, groups)
+    reason = unsupported_reason(forward_x, forward_w, stride, padding, dilation, groups)
+    if reason is not None:
+        raise ValueError(f"{reason}; jcnn.functional.conv_transpose routes such problems to XLA")
+    return lax.platform_dependent(
+        x,
+        forward_w,
+        cpu=partial(_backward_data, config=static, x_shape=forward_x.shape),
+        default=partial(_native_input_grad, config=static, x_shape=forward_x.shape),
+    )
+
+
+def _native_input_grad(dy, w, config, x_shape):
+    zeros = jnp.zeros(x_shape, dy.dtype)
+    return jax.vjp(lambda x: native_conv(x, w, config), zeros)[1](dy)[0]
+
+
 def _call(target, out_shape, first, second, config):
     return jax.ffi.ffi_call(
         target, jax.ShapeDtypeStruct(out_shape, first.dtype), vmap_method="expand_dims"
@@ -119,13 +183,13 @@ def _call(target, out_shape, first, second, config):
     )
 
 
-def _one_channel_per_group(w):
-    return w.shape[-2] == 1
+def _single_input_channel(w, config):
+    return w.shape[-2] == 1 and config.groups == 1
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _forward(x, w, config):
-    if _one_channel_per_group(w):
+    if _single_input_channel(w, config):
         return native_conv(x, w, config)
     out_sizes = _output_sizes(
         x.shape[1:-1], w.shape[:-2], config.stride, config.padding, config.dilation
@@ -147,7 +211,7 @@ _forward.defvjp(_forward_fwd, _forward_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _backward_data(dy, w, config, x_shape):
-    if _one_channel_per_group(w):
+    if _single_input_channel(w, config):
         return _shift_input_grad(dy, w, x_shape, config)
     return _call("jcnn_conv_backward_data", x_shape, dy, w, config)
 

@@ -179,3 +179,102 @@ def test_mismatched_dtypes_raise():
         conv_general(
             jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 2, 2), jnp.float16), 1, ((0, 0),) * 2, 1, 1
         )
+
+
+def random_depthwise_config(rng, rank):
+    """A depthwise problem (groups == C_in, C_out = multiplier * C_in) with odd sizes and some
+    padding beyond the dilated window's reach (cropped in the input gradient)."""
+    channels = int(rng.integers(2, 6))
+    window = tuple(int(k) for k in rng.integers(1, 5, rank))
+    stride = tuple(int(s) for s in rng.integers(1, 4, rank))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, rank))
+    padding = tuple(
+        (int(rng.integers(0, (k - 1) * d + 3)), int(rng.integers(0, (k - 1) * d + 3)))
+        for k, d in zip(window, dilation, strict=True)
+    )
+    sizes = tuple(
+        int(max(1, (k - 1) * d + 1 - lo - hi) + rng.integers(0, 6))
+        for k, d, (lo, hi) in zip(window, dilation, padding, strict=True)
+    )
+    x_shape = (int(rng.integers(1, 4)), *sizes, channels)
+    w_shape = (*window, 1, channels * int(rng.integers(1, 4)))
+    return x_shape, w_shape, stride, padding, dilation, channels
+
+
+# Many small programs: XLA:CPU's unoptimized emitters compile them several times faster, with the
+# same operations and numerics (as in test_conv.py's parity chunks).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _with_options(conv, options):
+    return lambda x, w: conv(x, w, *options)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_depthwise_shifted_sums_equal_lax(rng, rank):
+    for _ in range({1: 4, 2: 5, 3: 3}[rank]):
+        x_shape, w_shape, *options = random_depthwise_config(rng, rank)
+        conv_plan = plan(x_shape, w_shape, *options)
+        assert conv_plan[:3] == ("shift", "flipped_shift", "per_tap_sum"), conv_plan
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        y_shape = jax.eval_shape(_with_options(lax_conv, options), x, w).shape
+        g = jnp.asarray(rng.standard_normal(y_shape), jnp.float32)
+
+        def products(conv, x, w, g):
+            y, vjp = jax.vjp(conv, x, w)
+            return (y, *vjp(g))
+
+        both = jax.jit(
+            lambda x, w, g: [  # noqa: B023
+                products(_with_options(conv, options), x, w, g)  # noqa: B023
+                for conv in (conv_general, lax_conv)
+            ],
+            compiler_options=_FAST_COMPILE,
+        )
+        got, want = both(x, w, g)
+        for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
+            scale = float(jnp.max(jnp.abs(b))) + 1e-6
+            np.testing.assert_allclose(
+                a, b, atol=2e-5 * scale, rtol=0, err_msg=f"{name} {x_shape} {w_shape} {options}"
+            )
+
+
+def test_depthwise_higher_derivatives_and_vmap_equal_lax(rng):
+    x = jnp.asarray(rng.standard_normal((3, 9, 8, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 4, 1, 10)), jnp.float32) / 3  # multiplier 2
+    options = ((2, 1), ((2, 0), (1, 3)), (1, 2), 5)
+
+    def results(conv, w, x):
+        def loss(w, x):
+            return jnp.sum(jnp.tanh(conv(x, w)) ** 2)
+
+        def x_penalty(x):
+            return jnp.sum(jax.grad(loss, argnums=1)(w, x) ** 2)
+
+        per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0))(w, x[:, None])
+        over_kernels = jax.vmap(lambda w: conv(x, w))(jnp.stack([w, -2 * w]))
+        hvp_w = jax.grad(lambda w: jnp.sum(jax.grad(loss)(w, x) ** 2))(w)
+        third_order = jax.grad(lambda x: jnp.sum(jax.grad(x_penalty)(x) ** 2))(x)
+        return per_example, over_kernels, hvp_w, third_order
+
+    results = jax.jit(results, static_argnums=0, compiler_options=_FAST_COMPILE)
+    got = results(_with_options(conv_general, options), w, x)
+    want = results(_with_options(lax_conv, options), w, x)
+    names = ("per-example", "vmap over kernels", "hvp_w", "third order")
+    for name, a, b in zip(names, got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(b))) + 1e-6
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale, err_msg=name)
+
+
+def test_depthwise_plan_only_for_depthwise_in_single_or_double_precision():
+    depthwise = ((1, 1), ((1, 1),) * 2, (1, 1), 8)
+    assert plan((2, 9, 9, 8), (3, 3, 1, 16), *depthwise).forward == "shift"
+    assert plan((2, 9, 9, 8), (3, 3, 1, 8), *depthwise, itemsize=8).forward == "shift"
+    # bfloat16 / float16 would round every partial sum: XLA's convolution there.
+    assert plan((2, 9, 9, 8), (3, 3, 1, 8), *depthwise, itemsize=2).forward == "xla"
+    # One input channel but a single group (LeNet's first layer) is not depthwise.
+    lenet = plan((2, 28, 28, 1), (5, 5, 1, 6), (1, 1), ((2, 2),) * 2, (1, 1), 1)
+    assert lenet.forward == "xla" and lenet.input_grad == "shift"
+    # Two channels per group: the grouped plan.
+    assert plan((2, 9, 9, 8), (3, 3, 2, 8), (1, 1), ((1, 1),) * 2, (1, 1), 4).forward == "xla"

@@ -10,7 +10,7 @@ import pytest
 
 from jcnn import native
 from jcnn.functional import _conv_cpu, _conv_onednn
-from jcnn.functional.conv import _conv_general
+from jcnn.functional.conv import _conv_general, conv_transpose
 
 
 def _reference(x, w, options):
@@ -227,3 +227,116 @@ def test_zero_size_kernels_are_refused_by_both_backends(onednn):
         for path in (_onednn, _xla_path):
             with pytest.raises(ValueError, match=r"w: expected a kernel with at least one element"):
                 path(x, jnp.ones(w_shape), ((1, 1), ((0, 0), (0, 0)), (1, 1), 1))
+
+
+def _random_depthwise_problem(rng, spatial_rank):
+    channels = int(rng.choice([2, 3, 16, 19]))
+    multiplier = int(rng.choice([1, 1, 2, 3]))
+    window = tuple(int(k) for k in rng.integers(1, 8, spatial_rank))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, spatial_rank))
+    stride = tuple(int(s) for s in rng.integers(1, 3, spatial_rank))
+    padding = tuple((int(rng.integers(0, k)), int(rng.integers(0, k))) for k in window)
+    span = [(k - 1) * d + 1 for k, d in zip(window, dilation, strict=True)]
+    sizes = tuple(
+        int(rng.integers(max(1, s - lo - hi), s + 6))
+        for s, (lo, hi) in zip(span, padding, strict=True)
+    )
+    x = rng.standard_normal((int(rng.integers(1, 4)), *sizes, channels)).astype(np.float32)
+    w = rng.standard_normal((*window, 1, channels * multiplier)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w), (stride, padding, dilation, channels)
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_depthwise_runs_every_product_on_onednn_and_matches_xla(onednn, rng, spatial_rank):
+    for _ in range({1: 5, 2: 8, 3: 3}[spatial_rank]):
+        x, w, options = _random_depthwise_problem(rng, spatial_rank)
+        assert _conv_onednn.unsupported_reason(x, w, *options) is None
+        loss = partial(_tanh_loss, conv=partial(_routed, options=options))
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+        assert lowered.count("jcnn_conv_") == 3, options  # forward, dx, dw
+        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+        got, got_vjp = jax.vjp(partial(_routed, options=options), x, w)
+        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+        for name, a, b in zip(
+            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
+        ):
+            assert _relative_error(a, b) < 2e-6, (name, x.shape, w.shape, options)
+
+
+def test_depthwise_second_derivatives_and_per_example_gradients(onednn, rng):
+    x = jnp.asarray(rng.standard_normal((3, 11, 9, 6)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((5, 3, 1, 12)).astype(np.float32))
+    options = ((2, 1), ((2, 1), (0, 2)), (1, 2), 6)
+    penalty_grad = jax.grad(_gradient_penalty, argnums=(0, 1))
+    got = penalty_grad(x, w, partial(_routed, options=options))
+    want = penalty_grad(x, w, partial(_reference, options=options))
+    for a, b in zip(got, want, strict=True):
+        assert _relative_error(a, b) < 1e-5
+
+    def loss(w, example, conv):
+        return jnp.sum(jnp.tanh(conv(example[None], w)))
+
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, None))
+    got = per_example(w, x, partial(_routed, options=options))
+    want = per_example(w, x, partial(_reference, options=options))
+    assert _relative_error(got, want) < 2e-6
+
+
+def _random_transposed_problem(rng, spatial_rank):
+    groups = int(rng.choice([1, 2, 3]))
+    window = tuple(int(k) for k in rng.integers(1, 5, spatial_rank))
+    stride = tuple(int(s) for s in rng.integers(1, 4, spatial_rank))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, spatial_rank))
+    padding = tuple(int(rng.integers(0, k)) for k in window)
+    output_padding = tuple(int(rng.integers(0, s)) for s in stride)
+    sizes = tuple(int(rng.integers(1, 6)) + 1 for _ in window)
+    x = rng.standard_normal((int(rng.integers(1, 3)), *sizes, groups * int(rng.integers(1, 4))))
+    w = rng.standard_normal((*window, x.shape[-1], int(rng.integers(1, 4))))
+    options = dict(
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    return jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), options
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_conv_transpose_is_onednns_input_gradient_and_matches_xla(onednn, rng, spatial_rank):
+    # Second derivatives and both backends against PyTorch: test_conv.py's transposed cases.
+    for _ in range({1: 3, 2: 4, 3: 2}[spatial_rank]):
+        x, w, options = _random_transposed_problem(rng, spatial_rank)
+        transpose = partial(conv_transpose, **options)
+        try:
+            y_shape = jax.eval_shape(transpose, x, w).shape
+        except ValueError:  # the padding cropped the whole output
+            continue
+        g = jnp.asarray(rng.standard_normal(y_shape).astype(np.float32))
+        results = {}
+        for backend in ("onednn", "xla"):
+            with native.conv_backend_scope(backend):
+                # A fresh function per backend: the scope is read when tracing, jit's cache
+                # does not know it.
+                products = jax.jit(lambda x, w, g: _products(transpose, x, w, g))  # noqa: B023
+                results[backend] = products(x, w, g)
+                lowered = products.lower(x, w, g).as_text()
+            if backend == "onednn":
+                # One custom call per product, and no zero-interleaved input (a lax.pad).
+                assert lowered.count("jcnn_conv_") == 3, options
+                assert "stablehlo.pad" not in lowered, options
+        for name, a, b in zip(["y", "dx", "dw"], *results.values(), strict=True):
+            assert _relative_error(a, b) < 2e-6, (name, x.shape, w.shape, options)
+
+
+def _products(conv, x, w, g):
+    y, vjp = jax.vjp(conv, x, w)
+    return (y, *vjp(g))
+
+
+def test_conv_transpose_output_padding_beyond_the_stride_keeps_the_interleaved_path(onednn):
+    x, w = jnp.ones((1, 5, 2)), jnp.ones((3, 2, 4))
+    # output_padding 1 reaches stride 1 (allowed below dilation 2): no convolution has this input
+    assert _conv_onednn.transposed_problem(x, w, (1,), ((0, 0),), (2,), 1, (10,)) is None
+    with pytest.raises(ValueError, match="out_sizes: .* routes such output paddings to XLA"):
+        _conv_onednn.conv_transpose(x, w, (1,), ((0, 0),), (2,), 1, (10,))

@@ -161,6 +161,29 @@ def test_bfloat16_tests_pass_on_a_cpu_without_bfloat16_kernels(onednn):
     assert f"{len(tests)} passed" in result.stdout
 
 
+@pytest.mark.skipif("ONEDNN_MAX_CPU_ISA" in os.environ, reason="already capped")
+def test_depthwise_tests_pass_with_the_avx2_kernels(onednn):
+    # Depthwise convolutions run on oneDNN's ISA-specific depthwise kernels: rerun their tests
+    # with oneDNN capped at AVX2, so an AVX-512 machine also checks what an AVX2-only CPU runs.
+    root = Path(__file__).resolve().parents[2]
+    tests = [
+        "tests/functional/test_conv_onednn.py::test_depthwise_runs_every_product_on_onednn_and_"
+        "matches_xla[2]",
+        "tests/functional/test_conv_onednn.py::test_depthwise_second_derivatives_and_per_example_"
+        "gradients",
+    ]
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "JCNN_REQUIRE_NATIVE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", *tests],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{len(tests)} passed" in result.stdout
+
+
 def test_export_of_a_portable_function(onednn, rng):
     def f(x, w):
         return jnp.tanh(F.conv(x, w, padding=1, stride=(2, 1)))
