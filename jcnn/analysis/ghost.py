@@ -205,20 +205,39 @@ def _unfold(call: _Call, activation, cotangent):
     )
 
 
-def _layer_square_norm(call: _Call, activation, cotangent, ghost: bool):
-    """Squared norm of one example's gradient of the layer's kernel and bias (float32)."""
+def _ghost_square_norm(call: _Call, activation, cotangent):
+    """Squared norm of one example's gradient of the layer's kernel and bias (float32), from
+    its input and output cotangent (two Gram matrices, no gradient)."""
     activation = activation.astype(jnp.float32)
     cotangent = cotangent.astype(jnp.float32)
     p, q = _unfold(call, activation, cotangent)
-    if ghost:
-        square = jnp.sum(jnp.einsum("tgf,sgf->gts", p, p) * jnp.einsum("tgo,sgo->gts", q, q))
-    else:
-        square = jnp.sum(jnp.square(jnp.einsum("tgf,tgo->gfo", p, q)))
+    square = jnp.sum(jnp.einsum("tgf,sgf->gts", p, p) * jnp.einsum("tgo,sgo->gts", q, q))
     if call.bias is not None:
         square = square + jnp.sum(
             jnp.square(jnp.sum(cotangent.reshape(-1, cotangent.shape[-1]), axis=0))
         )
     return square
+
+
+def _layer_params(call: _Call, leaves) -> dict:
+    layer = {"kernel": leaves[call.kernel]}
+    if call.bias is not None:
+        layer["bias"] = leaves[call.bias]
+    return layer
+
+
+def _weight_gradient(call: _Call, layer: dict, inputs, cotangent, *, stacked: bool) -> dict:
+    """The layer's kernel (and bias) gradient for ``inputs`` and the output ``cotangent``: the vjp
+    of the module's own ``apply``, so that every option of the layer is the layer's own; with
+    ``stacked``, ``inputs`` holds one layer input per example and the gradient is their sum."""
+
+    def apply(layer):
+        if stacked:
+            return jax.vmap(lambda x: call.module.apply({"params": layer}, x))(inputs)
+        return call.module.apply({"params": layer}, inputs)
+
+    _, vjp = jax.vjp(apply, layer)
+    return vjp(cotangent)[0]
 
 
 _LAYER_RULES = ("mixed", "ghost", "direct")
@@ -325,9 +344,18 @@ def _tapped_pass(loss_fn, params, batch, layer_rule: str, where: str, keep: bool
         square = sum(
             (jnp.sum(jnp.square(g.astype(jnp.float32))) for g in free_grads), jnp.float32(0)
         )
+        kept = []  # per layer: its gradient (direct) or its input and output cotangent (ghost)
         for call, is_ghost, a, g in zip(calls, ghost, inputs, cotangents, strict=True):
-            square = square + _layer_square_norm(call, a, g, is_ghost)
-        return (square, free_grads, inputs, cotangents) if keep else square
+            if is_ghost:
+                square = square + _ghost_square_norm(call, a, g)
+                kept.append((a, g))
+            else:
+                grads = _weight_gradient(call, _layer_params(call, fixed), a, g, stacked=False)
+                square = square + sum(
+                    jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in grads.values()
+                )
+                kept.append(grads)
+        return (square, free_grads, kept) if keep else square
 
     free = [leaves[i] for i in materialized]
     return plan, jax.vmap(per_example, in_axes=(None, None, 0))(free, leaves, batch)
@@ -335,30 +363,31 @@ def _tapped_pass(loss_fn, params, batch, layer_rule: str, where: str, keep: bool
 
 def _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule: str):
     """``(sum_i w_i c_i g_i, norms)`` with ``c_i = min(1, C / ||g_i||)`` from the single pass of
-    ``_tapped_pass`` (Book-Keeping): a layer's clipped kernel and bias gradient is its batched
-    weight gradient (the vjp of the module's own ``apply`` on the stacked inputs) with each
-    example's cotangent scaled by ``w_i c_i``; a materialized leaf's is ``sum_i w_i c_i grad_i``."""
-    plan, (square, free_grads, inputs, cotangents) = _tapped_pass(
+    ``_tapped_pass`` (Book-Keeping). A ghost layer's clipped kernel and bias gradient is its
+    batched weight gradient with each example's output cotangent scaled by ``w_i c_i``; a direct
+    layer's and a materialized leaf's is ``sum_i w_i c_i grad_i`` of the gradients at hand."""
+    plan, (square, free_grads, kept) = _tapped_pass(
         loss_fn, params, batch, layer_rule, "ghost_clipped_sum", keep=True
     )
-    leaves, treedef, calls, _, materialized = plan
+    leaves, treedef, calls, ghost, materialized = plan
     norms = jnp.sqrt(square)
     factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
     if weights is not None:
         factors = factors * jnp.asarray(weights, factors.dtype)
+
+    def weighted_sum(grads):
+        return jnp.tensordot(factors.astype(grads.dtype), grads, axes=1)
+
     total = list(leaves)
     for index, grads in zip(materialized, free_grads, strict=True):
-        total[index] = jnp.tensordot(factors.astype(grads.dtype), grads, axes=1)
-    for call, a, g in zip(calls, inputs, cotangents, strict=True):
-        layer = {"kernel": leaves[call.kernel]}
-        if call.bias is not None:
-            layer["bias"] = leaves[call.bias]
-
-        def stacked(layer, module=call.module, a=a):
-            return jax.vmap(lambda x: module.apply({"params": layer}, x))(a)
-
-        _, vjp = jax.vjp(stacked, layer)
-        (grads,) = vjp(g * factors.astype(g.dtype).reshape(-1, *(1,) * (g.ndim - 1)))
+        total[index] = weighted_sum(grads)
+    for call, is_ghost, layer_kept in zip(calls, ghost, kept, strict=True):
+        if is_ghost:
+            a, g = layer_kept
+            scaled = g * factors.astype(g.dtype).reshape(-1, *(1,) * (g.ndim - 1))
+            grads = _weight_gradient(call, _layer_params(call, leaves), a, scaled, stacked=True)
+        else:
+            grads = {name: weighted_sum(leaf) for name, leaf in layer_kept.items()}
         total[call.kernel] = grads["kernel"]
         if call.bias is not None:
             total[call.bias] = grads["bias"]
