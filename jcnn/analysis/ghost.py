@@ -228,15 +228,14 @@ def _layer_params(call: _Call, leaves) -> dict:
 
 def _weight_gradient(call: _Call, layer: dict, inputs, cotangent, *, stacked: bool) -> dict:
     """The layer's kernel (and bias) gradient for ``inputs`` and the output ``cotangent``: the vjp
-    of the module's own ``apply``, so that every option of the layer is the layer's own; with
+    of the module's own ``apply`` (every option of the layer is then the layer's own); with
     ``stacked``, ``inputs`` holds one layer input per example and the gradient is their sum."""
-
-    def apply(layer):
-        if stacked:
-            return jax.vmap(lambda x: call.module.apply({"params": layer}, x))(inputs)
-        return call.module.apply({"params": layer}, inputs)
-
-    _, vjp = jax.vjp(apply, layer)
+    if stacked and call.kind != "Dense":
+        # a convolution maps each row of its batch axis alone: the examples' rows together
+        # make one batch (a Dense layer takes any leading axes as they are)
+        inputs = inputs.reshape(-1, *inputs.shape[2:])
+        cotangent = cotangent.reshape(-1, *cotangent.shape[2:])
+    _, vjp = jax.vjp(lambda layer: call.module.apply({"params": layer}, inputs), layer)
     return vjp(cotangent)[0]
 
 
