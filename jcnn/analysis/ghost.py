@@ -1,37 +1,44 @@
-"""Per-example gradient norms and clipped gradient sums without per-example gradients.
+"""Per-example gradient norms and clipped gradient sums in one pass, without writing ``B`` copies
+of the parameters.
 
 DP-SGD needs two things from each batch: the norm of each example's gradient and the sum of the
-clipped gradients. Neither needs the per-example gradients themselves (``B`` copies of the
-parameters). A dense layer ``y = x @ W`` receives, for example ``i``, its input ``a_i`` (``T``
-positions by ``d`` features: tokens, or image patches for a convolution) and the loss's cotangent
-``g_i`` on its output (``T`` by ``p``); its weight gradient is ``a_i^T g_i``, whose squared norm is
+clipped gradients. Neither needs all the per-example gradients at once. A dense layer ``y = x @ W``
+receives, for example ``i``, its input ``a_i`` (``T`` positions by ``d`` features: tokens, or image
+patches for a convolution) and the loss's cotangent ``g_i`` on its output (``T`` by ``p``); its
+weight gradient is ``a_i^T g_i``, whose squared norm is
 
 * **ghost** (Goodfellow 2015; Li et al. 2021): ``sum((a_i a_i^T) * (g_i g_i^T))``, two ``T x T``
-  Gram matrices, cost ``O(T^2 (d + p))``;
-* **direct**: ``||a_i^T g_i||^2``, the layer's gradient for this example alone, cost ``O(T d p)``.
+  Gram matrices, cost ``O(T^2 (d + p))``, memory ``O(T^2)`` per example;
+* **direct**: ``||a_i^T g_i||^2``, the layer's gradient for this example alone, cost ``O(T d p)``,
+  memory ``O(d p)`` per example: the vjp of the layer's own ``apply`` on the example.
 
 Mixed ghost clipping (Bu, Mao and Xu 2022) takes, per layer, the cheaper one: ghost where
 ``T^2 <= d p``. Convolutions (1/2/3-D, any stride, dilation, padding and padding mode, groups) are
-the same computation on their unfolded input patches (``F.conv`` with an identity kernel);
+the same computation on their unfolded input patches (one strided slice per window offset);
 transposed convolutions on the unfolded output cotangent (a transposed convolution's weight
 gradient is that of the convolution it is the adjoint of, with input and output swapped).
 
 Layers are found with Flax's method interception: every call of ``jcnn.nn.Dense``,
 ``jcnn.nn.Conv``, ``jcnn.nn.ConvTranspose`` or ``flax.linen.Dense`` whose parameters are leaves of
-``params`` used by no other call. The norms then take one pass: the model runs on each example
+``params`` used by no other call. One pass gives everything: the model runs on each example
 (``vmap``), the inputs of those layers are recorded and their outputs get a zero "tap" whose
-gradient is the output cotangent. Every other parameter (norm scales and biases, PReLU slopes, the
-parameters of any other layer, or of the layers above when shared) gets its per-example gradient
-in the same backward pass, materialized: small for norms and activations; ``ghost_plan`` lists
-which rule each parameter gets. The clipped sum is a second backward pass of the loss reweighted by
-each example's clip factor (Lee and Kifer 2021; Li et al. 2021), which writes no per-example
-gradient either.
+gradient is the output cotangent; the pass differentiates only the taps and the other leaves, so
+no layer kernel gets a per-example gradient there. Every other parameter (norm scales and biases,
+PReLU slopes, the parameters of any other layer, or of the layers above when shared) gets its
+per-example gradient in the same backward pass, materialized: small for norms and activations;
+``ghost_plan`` lists which rule each parameter gets.
+
+The clipped sum comes from the same pass (Book-Keeping, Bu et al. 2023; no second backward pass):
+with ``c_i = w_i min(1, C / ||g_i||)``, a ghost layer's clipped kernel and bias gradient is its
+ordinary batched weight gradient with each example's output cotangent scaled by ``c_i`` (the vjp
+of the layer's own ``apply`` on the whole batch's inputs), a direct layer's and a materialized
+leaf's is ``sum_i c_i grad_i`` of the per-example gradients the norms already needed.
 
 Assumptions: ``loss_fn(params, batch)`` applies the Flax model to ``params``' leaves as they are
 (no transformation of a layer's kernel before the layer uses it); a model that breaks it (weights
 computed from other weights) still gets right norms when its layers are not Flax modules (their
 parameters are then materialized), wrong ones otherwise. The tests compare every layer type and the
-zoo models to the materialized ``per_example_grads``.
+zoo models to the materialized ``per_example_grads`` and their clipped sum.
 """
 
 from __future__ import annotations
@@ -401,8 +408,9 @@ def ghost_norms(
     chunk_size: int | None = None,
     layer_rule: str = "mixed",
 ) -> jax.Array:
-    """L2 norm of each example's gradient (all parameters together), shape ``(B,)``, without
-    materializing the per-example gradients of dense and convolution layers.
+    """L2 norm of each example's gradient (all parameters together), shape ``(B,)``, in one pass
+    without ``B`` copies of the parameters: per dense or convolution layer, the ghost norm or the
+    layer's own per-example gradient, whichever is cheaper.
 
     Equal to ``per_example_grad_norms`` (to float32 rounding); see the module docstring for the
     rules and ``ghost_plan`` for the rule of each layer. Wrap the call in ``jax.jit``.
@@ -448,9 +456,8 @@ def ghost_clipped_sum(
     chunk_size: int | None = None,
     layer_rule: str = "mixed",
 ) -> tuple[Any, jax.Array]:
-    """``sum_i w_i min(1, C / ||g_i||) g_i`` and the norms ``||g_i||``, without per-example
-    gradients of dense and convolution layers, from the one pass that gives the norms
-    (Book-Keeping: no second backward pass).
+    """``sum_i w_i min(1, C / ||g_i||) g_i`` and the norms ``||g_i||`` from the one pass of
+    ``ghost_norms`` (Book-Keeping: no second backward pass, no ``B`` copies of the parameters).
 
     Args:
       loss_fn, params, batch, chunk_size, layer_rule: as in ``ghost_norms``.
