@@ -133,7 +133,9 @@ def main(argv=None) -> None:
         f"{'network':<13}{'batch':>5}  {'row':<24}{'ms':>10}{'x non-private':>15}"
         f"{'peak MiB':>10}{'x':>7}"
     )
-    runs = [("LeNet-5", b) for b in args.batches] + [("CIFAR-10 CNN", b) for b in args.cifar_batches]
+    runs = [("LeNet-5", b) for b in args.batches] + [
+        ("CIFAR-10 CNN", b) for b in args.cifar_batches
+    ]
     for network, batch in runs:
         results = bench(network, batch, args.rounds, args.calls)
         _, base, base_peak = results[0]

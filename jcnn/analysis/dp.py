@@ -3,8 +3,9 @@
 ``private_grad`` computes ``(sum_i w_i clip_C(g_i) + N(0, (sigma C)^2 I)) / denominator`` from a
 loss, parameters and a batch, with the norms and the clipped sum from ``ghost_clipped_sum`` (one
 pass, ghost norms or each layer's own per-example gradient, whichever is cheaper; no ``B`` copies
-of the parameters) or from the materialized ``per_example_grads``; any optax optimizer then takes it as its gradient (Abadi et al. 2016 use
-SGD; the privacy guarantee holds for any optimizer, which only post-processes it).
+of the parameters) or from the materialized ``per_example_grads``; any optax optimizer then takes
+it as its gradient (Abadi et al. 2016 use SGD; the privacy guarantee holds for any optimizer, which
+only post-processes it).
 
 With ``Loader(..., sampling="poisson")`` the batches have random sizes; ``pad_batch`` pads them
 to a few fixed sizes (so that a jitted step compiles a few times, not once per size), the mask of

@@ -53,8 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import as_int_tuple, normalize_padding
-from jcnn.functional.conv import _PAD_MODES
 from jcnn.analysis.per_example import (
     _batch_size,
     _check_chunk_size,
@@ -63,6 +61,8 @@ from jcnn.analysis.per_example import (
     _scalar_loss,
     per_example_trace,
 )
+from jcnn.functional._checks import as_int_tuple, normalize_padding
+from jcnn.functional.conv import _PAD_MODES
 from jcnn.nn import Conv, ConvTranspose, Dense
 
 __all__ = ["ghost_norms", "ghost_clipped_sum", "ghost_plan", "LayerRule"]
@@ -511,9 +511,7 @@ def ghost_clipped_sum(
     total, norms = jax.lax.scan(add_chunk, zeros, chunks)
     norms = norms.reshape(whole)
     if rest:
-        part, tail = clipped_sum(
-            params, *jax.tree.map(lambda leaf: leaf[whole:], (batch, weights))
-        )
+        part, tail = clipped_sum(params, *jax.tree.map(lambda leaf: leaf[whole:], (batch, weights)))
         total = jax.tree.map(jnp.add, total, part)
         norms = jnp.concatenate([norms, tail])
     return total, norms
