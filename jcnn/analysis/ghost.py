@@ -207,7 +207,7 @@ def _unfold(call: _Call, activation, cotangent):
     size = math.prod(window)
     patches = patches.reshape(-1, size, groups, patches.shape[-1] // groups)
     return (
-        jnp.swapaxes(patches, 1, 2).reshape(-1, groups, size * (patches.shape[-1])),
+        jnp.swapaxes(patches, 1, 2).reshape(-1, groups, size * patches.shape[-1]),
         other.reshape(-1, groups, other.shape[-1] // groups),
     )
 
