@@ -1,10 +1,14 @@
 """Cost of per-example norms and of a DP-SGD step against the non-private training step.
 
-    python experiments/benchmarks/dp_bench.py                 # LeNet-5, batch 64 and 256
+    python experiments/benchmarks/dp_bench.py     # LeNet-5 at batch 64 and 256, CIFAR-10 CNN at 64
     python experiments/benchmarks/dp_bench.py --quick         # seconds
 
-Rows, all jitted and timed in the same process, interleaved round by round after a warm-up call
-(a cell is the median over rounds; the ratio is to the non-private step of the same batch):
+Networks: LeNet-5 (``models.LeNet5``, 28x28x1) and the CIFAR-10 CNN of Papernot et al. (2021)
+without BatchNorm (32x32x3; conv 3x3 32-32, max pool 2, 64-64, max pool, 128-128, max pool, dense
+128, dense 10, tanh). Rows, all jitted and timed in the same process, interleaved round by round
+after a warm-up call (a cell is the median over rounds; the ratio is to the non-private step of the
+same network and batch); ``peak MiB`` is XLA's buffer assignment for the compiled function
+(arguments + outputs + temporaries), its ratio in the last column:
 
 * ``non-private step``: ``jax.grad`` of the batch loss, then ``optax.sgd`` (momentum 0.9);
 * ``norms, materialized``: ``analysis.per_example_grad_norms`` (per-example gradients written);
@@ -24,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcnn import analysis, models
+from jcnn import analysis, models, nn
 from jcnn import functional as F
 
 
@@ -36,10 +40,36 @@ def _time(fn, args, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def bench(batch: int, rounds: int, calls: int) -> list[tuple[str, float]]:
-    model = models.LeNet5()
+def cifar_cnn() -> nn.Sequential:
+    """The CIFAR-10 CNN of Papernot et al. (2021), tanh activations, no BatchNorm."""
+    layers = []
+    for width in (32, 64, 128):
+        layers += [nn.Conv(width, 3, padding=1), nn.Tanh(), nn.Conv(width, 3, padding=1)]
+        layers += [nn.Tanh(), nn.MaxPool(2)]
+    return nn.Sequential([*layers, nn.Flatten(), nn.Dense(128), nn.Tanh(), nn.Dense(10)])
+
+
+NETWORKS = {
+    "LeNet-5": (models.LeNet5, (28, 28, 1)),
+    "CIFAR-10 CNN": (cifar_cnn, (32, 32, 3)),
+}
+
+
+def _peak_bytes(fn, args) -> int:
+    stats = fn.lower(*args).compile().memory_analysis()
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def bench(network: str, batch: int, rounds: int, calls: int) -> list[tuple[str, float, int]]:
+    make, shape = NETWORKS[network]
+    model = make()
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(batch, 28, 28, 1)), jnp.float32)
+    images = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
     params = model.init(jax.random.key(0), images[:1])["params"]
     tx = optax.sgd(0.1, momentum=0.9)
@@ -76,31 +106,45 @@ def bench(batch: int, rounds: int, calls: int) -> list[tuple[str, float]]:
         "DP step, materialized": dp_step("materialize"),
     }
     args = (params, opt_state, (images, labels), key)
+    peaks = {name: _peak_bytes(fn, args) for name, fn in rows.items()}
     for fn in rows.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in rows}
     for _ in range(rounds):
         for name, fn in rows.items():
             times[name].append(_time(fn, args, calls))
-    return [(name, statistics.median(t)) for name, t in times.items()]
+    return [(name, statistics.median(t), peaks[name]) for name, t in times.items()]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="LeNet-5's")
+    parser.add_argument(
+        "--cifar-batches", type=int, nargs="*", default=[64], help="the CIFAR-10 CNN's (none: skip)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batches, args.rounds, args.calls = [16], 1, 1
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, LeNet-5")
-    print(f"{'batch':>5}  {'row':<24}{'ms':>10}{'x non-private':>15}")
-    for batch in args.batches:
-        results = bench(batch, args.rounds, args.calls)
-        base = results[0][1]
-        for name, seconds in results:
-            print(f"{batch:>5}  {name:<24}{1e3 * seconds:>10.1f}{seconds / base:>15.2f}")
+        args.batches, args.cifar_batches, args.rounds, args.calls = [16], [4], 1, 1
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(
+        f"{'network':<13}{'batch':>5}  {'row':<24}{'ms':>10}{'x non-private':>15}"
+        f"{'peak MiB':>10}{'x':>7}"
+    )
+    runs = [("LeNet-5", b) for b in args.batches] + [
+        ("CIFAR-10 CNN", b) for b in args.cifar_batches
+    ]
+    for network, batch in runs:
+        results = bench(network, batch, args.rounds, args.calls)
+        _, base, base_peak = results[0]
+        for name, seconds, peak in results:
+            print(
+                f"{network:<13}{batch:>5}  {name:<24}{1e3 * seconds:>10.1f}{seconds / base:>15.2f}"
+                f"{peak / 2**20:>10.1f}{peak / base_peak:>7.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

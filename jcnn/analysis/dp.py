@@ -1,10 +1,11 @@
 """DP-SGD's private gradient for any optax optimizer: clip each example, sum, add noise, average.
 
 ``private_grad`` computes ``(sum_i w_i clip_C(g_i) + N(0, (sigma C)^2 I)) / denominator`` from a
-loss, parameters and a batch, with the norms and the clipped sum from ``ghost_clipped_sum`` (no
-per-example gradient of dense or convolution layers is materialized) or from the materialized
-``per_example_grads``; any optax optimizer then takes it as its gradient (Abadi et al. 2016 use
-SGD; the privacy guarantee holds for any optimizer, which only post-processes it).
+loss, parameters and a batch, with the norms and the clipped sum from ``ghost_clipped_sum`` (one
+pass, ghost norms or each layer's own per-example gradient, whichever is cheaper; no ``B`` copies
+of the parameters) or from the materialized ``per_example_grads``; any optax optimizer then takes
+it as its gradient (Abadi et al. 2016 use SGD; the privacy guarantee holds for any optimizer, which
+only post-processes it).
 
 With ``Loader(..., sampling="poisson")`` the batches have random sizes; ``pad_batch`` pads them
 to a few fixed sizes (so that a jitted step compiles a few times, not once per size), the mask of
@@ -68,8 +69,8 @@ def private_grad(
       weights: optional ``(B,)`` weights of the examples, 0 for padding (``pad_batch``'s mask).
       denominator: what the noised sum is divided by: the expected batch size under Poisson
         sampling (``loader.batch_size``), required with ``weights``; default ``B``.
-      method: ``"ghost"`` (default): ``ghost_clipped_sum``, no per-example gradients of dense and
-        convolution layers; ``"materialize"``: ``per_example_grads`` then clipping.
+      method: ``"ghost"`` (default): ``ghost_clipped_sum`` (one pass, no ``B`` copies of the
+        parameters); ``"materialize"``: ``per_example_grads`` then clipping.
       chunk_size: as in ``per_example_grads``.
 
     Returns:

@@ -1,41 +1,49 @@
-"""Per-example gradient norms and clipped gradient sums without per-example gradients.
+"""Per-example gradient norms and clipped gradient sums in one pass, without writing ``B`` copies
+of the parameters.
 
 DP-SGD needs two things from each batch: the norm of each example's gradient and the sum of the
-clipped gradients. Neither needs the per-example gradients themselves (``B`` copies of the
-parameters). A dense layer ``y = x @ W`` receives, for example ``i``, its input ``a_i`` (``T``
-positions by ``d`` features: tokens, or image patches for a convolution) and the loss's cotangent
-``g_i`` on its output (``T`` by ``p``); its weight gradient is ``a_i^T g_i``, whose squared norm is
+clipped gradients. Neither needs all the per-example gradients at once. A dense layer ``y = x @ W``
+receives, for example ``i``, its input ``a_i`` (``T`` positions by ``d`` features: tokens, or image
+patches for a convolution) and the loss's cotangent ``g_i`` on its output (``T`` by ``p``); its
+weight gradient is ``a_i^T g_i``, whose squared norm is
 
 * **ghost** (Goodfellow 2015; Li et al. 2021): ``sum((a_i a_i^T) * (g_i g_i^T))``, two ``T x T``
-  Gram matrices, cost ``O(T^2 (d + p))``;
-* **direct**: ``||a_i^T g_i||^2``, the layer's gradient for this example alone, cost ``O(T d p)``.
+  Gram matrices, cost ``O(T^2 (d + p))``, memory ``O(T^2)`` per example;
+* **direct**: ``||a_i^T g_i||^2``, the layer's gradient for this example alone, cost ``O(T d p)``,
+  memory ``O(d p)`` per example: the vjp of the layer's own ``apply`` on the example.
 
 Mixed ghost clipping (Bu, Mao and Xu 2022) takes, per layer, the cheaper one: ghost where
 ``T^2 <= d p``. Convolutions (1/2/3-D, any stride, dilation, padding and padding mode, groups) are
-the same computation on their unfolded input patches (``F.conv`` with an identity kernel);
+the same computation on their unfolded input patches (one strided slice per window offset);
 transposed convolutions on the unfolded output cotangent (a transposed convolution's weight
 gradient is that of the convolution it is the adjoint of, with input and output swapped).
 
 Layers are found with Flax's method interception: every call of ``jcnn.nn.Dense``,
 ``jcnn.nn.Conv``, ``jcnn.nn.ConvTranspose`` or ``flax.linen.Dense`` whose parameters are leaves of
-``params`` used by no other call. The norms then take one pass: the model runs on each example
+``params`` used by no other call. One pass gives everything: the model runs on each example
 (``vmap``), the inputs of those layers are recorded and their outputs get a zero "tap" whose
-gradient is the output cotangent. Every other parameter (norm scales and biases, PReLU slopes, the
-parameters of any other layer, or of the layers above when shared) gets its per-example gradient
-in the same backward pass, materialized: small for norms and activations; ``ghost_plan`` lists
-which rule each parameter gets. The clipped sum is a second backward pass of the loss reweighted by
-each example's clip factor (Lee and Kifer 2021; Li et al. 2021), which writes no per-example
-gradient either.
+gradient is the output cotangent; the pass differentiates only the taps and the other leaves, so
+no layer kernel gets a per-example gradient there. Every other parameter (norm scales and biases,
+PReLU slopes, the parameters of any other layer, or of the layers above when shared) gets its
+per-example gradient in the same backward pass, materialized: small for norms and activations;
+``ghost_plan`` lists which rule each parameter gets.
+
+The clipped sum comes from the same pass (Book-Keeping, Bu et al. 2023; no second backward pass):
+with ``c_i = w_i min(1, C / ||g_i||)``, a ghost layer's clipped kernel and bias gradient is its
+ordinary batched weight gradient with each example's output cotangent scaled by ``c_i`` (the vjp
+of the layer's own ``apply`` on the whole batch's inputs), a direct layer's and a materialized
+leaf's is ``sum_i c_i grad_i`` of the per-example gradients the norms already needed.
 
 Assumptions: ``loss_fn(params, batch)`` applies the Flax model to ``params``' leaves as they are
 (no transformation of a layer's kernel before the layer uses it); a model that breaks it (weights
 computed from other weights) still gets right norms when its layers are not Flax modules (their
 parameters are then materialized), wrong ones otherwise. The tests compare every layer type and the
-zoo models to the materialized ``per_example_grads``.
+zoo models to the materialized ``per_example_grads`` and their clipped sum.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -45,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn import functional as F
 from jcnn.analysis.per_example import (
     _batch_size,
     _check_chunk_size,
@@ -54,6 +61,8 @@ from jcnn.analysis.per_example import (
     _scalar_loss,
     per_example_trace,
 )
+from jcnn.functional._checks import as_int_tuple, normalize_padding
+from jcnn.functional.conv import _PAD_MODES
 from jcnn.nn import Conv, ConvTranspose, Dense
 
 __all__ = ["ghost_norms", "ghost_clipped_sum", "ghost_plan", "LayerRule"]
@@ -150,70 +159,91 @@ def _ghost_is_cheaper(call: _Call, kernel_size: int) -> bool:
     return positions * positions <= kernel_size
 
 
-def _identity_kernel(window, channels_per_group: int, groups: int, dtype):
-    """``(*window, c, groups * K * c)`` kernel whose convolution unfolds patches, per group."""
-    size = math.prod(window) * channels_per_group
-    eye = jnp.eye(size, dtype=dtype).reshape(*window, channels_per_group, size)
-    return jnp.tile(eye, (1,) * (len(window) + 1) + (groups,))
+def _patches(x, window, stride, padding, dilation, padding_mode: str = "zeros"):
+    """``(N, *out, prod(window), C)``: each output position's input window, as ``F.conv`` with
+    these options reads it, one strided slice per window offset (no arithmetic)."""
+    ndim = x.ndim - 2
+    stride = as_int_tuple(stride, ndim, "stride")
+    dilation = as_int_tuple(dilation, ndim, "dilation")
+    pads = normalize_padding(padding, x.shape[1:-1], window, stride, dilation)
+    if any(lo or hi for lo, hi in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
+    out = [
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, s, d in zip(x.shape[1:-1], window, stride, dilation, strict=True)
+    ]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in window)):
+        start = [o * d for o, d in zip(offset, dilation, strict=True)]
+        limit = [a + (n - 1) * s + 1 for a, n, s in zip(start, out, stride, strict=True)]
+        slices.append(
+            jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *stride, 1))
+        )
+    return jnp.stack(slices, axis=-2)
 
 
 def _unfold(call: _Call, activation, cotangent):
-    """``(P, Q, groups)``: per group, the layer's weight gradient is ``P_g^T Q_g``; ``P`` is
-    ``(T, groups, features)`` and ``Q`` is ``(T, groups, outputs per group)``."""
+    """``(P, Q)``: per group ``g``, the layer's weight gradient is ``P_g^T Q_g`` up to the order
+    of its rows (which no norm sees); ``P`` is ``(T, groups, features)`` and ``Q`` is
+    ``(T, groups, outputs per group)``."""
     module = call.module
     if call.kind == "Dense":
         return (
             activation.reshape(-1, 1, activation.shape[-1]),
             cotangent.reshape(-1, 1, cotangent.shape[-1]),
-            1,
         )
     groups = module.groups
     ndim = activation.ndim - 2
     window = tuple(np.broadcast_to(np.asarray(module.kernel_size), (ndim,)).tolist())
+    options = (window, module.stride, module.padding, module.dilation)
     if call.kind == "Conv":
-        source, other = activation, cotangent
-        patches = F.conv(
-            source,
-            _identity_kernel(window, source.shape[-1] // groups, groups, source.dtype),
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=groups,
-            padding_mode=module.padding_mode,
-        )
+        other = cotangent
+        patches = _patches(activation, *options, module.padding_mode)
     else:  # a transposed convolution: unfold the cotangent, paired with the input
-        source, other = cotangent, activation
-        patches = F.conv(
-            source,
-            _identity_kernel(window, source.shape[-1] // groups, groups, source.dtype),
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=groups,
-        )
+        other = activation
+        patches = _patches(cotangent, *options)
         # output_padding >= stride adds a row no input position reaches
         patches = patches[(slice(None), *(slice(0, n) for n in other.shape[1:-1]))]
+    size = math.prod(window)
+    patches = patches.reshape(-1, size, groups, patches.shape[-1] // groups)
     return (
-        patches.reshape(-1, groups, patches.shape[-1] // groups),
+        jnp.swapaxes(patches, 1, 2).reshape(-1, groups, size * patches.shape[-1]),
         other.reshape(-1, groups, other.shape[-1] // groups),
-        groups,
     )
 
 
-def _layer_square_norm(call: _Call, activation, cotangent, ghost: bool):
-    """Squared norm of one example's gradient of the layer's kernel and bias (float32)."""
+def _ghost_square_norm(call: _Call, activation, cotangent):
+    """Squared norm of one example's gradient of the layer's kernel and bias (float32), from
+    its input and output cotangent (two Gram matrices, no gradient)."""
     activation = activation.astype(jnp.float32)
     cotangent = cotangent.astype(jnp.float32)
-    p, q, _ = _unfold(call, activation, cotangent)
-    if ghost:
-        square = jnp.sum(jnp.einsum("tgf,sgf->gts", p, p) * jnp.einsum("tgo,sgo->gts", q, q))
-    else:
-        square = jnp.sum(jnp.square(jnp.einsum("tgf,tgo->gfo", p, q)))
+    p, q = _unfold(call, activation, cotangent)
+    square = jnp.sum(jnp.einsum("tgf,sgf->gts", p, p) * jnp.einsum("tgo,sgo->gts", q, q))
     if call.bias is not None:
         square = square + jnp.sum(
             jnp.square(jnp.sum(cotangent.reshape(-1, cotangent.shape[-1]), axis=0))
         )
     return square
+
+
+def _layer_params(call: _Call, leaves) -> dict:
+    layer = {"kernel": leaves[call.kernel]}
+    if call.bias is not None:
+        layer["bias"] = leaves[call.bias]
+    return layer
+
+
+def _weight_gradient(call: _Call, layer: dict, inputs, cotangent, *, stacked: bool) -> dict:
+    """The layer's kernel (and bias) gradient for ``inputs`` and the output ``cotangent``: the vjp
+    of the module's own ``apply`` (every option of the layer is then the layer's own); with
+    ``stacked``, ``inputs`` holds one layer input per example and the gradient is their sum."""
+    if stacked and call.kind != "Dense":
+        # a convolution maps each row of its batch axis alone: the examples' rows together
+        # make one batch (a Dense layer takes any leading axes as they are)
+        inputs = inputs.reshape(-1, *inputs.shape[2:])
+        cotangent = cotangent.reshape(-1, *cotangent.shape[2:])
+    _, vjp = jax.vjp(lambda layer: call.module.apply({"params": layer}, inputs), layer)
+    return vjp(cotangent)[0]
 
 
 _LAYER_RULES = ("mixed", "ghost", "direct")
@@ -224,10 +254,10 @@ def _check_layer_rule(layer_rule) -> None:
         raise ValueError(f"layer_rule: expected one of {_LAYER_RULES}, got {layer_rule!r}")
 
 
-def _plan(loss_fn, params, batch, layer_rule):
+def _plan(loss_fn, params, batch, layer_rule, where: str):
     leaves, treedef = jax.tree.flatten(params)
     example = jax.tree.map(lambda leaf: leaf[:1], batch)
-    with per_example_trace("ghost_norms"):
+    with per_example_trace(where):
         calls = _discover(loss_fn, leaves, treedef, example)
     ghost = [
         layer_rule == "ghost"
@@ -256,7 +286,9 @@ def ghost_plan(
     """
     _batch_size(batch)
     _check_layer_rule(layer_rule)
-    leaves, _, calls, ghost, materialized = _plan(_scalar_loss(loss_fn), params, batch, layer_rule)
+    leaves, _, calls, ghost, materialized = _plan(
+        _scalar_loss(loss_fn), params, batch, layer_rule, "ghost_plan"
+    )
     rows = [
         LayerRule(
             call.path,
@@ -275,9 +307,12 @@ def ghost_plan(
     return rows
 
 
-def _square_norms(loss_fn, params, batch, layer_rule: str, where: str):
-    """Per-example squared gradient norms ``(B,)`` through layer taps (one backward pass)."""
-    leaves, treedef, calls, ghost, materialized = _plan(loss_fn, params, batch, layer_rule)
+def _tapped_pass(loss_fn, params, batch, layer_rule: str, where: str, keep: bool):
+    """One vmapped forward and backward pass through layer taps. Per example: the squared
+    gradient norm; with ``keep``, also what the clipped sum needs (the materialized leaves'
+    gradients, each layer's input and output cotangent). Returns ``(plan, outputs)``."""
+    plan = _plan(loss_fn, params, batch, layer_rule, where)
+    leaves, treedef, calls, ghost, materialized = plan
 
     def one(free, taps, fixed, example):
         all_leaves = list(fixed)
@@ -304,6 +339,8 @@ def _square_norms(loss_fn, params, batch, layer_rule: str, where: str):
             )
         return loss, inputs
 
+    # Differentiated with respect to the materialized leaves and the taps only: the kernels of
+    # the intercepted layers get no gradient here, per example or otherwise.
     grad_fn = jax.grad(one, argnums=(0, 1), has_aux=True)
 
     def per_example(free, fixed, example):
@@ -313,12 +350,54 @@ def _square_norms(loss_fn, params, batch, layer_rule: str, where: str):
         square = sum(
             (jnp.sum(jnp.square(g.astype(jnp.float32))) for g in free_grads), jnp.float32(0)
         )
+        kept = []  # per layer: its gradient (direct) or its input and output cotangent (ghost)
         for call, is_ghost, a, g in zip(calls, ghost, inputs, cotangents, strict=True):
-            square = square + _layer_square_norm(call, a, g, is_ghost)
-        return square
+            if is_ghost:
+                square = square + _ghost_square_norm(call, a, g)
+                kept.append((a, g))
+            else:
+                grads = _weight_gradient(call, _layer_params(call, fixed), a, g, stacked=False)
+                square = square + sum(
+                    jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in grads.values()
+                )
+                kept.append(grads)
+        return (square, free_grads, kept) if keep else square
 
     free = [leaves[i] for i in materialized]
-    return jax.vmap(per_example, in_axes=(None, None, 0))(free, leaves, batch)
+    return plan, jax.vmap(per_example, in_axes=(None, None, 0))(free, leaves, batch)
+
+
+def _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule: str):
+    """``(sum_i w_i c_i g_i, norms)`` with ``c_i = min(1, C / ||g_i||)`` from the single pass of
+    ``_tapped_pass`` (Book-Keeping). A ghost layer's clipped kernel and bias gradient is its
+    batched weight gradient with each example's output cotangent scaled by ``w_i c_i``; a direct
+    layer's and a materialized leaf's is ``sum_i w_i c_i grad_i`` of the gradients at hand."""
+    plan, (square, free_grads, kept) = _tapped_pass(
+        loss_fn, params, batch, layer_rule, "ghost_clipped_sum", keep=True
+    )
+    leaves, treedef, calls, ghost, materialized = plan
+    norms = jnp.sqrt(square)
+    factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
+    if weights is not None:
+        factors = factors * jnp.asarray(weights, factors.dtype)
+
+    def weighted_sum(grads):
+        return jnp.tensordot(factors.astype(grads.dtype), grads, axes=1)
+
+    total = list(leaves)
+    for index, grads in zip(materialized, free_grads, strict=True):
+        total[index] = weighted_sum(grads)
+    for call, is_ghost, layer_kept in zip(calls, ghost, kept, strict=True):
+        if is_ghost:
+            a, g = layer_kept
+            scaled = g * factors.astype(g.dtype).reshape(-1, *(1,) * (g.ndim - 1))
+            grads = _weight_gradient(call, _layer_params(call, leaves), a, scaled, stacked=True)
+        else:
+            grads = {name: weighted_sum(leaf) for name, leaf in layer_kept.items()}
+        total[call.kernel] = grads["kernel"]
+        if call.bias is not None:
+            total[call.bias] = grads["bias"]
+    return jax.tree.unflatten(treedef, total), norms
 
 
 def ghost_norms(
@@ -329,8 +408,9 @@ def ghost_norms(
     chunk_size: int | None = None,
     layer_rule: str = "mixed",
 ) -> jax.Array:
-    """L2 norm of each example's gradient (all parameters together), shape ``(B,)``, without
-    materializing the per-example gradients of dense and convolution layers.
+    """L2 norm of each example's gradient (all parameters together), shape ``(B,)``, in one pass
+    without ``B`` copies of the parameters: per dense or convolution layer, the ghost norm or the
+    layer's own per-example gradient, whichever is cheaper.
 
     Equal to ``per_example_grad_norms`` (to float32 rounding); see the module docstring for the
     rules and ``ghost_plan`` for the rule of each layer. Wrap the call in ``jax.jit``.
@@ -358,7 +438,8 @@ def ghost_norms(
 
     def norms(params, batch):
         with per_example_trace("ghost_norms"):
-            return jnp.sqrt(_square_norms(loss_fn, params, batch, layer_rule, "ghost_norms"))
+            _, square = _tapped_pass(loss_fn, params, batch, layer_rule, "ghost_norms", keep=False)
+            return jnp.sqrt(square)
 
     if chunk_size is None or chunk_size >= size:
         return norms(params, batch)
@@ -375,8 +456,8 @@ def ghost_clipped_sum(
     chunk_size: int | None = None,
     layer_rule: str = "mixed",
 ) -> tuple[Any, jax.Array]:
-    """``sum_i w_i min(1, C / ||g_i||) g_i`` and the norms ``||g_i||``, without per-example
-    gradients: ``ghost_norms``, then one backward pass of the loss reweighted by the factors.
+    """``sum_i w_i min(1, C / ||g_i||) g_i`` and the norms ``||g_i||`` from the one pass of
+    ``ghost_norms`` (Book-Keeping: no second backward pass, no ``B`` copies of the parameters).
 
     Args:
       loss_fn, params, batch, chunk_size, layer_rule: as in ``ghost_norms``.
@@ -386,29 +467,51 @@ def ghost_clipped_sum(
 
     Returns:
       ``(clipped_sum, norms)``: a pytree like ``params`` and the ``(B,)`` norms.
+
+    >>> import jcnn
+    >>> model = jcnn.nn.Dense(1, use_bias=False)
+    >>> loss = lambda p, b: jnp.mean((model.apply({"params": p}, b[0])[:, 0] - b[1]) ** 2)
+    >>> x, y = jnp.array([[3.0, 4.0], [0.0, 1.0]]), jnp.array([0.0, 0.0])
+    >>> params = {"kernel": jnp.ones((2, 1))}
+    >>> total, norms = ghost_clipped_sum(loss, params, (x, y), 1.0)
+    >>> np.round(total["kernel"][:, 0], 3).tolist(), norms.tolist()  # two unit gradients
+    ([0.6, 1.8], [70.0, 2.0])
     """
     _check_clip(l2_norm_clip)
     size = _batch_size(batch)
-    norms = ghost_norms(loss_fn, params, batch, chunk_size=chunk_size, layer_rule=layer_rule)
-    factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
-    if weights is not None:
-        if jnp.shape(weights) != (size,):
-            raise ValueError(
-                f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
-            )
-        factors = factors * jnp.asarray(weights, factors.dtype)
-    factors = jax.lax.stop_gradient(factors)
-    return _weighted_gradient_sum(loss_fn, params, batch, factors), norms
+    _check_chunk_size(chunk_size, None, size)
+    _check_layer_rule(layer_rule)
+    if weights is not None and jnp.shape(weights) != (size,):
+        raise ValueError(
+            f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
+        )
+    loss_fn = _scalar_loss(loss_fn)
 
+    def clipped_sum(params, batch, weights):
+        with per_example_trace("ghost_clipped_sum"):
+            return _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule)
 
-def _weighted_gradient_sum(loss_fn, params, batch, factors):
-    """``sum_i factors_i * grad loss_fn(params, example_i)``: one backward pass, params shared."""
+    if chunk_size is None or chunk_size >= size:
+        return clipped_sum(params, batch, weights)
+    # each example's clip factor depends on its own norm only: the chunks' sums add up
+    if weights is None:
+        weights = jnp.ones(size, jnp.float32)
+    num_chunks, rest = divmod(size, chunk_size)
+    whole = num_chunks * chunk_size
+    chunks = jax.tree.map(
+        lambda leaf: leaf[:whole].reshape(num_chunks, chunk_size, *leaf.shape[1:]),
+        (batch, weights),
+    )
 
-    def weighted(params):
-        def one(example):
-            return _scalar_loss(loss_fn)(params, jax.tree.map(lambda leaf: leaf[None], example))
+    def add_chunk(total, chunk):
+        part, norms = clipped_sum(params, *chunk)
+        return jax.tree.map(jnp.add, total, part), norms
 
-        return jnp.sum(factors * jax.vmap(one)(batch).astype(factors.dtype))
-
-    with per_example_trace("ghost_clipped_sum"):
-        return jax.grad(weighted)(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, norms = jax.lax.scan(add_chunk, zeros, chunks)
+    norms = norms.reshape(whole)
+    if rest:
+        part, tail = clipped_sum(params, *jax.tree.map(lambda leaf: leaf[whole:], (batch, weights)))
+        total = jax.tree.map(jnp.add, total, part)
+        norms = jnp.concatenate([norms, tail])
+    return total, norms

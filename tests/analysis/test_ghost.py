@@ -86,13 +86,52 @@ def _reference_norms(loss, params, batch):
     )
 
 
+def _reference_clipped_sum(loss, params, batch, weights, clip=None):
+    """The materialized clipped sum, by default with a clip norm (the median norm) that clips
+    some examples and not others."""
+    grads = per_example_grads(loss, params, batch)
+    norms = np.sqrt(
+        sum(
+            (np.asarray(g, np.float64).reshape(g.shape[0], -1) ** 2).sum(1)
+            for g in jax.tree.leaves(grads)
+        )
+    )
+    clip = float(np.median(norms)) if clip is None else clip
+    clipped = clip_per_example(grads, clip)
+    return clip, jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), clipped)
+
+
+def _assert_trees_close(got, expected, err_msg=""):
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    # relative to the largest entry of all: some leaves' sums are zero up to rounding (the bias
+    # of a layer followed by a normalization)
+    scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(expected))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, err_msg
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5 * scale, err_msg=err_msg)
+
+
+def _weights(rng, size):
+    """Per-example weights with a zero (a padding example) and a fraction."""
+    weights = rng.uniform(0.2, 1.0, size=size)
+    weights[1] = 0.0
+    return jnp.asarray(weights, jnp.float32)
+
+
 @pytest.mark.parametrize("name", sorted(_LAYERS))
-def test_every_layer_type_and_rule_matches_materialized_norms(name, rng):
+def test_every_layer_type_and_rule_matches_materialized_norms_and_sum(name, rng):
     loss, params, batch = _problem(*_LAYERS[name], rng)
     expected = _reference_norms(loss, params, batch)
-    for rule in ("mixed", "ghost", "direct"):
-        got = jax.jit(lambda p, b, r=rule: ghost_norms(loss, p, b, layer_rule=r))(params, batch)
-        np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg=rule)
+    weights = _weights(rng, 5)
+    clip, expected_sum = _reference_clipped_sum(loss, params, batch, weights)
+    got = jax.jit(lambda p, b: ghost_norms(loss, p, b))(params, batch)
+    np.testing.assert_allclose(got, expected, rtol=2e-5)
+    for rule in ("mixed", "ghost", "direct"):  # the clipped sum's norms are ghost_norms' with rule
+        total, norms = jax.jit(
+            lambda p, b, w, r=rule: ghost_clipped_sum(loss, p, b, clip, weights=w, layer_rule=r)
+        )(params, batch, weights)
+        np.testing.assert_allclose(norms, expected, rtol=2e-5, err_msg=rule)
+        _assert_trees_close(total, expected_sum, err_msg=rule)
     plan = ghost_plan(loss, params, batch)
     layers = [row for row in plan if row.kind != "parameter"]
     # every dense/conv layer has a rule; the rest (norms, PReLU) is materialized and listed
@@ -120,33 +159,49 @@ def test_flax_dense_layers(rng):
         ("Dense", "direct"),
         ("Dense", "direct"),
     ]
+    weights = _weights(rng, 4)
+    clip, expected_sum = _reference_clipped_sum(loss, params, x, weights)
     for rule in ("mixed", "ghost"):
         np.testing.assert_allclose(
             ghost_norms(loss, params, x, layer_rule=rule),
             _reference_norms(loss, params, x),
             rtol=2e-5,
         )
+        total, _ = ghost_clipped_sum(loss, params, x, clip, weights=weights, layer_rule=rule)
+        _assert_trees_close(total, expected_sum, err_msg=rule)
 
 
 def test_shared_layer_is_materialized_not_ghosted(rng):
     class Twice(linen.Module):
         @linen.compact
         def __call__(self, x):
-            layer = nn.Dense(2, name="shared")
-            return layer(jnp.tanh(layer(x)))
+            layer = nn.Conv(2, 3, padding=1, name="shared")
+            x = nn.Conv(2, 2, name="before")(x)
+            return nn.Dense(3, name="after")(layer(jnp.tanh(layer(x))).reshape(x.shape[0], -1))
 
     model = Twice()
-    x = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(5, 6, 2)), jnp.float32)
     params = model.init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape)), params)
 
     def loss(params, x):
         return jnp.sum(model.apply({"params": params}, x) ** 2)
 
     plan = ghost_plan(loss, params, x)
-    assert {row.rule for row in plan} == {"per-example gradient"}
+    assert [row.path for row in plan if row.rule == "per-example gradient"] == [
+        "['shared']['bias']",
+        "['shared']['kernel']",
+    ]
+    assert [row.path for row in plan if row.kind != "parameter"] == ["before", "after"]
     np.testing.assert_allclose(
         ghost_norms(loss, params, x), _reference_norms(loss, params, x), rtol=2e-5
     )
+    weights = _weights(rng, 5)
+    clip, expected_sum = _reference_clipped_sum(loss, params, x, weights)
+    total, _ = jax.jit(lambda p, b, w: ghost_clipped_sum(loss, p, b, clip, weights=w))(
+        params, x, weights
+    )
+    _assert_trees_close(total, expected_sum)
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_original", "jarrett", "resnet20_groupnorm"])
@@ -170,8 +225,14 @@ def test_zoo_models_without_batch_norm(name, rng):
         return F.cross_entropy(model.apply({"params": params}, batch[0], train=True), batch[1])
 
     expected = _reference_norms(loss, params, (images, labels))
-    got = jax.jit(lambda p, b: ghost_norms(loss, p, b))(params, (images, labels))
-    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    weights = _weights(rng, 3)
+    clip, expected_sum = _reference_clipped_sum(loss, params, (images, labels), weights)
+    total, norms = jax.jit(lambda p, b, w: ghost_clipped_sum(loss, p, b, clip, weights=w))(
+        params, (images, labels), weights
+    )
+    np.testing.assert_allclose(norms, expected, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(expected_sum), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
 
 
 def test_frozen_batch_norm_zoo_model(rng):
@@ -194,8 +255,16 @@ def test_frozen_batch_norm_zoo_model(rng):
         )
         return F.cross_entropy(logits, batch[1])
 
+    weights = jnp.ones(3)
+    clip, expected_sum = _reference_clipped_sum(loss, params, (images, labels), weights)
+    total, _ = jax.jit(lambda p, b: ghost_clipped_sum(loss, p, b, clip))(params, (images, labels))
+    for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(expected_sum), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+
     with pytest.raises(ValueError, match="ghost_norms: the model computes BatchNorm"):
         ghost_norms(train_loss, params, (images, labels))
+    with pytest.raises(ValueError, match="ghost_clipped_sum: the model computes BatchNorm"):
+        ghost_clipped_sum(train_loss, params, (images, labels), 1.0)
 
 
 def test_large_zoo_models_have_a_rule_for_every_kernel():
@@ -227,21 +296,22 @@ def test_under_jit_scan_and_chunks(rng):
     half = jax.tree.map(lambda p: p * 0.5, params)
     np.testing.assert_allclose(scanned[1], _reference_norms(loss, half, batch), rtol=2e-5)
 
+    weights = _weights(rng, 7)
+    clip, expected_sum = _reference_clipped_sum(loss, params, batch, weights)
+    total, norms = jax.jit(  # chunks of 3 and a remainder of 1
+        lambda p, b, w: ghost_clipped_sum(loss, p, b, clip, weights=w, chunk_size=3)
+    )(params, batch, weights)
+    np.testing.assert_allclose(norms, expected, rtol=2e-5)
+    _assert_trees_close(total, expected_sum)
 
-def test_clipped_sum_equals_materialized_clipping(rng):
-    loss, params, batch = _problem(*_LAYERS["norms_and_prelu"], rng, batch=6)
-    norms = _reference_norms(loss, params, batch)
-    clip = float(np.median(norms))  # some examples clipped, some not
-    weights = jnp.array([1.0, 0.0, 1.0, 1.0, 0.5, 1.0])
-    total, got_norms = jax.jit(lambda p, b, w: ghost_clipped_sum(loss, p, b, clip, weights=w))(
-        params, batch, weights
-    )
-    np.testing.assert_allclose(got_norms, norms, rtol=2e-5)
-    clipped = clip_per_example(per_example_grads(loss, params, batch), clip)
-    expected = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), clipped)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5), total, expected
-    )
+    def clipped_body(carry, scale):
+        scaled = jax.tree.map(lambda p: p * scale, params)
+        return carry, ghost_clipped_sum(loss, scaled, batch, clip, weights=weights)[0]
+
+    _, sums = jax.jit(lambda s: jax.lax.scan(clipped_body, None, s))(jnp.array([1.0, 0.5]))
+    _assert_trees_close(jax.tree.map(lambda s: s[0], sums), expected_sum)
+    _, expected_half = _reference_clipped_sum(loss, half, batch, weights, clip)
+    _assert_trees_close(jax.tree.map(lambda s: s[1], sums), expected_half)
 
 
 def test_bad_input(rng):
