@@ -1,6 +1,7 @@
 """BatchNorm under per-example gradients: the error, and the three ways out (frozen statistics,
 shared batch statistics through ``axis_name``, GroupNorm through ``replace_batch_norm``)."""
 
+import functools
 import math
 
 import flax.linen as linen
@@ -198,7 +199,8 @@ def test_replace_batch_norm_on_zoo_models(name, rng):
     model = make()
     images = jnp.asarray(rng.normal(size=(3, *size, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 5, size=3), jnp.int32)
-    original = model.init(jax.random.key(0), images[:1], train=False)
+    # Jitted: eager Flax init and grad compile one small program per op, minutes on these models.
+    original = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images[:1])
     assert "batch_stats" in original
 
     def loss(model, stats):
@@ -219,7 +221,7 @@ def test_replace_batch_norm_on_zoo_models(name, rng):
             (images, labels),
         )
     replaced = replace_batch_norm(model, num_groups=4)
-    params = replaced.init(jax.random.key(0), images[:1], train=True)
+    params = jax.jit(functools.partial(replaced.init, train=True))(jax.random.key(0), images[:1])
     assert list(params) == ["params"]
     assert jax.tree.map(jnp.shape, params["params"]) == jax.tree.map(jnp.shape, original["params"])
     params = params["params"]
@@ -233,11 +235,10 @@ def test_replace_batch_norm_on_zoo_models(name, rng):
     grads = jax.jit(lambda p, b: per_example_grads(private_loss, p, b))(params, (images, labels))
     # Examples are independent now: the per-example gradients average to the batch gradient
     # and each is the gradient on the example alone.
+    batch_grad = jax.jit(jax.grad(private_loss))
     _assert_trees_close(
-        jax.tree.map(lambda g: g.mean(0), grads),
-        jax.grad(private_loss)(params, (images, labels)),
-        tol=1e-4,
+        jax.tree.map(lambda g: g.mean(0), grads), batch_grad(params, (images, labels)), tol=1e-4
     )
-    alone = jax.grad(private_loss)(params, (images[2:], labels[2:]))
+    alone = batch_grad(params, (images[2:], labels[2:]))
     _assert_trees_close(jax.tree.map(lambda g: g[2], grads), alone, tol=1e-4)
     assert math.isfinite(float(sum(jnp.sum(g) for g in jax.tree.leaves(grads))))

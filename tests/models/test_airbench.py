@@ -24,7 +24,7 @@ def test_airbench_structure_and_count():
 def test_airbench_forward_scales_the_head(rng):
     model = models.AirbenchNet()
     x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     logits, updates = jax.jit(
         lambda v, x: model.apply(
             v, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True

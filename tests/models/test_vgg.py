@@ -42,7 +42,7 @@ def test_small_input_vgg_counts():
 def test_small_input_vgg_with_batchnorm_forward(rng):
     model = models.VGG(11, batch_norm=True, num_classes=10, small_input=True)
     x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     assert variables["params"]["fc"]["kernel"].shape == (512, 10)
     logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
         variables, x

@@ -77,24 +77,22 @@ def test_with_tta_averages_in_evaluation_only(rng):
     model = AirbenchNet(widths=(8, 8, 8))
     images = jnp.asarray(rng.standard_normal((5, 32, 32, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 10, 5).astype(np.int32))
-    variables = model.init(jax.random.key(0), images[:1])
+    variables = jax.jit(model.init)(jax.random.key(0), images[:1])
     views = flip_translate_views()
     apply = with_tta(model.apply, views)
-    want = np.mean(
-        [np.asarray(model.apply(variables, np.asarray(view(images)))) for view in views], axis=0
-    )
-    np.testing.assert_allclose(apply(variables, images), want, rtol=1e-5, atol=1e-6)
-    trained, _ = apply(variables, images, train=True, mutable=["batch_stats"])
-    direct, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    forward = jax.jit(model.apply)
+    want = np.mean([np.asarray(forward(variables, view(images))) for view in views], axis=0)
+    np.testing.assert_allclose(jax.jit(apply)(variables, images), want, rtol=1e-5, atol=1e-6)
+    in_training = {"train": True, "mutable": ["batch_stats"]}
+    trained, _ = jax.jit(lambda v, x: apply(v, x, **in_training))(variables, images)
+    direct, _ = jax.jit(lambda v, x: model.apply(v, x, **in_training))(variables, images)
     np.testing.assert_array_equal(trained, direct)
     # evaluate() of a state with the TTA apply: accuracy of the averaged logits
     import optax
 
     state = TrainState.create(model, optax.sgd(0.1), jax.random.key(0), images[:1])
     tta_state = state.replace(apply_fn=with_tta(state.apply_fn, views))
-    averaged = np.mean(
-        [np.asarray(state.apply_fn(state.variables(), view(images))) for view in views], axis=0
-    )
+    averaged = np.mean([np.asarray(forward(state.variables(), view(images))) for view in views], 0)
     result = evaluate(tta_state, [(images, labels)])
     assert result["accuracy"] == pytest.approx(np.mean(averaged.argmax(1) == np.asarray(labels)))
     with pytest.raises(ValueError, match="views: expected at least one view"):
