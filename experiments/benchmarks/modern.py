@@ -24,6 +24,7 @@ import statistics
 import time
 from functools import partial
 
+import flax.linen as fnn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,10 +142,211 @@ def conv_runners(case, scale):
     return {"jcnn": products(jcnn_op), "xla": products(native_op), "torch": torch_products}
 
 
+# ----------------------------------------------------------------------------- Flax twins
+# What a Flax user writes with flax.linen's own layers (XLA's native convolutions). Parameter
+# paths are jcnn.models' paths, so jcnn's initial variables load by name; only the transposed
+# conv's kernel needs converting (``flax_variables``).
+
+
+def _relu6(x):
+    return jnp.clip(x, 0.0, 6.0)
+
+
+class FlaxInvertedResidual(fnn.Module):
+    features: int
+    stride: int
+    expansion: int
+
+    @fnn.compact
+    def __call__(self, x, train):
+        norm = partial(fnn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        hidden = x.shape[-1] * self.expansion
+        y = x
+        if self.expansion != 1:
+            y = fnn.Conv(hidden, (1, 1), use_bias=False, name="expand_conv")(y)
+            y = _relu6(norm(name="expand_bn")(y))
+        y = fnn.Conv(
+            hidden,
+            (3, 3),
+            self.stride,
+            padding=((1, 1), (1, 1)),
+            feature_group_count=hidden,
+            use_bias=False,
+            name="depthwise_conv",
+        )(y)
+        y = _relu6(norm(name="depthwise_bn")(y))
+        y = norm(name="project_bn")(
+            fnn.Conv(self.features, (1, 1), use_bias=False, name="project_conv")(y)
+        )
+        return x + y if self.stride == 1 and x.shape[-1] == self.features else y
+
+
+class FlaxMobileNetV2Cifar(fnn.Module):
+    """jcnn.models.mobilenet_v2_cifar(num_classes, width, dropout_rate=0.0, stages=stages)."""
+
+    num_classes: int
+    width: float
+    stages: tuple = models.mobilenet.MOBILENET_V2_STAGES
+
+    @fnn.compact
+    def __call__(self, x, train=False):
+        divisible = models.mobilenet.make_divisible
+        norm = partial(fnn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        x = fnn.Conv(
+            divisible(32 * self.width),
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            name="stem_conv",
+        )(x)
+        x = _relu6(norm(name="stem_bn")(x))
+        index = 1
+        for stage, (t, c, n, s) in enumerate(self.stages):
+            s = 1 if stage == 1 else s  # the CIFAR stem keeps the second stage at stride 1
+            for i in range(n):
+                x = FlaxInvertedResidual(
+                    divisible(c * self.width), s if i == 0 else 1, t, name=f"block{index}"
+                )(x, train)
+                index += 1
+        x = fnn.Conv(
+            divisible(1280 * max(1.0, self.width)), (1, 1), use_bias=False, name="head_conv"
+        )(x)
+        x = _relu6(norm(name="head_bn")(x))
+        return fnn.Dense(self.num_classes, name="classifier")(x.mean(axis=(1, 2)))
+
+
+class FlaxConvNeXtBlock(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        y = fnn.Conv(c, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=c, name="dwconv")(x)
+        y = fnn.LayerNorm(epsilon=1e-6, name="norm")(y)
+        y = fnn.gelu(fnn.Dense(4 * c, name="pwconv1")(y), approximate=False)
+        y = fnn.Dense(c, name="pwconv2")(y)
+        scale = self.param("layer_scale", fnn.initializers.constant(1e-6), (c,))
+        return x + y * scale.reshape(1, 1, 1, c)
+
+
+class FlaxConvNeXt(fnn.Module):
+    """jcnn.models.ConvNeXt(depths, widths, num_classes, patch_size=patch)."""
+
+    depths: tuple
+    widths: tuple
+    num_classes: int
+    patch: int
+
+    @fnn.compact
+    def __call__(self, x, train=False):
+        norm = partial(fnn.LayerNorm, epsilon=1e-6)
+        p = self.patch
+        x = fnn.Conv(self.widths[0], (p, p), p, padding="VALID", name="stem_conv")(x)
+        x = norm(name="stem_norm")(x)
+        for stage, (depth, width) in enumerate(zip(self.depths, self.widths, strict=True), start=1):
+            if stage > 1:
+                x = norm(name=f"downsample{stage}_norm")(x)
+                x = fnn.Conv(width, (2, 2), 2, padding="VALID", name=f"downsample{stage}_conv")(x)
+            for block in range(depth):
+                x = FlaxConvNeXtBlock(name=f"stage{stage}_{block}")(x)
+        x = norm(name="head_norm")(x.mean(axis=(1, 2)))
+        return fnn.Dense(self.num_classes, name="head")(x)
+
+
+class FlaxDoubleConv(fnn.Module):
+    features: int
+
+    @fnn.compact
+    def __call__(self, x, train):
+        for i in (1, 2):
+            x = fnn.Conv(
+                self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name=f"conv{i}"
+            )(x)
+            x = fnn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}"
+            )(x)
+            x = fnn.relu(x)
+        return x
+
+
+class FlaxUNet(fnn.Module):
+    """jcnn.models.UNet(out_channels, widths, "same", batch_norm=True)."""
+
+    out_channels: int
+    widths: tuple
+
+    @fnn.compact
+    def __call__(self, x, train=False):
+        skips = []
+        for level, width in enumerate(self.widths[:-1], start=1):
+            x = FlaxDoubleConv(width, name=f"down{level}")(x, train)
+            skips.append(x)
+            x = fnn.max_pool(x, (2, 2), (2, 2))
+        x = FlaxDoubleConv(self.widths[-1], name="bottom")(x, train)
+        for level in range(len(self.widths) - 1, 0, -1):
+            width = self.widths[level - 1]
+            x = fnn.ConvTranspose(width, (2, 2), (2, 2), padding="VALID", name=f"up{level}")(x)
+            x = jnp.concatenate([skips[level - 1], x], axis=-1)
+            x = FlaxDoubleConv(width, name=f"up{level}_block")(x, train)
+        return fnn.Conv(self.out_channels, (1, 1), name="head")(x)
+
+
+class FlaxC3D(fnn.Module):
+    """jcnn.models.SmallC3D(num_classes, widths)."""
+
+    num_classes: int
+    widths: tuple
+
+    @fnn.compact
+    def __call__(self, x, train=False):
+        for stage, width in enumerate(self.widths, start=1):
+            x = fnn.Conv(
+                width, (3, 3, 3), padding=((1, 1),) * 3, use_bias=False, name=f"conv{stage}"
+            )(x)
+            x = fnn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{stage}"
+            )(x)
+            window = (1, 2, 2) if stage == 1 else (2, 2, 2)
+            x = fnn.max_pool(fnn.relu(x), window, window)
+        return fnn.Dense(self.num_classes, name="fc")(x.mean(axis=(1, 2, 3)))
+
+
+def flax_variables(variables, transposed=()):
+    """jcnn's variables in the Flax twin's layout. ``flax.linen.ConvTranspose`` (with its default
+    ``transpose_kernel=False``) correlates the dilated input with its kernel where jcnn's (and
+    PyTorch's) transposed conv scatters the input through it: the kernels of the ``transposed``
+    layers are flipped spatially. Every other layer keeps its layout (HWIO conv kernels,
+    ``(in, out)`` dense kernels, BatchNorm and LayerNorm ``scale``/``bias``/``mean``/``var``)."""
+    params = dict(variables["params"])
+    for name in transposed:
+        kernel = params[name]["kernel"]
+        params[name] = {**params[name], "kernel": jnp.flip(kernel, tuple(range(kernel.ndim - 2)))}
+    return {**variables, "params": params}
+
+
+def check_twin(name, jcnn_model, flax_model, variables, twin_variables, x):
+    """Raise unless the twin's variables have jcnn's shapes and its training-mode logits and
+    BatchNorm statistics equal jcnn's to float32 tolerance."""
+    shapes = jax.eval_shape(flax_model.init, jax.random.key(0), x[:1])
+    if jax.tree.map(np.shape, shapes) != jax.tree.map(np.shape, dict(variables)):
+        raise AssertionError(f"{name}: the Flax twin's variables differ from jcnn's in shape")
+
+    def forward(model, variables):
+        return model.apply(dict(variables), x, train=True, mutable=["batch_stats"])
+
+    ours, ours_stats = jax.jit(partial(forward, jcnn_model))(variables)
+    theirs, their_stats = jax.jit(partial(forward, flax_model))(twin_variables)
+    scale = float(jnp.abs(ours).max())
+    np.testing.assert_allclose(
+        theirs, ours, rtol=1e-4, atol=1e-5 * max(1.0, scale), err_msg=f"{name}: training logits"
+    )
+    for a, b in zip(jax.tree.leaves(their_stats), jax.tree.leaves(ours_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name}: BatchNorm stats")
+    return float(jnp.abs(theirs - ours).max())
+
+
 # ----------------------------------------------------------------------------- networks
 
 
-def torch_mobilenet_v2_cifar(width, num_classes):
+def torch_mobilenet_v2_cifar(width, num_classes, stages=models.mobilenet.MOBILENET_V2_STAGES):
     nn = torch.nn
 
     def divisible(v, d=8):
@@ -173,8 +375,8 @@ def torch_mobilenet_v2_cifar(width, num_classes):
 
     cin = divisible(32 * width)
     layers = cbr(3, cin)
-    for t, c, n, s in models.mobilenet.MOBILENET_V2_STAGES:
-        s = 1 if c == 24 else s
+    for stage, (t, c, n, s) in enumerate(stages):
+        s = 1 if stage == 1 else s
         for i in range(n):
             cout = divisible(c * width)
             layers.append(Block(cin, cout, s if i == 0 else 1, t))
@@ -273,46 +475,106 @@ def torch_c3d(widths, num_classes):
     return nn.Sequential(*layers)
 
 
-# name, jcnn model, PyTorch module, batch, input shape without batch (channels-last)
-NETWORKS = [
-    (
-        "MobileNetV2-CIFAR x0.5",
-        lambda: models.mobilenet_v2_cifar(10, 0.5, dropout_rate=0.0),
-        lambda: torch_mobilenet_v2_cifar(0.5, 10),
-        32,
-        (32, 32, 3),
-    ),
-    (
-        "ConvNeXt (2,2,2,2)x(32..256), 2x2 stem",
-        lambda: models.ConvNeXt((2, 2, 2, 2), (32, 64, 128, 256), 10, patch_size=2),
-        lambda: torch_convnext((2, 2, 2, 2), (32, 64, 128, 256), 2, 10),
-        32,
-        (32, 32, 3),
-    ),
-    (
-        "U-Net (16,32,64,128) same+BN",
-        lambda: models.UNet(2, (16, 32, 64, 128), "same", batch_norm=True),
-        lambda: torch_unet((16, 32, 64, 128), 2),
-        8,
-        (64, 64, 3),
-    ),
-    (
-        "SmallC3D (32..256)",
-        lambda: models.SmallC3D(10),
-        lambda: torch_c3d((32, 64, 128, 256), 10),
-        8,
-        (8, 32, 32, 3),
-    ),
-]
+def network(name, jcnn, flax, torch_twin, batch, shape, transposed=()):
+    """One row: builders of the jcnn model, its Flax twin and its PyTorch twin, the batch size,
+    the input shape without the batch (channels-last) and the Flax twin's transposed convs."""
+    return {
+        "name": name,
+        "jcnn": jcnn,
+        "flax": flax,
+        "torch": torch_twin,
+        "batch": batch,
+        "shape": shape,
+        "transposed": transposed,
+    }
 
 
-def network_runners(build_jcnn, build_torch, batch, shape):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
-    model = build_jcnn()
-    variables = model.init(jax.random.key(0), x[:1])
-    out_shape = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x).shape
-    labels = jnp.asarray(rng.integers(0, out_shape[-1], out_shape[:-1]))
+def networks(quick=False):
+    """The benchmarked networks; ``quick``: tiny versions of each (a smoke test's sizes)."""
+    if quick:
+        stages = models.mobilenet.MOBILENET_V2_STAGES[:3]
+        depths, widths, unet, c3d = (1, 1), (8, 16), (4, 8, 16), (4, 8)
+        return [
+            network(
+                "MobileNetV2-CIFAR x0.25, 3 stages",
+                lambda: models.MobileNetV2(10, 0.25, "cifar", stages, dropout_rate=0.0),
+                lambda: FlaxMobileNetV2Cifar(10, 0.25, stages),
+                lambda: torch_mobilenet_v2_cifar(0.25, 10, stages),
+                3,
+                (12, 12, 3),
+            ),
+            network(
+                "ConvNeXt (1,1)x(8,16), 2x2 stem",
+                lambda: models.ConvNeXt(depths, widths, 5, patch_size=2),
+                lambda: FlaxConvNeXt(depths, widths, 5, 2),
+                lambda: torch_convnext(depths, widths, 2, 5),
+                3,
+                (12, 12, 3),
+            ),
+            network(
+                "U-Net (4,8,16) same+BN",
+                lambda: models.UNet(2, unet, "same", batch_norm=True),
+                lambda: FlaxUNet(2, unet),
+                lambda: torch_unet(unet, 2),
+                2,
+                (12, 8, 3),
+                ("up1", "up2"),
+            ),
+            network(
+                "SmallC3D (4,8)",
+                lambda: models.SmallC3D(5, c3d),
+                lambda: FlaxC3D(5, c3d),
+                lambda: torch_c3d(c3d, 5),
+                3,
+                (3, 8, 12, 3),
+            ),
+        ]
+    depths, widths, unet, c3d = (
+        (2, 2, 2, 2),
+        (32, 64, 128, 256),
+        (16, 32, 64, 128),
+        (32, 64, 128, 256),
+    )
+    return [
+        network(
+            "MobileNetV2-CIFAR x0.5",
+            lambda: models.mobilenet_v2_cifar(10, 0.5, dropout_rate=0.0),
+            lambda: FlaxMobileNetV2Cifar(10, 0.5),
+            lambda: torch_mobilenet_v2_cifar(0.5, 10),
+            32,
+            (32, 32, 3),
+        ),
+        network(
+            "ConvNeXt (2,2,2,2)x(32..256), 2x2 stem",
+            lambda: models.ConvNeXt(depths, widths, 10, patch_size=2),
+            lambda: FlaxConvNeXt(depths, widths, 10, 2),
+            lambda: torch_convnext(depths, widths, 2, 10),
+            32,
+            (32, 32, 3),
+        ),
+        network(
+            "U-Net (16,32,64,128) same+BN",
+            lambda: models.UNet(2, unet, "same", batch_norm=True),
+            lambda: FlaxUNet(2, unet),
+            lambda: torch_unet(unet, 2),
+            8,
+            (64, 64, 3),
+            ("up1", "up2", "up3"),
+        ),
+        network(
+            "SmallC3D (32..256)",
+            lambda: models.SmallC3D(10, c3d),
+            lambda: FlaxC3D(10, c3d),
+            lambda: torch_c3d(c3d, 10),
+            8,
+            (8, 32, 32, 3),
+        ),
+    ]
+
+
+def train_step_runner(model, variables, x, labels):
+    """A jitted SGD-momentum training step of a Flax-API model (jcnn's or its twin) on ``x``, as a
+    runner returning the loss, and its first call's seconds (trace, compile and one step)."""
     tx = optax.sgd(0.01, momentum=0.9)
 
     def loss_fn(params, batch_stats):
@@ -335,13 +597,30 @@ def network_runners(build_jcnn, build_torch, batch, shape):
     jax.block_until_ready(state["value"])
     compile_s = time.perf_counter() - start
 
-    def run_jcnn():
+    def run():
         *state["value"], loss = step(*state["value"])
         return float(loss)
 
-    module = build_torch()
+    return run, compile_s
+
+
+def network_runners(spec, batch):
+    """Training-step runners of jcnn, its Flax twin (checked equal first) and PyTorch, the first
+    steps' seconds of the two JAX sides, the parameter count and the twin's largest logit error."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, *spec["shape"])), jnp.float32)
+    model, twin = spec["jcnn"](), spec["flax"]()
+    variables = model.init(jax.random.key(0), x[:1])
+    twin_variables = flax_variables(variables, spec["transposed"])
+    twin_error = check_twin(spec["name"], model, twin, variables, twin_variables, x)
+    out_shape = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x).shape
+    labels = jnp.asarray(rng.integers(0, out_shape[-1], out_shape[:-1]))
+    run_jcnn, jcnn_compile_s = train_step_runner(model, variables, x, labels)
+    run_flax, flax_compile_s = train_step_runner(twin, twin_variables, x, labels)
+
+    module = spec["torch"]()
     n_torch = sum(p.numel() for p in module.parameters())
-    n_jcnn = sum(p.size for p in jax.tree.leaves(params))
+    n_jcnn = sum(p.size for p in jax.tree.leaves(variables["params"]))
     if n_torch != n_jcnn:
         raise AssertionError(f"parameter counts differ: jcnn {n_jcnn}, PyTorch {n_torch}")
     xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
@@ -356,12 +635,14 @@ def network_runners(build_jcnn, build_torch, batch, shape):
         opt.step()
         return loss.item()
 
-    run_jcnn()
-    run_torch()
-    return {"jcnn": run_jcnn, "torch": run_torch}, compile_s, n_jcnn
+    runners = {"jcnn": run_jcnn, "flax": run_flax, "torch": run_torch}
+    for run in runners.values():  # warm-up
+        run()
+    compile_s = {"jcnn": jcnn_compile_s, "flax": flax_compile_s}
+    return runners, compile_s, n_jcnn, twin_error
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--steps", type=int, default=2, help="calls per round and implementation")
@@ -369,7 +650,14 @@ def main():
     parser.add_argument(
         "--only", nargs="*", choices=["convs", "networks"], default=["convs", "networks"]
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny versions of the networks, one round of one step (no convs table)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.only = 1, 1, ["networks"]
     from jcnn import native
 
     backend = "oneDNN" if native.available() else "XLA formulations (native library not built)"
@@ -404,19 +692,30 @@ def main():
         print("\n" + markdown(rows), flush=True)
     if "networks" in args.only:
         rows = []
-        for name, build_jcnn, build_torch, batch, shape in NETWORKS:
-            batch = _batch(batch, args.scale)
-            runners, compile_s, n_params = network_runners(build_jcnn, build_torch, batch, shape)
-            result = interleaved(runners, args.rounds, args.steps)
+        for spec in networks(args.quick):
+            batch = _batch(spec["batch"], args.scale)
+            runners, compile_s, n_params, twin_error = network_runners(spec, batch)
+            print(
+                f"{spec['name']}: the Flax twin's training logits equal jcnn's "
+                f"(largest difference {twin_error:.1e})",
+                flush=True,
+            )
+            ms = {
+                side: median * 1e3
+                for side, (median, _) in interleaved(runners, args.rounds, args.steps).items()
+            }
             rows.append(
                 {
-                    "network (training step)": name,
+                    "network (training step)": spec["name"],
                     "params": f"{n_params:,}",
-                    "input": f"{batch}x{'x'.join(map(str, shape))}",
-                    "jcnn ms": f"{result['jcnn'][0] * 1e3:.1f}",
-                    "PyTorch ms": f"{result['torch'][0] * 1e3:.1f}",
-                    "jcnn vs PyTorch": f"{result['torch'][0] / result['jcnn'][0]:.2f}x",
-                    "jcnn compile s": f"{compile_s:.1f}",
+                    "input": f"{batch}x{'x'.join(map(str, spec['shape']))}",
+                    "jcnn ms": f"{ms['jcnn']:.1f}",
+                    "Flax ms": f"{ms['flax']:.1f}",
+                    "PyTorch ms": f"{ms['torch']:.1f}",
+                    "jcnn vs Flax": f"{ms['flax'] / ms['jcnn']:.2f}x",
+                    "jcnn vs PyTorch": f"{ms['torch'] / ms['jcnn']:.2f}x",
+                    "jcnn compile s": f"{compile_s['jcnn']:.1f}",
+                    "Flax compile s": f"{compile_s['flax']:.1f}",
                 }
             )
             print(markdown(rows[-1:]), flush=True)

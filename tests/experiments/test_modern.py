@@ -1,0 +1,93 @@
+"""experiments/benchmarks/modern.py: its hand-written Flax twins compute jcnn's networks (with any
+parameters, once jcnn's are converted) and ``--quick`` times jcnn, the Flax twin and PyTorch."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "modern.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    try:
+        import torch  # noqa: F401  (the script's PyTorch side)
+    except ImportError:
+        if os.environ.get("JCNN_REQUIRE_TORCH") == "1":
+            raise
+        pytest.skip("modern.py compares with PyTorch: install it with `pip install -e .[dev]`")
+    spec = importlib.util.spec_from_file_location("modern_bench", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the Flax twins are dataclasses: their module must be known
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _random_variables(variables, rng):
+    """Every parameter and running statistic drawn at random (variances positive), so that no
+    layer hides behind its initial value (ConvNeXt's layer scales start at 1e-6, biases at 0)."""
+
+    def draw(path, leaf):
+        if getattr(path[-1], "key", None) == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_flax_twin_equals_jcnn_with_random_parameters(bench, index, rng):
+    spec = bench.networks(quick=True)[index]
+    x = jnp.asarray(rng.standard_normal((spec["batch"], *spec["shape"])), jnp.float32)
+    model, twin = spec["jcnn"](), spec["flax"]()
+    variables = _random_variables(model.init(jax.random.key(0), x[:1]), rng)
+    twin_variables = bench.flax_variables(variables, spec["transposed"])
+    error = bench.check_twin(spec["name"], model, twin, variables, twin_variables, x)
+    assert error < 1e-3
+
+
+def test_transposed_kernels_need_the_flip(bench, rng):
+    """Without the conversion the U-Net twin differs: the check can fail, the flip is needed."""
+    spec = next(s for s in bench.networks(quick=True) if s["transposed"])
+    x = jnp.asarray(rng.standard_normal((spec["batch"], *spec["shape"])), jnp.float32)
+    model, twin = spec["jcnn"](), spec["flax"]()
+    variables = _random_variables(model.init(jax.random.key(0), x[:1]), rng)
+    with pytest.raises(AssertionError, match="training logits"):
+        bench.check_twin(spec["name"], model, twin, variables, variables, x)
+    flipped = bench.flax_variables(variables, spec["transposed"])
+    for name in spec["transposed"]:
+        kernel = np.asarray(variables["params"][name]["kernel"])
+        np.testing.assert_array_equal(flipped["params"][name]["kernel"], kernel[::-1, ::-1])
+
+
+def test_quick_times_jcnn_flax_and_pytorch(bench, capsys):
+    bench.main(["--quick"])
+    out = capsys.readouterr().out
+    table = out[out.rindex("| network (training step)") :].strip().splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    for column in ("jcnn ms", "Flax ms", "PyTorch ms", "jcnn vs Flax", "jcnn vs PyTorch"):
+        assert column in header, header
+    assert "jcnn compile s" in header and "Flax compile s" in header
+    rows = [
+        dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        for line in table[2:]
+    ]
+    assert [row["network (training step)"] for row in rows] == [
+        spec["name"] for spec in bench.networks(quick=True)
+    ]
+    for row in rows:
+        jcnn_ms, flax_ms, torch_ms = (float(row[k]) for k in ("jcnn ms", "Flax ms", "PyTorch ms"))
+        assert min(jcnn_ms, flax_ms, torch_ms) > 0, row
+        for ratio, other_ms in (("jcnn vs Flax", flax_ms), ("jcnn vs PyTorch", torch_ms)):
+            # the ratio of the unrounded times: within the milliseconds' rounding of ours
+            expected = other_ms / jcnn_ms
+            assert float(row[ratio].rstrip("x")) == pytest.approx(expected, rel=0.05, abs=0.01)
+        assert float(row["Flax compile s"]) > 0, row
+    assert out.count("the Flax twin's training logits equal jcnn's") == len(rows)
