@@ -1,7 +1,9 @@
-"""CPU speed of the modern networks' convolutions and training steps: jcnn against PyTorch.
+"""CPU speed of the modern networks' convolutions and training steps: jcnn against a hand-written
+Flax twin and PyTorch.
 
     /work/venv/bin/python experiments/benchmarks/modern.py                      # full run
-    /work/venv/bin/python experiments/benchmarks/modern.py --rounds 1 --steps 1 --scale 0.25
+    /work/venv/bin/python experiments/benchmarks/modern.py --rounds 3 --steps 1 --scale 0.125
+    /work/venv/bin/python experiments/benchmarks/modern.py --quick              # smoke test
 
 Two tables, every row measured in one process with the implementations interleaved round by
 round after warm-up (median over rounds; the spread, max/min - 1, shows a shared machine's noise):
@@ -11,10 +13,18 @@ round after warm-up (median over rounds; the spread, max/min - 1, shows a shared
   ``jcnn.functional.conv`` / ``conv_transpose`` (oneDNN when built, see the header line), XLA's
   native ``lax.conv_general_dilated`` and PyTorch (eager, ``torch.autograd``);
 * one SGD-momentum training step (forward, backward, update, BatchNorm statistics) of each new
-  network at a small size: ``jcnn.models`` jitted against the same architecture written in
-  PyTorch, their parameter counts checked equal. Dropout and stochastic depth are off.
+  network at a small size: ``jcnn.models`` jitted, the same architecture written with
+  ``flax.linen``'s own layers (``Conv`` with ``feature_group_count`` for the depthwise convs,
+  ``ConvTranspose``, ``BatchNorm``, ``LayerNorm``: XLA's native convolutions) jitted with the same
+  step, and the same architecture in PyTorch, their parameter counts checked equal. The Flax twin
+  starts from jcnn's initial variables (``flax_variables``) and its training-mode logits and
+  BatchNorm statistics are checked equal to jcnn's before timing (``check_twin``). Dropout and
+  stochastic depth are off. The first step's seconds (trace, compile, one step) of both JAX sides
+  are reported.
 
-``--scale`` multiplies every batch size (at least 1) for smoke runs on a loaded machine.
+``--scale`` multiplies every batch size (at least 1) for smoke runs on a loaded machine;
+``--quick`` times tiny versions of the four networks for one round of one step (no convolution
+table): a smoke test, not a measurement.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ def test_transposed_kernels_need_the_flip(bench, rng):
         np.testing.assert_array_equal(flipped["params"][name]["kernel"], kernel[::-1, ::-1])
 
 
+@pytest.mark.slow  # ~1.5 min on a loaded 2-core machine: four networks, three sides, 8 compiles
 def test_quick_times_jcnn_flax_and_pytorch(bench, capsys):
     bench.main(["--quick"])
     out = capsys.readouterr().out
