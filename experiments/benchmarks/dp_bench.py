@@ -22,7 +22,8 @@ same network and batch); ``peak MiB`` is XLA's buffer assignment for the compile
   and ``optimizer.step()``, per ``grad_sample_mode``: ``hooks`` (per-sample gradients by hooks,
   the default), ``ghost`` (ghost clipping through ``DPLossFastGradientClipping``; Opacus has it
   for linear layers, convolutions fall back to per-sample gradients), ``ew`` (expanded
-  weights) and ``functorch``. A mode that fails is reported and left out.
+  weights) and ``functorch``. A mode that fails is reported and left out. The PyTorch rows'
+  ratio is to PyTorch's non-private step; they have no peak memory column.
 
 A second table puts jcnn's DP step (ghost) beside Opacus' fastest mode: the speed ratio
 Opacus / jcnn (issue 10's goal: at least 2) and each DP step against its own library's
