@@ -134,7 +134,7 @@ def load_jcnn_params(twin, params) -> None:
 
 def check_twin(model, params, twin, images, labels, tolerance: float = 1e-4) -> float:
     """jcnn's and the twin's logits and loss agree on ``images`` (NHWC); their relative error."""
-    ours = np.asarray(model.apply({"params": params}, images))
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, images))
     with torch.no_grad():
         theirs = twin(nchw(images)).numpy()
         their_loss = float(torch.nn.functional.cross_entropy(
