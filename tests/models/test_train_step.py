@@ -6,8 +6,6 @@ fast. The step must return the loss of the parameters it started from and move t
 A model in ``jcnn.models.__all__`` without a case fails ``test_every_model_has_a_case``.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,8 +70,7 @@ def test_one_jitted_training_step(model, shape, rng):
     state = TrainState.create(model, optimizer("sgd", LEARNING_RATE), jax.random.key(0), images)
     dropout_key = jax.random.fold_in(state.key, state.step)
 
-    # The reference is compiled unoptimized: half the test's time was its compilation.
-    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    @jax.jit
     def reference(params):
         grad_fn = jax.value_and_grad(loss_and_logits, has_aux=True)
         (loss, _), grads = grad_fn(
