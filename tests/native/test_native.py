@@ -137,11 +137,24 @@ def test_a_cpu_without_bfloat16_kernels_routes_bfloat16_to_xla(onednn):
     assert jnp.array_equal(got, want)
 
 
+def _pass_with_onednn_capped_at_avx2(tests):
+    """Run ``tests`` in a fresh process with oneDNN capped at AVX2; all must pass."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "JCNN_REQUIRE_NATIVE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", *tests],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{len(tests)} passed" in result.stdout
+
+
 @pytest.mark.skipif("ONEDNN_MAX_CPU_ISA" in os.environ, reason="already capped")
 def test_bfloat16_tests_pass_on_a_cpu_without_bfloat16_kernels(onednn):
     # Whatever this machine is, rerun the bfloat16 tests as an AVX2-only CPU (no bfloat16 in
     # oneDNN 3.2) sees them, so the fallback is exercised on every machine.
-    root = Path(__file__).resolve().parents[2]
     tests = [
         "tests/native/test_native.py::test_a_cpu_without_bfloat16_kernels_routes_bfloat16_to_xla",
         "tests/native/test_native.py::test_f_conv_dispatch",
@@ -149,39 +162,20 @@ def test_bfloat16_tests_pass_on_a_cpu_without_bfloat16_kernels(onednn):
         "tests/functional/test_conv.py::test_mixed_dtypes_promote_and_low_precision_is_kept",
         "tests/nn/test_conv.py::test_conv_dtype_and_param_dtype",
     ]
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "JCNN_REQUIRE_NATIVE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", *tests],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"{len(tests)} passed" in result.stdout
+    _pass_with_onednn_capped_at_avx2(tests)
 
 
 @pytest.mark.skipif("ONEDNN_MAX_CPU_ISA" in os.environ, reason="already capped")
 def test_depthwise_tests_pass_with_the_avx2_kernels(onednn):
     # Depthwise convolutions run on oneDNN's ISA-specific depthwise kernels: rerun their tests
     # with oneDNN capped at AVX2, so an AVX-512 machine also checks what an AVX2-only CPU runs.
-    root = Path(__file__).resolve().parents[2]
     tests = [
         "tests/functional/test_conv_onednn.py::test_depthwise_runs_every_product_on_onednn_and_"
         "matches_xla[2]",
         "tests/functional/test_conv_onednn.py::test_depthwise_second_derivatives_and_per_example_"
         "gradients",
     ]
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "JCNN_REQUIRE_NATIVE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", *tests],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"{len(tests)} passed" in result.stdout
+    _pass_with_onednn_capped_at_avx2(tests)
 
 
 def test_export_of_a_portable_function(onednn, rng):
