@@ -1,0 +1,107 @@
+"""The DP-SGD studies (experiments/dp_*.py, experiments/_dp.py): quick runs end to end, their
+networks fit their datasets, and the rows of separate full runs accumulate on one page."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("dp_accounting")
+pytest.importorskip("matplotlib")
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+SCRIPTS = ["dp_mnist", "dp_fashion_mnist", "dp_cifar10"]
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        yield {name: __import__(name) for name in SCRIPTS}
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_network_takes_its_dataset(scripts, name):
+    from jcnn import data
+
+    study = scripts[name].STUDY
+    shape = data.DATASETS[study.dataset].shape
+    assert len(study.mean) == len(study.std) == shape[-1]
+    model = study.make_model()
+    out = jax.eval_shape(
+        lambda x: model.apply(model.init(jax.random.key(0), x), x), jnp.zeros((2, *shape))
+    )
+    assert out.shape == (2, 10)
+    assert {p.epsilon for p in study.published} <= set(study.epsilons)
+
+
+@pytest.mark.parametrize("name", ["dp_mnist", "dp_cifar10"])
+def test_quick_run_writes_table_and_figure(scripts, name, tmp_path):
+    results = scripts[name].main(
+        ["--quick", "--synthetic", "--epsilons", "2.0", "--out", str(tmp_path)]
+    )
+    (result,) = results
+    assert 1.9 < result["epsilon"] <= 2.0  # the calibrated noise spends the budget, no more
+    spent = [eps for _, eps, _ in result["history"]]
+    assert spent == sorted(spent) and spent[-1] == result["epsilon"]
+    assert 0 <= result["accuracy"] <= 100
+    report = (tmp_path / f"{name}.md").read_text()
+    assert "Quick mode" in report and "synthetic" in report
+    assert "| 2 | 2.00 |" in report
+    assert (tmp_path / f"{name}_accuracy.png").stat().st_size > 1000
+    assert not (tmp_path / f"{name}.json").exists()  # a quick run is never a result
+
+
+def test_full_runs_accumulate_rows_with_the_same_settings(scripts, tmp_path, monkeypatch):
+    import _dp
+
+    def fake_train(study, train_set, test_set, *, target_epsilon, args):
+        accuracy = 90.0 + target_epsilon + args.clip
+        history = [(1, target_epsilon / 2, accuracy - 1), (2, target_epsilon, accuracy)]
+        return {
+            "target_epsilon": target_epsilon,
+            "epsilon": target_epsilon,
+            "accuracy": accuracy,
+            "sigma": 1.0,
+            "epochs": 2,
+            "seconds": 1.0,
+            "history": history,
+        }
+
+    monkeypatch.setattr(_dp, "train_private", fake_train)
+    main = scripts["dp_mnist"].main
+    common = ["--synthetic", "--epochs", "2", "--out", str(tmp_path)]
+    main([*common, "--epsilons", "3.0", "1.2"])
+    runs = main([*common, "--epsilons", "7.1", "3.0"])
+    assert sorted(r["target_epsilon"] for r in runs) == [1.2, 3.0, 7.1]
+    record = json.loads((tmp_path / "dp_mnist.json").read_text())
+    assert len(record["runs"]) == 3 and record["settings"]["epochs"] == 2
+    page = (tmp_path / "dp_mnist.md").read_text()
+    for row in ("| 1.2 | 1.20 |", "| 3 | 3.00 |", "| 7.1 | 7.10 |"):
+        assert row in page
+    assert "94.63% (Opacus MNIST example)" in page and "not run" not in page
+
+    runs = main([*common, "--epsilons", "1.2", "--clip", "0.5"])  # other settings: a new page
+    assert [r["target_epsilon"] for r in runs] == [1.2]
+    assert "| 3 | 3.00 |" not in (tmp_path / "dp_mnist.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epsilons", "0"], "--epsilons"),
+        (["--delta", "1"], "--delta"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "-4"], "--batch-size"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(scripts, argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        scripts["dp_mnist"].main(["--synthetic", "--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
