@@ -25,6 +25,7 @@ import numpy as np
 
 from jcnn.analysis.ghost import ghost_clipped_sum
 from jcnn.analysis.per_example import (
+    _add_gaussian_noise,
     _batch_size,
     _check_clip,
     _norms,
@@ -123,14 +124,8 @@ def private_grad(
         if weights is not None:
             factors = factors * jnp.asarray(weights, factors.dtype)
         total = jax.tree.map(lambda g: jnp.tensordot(factors.astype(g.dtype), g, axes=1), grads)
-    leaves, treedef = jax.tree.flatten(total)
-    keys = jax.random.split(key, len(leaves))
-    std = noise_multiplier * l2_norm_clip
-    noised = [
-        (leaf + std * jax.random.normal(k, leaf.shape, leaf.dtype)) / denominator
-        for leaf, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, noised), norms
+    noised = _add_gaussian_noise(key, total, noise_multiplier * l2_norm_clip)
+    return jax.tree.map(lambda leaf: leaf / denominator, noised), norms
 
 
 def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.extend import core as jax_core
@@ -397,6 +398,23 @@ def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     return jax.tree.map(scale, per_example)
 
 
+def _add_gaussian_noise(key, tree: Any, std) -> Any:
+    """``tree`` plus independent ``N(0, std^2)`` noise on every element (drawn in float32).
+
+    One draw for the whole tree, split into the leaves: a draw per leaf compiles one random
+    generator per leaf (seconds each on CPU).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [leaf.size for leaf in leaves]
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0, *sizes])
+    noised = [
+        leaf + (std * noise[start:stop]).reshape(leaf.shape).astype(leaf.dtype)
+        for leaf, start, stop in zip(leaves, offsets[:-1], offsets[1:], strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noised)
+
+
 class DPAggregateState(NamedTuple):
     """State of ``dp_aggregate``: the random key of the next noise draw."""
 
@@ -433,14 +451,9 @@ def dp_aggregate(
         size = _batch_size(per_example, "per_example")
         clipped = clip_per_example(per_example, l2_norm_clip)
         key, next_key = jax.random.split(state.key)
-        leaves, treedef = jax.tree.flatten(clipped)
-        keys = jax.random.split(key, len(leaves))
-        std = noise_multiplier * l2_norm_clip
-        noised = [
-            (jnp.sum(leaf, axis=0) + std * jax.random.normal(k, leaf.shape[1:], leaf.dtype)) / size
-            for leaf, k in zip(leaves, keys, strict=True)
-        ]
-        return jax.tree.unflatten(treedef, noised), DPAggregateState(next_key)
+        summed = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), clipped)
+        noised = _add_gaussian_noise(key, summed, noise_multiplier * l2_norm_clip)
+        return jax.tree.map(lambda leaf: leaf / size, noised), DPAggregateState(next_key)
 
     return optax.GradientTransformation(init, update)
 

@@ -107,6 +107,19 @@ def test_dp_noise_has_the_stated_scale_and_is_reproducible():
     np.testing.assert_array_equal(again["w"], first["w"])
 
 
+def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype():
+    clip, sigma, size = 1.0, 1.0, 4
+    shapes = {"a": (50, 40), "b": (50, 40), "c": (7, 3, 5), "d": (), "e": (0, 3)}
+    zeros = {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
+    zeros["f"] = jnp.zeros((size, 3000), jnp.bfloat16)
+    noise, _ = dp_aggregate(clip, sigma, seed=0).update(zeros, dp_aggregate(clip, sigma).init(None))
+    for name, leaf in noise.items():
+        assert leaf.shape == zeros[name].shape[1:] and leaf.dtype == zeros[name].dtype, name
+    a, b = np.ravel(noise["a"]), np.ravel(noise["b"])
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.1  # not the same draw twice
+    assert abs(float(np.std(np.asarray(noise["f"], np.float32))) * size - 1) < 0.1
+
+
 def test_dp_sgd_step_is_sgd_on_the_private_gradient(problem):
     params, batch = problem
     per_example = per_example_grads(_loss, params, batch)

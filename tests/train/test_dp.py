@@ -50,8 +50,8 @@ def _config(**kw):
 
 def _reference_gradient(model, params, images, labels, weights, key, step, clip, sigma, denom):
     """Materialized per-example gradients (vmap of grad), clipped and summed in NumPy float64,
-    plus the noise dp_train_step documents: key fold_in(fold_in(key, step), 1), one normal draw
-    per parameter leaf from its split."""
+    plus the noise dp_train_step documents: key fold_in(fold_in(key, step), 1), one float32
+    normal draw for all parameters, cut into the leaves in their flattening order."""
 
     def loss(p, x, y):
         logits = model.apply({"params": p}, x[None], train=True)
@@ -63,14 +63,12 @@ def _reference_gradient(model, params, images, labels, weights, key, step, clip,
     norms = np.sqrt(sum(np.sum(g.reshape(len(images), -1) ** 2, axis=1) for g in leaves))
     factors = np.minimum(1.0, clip / norms) * weights
     noise_key = jax.random.wrap_key_data(jax.random.fold_in(jax.random.fold_in(key, step), 1))
-    keys = jax.random.split(noise_key, len(leaves))
+    sizes = [g[0].size for g in leaves]
+    noise = np.asarray(jax.random.normal(noise_key, (sum(sizes),), jnp.float32), np.float64)
+    pieces = np.split(noise, np.cumsum(sizes)[:-1])
     total = [
-        (
-            np.tensordot(factors, g, axes=1)
-            + sigma * clip * np.asarray(jax.random.normal(k, g.shape[1:]))
-        )
-        / denom
-        for g, k in zip(leaves, keys, strict=True)
+        (np.tensordot(factors, g, axes=1) + sigma * clip * z.reshape(g.shape[1:])) / denom
+        for g, z in zip(leaves, pieces, strict=True)
     ]
     return jax.tree.unflatten(treedef, total), norms
 
