@@ -1,9 +1,7 @@
 """experiments/benchmarks/dp_bench.py: its PyTorch twins are jcnn's networks, Opacus' DP step
 computes jcnn's clipped gradient, and ``--quick`` prints the Opacus rows and the speed ratio."""
 
-import importlib.util
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +14,10 @@ from jcnn import functional as F
 # Opacus' hooks on a network whose input needs no gradient: PyTorch's notice, not a fault
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "dp_bench.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("dp_bench", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def bench():
-    module = _load()
+def bench(load_benchmark):
+    module = load_benchmark("dp_bench", needs_torch=False)
     if module.opacus is None:
         if os.environ.get("JCNN_REQUIRE_TORCH") == "1":
             raise ImportError(module.MISSING_OPACUS)
@@ -115,8 +104,8 @@ def test_quick_mode_prints_opacus_rows_and_the_ratio(bench, capsys):
         assert f"{row['speedup']:>12.2f}" in printed
 
 
-def test_without_opacus_says_so_and_prints_jcnns_rows(capsys, monkeypatch):
-    module = _load()
+def test_without_opacus_says_so_and_prints_jcnns_rows(load_benchmark, capsys, monkeypatch):
+    module = load_benchmark("dp_bench", needs_torch=False)
     monkeypatch.setattr(module, "opacus", None)
     monkeypatch.setattr(module, "MISSING_OPACUS", "No module named 'opacus': install it")
     calls = []

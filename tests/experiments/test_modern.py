@@ -1,33 +1,15 @@
 """experiments/benchmarks/modern.py: its hand-written Flax twins compute jcnn's networks (with any
 parameters, once jcnn's are converted) and ``--quick`` times jcnn, the Flax twin and PyTorch."""
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "modern.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    try:
-        import torch  # noqa: F401  (the script's PyTorch side)
-    except ImportError:
-        if os.environ.get("JCNN_REQUIRE_TORCH") == "1":
-            raise
-        pytest.skip("modern.py compares with PyTorch: install it with `pip install -e .[dev]`")
-    spec = importlib.util.spec_from_file_location("modern_bench", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # the Flax twins are dataclasses: their module must be known
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def bench(load_benchmark):
+    return load_benchmark("modern")
 
 
 def _random_variables(variables, rng):

@@ -1,7 +1,6 @@
 """experiments/benchmarks/recipes_bench.py: its PyTorch pieces match jcnn's, and ``--quick`` runs
 both recipes on both sides and prints both columns."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -11,28 +10,15 @@ import pytest
 
 from jcnn import models
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "recipes_bench.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    try:
-        import torch  # noqa: F401  (the script's other side)
-    except ImportError:
-        if os.environ.get("JCNN_REQUIRE_TORCH") == "1":
-            raise
-        pytest.skip(
-            "recipes_bench.py compares with PyTorch: install it with `pip install -e .[dev]`"
-        )
-    spec = importlib.util.spec_from_file_location("recipes_bench", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("recipes_bench")
 
 
 def _data_dir():
     """``JCNN_DATA_DIR``, else ``<repo>/../shared/data``, if it has MNIST and CIFAR-10."""
-    shared = _SCRIPT.parents[3] / "shared" / "data"
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
     directory = Path(os.environ.get("JCNN_DATA_DIR") or shared)
     if (directory / "cifar10").is_dir() and (directory / "mnist").is_dir():
         return directory

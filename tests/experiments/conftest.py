@@ -1,0 +1,37 @@
+"""Loading a benchmark script of ``experiments/benchmarks/`` as a module for its tests."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def load_benchmark():
+    """``load(name)``: ``experiments/benchmarks/<name>.py`` as a module (registered in
+    ``sys.modules`` while the test module runs: dataclasses need their module known). A script
+    that compares with PyTorch skips without it, unless ``JCNN_REQUIRE_TORCH=1``."""
+    loaded = []
+
+    def load(name: str, *, needs_torch: bool = True):
+        if needs_torch:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                if os.environ.get("JCNN_REQUIRE_TORCH") == "1":
+                    raise
+                pytest.skip(f"{name}.py compares with PyTorch: `pip install -e .[dev]`")
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        loaded.append(spec.name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
