@@ -205,11 +205,17 @@ def _previous_runs(path: Path, settings: dict, epsilons) -> list[dict]:
     """The rows an earlier full run with the same settings left, except the epsilons rerun now."""
     if not path.exists():
         return []
-    record = json.loads(path.read_text())
-    if record.get("settings") != settings:
+    try:
+        record = json.loads(path.read_text())
+        before, runs = record["settings"], record["runs"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise SystemExit(
+            f"{path}: not a record of this study ({error}); move it away to start a new one"
+        ) from None
+    if before != settings:
         print(f"{path}: other settings, its rows are replaced")
         return []
-    return [run for run in record["runs"] if run["target_epsilon"] not in epsilons]
+    return [run for run in runs if run["target_epsilon"] not in epsilons]
 
 
 def _figure(study: Study, runs: list[dict], quick: bool):

@@ -105,3 +105,12 @@ def test_bad_arguments_are_refused_before_any_work(scripts, argv, message, tmp_p
         scripts["dp_mnist"].main(["--synthetic", "--out", str(tmp_path), *argv])
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_damaged_record_is_refused_and_left_as_it_was(scripts, tmp_path):
+    record = tmp_path / "dp_mnist.json"
+    record.write_text('{"settings": {"seed": 0}, "ru')
+    with pytest.raises(SystemExit, match="dp_mnist.json: not a record of this study"):
+        scripts["dp_mnist"].main(["--synthetic", "--out", str(tmp_path)])
+    assert record.read_text() == '{"settings": {"seed": 0}, "ru'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp_mnist.json"]
