@@ -3,8 +3,9 @@
     python experiments/dp_fashion_mnist.py --data-dir DIR       # full: about 10 min
     python experiments/dp_fashion_mnist.py --quick --synthetic --out /tmp/dp   # seconds
 
-The MNIST study's network and settings (experiments/dp_mnist.py) on Fashion-MNIST; Tramer and
-Boneh report 86.0% for this end-to-end CNN at epsilon 3, Papernot et al. 86.1% at 2.7.
+The MNIST study's network (experiments/dp_mnist.py) with Poisson batches of 2048, clip norm 0.1,
+SGD with momentum 0.9 at learning rate 2 for 40 epochs (MNIST's batch 512, rate 4 and no momentum
+gave 84.80%); Tramer and Boneh report 86.0% for this end-to-end CNN at epsilon 3.
 """
 
 import _dp
@@ -20,10 +21,10 @@ STUDY = _dp.Study(
     published=(_dp.Published(3.0, 86.0, "Tramer & Boneh 2021, end-to-end CNN"),),
     epsilons=(3.0,),
     epochs=40,
-    batch_size=512,
+    batch_size=2048,
     clip=0.1,
-    lr=4.0,
-    momentum=0.0,
+    lr=2.0,
+    momentum=0.9,
 )
 
 
