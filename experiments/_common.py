@@ -34,6 +34,11 @@ DEFAULT_OUT = ROOT / "docs" / "experiments"
 
 def parse_args(description: str, argv=None) -> argparse.Namespace:
     """The arguments every experiment takes."""
+    return argument_parser(description).parse_args(argv)
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """A parser of the arguments every experiment takes, for a script to add its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="smoke-sized run (seconds); the page says so"
@@ -47,7 +52,7 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
         help="datasets folder (default: $JCNN_DATA_DIR, then jcnn's per-user cache)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
 
 
 @functools.lru_cache(maxsize=4)

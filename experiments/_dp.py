@@ -172,12 +172,8 @@ def synthetic(shape: tuple[int, ...], n: int, seed: int):
 
 
 def parse_args(study: Study, argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=study.title)
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser = _common.argument_parser(study.title)
     parser.add_argument("--synthetic", action="store_true", help="random data, no files needed")
-    parser.add_argument("--out", type=Path, default=_common.DEFAULT_OUT)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epsilons", type=float, nargs="+", default=list(study.epsilons))
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--epochs", type=int, default=study.epochs)
