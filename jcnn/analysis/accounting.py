@@ -17,6 +17,8 @@ Needs ``pip install "jcnn[dp]"`` (the ``dp-accounting`` package).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import numbers
 
@@ -58,6 +60,27 @@ def _check(sampling_rate, steps, delta, accountant) -> tuple[float, int, float]:
     if accountant not in _ACCOUNTANTS:
         raise ValueError(f"accountant: expected one of {_ACCOUNTANTS}, got {accountant!r}")
     return sampling_rate, int(steps), delta
+
+
+class _DropUnconvergedOrderWarnings(logging.Filter):
+    """dp-accounting's RDP accountant leaves out a Renyi order whose series does not converge
+    (small noise multipliers, which ``dp_noise_multiplier``'s search tries) and logs a warning for
+    each. Leaving an order out can only raise epsilon, so the result is still an upper bound: the
+    warnings tell the user nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_accounting():
+    logger = logging.getLogger("absl")
+    quiet = _DropUnconvergedOrderWarnings()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _make_accountant(accountant: str):
@@ -111,8 +134,9 @@ def dp_epsilon(
     if noise_multiplier == 0:
         return math.inf
     account = _make_accountant(accountant)
-    account.compose(_event(noise_multiplier, sampling_rate, steps))
-    return float(account.get_epsilon(delta))
+    with _quiet_accounting():
+        account.compose(_event(noise_multiplier, sampling_rate, steps))
+        return float(account.get_epsilon(delta))
 
 
 def dp_noise_multiplier(
@@ -164,8 +188,8 @@ def dp_noise_multiplier(
     if epsilon(low) <= target_epsilon:
         return low
     dp_accounting = _dp_accounting()
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
+    with _quiet_accounting():
+        sigma = dp_accounting.calibrate_dp_mechanism(
             lambda: _make_accountant(accountant),
             lambda sigma: _event(sigma, sampling_rate, steps),
             target_epsilon,
@@ -173,4 +197,4 @@ def dp_noise_multiplier(
             dp_accounting.ExplicitBracketInterval(low, high),
             tol=1e-4 * high,
         )
-    )
+    return float(sigma)

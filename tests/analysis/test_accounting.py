@@ -1,5 +1,6 @@
 """Tests of jcnn.analysis.accounting against the closed form of the Gaussian mechanism."""
 
+import logging
 import math
 
 import numpy as np
@@ -53,6 +54,20 @@ def test_noise_multiplier_reaches_the_target_epsilon(accountant):
     sigma = dp_noise_multiplier(2.0, q, steps, delta, accountant=accountant)
     assert dp_epsilon(sigma, q, steps, delta, accountant=accountant) <= 2.0
     assert dp_epsilon(sigma * 0.995, q, steps, delta, accountant=accountant) > 2.0
+
+
+def test_calibration_logs_no_unconverged_order_warnings_and_other_warnings_pass(caplog):
+    # dp-accounting logs a warning per Renyi order it leaves out at small noise multipliers (the
+    # search tries 0.5); the result is still an upper bound, so jcnn drops those warnings only.
+    q, steps, delta = 1024 / 50000, 30 * 49, 1e-5
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        sigma = dp_noise_multiplier(7.53, q, steps, delta)
+        dp_epsilon(0.5, q, steps, delta)
+        absl.warning("another warning")
+    assert 0.5 < sigma < 2 and dp_epsilon(sigma, q, steps, delta) <= 7.53
+    assert [record.getMessage() for record in caplog.records] == ["another warning"]
+    assert not absl.filters
 
 
 def test_bad_input_names_the_argument():
