@@ -16,7 +16,10 @@ Mixed ghost clipping (Bu, Mao and Xu 2022) takes, per layer, the cheaper one: gh
 ``T^2 <= d p``. Convolutions (1/2/3-D, any stride, dilation, padding and padding mode, groups) are
 the same computation on their unfolded input patches (one strided slice per window offset);
 transposed convolutions on the unfolded output cotangent (a transposed convolution's weight
-gradient is that of the convolution it is the adjoint of, with input and output swapped).
+gradient is that of the convolution it is the adjoint of, with input and output swapped). Where
+the padded input has few positions for its channels (small maps deep in a network), the patches'
+Gram matrix comes from the positions' Gram matrix instead, with no patches written: two windows'
+product is a sum over window offsets of entries of it.
 
 Layers are found with Flax's method interception: every call of ``jcnn.nn.Dense``,
 ``jcnn.nn.Conv``, ``jcnn.nn.ConvTranspose`` or ``flax.linen.Dense`` whose parameters are leaves of
@@ -159,57 +162,91 @@ def _ghost_is_cheaper(call: _Call, kernel_size: int) -> bool:
     return positions * positions <= kernel_size
 
 
-def _patches(x, window, stride, padding, dilation, padding_mode: str = "zeros"):
-    """``(N, *out, prod(window), C)``: each output position's input window, as ``F.conv`` with
-    these options reads it, one strided slice per window offset (no arithmetic)."""
-    ndim = x.ndim - 2
-    stride = as_int_tuple(stride, ndim, "stride")
-    dilation = as_int_tuple(dilation, ndim, "dilation")
-    pads = normalize_padding(padding, x.shape[1:-1], window, stride, dilation)
-    if any(lo or hi for lo, hi in pads):
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
-    out = [
-        (size - d * (k - 1) - 1) // s + 1
-        for size, k, s, d in zip(x.shape[1:-1], window, stride, dilation, strict=True)
-    ]
-    slices = []
+def _window_slices(window, stride, dilation, out):
+    """Per window offset, the ``(start, limit, stride)`` of a strided slice of a padded input's
+    spatial axes that reads that offset of the window of each of the ``out`` output positions."""
     for offset in itertools.product(*(range(k) for k in window)):
         start = [o * d for o, d in zip(offset, dilation, strict=True)]
         limit = [a + (n - 1) * s + 1 for a, n, s in zip(start, out, stride, strict=True)]
-        slices.append(
-            jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *stride, 1))
+        yield start, limit, list(stride)
+
+
+def _patches(x, window, stride, dilation, out):
+    """``(N, *out, prod(window), C)``: each output position's window of the padded ``x``, one
+    strided slice per window offset (no arithmetic)."""
+    return jnp.stack(
+        [
+            jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *step, 1))
+            for start, limit, step in _window_slices(window, stride, dilation, out)
+        ],
+        axis=-2,
+    )
+
+
+def _window_gram(x, window, stride, dilation, out, groups: int):
+    """``(groups, N T, N T)``: per group, the Gram matrix of the windows ``_patches`` unfolds,
+    from the Gram matrix of the padded ``x``'s positions. The window at ``t`` reads ``t * stride
+    + o * dilation`` at offset ``o``, so the product of two windows is the sum over offsets of one
+    entry of the positions' Gram matrix: no patches are written."""
+    n, spatial, channels = x.shape[0], x.shape[1:-1], x.shape[-1]
+    positions = x.reshape(n, -1, groups, channels // groups)
+    gram = jnp.einsum("npgc,mqgc->gnpmq", positions, positions)
+    gram = gram.reshape(groups, n, *spatial, n, *spatial)
+    total = 0
+    for start, limit, step in _window_slices(window, stride, dilation, out):
+        total = total + jax.lax.slice(
+            gram, (0, 0, *start, 0, *start), (groups, n, *limit, n, *limit), (1, 1, *step, 1, *step)
         )
-    return jnp.stack(slices, axis=-2)
+    size = n * math.prod(out)
+    return total.reshape(groups, size, size)
 
 
-def _unfold(call: _Call, activation, cotangent):
-    """``(P, Q)``: per group ``g``, the layer's weight gradient is ``P_g^T Q_g`` up to the order
-    of its rows (which no norm sees); ``P`` is ``(T, groups, features)`` and ``Q`` is
-    ``(T, groups, outputs per group)``."""
+def _unfolding(call: _Call, activation, cotangent):
+    """For a convolution: ``(x, other, (window, stride, dilation, out))``: the layer's weight
+    gradient pairs the windows of ``x`` (its input, a transposed convolution's output cotangent),
+    padded as the layer pads it, at the ``out`` output positions along each axis with ``other``
+    (its output cotangent, a transposed convolution's input) at the same positions."""
     module = call.module
-    if call.kind == "Dense":
-        return (
-            activation.reshape(-1, 1, activation.shape[-1]),
-            cotangent.reshape(-1, 1, cotangent.shape[-1]),
-        )
-    groups = module.groups
     ndim = activation.ndim - 2
     window = tuple(np.broadcast_to(np.asarray(module.kernel_size), (ndim,)).tolist())
-    options = (window, module.stride, module.padding, module.dilation)
     if call.kind == "Conv":
-        other = cotangent
-        patches = _patches(activation, *options, module.padding_mode)
-    else:  # a transposed convolution: unfold the cotangent, paired with the input
-        other = activation
-        patches = _patches(cotangent, *options)
-        # output_padding >= stride adds a row no input position reaches
-        patches = patches[(slice(None), *(slice(0, n) for n in other.shape[1:-1]))]
-    size = math.prod(window)
-    patches = patches.reshape(-1, size, groups, patches.shape[-1] // groups)
-    return (
-        jnp.swapaxes(patches, 1, 2).reshape(-1, groups, size * patches.shape[-1]),
-        other.reshape(-1, groups, other.shape[-1] // groups),
-    )
+        x, other, padding_mode = activation, cotangent, module.padding_mode
+    else:
+        x, other, padding_mode = cotangent, activation, "zeros"
+    stride = as_int_tuple(module.stride, ndim, "stride")
+    dilation = as_int_tuple(module.dilation, ndim, "dilation")
+    pads = normalize_padding(module.padding, x.shape[1:-1], window, stride, dilation)
+    if any(lo or hi for lo, hi in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
+    # `other`'s positions: a transposed convolution's output_padding >= stride adds a row of
+    # output that no input position reaches
+    return x, other, (window, stride, dilation, list(other.shape[1:-1]))
+
+
+def _positions_gram_is_smaller(positions: int, groups: int, windows_size: int) -> bool:
+    """Whether ``groups`` Gram matrices of ``positions`` rows are smaller than the windows."""
+    return groups * positions * positions <= windows_size
+
+
+def _grams(call: _Call, activation, cotangent):
+    """Per group, the ``(groups, T, T)`` Gram matrices of the two sides of the layer's weight
+    gradient ``P_g^T Q_g`` (``P`` the windows, ``Q`` the other side): ``P``'s from the Gram matrix
+    of the padded positions when that is smaller than the windows, else from the windows."""
+    if call.kind == "Dense":
+        p = activation.reshape(-1, 1, activation.shape[-1])
+        q = cotangent.reshape(-1, 1, cotangent.shape[-1])
+        return jnp.einsum("tgf,sgf->gts", p, p), jnp.einsum("tgo,sgo->gts", q, q)
+    groups = call.module.groups
+    x, other, (window, stride, dilation, out) = _unfolding(call, activation, cotangent)
+    q = other.reshape(-1, groups, other.shape[-1] // groups)
+    gram_q = jnp.einsum("tgo,sgo->gts", q, q)
+    windows_size = q.shape[0] * math.prod(window) * x.shape[-1]
+    if _positions_gram_is_smaller(x.size // x.shape[-1], groups, windows_size):
+        return _window_gram(x, window, stride, dilation, out, groups), gram_q
+    patches = _patches(x, window, stride, dilation, out)
+    patches = patches.reshape(-1, math.prod(window), groups, x.shape[-1] // groups)
+    p = jnp.swapaxes(patches, 1, 2).reshape(q.shape[0], groups, -1)
+    return jnp.einsum("tgf,sgf->gts", p, p), gram_q
 
 
 def _ghost_square_norm(call: _Call, activation, cotangent):
@@ -217,8 +254,8 @@ def _ghost_square_norm(call: _Call, activation, cotangent):
     its input and output cotangent (two Gram matrices, no gradient)."""
     activation = activation.astype(jnp.float32)
     cotangent = cotangent.astype(jnp.float32)
-    p, q = _unfold(call, activation, cotangent)
-    square = jnp.sum(jnp.einsum("tgf,sgf->gts", p, p) * jnp.einsum("tgo,sgo->gts", q, q))
+    gram_p, gram_q = _grams(call, activation, cotangent)
+    square = jnp.sum(gram_p * gram_q)
     if call.bias is not None:
         square = square + jnp.sum(
             jnp.square(jnp.sum(cotangent.reshape(-1, cotangent.shape[-1]), axis=0))

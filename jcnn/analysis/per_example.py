@@ -398,15 +398,26 @@ def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     return jax.tree.map(scale, per_example)
 
 
+# Noise is drawn in blocks of this many values: a single draw of n values on CPU keeps about 3n
+# values of intermediates (the random bits and their transformations) beside its result.
+_NOISE_BLOCK = 1 << 16
+
+
 def _add_gaussian_noise(key, tree: Any, std) -> Any:
     """``tree`` plus independent ``N(0, std^2)`` noise on every element (drawn in float32).
 
-    One draw for the whole tree, split into the leaves: a draw per leaf compiles one random
-    generator per leaf (seconds each on CPU).
+    One float32 stream for the whole tree, cut into the leaves in their flattening order: block
+    ``i`` of the stream is ``jax.random.normal(key, (_NOISE_BLOCK,))``. A
+    draw per leaf compiles one random generator per leaf (seconds each on CPU); blocks keep the
+    generator's intermediates to one block's size.
     """
     leaves, treedef = jax.tree.flatten(tree)
     sizes = [leaf.size for leaf in leaves]
-    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    blocks = -(-sum(sizes) // _NOISE_BLOCK)
+    noise = jax.lax.map(
+        lambda i: jax.random.normal(jax.random.fold_in(key, i), (_NOISE_BLOCK,), jnp.float32),
+        jnp.arange(blocks),
+    ).reshape(-1)
     offsets = np.cumsum([0, *sizes])
     noised = [
         leaf + (std * noise[start:stop]).reshape(leaf.shape).astype(leaf.dtype)

@@ -10,6 +10,7 @@ from jcnn import functional as F
 from jcnn import models, nn
 from jcnn.analysis import (
     clip_per_example,
+    ghost,
     ghost_clipped_sum,
     ghost_norms,
     ghost_plan,
@@ -144,6 +145,17 @@ def test_every_layer_type_and_rule_matches_materialized_norms_and_sum(name, rng)
     )
     materialized = {row.path for row in plan if row.kind == "parameter"}
     assert all(not p.endswith("['kernel']") for p in materialized)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in _LAYERS if "conv" in n))
+@pytest.mark.parametrize("from_positions", [False, True])
+def test_ghost_norms_from_windows_and_from_positions(name, from_positions, rng, monkeypatch):
+    # A convolution's window Gram matrix comes from its unfolded windows or from the Gram matrix
+    # of its padded positions, whichever is smaller: both, on every convolution option.
+    monkeypatch.setattr(ghost, "_positions_gram_is_smaller", lambda *_: from_positions)
+    loss, params, batch = _problem(*_LAYERS[name], rng)
+    got = jax.jit(lambda p, b: ghost_norms(loss, p, b, layer_rule="ghost"))(params, batch)
+    np.testing.assert_allclose(got, _reference_norms(loss, params, batch), rtol=2e-5)
 
 
 def test_flax_dense_layers(rng):

@@ -109,7 +109,8 @@ def test_dp_noise_has_the_stated_scale_and_is_reproducible():
 
 def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype():
     clip, sigma, size = 1.0, 1.0, 4
-    shapes = {"a": (50, 40), "b": (50, 40), "c": (7, 3, 5), "d": (), "e": (0, 3)}
+    # "g" spans three of the noise stream's blocks of 2**16 values
+    shapes = {"a": (50, 40), "b": (50, 40), "c": (7, 3, 5), "d": (), "e": (0, 3), "g": (300, 500)}
     zeros = {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
     zeros["f"] = jnp.zeros((size, 3000), jnp.bfloat16)
     noise, _ = dp_aggregate(clip, sigma, seed=0).update(zeros, dp_aggregate(clip, sigma).init(None))
@@ -117,6 +118,10 @@ def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype():
         assert leaf.shape == zeros[name].shape[1:] and leaf.dtype == zeros[name].dtype, name
     a, b = np.ravel(noise["a"]), np.ravel(noise["b"])
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.1  # not the same draw twice
+    g = np.ravel(noise["g"]) * size
+    block = 1 << 16
+    assert abs(np.corrcoef(g[:block], g[block : 2 * block])[0, 1]) < 0.02  # nor the same block
+    assert abs(np.std(g) - 1) < 0.02
     assert abs(float(np.std(np.asarray(noise["f"], np.float32))) * size - 1) < 0.1
 
 

@@ -51,7 +51,8 @@ def _config(**kw):
 def _reference_gradient(model, params, images, labels, weights, key, step, clip, sigma, denom):
     """Materialized per-example gradients (vmap of grad), clipped and summed in NumPy float64,
     plus the noise dp_train_step documents: key fold_in(fold_in(key, step), 1), one float32
-    normal draw for all parameters, cut into the leaves in their flattening order."""
+    stream for all parameters (block i: a normal draw of 2**16 from fold_in(key, i)), cut into the
+    leaves in their flattening order."""
 
     def loss(p, x, y):
         logits = model.apply({"params": p}, x[None], train=True)
@@ -64,7 +65,13 @@ def _reference_gradient(model, params, images, labels, weights, key, step, clip,
     factors = np.minimum(1.0, clip / norms) * weights
     noise_key = jax.random.wrap_key_data(jax.random.fold_in(jax.random.fold_in(key, step), 1))
     sizes = [g[0].size for g in leaves]
-    noise = np.asarray(jax.random.normal(noise_key, (sum(sizes),), jnp.float32), np.float64)
+    block = 1 << 16
+    noise = np.concatenate(
+        [
+            jax.random.normal(jax.random.fold_in(noise_key, i), (block,), jnp.float32)
+            for i in range(-(-sum(sizes) // block))
+        ]
+    )[: sum(sizes)].astype(np.float64)
     pieces = np.split(noise, np.cumsum(sizes)[:-1])
     total = [
         (np.tensordot(factors, g, axes=1) + sigma * clip * z.reshape(g.shape[1:])) / denom
