@@ -89,6 +89,26 @@ def test_full_runs_accumulate_rows_with_the_same_settings(scripts, tmp_path, mon
     runs = main([*common, "--epsilons", "1.2", "--clip", "0.5"])  # other settings: a new page
     assert [r["target_epsilon"] for r in runs] == [1.2]
     assert "| 3 | 3.00 |" not in (tmp_path / "dp_mnist.md").read_text()
+    assert "moving average" not in (tmp_path / "dp_mnist.md").read_text()
+
+    main([*common, "--epsilons", "1.2", "--clip", "0.5", "--ema", "0.9"])  # a new page again
+    record = json.loads((tmp_path / "dp_mnist.json").read_text())
+    assert record["settings"]["ema"] == 0.9 and len(record["runs"]) == 1
+    assert "moving average of the iterates (decay 0.9)" in (tmp_path / "dp_mnist.md").read_text()
+
+
+def test_the_moving_average_is_what_is_evaluated(scripts, tmp_path):
+    # An average that barely moves stays at the initial weights: it scores as a run that does not
+    # train (learning rate 0), not as the trained iterates.
+    def accuracy(*argv):
+        argv = ["--quick", "--synthetic", "--epsilons", "2.0", "--out", str(tmp_path), *argv]
+        return scripts["dp_mnist"].main(argv)[0]["history"]
+
+    frozen = accuracy("--ema", "0.999999")
+    untrained = accuracy("--lr", "0")
+    trained = accuracy()
+    assert [a for *_, a in frozen] == [a for *_, a in untrained]
+    assert [a for *_, a in trained] != [a for *_, a in untrained]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +118,8 @@ def test_full_runs_accumulate_rows_with_the_same_settings(scripts, tmp_path, mon
         (["--delta", "1"], "--delta"),
         (["--epochs", "0"], "--epochs"),
         (["--batch-size", "-4"], "--batch-size"),
+        (["--ema", "1"], "--ema"),
+        (["--ema", "-0.1"], "--ema"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(scripts, argv, message, tmp_path, capsys):
