@@ -1,6 +1,6 @@
 """DP-SGD on CIFAR-10 at epsilon 7.53 (delta 1e-5), beside Papernot et al. (2021).
 
-    python experiments/dp_cifar10.py --data-dir DIR      # full: hours on 2 cores (see the page)
+    python experiments/dp_cifar10.py --data-dir DIR      # full: about 1.6-2.3 h on 2 cores
     python experiments/dp_cifar10.py --quick --synthetic --out /tmp/dp   # seconds
 
 Papernot et al.'s CIFAR-10 CNN with tanh (66.2% at epsilon 7.53), Poisson batches of 1024, clip
