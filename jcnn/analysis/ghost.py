@@ -163,12 +163,12 @@ def _ghost_is_cheaper(call: _Call, kernel_size: int) -> bool:
 
 
 def _window_slices(window, stride, dilation, out):
-    """Per window offset, the ``(start, limit, stride)`` of a strided slice of a padded input's
-    spatial axes that reads that offset of the window of each of the ``out`` output positions."""
+    """Per window offset, the ``(start, limit)`` of the slice (with step ``stride``) of a padded
+    input's spatial axes that reads that offset of the window of each of the ``out`` positions."""
     for offset in itertools.product(*(range(k) for k in window)):
         start = [o * d for o, d in zip(offset, dilation, strict=True)]
         limit = [a + (n - 1) * s + 1 for a, n, s in zip(start, out, stride, strict=True)]
-        yield start, limit, list(stride)
+        yield start, limit
 
 
 def _patches(x, window, stride, dilation, out):
@@ -176,8 +176,8 @@ def _patches(x, window, stride, dilation, out):
     strided slice per window offset (no arithmetic)."""
     return jnp.stack(
         [
-            jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *step, 1))
-            for start, limit, step in _window_slices(window, stride, dilation, out)
+            jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *stride, 1))
+            for start, limit in _window_slices(window, stride, dilation, out)
         ],
         axis=-2,
     )
@@ -193,9 +193,12 @@ def _window_gram(x, window, stride, dilation, out, groups: int):
     gram = jnp.einsum("npgc,mqgc->gnpmq", positions, positions)
     gram = gram.reshape(groups, n, *spatial, n, *spatial)
     total = 0
-    for start, limit, step in _window_slices(window, stride, dilation, out):
+    for start, limit in _window_slices(window, stride, dilation, out):
         total = total + jax.lax.slice(
-            gram, (0, 0, *start, 0, *start), (groups, n, *limit, n, *limit), (1, 1, *step, 1, *step)
+            gram,
+            (0, 0, *start, 0, *start),
+            (groups, n, *limit, n, *limit),
+            (1, 1, *stride, 1, *stride),
         )
     size = n * math.prod(out)
     return total.reshape(groups, size, size)
@@ -232,21 +235,24 @@ def _grams(call: _Call, activation, cotangent):
     """Per group, the ``(groups, T, T)`` Gram matrices of the two sides of the layer's weight
     gradient ``P_g^T Q_g`` (``P`` the windows, ``Q`` the other side): ``P``'s from the Gram matrix
     of the padded positions when that is smaller than the windows, else from the windows."""
+
+    def gram(rows):  # (T, groups, features) -> (groups, T, T)
+        return jnp.einsum("tgf,sgf->gts", rows, rows)
+
     if call.kind == "Dense":
         p = activation.reshape(-1, 1, activation.shape[-1])
-        q = cotangent.reshape(-1, 1, cotangent.shape[-1])
-        return jnp.einsum("tgf,sgf->gts", p, p), jnp.einsum("tgo,sgo->gts", q, q)
+        return gram(p), gram(cotangent.reshape(-1, 1, cotangent.shape[-1]))
     groups = call.module.groups
     x, other, (window, stride, dilation, out) = _unfolding(call, activation, cotangent)
     q = other.reshape(-1, groups, other.shape[-1] // groups)
-    gram_q = jnp.einsum("tgo,sgo->gts", q, q)
+    gram_q = gram(q)
     windows_size = q.shape[0] * math.prod(window) * x.shape[-1]
     if _positions_gram_is_smaller(x.size // x.shape[-1], groups, windows_size):
         return _window_gram(x, window, stride, dilation, out, groups), gram_q
     patches = _patches(x, window, stride, dilation, out)
     patches = patches.reshape(-1, math.prod(window), groups, x.shape[-1] // groups)
     p = jnp.swapaxes(patches, 1, 2).reshape(q.shape[0], groups, -1)
-    return jnp.einsum("tgf,sgf->gts", p, p), gram_q
+    return gram(p), gram_q
 
 
 def _ghost_square_norm(call: _Call, activation, cotangent):
