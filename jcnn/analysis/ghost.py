@@ -183,25 +183,27 @@ def _patches(x, window, stride, dilation, out):
     )
 
 
-def _window_gram(x, window, stride, dilation, out, groups: int):
-    """``(groups, N T, N T)``: per group, the Gram matrix of the windows ``_patches`` unfolds,
-    from the Gram matrix of the padded ``x``'s positions. The window at ``t`` reads ``t * stride
-    + o * dilation`` at offset ``o``, so the product of two windows is the sum over offsets of one
-    entry of the positions' Gram matrix: no patches are written."""
+def _window_gram_inner(x, window, stride, dilation, out, groups: int, gram_q):
+    """``<P_g P_g^T, gram_q[g]>`` summed over the groups, ``P_g`` the windows ``_patches``
+    unfolds, from the Gram matrix of the padded ``x``'s positions. The window at ``t`` reads
+    ``t * stride + o * dilation`` at offset ``o``, so the product of two windows is the sum over
+    offsets of one entry of the positions' Gram matrix; the sum is taken on ``gram_q``'s side
+    instead (each offset pads it out to the positions, the adjoint of the slice that reads the
+    entries), so neither the patches nor the windows' Gram matrix is written."""
     n, spatial, channels = x.shape[0], x.shape[1:-1], x.shape[-1]
     positions = x.reshape(n, -1, groups, channels // groups)
     gram = jnp.einsum("npgc,mqgc->gnpmq", positions, positions)
     gram = gram.reshape(groups, n, *spatial, n, *spatial)
-    total = 0
+    gram_q = gram_q.reshape(groups, n, *out, n, *out)
+    spread = 0
     for start, limit in _window_slices(window, stride, dilation, out):
-        total = total + jax.lax.slice(
-            gram,
-            (0, 0, *start, 0, *start),
-            (groups, n, *limit, n, *limit),
-            (1, 1, *stride, 1, *stride),
-        )
-    size = n * math.prod(out)
-    return total.reshape(groups, size, size)
+        axes = [
+            (lo, size - hi, s - 1)
+            for lo, hi, size, s in zip(start, limit, spatial, stride, strict=True)
+        ]
+        config = [(0, 0, 0), (0, 0, 0), *axes, (0, 0, 0), *axes]
+        spread = spread + jax.lax.pad(gram_q, jnp.zeros((), gram_q.dtype), config)
+    return jnp.sum(gram * spread)
 
 
 def _unfolding(call: _Call, activation, cotangent):
@@ -231,28 +233,28 @@ def _positions_gram_is_smaller(positions: int, groups: int, windows_size: int) -
     return groups * positions * positions <= windows_size
 
 
-def _grams(call: _Call, activation, cotangent):
-    """Per group, the ``(groups, T, T)`` Gram matrices of the two sides of the layer's weight
-    gradient ``P_g^T Q_g`` (``P`` the windows, ``Q`` the other side): ``P``'s from the Gram matrix
-    of the padded positions when that is smaller than the windows, else from the windows."""
+def _grams_inner(call: _Call, activation, cotangent):
+    """``<P_g P_g^T, Q_g Q_g^T>`` summed over the groups, the layer's weight gradient being
+    ``P_g^T Q_g`` per group (``P`` the windows, ``Q`` the other side): ``P``'s Gram matrix from
+    that of the padded positions when that is smaller than the windows, else from the windows."""
 
     def gram(rows):  # (T, groups, features) -> (groups, T, T)
         return jnp.einsum("tgf,sgf->gts", rows, rows)
 
     if call.kind == "Dense":
         p = activation.reshape(-1, 1, activation.shape[-1])
-        return gram(p), gram(cotangent.reshape(-1, 1, cotangent.shape[-1]))
+        return jnp.sum(gram(p) * gram(cotangent.reshape(-1, 1, cotangent.shape[-1])))
     groups = call.module.groups
     x, other, (window, stride, dilation, out) = _unfolding(call, activation, cotangent)
     q = other.reshape(-1, groups, other.shape[-1] // groups)
     gram_q = gram(q)
     windows_size = q.shape[0] * math.prod(window) * x.shape[-1]
     if _positions_gram_is_smaller(x.size // x.shape[-1], groups, windows_size):
-        return _window_gram(x, window, stride, dilation, out, groups), gram_q
+        return _window_gram_inner(x, window, stride, dilation, out, groups, gram_q)
     patches = _patches(x, window, stride, dilation, out)
     patches = patches.reshape(-1, math.prod(window), groups, x.shape[-1] // groups)
     p = jnp.swapaxes(patches, 1, 2).reshape(q.shape[0], groups, -1)
-    return gram(p), gram_q
+    return jnp.sum(gram(p) * gram_q)
 
 
 def _ghost_square_norm(call: _Call, activation, cotangent):
@@ -260,8 +262,7 @@ def _ghost_square_norm(call: _Call, activation, cotangent):
     its input and output cotangent (two Gram matrices, no gradient)."""
     activation = activation.astype(jnp.float32)
     cotangent = cotangent.astype(jnp.float32)
-    gram_p, gram_q = _grams(call, activation, cotangent)
-    square = jnp.sum(gram_p * gram_q)
+    square = _grams_inner(call, activation, cotangent)
     if call.bias is not None:
         square = square + jnp.sum(
             jnp.square(jnp.sum(cotangent.reshape(-1, cotangent.shape[-1]), axis=0))

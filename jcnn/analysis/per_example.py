@@ -407,20 +407,30 @@ def _add_gaussian_noise(key, tree: Any, std) -> Any:
     """``tree`` plus independent ``N(0, std^2)`` noise on every element (drawn in float32).
 
     One float32 stream for the whole tree, cut into the leaves in their flattening order: block
-    ``i`` of the stream is ``jax.random.normal(key, (_NOISE_BLOCK,))``. A
+    ``i`` of the stream is ``jax.random.normal(jax.random.fold_in(key, i), (_NOISE_BLOCK,))``. A
     draw per leaf compiles one random generator per leaf (seconds each on CPU); blocks keep the
-    generator's intermediates to one block's size.
+    generator's intermediates to one block's size. Each block is added in place to the flattened
+    tree inside the loop, so the noise is drawn after the tree is computed and no more than a
+    block of it is ever held.
     """
     leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree
     sizes = [leaf.size for leaf in leaves]
     blocks = -(-sum(sizes) // _NOISE_BLOCK)
-    noise = jax.lax.map(
-        lambda i: jax.random.normal(jax.random.fold_in(key, i), (_NOISE_BLOCK,), jnp.float32),
-        jnp.arange(blocks),
-    ).reshape(-1)
+    flat = jnp.concatenate([leaf.reshape(-1).astype(jnp.float32) for leaf in leaves])
+    flat = jnp.pad(flat, (0, blocks * _NOISE_BLOCK - flat.size))
+
+    def add_block(i, flat):
+        noise = jax.random.normal(jax.random.fold_in(key, i), (_NOISE_BLOCK,), jnp.float32)
+        start = i * _NOISE_BLOCK
+        block = jax.lax.dynamic_slice(flat, (start,), (_NOISE_BLOCK,))
+        return jax.lax.dynamic_update_slice(flat, block + std * noise, (start,))
+
+    flat = jax.lax.fori_loop(0, blocks, add_block, flat)
     offsets = np.cumsum([0, *sizes])
     noised = [
-        leaf + (std * noise[start:stop]).reshape(leaf.shape).astype(leaf.dtype)
+        flat[start:stop].reshape(leaf.shape).astype(leaf.dtype)
         for leaf, start, stop in zip(leaves, offsets[:-1], offsets[1:], strict=True)
     ]
     return jax.tree.unflatten(treedef, noised)
