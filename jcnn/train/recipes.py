@@ -28,8 +28,10 @@ feature, so a recipe is also a worked example of how to assemble one's own.
     ``lookahead`` averages the parameters only.
 
 ``mnist99``
-    MNIST to 99% in seconds on a CPU: ``models.FastMNISTNet`` (two stages of a 5x5 conv, max pool,
-    BatchNorm and ReLU, and a linear head; 62k parameters), Nesterov SGD (momentum 0.9, peak rate
+    MNIST to 99% in seconds on a CPU: ``models.FastMNISTNet(widths=(16, 64))`` (two stages of a
+    5x5 conv, max pool, BatchNorm and ReLU, and a linear head; 36k parameters; the first stage's
+    16 channels instead of the model's default 32 make the step about a quarter cheaper for the
+    same accuracy, within a few hundredths of a percent), Nesterov SGD (momentum 0.9, peak rate
     0.15, warm-up over the first 10% of the steps from 0.1x, then linear decay to 0), weight
     decay 5e-4 on the kernels, label smoothing 0.1 and airbench's lookahead, for 1.2 epochs of
     batches of 128 (563 steps).
@@ -216,7 +218,9 @@ def _mnist99(images, labels, seed: int, epochs: float) -> Prepared:
     config = TrainConfig(
         optimizer=optimizer, label_smoothing=0.1, seed=seed, progress=False, **length
     )
-    return Prepared(RECIPES_BY_NAME["mnist99"], models.FastMNISTNet(), stats, loader, config)
+    return Prepared(
+        RECIPES_BY_NAME["mnist99"], models.FastMNISTNet(widths=(16, 64)), stats, loader, config
+    )
 
 
 RECIPES = (
