@@ -404,7 +404,8 @@ _NOISE_BLOCK = 1 << 16
 
 
 def _add_gaussian_noise(key, tree: Any, std) -> Any:
-    """``tree`` plus independent ``N(0, std^2)`` noise on every element (drawn in float32).
+    """``tree`` plus independent ``N(0, std^2)`` noise on every element (drawn in float32, added
+    in float32 or in the tree's widest floating type if wider).
 
     One float32 stream for the whole tree, cut into the leaves in their flattening order: block
     ``i`` of the stream is ``jax.random.normal(jax.random.fold_in(key, i), (_NOISE_BLOCK,))``. A
@@ -418,7 +419,8 @@ def _add_gaussian_noise(key, tree: Any, std) -> Any:
         return tree
     sizes = [leaf.size for leaf in leaves]
     blocks = -(-sum(sizes) // _NOISE_BLOCK)
-    flat = jnp.concatenate([leaf.reshape(-1).astype(jnp.float32) for leaf in leaves])
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    flat = jnp.concatenate([leaf.reshape(-1).astype(dtype) for leaf in leaves])
     flat = jnp.pad(flat, (0, blocks * _NOISE_BLOCK - flat.size))
 
     def add_block(i, flat):
