@@ -77,8 +77,14 @@ def _problem(layers, shape, rng, batch=5, head=True):
     return loss, params, (images, labels)
 
 
+def _materialized(loss, params, batch):
+    """``per_example_grads``, jitted: eagerly it dispatches (and compiles) one small program per
+    operation, and the two references below share the compiled one."""
+    return jax.jit(per_example_grads, static_argnums=0)(loss, params, batch)
+
+
 def _reference_norms(loss, params, batch):
-    grads = per_example_grads(loss, params, batch)
+    grads = _materialized(loss, params, batch)
     return np.sqrt(
         sum(
             (np.asarray(g, np.float64).reshape(g.shape[0], -1) ** 2).sum(1)
@@ -90,7 +96,7 @@ def _reference_norms(loss, params, batch):
 def _reference_clipped_sum(loss, params, batch, weights, clip=None):
     """The materialized clipped sum, by default with a clip norm (the median norm) that clips
     some examples and not others."""
-    grads = per_example_grads(loss, params, batch)
+    grads = _materialized(loss, params, batch)
     norms = np.sqrt(
         sum(
             (np.asarray(g, np.float64).reshape(g.shape[0], -1) ** 2).sum(1)
@@ -231,7 +237,7 @@ def test_zoo_models_without_batch_norm(name, rng):
     model = build()
     images = jnp.asarray(rng.normal(size=(3, *shape)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, size=3), jnp.int32)
-    params = model.init(jax.random.key(0), images[:1], train=False)["params"]
+    params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])["params"]
 
     def loss(params, batch):
         return F.cross_entropy(model.apply({"params": params}, batch[0], train=True), batch[1])
@@ -251,7 +257,7 @@ def test_frozen_batch_norm_zoo_model(rng):
     model = models.resnet20()
     images = jnp.asarray(rng.normal(size=(3, 8, 8, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, size=3), jnp.int32)
-    variables = model.init(jax.random.key(0), images[:1], train=False)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
 
     def loss(params, batch):
         logits = model.apply({**variables, "params": params}, batch[0], train=False)
