@@ -1,0 +1,54 @@
+"""jcnn.train.state: ``TrainState.create`` initializes like ``model.init`` on every path."""
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import models, nn
+from jcnn.train import TrainState, optimizer
+from jcnn.train import state as state_module
+
+
+class _ListModel(linen.Module):
+    """A model with an unhashable attribute (a list): compiled per call, not cached."""
+
+    widths: list
+
+    @linen.compact
+    def __call__(self, x, train: bool = False):
+        for width in self.widths:
+            x = nn.BatchNorm()(nn.Dense(width)(x), train=train)
+        return x
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["unoptimized", "optimized"])
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (models.LeNet5(), (1, 28, 28, 1)),
+        (models.resnet20(num_classes=7), (1, 8, 8, 3)),
+        (_ListModel(widths=[5, 3]), (1, 4)),
+    ],
+    ids=["lenet5", "resnet20", "unhashable"],
+)
+def test_create_initializes_as_model_init(model, shape, optimized, monkeypatch, rng):
+    # the size rule picks the program; either must give model.init's variables
+    monkeypatch.setattr(state_module, "_UNOPTIMIZED_INIT_UP_TO", 0 if optimized else 10**12)
+    sample = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    key = jax.random.key(3)
+    state = TrainState.create(model, optimizer("sgd", 0.1), key, sample)
+    init_key, dropout_key = jax.random.split(jax.random.key_data(key))
+    expected = model.init({"params": init_key, "dropout": init_key}, sample, train=False)
+    assert jax.tree.structure(state.params) == jax.tree.structure(expected["params"])
+    for got, want in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(expected["params"]), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    stats = expected.get("batch_stats", {})
+    assert jax.tree.structure(state.batch_stats) == jax.tree.structure(stats)
+    for got, want in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(state.key, dropout_key)
+    assert int(state.step) == 0
