@@ -27,10 +27,14 @@ def _init(model, rngs, sample_input):
     return model.init(rngs, sample_input, train=False)
 
 
-_init_unoptimized = jax.jit(
-    _init, static_argnames="model", compiler_options={"xla_backend_optimization_level": 0}
-)
-_init_optimized = jax.jit(_init, static_argnames="model")
+def _unoptimized_and_optimized(init, **jit_options):
+    unoptimized = jax.jit(
+        init, compiler_options={"xla_backend_optimization_level": 0}, **jit_options
+    )
+    return unoptimized, jax.jit(init, **jit_options)
+
+
+_INIT_PROGRAMS = _unoptimized_and_optimized(_init, static_argnames="model")
 
 
 def _init_variables(model, rngs, sample_input):
@@ -39,13 +43,12 @@ def _init_variables(model, rngs, sample_input):
     try:
         hash(model)
     except TypeError:
-        init = functools.partial(_init, model)
-        unoptimized = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})
-        optimized = jax.jit(init)
+        programs = _unoptimized_and_optimized(functools.partial(_init, model))
         args = (rngs, sample_input)
     else:
-        unoptimized, optimized = _init_unoptimized, _init_optimized
+        programs = _INIT_PROGRAMS
         args = (model, rngs, sample_input)
+    unoptimized, optimized = programs
     size = sum(leaf.size for leaf in jax.tree.leaves(unoptimized.eval_shape(*args)))
     return (unoptimized if size <= _UNOPTIMIZED_INIT_UP_TO else optimized)(*args)
 
