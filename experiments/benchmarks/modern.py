@@ -19,8 +19,9 @@ round after warm-up (median over rounds; the spread, max/min - 1, shows a shared
   step, and the same architecture in PyTorch, their parameter counts checked equal. The Flax twin
   starts from jcnn's initial variables (``flax_variables``) and its training-mode logits and
   BatchNorm statistics are checked equal to jcnn's before timing (``check_twin``). Dropout and
-  stochastic depth are off. The first step's seconds (trace, compile, one step) of both JAX sides
-  are reported.
+  stochastic depth are off. For both JAX sides the compile time (tracing, lowering and XLA's
+  compile, ``jax.jit(step).lower(...).compile()``) and the first call's seconds (one step plus
+  what a first run sets up) are reported.
 
 ``--scale`` multiplies every batch size (at least 1) for smoke runs on a loaded machine;
 ``--quick`` times tiny versions of the four networks for one round of one step (no convolution
@@ -584,7 +585,9 @@ def networks(quick=False):
 
 def train_step_runner(model, variables, x, labels):
     """A jitted SGD-momentum training step of a Flax-API model (jcnn's or its twin) on ``x``, as a
-    runner returning the loss, and its first call's seconds (trace, compile and one step)."""
+    runner returning the loss, the seconds of its compilation (tracing, lowering and XLA's
+    compile) and those of its first call (one step, plus what a first run sets up: oneDNN's
+    buffers, memory touched for the first time)."""
     tx = optax.sgd(0.01, momentum=0.9)
 
     def loss_fn(params, batch_stats):
@@ -594,8 +597,7 @@ def train_step_runner(model, variables, x, labels):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, updates.get("batch_stats", {})
 
-    @jax.jit
-    def step(params, batch_stats, opt_state):
+    def train_step(params, batch_stats, opt_state):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
@@ -603,20 +605,24 @@ def train_step_runner(model, variables, x, labels):
     params = variables["params"]
     state = {"value": (params, variables.get("batch_stats", {}), tx.init(params))}
     start = time.perf_counter()
+    step = jax.jit(train_step).lower(*state["value"]).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
     state["value"] = step(*state["value"])[:3]
     jax.block_until_ready(state["value"])
-    compile_s = time.perf_counter() - start
+    first_call_s = time.perf_counter() - start
 
     def run():
         *state["value"], loss = step(*state["value"])
         return float(loss)
 
-    return run, compile_s
+    return run, (compile_s, first_call_s)
 
 
 def network_runners(spec, batch):
-    """Training-step runners of jcnn, its Flax twin (checked equal first) and PyTorch, the first
-    steps' seconds of the two JAX sides, the parameter count and the twin's largest logit error."""
+    """Training-step runners of jcnn, its Flax twin (checked equal first) and PyTorch, the compile
+    and first-call seconds of the two JAX sides, the parameter count and the twin's largest logit
+    error."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, *spec["shape"])), jnp.float32)
     model, twin = spec["jcnn"](), spec["flax"]()
@@ -625,8 +631,8 @@ def network_runners(spec, batch):
     twin_error = check_twin(spec["name"], model, twin, variables, twin_variables, x)
     out_shape = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x).shape
     labels = jnp.asarray(rng.integers(0, out_shape[-1], out_shape[:-1]))
-    run_jcnn, jcnn_compile_s = train_step_runner(model, variables, x, labels)
-    run_flax, flax_compile_s = train_step_runner(twin, twin_variables, x, labels)
+    run_jcnn, jcnn_startup_s = train_step_runner(model, variables, x, labels)
+    run_flax, flax_startup_s = train_step_runner(twin, twin_variables, x, labels)
 
     module = spec["torch"]()
     n_torch = sum(p.numel() for p in module.parameters())
@@ -648,8 +654,8 @@ def network_runners(spec, batch):
     runners = {"jcnn": run_jcnn, "flax": run_flax, "torch": run_torch}
     for run in runners.values():  # warm-up
         run()
-    compile_s = {"jcnn": jcnn_compile_s, "flax": flax_compile_s}
-    return runners, compile_s, n_jcnn, twin_error
+    startup_s = {"jcnn": jcnn_startup_s, "flax": flax_startup_s}
+    return runners, startup_s, n_jcnn, twin_error
 
 
 def main(argv=None):
@@ -704,7 +710,7 @@ def main(argv=None):
         rows = []
         for spec in networks(args.quick):
             batch = _batch(spec["batch"], args.scale)
-            runners, compile_s, n_params, twin_error = network_runners(spec, batch)
+            runners, startup_s, n_params, twin_error = network_runners(spec, batch)
             print(
                 f"{spec['name']}: the Flax twin's training logits equal jcnn's "
                 f"(largest difference {twin_error:.1e})",
@@ -724,8 +730,12 @@ def main(argv=None):
                     "PyTorch ms": f"{ms['torch']:.1f}",
                     "jcnn vs Flax": f"{ms['flax'] / ms['jcnn']:.2f}x",
                     "jcnn vs PyTorch": f"{ms['torch'] / ms['jcnn']:.2f}x",
-                    "jcnn compile s": f"{compile_s['jcnn']:.1f}",
-                    "Flax compile s": f"{compile_s['flax']:.1f}",
+                    "compile s jcnn / Flax": "{:.1f} / {:.1f}".format(
+                        startup_s["jcnn"][0], startup_s["flax"][0]
+                    ),
+                    "first call s jcnn / Flax": "{:.2f} / {:.2f}".format(
+                        startup_s["jcnn"][1], startup_s["flax"][1]
+                    ),
                 }
             )
             print(markdown(rows[-1:]), flush=True)
