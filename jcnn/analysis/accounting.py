@@ -43,8 +43,10 @@ def _dp_accounting():
 
 
 def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name}: expected a number, got nan")
     return float(value)
 
 

@@ -28,6 +28,7 @@ from jcnn.analysis.per_example import (
     _add_gaussian_noise,
     _batch_size,
     _check_clip,
+    _check_noise,
     _norms,
     per_example_grads,
 )
@@ -35,13 +36,6 @@ from jcnn.analysis.per_example import (
 __all__ = ["private_grad", "pad_batch"]
 
 _METHODS = ("ghost", "materialize")
-
-
-def _check_noise(noise_multiplier) -> None:
-    if isinstance(noise_multiplier, jax.core.Tracer):
-        return  # a traced value (an argument of a jitted function) is checked by its caller
-    if isinstance(noise_multiplier, bool) or not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
 
 
 def private_grad(
@@ -109,9 +103,10 @@ def private_grad(
         denominator = size
     if not isinstance(denominator, jax.core.Tracer) and (
         isinstance(denominator, bool)
-        or not (isinstance(denominator, (int, float, np.number, np.ndarray)) and denominator > 0)
+        or not isinstance(denominator, (int, float, np.number, np.ndarray))
+        or not 0 < denominator < math.inf
     ):
-        raise ValueError(f"denominator: expected a number > 0, got {denominator!r}")
+        raise ValueError(f"denominator: expected a finite number > 0, got {denominator!r}")
 
     if method == "ghost":
         total, norms = ghost_clipped_sum(

@@ -31,6 +31,7 @@ and divides by the batch size.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NamedTuple
 
@@ -133,8 +134,17 @@ def _check_chunk_size(chunk_size, axis_name, size) -> None:
 def _check_clip(l2_norm_clip) -> None:
     if isinstance(l2_norm_clip, jax.core.Tracer):
         return  # a traced value (an argument of a jitted function) is checked by its caller
-    if not l2_norm_clip > 0:
-        raise ValueError(f"l2_norm_clip: expected a positive number, got {l2_norm_clip!r}")
+    if isinstance(l2_norm_clip, bool) or not 0 < l2_norm_clip < math.inf:
+        raise ValueError(f"l2_norm_clip: expected a finite number > 0, got {l2_norm_clip!r}")
+
+
+def _check_noise(noise_multiplier) -> None:
+    if isinstance(noise_multiplier, jax.core.Tracer):
+        return  # a traced value (an argument of a jitted function) is checked by its caller
+    if isinstance(noise_multiplier, bool) or not 0 <= noise_multiplier < math.inf:
+        raise ValueError(
+            f"noise_multiplier: expected a finite number >= 0, got {noise_multiplier!r}"
+        )
 
 
 def per_example_grads(
@@ -461,8 +471,7 @@ def dp_aggregate(
     Returns:
       An ``optax.GradientTransformation``.
     """
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
+    _check_noise(noise_multiplier)
     _check_clip(l2_norm_clip)
 
     def init(params):

@@ -84,6 +84,12 @@ def test_bad_input_names_the_argument():
         dp_epsilon(1.0, q, -3, 1e-5)
     with pytest.raises(TypeError, match="delta"):
         dp_epsilon(1.0, q, steps, "1e-5")
+    with pytest.raises(ValueError, match="delta: expected a number, got nan"):
+        dp_epsilon(1.0, q, steps, math.nan)
+    with pytest.raises(ValueError, match="noise_multiplier: expected a number, got nan"):
+        dp_epsilon(math.nan, q, steps, 1e-5)
+    with pytest.raises(ValueError, match="target_epsilon: expected a number, got nan"):
+        dp_noise_multiplier(math.nan, q, steps, 1e-5)
     with pytest.raises(ValueError, match="accountant"):
         dp_epsilon(1.0, q, steps, 1e-5, accountant="prv")
     for target in (0.0, -1.0, math.inf):

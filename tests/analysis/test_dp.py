@@ -1,5 +1,7 @@
 """Tests of jcnn.analysis.dp: the private gradient (clip, sum, noise, average) and pad_batch."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,10 +104,12 @@ def test_private_grad_bad_input(problem):
     params, batch = problem
     key = jax.random.key(0)
     kw = dict(l2_norm_clip=1.0, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="l2_norm_clip: .*0"):
-        private_grad(_loss, params, batch, key, l2_norm_clip=0.0, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="noise_multiplier: .*-0.5"):
-        private_grad(_loss, params, batch, key, l2_norm_clip=1.0, noise_multiplier=-0.5)
+    for clip in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"l2_norm_clip: .*{clip}"):
+            private_grad(_loss, params, batch, key, l2_norm_clip=clip, noise_multiplier=1.0)
+    for noise in (-0.5, math.inf, math.nan):  # infinite noise would make every gradient inf
+        with pytest.raises(ValueError, match=f"noise_multiplier: .*{noise}"):
+            private_grad(_loss, params, batch, key, l2_norm_clip=1.0, noise_multiplier=noise)
     with pytest.raises(ValueError, match="leaves disagree"):
         private_grad(_loss, params, (batch[0], batch[1][:4]), key, **kw)
     with pytest.raises(ValueError, match="loss_fn: expected a real floating scalar"):
@@ -123,8 +127,9 @@ def test_private_grad_bad_input(problem):
         private_grad(_loss, params, batch, key, **kw, weights=jnp.ones(6))
     with pytest.raises(ValueError, match="weights"):
         private_grad(_loss, params, batch, key, **kw, weights=jnp.ones(4), denominator=4)
-    with pytest.raises(ValueError, match="denominator"):
-        private_grad(_loss, params, batch, key, **kw, denominator=0)
+    for denominator in (0, math.inf, math.nan):  # an infinite one would zero the gradient
+        with pytest.raises(ValueError, match=f"denominator: .*{denominator}"):
+            private_grad(_loss, params, batch, key, **kw, denominator=denominator)
     with pytest.raises(ValueError, match="method"):
         private_grad(_loss, params, batch, key, **kw, method="fast")
     with pytest.raises(TypeError, match="key"):

@@ -1,5 +1,6 @@
 """Tests of jcnn.analysis.per_example against a Python loop over examples and torch.func."""
 
+import math
 from functools import partial
 
 import jax
@@ -142,10 +143,16 @@ def test_input_checks(problem):
         per_example_grads(_loss, params, (images, labels[:3]))
     with pytest.raises(ValueError, match="chunk_size: expected a positive int or None, got 0"):
         per_example_grads(_loss, params, (images, labels), chunk_size=0)
-    with pytest.raises(ValueError, match="l2_norm_clip: expected a positive number"):
-        dp_aggregate(0.0, 1.0)
-    with pytest.raises(ValueError, match="noise_multiplier: expected a number >= 0"):
-        dp_sgd(0.1, 1.0, -1.0)
+    for clip in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(
+            ValueError, match=f"l2_norm_clip: expected a finite number > 0, got {clip}"
+        ):
+            dp_aggregate(clip, 1.0)
+    for noise in (-1.0, math.inf, math.nan):
+        with pytest.raises(
+            ValueError, match=f"noise_multiplier: expected a finite number >= 0, got {noise}"
+        ):
+            dp_sgd(0.1, 1.0, noise)
 
 
 def _random_outer_product(rng):
