@@ -21,14 +21,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jcnn.analysis.ghost import ghost_clipped_sum
 from jcnn.analysis.per_example import (
     _add_gaussian_noise,
     _batch_size,
-    _check_clip,
-    _check_noise,
+    _check_finite,
     _norms,
     per_example_grads,
 )
@@ -82,8 +80,8 @@ def private_grad(
     >>> np.round(grad["kernel"][:, 0], 3).tolist(), norms.tolist()  # mean of unit gradients
     ([0.3, 0.9], [70.0, 2.0])
     """
-    _check_clip(l2_norm_clip)
-    _check_noise(noise_multiplier)
+    _check_finite(l2_norm_clip, "l2_norm_clip")
+    _check_finite(noise_multiplier, "noise_multiplier", allow_zero=True)
     if method not in _METHODS:
         raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
     if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -101,12 +99,7 @@ def private_grad(
             )
     if denominator is None:
         denominator = size
-    if not isinstance(denominator, jax.core.Tracer) and (
-        isinstance(denominator, bool)
-        or not isinstance(denominator, (int, float, np.number, np.ndarray))
-        or not 0 < denominator < math.inf
-    ):
-        raise ValueError(f"denominator: expected a finite number > 0, got {denominator!r}")
+    _check_finite(denominator, "denominator")
 
     if method == "ghost":
         total, norms = ghost_clipped_sum(

@@ -59,7 +59,7 @@ import numpy as np
 from jcnn.analysis.per_example import (
     _batch_size,
     _check_chunk_size,
-    _check_clip,
+    _check_finite,
     _in_chunks,
     _scalar_loss,
     per_example_trace,
@@ -521,7 +521,7 @@ def ghost_clipped_sum(
     >>> np.round(total["kernel"][:, 0], 3).tolist(), norms.tolist()  # two unit gradients
     ([0.6, 1.8], [70.0, 2.0])
     """
-    _check_clip(l2_norm_clip)
+    _check_finite(l2_norm_clip, "l2_norm_clip")
     size = _batch_size(batch)
     _check_chunk_size(chunk_size, None, size)
     _check_layer_rule(layer_rule)

@@ -131,20 +131,16 @@ def _check_chunk_size(chunk_size, axis_name, size) -> None:
         )
 
 
-def _check_clip(l2_norm_clip) -> None:
-    if isinstance(l2_norm_clip, jax.core.Tracer):
+def _check_finite(value, name: str, *, allow_zero: bool = False) -> None:
+    """A finite number > 0 (>= 0 with ``allow_zero``): the clip norm, noise multiplier and
+    denominator of the DP functions."""
+    if isinstance(value, jax.core.Tracer):
         return  # a traced value (an argument of a jitted function) is checked by its caller
-    if isinstance(l2_norm_clip, bool) or not 0 < l2_norm_clip < math.inf:
-        raise ValueError(f"l2_norm_clip: expected a finite number > 0, got {l2_norm_clip!r}")
-
-
-def _check_noise(noise_multiplier) -> None:
-    if isinstance(noise_multiplier, jax.core.Tracer):
-        return  # a traced value (an argument of a jitted function) is checked by its caller
-    if isinstance(noise_multiplier, bool) or not 0 <= noise_multiplier < math.inf:
-        raise ValueError(
-            f"noise_multiplier: expected a finite number >= 0, got {noise_multiplier!r}"
-        )
+    numeric = isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
+    numeric = numeric and not isinstance(value, bool)
+    if not numeric or not (0 <= value if allow_zero else 0 < value) or not value < math.inf:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
 def per_example_grads(
@@ -398,7 +394,7 @@ def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     Returns:
       The clipped per-example gradients (same structure).
     """
-    _check_clip(l2_norm_clip)
+    _check_finite(l2_norm_clip, "l2_norm_clip")
     _batch_size(per_example, "per_example")
     factor = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(_norms(per_example), 1e-12))
 
@@ -471,8 +467,8 @@ def dp_aggregate(
     Returns:
       An ``optax.GradientTransformation``.
     """
-    _check_noise(noise_multiplier)
-    _check_clip(l2_norm_clip)
+    _check_finite(noise_multiplier, "noise_multiplier", allow_zero=True)
+    _check_finite(l2_norm_clip, "l2_norm_clip")
 
     def init(params):
         del params

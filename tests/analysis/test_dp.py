@@ -104,9 +104,13 @@ def test_private_grad_bad_input(problem):
     params, batch = problem
     key = jax.random.key(0)
     kw = dict(l2_norm_clip=1.0, noise_multiplier=1.0)
-    for clip in (0.0, math.inf, math.nan):
+    for clip in (0.0, math.inf, math.nan, "1.0", True):
         with pytest.raises(ValueError, match=f"l2_norm_clip: .*{clip}"):
             private_grad(_loss, params, batch, key, l2_norm_clip=clip, noise_multiplier=1.0)
+    concrete = private_grad(
+        _loss, params, batch, key, l2_norm_clip=jnp.float32(1.0), noise_multiplier=1.0
+    )[0]
+    assert jax.tree.structure(concrete) == jax.tree.structure(params)  # a jax scalar is a number
     for noise in (-0.5, math.inf, math.nan):  # infinite noise would make every gradient inf
         with pytest.raises(ValueError, match=f"noise_multiplier: .*{noise}"):
             private_grad(_loss, params, batch, key, l2_norm_clip=1.0, noise_multiplier=noise)
