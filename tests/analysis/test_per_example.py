@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 from jcnn import functional as F
 from jcnn import nn
@@ -108,22 +109,34 @@ def test_dp_noise_has_the_stated_scale_and_is_reproducible():
     np.testing.assert_array_equal(again["w"], first["w"])
 
 
-def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype():
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype(impl):
     clip, sigma, size = 1.0, 1.0, 4
-    # "g" spans three of the noise stream's blocks of 2**16 values
-    shapes = {"a": (50, 40), "b": (50, 40), "c": (7, 3, 5), "d": (), "e": (0, 3), "g": (300, 500)}
+    # "g" and "h" are drawn leaf by leaf; the others share one stream of blocks of 2**16 values,
+    # which "s1".."s3" (40,000 values each) span
+    shapes = {"a": (50, 40), "b": (50, 40), "c": (7, 3, 5), "d": (), "e": (0, 3)}
+    shapes.update({"g": (300, 500), "h": (300, 500), "s1": (200, 200), "s2": (40_000,)})
+    shapes["s3"] = (100, 400)
     zeros = {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
     zeros["f"] = jnp.zeros((size, 3000), jnp.bfloat16)
-    noise, _ = dp_aggregate(clip, sigma, seed=0).update(zeros, dp_aggregate(clip, sigma).init(None))
+    tx = dp_aggregate(clip, sigma, seed=0)
+    state = tx.init(None)._replace(key=jax.random.key(0, impl=impl))
+    noise, _ = tx.update(zeros, state)
     for name, leaf in noise.items():
         assert leaf.shape == zeros[name].shape[1:] and leaf.dtype == zeros[name].dtype, name
-    a, b = np.ravel(noise["a"]), np.ravel(noise["b"])
-    assert abs(np.corrcoef(a, b)[0, 1]) < 0.1  # not the same draw twice
-    g = np.ravel(noise["g"]) * size
-    block = 1 << 16
-    assert abs(np.corrcoef(g[:block], g[block : 2 * block])[0, 1]) < 0.02  # nor the same block
-    assert abs(np.std(g) - 1) < 0.02
-    assert abs(float(np.std(np.asarray(noise["f"], np.float32))) * size - 1) < 0.1
+    unit = {name: np.ravel(np.asarray(leaf, np.float64)) * size for name, leaf in noise.items()}
+    for first, second in [("a", "b"), ("g", "h"), ("s1", "s2"), ("s2", "s3"), ("a", "g")]:
+        n = min(unit[first].size, unit[second].size)
+        assert abs(np.corrcoef(unit[first][:n], unit[second][:n])[0, 1]) < 0.08, (first, second)
+    block, small = 1 << 16, ("a", "b", "c", "d", "e", "f", "s1", "s2", "s3")  # flattening order
+    stream = np.concatenate([unit[name] for name in small])
+    second = stream[block:]
+    assert abs(np.corrcoef(stream[: second.size], second)[0, 1]) < 0.02
+    for name in ("g", "s2"):
+        assert scipy.stats.kstest(unit[name], "norm").pvalue > 1e-4, name
+        assert abs(np.std(unit[name]) - 1) < 0.02 and abs(np.mean(unit[name])) < 0.02
+    assert abs(np.std(unit["f"]) - 1) < 0.1
+    assert np.all(np.isfinite(stream)) and np.abs(stream).max() < 7
 
 
 def test_dp_sgd_step_is_sgd_on_the_private_gradient(problem):

@@ -13,6 +13,7 @@ import pytest
 
 from jcnn import nn
 from jcnn.analysis import dp_epsilon, replace_batch_norm
+from jcnn.analysis.per_example import _add_gaussian_noise
 from jcnn.data import Loader
 from jcnn.train import CheckpointManager, RunFolderError, TrainConfig, TrainState, fit
 from jcnn.train.dp import DPTraining, dp_train_step
@@ -50,9 +51,8 @@ def _config(**kw):
 
 def _reference_gradient(model, params, images, labels, weights, key, step, clip, sigma, denom):
     """Materialized per-example gradients (vmap of grad), clipped and summed in NumPy float64,
-    plus the noise dp_train_step documents: key fold_in(fold_in(key, step), 1), one float32
-    stream for all parameters (block i: a normal draw of 2**16 from fold_in(key, i)), cut into the
-    leaves in their flattening order."""
+    plus the noise dp_train_step documents: the private gradient's noise (its own tests check
+    its distribution) drawn with the key fold_in(fold_in(key, step), 1)."""
 
     def loss(p, x, y):
         logits = model.apply({"params": p}, x[None], train=True)
@@ -64,15 +64,8 @@ def _reference_gradient(model, params, images, labels, weights, key, step, clip,
     norms = np.sqrt(sum(np.sum(g.reshape(len(images), -1) ** 2, axis=1) for g in leaves))
     factors = np.minimum(1.0, clip / norms) * weights
     noise_key = jax.random.wrap_key_data(jax.random.fold_in(jax.random.fold_in(key, step), 1))
-    sizes = [g[0].size for g in leaves]
-    block = 1 << 16
-    noise = np.concatenate(
-        [
-            jax.random.normal(jax.random.fold_in(noise_key, i), (block,), jnp.float32)
-            for i in range(-(-sum(sizes) // block))
-        ]
-    )[: sum(sizes)].astype(np.float64)
-    pieces = np.split(noise, np.cumsum(sizes)[:-1])
+    zeros = [jnp.zeros(g.shape[1:], jnp.float32) for g in leaves]
+    pieces = [np.asarray(z, np.float64) for z in _add_gaussian_noise(noise_key, zeros, 1.0)]
     total = [
         (np.tensordot(factors, g, axes=1) + sigma * clip * z.reshape(g.shape[1:])) / denom
         for g, z in zip(leaves, pieces, strict=True)
