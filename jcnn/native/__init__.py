@@ -114,6 +114,7 @@ def build(*, verbose: bool = False) -> Path:
             "-std=c++17",
             "-shared",
             "-fPIC",
+            "-fopenmp",  # the runtime oneDNN's pip build uses (GNU OpenMP)
             str(SOURCE),
             f"-I{jax.ffi.include_dir()}",
             f"-I{root / 'include'}",

@@ -8,7 +8,7 @@
 // float32 or bfloat16 (all three operands alike; oneDNN accumulates bfloat16 in float32). Every operand may carry extra leading axes from jax.vmap (vmap_method="expand_dims"): an
 // operand that is not batched along an axis has size 1 there. When the kernel of a forward or
 // input-gradient call is not batched, the leading axes fold into N (one oneDNN call); otherwise,
-// and always for the weight gradient, the call loops over them.
+// and always for the weight gradient, the call loops over them (in parallel when there are many).
 //
 // Primitives are cached by problem and run with scratchpads owned by the calling thread, so
 // concurrent calls from XLA's threads are safe.
@@ -24,6 +24,8 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -42,11 +44,12 @@ struct Problem {
   memory::data_type dtype;
   int64_t batch, channels, out_channels, groups;
   Dims in_sizes, out_sizes, window, stride, dilation, pad_lo, pad_hi;
+  bool one_thread = false;  // run by one thread of a parallel loop over problems
 
   std::string Key() const {
     std::ostringstream key;
     key << static_cast<int>(op) << '|' << static_cast<int>(dtype) << '|' << batch << '|' << channels << '|' << out_channels << '|'
-        << groups;
+        << groups << '|' << one_thread;
     for (const Dims* dims :
          {&in_sizes, &out_sizes, &window, &stride, &dilation, &pad_lo, &pad_hi}) {
       key << '|';
@@ -172,7 +175,22 @@ const Plan& GetPlan(const Problem& p) {
     auto found = plans.find(key);
     if (found != plans.end()) return *found->second;
   }
-  auto plan = MakePlan(p);  // outside the lock: creating a primitive can take milliseconds
+  // Outside the lock: creating a primitive can take milliseconds. A oneDNN primitive splits its
+  // work for the threads there are when it is created (a weight gradient run by one thread of a
+  // parallel region with a primitive made for two computes one half), so a one-thread problem's
+  // primitive is created with one thread.
+  struct Threads {
+    int saved = omp_get_max_threads();
+    explicit Threads(bool one) {
+      if (one) omp_set_num_threads(1);
+    }
+    ~Threads() { omp_set_num_threads(saved); }
+  };
+  std::unique_ptr<Plan> plan;
+  {
+    Threads threads(p.one_thread);
+    plan = MakePlan(p);
+  }
   std::lock_guard<std::mutex> lock(mutex);
   auto inserted = plans.emplace(key, std::move(plan));
   return *inserted.first->second;
@@ -318,8 +336,13 @@ ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Res
       Run(op, GetPlan(p), stream, data[0], data[1], data[2]);
       return ffi::Error::Success();
     }
+    // Many problems (per-example weight gradients): one thread per problem, each running oneDNN
+    // on its own (oneDNN opens no parallel region inside one); threading inside each of many
+    // small problems spent more time synchronizing than computing. Few problems keep oneDNN's
+    // threads.
+    p.one_thread = count >= 2 * static_cast<int64_t>(omp_get_max_threads());
     const Plan& plan = GetPlan(p);
-    for (int64_t index = 0; index < count; ++index) {
+    auto run_index = [&](int64_t index, dnnl::stream& on) {
       // Offset of each operand for this leading index; size-1 axes broadcast.
       int64_t offsets[2] = {0, 0};
       int64_t rest = index;
@@ -333,8 +356,26 @@ ffi::Error Convolve(Op op, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::Res
           scale[operand] *= extent;
         }
       }
-      Run(op, plan, stream, data[0] + offsets[0] * bytes[0], data[1] + offsets[1] * bytes[1],
+      Run(op, plan, on, data[0] + offsets[0] * bytes[0], data[1] + offsets[1] * bytes[1],
           data[2] + index * bytes[2]);
+    };
+    if (!p.one_thread) {
+      for (int64_t index = 0; index < count; ++index) run_index(index, stream);
+      return ffi::Error::Success();
+    }
+    std::string failure;  // an exception must not leave the parallel loop
+#pragma omp parallel for schedule(static)
+    for (int64_t index = 0; index < count; ++index) {
+      try {
+        dnnl::stream own(Engine());
+        run_index(index, own);
+      } catch (const std::exception& e) {
+#pragma omp critical
+        failure = e.what();
+      }
+    }
+    if (!failure.empty()) {
+      return ffi::Error::Internal("jcnn oneDNN convolution: " + failure);
     }
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("jcnn oneDNN convolution: ") + e.what());

@@ -1,6 +1,7 @@
 """The oneDNN convolution (jcnn/functional/_conv_onednn.py) against XLA's and jcnn's XLA path."""
 
 import itertools
+import os
 from functools import partial
 
 import jax
@@ -168,6 +169,27 @@ def test_per_example_gradients_match_a_loop(onednn, rng):
     for i in range(x.shape[0]):
         want = jax.grad(loss)(w, x[i], partial(_reference, options=options))
         assert _relative_error(got[i], want) < 2e-6
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_many_batched_problems_match_a_loop(onednn, rng, spatial_rank):
+    # more problems than twice the threads run one per thread (also an uneven share per thread)
+    count = 4 * (os.cpu_count() or 1) + 3
+    for _ in range(2):
+        x, w, options = _random_problem(rng, spatial_rank)
+        xs = jnp.asarray(rng.standard_normal((count, *x.shape)).astype(np.float32))
+        ws = jnp.asarray(rng.standard_normal((count, *w.shape)).astype(np.float32))
+        conv = partial(_onednn, options=options)
+        reference = partial(_reference, options=options)
+        y, vjp = jax.vjp(jax.vmap(conv), xs, ws)
+        g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+        dxs, dws = vjp(g)
+        for i in range(count):
+            want, want_vjp = jax.vjp(reference, xs[i], ws[i])
+            want_dx, want_dw = want_vjp(g[i])
+            assert _relative_error(y[i], want) < 2e-6, (i, options)
+            assert _relative_error(dxs[i], want_dx) < 2e-5, (i, options)
+            assert _relative_error(dws[i], want_dw) < 2e-5, (i, options)
 
 
 def test_empty_batch(onednn):
