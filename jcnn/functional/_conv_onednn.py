@@ -23,7 +23,7 @@ Each product is itself a ``jax.custom_vjp`` whose derivative is written with the
 three are bilinear and each one's transpose is another), so derivatives of any order stay on
 oneDNN. The FFI calls batch with ``vmap_method="expand_dims"``: the native side folds a vmapped
 input into the batch axis when the kernel is shared, and loops otherwise (per-example weight
-gradients).
+gradients: with at least twice as many problems as threads, one problem per thread).
 """
 
 from __future__ import annotations
