@@ -414,10 +414,20 @@ def _standard_normal(key, shape: tuple[int, ...]) -> jax.Array:
     """Float32 ``N(0, 1)`` draws of ``shape`` from XLA's threefry bit generator keyed by four words
     of ``key`` (``lax.rng_bit_generator``: on CPU about 3x faster than ``jax.random.normal``'s
     threefry), mapped to the normal by the inverse error function as ``jax.random.normal`` does."""
-    words = jax.random.bits(key, (4,), jnp.uint32)
-    _, bits = lax.rng_bit_generator(
-        words, shape, dtype=jnp.uint32, algorithm=lax.RandomAlgorithm.RNG_THREE_FRY
-    )
+
+    @jax.custom_batching.custom_vmap
+    def threefry_bits(words):
+        return lax.rng_bit_generator(
+            words, shape, dtype=jnp.uint32, algorithm=lax.RandomAlgorithm.RNG_THREE_FRY
+        )[1]
+
+    # rng_bit_generator's own batching rule draws every batch element from the first key: under
+    # vmap each key gets the bits it gets alone, as with jax.random
+    @threefry_bits.def_vmap
+    def _(axis_size, in_batched, words):
+        return lax.map(threefry_bits, words), True
+
+    bits = threefry_bits(jax.random.bits(key, (4,), jnp.uint32))
     # the 23 high bits as the mantissa of a float in [1, 2): uniform on [0, 1) in steps of 2^-23
     unit = lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
     above_minus_one = np.nextafter(np.float32(-1), np.float32(0))  # erf_inv(-1) is -inf

@@ -19,6 +19,7 @@ from jcnn.analysis import (
     per_example_grad_norms,
     per_example_grads,
 )
+from jcnn.analysis.per_example import _add_gaussian_noise
 
 _MODEL = nn.Sequential(
     [nn.Conv(3, 3, padding=1), nn.ReLU(), nn.MaxPool(2), nn.Flatten(), nn.Dense(4)]
@@ -137,6 +138,17 @@ def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype(impl):
         assert abs(np.std(unit[name]) - 1) < 0.02 and abs(np.mean(unit[name])) < 0.02
     assert abs(np.std(unit["f"]) - 1) < 0.1
     assert np.all(np.isfinite(stream)) and np.abs(stream).max() < 7
+
+
+def test_dp_noise_under_vmap_is_each_keys_own_noise():
+    keys = jax.random.split(jax.random.key(3), 3)
+    tree = {"large": jnp.zeros((300, 250)), "small": jnp.zeros((7,))}
+    batched = jax.jit(jax.vmap(lambda key: _add_gaussian_noise(key, tree, 1.0)))(keys)
+    for i, key in enumerate(keys):
+        alone = _add_gaussian_noise(key, tree, 1.0)
+        for name in tree:
+            np.testing.assert_array_equal(batched[name][i], alone[name])
+    assert not np.allclose(batched["large"][0], batched["large"][1])
 
 
 def test_dp_sgd_step_is_sgd_on_the_private_gradient(problem):
