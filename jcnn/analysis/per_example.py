@@ -137,7 +137,7 @@ def _check_finite(value, name: str, *, allow_zero: bool = False) -> None:
     if isinstance(value, jax.core.Tracer):
         return  # a traced value (an argument of a jitted function) is checked by its caller
     numeric = isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
-    numeric = numeric and not isinstance(value, bool)
+    numeric = numeric and not isinstance(value, bool) and np.ndim(value) == 0
     if not numeric or not (0 <= value if allow_zero else 0 < value) or not value < math.inf:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")

@@ -111,6 +111,8 @@ def test_private_grad_bad_input(problem):
         _loss, params, batch, key, l2_norm_clip=jnp.float32(1.0), noise_multiplier=1.0
     )[0]
     assert jax.tree.structure(concrete) == jax.tree.structure(params)  # a jax scalar is a number
+    with pytest.raises(ValueError, match="l2_norm_clip: expected a finite number > 0, got Array"):
+        private_grad(_loss, params, batch, key, l2_norm_clip=jnp.ones(2), noise_multiplier=1.0)
     for noise in (-0.5, math.inf, math.nan):  # infinite noise would make every gradient inf
         with pytest.raises(ValueError, match=f"noise_multiplier: .*{noise}"):
             private_grad(_loss, params, batch, key, l2_norm_clip=1.0, noise_multiplier=noise)
