@@ -7,13 +7,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 pytest.importorskip("dp_accounting")
 pytest.importorskip("matplotlib")
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-SCRIPTS = ["dp_mnist", "dp_fashion_mnist", "dp_cifar10"]
+SCRIPTS = ["dp_mnist", "dp_fashion_mnist", "dp_cifar10", "dp_cifar10_scatternet"]
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +34,16 @@ def test_each_network_takes_its_dataset(scripts, name):
     shape = data.DATASETS[study.dataset].shape
     assert len(study.mean) == len(study.std) == shape[-1]
     model = study.make_model()
+    features = study.features or (lambda x: x)
     out = jax.eval_shape(
-        lambda x: model.apply(model.init(jax.random.key(0), x), x), jnp.zeros((2, *shape))
+        lambda x: model.apply(model.init(jax.random.key(0), x), x),
+        features(jnp.zeros((2, *shape))),
     )
     assert out.shape == (2, 10)
     assert {p.epsilon for p in study.published} <= set(study.epsilons)
 
 
-@pytest.mark.parametrize("name", ["dp_mnist", "dp_cifar10"])
+@pytest.mark.parametrize("name", ["dp_mnist", "dp_cifar10", "dp_cifar10_scatternet"])
 def test_quick_run_writes_table_and_figure(scripts, name, tmp_path):
     results = scripts[name].main(
         ["--quick", "--synthetic", "--epsilons", "2.0", "--out", str(tmp_path)]
@@ -55,6 +58,26 @@ def test_quick_run_writes_table_and_figure(scripts, name, tmp_path):
     assert "| 2 | 2.00 |" in report
     assert (tmp_path / f"{name}_accuracy.png").stat().st_size > 1000
     assert not (tmp_path / f"{name}.json").exists()  # a quick run is never a result
+
+
+def test_scattering_keeps_each_colour_in_its_own_channels(scripts):
+    import _dp
+
+    pytest.importorskip("kymatio")
+    rng = np.random.default_rng(0)
+    images = np.zeros((3, 32, 32, 3), np.float32)
+    images[:, :, :, 1] = rng.normal(size=(3, 32, 32))
+    features = np.asarray(_dp.scattering(jnp.asarray(images)))
+    assert features.shape == (3, 8, 8, 243)
+    assert np.all(features[..., :81] == 0) and np.all(features[..., 162:] == 0)
+    assert np.all(np.abs(features[..., 81:162]).max(axis=(1, 2)) > 0)
+    # the order-0 coefficient is a local average: a constant image gives its constant everywhere
+    constant = np.asarray(_dp.scattering(jnp.full((1, 32, 32, 3), 2.0)))
+    np.testing.assert_allclose(constant[..., ::81], 2.0, rtol=1e-4)
+    np.testing.assert_allclose(constant[..., 81 * 1 + 1 : 81 * 2], 0.0, atol=1e-5)
+    # each image is transformed alone, whatever the chunk it falls in
+    many = np.concatenate([images] * 200)
+    np.testing.assert_allclose(np.asarray(_dp.scattering(jnp.asarray(many)))[-3:], features)
 
 
 def test_full_runs_accumulate_rows_with_the_same_settings(scripts, tmp_path, monkeypatch):
