@@ -14,7 +14,13 @@ pytest.importorskip("dp_accounting")
 pytest.importorskip("matplotlib")
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-SCRIPTS = ["dp_mnist", "dp_fashion_mnist", "dp_cifar10", "dp_cifar10_scatternet"]
+SCRIPTS = [
+    "dp_mnist",
+    "dp_fashion_mnist",
+    "dp_cifar10",
+    "dp_mnist_scatternet",
+    "dp_cifar10_scatternet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +49,12 @@ def test_each_network_takes_its_dataset(scripts, name):
     assert {p.epsilon for p in study.published} <= set(study.epsilons)
 
 
-@pytest.mark.parametrize("name", ["dp_mnist", "dp_cifar10", "dp_cifar10_scatternet"])
+@pytest.mark.parametrize(
+    "name", ["dp_mnist", "dp_cifar10", "dp_mnist_scatternet", "dp_cifar10_scatternet"]
+)
 def test_quick_run_writes_table_and_figure(scripts, name, tmp_path):
+    if scripts[name].STUDY.features:
+        pytest.importorskip("kymatio")
     results = scripts[name].main(
         ["--quick", "--synthetic", "--epsilons", "2.0", "--out", str(tmp_path)]
     )
