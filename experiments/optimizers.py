@@ -1,7 +1,8 @@
 """Optimizers (lecture 003): SGD, momentum, Nesterov, AdaGrad, RMSProp and Adam on one CNN; loss
 curves on one figure, and AdaGrad's shrinking step.
 
-Run: ``python experiments/optimizers.py [--quick] [--data-dir DIR]`` (full: 2 min measured on 2 cores).
+Run: ``python experiments/optimizers.py [--quick] [--data-dir DIR]`` (full: 2 min measured on
+2 cores).
 """
 
 from __future__ import annotations
