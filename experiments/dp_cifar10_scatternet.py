@@ -1,6 +1,6 @@
 """DP-SGD on scattering features of CIFAR-10 (Tramer and Boneh 2021), at epsilon 3 and 7.53.
 
-    python experiments/dp_cifar10_scatternet.py --data-dir DIR      # full
+    python experiments/dp_cifar10_scatternet.py --data-dir DIR      # full: 30 min per epsilon
     python experiments/dp_cifar10_scatternet.py --quick --synthetic --out /tmp/dp   # seconds
 
 Tramer and Boneh's ScatterNet+CNN: the images' scattering transform (kymatio, J=2: 8x8 maps of

@@ -19,6 +19,7 @@ SCRIPTS = [
     "dp_fashion_mnist",
     "dp_cifar10",
     "dp_mnist_scatternet",
+    "dp_fashion_mnist_scatternet",
     "dp_cifar10_scatternet",
 ]
 

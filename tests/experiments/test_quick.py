@@ -49,7 +49,7 @@ def test_every_script_is_listed():
     scripts -= {"augment_grid", "plot_schedules"}  # figure scripts of the user guide
     # tests/experiments/test_dp.py
     scripts -= {"dp_mnist", "dp_fashion_mnist", "dp_cifar10"}
-    scripts -= {"dp_mnist_scatternet", "dp_cifar10_scatternet"}
+    scripts -= {"dp_mnist_scatternet", "dp_fashion_mnist_scatternet", "dp_cifar10_scatternet"}
     assert scripts == set(NAMES)
 
 
