@@ -1,5 +1,6 @@
-"""DP-SGD studies (``dp_mnist.py``, ``dp_fashion_mnist.py``, ``dp_cifar10.py``): one private run
-per target epsilon, its table beside the published numbers and an accuracy-vs-epsilon figure.
+"""DP-SGD studies (``dp_mnist.py``, ``dp_fashion_mnist.py``, ``dp_cifar10.py``: end-to-end CNNs;
+``dp_*_scatternet.py``: CNNs on fixed scattering features): one private run per target epsilon,
+its table beside the published numbers and an accuracy-vs-epsilon figure.
 
 Public API only: ``jcnn.nn`` for the network, ``jcnn.data.Loader(sampling="poisson")`` for the
 batches (what the accountant assumes), ``jcnn.analysis.private_grad`` (ghost clipping,
@@ -59,8 +60,8 @@ class Study:
     lr: float
     momentum: float
     ema: float = 0.0
-    # A fixed transform of the standardized images (no parameters, the same for every dataset),
-    # computed once before training: the network then takes its output.
+    # A fixed transform of the standardized images (no parameters, nothing learned from the
+    # data, so no privacy cost), computed once before training: the network takes its output.
     features: Callable[[jax.Array], jax.Array] | None = None
 
 

@@ -1,6 +1,6 @@
 """DP-SGD on scattering features of Fashion-MNIST (Tramer and Boneh 2021) at epsilon 3.
 
-    python experiments/dp_fashion_mnist_scatternet.py --data-dir DIR      # full
+    python experiments/dp_fashion_mnist_scatternet.py --data-dir DIR      # full: 10 min
     python experiments/dp_fashion_mnist_scatternet.py --quick --synthetic --out /tmp/dp   # seconds
 
 Tramer and Boneh's ScatterNet+CNN: the images' scattering transform (kymatio, J=2: 7x7 maps of
