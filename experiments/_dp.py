@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -130,15 +131,21 @@ def scatternet_cnn_28() -> nn.Sequential:
     )
 
 
+@functools.cache
+def _scattering_transform(height: int, width: int):
+    """The jitted transform of ``(N, C, height, width)`` images; its filter bank built once."""
+    # kymatio.jax would also import kymatio's 3-D transform, which needs an older SciPy
+    from kymatio.scattering2d.frontend.jax_frontend import ScatteringJax2D
+
+    return jax.jit(ScatteringJax2D(J=2, shape=(height, width), L=8).scattering)
+
+
 def scattering(images: jax.Array) -> jax.Array:
     """Kymatio's 2-D scattering transform of NHWC images (scale J=2, 8 angles): a fixed filter
     bank of Morlet wavelets and moduli, ``(N, H, W, C)`` to ``(N, H/4, W/4, 81 C)``, channels
     ordered by input channel, then coefficient."""
-    # kymatio.jax would also import kymatio's 3-D transform, which needs an older SciPy
-    from kymatio.scattering2d.frontend.jax_frontend import ScatteringJax2D
-
     n, height, width, channels = images.shape
-    transform = jax.jit(ScatteringJax2D(J=2, shape=(height, width), L=8).scattering)
+    transform = _scattering_transform(height, width)
     with jax.numpy_rank_promotion("allow"):  # kymatio broadcasts its filters implicitly
         out = jnp.concatenate(
             [
