@@ -23,6 +23,11 @@ round after warm-up (median over rounds; the spread, max/min - 1, shows a shared
   compile, ``jax.jit(step).lower(...).compile()``) and the first call's seconds (one step plus
   what a first run sets up) are reported.
 
+* the activations between two matrix products, as in ConvNeXt's MLPs (``act(x @ w1) @ w2`` at
+  the shapes of its four stages, batch 32): one jitted call of forward and gradients for
+  ``jcnn.functional``'s activation, the plain ``jax.nn`` expression (what autodiff stores
+  without jcnn's recompute-in-backward) and PyTorch's.
+
 ``--scale`` multiplies every batch size (at least 1) for smoke runs on a loaded machine;
 ``--quick`` times tiny versions of the four networks for one round of one step (no convolution
 table): a smoke test, not a measurement.
@@ -51,10 +56,16 @@ from jcnn import models
 
 
 def interleaved(runners, rounds, steps):
-    """Median seconds per call of each runner, and its spread, timing them round-robin."""
+    """Median seconds per call of each runner, and its spread, timing them round-robin.
+
+    The order rotates from round to round: a runner timed right after PyTorch shares the cores
+    with its OpenMP threads while they still spin, and no side should always be that one.
+    """
     times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
+    names = list(runners)
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            fn = runners[name]
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
@@ -151,6 +162,66 @@ def conv_runners(case, scale):
 
     torch_products()
     return {"jcnn": products(jcnn_op), "xla": products(native_op), "torch": torch_products}
+
+
+# ----------------------------------------------------------------------------- activations
+
+# name: (jcnn, plain jax.nn, PyTorch)
+ACTIVATIONS = {
+    "GELU (erf)": (F.gelu, partial(jax.nn.gelu, approximate=False), TF.gelu),
+    "GELU (tanh)": (
+        partial(F.gelu, approximate=True),
+        partial(jax.nn.gelu, approximate=True),
+        partial(TF.gelu, approximate="tanh"),
+    ),
+    "swish": (F.swish, jax.nn.silu, TF.silu),
+    "mish": (F.mish, jax.nn.mish, TF.mish),
+    "ELU": (F.elu, jax.nn.elu, TF.elu),
+    "SELU": (F.selu, jax.nn.selu, TF.selu),
+    "softplus": (F.softplus, lambda x: jnp.where(x > 20, x, jnp.logaddexp(x, 0.0)), TF.softplus),
+    "ReLU": (F.relu, jax.nn.relu, TF.relu),
+}
+# (rows, C): ConvNeXt's MLP inputs at batch 32 on 32x32 images, widths 32..256, hidden 4C
+ACTIVATION_SHAPES = ((32 * 16 * 16, 32), (32 * 8 * 8, 64), (32 * 4 * 4, 128), (32 * 2 * 2, 256))
+
+
+def activation_problem(name, scale, seed=0):
+    """The three sides' ``grads()`` of ``sum(act(x @ w1) @ w2)`` over the four shapes, as
+    ``{side: grads}``; each returns the gradients of every x, w1 and w2 as NumPy-convertible
+    arrays, in the same order."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for rows, channels in ACTIVATION_SHAPES:
+        arrays += [
+            rng.standard_normal((_batch(rows, scale), channels)).astype(np.float32),
+            (rng.standard_normal((channels, 4 * channels)) / np.sqrt(channels)).astype(np.float32),
+            (rng.standard_normal((4 * channels, channels)) / np.sqrt(4 * channels)).astype(
+                np.float32
+            ),
+        ]
+    jcnn_act, jax_act, torch_act = ACTIVATIONS[name]
+
+    def jax_side(act):
+        def loss(arrays):
+            return sum(
+                jnp.sum(act(x @ w1) @ w2)
+                for x, w1, w2 in zip(arrays[::3], arrays[1::3], arrays[2::3], strict=True)
+            )
+
+        grads = jax.jit(jax.grad(loss))
+        inputs = [jnp.asarray(a) for a in arrays]
+        return lambda: jax.block_until_ready(grads(inputs))
+
+    tensors = [torch.from_numpy(a).requires_grad_() for a in arrays]
+
+    def torch_grads():
+        loss = sum(
+            (torch_act(x @ w1) @ w2).sum()
+            for x, w1, w2 in zip(tensors[::3], tensors[1::3], tensors[2::3], strict=True)
+        )
+        return torch.autograd.grad(loss, tensors)
+
+    return {"jcnn": jax_side(jcnn_act), "jax.nn": jax_side(jax_act), "torch": torch_grads}
 
 
 # ----------------------------------------------------------------------------- Flax twins
@@ -664,7 +735,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="calls per round and implementation")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every batch size")
     parser.add_argument(
-        "--only", nargs="*", choices=["convs", "networks"], default=["convs", "networks"]
+        "--only",
+        nargs="*",
+        choices=["convs", "networks", "activations"],
+        default=["convs", "networks", "activations"],
     )
     parser.add_argument(
         "--quick",
@@ -736,6 +810,29 @@ def main(argv=None):
                     "first call s jcnn / Flax": "{:.2f} / {:.2f}".format(
                         startup_s["jcnn"][1], startup_s["flax"][1]
                     ),
+                }
+            )
+            print(markdown(rows[-1:]), flush=True)
+        print("\n" + markdown(rows), flush=True)
+
+    if "activations" in args.only:
+        rows = []
+        for name in ACTIVATIONS:
+            runners = activation_problem(name, args.scale)
+            for run in runners.values():  # warm-up
+                run()
+            ms = {
+                side: median * 1e3
+                for side, (median, _) in interleaved(runners, args.rounds, 2 * args.steps).items()
+            }
+            rows.append(
+                {
+                    "activation (fwd + grads, between matmuls)": name,
+                    "jcnn ms": f"{ms['jcnn']:.1f}",
+                    "jax.nn ms": f"{ms['jax.nn']:.1f}",
+                    "PyTorch ms": f"{ms['torch']:.1f}",
+                    "jcnn vs jax.nn": f"{ms['jax.nn'] / ms['jcnn']:.2f}x",
+                    "jcnn vs PyTorch": f"{ms['torch'] / ms['jcnn']:.2f}x",
                 }
             )
             print(markdown(rows[-1:]), flush=True)

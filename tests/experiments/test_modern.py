@@ -78,3 +78,19 @@ def test_quick_times_jcnn_flax_and_pytorch(bench, capsys):
         )
         assert min(compile_s) > 0 and min(first_call_s) >= 0 and len(first_call_s) == 2, row
     assert out.count("the Flax twin's training logits equal jcnn's") == len(rows)
+
+
+@pytest.mark.parametrize(
+    "name", ["GELU (erf)", "GELU (tanh)", "swish", "mish", "ELU", "SELU", "softplus", "ReLU"]
+)
+def test_activation_sides_compute_the_same_gradients(bench, name):
+    """The activation table compares like with like: jcnn, the plain jax.nn expression and
+    PyTorch give the same gradients of every input and weight."""
+    assert name in bench.ACTIVATIONS
+    sides = bench.activation_problem(name, scale=1 / 64, seed=3)
+    jcnn_grads = [np.asarray(g) for g in sides["jcnn"]()]
+    assert len(jcnn_grads) == 3 * len(bench.ACTIVATION_SHAPES)
+    for other, tolerance in (("jax.nn", 1e-5), ("torch", 1e-4)):
+        grads = [np.asarray(g) for g in sides[other]()]
+        for got, want in zip(jcnn_grads, grads, strict=True):
+            np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
