@@ -359,10 +359,16 @@ def torch_steps(module, x, labels):
 
 
 def interleaved(runners, rounds, steps):
-    """Median seconds per call of each runner, and its spread, timing them round-robin."""
+    """Median seconds per call of each runner, and its spread, timing them round-robin.
+
+    The order rotates from round to round: a runner timed right after PyTorch shares the cores
+    with its OpenMP threads while they still spin, and no side should always be that one.
+    """
     times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
+    names = list(runners)
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            fn = runners[name]
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
