@@ -9,6 +9,8 @@ from jcnn.functional.conv import *  # noqa: F403
 from jcnn.functional.conv import __all__ as _conv
 from jcnn.functional.dropout import *  # noqa: F403
 from jcnn.functional.dropout import __all__ as _dropout
+from jcnn.functional.linear import *  # noqa: F403
+from jcnn.functional.linear import __all__ as _linear
 from jcnn.functional.local import *  # noqa: F403
 from jcnn.functional.local import __all__ as _local
 from jcnn.functional.loss import *  # noqa: F403
@@ -18,4 +20,4 @@ from jcnn.functional.norm import __all__ as _norm
 from jcnn.functional.pool import *  # noqa: F403
 from jcnn.functional.pool import __all__ as _pool
 
-__all__ = [*_activation, *_conv, *_dropout, *_local, *_loss, *_norm, *_pool]
+__all__ = [*_activation, *_conv, *_dropout, *_linear, *_local, *_loss, *_norm, *_pool]

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jcnn import functional as F
 from jcnn.functional._checks import check_array, check_positive_int
 from jcnn.nn._shared import Initializer, dense_kernel
 from jcnn.nn._util import kernel_and_bias
@@ -57,10 +58,7 @@ class Dense(nn.Module):
             raise ValueError("x: expected rank >= 1 (..., in_features), got a scalar")
         check_positive_int(self.features, "features")
         x, kernel, bias = kernel_and_bias(self, x, dense_kernel(x.shape[-1], self.features))
-        y = jnp.tensordot(x, kernel, axes=1)
-        if bias is None:
-            return y
-        return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+        return F.linear(x, kernel, bias)
 
 
 class Flatten(nn.Module):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
+from jcnn import functional as F
 from jcnn.functional._checks import check_array, check_positive_int
 from jcnn.nn._shared import Initializer, dense_kernel
 from jcnn.nnx._util import check_input, check_rngs, kernel_and_bias, value
@@ -66,10 +67,7 @@ class Dense(nnx.Module):
         """Apply the layer to ``x`` ``(..., in_features)``; returns ``(..., features)``."""
         check_input(x, None, self.in_features, "Dense")
         x, kernel, bias = promote_dtype(x, value(self.kernel), value(self.bias), dtype=self.dtype)
-        y = jnp.tensordot(x, kernel, axes=1)
-        if bias is None:
-            return y
-        return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+        return F.linear(x, kernel, bias)
 
 
 class Flatten(nnx.Module):

@@ -33,6 +33,7 @@ CASES = {
     "softplus": (lambda x: F.softplus(x, 2.0, 1.0), [(4, 3)]),
     "swish": (F.swish, [(4, 3)]),
     "tanh": (F.tanh, [(4, 3)]),
+    "linear": (F.linear, [(4, 2, 3), (3, 5), (5,)]),
     "conv": (
         lambda x, w, b: F.conv(x, w, b, stride=2, padding=1),
         [(2, 5, 5, 2), (3, 3, 2, 3), (3,)],
