@@ -200,6 +200,7 @@ def activation_problem(name, scale, seed=0):
             ),
         ]
     jcnn_act, jax_act, torch_act = ACTIVATIONS[name]
+    inputs = [jnp.asarray(a) for a in arrays]
 
     def jax_side(act):
         def loss(arrays):
@@ -209,7 +210,6 @@ def activation_problem(name, scale, seed=0):
             )
 
         grads = jax.jit(jax.grad(loss))
-        inputs = [jnp.asarray(a) for a in arrays]
         return lambda: jax.block_until_ready(grads(inputs))
 
     tensors = [torch.from_numpy(a).requires_grad_() for a in arrays]
