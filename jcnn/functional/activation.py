@@ -163,8 +163,9 @@ def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
         return jax.nn.gelu(x, approximate=True)
     # Autodiff of erfc stores several intermediates and XLA splits forward and backward into
     # several passes over memory; recomputing GELU from x in the backward pass (jax.checkpoint)
-    # leaves one fused pass each way: 1.8x faster between two matrix products and ConvNeXt's
-    # training step 1.14x (experiments/benchmarks/README.md). Values and derivatives unchanged.
+    # leaves one fused pass each way: 1.4-1.8x faster between two matrix products, ConvNeXt's
+    # training step 1.07-1.14x (experiments/benchmarks/README.md, run L). Same values and
+    # derivatives.
     return jax.checkpoint(partial(jax.nn.gelu, approximate=False))(x)
 
 
