@@ -20,6 +20,10 @@ so the noise of a shared machine is visible. Columns:
 
 The three networks of a row are checked to have the same trainable parameter count and the same
 first-step loss.
+
+``--only steps-per-call`` times ``jcnn.train.train_steps`` (K steps in one compiled call) beside
+K calls of ``train_step`` and K PyTorch steps, after checking that both jcnn sides reach the same
+parameters.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from jax import lax
 import jcnn
 from jcnn import functional as F
 from jcnn.analysis import per_example_grads
-from jcnn.train import TrainState, train_step
+from jcnn.train import TrainState, train_step, train_steps
 
 # ----------------------------------------------------------------------------- Flax twins
 # Parameter paths are jcnn.models' paths, so one variables tree feeds both JAX networks.
@@ -483,6 +487,60 @@ def network_rows(
     return rows
 
 
+def steps_per_call_row(name, model, torch_module, input_shape, batch, per_call, rounds):
+    """ms per step of ``train_steps`` (``per_call`` steps in one call), of as many calls of
+    ``train_step`` and of as many PyTorch steps, interleaved; both jcnn sides start from the same
+    state and must agree on the parameters after one call's worth of steps."""
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+    labels_np = rng.integers(0, 10, batch)
+    x, labels = jnp.asarray(x_np), jnp.asarray(labels_np, jnp.int32)
+    stacked = (jnp.stack([x] * per_call), jnp.stack([labels] * per_call))
+    start = TrainState.create(model, OPTIMIZER(), jax.random.key(0), x[:1])
+    load_into_torch(torch_module, start.params)
+    holder = {"one": jax.tree.map(jnp.copy, start), "many": jax.tree.map(jnp.copy, start)}
+
+    def one_at_a_time():
+        for _ in range(per_call):
+            holder["one"], metrics = train_step(holder["one"], (x, labels))
+        return float(metrics["loss"])
+
+    def all_in_one_call():
+        holder["many"], metrics = train_steps(holder["many"], stacked)
+        return float(metrics["loss"][-1])
+
+    run_torch = torch_steps(
+        torch_module,
+        torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()),
+        torch.from_numpy(labels_np),
+    )[0]
+
+    def torch_calls():
+        for _ in range(per_call):
+            run_torch()
+
+    one_at_a_time()
+    all_in_one_call()
+    pairs = zip(
+        jax.tree.leaves(holder["one"].params), jax.tree.leaves(holder["many"].params), strict=True
+    )
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name}: train_steps")
+    runners = {"train_step": one_at_a_time, "train_steps": all_in_one_call, "torch": torch_calls}
+    result = interleaved(runners, rounds, 1)
+    ms = {side: 1e3 * median / per_call for side, (median, _) in result.items()}
+    return {
+        "benchmark": f"{name} train b{batch}, {per_call} steps per call",
+        "train_step ms/step": f"{ms['train_step']:.1f}",
+        "train_steps ms/step": f"{ms['train_steps']:.1f}",
+        "torch ms/step": f"{ms['torch']:.1f}",
+        "train_steps/train_step": f"{ms['train_step'] / ms['train_steps']:.2f}x",
+        "train_step/torch": f"{ms['torch'] / ms['train_step']:.2f}x",
+        "train_steps/torch": f"{ms['torch'] / ms['train_steps']:.2f}x",
+        "spread s/S/t": "/".join(f"{100 * result[i][1]:.0f}%" for i in result),
+    }
+
+
 def row(label, batch, n_params, result, compile_s, flops, peak, torch_peak):
     speed = {impl: batch / t for impl, (t, _) in result.items()}
     cells = {
@@ -681,9 +739,13 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="calls per round and implementation")
     parser.add_argument(
         "--only",
-        choices=["lenet", "airbench", "resnet20", "per-example", "layers"],
+        choices=["lenet", "airbench", "resnet20", "per-example", "layers", "steps-per-call"],
         nargs="*",
-        help="sections to run (default: all but layers, the per-layer conv GFLOP/s)",
+        help="sections to run (default: all but layers, the per-layer conv GFLOP/s, and "
+        "steps-per-call, train_steps against train_step)",
+    )
+    parser.add_argument(
+        "--per-call", type=int, default=4, help="steps per train_steps call (steps-per-call)"
     )
     args = parser.parse_args()
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
@@ -740,6 +802,15 @@ def main():
     if "layers" in only:
         print()
         print(markdown(layer_rows(rounds, steps)))
+    if "steps-per-call" in only:
+        per_call_rows = []
+        for name, model, _, make_torch, shape, batch, _ in networks.values():
+            per_call_rows.append(
+                steps_per_call_row(name, model, make_torch(), shape, batch, args.per_call, rounds)
+            )
+            print(markdown(per_call_rows[-1:]), flush=True)
+        print()
+        print(markdown(per_call_rows))
 
 
 if __name__ == "__main__":

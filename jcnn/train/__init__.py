@@ -13,7 +13,7 @@ from jcnn.train.run_folder import RunFolderError
 from jcnn.train.runs import Run, load_run
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
-from jcnn.train.steps import eval_step, train_step
+from jcnn.train.steps import eval_step, train_step, train_steps
 from jcnn.train.tta import flip_translate_views, tta_logits, with_tta
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "OPTIMIZERS",
     "TrainState",
     "train_step",
+    "train_steps",
     "eval_step",
     "TrainConfig",
     "fit",

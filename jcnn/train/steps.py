@@ -15,7 +15,14 @@ from jcnn import functional as F
 from jcnn.functional._checks import check_array
 from jcnn.train.state import TrainState
 
-__all__ = ["train_step", "eval_step", "loss_and_logits", "batch_loss", "batch_metrics"]
+__all__ = [
+    "train_step",
+    "train_steps",
+    "eval_step",
+    "loss_and_logits",
+    "batch_loss",
+    "batch_metrics",
+]
 
 RESERVED_METRICS = ("loss", "accuracy", "grad_norm", "count")
 
@@ -149,11 +156,10 @@ def loss_and_logits(
     return loss, (logits, new_stats)
 
 
-@functools.partial(
-    jax.jit,
-    donate_argnums=(0,),
-    static_argnames=("compute_dtype", "label_smoothing", "loss_fn", "metrics"),
-)
+_STEP_OPTIONS = ("compute_dtype", "label_smoothing", "loss_fn", "metrics")
+
+
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=_STEP_OPTIONS)
 def train_step(
     state: TrainState,
     batch: tuple[jax.Array, jax.Array],
@@ -184,6 +190,73 @@ def train_step(
         batch, before the update), ``metrics["grad_norm"]`` and one entry per extra metric.
     """
     images, labels = _check_batch(state, batch)
+    return _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=_STEP_OPTIONS)
+def train_steps(
+    state: TrainState,
+    batches: tuple[jax.Array, jax.Array],
+    *,
+    compute_dtype: DTypeLike | None = None,
+    label_smoothing: float = 0.0,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``K`` optimizer steps in one call: ``train_step`` on each of ``K`` stacked batches in turn.
+
+    The steps run inside one compiled program (a ``lax.scan``), so the host dispatches once and
+    XLA's working memory is set up once for all ``K``. On CPU that memory is a fresh allocation on
+    every call, faulted in page by page (hundreds of MB for a CIFAR ResNet at batch 256), so
+    several steps per call can be markedly faster: see ``experiments/benchmarks/README.md``.
+    Each step is the one ``train_step`` takes (same dropout keys ``fold_in(state.key, step)``,
+    same BatchNorm statistics threading); XLA may order the floating-point work differently
+    inside the loop, so results agree with ``K`` calls of ``train_step`` to rounding, not bitwise.
+
+    Args:
+        state: the ``TrainState`` (invalid after the call: its buffers are reused).
+        batches: ``(images, labels)`` with a leading axis of ``K >= 1`` batches: images
+            ``(K, N, ...)``, labels ``(K, N)`` or soft labels ``(K, N, C)``.
+        compute_dtype: as for ``train_step``.
+        label_smoothing: as for ``train_step``.
+        loss_fn: as for ``train_step``.
+        metrics: as for ``train_step``.
+
+    Returns:
+        ``(new_state, metrics)``: each entry of ``train_step``'s metrics with a leading axis of
+        ``K``, one value per step.
+    """
+    images, labels = _check_batches(state, batches)
+
+    def one(state, batch):
+        return _step(state, *batch, compute_dtype, label_smoothing, loss_fn, metrics)
+
+    return jax.lax.scan(one, state, (images, labels))
+
+
+def _check_batches(state, batches):
+    if not isinstance(batches, (tuple, list)) or len(batches) != 2:
+        raise TypeError(
+            f"batches: expected a pair (images, labels) of stacked batches, got "
+            f"{type(batches).__name__}"
+        )
+    images, labels = batches
+    check_array(images, "batches images")
+    if images.ndim < 2 or images.shape[0] < 1:
+        raise ValueError(
+            f"batches images: expected a leading axis of K >= 1 batches, (K, N, ...), got shape "
+            f"{images.shape}"
+        )
+    if not hasattr(labels, "shape") or labels.shape[:2] != images.shape[:2]:
+        raise ValueError(
+            f"batches labels: expected (K, N) = {images.shape[:2]} leading axes like the images, "
+            f"got {getattr(labels, 'shape', type(labels).__name__)}"
+        )
+    _check_batch(state, (images[0], labels[0]))
+    return images, labels
+
+
+def _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics):
     dropout_key = jax.random.fold_in(state.key, state.step)
     grad_fn = jax.value_and_grad(loss_and_logits, has_aux=True)
     (loss, (logits, new_stats)), grads = grad_fn(

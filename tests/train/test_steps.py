@@ -1,4 +1,4 @@
-"""train_step / eval_step on a small Flax CNN with BatchNorm and dropout."""
+"""train_step / train_steps / eval_step on a small Flax CNN with BatchNorm and dropout."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jcnn.train import TrainState, eval_step, optimizer, train_step
+from jcnn.train import TrainState, eval_step, optimizer, train_step, train_steps
 
 
 class SmallNet(nn.Module):
@@ -143,3 +143,53 @@ def test_bad_batches_are_named(rng):
         eval_step(state, (images.astype(jnp.int32), labels))
     with pytest.raises(TypeError, match="state"):
         eval_step({"params": 1}, (images, labels))
+
+
+def _extra_metric(logits, labels):
+    return jnp.mean(jnp.max(logits, axis=-1))
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("soft", [False, True])
+def test_train_steps_are_train_step_in_turn(rng, count, soft):
+    """BatchNorm statistics, dropout keys (fold_in of the running step), optimizer state, the
+    step counter and every metric of each step, against ``count`` calls of ``train_step``."""
+    model = SmallNet(dropout=0.5)
+    batches = [_batch(rng, n=5) for _ in range(count)]
+    if soft:
+        batches = [(x, jax.nn.softmax(jnp.asarray(rng.normal(size=(5, 3))))) for x, _ in batches]
+    metrics = (("top", _extra_metric),)
+    state = _state(model, lr=0.3, seed=4).replace(step=jnp.asarray(11, jnp.int32))
+    expected, per_step = _copy(state), []
+    for batch in batches:
+        expected, values = train_step(expected, batch, label_smoothing=0.1, metrics=metrics)
+        per_step.append(values)
+    stacked = tuple(jnp.stack(parts) for parts in zip(*batches, strict=True))
+    got, values = train_steps(_copy(state), stacked, label_smoothing=0.1, metrics=metrics)
+    assert int(got.step) == 11 + count
+    assert sorted(values) == sorted(per_step[0])
+    for name, column in values.items():
+        assert column.shape == (count,)
+        np.testing.assert_allclose(column, [v[name] for v in per_step], rtol=1e-5, atol=1e-6)
+    trees = (expected.params, expected.batch_stats, expected.opt_state)
+    mine = (got.params, got.batch_stats, got.opt_state)
+    for a, b in zip(jax.tree.leaves(trees), jax.tree.leaves(mine), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_steps_donates_and_needs_stacked_batches(rng):
+    state = _state(SmallNet())
+    images, labels = _batch(rng)
+    with pytest.raises(ValueError, match=r"batches labels: expected \(K, N\) = \(2, 8\)"):
+        train_steps(state, (jnp.stack([images, images]), labels))
+    with pytest.raises(ValueError, match="leading axis of K >= 1"):
+        train_steps(state, (images[:0][None][:0], labels[None][:0]))
+    with pytest.raises(TypeError, match="batches: expected a pair"):
+        train_steps(state, [images[None]])
+    with pytest.raises(TypeError, match="batches images"):
+        train_steps(state, (images[None].astype(jnp.int32), labels[None]))
+    with pytest.raises(TypeError, match="state"):
+        train_steps({"params": 1}, (images[None], labels[None]))
+    leaf = jax.tree.leaves(state.params)[0]
+    train_steps(state, (images[None], labels[None]))
+    assert leaf.is_deleted()
