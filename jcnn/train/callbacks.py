@@ -97,7 +97,8 @@ class RunContext:
         self.stop_reason: str | None = None
 
     def request_stop(self, reason: str = "stopped by a callback") -> None:
-        """End training after the current step (its record and checkpoint are still written)."""
+        """End training after the current step (its record and checkpoint are still written);
+        with ``TrainConfig.steps_per_call`` above 1, after the last step of the current call."""
         if self.stop_reason is None:
             self.stop_reason = str(reason)
 

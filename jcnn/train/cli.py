@@ -270,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-steps", type=positive, default=None, help="stop after N steps in all")
     p.add_argument(
+        "--steps-per-call",
+        type=positive,
+        default=1,
+        help="optimizer steps per compiled call (jcnn.train.train_steps): on CPU 4 runs a CIFAR "
+        "ResNet 1.2-1.3x faster per step; not with DP-SGD or --devices",
+    )
+    p.add_argument(
         "--early-stopping",
         type=positive,
         default=None,
@@ -398,6 +405,10 @@ def _check_combinations(args) -> None:
     if args.group_norm and args.model not in BATCH_NORM_MODELS:
         raise UsageError(f"--group-norm: --model {args.model} has no BatchNorm to replace")
     _check_dp(args)
+    if args.steps_per_call > 1 and (_private(args) or args.devices is not None):
+        raise UsageError(
+            "--steps-per-call: DP-SGD and --devices run one step per call; drop --steps-per-call"
+        )
 
 
 def _private(args) -> bool:
@@ -623,6 +634,7 @@ def _flag_names() -> dict:
         "dp_clip_norm",
         "dp_delta",
         "dp_accountant",
+        "steps_per_call",
     ):
         names[f"train.{field}"] = "--" + field.replace("_", "-")
     for field in (
@@ -710,6 +722,7 @@ def _main(argv) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress and sys.stderr.isatty(),
+            steps_per_call=args.steps_per_call,
         )
         prepared, standardize = None, None
         if args.recipe is not None:

@@ -35,7 +35,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ from jcnn.train.optim import OPTIMIZERS, optimizer
 from jcnn.train.protocol import TrainLoader, check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
-from jcnn.train.steps import RESERVED_METRICS, eval_step, train_step
+from jcnn.train.steps import RESERVED_METRICS, eval_step, train_step, train_steps
 
 __all__ = ["TrainConfig", "fit", "evaluate", "build_schedule", "NonFiniteLossError"]
 
@@ -144,6 +144,14 @@ class TrainConfig:
         dp_accountant: ``"rdp"`` (as Opacus and TF Privacy report) or ``"pld"`` (tighter).
             The sampling rate is the training loader's ``batch_size / num_examples``: exact for a
             ``Loader(sampling="poisson")``, an approximation for shuffled fixed-size batches.
+        steps_per_call: optimizer steps per compiled call. Above 1, that many consecutive
+            batches run in one ``train_steps`` call, which on CPU spares XLA setting up its
+            working memory at every step (1.2-1.3x faster per step for a CIFAR ResNet at batch
+            256, ``experiments/benchmarks/README.md``). Fewer batches than that (before an
+            epoch's end, or a step where ``fit`` evaluates, checkpoints or stops) run one
+            ``train_step`` each. ``on_step`` still runs once per step, after the call, with
+            ``run.state`` the state after the call's last step; a stop a callback asks for takes
+            effect at the end of the call. Not with DP-SGD or ``devices``.
     """
 
     epochs: int = 1
@@ -185,6 +193,7 @@ class TrainConfig:
     dp_clip_norm: float = 1.0
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
+    steps_per_call: int = 1
 
 
 def _check_non_negative_int(value, name: str) -> int:
@@ -564,6 +573,23 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     return train_loader, val_loader, test_loader, stats
 
 
+def _calls(batches, step: int, size: int, ends_after) -> Iterator[list]:
+    """The batches grouped one compiled call each: ``size`` consecutive batches, or single
+    batches where fewer than ``size`` come before the end or before a step after which
+    ``ends_after(step)`` says a call must end (``step``: the global step before the first)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        step += 1
+        if len(group) == size:
+            yield group
+            group = []
+        elif ends_after(step):
+            yield from ([single] for single in group)
+            group = []
+    yield from ([single] for single in group)
+
+
 def _write_history(out: Path, history: list[dict], evaluations: list[dict]) -> None:
     run_folder.write_atomically(out / "history.json", json.dumps(history, indent=1))
     run_folder.write_atomically(out / "evaluations.json", json.dumps(evaluations, indent=1))
@@ -755,6 +781,12 @@ def _fit(
             f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
         )
     check_dp_config(config)
+    check_positive_int(config.steps_per_call, "config.steps_per_call")
+    if config.steps_per_call > 1 and (dp_enabled(config) or config.devices):
+        raise ValueError(
+            f"config.steps_per_call: expected 1 with DP-SGD or devices (their steps run one per "
+            f"call), got {config.steps_per_call}"
+        )
     loss_fn = _either(loss, config.loss, "loss", None)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
@@ -926,6 +958,19 @@ def _fit(
         )
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "-1"))
+
+    options = dict(
+        compute_dtype=compute_dtype,
+        label_smoothing=config.label_smoothing,
+        loss_fn=loss_fn,
+        metrics=pairs,
+    )
+
+    def call_ends_after(step):
+        """Whether a compiled call must end after this step: fit needs the state there."""
+        every = (config.eval_every_steps, config.checkpoint_every_steps)
+        return any(n and step % n == 0 for n in every) or step in (config.max_steps, crash_after)
+
     started = time.perf_counter()
     # XLA's SPMD partitioner cannot split the oneDNN custom calls over the batch: it would gather
     # the whole batch onto every device for each convolution.
@@ -939,72 +984,69 @@ def _fit(
             images_this_process = 0
             batch_index = start_batch
             last_evaluation = None
-            for batch in train_loader.epoch(epoch, start_step=start_batch):
-                if mesh is not None:
-                    batch = _place_batch(batch, mesh)
-                if private is not None:
-                    state, step_metrics = private.step(
-                        state,
-                        batch,
-                        compute_dtype=compute_dtype,
-                        label_smoothing=config.label_smoothing,
-                        loss_fn=loss_fn,
-                        metrics=pairs,
-                    )
+            batches = train_loader.epoch(epoch, start_step=start_batch)
+            for group in _calls(batches, int(state.step), config.steps_per_call, call_ends_after):
+                if len(group) > 1:
+                    stacked = tuple(jnp.stack(parts) for parts in zip(*group, strict=True))
+                    state, step_metrics = train_steps(state, stacked, **options)
+                    columns = jax.device_get(step_metrics)
+                    per_step = [
+                        {k: float(v[i]) for k, v in columns.items()} for i in range(len(group))
+                    ]
                 else:
-                    state, step_metrics = train_step(
-                        state,
-                        tuple(batch),
-                        compute_dtype=compute_dtype,
-                        label_smoothing=config.label_smoothing,
-                        loss_fn=loss_fn,
-                        metrics=pairs,
-                    )
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                loss_value = values["loss"]
-                step = int(state.step)
-                if not math.isfinite(loss_value):
-                    kept = ""
-                    if manager is not None:
-                        if pending == step - 1 and _all_finite(batch):
-                            manager.mark(pending, "bad")  # its parameters gave this loss
-                        last = manager.last_good_step()
-                        kept = (
-                            f"; last good checkpoint: step {last} ({manager.path(last)})"
-                            if last is not None
-                            else "; no checkpoint is known good"
+                    if mesh is not None:
+                        group = [_place_batch(group[0], mesh)]
+                    if private is not None:
+                        state, step_metrics = private.step(state, group[0], **options)
+                    else:
+                        state, step_metrics = train_step(state, tuple(group[0]), **options)
+                    per_step = [{k: float(v) for k, v in jax.device_get(step_metrics).items()}]
+                first_step = int(state.step) - len(group)
+                for offset, (batch, values) in enumerate(zip(group, per_step, strict=True)):
+                    step = first_step + offset + 1
+                    loss_value = values["loss"]
+                    if not math.isfinite(loss_value):
+                        kept = ""
+                        if manager is not None:
+                            if pending == step - 1 and _all_finite(batch):
+                                manager.mark(pending, "bad")  # its parameters gave this loss
+                            last = manager.last_good_step()
+                            kept = (
+                                f"; last good checkpoint: step {last} ({manager.path(last)})"
+                                if last is not None
+                                else "; no checkpoint is known good"
+                            )
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, "
+                            f"batch {batch_index + 1}); training stopped{kept}"
                         )
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, batch "
-                        f"{batch_index + 1}); training stopped{kept}"
-                    )
-                if pending is not None:
-                    if pending == step - 1:
-                        manager.mark(pending, "good")
-                    pending = None
-                batch_index += 1
-                for name in ("loss", "accuracy", *running_names):
-                    running[name] += values[name]
-                running["batches"] += 1
-                images_this_process += int(batch[0].shape[0])
-                if batch_index % 10 == 0 or batch_index == steps_per_epoch:
-                    rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
-                    lr = f"lr {float(schedule(step)):.3g} " if schedule is not None else ""
-                    progress.update(
-                        batch_index,
-                        f"loss {running['loss'] / running['batches']:.4f} "
-                        f"acc {running['accuracy'] / running['batches']:.4f} "
-                        f"{lr}{rate:,.0f} img/s",
-                    )
-                run.state, run.step, run.epoch, run.batch = state, step, epoch, batch_index
-                _call(callbacks, "on_step", run, values)
-                if (
-                    has_val
-                    and config.eval_every_steps
-                    and step % config.eval_every_steps == 0
-                    and batch_index < steps_per_epoch
-                ):
-                    last_evaluation = validate()
+                    if pending is not None:
+                        if pending == step - 1:
+                            manager.mark(pending, "good")
+                        pending = None
+                    batch_index += 1
+                    for name in ("loss", "accuracy", *running_names):
+                        running[name] += values[name]
+                    running["batches"] += 1
+                    images_this_process += int(batch[0].shape[0])
+                    if batch_index % 10 == 0 or batch_index == steps_per_epoch:
+                        rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
+                        lr = f"lr {float(schedule(step)):.3g} " if schedule is not None else ""
+                        progress.update(
+                            batch_index,
+                            f"loss {running['loss'] / running['batches']:.4f} "
+                            f"acc {running['accuracy'] / running['batches']:.4f} "
+                            f"{lr}{rate:,.0f} img/s",
+                        )
+                    run.state, run.step, run.epoch, run.batch = state, step, epoch, batch_index
+                    _call(callbacks, "on_step", run, values)
+                    if (
+                        has_val
+                        and config.eval_every_steps
+                        and step % config.eval_every_steps == 0
+                        and batch_index < steps_per_epoch
+                    ):
+                        last_evaluation = validate()
                 if finished():
                     break
                 if (

@@ -234,6 +234,12 @@ def _assert_one_line(err):
         (["--eval-every-steps", "-1"], "--eval-every-steps: expected an integer >= 0"),
         (["--eval-every-steps", "5"], "--eval-every-steps needs a validation set"),
         (["--max-steps", "0"], "--max-steps: expected a positive integer"),
+        (["--steps-per-call", "0"], "--steps-per-call: expected a positive integer"),
+        (
+            ["--steps-per-call", "2", "--dp-noise-multiplier", "1"],
+            "--steps-per-call: DP-SGD and --devices run one step per call",
+        ),
+        (["--steps-per-call", "2", "--devices", "1"], "--steps-per-call: DP-SGD and --devices"),
         (["--max-steps", "1.5"], "--max-steps: expected a positive integer"),
         (["--early-stopping", "0"], "--early-stopping: expected a positive integer"),
         (["--early-stopping", "3"], "--early-stopping needs a validation set"),
@@ -427,6 +433,7 @@ def test_config_json_records_the_command_line_settings(small_run):
         (["--augment", "random_hflip"], "--augment"),
         (["--optimizer", "nesterov"], "--optimizer"),
         (["--val-split", "32"], "--val-split: null in the run, 32 now"),
+        (["--steps-per-call", "2"], "--steps-per-call: 1 in the run, 2 now"),
     ],
 )
 def test_resume_with_other_flags_is_refused_naming_them(small_run, tmp_path, capsys, extra, named):

@@ -14,11 +14,13 @@ import pytest
 from jcnn.data import Loader
 from jcnn.train import (
     BestCheckpoint,
+    Callback,
     CheckpointManager,
     EarlyStopping,
     NonFiniteLossError,
     TrainConfig,
     fit,
+    loop,
     split_validation,
 )
 from jcnn.train.loop import build_schedule
@@ -514,3 +516,106 @@ def test_resume_with_callbacks_and_validation_split_is_bitwise_exact(tmp_path, r
     shutil.rmtree(resumed_dir / "checkpoints" / "step_00000006")
     with pytest.raises(ValueError, match=r"holds the state of \[EarlyStopping, BestCheckpoint\]"):
         fit(TinyNet(), train, None, config(resumed_dir, resume=True), callbacks=[])
+
+
+class _StepLog(Callback):
+    """Records each on_step's step and loss, and asks to stop after ``stop_at``."""
+
+    def __init__(self, stop_at=None):
+        self.seen, self.stop_at = [], stop_at
+
+    def on_step(self, run, metrics):
+        self.seen.append((run.step, metrics["loss"]))
+        if run.step == self.stop_at:
+            run.request_stop("asked")
+
+
+def _count_calls(monkeypatch):
+    """The number of steps of each compiled call fit makes, in order."""
+    sizes = []
+    one, many = loop.train_step, loop.train_steps
+
+    def train_step(state, batch, **options):
+        sizes.append(1)
+        return one(state, batch, **options)
+
+    def train_steps(state, batches, **options):
+        sizes.append(int(batches[0].shape[0]))
+        return many(state, batches, **options)
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop, "train_steps", train_steps)
+    return sizes
+
+
+def test_steps_per_call_groups_steps_and_trains_alike(tmp_path, rng, monkeypatch):
+    train, val = _loaders(*_data(rng))  # 4 steps per epoch
+    sizes = _count_calls(monkeypatch)
+    runs = {}
+    for per_call in (1, 3):
+        log = _StepLog()
+        # momentum, not adam: adam's m / sqrt(v) turns rounding-level differences of near-zero
+        # gradients into differences of a whole step
+        config = _config(
+            tmp_path / f"k{per_call}",
+            epochs=3,
+            optimizer="momentum",
+            learning_rate=0.05,
+            eval_every_steps=5,
+            steps_per_call=per_call,
+        )
+        runs[per_call] = fit(TinyNet(), train, val, config, callbacks=[log]), log
+    # three steps per call, cut short where fit needs the state: epoch ends (4, 8, 12) and
+    # evaluations (5, 10); the steps left before those run one per call
+    assert sizes == [1] * 12 + [3, 1, 1, 3, 1, 1, 1, 1]
+    (one, one_log), (three, three_log) = runs[1], runs[3]
+    assert [s for s, _ in three_log.seen] == list(range(1, 13))
+    np.testing.assert_allclose(
+        [loss for _, loss in three_log.seen], [loss for _, loss in one_log.seen], rtol=1e-5
+    )
+    assert [e["step"] for e in three["evaluations"]] == [4, 5, 8, 10, 12]
+    for a, b in zip(_metrics(one["history"]), _metrics(three["history"]), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    a, b = one["state"].arrays(), three["state"].arrays()
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_steps_per_call_stops_at_the_end_of_the_call(rng):
+    train, val = _loaders(*_data(rng))
+    for per_call, last in ((1, 2), (3, 3)):
+        log = _StepLog(stop_at=2)
+        config = _quiet(epochs=2, steps_per_call=per_call)
+        result = fit(TinyNet(), train, val, config, callbacks=[log])
+        assert int(result["state"].step) == last
+        assert [s for s, _ in log.seen] == list(range(1, last + 1))
+        assert result["summary"]["stopped"] == "asked"
+
+
+def test_resume_with_steps_per_call_is_bitwise_exact(tmp_path, rng):
+    train, val = _loaders(*_data(rng))
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+
+    def config(out, **kw):
+        return _config(out, epochs=3, checkpoint_every_steps=5, steps_per_call=3, **kw)
+
+    full = fit(TinyNet(), train, val, config(full_dir))
+    assert CheckpointManager(full_dir / "checkpoints").steps() == [4, 5, 8, 10, 12]
+    shutil.copytree(full_dir, resumed_dir)
+    for step in (8, 10, 12):  # as if killed after step 5 (epoch 2, batch 1) was saved
+        shutil.rmtree(resumed_dir / "checkpoints" / f"step_{step:08d}")
+    resumed = fit(TinyNet(), train, val, config(resumed_dir, resume=True))
+    assert _metrics(resumed["history"]) == _metrics(full["history"])
+    a, b = full["state"], resumed["state"]
+    for x, y in zip(jax.tree.leaves(a.arrays()), jax.tree.leaves(b.arrays()), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_steps_per_call_is_named(rng):
+    train, val = _loaders(*_data(rng))
+    with pytest.raises(ValueError, match="config.steps_per_call: expected a positive int, got 0"):
+        fit(TinyNet(), train, val, _quiet(steps_per_call=0))
+    with pytest.raises(ValueError, match="config.steps_per_call: expected 1 with DP-SGD"):
+        fit(TinyNet(), train, val, _quiet(steps_per_call=2, dp_noise_multiplier=1.0))
