@@ -574,15 +574,17 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
 
 
 def _calls(batches, step: int, size: int, ends_after) -> Iterator[list]:
-    """The batches grouped one compiled call each: ``size`` consecutive batches, or single
-    batches where fewer than ``size`` come before the end or before a step after which
-    ``ends_after(step)`` says a call must end (``step``: the global step before the first)."""
+    """The batches grouped one compiled call each: ``size`` consecutive batches of one shape, or
+    single batches where fewer than ``size`` come before the end or before a step after which
+    ``ends_after(step)`` says a call must end (``step``: the global step before the first), and
+    where the batches differ in shape (a short last batch)."""
     group = []
     for batch in batches:
         group.append(batch)
         step += 1
         if len(group) == size:
-            yield group
+            shapes = {tuple(np.shape(part) for part in each) for each in group}
+            yield from [group] if len(shapes) == 1 else ([single] for single in group)
             group = []
         elif ends_after(step):
             yield from ([single] for single in group)

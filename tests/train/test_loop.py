@@ -583,6 +583,19 @@ def test_steps_per_call_groups_steps_and_trains_alike(tmp_path, rng, monkeypatch
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+def test_steps_per_call_runs_a_short_last_batch_alone(rng, monkeypatch):
+    images, labels = _data(rng, n=70)  # batches of 16: four, then one of 6
+    train = Loader(images, labels, batch_size=16, seed=3, drop_remainder=False)
+    sizes = _count_calls(monkeypatch)
+    log = _StepLog()
+    result = fit(TinyNet(), train, None, _quiet(steps_per_call=5), callbacks=[log])
+    assert sizes == [1, 1, 1, 1, 1]
+    assert int(result["state"].step) == 5 and [s for s, _ in log.seen] == [1, 2, 3, 4, 5]
+    sizes.clear()
+    fit(TinyNet(), train, None, _quiet(steps_per_call=4))
+    assert sizes == [4, 1]
+
+
 def test_steps_per_call_stops_at_the_end_of_the_call(rng):
     train, val = _loaders(*_data(rng))
     for per_call, last in ((1, 2), (3, 3)):
