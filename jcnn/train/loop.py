@@ -151,7 +151,8 @@ class TrainConfig:
             epoch's end, or a step where ``fit`` evaluates, checkpoints or stops) run one
             ``train_step`` each. ``on_step`` still runs once per step, after the call, with
             ``run.state`` the state after the call's last step; a stop a callback asks for takes
-            effect at the end of the call. Not with DP-SGD or ``devices``.
+            effect at the end of the call. Not with DP-SGD or ``devices``. May change on resume
+            (results agree with one step per call to rounding).
     """
 
     epochs: int = 1

@@ -93,6 +93,7 @@ MAY_CHANGE = frozenset(
         "train.eval_batch_size",
         "train.test_every_epoch",
         "train.callbacks",
+        "train.steps_per_call",
         "settings.data_dir",
         "settings.command",
     }
@@ -100,7 +101,9 @@ MAY_CHANGE = frozenset(
 """Record entries that may differ between a run and its resumption (``train.epochs`` and
 ``train.max_steps``: see :data:`LENGTH_FREE_SCHEDULES`). What is evaluated and when, and the
 callbacks, may change: they do not enter the training computations (``fit`` checks that a resume
-has callbacks of the same classes, to restore their state)."""
+has callbacks of the same classes, to restore their state). So may the number of devices and of
+steps per compiled call, which change the results by rounding at most (a record written before
+``steps_per_call`` existed lacks it)."""
 
 LENGTH_SETTINGS = ("train.epochs", "train.max_steps")
 """The run's length: may change on resume when the learning rate does not depend on it."""

@@ -433,7 +433,6 @@ def test_config_json_records_the_command_line_settings(small_run):
         (["--augment", "random_hflip"], "--augment"),
         (["--optimizer", "nesterov"], "--optimizer"),
         (["--val-split", "32"], "--val-split: null in the run, 32 now"),
-        (["--steps-per-call", "2"], "--steps-per-call: 1 in the run, 2 now"),
     ],
 )
 def test_resume_with_other_flags_is_refused_naming_them(small_run, tmp_path, capsys, extra, named):

@@ -125,11 +125,17 @@ def test_resume_with_other_settings_is_refused_and_touches_nothing(run, change, 
 
 def test_settings_that_may_change_on_resume(run):
     settings = {"dataset": "toy", "data_dir": "/moved"}
-    config = _config(run, resume=True, epochs=2, keep_last=5, progress=False)
+    config = _config(run, resume=True, epochs=2, keep_last=5, progress=False, steps_per_call=2)
     result = fit(Net(), _loader(), None, config, settings=settings)  # constant: epochs may grow
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     record = json.loads((run / "config.json").read_text())
     assert record["train"]["epochs"] == 2 and record["settings"]["data_dir"] == "/moved"
+    assert record["train"]["steps_per_call"] == 2
+    # a run recorded before steps_per_call existed resumes with any
+    del record["train"]["steps_per_call"]
+    assert not run_folder.differences(
+        record, {**record, "train": {**record["train"], "steps_per_call": 4}}
+    )
 
 
 def test_epochs_may_not_change_when_the_schedule_depends_on_them():
