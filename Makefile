@@ -9,7 +9,8 @@ EXTRAS ?= dev,tfds,native,dp,docs
 DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,)
 OUT ?= runs/lenet5-mnist
 # PyTorch is only the tests' CPU oracle: take its CPU build, not the multi-gigabyte CUDA one that
-# PyPI serves on Linux.
+# PyPI serves on Linux. Where that index cannot be reached, pip's own configuration chooses (its
+# find-links may hold the CPU wheel).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 bin := $(VENV)/bin
@@ -27,7 +28,11 @@ $(VENV)/.runtime: pyproject.toml | $(bin)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(bin)/python
-	$(bin)/python -m pip install --quiet "torch==2.13.0" --index-url $(TORCH_INDEX)
+	if $(bin)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=20)" \
+	    $(TORCH_INDEX) 2>/dev/null; then index="--index-url $(TORCH_INDEX)"; else \
+	    echo "make: $(TORCH_INDEX) cannot be reached; torch from pip's configured sources" >&2; \
+	    index=""; fi; \
+	$(bin)/python -m pip install --quiet "torch==2.13.0" $$index
 	$(bin)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	-$(bin)/jcnn-build-native
 	touch $@ $(VENV)/.runtime
