@@ -974,6 +974,29 @@ def _fit(
         every = (config.eval_every_steps, config.checkpoint_every_steps)
         return any(n and step % n == 0 for n in every) or step in (config.max_steps, crash_after)
 
+    def run_calls(epoch, start_batch):
+        """Trains on the epoch's batches from ``start_batch``, one compiled call per group of
+        ``_calls``, and yields ``(batch, metrics, step, whether the call ended there)`` per step."""
+        nonlocal state
+        batches = train_loader.epoch(epoch, start_step=start_batch)
+        for group in _calls(batches, int(state.step), config.steps_per_call, call_ends_after):
+            if len(group) > 1:
+                stacked = tuple(jnp.stack(parts) for parts in zip(*group, strict=True))
+                state, step_metrics = train_steps(state, stacked, **options)
+                columns = jax.device_get(step_metrics)
+                per_step = [{k: float(v[i]) for k, v in columns.items()} for i in range(len(group))]
+            else:
+                if mesh is not None:
+                    group = [_place_batch(group[0], mesh)]
+                if private is not None:
+                    state, step_metrics = private.step(state, group[0], **options)
+                else:
+                    state, step_metrics = train_step(state, tuple(group[0]), **options)
+                per_step = [{k: float(v) for k, v in jax.device_get(step_metrics).items()}]
+            first_step = int(state.step) - len(group)
+            for offset, (batch, values) in enumerate(zip(group, per_step, strict=True)):
+                yield batch, values, first_step + offset + 1, offset == len(group) - 1
+
     started = time.perf_counter()
     # XLA's SPMD partitioner cannot split the oneDNN custom calls over the batch: it would gather
     # the whole batch onto every device for each convolution.
@@ -987,69 +1010,52 @@ def _fit(
             images_this_process = 0
             batch_index = start_batch
             last_evaluation = None
-            batches = train_loader.epoch(epoch, start_step=start_batch)
-            for group in _calls(batches, int(state.step), config.steps_per_call, call_ends_after):
-                if len(group) > 1:
-                    stacked = tuple(jnp.stack(parts) for parts in zip(*group, strict=True))
-                    state, step_metrics = train_steps(state, stacked, **options)
-                    columns = jax.device_get(step_metrics)
-                    per_step = [
-                        {k: float(v[i]) for k, v in columns.items()} for i in range(len(group))
-                    ]
-                else:
-                    if mesh is not None:
-                        group = [_place_batch(group[0], mesh)]
-                    if private is not None:
-                        state, step_metrics = private.step(state, group[0], **options)
-                    else:
-                        state, step_metrics = train_step(state, tuple(group[0]), **options)
-                    per_step = [{k: float(v) for k, v in jax.device_get(step_metrics).items()}]
-                first_step = int(state.step) - len(group)
-                for offset, (batch, values) in enumerate(zip(group, per_step, strict=True)):
-                    step = first_step + offset + 1
-                    loss_value = values["loss"]
-                    if not math.isfinite(loss_value):
-                        kept = ""
-                        if manager is not None:
-                            if pending == step - 1 and _all_finite(batch):
-                                manager.mark(pending, "bad")  # its parameters gave this loss
-                            last = manager.last_good_step()
-                            kept = (
-                                f"; last good checkpoint: step {last} ({manager.path(last)})"
-                                if last is not None
-                                else "; no checkpoint is known good"
-                            )
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, "
-                            f"batch {batch_index + 1}); training stopped{kept}"
+            for batch, values, step, call_ended in run_calls(epoch, start_batch):
+                loss_value = values["loss"]
+                if not math.isfinite(loss_value):
+                    kept = ""
+                    if manager is not None:
+                        if pending == step - 1 and _all_finite(batch):
+                            manager.mark(pending, "bad")  # its parameters gave this loss
+                        last = manager.last_good_step()
+                        kept = (
+                            f"; last good checkpoint: step {last} ({manager.path(last)})"
+                            if last is not None
+                            else "; no checkpoint is known good"
                         )
-                    if pending is not None:
-                        if pending == step - 1:
-                            manager.mark(pending, "good")
-                        pending = None
-                    batch_index += 1
-                    for name in ("loss", "accuracy", *running_names):
-                        running[name] += values[name]
-                    running["batches"] += 1
-                    images_this_process += int(batch[0].shape[0])
-                    if batch_index % 10 == 0 or batch_index == steps_per_epoch:
-                        rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
-                        lr = f"lr {float(schedule(step)):.3g} " if schedule is not None else ""
-                        progress.update(
-                            batch_index,
-                            f"loss {running['loss'] / running['batches']:.4f} "
-                            f"acc {running['accuracy'] / running['batches']:.4f} "
-                            f"{lr}{rate:,.0f} img/s",
-                        )
-                    run.state, run.step, run.epoch, run.batch = state, step, epoch, batch_index
-                    _call(callbacks, "on_step", run, values)
-                    if (
-                        has_val
-                        and config.eval_every_steps
-                        and step % config.eval_every_steps == 0
-                        and batch_index < steps_per_epoch
-                    ):
-                        last_evaluation = validate()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, batch "
+                        f"{batch_index + 1}); training stopped{kept}"
+                    )
+                if pending is not None:
+                    if pending == step - 1:
+                        manager.mark(pending, "good")
+                    pending = None
+                batch_index += 1
+                for name in ("loss", "accuracy", *running_names):
+                    running[name] += values[name]
+                running["batches"] += 1
+                images_this_process += int(batch[0].shape[0])
+                if batch_index % 10 == 0 or batch_index == steps_per_epoch:
+                    rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
+                    lr = f"lr {float(schedule(step)):.3g} " if schedule is not None else ""
+                    progress.update(
+                        batch_index,
+                        f"loss {running['loss'] / running['batches']:.4f} "
+                        f"acc {running['accuracy'] / running['batches']:.4f} "
+                        f"{lr}{rate:,.0f} img/s",
+                    )
+                run.state, run.step, run.epoch, run.batch = state, step, epoch, batch_index
+                _call(callbacks, "on_step", run, values)
+                if (
+                    has_val
+                    and config.eval_every_steps
+                    and step % config.eval_every_steps == 0
+                    and batch_index < steps_per_epoch
+                ):
+                    last_evaluation = validate()
+                if not call_ended:
+                    continue
                 if finished():
                     break
                 if (
