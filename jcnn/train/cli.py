@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive,
         default=1,
         help="optimizer steps per compiled call (jcnn.train.train_steps): on CPU 4 runs a CIFAR "
-        "ResNet 1.2-1.3x faster per step; not with DP-SGD or --devices",
+        "ResNet 1.15-1.3x faster per step; not with DP-SGD or --devices",
     )
     p.add_argument(
         "--early-stopping",

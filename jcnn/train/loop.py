@@ -146,7 +146,7 @@ class TrainConfig:
             ``Loader(sampling="poisson")``, an approximation for shuffled fixed-size batches.
         steps_per_call: optimizer steps per compiled call. Above 1, that many consecutive
             batches run in one ``train_steps`` call, which on CPU spares XLA setting up its
-            working memory at every step (1.2-1.3x faster per step for a CIFAR ResNet at batch
+            working memory at every step (1.15-1.3x faster per step for a CIFAR ResNet at batch
             256, ``experiments/benchmarks/README.md``). Fewer batches than that (before an
             epoch's end, or a step where ``fit`` evaluates, checkpoints or stops) run one
             ``train_step`` each. ``on_step`` still runs once per step, after the call, with
