@@ -6,6 +6,7 @@ from jcnn import analysis, data, functional, init, models, native, nn, train
 from jcnn._version import installed_version as _installed_version
 
 __version__ = _installed_version()
+native.host_memory()  # set before JAX's first computation starts its threads (jcnn.native.memory)
 
 
 def __getattr__(name: str):

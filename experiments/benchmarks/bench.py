@@ -755,7 +755,8 @@ def main():
     matmul = matmul_runners(256 if args.quick else 2048)
     print(
         f"# jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"jcnn conv backend on CPU: {jcnn.native.conv_backend()}"
+        f"jcnn conv backend on CPU: {jcnn.native.conv_backend()}, "
+        f"freed host memory: {jcnn.native.host_memory()}"
     )
     rows = []
     networks = {  # section: (name, jcnn model, Flax twin, torch twin, input, batch, steps)

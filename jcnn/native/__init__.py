@@ -16,6 +16,9 @@ XLA), ``onednn`` (an error when the library is missing) or ``xla``; ``conv_backe
 overrides it for the functions traced inside a block. Whatever the choice, a convolution that
 oneDNN does not implement on this CPU (bfloat16 without AVX-512 or AVX2-VNNI-2: oneDNN is asked,
 :func:`unsupported_reason`) runs on XLA. ``jax.export`` needs :func:`portable`.
+
+:func:`host_memory` says whether freed CPU memory is kept for XLA's next call
+(``jcnn.native.memory``).
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from jcnn.native.memory import host_memory
+
 __all__ = [
     "NativeBuildError",
     "available",
     "build",
     "conv_backend",
     "conv_backend_scope",
+    "host_memory",
     "library_path",
     "load",
     "main",

@@ -145,9 +145,9 @@ class TrainConfig:
             The sampling rate is the training loader's ``batch_size / num_examples``: exact for a
             ``Loader(sampling="poisson")``, an approximation for shuffled fixed-size batches.
         steps_per_call: optimizer steps per compiled call. Above 1, that many consecutive
-            batches run in one ``train_steps`` call, which on CPU spares XLA setting up its
-            working memory at every step (1.15-1.3x faster per step for a CIFAR ResNet at batch
-            256, ``experiments/benchmarks/README.md``). Fewer batches than that (before an
+            batches run in one ``train_steps`` call, dispatched once (on CPU 1.2x faster per
+            step for LeNet-5 at batch 128, no faster for CIFAR networks at batch 256:
+            ``experiments/benchmarks/README.md``). Fewer batches than that (before an
             epoch's end, or a step where ``fit`` evaluates, checkpoints or stops) run one
             ``train_step`` each. ``on_step`` still runs once per step, after the call, with
             ``run.state`` the state after the call's last step; a stop a callback asks for takes

@@ -205,10 +205,11 @@ def train_steps(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """``K`` optimizer steps in one call: ``train_step`` on each of ``K`` stacked batches in turn.
 
-    The steps run inside one compiled program (a ``lax.scan``), so the host dispatches once and
-    XLA's working memory is set up once for all ``K``. On CPU that memory is a fresh allocation on
-    every call, faulted in page by page (hundreds of MB for a CIFAR ResNet at batch 256), so
-    several steps per call can be markedly faster: see ``experiments/benchmarks/README.md``.
+    The steps run inside one compiled program (a ``lax.scan``), so the host dispatches once for
+    all ``K``: where a step takes milliseconds that is markedly faster (LeNet-5 at batch 128 on a
+    2-core CPU: 1.2x per step with ``K = 4``; CIFAR networks at batch 256: no change). XLA's working
+    memory is also set up once per call, which matters on CPU with ``JCNN_HOST_MEMORY=release``
+    (``jcnn.native.memory``). See ``experiments/benchmarks/README.md``.
     Each step is the one ``train_step`` takes (same dropout keys ``fold_in(state.key, step)``,
     same BatchNorm statistics threading); XLA may order the floating-point work differently
     inside the loop, so results agree with ``K`` calls of ``train_step`` to rounding, not bitwise.

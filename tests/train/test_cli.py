@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jcnn import native
 from jcnn.train.checkpoint import CheckpointManager
 from jcnn.train.cli import build_parser
 from jcnn.train.loop import CRASH_AFTER_STEP_ENV
@@ -539,6 +540,7 @@ def test_val_split_run_then_jcnn_eval(tmp_path, capsys):
     assert all(h["val_accuracy"] is not None and "test_accuracy" not in h for h in history)
     assert summary["final_val_accuracy"] == history[-1]["val_accuracy"]
     assert 0 <= summary["test_accuracy"] <= 1 and "test_loss" in summary
+    assert summary["host_memory"] == native.host_memory()
     assert (out / "standardize.npz").exists()
     config = json.loads((out / "config.json").read_text())["train"]
     assert config["val_split"] == 64 and config["callbacks"] == [

@@ -1,0 +1,102 @@
+"""Keeping freed CPU memory for XLA's next call (jcnn/native/memory.py).
+
+The setting is process-wide and made once, so each case runs in a fresh interpreter."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from jcnn.native import memory
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+# A jitted call whose working memory is one 128 MiB temporary (sin(x) materialized for the
+# matmul); mallinfo2 reports what glibc's heap holds, getrusage the pages faulted in per call.
+PROBE = """
+import ctypes, json, resource
+import jcnn
+import jax, jax.numpy as jnp
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Mallinfo2
+f = jax.jit(lambda x: (jnp.sin(x).reshape(4096, 8192) @ jnp.ones((8192, 4))).sum())
+x = jnp.ones(2**25)
+temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+for _ in range(15):
+    f(x).block_until_ready()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    f(x).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 10
+print(json.dumps({"mode": jcnn.native.host_memory(), "temp": temp,
+                  "heap": mallinfo2().arena, "faults_per_call": faults}))
+"""
+
+
+def _probe(mode):
+    env = {key: value for key, value in os.environ.items() if key != "JCNN_HOST_MEMORY"}
+    if mode is not None:
+        env["JCNN_HOST_MEMORY"] = mode
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting applies to glibc's malloc only")
+def test_keep_is_the_default_and_reuses_xla_working_memory():
+    kept = _probe(None)
+    assert kept["mode"] == "keep"
+    assert kept["temp"] >= 2**27
+    pages = kept["temp"] / 4096
+    assert kept["heap"] >= kept["temp"]  # the freed block stays in the heap for the next call
+    # At most a couple of extra blocks while the heap settles; released, every call faults the
+    # whole block in again (fewer faults only where the kernel backs it with huge pages).
+    assert kept["faults_per_call"] < pages / 4, kept
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting applies to glibc's malloc only")
+def test_release_leaves_malloc_returning_large_blocks():
+    released = _probe("release")
+    assert released["mode"] == "release"
+    assert released["heap"] < released["temp"], released  # mapped per call, never in the heap
+
+
+def test_an_unknown_mode_stops_the_import_with_the_choices():
+    env = {**os.environ, "JCNN_HOST_MEMORY": "forever"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import jcnn"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "JCNN_HOST_MEMORY: expected one of keep, release, got 'forever'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("system", "libc"), [("linux", ("musl", "")), ("darwin", ("", "")), ("win32", ("", ""))]
+)
+def test_keep_falls_back_to_release_without_glibc(monkeypatch, system, libc):
+    monkeypatch.setattr(sys, "platform", system)
+    monkeypatch.setattr(platform, "libc_ver", lambda: libc)
+    monkeypatch.setattr(memory.ctypes, "CDLL", _refuse_loading)
+    assert memory._configure("keep") == "release"
+    assert memory._configure("release") == "release"
+
+
+def _refuse_loading(*args, **kwargs):
+    raise AssertionError("mallopt must not be looked up without glibc")
+
+
+def test_host_memory_reports_the_setting_of_this_process():
+    assert memory.host_memory() in memory.MODES
+    if GLIBC and os.environ.get("JCNN_HOST_MEMORY", "keep") == "keep":
+        assert memory.host_memory() == "keep"
