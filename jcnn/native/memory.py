@@ -14,8 +14,9 @@ longer fits the next call: ResNet-20's training at batch 256 settles at 1.6 GB r
 1.05 GB between steps otherwise. ``release`` leaves ``malloc`` as it is; choose it with the
 environment variable ``JCNN_HOST_MEMORY=release``, read once, when jcnn is imported.
 
-The setting reaches only threads that have not allocated yet: import jcnn before the first JAX
-computation (JAX starts its CPU threads then), or XLA's threads go on mapping and unmapping.
+The setting reaches only threads that have not allocated yet, and JAX starts its CPU threads at
+its first computation: imported after that, jcnn leaves ``malloc`` as it is (``release``) and
+says so in a ``RuntimeWarning``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ctypes
 import os
 import platform
 import sys
+import warnings
 
 __all__ = ["MODES", "host_memory"]
 
@@ -38,7 +40,8 @@ _in_effect: list[str] = []
 def host_memory() -> str:
     """``"keep"`` or ``"release"``: what this process does with freed memory (see the module).
 
-    ``"keep"`` only where it was asked for and the C library accepted it (glibc on Linux).
+    ``"keep"`` only where it was asked for, the C library accepted it (glibc on Linux) and jcnn
+    was imported before JAX's first computation on the CPU.
 
     >>> host_memory() in MODES
     True
@@ -55,8 +58,28 @@ def _configure(requested: str) -> str:
         return "release"
     if platform.libc_ver()[0] != "glibc":
         return "release"
+    if _jax_started_on_cpu():
+        warnings.warn(
+            "jcnn was imported after JAX's first computation on the CPU, whose threads keep "
+            "glibc's defaults: freed memory is returned to the system (JCNN_HOST_MEMORY=release), "
+            "so XLA maps its working memory afresh at every call. Import jcnn before computing "
+            "with JAX, or set JCNN_HOST_MEMORY=release to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return "release"
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # One arena: a thread's own arena would still map any block larger than its 64 MB heap.
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     return "keep" if all(mallopt(name, value) == 1 for name, value in settings) else "release"
+
+
+def _jax_started_on_cpu() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+    from jax._src import xla_bridge
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started is not None and started() and jax.default_backend() == "cpu")

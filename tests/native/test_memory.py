@@ -42,21 +42,22 @@ print(json.dumps({"mode": jcnn.native.host_memory(), "temp": temp,
 """
 
 
-def _probe(mode):
+def _probe(mode, *, jax_first=False):
     env = {key: value for key, value in os.environ.items() if key != "JCNN_HOST_MEMORY"}
     if mode is not None:
         env["JCNN_HOST_MEMORY"] = mode
+    script = "import jax.numpy\njax.numpy.ones(3).block_until_ready()\n" * jax_first + PROBE
     result = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr
 
 
 @pytest.mark.skipif(not GLIBC, reason="the setting applies to glibc's malloc only")
 def test_keep_is_the_default_and_reuses_xla_working_memory():
-    kept = _probe(None)
-    assert kept["mode"] == "keep"
+    kept, warned = _probe(None)
+    assert kept["mode"] == "keep" and "RuntimeWarning" not in warned
     assert kept["temp"] >= 2**27
     pages = kept["temp"] / 4096
     assert kept["heap"] >= kept["temp"]  # the freed block stays in the heap for the next call
@@ -67,9 +68,20 @@ def test_keep_is_the_default_and_reuses_xla_working_memory():
 
 @pytest.mark.skipif(not GLIBC, reason="the setting applies to glibc's malloc only")
 def test_release_leaves_malloc_returning_large_blocks():
-    released = _probe("release")
-    assert released["mode"] == "release"
+    released, warned = _probe("release")
+    assert released["mode"] == "release" and "RuntimeWarning" not in warned
     assert released["heap"] < released["temp"], released  # mapped per call, never in the heap
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting applies to glibc's malloc only")
+def test_imported_after_jax_computed_it_says_so_and_changes_nothing():
+    late, warned = _probe(None, jax_first=True)
+    assert late["mode"] == "release"
+    assert "RuntimeWarning: jcnn was imported after JAX's first computation" in warned
+    assert "Import jcnn before computing with JAX" in warned
+    assert late["heap"] < late["temp"], late
+    _, silenced = _probe("release", jax_first=True)
+    assert "RuntimeWarning" not in silenced
 
 
 def test_an_unknown_mode_stops_the_import_with_the_choices():
