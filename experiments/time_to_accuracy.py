@@ -200,7 +200,8 @@ def main(argv=None):
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (no TTA)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:  # runs recorded without per-epoch curves draw nothing
+        ax.legend(fontsize=7)
     page.figure(fig, "curves", "Test accuracy after each epoch, per run")
     page.write()
 
