@@ -32,7 +32,7 @@ __all__ = ["MODES", "host_memory"]
 MODES = ("keep", "release")
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_NEVER_TRIM = 2**31 - 1  # mallopt takes an int; the largest one
+_NEVER_TRIM = -1  # read by glibc as the largest size_t: blocks above 2 GiB are kept too
 
 _in_effect: list[str] = []
 

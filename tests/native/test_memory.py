@@ -66,6 +66,31 @@ def test_keep_is_the_default_and_reuses_xla_working_memory():
     assert kept["faults_per_call"] < pages / 4, kept
 
 
+# A block above 2 GiB, the largest int mallopt takes, freed and allocated again.
+ABOVE_INT_MAX = """
+import resource, numpy as np, jcnn
+n = (2**31 + 2**27) // 8
+np.ones(n)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(n)
+print(jcnn.native.host_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting applies to glibc's malloc only")
+def test_keep_holds_blocks_larger_than_2_gib():
+    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"}
+    env.pop("JCNN_HOST_MEMORY", None)
+    result = subprocess.run(
+        [sys.executable, "-c", ABOVE_INT_MAX], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    mode, faults = result.stdout.split()
+    assert mode == "keep"
+    # The heap kept the first block's pages: fewer faults than even 2 MiB pages of a new block.
+    assert int(faults) < 2**31 / 2**21 / 4, faults
+
+
 @pytest.mark.skipif(not GLIBC, reason="the setting applies to glibc's malloc only")
 def test_release_leaves_malloc_returning_large_blocks():
     released, warned = _probe("release")
