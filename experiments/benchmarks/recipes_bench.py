@@ -14,7 +14,11 @@ lookahead every 5 steps, the same augmentations on tensors. After a first step e
 "first step incl. compile", and apart from it the seconds JAX spent tracing, lowering and
 compiling jcnn's ``train_step``, from ``jax.monitoring``), ``--rounds`` rounds of ``--steps``
 steps alternate between the two; the per-epoch time is the median step time x the steps of an
-epoch (48 at batch 1024).
+epoch (48 at batch 1024). In this one process PyTorch runs on jcnn's allocator setting
+(``jcnn.native.host_memory``, applied when jcnn is imported), which speeds it up too; so the same
+comparison is then made with each side alone in its own processes, as its users run it: jcnn on
+its default, PyTorch on glibc's (``JCNN_HOST_MEMORY=release``), ``--process-rounds`` rounds of one
+process per side in alternating order, ``--steps`` timed steps each after the first.
 Checks first: jcnn's initial weights loaded into the PyTorch network give the same logits, and
 both recipes start from the same loss on their first batch (within 5%).
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,6 +53,7 @@ import torch.nn.functional as TF  # noqa: E402
 
 import jcnn  # noqa: E402
 from jcnn.data import load  # noqa: E402
+from jcnn.native import host_memory  # noqa: E402
 from jcnn.train import TrainState, recipes, train_step  # noqa: E402
 
 FULL_CIFAR10_TRAIN = 50_000
@@ -253,7 +259,14 @@ def check_logits(model, variables, twin, images, what: str, tolerance: float = 2
     return error
 
 
-def bench_airbench94(args) -> dict:
+LATE = " late"  # the steps from epoch 4 on, where the whitening bias is frozen
+
+
+def airbench94_sides(args, sides=("jcnn", "torch")) -> dict:
+    """The recipe's data and, for each side asked for, two callables running one training step
+    each (the first call compiles): ``side`` from epoch 1, where the whitening bias trains, and
+    ``side + LATE`` from epoch 4, where it is frozen (no gradient reaches the whitening layer).
+    With both sides, jcnn's initial logits are checked against the twin's."""
     images, labels = load("cifar10", "train", data_dir=args.data_dir)
     if args.quick:
         images, labels = images[:1024], labels[:1024]
@@ -262,45 +275,106 @@ def bench_airbench94(args) -> dict:
     loader, config = prepared.train_loader, prepared.config
     take = QUICK_BATCH if args.quick else None
     batch_size = take or loader.batch_size
-    steps_per_epoch = FULL_CIFAR10_TRAIN // batch_size  # 48 at the recipe's 1024
+    frozen_from = AIRBENCH94["whiten_bias_epochs"]
+    steps, parity = {}, None
+    if "jcnn" in sides:
+        first = loader.batch(0, 0)
+        state = TrainState.create(
+            prepared.model, config.optimizer, jax.random.PRNGKey(config.seed), first[0][:1]
+        )
+        if "torch" in sides:
+            twin = TorchAirbenchNet().to(memory_format=torch.channels_last)
+            load_jcnn_params(twin, jax.device_get(state.params))
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            parity = check_logits(prepared.model, variables, twin, first[0][:32], "airbench94")
+            del twin
+            log(f"airbench94: prepared, logits checked ({parity:.1e})")
 
-    first = loader.batch(0, 0)
-    state = TrainState.create(
-        prepared.model, config.optimizer, jax.random.PRNGKey(config.seed), first[0][:1]
-    )
-    twin = TorchAirbenchNet().to(memory_format=torch.channels_last)
-    load_jcnn_params(twin, jax.device_get(state.params))
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    parity = check_logits(prepared.model, variables, twin, first[0][:32], "airbench94")
-    del twin
-    log(f"airbench94: prepared, logits checked ({parity:.1e})")
+        def jcnn_steps(first_step):
+            done = first_step
 
-    done = 0
+            def step():  # as fit runs it: the epoch's batch and the epoch's no_grad
+                nonlocal state, done
+                epoch, index = divmod(done, len(loader))
+                batch = loader.batch(epoch, index)
+                if take is not None:
+                    batch = tuple(a[:take] for a in batch)
+                no_grad = tuple(p for p, start in config.no_grad.items() if epoch >= start)
+                state, metrics = train_step(
+                    state, batch, label_smoothing=config.label_smoothing, no_grad=no_grad
+                )
+                done += 1
+                return float(metrics["loss"])  # waits for the step, as fit does
 
-    def jcnn_step():
-        nonlocal state, done
-        batch = loader.batch(*divmod(done, len(loader)))
-        if take is not None:
-            batch = tuple(a[:take] for a in batch)
-        state, metrics = train_step(state, batch, label_smoothing=config.label_smoothing)
-        done += 1
-        return float(metrics["loss"])  # waits for the step, as fit does
+            return step
 
-    reference = TorchAirbench94(
-        images,
-        labels,
-        seed=args.seed,
-        total_steps=config.max_steps,
-        batch_size=loader.batch_size,
-    )
-    steps = {"jcnn": jcnn_step, "torch": lambda: reference.step(take)}
-    log("airbench94: PyTorch recipe prepared; timing")
+        steps["jcnn"], steps["jcnn" + LATE] = jcnn_steps(0), jcnn_steps(frozen_from * len(loader))
+    if "torch" in sides:
+        references = [
+            TorchAirbench94(
+                images,
+                labels,
+                seed=args.seed,
+                total_steps=config.max_steps,
+                batch_size=loader.batch_size,
+            )
+            for _ in range(2)
+        ]
+        late = references[1]
+        late.step_count, late.epoch = frozen_from * late.steps_per_epoch, frozen_from - 1
+        steps["torch"] = lambda: references[0].step(take)
+        steps["torch" + LATE] = lambda: late.step(take)
+        log("airbench94: PyTorch recipe prepared")
     return {
+        "steps": steps,
         "batch_size": batch_size,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": FULL_CIFAR10_TRAIN // batch_size,  # 48 at the recipe's 1024
+        "epochs": config.max_steps / len(loader),  # 9.9
+        "frozen_from": frozen_from,
         "parity": parity,
-        **interleave(steps, args.rounds, args.steps),
     }
+
+
+def bench_airbench94(args) -> dict:
+    """Both sides in this process, interleaved (PyTorch under jcnn's ``host_memory`` setting)."""
+    sides = airbench94_sides(args)
+    log("airbench94: timing both sides in this process")
+    timed = interleave(sides.pop("steps"), args.rounds, args.steps)
+    return {**sides, **timed, "host_memory": {side: host_memory() for side in ("jcnn", "torch")}}
+
+
+def airbench94_worker(args) -> dict:
+    """One side alone in this process: the first step of each phase, then ``--steps`` timed
+    steps of each, alternating."""
+    side = args.worker.removeprefix("airbench94-")
+    sides = airbench94_sides(args, (side,))
+    timed = interleave(sides.pop("steps"), args.steps, 1)
+    return {**sides, **timed, "host_memory": host_memory()}
+
+
+def bench_airbench94_processes(args) -> dict:
+    """Each side in its own processes as its users run it: jcnn with its default allocator
+    setting, PyTorch with glibc's (``JCNN_HOST_MEMORY=release``: importing jcnn for the data
+    leaves ``malloc`` as it is). ``--process-rounds`` rounds of one process per side, the order
+    reversed every other round; each process times ``--steps`` steps of each phase."""
+    runs = {"jcnn": [], "torch": []}
+    for round_index in range(args.process_rounds):
+        order = ("jcnn", "torch") if round_index % 2 == 0 else ("torch", "jcnn")
+        for side in order:
+            env = {"JCNN_HOST_MEMORY": "release"} if side == "torch" else {}
+            runs[side].append(run_worker(f"airbench94-{side}", args.seed, args, None, env))
+            log(f"airbench94 {side} process: {runs[side][-1]['times']}")
+    first_runs = {side: found[0] for side, found in runs.items()}
+    merged = {"parity": None, "times": {}, "host_memory": {}}
+    for key in ("batch_size", "steps_per_epoch", "epochs", "frozen_from"):
+        merged[key] = first_runs["jcnn"][key]
+    for key in ("first", "compile", "first_loss"):
+        merged[key] = {k: v for run in first_runs.values() for k, v in run[key].items()}
+    for side, found in runs.items():
+        merged["host_memory"][side] = found[0]["host_memory"]
+        for name in found[0]["times"]:
+            merged["times"][name] = [t for run in found for t in run["times"][name]]
+    return merged
 
 
 def log(message: str) -> None:
@@ -329,15 +403,14 @@ def interleave(steps: dict, rounds: int, calls: int) -> dict:
     """First call of each (timed apart, with the seconds JAX spent tracing, lowering and compiling
     ``train_step`` in it), then ``rounds`` rounds of ``calls`` timed calls each, the order
     reversed every other round."""
-    first, loss, times = {}, {}, {name: [] for name in steps}
-    _compile_seconds.clear()
+    first, compile_seconds, loss, times = {}, {}, {}, {name: [] for name in steps}
     for name, step in steps.items():
+        _compile_seconds.clear()
         start = time.perf_counter()
         loss[name] = step()
         first[name] = time.perf_counter() - start
+        compile_seconds[name] = _compile_seconds.get("train_step", float("nan"))
         log(f"{name}: first step {first[name]:.2f} s")
-    compile_seconds = _compile_seconds.get("train_step", float("nan"))
-    log(f"jcnn: train_step traced, lowered and compiled in {compile_seconds:.2f} s")
     names = list(steps)
     for round_index in range(rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
@@ -348,42 +421,75 @@ def interleave(steps: dict, rounds: int, calls: int) -> dict:
     return {"first": first, "compile": compile_seconds, "first_loss": loss, "times": times}
 
 
-def airbench94_table(result: dict) -> str:
+def airbench94_table(result: dict, setting: str) -> str:
+    """``setting``: "one process" (interleaved, one allocator setting for both) or "own
+    processes" (each side alone, on its own default). The run's time per epoch weighs the
+    median step of each phase by its share of the run's steps."""
     first, loss, times = result["first"], result["first_loss"], result["times"]
     median = {k: statistics.median(v) for k, v in times.items()}
-    spread = {k: max(v) / min(v) - 1 for k, v in times.items()}
-    epoch = {k: m * result["steps_per_epoch"] for k, m in median.items()}
+    epochs, frozen_from, per_epoch = (
+        result["epochs"],
+        result["frozen_from"],
+        result["steps_per_epoch"],
+    )
+    run_epoch = {
+        side: per_epoch
+        * (frozen_from * median[side] + (epochs - frozen_from) * median[side + LATE])
+        / epochs
+        for side in ("jcnn", "torch")
+    }
+    spread = {
+        side: max(max(v) / min(v) - 1 for k, v in times.items() if k.startswith(side))
+        for side in ("jcnn", "torch")
+    }
     batch = result["batch_size"]
+
+    def both(values):
+        return values["jcnn"], values["torch"]
+
     rows = [
-        ("first step incl. compile (s)", first["jcnn"], first["torch"], "{:.2f}"),
-        ("of which train_step's trace + compile (s)", result["compile"], None, "{:.2f}"),
-        (f"median step, batch {batch} (s)", median["jcnn"], median["torch"], "{:.3f}"),
+        ("first step incl. compile (s)", *both(first), "{:.2f}"),
+        ("of which train_step's trace + compile (s)", result["compile"]["jcnn"], None, "{:.2f}"),
         (
-            f"per epoch = median x {result['steps_per_epoch']} steps (s)",
-            epoch["jcnn"],
-            epoch["torch"],
-            "{:.1f}",
+            f"median step, batch {batch}, epochs 1-{frozen_from} (s)",
+            *both(median),
+            "{:.3f}",
         ),
-        ("images/s", batch / median["jcnn"], batch / median["torch"], "{:.0f}"),
-        ("spread (max/min - 1)", spread["jcnn"], spread["torch"], "{:.0%}"),
-        ("first-batch loss", loss["jcnn"], loss["torch"], "{:.4f}"),
+        (
+            f"median step, epochs {frozen_from + 1}-{math.ceil(epochs)}, whitening frozen (s)",
+            median["jcnn" + LATE],
+            median["torch" + LATE],
+            "{:.3f}",
+        ),
+        (f"per epoch over the run's {epochs:.3g} epochs (s)", *both(run_epoch), "{:.1f}"),
+        (
+            "images/s over the run",
+            *(per_epoch * batch / run_epoch[k] for k in ("jcnn", "torch")),
+            "{:.0f}",
+        ),
+        ("spread (max/min - 1)", *both(spread), "{:.0%}"),
+        ("first-batch loss", *both(loss), "{:.4f}"),
     ]
-    lines = ["| airbench94 | jcnn | torch | torch/jcnn |", "|---|---|---|---|"]
+    memory = result["host_memory"]
+    lines = [f"| airbench94, {setting} | jcnn | torch | torch/jcnn |", "|---|---|---|---|"]
+    memory_row = f"| {memory['jcnn']} | {memory['torch']} | - |"
+    lines.append("| freed host memory (`JCNN_HOST_MEMORY`) " + memory_row)
     for label, ours, theirs, fmt in rows:
         if theirs is None:
             lines.append(f"| {label} | {fmt.format(ours)} | - | - |")
             continue
         if "spread" in label:
             ratio = "-"
+        elif "images/s" in label:
+            ratio = f"{ours / theirs:.2f}"
         else:
             ratio = f"**{theirs / ours:.2f}x**" if "per epoch" in label else f"{theirs / ours:.2f}"
         lines.append(f"| {label} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio} |")
-    counts = {k: len(v) for k, v in times.items()}
     lines.append("")
-    lines.append(
-        f"timed steps: {counts['jcnn']} jcnn, {counts['torch']} torch; logits with jcnn's initial "
-        f"weights agree to {result['parity']:.1e} (relative)"
-    )
+    note = f"timed steps per side and phase: {len(times['jcnn'])}"
+    if result["parity"] is not None:
+        note += f"; logits with jcnn's initial weights agree to {result['parity']:.1e} (relative)"
+    lines.append(note)
     return "\n".join(lines)
 
 
@@ -579,22 +685,25 @@ def torch_mnist99(train, test, seed: int, spec: dict) -> float:
     return correct / len(test_labels)
 
 
-def run_worker(side: str, seed: int, args, spec: dict) -> dict:
-    """``mnist99_worker`` in a fresh Python process (same interpreter, same jcnn)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", side]
-    command += ["--seed", str(seed), "--spec", json.dumps(spec), "--threads", str(args.threads)]
+def run_worker(worker: str, seed: int, args, spec: dict | None, env: dict | None = None) -> dict:
+    """A ``--worker`` run in a fresh Python process (same interpreter, same jcnn; ``env`` added
+    to this process's environment); its result is the JSON on its last line."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker]
+    command += ["--seed", str(seed), "--threads", str(args.threads), "--steps", str(args.steps)]
+    if spec is not None:
+        command += ["--spec", json.dumps(spec)]
     if args.data_dir:
         command += ["--data-dir", str(args.data_dir)]
     if args.quick:
         command += ["--quick"]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     root = str(Path(jcnn.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     total = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"mnist99 {side} seed {seed} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{worker} (seed {seed}) failed:\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "process": total}
 
 
@@ -621,7 +730,7 @@ def bench_mnist99(args) -> dict:
         sides = ("jcnn", "torch") if seed % 2 == 0 else ("torch", "jcnn")
         runs.append({})
         for side in sides:
-            runs[-1][side] = run = run_worker(side, seed, args, spec)
+            runs[-1][side] = run = run_worker(f"mnist99-{side}", seed, args, spec)
             accuracy, seconds = 100 * run["accuracy"], run["seconds"]
             log(f"mnist99 seed {seed} {side}: {accuracy:.2f}% in {seconds:.1f} s")
     return {"runs": runs, "spec": spec, "parity": parity, "optimizer_error": optimizer_error}
@@ -680,31 +789,45 @@ def parse(argv):
     parser.add_argument("--only", nargs="+", choices=("airbench94", "mnist99"))
     parser.add_argument("--rounds", type=int, default=3, help="airbench94: interleaved rounds")
     parser.add_argument("--steps", type=int, default=2, help="airbench94: timed steps per round")
+    parser.add_argument(
+        "--process-rounds",
+        type=int,
+        default=2,
+        help="airbench94: rounds of one process per side, each on its own allocator default",
+    )
     parser.add_argument("--seeds", type=int, default=5, help="mnist99: runs per side")
     parser.add_argument("--seed", type=int, default=0, help="airbench94's seed")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
     parser.add_argument("--data-dir", default=None, help="default: $JCNN_DATA_DIR")
     parser.add_argument("--quick", action="store_true", help="smoke run: seconds, no measurement")
-    parser.add_argument("--worker", choices=("jcnn", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker",
+        choices=("mnist99-jcnn", "mnist99-torch", "airbench94-jcnn", "airbench94-torch"),
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.steps, args.seeds = 1, 1, 1
-    for name in ("rounds", "steps", "seeds", "threads"):
+        args.rounds, args.steps, args.seeds, args.process_rounds = 1, 1, 1, 1
+    for name in ("rounds", "steps", "seeds", "threads", "process_rounds"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
+            option = name.replace("_", "-")
+            parser.error(f"--{option}: expected an int >= 1, got {getattr(args, name)}")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    if args.worker and args.worker.startswith("airbench94-"):
+        result = airbench94_worker(args)
+        print(json.dumps(result))
+        return result
     if args.worker:
         spec = json.loads(args.spec) if args.spec else None
         limit = QUICK_MNIST_IMAGES if args.quick else None
-        result = mnist99_worker(
-            args.worker, args.seed, args.data_dir, limit, quick_epochs(args), spec
-        )
+        side = args.worker.removeprefix("mnist99-")
+        result = mnist99_worker(side, args.seed, args.data_dir, limit, quick_epochs(args), spec)
         print(json.dumps(result))
         return result
     print(header(args), flush=True)
@@ -712,8 +835,12 @@ def main(argv=None) -> dict:
     only = args.only or ("airbench94", "mnist99")
     if "airbench94" in only:
         results["airbench94"] = bench_airbench94(args)
-        print("\n" + airbench94_table(results["airbench94"]), flush=True)
+        print("\n" + airbench94_table(results["airbench94"], "one process"), flush=True)
         check_first_losses(results["airbench94"])
+        results["airbench94_processes"] = bench_airbench94_processes(args)
+        table = airbench94_table(results["airbench94_processes"], "own processes")
+        print("\n" + table, flush=True)
+        check_first_losses(results["airbench94_processes"])
     if "mnist99" in only:
         results["mnist99"] = bench_mnist99(args)
         print("\n" + mnist99_table(results["mnist99"]), flush=True)

@@ -27,6 +27,7 @@ import optax
 from jcnn import functional as F
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
 from jcnn.analysis.per_example import _BATCH_NORM_MESSAGE, per_example_trace
+from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
 from jcnn.train.steps import _check_batch, batch_metrics, loss_and_logits
 
@@ -123,6 +124,7 @@ def _example_keys(state: TrainState, size: int):
         "compute_dtype",
         "label_smoothing",
         "loss_fn",
+        "no_grad",
     ),
 )
 def dp_train_step(
@@ -136,6 +138,7 @@ def dp_train_step(
     compute_dtype=None,
     label_smoothing: float = 0.0,
     loss_fn=None,
+    no_grad: tuple[str, ...] = (),
 ):
     """One DP-SGD step: per-example clipping (ghost norms), summed, noised, averaged, applied.
 
@@ -157,6 +160,8 @@ def dp_train_step(
         l2_norm_clip: the per-example clip norm ``C`` > 0.
         noise_multiplier: ``sigma`` >= 0; the noise's standard deviation is ``sigma * C``.
         compute_dtype, label_smoothing, loss_fn: as for ``train_step``.
+        no_grad: as for ``train_step``: the named parameters are neither differentiated nor
+            noised (they are public constants of the step; their private gradient is zero).
 
     Returns:
         ``(new_state, metrics, logits)``: ``metrics`` has ``loss`` and ``accuracy`` (means over
@@ -185,9 +190,10 @@ def dp_train_step(
         return loss, logits
 
     examples = (images, labels, example_keys)
-    grad, norms = private_grad(
-        lambda params, example: example_loss_and_logits(params, example)[0],
-        state.params,
+    leaves, merge, fill = split_no_grad(state.params, no_grad)
+    leaf_grads, norms = private_grad(
+        lambda leaves, example: example_loss_and_logits(merge(leaves), example)[0],
+        leaves,
         examples,
         noise_key,
         l2_norm_clip=l2_norm_clip,
@@ -195,6 +201,7 @@ def dp_train_step(
         weights=weights,
         denominator=denominator,
     )
+    grad = fill(leaf_grads)
     updates, new_opt_state = state.tx.update(grad, state.opt_state, state.params)
 
     def one(example):
@@ -325,7 +332,15 @@ class DPTraining:
             raise
 
     def step(
-        self, state, batch, *, compute_dtype=None, label_smoothing=0.0, loss_fn=None, metrics=()
+        self,
+        state,
+        batch,
+        *,
+        compute_dtype=None,
+        label_smoothing=0.0,
+        loss_fn=None,
+        metrics=(),
+        no_grad=(),
     ):
         """``dp_train_step`` on ``batch`` (padded under Poisson sampling); ``(state, metrics)``
         with the extra ``metrics`` computed on the real examples' logits."""
@@ -345,6 +360,7 @@ class DPTraining:
             compute_dtype=compute_dtype,
             label_smoothing=label_smoothing,
             loss_fn=loss_fn,
+            no_grad=no_grad,
         )
         if metrics:
             values.update(_jit_batch_metrics(metrics, logits[:size], labels[:size]))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["label_by_path", "active_for", "path_name"]
+__all__ = ["label_by_path", "active_for", "path_name", "split_no_grad"]
 
 
 def path_name(path) -> str:
@@ -86,6 +86,63 @@ def label_by_path(rules: Sequence[tuple[str, Hashable]], default: Hashable) -> C
         return tree
 
     return labels
+
+
+def split_no_grad(params, patterns: Sequence[str]) -> tuple[list, Callable, Callable]:
+    """Split ``params`` into the leaves to differentiate and those named by ``patterns``.
+
+    What the training steps use for their ``no_grad`` option: differentiating
+    ``loss(merge(leaves))`` with respect to ``leaves`` never computes the gradient of the other
+    parameters (nor, upstream, anything only they need), where a gradient masked afterwards would
+    still be computed.
+
+    Args:
+        params: the parameter pytree.
+        patterns: glob patterns on the ``/``-joined parameter paths (as in ``label_by_path``;
+            each must match some parameter).
+
+    Returns:
+        ``(leaves, merge, fill)``: the leaves matching no pattern, in ``params``' leaf order;
+        ``merge(leaves)`` rebuilds ``params`` with the named parameters as they are in ``params``
+        (constants to differentiation); ``fill(gradients)`` rebuilds a pytree like ``params``
+        from the leaves' gradients, zeros at the named parameters.
+
+    >>> params = {"whiten": {"kernel": jnp.ones(2), "bias": jnp.ones(1)}, "head": jnp.ones(3)}
+    >>> leaves, merge, fill = split_no_grad(params, ["whiten/*"])
+    >>> [leaf.shape for leaf in leaves]
+    [(3,)]
+    >>> grads = jax.grad(lambda leaves: sum(jnp.sum(p) for p in jax.tree.leaves(merge(leaves))))
+    >>> fill(grads(leaves))["whiten"]["kernel"].tolist()
+    [0.0, 0.0]
+    """
+    if isinstance(patterns, (str, bytes)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"no_grad: expected a sequence of glob patterns (str), got {patterns!r}")
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [path_name(path) for path, _ in paths]
+    leaves = [leaf for _, leaf in paths]
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        raise ValueError(
+            f"no_grad: pattern(s) {unused} match no parameter; the parameters are {names}"
+        )
+    frozen = [any(fnmatch.fnmatchcase(name, p) for p in patterns) for name in names]
+
+    def merge(trainable):
+        given = iter(trainable)
+        return treedef.unflatten(
+            [leaf if skip else next(given) for leaf, skip in zip(leaves, frozen, strict=True)]
+        )
+
+    def fill(gradients):
+        given = iter(gradients)
+        return treedef.unflatten(
+            [
+                jnp.zeros_like(leaf) if skip else next(given)
+                for leaf, skip in zip(leaves, frozen, strict=True)
+            ]
+        )
+
+    return [leaf for leaf, skip in zip(leaves, frozen, strict=True) if not skip], merge, fill
 
 
 def active_for(transform: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:

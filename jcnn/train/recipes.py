@@ -12,7 +12,8 @@ feature, so a recipe is also a worked example of how to assemble one's own.
     whitening of 5,000 training images (``init.from_array(whitening_kernel(...))``) and the other
     convs identity-initialized on their first channels (``init.with_dirac``); Nesterov SGD
     (momentum 0.85, batch 1024, 9.9 epochs), the BatchNorm biases at 64x the learning rate
-    (``label_by_path``), the whitening bias trained for 3 epochs only (``active_for``), the
+    (``label_by_path``), the whitening bias trained for 3 epochs only (``active_for``; neither
+    its gradient then nor the fixed kernel's is computed: ``TrainConfig.no_grad``), the
     warm-up/decay schedule 0.2 -> 1 -> 0.07, label smoothing 0.2, lookahead every 5 steps
     (``lookahead``), alternating flips (``Loader(alternating_flip=True)``), ±2 px translations
     with reflect padding (``augment.random_crop``) and six-view test-time augmentation
@@ -192,7 +193,15 @@ def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
 
     optimizer = _airbench_lookahead(optax.multi_transform(groups, labeller), total)
     config = TrainConfig(
-        optimizer=optimizer, label_smoothing=0.2, seed=seed, progress=False, **length
+        optimizer=optimizer,
+        label_smoothing=0.2,
+        seed=seed,
+        progress=False,
+        # the whitening kernel is never trained and its bias is frozen after 3 epochs: their
+        # gradients (a weight-gradient convolution, and the input gradient of the first group's
+        # 3x3 convolution) are not computed (PyTorch's requires_grad=False in airbench)
+        no_grad={"whiten/kernel": 0, "whiten/bias": 3},
+        **length,
     )
     views = tuple(flip_translate_views(shifts=((0, 0), (-1, -1), (1, 1))))
     return Prepared(
@@ -321,7 +330,15 @@ def run_recipe(
         ``fit``'s result with ``"test_accuracy"`` and ``"test_accuracy_tta"`` added (the latter
         ``None`` for a recipe without test-time views) and the ``"prepared"`` run.
     """
-    owned = {"optimizer", "label_smoothing", "seed", "epochs", "max_steps", "learning_rate"}
+    owned = {
+        "optimizer",
+        "label_smoothing",
+        "seed",
+        "epochs",
+        "max_steps",
+        "learning_rate",
+        "no_grad",
+    }
     clashes = sorted(owned & set(config_changes))
     if clashes:
         raise ValueError(

@@ -117,6 +117,10 @@ of its own (a callable ``learning_rate``, or an ``optax`` optimizer bringing its
 
 _MISSING = "(absent)"
 
+ADDED_LATER = {"train.no_grad": []}
+"""Settings newer than some run folders, with the value that means what a record without them
+meant: a resume with that value is the same run."""
+
 
 class RunFolderError(ValueError, RuntimeError):
     """The run folder is in use, holds another run, lacks what a resume needs, its recorded
@@ -429,6 +433,8 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     for key in sorted(flat_old.keys() | flat_new.keys()):
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
         if before == after or _may_change(key):
+            continue
+        if before == _MISSING and ADDED_LATER.get(key, _MISSING) == after:
             continue
         if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
             continue

@@ -13,6 +13,7 @@ from jax.typing import DTypeLike
 
 from jcnn import functional as F
 from jcnn.functional._checks import check_array
+from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
 
 __all__ = [
@@ -156,7 +157,7 @@ def loss_and_logits(
     return loss, (logits, new_stats)
 
 
-_STEP_OPTIONS = ("compute_dtype", "label_smoothing", "loss_fn", "metrics")
+_STEP_OPTIONS = ("compute_dtype", "label_smoothing", "loss_fn", "metrics", "no_grad")
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=_STEP_OPTIONS)
@@ -168,6 +169,7 @@ def train_step(
     label_smoothing: float = 0.0,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None = None,
+    no_grad: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch; the old state's buffers are donated.
 
@@ -184,13 +186,18 @@ def train_step(
             it is a static argument).
         metrics: a tuple of ``(name, fn)`` pairs, ``fn(logits, labels) -> scalar``, computed on
             the batch besides the loss and accuracy.
+        no_grad: glob patterns on the ``/``-joined parameter paths (``"whiten/*"``, each must
+            match some parameter) whose gradient is not computed, as PyTorch's
+            ``requires_grad=False``: no backward work is done for them, the optimizer receives
+            zeros for them (give them ``optax.set_to_zero()`` through ``optax.multi_transform``
+            to keep weight decay and momentum off them too) and ``grad_norm`` leaves them out.
 
     Returns:
         ``(new_state, metrics)`` with scalar ``metrics["loss"]``, ``metrics["accuracy"]`` (on the
         batch, before the update), ``metrics["grad_norm"]`` and one entry per extra metric.
     """
     images, labels = _check_batch(state, batch)
-    return _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics)
+    return _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics, no_grad)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=_STEP_OPTIONS)
@@ -202,6 +209,7 @@ def train_steps(
     label_smoothing: float = 0.0,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None = None,
+    no_grad: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """``K`` optimizer steps in one call: ``train_step`` on each of ``K`` stacked batches in turn.
 
@@ -222,6 +230,7 @@ def train_steps(
         label_smoothing: as for ``train_step``.
         loss_fn: as for ``train_step``.
         metrics: as for ``train_step``.
+        no_grad: as for ``train_step``.
 
     Returns:
         ``(new_state, metrics)``: each entry of ``train_step``'s metrics with a leading axis of
@@ -230,7 +239,7 @@ def train_steps(
     images, labels = _check_batches(state, batches)
 
     def one(state, batch):
-        return _step(state, *batch, compute_dtype, label_smoothing, loss_fn, metrics)
+        return _step(state, *batch, compute_dtype, label_smoothing, loss_fn, metrics, no_grad)
 
     return jax.lax.scan(one, state, (images, labels))
 
@@ -257,11 +266,16 @@ def _check_batches(state, batches):
     return images, labels
 
 
-def _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics):
+def _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics, no_grad):
     dropout_key = jax.random.fold_in(state.key, state.step)
-    grad_fn = jax.value_and_grad(loss_and_logits, has_aux=True)
-    (loss, (logits, new_stats)), grads = grad_fn(
-        state.params,
+    leaves, merge, fill = split_no_grad(state.params, no_grad)
+
+    def loss_of_leaves(leaves, *args, **kwargs):
+        return loss_and_logits(merge(leaves), *args, **kwargs)
+
+    grad_fn = jax.value_and_grad(loss_of_leaves, has_aux=True)
+    (loss, (logits, new_stats)), leaf_grads = grad_fn(
+        leaves,
         state,
         images,
         labels,
@@ -271,6 +285,7 @@ def _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metric
         label_smoothing=label_smoothing,
         loss_fn=loss_fn,
     )
+    grads = fill(leaf_grads)
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         params=optax.apply_updates(state.params, updates),

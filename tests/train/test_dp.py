@@ -49,16 +49,21 @@ def _config(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-def _reference_gradient(model, params, images, labels, weights, key, step, clip, sigma, denom):
+def _reference_gradient(
+    model, params, images, labels, weights, key, step, clip, sigma, denom, only=None
+):
     """Materialized per-example gradients (vmap of grad), clipped and summed in NumPy float64,
     plus the noise dp_train_step documents: the private gradient's noise (its own tests check
-    its distribution) drawn with the key fold_in(fold_in(key, step), 1)."""
+    its distribution) drawn with the key fold_in(fold_in(key, step), 1). ``only``: the gradient
+    of ``params[only]`` alone, the other parameters held fixed."""
 
     def loss(p, x, y):
-        logits = model.apply({"params": p}, x[None], train=True)
+        full = p if only is None else {**params, only: p}
+        logits = model.apply({"params": full}, x[None], train=True)
         return -jax.nn.log_softmax(logits[0])[y]
 
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, images, labels)
+    differentiated = params if only is None else params[only]
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(differentiated, images, labels)
     leaves, treedef = jax.tree.flatten(grads)
     leaves = [np.asarray(g, np.float64) for g in leaves]
     norms = np.sqrt(sum(np.sum(g.reshape(len(images), -1) ** 2, axis=1) for g in leaves))
@@ -117,6 +122,37 @@ def test_dp_step_equals_a_materialized_reference(rng, padded):
     hits = np.argmax(reference_logits, 1) == labels
     np.testing.assert_allclose(metrics["accuracy"], hits[real].mean(), rtol=1e-6)
     assert float(metrics["clipped_fraction"]) == pytest.approx(np.mean(norms[real] > clip))
+
+
+def test_dp_step_without_the_gradient_of_some_parameters(rng):
+    # The convolution's parameters are constants of the step: no per-example gradient, no noise,
+    # no change; the dense layer's clipping norm counts its own gradient only.
+    images, labels = _data(rng, 9)
+    model = _model()
+    lr, clip, sigma = 0.3, 3.5, 1.3
+    state = TrainState.create(model, optax.sgd(lr), jax.random.PRNGKey(3), jnp.asarray(images[:1]))
+    params = jax.tree.map(np.array, state.params)
+    key = np.array(state.key)
+    dense, conv = "layers_3", "layers_0"
+    expected, norms = _reference_gradient(
+        model, params, images, labels, np.ones(9), key, 0, clip, sigma, 9, only=dense
+    )
+    assert 0 < np.sum(norms > clip) < 9
+    new_state, metrics, _ = dp_train_step(
+        state,
+        (jnp.asarray(images), jnp.asarray(labels)),
+        l2_norm_clip=clip,
+        noise_multiplier=sigma,
+        no_grad=(f"{conv}/*",),
+    )
+    jax.tree.map(np.testing.assert_array_equal, new_state.params[conv], params[conv])
+    jax.tree.map(
+        lambda new, old, g: np.testing.assert_allclose(new, old - lr * g, rtol=2e-5, atol=2e-6),
+        new_state.params[dense],
+        params[dense],
+        expected,
+    )
+    assert float(metrics["clipped_fraction"]) == pytest.approx(np.mean(norms > clip))
 
 
 def test_epsilon_per_epoch_is_the_accountants_and_reaches_the_target(rng):

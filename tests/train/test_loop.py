@@ -19,6 +19,7 @@ from jcnn.train import (
     EarlyStopping,
     NonFiniteLossError,
     TrainConfig,
+    TrainState,
     fit,
     loop,
     split_validation,
@@ -632,3 +633,61 @@ def test_bad_steps_per_call_is_named(rng):
         fit(TinyNet(), train, val, _quiet(steps_per_call=0))
     with pytest.raises(ValueError, match="config.steps_per_call: expected 1 with DP-SGD"):
         fit(TinyNet(), train, val, _quiet(steps_per_call=2, dp_noise_multiplier=1.0))
+
+
+class _ParamLog(Callback):
+    """Copies the parameters at the end of each epoch."""
+
+    def __init__(self):
+        self.params = []
+
+    def on_epoch_end(self, run, record):
+        self.params.append(jax.device_get(run.state.params))
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_no_grad_from_an_epoch_on(rng, steps_per_call):
+    train, val = _loaders(*_data(rng))
+    log = _ParamLog()
+    config = _quiet(
+        epochs=3,
+        optimizer="sgd",
+        learning_rate=0.1,
+        schedule="constant",
+        no_grad={"Conv_0/kernel": 1, "Dense_0/*": 0},
+        steps_per_call=steps_per_call,
+    )
+    result = fit(TinyNet(), train, val, config, callbacks=[log])
+    start = _initial_params()
+    first, second, third = log.params
+    np.testing.assert_array_equal(first["Dense_0"]["kernel"], start["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(third["Dense_0"]["bias"], start["Dense_0"]["bias"])
+    assert not np.array_equal(first["Conv_0"]["kernel"], start["Conv_0"]["kernel"])  # epoch 0
+    np.testing.assert_array_equal(second["Conv_0"]["kernel"], first["Conv_0"]["kernel"])
+    np.testing.assert_array_equal(third["Conv_0"]["kernel"], first["Conv_0"]["kernel"])
+    assert not np.array_equal(third["Conv_0"]["bias"], second["Conv_0"]["bias"])
+    assert int(result["state"].step) == 12
+
+
+def _initial_params():
+    """TinyNet's initial parameters as fit creates them (seed 0)."""
+    state = TrainState.create(
+        TinyNet(), optax.sgd(0.1), jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))
+    )
+    return jax.device_get(state.params)
+
+
+@pytest.mark.parametrize(
+    ("no_grad", "error", "says"),
+    [
+        ("Conv_0/*", TypeError, "config.no_grad: expected glob patterns or a mapping"),
+        ({"Conv_0/*": -1}, ValueError, r"config.no_grad\['Conv_0/\*'\]: expected an int >= 0"),
+        ([3], TypeError, "config.no_grad: expected str patterns, got 3"),
+        ({"Head/*": 2}, ValueError, r"no_grad: pattern\(s\) \['Head/\*'\] match no parameter"),
+    ],
+)
+def test_bad_no_grad_is_named_before_training(tmp_path, rng, no_grad, error, says):
+    train, val = _loaders(*_data(rng))
+    with pytest.raises(error, match=says):
+        fit(TinyNet(), train, val, _config(tmp_path / "run", no_grad=no_grad))
+    assert not (tmp_path / "run").exists()

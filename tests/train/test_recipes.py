@@ -126,6 +126,8 @@ def test_airbench94_assembles_its_pieces(rng):
     loader = prepared.train_loader
     assert loader.batch_size == 1024 and loader.alternating_flip and loader.seed == 3
     assert prepared.config.label_smoothing == 0.2 and prepared.config.seed == 3
+    # airbench's requires_grad: the whitening kernel never, its bias not after 3 epochs
+    assert prepared.config.no_grad == {"whiten/kernel": 0, "whiten/bias": 3}
     standardized = prepared.standardize(images)
     np.testing.assert_allclose(np.asarray(standardized).mean(axis=(0, 1, 2)), 0, atol=1e-4)
     params = prepared.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]

@@ -138,6 +138,15 @@ def test_settings_that_may_change_on_resume(run):
     )
 
 
+def test_a_run_recorded_before_no_grad_existed_resumes_only_without_it():
+    old = {"train": {"schedule": "cosine", "epochs": 4}}
+    assert not run_folder.differences(old, {"train": {**old["train"], "no_grad": []}})
+    changed = run_folder.differences(old, {"train": {**old["train"], "no_grad": ["conv/*"]}})
+    assert changed == [("train.no_grad", "(absent)", ["conv/*"])]
+    recorded = {"train": {**old["train"], "no_grad": {"whiten/bias": 3}}}
+    assert run_folder.differences(recorded, {"train": {**old["train"], "no_grad": []}})
+
+
 def test_epochs_may_not_change_when_the_schedule_depends_on_them():
     old = {"train": {"schedule": "cosine", "epochs": 4}}
     assert run_folder.differences(old, {"train": {"schedule": "cosine", "epochs": 8}})

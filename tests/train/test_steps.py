@@ -193,3 +193,63 @@ def test_train_steps_donates_and_needs_stacked_batches(rng):
     leaf = jax.tree.leaves(state.params)[0]
     train_steps(state, (images[None], labels[None]))
     assert leaf.is_deleted()
+
+
+@pytest.mark.parametrize("patterns", [("Conv_0/*",), ("Dense_0/kernel", "BatchNorm_0/scale")])
+def test_no_grad_parameters_get_no_gradient_and_the_others_their_full_one(rng, patterns):
+    model = SmallNet()
+    state = _state(model)
+    images, labels = _batch(rng)
+    before = _copy(state)
+    grads = jax.grad(lambda p: _reference_loss(p, before.batch_stats, model, images, labels)[0])(
+        before.params
+    )
+    new_state, metrics = train_step(state, (images, labels), no_grad=patterns)
+    kept, norm = 0, 0.0
+    for path, got in jax.tree_util.tree_leaves_with_path(new_state.params):
+        name = "/".join(key.key for key in path)
+        old = _get(before.params, path)
+        if any(name.startswith(p.removesuffix("*")) for p in patterns):
+            np.testing.assert_array_equal(got, old)  # plain SGD: a zero gradient, no change
+            kept += 1
+        else:
+            np.testing.assert_allclose(got, old - 0.1 * _get(grads, path), rtol=1e-5, atol=1e-6)
+            norm += float(jnp.sum(_get(grads, path) ** 2))
+    assert kept == 2
+    assert float(metrics["grad_norm"]) == pytest.approx(np.sqrt(norm), rel=1e-4)
+    # the BatchNorm statistics still follow the batch
+    assert float(jnp.abs(new_state.batch_stats["BatchNorm_0"]["mean"]).max()) > 1e-4
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_no_grad_leaves_out_the_backward_work_it_would_need():
+    # The convolution is the first layer: without its parameters' gradient nothing is left to
+    # differentiate there, and its weight-gradient convolution disappears from the program.
+    state = _state(SmallNet())
+    batch = (jnp.zeros((8, 6, 6, 2)), jnp.zeros(8, jnp.int32))
+
+    def convolutions(**options):
+        return train_step.lower(state, batch, **options).as_text().count("stablehlo.convolution")
+
+    assert convolutions() == 2
+    assert convolutions(no_grad=("Conv_0/kernel",)) == 1
+
+
+def test_no_grad_in_train_steps_and_bad_patterns(rng):
+    state = _state(SmallNet())
+    stacked = tuple(jnp.stack(parts) for parts in zip(_batch(rng), _batch(rng), strict=True))
+    kernel = jnp.array(state.params["Dense_0"]["kernel"])
+    new_state, _ = train_steps(state, stacked, no_grad=("Dense_0/*",))
+    np.testing.assert_array_equal(new_state.params["Dense_0"]["kernel"], kernel)
+    assert not np.array_equal(
+        new_state.params["Conv_0"]["kernel"], _state(SmallNet()).params["Conv_0"]["kernel"]
+    )
+    with pytest.raises(ValueError, match=r"no_grad: pattern\(s\) \['Head/\*'\] match no parameter"):
+        train_step(_state(SmallNet()), _batch(rng), no_grad=("Dense_0/*", "Head/*"))
+    with pytest.raises(TypeError, match="no_grad: expected a sequence of glob patterns"):
+        train_step(_state(SmallNet()), _batch(rng), no_grad="Dense_0/*")
