@@ -69,6 +69,7 @@ RECIPE_SETS = (
     "val_split",
     "val_split_seed",
     "devices",
+    "no_grad",
 )
 
 # Models of MODELS with BatchNorm layers: DP-SGD needs them with --group-norm.
@@ -116,6 +117,20 @@ class UsageError(SystemExit):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block: the flags are in --help
         raise UsageError(f"{message} (jcnn-train --help lists the flags)")
+
+
+def _no_grad_entry(text: str) -> tuple[str, int]:
+    """``PATTERN`` or ``PATTERN@EPOCH`` of ``--no-grad``."""
+    pattern, at, epoch = text.rpartition("@") if "@" in text else (text, "", "0")
+    try:
+        first = int(epoch)
+    except ValueError:
+        first = -1
+    if not pattern or first < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected PATTERN or PATTERN@EPOCH with an epoch >= 0, got {text!r}"
+        )
+    return pattern, first
 
 
 def _int_at_least(low: int, what: str):
@@ -270,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-steps", type=positive, default=None, help="stop after N steps in all")
     p.add_argument(
+        "--no-grad",
+        type=_no_grad_entry,
+        action="append",
+        default=None,
+        metavar="PATTERN[@EPOCH]",
+        help="compute no gradient for the parameters matching PATTERN (a glob on paths such as "
+        "conv1/kernel), from epoch EPOCH (counted from 0) on; repeatable. The optimizer gets zeros "
+        "for them (weight decay and momentum still apply)",
+    )
+    p.add_argument(
         "--steps-per-call",
         type=positive,
         default=1,
@@ -395,6 +420,10 @@ def _check_combinations(args) -> None:
             f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs "
             f"{args.epochs}): the rate would never reach --lr"
         )
+    patterns = [pattern for pattern, _ in args.no_grad or ()]
+    twice = sorted({p for p in patterns if patterns.count(p) > 1})
+    if twice:
+        raise UsageError(f"--no-grad {twice[0]}: given twice")
     if args.early_stopping is not None and args.val_split is None:
         raise UsageError("--early-stopping needs a validation set (--val-split N)")
     if args.eval_every_steps and args.val_split is None:
@@ -636,6 +665,7 @@ def _flag_names() -> dict:
         "dp_delta",
         "dp_accountant",
         "steps_per_call",
+        "no_grad",
     ):
         names[f"train.{field}"] = "--" + field.replace("_", "-")
     for field in (
@@ -904,6 +934,7 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
         max_steps=args.max_steps,
         test_every_epoch=args.val_split is None,
         callbacks=tuple(callbacks),
+        no_grad=dict(args.no_grad or ()),
         **dp_settings,
         **run_options,
     )

@@ -869,7 +869,7 @@ def _fit(
     state = TrainState.create(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
-    split_no_grad(state.params, tuple(no_grad_epochs))  # every pattern names a parameter
+    split_no_grad(state.params, tuple(no_grad_epochs), "config.no_grad")  # each names a parameter
     if private is not None:
         private.check_model(
             state, (sample_images, sample_labels), compute_dtype=compute_dtype, loss_fn=loss_fn

@@ -88,7 +88,9 @@ def label_by_path(rules: Sequence[tuple[str, Hashable]], default: Hashable) -> C
     return labels
 
 
-def split_no_grad(params, patterns: Sequence[str]) -> tuple[list, Callable, Callable]:
+def split_no_grad(
+    params, patterns: Sequence[str], name: str = "no_grad"
+) -> tuple[list, Callable, Callable]:
     """Split ``params`` into the leaves to differentiate and those named by ``patterns``.
 
     What the training steps use for their ``no_grad`` option: differentiating
@@ -100,6 +102,7 @@ def split_no_grad(params, patterns: Sequence[str]) -> tuple[list, Callable, Call
         params: the parameter pytree.
         patterns: glob patterns on the ``/``-joined parameter paths (as in ``label_by_path``;
             each must match some parameter).
+        name: what the errors call ``patterns``.
 
     Returns:
         ``(leaves, merge, fill)``: the leaves matching no pattern, in ``params``' leaf order;
@@ -116,16 +119,15 @@ def split_no_grad(params, patterns: Sequence[str]) -> tuple[list, Callable, Call
     [0.0, 0.0]
     """
     if isinstance(patterns, (str, bytes)) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"no_grad: expected a sequence of glob patterns (str), got {patterns!r}")
+        raise TypeError(f"{name}: expected a sequence of glob patterns (str), got {patterns!r}")
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [path_name(path) for path, _ in paths]
     leaves = [leaf for _, leaf in paths]
     unused = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unused:
-        raise ValueError(
-            f"no_grad: pattern(s) {unused} match no parameter; the parameters are {names}"
-        )
-    frozen = [any(fnmatch.fnmatchcase(name, p) for p in patterns) for name in names]
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise ValueError(f"{name}: pattern(s) {unused} match no parameter; the parameters: {shown}")
+    frozen = [any(fnmatch.fnmatchcase(path, p) for p in patterns) for path in names]
 
     def merge(trainable):
         given = iter(trainable)

@@ -274,6 +274,10 @@ def _assert_one_line(err):
             "(28x28x1 images)",
         ),
         (["--recipe", "mnist99", "--model", "lenet5"], "--recipe mnist99 sets --model itself"),
+        (["--recipe", "airbench94", "--no-grad", "head/*"], "--recipe airbench94 sets --no-grad"),
+        (["--no-grad", "conv1/*@-1"], "--no-grad: expected PATTERN or PATTERN@EPOCH with an epoch"),
+        (["--no-grad", "conv1/*@x"], "got 'conv1/*@x'"),
+        (["--no-grad", "conv1/*", "--no-grad", "conv1/*@2"], "--no-grad conv1/*: given twice"),
         (
             ["--dp-target-epsilon", "3", "--dp-noise-multiplier", "1"],
             "--dp-noise-multiplier and --dp-target-epsilon exclude each other",
@@ -328,6 +332,11 @@ def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
         (
             ["--recipe", "mnist99", "--limit-train", "100"],
             "--recipe mnist99: images: mnist99 trains on batches of 128, got 100 images",
+        ),
+        (
+            ["--no-grad", "conv9/*@1"],
+            "--no-grad: pattern(s) ['conv9/*'] match no parameter; the parameters: conv1/bias, "
+            "conv1/kernel, conv2/bias",
         ),
         (
             ["--batch-size", "512", "--dp-target-epsilon", "0.0001"],  # every image every step
@@ -724,3 +733,27 @@ def test_recipe_names_of_the_parser_are_the_recipes():
     from jcnn.train.cli import RECIPE_NAMES
 
     assert RECIPE_NAMES == {recipe.name: recipe.summary for recipe in recipes.RECIPES}
+
+
+def test_no_grad_flags_reach_fit_and_the_record(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jcnn.train import TrainState, load_run
+
+    out = tmp_path / "run"
+    argv = [*SMALL, "--epochs", "2", "--no-grad", "conv1/*", "--no-grad", "fc*/bias@1"]
+    code, err = _main([*argv, "--optimizer", "sgd", "--out", str(out)], capsys)
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())
+    assert record["train"]["no_grad"] == {"conv1/*": 0, "fc*/bias": 1}
+    run = load_run(out)
+    start = TrainState.create(
+        run.model, optax.sgd(0.1), jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
+    )
+    params = run.variables["params"]
+    # plain SGD from the run's seed: the parameters without a gradient never moved
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(params["conv1"][name], start.params["conv1"][name])
+    assert not np.array_equal(params["conv2"]["kernel"], start.params["conv2"]["kernel"])
