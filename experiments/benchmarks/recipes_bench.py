@@ -13,12 +13,15 @@ SGD on the summed loss with airbench's two parameter groups and schedule, label 
 lookahead every 5 steps, the same augmentations on tensors. After a first step each (timed apart:
 "first step incl. compile", and apart from it the seconds JAX spent tracing, lowering and
 compiling jcnn's ``train_step``, from ``jax.monitoring``), ``--rounds`` rounds of ``--steps``
-steps alternate between the two; the per-epoch time is the median step time x the steps of an
-epoch (48 at batch 1024). In this one process PyTorch runs on jcnn's allocator setting
-(``jcnn.native.host_memory``, applied when jcnn is imported), which speeds it up too; so the same
-comparison is then made with each side alone in its own processes, as its users run it: jcnn on
-its default, PyTorch on glibc's (``JCNN_HOST_MEMORY=release``), ``--process-rounds`` rounds of one
-process per side in alternating order, ``--steps`` timed steps each after the first.
+steps alternate between them. Each side is timed in both phases of the recipe: from epoch 1,
+where the whitening bias trains, and from epoch 4, where it is frozen (PyTorch's
+``requires_grad=False``, jcnn's ``no_grad``); the per-epoch time is the two medians weighted by
+the phases' shares of the run, x the steps of an epoch (48 at batch 1024). In this one process
+PyTorch runs on jcnn's allocator setting (``jcnn.native.host_memory``, applied when jcnn is
+imported), which speeds it up too; so the same comparison is then made with each side alone in
+its own processes, as its users run it: jcnn on its default, PyTorch on glibc's
+(``JCNN_HOST_MEMORY=release``), ``--process-rounds`` rounds of one process per side in
+alternating order, each timing ``--steps`` steps of each phase after their first.
 Checks first: jcnn's initial weights loaded into the PyTorch network give the same logits, and
 both recipes start from the same loss on their first batch (within 5%).
 

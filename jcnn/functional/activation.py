@@ -233,9 +233,9 @@ def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
     form, loses it below ``x = -3``): in float32 the value and its first two derivatives are within
     5e-7 of the float64 ones for every ``x`` down to -13 (``Phi(-13) = 6e-39``), where
     ``jax.nn.gelu`` (XLA's ``erfc`` and its rounded square in ``exp(-x**2 / 2)``) is off by up to
-    1.5e-5 and its derivative by 6e-3; -0 below -16, ``x`` above 16. Derivatives of every order come
-    from the exact density. Float16 and bfloat16 are computed in float32, float64 with
-    ``jax.lax.erfc``.
+    1.5e-5 and its derivative by 6e-3. Below ``x = -16`` the value is -0 (also at ``-inf``), above
+    16 it is ``x``. Derivatives of every order come from the exact density. Float16 and bfloat16
+    are computed in float32, float64 with ``jax.lax.erfc``.
 
     Args:
         x: floating array of any shape.

@@ -121,7 +121,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _no_grad_entry(text: str) -> tuple[str, int]:
     """``PATTERN`` or ``PATTERN@EPOCH`` of ``--no-grad``."""
-    pattern, at, epoch = text.rpartition("@") if "@" in text else (text, "", "0")
+    pattern, _, epoch = text.rpartition("@") if "@" in text else (text, "", "0")
     try:
         first = int(epoch)
     except ValueError:
