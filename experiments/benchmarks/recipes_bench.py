@@ -58,6 +58,7 @@ import jcnn  # noqa: E402
 from jcnn.data import load  # noqa: E402
 from jcnn.native import host_memory  # noqa: E402
 from jcnn.train import TrainState, recipes, train_step  # noqa: E402
+from jcnn.train.param_groups import no_grad_at  # noqa: E402
 
 FULL_CIFAR10_TRAIN = 50_000
 QUICK_BATCH = 64  # --quick: the airbench94 steps take the first 64 images of each batch
@@ -132,17 +133,24 @@ def torch_whitening_kernel(images, eps: float = 5e-4):
     return torch.cat([filters, -filters]).float()
 
 
+def torch_airbench94_data(images, labels):
+    """CIFAR-10 ``(N, 32, 32, 3)`` uint8 images standardized per channel, NCHW in channels_last
+    memory, and the labels as int64 tensors: what ``TorchAirbench94`` trains on."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
+    std = pixels.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    standardized = ((pixels - mean) / std).contiguous(memory_format=torch.channels_last)
+    return standardized, torch.from_numpy(labels).long()
+
+
 class TorchAirbench94:
-    """airbench94's training loop in PyTorch, one ``step()`` at a time."""
+    """airbench94's training loop in PyTorch, one ``step()`` at a time, on the tensors of
+    ``torch_airbench94_data``."""
 
     def __init__(self, images, labels, *, seed: int, total_steps: int, batch_size: int):
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # NCHW, channels_last
-        mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
-        std = pixels.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
-        self.images = ((pixels - mean) / std).contiguous(memory_format=torch.channels_last)
-        self.labels = torch.from_numpy(labels).long()
+        self.images, self.labels = images, labels
         self.flipped = torch.rand(len(labels), generator=self.generator) < 0.5
         self.batch_size, self.total_steps = batch_size, total_steps
         self.steps_per_epoch = len(labels) // batch_size
@@ -178,6 +186,11 @@ class TorchAirbench94:
         )
         self.slow = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         self.step_count, self.epoch, self.order = 0, -1, None
+
+    def start_at_epoch(self, epoch: int) -> None:
+        """Go on from the first step of ``epoch`` with the weights as they are (to time a later
+        phase of the recipe: from epoch 3 on the whitening bias is frozen)."""
+        self.step_count, self.epoch = epoch * self.steps_per_epoch, epoch - 1
 
     def _batch(self):
         index = self.step_count % self.steps_per_epoch
@@ -302,9 +315,11 @@ def airbench94_sides(args, sides=("jcnn", "torch")) -> dict:
                 batch = loader.batch(epoch, index)
                 if take is not None:
                     batch = tuple(a[:take] for a in batch)
-                no_grad = tuple(p for p, start in config.no_grad.items() if epoch >= start)
                 state, metrics = train_step(
-                    state, batch, label_smoothing=config.label_smoothing, no_grad=no_grad
+                    state,
+                    batch,
+                    label_smoothing=config.label_smoothing,
+                    no_grad=no_grad_at(config.no_grad, epoch),
                 )
                 done += 1
                 return float(metrics["loss"])  # waits for the step, as fit does
@@ -313,19 +328,15 @@ def airbench94_sides(args, sides=("jcnn", "torch")) -> dict:
 
         steps["jcnn"], steps["jcnn" + LATE] = jcnn_steps(0), jcnn_steps(frozen_from * len(loader))
     if "torch" in sides:
-        references = [
+        data = torch_airbench94_data(images, labels)
+        early, late = (
             TorchAirbench94(
-                images,
-                labels,
-                seed=args.seed,
-                total_steps=config.max_steps,
-                batch_size=loader.batch_size,
+                *data, seed=args.seed, total_steps=config.max_steps, batch_size=loader.batch_size
             )
             for _ in range(2)
-        ]
-        late = references[1]
-        late.step_count, late.epoch = frozen_from * late.steps_per_epoch, frozen_from - 1
-        steps["torch"] = lambda: references[0].step(take)
+        )
+        late.start_at_epoch(frozen_from)
+        steps["torch"] = lambda: early.step(take)
         steps["torch" + LATE] = lambda: late.step(take)
         log("airbench94: PyTorch recipe prepared")
     return {

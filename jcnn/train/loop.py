@@ -55,7 +55,7 @@ from jcnn.train.callbacks import HOOKS, Callback, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
 from jcnn.train.optim import OPTIMIZERS, optimizer
-from jcnn.train.param_groups import split_no_grad
+from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
 from jcnn.train.protocol import TrainLoader, check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
@@ -203,27 +203,6 @@ class TrainConfig:
     dp_accountant: str = "rdp"
     steps_per_call: int = 1
     no_grad: Sequence[str] | Mapping[str, int] = ()
-
-
-def _no_grad_epochs(value) -> dict[str, int]:
-    """``config.no_grad`` as ``{pattern: first epoch without its gradient}``."""
-    if isinstance(value, Mapping):
-        epochs = dict(value)
-    elif isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"config.no_grad: expected glob patterns or a mapping pattern -> epoch, got {value!r}"
-        )
-    else:
-        epochs = dict.fromkeys(value, 0)
-    for pattern, epoch in epochs.items():
-        if not isinstance(pattern, str):
-            raise TypeError(f"config.no_grad: expected str patterns, got {pattern!r}")
-        _check_non_negative_int(epoch, f"config.no_grad[{pattern!r}]")
-    return epochs
-
-
-def _no_grad_at(epochs: dict[str, int], epoch: int) -> tuple[str, ...]:
-    return tuple(pattern for pattern, first in epochs.items() if epoch >= first)
 
 
 def _check_non_negative_int(value, name: str) -> int:
@@ -813,7 +792,7 @@ def _fit(
             f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
         )
     check_dp_config(config)
-    no_grad_epochs = _no_grad_epochs(config.no_grad)
+    no_grad_from = no_grad_epochs(config.no_grad, "config.no_grad")
     check_positive_int(config.steps_per_call, "config.steps_per_call")
     if config.steps_per_call > 1 and (dp_enabled(config) or config.devices):
         raise ValueError(
@@ -869,7 +848,7 @@ def _fit(
     state = TrainState.create(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
-    split_no_grad(state.params, tuple(no_grad_epochs), "config.no_grad")  # each names a parameter
+    split_no_grad(state.params, tuple(no_grad_from), "config.no_grad")  # each names a parameter
     if private is not None:
         private.check_model(
             state, (sample_images, sample_labels), compute_dtype=compute_dtype, loss_fn=loss_fn
@@ -1010,7 +989,7 @@ def _fit(
         ``_calls``, and yields ``(batch, metrics, step, whether the call ended there)`` per step."""
         nonlocal state
         batches = train_loader.epoch(epoch, start_step=start_batch)
-        options["no_grad"] = _no_grad_at(no_grad_epochs, epoch)
+        options["no_grad"] = no_grad_at(no_grad_from, epoch)
         for group in _calls(batches, int(state.step), config.steps_per_call, call_ends_after):
             if len(group) > 1:
                 stacked = tuple(jnp.stack(parts) for parts in zip(*group, strict=True))

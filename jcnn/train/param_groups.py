@@ -22,14 +22,23 @@ transformation's updates after a number of steps.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["label_by_path", "active_for", "path_name", "split_no_grad"]
+from jcnn.functional._checks import check_int
+
+__all__ = [
+    "label_by_path",
+    "active_for",
+    "path_name",
+    "split_no_grad",
+    "no_grad_epochs",
+    "no_grad_at",
+]
 
 
 def path_name(path) -> str:
@@ -145,6 +154,34 @@ def split_no_grad(
         )
 
     return [leaf for leaf, skip in zip(leaves, frozen, strict=True) if not skip], merge, fill
+
+
+def no_grad_epochs(value, name: str = "no_grad") -> dict[str, int]:
+    """A ``no_grad`` setting as ``{pattern: first epoch without its gradient}``: glob patterns
+    (from epoch 0) or a mapping ``pattern -> epoch``, checked."""
+    if isinstance(value, Mapping):
+        epochs = dict(value)
+    elif isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"{name}: expected glob patterns or a mapping pattern -> epoch, got {value!r}"
+        )
+    else:
+        epochs = dict.fromkeys(value, 0)
+    for pattern, epoch in epochs.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"{name}: expected str patterns, got {pattern!r}")
+        check_int(epoch, f"{name}[{pattern!r}]", low=0)
+    return epochs
+
+
+def no_grad_at(value, epoch: int) -> tuple[str, ...]:
+    """The patterns of a ``no_grad`` setting (as ``no_grad_epochs`` takes it) in force at
+    ``epoch``: what ``fit`` passes to the training steps then.
+
+    >>> no_grad_at({"whiten/kernel": 0, "whiten/bias": 3}, 2)
+    ('whiten/kernel',)
+    """
+    return tuple(pattern for pattern, first in no_grad_epochs(value).items() if epoch >= first)
 
 
 def active_for(transform: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
