@@ -1,11 +1,12 @@
-"""Convolution that XLA:CPU runs near its matmul rate, behind a custom VJP.
+"""Convolution that XLA:CPU runs near its matmul rate, in all three products.
 
 ``conv_general`` is a drop-in replacement for the one ``lax.conv_general_dilated`` call behind
 ``F.conv``: channels-last input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``,
-explicit padding, 1-, 2- or 3-D. On CPU it runs a ``jax.custom_vjp`` whose three products use
-formulations that XLA:CPU turns into large matrix products; on every other platform
-(``lax.platform_dependent``) it is exactly ``lax.conv_general_dilated`` and its native gradients,
-so GPUs and TPUs keep cuDNN and XLA's own convolutions.
+explicit padding, 1-, 2- or 3-D. On CPU its three products (forward, input gradient, weight
+gradient: primitives of :mod:`jcnn.functional._conv_products`) use formulations that XLA:CPU
+turns into large matrix products; on every other platform (``lax.platform_dependent``) it is
+exactly ``lax.conv_general_dilated`` and its native gradients, so GPUs and TPUs keep cuDNN and
+XLA's own convolutions.
 
 The CPU formulations, chosen per shape at trace time by ``plan`` (rules measured on an AVX-512
 machine, see ``experiments/benchmarks/README.md``):
@@ -43,8 +44,8 @@ machine, see ``experiments/benchmarks/README.md``):
   reductions dominate. With the native library built, depthwise runs on oneDNN instead
   (:mod:`jcnn.functional._conv_onednn`).
 
-Every formulation is written with differentiable ``lax`` primitives, so second derivatives and
-``vmap`` of the custom VJP work; values and gradients equal ``lax.conv_general_dilated`` to
+Every formulation is written with ``lax`` operations and mapped by ``vmap`` over the leading
+axes of its operands; values and gradients of any order equal ``lax.conv_general_dilated`` to
 floating-point rounding (the sums are reordered).
 """
 
@@ -60,6 +61,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jcnn.functional._checks import as_int_tuple, check_array
+from jcnn.functional._conv_products import conv_products
 
 __all__ = ["conv_general", "native_conv", "plan", "ConvPlan"]
 
@@ -237,58 +239,58 @@ def _output_sizes(in_sizes, window, stride, padding, dilation):
     )
 
 
-def _resolve_plan(x, w, config) -> ConvPlan:
+def _resolve_plan(x_shape, w_shape, dtype, config) -> ConvPlan:
     if config.plan is not None:
         return config.plan
     return plan(
-        x.shape,
-        w.shape,
+        x_shape,
+        w_shape,
         config.stride,
         config.padding,
         config.dilation,
         config.groups,
-        x.dtype.itemsize,
+        jnp.dtype(dtype).itemsize,
     )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cpu_conv(x, w, config):
-    return _cpu_forward(x, w, config)
-
-
-def _cpu_conv_fwd(x, w, config):
-    return _cpu_forward(x, w, config), (x, w)
-
-
-def _cpu_conv_bwd(config, residuals, g):
-    x, w = residuals
-    conv_plan = _resolve_plan(x, w, config)
-    if conv_plan.input_grad == "shift":
-        dx = _shift_input_grad(g, w, x.shape, config)
-    elif conv_plan.input_grad == "flipped_shift":
-        dx = _flipped_shift_input_grad(g, w, x.shape, config)
-    else:
-        dx = jax.vjp(lambda x: native_conv(x, w, config), x)[1](g)[0]
-    if conv_plan.weight_grad == "im2col":
-        dw = _im2col_weight_grad(x, g, w.shape, config, conv_plan.chunk)
-    elif conv_plan.weight_grad == "taps_first":
-        dw = _taps_first_weight_grad(x, g, w.shape, config)
-    elif conv_plan.weight_grad == "per_tap":
-        dw = _per_tap_weight_grad(x, g, w.shape, config)
-    elif conv_plan.weight_grad == "per_tap_sum":
-        dw = _per_tap_sum_weight_grad(x, g, w.shape, config)
-    else:
-        dw = jax.vjp(lambda w: native_conv(x, w, config), w)[1](g)[0]
-    return dx, dw
-
-
-_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
-
-
-def _cpu_forward(x, w, config):
-    if _resolve_plan(x, w, config).forward == "shift":
+def _cpu_forward(x, w, config, y_shape):
+    if _resolve_plan(x.shape, w.shape, x.dtype, config).forward == "shift":
         return _shift_forward(x, w, config)
     return native_conv(x, w, config)
+
+
+def _cpu_input_grad(g, w, config, x_shape):
+    formulation = _resolve_plan(x_shape, w.shape, g.dtype, config).input_grad
+    if formulation == "shift":
+        return _shift_input_grad(g, w, x_shape, config)
+    if formulation == "flipped_shift":
+        return _flipped_shift_input_grad(g, w, x_shape, config)
+    zeros = jnp.zeros(x_shape, g.dtype)
+    return jax.vjp(lambda x: native_conv(x, w, config), zeros)[1](g)[0]
+
+
+def _cpu_weight_grad(x, g, config, w_shape):
+    conv_plan = _resolve_plan(x.shape, w_shape, x.dtype, config)
+    if conv_plan.weight_grad == "im2col":
+        return _im2col_weight_grad(x, g, w_shape, config, conv_plan.chunk)
+    if conv_plan.weight_grad == "taps_first":
+        return _taps_first_weight_grad(x, g, w_shape, config)
+    if conv_plan.weight_grad == "per_tap":
+        return _per_tap_weight_grad(x, g, w_shape, config)
+    if conv_plan.weight_grad == "per_tap_sum":
+        return _per_tap_sum_weight_grad(x, g, w_shape, config)
+    zeros = jnp.zeros(w_shape, x.dtype)
+    return jax.vjp(lambda w: native_conv(x, w, config), zeros)[1](g)[0]
+
+
+_PRODUCTS = conv_products("jcnn_xla_cpu_conv", _cpu_forward, _cpu_input_grad, _cpu_weight_grad)
+
+
+def _cpu_conv(x, w, config):
+    out_sizes = _output_sizes(
+        x.shape[1:-1], w.shape[:-2], config.stride, config.padding, config.dilation
+    )
+    return _PRODUCTS.forward(x, w, config, (x.shape[0], *out_sizes, w.shape[-1]))
 
 
 def _pad_input(x, config):

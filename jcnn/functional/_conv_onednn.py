@@ -19,9 +19,9 @@ AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
 transposes, so a stride-``s`` transposed convolution no longer convolves an ``s^rank`` times larger
 zero-interleaved input.
 
-Each product is itself a ``jax.custom_vjp`` whose derivative is written with the other two (the
-three are bilinear and each one's transpose is another), so derivatives of any order stay on
-oneDNN. The FFI calls batch with ``vmap_method="expand_dims"``: the native side folds a vmapped
+The three products are primitives of :mod:`jcnn.functional._conv_products` (each one's
+transpose is another), so derivatives of any order, forward or reverse, stay on oneDNN. The FFI
+calls batch with ``vmap_method="expand_dims"``: the native side folds a vmapped
 input into the batch axis when the kernel is shared, and loops otherwise (per-example weight
 gradients: with at least twice as many problems as threads, one problem per thread).
 """
@@ -43,6 +43,7 @@ from jcnn.functional._conv_cpu import (
     _shift_input_grad,
     native_conv,
 )
+from jcnn.functional._conv_products import conv_products
 
 __all__ = ["config", "conv_general", "conv_transpose", "transposed_problem", "unsupported_reason"]
 
@@ -109,8 +110,15 @@ def conv_general(x, w, stride, padding, dilation, groups):
     reason = unsupported_reason(x, w, stride, padding, dilation, groups)
     if reason is not None:
         raise ValueError(f"{reason}; jcnn.functional.conv routes such convolutions to XLA")
+    out_sizes = _output_sizes(
+        x.shape[1:-1], w.shape[:-2], static.stride, static.padding, static.dilation
+    )
+    y_shape = (x.shape[0], *out_sizes, w.shape[-1])
     return lax.platform_dependent(
-        x, w, cpu=partial(_forward, config=static), default=partial(native_conv, config=static)
+        x,
+        w,
+        cpu=lambda x, w: _ONEDNN.forward(x, w, static, y_shape),
+        default=partial(native_conv, config=static),
     )
 
 
@@ -159,7 +167,7 @@ def conv_transpose(x, w, stride, padding, dilation, groups, out_sizes):
     return lax.platform_dependent(
         x,
         forward_w,
-        cpu=partial(_backward_data, config=static, x_shape=forward_x.shape),
+        cpu=lambda x, w: _ONEDNN.input_grad(x, w, static, forward_x.shape),
         default=partial(_native_input_grad, config=static, x_shape=forward_x.shape),
     )
 
@@ -187,59 +195,22 @@ def _single_input_channel(w, config):
     return w.shape[-2] == 1 and config.groups == 1
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _forward(x, w, config):
+def _forward(x, w, config, y_shape):
     if _single_input_channel(w, config):
         return native_conv(x, w, config)
-    out_sizes = _output_sizes(
-        x.shape[1:-1], w.shape[:-2], config.stride, config.padding, config.dilation
-    )
-    return _call("jcnn_conv_forward", (x.shape[0], *out_sizes, w.shape[-1]), x, w, config)
+    return _call("jcnn_conv_forward", y_shape, x, w, config)
 
 
-def _forward_fwd(x, w, config):
-    return _forward(x, w, config), (x, w)
-
-
-def _forward_bwd(config, residuals, g):
-    x, w = residuals
-    return _backward_data(g, w, config, x.shape), _backward_weights(x, g, config, w.shape)
-
-
-_forward.defvjp(_forward_fwd, _forward_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _backward_data(dy, w, config, x_shape):
     if _single_input_channel(w, config):
         return _shift_input_grad(dy, w, x_shape, config)
     return _call("jcnn_conv_backward_data", x_shape, dy, w, config)
 
 
-def _backward_data_fwd(dy, w, config, x_shape):
-    return _backward_data(dy, w, config, x_shape), (dy, w)
-
-
-def _backward_data_bwd(config, x_shape, residuals, g):
-    dy, w = residuals
-    return _forward(g, w, config), _backward_weights(g, dy, config, w.shape)
-
-
-_backward_data.defvjp(_backward_data_fwd, _backward_data_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _backward_weights(x, dy, config, w_shape):
     return _call("jcnn_conv_backward_weights", w_shape, x, dy, config)
 
 
-def _backward_weights_fwd(x, dy, config, w_shape):
-    return _backward_weights(x, dy, config, w_shape), (x, dy)
-
-
-def _backward_weights_bwd(config, w_shape, residuals, g):
-    x, dy = residuals
-    return _backward_data(dy, g, config, x.shape), _forward(x, g, config)
-
-
-_backward_weights.defvjp(_backward_weights_fwd, _backward_weights_bwd)
+_ONEDNN = conv_products(
+    "jcnn_onednn_conv", _forward, _backward_data, _backward_weights, platform="cpu"
+)

@@ -5,8 +5,10 @@ Inputs are ``(N, *spatial, C)`` and kernels ``(*window, C_in // groups, C_out)``
 comes from the kernel's rank. On GPU and TPU every convolution here is ``lax.conv_general_dilated``.
 On CPU, float32 and bfloat16 convolutions call oneDNN when the optional native library is built
 (:mod:`jcnn.native`, :mod:`jcnn.functional._conv_onednn`); otherwise, and for other dtypes, they
-run :func:`jcnn.functional._conv_cpu.conv_general`, formulations with a custom VJP that XLA:CPU
-runs near its matmul rate.
+run :func:`jcnn.functional._conv_cpu.conv_general`, formulations that XLA:CPU runs near its
+matmul rate. On both, the three products (forward, input and weight gradient) are primitives
+with each other as transposes (:mod:`jcnn.functional._conv_products`): forward and reverse mode to
+any order, and ``vmap``, stay on them.
 """
 
 from __future__ import annotations

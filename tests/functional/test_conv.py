@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from jcnn.functional.conv import conv, conv_transpose, convolve
 
@@ -660,6 +661,85 @@ def test_second_derivatives_match_torch(transposed, rng, torch, conv_backend):
     assert relative_error(hx, from_torch_layout(thx)) < RELATIVE_TOLERANCE
     assert relative_error(hw, kernel_from_torch(thw.numpy(), transposed=transposed)) < (
         RELATIVE_TOLERANCE
+    )
+
+
+FORWARD_MODE_CASES = {  # x shape, w shape, stride, padding, dilation, groups
+    "plain 2-D": ((2, 7, 6, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    "stride, dilation, groups": ((2, 9, 8, 6), (3, 2, 3, 4), (2, 1), ((0, 1), (1, 0)), (1, 2), 2),
+    "depthwise x2": ((2, 6, 7, 3), (3, 3, 1, 6), (1, 1), ((1, 1), (1, 1)), (1, 1), 3),
+    "one input channel": ((3, 6, 6, 1), (3, 3, 1, 2), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),
+    "1-D": ((2, 11, 3), (4, 3, 2), (3,), ((0, 2),), (2,), 1),
+    "3-D": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), (1, 2, 1), ((1, 1),) * 3, (1, 1, 1), 1),
+}
+
+
+def lax_conv(x, w, stride, padding, dilation, groups):
+    letters = "DHW"[3 - (w.ndim - 2) :]
+    return lax.conv_general_dilated(
+        x,
+        w,
+        stride,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
+        feature_group_count=groups,
+        precision=lax.Precision.HIGHEST,
+    )
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES, ids=list(FORWARD_MODE_CASES))
+def test_forward_mode_and_mixed_transformations_match_xla(case, transposed, rng, conv_backend):
+    """jax.jvp, jax.linearize, Hessians (jax.hessian, forward over reverse) and their mixes with
+    vmap, through jcnn's CPU products, against the same transformations of XLA's own convolution
+    (``lax.conv_general_dilated``); a transposed convolution against the transpose of XLA's."""
+    x_shape, w_shape, stride, padding, dilation, groups = FORWARD_MODE_CASES[case]
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if transposed:  # conv_transpose(x, w) is the input gradient of lax_conv(., swapaxes(w))
+        input_shape, kernel_shape = x_shape, w_shape
+        x_shape = lax_conv(jnp.zeros(x_shape), jnp.zeros(w_shape), *options.values()).shape
+        w_shape = (*kernel_shape[:-2], kernel_shape[-1], kernel_shape[-2])
+        plain = conv_transpose(jnp.zeros(x_shape), jnp.zeros(w_shape), **options).shape
+        output_padding = tuple(a - b for a, b in zip(input_shape, plain, strict=True))[1:-1]
+
+        def jcnn_op(x, w):
+            return conv_transpose(x, w, output_padding=output_padding, **options)
+
+        def reference_op(x, w):
+            zeros = jnp.zeros(input_shape, x.dtype)
+            kernel = jnp.swapaxes(w, -1, -2)
+            return jax.vjp(lambda z: lax_conv(z, kernel, *options.values()), zeros)[1](x)[0]
+
+    else:
+
+        def jcnn_op(x, w):
+            return conv(x, w, **options)
+
+        def reference_op(x, w):
+            return lax_conv(x, w, *options.values())
+
+    x, tx = (rng.standard_normal(x_shape).astype(np.float32) for _ in range(2))
+    w, tw = (rng.standard_normal(w_shape).astype(np.float32) for _ in range(2))
+    xs = rng.standard_normal((3, *x_shape)).astype(np.float32)
+    ws = rng.standard_normal((2, *w_shape)).astype(np.float32)
+
+    def check(transform):
+        actual = transform(lambda x, w: jnp.sum(jnp.sin(jcnn_op(x, w))))
+        expected = transform(lambda x, w: jnp.sum(jnp.sin(reference_op(x, w))))
+        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+            assert relative_error(a, e) < RELATIVE_TOLERANCE
+
+    check(lambda f: jax.jvp(f, (x, w), (tx, tw)))
+    check(lambda f: jax.linearize(f, x, w)[1](tx, tw))
+    check(lambda f: jax.jvp(jax.grad(f, argnums=(0, 1)), (x, w), (tx, tw))[1])
+    check(lambda f: jax.jit(jax.hessian(f, argnums=1))(x, w))
+    check(lambda f: jax.vmap(lambda x: jax.jvp(f, (x, w), (x, tw))[1])(xs))
+    check(lambda f: jax.jvp(lambda xs: jax.vmap(lambda x: f(x, w))(xs), (xs,), (xs,))[1])
+    check(lambda f: jax.grad(lambda w: jnp.sum(jax.vmap(lambda x: f(x, w))(xs)))(w))
+    check(lambda f: jax.vmap(jax.grad(f, argnums=1), in_axes=(0, None))(xs, w))
+    check(
+        lambda f: jax.jacfwd(lambda ws: jax.vmap(lambda w: jax.vmap(f, (0, None))(xs, w))(ws))(ws)
     )
 
 
