@@ -555,10 +555,14 @@ def _normalize_jvp(axes, eps, primals, tangents):
     # sum(g * x_hat), the two sums dbias and dscale need too, then one elementwise pass. Both
     # reductions read dx (mean(x_hat) = 0 makes mean(x_hat * (dx - d_mean)) = mean(x_hat * dx)),
     # and the per-channel gain multiplies their results, which needs scale constant along axes.
+    # The per-channel terms meet the full-size arrays combined (offset, slope), so the transpose
+    # has exactly those two reductions to share: XLA did not merge them when they were separate.
     d_mean = jnp.mean(dx, axis=axes, keepdims=True)
     d_spread = jnp.mean(normalized * dx, axis=axes, keepdims=True)  # d var / 2, times 1/std
     gain = scale * inverse_std
-    d_y = gain * dx - gain * d_mean - normalized * (gain * d_spread) + normalized * dscale + dbias
+    offset = dbias - gain * d_mean
+    slope = dscale - gain * d_spread
+    d_y = gain * dx + normalized * slope + offset
     return (normalized * scale + bias, mean, var), (d_y, d_mean, 2 * d_spread / inverse_std)
 
 

@@ -701,3 +701,17 @@ def test_closed_form_derivative_equals_autodiff_of_the_statistics(rng, axes):
         want = jax.grad(partial(gradient_norm, textbook), argnums=(0, 1))(x, scale)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_norm_gradient_reduces_the_cotangent_twice(rng):
+    # sum(g) and sum(x_hat * g) serve the input, scale and bias gradients alike: a third full
+    # pass over g would be a pass over the largest arrays of the backward step.
+    x = jnp.asarray(rng.normal(size=(4, 5, 5, 3)), jnp.float32)
+    scale, bias = jnp.ones(3), jnp.zeros(3)
+    state = BatchNormState(jnp.zeros(3), jnp.ones(3))
+    _, vjp = jax.vjp(lambda *a: batch_norm(*a, state, train=True)[0], x, scale, bias)
+    eqns = jax.make_jaxpr(vjp)(jnp.ones_like(x)).jaxpr.eqns
+    passes = [
+        e for e in eqns if e.primitive.name == "reduce_sum" and e.invars[0].aval.shape == x.shape
+    ]
+    assert len(passes) == 2, [str(e) for e in passes]
