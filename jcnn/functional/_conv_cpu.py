@@ -116,6 +116,10 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
     >>> plan((32, 28, 28, 256), (7, 7, 1, 256), (1, 1), ((3, 3), (3, 3)), (1, 1), 256)[:3]
     ('shift', 'flipped_shift', 'per_tap_sum')
     """
+    if not all(isinstance(size, int) for size in x_shape):
+        # Symbolic sizes (jax.export's shape polymorphism) cannot choose by size: XLA's own
+        # products take any.
+        return ConvPlan("xla", "xla", "xla", 1)
     channels_per_group = w_shape[-2]
     window = w_shape[:-2]
     few = channels_per_group < _FEW_CHANNELS

@@ -157,6 +157,42 @@ def test_other_platforms_keep_the_native_convolution():
 
 
 @pytest.mark.parametrize(
+    "w_shape, groups", [((3, 3, 32, 32), 1), ((5, 5, 1, 6), 1), ((3, 3, 1, 8), 4)]
+)
+def test_symbolic_batch_exports_and_matches_concrete_calls(rng, w_shape, groups):
+    """jax.export with a symbolic batch (serving any batch size): the plan cannot pick by size,
+    so XLA's own products run; forward, gradient and a Hessian-vector product all export."""
+    channels = w_shape[-2] * groups
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    x = rng.standard_normal((5, 9, 8, channels)).astype(np.float32)
+
+    def forward(x, w):
+        return conv_general(x, w, (2, 1), ((1, 1), (2, 0)), (1, 1), groups)
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(forward(x, w)))
+
+    functions = {
+        "forward": forward,
+        "gradient": jax.grad(loss, argnums=(0, 1)),
+        "hvp": lambda x, w: jax.jvp(jax.grad(loss, argnums=1), (x, w), (x, w))[1],
+    }
+    (batch,) = export.symbolic_shape("b")
+    symbolic_x = jax.ShapeDtypeStruct((batch, *x.shape[1:]), jnp.float32)
+    assert plan(symbolic_x.shape, w_shape, (2, 1), ((1, 1), (2, 0)), (1, 1), groups)[:3] == (
+        "xla",
+        "xla",
+        "xla",
+    )
+    for name, function in functions.items():
+        exported = export.export(jax.jit(function))(symbolic_x, w)
+        for got, want in zip(
+            jax.tree.leaves(exported.call(x, w)), jax.tree.leaves(function(x, w)), strict=True
+        ):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
     ("x_shape", "w_shape", "stride", "padding", "groups", "error", "match"),
     [
         ((2, 5, 5, 4), (3, 3, 4, 6), (1, 1), ((0, 0),) * 2, 3, ValueError, "groups: must divide"),
