@@ -66,9 +66,9 @@ def conv_products(
     for kind, impl in zip(kinds, (forward, input_grad, weight_grad), strict=True):
         primitive = primitives[kind]
         primitive.def_abstract_eval(_abstract_eval)
-        primitive.def_impl(functools.partial(_eager, primitive))
-        lowering = mlir.lower_fun(functools.partial(_over_leading_axes, impl), False)
-        mlir.register_lowering(primitive, lowering, platform=platform)
+        evaluate = functools.partial(_over_leading_axes, impl)
+        primitive.def_impl(evaluate)  # op by op, as outside jit (and under jax.disable_jit)
+        mlir.register_lowering(primitive, mlir.lower_fun(evaluate, False), platform=platform)
         batching.primitive_batchers[primitive] = functools.partial(_batch, primitive)
 
     def bind(kind):
@@ -128,15 +128,6 @@ def _abstract_eval(first, second, *, config, shape):
         first.shape[: _leading(first.ndim, config)], second.shape[: _leading(second.ndim, config)]
     )
     return ShapedArray((*lead, *shape), first.dtype)
-
-
-@functools.cache
-def _compiled(primitive, config, shape):
-    return jax.jit(functools.partial(primitive.bind, config=config, shape=shape))
-
-
-def _eager(primitive, first, second, *, config, shape):
-    return _compiled(primitive, config, shape)(first, second)
 
 
 def _batch(primitive, operands, axes, *, config, shape):

@@ -9,6 +9,7 @@ PyTorch computing in float64, by the norm-wise relative error ``||jcnn - torch||
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -740,6 +741,27 @@ def test_forward_mode_and_mixed_transformations_match_xla(case, transposed, rng,
     check(lambda f: jax.vmap(jax.grad(f, argnums=1), in_axes=(0, None))(xs, w))
     check(
         lambda f: jax.jacfwd(lambda ws: jax.vmap(lambda w: jax.vmap(f, (0, None))(xs, w))(ws))(ws)
+    )
+
+
+def test_convolutions_run_op_by_op_under_disable_jit(rng, conv_backend):
+    x = rng.standard_normal((2, 7, 6, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 2, 6)).astype(np.float32)
+    options = dict(stride=(1, 1), padding=((1, 1), (0, 2)), dilation=(1, 1), groups=2)
+
+    def loss(op, x, w):
+        return jnp.sum(jnp.sin(op(x, w)))
+
+    jcnn_op = partial(conv, **options)
+    reference_op = partial(lax_conv, **options)
+    with jax.disable_jit():
+        actual = loss(jcnn_op, x, w), jax.grad(partial(loss, jcnn_op), argnums=(0, 1))(x, w)
+        tangent = jax.jvp(partial(loss, jcnn_op), (x, w), (x, w))[1]
+    expected = loss(reference_op, x, w), jax.grad(partial(loss, reference_op), argnums=(0, 1))(x, w)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert relative_error(a, e) < RELATIVE_TOLERANCE
+    assert relative_error(tangent, jax.jvp(partial(loss, reference_op), (x, w), (x, w))[1]) < (
+        RELATIVE_TOLERANCE
     )
 
 

@@ -7,6 +7,8 @@ kernel; the oneDNN backend's folded weight gradient is checked in its lowered pr
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,23 @@ def test_onednn_weight_gradient_of_a_shared_kernel_under_vmap_is_folded(onednn):
     calls = [line for line in lowered.splitlines() if "jcnn_conv_backward_weights" in line]
     assert len(calls) == 1
     assert "tensor<1x10x8x8x3xf32>" in calls[0]
+
+
+def test_products_evaluate_op_by_op_under_disable_jit(operands):
+    x, w, _ = operands
+
+    def loss(conv_fn, x, w):
+        return jnp.sum(jnp.sin(conv_fn(x, w)))
+
+    with jax.disable_jit():
+        close(toy_conv(x, w), reference(x, w))
+        for got, want in zip(
+            jax.grad(partial(loss, toy_conv), argnums=(0, 1))(x, w),
+            jax.grad(partial(loss, reference), argnums=(0, 1))(x, w),
+            strict=True,
+        ):
+            close(got, want)
+        close(
+            jax.jvp(partial(loss, toy_conv), (x, w), (x, w))[1],
+            jax.jvp(partial(loss, reference), (x, w), (x, w))[1],
+        )
