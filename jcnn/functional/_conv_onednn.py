@@ -13,7 +13,9 @@ gradient); the weight gradient stays on oneDNN (1.5-2x XLA's). Depthwise convolu
 (``brdgmm_dw``/``jit_dw``) take channels-last directly: forward + both gradients measured 1.2-5x
 PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, on
 AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
-``experiments/benchmarks/README.md``.
+``experiments/benchmarks/README.md``. Their weight gradient runs as the XLA path's per-offset sums
+instead where those measured faster: a window spanning twice the output map, or a oneDNN GEMM
+fallback (:func:`jcnn.native.implementation` names the kernel oneDNN chose on this CPU).
 
 ``conv_transpose`` runs ``F.conv_transpose`` as the input gradient of the convolution it
 transposes, so a stride-``s`` transposed convolution no longer convolves an ``s^rank`` times larger
@@ -39,7 +41,9 @@ from jcnn import native
 from jcnn.functional._conv_cpu import (
     _check,
     _Config,
+    _depthwise,
     _output_sizes,
+    _per_tap_sum_weight_grad,
     _shift_input_grad,
     native_conv,
 )
@@ -63,31 +67,36 @@ def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     (a ``vmap`` folds into it), so one answer covers the derivatives too.
     """
     static = config(x, w, stride, padding, dilation, groups)
-    spatial = w.ndim - 2
-    out_sizes = _output_sizes(
-        x.shape[1:-1], w.shape[:-2], static.stride, static.padding, static.dilation
-    )
-    dims = (
-        max(x.shape[0], 1),
-        x.shape[-1],
-        w.shape[-1],
-        static.groups,
-        *x.shape[1:-1],
-        *out_sizes,
-        *w.shape[:-2],
-        *static.stride,
-        *static.dilation,
-        *(lo for lo, _ in static.padding),
-        *(hi for _, hi in static.padding),
-    )
+    dims = _problem(x.shape, w.shape, static)
     bfloat16 = x.dtype == jnp.bfloat16
     for op, product in _PRODUCTS.items():
         if op < 2 and _single_input_channel(w, static):
             continue  # kept on XLA (see the module docstring)
-        reason = native.unsupported_reason(op, bfloat16, tuple(int(d) for d in dims), spatial)
+        reason = native.unsupported_reason(op, bfloat16, dims, w.ndim - 2)
         if reason is not None:
             return f"oneDNN has no {x.dtype} {product} for this convolution on this CPU ({reason})"
     return None
+
+
+def _problem(x_shape, w_shape, config) -> tuple[int, ...]:
+    """A convolution as :mod:`jcnn.native` describes it to oneDNN (see ``onednn_conv.cc``)."""
+    out_sizes = _output_sizes(
+        x_shape[1:-1], w_shape[:-2], config.stride, config.padding, config.dilation
+    )
+    dims = (
+        max(x_shape[0], 1),
+        x_shape[-1],
+        w_shape[-1],
+        config.groups,
+        *x_shape[1:-1],
+        *out_sizes,
+        *w_shape[:-2],
+        *config.stride,
+        *config.dilation,
+        *(lo for lo, _ in config.padding),
+        *(hi for _, hi in config.padding),
+    )
+    return tuple(int(d) for d in dims)
 
 
 def conv_general(x, w, stride, padding, dilation, groups):
@@ -208,7 +217,24 @@ def _backward_data(dy, w, config, x_shape):
 
 
 def _backward_weights(x, dy, config, w_shape):
+    if _depthwise_weight_grad_on_xla(x, dy, config, w_shape):
+        return _per_tap_sum_weight_grad(x, dy, w_shape, config)
     return _call("jcnn_conv_backward_weights", w_shape, x, dy, config)
+
+
+def _depthwise_weight_grad_on_xla(x, dy, config, w_shape) -> bool:
+    """Whether a float32 depthwise weight gradient runs faster as jcnn's per-offset sums (the XLA
+    path's ``"per_tap_sum"``) than on oneDNN: when the window spans at least twice the output map
+    in every dimension (most of its taps see only padding; a 2x2 map under a 7x7 window, AVX-512:
+    0.30 ms against oneDNN's 0.84), or when oneDNN's kernel for it is a GEMM (capped at AVX2, maps
+    of 4x4 or less: 1.7-3.6 ms where the sums took 0.05-2.3 ms). Measured in
+    ``experiments/benchmarks/README.md`` (run P)."""
+    if x.dtype != jnp.float32 or not _depthwise(w_shape, config.groups):
+        return False
+    if all(2 * o <= k for o, k in zip(dy.shape[1:-1], w_shape[:-2], strict=True)):
+        return True
+    kernel = native.implementation(2, False, _problem(x.shape, w_shape, config), len(w_shape) - 2)
+    return kernel is not None and "gemm" in kernel
 
 
 _ONEDNN = conv_products(

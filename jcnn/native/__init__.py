@@ -47,6 +47,7 @@ __all__ = [
     "conv_backend",
     "conv_backend_scope",
     "host_memory",
+    "implementation",
     "library_path",
     "load",
     "main",
@@ -205,16 +206,29 @@ def unsupported_reason(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: 
       RuntimeError: the library is not loaded (see :func:`load`).
     """
     load()
-    return _unsupported_reason(op, bfloat16, dims, spatial)
+    supported, text = _probe(op, bfloat16, dims, spatial)
+    return None if supported else text or "no implementation"
+
+
+def implementation(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: int) -> str | None:
+    """oneDNN's name for the kernel it runs one convolution product with on this CPU (such as
+    ``"jit:avx512_core"``, ``"brgconv:avx512_core"`` or ``"x64:gemm:jit"``), or ``None`` when it
+    has none (:func:`unsupported_reason`). Arguments as there.
+
+    Raises:
+      RuntimeError: the library is not loaded (see :func:`load`).
+    """
+    load()
+    supported, text = _probe(op, bfloat16, dims, spatial)
+    return text if supported else None
 
 
 @functools.cache
-def _unsupported_reason(op, bfloat16, dims, spatial):
-    reason = ctypes.create_string_buffer(512)
+def _probe(op, bfloat16, dims, spatial) -> tuple[bool, str]:
+    text = ctypes.create_string_buffer(512)
     packed = (ctypes.c_int64 * len(dims))(*dims)
-    if _PROBE[0](op, int(bfloat16), spatial, packed, reason, len(reason)):
-        return None
-    return reason.value.decode(errors="replace") or "no implementation"
+    supported = bool(_PROBE[0](op, int(bfloat16), spatial, packed, text, len(text)))
+    return supported, text.value.decode(errors="replace")
 
 
 def available() -> bool:

@@ -111,6 +111,7 @@ struct Plan {
   bool reorder_kernel;
   dnnl::primitive to_primitive_kernel, to_user_kernel;
   memory::desc scratchpad;
+  std::string implementation;  // oneDNN's name for the kernel it chose, e.g. "jit:avx512_core"
 };
 
 std::unique_ptr<Plan> MakePlan(const Problem& p) {
@@ -133,6 +134,7 @@ std::unique_ptr<Plan> MakePlan(const Problem& p) {
       plan->conv = dnnl::convolution_forward(forward);
       plan->kernel = forward.weights_desc();
       plan->scratchpad = forward.scratchpad_desc();
+      plan->implementation = forward.impl_info_str();
       break;
     case Op::kBackwardData: {
       auto backward = dnnl::convolution_backward_data::primitive_desc(
@@ -141,6 +143,7 @@ std::unique_ptr<Plan> MakePlan(const Problem& p) {
       plan->conv = dnnl::convolution_backward_data(backward);
       plan->kernel = backward.weights_desc();
       plan->scratchpad = backward.scratchpad_desc();
+      plan->implementation = backward.impl_info_str();
       break;
     }
     case Op::kBackwardWeights: {
@@ -150,6 +153,7 @@ std::unique_ptr<Plan> MakePlan(const Problem& p) {
       plan->conv = dnnl::convolution_backward_weights(backward);
       plan->kernel = backward.diff_weights_desc();
       plan->scratchpad = backward.scratchpad_desc();
+      plan->implementation = backward.impl_info_str();
       break;
     }
   }
@@ -414,8 +418,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 // Whether oneDNN implements this problem on this CPU (bfloat16 needs AVX-512 or AVX2-VNNI-2, for
 // example), asked before tracing so that unsupported problems stay on XLA. `dims` holds batch,
 // channels, out_channels, groups, then `spatial` values each of in_sizes, out_sizes, window, stride,
-// dilation, pad_lo, pad_hi. Returns 1 (the plan is now cached) or 0 with oneDNN's reason in
-// `reason`.
+// dilation, pad_lo, pad_hi. Returns 1 (the plan is now cached) with the name of the kernel oneDNN
+// chose in `reason`, or 0 with oneDNN's reason there.
 extern "C" int jcnn_conv_supported(int op, int bfloat16, int64_t spatial, const int64_t* dims,
                                    char* reason, int64_t reason_size) {
   Problem p;
@@ -433,7 +437,7 @@ extern "C" int jcnn_conv_supported(int op, int bfloat16, int64_t spatial, const 
     next += spatial;
   }
   try {
-    GetPlan(p);
+    std::snprintf(reason, static_cast<size_t>(reason_size), "%s", GetPlan(p).implementation.c_str());
     return 1;
   } catch (const dnnl::error& e) {
     std::snprintf(reason, static_cast<size_t>(reason_size), "%s", e.what());

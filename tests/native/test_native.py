@@ -102,6 +102,19 @@ def test_f_conv_dispatch(onednn, monkeypatch):
     assert _custom_calls(x, w) == 0
 
 
+def test_implementation_names_the_kernel_onednn_chose(onednn):
+    # batch, C_in, C_out, groups, then per spatial dim: in, out, window, stride, dilation, lo, hi
+    plain = (4, 16, 32, 1, 8, 8, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+    for op in range(3):
+        name = native.implementation(op, False, plain, 2)
+        assert isinstance(name, str) and name, op
+        assert native.unsupported_reason(op, False, plain, 2) is None
+    # No kernel, no name: a 0-extent window is refused by oneDNN.
+    empty = (4, 16, 32, 1, 8, 8, 8, 8, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+    assert native.unsupported_reason(0, False, empty, 2) is not None
+    assert native.implementation(0, False, empty, 2) is None
+
+
 def test_build_command_self_checks(onednn, capsys):
     assert native.main([]) == 0
     out = capsys.readouterr().out
