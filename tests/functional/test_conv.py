@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
+from jcnn.functional._conv_cpu import _Config, native_conv
 from jcnn.functional.conv import conv, conv_transpose, convolve
 
 RELATIVE_TOLERANCE = 1e-5
@@ -676,17 +676,8 @@ FORWARD_MODE_CASES = {  # x shape, w shape, stride, padding, dilation, groups
 
 
 def lax_conv(x, w, stride, padding, dilation, groups):
-    letters = "DHW"[3 - (w.ndim - 2) :]
-    return lax.conv_general_dilated(
-        x,
-        w,
-        stride,
-        padding,
-        rhs_dilation=dilation,
-        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
-        feature_group_count=groups,
-        precision=lax.Precision.HIGHEST,
-    )
+    """XLA's own ``lax.conv_general_dilated`` in jcnn's layout (what GPUs and TPUs run)."""
+    return native_conv(x, w, _Config(stride, padding, dilation, groups, None))
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
