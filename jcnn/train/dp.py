@@ -16,7 +16,6 @@ the same rate, the approximation most DP papers (and Opacus' examples) make.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -27,9 +26,16 @@ import optax
 from jcnn import functional as F
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
 from jcnn.analysis.per_example import _BATCH_NORM_MESSAGE, per_example_trace
+from jcnn.functional._checks import check_real
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
-from jcnn.train.steps import _check_batch, batch_metrics, loss_and_logits
+from jcnn.train.steps import (
+    STEP_OPTIONS,
+    _check_batch,
+    batch_metrics,
+    jit_with_options,
+    loss_and_logits,
+)
 
 __all__ = ["dp_train_step", "DPTraining", "dp_enabled", "check_dp_config"]
 
@@ -115,18 +121,14 @@ def _example_keys(state: TrainState, size: int):
     return examples, jax.random.wrap_key_data(jax.random.fold_in(step_key, 1))
 
 
-@functools.partial(
-    jax.jit,
-    donate_argnums=(0,),
-    static_argnames=(
-        "l2_norm_clip",
-        "noise_multiplier",
-        "compute_dtype",
-        "label_smoothing",
-        "loss_fn",
-        "no_grad",
-    ),
-)
+_DP_STEP_OPTIONS = {
+    "l2_norm_clip": lambda c: check_real(c, "l2_norm_clip", low=0, low_open=True),
+    "noise_multiplier": lambda s: check_real(s, "noise_multiplier", low=0),
+    **{k: STEP_OPTIONS[k] for k in ("compute_dtype", "label_smoothing", "loss_fn", "no_grad")},
+}
+
+
+@jit_with_options(_DP_STEP_OPTIONS, donate_argnums=(0,))
 def dp_train_step(
     state: TrainState,
     batch,

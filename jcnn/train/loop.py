@@ -59,7 +59,7 @@ from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
 from jcnn.train.protocol import TrainLoader, check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
-from jcnn.train.steps import RESERVED_METRICS, eval_step, train_step, train_steps
+from jcnn.train.steps import eval_step, metric_pairs, train_step, train_steps
 
 __all__ = ["TrainConfig", "fit", "evaluate", "build_schedule", "NonFiniteLossError"]
 
@@ -304,34 +304,6 @@ def _either(given, configured, name: str, empty):
     if given is not None and configured not in (None, empty) and given is not configured:
         raise ValueError(f"{name}: given both to fit and in TrainConfig.{name}; give it once")
     return given if given is not None else configured
-
-
-def metric_pairs(metrics) -> tuple:
-    """``{name: fn}`` (or ``(name, fn)`` pairs) checked, as the hashable tuple the steps take."""
-    if metrics is None:
-        return ()
-    if isinstance(metrics, Mapping):
-        items = tuple(metrics.items())
-    elif isinstance(metrics, (tuple, list)) and all(
-        isinstance(p, tuple) and len(p) == 2 for p in metrics
-    ):
-        items = tuple(metrics)
-    else:
-        raise TypeError(
-            f"metrics: expected a dict {{name: fn(logits, labels) -> scalar}}, got "
-            f"{type(metrics).__name__}"
-        )
-    for name, fn in items:
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"metrics: expected names that are identifiers, got {name!r}")
-        if name in RESERVED_METRICS:
-            raise ValueError(
-                f"metrics: {name!r} is computed already; reserved names are "
-                f"{', '.join(RESERVED_METRICS)}"
-            )
-        if not callable(fn):
-            raise TypeError(f"metrics[{name!r}]: expected a callable, got {type(fn).__name__}")
-    return items
 
 
 def _check_callbacks(callbacks) -> tuple:

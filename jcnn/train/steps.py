@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -12,7 +12,7 @@ import optax
 from jax.typing import DTypeLike
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_real
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
 
@@ -78,6 +78,97 @@ def batch_metrics(
             )
         values[name] = value.astype(jnp.float32)
     return values
+
+
+def metric_pairs(metrics) -> tuple:
+    """``{name: fn}`` (or ``(name, fn)`` pairs) checked, as the hashable tuple the steps take."""
+    if metrics is None:
+        return ()
+    if isinstance(metrics, Mapping):
+        items = tuple(metrics.items())
+    elif isinstance(metrics, (tuple, list)) and all(
+        isinstance(p, (tuple, list)) and len(p) == 2 for p in metrics
+    ):
+        items = tuple(tuple(p) for p in metrics)
+    else:
+        raise TypeError(
+            f"metrics: expected a dict {{name: fn(logits, labels) -> scalar}} or (name, fn) "
+            f"pairs, got {metrics!r}"
+        )
+    for name, fn in items:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"metrics: expected names that are identifiers, got {name!r}")
+        if name in RESERVED_METRICS:
+            raise ValueError(
+                f"metrics: {name!r} is computed already; reserved names are "
+                f"{', '.join(RESERVED_METRICS)}"
+            )
+        if not callable(fn):
+            raise TypeError(f"metrics[{name!r}]: expected a callable, got {type(fn).__name__}")
+    names = [name for name, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"metrics: each name must appear once, got {names}")
+    return _hashable(items, "metrics")
+
+
+def _hashable(value, name: str):
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a hashable value (the step is compiled for it), got {value!r}"
+        ) from None
+    return value
+
+
+def _patterns(no_grad) -> tuple[str, ...]:
+    if isinstance(no_grad, (str, bytes)) or not isinstance(no_grad, (tuple, list)):
+        raise TypeError(f"no_grad: expected a sequence of glob patterns (str), got {no_grad!r}")
+    return tuple(no_grad)
+
+
+def _loss_fn(loss_fn):
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable or None, got {type(loss_fn).__name__}")
+    return _hashable(loss_fn, "loss_fn")
+
+
+def _label_smoothing(value) -> float:
+    return check_real(value, "label_smoothing", low=0, high=1)
+
+
+STEP_OPTIONS = {
+    "compute_dtype": lambda dtype: _hashable(dtype, "compute_dtype"),
+    "label_smoothing": _label_smoothing,
+    "loss_fn": _loss_fn,
+    "metrics": metric_pairs,
+    "no_grad": _patterns,
+}
+
+
+def jit_with_options(options: Mapping[str, Callable], donate_argnums=()):
+    """``jax.jit`` with the keyword ``options`` static, each passed through its checker first.
+
+    The checker turns what a user naturally writes (a list of patterns, a dict of metrics, a
+    NumPy float) into the hashable value the program is compiled for, or raises an error naming
+    the option, where JAX would refuse an unhashable static argument from deep inside ``jit``.
+    The result also has ``lower``, as a jitted function does.
+    """
+
+    def decorate(fun):
+        jitted = jax.jit(fun, donate_argnums=donate_argnums, static_argnames=tuple(options))
+
+        def checked(kwargs):
+            return {k: options[k](v) if k in options else v for k, v in kwargs.items()}
+
+        @functools.wraps(fun)
+        def call(*args, **kwargs):
+            return jitted(*args, **checked(kwargs))
+
+        call.lower = lambda *args, **kwargs: jitted.lower(*args, **checked(kwargs))
+        return call
+
+    return decorate
 
 
 def _check_batch(state, batch):
@@ -157,10 +248,7 @@ def loss_and_logits(
     return loss, (logits, new_stats)
 
 
-_STEP_OPTIONS = ("compute_dtype", "label_smoothing", "loss_fn", "metrics", "no_grad")
-
-
-@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=_STEP_OPTIONS)
+@jit_with_options(STEP_OPTIONS, donate_argnums=(0,))
 def train_step(
     state: TrainState,
     batch: tuple[jax.Array, jax.Array],
@@ -184,8 +272,8 @@ def train_step(
         label_smoothing: cross-entropy label smoothing (default loss only).
         loss_fn: a loss ``(logits, labels) -> (N,) or ()`` instead of cross-entropy (hashable:
             it is a static argument).
-        metrics: a tuple of ``(name, fn)`` pairs, ``fn(logits, labels) -> scalar``, computed on
-            the batch besides the loss and accuracy.
+        metrics: ``{name: fn}`` or ``(name, fn)`` pairs, ``fn(logits, labels) -> scalar``,
+            computed on the batch besides the loss and accuracy (hashable: a static argument).
         no_grad: glob patterns on the ``/``-joined parameter paths (``"whiten/*"``, each must
             match some parameter) whose gradient is not computed, as PyTorch's
             ``requires_grad=False``: no backward work is done for them, the optimizer receives
@@ -200,7 +288,7 @@ def train_step(
     return _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics, no_grad)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=_STEP_OPTIONS)
+@jit_with_options(STEP_OPTIONS, donate_argnums=(0,))
 def train_steps(
     state: TrainState,
     batches: tuple[jax.Array, jax.Array],
@@ -302,7 +390,7 @@ def _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metric
     return new_state, values
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype", "loss_fn", "metrics"))
+@jit_with_options({k: STEP_OPTIONS[k] for k in ("compute_dtype", "loss_fn", "metrics")})
 def eval_step(
     state: TrainState,
     batch: tuple[jax.Array, jax.Array],

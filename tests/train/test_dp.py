@@ -141,9 +141,9 @@ def test_dp_step_without_the_gradient_of_some_parameters(rng):
     new_state, metrics, _ = dp_train_step(
         state,
         (jnp.asarray(images), jnp.asarray(labels)),
-        l2_norm_clip=clip,
+        l2_norm_clip=np.float32(clip),  # options as users write them: NumPy floats, a list
         noise_multiplier=sigma,
-        no_grad=(f"{conv}/*",),
+        no_grad=[f"{conv}/*"],
     )
     jax.tree.map(np.testing.assert_array_equal, new_state.params[conv], params[conv])
     jax.tree.map(
@@ -153,6 +153,28 @@ def test_dp_step_without_the_gradient_of_some_parameters(rng):
         expected,
     )
     assert float(metrics["clipped_fraction"]) == pytest.approx(np.mean(norms > clip))
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(l2_norm_clip=0.0), ValueError, "l2_norm_clip: expected a finite number > 0"),
+        (dict(l2_norm_clip=jnp.ones(3)), TypeError, "l2_norm_clip"),
+        (
+            dict(noise_multiplier=-1.0),
+            ValueError,
+            "noise_multiplier: expected a finite number >= 0",
+        ),
+        (dict(no_grad="layers_0/*"), TypeError, "no_grad: expected a sequence of glob patterns"),
+    ],
+)
+def test_bad_dp_step_options_are_named(rng, options, error, message):
+    images, labels = _data(rng, 4)
+    state = TrainState.create(_model(), optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+    with pytest.raises(error, match=message):
+        dp_train_step(
+            state, (images, labels), **{"l2_norm_clip": 1.0, "noise_multiplier": 1.0, **options}
+        )
 
 
 def test_epsilon_per_epoch_is_the_accountants_and_reaches_the_target(rng):

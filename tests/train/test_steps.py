@@ -253,3 +253,57 @@ def test_no_grad_in_train_steps_and_bad_patterns(rng):
         train_step(_state(SmallNet()), _batch(rng), no_grad=("Dense_0/*", "Head/*"))
     with pytest.raises(TypeError, match="no_grad: expected a sequence of glob patterns"):
         train_step(_state(SmallNet()), _batch(rng), no_grad="Dense_0/*")
+
+
+def test_options_as_users_write_them_compile_as_their_tuples(rng):
+    """A list of patterns, a dict or list of metrics and a NumPy float give the step the tuple
+    form gives (they are static arguments, which JAX alone would refuse as unhashable)."""
+    batch = _batch(rng)
+    tuple_form = dict(no_grad=("Dense_0/*",), metrics=(("top", _extra_metric),))
+    want_state, want = train_step(_state(SmallNet()), batch, label_smoothing=0.25, **tuple_form)
+    for no_grad, metrics, smoothing in [
+        (["Dense_0/*"], {"top": _extra_metric}, np.float32(0.25)),
+        (("Dense_0/*",), [["top", _extra_metric]], jnp.asarray(0.25)),
+    ]:
+        state, got = train_step(
+            _state(SmallNet()), batch, label_smoothing=smoothing, no_grad=no_grad, metrics=metrics
+        )
+        assert sorted(got) == sorted(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state), strict=True):
+            np.testing.assert_array_equal(a, b)
+    stacked = tuple(parts[None] for parts in batch)
+    _, values = train_steps(_state(SmallNet()), stacked, metrics={"top": _extra_metric})
+    np.testing.assert_allclose(values["top"][0], want["top"], rtol=1e-6)
+    values = eval_step(want_state, batch, metrics=[("top", _extra_metric)])
+    assert values["top"].shape == ()
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(metrics={"loss": _extra_metric}), ValueError, "'loss' is computed already"),
+        (dict(metrics=[("a", _extra_metric), ("a", jnp.sum)]), ValueError, "each name must"),
+        (dict(metrics=[("a", 1.0)]), TypeError, r"metrics\['a'\]: expected a callable"),
+        (dict(metrics=_extra_metric), TypeError, "metrics: expected a dict"),
+        (dict(no_grad={"Dense_0/*"}), TypeError, "no_grad: expected a sequence"),
+        (dict(loss_fn="mse"), TypeError, "loss_fn: expected a callable or None, got str"),
+        (dict(label_smoothing=jnp.ones(2)), TypeError, "label_smoothing"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing: expected a number in \[0, 1\]"),
+    ],
+)
+def test_bad_step_options_are_named(rng, options, error, message):
+    with pytest.raises(error, match=message):
+        train_step(_state(SmallNet()), _batch(rng), **options)
+
+
+def test_an_unhashable_loss_is_named(rng):
+    class Loss:
+        __hash__ = None
+
+        def __call__(self, logits, labels):
+            return jnp.mean(logits)
+
+    with pytest.raises(TypeError, match="loss_fn: expected a hashable value"):
+        eval_step(_state(SmallNet()), _batch(rng), loss_fn=Loss())
