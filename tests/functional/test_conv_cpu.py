@@ -156,12 +156,15 @@ def test_other_platforms_keep_the_native_convolution():
     assert cpu.count("stablehlo.convolution") == 1 and "dot_general" in cpu
 
 
+@pytest.mark.parametrize("symbols, constraints", [("b", ()), ("b, h, w", ("h >= 5", "w >= 5"))])
 @pytest.mark.parametrize(
     "w_shape, groups", [((3, 3, 32, 32), 1), ((5, 5, 1, 6), 1), ((3, 3, 1, 8), 4)]
 )
-def test_symbolic_batch_exports_and_matches_concrete_calls(rng, w_shape, groups):
+def test_symbolic_sizes_export_and_match_concrete_calls(rng, w_shape, groups, symbols, constraints):
     """jax.export with a symbolic batch (serving any batch size): the plan cannot pick by size,
-    so XLA's own products run; forward, gradient and a Hessian-vector product all export."""
+    so XLA's own products run; forward, gradient and a Hessian-vector product all export. With
+    symbolic spatial sizes as well (bounded below so that the output is not empty) the forward
+    pass exports; JAX itself cannot differentiate a strided convolution of symbolic size."""
     channels = w_shape[-2] * groups
     w = rng.standard_normal(w_shape).astype(np.float32)
     x = rng.standard_normal((5, 9, 8, channels)).astype(np.float32)
@@ -177,8 +180,10 @@ def test_symbolic_batch_exports_and_matches_concrete_calls(rng, w_shape, groups)
         "gradient": jax.grad(loss, argnums=(0, 1)),
         "hvp": lambda x, w: jax.jvp(jax.grad(loss, argnums=1), (x, w), (x, w))[1],
     }
-    (batch,) = export.symbolic_shape("b")
-    symbolic_x = jax.ShapeDtypeStruct((batch, *x.shape[1:]), jnp.float32)
+    if "h" in symbols:
+        functions = {"forward": forward}
+    sizes = export.symbolic_shape(symbols, constraints=constraints)
+    symbolic_x = jax.ShapeDtypeStruct((*sizes, *x.shape[len(sizes) :]), jnp.float32)
     assert plan(symbolic_x.shape, w_shape, (2, 1), ((1, 1), (2, 0)), (1, 1), groups)[:3] == (
         "xla",
         "xla",
@@ -189,7 +194,7 @@ def test_symbolic_batch_exports_and_matches_concrete_calls(rng, w_shape, groups)
         for got, want in zip(
             jax.tree.leaves(exported.call(x, w)), jax.tree.leaves(function(x, w)), strict=True
         ):
-            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize(
