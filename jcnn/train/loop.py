@@ -840,15 +840,10 @@ def _fit(
         run_folder.check_start(
             out, resume=config.resume, overwrite=config.overwrite, record=config_record
         )
-        if config.overwrite and jax.process_index() == 0:
-            run_folder.clear(out)
-        if jax.process_count() > 1:  # nobody opens the checkpoints while process 0 clears them
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jcnn_run_folder_ready")
-        manager = CheckpointManager(
-            out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
-        )
+        if config.resume:
+            manager = CheckpointManager(
+                out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
+            )
 
     history: list[dict] = []
     evaluations: list[dict] = []
@@ -887,13 +882,6 @@ def _fit(
         progress.print(
             f"resumed from {manager.path(usable[-1])} (epoch {epoch + 1}, batch {start_batch})"
         )
-    if out is not None and jax.process_index() == 0:
-        # only now: a refused start or a failed restore leaves the folder as it was
-        run_folder.write_config(out, config_record)
-        description = runs.run_description(model, sample_images, metadata)
-        run_folder.write_atomically(out / runs.RUN_FILE, json.dumps(description, indent=1))
-        if stats is not None:
-            runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
     if mesh is not None:
         state = parallel.replicate(state, mesh)
 
@@ -987,6 +975,25 @@ def _fit(
     batch_index = start_batch
     with progress, native.conv_backend_scope("xla" if several_devices else None):
         _call(callbacks, "on_train_begin", run)
+        if out is not None:
+            # only now: a refused start (a callback's configuration mistake included) or a failed
+            # restore leaves the folder as it was
+            if config.overwrite and jax.process_index() == 0:
+                run_folder.clear(out)
+            if jax.process_count() > 1:  # nobody opens the checkpoints while process 0 clears
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jcnn_run_folder_ready")
+            if manager is None:
+                manager = CheckpointManager(
+                    out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
+                )
+            if jax.process_index() == 0:
+                run_folder.write_config(out, config_record)
+                description = runs.run_description(model, sample_images, metadata)
+                run_folder.write_atomically(out / runs.RUN_FILE, json.dumps(description, indent=1))
+                if stats is not None:
+                    runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
         while not finished():
             progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, start_batch)
             epoch_start = time.perf_counter()

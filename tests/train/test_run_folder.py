@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from jcnn.data import Loader
-from jcnn.train import TrainConfig, fit, run_folder
+from jcnn.train import (
+    BestCheckpoint,
+    CheckpointManager,
+    EarlyStopping,
+    TrainConfig,
+    fit,
+    run_folder,
+)
 from jcnn.train.run_folder import RunFolderError
 
 
@@ -219,6 +226,26 @@ def test_a_new_run_into_a_used_folder_needs_overwrite(run):
     record = json.loads((run / "config.json").read_text())
     assert record["model"]["width"] == 5
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files were replaced
+
+
+def test_a_callback_refusing_the_configuration_leaves_the_folder_as_it_was(run, tmp_path):
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="EarlyStopping.on_train_begin.*no validation set"):
+        fit(Net(), _loader(), None, _config(run, overwrite=True), callbacks=[EarlyStopping()])
+    assert _snapshot(run) == before  # the old run is still there, untouched
+    new = tmp_path / "new"
+    with pytest.raises(ValueError, match="BestCheckpoint.on_train_begin.*not an evaluation"):
+        fit(Net(), _loader(), _loader(), _config(new), callbacks=[BestCheckpoint("val_f1")])
+    assert not new.exists()
+    for _ in range(2):  # the second overwrite deletes the first one's best checkpoint
+        fit(
+            Net(),
+            _loader(),
+            _loader(),
+            _config(run, overwrite=True),
+            callbacks=[BestCheckpoint("val_loss", mode="min")],
+        )
+        assert CheckpointManager(run / "best").steps() == [2]
 
 
 HOLDER = textwrap.dedent(
