@@ -48,7 +48,7 @@ from jax.typing import DTypeLike
 
 from jcnn import native
 from jcnn.data import Standardize
-from jcnn.functional._checks import check_positive_int
+from jcnn.functional._checks import check_bool, check_int, check_positive_int, check_real
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, Callback, CallbackError, RunContext
@@ -240,18 +240,25 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
         return config.learning_rate
     lr = _base_rate(config.learning_rate)
     total = max(1, _total_steps(config, steps_per_epoch))
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup_epochs = check_real(config.warmup_epochs, "config.warmup_epochs", low=0)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
     horizon = max(1, total - warmup)
     name = config.schedule
     if name == "constant":
         schedule = S.constant(lr)
     elif name == "step":
-        bounds = [int(e * steps_per_epoch) for e in config.step_epochs]
-        schedule = S.step(lr, bounds, config.step_factor)
-    elif name == "exponential":
-        schedule = S.exponential(lr, config.decay_rate / steps_per_epoch)
-    elif name == "inverse_time":
-        schedule = S.inverse_time(lr, config.decay_rate / steps_per_epoch)
+        epochs = config.step_epochs
+        if isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__iter__"):
+            raise TypeError(f"config.step_epochs: expected a sequence of epochs, got {epochs!r}")
+        epochs = [check_real(e, f"config.step_epochs[{i}]", low=0) for i, e in enumerate(epochs)]
+        if any(a >= b for a, b in zip(epochs[:-1], epochs[1:], strict=True)):
+            raise ValueError(f"config.step_epochs: expected increasing epochs, got {epochs}")
+        factor = check_real(config.step_factor, "config.step_factor", low=0, low_open=True)
+        schedule = S.step(lr, [int(e * steps_per_epoch) for e in epochs], factor)
+    elif name in ("exponential", "inverse_time"):
+        rate = check_real(config.decay_rate, "config.decay_rate", low=0)
+        decay = S.exponential if name == "exponential" else S.inverse_time
+        schedule = decay(lr, rate / steps_per_epoch)
     elif name == "cosine":
         schedule = S.cosine(lr, horizon)
     elif name == "linear":
@@ -716,6 +723,10 @@ def fit(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a jcnn.train.TrainConfig, got {type(config).__name__}")
+    for name in ("resume", "overwrite", "progress", "test_every_epoch"):
+        check_bool(getattr(config, name), f"config.{name}")
+    if config.out is not None and not isinstance(config.out, (str, os.PathLike)):
+        raise TypeError(f"config.out: expected a folder path or None, got {config.out!r}")
     arguments = dict(
         test_loader=test_loader,
         loss=loss,
@@ -759,6 +770,12 @@ def _fit(
         check_positive_int(config.max_steps, "config.max_steps")
     _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")
     check_positive_int(config.eval_batch_size, "config.eval_batch_size")
+    _check_non_negative_int(config.checkpoint_every_epochs, "config.checkpoint_every_epochs")
+    _check_non_negative_int(config.checkpoint_every_steps, "config.checkpoint_every_steps")
+    check_positive_int(config.keep_last, "config.keep_last")
+    check_int(config.seed, "config.seed", low=-(2**63), high=2**63 - 1)
+    check_int(config.val_split_seed, "config.val_split_seed", low=0)
+    check_real(config.label_smoothing, "config.label_smoothing", low=0, high=1)
     if config.monitor_mode not in ("max", "min"):
         raise ValueError(
             f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"

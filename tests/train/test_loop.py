@@ -1,6 +1,7 @@
 """fit(): run folder, learning, NaN stop and exact resume from a mid-epoch checkpoint."""
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -137,6 +138,50 @@ def test_bad_config_is_named(rng):
         fit(TinyNet(), train, val, {"epochs": 1})
     with pytest.raises(ValueError, match="config.epochs"):
         fit(TinyNet(), train, val, TrainConfig(epochs=0, progress=False))
+
+
+@pytest.mark.parametrize(
+    "setting, value, error",
+    [
+        ("checkpoint_every_steps", -1, ValueError),
+        ("checkpoint_every_steps", 1.5, ValueError),
+        ("checkpoint_every_epochs", -1, ValueError),
+        ("checkpoint_every_epochs", 0.5, ValueError),
+        ("keep_last", 0, ValueError),
+        ("seed", 1.5, TypeError),
+        ("val_split_seed", -1, ValueError),
+        ("label_smoothing", -0.5, ValueError),
+        ("resume", "no", TypeError),
+        ("progress", "no", TypeError),
+        ("warmup_epochs", -1.0, ValueError),
+        ("warmup_epochs", float("nan"), ValueError),
+        ("warmup_epochs", "1", TypeError),
+        ("step_epochs", 3, TypeError),
+        ("step_epochs", (-1,), ValueError),
+        ("step_epochs", (2, 1), ValueError),
+        ("step_factor", -1.0, ValueError),
+        ("decay_rate", -1.0, ValueError),
+        ("out", 3, TypeError),
+    ],
+)
+def test_bad_settings_are_named_before_anything_is_written(tmp_path, rng, setting, value, error):
+    train, val = _loaders(*_data(rng))
+    out = tmp_path / "run"
+    schedule = {"step_epochs": "step", "step_factor": "step", "decay_rate": "exponential"}
+    config = _config(out, schedule=schedule.get(setting, "cosine"))
+    config = dataclasses.replace(config, **{setting: value})
+    with pytest.raises(error, match=rf"config\.{setting}\b.*: expected .*, got "):
+        fit(TinyNet(), train, val, config)
+    assert not out.exists()
+
+
+def test_a_refused_overwrite_keeps_the_old_run(tmp_path, rng):
+    train, val = _loaders(*_data(rng))
+    fit(TinyNet(), train, val, _config(tmp_path, epochs=1))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="config.keep_last: expected a positive int, got 0"):
+        fit(TinyNet(), train, val, _config(tmp_path, epochs=1, overwrite=True, keep_last=0))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("learning_rate", [1e4, 1e15])
