@@ -248,6 +248,18 @@ def test_a_callback_refusing_the_configuration_leaves_the_folder_as_it_was(run, 
         assert CheckpointManager(run / "best").steps() == [2]
 
 
+def test_a_folder_that_cannot_be_created_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    for folder in (blocker, blocker / "run"):
+        with pytest.raises(
+            RunFolderError,
+            match=f"run folder {folder} (exists and is not a directory|cannot be created)",
+        ):
+            fit(Net(), _loader(), None, _config(folder))
+    assert blocker.read_text() == "mine"
+
+
 HOLDER = textwrap.dedent(
     """
     import sys, time
