@@ -1104,6 +1104,8 @@ def _fit(
                     metrics=pairs,
                 )
                 record.update(_prefixed("test", test))
+            if history and history[-1]["epoch"] == record["epoch"]:
+                history.pop()  # the record of this epoch stopped part-way (max_steps) and resumed
             history.append(record)
             progress.print(
                 f"epoch {epoch + 1}: {_format(record, 'train')}"

@@ -108,6 +108,21 @@ def test_resume_from_mid_epoch_checkpoint_is_bitwise_exact(tmp_path, rng):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_extending_a_run_stopped_mid_epoch_equals_the_longer_run(tmp_path, rng):
+    train, val = _loaders(*_data(rng))
+    full = fit(TinyNet(), train, val, _config(tmp_path / "full", schedule="constant"))
+    out = tmp_path / "extended"
+    short = fit(TinyNet(), train, val, _config(out, schedule="constant", max_steps=6))
+    assert [(h["epoch"], h["step"]) for h in short["history"]] == [(1, 4), (2, 6)]
+    extended = fit(TinyNet(), train, val, _config(out, schedule="constant", resume=True))
+    assert [(h["epoch"], h["step"]) for h in extended["history"]] == [(1, 4), (2, 8)]
+    assert _metrics(extended["history"]) == _metrics(full["history"])
+    assert json.loads((out / "history.json").read_text()) == extended["history"]
+    a, b = full["state"], extended["state"]
+    for x, y in zip(jax.tree.leaves(a.arrays()), jax.tree.leaves(b.arrays()), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
     train, val = _loaders(*_data(rng, poison_batch=2), shuffle=False)
     with pytest.raises(
