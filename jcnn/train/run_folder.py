@@ -511,6 +511,7 @@ def check_start(
             entry.name.startswith("step_")
             and not entry.name.endswith(".partial")
             and "." not in entry.name
+            and entry.is_dir()
             for entry in checkpoints.iterdir()
         )
         if not has_checkpoint:

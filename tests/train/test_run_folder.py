@@ -206,6 +206,12 @@ def test_resume_without_checkpoints_is_refused(run, tmp_path):
     with pytest.raises(RunFolderError, match="nothing to resume.*checkpoints are gone"):
         fit(Net(), _loader(), None, _config(run, resume=True))
     assert _snapshot(run) == before
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step_00000002").write_text("not a checkpoint")
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="nothing to resume.*checkpoints are gone"):
+        fit(Net(), _loader(), None, _config(run, resume=True))
+    assert _snapshot(run) == before
     for empty in (tmp_path / "never", tmp_path / "empty"):
         if empty.name == "empty":
             empty.mkdir()
