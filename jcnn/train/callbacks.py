@@ -221,9 +221,14 @@ class EarlyStopping(_Monitor):
             return
         self.wait += 1
         if self.wait >= self.patience:
+            best = (
+                "never a number, only NaN"
+                if self.best is None
+                else f"best {self.best:.6g} at step {self.best_step}"
+            )
             run.request_stop(
                 f"early stopping: {self.monitor} did not improve for {self.wait} evaluations "
-                f"(best {self.best:.6g} at step {self.best_step})"
+                f"({best})"
             )
 
     def state_dict(self) -> dict:
