@@ -449,6 +449,16 @@ def test_loader_protocol_is_checked_in_full(rng):
     assert isinstance(train, TrainLoader) and not isinstance(_NoBatch(), TrainLoader)
 
 
+def test_an_empty_evaluation_loader_is_refused_before_training(tmp_path, rng):
+    train, val = _loaders(*_data(rng))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"val_loader: expected at least one .* batch, got none"):
+        fit(TinyNet(), train, [], _config(out))
+    with pytest.raises(ValueError, match=r"test_loader: expected at least one .* batch"):
+        fit(TinyNet(), train, val, _config(out), test_loader=())
+    assert not out.exists()
+
+
 def _uint8_data(rng, n):
     images, labels = _data(rng, n=n)
     return (images * 20 + 100).clip(0, 255).astype(np.uint8), labels
