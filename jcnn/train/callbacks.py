@@ -221,9 +221,14 @@ class EarlyStopping(_Monitor):
             return
         self.wait += 1
         if self.wait >= self.patience:
+            best = (
+                "never a number, only NaN"
+                if self.best is None
+                else f"best {self.best:.6g} at step {self.best_step}"
+            )
             run.request_stop(
                 f"early stopping: {self.monitor} did not improve for {self.wait} evaluations "
-                f"(best {self.best:.6g} at step {self.best_step})"
+                f"({best})"
             )
 
     def state_dict(self) -> dict:
@@ -267,14 +272,18 @@ class BestCheckpoint(_Monitor):
         super().on_train_begin(run)
         if run.out is None:
             raise ValueError("BestCheckpoint: needs a run folder (TrainConfig(out=...))")
-        from jcnn.train.checkpoint import CheckpointManager
-
-        self._manager = CheckpointManager(run.out / self.directory, keep_last=1, keep_best=False)
+        self._manager = None  # opened at the first save: fit has not yet set up the folder
 
     def on_evaluation(self, run: RunContext, metrics: dict) -> None:
         value = float(metrics[self.monitor])
         if not self._improves(value):
             return
         self.best, self.best_step = value, int(metrics["step"])
+        if self._manager is None:
+            from jcnn.train.checkpoint import CheckpointManager
+
+            self._manager = CheckpointManager(
+                run.out / self.directory, keep_last=1, keep_best=False
+            )
         meta = {"monitor": self.monitor, "mode": self.mode, "value": value, "epoch": run.epoch}
         self._manager.save(run.step, run.state, meta, metric=value)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jcnn.functional._checks import check_positive_int
+from jcnn.functional._checks import check_int, check_positive_int, check_real
 
 __all__ = ["CheckpointManager", "CheckpointError", "STATUSES"]
 
@@ -325,13 +325,17 @@ class CheckpointManager:
         Returns:
             The checkpoint's folder.
         """
-        step = int(step)
+        step = check_int(step, "step", low=0, high=99_999_999)
         if status not in STATUSES:
             raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
         if metric is not None:
-            metric = float(metric)
+            metric = check_real(metric, "metric", finite=False)
             if not math.isfinite(metric):
                 metric = None
+        try:
+            json.dumps(dict(meta or {}))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"meta: expected a JSON-serializable dict ({error})") from error
         arrays = state.arrays() if hasattr(state, "arrays") else state
         final = self.path(step)
         staging = final.with_name(final.name + ".partial")
@@ -433,9 +437,10 @@ class CheckpointManager:
             if not steps:
                 raise CheckpointError(f"no checkpoint found in {self.directory}")
             return steps[-1]
+        step = check_int(step, "step", low=0)
         if not self.path(step).is_dir():
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
-        return int(step)
+        return step
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Load a verified checkpoint into the structure of ``template``.

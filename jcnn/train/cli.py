@@ -505,6 +505,8 @@ def load_dataset(name: str, split: str, *, data_dir=None, manual_dir=None):
     from jcnn import data
 
     if name == "synthetic":
+        if split not in ("train", "test"):
+            raise ValueError(f"split: expected 'train' or 'test' for synthetic, got {split!r}")
         return _synthetic(split, 0)
     if name.startswith("tfds:"):
         return data.load_tfds(name[len("tfds:") :], split, data_dir=data_dir, manual_dir=manual_dir)

@@ -23,6 +23,8 @@ __all__ = ["main", "build_parser", "plot_confusion"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``jcnn-eval``."""
+    from jcnn.train.cli import _int_at_least
+
     p = argparse.ArgumentParser(
         prog="jcnn-eval", description="Evaluate a jcnn run folder on a test set."
     )
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
     p.add_argument("--manual-dir", default=None, help="tfds:NAME only: the original downloads")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=_int_at_least(1, "a positive integer"), default=1000)
     p.add_argument("--confusion", default=None, help="PNG path of the confusion matrix")
     p.add_argument("--json", default=None, help="JSON path of the results")
     return p
@@ -81,6 +83,7 @@ def plot_confusion(path, confusion, title: str) -> None:
 def main(argv=None) -> int:
     """Entry point of ``jcnn-eval``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from jcnn import data
     from jcnn.train import run_folder
     from jcnn.train.cli import load_dataset
     from jcnn.train.runs import RunFolderError, load_run
@@ -99,10 +102,35 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    folder = Path(args.folder)
+    confusion = Path(args.confusion) if args.confusion else folder / "confusion_matrix.png"
+    results = Path(args.json) if args.json else folder / "evaluation.json"
+    for flag, path in (("--confusion", confusion), ("--json", results)):  # before any work
+        problem = (
+            "is a folder, expected a file"
+            if path.is_dir()
+            else None
+            if path.absolute().parent.is_dir()
+            else "its folder does not exist"
+        )
+        if problem is not None:
+            print(f"jcnn-eval: {flag} {path}: {problem}", file=sys.stderr)
+            return 2
     data_dir = args.data_dir if args.data_dir is not None else run.metadata.get("data_dir")
     manual_dir = args.manual_dir if args.manual_dir is not None else run.metadata.get("manual_dir")
-    images, labels = load_dataset(dataset, args.split, data_dir=data_dir, manual_dir=manual_dir)
-    report = run.evaluate(images, labels, batch_size=args.batch_size)
+    try:
+        images, labels = load_dataset(dataset, args.split, data_dir=data_dir, manual_dir=manual_dir)
+    except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
+        print(f"jcnn-eval: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # e.g. a split the dataset does not have
+        print(f"jcnn-eval: {error}", file=sys.stderr)
+        return 2
+    try:
+        report = run.evaluate(images, labels, batch_size=args.batch_size)
+    except (ValueError, TypeError) as error:  # e.g. a dataset of other images than the run's
+        print(f"jcnn-eval: {dataset} {args.split}: {error}", file=sys.stderr)
+        return 2
     print(
         f"{dataset} {args.split}: accuracy {report['accuracy']:.4f} (loss {report['loss']:.4f}) "
         f"on {report['count']} images; checkpoint step {run.step} ({run.which})"
@@ -111,8 +139,6 @@ def main(argv=None) -> int:
         total = sum(report["confusion_matrix"][label])
         shown = "no example" if accuracy is None else f"{accuracy:.4f}"
         print(f"  class {label}: {shown} ({report['confusion_matrix'][label][label]}/{total})")
-    folder = Path(args.folder)
-    confusion = Path(args.confusion) if args.confusion else folder / "confusion_matrix.png"
     plot_confusion(
         confusion, report["confusion_matrix"], f"{dataset} {args.split}, step {run.step}"
     )
@@ -123,7 +149,6 @@ def main(argv=None) -> int:
         "which": run.which,
         **report,
     }
-    results = Path(args.json) if args.json else folder / "evaluation.json"
     run_folder.write_atomically(results, json.dumps(record, indent=1))
     print(f"confusion matrix: {confusion}; results: {results}")
     return 0

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["lookahead", "LookaheadState"]
@@ -58,19 +59,26 @@ def lookahead(
     Returns:
         An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
     """
-    if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"inner: expected an optax.GradientTransformation, got {type(inner).__name__}"
+        )
+    if not _is_int(sync_period) or sync_period < 1:
         raise ValueError(f"sync_period: expected a positive int, got {sync_period!r}")
+    sync_period = int(sync_period)
     if not callable(slow_step_size):
-        if isinstance(slow_step_size, bool) or not isinstance(slow_step_size, (int, float)):
+        if isinstance(slow_step_size, (bool, np.bool_)) or not isinstance(
+            slow_step_size, (int, float, np.integer, np.floating)
+        ):
             raise TypeError(
                 f"slow_step_size: expected a number or a schedule, got {slow_step_size!r}"
             )
         if not 0.0 <= float(slow_step_size) <= 1.0:
             raise ValueError(f"slow_step_size: expected a value in [0, 1], got {slow_step_size!r}")
-    if final_step is not None and (
-        isinstance(final_step, bool) or not isinstance(final_step, int) or final_step < 1
-    ):
+        slow_step_size = float(slow_step_size)
+    if final_step is not None and (not _is_int(final_step) or final_step < 1):
         raise ValueError(f"final_step: expected a positive int or None, got {final_step!r}")
+    final_step = None if final_step is None else int(final_step)
 
     def init(params):
         slow = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
@@ -103,3 +111,8 @@ def lookahead(
         return updates, LookaheadState(inner_state, slow, count)
 
     return optax.GradientTransformation(init, update)
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, never a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

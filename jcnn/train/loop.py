@@ -48,7 +48,7 @@ from jax.typing import DTypeLike
 
 from jcnn import native
 from jcnn.data import Standardize
-from jcnn.functional._checks import check_positive_int
+from jcnn.functional._checks import check_bool, check_int, check_positive_int, check_real
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, Callback, CallbackError, RunContext
@@ -240,18 +240,25 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
         return config.learning_rate
     lr = _base_rate(config.learning_rate)
     total = max(1, _total_steps(config, steps_per_epoch))
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup_epochs = check_real(config.warmup_epochs, "config.warmup_epochs", low=0)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
     horizon = max(1, total - warmup)
     name = config.schedule
     if name == "constant":
         schedule = S.constant(lr)
     elif name == "step":
-        bounds = [int(e * steps_per_epoch) for e in config.step_epochs]
-        schedule = S.step(lr, bounds, config.step_factor)
-    elif name == "exponential":
-        schedule = S.exponential(lr, config.decay_rate / steps_per_epoch)
-    elif name == "inverse_time":
-        schedule = S.inverse_time(lr, config.decay_rate / steps_per_epoch)
+        epochs = config.step_epochs
+        if isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__iter__"):
+            raise TypeError(f"config.step_epochs: expected a sequence of epochs, got {epochs!r}")
+        epochs = [check_real(e, f"config.step_epochs[{i}]", low=0) for i, e in enumerate(epochs)]
+        if any(a >= b for a, b in zip(epochs[:-1], epochs[1:], strict=True)):
+            raise ValueError(f"config.step_epochs: expected increasing epochs, got {epochs}")
+        factor = check_real(config.step_factor, "config.step_factor", low=0, low_open=True)
+        schedule = S.step(lr, [int(e * steps_per_epoch) for e in epochs], factor)
+    elif name in ("exponential", "inverse_time"):
+        rate = check_real(config.decay_rate, "config.decay_rate", low=0)
+        decay = S.exponential if name == "exponential" else S.inverse_time
+        schedule = decay(lr, rate / steps_per_epoch)
     elif name == "cosine":
         schedule = S.cosine(lr, horizon)
     elif name == "linear":
@@ -716,6 +723,10 @@ def fit(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a jcnn.train.TrainConfig, got {type(config).__name__}")
+    for name in ("resume", "overwrite", "progress", "test_every_epoch"):
+        check_bool(getattr(config, name), f"config.{name}")
+    if config.out is not None and not isinstance(config.out, (str, os.PathLike)):
+        raise TypeError(f"config.out: expected a folder path or None, got {config.out!r}")
     arguments = dict(
         test_loader=test_loader,
         loss=loss,
@@ -759,6 +770,12 @@ def _fit(
         check_positive_int(config.max_steps, "config.max_steps")
     _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")
     check_positive_int(config.eval_batch_size, "config.eval_batch_size")
+    _check_non_negative_int(config.checkpoint_every_epochs, "config.checkpoint_every_epochs")
+    _check_non_negative_int(config.checkpoint_every_steps, "config.checkpoint_every_steps")
+    check_positive_int(config.keep_last, "config.keep_last")
+    check_int(config.seed, "config.seed", low=-(2**63), high=2**63 - 1)
+    check_int(config.val_split_seed, "config.val_split_seed", low=0)
+    check_real(config.label_smoothing, "config.label_smoothing", low=0, high=1)
     if config.monitor_mode not in ("max", "min"):
         raise ValueError(
             f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
@@ -840,15 +857,10 @@ def _fit(
         run_folder.check_start(
             out, resume=config.resume, overwrite=config.overwrite, record=config_record
         )
-        if config.overwrite and jax.process_index() == 0:
-            run_folder.clear(out)
-        if jax.process_count() > 1:  # nobody opens the checkpoints while process 0 clears them
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jcnn_run_folder_ready")
-        manager = CheckpointManager(
-            out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
-        )
+        if config.resume:
+            manager = CheckpointManager(
+                out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
+            )
 
     history: list[dict] = []
     evaluations: list[dict] = []
@@ -887,13 +899,6 @@ def _fit(
         progress.print(
             f"resumed from {manager.path(usable[-1])} (epoch {epoch + 1}, batch {start_batch})"
         )
-    if out is not None and jax.process_index() == 0:
-        # only now: a refused start or a failed restore leaves the folder as it was
-        run_folder.write_config(out, config_record)
-        description = runs.run_description(model, sample_images, metadata)
-        run_folder.write_atomically(out / runs.RUN_FILE, json.dumps(description, indent=1))
-        if stats is not None:
-            runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
     if mesh is not None:
         state = parallel.replicate(state, mesh)
 
@@ -987,6 +992,25 @@ def _fit(
     batch_index = start_batch
     with progress, native.conv_backend_scope("xla" if several_devices else None):
         _call(callbacks, "on_train_begin", run)
+        if out is not None:
+            # only now: a refused start (a callback's configuration mistake included) or a failed
+            # restore leaves the folder as it was
+            if config.overwrite and jax.process_index() == 0:
+                run_folder.clear(out)
+            if jax.process_count() > 1:  # nobody opens the checkpoints while process 0 clears
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jcnn_run_folder_ready")
+            if manager is None:
+                manager = CheckpointManager(
+                    out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
+                )
+            if jax.process_index() == 0:
+                run_folder.write_config(out, config_record)
+                description = runs.run_description(model, sample_images, metadata)
+                run_folder.write_atomically(out / runs.RUN_FILE, json.dumps(description, indent=1))
+                if stats is not None:
+                    runs.save_standardize(out / runs.STANDARDIZE_FILE, stats)
         while not finished():
             progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, start_batch)
             epoch_start = time.perf_counter()
@@ -1080,6 +1104,8 @@ def _fit(
                     metrics=pairs,
                 )
                 record.update(_prefixed("test", test))
+            if history and history[-1]["epoch"] == record["epoch"]:
+                history.pop()  # the record of this epoch stopped part-way (max_steps) and resumed
             history.append(record)
             progress.print(
                 f"epoch {epoch + 1}: {_format(record, 'train')}"

@@ -66,9 +66,12 @@ def check_train_loader(loader, name: str = "train_loader") -> None:
 
 
 def check_eval_loader(loader, name: str) -> None:
-    """Raise a ``TypeError`` unless ``loader`` has ``epoch(0)`` or can be iterated."""
+    """Raise a ``TypeError`` unless ``loader`` has ``epoch(0)`` or can be iterated, and a
+    ``ValueError`` if it has a length and it is 0."""
     if not callable(getattr(loader, "epoch", None)) and not hasattr(type(loader), "__iter__"):
         raise TypeError(
             f"{name}: expected a loader with epoch(0) or iteration yielding (images, labels) "
             f"batches, got {type(loader).__name__}"
         )
+    if hasattr(type(loader), "__len__") and len(loader) == 0:
+        raise ValueError(f"{name}: expected at least one (images, labels) batch, got none")

@@ -211,7 +211,13 @@ def claim(folder: str | os.PathLike) -> RunLock:
     while not created.parent.exists():
         created = created.parent  # the topmost folder this claim creates
     created = None if folder.exists() else created
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(
+            f"run folder {folder} cannot be created ({type(error).__name__}: {error.strerror})",
+            folder,
+        ) from error
     key = str(folder.resolve())
     if key in _HELD and _HELD[key]._handle is not None:
         _HELD[key]._count += 1
@@ -505,6 +511,7 @@ def check_start(
             entry.name.startswith("step_")
             and not entry.name.endswith(".partial")
             and "." not in entry.name
+            and entry.is_dir()
             for entry in checkpoints.iterdir()
         )
         if not has_checkpoint:

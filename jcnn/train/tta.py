@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcnn.functional._checks import check_array, check_real
 
@@ -36,17 +37,28 @@ def translate_batch(
     shifts), the uncovered border filled by ``pad_mode`` (``"reflect"``, ``"edge"`` or ``"zeros"``).
     """
     check_array(images, "images", ndim=4)
-    modes = {"reflect": "reflect", "edge": "edge", "zeros": "constant"}
-    if pad_mode not in modes:
-        raise ValueError(f"pad_mode: expected one of {', '.join(modes)}, got {pad_mode!r}")
+    _check_pad_mode(pad_mode)
     height, width = images.shape[1:3]
     for name, shift, size in (("shift_y", shift_y, height), ("shift_x", shift_x, width)):
-        if isinstance(shift, bool) or not isinstance(shift, int) or abs(shift) >= size:
+        if not _is_int(shift) or abs(shift) >= size:
             raise ValueError(f"{name}: expected an int with |{name}| < {size}, got {shift!r}")
+    shift_y, shift_x = int(shift_y), int(shift_x)
     py, px = abs(shift_y), abs(shift_x)
-    padded = jnp.pad(images, ((0, 0), (py, py), (px, px), (0, 0)), mode=modes[pad_mode])
+    padded = jnp.pad(images, ((0, 0), (py, py), (px, px), (0, 0)), mode=_PAD_MODES[pad_mode])
     top, left = py - shift_y, px - shift_x
     return padded[:, top : top + height, left : left + width, :]
+
+
+_PAD_MODES = {"reflect": "reflect", "edge": "edge", "zeros": "constant"}
+
+
+def _check_pad_mode(pad_mode) -> None:
+    if not isinstance(pad_mode, str) or pad_mode not in _PAD_MODES:
+        raise ValueError(f"pad_mode: expected one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def flip_translate_views(
@@ -56,8 +68,17 @@ def flip_translate_views(
     pad_mode: str = "reflect",
 ) -> list[View]:
     """Views ``{identity, horizontal mirror} x shifts`` (6 with the defaults, as airbench94)."""
+    if isinstance(shifts, (str, bytes)) or not hasattr(shifts, "__iter__"):
+        raise TypeError(f"shifts: expected a sequence of (shift_y, shift_x) pairs, got {shifts!r}")
+    shifts = tuple(shifts)
     if not shifts:
         raise ValueError("shifts: expected at least one (shift_y, shift_x) pair, got none")
+    for i, pair in enumerate(shifts):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(_is_int, pair))):
+            raise ValueError(
+                f"shifts[{i}]: expected a pair of ints (shift_y, shift_x), got {pair!r}"
+            )
+    _check_pad_mode(pad_mode)
     views = []
     for mirror in (False, True) if flip else (False,):
         for shift_y, shift_x in shifts:
@@ -90,6 +111,9 @@ def tta_logits(
     """
     if not views:
         raise ValueError("views: expected at least one view, got none")
+    for i, view in enumerate(views):
+        if not callable(view):
+            raise TypeError(f"views[{i}]: expected a function images -> images, got {view!r}")
     weights = _check_weights(weights, len(views))
     total = None
     for view, weight in zip(views, weights, strict=True):
@@ -129,9 +153,14 @@ def with_tta(
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a model's apply function, got {apply_fn!r}")
+    if isinstance(views, (str, bytes)) or not hasattr(views, "__iter__"):
+        raise TypeError(f"views: expected a sequence of functions images -> images, got {views!r}")
     views = tuple(views)
     if not views:
         raise ValueError("views: expected at least one view, got none")
+    for i, view in enumerate(views):
+        if not callable(view):
+            raise TypeError(f"views[{i}]: expected a function images -> images, got {view!r}")
     weights = _check_weights(weights, len(views))
 
     def apply(variables, images, *args, train: bool = False, **kwargs):

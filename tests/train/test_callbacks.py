@@ -62,6 +62,7 @@ def _context(has_validation=True):
         ("min", [1.0, 0.99, 0.98, 0.97], 0.05, 3),  # improvements below min_delta do not count
         ("max", [0.1, 0.2, 0.3, 0.4], 0.0, None),
         ("max", [0.5, float("nan"), 0.4], 0.0, 3),  # NaN never improves
+        ("min", [float("nan"), float("nan")], 0.0, 2),  # nothing but NaN: stops, says so
     ],
 )
 def test_early_stopping_counts_evaluations_without_improvement(mode, values, min_delta, stop_at):

@@ -268,3 +268,21 @@ def test_statuses_and_the_newest_good_checkpoint_survives_pruning(tmp_path, rng)
     assert reopened.manifest(3)["non_finite"] == ["params/bias", "params/conv/kernel"]
     with pytest.raises(ValueError, match="status"):
         manager.save(5, tree, status="fine")
+
+
+def test_bad_save_arguments_are_named_and_write_nothing(tmp_path, rng):
+    tree = _tree(rng)
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, tree, {"epoch": 0}, metric=0.5)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for step, error in ((1.5, TypeError), (-1, ValueError), (10**8, ValueError), ("2", TypeError)):
+        with pytest.raises(error, match="step: expected an int"):
+            manager.save(step, tree)
+    with pytest.raises(TypeError, match="metric: expected a number, got 'high'"):
+        manager.save(2, tree, metric="high")
+    with pytest.raises(TypeError, match="meta: expected a JSON-serializable dict"):
+        manager.save(2, tree, {"loss": np.float32(0.5)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no stray partial folder
+    assert manager.steps() == [1]
+    with pytest.raises(TypeError, match="step: expected an int"):
+        manager.restore(tree, 1.0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -577,6 +578,36 @@ def test_jcnn_eval_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "jcnn-eval:" in error and "is not a jcnn run folder" in error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_jcnn_eval_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):
+    from jcnn.train import cli
+    from jcnn.train.eval_cli import main as eval_main
+
+    out = tmp_path / "run"
+    assert cli.main([*SMALL_SPLIT, "--epochs", "1", "--max-steps", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in out.iterdir())
+
+    def check(args, code, says):
+        assert eval_main([str(out), *args]) == code
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jcnn-eval: ") and "\n" not in err and "Traceback" not in err, err
+        assert re.search(says, err), err
+        assert sorted(p.name for p in out.iterdir()) == before
+
+    check(["--split", "validation"], 2, "split: expected 'train' or 'test' for synthetic")
+    check(["--dataset", "mnist", "--data-dir", str(tmp_path / "none")], 1, "t10k-images")
+    check(["--json", str(tmp_path / "none" / "e.json")], 2, "--json .*its folder does not exist")
+    check(["--confusion", str(tmp_path)], 2, "--confusion .*is a folder")
+    colour = (np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int32))
+    monkeypatch.setattr(cli, "load_dataset", lambda *args, **kwargs: colour)
+    check([], 2, r"synthetic test: images: expected .*\(8, 32, 32, 3\)")
+    for size in ("0", "-5"):
+        with pytest.raises(SystemExit) as exit:
+            eval_main([str(out), "--batch-size", size])
+        assert exit.value.code == 2
+        assert f"--batch-size: expected a positive integer, got {size}" in capsys.readouterr().err
 
 
 def test_bad_val_split_is_refused_and_writes_nothing(tmp_path, capsys):

@@ -58,3 +58,23 @@ def test_needs_params_and_checks_its_arguments():
         lookahead(optax.sgd(0.1), 2, "0.5")
     with pytest.raises(ValueError, match="final_step: expected a positive int or None, got 0"):
         lookahead(optax.sgd(0.1), 2, 0.5, final_step=0)
+
+
+def test_numpy_scalars_are_taken_as_written_and_inner_is_checked():
+    grads = [jnp.full(2, 1.0), jnp.full(2, -2.0), jnp.full(2, 0.5), jnp.full(2, 3.0)]
+
+    def run(tx):
+        params = jnp.zeros(2)
+        state = tx.init(params)
+        for g in grads:
+            updates, state = tx.update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return np.asarray(params)
+
+    python = run(lookahead(optax.sgd(0.1), 2, 0.5, final_step=3))
+    numpy = run(lookahead(optax.sgd(0.1), np.int64(2), np.float32(0.5), final_step=np.int32(3)))
+    np.testing.assert_array_equal(numpy, python)
+    with pytest.raises(TypeError, match="inner: expected an optax.GradientTransformation, got str"):
+        lookahead("sgd", 2, 0.5)
+    with pytest.raises(TypeError, match="slow_step_size: expected a number or a schedule"):
+        lookahead(optax.sgd(0.1), 2, np.bool_(True))

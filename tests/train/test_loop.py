@@ -1,6 +1,7 @@
 """fit(): run folder, learning, NaN stop and exact resume from a mid-epoch checkpoint."""
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -107,6 +108,21 @@ def test_resume_from_mid_epoch_checkpoint_is_bitwise_exact(tmp_path, rng):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_extending_a_run_stopped_mid_epoch_equals_the_longer_run(tmp_path, rng):
+    train, val = _loaders(*_data(rng))
+    full = fit(TinyNet(), train, val, _config(tmp_path / "full", schedule="constant"))
+    out = tmp_path / "extended"
+    short = fit(TinyNet(), train, val, _config(out, schedule="constant", max_steps=6))
+    assert [(h["epoch"], h["step"]) for h in short["history"]] == [(1, 4), (2, 6)]
+    extended = fit(TinyNet(), train, val, _config(out, schedule="constant", resume=True))
+    assert [(h["epoch"], h["step"]) for h in extended["history"]] == [(1, 4), (2, 8)]
+    assert _metrics(extended["history"]) == _metrics(full["history"])
+    assert json.loads((out / "history.json").read_text()) == extended["history"]
+    a, b = full["state"], extended["state"]
+    for x, y in zip(jax.tree.leaves(a.arrays()), jax.tree.leaves(b.arrays()), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
     train, val = _loaders(*_data(rng, poison_batch=2), shuffle=False)
     with pytest.raises(
@@ -137,6 +153,50 @@ def test_bad_config_is_named(rng):
         fit(TinyNet(), train, val, {"epochs": 1})
     with pytest.raises(ValueError, match="config.epochs"):
         fit(TinyNet(), train, val, TrainConfig(epochs=0, progress=False))
+
+
+@pytest.mark.parametrize(
+    "setting, value, error",
+    [
+        ("checkpoint_every_steps", -1, ValueError),
+        ("checkpoint_every_steps", 1.5, ValueError),
+        ("checkpoint_every_epochs", -1, ValueError),
+        ("checkpoint_every_epochs", 0.5, ValueError),
+        ("keep_last", 0, ValueError),
+        ("seed", 1.5, TypeError),
+        ("val_split_seed", -1, ValueError),
+        ("label_smoothing", -0.5, ValueError),
+        ("resume", "no", TypeError),
+        ("progress", "no", TypeError),
+        ("warmup_epochs", -1.0, ValueError),
+        ("warmup_epochs", float("nan"), ValueError),
+        ("warmup_epochs", "1", TypeError),
+        ("step_epochs", 3, TypeError),
+        ("step_epochs", (-1,), ValueError),
+        ("step_epochs", (2, 1), ValueError),
+        ("step_factor", -1.0, ValueError),
+        ("decay_rate", -1.0, ValueError),
+        ("out", 3, TypeError),
+    ],
+)
+def test_bad_settings_are_named_before_anything_is_written(tmp_path, rng, setting, value, error):
+    train, val = _loaders(*_data(rng))
+    out = tmp_path / "run"
+    schedule = {"step_epochs": "step", "step_factor": "step", "decay_rate": "exponential"}
+    config = _config(out, schedule=schedule.get(setting, "cosine"))
+    config = dataclasses.replace(config, **{setting: value})
+    with pytest.raises(error, match=rf"config\.{setting}\b.*: expected .*, got "):
+        fit(TinyNet(), train, val, config)
+    assert not out.exists()
+
+
+def test_a_refused_overwrite_keeps_the_old_run(tmp_path, rng):
+    train, val = _loaders(*_data(rng))
+    fit(TinyNet(), train, val, _config(tmp_path, epochs=1))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="config.keep_last: expected a positive int, got 0"):
+        fit(TinyNet(), train, val, _config(tmp_path, epochs=1, overwrite=True, keep_last=0))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("learning_rate", [1e4, 1e15])
@@ -387,6 +447,16 @@ def test_loader_protocol_is_checked_in_full(rng):
     from jcnn.train import TrainLoader
 
     assert isinstance(train, TrainLoader) and not isinstance(_NoBatch(), TrainLoader)
+
+
+def test_an_empty_evaluation_loader_is_refused_before_training(tmp_path, rng):
+    train, val = _loaders(*_data(rng))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"val_loader: expected at least one .* batch, got none"):
+        fit(TinyNet(), train, [], _config(out))
+    with pytest.raises(ValueError, match=r"test_loader: expected at least one .* batch"):
+        fit(TinyNet(), train, val, _config(out), test_loader=())
+    assert not out.exists()
 
 
 def _uint8_data(rng, n):

@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from jcnn.data import Loader
-from jcnn.train import TrainConfig, fit, run_folder
+from jcnn.train import (
+    BestCheckpoint,
+    CheckpointManager,
+    EarlyStopping,
+    TrainConfig,
+    fit,
+    run_folder,
+)
 from jcnn.train.run_folder import RunFolderError
 
 
@@ -199,6 +206,12 @@ def test_resume_without_checkpoints_is_refused(run, tmp_path):
     with pytest.raises(RunFolderError, match="nothing to resume.*checkpoints are gone"):
         fit(Net(), _loader(), None, _config(run, resume=True))
     assert _snapshot(run) == before
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step_00000002").write_text("not a checkpoint")
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="nothing to resume.*checkpoints are gone"):
+        fit(Net(), _loader(), None, _config(run, resume=True))
+    assert _snapshot(run) == before
     for empty in (tmp_path / "never", tmp_path / "empty"):
         if empty.name == "empty":
             empty.mkdir()
@@ -219,6 +232,38 @@ def test_a_new_run_into_a_used_folder_needs_overwrite(run):
     record = json.loads((run / "config.json").read_text())
     assert record["model"]["width"] == 5
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files were replaced
+
+
+def test_a_callback_refusing_the_configuration_leaves_the_folder_as_it_was(run, tmp_path):
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="EarlyStopping.on_train_begin.*no validation set"):
+        fit(Net(), _loader(), None, _config(run, overwrite=True), callbacks=[EarlyStopping()])
+    assert _snapshot(run) == before  # the old run is still there, untouched
+    new = tmp_path / "new"
+    with pytest.raises(ValueError, match="BestCheckpoint.on_train_begin.*not an evaluation"):
+        fit(Net(), _loader(), _loader(), _config(new), callbacks=[BestCheckpoint("val_f1")])
+    assert not new.exists()
+    for _ in range(2):  # the second overwrite deletes the first one's best checkpoint
+        fit(
+            Net(),
+            _loader(),
+            _loader(),
+            _config(run, overwrite=True),
+            callbacks=[BestCheckpoint("val_loss", mode="min")],
+        )
+        assert CheckpointManager(run / "best").steps() == [2]
+
+
+def test_a_folder_that_cannot_be_created_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    for folder in (blocker, blocker / "run"):
+        with pytest.raises(
+            RunFolderError,
+            match=f"run folder {folder} (exists and is not a directory|cannot be created)",
+        ):
+            fit(Net(), _loader(), None, _config(folder))
+    assert blocker.read_text() == "mine"
 
 
 HOLDER = textwrap.dedent(

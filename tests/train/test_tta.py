@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcnn.train.tta import flip_translate_views, translate_batch, tta_logits
+from jcnn.train.tta import flip_translate_views, translate_batch, tta_logits, with_tta
 
 
 @pytest.mark.parametrize(
@@ -65,6 +65,23 @@ def test_bad_views_and_shifts():
         translate_batch(images, 1, 1, pad_mode="wrap")
     with pytest.raises(ValueError, match="shifts: expected at least one"):
         flip_translate_views(shifts=())
+    with pytest.raises(ValueError, match=r"shifts\[1\]: expected a pair of ints.*got \(1,\)"):
+        flip_translate_views(shifts=((0, 0), (1,)))
+    with pytest.raises(ValueError, match="pad_mode: expected one of reflect, edge, zeros"):
+        flip_translate_views(pad_mode="wrap")  # refused now, not at the first shifted view
+    with pytest.raises(TypeError, match="views: expected a sequence of functions"):
+        with_tta(lambda *args, **kwargs: None, None)
+    with pytest.raises(TypeError, match=r"views\[1\]: expected a function"):
+        tta_logits(lambda x: x, images, [lambda x: x, "mirror"])
+    shifted = np.asarray(translate_batch(images * jnp.arange(4.0).reshape(1, 4, 1, 1), 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(
+            translate_batch(images * jnp.arange(4.0).reshape(1, 4, 1, 1), np.int64(1), np.int32(0))
+        ),
+        shifted,
+    )
+    views = flip_translate_views(shifts=[(np.int64(0), np.int64(0))])
+    assert len(views) == 2
 
 
 def test_with_tta_averages_in_evaluation_only(rng):
