@@ -254,6 +254,29 @@ def test_a_callback_refusing_the_configuration_leaves_the_folder_as_it_was(run, 
         assert CheckpointManager(run / "best").steps() == [2]
 
 
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (dict(loss=lambda logits, labels: logits), "expected one loss per example"),
+        (
+            dict(metrics={"top": lambda logits, labels: logits[0]}),
+            "metric 'top'.*expected a scalar",
+        ),
+    ],
+)
+def test_a_loss_or_metric_that_does_not_fit_is_refused_before_anything_is_written(
+    run, tmp_path, mistake, message
+):
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match=message):
+        fit(Net(), _loader(), _loader(), _config(run, overwrite=True), **mistake)
+    assert _snapshot(run) == before
+    new = tmp_path / "new"
+    with pytest.raises(ValueError, match=message):
+        fit(Net(), _loader(), _loader(), _config(new), **mistake)
+    assert not new.exists()
+
+
 def test_a_folder_that_cannot_be_created_is_refused(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("mine")
