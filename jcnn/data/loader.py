@@ -241,6 +241,22 @@ class Loader:
         self.shuffle = check_bool(shuffle, "shuffle")
         self.seed = check_int(seed, "seed")
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
+        if sharding is not None:
+            devices = len(sharding.device_set)
+            pieces = devices // sharding.shard_shape((devices,))[0]  # parts of the batch axis
+            rest = num_examples % batch_size
+            if batch_size % pieces:
+                raise ValueError(
+                    f"batch_size: expected a multiple of {pieces} (sharding splits each batch "
+                    f"over {pieces} devices), got {batch_size}"
+                )
+            if rest % pieces and not self.drop_remainder:
+                raise ValueError(
+                    f"drop_remainder: the last batch of {rest} examples ({num_examples} % "
+                    f"{batch_size}) does not divide over the {pieces} devices of sharding; "
+                    "expected drop_remainder=True or a batch_size that leaves a multiple of "
+                    f"{pieces}"
+                )
         self.sharding = sharding
         self.sampling = sampling
         self.alternating_flip = check_bool(alternating_flip, "alternating_flip")

@@ -195,6 +195,43 @@ def test_sharding_across_two_devices():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+def test_sharding_that_does_not_divide_the_batches_is_refused_up_front():
+    """With 2 devices, an odd batch (or kept odd last batch) is a clear error at construction."""
+    script = textwrap.dedent(
+        """
+        import jax, numpy as np, pytest
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from jcnn.data import Loader
+        assert len(jax.devices()) == 2
+        images = np.zeros((49, 4, 4, 1), np.uint8)
+        labels = np.arange(49, dtype=np.int32)
+        sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+        with pytest.raises(ValueError, match="batch_size: expected a multiple of 2 .* got 7"):
+            Loader(images, labels, batch_size=7, sharding=sharding)
+        with pytest.raises(ValueError, match="drop_remainder: the last batch of 1 examples"):
+            Loader(images, labels, batch_size=8, sharding=sharding, drop_remainder=False)
+        with pytest.raises(ValueError, match="batch_size: expected a multiple of 2"):
+            Loader.from_source(list(zip(images, labels)), batch_size=7, sharding=sharding)
+        # every batch divides: each epoch is complete, the last batch (of 2) included
+        loader = Loader(images[:42], labels[:42], batch_size=8, sharding=sharding,
+                        drop_remainder=False)
+        seen = np.concatenate([np.asarray(y) for _, y in loader.epoch(0)])
+        assert sorted(seen.tolist()) == list(range(42))
+        assert len(Loader(images, labels, batch_size=8, sharding=sharding)) == 6
+        replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+        assert len(Loader(images, labels, batch_size=7, sharding=replicated)) == 7
+        print("ok")
+        """
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
 def test_argument_checks(dataset):
     images, labels = dataset
     with pytest.raises(ValueError, match="batch_size: expected 1..50"):
