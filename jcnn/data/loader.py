@@ -330,6 +330,9 @@ class Loader:
 
     def _read_source(self, indices):
         indices = np.asarray(indices).tolist()
+        count = len(indices)
+        if not count:  # an empty Poisson batch: one record read for its shapes, none kept
+            indices = [0]
         if hasattr(self._source, "__getitems__"):
             records = self._source.__getitems__(indices)
         else:
@@ -339,8 +342,8 @@ class Loader:
             pairs = [(r[image_key], r[label_key]) for r in records]
         else:
             pairs = [tuple(r) for r in records]
-        images = np.stack([np.asarray(image) for image, _ in pairs])
-        labels = np.stack([np.asarray(label) for _, label in pairs])
+        images = np.stack([np.asarray(image) for image, _ in pairs])[:count]
+        labels = np.stack([np.asarray(label) for _, label in pairs])[:count]
         if labels.dtype == np.int64:
             labels = labels.astype(np.int32)
         return jax.device_put(images), jax.device_put(labels)

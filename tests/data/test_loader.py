@@ -311,6 +311,32 @@ def test_poisson_sampling_draws_each_example_independently(dataset):
     np.testing.assert_array_equal(y1, y2)
 
 
+@pytest.mark.parametrize("batched_reads", [False, True])
+def test_poisson_empty_batches_stream_like_in_memory(dataset, batched_reads):
+    """At a low rate some Poisson batches are empty; a streaming loader yields them too."""
+    images, labels = dataset
+    settings = dict(
+        batch_size=1,
+        sampling="poisson",
+        seed=0,
+        augment=AUGMENT,
+        alternating_flip=True,
+        batch_augment=functools.partial(A.mixup, alpha=1.0, num_classes=N),
+    )
+    in_memory = Loader(images, labels, **settings)
+    streaming = Loader.from_source(_ListSource(images, labels, batched_reads), **settings)
+    sizes = []
+    for epoch in range(2):
+        for (x, y), (x2, y2) in zip(
+            _epoch(in_memory, epoch), _epoch(streaming, epoch), strict=True
+        ):
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+            sizes.append(len(y2))
+            assert x2.shape[1:] == (SIZE, SIZE, 1) and y2.shape[1:] == (N,)
+    assert 0 in sizes and max(sizes) > 1
+
+
 def test_poisson_sampling_argument_checks(dataset):
     images, labels = dataset
     with pytest.raises(ValueError, match="sampling"):
