@@ -38,6 +38,9 @@ ExampleAugment = Callable[[jax.Array, jax.Array], jax.Array]
 BatchAugment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
+_MAX_EPOCH = 2**31 - 1  # the jitted batch takes the epoch as an int32
+
+
 def _order_key(seed: int, epoch: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), epoch)
 
@@ -124,6 +127,11 @@ class Loader:
                 f"images, labels: expected arrays, got {type(images).__name__}, "
                 f"{type(labels).__name__}"
             )
+        for name, array in (("images", images), ("labels", labels)):
+            if len(array.shape) == 0:
+                raise ValueError(
+                    f"{name}: expected an array with one row per example, got shape ()"
+                )
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"labels: expected {images.shape[0]} labels (one per image), got shape "
@@ -387,13 +395,13 @@ class Loader:
 
     def batch(self, epoch: int, step: int) -> tuple[jax.Array, jax.Array]:
         """Batch ``step`` of ``epoch``: exactly the one ``epoch(epoch)`` yields at that step."""
-        epoch = check_int(epoch, "epoch", low=0)
+        epoch = check_int(epoch, "epoch", low=0, high=_MAX_EPOCH)
         step = check_int(step, "step", low=0, high=len(self) - 1)
         return self._make(self.order(epoch), epoch, step)
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
         """The batches of ``epoch`` from ``start_step`` on (``start_step`` resumes mid-epoch)."""
-        epoch = check_int(epoch, "epoch", low=0)
+        epoch = check_int(epoch, "epoch", low=0, high=_MAX_EPOCH)
         start_step = check_int(start_step, "start_step", low=0, high=len(self))
         order = self.order(epoch)
         if self._source is not None:

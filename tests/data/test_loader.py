@@ -258,6 +258,15 @@ def test_argument_checks(dataset):
     assert Loader(images, labels, batch_size=np.int64(5), seed=np.int32(3)).batch_size == 5
     with pytest.raises(TypeError, match="source"):
         Loader.from_source(3, batch_size=2)
+    with pytest.raises(ValueError, match=r"labels: expected an array with one row per example"):
+        Loader(images, np.int32(3), batch_size=5)
+    with pytest.raises(ValueError, match=r"images: expected an array with one row per example"):
+        Loader(np.float32(3), labels, batch_size=5)
+    with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2147483647\]"):
+        loader.batch(2**31, 0)
+    with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2147483647\]"):
+        loader.epoch(2**31)
+    assert loader.batch(2**31 - 1, 0)[0].shape == (5, SIZE, SIZE, 1)
 
 
 def test_with_examples_keeps_every_setting(dataset):
