@@ -392,6 +392,8 @@ def random_resized_crop(
 def cutout(key: jax.Array, image: jax.Array, *, size: int, fill: ArrayLike = 0) -> jax.Array:
     """``image`` with a ``size x size`` square set to ``fill`` (DeVries & Taylor 2017).
 
+    ``fill`` is in the image's units (rounded and clipped to ``0..255`` for ``uint8``).
+
     The square's centre is uniform over the image's pixels; the part outside the image is dropped,
     so near the border less than ``size**2`` pixels are erased.
     """
@@ -406,7 +408,9 @@ def cutout(key: jax.Array, image: jax.Array, *, size: int, fill: ArrayLike = 0) 
     cols = jnp.arange(width)[None, :]
     top, left = cy - size // 2, cx - size // 2
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    return jnp.where(inside[..., None], jnp.asarray(fill, image.dtype), image)
+    return jnp.where(
+        inside[..., None], _restore(jnp.asarray(fill, jnp.float32), image.dtype), image
+    )
 
 
 # ---- photometric ------------------------------------------------------------------------------

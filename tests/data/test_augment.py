@@ -189,6 +189,18 @@ def test_cutout_area_matches_exact_expectation():
     assert abs(areas.mean() - expected) < 4 * areas.std() / np.sqrt(n)
 
 
+@pytest.mark.parametrize("fill, expected", [(300, 255), (-1, 0), (127.6, 128), (200, 200)])
+def test_cutout_fill_is_rounded_and_clipped_for_uint8(fill, expected):
+    image = jnp.full((5, 7, 2), 9, jnp.uint8)
+    for cut in (A.cutout, jax.jit(A.cutout, static_argnames="size")):
+        out = np.asarray(cut(jax.random.key(2), image, size=3, fill=fill))
+        assert out.dtype == np.uint8
+        erased = out != 9
+        assert erased.any() and set(np.unique(out[erased])) == {expected}
+    traced = jax.jit(lambda k, f: A.cutout(k, image, size=3, fill=f))
+    np.testing.assert_array_equal(traced(jax.random.key(2), jnp.float32(fill)), out)
+
+
 def test_rotation_angle_uniform():
     image = jnp.zeros((9, 9, 1)).at[4, 8, 0].set(1.0).at[4, 4, 0].set(1.0)
     degrees = 40.0
