@@ -537,7 +537,8 @@ def color_jitter(
     contrast: float = 0.0,
     saturation: float = 0.0,
 ) -> jax.Array:
-    """Brightness, contrast, then saturation, each factor uniform on ``[1 - s, 1 + s]``."""
+    """Brightness, contrast, then saturation, each factor uniform on ``[max(0, 1 - s), 1 + s]``
+    (the ranges of torchvision's ``ColorJitter``)."""
     brightness, contrast, saturation = (
         check_real(value, name, low=0)
         for value, name in (
@@ -553,8 +554,8 @@ def color_jitter(
         (k_s, saturation, adjust_saturation),
     ):
         if strength:
-            factor = jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)
-            image = adjust(image, jnp.maximum(factor, 0.0))
+            factor = jax.random.uniform(k, (), minval=max(0.0, 1 - strength), maxval=1 + strength)
+            image = adjust(image, factor)
     return image
 
 

@@ -250,6 +250,12 @@ def test_color_jitter_factor_range(rng):
     factors = (out / np.asarray(image)).reshape(2000, -1)
     np.testing.assert_allclose(factors.min(1), factors.max(1), rtol=1e-4)
     assert stats.kstest(factors[:, 0], stats.uniform(0.6, 0.8).cdf).pvalue > P_MIN
+    # a strength above 1: uniform on [0, 1 + s] as in torchvision, no mass of black images at 0
+    image = jnp.asarray(rng.uniform(0.1, 0.35, (4, 4, 3)), jnp.float32)
+    out = _many(functools.partial(A.color_jitter, brightness=1.5), image, 2000)
+    factors = (out / np.asarray(image)).reshape(2000, -1)[:, 0]
+    assert (factors < 1e-6).mean() < 0.01
+    assert stats.kstest(factors, stats.uniform(0.0, 2.5).cdf).pvalue > P_MIN
 
 
 # ---- batch mixing -----------------------------------------------------------------------------
