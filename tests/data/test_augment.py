@@ -579,6 +579,35 @@ def test_every_probability_range_and_label_is_checked(call, error, message):
         call()
 
 
+@pytest.mark.parametrize(
+    "op",
+    [
+        A.random_hflip,
+        A.random_vflip,
+        A.random_crop,
+        functools.partial(A.random_translate, max_shift=1),
+        functools.partial(A.random_rotate, degrees=10),
+        functools.partial(A.random_resized_crop, size=4),
+        functools.partial(A.cutout, size=2),
+        functools.partial(A.color_jitter, brightness=0.5),
+        A.pixmix,
+        A.rand_augment,
+        A.trivial_augment,
+        A.compose(A.random_hflip),
+        A.random_apply(A.random_hflip, 0.5),
+        lambda key, image: A.pattern(key, image.shape),
+        lambda key, image: A.mixup(key, _IMAGES, _LABELS, num_classes=3),
+        lambda key, image: A.cutmix(key, _IMAGES, _LABELS, num_classes=3),
+    ],
+)
+def test_a_seed_or_other_non_key_is_named(op):
+    for key in (0, 1.5, jnp.array([1.0, 2.0])):
+        with pytest.raises(TypeError, match=r"key: expected a jax.random key"):
+            op(key, _IMAGE)
+    raw = jax.random.PRNGKey(0)  # raw uint32 keys still work, under vmap too
+    assert jax.vmap(op)(jnp.stack([raw, raw]), jnp.stack([_IMAGE, _IMAGE])) is not None
+
+
 def test_posterize_accepts_numpy_ints_and_clips_traced_bits():
     image = jnp.array([[[255, 100, 7]]], jnp.uint8)
     want = A.posterize(image, 3).tolist()
