@@ -32,7 +32,7 @@ def _float64_chunks(images):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashable (by identity), so jax.jit(stats) works
 class Standardize:
     """Fitted standardization statistics; call the object on images to standardize them.
 

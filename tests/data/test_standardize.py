@@ -34,6 +34,9 @@ def test_per_channel_fit_on_train_applied_unchanged_to_test(splits):
     # one image, and inside jit with the statistics as a pytree argument
     np.testing.assert_allclose(stats(test[0]), out_test[0], rtol=1e-6)
     np.testing.assert_allclose(jax.jit(lambda s, x: s(x))(stats, test), out_test, rtol=1e-6)
+    # and jitted itself, as a function of the images (or as an augmentation op)
+    np.testing.assert_allclose(jax.jit(stats)(test), out_test, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(stats)(jax.random.key(0), test[0]), out_test[0], rtol=1e-6)
 
 
 def test_centering_modes(splits):
