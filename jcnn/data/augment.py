@@ -289,6 +289,7 @@ def vflip(image: jax.Array) -> jax.Array:
 
 def random_hflip(key: jax.Array, image: jax.Array, *, p: float = 0.5) -> jax.Array:
     """``image`` mirrored left-right with probability ``p`` (in [0, 1])."""
+    check_key(key)
     _check_image(image)
     p = _probability(p)
     return jnp.where(jax.random.bernoulli(key, p), image[:, ::-1], image)
@@ -296,6 +297,7 @@ def random_hflip(key: jax.Array, image: jax.Array, *, p: float = 0.5) -> jax.Arr
 
 def random_vflip(key: jax.Array, image: jax.Array, *, p: float = 0.5) -> jax.Array:
     """``image`` mirrored top-bottom with probability ``p`` (in [0, 1])."""
+    check_key(key)
     _check_image(image)
     p = _probability(p)
     return jnp.where(jax.random.bernoulli(key, p), image[::-1], image)
@@ -322,6 +324,7 @@ def random_crop(
       ``(h, w, C)``; the top-left corner in padded coordinates is uniform on
       ``{0..H + 2 padding - h} x {0..W + 2 padding - w}``.
     """
+    check_key(key)
     _check_image(image)
     height, width, channels = image.shape
     size = (height, width) if size is None else _pair(size, "size")
@@ -349,6 +352,7 @@ def random_rotate(
     key: jax.Array, image: jax.Array, *, degrees: float, fill: ArrayLike = 0.0
 ) -> jax.Array:
     """``image`` rotated by an angle uniform on ``[-degrees, degrees]`` (bilinear)."""
+    check_key(key)
     degrees = check_real(degrees, "degrees", low=0)
     angle = jax.random.uniform(key, (), minval=-degrees, maxval=degrees)
     return rotate(image, angle, fill=fill)
@@ -368,6 +372,7 @@ def random_resized_crop(
     height) log-uniform on ``ratio``; a box that does not fit is clipped to the image (instead of
     re-drawn, which has no fixed cost under ``jit``). Its position is uniform over where it fits.
     """
+    check_key(key)
     _check_image(image)
     out_h, out_w = _pair(size, "size")
     scale = _range(scale, "scale", low=0, low_open=True, high=1)
@@ -392,9 +397,12 @@ def random_resized_crop(
 def cutout(key: jax.Array, image: jax.Array, *, size: int, fill: ArrayLike = 0) -> jax.Array:
     """``image`` with a ``size x size`` square set to ``fill`` (DeVries & Taylor 2017).
 
+    ``fill`` is in the image's units (rounded and clipped to ``0..255`` for ``uint8``).
+
     The square's centre is uniform over the image's pixels; the part outside the image is dropped,
     so near the border less than ``size**2`` pixels are erased.
     """
+    check_key(key)
     _check_image(image)
     size = check_positive_int(size, "size")
     fill = check_real_or_traced(fill, "fill")
@@ -406,7 +414,9 @@ def cutout(key: jax.Array, image: jax.Array, *, size: int, fill: ArrayLike = 0) 
     cols = jnp.arange(width)[None, :]
     top, left = cy - size // 2, cx - size // 2
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    return jnp.where(inside[..., None], jnp.asarray(fill, image.dtype), image)
+    return jnp.where(
+        inside[..., None], _restore(jnp.asarray(fill, jnp.float32), image.dtype), image
+    )
 
 
 # ---- photometric ------------------------------------------------------------------------------
@@ -533,7 +543,9 @@ def color_jitter(
     contrast: float = 0.0,
     saturation: float = 0.0,
 ) -> jax.Array:
-    """Brightness, contrast, then saturation, each factor uniform on ``[1 - s, 1 + s]``."""
+    """Brightness, contrast, then saturation, each factor uniform on ``[max(0, 1 - s), 1 + s]``
+    (the ranges of torchvision's ``ColorJitter``)."""
+    check_key(key)
     brightness, contrast, saturation = (
         check_real(value, name, low=0)
         for value, name in (
@@ -549,8 +561,8 @@ def color_jitter(
         (k_s, saturation, adjust_saturation),
     ):
         if strength:
-            factor = jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)
-            image = adjust(image, jnp.maximum(factor, 0.0))
+            factor = jax.random.uniform(k, (), minval=max(0.0, 1 - strength), maxval=1 + strength)
+            image = adjust(image, factor)
     return image
 
 
@@ -617,6 +629,7 @@ def mixup(
     Returns:
       ``(images float32 in the input's units, soft labels (N, K) float32)``.
     """
+    check_key(key)
     soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
     k_lam, k_perm = jax.random.split(key)
     lam = jax.random.beta(k_lam, alpha, alpha)
@@ -643,6 +656,7 @@ def cutmix(
     Returns:
       ``(images, same dtype; soft labels (N, K) float32)``.
     """
+    check_key(key)
     soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
     height, width = images.shape[1:3]
     k_lam, k_perm, k_y, k_x = jax.random.split(key, 4)
@@ -674,6 +688,7 @@ def pattern(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     channel gets its own phase or colours. These stand in for the fractals of PixMix: structured,
     label-free images of high complexity.
     """
+    check_key(key)
     height, width, channels = shape
     k_kind, k1, k2, k3 = jax.random.split(key, 4)
     rows, cols = jnp.meshgrid(
@@ -742,6 +757,7 @@ def pixmix(
     ``(2u)^a (2v)^b / 2``, with probability 1/2; ``(a, b)`` come from Beta draws with parameter
     ``beta``. The result is clipped to the value range.
     """
+    check_key(key)
     _check_image(image)
     k = check_int(k, "k", low=0)
     beta = check_real(beta, "beta", low=0, low_open=True)
@@ -900,6 +916,7 @@ def rand_augment(
     """RandAugment (Cubuk et al. 2020): ``num_ops`` ops drawn uniformly from :data:`POLICY_OPS`,
     each at strength ``magnitude / max_magnitude`` of its range, with a random sign.
     """
+    check_key(key)
     _check_image(image)
     num_ops = check_positive_int(num_ops, "num_ops")
     max_magnitude = check_real(max_magnitude, "max_magnitude", low=0, low_open=True)
@@ -915,6 +932,7 @@ def trivial_augment(key: jax.Array, image: jax.Array) -> jax.Array:
     """TrivialAugment (Müller & Hutter 2021): one op from :data:`POLICY_OPS` at a uniformly random
     strength over its wide range, with a random sign.
     """
+    check_key(key)
     _check_image(image)
     max_value = _max_value(image.dtype)
     k_step, k_mag = jax.random.split(key)
@@ -933,6 +951,7 @@ def compose(*ops: Op) -> Op:
             raise TypeError(f"ops[{i}]: expected a callable (key, image) -> image, got {op!r}")
 
     def composed(key, image):
+        check_key(key)
         for k, op in zip(jax.random.split(key, max(len(ops), 1)), ops, strict=False):
             image = op(k, image)
         return image
@@ -947,6 +966,7 @@ def random_apply(op: Op, p: float) -> Op:
     p = check_real(p, "p", low=0, high=1)
 
     def maybe(key, image):
+        check_key(key)
         k_apply, k_op = jax.random.split(key)
         return jnp.where(jax.random.bernoulli(k_apply, p), op(k_op, image), image)
 

@@ -163,6 +163,11 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     '/tmp/somewhere'
     """
     if data_dir is not None:
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"data_dir: expected a folder (str or os.PathLike) or None, got "
+                f"{type(data_dir).__name__}"
+            )
         return Path(data_dir).expanduser()
     if os.environ.get("JCNN_DATA_DIR"):
         return Path(os.environ["JCNN_DATA_DIR"]).expanduser()
@@ -452,6 +457,8 @@ def load(
     """
     if not isinstance(download, bool):
         raise TypeError(f"download: expected True or False, got {download!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify: expected True or False, got {verify!r}")
     if not isinstance(name, str):
         raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
     if name not in DATASETS:

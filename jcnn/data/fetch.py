@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -190,6 +191,13 @@ def mirrors_for(name: str, mirrors: Iterable[str] | None = None) -> list[str]:
     for mirror in mirrors:
         if not isinstance(mirror, str) or not re.match(r"https?://", mirror):
             raise ValueError(f"mirrors: expected http:// or https:// base URLs, got {mirror!r}")
+        try:
+            parts = urllib.parse.urlsplit(mirror)
+            _ = parts.port  # raises for a port that is not a number in 0..65535
+        except ValueError as err:
+            raise ValueError(f"mirrors: {mirror!r} is not a valid URL ({err})") from None
+        if not parts.hostname:
+            raise ValueError(f"mirrors: expected a base URL with a host name, got {mirror!r}")
         base = mirror.replace("{name}", name)
         base = base if base.endswith("/") else base + "/"
         # without {name}: a copy of one dataset's folder, or of a whole data directory

@@ -38,6 +38,9 @@ ExampleAugment = Callable[[jax.Array, jax.Array], jax.Array]
 BatchAugment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
+_MAX_EPOCH = 2**31 - 1  # the jitted batch takes the epoch as an int32
+
+
 def _order_key(seed: int, epoch: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), epoch)
 
@@ -124,6 +127,11 @@ class Loader:
                 f"images, labels: expected arrays, got {type(images).__name__}, "
                 f"{type(labels).__name__}"
             )
+        for name, array in (("images", images), ("labels", labels)):
+            if len(array.shape) == 0:
+                raise ValueError(
+                    f"{name}: expected an array with one row per example, got shape ()"
+                )
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"labels: expected {images.shape[0]} labels (one per image), got shape "
@@ -241,6 +249,22 @@ class Loader:
         self.shuffle = check_bool(shuffle, "shuffle")
         self.seed = check_int(seed, "seed")
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
+        if sharding is not None:
+            devices = len(sharding.device_set)
+            pieces = devices // sharding.shard_shape((devices,))[0]  # parts of the batch axis
+            rest = num_examples % batch_size
+            if batch_size % pieces:
+                raise ValueError(
+                    f"batch_size: expected a multiple of {pieces} (sharding splits each batch "
+                    f"over {pieces} devices), got {batch_size}"
+                )
+            if rest % pieces and not self.drop_remainder:
+                raise ValueError(
+                    f"drop_remainder: the last batch of {rest} examples ({num_examples} % "
+                    f"{batch_size}) does not divide over the {pieces} devices of sharding; "
+                    "expected drop_remainder=True or a batch_size that leaves a multiple of "
+                    f"{pieces}"
+                )
         self.sharding = sharding
         self.sampling = sampling
         self.alternating_flip = check_bool(alternating_flip, "alternating_flip")
@@ -314,6 +338,9 @@ class Loader:
 
     def _read_source(self, indices):
         indices = np.asarray(indices).tolist()
+        count = len(indices)
+        if not count:  # an empty Poisson batch: one record read for its shapes, none kept
+            indices = [0]
         if hasattr(self._source, "__getitems__"):
             records = self._source.__getitems__(indices)
         else:
@@ -323,8 +350,8 @@ class Loader:
             pairs = [(r[image_key], r[label_key]) for r in records]
         else:
             pairs = [tuple(r) for r in records]
-        images = np.stack([np.asarray(image) for image, _ in pairs])
-        labels = np.stack([np.asarray(label) for _, label in pairs])
+        images = np.stack([np.asarray(image) for image, _ in pairs])[:count]
+        labels = np.stack([np.asarray(label) for _, label in pairs])[:count]
         if labels.dtype == np.int64:
             labels = labels.astype(np.int32)
         return jax.device_put(images), jax.device_put(labels)
@@ -368,13 +395,13 @@ class Loader:
 
     def batch(self, epoch: int, step: int) -> tuple[jax.Array, jax.Array]:
         """Batch ``step`` of ``epoch``: exactly the one ``epoch(epoch)`` yields at that step."""
-        epoch = check_int(epoch, "epoch", low=0)
+        epoch = check_int(epoch, "epoch", low=0, high=_MAX_EPOCH)
         step = check_int(step, "step", low=0, high=len(self) - 1)
         return self._make(self.order(epoch), epoch, step)
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
         """The batches of ``epoch`` from ``start_step`` on (``start_step`` resumes mid-epoch)."""
-        epoch = check_int(epoch, "epoch", low=0)
+        epoch = check_int(epoch, "epoch", low=0, high=_MAX_EPOCH)
         start_step = check_int(start_step, "start_step", low=0, high=len(self))
         order = self.order(epoch)
         if self._source is not None:

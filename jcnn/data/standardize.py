@@ -32,7 +32,7 @@ def _float64_chunks(images):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashable (by identity), so jax.jit(stats) works
 class Standardize:
     """Fitted standardization statistics; call the object on images to standardize them.
 
@@ -73,7 +73,7 @@ class Standardize:
             images ``(..., H, W, C)`` with (near) identity covariance that stay close to the input.
           eps: added to the covariance eigenvalues before whitening (``"pca"``/``"zca"``), in the
             squared units of the input; it keeps near-zero-variance directions from being
-            amplified into noise.
+            amplified into noise (0 is refused where the covariance is singular).
           num_components: ``"pca"`` only: keep the top ``K`` components (all where None).
 
         Returns:
@@ -157,6 +157,14 @@ class Standardize:
                 raise ValueError(f"num_components: expected 1..{dim}, got {num_components}")
             eigenvalues = eigenvalues[:num_components]
             eigenvectors = eigenvectors[:, :num_components]
+        # numerically zero (numpy.linalg.matrix_rank's tolerance): 1 / sqrt(0 + eps) needs eps > 0
+        tiny = eigenvalues <= eigenvalues.max(initial=0.0) * dim * np.finfo(np.float64).eps
+        if eps == 0 and tiny.any():
+            raise ValueError(
+                f"eps: expected > 0 for these train_images: {int(tiny.sum())} of the "
+                f"{eigenvalues.size} whitened components have zero variance (fewer images than "
+                f"H * W * C = {dim}, or constant pixels), which eps=0 divides by"
+            )
         projection = eigenvectors / np.sqrt(eigenvalues + eps)
         if mode == "zca":
             projection = projection @ eigenvectors.T

@@ -189,6 +189,18 @@ def test_cutout_area_matches_exact_expectation():
     assert abs(areas.mean() - expected) < 4 * areas.std() / np.sqrt(n)
 
 
+@pytest.mark.parametrize("fill, expected", [(300, 255), (-1, 0), (127.6, 128), (200, 200)])
+def test_cutout_fill_is_rounded_and_clipped_for_uint8(fill, expected):
+    image = jnp.full((5, 7, 2), 9, jnp.uint8)
+    for cut in (A.cutout, jax.jit(A.cutout, static_argnames="size")):
+        out = np.asarray(cut(jax.random.key(2), image, size=3, fill=fill))
+        assert out.dtype == np.uint8
+        erased = out != 9
+        assert erased.any() and set(np.unique(out[erased])) == {expected}
+    traced = jax.jit(lambda k, f: A.cutout(k, image, size=3, fill=f))
+    np.testing.assert_array_equal(traced(jax.random.key(2), jnp.float32(fill)), out)
+
+
 def test_rotation_angle_uniform():
     image = jnp.zeros((9, 9, 1)).at[4, 8, 0].set(1.0).at[4, 4, 0].set(1.0)
     degrees = 40.0
@@ -238,6 +250,12 @@ def test_color_jitter_factor_range(rng):
     factors = (out / np.asarray(image)).reshape(2000, -1)
     np.testing.assert_allclose(factors.min(1), factors.max(1), rtol=1e-4)
     assert stats.kstest(factors[:, 0], stats.uniform(0.6, 0.8).cdf).pvalue > P_MIN
+    # a strength above 1: uniform on [0, 1 + s] as in torchvision, no mass of black images at 0
+    image = jnp.asarray(rng.uniform(0.1, 0.35, (4, 4, 3)), jnp.float32)
+    out = _many(functools.partial(A.color_jitter, brightness=1.5), image, 2000)
+    factors = (out / np.asarray(image)).reshape(2000, -1)[:, 0]
+    assert (factors < 1e-6).mean() < 0.01
+    assert stats.kstest(factors, stats.uniform(0.0, 2.5).cdf).pvalue > P_MIN
 
 
 # ---- batch mixing -----------------------------------------------------------------------------
@@ -559,6 +577,35 @@ _LABELS = jnp.array([0, 1, 2, 1], jnp.int32)
 def test_every_probability_range_and_label_is_checked(call, error, message):
     with pytest.raises(error, match=re.escape(message)):
         call()
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        A.random_hflip,
+        A.random_vflip,
+        A.random_crop,
+        functools.partial(A.random_translate, max_shift=1),
+        functools.partial(A.random_rotate, degrees=10),
+        functools.partial(A.random_resized_crop, size=4),
+        functools.partial(A.cutout, size=2),
+        functools.partial(A.color_jitter, brightness=0.5),
+        A.pixmix,
+        A.rand_augment,
+        A.trivial_augment,
+        A.compose(A.random_hflip),
+        A.random_apply(A.random_hflip, 0.5),
+        lambda key, image: A.pattern(key, image.shape),
+        lambda key, image: A.mixup(key, _IMAGES, _LABELS, num_classes=3),
+        lambda key, image: A.cutmix(key, _IMAGES, _LABELS, num_classes=3),
+    ],
+)
+def test_a_seed_or_other_non_key_is_named(op):
+    for key in (0, 1.5, jnp.array([1.0, 2.0])):
+        with pytest.raises(TypeError, match=r"key: expected a jax.random key"):
+            op(key, _IMAGE)
+    raw = jax.random.PRNGKey(0)  # raw uint32 keys still work, under vmap too
+    assert jax.vmap(op)(jnp.stack([raw, raw]), jnp.stack([_IMAGE, _IMAGE])) is not None
 
 
 def test_posterize_accepts_numpy_ints_and_clips_traced_bits():

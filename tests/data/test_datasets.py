@@ -231,6 +231,10 @@ def test_bad_arguments(data_dir):
         data.load("mnist", "validation", data_dir=data_dir)
     with pytest.raises(TypeError, match="name"):
         data.load(3, "train")
+    with pytest.raises(TypeError, match="verify: expected True or False, got 'no'"):
+        data.load("mnist", "test", data_dir=data_dir, verify="no")
+    with pytest.raises(TypeError, match="data_dir: expected a folder .* got int"):
+        data.load("mnist", "test", data_dir=3)
 
 
 @pytest.mark.slow

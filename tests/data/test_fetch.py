@@ -167,6 +167,14 @@ def test_mirror_list_resolution(monkeypatch):
         fetch.mirrors_for("mnist", "http://c.lan")
     with pytest.raises(ValueError, match="mirrors.*ftp://x"):
         fetch.mirrors_for("mnist", ["ftp://x"])
+    for bad, why in (("http://[bad/", "Invalid IPv6 URL"), ("http://h.lan:99999/", "Port")):
+        with pytest.raises(ValueError, match=re.escape(f"mirrors: {bad!r} is not a valid URL")):
+            fetch.mirrors_for("mnist", [bad])
+        monkeypatch.setenv(fetch.MIRRORS_ENV, bad)
+        with pytest.raises(ValueError, match=why):
+            fetch.urls("mnist")
+    with pytest.raises(ValueError, match="mirrors: expected a base URL with a host name"):
+        fetch.mirrors_for("mnist", ["http:///data/"])
     with pytest.raises(ValueError, match="name: expected one of"):
         data.download("imagenet")
     with pytest.raises(ValueError, match="timeout"):

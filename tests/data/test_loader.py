@@ -195,6 +195,43 @@ def test_sharding_across_two_devices():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+def test_sharding_that_does_not_divide_the_batches_is_refused_up_front():
+    """With 2 devices, an odd batch (or kept odd last batch) is a clear error at construction."""
+    script = textwrap.dedent(
+        """
+        import jax, numpy as np, pytest
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from jcnn.data import Loader
+        assert len(jax.devices()) == 2
+        images = np.zeros((49, 4, 4, 1), np.uint8)
+        labels = np.arange(49, dtype=np.int32)
+        sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+        with pytest.raises(ValueError, match="batch_size: expected a multiple of 2 .* got 7"):
+            Loader(images, labels, batch_size=7, sharding=sharding)
+        with pytest.raises(ValueError, match="drop_remainder: the last batch of 1 examples"):
+            Loader(images, labels, batch_size=8, sharding=sharding, drop_remainder=False)
+        with pytest.raises(ValueError, match="batch_size: expected a multiple of 2"):
+            Loader.from_source(list(zip(images, labels)), batch_size=7, sharding=sharding)
+        # every batch divides: each epoch is complete, the last batch (of 2) included
+        loader = Loader(images[:42], labels[:42], batch_size=8, sharding=sharding,
+                        drop_remainder=False)
+        seen = np.concatenate([np.asarray(y) for _, y in loader.epoch(0)])
+        assert sorted(seen.tolist()) == list(range(42))
+        assert len(Loader(images, labels, batch_size=8, sharding=sharding)) == 6
+        replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+        assert len(Loader(images, labels, batch_size=7, sharding=replicated)) == 7
+        print("ok")
+        """
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
 def test_argument_checks(dataset):
     images, labels = dataset
     with pytest.raises(ValueError, match="batch_size: expected 1..50"):
@@ -221,6 +258,15 @@ def test_argument_checks(dataset):
     assert Loader(images, labels, batch_size=np.int64(5), seed=np.int32(3)).batch_size == 5
     with pytest.raises(TypeError, match="source"):
         Loader.from_source(3, batch_size=2)
+    with pytest.raises(ValueError, match=r"labels: expected an array with one row per example"):
+        Loader(images, np.int32(3), batch_size=5)
+    with pytest.raises(ValueError, match=r"images: expected an array with one row per example"):
+        Loader(np.float32(3), labels, batch_size=5)
+    with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2147483647\]"):
+        loader.batch(2**31, 0)
+    with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2147483647\]"):
+        loader.epoch(2**31)
+    assert loader.batch(2**31 - 1, 0)[0].shape == (5, SIZE, SIZE, 1)
 
 
 def test_with_examples_keeps_every_setting(dataset):
@@ -272,6 +318,32 @@ def test_poisson_sampling_draws_each_example_independently(dataset):
     x2, y2 = again.batch(7, 2)
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("batched_reads", [False, True])
+def test_poisson_empty_batches_stream_like_in_memory(dataset, batched_reads):
+    """At a low rate some Poisson batches are empty; a streaming loader yields them too."""
+    images, labels = dataset
+    settings = dict(
+        batch_size=1,
+        sampling="poisson",
+        seed=0,
+        augment=AUGMENT,
+        alternating_flip=True,
+        batch_augment=functools.partial(A.mixup, alpha=1.0, num_classes=N),
+    )
+    in_memory = Loader(images, labels, **settings)
+    streaming = Loader.from_source(_ListSource(images, labels, batched_reads), **settings)
+    sizes = []
+    for epoch in range(2):
+        for (x, y), (x2, y2) in zip(
+            _epoch(in_memory, epoch), _epoch(streaming, epoch), strict=True
+        ):
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+            sizes.append(len(y2))
+            assert x2.shape[1:] == (SIZE, SIZE, 1) and y2.shape[1:] == (N,)
+    assert 0 in sizes and max(sizes) > 1
 
 
 def test_poisson_sampling_argument_checks(dataset):

@@ -34,6 +34,9 @@ def test_per_channel_fit_on_train_applied_unchanged_to_test(splits):
     # one image, and inside jit with the statistics as a pytree argument
     np.testing.assert_allclose(stats(test[0]), out_test[0], rtol=1e-6)
     np.testing.assert_allclose(jax.jit(lambda s, x: s(x))(stats, test), out_test, rtol=1e-6)
+    # and jitted itself, as a function of the images (or as an augmentation op)
+    np.testing.assert_allclose(jax.jit(stats)(test), out_test, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(stats)(jax.random.key(0), test[0]), out_test[0], rtol=1e-6)
 
 
 def test_centering_modes(splits):
@@ -133,6 +136,19 @@ def test_non_finite_training_data_is_refused(mode, bad):
         r"infinite value\(s\) \(first in image 4\)",
     ):
         Standardize.fit(images, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["pca", "zca"])
+def test_whitening_without_eps_of_rank_deficient_data_is_refused(rng, mode):
+    few = rng.normal(size=(5, 2, 3, 2))  # 5 images: rank 4 of 12 dimensions
+    with pytest.raises(ValueError, match=r"eps: expected > 0 .* 8 of the 12 whitened components"):
+        Standardize.fit(few, mode=mode, eps=0)
+    assert np.isfinite(np.asarray(Standardize.fit(few, mode=mode)(few))).all()  # default eps
+    top = Standardize.fit(few, mode="pca", eps=0, num_components=4)  # the components with variance
+    features = np.asarray(top(few), np.float64)
+    np.testing.assert_allclose(np.cov(features, rowvar=False, bias=True), np.eye(4), atol=1e-4)
+    many = rng.normal(size=(50, 2, 3, 2))
+    assert np.isfinite(np.asarray(Standardize.fit(many, mode=mode, eps=0)(many))).all()
 
 
 @pytest.mark.parametrize(
