@@ -41,6 +41,22 @@ BatchAugment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.
 _MAX_EPOCH = 2**31 - 1  # the jitted batch takes the epoch as an int32
 
 
+def _batch_pieces(sharding: jax.sharding.Sharding) -> int:
+    """How many parts ``sharding`` cuts a batch into; it places the ``(N,)`` labels as well as the
+    images, so it may split the batch axis alone."""
+    devices = len(sharding.device_set)
+    named = isinstance(sharding, jax.sharding.NamedSharding)
+    try:
+        if named and len(sharding.spec) > 1:
+            raise ValueError
+        return devices // sharding.shard_shape((devices,))[0]
+    except (IndexError, ValueError):
+        raise ValueError(
+            f"sharding: expected a sharding of the batch axis alone (it places the labels too), "
+            f"e.g. NamedSharding(mesh, PartitionSpec('data')), got {sharding}"
+        ) from None
+
+
 def _order_key(seed: int, epoch: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), epoch)
 
@@ -250,8 +266,7 @@ class Loader:
         self.seed = check_int(seed, "seed")
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
         if sharding is not None:
-            devices = len(sharding.device_set)
-            pieces = devices // sharding.shard_shape((devices,))[0]  # parts of the batch axis
+            pieces = _batch_pieces(sharding)
             rest = num_examples % batch_size
             if batch_size % pieces:
                 raise ValueError(

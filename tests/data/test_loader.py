@@ -196,7 +196,8 @@ def test_sharding_across_two_devices():
 
 
 def test_sharding_that_does_not_divide_the_batches_is_refused_up_front():
-    """With 2 devices, an odd batch (or kept odd last batch) is a clear error at construction."""
+    """With 2 devices, an odd batch (or kept odd last batch), or a sharding of other axes than
+    the batch's, is a clear error at construction."""
     script = textwrap.dedent(
         """
         import jax, numpy as np, pytest
@@ -220,6 +221,10 @@ def test_sharding_that_does_not_divide_the_batches_is_refused_up_front():
         assert len(Loader(images, labels, batch_size=8, sharding=sharding)) == 6
         replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
         assert len(Loader(images, labels, batch_size=7, sharding=replicated)) == 7
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        for spec in (PartitionSpec("data", None, None, None), PartitionSpec(None, "data")):
+            with pytest.raises(ValueError, match="sharding: expected a sharding of the batch axis"):
+                Loader(images, labels, batch_size=8, sharding=NamedSharding(mesh, spec))
         print("ok")
         """
     )
