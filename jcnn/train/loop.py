@@ -842,22 +842,6 @@ def _fit(
         private.check_model(
             state, (sample_images, sample_labels), compute_dtype=compute_dtype, loss_fn=loss_fn
         )
-    else:
-        # Traced once here (the compiled step reuses the trace): a loss or metric that does not
-        # fit the model is refused before the run folder is written.
-        jax.eval_shape(
-            lambda state, batch: train_step(
-                state,
-                batch,
-                compute_dtype=compute_dtype,
-                label_smoothing=config.label_smoothing,
-                loss_fn=loss_fn,
-                metrics=pairs,
-                no_grad=no_grad_at(no_grad_from, 0),
-            ),
-            state,
-            (sample_images, sample_labels),
-        )
     mesh = parallel.make_mesh(config.devices) if config.devices else None
 
     out = Path(config.out) if config.out else None
@@ -877,6 +861,23 @@ def _fit(
             manager = CheckpointManager(
                 out / "checkpoints", keep_last=config.keep_last, mode=config.monitor_mode
             )
+
+    if private is None:
+        # Traced once here (the compiled step reuses the trace): a loss or metric that does not
+        # fit the model is refused before the run folder is written.
+        jax.eval_shape(
+            lambda state, batch: train_step(
+                state,
+                batch,
+                compute_dtype=compute_dtype,
+                label_smoothing=config.label_smoothing,
+                loss_fn=loss_fn,
+                metrics=pairs,
+                no_grad=no_grad_at(no_grad_from, 0),
+            ),
+            state,
+            (sample_images, sample_labels),
+        )
 
     history: list[dict] = []
     evaluations: list[dict] = []
