@@ -129,8 +129,10 @@ def dp_epsilon(
     """
     sampling_rate, steps, delta = _check(sampling_rate, steps, delta, accountant)
     noise_multiplier = _real(noise_multiplier, "noise_multiplier")
-    if noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
+    if not 0 <= noise_multiplier < math.inf:
+        raise ValueError(
+            f"noise_multiplier: expected a finite number >= 0, got {noise_multiplier!r}"
+        )
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:

@@ -80,6 +80,9 @@ def test_bad_input_names_the_argument():
             dp_epsilon(1.0, rate, steps, 1e-5)
     with pytest.raises(ValueError, match="noise_multiplier: .*-1"):
         dp_epsilon(-1.0, q, steps, 1e-5)
+    for accountant in ("rdp", "pld"):  # not left to dp-accounting (PLD: a bare NaN error)
+        with pytest.raises(ValueError, match="noise_multiplier: expected a finite .*, got inf"):
+            dp_epsilon(math.inf, q, steps, 1e-5, accountant=accountant)
     with pytest.raises(ValueError, match="steps"):
         dp_epsilon(1.0, q, -3, 1e-5)
     with pytest.raises(TypeError, match="delta"):
