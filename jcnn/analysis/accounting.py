@@ -188,7 +188,7 @@ def dp_noise_multiplier(
     while epsilon(high) > target_epsilon:
         low, high = high, 2 * high
     while low > _MIN_NOISE_MULTIPLIER and epsilon(low) <= target_epsilon:
-        low, high = low / 2, low
+        low, high = max(low / 2, _MIN_NOISE_MULTIPLIER), low
     if epsilon(low) <= target_epsilon:
         return low
     dp_accounting = _dp_accounting()

@@ -56,6 +56,15 @@ def test_noise_multiplier_reaches_the_target_epsilon(accountant):
     assert dp_epsilon(sigma * 0.995, q, steps, delta, accountant=accountant) > 2.0
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_noise_multiplier_search_stops_at_its_documented_floor(accountant):
+    # epsilon 250 in 10 steps at rate 0.01 needs almost no noise (sigma = 0.1 gives about 200,
+    # 0.0625 about 1000): the search stops at 0.1 and returns it, not a value below it
+    sigma = dp_noise_multiplier(250.0, 0.01, 10, 1e-5, accountant=accountant)
+    assert sigma == 0.1
+    assert dp_epsilon(sigma, 0.01, 10, 1e-5, accountant=accountant) <= 250.0
+
+
 def test_calibration_logs_no_unconverged_order_warnings_and_other_warnings_pass(caplog):
     # dp-accounting logs a warning per Renyi order it leaves out at small noise multipliers (the
     # search tries 0.5); the result is still an upper bound, so jcnn drops those warnings only.
