@@ -199,6 +199,8 @@ def dp_noise_multiplier(
             target_epsilon,
             delta,
             dp_accounting.ExplicitBracketInterval(low, high),
-            tol=1e-4 * high,
+            # brentq's root is within tol of the smallest sigma, and dp-accounting may then step
+            # it by tol once more to the private side: 2 tol <= 1e-4 of it (sigma >= low)
+            tol=0.5e-4 * low,
         )
     return float(sigma)

@@ -56,6 +56,18 @@ def test_noise_multiplier_reaches_the_target_epsilon(accountant):
     assert dp_epsilon(sigma * 0.995, q, steps, delta, accountant=accountant) > 2.0
 
 
+@pytest.mark.parametrize(
+    "accountant, target, steps",
+    [("rdp", 1.0, 2000), ("rdp", 8.0, 2000), ("rdp", 3.0, 500), ("pld", 1.0, 500)],
+)
+def test_noise_multiplier_is_within_its_documented_1e_4_of_the_smallest(accountant, target, steps):
+    q, delta = 256 / 60000, 1e-5
+    sigma = dp_noise_multiplier(target, q, steps, delta, accountant=accountant)
+    assert dp_epsilon(sigma, q, steps, delta, accountant=accountant) <= target
+    # 1e-4 below sigma (relative), the target is missed: sigma is no further from the smallest
+    assert dp_epsilon(sigma / (1 + 1e-4), q, steps, delta, accountant=accountant) > target
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_noise_multiplier_search_stops_at_its_documented_floor(accountant):
     # epsilon 250 in 10 steps at rate 0.01 needs almost no noise (sigma = 0.1 gives about 200,
