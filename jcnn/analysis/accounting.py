@@ -129,8 +129,10 @@ def dp_epsilon(
     """
     sampling_rate, steps, delta = _check(sampling_rate, steps, delta, accountant)
     noise_multiplier = _real(noise_multiplier, "noise_multiplier")
-    if noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
+    if not 0 <= noise_multiplier < math.inf:
+        raise ValueError(
+            f"noise_multiplier: expected a finite number >= 0, got {noise_multiplier!r}"
+        )
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
@@ -186,7 +188,7 @@ def dp_noise_multiplier(
     while epsilon(high) > target_epsilon:
         low, high = high, 2 * high
     while low > _MIN_NOISE_MULTIPLIER and epsilon(low) <= target_epsilon:
-        low, high = low / 2, low
+        low, high = max(low / 2, _MIN_NOISE_MULTIPLIER), low
     if epsilon(low) <= target_epsilon:
         return low
     dp_accounting = _dp_accounting()
@@ -197,6 +199,8 @@ def dp_noise_multiplier(
             target_epsilon,
             delta,
             dp_accounting.ExplicitBracketInterval(low, high),
-            tol=1e-4 * high,
+            # brentq's root is within tol of the smallest sigma, and dp-accounting may then step
+            # it by tol once more to the private side: 2 tol <= 1e-4 of it (sigma >= low)
+            tol=0.5e-4 * low,
         )
     return float(sigma)

@@ -40,6 +40,12 @@ def _group_norm_instead(num_groups, next_fun, args, kwargs, context):
     if context.method_name != "__call__" or not isinstance(module, (BatchNorm, linen.BatchNorm)):
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["x"]
+    if isinstance(module, linen.BatchNorm) and module.axis not in (-1, x.ndim - 1, (-1,)):
+        raise ValueError(
+            f"model: flax.linen.BatchNorm {'/'.join(module.path)!r} has its features on axis "
+            f"{module.axis!r}; replace_batch_norm computes GroupNorm over the channels of the "
+            "last axis (channels-last), expected axis=-1"
+        )
     channels = x.shape[-1]
     scale = bias = None
     if module.use_scale:

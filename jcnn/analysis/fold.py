@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from jcnn import functional as F
 from jcnn import nn as jnn
@@ -91,7 +92,51 @@ def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float]]:
             and call_counts[call.path] == 1
         ):
             pairs.append((layer.path, call.path, layer.module.use_bias, call.module.eps))
-    return pairs
+    if not pairs:
+        return pairs
+    shared = _used_outside_batch_norm(model, input_shape, pairs)
+    return [pair for pair, used in zip(pairs, shared, strict=True) if not used]
+
+
+def _used_outside_batch_norm(model, input_shape, pairs) -> list[bool]:
+    """Per pair, whether the layer's output reaches the model's output other than through its
+    BatchNorm (e.g. a residual sum ``bn(conv(x)) + conv(x)``, which module calls do not show):
+    each layer's output gets a zero tap that its BatchNorm does not see, and the tap is looked
+    for among the inputs that the model's output depends on."""
+    layers = {pair[0]: index for index, pair in enumerate(pairs)}
+    norms = {pair[1] for pair in pairs}
+    kwargs = {"train": False} if accepts_train(model) else {}
+
+    def run(taps, x):
+        untapped: dict[int, jax.Array] = {}
+        alive = []  # keeps the tapped arrays alive so that their ids stay unique
+
+        def interceptor(next_fun, args, kw, context):
+            if context.method_name != "__call__":
+                return next_fun(*args, **kw)
+            path = tuple(context.module.path)
+            if path in norms and args and id(args[0]) in untapped:
+                args = (untapped[id(args[0])], *args[1:])
+            y = next_fun(*args, **kw)
+            if path in layers and hasattr(y, "dtype"):
+                tapped = y + taps[layers[path]].astype(y.dtype)
+                untapped[id(tapped)] = y
+                alive.append(tapped)
+                return tapped
+            return y
+
+        with nn.intercept_methods(interceptor):
+            variables = model.init(jax.random.key(0), x, **kwargs)
+            return model.apply(variables, x, **kwargs)
+
+    taps = [jax.ShapeDtypeStruct((), jnp.float32) for _ in pairs]
+    closed = jax.make_jaxpr(run)(taps, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    jaxpr = closed.jaxpr
+    live = {var for var in jaxpr.outvars if isinstance(var, jax_core.Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(var in live for var in eqn.outvars):
+            live.update(var for var in eqn.invars if isinstance(var, jax_core.Var))
+    return [var in live for var in jaxpr.invars[: len(pairs)]]
 
 
 def _node(tree, path: Sequence[str], name: str):

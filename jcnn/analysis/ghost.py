@@ -62,6 +62,7 @@ from jcnn.analysis.per_example import (
     _check_finite,
     _in_chunks,
     _scalar_loss,
+    _widened,
     per_example_trace,
 )
 from jcnn.functional._checks import as_int_tuple, normalize_padding
@@ -258,10 +259,11 @@ def _grams_inner(call: _Call, activation, cotangent):
 
 
 def _ghost_square_norm(call: _Call, activation, cotangent):
-    """Squared norm of one example's gradient of the layer's kernel and bias (float32), from
-    its input and output cotangent (two Gram matrices, no gradient)."""
-    activation = activation.astype(jnp.float32)
-    cotangent = cotangent.astype(jnp.float32)
+    """Squared norm of one example's gradient of the layer's kernel and bias (in float32, or
+    wider for wider inputs), from its input and output cotangent (two Gram matrices, no
+    gradient)."""
+    activation = _widened(activation)
+    cotangent = _widened(cotangent)
     square = _grams_inner(call, activation, cotangent)
     if call.bias is not None:
         square = square + jnp.sum(
@@ -391,9 +393,7 @@ def _tapped_pass(loss_fn, params, batch, layer_rule: str, where: str, keep: bool
         taps = [jnp.zeros(call.output_shape, call.output_dtype) for call in calls]
         example = jax.tree.map(lambda leaf: leaf[None], example)
         (free_grads, cotangents), inputs = grad_fn(free, taps, fixed, example)
-        square = sum(
-            (jnp.sum(jnp.square(g.astype(jnp.float32))) for g in free_grads), jnp.float32(0)
-        )
+        square = sum((jnp.sum(jnp.square(_widened(g))) for g in free_grads), jnp.float32(0))
         kept = []  # per layer: its gradient (direct) or its input and output cotangent (ghost)
         for call, is_ghost, a, g in zip(calls, ghost, inputs, cotangents, strict=True):
             if is_ghost:
@@ -402,7 +402,7 @@ def _tapped_pass(loss_fn, params, batch, layer_rule: str, where: str, keep: bool
             else:
                 grads = _weight_gradient(call, _layer_params(call, fixed), a, g, stacked=False)
                 square = square + sum(
-                    jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in grads.values()
+                    jnp.sum(jnp.square(_widened(leaf))) for leaf in grads.values()
                 )
                 kept.append(grads)
         return (square, free_grads, kept) if keep else square

@@ -350,9 +350,14 @@ def _with_outer_products_in_place(fn):
     return rewritten
 
 
+def _widened(leaf) -> jax.Array:
+    """``leaf`` in float32, or in its own floating type if wider (float64 stays float64)."""
+    return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+
+
 def _norms(per_example) -> jax.Array:
     squares = [
-        jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
+        jnp.sum(jnp.square(_widened(leaf)).reshape(leaf.shape[0], -1), axis=1)
         for leaf in jax.tree.leaves(per_example)
     ]
     return jnp.sqrt(sum(squares))

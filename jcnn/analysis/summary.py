@@ -273,6 +273,7 @@ _POINTWISE = (
 # divisor is at least the image's mean local deviation).
 _GLOBAL = (
     jnn.GlobalAvgPool,
+    jnn.GlobalMaxPool,
     jnn.Flatten,
     jnn.LayerNorm,
     jnn.GroupNorm,
@@ -300,8 +301,11 @@ def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField |
         padding = normalize_padding(
             getattr(module, "padding", 0), spatial_in, window, stride, dilation
         )
-    elif isinstance(module, jnn.AdaptiveAvgPool):
-        out = as_int_tuple(module.output_size, n, "output_size")
+    elif isinstance(module, (jnn.AdaptiveAvgPool, jnn.AdaptiveMaxPool)):
+        out = module.output_size
+        if isinstance(out, Sequence):  # None keeps that axis's size
+            out = tuple(size if o is None else o for size, o in zip(spatial_in, out, strict=True))
+        out = as_int_tuple(out, n, "output_size")
         if any(size % o for size, o in zip(spatial_in, out, strict=True)):
             return None
         window = stride = tuple(size // o for size, o in zip(spatial_in, out, strict=True))

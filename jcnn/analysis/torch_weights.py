@@ -160,6 +160,15 @@ def _insert(tree: dict, path: Sequence[str], values: dict) -> None:
     tree.update({k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
 
 
+def _keeps_order(call) -> bool:
+    """Whether ``call`` is a Dropout or an elementwise activation (each feature on its own)."""
+    module = call.module
+    elementwise = isinstance(module, (jnn.Dropout, jnn.SpatialDropout)) or (
+        type(module).__module__ == "jcnn.nn.activation" and not isinstance(module, jnn.Maxout)
+    )
+    return elementwise and call.input_shape == call.output_shape
+
+
 def from_torch_state_dict(
     model: nn.Module, state_dict: Mapping, input_shape: Sequence[int]
 ) -> dict[str, Any]:
@@ -209,6 +218,9 @@ def from_torch_state_dict(
             stats = {}
         elif isinstance(module, jnn.Dense):
             source = calls[call.source] if call.source is not None else None
+            # a Dropout or an activation between the Flatten and the layer keeps the order
+            while source is not None and source.source is not None and _keeps_order(source):
+                source = calls[source.source]
             flattened_from = None
             if (
                 source is not None

@@ -56,6 +56,27 @@ def test_noise_multiplier_reaches_the_target_epsilon(accountant):
     assert dp_epsilon(sigma * 0.995, q, steps, delta, accountant=accountant) > 2.0
 
 
+@pytest.mark.parametrize(
+    "accountant, target, steps",
+    [("rdp", 1.0, 2000), ("rdp", 8.0, 2000), ("rdp", 3.0, 500), ("pld", 1.0, 500)],
+)
+def test_noise_multiplier_is_within_its_documented_1e_4_of_the_smallest(accountant, target, steps):
+    q, delta = 256 / 60000, 1e-5
+    sigma = dp_noise_multiplier(target, q, steps, delta, accountant=accountant)
+    assert dp_epsilon(sigma, q, steps, delta, accountant=accountant) <= target
+    # 1e-4 below sigma (relative), the target is missed: sigma is no further from the smallest
+    assert dp_epsilon(sigma / (1 + 1e-4), q, steps, delta, accountant=accountant) > target
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_noise_multiplier_search_stops_at_its_documented_floor(accountant):
+    # epsilon 250 in 10 steps at rate 0.01 needs almost no noise (sigma = 0.1 gives about 200,
+    # 0.0625 about 1000): the search stops at 0.1 and returns it, not a value below it
+    sigma = dp_noise_multiplier(250.0, 0.01, 10, 1e-5, accountant=accountant)
+    assert sigma == 0.1
+    assert dp_epsilon(sigma, 0.01, 10, 1e-5, accountant=accountant) <= 250.0
+
+
 def test_calibration_logs_no_unconverged_order_warnings_and_other_warnings_pass(caplog):
     # dp-accounting logs a warning per Renyi order it leaves out at small noise multipliers (the
     # search tries 0.5); the result is still an upper bound, so jcnn drops those warnings only.
@@ -80,6 +101,9 @@ def test_bad_input_names_the_argument():
             dp_epsilon(1.0, rate, steps, 1e-5)
     with pytest.raises(ValueError, match="noise_multiplier: .*-1"):
         dp_epsilon(-1.0, q, steps, 1e-5)
+    for accountant in ("rdp", "pld"):  # not left to dp-accounting (PLD: a bare NaN error)
+        with pytest.raises(ValueError, match="noise_multiplier: expected a finite .*, got inf"):
+            dp_epsilon(math.inf, q, steps, 1e-5, accountant=accountant)
     with pytest.raises(ValueError, match="steps"):
         dp_epsilon(1.0, q, -3, 1e-5)
     with pytest.raises(TypeError, match="delta"):

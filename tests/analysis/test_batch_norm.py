@@ -180,6 +180,17 @@ def test_replace_batch_norm_computes_group_norm_with_the_same_parameters(rng):
         replace_batch_norm(lambda x: x)
 
 
+def test_replace_batch_norm_refuses_flax_batch_norm_with_features_on_another_axis(rng):
+    class ChannelsFirst(linen.Module):
+        @linen.compact
+        def __call__(self, x, train=True):
+            return linen.BatchNorm(use_running_average=not train, axis=1)(x)
+
+    x = jnp.asarray(rng.normal(size=(2, 6, 4, 4)), jnp.float32)  # (N, C, H, W)
+    with pytest.raises(ValueError, match="model: flax.linen.BatchNorm .* on axis 1"):
+        replace_batch_norm(ChannelsFirst()).init(jax.random.key(0), x)
+
+
 # (constructor, image size, whether to compare values: the large ones are checked on shapes only)
 _ZOO_WITH_BATCH_NORM = {
     "resnet20": (lambda: models.resnet20(num_classes=10), (8, 8), True),

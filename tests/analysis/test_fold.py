@@ -1,5 +1,6 @@
 """Tests of jcnn.analysis.fold: folded networks equal the originals in eval mode."""
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +122,27 @@ def test_unfoldable_batch_norm_is_kept(rng):
     folded_model, folded = fold_batch_norms(model, variables, shape)
     assert folded_model.skipped == (("layers_4",),)
     assert list(folded["batch_stats"]) == ["layers_2"]
+    original = model.apply(variables, x, train=False)
+    assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
+
+
+class _ConvOutputAlsoAdded(linen.Module):
+    """``bn(conv(x)) + conv(x)``: the conv's output has a use that is no module call."""
+
+    @linen.compact
+    def __call__(self, x, train=False):
+        y = nn.Conv(2, 3, padding=1, name="conv")(x)
+        return nn.Conv(2, 1, name="head")(nn.BatchNorm(eps=0.2, name="bn")(y, train) + y)
+
+
+def test_layer_whose_output_is_also_used_elsewhere_is_not_folded(rng):
+    model = nn.Sequential([_ConvOutputAlsoAdded(), nn.Conv(2, 3), nn.BatchNorm()])
+    shape = (2, 6, 6, 2)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(model.init(jax.random.key(0), x, train=False), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    assert folded_model.skipped == (("layers_2",),)  # the pair after it is still folded
+    assert list(folded["batch_stats"]) == ["layers_0"]
     original = model.apply(variables, x, train=False)
     assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
 

@@ -332,6 +332,31 @@ def test_under_jit_scan_and_chunks(rng):
     _assert_trees_close(jax.tree.map(lambda s: s[1], sums), expected_half)
 
 
+def test_float64_norms_and_clipped_sum_keep_float64_precision(rng):
+    """float64 parameters and inputs (jax_enable_x64): float64 norms and clipped sum, for the
+    ghost, direct and materialized rules alike, equal to the materialized float64 ones."""
+    layers, shape = _LAYERS["norms_and_prelu"]
+    with jax.enable_x64(True):
+        loss, params, (images, labels) = _problem(layers, shape, rng)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        batch = (images.astype(jnp.float64), labels)
+        grads = per_example_grads(loss, params, batch)
+        norms = np.sqrt(sum((g.reshape(5, -1) ** 2).sum(1) for g in jax.tree.leaves(grads)))
+        clip = float(np.median(norms))
+        factors = np.minimum(1.0, clip / norms)
+        expected = jax.tree.map(lambda g: np.tensordot(factors, g, axes=1), grads)
+        for layer_rule in ("ghost", "direct"):
+            got = ghost_norms(loss, params, batch, layer_rule=layer_rule)
+            assert got.dtype == jnp.float64
+            np.testing.assert_allclose(got, norms, rtol=1e-12)
+            total, _ = ghost_clipped_sum(loss, params, batch, clip, layer_rule=layer_rule)
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13),
+                total,
+                expected,
+            )
+
+
 def test_bad_input(rng):
     loss, params, batch = _problem(*_LAYERS["dense_tokens"], rng)
     with pytest.raises(ValueError, match="layer_rule"):

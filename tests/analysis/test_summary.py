@@ -280,6 +280,23 @@ def test_receptive_field_of_residual_blocks(rng):
     assert boxes == _predicted_box(field, centre, shape[1:-1])
 
 
+def test_receptive_field_of_max_pools_as_of_average_pools():
+    """Global and adaptive max pools have the geometry of their average twins; an adaptive
+    pool's None keeps that axis."""
+    shape = (1, 9, 10, 1)
+    for average, maximum in [
+        (nn.GlobalAvgPool(), nn.GlobalMaxPool()),
+        (nn.AdaptiveAvgPool((7, 2)), nn.AdaptiveMaxPool((7, 2))),
+        (nn.AdaptiveAvgPool((None, 2)), nn.AdaptiveMaxPool((None, 2))),
+    ]:
+        expected = receptive_field(nn.Sequential([nn.Conv(2, 3), average]), shape)
+        assert receptive_field(nn.Sequential([nn.Conv(2, 3), maximum]), shape) == expected
+    # 3x3 conv: 7 x 8 units of field 3; pooled to (7, 2): windows of 1 and of 4 (at stride 4)
+    assert expected == ReceptiveField((3, 6), (1, 4), (0, 0))
+    whole = receptive_field(nn.Sequential([nn.Conv(2, 3), nn.GlobalMaxPool()]), shape)
+    assert whole.size == (9, 10)
+
+
 def test_receptive_field_unknown_for_transposed_conv():
     model = nn.Sequential([nn.Conv(2, 3), nn.ConvTranspose(2, 2, stride=2)])
     assert receptive_field(model, (1, 8, 8, 1)) is None

@@ -66,6 +66,35 @@ def test_lenet5_logits_match_torch(torch, rng):
     assert "batch_stats" not in variables
 
 
+def test_dense_after_flatten_then_dropout_and_activation_gets_the_flatten_order(torch, rng):
+    # as AlexNet's classifier (flatten, dropout, fc6): the first dense layer's input axis is still
+    # PyTorch's NCHW flatten order, whatever elementwise layers sit between
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.5),
+        torch.nn.ReLU(),
+        torch.nn.Linear(3 * 4 * 4, 5),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(5, 2),
+    ).eval()
+    model = jcnn.nn.Sequential(
+        [
+            jcnn.nn.Conv(3, 3),
+            jcnn.nn.Flatten(),
+            jcnn.nn.Dropout(0.5),
+            jcnn.nn.ReLU(),
+            jcnn.nn.Dense(5),
+            jcnn.nn.ReLU(),
+            jcnn.nn.Dropout(0.5),
+            jcnn.nn.Dense(2),
+        ]
+    )
+    _compare(torch, net, model, (2, 6, 6, 2), rng)
+
+
 def _vgg_twin(torch, depth_config, batch_norm, num_classes):
     layers, c_in = [], 3
     for convs, width in zip(depth_config, (64, 128, 256, 512, 512), strict=True):
