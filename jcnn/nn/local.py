@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import PaddingLike, check_positive_int
+from jcnn.functional._checks import PaddingLike, check_bool, check_positive_int
 from jcnn.nn._shared import Initializer
 from jcnn.nn._util import param, window_and_check
 
@@ -76,7 +76,7 @@ class LocallyConnected(nn.Module):
             x,
         )
         bias = None
-        if self.use_bias:
+        if check_bool(self.use_bias, "use_bias"):
             bias = param(
                 self,
                 "bias",
