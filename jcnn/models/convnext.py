@@ -97,6 +97,11 @@ class ConvNeXtBlock(nn.Module):
         )
         y = y * scale.reshape(1, 1, 1, channels)
         if train and rate > 0:
+            if not self.has_rng("dropout"):
+                raise ValueError(
+                    f"rngs: ConvNeXtBlock with stochastic_depth={rate} is training but has no "
+                    "randomness; pass rngs={'dropout': key} to apply"
+                )
             y = _drop_path(self.make_rng("dropout"), y, rate)
         return x + y
 

@@ -129,7 +129,8 @@ class UNet(nn.Module):
         return Conv(self.out_channels, (1, 1), name="head")(x)
 
     def _check_sizes(self, shape) -> None:
-        """Raise unless every pooling of the input's height and width sees an even size."""
+        """Raise unless every pooling of the input's height and width sees an even size and no
+        map, down or up, is empty."""
         shrink = 4 if self.padding == "valid" else 0
         for axis, size in (("height", shape[1]), ("width", shape[2])):
             current = size
@@ -142,8 +143,17 @@ class UNet(nn.Module):
                         f"{axis} {current} (expected an even size >= 2)"
                     )
                 current //= 2
-            if current - shrink < 1:
+            current -= shrink
+            if current < 1:
                 raise ValueError(
                     f"x: {axis} {size} is too small for a U-Net of {len(self.widths)} levels "
                     f"with {self.padding!r} padding (the bottom map would be empty)"
                 )
+            for level in range(len(self.widths) - 1, 0, -1):
+                current = 2 * current - shrink
+                if current < 1:
+                    raise ValueError(
+                        f"x: {axis} {size} is too small for a U-Net of {len(self.widths)} levels "
+                        f"with {self.padding!r} padding (the decoder's map at level {level} would "
+                        "be empty)"
+                    )

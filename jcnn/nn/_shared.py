@@ -90,6 +90,25 @@ def dense_kernel(in_features: int, features: int) -> KernelSpec:
     return KernelSpec((in_features, features), features, init.he_normal())
 
 
+def check_layers(layers) -> None:
+    """Raise unless ``layers`` is a sequence (not a string) of callables (a container's)."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"layers: expected a sequence of modules or functions, got {type(layers).__name__}"
+        )
+    for index, layer in enumerate(layers):
+        if not callable(layer):
+            raise TypeError(f"layers: entry {index} is not callable: {layer!r}")
+
+
+def check_branches(body, projection) -> None:
+    """Raise unless a residual block's ``body`` is callable and ``projection`` callable or None."""
+    if not callable(body):
+        raise TypeError(f"body: expected a module or function, got {body!r}")
+    if projection is not None and not callable(projection):
+        raise TypeError(f"projection: expected a module, function or None, got {projection!r}")
+
+
 def call_layer(layer: Callable, x, train: bool | None, where: str):
     """``layer(x, train=train)`` when ``layer`` takes ``train`` and one is given, else ``layer(x)``;
     a ValueError naming ``where`` when ``layer`` requires ``train`` and none is given."""

@@ -31,6 +31,23 @@ def window_and_check(window, x, name: str) -> tuple[int, ...]:
     return as_int_tuple(window, n, name, minimum=1)
 
 
+def param(module, name: str, initializer, shape: tuple[int, ...], dtype, x):
+    """``module.param(name, initializer, shape, dtype)``, with a ValueError naming ``x`` when the
+    given variables hold ``name`` with another shape (built for an input of another size or
+    channel count), instead of Flax's ``ScopeParamShapeError``."""
+    shape = tuple(shape)
+    if module.has_variable("params", name):
+        held = tuple(module.get_variable("params", name).shape)
+        if held != shape:
+            where = "/".join(module.scope.path) or type(module).__name__
+            raise ValueError(
+                f"x: shape {tuple(x.shape)} does not fit {where} ({type(module).__name__}): its "
+                f"{name} has shape {held}, but this x needs {shape} (the variables were built "
+                "for an input of another size or channel count)"
+            )
+    return module.param(name, initializer, shape, dtype)
+
+
 def kernel_and_bias(module, x, spec: KernelSpec):
     """``(x, kernel, bias)`` promoted to the module's dtype; ``bias`` is ``None`` without one.
 
@@ -38,11 +55,13 @@ def kernel_and_bias(module, x, spec: KernelSpec):
     ``spec.default_init`` and zeros), ``dtype`` and ``param_dtype``; ``spec`` gives the shapes.
     """
     check_bool(module.use_bias, "use_bias")
-    kernel = module.param(
-        "kernel", module.kernel_init or spec.default_init, spec.shape, module.param_dtype
+    kernel = param(
+        module, "kernel", module.kernel_init or spec.default_init, spec.shape, module.param_dtype, x
     )
     bias = (
-        module.param("bias", module.bias_init or init.zeros, (spec.features,), module.param_dtype)
+        param(
+            module, "bias", module.bias_init or init.zeros, (spec.features,), module.param_dtype, x
+        )
         if module.use_bias
         else None
     )

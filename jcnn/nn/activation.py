@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jcnn import functional as F
 from jcnn.functional._checks import check_array, check_bool, check_positive_int, check_real
+from jcnn.nn._util import param
 from jcnn.nn.linear import Dense
 
 __all__ = [
@@ -64,8 +65,8 @@ class PReLU(nn.Module):
                 "x: PReLU(channelwise=True) needs channels on a last axis, got a 0-d x"
             )
         shape = (x.shape[-1],) if self.channelwise else ()
-        alpha = self.param(
-            "alpha", lambda _, s, d: jnp.full(s, alpha_init, d), shape, self.param_dtype
+        alpha = param(
+            self, "alpha", lambda _, s, d: jnp.full(s, alpha_init, d), shape, self.param_dtype, x
         )
         return F.prelu(x, alpha)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 
-from jcnn.nn._shared import add_shortcut, call_layer
+from jcnn.nn._shared import add_shortcut, call_layer, check_branches, check_layers
 
 __all__ = ["Sequential", "Residual"]
 
@@ -38,6 +38,7 @@ class Sequential(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Run ``x`` through every layer; ``train`` reaches the layers that accept it."""
+        check_layers(self.layers)
         for index, layer in enumerate(self.layers):
             x = call_layer(layer, x, train, f"layer {index}")
         return x
@@ -65,6 +66,7 @@ class Residual(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Apply the block to ``x``; ``train`` reaches the branches that accept it."""
+        check_branches(self.body, self.projection)
         y = call_layer(self.body, x, train, "body")
         shortcut = (
             x if self.projection is None else call_layer(self.projection, x, train, "projection")

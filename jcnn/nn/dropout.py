@@ -26,6 +26,11 @@ def _apply(module, drop, x, train: bool):
     check_bool(train, "train")
     if not train or rate == 0:
         return x
+    if not module.has_rng("dropout"):
+        raise ValueError(
+            f"rngs: {type(module).__name__} is training but has no randomness; pass "
+            "rngs={'dropout': key} to apply"
+        )
     return drop(module.make_rng("dropout"), x, rate, train=True)
 
 

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import PaddingLike, check_positive_int
+from jcnn.functional._checks import PaddingLike, check_bool, check_positive_int
 from jcnn.nn._shared import Initializer
-from jcnn.nn._util import window_and_check
+from jcnn.nn._util import param, window_and_check
 
 __all__ = ["LocallyConnected"]
 
@@ -67,16 +67,23 @@ class LocallyConnected(nn.Module):
             padding=self.padding,
             dilation=self.dilation,
         )
-        kernel = self.param(
+        kernel = param(
+            self,
             "kernel",
             self.kernel_init or init.he_normal_per_position(),
             (*out, *window, x.shape[-1], self.features),
             self.param_dtype,
+            x,
         )
         bias = None
-        if self.use_bias:
-            bias = self.param(
-                "bias", self.bias_init or init.zeros, (*out, self.features), self.param_dtype
+        if check_bool(self.use_bias, "use_bias"):
+            bias = param(
+                self,
+                "bias",
+                self.bias_init or init.zeros,
+                (*out, self.features),
+                self.param_dtype,
+                x,
             )
         return F.locally_connected(
             x, kernel, bias, stride=self.stride, padding=self.padding, dilation=self.dilation

@@ -20,6 +20,7 @@ from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import check_bool, check_min_rank, check_positive_int
 from jcnn.nn._shared import Initializer
+from jcnn.nn._util import param
 
 __all__ = [
     "BatchNorm",
@@ -31,17 +32,19 @@ __all__ = [
 ]
 
 
-def _scale_and_bias(module, channels: int):
-    """The module's ``(C,)`` ``scale`` and ``bias`` parameters, each ``None`` when not learned."""
+def _scale_and_bias(module, x):
+    """The module's ``(C,)`` ``scale`` and ``bias`` parameters (``C`` the channels of ``x``),
+    each ``None`` when not learned."""
     check_bool(module.use_scale, "use_scale")
     check_bool(module.use_bias, "use_bias")
+    shape = (x.shape[-1],)
     scale = (
-        module.param("scale", module.scale_init, (channels,), module.param_dtype)
+        param(module, "scale", module.scale_init, shape, module.param_dtype, x)
         if module.use_scale
         else None
     )
     bias = (
-        module.param("bias", module.bias_init, (channels,), module.param_dtype)
+        param(module, "bias", module.bias_init, shape, module.param_dtype, x)
         if module.use_bias
         else None
     )
@@ -107,7 +110,7 @@ class BatchNorm(nn.Module):
         check_min_rank(x, "x", 2, "(N, ..., C)")
         channels = x.shape[-1]
         mean, var = _running_stats(self, channels)
-        scale, bias = _scale_and_bias(self, channels)
+        scale, bias = _scale_and_bias(self, x)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         y, new_state = F.batch_norm(
             x,
@@ -145,8 +148,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         check_min_rank(x, "x", 2, "(N, ..., C)")
-        channels = x.shape[-1]
-        scale, bias = _scale_and_bias(self, channels)
+        scale, bias = _scale_and_bias(self, x)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         return F.layer_norm(x, scale, bias, eps=self.eps)
 
@@ -179,7 +181,7 @@ class GroupNorm(nn.Module):
                 f"num_groups: the channels ({channels}) must be divisible by num_groups "
                 f"({self.num_groups})"
             )
-        scale, bias = _scale_and_bias(self, channels)
+        scale, bias = _scale_and_bias(self, x)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         return F.group_norm(x, scale, bias, num_groups=self.num_groups, eps=self.eps)
 
@@ -213,7 +215,7 @@ class InstanceNorm(nn.Module):
         """Normalize ``x`` of shape ``(N, *spatial, C)``."""
         check_min_rank(x, "x", 3, "(N, *spatial, C)")
         channels = x.shape[-1]
-        scale, bias = _scale_and_bias(self, channels)
+        scale, bias = _scale_and_bias(self, x)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         if not check_bool(self.track_running_stats, "track_running_stats"):
             return F.instance_norm(x, scale, bias, eps=self.eps)

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from jcnn import init
-from jcnn.functional._checks import as_int_tuple, check_array
+from jcnn.functional._checks import as_int_tuple, check_array, check_bool
 from jcnn.nn._shared import LAYOUT, Initializer, KernelSpec, check_spatial_rank, window_rank
 
 
@@ -36,6 +36,7 @@ def kernel_and_bias(
     """The ``kernel`` and ``bias`` parameters that ``spec`` describes (``bias`` is ``None``
     without ``use_bias``); ``None`` initializers take the defaults, ``spec.default_init`` and
     zeros."""
+    check_bool(use_bias, "use_bias")
     kernel = param(rngs, kernel_init or spec.default_init, spec.shape, param_dtype)
     bias = param(rngs, bias_init or init.zeros, (spec.features,), param_dtype) if use_bias else None
     return kernel, bias

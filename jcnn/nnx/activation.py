@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array, check_positive_int
+from jcnn.functional._checks import check_array, check_bool, check_positive_int, check_real
 from jcnn.nnx._util import check_input, check_rngs
 from jcnn.nnx.linear import Dense
 
@@ -58,7 +58,8 @@ class PReLU(nnx.Module):
         *,
         num_features: int | None = None,
     ) -> None:
-        if channelwise:
+        alpha_init = check_real(alpha_init, "alpha_init")
+        if check_bool(channelwise, "channelwise"):
             if num_features is None:
                 raise ValueError("num_features: PReLU(channelwise=True) needs the channel count")
             check_positive_int(num_features, "num_features")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
-from jcnn.nn._shared import add_shortcut, call_layer
+from jcnn.nn._shared import add_shortcut, call_layer, check_branches, check_layers
 from jcnn.nnx._util import check_flag
 
 __all__ = ["Sequential", "Residual"]
@@ -40,13 +40,7 @@ class Sequential(nnx.Module):
     """
 
     def __init__(self, layers: Sequence[Callable]) -> None:
-        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-            raise TypeError(
-                f"layers: expected a sequence of modules or functions, got {type(layers).__name__}"
-            )
-        for index, layer in enumerate(layers):
-            if not callable(layer):
-                raise TypeError(f"layers: entry {index} is not callable: {layer!r}")
+        check_layers(layers)
         self.layers = nnx.List(layers)
 
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -75,10 +69,7 @@ class Residual(nnx.Module):
     """
 
     def __init__(self, body: Callable, projection: Callable | None = None) -> None:
-        if not callable(body):
-            raise TypeError(f"body: expected a module or function, got {body!r}")
-        if projection is not None and not callable(projection):
-            raise TypeError(f"projection: expected a module, function or None, got {projection!r}")
+        check_branches(body, projection)
         self.body, self.projection = body, projection
 
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import PaddingLike, as_int_tuple, check_positive_int
+from jcnn.functional._checks import PaddingLike, as_int_tuple, check_bool, check_positive_int
 from jcnn.nnx._util import Initializer, check_input, check_rngs, param, spatial_window, value
 
 __all__ = ["LocallyConnected"]
@@ -66,6 +66,7 @@ class LocallyConnected(nnx.Module):
         check_rngs(rngs, "LocallyConnected")
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
+        check_bool(use_bias, "use_bias")
         rank = len(input_size) if isinstance(input_size, Sequence) else None
         self.kernel_size = spatial_window(kernel_size, rank, "LocallyConnected")
         self.input_size = as_int_tuple(input_size, len(self.kernel_size), "input_size", minimum=1)

@@ -21,7 +21,7 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_min_rank, check_positive_int
+from jcnn.functional._checks import check_bool, check_min_rank, check_positive_int
 from jcnn.nnx._util import Initializer, check_flag, check_rngs, param, training, value
 
 __all__ = [
@@ -51,6 +51,8 @@ class _Affine(nnx.Module):
     ):
         check_rngs(rngs, owner)
         check_positive_int(num_features, "num_features")
+        check_bool(use_scale, "use_scale")
+        check_bool(use_bias, "use_bias")
         self.num_features, self.dtype = num_features, dtype
         shape = (num_features,)
         self.scale = param(rngs, scale_init, shape, param_dtype) if use_scale else None
@@ -299,7 +301,7 @@ class InstanceNorm(_RunningStats):
             rngs,
             "InstanceNorm",
         )
-        self.track_running_stats = track_running_stats
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.momentum, self.unbiased_running_var, self.eps = momentum, unbiased_running_var, eps
         if track_running_stats:
             self._make_stats(use_running_average)

@@ -87,6 +87,8 @@ def test_stochastic_depth_drops_whole_examples(rng):
         models.ConvNeXtBlock(stochastic_depth=1.0).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="widths"):
         models.ConvNeXt((1, 1), (8,)).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"^rngs: ConvNeXtBlock with stochastic_depth=0.5"):
+        block.apply(variables, x, train=True)
 
 
 def _torch_twin(torch, depths, widths, patch, num_classes):

@@ -97,3 +97,12 @@ def test_models_reject_unbatched_input():
             ValueError, match=r"x: expected rank 4, got rank 3 with shape \(28, 28, 1\)"
         ):
             jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((28, 28, 1)))
+
+
+def test_a_model_given_another_image_size_or_channel_count_than_at_init_says_so():
+    model = models.LeNet5()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    with pytest.raises(ValueError, match=r"x: shape \(1, 3200\) does not fit fc1 \(Dense\)"):
+        model.apply(variables, jnp.zeros((1, 32, 32, 1)))
+    with pytest.raises(ValueError, match=r"x: shape \(1, 28, 28, 3\) does not fit conv1 \(Conv\)"):
+        model.apply(variables, jnp.zeros((1, 28, 28, 3)))

@@ -163,8 +163,10 @@ def test_training_step_segmentation_loss(rng):
     ("shape", "padding", "message"),
     [
         ((1, 18, 16, 1), "same", "height 18 .* level 2 max-pools a map of height 9"),
-        ((1, 36, 31, 1), "valid", "width 31 .* level 1 max-pools a map of width 27"),
+        ((1, 44, 31, 1), "valid", "width 31 .* level 1 max-pools a map of width 27"),
         ((1, 20, 20, 1), "valid", "too small"),
+        ((1, 32, 44, 1), "valid", "height 32 is too small .* decoder's map at level 2"),
+        ((1, 44, 40, 1), "valid", "width 40 is too small .* decoder's map at level 1"),
     ],
 )
 def test_sizes_that_do_not_fit_are_named(shape, padding, message):

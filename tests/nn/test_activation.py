@@ -116,3 +116,12 @@ def test_every_functional_activation_has_a_module():
     modules = {name.lower() for name in nn.__all__}
     modules = {m.replace("leakyrelu", "leaky_relu") for m in modules}
     assert functional_names <= modules, functional_names - modules
+
+
+def test_prelu_variables_built_for_other_channels_are_refused_naming_x():
+    layer = nn.PReLU(channelwise=True)
+    variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
+    with pytest.raises(
+        ValueError, match=r"x: shape \(2, 4\) does not fit .*alpha has shape \(3,\)"
+    ):
+        layer.apply(variables, jnp.ones((2, 4)))

@@ -110,3 +110,20 @@ def test_modules_inside_a_user_flax_model_train_under_jit(rng):
         params, stats, value = step(params, stats, jax.random.key(0))
         losses.append(float(value))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (
+            nn.Sequential(nn.Dense(3)),
+            "layers: expected a sequence of modules or functions, got Dense",
+        ),
+        (nn.Sequential([F.relu, 3]), "layers: entry 1 is not callable: 3"),
+        (nn.Residual(None), "body: expected a module or function, got None"),
+        (nn.Residual(F.relu, projection=2), "projection: expected a module, function or None"),
+    ],
+)
+def test_container_arguments_are_checked_as_in_the_nnx_twin(module, message):
+    with pytest.raises(TypeError, match=message):
+        module.init(jax.random.key(0), jnp.ones((2, 3)))

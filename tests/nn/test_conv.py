@@ -128,6 +128,17 @@ def test_conv_input_errors_name_the_argument():
         nn.Conv(4, 3).init(jax.random.key(0), jnp.ones((1, 5, 5, 3), jnp.int32))
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv(4, 3), nn.DepthwiseConv(3), nn.ConvTranspose(4, 3), nn.LocallyConnected(4, 3)],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_variables_built_for_other_channels_are_refused_naming_x(layer):
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+    with pytest.raises(ValueError, match=r"x: shape \(1, 5, 5, 2\) does not fit .* kernel has"):
+        layer.apply(variables, jnp.ones((1, 5, 5, 2)))
+
+
 def test_conv_transpose_matches_torch_and_functional(torch, rng):
     c_in, features, groups = 4, 6, 2
     layer = nn.ConvTranspose(

@@ -46,3 +46,9 @@ def test_dropout_argument_errors():
         nn.Dropout(0.5).apply({}, jnp.ones(3), train=True)  # no "dropout" rng given
     with pytest.raises(TypeError, match="train"):
         nn.Dropout(0.5).apply({}, jnp.ones(3))
+
+
+@pytest.mark.parametrize("module", [nn.Dropout(0.5), nn.SpatialDropout(0.5)])
+def test_training_without_a_dropout_rng_names_rngs(module):
+    with pytest.raises(ValueError, match=r"^rngs: \w+ is training but has no randomness"):
+        module.apply({}, jnp.ones((2, 3, 4)), train=True)

@@ -48,3 +48,12 @@ def test_flatten_is_channels_last_and_relates_to_torch_order(torch, rng):
     np.testing.assert_array_equal(
         torch_flat, np.asarray(y).reshape(2, 3, 4, 5).transpose(0, 3, 1, 2).reshape(2, 60)
     )
+
+
+def test_variables_built_for_another_input_size_are_refused_naming_x():
+    layer = nn.Dense(3)
+    variables = layer.init(jax.random.key(0), jnp.ones((2, 4)))
+    with pytest.raises(
+        ValueError, match=r"x: shape \(2, 5\) does not fit .*kernel has shape \(4, 3\).* \(5, 3\)"
+    ):
+        layer.apply(variables, jnp.ones((2, 5)))

@@ -190,3 +190,13 @@ def test_local_norms_equal_functional_and_lrn_matches_torch(torch, rng):
     np.testing.assert_allclose(y, _nhwc(expected), rtol=1e-5, atol=1e-5)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(lcn.apply({}, x) * x)))(x)
     assert np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(
+    "module", [nn.BatchNorm(), nn.LayerNorm(), nn.GroupNorm(1), nn.InstanceNorm()]
+)
+def test_variables_built_for_other_channels_are_refused_naming_x(module):
+    kwargs = {"train": False} if isinstance(module, nn.BatchNorm) else {}
+    variables = module.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), **kwargs)
+    with pytest.raises(ValueError, match=r"x: shape \(2, 4, 4, 5\) does not fit .*\(3,\)"):
+        module.apply(variables, jnp.ones((2, 4, 4, 5)), **kwargs)

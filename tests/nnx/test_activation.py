@@ -38,3 +38,10 @@ def test_maxout_learned_and_parameter_free(rng):
         jnnx.Maxout(2, in_features=3)
     with pytest.raises(TypeError, match="rngs"):
         jnnx.Maxout(2, 3, in_features=4)
+
+
+def test_prelu_arguments_are_checked_as_in_the_linen_twin():
+    with pytest.raises(TypeError, match="^alpha_init: expected a finite number, got 'a'$"):
+        jnnx.PReLU(alpha_init="a")
+    with pytest.raises(TypeError, match="^channelwise: expected a Python bool, got 'no'$"):
+        jnnx.PReLU(channelwise="no", num_features=3)

@@ -162,3 +162,18 @@ def test_depthwise_conv_checks_its_arguments_and_input():
         layer(jnp.ones((2, 5, 3)))
     with pytest.raises(ValueError, match="built for 3 features"):
         layer(jnp.ones((2, 5, 5, 6)))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda r: jnnx.Conv(3, 4, 3, use_bias="no", rngs=r),
+        lambda r: jnnx.DepthwiseConv(3, 3, use_bias=1, rngs=r),
+        lambda r: jnnx.ConvTranspose(3, 4, 3, use_bias=None, rngs=r),
+        lambda r: jnnx.Dense(3, 4, use_bias="no", rngs=r),
+        lambda r: jnnx.LocallyConnected(3, 4, 3, input_size=(5, 5), use_bias=1, rngs=r),
+    ],
+)
+def test_use_bias_must_be_a_bool_as_in_the_linen_twin(build):
+    with pytest.raises(TypeError, match="^use_bias: expected a Python bool, got "):
+        build(nnx.Rngs(0))

@@ -76,3 +76,17 @@ def test_local_response_norm_gradient_matches_the_linen_twin_eagerly(rng):
     got = jax.grad(lambda x: jnp.sum(twin(x) * weights))(x)
     want = jax.grad(lambda x: jnp.sum(linen.apply({}, x) * weights))(x)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda r: jnnx.BatchNorm(3, use_scale="no", rngs=r), "use_scale"),
+        (lambda r: jnnx.LayerNorm(3, use_bias=1, rngs=r), "use_bias"),
+        (lambda r: jnnx.GroupNorm(3, 1, use_scale=None, rngs=r), "use_scale"),
+        (lambda r: jnnx.InstanceNorm(3, track_running_stats="yes", rngs=r), "track_running_stats"),
+    ],
+)
+def test_flags_must_be_bools_as_in_the_linen_twin(build, name):
+    with pytest.raises(TypeError, match=f"^{name}: expected a Python bool, got "):
+        build(nnx.Rngs(0))
