@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcnn.analysis.ghost import ghost_clipped_sum
 from jcnn.analysis.per_example import (
@@ -135,8 +136,9 @@ def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:
     >>> padded[1].tolist(), mask.tolist()
     ([0, 1, 2, 0], [1.0, 1.0, 1.0, 0.0])
     """
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
         raise ValueError(f"multiple: expected a positive int, got {multiple!r}")
+    multiple = int(multiple)
     size = _batch_size(batch)
     padded_size = max(multiple, math.ceil(size / multiple) * multiple)
 

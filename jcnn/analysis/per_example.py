@@ -121,7 +121,9 @@ def per_example_trace(where: str) -> Iterator[None]:
 
 def _check_chunk_size(chunk_size, axis_name, size) -> None:
     if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        not isinstance(chunk_size, (int, np.integer))
+        or isinstance(chunk_size, bool)
+        or chunk_size < 1
     ):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     if axis_name is not None and chunk_size is not None and chunk_size < size:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 
 from jcnn import init
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_positive_int
 from jcnn.nn import AvgPool, Conv, Dense, Flatten, LocalContrastNorm, MaxPool, Rectify, Tanh
 
 __all__ = ["JarrettNet"]
@@ -60,7 +60,9 @@ class JarrettNet(nn.Module):
         pools = {"avg": AvgPool, "max": MaxPool}
         if self.pool not in pools:
             raise ValueError(f"pool: expected 'avg' or 'max', got {self.pool!r}")
-        k = self.kernel_size
+        k = check_positive_int(self.kernel_size, "kernel_size")
+        if k % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd int (to keep the size), got {k}")
         conv_init = init.lecun_normal()
         for index, width in enumerate(self.widths, start=1):
             x = Conv(width, (k, k), padding=k // 2, kernel_init=conv_init, name=f"conv{index}")(x)

@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 
 from jcnn import functional as F
+from jcnn.functional._checks import check_real
 from jcnn.nnx._util import check_flag, training
 
 __all__ = ["Dropout", "SpatialDropout"]
@@ -30,8 +31,7 @@ class _Dropout(nnx.Module):
         rng_collection: str = "dropout",
         rngs: nnx.Rngs | nnx.RngStream | None = None,
     ) -> None:
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-            raise ValueError(f"rate: expected a probability in [0, 1], got {rate!r}")
+        rate = check_real(rate, "rate", low=0, high=1)  # as the Linen twin checks it
         check_flag(deterministic, "deterministic")
         self.rate, self.deterministic, self.rng_collection = rate, deterministic, rng_collection
         self.rngs = nnx.data(self._stream(rngs, "rngs"))

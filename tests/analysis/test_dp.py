@@ -151,5 +151,6 @@ def test_pad_batch():
     np.testing.assert_array_equal(mask, [1, 1, 1, 1, 1, 0, 0, 0])
     same, mask = pad_batch(batch, 5)
     assert same[0].shape == (5, 2) and mask.sum() == 5
+    assert pad_batch(batch, np.int64(4))[0][0].shape == (8, 2)
     with pytest.raises(ValueError, match="multiple"):
         pad_batch(batch, 0)

@@ -192,6 +192,9 @@ def test_input_checks(problem):
         per_example_grads(_loss, params, (images, labels[:3]))
     with pytest.raises(ValueError, match="chunk_size: expected a positive int or None, got 0"):
         per_example_grads(_loss, params, (images, labels), chunk_size=0)
+    numpy_chunks = per_example_grads(_loss, params, (images, labels), chunk_size=np.int64(2))
+    python_chunks = per_example_grads(_loss, params, (images, labels), chunk_size=2)
+    jax.tree.map(np.testing.assert_array_equal, numpy_chunks, python_chunks)  # an int all the same
     for clip in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(
             ValueError, match=f"l2_norm_clip: expected a finite number > 0, got {clip}"

@@ -31,3 +31,6 @@ def test_jarrett_stage_is_conv_tanh_abs_lcn_pool(rng):
     assert float(jnp.abs(grads["conv1"]["kernel"]).sum()) > 0
     with pytest.raises(ValueError, match="pool"):
         models.JarrettNet(pool="median").init(jax.random.key(0), x)
+    for kernel_size, error in ((4, ValueError), (0, ValueError), (3.0, TypeError)):
+        with pytest.raises(error, match="kernel_size"):
+            models.JarrettNet(kernel_size=kernel_size).init(jax.random.key(0), x)
