@@ -60,7 +60,8 @@ def private_grad(
       key: a ``jax.random`` key for the noise (a fresh one each step: e.g. ``fold_in(key, step)``).
       l2_norm_clip: the per-example bound ``C`` > 0.
       noise_multiplier: ``sigma`` >= 0: the noise's standard deviation is ``sigma * C``.
-      weights: optional ``(B,)`` weights of the examples, 0 for padding (``pad_batch``'s mask).
+      weights: optional ``(B,)`` weights of the examples in ``[0, 1]``, 0 for padding
+        (``pad_batch``'s mask).
       denominator: what the noised sum is divided by: the expected batch size under Poisson
         sampling (``loader.batch_size``), required with ``weights``; default ``B``.
       method: ``"ghost"`` (default): ``ghost_clipped_sum`` (one pass, no ``B`` copies of the
@@ -93,6 +94,14 @@ def private_grad(
             raise ValueError(
                 f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
             )
+        if not isinstance(weights, jax.core.Tracer):
+            values = np.asarray(weights)
+            if not ((values >= 0) & (values <= 1)).all():
+                raise ValueError(
+                    "weights: expected values in [0, 1] (1 a real example, 0 padding: larger or "
+                    f"negative ones break the sensitivity the noise is calibrated for), got "
+                    f"{values.min()} to {values.max()}"
+                )
         if denominator is None:
             raise ValueError(
                 "denominator: required with weights (the expected batch size, e.g. "

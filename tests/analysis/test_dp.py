@@ -133,6 +133,10 @@ def test_private_grad_bad_input(problem):
         private_grad(_loss, params, batch, key, **kw, weights=jnp.ones(6))
     with pytest.raises(ValueError, match="weights"):
         private_grad(_loss, params, batch, key, **kw, weights=jnp.ones(4), denominator=4)
+    for bad in (2.0, -1.0, np.nan):
+        weights = jnp.ones(6).at[2].set(bad)
+        with pytest.raises(ValueError, match=r"weights: expected values in \[0, 1\]"):
+            private_grad(_loss, params, batch, key, **kw, weights=weights, denominator=6)
     for denominator in (0, math.inf, math.nan):  # an infinite one would zero the gradient
         with pytest.raises(ValueError, match=f"denominator: .*{denominator}"):
             private_grad(_loss, params, batch, key, **kw, denominator=denominator)
