@@ -63,6 +63,20 @@ def test_rate_one_gives_zeros_and_zero_gradient():
     assert np.isfinite(grad).all() and not grad.any()
 
 
+@pytest.mark.parametrize("rate", [0.5, 1.0])
+def test_nan_and_inf_inputs_stay_non_finite_even_where_dropped_as_in_torch(torch, rate):
+    x = np.tile(np.array([np.nan, np.inf, -np.inf, -2.0], np.float32), 64)
+    finite = np.arange(x.size) % 4 == 3
+    key = jax.random.key(3)
+    want = torch.nn.functional.dropout(torch.tensor(x), rate).numpy()
+    for y in (dropout(key, jnp.asarray(x), rate), spatial_dropout(key, x.reshape(2, 4, 32), rate)):
+        y = np.asarray(y).reshape(-1)
+        for got in (y, want):
+            assert np.isnan(got[::4]).all() and not np.isfinite(got[~finite]).any()
+            assert set(got[finite].tolist()) <= {0.0, -2.0 / (1 - rate) if rate < 1 else 0.0}
+        assert np.isnan(y[~finite]).any()  # some infinities were dropped: inf * 0
+
+
 def test_gradient_is_the_scaled_mask(rng):
     x = jnp.asarray(rng.standard_normal((8, 9)).astype(np.float32))
     key = jax.random.key(5)
