@@ -295,9 +295,10 @@ def test_check_helpers():
 # ---- degenerate inputs ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1, 3), (1, 1, 1, 3), (0, 3), (0, 4, 4, 3)])
+@pytest.mark.parametrize("shape", [(1, 3), (1, 1, 1, 3)])
 def test_batch_norm_training_needs_two_values_per_channel(torch, shape):
-    # One value per channel normalizes to exactly 0 (PyTorch refuses it); none gives NaN.
+    # One value per channel normalizes to exactly 0 (PyTorch refuses it). An empty batch is
+    # accepted and leaves the statistics unchanged (test_norm.py), as in PyTorch.
     x = jnp.ones(shape)
     state = F.BatchNormState(jnp.zeros(3), jnp.ones(3))
     with pytest.raises(ValueError, match="x: expected more than 1 value per channel when training"):
