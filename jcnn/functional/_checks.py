@@ -132,7 +132,9 @@ def normalize_padding(
         and all(isinstance(p, Sequence) and not isinstance(p, str) for p in padding)
     ):
         if len(padding) != n or not all(
-            len(p) == 2 and all(isinstance(v, (int, np.integer)) for v in p) for p in padding
+            len(p) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p)
+            for p in padding
         ):
             raise ValueError(
                 f"{name}: expected {n} (lo, hi) pairs of ints, one per spatial dim, got {padding!r}"
