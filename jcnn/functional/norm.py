@@ -127,7 +127,13 @@ def batch_norm(
             raise ValueError(message)  # each example would be normalized by its own statistics
         count = math.prod(x.shape[:-1])
         if axis_name is not None:
-            count *= lax.axis_size(axis_name)
+            try:
+                count *= lax.axis_size(axis_name)
+            except NameError as error:  # JAX's "unbound axis name: b"
+                raise ValueError(
+                    f"axis_name: expected the name of an axis mapped around this call (jax.vmap, "
+                    f"shard_map or pmap with axis_name=...), got {axis_name!r} ({error})"
+                ) from None
         if count == 0:  # an empty batch, as in PyTorch: nothing to normalize, no statistics
             return _affine(xf, scale, bias).astype(x.dtype), state
         _check_batch_count(count, f"x has shape {tuple(x.shape)}")

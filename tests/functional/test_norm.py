@@ -616,6 +616,12 @@ BAD_INPUTS = [
         "x: expected more than 1 value per channel when training (x has shape (1, 16)), got 1",
     ),
     (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, axis_name="batch"),
+        ValueError,
+        "axis_name: expected the name of an axis mapped around this call (jax.vmap, shard_map or "
+        "pmap with axis_name=...), got 'batch'",
+    ),
+    (
         lambda: layer_norm(X4, jnp.ones((3, 16)), None),
         ValueError,
         "scale: expected shape (C,)=(16,) or the per-example shape (3, 3, 16), got (3, 16)",
