@@ -133,6 +133,21 @@ def test_spatial_dropout_drops_whole_channels_per_example(rng, shape):
         (lambda k, x: dropout(0, x, 0.5), TypeError, "key: expected a jax.random key"),
         (lambda k, x: dropout(jnp.zeros(2), x, 0.5), TypeError, "key: expected .* float32"),
         (lambda k, x: dropout(k, x.astype(jnp.int32), 0.5), TypeError, "x: expected a floating"),
+        (
+            lambda k, x: dropout(jnp.zeros(3, jnp.uint32), x, 0.5),
+            TypeError,
+            r"key: expected a jax.random key .*got a uint32 array of shape \(3,\)",
+        ),
+        (
+            lambda k, x: dropout(jax.random.split(k, 4), x, 0.5),
+            ValueError,
+            r"key: expected a single jax.random key, got a batch of keys of shape \(4,\)",
+        ),
+        (
+            lambda k, x: spatial_dropout(jax.random.split(jax.random.PRNGKey(0), 4), x, 0.0),
+            ValueError,
+            r"key: expected a single jax.random key, got a batch of keys of shape \(4,\)",
+        ),
         (lambda k, x: spatial_dropout(k, x[0], 0.5), ValueError, r"x: expected rank >= 3"),
     ],
 )
