@@ -132,7 +132,9 @@ def normalize_padding(
         and all(isinstance(p, Sequence) and not isinstance(p, str) for p in padding)
     ):
         if len(padding) != n or not all(
-            len(p) == 2 and all(isinstance(v, (int, np.integer)) for v in p) for p in padding
+            len(p) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p)
+            for p in padding
         ):
             raise ValueError(
                 f"{name}: expected {n} (lo, hi) pairs of ints, one per spatial dim, got {padding!r}"
@@ -146,15 +148,26 @@ def normalize_padding(
 
 
 def check_key(key, name: str = "key") -> None:
-    """Raise unless ``key`` is a ``jax.random`` key: typed (``jax.random.key``) or raw uint32."""
+    """Raise unless ``key`` is one ``jax.random`` key: typed (``jax.random.key``) or raw uint32."""
     dtype = getattr(key, "dtype", None)
+    expected = (
+        f"{name}: expected a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed))"
+    )
     if dtype is None or not (
         jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
     ):
         described = f"dtype {dtype}" if dtype is not None else type(key).__name__
-        raise TypeError(
-            f"{name}: expected a jax.random key (jax.random.key(seed) or "
-            f"jax.random.PRNGKey(seed)), got {described}"
+        raise TypeError(f"{expected}, got {described}")
+    shape = tuple(key.shape)
+    if dtype == jnp.uint32:
+        try:
+            shape = tuple(jax.random.wrap_key_data(key).shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"{expected}, got a uint32 array of shape {shape}") from None
+    if shape != ():
+        raise ValueError(
+            f"{name}: expected a single jax.random key, got a batch of keys of shape {shape} "
+            "(map over them with jax.vmap)"
         )
 
 

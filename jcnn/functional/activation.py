@@ -42,6 +42,14 @@ def _check_real(value, name: str, **bounds):
     return check_real_or_traced(value, name, **bounds)
 
 
+def _compute_dtype(dtype):
+    """float32 for float16 and bfloat16, else ``dtype`` itself. Evaluated in half precision, every
+    intermediate is rounded (``1 + tanh``, ``exp(x) - 1``, the derivative ``y + 1`` of ``expm1``)
+    and the result loses most of its digits (gelu's tanh form by 40%, elu's gradient entirely at
+    ``x = -8``); PyTorch's CPU kernels compute in float32 and round once, and so does jcnn."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def relu(x: jax.Array) -> jax.Array:
     """Rectified linear unit ``max(0, x)``.
 
@@ -73,7 +81,8 @@ def leaky_relu(x: jax.Array, negative_slope: ArrayLike = 0.01) -> jax.Array:
     """
     check_array(x, "x")
     negative_slope = _check_real(negative_slope, "negative_slope")
-    return jnp.where(x > 0, x, negative_slope * x)
+    xf = x.astype(_compute_dtype(x.dtype))
+    return jnp.where(xf > 0, xf, negative_slope * xf).astype(x.dtype)
 
 
 def prelu(x: jax.Array, alpha: ArrayLike) -> jax.Array:
@@ -102,10 +111,13 @@ def prelu(x: jax.Array, alpha: ArrayLike) -> jax.Array:
             f"alpha: expected shape (), (1,) or ({x.shape[-1]},) (the channels, last axis of x "
             f"with shape {tuple(x.shape)}), got {tuple(alpha.shape)}"
         )
+    compute_dtype = _compute_dtype(x.dtype)
     slope = (alpha.reshape(()) if alpha.shape == (1,) else alpha).astype(x.dtype)
+    slope = slope.astype(compute_dtype)
     if slope.ndim == 1:
         slope = slope.reshape((1,) * (x.ndim - 1) + slope.shape)
-    return jnp.where(x > 0, x, slope * x)
+    xf = x.astype(compute_dtype)
+    return jnp.where(xf > 0, xf, slope * xf).astype(x.dtype)
 
 
 def elu(x: jax.Array, alpha: ArrayLike = 1.0) -> jax.Array:
@@ -123,7 +135,7 @@ def elu(x: jax.Array, alpha: ArrayLike = 1.0) -> jax.Array:
     """
     check_array(x, "x")
     alpha = _check_real(alpha, "alpha")
-    return jax.nn.elu(x, alpha)
+    return jax.nn.elu(x.astype(_compute_dtype(x.dtype)), alpha).astype(x.dtype)
 
 
 def selu(x: jax.Array) -> jax.Array:
@@ -136,7 +148,7 @@ def selu(x: jax.Array) -> jax.Array:
         An array like ``x``: ``1.0507 * elu(x, alpha=1.6733)``.
     """
     check_array(x, "x")
-    return jax.nn.selu(x)
+    return jax.nn.selu(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
 
 
 # Phi(-a) = t exp(-a^2 / 2) P(t) / 2 with t = 1 / (1 + a / (2 sqrt 2)), a >= 0: P is the degree-10
@@ -250,7 +262,7 @@ def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
     check_array(x, "x")
     check_bool(approximate, "approximate")
     if approximate:
-        return jax.nn.gelu(x, approximate=True)
+        return jax.nn.gelu(x.astype(_compute_dtype(x.dtype)), approximate=True).astype(x.dtype)
     # Recomputed from x in the backward pass (jax.checkpoint): the forward pass writes only its
     # output and the backward pass is one fused loop over x and the cotangent (ConvNeXt's
     # training step 1.07-1.14x faster, experiments/benchmarks/README.md, run L).
@@ -270,7 +282,7 @@ def swish(x: jax.Array) -> jax.Array:
     [-0.2689, 0.7311]
     """
     check_array(x, "x")
-    return jax.nn.silu(x)
+    return jax.nn.silu(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
 
 
 silu = swish
@@ -286,7 +298,7 @@ def mish(x: jax.Array) -> jax.Array:
         An array like ``x``.
     """
     check_array(x, "x")
-    return jax.nn.mish(x)
+    return jax.nn.mish(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
 
 
 def maxout(x: jax.Array, num_pieces: int) -> jax.Array:
@@ -352,7 +364,7 @@ def sigmoid(x: jax.Array) -> jax.Array:
     [0.5]
     """
     check_array(x, "x")
-    return jax.nn.sigmoid(x)
+    return jax.nn.sigmoid(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
 
 
 def tanh(x: jax.Array) -> jax.Array:
@@ -365,7 +377,7 @@ def tanh(x: jax.Array) -> jax.Array:
         An array like ``x`` with values in ``[-1, 1]``.
     """
     check_array(x, "x")
-    return jnp.tanh(x)
+    return jnp.tanh(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
 
 
 def softplus(x: jax.Array, beta: ArrayLike = 1.0, threshold: ArrayLike | None = 20.0) -> jax.Array:
@@ -387,8 +399,9 @@ def softplus(x: jax.Array, beta: ArrayLike = 1.0, threshold: ArrayLike | None = 
     """
     check_array(x, "x")
     beta = _check_real(beta, "beta", low=0, low_open=True)
-    smooth = jnp.logaddexp(beta * x, jnp.zeros_like(x)) / beta
+    xf = x.astype(_compute_dtype(x.dtype))
+    smooth = jnp.logaddexp(beta * xf, jnp.zeros_like(xf)) / beta
     if threshold is None:
-        return smooth
+        return smooth.astype(x.dtype)
     threshold = _check_real(threshold, "threshold", finite=False)
-    return jnp.where(beta * x > threshold, x, smooth)
+    return jnp.where(beta * xf > threshold, xf, smooth).astype(x.dtype)

@@ -19,12 +19,13 @@ def _check_dropout_args(key, x, rate, train) -> float:
 
 
 def _drop(key, x, rate, mask_shape):
+    # x times the mask, as in PyTorch: a dropped NaN or infinity stays NaN rather than vanishing.
     if rate == 1:
-        return jnp.zeros_like(x)
+        return x * jnp.zeros((), x.dtype)
     keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
     # Multiply by the rounded reciprocal, as PyTorch does (XLA would rewrite a division so anyway).
     scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
-    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+    return x * jnp.where(keep, scale, jnp.zeros((), x.dtype))
 
 
 def dropout(key: jax.Array, x: jax.Array, rate: float, *, train: bool = True) -> jax.Array:
@@ -32,7 +33,8 @@ def dropout(key: jax.Array, x: jax.Array, rate: float, *, train: bool = True) ->
 
     With this "inverted" scaling the expected output equals ``x``, so evaluation needs no
     rescaling: with ``train=False`` (or ``rate == 0``) the input comes back unchanged. ``rate == 1``
-    drops everything and returns zeros (as PyTorch does), with a zero gradient.
+    drops everything and returns zeros (as PyTorch does), with a zero gradient. As in PyTorch, the
+    input is multiplied by the mask, so a NaN or infinite input gives NaN even where dropped.
 
     Args:
         key: a ``jax.random`` key; the same key gives the same mask.

@@ -83,8 +83,9 @@ def batch_norm(
 
     In training, ``x`` is normalized with the statistics of the batch (mean and biased variance per
     channel) and the running statistics move toward them:
-    ``new = momentum * old + (1 - momentum) * batch``. In evaluation, ``x`` is normalized with the
-    running statistics and ``state`` comes back unchanged.
+    ``new = momentum * old + (1 - momentum) * batch``; an empty batch leaves them unchanged, as in
+    PyTorch. In evaluation, ``x`` is normalized with the running statistics and ``state`` comes
+    back unchanged.
 
     Args:
       x: ``(N, *spatial, C)`` floating array.
@@ -126,7 +127,15 @@ def batch_norm(
             raise ValueError(message)  # each example would be normalized by its own statistics
         count = math.prod(x.shape[:-1])
         if axis_name is not None:
-            count *= lax.axis_size(axis_name)
+            try:
+                count *= lax.axis_size(axis_name)
+            except NameError as error:  # JAX's "unbound axis name: b"
+                raise ValueError(
+                    f"axis_name: expected the name of an axis mapped around this call (jax.vmap, "
+                    f"shard_map or pmap with axis_name=...), got {axis_name!r} ({error})"
+                ) from None
+        if count == 0:  # an empty batch, as in PyTorch: nothing to normalize, no statistics
+            return _affine(xf, scale, bias).astype(x.dtype), state
         _check_batch_count(count, f"x has shape {tuple(x.shape)}")
         if axis_name is None:
             y, mean, var = _normalize(
@@ -281,6 +290,9 @@ def instance_norm(
     compute_dtype = _compute_dtype(x.dtype)
     xf = x.astype(compute_dtype)
     spatial_axes = tuple(range(1, x.ndim - 1))
+    if math.prod(x.shape[:-1]) == 0:  # an empty batch: no statistics, as in batch_norm
+        y = _affine(xf, scale, bias).astype(x.dtype)
+        return y if state is None else (y, state)
     if state is None or train:
         _check_batch_count(
             math.prod(x.shape[1:-1]),

@@ -446,7 +446,9 @@ def _adaptive_sizes(x, output_size) -> tuple[int, ...]:
             f"x: expected at least one pixel in every spatial dim to pool, got shape "
             f"{tuple(x.shape)}"
         )
-    entries = (output_size,) * rank if _is_int(output_size) else tuple(output_size)
+    if isinstance(output_size, np.ndarray):
+        output_size = output_size.tolist()  # 0-d: a number; 1-d: a list of them
+    entries = tuple(output_size) if isinstance(output_size, Sequence) else (output_size,) * rank
     sizes = []
     for entry, in_size in zip(entries, x.shape[1:-1], strict=True):
         if entry is None:

@@ -63,6 +63,20 @@ def test_rate_one_gives_zeros_and_zero_gradient():
     assert np.isfinite(grad).all() and not grad.any()
 
 
+@pytest.mark.parametrize("rate", [0.5, 1.0])
+def test_nan_and_inf_inputs_stay_non_finite_even_where_dropped_as_in_torch(torch, rate):
+    x = np.tile(np.array([np.nan, np.inf, -np.inf, -2.0], np.float32), 64)
+    finite = np.arange(x.size) % 4 == 3
+    key = jax.random.key(3)
+    want = torch.nn.functional.dropout(torch.tensor(x), rate).numpy()
+    for y in (dropout(key, jnp.asarray(x), rate), spatial_dropout(key, x.reshape(2, 4, 32), rate)):
+        y = np.asarray(y).reshape(-1)
+        for got in (y, want):
+            assert np.isnan(got[::4]).all() and not np.isfinite(got[~finite]).any()
+            assert set(got[finite].tolist()) <= {0.0, -2.0 / (1 - rate) if rate < 1 else 0.0}
+        assert np.isnan(y[~finite]).any()  # some infinities were dropped: inf * 0
+
+
 def test_gradient_is_the_scaled_mask(rng):
     x = jnp.asarray(rng.standard_normal((8, 9)).astype(np.float32))
     key = jax.random.key(5)
@@ -119,6 +133,21 @@ def test_spatial_dropout_drops_whole_channels_per_example(rng, shape):
         (lambda k, x: dropout(0, x, 0.5), TypeError, "key: expected a jax.random key"),
         (lambda k, x: dropout(jnp.zeros(2), x, 0.5), TypeError, "key: expected .* float32"),
         (lambda k, x: dropout(k, x.astype(jnp.int32), 0.5), TypeError, "x: expected a floating"),
+        (
+            lambda k, x: dropout(jnp.zeros(3, jnp.uint32), x, 0.5),
+            TypeError,
+            r"key: expected a jax.random key .*got a uint32 array of shape \(3,\)",
+        ),
+        (
+            lambda k, x: dropout(jax.random.split(k, 4), x, 0.5),
+            ValueError,
+            r"key: expected a single jax.random key, got a batch of keys of shape \(4,\)",
+        ),
+        (
+            lambda k, x: spatial_dropout(jax.random.split(jax.random.PRNGKey(0), 4), x, 0.0),
+            ValueError,
+            r"key: expected a single jax.random key, got a batch of keys of shape \(4,\)",
+        ),
         (lambda k, x: spatial_dropout(k, x[0], 0.5), ValueError, r"x: expected rank >= 3"),
     ],
 )

@@ -146,6 +146,32 @@ def test_batch_norm_train_then_eval_matches_torch(torch, rng, rank):
     np.testing.assert_array_equal(new_state.var, state.var)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 3, 4), (2, 0, 3, 4), (0, 4)], ids=["N=0", "H=0", "dense"])
+def test_an_empty_batch_keeps_the_running_statistics_as_in_torch(torch, shape):
+    state = BatchNormState(jnp.arange(4.0), jnp.arange(1.0, 5.0))
+    x = jnp.zeros(shape)
+    scale, bias = jnp.ones(4), jnp.zeros(4)
+    t_mean, t_var = torch.arange(4.0), torch.arange(1.0, 5.0)
+    t_y = torch.nn.functional.batch_norm(
+        to_torch(torch, x).float(), t_mean, t_var, training=True, momentum=0.1
+    )
+    calls = {
+        "instance_norm": lambda v, s: instance_norm(v, s, bias, state, momentum=0.9),
+        "batch_norm": lambda v, s: batch_norm(v, s, bias, state, train=True, momentum=0.9),
+    }
+    for name, call in calls.items():
+        if name == "instance_norm" and len(shape) < 3:
+            continue
+        y, new_state = call(x, scale)
+        assert y.shape == from_torch(t_y).shape == shape, name
+        np.testing.assert_array_equal(new_state.mean, t_mean.numpy(), err_msg=name)
+        np.testing.assert_array_equal(new_state.var, t_var.numpy(), err_msg=name)
+        grads = jax.grad(lambda v, s, call=call: call(v, s)[0].sum(), argnums=(0, 1))(x, scale)
+        assert grads[0].shape == shape and not grads[1].any(), name
+    if len(shape) > 2:
+        assert instance_norm(x, scale, bias).shape == shape
+
+
 def test_batch_norm_default_running_var_is_biased(rng):
     x = rng.normal(size=(3, 4, 5, 2)).astype(np.float32)
     state = BatchNormState(jnp.full(2, 0.5), jnp.full(2, 2.0))
@@ -588,6 +614,12 @@ BAD_INPUTS = [
         ),
         ValueError,
         "x: expected more than 1 value per channel when training (x has shape (1, 16)), got 1",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, axis_name="batch"),
+        ValueError,
+        "axis_name: expected the name of an axis mapped around this call (jax.vmap, shard_map or "
+        "pmap with axis_name=...), got 'batch'",
     ),
     (
         lambda: layer_norm(X4, jnp.ones((3, 16)), None),
