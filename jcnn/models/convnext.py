@@ -97,7 +97,7 @@ class ConvNeXtBlock(nn.Module):
         )
         y = y * scale.reshape(1, 1, 1, channels)
         if train and rate > 0:
-            if not self.has_rng("dropout"):
+            if not (self.has_rng("dropout") or self.has_rng("params")):
                 raise ValueError(
                     f"rngs: ConvNeXtBlock with stochastic_depth={rate} is training but has no "
                     "randomness; pass rngs={'dropout': key} to apply"

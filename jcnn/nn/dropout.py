@@ -26,7 +26,7 @@ def _apply(module, drop, x, train: bool):
     check_bool(train, "train")
     if not train or rate == 0:
         return x
-    if not module.has_rng("dropout"):
+    if not (module.has_rng("dropout") or module.has_rng("params")):  # Flax falls back on params
         raise ValueError(
             f"rngs: {type(module).__name__} is training but has no randomness; pass "
             "rngs={'dropout': key} to apply"

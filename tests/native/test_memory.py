@@ -15,7 +15,8 @@ from jcnn.native import memory
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # A jitted call whose working memory is one 128 MiB temporary (sin(x) materialized for the
-# matmul); mallinfo2 reports what glibc's heap holds, getrusage the pages faulted in per call.
+# matmul); mallinfo2 reports what glibc's heap holds, getrusage the pages faulted in per call
+# (the median call's: a machine under load may map a block afresh once in a while).
 PROBE = """
 import ctypes, json, resource
 import jcnn
@@ -33,12 +34,13 @@ x = jnp.ones(2**25)
 temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
 for _ in range(15):
     f(x).block_until_ready()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(11):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 10
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"mode": jcnn.native.host_memory(), "temp": temp,
-                  "heap": mallinfo2().arena, "faults_per_call": faults}))
+                  "heap": mallinfo2().arena, "faults_per_call": sorted(faults)[5]}))
 """
 
 
@@ -61,8 +63,8 @@ def test_keep_is_the_default_and_reuses_xla_working_memory():
     assert kept["temp"] >= 2**27
     pages = kept["temp"] / 4096
     assert kept["heap"] >= kept["temp"]  # the freed block stays in the heap for the next call
-    # At most a couple of extra blocks while the heap settles; released, every call faults the
-    # whole block in again (fewer faults only where the kernel backs it with huge pages).
+    # Released, every call faults the whole block in again (fewer faults only where the kernel
+    # backs it with huge pages); kept, the median call faults almost nothing.
     assert kept["faults_per_call"] < pages / 4, kept
 
 
