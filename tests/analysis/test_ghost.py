@@ -335,7 +335,7 @@ def test_under_jit_scan_and_chunks(rng):
 def test_float64_norms_and_clipped_sum_keep_float64_precision(rng):
     """float64 parameters and inputs (jax_enable_x64): float64 norms and clipped sum, for the
     ghost, direct and materialized rules alike, equal to the materialized float64 ones."""
-    layers, shape = _LAYERS["norms_and_prelu"]
+    layers, shape = _LAYERS["conv2d_groups_reflect"]
     with jax.enable_x64(True):
         loss, params, (images, labels) = _problem(layers, shape, rng)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
