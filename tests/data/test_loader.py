@@ -162,6 +162,17 @@ def test_sharding_places_batches(dataset):
     assert x.sharding == sharding and y.sharding == sharding
 
 
+def _passes_on_two_devices(script: str) -> None:
+    """Run ``script`` in a fresh process with two CPU devices; it must print "ok"."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
 def test_sharding_across_two_devices():
     """In a process with 2 CPU devices, each holds half of every batch, values unchanged."""
     script = textwrap.dedent(
@@ -186,13 +197,7 @@ def test_sharding_across_two_devices():
         print("ok")
         """
     )
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    _passes_on_two_devices(script)
 
 
 def test_sharding_that_does_not_divide_the_batches_is_refused_up_front():
@@ -228,13 +233,7 @@ def test_sharding_that_does_not_divide_the_batches_is_refused_up_front():
         print("ok")
         """
     )
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    _passes_on_two_devices(script)
 
 
 def test_argument_checks(dataset):
