@@ -43,6 +43,7 @@ import optax
 from jax import lax
 from jax.extend import core as jax_core
 
+from jcnn.functional._checks import float32_or_wider
 from jcnn.functional.norm import PER_EXAMPLE_TRACE
 
 __all__ = [
@@ -354,7 +355,7 @@ def _with_outer_products_in_place(fn):
 
 def _widened(leaf) -> jax.Array:
     """``leaf`` in float32, or in its own floating type if wider (float64 stays float64)."""
-    return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+    return leaf.astype(float32_or_wider(leaf.dtype))
 
 
 def _norms(per_example) -> jax.Array:

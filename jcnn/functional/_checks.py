@@ -147,6 +147,13 @@ def normalize_padding(
     return pairs
 
 
+def float32_or_wider(dtype):
+    """float32 for the half-precision floats, else ``dtype`` itself (float64 stays float64): the
+    type jcnn computes and accumulates in, rounding once to the input's type at the end, as
+    PyTorch's CPU kernels do; in half precision every intermediate would be rounded."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def check_key(key, name: str = "key") -> None:
     """Raise unless ``key`` is one ``jax.random`` key: typed (``jax.random.key``) or raw uint32."""
     dtype = getattr(key, "dtype", None)

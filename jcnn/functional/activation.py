@@ -17,6 +17,7 @@ from jcnn.functional._checks import (
     check_bool,
     check_positive_int,
     check_real_or_traced,
+    float32_or_wider,
 )
 
 __all__ = [
@@ -40,14 +41,6 @@ __all__ = [
 def _check_real(value, name: str, **bounds):
     """A real number or a 0-d real array (which may be traced, and is then not range-checked)."""
     return check_real_or_traced(value, name, **bounds)
-
-
-def _compute_dtype(dtype):
-    """float32 for float16 and bfloat16, else ``dtype`` itself. Evaluated in half precision, every
-    intermediate is rounded (``1 + tanh``, ``exp(x) - 1``, the derivative ``y + 1`` of ``expm1``)
-    and the result loses most of its digits (gelu's tanh form by 40%, elu's gradient entirely at
-    ``x = -8``); PyTorch's CPU kernels compute in float32 and round once, and so does jcnn."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def relu(x: jax.Array) -> jax.Array:
@@ -81,7 +74,7 @@ def leaky_relu(x: jax.Array, negative_slope: ArrayLike = 0.01) -> jax.Array:
     """
     check_array(x, "x")
     negative_slope = _check_real(negative_slope, "negative_slope")
-    xf = x.astype(_compute_dtype(x.dtype))
+    xf = x.astype(float32_or_wider(x.dtype))
     return jnp.where(xf > 0, xf, negative_slope * xf).astype(x.dtype)
 
 
@@ -111,7 +104,7 @@ def prelu(x: jax.Array, alpha: ArrayLike) -> jax.Array:
             f"alpha: expected shape (), (1,) or ({x.shape[-1]},) (the channels, last axis of x "
             f"with shape {tuple(x.shape)}), got {tuple(alpha.shape)}"
         )
-    compute_dtype = _compute_dtype(x.dtype)
+    compute_dtype = float32_or_wider(x.dtype)
     slope = (alpha.reshape(()) if alpha.shape == (1,) else alpha).astype(x.dtype)
     slope = slope.astype(compute_dtype)
     if slope.ndim == 1:
@@ -135,7 +128,7 @@ def elu(x: jax.Array, alpha: ArrayLike = 1.0) -> jax.Array:
     """
     check_array(x, "x")
     alpha = _check_real(alpha, "alpha")
-    return jax.nn.elu(x.astype(_compute_dtype(x.dtype)), alpha).astype(x.dtype)
+    return jax.nn.elu(x.astype(float32_or_wider(x.dtype)), alpha).astype(x.dtype)
 
 
 def selu(x: jax.Array) -> jax.Array:
@@ -148,7 +141,7 @@ def selu(x: jax.Array) -> jax.Array:
         An array like ``x``: ``1.0507 * elu(x, alpha=1.6733)``.
     """
     check_array(x, "x")
-    return jax.nn.selu(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
+    return jax.nn.selu(x.astype(float32_or_wider(x.dtype))).astype(x.dtype)
 
 
 # Phi(-a) = t exp(-a^2 / 2) P(t) / 2 with t = 1 / (1 + a / (2 sqrt 2)), a >= 0: P is the degree-10
@@ -262,7 +255,7 @@ def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
     check_array(x, "x")
     check_bool(approximate, "approximate")
     if approximate:
-        return jax.nn.gelu(x.astype(_compute_dtype(x.dtype)), approximate=True).astype(x.dtype)
+        return jax.nn.gelu(x.astype(float32_or_wider(x.dtype)), approximate=True).astype(x.dtype)
     # Recomputed from x in the backward pass (jax.checkpoint): the forward pass writes only its
     # output and the backward pass is one fused loop over x and the cotangent (ConvNeXt's
     # training step 1.07-1.14x faster, experiments/benchmarks/README.md, run L).
@@ -282,7 +275,7 @@ def swish(x: jax.Array) -> jax.Array:
     [-0.2689, 0.7311]
     """
     check_array(x, "x")
-    return jax.nn.silu(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
+    return jax.nn.silu(x.astype(float32_or_wider(x.dtype))).astype(x.dtype)
 
 
 silu = swish
@@ -298,7 +291,7 @@ def mish(x: jax.Array) -> jax.Array:
         An array like ``x``.
     """
     check_array(x, "x")
-    return jax.nn.mish(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
+    return jax.nn.mish(x.astype(float32_or_wider(x.dtype))).astype(x.dtype)
 
 
 def maxout(x: jax.Array, num_pieces: int) -> jax.Array:
@@ -364,7 +357,7 @@ def sigmoid(x: jax.Array) -> jax.Array:
     [0.5]
     """
     check_array(x, "x")
-    return jax.nn.sigmoid(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
+    return jax.nn.sigmoid(x.astype(float32_or_wider(x.dtype))).astype(x.dtype)
 
 
 def tanh(x: jax.Array) -> jax.Array:
@@ -377,7 +370,7 @@ def tanh(x: jax.Array) -> jax.Array:
         An array like ``x`` with values in ``[-1, 1]``.
     """
     check_array(x, "x")
-    return jnp.tanh(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
+    return jnp.tanh(x.astype(float32_or_wider(x.dtype))).astype(x.dtype)
 
 
 def softplus(x: jax.Array, beta: ArrayLike = 1.0, threshold: ArrayLike | None = 20.0) -> jax.Array:
@@ -399,7 +392,7 @@ def softplus(x: jax.Array, beta: ArrayLike = 1.0, threshold: ArrayLike | None = 
     """
     check_array(x, "x")
     beta = _check_real(beta, "beta", low=0, low_open=True)
-    xf = x.astype(_compute_dtype(x.dtype))
+    xf = x.astype(float32_or_wider(x.dtype))
     smooth = jnp.logaddexp(beta * xf, jnp.zeros_like(xf)) / beta
     if threshold is None:
         return smooth.astype(x.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import check_array, check_choice, check_real
+from jcnn.functional._checks import check_array, check_choice, check_real, float32_or_wider
 
 __all__ = ["accuracy", "cross_entropy"]
 
@@ -83,7 +83,7 @@ def cross_entropy(
     check_choice(reduction, "reduction", _REDUCTIONS)
 
     num_classes = logits.shape[-1]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+    log_probs = jax.nn.log_softmax(logits.astype(float32_or_wider(logits.dtype)))
     if integer_labels:
         picked = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
         in_range = (labels >= 0) & (labels < num_classes)

@@ -35,6 +35,7 @@ from jcnn.functional._checks import (
     check_array,
     check_min_rank,
     check_real,
+    float32_or_wider,
 )
 
 # While jcnn.analysis traces a per-example function (each example a batch of one), this holds the
@@ -119,7 +120,7 @@ def batch_norm(
     state = _check_state(state, "state", channels, required=True)
     momentum, eps = _check_running_options(train, momentum, eps, unbiased_running_var)
 
-    compute_dtype = _compute_dtype(x.dtype)
+    compute_dtype = float32_or_wider(x.dtype)
     xf = x.astype(compute_dtype)
     reduce_axes = tuple(range(x.ndim - 1))
     if train:
@@ -193,7 +194,7 @@ def layer_norm(
                 f"{tuple(x.shape[1:])}, got {tuple(value.shape)}"
             )
 
-    xf = x.astype(_compute_dtype(x.dtype))
+    xf = x.astype(float32_or_wider(x.dtype))
     y = _standardize(xf, tuple(range(1, x.ndim)), eps)
     return _affine(y, scale, bias).astype(x.dtype)
 
@@ -236,7 +237,7 @@ def group_norm(
             f"num_groups: must divide the number of channels C={channels}, got {num_groups}"
         )
 
-    xf = x.astype(_compute_dtype(x.dtype))
+    xf = x.astype(float32_or_wider(x.dtype))
     grouped = xf.reshape(*x.shape[:-1], num_groups, channels // num_groups)
     reduce_axes = (*range(1, x.ndim - 1), x.ndim)
     y = _standardize(grouped, reduce_axes, eps).reshape(x.shape)
@@ -287,7 +288,7 @@ def instance_norm(
     state = _check_state(state, "state", channels, required=False)
     momentum, eps = _check_running_options(train, momentum, eps, unbiased_running_var)
 
-    compute_dtype = _compute_dtype(x.dtype)
+    compute_dtype = float32_or_wider(x.dtype)
     xf = x.astype(compute_dtype)
     spatial_axes = tuple(range(1, x.ndim - 1))
     if math.prod(x.shape[:-1]) == 0:  # an empty batch: no statistics, as in batch_norm
@@ -373,7 +374,7 @@ def local_contrast_norm(
     eps = _check_positive(eps, "eps")
 
     taps = [_gaussian_taps(k, s) for k, s in zip(window, sigmas, strict=True)]
-    compute_dtype = _compute_dtype(x.dtype)
+    compute_dtype = float32_or_wider(x.dtype)
     xf = x.astype(compute_dtype)
     spatial_shape = x.shape[1:-1]
     mass = _separable_filter(jnp.ones((1, *spatial_shape), compute_dtype), taps)
@@ -422,7 +423,7 @@ def local_response_norm(
     beta = check_real(beta, "beta")
     k = _check_positive(k, "k")
 
-    xf = x.astype(_compute_dtype(x.dtype))
+    xf = x.astype(float32_or_wider(x.dtype))
     window = (1,) * (x.ndim - 1) + (size,)
     padding = ((0, 0),) * (x.ndim - 1) + ((size // 2, (size - 1) // 2),)
     # A NumPy (concrete) init value: lax then picks its differentiable windowed-sum primitive. A
@@ -474,7 +475,7 @@ def fold_batch_norm(
     state = _check_state(state, "state", channels, required=True, label="C_out")
     eps = _check_positive(eps, "eps")
 
-    compute_dtype = _compute_dtype(w.dtype)
+    compute_dtype = float32_or_wider(w.dtype)
     mean, var = (s.astype(compute_dtype) for s in state)
     factor = lax.rsqrt(var + eps)
     if scale is not None:
@@ -485,11 +486,6 @@ def fold_batch_norm(
     if bias is not None:
         b_folded = b_folded + bias.astype(compute_dtype)
     return w_folded.astype(w.dtype), b_folded.astype(w.dtype)
-
-
-def _compute_dtype(dtype):
-    """At least float32: half-precision statistics lose too much."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _expand_leading(values, ndim: int):

@@ -33,6 +33,7 @@ from jcnn.functional._checks import (
     check_array,
     check_bool,
     check_real,
+    float32_or_wider,
     normalize_padding,
 )
 
@@ -130,11 +131,6 @@ def _window_geometry(
         exact_pads.append((lo, max((out - 1) * s + span - size - lo, 0)))
         out_sizes.append(out)
     return pads, tuple(exact_pads), tuple(out_sizes)
-
-
-def _accumulation_dtype(dtype):
-    """float32 for the half-precision floats (sums lose digits there), else ``dtype`` itself."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _full_window(spatial: Sequence[int]) -> tuple[int, ...]:
@@ -315,7 +311,7 @@ def avg_pool(
     pads, exact_pads, out_sizes = _window_geometry(
         sizes, window, stride, (1,) * rank, padding, ceil_mode
     )
-    accumulate = _accumulation_dtype(x.dtype)
+    accumulate = float32_or_wider(x.dtype)
     sums = lax.reduce_window(
         x.astype(accumulate),
         np.array(0, accumulate),
@@ -359,7 +355,7 @@ def lp_pool(
     window = as_int_tuple(window, rank, "window", minimum=1)
     stride = window if stride is None else as_int_tuple(stride, rank, "stride", minimum=1)
     _window_geometry(x.shape[1:-1], window, stride, (1,) * rank, 0, False)
-    accumulate = _accumulation_dtype(x.dtype)
+    accumulate = float32_or_wider(x.dtype)
     power = int(p) if float(p).is_integer() else float(p)
     sums = lax.reduce_window(
         x.astype(accumulate) ** power,
@@ -424,7 +420,7 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     [[3.0, 4.0]]
     """
     axes = _check_global(x)
-    return jnp.mean(x.astype(_accumulation_dtype(x.dtype)), axis=axes).astype(x.dtype)
+    return jnp.mean(x.astype(float32_or_wider(x.dtype)), axis=axes).astype(x.dtype)
 
 
 def global_max_pool(x: jax.Array) -> jax.Array:
@@ -486,7 +482,7 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int | None]) -> 
     [0.5, 2.0, 3.5]
     """
     out_sizes = _adaptive_sizes(x, output_size)
-    accumulate = _accumulation_dtype(x.dtype)
+    accumulate = float32_or_wider(x.dtype)
     pooled = x.astype(accumulate)
     for axis, (size, out) in enumerate(zip(x.shape[1:-1], out_sizes, strict=True), start=1):
         pooled = _adaptive_axis(pooled, axis, size, out, average=True)
