@@ -281,6 +281,30 @@ def test_depthwise_shifted_sums_equal_lax(rng, rank):
             )
 
 
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding, dilation",
+    [
+        ((3, 2, 2, 4), (7, 7, 1, 4), (1, 1), ((3, 3), (3, 3)), (1, 1)),  # ConvNeXt's last stage
+        ((2, 1, 3, 3), (5, 7, 1, 6), (2, 3), ((4, 2), (6, 1)), (1, 1)),  # strided: gaps of taps
+        ((2, 2, 1, 3), (4, 6, 1, 3), (1, 1), ((5, 4), (2, 7)), (2, 1)),  # dilated past the map
+        ((1, 3, 1, 2), (3, 3, 1, 2), (1, 1), ((9, 9), (1, 1)), (1, 1)),  # offsets in padding only
+    ],
+)
+def test_depthwise_weight_gradient_of_windows_reaching_into_padding(
+    rng, x_shape, w_shape, stride, padding, dilation
+):
+    options = (stride, padding, dilation, x_shape[-1])
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    y_shape = jax.eval_shape(_with_options(lax_conv, options), x, w).shape
+    g = jnp.asarray(rng.standard_normal(y_shape), jnp.float32)
+    got, want = (
+        jax.vjp(lambda w: conv(x, w, *options), w)[1](g)[0]  # noqa: B023
+        for conv in (conv_general, lax_conv)
+    )
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 def test_depthwise_higher_derivatives_and_vmap_equal_lax(rng):
     x = jnp.asarray(rng.standard_normal((3, 9, 8, 5)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 4, 1, 10)), jnp.float32) / 3  # multiplier 2
