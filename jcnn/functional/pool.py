@@ -186,18 +186,30 @@ def max_pool(
 
 
 def _tiled_max_pool(x, window, pads, out_sizes):
-    """Max pool with ``stride == window``: the pad or crop to whole tiles, then ``_max_over_tiles``.
-
-    ``(N, H, W, C)`` becomes ``(N, H / kh, kh, W / kw, kw, C)`` (a free reshape) and the tiles'
-    elements are compared elementwise. XLA compiles the gradient of ``reduce_window`` max to
-    ``select_and_scatter``, a window scatter many times slower on CPU than these selects (13x on
-    a 2x2 pool of ``(128, 24, 24, 16)``, forward and backward).
-    """
+    """Max pool with ``stride == window``, over the input padded or cropped to whole tiles."""
     fit = tuple(
         (lo, out * k - size - lo)
         for size, k, (lo, _), out in zip(x.shape[1:-1], window, pads, out_sizes, strict=True)
     )
-    return _max_over_tiles(x, tuple(window), fit)
+    if any(lo or hi for lo, hi in fit):
+        return _max_over_tiles(x, tuple(window), fit)
+    return _max_of_whole_tiles(x, tuple(window))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_of_whole_tiles(x, window):
+    """``_max_over_tiles`` of an input made of whole tiles, its values computed by
+    ``reduce_window``, its derivatives by the selects. XLA's CPU backend then runs convolutions,
+    these pools and matrix products between them as one YNNPACK graph: LeNet-5's inference with
+    XLA's convolutions 1.8x faster. (A pad or crop first would be an extra pass over the input.)"""
+    full = _full_window(window)
+    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, full, full, "VALID")
+
+
+@_max_of_whole_tiles.defjvp
+def _max_of_whole_tiles_jvp(window, primals, tangents):
+    no_fit = ((0, 0),) * len(window)
+    return jax.jvp(lambda x: _max_over_tiles(x, window, no_fit), primals, tangents)
 
 
 def _split_tiles(x, window):
@@ -220,7 +232,9 @@ def _max_over_tiles(x, window, fit):
     in window (row-major) order. The derivative of a chain of selects goes to the element
     selected, exactly as PyTorch and ``reduce_window``'s gradient (where ``jnp.max`` would split it
     among tied maxima, and ReLU zeros tie often). It is elementwise in both directions, which every
-    XLA backend fuses.
+    XLA backend fuses: XLA compiles the gradient of ``reduce_window`` max to ``select_and_scatter``,
+    a window scatter many times slower on CPU (13x on a 2x2 pool of ``(128, 24, 24, 16)``, forward
+    and backward).
     """
     config = [(0, 0, 0), *((lo, hi, 0) for lo, hi in fit), (0, 0, 0)]
     tiles, axes = _split_tiles(lax.pad(x, np.array(-np.inf, x.dtype), config), window)

@@ -381,6 +381,11 @@ def test_max_pool_gradient_breaks_ties_like_torch(torch, rng):
     # reduce_window's gradient would go to the pixel after a NaN, whatever its value.
     with_nans = np.where(rng.random(x.shape) < 0.3, np.float32(np.nan), x)
     cases.append((*cases[-1][:2], with_nans, "NaN, stride == window"))
+    whole = (  # 8 x 9 pixels in whole (2, 3) tiles: values from reduce_window
+        functools.partial(max_pool, window=(2, 3)),
+        functools.partial(torch.nn.functional.max_pool2d, kernel_size=(2, 3)),
+    )
+    cases += [(*whole, x, "ties, whole tiles"), (*whole, with_nans, "NaN, whole tiles")]
     _assert_parity(torch, cases, rng)
 
 
@@ -471,15 +476,30 @@ def test_non_overlapping_max_pool_equals_reduce_window_exactly_with_ties(rng):
             )
 
 
-def test_non_overlapping_max_pool_second_derivatives_and_per_example_grads(rng):
-    """Forward-over-reverse, reverse-over-reverse and vmap(grad) equal the reduce_window path."""
-    x = jnp.asarray(rng.integers(-2, 3, (3, 6, 7, 2)), jnp.float32)
-    weights = jnp.asarray(rng.standard_normal((3, 4, 4, 2)), jnp.float32)
-    direction = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+def test_non_overlapping_max_pool_forward_is_reduce_window_on_whole_tiles():
+    """Its values come from reduce_window, which XLA's CPU backend runs inside a YNNPACK graph
+    with the convolutions and matrix products around it, unless a pad or crop comes first."""
+    assert "reduce_window_max" in _primitives(lambda x: max_pool(x, 2), (128, 28, 28, 20))
+    assert "select_n" not in _primitives(lambda x: max_pool(x, 2), (128, 28, 28, 20))
+    assert "select_n" in _primitives(lambda x: max_pool(x, 2), (256, 31, 31, 64))
+
+
+@pytest.mark.parametrize("width, padding, ceil_mode", [(7, (1, 0), True), (8, 0, False)])
+def test_non_overlapping_max_pool_second_derivatives_and_per_example_grads(
+    rng, width, padding, ceil_mode
+):
+    """Forward-over-reverse, reverse-over-reverse and vmap(grad) equal the reduce_window path,
+    with a pad and crop first and on whole tiles."""
+    x = jnp.asarray(rng.integers(-2, 3, (3, 6, width, 2)), jnp.float32)
     pools = {
-        "fast": lambda x: max_pool(x, 2, padding=(1, 0), ceil_mode=True),
-        "reference": lambda x: _reference_tiled_max_pool(x, (2, 2), (1, 0), True),
+        "fast": lambda x: max_pool(x, 2, padding=padding, ceil_mode=ceil_mode),
+        "reference": lambda x: _reference_tiled_max_pool(
+            x, (2, 2), np.broadcast_to(padding, 2), ceil_mode
+        ),
     }
+    out_shape = jax.eval_shape(pools["reference"], x).shape
+    weights = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    direction = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
     def derivatives(pool):
         def loss(x, weights):
