@@ -476,12 +476,22 @@ def test_non_overlapping_max_pool_equals_reduce_window_exactly_with_ties(rng):
             )
 
 
-def test_non_overlapping_max_pool_forward_is_reduce_window_on_whole_tiles():
-    """Its values come from reduce_window, which XLA's CPU backend runs inside a YNNPACK graph
-    with the convolutions and matrix products around it, unless a pad or crop comes first."""
-    assert "reduce_window_max" in _primitives(lambda x: max_pool(x, 2), (128, 28, 28, 20))
-    assert "select_n" not in _primitives(lambda x: max_pool(x, 2), (128, 28, 28, 20))
-    assert "select_n" in _primitives(lambda x: max_pool(x, 2), (256, 31, 31, 64))
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        ((128, 28, 28, 20), {}),
+        ((256, 31, 31, 64), {}),
+        ((2, 7, 9, 3), dict(padding=1, ceil_mode=True)),
+    ],
+)
+def test_non_overlapping_max_pool_values_come_from_reduce_window_alone(shape, options):
+    """Whole tiles, a pixel left over, padding: reduce_window (which XLA's CPU backend runs
+    inside a YNNPACK graph with the convolutions and matrix products around it) and nothing
+    before it, neither a pad nor a crop nor the selects."""
+    text = _primitives(lambda x: max_pool(x, 2, **options), shape)
+    assert "= reduce_window_max[" in text
+    for primitive in ("select_n", "pad", "slice"):
+        assert f"= {primitive}" not in text
 
 
 @pytest.mark.parametrize("width, padding, ceil_mode", [(7, (1, 0), True), (8, 0, False)])
