@@ -289,7 +289,7 @@ def _spatial(shape) -> tuple[int, ...] | None:
 def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField | None:
     """The field after a windowed layer (conv, pools); None if unknown."""
     n = len(spatial_in)
-    if isinstance(module, (jnn.Conv, jnn.DepthwiseConv)):
+    if isinstance(module, (jnn.Conv, jnn.DepthwiseConv, jnn.LocallyConnected)):
         window = as_int_tuple(module.kernel_size, n, "kernel_size")
         stride = as_int_tuple(module.stride, n, "stride")
         dilation = as_int_tuple(module.dilation, n, "dilation")
@@ -322,6 +322,8 @@ def _macs(module, call: LayerCall) -> int:
     if isinstance(module, jnn.Conv):
         window = _kernel_volume(module, call)
         return math.prod(call.output_shape) * window * call.input_shape[-1] // module.groups
+    if isinstance(module, jnn.LocallyConnected):  # a conv's products, unshared weights
+        return math.prod(call.output_shape) * _kernel_volume(module, call) * call.input_shape[-1]
     if isinstance(module, jnn.DepthwiseConv):  # one input channel per output channel
         return math.prod(call.output_shape) * _kernel_volume(module, call)
     if isinstance(module, jnn.ConvTranspose):
@@ -339,13 +341,13 @@ def _kernel_volume(module, call: LayerCall) -> int:
 
 def _describe(module) -> str:
     name = type(module).__name__
-    if isinstance(module, (jnn.Conv, jnn.ConvTranspose)):
+    if isinstance(module, (jnn.Conv, jnn.ConvTranspose, jnn.LocallyConnected)):
         parts = [str(module.features), f"k={_fmt_axes(_as_tuple(module.kernel_size))}"]
         parts.append(f"s={_fmt_axes(_as_tuple(module.stride))}")
         parts.append(f"p={_fmt_pad(module.padding)}")
         if _as_tuple(module.dilation) != (1,) * len(_as_tuple(module.dilation)):
             parts.append(f"d={_fmt_axes(_as_tuple(module.dilation))}")
-        if module.groups != 1:
+        if getattr(module, "groups", 1) != 1:
             parts.append(f"g={module.groups}")
         return f"{name}({', '.join(parts)})"
     if isinstance(module, jnn.DepthwiseConv):

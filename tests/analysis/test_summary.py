@@ -209,8 +209,9 @@ def _random_layers(rng):
             stride = int(rng.integers(1, k + 1))
             layers.append(pool(k, stride, padding=int(rng.integers(0, k // 2 + 1))))
         else:
+            windowed = nn.LocallyConnected if rng.random() < 0.25 else nn.Conv
             layers.append(
-                nn.Conv(
+                windowed(
                     2,
                     (k, int(rng.integers(1, 5))),
                     stride=int(rng.integers(1, 3)),
@@ -224,8 +225,8 @@ def _random_layers(rng):
 
 def test_receptive_field_matches_gradient_definition(rng):
     shape = (1, 41, 37, 2)
-    checked = 0
-    while checked < 8:
+    checked = checked_local = 0
+    while checked < 8 or checked_local < 2:
         model = nn.Sequential(_random_layers(rng))
         try:
             field = receptive_field(model, shape)
@@ -245,6 +246,7 @@ def test_receptive_field_matches_gradient_definition(rng):
         boxes, _, _ = _dependency_box(model, shape, rng, unit)
         assert boxes == _predicted_box(field, unit, shape[1:-1]), model
         checked += 1
+        checked_local += any(isinstance(layer, nn.LocallyConnected) for layer in model.layers)
 
 
 def test_receptive_field_full_box_without_dilation(rng):
@@ -340,3 +342,24 @@ def test_depthwise_conv_rows_equal_the_grouped_conv_rows():
     assert row.macs == math.prod(row.output_shape) * 3 * 2 > 0
     assert row.receptive_field.size == (5, 5)
     assert "DepthwiseConv(x3, k=3x2, s=2x1, p=1, d=1x2)" in str(got)
+
+
+def test_locally_connected_rows_equal_the_conv_rows_but_parameters():
+    # An unshared conv: the same shapes, MACs and receptive field as the conv, its own weights
+    # at every output position.
+    options = {"stride": (2, 1), "padding": 1, "dilation": (1, 2)}
+    local = nn.Sequential([nn.Conv(4, 3), nn.LocallyConnected(5, (3, 2), **options)])
+    conv = nn.Sequential([nn.Conv(4, 3), nn.Conv(5, (3, 2), **options)])
+    got, want = summary(local, (2, 13, 11, 3)), summary(conv, (2, 13, 11, 3))
+    for a, b in zip(got.rows, want.rows, strict=True):
+        assert (a.output_shape, a.macs, a.receptive_field) == (
+            b.output_shape,
+            b.macs,
+            b.receptive_field,
+        )
+    row = got.rows[-1]
+    assert row.macs == math.prod(row.output_shape) * 3 * 2 * 4 > 0
+    out_positions = math.prod(row.output_shape[1:-1])
+    assert row.params == out_positions * (3 * 2 * 4 * 5 + 5)
+    assert row.receptive_field.size == (5, 5)
+    assert "LocallyConnected(5, k=3x2, s=2x1, p=1, d=1x2)" in str(got)
