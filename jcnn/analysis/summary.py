@@ -319,11 +319,10 @@ def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField |
 def _macs(module, call: LayerCall) -> int:
     if call.output_shape is None or call.input_shape is None:
         return 0
-    if isinstance(module, jnn.Conv):
+    if isinstance(module, (jnn.Conv, jnn.LocallyConnected)):  # the latter: unshared weights
         window = _kernel_volume(module, call)
-        return math.prod(call.output_shape) * window * call.input_shape[-1] // module.groups
-    if isinstance(module, jnn.LocallyConnected):  # a conv's products, unshared weights
-        return math.prod(call.output_shape) * _kernel_volume(module, call) * call.input_shape[-1]
+        groups = getattr(module, "groups", 1)
+        return math.prod(call.output_shape) * window * call.input_shape[-1] // groups
     if isinstance(module, jnn.DepthwiseConv):  # one input channel per output channel
         return math.prod(call.output_shape) * _kernel_volume(module, call)
     if isinstance(module, jnn.ConvTranspose):

@@ -174,40 +174,44 @@ def max_pool(
     _, pads, out_sizes = _window_geometry(
         x.shape[1:-1], window, stride, dilation, padding, ceil_mode
     )
-    # A concrete (NumPy) init value lets lax pick its differentiable max-pool primitive.
-    lowest = np.array(-np.inf, x.dtype)
     if all(d == 1 for d in dilation) and stride == window:
         return _tiled_max_pool(x, window, pads, out_sizes)
     if all(d == 1 for d in dilation):
-        return lax.reduce_window(
-            x, lowest, lax.max, _full_window(window), _full_window(stride), ((0, 0), *pads, (0, 0))
-        )
-    return _dilated_max_pool(x, lowest, window, stride, dilation, pads, out_sizes)
+        return _reduce_window_max(x, window, stride, pads)
+    return _dilated_max_pool(x, _lowest(x.dtype), window, stride, dilation, pads, out_sizes)
 
 
+def _lowest(dtype) -> np.ndarray:
+    """``-inf`` as a concrete (NumPy) init value: lax then picks its differentiable max-pool
+    primitive."""
+    return np.array(-np.inf, dtype)
+
+
+def _reduce_window_max(x, window, stride, pads):
+    full_pads = ((0, 0), *pads, (0, 0))
+    return lax.reduce_window(
+        x, _lowest(x.dtype), lax.max, _full_window(window), _full_window(stride), full_pads
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _tiled_max_pool(x, window, pads, out_sizes):
-    """Max pool with ``stride == window``, over the input padded or cropped to whole tiles."""
+    """Max pool with ``stride == window``: its values from ``reduce_window`` (which XLA's CPU
+    backend runs in one YNNPACK graph with the convolutions and matrix products around it:
+    LeNet-5's inference with XLA's convolutions 1.8x faster than with the selects), its
+    derivatives from ``_max_over_tiles``' selects over the input padded or cropped to whole
+    tiles."""
+    return _reduce_window_max(x, window, window, pads)
+
+
+@_tiled_max_pool.defjvp
+def _tiled_max_pool_jvp(window, pads, out_sizes, primals, tangents):
     fit = tuple(
         (lo, out * k - size - lo)
-        for size, k, (lo, _), out in zip(x.shape[1:-1], window, pads, out_sizes, strict=True)
+        for size, k, (lo, _), out in zip(
+            primals[0].shape[1:-1], window, pads, out_sizes, strict=True
+        )
     )
-    return _max_of_tiles(x, tuple(window), fit)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _max_of_tiles(x, window, fit):
-    """``_max_over_tiles``, its values computed by ``reduce_window`` (which pads with ``-inf`` and
-    leaves out the pixels past the last whole tile by itself: no pass over ``x`` first), its
-    derivatives by the selects. XLA's CPU backend then runs convolutions, these pools and matrix
-    products between them as one YNNPACK graph: LeNet-5's inference with XLA's convolutions 1.8x
-    faster."""
-    full = _full_window(window)
-    pads = ((0, 0), *((lo, max(hi, 0)) for lo, hi in fit), (0, 0))
-    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, full, full, pads)
-
-
-@_max_of_tiles.defjvp
-def _max_of_tiles_jvp(window, fit, primals, tangents):
     return jax.jvp(lambda x: _max_over_tiles(x, window, fit), primals, tangents)
 
 
@@ -236,7 +240,7 @@ def _max_over_tiles(x, window, fit):
     and backward).
     """
     config = [(0, 0, 0), *((lo, hi, 0) for lo, hi in fit), (0, 0, 0)]
-    tiles, axes = _split_tiles(lax.pad(x, np.array(-np.inf, x.dtype), config), window)
+    tiles, axes = _split_tiles(lax.pad(x, _lowest(x.dtype), config), window)
     for axis in reversed(axes):
         best = lax.index_in_dim(tiles, 0, axis, keepdims=False)
         for offset in range(1, tiles.shape[axis]):
