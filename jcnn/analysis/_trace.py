@@ -45,6 +45,11 @@ def accepts_train(model: nn.Module) -> bool:
 
 def check_input_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints (batch axis included)."""
+    if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
+        raise TypeError(
+            "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), got "
+            f"an array of shape {tuple(input_shape.shape)} (pass its .shape)"
+        )
     if isinstance(input_shape, int) or not isinstance(input_shape, Sequence):
         raise TypeError(
             "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), "

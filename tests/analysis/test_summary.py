@@ -308,6 +308,13 @@ def test_receptive_field_unknown_for_transposed_conv():
 def test_summary_input_checks():
     with pytest.raises(TypeError, match="input_shape: expected a shape tuple"):
         summary(jcnn.models.LeNet5(), 28)
+    # an array where its shape belongs: named by its shape, not printed whole
+    with pytest.raises(
+        TypeError, match=r"got an array of shape \(2, 28, 28, 1\) \(pass its .shape\)$"
+    ):
+        summary(jcnn.models.LeNet5(), np.zeros((2, 28, 28, 1)))
+    with pytest.raises(TypeError, match=r"array of shape \(2, 28, 28, 1\)"):
+        receptive_field(jcnn.models.LeNet5(), jnp.zeros((2, 28, 28, 1)))
     with pytest.raises(TypeError, match="model: expected a flax.linen.Module"):
         summary(lambda x: x, (1, 4, 4, 1))
     with pytest.raises(ValueError, match="x: expected rank 4"):
