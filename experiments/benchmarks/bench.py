@@ -21,6 +21,11 @@ so the noise of a shared machine is visible. Columns:
 The three networks of a row are checked to have the same trainable parameter count and the same
 first-step loss.
 
+``--only layers`` gives the GFLOP/s of each product (forward, input gradient, weight gradient)
+of single convolution layers, the three networks' and issue 16's (depthwise, grouped, transposed
+1-D/2-D/3-D, 3-D), on XLA's own convolution, jcnn's XLA path, jcnn's oneDNN backend and PyTorch,
+every side first checked against PyTorch's products.
+
 ``--only steps-per-call`` times ``jcnn.train.train_steps`` (K steps in one compiled call) beside
 K calls of ``train_step`` and K PyTorch steps, after checking that both jcnn sides reach the same
 parameters.
@@ -29,9 +34,11 @@ parameters.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from functools import partial
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -362,21 +369,30 @@ def torch_steps(module, x, labels):
     return run_train, run_eval, compile_s, loss
 
 
-def interleaved(runners, rounds, steps):
+def interleaved(runners, rounds, steps, min_block=0.0):
     """Median seconds per call of each runner, and its spread, timing them round-robin.
 
     The order rotates from round to round: a runner timed right after PyTorch shares the cores
-    with its OpenMP threads while they still spin, and no side should always be that one.
+    with its OpenMP threads while they still spin, and no side should always be that one. With
+    ``min_block`` (seconds), a runner faster than that makes as many calls per round as fill it
+    (one call timed first to know): sub-millisecond calls would otherwise be timed mostly in the
+    previous runner's wake.
     """
+    calls = dict.fromkeys(runners, steps)
+    if min_block > 0:
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            calls[name] = max(steps, math.ceil(min_block / (time.perf_counter() - start)))
     times = {name: [] for name in runners}
     names = list(runners)
     for index in range(rounds):
         for name in names[index % len(names) :] + names[: index % len(names)]:
             fn = runners[name]
             start = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(calls[name]):
                 fn()
-            times[name].append((time.perf_counter() - start) / steps)
+            times[name].append((time.perf_counter() - start) / calls[name])
     return {name: (statistics.median(ts), max(ts) / min(ts) - 1) for name, ts in times.items()}
 
 
@@ -638,88 +654,237 @@ def per_example_rows(batch, rounds, steps):
     }
 
 
-LAYERS = [  # name, input (N, H, W, C), kernel (k, k, C, O), padding
-    ("LeNet conv1 (5x5, 1->20)", (128, 28, 28, 1), (5, 5, 1, 20), 2),
-    ("LeNet conv2 (5x5, 20->50)", (128, 14, 14, 20), (5, 5, 20, 50), 2),
-    ("Airbench whiten (2x2, 3->24)", (256, 32, 32, 3), (2, 2, 3, 24), 0),
-    ("Airbench g1.conv1 (24->64, 31x31)", (256, 31, 31, 24), (3, 3, 24, 64), 1),
-    ("Airbench g1.conv2 (64->64, 15x15)", (256, 15, 15, 64), (3, 3, 64, 64), 1),
-    ("Airbench g2.conv1 (64->256, 15x15)", (256, 15, 15, 64), (3, 3, 64, 256), 1),
-    ("Airbench g2.conv2 (256->256, 7x7)", (256, 7, 7, 256), (3, 3, 256, 256), 1),
-    ("Airbench g3.conv2 (256->256, 3x3)", (256, 3, 3, 256), (3, 3, 256, 256), 1),
-    ("ResNet-20 conv1 (3->16, 32x32)", (256, 32, 32, 3), (3, 3, 3, 16), 1),
-    ("ResNet-20 layer1 (16->16, 32x32)", (256, 32, 32, 16), (3, 3, 16, 16), 1),
-    ("ResNet-20 layer3 (64->64, 8x8)", (256, 8, 8, 64), (3, 3, 64, 64), 1),
+class Layer(NamedTuple):
+    """One convolution layer of the per-layer table: input ``(N, *spatial, C_in)``, a square
+    window, and the options of ``F.conv`` (``transposed``: ``F.conv_transpose``)."""
+
+    name: str
+    x_shape: tuple[int, ...]
+    window: int
+    out_channels: int
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    transposed: bool = False
+    output_padding: int = 0
+
+    def kernel_shape(self) -> tuple[int, ...]:
+        window = (self.window,) * (len(self.x_shape) - 2)
+        c_in = self.x_shape[-1]
+        if self.transposed:
+            return (*window, c_in, self.out_channels // self.groups)
+        return (*window, c_in // self.groups, self.out_channels)
+
+
+LAYERS = [
+    Layer("LeNet conv1 (5x5, 1->20)", (128, 28, 28, 1), 5, 20, padding=2),
+    Layer("LeNet conv2 (5x5, 20->50)", (128, 14, 14, 20), 5, 50, padding=2),
+    Layer("Airbench whiten (2x2, 3->24)", (256, 32, 32, 3), 2, 24),
+    Layer("Airbench g1.conv1 (24->64, 31x31)", (256, 31, 31, 24), 3, 64, padding=1),
+    Layer("Airbench g1.conv2 (64->64, 15x15)", (256, 15, 15, 64), 3, 64, padding=1),
+    Layer("Airbench g2.conv1 (64->256, 15x15)", (256, 15, 15, 64), 3, 256, padding=1),
+    Layer("Airbench g2.conv2 (256->256, 7x7)", (256, 7, 7, 256), 3, 256, padding=1),
+    Layer("Airbench g3.conv2 (256->256, 3x3)", (256, 3, 3, 256), 3, 256, padding=1),
+    Layer("ResNet-20 conv1 (3->16, 32x32)", (256, 32, 32, 3), 3, 16, padding=1),
+    Layer("ResNet-20 layer1 (16->16, 32x32)", (256, 32, 32, 16), 3, 16, padding=1),
+    Layer("ResNet-20 layer3 (64->64, 8x8)", (256, 8, 8, 64), 3, 64, padding=1),
+]
+# Issue 16's layers: its four cases and the modern networks' (modern.py's batch sizes).
+MODERN_LAYERS = [
+    Layer("depthwise 3x3, 128 ch, 56x56 (case)", (32, 56, 56, 128), 3, 128, 1, 1, 128),
+    Layer("MobileNetV2 depthwise 3x3/2, 144 ch, 56x56", (32, 56, 56, 144), 3, 144, 2, 1, 144),
+    Layer("MobileNetV2-CIFAR depthwise 3x3, 96 ch, 32x32", (32, 32, 32, 96), 3, 96, 1, 1, 96),
+    Layer("MobileNetV2-CIFAR depthwise 3x3, 288 ch, 8x8", (32, 8, 8, 288), 3, 288, 1, 1, 288),
+    Layer("depthwise 7x7, 256 ch, 28x28 (case)", (32, 28, 28, 256), 7, 256, 1, 3, 256),
+    Layer("ConvNeXt-CIFAR depthwise 7x7, 32 ch, 16x16", (32, 16, 16, 32), 7, 32, 1, 3, 32),
+    Layer("ConvNeXt-CIFAR depthwise 7x7, 128 ch, 4x4", (32, 4, 4, 128), 7, 128, 1, 3, 128),
+    Layer("grouped 3x3, 128->128, 8 groups, 28x28", (32, 28, 28, 128), 3, 128, 1, 1, 8),
+    Layer("transposed 1-D 4/2, 64->32, length 256", (32, 256, 64), 4, 32, 2, 1, transposed=True),
+    Layer(
+        "transposed 2-D 4x4/2, 64->32, 16x16 (case)",
+        (32, 16, 16, 64),
+        4,
+        32,
+        2,
+        1,
+        transposed=True,
+        output_padding=1,
+    ),
+    Layer("U-Net up-conv 2x2/2, 128->64, 8x8", (8, 8, 8, 128), 2, 64, 2, transposed=True),
+    Layer("U-Net up-conv 2x2/2, 32->16, 32x32", (8, 32, 32, 32), 2, 16, 2, transposed=True),
+    Layer(
+        "transposed 3-D 3x3x3/2, 32->16, 8^3 (case)",
+        (4, 8, 8, 8, 32),
+        3,
+        16,
+        2,
+        1,
+        transposed=True,
+        output_padding=1,
+    ),
+    Layer("SmallC3D conv1 3x3x3, 3->32, 8x32x32", (8, 8, 32, 32, 3), 3, 32, padding=1),
+    Layer("SmallC3D conv2 3x3x3, 32->64, 8x16x16", (8, 8, 16, 16, 32), 3, 64, padding=1),
 ]
 
 
-def torch_conv_products(x, w, g, pad):
-    """PyTorch's forward, input gradient and weight gradient of one conv layer (NCHW, eager)."""
-    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-    wt = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
-    gt = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
+def jcnn_conv(layer):
+    """``F.conv`` / ``F.conv_transpose`` with the layer's options."""
+    if layer.transposed:
+        return partial(
+            F.conv_transpose,
+            stride=layer.stride,
+            padding=layer.padding,
+            output_padding=layer.output_padding,
+            groups=layer.groups,
+        )
+    return partial(F.conv, stride=layer.stride, padding=layer.padding, groups=layer.groups)
 
-    def backward(mask):
-        return torch.ops.aten.convolution_backward(
-            gt, xt, wt, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask
+
+def native_conv(layer):
+    """The layer on XLA's own convolution, ``lax.conv_general_dilated`` (a transposed one as the
+    input-dilated convolution of the flipped kernel, as ``jax.lax.conv_transpose`` writes it)."""
+    rank = len(layer.x_shape) - 2
+    spec = "N" + "DHW"[3 - rank :] + "C"
+    numbers = (spec, spec[1:-1] + "IO", spec)
+    if not layer.transposed:
+        return partial(
+            lax.conv_general_dilated,
+            window_strides=(layer.stride,) * rank,
+            padding=((layer.padding, layer.padding),) * rank,
+            dimension_numbers=numbers,
+            feature_group_count=layer.groups,
+        )
+    low = layer.window - 1 - layer.padding
+
+    def transposed(x, w):
+        # (*window, C_in, C_out // groups) -> (*window, C_in // groups, C_out), group-major outputs
+        *window, c_in, c_out = w.shape
+        per_group = w.reshape(*window, layer.groups, c_in // layer.groups, c_out)
+        kernel = jnp.moveaxis(per_group, rank, rank + 1).reshape(*window, -1, layer.groups * c_out)
+        return lax.conv_general_dilated(
+            x,
+            jnp.flip(kernel, tuple(range(rank))),
+            (1,) * rank,
+            ((low, low + layer.output_padding),) * rank,
+            lhs_dilation=(layer.stride,) * rank,
+            dimension_numbers=numbers,
+            feature_group_count=layer.groups,
         )
 
+    return transposed
+
+
+def torch_kernel_axes(layer):
+    """jcnn's kernel axes in PyTorch's order: ``(*window, I, O)`` -> ``(O, I, *window)``;
+    transposed ``(*window, C_in, C_out // groups)`` -> ``(C_in, C_out // groups, *window)``."""
+    rank = len(layer.x_shape) - 2
+    channels = (rank, rank + 1) if layer.transposed else (rank + 1, rank)
+    return (*channels, *range(rank))
+
+
+def torch_conv_products(layer, x, w, g):
+    """PyTorch's forward, input gradient and weight gradient of one layer (channels-first,
+    eager), as ``aten.convolution`` and ``aten.convolution_backward`` run them."""
+    rank = x.ndim - 2
+    xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
+    gt = torch.from_numpy(np.moveaxis(np.asarray(g), -1, 1).copy())
+    wt = torch.from_numpy(np.asarray(w).transpose(torch_kernel_axes(layer)).copy())
+    options = (
+        [layer.stride] * rank,
+        [layer.padding] * rank,
+        [1] * rank,
+        layer.transposed,
+        [layer.output_padding] * rank,
+        layer.groups,
+    )
+
+    def backward(mask):
+        return torch.ops.aten.convolution_backward(gt, xt, wt, None, *options, mask)
+
     return {
-        "fwd": lambda: TF.conv2d(xt, wt, padding=pad),
+        "fwd": lambda: torch.ops.aten.convolution(xt, wt, None, *options),
         "dx": partial(backward, [True, False, False]),
         "dw": partial(backward, [False, True, False]),
     }
 
 
-def layer_rows(rounds, steps):
-    """GFLOP/s of each product of each conv layer: XLA's native convolution, jcnn's XLA
-    formulations (``_conv_cpu``), jcnn's oneDNN backend (when built) and PyTorch."""
-    from jcnn import native
-    from jcnn.functional import _conv_cpu, _conv_onednn
+def conv_layer_flops(layer, y_shape):
+    """2 x the multiply-adds of one product: every output of the convolution (for a transposed
+    one, of the convolution it transposes: its input) sums window x channels-per-group terms."""
+    window = layer.window ** (len(layer.x_shape) - 2)
+    if layer.transposed:
+        return 2 * math.prod(layer.x_shape) * window * (layer.out_channels // layer.groups)
+    return 2 * math.prod(y_shape) * window * (layer.x_shape[-1] // layer.groups)
 
+
+def layer_rows(rounds, steps, layers=LAYERS, batch=None, min_block=0.05):
+    """GFLOP/s of each product of each conv layer: XLA's native convolution, ``F.conv`` on jcnn's
+    XLA formulations, ``F.conv`` on the oneDNN backend (when built; its per-shape rules
+    included) and PyTorch, and the last two's ratio. ``batch`` overrides the layers' batch
+    sizes (smoke runs); ``min_block``: see :func:`interleaved`. Before timing, every side's
+    three products are checked against PyTorch's."""
+    from jcnn import native
+
+    backends = ["xla", *(["onednn"] if native.available() else [])]
     rows = []
-    for name, x_shape, w_shape, pad in LAYERS:
+    for layer in layers:
+        if batch is not None:
+            layer = layer._replace(x_shape=(batch, *layer.x_shape[1:]))
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
-        options = ((1, 1), ((pad, pad),) * 2, (1, 1), 1)
-        native_conv = partial(
-            lax.conv_general_dilated,
-            window_strides=(1, 1),
-            padding=((pad, pad),) * 2,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        convs = {
-            "xla": native_conv,
-            "jcnn-xla": lambda x, w: _conv_cpu.conv_general(x, w, *options),  # noqa: B023
+        x = jnp.asarray(rng.standard_normal(layer.x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(layer.kernel_shape()), jnp.float32)
+        g_shape = jax.eval_shape(jcnn_conv(layer), x, w).shape
+        g = jnp.asarray(rng.standard_normal(g_shape), jnp.float32)
+        torch_products = torch_conv_products(layer, x, w, g)
+        expected = {
+            "fwd": torch_products["fwd"]().numpy(),
+            "dx": torch_products["dx"]()[0].numpy(),
+            "dw": torch_products["dw"]()[1].numpy(),
         }
-        if native.available():
-            convs["onednn"] = lambda x, w: _conv_onednn.conv_general(x, w, *options)  # noqa: B023
-        g = jnp.ones(jax.eval_shape(native_conv, x, w).shape, jnp.float32)
-        flops = 2 * np.prod(g.shape) * np.prod(w_shape[:-1])
+        expected["fwd"] = np.moveaxis(expected["fwd"], 1, -1)
+        expected["dx"] = np.moveaxis(expected["dx"], 1, -1)
+        expected["dw"] = expected["dw"].transpose(np.argsort(torch_kernel_axes(layer)))
+        convs = {"xla": native_conv(layer)}
+        for backend in backends:
+            convs[f"jcnn-{backend}" if backend == "xla" else backend] = (backend, jcnn_conv(layer))
         runners = {}
         for impl, conv in convs.items():
+            backend, conv = conv if isinstance(conv, tuple) else (None, conv)
             fns = {
-                "fwd": jax.jit(conv),
-                "dx": jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)),
-                "dw": jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)),
+                "fwd": conv,
+                "dx": lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+                "dw": lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
             }
             for product, fn in fns.items():
                 args = (x, w) if product == "fwd" else (x, w, g)
-                jax.block_until_ready(fn(*args))
-                runners[f"{impl} {product}"] = partial(
-                    lambda fn, args: jax.block_until_ready(fn(*args)), fn, args
+                with native.conv_backend_scope(backend):
+                    compiled = jax.jit(fn).lower(*args).compile()
+                scale = np.abs(expected[product]).max()
+                np.testing.assert_allclose(
+                    compiled(*args),
+                    expected[product],
+                    rtol=1e-4,
+                    atol=1e-4 * scale,
+                    err_msg=f"{layer.name}: {impl} {product} differs from PyTorch's",
                 )
-        for product, fn in torch_conv_products(x, w, g, pad).items():
-            fn()
+                runners[f"{impl} {product}"] = partial(
+                    lambda fn, args: jax.block_until_ready(fn(*args)), compiled, args
+                )
+        for product, fn in torch_products.items():
             runners[f"torch {product}"] = fn
-        result = interleaved(runners, rounds, steps)
+        result = interleaved(runners, rounds, steps, min_block)
         impls = [*convs, "torch"]
-        cells = {"layer": name, "GFLOP": f"{flops / 1e9:.2f}"}
+        flops = conv_layer_flops(layer, g_shape)
+        cells = {"layer": f"{layer.name}, batch {layer.x_shape[0]}", "GFLOP": f"{flops / 1e9:.3g}"}
         for product in ("fwd", "dx", "dw"):
             cells[f"{product} GFLOP/s {'/'.join(impls)}"] = "/".join(
-                f"{flops / result[f'{impl} {product}'][0] / 1e9:.0f}" for impl in impls
+                f"{flops / result[f'{impl} {product}'][0] / 1e9:.3g}" for impl in impls
             )
+        jcnn_impl = impls[-2]
+        cells[f"{jcnn_impl} vs torch fwd/dx/dw"] = "/".join(
+            f"{result[f'torch {p}'][0] / result[f'{jcnn_impl} {p}'][0]:.2f}x"
+            for p in ("fwd", "dx", "dw")
+        )
         rows.append(cells)
         print(markdown(rows[-1:]), flush=True)
     return rows
@@ -802,7 +967,9 @@ def main():
         print(markdown([per_example_rows(pe_batch, rounds, steps)]))
     if "layers" in only:
         print()
-        print(markdown(layer_rows(rounds, steps)))
+        print(
+            markdown(layer_rows(rounds, steps, LAYERS + MODERN_LAYERS, 2 if args.quick else None))
+        )
     if "steps-per-call" in only:
         per_call_rows = []
         for name, model, _, make_torch, shape, batch, _ in networks.values():

@@ -16,3 +16,38 @@ def test_steps_per_call_row_times_three_sides(load_benchmark):
         assert float(row[f"{side} ms/step"]) > 0
     ratio = float(row["train_step ms/step"]) / float(row["train_steps ms/step"])
     assert float(row["train_steps/train_step"].rstrip("x")) == pytest.approx(ratio, rel=0.1)
+
+
+def test_layer_rows_check_every_kind_of_layer_against_pytorch(load_benchmark):
+    """The per-layer table's sides (XLA's own convolution included) compute PyTorch's three
+    products on depthwise, grouped, transposed 1-D/2-D/3-D (grouped too) and 3-D layers (the
+    check runs before timing), and its ratio column is the timing columns' ratio."""
+    bench = load_benchmark("bench")
+    Layer = bench.Layer
+    layers = [
+        Layer("depthwise 3x3/2", (3, 9, 7, 6), 3, 12, 2, 1, 6),
+        Layer("grouped 3x3", (2, 6, 5, 8), 3, 6, 1, 1, 2),
+        Layer("transposed 1-D 4/2", (2, 7, 5), 4, 3, 2, 1, transposed=True, output_padding=1),
+        Layer("transposed 2-D 3x3/2, groups 2", (2, 5, 4, 4), 3, 6, 2, 1, 2, transposed=True),
+        Layer("transposed 3-D 2/2", (1, 3, 4, 2, 4), 2, 3, 2, transposed=True),
+        Layer("3-D 3x3x3", (2, 4, 5, 3, 3), 3, 5, padding=1),
+    ]
+    rows = bench.layer_rows(1, 1, layers, batch=2, min_block=0.0)
+    assert [row["layer"] for row in rows] == [f"{layer.name}, batch 2" for layer in layers]
+    for row in rows:
+        impls = next(key for key in row if key.startswith("fwd GFLOP/s")).split()[-1].split("/")
+        assert impls[0] == "xla" and impls[-1] == "torch"
+        ratios = row[f"{impls[-2]} vs torch fwd/dx/dw"].split("/")
+        for product, ratio in zip(("fwd", "dx", "dw"), ratios, strict=True):
+            cell = row[f"{product} GFLOP/s {'/'.join(impls)}"].split("/")
+            rates = dict(zip(impls, map(float, cell), strict=True))
+            expected = rates[impls[-2]] / rates["torch"]
+            assert float(ratio.rstrip("x")) == pytest.approx(expected, rel=0.05)
+
+
+def test_conv_layer_flops_count_the_products_multiply_adds(load_benchmark):
+    bench = load_benchmark("bench")
+    conv = bench.Layer("c", (2, 8, 8, 6), 3, 4, 2, 1, 2)  # out 4x4, 3 input channels per group
+    assert bench.conv_layer_flops(conv, (2, 4, 4, 4)) == 2 * (2 * 4 * 4 * 4) * 9 * 3
+    transposed = bench.Layer("t", (2, 5, 3), 4, 6, 2, transposed=True)  # scatters 6 per tap
+    assert bench.conv_layer_flops(transposed, (2, 12, 6)) == 2 * (2 * 5 * 3) * 4 * 6
