@@ -347,6 +347,79 @@ def test_depthwise_second_derivatives_and_per_example_gradients(onednn, rng):
     assert _relative_error(got, want) < 2e-6
 
 
+def _pretend_3d_weight_gradients_are_gemm(monkeypatch):
+    """Stand in for an AVX2 CPU, where oneDNN's 3-D weight gradient is a GEMM and the 2-D one a
+    direct kernel, so the rule is what is tested on any CPU."""
+    kernels = {3: "x64:gemm:jit", 2: "brgconv:avx2", 1: "brgconv:avx2"}
+    monkeypatch.setattr(native, "implementation", lambda op, bf16, dims, rank: kernels[rank])
+
+
+def test_3d_weight_gradient_with_a_depth_stride_runs_per_depth_tap(onednn, rng, monkeypatch):
+    _pretend_3d_weight_gradients_are_gemm(monkeypatch)
+    checked = 0
+    while checked < 8:
+        x, w, (stride, padding, dilation, groups) = _random_problem(rng, 3)
+        stride = (int(rng.integers(2, 4)), *stride[1:])
+        options = (stride, padding, dilation, groups)
+        try:
+            y_shape = jax.eval_shape(partial(_reference, options=options), x, w).shape
+        except (TypeError, ValueError):
+            continue  # an output size below 1
+        checked += 1
+        # taps that read some depth of x: the others are zeros, with no call
+        (pad, _), depth, out_depth = padding[0], x.shape[1], y_shape[1]
+        reading = sum(
+            any(0 <= o * stride[0] + t * dilation[0] - pad < depth for o in range(out_depth))
+            for t in range(w.shape[0])
+        )
+        loss = partial(_tanh_loss, conv=partial(_routed, options=options))
+        lowered = jax.jit(jax.grad(loss, argnums=1)).lower(x, w).as_text()
+        assert lowered.count("jcnn_conv_backward_weights") == reading
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+        reference = partial(_tanh_loss, conv=partial(_reference, options=options))
+        want = jax.grad(reference, argnums=(0, 1))(x, w)
+        for a, b in zip(got, want, strict=True):
+            assert _relative_error(a, b) < 2e-6
+    # a depth stride of 1, or a direct 3-D kernel: one 3-D weight gradient
+    x = jnp.asarray(rng.standard_normal((2, 5, 4, 4, 3)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4)).astype(np.float32))
+    for stride, kernels in [((1, 2, 2), "gemm"), ((2, 1, 1), "direct")]:
+        if kernels == "direct":
+            monkeypatch.setattr(native, "implementation", lambda *problem: "jit:avx512_core")
+        options = (stride, ((1, 1),) * 3, (1, 1, 1), 1)
+        loss = partial(_tanh_loss, conv=partial(_routed, options=options))
+        lowered = jax.jit(jax.grad(loss, argnums=1)).lower(x, w).as_text()
+        assert lowered.count("jcnn_conv_backward_weights") == 1
+
+
+def test_3d_weight_gradient_per_depth_tap_keeps_every_derivative(onednn, rng, monkeypatch):
+    _pretend_3d_weight_gradients_are_gemm(monkeypatch)
+    x = jnp.asarray(rng.standard_normal((3, 7, 5, 4, 4)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 2, 3, 2, 6)).astype(np.float32))
+    options = ((2, 1, 2), ((2, 0), (1, 1), (0, 1)), (2, 1, 1), 2)
+    penalty_grad = jax.grad(_gradient_penalty, argnums=(0, 1))
+    got = penalty_grad(x, w, partial(_routed, options=options))
+    want = penalty_grad(x, w, partial(_reference, options=options))
+    for a, b in zip(got, want, strict=True):
+        assert _relative_error(a, b) < 1e-5
+
+    def loss(w, example, conv):
+        return jnp.sum(jnp.tanh(conv(example[None], w)))
+
+    per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, None)), static_argnums=2)
+    got = per_example(w, x, partial(_routed, options=options))
+    want = per_example(w, x, partial(_reference, options=options))
+    assert _relative_error(got, want) < 2e-6
+    # the transposed 3-D convolution's kernel gradient is such a weight gradient too
+    xt = jnp.asarray(rng.standard_normal((2, 4, 3, 3, 6)).astype(np.float32))
+    wt = jnp.asarray(rng.standard_normal((3, 3, 3, 6, 4)).astype(np.float32))
+    transposed = partial(conv_transpose, stride=2, padding=1, output_padding=1)
+    got = jax.grad(lambda w: jnp.sum(jnp.tanh(transposed(xt, w))))(wt)
+    with native.conv_backend_scope("xla"):
+        want = jax.grad(lambda w: jnp.sum(jnp.tanh(transposed(xt, w))))(wt)
+    assert _relative_error(got, want) < 2e-6
+
+
 def _random_transposed_problem(rng, spatial_rank):
     groups = int(rng.choice([1, 2, 3]))
     window = tuple(int(k) for k in rng.integers(1, 5, spatial_rank))
