@@ -15,7 +15,9 @@ PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt sh
 AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
 ``experiments/benchmarks/README.md``. Their weight gradient runs as the XLA path's per-offset sums
 instead where those measured faster: a window spanning twice the output map, or a oneDNN GEMM
-fallback (:func:`jcnn.native.implementation` names the kernel oneDNN chose on this CPU).
+fallback (:func:`jcnn.native.implementation` names the kernel oneDNN chose on this CPU). A 3-D
+weight gradient with a depth stride runs as 2-D weight gradients on oneDNN, one per depth tap,
+where oneDNN's 3-D kernel for it is a GEMM (AVX2).
 
 ``conv_transpose`` runs ``F.conv_transpose`` as the input gradient of the convolution it
 transposes, so a stride-``s`` transposed convolution no longer convolves an ``s^rank`` times larger
