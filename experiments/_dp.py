@@ -407,10 +407,10 @@ def main(study: Study, argv=None) -> list[dict]:
     # and wastes a few percent on padding; the quick run pads every batch to one size.
     args.pad_multiple = max(32, args.batch_size // 16)
     if args.quick:
-        train_set = tuple(a[:1024] for a in train_set)
+        train_set = tuple(a[:256] for a in train_set)
         test_set = tuple(a[:300] for a in test_set)
-        args.epochs, args.batch_size, args.pad_multiple = 1, 64, 128
-        args.data_description += ", quick run: 1,024 training and 300 test images, 1 epoch"
+        args.epochs, args.batch_size, args.pad_multiple = 1, 32, 64
+        args.data_description += ", quick run: 256 training and 300 test images, 1 epoch"
     if study.features:
         start = time.perf_counter()
         train_set, test_set = (

@@ -61,7 +61,7 @@ from jcnn.train import TrainState, recipes, train_step  # noqa: E402
 from jcnn.train.param_groups import no_grad_at  # noqa: E402
 
 FULL_CIFAR10_TRAIN = 50_000
-QUICK_BATCH = 64  # --quick: the airbench94 steps take the first 64 images of each batch
+QUICK_BATCH = 16  # --quick: the airbench94 steps take the first 16 images of each batch
 QUICK_MNIST_IMAGES = 1024  # --quick: mnist99 trains one epoch on 1,024 images
 
 # ----------------------------------------------------------------------------- airbench94, torch
