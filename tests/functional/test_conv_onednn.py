@@ -255,6 +255,77 @@ def test_zero_size_kernels_are_refused_by_both_backends(onednn):
                 path(x, jnp.ones(w_shape), ((1, 1), ((0, 0), (0, 0)), (1, 1), 1))
 
 
+def _random_grouped_problem(rng, spatial_rank):
+    """A grouped convolution that is not depthwise, with channels per group on and off oneDNN's
+    channel blocks (8 on AVX2, 16 on AVX-512)."""
+    x, w, (stride, padding, dilation, _) = _random_problem(rng, spatial_rank)
+    groups = int(rng.choice([2, 3, 4, 8]))
+    per_group_in = int(rng.choice([3, 8, 12, 16]))
+    per_group_out = int(rng.choice([5, 8, 16]))
+    x = rng.standard_normal((*x.shape[:-1], groups * per_group_in)).astype(np.float32)
+    w = rng.standard_normal((*w.shape[:-2], per_group_in, groups * per_group_out))
+    return jnp.asarray(x), jnp.asarray(w.astype(np.float32)), (stride, padding, dilation, groups)
+
+
+def _implementations(x, w, options):
+    dims = _conv_onednn._problem(x.shape, w.shape, _conv_onednn.config(x, w, *options))
+    return [native.implementation(op, False, dims, x.ndim - 2) for op in range(3)]
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_grouped_convolutions_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
+    # Grouped convolutions may run with their activations reordered into oneDNN's blocked layout
+    # (and the results reordered back): values and both gradients, alone and vmapped over more
+    # problems than threads (one primitive and one set of reorder buffers per thread). The first
+    # problem, 4 groups of 16 channels on 9-pixel sides, takes that layout on AVX2 and AVX-512.
+    blocked = (
+        jnp.asarray(rng.standard_normal((2, *(9,) * spatial_rank, 64)).astype(np.float32)),
+        jnp.asarray(rng.standard_normal((*(3,) * spatial_rank, 16, 64)).astype(np.float32)),
+        ((1,) * spatial_rank, ((1, 1),) * spatial_rank, (1,) * spatial_rank, 4),
+    )
+    problems = [blocked] + [_random_grouped_problem(rng, spatial_rank) for _ in range(4)]
+    reordered = 0
+    for x, w, options in problems:
+        kinds = _implementations(x, w, options)
+        reordered += sum("activations reordered" in kind for kind in kinds)
+        assert not any("reordered" in kind and "gemm" in kind for kind in kinds), kinds
+        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
+        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+        for name, a, b in zip(
+            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
+        ):
+            assert _relative_error(a, b) < 2e-6, (name, kinds, x.shape, w.shape, options)
+
+    x, w, options = blocked
+    count = 2 * (os.cpu_count() or 1) + 1
+    xs = jnp.stack([x * (i + 1) for i in range(count)])
+    ys, vjp = jax.vjp(jax.vmap(partial(_onednn, options=options), in_axes=(0, None)), xs, w)
+    want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+    g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+    dxs, dw = vjp(jnp.stack([g] * count))
+    want_dx, want_dw = want_vjp(g)
+    for i in range(count):
+        assert _relative_error(ys[i], want * (i + 1)) < 2e-6, i
+        assert _relative_error(dxs[i], want_dx) < 2e-6, i
+    assert _relative_error(dw, want_dw * count * (count + 1) / 2) < 2e-5
+    if not reordered:
+        pytest.skip("oneDNN took no layout of its own for these grouped convolutions on this CPU")
+
+
+def test_only_grouped_convolutions_reorder_their_activations(onednn, rng):
+    # Dense and depthwise convolutions keep channels-last activations: oneDNN's blocked layout
+    # cost dense ones forward speed, and depthwise kernels are channels-last.
+    for spatial_rank in (1, 2, 3):
+        x, w, options = _random_problem(rng, spatial_rank)
+        w = rng.standard_normal((*w.shape[:-2], x.shape[-1], w.shape[-1])).astype(np.float32)
+        dense = (x, jnp.asarray(w), (*options[:3], 1))
+        depthwise = _random_depthwise_problem(rng, spatial_rank)
+        for problem in (dense, depthwise):
+            kinds = _implementations(*problem)
+            assert not any("reordered" in kind for kind in kinds), (kinds, problem[2])
+
+
 def _random_depthwise_problem(rng, spatial_rank):
     channels = int(rng.choice([2, 3, 16, 19]))
     multiplier = int(rng.choice([1, 1, 2, 3]))
