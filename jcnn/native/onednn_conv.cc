@@ -103,12 +103,17 @@ memory::desc KernelDims(const Problem& p, Dims* dims) {
   return memory::desc(*dims, p.dtype, strides);
 }
 
-// Grouped convolutions that are not depthwise may run in the activation layout oneDNN picks for
-// them (channels in blocks of 8 on AVX2), reordered in and out: oneDNN's channels-last kernels for
-// them ran at 0.6x PyTorch's blocked ones (8 groups of 16 channels, AVX2 EPYC), the blocked ones
-// with the reorders at 0.9-1.0x. Dense convolutions lost forward speed in that layout. A layout
-// whose kernel is a GEMM (few channels per group) is not taken: the channels-last kernel was faster.
-bool MayTakeOwnLayout(const Problem& p) { return p.groups > 1 && p.channels != p.groups; }
+// Some products may run in the activation layout oneDNN picks for them (channels in blocks of 8
+// on AVX2), the activations reordered in and out, where oneDNN's channels-last kernels measured
+// slower than its blocked ones with the reorders (AVX2 EPYC, against PyTorch, which runs the
+// blocked ones): grouped convolutions that are not depthwise (8 groups of 16 channels: 0.6x
+// PyTorch -> 0.9-1.0x) and 1-D weight gradients (0.56-0.70x -> 1.0-1.1x). Dense 2-D and 3-D
+// products lost speed or gained none in that layout, depthwise ones too. A layout whose kernel is
+// a GEMM (few channels per group) is not taken: the channels-last kernel was faster.
+bool MayTakeOwnLayout(const Problem& p) {
+  if (p.channels == p.groups) return false;
+  return p.groups > 1 || (p.op == Op::kBackwardWeights && p.window.size() == 1);
+}
 
 memory::desc AnyLayout(const memory::desc& desc) {
   return memory::desc(desc.get_dims(), desc.get_data_type(), memory::format_tag::any);

@@ -272,18 +272,27 @@ def _implementations(x, w, options):
     return [native.implementation(op, False, dims, x.ndim - 2) for op in range(3)]
 
 
+def _dense_problem(rng, spatial_rank):
+    x, w, options = _random_problem(rng, spatial_rank)
+    w = rng.standard_normal((*w.shape[:-2], x.shape[-1], w.shape[-1])).astype(np.float32)
+    return x, jnp.asarray(w), (*options[:3], 1)
+
+
 @pytest.mark.parametrize("spatial_rank", [1, 2, 3])
-def test_grouped_convolutions_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
-    # Grouped convolutions may run with their activations reordered into oneDNN's blocked layout
-    # (and the results reordered back): values and both gradients, alone and vmapped over more
-    # problems than threads (one primitive and one set of reorder buffers per thread). The first
-    # problem, 4 groups of 16 channels on 9-pixel sides, takes that layout on AVX2 and AVX-512.
+def test_products_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
+    # Grouped convolutions and 1-D weight gradients may run with their activations reordered into
+    # oneDNN's blocked layout (and the results reordered back): values and both gradients, alone
+    # and vmapped over more problems than threads (one primitive and one set of reorder buffers
+    # per thread). The first problem, 4 groups of 16 channels on 9-pixel sides, takes that layout
+    # on AVX2 and AVX-512.
     blocked = (
         jnp.asarray(rng.standard_normal((2, *(9,) * spatial_rank, 64)).astype(np.float32)),
         jnp.asarray(rng.standard_normal((*(3,) * spatial_rank, 16, 64)).astype(np.float32)),
         ((1,) * spatial_rank, ((1, 1),) * spatial_rank, (1,) * spatial_rank, 4),
     )
     problems = [blocked] + [_random_grouped_problem(rng, spatial_rank) for _ in range(4)]
+    if spatial_rank == 1:
+        problems += [_dense_problem(rng, 1) for _ in range(4)]
     reordered = 0
     for x, w, options in problems:
         kinds = _implementations(x, w, options)
@@ -313,17 +322,20 @@ def test_grouped_convolutions_in_onednns_own_layout_match_xla(onednn, rng, spati
         pytest.skip("oneDNN took no layout of its own for these grouped convolutions on this CPU")
 
 
-def test_only_grouped_convolutions_reorder_their_activations(onednn, rng):
-    # Dense and depthwise convolutions keep channels-last activations: oneDNN's blocked layout
-    # cost dense ones forward speed, and depthwise kernels are channels-last.
+def test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations(onednn, rng):
+    # Dense 2-D and 3-D products and depthwise ones keep channels-last activations: oneDNN's
+    # blocked layout cost or gained them nothing measurable, and depthwise kernels are
+    # channels-last. Dense 1-D products reorder only for the weight gradient.
     for spatial_rank in (1, 2, 3):
-        x, w, options = _random_problem(rng, spatial_rank)
-        w = rng.standard_normal((*w.shape[:-2], x.shape[-1], w.shape[-1])).astype(np.float32)
-        dense = (x, jnp.asarray(w), (*options[:3], 1))
-        depthwise = _random_depthwise_problem(rng, spatial_rank)
+        dense, depthwise = (
+            _dense_problem(rng, spatial_rank),
+            _random_depthwise_problem(rng, spatial_rank),
+        )
         for problem in (dense, depthwise):
             kinds = _implementations(*problem)
-            assert not any("reordered" in kind for kind in kinds), (kinds, problem[2])
+            may_reorder = [False, False, spatial_rank == 1 and problem[2][3] == 1]
+            for kind, allowed in zip(kinds, may_reorder, strict=True):
+                assert allowed or "reordered" not in kind, (kinds, problem[2])
 
 
 def _random_depthwise_problem(rng, spatial_rank):
