@@ -3,7 +3,10 @@
 import itertools
 import os
 import re
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -278,18 +281,31 @@ def _dense_problem(rng, spatial_rank):
     return x, jnp.asarray(w), (*options[:3], 1)
 
 
-@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
-def test_products_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
-    # Grouped convolutions and 1-D weight gradients may run with their activations reordered into
-    # oneDNN's blocked layout (and the results reordered back): values and both gradients, alone
-    # and vmapped over more problems than threads (one primitive and one set of reorder buffers
-    # per thread). The first problem, 4 groups of 16 channels on 9-pixel sides, takes that layout
-    # on AVX2 and AVX-512.
-    blocked = (
+def _kernel_isa(kinds):
+    """The instruction set oneDNN's kernels use, read from their names: avx512, avx2 or None."""
+    names = " ".join(kinds)
+    if "avx512" in names or "avx10" in names:
+        return "avx512"
+    return "avx2" if "avx2" in names else None
+
+
+def _four_groups_of_16(rng, spatial_rank):
+    """A grouped convolution whose forward and input gradient run in oneDNN's blocked layout on
+    AVX2 CPUs."""
+    return (
         jnp.asarray(rng.standard_normal((2, *(9,) * spatial_rank, 64)).astype(np.float32)),
         jnp.asarray(rng.standard_normal((*(3,) * spatial_rank, 16, 64)).astype(np.float32)),
         ((1,) * spatial_rank, ((1, 1),) * spatial_rank, (1,) * spatial_rank, 4),
     )
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_products_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
+    # On AVX2, grouped convolutions and 1-D weight gradients may run with their activations
+    # reordered into oneDNN's blocked layout (and the results reordered back): values and both
+    # gradients, alone and vmapped over more problems than threads (one primitive and one set of
+    # reorder buffers per thread). With AVX-512 every product stays channels-last.
+    blocked = _four_groups_of_16(rng, spatial_rank)
     problems = [blocked] + [_random_grouped_problem(rng, spatial_rank) for _ in range(4)]
     if spatial_rank == 1:
         problems += [_dense_problem(rng, 1) for _ in range(4)]
@@ -318,8 +334,37 @@ def test_products_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
         assert _relative_error(ys[i], want * (i + 1)) < 2e-6, i
         assert _relative_error(dxs[i], want_dx) < 2e-6, i
     assert _relative_error(dw, want_dw * count * (count + 1) / 2) < 2e-5
-    if not reordered:
-        pytest.skip("oneDNN took no layout of its own for these grouped convolutions on this CPU")
+
+    kinds = _implementations(*blocked)
+    isa = _kernel_isa(kinds)
+    if isa == "avx512":
+        assert reordered == 0, "no product takes oneDNN's blocked layout with AVX-512"
+    elif isa == "avx2":
+        assert all("activations reordered" in kind for kind in kinds[:2]), kinds
+    else:
+        pytest.skip(f"no rule for oneDNN's kernels {kinds} on this CPU")
+
+
+def test_the_avx2_layout_rule_runs_on_avx512_cpus_capped_to_avx2(onednn, rng):
+    # oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA) runs the AVX2 kernels and rule, so the reordered
+    # products are checked on AVX-512 CPUs too.
+    if _kernel_isa(_implementations(*_four_groups_of_16(rng, 2))) != "avx512":
+        pytest.skip("this CPU runs the AVX2 rule in the tests above")
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        pytest.skip("oneDNN is already capped")
+    tests = [
+        f"{__file__}::test_products_in_onednns_own_layout_match_xla",
+        f"{__file__}::test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", *tests],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0 and "4 passed" in result.stdout, result.stdout[-3000:]
 
 
 def test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations(onednn, rng):
