@@ -282,11 +282,12 @@ def _dense_problem(rng, spatial_rank):
 
 
 def _kernel_isa(kinds):
-    """The instruction set oneDNN's kernels use, read from their names: avx512, avx2 or None."""
-    names = " ".join(kinds)
-    if "avx512" in names or "avx10" in names:
+    """The instruction set oneDNN's kernels use, read from their names: ``"avx512"`` (any AVX-512
+    or AVX10 level), ``"avx2"`` (plain AVX2, where the layout rule was measured), else ``None``."""
+    isas = set(re.findall(r"avx\w*", " ".join(kinds)))
+    if any(isa.startswith(("avx512", "avx10")) for isa in isas):
         return "avx512"
-    return "avx2" if "avx2" in names else None
+    return "avx2" if isas == {"avx2"} else None
 
 
 def _four_groups_of_16(rng, spatial_rank):
