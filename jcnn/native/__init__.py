@@ -214,8 +214,8 @@ def implementation(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: int)
     """oneDNN's name for the kernel it runs one convolution product with on this CPU (such as
     ``"jit:avx512_core"``, ``"brgconv:avx512_core"`` or ``"x64:gemm:jit"``, followed by
     ``" (activations reordered)"`` when the activations are reordered into a layout of oneDNN's
-    for it: grouped convolutions and 1-D weight gradients on CPUs without AVX-512), or ``None``
-    when it has none (:func:`unsupported_reason`). Arguments as there.
+    for it: grouped convolutions, and 1-D weight gradients without AVX-512), or ``None`` when it
+    has none (:func:`unsupported_reason`). Arguments as there.
 
     Raises:
       RuntimeError: the library is not loaded (see :func:`load`).

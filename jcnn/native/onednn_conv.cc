@@ -103,15 +103,16 @@ memory::desc KernelDims(const Problem& p, Dims* dims) {
   return memory::desc(*dims, p.dtype, strides);
 }
 
-// Without AVX-512, some products run in the activation layout oneDNN picks for them (channels in
-// blocks of 8 on AVX2), the activations reordered in and out, where oneDNN's channels-last kernels
-// measured slower than its blocked ones with the reorders (AVX2 EPYC, against PyTorch, which runs
-// the blocked ones): grouped convolutions that are not depthwise (8 groups of 16 channels: 0.6x
-// PyTorch -> 0.9-1.0x) and 1-D weight gradients (0.56-0.70x -> 1.0-1.1x). Dense 2-D and 3-D
-// products lost speed or gained none in that layout, depthwise ones too. A layout whose kernel is a
-// GEMM (few channels per group) is not taken: the channels-last kernel was faster. With AVX-512 the
-// channels-last kernels were as fast or faster for every such product (AVX-512 EPYC: 32 groups of 8
-// channels took 1.5-1.9x as long blocked), so no layout is taken there.
+// Some products run in the activation layout oneDNN picks for them (channels in blocks of 8 or 16),
+// the activations reordered in and out, where oneDNN's channels-last kernels measured slower than
+// its blocked ones with the reorders (AVX2 EPYC, against PyTorch, which runs the blocked ones):
+// grouped convolutions that are not depthwise (8 groups of 16 channels: 0.6x PyTorch -> 0.9-1.0x)
+// and 1-D weight gradients (0.56-0.70x -> 1.0-1.1x). Dense 2-D and 3-D products lost speed or
+// gained none in that layout, depthwise ones too. A layout whose kernel is a GEMM (few channels per
+// group) is not taken: the channels-last kernel was faster. With AVX-512 only grouped weight
+// gradients take it (AVX-512 EPYC, 32 groups of 8 channels: 0.54 against 0.79-0.83 ms; 8 and 2
+// groups 1.02-1.17x faster): there the channels-last forward and input gradients were faster than
+// blocked ones, and 1-D weight gradients gained nothing clear.
 bool HasAvx512() {
   static const bool has = [] {
     const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
@@ -122,7 +123,8 @@ bool HasAvx512() {
 }
 
 bool MayTakeOwnLayout(const Problem& p) {
-  if (p.channels == p.groups || HasAvx512()) return false;
+  if (p.channels == p.groups) return false;
+  if (HasAvx512()) return p.groups > 1 && p.op == Op::kBackwardWeights;
   return p.groups > 1 || (p.op == Op::kBackwardWeights && p.window.size() == 1);
 }
 
