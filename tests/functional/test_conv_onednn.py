@@ -292,7 +292,7 @@ def _kernel_isa(kinds):
 
 def _four_groups_of_16(rng, spatial_rank):
     """A grouped convolution whose forward and input gradient run in oneDNN's blocked layout on
-    AVX2 CPUs."""
+    AVX2 CPUs, and whose weight gradient does with AVX-512."""
     return (
         jnp.asarray(rng.standard_normal((2, *(9,) * spatial_rank, 64)).astype(np.float32)),
         jnp.asarray(rng.standard_normal((*(3,) * spatial_rank, 16, 64)).astype(np.float32)),
