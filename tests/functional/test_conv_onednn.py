@@ -3,10 +3,7 @@
 import itertools
 import os
 import re
-import subprocess
-import sys
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -347,28 +344,6 @@ def test_products_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
         assert all("activations reordered" in kind for kind in kinds[:2]), kinds
     else:
         pytest.skip(f"no rule for oneDNN's kernels {kinds} on this CPU")
-
-
-def test_the_avx2_layout_rule_runs_on_avx512_cpus_capped_to_avx2(onednn, rng):
-    # oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA) runs the AVX2 kernels and rule, so the reordered
-    # products are checked on AVX-512 CPUs too.
-    if _kernel_isa(_implementations(*_four_groups_of_16(rng, 2))) != "avx512":
-        pytest.skip("this CPU runs the AVX2 rule in the tests above")
-    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
-        pytest.skip("oneDNN is already capped")
-    tests = [
-        f"{__file__}::test_products_in_onednns_own_layout_match_xla",
-        f"{__file__}::test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations",
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", *tests],
-        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0 and "4 passed" in result.stdout, result.stdout[-3000:]
 
 
 def test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations(onednn, rng):
