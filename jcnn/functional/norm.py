@@ -7,8 +7,10 @@ Statistics are computed in at least float32 (so float16/bfloat16 inputs are norm
 and in two passes, the variance as the mean squared deviation from the mean, never as
 ``E[x**2] - E[x]**2``, which cancels catastrophically for inputs with a large common offset. The
 second pass also corrects the mean by the mean of the deviations (the corrected two-pass algorithm
-of Chan, Golub and LeVeque), since a float32 mean of values near 1e4 can be off by ~1e-3. Outputs
-keep the input's dtype; running statistics keep the state's dtype.
+of Chan, Golub and LeVeque), since a float32 mean of values near 1e4 can be off by ~1e-3. With the
+native library (``jcnn.native``), float32 batch and instance norm in training read their input
+once instead, summing in float64 (``_one_pass_moments``). Outputs keep the input's dtype; running
+statistics keep the state's dtype.
 
 Running averages follow the course notes and Flax:
 ``new = momentum * old + (1 - momentum) * batch``, so PyTorch's ``momentum=m`` is jcnn's ``1 - m``.
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jcnn import native
 from jcnn.functional._checks import (
     as_int_tuple,
     check_array,
@@ -529,6 +532,55 @@ def _moments(x, axes: tuple[int, ...], axis_name=None):
     return deviation - correction, mean + correction, var
 
 
+def _statistics(x, axes: tuple[int, ...]):
+    """``_moments(x, axes)``, in one pass through jcnn's native library where it applies: float32
+    statistics over consecutive axes that end just before the channels (batch and instance norm),
+    with the native backend chosen (``jcnn.native.conv_backend``), on CPU."""
+    if (
+        axes
+        and axes == tuple(range(axes[0], x.ndim - 1))
+        and x.dtype == jnp.float32
+        and native.conv_backend() == "onednn"
+    ):
+        mean, mean_residual, var = _one_pass_moments(x, axes[0])
+        return (x - mean) - mean_residual, mean, var
+    return _moments(x, axes)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _one_pass_moments(x, first_axis: int):
+    """``(mean, mean_residual, var)`` over the axes from ``first_axis`` to the channels (kept as
+    unit dims), from ``jcnn/native/channel_moments.cc`` on CPU and ``_moments`` elsewhere: the
+    biased variance, and the mean as a float32 value plus what it misses of the exact one. The
+    kernel reads ``x`` once and sums in float64 (XLA's ``_moments`` takes three or four passes); see
+    ``experiments/benchmarks/README.md``."""
+    axes = tuple(range(first_axis, x.ndim - 1))
+    kept = (*x.shape[:first_axis], x.shape[-1])
+
+    def on_cpu(x):
+        out = jax.ShapeDtypeStruct(kept, jnp.float32)
+        call = jax.ffi.ffi_call("jcnn_channel_moments", (out,) * 3, vmap_method="expand_dims")
+        return call(x)
+
+    def elsewhere(x):
+        _, mean, var = _moments(x, axes)
+        return mean.reshape(kept), jnp.zeros(kept, x.dtype), var.reshape(kept)
+
+    keepdims = (*x.shape[:first_axis], *(1,) * len(axes), x.shape[-1])
+    moments = lax.platform_dependent(x, cpu=on_cpu, default=elsewhere)
+    return tuple(m.reshape(keepdims) for m in moments)
+
+
+@_one_pass_moments.defjvp
+def _one_pass_moments_jvp(first_axis, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    mean, mean_residual, var = moments = _one_pass_moments(x, first_axis)
+    axes = tuple(range(first_axis, x.ndim - 1))
+    d_mean = jnp.mean(dx, axis=axes, keepdims=True)
+    d_var = 2 * jnp.mean(((x - mean) - mean_residual) * dx, axis=axes, keepdims=True)
+    return moments, (d_mean, jnp.zeros_like(mean_residual), d_var)
+
+
 def _standardize(x, axes: tuple[int, ...], eps: float):
     """``(x - mean) / sqrt(var + eps)`` over ``axes``."""
     one = jnp.ones((1,) * x.ndim, x.dtype)
@@ -548,7 +600,7 @@ def _normalize(x, scale, bias, axes: tuple[int, ...], eps: float):
     took several more (see ``experiments/benchmarks/README.md``). A JVP rule, not a VJP one, so
     forward mode (``jax.jvp``, Hessian-vector products) keeps working.
     """
-    centered, mean, var = _moments(x, axes)
+    centered, mean, var = _statistics(x, axes)
     return centered * lax.rsqrt(var + eps) * scale + bias, mean, var
 
 
@@ -556,7 +608,7 @@ def _normalize(x, scale, bias, axes: tuple[int, ...], eps: float):
 def _normalize_jvp(axes, eps, primals, tangents):
     x, scale, bias = primals
     dx, dscale, dbias = tangents
-    centered, mean, var = _moments(x, axes)
+    centered, mean, var = _statistics(x, axes)
     inverse_std = lax.rsqrt(var + eps)
     normalized = centered * inverse_std
     # Written so that the transpose (the gradient) reduces the cotangent g itself: sum(g) and

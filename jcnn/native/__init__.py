@@ -1,10 +1,11 @@
-"""Optional native CPU backend: oneDNN convolutions called from jitted code as XLA FFI custom calls.
+"""Optional native CPU backend: oneDNN convolutions called from jitted code as XLA FFI custom calls,
+and batch norm's training statistics in one pass (``channel_moments.cc``).
 
 jcnn runs everywhere without it: when the library is not built, ``F.conv`` uses its pure-XLA
 formulations. To enable it on a CPU machine (needs a C++17 compiler)::
 
     pip install "jcnn[native]"   # oneDNN 3.2 (GNU OpenMP) from PyPI, Linux x86-64
-    jcnn-build-native            # compiles onednn_conv.cc against jaxlib's FFI headers, self-checks
+    jcnn-build-native            # compiles the two .cc files against jaxlib's FFI headers, checks
 
 The library lands in a cache directory (``JCNN_NATIVE_DIR``, default ``~/.cache/jcnn``) under a
 name that hashes the source, the jaxlib version, the oneDNN location and the compiler, so an
@@ -15,7 +16,9 @@ from the environment variable ``JCNN_CONV_BACKEND``: ``auto`` (default: oneDNN w
 XLA), ``onednn`` (an error when the library is missing) or ``xla``; ``conv_backend_scope``
 overrides it for the functions traced inside a block. Whatever the choice, a convolution that
 oneDNN does not implement on this CPU (bfloat16 without AVX-512 or AVX2-VNNI-2: oneDNN is asked,
-:func:`unsupported_reason`) runs on XLA. ``jax.export`` needs :func:`portable`.
+:func:`unsupported_reason`) runs on XLA. The same choice decides where float32 batch and instance
+norm compute their training statistics: in the library's one-pass kernel, or in XLA's passes.
+``jax.export`` needs :func:`portable`.
 
 :func:`host_memory` says whether freed CPU memory is kept for XLA's next call
 (``jcnn.native.memory``).
@@ -56,8 +59,13 @@ __all__ = [
     "unsupported_reason",
 ]
 
-SOURCE = Path(__file__).with_name("onednn_conv.cc")
-TARGETS = ("jcnn_conv_forward", "jcnn_conv_backward_data", "jcnn_conv_backward_weights")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "channel_moments.cc"))
+TARGETS = (
+    "jcnn_conv_forward",
+    "jcnn_conv_backward_data",
+    "jcnn_conv_backward_weights",
+    "jcnn_channel_moments",
+)
 BACKENDS = ("auto", "onednn", "xla")
 _SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "jcnn_conv_backend", default=None
@@ -86,7 +94,8 @@ def library_path() -> Path:
     import jaxlib
 
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__, str(onednn_root()), *_compiler()):
+    sources = (source.read_bytes() for source in SOURCES)
+    for part in (*sources, jaxlib.__version__, str(onednn_root()), *_compiler()):
         digest.update(part if isinstance(part, bytes) else part.encode())
     cache = Path(os.environ.get("JCNN_NATIVE_DIR", Path.home() / ".cache" / "jcnn"))
     return cache / f"libjcnn_onednn-{digest.hexdigest()[:16]}.so"
@@ -122,7 +131,7 @@ def build(*, verbose: bool = False) -> Path:
             "-shared",
             "-fPIC",
             "-fopenmp",  # the runtime oneDNN's pip build uses (GNU OpenMP)
-            str(SOURCE),
+            *map(str, SOURCES),
             f"-I{jax.ffi.include_dir()}",
             f"-I{root / 'include'}",
             f"-L{libdir}",
@@ -141,8 +150,9 @@ def build(*, verbose: bool = False) -> Path:
                 f"no C++ compiler: {command[0]!r} was not found (set CXX to choose one)"
             ) from error
         if result.returncode != 0:
+            names = " and ".join(source.name for source in SOURCES)
             raise NativeBuildError(
-                f"compiling {SOURCE.name} failed (exit {result.returncode}):\n{result.stderr}"
+                f"compiling {names} failed (exit {result.returncode}):\n{result.stderr}"
             )
         os.replace(partial_build, target)  # atomic: a concurrent loader never sees half a file
     with _LOAD_LOCK:

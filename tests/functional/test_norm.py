@@ -1,6 +1,7 @@
 """Tests of jcnn.functional.norm against PyTorch (float64) and NumPy loop references."""
 
 import itertools
+import math
 import re
 from functools import partial
 
@@ -747,3 +748,127 @@ def test_batch_norm_gradient_reduces_the_cotangent_twice(rng):
         e for e in eqns if e.primitive.name == "reduce_sum" and e.invars[0].aval.shape == x.shape
     ]
     assert len(passes) == 2, [str(e) for e in passes]
+
+
+# ------------------------------------------------- one-pass statistics (native library)
+
+
+def onednn_and_xla(fn, *args):
+    """``fn(*args)`` traced and compiled once with each backend: (native, XLA)."""
+    from jcnn import native
+
+    results = []
+    for backend in ("onednn", "xla"):
+        with native.conv_backend_scope(backend):  # a fresh function: jit caches traces by function
+            results.append(jax.jit(lambda *args: fn(*args))(*args))
+    return results
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_one_pass_statistics_are_float64_moments_rounded_once(onednn, seed):
+    # Offsets up to 1e4 times the spread and rows spanning several of the kernel's blocks: the
+    # batch mean and variance (momentum 0 puts them in the state) are the float64 moments rounded
+    # once to float32, where XLA's float32 passes are off by ~1e-6 relative.
+    rng = np.random.default_rng(seed)
+    channels = int(rng.choice([1, 3, 16, 33, 70]))
+    rank = int(rng.integers(2, 6))
+    rows = int(rng.choice([1, 2, 7, 1000, 40_000])) * (2 if channels == 1 else 1)
+    spatial = [1] * (rank - 2)
+    if spatial:
+        spatial[0] = int(rng.integers(1, 4))
+    batch = max(2, rows // max(1, math.prod(spatial)))
+    shape = (batch, *spatial, channels)
+    offset = rng.choice([0.0, 1e4, -3e3]) * rng.uniform(0.5, 1.5, channels)
+    spread = rng.choice([1e-3, 1.0, 50.0])
+    x = (offset + spread * rng.normal(size=shape)).astype(np.float32)
+    state = BatchNormState(jnp.zeros(channels), jnp.zeros(channels))
+
+    with onednn.conv_backend_scope("onednn"):
+        _, stats = jax.jit(partial(batch_norm, train=True, momentum=0.0))(x, None, None, state)
+    x64 = x.astype(np.float64).reshape(-1, channels)
+    for got, want in ((stats.mean, x64.mean(0)), (stats.var, x64.var(0))):
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - want), ulp)
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("seed", range(3))
+def test_one_pass_statistics_agree_with_xla_in_every_transformation(onednn, rng, norm, seed):
+    # Values, reverse mode (x, scale, bias), forward mode, a second-order gradient and vmap of
+    # per-batch gradients: the native statistics against XLA's, to float32 tolerance.
+    rank = 2 + seed if norm == "batch" else 3 + seed
+    shape = random_shape(rng, rank, max_channels=9, min_batch=3)
+    x = jnp.asarray(rng.normal(size=shape) * 3 + 20, jnp.float32)
+    scale, bias = (jnp.asarray(a) for a in random_affine(rng, shape[-1]))
+    probe = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def normalize(x, scale, bias):
+        if norm == "instance":
+            return instance_norm(x, scale, bias)
+        state = BatchNormState(jnp.zeros(shape[-1]), jnp.ones(shape[-1]))
+        return batch_norm(x, scale, bias, state, train=True)[0]
+
+    def loss(x, scale, bias):
+        return jnp.sum(jnp.sin(normalize(x, scale, bias)) * probe)
+
+    def transformations(x, scale, bias):
+        def grad_norm(x):
+            return jnp.sum(jax.grad(loss)(x, scale, bias) ** 2)
+
+        return {
+            "value": normalize(x, scale, bias),
+            "grad": jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias),
+            "jvp": jax.jvp(lambda x: normalize(x, scale, bias), (x,), (probe,))[1],
+            "grad of grad norm": jax.grad(grad_norm)(x),
+            "vmap grad": jax.vmap(jax.grad(loss), in_axes=(0, None, None))(
+                jnp.stack([x, 2 * x - 5]), scale, bias
+            ),
+        }
+
+    native_results, xla_results = onednn_and_xla(transformations, x, scale, bias)
+    for name in xla_results:
+        for got, want in zip(
+            jax.tree.leaves(native_results[name]), jax.tree.leaves(xla_results[name]), strict=True
+        ):
+            assert_rel_close(got, want, tol=2e-5, name=f"{norm} norm {name}")
+
+
+def test_one_pass_statistics_of_non_finite_values_are_numpys(onednn):
+    # An infinity makes the mean infinite and the variance NaN, as NumPy's float64 moments are
+    # (XLA's corrected two-pass mean turns it into NaN); opposite infinities or a NaN give NaN.
+    x = np.ones((6, 4, 5), np.float32) * np.arange(5, dtype=np.float32)
+    for index, value in zip(
+        [(2, 1, 0), (0, 0, 1), (3, 2, 2), (5, 3, 2), (1, 1, 3)],
+        [np.inf, -np.inf, np.inf, -np.inf, np.nan],
+        strict=True,
+    ):
+        x[index] = value
+    state = BatchNormState(jnp.zeros(5), jnp.zeros(5))
+    with onednn.conv_backend_scope("onednn"):
+        _, stats = jax.jit(partial(batch_norm, train=True, momentum=0.0))(x, None, None, state)
+    x64 = x.astype(np.float64).reshape(-1, 5)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(stats.mean, x64.mean(0).astype(np.float32))
+        np.testing.assert_array_equal(stats.var, x64.var(0).astype(np.float32))
+
+
+def test_one_pass_statistics_serve_batch_and_instance_norm_only(onednn, rng):
+    # One custom call per batch or instance norm in training, none where the statistics span the
+    # channels (layer and group norm), in float64, or with the XLA backend.
+    x = jnp.asarray(rng.normal(size=(4, 3, 3, 6)), jnp.float32)
+    state = BatchNormState(jnp.zeros(6), jnp.ones(6))
+    calls = {
+        "batch": lambda x: batch_norm(x, None, None, state, train=True)[0],
+        "instance": lambda x: instance_norm(x, None, None),
+        "layer": lambda x: layer_norm(x, None, None),
+        "group": lambda x: group_norm(x, None, None, num_groups=2),
+    }
+    for backend in ("onednn", "xla"):
+        for name, call in calls.items():
+            with onednn.conv_backend_scope(backend):  # partial: a fresh function to trace
+                text = jax.jit(partial(call)).lower(x).as_text()
+            expected = int(backend == "onednn" and name in ("batch", "instance"))
+            assert text.count("jcnn_channel_moments") == expected, (backend, name)
+    with jax.enable_x64(True), onednn.conv_backend_scope("onednn"):
+        text = jax.jit(calls["batch"]).lower(x.astype(jnp.float64)).as_text()
+    assert "jcnn_channel_moments" not in text
