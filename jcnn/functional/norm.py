@@ -9,7 +9,8 @@ and in two passes, the variance as the mean squared deviation from the mean, nev
 second pass also corrects the mean by the mean of the deviations (the corrected two-pass algorithm
 of Chan, Golub and LeVeque), since a float32 mean of values near 1e4 can be off by ~1e-3. With the
 native library (``jcnn.native``), float32 batch and instance norm in training read their input
-once instead, summing in float64 (``_one_pass_moments``). Outputs keep the input's dtype; running
+once instead, summing in float64 (``_one_pass_moments``), and so do their derivative's two
+reductions (``_norm_native``). Outputs keep the input's dtype; running
 statistics keep the state's dtype.
 
 Running averages follow the course notes and Flax:
@@ -33,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from jcnn import native
+from jcnn.functional import _norm_native
 from jcnn.functional._checks import (
     as_int_tuple,
     check_array,
@@ -532,53 +534,68 @@ def _moments(x, axes: tuple[int, ...], axis_name=None):
     return deviation - correction, mean + correction, var
 
 
-def _statistics(x, axes: tuple[int, ...]):
-    """``_moments(x, axes)``, in one pass through jcnn's native library where it applies: float32
-    statistics over consecutive axes that end just before the channels (batch and instance norm),
-    with the native backend chosen (``jcnn.native.conv_backend``), on CPU."""
-    if (
-        axes
-        and axes == tuple(range(axes[0], x.ndim - 1))
-        and x.dtype == jnp.float32
-        and native.conv_backend() == "onednn"
-    ):
-        mean, mean_residual, var = _one_pass_moments(x, axes[0])
-        return (x - mean) - mean_residual, mean, var
-    return _moments(x, axes)
+class _Centered:
+    """``x`` minus its mean over ``axes``, with the statistics and the two operations batch norm's
+    derivative needs: ``sums(t) = (sum(t * centered), sum(t))`` and ``affine(a, b) = centered * a
+    + b``. XLA's ``_moments`` and reductions, or, for float32 statistics over consecutive axes
+    ending just before the channels (batch and instance norm) with the native backend chosen
+    (``jcnn.native.conv_backend``), one pass each through jcnn's native library on CPU
+    (``_norm_native``): the moments summed in float64, exact to float32 rounding."""
+
+    def __init__(self, x, axes: tuple[int, ...]):
+        self.axes = axes
+        self.first_axis = None
+        if (
+            axes
+            and axes == tuple(range(axes[0], x.ndim - 1))
+            and x.dtype == jnp.float32
+            and native.conv_backend() == "onednn"
+        ):
+            self.first_axis = axes[0]
+            self.mean, self.mean_residual, self.var = _one_pass_moments(x, self.first_axis)
+            self.values = (x - self.mean) - self.mean_residual
+            self.native_operands = (x, self.mean, self.mean_residual)
+        else:
+            self.values, self.mean, self.var = _moments(x, axes)
+
+    def sums(self, t):
+        if self.first_axis is None:
+            return tuple(jnp.sum(v, axis=self.axes, keepdims=True) for v in (t * self.values, t))
+        return _norm_native.centered_sums(t, *self.native_operands, first_axis=self.first_axis)
+
+    def affine(self, a, b):
+        if self.first_axis is None:
+            return self.values * a + b
+        return _norm_native.centered_affine(a, b, *self.native_operands, first_axis=self.first_axis)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _one_pass_moments(x, first_axis: int):
     """``(mean, mean_residual, var)`` over the axes from ``first_axis`` to the channels (kept as
-    unit dims), from ``jcnn/native/channel_moments.cc`` on CPU and ``_moments`` elsewhere: the
-    biased variance, and the mean as a float32 value plus what it misses of the exact one. The
-    kernel reads ``x`` once and sums in float64 (XLA's ``_moments`` takes three or four passes); see
-    ``experiments/benchmarks/README.md``."""
+    unit dims): the biased variance, and the mean as a float32 value plus what it misses of the
+    exact one. From ``jcnn/native/channel_moments.cc`` on CPU, which reads ``x`` once and sums in
+    float64 (XLA's ``_moments`` takes three or four passes; see
+    ``experiments/benchmarks/README.md``), and ``_moments`` elsewhere."""
     axes = tuple(range(first_axis, x.ndim - 1))
-    kept = (*x.shape[:first_axis], x.shape[-1])
-
-    def on_cpu(x):
-        out = jax.ShapeDtypeStruct(kept, jnp.float32)
-        call = jax.ffi.ffi_call("jcnn_channel_moments", (out,) * 3, vmap_method="expand_dims")
-        return call(x)
 
     def elsewhere(x):
         _, mean, var = _moments(x, axes)
-        return mean.reshape(kept), jnp.zeros(kept, x.dtype), var.reshape(kept)
+        return mean, jnp.zeros_like(mean), var
 
-    keepdims = (*x.shape[:first_axis], *(1,) * len(axes), x.shape[-1])
-    moments = lax.platform_dependent(x, cpu=on_cpu, default=elsewhere)
-    return tuple(m.reshape(keepdims) for m in moments)
+    return lax.platform_dependent(
+        x, cpu=partial(_norm_native.moments_on_cpu, first_axis=first_axis), default=elsewhere
+    )
 
 
 @_one_pass_moments.defjvp
 def _one_pass_moments_jvp(first_axis, primals, tangents):
     (x,), (dx,) = primals, tangents
     mean, mean_residual, var = moments = _one_pass_moments(x, first_axis)
-    axes = tuple(range(first_axis, x.ndim - 1))
-    d_mean = jnp.mean(dx, axis=axes, keepdims=True)
-    d_var = 2 * jnp.mean(((x - mean) - mean_residual) * dx, axis=axes, keepdims=True)
-    return moments, (d_mean, jnp.zeros_like(mean_residual), d_var)
+    sum_centered, sum_plain = _norm_native.centered_sums(
+        dx, x, mean, mean_residual, first_axis=first_axis
+    )
+    count = math.prod(x.shape[first_axis:-1])
+    return moments, (sum_plain / count, jnp.zeros_like(mean_residual), 2 * sum_centered / count)
 
 
 def _standardize(x, axes: tuple[int, ...], eps: float):
@@ -600,30 +617,34 @@ def _normalize(x, scale, bias, axes: tuple[int, ...], eps: float):
     took several more (see ``experiments/benchmarks/README.md``). A JVP rule, not a VJP one, so
     forward mode (``jax.jvp``, Hessian-vector products) keeps working.
     """
-    centered, mean, var = _statistics(x, axes)
-    return centered * lax.rsqrt(var + eps) * scale + bias, mean, var
+    centered = _Centered(x, axes)
+    y = centered.values * lax.rsqrt(centered.var + eps) * scale + bias
+    return y, centered.mean, centered.var
 
 
 @_normalize.defjvp
 def _normalize_jvp(axes, eps, primals, tangents):
     x, scale, bias = primals
     dx, dscale, dbias = tangents
-    centered, mean, var = _statistics(x, axes)
-    inverse_std = lax.rsqrt(var + eps)
-    normalized = centered * inverse_std
+    centered = _Centered(x, axes)
+    inverse_std = lax.rsqrt(centered.var + eps)
+    count = math.prod(x.shape[axis] for axis in axes)
     # Written so that the transpose (the gradient) reduces the cotangent g itself: sum(g) and
     # sum(g * x_hat), the two sums dbias and dscale need too, then one elementwise pass. Both
     # reductions read dx (mean(x_hat) = 0 makes mean(x_hat * (dx - d_mean)) = mean(x_hat * dx)),
     # and the per-channel gain multiplies their results, which needs scale constant along axes.
-    # The per-channel terms meet the full-size arrays combined (offset, slope), so the transpose
-    # has exactly those two reductions to share: XLA did not merge them when they were separate.
-    d_mean = jnp.mean(dx, axis=axes, keepdims=True)
-    d_spread = jnp.mean(normalized * dx, axis=axes, keepdims=True)  # d var / 2, times 1/std
+    # The per-channel terms meet the full-size arrays combined (offset, slope) in one affine map
+    # of the centered x, whose transpose is exactly those two reductions (XLA did not merge them
+    # when they were separate; the native library makes them one pass).
+    sum_centered, sum_plain = centered.sums(dx)
+    d_mean = sum_plain / count
+    d_spread = sum_centered * inverse_std / count  # mean(x_hat * dx): d var / 2, times 1/std
     gain = scale * inverse_std
     offset = dbias - gain * d_mean
     slope = dscale - gain * d_spread
-    d_y = gain * dx + normalized * slope + offset
-    return (normalized * scale + bias, mean, var), (d_y, d_mean, 2 * d_spread / inverse_std)
+    d_y = gain * dx + centered.affine(slope * inverse_std, offset)
+    y = centered.values * inverse_std * scale + bias
+    return (y, centered.mean, centered.var), (d_y, d_mean, 2 * sum_centered / count)
 
 
 def _running_var_sample(var, count: int, unbiased: bool):

@@ -1,5 +1,6 @@
 """Optional native CPU backend: oneDNN convolutions called from jitted code as XLA FFI custom calls,
-and batch norm's training statistics in one pass (``channel_moments.cc``).
+and batch norm's per-channel reductions (its statistics, its derivative's sums) in one pass each
+(``channel_moments.cc``).
 
 jcnn runs everywhere without it: when the library is not built, ``F.conv`` uses its pure-XLA
 formulations. To enable it on a CPU machine (needs a C++17 compiler)::
@@ -17,7 +18,8 @@ XLA), ``onednn`` (an error when the library is missing) or ``xla``; ``conv_backe
 overrides it for the functions traced inside a block. Whatever the choice, a convolution that
 oneDNN does not implement on this CPU (bfloat16 without AVX-512 or AVX2-VNNI-2: oneDNN is asked,
 :func:`unsupported_reason`) runs on XLA. The same choice decides where float32 batch and instance
-norm compute their training statistics: in the library's one-pass kernel, or in XLA's passes.
+norm compute their training statistics and their derivative's sums: in the library's one-pass
+kernels, or in XLA's passes.
 ``jax.export`` needs :func:`portable`.
 
 :func:`host_memory` says whether freed CPU memory is kept for XLA's next call
@@ -65,6 +67,7 @@ TARGETS = (
     "jcnn_conv_backward_data",
     "jcnn_conv_backward_weights",
     "jcnn_channel_moments",
+    "jcnn_centered_sums",
 )
 BACKENDS = ("auto", "onednn", "xla")
 _SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(

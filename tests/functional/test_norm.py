@@ -739,15 +739,44 @@ def test_closed_form_derivative_equals_autodiff_of_the_statistics(rng, axes):
 def test_batch_norm_gradient_reduces_the_cotangent_twice(rng):
     # sum(g) and sum(x_hat * g) serve the input, scale and bias gradients alike: a third full
     # pass over g would be a pass over the largest arrays of the backward step.
+    from jcnn import native
+
     x = jnp.asarray(rng.normal(size=(4, 5, 5, 3)), jnp.float32)
     scale, bias = jnp.ones(3), jnp.zeros(3)
     state = BatchNormState(jnp.zeros(3), jnp.ones(3))
-    _, vjp = jax.vjp(lambda *a: batch_norm(*a, state, train=True)[0], x, scale, bias)
-    eqns = jax.make_jaxpr(vjp)(jnp.ones_like(x)).jaxpr.eqns
+    with native.conv_backend_scope("xla"):
+        _, vjp = jax.vjp(lambda *a: batch_norm(*a, state, train=True)[0], x, scale, bias)
+        eqns = jax.make_jaxpr(vjp)(jnp.ones_like(x)).jaxpr.eqns
     passes = [
         e for e in eqns if e.primitive.name == "reduce_sum" and e.invars[0].aval.shape == x.shape
     ]
     assert len(passes) == 2, [str(e) for e in passes]
+
+
+def test_native_batch_norm_gradient_reduces_the_cotangent_in_one_pass(onednn, rng):
+    # With the native library both sums are one call reading g and x once, in reverse mode
+    # (the gradient) and forward mode alike; no full-size reduction is left to XLA.
+    x = jnp.asarray(rng.normal(size=(4, 5, 5, 3)), jnp.float32)
+    scale, bias = jnp.ones(3), jnp.zeros(3)
+    state = BatchNormState(jnp.zeros(3), jnp.ones(3))
+
+    def normalize(*args):
+        return batch_norm(*args, state, train=True)[0]
+
+    with onednn.conv_backend_scope("onednn"):
+        _, vjp = jax.vjp(normalize, x, scale, bias)
+        backward = jax.make_jaxpr(vjp)(jnp.ones_like(x)).jaxpr.eqns
+        forward = jax.make_jaxpr(lambda *a: jax.jvp(normalize, a, (jnp.ones_like(x), scale, bias)))(
+            x, scale, bias
+        ).jaxpr.eqns
+    for eqns in (backward, forward):
+        names = [e.primitive.name for e in eqns]
+        full_size = [
+            e
+            for e in eqns
+            if e.primitive.name == "reduce_sum" and e.invars[0].aval.shape == x.shape
+        ]
+        assert names.count("jcnn_centered_sums") == 1 and not full_size, names
 
 
 # ------------------------------------------------- one-pass statistics (native library)
@@ -823,6 +852,12 @@ def test_one_pass_statistics_agree_with_xla_in_every_transformation(onednn, rng,
             "vmap grad": jax.vmap(jax.grad(loss), in_axes=(0, None, None))(
                 jnp.stack([x, 2 * x - 5]), scale, bias
             ),
+            "vmap over scale only": jax.vmap(
+                jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, None)
+            )(x, jnp.stack([scale, -2 * scale]), bias),
+            "forward over reverse": jax.jvp(
+                lambda x: jax.grad(loss, argnums=(0, 1))(x, scale, bias), (x,), (probe,)
+            )[1],
         }
 
     native_results, xla_results = onednn_and_xla(transformations, x, scale, bias)
@@ -831,6 +866,23 @@ def test_one_pass_statistics_agree_with_xla_in_every_transformation(onednn, rng,
             jax.tree.leaves(native_results[name]), jax.tree.leaves(xla_results[name]), strict=True
         ):
             assert_rel_close(got, want, tol=2e-5, name=f"{norm} norm {name}")
+
+
+def test_one_pass_statistics_outside_jit_equal_those_inside(onednn, rng):
+    x = jnp.asarray(rng.normal(size=(5, 3, 4, 9)) + 3, jnp.float32)
+    scale, bias = (jnp.asarray(a) for a in random_affine(rng, 9))
+    state = BatchNormState(jnp.zeros(9), jnp.ones(9))
+
+    def loss(x, scale):
+        y, stats = batch_norm(x, scale, bias, state, train=True)
+        return jnp.sum(jnp.tanh(y)) + jnp.sum(stats.var)
+
+    with onednn.conv_backend_scope("onednn"):
+        jitted = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+        with jax.disable_jit():
+            eager = jax.grad(loss, argnums=(0, 1))(x, scale)
+    for got, want in zip(eager, jitted, strict=True):
+        assert_rel_close(got, want, tol=1e-6, name="eager gradient")
 
 
 def test_one_pass_statistics_of_non_finite_values_are_numpys(onednn):
