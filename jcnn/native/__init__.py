@@ -19,8 +19,7 @@ overrides it for the functions traced inside a block. Whatever the choice, a con
 oneDNN does not implement on this CPU (bfloat16 without AVX-512 or AVX2-VNNI-2: oneDNN is asked,
 :func:`unsupported_reason`) runs on XLA. The same choice decides where float32 batch and instance
 norm compute their training statistics and their derivative's sums: in the library's one-pass
-kernels, or in XLA's passes.
-``jax.export`` needs :func:`portable`.
+kernels, or in XLA's passes. ``jax.export`` needs :func:`portable`.
 
 :func:`host_memory` says whether freed CPU memory is kept for XLA's next call
 (``jcnn.native.memory``).
