@@ -885,6 +885,26 @@ def test_one_pass_statistics_outside_jit_equal_those_inside(onednn, rng):
         assert_rel_close(got, want, tol=1e-6, name="eager gradient")
 
 
+def test_native_batch_norm_lowers_to_xla_on_other_platforms(onednn, rng):
+    # Traced with the native backend but lowered for a GPU: the statistics, the derivative's
+    # sums and their transposes all become XLA's operations, no custom call.
+    x = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)
+    state = BatchNormState(jnp.zeros(5), jnp.ones(5))
+
+    def derivatives(x, scale):
+        def loss(x, scale):
+            return jnp.sum(jnp.sin(batch_norm(x, scale, None, state, train=True)[0]))
+
+        instance = jax.jvp(lambda x: instance_norm(x, scale, None), (x,), (x,))
+        return jax.grad(loss, argnums=(0, 1))(x, scale), jax.hessian(loss)(x, scale), instance
+
+    with onednn.conv_backend_scope("onednn"):
+        exported = jax.export.export(jax.jit(derivatives), platforms=["cuda"])(x, jnp.ones(5))
+        text = jax.jit(derivatives).lower(x, jnp.ones(5)).as_text()
+    assert "custom_call" not in exported.mlir_module()
+    assert "jcnn_centered_sums" in text and "jcnn_channel_moments" in text  # on CPU: native
+
+
 def test_one_pass_statistics_of_non_finite_values_are_numpys(onednn):
     # An infinity makes the mean infinite and the variance NaN, as NumPy's float64 moments are
     # (XLA's corrected two-pass mean turns it into NaN); opposite infinities or a NaN give NaN.
