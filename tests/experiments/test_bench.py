@@ -42,7 +42,8 @@ def test_layer_rows_check_every_kind_of_layer_against_pytorch(load_benchmark):
             cell = row[f"{product} GFLOP/s {'/'.join(impls)}"].split("/")
             rates = dict(zip(impls, map(float, cell), strict=True))
             expected = rates[impls[-2]] / rates["torch"]
-            assert float(ratio.rstrip("x")) == pytest.approx(expected, rel=0.05)
+            # The ratio is printed to two decimals (a hiccup can make one as small as 0.04x).
+            assert float(ratio.rstrip("x")) == pytest.approx(expected, rel=0.05, abs=0.006)
 
 
 def test_conv_layer_flops_count_the_products_multiply_adds(load_benchmark):
