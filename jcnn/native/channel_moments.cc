@@ -100,19 +100,29 @@ JCNN_CLONES void TileCenteredSums(const float* t, const float* x, int64_t rows, 
   StoreSums(c0 + c1, s0 + s1, sum_centered, sum);
 }
 
-// One channel of either, for the channels that do not fill a tile.
-void ChannelSums(const float* t, const float* x, int64_t rows, int64_t stride, double center,
-                 double* first, double* second) {
-  double a = 0, b = 0;
+// The same sums one channel at a time, for the channels that do not fill a tile.
+void ChannelShiftedSums(const float* x, int64_t rows, int64_t stride, double shift, double* sum,
+                        double* sum_squares) {
+  double s = 0, q = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const double d = static_cast<double>(x[r * stride]) - center;
-    const double weight = t == nullptr ? d : static_cast<double>(t[r * stride]);
-    a += weight * d;
-    b += weight;
+    const double d = static_cast<double>(x[r * stride]) - shift;
+    s += d;
+    q += d * d;
   }
-  // Shifted sums (t == nullptr) are (sum d, sum d^2); centered ones (sum t d, sum t).
-  *first = t == nullptr ? b : a;
-  *second = t == nullptr ? a : b;
+  *sum = s;
+  *sum_squares = q;
+}
+
+void ChannelCenteredSums(const float* t, const float* x, int64_t rows, int64_t stride,
+                         double center, double* sum_centered, double* sum) {
+  double c = 0, s = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const double weight = static_cast<double>(t[r * stride]);
+    c += weight * (static_cast<double>(x[r * stride]) - center);
+    s += weight;
+  }
+  *sum_centered = c;
+  *sum = s;
 }
 
 // The split of (*outer, *rows, C) into blocks of rows, run in parallel, each writing `channels`
@@ -167,7 +177,7 @@ void BlockMoments(const float* x, int64_t rows, int64_t channels, Moments* out) 
     TileShiftedSums(x + c, rows, channels, &shift[c], &sum[c], &sum_squares[c]);
   }
   for (; c < channels; ++c) {
-    ChannelSums(nullptr, x + c, rows, channels, shift[c], &sum[c], &sum_squares[c]);
+    ChannelShiftedSums(x + c, rows, channels, shift[c], &sum[c], &sum_squares[c]);
   }
   const double n = static_cast<double>(rows);
   for (c = 0; c < channels; ++c) {
@@ -254,8 +264,8 @@ ffi::Error CenteredSums(ffi::Buffer<ffi::F32> t, ffi::Buffer<ffi::F32> x,
       for (int64_t k = 0; k < kTile; ++k) out[c + k] = {centered[k], plain[k]};
     }
     for (; c < channels; ++c) {
-      ChannelSums(t_data + start + c, x_data + start + c, rows, channels, block_center[c],
-                  &out[c].centered, &out[c].plain);
+      ChannelCenteredSums(t_data + start + c, x_data + start + c, rows, channels,
+                          block_center[c], &out[c].centered, &out[c].plain);
     }
   });
   for (int64_t o = 0; o < outer; ++o) {
