@@ -9,13 +9,16 @@ measured on the benchmark machine: with a single input channel (``C_in == 1``, L
 layer), oneDNN's channels-last forward and input gradient ran at a third to half of XLA's, so
 those two products keep jcnn's XLA formulations there (XLA's forward, GEMM + col2im input
 gradient); the weight gradient stays on oneDNN (1.5-2x XLA's). Depthwise convolutions
-(``groups == C_in > 1``) run all three products on oneDNN, whose depthwise kernels
+(``groups == C_in > 1``) run their forward and input gradient on oneDNN, whose depthwise kernels
 (``brdgmm_dw``/``jit_dw``) take channels-last directly: forward + both gradients measured 1.2-5x
 PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, on
 AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
-``experiments/benchmarks/README.md``. Their weight gradient runs as the XLA path's per-offset sums
-instead where those measured faster: a window spanning twice the output map, or a oneDNN GEMM
-fallback (:func:`jcnn.native.implementation` names the kernel oneDNN chose on this CPU). A 3-D
+``experiments/benchmarks/README.md``. Their float32 weight gradient with one output channel per
+group is ``jcnn/native/depthwise_weight_grad.cc`` (oneDNN's ran at 3-30 GFLOP/s, 7x7 windows
+the slowest; this one at 34-84 on an AVX-512 EPYC, run X). With a channel multiplier above 1 it
+stays on oneDNN, or runs as the XLA path's per-offset sums where those measured faster: a window
+spanning twice the output map, or a oneDNN GEMM fallback (:func:`jcnn.native.implementation`
+names the kernel oneDNN chose on this CPU). A 3-D
 weight gradient with a depth stride runs as 2-D weight gradients on oneDNN, one per depth tap,
 where oneDNN's 3-D kernel for it is a GEMM (AVX2).
 
@@ -219,11 +222,21 @@ def _backward_data(dy, w, config, x_shape):
 
 
 def _backward_weights(x, dy, config, w_shape):
+    if _one_channel_per_group(x, config, w_shape):
+        return _call("jcnn_depthwise_weight_grad", w_shape, x, dy, config)
     if _depthwise_weight_grad_on_xla(x, dy, config, w_shape):
         return _per_tap_sum_weight_grad(x, dy, w_shape, config)
     if _weight_grad_over_depth_taps(x, config, w_shape):
         return _depth_tap_weight_grad(x, dy, config, w_shape)
     return _call("jcnn_conv_backward_weights", w_shape, x, dy, config)
+
+
+def _one_channel_per_group(x, config, w_shape) -> bool:
+    """Whether a float32 weight gradient is depthwise with one output channel per group, which
+    ``jcnn/native/depthwise_weight_grad.cc`` computes: 1.1-12x oneDNN's on the benchmark's
+    depthwise layers (3x3 and 7x7, maps from 4x4 to 56x56), and 3-16x the per-offset sums on
+    maps the window spans twice (run X)."""
+    return x.dtype == jnp.float32 and config.groups == x.shape[-1] == w_shape[-1] > 1
 
 
 def _weight_grad_over_depth_taps(x, config, w_shape) -> bool:
@@ -274,7 +287,8 @@ def _depth_tap_weight_grad(x, dy, config, w_shape):
 
 
 def _depthwise_weight_grad_on_xla(x, dy, config, w_shape) -> bool:
-    """Whether a float32 depthwise weight gradient runs faster as jcnn's per-offset sums (the XLA
+    """Whether a float32 depthwise weight gradient (with a channel multiplier above 1, the others
+    being :func:`_one_channel_per_group`'s) runs faster as jcnn's per-offset sums (the XLA
     path's ``"per_tap_sum"``) than on oneDNN: when the window spans at least twice the output map
     in every dimension (most of its taps see only padding; a 2x2 map under a 7x7 window, AVX-512:
     0.30 ms against oneDNN's 0.84), or when oneDNN's kernel for it is a GEMM (capped at AVX2, maps

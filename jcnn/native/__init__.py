@@ -1,12 +1,13 @@
 """Optional native CPU backend: oneDNN convolutions called from jitted code as XLA FFI custom calls,
-and batch norm's per-channel reductions (its statistics, its derivative's sums) in one pass each
-(``channel_moments.cc``).
+batch norm's per-channel reductions (its statistics, its derivative's sums) in one pass each
+(``channel_moments.cc``), and the weight gradient of depthwise convolutions
+(``depthwise_weight_grad.cc``).
 
 jcnn runs everywhere without it: when the library is not built, ``F.conv`` uses its pure-XLA
 formulations. To enable it on a CPU machine (needs a C++17 compiler)::
 
     pip install "jcnn[native]"   # oneDNN 3.2 (GNU OpenMP) from PyPI, Linux x86-64
-    jcnn-build-native            # compiles the two .cc files against jaxlib's FFI headers, checks
+    jcnn-build-native            # compiles the three .cc files against jaxlib's FFI headers, checks
 
 The library lands in a cache directory (``JCNN_NATIVE_DIR``, default ``~/.cache/jcnn``) under a
 name that hashes the source, the jaxlib version, the oneDNN location and the compiler, so an
@@ -60,13 +61,17 @@ __all__ = [
     "unsupported_reason",
 ]
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "channel_moments.cc"))
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("onednn_conv.cc", "channel_moments.cc", "depthwise_weight_grad.cc")
+)
 TARGETS = (
     "jcnn_conv_forward",
     "jcnn_conv_backward_data",
     "jcnn_conv_backward_weights",
     "jcnn_channel_moments",
     "jcnn_centered_sums",
+    "jcnn_depthwise_weight_grad",
 )
 BACKENDS = ("auto", "onednn", "xla")
 _SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -152,7 +157,7 @@ def build(*, verbose: bool = False) -> Path:
                 f"no C++ compiler: {command[0]!r} was not found (set CXX to choose one)"
             ) from error
         if result.returncode != 0:
-            names = " and ".join(source.name for source in SOURCES)
+            names = ", ".join(source.name for source in SOURCES)
             raise NativeBuildError(
                 f"compiling {names} failed (exit {result.returncode}):\n{result.stderr}"
             )

@@ -380,7 +380,7 @@ def _random_depthwise_problem(rng, spatial_rank):
 
 
 @pytest.mark.parametrize("spatial_rank", [1, 2, 3])
-def test_depthwise_runs_every_product_on_onednn_and_matches_xla(onednn, rng, spatial_rank):
+def test_depthwise_runs_every_product_natively_and_matches_xla(onednn, rng, spatial_rank):
     for _ in range({1: 5, 2: 8, 3: 3}[spatial_rank]):
         x, w, options = _random_depthwise_problem(rng, spatial_rank)
         assert _conv_onednn.unsupported_reason(x, w, *options) is None
@@ -388,10 +388,14 @@ def test_depthwise_runs_every_product_on_onednn_and_matches_xla(onednn, rng, spa
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
         y = jax.eval_shape(partial(_reference, options=options), x, w)
         static = _conv_onednn.config(x, w, *options)
+        one_per_group = w.shape[-1] == x.shape[-1]
         on_xla = _conv_onednn._depthwise_weight_grad_on_xla(x, y, static, w.shape)
         assert lowered.count("jcnn_conv_forward") == 1, options
         assert lowered.count("jcnn_conv_backward_data") == 1, options
-        assert lowered.count("jcnn_conv_backward_weights") == (0 if on_xla else 1), options
+        assert lowered.count("jcnn_depthwise_weight_grad") == int(one_per_group), options
+        assert lowered.count("jcnn_conv_backward_weights") == int(
+            not one_per_group and not on_xla
+        ), options
         want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
         got, got_vjp = jax.vjp(partial(_routed, options=options), x, w)
         g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
@@ -399,6 +403,97 @@ def test_depthwise_runs_every_product_on_onednn_and_matches_xla(onednn, rng, spa
             ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
         ):
             assert _relative_error(a, b) < 2e-6, (name, x.shape, w.shape, options)
+
+
+def _weight_grad(x, w, dy, conv):
+    return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+
+def _depthwise_weight_grad_float64(x, dy, window, stride, padding, dilation):
+    """sum over n and output pixels o of x[n, o * stride + k * dilation - pad_lo] * dy[n, o], per
+    tap k and channel, in float64 NumPy (and the same sum of absolute values)."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    pads = [(0, 0), *padding, (0, 0)]
+    x = np.pad(x, pads)
+    out_sizes = dy.shape[1:-1]
+    sums = np.zeros((*window, 1, x.shape[-1]))
+    magnitudes = np.zeros_like(sums)
+    for tap in itertools.product(*(range(k) for k in window)):
+        index = tuple(
+            slice(t * d, t * d + (o - 1) * s + 1, s)
+            for t, d, o, s in zip(tap, dilation, out_sizes, stride, strict=True)
+        )
+        taken = x[(slice(None), *index)]
+        sums[(*tap, 0)] = np.sum(taken * dy, axis=tuple(range(dy.ndim - 1)))
+        magnitudes[(*tap, 0)] = np.sum(np.abs(taken * dy), axis=tuple(range(dy.ndim - 1)))
+    return sums, magnitudes
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_depthwise_weight_gradient_kernel_matches_a_float64_sum(onednn, rng, spatial_rank):
+    # jcnn/native/depthwise_weight_grad.cc: sixteen-channel blocks and single remaining channels,
+    # windows up to 9 wide (7 is the widest held in registers; 3x3 has its own loop), strides,
+    # dilations, uneven padding, and batches split over tasks.
+    for _ in range({1: 6, 2: 10, 3: 4}[spatial_rank]):
+        channels = int(rng.choice([2, 5, 16, 17, 33, 48]))
+        window = tuple(int(k) for k in rng.choice([1, 2, 3, 3, 5, 7, 9], spatial_rank))
+        stride = tuple(int(s) for s in rng.integers(1, 4, spatial_rank))
+        dilation = tuple(int(d) for d in rng.integers(1, 3, spatial_rank))
+        padding = tuple((int(rng.integers(0, k + 1)), int(rng.integers(0, k + 1))) for k in window)
+        span = [(k - 1) * d + 1 for k, d in zip(window, dilation, strict=True)]
+        sizes = tuple(
+            int(rng.integers(max(1, s - lo - hi), s + (12 if spatial_rank < 3 else 4)))
+            for s, (lo, hi) in zip(span, padding, strict=True)
+        )
+        batch = int(rng.integers(1, 10))
+        x = jnp.asarray(rng.standard_normal((batch, *sizes, channels)).astype(np.float32))
+        w = jnp.zeros((*window, 1, channels), jnp.float32)
+        options = (stride, padding, dilation, channels)
+        weight_grad = partial(_weight_grad, x, conv=partial(_routed, options=options))
+        y = _reference(x, w, options)
+        dy = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+        lowered = jax.jit(weight_grad).lower(w, dy).as_text()
+        assert lowered.count("jcnn_depthwise_weight_grad") == 1
+        got = weight_grad(w, dy)
+        want, magnitudes = _depthwise_weight_grad_float64(x, dy, window, stride, padding, dilation)
+        error = np.abs(np.asarray(got, np.float64) - want)
+        assert np.all(error <= 2e-6 * magnitudes + 1e-30), (x.shape, window, options)
+
+
+def test_depthwise_weight_gradient_kernel_under_vmap_and_with_an_empty_batch(onednn, rng):
+    x = jnp.asarray(rng.standard_normal((4, 3, 7, 9, 18)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 1, 18)).astype(np.float32))
+    options = ((1, 2), ((1, 1), (2, 0)), (2, 1), 18)
+    dy = jnp.asarray(
+        rng.standard_normal((4, *_reference(x[0], w, options).shape)).astype(np.float32)
+    )
+
+    def weight_grad(x, dy, conv):
+        return _weight_grad(x, w, dy, conv)
+
+    routed, reference = partial(_routed, options=options), partial(_reference, options=options)
+    # Leading axes on both operands, on one only (the other broadcast), and two of them.
+    for axes, args in (
+        ((0, 0), (x, dy)),
+        ((None, 0), (x[0], dy)),
+        ((0, None), (x, dy[0])),
+    ):
+        got = jax.jit(jax.vmap(partial(weight_grad, conv=routed), axes))(*args)
+        want = jnp.stack(
+            [
+                weight_grad(
+                    *(a if i is None else a[k] for a, i in zip(args, axes, strict=True)), reference
+                )
+                for k in range(4)
+            ]
+        )
+        assert _relative_error(got, want) < 2e-6, axes
+    nested = jax.jit(jax.vmap(jax.vmap(partial(weight_grad, conv=routed))))
+    got = nested(x.reshape(2, 2, *x.shape[1:]), dy.reshape(2, 2, *dy.shape[1:]))
+    want = jnp.stack([weight_grad(x[k], dy[k], reference) for k in range(4)])
+    assert _relative_error(got.reshape(want.shape), want) < 2e-6
+    empty = jax.jit(partial(weight_grad, conv=routed))(x[0, :0], dy[0, :0])
+    assert empty.shape == w.shape and not np.any(np.asarray(empty))
 
 
 @pytest.mark.parametrize(
