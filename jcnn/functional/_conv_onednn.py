@@ -14,13 +14,13 @@ gradient); the weight gradient stays on oneDNN (1.5-2x XLA's). Depthwise convolu
 PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, on
 AVX-512 and with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``); see
 ``experiments/benchmarks/README.md``. Their float32 weight gradient with one output channel per
-group is ``jcnn/native/depthwise_weight_grad.cc`` (oneDNN's ran at 3-30 GFLOP/s, 7x7 windows
-the slowest; this one at 34-84 on an AVX-512 EPYC, run X). With a channel multiplier above 1 it
+group is ``jcnn/native/depthwise_weight_grad.cc`` (oneDNN's ran at 7-13 GFLOP/s on 7x7 windows,
+this one at 68-84 on an AVX-512 EPYC, run X). With a channel multiplier above 1 it
 stays on oneDNN, or runs as the XLA path's per-offset sums where those measured faster: a window
 spanning twice the output map, or a oneDNN GEMM fallback (:func:`jcnn.native.implementation`
-names the kernel oneDNN chose on this CPU). A 3-D
-weight gradient with a depth stride runs as 2-D weight gradients on oneDNN, one per depth tap,
-where oneDNN's 3-D kernel for it is a GEMM (AVX2).
+names the kernel oneDNN chose on this CPU). A 3-D weight gradient with a depth stride runs as
+2-D weight gradients on oneDNN, one per depth tap, where oneDNN's 3-D kernel for it is a GEMM
+(AVX2).
 
 ``conv_transpose`` runs ``F.conv_transpose`` as the input gradient of the convolution it
 transposes, so a stride-``s`` transposed convolution no longer convolves an ``s^rank`` times larger
@@ -233,9 +233,9 @@ def _backward_weights(x, dy, config, w_shape):
 
 def _one_channel_per_group(x, config, w_shape) -> bool:
     """Whether a float32 weight gradient is depthwise with one output channel per group, which
-    ``jcnn/native/depthwise_weight_grad.cc`` computes: 1.1-12x oneDNN's on the benchmark's
-    depthwise layers (3x3 and 7x7, maps from 4x4 to 56x56), and 3-16x the per-offset sums on
-    maps the window spans twice (run X)."""
+    ``jcnn/native/depthwise_weight_grad.cc`` computes: 5-11x oneDNN's on the benchmark's 7x7
+    layers, 1.2-1.4x on its 3x3 layers but one (an 8x8 map, 0.97x), and 1.5-16x the per-offset
+    sums on maps of 1x1 to 4x4 (run X)."""
     return x.dtype == jnp.float32 and config.groups == x.shape[-1] == w_shape[-1] > 1
 
 

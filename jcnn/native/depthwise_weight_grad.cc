@@ -9,12 +9,12 @@
 //              dy[n, o, c]
 //
 // oneDNN's depthwise weight gradient runs at a few GFLOP/s on 7x7 windows. Here sixteen channels
-// are one vector, and one window row's taps stay in registers while the output rows stream
-// past, so each product costs one load of x and one fused multiply-add. The work is split into
-// tasks (a channel block and a slice of the batch) that depend on the shapes only, and their
-// float32 partial sums are added in a fixed order: the result does not depend on the threads.
-
-#include <omp.h>
+// are one vector; along each output row the sums of one window row are held in registers (a 3x3
+// window's nine for the whole task), so each product costs one load of x and one fused
+// multiply-add; each output row meets every window row while the input rows are in cache. The
+// work is split into tasks (a channel block and a slice of the batch) that depend on the shapes
+// only, and their float32 partial sums are added in a fixed order: the result does not depend on
+// the threads.
 
 #include <algorithm>
 #include <cstdint>
@@ -88,7 +88,8 @@ JCNN_INLINE void RowProducts(const float* x_row, const float* dy_row, const Geom
   const int64_t width = kWindow > 0 ? kWindow : g.window[2];
   const int64_t channels = g.channels, stride = g.stride[2], dilation = g.dilation[2];
   const int64_t pad = g.pad[2], in_width = g.in[2];
-  // A fixed width sums in registers; any other in taps itself (unaligned: no V array in memory).
+  // A fixed width sums in registers, any other in taps itself (as floats: a V array in memory
+  // would need an alignment that std::vector does not give).
   V held[kWindow > 0 ? kWindow : 1];
   if constexpr (kWindow > 0) {
     Unrolled([&](auto k) { held[k] = Load<V>(taps + k * kWide); },
@@ -211,8 +212,8 @@ JCNN_INLINE void SmallWindowTaskSums(const float* x, const float* dy, const Geom
 }
 
 template <typename V>
-JCNN_INLINE void RunTask(const float* x, const float* dy, const Geometry& g, int64_t first, int64_t last,
-             float* partial) {
+JCNN_INLINE void RunTask(const float* x, const float* dy, const Geometry& g, int64_t first,
+                         int64_t last, float* partial) {
   const bool planar = g.in[0] == 1 && g.out[0] == 1 && g.window[0] == 1 && g.pad[0] == 0;
   if (planar && g.window[1] == 3 && g.window[2] == 3) {
     return SmallWindowTaskSums<V, 3, 3>(x, dy, g, first, last, partial);
