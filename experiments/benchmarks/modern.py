@@ -414,8 +414,10 @@ def check_twin(name, jcnn_model, flax_model, variables, twin_variables, x):
     def forward(model, variables):
         return model.apply(dict(variables), x, train=True, mutable=["batch_stats"])
 
-    ours, ours_stats = jax.jit(partial(forward, jcnn_model))(variables)
-    theirs, their_stats = jax.jit(partial(forward, flax_model))(twin_variables)
+    # At full float32 precision: on NVIDIA GPUs XLA multiplies float32 in TF32 by default.
+    with jax.default_matmul_precision("highest"):
+        ours, ours_stats = jax.jit(partial(forward, jcnn_model))(variables)
+        theirs, their_stats = jax.jit(partial(forward, flax_model))(twin_variables)
     scale = float(jnp.abs(ours).max())
     np.testing.assert_allclose(
         theirs, ours, rtol=1e-4, atol=1e-5 * max(1.0, scale), err_msg=f"{name}: training logits"
@@ -690,7 +692,7 @@ def train_step_runner(model, variables, x, labels):
     return run, (compile_s, first_call_s)
 
 
-def network_runners(spec, batch):
+def network_runners(spec, batch, device):
     """Training-step runners of jcnn, its Flax twin (checked equal first) and PyTorch, the compile
     and first-call seconds of the two JAX sides, the parameter count and the twin's largest logit
     error."""
@@ -710,8 +712,9 @@ def network_runners(spec, batch):
     n_jcnn = sum(p.size for p in jax.tree.leaves(variables["params"]))
     if n_torch != n_jcnn:
         raise AssertionError(f"parameter counts differ: jcnn {n_jcnn}, PyTorch {n_torch}")
-    xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
-    lt = torch.from_numpy(np.array(labels)).long()
+    module.to(device)
+    xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy()).to(device)
+    lt = torch.from_numpy(np.array(labels)).long().to(device)
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
 
     def run_torch():
@@ -745,6 +748,11 @@ def main(argv=None):
         action="store_true",
         help="smoke test: tiny versions of the networks, one round of one step (no convs table)",
     )
+    parser.add_argument(
+        "--torch-device",
+        default="cpu",
+        help="where PyTorch runs, e.g. cuda (JAX runs on its default backend, printed first)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.only = 1, 1, ["networks"]
@@ -752,8 +760,9 @@ def main(argv=None):
 
     backend = "oneDNN" if native.available() else "XLA formulations (native library not built)"
     print(
-        f"jcnn backend: {backend}; torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads; jax {jax.__version__}; rounds {args.rounds}, steps {args.steps}, "
+        f"jcnn backend on CPU: {backend}; torch {torch.__version__} on {args.torch_device} "
+        f"({torch.get_num_threads()} CPU threads); jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}; rounds {args.rounds}, steps {args.steps}, "
         f"batch scale {args.scale}",
         flush=True,
     )
@@ -784,7 +793,9 @@ def main(argv=None):
         rows = []
         for spec in networks(args.quick):
             batch = _batch(spec["batch"], args.scale)
-            runners, startup_s, n_params, twin_error = network_runners(spec, batch)
+            runners, startup_s, n_params, twin_error = network_runners(
+                spec, batch, torch.device(args.torch_device)
+            )
             print(
                 f"{spec['name']}: the Flax twin's training logits equal jcnn's "
                 f"(largest difference {twin_error:.1e})",

@@ -9,7 +9,14 @@ import jcnn
 def test_steps_per_call_row_times_three_sides(load_benchmark):
     bench = load_benchmark("bench")
     row = bench.steps_per_call_row(
-        "LeNet-5", jcnn.models.LeNet5(), bench.TorchLeNet5(), (28, 28, 1), 3, 2, 1
+        "LeNet-5",
+        jcnn.models.LeNet5(),
+        bench.TorchLeNet5(),
+        (28, 28, 1),
+        3,
+        2,
+        1,
+        bench.torch.device("cpu"),
     )
     assert row["benchmark"] == "LeNet-5 train b3, 2 steps per call"
     for side in ("train_step", "train_steps", "torch"):
