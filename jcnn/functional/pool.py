@@ -175,7 +175,11 @@ def max_pool(
         x.shape[1:-1], window, stride, dilation, padding, ceil_mode
     )
     if all(d == 1 for d in dilation) and stride == window:
-        return _tiled_max_pool(x, window, pads, out_sizes)
+        return lax.platform_dependent(
+            x,
+            cpu=lambda x: _tiled_max_pool(x, window, pads, out_sizes),
+            default=lambda x: _reduce_window_max(x, window, window, pads),
+        )
     if all(d == 1 for d in dilation):
         return _reduce_window_max(x, window, stride, pads)
     return _dilated_max_pool(x, _lowest(x.dtype), window, stride, dilation, pads, out_sizes)
@@ -196,11 +200,13 @@ def _reduce_window_max(x, window, stride, pads):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _tiled_max_pool(x, window, pads, out_sizes):
-    """Max pool with ``stride == window``: its values from ``reduce_window`` (which XLA's CPU
-    backend runs in one YNNPACK graph with the convolutions and matrix products around it:
+    """Max pool with ``stride == window`` on CPU: its values from ``reduce_window`` (which XLA's
+    CPU backend runs in one YNNPACK graph with the convolutions and matrix products around it:
     LeNet-5's inference with XLA's convolutions 1.8x faster than with the selects), its
     derivatives from ``_max_over_tiles``' selects over the input padded or cropped to whole
-    tiles."""
+    tiles. Other platforms keep ``reduce_window``'s own derivatives: on a GPU its window scatter
+    is the faster (AirbenchNet's training step on an H200 7% faster,
+    ``experiments/benchmarks/README.md``, run AA)."""
     return _reduce_window_max(x, window, window, pads)
 
 
