@@ -178,13 +178,15 @@ def kernel_profile(runners, steps=5, top=25):
     return "\n".join(lines)
 
 
-NETWORKS = {  # name: (title, jcnn model, Flax twin, batch relative to --batch)
-    "airbench": ("AirbenchNet", jcnn.models.AirbenchNet, bench.FlaxAirbenchNet, 1),
-    "resnet20": ("ResNet-20", jcnn.models.resnet20, bench.FlaxResNet20, 1),
+NETWORKS = {  # name: (title, jcnn model, Flax twin, image shape, batch relative to --batch)
+    "lenet": ("LeNet-5", jcnn.models.LeNet5, bench.FlaxLeNet5, (28, 28, 1), 1 / 2),
+    "airbench": ("AirbenchNet", jcnn.models.AirbenchNet, bench.FlaxAirbenchNet, (32, 32, 3), 1),
+    "resnet20": ("ResNet-20", jcnn.models.resnet20, bench.FlaxResNet20, (32, 32, 3), 1),
     "mobilenet": (
         "MobileNetV2-CIFAR x0.5",
         lambda: jcnn.models.mobilenet_v2_cifar(10, 0.5, dropout_rate=0.0),
         lambda: modern.FlaxMobileNetV2Cifar(10, 0.5),
+        (32, 32, 3),
         1 / 8,
     ),
 }
@@ -193,10 +195,10 @@ NETWORKS = {  # name: (title, jcnn model, Flax twin, batch relative to --batch)
 def ablation_rows(net, variants, batch, rounds, steps):
     """Markdown rows of one network's variants (``""`` is jcnn as it is), the jcnn model under
     the Flax step, and the Flax twin; and the runners by label."""
-    title, make_model, make_twin, relative = NETWORKS[net]
+    title, make_model, make_twin, image_shape, relative = NETWORKS[net]
     batch = max(2, int(batch * relative))
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((batch, *image_shape)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
     model = make_model()
     variables = model.init(jax.random.key(0), x[:2], train=False)
@@ -243,7 +245,9 @@ def main(argv=None):
         default=["", "bn1pass", "pool", "gelu", "norm1", "bn1pass+pool+gelu+norm1"],
         help=f"swaps to time, '+'-joined; '' is jcnn as it is (swaps: {', '.join(SWAPS)})",
     )
-    parser.add_argument("--batch", type=int, default=256, help="MobileNetV2 takes 1/8 of it")
+    parser.add_argument(
+        "--batch", type=int, default=256, help="LeNet-5 takes half of it, MobileNetV2 1/8"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="kernel times of jcnn and flax")
