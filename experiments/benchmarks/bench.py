@@ -306,11 +306,9 @@ def jcnn_steps(model, params, batch_stats, x, labels):
     return run_train, run_eval, compile_s, loss
 
 
-def flax_steps(model, params, batch_stats, x, labels):
-    """The twin's jitted train step (same optimizer, optax's loss), eval step, compile s."""
-    tx = OPTIMIZER()
-    opt_state = tx.init(params)
-    has_bn = bool(batch_stats)
+def flax_train_step(model, tx, has_bn):
+    """The twin's training step ``(state, x, labels) -> (state, loss)``, not jitted:
+    ``state = (params, batch_stats, opt_state)``, optax's cross-entropy, no metrics."""
 
     def loss_fn(params, batch_stats, x, labels):
         variables = {"params": params, **({"batch_stats": batch_stats} if has_bn else {})}
@@ -322,7 +320,6 @@ def flax_steps(model, params, batch_stats, x, labels):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, new_stats
 
-    @jax.jit
     def step(state, x, labels):
         params, batch_stats, opt_state = state
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -330,6 +327,16 @@ def flax_steps(model, params, batch_stats, x, labels):
         )
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    return step
+
+
+def flax_steps(model, params, batch_stats, x, labels):
+    """The twin's jitted train step (same optimizer, optax's loss), eval step, compile s."""
+    tx = OPTIMIZER()
+    opt_state = tx.init(params)
+    has_bn = bool(batch_stats)
+    step = jax.jit(flax_train_step(model, tx, has_bn))
 
     @jax.jit
     def eval_step(params, batch_stats, x):

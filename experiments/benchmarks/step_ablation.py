@@ -80,31 +80,10 @@ SWAPS = {
 }
 
 
-def flax_style_step(model, tx, has_batch_stats):
-    """The Flax twin's step of ``bench.py`` (optax's loss, no metrics) for any Linen model."""
-
-    def loss_fn(params, stats, x, labels):
-        variables = {"params": params, **({"batch_stats": stats} if has_batch_stats else {})}
-        if has_batch_stats:
-            logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            stats = updates["batch_stats"]
-        else:
-            logits = model.apply(variables, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), stats
-
-    def step(state, x, labels):
-        params, stats, opt_state = state
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, labels)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), stats, opt_state), loss
-
-    return jax.jit(step, donate_argnums=0)
-
-
 def compiled_runner(kind, model, params, batch_stats, x, labels, swaps):
-    """``(run, compile s, first loss, kernels)`` of one side: ``kind`` "jcnn" (``train_step``) or
-    "flax" (``flax_style_step``), compiled with ``swaps`` in place; ``run()`` steps and returns
-    the loss; ``kernels`` counts the fusions and custom calls of the compiled program."""
+    """``(run, compile s, first loss, kernels)`` of one side: ``kind`` "jcnn" (``train_step``)
+    or "flax" (``bench.flax_train_step``), compiled with ``swaps`` in place; ``run()`` steps and
+    returns the loss; ``kernels`` counts the fusions and custom calls of the compiled program."""
     saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     for module, name, replacement in swaps:
         setattr(module, name, replacement)
@@ -124,7 +103,7 @@ def compiled_runner(kind, model, params, batch_stats, x, labels, swaps):
                 return state, metrics["loss"]
         else:
             state = (params, batch_stats, tx.init(params))
-            step = flax_style_step(model, tx, bool(batch_stats))
+            step = jax.jit(bench.flax_train_step(model, tx, bool(batch_stats)), donate_argnums=0)
             compiled = step.lower(state, x, labels).compile()
 
             def call(state):
