@@ -605,7 +605,7 @@ def test_a_seed_or_other_non_key_is_named(op):
         with pytest.raises(TypeError, match=r"key: expected a jax.random key"):
             op(key, _IMAGE)
     raw = jax.random.PRNGKey(0)  # raw uint32 keys still work, under vmap too
-    assert jax.vmap(op)(jnp.stack([raw, raw]), jnp.stack([_IMAGE, _IMAGE])) is not None
+    assert jax.jit(jax.vmap(op))(jnp.stack([raw, raw]), jnp.stack([_IMAGE, _IMAGE])) is not None
 
 
 def test_posterize_accepts_numpy_ints_and_clips_traced_bits():
