@@ -362,6 +362,79 @@ def test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations
                 assert allowed or "reordered" not in kind, (kinds, problem[2])
 
 
+def _wide_layer(rng, sizes, channels, out_channels, window, stride=1, groups=1):
+    """A small batch of ``sizes`` images with ``channels``, a ``window`` kernel with padding 1."""
+    rank = len(sizes)
+    x = rng.standard_normal((2, *sizes, channels)).astype(np.float32)
+    w = rng.standard_normal((*window, channels // groups, out_channels)).astype(np.float32)
+    options = ((stride,) * rank, ((1, 1),) * rank, (1,) * rank, groups)
+    return jnp.asarray(x), jnp.asarray(w / np.sqrt(w[..., 0].size)), options
+
+
+def test_wide_layers_on_small_images_reorder_their_activations_with_avx512(onednn, rng):
+    # With AVX-512, the forward product and the input gradient of a dense layer with >= 256
+    # channels in and out, a window larger than 1x1 and an output 2 to 5 pixels wide run in
+    # oneDNN's blocked layout; the weight gradient and every neighbour of that region keep
+    # channels-last activations (on AVX2 all of them do). Values and both gradients match XLA's
+    # either way, alone and per example (a kernel per problem: one primitive per thread), to the
+    # rounding of sums of up to 6,912 products.
+    blocked = [
+        _wide_layer(rng, (3, 3), 256, 256, (3, 3)),
+        _wide_layer(rng, (5, 2), 320, 256, (3, 2)),
+        _wide_layer(rng, (9, 9), 256, 272, (3, 3), stride=2),  # 5 wide after the stride
+        _wide_layer(rng, (3, 4, 3), 256, 256, (3, 3, 3)),
+    ]
+    channels_last = [
+        _wide_layer(rng, (3, 3), 255, 256, (3, 3)),  # too few input channels
+        _wide_layer(rng, (3, 3), 256, 128, (3, 3)),  # too few output channels
+        _wide_layer(rng, (3, 1), 256, 256, (3, 3)),  # 1 pixel wide
+        _wide_layer(rng, (2, 6), 256, 256, (3, 3)),  # 6 pixels wide
+        _wide_layer(rng, (3, 3), 256, 256, (1, 1)),  # 1x1 window
+        _wide_layer(rng, (4,), 256, 256, (3,)),  # 1-D
+        _wide_layer(rng, (3, 3), 256, 256, (3, 3), groups=2),  # grouped: its own rule
+    ]
+    kinds_of = {}
+    for index, (x, w, options) in enumerate(blocked + channels_last):
+        kinds_of[index] = kinds = _implementations(x, w, options)
+        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
+        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+        for name, a, b in zip(
+            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
+        ):
+            assert _relative_error(a, b) < 1e-5, (name, kinds, x.shape, w.shape, options)
+
+    x, w, options = blocked[0]
+    count = 2 * (os.cpu_count() or 1) + 1
+    ws = jnp.stack([w * (i + 1) for i in range(count)])
+    xs = jnp.stack([x * (count - i) for i in range(count)])
+    conv = jax.vmap(partial(_onednn, options=options))
+    ys, vjp = jax.vjp(conv, xs, ws)
+    want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+    g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+    dxs, dws = vjp(jnp.stack([g] * count))
+    want_dx, want_dw = want_vjp(g)
+    for i in range(count):
+        scale_x, scale_w = count - i, i + 1
+        assert _relative_error(ys[i], want * scale_x * scale_w) < 1e-5, i
+        assert _relative_error(dxs[i], want_dx * scale_w) < 1e-5, i
+        assert _relative_error(dws[i], want_dw * scale_x) < 1e-5, i
+
+    isa = _kernel_isa(kinds_of[0])
+    if isa is None:
+        pytest.skip(f"no rule for oneDNN's kernels {kinds_of[0]} on this CPU")
+    one_d, grouped = len(blocked) + 5, len(blocked) + 6
+    for index, kinds in kinds_of.items():
+        if index == grouped:
+            expected = [isa == "avx2", isa == "avx2", True]
+        elif index == one_d:
+            expected = [False, False, isa == "avx2"]  # AVX2's rule for 1-D weight gradients
+        else:
+            expected = [isa == "avx512" and index < len(blocked)] * 2 + [False]
+        got = ["activations reordered" in kind for kind in kinds]
+        assert got == expected, (index, kinds)
+
+
 def _random_depthwise_problem(rng, spatial_rank):
     channels = int(rng.choice([2, 3, 16, 19]))
     multiplier = int(rng.choice([1, 1, 2, 3]))

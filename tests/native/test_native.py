@@ -193,16 +193,17 @@ def test_depthwise_tests_pass_with_the_avx2_kernels(onednn):
 
 @pytest.mark.skipif("ONEDNN_MAX_CPU_ISA" in os.environ, reason="already capped")
 def test_layout_rule_tests_pass_with_the_avx2_kernels(onednn):
-    # Which products take oneDNN's blocked activation layout depends on the ISA (with AVX-512 only
-    # grouped weight gradients): rerun the rule's tests with oneDNN capped at AVX2, so an AVX-512
-    # machine also checks the AVX2 rule and its reorders.
+    # Which products take oneDNN's blocked activation layout depends on the ISA (with AVX-512
+    # grouped weight gradients and wide layers on small images): rerun the rule's tests with
+    # oneDNN capped at AVX2, so an AVX-512 machine also checks the AVX2 rule and its reorders.
     module = "tests/functional/test_conv_onednn.py"
     tests = [
         f"{module}::test_products_in_onednns_own_layout_match_xla[{rank}]" for rank in (1, 2, 3)
     ]
-    tests.append(
-        f"{module}::test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations"
-    )
+    tests += [
+        f"{module}::test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations",
+        f"{module}::test_wide_layers_on_small_images_reorder_their_activations_with_avx512",
+    ]
     _pass_with_onednn_capped_at_avx2(tests)
 
 
