@@ -724,6 +724,9 @@ LAYERS = [
     Layer("ResNet-20 conv1 (3->16, 32x32)", (256, 32, 32, 3), 3, 16, padding=1),
     Layer("ResNet-20 layer1 (16->16, 32x32)", (256, 32, 32, 16), 3, 16, padding=1),
     Layer("ResNet-20 layer3 (64->64, 8x8)", (256, 8, 8, 64), 3, 64, padding=1),
+    # Wide layers on small images (run AD): CIFAR-stem ResNet-18's last stage, VGG-11's last block
+    Layer("ResNet-18 CIFAR layer4 (512->512, 4x4)", (128, 4, 4, 512), 3, 512, padding=1),
+    Layer("VGG-11 CIFAR conv8 (512->512, 2x2)", (128, 2, 2, 512), 3, 512, padding=1),
 ]
 # Issue 16's layers: its four cases and the modern networks' (modern.py's batch sizes).
 MODERN_LAYERS = [
