@@ -20,7 +20,8 @@ stays on oneDNN, or runs as the XLA path's per-offset sums where those measured 
 spanning twice the output map, or a oneDNN GEMM fallback (:func:`jcnn.native.implementation`
 names the kernel oneDNN chose on this CPU). A 3-D weight gradient with a depth stride runs as
 2-D weight gradients on oneDNN, one per depth tap, where oneDNN's 3-D kernel for it is a GEMM
-(AVX2).
+(AVX2). A dense weight gradient over outputs at most 2 pixels wide, with 256 channels or more in
+and out, runs as XLA's convolution unless it is per example (:func:`_dense_weight_grad_on_xla`).
 
 ``conv_transpose`` runs ``F.conv_transpose`` as the input gradient of the convolution it
 transposes, so a stride-``s`` transposed convolution no longer convolves an ``s^rank`` times larger
@@ -52,7 +53,7 @@ from jcnn.functional._conv_cpu import (
     _shift_input_grad,
     native_conv,
 )
-from jcnn.functional._conv_products import conv_products
+from jcnn.functional._conv_products import conv_products, problems
 
 __all__ = ["config", "conv_general", "conv_transpose", "transposed_problem", "unsupported_reason"]
 
@@ -191,6 +192,11 @@ def _native_input_grad(dy, w, config, x_shape):
     return jax.vjp(lambda x: native_conv(x, w, config), zeros)[1](dy)[0]
 
 
+def _native_weight_grad(x, dy, config, w_shape):
+    zeros = jnp.zeros(w_shape, x.dtype)
+    return jax.vjp(lambda w: native_conv(x, w, config), zeros)[1](dy)[0]
+
+
 def _call(target, out_shape, first, second, config):
     return jax.ffi.ffi_call(
         target, jax.ShapeDtypeStruct(out_shape, first.dtype), vmap_method="expand_dims"
@@ -228,7 +234,26 @@ def _backward_weights(x, dy, config, w_shape):
         return _per_tap_sum_weight_grad(x, dy, w_shape, config)
     if _weight_grad_over_depth_taps(x, config, w_shape):
         return _depth_tap_weight_grad(x, dy, config, w_shape)
+    if _dense_weight_grad_on_xla(x, dy, config, w_shape):
+        return _native_weight_grad(x, dy, config, w_shape)
     return _call("jcnn_conv_backward_weights", w_shape, x, dy, config)
+
+
+def _dense_weight_grad_on_xla(x, dy, config, w_shape) -> bool:
+    """Whether a float32 dense weight gradient runs faster as XLA's own convolution: one problem
+    (not per-example), outputs at most 2 pixels along every dimension, a window larger than 1x1
+    and at least 256 channels in and out, where most of the window's taps see only padding.
+    oneDNN took 1.2-3.0x XLA's time there with AVX-512 and 2.1-8.7x capped at AVX2; with 128
+    channels, a 1x1 window or a 3x3 map on AVX-512 it was faster, and per example XLA's batched
+    convolution took 2.2-3.3x oneDNN's time (run AD)."""
+    return (
+        x.dtype == jnp.float32
+        and config.groups == 1
+        and min(x.shape[-1], w_shape[-1]) >= 256
+        and any(k > 1 for k in w_shape[:-2])
+        and all(size <= 2 for size in dy.shape[1:-1])
+        and problems() == 1
+    )
 
 
 def _one_channel_per_group(x, config, w_shape) -> bool:

@@ -21,6 +21,7 @@ becomes one product over the concatenated batch.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from collections.abc import Callable
@@ -33,10 +34,19 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["ConvProducts", "conv_products"]
+__all__ = ["ConvProducts", "conv_products", "problems"]
 
 # impl(first, second, config, shape) for operands without leading axes; ``shape`` is the output's.
 Product = Callable[..., jax.Array]
+
+_PROBLEMS = contextvars.ContextVar("jcnn_conv_problems", default=1)
+
+
+def problems() -> int:
+    """How many convolutions the product an implementation is tracing maps over: 1 for one
+    (a weight gradient summed over a vmapped batch included), the number of examples for
+    per-example products. Implementations read it where their fastest kernel differs."""
+    return _PROBLEMS.get()
 
 
 class ConvProducts(NamedTuple):
@@ -150,7 +160,11 @@ def _over_leading_axes(impl, first, second, *, config, shape):
         for operand, axis in zip((first, second), axes, strict=True)
     )
     inner = functools.partial(_over_leading_axes, impl, config=config, shape=shape)
-    return jax.vmap(inner, in_axes=axes)(first, second)
+    token = _PROBLEMS.set(_PROBLEMS.get() * size)
+    try:
+        return jax.vmap(inner, in_axes=axes)(first, second)
+    finally:
+        _PROBLEMS.reset(token)
 
 
 def _sum_to(result, shape):

@@ -435,6 +435,64 @@ def test_wide_layers_on_small_images_reorder_their_activations_with_avx512(onedn
         assert got == expected, (index, kinds)
 
 
+def _weight_grad_calls(x, w, options, per_example=False):
+    """oneDNN weight gradient calls in the compiled weight gradient of a loss, per example or
+    not, and that gradient."""
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(_onednn(x, w, options)))
+
+    grad = jax.grad(loss, argnums=1)
+    if per_example:
+        grad = jax.vmap(lambda x, w: jax.grad(loss, argnums=1)(x[None], w), in_axes=(0, None))
+    lowered = jax.jit(grad).lower(x, w)
+    return lowered.as_text().count("jcnn_conv_backward_weights"), lowered.compile()(x, w)
+
+
+def test_small_outputs_of_wide_layers_take_xlas_weight_gradient(onednn, rng):
+    # One dense weight gradient over outputs at most 2 pixels along every dimension, with a window
+    # larger than 1x1 and >= 256 channels in and out, runs as XLA's convolution; per example, and
+    # outside that region, it stays on oneDNN. Values, forward-over-reverse second derivatives and
+    # per-example gradients match the reference either way.
+    on_xla = [
+        _wide_layer(rng, (2, 2), 256, 256, (3, 3)),
+        _wide_layer(rng, (1, 2), 256, 320, (3, 3)),
+        _wide_layer(rng, (3, 3), 256, 256, (3, 3), stride=2),  # 2x2 after the stride
+        _wide_layer(rng, (2, 2, 1), 256, 256, (3, 3, 3)),
+        _wide_layer(rng, (2,), 256, 256, (3,)),
+    ]
+    on_onednn = [
+        _wide_layer(rng, (2, 2), 128, 256, (3, 3)),  # too few input channels
+        _wide_layer(rng, (2, 2), 256, 255, (3, 3)),  # too few output channels
+        _wide_layer(rng, (3, 2), 256, 256, (3, 3)),  # 3 pixels high
+        _wide_layer(rng, (2, 2), 256, 256, (1, 1)),  # 1x1 window
+        _wide_layer(rng, (2, 2), 256, 256, (3, 3), groups=2),  # grouped
+    ]
+
+    def reference_loss(x, w, options):
+        return jnp.sum(jnp.tanh(_reference(x, w, options)))
+
+    for index, (x, w, options) in enumerate(on_xla + on_onednn):
+        calls, got = _weight_grad_calls(x, w, options)
+        assert calls == (index >= len(on_xla)), (index, x.shape, w.shape, options)
+        want = jax.grad(reference_loss, argnums=1)(x, w, options)
+        assert _relative_error(got, want) < 1e-5, (index, x.shape, w.shape, options)
+
+    x, w, options = on_xla[0]
+    calls, got = _weight_grad_calls(x, w, options, per_example=True)
+    assert calls == 1
+    for i in range(x.shape[0]):
+        want = jax.grad(reference_loss, argnums=1)(x[i : i + 1], w, options)
+        assert _relative_error(got[i], want) < 1e-5, i
+    tangents = (jnp.ones_like(x), jnp.asarray(rng.standard_normal(w.shape).astype(np.float32)))
+    got = jax.jvp(
+        jax.grad(lambda x, w: jnp.sum(jnp.tanh(_onednn(x, w, options))), 1), (x, w), tangents
+    )
+    want = jax.jvp(jax.grad(partial(reference_loss, options=options), 1), (x, w), tangents)
+    for a, b in zip(got, want, strict=True):
+        assert _relative_error(a, b) < 1e-5
+
+
 def _random_depthwise_problem(rng, spatial_rank):
     channels = int(rng.choice([2, 3, 16, 19]))
     multiplier = int(rng.choice([1, 1, 2, 3]))
