@@ -55,18 +55,21 @@ def _relative_error(got, want):
     return float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-30))
 
 
+def _check_products(x, w, options, rng, conv=_onednn, tolerance=2e-6, context=()):
+    """``conv``'s value and both gradients (for a random cotangent) against the reference's."""
+    want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+    got, got_vjp = jax.vjp(partial(conv, options=options), x, w)
+    assert got.shape == want.shape, options
+    g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+    for name, a, b in zip(["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True):
+        assert _relative_error(a, b) < tolerance, (name, *context, x.shape, w.shape, options)
+
+
 @pytest.mark.parametrize("spatial_rank", [1, 2, 3])
 def test_values_and_gradients_match_xla(onednn, rng, spatial_rank):
     for _ in range({1: 10, 2: 16, 3: 6}[spatial_rank]):
         x, w, options = _random_problem(rng, spatial_rank)
-        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
-        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
-        assert got.shape == want.shape, options
-        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
-        for name, a, b in zip(
-            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
-        ):
-            assert _relative_error(a, b) < 2e-6, (name, x.shape, w.shape, options)
+        _check_products(x, w, options, rng)
 
 
 def _tanh_loss(x, w, conv):
@@ -314,13 +317,7 @@ def test_products_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
         if options[3] == 1:
             reordered_dense += [kind for kind in kinds if "reordered" in kind]
         assert not any("reordered" in kind and "gemm" in kind for kind in kinds), kinds
-        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
-        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
-        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
-        for name, a, b in zip(
-            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
-        ):
-            assert _relative_error(a, b) < 2e-6, (name, kinds, x.shape, w.shape, options)
+        _check_products(x, w, options, rng, context=(kinds,))
 
     x, w, options = blocked
     count = 2 * (os.cpu_count() or 1) + 1
@@ -396,13 +393,7 @@ def test_wide_layers_on_small_images_reorder_their_activations_with_avx512(onedn
     kinds_of = {}
     for index, (x, w, options) in enumerate(blocked + channels_last):
         kinds_of[index] = kinds = _implementations(x, w, options)
-        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
-        got, got_vjp = jax.vjp(partial(_onednn, options=options), x, w)
-        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
-        for name, a, b in zip(
-            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
-        ):
-            assert _relative_error(a, b) < 1e-5, (name, kinds, x.shape, w.shape, options)
+        _check_products(x, w, options, rng, tolerance=1e-5, context=(kinds,))
 
     x, w, options = blocked[0]
     count = 2 * (os.cpu_count() or 1) + 1
@@ -527,13 +518,7 @@ def test_depthwise_runs_every_product_natively_and_matches_xla(onednn, rng, spat
         assert lowered.count("jcnn_conv_backward_weights") == int(
             not one_per_group and not on_xla
         ), options
-        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
-        got, got_vjp = jax.vjp(partial(_routed, options=options), x, w)
-        g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
-        for name, a, b in zip(
-            ["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True
-        ):
-            assert _relative_error(a, b) < 2e-6, (name, x.shape, w.shape, options)
+        _check_products(x, w, options, rng, conv=_routed)
 
 
 def _weight_grad(x, w, dy, conv):
