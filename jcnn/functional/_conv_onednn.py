@@ -4,11 +4,11 @@
 input ``(N, *spatial, C)``, kernel ``(*window, C // groups, C_out)``, explicit non-negative padding,
 1-, 2- or 3-D, float32 or bfloat16 (oneDNN accumulates bfloat16 in float32 and rounds once). On
 CPU its three products (forward, input gradient, weight gradient) are XLA FFI calls into oneDNN;
-on other platforms it is ``lax.conv_general_dilated``. One exception,
-measured on the benchmark machine: with a single input channel (``C_in == 1``, LeNet-5's first
-layer), oneDNN's channels-last forward and input gradient ran at a third to half of XLA's, so
-those two products keep jcnn's XLA formulations there (XLA's forward, GEMM + col2im input
-gradient); the weight gradient stays on oneDNN (1.5-2x XLA's). Depthwise convolutions
+on other platforms it is ``lax.conv_general_dilated``. With a single input channel
+(``C_in == 1``: LeNet-5's first layer, grayscale images, single-channel volumes) the input
+gradient keeps jcnn's XLA formulation (a GEMM and col2im; oneDNN's took 0.9-2.7x its time, run AE),
+and so does the forward product where oneDNN's kernel for a 2-D or 3-D window is its GEMM
+fallback (:func:`_single_channel_forward_on_xla`). Depthwise convolutions
 (``groups == C_in > 1``) run their forward and input gradient on oneDNN, whose depthwise kernels
 (``brdgmm_dw``/``jit_dw``) take channels-last directly: forward + both gradients measured 1.2-5x
 PyTorch CPU and 1-5x jcnn's XLA shifted multiply-adds on MobileNetV2/ConvNeXt shapes, on
@@ -76,7 +76,7 @@ def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     dims = _problem(x.shape, w.shape, static)
     bfloat16 = x.dtype == jnp.bfloat16
     for op, product in _PRODUCTS.items():
-        if op < 2 and _single_input_channel(w, static):
+        if op == 1 and _single_input_channel(w, static):
             continue  # kept on XLA (see the module docstring)
         reason = native.unsupported_reason(op, bfloat16, dims, w.ndim - 2)
         if reason is not None:
@@ -215,8 +215,21 @@ def _single_input_channel(w, config):
     return w.shape[-2] == 1 and config.groups == 1
 
 
+def _single_channel_forward_on_xla(x, w, config) -> bool:
+    """Whether the forward product of a convolution with one input channel runs faster as XLA's
+    own convolution: where oneDNN's kernel for a 2-D or 3-D window is its GEMM fallback (large
+    padded windows with AVX2: 1.1-1.6x XLA's time), outside ``vmap``. Its direct kernels took
+    0.03-0.84x XLA's time with AVX-512 and with AVX2 (LeNet-5's first layer 0.23x, 3-D windows
+    0.03-0.14x), its 1-D GEMM 0.33-0.51x, and per example it was faster throughout (run AE)."""
+    if w.ndim == 3 or problems() > 1:
+        return False
+    dims = _problem(x.shape, w.shape, config)
+    kernel = native.implementation(0, x.dtype == jnp.bfloat16, dims, w.ndim - 2)
+    return kernel is not None and "gemm" in kernel
+
+
 def _forward(x, w, config, y_shape):
-    if _single_input_channel(w, config):
+    if _single_input_channel(w, config) and _single_channel_forward_on_xla(x, w, config):
         return native_conv(x, w, config)
     return _call("jcnn_conv_forward", y_shape, x, w, config)
 

@@ -484,6 +484,61 @@ def test_small_outputs_of_wide_layers_take_xlas_weight_gradient(onednn, rng):
         assert _relative_error(a, b) < 1e-5
 
 
+def _random_single_channel_problem(rng, spatial_rank):
+    """A random convolution of a one-channel input (groups 1), every option drawn."""
+    while True:
+        x, w, (stride, padding, dilation, _) = _random_problem(rng, spatial_rank)
+        x = x[..., :1]
+        w = w[..., :1, :]
+        if np.prod(w.shape[:-2]) > 1 or rng.random() < 0.2:  # mostly windows larger than 1
+            return x, w, (stride, padding, dilation, 1)
+
+
+@pytest.mark.parametrize(
+    "spatial_rank, kernel_name, forward_on_onednn",
+    [
+        (2, "jit:avx512_core", True),
+        (3, "brgconv:avx2", True),
+        (1, "x64:gemm:jit", True),  # oneDNN's 1-D GEMM measured faster than XLA as well
+        (2, "x64:gemm:jit", False),  # its GEMM fallback for large padded windows (AVX2)
+        (3, "x64:gemm:jit", False),
+    ],
+)
+def test_single_input_channel_forward_leaves_onednn_only_for_its_gemm_on_2d_and_3d_windows(
+    onednn, rng, monkeypatch, spatial_rank, kernel_name, forward_on_onednn
+):
+    # The kernel oneDNN picks depends on the CPU: stand in for it, so the rule is what is tested.
+    # The input gradient stays on XLA and the weight gradient on oneDNN whatever the kernel; per
+    # example, the forward product is oneDNN's.
+    monkeypatch.setattr(native, "implementation", lambda *problem: kernel_name)
+    x, w, options = _random_single_channel_problem(rng, spatial_rank)
+    routed = partial(_routed, options=options)
+    program = jax.jit(jax.grad(partial(_tanh_loss, conv=routed), argnums=(0, 1))).lower(x, w)
+    text = program.as_text()
+    assert text.count("jcnn_conv_forward") == int(forward_on_onednn), (x.shape, w.shape, options)
+    assert text.count("jcnn_conv_backward_data") == 0
+    assert text.count("jcnn_conv_backward_weights") == 1
+    _check_products(x, w, options, rng, conv=_routed, context=(kernel_name,))
+
+    kernels = w[None] * jnp.arange(1.0, x.shape[0] + 1).reshape(-1, *(1,) * w.ndim)
+    per_example = jax.jit(jax.vmap(lambda x, w: routed(x[None], w)[0]))
+    assert per_example.lower(x, kernels).as_text().count("jcnn_conv_forward") == 1
+    want = jnp.stack([_reference(x[i : i + 1], kernels[i], options)[0] for i in range(len(x))])
+    assert _relative_error(per_example(x, kernels), want) < 2e-6
+
+
+@pytest.mark.parametrize("spatial_rank", [1, 2, 3])
+def test_single_input_channel_problems_match_xla_on_this_cpus_kernels(onednn, rng, spatial_rank):
+    for _ in range(3):
+        x, w, options = _random_single_channel_problem(rng, spatial_rank)
+        _check_products(x, w, options, rng, conv=_routed)
+        half = tuple(a.astype(jnp.bfloat16) for a in (x, w))
+        if _conv_onednn.unsupported_reason(*half, *options) is None:
+            got = _routed(*half, options).astype(jnp.float32)
+            want = _reference(*(a.astype(jnp.float32) for a in half), options)
+            assert _relative_error(got, want) < 1e-2, (x.shape, w.shape, options)
+
+
 def _random_depthwise_problem(rng, spatial_rank):
     channels = int(rng.choice([2, 3, 16, 19]))
     multiplier = int(rng.choice([1, 1, 2, 3]))
