@@ -77,6 +77,13 @@ def test_conv_backend_choice(monkeypatch):
         RuntimeError, match="JCNN_CONV_BACKEND=onednn but the oneDNN library is not built"
     ):
         native.conv_backend()
+    monkeypatch.setenv("JCNN_CONV_BACKEND", "xla")
+    monkeypatch.setenv("JCNN_ONEDNN_GROUPED_LAYOUT", "nChw16c")
+    with pytest.raises(
+        ValueError,
+        match="JCNN_ONEDNN_GROUPED_LAYOUT: expected one of blocked, channels_last .*'nChw16c'",
+    ):
+        native.conv_backend()
 
 
 def _custom_calls(x, w):
@@ -150,9 +157,10 @@ def test_a_cpu_without_bfloat16_kernels_routes_bfloat16_to_xla(onednn):
     assert jnp.array_equal(got, want)
 
 
-def _pass_with_onednn_capped_at_avx2(tests):
-    """Run ``tests`` in a fresh process with oneDNN capped at AVX2; all must pass."""
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "JCNN_REQUIRE_NATIVE": "1"}
+def _pass_with_onednn_capped_at_avx2(tests, **environment):
+    """Run ``tests`` in a fresh process with oneDNN capped at AVX2 (and ``environment`` set); all
+    must pass."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "JCNN_REQUIRE_NATIVE": "1", **environment}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", *tests],
         cwd=Path(__file__).resolve().parents[2],
@@ -195,7 +203,8 @@ def test_depthwise_tests_pass_with_the_avx2_kernels(onednn):
 def test_layout_rule_tests_pass_with_the_avx2_kernels(onednn):
     # Which products take oneDNN's blocked activation layout depends on the ISA (with AVX-512
     # grouped weight gradients and wide layers on small images): rerun the rule's tests with
-    # oneDNN capped at AVX2, so an AVX-512 machine also checks the AVX2 rule and its reorders.
+    # oneDNN capped at AVX2, so an AVX-512 machine also checks the AVX2 rule and its reorders;
+    # with grouped products in the blocked layout, so the reorders are checked on any CPU.
     module = "tests/functional/test_conv_onednn.py"
     tests = [
         f"{module}::test_products_in_onednns_own_layout_match_xla[{rank}]" for rank in (1, 2, 3)
@@ -204,7 +213,7 @@ def test_layout_rule_tests_pass_with_the_avx2_kernels(onednn):
         f"{module}::test_only_grouped_products_and_1d_weight_gradients_reorder_their_activations",
         f"{module}::test_wide_layers_on_small_images_reorder_their_activations_with_avx512",
     ]
-    _pass_with_onednn_capped_at_avx2(tests)
+    _pass_with_onednn_capped_at_avx2(tests, JCNN_ONEDNN_GROUPED_LAYOUT="blocked")
 
 
 def test_export_of_a_portable_function(onednn, rng):
