@@ -237,7 +237,8 @@ def implementation(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: int)
     """oneDNN's name for the kernel it runs one convolution product with on this CPU (such as
     ``"jit:avx512_core"``, ``"brgconv:avx512_core"`` or ``"x64:gemm:jit"``, followed by
     ``" (activations reordered)"`` when the activations are reordered into a layout of oneDNN's
-    for it: grouped convolutions; 1-D weight gradients without AVX-512; with AVX-512, float32
+    for it: grouped convolutions on AMD CPUs (or as ``JCNN_ONEDNN_GROUPED_LAYOUT`` says); 1-D
+    weight gradients without AVX-512; with AVX-512, float32
     forward products and input gradients of layers with at least 256 input and output channels,
     outputs 2 to 5 pixels wide and a window larger than 1x1), or ``None`` when it
     has none (:func:`unsupported_reason`). Arguments as there.
