@@ -108,6 +108,28 @@ def test_bad_inputs_name_the_argument():
         F.locally_connected(np.ones((1, 5, 5, 2), np.int32), jnp.ones((3, 3, 3, 3, 2, 1)))
 
 
+@pytest.mark.parametrize(
+    ("in_spatial", "error"),
+    [
+        (5, TypeError),  # an int, not a sequence of sizes
+        ((5.5, 5), TypeError),  # used to be truncated to 5
+        ((5.0, 5), TypeError),
+        ((True, 5), TypeError),
+        ((), TypeError),
+        ("55", TypeError),
+        ((-5, 5), ValueError),  # used to be reported as a window error
+    ],
+)
+def test_output_shape_checks_in_spatial(in_spatial, error):
+    with pytest.raises(error, match="in_spatial: expected"):
+        F.locally_connected_output_shape(in_spatial, 3)
+
+
+def test_output_shape_accepts_numpy_sizes():
+    assert F.locally_connected_output_shape([np.int64(7), np.int32(6)], 3) == (5, 4)
+    assert F.locally_connected_output_shape(np.array([7, 6]), 3) == (5, 4)
+
+
 def test_module_parameters_and_output(rng):
     layer = nn.LocallyConnected(3, (3, 2), stride=2, padding=1)
     x = jnp.asarray(rng.normal(size=(2, 7, 6, 4)), jnp.float32)
