@@ -154,6 +154,27 @@ def float32_or_wider(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def check_dtype(dtype, name: str = "dtype"):
+    """``dtype`` itself if it is None or names a floating dtype (``jnp.float32``, ``"bfloat16"``,
+    ``np.dtype("float16")``...), else a ``TypeError`` naming the argument.
+
+    >>> check_dtype(jnp.int32, "dtype")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: dtype: expected None or a floating dtype ..., got int32
+    """
+    if dtype is None:
+        return None
+    expected = f"{name}: expected None or a floating dtype such as jnp.float32 or jnp.bfloat16"
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{expected}, got {_describe(dtype)}") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(f"{expected}, got {resolved}")
+    return dtype
+
+
 def check_key(key, name: str = "key") -> None:
     """Raise unless ``key`` is one ``jax.random`` key: typed (``jax.random.key``) or raw uint32."""
     dtype = getattr(key, "dtype", None)

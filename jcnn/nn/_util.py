@@ -8,7 +8,7 @@ from __future__ import annotations
 from flax.linen.dtypes import promote_dtype
 
 from jcnn import init
-from jcnn.functional._checks import as_int_tuple, check_array, check_bool
+from jcnn.functional._checks import as_int_tuple, check_array, check_bool, check_dtype
 from jcnn.nn._shared import LAYOUT, KernelSpec, check_spatial_rank, window_rank
 
 
@@ -65,4 +65,4 @@ def kernel_and_bias(module, x, spec: KernelSpec):
         if module.use_bias
         else None
     )
-    return promote_dtype(x, kernel, bias, dtype=module.dtype)
+    return promote_dtype(x, kernel, bias, dtype=check_dtype(module.dtype))

@@ -18,7 +18,7 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_bool, check_min_rank, check_positive_int
+from jcnn.functional._checks import check_bool, check_dtype, check_min_rank, check_positive_int
 from jcnn.nn._shared import Initializer
 from jcnn.nn._util import param
 
@@ -111,7 +111,7 @@ class BatchNorm(nn.Module):
         channels = x.shape[-1]
         mean, var = _running_stats(self, channels)
         scale, bias = _scale_and_bias(self, x)
-        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=check_dtype(self.dtype))
         y, new_state = F.batch_norm(
             x,
             scale,
@@ -149,7 +149,7 @@ class LayerNorm(nn.Module):
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         check_min_rank(x, "x", 2, "(N, ..., C)")
         scale, bias = _scale_and_bias(self, x)
-        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=check_dtype(self.dtype))
         return F.layer_norm(x, scale, bias, eps=self.eps)
 
 
@@ -182,7 +182,7 @@ class GroupNorm(nn.Module):
                 f"({self.num_groups})"
             )
         scale, bias = _scale_and_bias(self, x)
-        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=check_dtype(self.dtype))
         return F.group_norm(x, scale, bias, num_groups=self.num_groups, eps=self.eps)
 
 
@@ -216,7 +216,7 @@ class InstanceNorm(nn.Module):
         check_min_rank(x, "x", 3, "(N, *spatial, C)")
         channels = x.shape[-1]
         scale, bias = _scale_and_bias(self, x)
-        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=check_dtype(self.dtype))
         if not check_bool(self.track_running_stats, "track_running_stats"):
             return F.instance_norm(x, scale, bias, eps=self.eps)
         if train is None:

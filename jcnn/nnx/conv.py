@@ -19,7 +19,7 @@ from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
-from jcnn.functional._checks import PaddingLike, check_positive_int
+from jcnn.functional._checks import PaddingLike, check_dtype, check_positive_int
 from jcnn.nn._shared import (
     check_conv_channels,
     conv_kernel,
@@ -41,7 +41,7 @@ __all__ = ["Conv", "ConvTranspose", "DepthwiseConv"]
 class _ConvBase(nnx.Module):
     def _operands(self, x):
         check_input(x, len(self.kernel_size), self.in_features, type(self).__name__)
-        return promote_dtype(x, value(self.kernel), value(self.bias), dtype=self.dtype)
+        return promote_dtype(x, value(self.kernel), value(self.bias), dtype=check_dtype(self.dtype))
 
 
 def _checked_window(owner, rngs, in_features, features, groups, kernel_size, spatial_dims):

@@ -15,7 +15,7 @@ from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array, check_positive_int
+from jcnn.functional._checks import check_array, check_dtype, check_positive_int
 from jcnn.nn._shared import Initializer, dense_kernel
 from jcnn.nnx._util import check_input, check_rngs, kernel_and_bias, value
 
@@ -66,7 +66,8 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(..., in_features)``; returns ``(..., features)``."""
         check_input(x, None, self.in_features, "Dense")
-        x, kernel, bias = promote_dtype(x, value(self.kernel), value(self.bias), dtype=self.dtype)
+        dtype = check_dtype(self.dtype)
+        x, kernel, bias = promote_dtype(x, value(self.kernel), value(self.bias), dtype=dtype)
         return F.linear(x, kernel, bias)
 
 

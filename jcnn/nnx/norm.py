@@ -21,7 +21,7 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_bool, check_min_rank, check_positive_int
+from jcnn.functional._checks import check_bool, check_dtype, check_min_rank, check_positive_int
 from jcnn.nnx._util import Initializer, check_flag, check_rngs, param, training, value
 
 __all__ = [
@@ -65,7 +65,7 @@ class _Affine(nnx.Module):
                 f"x: {type(self).__name__} was built for num_features={self.num_features} "
                 f"channels on the last axis, got shape {tuple(x.shape)}"
             )
-        return promote_dtype(x, value(self.scale), value(self.bias), dtype=self.dtype)
+        return promote_dtype(x, value(self.scale), value(self.bias), dtype=check_dtype(self.dtype))
 
 
 class _RunningStats(_Affine):

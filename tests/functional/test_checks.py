@@ -433,3 +433,18 @@ def test_adaptive_max_pool_3d_ties_row_major(torch, rng):
         torch, x, cotangent, lambda t: torch.nn.functional.adaptive_max_pool3d(t, (2, 3, 2))
     )
     np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16, "float16", np.dtype("float64")])
+def test_check_dtype_accepts_floating_dtypes(dtype):
+    from jcnn.functional._checks import check_dtype
+
+    assert check_dtype(dtype, "dtype") is dtype
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, "uint8", bool, "foo", 3])
+def test_check_dtype_refuses_other_dtypes(dtype):
+    from jcnn.functional._checks import check_dtype
+
+    with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
+        check_dtype(dtype, "dtype")

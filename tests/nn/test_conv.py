@@ -398,3 +398,18 @@ def test_bad_module_input_raises_the_same_error_on_every_backend(case, backend, 
                 init_fn(jax.random.key(0), x)
             raised.add((type(info.value), str(info.value)))
     assert len(raised) == 1, raised
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, "foo"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype: nn.Conv(2, 3, dtype=dtype),
+        lambda dtype: nn.ConvTranspose(2, 3, dtype=dtype),
+        lambda dtype: nn.DepthwiseConv(3, dtype=dtype),
+    ],
+)
+def test_a_non_floating_compute_dtype_is_a_type_error(make, dtype):
+    # it used to surface as flax's "Dtype must be inexact" or NumPy's "data type not understood"
+    with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
+        make(dtype).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))

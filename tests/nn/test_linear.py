@@ -57,3 +57,8 @@ def test_variables_built_for_another_input_size_are_refused_naming_x():
         ValueError, match=r"x: shape \(2, 5\) does not fit .*kernel has shape \(4, 3\).* \(5, 3\)"
     ):
         layer.apply(variables, jnp.ones((2, 5)))
+
+
+def test_a_non_floating_compute_dtype_is_a_type_error():
+    with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
+        nn.Dense(2, dtype=jnp.int32).init(jax.random.key(0), jnp.ones((1, 3)))

@@ -200,3 +200,17 @@ def test_variables_built_for_other_channels_are_refused_naming_x(module):
     variables = module.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), **kwargs)
     with pytest.raises(ValueError, match=r"x: shape \(2, 4, 4, 5\) does not fit .*\(3,\)"):
         module.apply(variables, jnp.ones((2, 4, 4, 5)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("layer", "kwargs"),
+    [
+        (nn.BatchNorm(dtype=jnp.int32), {"train": True}),
+        (nn.LayerNorm(dtype=jnp.int32), {}),
+        (nn.GroupNorm(3, dtype=jnp.int32), {}),
+        (nn.InstanceNorm(dtype=jnp.int32), {}),
+    ],
+)
+def test_a_non_floating_compute_dtype_is_a_type_error(layer, kwargs):
+    with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
+        layer.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), **kwargs)

@@ -177,3 +177,10 @@ def test_depthwise_conv_checks_its_arguments_and_input():
 def test_use_bias_must_be_a_bool_as_in_the_linen_twin(build):
     with pytest.raises(TypeError, match="^use_bias: expected a Python bool, got "):
         build(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, "foo"])
+def test_a_non_floating_compute_dtype_is_a_type_error(dtype):
+    layer = jnnx.Conv(3, 2, 3, dtype=dtype, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
+        layer(jnp.ones((1, 5, 5, 3)))

@@ -29,3 +29,9 @@ def test_dense_and_flatten_check_their_input():
         jnnx.Flatten()(jnp.float32(1.0))
     x = jnp.arange(24.0).reshape(2, 3, 2, 2)
     np.testing.assert_array_equal(jnnx.Flatten()(x), np.arange(24.0).reshape(2, 12))
+
+
+def test_a_non_floating_compute_dtype_is_a_type_error():
+    layer = jnnx.Dense(3, 2, dtype=jnp.int32, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
+        layer(jnp.ones((1, 3)))

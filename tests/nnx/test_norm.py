@@ -90,3 +90,10 @@ def test_local_response_norm_gradient_matches_the_linen_twin_eagerly(rng):
 def test_flags_must_be_bools_as_in_the_linen_twin(build, name):
     with pytest.raises(TypeError, match=f"^{name}: expected a Python bool, got "):
         build(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("module", [jnnx.BatchNorm, jnnx.LayerNorm, jnnx.InstanceNorm])
+def test_a_non_floating_compute_dtype_is_a_type_error(module):
+    layer = module(3, dtype=jnp.int32, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
+        layer(jnp.ones((2, 4, 4, 3)))
