@@ -625,3 +625,25 @@ def test_traced_labels_outside_num_classes_give_nan_not_zero_targets(mix):
     _, soft = mixed(_KEY, _IMAGES, _LABELS)  # in range: as eagerly, rows summing to 1
     np.testing.assert_allclose(soft, mix(_KEY, _IMAGES, _LABELS, num_classes=3)[1], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(soft).sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "error"),
+    [
+        ((8, 8), TypeError),  # was "not enough values to unpack"
+        (8, TypeError),  # was "cannot unpack non-iterable int object"
+        ((8.0, 8, 3), TypeError),  # was a raw error from inside jax.random
+        ((True, 8, 3), TypeError),
+        ((-8, 8, 3), ValueError),  # was NumPy's "Number of samples, -8, must be non-negative"
+    ],
+)
+def test_pattern_checks_its_shape(shape, error):
+    with pytest.raises(error, match="shape: expected"):
+        A.pattern(jax.random.key(0), shape)
+
+
+def test_pattern_accepts_numpy_sizes():
+    key = jax.random.key(0)
+    expected = A.pattern(key, (6, 5, 3))
+    for shape in ([np.int64(6), 5, np.int32(3)], np.array([6, 5, 3])):
+        np.testing.assert_array_equal(A.pattern(key, shape), expected)
