@@ -327,6 +327,7 @@ class Loader:
 
     def order(self, epoch: int) -> jax.Array:
         """The example indices of ``epoch`` in the order they are batched."""
+        epoch = check_int(epoch, "epoch", low=0, high=_MAX_EPOCH)
         if not self.shuffle:
             return jnp.arange(self.num_examples)
         return jax.random.permutation(_order_key(self.seed, epoch), self.num_examples)

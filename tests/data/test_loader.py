@@ -445,3 +445,14 @@ def test_alternating_flip_argument_checks(dataset):
         Loader(images, labels, batch_size=8, alternating_flip="yes")
     with pytest.raises(ValueError, match=r"alternating_flip: expected images \(N, H, W, C\)"):
         Loader(images[..., 0], labels, batch_size=8, alternating_flip=True)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "error"), [(-1, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_order_checks_the_epoch_like_epoch_and_batch(epoch, error):
+    # order(-1) used to raise NumPy's OverflowError "out of bounds for uint32"
+    loader = Loader(np.zeros((8, 2, 2, 1), np.uint8), np.arange(8), batch_size=4)
+    with pytest.raises(error, match="epoch: expected an int"):
+        loader.order(epoch)
+    assert loader.order(np.int64(1)).tolist() == loader.order(1).tolist()
