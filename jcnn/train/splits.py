@@ -6,6 +6,8 @@ import numbers
 
 import numpy as np
 
+from jcnn.functional._checks import check_int
+
 __all__ = ["validation_size", "split_validation"]
 
 
@@ -70,6 +72,7 @@ def split_validation(
     if int(labels.shape[0]) != n:
         raise ValueError(f"labels: expected {n} labels (one per image), got {labels.shape[0]}")
     count = validation_size(val_split, n)
+    seed = check_int(seed, "seed", low=0)
     chosen = np.zeros(n, bool)
     chosen[np.random.default_rng(seed).permutation(n)[:count]] = True
     train_index, val_index = np.flatnonzero(~chosen), np.flatnonzero(chosen)

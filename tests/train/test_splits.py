@@ -49,3 +49,18 @@ def test_split_is_a_seeded_partition_keeping_order(rng):
     assert not np.array_equal(other, val_y)
     with pytest.raises(ValueError, match="labels: expected"):
         split_validation(images, labels[:-1], 2)
+
+
+@pytest.mark.parametrize(("seed", "error"), [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_a_bad_seed_names_seed(seed, error):
+    # were NumPy's "expected non-negative integer" / "SeedSequence expects int" from inside
+    x, y = np.arange(10).reshape(10, 1), np.arange(10)
+    with pytest.raises(error, match="seed: expected an int >= 0"):
+        split_validation(x, y, 3, seed=seed)
+
+
+def test_a_numpy_seed_is_the_same_seed():
+    x, y = np.arange(10).reshape(10, 1), np.arange(10)
+    (_, a), _ = split_validation(x, y, 3, seed=np.int64(4))
+    (_, b), _ = split_validation(x, y, 3, seed=4)
+    np.testing.assert_array_equal(a, b)
