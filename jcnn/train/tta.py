@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_array, check_real
+from jcnn.functional._checks import check_array, check_bool, check_real
 
 __all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 
@@ -79,6 +79,7 @@ def flip_translate_views(
                 f"shifts[{i}]: expected a pair of ints (shift_y, shift_x), got {pair!r}"
             )
     _check_pad_mode(pad_mode)
+    flip = check_bool(flip, "flip")
     views = []
     for mirror in (False, True) if flip else (False,):
         for shift_y, shift_x in shifts:

@@ -116,3 +116,11 @@ def test_with_tta_averages_in_evaluation_only(rng):
         with_tta(model.apply, [])
     with pytest.raises(TypeError, match="apply_fn: expected"):
         with_tta(None, views)
+
+
+@pytest.mark.parametrize("flip", [1, 0, "yes", None])
+def test_flip_must_be_a_bool(flip):
+    # flip=0 used to be taken as False and flip="yes" as True
+    with pytest.raises(TypeError, match="flip: expected a Python bool"):
+        flip_translate_views(flip=flip)
+    assert len(flip_translate_views(flip=np.bool_(True))) == 6
