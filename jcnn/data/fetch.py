@@ -577,9 +577,11 @@ def main(argv=None) -> int:
                 print(f"  {filename} from: {' or '.join(addresses)}")
         return 0
     if args.command == "download":
-        if not args.timeout > 0:
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
             print(
-                f"jcnn-data: --timeout: expected seconds > 0, got {args.timeout}", file=sys.stderr
+                f"jcnn-data: --timeout: expected a finite number of seconds > 0, got "
+                f"{args.timeout}",
+                file=sys.stderr,
             )
             return 2
         try:

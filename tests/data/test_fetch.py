@@ -585,3 +585,12 @@ def test_ctrl_c_keeps_the_part_and_the_next_run_resumes(tmp_path, server, monkey
     data.download("fashion_mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
     assert server.requests[-1] == (f"/ok/fashion_mnist/{LABELS}", "bytes=2000-")
     assert (folder / LABELS).read_bytes() == original and _listing(folder) == [LABELS]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
+def test_cli_download_refuses_a_timeout_that_is_not_finite_and_positive(tmp_path, capsys, value):
+    # --timeout inf used to pass the command's check and end in download()'s ValueError traceback
+    argv = ["download", "mnist", "--data-dir", str(tmp_path), "--timeout", value, "--no-progress"]
+    assert fetch.main(argv) == 2
+    assert "--timeout: expected a finite number of seconds > 0" in capsys.readouterr().err
+    assert _listing(tmp_path) == []
