@@ -31,10 +31,13 @@ had never stopped.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from jcnn.train.loop import TrainConfig
@@ -155,11 +158,11 @@ class _Monitor(Callback):
             raise TypeError(f"monitor: expected a metric name (str), got {type(monitor).__name__}")
         _check_mode(mode)
         if (
-            isinstance(min_delta, bool)
-            or not isinstance(min_delta, (int, float))
-            or not (min_delta >= 0)
+            isinstance(min_delta, (bool, np.bool_))
+            or not isinstance(min_delta, (numbers.Real, np.integer, np.floating))
+            or not (0 <= min_delta < math.inf)
         ):
-            raise ValueError(f"min_delta: expected a number >= 0, got {min_delta!r}")
+            raise ValueError(f"min_delta: expected a finite number >= 0, got {min_delta!r}")
         self.monitor = monitor
         self.mode = mode
         self.min_delta = float(min_delta)
@@ -209,9 +212,13 @@ class EarlyStopping(_Monitor):
         min_delta: float = 0.0,
     ) -> None:
         super().__init__(monitor, mode, min_delta)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        if (
+            isinstance(patience, (bool, np.bool_))
+            or not isinstance(patience, (int, np.integer))
+            or patience < 1
+        ):
             raise ValueError(f"patience: expected an int >= 1, got {patience!r}")
-        self.patience = patience
+        self.patience = int(patience)
         self.wait = 0
 
     def on_evaluation(self, run: RunContext, metrics: dict) -> None:

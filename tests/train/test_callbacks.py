@@ -232,3 +232,13 @@ def test_best_checkpoint_keeps_the_best_evaluation_of_any_metric(tmp_path, rng):
     report = run.evaluate(np.asarray(images), np.asarray(labels))
     assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert report["accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+def test_monitor_callbacks_take_numpy_settings_and_refuse_infinite_delta():
+    stopper = EarlyStopping(patience=np.int64(2), min_delta=np.float32(0.5))
+    assert stopper.patience == 2 and type(stopper.patience) is int
+    assert BestCheckpoint(min_delta=np.float64(0.1)).min_delta == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="min_delta: expected a finite number >= 0, got inf"):
+        EarlyStopping(min_delta=float("inf"))
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=np.bool_(True))
