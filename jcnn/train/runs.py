@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcnn.functional._checks import check_positive_int
 from jcnn.train.run_folder import RunFolderError
 
 __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
@@ -230,6 +231,12 @@ class Run:
         """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
         if not hasattr(images, "shape"):
             raise TypeError(f"images: expected an array, got {type(images).__name__}")
+        if len(images.shape) < 1 or images.shape[0] < 1:
+            raise ValueError(
+                f"images: expected a batch of at least one image (N, ...), got shape "
+                f"{tuple(images.shape)}"
+            )
+        batch_size = check_positive_int(batch_size, "batch_size")
         apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
         outputs = []
         for start in range(0, images.shape[0], batch_size):
@@ -260,8 +267,16 @@ class Run:
             raise ValueError(
                 f"labels: expected integer classes ({images.shape[0]},), got {labels.shape}"
             )
+        if not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+            raise TypeError(f"labels: expected integer classes, got dtype {labels.dtype}")
         logits = self.predict(images, batch_size=batch_size, standardized=standardized)
         classes = logits.shape[-1]
+        if labels.size and not 0 <= labels.min() <= labels.max() < classes:
+            bad = labels.min() if labels.min() < 0 else labels.max()
+            raise ValueError(
+                f"labels: expected classes in 0..{classes - 1} (the model has {classes} "
+                f"outputs), got {int(bad)}"
+            )
         predicted = logits.argmax(-1)
         confusion = np.zeros((classes, classes), np.int64)
         np.add.at(confusion, (labels, predicted), 1)
@@ -383,6 +398,8 @@ def load_run(
         RunFolderError: the folder is not a run, its checkpoint fails its manifest (SHA-256 of
             every file), is unreadable or does not fit the model (the message says which).
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder: expected a run folder (str or os.PathLike), got {folder!r}")
     folder = Path(folder)
     if not folder.is_dir():
         raise _not_a_run(folder, "no such folder")

@@ -218,3 +218,25 @@ def test_initializer_closures_are_left_out_of_the_rebuilt_model(rng):
     variables = model.init(jax.random.key(0), x)
     np.testing.assert_array_equal(variables["params"]["whiten"]["kernel"], kernel)
     np.testing.assert_array_equal(rebuilt.apply(variables, x), model.apply(variables, x))
+
+
+def test_evaluate_and_predict_refuse_bad_labels_and_sizes(trained):
+    # a label -1 used to be counted silently as the last class; 3 or a float label, and a batch
+    # size of 0 or no image, escaped as NumPy's own errors
+    out, _, (images, labels) = trained
+    run = load_run(out)
+    for bad, shown in ((-1, "-1"), (3, "3")):
+        wrong = labels.copy()
+        wrong[4] = bad
+        with pytest.raises(ValueError, match=rf"labels: expected classes in 0..2 .*got {shown}"):
+            run.evaluate(images, wrong)
+    with pytest.raises(TypeError, match="labels: expected integer classes, got dtype float"):
+        run.evaluate(images, labels.astype(np.float32))
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size: expected a positive int"):
+            run.predict(images, batch_size=size)
+    with pytest.raises(ValueError, match="images: expected a batch of at least one image"):
+        run.predict(images[:0])
+    with pytest.raises(TypeError, match="folder: expected a run folder"):
+        load_run(None)
+    assert run.evaluate(images, labels.astype(np.uint8))["count"] == len(labels)
