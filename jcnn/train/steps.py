@@ -45,7 +45,7 @@ def batch_loss(
     >>> float(batch_loss(lambda z, y: jnp.sum(z, axis=1) + 1.0, logits, labels))
     1.0
     """
-    value = jnp.asarray(loss_fn(logits, labels))
+    value = _as_array(loss_fn(logits, labels), f"loss {_describe(loss_fn)}", "a loss")
     n = logits.shape[0]
     if value.shape not in ((), (n,)):
         raise ValueError(
@@ -59,6 +59,14 @@ def batch_loss(
     return jnp.mean(value.astype(jnp.float32)) if value.ndim else value.astype(jnp.float32)
 
 
+def _as_array(value, what: str, expected: str) -> jax.Array:
+    """``value`` as a JAX array, or a ``TypeError`` naming ``what`` (a None, a dict, a string)."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{what}: expected {expected}, got {type(value).__name__}") from error
+
+
 def batch_metrics(
     metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None,
     logits: jax.Array,
@@ -66,11 +74,16 @@ def batch_metrics(
 ) -> dict[str, jax.Array]:
     """``{name: fn(logits, labels)}`` for the ``(name, fn)`` pairs of ``metrics``, each a scalar.
 
-    A metric that returns anything but a scalar is a ``ValueError`` naming it.
+    A metric that returns anything but a real scalar is an error naming it: a ``ValueError`` for
+    another shape, a ``TypeError`` for what is not a real number (``None``, a dict, a complex).
     """
     values = {}
     for name, fn in metrics or ():
-        value = jnp.asarray(fn(logits, labels))
+        what = f"metric {name!r} ({_describe(fn)})"
+        value = _as_array(fn(logits, labels), what, "a scalar (the batch's value)")
+        real = (jnp.floating, jnp.integer, jnp.bool_)
+        if not any(jnp.issubdtype(value.dtype, kind) for kind in real):
+            raise TypeError(f"{what}: expected a real number, got dtype {value.dtype}")
         if value.shape != ():
             raise ValueError(
                 f"metric {name!r} ({_describe(fn)}): expected a scalar (the batch's value), got "

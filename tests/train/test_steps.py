@@ -307,3 +307,24 @@ def test_an_unhashable_loss_is_named(rng):
 
     with pytest.raises(TypeError, match="loss_fn: expected a hashable value"):
         eval_step(_state(SmallNet()), _batch(rng), loss_fn=Loss())
+
+
+@pytest.mark.parametrize(
+    "output, error, says",
+    [
+        (None, TypeError, "expected a scalar .*got NoneType"),
+        ({"a": 1.0}, TypeError, "expected a scalar .*got dict"),
+        ("high", TypeError, "expected a scalar .*got str"),
+        (jnp.complex64(1 + 2j), TypeError, "expected a real number, got dtype complex64"),
+    ],
+)
+def test_a_metric_or_loss_returning_no_number_is_named(rng, output, error, says):
+    # these used to escape as JAX's own errors, or (complex) to lose their imaginary part
+    state = _state(SmallNet())
+    with pytest.raises(error, match=f"metric 'odd' .*{says}"):
+        eval_step(state, _batch(rng), metrics={"odd": lambda logits, labels: output})
+    if not isinstance(output, jax.Array):
+        with pytest.raises(TypeError, match="loss .*: expected a loss, got"):
+            eval_step(state, _batch(rng), loss_fn=lambda logits, labels: output)
+    counts = {"hits": lambda logits, labels: jnp.sum(jnp.argmax(logits, -1) == labels)}
+    assert eval_step(state, _batch(rng), metrics=counts)["hits"].dtype == jnp.float32
