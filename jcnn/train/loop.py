@@ -79,10 +79,11 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training loader.
         optimizer: a name for ``jcnn.train.optimizer`` (sgd, momentum, nesterov, adam, ...), or any
-            ``optax.GradientTransformation``, used as it is: it brings its own learning rate, so
-            ``learning_rate``, ``schedule``, ``warmup_epochs``, ``momentum`` do not apply and
-            ``weight_decay``/``clip_norm`` must stay off (chain ``optax.add_decayed_weights`` or
-            ``optax.clip_by_global_norm`` into it instead).
+            ``optax.GradientTransformation`` (or ``optax.MultiSteps``), used as it is: it brings
+            its own learning rate, so ``learning_rate`` (a schedule is refused), ``schedule``,
+            ``warmup_epochs``, ``momentum`` do not apply and ``weight_decay``/``clip_norm`` must
+            stay off (chain ``optax.add_decayed_weights`` or ``optax.clip_by_global_norm`` into it
+            instead). Its ``update`` is called as ``update(grads, opt_state, params)``.
         learning_rate: the base rate ``α0`` (the peak for ``one_cycle``): a number (Python or
             NumPy), or a schedule ``step -> rate`` used as it is (then ``schedule``,
             ``warmup_epochs``, ``step_epochs``, ``decay_rate`` do not apply).
@@ -274,12 +275,20 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
 
 def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformation:
     chosen = config.optimizer
+    if isinstance(chosen, optax.MultiSteps):  # gradient accumulation: a transformation inside
+        chosen = chosen.gradient_transformation()
     if isinstance(chosen, optax.GradientTransformation):
         if config.weight_decay or config.clip_norm is not None:
             raise ValueError(
                 "config.optimizer: an optax.GradientTransformation is used as it is; "
                 "weight_decay and clip_norm apply to the named optimizers only (chain "
                 "optax.add_decayed_weights / optax.clip_by_global_norm into yours)"
+            )
+        if callable(config.learning_rate):
+            raise ValueError(
+                "config.learning_rate: a schedule applies to the named optimizers only; an "
+                "optax.GradientTransformation brings its own learning rate (give the schedule "
+                f"to it, e.g. optax.adam(schedule)), got {_describe_fn(config.learning_rate)}"
             )
         return chosen
     if not isinstance(chosen, str):
@@ -294,6 +303,24 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
         weight_decay=config.weight_decay,
         clip_norm=config.clip_norm,
     )
+
+
+def _describe_fn(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _check_optimizer_update(tx, params) -> None:
+    """Refuse, with an error naming ``config.optimizer``, an optimizer whose ``update`` cannot be
+    called as ``fit`` calls it, ``update(grads, opt_state, params)`` (``optax.lbfgs`` and other
+    line-search optimizers also need the loss's value and function)."""
+    try:
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
+    except TypeError as error:
+        raise TypeError(
+            "config.optimizer: fit calls update(grads, opt_state, params), which this optimizer "
+            f"refuses ({error}); optimizers that also need the loss's value or function (such "
+            "as optax.lbfgs) are not supported by fit"
+        ) from error
 
 
 def _compute_dtype(config):
@@ -561,6 +588,26 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     return train_loader, val_loader, test_loader, stats
 
 
+def _epoch_length_checked(batches, epoch: int, start: int, total: int) -> Iterator:
+    """The batches of ``train_loader.epoch(epoch, start_step=start)``, checked against ``len()``:
+    an epoch that yields more or fewer batches than ``len(train_loader)`` is a ``ValueError`` (it
+    would never end, or never be counted as complete)."""
+    count = start
+    for batch in batches:
+        if count == total:
+            raise ValueError(
+                f"train_loader: len() says {total} batches per epoch, but epoch({epoch}, "
+                f"start_step={start}) yields more (expected {total - start} batches)"
+            )
+        count += 1
+        yield batch
+    if count < total:
+        raise ValueError(
+            f"train_loader: len() says {total} batches per epoch, but epoch({epoch}, "
+            f"start_step={start}) yielded {count - start} (expected {total - start} batches)"
+        )
+
+
 def _calls(batches, step: int, size: int, ends_after) -> Iterator[list]:
     """The batches grouped one compiled call each: ``size`` consecutive batches of one shape, or
     single batches where fewer than ``size`` come before the end or before a step after which
@@ -758,17 +805,21 @@ def _fit(
     settings,
 ) -> dict:
     check_train_loader(train_loader)
+    check_positive_int(config.epochs, "config.epochs")
+    _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")
+    evaluated_again = {
+        "val_loader": config.epochs > 1 or config.eval_every_steps > 0,
+        "test_loader": config.epochs > 1 and config.test_every_epoch,
+    }
     for name, loader in (("val_loader", val_loader), ("test_loader", test_loader)):
         if loader is not None:
-            check_eval_loader(loader, name)
-    check_positive_int(config.epochs, "config.epochs")
+            check_eval_loader(loader, name, repeated=evaluated_again[name])
     if (config.resume or config.overwrite) and config.out is None:
         raise ValueError(
             "config.resume, config.overwrite: expected with a run folder (config.out), got out=None"
         )
     if config.max_steps is not None:
         check_positive_int(config.max_steps, "config.max_steps")
-    _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")
     check_positive_int(config.eval_batch_size, "config.eval_batch_size")
     _check_non_negative_int(config.checkpoint_every_epochs, "config.checkpoint_every_epochs")
     _check_non_negative_int(config.checkpoint_every_steps, "config.checkpoint_every_steps")
@@ -831,13 +882,14 @@ def _fit(
         private = DPTraining.create(config, train_loader, _total_steps(config, steps_per_epoch))
     schedule = build_schedule(config, steps_per_epoch)
     tx = _build_optimizer(config, schedule)
-    if isinstance(config.optimizer, optax.GradientTransformation):
+    if isinstance(config.optimizer, (optax.GradientTransformation, optax.MultiSteps)):
         schedule = None  # the optimizer's own rate: not known here
     sample_images, sample_labels = train_loader.batch(0, 0)
     state = TrainState.create(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
     split_no_grad(state.params, tuple(no_grad_from), "config.no_grad")  # each names a parameter
+    _check_optimizer_update(tx, state.params)
     if private is not None:
         private.check_model(
             state, (sample_images, sample_labels), compute_dtype=compute_dtype, loss_fn=loss_fn
@@ -982,7 +1034,9 @@ def _fit(
         """Trains on the epoch's batches from ``start_batch``, one compiled call per group of
         ``_calls``, and yields ``(batch, metrics, step, whether the call ended there)`` per step."""
         nonlocal state
-        batches = train_loader.epoch(epoch, start_step=start_batch)
+        batches = _epoch_length_checked(
+            train_loader.epoch(epoch, start_step=start_batch), epoch, start_batch, steps_per_epoch
+        )
         options["no_grad"] = no_grad_at(no_grad_from, epoch)
         for group in _calls(batches, int(state.step), config.steps_per_call, call_ends_after):
             if len(group) > 1:

@@ -65,13 +65,38 @@ def check_train_loader(loader, name: str = "train_loader") -> None:
         )
 
 
-def check_eval_loader(loader, name: str) -> None:
+def check_eval_loader(loader, name: str, *, repeated: bool = False) -> None:
     """Raise a ``TypeError`` unless ``loader`` has ``epoch(0)`` or can be iterated, and a
-    ``ValueError`` if it has a length and it is 0."""
-    if not callable(getattr(loader, "epoch", None)) and not hasattr(type(loader), "__iter__"):
+    ``ValueError`` if it has a length and it is 0.
+
+    A pair of arrays ``(images, labels)`` (not batches) is a ``TypeError``, and so, with
+    ``repeated`` (the loader is evaluated more than once), is a one-shot iterator such as a
+    generator, which would yield nothing from its second evaluation on.
+    """
+    has_epoch = callable(getattr(loader, "epoch", None))
+    if not has_epoch and not hasattr(type(loader), "__iter__"):
         raise TypeError(
             f"{name}: expected a loader with epoch(0) or iteration yielding (images, labels) "
             f"batches, got {type(loader).__name__}"
+        )
+    if (
+        isinstance(loader, (tuple, list))
+        and len(loader) == 2
+        and all(hasattr(part, "shape") and len(part.shape) >= 1 for part in loader)
+        and loader[0].shape[:1] == loader[1].shape[:1]
+        and len(loader[0].shape) > 1
+    ):
+        raise TypeError(
+            f"{name}: expected a loader yielding (images, labels) batches, got a pair of arrays "
+            f"{tuple(loader[0].shape)}, {tuple(loader[1].shape)}; wrap them: "
+            "jcnn.data.Loader(images, labels, batch_size=..., shuffle=False, "
+            "drop_remainder=False)"
+        )
+    if repeated and not has_epoch and iter(loader) is loader:
+        raise TypeError(
+            f"{name}: expected a loader that can be iterated once per evaluation (a list of "
+            f"batches, or an object with epoch(0)), got a one-shot {type(loader).__name__}, "
+            "which would yield nothing from its second evaluation on"
         )
     if hasattr(type(loader), "__len__") and len(loader) == 0:
         raise ValueError(f"{name}: expected at least one (images, labels) batch, got none")

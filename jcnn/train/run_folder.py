@@ -300,6 +300,10 @@ def describe(value: Any, depth: int = 0) -> Any:
         return f"array{array.shape} {array.dtype} sha256:{digest}"
     if hasattr(value, "item") and hasattr(value, "dtype"):  # NumPy scalar
         return describe(value.item(), depth + 1)
+    if type(value).__name__ == "MultiSteps" and hasattr(value, "gradient_transformation"):
+        # optax.MultiSteps keeps its settings (the inner optimizer, k) as attributes
+        fields = {k.lstrip("_"): describe(v, depth + 1) for k, v in vars(value).items()}
+        return {"class": _qualified(type(value)), **fields}
     if dataclasses.is_dataclass(value):
         fields = {
             f.name: describe(getattr(value, f.name, None), depth + 1)

@@ -762,3 +762,83 @@ def test_bad_no_grad_is_named_before_training(tmp_path, rng, no_grad, error, say
     with pytest.raises(error, match=says):
         fit(TinyNet(), train, val, _config(tmp_path / "run", no_grad=no_grad))
     assert not (tmp_path / "run").exists()
+
+
+class _LyingLoader:
+    """A loader whose ``len()`` disagrees with what ``epoch`` yields."""
+
+    def __init__(self, batches, length):
+        self.batches, self.length = batches, length
+
+    def __len__(self):
+        return self.length
+
+    def epoch(self, epoch, start_step=0):
+        yield from self.batches[start_step:]
+
+    def batch(self, epoch, step):
+        return self.batches[step]
+
+
+@pytest.mark.parametrize(
+    "length, says",
+    [
+        (6, r"len\(\) says 6 batches per epoch, but epoch\(0, start_step=0\) yielded 4"),
+        (3, r"len\(\) says 3 batches per epoch, but .* yields more"),
+    ],
+)
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_an_epoch_of_another_length_than_len_is_named(rng, length, says, steps_per_call):
+    # it used to retrain epoch 1 forever (fewer batches) or never complete an epoch (more)
+    images, labels = _data(rng)
+    batches = [(images[i : i + 16], labels[i : i + 16]) for i in range(0, 64, 16)]
+    config = TrainConfig(epochs=2, progress=False, steps_per_call=steps_per_call)
+    with pytest.raises(ValueError, match=f"train_loader: {says}"):
+        fit(TinyNet(), _LyingLoader(batches, length), None, config)
+    # stopping before the end of the epoch never reaches the disagreement
+    config = dataclasses.replace(config, max_steps=2)
+    assert fit(TinyNet(), _LyingLoader(batches, 3), None, config)["summary"]["steps"] == 2
+
+
+def _no_folder(**kw):
+    return dataclasses.replace(_config(None, **kw), out=None)
+
+
+def test_multisteps_and_extra_args_optimizers(rng, tmp_path):
+    train, val = _loaders(*_data(rng))
+    accumulate = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)
+    result = fit(TinyNet(), train, val, _config(tmp_path, epochs=1, optimizer=accumulate))
+    assert result["summary"]["steps"] == 4 and result["history"][-1]["learning_rate"] is None
+    resumed = _config(
+        tmp_path, epochs=2, resume=True, optimizer=optax.MultiSteps(optax.adam(1e-2), 4)
+    )
+    with pytest.raises(ValueError, match="every_k_schedule"):  # its settings are recorded
+        fit(TinyNet(), train, val, resumed)
+    with pytest.raises(TypeError, match=r"config.optimizer: fit calls update\(grads"):
+        fit(TinyNet(), train, val, _no_folder(optimizer=optax.lbfgs()))
+
+
+def test_a_schedule_with_an_optax_optimizer_is_refused(rng):
+    train, val = _loaders(*_data(rng))
+    config = _no_folder(optimizer=optax.adam(1e-3), learning_rate=lambda step: 0.1)
+    with pytest.raises(ValueError, match="config.learning_rate: a schedule applies to the named"):
+        fit(TinyNet(), train, val, config)
+
+
+def test_a_one_shot_or_array_pair_evaluation_loader_is_named(rng):
+    images, labels = _data(rng)
+    train, _ = _loaders(images, labels)
+    batches = [(images[i : i + 32], labels[i : i + 32]) for i in (0, 32)]
+    config = _no_folder(epochs=2)
+    with pytest.raises(TypeError, match="val_loader: .* one-shot generator"):
+        fit(TinyNet(), train, (b for b in batches), config)
+    with pytest.raises(TypeError, match="test_loader: .* one-shot"):
+        every_epoch = dataclasses.replace(config, test_every_epoch=True)
+        fit(TinyNet(), train, None, every_epoch, test_loader=iter(batches))
+    with pytest.raises(TypeError, match="val_loader: .* got a pair of arrays"):
+        fit(TinyNet(), train, (images, labels), config)
+    # evaluated once: a generator does
+    once = fit(TinyNet(), train, (b for b in batches), dataclasses.replace(config, epochs=1))
+    assert once["history"][-1]["val_accuracy"] is not None
+    at_the_end = fit(TinyNet(), train, batches, config, test_loader=iter(batches))
+    assert "test_accuracy" in at_the_end["summary"]
