@@ -26,10 +26,16 @@ import jax
 import jax.numpy as jnp
 
 from jcnn import init
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_int, check_real
+from jcnn.models._checks import check_bn_momentum, check_num_classes, check_per_stage
 from jcnn.nn import GELU, BatchNorm, Conv, Dense, Flatten, MaxPool
 
 __all__ = ["AirbenchNet", "ConvGroup", "whitening_kernel"]
+
+
+def _check_norm_settings(bn_momentum, bn_eps) -> None:
+    check_bn_momentum(bn_momentum)
+    check_real(bn_eps, "bn_eps", low=0, low_open=True)
 
 
 class ConvGroup(nn.Module):
@@ -50,6 +56,7 @@ class ConvGroup(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the group to ``x`` ``(N, H, W, C)``; halves H and W."""
+        _check_norm_settings(self.bn_momentum, self.bn_eps)
         conv = functools.partial(
             Conv,
             self.features,
@@ -106,7 +113,11 @@ class AirbenchNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        k = self.whiten_kernel_size
+        check_num_classes(self.num_classes)
+        check_per_stage(self.widths, "widths")
+        k = check_int(self.whiten_kernel_size, "whiten_kernel_size", low=1)
+        check_real(self.scaling_factor, "scaling_factor")
+        _check_norm_settings(self.bn_momentum, self.bn_eps)
         x = Conv(2 * x.shape[-1] * k * k, (k, k), kernel_init=self.whiten_init, name="whiten")(x)
         x = GELU(name="gelu0")(x)
         for index, width in enumerate(self.widths, start=1):

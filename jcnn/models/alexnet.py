@@ -22,6 +22,7 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
+from jcnn.models._checks import check_dropout_rate, check_num_classes
 from jcnn.nn import (
     AdaptiveAvgPool,
     Conv,
@@ -72,6 +73,8 @@ class AlexNet(nn.Module):
         check_array(x, "x", ndim=4)
         if self.variant not in _VARIANTS:
             raise ValueError(f"variant: expected one of {sorted(_VARIANTS)}, got {self.variant!r}")
+        check_num_classes(self.num_classes)
+        check_dropout_rate(self.dropout_rate)
         convs, hidden = _VARIANTS[self.variant]
         small = self.variant == "cifar"
         pool_window, pool_stride = (2, 2) if small else (3, 2)

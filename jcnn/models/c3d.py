@@ -19,6 +19,7 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
+from jcnn.models._checks import check_bn_momentum, check_num_classes, check_per_stage
 from jcnn.nn import BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, ReLU
 
 __all__ = ["SmallC3D"]
@@ -48,8 +49,9 @@ class SmallC3D(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for volumes ``x`` ``(N, D, H, W, C)``."""
         check_array(x, "x", ndim=5)
-        if not self.widths:
-            raise ValueError("widths: expected at least one stage, got ()")
+        check_num_classes(self.num_classes)
+        check_per_stage(self.widths, "widths")
+        check_bn_momentum(self.bn_momentum)
         for stage, width in enumerate(self.widths, start=1):
             x = Conv(width, (3, 3, 3), padding=1, use_bias=False, name=f"conv{stage}")(x)
             x = BatchNorm(momentum=self.bn_momentum, name=f"bn{stage}")(x, train)

@@ -28,7 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_int, check_real
+from jcnn.models._checks import check_num_classes, check_per_stage
 from jcnn.nn import GELU, Conv, Dense, GlobalAvgPool, LayerNorm
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "convnext_tiny", "convnext_cifar"]
@@ -46,6 +47,10 @@ def _drop_path(key, x, rate: float):
     """Zero whole examples with probability ``rate``, scaling the rest by ``1 / (1 - rate)``."""
     keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _check_stochastic_depth(rate) -> float:
+    return check_real(rate, "stochastic_depth", low=0, high=1, high_open=True)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -76,9 +81,8 @@ class ConvNeXtBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        rate = self.stochastic_depth
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-            raise ValueError(f"stochastic_depth: expected a probability in [0, 1), got {rate!r}")
+        rate = _check_stochastic_depth(self.stochastic_depth)
+        check_real(self.layer_scale_init, "layer_scale_init")
         channels = x.shape[-1]
         y = Conv(
             channels,
@@ -137,12 +141,16 @@ class ConvNeXt(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        if len(self.depths) != len(self.widths) or not self.depths:
+        stages = len(check_per_stage(self.depths, "depths"))
+        if len(self.widths) != stages:
             raise ValueError(
-                f"widths: expected one width per stage ({len(self.depths)} stages), "
-                f"got {tuple(self.widths)}"
+                f"widths: expected one width per stage ({stages} stages), got {tuple(self.widths)}"
             )
-        patch = self.patch_size
+        check_per_stage(self.widths, "widths")
+        check_num_classes(self.num_classes)
+        patch = check_int(self.patch_size, "patch_size", low=1)
+        _check_stochastic_depth(self.stochastic_depth)
+        check_real(self.layer_scale_init, "layer_scale_init")
         x = Conv(self.widths[0], (patch, patch), patch, kernel_init=_weight_init, name="stem_conv")(
             x
         )

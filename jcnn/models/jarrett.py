@@ -21,6 +21,7 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array, check_positive_int
+from jcnn.models._checks import check_num_classes, check_per_stage
 from jcnn.nn import AvgPool, Conv, Dense, Flatten, LocalContrastNorm, MaxPool, Rectify, Tanh
 
 __all__ = ["JarrettNet"]
@@ -63,6 +64,12 @@ class JarrettNet(nn.Module):
         k = check_positive_int(self.kernel_size, "kernel_size")
         if k % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd int (to keep the size), got {k}")
+        check_num_classes(self.num_classes)
+        check_per_stage(self.widths, "widths")
+        check_positive_int(self.pool_window, "pool_window")
+        check_positive_int(self.pool_stride, "pool_stride")
+        if check_positive_int(self.lcn_size, "lcn_size") % 2 == 0:
+            raise ValueError(f"lcn_size: expected an odd int, got {self.lcn_size}")
         conv_init = init.lecun_normal()
         for index, width in enumerate(self.widths, start=1):
             x = Conv(width, (k, k), padding=k // 2, kernel_init=conv_init, name=f"conv{index}")(x)

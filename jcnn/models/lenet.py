@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 
 from jcnn import init
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_bool
+from jcnn.models._checks import check_num_classes
 from jcnn.nn import AvgPool, Conv, Dense, Flatten, MaxPool, ReLU, Tanh
 
 __all__ = ["LeNet5"]
@@ -53,7 +54,8 @@ class LeNet5(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, 1)``; ``train`` is unused."""
         check_array(x, "x", ndim=4)
-        if self.original:
+        check_num_classes(self.num_classes)
+        if check_bool(self.original, "original"):
             return self._lecun1998(x)
         x = Conv(20, (5, 5), padding=2, name="conv1")(x)
         x = ReLU(name="relu1")(x)

@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from jcnn import init
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_int, check_real
+from jcnn.models._checks import (
+    check_bn_momentum,
+    check_dropout_rate,
+    check_num_classes,
+    check_per_stage,
+)
 from jcnn.nn import BatchNorm, Conv, Dense, Dropout, GlobalAvgPool
 
 __all__ = ["InvertedResidual", "MobileNetV2", "mobilenet_v2", "mobilenet_v2_cifar"]
@@ -58,6 +64,16 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     """
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _check_stages(stages) -> None:
+    expected = "a non-empty list of (t, c, n, s) stages"
+    if not isinstance(stages, Sequence) or isinstance(stages, str):
+        raise TypeError(f"stages: expected {expected}, got {stages!r}")
+    if not stages:
+        raise ValueError(f"stages: expected {expected}, got {stages!r}")
+    for index, stage in enumerate(stages):
+        check_per_stage(stage, f"stages[{index}]", length=4)
 
 
 def _relu6(x):
@@ -96,8 +112,9 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        if not isinstance(self.expansion, int) or self.expansion < 1:
-            raise ValueError(f"expansion: expected an int >= 1, got {self.expansion!r}")
+        check_int(self.expansion, "expansion", low=1)
+        check_int(self.stride, "stride", low=1)
+        check_bn_momentum(self.bn_momentum)
         c_in = x.shape[-1]
         hidden = int(round(c_in * self.expansion))
         y = x
@@ -163,10 +180,11 @@ class MobileNetV2(nn.Module):
         check_array(x, "x", ndim=4)
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {self.stem!r}")
-        if not self.width_multiplier > 0:
-            raise ValueError(
-                f"width_multiplier: expected a number > 0, got {self.width_multiplier}"
-            )
+        check_real(self.width_multiplier, "width_multiplier", low=0, low_open=True)
+        check_num_classes(self.num_classes)
+        _check_stages(self.stages)
+        check_dropout_rate(self.dropout_rate)
+        check_bn_momentum(self.bn_momentum)
         cifar = self.stem == "cifar"
         x = Conv(
             make_divisible(32 * self.width_multiplier),

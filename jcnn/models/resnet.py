@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_bool, check_choice
+from jcnn.models._checks import check_bn_momentum, check_num_classes, check_per_stage
 from jcnn.nn import BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, ReLU
 
 __all__ = [
@@ -45,6 +46,12 @@ __all__ = [
 ]
 
 _SHORTCUTS = ("projection", "pad")
+
+
+def _check_block_settings(shortcut, bn_momentum, zero_init_residual) -> None:
+    check_choice(shortcut, "shortcut", _SHORTCUTS)
+    check_bn_momentum(bn_momentum)
+    check_bool(zero_init_residual, "zero_init_residual")
 
 
 def _pad_shortcut(x, features: int, stride: int):
@@ -64,6 +71,9 @@ class _Block(nn.Module):
 
     expansion = 1  # output channels per unit of ``features``
 
+    def _check_settings(self) -> None:
+        _check_block_settings(self.shortcut, self.bn_momentum, self.zero_init_residual)
+
 
 class BasicBlock(_Block):
     """Two 3x3 conv-BN layers plus the shortcut, then ReLU (ResNet-18/34 and the CIFAR nets).
@@ -79,6 +89,7 @@ class BasicBlock(_Block):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
+        self._check_settings()
         y = Conv(self.features, (3, 3), self.stride, 1, use_bias=False, name="conv1")(x)
         y = BatchNorm(momentum=self.bn_momentum, name="bn1")(y, train)
         y = ReLU(name="relu1")(y)
@@ -100,6 +111,7 @@ class Bottleneck(_Block):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
+        self._check_settings()
         out = self.features * self.expansion
         y = Conv(self.features, (1, 1), use_bias=False, name="conv1")(x)
         y = BatchNorm(momentum=self.bn_momentum, name="bn1")(y, train)
@@ -167,13 +179,14 @@ class ResNet(nn.Module):
             raise ValueError(f"block: expected 'basic' or 'bottleneck', got {self.block!r}")
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {self.stem!r}")
-        if self.shortcut not in _SHORTCUTS:
-            raise ValueError(f"shortcut: expected one of {_SHORTCUTS}, got {self.shortcut!r}")
-        if len(self.stage_sizes) != len(self.widths):
+        stages = len(check_per_stage(self.stage_sizes, "stage_sizes"))
+        if len(self.widths) != stages:
             raise ValueError(
-                f"widths: expected one width per stage ({len(self.stage_sizes)}), "
-                f"got {tuple(self.widths)}"
+                f"widths: expected one width per stage ({stages}), got {tuple(self.widths)}"
             )
+        check_per_stage(self.widths, "widths")
+        check_num_classes(self.num_classes)
+        _check_block_settings(self.shortcut, self.bn_momentum, self.zero_init_residual)
         if self.stem == "imagenet":
             x = Conv(self.widths[0], (7, 7), 2, 3, use_bias=False, name="conv1")(x)
         else:

@@ -26,12 +26,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_bool, check_choice, check_int
+from jcnn.models._checks import check_bn_momentum, check_per_stage
 from jcnn.nn import BatchNorm, Conv, ConvTranspose, MaxPool, ReLU
 
 __all__ = ["DoubleConv", "UNet"]
 
 _PADDINGS = {"same": 1, "valid": 0}
+
+
+def _check_settings(padding, batch_norm, bn_momentum) -> None:
+    check_choice(padding, "padding", tuple(_PADDINGS))
+    check_bool(batch_norm, "batch_norm")
+    check_bn_momentum(bn_momentum)
 
 
 class DoubleConv(nn.Module):
@@ -52,6 +59,7 @@ class DoubleConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply both convs to ``x`` ``(N, H, W, C)``."""
+        _check_settings(self.padding, self.batch_norm, self.bn_momentum)
         for i in (1, 2):
             x = Conv(
                 self.features,
@@ -104,10 +112,9 @@ class UNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Scores ``(N, H', W', out_channels)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        if self.padding not in _PADDINGS:
-            raise ValueError(f"padding: expected 'same' or 'valid', got {self.padding!r}")
-        if len(self.widths) < 1:
-            raise ValueError(f"widths: expected at least one level, got {tuple(self.widths)}")
+        check_per_stage(self.widths, "widths")
+        check_int(self.out_channels, "out_channels", low=1)
+        _check_settings(self.padding, self.batch_norm, self.bn_momentum)
         self._check_sizes(x.shape)
         options = {
             "padding": self.padding,

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 
 from jcnn import init
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_bool
+from jcnn.models._checks import check_bn_momentum, check_dropout_rate, check_num_classes
 from jcnn.nn import AdaptiveAvgPool, BatchNorm, Conv, Dense, Dropout, Flatten, MaxPool, ReLU
 
 __all__ = ["VGG"]
@@ -54,6 +55,11 @@ class VGG(nn.Module):
         check_array(x, "x", ndim=4)
         if self.depth not in _STAGE_DEPTHS:
             raise ValueError(f"depth: expected one of {sorted(_STAGE_DEPTHS)}, got {self.depth!r}")
+        check_bool(self.batch_norm, "batch_norm")
+        check_bool(self.small_input, "small_input")
+        check_num_classes(self.num_classes)
+        check_dropout_rate(self.dropout_rate)
+        check_bn_momentum(self.bn_momentum)
         for stage, (convs, width) in enumerate(
             zip(_STAGE_DEPTHS[self.depth], _WIDTHS, strict=True), start=1
         ):

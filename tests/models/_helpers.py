@@ -12,3 +12,11 @@ def param_shapes(model, input_shape):
 
 def count_params(model, input_shape) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(param_shapes(model, input_shape)))
+
+
+def assert_refused(model, input_shape, error, says):
+    """Building ``model`` on an input of ``input_shape`` raises ``error`` matching ``says``."""
+    import pytest
+
+    with pytest.raises(error, match=says):
+        param_shapes(model, input_shape)

@@ -3,11 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jcnn import functional as F
 from jcnn import models
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 
 
 def test_airbench_structure_and_count():
@@ -54,3 +55,27 @@ def test_whitening_kernel_whitens_patches(rng):
     second_moment = out.T @ out / out.shape[0]
     np.testing.assert_allclose(second_moment[:12, :12], np.eye(12), atol=2e-3)
     np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        ({"num_classes": 2.5}, TypeError, r"num_classes: expected an int >= 1, got 2.5"),
+        ({"widths": ()}, ValueError, r"widths: expected positive ints, one per stage, got \(\)"),
+        ({"widths": (8, 0)}, ValueError, r"widths\[1\]: expected an int >= 1, got 0"),
+        ({"widths": 8}, TypeError, r"widths: expected a list or tuple"),
+        ({"whiten_kernel_size": 0}, ValueError, r"whiten_kernel_size: expected an int >= 1"),
+        ({"scaling_factor": float("nan")}, ValueError, r"scaling_factor: expected a finite number"),
+        ({"bn_momentum": 1.5}, ValueError, r"bn_momentum: expected a number in \[0, 1\], got 1.5"),
+        ({"bn_eps": 0.0}, ValueError, r"bn_eps: expected a finite number > 0"),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(models.AirbenchNet(widths=(8, 8)).clone(**setting), (1, 32, 32, 3), error, says)
+
+
+def test_conv_group_checks_its_own_settings():
+    assert_refused(models.ConvGroup(4, bn_eps=-1e-5), (1, 8, 8, 3), ValueError, "bn_eps: ")
+    assert_refused(models.ConvGroup(4, bn_momentum=1.1), (1, 8, 8, 3), ValueError, "bn_momentum: ")

@@ -7,7 +7,7 @@ import pytest
 
 from jcnn import models
 
-from ._helpers import count_params
+from ._helpers import assert_refused, count_params
 
 
 @pytest.mark.parametrize(
@@ -51,3 +51,19 @@ def test_cifar_alexnet_dropout_train_vs_eval(rng):
     np.testing.assert_allclose(eval_logits, model.apply(variables, x, train=False))
     with pytest.raises(ValueError, match="variant"):
         models.AlexNet(variant="huge").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": True}, TypeError, r"num_classes: expected an int >= 1, got True"),
+        (
+            {"dropout_rate": -0.2},
+            ValueError,
+            r"dropout_rate: expected a number in \[0, 1\], got -0.2",
+        ),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(models.AlexNet(variant="cifar").clone(**setting), (1, 32, 32, 3), error, says)

@@ -7,7 +7,7 @@ import pytest
 
 from jcnn import models
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 from ._zoo import check_training_step, randomize_torch, torch_forward
 
 
@@ -72,3 +72,16 @@ def test_training_step_and_modes(rng):
     assert not np.allclose(apply_train(variables, x)[:2], apply_train(variables, x[:2]), atol=1e-4)
     with pytest.raises(ValueError, match="x"):
         model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 2)))
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": -1}, ValueError, r"num_classes: expected an int >= 1, got -1"),
+        ({"widths": (4.0, 8)}, TypeError, r"widths\[0\]: expected an int >= 1, got 4.0"),
+        ({"bn_momentum": -0.1}, ValueError, r"bn_momentum: expected a number in \[0, 1\]"),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(models.SmallC3D(widths=(4, 8)).clone(**setting), (1, 4, 8, 8, 3), error, says)

@@ -8,7 +8,7 @@ import pytest
 
 from jcnn import analysis, models
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 from ._zoo import check_training_step, randomize_torch, torch_forward
 
 
@@ -181,3 +181,42 @@ def test_torchvision_import_rejects_mismatches(torch):
         analysis.from_torchvision_state_dict(models.ConvNeXt((1,), (8,), 5), state)
     with pytest.raises(ValueError, match=r"features\.2\.1\.weight: shape \(16, 8, 2, 2\)"):
         analysis.from_torchvision_state_dict(models.ConvNeXt((1, 1), (12, 16), 5), state)
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        ({"depths": (1, 0), "widths": (8, 16)}, ValueError, r"depths\[1\]: expected an int >= 1"),
+        ({"depths": ()}, ValueError, r"depths: expected positive ints, one per stage, got \(\)"),
+        ({"widths": (8, 0)}, ValueError, r"widths\[1\]: expected an int >= 1, got 0"),
+        ({"patch_size": 0}, ValueError, r"patch_size: expected an int >= 1, got 0"),
+        (
+            {"depths": (2, 2), "stochastic_depth": 1.5},
+            ValueError,
+            r"stochastic_depth: .*\[0, 1\), got 1.5",
+        ),
+        (
+            {"layer_scale_init": float("inf")},
+            ValueError,
+            r"layer_scale_init: expected a finite number",
+        ),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(
+        models.ConvNeXt(depths=(1, 1), widths=(8, 16), patch_size=2).clone(**setting),
+        (1, 16, 16, 3),
+        error,
+        says,
+    )
+
+
+def test_block_takes_numpy_settings_and_checks_them():
+    x = (1, 8, 8, 4)
+    assert param_shapes(models.ConvNeXtBlock(np.float32(0.25)), x)["layer_scale"].shape == (4,)
+    assert_refused(models.ConvNeXtBlock(1.0), x, ValueError, r"stochastic_depth: .*got 1.0")
+    assert_refused(
+        models.ConvNeXtBlock(layer_scale_init=float("nan")), x, ValueError, "layer_scale"
+    )

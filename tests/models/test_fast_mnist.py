@@ -7,7 +7,7 @@ import pytest
 
 from jcnn import models
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 
 
 def test_structure_and_count():
@@ -62,3 +62,16 @@ def test_forward_matches_torch(torch, rng, train):
     else:
         got = model.apply(variables, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        ({"widths": (4, -8)}, ValueError, r"widths\[1\]: expected an int >= 1, got -8"),
+        ({"bn_momentum": 2}, ValueError, r"bn_momentum: expected a number in \[0, 1\], got 2"),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(models.FastMNISTNet(widths=(4, 8)).clone(**setting), (1, 28, 28, 1), error, says)

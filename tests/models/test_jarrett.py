@@ -8,6 +8,8 @@ import pytest
 from jcnn import functional as F
 from jcnn import models
 
+from ._helpers import assert_refused
+
 
 def test_jarrett_stage_is_conv_tanh_abs_lcn_pool(rng):
     model = models.JarrettNet(widths=(4, 6), lcn_size=5)
@@ -34,3 +36,19 @@ def test_jarrett_stage_is_conv_tanh_abs_lcn_pool(rng):
     for kernel_size, error in ((4, ValueError), (0, ValueError), (3.0, TypeError)):
         with pytest.raises(error, match="kernel_size"):
             models.JarrettNet(kernel_size=kernel_size).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        ({"widths": ()}, ValueError, r"widths: expected positive ints, one per stage"),
+        ({"pool_window": 0}, ValueError, r"pool_window: expected a positive int, got 0"),
+        ({"pool_stride": 1.5}, TypeError, r"pool_stride: expected a positive int, got 1.5"),
+        ({"lcn_size": 0}, ValueError, r"lcn_size: expected a positive int, got 0"),
+        ({"lcn_size": 4}, ValueError, r"lcn_size: expected an odd int, got 4"),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(models.JarrettNet(widths=(4, 8)).clone(**setting), (1, 32, 32, 3), error, says)

@@ -7,7 +7,7 @@ import pytest
 
 from jcnn import models
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 
 
 def test_course_lenet5_matches_the_table():
@@ -106,3 +106,15 @@ def test_a_model_given_another_image_size_or_channel_count_than_at_init_says_so(
         model.apply(variables, jnp.zeros((1, 32, 32, 1)))
     with pytest.raises(ValueError, match=r"x: shape \(1, 28, 28, 3\) does not fit conv1 \(Conv\)"):
         model.apply(variables, jnp.zeros((1, 28, 28, 3)))
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        ({"original": 1}, TypeError, r"original: expected a Python bool, got 1"),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(models.LeNet5().clone(**setting), (1, 28, 28, 1), error, says)

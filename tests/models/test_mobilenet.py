@@ -9,7 +9,7 @@ import pytest
 from jcnn import analysis, models
 from jcnn.models.mobilenet import make_divisible
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 from ._zoo import check_training_step, randomize_torch, torch_forward
 
 # The stem, both kinds of block (t = 1 and t = 6), a strided and a residual block: enough to
@@ -193,3 +193,45 @@ def test_torchvision_import_rejects_mismatches(torch):
         analysis.from_torchvision_state_dict(model, {**state, "extra.weight": torch.zeros(2)})
     with pytest.raises(TypeError, match="model"):
         analysis.from_torchvision_state_dict(models.resnet20(), state)
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        ({"stages": ()}, ValueError, r"stages: expected a non-empty list of \(t, c, n, s\) stages"),
+        (
+            {"stages": ((6, 16, 0, 1),)},
+            ValueError,
+            r"stages\[0\]\[2\]: expected an int >= 1, got 0",
+        ),
+        (
+            {"stages": ((6, 16, 1),)},
+            ValueError,
+            r"stages\[0\]: expected 4 positive ints, got \(6, 16, 1\)",
+        ),
+        (
+            {"dropout_rate": 1.5},
+            ValueError,
+            r"dropout_rate: expected a number in \[0, 1\], got 1.5",
+        ),
+        ({"bn_momentum": 1.5}, ValueError, r"bn_momentum: expected a number in \[0, 1\], got 1.5"),
+        ({"width_multiplier": "1"}, TypeError, r"width_multiplier: expected a finite number > 0"),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(
+        models.MobileNetV2(stem="cifar", stages=((1, 16, 1, 1), (6, 24, 1, 2))).clone(**setting),
+        (1, 32, 32, 3),
+        error,
+        says,
+    )
+
+
+def test_inverted_residual_checks_its_own_settings():
+    assert_refused(models.InvertedResidual(8, stride=0), (1, 8, 8, 8), ValueError, "stride: ")
+    assert_refused(models.InvertedResidual(8, expansion=1.5), (1, 8, 8, 8), TypeError, "expansion")
+    assert_refused(
+        models.InvertedResidual(8, bn_momentum=2.0), (1, 8, 8, 8), ValueError, "bn_momentum: "
+    )

@@ -7,7 +7,7 @@ import pytest
 
 from jcnn import models
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 
 
 @pytest.mark.parametrize(
@@ -100,3 +100,41 @@ def test_option_a_shortcut_and_small_bottleneck(rng):
     assert net.apply(variables, x).shape == (2, 5)
     with pytest.raises(ValueError, match="block"):
         models.ResNet((1,), "wide", widths=(4,)).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        (
+            {"stage_sizes": ()},
+            ValueError,
+            r"stage_sizes: expected positive ints, one per stage, got \(\)",
+        ),
+        ({"stage_sizes": (1, 0)}, ValueError, r"stage_sizes\[1\]: expected an int >= 1, got 0"),
+        ({"widths": (4, 0)}, ValueError, r"widths\[1\]: expected an int >= 1, got 0"),
+        ({"bn_momentum": 1.5}, ValueError, r"bn_momentum: expected a number in \[0, 1\], got 1.5"),
+        ({"zero_init_residual": 1}, TypeError, r"zero_init_residual: expected a Python bool"),
+        (
+            {"shortcut": "Pad"},
+            ValueError,
+            r"shortcut: expected one of 'projection', 'pad', got 'Pad'",
+        ),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(
+        models.ResNet(stage_sizes=(1, 1), stem="cifar", widths=(4, 8)).clone(**setting),
+        (1, 16, 16, 3),
+        error,
+        says,
+    )
+
+
+@pytest.mark.parametrize("block", [models.BasicBlock, models.Bottleneck])
+def test_blocks_check_their_own_settings(block):
+    # an unknown shortcut used to be taken as a projection
+    assert_refused(block(4, shortcut="none"), (1, 8, 8, 4), ValueError, "shortcut: expected one of")
+    assert_refused(block(4, bn_momentum=-0.5), (1, 8, 8, 4), ValueError, "bn_momentum: expected")
+    assert_refused(block(4, zero_init_residual=0), (1, 8, 8, 4), TypeError, "zero_init_residual")

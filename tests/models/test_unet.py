@@ -8,7 +8,7 @@ import pytest
 
 from jcnn import models
 
-from ._helpers import count_params
+from ._helpers import assert_refused, count_params
 from ._zoo import check_training_step, randomize_torch, torch_forward
 
 
@@ -175,3 +175,32 @@ def test_sizes_that_do_not_fit_are_named(shape, padding, message):
         model.init(jax.random.key(0), jnp.zeros(shape))
     with pytest.raises(ValueError, match="padding"):
         models.UNet(padding="full").init(jax.random.key(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"out_channels": 0}, ValueError, r"out_channels: expected an int >= 1, got 0"),
+        ({"widths": (4, 8.0)}, TypeError, r"widths\[1\]: expected an int >= 1, got 8.0"),
+        ({"batch_norm": "yes"}, TypeError, r"batch_norm: expected a Python bool, got 'yes'"),
+        (
+            {"bn_momentum": -1.0},
+            ValueError,
+            r"bn_momentum: expected a number in \[0, 1\], got -1.0",
+        ),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(
+        models.UNet(widths=(4, 8), padding="same").clone(**setting),
+        (1, 16, 16, 1),
+        error,
+        says,
+    )
+
+
+def test_double_conv_checks_its_own_settings():
+    # an unknown padding was a KeyError from inside
+    assert_refused(models.DoubleConv(4, padding="full"), (1, 8, 8, 1), ValueError, "padding: ")
+    assert_refused(models.DoubleConv(4, batch_norm=1), (1, 8, 8, 1), TypeError, "batch_norm: ")

@@ -7,7 +7,7 @@ import pytest
 
 from jcnn import models
 
-from ._helpers import count_params, param_shapes
+from ._helpers import assert_refused, count_params, param_shapes
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,29 @@ def test_small_input_vgg_with_batchnorm_forward(rng):
     )
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
     assert not np.allclose(updates["batch_stats"]["bn1_1"]["mean"], 0)
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
+        ({"batch_norm": 1}, TypeError, r"batch_norm: expected a Python bool, got 1"),
+        ({"small_input": "yes"}, TypeError, r"small_input: expected a Python bool"),
+        (
+            {"dropout_rate": 1.5},
+            ValueError,
+            r"dropout_rate: expected a number in \[0, 1\], got 1.5",
+        ),
+        (
+            {"bn_momentum": 1.5, "batch_norm": True},
+            ValueError,
+            r"bn_momentum: expected a number in \[0, 1\]",
+        ),
+        ({"bn_momentum": 1.5}, ValueError, r"bn_momentum: expected a number in \[0, 1\]"),
+    ],
+)
+def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
+    # they used to surface as the inner layer's argument (features, momentum, rate) or pass
+    assert_refused(
+        models.VGG(depth=11, small_input=True).clone(**setting), (1, 32, 32, 3), error, says
+    )

@@ -1,0 +1,38 @@
+"""Checks of the zoo's hyperparameters, run when a model is called: each error names the model's
+own attribute (``num_classes``, ``bn_momentum``, ``widths``) and the value given, not the
+argument of the layer it would have been passed on to."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jcnn.functional._checks import check_int, check_real
+
+
+def check_num_classes(value) -> int:
+    return check_int(value, "num_classes", low=1)
+
+
+def check_bn_momentum(value) -> float:
+    return check_real(value, "bn_momentum", low=0, high=1)
+
+
+def check_dropout_rate(value) -> float:
+    return check_real(value, "dropout_rate", low=0, high=1)
+
+
+def check_per_stage(value, name: str, *, length: int | None = None) -> tuple[int, ...]:
+    """``value`` as a tuple of positive ints, one per stage: a non-empty list or tuple, of
+    ``length`` entries where given.
+
+    >>> check_per_stage((16, 0), "widths")
+    Traceback (most recent call last):
+    ...
+    ValueError: widths[1]: expected an int >= 1, got 0
+    """
+    expected = f"{length} positive ints" if length is not None else "positive ints, one per stage"
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"{name}: expected a list or tuple of {expected}, got {value!r}")
+    if not value or (length is not None and len(value) != length):
+        raise ValueError(f"{name}: expected {expected}, got {tuple(value)!r}")
+    return tuple(check_int(entry, f"{name}[{index}]", low=1) for index, entry in enumerate(value))
