@@ -50,7 +50,7 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
             "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), got "
             f"an array of shape {tuple(input_shape.shape)} (pass its .shape)"
         )
-    if isinstance(input_shape, int) or not isinstance(input_shape, Sequence):
+    if isinstance(input_shape, (int, str)) or not isinstance(input_shape, Sequence):
         raise TypeError(
             "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), "
             f"got {input_shape!r}"

@@ -15,6 +15,7 @@ from functools import partial
 import flax.linen as linen
 
 from jcnn import functional as F
+from jcnn.functional._checks import check_positive_int
 from jcnn.nn.norm import BatchNorm
 
 __all__ = ["replace_batch_norm"]
@@ -86,6 +87,5 @@ def replace_batch_norm(model: linen.Module, *, num_groups: int = 32) -> linen.Mo
     """
     if not isinstance(model, linen.Module):
         raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+    num_groups = check_positive_int(num_groups, "num_groups")
     return _GroupNormForBatchNorm(model.clone(parent=None), num_groups)

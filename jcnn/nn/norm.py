@@ -18,7 +18,13 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_bool, check_dtype, check_min_rank, check_positive_int
+from jcnn.functional._checks import (
+    check_bool,
+    check_dtype,
+    check_min_rank,
+    check_positive_int,
+    check_real,
+)
 from jcnn.nn._shared import Initializer
 from jcnn.nn._util import param
 
@@ -217,6 +223,9 @@ class InstanceNorm(nn.Module):
         channels = x.shape[-1]
         scale, bias = _scale_and_bias(self, x)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=check_dtype(self.dtype))
+        # checked even when unused, as a wrong value there is a mistake all the same
+        check_real(self.momentum, "momentum", low=0, high=1)
+        check_bool(self.unbiased_running_var, "unbiased_running_var")
         if not check_bool(self.track_running_stats, "track_running_stats"):
             return F.instance_norm(x, scale, bias, eps=self.eps)
         if train is None:

@@ -48,7 +48,11 @@ def spatial_window(kernel_size, spatial_dims: int | None, owner: str) -> tuple[i
     A sequence fixes the spatial rank; an int needs ``spatial_dims`` (default 2, images), since an
     NNX module creates its kernel before it sees an input.
     """
-    if spatial_dims is not None and spatial_dims not in LAYOUT:
+    if spatial_dims is not None and (
+        isinstance(spatial_dims, bool)
+        or not isinstance(spatial_dims, (int, np.integer))
+        or spatial_dims not in LAYOUT
+    ):
         raise ValueError(f"spatial_dims: expected 1, 2 or 3, got {spatial_dims!r}")
     n = window_rank(kernel_size, "kernel_size")
     if n is None:

@@ -33,6 +33,11 @@ class _Dropout(nnx.Module):
     ) -> None:
         rate = check_real(rate, "rate", low=0, high=1)  # as the Linen twin checks it
         check_flag(deterministic, "deterministic")
+        if not isinstance(rng_collection, str):
+            raise TypeError(
+                f"rng_collection: expected the name of an nnx.Rngs stream (a str), got "
+                f"{rng_collection!r}"
+            )
         self.rate, self.deterministic, self.rng_collection = rate, deterministic, rng_collection
         self.rngs = nnx.data(self._stream(rngs, "rngs"))
 

@@ -21,7 +21,13 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import check_bool, check_dtype, check_min_rank, check_positive_int
+from jcnn.functional._checks import (
+    check_bool,
+    check_dtype,
+    check_min_rank,
+    check_positive_int,
+    check_real,
+)
 from jcnn.nnx._util import Initializer, check_flag, check_rngs, param, training, value
 
 __all__ = [
@@ -302,6 +308,9 @@ class InstanceNorm(_RunningStats):
             "InstanceNorm",
         )
         self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        # checked even when unused, as a wrong value there is a mistake all the same
+        check_real(momentum, "momentum", low=0, high=1)
+        check_bool(unbiased_running_var, "unbiased_running_var")
         self.momentum, self.unbiased_running_var, self.eps = momentum, unbiased_running_var, eps
         if track_running_stats:
             self._make_stats(use_running_average)

@@ -176,6 +176,10 @@ def test_replace_batch_norm_computes_group_norm_with_the_same_parameters(rng):
         _assert_trees_close(replaced.apply({"params": params}, x, train=train), expected)
     with pytest.raises(ValueError, match="num_groups"):
         replace_batch_norm(model, num_groups=0)
+    with pytest.raises(TypeError, match="num_groups: expected a positive int, got 2.0"):
+        replace_batch_norm(model, num_groups=2.0)
+    numpy_groups = replace_batch_norm(model, num_groups=np.int64(8))  # was refused
+    _assert_trees_close(numpy_groups.apply({"params": params}, x, train=False), expected)
     with pytest.raises(TypeError, match="model"):
         replace_batch_norm(lambda x: x)
 

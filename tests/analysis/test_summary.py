@@ -308,6 +308,8 @@ def test_receptive_field_unknown_for_transposed_conv():
 def test_summary_input_checks():
     with pytest.raises(TypeError, match="input_shape: expected a shape tuple"):
         summary(jcnn.models.LeNet5(), 28)
+    with pytest.raises(TypeError, match=r"input_shape: expected a shape tuple .*got '1,28,28,1'"):
+        receptive_field(jcnn.models.LeNet5(), "1,28,28,1")  # was read as nine one-letter sizes
     # an array where its shape belongs: named by its shape, not printed whole
     with pytest.raises(
         TypeError, match=r"got an array of shape \(2, 28, 28, 1\) \(pass its .shape\)$"

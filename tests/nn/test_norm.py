@@ -172,6 +172,21 @@ def test_instance_norm_running_stats_only_in_training(torch, rng):
         layer.apply(variables, x)
 
 
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"momentum": -0.5}, ValueError, r"momentum: expected a number in \[0, 1\], got -0.5"),
+        ({"momentum": "0.9"}, TypeError, "momentum: expected a number"),
+        ({"unbiased_running_var": 1}, TypeError, "unbiased_running_var: expected a Python bool"),
+    ],
+)
+def test_instance_norm_checks_running_settings_even_without_tracking(rng, setting, error, says):
+    x = jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32)
+    for track in (False, True):
+        with pytest.raises(error, match=says):
+            nn.InstanceNorm(track_running_stats=track, **setting).init(jax.random.key(0), x, True)
+
+
 def test_local_norms_equal_functional_and_lrn_matches_torch(torch, rng):
     x = jnp.asarray(rng.normal(size=(2, 9, 8, 6)), jnp.float32)
     lcn = nn.LocalContrastNorm(size=5, sigma=1.5)

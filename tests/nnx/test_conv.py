@@ -66,6 +66,13 @@ def test_conv_checks_its_arguments_and_input():
         jnnx.Conv(3, 4, (3, 3), spatial_dims=1, rngs=rngs)
     with pytest.raises(ValueError, match="spatial_dims"):
         jnnx.Conv(3, 4, 3, spatial_dims=4, rngs=rngs)
+    for taken_as_one in (True, 1.0):  # both equal 1, and were taken for a 1-D window
+        for layer in (jnnx.Conv, jnnx.ConvTranspose):
+            with pytest.raises(ValueError, match="spatial_dims: expected 1, 2 or 3"):
+                layer(3, 4, 3, spatial_dims=taken_as_one, rngs=rngs)
+        with pytest.raises(ValueError, match="spatial_dims: expected 1, 2 or 3"):
+            jnnx.DepthwiseConv(3, 3, spatial_dims=taken_as_one, rngs=rngs)
+    assert jnnx.Conv(3, 4, 3, spatial_dims=np.int64(1), rngs=rngs).kernel[...].shape == (3, 3, 4)
     with pytest.raises(ValueError, match="in_features"):
         jnnx.Conv(0, 4, 3, rngs=rngs)
     with pytest.raises(TypeError, match="rngs"):

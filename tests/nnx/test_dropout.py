@@ -52,3 +52,6 @@ def test_dropout_modes_and_checks():
         jnnx.Dropout(0.5, rngs=0)
     with pytest.raises(TypeError, match="rngs"):
         jnnx.Dropout(0.5)(x, rngs=3)
+    for layer in (jnnx.Dropout, jnnx.SpatialDropout):
+        with pytest.raises(TypeError, match="rng_collection: expected the name of an nnx.Rngs"):
+            layer(0.5, rng_collection=None)

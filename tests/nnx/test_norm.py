@@ -35,6 +35,11 @@ def test_instance_norm_holds_statistics_only_when_tracking(rng):
     tracking = jnnx.InstanceNorm(2, track_running_stats=True, rngs=nnx.Rngs(0))
     tracking(x)
     assert not np.allclose(tracking.var[...], 1.0)
+    # the running-statistics settings are checked even when they go unused
+    with pytest.raises(ValueError, match=r"momentum: expected a number in \[0, 1\], got 1.5"):
+        jnnx.InstanceNorm(2, momentum=1.5, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="unbiased_running_var: expected a Python bool"):
+        jnnx.InstanceNorm(2, unbiased_running_var="yes", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize(
