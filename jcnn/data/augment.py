@@ -41,6 +41,7 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
     check_real_or_traced,
+    check_size_sequence,
 )
 
 __all__ = [
@@ -689,18 +690,7 @@ def pattern(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     label-free images of high complexity.
     """
     check_key(key)
-    if isinstance(shape, np.ndarray) and shape.ndim == 1:
-        shape = tuple(shape.tolist())
-    if (
-        isinstance(shape, str)
-        or not isinstance(shape, Sequence)
-        or len(shape) != 3
-        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape)
-    ):
-        raise TypeError(f"shape: expected (H, W, C), a sequence of 3 ints, got {shape!r}")
-    if any(s < 0 for s in shape):
-        raise ValueError(f"shape: expected (H, W, C) with every size >= 0, got {tuple(shape)!r}")
-    height, width, channels = (int(s) for s in shape)
+    height, width, channels = check_size_sequence(shape, "shape", length=3, example="(H, W, C)")
     k_kind, k1, k2, k3 = jax.random.split(key, 4)
     rows, cols = jnp.meshgrid(
         jnp.linspace(-1, 1, height), jnp.linspace(-1, 1, width), indexing="ij"

@@ -47,6 +47,39 @@ def as_int_tuple(value, n: int, name: str, *, minimum: int | None = None) -> tup
     return values
 
 
+def check_size_sequence(
+    value, name: str, *, length: int | None = None, example: str | None = None, minimum: int = 0
+) -> tuple[int, ...]:
+    """``value``, a sequence of sizes such as a shape, as a tuple of Python ints, each >=
+    ``minimum``: exactly ``length`` of them where given, else at least one. Unlike
+    :func:`as_int_tuple`, a single int is refused, not broadcast; a 1-D NumPy array is accepted.
+    ``example`` (such as ``"(H, W)"``) shows the expected layout in the message.
+
+    >>> check_size_sequence(np.array([4, 5]), "in_spatial")
+    (4, 5)
+    >>> check_size_sequence(8, "shape", length=3, example="(H, W, C)")
+    Traceback (most recent call last):
+    ...
+    TypeError: shape: expected a sequence of 3 ints such as (H, W, C), got 8
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = tuple(value.tolist())
+    count = "a non-empty sequence of" if length is None else f"a sequence of {length}"
+    expected = f"{count} ints" + (f" such as {example}" if example else "")
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or (len(value) == 0 if length is None else len(value) != length)
+        or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) for s in value
+        )
+    ):
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    if any(s < minimum for s in value):
+        raise ValueError(f"{name}: expected sizes >= {minimum}, got {tuple(value)!r}")
+    return tuple(int(s) for s in value)
+
+
 def check_positive_int(value, name: str) -> int:
     """``value`` as a Python int, raising unless it is an int (not a bool) >= 1.
 

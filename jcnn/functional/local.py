@@ -15,12 +15,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jcnn.functional._checks import (
     PaddingLike,
     as_int_tuple,
     check_array,
+    check_size_sequence,
     normalize_padding,
 )
 
@@ -48,24 +48,7 @@ def locally_connected_output_shape(
     >>> locally_connected_output_shape((7, 6), 3, stride=2, padding=1)
     (4, 3)
     """
-    if isinstance(in_spatial, np.ndarray) and in_spatial.ndim == 1:
-        in_spatial = tuple(in_spatial.tolist())
-    if (
-        isinstance(in_spatial, str)
-        or not isinstance(in_spatial, Sequence)
-        or len(in_spatial) == 0
-        or not all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
-            for s in in_spatial
-        )
-    ):
-        raise TypeError(
-            "in_spatial: expected the input's spatial sizes, a non-empty sequence of ints such "
-            f"as (H, W), got {in_spatial!r}"
-        )
-    if any(s < 0 for s in in_spatial):
-        raise ValueError(f"in_spatial: expected sizes >= 0, got {tuple(in_spatial)!r}")
-    in_spatial = tuple(int(s) for s in in_spatial)
+    in_spatial = check_size_sequence(in_spatial, "in_spatial", example="(H, W)")
     rank = len(in_spatial)
     window = as_int_tuple(window, rank, "window", minimum=1)
     stride = as_int_tuple(stride, rank, "stride", minimum=1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_bool, check_int, check_real
+from jcnn.functional._checks import check_bool, check_int, check_real, check_size_sequence
 
 X4 = jnp.ones((2, 4, 4, 4))
 X2 = jnp.ones((2, 4))
@@ -310,6 +310,21 @@ def test_check_helpers():
         check_real(1.0, "p", low=0, high=1, low_open=True, high_open=True)
     with pytest.raises(TypeError, match="x: expected a finite number, got DynamicJaxprTracer"):
         jax.jit(lambda v: check_real(v, "x"))(1.0)
+
+
+def test_check_size_sequence():
+    assert check_size_sequence([np.int64(4), 5], "in_spatial") == (4, 5)
+    assert check_size_sequence(np.array([6, 5, 3]), "shape", length=3) == (6, 5, 3)
+    assert check_size_sequence((0, 2), "in_spatial") == (0, 2)
+    for bad in (8, (8,), (8, 8, 3, 1), (8.0, 8, 3), (True, 8, 3), np.array([8.0, 8, 3]), "883"):
+        with pytest.raises(TypeError, match="shape: expected a sequence of 3 ints such as"):
+            check_size_sequence(bad, "shape", length=3, example="(H, W, C)")
+    with pytest.raises(TypeError, match="in_spatial: expected a non-empty sequence of ints"):
+        check_size_sequence((), "in_spatial")
+    with pytest.raises(ValueError, match=re.escape("shape: expected sizes >= 0, got (-8, 8)")):
+        check_size_sequence((-8, 8), "shape")
+    with pytest.raises(ValueError, match=re.escape("size: expected sizes >= 1, got (0, 2)")):
+        check_size_sequence((0, 2), "size", minimum=1)
 
 
 # ---- degenerate inputs ---------------------------------------------------------------------
