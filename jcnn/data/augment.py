@@ -215,6 +215,7 @@ def affine(image: jax.Array, matrix: ArrayLike, *, fill: ArrayLike = 0.0) -> jax
       image: ``(H, W, C)``.
       matrix: ``(2, 3)``: maps an output pixel's centred ``(x, y)`` coordinates (``x`` to the
         right, ``y`` up, origin at the image centre) plus translation to the input point it samples.
+        Its entries must be finite (checked where the matrix is concrete, not traced).
       fill: value of pixels that come from outside the image (in the image's units).
 
     Returns:
@@ -232,6 +233,8 @@ def affine(image: jax.Array, matrix: ArrayLike, *, fill: ArrayLike = 0.0) -> jax
     matrix = jnp.asarray(matrix, jnp.float32)
     if matrix.shape != (2, 3):
         raise ValueError(f"matrix: expected shape (2, 3), got {tuple(matrix.shape)}")
+    if not isinstance(matrix, jax.core.Tracer) and not np.isfinite(matrix).all():
+        raise ValueError(f"matrix: expected finite entries, got {np.asarray(matrix).tolist()}")
     fill = check_real_or_traced(fill, "fill")
     x_in = matrix[0, 0] * x_out + matrix[0, 1] * y_out + matrix[0, 2]
     y_in = matrix[1, 0] * x_out + matrix[1, 1] * y_out + matrix[1, 2]

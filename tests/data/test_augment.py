@@ -451,6 +451,16 @@ _LABELS = jnp.array([0, 1, 2, 1], jnp.int32)
             "matrix: expected shape (2, 3), got (3, 3)",
         ),
         (
+            lambda: A.affine(_IMAGE, [[1.0, 0.0, float("nan")], [0.0, 1.0, 0.0]]),
+            ValueError,
+            "matrix: expected finite entries, got [[1.0, 0.0, nan], [0.0, 1.0, 0.0]]",
+        ),
+        (
+            lambda: A.affine(_IMAGE, np.array([[1.0, 0.0, 0.0], [0.0, np.inf, 0.0]])),
+            ValueError,
+            "matrix: expected finite entries, got [[1.0, 0.0, 0.0], [0.0, inf, 0.0]]",
+        ),
+        (
             lambda: A.random_crop(_KEY, _IMAGE, padding=-1),
             ValueError,
             "padding: expected an int >= 0, got -1",
@@ -647,3 +657,13 @@ def test_pattern_accepts_numpy_sizes():
     expected = A.pattern(key, (6, 5, 3))
     for shape in ([np.int64(6), 5, np.int32(3)], np.array([6, 5, 3])):
         np.testing.assert_array_equal(A.pattern(key, shape), expected)
+
+
+def test_affine_with_a_traced_matrix_is_not_checked_for_finiteness():
+    image = jnp.arange(48.0).reshape(4, 4, 3) / 48
+    identity = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(jax.jit(A.affine)(image, identity), image)
+    matrices = jnp.stack([identity, identity.at[0, 2].set(jnp.nan)])
+    out = jax.vmap(A.affine, in_axes=(None, 0))(image, matrices)
+    np.testing.assert_array_equal(out[0], image)
+    assert out.shape == (2, 4, 4, 3)
