@@ -10,6 +10,7 @@ for images but available here as options.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,6 @@ def _float64_chunks(images):
         yield np.asarray(images[start : start + _CHUNK], np.float64)
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)  # hashable (by identity), so jax.jit(stats) works
 class Standardize:
     """Fitted standardization statistics; call the object on images to standardize them.
@@ -50,7 +50,68 @@ class Standardize:
     mean: jax.Array
     scale: jax.Array
     projection: jax.Array | None
-    mode: str = dataclasses.field(metadata=dict(static=True))
+    mode: str
+
+    def __post_init__(self):
+        """Check that the statistics fit together as :meth:`fit` makes them (their values only
+        where they are concrete, not traced)."""
+        mode = check_choice(self.mode, "mode", MODES)
+        mean, scale, projection = self.mean, self.scale, self.projection
+        _check_statistic(mean, "mean")
+        _check_statistic(scale, "scale")
+        if mode in ("per_channel", "center"):
+            if mean.ndim != 1:
+                raise ValueError(
+                    f"mean: expected shape (C,) for mode={mode!r}, got {tuple(mean.shape)}"
+                )
+        elif mean.ndim != 3:
+            raise ValueError(
+                f"mean: expected shape (H, W, C) for mode={mode!r}, got {tuple(mean.shape)}"
+            )
+        channels = mean.shape[-1]
+        if tuple(scale.shape) != (channels,):
+            raise ValueError(
+                f"scale: expected shape ({channels},), one per channel of mean "
+                f"{tuple(mean.shape)}, got {tuple(scale.shape)}"
+            )
+        if mode in ("pca", "zca"):
+            if projection is None:
+                raise ValueError(
+                    f"projection: expected a (D, K) matrix for mode={mode!r}, got None"
+                )
+            _check_statistic(projection, "projection")
+            dim = math.prod(mean.shape)
+            components = dim if mode == "zca" else projection.shape[-1]
+            if projection.shape != (dim, components) or components == 0:
+                raise ValueError(
+                    f"projection: expected shape ({dim}, {dim if mode == 'zca' else 'K'}) for "
+                    f"mode={mode!r} (D = H * W * C of mean {tuple(mean.shape)}), got "
+                    f"{tuple(projection.shape)}"
+                )
+        elif projection is not None:
+            raise ValueError(
+                f"projection: expected None for mode={mode!r} (only 'pca' and 'zca' project), "
+                f"got {type(projection).__name__}"
+            )
+        for name in _LEAVES:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, jax.core.Tracer):
+                finite = np.isfinite(np.asarray(value))
+                if not finite.all():
+                    raise ValueError(
+                        f"{name}: expected finite values, got {int((~finite).sum())} NaN or "
+                        "infinite value(s)"
+                    )
+        if isinstance(scale, jax.core.Tracer):
+            return
+        scale = np.asarray(scale)
+        if mode == "per_channel" and (scale <= 0).any():
+            raise ValueError(f"scale: expected values > 0 (it divides), got {scale.tolist()}")
+        if mode != "per_channel" and (scale != 1).any():
+            raise ValueError(
+                f"scale: expected ones for mode={mode!r} (only 'per_channel' divides by a "
+                f"scale), got {scale.tolist()}"
+            )
 
     @classmethod
     def fit(
@@ -229,3 +290,35 @@ class Standardize:
 
     def _image_shape(self):
         return ("H", "W", self.mean.shape[0]) if self.mean.ndim == 1 else self.mean.shape
+
+
+def _check_statistic(value, name: str) -> None:
+    dtype = getattr(value, "dtype", None)
+    if (
+        not hasattr(value, "shape")
+        or dtype is None
+        or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    ):
+        described = f"dtype {dtype}" if dtype is not None else type(value).__name__
+        raise TypeError(f"{name}: expected a real (integer or floating) array, got {described}")
+
+
+_LEAVES = ("mean", "scale", "projection")
+
+
+def _flatten_with_keys(stats):
+    leaves = tuple((jax.tree_util.GetAttrKey(name), getattr(stats, name)) for name in _LEAVES)
+    return leaves, stats.mode
+
+
+def _unflatten(mode, leaves):
+    # Not through __init__: transformations rebuild the statistics from tracers, placeholders
+    # (tree_map to None or object()) or stacked arrays, which its checks would refuse.
+    stats = object.__new__(Standardize)
+    for name, value in zip(_LEAVES, leaves, strict=True):
+        object.__setattr__(stats, name, value)
+    object.__setattr__(stats, "mode", mode)
+    return stats
+
+
+jax.tree_util.register_pytree_with_keys(Standardize, _flatten_with_keys, _unflatten)

@@ -172,3 +172,92 @@ def test_options_are_checked(kwargs, error, message):
         Standardize.fit(images.astype(bool))
     stats = Standardize.fit(images, mode="pca", num_components=np.int64(2), eps=np.float32(1e-2))
     assert stats.projection.shape == (12, 2)
+
+
+_MEAN, _ONES = np.array([1.0, 2.0, 3.0], np.float32), np.ones(3, np.float32)
+_IMAGE_MEAN = np.zeros((2, 2, 3), np.float32)
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((_MEAN, _ONES, None, "minmax"), ValueError, "mode: expected one of"),
+        ((_MEAN, _ONES, None, None), TypeError, "mode: expected one of"),
+        (([1.0, 2.0, 3.0], _ONES, None, "center"), TypeError, "mean: expected a real"),
+        ((_MEAN, _ONES > 0, None, "center"), TypeError, "scale: expected a real .* dtype bool"),
+        ((_IMAGE_MEAN, _ONES, None, "per_channel"), ValueError, r"mean: expected shape \(C,\)"),
+        ((_MEAN, _ONES, None, "mean_image"), ValueError, r"mean: expected shape \(H, W, C\)"),
+        ((_MEAN, np.ones(4), None, "per_channel"), ValueError, r"scale: expected shape \(3,\)"),
+        ((_MEAN, np.ones((1, 3)), None, "center"), ValueError, r"scale: expected shape \(3,\)"),
+        ((_MEAN, _ONES, np.eye(3), "center"), ValueError, "projection: expected None"),
+        ((_IMAGE_MEAN, _ONES, None, "zca"), ValueError, "projection: expected a .* got None"),
+        (
+            (_IMAGE_MEAN, _ONES, np.eye(12)[:, :0], "pca"),
+            ValueError,
+            r"projection: expected shape \(12, K\) .* got \(12, 0\)",
+        ),
+        (
+            (_IMAGE_MEAN, _ONES, np.eye(11), "zca"),
+            ValueError,
+            r"projection: expected shape \(12, 12\) .* got \(11, 11\)",
+        ),
+        (
+            (_IMAGE_MEAN, _ONES, np.eye(12)[:, :5], "zca"),
+            ValueError,
+            r"projection: expected shape \(12, 12\)",
+        ),
+        ((_IMAGE_MEAN, _ONES, np.eye(12)[:4], "pca"), ValueError, r"projection: expected shape"),
+        ((_MEAN * np.nan, _ONES, None, "center"), ValueError, "mean: expected finite values"),
+        (
+            (_MEAN, np.array([1.0, np.inf, 1.0]), None, "per_channel"),
+            ValueError,
+            "scale: expected finite values",
+        ),
+        (
+            (_IMAGE_MEAN, _ONES, np.full((12, 2), np.nan), "pca"),
+            ValueError,
+            "projection: expected finite values, got 24 NaN",
+        ),
+        (
+            (_MEAN, np.array([1.0, 0.0, -1.0]), None, "per_channel"),
+            ValueError,
+            r"scale: expected values > 0 \(it divides\), got \[1.0, 0.0, -1.0\]",
+        ),
+        (
+            (_MEAN, _ONES * 2, None, "center"),
+            ValueError,
+            "scale: expected ones for mode='center'",
+        ),
+        (
+            (_IMAGE_MEAN, _ONES * 2, np.eye(12), "zca"),
+            ValueError,
+            "scale: expected ones for mode='zca'",
+        ),
+    ],
+)
+def test_the_constructor_checks_the_statistics(args, error, message):
+    with pytest.raises(error, match=message):
+        Standardize(*args)
+
+
+def test_the_constructor_accepts_what_fit_makes_and_pytree_transformations_still_work(splits):
+    train, test = splits
+    for mode in ("per_channel", "center", "mean_image", "pca", "zca"):
+        stats = Standardize.fit(train[:20, :2, :2], mode=mode)
+        rebuilt = Standardize(np.asarray(stats.mean), stats.scale, stats.projection, stats.mode)
+        np.testing.assert_array_equal(rebuilt(test[:3, :2, :2]), stats(test[:3, :2, :2]))
+    stats = Standardize.fit(train)
+    # tree_map to placeholders, stacking and vmap rebuild it without the constructor's checks
+    assert jax.tree.map(lambda _: object(), stats).mode == "per_channel"
+    assert jax.tree.map(lambda _: None, stats).scale is None
+    stacked = jax.tree.map(lambda *x: np.stack(x), stats, stats)
+    assert stacked.mean.shape == (2, 3)
+    out = jax.vmap(lambda s, x: s(x), in_axes=(0, None))(stacked, test[:2])
+    np.testing.assert_allclose(out[1], stats(test[:2]), rtol=1e-6)
+    # built inside jit from traced statistics: shapes checked, values not
+    built = jax.jit(lambda m, s, x: Standardize(m, s, None, "per_channel")(x))
+    np.testing.assert_allclose(built(stats.mean, stats.scale, test), stats(test), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"scale: expected shape \(3,\)"):
+        jax.jit(lambda m: Standardize(m, m[:2], None, "center"))(stats.mean)
+    leaves = jax.tree_util.tree_leaves_with_path(stats)
+    assert [jax.tree_util.keystr(path) for path, _ in leaves] == [".mean", ".scale"]
