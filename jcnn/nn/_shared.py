@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from jcnn import init
-from jcnn.functional._checks import check_positive_int
+from jcnn.functional._checks import _describe, check_positive_int
 
 Initializer = Callable[..., Any]
 
@@ -24,6 +24,20 @@ def window_rank(window, name: str) -> int | None:
             raise ValueError(f"{name}: expected 1, 2 or 3 spatial sizes, got {window!r}")
         return len(window)
     return None
+
+
+def check_initializer(value, name: str, default: Initializer | None = None) -> Initializer:
+    """``value`` if it is callable as ``init(key, shape, dtype)``, or ``default`` where ``value`` is
+    ``None`` and there is a default; a TypeError naming ``name`` otherwise (also for a falsy
+    non-callable such as 0, which ``value or default`` would silently replace)."""
+    if value is None and default is not None:
+        return default
+    if not callable(value):
+        raise TypeError(
+            f"{name}: expected an initializer init(key, shape, dtype) such as "
+            f"jcnn.init.he_normal(), got {_describe(value)}"
+        )
+    return value
 
 
 def check_spatial_rank(x, rank: int, what: str) -> None:

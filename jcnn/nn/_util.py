@@ -9,7 +9,13 @@ from flax.linen.dtypes import promote_dtype
 
 from jcnn import init
 from jcnn.functional._checks import as_int_tuple, check_array, check_bool, check_dtype
-from jcnn.nn._shared import LAYOUT, KernelSpec, check_spatial_rank, window_rank
+from jcnn.nn._shared import (
+    LAYOUT,
+    KernelSpec,
+    check_initializer,
+    check_spatial_rank,
+    window_rank,
+)
 
 
 def window_and_check(window, x, name: str) -> tuple[int, ...]:
@@ -55,13 +61,11 @@ def kernel_and_bias(module, x, spec: KernelSpec):
     ``spec.default_init`` and zeros), ``dtype`` and ``param_dtype``; ``spec`` gives the shapes.
     """
     check_bool(module.use_bias, "use_bias")
-    kernel = param(
-        module, "kernel", module.kernel_init or spec.default_init, spec.shape, module.param_dtype, x
-    )
+    kernel_init = check_initializer(module.kernel_init, "kernel_init", spec.default_init)
+    bias_init = check_initializer(module.bias_init, "bias_init", init.zeros)
+    kernel = param(module, "kernel", kernel_init, spec.shape, module.param_dtype, x)
     bias = (
-        param(
-            module, "bias", module.bias_init or init.zeros, (spec.features,), module.param_dtype, x
-        )
+        param(module, "bias", bias_init, (spec.features,), module.param_dtype, x)
         if module.use_bias
         else None
     )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import PaddingLike, check_bool, check_positive_int
-from jcnn.nn._shared import Initializer
+from jcnn.nn._shared import Initializer, check_initializer
 from jcnn.nn._util import param, window_and_check
 
 __all__ = ["LocallyConnected"]
@@ -60,6 +60,10 @@ class LocallyConnected(nn.Module):
         """Apply the layer to ``x`` of shape ``(N, *spatial, C_in)``."""
         window = window_and_check(self.kernel_size, x, "kernel_size")
         check_positive_int(self.features, "features")
+        kernel_init = check_initializer(
+            self.kernel_init, "kernel_init", init.he_normal_per_position()
+        )
+        bias_init = check_initializer(self.bias_init, "bias_init", init.zeros)
         out = F.locally_connected_output_shape(
             x.shape[1:-1],
             window,
@@ -70,7 +74,7 @@ class LocallyConnected(nn.Module):
         kernel = param(
             self,
             "kernel",
-            self.kernel_init or init.he_normal_per_position(),
+            kernel_init,
             (*out, *window, x.shape[-1], self.features),
             self.param_dtype,
             x,
@@ -80,7 +84,7 @@ class LocallyConnected(nn.Module):
             bias = param(
                 self,
                 "bias",
-                self.bias_init or init.zeros,
+                bias_init,
                 (*out, self.features),
                 self.param_dtype,
                 x,

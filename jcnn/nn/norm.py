@@ -25,7 +25,7 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
 )
-from jcnn.nn._shared import Initializer
+from jcnn.nn._shared import Initializer, check_initializer
 from jcnn.nn._util import param
 
 __all__ = [
@@ -43,16 +43,16 @@ def _scale_and_bias(module, x):
     each ``None`` when not learned."""
     check_bool(module.use_scale, "use_scale")
     check_bool(module.use_bias, "use_bias")
+    scale_init = check_initializer(module.scale_init, "scale_init")
+    bias_init = check_initializer(module.bias_init, "bias_init")
     shape = (x.shape[-1],)
     scale = (
-        param(module, "scale", module.scale_init, shape, module.param_dtype, x)
+        param(module, "scale", scale_init, shape, module.param_dtype, x)
         if module.use_scale
         else None
     )
     bias = (
-        param(module, "bias", module.bias_init, shape, module.param_dtype, x)
-        if module.use_bias
-        else None
+        param(module, "bias", bias_init, shape, module.param_dtype, x) if module.use_bias else None
     )
     return scale, bias
 

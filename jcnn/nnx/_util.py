@@ -7,7 +7,14 @@ from flax import nnx
 
 from jcnn import init
 from jcnn.functional._checks import as_int_tuple, check_array, check_bool
-from jcnn.nn._shared import LAYOUT, Initializer, KernelSpec, check_spatial_rank, window_rank
+from jcnn.nn._shared import (
+    LAYOUT,
+    Initializer,
+    KernelSpec,
+    check_initializer,
+    check_spatial_rank,
+    window_rank,
+)
 
 
 def check_rngs(rngs, owner: str) -> nnx.Rngs:
@@ -37,8 +44,10 @@ def kernel_and_bias(
     without ``use_bias``); ``None`` initializers take the defaults, ``spec.default_init`` and
     zeros."""
     check_bool(use_bias, "use_bias")
-    kernel = param(rngs, kernel_init or spec.default_init, spec.shape, param_dtype)
-    bias = param(rngs, bias_init or init.zeros, (spec.features,), param_dtype) if use_bias else None
+    kernel_init = check_initializer(kernel_init, "kernel_init", spec.default_init)
+    bias_init = check_initializer(bias_init, "bias_init", init.zeros)
+    kernel = param(rngs, kernel_init, spec.shape, param_dtype)
+    bias = param(rngs, bias_init, (spec.features,), param_dtype) if use_bias else None
     return kernel, bias
 
 

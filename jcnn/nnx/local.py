@@ -17,7 +17,15 @@ from flax import nnx
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import PaddingLike, as_int_tuple, check_bool, check_positive_int
-from jcnn.nnx._util import Initializer, check_input, check_rngs, param, spatial_window, value
+from jcnn.nnx._util import (
+    Initializer,
+    check_initializer,
+    check_input,
+    check_rngs,
+    param,
+    spatial_window,
+    value,
+)
 
 __all__ = ["LocallyConnected"]
 
@@ -67,6 +75,8 @@ class LocallyConnected(nnx.Module):
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
         check_bool(use_bias, "use_bias")
+        kernel_init = check_initializer(kernel_init, "kernel_init", init.he_normal_per_position())
+        bias_init = check_initializer(bias_init, "bias_init", init.zeros)
         rank = len(input_size) if isinstance(input_size, Sequence) else None
         self.kernel_size = spatial_window(kernel_size, rank, "LocallyConnected")
         self.input_size = as_int_tuple(input_size, len(self.kernel_size), "input_size", minimum=1)
@@ -77,15 +87,11 @@ class LocallyConnected(nnx.Module):
         )
         self.kernel = param(
             rngs,
-            kernel_init or init.he_normal_per_position(),
+            kernel_init,
             (*out, *self.kernel_size, in_features, features),
             param_dtype,
         )
-        self.bias = (
-            param(rngs, bias_init or init.zeros, (*out, features), param_dtype)
-            if use_bias
-            else None
-        )
+        self.bias = param(rngs, bias_init, (*out, features), param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` of shape ``(N, *input_size, in_features)``."""

@@ -28,7 +28,15 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
 )
-from jcnn.nnx._util import Initializer, check_flag, check_rngs, param, training, value
+from jcnn.nnx._util import (
+    Initializer,
+    check_flag,
+    check_initializer,
+    check_rngs,
+    param,
+    training,
+    value,
+)
 
 __all__ = [
     "BatchNorm",
@@ -59,6 +67,8 @@ class _Affine(nnx.Module):
         check_positive_int(num_features, "num_features")
         check_bool(use_scale, "use_scale")
         check_bool(use_bias, "use_bias")
+        check_initializer(scale_init, "scale_init")
+        check_initializer(bias_init, "bias_init")
         self.num_features, self.dtype = num_features, dtype
         shape = (num_features,)
         self.scale = param(rngs, scale_init, shape, param_dtype) if use_scale else None

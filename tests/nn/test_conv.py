@@ -413,3 +413,22 @@ def test_a_non_floating_compute_dtype_is_a_type_error(make, dtype):
     # it used to surface as flax's "Dtype must be inexact" or NumPy's "data type not understood"
     with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
         make(dtype).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+
+
+@pytest.mark.parametrize("bad", [5, 0, "he_normal", jnp.ones(3)])
+@pytest.mark.parametrize(
+    ("make", "x_shape"),
+    [
+        (lambda **kw: nn.Conv(4, 3, **kw), (1, 5, 5, 3)),
+        (lambda **kw: nn.DepthwiseConv(3, **kw), (1, 5, 5, 3)),
+        (lambda **kw: nn.ConvTranspose(4, 3, **kw), (1, 5, 5, 3)),
+        (lambda **kw: nn.Dense(4, **kw), (2, 3)),
+        (lambda **kw: nn.LocallyConnected(4, 3, **kw), (1, 5, 5, 3)),
+    ],
+)
+@pytest.mark.parametrize("name", ["kernel_init", "bias_init"])
+def test_a_non_callable_initializer_is_named(make, x_shape, name, bad):
+    # 5 was "'int' object is not callable" from inside Flax; 0 was silently the default
+    layer = make(**{name: bad})
+    with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
+        layer.init(jax.random.key(0), jnp.ones(x_shape))

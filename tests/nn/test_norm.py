@@ -229,3 +229,20 @@ def test_variables_built_for_other_channels_are_refused_naming_x(module):
 def test_a_non_floating_compute_dtype_is_a_type_error(layer, kwargs):
     with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
         layer.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [5, 0, None, "ones"])
+@pytest.mark.parametrize(
+    ("make", "args"),
+    [
+        (nn.BatchNorm, (True,)),
+        (nn.LayerNorm, ()),
+        (lambda **kw: nn.GroupNorm(num_groups=1, **kw), ()),
+        (nn.InstanceNorm, ()),
+    ],
+)
+@pytest.mark.parametrize("name", ["scale_init", "bias_init"])
+def test_a_non_callable_initializer_is_named(make, args, name, bad):
+    layer = make(**{name: bad})
+    with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
+        layer.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), *args)

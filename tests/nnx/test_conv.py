@@ -191,3 +191,20 @@ def test_a_non_floating_compute_dtype_is_a_type_error(dtype):
     layer = jnnx.Conv(3, 2, 3, dtype=dtype, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
         layer(jnp.ones((1, 5, 5, 3)))
+
+
+@pytest.mark.parametrize("bad", [5, 0, "he_normal", jnp.ones(3)])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda r, **kw: jnnx.Conv(3, 4, 3, rngs=r, **kw),
+        lambda r, **kw: jnnx.DepthwiseConv(3, 3, rngs=r, **kw),
+        lambda r, **kw: jnnx.ConvTranspose(3, 4, 3, rngs=r, **kw),
+        lambda r, **kw: jnnx.Dense(3, 4, rngs=r, **kw),
+        lambda r, **kw: jnnx.LocallyConnected(3, 4, 3, input_size=(5, 5), rngs=r, **kw),
+    ],
+)
+@pytest.mark.parametrize("name", ["kernel_init", "bias_init"])
+def test_a_non_callable_initializer_is_named_as_in_the_linen_twin(build, name, bad):
+    with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
+        build(nnx.Rngs(0), **{name: bad})

@@ -102,3 +102,19 @@ def test_a_non_floating_compute_dtype_is_a_type_error(module):
     layer = module(3, dtype=jnp.int32, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
         layer(jnp.ones((2, 4, 4, 3)))
+
+
+@pytest.mark.parametrize("bad", [5, 0, None, "ones"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda r, **kw: jnnx.BatchNorm(3, rngs=r, **kw),
+        lambda r, **kw: jnnx.LayerNorm(3, rngs=r, **kw),
+        lambda r, **kw: jnnx.GroupNorm(3, num_groups=1, rngs=r, **kw),
+        lambda r, **kw: jnnx.InstanceNorm(3, rngs=r, **kw),
+    ],
+)
+@pytest.mark.parametrize("name", ["scale_init", "bias_init"])
+def test_a_non_callable_initializer_is_named_as_in_the_linen_twin(build, name, bad):
+    with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
+        build(nnx.Rngs(0), **{name: bad})
