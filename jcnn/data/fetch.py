@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import http.client
 import math
+import numbers
 import os
 import re
 import sys
@@ -253,10 +254,12 @@ def download(
         failure, and how to place the files by hand.
     """
     source = _source(name)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    # numbers.Real takes NumPy's real scalars too (np.float32(5)), not bools or arrays
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout: expected a number of seconds, got {type(timeout).__name__}")
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout: expected a finite number of seconds > 0, got {timeout!r}")
+    timeout = float(timeout)
     addresses = urls(name, mirrors)
     folder = _resolve_folder(name, data_dir)
     try:

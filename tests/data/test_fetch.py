@@ -435,6 +435,25 @@ def test_cli_download_failure_is_one_clear_message(tmp_path, server, monkeypatch
     assert "HTTP 404" in err and "--data-dir" in err
     with pytest.raises(SystemExit):
         fetch.main(["download", "imagenet"])
+    capsys.readouterr()
+    for bad in ("inf", "nan", "0"):  # inf was a raw ValueError traceback from download
+        assert fetch.main(["download", "mnist", "--data-dir", str(tmp_path), "--timeout", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jcnn-data: --timeout: expected a finite number of seconds > 0")
+
+
+def test_numpy_real_scalars_are_valid_timeouts(tmp_path, server, monkeypatch):
+    _only(monkeypatch, "mnist", LABELS)
+    for timeout in (np.float32(5), np.int64(5), np.float64(0.5)):  # np.float32(5) was refused
+        folder = data.download(
+            "mnist",
+            data_dir=tmp_path,
+            mirrors=[server.url("ok")],
+            timeout=timeout,
+            progress=False,
+            force=True,
+        )
+        assert (folder / LABELS).exists()
 
 
 @pytest.mark.slow
@@ -475,10 +494,12 @@ def test_unusable_data_folder_is_a_clear_error(tmp_path, server, monkeypatch):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DownloadError, match="cannot create or write the data folder .*--data-dir"):
         data.download("mnist", data_dir=tmp_path / "a_file", mirrors=[server.url("ok")])
-    with pytest.raises(TypeError, match="timeout"):
-        data.download("mnist", data_dir=tmp_path, timeout="5")
-    with pytest.raises(ValueError, match="timeout"):
-        data.download("mnist", data_dir=tmp_path, timeout=float("inf"))
+    for bad in ("5", True, np.bool_(True), np.array([5.0]), None):
+        with pytest.raises(TypeError, match="timeout: expected a number of seconds"):
+            data.download("mnist", data_dir=tmp_path, timeout=bad)
+    for bad in (float("inf"), np.float32("nan"), np.float64(-1.0), np.int64(0), 0.0):
+        with pytest.raises(ValueError, match="timeout: expected a finite number of seconds > 0"):
+            data.download("mnist", data_dir=tmp_path, timeout=bad)
     with pytest.raises(ValueError, match="at least one"):
         data.download("mnist", data_dir=tmp_path, mirrors=[])
     assert server.requests == []
