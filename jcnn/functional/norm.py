@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -82,7 +82,7 @@ def batch_norm(
     train: bool,
     momentum: float = 0.99,
     eps: float = 1e-5,
-    axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
     unbiased_running_var: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization over every axis but the last (channels), for inputs of any rank >= 2.
@@ -101,9 +101,9 @@ def batch_norm(
       train: use (and update with) batch statistics if ``True``, running statistics if ``False``.
       momentum: decay of the running average, in [0, 1]; PyTorch's ``momentum=m`` is ``1 - m`` here.
       eps: added to the variance before the square root; must be > 0.
-      axis_name: name (or tuple of names) of a mapped axis (``jax.vmap``, ``shard_map``, ``pmap``)
-        over which the batch is split; the statistics are then those of the whole batch, averaged
-        with ``lax.pmean`` in two passes (mean first, then the deviations from it).
+      axis_name: name (a str, or a tuple of them) of a mapped axis (``jax.vmap``, ``shard_map``,
+        ``pmap``) over which the batch is split; the statistics are then those of the whole
+        batch, averaged with ``lax.pmean`` in two passes (mean first, then the deviations from it).
         Every shard must hold the same number of examples.
       unbiased_running_var: store the unbiased batch variance (count / (count - 1) times the biased
         one, count over all shards) in the running average, as PyTorch does. Default ``False``: the
@@ -124,6 +124,7 @@ def batch_norm(
     _check_channel_param(bias, "bias", channels)
     state = _check_state(state, "state", channels, required=True)
     momentum, eps = _check_running_options(train, momentum, eps, unbiased_running_var)
+    _check_axis_name(axis_name)
 
     compute_dtype = float32_or_wider(x.dtype)
     xf = x.astype(compute_dtype)
@@ -712,6 +713,22 @@ def _check_state(state, name: str, channels: int, *, required: bool, label: str 
     for field in BatchNormState._fields:
         _check_channel_param(getattr(state, field), f"{name}.{field}", channels, label=label)
     return state
+
+
+def _check_axis_name(axis_name) -> None:
+    """Raise unless ``axis_name`` is None, a str or a non-empty tuple of str: JAX takes an int
+    for a positional axis of the array, which is not what a mapped axis name means here."""
+    if axis_name is None or isinstance(axis_name, str):
+        return
+    if (
+        not isinstance(axis_name, tuple)
+        or not axis_name
+        or not all(isinstance(name, str) for name in axis_name)
+    ):
+        raise TypeError(
+            "axis_name: expected None, the name (a str) of an axis mapped around this call by "
+            f"jax.vmap, shard_map or pmap, or a non-empty tuple of such names, got {axis_name!r}"
+        )
 
 
 def _check_running_options(train, momentum, eps, unbiased_running_var) -> tuple[float, float]:

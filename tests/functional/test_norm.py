@@ -291,6 +291,19 @@ def test_batch_norm_axis_name_under_vmap_equals_full_batch(rng):
         assert_rel_close(g, g_ref, name=name)
 
 
+def test_batch_norm_over_a_tuple_of_axis_names_equals_full_batch(rng):
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+    state = BatchNormState(jnp.zeros(5), jnp.ones(5))
+    y_ref, state_ref = batch_norm(x.reshape(24, 5), None, None, state, train=True)
+
+    def per_shard(shard):
+        return batch_norm(shard, None, None, state, train=True, axis_name=("a", "b"))
+
+    y, new_state = jax.vmap(jax.vmap(per_shard, axis_name="b"), axis_name="a")(x)
+    assert_rel_close(y.reshape(24, 5), y_ref, name="y")
+    assert_rel_close(new_state.mean[1, 2], state_ref.mean, name="running mean")
+
+
 def test_batch_norm_axis_name_under_shard_map(rng):
     x = rng.normal(size=(4, 3, 2)).astype(np.float32)
     state = BatchNormState(jnp.zeros(2), jnp.ones(2))
@@ -621,6 +634,36 @@ BAD_INPUTS = [
         ValueError,
         "axis_name: expected the name of an axis mapped around this call (jax.vmap, shard_map or "
         "pmap with axis_name=...), got 'batch'",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, axis_name=5),
+        TypeError,
+        "axis_name: expected None, the name (a str) of an axis mapped around this call by "
+        "jax.vmap, shard_map or pmap, or a non-empty tuple of such names, got 5",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=False, axis_name=5),
+        TypeError,
+        "axis_name: expected None, the name (a str) of an axis mapped around this call by "
+        "jax.vmap, shard_map or pmap, or a non-empty tuple of such names, got 5",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, axis_name=["b"]),
+        TypeError,
+        "axis_name: expected None, the name (a str) of an axis mapped around this call by "
+        "jax.vmap, shard_map or pmap, or a non-empty tuple of such names, got ['b']",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, axis_name=()),
+        TypeError,
+        "axis_name: expected None, the name (a str) of an axis mapped around this call by "
+        "jax.vmap, shard_map or pmap, or a non-empty tuple of such names, got ()",
+    ),
+    (
+        lambda: batch_norm(X4, None, None, STATE16, train=True, axis_name=("b", 0)),
+        TypeError,
+        "axis_name: expected None, the name (a str) of an axis mapped around this call by "
+        "jax.vmap, shard_map or pmap, or a non-empty tuple of such names, got ('b', 0)",
     ),
     (
         lambda: layer_norm(X4, jnp.ones((3, 16)), None),
