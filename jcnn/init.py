@@ -456,7 +456,7 @@ def from_array(array: jax.typing.ArrayLike) -> Callable[..., jax.Array]:
     reshaped) and casts to the requested dtype.
 
     Args:
-        array: the parameter's value.
+        array: the parameter's value (finite: a NaN or infinity is refused).
 
     Returns:
         An initializer ``(key, shape, dtype=float32) -> array``.
@@ -467,6 +467,13 @@ def from_array(array: jax.typing.ArrayLike) -> Callable[..., jax.Array]:
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         raise TypeError(f"array: expected an array, got {type(array).__name__}")
     value = jnp.asarray(array)
+    if not isinstance(value, jax.core.Tracer):
+        finite = np.isfinite(np.asarray(value, np.float64))
+        if not finite.all():
+            raise ValueError(
+                f"array: expected finite values, got {int((~finite).sum())} NaN or infinite "
+                f"value(s) of {value.size}"
+            )
 
     def init(key, shape, dtype=jnp.float32):
         shape, dtype = _check_shape_dtype(key, shape, dtype)

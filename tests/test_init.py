@@ -189,6 +189,11 @@ def test_from_array_returns_the_array_and_checks_the_shape():
         init.from_array(value)(KEY, (2, 2, 3, 12))
     with pytest.raises(TypeError, match="array: expected an array"):
         init.from_array([1.0, 2.0])
+    for bad in (np.nan, np.inf):
+        poisoned = value.copy()
+        poisoned[1, 0, 2, 5] = bad
+        with pytest.raises(ValueError, match=r"array: expected finite values, got 1 NaN or inf"):
+            init.from_array(poisoned)  # a NaN initial weight gave a NaN loss at step 1
 
 
 def test_dtypes_and_constant_initializers():

@@ -27,9 +27,11 @@ def window_rank(window, name: str) -> int | None:
 
 
 def check_initializer(value, name: str, default: Initializer | None = None) -> Initializer:
-    """``value`` if it is callable as ``init(key, shape, dtype)``, or ``default`` where ``value`` is
-    ``None`` and there is a default; a TypeError naming ``name`` otherwise (also for a falsy
-    non-callable such as 0, which ``value or default`` would silently replace)."""
+    """``value``, callable as ``init(key, shape, dtype)``, wrapped to check that it returns an
+    array of that shape; ``default`` where ``value`` is ``None`` and there is a default; a
+    TypeError naming ``name`` otherwise (also for a falsy non-callable such as 0, which
+    ``value or default`` would silently replace, and for a factory passed uncalled:
+    ``jcnn.init.he_normal`` for ``jcnn.init.he_normal()``)."""
     if value is None and default is not None:
         return default
     if not callable(value):
@@ -37,7 +39,32 @@ def check_initializer(value, name: str, default: Initializer | None = None) -> I
             f"{name}: expected an initializer init(key, shape, dtype) such as "
             f"jcnn.init.he_normal(), got {_describe(value)}"
         )
-    return value
+    try:
+        signature = inspect.signature(value).replace(return_annotation=inspect.Signature.empty)
+    except ValueError:  # some builtins publish none
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(None, (), None)
+        except TypeError:
+            raise TypeError(
+                f"{name}: expected an initializer init(key, shape, dtype), got "
+                f"{getattr(value, '__qualname__', _describe(value))}{signature}, which cannot "
+                "take those three arguments; a factory makes one when called: "
+                "jcnn.init.he_normal(), not jcnn.init.he_normal"
+            ) from None
+
+    def checked(key, shape, dtype):
+        array = value(key, shape, dtype)
+        expected = f"{name}: expected init(key, shape={tuple(shape)}, dtype) to return an array"
+        if getattr(array, "shape", None) is None:
+            hint = " (a factory passed uncalled? call it: he_normal(), not he_normal)"
+            raise TypeError(f"{expected}, got {_describe(array)}{hint if callable(array) else ''}")
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(f"{expected} of that shape, got shape {tuple(array.shape)}")
+        return array
+
+    return checked
 
 
 def check_spatial_rank(x, rank: int, what: str) -> None:

@@ -432,3 +432,21 @@ def test_a_non_callable_initializer_is_named(make, x_shape, name, bad):
     layer = make(**{name: bad})
     with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
         layer.init(jax.random.key(0), jnp.ones(x_shape))
+
+
+_WRONG_INITIALIZERS = [
+    (init.he_normal, TypeError, r"cannot take those three arguments; .* jcnn.init.he_normal\(\)"),
+    (jax.nn.initializers.he_normal, TypeError, r"to return an array, got function .* uncalled"),
+    (lambda key, shape, dtype: jnp.zeros((2,), dtype), ValueError, r"got shape \(2,\)"),
+]
+
+
+@pytest.mark.parametrize(("bad", "error", "message"), _WRONG_INITIALIZERS)
+def test_a_factory_passed_uncalled_or_a_wrong_shape_is_named(bad, error, message):
+    # a jcnn factory gave "takes 0 positional arguments"; a jax one stored a function as the kernel
+    for name in ["kernel_init", "bias_init"]:
+        layer = nn.Conv(4, 3, **{name: bad})
+        with pytest.raises(error, match=f"^{name}: expected .*{message}"):
+            layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+    layer = nn.Conv(4, 3, kernel_init=init.he_normal(), bias_init=jax.nn.initializers.normal())
+    assert layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]["bias"].shape == (4,)

@@ -246,3 +246,16 @@ def test_a_non_callable_initializer_is_named(make, args, name, bad):
     layer = make(**{name: bad})
     with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
         layer.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), *args)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (init.normal, TypeError, "cannot take those three arguments"),
+        (lambda key, shape, dtype: jnp.ones((1, *shape), dtype), ValueError, r"got shape \(1, 3\)"),
+    ],
+)
+@pytest.mark.parametrize("name", ["scale_init", "bias_init"])
+def test_an_initializer_that_cannot_make_the_parameter_is_named(name, bad, error, message):
+    with pytest.raises(error, match=f"^{name}: expected .*{message}"):
+        nn.LayerNorm(**{name: bad}).init(jax.random.key(0), jnp.ones((2, 4, 4, 3)))

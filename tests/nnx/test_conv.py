@@ -208,3 +208,19 @@ def test_a_non_floating_compute_dtype_is_a_type_error(dtype):
 def test_a_non_callable_initializer_is_named_as_in_the_linen_twin(build, name, bad):
     with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
         build(nnx.Rngs(0), **{name: bad})
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (init.he_normal, TypeError, r"cannot take those three arguments"),
+        (jax.nn.initializers.he_normal, TypeError, r"got function .* uncalled"),
+        (lambda key, shape, dtype: jnp.zeros((2,), dtype), ValueError, r"got shape \(2,\)"),
+    ],
+)
+def test_a_factory_passed_uncalled_or_a_wrong_shape_is_named_as_in_the_linen_twin(
+    bad, error, message
+):
+    for name in ["kernel_init", "bias_init"]:
+        with pytest.raises(error, match=f"^{name}: expected .*{message}"):
+            jnnx.Conv(3, 4, 3, **{name: bad}, rngs=nnx.Rngs(0))
