@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jcnn.functional._checks import check_bool, check_real
@@ -96,6 +97,39 @@ def _check_rate(value, name: str):
         raise TypeError(
             f"{name}: expected a finite number >= 0 or a schedule step -> rate, got {value!r}"
         ) from None
+
+
+_MASK_FORMS = "a pytree of bools or a function params -> pytree of bools"
+
+
+def _is_bool(leaf) -> bool:
+    return isinstance(leaf, (bool, np.bool_)) or (
+        getattr(leaf, "dtype", None) == np.bool_ and np.ndim(leaf) == 0
+    )
+
+
+def _check_mask_tree(tree, name: str):
+    """``tree`` if every leaf is a bool (Optax reads any other leaf by its truth: 5 or "no"
+    would decay everything)."""
+    leaves = jax.tree.leaves(tree)
+    bad = [leaf for leaf in leaves if not _is_bool(leaf)]
+    if bad:
+        got = repr(tree) if leaves == [tree] else f"{type(tree).__name__} with a leaf {bad[0]!r}"
+        raise TypeError(f"{name}: expected {_MASK_FORMS}, got {got}")
+    return tree
+
+
+def _check_mask(mask):
+    """The weight-decay mask as Optax takes it; a function's result is checked when it is called."""
+    if mask is None:
+        return default_decay_mask
+    if not callable(mask):
+        return _check_mask_tree(mask, "mask")
+
+    def checked(params):
+        return _check_mask_tree(mask(params), "mask(params)")
+
+    return checked
 
 
 def optimizer(
@@ -156,7 +190,7 @@ def optimizer(
         clip_norm = check_real(clip_norm, "clip_norm", low=0, low_open=True)
     if decoupled is not None:
         decoupled = check_bool(decoupled, "decoupled")
-    mask = default_decay_mask if mask is None else mask
+    mask = _check_mask(mask)
     if decoupled is None:
         decoupled = name in _DECOUPLED_BY_DEFAULT
 

@@ -203,3 +203,42 @@ def test_numpy_scalars_are_valid_rates(rng):
     for rate in (np.float32(0.05), np.float64(0.05), np.array(0.05, np.float32)):
         got = _run(optim.optimizer("adam", rate, eps=np.float32(1e-7)), x, target, steps=3)
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (5, "mask: expected a pytree of bools or a function params -> pytree of bools, got 5"),
+        (
+            "no",
+            "mask: expected a pytree of bools or a function params -> pytree of bools, got 'no'",
+        ),
+        (
+            {"w": True, "b": 0},
+            "mask: expected a pytree of bools or a function params -> pytree "
+            "of bools, got dict with a leaf 0",
+        ),
+    ],
+)
+def test_a_mask_that_is_not_bools_is_refused(mask, message):
+    # Optax reads any leaf by its truth: 5 or "no" would decay every parameter
+    with pytest.raises(TypeError, match=re.escape(message)):
+        optim.optimizer("sgd", 0.1, weight_decay=0.1, mask=mask)
+
+
+def test_a_mask_function_returning_no_bools_is_refused():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    tx = optim.optimizer("sgd", 0.1, weight_decay=0.1, mask=lambda p: 5)
+    with pytest.raises(TypeError, match=re.escape("mask(params): expected a pytree of bools")):
+        tx.init(params)
+
+
+@pytest.mark.parametrize(
+    "mask", [{"w": True, "b": False}, lambda p: {"w": np.bool_(True), "b": jnp.asarray(False)}]
+)
+def test_a_mask_of_bools_chooses_what_decays(mask):
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    tx = optim.optimizer("sgd", 0.1, weight_decay=0.5, mask=mask)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.05)
+    np.testing.assert_allclose(updates["b"], 0.0)
