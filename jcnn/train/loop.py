@@ -356,6 +356,13 @@ def _check_callbacks(callbacks) -> tuple:
                 f"callbacks[{i}]: expected an object with some of {', '.join(HOOKS)}, got "
                 f"{type(callback).__name__}"
             )
+        for hook in (*HOOKS, "state_dict", "load_state_dict"):
+            method = getattr(callback, hook, None)
+            if method is not None and not callable(method):
+                raise TypeError(
+                    f"callbacks[{i}].{hook}: expected a method, got {method!r} "
+                    f"({type(callback).__name__})"
+                )
     return tuple(callbacks)
 
 
@@ -434,6 +441,9 @@ def evaluate(
         ``{"loss", "accuracy", <metric names>..., "count"}``: means over the examples (each batch's
         value weighted by its size) and the number of examples.
     """
+    check_eval_loader(loader, "loader")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss: expected a callable (logits, labels) -> loss, got {loss!r}")
     pairs = metric_pairs(metrics)
     sums: dict[str, float] = {}
     count = 0

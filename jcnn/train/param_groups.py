@@ -189,6 +189,10 @@ def active_for(transform: optax.GradientTransformation, steps: int) -> optax.Gra
 
     The wrapped transformation's state keeps advancing; only its output is masked.
     """
+    if not all(callable(getattr(transform, name, None)) for name in ("init", "update")):
+        raise TypeError(
+            f"transform: expected an optax.GradientTransformation, got {type(transform).__name__}"
+        )
     if isinstance(steps, bool) or not isinstance(steps, (int, jnp.integer)) or steps < 0:
         raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
     return optax.chain(transform, optax.scale_by_schedule(lambda count: (count < steps) * 1.0))

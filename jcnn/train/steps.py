@@ -45,6 +45,8 @@ def batch_loss(
     >>> float(batch_loss(lambda z, y: jnp.sum(z, axis=1) + 1.0, logits, labels))
     1.0
     """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
     value = _as_array(loss_fn(logits, labels), f"loss {_describe(loss_fn)}", "a loss")
     n = logits.shape[0]
     if value.shape not in ((), (n,)):
@@ -79,6 +81,8 @@ def batch_metrics(
     """
     values = {}
     for name, fn in metrics or ():
+        if not callable(fn):
+            raise TypeError(f"metrics[{name!r}]: expected a callable, got {fn!r}")
         what = f"metric {name!r} ({_describe(fn)})"
         value = _as_array(fn(logits, labels), what, "a scalar (the batch's value)")
         real = (jnp.floating, jnp.integer, jnp.bool_)

@@ -110,11 +110,9 @@ def tta_logits(
         weights: one positive weight per view for a weighted mean (they are normalized to sum to
             1); ``None``: equal weights.
     """
-    if not views:
-        raise ValueError("views: expected at least one view, got none")
-    for i, view in enumerate(views):
-        if not callable(view):
-            raise TypeError(f"views[{i}]: expected a function images -> images, got {view!r}")
+    if not callable(predict):
+        raise TypeError(f"predict: expected a function images -> outputs, got {predict!r}")
+    views = _check_views(views)
     weights = _check_weights(weights, len(views))
     total = None
     for view, weight in zip(views, weights, strict=True):
@@ -126,6 +124,18 @@ def tta_logits(
         out = weight * predict(transformed).astype(jnp.float32)
         total = out if total is None else total + out
     return total
+
+
+def _check_views(views) -> tuple[View, ...]:
+    if isinstance(views, (str, bytes)) or not hasattr(views, "__iter__"):
+        raise TypeError(f"views: expected a sequence of functions images -> images, got {views!r}")
+    views = tuple(views)
+    if not views:
+        raise ValueError("views: expected at least one view, got none")
+    for i, view in enumerate(views):
+        if not callable(view):
+            raise TypeError(f"views[{i}]: expected a function images -> images, got {view!r}")
+    return views
 
 
 def _check_weights(weights, count: int) -> tuple[float, ...]:
@@ -154,14 +164,7 @@ def with_tta(
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a model's apply function, got {apply_fn!r}")
-    if isinstance(views, (str, bytes)) or not hasattr(views, "__iter__"):
-        raise TypeError(f"views: expected a sequence of functions images -> images, got {views!r}")
-    views = tuple(views)
-    if not views:
-        raise ValueError("views: expected at least one view, got none")
-    for i, view in enumerate(views):
-        if not callable(view):
-            raise TypeError(f"views[{i}]: expected a function images -> images, got {view!r}")
+    views = _check_views(views)
     weights = _check_weights(weights, len(views))
 
     def apply(variables, images, *args, train: bool = False, **kwargs):

@@ -112,6 +112,27 @@ def test_callbacks_are_checked_against_the_run(tmp_path, rng):
         fit(TinyNet(), train, val, _config(), callbacks=[print])
 
 
+class NotAMethod(Callback):
+    on_step = 5
+
+
+class StateNotAMethod(Callback):
+    state_dict = {"best": 1.0}  # would be skipped: the state silently lost on resume
+
+
+@pytest.mark.parametrize(
+    "callback, says",
+    [
+        (NotAMethod(), r"callbacks\[0\].on_step: expected a method, got 5 \(NotAMethod\)"),
+        (StateNotAMethod(), r"callbacks\[0\].state_dict: expected a method, got \{'best': 1.0\}"),
+    ],
+)
+def test_a_hook_that_is_not_a_method_is_refused_up_front(rng, callback, says):
+    train, val = _loaders(rng)
+    with pytest.raises(TypeError, match=says):
+        fit(TinyNet(), train, val, _config(), callbacks=[callback])
+
+
 class Recorder:
     """A duck-typed callback (no base class) that stops after the first epoch."""
 

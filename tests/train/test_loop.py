@@ -842,3 +842,12 @@ def test_a_one_shot_or_array_pair_evaluation_loader_is_named(rng):
     assert once["history"][-1]["val_accuracy"] is not None
     at_the_end = fit(TinyNet(), train, batches, config, test_loader=iter(batches))
     assert "test_accuracy" in at_the_end["summary"]
+
+
+def test_evaluate_checks_its_loader_and_loss(rng):
+    train, val = _loaders(*_data(rng, n=32))
+    state = fit(TinyNet(), train, None, _quiet())["state"]
+    with pytest.raises(TypeError, match=r"loss: expected a callable \(logits, labels\) -> loss"):
+        loop.evaluate(state, val, loss=5)
+    with pytest.raises(TypeError, match="loader: expected a loader with epoch"):
+        loop.evaluate(state, 5)

@@ -80,3 +80,8 @@ def test_active_for_freezes_after_the_given_updates():
         active_for(optax.sgd(0.1), -1)
     with pytest.raises(ValueError, match="steps: expected a non-negative int, got 1.5"):
         active_for(optax.sgd(0.1), 1.5)
+
+
+def test_active_for_refuses_what_is_no_transformation():
+    with pytest.raises(TypeError, match="transform: expected an optax.GradientTransformation"):
+        active_for(5, 3)

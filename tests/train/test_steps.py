@@ -328,3 +328,13 @@ def test_a_metric_or_loss_returning_no_number_is_named(rng, output, error, says)
             eval_step(state, _batch(rng), loss_fn=lambda logits, labels: output)
     counts = {"hits": lambda logits, labels: jnp.sum(jnp.argmax(logits, -1) == labels)}
     assert eval_step(state, _batch(rng), metrics=counts)["hits"].dtype == jnp.float32
+
+
+def test_batch_loss_and_batch_metrics_refuse_what_is_not_callable():
+    from jcnn.train.steps import batch_loss, batch_metrics
+
+    logits, labels = jnp.zeros((4, 3)), jnp.array([0, 1, 2, 0])
+    with pytest.raises(TypeError, match=r"loss_fn: expected a callable \(logits, labels\) -> loss"):
+        batch_loss(5, logits, labels)
+    with pytest.raises(TypeError, match=r"metrics\['f1'\]: expected a callable, got 0.5"):
+        batch_metrics((("f1", 0.5),), logits, labels)

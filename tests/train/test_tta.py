@@ -124,3 +124,14 @@ def test_flip_must_be_a_bool(flip):
     with pytest.raises(TypeError, match="flip: expected a Python bool"):
         flip_translate_views(flip=flip)
     assert len(flip_translate_views(flip=np.bool_(True))) == 6
+
+
+def test_tta_logits_checks_predict_and_views_up_front():
+    images = jnp.ones((1, 4, 4, 1))
+    with pytest.raises(TypeError, match="predict: expected a function images -> outputs, got 5"):
+        tta_logits(5, images, [lambda x: x])
+    with pytest.raises(TypeError, match="views: expected a sequence of functions images -> images"):
+        tta_logits(lambda x: x, images, 5)
+    # a generator of views is read once, not consumed by the checks (it averaged over nothing)
+    views = (view for view in flip_translate_views(shifts=((0, 0),)))
+    np.testing.assert_allclose(tta_logits(lambda x: x.mean(axis=(1, 2)), images, views), 1.0)
