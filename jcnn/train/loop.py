@@ -59,7 +59,7 @@ from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
 from jcnn.train.protocol import TrainLoader, check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
-from jcnn.train.steps import eval_step, metric_pairs, train_step, train_steps
+from jcnn.train.steps import check_loss_fn, eval_step, metric_pairs, train_step, train_steps
 
 __all__ = ["TrainConfig", "fit", "evaluate", "build_schedule", "NonFiniteLossError"]
 
@@ -442,8 +442,7 @@ def evaluate(
         value weighted by its size) and the number of examples.
     """
     check_eval_loader(loader, "loader")
-    if loss is not None and not callable(loss):
-        raise TypeError(f"loss: expected a callable (logits, labels) -> loss, got {loss!r}")
+    check_loss_fn(loss, "loss")
     pairs = metric_pairs(metrics)
     sums: dict[str, float] = {}
     count = 0
@@ -849,9 +848,7 @@ def _fit(
             f"config.steps_per_call: expected 1 with DP-SGD or devices (their steps run one per "
             f"call), got {config.steps_per_call}"
         )
-    loss_fn = _either(loss, config.loss, "loss", None)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
+    loss_fn = check_loss_fn(_either(loss, config.loss, "loss", None), "loss")
     if loss_fn is not None and config.label_smoothing:
         raise ValueError(
             "config.label_smoothing: applies to the default cross-entropy only, not to a custom "

@@ -122,6 +122,7 @@ def metric_pairs(metrics) -> tuple:
             )
         if not callable(fn):
             raise TypeError(f"metrics[{name!r}]: expected a callable, got {type(fn).__name__}")
+        _hashable_fn(fn, f"metrics[{name!r}]")
     names = [name for name, _ in items]
     if len(set(names)) != len(names):
         raise ValueError(f"metrics: each name must appear once, got {names}")
@@ -138,16 +139,31 @@ def _hashable(value, name: str):
     return value
 
 
+def _hashable_fn(fn, name: str):
+    try:
+        hash(fn)
+    except TypeError as error:
+        raise TypeError(
+            f"{name}: expected a hashable callable (it is a static argument of the jit-compiled "
+            f"step), got an unhashable {type(fn).__name__} ({error}); use a plain function, a "
+            "functools.partial or a frozen dataclass (@dataclasses.dataclass(frozen=True))"
+        ) from None
+    return fn
+
+
+def check_loss_fn(loss_fn, name: str = "loss_fn"):
+    """``loss_fn`` if ``None`` or a hashable callable, else a ``TypeError`` naming ``name``."""
+    if loss_fn is None:
+        return None
+    if not callable(loss_fn):
+        raise TypeError(f"{name}: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
+    return _hashable_fn(loss_fn, name)
+
+
 def _patterns(no_grad) -> tuple[str, ...]:
     if isinstance(no_grad, (str, bytes)) or not isinstance(no_grad, (tuple, list)):
         raise TypeError(f"no_grad: expected a sequence of glob patterns (str), got {no_grad!r}")
     return tuple(no_grad)
-
-
-def _loss_fn(loss_fn):
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn: expected a callable or None, got {type(loss_fn).__name__}")
-    return _hashable(loss_fn, "loss_fn")
 
 
 def _label_smoothing(value) -> float:
@@ -157,7 +173,7 @@ def _label_smoothing(value) -> float:
 STEP_OPTIONS = {
     "compute_dtype": lambda dtype: _hashable(dtype, "compute_dtype"),
     "label_smoothing": _label_smoothing,
-    "loss_fn": _loss_fn,
+    "loss_fn": check_loss_fn,
     "metrics": metric_pairs,
     "no_grad": _patterns,
 }

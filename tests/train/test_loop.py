@@ -851,3 +851,14 @@ def test_evaluate_checks_its_loader_and_loss(rng):
         loop.evaluate(state, val, loss=5)
     with pytest.raises(TypeError, match="loader: expected a loader with epoch"):
         loop.evaluate(state, 5)
+
+
+def test_an_unhashable_loss_given_to_fit_is_named_loss_and_explained(rng):
+    @dataclasses.dataclass
+    class Loss:
+        def __call__(self, logits, labels):
+            return jnp.mean(logits)
+
+    train, val = _loaders(*_data(rng, n=32))
+    with pytest.raises(TypeError, match=r"loss: expected a hashable callable \(it is a static"):
+        fit(TinyNet(), train, val, _quiet(), loss=Loss())

@@ -1,5 +1,7 @@
 """train_step / train_steps / eval_step on a small Flax CNN with BatchNorm and dropout."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -288,7 +290,11 @@ def test_options_as_users_write_them_compile_as_their_tuples(rng):
         (dict(metrics=[("a", 1.0)]), TypeError, r"metrics\['a'\]: expected a callable"),
         (dict(metrics=_extra_metric), TypeError, "metrics: expected a dict"),
         (dict(no_grad={"Dense_0/*"}), TypeError, "no_grad: expected a sequence"),
-        (dict(loss_fn="mse"), TypeError, "loss_fn: expected a callable or None, got str"),
+        (
+            dict(loss_fn="mse"),
+            TypeError,
+            r"loss_fn: expected a callable \(logits, labels\) -> loss",
+        ),
         (dict(label_smoothing=jnp.ones(2)), TypeError, "label_smoothing"),
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing: expected a number in \[0, 1\]"),
     ],
@@ -298,15 +304,35 @@ def test_bad_step_options_are_named(rng, options, error, message):
         train_step(_state(SmallNet()), _batch(rng), **options)
 
 
-def test_an_unhashable_loss_is_named(rng):
-    class Loss:
-        __hash__ = None
+@dataclasses.dataclass
+class _MeanLoss:  # eq=True without frozen=True: instances are unhashable
+    scale: float = 1.0
 
-        def __call__(self, logits, labels):
-            return jnp.mean(logits)
+    def __call__(self, logits, labels):
+        return self.scale * jnp.mean(logits)
 
-    with pytest.raises(TypeError, match="loss_fn: expected a hashable value"):
-        eval_step(_state(SmallNet()), _batch(rng), loss_fn=Loss())
+
+_UNHASHABLE = (
+    r"expected a hashable callable \(it is a static argument of the jit-compiled step\), got an "
+    r"unhashable _MeanLoss \(unhashable type: '_MeanLoss'\); use a plain function, a "
+    r"functools.partial or a frozen dataclass"
+)
+
+
+def test_an_unhashable_loss_or_metric_is_named_and_explained(rng):
+    with pytest.raises(TypeError, match="loss_fn: " + _UNHASHABLE):
+        eval_step(_state(SmallNet()), _batch(rng), loss_fn=_MeanLoss())
+    with pytest.raises(TypeError, match=r"metrics\['mean'\]: " + _UNHASHABLE):
+        eval_step(_state(SmallNet()), _batch(rng), metrics={"mean": _MeanLoss()})
+    assert "loss" in eval_step(_state(SmallNet()), _batch(rng), loss_fn=_FrozenMeanLoss())
+
+
+@dataclasses.dataclass(frozen=True)
+class _FrozenMeanLoss:
+    scale: float = 1.0
+
+    def __call__(self, logits, labels):
+        return self.scale * jnp.mean(logits)
 
 
 @pytest.mark.parametrize(
