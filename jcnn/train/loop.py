@@ -56,7 +56,7 @@ from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
 from jcnn.train.optim import OPTIMIZERS, optimizer
 from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
-from jcnn.train.protocol import TrainLoader, check_eval_loader, check_train_loader
+from jcnn.train.protocol import TrainLoader, check_batch, check_eval_loader, check_train_loader
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
 from jcnn.train.steps import check_loss_fn, eval_step, metric_pairs, train_step, train_steps
@@ -444,21 +444,27 @@ def evaluate(
     check_eval_loader(loader, "loader")
     check_loss_fn(loss, "loss")
     pairs = metric_pairs(metrics)
+    return _evaluate(state, loader, "loader", compute_dtype, mesh, loss, pairs)
+
+
+def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs) -> dict:
+    """``evaluate`` with its options checked, errors naming the loader ``name``."""
     sums: dict[str, float] = {}
     count = 0
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
     for batch in batches:
+        batch = check_batch(batch, name)
         if mesh is not None:
             batch = _place_batch(batch, mesh)
         values = jax.device_get(
-            eval_step(state, tuple(batch), compute_dtype=compute_dtype, loss_fn=loss, metrics=pairs)
+            eval_step(state, batch, compute_dtype=compute_dtype, loss_fn=loss, metrics=pairs)
         )
         n = int(values.pop("count"))
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
         count += n
     if count == 0:
-        raise ValueError("loader: the evaluation loader yielded no batches")
+        raise ValueError(f"{name}: the evaluation loader yielded no batches")
     return {**{key: total / count for key, total in sums.items()}, "count": count}
 
 
@@ -609,7 +615,7 @@ def _epoch_length_checked(batches, epoch: int, start: int, total: int) -> Iterat
                 f"start_step={start}) yields more (expected {total - start} batches)"
             )
         count += 1
-        yield batch
+        yield check_batch(batch, f"train_loader.epoch({epoch})")
     if count < total:
         raise ValueError(
             f"train_loader: len() says {total} batches per epoch, but epoch({epoch}, "
@@ -891,7 +897,7 @@ def _fit(
     tx = _build_optimizer(config, schedule)
     if isinstance(config.optimizer, (optax.GradientTransformation, optax.MultiSteps)):
         schedule = None  # the optimizer's own rate: not known here
-    sample_images, sample_labels = train_loader.batch(0, 0)
+    sample_images, sample_labels = check_batch(train_loader.batch(0, 0), "train_loader.batch(0, 0)")
     state = TrainState.create(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
@@ -1008,9 +1014,7 @@ def _fit(
         pending = int(state.step)
 
     def validate():
-        values = evaluate(
-            state, val_loader, compute_dtype=compute_dtype, mesh=mesh, loss=loss_fn, metrics=pairs
-        )
+        values = _evaluate(state, val_loader, "val_loader", compute_dtype, mesh, loss_fn, pairs)
         entry = {"step": int(state.step), "epoch": epoch + 1, **_prefixed("val", values)}
         evaluations.append(entry)
         _call(callbacks, "on_evaluation", run, dict(entry))
@@ -1173,13 +1177,8 @@ def _fit(
                 entry = last_evaluation if reuse else validate()
                 record.update({k: entry[k] for k in val_names})
             if test_loader is not None and config.test_every_epoch:
-                test = evaluate(
-                    state,
-                    test_loader,
-                    compute_dtype=compute_dtype,
-                    mesh=mesh,
-                    loss=loss_fn,
-                    metrics=pairs,
+                test = _evaluate(
+                    state, test_loader, "test_loader", compute_dtype, mesh, loss_fn, pairs
                 )
                 record.update(_prefixed("test", test))
             if history and history[-1]["epoch"] == record["epoch"]:
@@ -1216,14 +1215,7 @@ def _fit(
         if "test_loss" in last and last["step"] == int(state.step):
             test = {k[len("test_") :]: v for k, v in last.items() if k.startswith("test_")}
         else:
-            test = evaluate(
-                state,
-                test_loader,
-                compute_dtype=compute_dtype,
-                mesh=mesh,
-                loss=loss_fn,
-                metrics=pairs,
-            )
+            test = _evaluate(state, test_loader, "test_loader", compute_dtype, mesh, loss_fn, pairs)
             test.pop("count")
     summary = (
         _summary(

@@ -18,10 +18,10 @@ An evaluation loader (validation, test) needs only ``epoch(0)`` or plain iterati
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["TrainLoader", "check_train_loader", "check_eval_loader"]
+__all__ = ["TrainLoader", "check_train_loader", "check_eval_loader", "check_batch"]
 
 
 @runtime_checkable
@@ -100,3 +100,28 @@ def check_eval_loader(loader, name: str, *, repeated: bool = False) -> None:
         )
     if hasattr(type(loader), "__len__") and len(loader) == 0:
         raise ValueError(f"{name}: expected at least one (images, labels) batch, got none")
+
+
+def check_batch(batch, name: str) -> tuple[Any, Any]:
+    """``batch`` as the tuple ``(images, labels)``; a ``TypeError`` naming ``name`` for anything
+    else (a dict such as ``{"image": x, "label": y}``, a triple, arrays not paired)."""
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"{name}: expected each batch to be a pair (images, labels) of arrays, got a "
+            f"{type(batch).__name__} with keys {list(batch)}; yield tuples, e.g. "
+            "(batch['image'], batch['label'])"
+        )
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and all(hasattr(part, "shape") for part in batch)
+    ):
+        return tuple(batch)
+    if isinstance(batch, (tuple, list)):
+        parts = ", ".join(type(part).__name__ for part in batch)
+        got = f"a {type(batch).__name__} of {len(batch)} ({parts})"
+    else:
+        got = f"a {type(batch).__name__}"
+    raise TypeError(
+        f"{name}: expected each batch to be a pair (images, labels) of arrays, got {got}"
+    )

@@ -862,3 +862,43 @@ def test_an_unhashable_loss_given_to_fit_is_named_loss_and_explained(rng):
     train, val = _loaders(*_data(rng, n=32))
     with pytest.raises(TypeError, match=r"loss: expected a hashable callable \(it is a static"):
         fit(TinyNet(), train, val, _quiet(), loss=Loss())
+
+
+class _DictLoader:
+    """A loader yielding {"image", "label"} dicts (the tf.data / Hugging Face habit)."""
+
+    def __init__(self, images, labels, as_pairs_from=None):
+        self.images, self.labels, self.as_pairs_from = images, labels, as_pairs_from
+
+    def __len__(self):
+        return 2
+
+    def epoch(self, epoch, start_step=0):
+        return (self.batch(epoch, step) for step in range(start_step, 2))
+
+    def batch(self, epoch, step):
+        part = slice(16 * step, 16 * step + 16)
+        if self.as_pairs_from is not None and step < self.as_pairs_from:
+            return self.images[part], self.labels[part]
+        return {"image": self.images[part], "label": self.labels[part]}
+
+
+_DICT_BATCH = (
+    r"expected each batch to be a pair \(images, labels\) of arrays, got a dict with keys "
+    r"\['image', 'label'\]"
+)
+
+
+def test_a_batch_given_as_a_dict_is_named(tmp_path, rng):
+    images, labels = _data(rng, n=32)
+    train, val = _loaders(images, labels)
+    with pytest.raises(TypeError, match=r"train_loader.batch\(0, 0\): " + _DICT_BATCH):
+        fit(TinyNet(), _DictLoader(images, labels), None, _config(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    with pytest.raises(TypeError, match=r"train_loader.epoch\(0\): " + _DICT_BATCH):
+        fit(TinyNet(), _DictLoader(images, labels, as_pairs_from=1), None, _quiet())
+    with pytest.raises(TypeError, match="val_loader: " + _DICT_BATCH):
+        fit(TinyNet(), train, [{"image": images, "label": labels}], _quiet())
+    state = fit(TinyNet(), train, None, _quiet())["state"]
+    with pytest.raises(TypeError, match="loader: " + _DICT_BATCH):
+        loop.evaluate(state, [{"image": images, "label": labels}])

@@ -23,3 +23,25 @@ def test_eval_loader_that_would_not_evaluate_again_or_is_a_pair_of_arrays():
         Loader(images, labels, batch_size=4, shuffle=False), "val_loader", repeated=True
     )
     check_eval_loader((b for b in batches), "test_loader")
+
+
+def test_a_batch_must_be_a_pair_of_arrays():
+    from jcnn.train.protocol import check_batch
+
+    x, y = np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int32)
+    assert check_batch([x, y], "loader") == (x, y)
+    with pytest.raises(
+        TypeError,
+        match=r"loader: expected each batch to be a pair \(images, labels\) of arrays, got a "
+        r"dict with keys \['image', 'label'\]; yield tuples, e.g. "
+        r"\(batch\['image'\], batch\['label'\]\)",
+    ):
+        check_batch({"image": x, "label": y}, "loader")
+    with pytest.raises(
+        TypeError, match=r"loader: .*got a tuple of 3 \(ndarray, ndarray, ndarray\)"
+    ):
+        check_batch((x, y, y), "loader")
+    with pytest.raises(TypeError, match=r"loader: .*got a tuple of 2 \(ndarray, list\)"):
+        check_batch((x, [0, 1]), "loader")
+    with pytest.raises(TypeError, match=r"loader: .*of arrays, got a ndarray"):
+        check_batch(x, "loader")
