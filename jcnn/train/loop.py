@@ -47,7 +47,7 @@ import optax
 from jax.typing import DTypeLike
 
 from jcnn import native
-from jcnn.data import Standardize
+from jcnn.data import Loader, Standardize
 from jcnn.functional._checks import check_bool, check_int, check_positive_int, check_real
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
@@ -56,7 +56,13 @@ from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
 from jcnn.train.optim import OPTIMIZERS, optimizer
 from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
-from jcnn.train.protocol import TrainLoader, check_batch, check_eval_loader, check_train_loader
+from jcnn.train.protocol import (
+    TrainLoader,
+    check_batch,
+    check_eval_loader,
+    check_labels,
+    check_train_loader,
+)
 from jcnn.train.splits import split_validation
 from jcnn.train.state import TrainState
 from jcnn.train.steps import check_loss_fn, eval_step, metric_pairs, train_step, train_steps
@@ -447,18 +453,36 @@ def evaluate(
     return _evaluate(state, loader, "loader", compute_dtype, mesh, loss, pairs)
 
 
-def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs) -> dict:
-    """``evaluate`` with its options checked, errors naming the loader ``name``."""
+def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classes=None) -> dict:
+    """``evaluate`` with its options checked, errors naming the loader ``name``; ``classes``: the
+    model's output width if known.
+
+    Labels are checked against the classes where it costs no device round trip: a
+    ``jcnn.data.Loader``'s once, NumPy labels per batch, others only when a batch's loss is not
+    finite (a label ``classes`` makes it NaN).
+    """
+
+    def check(labels, images):
+        nonlocal classes
+        classes = _output_width(state, images) if classes is None else classes
+        check_labels(labels, classes, f"{name} labels")
+
+    if isinstance(loader, Loader):
+        check(loader.examples[1], loader.examples[0])
     sums: dict[str, float] = {}
     count = 0
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
     for batch in batches:
         batch = check_batch(batch, name)
+        if isinstance(batch[1], np.ndarray):
+            check(batch[1], batch[0])
         if mesh is not None:
             batch = _place_batch(batch, mesh)
         values = jax.device_get(
             eval_step(state, batch, compute_dtype=compute_dtype, loss_fn=loss, metrics=pairs)
         )
+        if not math.isfinite(values["loss"]):
+            check(batch[1], batch[0])
         n = int(values.pop("count"))
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
@@ -523,6 +547,16 @@ class _Progress:
             print(message, flush=True)
 
 
+def _output_width(state, images) -> int:
+    """The number of classes: the width of the model's logits (traced, not run)."""
+    logits = jax.eval_shape(
+        lambda variables, x: state.apply_fn(variables, x, train=False),
+        state.variables(),
+        images[:1],
+    )
+    return logits.shape[-1]
+
+
 def _all_finite(batch) -> bool:
     """Whether a batch's floating arrays are all finite (a NaN input is the data's fault)."""
     return all(
@@ -538,8 +572,6 @@ def _new_running(names=()) -> dict:
 
 
 def _restandardize(loader, transform, name: str):
-    from jcnn.data import Loader
-
     if not isinstance(loader, Loader):
         raise TypeError(
             f"{name}: config.standardize needs a jcnn.data.Loader over arrays, got "
@@ -553,8 +585,6 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     """Carve config.val_split, fit and apply config.standardize; the loaders to train on."""
     if config.val_split is None and config.standardize is None:
         return train_loader, val_loader, test_loader, stats
-    from jcnn.data import Loader
-
     option = "config.val_split" if config.val_split is not None else "config.standardize"
     if stats is not None and config.standardize is not None:
         raise ValueError(
@@ -603,10 +633,11 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     return train_loader, val_loader, test_loader, stats
 
 
-def _epoch_length_checked(batches, epoch: int, start: int, total: int) -> Iterator:
+def _epoch_length_checked(batches, epoch: int, start: int, total: int, classes: int) -> Iterator:
     """The batches of ``train_loader.epoch(epoch, start_step=start)``, checked against ``len()``:
     an epoch that yields more or fewer batches than ``len(train_loader)`` is a ``ValueError`` (it
-    would never end, or never be counted as complete)."""
+    would never end, or never be counted as complete). NumPy labels are checked against the
+    ``classes`` here, on the host; device arrays are not (that would wait for each batch)."""
     count = start
     for batch in batches:
         if count == total:
@@ -615,7 +646,10 @@ def _epoch_length_checked(batches, epoch: int, start: int, total: int) -> Iterat
                 f"start_step={start}) yields more (expected {total - start} batches)"
             )
         count += 1
-        yield check_batch(batch, f"train_loader.epoch({epoch})")
+        batch = check_batch(batch, f"train_loader.epoch({epoch})")
+        if isinstance(batch[1], np.ndarray):
+            check_labels(batch[1], classes, f"train_loader.epoch({epoch}) labels")
+        yield batch
     if count < total:
         raise ValueError(
             f"train_loader: len() says {total} batches per epoch, but epoch({epoch}, "
@@ -902,6 +936,15 @@ def _fit(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
     split_no_grad(state.params, tuple(no_grad_from), "config.no_grad")  # each names a parameter
+    classes = _output_width(state, sample_images)
+    for name, loader in (
+        ("train_loader", train_loader),
+        ("val_loader", val_loader),
+        ("test_loader", test_loader),
+    ):
+        if isinstance(loader, Loader):
+            check_labels(loader.examples[1], classes, f"{name} labels")
+    check_labels(sample_labels, classes, "train_loader.batch(0, 0) labels")
     _check_optimizer_update(tx, state.params)
     if private is not None:
         private.check_model(
@@ -1014,7 +1057,9 @@ def _fit(
         pending = int(state.step)
 
     def validate():
-        values = _evaluate(state, val_loader, "val_loader", compute_dtype, mesh, loss_fn, pairs)
+        values = _evaluate(
+            state, val_loader, "val_loader", compute_dtype, mesh, loss_fn, pairs, classes
+        )
         entry = {"step": int(state.step), "epoch": epoch + 1, **_prefixed("val", values)}
         evaluations.append(entry)
         _call(callbacks, "on_evaluation", run, dict(entry))
@@ -1046,7 +1091,11 @@ def _fit(
         ``_calls``, and yields ``(batch, metrics, step, whether the call ended there)`` per step."""
         nonlocal state
         batches = _epoch_length_checked(
-            train_loader.epoch(epoch, start_step=start_batch), epoch, start_batch, steps_per_epoch
+            train_loader.epoch(epoch, start_step=start_batch),
+            epoch,
+            start_batch,
+            steps_per_epoch,
+            classes,
         )
         options["no_grad"] = no_grad_at(no_grad_from, epoch)
         for group in _calls(batches, int(state.step), config.steps_per_call, call_ends_after):
@@ -1102,6 +1151,7 @@ def _fit(
             for batch, values, step, call_ended in run_calls(epoch, start_batch):
                 loss_value = values["loss"]
                 if not math.isfinite(loss_value):
+                    check_labels(batch[1], classes, f"train_loader.epoch({epoch}) labels")
                     kept = ""
                     if manager is not None:
                         if pending == step - 1 and _all_finite(batch):
@@ -1178,7 +1228,7 @@ def _fit(
                 record.update({k: entry[k] for k in val_names})
             if test_loader is not None and config.test_every_epoch:
                 test = _evaluate(
-                    state, test_loader, "test_loader", compute_dtype, mesh, loss_fn, pairs
+                    state, test_loader, "test_loader", compute_dtype, mesh, loss_fn, pairs, classes
                 )
                 record.update(_prefixed("test", test))
             if history and history[-1]["epoch"] == record["epoch"]:
@@ -1215,7 +1265,9 @@ def _fit(
         if "test_loss" in last and last["step"] == int(state.step):
             test = {k[len("test_") :]: v for k, v in last.items() if k.startswith("test_")}
         else:
-            test = _evaluate(state, test_loader, "test_loader", compute_dtype, mesh, loss_fn, pairs)
+            test = _evaluate(
+                state, test_loader, "test_loader", compute_dtype, mesh, loss_fn, pairs, classes
+            )
             test.pop("count")
     summary = (
         _summary(

@@ -21,7 +21,9 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["TrainLoader", "check_train_loader", "check_eval_loader", "check_batch"]
+import numpy as np
+
+__all__ = ["TrainLoader", "check_train_loader", "check_eval_loader", "check_batch", "check_labels"]
 
 
 @runtime_checkable
@@ -125,3 +127,18 @@ def check_batch(batch, name: str) -> tuple[Any, Any]:
     raise TypeError(
         f"{name}: expected each batch to be a pair (images, labels) of arrays, got {got}"
     )
+
+
+def check_labels(labels, classes: int, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` if integer ``labels`` fall outside ``0..classes-1``
+    (the cross-entropy of a label ``classes`` is NaN, and a ``-1`` silently counts as the last
+    class); soft (floating) labels are not checked. ``labels`` on a device are copied to the host.
+    """
+    if not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
+        return
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"{name}: expected class labels in 0..{classes - 1} (the model has {classes} "
+            f"outputs), got labels from {low} to {high}"
+        )

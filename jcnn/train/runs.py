@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcnn.functional._checks import check_positive_int
+from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import RunFolderError
 
 __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
@@ -271,12 +272,7 @@ class Run:
             raise TypeError(f"labels: expected integer classes, got dtype {labels.dtype}")
         logits = self.predict(images, batch_size=batch_size, standardized=standardized)
         classes = logits.shape[-1]
-        if labels.size and not 0 <= labels.min() <= labels.max() < classes:
-            bad = labels.min() if labels.min() < 0 else labels.max()
-            raise ValueError(
-                f"labels: expected classes in 0..{classes - 1} (the model has {classes} "
-                f"outputs), got {int(bad)}"
-            )
+        check_labels(labels, classes, "labels")
         predicted = logits.argmax(-1)
         confusion = np.zeros((classes, classes), np.int64)
         np.add.at(confusion, (labels, predicted), 1)

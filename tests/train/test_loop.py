@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import re
 import shutil
 
 import flax.linen as nn
@@ -902,3 +903,63 @@ def test_a_batch_given_as_a_dict_is_named(tmp_path, rng):
     state = fit(TinyNet(), train, None, _quiet())["state"]
     with pytest.raises(TypeError, match="loader: " + _DICT_BATCH):
         loop.evaluate(state, [{"image": images, "label": labels}])
+
+
+class _ArrayLoader:
+    """Batches of 16 with NumPy or device labels, as a loader of one's own may yield them."""
+
+    def __init__(self, images, labels, on_device):
+        self.images, self.labels, self.on_device = images, labels, on_device
+
+    def __len__(self):
+        return len(self.labels) // 16
+
+    def epoch(self, epoch, start_step=0):
+        return (self.batch(epoch, step) for step in range(start_step, len(self)))
+
+    def batch(self, epoch, step):
+        part = slice(16 * step, 16 * step + 16)
+        labels = jnp.asarray(self.labels[part]) if self.on_device else self.labels[part]
+        return self.images[part], labels
+
+
+def _out_of_range(name, low, high):
+    return (
+        rf"{re.escape(name)} labels: expected class labels in 0..2 \(the model has 3 outputs\), "
+        rf"got labels from {low} to {high}"
+    )
+
+
+@pytest.mark.parametrize("bad", [3, -1])
+def test_labels_outside_the_classes_are_named(tmp_path, rng, bad):
+    # a label 3 of 3 classes gave a NaN val_loss or a NonFiniteLossError saying nothing of
+    # labels; a -1 was silently trained and counted as the last class
+    images, labels = _data(rng, n=32)
+    wrong = labels.copy()
+    wrong[20] = bad  # in the second batch of 16
+    low, high = min(bad, labels.min()), max(bad, labels.max())
+    train, val = _loaders(images, labels)
+    wrong_train, wrong_val = _loaders(images, wrong)
+    with pytest.raises(ValueError, match=_out_of_range("train_loader", low, high)):
+        fit(TinyNet(), wrong_train, val, _config(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match=_out_of_range("val_loader", low, high)):
+        fit(TinyNet(), train, wrong_val, _quiet())
+    with pytest.raises(ValueError, match=_out_of_range("train_loader.epoch(0)", low, high)):
+        fit(TinyNet(), _ArrayLoader(images, wrong, on_device=False), None, _quiet())
+    with pytest.raises(ValueError, match=_out_of_range("val_loader", low, high)):
+        fit(TinyNet(), train, [(images, wrong)], _quiet())
+    state = fit(TinyNet(), train, None, _quiet())["state"]
+    with pytest.raises(ValueError, match=_out_of_range("loader", low, high)):
+        loop.evaluate(state, wrong_val)
+
+
+def test_a_label_too_large_on_the_device_is_named_when_the_loss_turns_nan(rng):
+    images, labels = _data(rng, n=32)
+    wrong = labels.copy()
+    wrong[20] = 3
+    with pytest.raises(ValueError, match=_out_of_range("train_loader.epoch(0)", 0, 3)):
+        fit(TinyNet(), _ArrayLoader(images, wrong, on_device=True), None, _quiet())
+    train, _ = _loaders(images, labels)
+    with pytest.raises(ValueError, match=_out_of_range("val_loader", 0, 3)):
+        fit(TinyNet(), train, [(images, jnp.asarray(wrong))], _quiet())

@@ -225,10 +225,14 @@ def test_evaluate_and_predict_refuse_bad_labels_and_sizes(trained):
     # size of 0 or no image, escaped as NumPy's own errors
     out, _, (images, labels) = trained
     run = load_run(out)
-    for bad, shown in ((-1, "-1"), (3, "3")):
+    for bad, shown in ((-1, "from -1 to 2"), (3, "from 0 to 3")):
         wrong = labels.copy()
         wrong[4] = bad
-        with pytest.raises(ValueError, match=rf"labels: expected classes in 0..2 .*got {shown}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"labels: expected class labels in 0..2 \(the model has 3 outputs\), got "
+            rf"labels {shown}",
+        ):
             run.evaluate(images, wrong)
     with pytest.raises(TypeError, match="labels: expected integer classes, got dtype float"):
         run.evaluate(images, labels.astype(np.float32))
