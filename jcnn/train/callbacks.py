@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jcnn.train.run_folder import LOCK_FILE, RUN_FILES, record_best_directory
+
 if TYPE_CHECKING:
     from jcnn.train.loop import TrainConfig
 
@@ -249,8 +251,10 @@ class EarlyStopping(_Monitor):
 class BestCheckpoint(_Monitor):
     """Save the state whenever a validation metric reaches its best value so far.
 
-    The checkpoint goes to ``<run folder>/<directory>/step_XXXXXXXX`` (only the best one is kept);
-    ``jcnn.train.load_run(folder, which="best")`` loads it.
+    The checkpoint goes to ``<run folder>/<directory>/step_XXXXXXXX`` (only the best one is kept),
+    and ``<run folder>/best.json`` records the directory: ``jcnn.train.load_run(folder,
+    which="best")`` loads it (``which=directory`` when a run has several), and ``overwrite``
+    deletes it with the run.
 
     Args:
         monitor: an evaluation metric (``"val_accuracy"``, ``"val_loss"``, ``"val_<name>"``).
@@ -268,9 +272,12 @@ class BestCheckpoint(_Monitor):
         min_delta: float = 0.0,
     ) -> None:
         super().__init__(monitor, mode, min_delta)
-        if not isinstance(directory, str) or not directory or Path(directory).is_absolute():
+        taken = {LOCK_FILE, *RUN_FILES} - {"best"}
+        parts = Path(directory).parts if isinstance(directory, str) else ()
+        if not parts or Path(directory).is_absolute() or ".." in parts or parts[0] in taken:
             raise ValueError(
-                f"directory: expected a folder name inside the run folder, got {directory!r}"
+                f"directory: expected a folder name inside the run folder, not one of the run's "
+                f"own files ({', '.join(sorted(taken))}), got {directory!r}"
             )
         self.directory = directory
         self._manager: Any = None
@@ -289,6 +296,7 @@ class BestCheckpoint(_Monitor):
         if self._manager is None:
             from jcnn.train.checkpoint import CheckpointManager
 
+            record_best_directory(run.out, self.directory)
             self._manager = CheckpointManager(
                 run.out / self.directory, keep_last=1, keep_best=False
             )

@@ -60,10 +60,14 @@ __all__ = [
     "LENGTH_FREE_SCHEDULES",
     "RUN_FILES",
     "LOCK_FILE",
+    "BEST_FILE",
+    "best_directories",
+    "record_best_directory",
 ]
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
+BEST_FILE = "best.json"
 RUN_FILES = (
     CONFIG_FILE,
     "run.json",
@@ -75,8 +79,10 @@ RUN_FILES = (
     "summary.json",
     "checkpoints",
     "best",
+    BEST_FILE,
 )
-"""What a run writes into its folder; ``overwrite`` deletes these and nothing else."""
+"""What a run writes into its folder; ``overwrite`` deletes these, the folders ``best.json`` lists
+(see :func:`best_directories`) and nothing else."""
 
 MAY_CHANGE = frozenset(
     {
@@ -386,6 +392,46 @@ def holds_run(folder: str | os.PathLike) -> list[str]:
     return [name for name in RUN_FILES if (folder / name).exists()]
 
 
+def best_directories(folder: str | os.PathLike) -> list[str]:
+    """The folders, inside the run folder, where ``BestCheckpoint`` callbacks saved checkpoints,
+    as ``best.json`` records them (``[]`` without it).
+
+    Raises:
+        RunFolderError: ``best.json`` is unreadable or lists a path outside the run folder.
+    """
+    path = Path(folder) / BEST_FILE
+    if not path.exists():
+        return []
+    try:
+        directories = json.loads(path.read_text())["directories"]
+        if not isinstance(directories, list) or not all(
+            isinstance(d, str) and _inside(d) for d in directories
+        ):
+            raise ValueError(f"'directories' holds {directories!r}, expected folder names")
+        return directories
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise RunFolderError(
+            f"{path} is unreadable ({type(error).__name__}: {str(error)[:200]}); it lists the "
+            "folders of the run's best checkpoints",
+            folder,
+        ) from error
+
+
+def _inside(directory: str) -> bool:
+    """Whether ``directory`` names a folder inside the run folder (relative, no ``..``)."""
+    parts = Path(directory).parts
+    return bool(parts) and not Path(directory).is_absolute() and ".." not in parts
+
+
+def record_best_directory(folder: str | os.PathLike, directory: str) -> None:
+    """Add ``directory`` to ``best.json`` (before a checkpoint is written there), so that
+    ``load_run`` finds it and ``overwrite`` deletes it."""
+    directories = best_directories(folder)
+    if directory not in directories:
+        payload = json.dumps({"directories": [*directories, directory]}, indent=1)
+        write_atomically(Path(folder) / BEST_FILE, payload)
+
+
 def read_config(folder: str | os.PathLike) -> dict:
     """The record in ``<folder>/config.json``.
 
@@ -543,12 +589,15 @@ def check_start(
             "with overwrite (which deletes those files)",
             folder,
         )
+    elif present:
+        best_directories(folder)  # overwrite must know every folder of the run it deletes
 
 
 def clear(folder) -> None:
-    """Delete the files of the run in ``folder`` (:data:`RUN_FILES`), nothing else."""
+    """Delete the files of the run in ``folder`` (:data:`RUN_FILES` and the folders of its best
+    checkpoints), nothing else."""
     folder = Path(folder)
-    for name in RUN_FILES:
+    for name in [*best_directories(folder), *RUN_FILES]:
         path = folder / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -29,7 +29,7 @@ import numpy as np
 
 from jcnn.functional._checks import check_positive_int
 from jcnn.train.protocol import check_labels
-from jcnn.train.run_folder import RunFolderError
+from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
 
 __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
 
@@ -323,7 +323,22 @@ def _pick_step(folder: Path, which):
                 "loss; load one by its step to inspect it"
             )
         return manager, usable[-1]
-    if which == "best":
+    directories = best_directories(folder)
+    if which == "best" and len(directories) > 1 and "best" not in directories:
+        raise RunFolderError(
+            f"which='best': {folder} holds the best checkpoints of several BestCheckpoint "
+            f"callbacks ({', '.join(directories)}); name one, e.g. which={directories[0]!r}"
+        )
+    if which in directories or (which == "best" and directories):
+        directory = folder / (which if which in directories else directories[0])
+        best = _manager(directory) if directory.is_dir() else None
+        if best is None or best.latest_step() is None:
+            raise RunFolderError(
+                f"which={which!r}: the best checkpoint's folder {directory} (recorded in "
+                f"{BEST_FILE}) is missing or holds no checkpoint"
+            )
+        return best, best.latest_step()
+    if which == "best":  # a run without best.json: a BestCheckpoint saved into best/ if any
         best_dir = folder / "best"
         if best_dir.is_dir():
             best = _manager(best_dir)
@@ -336,7 +351,8 @@ def _pick_step(folder: Path, which):
                 "metric to rank by); use which='latest'"
             )
         return manager, step
-    raise ValueError(f"which: expected 'latest', 'best' or a step (int), got {which!r}")
+    named = "".join(f", {d!r}" for d in directories)
+    raise ValueError(f"which: expected 'latest', 'best'{named} or a step (int), got {which!r}")
 
 
 def _verify(manager, step: int) -> Path:
@@ -383,7 +399,8 @@ def load_run(
         folder: the run folder (``TrainConfig.out`` / ``--out``).
         which: ``"latest"`` (the last checkpoint: the final state of a finished run), ``"best"``
             (a ``BestCheckpoint`` callback's checkpoint if the run had one, else the checkpoint
-            ranked best by ``config.monitor``) or a step.
+            ranked best by ``config.monitor``), the ``directory`` of one of the run's
+            ``BestCheckpoint`` callbacks (as ``best.json`` records them), or a step.
         model: the Flax module, required only if the run could not record how to rebuild it
             (``run.json`` says why).
 

@@ -263,3 +263,14 @@ def test_monitor_callbacks_take_numpy_settings_and_refuse_infinite_delta():
         EarlyStopping(min_delta=float("inf"))
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=np.bool_(True))
+
+
+@pytest.mark.parametrize("directory", ["../elsewhere", "checkpoints", "best.json", ".lock", "", 3])
+def test_best_checkpoint_directory_stays_out_of_the_runs_own_files(directory):
+    # "checkpoints" mixed its checkpoints with the run's; "../elsewhere" wrote outside the folder
+    with pytest.raises(ValueError, match="directory: expected a folder name inside the run folder"):
+        BestCheckpoint(directory=directory)
+
+
+def test_best_checkpoint_directory_may_be_nested():
+    assert BestCheckpoint(directory="best/by_loss").directory == "best/by_loss"

@@ -413,3 +413,27 @@ def test_write_atomically_replaces_whole_files_or_nothing(tmp_path, monkeypatch,
     with pytest.raises(OSError, match="disk full"):
         run_folder.write_atomically(path, "new")
     assert path.read_bytes() == (data.encode() if isinstance(data, str) else data)
+
+
+def test_overwrite_deletes_the_best_checkpoints_wherever_they_were_saved(run, tmp_path):
+    # a BestCheckpoint(directory=...) other than best/ was left behind by overwrite
+    fit(
+        Net(),
+        _loader(),
+        _loader(),
+        _config(run, overwrite=True),
+        callbacks=[BestCheckpoint("val_loss", mode="min", directory="kept/by_loss")],
+    )
+    assert CheckpointManager(run / "kept" / "by_loss").steps() == [2]
+    (run / "kept" / "notes.txt").write_text("mine")  # not the run's: stays
+    fit(Net(), _loader(), None, _config(run, overwrite=True))
+    assert not (run / "kept" / "by_loss").exists() and not (run / "best.json").exists()
+    assert (run / "kept" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_an_unreadable_best_json_and_deletes_nothing(run):
+    (run / "best.json").write_text("{")
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="best.json is unreadable"):
+        fit(Net(), _loader(), None, _config(run, overwrite=True))
+    assert _snapshot(run) == before

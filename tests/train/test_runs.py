@@ -244,3 +244,54 @@ def test_evaluate_and_predict_refuse_bad_labels_and_sizes(trained):
     with pytest.raises(TypeError, match="folder: expected a run folder"):
         load_run(None)
     assert run.evaluate(images, labels.astype(np.uint8))["count"] == len(labels)
+
+
+@pytest.fixture(scope="module")
+def best_elsewhere(tmp_path_factory):
+    """A run whose BestCheckpoint keeps the *highest* val_loss in "worst/", while the run's own
+    checkpoints rank by the lowest: the two "best" steps differ."""
+    from jcnn.train import BestCheckpoint
+
+    rng = np.random.default_rng(1)
+    images, labels = _data(rng, 80)
+    out = tmp_path_factory.mktemp("best") / "run"
+    keeper = BestCheckpoint("val_loss", mode="max", directory="worst")
+    config = TrainConfig(
+        epochs=3,
+        learning_rate=0.05,
+        val_split=16,
+        standardize="per_channel",
+        out=str(out),
+        progress=False,
+        monitor="val_loss",
+        monitor_mode="min",
+    )
+    train = Loader(images, labels, batch_size=16, seed=0)
+    fit(SmallNet(), train, None, config, callbacks=[keeper])
+    return out, keeper.best_step
+
+
+def test_load_run_best_reads_the_best_checkpoint_where_the_callback_saved_it(best_elsewhere):
+    # load_run(which="best") looked in best/ only and silently fell back to checkpoints/
+    out, step = best_elsewhere
+    assert json.loads((out / "best.json").read_text()) == {"directories": ["worst"]}
+    assert CheckpointManager(out / "checkpoints", mode="min").best_step() != step  # else no test
+    assert load_run(out, which="best").step == step
+    assert load_run(out, which="worst").step == step
+
+
+def test_a_missing_or_unreadable_best_checkpoint_is_named(best_elsewhere, tmp_path):
+    out, step = best_elsewhere
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "worst" / f"step_{step:08d}")
+    with pytest.raises(RunFolderError, match=r"which='best': the best checkpoint's folder .*worst"):
+        load_run(copy, which="best")
+    (copy / "best.json").write_text('{"directories": ["../elsewhere"]}')
+    with pytest.raises(RunFolderError, match=r"best.json is unreadable .*'\.\./elsewhere'"):
+        load_run(copy, which="best")
+    (copy / "best.json").write_text('{"directories": ["a", "b"]}')
+    with pytest.raises(
+        RunFolderError, match=r"several BestCheckpoint callbacks \(a, b\); name one"
+    ):
+        load_run(copy, which="best")
