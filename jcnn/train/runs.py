@@ -297,18 +297,19 @@ def _not_a_run(folder: Path, why: str) -> RunFolderError:
     )
 
 
-def _manager(directory: Path):
+def _manager(directory: Path, mode: str = "max"):
     from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 
     try:
-        return CheckpointManager(directory)
+        return CheckpointManager(directory, mode=mode)
     except CheckpointError as error:
         raise RunFolderError(f"{directory} is unreadable ({error})") from error
 
 
-def _pick_step(folder: Path, which):
-    """``(manager, step)`` of the checkpoint ``which`` names."""
-    manager = _manager(folder / "checkpoints")
+def _pick_step(folder: Path, which, mode: str):
+    """``(manager, step)`` of the checkpoint ``which`` names; ``mode``: ``config.monitor_mode``,
+    which direction of the checkpoints' metric is best."""
+    manager = _manager(folder / "checkpoints", mode)
     if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
         if int(which) not in manager.steps():
             raise RunFolderError(f"which: no checkpoint at step {which}; have {manager.steps()}")
@@ -435,7 +436,10 @@ def load_run(
                 f"{RUN_FILE} ({entry.get('reason')}); pass it: load_run(folder, model=...)"
             )
         model = _build(entry)
-    path = _verify(*_pick_step(folder, which))
+    mode = config.get("monitor_mode", "max")
+    if mode not in ("max", "min"):
+        raise _not_a_run(folder, f"config.json's monitor_mode is {mode!r}, expected 'max' or 'min'")
+    path = _verify(*_pick_step(folder, which, mode))
     sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
     key = jax.random.PRNGKey(0)
     template = jax.eval_shape(

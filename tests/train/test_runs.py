@@ -295,3 +295,15 @@ def test_a_missing_or_unreadable_best_checkpoint_is_named(best_elsewhere, tmp_pa
         RunFolderError, match=r"several BestCheckpoint callbacks \(a, b\); name one"
     ):
         load_run(copy, which="best")
+
+
+def test_load_run_best_ranks_the_checkpoints_by_the_runs_monitor_mode(best_elsewhere, tmp_path):
+    # without a BestCheckpoint, which="best" took the highest val_loss though monitor_mode="min"
+    out, _ = best_elsewhere
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "best.json").unlink()
+    shutil.rmtree(copy / "worst")
+    lowest = CheckpointManager(copy / "checkpoints", mode="min").best_step()
+    assert lowest != CheckpointManager(copy / "checkpoints", mode="max").best_step()
+    assert load_run(copy, which="best").step == lowest
