@@ -457,13 +457,16 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
     """``evaluate`` with its options checked, errors naming the loader ``name``; ``classes``: the
     model's output width if known.
 
-    Labels are checked against the classes where it costs no device round trip: a
-    ``jcnn.data.Loader``'s once, NumPy labels per batch, others only when a batch's loss is not
-    finite (a label ``classes`` makes it NaN).
+    With the default cross-entropy (``loss`` None), labels are checked against the classes where
+    it costs no device round trip: a ``jcnn.data.Loader``'s once, NumPy labels per batch, others
+    only when a batch's loss is not finite (a label ``classes`` makes it NaN). A custom loss may
+    read integer labels its own way (one logit and labels 0/1), so its labels are not checked.
     """
 
     def check(labels, images):
         nonlocal classes
+        if loss is not None:
+            return
         classes = _output_width(state, images) if classes is None else classes
         check_labels(labels, classes, f"{name} labels")
 
@@ -633,11 +636,14 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     return train_loader, val_loader, test_loader, stats
 
 
-def _epoch_length_checked(batches, epoch: int, start: int, total: int, classes: int) -> Iterator:
+def _epoch_length_checked(
+    batches, epoch: int, start: int, total: int, classes: int | None
+) -> Iterator:
     """The batches of ``train_loader.epoch(epoch, start_step=start)``, checked against ``len()``:
     an epoch that yields more or fewer batches than ``len(train_loader)`` is a ``ValueError`` (it
     would never end, or never be counted as complete). NumPy labels are checked against the
-    ``classes`` here, on the host; device arrays are not (that would wait for each batch)."""
+    ``classes`` here (unless ``None``), on the host; device arrays are not (that would wait for
+    each batch)."""
     count = start
     for batch in batches:
         if count == total:
@@ -936,7 +942,8 @@ def _fit(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
     split_no_grad(state.params, tuple(no_grad_from), "config.no_grad")  # each names a parameter
-    classes = _output_width(state, sample_images)
+    # a custom loss may read integer labels its own way (one logit and labels 0/1): unchecked
+    classes = _output_width(state, sample_images) if loss_fn is None else None
     for name, loader in (
         ("train_loader", train_loader),
         ("val_loader", val_loader),

@@ -129,12 +129,13 @@ def check_batch(batch, name: str) -> tuple[Any, Any]:
     )
 
 
-def check_labels(labels, classes: int, name: str) -> None:
+def check_labels(labels, classes: int | None, name: str) -> None:
     """Raise a ``ValueError`` naming ``name`` if integer ``labels`` fall outside ``0..classes-1``
     (the cross-entropy of a label ``classes`` is NaN, and a ``-1`` silently counts as the last
-    class); soft (floating) labels are not checked. ``labels`` on a device are copied to the host.
+    class); soft (floating) labels, and any labels where ``classes`` is ``None``, are not checked.
+    ``labels`` on a device are copied to the host.
     """
-    if not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
+    if classes is None or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
         return
     low, high = int(np.min(labels)), int(np.max(labels))
     if low < 0 or high >= classes:

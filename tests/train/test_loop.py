@@ -954,6 +954,30 @@ def test_labels_outside_the_classes_are_named(tmp_path, rng, bad):
         loop.evaluate(state, wrong_val)
 
 
+class OneLogitNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dense(1)(x.reshape(x.shape[0], -1))
+
+
+def _binary_cross_entropy(logits, labels):
+    return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+
+
+def test_a_custom_loss_reads_integer_labels_its_own_way(rng):
+    # one logit and labels 0/1: the range check is the default cross-entropy's, not a custom loss's
+    images, labels = _data(rng, n=32)
+    labels = (labels > 0).astype(np.int32)
+    train, val = _loaders(images, labels)
+    out = fit(OneLogitNet(), train, val, _quiet(loss=_binary_cross_entropy))
+    assert np.isfinite(out["history"][-1]["val_loss"])
+    assert np.isfinite(loop.evaluate(out["state"], val, loss=_binary_cross_entropy)["loss"])
+    with pytest.raises(ValueError, match="the model has 1 outputs"):
+        fit(OneLogitNet(), train, val, _quiet())
+    with pytest.raises(ValueError, match="the model has 1 outputs"):
+        loop.evaluate(out["state"], val)
+
+
 def test_a_label_too_large_on_the_device_is_named_when_the_loss_turns_nan(rng):
     images, labels = _data(rng, n=32)
     wrong = labels.copy()
