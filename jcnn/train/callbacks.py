@@ -279,6 +279,11 @@ class BestCheckpoint(_Monitor):
                 f"directory: expected a folder name inside the run folder, not one of the run's "
                 f"own files ({', '.join(sorted(taken))}), got {directory!r}"
             )
+        if directory == "latest":  # load_run(which="latest") means the last checkpoint
+            raise ValueError(
+                "directory: expected a folder name inside the run folder other than 'latest' "
+                "(load_run(which='latest') loads the run's last checkpoint), got 'latest'"
+            )
         self.directory = directory
         self._manager: Any = None
 

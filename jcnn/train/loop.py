@@ -51,7 +51,7 @@ from jcnn.data import Loader, Standardize
 from jcnn.functional._checks import check_bool, check_int, check_positive_int, check_real
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
-from jcnn.train.callbacks import HOOKS, Callback, CallbackError, RunContext
+from jcnn.train.callbacks import HOOKS, BestCheckpoint, Callback, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
 from jcnn.train.optim import OPTIMIZERS, optimizer
@@ -369,7 +369,26 @@ def _check_callbacks(callbacks) -> tuple:
                     f"callbacks[{i}].{hook}: expected a method, got {method!r} "
                     f"({type(callback).__name__})"
                 )
+    _check_best_directories(callbacks)
     return tuple(callbacks)
+
+
+def _check_best_directories(callbacks) -> None:
+    """Raise unless every ``BestCheckpoint`` saves into a folder of its own: two in one folder (or
+    one inside the other's) would delete each other's checkpoints."""
+    folders: dict[int, tuple[str, ...]] = {}
+    for i, callback in enumerate(callbacks):
+        if not isinstance(callback, BestCheckpoint):
+            continue
+        parts = Path(callback.directory).parts
+        for j, other in folders.items():
+            if parts[: len(other)] == other or other[: len(parts)] == parts:
+                raise ValueError(
+                    f"callbacks[{i}]: BestCheckpoint(directory={callback.directory!r}) saves "
+                    f"into the folder of callbacks[{j}] (directory="
+                    f"{callbacks[j].directory!r}); give each BestCheckpoint a folder of its own"
+                )
+        folders[i] = parts
 
 
 def _call(callbacks, hook: str, run: RunContext, *args) -> None:

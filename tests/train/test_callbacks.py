@@ -265,7 +265,9 @@ def test_monitor_callbacks_take_numpy_settings_and_refuse_infinite_delta():
         EarlyStopping(patience=np.bool_(True))
 
 
-@pytest.mark.parametrize("directory", ["../elsewhere", "checkpoints", "best.json", ".lock", "", 3])
+@pytest.mark.parametrize(
+    "directory", ["../elsewhere", "checkpoints", "best.json", ".lock", "", 3, "latest"]
+)
 def test_best_checkpoint_directory_stays_out_of_the_runs_own_files(directory):
     # "checkpoints" mixed its checkpoints with the run's; "../elsewhere" wrote outside the folder
     with pytest.raises(ValueError, match="directory: expected a folder name inside the run folder"):
@@ -274,3 +276,25 @@ def test_best_checkpoint_directory_stays_out_of_the_runs_own_files(directory):
 
 def test_best_checkpoint_directory_may_be_nested():
     assert BestCheckpoint(directory="best/by_loss").directory == "best/by_loss"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("best", "best"), ("best", "./best/"), ("best", "best/by_loss")]
+)
+def test_two_best_checkpoints_in_one_folder_are_refused(tmp_path, rng, first, second):
+    # each keeps one checkpoint and deleted the other's; nothing is written before the refusal
+    train, val = _loaders(rng)
+    callbacks = [BestCheckpoint("val_loss", mode="min", directory=first)]
+    callbacks.append(BestCheckpoint(directory=second))
+    refused = r"callbacks\[1\]: BestCheckpoint\(directory=.* saves into"
+    with pytest.raises(ValueError, match=refused):
+        fit(TinyNet(), train, val, _config(tmp_path / "run"), callbacks=callbacks)
+    assert not (tmp_path / "run").exists()
+    fit(
+        TinyNet(),
+        train,
+        val,
+        _config(tmp_path / "apart"),
+        callbacks=[callbacks[0], BestCheckpoint(directory="best_accuracy")],
+    )
+    assert (tmp_path / "apart" / "best_accuracy").is_dir()
