@@ -603,3 +603,7 @@ def clear(folder) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+        parent = path.parent  # a nested best directory's parents, if the run left them empty
+        while parent != folder and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent

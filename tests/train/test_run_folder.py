@@ -254,6 +254,18 @@ def test_a_callback_refusing_the_configuration_leaves_the_folder_as_it_was(run, 
         assert CheckpointManager(run / "best").steps() == [2]
 
 
+def test_overwrite_deletes_a_nested_best_folder_and_the_parents_it_emptied(run):
+    for directory, notes in [("by/val/loss", None), ("kept/loss", "kept/notes.txt")]:
+        callbacks = [BestCheckpoint("val_loss", mode="min", directory=directory)]
+        fit(Net(), _loader(), _loader(), _config(run, overwrite=True), callbacks=callbacks)
+        assert CheckpointManager(run / directory).steps() == [2]
+        if notes:
+            (run / notes).write_text("mine")
+    fit(Net(), _loader(), None, _config(run, overwrite=True))
+    assert not (run / "by").exists() and not (run / "kept" / "loss").exists()
+    assert (run / "kept" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "mistake, message",
     [
