@@ -290,6 +290,12 @@ class Loader:
         self._next_epoch = 0
 
     @property
+    def streaming(self) -> bool:
+        """Whether the loader reads each batch's records from a source (``Loader.from_source``)
+        rather than holding the examples (then :attr:`examples` has them)."""
+        return self._source is not None
+
+    @property
     def examples(self) -> tuple[jax.Array, jax.Array]:
         """The ``(images, labels)`` the loader batches (an in-memory loader only)."""
         if self._source is not None:

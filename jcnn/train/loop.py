@@ -489,7 +489,7 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
         classes = _output_width(state, images) if classes is None else classes
         check_labels(labels, classes, f"{name} labels")
 
-    if isinstance(loader, Loader):
+    if isinstance(loader, Loader) and not loader.streaming:
         check(loader.examples[1], loader.examples[0])
     sums: dict[str, float] = {}
     count = 0
@@ -593,11 +593,17 @@ def _new_running(names=()) -> dict:
     return {"loss": 0.0, "accuracy": 0.0, **{name: 0.0 for name in names}, "batches": 0}
 
 
+def _loader_kind(loader) -> str:
+    if isinstance(loader, Loader) and loader.streaming:
+        return "a streaming Loader (Loader.from_source)"
+    return type(loader).__name__
+
+
 def _restandardize(loader, transform, name: str):
-    if not isinstance(loader, Loader):
+    if not isinstance(loader, Loader) or loader.streaming:
         raise TypeError(
             f"{name}: config.standardize needs a jcnn.data.Loader over arrays, got "
-            f"{type(loader).__name__}"
+            f"{_loader_kind(loader)}"
         )
     images, labels = loader.examples
     return loader.with_examples(transform(images), labels)
@@ -615,11 +621,11 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
         )
     if config.val_split is not None and val_loader is not None:
         raise ValueError("config.val_split: fit was also given a val_loader; give one or the other")
-    if not isinstance(train_loader, Loader):
+    if not isinstance(train_loader, Loader) or train_loader.streaming:
         raise TypeError(
             f"train_loader: {option} needs a jcnn.data.Loader over arrays (carve the split "
             f"yourself with jcnn.train.split_validation otherwise), got "
-            f"{type(train_loader).__name__}"
+            f"{_loader_kind(train_loader)}"
         )
     images, labels = (np.asarray(a) for a in train_loader.examples)
     if config.val_split is not None:
@@ -968,7 +974,7 @@ def _fit(
         ("val_loader", val_loader),
         ("test_loader", test_loader),
     ):
-        if isinstance(loader, Loader):
+        if isinstance(loader, Loader) and not loader.streaming:
             check_labels(loader.examples[1], classes, f"{name} labels")
     check_labels(sample_labels, classes, "train_loader.batch(0, 0) labels")
     _check_optimizer_update(tx, state.params)

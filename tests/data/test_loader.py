@@ -141,6 +141,8 @@ def test_streaming_source_gives_the_same_batches(dataset, batched_reads):
     source = _ListSource(images, labels, batched_reads)
     streaming = Loader.from_source(source, batch_size=8, seed=4, augment=AUGMENT)
     assert len(streaming) == len(in_memory)
+    assert streaming.streaming and not in_memory.streaming
+    assert not in_memory.with_examples(images[:16], labels[:16]).streaming
     for (x, y), (x2, y2) in zip(_epoch(in_memory, 1), _epoch(streaming, 1), strict=True):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)

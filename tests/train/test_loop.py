@@ -538,6 +538,10 @@ def test_bad_validation_splits_are_named_and_write_nothing(tmp_path, rng):
         fit(TinyNet(), train, train, _config(out, val_split=8))
     with pytest.raises(TypeError, match="needs a jcnn.data.Loader over arrays"):
         fit(TinyNet(), _Minimal(), None, _config(out, val_split=8))
+    streaming = Loader.from_source(list(zip(images, labels, strict=True)), batch_size=16)
+    for option in (dict(val_split=8), dict(standardize="per_channel")):
+        with pytest.raises(TypeError, match="over arrays, got a streaming Loader"):
+            fit(TinyNet(), streaming, None, _config(out, **option))
     assert not out.exists()
 
 
@@ -962,6 +966,30 @@ class OneLogitNet(nn.Module):
 
 def _binary_cross_entropy(logits, labels):
     return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+
+
+def test_streaming_loaders_train_and_evaluate_as_in_memory_ones(rng):
+    # fit read every Loader's labels through .examples, which a streaming loader does not have
+    images, labels = _data(rng, n=32)
+    records = list(zip(images, labels, strict=True))
+    streamed = fit(
+        TinyNet(),
+        Loader.from_source(records, batch_size=16, seed=3),
+        Loader.from_source(records, batch_size=32, shuffle=False),
+        _quiet(),
+    )
+    train, val = _loaders(images, labels)
+    held = fit(TinyNet(), train, val, _quiet())
+    assert streamed["history"][-1]["val_loss"] == pytest.approx(held["history"][-1]["val_loss"])
+    wrong = labels.copy()
+    wrong[20] = 3  # found on the device when the loss turns NaN
+    with pytest.raises(ValueError, match=_out_of_range("train_loader.epoch(0)", 0, 3)):
+        fit(
+            TinyNet(),
+            Loader.from_source(list(zip(images, wrong, strict=True)), batch_size=16),
+            None,
+            _quiet(),
+        )
 
 
 def test_a_custom_loss_reads_integer_labels_its_own_way(rng):
