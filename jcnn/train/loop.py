@@ -489,21 +489,24 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
         classes = _output_width(state, images) if classes is None else classes
         check_labels(labels, classes, f"{name} labels")
 
-    if isinstance(loader, Loader) and not loader.streaming:
-        check(loader.examples[1], loader.examples[0])
+    # a Loader's examples are raw (its augment may make them the model's input): checked once
+    # the first batch has shown the model's width
+    held = loader.examples[1] if isinstance(loader, Loader) and not loader.streaming else None
     sums: dict[str, float] = {}
     count = 0
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
     for batch in batches:
         batch = check_batch(batch, name)
-        if isinstance(batch[1], np.ndarray):
-            check(batch[1], batch[0])
+        on_host = isinstance(batch[1], np.ndarray)
         if mesh is not None:
             batch = _place_batch(batch, mesh)
         values = jax.device_get(
             eval_step(state, batch, compute_dtype=compute_dtype, loss_fn=loss, metrics=pairs)
         )
-        if not math.isfinite(values["loss"]):
+        if held is not None:
+            check(held, batch[0])
+            held = None
+        if on_host or not math.isfinite(values["loss"]):
             check(batch[1], batch[0])
         n = int(values.pop("count"))
         for key, value in values.items():

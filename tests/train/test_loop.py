@@ -992,6 +992,35 @@ def test_streaming_loaders_train_and_evaluate_as_in_memory_ones(rng):
         )
 
 
+def _to_float(key, image):
+    return image.astype(jnp.float32) / 255.0
+
+
+class FloatInputNet(nn.Module):
+    """Refuses what its layers would (jcnn's layers take floating input only)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"x: expected a floating-point array, got dtype {x.dtype}")
+        return TinyNet()(x, train)
+
+
+def test_a_loader_whose_augment_makes_the_input_is_evaluated_and_its_labels_checked(rng):
+    # the held uint8 examples were given to the model to find its width: "x: expected a
+    # floating-point array" from evaluate, though the loader's batches are float
+    images, labels = _uint8_data(rng, 32)
+    loader = Loader(images, labels, batch_size=16, shuffle=False, augment=_to_float)
+    state = fit(FloatInputNet(), loader, None, _quiet())["state"]
+    assert loop.evaluate(state, loader)["count"] == 32
+    wrong = labels.copy()
+    wrong[3] = 5
+    with pytest.raises(ValueError, match=_out_of_range("loader", 0, 5)):
+        loop.evaluate(state, loader.with_examples(images, wrong))
+    with pytest.raises(ValueError, match=_out_of_range("val_loader", 0, 5)):
+        fit(FloatInputNet(), loader, loader.with_examples(images, wrong), _quiet())
+
+
 def test_a_custom_loss_reads_integer_labels_its_own_way(rng):
     # one logit and labels 0/1: the range check is the default cross-entropy's, not a custom loss's
     images, labels = _data(rng, n=32)
