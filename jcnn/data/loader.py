@@ -285,8 +285,8 @@ class Loader:
         self.alternating_flip = check_bool(alternating_flip, "alternating_flip")
         if self.alternating_flip and shape is not None and len(shape) != 4:
             raise ValueError(f"alternating_flip: expected images (N, H, W, C), got shape {shape}")
-        self._augment = augment
-        self._batch_augment = batch_augment
+        self.augment = augment
+        self.batch_augment = batch_augment
         self._next_epoch = 0
 
     @property
@@ -316,8 +316,8 @@ class Loader:
             batch_size=self.batch_size,
             shuffle=self.shuffle,
             seed=self.seed,
-            augment=self._augment,
-            batch_augment=self._batch_augment,
+            augment=self.augment,
+            batch_augment=self.batch_augment,
             drop_remainder=self.drop_remainder,
             sharding=self.sharding,
             sampling=self.sampling,
@@ -408,11 +408,11 @@ class Loader:
             flip = first(jnp.asarray(indices)) != (epoch % 2 == 1)
             images = jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
         step_key = _step_key(self.seed, epoch, step)
-        if self._augment is not None:
+        if self.augment is not None:
             keys = jax.random.split(jax.random.fold_in(step_key, 0), images.shape[0])
-            images = jax.vmap(self._augment)(keys, images)
-        if self._batch_augment is not None:
-            images, labels = self._batch_augment(jax.random.fold_in(step_key, 1), images, labels)
+            images = jax.vmap(self.augment)(keys, images)
+        if self.batch_augment is not None:
+            images, labels = self.batch_augment(jax.random.fold_in(step_key, 1), images, labels)
         return images, labels
 
     def batch(self, epoch: int, step: int) -> tuple[jax.Array, jax.Array]:

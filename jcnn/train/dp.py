@@ -276,7 +276,7 @@ class DPTraining:
                 "train_loader: DP-SGD's accounting needs the loader's batch_size and num_examples "
                 f"(the sampling rate), which {type(loader).__name__} lacks; use jcnn.data.Loader"
             )
-        if getattr(loader, "_batch_augment", None) is not None:
+        if getattr(loader, "batch_augment", None) is not None:
             raise ValueError(
                 "train_loader: its batch_augment mixes examples (mixup, cutmix), so one example "
                 "reaches several gradients and DP-SGD's clipping bounds nothing; use per-example "

@@ -491,7 +491,7 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
 
     # a Loader's examples are raw (its augment may make them the model's input): checked once
     # the first batch has shown the model's width
-    held = loader.examples[1] if isinstance(loader, Loader) and not loader.streaming else None
+    held = _held_labels(loader)
     sums: dict[str, float] = {}
     count = 0
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
@@ -570,6 +570,14 @@ class _Progress:
             self._bar.console.print(message)
         else:
             print(message, flush=True)
+
+
+def _held_labels(loader):
+    """The labels an in-memory ``jcnn.data.Loader`` holds, if its batches carry them as they are
+    (a ``batch_augment`` may mix or remap them); ``None`` otherwise."""
+    if isinstance(loader, Loader) and not loader.streaming and loader.batch_augment is None:
+        return loader.examples[1]
+    return None
 
 
 def _output_width(state, images) -> int:
@@ -977,8 +985,9 @@ def _fit(
         ("val_loader", val_loader),
         ("test_loader", test_loader),
     ):
-        if isinstance(loader, Loader) and not loader.streaming:
-            check_labels(loader.examples[1], classes, f"{name} labels")
+        labels = _held_labels(loader)
+        if labels is not None:
+            check_labels(labels, classes, f"{name} labels")
     check_labels(sample_labels, classes, "train_loader.batch(0, 0) labels")
     _check_optimizer_update(tx, state.params)
     if private is not None:

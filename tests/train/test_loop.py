@@ -1021,6 +1021,22 @@ def test_a_loader_whose_augment_makes_the_input_is_evaluated_and_its_labels_chec
         fit(FloatInputNet(), loader, loader.with_examples(images, wrong), _quiet())
 
 
+def _coarse(key, images, labels):
+    return images, labels // 2
+
+
+def test_labels_that_a_batch_augment_remaps_are_checked_as_the_batches_carry_them(rng):
+    # six fine classes held, three coarse ones trained on: the held labels were refused
+    images, labels = _data(rng, n=32)
+    fine = 2 * labels + rng.integers(0, 2, size=32).astype(np.int32)
+    loader = Loader(images, fine, batch_size=16, shuffle=False, batch_augment=_coarse)
+    assert loader.batch_augment is _coarse
+    state = fit(TinyNet(), loader, loader, _quiet())["state"]
+    assert loop.evaluate(state, loader)["count"] == 32
+    with pytest.raises(ValueError, match=_out_of_range("loader", 0, 5)):
+        loop.evaluate(state, Loader(images, fine, batch_size=16, shuffle=False))
+
+
 def test_a_custom_loss_reads_integer_labels_its_own_way(rng):
     # one logit and labels 0/1: the range check is the default cross-entropy's, not a custom loss's
     images, labels = _data(rng, n=32)
