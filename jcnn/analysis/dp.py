@@ -117,7 +117,7 @@ def private_grad(
         )
     else:
         grads = per_example_grads(loss_fn, params, batch, chunk_size=chunk_size)
-        norms = _norms(grads)
+        norms = _norms(grads, size)
         factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
         if weights is not None:
             factors = factors * jnp.asarray(weights, factors.dtype)

@@ -479,6 +479,8 @@ def ghost_norms(
     _check_chunk_size(chunk_size, None, size)
     _check_layer_rule(layer_rule)
     loss_fn = _scalar_loss(loss_fn)
+    if size == 0:  # as in per_example_grads: no example, no model run
+        return jnp.zeros(0, jnp.float32)
 
     def norms(params, batch):
         with per_example_trace("ghost_norms"):
@@ -530,6 +532,9 @@ def ghost_clipped_sum(
             f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
         )
     loss_fn = _scalar_loss(loss_fn)
+    if size == 0:
+        zeros = jax.tree.map(lambda leaf: jnp.zeros_like(leaf, jnp.result_type(leaf)), params)
+        return zeros, jnp.zeros(0, jnp.float32)
 
     def clipped_sum(params, batch, weights):
         with per_example_trace("ghost_clipped_sum"):

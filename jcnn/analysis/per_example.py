@@ -197,6 +197,12 @@ def _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, where):
     size = _batch_size(batch)
     _check_chunk_size(chunk_size, axis_name, size)
     grad_fn = jax.grad(_scalar_loss(loss_fn))
+    if size == 0:
+        # vmap over zero examples would still run the model, and its gathers (a cross entropy's
+        # label lookup) raise on an empty axis
+        return jax.tree.map(
+            lambda leaf: jnp.zeros((0, *jnp.shape(leaf)), jnp.result_type(leaf)), params
+        )
 
     def one(params, example):
         return grad_fn(params, jax.tree.map(lambda leaf: leaf[None], example))
@@ -358,12 +364,18 @@ def _widened(leaf) -> jax.Array:
     return leaf.astype(float32_or_wider(leaf.dtype))
 
 
-def _norms(per_example) -> jax.Array:
+def _norms(per_example, size: int | None = None) -> jax.Array:
+    """The ``(B,)`` L2 norms of the examples' gradients; ``size`` gives ``B`` for a pytree
+    without leaves (parameters without any leaf: every norm is 0)."""
+    leaves = jax.tree.leaves(per_example)
+    if size is None:
+        size = leaves[0].shape[0]
+    # the flattened size is spelled out: reshape(0, -1) cannot infer it for an empty batch
     squares = [
-        jnp.sum(jnp.square(_widened(leaf)).reshape(leaf.shape[0], -1), axis=1)
-        for leaf in jax.tree.leaves(per_example)
+        jnp.sum(jnp.square(_widened(leaf)).reshape(size, math.prod(leaf.shape[1:])), axis=1)
+        for leaf in leaves
     ]
-    return jnp.sqrt(sum(squares))
+    return jnp.sqrt(sum(squares, jnp.zeros(size, jnp.float32)))
 
 
 def per_example_grad_norms(
@@ -388,7 +400,8 @@ def per_example_grad_norms(
     [70.0, 2.0]
     """
     return _norms(
-        _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, "per_example_grad_norms")
+        _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, "per_example_grad_norms"),
+        _batch_size(batch),
     )
 
 

@@ -357,6 +357,15 @@ def test_float64_norms_and_clipped_sum_keep_float64_precision(rng):
             )
 
 
+def test_empty_batch_has_no_norm_and_a_zero_sum(rng):
+    loss, params, (images, labels) = _problem(*_LAYERS["conv2d_groups_reflect"], rng)
+    empty = (images[:0], labels[:0])
+    assert ghost_norms(loss, params, empty).shape == (0,)
+    total, norms = ghost_clipped_sum(loss, params, empty, 1.0)
+    assert norms.shape == (0,)
+    _assert_trees_close(total, jax.tree.map(jnp.zeros_like, params))
+
+
 def test_bad_input(rng):
     loss, params, batch = _problem(*_LAYERS["dense_tokens"], rng)
     with pytest.raises(ValueError, match="layer_rule"):

@@ -74,6 +74,19 @@ def test_per_example_grad_norms_match_loop(problem):
     assert len(set(np.round(expected, 4))) == len(expected)  # distinct examples, distinct norms
 
 
+def test_norms_of_an_empty_batch_and_of_parameters_without_leaves(problem):
+    params, (images, labels) = problem
+    empty = (images[:0], labels[:0])
+    assert per_example_grad_norms(_loss, params, empty).shape == (0,)
+    assert (
+        jax.tree.leaves(clip_per_example(per_example_grads(_loss, params, empty), 1.0))[0].shape[0]
+        == 0
+    )
+    # no parameter at all (an empty subtree): every example's gradient is zero, one norm each
+    norms = per_example_grad_norms(lambda p, b: jnp.mean(b[0]), {"head": {}}, (images, labels))
+    np.testing.assert_array_equal(norms, np.zeros(5, np.float32))
+
+
 def test_dp_aggregate_clips_each_example_then_averages(problem):
     params, batch = problem
     grads = _loop(params, batch)
