@@ -108,6 +108,11 @@ def private_grad(
                 "loader.batch_size under Poisson sampling)"
             )
     if denominator is None:
+        if size == 0:
+            raise ValueError(
+                "denominator: required for an empty batch (B = 0, which Poisson sampling can "
+                "draw): the expected batch size, e.g. loader.batch_size"
+            )
         denominator = size
     _check_finite(denominator, "denominator")
 

@@ -532,6 +532,11 @@ def dp_aggregate(
     def update(per_example, state, params=None):
         del params
         size = _batch_size(per_example, "per_example")
+        if size == 0:
+            raise ValueError(
+                "per_example: expected at least one example, got an empty batch (its mean is "
+                "0 / 0); for Poisson-sampled batches use private_grad with a denominator"
+            )
         clipped = clip_per_example(per_example, l2_norm_clip)
         key, next_key = jax.random.split(state.key)
         summed = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), clipped)

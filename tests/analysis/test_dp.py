@@ -146,6 +146,38 @@ def test_private_grad_bad_input(problem):
         private_grad(_loss, params, batch, 0, **kw)
 
 
+def test_private_grad_of_an_empty_batch(problem):
+    params, (images, labels) = problem
+    empty, key = (images[:0], labels[:0]), jax.random.key(0)
+    with pytest.raises(ValueError, match="denominator: required for an empty batch"):
+        private_grad(_loss, params, empty, key, l2_norm_clip=1.0, noise_multiplier=1.0)
+    for method in ("ghost", "materialize"):
+        # the noise alone over the expected batch size, as for any other Poisson batch
+        grad, norms = private_grad(
+            _loss,
+            params,
+            empty,
+            key,
+            l2_norm_clip=1.0,
+            noise_multiplier=0.0,
+            denominator=4,
+            method=method,
+        )
+        assert norms.shape == (0,)
+        jax.tree.map(np.testing.assert_array_equal, grad, jax.tree.map(jnp.zeros_like, params))
+        noised, _ = private_grad(
+            _loss,
+            params,
+            empty,
+            key,
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            denominator=4,
+            method=method,
+        )
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(noised))
+
+
 def test_pad_batch():
     batch = (jnp.arange(10.0).reshape(5, 2), jnp.arange(5))
     padded, mask = pad_batch(batch, 4)

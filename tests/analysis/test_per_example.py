@@ -82,6 +82,8 @@ def test_norms_of_an_empty_batch_and_of_parameters_without_leaves(problem):
         jax.tree.leaves(clip_per_example(per_example_grads(_loss, params, empty), 1.0))[0].shape[0]
         == 0
     )
+    with pytest.raises(ValueError, match="per_example: expected at least one example"):
+        dp_aggregate(1.0, 1.0).update(per_example_grads(_loss, params, empty), None)
     # no parameter at all (an empty subtree): every example's gradient is zero, one norm each
     norms = per_example_grad_norms(lambda p, b: jnp.mean(b[0]), {"head": {}}, (images, labels))
     np.testing.assert_array_equal(norms, np.zeros(5, np.float32))
