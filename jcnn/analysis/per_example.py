@@ -43,7 +43,7 @@ import optax
 from jax import lax
 from jax.extend import core as jax_core
 
-from jcnn.functional._checks import float32_or_wider
+from jcnn.functional._checks import _is_real_scalar, float32_or_wider
 from jcnn.functional.norm import PER_EXAMPLE_TRACE
 
 __all__ = [
@@ -139,9 +139,12 @@ def _check_finite(value, name: str, *, allow_zero: bool = False) -> None:
     denominator of the DP functions."""
     if isinstance(value, jax.core.Tracer):
         return  # a traced value (an argument of a jitted function) is checked by its caller
-    numeric = isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
-    numeric = numeric and not isinstance(value, bool) and np.ndim(value) == 0
-    if not numeric or not (0 <= value if allow_zero else 0 < value) or not value < math.inf:
+    # a real scalar: not a bool, a complex number or a 0-d array of bools or strings
+    if (
+        not _is_real_scalar(value)
+        or not (0 <= value if allow_zero else 0 < value)
+        or not value < math.inf
+    ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 

@@ -220,6 +220,14 @@ def test_input_checks(problem):
             ValueError, match=f"noise_multiplier: expected a finite number >= 0, got {noise}"
         ):
             dp_sgd(0.1, 1.0, noise)
+    # not real numbers, though 0-d: True would clip to norm 1, a complex bound compared by its
+    # real part, a string array failed inside NumPy's comparison
+    for bad in (np.bool_(True), np.array(True), np.complex64(1.0), np.array("1.0")):
+        with pytest.raises(ValueError, match="l2_norm_clip: expected a finite number > 0"):
+            clip_per_example(per_example_grads(_loss, params, (images, labels)), bad)
+        with pytest.raises(ValueError, match="noise_multiplier: expected a finite number >= 0"):
+            dp_aggregate(1.0, bad)
+    assert dp_aggregate(np.float32(1.0), np.array(0.5)) is not None  # real 0-d values are fine
 
 
 def _random_outer_product(rng):
