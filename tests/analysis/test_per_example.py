@@ -228,6 +228,10 @@ def test_input_checks(problem):
         with pytest.raises(ValueError, match="noise_multiplier: expected a finite number >= 0"):
             dp_aggregate(1.0, bad)
     assert dp_aggregate(np.float32(1.0), np.array(0.5)) is not None  # real 0-d values are fine
+    for seed in (1.5, "0", True, None):
+        with pytest.raises(TypeError, match=f"seed: expected an int, got {seed!r}"):
+            dp_sgd(0.1, 1.0, 1.0, seed=seed)
+    assert dp_aggregate(1.0, 1.0, seed=np.int64(3)).init(params).key.shape == ()
 
 
 def _random_outer_product(rng):
