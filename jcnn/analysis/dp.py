@@ -31,6 +31,7 @@ from jcnn.analysis.per_example import (
     _norms,
     per_example_grads,
 )
+from jcnn.functional._checks import check_key
 
 __all__ = ["private_grad", "pad_batch"]
 
@@ -57,7 +58,8 @@ def private_grad(
         ``loss_fn`` on the batch made of it alone (as in ``per_example_grads``).
       params: the parameters (any pytree).
       batch: a pytree of arrays with a common leading batch axis ``B``.
-      key: a ``jax.random`` key for the noise (a fresh one each step: e.g. ``fold_in(key, step)``).
+      key: a ``jax.random`` key (typed, or a raw ``PRNGKey``) for the noise (a fresh one each
+        step: e.g. ``fold_in(key, step)``).
       l2_norm_clip: the per-example bound ``C`` > 0.
       noise_multiplier: ``sigma`` >= 0: the noise's standard deviation is ``sigma * C``.
       weights: optional ``(B,)`` weights of the examples in ``[0, 1]``, 0 for padding
@@ -86,8 +88,7 @@ def private_grad(
     _check_finite(noise_multiplier, "noise_multiplier", allow_zero=True)
     if method not in _METHODS:
         raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
-    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        raise TypeError(f"key: expected a jax.random.key, got {type(key).__name__}")
+    check_key(key, "key")
     size = _batch_size(batch)
     if weights is not None:
         if jnp.shape(weights) != (size,):

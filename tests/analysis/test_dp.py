@@ -144,6 +144,14 @@ def test_private_grad_bad_input(problem):
         private_grad(_loss, params, batch, key, **kw, method="fast")
     with pytest.raises(TypeError, match="key"):
         private_grad(_loss, params, batch, 0, **kw)
+    with pytest.raises(ValueError, match="key: expected a single jax.random key"):
+        private_grad(_loss, params, batch, jax.random.split(key, 2), **kw)
+    # a raw uint32 key (jax.random.PRNGKey) draws the noise of the typed key with its data
+    raw = private_grad(_loss, params, batch, jax.random.PRNGKey(0), **kw)
+    typed = private_grad(
+        _loss, params, batch, jax.random.wrap_key_data(jax.random.PRNGKey(0)), **kw
+    )
+    jax.tree.map(np.testing.assert_array_equal, raw, typed)
 
 
 def test_private_grad_of_an_empty_batch(problem):
