@@ -33,7 +33,7 @@ from jax.typing import DTypeLike
 
 from jcnn import nn as jnn
 from jcnn.analysis._trace import LayerCall, leaf_calls, subtree, trace_layers
-from jcnn.functional._checks import as_int_tuple, normalize_padding
+from jcnn.functional._checks import as_int_tuple, check_bool, normalize_padding
 
 __all__ = [
     "conv_output_size",
@@ -46,10 +46,10 @@ __all__ = [
 ]
 
 
-def _check_sizes(size, kernel, stride, dilation, padding):
+def _check_sizes(size, kernel, stride, dilation, padding, kernel_name="kernel"):
     for value, name, minimum in (
         (size, "size", 1),
-        (kernel, "kernel", 1),
+        (kernel, kernel_name, 1),
         (stride, "stride", 1),
         (dilation, "dilation", 1),
         (padding, "padding", 0),
@@ -93,6 +93,7 @@ def conv_output_size(
     (6, 4)
     """
     _check_sizes(size, kernel, stride, dilation, padding)
+    ceil_mode = check_bool(ceil_mode, "ceil_mode")
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     if span < 0:
         raise ValueError(
@@ -125,9 +126,11 @@ def pool_output_size(
     >>> pool_output_size(5, 2, ceil_mode=True), pool_output_size(6, 3, 2, padding=1, ceil_mode=True)
     (3, 4)
     """
+    stride = window if stride is None else stride
+    # the types first: the padding rule below would compare a string or None raw
+    _check_sizes(size, window, stride, dilation, padding, "window")
     if padding * 2 > window:
         raise ValueError(f"padding: expected at most half the window ({window}), got {padding}")
-    stride = window if stride is None else stride
     return conv_output_size(size, window, stride, padding, dilation, ceil_mode)
 
 

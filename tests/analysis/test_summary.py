@@ -52,6 +52,23 @@ def test_output_size_checks():
         pool_output_size(8, 2, padding=2)
 
 
+def test_output_size_checks_name_the_argument_of_any_type():
+    for kwargs, name in (
+        (dict(padding="1"), "padding"),
+        (dict(padding=None), "padding"),
+        (dict(stride=2.0), "stride"),
+        (dict(dilation=True), "dilation"),
+    ):
+        with pytest.raises(TypeError, match=f"{name}: expected an int, got"):
+            pool_output_size(8, 2, **kwargs)
+    with pytest.raises(TypeError, match="window: expected an int, got None"):
+        pool_output_size(8, None)
+    for function in (conv_output_size, pool_output_size):
+        with pytest.raises(TypeError, match="ceil_mode: expected a Python bool, got 'no'"):
+            function(7, 2, 2, ceil_mode="no")  # a non-empty string would round up
+        assert function(7, 2, 2, ceil_mode=np.bool_(True)) == 4
+
+
 def test_course_conv_example():
     """001: ten 5x5 filters, stride 1, pad 2 on 3x32x32: 760 parameters, 768,000 MACs."""
     table = summary(nn.Conv(10, (5, 5), stride=1, padding=2), (1, 32, 32, 3))
