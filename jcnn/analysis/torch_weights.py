@@ -13,6 +13,8 @@ and the twins in the tests. Conversions:
   NHWC order (C fastest).
 - ``BatchNorm``: ``weight``, ``bias`` to ``scale``, ``bias``; ``running_mean``, ``running_var`` to
   ``batch_stats`` ``mean``, ``var`` (``num_batches_tracked`` is ignored).
+  A ``BatchNorm1d`` of the flattened feature map is permuted to NHWC order as the dense layer is
+  (and the dense layer after it still is).
 
 Every shape is checked; a mismatch raises ``ValueError`` naming the PyTorch key and the jcnn
 parameter. Files are read as data only: ``torch.load(..., weights_only=True)``.
@@ -161,12 +163,38 @@ def _insert(tree: dict, path: Sequence[str], values: dict) -> None:
 
 
 def _keeps_order(call) -> bool:
-    """Whether ``call`` is a Dropout or an elementwise activation (each feature on its own)."""
+    """Whether ``call`` is a Dropout, an elementwise activation or a BatchNorm of flat features
+    (each feature on its own)."""
     module = call.module
     elementwise = isinstance(module, (jnn.Dropout, jnn.SpatialDropout)) or (
         type(module).__module__ == "jcnn.nn.activation" and not isinstance(module, jnn.Maxout)
     )
-    return elementwise and call.input_shape == call.output_shape
+    flat_norm = isinstance(module, jnn.BatchNorm) and len(call.input_shape or ()) == 2
+    return (elementwise or flat_norm) and call.input_shape == call.output_shape
+
+
+def _flattened_from(calls, call) -> tuple[int, ...] | None:
+    """The ``(*spatial, C)`` feature map whose ``Flatten`` gives ``call``'s input (through
+    order-keeping layers), else None."""
+    source = calls[call.source] if call.source is not None else None
+    while source is not None and source.source is not None and _keeps_order(source):
+        source = calls[source.source]
+    if (
+        source is not None
+        and isinstance(source.module, jnn.Flatten)
+        and source.input_shape is not None
+        and len(source.input_shape) > 2
+    ):
+        return tuple(source.input_shape[1:])
+    return None
+
+
+def _to_channels_last(vector: np.ndarray, flattened_from: tuple[int, ...]) -> np.ndarray:
+    """A per-feature vector of PyTorch's ``(C, *spatial)`` flatten order in jcnn's
+    ``(*spatial, C)`` order."""
+    *spatial, channels = flattened_from
+    moved = vector.reshape(channels, *spatial).transpose(*range(1, 1 + len(spatial)), 0)
+    return moved.reshape(-1)
 
 
 def from_torch_state_dict(
@@ -217,21 +245,18 @@ def from_torch_state_dict(
             params = _convert_conv(group, prefix, call.path, params_shapes)
             stats = {}
         elif isinstance(module, jnn.Dense):
-            source = calls[call.source] if call.source is not None else None
-            # a Dropout or an activation between the Flatten and the layer keeps the order
-            while source is not None and source.source is not None and _keeps_order(source):
-                source = calls[source.source]
-            flattened_from = None
-            if (
-                source is not None
-                and isinstance(source.module, jnn.Flatten)
-                and len(source.input_shape) > 2
-            ):
-                flattened_from = source.input_shape[1:]
+            # a Dropout, an activation or a BatchNorm1d between the Flatten and the layer keeps
+            # the order
+            flattened_from = _flattened_from(calls, call)
             params = _convert_dense(group, prefix, call.path, params_shapes, flattened_from)
             stats = {}
         else:
             params, stats = _convert_norm(group, prefix, call.path, params_shapes, stats_shapes)
+            flattened_from = _flattened_from(calls, call)
+            if flattened_from is not None and len(call.input_shape) == 2:
+                # a BatchNorm1d after a Flatten: its features come in PyTorch's flatten order
+                params = {k: _to_channels_last(v, flattened_from) for k, v in params.items()}
+                stats = {k: _to_channels_last(v, flattened_from) for k, v in stats.items()}
         if group:
             extra = ", ".join(f"{prefix}.{name}" for name in group)
             raise ValueError(f"{extra}: no jcnn parameter of layer {'/'.join(call.path)} matches")

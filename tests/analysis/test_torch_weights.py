@@ -95,6 +95,34 @@ def test_dense_after_flatten_then_dropout_and_activation_gets_the_flatten_order(
     _compare(torch, net, model, (2, 6, 6, 2), rng)
 
 
+def test_batch_norm_1d_after_flatten_gets_the_flatten_order(rng):
+    """Flatten -> BatchNorm1d -> Linear, the PyTorch twin computed in NumPy (NCHW flatten): both
+    the BatchNorm's vectors and the dense kernel after it are permuted."""
+    height, width, channels, features = 2, 3, 4, 5
+    n = height * width * channels
+    model = jcnn.nn.Sequential(
+        [jcnn.nn.Flatten(), jcnn.nn.BatchNorm(), jcnn.nn.ReLU(), jcnn.nn.Dense(features)]
+    )
+    state_dict = {
+        "1.weight": rng.uniform(0.5, 1.5, n),
+        "1.bias": rng.normal(size=n),
+        "1.running_mean": rng.normal(size=n),
+        "1.running_var": rng.uniform(0.5, 2.0, n),
+        "1.num_batches_tracked": np.array(3),
+        "3.weight": rng.normal(size=(features, n)),
+        "3.bias": rng.normal(size=features),
+    }
+    state_dict = {k: v.astype(np.float32) for k, v in state_dict.items()}
+    x = rng.normal(size=(2, height, width, channels)).astype(np.float32)
+    flat = x.transpose(0, 3, 1, 2).reshape(2, -1)
+    normed = (flat - state_dict["1.running_mean"]) / np.sqrt(state_dict["1.running_var"] + 1e-5)
+    hidden = np.maximum(normed * state_dict["1.weight"] + state_dict["1.bias"], 0)
+    expected = hidden @ state_dict["3.weight"].T + state_dict["3.bias"]
+    variables = from_torch_state_dict(model, state_dict, (1, height, width, channels))
+    got = model.apply(variables, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def _vgg_twin(torch, depth_config, batch_norm, num_classes):
     layers, c_in = [], 3
     for convs, width in zip(depth_config, (64, 128, 256, 512, 512), strict=True):
