@@ -70,8 +70,20 @@ def _as_numpy(value, key: str) -> np.ndarray:
     return array
 
 
+def _check_state_dict(state_dict) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "state_dict: expected a mapping of parameter names to tensors (module.state_dict()), "
+            f"got {type(state_dict).__name__}"
+        )
+    for key in state_dict:
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict: expected string keys such as 'conv1.weight', got {key!r}")
+
+
 def _group(state_dict: Mapping) -> list[tuple[str, dict[str, np.ndarray]]]:
     """``(module prefix, {parameter name: array})`` in the state_dict's order."""
+    _check_state_dict(state_dict)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         prefix, _, name = key.rpartition(".")
@@ -418,6 +430,7 @@ def from_torchvision_state_dict(
         )
     import jax
 
+    _check_state_dict(state_dict)
     shapes = jax.eval_shape(
         model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
     )

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 import jcnn
-from jcnn.analysis import from_torch_state_dict, load_torch_weights
+from jcnn.analysis import (
+    from_torch_state_dict,
+    from_torchvision_state_dict,
+    load_torch_weights,
+)
 
 
 def _randomize_norm_statistics(torch, net, rng):
@@ -121,6 +125,16 @@ def test_batch_norm_1d_after_flatten_gets_the_flatten_order(rng):
     variables = from_torch_state_dict(model, state_dict, (1, height, width, channels))
     got = model.apply(variables, jnp.asarray(x), train=False)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_of_another_type_is_named():
+    model = jcnn.nn.Dense(2)
+    with pytest.raises(TypeError, match="state_dict: expected a mapping .*, got list"):
+        from_torch_state_dict(model, [np.ones((2, 3))], (1, 3))
+    with pytest.raises(TypeError, match="state_dict: expected string keys .*, got 0"):
+        from_torch_state_dict(model, {0: np.ones((2, 3))}, (1, 3))
+    with pytest.raises(TypeError, match="state_dict: expected a mapping .*, got list"):
+        from_torchvision_state_dict(jcnn.models.MobileNetV2(), [], (1, 32, 32, 3))
 
 
 def _vgg_twin(torch, depth_config, batch_norm, num_classes):
