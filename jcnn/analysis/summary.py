@@ -2,13 +2,15 @@
 
 ``summary(model, input_shape)`` runs the model abstractly (``jax.eval_shape``, nothing is computed)
 and records every layer, i.e. every module call that calls no other module (the ``jcnn.nn``
-modules), with its attributes and its input and output shapes. Shapes are jcnn's channels-last
-ones: an output ``(1, 28, 28, 20)`` is the course's ``20 x 28 x 28`` and a conv kernel
-``(5, 5, 1, 20)`` (HWIO) is the course's weight ``20 x 1 x 5 x 5`` (OIHW).
+modules, or ``flax.linen`` layers), with its attributes and its input and output shapes. Shapes
+are jcnn's channels-last ones: an output ``(1, 28, 28, 20)`` is the course's ``20 x 28 x 28`` and
+a conv kernel ``(5, 5, 1, 20)`` (HWIO) is the course's weight ``20 x 1 x 5 x 5`` (OIHW).
 
 Multiply-adds count the products of convolutions and dense layers for the whole ``input_shape``
 batch (bias additions, normalizations, activations and pools count 0; an eval-mode BatchNorm folds
-into the conv before it). The receptive field of a unit is the side of the input window it
+into the conv before it), for ``jcnn.nn`` layers and ``flax.linen``'s ``Conv``, ``ConvLocal``,
+``ConvTranspose`` and ``Dense``; a layer of another type with parameters shows ``?`` and is left
+out of the total, which names it. The receptive field of a unit is the side of the input window it
 depends on, unclipped by the image border: ``r_out = r_in + (k_eff - 1) * j_in`` with
 ``k_eff = d (k - 1) + 1`` and the effective stride (jump) ``j_out = j_in * s``, composed from the
 input (``r = j = 1``). After a flatten, a global pool or a normalization with statistics over all
@@ -26,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import flax.linen as nn
+import flax.linen.linear as flax_linear
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,7 +189,8 @@ class LayerRow:
       weight_shape: shape of ``kernel`` (conv HWIO, dense ``(in, out)``) or of the first parameter,
         ``None`` for parameter-free layers.
       params: number of parameters of the layer.
-      macs: multiply-adds for the whole batch.
+      macs: multiply-adds for the whole batch, ``None`` for a layer with parameters whose type
+        ``summary`` does not know (not counted, rather than counted as 0).
       receptive_field: the field of the output units, ``None`` where unknown.
     """
 
@@ -196,7 +200,7 @@ class LayerRow:
     output_shape: tuple[int, ...] | None
     weight_shape: tuple[int, ...] | None
     params: int
-    macs: int
+    macs: int | None
     receptive_field: ReceptiveField | None
 
 
@@ -208,13 +212,15 @@ class Summary:
       rows: one ``LayerRow`` per layer, in call order.
       input_shape: the input the model was run on.
       total_params: every parameter of the model (shared layers counted once).
-      total_macs: the sum of the rows' multiply-adds.
+      total_macs: the sum of the rows' multiply-adds, leaving out the layers in ``uncounted``.
+      uncounted: names of the layers whose multiply-adds are unknown (``macs`` is ``None``).
     """
 
     rows: tuple[LayerRow, ...]
     input_shape: tuple[int, ...]
     total_params: int
     total_macs: int
+    uncounted: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         header = ("Layer", "Type", "Output shape", "Weight shape", "Params", "MACs", "RF", "Stride")
@@ -228,7 +234,7 @@ class Summary:
                     _fmt_shape(row.output_shape),
                     _fmt_shape(row.weight_shape),
                     f"{row.params:,}",
-                    f"{row.macs:,}",
+                    "?" if row.macs is None else f"{row.macs:,}",
                     _fmt_axes(field.size) if field else "?",
                     _fmt_axes(field.stride) if field else "?",
                 )
@@ -244,6 +250,8 @@ class Summary:
 
         rule = "-" * len(render(header))
         total = f"Total params: {self.total_params:,}    Total MACs: {self.total_macs:,}"
+        if self.uncounted:
+            total += f" + ? (not counted: {', '.join(self.uncounted)})"
         return "\n".join([render(header), rule, *map(render, lines), rule, total])
 
     def __repr__(self) -> str:
@@ -271,6 +279,19 @@ _POINTWISE = (
     jnn.PReLU,
     jnn.Maxout,
     jnn.Dense,
+    nn.Dense,
+    nn.BatchNorm,
+    nn.Dropout,
+)
+# Flax layers whose multiply-adds count 0 by the rule above (normalizations, lookups).
+_FLAX_NO_MACS = (
+    nn.BatchNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm,
+    nn.Dropout,
+    nn.Embed,
 )
 # Layers whose every output depends on every position of their input (LocalContrastNorm too: its
 # divisor is at least the image's mean local deviation).
@@ -314,12 +335,56 @@ def _window_field(module, field: ReceptiveField, spatial_in) -> ReceptiveField |
         window = stride = tuple(size // o for size, o in zip(spatial_in, out, strict=True))
         dilation = (1,) * n
         padding = ((0, 0),) * n
+    elif isinstance(module, (nn.Conv, nn.ConvLocal)):
+        geometry = _flax_conv_geometry(module, spatial_in)
+        if geometry is None:
+            return None
+        window, stride, dilation, padding = geometry
     else:
         return None
     return field.grow(window, stride, dilation, tuple(lo for lo, _ in padding))
 
 
-def _macs(module, call: LayerCall) -> int:
+def _flax_tuple(value, n: int) -> tuple | None:
+    """A ``flax.linen`` conv attribute (None, an int or n ints) as n values, None if malformed."""
+    if value is None:
+        return (1,) * n
+    value = _as_tuple(value)
+    value = value * n if len(value) == 1 else value
+    return value if len(value) == n else None
+
+
+def _flax_conv_geometry(module, spatial_in):
+    """``(window, stride, dilation, padding pairs)`` of a ``flax.linen`` Conv, None where the
+    field is not a window of the input (input dilation, wrapped or reflected padding)."""
+    window = _flax_tuple(module.kernel_size, len(_as_tuple(module.kernel_size)))
+    n = len(window)
+    stride = _flax_tuple(module.strides, n)
+    dilation = _flax_tuple(module.kernel_dilation, n)
+    if (
+        n != len(spatial_in)
+        or stride is None
+        or dilation is None
+        or _flax_tuple(module.input_dilation, n) != (1,) * n
+    ):
+        return None
+    padding = flax_linear.canonicalize_padding(module.padding, n)
+    if isinstance(padding, str) and padding.upper() == "CAUSAL":
+        padding = ((dilation[0] * (window[0] - 1), 0),)
+    elif isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
+        return None
+    padding = normalize_padding(
+        padding if isinstance(padding, str) else tuple(tuple(p) for p in padding),
+        spatial_in,
+        window,
+        stride,
+        dilation,
+    )
+    return window, stride, dilation, padding
+
+
+def _macs(module, call: LayerCall) -> int | None:
+    """The layer's multiply-adds; None for a layer type whose products are not known here."""
     if call.output_shape is None or call.input_shape is None:
         return 0
     if isinstance(module, (jnn.Conv, jnn.LocallyConnected)):  # the latter: unshared weights
@@ -331,9 +396,23 @@ def _macs(module, call: LayerCall) -> int:
     if isinstance(module, jnn.ConvTranspose):
         window = _kernel_volume(module, call)
         return math.prod(call.input_shape) * window * module.features // module.groups
-    if isinstance(module, jnn.Dense):
+    if isinstance(module, (jnn.Dense, nn.Dense)):
         return math.prod(call.output_shape) * call.input_shape[-1]
-    return 0
+    if isinstance(module, (nn.Conv, nn.ConvLocal)):
+        # the window covers kernel_size whatever the batch axes; input dilation multiplies by
+        # the inserted zeros, which a count of products would have to leave out
+        n = len(_as_tuple(module.kernel_size))
+        if _flax_tuple(module.input_dilation, n) != (1,) * n:
+            return None
+        window = math.prod(_flax_tuple(module.kernel_size, n))
+        groups = module.feature_group_count
+        return math.prod(call.output_shape) * window * call.input_shape[-1] // groups
+    if isinstance(module, nn.ConvTranspose):
+        window = math.prod(_as_tuple(module.kernel_size))
+        return math.prod(call.input_shape) * window * module.features
+    if type(module).__module__.startswith("jcnn.nn.") or isinstance(module, _FLAX_NO_MACS):
+        return 0
+    return None
 
 
 def _kernel_volume(module, call: LayerCall) -> int:
@@ -367,7 +446,17 @@ def _describe(module) -> str:
         if padding not in (0, "VALID"):
             text += f", p={_fmt_pad(padding)}"
         return text + ")"
-    if isinstance(module, jnn.Dense):
+    if isinstance(module, (nn.Conv, nn.ConvLocal, nn.ConvTranspose)):
+        parts = [str(module.features), f"k={_fmt_axes(_as_tuple(module.kernel_size))}"]
+        parts.append(f"s={_fmt_axes(_as_tuple(module.strides or 1))}")
+        parts.append(f"p={_fmt_pad(module.padding)}")
+        dilation = _as_tuple(module.kernel_dilation or 1)
+        if set(dilation) != {1}:
+            parts.append(f"d={_fmt_axes(dilation)}")
+        if getattr(module, "feature_group_count", 1) != 1:
+            parts.append(f"g={module.feature_group_count}")
+        return f"{name}({', '.join(parts)})"
+    if isinstance(module, (jnn.Dense, nn.Dense)):
         return f"{name}({module.features})"
     if isinstance(module, jnn.AdaptiveAvgPool):
         return f"{name}({_fmt_axes(_as_tuple(module.output_size))})"
@@ -504,6 +593,9 @@ def summary(
     rows = []
     for call in leaf_calls(calls):
         params = subtree(variables, "params", call.path)
+        macs = _macs(call.module, call)
+        if macs is None and not params:  # a parameter-free layer of its own: no products
+            macs = 0
         rows.append(
             LayerRow(
                 name="/".join(call.path),
@@ -512,7 +604,7 @@ def summary(
                 output_shape=call.output_shape,
                 weight_shape=_weight_shape(params),
                 params=_count(params),
-                macs=_macs(call.module, call),
+                macs=macs,
                 receptive_field=fields.get(call.index),
             )
         )
@@ -520,7 +612,8 @@ def summary(
         rows=tuple(rows),
         input_shape=tuple(input_shape),
         total_params=_count(variables.get("params", {})),
-        total_macs=sum(row.macs for row in rows),
+        total_macs=sum(row.macs for row in rows if row.macs is not None),
+        uncounted=tuple(row.name or row.layer for row in rows if row.macs is None),
     )
 
 
@@ -528,7 +621,8 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int]) -> ReceptiveFi
     """Receptive field of the units of ``model``'s output, composed from its layers.
 
     Args:
-      model: a Flax module built from ``jcnn.nn`` layers.
+      model: a Flax module built from ``jcnn.nn`` layers (``flax.linen`` convs and dense layers
+        are known too).
       input_shape: the input's shape with the batch axis, channels-last.
 
     Returns:

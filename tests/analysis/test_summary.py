@@ -389,3 +389,112 @@ def test_locally_connected_rows_equal_the_conv_rows_but_parameters():
     assert row.params == out_positions * (3 * 2 * 4 * 5 + 5)
     assert row.receptive_field.size == (5, 5)
     assert "LocallyConnected(5, k=3x2, s=2x1, p=1, d=1x2)" in str(got)
+
+
+class _FlaxNet(flax_nn.Module):
+    """Plain flax.linen layers, twin of _JCNN_TWIN."""
+
+    @flax_nn.compact
+    def __call__(self, x):
+        x = flax_nn.Conv(8, (3, 3), strides=2, padding="SAME")(x)
+        x = flax_nn.relu(x)
+        x = flax_nn.Conv(
+            8, (3, 3), feature_group_count=4, kernel_dilation=2, padding=((1, 2), (0, 1))
+        )(x)
+        x = flax_nn.Conv(6, (3, 2), strides=(2, 1), padding="VALID")(x)
+        x = flax_nn.Conv(6, (1, 3), padding=1, use_bias=False)(x)
+        x = flax_nn.Dense(5)(x)
+        x = flax_nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")(x)
+        return flax_nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+_JCNN_TWIN = nn.Sequential(
+    [
+        nn.Conv(8, 3, stride=2, padding="SAME"),
+        nn.ReLU(),
+        nn.Conv(8, 3, groups=4, dilation=2, padding=((1, 2), (0, 1))),
+        nn.Conv(6, (3, 2), stride=(2, 1)),
+        nn.Conv(6, (1, 3), padding=1, use_bias=False),
+        nn.Dense(5),
+        nn.ConvTranspose(4, 2, stride=2),
+        nn.Flatten(),
+        nn.Dense(10),
+    ]
+)
+
+
+def test_plain_flax_layers_are_counted_as_their_jcnn_twins():
+    shape = (2, 17, 16, 3)
+    flax_table, jcnn_table = summary(_FlaxNet(), shape), summary(_JCNN_TWIN, shape)
+    flax_rows = flax_table.rows
+    jcnn_rows = [row for row in jcnn_table.rows if row.params]
+    assert len(flax_rows) == len(jcnn_rows) == 7
+    for a, b in zip(flax_rows, jcnn_rows, strict=True):
+        assert (a.output_shape, a.weight_shape, a.params, a.macs) == (
+            b.output_shape,
+            b.weight_shape,
+            b.params,
+            b.macs,
+        )
+        assert a.macs > 0
+    # the convolutions and the dense layer on the map have the twins' receptive fields
+    for a, b in zip(flax_rows[:5], jcnn_rows[:5], strict=True):
+        assert a.receptive_field == b.receptive_field is not None
+    assert flax_rows[5].receptive_field is None  # a transposed conv, as for jcnn's
+    assert (flax_table.total_params, flax_table.total_macs) == (
+        jcnn_table.total_params,
+        jcnn_table.total_macs,
+    )
+    assert flax_table.uncounted == ()
+    assert flax_rows[1].layer == "Conv(8, k=3, s=1, p=((1, 2), (0, 1)), d=2, g=4)"
+
+
+def test_plain_flax_layers_match_hand_counts():
+    # 3x3 stride 2 SAME on 5x5, 2 groups of 1 -> 2 channels each: 3x3 outputs x 4 x 9 taps x 1
+    conv = flax_nn.Conv(4, (3, 3), strides=2, padding="SAME", feature_group_count=2)
+    (row,) = summary(conv, (1, 5, 5, 2)).rows
+    assert row.output_shape == (1, 3, 3, 4)
+    assert (row.params, row.macs) == (3 * 3 * 1 * 4 + 4, 3 * 3 * 4 * 9 * 1)
+    # SAME pads 1 on each side: the first window starts at -1
+    assert row.receptive_field == ReceptiveField((3, 3), (2, 2), (-1, -1))
+    # an int kernel_size is one spatial axis; CAUSAL pads d (k - 1) on the left only
+    causal = flax_nn.Conv(5, 3, kernel_dilation=2, padding="CAUSAL")
+    (row,) = summary(causal, (1, 10, 2)).rows
+    assert row.output_shape == (1, 10, 5)
+    assert row.macs == 10 * 5 * 3 * 2
+    assert row.receptive_field == ReceptiveField((5,), (1,), (-4,))
+    (row,) = summary(flax_nn.Dense(3), (2, 7)).rows
+    assert (row.params, row.macs) == (7 * 3 + 3, 2 * 3 * 7)
+    # a transposed conv multiplies each input value by the whole window of every output channel
+    (row,) = summary(flax_nn.ConvTranspose(4, (2, 3), strides=(2, 2)), (1, 3, 3, 5)).rows
+    assert row.macs == 3 * 3 * 5 * (2 * 3) * 4
+
+
+class _Bilinear(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, x):
+        w = self.param("w", jax.nn.initializers.ones, (x.shape[-1], x.shape[-1], 3))
+        return jnp.einsum("bi,bj,ijk->bk", x, x, w)
+
+
+class _Square(flax_nn.Module):
+    def __call__(self, x):
+        return x * x
+
+
+def test_layers_of_unknown_type_are_marked_not_counted_as_zero():
+    model = nn.Sequential([nn.Dense(4), _Bilinear(), _Square(), nn.Dense(2)])
+    table = summary(model, (2, 6))
+    rows = {row.name: row for row in table.rows}
+    assert rows["layers_1"].macs is None
+    assert rows["layers_2"].macs == 0  # no parameters: nothing of its own to multiply
+    assert table.uncounted == ("layers_1",)
+    assert table.total_macs == 2 * 4 * 6 + 2 * 2 * 3
+    text = str(table)
+    bilinear_line = next(line for line in text.splitlines() if line.startswith("layers_1"))
+    assert bilinear_line.split()[-3] == "?"
+    assert text.endswith("Total MACs: 60 + ? (not counted: layers_1)")
+    # an input-dilated flax conv computes products with inserted zeros: not guessed either
+    dilated = summary(flax_nn.Conv(2, (3, 3), input_dilation=2, padding=1), (1, 5, 5, 1))
+    assert dilated.rows[0].macs is None and dilated.rows[0].receptive_field is None
+    assert "?" in str(dilated).splitlines()[-1]
