@@ -58,6 +58,20 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
     return as_int_tuple(tuple(input_shape), len(input_shape), "input_shape", minimum=1)
 
 
+def check_input_dtype(dtype) -> None:
+    """Refuse what is not a numeric dtype (integer dtypes pass: some models take ints)."""
+    try:
+        numeric = dtype is not None and (
+            jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+        )
+    except TypeError:
+        numeric = False
+    if not numeric:
+        raise TypeError(
+            f"dtype: expected a numeric dtype such as jnp.float32 or jnp.int32, got {dtype!r}"
+        )
+
+
 def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     """Run ``model.init`` abstractly on zeros of ``input_shape``; returns ``(calls, variables)``.
 
@@ -66,6 +80,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
     input_shape = check_input_shape(input_shape)
+    check_input_dtype(dtype)
     calls: list[LayerCall] = []
     stack: list[LayerCall] = []
     producer: dict[int, int] = {}

@@ -498,3 +498,20 @@ def test_layers_of_unknown_type_are_marked_not_counted_as_zero():
     dilated = summary(flax_nn.Conv(2, (3, 3), input_dilation=2, padding=1), (1, 5, 5, 1))
     assert dilated.rows[0].macs is None and dilated.rows[0].receptive_field is None
     assert "?" in str(dilated).splitlines()[-1]
+
+
+class _Embedding(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, tokens):
+        return flax_nn.Embed(10, 4)(tokens)
+
+
+def test_summary_dtype_is_checked_and_integer_inputs_stay_accepted():
+    for dtype in ("foo", None, 3, "U5", object):
+        with pytest.raises(TypeError, match=f"dtype: expected a numeric dtype .*, got {dtype!r}"):
+            summary(nn.Dense(3), (1, 4), dtype=dtype)
+    for dtype in ("bfloat16", float, jnp.float16):
+        assert summary(nn.Dense(3), (1, 4), dtype=dtype).total_macs == 12
+    for dtype in (jnp.int32, "int8", np.uint8):
+        (row,) = summary(_Embedding(), (2, 5), dtype=dtype).rows
+        assert (row.output_shape, row.params, row.macs) == ((2, 5, 4), 40, 0)
