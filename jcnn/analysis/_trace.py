@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jcnn.functional._checks import as_int_tuple
+from jcnn.functional._checks import check_size_sequence
 
 
 @dataclasses.dataclass
@@ -44,18 +45,26 @@ def accepts_train(model: nn.Module) -> bool:
 
 
 def check_input_shape(input_shape) -> tuple[int, ...]:
-    """``input_shape`` as a tuple of positive ints (batch axis included)."""
+    """``input_shape`` as a tuple of positive ints (batch axis included); a 1-D integer array
+    (``np.array(x.shape)``) is a shape too."""
     if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
-        raise TypeError(
-            "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), got "
-            f"an array of shape {tuple(input_shape.shape)} (pass its .shape)"
-        )
-    if isinstance(input_shape, (int, str)) or not isinstance(input_shape, Sequence):
+        if len(input_shape.shape) != 1 or isinstance(input_shape, jax.core.Tracer):
+            raise TypeError(
+                "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), got "
+                f"an array of shape {tuple(input_shape.shape)} (pass its .shape)"
+            )
+        if not jnp.issubdtype(input_shape.dtype, jnp.integer):
+            raise TypeError(
+                "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), got "
+                f"a 1-D array of dtype {input_shape.dtype} (sizes are ints)"
+            )
+        input_shape = np.asarray(input_shape)
+    if isinstance(input_shape, (int, str)) or not isinstance(input_shape, (Sequence, np.ndarray)):
         raise TypeError(
             "input_shape: expected a shape tuple with the batch axis, e.g. (1, 28, 28, 1), "
             f"got {input_shape!r}"
         )
-    return as_int_tuple(tuple(input_shape), len(input_shape), "input_shape", minimum=1)
+    return check_size_sequence(input_shape, "input_shape", example="(1, 28, 28, 1)", minimum=1)
 
 
 def check_input_dtype(dtype) -> None:

@@ -515,3 +515,28 @@ def test_summary_dtype_is_checked_and_integer_inputs_stay_accepted():
     for dtype in (jnp.int32, "int8", np.uint8):
         (row,) = summary(_Embedding(), (2, 5), dtype=dtype).rows
         assert (row.output_shape, row.params, row.macs) == ((2, 5, 4), 40, 0)
+
+
+def test_input_shape_as_an_integer_array_and_float_or_zero_sizes():
+    expected = summary(jcnn.models.LeNet5(), (2, 28, 28, 1))
+    for shape in (
+        np.array([2, 28, 28, 1]),
+        jnp.array([2, 28, 28, 1]),
+        np.array((2, 28, 28, 1), np.uint8),
+    ):
+        table = summary(jcnn.models.LeNet5(), shape)
+        assert table.input_shape == (2, 28, 28, 1)
+        assert (table.total_params, table.total_macs) == (
+            expected.total_params,
+            expected.total_macs,
+        )
+        assert receptive_field(jcnn.models.LeNet5(), shape) == expected.rows[-1].receptive_field
+    with pytest.raises(TypeError, match=r"input_shape: .*got a 1-D array of dtype float64"):
+        summary(jcnn.models.LeNet5(), np.array([2.0, 28, 28, 1]))
+    for shape in ((2, 28.0, 28, 1), [2, 28, 28, True], (2, 28, 28, None)):
+        with pytest.raises(TypeError, match=r"input_shape: expected .*ints.*, got"):
+            summary(jcnn.models.LeNet5(), shape)
+    with pytest.raises(TypeError, match=r"input_shape: expected .*ints.*, got \(\)"):
+        summary(jcnn.models.LeNet5(), ())
+    with pytest.raises(ValueError, match=r"input_shape: expected sizes >= 1, got \(2, 0, 28, 1\)"):
+        summary(jcnn.models.LeNet5(), np.array([2, 0, 28, 1]))
