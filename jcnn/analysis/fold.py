@@ -193,6 +193,12 @@ def fold_batch_norms(
     ...                   model.apply(variables, x, train=False), atol=1e-5))
     True
     """
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "variables: expected the model's variables, a mapping such as {'params': ..., "
+            "'batch_stats': ...} (model.init's result), got "
+            f"{type(variables).__name__}"
+        )
     pairs = _pairs(model, input_shape)
     folded = _plain(dict(variables))
     params = folded.setdefault("params", {})

@@ -1,5 +1,6 @@
 """Tests of jcnn.analysis.fold: folded networks equal the originals in eval mode."""
 
+import flax
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
@@ -153,3 +154,23 @@ def test_fold_reports_missing_variables():
     variables = model.init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="variables: expected the BatchNorm's batch_stats"):
         fold_batch_norms(model, {"params": variables["params"]}, x.shape)
+
+
+def test_fold_names_variables_of_the_wrong_type():
+    model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm()])
+    x = jnp.zeros((1, 5, 5, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    for wrong, name in (
+        ([1], "list"),
+        (None, "NoneType"),
+        (variables["params"]["layers_0"]["kernel"], "ArrayImpl"),
+    ):
+        with pytest.raises(
+            TypeError, match=f"variables: expected the model's variables, .*got {name}$"
+        ):
+            fold_batch_norms(model, wrong, x.shape)
+    # a FrozenDict is a mapping too
+    folded, folded_variables = fold_batch_norms(model, flax.core.freeze(variables), x.shape)
+    np.testing.assert_allclose(
+        folded.apply(folded_variables, x + 1), model.apply(variables, x + 1, train=False), atol=1e-5
+    )
