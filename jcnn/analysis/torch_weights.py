@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcnn import nn as jnn
-from jcnn.analysis._trace import leaf_calls, subtree, trace_layers
+from jcnn.analysis._trace import check_input_shape, leaf_calls, subtree, trace_layers
 
 __all__ = ["from_torch_state_dict", "from_torchvision_state_dict", "load_torch_weights"]
 
@@ -431,8 +431,9 @@ def from_torchvision_state_dict(
     import jax
 
     _check_state_dict(state_dict)
+    input_shape = check_input_shape(input_shape)
     shapes = jax.eval_shape(
-        model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32)
     )
     remaining = {
         key: value

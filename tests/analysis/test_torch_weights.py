@@ -318,3 +318,17 @@ def test_bfloat16_and_float64_tensors_are_converted_exactly(torch, rng):
     got = from_torch_state_dict(jcnn.models.LeNet5(), narrow, (1, 28, 28, 1))
     rounded = {k: v.bfloat16().float().numpy() for k, v in net.state_dict().items()}
     np.testing.assert_array_equal(got["params"]["conv1"]["bias"], rounded["conv1.bias"])
+
+
+def test_torchvision_input_shape_is_checked():
+    model = jcnn.models.MobileNetV2(num_classes=3)
+    for shape in (32, "1,32,32,3", None):
+        with pytest.raises(TypeError, match="input_shape: expected a shape tuple"):
+            from_torchvision_state_dict(model, {}, shape)
+    with pytest.raises(TypeError, match=r"input_shape: expected .*ints.*, got \(1, 32.0, 32, 3\)"):
+        from_torchvision_state_dict(model, {}, (1, 32.0, 32, 3))
+    with pytest.raises(ValueError, match=r"input_shape: expected sizes >= 1, got \(0, 32, 32, 3\)"):
+        from_torchvision_state_dict(model, {}, (0, 32, 32, 3))
+    # a shape as an integer array is a shape: the conversion goes on to the (empty) state_dict
+    with pytest.raises(ValueError, match="missing from the state_dict"):
+        from_torchvision_state_dict(model, {}, np.array([1, 32, 32, 3]))
