@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
+
+from jcnn.functional._checks import check_int, check_real
 
 __all__ = ["dp_epsilon", "dp_noise_multiplier"]
 
@@ -43,19 +44,15 @@ def _dp_accounting():
 
 
 def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {value!r}")
-    if math.isnan(value):
-        raise ValueError(f"{name}: expected a number, got nan")
-    return float(value)
+    # the ranges are checked by the callers, which allow inf where it has a meaning
+    return check_real(value, name, finite=False)
 
 
 def _check(sampling_rate, steps, delta, accountant) -> tuple[float, int, float]:
     sampling_rate = _real(sampling_rate, "sampling_rate")
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"sampling_rate: expected a value in (0, 1], got {sampling_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
+    steps = check_int(steps, "steps", low=0)
     delta = _real(delta, "delta")
     if not 0 < delta < 1:
         raise ValueError(f"delta: expected a value in (0, 1), got {delta!r}")

@@ -122,3 +122,33 @@ def test_bad_input_names_the_argument():
     # 100000 full-batch steps: even sigma = 1000 gives epsilon ~ 1.5 > 0.01
     with pytest.raises(ValueError, match="target_epsilon: 0.01 is not reached"):
         dp_noise_multiplier(0.01, 1.0, 100000, 1e-5)
+
+
+def test_concrete_0d_arrays_are_numbers_as_elsewhere_in_jcnn():
+    import jax
+    import jax.numpy as jnp
+
+    q, steps, delta = 0.01, 100, 1e-5
+    expected = dp_epsilon(float(jnp.float32(1.1)), q, steps, delta)
+    assert dp_epsilon(jnp.float32(1.1), q, steps, delta) == expected
+    assert (
+        dp_epsilon(jnp.asarray(1.1, jnp.float32), np.float64(q), np.int64(steps), delta) == expected
+    )
+    assert dp_epsilon(1.1, jnp.asarray(q), jnp.int32(steps), jnp.asarray(delta)) == dp_epsilon(
+        1.1, float(jnp.asarray(q)), steps, float(jnp.asarray(delta))
+    )
+    sigma = dp_noise_multiplier(jnp.float32(2.0), q, steps, delta)
+    assert sigma == dp_noise_multiplier(2.0, q, steps, delta)
+    # what is not one number is still refused, naming the argument
+    with pytest.raises(
+        TypeError, match="noise_multiplier: expected a number, got .*shape \\(2,\\)"
+    ):
+        dp_epsilon(jnp.ones(2), q, steps, delta)
+    with pytest.raises(TypeError, match="delta: expected a number, got True"):
+        dp_epsilon(1.1, q, steps, True)
+    with pytest.raises(TypeError, match="steps: expected an int >= 0, got 2.5"):
+        dp_epsilon(1.1, q, 2.5, delta)
+    with pytest.raises(ValueError, match="delta: expected a number, got nan"):
+        dp_epsilon(1.1, q, steps, jnp.float32(jnp.nan))
+    with pytest.raises(TypeError, match="noise_multiplier"):
+        jax.jit(lambda s: dp_epsilon(s, q, steps, delta))(1.1)
