@@ -10,7 +10,10 @@ else (hyperparameter search, a non-private pretraining on the same data) touches
 
 Two accountants: ``"rdp"`` (Renyi DP, Mironov 2017; Abadi et al. 2016's moments accountant, the
 one Opacus and TF Privacy report by default) and ``"pld"`` (privacy loss distributions, tighter:
-a smaller epsilon for the same run, and slower).
+a smaller epsilon for the same run, and slower). Both are dp-accounting's own: the RDP one at its
+default orders, the PLD one with the privacy loss discretized at 1e-3 instead of its default 1e-4,
+which rounds pessimistically too and gives a slightly larger epsilon (within 1% in the tests) in
+a tenth of the time.
 
 Needs ``pip install "jcnn[dp]"`` (the ``dp-accounting`` package).
 """
