@@ -41,7 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jcnn.functional._checks import check_int, check_positive_int, check_real
+from jcnn.functional._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive_int,
+    check_real,
+)
 
 __all__ = ["CheckpointManager", "CheckpointError", "STATUSES"]
 
@@ -168,11 +174,17 @@ class CheckpointManager:
         keep_best: bool = True,
         mode: str = "max",
     ) -> None:
-        check_positive_int(keep_last, "keep_last")
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
+        keep_last = check_positive_int(keep_last, "keep_last")
+        keep_best = check_bool(keep_best, "keep_best")
+        check_choice(mode, "mode", ("max", "min"))
         self.directory = Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise CheckpointError(
+                f"directory: expected a folder for the checkpoints, got {self.directory}, which "
+                "exists and is a file (or lies under one)"
+            ) from None
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.mode = mode

@@ -286,3 +286,23 @@ def test_bad_save_arguments_are_named_and_write_nothing(tmp_path, rng):
     assert manager.steps() == [1]
     with pytest.raises(TypeError, match="step: expected an int"):
         manager.restore(tree, 1.0)
+
+
+def test_bad_manager_arguments_are_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for directory in (afile, afile / "ckpt"):
+        with pytest.raises(CheckpointError, match=r"directory: expected a folder.*is a file"):
+            CheckpointManager(directory)
+    assert afile.read_text() == "not a folder"
+    for keep_best in ("no", 0, None):
+        with pytest.raises(TypeError, match="keep_best: expected a Python bool"):
+            CheckpointManager(tmp_path / "ckpt", keep_best=keep_best)
+    with pytest.raises(ValueError, match="mode: expected one of 'max', 'min', got 'best'"):
+        CheckpointManager(tmp_path / "ckpt", mode="best")
+    with pytest.raises(TypeError, match="keep_last: expected a positive int"):
+        CheckpointManager(tmp_path / "ckpt", keep_last=True)
+    assert not (tmp_path / "ckpt").exists()  # nothing created for a refused manager
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=np.int64(2), keep_best=np.bool_(0))
+    assert (manager.keep_last, manager.keep_best) == (2, False)
+    assert type(manager.keep_last) is int and type(manager.keep_best) is bool
