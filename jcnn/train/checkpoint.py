@@ -239,7 +239,11 @@ class CheckpointManager:
         Raises:
             CheckpointError: the manifest is missing or unreadable.
         """
-        step = int(step)
+        step = check_int(step, "step", low=0)
+        if not self.path(step).is_dir():
+            raise CheckpointError(
+                f"no checkpoint at step {step} in {self.directory}; have {self.steps()}"
+            )
         path = self.path(step) / _MANIFEST
         try:
             manifest = _unseal(json.loads(path.read_text()))

@@ -306,3 +306,20 @@ def test_bad_manager_arguments_are_named(tmp_path):
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=np.int64(2), keep_best=np.bool_(0))
     assert (manager.keep_last, manager.keep_best) == (2, False)
     assert type(manager.keep_last) is int and type(manager.keep_best) is bool
+
+
+def test_a_missing_step_is_named_as_missing_not_as_damaged(tmp_path, rng):
+    manager = CheckpointManager(tmp_path)
+    manager.save(3, _tree(rng), metric=0.5)
+    for query in (
+        manager.status,
+        manager.metric,
+        manager.manifest,
+        lambda s: manager.mark(s, "good"),
+    ):
+        with pytest.raises(CheckpointError, match=r"no checkpoint at step 5 in .*; have \[3\]"):
+            query(5)
+    with pytest.raises(TypeError, match="step: expected an int >= 0, got '3'"):
+        manager.status("3")
+    assert manager.status(np.int64(3)) == "unverified"
+    assert manager.steps() == [3]
