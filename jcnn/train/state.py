@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jcnn.functional._checks import check_key
+
 __all__ = ["TrainState"]
 
 # Initialization runs once. Run eagerly, every parameter shape compiles its own random-number
@@ -104,6 +106,7 @@ class TrainState:
             )
         if not hasattr(sample_input, "shape"):
             raise TypeError(f"sample_input: expected an array, got {type(sample_input).__name__}")
+        check_key(key)
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
         init_key, dropout_key = jax.random.split(key)

@@ -52,3 +52,14 @@ def test_create_initializes_as_model_init(model, shape, optimized, monkeypatch, 
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(state.key, dropout_key)
     assert int(state.step) == 0
+
+
+def test_create_names_a_bad_key():
+    model, sample, tx = models.LeNet5(), jnp.zeros((1, 28, 28, 1)), optimizer("sgd", 0.1)
+    for key, error, says in (
+        (0, TypeError, "key: expected a jax.random key .*, got int"),
+        (np.zeros(2, np.int32), TypeError, "key: expected a jax.random key .*, got dtype int32"),
+        (jax.random.split(jax.random.PRNGKey(0), 3), ValueError, r"batch of keys of shape \(3,\)"),
+    ):
+        with pytest.raises(error, match=says):
+            TrainState.create(model, tx, key, sample)
