@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from jcnn.functional._checks import check_int
+from jcnn.functional._checks import _describe, check_int
 
 __all__ = ["validation_size", "split_validation"]
 
@@ -68,6 +68,12 @@ def split_validation(
     >>> len(ty), len(vy), sorted(ty.tolist() + vy.tolist()) == list(range(10))
     (7, 3, True)
     """
+    for name, value in (("images", images), ("labels", labels)):
+        if not hasattr(value, "shape") or not hasattr(value, "dtype") or len(value.shape) < 1:
+            raise TypeError(
+                f"{name}: expected an array with a leading example axis (N, ...), got "
+                f"{_describe(value)}"
+            )
     n = int(images.shape[0])
     if int(labels.shape[0]) != n:
         raise ValueError(f"labels: expected {n} labels (one per image), got {labels.shape[0]}")

@@ -64,3 +64,21 @@ def test_a_numpy_seed_is_the_same_seed():
     (_, a), _ = split_validation(x, y, 3, seed=np.int64(4))
     (_, b), _ = split_validation(x, y, 3, seed=4)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "images, labels, name, shown",
+    [
+        ([[1], [2], [3]], np.arange(3), "images", "list"),
+        (np.zeros((3, 1)), [0, 1, 2], "labels", "list"),
+        (np.zeros((3, 1)), np.int32(1), "labels", "1"),
+        (np.float32(0), np.arange(3), "images", "0.0"),
+    ],
+)
+def test_images_and_labels_must_be_arrays_with_an_example_axis(images, labels, name, shown):
+    # were AttributeError ('list' has no attribute 'shape') or IndexError from inside
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: expected an array with a leading example axis \(N, ...\), got .*{shown}",
+    ):
+        split_validation(images, labels, 1)
