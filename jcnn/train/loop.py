@@ -273,6 +273,12 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
     elif name == "inverse_sqrt":
         schedule = S.inverse_sqrt(lr)
     elif name == "one_cycle":
+        if horizon < 2:
+            raise ValueError(
+                "config.schedule: expected at least 2 steps after the warmup for one_cycle (a "
+                f"rising and a falling step), got {horizon} (config.epochs, config.max_steps, "
+                "config.warmup_epochs)"
+            )
         schedule = S.one_cycle(lr, horizon)
     else:
         raise ValueError(f"config.schedule: expected one of {', '.join(S.SCHEDULES)}, got {name!r}")

@@ -227,7 +227,8 @@ def one_cycle(
     Args:
         max_learning_rate: the peak rate.
         total_steps: ``T``.
-        pct_start: the fraction of ``T`` spent rising, in ``(0, 1)``.
+        pct_start: the fraction of ``T`` spent rising, in ``(0, 1)``; ``round(pct_start · T)``
+            (at least 1) rising steps must leave at least one falling step.
         div_factor: the initial rate is ``max / div_factor``.
         final_div_factor: the final rate is ``initial / final_div_factor``.
 
@@ -239,8 +240,19 @@ def one_cycle(
     pct_start = check_real(pct_start, "pct_start", low=0, high=1, low_open=True, high_open=True)
     initial = peak / _check_positive(div_factor, "div_factor")
     final = initial / _check_positive(final_div_factor, "final_div_factor")
+    if total < 2:
+        raise ValueError(
+            f"total_steps: expected at least 2 for one_cycle (a rising and a falling step), "
+            f"got {total}"
+        )
     rise = max(1, int(round(pct_start * total)))
-    fall = max(1, total - rise)
+    if rise >= total:
+        # else the fall would end after step T, and the run would stop at the peak
+        raise ValueError(
+            f"pct_start: expected a fraction of total_steps={total} that leaves at least one "
+            f"falling step, got {pct_start!r} ({rise} rising steps)"
+        )
+    fall = total - rise
 
     def schedule(t):
         t_float = _as_float(t)

@@ -1060,3 +1060,12 @@ def test_a_label_too_large_on_the_device_is_named_when_the_loss_turns_nan(rng):
     train, _ = _loaders(images, labels)
     with pytest.raises(ValueError, match=_out_of_range("val_loader", 0, 3)):
         fit(TinyNet(), train, [(images, jnp.asarray(wrong))], _quiet())
+
+
+def test_one_cycle_too_short_for_a_fall_names_the_config():
+    config = TrainConfig(epochs=1, learning_rate=0.1, schedule="one_cycle", max_steps=1)
+    with pytest.raises(ValueError, match="config.schedule: expected at least 2 steps after"):
+        build_schedule(config, steps_per_epoch=5)
+    assert float(build_schedule(dataclasses.replace(config, max_steps=2), 5)(1)) == pytest.approx(
+        0.1
+    )

@@ -159,3 +159,24 @@ def test_numpy_integers_and_floats_are_accepted():
     for t in range(8):
         assert float(got(t)) == float(want(t)) == float(got_list(t))
     assert float(S.cosine(np.float32(0.5), np.int64(10))(5)) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "total, pct_start, message",
+    [
+        (1, 0.3, "total_steps: expected at least 2 for one_cycle"),
+        (2, 0.95, "pct_start: expected a fraction of total_steps=2 that leaves at least one"),
+        (10, 0.96, r"got 0.96 \(10 rising steps\)"),
+    ],
+)
+def test_one_cycle_without_a_falling_step_is_refused(total, pct_start, message):
+    # the fall ended after step T: the last steps ran at the peak, never at the final rate
+    with pytest.raises(ValueError, match=message):
+        S.one_cycle(1.0, total, pct_start=pct_start)
+
+
+def test_one_cycle_ends_at_the_final_rate_with_the_shortest_fall():
+    sched = S.one_cycle(1.0, 10, pct_start=0.9, div_factor=4.0, final_div_factor=2.0)
+    assert float(sched(0)) == pytest.approx(0.25)
+    assert float(sched(9)) == pytest.approx(1.0)
+    assert float(sched(10)) == pytest.approx(0.125)
