@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 Schedule = Callable[[int], jnp.ndarray]
+_MAX_STEP = 2**31 - 1  # optax's count and TrainState.step are int32
 
 
 def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
@@ -92,6 +93,12 @@ def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -
     if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__iter__"):
         raise TypeError(f"boundaries: expected a sequence of int steps, got {boundaries!r}")
     bounds = [check_int(b, f"boundaries[{i}]", low=0) for i, b in enumerate(boundaries)]
+    for i, b in enumerate(bounds):
+        if b > _MAX_STEP:
+            raise ValueError(
+                f"boundaries[{i}]: expected a step <= {_MAX_STEP} (the step counter is int32), "
+                f"got {b}"
+            )
     if any(b >= c for b, c in zip(bounds[:-1], bounds[1:], strict=True)):
         raise ValueError(f"boundaries: expected strictly increasing steps, got {bounds}")
     bounds_array = jnp.asarray(bounds, dtype=jnp.int32)

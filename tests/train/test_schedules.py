@@ -180,3 +180,11 @@ def test_one_cycle_ends_at_the_final_rate_with_the_shortest_fall():
     assert float(sched(0)) == pytest.approx(0.25)
     assert float(sched(9)) == pytest.approx(1.0)
     assert float(sched(10)) == pytest.approx(0.125)
+
+
+def test_step_boundaries_beyond_the_int32_step_counter_are_named():
+    # was NumPy's "Python integer 2147483648 out of bounds for int32" from inside
+    with pytest.raises(ValueError, match=r"boundaries\[1\]: expected a step <= 2147483647"):
+        S.step(1.0, [5, 2**31])
+    sched = S.step(1.0, [np.int64(2**31 - 1)], factor=0.5)
+    assert float(sched(0)) == 1.0
