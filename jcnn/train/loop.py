@@ -86,22 +86,28 @@ class TrainConfig:
         epochs: passes over the training loader.
         optimizer: a name for ``jcnn.train.optimizer`` (sgd, momentum, nesterov, adam, ...), or any
             ``optax.GradientTransformation`` (or ``optax.MultiSteps``), used as it is: it brings
-            its own learning rate, so ``learning_rate`` (a schedule is refused), ``schedule``,
-            ``warmup_epochs``, ``momentum`` do not apply and ``weight_decay``/``clip_norm`` must
-            stay off (chain ``optax.add_decayed_weights`` or ``optax.clip_by_global_norm`` into it
-            instead). Its ``update`` is called as ``update(grads, opt_state, params)``.
+            its own learning rate, so ``learning_rate`` and ``schedule`` are not used,
+            ``warmup_epochs``, ``momentum`` and the schedules' settings are refused away from
+            their defaults, a schedule as ``learning_rate`` is refused, and
+            ``weight_decay``/``clip_norm`` must stay off (chain ``optax.add_decayed_weights`` or
+            ``optax.clip_by_global_norm`` into it instead). Its ``update`` is called as
+            ``update(grads, opt_state, params)``.
         learning_rate: the base rate ``α0`` (the peak for ``one_cycle``): a number (Python or
-            NumPy), or a schedule ``step -> rate`` used as it is (then ``schedule``,
-            ``warmup_epochs``, ``step_epochs``, ``decay_rate`` do not apply).
+            NumPy), or a schedule ``step -> rate`` used as it is (then ``schedule`` is not used,
+            and ``warmup_epochs``, ``step_epochs``, ``step_factor``, ``decay_rate`` are refused
+            away from their defaults).
         schedule: constant, step, exponential, inverse_time, cosine, linear, inverse_sqrt,
             one_cycle (over ``epochs`` epochs, or ``max_steps`` steps if fewer).
-        warmup_epochs: linear warmup (in epochs, may be fractional) around the schedule.
+        warmup_epochs: linear warmup (in epochs, may be fractional) around the schedule; at most
+            ``epochs``.
         step_epochs: for ``schedule="step"``, the epochs at which the rate is multiplied by
             ``step_factor``.
-        step_factor: see ``step_epochs``.
-        decay_rate: ``k`` of exponential / inverse_time, per epoch.
+        step_factor: see ``step_epochs``. Like ``step_epochs``, refused with another schedule.
+        decay_rate: ``k`` of exponential / inverse_time, per epoch (refused with another
+            schedule unless left at its default).
         weight_decay: ``λ`` (coupled or decoupled as ``jcnn.train.optimizer`` chooses).
-        momentum: momentum of momentum/nesterov/lars.
+        momentum: momentum of momentum/nesterov/lars (refused with another optimizer unless
+            left at its default).
         clip_norm: global gradient-norm clipping, or ``None``.
         label_smoothing: cross-entropy label smoothing (the default loss only).
         compute_dtype: ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
@@ -237,6 +243,34 @@ def _total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return min(total, config.max_steps) if config.max_steps is not None else total
 
 
+# Settings only some schedules or optimizers read: set away from its default where it is not
+# read, a setting is refused rather than ignored (the user meant something by it).
+_SCHEDULE_SETTINGS = {
+    "step_epochs": ("step",),
+    "step_factor": ("step",),
+    "decay_rate": ("exponential", "inverse_time"),
+}
+_USES_MOMENTUM = ("momentum", "nesterov", "lars")
+
+
+def _refuse_unused(config: TrainConfig, settings: Sequence[str], because: str) -> None:
+    for setting in settings:
+        value = getattr(config, setting)
+        default = TrainConfig.__dataclass_fields__[setting].default
+        if setting == "step_epochs":
+            unchanged = hasattr(value, "__len__") and len(value) == 0
+        else:
+            try:
+                unchanged = bool(value == default)
+            except (TypeError, ValueError):  # an array of several values
+                unchanged = False
+        if not unchanged:
+            raise ValueError(
+                f"config.{setting}: does not apply when {because} (it would be ignored); "
+                f"expected its default {default!r}, got {value!r}"
+            )
+
+
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
     """The learning-rate schedule of ``config`` with epochs converted to steps.
 
@@ -244,13 +278,26 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
     ``config.schedule``, whose horizon is the run's last step (``epochs`` or ``max_steps``).
     """
     if callable(config.learning_rate):
+        _refuse_unused(
+            config,
+            ("warmup_epochs", *_SCHEDULE_SETTINGS),
+            "config.learning_rate is a schedule, used as it is",
+        )
         return config.learning_rate
     lr = _base_rate(config.learning_rate)
     total = max(1, _total_steps(config, steps_per_epoch))
     warmup_epochs = check_real(config.warmup_epochs, "config.warmup_epochs", low=0)
+    if warmup_epochs > config.epochs:
+        raise ValueError(
+            f"config.warmup_epochs: expected at most config.epochs ({config.epochs}), got "
+            f"{warmup_epochs:g}: the rate would never reach config.learning_rate"
+        )
     warmup = int(round(warmup_epochs * steps_per_epoch))
     horizon = max(1, total - warmup)
     name = config.schedule
+    for setting, used_by in _SCHEDULE_SETTINGS.items():
+        if name not in used_by:
+            _refuse_unused(config, (setting,), f"config.schedule is {name!r}")
     if name == "constant":
         schedule = S.constant(lr)
     elif name == "step":
@@ -290,6 +337,12 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
     if isinstance(chosen, optax.MultiSteps):  # gradient accumulation: a transformation inside
         chosen = chosen.gradient_transformation()
     if isinstance(chosen, optax.GradientTransformation):
+        if not callable(config.learning_rate):
+            _refuse_unused(
+                config,
+                ("warmup_epochs", "momentum", *_SCHEDULE_SETTINGS),
+                "config.optimizer is an optax.GradientTransformation, used as it is",
+            )
         if config.weight_decay or config.clip_norm is not None:
             raise ValueError(
                 "config.optimizer: an optax.GradientTransformation is used as it is; "
@@ -308,6 +361,8 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
             f"config.optimizer: expected a name (one of {', '.join(OPTIMIZERS)}) or an "
             f"optax.GradientTransformation, got {type(chosen).__name__}"
         )
+    if isinstance(chosen, str) and chosen.lower() not in _USES_MOMENTUM:
+        _refuse_unused(config, ("momentum",), f"config.optimizer is {chosen!r}")
     return optimizer(
         chosen,
         schedule,

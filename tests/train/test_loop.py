@@ -1069,3 +1069,52 @@ def test_one_cycle_too_short_for_a_fall_names_the_config():
     assert float(build_schedule(dataclasses.replace(config, max_steps=2), 5)(1)) == pytest.approx(
         0.1
     )
+
+
+def test_a_warmup_longer_than_the_run_is_refused():
+    config = TrainConfig(epochs=2, learning_rate=1.0, warmup_epochs=2.5)
+    with pytest.raises(ValueError, match=r"config.warmup_epochs: expected at most config.epochs"):
+        build_schedule(config, steps_per_epoch=4)
+    whole_run = build_schedule(dataclasses.replace(config, warmup_epochs=2), steps_per_epoch=4)
+    assert float(whole_run(4)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "changes, refused",
+    [
+        ({"schedule": "cosine", "step_epochs": (1,)}, "step_epochs"),
+        ({"schedule": "exponential", "step_epochs": [1]}, "step_epochs"),
+        ({"schedule": "constant", "step_factor": 0.5}, "step_factor"),
+        ({"schedule": "step", "step_epochs": (1,), "decay_rate": 0.5}, "decay_rate"),
+        ({"schedule": "cosine", "decay_rate": np.float64(0.3)}, "decay_rate"),
+        ({"learning_rate": lambda step: 0.1, "warmup_epochs": 1.0}, "warmup_epochs"),
+        ({"learning_rate": lambda step: 0.1, "step_epochs": (1,)}, "step_epochs"),
+        ({"optimizer": "adam", "momentum": 0.5}, "momentum"),
+        ({"optimizer": optax.sgd(0.1), "momentum": 0.5}, "momentum"),
+        ({"optimizer": optax.sgd(0.1), "warmup_epochs": 0.5}, "warmup_epochs"),
+        ({"optimizer": optax.sgd(0.1), "schedule": "step", "step_epochs": (1,)}, "step_epochs"),
+    ],
+)
+def test_a_setting_that_would_be_ignored_is_refused(rng, changes, refused):
+    train, val = _loaders(*_data(rng))
+    config = dataclasses.replace(_no_folder(), **changes)
+    with pytest.raises(ValueError, match=rf"config\.{refused}: does not apply when .* got "):
+        fit(TinyNet(), train, val, config)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"schedule": "step", "step_epochs": (1,), "step_factor": 0.5},
+        {"schedule": "inverse_time", "decay_rate": 0.5},
+        {"optimizer": "nesterov", "momentum": 0.5},
+        {"optimizer": "lars", "momentum": 0.5},
+        {"optimizer": "adam", "momentum": 0.9, "step_epochs": []},
+        {"optimizer": optax.sgd(0.1), "learning_rate": 0.5, "schedule": "constant"},
+        {"learning_rate": lambda step: 0.1, "schedule": "step"},
+    ],
+)
+def test_settings_that_apply_or_keep_their_defaults_are_accepted(rng, changes):
+    train, val = _loaders(*_data(rng))
+    config = dataclasses.replace(_no_folder(epochs=1), **changes)
+    fit(TinyNet(), train, val, config)
