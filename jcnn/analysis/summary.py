@@ -306,6 +306,23 @@ _GLOBAL = (
 )
 
 
+def _flax_reduced_axes(module, ndim: int) -> set[int] | None:
+    """The axes a ``flax.linen`` normalization or ``DenseGeneral`` reduces over (its statistics,
+    or the contracted axes), counted from 0; None for other layers."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
+        axes = module.reduction_axes
+        if axes is None:  # GroupNorm's default: every axis but the batch
+            return set(range(1, ndim))
+    elif isinstance(module, nn.InstanceNorm):
+        features = {a % ndim for a in _as_tuple(module.feature_axes)}
+        return set(range(1, ndim)) - features
+    elif isinstance(module, nn.DenseGeneral):
+        axes = module.axis
+    else:
+        return None
+    return {a % ndim for a in _as_tuple(axes)}
+
+
 def _spatial(shape) -> tuple[int, ...] | None:
     return None if shape is None or len(shape) < 3 else tuple(shape[1:-1])
 
@@ -398,6 +415,9 @@ def _macs(module, call: LayerCall) -> int | None:
         return math.prod(call.input_shape) * window * module.features // module.groups
     if isinstance(module, (jnn.Dense, nn.Dense)):
         return math.prod(call.output_shape) * call.input_shape[-1]
+    if isinstance(module, nn.DenseGeneral):  # each output sums over the contracted axes
+        contracted = _flax_reduced_axes(module, len(call.input_shape))
+        return math.prod(call.output_shape) * math.prod(call.input_shape[a] for a in contracted)
     if isinstance(module, (nn.Conv, nn.ConvLocal)):
         # the window covers kernel_size whatever the batch axes; input dilation multiplies by
         # the inserted zeros, which a count of products would have to leave out
@@ -555,6 +575,13 @@ def _layer_field(call: LayerCall, field: ReceptiveField | None) -> ReceptiveFiel
     spatial_in = _spatial(call.input_shape)
     if isinstance(module, _GLOBAL):
         return field.whole(spatial_in) if spatial_in else field
+    reduced = _flax_reduced_axes(module, len(call.input_shape)) if call.input_shape else None
+    if reduced is not None:
+        if reduced & set(range(1, len(call.input_shape) - 1)):  # mixes spatial positions
+            return field.whole(spatial_in)
+        return (
+            field if call.output_shape == call.input_shape[:-1] + call.output_shape[-1:] else None
+        )
     if isinstance(module, _POINTWISE) or type(module).__module__ == "jcnn.nn.activation":
         return field
     if spatial_in is None or len(spatial_in) != len(field.size):

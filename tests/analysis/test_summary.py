@@ -540,3 +540,43 @@ def test_input_shape_as_an_integer_array_and_float_or_zero_sizes():
         summary(jcnn.models.LeNet5(), ())
     with pytest.raises(ValueError, match=r"input_shape: expected sizes >= 1, got \(2, 0, 28, 1\)"):
         summary(jcnn.models.LeNet5(), np.array([2, 0, 28, 1]))
+
+
+class _FlaxNorms(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, x):
+        x = flax_nn.Conv(8, (3, 3))(x)
+        x = flax_nn.LayerNorm()(x)  # statistics over the channels of each position
+        x = flax_nn.RMSNorm()(x)
+        x = flax_nn.Conv(8, (3, 3))(x)
+        x = flax_nn.LayerNorm(reduction_axes=(1, 2, 3))(x)  # over the whole map
+        x = flax_nn.Conv(8, (3, 3))(x)
+        x = flax_nn.GroupNorm(num_groups=4)(x)
+        x = flax_nn.Conv(8, (3, 3))(x)
+        x = flax_nn.InstanceNorm()(x)
+        x = flax_nn.DenseGeneral(6)(x)  # a dense layer on each position's channels
+        x = flax_nn.DenseGeneral((2, 3))(x)
+        return flax_nn.DenseGeneral(10, axis=(1, 2, 3, 4))(x)
+
+
+def test_flax_normalizations_and_dense_general_have_fields_and_macs():
+    table = summary(_FlaxNorms(), (1, 7, 5, 3))
+    rows = {row.name: row for row in table.rows}
+    field = {name: row.receptive_field for name, row in rows.items()}
+    spatial = (7, 5)
+    for pointwise, before in (("LayerNorm_0", "Conv_0"), ("RMSNorm_0", "LayerNorm_0")):
+        assert field[pointwise] == field[before]
+    for whole, before in (
+        ("LayerNorm_1", "Conv_1"),
+        ("GroupNorm_0", "Conv_2"),
+        ("InstanceNorm_0", "Conv_3"),
+    ):
+        assert field[whole] == field[before].whole(spatial)
+        assert field[whole].size[0] > field[before].size[0] + 5
+    assert field["DenseGeneral_0"] == field["InstanceNorm_0"]
+    assert field["DenseGeneral_1"] is None  # (2, 3) features: no longer a map of positions
+    assert rows["DenseGeneral_0"].macs == 7 * 5 * 6 * 8
+    assert rows["DenseGeneral_1"].macs == 7 * 5 * 2 * 3 * 6
+    assert rows["DenseGeneral_2"].macs == 10 * 7 * 5 * 2 * 3
+    assert table.uncounted == ()
+    assert table.total_macs == sum(row.macs for row in table.rows)
