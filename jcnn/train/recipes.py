@@ -122,8 +122,12 @@ class Prepared:
 
 
 def _length(epochs, steps_per_epoch: int) -> tuple[dict, int]:
-    """``TrainConfig`` fields for a possibly fractional number of epochs, and the step count."""
-    total = math.ceil(epochs * steps_per_epoch)
+    """``TrainConfig`` fields for a possibly fractional number of epochs, and the step count.
+
+    The product is rounded to 9 decimals before ``ceil``: ``1.1 * 50`` is ``55.00000000000001``
+    in floating point, and 1.1 epochs of 50 steps are 55 steps, not 56.
+    """
+    total = math.ceil(round(epochs * steps_per_epoch, 9))
     return {"epochs": math.ceil(epochs), "max_steps": total}, total
 
 

@@ -198,3 +198,12 @@ def test_bad_arguments_are_named(rng, call, error, says):
     images, labels = _cifar_like(rng, 16)
     with pytest.raises(error, match=says):
         call(images, labels)
+
+
+@pytest.mark.parametrize(
+    "epochs, steps_per_epoch, total", [(1.1, 50, 55), (2.2, 25, 55), (1.2, 468, 562)]
+)
+def test_fractional_epochs_count_their_steps_exactly(epochs, steps_per_epoch, total):
+    # 1.1 * 50 is 55.00000000000001 in floating point: ceil gave 56 steps, one too many
+    fields, steps = recipes._length(epochs, steps_per_epoch)
+    assert steps == total and fields == {"epochs": math.ceil(epochs), "max_steps": total}
