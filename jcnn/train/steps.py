@@ -12,7 +12,7 @@ import optax
 from jax.typing import DTypeLike
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array, check_real
+from jcnn.functional._checks import check_array, check_dtype, check_real
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
 
@@ -171,7 +171,7 @@ def _label_smoothing(value) -> float:
 
 
 STEP_OPTIONS = {
-    "compute_dtype": lambda dtype: _hashable(dtype, "compute_dtype"),
+    "compute_dtype": lambda dtype: _hashable(check_dtype(dtype, "compute_dtype"), "compute_dtype"),
     "label_smoothing": _label_smoothing,
     "loss_fn": check_loss_fn,
     "metrics": metric_pairs,

@@ -364,3 +364,12 @@ def test_batch_loss_and_batch_metrics_refuse_what_is_not_callable():
         batch_loss(5, logits, labels)
     with pytest.raises(TypeError, match=r"metrics\['f1'\]: expected a callable, got 0.5"):
         batch_metrics((("f1", 0.5),), logits, labels)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, "int8", jnp.bool_, jnp.complex64])
+def test_a_compute_dtype_that_is_not_floating_is_named(rng, dtype):
+    # an integer compute dtype cast the parameters to integers: every gradient was 0 and the step
+    # silently trained nothing; complex64 computed in complex numbers
+    for step in (train_step, eval_step):
+        with pytest.raises(TypeError, match="compute_dtype: expected None or a floating dtype"):
+            step(_state(SmallNet()), _batch(rng), compute_dtype=dtype)
