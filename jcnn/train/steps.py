@@ -248,13 +248,22 @@ def loss_and_logits(
         dropout_key: the key of the ``dropout`` RNG stream (training only).
         compute_dtype: e.g. ``jnp.bfloat16`` to run the model in that dtype; parameters stay float32
             (they are cast inside, so gradients come back in float32) and the loss is float32.
-        label_smoothing: passed to ``F.cross_entropy``.
+        label_smoothing: passed to ``F.cross_entropy``; with ``loss_fn`` it must be 0.
         loss_fn: ``(logits, labels) -> per-example (N,) or mean loss`` (see ``batch_loss``); the
             default ``None`` is ``F.cross_entropy`` with ``label_smoothing``.
 
     Returns:
         ``(loss, (logits, new_batch_stats))``.
     """
+    if (
+        loss_fn is not None
+        and not isinstance(label_smoothing, jax.core.Tracer)
+        and label_smoothing != 0
+    ):
+        raise ValueError(
+            "label_smoothing: applies to the default cross-entropy only, not to a custom loss_fn "
+            f"(smooth inside your loss), got {label_smoothing!r}"
+        )
     variables = {**state.variables(), "params": params}
     if compute_dtype is not None:
         variables = _cast_floats(variables, compute_dtype)

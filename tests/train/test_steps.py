@@ -373,3 +373,17 @@ def test_a_compute_dtype_that_is_not_floating_is_named(rng, dtype):
     for step in (train_step, eval_step):
         with pytest.raises(TypeError, match="compute_dtype: expected None or a floating dtype"):
             step(_state(SmallNet()), _batch(rng), compute_dtype=dtype)
+
+
+def test_label_smoothing_with_a_custom_loss_is_refused(rng):
+    # the custom loss never sees label_smoothing: it was silently ignored (fit refuses the pair)
+    def loss(logits, labels):
+        return jnp.mean(logits, axis=1)
+
+    says = "label_smoothing: applies to the default cross-entropy only, not to a custom loss_fn"
+    with pytest.raises(ValueError, match=says):
+        train_step(_state(SmallNet()), _batch(rng), loss_fn=loss, label_smoothing=0.3)
+    stacked = tuple(parts[None] for parts in _batch(rng))
+    with pytest.raises(ValueError, match=says):
+        train_steps(_state(SmallNet()), stacked, loss_fn=loss, label_smoothing=0.3)
+    train_step(_state(SmallNet()), _batch(rng), loss_fn=loss, label_smoothing=0.0)
