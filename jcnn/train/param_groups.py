@@ -22,7 +22,7 @@ transformation's updates after a number of steps.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -127,8 +127,12 @@ def split_no_grad(
     >>> fill(grads(leaves))["whiten"]["kernel"].tolist()
     [0.0, 0.0]
     """
-    if isinstance(patterns, (str, bytes)) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{name}: expected a sequence of glob patterns (str), got {patterns!r}")
+    expected = f"{name}: expected a sequence of glob patterns (str), got"
+    if isinstance(patterns, (str, bytes)) or not isinstance(patterns, Iterable):
+        raise TypeError(f"{expected} {patterns!r}")
+    patterns = tuple(patterns)  # read once: a generator would be empty from the second pass on
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{expected} {patterns!r}")
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [path_name(path) for path, _ in paths]
     leaves = [leaf for _, leaf in paths]

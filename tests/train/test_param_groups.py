@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jcnn import models
-from jcnn.train.param_groups import active_for, label_by_path, path_name
+from jcnn.train.param_groups import active_for, label_by_path, path_name, split_no_grad
 
 
 def _airbench_params():
@@ -85,3 +85,14 @@ def test_active_for_freezes_after_the_given_updates():
 def test_active_for_refuses_what_is_no_transformation():
     with pytest.raises(TypeError, match="transform: expected an optax.GradientTransformation"):
         active_for(5, 3)
+
+
+def test_split_no_grad_reads_patterns_once_and_names_what_is_no_sequence():
+    params = {"whiten": {"kernel": jnp.ones(2), "bias": jnp.ones(1)}, "head": jnp.ones(3)}
+    # a generator was consumed by the type check: no parameter was frozen, silently
+    leaves, _, fill = split_no_grad(params, (p for p in ["whiten/*"]))
+    assert [leaf.shape for leaf in leaves] == [(3,)]
+    assert fill([jnp.ones(3)])["whiten"]["kernel"].tolist() == [0.0, 0.0]
+    for patterns in (5, None):  # raw "object is not iterable" before
+        with pytest.raises(TypeError, match="no_grad: expected a sequence of glob patterns"):
+            split_no_grad(params, patterns)
