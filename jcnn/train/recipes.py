@@ -53,6 +53,7 @@ import optax
 from jcnn import init, models
 from jcnn.data import Loader, Standardize
 from jcnn.data import augment as A
+from jcnn.functional._checks import check_int, check_real
 from jcnn.train.lookahead import lookahead
 from jcnn.train.loop import TrainConfig, evaluate, fit
 from jcnn.train.param_groups import active_for, label_by_path
@@ -255,8 +256,11 @@ RECIPES_BY_NAME = {recipe.name: recipe for recipe in RECIPES}
 
 
 def _recipe(name) -> Recipe:
+    expected = f"name: expected one of {', '.join(RECIPES_BY_NAME)}, got {name!r}"
+    if not isinstance(name, str):
+        raise TypeError(expected)
     if name not in RECIPES_BY_NAME:
-        raise ValueError(f"name: expected one of {', '.join(RECIPES_BY_NAME)}, got {name!r}")
+        raise ValueError(expected)
     return RECIPES_BY_NAME[name]
 
 
@@ -297,17 +301,15 @@ def prepare(name: str, images, labels, *, seed: int = 0, epochs: float | None = 
     """
     recipe = _recipe(name)
     _check_images(recipe, images, labels, "images")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    seed = check_int(seed, "seed", low=0)
     if epochs is None:
         epochs = recipe.epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
-        raise ValueError(f"epochs: expected a number > 0, got {epochs!r}")
+    epochs = check_real(epochs, "epochs", low=0, low_open=True)
     if images.shape[0] < recipe.batch_size:
         raise ValueError(
             f"images: {name} trains on batches of {recipe.batch_size}, got {images.shape[0]} images"
         )
-    return recipe.build(images, labels, int(seed), epochs)
+    return recipe.build(images, labels, seed, epochs)
 
 
 def run_recipe(

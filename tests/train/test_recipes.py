@@ -207,3 +207,22 @@ def test_fractional_epochs_count_their_steps_exactly(epochs, steps_per_epoch, to
     # 1.1 * 50 is 55.00000000000001 in floating point: ceil gave 56 steps, one too many
     fields, steps = recipes._length(epochs, steps_per_epoch)
     assert steps == total and fields == {"epochs": math.ceil(epochs), "max_steps": total}
+
+
+def test_prepare_takes_numbers_as_check_real_and_check_int_do(rng):
+    images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
+    # inf epochs failed with a raw OverflowError from math.ceil; NumPy float32 and 0-d JAX arrays
+    # were refused as not numbers; a list name failed with "unhashable type"
+    with pytest.raises(ValueError, match="epochs: expected a finite number > 0, got inf"):
+        recipes.prepare("mnist99", images, labels, epochs=float("inf"))
+    with pytest.raises(ValueError, match="epochs: expected a finite number > 0, got nan"):
+        recipes.prepare("mnist99", images, labels, epochs=float("nan"))
+    with pytest.raises(TypeError, match="seed: expected an int >= 0, got '1'"):
+        recipes.prepare("mnist99", images, labels, seed="1")
+    with pytest.raises(TypeError, match="name: expected one of airbench94, mnist99"):
+        recipes.prepare(["mnist99"], images, labels)
+    want = recipes.prepare("mnist99", images, labels, seed=2, epochs=2.0)
+    for seed, epochs in ((np.int64(2), np.float32(2.0)), (jnp.int32(2), jnp.float32(2.0))):
+        got = recipes.prepare("mnist99", images, labels, seed=seed, epochs=epochs)
+        assert got.config.seed == 2 and got.config.max_steps == want.config.max_steps
+        assert got.train_loader.seed == 2
