@@ -53,7 +53,7 @@ import optax
 from jcnn import init, models
 from jcnn.data import Loader, Standardize
 from jcnn.data import augment as A
-from jcnn.functional._checks import check_int, check_real
+from jcnn.functional._checks import _describe, check_int, check_real
 from jcnn.train.lookahead import lookahead
 from jcnn.train.loop import TrainConfig, evaluate, fit
 from jcnn.train.param_groups import active_for, label_by_path
@@ -345,6 +345,9 @@ def run_recipe(
         "learning_rate",
         "no_grad",
     }
+    for part, value in (("train", train), ("test", test)):
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"{part}: expected a pair (images, labels), got {_describe(value)}")
     clashes = sorted(owned & set(config_changes))
     if clashes:
         raise ValueError(

@@ -226,3 +226,15 @@ def test_prepare_takes_numbers_as_check_real_and_check_int_do(rng):
         got = recipes.prepare("mnist99", images, labels, seed=seed, epochs=epochs)
         assert got.config.seed == 2 and got.config.max_steps == want.config.max_steps
         assert got.train_loader.seed == 2
+
+
+@pytest.mark.parametrize("train_or_test", ["train", "test"])
+def test_run_recipe_names_a_train_or_test_that_is_no_pair(rng, train_or_test):
+    # a triple or None failed with raw "prepare() takes 3 positional arguments" / "Value after *"
+    images, labels = _cifar_like(rng, 16)
+    for bad in (None, (images, labels, labels), images):
+        sets = {"train": (images, labels), "test": (images, labels), train_or_test: bad}
+        with pytest.raises(
+            TypeError, match=rf"{train_or_test}: expected a pair \(images, labels\)"
+        ):
+            recipes.run_recipe("airbench94", sets["train"], sets["test"])
