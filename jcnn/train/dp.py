@@ -26,7 +26,7 @@ import optax
 from jcnn import functional as F
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
 from jcnn.analysis.per_example import _BATCH_NORM_MESSAGE, per_example_trace
-from jcnn.functional._checks import check_real
+from jcnn.functional._checks import _is_real_scalar, check_real
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
 from jcnn.train.steps import (
@@ -59,7 +59,14 @@ def dp_enabled(config) -> bool:
     return config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
 
 
+def _as_number(value):
+    """A concrete 0-d real NumPy/JAX array as a float (as ``check_real`` takes it), else
+    ``value`` as it is."""
+    return float(value) if _is_real_scalar(value) else value
+
+
 def _finite_number(value, name: str, *, allow_zero: bool = False) -> float:
+    value = _as_number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"{name}: expected a number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -100,7 +107,7 @@ def check_dp_config(config) -> None:
     else:
         _finite_number(config.dp_target_epsilon, "config.dp_target_epsilon")
     _finite_number(config.dp_clip_norm, "config.dp_clip_norm")
-    delta = config.dp_delta
+    delta = _as_number(config.dp_delta)
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
         raise ValueError(f"config.dp_delta: expected a number in (0, 1), got {delta!r}")
     if config.dp_accountant not in _ACCOUNTANTS:
@@ -108,7 +115,8 @@ def check_dp_config(config) -> None:
             f"config.dp_accountant: expected one of {', '.join(_ACCOUNTANTS)}, got "
             f"{config.dp_accountant!r}"
         )
-    if config.devices is not None and config.devices > 1:
+    devices = config.devices  # its type is make_mesh's to check
+    if _is_real_scalar(devices) and devices > 1:
         raise ValueError(
             f"config.devices: DP-SGD in fit runs on one device, got devices={config.devices!r}"
         )

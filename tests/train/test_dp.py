@@ -16,7 +16,7 @@ from jcnn.analysis import dp_epsilon, replace_batch_norm
 from jcnn.analysis.per_example import _add_gaussian_noise
 from jcnn.data import Loader
 from jcnn.train import CheckpointManager, RunFolderError, TrainConfig, TrainState, fit
-from jcnn.train.dp import DPTraining, dp_train_step
+from jcnn.train.dp import DPTraining, check_dp_config, dp_train_step
 
 pytest.importorskip("dp_accounting")
 
@@ -369,3 +369,23 @@ def test_loaders_dp_cannot_account_for_are_refused(rng):
 
     with pytest.raises(TypeError, match="train_loader: DP-SGD's accounting needs"):
         fit(_model(), Plain(), None, _config())
+
+
+def test_dp_settings_take_0d_arrays_as_numbers_and_name_a_bad_devices():
+    # a concrete 0-d JAX array (jnp.float32(1.1)) was refused as "expected a number", unlike
+    # check_real and dp_epsilon; a str devices failed with a raw "'>' not supported"
+    for settings in (
+        dict(dp_noise_multiplier=jnp.float32(1.1), dp_clip_norm=jnp.float32(0.5)),
+        dict(dp_noise_multiplier=None, dp_target_epsilon=jnp.asarray(3.0)),
+        dict(dp_delta=jnp.float32(1e-4), devices=jnp.int32(1)),
+    ):
+        check_dp_config(_config(**settings))
+    with pytest.raises(ValueError, match="config.dp_noise_multiplier: expected a finite number"):
+        check_dp_config(_config(dp_noise_multiplier=jnp.float32(-1.0)))
+    with pytest.raises(ValueError, match=r"config.dp_delta: expected a number in \(0, 1\)"):
+        check_dp_config(_config(dp_delta=jnp.float32(2.0)))
+    with pytest.raises(ValueError, match="config.dp_noise_multiplier: expected a number"):
+        check_dp_config(_config(dp_noise_multiplier=jnp.ones(2)))
+    with pytest.raises(ValueError, match="config.devices: DP-SGD in fit runs on one device"):
+        check_dp_config(_config(devices=np.int64(2)))
+    check_dp_config(_config(devices="2"))  # make_mesh names it
