@@ -17,12 +17,14 @@ Multi-process (one process per host, or several on one machine for testing)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jcnn.functional._checks import _describe, check_int
 
 __all__ = [
     "DATA_AXIS",
@@ -47,17 +49,30 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
         A ``jax.sharding.Mesh``.
     """
     available = jax.devices()
+    expected = "devices: expected None, an int or a sequence of jax.Device"
     if devices is None:
         devices = available
-    elif isinstance(devices, int) and not isinstance(devices, bool):
-        if not 1 <= devices <= len(available):
+    elif (
+        isinstance(devices, (str, bytes))
+        or not isinstance(devices, Iterable)
+        or getattr(devices, "ndim", None) == 0
+    ):
+        try:
+            count = check_int(devices, "devices")
+        except TypeError:
+            raise TypeError(f"{expected}, got {_describe(devices)}") from None
+        if not 1 <= count <= len(available):
             raise ValueError(
-                f"devices: expected 1..{len(available)} (the devices JAX sees), got {devices}"
+                f"devices: expected 1..{len(available)} (the devices JAX sees), got {count}"
             )
-        devices = available[:devices]
-    devices = list(devices)
+        devices = available[:count]
+    devices = list(np.ravel(devices)) if isinstance(devices, np.ndarray) else list(devices)
     if not devices:
         raise ValueError("devices: expected at least one device, got an empty sequence")
+    if not all(isinstance(device, jax.Device) for device in devices):
+        raise TypeError(f"{expected}, got {devices!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices: expected distinct devices, got {devices!r}")
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -144,3 +144,25 @@ def test_two_processes_equal_one(tmp_path, single):
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     _assert_same_training(dict(np.load(out)), single, devices=2)
+
+
+def test_make_mesh_names_a_bad_devices():
+    import jax
+    import jax.numpy as jnp
+
+    from jcnn.train import parallel
+
+    available = jax.devices()
+    # an int given as NumPy or 0-d JAX (config.devices as users write it) failed with
+    # "'numpy.int64' object is not iterable", and so did True or 1.0
+    for count in (np.int64(1), jnp.int32(1), np.array(1)):
+        assert parallel.make_mesh(count).devices.tolist() == available[:1]
+    expected = "devices: expected None, an int or a sequence of jax.Device"
+    for bad in (True, 1.0, "1", [0]):
+        with pytest.raises(TypeError, match=expected):
+            parallel.make_mesh(bad)
+    # the same device twice made a mesh that failed in shard_batch with a raw safe_zip error
+    with pytest.raises(ValueError, match="devices: expected distinct devices"):
+        parallel.make_mesh([available[0], available[0]])
+    with pytest.raises(ValueError, match=r"devices: expected 1\.\.\d+ \(the devices JAX sees\)"):
+        parallel.make_mesh(np.int64(0))
