@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from jcnn.functional._checks import _is_real_scalar, check_int
 
 __all__ = ["lookahead", "LookaheadState"]
 
@@ -67,15 +68,14 @@ def lookahead(
         raise ValueError(f"sync_period: expected a positive int, got {sync_period!r}")
     sync_period = int(sync_period)
     if not callable(slow_step_size):
-        if isinstance(slow_step_size, (bool, np.bool_)) or not isinstance(
-            slow_step_size, (int, float, np.integer, np.floating)
-        ):
+        if not _is_real_scalar(slow_step_size):
             raise TypeError(
                 f"slow_step_size: expected a number or a schedule, got {slow_step_size!r}"
             )
-        if not 0.0 <= float(slow_step_size) <= 1.0:
-            raise ValueError(f"slow_step_size: expected a value in [0, 1], got {slow_step_size!r}")
-        slow_step_size = float(slow_step_size)
+        value = float(slow_step_size)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"slow_step_size: expected a value in [0, 1], got {value!r}")
+        slow_step_size = value
     if final_step is not None and (not _is_int(final_step) or final_step < 1):
         raise ValueError(f"final_step: expected a positive int or None, got {final_step!r}")
     final_step = None if final_step is None else int(final_step)
@@ -114,5 +114,10 @@ def lookahead(
 
 
 def _is_int(value) -> bool:
-    """A Python or NumPy integer, never a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    """A Python or NumPy integer or a concrete 0-d integer array (as ``check_int`` takes it),
+    never a bool."""
+    try:
+        check_int(value, "value")
+    except TypeError:
+        return False
+    return True
