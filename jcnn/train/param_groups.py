@@ -197,6 +197,8 @@ def active_for(transform: optax.GradientTransformation, steps: int) -> optax.Gra
         raise TypeError(
             f"transform: expected an optax.GradientTransformation, got {type(transform).__name__}"
         )
-    if isinstance(steps, bool) or not isinstance(steps, (int, jnp.integer)) or steps < 0:
-        raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
+    try:
+        steps = check_int(steps, "steps", low=0)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps: expected a non-negative int, got {steps!r}") from None
     return optax.chain(transform, optax.scale_by_schedule(lambda count: (count < steps) * 1.0))

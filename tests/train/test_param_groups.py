@@ -96,3 +96,18 @@ def test_split_no_grad_reads_patterns_once_and_names_what_is_no_sequence():
     for patterns in (5, None):  # raw "object is not iterable" before
         with pytest.raises(TypeError, match="no_grad: expected a sequence of glob patterns"):
             split_no_grad(params, patterns)
+
+
+def test_active_for_takes_a_0d_jax_int():
+    # jnp.int32(2) was refused as "expected a non-negative int", unlike check_int elsewhere
+    params = jnp.zeros(1)
+    for steps in (2, jnp.int32(2)):
+        tx = active_for(optax.sgd(1.0), steps)
+        state = tx.init(params)
+        got = []
+        for _ in range(3):
+            updates, state = tx.update(jnp.ones(1), state, params)
+            got.append(float(updates[0]))
+        assert got == [-1.0, -1.0, 0.0]
+    with pytest.raises(ValueError, match="steps: expected a non-negative int"):
+        active_for(optax.sgd(1.0), jnp.float32(2.0))
