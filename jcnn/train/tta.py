@@ -17,13 +17,12 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jcnn.functional._checks import check_array, check_bool, check_real
+from jcnn.functional._checks import _describe, check_array, check_bool, check_int, check_real
 
 __all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 
@@ -58,7 +57,12 @@ def _check_pad_mode(pad_mode) -> None:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    """A Python or NumPy integer or a concrete 0-d integer array (as ``check_int`` takes it)."""
+    try:
+        check_int(value, "value")
+    except TypeError:
+        return False
+    return True
 
 
 def flip_translate_views(
@@ -141,6 +145,14 @@ def _check_views(views) -> tuple[View, ...]:
 def _check_weights(weights, count: int) -> tuple[float, ...]:
     if weights is None:
         return (1.0 / count,) * count
+    if (
+        isinstance(weights, (str, bytes))
+        or not isinstance(weights, Iterable)
+        or getattr(weights, "ndim", None) == 0
+    ):
+        raise TypeError(
+            f"weights: expected one positive weight per view ({count}), got {_describe(weights)}"
+        )
     values = tuple(check_real(w, "weights", low=0, low_open=True) for w in weights)
     if len(values) != count:
         raise ValueError(f"weights: expected one per view ({count}), got {len(values)}")

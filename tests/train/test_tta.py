@@ -135,3 +135,23 @@ def test_tta_logits_checks_predict_and_views_up_front():
     # a generator of views is read once, not consumed by the checks (it averaged over nothing)
     views = (view for view in flip_translate_views(shifts=((0, 0),)))
     np.testing.assert_allclose(tta_logits(lambda x: x.mean(axis=(1, 2)), images, views), 1.0)
+
+
+def test_0d_jax_shifts_are_ints_and_a_scalar_weights_is_named():
+    images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    # jnp.int32(1) as a shift was refused as "expected an int"; a single number as weights
+    # failed with a raw "'float' object is not iterable"
+    np.testing.assert_array_equal(
+        translate_batch(images, jnp.int32(1), np.int64(-1)), translate_batch(images, 1, -1)
+    )
+    views = flip_translate_views(shifts=((jnp.int32(1), 0),))
+    np.testing.assert_array_equal(views[0](images), translate_batch(images, 1, 0))
+    for weights in (2.0, jnp.float32(2.0), "12"):
+        with pytest.raises(
+            TypeError, match=r"weights: expected one positive weight per view \(2\)"
+        ):
+            tta_logits(lambda x: x, images, views, weights)
+        with pytest.raises(
+            TypeError, match=r"weights: expected one positive weight per view \(2\)"
+        ):
+            with_tta(lambda variables, x, train=False: x, views, weights)
