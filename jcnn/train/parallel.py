@@ -118,6 +118,10 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     local_devices = len(mesh.local_devices)
 
     def place(leaf):
+        if not hasattr(leaf, "shape") or len(leaf.shape) == 0:
+            raise TypeError(
+                f"batch: expected arrays with a leading batch axis, got {_describe(leaf)}"
+            )
         if leaf.shape[0] % local_devices:
             raise ValueError(
                 f"batch: the local batch of {leaf.shape[0]} must divide evenly over this "

@@ -166,3 +166,17 @@ def test_make_mesh_names_a_bad_devices():
         parallel.make_mesh([available[0], available[0]])
     with pytest.raises(ValueError, match=r"devices: expected 1\.\.\d+ \(the devices JAX sees\)"):
         parallel.make_mesh(np.int64(0))
+
+
+def test_shard_batch_names_leaves_without_a_batch_axis():
+    import jax.numpy as jnp
+
+    from jcnn.train import parallel
+
+    mesh = parallel.make_mesh(1)
+    # a nested list or a 0-d array failed with a raw AttributeError / IndexError
+    for batch in ([[1, 2], [3, 4]], (jnp.ones(()), jnp.ones(2))):
+        with pytest.raises(TypeError, match="batch: expected arrays with a leading batch axis"):
+            parallel.shard_batch(batch, mesh)
+    images, labels = parallel.shard_batch((np.ones((4, 2)), np.arange(4)), mesh)
+    np.testing.assert_array_equal(labels, np.arange(4))
