@@ -35,7 +35,7 @@ feature, so a recipe is also a worked example of how to assemble one's own.
     same accuracy, within a few hundredths of a percent), Nesterov SGD (momentum 0.9, peak rate
     0.15, warm-up over the first 10% of the steps from 0.1x, then linear decay to 0), weight
     decay 5e-4 on the kernels, label smoothing 0.1 and airbench's lookahead, for 1.2 epochs of
-    batches of 128 (563 steps).
+    batches of 128 (562 steps).
 """
 
 from __future__ import annotations
