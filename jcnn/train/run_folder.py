@@ -123,9 +123,10 @@ of its own (a callable ``learning_rate``, or an ``optax`` optimizer bringing its
 
 _MISSING = "(absent)"
 
-ADDED_LATER = {"train.no_grad": []}
-"""Settings newer than some run folders, with the value that means what a record without them
-meant: a resume with that value is the same run."""
+ADDED_LATER = {"train.no_grad": ([], {})}
+"""Settings newer than some run folders, with the values that mean what a record without them
+meant (``no_grad=()`` records ``[]``, jcnn-train's empty mapping ``{}``): a resume with one of
+those values is the same run."""
 
 
 class RunFolderError(ValueError, RuntimeError):
@@ -490,7 +491,7 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
         if before == after or _may_change(key):
             continue
-        if before == _MISSING and ADDED_LATER.get(key, _MISSING) == after:
+        if before == _MISSING and after in ADDED_LATER.get(key, ()):
             continue
         if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
             continue

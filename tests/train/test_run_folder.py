@@ -154,6 +154,15 @@ def test_a_run_recorded_before_no_grad_existed_resumes_only_without_it():
     assert run_folder.differences(recorded, {"train": {**old["train"], "no_grad": []}})
 
 
+def test_a_cli_run_recorded_before_no_grad_existed_resumes():
+    # jcnn-train records no --no-grad as an empty mapping ({}), not []: its run folders from
+    # before no_grad existed were refused on --resume ("--no-grad: (absent) in the run, {} now")
+    old = {"train": {"schedule": "cosine", "epochs": 4}}
+    assert not run_folder.differences(old, {"train": {**old["train"], "no_grad": {}}})
+    changed = run_folder.differences(old, {"train": {**old["train"], "no_grad": {"conv/*": 0}}})
+    assert changed == [("train.no_grad.conv/*", "(absent)", 0)]
+
+
 def test_epochs_may_not_change_when_the_schedule_depends_on_them():
     old = {"train": {"schedule": "cosine", "epochs": 4}}
     assert run_folder.differences(old, {"train": {"schedule": "cosine", "epochs": 8}})
