@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_positive_int
+from jcnn.functional._checks import check_bool, check_positive_int
 from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
 
@@ -238,6 +238,7 @@ class Run:
                 f"{tuple(images.shape)}"
             )
         batch_size = check_positive_int(batch_size, "batch_size")
+        standardized = check_bool(standardized, "standardized")
         apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
         outputs = []
         for start in range(0, images.shape[0], batch_size):

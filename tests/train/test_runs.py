@@ -246,6 +246,22 @@ def test_evaluate_and_predict_refuse_bad_labels_and_sizes(trained):
     assert run.evaluate(images, labels.astype(np.uint8))["count"] == len(labels)
 
 
+def test_standardized_must_be_a_bool(trained):
+    # standardized="no" (any truthy non-bool) skipped the standardization silently: float images
+    # went through the model unstandardized and gave wrong logits without an error
+    out, _, (images, labels) = trained
+    run = load_run(out)
+    floats = images.astype(np.float32)
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="standardized: expected a Python bool"):
+            run.predict(floats, standardized=bad)
+        with pytest.raises(TypeError, match="standardized: expected a Python bool"):
+            run.evaluate(floats, labels, standardized=bad)
+    np.testing.assert_array_equal(
+        run.predict(floats, standardized=np.bool_(False)), run.predict(floats)
+    )
+
+
 @pytest.fixture(scope="module")
 def best_elsewhere(tmp_path_factory):
     """A run whose BestCheckpoint keeps the *highest* val_loss in "worst/", while the run's own
