@@ -202,6 +202,16 @@ def load_standardize(path: Path):
         raise RunFolderError(f"{path} is unreadable ({type(error).__name__}: {error})") from error
 
 
+def _check_images(images) -> None:
+    if not hasattr(images, "shape"):
+        raise TypeError(f"images: expected an array, got {type(images).__name__}")
+    if len(images.shape) < 1 or images.shape[0] < 1:
+        raise ValueError(
+            f"images: expected a batch of at least one image (N, ...), got shape "
+            f"{tuple(images.shape)}"
+        )
+
+
 @dataclasses.dataclass
 class Run:
     """A trained model loaded from its run folder, ready for inference.
@@ -230,13 +240,7 @@ class Run:
         self, images: np.ndarray | jax.Array, *, batch_size: int = 1000, standardized: bool = False
     ) -> np.ndarray:
         """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
-        if not hasattr(images, "shape"):
-            raise TypeError(f"images: expected an array, got {type(images).__name__}")
-        if len(images.shape) < 1 or images.shape[0] < 1:
-            raise ValueError(
-                f"images: expected a batch of at least one image (N, ...), got shape "
-                f"{tuple(images.shape)}"
-            )
+        _check_images(images)
         batch_size = check_positive_int(batch_size, "batch_size")
         standardized = check_bool(standardized, "standardized")
         apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
@@ -264,6 +268,7 @@ class Run:
         """
         from jcnn import functional as F
 
+        _check_images(images)
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(

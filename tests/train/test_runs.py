@@ -246,6 +246,17 @@ def test_evaluate_and_predict_refuse_bad_labels_and_sizes(trained):
     assert run.evaluate(images, labels.astype(np.uint8))["count"] == len(labels)
 
 
+def test_evaluate_checks_images_before_labels(trained):
+    # evaluate read images.shape[0] to check the labels first: a list of images was a raw
+    # AttributeError, a 0-d array an IndexError; now the errors predict gives, naming images
+    out, _, (images, labels) = trained
+    run = load_run(out)
+    with pytest.raises(TypeError, match="images: expected an array, got list"):
+        run.evaluate(list(images), labels)
+    with pytest.raises(ValueError, match="images: expected a batch of at least one image"):
+        run.evaluate(np.float32(1.0), labels[:1])
+
+
 def test_standardized_must_be_a_bool(trained):
     # standardized="no" (any truthy non-bool) skipped the standardization silently: float images
     # went through the model unstandardized and gave wrong logits without an error
