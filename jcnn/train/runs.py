@@ -431,9 +431,22 @@ def load_run(
         if not isinstance(record, dict):
             raise ValueError(f"config.json holds a {type(record).__name__}, expected an object")
         config = record.get("train", record)  # a run_folder record; older runs: the TrainConfig
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"config.json's 'train' holds a {type(config).__name__}, expected an object"
+            )
         description = json.loads((folder / RUN_FILE).read_text())
+        if not isinstance(description, dict):
+            raise ValueError(f"{RUN_FILE} holds a {type(description).__name__}, expected an object")
         entry, input_spec = description["model"], description["input"]
-    except (ValueError, KeyError) as error:
+        metadata = description.get("metadata", {})
+        for name, value in (("model", entry), ("input", input_spec), ("metadata", metadata)):
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{RUN_FILE}'s {name!r} holds a {type(value).__name__}, expected an object"
+                )
+        sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise _not_a_run(folder, f"unreadable config.json or {RUN_FILE}: {error}") from error
     if model is None:
         if not entry.get("rebuildable"):
@@ -446,7 +459,6 @@ def load_run(
     if mode not in ("max", "min"):
         raise _not_a_run(folder, f"config.json's monitor_mode is {mode!r}, expected 'max' or 'min'")
     path = _verify(*_pick_step(folder, which, mode))
-    sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
     key = jax.random.PRNGKey(0)
     template = jax.eval_shape(
         lambda: model.init({"params": key, "dropout": key}, sample, train=False)
@@ -460,7 +472,7 @@ def load_run(
         variables=variables,
         standardize=stats,
         config=config,
-        metadata=description.get("metadata", {}),
+        metadata=metadata,
         step=int(path.name.split("_")[-1]),
         which=which,
     )

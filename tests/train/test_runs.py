@@ -246,6 +246,34 @@ def test_evaluate_and_predict_refuse_bad_labels_and_sizes(trained):
     assert run.evaluate(images, labels.astype(np.uint8))["count"] == len(labels)
 
 
+def test_a_run_json_or_config_json_of_the_wrong_structure_is_named(tmp_path, trained):
+    # valid JSON of the wrong structure (a list, a 'model' or 'metadata' that is not an object, an
+    # input dtype that is no dtype) or a config.json that is a folder escaped as raw TypeErrors,
+    # AttributeErrors or OSErrors from inside load_run (jcnn-eval: a traceback)
+    out, _, _ = trained
+    good = json.loads((out / "run.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for bad in (
+        [1],
+        {**good, "model": [1]},
+        {**good, "metadata": [1]},
+        {**good, "input": {"shape": ["x"], "dtype": "uint8"}},
+        {**good, "input": {"shape": [8, 8, 2], "dtype": "no_such_dtype"}},
+    ):
+        (copy / "run.json").write_text(json.dumps(bad))
+        with pytest.raises(RunFolderError, match="unreadable config.json or run.json"):
+            load_run(copy)
+    (copy / "run.json").write_text(json.dumps(good))
+    (copy / "config.json").write_text(json.dumps({"train": [1]}))
+    with pytest.raises(RunFolderError, match="unreadable config.json or run.json"):
+        load_run(copy)
+    (copy / "config.json").unlink()
+    (copy / "config.json").mkdir()
+    with pytest.raises(RunFolderError, match="unreadable config.json or run.json"):
+        load_run(copy)
+
+
 def test_evaluate_checks_images_before_labels(trained):
     # evaluate read images.shape[0] to check the labels first: a list of images was a raw
     # AttributeError, a 0-d array an IndexError; now the errors predict gives, naming images
