@@ -454,7 +454,14 @@ def load_run(
                 f"{folder}: the run's model {entry.get('class')} cannot be rebuilt from "
                 f"{RUN_FILE} ({entry.get('reason')}); pass it: load_run(folder, model=...)"
             )
-        model = _build(entry)
+        try:
+            model = _build(entry)
+        except Exception as error:  # a class gone or renamed, fields it no longer takes...
+            raise RunFolderError(
+                f"{folder}: the run's model {entry.get('class')} cannot be rebuilt from "
+                f"{RUN_FILE} ({type(error).__name__}: {error}); pass it: "
+                "load_run(folder, model=...)"
+            ) from error
     mode = config.get("monitor_mode", "max")
     if mode not in ("max", "min"):
         raise _not_a_run(folder, f"config.json's monitor_mode is {mode!r}, expected 'max' or 'min'")

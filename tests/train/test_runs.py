@@ -274,6 +274,21 @@ def test_a_run_json_or_config_json_of_the_wrong_structure_is_named(tmp_path, tra
         load_run(copy)
 
 
+def test_a_model_that_can_no_longer_be_rebuilt_is_named(tmp_path, trained):
+    # run.json naming a class that is gone, or fields the class no longer takes (a run of an
+    # older version), escaped as a raw AttributeError/TypeError from inside load_run
+    out, _, _ = trained
+    good = json.loads((out / "run.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    fields = {**good["model"]["fields"], "no_such_field": 1}
+    for entry in ({"class": "jcnn.models.NoSuchNet"}, {"fields": fields}):
+        (copy / "run.json").write_text(json.dumps({**good, "model": {**good["model"], **entry}}))
+        with pytest.raises(RunFolderError, match=r"cannot be rebuilt from run.json \(\w+Error: "):
+            load_run(copy)
+    assert load_run(copy, model=SmallNet(features=5)).step == load_run(out).step
+
+
 def test_evaluate_checks_images_before_labels(trained):
     # evaluate read images.shape[0] to check the labels first: a list of images was a raw
     # AttributeError, a 0-d array an IndexError; now the errors predict gives, naming images
