@@ -420,6 +420,10 @@ def load_run(
     """
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder: expected a run folder (str or os.PathLike), got {folder!r}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model: expected None or a Flax module instance such as MyNet(...), got {model!r}"
+        )
     folder = Path(folder)
     if not folder.is_dir():
         raise _not_a_run(folder, "no such folder")

@@ -289,6 +289,14 @@ def test_a_model_that_can_no_longer_be_rebuilt_is_named(tmp_path, trained):
     assert load_run(copy, model=SmallNet(features=5)).step == load_run(out).step
 
 
+def test_model_must_be_a_module_instance(trained):
+    # the class itself (model=SmallNet) or a string failed inside Flax's init with its own error
+    out, _, _ = trained
+    for bad in (SmallNet, "SmallNet"):
+        with pytest.raises(TypeError, match="model: expected None or a Flax module instance"):
+            load_run(out, model=bad)
+
+
 def test_evaluate_checks_images_before_labels(trained):
     # evaluate read images.shape[0] to check the labels first: a list of images was a raw
     # AttributeError, a 0-d array an IndexError; now the errors predict gives, naming images
