@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_bool, check_positive_int
+from jcnn.functional._checks import check_bool, check_int, check_positive_int
 from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
 
@@ -241,6 +241,8 @@ class Run:
     ) -> np.ndarray:
         """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
         _check_images(images)
+        if hasattr(batch_size, "dtype") and getattr(batch_size, "shape", None) == ():
+            batch_size = check_int(batch_size, "batch_size")  # a 0-d integer array: its int
         batch_size = check_positive_int(batch_size, "batch_size")
         standardized = check_bool(standardized, "standardized")
         apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
@@ -420,6 +422,8 @@ def load_run(
     """
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder: expected a run folder (str or os.PathLike), got {folder!r}")
+    if hasattr(which, "dtype") and getattr(which, "shape", None) == ():
+        which = check_int(which, "which")  # a NumPy or 0-d JAX integer: a step
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(
             f"model: expected None or a Flax module instance such as MyNet(...), got {model!r}"

@@ -297,6 +297,21 @@ def test_model_must_be_a_module_instance(trained):
             load_run(out, model=bad)
 
 
+def test_a_step_and_a_batch_size_may_be_0d_arrays(trained):
+    # which=jnp.int32(step) was refused ("expected 'latest', 'best' or a step (int)") and
+    # batch_size=jnp.int32(8) ("expected a positive int"), unlike NumPy integers
+    out, _, (images, _) = trained
+    step = load_run(out).step
+    run = load_run(out, jnp.int32(step))
+    assert run.step == run.which == step and type(run.which) is int
+    logits = run.predict(images, batch_size=jnp.int32(8))
+    np.testing.assert_array_equal(logits, run.predict(images, batch_size=8))
+    with pytest.raises(TypeError, match="which: expected an int"):
+        load_run(out, jnp.float32(step))
+    with pytest.raises(ValueError, match="batch_size: expected a positive int"):
+        run.predict(images, batch_size=np.array(0))
+
+
 def test_evaluate_checks_images_before_labels(trained):
     # evaluate read images.shape[0] to check the labels first: a list of images was a raw
     # AttributeError, a 0-d array an IndexError; now the errors predict gives, naming images
