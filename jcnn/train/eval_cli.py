@@ -23,14 +23,16 @@ __all__ = ["main", "build_parser", "plot_confusion"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``jcnn-eval``."""
-    from jcnn.train.cli import _int_at_least
+    from jcnn.train.cli import _dataset, _int_at_least
 
     p = argparse.ArgumentParser(
         prog="jcnn-eval", description="Evaluate a jcnn run folder on a test set."
     )
     p.add_argument("folder", help="the run folder (jcnn-train --out, TrainConfig.out)")
     p.add_argument("--which", default="latest", help="latest, best, or a checkpoint step")
-    p.add_argument("--dataset", default=None, help="default: the dataset the run recorded")
+    p.add_argument(
+        "--dataset", default=None, type=_dataset, help="default: the dataset the run recorded"
+    )
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
     p.add_argument("--manual-dir", default=None, help="tfds:NAME only: the original downloads")
     p.add_argument("--split", default="test")
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from jcnn import data
     from jcnn.train import run_folder
-    from jcnn.train.cli import load_dataset
+    from jcnn.train.cli import DATASETS, load_dataset
     from jcnn.train.runs import RunFolderError, load_run
 
     which = int(args.which) if args.which.isdigit() else args.which
@@ -99,6 +101,15 @@ def main(argv=None) -> int:
         print(
             f"jcnn-eval: {args.folder} does not record its dataset (trained through fit); name "
             "it with --dataset",
+            file=sys.stderr,
+        )
+        return 2
+    if not isinstance(dataset, str) or (
+        dataset not in DATASETS and not dataset.startswith("tfds:")
+    ):
+        print(
+            f"jcnn-eval: {args.folder} records the dataset {dataset!r}, which jcnn-eval cannot "
+            f"load; name one with --dataset ({', '.join(DATASETS)} or tfds:NAME)",
             file=sys.stderr,
         )
         return 2

@@ -610,6 +610,30 @@ def test_jcnn_eval_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, mon
         assert f"--batch-size: expected a positive integer, got {size}" in capsys.readouterr().err
 
 
+def test_jcnn_eval_refuses_a_dataset_it_cannot_load(tmp_path, capsys):
+    # --dataset foo (or a dataset name a run trained through fit recorded, e.g. 'toy') exited
+    # with status 1, meant for a missing dataset, and a message without 'jcnn-eval:'
+    from jcnn.train import cli
+    from jcnn.train.eval_cli import main as eval_main
+
+    out = tmp_path / "run"
+    assert cli.main([*SMALL_SPLIT, "--epochs", "1", "--max-steps", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit) as exit:
+        eval_main([str(out), "--dataset", "foo"])
+    assert exit.value.code == 2
+    assert "--dataset: expected one of mnist" in capsys.readouterr().err
+    description = json.loads((out / "run.json").read_text())
+    description["metadata"]["dataset"] = "toy"
+    (out / "run.json").write_text(json.dumps(description))
+    assert eval_main([str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jcnn-eval: ") and "\n" not in err, err
+    assert "records the dataset 'toy', which jcnn-eval cannot load; name one with --dataset" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_bad_val_split_is_refused_and_writes_nothing(tmp_path, capsys):
 
     out = tmp_path / "run"
