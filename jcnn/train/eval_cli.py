@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     from jcnn.train.cli import DATASETS, load_dataset
     from jcnn.train.runs import RunFolderError, load_run
 
-    which = int(args.which) if args.which.isdigit() else args.which
+    which = int(args.which) if args.which.isdecimal() else args.which
     try:
         run = load_run(args.folder, which)
     except (RunFolderError, ValueError) as error:

@@ -246,6 +246,7 @@ def _assert_one_line(err):
         (["--early-stopping", "0"], "--early-stopping: expected a positive integer"),
         (["--early-stopping", "3"], "--early-stopping needs a validation set"),
         (["--manual-dir", "."], "--manual-dir applies to --dataset tfds:NAME only"),
+        (["--dataset", "synthetic", "--data-dir", "."], "--data-dir: --dataset synthetic is"),
         (["--dataset", "tfds:toy", "--manual-dir", "/nonexistent/x"], "no such folder"),
         (["--optimizer", "adamax"], "--optimizer: invalid choice"),
         (["--compute-dtype", "float16"], "--compute-dtype"),
@@ -600,6 +601,7 @@ def test_jcnn_eval_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, mon
     check(["--dataset", "mnist", "--data-dir", str(tmp_path / "none")], 1, "t10k-images")
     check(["--json", str(tmp_path / "none" / "e.json")], 2, "--json .*its folder does not exist")
     check(["--confusion", str(tmp_path)], 2, "--confusion .*is a folder")
+    check(["--which", "\u00b2"], 2, "which")  # a digit that is not a decimal step
     colour = (np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int32))
     monkeypatch.setattr(cli, "load_dataset", lambda *args, **kwargs: colour)
     check([], 2, r"synthetic test: images: expected .*\(8, 32, 32, 3\)")
