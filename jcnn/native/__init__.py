@@ -228,8 +228,9 @@ def unsupported_reason(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: 
     Raises:
       RuntimeError: the library is not loaded (see :func:`load`).
     """
+    problem = _check_problem(op, bfloat16, dims, spatial)
     load()
-    supported, text = _probe(op, bfloat16, dims, spatial)
+    supported, text = _probe(*problem)
     return None if supported else text or "no implementation"
 
 
@@ -246,9 +247,29 @@ def implementation(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: int)
     Raises:
       RuntimeError: the library is not loaded (see :func:`load`).
     """
+    problem = _check_problem(op, bfloat16, dims, spatial)
     load()
-    supported, text = _probe(op, bfloat16, dims, spatial)
+    supported, text = _probe(*problem)
     return text if supported else None
+
+
+def _check_problem(op, bfloat16, dims, spatial) -> tuple[int, bool, tuple[int, ...], int]:
+    """The arguments of :func:`unsupported_reason` checked: the library reads ``4 + 7 * spatial``
+    values from ``dims`` whatever its length, and trusts ``op`` and ``spatial``."""
+    from jcnn.functional._checks import _describe, check_bool, check_int
+
+    op = check_int(op, "op", low=0, high=2)
+    bfloat16 = check_bool(bfloat16, "bfloat16")
+    spatial = check_int(spatial, "spatial", low=1, high=3)
+    length = 4 + 7 * spatial
+    if not isinstance(dims, (tuple, list)) or len(dims) != length:
+        raise ValueError(
+            f"dims: expected a tuple of {length} ints (batch, channels, output channels, groups, "
+            f"then {spatial} each of input size, output size, window, stride, dilation, padding "
+            f"low and high), got {dims if isinstance(dims, (tuple, list)) else _describe(dims)}"
+        )
+    dims = tuple(check_int(d, f"dims[{i}]") for i, d in enumerate(dims))
+    return op, bfloat16, dims, spatial
 
 
 @functools.cache

@@ -122,6 +122,26 @@ def test_implementation_names_the_kernel_onednn_chose(onednn):
     assert native.implementation(0, False, empty, 2) is None
 
 
+def test_implementation_checks_the_problem_before_the_library_reads_it(monkeypatch):
+    # The library reads 4 + 7 * spatial values from dims whatever its length: a short tuple was
+    # read past its end, and a 2-D problem asked as 1-D was silently read as another problem.
+    monkeypatch.setattr(native, "load", lambda: pytest.fail("the library was asked"))
+    plain = (4, 16, 32, 1, 8, 8, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+    for call in (native.implementation, native.unsupported_reason):
+        with pytest.raises(ValueError, match=r"dims: expected a tuple of 18 ints .*got \(4, 16\)"):
+            call(0, False, (4, 16), 2)
+        with pytest.raises(ValueError, match="dims: expected a tuple of 11 ints"):
+            call(0, False, plain, 1)
+        with pytest.raises(ValueError, match=r"op: expected an int in \[0, 2\], got 3"):
+            call(3, False, plain, 2)
+        with pytest.raises(ValueError, match=r"spatial: expected an int in \[1, 3\], got 0"):
+            call(0, False, (4, 16, 32, 1), 0)
+        with pytest.raises(TypeError, match="bfloat16: expected a Python bool, got 1"):
+            call(0, 1, plain, 2)
+        with pytest.raises(TypeError, match=r"dims\[4\]: expected an int, got 8.0"):
+            call(0, False, (*plain[:4], 8.0, *plain[5:]), 2)
+
+
 def test_build_command_self_checks(onednn, capsys):
     assert native.main([]) == 0
     out = capsys.readouterr().out
