@@ -304,11 +304,12 @@ def conv_backend() -> str:
         ``JCNN_ONEDNN_GROUPED_LAYOUT`` is set to neither ``blocked`` nor ``channels_last``.
       RuntimeError: ``JCNN_CONV_BACKEND=onednn`` but the library is unavailable.
     """
-    choice = _SCOPED_BACKEND.get() or os.environ.get("JCNN_CONV_BACKEND", "auto")
+    choice = os.environ.get("JCNN_CONV_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(
             f"JCNN_CONV_BACKEND: expected one of {', '.join(BACKENDS)}, got {choice!r}"
         )
+    choice = _SCOPED_BACKEND.get() or choice
     layout = os.environ.get("JCNN_ONEDNN_GROUPED_LAYOUT")
     if layout not in (None, *GROUPED_LAYOUTS):
         raise ValueError(

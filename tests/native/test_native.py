@@ -86,6 +86,17 @@ def test_conv_backend_choice(monkeypatch):
         native.conv_backend()
 
 
+def test_a_bad_conv_backend_is_refused_inside_a_scope_too(monkeypatch):
+    # Inside conv_backend_scope (so under native.portable, and in fit on several devices) a typo
+    # in JCNN_CONV_BACKEND was silently ignored, while the same run on one device refused it.
+    monkeypatch.setenv("JCNN_CONV_BACKEND", "XLA")
+    match = "JCNN_CONV_BACKEND: expected one of auto, onednn, xla, got 'XLA'"
+    with native.conv_backend_scope("xla"), pytest.raises(ValueError, match=match):
+        native.conv_backend()
+    with pytest.raises(ValueError, match=match):
+        native.portable(native.conv_backend)()
+
+
 def _custom_calls(x, w):
     """oneDNN calls in the compiled gradient of a loss through F.conv, traced afresh."""
 
