@@ -177,9 +177,26 @@ def build(*, verbose: bool = False) -> Path:
 _LOAD_LOCK = threading.Lock()
 
 
+def _check_grouped_layout() -> None:
+    """Refuse a ``JCNN_ONEDNN_GROUPED_LAYOUT`` the library would ignore (it reads only the two
+    values it knows, once)."""
+    layout = os.environ.get("JCNN_ONEDNN_GROUPED_LAYOUT")
+    if layout not in (None, *GROUPED_LAYOUTS):
+        raise ValueError(
+            f"JCNN_ONEDNN_GROUPED_LAYOUT: expected one of {', '.join(GROUPED_LAYOUTS)} (or unset: "
+            f"the measured choice for this CPU), got {layout!r}"
+        )
+
+
 def _load() -> str | None:
     """Load and register the library once per process (thread-safe: XLA refuses a second
-    registration); the reason it is unavailable, or None."""
+    registration); the reason it is unavailable, or None.
+
+    Raises:
+      ValueError: ``JCNN_ONEDNN_GROUPED_LAYOUT`` is set to neither ``blocked`` nor
+        ``channels_last``.
+    """
+    _check_grouped_layout()
     with _LOAD_LOCK:
         return _load_once()
 
@@ -281,7 +298,12 @@ def _probe(op, bfloat16, dims, spatial) -> tuple[bool, str]:
 
 
 def available() -> bool:
-    """Whether the oneDNN library is built, loads, and its FFI targets are registered."""
+    """Whether the oneDNN library is built, loads, and its FFI targets are registered.
+
+    Raises:
+      ValueError: ``JCNN_ONEDNN_GROUPED_LAYOUT`` is set to neither ``blocked`` nor
+        ``channels_last``.
+    """
     return _load() is None
 
 
@@ -290,6 +312,8 @@ def load() -> None:
 
     Raises:
       RuntimeError: the library is not built or does not load; the message says why.
+      ValueError: ``JCNN_ONEDNN_GROUPED_LAYOUT`` is set to neither ``blocked`` nor
+        ``channels_last``.
     """
     reason = _load()
     if reason is not None:
@@ -310,12 +334,7 @@ def conv_backend() -> str:
             f"JCNN_CONV_BACKEND: expected one of {', '.join(BACKENDS)}, got {choice!r}"
         )
     choice = _SCOPED_BACKEND.get() or choice
-    layout = os.environ.get("JCNN_ONEDNN_GROUPED_LAYOUT")
-    if layout not in (None, *GROUPED_LAYOUTS):
-        raise ValueError(
-            f"JCNN_ONEDNN_GROUPED_LAYOUT: expected one of {', '.join(GROUPED_LAYOUTS)} (or unset: "
-            f"the measured choice for this CPU), got {layout!r}"
-        )
+    _check_grouped_layout()
     if choice == "xla":
         return "xla"
     reason = _load()

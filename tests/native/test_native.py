@@ -97,6 +97,17 @@ def test_a_bad_conv_backend_is_refused_inside_a_scope_too(monkeypatch):
         native.portable(native.conv_backend)()
 
 
+def test_a_bad_grouped_layout_is_refused_wherever_the_library_is_used(monkeypatch):
+    # Only conv_backend checked it: native.load, available, implementation (and the oneDNN
+    # convolutions called directly) let the library silently use its own choice instead.
+    monkeypatch.setenv("JCNN_ONEDNN_GROUPED_LAYOUT", "Blocked")
+    match = "JCNN_ONEDNN_GROUPED_LAYOUT: expected one of blocked, channels_last .*'Blocked'"
+    plain = (4, 16, 32, 1, 8, 8, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+    for call in (native.load, native.available, lambda: native.implementation(0, False, plain, 2)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def _custom_calls(x, w):
     """oneDNN calls in the compiled gradient of a loss through F.conv, traced afresh."""
 
