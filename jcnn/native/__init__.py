@@ -94,8 +94,18 @@ class NativeBuildError(RuntimeError):
 
 def onednn_root() -> Path:
     """Where oneDNN's ``include/`` and ``lib/`` are: ``JCNN_ONEDNN_ROOT``, else this Python's prefix
-    (where ``pip install onednn-devel-cpu-gomp`` puts them)."""
-    return Path(os.environ.get("JCNN_ONEDNN_ROOT", sys.prefix))
+    (where ``pip install onednn-devel-cpu-gomp`` puts them).
+
+    Raises:
+      ValueError: ``JCNN_ONEDNN_ROOT`` is set but empty.
+    """
+    root = os.environ.get("JCNN_ONEDNN_ROOT")
+    if root == "":
+        raise ValueError(
+            f"JCNN_ONEDNN_ROOT: expected a oneDNN installation folder (or unset: {sys.prefix}), "
+            "got ''"
+        )
+    return Path(sys.prefix if root is None else root).expanduser()
 
 
 def _compiler() -> list[str]:
@@ -103,14 +113,26 @@ def _compiler() -> list[str]:
 
 
 def library_path() -> Path:
-    """Where the library for this source, jaxlib, oneDNN and compiler is built and loaded from."""
+    """Where the library for this source, jaxlib, oneDNN and compiler is built and loaded from.
+
+    Raises:
+      ValueError: ``JCNN_NATIVE_DIR`` is set but empty or names something that is not a folder,
+        or ``JCNN_ONEDNN_ROOT`` is set but empty.
+    """
     import jaxlib
 
     digest = hashlib.sha256()
     sources = (source.read_bytes() for source in SOURCES)
     for part in (*sources, jaxlib.__version__, str(onednn_root()), *_compiler()):
         digest.update(part if isinstance(part, bytes) else part.encode())
-    cache = Path(os.environ.get("JCNN_NATIVE_DIR", Path.home() / ".cache" / "jcnn"))
+    default = Path.home() / ".cache" / "jcnn"
+    cache = Path(os.environ.get("JCNN_NATIVE_DIR", default)).expanduser()
+    if os.environ.get("JCNN_NATIVE_DIR") == "" or (cache.exists() and not cache.is_dir()):
+        given = os.environ["JCNN_NATIVE_DIR"]
+        raise ValueError(
+            f"JCNN_NATIVE_DIR: expected a folder for the built library (or unset: {default}), "
+            f"got {given!r}{' (not a folder)' if given else ''}"
+        )
     return cache / f"libjcnn_onednn-{digest.hexdigest()[:16]}.so"
 
 
@@ -120,6 +142,8 @@ def build(*, verbose: bool = False) -> Path:
     Raises:
       NativeBuildError: oneDNN's headers or library are missing, or the compiler failed (its
         output is in the message).
+      ValueError: a ``JCNN_*`` variable it reads is set to something it cannot use (see
+        :func:`library_path`).
     """
     import jax
 
@@ -400,10 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = build(verbose=args.verbose)
+        reason = _load()
     except NativeBuildError as error:
         print(f"jcnn-build-native: {error}", file=sys.stderr)
         return 1
-    reason = _load()
+    except ValueError as error:  # a bad JCNN_* variable
+        print(f"jcnn-build-native: {error}", file=sys.stderr)
+        return 2
     if reason is not None:
         print(f"jcnn-build-native: built {path} but it is {reason}", file=sys.stderr)
         return 1

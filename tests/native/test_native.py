@@ -59,6 +59,32 @@ def test_library_path_depends_on_compiler_and_onednn(tmp_path, monkeypatch):
     assert len({first, second, native.library_path()}) == 3
 
 
+def test_bad_folders_in_the_environment_are_refused(tmp_path, monkeypatch, capsys):
+    # JCNN_NATIVE_DIR= (empty) built and loaded the library in the current folder, a file there
+    # failed in mkdir with a raw FileExistsError, and a quoted '~' made a folder named '~'.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("JCNN_NATIVE_DIR", "~/libs")
+    assert native.library_path().parent == tmp_path / "libs"
+    (tmp_path / "a-file").write_text("")
+    for value, shown in (("", "''"), (str(tmp_path / "a-file"), r"'.*a-file' \(not a folder\)")):
+        monkeypatch.setenv("JCNN_NATIVE_DIR", value)
+        match = rf"JCNN_NATIVE_DIR: expected a folder for the built library .*got {shown}"
+        with pytest.raises(ValueError, match=match):
+            native.library_path()
+        with pytest.raises(ValueError, match=match):
+            native.available()
+        assert native.main([]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jcnn-build-native: JCNN_NATIVE_DIR: expected")
+        assert err.count("\n") == 1
+    assert (tmp_path / "a-file").read_text() == ""
+    monkeypatch.delenv("JCNN_NATIVE_DIR")
+    monkeypatch.setenv("JCNN_ONEDNN_ROOT", "")
+    with pytest.raises(ValueError, match="JCNN_ONEDNN_ROOT: expected a oneDNN installation folder"):
+        native.onednn_root()
+    assert native.main([]) == 2
+
+
 def test_conv_backend_choice(monkeypatch):
     monkeypatch.setenv("JCNN_CONV_BACKEND", "cudnn")
     with pytest.raises(
