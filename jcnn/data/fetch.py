@@ -177,11 +177,18 @@ def mirrors_for(name: str, mirrors: Iterable[str] | None = None) -> list[str]:
     ['http://mirror.lan/data/', 'http://mirror.lan/data/mnist/']
     """
     source = _source(name)
+    label = "mirrors"
     if mirrors is None:
-        from_env = [m for m in re.split(r"[,\s]+", os.environ.get(MIRRORS_ENV, "")) if m]
+        given = os.environ.get(MIRRORS_ENV, "")
+        from_env = [m for m in re.split(r"[,\s]+", given) if m]
+        if not from_env and given.strip():
+            raise ValueError(
+                f"{MIRRORS_ENV}: expected http:// or https:// base URLs separated by commas or "
+                f"spaces (or unset: the built-in addresses), got {given!r}"
+            )
         if not from_env:
             return list(source.mirrors)
-        mirrors = from_env
+        mirrors, label = from_env, MIRRORS_ENV
     elif isinstance(mirrors, str):
         raise TypeError(f"mirrors: expected a list of base URLs, got the string {mirrors!r}")
     else:
@@ -191,14 +198,14 @@ def mirrors_for(name: str, mirrors: Iterable[str] | None = None) -> list[str]:
     bases = []
     for mirror in mirrors:
         if not isinstance(mirror, str) or not re.match(r"https?://", mirror):
-            raise ValueError(f"mirrors: expected http:// or https:// base URLs, got {mirror!r}")
+            raise ValueError(f"{label}: expected http:// or https:// base URLs, got {mirror!r}")
         try:
             parts = urllib.parse.urlsplit(mirror)
             _ = parts.port  # raises for a port that is not a number in 0..65535
         except ValueError as err:
-            raise ValueError(f"mirrors: {mirror!r} is not a valid URL ({err})") from None
+            raise ValueError(f"{label}: {mirror!r} is not a valid URL ({err})") from None
         if not parts.hostname:
-            raise ValueError(f"mirrors: expected a base URL with a host name, got {mirror!r}")
+            raise ValueError(f"{label}: expected a base URL with a host name, got {mirror!r}")
         base = mirror.replace("{name}", name)
         base = base if base.endswith("/") else base + "/"
         # without {name}: a copy of one dataset's folder, or of a whole data directory

@@ -181,6 +181,22 @@ def test_mirror_list_resolution(monkeypatch):
         data.download("mnist", timeout=0)
 
 
+def test_a_bad_mirrors_variable_is_named_in_the_error(monkeypatch):
+    # Errors in JCNN_DATA_MIRRORS said "mirrors:", an argument never passed, and a value with no
+    # address in it (",") silently meant the built-in addresses.
+    for bad, message in (
+        ("ftp://x", "expected http:// or https:// base URLs, got 'ftp://x'"),
+        ("http:///data/", "expected a base URL with a host name"),
+        ("http://h.lan:99999/", "'http://h.lan:99999/' is not a valid URL"),
+        (" , ", r"expected http:// or https:// base URLs separated by commas .*got ' , '"),
+    ):
+        monkeypatch.setenv(fetch.MIRRORS_ENV, bad)
+        with pytest.raises(ValueError, match=f"^JCNN_DATA_MIRRORS: {message}"):
+            fetch.mirrors_for("mnist")
+    monkeypatch.setenv(fetch.MIRRORS_ENV, "")  # empty: as if unset
+    assert fetch.mirrors_for("mnist")[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
 # ---- downloads --------------------------------------------------------------------------------
 
 
