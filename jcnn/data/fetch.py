@@ -576,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of ``jcnn-data``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command in ("list", "download"):
+        try:
+            mirrors_for(getattr(args, "name", next(iter(SOURCES))))  # a bad $JCNN_DATA_MIRRORS
+        except ValueError as err:
+            print(f"jcnn-data: {err}", file=sys.stderr)
+            return 2
     if args.command == "list":
         root = datasets.default_data_dir(args.data_dir)
         print(f"data directory: {root}")

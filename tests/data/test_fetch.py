@@ -443,6 +443,19 @@ def test_cli_verify_extracted_cifar_folder(tmp_path, capsys, loaded):
     assert f"{folder / 'data_batch_1.bin'}: missing" in out
 
 
+def test_cli_refuses_a_bad_mirrors_variable_in_one_line(tmp_path, monkeypatch, capsys):
+    # jcnn-data download/list ended in a raw ValueError traceback.
+    monkeypatch.setenv(fetch.MIRRORS_ENV, "ftp://x")
+    for argv in (["download", "mnist", "--data-dir", str(tmp_path / "d")], ["list"]):
+        assert fetch.main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err == (
+            "jcnn-data: JCNN_DATA_MIRRORS: expected http:// or https:// base URLs, got 'ftp://x'\n"
+        )
+        assert captured.out == ""
+    assert not (tmp_path / "d").exists()
+
+
 def test_cli_download_failure_is_one_clear_message(tmp_path, server, monkeypatch, capsys):
     monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("missing"))
     assert fetch.main(["download", "mnist", "--data-dir", str(tmp_path), "--no-progress"]) == 1
