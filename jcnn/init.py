@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jcnn.functional._checks import check_key, check_positive_int
+from jcnn.functional._checks import _describe, _is_real_scalar, check_key, check_positive_int
 
 __all__ = [
     "compute_fans",
@@ -103,11 +103,14 @@ def _check_shape_dtype(key, shape, dtype, *, min_rank: int = 0):
     return shape, dtype
 
 
-def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a positive number, got {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value}")
+def _check_positive(value, name: str) -> float:
+    """``value`` as a Python float: a finite number > 0 (a 0-d array too)."""
+    if not _is_real_scalar(value):
+        raise TypeError(f"{name}: expected a positive number, got {_describe(value)}")
+    number = float(value)
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"{name}: expected a positive number, got {number}")
+    return number
 
 
 def compute_fans(shape: Sequence[int], groups: int = 1) -> tuple[int, int]:
@@ -180,7 +183,7 @@ def normal(stddev: float = 0.01) -> Callable[..., jax.Array]:
     >>> normal(0.5)(jax.random.key(0), (3, 2)).shape
     (3, 2)
     """
-    _check_positive(stddev, "stddev")
+    stddev = _check_positive(stddev, "stddev")
 
     def init(
         key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
@@ -234,7 +237,7 @@ def xavier_normal(
     Returns:
         An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
     """
-    _check_positive(gain, "gain")
+    gain = _check_positive(gain, "gain")
     _check_mode_and_groups(mode, groups)
     return _scaled_normal(gain**2, mode, groups)
 
@@ -253,7 +256,7 @@ def xavier_uniform(
     Returns:
         An initializer ``(key, shape, dtype=float32) -> array``; shape rank >= 2.
     """
-    _check_positive(gain, "gain")
+    gain = _check_positive(gain, "gain")
     _check_mode_and_groups(mode, groups)
     return _scaled_uniform(gain**2, mode, groups)
 
@@ -352,7 +355,7 @@ def orthogonal(gain: float = 1.0) -> Callable[..., jax.Array]:
     >>> bool(jnp.allclose(w.T @ w, jnp.eye(16), atol=1e-5))
     True
     """
-    _check_positive(gain, "gain")
+    gain = _check_positive(gain, "gain")
 
     def init(
         key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32

@@ -221,6 +221,21 @@ def test_initializers_work_under_jit():
     assert w.shape == (3, 3, 2, 4)
 
 
+def test_gain_and_stddev_are_finite_and_may_be_0d_arrays():
+    # gain=inf gave a kernel of infinities and NaNs without a word; a 0-d array was refused.
+    for bad in (np.inf, -np.inf, np.nan, jnp.float32(np.inf)):
+        for make in (init.normal, init.xavier_normal, init.xavier_uniform, init.orthogonal):
+            with pytest.raises(ValueError, match=r"(stddev|gain): expected a positive number"):
+                make(bad)
+    for gain in (jnp.asarray(1.5), np.array(1.5)):
+        np.testing.assert_array_equal(
+            init.xavier_normal(gain)(KEY, (3, 4)), init.xavier_normal(1.5)(KEY, (3, 4))
+        )
+        np.testing.assert_array_equal(init.normal(gain)(KEY, (3,)), init.normal(1.5)(KEY, (3,)))
+    with pytest.raises(TypeError, match=r"gain: expected a positive number, got ndarray of shape"):
+        init.orthogonal(np.ones(2))
+
+
 @pytest.mark.parametrize(
     "call, error, message",
     [
