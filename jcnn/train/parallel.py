@@ -94,6 +94,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = replicated_sharding(mesh)
 
     def place(leaf):
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            # a typed key (jax.random.key) has no NumPy form: place its data, wrap it again
+            data = place(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -180,3 +180,23 @@ def test_shard_batch_names_leaves_without_a_batch_axis():
             parallel.shard_batch(batch, mesh)
     images, labels = parallel.shard_batch((np.ones((4, 2)), np.arange(4)), mesh)
     np.testing.assert_array_equal(labels, np.arange(4))
+
+
+def test_replicate_takes_typed_keys():
+    import jax
+
+    from jcnn.train import parallel
+
+    mesh = parallel.make_mesh(1)
+    # a typed key failed with a raw "JAX array with PRNGKey dtype cannot be converted to a NumPy
+    # array"; it is now replicated as a key of the same implementation and values
+    keys = jax.random.split(jax.random.key(1, impl="rbg"), 3)
+    tree = {"key": jax.random.key(0), "keys": keys, "raw": jax.random.PRNGKey(2)}
+    placed = parallel.replicate(tree, mesh)
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(placed))
+    assert jax.random.key_impl(placed["keys"]) == jax.random.key_impl(keys)
+    np.testing.assert_array_equal(
+        jax.random.key_data(placed["key"]), jax.random.key_data(jax.random.key(0))
+    )
+    np.testing.assert_array_equal(jax.random.key_data(placed["keys"]), jax.random.key_data(keys))
+    np.testing.assert_array_equal(placed["raw"], jax.random.PRNGKey(2))
