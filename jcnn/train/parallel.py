@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jcnn.functional._checks import _describe, check_int
+from jcnn.functional._checks import _describe, check_choice, check_int
 
 __all__ = [
     "DATA_AXIS",
@@ -155,15 +155,24 @@ def initialize_distributed(
         process_id: this process's rank, ``0 <= process_id < num_processes``.
         cpu_collectives: ``"gloo"``, ``"mpi"`` or ``None`` to leave JAX's setting alone.
     """
+    num_processes = check_int(num_processes, "num_processes", low=1)
+    process_id = check_int(process_id, "process_id")
     if not 0 <= process_id < num_processes:
         raise ValueError(
             f"process_id: expected 0 <= process_id < num_processes ({num_processes}), "
             f"got {process_id}"
         )
+    previous = jax.config.jax_cpu_collectives_implementation
     if cpu_collectives is not None:
+        check_choice(cpu_collectives, "cpu_collectives", ("gloo", "mpi"))
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    except BaseException:
+        # a failed join leaves JAX's setting as it was
+        jax.config.update("jax_cpu_collectives_implementation", previous)
+        raise

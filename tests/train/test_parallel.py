@@ -200,3 +200,34 @@ def test_replicate_takes_typed_keys():
     )
     np.testing.assert_array_equal(jax.random.key_data(placed["keys"]), jax.random.key_data(keys))
     np.testing.assert_array_equal(placed["raw"], jax.random.PRNGKey(2))
+
+
+def test_initialize_distributed_checks_its_arguments_and_restores_the_setting():
+    import jax
+    import jax.numpy as jnp
+
+    from jcnn.train import parallel
+
+    # True, 2.0 or "0" reached jax.distributed.initialize (or failed with a raw "'<=' not
+    # supported"); now a TypeError naming the argument, with the setting untouched
+    before = jax.config.jax_cpu_collectives_implementation
+    for num_processes, process_id, name in (
+        (True, 0, "num_processes"),
+        (2.0, 0, "num_processes"),
+        (2, "0", "process_id"),
+        (2, None, "process_id"),
+    ):
+        with pytest.raises(TypeError, match=f"{name}: expected an int"):
+            parallel.initialize_distributed("localhost:1", num_processes, process_id)
+    with pytest.raises(ValueError, match="num_processes: expected an int >= 1, got 0"):
+        parallel.initialize_distributed("localhost:1", 0, 0)
+    with pytest.raises(ValueError, match="cpu_collectives: expected one of 'gloo', 'mpi'"):
+        parallel.initialize_distributed("localhost:1", 2, 0, cpu_collectives="nccl")
+    assert jax.config.jax_cpu_collectives_implementation == before
+    # JAX is already running here, so jax.distributed.initialize refuses: the collectives
+    # implementation set for it stayed changed; it is now restored
+    jnp.ones(1).block_until_ready()
+    other = "mpi" if before != "mpi" else "gloo"
+    with pytest.raises(RuntimeError, match="must be called before"):
+        parallel.initialize_distributed("localhost:1", np.int64(2), 0, cpu_collectives=other)
+    assert jax.config.jax_cpu_collectives_implementation == before
