@@ -58,8 +58,9 @@ def label_by_path(rules: Sequence[tuple[str, Hashable]], default: Hashable) -> C
     """A function ``params -> labels`` for ``optax.multi_transform``.
 
     Each parameter gets the label of the first rule whose glob pattern (``fnmatch``: ``*`` also
-    matches ``/``) matches its path, else ``default``. A pattern that matches no parameter is an
-    error when the labels are computed: a misspelled rule never passes silently.
+    matches ``/``) matches its path, else ``default``. A pattern that matches no parameter, or
+    only parameters an earlier rule already labels (a duplicate or a shadowed rule), is an error
+    when the labels are computed: a misspelled or misordered rule never passes silently.
 
     Args:
         rules: ``(pattern, label)`` pairs, tried in order.
@@ -89,6 +90,22 @@ def label_by_path(rules: Sequence[tuple[str, Hashable]], default: Hashable) -> C
         unused = [pattern for (pattern, _), hit in zip(rules, used, strict=True) if not hit]
         if unused:
             names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+            for index, (pattern, _) in enumerate(rules):
+                matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+                if used[index] or not matched:
+                    continue
+                # it matches parameters, each already labelled by an earlier rule
+                earlier = []
+                for n in matched:
+                    first = next(j for j, (p, _) in enumerate(rules) if fnmatch.fnmatchcase(n, p))
+                    shown = f"{rules[first][0]!r} (rule {first})"
+                    if shown not in earlier:
+                        earlier.append(shown)
+                raise ValueError(
+                    f"rules: pattern {pattern!r} (rule {index}) is shadowed by the earlier "
+                    f"rule(s) {', '.join(earlier)}: every parameter it matches ({matched}) "
+                    "takes their label"
+                )
             raise ValueError(
                 f"rules: pattern(s) {unused} match no parameter; the parameters are {names}"
             )

@@ -56,6 +56,27 @@ def test_a_rule_matching_nothing_is_an_error():
         labels(_airbench_params())
 
 
+def test_a_shadowed_or_duplicate_rule_names_the_earlier_rule():
+    # such a rule was reported as matching no parameter, though it matches some: an earlier rule
+    # takes them all; the error now says so
+    params = {
+        "whiten": {"kernel": jnp.ones(2), "bias": jnp.ones(1)},
+        "head": {"kernel": jnp.ones(3)},
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"rules: pattern '\*/bias' \(rule 1\) is shadowed by the earlier rule\(s\) "
+        r"'\*/bias' \(rule 0\): every parameter it matches \(\['whiten/bias'\]\)",
+    ):
+        label_by_path([("*/bias", "a"), ("*/bias", "b")], default="rest")(params)
+    with pytest.raises(
+        ValueError,
+        match=r"pattern 'head/kernel' \(rule 1\) is shadowed by the earlier rule\(s\) '\*' "
+        r"\(rule 0\)",
+    ):
+        label_by_path([("*", "a"), ("head/kernel", "b")], default="rest")(params)
+
+
 @pytest.mark.parametrize(
     "rules, error",
     [("whiten/*", TypeError), ([("whiten/*",)], TypeError), ([(1, "x")], TypeError)],
