@@ -268,9 +268,10 @@ def _read_holder(handle: int) -> str:
 
 
 def describe(value: Any, depth: int = 0) -> Any:
-    """A plain-JSON description of a setting: numbers, strings, lists and dicts as they are;
-    dtypes and types by name; functions by qualified name (with a ``functools.partial``'s
-    arguments and the values a closure captured); a dataclass (a Flax module) by class and fields.
+    """A plain-JSON description of a setting: numbers, strings, lists and dicts as they are; sets
+    as sorted lists; dtypes and types by name; functions by qualified name (with a
+    ``functools.partial``'s arguments and the values a closure captured); a dataclass (a Flax
+    module) by class and fields.
     Never a memory address, so the same setting describes the same in every process.
 
     >>> import functools
@@ -285,6 +286,9 @@ def describe(value: Any, depth: int = 0) -> Any:
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, (list, tuple)):
         return [describe(v, depth + 1) for v in value]
+    if isinstance(value, (set, frozenset)):
+        # in an order that does not depend on the process (string hashes are salted)
+        return sorted((describe(v, depth + 1) for v in value), key=_sort_key)
     if isinstance(value, dict):
         return {str(k): describe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, functools.partial):
@@ -326,6 +330,11 @@ def describe(value: Any, depth: int = 0) -> Any:
     if hasattr(value, "name") and isinstance(value.name, str):  # e.g. a NumPy dtype
         return value.name
     return f"<{_qualified(type(value))}>"
+
+
+def _sort_key(described) -> tuple:
+    number = isinstance(described, (int, float)) and not isinstance(described, bool)
+    return (not number, described if number else 0, json.dumps(described, sort_keys=True))
 
 
 def _filled(cell) -> bool:
@@ -489,7 +498,7 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     found = []
     for key in sorted(flat_old.keys() | flat_new.keys()):
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
-        if before == after or _may_change(key):
+        if _same(before, after) or _may_change(key):
             continue
         if before == _MISSING and after in ADDED_LATER.get(key, ()):
             continue
@@ -497,6 +506,24 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
             continue
         found.append((key, before, after))
     return found
+
+
+_OLD_SETS = ("<builtins.set>", "<builtins.frozenset>")
+"""How records written before ``describe`` listed a set's members showed any set."""
+
+
+def _same(before, after) -> bool:
+    """``before == after``, where a set recorded by an older version (which did not say what it
+    held) is the same as any set described now (a list)."""
+    if before == after:
+        return True
+    if isinstance(before, str) and before in _OLD_SETS:
+        return isinstance(after, list)
+    if isinstance(before, list) and isinstance(after, list):
+        return len(before) == len(after) and all(map(_same, before, after))
+    if isinstance(before, dict) and isinstance(after, dict):
+        return before.keys() == after.keys() and all(_same(before[k], after[k]) for k in before)
+    return False
 
 
 def _may_change(key: str) -> bool:

@@ -364,6 +364,24 @@ def test_describe_never_shows_a_memory_address():
     assert run_folder.describe(float("nan")) == "nan"
 
 
+def test_describe_lists_what_a_set_holds():
+    # every set was described as "<builtins.set>", so two configurations differing only in a set
+    # (here a closure's) recorded the same and a resume with the other set was accepted
+    def keep(classes):
+        return lambda labels: np.isin(labels, list(classes))
+
+    config = TrainConfig(progress=False)
+    old = run_folder.run_record(config, settings={"filter": keep({1, 2}), "names": {"b", "a"}})
+    new = run_folder.run_record(config, settings={"filter": keep({1, 3}), "names": {"a", "b"}})
+    assert old["settings"]["filter"]["captured"] == [[1, 2]]
+    assert old["settings"]["names"] == ["a", "b"]  # sorted: string hashes differ per process
+    assert run_folder.differences(old, new) == [("settings.filter.captured", [[1, 2]], [[1, 3]])]
+    # a record from before, which could not tell sets apart, still resumes
+    older = json.loads(json.dumps(old).replace("[[1, 2]]", '["<builtins.set>"]'))
+    assert older["settings"]["filter"]["captured"] == ["<builtins.set>"]
+    assert run_folder.differences(older, new) == []
+
+
 def test_resume_and_overwrite_need_a_folder_and_a_resume_cannot_shrink_the_run(run):
     for flag in ("resume", "overwrite"):
         with pytest.raises(ValueError, match="config.resume, config.overwrite"):
