@@ -44,15 +44,38 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smoke-sized run (seconds); the page says so"
     )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="folder for the page and its figures"
+        "--out", type=_out_folder, default=DEFAULT_OUT, help="folder for the page and its figures"
     )
     parser.add_argument(
         "--data-dir",
+        type=_data_folder,
         default=None,
         help="datasets folder (default: $JCNN_DATA_DIR, then jcnn's per-user cache)",
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _out_folder(text: str) -> Path:
+    """``--out``: a folder, or a path where one can be made (checked before any work: the page
+    is written at the end)."""
+    path = Path(text)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "" if existing == path else f" ({existing} is a file)"
+                raise argparse.ArgumentTypeError(f"{text}: expected a folder, got a file{where}")
+            break
+    return path
+
+
+def _data_folder(text: str) -> str:
+    """``--data-dir``: an existing folder."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        got = "a file" if path.exists() else "no such folder"
+        raise argparse.ArgumentTypeError(f"{text}: expected a datasets folder, got {got}")
+    return text
 
 
 @functools.lru_cache(maxsize=4)

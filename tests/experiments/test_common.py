@@ -1,0 +1,46 @@
+"""The plumbing shared by the experiment scripts (experiments/_common.py)."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import _common
+
+        yield _common
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def test_out_and_data_dir_are_checked_before_any_work(common, tmp_path, capsys):
+    # --out naming a file (or a path under one) was accepted, and the page failed to be written
+    # with a raw traceback after the whole experiment had run; a missing --data-dir failed at the
+    # first load with a traceback. Each is now one argparse line naming the flag, status 2
+    a_file = tmp_path / "page.md"
+    a_file.write_text("kept")
+    for argv, message in (
+        (["--out", str(a_file)], f"argument --out: {a_file}: expected a folder, got a file$"),
+        (["--out", str(a_file / "sub")], f"--out: {a_file / 'sub'}: .* got a file \\({a_file} is"),
+        (["--data-dir", str(tmp_path / "missing")], "argument --data-dir: .*no such folder"),
+        (["--data-dir", str(a_file)], "expected a datasets folder, got a file"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            common.parse_args("test", argv)
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert re.search(message, last), last
+    assert a_file.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.md"]
+    args = common.parse_args("test", ["--out", str(tmp_path / "new" / "folder")])
+    assert args.out == tmp_path / "new" / "folder" and args.data_dir is None
+    assert common.parse_args("test", ["--data-dir", str(tmp_path)]).data_dir == str(tmp_path)
