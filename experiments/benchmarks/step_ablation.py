@@ -236,6 +236,9 @@ def main(argv=None):
         unknown = [name for name in variant.split("+") if name and name not in SWAPS]
         if unknown:
             parser.error(f"--variants: unknown swap {unknown[0]!r} in {variant!r}")
+    for name in ("batch", "rounds", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
     batch, rounds, steps = (8, 1, 1) if args.quick else (args.batch, args.rounds, args.steps)
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].device_kind}, jcnn conv backend on CPU: "

@@ -63,3 +63,12 @@ def test_quick_run_prints_every_variant(ablation, capsys):
         assert out.count(label) == 2
     with pytest.raises(SystemExit):
         ablation.main(["--quick", "--variants", "bn2pass"])
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--rounds", "--steps"])
+def test_counts_below_one_are_refused_before_any_work(ablation, flag, capsys):
+    # 0 or a negative count ran the benchmark into a raw error (or an empty median) deep inside
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag}: expected an int >= 1, got 0" in capsys.readouterr().err
