@@ -754,6 +754,11 @@ def main(argv=None):
         help="where PyTorch runs, e.g. cuda (JAX runs on its default backend, printed first)",
     )
     args = parser.parse_args(argv)
+    for name in ("rounds", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
+    if not 0 < args.scale < float("inf"):
+        parser.error(f"--scale: expected a finite number > 0, got {args.scale}")
     if args.quick:
         args.rounds, args.steps, args.only = 1, 1, ["networks"]
     from jcnn import native

@@ -94,3 +94,20 @@ def test_activation_sides_compute_the_same_gradients(bench, name):
         grads = [np.asarray(g) for g in sides[other]()]
         for got, want in zip(jcnn_grads, grads, strict=True):
             np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rounds", "0"], "--rounds: expected an int >= 1, got 0"),
+        (["--steps", "-1"], "--steps: expected an int >= 1, got -1"),
+        (["--scale", "0"], "--scale: expected a finite number > 0, got 0.0"),
+        (["--scale", "nan"], "--scale: expected a finite number > 0, got nan"),
+    ],
+)
+def test_bad_counts_and_scales_are_refused_before_any_work(bench, argv, message, capsys):
+    # these ran the benchmark into raw errors deep inside (an empty median, a batch of 0 or NaN)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
