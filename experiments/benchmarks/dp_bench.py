@@ -323,6 +323,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    for name in ("rounds", "calls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
+    for name in ("batches", "cifar_batches"):
+        if any(size < 1 for size in getattr(args, name)):
+            option = name.replace("_", "-")
+            parser.error(f"--{option}: expected ints >= 1, got {getattr(args, name)}")
     if args.quick:
         args.batches, args.cifar_batches, args.rounds, args.calls = [16], [4], 1, 1
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")

@@ -121,3 +121,21 @@ def test_without_opacus_says_so_and_prints_jcnns_rows(load_benchmark, capsys, mo
     printed = capsys.readouterr().out
     assert "Opacus is not installed" in printed and "No module named 'opacus'" in printed
     assert "DP step, ghost" in printed and "Opacus" not in printed.split("install it")[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rounds", "0"], "--rounds: expected an int >= 1, got 0"),
+        (["--calls", "-2"], "--calls: expected an int >= 1, got -2"),
+        (["--batches", "64", "0"], "--batches: expected ints >= 1, got [64, 0]"),
+        (["--cifar-batches", "-4"], "--cifar-batches: expected ints >= 1, got [-4]"),
+    ],
+)
+def test_bad_counts_are_refused_before_any_work(load_benchmark, argv, message, capsys):
+    # these ran the benchmark into raw errors deep inside (an empty median, a batch of 0)
+    bench = load_benchmark("dp_bench", needs_torch=False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
