@@ -84,14 +84,18 @@ def _draw(key, shape: tuple[int, ...], dtype, distribution: str, scale: float) -
     return _draw_optimized(key, shape, dtype, distribution, scale)
 
 
-def _check_shape_dtype(key, shape, dtype, *, min_rank: int = 0):
-    """Checked ``(shape, dtype)``: a tuple of ints and a floating dtype (``None``: float32)."""
-    check_key(key)
+def _check_dims(shape) -> tuple[int, ...]:
     if not isinstance(shape, Sequence) or not all(
         isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise TypeError(f"shape: expected a sequence of non-negative ints, got {shape!r}")
-    shape = tuple(int(d) for d in shape)
+    return tuple(int(d) for d in shape)
+
+
+def _check_shape_dtype(key, shape, dtype, *, min_rank: int = 0):
+    """Checked ``(shape, dtype)``: a tuple of ints and a floating dtype (``None``: float32)."""
+    check_key(key)
+    shape = _check_dims(shape)
     if len(shape) < min_rank:
         raise ValueError(
             f"shape: expected rank >= {min_rank} (a dense (C_in, C_out) or conv (*window, "
@@ -133,7 +137,8 @@ def compute_fans(shape: Sequence[int], groups: int = 1) -> tuple[int, int]:
             f"shape: expected a dense (C_in, C_out) or conv (*window, C_in // groups, C_out) "
             f"kernel shape of rank >= 2, got {shape!r}"
         )
-    check_positive_int(groups, "groups")
+    shape = _check_dims(shape)
+    groups = int(check_positive_int(groups, "groups"))
     if shape[-1] % groups:
         raise ValueError(
             f"groups: the kernel's {shape[-1]} output channels (shape {tuple(shape)}) must divide "

@@ -92,6 +92,8 @@ def test_formulas_agree_with_torch(torch):
 )
 def test_compute_fans_for_dense_and_conv_kernels(shape, groups, fans):
     assert init.compute_fans(shape, groups) == fans
+    numpy_shape = init.compute_fans(tuple(np.int64(d) for d in shape), np.int64(groups))
+    assert numpy_shape == fans and all(type(fan) is int for fan in numpy_shape)
 
 
 def test_groups_set_fan_out_of_grouped_convs():
@@ -257,6 +259,9 @@ def test_gain_and_stddev_are_finite_and_may_be_0d_arrays():
         (lambda: init.he_normal()(3, (3, 4)), TypeError, "key: expected a jax.random key"),
         (lambda: init.he_normal()(KEY, (0, 4)), ValueError, "fan_in 0"),
         (lambda: init.compute_fans((4,)), ValueError, "shape: expected a dense"),
+        (lambda: init.compute_fans((3.0, 3, 4, 8)), TypeError, "shape: expected a sequence of"),
+        (lambda: init.compute_fans((3, 3, -4, 8)), TypeError, "shape: expected a sequence of"),
+        (lambda: init.compute_fans((3, True, 4, 8)), TypeError, "shape: expected a sequence of"),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(call, error, message):
