@@ -76,14 +76,23 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def _check_mesh(mesh) -> Mesh:
+    if not isinstance(mesh, Mesh) or DATA_AXIS not in mesh.axis_names:
+        raise TypeError(
+            f"mesh: expected a jax.sharding.Mesh with a {DATA_AXIS!r} axis (from make_mesh), got "
+            f"{_describe(mesh) if not isinstance(mesh, Mesh) else mesh}"
+        )
+    return mesh
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """Arrays split along their first (batch) axis over the ``"data"`` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return NamedSharding(_check_mesh(mesh), PartitionSpec(DATA_AXIS))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
     """Arrays copied whole onto every device of the mesh."""
-    return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(_check_mesh(mesh), PartitionSpec())
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -231,3 +231,26 @@ def test_initialize_distributed_checks_its_arguments_and_restores_the_setting():
     with pytest.raises(RuntimeError, match="must be called before"):
         parallel.initialize_distributed("localhost:1", np.int64(2), 0, cpu_collectives=other)
     assert jax.config.jax_cpu_collectives_implementation == before
+
+
+def test_a_mesh_that_is_not_one_is_named():
+    import jax
+    from jax.sharding import Mesh
+
+    from jcnn.train import parallel
+
+    other_axis = Mesh(np.asarray(jax.devices()[:1]), ("model",))
+    calls = (
+        lambda mesh: parallel.shard_batch((np.ones((2, 3)),), mesh),
+        lambda mesh: parallel.replicate({"w": np.ones(3)}, mesh),
+        parallel.data_sharding,
+        parallel.replicated_sharding,
+    )
+    for mesh in (None, "data", 1, jax.devices()[0], other_axis):
+        for call in calls:
+            with pytest.raises(
+                TypeError, match=r"mesh: expected a jax.sharding.Mesh with a 'data'"
+            ):
+                call(mesh)
+    placed = parallel.replicate({"w": np.ones(3)}, parallel.make_mesh(1))
+    np.testing.assert_array_equal(placed["w"], np.ones(3))
