@@ -936,7 +936,7 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny batches, one round: smoke run")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
@@ -959,7 +959,11 @@ def main():
     parser.add_argument(
         "--scale", type=int, default=1, help="multiplies every batch size (a GPU wants larger)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("rounds", "steps", "per_call", "scale"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag}: expected an int >= 1, got {getattr(args, name)}")
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     only = set(args.only or ["lenet", "airbench", "resnet20", "per-example"])
     batches = (8, 8, 4) if args.quick else (128, 256, 64)

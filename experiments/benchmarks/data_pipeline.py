@@ -47,6 +47,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--widths", type=int, nargs=3, default=(64, 256, 256))
     args = parser.parse_args(argv)
+    for flag, values in (("--batch-size", [args.batch_size]), ("--steps", [args.steps]),
+                         ("--widths", args.widths)):
+        if min(values) < 1:
+            parser.error(f"{flag}: expected ints >= 1, got {' '.join(map(str, values))}")
     data_dir = args.data_dir
     shared = Path(__file__).resolve().parents[3] / "shared" / "data"
     if data_dir is None and shared.is_dir():

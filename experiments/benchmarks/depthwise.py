@@ -91,11 +91,14 @@ def runners(batch, size, channels, multiplier, window, stride):
     return timed
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--batch", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("rounds", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
     print(
         f"torch {torch.__version__} with {torch.get_num_threads()} threads; batch {args.batch}; "
         f"rounds {args.rounds}; ms (speed vs PyTorch)",

@@ -59,3 +59,13 @@ def test_conv_layer_flops_count_the_products_multiply_adds(load_benchmark):
     assert bench.conv_layer_flops(conv, (2, 4, 4, 4)) == 2 * (2 * 4 * 4 * 4) * 9 * 3
     transposed = bench.Layer("t", (2, 5, 3), 4, 6, 2, transposed=True)  # scatters 6 per tap
     assert bench.conv_layer_flops(transposed, (2, 12, 6)) == 2 * (2 * 5 * 3) * 4 * 6
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--steps", "--per-call", "--scale"])
+def test_counts_below_one_are_refused_before_any_work(load_benchmark, flag, capsys):
+    # --rounds 0 failed in an empty median after minutes of compiling; --scale 0 timed empty batches
+    bench = load_benchmark("bench")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag}: expected an int >= 1, got 0" in capsys.readouterr().err
