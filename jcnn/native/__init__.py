@@ -406,6 +406,8 @@ def portable(fun: Callable[_P, _R]) -> Callable[_P, _R]:
     >>> portable(conv_backend)()
     'xla'
     """
+    if not callable(fun):
+        raise TypeError(f"fun: expected a function to run on XLA's path, got {fun!r}")
 
     @functools.wraps(fun)
     def on_xla(*args: _P.args, **kwargs: _P.kwargs) -> _R:

@@ -301,3 +301,10 @@ def test_export_of_a_portable_function(onednn, rng):
     grad = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=1)
     exported_grad = jax.export.export(jax.jit(native.portable(grad)))(x, w)
     assert jnp.allclose(exported_grad.call(x, w), grad(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_portable_names_a_non_function():
+    # portable(5) returned a wrapper that failed only when called, far from the mistake
+    for fun in (5, None, "conv"):
+        with pytest.raises(TypeError, match="fun: expected a function to run on XLA's path"):
+            native.portable(fun)
