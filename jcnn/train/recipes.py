@@ -112,7 +112,7 @@ class Prepared:
 
     def test_loader(self, images, labels, *, batch_size: int = 1000) -> Loader:
         """An evaluation loader over test images, standardized as the training images were."""
-        _check_images(self.recipe, images, labels, "test_images")
+        _check_images(self.recipe, images, labels, "test_images", "test_labels")
         return Loader(
             self.standardize(images),
             jnp.asarray(labels),
@@ -264,7 +264,7 @@ def _recipe(name) -> Recipe:
     return RECIPES_BY_NAME[name]
 
 
-def _check_images(recipe: Recipe, images, labels, name: str) -> None:
+def _check_images(recipe: Recipe, images, labels, name: str, labels_name: str) -> None:
     shape = tuple(getattr(images, "shape", ()))
     if len(shape) != 4 or shape[1:] != recipe.image_shape:
         got = shape or type(images).__name__
@@ -275,13 +275,13 @@ def _check_images(recipe: Recipe, images, labels, name: str) -> None:
     labels = np.asarray(labels)
     if labels.shape != shape[:1] or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"{name}: expected {shape[0]} integer labels, got {labels.dtype} labels of shape "
-            f"{labels.shape}"
+            f"{labels_name}: expected {shape[0]} integer labels, got {labels.dtype} labels of "
+            f"shape {labels.shape}"
         )
     if labels.size and not 0 <= labels.min() <= labels.max() < recipe.num_classes:
         raise ValueError(
-            f"{name}: {recipe.name} is built for {recipe.num_classes} classes, got labels in "
-            f"[{labels.min()}, {labels.max()}]"
+            f"{labels_name}: {recipe.name} is built for {recipe.num_classes} classes, got labels "
+            f"in [{labels.min()}, {labels.max()}]"
         )
 
 
@@ -300,7 +300,7 @@ def prepare(name: str, images, labels, *, seed: int = 0, epochs: float | None = 
         A ``Prepared`` run.
     """
     recipe = _recipe(name)
-    _check_images(recipe, images, labels, "images")
+    _check_images(recipe, images, labels, "images", "labels")
     seed = check_int(seed, "seed", low=0)
     if epochs is None:
         epochs = recipe.epochs

@@ -139,6 +139,10 @@ def test_airbench94_assembles_its_pieces(rng):
     assert np.abs(conv[..., 24:]).max() <= 1 / math.sqrt(9 * 24)  # PyTorch's default bound
     assert len(prepared.views) == 6 and prepared.view_weights == (2, 1, 1, 2, 1, 1)
     test_loader = prepared.test_loader(images[:10], labels[:10])
+    with pytest.raises(ValueError, match="^test_labels: airbench94 is built for 10 classes"):
+        prepared.test_loader(images[:10], labels[:10] + 10)
+    with pytest.raises(ValueError, match="^test_images: airbench94 is built for cifar10"):
+        prepared.test_loader(images[:10, :16], labels[:10])
     x, _ = next(iter(test_loader.epoch(0)))
     np.testing.assert_allclose(x, standardized[:10], rtol=1e-6)
 
@@ -175,7 +179,9 @@ def test_mnist99_runs_end_to_end_and_learns(rng):
             r"mnist99 is built for mnist images \(N, 28, 28, 1\)",
         ),
         (lambda x, y: recipes.prepare("airbench94", x, y + 5), ValueError, "built for 10 classes"),
+        (lambda x, y: recipes.prepare("airbench94", x, y + 5), ValueError, "^labels: airbench94"),
         (lambda x, y: recipes.prepare("airbench94", x, y[:3]), ValueError, "expected 16 integer"),
+        (lambda x, y: recipes.prepare("airbench94", x, y[:3]), ValueError, "^labels: expected 16"),
         (
             lambda x, y: recipes.prepare("airbench94", x, y, epochs=0),
             ValueError,
