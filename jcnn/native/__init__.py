@@ -140,8 +140,8 @@ def build(*, verbose: bool = False) -> Path:
     """Compile the oneDNN convolution library (if not already built) and return its path.
 
     Raises:
-      NativeBuildError: oneDNN's headers or library are missing, or the compiler failed (its
-        output is in the message).
+      NativeBuildError: oneDNN's headers or library are missing, the library's folder cannot be
+        written, or the compiler failed (its output is in the message).
       ValueError: a ``JCNN_*`` variable it reads is set to something it cannot use (see
         :func:`library_path`).
     """
@@ -158,8 +158,15 @@ def build(*, verbose: bool = False) -> Path:
     target = library_path()
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch_folder = tempfile.TemporaryDirectory(dir=target.parent)
+    except OSError as error:
+        raise NativeBuildError(
+            f"cannot write the library to {target.parent} ({error.strerror or error}); point "
+            "JCNN_NATIVE_DIR at a writable folder"
+        ) from error
+    with scratch_folder as scratch:
         partial_build = Path(scratch) / target.name
         command = [
             *_compiler(),

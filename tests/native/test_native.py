@@ -48,6 +48,20 @@ def test_build_reports_a_missing_compiler_and_a_failed_compile(tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob("*.so"))
 
 
+def test_build_names_a_library_folder_it_cannot_write(tmp_path, monkeypatch, capsys):
+    # a JCNN_NATIVE_DIR under a file (or without permission) was a raw OSError from mkdir
+    _fake_onednn(tmp_path / "onednn")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("JCNN_ONEDNN_ROOT", str(tmp_path / "onednn"))
+    monkeypatch.setenv("JCNN_NATIVE_DIR", str(tmp_path / "file" / "cache"))
+    cannot = r"cannot write the library to .*file.*cache .*JCNN_NATIVE_DIR at a writable folder"
+    with pytest.raises(native.NativeBuildError, match=cannot):
+        native.build()
+    assert native.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jcnn-build-native: cannot write") and err.count("\n") == 1
+
+
 def test_library_path_depends_on_compiler_and_onednn(tmp_path, monkeypatch):
     monkeypatch.setenv("JCNN_NATIVE_DIR", str(tmp_path))
     first = native.library_path()
