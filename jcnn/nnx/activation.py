@@ -43,6 +43,8 @@ class PReLU(nnx.Module):
         alpha_init: initial slope (0.25).
         param_dtype: dtype of ``alpha``.
         num_features: the channels, needed (only) with ``channelwise=True``.
+        rngs: optional ``nnx.Rngs``, accepted like the other modules with parameters' (the slope
+            starts at the constant ``alpha_init``, so no key is drawn).
 
     Example:
         >>> import jcnn
@@ -57,7 +59,10 @@ class PReLU(nnx.Module):
         param_dtype: Any = jnp.float32,
         *,
         num_features: int | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> None:
+        if rngs is not None:
+            check_rngs(rngs, "PReLU")
         alpha_init = check_real(alpha_init, "alpha_init")
         if check_bool(channelwise, "channelwise"):
             if num_features is None:

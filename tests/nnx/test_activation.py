@@ -24,6 +24,14 @@ def test_prelu_slopes():
         channelwise(jnp.ones((1, 3)))
 
 
+def test_prelu_takes_rngs_like_every_module_with_parameters():
+    # jcnn.nnx's convention: a module with parameters is built with rngs=nnx.Rngs(...)
+    layer = jnnx.PReLU(channelwise=True, num_features=2, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(layer.alpha[...], [0.25, 0.25])
+    with pytest.raises(TypeError, match="rngs"):
+        jnnx.PReLU(rngs=0)
+
+
 def test_maxout_learned_and_parameter_free(rng):
     learned = jnnx.Maxout(3, 2, in_features=4, rngs=nnx.Rngs(0))
     assert learned.linear.kernel.shape == (4, 6)
