@@ -40,8 +40,10 @@ leaf's is ``sum_i c_i grad_i`` of the per-example gradients the norms already ne
 Assumptions: ``loss_fn(params, batch)`` applies the Flax model to ``params``' leaves as they are
 (no transformation of a layer's kernel before the layer uses it); a model that breaks it (weights
 computed from other weights) still gets right norms when its layers are not Flax modules (their
-parameters are then materialized), wrong ones otherwise. The tests compare every layer type and the
-zoo models to the materialized ``per_example_grads`` and their clipped sum.
+parameters are then materialized), wrong ones otherwise. A layer's kernel or bias that the loss
+also uses outside the layer (a weight penalty in the loss) is found when tracing and
+materialized. The tests compare every layer type and the zoo models to the materialized
+``per_example_grads`` and their clipped sum.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.interpreters import partial_eval as pe
 
 from jcnn.analysis.per_example import (
     _batch_size,
@@ -150,7 +153,42 @@ def _discover(loss_fn, leaves, treedef, example) -> list[_Call]:
         for leaf in (call.kernel, call.bias):
             if leaf is not None:
                 uses[leaf] = uses.get(leaf, 0) + 1
-    return [call for call in calls if uses[call.kernel] == 1 and uses.get(call.bias, 1) == 1]
+    calls = [call for call in calls if uses[call.kernel] == 1 and uses.get(call.bias, 1) == 1]
+    # A parameter that the loss also uses outside its layer (a weight penalty in the loss) has
+    # that use in its gradient too, which the layer's input and cotangent do not give.
+    elsewhere = _used_outside_layers(loss_fn, leaves, treedef, example, calls)
+    return [call for call in calls if not elsewhere & {call.kernel, call.bias}]
+
+
+def _used_outside_layers(loss_fn, leaves, treedef, example, calls) -> set[int]:
+    """Indices of the ``calls``' kernel and bias leaves on which the loss still depends when
+    those layer calls are given constant stand-ins instead of them (traced, shapes only)."""
+    by_kernel = {call.kernel: call for call in calls}
+
+    def trace(leaves, example):
+        index_of = {id(leaf): i for i, leaf in enumerate(leaves)}
+
+        def intercept(next_fun, args, kwargs, context):
+            module = context.module
+            kind = _layer_kind(module) if context.method_name == "__call__" else None
+            kernel = _leaf_index(module, "kernel", index_of) if kind else None
+            if kernel in by_kernel and len(args) == 1 and not kwargs:
+                call = by_kernel[kernel]
+                stand_in = {
+                    name: jnp.zeros(leaf.shape, leaf.dtype)
+                    for name, leaf in _layer_params(call, leaves).items()
+                }
+                return call.module.apply({"params": stand_in}, args[0])
+            return next_fun(*args, **kwargs)
+
+        with linen.intercept_methods(intercept):
+            return loss_fn(jax.tree.unflatten(treedef, leaves), example)
+
+    if not calls:
+        return set()
+    jaxpr = jax.make_jaxpr(trace)(leaves, example).jaxpr
+    _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return {i for i in range(len(leaves)) if used[i]}
 
 
 def _positions(call: _Call) -> int:

@@ -222,6 +222,29 @@ def test_shared_layer_is_materialized_not_ghosted(rng):
     _assert_trees_close(total, expected_sum)
 
 
+def test_kernel_also_used_in_the_loss_is_materialized_not_ghosted(rng):
+    # a weight penalty in the loss: the kernel's gradient has a term that its layer's input and
+    # output cotangent do not give (ghosted, the norms and the clipped sum were silently wrong)
+    model = nn.Sequential([nn.Conv(3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
+    x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(params, batch):
+        penalty = jnp.sum(params["layers_0"]["kernel"] ** 2) + jnp.sum(params["layers_3"]["bias"])
+        return jnp.mean((model.apply({"params": params}, batch[0]) - batch[1]) ** 2) + penalty
+
+    plan = ghost_plan(loss, params, (x, y))
+    assert [row.path for row in plan if row.kind != "parameter"] == []
+    np.testing.assert_allclose(
+        ghost_norms(loss, params, (x, y)), _reference_norms(loss, params, (x, y)), rtol=2e-5
+    )
+    weights = _weights(rng, 4)
+    clip, expected_sum = _reference_clipped_sum(loss, params, (x, y), weights)
+    total, _ = ghost_clipped_sum(loss, params, (x, y), clip, weights=weights)
+    _assert_trees_close(total, expected_sum)
+
+
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_original", "jarrett", "resnet20_groupnorm"])
 def test_zoo_models_without_batch_norm(name, rng):
     make = {
