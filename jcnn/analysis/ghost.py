@@ -57,7 +57,6 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.interpreters import partial_eval as pe
 
 from jcnn.analysis.per_example import (
     _batch_size,
@@ -187,8 +186,14 @@ def _used_outside_layers(loss_fn, leaves, treedef, example, calls) -> set[int]:
     if not calls:
         return set()
     jaxpr = jax.make_jaxpr(trace)(leaves, example).jaxpr
-    _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-    return {i for i in range(len(leaves)) if used[i]}
+    # which inputs each value depends on: an equation's outputs on all its inputs' (conservative
+    # for nested programs: a leaf wrongly counted as used is only materialized, still exact)
+    depends = {id(var): {i} for i, var in enumerate(jaxpr.invars[: len(leaves)])}
+    for equation in jaxpr.eqns:
+        inputs = set().union(*(depends.get(id(var), set()) for var in equation.invars))
+        for var in equation.outvars:
+            depends[id(var)] = inputs
+    return set().union(*(depends.get(id(var), set()) for var in jaxpr.outvars))
 
 
 def _positions(call: _Call) -> int:
