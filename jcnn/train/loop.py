@@ -63,7 +63,7 @@ from jcnn.train.protocol import (
     check_labels,
     check_train_loader,
 )
-from jcnn.train.splits import split_validation
+from jcnn.train.splits import split_validation, validation_size
 from jcnn.train.state import TrainState
 from jcnn.train.steps import check_loss_fn, eval_step, metric_pairs, train_step, train_steps
 
@@ -701,6 +701,7 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
         )
     images, labels = (np.asarray(a) for a in train_loader.examples)
     if config.val_split is not None:
+        validation_size(config.val_split, images.shape[0], "config.val_split")  # named as config's
         (images, labels), (val_images, val_labels) = split_validation(
             images, labels, config.val_split, seed=config.val_split_seed
         )

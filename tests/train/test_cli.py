@@ -643,6 +643,7 @@ def test_bad_val_split_is_refused_and_writes_nothing(tmp_path, capsys):
     assert code == 2
     _assert_one_line(err)
     assert "asks for 256 validation examples, but the training set has only 256" in err
+    assert err.startswith("jcnn-train: error: --val-split: 256 asks"), err  # not val_split
     assert not out.exists()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--val-split", "ten"])

@@ -545,6 +545,17 @@ def test_bad_validation_splits_are_named_and_write_nothing(tmp_path, rng):
     assert not out.exists()
 
 
+def test_a_bad_validation_split_is_named_as_the_config_field(tmp_path, rng):
+    # fit names its settings config.<field>; jcnn-train turns that into the flag (--val-split)
+    images, labels = _uint8_data(rng, 48)
+    train = Loader(images, labels, batch_size=16, seed=3)
+    out = tmp_path / "run"
+    for split, error in ((48, ValueError), (1.0, ValueError), (0, ValueError), ("10%", TypeError)):
+        with pytest.raises(error, match=r"^config\.val_split: "):
+            fit(TinyNet(), train, None, _config(out, val_split=split))
+    assert not out.exists()
+
+
 def test_resume_with_callbacks_and_validation_split_is_bitwise_exact(tmp_path, rng):
     images, labels = _uint8_data(rng, 80)
     train = Loader(images, labels, batch_size=16, seed=3)
