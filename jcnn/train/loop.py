@@ -308,7 +308,9 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
         if any(a >= b for a, b in zip(epochs[:-1], epochs[1:], strict=True)):
             raise ValueError(f"config.step_epochs: expected increasing epochs, got {epochs}")
         factor = check_real(config.step_factor, "config.step_factor", low=0, low_open=True)
-        schedule = S.step(lr, [int(e * steps_per_epoch) for e in epochs], factor)
+        # rounded to 9 decimals first: 0.29 epochs of 100 steps is step 29, not 28.999... -> 28
+        boundaries = [math.floor(round(e * steps_per_epoch, 9)) for e in epochs]
+        schedule = S.step(lr, boundaries, factor)
     elif name in ("exponential", "inverse_time"):
         rate = check_real(config.decay_rate, "config.decay_rate", low=0)
         decay = S.exponential if name == "exponential" else S.inverse_time

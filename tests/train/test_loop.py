@@ -148,6 +148,19 @@ def test_build_schedule_converts_epochs_to_steps():
         build_schedule(TrainConfig(schedule="warp"), 5)
 
 
+def test_build_schedule_puts_fractional_step_epochs_on_their_step():
+    # 0.29 * 100 is 28.999999999999996 in floats: the drop must still come at step 29
+    for epoch, steps_per_epoch, boundary in ((0.29, 100, 29), (0.57, 100, 57), (1.15, 100, 115)):
+        config = TrainConfig(epochs=2, learning_rate=1.0, schedule="step", step_epochs=(epoch,))
+        schedule = build_schedule(config, steps_per_epoch=steps_per_epoch)
+        assert float(schedule(boundary - 1)) == 1.0
+        assert float(schedule(boundary)) == pytest.approx(0.1)
+    # a boundary between two steps still falls on the step before it, as before
+    config = TrainConfig(epochs=2, learning_rate=1.0, schedule="step", step_epochs=(1.5,))
+    schedule = build_schedule(config, steps_per_epoch=3)
+    assert float(schedule(3)) == 1.0 and float(schedule(4)) == pytest.approx(0.1)
+
+
 def test_bad_config_is_named(rng):
     train, val = _loaders(*_data(rng))
     with pytest.raises(TypeError, match="config"):
