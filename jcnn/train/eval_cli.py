@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     try:
         run = load_run(args.folder, which)
     except (RunFolderError, ValueError) as error:
-        print(f"jcnn-eval: {error}", file=sys.stderr)
+        print(f"jcnn-eval: {_in_flags(str(error))}", file=sys.stderr)
         return 2
     dataset = args.dataset or run.metadata.get("dataset")
     if dataset is None:
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         print(f"jcnn-eval: {error}", file=sys.stderr)
         return 1
     except ValueError as error:  # e.g. a split the dataset does not have
-        print(f"jcnn-eval: {error}", file=sys.stderr)
+        print(f"jcnn-eval: {_in_flags(str(error))}", file=sys.stderr)
         return 2
     try:
         report = run.evaluate(images, labels, batch_size=args.batch_size)
@@ -163,6 +164,13 @@ def main(argv=None) -> int:
     run_folder.write_atomically(results, json.dumps(record, indent=1))
     print(f"confusion matrix: {confusion}; results: {results}")
     return 0
+
+
+def _in_flags(message: str) -> str:
+    """A message of ``load_run`` or ``data.load`` in the command's terms: ``which='best'`` is
+    ``--which best``, a leading ``which:``/``split:`` is ``--which:``/``--split:``."""
+    message = re.sub(r"\bwhich=(['\"]?)([^'\"\s;,)]+)\1", r"--which \2", message)
+    return re.sub(r"^(which|split):", r"--\1:", message)
 
 
 if __name__ == "__main__":

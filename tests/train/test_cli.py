@@ -602,6 +602,15 @@ def test_jcnn_eval_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, mon
     check(["--json", str(tmp_path / "none" / "e.json")], 2, "--json .*its folder does not exist")
     check(["--confusion", str(tmp_path)], 2, "--confusion .*is a folder")
     check(["--which", "\u00b2"], 2, "which")  # a digit that is not a decimal step
+    # load_run's and data.load's refusals in the command's terms, not their arguments'
+    check(["--which", "99"], 2, r"^jcnn-eval: --which: no checkpoint at step 99; have \[1\]$")
+    check(["--which", "first"], 2, r"^jcnn-eval: --which: expected 'latest', 'best' or a step")
+    check(
+        ["--which", "best"],
+        2,
+        r"^jcnn-eval: --which best: .* has no best checkpoint .*; use --which latest$",
+    )
+    check(["--split", "validation"], 2, r"^jcnn-eval: --split: expected 'train' or 'test'")
     colour = (np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int32))
     monkeypatch.setattr(cli, "load_dataset", lambda *args, **kwargs: colour)
     check([], 2, r"synthetic test: images: expected .*\(8, 32, 32, 3\)")
