@@ -653,6 +653,11 @@ def _output_width(state, images) -> int:
     return logits.shape[-1]
 
 
+def _batch_size(batch) -> int:
+    """The number of examples in a batch (0 for an empty Poisson-sampled batch)."""
+    return int(np.shape(batch[0])[0])
+
+
 def _all_finite(batch) -> bool:
     """Whether a batch's floating arrays are all finite (a NaN input is the data's fault)."""
     return all(
@@ -1156,11 +1161,14 @@ def _fit(
             "callbacks": _callback_states(callbacks),
             "stopped": run.stop_reason,
         }
-        # the parameters' loss on the batch they last trained on: finite or not
-        check = jax.device_get(
-            eval_step(state, tuple(batch), compute_dtype=compute_dtype, loss_fn=loss_fn)
-        )
-        status = "good" if math.isfinite(float(check["loss"])) else "bad"
+        # the parameters' loss on the batch they last trained on: finite or not; an empty batch
+        # (Poisson sampling) gives no loss to judge by (its mean would be NaN, not the params')
+        status = "unverified"
+        if _batch_size(batch) > 0:
+            check = jax.device_get(
+                eval_step(state, tuple(batch), compute_dtype=compute_dtype, loss_fn=loss_fn)
+            )
+            status = "good" if math.isfinite(float(check["loss"])) else "bad"
         manager.save(int(state.step), state, meta, metric=metric, status=status)
         pending = int(state.step)
 
@@ -1275,7 +1283,7 @@ def _fit(
                         f"{batch_index + 1}); training stopped{kept}"
                     )
                 if pending is not None:
-                    if pending == step - 1:
+                    if pending == step - 1 and _batch_size(batch) > 0:  # a loss of examples
                         manager.mark(pending, "good")
                     pending = None
                 batch_index += 1

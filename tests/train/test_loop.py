@@ -1142,3 +1142,40 @@ def test_settings_that_apply_or_keep_their_defaults_are_accepted(rng, changes):
     train, val = _loaders(*_data(rng))
     config = dataclasses.replace(_no_folder(epochs=1), **changes)
     fit(TinyNet(), train, val, config)
+
+
+class _FlatNet(nn.Module):
+    """No BatchNorm (DP-SGD), flattened with -1: fails on a batch of 0 examples, as many do."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dense(3)(nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1))))
+
+
+def test_a_checkpoint_after_an_empty_poisson_batch_is_not_called_bad(tmp_path, rng):
+    # DP-SGD's Poisson sampling can draw a batch of no example; the checkpoint saved after it was
+    # judged by the loss of that batch (a mean over nothing: NaN, or a crash in the model) and so
+    # marked "bad", skipped by resume and load_run; and an empty next batch (DP's loss 0) called
+    # the previous checkpoint "good"
+    images, labels = _data(rng, n=64)
+    train = Loader(images, labels, batch_size=2, seed=0, sampling="poisson")
+    sizes = [int(train.batch(0, s)[0].shape[0]) for s in range(len(train))]
+    empty = [s + 1 for s, size in enumerate(sizes) if size == 0]  # the steps that trained on none
+    assert empty  # this seed draws some (steps 4, 6, 7, 8)
+    out = tmp_path / "run"
+    config = _quiet(
+        out=str(out),
+        optimizer="sgd",
+        learning_rate=0.01,
+        schedule="constant",
+        dp_noise_multiplier=1.0,
+        checkpoint_every_steps=1,
+        keep_last=len(train),
+    )
+    fit(_FlatNet(), train, None, config)
+    manager = CheckpointManager(out / "checkpoints")
+    status = {step: manager.status(step) for step in manager.steps()}
+    assert "bad" not in status.values(), status
+    for step in empty:  # judged by the loss of the next step if it has examples
+        judged = step < len(train) and sizes[step] > 0
+        assert status[step] == ("good" if judged else "unverified"), (step, status)
