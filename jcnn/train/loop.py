@@ -1287,9 +1287,10 @@ def _fit(
                         manager.mark(pending, "good")
                     pending = None
                 batch_index += 1
-                for name in ("loss", "accuracy", *running_names):
-                    running[name] += values[name]
-                running["batches"] += 1
+                if _batch_size(batch) > 0:  # an empty (Poisson) batch has no mean to count
+                    for name in ("loss", "accuracy", *running_names):
+                        running[name] += values[name]
+                    running["batches"] += 1
                 images_this_process += int(batch[0].shape[0])
                 if batch_index % 10 == 0 or batch_index == steps_per_epoch:
                     rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)

@@ -1179,3 +1179,19 @@ def test_a_checkpoint_after_an_empty_poisson_batch_is_not_called_bad(tmp_path, r
     for step in empty:  # judged by the loss of the next step if it has examples
         judged = step < len(train) and sizes[step] > 0
         assert status[step] == ("good" if judged else "unverified"), (step, status)
+
+
+def test_the_epoch_means_leave_out_empty_poisson_batches(rng):
+    # an empty batch's metrics (DP-SGD reports loss 0 and accuracy 0 for it) were averaged into
+    # train_loss and train_accuracy as if they were a batch's means, pulling both towards 0
+    images, labels = _data(rng, n=64)
+    train = Loader(images, labels, batch_size=2, seed=0, sampling="poisson")
+    sizes = [int(train.batch(0, s)[0].shape[0]) for s in range(len(train))]
+    assert 0 in sizes
+    log = _StepLog()
+    config = _quiet(
+        optimizer="sgd", learning_rate=0.01, schedule="constant", dp_noise_multiplier=1.0
+    )
+    record = fit(_FlatNet(), train, None, config, callbacks=[log])["history"][0]
+    losses = [loss for (_, loss), size in zip(log.seen, sizes, strict=True) if size > 0]
+    assert record["train_loss"] == pytest.approx(np.mean(losses), rel=1e-12)
