@@ -934,6 +934,10 @@ def fit(
         check_bool(getattr(config, name), f"config.{name}")
     if config.out is not None and not isinstance(config.out, (str, os.PathLike)):
         raise TypeError(f"config.out: expected a folder path or None, got {config.out!r}")
+    if isinstance(config.out, str) and not config.out:  # was silently taken as out=None
+        raise ValueError(
+            "config.out: expected a folder path, or None to write no run folder, got ''"
+        )
     arguments = dict(
         test_loader=test_loader,
         loss=loss,

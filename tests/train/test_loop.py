@@ -1195,3 +1195,14 @@ def test_the_epoch_means_leave_out_empty_poisson_batches(rng):
     record = fit(_FlatNet(), train, None, config, callbacks=[log])["history"][0]
     losses = [loss for (_, loss), size in zip(log.seen, sizes, strict=True) if size > 0]
     assert record["train_loss"] == pytest.approx(np.mean(losses), rel=1e-12)
+
+
+def test_an_empty_out_is_refused_not_taken_as_no_run_folder(tmp_path, rng, monkeypatch):
+    # out="" trained and wrote nothing (as out=None), while resume=True with it named the
+    # current folder; an empty path is now a ValueError naming config.out
+    monkeypatch.chdir(tmp_path)
+    train, _ = _loaders(*_data(rng, n=32))
+    for extra in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(ValueError, match=r"^config\.out: expected a folder path.*got ''$"):
+            fit(TinyNet(), train, None, _quiet(out="", **extra))
+    assert list(tmp_path.iterdir()) == []
