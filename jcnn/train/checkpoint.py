@@ -42,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jcnn.functional._checks import (
+    _is_real_scalar,
     check_bool,
     check_choice,
     check_int,
@@ -333,7 +334,7 @@ class CheckpointManager:
             step: the global step (names the folder; an existing one is replaced).
             state: a ``TrainState`` (its arrays are saved) or any pytree of arrays.
             meta: JSON-serializable extras (epoch, history, config...).
-            metric: the value ``keep_best`` ranks by (``None``: not a candidate).
+            metric: the value ``keep_best`` ranks by (``None``, NaN or infinity: not a candidate).
             status: ``"good"`` if the caller computed a finite loss from these parameters,
                 ``"bad"`` if a non-finite one, else ``"unverified"``. Arrays holding NaN or
                 infinity make it ``"bad"`` whatever is given.
@@ -345,9 +346,12 @@ class CheckpointManager:
         if status not in STATUSES:
             raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
         if metric is not None:
-            metric = check_real(metric, "metric", finite=False)
-            if not math.isfinite(metric):
-                metric = None
+            if _is_real_scalar(metric) and math.isnan(float(metric)):
+                metric = None  # a NaN (a diverged validation loss) ranks nowhere, like infinity
+            else:
+                metric = check_real(metric, "metric", finite=False)
+                if not math.isfinite(metric):
+                    metric = None
         try:
             json.dumps(dict(meta or {}))
         except (TypeError, ValueError) as error:

@@ -288,6 +288,20 @@ def test_bad_save_arguments_are_named_and_write_nothing(tmp_path, rng):
         manager.restore(tree, 1.0)
 
 
+def test_a_nan_or_infinite_metric_is_saved_as_no_candidate(tmp_path, rng):
+    # save() meant a non-finite metric to rank nowhere, but refused NaN ("metric: expected a
+    # number, got nan"), so a diverged val_loss as fit's monitor crashed the epoch's checkpoint
+    tree = _tree(rng)
+    manager = CheckpointManager(tmp_path, mode="min")
+    manager.save(1, tree, metric=0.5)
+    for step, metric in enumerate(
+        (float("nan"), np.float32("nan"), jnp.float32(jnp.nan), float("inf"), -np.inf), start=2
+    ):
+        manager.save(step, tree, metric=metric)
+        assert manager.metric(step) is None
+    assert manager.best_step() == 1 and manager.steps() == [1, 4, 5, 6]
+
+
 def test_bad_manager_arguments_are_named(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

@@ -1206,3 +1206,18 @@ def test_an_empty_out_is_refused_not_taken_as_no_run_folder(tmp_path, rng, monke
         with pytest.raises(ValueError, match=r"^config\.out: expected a folder path.*got ''$"):
             fit(TinyNet(), train, None, _quiet(out="", **extra))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_validation_loss_as_monitor_does_not_stop_the_checkpoints(tmp_path, rng):
+    # monitor="val_loss" with a validation loss of NaN (a validation image of NaN here; a model
+    # diverging in eval mode alike) crashed the epoch's save: "metric: expected a number, got nan"
+    images, labels = _data(rng, n=64)
+    val_images = images[:16].copy()
+    val_images[0, 0, 0, 0] = np.nan
+    train, _ = _loaders(images, labels)
+    val = Loader(val_images, labels[:16], batch_size=16, shuffle=False, drop_remainder=False)
+    out = tmp_path / "run"
+    result = fit(TinyNet(), train, val, _config(out, monitor="val_loss", monitor_mode="min"))
+    assert all(np.isnan(record["val_loss"]) for record in result["history"])
+    manager = CheckpointManager(out / "checkpoints", mode="min")
+    assert manager.steps() == [4, 8] and manager.metric(8) is None
