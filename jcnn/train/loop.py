@@ -831,7 +831,7 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
 def _summary(history, evaluations, test, stop_reason, wall, progress, private=None) -> dict:
     last = history[-1]
     val_acc = [e["val_accuracy"] for e in evaluations]
-    val_loss = [e["val_loss"] for e in evaluations]
+    val_loss = [e["val_loss"] for e in evaluations if not math.isnan(e["val_loss"])]  # NaN: worst
     if not val_acc:  # a run resumed from a checkpoint of an older version has no evaluations
         val_acc = [h["val_accuracy"] for h in history if h.get("val_accuracy") is not None]
     summary = {

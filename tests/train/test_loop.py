@@ -1221,3 +1221,29 @@ def test_a_nan_validation_loss_as_monitor_does_not_stop_the_checkpoints(tmp_path
     assert all(np.isnan(record["val_loss"]) for record in result["history"])
     manager = CheckpointManager(out / "checkpoints", mode="min")
     assert manager.steps() == [4, 8] and manager.metric(8) is None
+
+
+class _NaNFirstPass:
+    """A validation loader whose first pass holds a NaN image, then clean ones."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels, self.passes = images, labels, 0
+
+    def __iter__(self):
+        self.passes += 1
+        images = self.images.copy()
+        if self.passes == 1:
+            images[0, 0, 0, 0] = np.nan
+        yield images, self.labels
+
+
+def test_the_summary_best_validation_loss_is_never_a_nan_beside_numbers(rng):
+    # min() over [nan, 0.9] is nan in Python (nan compares false): a NaN first evaluation made
+    # best_val_loss NaN although later evaluations had a loss
+    images, labels = _data(rng, n=64)
+    train, _ = _loaders(images, labels)
+    val = _NaNFirstPass(images[:16], labels[:16])
+    result = fit(TinyNet(), train, val, _quiet(epochs=3))
+    losses = [e["val_loss"] for e in result["evaluations"]]
+    assert np.isnan(losses[0]) and np.isfinite(losses[1:]).all()
+    assert result["summary"]["best_val_loss"] == min(losses[1:])
