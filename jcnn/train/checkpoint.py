@@ -95,6 +95,16 @@ def _host_value(leaf) -> np.ndarray:
     return np.asarray(jax.device_get(leaf))
 
 
+def _is_key(leaf) -> bool:
+    """Whether ``leaf`` is a typed PRNG key array (``jax.random.key``), which NumPy cannot hold."""
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(tree):
+    """``tree`` with each typed PRNG key (e.g. in ``optax.add_noise``'s state) as its raw data."""
+    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+
+
 def _leaf_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
@@ -356,7 +366,7 @@ class CheckpointManager:
             json.dumps(dict(meta or {}))
         except (TypeError, ValueError) as error:
             raise TypeError(f"meta: expected a JSON-serializable dict ({error})") from error
-        arrays = state.arrays() if hasattr(state, "arrays") else state
+        arrays = _key_data(state.arrays() if hasattr(state, "arrays") else state)
         final = self.path(step)
         staging = final.with_name(final.name + ".partial")
         lead = jax.process_index() == 0  # with several processes, one of them edits the folder
@@ -479,7 +489,8 @@ class CheckpointManager:
         """
         step = self._resolve(step)
         manifest = self.verify(step)
-        arrays = template.arrays() if hasattr(template, "arrays") else template
+        typed = template.arrays() if hasattr(template, "arrays") else template
+        arrays = _key_data(typed)
         flat, structure = jax.tree_util.tree_flatten_with_path(arrays)
         stored = {entry["path"]: entry for entry in manifest["arrays"]}
         wanted = {
@@ -518,6 +529,12 @@ class CheckpointManager:
                 changed.append(f"{name} differs from the array saved")
         if changed:
             raise self._error(step, "restored arrays fail their checksums: " + _listing(changed))
+        leaves = [  # the keys saved as their data are keys again, of the template's kind
+            jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(like))
+            if _is_key(like)
+            else leaf
+            for leaf, like in zip(leaves, jax.tree.leaves(typed), strict=True)
+        ]
         loaded = jax.tree.unflatten(structure, leaves)
         state = template.with_arrays(loaded) if hasattr(template, "with_arrays") else loaded
         return state, payload["meta"]

@@ -302,6 +302,25 @@ def test_a_nan_or_infinite_metric_is_saved_as_no_candidate(tmp_path, rng):
     assert manager.best_step() == 1 and manager.steps() == [1, 4, 5, 6]
 
 
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_typed_prng_keys_round_trip_as_keys(tmp_path, rng, impl):
+    # a typed key (jax.random.key, e.g. in optax.add_noise's state) failed the save with NumPy's
+    # raw "JAX array with PRNGKey dtype cannot be converted to a NumPy array"
+    tree = dict(_tree(rng), noise=jax.random.split(jax.random.key(3, impl=impl), 2))
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, tree)
+    template = dict(tree, noise=jax.random.split(jax.random.key(0, impl=impl), 2))
+    restored, _ = manager.restore(template)
+    assert jax.random.key_impl(restored["noise"]) == jax.random.key_impl(tree["noise"])
+    _assert_bitwise_equal(
+        jax.random.key_data(restored["noise"]), jax.random.key_data(tree["noise"])
+    )
+    _assert_bitwise_equal(
+        {k: v for k, v in restored.items() if k != "noise"},
+        {k: v for k, v in tree.items() if k != "noise"},
+    )
+
+
 def test_bad_manager_arguments_are_named(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

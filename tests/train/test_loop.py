@@ -1247,3 +1247,21 @@ def test_the_summary_best_validation_loss_is_never_a_nan_beside_numbers(rng):
     losses = [e["val_loss"] for e in result["evaluations"]]
     assert np.isnan(losses[0]) and np.isfinite(losses[1:]).all()
     assert result["summary"]["best_val_loss"] == min(losses[1:])
+
+
+@pytest.mark.filterwarnings("ignore:.*seed.* is deprecated:DeprecationWarning")  # optax >= 0.2.6
+def test_an_optax_optimizer_holding_a_key_checkpoints_and_resumes_exactly(tmp_path, rng):
+    # optax.noisy_sgd (optax.add_noise) keeps a typed PRNG key in its state: the first
+    # checkpoint failed with a raw "JAX array with PRNGKey dtype cannot be converted"
+    train, val = _loaders(*_data(rng))
+    noisy = dict(optimizer=optax.noisy_sgd(0.02, seed=5))
+    full = fit(TinyNet(), train, val, _quiet(epochs=2, out=str(tmp_path / "full"), **noisy))
+    out = str(tmp_path / "resumed")
+    fit(TinyNet(), train, val, _quiet(epochs=2, out=out, max_steps=6, **noisy))
+    resumed = fit(TinyNet(), train, val, _quiet(epochs=2, out=out, resume=True, **noisy))
+    assert int(resumed["state"].step) == 8
+    a, b = full["state"].arrays(), resumed["state"].arrays()
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
