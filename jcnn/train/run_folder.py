@@ -302,8 +302,12 @@ def describe(value: Any, depth: int = 0) -> Any:
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         import hashlib
 
+        import jax
         import numpy as np
 
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):  # NumPy cannot hold a key
+            data = describe(jax.random.key_data(value), depth + 1)
+            return {"key": str(jax.random.key_impl(value)), "data": data}
         array = np.asarray(value)
         if array.size <= 16 and array.ndim <= 1:
             return describe(array.tolist(), depth + 1)

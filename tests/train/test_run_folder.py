@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -362,6 +363,24 @@ def test_describe_never_shows_a_memory_address():
     assert run_folder.describe(jnp.float32) == "jax.numpy.float32"
     assert run_folder.describe(np.float32(0.5)) == 0.5
     assert run_folder.describe(float("nan")) == "nan"
+
+
+def test_describe_records_a_typed_prng_key():
+    # a setting holding a jax.random.key (optax.noisy_sgd(key=...) captures one) failed the run
+    # record with NumPy's raw "JAX array with PRNGKey dtype cannot be converted"
+    key = jax.random.key(3)
+    assert run_folder.describe(key) == {"key": "threefry2x32", "data": [0, 3]}
+    rbg = run_folder.describe(jax.random.key(3, impl="rbg"))
+    assert rbg["key"] == "rbg" and rbg != run_folder.describe(key)
+
+    def noisy(k):
+        return lambda grads: grads + jax.random.key_data(k)[0]
+
+    config = TrainConfig(progress=False)
+    old = run_folder.run_record(config, settings={"noise": noisy(key)})
+    new = run_folder.run_record(config, settings={"noise": noisy(jax.random.key(4))})
+    assert old["settings"]["noise"]["captured"] == [{"key": "threefry2x32", "data": [0, 3]}]
+    assert [d[0] for d in run_folder.differences(old, new)] == ["settings.noise.captured"]
 
 
 def test_describe_lists_what_a_set_holds():
