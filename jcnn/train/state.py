@@ -112,10 +112,15 @@ class TrainState:
         init_key, dropout_key = jax.random.split(key)
         variables = _init_variables(model, {"params": init_key, "dropout": init_key}, sample_input)
         params = variables["params"]
+        # copied: an optimizer may hand out arrays it holds (optax.add_noise its key), which the
+        # train steps' buffer donation would delete under it
+        opt_state = jax.tree.map(
+            lambda leaf: leaf.copy() if isinstance(leaf, jax.Array) else leaf, tx.init(params)
+        )
         return cls(
             params=params,
             batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
+            opt_state=opt_state,
             step=jnp.zeros((), jnp.int32),
             key=dropout_key,
             apply_fn=model.apply,

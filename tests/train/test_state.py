@@ -63,3 +63,24 @@ def test_create_names_a_bad_key():
     ):
         with pytest.raises(error, match=says):
             TrainState.create(model, tx, key, sample)
+
+
+def test_the_optimizer_state_owns_its_arrays(rng):
+    # optax.add_noise (noisy_sgd) returns the key it was given as its state; the train step's
+    # buffer donation then deleted the caller's key ("Array has been deleted" at the next fit)
+    import optax
+
+    from jcnn.train import train_step
+
+    held = jax.random.key(7)
+    tx = optax.chain(
+        optax.GradientTransformation(lambda params: held, lambda u, s, p=None: (u, s)),
+        optax.sgd(0.1),
+    )
+    model = _ListModel(widths=[3])
+    sample = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    state = TrainState.create(model, tx, jax.random.key(0), sample)
+    state, _ = train_step(state, (sample, jnp.array([0, 1, 2, 0])))
+    state, _ = train_step(state, (sample, jnp.array([0, 1, 2, 0])))
+    assert not held.is_deleted()
+    np.testing.assert_array_equal(jax.random.key_data(held), jax.random.key_data(jax.random.key(7)))
