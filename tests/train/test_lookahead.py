@@ -60,19 +60,21 @@ def test_needs_params_and_checks_its_arguments():
         lookahead(optax.sgd(0.1), 2, 0.5, final_step=0)
 
 
+def _four_steps(tx):
+    """The parameters after four fixed gradients through ``tx``, from zeros."""
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    for g in (jnp.full(2, 1.0), jnp.full(2, -2.0), jnp.full(2, 0.5), jnp.full(2, 3.0)):
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return np.asarray(params)
+
+
 def test_numpy_scalars_are_taken_as_written_and_inner_is_checked():
-    grads = [jnp.full(2, 1.0), jnp.full(2, -2.0), jnp.full(2, 0.5), jnp.full(2, 3.0)]
-
-    def run(tx):
-        params = jnp.zeros(2)
-        state = tx.init(params)
-        for g in grads:
-            updates, state = tx.update(g, state, params)
-            params = optax.apply_updates(params, updates)
-        return np.asarray(params)
-
-    python = run(lookahead(optax.sgd(0.1), 2, 0.5, final_step=3))
-    numpy = run(lookahead(optax.sgd(0.1), np.int64(2), np.float32(0.5), final_step=np.int32(3)))
+    python = _four_steps(lookahead(optax.sgd(0.1), 2, 0.5, final_step=3))
+    numpy = _four_steps(
+        lookahead(optax.sgd(0.1), np.int64(2), np.float32(0.5), final_step=np.int32(3))
+    )
     np.testing.assert_array_equal(numpy, python)
     with pytest.raises(TypeError, match="inner: expected an optax.GradientTransformation, got str"):
         lookahead("sgd", 2, 0.5)
@@ -83,18 +85,10 @@ def test_numpy_scalars_are_taken_as_written_and_inner_is_checked():
 def test_0d_jax_arrays_are_taken_as_numbers():
     # jnp.int32(2) / jnp.float32(0.5) were refused ("expected a positive int" / "a number or a
     # schedule"), unlike the NumPy scalars and check_int / check_real elsewhere in jcnn
-    grads = [jnp.full(2, 1.0), jnp.full(2, -2.0), jnp.full(2, 0.5), jnp.full(2, 3.0)]
-
-    def run(tx):
-        params = jnp.zeros(2)
-        state = tx.init(params)
-        for g in grads:
-            updates, state = tx.update(g, state, params)
-            params = optax.apply_updates(params, updates)
-        return np.asarray(params)
-
-    python = run(lookahead(optax.sgd(0.1), 2, 0.5, final_step=3))
-    arrays = run(lookahead(optax.sgd(0.1), jnp.int32(2), jnp.float32(0.5), final_step=jnp.int32(3)))
+    python = _four_steps(lookahead(optax.sgd(0.1), 2, 0.5, final_step=3))
+    arrays = _four_steps(
+        lookahead(optax.sgd(0.1), jnp.int32(2), jnp.float32(0.5), final_step=jnp.int32(3))
+    )
     np.testing.assert_array_equal(arrays, python)
     with pytest.raises(ValueError, match="sync_period: expected a positive int"):
         lookahead(optax.sgd(0.1), jnp.float32(2.0), 0.5)
