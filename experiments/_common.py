@@ -59,7 +59,9 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 def _out_folder(text: str) -> Path:
     """``--out``: a folder, or a path where one can be made (checked before any work: the page
     is written at the end)."""
-    path = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder, got ''")
+    path = Path(text).expanduser()
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():

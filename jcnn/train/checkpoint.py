@@ -188,7 +188,7 @@ class CheckpointManager:
         keep_last = check_positive_int(keep_last, "keep_last")
         keep_best = check_bool(keep_best, "keep_best")
         check_choice(mode, "mode", ("max", "min"))
-        self.directory = Path(directory).absolute()
+        self.directory = Path(directory).expanduser().absolute()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):

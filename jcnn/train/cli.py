@@ -702,7 +702,9 @@ def _main(argv) -> int:
     given = _check_recipe(args, argv) if args.recipe is not None else set()
     _check_combinations(args)
     name = args.recipe or args.model
-    out = Path(args.out or f"runs/{name}-{args.dataset.replace(':', '-')}")
+    if args.out == "":
+        raise UsageError("--out: expected a run folder, got ''")
+    out = Path(args.out or f"runs/{name}-{args.dataset.replace(':', '-')}").expanduser()
     _, mixes = _augmenters(args.augment, 10)  # the spelling of every op, before any work
     if mixes is not None and _private(args):
         raise UsageError(

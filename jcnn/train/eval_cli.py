@@ -114,9 +114,13 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    folder = Path(args.folder)
-    confusion = Path(args.confusion) if args.confusion else folder / "confusion_matrix.png"
-    results = Path(args.json) if args.json else folder / "evaluation.json"
+    folder = Path(args.folder).expanduser()
+    confusion = (
+        folder / "confusion_matrix.png"
+        if args.confusion is None
+        else Path(args.confusion).expanduser()
+    )
+    results = folder / "evaluation.json" if args.json is None else Path(args.json).expanduser()
     for flag, path in (("--confusion", confusion), ("--json", results)):  # before any work
         problem = (
             "is a folder, expected a file"

@@ -938,6 +938,8 @@ def fit(
         raise ValueError(
             "config.out: expected a folder path, or None to write no run folder, got ''"
         )
+    if config.out is not None:  # "~/runs/x" is the user's folder, not a folder named "~"
+        config = dataclasses.replace(config, out=Path(config.out).expanduser())
     arguments = dict(
         test_loader=test_loader,
         loss=loss,

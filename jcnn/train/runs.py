@@ -428,7 +428,7 @@ def load_run(
         raise TypeError(
             f"model: expected None or a Flax module instance such as MyNet(...), got {model!r}"
         )
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise _not_a_run(folder, "no such folder")
     missing = [n for n in ("config.json", RUN_FILE, "checkpoints") if not (folder / n).exists()]

@@ -33,6 +33,7 @@ def test_out_and_data_dir_are_checked_before_any_work(common, tmp_path, capsys):
         (["--out", str(a_file / "sub")], f"--out: {a_file / 'sub'}: .* got a file \\({a_file} is"),
         (["--data-dir", str(tmp_path / "missing")], "argument --data-dir: .*no such folder"),
         (["--data-dir", str(a_file)], "expected a datasets folder, got a file"),
+        (["--out", ""], "argument --out: expected a folder, got ''$"),  # was the current folder
     ):
         with pytest.raises(SystemExit) as exit_info:
             common.parse_args("test", argv)
@@ -44,3 +45,8 @@ def test_out_and_data_dir_are_checked_before_any_work(common, tmp_path, capsys):
     args = common.parse_args("test", ["--out", str(tmp_path / "new" / "folder")])
     assert args.out == tmp_path / "new" / "folder" and args.data_dir is None
     assert common.parse_args("test", ["--data-dir", str(tmp_path)]).data_dir == str(tmp_path)
+
+
+def test_an_out_starting_with_a_tilde_is_in_the_home_folder(common, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert common.parse_args("test", ["--out", "~/pages"]).out == tmp_path / "pages"

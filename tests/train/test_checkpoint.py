@@ -356,3 +356,13 @@ def test_a_missing_step_is_named_as_missing_not_as_damaged(tmp_path, rng):
         manager.status("3")
     assert manager.status(np.int64(3)) == "unverified"
     assert manager.steps() == [3]
+
+
+def test_a_directory_starting_with_a_tilde_is_in_the_home_folder(tmp_path, rng, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    tree = _tree(rng)
+    CheckpointManager("~/ckpt").save(3, tree)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    restored, _ = CheckpointManager("~/ckpt").restore(jax.tree.map(jnp.zeros_like, tree))
+    _assert_bitwise_equal(restored, tree)

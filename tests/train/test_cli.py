@@ -621,6 +621,25 @@ def test_jcnn_eval_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, mon
         assert f"--batch-size: expected a positive integer, got {size}" in capsys.readouterr().err
 
 
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, capsys, monkeypatch):
+    # --out=~/run (which the shell leaves alone) wrote a folder named "~" in the current one, and
+    # --out "" trained into the default folder
+    from jcnn.train.cli import main
+    from jcnn.train.eval_cli import main as eval_main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, err = _main([*SMALL_SPLIT, "--epochs", "1", "--out", ""], capsys)
+    assert code == 2 and err.strip() == "jcnn-train: error: --out: expected a run folder, got ''"
+    assert list(tmp_path.iterdir()) == []
+    assert main([*SMALL_SPLIT, "--epochs", "1", "--max-steps", "1", "--out=~/run"]) == 0
+    assert (tmp_path / "home" / "run" / "summary.json").exists()
+    assert eval_main(["~/run", "--json", "~/evaluation.json", "--confusion", "~/c.png"]) == 0
+    assert (tmp_path / "home" / "evaluation.json").exists()
+    assert (tmp_path / "home" / "c.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
 def test_jcnn_eval_refuses_a_dataset_it_cannot_load(tmp_path, capsys):
     # --dataset foo (or a dataset name a run trained through fit recorded, e.g. 'toy') exited
     # with status 1, meant for a missing dataset, and a message without 'jcnn-eval:'

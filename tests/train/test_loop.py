@@ -23,6 +23,7 @@ from jcnn.train import (
     TrainConfig,
     TrainState,
     fit,
+    load_run,
     loop,
     split_validation,
 )
@@ -1206,6 +1207,16 @@ def test_an_empty_out_is_refused_not_taken_as_no_run_folder(tmp_path, rng, monke
         with pytest.raises(ValueError, match=r"^config\.out: expected a folder path.*got ''$"):
             fit(TinyNet(), train, None, _quiet(out="", **extra))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_starting_with_a_tilde_is_in_the_home_folder(tmp_path, rng, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    train, _ = _loaders(*_data(rng, n=32))
+    fit(TinyNet(), train, None, _quiet(out="~/run", max_steps=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    run = load_run("~/run")
+    assert run.step == 1 and run.folder == tmp_path / "home" / "run"
 
 
 def test_a_nan_validation_loss_as_monitor_does_not_stop_the_checkpoints(tmp_path, rng):
