@@ -327,6 +327,19 @@ def check_real_or_traced(value, name: str, **bounds):
     return check_real(value, name, **bounds)
 
 
+def is_int(value) -> bool:
+    """Whether ``check_int`` takes ``value`` as an int: a Python or NumPy integer or a concrete
+    0-d integer array, never a bool."""
+    if isinstance(value, (int, np.integer)):
+        return not isinstance(value, (bool, np.bool_))
+    return (
+        getattr(value, "shape", None) == ()
+        and hasattr(value, "dtype")
+        and jnp.issubdtype(value.dtype, jnp.integer)
+        and not isinstance(value, jax.core.Tracer)
+    )
+
+
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """``value`` as a Python int within ``[low, high]``: a Python or NumPy integer or a concrete
     0-d integer array, never a bool or a float (even an integral one).
@@ -350,13 +363,7 @@ def check_int(value, name: str, *, low: int | None = None, high: int | None = No
         expected = f"an int <= {high}"
     else:
         expected = "an int"
-    integral = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not integral and not (
-        getattr(value, "shape", None) == ()
-        and hasattr(value, "dtype")
-        and jnp.issubdtype(value.dtype, jnp.integer)
-        and not isinstance(value, jax.core.Tracer)
-    ):
+    if not is_int(value):
         raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
     number = int(value)
     if (low is not None and number < low) or (high is not None and number > high):

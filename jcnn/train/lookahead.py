@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jcnn.functional._checks import _is_real_scalar, check_int
+from jcnn.functional._checks import _is_real_scalar, is_int
 
 __all__ = ["lookahead", "LookaheadState"]
 
@@ -64,7 +64,7 @@ def lookahead(
         raise TypeError(
             f"inner: expected an optax.GradientTransformation, got {type(inner).__name__}"
         )
-    if not _is_int(sync_period) or sync_period < 1:
+    if not is_int(sync_period) or sync_period < 1:
         raise ValueError(f"sync_period: expected a positive int, got {sync_period!r}")
     sync_period = int(sync_period)
     if not callable(slow_step_size):
@@ -76,7 +76,7 @@ def lookahead(
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"slow_step_size: expected a value in [0, 1], got {value!r}")
         slow_step_size = value
-    if final_step is not None and (not _is_int(final_step) or final_step < 1):
+    if final_step is not None and (not is_int(final_step) or final_step < 1):
         raise ValueError(f"final_step: expected a positive int or None, got {final_step!r}")
     final_step = None if final_step is None else int(final_step)
 
@@ -111,13 +111,3 @@ def lookahead(
         return updates, LookaheadState(inner_state, slow, count)
 
     return optax.GradientTransformation(init, update)
-
-
-def _is_int(value) -> bool:
-    """A Python or NumPy integer or a concrete 0-d integer array (as ``check_int`` takes it),
-    never a bool."""
-    try:
-        check_int(value, "value")
-    except TypeError:
-        return False
-    return True

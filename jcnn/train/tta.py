@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import _describe, check_array, check_bool, check_int, check_real
+from jcnn.functional._checks import _describe, check_array, check_bool, check_real, is_int
 
 __all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 
@@ -39,7 +39,7 @@ def translate_batch(
     _check_pad_mode(pad_mode)
     height, width = images.shape[1:3]
     for name, shift, size in (("shift_y", shift_y, height), ("shift_x", shift_x, width)):
-        if not _is_int(shift) or abs(shift) >= size:
+        if not is_int(shift) or abs(shift) >= size:
             raise ValueError(f"{name}: expected an int with |{name}| < {size}, got {shift!r}")
     shift_y, shift_x = int(shift_y), int(shift_x)
     py, px = abs(shift_y), abs(shift_x)
@@ -56,15 +56,6 @@ def _check_pad_mode(pad_mode) -> None:
         raise ValueError(f"pad_mode: expected one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
 
 
-def _is_int(value) -> bool:
-    """A Python or NumPy integer or a concrete 0-d integer array (as ``check_int`` takes it)."""
-    try:
-        check_int(value, "value")
-    except TypeError:
-        return False
-    return True
-
-
 def flip_translate_views(
     shifts: Sequence[tuple[int, int]] = ((0, 0), (-1, -1), (1, 1)),
     *,
@@ -78,7 +69,7 @@ def flip_translate_views(
     if not shifts:
         raise ValueError("shifts: expected at least one (shift_y, shift_x) pair, got none")
     for i, pair in enumerate(shifts):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(_is_int, pair))):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(is_int, pair))):
             raise ValueError(
                 f"shifts[{i}]: expected a pair of ints (shift_y, shift_x), got {pair!r}"
             )
