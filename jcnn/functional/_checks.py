@@ -16,6 +16,19 @@ import numpy as np
 PaddingLike = int | str | Sequence[int] | Sequence[tuple[int, int]]
 
 
+def plain_ints(value):
+    """A concrete 0-d or 1-D integer NumPy or JAX array as an int or a tuple of ints (as the
+    Python spellings of a size or a window); anything else as it is."""
+    if (
+        isinstance(value, (np.ndarray, jax.Array))
+        and not isinstance(value, jax.core.Tracer)
+        and value.ndim <= 1
+        and jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        return int(value) if value.ndim == 0 else tuple(np.asarray(value).tolist())
+    return value
+
+
 def as_int_tuple(value, n: int, name: str, *, minimum: int | None = None) -> tuple[int, ...]:
     """``value`` (an int or a sequence of ``n`` ints) as a tuple of ``n`` Python ints.
 
@@ -26,18 +39,11 @@ def as_int_tuple(value, n: int, name: str, *, minimum: int | None = None) -> tup
     ...
     ValueError: stride: expected an int or a sequence of 3 ints, got (1, 2)
     """
-    if (
-        isinstance(value, np.ndarray)
-        and value.ndim <= 1
-        and jnp.issubdtype(value.dtype, jnp.integer)
-    ):
-        value = int(value) if value.ndim == 0 else tuple(value.tolist())
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    value = plain_ints(value)
+    if is_int(value):
         values = (int(value),) * n
     elif isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != n or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
-        ):
+        if len(value) != n or not all(map(is_int, value)):
             raise ValueError(f"{name}: expected an int or a sequence of {n} ints, got {value!r}")
         values = tuple(int(v) for v in value)
     else:
@@ -52,8 +58,8 @@ def check_size_sequence(
 ) -> tuple[int, ...]:
     """``value``, a sequence of sizes such as a shape, as a tuple of Python ints, each >=
     ``minimum``: exactly ``length`` of them where given, else at least one. Unlike
-    :func:`as_int_tuple`, a single int is refused, not broadcast; a 1-D NumPy array is accepted.
-    ``example`` (such as ``"(H, W)"``) shows the expected layout in the message.
+    :func:`as_int_tuple`, a single int is refused, not broadcast; a 1-D NumPy or JAX array is
+    accepted. ``example`` (such as ``"(H, W)"``) shows the expected layout in the message.
 
     >>> check_size_sequence(np.array([4, 5]), "in_spatial")
     (4, 5)
@@ -62,17 +68,15 @@ def check_size_sequence(
     ...
     TypeError: shape: expected a sequence of 3 ints such as (H, W, C), got 8
     """
-    if isinstance(value, np.ndarray) and value.ndim == 1:
-        value = tuple(value.tolist())
+    if getattr(value, "ndim", None) == 1:
+        value = plain_ints(value)
     count = "a non-empty sequence of" if length is None else f"a sequence of {length}"
     expected = f"{count} ints" + (f" such as {example}" if example else "")
     if (
         isinstance(value, str)
         or not isinstance(value, Sequence)
         or (len(value) == 0 if length is None else len(value) != length)
-        or not all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) for s in value
-        )
+        or not all(map(is_int, value))
     ):
         raise TypeError(f"{name}: expected {expected}, got {value!r}")
     if any(s < minimum for s in value):
@@ -81,15 +85,16 @@ def check_size_sequence(
 
 
 def check_positive_int(value, name: str) -> int:
-    """``value`` as a Python int, raising unless it is an int (not a bool) >= 1.
+    """``value`` as a Python int, raising unless it is an int >= 1 (as ``check_int`` takes it).
 
     >>> check_positive_int(0, "groups")
     Traceback (most recent call last):
     ...
     ValueError: groups: expected a positive int, got 0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name}: expected a positive int, got {value!r}")
+    value = int(value)
     if value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     return int(value)

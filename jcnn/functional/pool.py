@@ -34,7 +34,9 @@ from jcnn.functional._checks import (
     check_bool,
     check_real,
     float32_or_wider,
+    is_int,
     normalize_padding,
+    plain_ints,
 )
 
 __all__ = [
@@ -51,16 +53,11 @@ __all__ = [
 _LAYOUTS = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _spatial_rank(x, spec, name: str) -> int:
     """Spatial rank given by ``spec`` (an int: ``x.ndim - 2``; a sequence: its length), checked."""
     check_array(x, "x")
-    if isinstance(spec, np.ndarray) and spec.ndim == 1:
-        spec = tuple(spec.tolist())
-    if _is_int(spec) or (isinstance(spec, np.ndarray) and spec.ndim == 0):
+    spec = plain_ints(spec)
+    if is_int(spec) or (getattr(spec, "ndim", None) == 0 and not isinstance(spec, jax.core.Tracer)):
         rank = x.ndim - 2
         if rank not in _LAYOUTS:
             expected = ", ".join(f"{r + 2} {layout}" for r, layout in _LAYOUTS.items())
@@ -465,16 +462,16 @@ def _adaptive_sizes(x, output_size) -> tuple[int, ...]:
             f"x: expected at least one pixel in every spatial dim to pool, got shape "
             f"{tuple(x.shape)}"
         )
-    if isinstance(output_size, np.ndarray):
-        output_size = output_size.tolist()  # 0-d: a number; 1-d: a list of them
+    if isinstance(output_size, (np.ndarray, jax.Array)):  # concrete, as _spatial_rank checked
+        output_size = np.asarray(output_size).tolist()  # 0-d: a number; 1-d: a list of them
     entries = tuple(output_size) if isinstance(output_size, Sequence) else (output_size,) * rank
     sizes = []
     for entry, in_size in zip(entries, x.shape[1:-1], strict=True):
         if entry is None:
             sizes.append(in_size)
-        elif _is_int(entry) and entry >= 1:
+        elif is_int(entry) and entry >= 1:
             sizes.append(int(entry))
-        elif not _is_int(entry):
+        elif not is_int(entry):
             raise TypeError(
                 f"output_size: expected positive ints (or None to keep an input size), "
                 f"got {output_size!r}"

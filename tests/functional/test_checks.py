@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_bool, check_int, check_real, check_size_sequence
+from jcnn.functional._checks import (
+    check_bool,
+    check_int,
+    check_positive_int,
+    check_real,
+    check_size_sequence,
+)
 
 X4 = jnp.ones((2, 4, 4, 4))
 X2 = jnp.ones((2, 4))
@@ -271,10 +277,10 @@ SPELLINGS = [
     (
         lambda v: F.adaptive_avg_pool(X4, v),
         2,
-        [np.int64(2), (np.int64(2), 2), np.array(2), np.array([2, 2])],
+        [np.int64(2), (np.int64(2), 2), np.array(2), np.array([2, 2]), jnp.asarray([2, 2])],
     ),
     (lambda v: F.adaptive_max_pool(X4, v), 2, [np.array(2), np.array([2, 2])]),
-    (lambda v: F.conv(X4, W, stride=v), 2, [np.int64(2), (2, np.int64(2))]),
+    (lambda v: F.conv(X4, W, stride=v), 2, [np.int64(2), (2, np.int64(2)), (jnp.int32(2), 2)]),
     (lambda v: F.leaky_relu(-X2, v), 0.25, [np.float32(0.25), np.array(0.25), jnp.float32(0.25)]),
     (lambda v: F.dropout(KEY, X2, v), 0.5, [np.float32(0.5), np.array(0.5), jnp.float32(0.5)]),
     (
@@ -283,7 +289,9 @@ SPELLINGS = [
         [np.float32(0.1), np.array(0.1)],
     ),
     (lambda v: F.softplus(X2, beta=v), 2, [np.float32(2.0), np.int64(2), 2.0]),
-    (lambda v: F.maxout(X2, v), 2, [np.int64(2), np.uint8(2)]),
+    (lambda v: F.maxout(X2, v), 2, [np.int64(2), np.uint8(2), np.array(2), jnp.int32(2)]),
+    (lambda v: F.conv(X4, W[:, :, :2], groups=v), 2, [np.array(2), jnp.asarray(2)]),
+    (lambda v: F.group_norm(XR, None, None, num_groups=v), 2, [np.array(2), jnp.int8(2)]),
 ]
 
 
@@ -306,6 +314,14 @@ def test_check_helpers():
         check_int(True, "n")
     with pytest.raises(TypeError, match="n: expected an int, got 2.0"):
         check_int(2.0, "n")
+    assert check_positive_int(jnp.asarray(3, jnp.uint8), "n") == 3
+    for bad in (True, jnp.asarray(True), 2.0, np.array([2])):
+        with pytest.raises(TypeError, match="n: expected a positive int, got "):
+            check_positive_int(bad, "n")
+    with pytest.raises(ValueError, match="^n: expected a positive int, got 0$"):
+        check_positive_int(jnp.asarray(0), "n")
+    with pytest.raises(TypeError, match="n: expected a positive int, got .*Tracer"):
+        jax.jit(lambda v: check_positive_int(v, "n"))(1)
     with pytest.raises(ValueError, match=re.escape("p: expected a number in (0, 1), got 1.0")):
         check_real(1.0, "p", low=0, high=1, low_open=True, high_open=True)
     with pytest.raises(TypeError, match="x: expected a finite number, got DynamicJaxprTracer"):
