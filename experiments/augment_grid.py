@@ -23,6 +23,8 @@ import numpy as np  # noqa: E402
 from jcnn import data  # noqa: E402
 from jcnn.data import augment as A  # noqa: E402
 
+PICK_EVERY = 7  # test images 0, 7, 14, ...: varied classes
+MAX_IMAGES = (10_000 - 1) // PICK_EVERY + 1
 CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 
 PER_EXAMPLE = {
@@ -59,6 +61,20 @@ def _soft_caption(soft):
     return " / ".join(f"{CLASSES[k]} {soft[k]:.2f}" for k in top if soft[k] > 0.005)
 
 
+def _image_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"expected an int in [1, {MAX_IMAGES}], got {count}")
+    return count
+
+
+def _png_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file path for the figure, got {text!r}")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -67,16 +83,18 @@ def main(argv=None):
         help="folder holding cifar10/ (default: ../shared/data where it exists, else "
         "JCNN_DATA_DIR, then the per-user cache)",
     )
-    parser.add_argument("--out", default="docs/figures/augmentations.png")
-    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--out", type=_png_path, default="docs/figures/augmentations.png")
+    parser.add_argument("--images", type=_image_count, default=6)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     data_dir = args.data_dir
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        parser.error(f"argument --data-dir: no such folder: {data_dir}")
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     if data_dir is None and shared.is_dir():
         data_dir = shared
     images, labels = data.load("cifar10", "test", data_dir=data_dir)
-    picks = np.arange(args.images) * 7
+    picks = np.arange(args.images) * PICK_EVERY
     batch, batch_labels = jnp.asarray(images[picks]), jnp.asarray(labels[picks])
     key = jax.random.key(args.seed)
 
@@ -90,7 +108,10 @@ def main(argv=None):
         rows.append((name, mixed, [_soft_caption(s) for s in np.asarray(soft)]))
 
     fig, axes = plt.subplots(
-        len(rows), args.images, figsize=(1.35 * args.images + 1.6, 1.35 * len(rows))
+        len(rows),
+        args.images,
+        figsize=(1.35 * args.images + 1.6, 1.35 * len(rows)),
+        squeeze=False,
     )
     for r, (name, row_images, captions) in enumerate(rows):
         for c in range(args.images):

@@ -52,6 +52,19 @@ def parse_args(argv=None):
     for name in known.recipes:
         if name not in recipes.RECIPES_BY_NAME:
             raise SystemExit(f"--recipes: expected names of {', '.join(recipes.RECIPES_BY_NAME)}")
+    # a repeated seed, recipe or folder would count one run twice towards the goals' run counts
+    for flag, values in (
+        ("--recipes", known.recipes),
+        ("--seeds", known.seeds or []),
+        ("--from-runs", [folder.expanduser().resolve() for folder in known.from_runs]),
+    ):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise SystemExit(f"{flag}: each at most once, got {', '.join(repeated)} twice or more")
+    known.from_runs = [folder.expanduser() for folder in known.from_runs]
+    for folder in known.from_runs:
+        if not (folder / "summary.json").is_file():
+            raise SystemExit(f"--from-runs {folder}: not a finished run folder (no summary.json)")
     return argparse.Namespace(**vars(args), **vars(known))
 
 
@@ -87,23 +100,32 @@ def train_one(args, name: str, seed: int) -> dict:
 
 def from_run_folder(folder: Path) -> dict:
     """The same record from a finished ``jcnn-train --recipe`` run folder."""
-    summary = json.loads((folder / "summary.json").read_text())
-    history = json.loads((folder / "history.json").read_text())
-    record = json.loads((folder / "config.json").read_text())
-    recipe = (record.get("settings") or {}).get("recipe") or {}
-    if "name" not in recipe:
-        raise SystemExit(f"--from-runs {folder}: not a jcnn-train --recipe run folder")
-    return {
-        "recipe": recipe["name"],
-        "seed": record["train"]["seed"],
-        "source": f"`{summary.get('command', folder)}`",
-        "accuracy": summary["test_accuracy"],
-        "accuracy_tta": summary.get("test_accuracy_tta"),
-        "epochs": len(history),
-        "epoch_seconds": [h["seconds"] for h in history],
-        "curve": [h.get("test_accuracy") for h in history],
-        "wall": summary.get("wall_seconds"),
-    }
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        history = json.loads((folder / "history.json").read_text())
+        record = json.loads((folder / "config.json").read_text())
+        recipe = (record.get("settings") or {}).get("recipe") or {}
+        if "name" not in recipe:
+            raise SystemExit(f"--from-runs {folder}: not a jcnn-train --recipe run folder")
+        if recipe["name"] not in PUBLISHED:
+            raise SystemExit(
+                f"--from-runs {folder}: a run of recipe {recipe['name']!r}, expected one of "
+                f"{', '.join(PUBLISHED)}"
+            )
+        return {
+            "recipe": recipe["name"],
+            "seed": record["train"]["seed"],
+            "source": f"`{summary.get('command', folder)}`",
+            "accuracy": summary["test_accuracy"],
+            "accuracy_tta": summary.get("test_accuracy_tta"),
+            "epochs": len(history),
+            "epoch_seconds": [h["seconds"] for h in history],
+            "curve": [h.get("test_accuracy") for h in history],
+            "wall": summary.get("wall_seconds"),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise SystemExit(f"--from-runs {folder}: unreadable run record ({reason})") from None
 
 
 def goal_verdict(name: str, accuracies: list, walls: list) -> str:

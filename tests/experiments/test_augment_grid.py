@@ -1,0 +1,40 @@
+"""experiments/augment_grid.py: its arguments are checked before any work."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def script():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import augment_grid
+
+        yield augment_grid
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def test_bad_arguments_are_one_line_naming_the_flag(script, tmp_path, capsys):
+    # --images 0 drew an empty figure grid and failed inside matplotlib; --images 1500 indexed
+    # past the 10,000 test images; --out naming a folder failed at the end, after the work
+    for argv, message in (
+        (["--images", "0"], r"argument --images: expected an int in \[1, 1429\], got 0"),
+        (["--images", "1430"], r"argument --images: expected an int in \[1, 1429\], got 1430"),
+        (["--out", str(tmp_path)], "argument --out: expected a file path for the figure"),
+        (["--out", ""], "argument --out: expected a file path for the figure, got ''"),
+        (["--data-dir", str(tmp_path / "none")], "argument --data-dir: no such folder"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(argv)
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert re.search(message, last), last
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,63 @@
+"""experiments/time_to_accuracy.py: its arguments and the run folders it reads."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def script():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import time_to_accuracy
+
+        yield time_to_accuracy
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def _run_folder(folder: Path, recipe="mnist99", seed=3) -> Path:
+    folder.mkdir(parents=True)
+    history = [{"seconds": 2.0, "test_accuracy": 0.98}, {"seconds": 2.5, "test_accuracy": 0.99}]
+    summary = {"test_accuracy": 0.991, "wall_seconds": 9.0, "command": "jcnn-train ..."}
+    config = {"train": {"seed": seed}, "settings": {"recipe": {"name": recipe}}}
+    for name, value in (("summary", summary), ("history", history), ("config", config)):
+        (folder / f"{name}.json").write_text(json.dumps(value))
+    return folder
+
+
+def test_a_run_folder_is_read_as_a_run(script, tmp_path):
+    record = script.from_run_folder(_run_folder(tmp_path / "run"))
+    assert record["recipe"] == "mnist99" and record["seed"] == 3 and record["epochs"] == 2
+    assert record["accuracy"] == 0.991 and record["wall"] == 9.0
+    assert record["epoch_seconds"] == [2.0, 2.5] and record["curve"] == [0.98, 0.99]
+
+
+def test_repeats_and_unreadable_folders_are_refused_before_any_run(script, tmp_path):
+    # a seed, recipe or folder given twice was run (or read) twice and counted as two runs
+    # towards the goals' run counts; a folder that is not a run stopped with a raw traceback
+    run = _run_folder(tmp_path / "run")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{}")
+    for argv, message in (
+        (["--seeds", "1", "2", "1"], "--seeds: each at most once, got 1 twice"),
+        (["--recipes", "mnist99", "mnist99"], "--recipes: each at most once, got mnist99"),
+        (["--from-runs", str(run), str(tmp_path / "." / "run")], "--from-runs: each at most once"),
+        (["--from-runs", str(tmp_path / "none")], "none: not a finished run folder"),
+        (["--recipes", "mnist98"], "--recipes: expected names of airbench94, mnist99"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            script.parse_args(argv)
+    with pytest.raises(SystemExit, match=r"broken: unreadable run record .*history\.json"):
+        script.from_run_folder(tmp_path / "broken")
+    config = json.loads((run / "config.json").read_text())
+    config["settings"]["recipe"]["name"] = "resnet9"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="a run of recipe 'resnet9', expected one of"):
+        script.from_run_folder(run)
