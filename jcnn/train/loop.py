@@ -98,10 +98,12 @@ class TrainConfig:
             away from their defaults).
         schedule: constant, step, exponential, inverse_time, cosine, linear, inverse_sqrt,
             one_cycle (over ``epochs`` epochs, or ``max_steps`` steps if fewer).
-        warmup_epochs: linear warmup (in epochs, may be fractional) around the schedule; at most
-            ``epochs``.
+        warmup_epochs: linear warmup (in epochs, may be fractional) before the schedule; at most
+            ``epochs``. The schedule starts when the warmup ends: its own epochs count from
+            there (``step_epochs=(30,)`` after 5 warmup epochs is a drop at epoch 35, and
+            cosine/linear/one_cycle span the epochs left).
         step_epochs: for ``schedule="step"``, the epochs at which the rate is multiplied by
-            ``step_factor``.
+            ``step_factor`` (counted from the end of the warmup).
         step_factor: see ``step_epochs``. Like ``step_epochs``, refused with another schedule.
         decay_rate: ``k`` of exponential / inverse_time, per epoch (refused with another
             schedule unless left at its default).

@@ -144,6 +144,8 @@ def test_build_schedule_converts_epochs_to_steps():
     schedule = build_schedule(config, steps_per_epoch=5)
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == 1.0
+    # step_epochs count from the end of the warmup (as documented): epoch 3 is step 5 + 15
+    assert float(schedule(5 + 15 - 1)) == 1.0
     assert float(schedule(5 + 15)) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="config.schedule"):
         build_schedule(TrainConfig(schedule="warp"), 5)
