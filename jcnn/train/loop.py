@@ -655,6 +655,13 @@ def _output_width(state, images) -> int:
     return logits.shape[-1]
 
 
+def _epoch_means(running: dict, names) -> dict:
+    """``train_<name>``: the mean over the epoch's batches that held examples (``None`` if every
+    batch was an empty Poisson draw)."""
+    batches = running["batches"]
+    return {f"train_{n}": running[n] / batches if batches else None for n in names}
+
+
 def _batch_size(batch) -> int:
     """The number of examples in a batch (0 for an empty Poisson-sampled batch)."""
     return int(np.shape(batch[0])[0])
@@ -822,7 +829,8 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # none: no value of this metric yet
+            ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -1051,6 +1059,10 @@ def _fit(
     if isinstance(config.optimizer, (optax.GradientTransformation, optax.MultiSteps)):
         schedule = None  # the optimizer's own rate: not known here
     sample_images, sample_labels = check_batch(train_loader.batch(0, 0), "train_loader.batch(0, 0)")
+    if _batch_size((sample_images, sample_labels)) == 0:
+        # an empty Poisson draw: the model is built and traced on a zero example of its shapes
+        sample_images = np.zeros((1, *np.shape(sample_images)[1:]), sample_images.dtype)
+        sample_labels = np.zeros((1, *np.shape(sample_labels)[1:]), sample_labels.dtype)
     state = TrainState.create(
         model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
     )
@@ -1303,12 +1315,13 @@ def _fit(
                 if batch_index % 10 == 0 or batch_index == steps_per_epoch:
                     rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
                     lr = f"lr {float(schedule(step)):.3g} " if schedule is not None else ""
-                    progress.update(
-                        batch_index,
+                    means = (
                         f"loss {running['loss'] / running['batches']:.4f} "
                         f"acc {running['accuracy'] / running['batches']:.4f} "
-                        f"{lr}{rate:,.0f} img/s",
+                        if running["batches"]
+                        else "no examples yet "
                     )
+                    progress.update(batch_index, f"{means}{lr}{rate:,.0f} img/s")
                 run.state, run.step, run.epoch, run.batch = state, step, epoch, batch_index
                 _call(callbacks, "on_step", run, values)
                 if (
@@ -1333,13 +1346,10 @@ def _fit(
                     os._exit(17)
             seconds = time.perf_counter() - epoch_start
             step = int(state.step)
-            batches = max(running["batches"], 1)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": step,
-                "train_loss": running["loss"] / batches,
-                "train_accuracy": running["accuracy"] / batches,
-                **{f"train_{n}": running[n] / batches for n in running_names},
+                **_epoch_means(running, ("loss", "accuracy", *running_names)),
                 **dict.fromkeys(val_names),
                 "learning_rate": float(schedule(step)) if schedule is not None else None,
                 "seconds": seconds,

@@ -1200,6 +1200,28 @@ def test_the_epoch_means_leave_out_empty_poisson_batches(rng):
     assert record["train_loss"] == pytest.approx(np.mean(losses), rel=1e-12)
 
 
+def test_an_epoch_of_only_empty_poisson_batches_has_no_training_means(tmp_path, rng):
+    # such an epoch (a small sampling rate) stopped on a division by zero in the progress line,
+    # and its record held train_loss 0.0: a perfect loss, the best checkpoint by train_loss
+    images, labels = _data(rng, n=4)
+    labels = np.array([0, 1, 2, 0], np.int32)
+    train = Loader(images, labels, batch_size=1, seed=28, sampling="poisson")
+    assert [int(train.batch(0, s)[0].shape[0]) for s in range(4)] == [0, 0, 0, 0]
+    config = _config(
+        tmp_path / "run",
+        epochs=1,
+        optimizer="sgd",
+        schedule="constant",
+        dp_noise_multiplier=1.0,
+        monitor="train_loss",
+        monitor_mode="min",
+    )
+    record = fit(_FlatNet(), train, None, config)["history"][0]
+    assert record["train_loss"] is None and record["train_accuracy"] is None
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints", mode="min")
+    assert manager.steps() == [4] and manager.metric(4) is None
+
+
 def test_an_empty_out_is_refused_not_taken_as_no_run_folder(tmp_path, rng, monkeypatch):
     # out="" trained and wrote nothing (as out=None), while resume=True with it named the
     # current folder; an empty path is now a ValueError naming config.out
