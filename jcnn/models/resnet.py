@@ -133,6 +133,12 @@ def _shortcut(block, x, features: int, train: bool):
     if block.stride == 1 and x.shape[-1] == features:
         return x
     if block.shortcut == "pad":
+        if x.shape[-1] > features:
+            raise ValueError(
+                f"shortcut: 'pad' (option A) zero-pads the input's {x.shape[-1]} channels to the "
+                f"block's {features} output channels and cannot drop channels; use "
+                "shortcut='projection' for a block narrower than its input"
+            )
         return _pad_shortcut(x, features, block.stride)
     y = Conv(features, (1, 1), block.stride, use_bias=False, name="downsample_conv")(x)
     return BatchNorm(momentum=block.bn_momentum, name="downsample_bn")(y, train)
@@ -180,11 +186,9 @@ class ResNet(nn.Module):
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {self.stem!r}")
         stages = len(check_per_stage(self.stage_sizes, "stage_sizes"))
-        if len(self.widths) != stages:
-            raise ValueError(
-                f"widths: expected one width per stage ({stages}), got {tuple(self.widths)}"
-            )
-        check_per_stage(self.widths, "widths")
+        widths = check_per_stage(self.widths, "widths")
+        if len(widths) != stages:
+            raise ValueError(f"widths: expected one width per stage ({stages}), got {widths}")
         check_num_classes(self.num_classes)
         _check_block_settings(self.shortcut, self.bn_momentum, self.zero_init_residual)
         if self.stem == "imagenet":

@@ -113,6 +113,12 @@ def test_option_a_shortcut_and_small_bottleneck(rng):
         ),
         ({"stage_sizes": (1, 0)}, ValueError, r"stage_sizes\[1\]: expected an int >= 1, got 0"),
         ({"widths": (4, 0)}, ValueError, r"widths\[1\]: expected an int >= 1, got 0"),
+        ({"widths": 8}, TypeError, r"widths: expected a list or tuple of positive ints, .* got 8"),
+        (
+            {"widths": (8, 4), "shortcut": "pad"},
+            ValueError,
+            r"shortcut: 'pad' \(option A\) zero-pads the input's 8 channels to the block's 4",
+        ),
         ({"bn_momentum": 1.5}, ValueError, r"bn_momentum: expected a number in \[0, 1\], got 1.5"),
         ({"zero_init_residual": 1}, TypeError, r"zero_init_residual: expected a Python bool"),
         (
@@ -138,3 +144,5 @@ def test_blocks_check_their_own_settings(block):
     assert_refused(block(4, shortcut="none"), (1, 8, 8, 4), ValueError, "shortcut: expected one of")
     assert_refused(block(4, bn_momentum=-0.5), (1, 8, 8, 4), ValueError, "bn_momentum: expected")
     assert_refused(block(4, zero_init_residual=0), (1, 8, 8, 4), TypeError, "zero_init_residual")
+    # option A with fewer output than input channels escaped as jnp.pad's raw error
+    assert_refused(block(2, shortcut="pad"), (1, 8, 8, 16), ValueError, "shortcut: 'pad'")
