@@ -1,7 +1,8 @@
 """Inference folding: every conv (or dense) layer followed by a BatchNorm becomes one layer.
 
-``fold_batch_norms(model, variables, input_shape)`` finds each ``jcnn.nn.Conv``/``Dense`` whose
-output goes only into a ``jcnn.nn.BatchNorm`` (by running the model abstractly), folds the
+``fold_batch_norms(model, variables, input_shape)`` finds each ``jcnn.nn.Conv``,
+``DepthwiseConv``, ``ConvTranspose`` or ``Dense`` whose output goes only into a
+``jcnn.nn.BatchNorm`` (by running the model abstractly), folds the
 BatchNorm's running statistics and affine map into the layer's kernel and bias with
 ``F.fold_batch_norm``, and returns a ``FoldedModel``: the same network with those BatchNorms
 skipped, and parameters at the same paths (the BatchNorms' entries removed, a ``bias`` added to
@@ -72,8 +73,12 @@ class FoldedModel(nn.Module):
             return self.model(x, **kwargs)
 
 
-def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float]]:
-    """``(layer path, BatchNorm path, layer has a bias, BatchNorm eps)`` per foldable pair."""
+_FOLDABLE = (jnn.Conv, jnn.DepthwiseConv, jnn.ConvTranspose, jnn.Dense)
+
+
+def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float, int]]:
+    """``(layer path, BatchNorm path, layer has a bias, BatchNorm eps, transposed conv's groups
+    (1 for the other layers))`` per foldable pair."""
     calls, _ = trace_layers(model, input_shape)
     leaves = leaf_calls(calls)
     call_counts: dict[Path, int] = {}
@@ -86,12 +91,13 @@ def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float]]:
         layer = calls[call.source]
         if (
             layer.is_leaf
-            and type(layer.module) in (jnn.Conv, jnn.Dense)
+            and type(layer.module) in _FOLDABLE
             and layer.consumers == [call.index]
             and call_counts[layer.path] == 1
             and call_counts[call.path] == 1
         ):
-            pairs.append((layer.path, call.path, layer.module.use_bias, call.module.eps))
+            groups = layer.module.groups if type(layer.module) is jnn.ConvTranspose else 1
+            pairs.append((layer.path, call.path, layer.module.use_bias, call.module.eps, groups))
     if not pairs:
         return pairs
     shared = _used_outside_batch_norm(model, input_shape, pairs)
@@ -167,6 +173,20 @@ def _plain(tree):
     return copy.copy(tree)
 
 
+def _fold(kernel, bias, scale, bn_bias, state, eps, transpose_groups: int):
+    """``F.fold_batch_norm`` of a layer's kernel; a transposed conv with groups keeps
+    ``features // groups`` outputs on its last axis (output ``g * (features // groups) + j`` is
+    column ``j`` of group ``g``'s input rows), so its groups move there first and back after."""
+    if transpose_groups == 1:
+        return F.fold_batch_norm(kernel, bias, scale, bn_bias, state, eps=eps)
+    *window, c_in, per_group = kernel.shape
+    grouped = kernel.reshape(*window, transpose_groups, c_in // transpose_groups, per_group)
+    columns = jnp.moveaxis(grouped, -3, -2).reshape(*window, c_in // transpose_groups, -1)
+    columns, bias = F.fold_batch_norm(columns, bias, scale, bn_bias, state, eps=eps)
+    grouped = columns.reshape(*window, c_in // transpose_groups, transpose_groups, per_group)
+    return jnp.moveaxis(grouped, -2, -3).reshape(kernel.shape), bias
+
+
 def fold_batch_norms(
     model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
 ) -> tuple[FoldedModel, dict[str, Any]]:
@@ -203,17 +223,18 @@ def fold_batch_norms(
     folded = _plain(dict(variables))
     params = folded.setdefault("params", {})
     stats = folded.get("batch_stats", {})
-    for layer_path, norm_path, _, eps in pairs:
+    for layer_path, norm_path, _, eps, groups in pairs:
         layer_params = _node(params, layer_path, "the layer's params")
         norm_params = subtree(folded, "params", norm_path)
         norm_stats = _node(stats, norm_path, "the BatchNorm's batch_stats")
-        kernel, bias = F.fold_batch_norm(
+        kernel, bias = _fold(
             jnp.asarray(layer_params["kernel"]),
             layer_params.get("bias"),
             norm_params.get("scale"),
             norm_params.get("bias"),
             F.BatchNormState(jnp.asarray(norm_stats["mean"]), jnp.asarray(norm_stats["var"])),
-            eps=eps,
+            eps,
+            groups,
         )
         layer_params["kernel"], layer_params["bias"] = kernel, bias
         if norm_params:
@@ -223,7 +244,7 @@ def fold_batch_norms(
         del folded["batch_stats"]
     folded_model = FoldedModel(
         model,
-        skipped=tuple(norm for _, norm, _, _ in pairs),
-        added_bias=tuple(layer for layer, _, has_bias, _ in pairs if not has_bias),
+        skipped=tuple(norm for _, norm, _, _, _ in pairs),
+        added_bias=tuple(layer for layer, _, has_bias, _, _ in pairs if not has_bias),
     )
     return folded_model, folded

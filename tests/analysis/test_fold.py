@@ -114,6 +114,25 @@ def test_fold_projection_shortcuts_and_dense(rng):
     assert ("layers_2", "downsample_conv") in folded_model.added_bias
 
 
+def test_fold_depthwise_and_transposed_convs(rng):
+    # they were left unfolded, BatchNorm and statistics kept, although they are convs too; a
+    # transposed conv with groups keeps features // groups outputs on its kernel's last axis
+    model = nn.Sequential(
+        [
+            nn.DepthwiseConv(3, depth_multiplier=2, padding=1, use_bias=False),
+            nn.BatchNorm(),
+            nn.ConvTranspose(4, (2, 3), stride=2, groups=2, output_padding=1),
+            nn.BatchNorm(use_scale=False),
+            nn.ReLU(),
+            nn.ConvTranspose(3, 3, padding=1, use_bias=False),
+            nn.BatchNorm(),
+        ]
+    )
+    folded_model, folded = _check_fold(model, (2, 5, 4, 3), rng, expected_pairs=3)
+    assert folded_model.added_bias == (("layers_0",), ("layers_5",))
+    assert folded["params"]["layers_2"]["kernel"].shape == (2, 3, 6, 2)
+
+
 def test_unfoldable_batch_norm_is_kept(rng):
     """A BN after an activation (not after a conv) stays, with its statistics."""
     model = nn.Sequential([nn.Conv(3, 3), nn.ReLU(), nn.BatchNorm(), nn.Conv(2, 1), nn.BatchNorm()])
