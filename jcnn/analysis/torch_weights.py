@@ -7,7 +7,10 @@ usual way (modules defined in the order ``forward`` uses them), e.g. torchvision
 and the twins in the tests. Conversions:
 
 - ``Conv``: weight ``(C_out, C_in // groups, *window)`` (OIHW) to kernel ``(*window, C_in // groups,
-  C_out)`` (HWIO); ``bias`` unchanged.
+  C_out)`` (HWIO); ``bias`` unchanged. ``DepthwiseConv`` is PyTorch's ``Conv`` with
+  ``groups = C_in``, converted the same way.
+- ``ConvTranspose``: weight ``(C_in, C_out // groups, *window)`` to kernel ``(*window, C_in,
+  C_out // groups)``; ``bias`` unchanged.
 - ``Dense``: weight ``(out, in)`` transposed; when the dense layer follows a ``Flatten`` of a
   feature map, its input axis is permuted from PyTorch's NCHW flatten order (W fastest) to jcnn's
   NHWC order (C fastest).
@@ -110,14 +113,17 @@ def _take(group: dict, prefix: str, name: str, jcnn_name: str) -> np.ndarray:
     return group.pop(name)
 
 
-def _convert_conv(group, prefix, path, params_shapes):
+def _convert_conv(group, prefix, path, params_shapes, transposed=False):
+    """A conv's weight ``(O, I, *window)`` as its kernel ``(*window, I, O)``; a transposed
+    conv's ``(I, O, *window)`` as ``(*window, I, O)``."""
     name = "/".join(path)
     kernel_shape = tuple(params_shapes["kernel"].shape)
-    torch_shape = (kernel_shape[-1], kernel_shape[-2], *kernel_shape[:-2])
+    channels = kernel_shape[-2:] if transposed else kernel_shape[:-3:-1]
+    torch_shape = (*channels, *kernel_shape[:-2])
     weight = _take(group, prefix, "weight", f"{name}/kernel")
     _check_shape(weight, torch_shape, f"{prefix}.weight", f"{name}/kernel {kernel_shape}")
     n = weight.ndim
-    params = {"kernel": weight.transpose(*range(2, n), 1, 0)}
+    params = {"kernel": weight.transpose(*range(2, n), *((0, 1) if transposed else (1, 0)))}
     return _bias(group, prefix, name, params_shapes, params)
 
 
@@ -209,6 +215,9 @@ def _to_channels_last(vector: np.ndarray, flattened_from: tuple[int, ...]) -> np
     return moved.reshape(-1)
 
 
+_CONVERTED = (jnn.Conv, jnn.DepthwiseConv, jnn.ConvTranspose, jnn.Dense, jnn.BatchNorm)
+
+
 def from_torch_state_dict(
     model: nn.Module, state_dict: Mapping, input_shape: Sequence[int]
 ) -> dict[str, Any]:
@@ -236,10 +245,11 @@ def from_torch_state_dict(
         if call.path in seen or not (params or stats):
             continue
         seen.add(call.path)
-        if not isinstance(call.module, (jnn.Conv, jnn.Dense, jnn.BatchNorm)):
+        if not isinstance(call.module, _CONVERTED):
             raise ValueError(
                 f"model: layer {'/'.join(call.path)} ({type(call.module).__name__}) has no "
-                "PyTorch conversion (Conv, Dense and BatchNorm are supported)"
+                "PyTorch conversion (Conv, DepthwiseConv, ConvTranspose, Dense and BatchNorm are "
+                "supported)"
             )
         layers.append((call, params, stats))
     groups = _group(state_dict)
@@ -253,8 +263,9 @@ def from_torch_state_dict(
     for (call, params_shapes, stats_shapes), (prefix, group) in zip(layers, groups, strict=True):
         group = dict(group)
         module = call.module
-        if isinstance(module, jnn.Conv):
-            params = _convert_conv(group, prefix, call.path, params_shapes)
+        if isinstance(module, (jnn.Conv, jnn.DepthwiseConv, jnn.ConvTranspose)):
+            transposed = isinstance(module, jnn.ConvTranspose)
+            params = _convert_conv(group, prefix, call.path, params_shapes, transposed)
             stats = {}
         elif isinstance(module, jnn.Dense):
             # a Dropout, an activation or a BatchNorm1d between the Flatten and the layer keeps

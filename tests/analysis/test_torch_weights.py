@@ -99,6 +99,35 @@ def test_dense_after_flatten_then_dropout_and_activation_gets_the_flatten_order(
     _compare(torch, net, model, (2, 6, 6, 2), rng)
 
 
+def test_depthwise_and_transposed_convs_match_torch(torch, rng):
+    # they were refused as layers without a PyTorch conversion
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1, groups=3, bias=False),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(6, 4, (2, 3), stride=2, groups=2, output_padding=1),
+        torch.nn.ConvTranspose2d(4, 2, 3, padding=1),
+    )
+    net = _randomize_norm_statistics(torch, net, rng)
+    model = jcnn.nn.Sequential(
+        [
+            jcnn.nn.DepthwiseConv(3, depth_multiplier=2, padding=1, use_bias=False),
+            jcnn.nn.BatchNorm(),
+            jcnn.nn.ReLU(),
+            jcnn.nn.ConvTranspose(4, (2, 3), stride=2, groups=2, output_padding=1),
+            jcnn.nn.ConvTranspose(2, 3, padding=1),
+        ]
+    )
+    x = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    variables = from_torch_state_dict(model, net.state_dict(), x.shape)
+    assert variables["params"]["layers_3"]["kernel"].shape == (2, 3, 6, 2)
+    got = model.apply(variables, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_batch_norm_1d_after_flatten_gets_the_flatten_order(rng):
     """Flatten -> BatchNorm1d -> Linear, the PyTorch twin computed in NumPy (NCHW flatten): both
     the BatchNorm's vectors and the dense kernel after it are permuted."""
