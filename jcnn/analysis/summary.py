@@ -15,7 +15,9 @@ depends on, unclipped by the image border: ``r_out = r_in + (k_eff - 1) * j_in``
 ``k_eff = d (k - 1) + 1`` and the effective stride (jump) ``j_out = j_in * s``, composed from the
 input (``r = j = 1``). After a flatten, a global pool or a normalization with statistics over all
 positions (layer, group, instance and local contrast normalization, whose divisor involves the
-image's mean deviation) every unit sees the whole input window of the layer before it. Where
+image's mean deviation) every unit sees the whole input window of the layer before it; after such
+a normalization the units of the map all see that same window (effective stride 0), and so do
+the units of the layers after it. Where
 tensors are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the
 largest receptive field among the layer outputs of the same spatial size inside the enclosing
 module.
@@ -574,11 +576,11 @@ def _layer_field(call: LayerCall, field: ReceptiveField | None) -> ReceptiveFiel
     module = call.module
     spatial_in = _spatial(call.input_shape)
     if isinstance(module, _GLOBAL):
-        return field.whole(spatial_in) if spatial_in else field
+        return _seen_whole(field, spatial_in, call.output_shape) if spatial_in else field
     reduced = _flax_reduced_axes(module, len(call.input_shape)) if call.input_shape else None
     if reduced is not None:
         if reduced & set(range(1, len(call.input_shape) - 1)):  # mixes spatial positions
-            return field.whole(spatial_in)
+            return _seen_whole(field, spatial_in, call.output_shape)
         return (
             field if call.output_shape == call.input_shape[:-1] + call.output_shape[-1:] else None
         )
@@ -587,6 +589,16 @@ def _layer_field(call: LayerCall, field: ReceptiveField | None) -> ReceptiveFiel
     if spatial_in is None or len(spatial_in) != len(field.size):
         return None
     return _window_field(module, field, spatial_in)
+
+
+def _seen_whole(field: ReceptiveField, spatial_in, output_shape) -> ReceptiveField:
+    """The field of a layer whose every output sees all of its ``spatial_in`` input. Where the
+    output is still a map (a normalization), neighbouring units see the same window: their
+    stride is 0, so later windows add nothing to it."""
+    whole = field.whole(spatial_in)
+    if _spatial(output_shape) is None:  # flatten, global pool: no neighbouring positions
+        return whole
+    return dataclasses.replace(whole, stride=(0,) * len(whole.stride))
 
 
 def summary(

@@ -1,6 +1,7 @@
 """Tests of jcnn.analysis.summary: output-size formulas (vs PyTorch), the course's tables, and
 receptive fields (vs the gradient-based definition)."""
 
+import dataclasses
 import math
 
 import flax.linen as flax_nn
@@ -345,9 +346,22 @@ def test_local_contrast_norm_depends_on_the_whole_image(rng):
     model = nn.Sequential([nn.Conv(2, 3), nn.LocalContrastNorm(size=5)])
     shape = (1, 24, 24, 1)
     field = receptive_field(model, shape)
-    assert field == ReceptiveField((24, 24), (22, 22), (0, 0))
+    # every unit sees the same window: no stride between neighbours
+    assert field == ReceptiveField((24, 24), (0, 0), (0, 0))
     boxes, _, _ = _dependency_box(model, shape, rng, (0, 0))
     assert boxes == [(0, 23), (0, 23)]
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(1), nn.LayerNorm(), nn.InstanceNorm()])
+def test_layers_after_a_whole_map_normalization_keep_its_window(norm, rng):
+    # the windows after it grew by the whole map's stride: a 3x3 conv after a GroupNorm of a
+    # 10x10 map claimed a 32-pixel field on a 12-pixel image and unit 1 a window starting at 10
+    model = nn.Sequential([nn.Conv(2, 3), norm, nn.Conv(2, 3), nn.AvgPool(2), nn.Conv(2, 2)])
+    shape = (1, 12, 12, 1)
+    field = receptive_field(model, shape)
+    assert field == ReceptiveField((12, 12), (0, 0), (0, 0))
+    boxes, centre, _ = _dependency_box(model, shape, rng, (1, 1))
+    assert boxes == _predicted_box(field, centre, shape[1:-1]) == [(0, 11), (0, 11)]
 
 
 def test_depthwise_conv_rows_equal_the_grouped_conv_rows():
@@ -571,8 +585,10 @@ def test_flax_normalizations_and_dense_general_have_fields_and_macs():
         ("GroupNorm_0", "Conv_2"),
         ("InstanceNorm_0", "Conv_3"),
     ):
-        assert field[whole] == field[before].whole(spatial)
-        assert field[whole].size[0] > field[before].size[0] + 5
+        assert field[whole] == dataclasses.replace(field[before].whole(spatial), stride=(0, 0))
+    assert field["LayerNorm_1"].size[0] > field["Conv_1"].size[0] + 5
+    # after the first whole-map normalization every unit already sees the whole input window
+    assert field["InstanceNorm_0"] == field["LayerNorm_1"]
     assert field["DenseGeneral_0"] == field["InstanceNorm_0"]
     assert field["DenseGeneral_1"] is None  # (2, 3) features: no longer a map of positions
     assert rows["DenseGeneral_0"].macs == 7 * 5 * 6 * 8
