@@ -174,10 +174,12 @@ def _convert_norm(group, prefix, path, params_shapes, stats_shapes):
     return params, stats
 
 
-def _insert(tree: dict, path: Sequence[str], values: dict) -> None:
+def _insert(tree: dict, path: Sequence[str], values: dict, like: Mapping) -> None:
+    """``values`` at ``path`` of ``tree``, each in the dtype of the model's own variable in
+    ``like`` (a bfloat16 ``param_dtype`` stays bfloat16)."""
     for key in path:
         tree = tree.setdefault(key, {})
-    tree.update({k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+    tree.update({k: jnp.asarray(v, like[k].dtype) for k, v in values.items()})
 
 
 def _keeps_order(call) -> bool:
@@ -283,9 +285,9 @@ def from_torch_state_dict(
         if group:
             extra = ", ".join(f"{prefix}.{name}" for name in group)
             raise ValueError(f"{extra}: no jcnn parameter of layer {'/'.join(call.path)} matches")
-        _insert(variables["params"], call.path, params)
+        _insert(variables["params"], call.path, params, params_shapes)
         if stats:
-            _insert(variables.setdefault("batch_stats", {}), call.path, stats)
+            _insert(variables.setdefault("batch_stats", {}), call.path, stats, stats_shapes)
     return variables
 
 
@@ -470,7 +472,12 @@ def from_torchvision_state_dict(
             array = _as_numpy(remaining.pop(torch_key), torch_key)
             _check_shape(array, torch_shape, torch_key, f"{jcnn_name} {tuple(leaf.shape)}")
             value = _from_torch_layout(array, leaf_name, tuple(leaf.shape))
-            _insert(variables.setdefault(collection, {}), module_path, {leaf_name: value})
+            _insert(
+                variables.setdefault(collection, {}),
+                module_path,
+                {leaf_name: value},
+                {leaf_name: leaf},
+            )
     if remaining:
         raise ValueError(
             f"state_dict: {', '.join(remaining)}: no jcnn parameter of {type(model).__name__} "

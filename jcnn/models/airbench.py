@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jcnn import init
-from jcnn.functional._checks import check_array, check_int, check_real
+from jcnn.functional._checks import check_array, check_int, check_real, is_int
 from jcnn.models._checks import check_bn_momentum, check_num_classes, check_per_stage
 from jcnn.nn import GELU, BatchNorm, Conv, Dense, Flatten, MaxPool
 
@@ -156,10 +156,11 @@ def whitening_kernel(images: jax.Array, kernel_size: int = 2, eps: float = 5e-4)
     check_array(images, "images", ndim=4)
     n, height, width, channels = images.shape
     k = kernel_size
-    if not isinstance(k, int) or not 1 <= k <= min(height, width):
+    if not is_int(k) or not 1 <= k <= min(height, width):
         raise ValueError(
             f"kernel_size: expected an int in [1, {min(height, width)}] (the image size), got {k!r}"
         )
+    k = int(k)
     patches = jnp.stack(
         [
             images[:, i : height - k + 1 + i, j : width - k + 1 + j, :]

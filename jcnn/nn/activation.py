@@ -36,7 +36,8 @@ __all__ = [
 
 
 class PReLU(nn.Module):
-    """Parametric ReLU, ``max(alpha * x, x)`` with a learned slope ``alpha`` (He et al. 2015).
+    """Parametric ReLU, ``x if x > 0 else alpha * x`` with a learned slope ``alpha`` (He et al.
+    2015).
 
     Attributes:
         channelwise: one slope per channel (shape ``(C,)``) instead of one shared scalar.

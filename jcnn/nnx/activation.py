@@ -35,8 +35,8 @@ __all__ = [
 
 
 class PReLU(nnx.Module):
-    """Parametric ReLU, ``max(alpha * x, x)`` with a learned slope ``alpha``; the NNX twin of
-    ``jcnn.nn.PReLU``.
+    """Parametric ReLU, ``x if x > 0 else alpha * x`` with a learned slope ``alpha``; the NNX
+    twin of ``jcnn.nn.PReLU``.
 
     Args:
         channelwise: one slope per channel (shape ``(num_features,)``) instead of one scalar.

@@ -156,6 +156,39 @@ def test_batch_norm_1d_after_flatten_gets_the_flatten_order(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_parameters_take_the_models_param_dtype(rng):
+    # every converted array was float32, whatever the model's param_dtype
+    bf16 = jnp.bfloat16
+    model = jcnn.nn.Sequential(
+        [
+            jcnn.nn.Conv(4, 3, param_dtype=bf16),
+            jcnn.nn.BatchNorm(param_dtype=bf16),
+            jcnn.nn.Flatten(),
+            jcnn.nn.Dense(2, param_dtype=jnp.float16),
+        ]
+    )
+    state_dict = {
+        "0.weight": rng.normal(size=(4, 1, 3, 3)),
+        "0.bias": rng.normal(size=4),
+        "1.weight": rng.uniform(0.5, 1.5, 4),
+        "1.bias": rng.normal(size=4),
+        "1.running_mean": rng.normal(size=4),
+        "1.running_var": rng.uniform(0.5, 2.0, 4),
+        "3.weight": rng.normal(size=(2, 4 * 3 * 3)),
+        "3.bias": rng.normal(size=2),
+    }
+    state_dict = {k: v.astype(np.float32) for k, v in state_dict.items()}
+    shape = (1, 5, 5, 1)
+    variables = from_torch_state_dict(model, state_dict, shape)
+    initial = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+    want = jax.tree.map(lambda leaf: leaf.dtype, initial)
+    assert jax.tree.map(lambda leaf: leaf.dtype, variables) == want
+    assert variables["params"]["layers_0"]["kernel"].dtype == bf16
+    np.testing.assert_array_equal(
+        variables["params"]["layers_3"]["bias"], state_dict["3.bias"].astype(np.float16)
+    )
+
+
 def test_state_dict_of_another_type_is_named():
     model = jcnn.nn.Dense(2)
     with pytest.raises(TypeError, match="state_dict: expected a mapping .*, got list"):

@@ -55,6 +55,12 @@ def test_whitening_kernel_whitens_patches(rng):
     second_moment = out.T @ out / out.shape[0]
     np.testing.assert_allclose(second_moment[:12, :12], np.eye(12), atol=2e-3)
     np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])
+    # a NumPy int is an int (was refused); a bool is not (True was taken as 1)
+    np.testing.assert_array_equal(
+        models.whitening_kernel(images, kernel_size=np.int64(2), eps=1e-6), kernel
+    )
+    with pytest.raises(ValueError, match=r"kernel_size: expected an int in \[1, 10\].*got True"):
+        models.whitening_kernel(images, kernel_size=True)
 
 
 @pytest.mark.parametrize(
