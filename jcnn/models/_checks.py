@@ -36,3 +36,24 @@ def check_per_stage(value, name: str, *, length: int | None = None) -> tuple[int
     if not value or (length is not None and len(value) != length):
         raise ValueError(f"{name}: expected {expected}, got {tuple(value)!r}")
     return tuple(check_int(entry, f"{name}[{index}]", low=1) for index, entry in enumerate(value))
+
+
+def check_image_size(x, reductions: Sequence[tuple[int, int, int]], model: str) -> None:
+    """Raise a ``ValueError`` naming ``x`` where its height or width is below the smallest size
+    that ``reductions``, the ``(window, stride, padding)`` of the layers shrinking the map in
+    order, take to at least one pixel (a layer deep inside would otherwise fail on an empty map).
+
+    >>> import numpy as np
+    >>> check_image_size(np.zeros((1, 16, 16, 3)), [(2, 2, 0)] * 5, "VGG")
+    Traceback (most recent call last):
+    ...
+    ValueError: x: VGG expects images of at least 32x32 pixels, got shape (1, 16, 16, 3)
+    """
+    needed = 1
+    for window, stride, padding in reversed(reductions):
+        needed = max(1, (needed - 1) * stride + window - 2 * padding)
+    if min(x.shape[1:3]) < needed:
+        raise ValueError(
+            f"x: {model} expects images of at least {needed}x{needed} pixels, got shape "
+            f"{tuple(x.shape)}"
+        )

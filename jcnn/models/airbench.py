@@ -27,7 +27,12 @@ import jax.numpy as jnp
 
 from jcnn import init
 from jcnn.functional._checks import check_array, check_int, check_real, is_int
-from jcnn.models._checks import check_bn_momentum, check_num_classes, check_per_stage
+from jcnn.models._checks import (
+    check_bn_momentum,
+    check_image_size,
+    check_num_classes,
+    check_per_stage,
+)
 from jcnn.nn import GELU, BatchNorm, Conv, Dense, Flatten, MaxPool
 
 __all__ = ["AirbenchNet", "ConvGroup", "whitening_kernel"]
@@ -118,6 +123,8 @@ class AirbenchNet(nn.Module):
         k = check_int(self.whiten_kernel_size, "whiten_kernel_size", low=1)
         check_real(self.scaling_factor, "scaling_factor")
         _check_norm_settings(self.bn_momentum, self.bn_eps)
+        pools = [(2, 2, 0)] * len(self.widths)
+        check_image_size(x, [(k, 1, 0), *pools, (3, 3, 0)], "AirbenchNet")
         x = Conv(2 * x.shape[-1] * k * k, (k, k), kernel_init=self.whiten_init, name="whiten")(x)
         x = GELU(name="gelu0")(x)
         for index, width in enumerate(self.widths, start=1):

@@ -22,7 +22,7 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
-from jcnn.models._checks import check_dropout_rate, check_num_classes
+from jcnn.models._checks import check_dropout_rate, check_image_size, check_num_classes
 from jcnn.nn import (
     AdaptiveAvgPool,
     Conv,
@@ -78,6 +78,12 @@ class AlexNet(nn.Module):
         convs, hidden = _VARIANTS[self.variant]
         small = self.variant == "cifar"
         pool_window, pool_stride = (2, 2) if small else (3, 2)
+        reductions = []
+        for index, (_, kernel, stride, padding) in enumerate(convs, start=1):
+            reductions.append((kernel, stride, padding))
+            if index in (1, 2, 5):
+                reductions.append((pool_window, pool_stride, 0))
+        check_image_size(x, reductions, f"AlexNet (variant {self.variant!r})")
         for index, (features, kernel, stride, padding) in enumerate(convs, start=1):
             x = Conv(features, (kernel, kernel), stride, padding, name=f"conv{index}")(x)
             x = ReLU(name=f"relu{index}")(x)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jcnn.functional._checks import check_array, check_int, check_real
-from jcnn.models._checks import check_num_classes, check_per_stage
+from jcnn.models._checks import check_image_size, check_num_classes, check_per_stage
 from jcnn.nn import GELU, Conv, Dense, GlobalAvgPool, LayerNorm
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "convnext_tiny", "convnext_cifar"]
@@ -151,6 +151,7 @@ class ConvNeXt(nn.Module):
         patch = check_int(self.patch_size, "patch_size", low=1)
         _check_stochastic_depth(self.stochastic_depth)
         check_real(self.layer_scale_init, "layer_scale_init")
+        check_image_size(x, [(patch, patch, 0)] + [(2, 2, 0)] * (stages - 1), "ConvNeXt")
         x = Conv(self.widths[0], (patch, patch), patch, kernel_init=_weight_init, name="stem_conv")(
             x
         )

@@ -17,7 +17,12 @@ import flax.linen as nn
 import jax
 
 from jcnn.functional._checks import check_array
-from jcnn.models._checks import check_bn_momentum, check_num_classes, check_per_stage
+from jcnn.models._checks import (
+    check_bn_momentum,
+    check_image_size,
+    check_num_classes,
+    check_per_stage,
+)
 from jcnn.nn import BatchNorm, Conv, Dense, Flatten, MaxPool, ReLU
 
 __all__ = ["FastMNISTNet"]
@@ -55,6 +60,7 @@ class FastMNISTNet(nn.Module):
         check_per_stage(self.widths, "widths")
         check_num_classes(self.num_classes)
         check_bn_momentum(self.bn_momentum)
+        check_image_size(x, [(5, 1, 0), (2, 2, 0)] * 2, "FastMNISTNet")
         for index, width in enumerate(self.widths, start=1):
             x = Conv(width, (5, 5), use_bias=False, name=f"conv{index}")(x)
             x = MaxPool(2, name=f"pool{index}")(x)

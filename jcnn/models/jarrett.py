@@ -21,7 +21,7 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array, check_positive_int
-from jcnn.models._checks import check_num_classes, check_per_stage
+from jcnn.models._checks import check_image_size, check_num_classes, check_per_stage
 from jcnn.nn import AvgPool, Conv, Dense, Flatten, LocalContrastNorm, MaxPool, Rectify, Tanh
 
 __all__ = ["JarrettNet"]
@@ -70,6 +70,8 @@ class JarrettNet(nn.Module):
         check_positive_int(self.pool_stride, "pool_stride")
         if check_positive_int(self.lcn_size, "lcn_size") % 2 == 0:
             raise ValueError(f"lcn_size: expected an odd int, got {self.lcn_size}")
+        pooling = (self.pool_window, self.pool_stride, 0)
+        check_image_size(x, [pooling] * len(self.widths), "JarrettNet")
         conv_init = init.lecun_normal()
         for index, width in enumerate(self.widths, start=1):
             x = Conv(width, (k, k), padding=k // 2, kernel_init=conv_init, name=f"conv{index}")(x)

@@ -14,7 +14,7 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array, check_bool
-from jcnn.models._checks import check_num_classes
+from jcnn.models._checks import check_image_size, check_num_classes
 from jcnn.nn import AvgPool, Conv, Dense, Flatten, MaxPool, ReLU, Tanh
 
 __all__ = ["LeNet5"]
@@ -56,7 +56,9 @@ class LeNet5(nn.Module):
         check_array(x, "x", ndim=4)
         check_num_classes(self.num_classes)
         if check_bool(self.original, "original"):
+            check_image_size(x, [(2, 2, 0), (5, 1, 0), (2, 2, 0)], "LeNet5 (original)")
             return self._lecun1998(x)
+        check_image_size(x, [(2, 2, 0)] * 2, "LeNet5")
         x = Conv(20, (5, 5), padding=2, name="conv1")(x)
         x = ReLU(name="relu1")(x)
         x = MaxPool(2, name="pool1")(x)

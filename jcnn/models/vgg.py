@@ -20,7 +20,12 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array, check_bool
-from jcnn.models._checks import check_bn_momentum, check_dropout_rate, check_num_classes
+from jcnn.models._checks import (
+    check_bn_momentum,
+    check_dropout_rate,
+    check_image_size,
+    check_num_classes,
+)
 from jcnn.nn import AdaptiveAvgPool, BatchNorm, Conv, Dense, Dropout, Flatten, MaxPool, ReLU
 
 __all__ = ["VGG"]
@@ -60,6 +65,7 @@ class VGG(nn.Module):
         check_num_classes(self.num_classes)
         check_dropout_rate(self.dropout_rate)
         check_bn_momentum(self.bn_momentum)
+        check_image_size(x, [(2, 2, 0)] * len(_WIDTHS), "VGG")
         for stage, (convs, width) in enumerate(
             zip(_STAGE_DEPTHS[self.depth], _WIDTHS, strict=True), start=1
         ):
