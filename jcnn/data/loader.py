@@ -350,6 +350,8 @@ class Loader:
 
     def poisson_indices(self, epoch: int, step: int) -> np.ndarray:
         """The (sorted) example indices of Poisson batch ``step`` of ``epoch``."""
+        epoch = check_int(epoch, "epoch", low=0, high=_MAX_EPOCH)
+        step = check_int(step, "step", low=0, high=len(self) - 1)
         members = jax.random.bernoulli(
             _poisson_key(self.seed, epoch, step), self.sampling_rate, (self.num_examples,)
         )

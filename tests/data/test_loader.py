@@ -458,3 +458,23 @@ def test_order_checks_the_epoch_like_epoch_and_batch(epoch, error):
     with pytest.raises(error, match="epoch: expected an int"):
         loader.order(epoch)
     assert loader.order(np.int64(1)).tolist() == loader.order(1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("epoch", "step", "error", "message"),
+    [
+        (-1, 0, ValueError, r"epoch: expected an int in \[0, 2147483647\], got -1"),
+        (0.5, 0, TypeError, "epoch: expected an int"),
+        (0, 5, ValueError, r"step: expected an int in \[0, 4\], got 5"),
+        (0, -1, ValueError, "step: expected an int"),
+        (0, 1.0, TypeError, "step: expected an int"),
+    ],
+)
+def test_poisson_indices_checks_epoch_and_step_like_batch(dataset, epoch, step, error, message):
+    # poisson_indices(-1, 0) was NumPy's OverflowError; a fractional epoch or a step past the
+    # epoch's batches silently gave a batch that no epoch yields
+    images, labels = dataset
+    loader = Loader(images, labels, batch_size=10, sampling="poisson")
+    with pytest.raises(error, match=message):
+        loader.poisson_indices(epoch, step)
+    assert loader.poisson_indices(np.int64(2), 4).tolist() == loader.poisson_indices(2, 4).tolist()
