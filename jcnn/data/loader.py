@@ -263,7 +263,7 @@ class Loader:
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.shuffle = check_bool(shuffle, "shuffle")
-        self.seed = check_int(seed, "seed")
+        self.seed = check_int(seed, "seed", low=-(2**63), high=2**63 - 1)  # jax.random.key's range
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
         if sharding is not None:
             pieces = _batch_pieces(sharding)

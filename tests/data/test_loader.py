@@ -478,3 +478,21 @@ def test_poisson_indices_checks_epoch_and_step_like_batch(dataset, epoch, step, 
     with pytest.raises(error, match=message):
         loader.poisson_indices(epoch, step)
     assert loader.poisson_indices(np.int64(2), 4).tolist() == loader.poisson_indices(2, 4).tolist()
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**70])
+def test_a_seed_past_64_bits_is_named(dataset, seed):
+    # it raised jax.random.key's bare OverflowError ('Python int too large to convert to C long')
+    images, labels = dataset
+    with pytest.raises(ValueError, match=r"seed: expected an int in \[-9223372036854775808, "):
+        Loader(images, labels, batch_size=10, seed=seed)
+    with pytest.raises(ValueError, match="seed: expected an int in"):
+        Loader.from_source(list(zip(images, labels, strict=True)), batch_size=10, seed=seed)
+
+
+def test_the_extreme_64_bit_seeds_work(dataset):
+    images, labels = dataset
+    for seed in (2**63 - 1, -(2**63)):
+        loader = Loader(images, labels, batch_size=10, seed=seed, augment=AUGMENT)
+        assert sorted(loader.order(0).tolist()) == list(range(N))
+        assert loader.batch(1, 2)[0].shape == (10, SIZE, SIZE, 1)
