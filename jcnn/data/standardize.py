@@ -162,15 +162,7 @@ class Standardize:
             )
         if mode != "pca" and num_components is not None:
             raise ValueError(f"num_components: only meaningful for mode='pca', got mode={mode!r}")
-        dtype = getattr(train_images, "dtype", None)
-        if (
-            dtype is None
-            or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
-            or np.issubdtype(dtype, np.bool_)
-        ):
-            raise TypeError(
-                f"train_images: expected an integer or floating array, got dtype {dtype}"
-            )
+        _check_real_images(train_images, "train_images")
         n = train_images.shape[0]
         total = np.zeros(train_images.shape[1:], np.float64)
         for start, chunk in zip(range(0, n, _CHUNK), _float64_chunks(train_images), strict=True):
@@ -265,8 +257,7 @@ class Standardize:
                 f"Standardize: expected (images) or (key, image) as an augmentation op, got "
                 f"{len(args)} arguments"
             )
-        if not hasattr(images, "shape"):
-            raise TypeError(f"images: expected an array, got {type(images).__name__}")
+        _check_real_images(images, "images")
         trailing = self.mean.shape
         if tuple(images.shape[images.ndim - len(trailing) :]) != tuple(trailing) or (
             images.ndim < 3
@@ -290,6 +281,17 @@ class Standardize:
 
     def _image_shape(self):
         return ("H", "W", self.mean.shape[0]) if self.mean.ndim == 1 else self.mean.shape
+
+
+def _check_real_images(images, name: str) -> None:
+    """Raise unless ``images`` is an array of integers or floats (bfloat16 included; not bool)."""
+    if not hasattr(images, "shape"):
+        raise TypeError(f"{name}: expected an array, got {type(images).__name__}")
+    dtype = getattr(images, "dtype", None)
+    if dtype is None or not (
+        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    ):
+        raise TypeError(f"{name}: expected an integer or floating array, got dtype {dtype}")
 
 
 def _check_statistic(value, name: str) -> None:

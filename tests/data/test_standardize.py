@@ -261,3 +261,36 @@ def test_the_constructor_accepts_what_fit_makes_and_pytree_transformations_still
         jax.jit(lambda m: Standardize(m, m[:2], None, "center"))(stats.mean)
     leaves = jax.tree_util.tree_leaves_with_path(stats)
     assert [jax.tree_util.keystr(path) for path, _ in leaves] == [".mean", ".scale"]
+
+
+@pytest.mark.parametrize("mode", ["per_channel", "mean_image", "zca"])
+def test_bfloat16_training_images_fit_like_float32(splits, mode):
+    # bfloat16 (a floating dtype outside NumPy's own hierarchy) was refused as "not an integer
+    # or floating array"
+    import jax.numpy as jnp
+
+    train = splits[0][:50, :2, :2].astype(np.float32)  # integers: exact in bfloat16
+    got = Standardize.fit(jnp.asarray(train, jnp.bfloat16), mode=mode)
+    expected = Standardize.fit(train, mode=mode)
+    for name in ("mean", "scale", "projection"):
+        if getattr(expected, name) is not None:
+            np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.ones((2, 5, 4, 3), bool), "got dtype bool"),
+        (np.ones((2, 5, 4, 3), np.complex64), "got dtype complex64"),
+        (np.full((2, 5, 4, 3), "a"), "got dtype <U1"),
+    ],
+)
+def test_applying_to_non_real_images_is_refused_like_fitting(splits, images, message):
+    # bool images were standardized as 0/1, complex ones lost their imaginary part with a
+    # warning, and strings ended in JAX's "Error interpreting argument to stage as a JAX value"
+    stats = Standardize.fit(splits[0])
+    with pytest.raises(
+        TypeError, match=f"images: expected an integer or floating array, {message}"
+    ):
+        stats(images)
+
