@@ -155,6 +155,11 @@ class Standardize:
         if not hasattr(train_images, "shape") or len(train_images.shape) != 4:
             shape = getattr(train_images, "shape", type(train_images).__name__)
             raise ValueError(f"train_images: expected rank 4 (N, H, W, C), got {shape}")
+        if 0 in train_images.shape[1:]:
+            raise ValueError(
+                f"train_images: expected images of non-zero H, W and C, got shape "
+                f"{tuple(train_images.shape)}"
+            )
         if train_images.shape[0] < 2:
             raise ValueError(
                 f"train_images: expected at least 2 images to fit statistics, got "

@@ -294,3 +294,10 @@ def test_applying_to_non_real_images_is_refused_like_fitting(splits, images, mes
     ):
         stats(images)
 
+
+@pytest.mark.parametrize("shape", [(4, 0, 2, 3), (4, 2, 0, 3), (4, 2, 2, 0)])
+def test_fitting_images_of_zero_size_is_refused(shape):
+    # an empty H or W gave NaN statistics refused as "mean: expected finite values", an empty C
+    # NumPy's "cannot reshape array of size 0"
+    with pytest.raises(ValueError, match=r"train_images: expected images of non-zero H, W and C"):
+        Standardize.fit(np.zeros(shape, np.uint8))
