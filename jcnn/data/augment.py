@@ -550,6 +550,7 @@ def color_jitter(
     """Brightness, contrast, then saturation, each factor uniform on ``[max(0, 1 - s), 1 + s]``
     (the ranges of torchvision's ``ColorJitter``)."""
     check_key(key)
+    _check_image(image)
     brightness, contrast, saturation = (
         check_real(value, name, low=0)
         for value, name in (

@@ -667,3 +667,18 @@ def test_affine_with_a_traced_matrix_is_not_checked_for_finiteness():
     out = jax.vmap(A.affine, in_axes=(None, 0))(image, matrices)
     np.testing.assert_array_equal(out[0], image)
     assert out.shape == (2, 4, 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("image", "error", "message"),
+    [
+        (jnp.zeros((4, 4)), ValueError, r"image: expected rank 3 \(H, W, C\)"),
+        (jnp.zeros((4, 4, 3), jnp.int32), TypeError, "image: expected uint8 or floating"),
+        ("image", TypeError, r"image: expected an array \(H, W, C\), got str"),
+    ],
+)
+@pytest.mark.parametrize("strengths", [{}, {"brightness": 0.4}])
+def test_color_jitter_checks_the_image_whatever_its_strengths(image, error, message, strengths):
+    # with every strength 0 (the defaults) any value came back unchanged and unchecked
+    with pytest.raises(error, match=message):
+        A.color_jitter(_KEY, image, **strengths)
