@@ -100,6 +100,8 @@ def _check_images(images) -> None:
         raise ValueError(
             f"images: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
         )
+    if not (jnp.issubdtype(images.dtype, jnp.floating) or images.dtype == jnp.uint8):
+        raise TypeError(f"images: expected uint8 or floating dtype, got {images.dtype}")
 
 
 def _check_batch(images, labels) -> None:

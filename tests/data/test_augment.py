@@ -682,3 +682,19 @@ def test_color_jitter_checks_the_image_whatever_its_strengths(image, error, mess
     # with every strength 0 (the defaults) any value came back unchanged and unchecked
     with pytest.raises(error, match=message):
         A.color_jitter(_KEY, image, **strengths)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda images: A.mixup(_KEY, images, _LABELS, num_classes=3),
+        lambda images: A.cutmix(_KEY, images, _LABELS, num_classes=3),
+        lambda images: A.apply_batch(A.random_hflip, _KEY, images),
+    ],
+)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_batch_ops_take_the_image_dtypes_of_the_per_example_ops(call, dtype):
+    # mixup and cutmix mixed int32 or bool batches, which every per-example op refuses (an image
+    # is uint8 in 0..255 or floating in [0, 1]), and apply_batch named the image, not the images
+    with pytest.raises(TypeError, match="images: expected uint8 or floating dtype, got"):
+        call(_IMAGES.astype(dtype))
