@@ -263,7 +263,11 @@ class Loader:
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.shuffle = check_bool(shuffle, "shuffle")
-        self.seed = check_int(seed, "seed", low=-(2**63), high=2**63 - 1)  # jax.random.key's range
+        self.seed = check_int(seed, "seed")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ValueError(
+                f"seed: expected an int in [-2**63, 2**63 - 1] (jax.random.key's range), got {seed}"
+            )
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
         if sharding is not None:
             pieces = _batch_pieces(sharding)
