@@ -95,13 +95,13 @@ def _check_image(image, name: str = "image") -> None:
         raise TypeError(f"{name}: expected uint8 or floating dtype, got {image.dtype}")
 
 
-def _check_images(images) -> None:
+def _check_images(images, name: str = "images") -> None:
     if not hasattr(images, "ndim") or images.ndim != 4:
         raise ValueError(
-            f"images: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
+            f"{name}: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
         )
     if not (jnp.issubdtype(images.dtype, jnp.floating) or images.dtype == jnp.uint8):
-        raise TypeError(f"images: expected uint8 or floating dtype, got {images.dtype}")
+        raise TypeError(f"{name}: expected uint8 or floating dtype, got {images.dtype}")
 
 
 def _check_batch(images, labels) -> None:
@@ -771,11 +771,17 @@ def pixmix(
     if augment is not None and not callable(augment):
         raise TypeError(f"augment: expected a callable (key, image) -> image, got {augment!r}")
     if mixing_images is not None:
-        _check_images(mixing_images)
+        _check_images(mixing_images, "mixing_images")
         if tuple(mixing_images.shape[1:]) != tuple(image.shape) or mixing_images.shape[0] < 1:
             raise ValueError(
                 f"mixing_images: expected shape (M >= 1, {', '.join(map(str, image.shape))}) like "
                 f"the image, got {tuple(mixing_images.shape)}"
+            )
+        if (mixing_images.dtype == jnp.uint8) != (image.dtype == jnp.uint8):
+            units = "uint8, 0..255" if image.dtype == jnp.uint8 else "floating, [0, 1]"
+            raise TypeError(
+                f"mixing_images: expected the image's units ({units}, as its {image.dtype}), got "
+                f"dtype {mixing_images.dtype}"
             )
     max_value = _max_value(image.dtype)
     x = _to_float(image) / max_value

@@ -698,3 +698,20 @@ def test_batch_ops_take_the_image_dtypes_of_the_per_example_ops(call, dtype):
     # is uint8 in 0..255 or floating in [0, 1]), and apply_batch named the image, not the images
     with pytest.raises(TypeError, match="images: expected uint8 or floating dtype, got"):
         call(_IMAGES.astype(dtype))
+
+
+@pytest.mark.parametrize(
+    ("image", "mixing", "message"),
+    [
+        (_IMAGE, _IMAGES, r"\(uint8, 0..255, as its uint8\), got dtype float32"),
+        (_IMAGES[0], _IMAGE[None], r"\(floating, \[0, 1\], as its float32\), got dtype uint8"),
+    ],
+)
+def test_pixmix_mixing_images_must_be_in_the_image_units(image, mixing, message):
+    # float mixing images in [0, 1] were divided by 255 for a uint8 image (near-black partners),
+    # uint8 ones in 0..255 taken as floats for a float image (clipped to white), silently
+    with pytest.raises(TypeError, match=f"mixing_images: expected the image's units {message}"):
+        A.pixmix(_KEY, image, mixing_images=mixing)
+    with pytest.raises(ValueError, match=r"mixing_images: expected rank 4 \(N, H, W, C\)"):
+        A.pixmix(_KEY, image, mixing_images=mixing[0])
+    assert A.pixmix(_KEY, image, mixing_images=image[None]).dtype == image.dtype
