@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jcnn.data import datasets
+from jcnn.functional._checks import check_bool
 
 __all__ = [
     "DownloadError",
@@ -267,6 +268,8 @@ def download(
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout: expected a finite number of seconds > 0, got {timeout!r}")
     timeout = float(timeout)
+    progress = check_bool(progress, "progress")
+    force = check_bool(force, "force")
     addresses = urls(name, mirrors)
     folder = _resolve_folder(name, data_dir)
     try:

@@ -644,3 +644,12 @@ def test_cli_download_refuses_a_timeout_that_is_not_finite_and_positive(tmp_path
     assert fetch.main(argv) == 2
     assert "--timeout: expected a finite number of seconds > 0" in capsys.readouterr().err
     assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", ["force", "progress"])
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_download_flags_must_be_bools(tmp_path, server, flag, bad):
+    # force="no" was truthy and downloaded again every file already present; any value passed
+    with pytest.raises(TypeError, match=f"{flag}: expected a Python bool, got {bad!r}"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], **{flag: bad})
+    assert server.requests == [] and not (tmp_path / "mnist").exists()
