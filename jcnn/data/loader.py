@@ -23,7 +23,7 @@ With ``alternating_flip=True`` example ``i`` is mirrored in epoch ``epoch`` when
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -373,16 +373,30 @@ class Loader:
             records = self._source.__getitems__(indices)
         else:
             records = [self._source[i] for i in indices]
-        image_key, label_key = self._keys
-        if isinstance(records[0], dict):
-            pairs = [(r[image_key], r[label_key]) for r in records]
-        else:
-            pairs = [tuple(r) for r in records]
+        pairs = [self._image_and_label(r, i) for r, i in zip(records, indices, strict=True)]
         images = np.stack([np.asarray(image) for image, _ in pairs])[:count]
         labels = np.stack([np.asarray(label) for _, label in pairs])[:count]
         if labels.dtype == np.int64:
             labels = labels.astype(np.int32)
         return jax.device_put(images), jax.device_put(labels)
+
+    def _image_and_label(self, record, index):
+        image_key, label_key = self._keys
+        if isinstance(record, Mapping):
+            missing = [key for key in (image_key, label_key) if key not in record]
+            if missing:
+                raise ValueError(
+                    f"source: record {index} has no {', '.join(map(repr, missing))} (its keys: "
+                    f"{', '.join(map(repr, record))}); name them with image_key= and label_key="
+                )
+            return record[image_key], record[label_key]
+        if isinstance(record, (tuple, list)) and len(record) == 2:
+            return tuple(record)
+        described = f"a {len(record)}-tuple" if isinstance(record, (tuple, list)) else None
+        raise TypeError(
+            f"source: expected records that are mappings with {image_key!r} and {label_key!r} or "
+            f"(image, label) pairs, got {described or type(record).__name__} for record {index}"
+        )
 
     def _make(self, order, epoch, step):
         if self.sampling == "poisson":

@@ -496,3 +496,42 @@ def test_the_extreme_64_bit_seeds_work(dataset):
         loader = Loader(images, labels, batch_size=10, seed=seed, augment=AUGMENT)
         assert sorted(loader.order(0).tolist()) == list(range(N))
         assert loader.batch(1, 2)[0].shape == (10, SIZE, SIZE, 1)
+
+
+@pytest.mark.parametrize(
+    ("records", "kw", "error", "message"),
+    [
+        (
+            lambda x, y: [{"img": a, "label": b} for a, b in zip(x, y, strict=True)],
+            {},
+            ValueError,
+            r"source: record \d+ has no 'image' \(its keys: 'img', 'label'\); name them with "
+            "image_key=",
+        ),
+        (
+            lambda x, y: [{"image": a, "label": b} for a, b in zip(x, y, strict=True)],
+            {"label_key": "y"},
+            ValueError,
+            r"source: record \d+ has no 'y'",
+        ),
+        (
+            lambda x, y: list(x),
+            {},
+            TypeError,
+            r"source: expected records that are mappings with 'image' and 'label' or \(image, "
+            r"label\) pairs, got ndarray for record \d+",
+        ),
+        (
+            lambda x, y: [(a, b, b) for a, b in zip(x, y, strict=True)],
+            {},
+            TypeError,
+            r"got a 3-tuple for record \d+",
+        ),
+    ],
+)
+def test_streaming_records_of_another_form_are_named(dataset, records, kw, error, message):
+    # these ended in a bare KeyError 'image' or "too many values to unpack (expected 2)"
+    images, labels = dataset
+    loader = Loader.from_source(records(images, labels), batch_size=10, **kw)
+    with pytest.raises(error, match=message):
+        loader.batch(0, 0)
