@@ -875,7 +875,7 @@ def _op_sharpness(x, m, sign, max_value, wide):
 
 
 def _op_posterize(x, m, sign, max_value, wide):
-    bits = 8 - jnp.floor(m * (6 if wide else 4)).astype(jnp.int32)
+    bits = 8 - jnp.round(m * (6 if wide else 4)).astype(jnp.int32)  # torchvision rounds
     return _with_range(posterize, x, max_value, bits)
 
 

@@ -334,6 +334,19 @@ def test_pixmix_and_patterns(rng):
     )
 
 
+def test_policy_posterize_bits_are_torchvisions_bins():
+    # torchvision's RandAugment / TrivialAugmentWide posterize bins: 8 - round(i / (30 / 4)) and
+    # 8 - round(i / (30 / 6)) bits at magnitude i of 30; jcnn floored (8 bits at i = 4, not 7)
+    ops = dict(A.POLICY_OPS)
+    image = jnp.arange(256, dtype=jnp.float32).reshape(16, 16, 1)
+    for wide, top in ((False, 4), (True, 6)):
+        for i in range(31):
+            bits = 8 - int(np.round(i / (30 / top)))
+            got = ops["posterize"](image, i / 30, 1.0, 255.0, wide)
+            want = A.posterize(image.astype(jnp.uint8), bits).astype(jnp.float32)
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{i}/30, wide={wide}")
+
+
 def test_policies_cover_every_op_and_are_reproducible(rng):
     image = jnp.asarray(rng.integers(0, 256, (10, 10, 3)), jnp.uint8)
     # one RandAugment op at a fixed magnitude: 3 sign-free ops + 11 ops with 2 signs = 25 outcomes;
