@@ -97,9 +97,7 @@ def _check_image(image, name: str = "image") -> None:
 
 def _check_images(images, name: str = "images") -> None:
     if not hasattr(images, "ndim") or images.ndim != 4:
-        raise ValueError(
-            f"{name}: expected rank 4 (N, H, W, C), got {getattr(images, 'shape', images)!r}"
-        )
+        raise ValueError(f"{name}: expected rank 4 (N, H, W, C), got {_shape_or_type(images)}")
     if not (jnp.issubdtype(images.dtype, jnp.floating) or images.dtype == jnp.uint8):
         raise TypeError(f"{name}: expected uint8 or floating dtype, got {images.dtype}")
 
@@ -113,8 +111,15 @@ def _check_batch(images, labels) -> None:
     ):
         raise ValueError(
             f"labels: expected ({images.shape[0]},) integer labels or ({images.shape[0]}, K) soft "
-            f"labels, got shape {getattr(labels, 'shape', labels)!r}"
+            f"labels, got {_shape_or_type(labels)}"
         )
+
+
+def _shape_or_type(value) -> str:
+    """``shape (2, 3)`` for an array, ``list`` for anything else (never the values)."""
+    if hasattr(value, "shape"):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def _max_value(dtype) -> float:

@@ -148,6 +148,10 @@ class Loader:
                 raise ValueError(
                     f"{name}: expected an array with one row per example, got shape ()"
                 )
+            dtype = getattr(array, "dtype", None)
+            kinds = (jnp.integer, jnp.floating, *((jnp.bool_,) if name == "labels" else ()))
+            if dtype is None or not any(jnp.issubdtype(dtype, kind) for kind in kinds):
+                raise TypeError(f"{name}: expected integer or floating values, got dtype {dtype}")
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"labels: expected {images.shape[0]} labels (one per image), got shape "

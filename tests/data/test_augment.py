@@ -571,6 +571,16 @@ _LABELS = jnp.array([0, 1, 2, 1], jnp.int32)
             "alpha: expected a finite number > 0, got inf",
         ),
         (
+            lambda: A.mixup(_KEY, _IMAGES, [0, 1, 2, 1], num_classes=3),  # the values as a shape
+            ValueError,
+            "labels: expected (4,) integer labels or (4, K) soft labels, got list",
+        ),
+        (
+            lambda: A.cutmix(_KEY, [[0.0]], _LABELS, num_classes=3),
+            ValueError,
+            "images: expected rank 4 (N, H, W, C), got list",
+        ),
+        (
             lambda: A.mixup(_KEY, _IMAGES, _LABELS, num_classes=0),
             ValueError,
             "num_classes: expected a positive int, got 0",

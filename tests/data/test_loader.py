@@ -273,6 +273,18 @@ def test_argument_checks(dataset):
     with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2147483647\]"):
         loader.epoch(2**31)
     assert loader.batch(2**31 - 1, 0)[0].shape == (5, SIZE, SIZE, 1)
+    # strings, objects or complex values failed at the first batch inside JAX
+    for bad_images, bad_labels, name, dtype in (
+        (images, labels.astype(str), "labels", "<U"),
+        (images.astype(object), labels, "images", "object"),
+        (images.astype(np.complex64), labels, "images", "complex64"),
+        (images.astype(bool), labels, "images", "bool"),
+    ):
+        message = f"^{name}: expected integer or floating values, got dtype {dtype}"
+        with pytest.raises(TypeError, match=message):
+            Loader(bad_images, bad_labels, batch_size=5)
+    binary = Loader(images, labels % 2 == 0, batch_size=5)  # bool labels for a custom loss
+    assert binary.batch(0, 0)[1].dtype == np.bool_
 
 
 def test_with_examples_keeps_every_setting(dataset):
