@@ -264,10 +264,12 @@ def loss_and_logits(
             "label_smoothing: applies to the default cross-entropy only, not to a custom loss_fn "
             f"(smooth inside your loss), got {label_smoothing!r}"
         )
-    variables = {**state.variables(), "params": params}
     if compute_dtype is not None:
-        variables = _cast_floats(variables, compute_dtype)
+        # only the parameters: BatchNorm statistics cast to bfloat16 each step would lose every
+        # running-average update below half a bfloat16 step (0.01 * (1.3 - 1.0) at momentum 0.99)
+        params = _cast_floats(params, compute_dtype)
         images = images.astype(compute_dtype)
+    variables = {**state.variables(), "params": params}
     if train:
         logits, updates = state.apply_fn(
             variables,

@@ -117,6 +117,24 @@ def test_bfloat16_compute_keeps_float32_params(rng):
         np.testing.assert_allclose(x, y, rtol=0.05, atol=0.01)
 
 
+def test_bfloat16_compute_updates_batchnorm_statistics_in_float32(rng):
+    # the running statistics were cast to bfloat16 for the step: 0.99 * 1.0 + 0.01 * 1.3 = 1.003
+    # rounded back to 1.0 (bfloat16's spacing at 1 is 2^-7), so they stalled far from the data's
+    class BNNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.99)(x)
+            return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+    images = jnp.asarray(rng.normal(size=(16, 4, 4, 2)) * np.sqrt(1.3) + 0.3, jnp.float32)
+    state = TrainState.create(BNNet(), optimizer("sgd", 0.0), jax.random.PRNGKey(0), images[:1])
+    new, _ = train_step(state, (images, jnp.zeros(16, jnp.int32)), compute_dtype=jnp.bfloat16)
+    seen = np.asarray(images.astype(jnp.bfloat16), np.float64)  # what the model computed on
+    stats = new.batch_stats["BatchNorm_0"]
+    np.testing.assert_allclose(stats["mean"], 0.01 * seen.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.99 + 0.01 * seen.var(axis=(0, 1, 2)), rtol=1e-6)
+
+
 def test_eval_step_uses_running_statistics_and_training_learns(rng):
     model = SmallNet()
     images = jnp.asarray(rng.normal(size=(24, 6, 6, 2)), jnp.float32)
