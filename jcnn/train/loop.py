@@ -1387,7 +1387,13 @@ def _fit(
                 if jax.process_index() == 0:
                     _write_history(out, history, evaluations)
                 every = config.checkpoint_every_epochs
-                if finished() or (every and completed and epoch % every == 0):
+                every_steps = config.checkpoint_every_steps
+                if (
+                    finished()
+                    or (every and completed and epoch % every == 0)
+                    # a step save due at an epoch's end happens here, after its record
+                    or (every_steps and step % every_steps == 0)
+                ):
                     save(metric=record.get(config.monitor))
                 if int(state.step) == crash_after:
                     os._exit(17)

@@ -110,6 +110,15 @@ def test_resume_from_mid_epoch_checkpoint_is_bitwise_exact(tmp_path, rng):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_checkpoints_every_n_steps_include_the_steps_that_end_an_epoch(tmp_path, rng):
+    # a step save was made only mid-epoch: with epoch saves off, steps 4 and 8 (epoch ends) were
+    # skipped, so a crash at step 5 resumed from step 2
+    train, _ = _loaders(*_data(rng))  # 4 steps per epoch
+    config = _config(tmp_path, epochs=3, checkpoint_every_epochs=0, checkpoint_every_steps=2)
+    fit(TinyNet(), train, None, config)
+    assert CheckpointManager(tmp_path / "checkpoints").steps() == [2, 4, 6, 8, 10, 12]
+
+
 def test_extending_a_run_stopped_mid_epoch_equals_the_longer_run(tmp_path, rng):
     train, val = _loaders(*_data(rng))
     full = fit(TinyNet(), train, val, _config(tmp_path / "full", schedule="constant"))
