@@ -20,7 +20,9 @@ the square root and start their accumulators at 0 (Optax's ``adagrad`` starts at
 
 Weight decay ``λ`` is *coupled* (``g += λ x`` before the optimizer, i.e. L2 regularization) for
 every optimizer except ``adamw``, ``lars`` and ``lamb``, where it is *decoupled*
-(``x -= α (update + λ x)``); ``decoupled=`` overrides. A ``mask`` (a pytree of bools or a
+(``x -= α (update + λ x)``); ``decoupled=`` overrides. LARS is the exception: as in You et al.
+it always adds ``λ x`` to the gradient before its trust ratio and momentum, so ``decoupled``
+changes nothing there. A ``mask`` (a pytree of bools or a
 function of the params) chooses which parameters decay; the default decays only arrays of rank
 >= 2 (conv and dense kernels), never biases or BatchNorm scales/offsets.
 ``clip_norm`` clips the global gradient norm before anything else.
@@ -159,7 +161,8 @@ def optimizer(
         eps: added to the denominator of the adaptive methods (outside the square root).
         weight_decay: ``λ``; 0 disables it.
         decoupled: ``True`` for decoupled decay ``x -= α λ x``, ``False`` for L2 (``g += λ x``);
-            ``None`` picks decoupled for adamw/lars/lamb and coupled otherwise.
+            ``None`` picks decoupled for adamw/lars/lamb and coupled otherwise. LARS adds the
+            decay to the gradient before its trust ratio either way (the paper's rule).
         mask: which parameters decay: a pytree of bools or a function of the params;
             default ``default_decay_mask`` (kernels only).
         clip_norm: if given, clip the global gradient norm to this value first.

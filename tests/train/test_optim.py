@@ -135,6 +135,39 @@ def test_layerwise_optimizers_decrease_loss(name, rng):
     assert np.cosh(got).sum() < np.cosh(x).sum()
 
 
+def _layerwise_reference(name, x, target, steps, weight_decay, decoupled):
+    """LARS (You et al. 2017: trust ratio eta ||x|| / ||g + lambda x||, then momentum) and LAMB
+    (You et al. 2019: ratio ||x|| / ||r|| of the Adam direction r, plus lambda x if decoupled)."""
+    x = x.astype(np.float64).copy()
+    v, m, s = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+    for t in range(1, steps + 1):
+        dx = _gradient(x, target)
+        if name == "lars":
+            d = dx + weight_decay * x  # whatever `decoupled` says
+            v = RHO * v + LR * 0.001 * np.linalg.norm(x) / np.linalg.norm(d) * d
+            x = x - v
+            continue
+        if not decoupled:
+            dx = dx + weight_decay * x
+        m = BETA1 * m + (1 - BETA1) * dx
+        s = BETA2 * s + (1 - BETA2) * dx * dx
+        r = m / (1 - BETA1**t) / (np.sqrt(s / (1 - BETA2**t)) + EPS)
+        if decoupled:
+            r = r + weight_decay * x
+        x = x - LR * np.linalg.norm(x) / np.linalg.norm(r) * r
+    return x
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_layerwise_optimizers_match_their_papers(name, decoupled, rng):
+    x = rng.normal(size=(4, 4)).astype(np.float32)
+    target = rng.normal(size=(4, 4)).astype(np.float32)
+    tx = optim.optimizer(name, LR, weight_decay=0.1, decoupled=decoupled)
+    want = _layerwise_reference(name, x, target, 5, 0.1, decoupled)
+    np.testing.assert_allclose(_run(tx, x, target, steps=5), want, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="name: expected one of"):
         optim.optimizer("adamax", 0.1)
