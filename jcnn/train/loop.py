@@ -111,7 +111,8 @@ class TrainConfig:
         momentum: momentum of momentum/nesterov/lars (refused with another optimizer unless
             left at its default).
         clip_norm: global gradient-norm clipping, or ``None``.
-        label_smoothing: cross-entropy label smoothing (the default loss only).
+        label_smoothing: cross-entropy label smoothing (the default loss only), in training;
+            evaluations (``val_loss``, ``test_loss``) report the unsmoothed cross-entropy.
         compute_dtype: ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
         seed: initializes the model and the dropout keys (the loader has its own seed).
         devices: data-parallel over this many devices (``None``: one device, no mesh).

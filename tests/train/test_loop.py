@@ -119,6 +119,16 @@ def test_checkpoints_every_n_steps_include_the_steps_that_end_an_epoch(tmp_path,
     assert CheckpointManager(tmp_path / "checkpoints").steps() == [2, 4, 6, 8, 10, 12]
 
 
+def test_label_smoothing_trains_and_evaluations_report_the_plain_cross_entropy(rng):
+    images, labels = _data(rng)
+    train, val = _loaders(images, labels)
+    result = fit(TinyNet(), train, val, _quiet(label_smoothing=0.3, schedule="constant"))
+    state = result["state"]
+    logits = state.apply_fn(state.variables(), jnp.asarray(images), train=False)
+    plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    assert result["history"][0]["val_loss"] == pytest.approx(float(plain), rel=1e-5)
+
+
 def test_extending_a_run_stopped_mid_epoch_equals_the_longer_run(tmp_path, rng):
     train, val = _loaders(*_data(rng))
     full = fit(TinyNet(), train, val, _config(tmp_path / "full", schedule="constant"))
