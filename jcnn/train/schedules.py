@@ -228,8 +228,9 @@ def one_cycle(
 
     From ``max/div_factor`` the rate rises linearly to ``max`` over the first ``pct_start · T``
     steps, then falls along a half cosine to ``max/(div_factor · final_div_factor)`` at ``T``
-    (PyTorch's ``OneCycleLR`` with ``anneal_strategy="cos"`` anneals the rise with a cosine too;
-    the rise here is linear).
+    (PyTorch's ``OneCycleLR`` with ``anneal_strategy="cos"`` anneals the rise with a cosine too,
+    and reaches its peak and its final rate one step earlier, at ``pct_start · T - 1`` and
+    ``T - 1``; the rise here is linear).
 
     Args:
         max_learning_rate: the peak rate.
