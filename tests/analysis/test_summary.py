@@ -79,6 +79,34 @@ def test_course_conv_example():
     assert (table.total_params, table.total_macs) == (760, 768_000)
 
 
+def test_course_output_sizes():
+    """001 and 003: a 7x7 input and a 3x3 filter give 5x5, 3x3 with stride 2, 7x7 with a
+    one-pixel pad; zero padding (F - 1) / 2 keeps 7x7 for F = 3, 5, 7."""
+    assert conv_output_size(7, 3) == 5
+    assert conv_output_size(7, 3, stride=2) == 3
+    assert conv_output_size(7, 3, padding=1) == 7
+    assert [conv_output_size(7, f, padding=(f - 1) // 2) for f in (3, 5, 7)] == [7, 7, 7]
+    assert summary(nn.Conv(1, 3, stride=2), (1, 7, 7, 1)).rows[0].output_shape == (1, 3, 3, 1)
+
+
+def test_course_parameter_counts_of_dense_local_and_shared_layers():
+    """003: full connections from a 200x200 RGB image to 1000 units: 200*200*3*1000 = 120
+    million. 004, a 200x200 image and 40K hidden units: fully connected ~2B (1.6 billion),
+    locally connected with 10x10 filters 4M, 100 shared 10x10 filters 10K (weights only)."""
+
+    def weights(model, image):
+        return summary(model, (1, *image)).total_params
+
+    dense = nn.Sequential([nn.Flatten(), nn.Dense(1000, use_bias=False)])
+    assert weights(dense, (200, 200, 3)) == 120_000_000
+    dense = nn.Sequential([nn.Flatten(), nn.Dense(40_000, use_bias=False)])
+    assert weights(dense, (200, 200, 1)) == 1_600_000_000
+    local = nn.LocallyConnected(1, 10, padding="SAME", use_bias=False)
+    assert summary(local, (1, 200, 200, 1)).rows[0].output_shape == (1, 200, 200, 1)  # 40K units
+    assert weights(local, (200, 200, 1)) == 4_000_000
+    assert weights(nn.Conv(100, 10, padding="SAME", use_bias=False), (200, 200, 1)) == 10_000
+
+
 # The course's LeNet-5 table (001): layer, output size (C x H x W), weight size (OIHW).
 _LENET_COURSE = [
     ("Conv", (20, 28, 28), (20, 1, 5, 5)),
