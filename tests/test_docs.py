@@ -120,6 +120,35 @@ def test_mkdocs_build_strict(site):
     assert (site / "api" / "functional" / "index.html").exists()
 
 
+@pytest.mark.parametrize(
+    "link, reported",
+    [("other.md#no-such-heading", "anchor '#no-such-heading'"), ("missing.md", "missing.md")],
+)
+def test_strict_build_fails_on_a_broken_link_or_anchor(tmp_path, link, reported):
+    """The project's ``mkdocs.yml`` (its validation settings) on a two-page site: a link to a
+    heading that does not exist must fail ``--strict`` like a link to a missing page."""
+    if not _has_module("mkdocs"):
+        pytest.skip("mkdocs is not installed: pip install -e '.[docs]'")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text(f"# Home\n\nSee [there]({link}).\n")
+    (docs / "other.md").write_text("# Other\n\n## A heading\n")
+    config = tmp_path / "mkdocs.yml"
+    config.write_text(
+        f"INHERIT: {ROOT / 'mkdocs.yml'}\ndocs_dir: {docs}\n"
+        "nav: [index.md, other.md]\nplugins: [search]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config)]
+        + ["--site-dir", str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert reported in result.stderr
+
+
 def _documented_as(package, name):
     """The anchors under which ``package.name`` may appear: its exported path, or the path of the
     module, function or class it is, or its name in the module that defines it (``silu``, an
