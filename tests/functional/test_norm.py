@@ -173,6 +173,16 @@ def test_an_empty_batch_keeps_the_running_statistics_as_in_torch(torch, shape):
         assert instance_norm(x, scale, bias).shape == shape
 
 
+def test_batch_norm_default_momentum_is_the_notes_running_average(rng):
+    """001: mu_test starts at 0 and each training step does mu_test = 0.99 mu_test + 0.01 mu
+    ("similar for sigma"): the default momentum, with no argument given."""
+    x = rng.normal(3.0, 2.0, size=(8, 4, 4, 3)).astype(np.float32)
+    _, state = batch_norm(x, None, None, BatchNormState(jnp.zeros(3), jnp.ones(3)), train=True)
+    x64 = x.astype(np.float64).reshape(-1, 3)
+    assert_rel_close(state.mean, 0.99 * 0.0 + 0.01 * x64.mean(0), name="mean")
+    assert_rel_close(state.var, 0.99 * 1.0 + 0.01 * x64.var(0), name="var")
+
+
 def test_batch_norm_default_running_var_is_biased(rng):
     x = rng.normal(size=(3, 4, 5, 2)).astype(np.float32)
     state = BatchNormState(jnp.full(2, 0.5), jnp.full(2, 2.0))
