@@ -55,9 +55,10 @@ def main(argv=None):
         "## AdaGrad's shrinking step\nAdaGrad divides by the square root of the sum of all past "
         "squared gradients, so its step per unit of gradient can only shrink (notes: the "
         "learning rate decays, possibly too fast, which RMSProp's moving average fixes). Here "
-        f"||step|| / ||gradient|| falls from {early:.3g} (first quarter) to {late:.3g} (last "
-        f"quarter), a factor {early / late:.1f}"
-        + (" as the notes say." if late < early else " — **it did not shrink here**."))
+        f"||step|| / ||gradient|| goes from {early:.3g} (first quarter) to {late:.3g} (last "
+        f"quarter)"
+        + (f", a fall by a factor {early / late:.1f}, as the notes say." if late < early
+           else " — **it did not shrink here**, against the notes."))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 1 if quick else 20
