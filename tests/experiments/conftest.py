@@ -1,5 +1,7 @@
-"""Loading a benchmark script of ``experiments/benchmarks/`` as a module for its tests."""
+"""Loading an experiment script (``experiments/``) or a benchmark script
+(``experiments/benchmarks/``) as a module for its tests."""
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -7,7 +9,19 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+BENCHMARKS = EXPERIMENTS / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def load_experiment():
+    """``load(name)``: ``experiments/<name>.py`` imported, with ``experiments/`` on ``sys.path``
+    (the scripts import ``_common``) while the test module runs."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
 
 
 @pytest.fixture(scope="module")

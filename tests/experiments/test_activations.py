@@ -1,24 +1,13 @@
 """The activations experiment's page (experiments/activations.py)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("matplotlib")
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture(scope="module")
-def activations():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import activations
-
-        yield activations
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+def activations(load_experiment):
+    return load_experiment("activations")
 
 
 def _history(errors):

@@ -1,25 +1,15 @@
 """experiments/augment_grid.py: its arguments are checked before any work."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import augment_grid
-
-        yield augment_grid
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+def script(load_experiment):
+    return load_experiment("augment_grid")
 
 
 def test_bad_arguments_are_one_line_naming_the_flag(script, tmp_path, capsys):

@@ -1,25 +1,15 @@
 """The plumbing shared by the experiment scripts (experiments/_common.py)."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture(scope="module")
-def common():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import _common
-
-        yield _common
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+def common(load_experiment):
+    return load_experiment("_common")
 
 
 def test_out_and_data_dir_are_checked_before_any_work(common, tmp_path, capsys):

@@ -1,25 +1,16 @@
 """experiments/time_to_accuracy.py: its arguments and the run folders it reads."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import time_to_accuracy
-
-        yield time_to_accuracy
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+def script(load_experiment):
+    return load_experiment("time_to_accuracy")
 
 
 def _run_folder(folder: Path, recipe="mnist99", seed=3) -> Path:
