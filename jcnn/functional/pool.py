@@ -13,8 +13,9 @@ a window that sees only padding (possible with a large ``dilation``) is an error
 returns ``-inf``.
 
 Gradients follow the course notes: a max pool sends each output's gradient to the winning input
-only (the first one in window order on ties, as PyTorch does), and an average pool sends to every
-input the gradient of each window it is in divided by that window's size.
+only (the first one in window order on ties, as PyTorch does, and for a window of ``-inf`` its
+first pixel inside the input, never the padding), and an average pool sends to every input the
+gradient of each window it is in divided by that window's size.
 """
 
 from __future__ import annotations
@@ -172,14 +173,46 @@ def max_pool(
         x.shape[1:-1], window, stride, dilation, padding, ceil_mode
     )
     if all(d == 1 for d in dilation) and stride == window:
-        return lax.platform_dependent(
-            x,
-            cpu=lambda x: _tiled_max_pool(x, window, pads, out_sizes),
-            default=lambda x: _reduce_window_max(x, window, window, pads),
-        )
-    if all(d == 1 for d in dilation):
-        return _reduce_window_max(x, window, stride, pads)
-    return _dilated_max_pool(x, _lowest(x.dtype), window, stride, dilation, pads, out_sizes)
+
+        def pool(x):
+            return lax.platform_dependent(
+                x,
+                cpu=lambda x: _tiled_max_pool(x, window, pads, out_sizes),
+                default=lambda x: _reduce_window_max(x, window, window, pads),
+            )
+    elif all(d == 1 for d in dilation):
+
+        def pool(x):
+            return _reduce_window_max(x, window, stride, pads)
+    else:
+
+        def pool(x):
+            return _dilated_max_pool(x, _lowest(x.dtype), window, stride, dilation, pads, out_sizes)
+
+    if not any(lo or hi for lo, hi in pads):  # every window inside: its first pixel wins ties
+        return pool(x)
+    return _route_minus_inf_windows(pool, x)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _route_minus_inf_windows(pool, x):
+    """``pool(x)``, a max pool padding with ``-inf``, whose derivative sends the gradient of a
+    window holding only ``-inf`` to its first pixel inside the input, as PyTorch does.
+
+    Every path breaks ties in favour of the first pixel of the window, and a padded pixel, also
+    ``-inf``, may come first: the gradient of such a window went to the padding, i.e. was lost.
+    The derivative is taken at ``x`` with ``-inf`` raised to the lowest finite value, which beats
+    the padding and changes no other winner, except in a window whose maximum is that very value
+    with a ``-inf`` before it (then a tie the first pixel wins)."""
+    return pool(x)
+
+
+@_route_minus_inf_windows.defjvp
+def _route_minus_inf_windows_jvp(pool, primals, tangents):
+    (x,), (x_tangent,) = primals, tangents
+    lowest_finite = np.array(jnp.finfo(x.dtype).min, x.dtype)
+    raised = jnp.where(x == -np.inf, lowest_finite, x)
+    return pool(x), jax.jvp(pool, (raised,), (x_tangent,))[1]
 
 
 def _lowest(dtype) -> np.ndarray:

@@ -322,7 +322,8 @@ def test_asymmetric_padding_pairs_match_explicitly_padded_torch(torch, rng):
 
 
 def _numpy_max_pool_grad(x, cotangent, window, stride, dilation, padding):
-    """The notes' rule by loops: each output's gradient goes to its window's argmax pixel."""
+    """The notes' rule by loops: each output's gradient goes to its window's argmax pixel (the
+    first pixel inside the input where the window holds only -inf, as PyTorch)."""
     grad = np.zeros_like(x)
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = window, stride, dilation, padding
     n, out_h, out_w, c = cotangent.shape
@@ -330,7 +331,8 @@ def _numpy_max_pool_grad(x, cotangent, window, stride, dilation, padding):
         best, where = -np.inf, None
         for p, q in np.ndindex(kh, kw):
             r, s = i * sh - ph + p * dh, j * sw - pw + q * dw
-            if 0 <= r < x.shape[1] and 0 <= s < x.shape[2] and x[b, r, s, ch] > best:
+            inside = 0 <= r < x.shape[1] and 0 <= s < x.shape[2]
+            if inside and (where is None or x[b, r, s, ch] > best):
                 best, where = x[b, r, s, ch], (b, r, s, ch)
         grad[where] += cotangent[b, i, j, ch]
     return grad
@@ -348,6 +350,29 @@ def test_max_pool_gradient_goes_to_the_winning_unit_only(rng, window, stride, di
     expected = _numpy_max_pool_grad(x, cotangent, window, stride, dilation, padding)
     np.testing.assert_allclose(pullback(cotangent)[0], expected, rtol=RTOL, atol=ATOL)
     assert np.count_nonzero(expected) <= cotangent.size
+
+
+@pytest.mark.parametrize(
+    "window, stride, dilation, padding",
+    [
+        ((2, 2), (2, 2), (1, 1), (1, 1)),
+        ((3, 3), (2, 1), (1, 1), (1, 1)),
+        ((2, 2), (1, 1), (2, 2), (1, 1)),
+    ],
+    ids=["stride == window", "overlapping", "dilated"],
+)
+def test_max_pool_gradient_of_an_all_minus_inf_window_reaches_its_first_pixel(
+    rng, window, stride, dilation, padding
+):
+    """A window of -inf pixels and -inf padding: PyTorch sends its gradient to the first pixel
+    inside the input; every path (tiles, reduce_window, dilated) used to send it to the padding."""
+    x = np.where(rng.random((2, 6, 7, 2)) < 0.8, -np.inf, _distinct_values(rng, (2, 6, 7, 2)))
+    x = x.astype(np.float32)
+    y, pullback = jax.vjp(lambda x: max_pool(x, window, stride, padding, dilation=dilation), x)
+    assert np.isneginf(y).any()
+    cotangent = rng.standard_normal(y.shape).astype(np.float32)
+    expected = _numpy_max_pool_grad(x, cotangent, window, stride, dilation, padding)
+    np.testing.assert_allclose(pullback(cotangent)[0], expected, rtol=RTOL, atol=ATOL)
 
 
 def test_max_pool_gradient_breaks_ties_like_torch(torch, rng):
