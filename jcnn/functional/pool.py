@@ -7,10 +7,11 @@ there means "the same in every spatial dim" and the rank is then ``x.ndim - 2``.
 Windows, strides, padding, ``dilation``, ``ceil_mode`` and ``count_include_pad`` mean what they
 mean in ``torch.nn.functional`` (max pooling pads with ``-inf``; in ``ceil_mode`` a last window
 that would start in the right padding is dropped; the average never counts the ``ceil_mode``
-overhang past the right padding), and the results agree with PyTorch's to float rounding. Two
-differences, both stricter: padding may also be ``"SAME"``/``"VALID"`` or ``(lo, hi)`` pairs, and
+overhang past the right padding), and the results agree with PyTorch's to float rounding.
+Differences: padding may also be ``"SAME"``/``"VALID"`` or ``(lo, hi)`` pairs; two are stricter:
 a window that sees only padding (possible with a large ``dilation``) is an error where PyTorch
-returns ``-inf``.
+returns ``-inf``, and so is a dilated window wider than the padded input, which PyTorch's
+``ceil_mode`` lets overhang (``max_pool1d`` of length 3 with window 3, dilation 2).
 
 Gradients follow the course notes: a max pool sends each output's gradient to the winning input
 only (the first one in window order on ties, as PyTorch does, and for a window of ``-inf`` its
