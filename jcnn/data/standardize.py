@@ -178,6 +178,14 @@ class Standardize:
                     f"train_images: expected finite values, got {int((~finite).sum())} NaN or "
                     f"infinite value(s) (first in image {index}); statistics of them would be NaN"
                 )
+            too_large = np.abs(chunk) > np.finfo(np.float32).max
+            if too_large.any():
+                index = start + int(np.argwhere(too_large)[0][0])
+                raise ValueError(
+                    f"train_images: expected values within float32's range (|v| <= 3.4e38, the "
+                    f"statistics' and the standardized images' dtype), got "
+                    f"{np.abs(chunk).max():.3g} (first in image {index})"
+                )
             total += chunk.sum(0)
         mean_image = total / n
         channels = train_images.shape[-1]

@@ -138,6 +138,18 @@ def test_non_finite_training_data_is_refused(mode, bad):
         Standardize.fit(images, mode=mode)
 
 
+@pytest.mark.parametrize("mode", ["per_channel", "center", "mean_image", "pca", "zca"])
+def test_float64_data_beyond_float32_is_refused_naming_train_images(mode):
+    # 1e300 fitted in float64 gave an infinite float32 mean, refused as "mean: expected finite
+    # values" (an argument never passed), or eigh's "Eigenvalues did not converge" for zca
+    images = np.random.default_rng(0).normal(size=(6, 2, 2, 3))
+    images[3, 0, 1, 1] = -1e300
+    with pytest.raises(ValueError, match=r"^train_images: expected values within float32's range"):
+        Standardize.fit(images, mode=mode)
+    images[3, 0, 1, 1] = -3e38  # the largest float32 values fit
+    assert np.isfinite(np.asarray(Standardize.fit(images, mode=mode).mean)).all()
+
+
 @pytest.mark.parametrize("mode", ["pca", "zca"])
 def test_whitening_without_eps_of_rank_deficient_data_is_refused(rng, mode):
     few = rng.normal(size=(5, 2, 3, 2))  # 5 images: rank 4 of 12 dimensions
