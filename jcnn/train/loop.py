@@ -950,7 +950,7 @@ def fit(
             "config.out: expected a folder path, or None to write no run folder, got ''"
         )
     if config.out is not None:  # "~/runs/x" is the user's folder, not a folder named "~"
-        config = dataclasses.replace(config, out=Path(config.out).expanduser())
+        config = dataclasses.replace(config, out=os.path.expanduser(config.out))
     arguments = dict(
         test_loader=test_loader,
         loss=loss,

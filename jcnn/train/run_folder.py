@@ -282,6 +282,8 @@ def describe(value: Any, depth: int = 0) -> Any:
         return "..."
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, os.PathLike):  # the whole path (a Path's .name is its last part)
+        return os.fsdecode(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, (list, tuple)):

@@ -495,3 +495,11 @@ def test_overwrite_refuses_an_unreadable_best_json_and_deletes_nothing(run):
     with pytest.raises(RunFolderError, match="best.json is unreadable"):
         fit(Net(), _loader(), None, _config(run, overwrite=True))
     assert _snapshot(run) == before
+
+
+def test_describe_records_a_path_whole(tmp_path):
+    # a pathlib.Path was recorded by its .name alone: out=Path("/runs/a/run") as "run"
+    config = TrainConfig(progress=False, out=tmp_path / "a" / "run")
+    record = run_folder.run_record(config, settings={"folders": [tmp_path / "b"]})
+    assert record["train"]["out"] == str(tmp_path / "a" / "run")
+    assert record["settings"]["folders"] == [str(tmp_path / "b")]
