@@ -151,9 +151,13 @@ def _batch(primitive, operands, axes, *, config, shape):
 
 def _over_leading_axes(impl, first, second, *, config, shape):
     """``impl`` mapped over the leading axes, a size-1 axis against a longer one unmapped."""
-    if _leading(first.ndim, config) == 0:
+    lead = _leading(first.ndim, config)
+    if lead == 0:
         return impl(first, second, config, shape)
-    size = max(first.shape[0], second.shape[0])
+    mapped = np.broadcast_shapes(first.shape[:lead], second.shape[:lead])
+    if 0 in mapped:  # a vmap over no element: no problem to run (nor to index into)
+        return jnp.zeros((*mapped, *shape), first.dtype)
+    size = mapped[0]
     axes = tuple(0 if operand.shape[0] == size else None for operand in (first, second))
     first, second = (
         operand if axis == 0 else operand[0]

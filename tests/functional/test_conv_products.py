@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jcnn import native
 from jcnn.functional import conv
 from jcnn.functional._conv_cpu import _Config, native_conv
 from jcnn.functional._conv_products import conv_products
@@ -162,6 +163,25 @@ def test_onednn_weight_gradient_of_a_shared_kernel_under_vmap_is_folded(onednn):
     calls = [line for line in lowered.splitlines() if "jcnn_conv_backward_weights" in line]
     assert len(calls) == 1
     assert "tensor<1x10x8x8x3xf32>" in calls[0]
+
+
+@pytest.mark.parametrize("backend", ["toy", "xla", "onednn"])
+def test_vmap_over_no_element_gives_empty_results(backend, request):
+    # A vmap over an empty axis (per-example gradients of an empty batch) has no problem to run;
+    # it used to index the first element of the empty axis (IndexError).
+    if backend == "onednn":
+        request.getfixturevalue("onednn")
+    conv_fn = toy_conv if backend == "toy" else partial(conv, stride=(2, 1), groups=2)
+    xs, w = jnp.ones((0, *X_SHAPE)), jnp.ones(W_SHAPE)
+    with native.conv_backend_scope(None if backend == "toy" else backend):
+        out = conv_fn(jnp.ones(X_SHAPE), w).shape
+        assert jax.vmap(conv_fn, in_axes=(0, None))(xs, w).shape == (0, *out)
+        ensemble = jax.jit(jax.vmap(conv_fn, in_axes=(None, 0)))
+        assert ensemble(jnp.ones(X_SHAPE), jnp.ones((0, *W_SHAPE))).shape == (0, *out)
+        per_example = jax.vmap(jax.grad(lambda w, x: jnp.sum(conv_fn(x, w))), in_axes=(None, 0))
+        assert per_example(w, xs).shape == (0, *W_SHAPE)
+        shared = jax.grad(lambda w: jnp.sum(jax.vmap(conv_fn, in_axes=(0, None))(xs, w)))(w)
+        np.testing.assert_array_equal(shared, np.zeros(W_SHAPE))
 
 
 def test_products_evaluate_op_by_op_under_disable_jit(operands):
