@@ -76,9 +76,9 @@ class Maxout(nn.Module):
     """Maxout (Goodfellow et al. 2013): the maximum over ``num_pieces`` groups of channels.
 
     With ``features`` set, a learned affine map of the last axis to ``features * num_pieces``
-    units comes first (submodule ``linear``), giving the course's unit
-    ``max(w_1^T x + b_1, ..., w_k^T x + b_k)``; without it the module only takes the maximum
-    (``F.maxout``) over the channels it receives.
+    units comes first (submodule ``linear``, then submodule ``maximum``), giving the course's
+    unit ``max(w_1^T x + b_1, ..., w_k^T x + b_k)``; without it the module only takes the
+    maximum (``F.maxout``) over the channels it receives.
 
     Attributes:
         num_pieces: how many linear pieces each output takes the maximum of.
@@ -95,6 +95,8 @@ class Maxout(nn.Module):
         if self.features is not None:
             check_positive_int(self.features, "features")
             x = Dense(self.features * self.num_pieces, name="linear")(x)
+            # its own (parameter-free) layer, so that a summary shows the maximum's output too
+            return Maxout(self.num_pieces, name="maximum")(x)
         return F.maxout(x, self.num_pieces)
 
 

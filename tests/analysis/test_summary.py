@@ -624,3 +624,12 @@ def test_flax_normalizations_and_dense_general_have_fields_and_macs():
     assert rows["DenseGeneral_2"].macs == 10 * 7 * 5 * 2 * 3
     assert table.uncounted == ()
     assert table.total_macs == sum(row.macs for row in table.rows)
+
+
+def test_a_learned_maxout_shows_its_affine_map_and_its_maximum():
+    # only the inner Dense had a row: the maxout's own output, (1, 4), was missing
+    rows = summary(nn.Sequential([nn.Flatten(), nn.Maxout(2, features=4)]), (1, 3, 3, 2)).rows
+    assert [(r.name, r.output_shape, r.params) for r in rows[1:]] == [
+        ("layers_1/linear", (1, 8), 152),
+        ("layers_1/maximum", (1, 4), 0),
+    ]
