@@ -45,12 +45,24 @@ class _Dropout(nnx.Module):
         if rngs is None:
             return None
         if isinstance(rngs, nnx.Rngs):
-            return rngs[self.rng_collection].fork()
+            return self._named_stream(rngs, name).fork()
         if isinstance(rngs, nnx.RngStream):
             return rngs.fork()
         raise TypeError(
             f"{name}: expected nnx.Rngs, nnx.RngStream or None, got {type(rngs).__name__}"
         )
+
+    def _named_stream(self, rngs: nnx.Rngs, name: str) -> nnx.RngStream:
+        """The ``rng_collection`` stream of ``rngs`` (Flax falls back on ``default``), or a
+        ValueError naming ``name`` instead of Flax's KeyError when it has neither."""
+        try:
+            return rngs[self.rng_collection]
+        except KeyError:
+            raise ValueError(
+                f"{name}: the nnx.Rngs has no {self.rng_collection!r} stream (nor a 'default' "
+                f"one) for the masks of {type(self).__name__}; give one, e.g. "
+                f"nnx.Rngs(seed) or nnx.Rngs(params=0, {self.rng_collection}=1)"
+            ) from None
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view``: set ``deterministic`` when given."""
@@ -74,7 +86,7 @@ class _Dropout(nnx.Module):
         if isinstance(rngs, jax.Array):
             key = rngs
         elif isinstance(rngs, nnx.Rngs):
-            key = rngs[self.rng_collection]()
+            key = self._named_stream(rngs, "rngs")()
         elif isinstance(rngs, nnx.RngStream):
             key = rngs()
         elif rngs is None and self.rngs is not None:

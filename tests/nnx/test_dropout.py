@@ -55,3 +55,16 @@ def test_dropout_modes_and_checks():
     for layer in (jnnx.Dropout, jnnx.SpatialDropout):
         with pytest.raises(TypeError, match="rng_collection: expected the name of an nnx.Rngs"):
             layer(0.5, rng_collection=None)
+
+
+@pytest.mark.parametrize("layer", [jnnx.Dropout, jnnx.SpatialDropout])
+def test_rngs_without_the_stream_is_a_value_error_naming_rngs(layer):
+    x = jnp.ones((2, 3, 3, 4))
+    message = r"rngs: the nnx.Rngs has no 'dropout' stream \(nor a 'default' one\)"
+    with pytest.raises(ValueError, match=message):  # was Flax's KeyError
+        layer(0.5, rngs=nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match=message):
+        layer(0.5)(x, rngs=nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match="rngs: the nnx.Rngs has no 'noise' stream"):
+        layer(0.5, rng_collection="noise", rngs=nnx.Rngs(dropout=0))
+    assert layer(0.5, rngs=nnx.Rngs(3))(x).shape == x.shape  # the default stream serves
