@@ -17,6 +17,7 @@ from flax import nnx
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import PaddingLike, as_int_tuple, check_bool, check_positive_int
+from jcnn.nn._shared import window_rank
 from jcnn.nnx._util import (
     Initializer,
     check_initializer,
@@ -77,7 +78,13 @@ class LocallyConnected(nnx.Module):
         check_bool(use_bias, "use_bias")
         kernel_init = check_initializer(kernel_init, "kernel_init", init.he_normal_per_position())
         bias_init = check_initializer(bias_init, "bias_init", init.zeros)
-        rank = len(input_size) if isinstance(input_size, Sequence) else None
+        rank = window_rank(input_size, "input_size")
+        kernel_rank = window_rank(kernel_size, "kernel_size")
+        if None not in (rank, kernel_rank) and rank != kernel_rank:
+            raise ValueError(
+                f"input_size: {input_size!r} has {rank} spatial sizes, but kernel_size "
+                f"{kernel_size!r} has {kernel_rank}"
+            )
         self.kernel_size = spatial_window(kernel_size, rank, "LocallyConnected")
         self.input_size = as_int_tuple(input_size, len(self.kernel_size), "input_size", minimum=1)
         self.in_features, self.features = in_features, features

@@ -1,0 +1,29 @@
+"""jcnn.nnx.LocallyConnected: its arguments' checks (the Linen parity is in test_convert.py)."""
+
+import pytest
+from flax import nnx
+
+from jcnn import nnx as jnnx
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "input_size", "message"),
+    [
+        (3, (6, 6, 6, 6), r"input_size: expected 1, 2 or 3 spatial sizes, got \(6, 6, 6, 6\)"),
+        ((3,), (6, 6), r"input_size: \(6, 6\) has 2 spatial sizes, but kernel_size \(3,\) has 1"),
+        ((3, 3, 3), [6, 6], r"input_size: \[6, 6\] has 2 spatial sizes, but kernel_size"),
+    ],
+)
+def test_an_input_size_of_the_wrong_rank_is_blamed_on_input_size(kernel_size, input_size, message):
+    # these were blamed on spatial_dims, which LocallyConnected does not take
+    with pytest.raises(ValueError, match=message):
+        jnnx.LocallyConnected(3, 2, kernel_size, input_size=input_size, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "input_size", "shape"),
+    [(3, (6, 5), (4, 3, 3, 3, 3, 2)), ((3,), 6, (4, 3, 3, 2)), (2, (4,), (3, 2, 3, 2))],
+)
+def test_the_spatial_rank_comes_from_input_size_or_kernel_size(kernel_size, input_size, shape):
+    layer = jnnx.LocallyConnected(3, 2, kernel_size, input_size=input_size, rngs=nnx.Rngs(0))
+    assert layer.kernel.shape == shape
