@@ -40,7 +40,9 @@ def window_and_check(window, x, name: str) -> tuple[int, ...]:
 def param(module, name: str, initializer, shape: tuple[int, ...], dtype, x):
     """``module.param(name, initializer, shape, dtype)``, with a ValueError naming ``x`` when the
     given variables hold ``name`` with another shape (built for an input of another size or
-    channel count), instead of Flax's ``ScopeParamShapeError``."""
+    channel count), instead of Flax's ``ScopeParamShapeError``. ``dtype`` is the module's
+    ``param_dtype``, checked by that name."""
+    check_dtype(dtype, "param_dtype")
     shape = tuple(shape)
     if module.has_variable("params", name):
         held = tuple(module.get_variable("params", name).shape)

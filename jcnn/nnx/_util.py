@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from jcnn import init
-from jcnn.functional._checks import as_int_tuple, check_array, check_bool
+from jcnn.functional._checks import as_int_tuple, check_array, check_bool, check_dtype
 from jcnn.nn._shared import (
     LAYOUT,
     Initializer,
@@ -28,7 +28,9 @@ def check_rngs(rngs, owner: str) -> nnx.Rngs:
 
 
 def param(rngs: nnx.Rngs, initializer: Initializer, shape: tuple[int, ...], dtype) -> nnx.Param:
-    """A parameter drawn by ``initializer(key, shape, dtype)`` with a key of the params stream."""
+    """A parameter drawn by ``initializer(key, shape, dtype)`` with a key of the params stream;
+    ``dtype`` is the module's ``param_dtype``, checked by that name."""
+    check_dtype(dtype, "param_dtype")
     return nnx.Param(initializer(rngs.params(), shape, dtype))
 
 

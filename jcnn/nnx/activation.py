@@ -12,7 +12,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array, check_bool, check_positive_int, check_real
+from jcnn.functional._checks import (
+    check_array,
+    check_bool,
+    check_dtype,
+    check_positive_int,
+    check_real,
+)
 from jcnn.nnx._util import check_input, check_rngs
 from jcnn.nnx.linear import Dense
 
@@ -75,7 +81,7 @@ class PReLU(nnx.Module):
             )
         self.channelwise, self.num_features = channelwise, num_features
         shape = (num_features,) if channelwise else ()
-        self.alpha = nnx.Param(jnp.full(shape, alpha_init, param_dtype))
+        self.alpha = nnx.Param(jnp.full(shape, alpha_init, check_dtype(param_dtype, "param_dtype")))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the activation to ``x`` of shape ``(N, ..., C)``."""
