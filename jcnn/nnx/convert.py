@@ -82,7 +82,14 @@ def load_linen_variables(module: nnx.Module, variables: Mapping) -> None:
             raise ValueError(
                 f"variables: no {where} for {type(module).__name__}; got {_names(given)}"
             )
-        new = jnp.asarray(given.pop(key))
+        given_value = given.pop(key)
+        try:
+            new = jnp.asarray(given_value)
+        except TypeError:
+            raise TypeError(
+                f"variables: {where} must be an array, got {type(given_value).__name__} "
+                f"{given_value!r:.60}"
+            ) from None
         old = variable[...]
         if new.shape != old.shape or new.dtype != old.dtype:
             raise ValueError(

@@ -430,3 +430,11 @@ def test_twin_gradients_and_training_steps_match(twin, rng):
             np.testing.assert_allclose(grad_tree[path], g, rtol=1e-6, atol=1e-7, err_msg=str(path))
         # The parameters after one SGD step and the running statistics of the training call.
         _assert_trees_equal(jnnx.linen_variables(twin_module), variables, f"after step {step}")
+
+
+def test_load_linen_variables_names_a_variable_that_is_not_an_array():
+    model = jnnx.Dense(2, 3, rngs=nnx.Rngs(0))
+    variables = {"params": {"kernel": np.ones((2, 3), np.float32), "bias": "abc"}}
+    with pytest.raises(TypeError, match="variables: params/bias must be an array, got str 'abc'"):
+        jnnx.load_linen_variables(model, variables)  # was JAX's TypeError naming no variable
+    np.testing.assert_array_equal(model.bias[...], np.zeros(3))
