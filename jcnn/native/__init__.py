@@ -109,7 +109,20 @@ def onednn_root() -> Path:
 
 
 def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CXX", "c++"))
+    """The C++ compiler command: ``CXX`` split as a shell would, ``c++`` where it is unset or blank.
+
+    Raises:
+      ValueError: ``CXX`` cannot be split (an unclosed quote).
+    """
+    value = os.environ.get("CXX", "")
+    try:
+        command = shlex.split(value)
+    except ValueError as error:
+        raise ValueError(
+            f"CXX: expected a compiler command such as g++ or 'ccache g++' (or unset: c++), got "
+            f"{value!r} ({error})"
+        ) from None
+    return command or ["c++"]
 
 
 def library_path() -> Path:

@@ -73,6 +73,28 @@ def test_library_path_depends_on_compiler_and_onednn(tmp_path, monkeypatch):
     assert len({first, second, native.library_path()}) == 3
 
 
+def test_a_blank_cxx_is_the_default_compiler_and_an_unsplittable_one_is_named(
+    tmp_path, monkeypatch, capsys
+):
+    # CXX= (blank) looked for a library built by no compiler (so an existing build went unused)
+    # and built with '-O2' as the compiler; an unclosed quote was shlex's bare "No closing
+    # quotation", from jcnn-build-native and from every F.conv through available().
+    _fake_onednn(tmp_path / "onednn")
+    monkeypatch.setenv("JCNN_ONEDNN_ROOT", str(tmp_path / "onednn"))
+    monkeypatch.setenv("JCNN_NATIVE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CXX", raising=False)
+    default = native.library_path()
+    for blank in ("", "  "):
+        monkeypatch.setenv("CXX", blank)
+        assert native.library_path() == default
+    monkeypatch.setenv("CXX", "'g++")
+    unsplittable = r"CXX: expected a compiler command .* got \"'g\+\+\" \(No closing quotation\)"
+    with pytest.raises(ValueError, match=unsplittable):
+        native.library_path()
+    assert native.main([]) == 2
+    assert capsys.readouterr().err.startswith("jcnn-build-native: CXX: expected")
+
+
 def test_bad_folders_in_the_environment_are_refused(tmp_path, monkeypatch, capsys):
     # JCNN_NATIVE_DIR= (empty) built and loaded the library in the current folder, a file there
     # failed in mkdir with a raw FileExistsError, and a quoted '~' made a folder named '~'.
