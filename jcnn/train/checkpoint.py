@@ -109,6 +109,38 @@ def _leaf_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _dtype(leaf):
+    return leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)  # a Python number
+
+
+def _storable(tree, name: str):
+    """``tree`` with NumPy scalars as 0-d arrays (orbax stores arrays and Python numbers only);
+    ``TypeError``/``ValueError`` naming a leaf orbax cannot store, before anything is written."""
+    leaves, structure = jax.tree_util.tree_flatten_with_path(tree)
+    if not leaves:
+        raise ValueError(f"{name}: expected a pytree holding at least one array, got {tree!r}")
+    stored = []
+    for path, leaf in leaves:
+        if isinstance(leaf, np.generic):
+            leaf = np.asarray(leaf)
+        if not isinstance(leaf, (jax.Array, np.ndarray, bool, int, float)):
+            raise TypeError(
+                f"{name}: expected a pytree of arrays and numbers, got a "
+                f"{type(leaf).__name__} at {_leaf_name(path) or '(root)'}"
+            )
+        if isinstance(leaf, (jax.Array, np.ndarray)) and leaf.dtype == object:
+            raise TypeError(
+                f"{name}: expected arrays of numbers, got dtype object at {_leaf_name(path)}"
+            )
+        if np.size(leaf) == 0:  # orbax refuses them
+            raise ValueError(
+                f"{name}: cannot checkpoint an array without elements, got shape "
+                f"{tuple(np.shape(leaf))} at {_leaf_name(path)}"
+            )
+        stored.append(leaf)
+    return jax.tree_util.tree_unflatten(structure, stored)
+
+
 def _describe_arrays(arrays) -> tuple[list[dict], list[str]]:
     """``([{path, shape, dtype, sha256}], names of the floating arrays holding NaN or inf)``."""
     described, non_finite = [], []
@@ -188,6 +220,10 @@ class CheckpointManager:
         keep_last = check_positive_int(keep_last, "keep_last")
         keep_best = check_bool(keep_best, "keep_best")
         check_choice(mode, "mode", ("max", "min"))
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(
+                f"directory: expected a folder path (str or os.PathLike), got {directory!r}"
+            )
         self.directory = Path(directory).expanduser().absolute()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -366,7 +402,9 @@ class CheckpointManager:
             json.dumps(dict(meta or {}))
         except (TypeError, ValueError) as error:
             raise TypeError(f"meta: expected a JSON-serializable dict ({error})") from error
-        arrays = _key_data(state.arrays() if hasattr(state, "arrays") else state)
+        arrays = _storable(
+            _key_data(state.arrays() if hasattr(state, "arrays") else state), "state"
+        )
         final = self.path(step)
         staging = final.with_name(final.name + ".partial")
         lead = jax.process_index() == 0  # with several processes, one of them edits the folder
@@ -490,11 +528,11 @@ class CheckpointManager:
         step = self._resolve(step)
         manifest = self.verify(step)
         typed = template.arrays() if hasattr(template, "arrays") else template
-        arrays = _key_data(typed)
+        arrays = _storable(_key_data(typed), "template")
         flat, structure = jax.tree_util.tree_flatten_with_path(arrays)
         stored = {entry["path"]: entry for entry in manifest["arrays"]}
         wanted = {
-            _leaf_name(path): (list(np.shape(leaf)), str(np.dtype(leaf.dtype)))
+            _leaf_name(path): (list(np.shape(leaf)), str(np.dtype(_dtype(leaf))))
             for path, leaf in flat
         }
         problems = [f"{name} is only in the checkpoint" for name in stored if name not in wanted]

@@ -366,3 +366,40 @@ def test_a_directory_starting_with_a_tilde_is_in_the_home_folder(tmp_path, rng, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
     restored, _ = CheckpointManager("~/ckpt").restore(jax.tree.map(jnp.zeros_like, tree))
     _assert_bitwise_equal(restored, tree)
+
+
+def test_leaves_orbax_cannot_store_are_named_before_anything_is_written(tmp_path, rng):
+    # a str leaf or an array without elements failed inside orbax ("Unsupported type", "Cannot
+    # save arrays with zero size") and left a stray staging folder; a NumPy scalar saved nothing
+    manager = CheckpointManager(tmp_path)
+    bad = (
+        ({"w": jnp.ones(2), "name": "x"}, TypeError, "state: .* got a str at name"),
+        ({"w": np.array([None])}, TypeError, "state: expected arrays of numbers, got dtype object"),
+        (
+            {"w": jnp.ones((0, 3))},
+            ValueError,
+            r"state: .*without elements, got shape \(0, 3\) at w",
+        ),
+        ({}, ValueError, "state: expected a pytree holding at least one array"),
+        (None, ValueError, "state: expected a pytree holding at least one array"),
+    )
+    for state, error, match in bad:
+        with pytest.raises(error, match=match):
+            manager.save(1, state)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match="directory: expected a folder path .*, got 3"):
+        CheckpointManager(3)
+
+
+def test_numpy_and_python_scalars_round_trip(tmp_path):
+    # a template holding a Python number failed with AttributeError: 'float' object has no
+    # attribute 'dtype'; a NumPy scalar failed in orbax's save
+    tree = {"f": 1.5, "i": 3, "g": np.float32(0.25), "w": jnp.arange(3.0)}
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, tree)
+    restored, _ = manager.restore(tree)
+    assert restored["f"] == 1.5 and restored["i"] == 3
+    assert restored["g"].dtype == np.float32 and restored["g"] == np.float32(0.25)
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    with pytest.raises(TypeError, match="template: .* got a str at"):
+        manager.restore({**tree, "f": "1.5"})
