@@ -203,8 +203,9 @@ def load_standardize(path: Path):
 
 
 def _check_images(images) -> None:
-    if not hasattr(images, "shape"):
-        raise TypeError(f"images: expected an array, got {type(images).__name__}")
+    from jcnn.data.standardize import _check_real_images
+
+    _check_real_images(images, "images")
     if len(images.shape) < 1 or images.shape[0] < 1:
         raise ValueError(
             f"images: expected a batch of at least one image (N, ...), got shape "
@@ -422,7 +423,11 @@ def load_run(
     """
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder: expected a run folder (str or os.PathLike), got {folder!r}")
-    if hasattr(which, "dtype") and getattr(which, "shape", None) == ():
+    if (
+        hasattr(which, "dtype")
+        and getattr(which, "shape", None) == ()
+        and not isinstance(which, str)
+    ):
         which = check_int(which, "which")  # a NumPy or 0-d JAX integer: a step
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(

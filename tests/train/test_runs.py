@@ -400,3 +400,14 @@ def test_load_run_best_ranks_the_checkpoints_by_the_runs_monitor_mode(best_elsew
     lowest = CheckpointManager(copy / "checkpoints", mode="min").best_step()
     assert lowest != CheckpointManager(copy / "checkpoints", mode="max").best_step()
     assert load_run(copy, which="best").step == lowest
+
+
+def test_predict_refuses_images_that_are_not_numbers_and_which_may_be_a_numpy_string(trained):
+    # string images failed inside jnp.asarray ("Error interpreting argument to stage as a JAX
+    # value"); which=np.str_("latest") was refused as "which: expected an int"
+    out, _, (images, _) = trained
+    run = load_run(out)
+    for bad in (np.full(images.shape, "a"), images > 100, images.astype(np.complex64)):
+        with pytest.raises(TypeError, match="images: expected an integer or floating array"):
+            run.predict(bad)
+    assert load_run(out, np.str_("latest")).step == run.step
