@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterable
@@ -122,6 +123,7 @@ change ``epochs`` or ``max_steps`` (to extend a run). So may a run whose learnin
 of its own (a callable ``learning_rate``, or an ``optax`` optimizer bringing its rate)."""
 
 _MISSING = "(absent)"
+_CHECKPOINT_DIR = re.compile(r"step_\d{8}")
 
 ADDED_LATER = {"train.no_grad": ([], {})}
 """Settings newer than some run folders, with the values that mean what a record without them
@@ -591,11 +593,9 @@ def check_start(
     present = holds_run(folder)
     if resume:
         checkpoints = folder / "checkpoints"
+        # the folders CheckpointManager.steps() lists: step_ and 8 digits
         has_checkpoint = checkpoints.is_dir() and any(
-            entry.name.startswith("step_")
-            and not entry.name.endswith(".partial")
-            and "." not in entry.name
-            and entry.is_dir()
+            _CHECKPOINT_DIR.fullmatch(entry.name) and entry.is_dir()
             for entry in checkpoints.iterdir()
         )
         if not has_checkpoint:

@@ -503,3 +503,15 @@ def test_describe_records_a_path_whole(tmp_path):
     record = run_folder.run_record(config, settings={"folders": [tmp_path / "b"]})
     assert record["train"]["out"] == str(tmp_path / "a" / "run")
     assert record["settings"]["folders"] == [str(tmp_path / "b")]
+
+
+def test_only_finished_checkpoints_count_as_something_to_resume(tmp_path):
+    # a folder step_5 or step_00000002.partial.orbax-checkpoint-tmp counted as a checkpoint: the
+    # resume passed check_start, then failed with "every checkpoint holds non-finite values"
+    (tmp_path / "config.json").write_text('{"train": {}}')
+    for name in ("step_5", "step_00000002.partial.orbax-checkpoint-tmp", "step_000000002"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    with pytest.raises(RunFolderError, match="nothing to resume.*checkpoints are gone"):
+        run_folder.check_start(tmp_path, resume=True, overwrite=False)
+    (tmp_path / "checkpoints" / "step_00000002").mkdir()
+    run_folder.check_start(tmp_path, resume=True, overwrite=False)
