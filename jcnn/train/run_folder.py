@@ -233,7 +233,14 @@ def claim(folder: str | os.PathLike) -> RunLock:
         return _HELD[key]
     path = folder / LOCK_FILE
     while True:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunFolderError(
+                f"run folder {folder} cannot be locked: {path} cannot be opened as its lock file "
+                f"({type(error).__name__}: {error.strerror})",
+                folder,
+            ) from error
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

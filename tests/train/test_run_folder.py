@@ -515,3 +515,11 @@ def test_only_finished_checkpoints_count_as_something_to_resume(tmp_path):
         run_folder.check_start(tmp_path, resume=True, overwrite=False)
     (tmp_path / "checkpoints" / "step_00000002").mkdir()
     run_folder.check_start(tmp_path, resume=True, overwrite=False)
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named(tmp_path):
+    # a directory in place of .lock escaped as a raw IsADirectoryError
+    (tmp_path / run_folder.LOCK_FILE).mkdir()
+    with pytest.raises(RunFolderError, match=r"cannot be locked: .*\.lock cannot be opened"):
+        run_folder.claim(tmp_path)
+    assert (tmp_path / run_folder.LOCK_FILE).is_dir()
