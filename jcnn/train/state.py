@@ -98,6 +98,11 @@ class TrainState:
         Returns:
             A ``TrainState`` at step 0.
         """
+        if isinstance(model, type):
+            raise TypeError(
+                f"model: expected a Flax module instance such as {model.__name__}(...), got the "
+                f"class {model.__name__}"
+            )
         if not hasattr(model, "init") or not hasattr(model, "apply"):
             raise TypeError(f"model: expected a Flax module, got {type(model).__name__}")
         if not isinstance(tx, optax.GradientTransformation):

@@ -84,3 +84,11 @@ def test_the_optimizer_state_owns_its_arrays(rng):
     state, _ = train_step(state, (sample, jnp.array([0, 1, 2, 0])))
     assert not held.is_deleted()
     np.testing.assert_array_equal(jax.random.key_data(held), jax.random.key_data(jax.random.key(7)))
+
+
+def test_create_names_a_model_class_given_for_an_instance():
+    # the class itself passed the duck-type check and failed in Flax with
+    # InvalidInstanceModuleError, a message that does not name the argument
+    sample, tx = jnp.zeros((1, 28, 28, 1)), optimizer("sgd", 0.1)
+    with pytest.raises(TypeError, match=r"model: expected a Flax module instance such as "):
+        TrainState.create(models.LeNet5, tx, jax.random.PRNGKey(0), sample)
