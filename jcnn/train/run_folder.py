@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,7 @@ class RunLock:
         self._handle = handle
         self._created_folder = created_folder
         self._count = 1
+        self._thread = threading.get_ident()
 
     def release(self) -> None:
         """Give the folder up (the last of nested claims removes the lock file and unlocks)."""
@@ -204,12 +206,12 @@ class RunLock:
 def claim(folder: str | os.PathLike) -> RunLock:
     """Lock the run folder ``folder`` for this process (created if needed).
 
-    Reentrant within a process: ``jcnn-train`` claims the folder for the whole command and
+    Reentrant within a thread: ``jcnn-train`` claims the folder for the whole command and
     ``fit`` claims it again; each claim is released once (or used as a context manager).
 
     Raises:
-        RunFolderError: another process holds the folder (the message names it), or ``folder``
-            is not a directory.
+        RunFolderError: another process, or another thread of this one, holds the folder (the
+            message names it), or ``folder`` is not a directory.
     """
     import fcntl
 
@@ -229,6 +231,12 @@ def claim(folder: str | os.PathLike) -> RunLock:
         ) from error
     key = str(folder.resolve())
     if key in _HELD and _HELD[key]._handle is not None:
+        if _HELD[key]._thread != threading.get_ident():  # two runs of one process
+            raise RunFolderError(
+                f"run folder {folder} is in use by another thread of this process; wait for its "
+                "run to end or choose another folder",
+                folder,
+            )
         _HELD[key]._count += 1
         return _HELD[key]
     path = folder / LOCK_FILE

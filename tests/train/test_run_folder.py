@@ -523,3 +523,24 @@ def test_a_lock_file_that_cannot_be_opened_is_named(tmp_path):
     with pytest.raises(RunFolderError, match=r"cannot be locked: .*\.lock cannot be opened"):
         run_folder.claim(tmp_path)
     assert (tmp_path / run_folder.LOCK_FILE).is_dir()
+
+
+def test_two_threads_of_one_process_cannot_share_a_folder(tmp_path):
+    # claim was reentrant for the whole process: two fit calls in two threads wrote one folder
+    import threading
+
+    errors = []
+    with run_folder.claim(tmp_path):
+        other = threading.Thread(target=lambda: _claim_into(tmp_path, errors))
+        other.start()
+        other.join()
+    assert len(errors) == 1 and "in use by another thread of this process" in str(errors[0])
+    with run_folder.claim(tmp_path):  # free again once the owner released it
+        pass
+
+
+def _claim_into(folder, errors):
+    try:
+        run_folder.claim(folder).release()
+    except RunFolderError as error:
+        errors.append(error)
