@@ -26,7 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from jcnn import init
-from jcnn.functional._checks import check_array, check_int, check_real, is_int
+from jcnn.functional._checks import (
+    check_array,
+    check_int,
+    check_real,
+    check_real_or_traced,
+    is_int,
+)
 from jcnn.models._checks import (
     check_bn_momentum,
     check_image_size,
@@ -148,9 +154,10 @@ def whitening_kernel(images: jax.Array, kernel_size: int = 2, eps: float = 5e-4)
     (up to ``eps``).
 
     Args:
-        images: floating array ``(N, H, W, C)``, already normalized as the network will see them.
+        images: floating array ``(N, H, W, C)``, already normalized as the network will see them
+            (at least one image; finite values within float32's range).
         kernel_size: the whitening window ``k``.
-        eps: added to the eigenvalues.
+        eps: added to the eigenvalues, ``>= 0`` (0 is refused where some eigenvalue is zero).
 
     Returns:
         The kernel ``(k, k, C, 2 * k * k * C)`` for ``AirbenchNet``'s ``whiten`` conv.
@@ -161,7 +168,10 @@ def whitening_kernel(images: jax.Array, kernel_size: int = 2, eps: float = 5e-4)
         (2, 2, 3, 24)
     """
     check_array(images, "images", ndim=4)
+    eps = check_real_or_traced(eps, "eps", low=0)
     n, height, width, channels = images.shape
+    if n == 0:
+        raise ValueError(f"images: expected at least one image, got shape {images.shape}")
     k = kernel_size
     if not is_int(k) or not 1 <= k <= min(height, width):
         raise ValueError(
@@ -177,9 +187,31 @@ def whitening_kernel(images: jax.Array, kernel_size: int = 2, eps: float = 5e-4)
         axis=-2,
     ).reshape(-1, k * k * channels)
     patches = patches.astype(jnp.float32)
+    concrete = not isinstance(patches, jax.core.Tracer)
+    if concrete and not bool(jnp.isfinite(patches).all()):
+        bad = int((~jnp.isfinite(images.astype(jnp.float32))).sum())
+        raise ValueError(
+            f"images: expected finite values within float32's range (|v| <= 3.4e38), got {bad} "
+            "NaN, infinite or larger value(s)"
+        )
     second_moment = patches.T @ patches / patches.shape[0]
+    if concrete and not bool(jnp.isfinite(second_moment).all()):
+        raise ValueError(
+            "images: expected values normalized as the network sees them, got values up to "
+            f"{float(jnp.abs(patches).max()):.3g}, whose squares overflow float32"
+        )
     eigenvalues, eigenvectors = jnp.linalg.eigh(second_moment)
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    if concrete and not isinstance(eps, jax.core.Tracer):
+        # eigh's float32 eigenvalues of a singular matrix come out near 0, of either sign
+        tiny = float(eigenvalues[0]) * eigenvalues.size * float(jnp.finfo(jnp.float32).eps)
+        if float(eigenvalues[-1]) + eps <= (tiny if eps == 0 else 0.0):
+            raise ValueError(
+                f"eps: expected a value > {max(tiny, -float(eigenvalues[-1])):.3g} for these "
+                f"images: the patches' second moment has eigenvalue(s) near zero (smallest "
+                f"{float(eigenvalues[-1]):.3g}), which 1 / sqrt(eigenvalue + eps) would divide "
+                f"by; got eps={eps}"
+            )
     filters = eigenvectors / jnp.sqrt(eigenvalues + eps)[None, :]
     kernel = filters.reshape(k, k, channels, k * k * channels)
     return jnp.concatenate([kernel, -kernel], axis=-1)

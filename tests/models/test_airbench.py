@@ -64,6 +64,31 @@ def test_whitening_kernel_whitens_patches(rng):
 
 
 @pytest.mark.parametrize(
+    "images, kwargs, error, says",
+    [
+        (np.zeros((2, 4, 4, 3)), {"eps": -1e-3}, ValueError, r"eps: expected a finite number >= 0"),
+        (np.zeros((2, 4, 4, 3)), {"eps": "a"}, TypeError, r"eps: expected a finite number >= 0"),
+        # constant images: the second moment is singular, 1 / sqrt(0 + 0) was inf
+        (np.ones((2, 4, 4, 3)), {"eps": 0.0}, ValueError, r"eps: expected a value > .*near zero"),
+        (np.zeros((0, 4, 4, 3)), {}, ValueError, r"images: expected at least one image, got shape"),
+        (np.full((2, 4, 4, 3), np.nan), {}, ValueError, r"images: expected finite values"),
+        (np.full((2, 4, 4, 3), 1e30), {}, ValueError, r"images: .*1e\+30, whose squares overflow"),
+    ],
+)
+def test_whitening_kernel_refuses_what_would_make_it_nan(images, kwargs, error, says):
+    # each of these returned a NaN or infinite kernel without a word (or a raw TypeError)
+    with pytest.raises(error, match=says):
+        models.whitening_kernel(jnp.asarray(images, jnp.float32), **kwargs)
+
+
+def test_whitening_kernel_with_eps_zero_whitens_full_rank_patches_exactly(rng):
+    images = jnp.asarray(rng.normal(size=(8, 6, 6, 2)), jnp.float32)
+    out = np.asarray(F.conv(images, models.whitening_kernel(images, eps=0.0)), np.float64)
+    out = out.reshape(-1, 16)[:, :8]
+    np.testing.assert_allclose(out.T @ out / out.shape[0], np.eye(8), atol=1e-4)
+
+
+@pytest.mark.parametrize(
     "setting, error, says",
     [
         ({"num_classes": 0}, ValueError, r"num_classes: expected an int >= 1, got 0"),
