@@ -156,9 +156,10 @@ def with_tta(
 ) -> Callable:
     """A Flax ``apply`` that averages the logits over ``views`` in evaluation mode.
 
-    Calls with ``train=False`` (the default) return ``tta_logits`` of the model over the views;
-    calls with ``train=True``, or that ask for mutable collections, are passed through unchanged,
-    so training is never augmented by it.
+    Calls with ``train=False`` (the default; ``train`` is the third argument, as in jcnn's
+    models' ``__call__(x, train)``) return ``tta_logits`` of the model over the views; calls with
+    ``train=True``, or that ask for mutable collections or captured intermediates (which make
+    ``apply`` return a pair), are passed through unchanged, so training is never augmented by it.
 
     Args:
         apply_fn: the model's ``apply`` (``TrainState.apply_fn``).
@@ -170,8 +171,9 @@ def with_tta(
     views = _check_views(views)
     weights = _check_weights(weights, len(views))
 
-    def apply(variables, images, *args, train: bool = False, **kwargs):
-        if train or kwargs.get("mutable"):
+    def apply(variables, images, train: bool = False, *args, **kwargs):
+        train = check_bool(train, "train")
+        if train or kwargs.get("mutable") or kwargs.get("capture_intermediates"):
             return apply_fn(variables, images, *args, train=train, **kwargs)
         return tta_logits(
             lambda x: apply_fn(variables, x, *args, train=False, **kwargs), images, views, weights

@@ -118,6 +118,31 @@ def test_with_tta_averages_in_evaluation_only(rng):
         with_tta(None, views)
 
 
+def test_with_tta_takes_train_positionally_and_passes_captured_intermediates_through(rng):
+    import jax
+
+    from jcnn.models import FastMNISTNet
+
+    model = FastMNISTNet(widths=(2, 4))
+    images = jnp.asarray(rng.standard_normal((2, 28, 28, 1)).astype(np.float32))
+    variables = model.init(jax.random.key(0), images)
+    views = flip_translate_views(shifts=((0, 0), (1, -1)))
+    apply = with_tta(model.apply, views)
+    want = np.mean([np.asarray(model.apply(variables, view(images))) for view in views], 0)
+    # model.apply(variables, x, False) is the models' own call: it raised "multiple values for
+    # argument 'train'", and so did the positional True of a training call
+    np.testing.assert_allclose(apply(variables, images, False), want, rtol=1e-5, atol=1e-6)
+    trained, _ = apply(variables, images, True, mutable=["batch_stats"])
+    direct, _ = model.apply(variables, images, True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(trained, direct)
+    # capture_intermediates makes apply return (logits, state): it crashed on tuple.astype
+    logits, captured = apply(variables, images, capture_intermediates=True)
+    np.testing.assert_array_equal(logits, model.apply(variables, images))
+    assert "intermediates" in captured
+    with pytest.raises(TypeError, match="train: expected a Python bool, got 1"):
+        apply(variables, images, 1)
+
+
 @pytest.mark.parametrize("flip", [1, 0, "yes", None])
 def test_flip_must_be_a_bool(flip):
     # flip=0 used to be taken as False and flip="yes" as True
