@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import _describe, check_array, check_bool, check_real, is_int
+from jcnn.functional._checks import _describe, check_bool, check_real, is_int
 
 __all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 
@@ -34,8 +34,17 @@ def translate_batch(
 ) -> jax.Array:
     """``images`` ``(N, H, W, C)`` shifted by whole pixels (content moves down/right for positive
     shifts), the uncovered border filled by ``pad_mode`` (``"reflect"``, ``"edge"`` or ``"zeros"``).
+
+    ``images`` may be floating or ``uint8`` (raw pixels), as for ``jcnn.data.augment``'s ops.
     """
-    check_array(images, "images", ndim=4)
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise TypeError(f"images: expected an array, got {type(images).__name__}")
+    if not (jnp.issubdtype(images.dtype, jnp.floating) or images.dtype == jnp.uint8):
+        raise TypeError(f"images: expected a floating or uint8 array, got dtype {images.dtype}")
+    if images.ndim != 4:
+        raise ValueError(
+            f"images: expected rank 4, got rank {images.ndim} with shape {tuple(images.shape)}"
+        )
     _check_pad_mode(pad_mode)
     height, width = images.shape[1:3]
     for name, shift, size in (("shift_y", shift_y, height), ("shift_x", shift_x, width)):

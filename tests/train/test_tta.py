@@ -24,6 +24,20 @@ def test_translate_batch_against_numpy(rng, pad_mode, np_mode):
         np.testing.assert_array_equal(got, want)
 
 
+def test_translate_batch_shifts_uint8_pixels_as_augment_does(rng):
+    # raw uint8 images were refused ("expected a floating-point array"); augment's ops take them
+    images = rng.integers(0, 256, (2, 5, 4, 3)).astype(np.uint8)
+    got = translate_batch(jnp.asarray(images), 1, -2)
+    assert got.dtype == jnp.uint8
+    want = translate_batch(jnp.asarray(images, jnp.float32), 1, -2)
+    np.testing.assert_array_equal(got, np.asarray(want).astype(np.uint8))
+    for dtype in (np.int32, np.bool_):
+        with pytest.raises(
+            TypeError, match="images: expected a floating or uint8 array, got dtype"
+        ):
+            translate_batch(jnp.asarray(images).astype(dtype), 1, 0)
+
+
 def test_flip_translate_views_and_their_mean(rng):
     images = jnp.asarray(rng.standard_normal((3, 6, 6, 2)).astype(np.float32))
     views = flip_translate_views()
