@@ -22,7 +22,13 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import _describe, check_bool, check_real, is_int
+from jcnn.functional._checks import (
+    _describe,
+    check_bool,
+    check_real,
+    float32_or_wider,
+    is_int,
+)
 
 __all__ = ["tta_logits", "flip_translate_views", "translate_batch", "with_tta"]
 
@@ -105,7 +111,8 @@ def tta_logits(
     views: Sequence[View],
     weights: Sequence[float] | None = None,
 ) -> jax.Array:
-    """The mean of ``predict(view(images))`` over ``views`` (logits averaged, as airbench94).
+    """The mean of ``predict(view(images))`` over ``views`` (logits averaged, as airbench94), in
+    float32 (float64 predictions stay float64).
 
     Args:
         predict: images ``(N, ...)`` -> outputs ``(N, ...)``, e.g. ``lambda x: model.apply(v, x)``.
@@ -125,7 +132,8 @@ def tta_logits(
             raise ValueError(
                 f"views: each view must keep the shape {images.shape}, got {transformed.shape}"
             )
-        out = weight * predict(transformed).astype(jnp.float32)
+        out = predict(transformed)
+        out = weight * out.astype(float32_or_wider(out.dtype))
         total = out if total is None else total + out
     return total
 

@@ -157,6 +157,21 @@ def test_with_tta_takes_train_positionally_and_passes_captured_intermediates_thr
         apply(variables, images, 1)
 
 
+def test_tta_logits_keeps_float64_predictions_in_float64(rng):
+    import jax
+
+    with jax.enable_x64(True):
+        images = jnp.asarray(rng.standard_normal((2, 4, 4, 1)))
+        views = flip_translate_views(shifts=((0, 0), (1, 1)))
+        got = tta_logits(lambda x: x.reshape(2, -1) * (1 + 1e-12), images, views)
+        # the mean was cast to float32 (1 + 1e-12 rounded away)
+        assert got.dtype == jnp.float64
+        want = np.mean([np.asarray(v(images)).reshape(2, -1) for v in views], 0) * (1 + 1e-12)
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+        half = tta_logits(lambda x: x.reshape(2, -1), images.astype(jnp.bfloat16), views)
+        assert half.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("flip", [1, 0, "yes", None])
 def test_flip_must_be_a_bool(flip):
     # flip=0 used to be taken as False and flip="yes" as True
