@@ -272,6 +272,21 @@ def _check_images(recipe: Recipe, images, labels, name: str, labels_name: str) -
             f"{name}: {recipe.name} is built for {recipe.dataset} images (N, "
             f"{', '.join(map(str, recipe.image_shape))}), got shape {got}"
         )
+    dtype = images.dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"{name}: expected integer or floating images, got dtype {dtype}")
+    if not shape[0]:
+        raise ValueError(f"{name}: expected at least one image, got shape {shape}")
+    if jnp.issubdtype(dtype, jnp.floating):
+        # NaN test images would be scored silently (their logits' argmax); float32 is what
+        # the standardized images become
+        values = np.asarray(images)
+        finite = np.isfinite(values) & (np.abs(values) <= np.finfo(np.float32).max)
+        if not finite.all():
+            raise ValueError(
+                f"{name}: expected finite values within float32's range, got "
+                f"{int((~finite).sum())} NaN, infinite or larger value(s)"
+            )
     labels = np.asarray(labels)
     if labels.shape != shape[:1] or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
@@ -336,6 +351,7 @@ def run_recipe(
         ``fit``'s result with ``"test_accuracy"`` and ``"test_accuracy_tta"`` added (the latter
         ``None`` for a recipe without test-time views) and the ``"prepared"`` run.
     """
+    recipe = _recipe(name)
     owned = {
         "optimizer",
         "label_smoothing",
@@ -347,12 +363,24 @@ def run_recipe(
     }
     for part, value in (("train", train), ("test", test)):
         if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise TypeError(f"{part}: expected a pair (images, labels), got {_describe(value)}")
+            got = (
+                f"{type(value).__name__} of length {len(value)}"
+                if isinstance(value, (tuple, list))
+                else _describe(value)
+            )
+            raise TypeError(f"{part}: expected a pair (images, labels), got {got}")
     clashes = sorted(owned & set(config_changes))
     if clashes:
         raise ValueError(
-            f"config_changes: {name} sets {', '.join(clashes)} itself (choose seed and epochs "
-            "with the arguments of the same name)"
+            f"config_changes: {recipe.name} sets {', '.join(clashes)} itself (choose seed and "
+            "epochs with the arguments of the same name)"
+        )
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(config_changes) - fields)
+    if unknown:
+        raise TypeError(
+            f"config_changes: expected TrainConfig fields the recipe leaves open "
+            f"({', '.join(sorted(fields - owned))}), got {', '.join(map(repr, unknown))}"
         )
     prepared = prepare(name, *train, seed=seed, epochs=epochs)
     config = dataclasses.replace(prepared.config, **config_changes)

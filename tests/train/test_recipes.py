@@ -234,6 +234,42 @@ def test_prepare_takes_numbers_as_check_real_and_check_int_do(rng):
         assert got.train_loader.seed == 2
 
 
+def test_recipe_images_are_checked_under_their_own_names(rng):
+    images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
+    nan = images.astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    # NaN training images were blamed on "train_images" (Standardize.fit's argument), NaN test
+    # images were scored silently, bool images were refused under the name train_images, and an
+    # empty test set failed as "batch_size: expected 1..0"
+    with pytest.raises(ValueError, match="^images: expected finite values .* got 1 NaN"):
+        recipes.prepare("mnist99", nan, labels)
+    with pytest.raises(ValueError, match="^images: expected finite values"):
+        recipes.prepare("mnist99", images.astype(np.float64) * 1e300, labels)
+    with pytest.raises(TypeError, match="^images: expected integer or floating images, got dtype"):
+        recipes.prepare("mnist99", images > 0, labels)
+    prepared = recipes.prepare("mnist99", images, labels)
+    with pytest.raises(ValueError, match="^test_images: expected finite values .* got 1 NaN"):
+        prepared.test_loader(nan, labels)
+    with pytest.raises(ValueError, match=r"^test_images: expected at least one image, got shape"):
+        prepared.test_loader(images[:0], labels[:0])
+
+
+def test_run_recipe_checks_name_and_config_changes_before_training(rng):
+    images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
+    sets = ((images, labels), (images, labels))
+    # the clash was reported as "nope sets optimizer itself" for a recipe that does not exist
+    with pytest.raises(ValueError, match="^name: expected one of airbench94, mnist99, got 'nope'"):
+        recipes.run_recipe("nope", *sets, optimizer=None)
+    # an unknown field failed inside TrainConfig ("unexpected keyword argument")
+    with pytest.raises(TypeError, match=r"^config_changes: expected TrainConfig fields .*'bogus'"):
+        recipes.run_recipe("mnist99", *sets, bogus=1)
+    # a tuple of the wrong length was printed whole, arrays and all
+    with pytest.raises(
+        TypeError, match=r"^test: expected a pair \(images, labels\), got tuple of length 1$"
+    ):
+        recipes.run_recipe("mnist99", sets[0], (images,))
+
+
 @pytest.mark.parametrize("train_or_test", ["train", "test"])
 def test_run_recipe_names_a_train_or_test_that_is_no_pair(rng, train_or_test):
     # a triple or None failed with raw "prepare() takes 3 positional arguments" / "Value after *"
