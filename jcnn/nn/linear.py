@@ -9,6 +9,7 @@ move between the two libraries.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -76,4 +77,5 @@ class Flatten(nn.Module):
         check_array(x, "x")
         if x.ndim < 1:
             raise ValueError("x: expected rank >= 1 (N, ...), got a scalar")
-        return x.reshape(x.shape[0], -1)
+        # not -1: an empty batch leaves it undetermined (a raw ZeroDivisionError)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))

@@ -7,6 +7,7 @@ Linen twin; ``Flatten`` flattens channels-last (C varies fastest).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -85,4 +86,5 @@ class Flatten(nnx.Module):
         check_array(x, "x")
         if x.ndim < 1:
             raise ValueError("x: expected rank >= 1 (N, ...), got a scalar")
-        return x.reshape(x.shape[0], -1)
+        # not -1: an empty batch leaves it undetermined (a raw ZeroDivisionError)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))

@@ -50,6 +50,16 @@ def test_flatten_is_channels_last_and_relates_to_torch_order(torch, rng):
     )
 
 
+def test_flatten_of_an_empty_batch_keeps_its_feature_count():
+    # reshape(0, -1) is undetermined: it raised a raw ZeroDivisionError (in every model's head)
+    assert nn.Flatten().apply({}, jnp.ones((0, 3, 4, 5))).shape == (0, 60)
+    from jcnn.models import FastMNISTNet
+
+    model = FastMNISTNet(widths=(2, 4))
+    variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
+    assert model.apply(variables, jnp.ones((0, 28, 28, 1))).shape == (0, 10)
+
+
 def test_variables_built_for_another_input_size_are_refused_naming_x():
     layer = nn.Dense(3)
     variables = layer.init(jax.random.key(0), jnp.ones((2, 4)))

@@ -29,6 +29,8 @@ def test_dense_and_flatten_check_their_input():
         jnnx.Flatten()(jnp.float32(1.0))
     x = jnp.arange(24.0).reshape(2, 3, 2, 2)
     np.testing.assert_array_equal(jnnx.Flatten()(x), np.arange(24.0).reshape(2, 12))
+    # an empty batch: reshape(0, -1) raised a raw ZeroDivisionError
+    assert jnnx.Flatten()(jnp.ones((0, 3, 2, 2))).shape == (0, 12)
 
 
 def test_a_non_floating_compute_dtype_is_a_type_error():
