@@ -47,6 +47,21 @@ def parse_args(argv=None):
     extra.add_argument("--from-runs", nargs="*", type=Path, default=[])
     known, rest = extra.parse_known_args(sys.argv[1:] if argv is None else argv)
     args = _common.parse_args(__doc__.splitlines()[0], rest)
+    # without --seeds a full run trains no airbench94 (about an hour a run): asked for by name
+    # and with no run folders either, the page would have nothing to show for it
+    if (
+        known.recipes is not None
+        and "airbench94" in known.recipes
+        and known.seeds is None
+        and not known.from_runs
+        and not args.quick
+    ):
+        raise SystemExit(
+            "--recipes airbench94: no run by default (a full run takes about an hour); give "
+            "--seeds, or its jcnn-train run folders with --from-runs"
+        )
+    if known.seeds is not None and any(seed < 0 for seed in known.seeds):
+        raise SystemExit(f"--seeds: expected ints >= 0, got {' '.join(map(str, known.seeds))}")
     if known.recipes is None:
         known.recipes = [] if known.from_runs else ["airbench94", "mnist99"]
     for name in known.recipes:

@@ -52,3 +52,16 @@ def test_repeats_and_unreadable_folders_are_refused_before_any_run(script, tmp_p
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="a run of recipe 'resnet9', expected one of"):
         script.from_run_folder(run)
+
+
+def test_negative_seeds_and_an_airbench94_with_nothing_to_show_are_refused(script, tmp_path):
+    # --seeds -1 stopped with a raw ValueError from inside the first run; --recipes airbench94
+    # alone trained nothing (no seed by default) and wrote a page without a run
+    with pytest.raises(SystemExit, match="--seeds: expected ints >= 0, got 2 -1"):
+        script.parse_args(["--seeds", "2", "-1"])
+    with pytest.raises(SystemExit, match="--recipes airbench94: no run by default .* --seeds"):
+        script.parse_args(["--recipes", "airbench94"])
+    assert script.parse_args(["--recipes", "airbench94", "--seeds", "0"]).seeds == [0]
+    assert script.parse_args(["--recipes", "airbench94", "--quick"]).recipes == ["airbench94"]
+    run = _run_folder(tmp_path / "run", recipe="airbench94")
+    assert script.parse_args(["--recipes", "airbench94", "--from-runs", str(run)]).from_runs
