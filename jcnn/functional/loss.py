@@ -5,7 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jcnn.functional._checks import check_array, check_choice, check_real, float32_or_wider
+from jcnn.functional._checks import (
+    check_array,
+    check_choice,
+    check_real_or_traced,
+    float32_or_wider,
+)
 
 __all__ = ["accuracy", "cross_entropy"]
 
@@ -64,7 +69,8 @@ def cross_entropy(
             segmentation map ``(N, H, W, K)``.
         labels: integer classes ``(...)`` in ``[0, K)`` (a label outside that range gives a NaN
             loss for its example), or floating class probabilities ``(..., K)``.
-        label_smoothing: ``eps`` in ``[0, 1]``.
+        label_smoothing: ``eps`` in ``[0, 1]``; a traced 0-d value (to sweep it under ``vmap``)
+            is applied unchecked.
         reduction: ``"mean"`` over every example (and position), ``"sum"``, or ``"none"`` for
             the per-example losses ``(...)``.
 
@@ -79,7 +85,9 @@ def cross_entropy(
     """
     _check_logits(logits)
     integer_labels = _check_labels(logits, labels)
-    label_smoothing = check_real(label_smoothing, "label_smoothing", low=0, high=1)
+    label_smoothing = check_real_or_traced(label_smoothing, "label_smoothing", low=0, high=1)
+    # a traced value (a sweep under vmap or jit) is applied whatever it is
+    smoothing = isinstance(label_smoothing, jax.core.Tracer) or label_smoothing > 0
     check_choice(reduction, "reduction", _REDUCTIONS)
 
     num_classes = logits.shape[-1]
@@ -88,12 +96,12 @@ def cross_entropy(
         picked = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
         in_range = (labels >= 0) & (labels < num_classes)
         losses = -jnp.where(in_range, picked, jnp.nan)
-        if label_smoothing:
+        if smoothing:
             uniform = -jnp.mean(log_probs, axis=-1)
             losses = (1 - label_smoothing) * losses + label_smoothing * uniform
     else:
         target = labels.astype(log_probs.dtype)
-        if label_smoothing:
+        if smoothing:
             target = (1 - label_smoothing) * target + label_smoothing / num_classes
         losses = -jnp.sum(target * log_probs, axis=-1)
 

@@ -98,6 +98,20 @@ def test_jit_and_vmap(rng):
     np.testing.assert_allclose(per_batch(logits, labels), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_label_smoothing_swept_under_vmap_matches_each_concrete_value(rng, soft):
+    logits = jnp.asarray(rng.standard_normal((6, 5)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, 5, 6))
+    if soft:
+        labels = jax.nn.one_hot(labels, 5)
+    smoothings = jnp.array([0.0, 0.1, 0.5, 1.0])
+    swept = jax.vmap(lambda eps: cross_entropy(logits, labels, label_smoothing=eps))(smoothings)
+    want = [float(cross_entropy(logits, labels, label_smoothing=float(e))) for e in smoothings]
+    np.testing.assert_allclose(swept, want, rtol=1e-6)
+    with pytest.raises(TypeError, match="label_smoothing: expected a real number or a 0-d"):
+        jax.jit(lambda e: cross_entropy(logits, labels, label_smoothing=e))(jnp.zeros(2))
+
+
 def test_accuracy_against_numpy(rng):
     logits = rng.standard_normal((200, 7)).astype(np.float32)
     labels = rng.integers(0, 7, 200)
