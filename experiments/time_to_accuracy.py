@@ -221,7 +221,9 @@ def main(argv=None):
             ],
             rows,
         )
-        accuracies = [run["accuracy_tta"] or run["accuracy"] for run in mine]
+        accuracies = [
+            run["accuracy"] if run["accuracy_tta"] is None else run["accuracy_tta"] for run in mine
+        ]
         walls = [run["wall"] for run in mine if run["wall"] is not None]
         page.text(
             f"Mean over {len(mine)} run(s): test accuracy {np.mean(accuracies):.4f} "
