@@ -48,7 +48,14 @@ from jax.typing import DTypeLike
 
 from jcnn import native
 from jcnn.data import Loader, Standardize
-from jcnn.functional._checks import check_bool, check_int, check_positive_int, check_real
+from jcnn.data.standardize import MODES as STANDARDIZE_MODES
+from jcnn.functional._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive_int,
+    check_real,
+)
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, BestCheckpoint, Callback, CallbackError, RunContext
@@ -366,14 +373,23 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
             f"config.optimizer: expected a name (one of {', '.join(OPTIMIZERS)}) or an "
             f"optax.GradientTransformation, got {type(chosen).__name__}"
         )
-    if isinstance(chosen, str) and chosen.lower() not in _USES_MOMENTUM:
+    if chosen.lower() not in OPTIMIZERS:
+        raise ValueError(
+            f"config.optimizer: expected one of {', '.join(OPTIMIZERS)} or an "
+            f"optax.GradientTransformation, got {chosen!r}"
+        )
+    if chosen.lower() not in _USES_MOMENTUM:
         _refuse_unused(config, ("momentum",), f"config.optimizer is {chosen!r}")
+    # checked here so that a mistake names the config's field, not optimizer()'s argument
+    clip_norm = config.clip_norm
+    if clip_norm is not None:
+        clip_norm = check_real(clip_norm, "config.clip_norm", low=0, low_open=True)
     return optimizer(
         chosen,
         schedule,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm,
+        momentum=check_real(config.momentum, "config.momentum", low=0, high=1, high_open=True),
+        weight_decay=check_real(config.weight_decay, "config.weight_decay", low=0),
+        clip_norm=clip_norm,
     )
 
 
@@ -702,6 +718,8 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
     """Carve config.val_split, fit and apply config.standardize; the loaders to train on."""
     if config.val_split is None and config.standardize is None:
         return train_loader, val_loader, test_loader, stats
+    if config.standardize is not None:
+        check_choice(config.standardize, "config.standardize", STANDARDIZE_MODES)
     option = "config.val_split" if config.val_split is not None else "config.standardize"
     if stats is not None and config.standardize is not None:
         raise ValueError(

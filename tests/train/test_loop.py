@@ -337,6 +337,25 @@ def test_bad_optimizer_and_learning_rate_are_named(rng):
         fit(TinyNet(), train, None, _quiet(optimizer=optax.sgd(0.1), weight_decay=1e-4))
 
 
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        (dict(optimizer="adamax"), ValueError, "config.optimizer: expected one of sgd"),
+        (dict(weight_decay=-1.0), ValueError, "config.weight_decay: expected a finite number >= 0"),
+        (dict(optimizer="momentum", momentum=1.5), ValueError, r"config.momentum: .* \[0, 1\)"),
+        (dict(clip_norm=0.0), ValueError, "config.clip_norm: expected a finite number > 0"),
+        (dict(standardize="z"), ValueError, "config.standardize: expected one of 'per_channel'"),
+        (dict(standardize=1), TypeError, "config.standardize: expected one of 'per_channel'"),
+    ],
+)
+def test_a_bad_optimizer_or_standardize_setting_names_the_config_field(rng, setting, error, says):
+    # fit's user writes TrainConfig fields: a message naming optimizer()'s own argument ("name",
+    # "weight_decay") or Standardize.fit's ("mode") did not say which field to fix
+    train, _ = _loaders(*_data(rng, n=48))
+    with pytest.raises(error, match=says):
+        fit(TinyNet(), train, None, _quiet(**setting))
+
+
 def test_custom_loss_per_example_or_mean_equals_cross_entropy(rng):
     train, val = _loaders(*_data(rng, n=48))
     base = _quiet(optimizer="sgd", learning_rate=0.1, schedule="constant")
