@@ -577,14 +577,23 @@ def load_tfds(
         manual_dir=None if manual_dir is None else os.fspath(manual_dir),
         **(download_options or {}),
     )
-    data = tfds.load(
-        name,
-        split=split,
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        batch_size=-1,
-        download=download,
-        download_and_prepare_kwargs={"download_config": download_config},
-        as_supervised=True,
-    )
+    try:
+        data = tfds.load(
+            name,
+            split=split,
+            data_dir=None if data_dir is None else os.fspath(data_dir),
+            batch_size=-1,
+            download=download,
+            download_and_prepare_kwargs={"download_config": download_config},
+            as_supervised=True,
+        )
+    except tfds.core.DatasetNotFoundError as err:
+        # tfds's own message lists every dataset it knows (hundreds of lines)
+        guess = re.search(r"Did you mean: \S+ -> (\S+) \?", str(err))
+        hint = f" (did you mean {guess[1]!r}?)" if guess else ""
+        raise ValueError(
+            f"name: expected a tensorflow-datasets dataset name, got {name!r}, which "
+            f"tensorflow-datasets does not know{hint}; tfds.list_builders() lists them"
+        ) from None
     images, labels = tfds.as_numpy(data)
     return np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int32)

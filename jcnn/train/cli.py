@@ -24,6 +24,7 @@ import dataclasses
 import inspect
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -643,6 +644,12 @@ def _load_dataset(args):
         test = load_dataset(args.dataset, "test", **source)
     except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
         raise SystemExit(f"jcnn-train: {error}") from None
+    except ValueError as error:
+        if not tfds:  # jcnn's own datasets raise ValueError only for a programming mistake
+            raise
+        # an unknown name, or a dataset without a train or test split
+        message = re.sub(r"^name: ", "", str(error))
+        raise SystemExit(f"jcnn-train: --dataset {args.dataset}: {message}") from None
     return train, test
 
 

@@ -172,8 +172,10 @@ def main(argv=None) -> int:
 
 def _in_flags(message: str) -> str:
     """A message of ``load_run`` or ``data.load`` in the command's terms: ``which='best'`` is
-    ``--which best``, a leading ``which:``/``split:`` is ``--which:``/``--split:``."""
+    ``--which best``, a leading ``which:``/``split:`` is ``--which:``/``--split:``, and a leading
+    ``name:`` (``data.load_tfds``'s dataset name) is ``--dataset:``."""
     message = re.sub(r"\bwhich=(['\"]?)([^'\"\s;,)]+)\1", r"--which \2", message)
+    message = re.sub(r"^name:", "--dataset:", message)
     return re.sub(r"^(which|split):", r"--\1:", message)
 
 

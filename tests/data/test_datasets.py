@@ -237,6 +237,16 @@ def test_bad_arguments(data_dir):
         data.load("mnist", "test", data_dir=3)
 
 
+def test_an_unknown_tfds_name_is_a_short_value_error(tmp_path):
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    # tfds's own DatasetNotFoundError lists every dataset it knows: hundreds of lines
+    with pytest.raises(ValueError, match=r"^name: .* got 'fashion_mnistt'") as caught:
+        data.load_tfds("fashion_mnistt", "train", data_dir=tmp_path)
+    assert len(str(caught.value)) < 400
+    assert "did you mean 'fashion_mnist'?" in str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_tfds_route_offline_gives_identical_arrays(tmp_path, data_dir, loaded):
     """tensorflow-datasets prepares Fashion-MNIST from the same files, without network.

@@ -715,6 +715,32 @@ def test_tfds_dataset_names_reach_tensorflow_datasets(tmp_path, monkeypatch, cap
     assert "tfds:toy test: accuracy" in capsys.readouterr().out
 
 
+def test_an_unknown_tfds_name_is_a_one_line_error_in_both_commands(tmp_path, monkeypatch, capsys):
+    # tensorflow-datasets' DatasetNotFoundError (a ValueError) escaped jcnn-train as a traceback
+    # listing every dataset tfds knows
+    from jcnn import data
+    from jcnn.train.eval_cli import main as eval_main
+
+    def unknown(name, split, *, data_dir=None, manual_dir=None):
+        raise ValueError(f"name: expected a tensorflow-datasets dataset name, got {name!r}")
+
+    monkeypatch.setattr(data, "load_tfds", unknown)
+    args = [*SMALL_SPLIT[:2], "--dataset", "tfds:nope", *SMALL_SPLIT[4:]]
+    code, err = _main([*args, "--out", str(tmp_path / "run")], capsys)
+    assert code == 1, err
+    _assert_one_line(err)
+    assert "--dataset tfds:nope: expected a tensorflow-datasets dataset name, got 'nope'" in err
+    assert not (tmp_path / "run").exists()
+
+    run = tmp_path / "trained"
+    assert _main([*SMALL_SPLIT, "--max-steps", "1", "--out", str(run)], capsys)[0] == 0
+    assert eval_main([str(run), "--dataset", "tfds:nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "jcnn-eval: --dataset: expected a tensorflow-datasets dataset name, got 'nope'"
+    ), err
+
+
 @pytest.mark.slow
 def test_tfds_fashion_mnist_prepared_offline_trains(tmp_path):
     """Fashion-MNIST prepared by tensorflow-datasets from the local files (no network)."""
