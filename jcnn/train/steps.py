@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -122,6 +123,7 @@ def metric_pairs(metrics) -> tuple:
             )
         if not callable(fn):
             raise TypeError(f"metrics[{name!r}]: expected a callable, got {type(fn).__name__}")
+        _takes_logits_and_labels(fn, f"metrics[{name!r}]")
         _hashable_fn(fn, f"metrics[{name!r}]")
     names = [name for name, _ in items]
     if len(set(names)) != len(names):
@@ -137,6 +139,21 @@ def _hashable(value, name: str):
             f"{name}: expected a hashable value (the step is compiled for it), got {value!r}"
         ) from None
     return value
+
+
+def _takes_logits_and_labels(fn, name: str) -> None:
+    """Raise a ``TypeError`` naming ``name`` unless ``fn`` can be called as ``fn(logits,
+    labels)`` (else the mistake surfaces inside the traced step as a bare ``TypeError``)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: cannot tell, trust it
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a callable taking (logits, labels), got {_describe(fn)}{signature}"
+        ) from None
 
 
 def _hashable_fn(fn, name: str):
@@ -157,6 +174,7 @@ def check_loss_fn(loss_fn, name: str = "loss_fn"):
         return None
     if not callable(loss_fn):
         raise TypeError(f"{name}: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
+    _takes_logits_and_labels(loss_fn, name)
     return _hashable_fn(loss_fn, name)
 
 

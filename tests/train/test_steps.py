@@ -374,6 +374,30 @@ def test_a_metric_or_loss_returning_no_number_is_named(rng, output, error, says)
     assert eval_step(state, _batch(rng), metrics=counts)["hits"].dtype == jnp.float32
 
 
+@pytest.mark.parametrize(
+    "fn, shown",
+    [
+        (lambda logits: jnp.mean(logits), r"<lambda>\(logits\)"),
+        (lambda logits, labels, weights: jnp.mean(logits), r"<lambda>\(logits, labels, weights\)"),
+        (lambda logits, *, labels: jnp.mean(logits), r"<lambda>\(logits, \*, labels\)"),
+    ],
+)
+def test_a_loss_or_metric_that_cannot_take_logits_and_labels_is_named(rng, fn, shown):
+    # the call failed inside the traced step with Python's bare "takes 1 positional argument"
+    state = _state(SmallNet())
+    expected = r"expected a callable taking \(logits, labels\), got "
+    with pytest.raises(TypeError, match="loss_fn: " + expected + shown):
+        eval_step(state, _batch(rng), loss_fn=fn)
+    with pytest.raises(TypeError, match=r"metrics\['m'\]: " + expected + shown):
+        train_step(state, _batch(rng), metrics={"m": fn})
+    assert "m" in eval_step(
+        state,
+        _batch(rng),
+        loss_fn=optax.softmax_cross_entropy_with_integer_labels,  # (logits, labels, axis, where)
+        metrics={"m": lambda *args: jnp.mean(args[0])},
+    )
+
+
 def test_batch_loss_and_batch_metrics_refuse_what_is_not_callable():
     from jcnn.train.steps import batch_loss, batch_metrics
 
