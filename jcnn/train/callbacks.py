@@ -184,9 +184,23 @@ class _Monitor(Callback):
         return value > self.best + self.min_delta
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step}
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": self.best,
+            "best_step": self.best_step,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        # a best value of another metric or direction would be compared as if it were this one's
+        # (a checkpoint written before these were saved has neither: trusted)
+        saved = (state.get("monitor", self.monitor), state.get("mode", self.mode))
+        if saved != (self.monitor, self.mode):
+            raise ValueError(
+                f"the checkpoint holds the state of {type(self).__name__}(monitor={saved[0]!r}, "
+                f"mode={saved[1]!r}), but this one has monitor={self.monitor!r}, "
+                f"mode={self.mode!r}; resume with the callbacks in the same order and settings"
+            )
         self.best, self.best_step = state["best"], state["best_step"]
 
 
@@ -202,7 +216,7 @@ class EarlyStopping(_Monitor):
 
     >>> stopper = EarlyStopping("val_loss", mode="min", patience=2)
     >>> stopper.state_dict()
-    {'best': None, 'best_step': None, 'wait': 0}
+    {'monitor': 'val_loss', 'mode': 'min', 'best': None, 'best_step': None, 'wait': 0}
     """
 
     def __init__(

@@ -83,6 +83,40 @@ def test_early_stopping_counts_evaluations_without_improvement(mode, values, min
     assert restored.state_dict() == stopper.state_dict()
 
 
+@pytest.mark.parametrize("kind", [EarlyStopping, BestCheckpoint])
+def test_a_monitor_state_of_another_metric_or_direction_is_refused(kind):
+    # the state of a val_loss monitor loaded into a val_accuracy one (callbacks given in another
+    # order on resume) made a loss its best accuracy: early stopping and best checkpoints then
+    # compared accuracies against it
+    saved = kind("val_loss", mode="min")
+    saved.best, saved.best_step = 0.25, 4
+    state = json.loads(json.dumps(saved.state_dict()))
+    for other in (kind("val_accuracy", mode="max"), kind("val_loss", mode="max")):
+        says = r"holds the state of .*monitor='val_loss', mode='min'"
+        with pytest.raises(ValueError, match=says):
+            other.load_state_dict(state)
+        assert other.best is None
+    same = kind("val_loss", mode="min")
+    same.load_state_dict(state)
+    assert (same.best, same.best_step) == (0.25, 4)
+    older = kind("val_accuracy", mode="max")  # a checkpoint saved without monitor and mode
+    older.load_state_dict({k: v for k, v in state.items() if k not in ("monitor", "mode")})
+    assert older.best == 0.25
+
+
+def test_resuming_with_monitors_in_another_order_is_refused(tmp_path, rng):
+    train, val = _loaders(rng)
+    out = tmp_path / "run"
+    first = [EarlyStopping("val_loss"), EarlyStopping("val_accuracy", mode="max")]
+    fit(TinyNet(), train, val, _config(out, epochs=1, max_steps=2), callbacks=first)
+    before = sorted(p.name for p in out.iterdir())
+    swapped = [EarlyStopping("val_accuracy", mode="max"), EarlyStopping("val_loss")]
+    with pytest.raises(CallbackError, match="EarlyStopping.load_state_dict raised: ValueError"):
+        config = _config(out, epochs=1, max_steps=2, resume=True)
+        fit(TinyNet(), train, val, config, callbacks=swapped)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_monitor_callbacks_check_their_settings():
     with pytest.raises(ValueError, match="patience: expected an int >= 1"):
         EarlyStopping(patience=0)
