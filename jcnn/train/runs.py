@@ -435,7 +435,7 @@ def load_run(
         )
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise _not_a_run(folder, "no such folder")
+        raise _not_a_run(folder, "a file, not a folder" if folder.exists() else "no such folder")
     missing = [n for n in ("config.json", RUN_FILE, "checkpoints") if not (folder / n).exists()]
     if missing:
         raise _not_a_run(folder, f"missing {', '.join(missing)}")

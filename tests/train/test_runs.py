@@ -110,6 +110,13 @@ def test_load_run_best_and_steps(trained):
         load_run(out, which="first")
 
 
+def test_a_file_given_as_the_run_folder_is_called_a_file(tmp_path):
+    # it was reported as "no such folder", though the path exists
+    (tmp_path / "model.ckpt").write_bytes(b"weights")
+    with pytest.raises(RunFolderError, match=r"model.ckpt is not a jcnn run folder \(a file, not"):
+        load_run(tmp_path / "model.ckpt")
+
+
 def test_a_folder_that_is_not_a_run_is_named(tmp_path, trained):
     with pytest.raises(RunFolderError, match="is not a jcnn run folder .no such folder"):
         load_run(tmp_path / "absent")
