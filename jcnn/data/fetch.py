@@ -6,7 +6,9 @@ the publishers' addresses and their mirrors, each tried in order. Every file is 
 :data:`SOURCES` and only then renamed into place (``os.replace``): the dataset's file name never
 holds anything but a complete, verified file. An interrupted download (connection lost, server
 stalled, Ctrl-C) keeps its ``.part``, and the next attempt asks for the rest with an HTTP ``Range``
-request; the whole file is verified at the end either way. Bytes that fail the check are deleted.
+request; the whole file is verified at the end either way. A resumed file that fails the check is
+fetched whole from the same address once more (the kept part may have been the wrong bytes); bytes
+that fail the check then are deleted.
 Bytes that differ from the pinned digest are accepted only when their decompressed content has the
 official content digests (``datasets.CONTENT_SHA256``, read with the loader's bounded
 decompression): a mirror that re-compressed a file still delivers verified data.
@@ -400,10 +402,23 @@ def _fetch_into(name: str, url: str, remote: RemoteFile, part: Path, timeout, ba
             return
         part.unlink()
         have = 0
-    _append_from(url, remote, part, have, timeout, bar, task)
+    start, announced = _append_from(url, remote, part, have, timeout, bar, task)
     problem = _mismatch(name, remote, part)
-    if problem is not None:
-        raise _AttemptFailed(f"{problem}; deleted", keep_partial=False)
+    if problem is not None and start:
+        # the bytes kept from an earlier attempt may be the wrong ones: once more from byte 0
+        part.unlink()
+        _, announced = _append_from(url, remote, part, 0, timeout, bar, task)
+        problem = _mismatch(name, remote, part)
+    if problem is None:
+        return
+    received = part.stat().st_size
+    if not announced and received < remote.size:
+        raise _AttemptFailed(
+            f"truncated: the server closed the connection after {received} bytes without "
+            f"announcing a length, fewer than the official {remote.size}",
+            keep_partial=True,
+        )
+    raise _AttemptFailed(f"{problem}; deleted", keep_partial=False)
 
 
 def _mismatch(name: str, remote: RemoteFile, path: Path) -> str | None:
@@ -426,8 +441,15 @@ def _mismatch(name: str, remote: RemoteFile, path: Path) -> str | None:
     return None
 
 
-def _append_from(url, remote: RemoteFile, part: Path, have: int, timeout, bar, task) -> None:
-    """Write the body of ``url`` into ``part``, from byte ``have`` where the server allows it."""
+def _append_from(
+    url, remote: RemoteFile, part: Path, have: int, timeout, bar, task
+) -> tuple[int, bool]:
+    """Write the body of ``url`` into ``part``, from byte ``have`` where the server allows it.
+
+    Returns:
+        Where the body started in the file (``have`` or 0), and whether the server announced its
+        length.
+    """
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     if have:
         request.add_header("Range", f"bytes={have}-")
@@ -435,7 +457,7 @@ def _append_from(url, remote: RemoteFile, part: Path, have: int, timeout, bar, t
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # nothing past what we hold: the .part may be complete
-            return
+            return have, True
         raise _AttemptFailed(f"HTTP {err.code} {err.reason}", keep_partial=True) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
@@ -474,6 +496,7 @@ def _append_from(url, remote: RemoteFile, part: Path, have: int, timeout, bar, t
                 f"truncated: the server closed the connection after {received} of {total} bytes",
                 keep_partial=True,
             )
+    return start, total is not None
 
 
 def _read_some(response, room: int, received: int, total, timeout) -> bytes:

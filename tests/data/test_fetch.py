@@ -4,8 +4,8 @@ The server serves the shared data folder's files. Its behaviour is chosen by the
 URL path (``/<mode>/<dataset>/<file>``), so one server plays every kind of mirror: ``ok`` (honours
 ``Range``), ``norange`` (ignores it), ``missing`` (404), ``truncate`` (announces the full length,
 sends half and closes), ``corrupt`` (one byte changed), ``long`` (extra bytes, no length),
-``flood`` (4 MiB of zeros, no length), ``bloated`` (announces 1 TB), ``stall`` (half the body,
-then silence), ``silent`` (no answer at all).
+``flood`` (4 MiB of zeros, no length), ``cut`` (half the body, no length), ``bloated``
+(announces 1 TB), ``stall`` (half the body, then silence), ``silent`` (no answer at all).
 """
 
 import filecmp
@@ -65,12 +65,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         if mode == "bloated":
             self.send_header("Content-Length", str(10**12))
-        elif mode not in ("long", "flood"):
+        elif mode not in ("long", "flood", "cut"):
             self.send_header("Content-Length", str(len(body) - start))
         self.send_header("Connection", "close")
         self.end_headers()
         payload = body[start:]
-        if mode in ("truncate", "stall"):
+        if mode in ("truncate", "stall", "cut"):
             payload = payload[: len(payload) // 2]
         if mode == "long":
             payload += b"extra bytes"
@@ -328,17 +328,52 @@ def test_resume_after_a_truncated_download(tmp_path, server, monkeypatch):
     assert (tmp_path / "mnist" / LABELS).read_bytes() == original
 
 
-def test_wrong_partial_file_is_detected_and_dropped(tmp_path, server, monkeypatch):
-    """A .part whose bytes are not the file's start fails the final check and is deleted."""
+@pytest.mark.parametrize("kept", [b"\x00" * 1000, b"\x00" * 4600, "the file and 2 bytes"])
+def test_wrong_partial_file_is_dropped_and_the_file_fetched_again_whole(
+    tmp_path, server, monkeypatch, kept
+):
+    """A .part whose bytes are not the file's start (or that is longer than the file) fails the
+    check after the resume; the same address then serves the whole file from byte 0."""
     _only(monkeypatch, "mnist", LABELS)
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    if kept == "the file and 2 bytes":
+        kept = original + b"xx"
     folder = tmp_path / "mnist"
     folder.mkdir()
-    (folder / (LABELS + ".part")).write_bytes(b"\x00" * 1000)
-    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
-        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
-    assert _listing(folder) == []
+    (folder / (LABELS + ".part")).write_bytes(kept)
     data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert (folder / LABELS).read_bytes() == original
     assert _listing(folder) == [LABELS]
+    url = f"/ok/mnist/{LABELS}"
+    assert server.requests == [(url, f"bytes={len(kept)}-"), (url, None)]
+
+
+def test_a_server_sending_wrong_bytes_after_a_resume_is_refused_and_nothing_kept(
+    tmp_path, server, monkeypatch
+):
+    _only(monkeypatch, "mnist", LABELS)
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / (LABELS + ".part")).write_bytes(original[:1000])
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("corrupt")], progress=False)
+    assert _listing(folder) == []
+
+
+def test_a_body_cut_short_without_a_length_is_called_truncated_and_resumed(
+    tmp_path, server, monkeypatch
+):
+    _only(monkeypatch, "mnist", LABELS)
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    message = "truncated: the server closed the connection after 2271 bytes without announcing"
+    with pytest.raises(DownloadError, match=message):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("cut")], progress=False)
+    part = tmp_path / "mnist" / (LABELS + ".part")
+    assert part.read_bytes() == original[:2271]
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], progress=False)
+    assert (tmp_path / "mnist" / LABELS).read_bytes() == original
+    assert server.requests[-1] == (f"/ok/mnist/{LABELS}", "bytes=2271-")
 
 
 def test_offline_error_lists_every_address(tmp_path, monkeypatch):
