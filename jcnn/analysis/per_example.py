@@ -218,9 +218,16 @@ def _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, where):
 
 
 def _scalar_loss(loss_fn: Callable) -> Callable:
-    """``loss_fn`` checked, when traced, to return a real scalar."""
+    """``loss_fn`` checked, when traced, to return a real scalar.
+
+    A ``jax.jit``-compiled ``loss_fn`` is traced through its Python function: JAX would reuse
+    the jitted function's cached trace, which neither the BatchNorm guard nor the ghost layer
+    search (both run while tracing) would see.
+    """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+    while isinstance(loss_fn, jax.stages.Wrapped) and hasattr(loss_fn, "__wrapped__"):
+        loss_fn = loss_fn.__wrapped__
 
     def checked(params, batch):
         loss = loss_fn(params, batch)

@@ -97,6 +97,27 @@ def test_train_mode_functional_and_flax_batch_norm_raise(problem):
     assert jnp.isfinite(jax.grad(functional_loss)(jnp.ones((2, 3)), x)).all()
 
 
+def test_a_jitted_loss_already_traced_at_one_example_still_raises():
+    """JAX reuses a jitted function's cached trace; the guard must see the layers anyway."""
+    layers = [nn.Conv(4, 3, padding=1), nn.BatchNorm(), nn.ReLU(), nn.Flatten(), nn.Dense(3)]
+    model = nn.Sequential(layers)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6, 6, 2)), jnp.float32)
+    y = jnp.arange(5) % 3
+    variables = model.init(jax.random.key(0), x, train=True)
+
+    @jax.jit
+    def loss(params, batch):
+        out, _ = model.apply(
+            {**variables, "params": params}, batch[0], train=True, mutable=["batch_stats"]
+        )
+        return F.cross_entropy(out, batch[1])
+
+    jax.grad(loss)(variables["params"], (x[:1], y[:1]))  # traced and cached at one example
+    for fn in (per_example_grads, per_example_grad_norms):
+        with pytest.raises(ValueError, match="BatchNorm statistics"):
+            fn(loss, variables["params"], (x, y))
+
+
 def test_frozen_statistics_mean_of_per_example_gradients_is_batch_gradient(problem):
     params, stats, batch = problem
     loss = _loss(_net(), stats, False)

@@ -222,6 +222,23 @@ def test_shared_layer_is_materialized_not_ghosted(rng):
     _assert_trees_close(total, expected_sum)
 
 
+def test_a_jitted_loss_is_planned_like_its_python_function(rng):
+    model = nn.Sequential([nn.Conv(3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
+    x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(params, x):
+        return jnp.sum(model.apply({"params": params}, x) ** 2)
+
+    jitted = jax.jit(loss)
+    jitted(params, x[:1])  # a cached trace at one example's shapes
+    assert ghost_plan(jitted, params, x) == ghost_plan(loss, params, x)
+    assert {row.rule for row in ghost_plan(jitted, params, x)} != {"per-example gradient"}
+    np.testing.assert_allclose(
+        ghost_norms(jitted, params, x), _reference_norms(loss, params, x), rtol=2e-5
+    )
+
+
 def test_kernel_also_used_in_the_loss_is_materialized_not_ghosted(rng):
     # a weight penalty in the loss: the kernel's gradient has a term that its layer's input and
     # output cotangent do not give (ghosted, the norms and the clipped sum were silently wrong)
