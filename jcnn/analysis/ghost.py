@@ -62,6 +62,7 @@ from jcnn.analysis.per_example import (
     _batch_size,
     _check_chunk_size,
     _check_finite,
+    _check_params,
     _in_chunks,
     _scalar_loss,
     _widened,
@@ -375,6 +376,7 @@ def ghost_plan(
     """
     _batch_size(batch)
     _check_layer_rule(layer_rule)
+    _check_params(params)
     leaves, _, calls, ghost, materialized = _plan(
         _scalar_loss(loss_fn), params, batch, layer_rule, "ghost_plan"
     )
@@ -521,6 +523,7 @@ def ghost_norms(
     size = _batch_size(batch)
     _check_chunk_size(chunk_size, None, size)
     _check_layer_rule(layer_rule)
+    _check_params(params)
     loss_fn = _scalar_loss(loss_fn)
     if size == 0:  # as in per_example_grads: no example, no model run
         return jnp.zeros(0, jnp.float32)
@@ -570,6 +573,7 @@ def ghost_clipped_sum(
     size = _batch_size(batch)
     _check_chunk_size(chunk_size, None, size)
     _check_layer_rule(layer_rule)
+    _check_params(params)
     if weights is not None and jnp.shape(weights) != (size,):
         raise ValueError(
             f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"

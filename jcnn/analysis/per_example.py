@@ -74,6 +74,20 @@ def _batch_size(batch, name: str = "batch") -> int:
     return sizes.pop()
 
 
+def _check_params(params) -> None:
+    """Every leaf of ``params`` real floating point: each is differentiated (``jax.grad`` failed
+    on an integer leaf without naming it) and its gradient's squared norm is ``g ** 2``."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            dtype = np.asarray(leaf).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                "params: expected real floating-point leaves (each is differentiated), got "
+                f"{dtype} at {jax.tree_util.keystr(path) or 'the root'}"
+            )
+
+
 _BATCH_NORM_MESSAGE = (
     "{where}: the model computes BatchNorm statistics in training mode. Per-example gradients "
     "treat each example as a batch of one, so each would be normalized by its own statistics "
@@ -199,6 +213,7 @@ def per_example_grads(
 def _per_example_grads(loss_fn, params, batch, chunk_size, axis_name, where):
     size = _batch_size(batch)
     _check_chunk_size(chunk_size, axis_name, size)
+    _check_params(params)
     grad_fn = jax.grad(_scalar_loss(loss_fn))
     if size == 0:
         # vmap over zero examples would still run the model, and its gathers (a cross entropy's

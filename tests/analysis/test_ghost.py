@@ -420,3 +420,7 @@ def test_bad_input(rng):
         ghost_norms(lambda p, b: jnp.zeros(2) + loss(p, b), params, batch)
     with pytest.raises(ValueError, match="chunk_size"):
         ghost_norms(loss, params, batch, chunk_size=0)
+    with_int = {**params, "count": jnp.int32(3)}  # jax.grad failed on it, naming nothing
+    for fn in (ghost_norms, ghost_plan, lambda *a: ghost_clipped_sum(*a, 1.0)):
+        with pytest.raises(TypeError, match=r"params: .* got int32 at \['count'\]"):
+            fn(loss, with_int, batch)

@@ -234,6 +234,18 @@ def test_input_checks(problem):
     assert dp_aggregate(1.0, 1.0, seed=np.int64(3)).init(params).key.shape == ()
 
 
+def test_integer_or_complex_parameter_leaves_are_named(problem):
+    # jax.grad failed on an integer leaf with its own message, naming neither params nor the leaf
+    params, batch = problem
+    for bad, dtype in ((jnp.int32(3), "int32"), (jnp.ones(2, jnp.complex64), "complex64")):
+        with_bad = {**params, "extra": bad}
+        for fn in (per_example_grads, per_example_grad_norms):
+            with pytest.raises(
+                TypeError, match=rf"params: expected real .* got {dtype} at \['extra'\]"
+            ):
+                fn(_loss, with_bad, batch)
+
+
 def _random_outer_product(rng):
     """Random ``dot_general`` operands whose contracted dims have size 1, axes in random order."""
     num_batch, lhs_free, rhs_free = rng.integers(0, 3), rng.integers(0, 3), rng.integers(1, 3)
