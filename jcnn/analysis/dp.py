@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.analysis.ghost import ghost_clipped_sum
+from jcnn.analysis.ghost import _check_weights, ghost_clipped_sum
 from jcnn.analysis.per_example import (
     _add_gaussian_noise,
     _batch_size,
@@ -91,10 +91,7 @@ def private_grad(
     check_key(key, "key")
     size = _batch_size(batch)
     if weights is not None:
-        if jnp.shape(weights) != (size,):
-            raise ValueError(
-                f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
-            )
+        _check_weights(weights, size)
         if not isinstance(weights, jax.core.Tracer):
             values = np.asarray(weights)
             if not ((values >= 0) & (values <= 1)).all():

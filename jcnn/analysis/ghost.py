@@ -336,6 +336,17 @@ def _weight_gradient(call: _Call, layer: dict, inputs, cotangent, *, stacked: bo
     return vjp(cotangent)[0]
 
 
+def _check_weights(weights, size: int) -> None:
+    """``(size,)`` real weights, one per example (their values are the caller's to check)."""
+    if jnp.shape(weights) != (size,):
+        raise ValueError(
+            f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
+        )
+    dtype = weights.dtype if hasattr(weights, "dtype") else np.asarray(weights).dtype
+    if not any(jnp.issubdtype(dtype, kind) for kind in (jnp.bool_, jnp.integer, jnp.floating)):
+        raise TypeError(f"weights: expected real numbers, got {dtype}")
+
+
 _LAYER_RULES = ("mixed", "ghost", "direct")
 
 
@@ -574,10 +585,8 @@ def ghost_clipped_sum(
     _check_chunk_size(chunk_size, None, size)
     _check_layer_rule(layer_rule)
     _check_params(params)
-    if weights is not None and jnp.shape(weights) != (size,):
-        raise ValueError(
-            f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
-        )
+    if weights is not None:
+        _check_weights(weights, size)
     loss_fn = _scalar_loss(loss_fn)
     if size == 0:
         zeros = jax.tree.map(lambda leaf: jnp.zeros_like(leaf, jnp.result_type(leaf)), params)

@@ -137,6 +137,10 @@ def test_private_grad_bad_input(problem):
         weights = jnp.ones(6).at[2].set(bad)
         with pytest.raises(ValueError, match=r"weights: expected values in \[0, 1\]"):
             private_grad(_loss, params, batch, key, **kw, weights=weights, denominator=6)
+    # a string array failed inside NumPy's comparison; a complex one compared by its real part
+    for bad in (np.array(["1"] * 6), jnp.ones(6, jnp.complex64)):
+        with pytest.raises(TypeError, match=f"weights: expected real numbers, got {bad.dtype}"):
+            private_grad(_loss, params, batch, key, **kw, weights=bad, denominator=6)
     for denominator in (0, math.inf, math.nan):  # an infinite one would zero the gradient
         with pytest.raises(ValueError, match=f"denominator: .*{denominator}"):
             private_grad(_loss, params, batch, key, **kw, denominator=denominator)

@@ -414,6 +414,8 @@ def test_bad_input(rng):
         ghost_clipped_sum(loss, params, batch, 0.0)
     with pytest.raises(ValueError, match="weights"):
         ghost_clipped_sum(loss, params, batch, 1.0, weights=jnp.ones(3))
+    with pytest.raises(TypeError, match="weights: expected real numbers, got <U1"):
+        ghost_clipped_sum(loss, params, batch, 1.0, weights=np.array(["1"] * 5))
     with pytest.raises(ValueError, match="leaves disagree"):
         ghost_norms(loss, params, (batch[0], batch[1][:3]))
     with pytest.raises(ValueError, match="loss_fn: expected a real floating scalar"):
