@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from jcnn.functional._checks import _describe, check_int
+from jcnn.functional._checks import _describe, _is_real_scalar, check_int, is_int
 
 __all__ = ["validation_size", "split_validation"]
 
@@ -21,12 +19,12 @@ def validation_size(val_split: int | float, num_examples: int, name: str = "val_
     >>> validation_size(0.1, 512), validation_size(100, 512)
     (51, 100)
     """
-    if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real):
+    if not _is_real_scalar(val_split):
         raise TypeError(
             f"{name}: expected a count (int) or a fraction in (0, 1), got "
             f"{type(val_split).__name__}"
         )
-    if isinstance(val_split, numbers.Integral):
+    if is_int(val_split):
         count = int(val_split)
         if count < 1:
             raise ValueError(f"{name}: expected a count >= 1 or a fraction in (0, 1), got {count}")

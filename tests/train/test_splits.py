@@ -1,5 +1,6 @@
 """split_validation / validation_size: deterministic, disjoint, covering; bad sizes named."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -8,7 +9,18 @@ from jcnn.train.splits import split_validation, validation_size
 
 @pytest.mark.parametrize(
     "split, n, expected",
-    [(1, 10, 1), (9, 10, 9), (0.1, 512, 51), (0.5, 7, 4), (0.001, 100, 1), (np.int64(3), 5, 3)],
+    [
+        (1, 10, 1),
+        (9, 10, 9),
+        (0.1, 512, 51),
+        (0.5, 7, 4),
+        (0.001, 100, 1),
+        (np.int64(3), 5, 3),
+        (np.array(8), 10, 8),
+        (jnp.array(3), 5, 3),
+        (np.float32(0.5), 7, 4),
+        (jnp.array(0.1), 512, 51),
+    ],
 )
 def test_validation_size(split, n, expected):
     assert validation_size(split, n) == expected
@@ -26,6 +38,8 @@ def test_validation_size(split, n, expected):
         (float("nan"), ValueError, r"fraction in \(0, 1\)"),
         (True, TypeError, "expected a count"),
         ("0.1", TypeError, "expected a count"),
+        (np.array([3]), TypeError, "expected a count"),
+        (jnp.array(True), TypeError, "expected a count"),
     ],
 )
 def test_bad_validation_sizes(split, error, pattern):
