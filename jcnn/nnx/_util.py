@@ -1,12 +1,21 @@
-"""Helpers shared by the NNX modules: argument checks, parameter creation, train/eval resolution."""
+"""Helpers shared by the NNX modules: argument checks, settings, parameter creation, train/eval
+resolution."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jcnn import init
-from jcnn.functional._checks import as_int_tuple, check_array, check_bool, check_dtype
+from jcnn.functional._checks import (
+    _describe,
+    as_int_tuple,
+    check_array,
+    check_bool,
+    check_dtype,
+)
 from jcnn.nn._shared import (
     LAYOUT,
     Initializer,
@@ -15,6 +24,38 @@ from jcnn.nn._shared import (
     check_spatial_rank,
     window_rank,
 )
+
+
+def static(value, name: str):
+    """The module setting ``value`` (a window, stride, padding, size...) in plain Python: a NumPy
+    scalar or a concrete 0-d NumPy/JAX number becomes a Python number, a concrete 1-D integer
+    array a tuple of ints, and a list a tuple, at any depth.
+
+    NNX keeps an array attribute as state: ``nnx.jit`` would trace it and the op refuse it (and
+    ``nnx.state`` would list it with the parameters); a list would make the graph unhashable.
+    Anything else (a string, None, a wrong number) is left to the op's check at the call, which
+    names it as for the Linen twin; a traced value or another array cannot be static and raises
+    here. (A single real setting such as ``eps`` goes through ``check_real`` instead, which checks
+    it here and returns a Python float.)
+
+    >>> static((jnp.array(2), np.int64(1)), "stride"), static(jnp.array(0.5), "rate")
+    ((2, 1), 0.5)
+    """
+    if isinstance(value, (list, tuple)):
+        return tuple(static(item, name) for item in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if not isinstance(value, (np.ndarray, jax.Array)):
+        return value
+    number = jnp.issubdtype(value.dtype, jnp.integer) or (
+        jnp.issubdtype(value.dtype, jnp.floating) and value.ndim == 0
+    )
+    if isinstance(value, jax.core.Tracer) or not number or value.ndim > 1:
+        raise TypeError(
+            f"{name}: expected a static setting (Python or NumPy numbers, concrete 0-d JAX "
+            f"numbers or 1-D integer arrays, not traced ones), got {_describe(value)}"
+        )
+    return np.asarray(value).tolist() if value.ndim == 0 else tuple(np.asarray(value).tolist())
 
 
 def check_rngs(rngs, owner: str) -> nnx.Rngs:

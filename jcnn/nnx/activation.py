@@ -19,7 +19,7 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
 )
-from jcnn.nnx._util import check_input, check_rngs
+from jcnn.nnx._util import check_input, check_rngs, static
 from jcnn.nnx.linear import Dense
 
 __all__ = [
@@ -79,8 +79,8 @@ class PReLU(nnx.Module):
                 f"num_features: only used with channelwise=True, got {num_features!r} with one "
                 "shared slope"
             )
-        self.channelwise, self.num_features = channelwise, num_features
-        shape = (num_features,) if channelwise else ()
+        self.channelwise, self.num_features = channelwise, static(num_features, "num_features")
+        shape = (self.num_features,) if channelwise else ()
         self.alpha = nnx.Param(jnp.full(shape, alpha_init, check_dtype(param_dtype, "param_dtype")))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +115,10 @@ class Maxout(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ) -> None:
         check_positive_int(num_pieces, "num_pieces")
-        self.num_pieces, self.features = num_pieces, features
+        self.num_pieces, self.features = (
+            static(num_pieces, "num_pieces"),
+            static(features, "features"),
+        )
         if features is None:
             if in_features is not None:
                 raise ValueError(
@@ -126,7 +129,9 @@ class Maxout(nnx.Module):
         check_positive_int(features, "features")
         if in_features is None:
             raise ValueError("in_features: Maxout(features=...) needs the input size")
-        self.linear = Dense(in_features, features * num_pieces, rngs=check_rngs(rngs, "Maxout"))
+        self.linear = Dense(
+            in_features, self.features * self.num_pieces, rngs=check_rngs(rngs, "Maxout")
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply maxout to ``x`` of shape ``(N, ..., C)``."""
@@ -152,7 +157,7 @@ class LeakyReLU(_Activation):
     """``max(negative_slope * x, x)``, ``F.leaky_relu``."""
 
     def __init__(self, negative_slope: float = 0.01) -> None:
-        self.negative_slope = negative_slope
+        self.negative_slope = check_real(negative_slope, "negative_slope")
 
     def _apply(self, x):
         return F.leaky_relu(x, self.negative_slope)
@@ -162,7 +167,7 @@ class ELU(_Activation):
     """Exponential linear unit, ``F.elu``."""
 
     def __init__(self, alpha: float = 1.0) -> None:
-        self.alpha = alpha
+        self.alpha = check_real(alpha, "alpha")
 
     def _apply(self, x):
         return F.elu(x, self.alpha)

@@ -32,6 +32,7 @@ from jcnn.nnx._util import (
     check_rngs,
     kernel_and_bias,
     spatial_window,
+    static,
     value,
 )
 
@@ -100,11 +101,13 @@ class Conv(_ConvBase):
         self.kernel_size = _checked_window(
             "Conv", rngs, in_features, features, groups, kernel_size, spatial_dims
         )
-        self.in_features, self.features = in_features, features
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.groups, self.padding_mode, self.flip = groups, padding_mode, flip
+        self.in_features = static(in_features, "in_features")
+        self.features = static(features, "features")
+        self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
+        self.dilation, self.groups = static(dilation, "dilation"), static(groups, "groups")
+        self.padding_mode, self.flip = static(padding_mode, "padding_mode"), static(flip, "flip")
         self.dtype = dtype
-        spec = conv_kernel(self.kernel_size, in_features, features, groups)
+        spec = conv_kernel(self.kernel_size, self.in_features, self.features, self.groups)
         self.kernel, self.bias = kernel_and_bias(
             rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )
@@ -167,11 +170,13 @@ class DepthwiseConv(_ConvBase):
         check_rngs(rngs, "DepthwiseConv")
         check_positive_int(in_features, "in_features")
         check_positive_int(depth_multiplier, "depth_multiplier")
-        self.in_features, self.depth_multiplier = in_features, depth_multiplier
+        self.in_features = static(in_features, "in_features")
+        self.depth_multiplier = static(depth_multiplier, "depth_multiplier")
         self.kernel_size = spatial_window(kernel_size, spatial_dims, "DepthwiseConv")
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.padding_mode, self.dtype = padding_mode, dtype
-        spec = depthwise_kernel(self.kernel_size, in_features, depth_multiplier)
+        self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
+        self.dilation = static(dilation, "dilation")
+        self.padding_mode, self.dtype = static(padding_mode, "padding_mode"), dtype
+        spec = depthwise_kernel(self.kernel_size, self.in_features, self.depth_multiplier)
         self.features = spec.features
         self.kernel, self.bias = kernel_and_bias(
             rngs, spec, use_bias, kernel_init, bias_init, param_dtype
@@ -236,11 +241,13 @@ class ConvTranspose(_ConvBase):
         self.kernel_size = _checked_window(
             "ConvTranspose", rngs, in_features, features, groups, kernel_size, spatial_dims
         )
-        self.in_features, self.features = in_features, features
-        self.stride, self.padding, self.output_padding = stride, padding, output_padding
-        self.dilation, self.groups = dilation, groups
+        self.in_features = static(in_features, "in_features")
+        self.features = static(features, "features")
+        self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
+        self.output_padding = static(output_padding, "output_padding")
+        self.dilation, self.groups = static(dilation, "dilation"), static(groups, "groups")
         self.dtype = dtype
-        spec = conv_transpose_kernel(self.kernel_size, in_features, features, groups)
+        spec = conv_transpose_kernel(self.kernel_size, self.in_features, self.features, self.groups)
         self.kernel, self.bias = kernel_and_bias(
             rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )

@@ -18,7 +18,7 @@ from flax.linen.dtypes import promote_dtype
 from jcnn import functional as F
 from jcnn.functional._checks import check_array, check_dtype, check_positive_int
 from jcnn.nn._shared import Initializer, dense_kernel
-from jcnn.nnx._util import check_input, check_rngs, kernel_and_bias, value
+from jcnn.nnx._util import check_input, check_rngs, kernel_and_bias, static, value
 
 __all__ = ["Dense", "Flatten"]
 
@@ -59,9 +59,11 @@ class Dense(nnx.Module):
         check_rngs(rngs, "Dense")
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
-        self.in_features, self.features, self.dtype = in_features, features, dtype
+        self.in_features = static(in_features, "in_features")
+        self.features, self.dtype = static(features, "features"), dtype
+        spec = dense_kernel(self.in_features, self.features)
         self.kernel, self.bias = kernel_and_bias(
-            rngs, dense_kernel(in_features, features), use_bias, kernel_init, bias_init, param_dtype
+            rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -25,6 +25,7 @@ from jcnn.nnx._util import (
     check_rngs,
     param,
     spatial_window,
+    static,
     value,
 )
 
@@ -87,18 +88,25 @@ class LocallyConnected(nnx.Module):
             )
         self.kernel_size = spatial_window(kernel_size, rank, "LocallyConnected")
         self.input_size = as_int_tuple(input_size, len(self.kernel_size), "input_size", minimum=1)
-        self.in_features, self.features = in_features, features
-        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.in_features = static(in_features, "in_features")
+        self.features = static(features, "features")
+        self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
+        self.dilation = static(dilation, "dilation")
         out = F.locally_connected_output_shape(
-            self.input_size, self.kernel_size, stride=stride, padding=padding, dilation=dilation
+            self.input_size,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
         )
         self.kernel = param(
             rngs,
             kernel_init,
-            (*out, *self.kernel_size, in_features, features),
+            (*out, *self.kernel_size, self.in_features, self.features),
             param_dtype,
         )
-        self.bias = param(rngs, bias_init, (*out, features), param_dtype) if use_bias else None
+        bias_shape = (*out, self.features)
+        self.bias = param(rngs, bias_init, bias_shape, param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` of shape ``(N, *input_size, in_features)``."""

@@ -22,6 +22,7 @@ from flax.linen.dtypes import promote_dtype
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import (
+    as_int_tuple,
     check_bool,
     check_dtype,
     check_min_rank,
@@ -34,6 +35,7 @@ from jcnn.nnx._util import (
     check_initializer,
     check_rngs,
     param,
+    static,
     training,
     value,
 )
@@ -46,6 +48,11 @@ __all__ = [
     "LocalContrastNorm",
     "LocalResponseNorm",
 ]
+
+
+def _check_positive(value, name: str) -> float:
+    """``eps``, ``k`` or ``sigma`` as a Python float, checked as the ``F`` norms check it."""
+    return check_real(value, name, low=0, low_open=True)
 
 
 class _Affine(nnx.Module):
@@ -69,8 +76,8 @@ class _Affine(nnx.Module):
         check_bool(use_bias, "use_bias")
         check_initializer(scale_init, "scale_init")
         check_initializer(bias_init, "bias_init")
-        self.num_features, self.dtype = num_features, dtype
-        shape = (num_features,)
+        self.num_features, self.dtype = static(num_features, "num_features"), dtype
+        shape = (self.num_features,)
         self.scale = param(rngs, scale_init, shape, param_dtype) if use_scale else None
         self.bias = param(rngs, bias_init, shape, param_dtype) if use_bias else None
 
@@ -159,8 +166,10 @@ class BatchNorm(_RunningStats):
             rngs,
             "BatchNorm",
         )
-        self.momentum, self.eps, self.axis_name = momentum, eps, axis_name
-        self.unbiased_running_var = unbiased_running_var
+        self.momentum = check_real(momentum, "momentum", low=0, high=1)
+        self.eps = _check_positive(eps, "eps")
+        self.axis_name = static(axis_name, "axis_name")
+        self.unbiased_running_var = static(unbiased_running_var, "unbiased_running_var")
         self._make_stats(use_running_average)
 
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -216,7 +225,7 @@ class LayerNorm(_Affine):
             rngs,
             "LayerNorm",
         )
-        self.eps = eps
+        self.eps = _check_positive(eps, "eps")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
@@ -266,7 +275,7 @@ class GroupNorm(_Affine):
             rngs,
             "GroupNorm",
         )
-        self.num_groups, self.eps = num_groups, eps
+        self.num_groups, self.eps = static(num_groups, "num_groups"), _check_positive(eps, "eps")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""
@@ -319,9 +328,9 @@ class InstanceNorm(_RunningStats):
         )
         self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         # checked even when unused, as a wrong value there is a mistake all the same
-        check_real(momentum, "momentum", low=0, high=1)
-        check_bool(unbiased_running_var, "unbiased_running_var")
-        self.momentum, self.unbiased_running_var, self.eps = momentum, unbiased_running_var, eps
+        self.momentum = check_real(momentum, "momentum", low=0, high=1)
+        self.unbiased_running_var = check_bool(unbiased_running_var, "unbiased_running_var")
+        self.eps = _check_positive(eps, "eps")
         if track_running_stats:
             self._make_stats(use_running_average)
         else:
@@ -358,7 +367,9 @@ class LocalContrastNorm(nnx.Module):
     """
 
     def __init__(self, size: int = 9, sigma: float | None = None, eps: float = 1e-4) -> None:
-        self.size, self.sigma, self.eps = size, sigma, eps
+        self.size = static(size, "size")
+        self.sigma = None if sigma is None else _check_positive(sigma, "sigma")
+        self.eps = _check_positive(eps, "eps")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, *spatial, C)``."""
@@ -376,7 +387,10 @@ class LocalResponseNorm(nnx.Module):
     def __init__(
         self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
     ) -> None:
-        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        as_int_tuple(size, 1, "size", minimum=1)
+        self.size = static(size, "size")
+        self.alpha = check_real(alpha, "alpha", low=0)
+        self.beta, self.k = check_real(beta, "beta"), _check_positive(k, "k")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, ..., C)``."""

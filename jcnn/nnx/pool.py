@@ -13,7 +13,8 @@ import jax
 from flax import nnx
 
 from jcnn import functional as F
-from jcnn.functional._checks import PaddingLike
+from jcnn.functional._checks import PaddingLike, check_real
+from jcnn.nnx._util import static
 
 __all__ = [
     "MaxPool",
@@ -46,8 +47,9 @@ class MaxPool(nnx.Module):
         dilation: int | Sequence[int] = 1,
         ceil_mode: bool = False,
     ) -> None:
-        self.window, self.stride, self.padding = window, stride, padding
-        self.dilation, self.ceil_mode = dilation, ceil_mode
+        self.window, self.stride = static(window, "window"), static(stride, "stride")
+        self.padding, self.dilation = static(padding, "padding"), static(dilation, "dilation")
+        self.ceil_mode = static(ceil_mode, "ceil_mode")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -76,8 +78,9 @@ class AvgPool(nnx.Module):
         ceil_mode: bool = False,
         count_include_pad: bool = True,
     ) -> None:
-        self.window, self.stride, self.padding = window, stride, padding
-        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+        self.window, self.stride = static(window, "window"), static(stride, "stride")
+        self.padding, self.ceil_mode = static(padding, "padding"), static(ceil_mode, "ceil_mode")
+        self.count_include_pad = static(count_include_pad, "count_include_pad")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -101,7 +104,8 @@ class LPPool(nnx.Module):
     def __init__(
         self, p: float, window: int | Sequence[int], stride: int | Sequence[int] | None = None
     ) -> None:
-        self.p, self.window, self.stride = p, window, stride
+        self.p, self.window = check_real(p, "p", low=0, low_open=True), static(window, "window")
+        self.stride = static(stride, "stride")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -132,7 +136,7 @@ class AdaptiveAvgPool(nnx.Module):
     """
 
     def __init__(self, output_size: int | Sequence[int]) -> None:
-        self.output_size = output_size
+        self.output_size = static(output_size, "output_size")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
@@ -147,7 +151,7 @@ class AdaptiveMaxPool(nnx.Module):
     """
 
     def __init__(self, output_size: int | Sequence[int]) -> None:
-        self.output_size = output_size
+        self.output_size = static(output_size, "output_size")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
