@@ -100,6 +100,7 @@ def spatial_window(kernel_size, spatial_dims: int | None, owner: str) -> tuple[i
     A sequence fixes the spatial rank; an int needs ``spatial_dims`` (default 2, images), since an
     NNX module creates its kernel before it sees an input.
     """
+    spatial_dims = static(spatial_dims, "spatial_dims")
     if spatial_dims is not None and (
         isinstance(spatial_dims, bool)
         or not isinstance(spatial_dims, (int, np.integer))
