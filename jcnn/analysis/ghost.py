@@ -13,23 +13,26 @@ weight gradient is ``a_i^T g_i``, whose squared norm is
   memory ``O(d p)`` per example: the vjp of the layer's own ``apply`` on the example.
 
 Mixed ghost clipping (Bu, Mao and Xu 2022) takes, per layer, the cheaper one: ghost where
-``T^2 <= d p``. Convolutions (1/2/3-D, any stride, dilation, padding and padding mode, groups) are
-the same computation on their unfolded input patches (one strided slice per window offset);
-transposed convolutions on the unfolded output cotangent (a transposed convolution's weight
-gradient is that of the convolution it is the adjoint of, with input and output swapped). Where
-the padded input has few positions for its channels (small maps deep in a network), the patches'
-Gram matrix comes from the positions' Gram matrix instead, with no patches written: two windows'
-product is a sum over window offsets of entries of it.
+``T^2 <= d p``, per group for a grouped layer (``groups * T^2`` Gram entries against the kernel's
+size). Convolutions (1/2/3-D, any stride, dilation, padding and padding mode, groups) are the
+same computation on their unfolded input patches (one strided slice per window offset); a
+depthwise convolution is the convolution grouped by its input channels, whose kernel
+``(*window, 1, C_in * depth_multiplier)`` it already stores; transposed convolutions on the
+unfolded output cotangent (a transposed convolution's weight gradient is that of the convolution
+it is the adjoint of, with input and output swapped). Where the padded input has few positions
+for its channels (small maps deep in a network), the patches' Gram matrix comes from the
+positions' Gram matrix instead, with no patches written: two windows' product is a sum over
+window offsets of entries of it.
 
-Layers are found with Flax's method interception: every call of ``jcnn.nn.Dense``,
-``jcnn.nn.Conv``, ``jcnn.nn.ConvTranspose`` or ``flax.linen.Dense`` whose parameters are leaves of
-``params`` used by no other call. One pass gives everything: the model runs on each example
-(``vmap``), the inputs of those layers are recorded and their outputs get a zero "tap" whose
-gradient is the output cotangent; the pass differentiates only the taps and the other leaves, so
-no layer kernel gets a per-example gradient there. Every other parameter (norm scales and biases,
-PReLU slopes, the parameters of any other layer, or of the layers above when shared) gets its
-per-example gradient in the same backward pass, materialized: small for norms and activations;
-``ghost_plan`` lists which rule each parameter gets.
+Layers are found with Flax's method interception: every call of ``jcnn.nn.Dense``, ``jcnn.nn.Conv``,
+``jcnn.nn.DepthwiseConv``, ``jcnn.nn.ConvTranspose`` or ``flax.linen.Dense`` whose parameters are
+leaves of ``params`` used by no other call. One pass gives everything: the model runs on each
+example (``vmap``), the inputs of those layers are recorded and their outputs get a zero "tap" whose
+gradient is the output cotangent; the pass differentiates only the taps and the other leaves, so no
+layer kernel gets a per-example gradient there. Every other parameter (norm scales and biases, PReLU
+slopes, the parameters of any other layer, or of the layers above when shared) gets its per-example
+gradient in the same backward pass, materialized: small for norms and activations; ``ghost_plan``
+lists which rule each parameter gets.
 
 The clipped sum comes from the same pass (Book-Keeping, Bu et al. 2023; no second backward pass):
 with ``c_i = w_i min(1, C / ||g_i||)``, a ghost layer's clipped kernel and bias gradient is its
@@ -70,7 +73,7 @@ from jcnn.analysis.per_example import (
 )
 from jcnn.functional._checks import as_int_tuple, normalize_padding
 from jcnn.functional.conv import _PAD_MODES
-from jcnn.nn import Conv, ConvTranspose, Dense
+from jcnn.nn import Conv, ConvTranspose, Dense, DepthwiseConv
 
 __all__ = ["ghost_norms", "ghost_clipped_sum", "ghost_plan", "LayerRule"]
 
@@ -79,7 +82,7 @@ class LayerRule(NamedTuple):
     """How ``ghost_norms`` treats one layer call (``ghost_plan``'s rows)."""
 
     path: str  # the Flax module path, e.g. "conv1" or "layer1_0/conv2"
-    kind: str  # "Dense", "Conv", "ConvTranspose"; "parameter" for a parameter leaf
+    kind: str  # "Dense", "Conv", "DepthwiseConv", "ConvTranspose"; "parameter" for a leaf
     rule: str  # "ghost", "direct" or "per-example gradient" (materialized)
     positions: int  # T: positions (tokens, output pixels) per example; 0 for a parameter leaf
     size: int  # parameters of the layer (or of the leaf)
@@ -103,6 +106,8 @@ def _layer_kind(module) -> str | None:
         return "Dense"
     if isinstance(module, Conv):
         return "Conv"
+    if isinstance(module, DepthwiseConv):
+        return "DepthwiseConv"
     if isinstance(module, ConvTranspose) and not isinstance(module.padding, str):
         return "ConvTranspose"
     return None
@@ -202,9 +207,21 @@ def _positions(call: _Call) -> int:
     return math.prod(shape[1:-1])
 
 
+def _groups(call: _Call) -> int:
+    """The layer's groups: a ``DepthwiseConv`` is a convolution grouped by its input channels
+    (its kernel ``(*window, 1, C_in * depth_multiplier)`` is that grouped ``Conv``'s)."""
+    if call.kind == "Dense":
+        return 1
+    if call.kind == "DepthwiseConv":
+        return call.input_shape[-1]
+    return call.module.groups
+
+
 def _ghost_is_cheaper(call: _Call, kernel_size: int) -> bool:
+    # per group, T^2 against the group's d p: the ghost norm writes one T x T Gram matrix per
+    # group (a depthwise layer: one per channel), the direct one the whole kernel
     positions = _positions(call)
-    return positions * positions <= kernel_size
+    return _groups(call) * positions * positions <= kernel_size
 
 
 def _window_slices(window, stride, dilation, out):
@@ -259,7 +276,7 @@ def _unfolding(call: _Call, activation, cotangent):
     module = call.module
     ndim = activation.ndim - 2
     window = tuple(np.broadcast_to(np.asarray(module.kernel_size), (ndim,)).tolist())
-    if call.kind == "Conv":
+    if call.kind != "ConvTranspose":
         x, other, padding_mode = activation, cotangent, module.padding_mode
     else:
         x, other, padding_mode = cotangent, activation, "zeros"
@@ -289,7 +306,7 @@ def _grams_inner(call: _Call, activation, cotangent):
     if call.kind == "Dense":
         p = activation.reshape(-1, 1, activation.shape[-1])
         return jnp.sum(gram(p) * gram(cotangent.reshape(-1, 1, cotangent.shape[-1])))
-    groups = call.module.groups
+    groups = _groups(call)
     x, other, (window, stride, dilation, out) = _unfolding(call, activation, cotangent)
     q = other.reshape(-1, groups, other.shape[-1] // groups)
     gram_q = gram(q)

@@ -42,6 +42,30 @@ _LAYERS = {
         [nn.ConvTranspose(3, 3, stride=3, dilation=2, padding=(2,), use_bias=False)],
         (5, 2),
     ),
+    "depthwise_conv2d_multiplier_stride_reflect": (
+        [nn.DepthwiseConv((3, 3), depth_multiplier=2, stride=2, padding=1, padding_mode="reflect")],
+        (7, 6, 3),
+    ),
+    "depthwise_conv2d_dilation_valid": (
+        [nn.DepthwiseConv((2, 3), dilation=(2, 1), padding="VALID"), nn.Tanh()],
+        (6, 7, 4),
+    ),
+    "depthwise_conv1d_same_circular_no_bias": (
+        [nn.DepthwiseConv(3, dilation=2, padding="SAME", padding_mode="circular", use_bias=False)],
+        (9, 3),
+    ),
+    "depthwise_conv3d_multiplier_replicate": (
+        [
+            nn.DepthwiseConv(
+                2,
+                depth_multiplier=3,
+                stride=(1, 2, 2),
+                padding=((0, 1), (1, 0), (1, 1)),
+                padding_mode="replicate",
+            )
+        ],
+        (3, 5, 4, 2),
+    ),
     "norms_and_prelu": (
         [
             nn.Conv(4, 3, padding=1),
@@ -145,7 +169,8 @@ def test_every_layer_type_and_rule_matches_materialized_norms_and_sum(name, rng)
     assert (
         len(layers)
         == sum(
-            isinstance(layer, (nn.Dense, nn.Conv, nn.ConvTranspose)) for layer in _LAYERS[name][0]
+            isinstance(layer, (nn.Dense, nn.Conv, nn.DepthwiseConv, nn.ConvTranspose))
+            for layer in _LAYERS[name][0]
         )
         + 1
     )
@@ -162,6 +187,22 @@ def test_ghost_norms_from_windows_and_from_positions(name, from_positions, rng, 
     loss, params, batch = _problem(*_LAYERS[name], rng)
     got = jax.jit(lambda p, b: ghost_norms(loss, p, b, layer_rule="ghost"))(params, batch)
     np.testing.assert_allclose(got, _reference_norms(loss, params, batch), rtol=2e-5)
+
+
+@pytest.mark.parametrize("depth_multiplier, rule", [(1, "direct"), (4, "ghost")])
+def test_depthwise_conv_is_a_ghost_layer_planned_per_channel(depth_multiplier, rule, rng):
+    # 3 channels, 2x2 output positions (T = 4): the ghost norm writes one T x T Gram matrix per
+    # channel (3 * 16 = 48 entries), the direct one the kernel (3 * 3 * 3 * depth_multiplier);
+    # the grouped Conv it equals gets the same rule
+    layers = {
+        "DepthwiseConv": nn.DepthwiseConv(3, depth_multiplier=depth_multiplier, stride=2),
+        "Conv": nn.Conv(3 * depth_multiplier, 3, stride=2, groups=3),
+    }
+    for kind, layer in layers.items():
+        loss, params, batch = _problem([layer], (5, 5, 3), rng, batch=3)
+        plan = ghost_plan(loss, params, batch)
+        assert plan[0] == ghost.LayerRule("layers_0", kind, rule, 4, 30 * depth_multiplier)
+        assert [row.kind for row in plan] == [kind, "Dense"]
 
 
 def test_flax_dense_layers(rng):
@@ -323,6 +364,35 @@ def test_frozen_batch_norm_zoo_model(rng):
         ghost_norms(train_loss, params, (images, labels))
     with pytest.raises(ValueError, match="ghost_clipped_sum: the model computes BatchNorm"):
         ghost_clipped_sum(train_loss, params, (images, labels), 1.0)
+
+
+def test_frozen_batch_norm_mobilenet_v2_has_its_depthwise_layers_ghosted(rng):
+    # its depthwise 3x3 convs are Conv(groups=channels): each a layer with a rule, none of their
+    # kernels materialized; five blocks (one residual) on maps of 4x4 down to 1x1, so that both
+    # rules are chosen
+    stages = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2), (6, 64, 1, 2))
+    model = models.mobilenet_v2_cifar(width_multiplier=0.25, stages=stages)
+    images = jnp.asarray(rng.normal(size=(3, 4, 4, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, size=3), jnp.int32)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+
+    def loss(params, batch):
+        logits = model.apply({**variables, "params": params}, batch[0], train=False)
+        return F.cross_entropy(logits, batch[1])
+
+    params, batch = variables["params"], (images, labels)
+    plan = ghost_plan(loss, params, batch)
+    depthwise = [row for row in plan if row.path.endswith("depthwise_conv")]
+    assert len(depthwise) == 5 and {row.rule for row in depthwise} == {"direct", "ghost"}
+    assert all(not row.path.endswith("['kernel']") for row in plan if row.kind == "parameter")
+    weights = _weights(rng, 3)
+    clip, expected_sum = _reference_clipped_sum(loss, params, batch, weights)
+    total, norms = jax.jit(lambda p, b, w: ghost_clipped_sum(loss, p, b, clip, weights=w))(
+        params, batch, weights
+    )
+    np.testing.assert_allclose(norms, _reference_norms(loss, params, batch), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(expected_sum), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
 
 
 def test_large_zoo_models_have_a_rule_for_every_kernel():
