@@ -121,15 +121,31 @@ def _check_mask_tree(tree, name: str):
     return tree
 
 
+def _check_mask_structure(tree, params, name: str):
+    """``tree`` if its structure is that of ``params`` or a prefix of it (else Optax fails with
+    a bare pytree structure error that names neither the mask nor the parameters)."""
+    try:
+        jax.tree.map(lambda *_: None, tree, params)
+    except ValueError:
+        raise ValueError(
+            f"{name}: expected the structure of the parameters, "
+            f"{jax.tree_util.tree_structure(params)}, or a prefix of it, got "
+            f"{jax.tree_util.tree_structure(tree)}"
+        ) from None
+    return tree
+
+
 def _check_mask(mask):
-    """The weight-decay mask as Optax takes it; a function's result is checked when it is called."""
+    """The weight-decay mask as a function of the params, checked when Optax calls it."""
     if mask is None:
         return default_decay_mask
     if not callable(mask):
-        return _check_mask_tree(mask, "mask")
+        tree = _check_mask_tree(mask, "mask")
+        return lambda params: _check_mask_structure(tree, params, "mask")
 
     def checked(params):
-        return _check_mask_tree(mask(params), "mask(params)")
+        tree = _check_mask_tree(mask(params), "mask(params)")
+        return _check_mask_structure(tree, params, "mask(params)")
 
     return checked
 

@@ -275,3 +275,24 @@ def test_a_mask_of_bools_chooses_what_decays(mask):
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -0.05)
     np.testing.assert_allclose(updates["b"], 0.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lars"])
+@pytest.mark.parametrize(
+    "mask, label", [({"w": True}, "mask"), (lambda p: {"w": True}, "mask(params)")]
+)
+def test_a_mask_of_another_structure_is_named(name, mask, label):
+    # Optax's own error is a bare pytree structure error naming neither the mask nor the params
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    tx = optim.optimizer(name, 0.1, weight_decay=0.1, mask=mask)
+    message = f"{label}: expected the structure of the parameters, PyTreeDef({{'b': *, 'w': *}})"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*got PyTreeDef"):
+        tx.init(params)
+
+
+def test_a_mask_prefix_of_the_params_chooses_whole_subtrees():
+    params = {"conv": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "head": jnp.ones((2, 2))}
+    tx = optim.optimizer("sgd", 0.1, weight_decay=0.5, mask={"conv": True, "head": False})
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["conv"]["bias"], -0.05)
+    np.testing.assert_allclose(updates["head"], 0.0)
