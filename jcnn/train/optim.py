@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcnn.functional._checks import check_bool, check_real
+from jcnn.functional._checks import check_bool, check_real, check_real_or_traced
 
 __all__ = ["optimizer", "default_decay_mask", "scale_by_adagrad", "scale_by_rmsprop", "OPTIMIZERS"]
 
@@ -90,11 +90,12 @@ def default_decay_mask(params: Any) -> Any:
 
 def _check_rate(value, name: str):
     """A schedule (any callable) as it is, else a finite number >= 0 as a Python float (a NumPy
-    scalar or 0-d array is accepted; NaN, infinity, strings and ``None`` are not)."""
+    scalar or 0-d array is accepted; NaN, infinity, strings and ``None`` are not), or a traced
+    0-d real array as it is."""
     if callable(value):
         return value
     try:
-        return check_real(value, name, low=0)
+        return check_real_or_traced(value, name, low=0)
     except TypeError:
         raise TypeError(
             f"{name}: expected a finite number >= 0 or a schedule step -> rate, got {value!r}"
@@ -170,6 +171,8 @@ def optimizer(
     Args:
         name: one of ``sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw, lars, lamb``.
         learning_rate: a number or a schedule ``step -> rate`` (see ``jcnn.train.schedules``).
+            It, ``weight_decay``, ``momentum``, ``beta1``, ``beta2``, ``decay`` and ``eps`` may
+            also be traced 0-d arrays (to sweep them under ``vmap`` or ``jit``), applied unchecked.
         momentum: ``ρ`` of momentum, Nesterov and LARS.
         beta1: Adam/AdamW/LAMB first-moment decay.
         beta2: Adam/AdamW/LAMB second-moment decay.
@@ -193,9 +196,9 @@ def optimizer(
         raise ValueError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
     name = name.lower()
     learning_rate = _check_rate(learning_rate, "learning_rate")
-    weight_decay = check_real(weight_decay, "weight_decay", low=0)
+    weight_decay = check_real_or_traced(weight_decay, "weight_decay", low=0)
     momentum, beta1, beta2, decay = (
-        check_real(value, label, low=0, high=1, high_open=True)
+        check_real_or_traced(value, label, low=0, high=1, high_open=True)
         for value, label in (
             (momentum, "momentum"),
             (beta1, "beta1"),
@@ -203,7 +206,7 @@ def optimizer(
             (decay, "decay"),
         )
     )
-    eps = check_real(eps, "eps", low=0)
+    eps = check_real_or_traced(eps, "eps", low=0)
     trust_coefficient = check_real(trust_coefficient, "trust_coefficient", low=0, low_open=True)
     if clip_norm is not None:
         clip_norm = check_real(clip_norm, "clip_norm", low=0, low_open=True)
@@ -212,11 +215,13 @@ def optimizer(
     mask = _check_mask(mask)
     if decoupled is None:
         decoupled = name in _DECOUPLED_BY_DEFAULT
+    # a traced rate (a sweep under vmap) is applied whatever its value
+    decays = isinstance(weight_decay, jax.core.Tracer) or weight_decay > 0
 
     chain = []
     if clip_norm is not None:
         chain.append(optax.clip_by_global_norm(clip_norm))
-    if weight_decay and not decoupled:
+    if decays and not decoupled:
         chain.append(optax.add_decayed_weights(weight_decay, mask))
 
     if name in ("lars", "lamb"):
@@ -247,7 +252,7 @@ def optimizer(
         "adamw": lambda: optax.scale_by_adam(b1=beta1, b2=beta2, eps=eps),
     }
     chain.append(directions[name]())
-    if weight_decay and decoupled:
+    if decays and decoupled:
         chain.append(optax.add_decayed_weights(weight_decay, mask))
     chain.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*chain)

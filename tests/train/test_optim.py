@@ -296,3 +296,29 @@ def test_a_mask_prefix_of_the_params_chooses_whole_subtrees():
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(updates["conv"]["bias"], -0.05)
     np.testing.assert_allclose(updates["head"], 0.0)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_hyperparameters_sweep_under_vmap(name, rng):
+    # each lane of the sweep is the optimizer built with that lane's concrete numbers
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    target = rng.normal(size=(3, 4)).astype(np.float32)
+    rates = jnp.asarray([0.01, 0.05], jnp.float32)
+    decays = jnp.asarray([0.0, 0.1], jnp.float32)
+    betas = jnp.asarray([0.8, 0.9], jnp.float32)
+
+    def trained(lr, wd, beta):
+        kw = {"momentum": beta, "beta1": beta, "decay": beta, "weight_decay": wd}
+        tx = optim.optimizer(name, lr, **kw)
+        params = jnp.asarray(x)
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(jnp.sinh(params - target), state, params)
+            params = params + updates
+        return params
+
+    swept = jax.jit(jax.vmap(trained))(rates, decays, betas)
+    for i in range(2):
+        lane = float(rates[i]), float(decays[i]), float(betas[i])
+        want = jax.jit(lambda lane=lane: trained(*lane))()
+        np.testing.assert_allclose(swept[i], want, rtol=1e-5, atol=1e-6)
