@@ -9,8 +9,16 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 from jcnn import init
-from jcnn.functional._checks import _describe, check_positive_int
+from jcnn.functional._checks import (
+    _describe,
+    check_dtype,
+    check_positive_int,
+    float32_or_wider,
+)
 
 Initializer = Callable[..., Any]
 
@@ -129,6 +137,16 @@ def conv_transpose_kernel(
 def dense_kernel(in_features: int, features: int) -> KernelSpec:
     """``Dense``'s kernel ``(in_features, features)``, He normal."""
     return KernelSpec((in_features, features), features, init.he_normal())
+
+
+def running_stats_dtype(param_dtype):
+    """The dtype of a norm layer's running ``mean`` and ``var``: ``param_dtype`` widened to at
+    least float32, so float64 parameters keep float64 statistics (float32 ones would round the
+    evaluation-mode output to float32 precision) and half-precision ones get float32 as in Flax;
+    float32 for ``None``."""
+    if check_dtype(param_dtype, "param_dtype") is None:
+        return jnp.dtype(jnp.float32)
+    return jax.dtypes.canonicalize_dtype(float32_or_wider(param_dtype))
 
 
 def check_layers(layers) -> None:

@@ -3,8 +3,9 @@
 
 Learned parameters are per channel (last axis): ``scale`` and ``bias`` of shape ``(C,)``.
 Running statistics live in Flax's ``batch_stats`` collection as ``mean`` and ``var`` of shape
-``(C,)``; they change only in a call with ``train=True`` (and ``mutable=["batch_stats"]``),
-never during ``init``.
+``(C,)``, in ``param_dtype`` widened to at least float32 (float32 for half-precision parameters,
+float64 for float64 ones); they change only in a call with ``train=True`` (and
+``mutable=["batch_stats"]``), never during ``init``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
 )
-from jcnn.nn._shared import Initializer, check_initializer
+from jcnn.nn._shared import Initializer, check_initializer, running_stats_dtype
 from jcnn.nn._util import param
 
 __all__ = [
@@ -58,8 +59,9 @@ def _scale_and_bias(module, x):
 
 
 def _running_stats(module, channels: int):
-    mean = module.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
-    var = module.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    dtype = running_stats_dtype(module.param_dtype)
+    mean = module.variable("batch_stats", "mean", jnp.zeros, (channels,), dtype)
+    var = module.variable("batch_stats", "var", jnp.ones, (channels,), dtype)
     return mean, var
 
 

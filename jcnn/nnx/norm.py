@@ -2,7 +2,8 @@
 ``GroupNorm``, ``InstanceNorm``, ``LocalContrastNorm``, ``LocalResponseNorm``.
 
 Learned ``scale`` and ``bias`` are ``nnx.Param`` of shape ``(num_features,)``; running statistics
-``mean`` and ``var`` are ``nnx.BatchStat`` (the Linen twin's ``batch_stats`` collection).
+``mean`` and ``var`` are ``nnx.BatchStat`` (the Linen twin's ``batch_stats`` collection), in
+``param_dtype`` widened to at least float32, as there.
 
 Train or evaluate: the ``use_running_average`` attribute decides (False after construction and
 ``model.train()``, True after ``model.eval()`` or in ``nnx.view(model, use_running_average=True)``),
@@ -29,6 +30,7 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
 )
+from jcnn.nn._shared import running_stats_dtype
 from jcnn.nnx._util import (
     Initializer,
     check_flag,
@@ -92,11 +94,12 @@ class _Affine(nnx.Module):
 
 
 class _RunningStats(_Affine):
-    def _make_stats(self, use_running_average):
+    def _make_stats(self, use_running_average, param_dtype):
         check_flag(use_running_average, "use_running_average")
         self.use_running_average = use_running_average
-        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((self.num_features,), jnp.float32))
+        dtype = running_stats_dtype(param_dtype)
+        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), dtype))
+        self.var = nnx.BatchStat(jnp.ones((self.num_features,), dtype))
 
     def _state(self) -> F.BatchNormState:
         return F.BatchNormState(self.mean[...], self.var[...])
@@ -170,7 +173,7 @@ class BatchNorm(_RunningStats):
         self.eps = _check_positive(eps, "eps")
         self.axis_name = static(axis_name, "axis_name")
         self.unbiased_running_var = static(unbiased_running_var, "unbiased_running_var")
-        self._make_stats(use_running_average)
+        self._make_stats(use_running_average, param_dtype)
 
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Normalize ``x`` ``(N, ..., C)``; ``train`` (when given) overrides the attribute."""
@@ -332,7 +335,7 @@ class InstanceNorm(_RunningStats):
         self.unbiased_running_var = check_bool(unbiased_running_var, "unbiased_running_var")
         self.eps = _check_positive(eps, "eps")
         if track_running_stats:
-            self._make_stats(use_running_average)
+            self._make_stats(use_running_average, param_dtype)
         else:
             check_flag(use_running_average, "use_running_average")
             self.use_running_average = use_running_average

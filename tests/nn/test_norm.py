@@ -102,6 +102,31 @@ def test_batch_norm_equals_functional_and_options(rng):
         bn.apply(variables, x)
 
 
+@pytest.mark.parametrize(
+    "module", [nn.BatchNorm(momentum=0.5), nn.InstanceNorm(momentum=0.5, track_running_stats=True)]
+)
+def test_float64_parameters_keep_float64_running_statistics(rng, module):
+    """A float64 model (jax_enable_x64) evaluates with float64 running statistics: float32 ones
+    rounded the evaluation-mode output to float32 precision; half-precision and float32
+    parameters keep float32 statistics, as in Flax."""
+    x = rng.normal(size=(4, 3, 3, 2)) + 1 / 3
+    with jax.enable_x64(True):
+        module = module.clone(param_dtype=jnp.float64)
+        variables = module.init(jax.random.key(0), jnp.asarray(x), train=False)
+        _, updates = module.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+        stats = updates["batch_stats"]
+        assert stats["mean"].dtype == stats["var"].dtype == jnp.float64
+        y = module.apply({**variables, **updates}, jnp.asarray(x), train=False)
+    axes = (0, 1, 2) if isinstance(module, nn.BatchNorm) else (1, 2)
+    mean = 0.5 * x.mean(axes).reshape(-1, 2).mean(0)
+    var = 0.5 + 0.5 * x.var(axes).reshape(-1, 2).mean(0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-13, atol=1e-13)
+    for param_dtype in (jnp.float32, jnp.bfloat16):
+        half = module.clone(param_dtype=param_dtype)
+        stats = half.init(jax.random.key(0), jnp.asarray(x, jnp.float32), train=False)
+        assert stats["batch_stats"]["var"].dtype == jnp.float32
+
+
 def test_batch_norm_axis_name_gives_whole_batch_statistics(rng):
     x = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.float32)  # 2 "devices" x 3 examples
     bn = nn.BatchNorm(axis_name="devices")

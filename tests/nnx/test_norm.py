@@ -27,6 +27,26 @@ def test_batch_norm_running_statistics_follow_the_mode(rng):
     np.testing.assert_array_equal(bn.mean[...], mean)
 
 
+@pytest.mark.parametrize("param_dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
+def test_running_statistics_are_param_dtype_at_least_float32(rng, param_dtype):
+    """float64 parameters (jax_enable_x64) keep float64 statistics, as in the Linen twin."""
+    x = rng.normal(size=(4, 3, 3, 2)) + 1 / 3
+    expected = jnp.float64 if param_dtype == jnp.float64 else jnp.float32
+    with jax.enable_x64(True):
+        for layer in (
+            jnnx.BatchNorm(2, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+            jnnx.InstanceNorm(
+                2, track_running_stats=True, param_dtype=param_dtype, rngs=nnx.Rngs(0)
+            ),
+        ):
+            layer(jnp.asarray(x, param_dtype))
+            assert layer.mean[...].dtype == layer.var[...].dtype == expected
+        if param_dtype == jnp.float64:
+            bn = jnnx.BatchNorm(2, momentum=0.0, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+            bn(jnp.asarray(x))
+            np.testing.assert_allclose(bn.var[...], x.reshape(-1, 2).var(0), rtol=1e-14)
+
+
 def test_instance_norm_holds_statistics_only_when_tracking(rng):
     plain = jnnx.InstanceNorm(2, rngs=nnx.Rngs(0))
     assert not hasattr(plain, "mean")
