@@ -83,10 +83,15 @@ class Maxout(nn.Module):
     Attributes:
         num_pieces: how many linear pieces each output takes the maximum of.
         features: number of outputs of the learned version, or None for the parameter-free one.
+        dtype: the learned version's computation dtype (default: inferred from inputs and
+            params), as in ``Dense``.
+        param_dtype: dtype of the learned version's parameters.
     """
 
     num_pieces: int
     features: int | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,7 +99,12 @@ class Maxout(nn.Module):
         check_positive_int(self.num_pieces, "num_pieces")
         if self.features is not None:
             check_positive_int(self.features, "features")
-            x = Dense(self.features * self.num_pieces, name="linear")(x)
+            x = Dense(
+                self.features * self.num_pieces,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="linear",
+            )(x)
             # its own (parameter-free) layer, so that a summary shows the maximum's output too
             return Maxout(self.num_pieces, name="maximum")(x)
         return F.maxout(x, self.num_pieces)

@@ -103,6 +103,8 @@ class Maxout(nnx.Module):
         num_pieces: how many linear pieces each output takes the maximum of.
         features: number of outputs of the learned version, or None for the parameter-free one.
         in_features: size of the input's last axis (learned version only).
+        dtype: the learned version's computation dtype, as in ``Dense``.
+        param_dtype: dtype of the learned version's parameters.
         rngs: ``nnx.Rngs`` for the learned version's kernel.
     """
 
@@ -112,6 +114,8 @@ class Maxout(nnx.Module):
         features: int | None = None,
         *,
         in_features: int | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs | None = None,
     ) -> None:
         check_positive_int(num_pieces, "num_pieces")
@@ -130,7 +134,11 @@ class Maxout(nnx.Module):
         if in_features is None:
             raise ValueError("in_features: Maxout(features=...) needs the input size")
         self.linear = Dense(
-            in_features, self.features * self.num_pieces, rngs=check_rngs(rngs, "Maxout")
+            in_features,
+            self.features * self.num_pieces,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=check_rngs(rngs, "Maxout"),
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

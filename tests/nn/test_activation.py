@@ -56,6 +56,24 @@ def test_maxout_learned_unit_is_max_of_affine_pieces(rng):
     np.testing.assert_array_equal(plain.apply({}, x), F.maxout(x, 2))
 
 
+def test_maxout_learned_unit_takes_dtype_and_param_dtype(rng):
+    """A float64 model (jax_enable_x64) can hold a learned Maxout: its Dense had float32
+    parameters whatever the model's dtype; a bfloat16 compute dtype reaches the output too."""
+    x = rng.normal(size=(4, 6))
+    with jax.enable_x64(True):
+        layer = nn.Maxout(num_pieces=3, features=2, param_dtype=jnp.float64)
+        params = layer.init(jax.random.key(0), jnp.asarray(x))["params"]
+        assert {v.dtype for v in jax.tree.leaves(params)} == {jnp.dtype(jnp.float64)}
+        y = layer.apply({"params": params}, jnp.asarray(x))
+        assert y.dtype == jnp.float64
+    kernel, bias = (np.asarray(params["linear"][k]) for k in ("kernel", "bias"))
+    pieces = (x @ kernel + bias).reshape(4, 2, 3)
+    np.testing.assert_allclose(y, pieces.max(-1), rtol=1e-13)
+    half = nn.Maxout(num_pieces=3, features=2, dtype=jnp.bfloat16)
+    variables = half.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+    assert half.apply(variables, jnp.asarray(x, jnp.float32)).dtype == jnp.bfloat16
+
+
 def test_parameter_free_activations_equal_functional(rng):
     x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
     cases = [

@@ -1,5 +1,6 @@
 """jcnn.nnx activations with parameters (PReLU, Maxout): shapes and checks."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -46,6 +47,20 @@ def test_maxout_learned_and_parameter_free(rng):
         jnnx.Maxout(2, in_features=3)
     with pytest.raises(TypeError, match="rngs"):
         jnnx.Maxout(2, 3, in_features=4)
+
+
+def test_maxout_learned_unit_takes_dtype_and_param_dtype(rng):
+    """As the Linen twin: float64 parameters (jax_enable_x64), a bfloat16 compute dtype."""
+    x = rng.normal(size=(5, 4))
+    with jax.enable_x64(True):
+        layer = jnnx.Maxout(3, 2, in_features=4, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        assert layer.linear.kernel[...].dtype == layer.linear.bias[...].dtype == jnp.float64
+        y = layer(jnp.asarray(x))
+    kernel = np.asarray(layer.linear.kernel[...])
+    pieces = (x @ kernel + np.asarray(layer.linear.bias[...])).reshape(5, 2, 3)
+    np.testing.assert_allclose(y, pieces.max(-1), rtol=1e-13)
+    half = jnnx.Maxout(3, 2, in_features=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert half(jnp.asarray(x, jnp.float32)).dtype == jnp.bfloat16
 
 
 def test_prelu_arguments_are_checked_as_in_the_linen_twin():
