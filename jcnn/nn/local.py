@@ -13,10 +13,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import PaddingLike, check_bool, check_positive_int
+from jcnn.functional._checks import PaddingLike, check_bool, check_dtype, check_positive_int
 from jcnn.nn._shared import Initializer, check_initializer
 from jcnn.nn._util import param, window_and_check
 
@@ -34,6 +35,7 @@ class LocallyConnected(nn.Module):
         kernel_init: initializer of ``kernel`` (default: He normal with
             ``fan_in = prod(window) * C_in``, drawn independently for every position).
         bias_init: initializer of ``bias`` (default zeros).
+        dtype: computation dtype (default: inferred from inputs and params).
         param_dtype: dtype of the parameters.
 
     Example:
@@ -53,6 +55,7 @@ class LocallyConnected(nn.Module):
     use_bias: bool = True
     kernel_init: Initializer | None = None
     bias_init: Initializer | None = None
+    dtype: Any = None
     param_dtype: Any = jnp.float32
 
     @nn.compact
@@ -89,6 +92,7 @@ class LocallyConnected(nn.Module):
                 self.param_dtype,
                 x,
             )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=check_dtype(self.dtype))
         return F.locally_connected(
             x, kernel, bias, stride=self.stride, padding=self.padding, dilation=self.dilation
         )

@@ -13,10 +13,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.linen.dtypes import promote_dtype
 
 from jcnn import functional as F
 from jcnn import init
-from jcnn.functional._checks import PaddingLike, as_int_tuple, check_bool, check_positive_int
+from jcnn.functional._checks import (
+    PaddingLike,
+    as_int_tuple,
+    check_bool,
+    check_dtype,
+    check_positive_int,
+)
 from jcnn.nn._shared import window_rank
 from jcnn.nnx._util import (
     Initializer,
@@ -46,6 +53,7 @@ class LocallyConnected(nnx.Module):
         use_bias: add an unshared bias ``(*out_spatial, features)``.
         kernel_init: initializer of ``kernel`` (default ``init.he_normal_per_position()``).
         bias_init: initializer of ``bias`` (default zeros).
+        dtype: computation dtype (default: inferred from inputs and params).
         param_dtype: dtype of the parameters.
         rngs: ``nnx.Rngs`` for the initializers.
 
@@ -70,6 +78,7 @@ class LocallyConnected(nnx.Module):
         use_bias: bool = True,
         kernel_init: Initializer | None = None,
         bias_init: Initializer | None = None,
+        dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
@@ -90,6 +99,7 @@ class LocallyConnected(nnx.Module):
         self.input_size = as_int_tuple(input_size, len(self.kernel_size), "input_size", minimum=1)
         self.in_features = static(in_features, "in_features")
         self.features = static(features, "features")
+        self.dtype = dtype
         self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
         self.dilation = static(dilation, "dilation")
         out = F.locally_connected_output_shape(
@@ -116,10 +126,12 @@ class LocallyConnected(nnx.Module):
                 f"x: LocallyConnected was built for spatial size {self.input_size}, got shape "
                 f"{tuple(x.shape)}"
             )
+        dtype = check_dtype(self.dtype)
+        x, kernel, bias = promote_dtype(x, value(self.kernel), value(self.bias), dtype=dtype)
         return F.locally_connected(
             x,
-            value(self.kernel),
-            value(self.bias),
+            kernel,
+            bias,
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,

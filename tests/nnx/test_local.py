@@ -1,5 +1,6 @@
 """jcnn.nnx.LocallyConnected: its arguments' checks (the Linen parity is in test_convert.py)."""
 
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -27,3 +28,16 @@ def test_an_input_size_of_the_wrong_rank_is_blamed_on_input_size(kernel_size, in
 def test_the_spatial_rank_comes_from_input_size_or_kernel_size(kernel_size, input_size, shape):
     layer = jnnx.LocallyConnected(3, 2, kernel_size, input_size=input_size, rngs=nnx.Rngs(0))
     assert layer.kernel.shape == shape
+
+
+def test_dtype_sets_the_computation_dtype():
+    """As the Linen twin: bfloat16 activations stay bfloat16 with dtype=jnp.bfloat16."""
+    x = jnp.ones((2, 5, 5, 3), jnp.bfloat16)
+
+    def make(**kw):
+        return jnnx.LocallyConnected(3, 4, 3, input_size=(5, 5), rngs=nnx.Rngs(0), **kw)
+
+    assert make()(x).dtype == jnp.float32
+    assert make(dtype=jnp.bfloat16)(x).dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="^dtype: expected None or a floating dtype"):
+        make(dtype=jnp.int32)(x)
