@@ -204,6 +204,13 @@ def conv(
     window = tuple(w.shape[:-2])
     pads = normalize_padding(padding, sizes, window, stride, dilation)
     for dim, (size, (lo, hi)) in enumerate(zip(sizes, pads, strict=True)):
+        if not (lo or hi):
+            continue
+        if padding_mode == "replicate" and size == 0:
+            raise ValueError(
+                f"padding: 'replicate' padding repeats the edge pixel, so the input must not be "
+                f"empty where it pads, got {(lo, hi)} for size 0 along spatial dim {dim}"
+            )
         if padding_mode == "reflect" and max(lo, hi) >= size:
             raise ValueError(
                 f"padding: 'reflect' padding must be smaller than the input size, got {(lo, hi)} "

@@ -856,6 +856,12 @@ BAD_INPUTS = {
         ValueError,
         r"padding: 'circular' padding must be at most the input size, got \(6, 0\) for size 5",
     ),
+    "replicate padding of an empty dim": (
+        lambda: conv(np.zeros((2, 0, 5, 4), np.float32), W2, padding=2, padding_mode="replicate"),
+        ValueError,
+        r"padding: 'replicate' padding repeats the edge pixel, so the input must not be empty "
+        r"where it pads, got \(2, 2\) for size 0 along spatial dim 0",
+    ),
     "dilated window larger than the padded input": (
         lambda: conv(X2, W2, dilation=3, padding=((0, 0), (1, 0))),
         ValueError,
