@@ -141,7 +141,11 @@ def transposed_problem(x, w, stride, padding, dilation, groups, out_sizes):
     """The convolution whose input gradient is ``F.conv_transpose(x, w, ...)``: its input shape
     (``x``'s batch, ``out_sizes``, ``C_out``) and kernel ``(*window, C_out // groups, C_in)``
     (``w``'s per-group blocks transposed), or ``None`` when an ``output_padding`` reaching the
-    stride (allowed below the dilation) makes that convolution's output longer than ``x``."""
+    stride (allowed below the dilation) makes that convolution's output longer than ``x``, or
+    when ``x`` is empty along a spatial dim (that convolution's output would be, which oneDNN's
+    primitives refuse; the XLA path gives the bias, as nothing is scattered)."""
+    if 0 in x.shape[1:-1]:
+        return None
     reach = zip(out_sizes, x.shape[1:-1], w.shape[:-2], stride, padding, dilation, strict=True)
     if any((o + lo + hi - d * (k - 1) - 1) // s + 1 != n for o, n, k, s, (lo, hi), d in reach):
         return None

@@ -1020,6 +1020,25 @@ def test_bad_input_raises_the_same_error_on_every_backend(case, backend, request
 
 
 @pytest.mark.parametrize("backend", ["xla", "onednn"])
+def test_conv_transpose_of_a_spatially_empty_input_is_the_bias(backend, request):
+    # The adjoint of a conv whose output is empty: nothing scatters, the output (sized by the
+    # docstring's formula) is the bias. oneDNN's path raised an error about a padded input
+    # (2, 18) and a window the caller never passed, while XLA's computed this.
+    from jcnn import native
+
+    if backend == "onednn":
+        request.getfixturevalue("onednn")
+    x, w, b = _zeros(2, 0, 8, 4), np.ones((3, 3, 4, 2), np.float32), np.arange(4, dtype=np.float32)
+    options = {"stride": (1, 2), "output_padding": (0, 1), "groups": 2}
+    with native.conv_backend_scope(backend):
+        y = conv_transpose(x, w, b, **options)
+        dw, db = jax.grad(lambda w, b: conv_transpose(x, w, b, **options).sum(), (0, 1))(w, b)
+    np.testing.assert_array_equal(y, np.broadcast_to(b, (2, 2, 18, 4)))
+    np.testing.assert_array_equal(dw, np.zeros_like(w))
+    np.testing.assert_array_equal(db, np.full(4, 2 * 2 * 18, np.float32))
+
+
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
 def test_output_padding_below_the_stride_or_the_dilation_is_accepted(backend, request, torch, rng):
     # The boundary of the rule above: output_padding 1 < stride 2 in one dim, 2 < dilation 3 in
     # the other (PyTorch accepts either).
