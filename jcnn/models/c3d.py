@@ -25,6 +25,18 @@ from jcnn.nn import BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, ReLU
 __all__ = ["SmallC3D"]
 
 
+def _check_volume_size(x, stages: int) -> None:
+    """Raise a ``ValueError`` naming ``x`` unless every pool sees a window's worth of the
+    volume: a 1x2x2 pool and then ``stages - 1`` 2x2x2 ones (a pool deep inside would otherwise
+    blame its own ``window``)."""
+    depth, side = 2 ** (stages - 1), 2**stages
+    if x.shape[1] < depth or min(x.shape[2:4]) < side:
+        raise ValueError(
+            f"x: SmallC3D with {stages} stages expects volumes at least {depth} deep and "
+            f"{side}x{side} high and wide (D, H, W), got shape {tuple(x.shape)}"
+        )
+
+
 class SmallC3D(nn.Module):
     """A C3D-style 3-D CNN with BatchNorm.
 
@@ -52,6 +64,7 @@ class SmallC3D(nn.Module):
         check_num_classes(self.num_classes)
         check_per_stage(self.widths, "widths")
         check_bn_momentum(self.bn_momentum)
+        _check_volume_size(x, len(self.widths))
         for stage, width in enumerate(self.widths, start=1):
             x = Conv(width, (3, 3, 3), padding=1, use_bias=False, name=f"conv{stage}")(x)
             x = BatchNorm(momentum=self.bn_momentum, name=f"bn{stage}")(x, train)

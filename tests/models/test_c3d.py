@@ -74,6 +74,14 @@ def test_training_step_and_modes(rng):
         model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 2)))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 4, 4, 3), (1, 2, 3, 4, 3), (1, 2, 4, 3, 3)])
+def test_a_volume_too_small_for_the_pools_is_blamed_on_x(shape):
+    # a pool deep inside used to raise "window: the window spans 2 pixels ..." instead
+    says = r"x: SmallC3D with 2 stages expects volumes at least 2 deep and 4x4 high and wide"
+    assert_refused(models.SmallC3D(widths=(4, 8)), shape, ValueError, says)
+    assert count_params(models.SmallC3D(widths=(4, 8)), (1, 2, 4, 4, 3)) > 0
+
+
 @pytest.mark.parametrize(
     "setting, error, says",
     [
