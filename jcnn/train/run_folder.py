@@ -7,9 +7,10 @@
   second process on the same folder fails at once with :class:`RunFolderError`, touching nothing.
 - **The full configuration.** :func:`run_record` describes the run in plain JSON: every
   ``TrainConfig`` field, the model's class and fields, the training loader (batch size, seed,
-  shuffling, number of examples, augmentation), the caller's ``settings`` (``jcnn-train`` adds the
-  dataset, data directory, ``--limit-train``, ``--augment`` and the standardization statistics)
-  and the jcnn version. It is saved as ``config.json``.
+  shuffling, number of examples, augmentation, and a SHA-256 of the examples an in-memory
+  ``jcnn.data.Loader`` holds, so a resume on other data is refused), the caller's ``settings``
+  (``jcnn-train`` adds the dataset, data directory, ``--limit-train``, ``--augment`` and the
+  standardization statistics) and the jcnn version. It is saved as ``config.json``.
 - **Resume into the same run only.** :func:`check_start` refuses a resume whose record differs
   from the folder's ``config.json`` (naming each differing setting, old and new), a resume of a
   folder without checkpoints, and a new run into a folder that already holds one unless
@@ -130,6 +131,10 @@ ADDED_LATER = {"train.no_grad": ([], {})}
 """Settings newer than some run folders, with the values that mean what a record without them
 meant (``no_grad=()`` records ``[]``, jcnn-train's empty mapping ``{}``): a resume with one of
 those values is the same run."""
+
+RECORDED_LATER = frozenset({"train_loader.examples"})
+"""Facts newer than some run folders that a record without them did not state: any value
+resumes such a folder."""
 
 
 class RunFolderError(ValueError, RuntimeError):
@@ -394,7 +399,28 @@ def _describe_loader(loader) -> dict | None:
     for attribute in ("augment", "batch_augment"):
         if hasattr(loader, "_" + attribute):
             record[attribute] = describe(getattr(loader, "_" + attribute))
+    from jcnn.data import Loader
+
+    if isinstance(loader, Loader) and not loader.streaming:
+        record["examples"] = _describe_examples(*loader.examples)
     return record
+
+
+def _describe_examples(images, labels) -> str:
+    """The examples a loader holds, by count, shapes, dtypes and the SHA-256 of their bytes."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.shape} {array.dtype};".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return (
+        f"{images.shape[0]} images {tuple(images.shape[1:])} {images.dtype}, labels "
+        f"{tuple(labels.shape[1:])} {labels.dtype}, sha256:{digest.hexdigest()[:16]}"
+    )
 
 
 def run_record(
@@ -523,7 +549,7 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
         if _same(before, after) or _may_change(key):
             continue
-        if before == _MISSING and after in ADDED_LATER.get(key, ()):
+        if before == _MISSING and (key in RECORDED_LATER or after in ADDED_LATER.get(key, ())):
             continue
         if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
             continue

@@ -1,6 +1,7 @@
 """Run folders: one owner (an OS lock), the full configuration, resume and overwrite rules, and
 nothing touched by a refused start."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,8 +36,8 @@ class Net(nn.Module):
         return nn.Dense(self.width)(jnp.mean(x, axis=(1, 2)))
 
 
-def _loader(batch_size=16, seed=3):
-    rng = np.random.default_rng(0)
+def _loader(batch_size=16, seed=3, data_seed=0):
+    rng = np.random.default_rng(data_seed)
     images = rng.normal(size=(32, 4, 4, 1)).astype(np.float32)
     labels = rng.integers(0, 3, size=32).astype(np.int32)
     return Loader(images, labels, batch_size=batch_size, shuffle=True, seed=seed)
@@ -88,6 +89,12 @@ def test_config_records_the_whole_run(finished_run):
     loader = record["train_loader"]
     assert (loader["batch_size"], loader["seed"], loader["shuffle"]) == (16, 3, True)
     assert (loader["num_examples"], loader["batches_per_epoch"]) == (32, 2)
+    images, labels = _loader().examples
+    digest = hashlib.sha256()
+    for array in (np.asarray(images), np.asarray(labels)):
+        digest.update(f"{array.shape} {array.dtype};".encode() + array.tobytes())
+    described = f"32 images (4, 4, 1) float32, labels () int32, sha256:{digest.hexdigest()[:16]}"
+    assert loader["examples"] == described
     assert record["settings"] == {"dataset": "toy", "data_dir": "/a"}
     assert not (finished_run / run_folder.LOCK_FILE).exists()  # released at the end
 
@@ -103,6 +110,7 @@ def test_config_records_the_whole_run(finished_run):
         (dict(model=Net(width=4)), "model.width: 3 in the run, 4 now"),
         (dict(loader=_loader(batch_size=8)), "train_loader.batch_size: 16 in the run, 8 now"),
         (dict(loader=_loader(seed=4)), "train_loader.seed"),
+        (dict(loader=_loader(data_seed=1)), "train_loader.examples: 32 images (4, 4, 1) float32"),
         (dict(settings={"dataset": "other", "data_dir": "/a"}), "settings.dataset"),
         (dict(config=dict(val_split=8)), "val_split: null in the run, 8 now"),
         (dict(config=dict(standardize="per_channel")), "standardize: null in the run"),
@@ -129,6 +137,15 @@ def test_resume_with_other_settings_is_refused_and_touches_nothing(run, change, 
     assert len(str(error.value)) < 1000 and "\n" not in str(error.value)
     assert error.value.differences
     assert _snapshot(run) == before
+
+
+def test_a_folder_recorded_before_the_examples_were_resumes(run):
+    record = json.loads((run / "config.json").read_text())
+    del record["train_loader"]["examples"]
+    (run / "config.json").write_text(json.dumps(record, indent=1))
+    config = _config(run, resume=True, epochs=2)
+    result = fit(Net(), _loader(), None, config, settings={"dataset": "toy", "data_dir": "/a"})
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
 
 
 def test_settings_that_may_change_on_resume(run):
