@@ -124,23 +124,23 @@ class AirbenchNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        check_num_classes(self.num_classes)
-        check_per_stage(self.widths, "widths")
+        num_classes = check_num_classes(self.num_classes)
+        widths = check_per_stage(self.widths, "widths")
         k = check_int(self.whiten_kernel_size, "whiten_kernel_size", low=1)
         check_real(self.scaling_factor, "scaling_factor")
         _check_norm_settings(self.bn_momentum, self.bn_eps)
-        pools = [(2, 2, 0)] * len(self.widths)
+        pools = [(2, 2, 0)] * len(widths)
         check_image_size(x, [(k, 1, 0), *pools, (3, 3, 0)], "AirbenchNet")
         x = Conv(2 * x.shape[-1] * k * k, (k, k), kernel_init=self.whiten_init, name="whiten")(x)
         x = GELU(name="gelu0")(x)
-        for index, width in enumerate(self.widths, start=1):
+        for index, width in enumerate(widths, start=1):
             group = ConvGroup(
                 width, self.bn_momentum, self.bn_eps, self.conv_init, name=f"group{index}"
             )
             x = group(x, train)
         x = MaxPool(3, name="pool")(x)
         x = Flatten(name="flatten")(x)
-        x = Dense(self.num_classes, use_bias=False, kernel_init=init.lecun_normal(), name="head")(x)
+        x = Dense(num_classes, use_bias=False, kernel_init=init.lecun_normal(), name="head")(x)
         return x * self.scaling_factor
 
 

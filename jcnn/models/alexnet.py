@@ -73,7 +73,7 @@ class AlexNet(nn.Module):
         check_array(x, "x", ndim=4)
         if self.variant not in _VARIANTS:
             raise ValueError(f"variant: expected one of {sorted(_VARIANTS)}, got {self.variant!r}")
-        check_num_classes(self.num_classes)
+        num_classes = check_num_classes(self.num_classes)
         check_dropout_rate(self.dropout_rate)
         convs, hidden = _VARIANTS[self.variant]
         small = self.variant == "cifar"
@@ -100,4 +100,4 @@ class AlexNet(nn.Module):
         x = Dropout(self.dropout_rate, name="dropout7")(x, train)
         x = Dense(hidden, name="fc7")(x)
         x = ReLU(name="relu7")(x)
-        return Dense(self.num_classes, kernel_init=init.lecun_normal(), name="fc8")(x)
+        return Dense(num_classes, kernel_init=init.lecun_normal(), name="fc8")(x)

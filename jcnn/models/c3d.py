@@ -61,14 +61,14 @@ class SmallC3D(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for volumes ``x`` ``(N, D, H, W, C)``."""
         check_array(x, "x", ndim=5)
-        check_num_classes(self.num_classes)
-        check_per_stage(self.widths, "widths")
+        num_classes = check_num_classes(self.num_classes)
+        widths = check_per_stage(self.widths, "widths")
         check_bn_momentum(self.bn_momentum)
-        _check_volume_size(x, len(self.widths))
-        for stage, width in enumerate(self.widths, start=1):
+        _check_volume_size(x, len(widths))
+        for stage, width in enumerate(widths, start=1):
             x = Conv(width, (3, 3, 3), padding=1, use_bias=False, name=f"conv{stage}")(x)
             x = BatchNorm(momentum=self.bn_momentum, name=f"bn{stage}")(x, train)
             x = ReLU(name=f"relu{stage}")(x)
             x = MaxPool((1, 2, 2) if stage == 1 else (2, 2, 2), name=f"pool{stage}")(x)
         x = GlobalAvgPool(name="avgpool")(x)
-        return Dense(self.num_classes, kernel_init=init.lecun_normal(), name="fc")(x)
+        return Dense(num_classes, kernel_init=init.lecun_normal(), name="fc")(x)

@@ -141,24 +141,23 @@ class ConvNeXt(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        stages = len(check_per_stage(self.depths, "depths"))
-        if len(self.widths) != stages:
+        depths = check_per_stage(self.depths, "depths")
+        widths = check_per_stage(self.widths, "widths")
+        stages = len(depths)
+        if len(widths) != stages:
             raise ValueError(
-                f"widths: expected one width per stage ({stages} stages), got {tuple(self.widths)}"
+                f"widths: expected one width per stage ({stages} stages), got {widths}"
             )
-        check_per_stage(self.widths, "widths")
-        check_num_classes(self.num_classes)
+        num_classes = check_num_classes(self.num_classes)
         patch = check_int(self.patch_size, "patch_size", low=1)
         _check_stochastic_depth(self.stochastic_depth)
         check_real(self.layer_scale_init, "layer_scale_init")
         check_image_size(x, [(patch, patch, 0)] + [(2, 2, 0)] * (stages - 1), "ConvNeXt")
-        x = Conv(self.widths[0], (patch, patch), patch, kernel_init=_weight_init, name="stem_conv")(
-            x
-        )
+        x = Conv(widths[0], (patch, patch), patch, kernel_init=_weight_init, name="stem_conv")(x)
         x = _channel_norm(x, "stem_norm")
-        total = sum(self.depths)
+        total = sum(depths)
         index = 0
-        for stage, (depth, width) in enumerate(zip(self.depths, self.widths, strict=True), start=1):
+        for stage, (depth, width) in enumerate(zip(depths, widths, strict=True), start=1):
             if stage > 1:
                 x = _channel_norm(x, f"downsample{stage}_norm")
                 x = Conv(
@@ -172,7 +171,7 @@ class ConvNeXt(nn.Module):
                 index += 1
         x = GlobalAvgPool(name="avgpool")(x)
         x = LayerNorm(eps=_LAYER_NORM_EPS, name="head_norm")(x)
-        return Dense(self.num_classes, kernel_init=_weight_init, name="head")(x)
+        return Dense(num_classes, kernel_init=_weight_init, name="head")(x)
 
 
 def convnext_tiny(

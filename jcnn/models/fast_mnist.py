@@ -55,16 +55,16 @@ class FastMNISTNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, 28, 28, C)``."""
         check_array(x, "x", ndim=4)
-        if len(self.widths) != 2:
-            raise ValueError(f"widths: expected two conv widths, got {tuple(self.widths)}")
-        check_per_stage(self.widths, "widths")
-        check_num_classes(self.num_classes)
+        widths = check_per_stage(self.widths, "widths")
+        if len(widths) != 2:
+            raise ValueError(f"widths: expected two conv widths, got {widths}")
+        num_classes = check_num_classes(self.num_classes)
         check_bn_momentum(self.bn_momentum)
         check_image_size(x, [(5, 1, 0), (2, 2, 0)] * 2, "FastMNISTNet")
-        for index, width in enumerate(self.widths, start=1):
+        for index, width in enumerate(widths, start=1):
             x = Conv(width, (5, 5), use_bias=False, name=f"conv{index}")(x)
             x = MaxPool(2, name=f"pool{index}")(x)
             x = BatchNorm(momentum=self.bn_momentum, name=f"norm{index}")(x, train)
             x = ReLU(name=f"relu{index}")(x)
         x = Flatten(name="flatten")(x)
-        return Dense(self.num_classes, name="head")(x)
+        return Dense(num_classes, name="head")(x)

@@ -64,20 +64,20 @@ class JarrettNet(nn.Module):
         k = check_positive_int(self.kernel_size, "kernel_size")
         if k % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd int (to keep the size), got {k}")
-        check_num_classes(self.num_classes)
-        check_per_stage(self.widths, "widths")
+        num_classes = check_num_classes(self.num_classes)
+        widths = check_per_stage(self.widths, "widths")
         check_positive_int(self.pool_window, "pool_window")
         check_positive_int(self.pool_stride, "pool_stride")
         if check_positive_int(self.lcn_size, "lcn_size") % 2 == 0:
             raise ValueError(f"lcn_size: expected an odd int, got {self.lcn_size}")
         pooling = (self.pool_window, self.pool_stride, 0)
-        check_image_size(x, [pooling] * len(self.widths), "JarrettNet")
+        check_image_size(x, [pooling] * len(widths), "JarrettNet")
         conv_init = init.lecun_normal()
-        for index, width in enumerate(self.widths, start=1):
+        for index, width in enumerate(widths, start=1):
             x = Conv(width, (k, k), padding=k // 2, kernel_init=conv_init, name=f"conv{index}")(x)
             x = Tanh(name=f"tanh{index}")(x)
             x = Rectify(name=f"rectify{index}")(x)
             x = LocalContrastNorm(self.lcn_size, name=f"lcn{index}")(x)
             x = pools[self.pool](self.pool_window, self.pool_stride, name=f"pool{index}")(x)
         x = Flatten(name="flatten")(x)
-        return Dense(self.num_classes, kernel_init=init.lecun_normal(), name="fc")(x)
+        return Dense(num_classes, kernel_init=init.lecun_normal(), name="fc")(x)

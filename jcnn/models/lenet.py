@@ -54,10 +54,10 @@ class LeNet5(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, 1)``; ``train`` is unused."""
         check_array(x, "x", ndim=4)
-        check_num_classes(self.num_classes)
+        num_classes = check_num_classes(self.num_classes)
         if check_bool(self.original, "original"):
             check_image_size(x, [(2, 2, 0), (5, 1, 0), (2, 2, 0)], "LeNet5 (original)")
-            return self._lecun1998(x)
+            return self._lecun1998(x, num_classes)
         check_image_size(x, [(2, 2, 0)] * 2, "LeNet5")
         x = Conv(20, (5, 5), padding=2, name="conv1")(x)
         x = ReLU(name="relu1")(x)
@@ -68,9 +68,9 @@ class LeNet5(nn.Module):
         x = Flatten(name="flatten")(x)
         x = Dense(500, name="fc1")(x)
         x = ReLU(name="relu3")(x)
-        return Dense(self.num_classes, kernel_init=init.lecun_normal(), name="fc2")(x)
+        return Dense(num_classes, kernel_init=init.lecun_normal(), name="fc2")(x)
 
-    def _lecun1998(self, x):
+    def _lecun1998(self, x, num_classes):
         tanh_init = init.lecun_normal()
         x = Conv(6, (5, 5), padding=2, kernel_init=tanh_init, name="conv1")(x)
         x = Tanh(name="tanh1")(x)
@@ -83,4 +83,4 @@ class LeNet5(nn.Module):
         x = Tanh(name="tanh3")(x)
         x = Dense(84, kernel_init=tanh_init, name="fc2")(x)
         x = Tanh(name="tanh4")(x)
-        return Dense(self.num_classes, kernel_init=tanh_init, name="fc3")(x)
+        return Dense(num_classes, kernel_init=tanh_init, name="fc3")(x)

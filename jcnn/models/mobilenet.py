@@ -181,7 +181,7 @@ class MobileNetV2(nn.Module):
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {self.stem!r}")
         check_real(self.width_multiplier, "width_multiplier", low=0, low_open=True)
-        check_num_classes(self.num_classes)
+        num_classes = check_num_classes(self.num_classes)
         _check_stages(self.stages)
         check_dropout_rate(self.dropout_rate)
         check_bn_momentum(self.bn_momentum)
@@ -214,7 +214,7 @@ class MobileNetV2(nn.Module):
         x = _relu6(BatchNorm(momentum=self.bn_momentum, name="head_bn")(x, train))
         x = GlobalAvgPool(name="avgpool")(x)
         x = Dropout(self.dropout_rate, name="dropout")(x, train)
-        return Dense(self.num_classes, kernel_init=init.normal(0.01), name="classifier")(x)
+        return Dense(num_classes, kernel_init=init.normal(0.01), name="classifier")(x)
 
 
 def mobilenet_v2(

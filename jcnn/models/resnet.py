@@ -185,24 +185,23 @@ class ResNet(nn.Module):
             raise ValueError(f"block: expected 'basic' or 'bottleneck', got {self.block!r}")
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {self.stem!r}")
-        stages = len(check_per_stage(self.stage_sizes, "stage_sizes"))
+        stage_sizes = check_per_stage(self.stage_sizes, "stage_sizes")
+        stages = len(stage_sizes)
         widths = check_per_stage(self.widths, "widths")
         if len(widths) != stages:
             raise ValueError(f"widths: expected one width per stage ({stages}), got {widths}")
-        check_num_classes(self.num_classes)
+        num_classes = check_num_classes(self.num_classes)
         _check_block_settings(self.shortcut, self.bn_momentum, self.zero_init_residual)
         if self.stem == "imagenet":
-            x = Conv(self.widths[0], (7, 7), 2, 3, use_bias=False, name="conv1")(x)
+            x = Conv(widths[0], (7, 7), 2, 3, use_bias=False, name="conv1")(x)
         else:
-            x = Conv(self.widths[0], (3, 3), 1, 1, use_bias=False, name="conv1")(x)
+            x = Conv(widths[0], (3, 3), 1, 1, use_bias=False, name="conv1")(x)
         x = BatchNorm(momentum=self.bn_momentum, name="bn1")(x, train)
         x = ReLU(name="relu")(x)
         if self.stem == "imagenet":
             x = MaxPool(3, 2, 1, name="maxpool")(x)
         block_cls = blocks[self.block]
-        for stage, (size, width) in enumerate(
-            zip(self.stage_sizes, self.widths, strict=True), start=1
-        ):
+        for stage, (size, width) in enumerate(zip(stage_sizes, widths, strict=True), start=1):
             for index in range(size):
                 x = block_cls(
                     width,
@@ -213,7 +212,7 @@ class ResNet(nn.Module):
                     name=f"layer{stage}_{index}",
                 )(x, train)
         x = GlobalAvgPool(name="avgpool")(x)
-        return Dense(self.num_classes, kernel_init=init.lecun_normal(), name="fc")(x)
+        return Dense(num_classes, kernel_init=init.lecun_normal(), name="fc")(x)
 
 
 def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:

@@ -112,8 +112,8 @@ class UNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Scores ``(N, H', W', out_channels)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
-        check_per_stage(self.widths, "widths")
-        check_int(self.out_channels, "out_channels", low=1)
+        widths = check_per_stage(self.widths, "widths")
+        out_channels = check_int(self.out_channels, "out_channels", low=1)
         _check_settings(self.padding, self.batch_norm, self.bn_momentum)
         self._check_sizes(x.shape)
         options = {
@@ -122,18 +122,18 @@ class UNet(nn.Module):
             "bn_momentum": self.bn_momentum,
         }
         skips = []
-        for level, width in enumerate(self.widths[:-1], start=1):
+        for level, width in enumerate(widths[:-1], start=1):
             x = DoubleConv(width, **options, name=f"down{level}")(x, train)
             skips.append(x)
             x = MaxPool(2, name=f"pool{level}")(x)
-        x = DoubleConv(self.widths[-1], **options, name="bottom")(x, train)
-        for level in range(len(self.widths) - 1, 0, -1):
-            width = self.widths[level - 1]
+        x = DoubleConv(widths[-1], **options, name="bottom")(x, train)
+        for level in range(len(widths) - 1, 0, -1):
+            width = widths[level - 1]
             x = ConvTranspose(width, (2, 2), 2, name=f"up{level}")(x)
             skip = _center_crop(skips[level - 1], x.shape[1], x.shape[2])
             x = jnp.concatenate([skip, x], axis=-1)
             x = DoubleConv(width, **options, name=f"up{level}_block")(x, train)
-        return Conv(self.out_channels, (1, 1), name="head")(x)
+        return Conv(out_channels, (1, 1), name="head")(x)
 
     def _check_sizes(self, shape) -> None:
         """Raise unless every pooling of the input's height and width sees an even size and no

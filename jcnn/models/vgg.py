@@ -62,7 +62,7 @@ class VGG(nn.Module):
             raise ValueError(f"depth: expected one of {sorted(_STAGE_DEPTHS)}, got {self.depth!r}")
         check_bool(self.batch_norm, "batch_norm")
         check_bool(self.small_input, "small_input")
-        check_num_classes(self.num_classes)
+        num_classes = check_num_classes(self.num_classes)
         check_dropout_rate(self.dropout_rate)
         check_bn_momentum(self.bn_momentum)
         check_image_size(x, [(2, 2, 0)] * len(_WIDTHS), "VGG")
@@ -78,11 +78,11 @@ class VGG(nn.Module):
         head_init = init.lecun_normal()
         if self.small_input:
             x = Flatten(name="flatten")(x)
-            return Dense(self.num_classes, kernel_init=head_init, name="fc")(x)
+            return Dense(num_classes, kernel_init=head_init, name="fc")(x)
         x = AdaptiveAvgPool((7, 7), name="avgpool")(x)
         x = Flatten(name="flatten")(x)
         for layer in (6, 7):
             x = Dense(4096, name=f"fc{layer}")(x)
             x = ReLU(name=f"relu{layer}")(x)
             x = Dropout(self.dropout_rate, name=f"dropout{layer}")(x, train)
-        return Dense(self.num_classes, kernel_init=head_init, name="fc8")(x)
+        return Dense(num_classes, kernel_init=head_init, name="fc8")(x)

@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jcnn import models
@@ -36,3 +37,66 @@ def test_images_below_the_smallest_size_are_named_as_x(model, channels, smallest
         message = f"^x: .*expects images of at least {smallest}x{smallest} pixels, got shape "
         with pytest.raises(ValueError, match=message + re.escape(str(shape))):
             _init(model, shape)
+
+
+# (model factory taking the settings below, input shape, its integer settings by name)
+SETTINGS = [
+    (models.LeNet5, (1, 28, 28, 1), {"num_classes": 3}),
+    (lambda **kw: models.LeNet5(original=True, **kw), (1, 28, 28, 1), {"num_classes": 3}),
+    (lambda **kw: models.AlexNet(variant="cifar", **kw), (1, 32, 32, 3), {"num_classes": 3}),
+    (lambda **kw: models.VGG(11, small_input=True, **kw), (1, 32, 32, 3), {"num_classes": 3}),
+    (
+        lambda **kw: models.ResNet(stem="cifar", **kw),
+        (1, 16, 16, 3),
+        {"num_classes": 3, "widths": (4, 8), "stage_sizes": (1, 1)},
+    ),
+    (models.AirbenchNet, (1, 32, 32, 3), {"num_classes": 3, "widths": (4, 8, 8)}),
+    (models.JarrettNet, (1, 28, 28, 1), {"num_classes": 3, "widths": (4,)}),
+    (models.FastMNISTNet, (1, 28, 28, 1), {"num_classes": 3, "widths": (4, 8)}),
+    (
+        lambda **kw: models.MobileNetV2(stem="cifar", width_multiplier=0.25, **kw),
+        (1, 32, 32, 3),
+        {"num_classes": 3},
+    ),
+    (
+        lambda **kw: models.ConvNeXt(patch_size=2, **kw),
+        (1, 16, 16, 3),
+        {"num_classes": 3, "widths": (8, 16), "depths": (1, 1)},
+    ),
+    (models.SmallC3D, (1, 8, 16, 16, 3), {"num_classes": 3, "widths": (4, 4, 4, 4)}),
+    (
+        lambda **kw: models.UNet(padding="same", **kw),
+        (1, 16, 16, 1),
+        {"out_channels": 3, "widths": (4, 8)},
+    ),
+]
+
+
+@pytest.mark.parametrize("factory, shape, settings", SETTINGS)
+def test_integer_settings_given_as_numpy_or_0d_jax_integers_build_the_same_network(
+    factory, shape, settings
+):
+    """The checks take a NumPy integer or a concrete 0-d integer array (``labels.max() + 1``) as
+    an int; the model passes on that int, so its layers never see the array."""
+    expected = _init(factory(**settings), shape)
+    for convert in (np.int64, jnp.asarray):
+        given = {
+            name: tuple(convert(v) for v in value) if isinstance(value, tuple) else convert(value)
+            for name, value in settings.items()
+        }
+        assert jax.tree.map(lambda a: a.shape, _init(factory(**given), shape)) == jax.tree.map(
+            lambda a: a.shape, expected
+        )
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        models.ConvNeXt(depths=(1, 1), widths=4, patch_size=2),
+        models.FastMNISTNet(widths=4),
+    ],
+    ids=["ConvNeXt", "FastMNISTNet"],
+)
+def test_widths_of_another_type_are_named(model):
+    with pytest.raises(TypeError, match=r"^widths: expected a list or tuple of .*, got 4"):
+        _init(model, (1, 28, 28, 3))
