@@ -15,7 +15,9 @@ and the twins in the tests. Conversions:
   feature map, its input axis is permuted from PyTorch's NCHW flatten order (W fastest) to jcnn's
   NHWC order (C fastest).
 - ``BatchNorm``: ``weight``, ``bias`` to ``scale``, ``bias``; ``running_mean``, ``running_var`` to
-  ``batch_stats`` ``mean``, ``var`` (``num_batches_tracked`` is ignored).
+  ``batch_stats`` ``mean``, ``var`` (``num_batches_tracked`` is ignored). A BatchNorm without a
+  ``scale`` (``use_scale=False``, e.g. ``AirbenchNet``'s) takes a PyTorch weight of ones, one
+  without a ``bias`` a PyTorch bias of zeros.
   A ``BatchNorm1d`` of the flattened feature map is permuted to NHWC order as the dense layer is
   (and the dense layer after it still is).
 
@@ -154,6 +156,25 @@ def _bias(group, prefix, name, params_shapes, params):
     return params
 
 
+# The value of a BatchNorm affine parameter that leaves the normalized input unchanged.
+_IDENTITY = {"weight": 1.0, "bias": 0.0}
+
+
+def _drop_identity(group, prefix, torch_name, name, jcnn_name, channels) -> None:
+    """Drop ``torch_name`` from ``group`` where the jcnn BatchNorm ``name`` of ``channels``
+    features lacks ``jcnn_name`` (``use_scale=False`` or ``use_bias=False``) and the tensor is
+    that parameter's identity (airbench keeps its BatchNorm weights frozen at ones): both layers
+    then compute the same; raise otherwise."""
+    value = group.pop(torch_name)
+    _check_shape(value, (channels,), f"{prefix}.{torch_name}", name)
+    if not np.all(value == _IDENTITY[torch_name]):
+        raise ValueError(
+            f"{prefix}.{torch_name}: the jcnn layer {name} has no {jcnn_name}, which only a "
+            f"tensor of {_IDENTITY[torch_name]:g}s can stand for; got values from "
+            f"{value.min():g} to {value.max():g}"
+        )
+
+
 def _convert_norm(group, prefix, path, params_shapes, stats_shapes):
     name = "/".join(path)
     params, stats = {}, {}
@@ -165,7 +186,8 @@ def _convert_norm(group, prefix, path, params_shapes, stats_shapes):
     ):
         if jcnn_name not in shapes:
             if torch_name in group:
-                raise ValueError(f"{prefix}.{torch_name}: the jcnn layer {name} has no {jcnn_name}")
+                channels = stats_shapes["mean"].shape[0]
+                _drop_identity(group, prefix, torch_name, name, jcnn_name, channels)
             continue
         value = _take(group, prefix, torch_name, f"{name}/{jcnn_name}")
         expected = tuple(shapes[jcnn_name].shape)

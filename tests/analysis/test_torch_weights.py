@@ -311,6 +311,73 @@ def test_imagenet_resnet_logits_match_torch(torch, rng, bottleneck):
     _compare(torch, net, model, (2, 40, 40, 3), rng)
 
 
+def _airbench_twin(torch, widths):
+    """airbench94's network: BatchNorm weights frozen at ones, eps 1e-12, no head bias."""
+    nn = torch.nn
+
+    def norm(channels):
+        layer = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+        layer.weight.requires_grad = False
+        return layer
+
+    class ConvGroup(nn.Module):
+        def __init__(self, c_in, c_out):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, padding="same", bias=False)
+            self.norm1 = norm(c_out)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, padding="same", bias=False)
+            self.norm2 = norm(c_out)
+
+        def forward(self, x):
+            gelu = torch.nn.functional.gelu
+            x = gelu(self.norm1(torch.nn.functional.max_pool2d(self.conv1(x), 2)))
+            return gelu(self.norm2(self.conv2(x)))
+
+    groups = [
+        ConvGroup(c_in, c_out) for c_in, c_out in zip((24, *widths[:-1]), widths, strict=True)
+    ]
+    layers = [nn.Conv2d(3, 24, 2), nn.GELU(), *groups, nn.MaxPool2d(3), nn.Flatten()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], 10, bias=False))
+
+
+class _ScaledTwin:
+    """The twin's logits times airbench's 1/9 (a module-free wrapper for ``_compare``)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x):
+        return self.net(x) / 9
+
+    def state_dict(self):
+        return self.net.state_dict()
+
+
+def test_airbench_logits_match_torch_with_its_frozen_unit_norm_weights(torch, rng):
+    """AirbenchNet's BatchNorms have no scale; PyTorch's weights of ones stand for none."""
+    torch.manual_seed(5)
+    widths = (8, 16, 16)
+    net = _randomize_norm_statistics(torch, _airbench_twin(torch, widths), rng)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
+    model = jcnn.models.AirbenchNet(widths=widths)
+    variables = _compare(torch, _ScaledTwin(net), model, (2, 33, 35, 3), rng)
+    assert "scale" not in variables["params"]["group2"]["norm1"]
+
+    state = net.state_dict()
+    state["4.norm2.weight"] = state["4.norm2.weight"] * 1.5
+    with pytest.raises(
+        ValueError,
+        match=r"^4\.norm2\.weight: the jcnn layer group3/norm2 has no scale, which only a "
+        r"tensor of 1s can stand for; got values from 1\.5 to 1\.5",
+    ):
+        from_torch_state_dict(model, state, (1, 32, 32, 3))
+    state["4.norm2.weight"] = torch.ones(3)
+    with pytest.raises(ValueError, match=r"^4\.norm2\.weight: shape \(3,\) does not fit"):
+        from_torch_state_dict(model, state, (1, 32, 32, 3))
+
+
 def test_weights_file_round_trip_and_checks(torch, tmp_path):
     torch.manual_seed(4)
     net = _lenet_twin(torch)
