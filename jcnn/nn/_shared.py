@@ -6,6 +6,7 @@ container calls its layers. Written once here so that the twins cannot drift apa
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -86,7 +87,7 @@ def check_spatial_rank(x, rank: int, what: str) -> None:
 
 def check_channels_divisible(channels: int, groups: int, what: str) -> None:
     """Raise unless ``groups`` is a positive int that divides ``channels``."""
-    check_positive_int(groups, "groups")
+    groups = check_positive_int(groups, "groups")
     if channels % groups:
         raise ValueError(f"groups: {what} ({channels}) must be divisible by groups ({groups})")
 
@@ -94,7 +95,7 @@ def check_channels_divisible(channels: int, groups: int, what: str) -> None:
 def check_conv_channels(in_channels: int, features: int, groups: int, in_what: str) -> None:
     """Raise unless ``features`` is a positive int and ``groups`` divides both channel counts
     (``in_what`` names the input channels in the message)."""
-    check_positive_int(features, "features")
+    features = check_positive_int(features, "features")
     check_channels_divisible(in_channels, groups, in_what)
     check_channels_divisible(features, groups, "features")
 
@@ -108,10 +109,17 @@ class KernelSpec(NamedTuple):
     default_init: Initializer
 
 
+def _plain(*counts) -> tuple[int, ...]:
+    """Checked counts as Python ints (a concrete 0-d JAX or NumPy integer is accepted as a setting,
+    but a parameter shape must hold ints)."""
+    return tuple(operator.index(count) for count in counts)
+
+
 def conv_kernel(
     window: tuple[int, ...], in_channels: int, features: int, groups: int
 ) -> KernelSpec:
     """``Conv``'s kernel ``(*window, C_in // groups, features)``, He normal with ``groups``."""
+    in_channels, features, groups = _plain(in_channels, features, groups)
     return KernelSpec(
         (*window, in_channels // groups, features), features, init.he_normal(groups=groups)
     )
@@ -122,6 +130,7 @@ def depthwise_kernel(
 ) -> KernelSpec:
     """``DepthwiseConv``'s kernel ``(*window, 1, C_in * depth_multiplier)``, He normal with
     ``groups = C_in``."""
+    in_channels, depth_multiplier = _plain(in_channels, depth_multiplier)
     features = in_channels * depth_multiplier
     return KernelSpec((*window, 1, features), features, init.he_normal(groups=in_channels))
 
@@ -131,11 +140,13 @@ def conv_transpose_kernel(
 ) -> KernelSpec:
     """``ConvTranspose``'s kernel ``(*window, C_in, features // groups)``, He normal with
     ``fan_in = prod(window) * C_in``."""
+    in_channels, features, groups = _plain(in_channels, features, groups)
     return KernelSpec((*window, in_channels, features // groups), features, init.he_normal())
 
 
 def dense_kernel(in_features: int, features: int) -> KernelSpec:
     """``Dense``'s kernel ``(in_features, features)``, He normal."""
+    in_features, features = _plain(in_features, features)
     return KernelSpec((in_features, features), features, init.he_normal())
 
 

@@ -96,18 +96,18 @@ class Maxout(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply maxout to ``x`` of shape ``(N, ..., C)``."""
-        check_positive_int(self.num_pieces, "num_pieces")
+        num_pieces = check_positive_int(self.num_pieces, "num_pieces")
         if self.features is not None:
-            check_positive_int(self.features, "features")
+            features = check_positive_int(self.features, "features")
             x = Dense(
-                self.features * self.num_pieces,
+                features * num_pieces,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="linear",
             )(x)
             # its own (parameter-free) layer, so that a summary shows the maximum's output too
-            return Maxout(self.num_pieces, name="maximum")(x)
-        return F.maxout(x, self.num_pieces)
+            return Maxout(num_pieces, name="maximum")(x)
+        return F.maxout(x, num_pieces)
 
 
 class _Activation(nn.Module):

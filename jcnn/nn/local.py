@@ -62,7 +62,7 @@ class LocallyConnected(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` of shape ``(N, *spatial, C_in)``."""
         window = window_and_check(self.kernel_size, x, "kernel_size")
-        check_positive_int(self.features, "features")
+        features = check_positive_int(self.features, "features")
         kernel_init = check_initializer(
             self.kernel_init, "kernel_init", init.he_normal_per_position()
         )
@@ -78,7 +78,7 @@ class LocallyConnected(nn.Module):
             self,
             "kernel",
             kernel_init,
-            (*out, *window, x.shape[-1], self.features),
+            (*out, *window, x.shape[-1], features),
             self.param_dtype,
             x,
         )
@@ -88,7 +88,7 @@ class LocallyConnected(nn.Module):
                 self,
                 "bias",
                 bias_init,
-                (*out, self.features),
+                (*out, features),
                 self.param_dtype,
                 x,
             )

@@ -183,15 +183,15 @@ class GroupNorm(nn.Module):
         """Normalize ``x`` of shape ``(N, ..., C)``."""
         check_min_rank(x, "x", 2, "(N, ..., C)")
         channels = x.shape[-1]
-        check_positive_int(self.num_groups, "num_groups")
-        if channels % self.num_groups:
+        num_groups = check_positive_int(self.num_groups, "num_groups")
+        if channels % num_groups:
             raise ValueError(
                 f"num_groups: the channels ({channels}) must be divisible by num_groups "
-                f"({self.num_groups})"
+                f"({num_groups})"
             )
         scale, bias = _scale_and_bias(self, x)
         x, scale, bias = promote_dtype(x, scale, bias, dtype=check_dtype(self.dtype))
-        return F.group_norm(x, scale, bias, num_groups=self.num_groups, eps=self.eps)
+        return F.group_norm(x, scale, bias, num_groups=num_groups, eps=self.eps)
 
 
 class InstanceNorm(nn.Module):

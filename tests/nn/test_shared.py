@@ -1,0 +1,36 @@
+"""What jcnn/nn/_shared.py gives every Linen module: counts given as concrete 0-d JAX integers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcnn import nn
+
+# (module class, its count settings with Python values, input shape)
+COUNTS = {
+    "Conv": (nn.Conv, dict(features=6, kernel_size=3, groups=2), (2, 7, 6, 4)),
+    "ConvTranspose": (nn.ConvTranspose, dict(features=6, kernel_size=3, groups=2), (2, 5, 4, 4)),
+    "DepthwiseConv": (nn.DepthwiseConv, dict(kernel_size=3, depth_multiplier=2), (2, 7, 6, 3)),
+    "Dense": (nn.Dense, dict(features=3), (2, 5)),
+    "LocallyConnected": (nn.LocallyConnected, dict(features=2, kernel_size=3), (2, 6, 5, 3)),
+    "GroupNorm": (nn.GroupNorm, dict(num_groups=2), (2, 3, 4)),
+    "Maxout": (nn.Maxout, dict(num_pieces=2, features=3), (2, 4)),
+}
+CASES = [(name, setting) for name, (_, counts, _) in COUNTS.items() for setting in counts]
+
+
+@pytest.mark.parametrize(("name", "setting"), CASES)
+def test_a_count_given_as_a_0d_jax_integer_builds_the_same_layer(name, setting, rng):
+    # a 0-d count passed the checks, then reached the parameter shape raw ("shape: expected a
+    # sequence of non-negative ints") or, under jit, a traced `channels % groups`
+    cls, counts, shape = COUNTS[name]
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    reference = cls(**counts)
+    layer = cls(**{**counts, setting: jnp.asarray(counts[setting])})
+    variables = layer.init(jax.random.key(0), x)
+    want = reference.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, want)
+    np.testing.assert_array_equal(
+        jax.jit(layer.apply)(variables, x), jax.jit(reference.apply)(want, x)
+    )
