@@ -228,6 +228,12 @@ class TrainConfig:
     no_grad: Sequence[str] | Mapping[str, int] = ()
 
 
+def _check_non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    return int(value)
+
+
 def _base_rate(value) -> float:
     """A learning rate given as a number: Python or NumPy scalar, or a 0-d array."""
     is_scalar_array = hasattr(value, "dtype") and np.ndim(value) == 0
@@ -995,7 +1001,7 @@ def _fit(
 ) -> dict:
     check_train_loader(train_loader)
     check_positive_int(config.epochs, "config.epochs")
-    check_int(config.eval_every_steps, "config.eval_every_steps", low=0)
+    _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")
     evaluated_again = {
         "val_loader": config.epochs > 1 or config.eval_every_steps > 0,
         "test_loader": config.epochs > 1 and config.test_every_epoch,
@@ -1010,8 +1016,8 @@ def _fit(
     if config.max_steps is not None:
         check_positive_int(config.max_steps, "config.max_steps")
     check_positive_int(config.eval_batch_size, "config.eval_batch_size")
-    check_int(config.checkpoint_every_epochs, "config.checkpoint_every_epochs", low=0)
-    check_int(config.checkpoint_every_steps, "config.checkpoint_every_steps", low=0)
+    _check_non_negative_int(config.checkpoint_every_epochs, "config.checkpoint_every_epochs")
+    _check_non_negative_int(config.checkpoint_every_steps, "config.checkpoint_every_steps")
     check_positive_int(config.keep_last, "config.keep_last")
     check_int(config.seed, "config.seed", low=-(2**63), high=2**63 - 1)
     check_int(config.val_split_seed, "config.val_split_seed", low=0)
