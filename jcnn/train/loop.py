@@ -858,7 +858,8 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
 
 
 def _summary(history, evaluations, test, stop_reason, wall, progress, private=None) -> dict:
-    last = history[-1]
+    # no record: a callback stopped the run before its first step
+    last = history[-1] if history else {"epoch": 0, "step": 0, "epsilon": 0.0}
     val_acc = [e["val_accuracy"] for e in evaluations]
     val_loss = [e["val_loss"] for e in evaluations if not math.isnan(e["val_loss"])]  # NaN: worst
     if not val_acc:  # a run resumed from a checkpoint of an older version has no evaluations
@@ -866,8 +867,8 @@ def _summary(history, evaluations, test, stop_reason, wall, progress, private=No
     summary = {
         "epochs": last["epoch"],
         "steps": last["step"],
-        "final_train_loss": last["train_loss"],
-        "final_train_accuracy": last["train_accuracy"],
+        "final_train_loss": last.get("train_loss"),
+        "final_train_accuracy": last.get("train_accuracy"),
         "final_val_loss": last.get("val_loss"),
         "final_val_accuracy": last.get("val_accuracy"),
         "best_val_accuracy": max(val_acc) if val_acc else None,
@@ -1429,19 +1430,8 @@ def _fit(
                 state, test_loader, "test_loader", compute_dtype, mesh, loss_fn, pairs, classes
             )
             test.pop("count")
-    summary = (
-        _summary(
-            history,
-            evaluations,
-            test,
-            run.stop_reason,
-            time.perf_counter() - started,
-            progress,
-            private,
-        )
-        if history
-        else {}
-    )
+    wall = time.perf_counter() - started
+    summary = _summary(history, evaluations, test, run.stop_reason, wall, progress, private)
     if out is not None and jax.process_index() == 0:
         run_folder.write_atomically(out / "summary.json", json.dumps(summary, indent=1))
     return {

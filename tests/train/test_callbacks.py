@@ -203,6 +203,24 @@ def test_hooks_order_and_stopping_from_a_callback(tmp_path, rng):
     assert len(again["history"]) == 1 and int(again["state"].step) == 4
 
 
+class StopAtOnce(Callback):
+    def on_train_begin(self, run):
+        run.request_stop("nothing to do")
+
+
+def test_a_run_stopped_before_its_first_step_still_summarizes(tmp_path, rng):
+    train, val = _loaders(rng)
+    result = fit(
+        TinyNet(), train, val, _config(tmp_path), test_loader=val, callbacks=[StopAtOnce()]
+    )
+    summary = result["summary"]
+    assert result["history"] == [] and int(result["state"].step) == 0
+    assert summary["stopped"] == "nothing to do"
+    assert (summary["epochs"], summary["steps"], summary["final_train_loss"]) == (0, 0, None)
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0  # initial weights
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
 class Bomb(Callback):
     def __init__(self, at_step):
         self.at_step = at_step
