@@ -48,7 +48,8 @@ def batch_loss(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable (logits, labels) -> loss, got {loss_fn!r}")
-    value = _as_array(loss_fn(logits, labels), f"loss {_describe(loss_fn)}", "a loss")
+    what = f"loss {_describe(loss_fn)}"
+    value = _as_array(_traced_call(loss_fn, what, logits, labels), what, "a loss")
     n = logits.shape[0]
     if value.shape not in ((), (n,)):
         raise ValueError(
@@ -60,6 +61,19 @@ def batch_loss(
             f"loss {_describe(loss_fn)}: expected a floating loss, got dtype {value.dtype}"
         )
     return jnp.mean(value.astype(jnp.float32)) if value.ndim else value.astype(jnp.float32)
+
+
+def _traced_call(fn, what: str, logits: jax.Array, labels: jax.Array):
+    """``fn(logits, labels)``; a ``TypeError`` naming ``what`` if it needs concrete values."""
+    try:
+        return fn(logits, labels)
+    except (jax.errors.JAXTypeError, jax.errors.NonConcreteBooleanIndexError) as error:
+        first_line = str(error).splitlines()[0]
+        raise TypeError(
+            f"{what}: expected a function JAX can trace (it runs inside the jitted step, on "
+            f"traced arrays: use jax.numpy, not NumPy, float() or an if on a value); it raised "
+            f"{type(error).__name__}: {first_line}"
+        ) from error
 
 
 def _as_array(value, what: str, expected: str) -> jax.Array:
@@ -85,7 +99,9 @@ def batch_metrics(
         if not callable(fn):
             raise TypeError(f"metrics[{name!r}]: expected a callable, got {fn!r}")
         what = f"metric {name!r} ({_describe(fn)})"
-        value = _as_array(fn(logits, labels), what, "a scalar (the batch's value)")
+        value = _as_array(
+            _traced_call(fn, what, logits, labels), what, "a scalar (the batch's value)"
+        )
         real = (jnp.floating, jnp.integer, jnp.bool_)
         if not any(jnp.issubdtype(value.dtype, kind) for kind in real):
             raise TypeError(f"{what}: expected a real number, got dtype {value.dtype}")

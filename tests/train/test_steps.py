@@ -398,6 +398,36 @@ def test_a_loss_or_metric_that_cannot_take_logits_and_labels_is_named(rng, fn, s
     )
 
 
+def _numpy_mean(logits, labels):
+    return float(np.mean(np.asarray(logits)))
+
+
+def _branches_on_a_value(logits, labels):
+    return jnp.mean(logits) if jnp.max(logits) > 0 else 0.0
+
+
+def _boolean_mask(logits, labels):
+    return jnp.mean(logits[labels > 0])
+
+
+@pytest.mark.parametrize(
+    "fn, raised",
+    [
+        (_numpy_mean, "TracerArrayConversionError"),
+        (_branches_on_a_value, "TracerBoolConversionError"),
+        (_boolean_mask, "NonConcreteBooleanIndexError"),
+    ],
+)
+def test_a_loss_or_metric_jax_cannot_trace_is_named(rng, fn, raised):
+    # JAX's own error said "while tracing the function train_step" and named no metric
+    state = _state(SmallNet())
+    traceable = f"expected a function JAX can trace .* it raised {raised}: "
+    with pytest.raises(TypeError, match=f"metric 'm' \\({fn.__name__}\\): {traceable}"):
+        train_step(state, _batch(rng), metrics={"m": fn})
+    with pytest.raises(TypeError, match=f"loss {fn.__name__}: {traceable}"):
+        eval_step(state, _batch(rng), loss_fn=fn)
+
+
 def test_batch_loss_and_batch_metrics_refuse_what_is_not_callable():
     from jcnn.train.steps import batch_loss, batch_metrics
 
