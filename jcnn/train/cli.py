@@ -14,12 +14,15 @@ time; ``--resume`` refuses other settings, and a used folder needs ``--resume`` 
 A mistake in the command is one line on stderr, in the command's own terms, and a non-zero exit
 (``SystemExit``, as argparse does): 2 for a bad flag, 1 for a missing or corrupt dataset, 3 for a
 refused run folder (the folder is then left as it was). A run that stops on a non-finite loss exits
-with 2, one whose checkpoint cannot be restored with 3.
+with 2, one whose checkpoint cannot be restored with 3. Ctrl-C (``KeyboardInterrupt``) exits with
+130 after one line saying how to go on: ``--resume`` from the last checkpoint, or ``--overwrite``
+when the run wrote its files but no checkpoint yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -701,6 +704,34 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"jcnn-train: error: {error.message}", file=sys.stderr)
         raise SystemExit(error.exit_status) from None
+    except KeyboardInterrupt:  # before the run folder was claimed: nothing to go on from
+        print("jcnn-train: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+@contextlib.contextmanager
+def _on_interrupt(out: Path):
+    """Ctrl-C while the run folder is ours: one line saying how to go on, exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from jcnn.train import run_folder
+        from jcnn.train.checkpoint import _STEP_DIR
+
+        folder = out / "checkpoints"
+        steps = sorted(
+            int(match[1])
+            for match in map(_STEP_DIR.match, (p.name for p in folder.glob("step_*")))
+            if match and (folder / match[0]).is_dir()
+        )
+        if steps:
+            advice = f"--resume (other flags the same) continues from step {steps[-1]}"
+        elif run_folder.holds_run(out):
+            advice = "no checkpoint yet; start again with --overwrite (it deletes the run's files)"
+        else:
+            advice = "the run had not started"
+        print(f"jcnn-train: interrupted; {advice} (--out {out})", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _main(argv) -> int:
@@ -737,7 +768,7 @@ def _main(argv) -> int:
         lock = run_folder.claim(out)
     except run_folder.RunFolderError as error:
         raise UsageError(f"--out {out}: {_in_flags(str(error))}", code=3) from None
-    with lock:
+    with lock, _on_interrupt(out):
         try:
             run_folder.check_start(out, resume=args.resume, overwrite=args.overwrite)
         except run_folder.RunFolderError as error:

@@ -523,6 +523,51 @@ def test_out_that_is_a_file_and_a_corrupt_dataset(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_ctrl_c_is_one_line_saying_how_to_go_on(tmp_path, capsys, monkeypatch):
+    # Ctrl-C printed a traceback from wherever training was (XLA, orbax) and exited with -2
+    from jcnn.train import loop
+    from jcnn.train.checkpoint import CheckpointManager
+
+    out = tmp_path / "run"
+    argv = [*SMALL_SPLIT, "--epochs", "1", "--checkpoint-every-steps", "1", "--out", str(out)]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "fit", interrupt)
+        code, err = _main(argv, capsys)
+    assert code == 130 and err == f"jcnn-train: interrupted; the run had not started (--out {out})"
+
+    with monkeypatch.context() as patch:  # Ctrl-C before the first checkpoint
+        patch.setattr(CheckpointManager, "save", interrupt)
+        code, err = _main(argv, capsys)
+    assert code == 130 and err == (
+        "jcnn-train: interrupted; no checkpoint yet; start again with --overwrite (it deletes "
+        f"the run's files) (--out {out})"
+    )
+
+    save, saves = CheckpointManager.save, []
+
+    def save_once(self, *args, **kwargs):
+        if saves:  # Ctrl-C once the first checkpoint is written
+            raise KeyboardInterrupt
+        saves.append(args[0])
+        return save(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckpointManager, "save", save_once)
+        code, err = _main([*argv, "--overwrite"], capsys)
+    assert code == 130, err
+    _assert_one_line(err)
+    assert err == (
+        f"jcnn-train: interrupted; --resume (other flags the same) continues from step "
+        f"{saves[0]} (--out {out})"
+    )
+    assert _main([*argv, "--resume"], capsys)[0] == 0
+    assert (out / "summary.json").exists()
+
+
 # --- validation split, jcnn-eval, tfds:NAME ---
 
 SMALL_SPLIT = [
