@@ -666,6 +666,26 @@ def test_jcnn_eval_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, mon
         assert f"--batch-size: expected a positive integer, got {size}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        ([], "the following arguments are required: folder"),
+        (["run", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+        (["run", "--dataset", "imagenet"], "argument --dataset: expected one of mnist"),
+        (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_jcnn_eval_usage_errors_are_one_line(argv, says, capsys):
+    # argparse printed its usage block before the error, unlike jcnn-train
+    from jcnn.train.eval_cli import main as eval_main
+
+    with pytest.raises(SystemExit) as exit:
+        eval_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.startswith("jcnn-eval: error: ") and "\n" not in err, err
+    assert says in err
+
+
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, capsys, monkeypatch):
     # --out=~/run (which the shell leaves alone) wrote a folder named "~" in the current one, and
     # --out "" trained into the default folder
