@@ -87,7 +87,15 @@ def plot_confusion(path, confusion, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    """Entry point of ``jcnn-eval``; returns the exit status."""
+    """Entry point of ``jcnn-eval``; returns the exit status (130 on Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # the results are written atomically: none or whole
+        print("jcnn-eval: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     from jcnn import data
     from jcnn.train import run_folder

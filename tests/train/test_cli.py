@@ -686,6 +686,19 @@ def test_jcnn_eval_usage_errors_are_one_line(argv, says, capsys):
     assert says in err
 
 
+def test_jcnn_eval_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    from jcnn.train import runs
+    from jcnn.train.eval_cli import main as eval_main
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "load_run", interrupt)
+    assert eval_main([str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "jcnn-eval: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, capsys, monkeypatch):
     # --out=~/run (which the shell leaves alone) wrote a folder named "~" in the current one, and
     # --out "" trained into the default folder
