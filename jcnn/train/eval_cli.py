@@ -125,6 +125,14 @@ def _main(argv) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = None
+    if args.manual_dir is not None and not dataset.startswith("tfds:"):
+        problem = f"--manual-dir applies to --dataset tfds:NAME only, not {dataset}"
+    elif args.data_dir is not None and dataset == "synthetic":
+        problem = "--data-dir: --dataset synthetic is generated, not read from files"
+    if problem is not None:
+        print(f"jcnn-eval: {problem}", file=sys.stderr)
+        return 2
     folder = Path(args.folder).expanduser()
     confusion = (
         folder / "confusion_matrix.png"

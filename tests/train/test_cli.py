@@ -656,6 +656,9 @@ def test_jcnn_eval_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, mon
         r"^jcnn-eval: --which best: .* has no best checkpoint .*; use --which latest$",
     )
     check(["--split", "validation"], 2, r"^jcnn-eval: --split: expected 'train' or 'test'")
+    # flags that would be ignored: the run's dataset is synthetic
+    check(["--manual-dir", str(tmp_path)], 2, "^jcnn-eval: --manual-dir applies to --dataset tfds")
+    check(["--data-dir", str(tmp_path)], 2, "^jcnn-eval: --data-dir: --dataset synthetic is gene")
     colour = (np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int32))
     monkeypatch.setattr(cli, "load_dataset", lambda *args, **kwargs: colour)
     check([], 2, r"synthetic test: images: expected .*\(8, 32, 32, 3\)")
