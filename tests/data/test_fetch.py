@@ -506,6 +506,25 @@ def test_cli_download_failure_is_one_clear_message(tmp_path, server, monkeypatch
         assert err.startswith("jcnn-data: --timeout: expected a finite number of seconds > 0")
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        ([], "jcnn-data: error: the following arguments are required: command"),
+        (["download"], "jcnn-data download: error: the following arguments are required: NAME"),
+        (["verify", "imagenet"], "jcnn-data verify: error: argument NAME: invalid choice"),
+        (["download", "mnist", "--timeout", "x"], "argument --timeout: invalid float value: 'x'"),
+        (["list", "--force"], "jcnn-data: error: unrecognized arguments: --force"),
+    ],
+)
+def test_cli_usage_errors_are_one_line(argv, says, capsys):
+    # argparse printed its usage block before the error
+    with pytest.raises(SystemExit) as exit:
+        fetch.main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and says in err, err
+    assert err.rstrip().endswith("--help lists the flags)"), err
+
+
 def test_numpy_real_scalars_are_valid_timeouts(tmp_path, server, monkeypatch):
     _only(monkeypatch, "mnist", LABELS)
     for timeout in (np.float32(5), np.int64(5), np.float64(0.5)):  # np.float32(5) was refused
