@@ -645,6 +645,9 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("jcnn-data: interrupted; run the same command to resume", file=sys.stderr)
             return 130
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        print(f"jcnn-data: --data-dir {args.data_dir}: no such folder", file=sys.stderr)
+        return 2
     rows = _describe(args.name, args.data_dir)
     for path, state, _ in rows:
         print(f"{path}: {state}")

@@ -525,6 +525,17 @@ def test_cli_usage_errors_are_one_line(argv, says, capsys):
     assert err.rstrip().endswith("--help lists the flags)"), err
 
 
+def test_cli_verify_names_a_data_dir_that_is_not_a_folder(tmp_path, capsys):
+    # each file was listed as missing under the folder, as if the files alone were absent
+    (tmp_path / "file").write_bytes(b"x")
+    for folder in (tmp_path / "none", tmp_path / "file"):
+        assert fetch.main(["verify", "mnist", "--data-dir", str(folder)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"jcnn-data: --data-dir {folder}: no such folder\n"
+        assert captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_numpy_real_scalars_are_valid_timeouts(tmp_path, server, monkeypatch):
     _only(monkeypatch, "mnist", LABELS)
     for timeout in (np.float32(5), np.int64(5), np.float64(0.5)):  # np.float32(5) was refused
