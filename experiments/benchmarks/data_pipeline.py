@@ -47,16 +47,24 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--widths", type=int, nargs=3, default=(64, 256, 256))
     args = parser.parse_args(argv)
-    for flag, values in (("--batch-size", [args.batch_size]), ("--steps", [args.steps]),
-                         ("--widths", args.widths)):
+    for flag, values in (
+        ("--batch-size", [args.batch_size]),
+        ("--steps", [args.steps]),
+        ("--widths", args.widths),
+    ):
         if min(values) < 1:
             parser.error(f"{flag}: expected ints >= 1, got {' '.join(map(str, values))}")
     data_dir = args.data_dir
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        parser.error(f"--data-dir {data_dir}: no such folder")
     shared = Path(__file__).resolve().parents[3] / "shared" / "data"
     if data_dir is None and shared.is_dir():
         data_dir = shared
 
-    images, labels = data.load("cifar10", "train", data_dir=data_dir)
+    try:
+        images, labels = data.load("cifar10", "train", data_dir=data_dir)
+    except (FileNotFoundError, data.CorruptFileError) as error:
+        parser.exit(1, f"{parser.prog}: {error}\n")
     stats = data.Standardize.fit(images)
     augment = A.compose(
         functools.partial(A.random_crop, padding=4, pad_mode="reflect"),
