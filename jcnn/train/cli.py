@@ -564,6 +564,8 @@ def _augmenters(spec: str, num_classes: int, image_shape=None):
             kwargs = {}
             for setting in settings:
                 key, value = setting.split("=", 1)
+                if not key.strip():
+                    raise ValueError("no setting name")
                 if key.strip() in kwargs:
                     raise UsageError(f"--augment {name}: {key.strip()} given twice")
                 kwargs[key.strip()] = ast.literal_eval(value)

@@ -260,6 +260,7 @@ def _assert_one_line(err):
         (["--augment", "random_translate"], "--augment random_translate: needs max_shift="),
         (["--augment", "random_hflip:q=1"], "--augment random_hflip: unknown setting q"),
         (["--augment", "random_hflip:p"], "--augment: cannot parse 'random_hflip:p'"),
+        (["--augment", "random_hflip: =1"], "--augment: cannot parse 'random_hflip: =1'"),
         (["--augment", "mixup:num_classes=3"], "--augment mixup: unknown setting num_classes"),
         (["--augment", "mixup,cutmix"], "at most one of mixup and cutmix"),
         (["--augment", "random_hflip:p=0.5:p=0.2"], "--augment random_hflip: p given twice"),
