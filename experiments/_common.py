@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import io
 import os
 import shlex
 import subprocess
@@ -203,11 +204,22 @@ class Page:
         self.parts.append(f"![{caption}]({filename})\n\n*{caption}*\n")
 
     def write(self) -> Path:
+        """Write the page and its figures into ``--out``.
+
+        Everything is rendered in memory first and each file then replaces its old version
+        through a rename: a run that fails here (a figure that cannot be drawn, a full disk)
+        leaves the earlier page and figures whole.
+        """
         out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for filename, fig in self.figures:
-            fig.savefig(out / filename, dpi=100, bbox_inches="tight")
-            plt.close(fig)
+        rendered = []
+        try:
+            for filename, fig in self.figures:
+                png = io.BytesIO()
+                fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+                rendered.append((out / filename, png.getvalue()))
+        finally:
+            for _, fig in self.figures:
+                plt.close(fig)
         wall = time.perf_counter() - self.started
         script = f"experiments/{self.name}.py"
         command = " ".join(["python", script, *map(shlex.quote, sys.argv[1:])])
@@ -226,7 +238,10 @@ class Page:
             f"{jax.devices()[0].platform} backend · full mode: `{full}`\n"
         )
         path = out / f"{self.name}.md"
-        path.write_text("\n".join(head + self.parts))
+        out.mkdir(parents=True, exist_ok=True)
+        for figure_path, png in rendered:
+            train.run_folder.write_atomically(figure_path, png)
+        train.run_folder.write_atomically(path, "\n".join(head + self.parts))
         print(f"wrote {path}")
         return path
 

@@ -40,3 +40,32 @@ def test_out_and_data_dir_are_checked_before_any_work(common, tmp_path, capsys):
 def test_an_out_starting_with_a_tilde_is_in_the_home_folder(common, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert common.parse_args("test", ["--out", "~/pages"]).out == tmp_path / "pages"
+
+
+def test_a_page_that_fails_to_write_leaves_the_earlier_one_whole(common, tmp_path):
+    # Page.write saved each figure in place and then the page: a figure that failed to render
+    # left the earlier figures overwritten beside the earlier page (a mixed, half-new result)
+    import argparse
+
+    import matplotlib.pyplot as plt
+
+    args = argparse.Namespace(out=tmp_path, quick=True)
+    first = common.Page("probe", "Probe", args)
+    first.text("earlier result")
+    first.figure(plt.figure(), "a", "a")
+    first.figure(plt.figure(), "b", "b")
+    first.write()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["probe.md", "probe_a.png", "probe_b.png"]
+
+    broken = plt.figure()
+    broken.savefig = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    second = common.Page("probe", "Probe", args)
+    second.text("later result")
+    fig = plt.figure()
+    fig.add_subplot().plot([0, 1])
+    second.figure(fig, "a", "a")
+    second.figure(broken, "b", "b")
+    with pytest.raises(OSError, match="disk full"):
+        second.write()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
