@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from jcnn import analysis, data, nn
+from jcnn import analysis, data, nn, train
 from jcnn import functional as F
 
 
@@ -429,6 +429,7 @@ def main(study: Study, argv=None) -> list[dict]:
         runs.append({**run, "commit": page.commit, "date": date})
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
+        record_text = json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n"
+        train.run_folder.write_atomically(record, record_text)
     write_page(study, runs, args, page)
     return runs

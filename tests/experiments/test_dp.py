@@ -172,3 +172,38 @@ def test_a_damaged_record_is_refused_and_left_as_it_was(scripts, tmp_path):
         scripts["dp_mnist"].main(["--synthetic", "--out", str(tmp_path)])
     assert record.read_text() == '{"settings": {"seed": 0}, "ru'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dp_mnist.json"]
+
+
+def test_a_record_that_fails_to_write_is_left_as_it_was(scripts, tmp_path, monkeypatch):
+    # The record was rewritten in place: a write that stopped half way (a full disk) left a
+    # truncated record, which every later run then refused as "not a record of this study"
+    import _dp
+
+    def fake_train(study, train_set, test_set, *, target_epsilon, args):
+        history = [(1, target_epsilon, 50.0)]
+        return {
+            "target_epsilon": target_epsilon,
+            "epsilon": target_epsilon,
+            "accuracy": 50.0,
+            "sigma": 1.0,
+            "epochs": 1,
+            "seconds": 1.0,
+            "history": history,
+        }
+
+    monkeypatch.setattr(_dp, "train_private", fake_train)
+    argv = ["--synthetic", "--epochs", "1", "--out", str(tmp_path), "--epsilons"]
+    scripts["dp_mnist"].main([*argv, "3.0"])
+    record = tmp_path / "dp_mnist.json"
+    before = record.read_text()
+
+    def half_then_full_disk(path, content, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write((content.encode() if isinstance(content, str) else content)[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    monkeypatch.setattr(Path, "write_bytes", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        scripts["dp_mnist"].main([*argv, "1.2"])
+    assert record.read_text() == before
