@@ -53,8 +53,20 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         default=None,
         help="datasets folder (default: $JCNN_DATA_DIR, then jcnn's per-user cache)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0, help="an int in [0, 2**32)")
     return parser
+
+
+def seed(text: str) -> int:
+    """``--seed``: an int in [0, 2**32), as ``jcnn-train --seed`` (NumPy's generators refuse a
+    negative seed and JAX's keys one past 64 bits, each with a traceback from inside the run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**32), got {text!r}")
+    return value
 
 
 def _out_folder(text: str) -> Path:

@@ -12,6 +12,7 @@ import argparse
 import functools
 from pathlib import Path
 
+import _common
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -85,7 +86,7 @@ def main(argv=None):
     )
     parser.add_argument("--out", type=_png_path, default="docs/figures/augmentations.png")
     parser.add_argument("--images", type=_image_count, default=6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_common.seed, default=0, help="an int in [0, 2**32)")
     args = parser.parse_args(argv)
     data_dir = args.data_dir
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():

@@ -37,6 +37,18 @@ def test_out_and_data_dir_are_checked_before_any_work(common, tmp_path, capsys):
     assert common.parse_args("test", ["--data-dir", str(tmp_path)]).data_dir == str(tmp_path)
 
 
+def test_a_seed_out_of_range_is_refused_before_any_work(common, capsys):
+    # --seed -1 ran until np.random.default_rng refused it (standardization) and a seed past 64
+    # bits until jax.random.key overflowed, each with a traceback from inside the run
+    for text in ("-1", str(2**32), str(2**64), "1.5", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            common.parse_args("test", ["--seed", text])
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.endswith(f"argument --seed: expected an int in [0, 2**32), got '{text}'"), last
+    assert common.parse_args("test", ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
 def test_an_out_starting_with_a_tilde_is_in_the_home_folder(common, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert common.parse_args("test", ["--out", "~/pages"]).out == tmp_path / "pages"
