@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 from pathlib import Path
 
 import _common
@@ -21,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jcnn import data  # noqa: E402
+from jcnn import data, train  # noqa: E402
 from jcnn.data import augment as A  # noqa: E402
 
 PICK_EVERY = 7  # test images 0, 7, 14, ...: varied classes
@@ -126,8 +127,11 @@ def main(argv=None):
     fig.suptitle("jcnn.data.augment on CIFAR-10 test images", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out = Path(args.out)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    # through a rename: a failed run leaves the earlier figure whole
+    train.run_folder.write_atomically(out, png.getvalue())
     print(f"wrote {out}")
 
 

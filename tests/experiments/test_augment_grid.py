@@ -1,6 +1,8 @@
 """experiments/augment_grid.py: its arguments are checked before any work."""
 
+import builtins
 import re
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +33,29 @@ def test_bad_arguments_are_one_line_naming_the_flag(script, tmp_path, capsys):
         last = capsys.readouterr().err.splitlines()[-1]
         assert re.search(message, last), last
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_figure_that_fails_to_write_leaves_the_earlier_one_whole(script, tmp_path, monkeypatch):
+    # The figure was saved in place: a write that stopped half way (a full disk) left a
+    # truncated PNG where the earlier figure was
+    figure = tmp_path / "grid.png"
+    figure.write_bytes(b"earlier figure")
+    real_open = builtins.open
+
+    def full_disk_at_the_figure(file, mode="r", *args, **kwargs):
+        if Path(file) == figure and "w" in mode:
+            with real_open(file, mode) as partial:
+                partial.write(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk_at_the_figure)
+    monkeypatch.setattr(script, "PER_EXAMPLE", {"original": lambda key, image: image})
+    monkeypatch.setattr(script, "BATCH", {})
+    try:
+        script.main(["--images", "1", "--out", str(figure)])
+    except OSError:
+        pass
+    written = figure.read_bytes()  # the earlier figure or a whole new one, never half of one
+    assert written == b"earlier figure" or written.startswith(b"\x89PNG\r\n\x1a\n"), written[:20]
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
