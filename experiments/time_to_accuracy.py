@@ -62,6 +62,8 @@ def parse_args(argv=None):
         )
     if known.seeds is not None and any(seed < 0 for seed in known.seeds):
         raise SystemExit(f"--seeds: expected ints >= 0, got {' '.join(map(str, known.seeds))}")
+    if known.seeds is not None and any(seed >= 2**32 for seed in known.seeds):
+        raise SystemExit(f"--seeds: expected ints < 2**32, got {' '.join(map(str, known.seeds))}")
     if known.recipes is None:
         known.recipes = [] if known.from_runs else ["airbench94", "mnist99"]
     for name in known.recipes:

@@ -59,6 +59,11 @@ def test_negative_seeds_and_an_airbench94_with_nothing_to_show_are_refused(scrip
     # alone trained nothing (no seed by default) and wrote a page without a run
     with pytest.raises(SystemExit, match="--seeds: expected ints >= 0, got 2 -1"):
         script.parse_args(["--seeds", "2", "-1"])
+    # a seed past 64 bits stopped with a ValueError from inside the first run, after the data
+    with pytest.raises(
+        SystemExit, match=r"--seeds: expected ints < 2\*\*32, got 0 18446744073709551616"
+    ):
+        script.parse_args(["--seeds", "0", str(2**64)])
     with pytest.raises(SystemExit, match="--recipes airbench94: no run by default .* --seeds"):
         script.parse_args(["--recipes", "airbench94"])
     assert script.parse_args(["--recipes", "airbench94", "--seeds", "0"]).seeds == [0]
