@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -270,8 +271,14 @@ def parse_args(study: Study, argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int")
-    if not all(eps > 0 for eps in args.epsilons):
-        parser.error(f"--epsilons: expected positive numbers, got {args.epsilons}")
+    if not all(0 < eps < math.inf for eps in args.epsilons):
+        parser.error(f"--epsilons: expected finite positive numbers, got {args.epsilons}")
+    if not 0 < args.clip < math.inf:
+        parser.error(f"--clip: expected a finite number > 0, got {args.clip}")
+    if not 0 <= args.lr < math.inf:
+        parser.error(f"--lr: expected a finite number >= 0, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum: expected a number in [0, 1), got {args.momentum}")
     if not 0 < args.delta < 1:
         parser.error(f"--delta: expected a number in (0, 1), got {args.delta}")
     if not 0 <= args.ema < 1:

@@ -156,6 +156,14 @@ def test_the_moving_average_is_what_is_evaluated(scripts, tmp_path):
         (["--batch-size", "-4"], "--batch-size"),
         (["--ema", "1"], "--ema"),
         (["--ema", "-0.1"], "--ema"),
+        # each ran until the privacy accounting or the optimizer refused it with a traceback
+        # (--epsilons inf, --clip -1), or trained on silently (--lr nan, --momentum 5)
+        (["--epsilons", "3", "inf"], "--epsilons: expected finite positive numbers"),
+        (["--clip", "-1"], "--clip: expected a finite number > 0, got -1.0"),
+        (["--clip", "nan"], "--clip: expected a finite number > 0, got nan"),
+        (["--lr", "nan"], "--lr: expected a finite number >= 0, got nan"),
+        (["--lr", "-0.1"], "--lr: expected a finite number >= 0, got -0.1"),
+        (["--momentum", "5"], "--momentum: expected a number in [0, 1), got 5.0"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(scripts, argv, message, tmp_path, capsys):
