@@ -2,25 +2,28 @@
 
 ``summary(model, input_shape)`` runs the model abstractly (``jax.eval_shape``, nothing is computed)
 and records every layer, i.e. every module call that calls no other module (the ``jcnn.nn``
-modules, or ``flax.linen`` layers), with its attributes and its input and output shapes. Shapes
-are jcnn's channels-last ones: an output ``(1, 28, 28, 20)`` is the course's ``20 x 28 x 28`` and
-a conv kernel ``(5, 5, 1, 20)`` (HWIO) is the course's weight ``20 x 1 x 5 x 5`` (OIHW).
+modules, or ``flax.linen`` layers), with its attributes and its input and output shapes. Parameters
+that a composite module holds itself (a block's ``layer_scale`` vector) get a row of their own,
+named after that module and placed after its layers; a module called again (shared weights) shows
+its parameters on its first row only, so the rows add up to ``total_params``. Shapes are jcnn's
+channels-last ones: an output ``(1, 28, 28, 20)`` is the course's ``20 x 28 x 28`` and a conv
+kernel ``(5, 5, 1, 20)`` (HWIO) is the course's weight ``20 x 1 x 5 x 5`` (OIHW).
 
 Multiply-adds count the products of convolutions and dense layers for the whole ``input_shape``
 batch (bias additions, normalizations, activations and pools count 0; an eval-mode BatchNorm folds
 into the conv before it), for ``jcnn.nn`` layers and ``flax.linen``'s ``Conv``, ``ConvLocal``,
 ``ConvTranspose`` and ``Dense``; a layer of another type with parameters shows ``?`` and is left
-out of the total, which names it. The receptive field of a unit is the side of the input window it
-depends on, unclipped by the image border: ``r_out = r_in + (k_eff - 1) * j_in`` with
-``k_eff = d (k - 1) + 1`` and the effective stride (jump) ``j_out = j_in * s``, composed from the
-input (``r = j = 1``). After a flatten, a global pool or a normalization with statistics over all
-positions (layer, group, instance and local contrast normalization, whose divisor involves the
-image's mean deviation) every unit sees the whole input window of the layer before it; after such
-a normalization the units of the map all see that same window (effective stride 0), and so do
-the units of the layers after it. Where
-tensors are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the
-largest receptive field among the layer outputs of the same spatial size inside the enclosing
-module.
+out of the total, which names it, and so does a composite's own parameter of rank 2 or more (its
+own vectors scale or shift elementwise and count 0). The receptive field of a unit is the side of
+the input window it depends on, unclipped by the image border:
+``r_out = r_in + (k_eff - 1) * j_in`` with ``k_eff = d (k - 1) + 1`` and the effective stride
+(jump) ``j_out = j_in * s``, composed from the input (``r = j = 1``). After a flatten, a global
+pool or a normalization with statistics over all positions (layer, group, instance and local
+contrast normalization, whose divisor involves the image's mean deviation) every unit sees the
+whole input window of the layer before it; after such a normalization the units of the map all see
+that same window (effective stride 0), and so do the units of the layers after it. Where tensors
+are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the largest
+receptive field among the layer outputs of the same spatial size inside the enclosing module.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from jcnn import nn as jnn
-from jcnn.analysis._trace import LayerCall, leaf_calls, subtree, trace_layers
+from jcnn.analysis._trace import LayerCall, subtree, trace_layers
 from jcnn.functional._checks import as_int_tuple, check_bool, normalize_padding
 
 __all__ = [
@@ -186,11 +189,12 @@ class LayerRow:
 
     Attributes:
       name: the module's path (``layer1_0/conv1``).
-      layer: its type and main attributes (``Conv(20, k=5, s=1, p=2)``).
+      layer: its type and main attributes (``Conv(20, k=5, s=1, p=2)``); for the parameters a
+        composite module holds itself, its type and their names (``ConvNeXtBlock(layer_scale)``).
       input_shape, output_shape: channels-last shapes with the batch axis.
       weight_shape: shape of ``kernel`` (conv HWIO, dense ``(in, out)``) or of the first parameter,
         ``None`` for parameter-free layers.
-      params: number of parameters of the layer.
+      params: number of parameters of the layer (0 on the later calls of a shared layer).
       macs: multiply-adds for the whole batch, ``None`` for a layer with parameters whose type
         ``summary`` does not know (not counted, rather than counted as 0).
       receptive_field: the field of the output units, ``None`` where unknown.
@@ -601,6 +605,14 @@ def _seen_whole(field: ReceptiveField, spatial_in, output_shape) -> ReceptiveFie
     return dataclasses.replace(whole, stride=(0,) * len(whole.stride))
 
 
+def _own_params(calls: list[LayerCall], call: LayerCall, variables) -> dict:
+    """The parameters of a composite module that sit in none of the modules it calls (e.g. a
+    block's ``layer_scale`` vector)."""
+    children = {c.path[len(call.path)] for c in calls if c.parent == call.index}
+    params = subtree(variables, "params", call.path)
+    return {name: value for name, value in params.items() if name not in children}
+
+
 def summary(
     model: nn.Module, input_shape: Sequence[int], dtype: DTypeLike = jnp.float32
 ) -> Summary:
@@ -629,24 +641,46 @@ def summary(
     """
     calls, variables = trace_layers(model, input_shape, dtype)
     fields = _fields(calls)
-    rows = []
-    for call in leaf_calls(calls):
-        params = subtree(variables, "params", call.path)
-        macs = _macs(call.module, call)
-        if macs is None and not params:  # a parameter-free layer of its own: no products
-            macs = 0
-        rows.append(
-            LayerRow(
-                name="/".join(call.path),
-                layer=_describe(call.module),
-                input_shape=call.input_shape,
-                output_shape=call.output_shape,
-                weight_shape=_weight_shape(params),
-                params=_count(params),
-                macs=macs,
-                receptive_field=fields.get(call.index),
+    placed = []  # (position, row): a composite's own row goes after its last layer
+    counted: set[tuple[str, ...]] = set()
+    for call in calls:
+        if call.is_leaf:
+            params = subtree(variables, "params", call.path)
+            macs = _macs(call.module, call)
+            if macs is None and not params:  # a parameter-free layer of its own: no products
+                macs = 0
+            layer = _describe(call.module)
+            position = (call.index, 0, 0)
+        else:
+            params = _own_params(calls, call, variables)
+            if not params or call.path in counted:
+                continue
+            # per-channel scales or shifts act elementwise (no products, as a bias); a matrix
+            # used outside the layers has products this table cannot see
+            macs = 0 if all(len(p.shape) <= 1 for p in jax.tree.leaves(params)) else None
+            layer = f"{type(call.module).__name__}({', '.join(params)})"
+            descendants = [
+                c.index for c in calls[call.index + 1 :] if _descends(calls, c, call.index)
+            ]
+            position = (max(descendants), 1, -len(call.path))
+        placed.append(
+            (
+                position,
+                LayerRow(
+                    name="/".join(call.path),
+                    layer=layer,
+                    input_shape=call.input_shape,
+                    output_shape=call.output_shape,
+                    weight_shape=_weight_shape(params),
+                    # a module called again (shared weights) adds its products, not its parameters
+                    params=0 if call.path in counted else _count(params),
+                    macs=macs,
+                    receptive_field=fields.get(call.index),
+                ),
             )
         )
+        counted.add(call.path)
+    rows = [row for _, row in sorted(placed, key=lambda item: item[0])]
     return Summary(
         rows=tuple(rows),
         input_shape=tuple(input_shape),

@@ -633,3 +633,47 @@ def test_a_learned_maxout_shows_its_affine_map_and_its_maximum():
         ("layers_1/linear", (1, 8), 152),
         ("layers_1/maximum", (1, 4), 0),
     ]
+
+
+def test_parameters_of_a_composite_module_have_a_row_and_the_rows_add_up():
+    # ConvNeXt's blocks hold their layer_scale vector themselves: it was in no row
+    model = jcnn.models.ConvNeXt(depths=(2, 1), widths=(8, 16), num_classes=3, patch_size=2)
+    table = summary(model, (2, 16, 16, 3))
+    assert sum(row.params for row in table.rows) == table.total_params == 5_675
+    names = [row.name for row in table.rows]
+    block = table.rows[names.index("stage1_0")]
+    assert names[names.index("stage1_0") - 1] == "stage1_0/pwconv2"  # after the block's layers
+    assert (block.layer, block.weight_shape, block.params) == (
+        "ConvNeXtBlock(layer_scale)",
+        (8,),
+        8,
+    )
+    assert (block.output_shape, block.macs) == ((2, 8, 8, 8), 0)  # an elementwise scale
+    assert block.receptive_field == table.rows[names.index("stage1_0/pwconv2")].receptive_field
+    assert table.uncounted == ()
+
+
+class _OwnMatrix(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, x):
+        w = self.param("w", flax_nn.initializers.ones, (3, 5))
+        return nn.Conv(3, 3)(x) @ w
+
+
+class _SharedConv(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(3, 3, padding=1)
+        return conv(conv(x))
+
+
+def test_own_matrices_are_not_counted_and_shared_layers_count_their_parameters_once():
+    table = summary(_OwnMatrix(), (1, 8, 8, 3))
+    assert [(row.name, row.params, row.macs) for row in table.rows] == [
+        ("Conv_0", 84, 6 * 6 * 3 * 27),
+        ("", 15, None),  # a matrix used outside the layers: its products are unknown
+    ]
+    assert table.total_params == 99 and table.uncounted == ("_OwnMatrix(w)",)
+    table = summary(_SharedConv(), (1, 8, 8, 3))
+    assert [(row.params, row.macs) for row in table.rows] == [(84, 5_184), (0, 5_184)]
+    assert table.total_params == 84 and table.total_macs == 2 * 5_184
