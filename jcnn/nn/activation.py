@@ -143,10 +143,12 @@ class ELU(_Activation):
 
 
 class GELU(_Activation):
-    """Gaussian error linear unit, ``F.gelu``."""
+    """Gaussian error linear unit, ``F.gelu`` (exact; ``approximate=True``: the tanh form)."""
+
+    approximate: bool = False
 
     def _apply(self, x):
-        return F.gelu(x)
+        return F.gelu(x, approximate=self.approximate)
 
 
 class Tanh(_Activation):
@@ -178,10 +180,13 @@ class Swish(_Activation):
 
 
 class Softplus(_Activation):
-    """``log(1 + exp(x))``, ``F.softplus``."""
+    """``log(1 + exp(beta * x)) / beta``, ``x`` where ``beta * x > threshold``, ``F.softplus``."""
+
+    beta: float = 1.0
+    threshold: float | None = 20.0
 
     def _apply(self, x):
-        return F.softplus(x)
+        return F.softplus(x, self.beta, self.threshold)
 
 
 class SiLU(_Activation):

@@ -182,10 +182,13 @@ class ELU(_Activation):
 
 
 class GELU(_Activation):
-    """Gaussian error linear unit, ``F.gelu``."""
+    """Gaussian error linear unit, ``F.gelu`` (exact; ``approximate=True``: the tanh form)."""
+
+    def __init__(self, approximate: bool = False) -> None:
+        self.approximate = check_bool(approximate, "approximate")
 
     def _apply(self, x):
-        return F.gelu(x)
+        return F.gelu(x, approximate=self.approximate)
 
 
 class Tanh(_Activation):
@@ -217,10 +220,16 @@ class Swish(_Activation):
 
 
 class Softplus(_Activation):
-    """``log(1 + exp(x))``, ``F.softplus``."""
+    """``log(1 + exp(beta * x)) / beta``, ``x`` where ``beta * x > threshold``, ``F.softplus``."""
+
+    def __init__(self, beta: float = 1.0, threshold: float | None = 20.0) -> None:
+        self.beta = check_real(beta, "beta", low=0, low_open=True)
+        self.threshold = (
+            None if threshold is None else check_real(threshold, "threshold", finite=False)
+        )
 
     def _apply(self, x):
-        return F.softplus(x)
+        return F.softplus(x, self.beta, self.threshold)
 
 
 class SiLU(_Activation):

@@ -93,6 +93,23 @@ def test_parameter_free_activations_equal_functional(rng):
     np.testing.assert_array_equal(nn.Rectify().apply({}, x), np.abs(np.asarray(x)))
 
 
+def test_gelu_and_softplus_modules_take_the_options_of_their_op(rng):
+    # the modules could not express F.gelu's approximate or F.softplus's beta and threshold
+    x = jnp.asarray(rng.normal(scale=3.0, size=(3, 5)), jnp.float32)
+    tanh_form = nn.GELU(approximate=True).apply({}, x)
+    np.testing.assert_array_equal(tanh_form, F.gelu(x, approximate=True))
+    assert not np.array_equal(tanh_form, F.gelu(x))
+    for beta, threshold in [(2.0, 1.0), (0.5, None)]:
+        layer = nn.Softplus(beta=beta, threshold=threshold)
+        np.testing.assert_array_equal(layer.apply({}, x), F.softplus(x, beta, threshold))
+    expected = np.where(2 * x > 1, x, np.log1p(np.exp(2.0 * np.asarray(x, np.float64))) / 2)
+    np.testing.assert_allclose(nn.Softplus(2.0, 1.0).apply({}, x), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="beta: expected a finite number > 0, got 0"):
+        nn.Softplus(beta=0).apply({}, x)
+    with pytest.raises(TypeError, match="approximate: expected a Python bool, got 1"):
+        nn.GELU(approximate=1).apply({}, x)
+
+
 @pytest.mark.parametrize("name", ["Mish", "SELU", "SiLU"])
 def test_mish_selu_silu_modules_match_torch(torch, rng, name):
     x = jnp.asarray(rng.normal(scale=3.0, size=(2, 4, 3, 5)), jnp.float32)

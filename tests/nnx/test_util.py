@@ -155,6 +155,7 @@ SETTINGS = {
     ),
     "LeakyReLU": Settings(lambda r, **s: jnnx.LeakyReLU(**s), dict(negative_slope=0.25), (2, 5)),
     "ELU": Settings(lambda r, **s: jnnx.ELU(**s), dict(alpha=0.5), (2, 5)),
+    "Softplus": Settings(lambda r, **s: jnnx.Softplus(**s), dict(beta=2.0, threshold=1.5), (2, 5)),
     "Dropout": Settings(lambda r, **s: jnnx.Dropout(**s, rngs=r), dict(rate=0.5), (4, 6)),
     "SpatialDropout": Settings(
         lambda r, **s: jnnx.SpatialDropout(**s, rngs=r), dict(rate=0.5), (4, 3, 3, 6)
@@ -180,7 +181,6 @@ WITHOUT_SETTINGS = {
     "Sigmoid",
     "Rectify",
     "Swish",
-    "Softplus",
     "SiLU",
     "Mish",
     "SELU",
@@ -330,6 +330,9 @@ def _message(error, build):
             lambda: jnnx.ELU(float("nan")),
             lambda x: F.elu(x, float("nan")),
         ),
+        (ValueError, lambda: jnnx.Softplus(beta=0), lambda x: F.softplus(x, beta=0)),
+        (TypeError, lambda: jnnx.Softplus(threshold="a"), lambda x: F.softplus(x, threshold="a")),
+        (TypeError, lambda: jnnx.GELU(approximate=1), lambda x: F.gelu(x, approximate=1)),
     ],
 )
 def test_a_real_setting_is_checked_at_construction_with_the_op_message(error, module, op):
