@@ -93,6 +93,10 @@ def _check_image(image, name: str = "image") -> None:
         )
     if not (jnp.issubdtype(image.dtype, jnp.floating) or image.dtype == jnp.uint8):
         raise TypeError(f"{name}: expected uint8 or floating dtype, got {image.dtype}")
+    if 0 in image.shape[:2]:
+        raise ValueError(
+            f"{name}: expected an image of at least 1 x 1 pixels, got shape {tuple(image.shape)}"
+        )
 
 
 def _check_images(images, name: str = "images") -> None:
@@ -100,6 +104,10 @@ def _check_images(images, name: str = "images") -> None:
         raise ValueError(f"{name}: expected rank 4 (N, H, W, C), got {_shape_or_type(images)}")
     if not (jnp.issubdtype(images.dtype, jnp.floating) or images.dtype == jnp.uint8):
         raise TypeError(f"{name}: expected uint8 or floating dtype, got {images.dtype}")
+    if 0 in images.shape[1:3]:
+        raise ValueError(
+            f"{name}: expected images of at least 1 x 1 pixels, got shape {tuple(images.shape)}"
+        )
 
 
 def _check_batch(images, labels) -> None:

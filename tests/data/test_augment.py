@@ -738,3 +738,22 @@ def test_pixmix_mixing_images_must_be_in_the_image_units(image, mixing, message)
     with pytest.raises(ValueError, match=r"mixing_images: expected rank 4 \(N, H, W, C\)"):
         A.pixmix(_KEY, image, mixing_images=mixing[0])
     assert A.pixmix(_KEY, image, mixing_images=image[None]).dtype == image.dtype
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3), (4, 0, 3), (0, 0, 1)])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda image: A.random_resized_crop(_KEY, image, size=2),
+        lambda image: A.autocontrast(image),
+        lambda image: A.rand_augment(_KEY, image),
+        lambda image: A.random_crop(_KEY, image, padding=1, pad_mode="reflect"),
+        lambda image: A.cutmix(_KEY, jnp.stack([image] * 4), _LABELS, num_classes=3),
+        lambda image: A.apply_batch(A.random_hflip, _KEY, image[None]),
+    ],
+)
+def test_an_image_without_pixels_is_named(shape, call):
+    # random_resized_crop failed inside a gather, autocontrast inside a min reduction, and cutmix
+    # divided by the zero area: labels of NaN
+    with pytest.raises(ValueError, match=r"images?: expected .*at least 1 x 1 pixels, got shape"):
+        call(jnp.zeros(shape, jnp.uint8))
