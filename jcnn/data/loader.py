@@ -157,6 +157,10 @@ class Loader:
                 f"labels: expected {images.shape[0]} labels (one per image), got shape "
                 f"{tuple(labels.shape)}"
             )
+        if images.shape[0] == 0:
+            raise ValueError(
+                f"images: expected at least one example, got shape {tuple(images.shape)}"
+            )
         self._configure(
             int(images.shape[0]),
             batch_size,
@@ -214,6 +218,8 @@ class Loader:
                 f"source: expected a random-access source (len() and [i]), got "
                 f"{type(source).__name__}"
             )
+        if len(source) == 0:
+            raise ValueError("source: expected at least one record, got an empty source")
         loader = cls.__new__(cls)
         loader._configure(
             len(source),

@@ -547,3 +547,14 @@ def test_streaming_records_of_another_form_are_named(dataset, records, kw, error
     loader = Loader.from_source(records(images, labels), batch_size=10, **kw)
     with pytest.raises(error, match=message):
         loader.batch(0, 0)
+
+
+def test_an_empty_dataset_is_named(dataset):
+    # both said "batch_size: expected 1..0 (the number of examples)", whatever the batch size
+    images, labels = dataset
+    with pytest.raises(
+        ValueError, match=r"^images: expected at least one example, got shape \(0, 6"
+    ):
+        Loader(images[:0], labels[:0], batch_size=1)
+    with pytest.raises(ValueError, match="^source: expected at least one record, got an empty"):
+        Loader.from_source([], batch_size=1)
