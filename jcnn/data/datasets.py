@@ -301,7 +301,8 @@ def _verify_file_content(name: str, filename: str, path: Path) -> None:
     for member in members:
         if member not in contents:
             raise CorruptFileError(f"{path}: member {member} missing from the archive")
-        _verify_content(name, member, contents[member], f"{path}:{spec.folder}/{member}")
+        member_path, raw = contents[member]
+        _verify_content(name, member, raw, f"{path}:{member_path}")
 
 
 def _safe_member_name(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
@@ -341,8 +342,11 @@ def _wrong_size(source: str, size: int, spec: _CifarDataset) -> CorruptFileError
     )
 
 
-def _read_tar_members(archive: Path, wanted: set[str], spec: _CifarDataset) -> dict[str, bytes]:
-    """The batch files named ``wanted`` (base names) from a tar archive, read in memory.
+def _read_tar_members(
+    archive: Path, wanted: set[str], spec: _CifarDataset
+) -> dict[str, tuple[str, bytes]]:
+    """The batch files named ``wanted`` (base names) from a tar archive, read in memory, as
+    ``{base name: (path in the archive, content)}``.
 
     The archive is streamed once to its end (so that the gzip checksum is checked) with the
     decompressed size bounded by ``spec.archive_limit``; a wanted member whose header declares any
@@ -367,7 +371,7 @@ def _read_tar_members(archive: Path, wanted: set[str], spec: _CifarDataset) -> d
                         raise CorruptFileError(f"{source}: a second member named {path.name}")
                     if member.size != spec.member_size:
                         raise _wrong_size(source, member.size, spec)
-                    found[path.name] = tar.extractfile(member).read()
+                    found[path.name] = (member.name, tar.extractfile(member).read())
                 tar.members = []  # stream mode keeps every header otherwise
         return found
     except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
@@ -405,11 +409,12 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
             break
         if (folder / spec.archive).is_file():
             archive = folder / spec.archive
-            contents = _read_tar_members(archive, set(members), spec)
-            absent = [m for m in members if m not in contents]
+            found = _read_tar_members(archive, set(members), spec)
+            absent = [m for m in members if m not in found]
             if absent:
                 raise CorruptFileError(f"{archive}: members {absent} missing from the archive")
-            sources = {m: f"{archive}:{spec.folder}/{m}" for m in members}
+            contents = {m: raw for m, (_, raw) in found.items()}
+            sources = {m: f"{archive}:{member_path}" for m, (member_path, _) in found.items()}
             break
     if contents is None:
         expected = [spec.archive, f"{spec.folder}/{{{','.join(members)}}}"]

@@ -201,6 +201,19 @@ def test_cifar_missing_member_and_truncated_archive(tmp_path, small_cifar_record
     assert str(archive) in str(info.value)
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_bad_member_is_named_by_its_path_in_the_archive(tmp_path, small_cifar_record, verify):
+    # a batch file stored under another folder was reported as cifar-10-batches-bin/<file>, a
+    # path the archive does not hold
+    (tmp_path / "cifar10").mkdir()
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    bad_label = small_cifar_record[:0] + bytes([12]) + small_cifar_record[1:]
+    _write_tar(archive, [("renamed/test_batch.bin", bad_label * 10000)])
+    with pytest.raises(CorruptFileError, match="SHA-256" if verify else "label 12") as info:
+        data.load("cifar10", "test", data_dir=tmp_path, verify=verify)
+    assert str(info.value).startswith(f"{archive}:renamed/test_batch.bin: ")
+
+
 @pytest.mark.parametrize("evil", ["../escaped.bin", "/tmp/jcnn_escaped_absolute.bin"])
 def test_archive_member_outside_target_is_refused(tmp_path, small_cifar_record, evil):
     target = tmp_path / "data"
