@@ -15,9 +15,7 @@ Run: ``python experiments/time_to_accuracy.py [--quick] [--recipes airbench94 mn
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -39,14 +37,35 @@ GOALS = {"airbench94": (0.94, 3, None), "mnist99": (0.99, 5, 20.0)}
 
 
 def parse_args(argv=None):
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument(
+    # One parser, so that --help lists every flag and --seed is not taken as an abbreviation
+    # of --seeds
+    parser = _common.argument_parser(__doc__.splitlines()[0])
+    parser.add_argument(
         "--recipes", nargs="+", default=None, help="default: both, or none with --from-runs"
     )
-    extra.add_argument("--seeds", nargs="+", type=int, default=None)
-    extra.add_argument("--from-runs", nargs="*", type=Path, default=[])
-    known, rest = extra.parse_known_args(sys.argv[1:] if argv is None else argv)
-    args = _common.parse_args(__doc__.splitlines()[0], rest)
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="one run per seed (default: 0 with --quick, else 0-4 for mnist99 and none for "
+        "airbench94)",
+    )
+    parser.add_argument(
+        "--from-runs",
+        nargs="*",
+        type=Path,
+        default=[],
+        metavar="RUN_FOLDER",
+        help="finished jcnn-train --recipe run folders to add instead of training again",
+    )
+    parser.set_defaults(seed=None)
+    known = parser.parse_args(argv)
+    if known.seed is not None:
+        raise SystemExit(
+            f"--seed: this script runs one recipe run per seed of --seeds (--seeds "
+            f"{known.seed}), got --seed {known.seed}"
+        )
     # without --seeds a full run trains no airbench94 (about an hour a run): asked for by name
     # and with no run folders either, the page would have nothing to show for it
     if (
@@ -54,7 +73,7 @@ def parse_args(argv=None):
         and "airbench94" in known.recipes
         and known.seeds is None
         and not known.from_runs
-        and not args.quick
+        and not known.quick
     ):
         raise SystemExit(
             "--recipes airbench94: no run by default (a full run takes about an hour); give "
@@ -82,7 +101,7 @@ def parse_args(argv=None):
     for folder in known.from_runs:
         if not (folder / "summary.json").is_file():
             raise SystemExit(f"--from-runs {folder}: not a finished run folder (no summary.json)")
-    return argparse.Namespace(**vars(args), **vars(known))
+    return known
 
 
 def train_one(args, name: str, seed: int) -> dict:
