@@ -1,8 +1,10 @@
 """Plot every learning-rate schedule of ``jcnn.train.schedules`` into docs/figures/schedules.png.
 
-Run: ``python experiments/plot_schedules.py`` (seconds on a CPU).
+Run: ``python experiments/plot_schedules.py [--out PNG]`` (seconds on a CPU).
 """
 
+import argparse
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jcnn import train  # noqa: E402
 from jcnn.train import schedules as S  # noqa: E402
 
 TOTAL = 100
@@ -18,7 +21,10 @@ ALPHA0 = 0.1
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "schedules.png"
 
 
-def main(out: Path = FIGURE):
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=FIGURE, help=f"the PNG (default: {FIGURE})")
+    out = parser.parse_args(argv).out
     curves = {
         "constant": S.constant(ALPHA0),
         "step (x0.1 at 30/60/90)": S.step(ALPHA0, [30, 60, 90], 0.1),
@@ -43,8 +49,11 @@ def main(out: Path = FIGURE):
         ax.set_ylabel("learning rate")
     fig.suptitle(f"jcnn.train.schedules, alpha0 = {ALPHA0}")
     fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    # through a rename: a failed run leaves the earlier figure whole
+    train.run_folder.write_atomically(out, png.getvalue())
     print(f"wrote {out}")
 
 
