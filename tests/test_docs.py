@@ -192,3 +192,24 @@ def _has_module(name):
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_readme_airbench94_figures_are_those_of_the_run_records():
+    """The README's airbench94 accuracies (per seed, with and without TTA, and their mean) are
+    the ``summary.json`` of the run records it cites, ``experiments/runs/airbench94-*``."""
+    import json
+
+    runs = sorted((ROOT / "experiments" / "runs").glob("airbench94-*"))
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    tta = [100 * s["test_accuracy_tta"] for s in summaries]
+    plain = [100 * s["test_accuracy"] for s in summaries]
+    row = next(
+        r for r in (ROOT / "README.md").read_text().splitlines() if "--recipe airbench94`:" in r
+    )
+    quoted = re.search(r"over (\d+) seeds \(([\d., ]+)%; ([\d., ]+)% without\)", row)
+    assert quoted, row
+    assert int(quoted.group(1)) == len(runs)
+    assert [float(v) for v in quoted.group(2).split(", ")] == [round(v, 2) for v in tta]
+    assert [float(v) for v in quoted.group(3).split(", ")] == [round(v, 2) for v in plain]
+    mean = re.search(r"\*\*mean ([\d.]+)%\*\*", row)
+    assert float(mean.group(1)) == round(sum(tta) / len(tta), 2)
