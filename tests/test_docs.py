@@ -7,6 +7,7 @@ have) is marked on the line before its fence with ``<!-- skip: reason -->``; suc
 and each names its reason.
 """
 
+import ast
 import importlib
 import inspect
 import os
@@ -69,6 +70,36 @@ def test_code_blocks_parse_including_the_skipped_ones():
     for page in PAGES_WITH_CODE:
         for line, source, _ in code_blocks(page):
             compile(source, f"{page}:{line}", "exec")
+
+
+# Modules and the aliases the pages import them as: a skipped block may stand for objects of the
+# reader's (a loader, a PyTorch network), never for an import the page forgot
+MODULE_NAMES = {"jcnn", "jax", "jnp", "np", "optax", "torch", "functools"}
+MODULE_NAMES |= {"F", "A", "nn", "nnx", "init", "models", "data", "train", "analysis", "native"}
+
+
+def _imported_and_used(source):
+    bound, used = set(), set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            used.add(node.id)
+    return bound, used
+
+
+def test_skipped_blocks_import_the_modules_they_use():
+    """A skipped block does not run, so nothing else notices ``jcnn.models`` used on a page that
+    never imports ``jcnn``: a reader copying it gets a ``NameError``."""
+    missing = []
+    for page in PAGES_WITH_CODE:
+        imported = set()
+        for line, source, reason in code_blocks(page):
+            bound, used = _imported_and_used(source)
+            imported |= bound
+            if reason:
+                missing += [(page.name, line, n) for n in sorted(used & MODULE_NAMES - imported)]
+    assert not missing, missing
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: p.relative_to(ROOT).as_posix())
