@@ -219,6 +219,33 @@ def test_api_reference_documents_every_public_name(site, package_name):
     assert not missing, f"docs/api/{package_name}.md has no entry for {missing}"
 
 
+@pytest.mark.parametrize(
+    "package_name", ["functional", "nn", "nnx", "models", "data", "train", "analysis", "native"]
+)
+def test_api_reference_documents_the_public_names_of_every_submodule(site, package_name):
+    """A name in a public submodule's ``__all__`` (``jcnn.train.recipes.run_recipe``) and not in
+    its package's has an entry on the package's API page too."""
+    import pkgutil
+
+    package = importlib.import_module(f"jcnn.{package_name}")
+    page = site / "api" / package_name / "index.html"
+    anchors = set(re.findall(r'id="([^"]+)"', page.read_text()))
+    missing = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        names = [n for n in getattr(module, "__all__", ()) if n not in package.__all__]
+        for name in names:
+            obj = getattr(module, name)
+            paths = {f"{module.__name__}.{name}"}
+            if hasattr(obj, "__module__") and hasattr(obj, "__qualname__"):
+                paths.add(f"{obj.__module__}.{obj.__qualname__}")
+            if not paths & anchors:
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, f"docs/api/{package_name}.md has no entry for {missing}"
+
+
 def _has_module(name):
     import importlib.util
 

@@ -33,6 +33,7 @@ import warnings
 __all__ = ["MODES", "host_memory"]
 
 MODES = ("keep", "release")
+"""The values of ``JCNN_HOST_MEMORY``: see :func:`host_memory`."""
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _NEVER_TRIM = -1  # read by glibc as the largest size_t: blocks above 2 GiB are kept too

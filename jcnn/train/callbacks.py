@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 HOOKS = ("on_train_begin", "on_step", "on_evaluation", "on_epoch_end", "on_train_end")
+"""The hooks ``fit`` calls on a callback, in the order of a run."""
 
 
 class CallbackError(RuntimeError):

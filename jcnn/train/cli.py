@@ -34,7 +34,6 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser", "MODELS"]
 
-# CLI name -> (attribute of jcnn.models, keyword arguments)
 MODELS = {
     "lenet5": ("LeNet5", {}),
     "lenet5_1998": ("LeNet5", {"original": True}),
@@ -47,6 +46,7 @@ MODELS = {
     "airbench": ("AirbenchNet", {}),
     "jarrett": ("JarrettNet", {}),
 }
+"""``--model`` names: ``{name: (its class or factory in jcnn.models, keyword arguments)}``."""
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 
 # jcnn.train.recipes.RECIPES, named here to keep --help free of heavy imports.

@@ -51,6 +51,7 @@ from jcnn.functional._checks import check_bool, check_real, check_real_or_traced
 __all__ = ["optimizer", "default_decay_mask", "scale_by_adagrad", "scale_by_rmsprop", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb")
+"""The names ``optimizer`` takes (``TrainConfig.optimizer``, ``jcnn-train --optimizer``)."""
 _DECOUPLED_BY_DEFAULT = ("adamw", "lars", "lamb")
 
 

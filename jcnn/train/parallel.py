@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 DATA_AXIS = "data"
+"""The name of the mesh axis ``make_mesh`` splits batches over."""
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

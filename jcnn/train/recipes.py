@@ -252,6 +252,7 @@ RECIPES = (
         "mnist99", "MNIST to 99% in seconds on a CPU", "mnist", (28, 28, 1), 10, 1.2, 128, _mnist99
     ),
 )
+"""The recipes ``run_recipe`` and ``jcnn-train --recipe`` know."""
 RECIPES_BY_NAME = {recipe.name: recipe for recipe in RECIPES}
 
 

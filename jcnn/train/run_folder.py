@@ -69,8 +69,10 @@ __all__ = [
 ]
 
 LOCK_FILE = ".lock"
+"""The file a run holds locked while it writes its folder (:func:`claim`)."""
 CONFIG_FILE = "config.json"
 BEST_FILE = "best.json"
+"""The run's record of the folders its ``BestCheckpoint`` callbacks write."""
 RUN_FILES = (
     CONFIG_FILE,
     "run.json",

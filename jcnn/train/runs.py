@@ -35,6 +35,7 @@ __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_F
 
 RUN_FILE = "run.json"
 STANDARDIZE_FILE = "standardize.npz"
+"""The run folder's file of the standardization statistics ``fit`` fitted."""
 
 
 def qualified_name(obj) -> str:

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 Schedule = Callable[[int], jnp.ndarray]
+"""A learning rate schedule: the step (an int, or traced) to the rate."""
 _MAX_STEP = 2**31 - 1  # optax's count and TrainState.step are int32
 
 
@@ -282,3 +283,4 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "inverse_sqrt": inverse_sqrt,
     "one_cycle": one_cycle,
 }
+"""The schedules by name, as ``TrainConfig.schedule`` and ``jcnn-train --schedule`` take them."""
