@@ -37,6 +37,10 @@ def test_small_input_vgg_counts():
     assert count_params(models.VGG(11, num_classes=10, small_input=True), (1, 32, 32, 3)) == (
         9_225_610
     )
+    # VGG-16-BN's 138,365,992 minus the same ImageNet head, plus the 10-class one
+    vgg16_bn = models.VGG(16, batch_norm=True, num_classes=10, small_input=True)
+    assert count_params(vgg16_bn, (1, 32, 32, 3)) == 138_365_992 - 123_642_856 + 512 * 10 + 10
+    assert count_params(vgg16_bn, (1, 32, 32, 3)) == 14_728_266  # as docs/models.md quotes
 
 
 def test_small_input_vgg_with_batchnorm_forward(rng):
