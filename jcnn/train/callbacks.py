@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jcnn.train.run_folder import LOCK_FILE, RUN_FILES, record_best_directory
+from jcnn.train.run_folder import LOCK_FILE, RUN_FILES, best_directories, record_best_directory
 
 if TYPE_CHECKING:
     from jcnn.train.loop import TrainConfig
@@ -306,6 +306,14 @@ class BestCheckpoint(_Monitor):
         super().on_train_begin(run)
         if run.out is None:
             raise ValueError("BestCheckpoint: needs a run folder (TrainConfig(out=...))")
+        if run.config is not None and run.config.resume:
+            # a damaged best.json or best checkpoint index is reported now, before fit writes
+            # anything, not at the first improvement after training has rewritten the folder
+            from jcnn.train.checkpoint import CheckpointManager
+
+            best_directories(run.out)
+            if (run.out / self.directory).is_dir():
+                CheckpointManager(run.out / self.directory, keep_last=1, keep_best=False)
         self._manager = None  # opened at the first save: fit has not yet set up the folder
 
     def on_evaluation(self, run: RunContext, metrics: dict) -> None:

@@ -481,6 +481,9 @@ def _call(callbacks, hook: str, run: RunContext, *args) -> None:
         try:
             method(run, *args)
         except Exception as error:
+            damaged = isinstance(error, (run_folder.RunFolderError, CheckpointError))
+            if hook == "on_train_begin" and damaged:
+                raise  # a damaged run folder: reported as fit reports one, naming the file
             message = (
                 f"callback {type(callback).__name__}.{hook} raised at step {run.step}: "
                 f"{type(error).__name__}: {error}"

@@ -1,7 +1,10 @@
 """Callbacks: the protocol, early stopping, best checkpoint, stopping, a callback that raises."""
 
+import dataclasses
 import json
 import math
+import re
+import shutil
 
 import flax.linen as nn
 import jax
@@ -14,9 +17,11 @@ from jcnn.train import (
     BestCheckpoint,
     Callback,
     CallbackError,
+    CheckpointError,
     CheckpointManager,
     EarlyStopping,
     RunContext,
+    RunFolderError,
     TrainConfig,
     fit,
     load_run,
@@ -350,3 +355,28 @@ def test_two_best_checkpoints_in_one_folder_are_refused(tmp_path, rng, first, se
         callbacks=[callbacks[0], BestCheckpoint(directory="best_accuracy")],
     )
     assert (tmp_path / "apart" / "best_accuracy").is_dir()
+
+
+def _file_bytes(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "damaged, error", [("best.json", RunFolderError), ("best/index.json", CheckpointError)]
+)
+def test_a_damaged_best_checkpoint_record_stops_a_resume_before_anything_is_written(
+    tmp_path, rng, damaged, error
+):
+    # it was found at the first improvement after the resume: config.json already rewritten and
+    # training done, then a CallbackError
+    train, val = _loaders(rng)
+    config = _config(tmp_path, epochs=2, eval_every_steps=1, checkpoint_every_steps=2)
+    fit(TinyNet(), train, val, config, callbacks=[BestCheckpoint("val_loss", mode="min")])
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")  # as if killed after step 6
+    path = tmp_path / damaged
+    path.write_text(path.read_text()[:5])
+    before = _file_bytes(tmp_path)
+    resume = dataclasses.replace(config, resume=True)
+    with pytest.raises(error, match=re.escape(str(path))):
+        fit(TinyNet(), train, val, resume, callbacks=[BestCheckpoint("val_loss", mode="min")])
+    assert _file_bytes(tmp_path) == before
