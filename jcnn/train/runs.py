@@ -401,6 +401,14 @@ def _restore_variables(path: Path, template: dict) -> dict:
     return jax.tree.map(jnp.asarray, restored)
 
 
+def _read_json(path: Path):
+    """The JSON in ``path``; a ``ValueError`` naming the file if it is unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path.name}: {type(error).__name__}: {error}") from error
+
+
 def load_run(
     folder: str | os.PathLike, which: str | int = "latest", *, model: nn.Module | None = None
 ) -> Run:
@@ -441,7 +449,7 @@ def load_run(
     if missing:
         raise _not_a_run(folder, f"missing {', '.join(missing)}")
     try:
-        record = json.loads((folder / "config.json").read_text())
+        record = _read_json(folder / "config.json")
         if not isinstance(record, dict):
             raise ValueError(f"config.json holds a {type(record).__name__}, expected an object")
         config = record.get("train", record)  # a run_folder record; older runs: the TrainConfig
@@ -449,9 +457,12 @@ def load_run(
             raise ValueError(
                 f"config.json's 'train' holds a {type(config).__name__}, expected an object"
             )
-        description = json.loads((folder / RUN_FILE).read_text())
+        description = _read_json(folder / RUN_FILE)
         if not isinstance(description, dict):
             raise ValueError(f"{RUN_FILE} holds a {type(description).__name__}, expected an object")
+        absent = [key for key in ("model", "input") if key not in description]
+        if absent:
+            raise ValueError(f"{RUN_FILE} has no {' or '.join(map(repr, absent))}")
         entry, input_spec = description["model"], description["input"]
         metadata = description.get("metadata", {})
         for name, value in (("model", entry), ("input", input_spec), ("metadata", metadata)):
@@ -459,7 +470,10 @@ def load_run(
                 raise ValueError(
                     f"{RUN_FILE}'s {name!r} holds a {type(value).__name__}, expected an object"
                 )
-        sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
+        try:
+            sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{RUN_FILE}'s 'input' {input_spec}: {error!r}") from error
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _not_a_run(folder, f"unreadable config.json or {RUN_FILE}: {error}") from error
     if model is None:

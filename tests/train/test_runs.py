@@ -126,7 +126,18 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path, trained):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "run.json").write_text("{not json")
-    with pytest.raises(RunFolderError, match="unreadable config.json or run.json"):
+    with pytest.raises(RunFolderError, match="unreadable config.json or run.json: run.json: JSON"):
+        load_run(copy)
+    shutil.copy(out / "run.json", copy / "run.json")
+    (copy / "config.json").write_bytes(b"\xff\xfe")  # neither names the other file
+    with pytest.raises(RunFolderError, match="run.json: config.json: UnicodeDecodeError"):
+        load_run(copy)
+    shutil.copy(out / "config.json", copy / "config.json")
+    description = json.loads((out / "run.json").read_text())
+    (copy / "run.json").write_text(
+        json.dumps({k: v for k, v in description.items() if k != "input"})
+    )
+    with pytest.raises(RunFolderError, match="run.json: run.json has no 'input'"):
         load_run(copy)
     shutil.copy(out / "run.json", copy / "run.json")
     with pytest.raises(RunFolderError, match="does not match the model"):
@@ -269,7 +280,7 @@ def test_a_run_json_or_config_json_of_the_wrong_structure_is_named(tmp_path, tra
         {**good, "input": {"shape": [8, 8, 2], "dtype": "no_such_dtype"}},
     ):
         (copy / "run.json").write_text(json.dumps(bad))
-        with pytest.raises(RunFolderError, match="unreadable config.json or run.json"):
+        with pytest.raises(RunFolderError, match="unreadable config.json or run.json: run.json"):
             load_run(copy)
     (copy / "run.json").write_text(json.dumps(good))
     (copy / "config.json").write_text(json.dumps({"train": [1]}))
