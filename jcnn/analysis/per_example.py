@@ -88,16 +88,27 @@ def _check_params(params) -> None:
             )
 
 
-_BATCH_NORM_MESSAGE = (
-    "{where}: the model computes BatchNorm statistics in training mode. Per-example gradients "
-    "treat each example as a batch of one, so each would be normalized by its own statistics "
-    "(wrong gradients, silently; zero after a dense layer), and in a real batch an example's "
-    "gradient depends on every other example. Choose one: (1) frozen statistics: call the model "
-    "with train=False (the running statistics are constants); (2) the batch's statistics shared "
-    "across examples: BatchNorm(axis_name=NAME) and {where}(..., axis_name=NAME) (the mean of the "
-    "per-example gradients is then the batch gradient, but an example's gradient depends on the "
-    "others: no DP guarantee); (3) GroupNorm instead: jcnn.analysis.replace_batch_norm(model)."
-)
+# the public functions that can share BatchNorm statistics across the examples (axis_name)
+_TAKES_AXIS_NAME = ("per_example_grads", "per_example_grad_norms")
+
+
+def _batch_norm_message(where: str) -> str:
+    """The error for train-mode BatchNorm statistics inside ``where``, naming the ways out."""
+    if where in _TAKES_AXIS_NAME:
+        shared = f"{where}(..., axis_name=NAME)"
+    else:  # the ghost and DP functions: an example's gradient must not depend on the others
+        shared = f"per_example_grads(..., axis_name=NAME) ({where} takes no axis_name)"
+    return (
+        f"{where}: the model computes BatchNorm statistics in training mode. Per-example "
+        "gradients treat each example as a batch of one, so each would be normalized by its own "
+        "statistics (wrong gradients, silently; zero after a dense layer), and in a real batch an "
+        "example's gradient depends on every other example. Choose one: (1) frozen statistics: "
+        "call the model with train=False (the running statistics are constants); (2) the batch's "
+        f"statistics shared across examples: BatchNorm(axis_name=NAME) and {shared} (the mean of "
+        "the per-example gradients is then the batch gradient, but an example's gradient depends "
+        "on the others: no DP guarantee); (3) GroupNorm instead: "
+        "jcnn.analysis.replace_batch_norm(model)."
+    )
 
 
 def _flax_batch_norm_guard(where: str):
@@ -112,7 +123,15 @@ def _flax_batch_norm_guard(where: str):
                 kwargs.get("use_running_average", args[1] if len(args) > 1 else None),
             )
             if not frozen and module.axis_name is None:
-                raise ValueError(_BATCH_NORM_MESSAGE.format(where=where))
+                raise ValueError(_batch_norm_message(where))
+            if not frozen:
+                try:
+                    lax.axis_size(module.axis_name)
+                except NameError as error:  # JAX's "unbound axis name: b"
+                    raise ValueError(
+                        f"axis_name: flax.linen.BatchNorm(axis_name={module.axis_name!r}) names no "
+                        f"axis mapped around the model ({error}); {_batch_norm_message(where)}"
+                    ) from None
         return next_fun(*args, **kwargs)
 
     return intercept
@@ -123,10 +142,11 @@ def per_example_trace(where: str) -> Iterator[None]:
     """While tracing a per-example function: BatchNorm with batch statistics raises ``ValueError``.
 
     Covers ``F.batch_norm``/``jcnn.nn.BatchNorm`` (``train=True`` without ``axis_name``) and
-    ``flax.linen.BatchNorm`` (``use_running_average=False`` without ``axis_name``). ``where``
-    names the public function in the message.
+    ``flax.linen.BatchNorm`` (``use_running_average=False`` without ``axis_name``), and either
+    with an ``axis_name`` that no enclosing map binds. ``where`` names the public function in the
+    message.
     """
-    token = PER_EXAMPLE_TRACE.set(_BATCH_NORM_MESSAGE.format(where=where))
+    token = PER_EXAMPLE_TRACE.set(_batch_norm_message(where))
     try:
         with linen.intercept_methods(_flax_batch_norm_guard(where)):
             yield

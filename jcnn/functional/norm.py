@@ -44,7 +44,8 @@ from jcnn.functional._checks import (
 )
 
 # While jcnn.analysis traces a per-example function (each example a batch of one), this holds the
-# error message to raise if batch statistics are computed: they would be one example's own.
+# error message to raise if batch statistics are computed (they would be one example's own), also
+# added to the error of an axis_name that no enclosing map binds.
 PER_EXAMPLE_TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "jcnn_per_example_trace", default=None
 )
@@ -137,9 +138,12 @@ def batch_norm(
             try:
                 count *= lax.axis_size(axis_name)
             except NameError as error:  # JAX's "unbound axis name: b"
+                # inside jcnn.analysis' per-example functions, say which of them map the axis
+                ways_out = PER_EXAMPLE_TRACE.get()
                 raise ValueError(
                     f"axis_name: expected the name of an axis mapped around this call (jax.vmap, "
                     f"shard_map or pmap with axis_name=...), got {axis_name!r} ({error})"
+                    + (f"; {ways_out}" if ways_out else "")
                 ) from None
         if count == 0:  # an empty batch, as in PyTorch: nothing to normalize, no statistics
             return _affine(xf, scale, bias).astype(x.dtype), state

@@ -25,7 +25,7 @@ import optax
 
 from jcnn import functional as F
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
-from jcnn.analysis.per_example import _BATCH_NORM_MESSAGE, per_example_trace
+from jcnn.analysis.per_example import _batch_norm_message, per_example_trace
 from jcnn.functional._checks import _is_real_scalar, check_real
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
@@ -337,7 +337,7 @@ class DPTraining:
             with per_example_trace("fit"):
                 jax.eval_shape(loss, state.params)
         except ValueError as error:
-            if str(error) == _BATCH_NORM_MESSAGE.format(where="fit"):
+            if str(error) == _batch_norm_message("fit"):
                 raise ValueError(_FIT_BATCH_NORM_MESSAGE) from None
             raise
 

@@ -12,7 +12,14 @@ import pytest
 
 from jcnn import functional as F
 from jcnn import models, nn
-from jcnn.analysis import per_example_grad_norms, per_example_grads, replace_batch_norm
+from jcnn.analysis import (
+    ghost_clipped_sum,
+    ghost_norms,
+    per_example_grad_norms,
+    per_example_grads,
+    private_grad,
+    replace_batch_norm,
+)
 
 
 def _net(axis_name=None):
@@ -61,6 +68,59 @@ def test_train_mode_batch_norm_raises_naming_the_ways_out(problem, fn):
         jax.jit(lambda p, b: fn(_loss(_net(), stats, True), p, b))(params, batch)
     for way_out in ("train=False", "axis_name", "replace_batch_norm"):
         assert way_out in str(error.value)
+
+
+def test_ghost_and_dp_functions_name_the_function_that_shares_statistics(problem):
+    # ghost_norms, ghost_clipped_sum and private_grad take no axis_name: their message sent the
+    # user to ghost_norms(..., axis_name=NAME), a TypeError; and a BatchNorm(axis_name=NAME)
+    # inside them, or inside per_example_grads without axis_name, got only "unbound axis name"
+    params, stats, batch = problem
+    key = jax.random.key(0)
+    functions = {
+        "ghost_norms": lambda loss: ghost_norms(loss, params, batch),
+        "ghost_clipped_sum": lambda loss: ghost_clipped_sum(loss, params, batch, 1.0),
+        "per_example_grads": lambda loss: per_example_grads(loss, params, batch),
+        "private_grad": lambda loss: private_grad(
+            loss, params, batch, key, l2_norm_clip=1.0, noise_multiplier=1.0
+        ),
+    }
+    for where, call in functions.items():
+        for axis_name in (None, "examples"):
+            with pytest.raises(ValueError) as error:
+                call(_loss(_net(axis_name), stats, True))
+            message = str(error.value)
+            assert "replace_batch_norm" in message and "train=False" in message, message
+            if where == "per_example_grads":
+                assert "per_example_grads(..., axis_name=NAME)" in message
+            else:
+                inner = "ghost_clipped_sum" if where == "private_grad" else where
+                assert f"{inner}(..., axis_name" not in message
+                assert f"per_example_grads(..., axis_name=NAME) ({inner} takes no axis_name)" in (
+                    message
+                )
+            if axis_name:
+                assert message.startswith("axis_name: ") and "'examples'" in message
+
+
+def test_flax_batch_norm_with_an_unmapped_axis_name_names_the_ways_out():
+    class FlaxNet(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.BatchNorm(use_running_average=False, axis_name="examples")(x)
+
+    x = jnp.arange(8.0).reshape(4, 2)
+    net = FlaxNet()
+    variables = net.init(jax.random.key(0), x[:1].repeat(2, 0))
+
+    def loss(params, x):
+        out, _ = net.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(out[:, 0] * x[:, 1])
+
+    with pytest.raises(ValueError, match="axis_name: flax.linen.BatchNorm.*'examples'.*unbound"):
+        per_example_grads(loss, variables["params"], x)
+    # mapped by per_example_grads: the batch's statistics, shared
+    grads = per_example_grads(loss, variables["params"], x, axis_name="examples")
+    assert grads["BatchNorm_0"]["scale"].shape == (4, 2)
 
 
 def test_train_mode_functional_and_flax_batch_norm_raise(problem):
