@@ -691,6 +691,16 @@ BAD_INPUTS = [
         "num_groups: every entry must be >= 1",
     ),
     (
+        lambda: group_norm(X4, None, None, num_groups=(4,)),
+        TypeError,
+        "num_groups: expected a positive int, got (4,)",
+    ),
+    (
+        lambda: group_norm(X4, None, None, num_groups=4.0),
+        TypeError,
+        "num_groups: expected a positive int, got 4.0",
+    ),
+    (
         lambda: instance_norm(jnp.zeros((2, 16)), None, None),
         ValueError,
         "x: expected rank >= 3 (N, *spatial, C), got rank 2 with shape (2, 16)",
@@ -719,6 +729,11 @@ BAD_INPUTS = [
         lambda: local_response_norm(X4, 0),
         ValueError,
         "size: every entry must be >= 1, got 0",
+    ),
+    (
+        lambda: local_response_norm(X4, [3]),
+        TypeError,
+        "size: expected a positive int, got [3]",
     ),
     (
         lambda: local_response_norm(X4, 3, alpha=-1e-4),
