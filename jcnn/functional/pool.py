@@ -158,7 +158,11 @@ def max_pool(
       ceil_mode: round the output size up instead of down (a last, partial window).
 
     Returns:
-      ``(N, *out_spatial, C)`` array, the maximum of each window.
+      ``(N, *out_spatial, C)`` array, the maximum of each window (NaN where the window holds a
+      NaN). The gradient of a window goes to its first maximum in row-major order, as in
+      PyTorch. Where the window holds a NaN, PyTorch sends it to the last NaN; so does jcnn for
+      non-overlapping windows on CPU, while overlapping or dilated windows may send it to another
+      pixel of the window.
 
     The 2x2 max pool with stride 1 of the course notes:
 
@@ -547,7 +551,7 @@ def adaptive_max_pool(x: jax.Array, output_size: int | Sequence[int | None]) -> 
     """Max pooling to a fixed output size, with PyTorch's bins (see ``adaptive_avg_pool``).
 
     The gradient of each output goes to the first maximum of its bin in row-major order (the last
-    NaN where there are NaNs), as in PyTorch and ``max_pool``.
+    NaN where there are NaNs), as in PyTorch.
 
     Args:
       x: ``(N, *spatial, C)`` floating array.
