@@ -198,10 +198,12 @@ def _convert_norm(group, prefix, path, params_shapes, stats_shapes):
 
 def _insert(tree: dict, path: Sequence[str], values: dict, like: Mapping) -> None:
     """``values`` at ``path`` of ``tree``, each in the dtype of the model's own variable in
-    ``like`` (a bfloat16 ``param_dtype`` stays bfloat16)."""
+    ``like`` (a bfloat16 ``param_dtype`` stays bfloat16), copied: on CPU ``jnp.asarray`` may
+    share the memory of the PyTorch tensor, which a later ``optimizer.step()`` or a training-mode
+    forward (running statistics) would then change under the imported variables."""
     for key in path:
         tree = tree.setdefault(key, {})
-    tree.update({k: jnp.asarray(v, like[k].dtype) for k, v in values.items()})
+    tree.update({k: jnp.array(v, like[k].dtype, copy=True) for k, v in values.items()})
 
 
 def _keeps_order(call) -> bool:

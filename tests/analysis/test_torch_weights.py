@@ -461,3 +461,46 @@ def test_torchvision_input_shape_is_checked():
     # a shape as an integer array is a shape: the conversion goes on to the (empty) state_dict
     with pytest.raises(ValueError, match="missing from the state_dict"):
         from_torchvision_state_dict(model, {}, np.array([1, 32, 32, 3]))
+
+
+def test_imported_variables_do_not_share_memory_with_the_tensors(torch, rng):
+    # on CPU the variables aliased the tensors: a training-mode forward of the PyTorch twin
+    # (running statistics) or an optimizer step then changed the imported jcnn variables
+    net = _randomize_norm_statistics(
+        torch, torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), rng
+    )
+    model = jcnn.nn.Sequential([jcnn.nn.Conv(4, 3), jcnn.nn.BatchNorm()])
+    variables = from_torch_state_dict(model, net.state_dict(), (1, 6, 6, 3))
+    before = jax.tree.map(np.array, variables)
+    net.train()(torch.from_numpy(rng.normal(size=(2, 3, 6, 6)).astype(np.float32)))
+    with torch.no_grad():
+        net[0].bias.add_(1.0)
+    jax.tree.map(np.testing.assert_array_equal, variables, before)
+
+    widths = (4, 16)  # a one-block ConvNeXt with torchvision's names, as NumPy arrays
+    shapes = {
+        "features.0.0.weight": (4, 3, 2, 2),
+        "features.0.0.bias": (4,),
+        "features.0.1.weight": (4,),
+        "features.0.1.bias": (4,),
+        "features.1.0.block.0.weight": (4, 1, 7, 7),
+        "features.1.0.block.0.bias": (4,),
+        "features.1.0.block.2.weight": (4,),
+        "features.1.0.block.2.bias": (4,),
+        "features.1.0.block.3.weight": widths[::-1],
+        "features.1.0.block.3.bias": (16,),
+        "features.1.0.block.5.weight": widths,
+        "features.1.0.block.5.bias": (4,),
+        "features.1.0.layer_scale": (4, 1, 1),
+        "classifier.0.weight": (4,),
+        "classifier.0.bias": (4,),
+        "classifier.2.weight": (2, 4),
+        "classifier.2.bias": (2,),
+    }
+    state = {key: rng.normal(size=shape).astype(np.float32) for key, shape in shapes.items()}
+    convnext = jcnn.models.ConvNeXt((1,), (4,), num_classes=2, patch_size=2)
+    variables = from_torchvision_state_dict(convnext, state, (1, 4, 4, 3))
+    before = jax.tree.map(np.array, variables)
+    for array in state.values():
+        array += 1.0
+    jax.tree.map(np.testing.assert_array_equal, variables, before)
