@@ -83,17 +83,26 @@ class ConvNeXtBlock(nn.Module):
         check_array(x, "x", ndim=4)
         rate = _check_stochastic_depth(self.stochastic_depth)
         check_real(self.layer_scale_init, "layer_scale_init")
+        kernel_size = check_int(self.kernel_size, "kernel_size", low=1)
+        if kernel_size % 2 == 0:
+            # an even window with padding kernel_size // 2 grows the map by one pixel and the
+            # residual sum would fail to broadcast
+            raise ValueError(
+                f"kernel_size: expected an odd int (the block keeps the map's size), got "
+                f"{kernel_size}"
+            )
+        expansion = check_int(self.expansion, "expansion", low=1)
         channels = x.shape[-1]
         y = Conv(
             channels,
-            (self.kernel_size, self.kernel_size),
-            padding=self.kernel_size // 2,
+            (kernel_size, kernel_size),
+            padding=kernel_size // 2,
             groups=channels,
             kernel_init=_weight_init,
             name="dwconv",
         )(x)
         y = _channel_norm(y, "norm")
-        y = Dense(self.expansion * channels, kernel_init=_weight_init, name="pwconv1")(y)
+        y = Dense(expansion * channels, kernel_init=_weight_init, name="pwconv1")(y)
         y = GELU(name="gelu")(y)
         y = Dense(channels, kernel_init=_weight_init, name="pwconv2")(y)
         scale = self.param(

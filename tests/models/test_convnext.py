@@ -220,3 +220,21 @@ def test_block_takes_numpy_settings_and_checks_them():
     assert_refused(
         models.ConvNeXtBlock(layer_scale_init=float("nan")), x, ValueError, "layer_scale"
     )
+
+
+@pytest.mark.parametrize(
+    "setting, error, says",
+    [
+        ({"kernel_size": 4}, ValueError, r"kernel_size: expected an odd int .*, got 4"),
+        ({"kernel_size": 0}, ValueError, r"kernel_size: expected an int >= 1, got 0"),
+        ({"kernel_size": 7.0}, TypeError, r"kernel_size: expected an int >= 1, got 7.0"),
+        ({"expansion": 0}, ValueError, r"expansion: expected an int >= 1, got 0"),
+    ],
+)
+def test_block_window_and_expansion_are_named(setting, error, says):
+    # an even window failed on the residual sum's broadcasting, expansion 0 was blamed on the
+    # Dense layer's features
+    assert_refused(models.ConvNeXtBlock(**setting), (1, 8, 8, 4), error, says)
+    assert param_shapes(models.ConvNeXtBlock(kernel_size=3, expansion=2), (1, 8, 8, 4))["pwconv1"][
+        "kernel"
+    ].shape == (4, 8)
