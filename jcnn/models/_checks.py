@@ -57,3 +57,19 @@ def check_image_size(x, reductions: Sequence[tuple[int, int, int]], model: str) 
             f"x: {model} expects images of at least {needed}x{needed} pixels, got shape "
             f"{tuple(x.shape)}"
         )
+
+
+def check_not_empty(x, model: str) -> None:
+    """Raise a ``ValueError`` naming ``x`` when a spatial size or the channel count is 0 (the
+    first layer would otherwise blame its own kernel or window).
+
+    >>> import numpy as np
+    >>> check_not_empty(np.zeros((2, 8, 8, 0)), "UNet")
+    Traceback (most recent call last):
+    ...
+    ValueError: x: UNet expects at least one pixel and one channel, got shape (2, 8, 8, 0)
+    """
+    if min(x.shape[1:]) < 1:
+        raise ValueError(
+            f"x: {model} expects at least one pixel and one channel, got shape {tuple(x.shape)}"
+        )

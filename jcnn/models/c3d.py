@@ -19,7 +19,12 @@ import jax
 
 from jcnn import init
 from jcnn.functional._checks import check_array
-from jcnn.models._checks import check_bn_momentum, check_num_classes, check_per_stage
+from jcnn.models._checks import (
+    check_bn_momentum,
+    check_not_empty,
+    check_num_classes,
+    check_per_stage,
+)
 from jcnn.nn import BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, ReLU
 
 __all__ = ["SmallC3D"]
@@ -61,6 +66,7 @@ class SmallC3D(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for volumes ``x`` ``(N, D, H, W, C)``."""
         check_array(x, "x", ndim=5)
+        check_not_empty(x, "SmallC3D")
         num_classes = check_num_classes(self.num_classes)
         widths = check_per_stage(self.widths, "widths")
         check_bn_momentum(self.bn_momentum)

@@ -29,7 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from jcnn.functional._checks import check_array, check_int, check_real
-from jcnn.models._checks import check_image_size, check_num_classes, check_per_stage
+from jcnn.models._checks import (
+    check_image_size,
+    check_not_empty,
+    check_num_classes,
+    check_per_stage,
+)
 from jcnn.nn import GELU, Conv, Dense, GlobalAvgPool, LayerNorm
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "convnext_tiny", "convnext_cifar"]
@@ -81,6 +86,7 @@ class ConvNeXtBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
+        check_not_empty(x, "ConvNeXtBlock")
         rate = _check_stochastic_depth(self.stochastic_depth)
         check_real(self.layer_scale_init, "layer_scale_init")
         kernel_size = check_int(self.kernel_size, "kernel_size", low=1)
@@ -150,6 +156,7 @@ class ConvNeXt(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
+        check_not_empty(x, "ConvNeXt")
         depths = check_per_stage(self.depths, "depths")
         widths = check_per_stage(self.widths, "widths")
         stages = len(depths)

@@ -37,6 +37,7 @@ from jcnn.functional._checks import check_array, check_int, check_real
 from jcnn.models._checks import (
     check_bn_momentum,
     check_dropout_rate,
+    check_not_empty,
     check_num_classes,
     check_per_stage,
 )
@@ -112,6 +113,7 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
+        check_not_empty(x, "InvertedResidual")
         check_int(self.expansion, "expansion", low=1)
         check_int(self.stride, "stride", low=1)
         check_bn_momentum(self.bn_momentum)
@@ -178,6 +180,7 @@ class MobileNetV2(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
+        check_not_empty(x, "MobileNetV2")
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {self.stem!r}")
         check_real(self.width_multiplier, "width_multiplier", low=0, low_open=True)

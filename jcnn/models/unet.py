@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jcnn.functional._checks import check_array, check_bool, check_choice, check_int
-from jcnn.models._checks import check_bn_momentum, check_per_stage
+from jcnn.models._checks import check_bn_momentum, check_not_empty, check_per_stage
 from jcnn.nn import BatchNorm, Conv, ConvTranspose, MaxPool, ReLU
 
 __all__ = ["DoubleConv", "UNet"]
@@ -59,6 +59,8 @@ class DoubleConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply both convs to ``x`` ``(N, H, W, C)``."""
+        check_array(x, "x", ndim=4)
+        check_not_empty(x, "DoubleConv")
         _check_settings(self.padding, self.batch_norm, self.bn_momentum)
         for i in (1, 2):
             x = Conv(
@@ -112,6 +114,7 @@ class UNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Scores ``(N, H', W', out_channels)`` for images ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
+        check_not_empty(x, "UNet")
         widths = check_per_stage(self.widths, "widths")
         out_channels = check_int(self.out_channels, "out_channels", low=1)
         _check_settings(self.padding, self.batch_norm, self.bn_momentum)

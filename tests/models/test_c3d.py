@@ -93,3 +93,9 @@ def test_a_volume_too_small_for_the_pools_is_blamed_on_x(shape):
 def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
     # they used to surface as the inner layer's argument (features, momentum, rate) or pass
     assert_refused(models.SmallC3D(widths=(4, 8)).clone(**setting), (1, 4, 8, 8, 3), error, says)
+
+
+def test_a_volume_without_channels_is_blamed_on_x():
+    # the first conv's initializer used to blame its kernel shape ("shape: ... fan_in 0")
+    says = r"^x: SmallC3D expects at least one pixel and one channel, got shape \(1, 2, 4, 4, 0\)"
+    assert_refused(models.SmallC3D(widths=(4, 8)), (1, 2, 4, 4, 0), ValueError, says)

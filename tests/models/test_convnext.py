@@ -238,3 +238,17 @@ def test_block_window_and_expansion_are_named(setting, error, says):
     assert param_shapes(models.ConvNeXtBlock(kernel_size=3, expansion=2), (1, 8, 8, 4))["pwconv1"][
         "kernel"
     ].shape == (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (models.ConvNeXt((1, 1), (8, 16), num_classes=3, patch_size=2), (1, 8, 8, 0)),
+        (models.ConvNeXtBlock(), (1, 0, 8, 4)),
+        (models.ConvNeXtBlock(), (1, 8, 8, 0)),
+    ],
+)
+def test_empty_images_are_blamed_on_x(model, shape):
+    # the first conv used to blame its own kernel ("w: ...") or its features
+    says = rf"^x: {type(model).__name__} expects at least one pixel and one channel, got shape"
+    assert_refused(model, shape, ValueError, says)

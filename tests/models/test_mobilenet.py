@@ -235,3 +235,19 @@ def test_inverted_residual_checks_its_own_settings():
     assert_refused(
         models.InvertedResidual(8, bn_momentum=2.0), (1, 8, 8, 8), ValueError, "bn_momentum: "
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (models.MobileNetV2(3, stem="cifar", stages=((1, 16, 1, 1),)), (1, 8, 0, 3)),
+        (models.MobileNetV2(3, stages=((1, 16, 1, 1),)), (1, 8, 8, 0)),
+        (models.InvertedResidual(8), (1, 0, 8, 8)),
+        (models.InvertedResidual(8), (1, 8, 8, 0)),
+    ],
+)
+def test_empty_images_are_blamed_on_x(model, shape):
+    # the first conv used to blame its own kernel ("w: ...") or its features
+    says = rf"^x: {type(model).__name__} expects at least one pixel and one channel, got shape"
+    assert_refused(model, shape, ValueError, says)
+    assert count_params(model, (1, 1, 1, shape[-1] or 3)) > 0  # a single pixel is enough

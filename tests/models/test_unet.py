@@ -204,3 +204,17 @@ def test_double_conv_checks_its_own_settings():
     # an unknown padding was a KeyError from inside
     assert_refused(models.DoubleConv(4, padding="full"), (1, 8, 8, 1), ValueError, "padding: ")
     assert_refused(models.DoubleConv(4, batch_norm=1), (1, 8, 8, 1), TypeError, "batch_norm: ")
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (models.UNet(widths=(4, 8), padding="same"), (1, 8, 8, 0)),
+        (models.DoubleConv(4), (1, 8, 8, 0)),
+        (models.DoubleConv(4), (1, 8, 0, 2)),
+    ],
+)
+def test_empty_images_are_blamed_on_x(model, shape):
+    # the first conv's initializer used to blame its kernel shape ("shape: ... fan_in 0")
+    says = rf"^x: {type(model).__name__} expects at least one pixel and one channel, got shape"
+    assert_refused(model, shape, ValueError, says)
