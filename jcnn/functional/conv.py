@@ -374,6 +374,10 @@ def conv_transpose(
 
     x, w, b = _promote(x, w, b)
     options = (stride, pads, dilation, groups, tuple(out_sizes))
+    if 0 in sizes:
+        # Nothing scatters. The interleaving below would give an empty dim no (size - 1) * stride
+        # term, stride - 1 longer than the formula above.
+        return _add_bias(jnp.zeros((x.shape[0], *out_sizes, out_channels), x.dtype), b)
     if _transpose_on_onednn(x, w, *options):
         return _add_bias(_conv_onednn.conv_transpose(x, w, *options), b)
     # A stride-1 cross-correlation of the zero-interleaved input with the flipped kernel, whose

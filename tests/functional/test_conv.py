@@ -1039,6 +1039,24 @@ def test_conv_transpose_of_a_spatially_empty_input_is_the_bias(backend, request)
 
 
 @pytest.mark.parametrize("backend", ["xla", "onednn"])
+def test_conv_transpose_of_a_spatially_empty_input_has_the_documented_size_at_any_stride(
+    backend, request
+):
+    # out = (size - 1) * stride - lo - hi + dilation * (k - 1) + output_padding + 1 holds for
+    # size 0 too: stride 3, kernel 3, output_padding 2 gives 2 (it gave 4, stride - 1 more).
+    from jcnn import native
+
+    if backend == "onednn":
+        request.getfixturevalue("onednn")
+    x, w, b = _zeros(1, 0, 3, 2), np.ones((3, 3, 2, 3), np.float32), np.arange(3, dtype=np.float32)
+    with native.conv_backend_scope(backend):
+        y = conv_transpose(x, w, b, stride=3, output_padding=(2, 0))
+        dw = jax.grad(lambda w: conv_transpose(x, w, stride=3, output_padding=(2, 0)).sum())(w)
+    np.testing.assert_array_equal(y, np.broadcast_to(b, (1, 2, 9, 3)))
+    np.testing.assert_array_equal(dw, np.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
 def test_output_padding_below_the_stride_or_the_dilation_is_accepted(backend, request, torch, rng):
     # The boundary of the rule above: output_padding 1 < stride 2 in one dim, 2 < dilation 3 in
     # the other (PyTorch accepts either).
