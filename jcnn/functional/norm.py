@@ -750,7 +750,7 @@ def _check_count(value, name: str) -> int:
     """A positive int (``num_groups``, ``size``) as a Python int. Unlike a window, never a
     sequence: ``(3,)`` is refused, as ``jcnn.nn``'s modules refuse it."""
     if not is_int(value):
-        raise TypeError(f"{name}: expected a positive int, got {value!r}")
+        raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
     (value,) = as_int_tuple(value, 1, name, minimum=1)
     return value
 

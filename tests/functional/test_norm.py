@@ -693,12 +693,12 @@ BAD_INPUTS = [
     (
         lambda: group_norm(X4, None, None, num_groups=(4,)),
         TypeError,
-        "num_groups: expected a positive int, got (4,)",
+        "num_groups: expected an int >= 1, got (4,)",
     ),
     (
         lambda: group_norm(X4, None, None, num_groups=4.0),
         TypeError,
-        "num_groups: expected a positive int, got 4.0",
+        "num_groups: expected an int >= 1, got 4.0",
     ),
     (
         lambda: instance_norm(jnp.zeros((2, 16)), None, None),
@@ -733,7 +733,7 @@ BAD_INPUTS = [
     (
         lambda: local_response_norm(X4, [3]),
         TypeError,
-        "size: expected a positive int, got [3]",
+        "size: expected an int >= 1, got [3]",
     ),
     (
         lambda: local_response_norm(X4, 3, alpha=-1e-4),
