@@ -46,7 +46,7 @@ train: $(VENV)/.runtime
 
 # pytest's exit 5 (nothing collected) is a failure too: a suite that runs nothing passes nothing.
 test: $(VENV)/.dev
-	$(bin)/python -m pytest -n auto --dist worksteal --durations=30 $(PYTEST_FLAGS); status=$$?; \
+	$(bin)/python -m pytest -n auto --durations=30 $(PYTEST_FLAGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
 
