@@ -342,6 +342,11 @@ class CheckpointManager:
         good = [s for s in self.steps() if self.status(s) == "good"]
         return good[-1] if good else None
 
+    def resume_step(self) -> int | None:
+        """The newest checkpoint not marked ``"bad"`` (the one a resume restores), or ``None``."""
+        usable = [s for s in self.steps() if self.status(s) != "bad"]
+        return usable[-1] if usable else None
+
     def metric(self, step: int) -> float | None:
         """The metric the checkpoint at ``step`` was saved with."""
         return self.manifest(step)["metric"]

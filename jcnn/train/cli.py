@@ -718,16 +718,18 @@ def _on_interrupt(out: Path):
         yield
     except KeyboardInterrupt:
         from jcnn.train import run_folder
-        from jcnn.train.checkpoint import _STEP_DIR
+        from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 
-        folder = out / "checkpoints"
-        steps = sorted(
-            int(match[1])
-            for match in map(_STEP_DIR.match, (p.name for p in folder.glob("step_*")))
-            if match and (folder / match[0]).is_dir()
-        )
-        if steps:
-            advice = f"--resume (other flags the same) continues from step {steps[-1]}"
+        folder, step, damage = out / "checkpoints", None, None
+        if folder.is_dir():
+            try:
+                step = CheckpointManager(folder).resume_step()
+            except CheckpointError as error:
+                damage = error
+        if damage is not None:
+            advice = f"its checkpoints cannot be read ({damage})"
+        elif step is not None:
+            advice = f"--resume (other flags the same) continues from step {step}"
         elif run_folder.holds_run(out):
             advice = "no checkpoint yet; start again with --overwrite (it deletes the run's files)"
         else:

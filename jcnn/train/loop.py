@@ -1151,13 +1151,13 @@ def _fit(
     progress = _Progress(config.progress)
     pending = None  # a checkpoint whose parameters the next step's loss will judge
     if config.resume and manager is not None:
-        usable = [s for s in manager.steps() if manager.status(s) != "bad"]
-        if not usable:
+        resume_step = manager.resume_step()
+        if resume_step is None:
             raise CheckpointError(
                 f"nothing to resume in {manager.directory}: every checkpoint holds non-finite "
                 "values or produced a non-finite loss"
             )
-        state, meta = manager.restore(state, usable[-1])
+        state, meta = manager.restore(state, resume_step)
         epoch, start_batch = meta["epoch"], meta["batch"]
         running, history = meta["running"], meta["history"]
         evaluations = meta.get("evaluations", [])
@@ -1176,9 +1176,9 @@ def _fit(
             )
         if "callbacks" in meta:
             _restore_callbacks(callbacks, meta["callbacks"])
-        pending = usable[-1]
+        pending = resume_step
         progress.print(
-            f"resumed from {manager.path(usable[-1])} (epoch {epoch + 1}, batch {start_batch})"
+            f"resumed from {manager.path(resume_step)} (epoch {epoch + 1}, batch {start_batch})"
         )
     if mesh is not None:
         state = parallel.replicate(state, mesh)

@@ -254,6 +254,7 @@ def test_mismatched_state_is_a_short_message_naming_the_arrays(tmp_path):
 def test_statuses_and_the_newest_good_checkpoint_survives_pruning(tmp_path, rng):
     tree = _tree(rng)
     manager = CheckpointManager(tmp_path, keep_last=2)
+    assert manager.resume_step() is None
     manager.save(1, tree, status="good")
     manager.save(2, tree)
     bad = dict(tree, params=jax.tree.map(lambda x: x * jnp.inf, tree["params"]))
@@ -263,9 +264,12 @@ def test_statuses_and_the_newest_good_checkpoint_survives_pruning(tmp_path, rng)
     manager.save(4, bad)
     assert manager.steps() == [1, 3, 4]  # 1 kept: the newest good one
     assert manager.last_good_step() == 1
+    assert manager.resume_step() == 1  # 3 and 4 are bad
+    manager.save(5, tree)
+    assert manager.resume_step() == 5  # unverified is usable
     reopened = CheckpointManager(tmp_path, keep_last=2)  # statuses persist in the index
-    assert [reopened.status(s) for s in (1, 3, 4)] == ["good", "bad", "bad"]
-    assert reopened.manifest(3)["non_finite"] == ["params/bias", "params/conv/kernel"]
+    assert [reopened.status(s) for s in (1, 4, 5)] == ["good", "bad", "unverified"]
+    assert reopened.manifest(4)["non_finite"] == ["params/bias", "params/conv/kernel"]
     with pytest.raises(ValueError, match="status"):
         manager.save(5, tree, status="fine")
 

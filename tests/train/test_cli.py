@@ -568,6 +568,17 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(tmp_path, capsys, monkeypatch):
     assert _main([*argv, "--resume"], capsys)[0] == 0
     assert (out / "summary.json").exists()
 
+    (out / "checkpoints" / "index.json").write_text("{")
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "fit", interrupt)
+        code, err = _main([*argv, "--resume"], capsys)
+    assert code == 130, err
+    _assert_one_line(err)
+    assert (
+        err.startswith("jcnn-train: interrupted; its checkpoints cannot be read (")
+        and "index.json" in err
+    )
+
 
 # --- validation split, jcnn-eval, tfds:NAME ---
 
