@@ -306,15 +306,18 @@ class BestCheckpoint(_Monitor):
         super().on_train_begin(run)
         if run.out is None:
             raise ValueError("BestCheckpoint: needs a run folder (TrainConfig(out=...))")
+        self._manager = None  # a new run's is opened at the first save: fit sets up the folder
         if run.config is not None and run.config.resume:
             # a damaged best.json or best checkpoint index is reported now, before fit writes
             # anything, not at the first improvement after training has rewritten the folder
-            from jcnn.train.checkpoint import CheckpointManager
-
             best_directories(run.out)
-            if (run.out / self.directory).is_dir():
-                CheckpointManager(run.out / self.directory, keep_last=1, keep_best=False)
-        self._manager = None  # opened at the first save: fit has not yet set up the folder
+            if (run.out / self.directory).is_dir():  # recorded in best.json by its first save
+                self._manager = self._open(run.out)
+
+    def _open(self, out: Path):
+        from jcnn.train.checkpoint import CheckpointManager
+
+        return CheckpointManager(out / self.directory, keep_last=1, keep_best=False)
 
     def on_evaluation(self, run: RunContext, metrics: dict) -> None:
         value = float(metrics[self.monitor])
@@ -322,11 +325,7 @@ class BestCheckpoint(_Monitor):
             return
         self.best, self.best_step = value, int(metrics["step"])
         if self._manager is None:
-            from jcnn.train.checkpoint import CheckpointManager
-
             record_best_directory(run.out, self.directory)
-            self._manager = CheckpointManager(
-                run.out / self.directory, keep_last=1, keep_best=False
-            )
+            self._manager = self._open(run.out)
         meta = {"monitor": self.monitor, "mode": self.mode, "value": value, "epoch": run.epoch}
         self._manager.save(run.step, run.state, meta, metric=value)
