@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from jcnn._cli import OneLineParser
 from jcnn.data import datasets
 from jcnn.functional._checks import check_bool
 
@@ -572,14 +573,9 @@ def _describe_batch_file(name: str, spec, path: Path) -> tuple[Path, str, bool]:
     return path, "ok: content identical to the official (extracted)", True
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: the commands and flags are in --help
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the flags)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``jcnn-data``."""
-    p = _Parser(
+    p = OneLineParser(
         prog="jcnn-data",
         description="Download and verify the original files of the datasets jcnn.data.load reads.",
     )

@@ -439,9 +439,9 @@ def portable(fun: Callable[_P, _R]) -> Callable[_P, _R]:
 
 def main(argv: list[str] | None = None) -> int:
     """``jcnn-build-native``: build the library, load it and check it against XLA's convolution."""
-    import argparse
+    from jcnn._cli import OneLineParser
 
-    parser = argparse.ArgumentParser(prog="jcnn-build-native", description=main.__doc__)
+    parser = OneLineParser(prog="jcnn-build-native", description=main.__doc__)
     parser.add_argument("--verbose", action="store_true", help="print the compiler command")
     args = parser.parse_args(argv)
     try:

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from jcnn._cli import OneLineParser
+
 __all__ = ["main", "build_parser", "MODELS"]
 
 MODELS = {
@@ -118,11 +120,6 @@ class UsageError(SystemExit):
         self.exit_status = code
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: the flags are in --help
-        raise UsageError(f"{message} (jcnn-train --help lists the flags)")
-
-
 def _no_grad_entry(text: str) -> tuple[str, int]:
     """``PATTERN`` or ``PATTERN@EPOCH`` of ``--no-grad``."""
     pattern, _, epoch = text.rpartition("@") if "@" in text else (text, "", "0")
@@ -198,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jcnn.train.optim import OPTIMIZERS
 
     positive = _int_at_least(1, "a positive integer")
-    p = _Parser(prog="jcnn-train", description="Train a jcnn model; writes a run folder.")
+    p = OneLineParser(prog="jcnn-train", description="Train a jcnn model; writes a run folder.")
     p.add_argument(
         "--recipe",
         default=None,

@@ -19,19 +19,16 @@ import re
 import sys
 from pathlib import Path
 
+from jcnn._cli import OneLineParser
+
 __all__ = ["main", "build_parser", "plot_confusion"]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: the flags are in --help
-        self.exit(2, f"jcnn-eval: error: {message} (jcnn-eval --help lists the flags)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``jcnn-eval``."""
     from jcnn.train.cli import _dataset, _int_at_least
 
-    p = _Parser(prog="jcnn-eval", description="Evaluate a jcnn run folder on a test set.")
+    p = OneLineParser(prog="jcnn-eval", description="Evaluate a jcnn run folder on a test set.")
     p.add_argument("folder", help="the run folder (jcnn-train --out, TrainConfig.out)")
     p.add_argument("--which", default="latest", help="latest, best, or a checkpoint step")
     p.add_argument(

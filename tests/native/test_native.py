@@ -48,6 +48,18 @@ def test_build_reports_a_missing_compiler_and_a_failed_compile(tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob("*.so"))
 
 
+def test_an_unknown_flag_is_one_line_and_builds_nothing(capsys, monkeypatch):
+    # argparse printed its usage block before the error, unlike jcnn-train/-eval/-data
+    monkeypatch.setattr(native, "build", lambda **kwargs: pytest.fail("built"))
+    with pytest.raises(SystemExit) as exit:
+        native.main(["--jobs", "4"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "jcnn-build-native: error: unrecognized arguments: --jobs 4 "
+        "(jcnn-build-native --help lists the flags)\n"
+    )
+
+
 def test_build_names_a_library_folder_it_cannot_write(tmp_path, monkeypatch, capsys):
     # a JCNN_NATIVE_DIR under a file (or without permission) was a raw OSError from mkdir
     _fake_onednn(tmp_path / "onednn")
