@@ -136,21 +136,24 @@ class TrainConfig:
         val_split: carve a validation set from the training loader's examples: a count (int) or a
             fraction in ``(0, 1)``, drawn with ``val_split_seed`` (see ``split_validation``);
             needs a ``jcnn.data.Loader`` over arrays and no ``val_loader``. ``None``: no split.
-        val_split_seed: seed of the validation split (independent of ``seed``).
+        val_split_seed: seed of the validation split (independent of ``seed``); only with
+            ``val_split``.
         standardize: a ``jcnn.data.Standardize`` mode (``"per_channel"``...) fit on the training
             examples (after the validation split: never on validation or test examples) and
             applied to the train, validation and test loaders; saved in the run folder.
             ``None``: the loaders' images are used as they are.
         eval_every_steps: also evaluate the validation set every that many steps (0: each epoch
-            only).
-        eval_batch_size: batch size of the validation loader carved by ``val_split``.
+            only); needs a validation set.
+        eval_batch_size: batch size of the validation loader carved by ``val_split`` (only
+            with it).
         max_steps: stop after this many optimizer steps in all, even mid-epoch (``None``: no
             limit); training ends at ``epochs`` or ``max_steps``, whichever comes first.
         monitor: the metric ranking checkpoints for keep-best (``val_accuracy``, ``val_loss``,
-            ``val_<name>`` of an extra metric, or a ``train_`` one).
+            ``val_<name>`` of an extra metric, or a ``train_`` one; a ``val_`` one other than
+            the default needs a validation set).
         monitor_mode: ``"max"`` or ``"min"``: which direction of ``monitor`` is better.
         test_every_epoch: also evaluate the test loader at each epoch's end (reported as
-            ``test_*`` in the history, never used to choose anything).
+            ``test_*`` in the history, never used to choose anything); needs a test loader.
         loss: ``(logits, labels) -> per-example (N,) or mean () loss``; ``None``: cross-entropy.
         metrics: ``{name: fn(logits, labels) -> scalar}`` computed besides loss and accuracy
             (per batch in training, averaged over examples in evaluation).
@@ -246,6 +249,24 @@ def _base_rate(value) -> float:
     if not (math.isfinite(rate) and rate >= 0):
         raise ValueError(f"config.learning_rate: expected a finite number >= 0, got {value!r}")
     return rate
+
+
+def _refuse_without_evaluation(config: TrainConfig, val_loader, test_loader) -> None:
+    """Refuse the settings of a validation or test set ``fit`` was not given: they would be
+    ignored (``jcnn-train`` refuses the same flags without ``--val-split``)."""
+    if config.val_split is None:
+        _refuse_unused(
+            config,
+            ("val_split_seed", "eval_batch_size"),
+            "config.val_split is None (no validation set is carved)",
+        )
+    if val_loader is None and config.val_split is None:
+        because = "the run has no validation set (no val_loader, no config.val_split)"
+        _refuse_unused(config, ("eval_every_steps",), because)
+        if config.monitor.startswith("val_"):
+            _refuse_unused(config, ("monitor",), because)
+    if test_loader is None:
+        _refuse_unused(config, ("test_every_epoch",), "fit was given no test_loader")
 
 
 def _total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -1030,6 +1051,7 @@ def _fit(
         raise ValueError(
             f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
         )
+    _refuse_without_evaluation(config, val_loader, test_loader)
     check_dp_config(config)
     no_grad_from = no_grad_epochs(config.no_grad, "config.no_grad")
     check_positive_int(config.steps_per_call, "config.steps_per_call")

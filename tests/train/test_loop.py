@@ -1168,6 +1168,26 @@ def test_a_setting_that_would_be_ignored_is_refused(rng, changes, refused):
 
 
 @pytest.mark.parametrize(
+    "changes, given, refused",
+    [
+        ({"eval_every_steps": 2}, {}, "eval_every_steps"),
+        ({"monitor": "val_loss", "monitor_mode": "min"}, {}, "monitor"),
+        ({"test_every_epoch": True}, {"val": True}, "test_every_epoch"),
+        ({"val_split_seed": 3}, {"val": True}, "val_split_seed"),
+        ({"eval_batch_size": 8}, {"val": True}, "eval_batch_size"),
+    ],
+)
+def test_an_evaluation_setting_without_its_set_is_refused(tmp_path, rng, changes, given, refused):
+    # each was silently ignored: no evaluation every N steps without a validation set, no test
+    # each epoch without a test loader, a split seed or batch size with no split to carve
+    train, val = _loaders(*_data(rng))
+    config = _config(tmp_path / "run", **changes)
+    with pytest.raises(ValueError, match=rf"config\.{refused}: does not apply when .* got "):
+        fit(TinyNet(), train, val if given else None, config)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
     "changes",
     [
         {"schedule": "step", "step_epochs": (1,), "step_factor": 0.5},
