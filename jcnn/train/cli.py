@@ -429,6 +429,8 @@ def _check_combinations(args) -> None:
         raise UsageError("--early-stopping needs a validation set (--val-split N)")
     if args.eval_every_steps and args.val_split is None:
         raise UsageError("--eval-every-steps needs a validation set (--val-split N)")
+    if args.val_split_seed and args.val_split is None:
+        raise UsageError("--val-split-seed applies to --val-split only (no validation set to draw)")
     if args.data_dir is not None and args.dataset == "synthetic":
         raise UsageError("--data-dir: --dataset synthetic is generated, not read from files")
     if args.manual_dir is not None and not args.dataset.startswith("tfds:"):

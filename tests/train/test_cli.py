@@ -235,6 +235,7 @@ def _assert_one_line(err):
         (["--val-split-seed", "-1"], "--val-split-seed"),
         (["--eval-every-steps", "-1"], "--eval-every-steps: expected an integer >= 0"),
         (["--eval-every-steps", "5"], "--eval-every-steps needs a validation set"),
+        (["--val-split-seed", "3"], "--val-split-seed applies to --val-split only"),
         (["--max-steps", "0"], "--max-steps: expected a positive integer"),
         (["--steps-per-call", "0"], "--steps-per-call: expected a positive integer"),
         (
