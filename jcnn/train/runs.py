@@ -154,6 +154,13 @@ def _without_init_only(model, description: dict):
 
 def _build(description: dict):
     cls = _resolve(description["class"])
+    # run.json names what is called here: anything but a module class would be run with the
+    # file's fields as arguments (os.system, a class whose constructor writes files...)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        got = f"the class {cls.__qualname__}" if isinstance(cls, type) else type(cls).__name__
+        raise TypeError(
+            f"{description['class']}: expected a Flax module class (flax.linen.Module), got {got}"
+        )
     return cls(**{k: _decode(v) for k, v in description["fields"].items()})
 
 

@@ -307,6 +307,33 @@ def test_a_model_that_can_no_longer_be_rebuilt_is_named(tmp_path, trained):
     assert load_run(copy, model=SmallNet(features=5)).step == load_run(out).step
 
 
+def test_a_run_json_naming_something_else_than_a_module_class_is_never_called(tmp_path, trained):
+    # load_run called whatever run.json named with its fields: {"class": "os.system", "fields":
+    # {"command": ...}} ran the command, then failed with a raw AttributeError
+    out, _, _ = trained
+    good = json.loads((out / "run.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    witness = tmp_path / "ran"
+    nested = {"class": "os.makedirs", "fields": {"name": str(witness)}}
+    for model, got in (
+        (nested, "function"),
+        ({"class": "pathlib.Path", "fields": {}}, "the class Path"),
+        (
+            {**good["model"], "fields": {**good["model"]["fields"], "sub": {"__module__": nested}}},
+            "function",
+        ),
+    ):
+        (copy / "run.json").write_text(
+            json.dumps({**good, "model": {**model, "rebuildable": True}})
+        )
+        with pytest.raises(
+            RunFolderError, match=rf"expected a Flax module class \(flax.linen.Module\), got {got}"
+        ):
+            load_run(copy)
+        assert not witness.exists()
+
+
 def test_model_must_be_a_module_instance(trained):
     # the class itself (model=SmallNet) or a string failed inside Flax's init with its own error
     out, _, _ = trained
