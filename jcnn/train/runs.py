@@ -369,7 +369,7 @@ def _pick_step(folder: Path, which, mode: str):
                 "metric to rank by); use which='latest'"
             )
         return manager, step
-    named = "".join(f", {d!r}" for d in directories)
+    named = "".join(f", {d!r}" for d in directories if d != "best")  # "best" is listed already
     raise ValueError(f"which: expected 'latest', 'best'{named} or a step (int), got {which!r}")
 
 

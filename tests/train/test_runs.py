@@ -409,6 +409,22 @@ def best_elsewhere(tmp_path_factory):
     return out, keeper.best_step
 
 
+def test_an_unknown_which_lists_each_choice_once(tmp_path, trained, best_elsewhere):
+    # a BestCheckpoint in its default folder "best" made it "expected 'latest', 'best', 'best'"
+    out, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for directories, choices in (
+        (["best"], "'latest', 'best'"),
+        (["best", "b2"], "'latest', 'best', 'b2'"),
+    ):
+        (copy / "best.json").write_text(json.dumps({"directories": directories}))
+        with pytest.raises(ValueError, match=rf"which: expected {choices} or a step \(int\)"):
+            load_run(copy, which="first")
+    with pytest.raises(ValueError, match=r"expected 'latest', 'best', 'worst' or a step \(int\)"):
+        load_run(best_elsewhere[0], which="first")
+
+
 def test_load_run_best_reads_the_best_checkpoint_where_the_callback_saved_it(best_elsewhere):
     # load_run(which="best") looked in best/ only and silently fell back to checkpoints/
     out, step = best_elsewhere
