@@ -50,6 +50,10 @@ struct Problem {
     std::ostringstream key;
     key << static_cast<int>(op) << '|' << static_cast<int>(dtype) << '|' << batch << '|' << channels << '|' << out_channels << '|'
         << groups << '|' << one_thread;
+    // The threads the primitive is made for (it splits its work for them when created): a plan
+    // made where OpenMP allows this thread one (torch.set_num_threads(1) sets that for the thread
+    // calling it; torch and oneDNN share one OpenMP library) is not reused where it allows more.
+    key << '|' << (one_thread ? 1 : omp_get_max_threads());
     for (const Dims* dims :
          {&in_sizes, &out_sizes, &window, &stride, &dilation, &pad_lo, &pad_hi}) {
       key << '|';
