@@ -5,7 +5,8 @@ Example::
     jcnn-eval runs/lenet5-mnist                 # the latest checkpoint on the run's dataset
     jcnn-eval runs/lenet5-mnist --which best --dataset fashion_mnist --data-dir ../shared/data
 
-Prints the test accuracy and loss and the accuracy of every class, and writes the confusion matrix
+Prints the test accuracy and cross-entropy loss (whatever loss ``fit`` was given: a run folder
+does not record it) and the accuracy of every class, and writes the confusion matrix
 as a PNG (``<folder>/confusion_matrix.png`` unless ``--confusion``) and the numbers as JSON
 (``<folder>/evaluation.json`` unless ``--json``). The dataset is the one the run recorded
 (``jcnn-train`` records it); a run trained through ``fit`` names it with ``--dataset``.

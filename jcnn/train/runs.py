@@ -19,6 +19,7 @@ import importlib
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 from jcnn.functional._checks import check_bool, check_int, check_positive_int
 from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
+from jcnn.train.steps import batch_loss
 
 __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
 
@@ -270,8 +272,13 @@ class Run:
         *,
         batch_size: int = 1000,
         standardized: bool = False,
+        loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     ) -> dict[str, Any]:
         """Loss, accuracy, per-class accuracy and the confusion matrix on ``(images, labels)``.
+
+        ``loss``: ``(logits, labels) -> per-example (N,) or mean () loss``, as ``fit`` takes it;
+        ``None``: cross-entropy. A run folder does not record ``fit``'s ``loss``: pass the same
+        one to report the loss ``fit`` reported.
 
         Returns:
             ``{"loss", "accuracy", "count", "per_class_accuracy": [K] (None for a class with no
@@ -297,9 +304,13 @@ class Run:
         per_class = [
             None if totals[c] == 0 else float(confusion[c, c] / totals[c]) for c in range(classes)
         ]
-        loss = F.cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32))
+        logits, labels_array = jnp.asarray(logits), jnp.asarray(labels, jnp.int32)
+        if loss is None:
+            value = F.cross_entropy(logits, labels_array)
+        else:
+            value = batch_loss(loss, logits, labels_array)
         return {
-            "loss": float(loss),
+            "loss": float(value),
             "accuracy": float(np.mean(predicted == labels)),
             "count": int(labels.shape[0]),
             "per_class_accuracy": per_class,

@@ -95,6 +95,16 @@ def test_load_run_gives_model_variables_standardization_and_config(trained):
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
     assert report["loss"] == pytest.approx(-np.mean(log_probs[np.arange(30), labels]), rel=1e-5)
 
+    # fit's own loss, which the run folder does not record, when passed again
+    def squared(logits, labels):
+        return jnp.sum((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 3)) ** 2, axis=1)
+
+    probs = np.exp(log_probs)
+    want = np.mean(np.sum((probs - np.eye(3)[labels]) ** 2, axis=1))
+    assert run.evaluate(images, labels, loss=squared)["loss"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match=r"expected one loss per example, shape \(30,\)"):
+        run.evaluate(images, labels, loss=lambda z, y: z)
+
 
 def test_load_run_best_and_steps(trained):
     out, result, _ = trained
