@@ -284,6 +284,13 @@ def download(
             f"{name}: cannot create or write the data folder {folder} ({err}); give another as "
             "--data-dir (data_dir= in Python) or JCNN_DATA_DIR"
         ) from err
+    for remote in source.files:
+        target = folder / remote.filename
+        if target.exists() and not target.is_file():
+            raise DownloadError(
+                f"{name}: {target} exists and is not a file, so {remote.filename} cannot be "
+                "written there; move it away"
+            )
     with _folder_lock(folder), _progress_bar(progress) as bar:
         for remote in source.files:
             target = folder / remote.filename

@@ -597,6 +597,11 @@ def test_unusable_data_folder_is_a_clear_error(tmp_path, server, monkeypatch):
     with pytest.raises(ValueError, match="at least one"):
         data.download("mnist", data_dir=tmp_path, mirrors=[])
     assert server.requests == []
+    # a folder where a file goes: os.replace raised IsADirectoryError after the download
+    (tmp_path / "mnist" / LABELS / "inside").mkdir(parents=True)
+    with pytest.raises(DownloadError, match=f"mnist/{LABELS} exists and is not a file.*move it"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")])
+    assert server.requests == [] and (tmp_path / "mnist" / LABELS / "inside").is_dir()
 
 
 def test_mirror_serving_a_recompressed_copy(tmp_path, server, monkeypatch, data_dir):
