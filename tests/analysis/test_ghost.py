@@ -155,12 +155,17 @@ def test_every_layer_type_and_rule_matches_materialized_norms_and_sum(name, rng)
     expected = _reference_norms(loss, params, batch)
     weights = _weights(rng, 5)
     clip, expected_sum = _reference_clipped_sum(loss, params, batch, weights)
-    got = jax.jit(lambda p, b: ghost_norms(loss, p, b))(params, batch)
+    rules = ("mixed", "ghost", "direct")
+
+    @jax.jit  # one program for the four: one compile, not four
+    def ghosted(p, b, w):
+        sums = [ghost_clipped_sum(loss, p, b, clip, weights=w, layer_rule=r) for r in rules]
+        return ghost_norms(loss, p, b), sums
+
+    got, sums = ghosted(params, batch, weights)
     np.testing.assert_allclose(got, expected, rtol=2e-5)
-    for rule in ("mixed", "ghost", "direct"):  # the clipped sum's norms are ghost_norms' with rule
-        total, norms = jax.jit(
-            lambda p, b, w, r=rule: ghost_clipped_sum(loss, p, b, clip, weights=w, layer_rule=r)
-        )(params, batch, weights)
+    for rule, (total, norms) in zip(rules, sums, strict=True):
+        # the clipped sum's norms are ghost_norms' with rule
         np.testing.assert_allclose(norms, expected, rtol=2e-5, err_msg=rule)
         _assert_trees_close(total, expected_sum, err_msg=rule)
     plan = ghost_plan(loss, params, batch)
@@ -220,13 +225,21 @@ def test_flax_dense_layers(rng):
     ]
     weights = _weights(rng, 4)
     clip, expected_sum = _reference_clipped_sum(loss, params, x, weights)
-    for rule in ("mixed", "ghost"):
-        np.testing.assert_allclose(
-            ghost_norms(loss, params, x, layer_rule=rule),
-            _reference_norms(loss, params, x),
-            rtol=2e-5,
-        )
-        total, _ = ghost_clipped_sum(loss, params, x, clip, weights=weights, layer_rule=rule)
+    expected = _reference_norms(loss, params, x)
+    rules = ("mixed", "ghost")
+
+    @jax.jit  # one program, not four run eagerly
+    def ghosted(params, x, weights):
+        return [
+            (
+                ghost_norms(loss, params, x, layer_rule=rule),
+                ghost_clipped_sum(loss, params, x, clip, weights=weights, layer_rule=rule)[0],
+            )
+            for rule in rules
+        ]
+
+    for rule, (norms, total) in zip(rules, ghosted(params, x, weights), strict=True):
+        np.testing.assert_allclose(norms, expected, rtol=2e-5, err_msg=rule)
         _assert_trees_close(total, expected_sum, err_msg=rule)
 
 
@@ -252,14 +265,12 @@ def test_shared_layer_is_materialized_not_ghosted(rng):
         "['shared']['kernel']",
     ]
     assert [row.path for row in plan if row.kind != "parameter"] == ["before", "after"]
-    np.testing.assert_allclose(
-        ghost_norms(loss, params, x), _reference_norms(loss, params, x), rtol=2e-5
-    )
     weights = _weights(rng, 5)
     clip, expected_sum = _reference_clipped_sum(loss, params, x, weights)
-    total, _ = jax.jit(lambda p, b, w: ghost_clipped_sum(loss, p, b, clip, weights=w))(
-        params, x, weights
-    )
+    norms, (total, _) = jax.jit(  # one program, not two
+        lambda p, b, w: (ghost_norms(loss, p, b), ghost_clipped_sum(loss, p, b, clip, weights=w))
+    )(params, x, weights)
+    np.testing.assert_allclose(norms, _reference_norms(loss, params, x), rtol=2e-5)
     _assert_trees_close(total, expected_sum)
 
 
@@ -275,9 +286,8 @@ def test_a_jitted_loss_is_planned_like_its_python_function(rng):
     jitted(params, x[:1])  # a cached trace at one example's shapes
     assert ghost_plan(jitted, params, x) == ghost_plan(loss, params, x)
     assert {row.rule for row in ghost_plan(jitted, params, x)} != {"per-example gradient"}
-    np.testing.assert_allclose(
-        ghost_norms(jitted, params, x), _reference_norms(loss, params, x), rtol=2e-5
-    )
+    got = jax.jit(lambda p, b: ghost_norms(jitted, p, b))(params, x)  # one program, not eager
+    np.testing.assert_allclose(got, _reference_norms(loss, params, x), rtol=2e-5)
 
 
 def test_kernel_also_used_in_the_loss_is_materialized_not_ghosted(rng):
@@ -294,12 +304,12 @@ def test_kernel_also_used_in_the_loss_is_materialized_not_ghosted(rng):
 
     plan = ghost_plan(loss, params, (x, y))
     assert [row.path for row in plan if row.kind != "parameter"] == []
-    np.testing.assert_allclose(
-        ghost_norms(loss, params, (x, y)), _reference_norms(loss, params, (x, y)), rtol=2e-5
-    )
     weights = _weights(rng, 4)
     clip, expected_sum = _reference_clipped_sum(loss, params, (x, y), weights)
-    total, _ = ghost_clipped_sum(loss, params, (x, y), clip, weights=weights)
+    norms, (total, _) = jax.jit(  # one program, not two run eagerly
+        lambda p, b, w: (ghost_norms(loss, p, b), ghost_clipped_sum(loss, p, b, clip, weights=w))
+    )(params, (x, y), weights)
+    np.testing.assert_allclose(norms, _reference_norms(loss, params, (x, y)), rtol=2e-5)
     _assert_trees_close(total, expected_sum)
 
 
@@ -345,8 +355,6 @@ def test_frozen_batch_norm_zoo_model(rng):
         return F.cross_entropy(logits, batch[1])
 
     params = variables["params"]
-    got = jax.jit(lambda p, b: ghost_norms(loss, p, b))(params, (images, labels))
-    np.testing.assert_allclose(got, _reference_norms(loss, params, (images, labels)), rtol=1e-4)
 
     def train_loss(params, batch):
         logits, _ = model.apply(
@@ -356,7 +364,10 @@ def test_frozen_batch_norm_zoo_model(rng):
 
     weights = jnp.ones(3)
     clip, expected_sum = _reference_clipped_sum(loss, params, (images, labels), weights)
-    total, _ = jax.jit(lambda p, b: ghost_clipped_sum(loss, p, b, clip))(params, (images, labels))
+    got, (total, _) = jax.jit(  # one program, not two
+        lambda p, b: (ghost_norms(loss, p, b), ghost_clipped_sum(loss, p, b, clip))
+    )(params, (images, labels))
+    np.testing.assert_allclose(got, _reference_norms(loss, params, (images, labels)), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(expected_sum), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
 
@@ -450,16 +461,27 @@ def test_float64_norms_and_clipped_sum_keep_float64_precision(rng):
         loss, params, (images, labels) = _problem(layers, shape, rng)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
         batch = (images.astype(jnp.float64), labels)
-        grads = per_example_grads(loss, params, batch)
+        # jitted, each a single program: eagerly every operation compiled a float64 program
+        grads = jax.jit(per_example_grads, static_argnums=0)(loss, params, batch)
         norms = np.sqrt(sum((g.reshape(5, -1) ** 2).sum(1) for g in jax.tree.leaves(grads)))
         clip = float(np.median(norms))
         factors = np.minimum(1.0, clip / norms)
         expected = jax.tree.map(lambda g: np.tensordot(factors, g, axes=1), grads)
-        for layer_rule in ("ghost", "direct"):
-            got = ghost_norms(loss, params, batch, layer_rule=layer_rule)
+        rules = ("ghost", "direct")
+
+        @jax.jit
+        def ghosted(params, batch):
+            return [
+                (
+                    ghost_norms(loss, params, batch, layer_rule=rule),
+                    ghost_clipped_sum(loss, params, batch, clip, layer_rule=rule)[0],
+                )
+                for rule in rules
+            ]
+
+        for layer_rule, (got, total) in zip(rules, ghosted(params, batch), strict=True):
             assert got.dtype == jnp.float64
-            np.testing.assert_allclose(got, norms, rtol=1e-12)
-            total, _ = ghost_clipped_sum(loss, params, batch, clip, layer_rule=layer_rule)
+            np.testing.assert_allclose(got, norms, rtol=1e-12, err_msg=layer_rule)
             jax.tree.map(
                 lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13),
                 total,
