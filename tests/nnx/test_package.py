@@ -100,7 +100,8 @@ def test_per_example_grads_of_an_nnx_model_through_analysis(rng):
         images, labels = batch
         return F.cross_entropy(nnx.merge(graphdef, params, rest, copy=True)(images), labels)
 
-    per_example = analysis.per_example_grads(loss_fn, params, (x, y))
+    # jitted: eagerly it dispatches (and compiles) one small program per operation
+    per_example = jax.jit(analysis.per_example_grads, static_argnums=0)(loss_fn, params, (x, y))
     one_example_grad = nnx.jit(
         lambda model, image, label: nnx.grad(lambda m: F.cross_entropy(m(image), label))(model)
     )
