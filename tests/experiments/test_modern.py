@@ -14,7 +14,8 @@ def bench(load_benchmark):
 
 def _random_variables(variables, rng):
     """Every parameter and running statistic drawn at random (variances positive), so that no
-    layer hides behind its initial value (ConvNeXt's layer scales start at 1e-6, biases at 0)."""
+    layer hides behind its initial value (ConvNeXt's layer scales start at 1e-6, biases at 0).
+    ``variables`` need only shapes and dtypes (``jax.eval_shape`` of the init: nothing compiled)."""
 
     def draw(path, leaf):
         if getattr(path[-1], "key", None) == "var":
@@ -29,7 +30,7 @@ def test_flax_twin_equals_jcnn_with_random_parameters(bench, index, rng):
     spec = bench.networks(quick=True)[index]
     x = jnp.asarray(rng.standard_normal((spec["batch"], *spec["shape"])), jnp.float32)
     model, twin = spec["jcnn"](), spec["flax"]()
-    variables = _random_variables(model.init(jax.random.key(0), x[:1]), rng)
+    variables = _random_variables(jax.eval_shape(model.init, jax.random.key(0), x[:1]), rng)
     twin_variables = bench.flax_variables(variables, spec["transposed"])
     error = bench.check_twin(spec["name"], model, twin, variables, twin_variables, x)
     assert error < 1e-3
@@ -40,7 +41,7 @@ def test_transposed_kernels_need_the_flip(bench, rng):
     spec = next(s for s in bench.networks(quick=True) if s["transposed"])
     x = jnp.asarray(rng.standard_normal((spec["batch"], *spec["shape"])), jnp.float32)
     model, twin = spec["jcnn"](), spec["flax"]()
-    variables = _random_variables(model.init(jax.random.key(0), x[:1]), rng)
+    variables = _random_variables(jax.eval_shape(model.init, jax.random.key(0), x[:1]), rng)
     with pytest.raises(AssertionError, match="training logits"):
         bench.check_twin(spec["name"], model, twin, variables, variables, x)
     flipped = bench.flax_variables(variables, spec["transposed"])
