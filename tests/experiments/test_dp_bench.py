@@ -31,7 +31,8 @@ def _setup(bench, network, batch, seed):
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-    params = model.init(jax.random.key(seed), images[:1])["params"]
+    # jitted: eagerly the forward pass compiled one program per operation
+    params = jax.jit(model.init)(jax.random.key(seed), images[:1])["params"]
     twin = bench.torch_twin(network)
     bench.load_jcnn_params(twin, params)
     return model, params, twin, images, labels
