@@ -90,13 +90,17 @@ def test_private_grad_drives_any_optax_optimizer(problem):
     tx = optax.adam(1e-2)
     state = tx.init(params)
     losses = []
-    for step in range(30):
-        grad, _ = private_grad(
-            _loss, params, batch, jax.random.key(step), l2_norm_clip=10.0, noise_multiplier=0.01
-        )
+
+    @jax.jit  # one program: eagerly each of the 30 steps dispatched every operation
+    def step(params, state, key):
+        grad, _ = private_grad(_loss, params, batch, key, l2_norm_clip=10.0, noise_multiplier=0.01)
         updates, state = tx.update(grad, state, params)
         params = optax.apply_updates(params, updates)
-        losses.append(float(_loss(params, batch)))
+        return params, state, _loss(params, batch)
+
+    for index in range(30):
+        params, state, loss = step(params, state, jax.random.key(index))
+        losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
 
 
