@@ -121,14 +121,15 @@ def test_float64_norms_and_clipping_keep_float64_precision(rng):
         )
         grads = _loop(params, (images, labels))
         norms = np.sqrt(sum((g.reshape(3, -1) ** 2).sum(1) for g in jax.tree.leaves(grads)))
-        got = per_example_grad_norms(_loss, params, (images, labels))
+        # jitted: eagerly every operation compiled its own float64 program
+        got = jax.jit(per_example_grad_norms, static_argnums=0)(_loss, params, (images, labels))
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(got, norms, rtol=1e-12)
         clip = float(np.median(norms))
         factors = np.minimum(1.0, clip / norms)
         expected = jax.tree.map(lambda g: np.tensordot(factors, g, axes=1) / 3, grads)
         tx = dp_aggregate(clip, noise_multiplier=0.0)
-        per_example = per_example_grads(_loss, params, (images, labels))
+        per_example = jax.jit(per_example_grads, static_argnums=0)(_loss, params, (images, labels))
         mean, _ = tx.update(per_example, tx.init(params))
         _assert_trees_close(mean, expected, tol=1e-12)
 
@@ -207,8 +208,9 @@ def test_input_checks(problem):
         per_example_grads(_loss, params, (images, labels[:3]))
     with pytest.raises(ValueError, match="chunk_size: expected a positive int or None, got 0"):
         per_example_grads(_loss, params, (images, labels), chunk_size=0)
-    numpy_chunks = per_example_grads(_loss, params, (images, labels), chunk_size=np.int64(2))
-    python_chunks = per_example_grads(_loss, params, (images, labels), chunk_size=2)
+    numpy_chunks, python_chunks = jax.jit(  # one program, not two run eagerly
+        lambda p, b: [per_example_grads(_loss, p, b, chunk_size=c) for c in (np.int64(2), 2)]
+    )(params, (images, labels))
     jax.tree.map(np.testing.assert_array_equal, numpy_chunks, python_chunks)  # an int all the same
     for clip in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(
@@ -224,7 +226,7 @@ def test_input_checks(problem):
     # real part, a string array failed inside NumPy's comparison
     for bad in (np.bool_(True), np.array(True), np.complex64(1.0), np.array("1.0")):
         with pytest.raises(ValueError, match="l2_norm_clip: expected a finite number > 0"):
-            clip_per_example(per_example_grads(_loss, params, (images, labels)), bad)
+            clip_per_example(python_chunks, bad)
         with pytest.raises(ValueError, match="noise_multiplier: expected a finite number >= 0"):
             dp_aggregate(1.0, bad)
     assert dp_aggregate(np.float32(1.0), np.array(0.5)) is not None  # real 0-d values are fine
@@ -326,8 +328,11 @@ def test_dense_weight_gradients_are_written_once_in_final_order(rng):
     grad = jax.jit(jax.grad(_dense_loss))
     expected = [grad(params, (batch[0][i : i + 1], batch[1][i : i + 1])) for i in range(6)]
     expected = jax.tree.map(lambda *g: np.stack(g), *expected)
-    for chunk_size in (None, 4, 6):
-        got = per_example_grads(_dense_loss, params, batch, chunk_size=chunk_size)
+    chunk_sizes = (None, 4, 6)
+    all_got = jax.jit(  # one program, not three run eagerly
+        lambda p, b: [per_example_grads(_dense_loss, p, b, chunk_size=c) for c in chunk_sizes]
+    )(params, batch)
+    for got in all_got:
         _assert_trees_close(got, expected)
 
 
