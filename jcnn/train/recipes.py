@@ -57,6 +57,7 @@ from jcnn.functional._checks import _describe, check_int, check_real
 from jcnn.train.lookahead import lookahead
 from jcnn.train.loop import TrainConfig, evaluate, fit
 from jcnn.train.param_groups import active_for, label_by_path
+from jcnn.train.schedules import _MAX_STEP
 from jcnn.train.tta import flip_translate_views, with_tta
 
 __all__ = ["RECIPES", "Recipe", "Prepared", "prepare", "run_recipe"]
@@ -126,9 +127,15 @@ def _length(epochs, steps_per_epoch: int) -> tuple[dict, int]:
     """``TrainConfig`` fields for a possibly fractional number of epochs, and the step count.
 
     The product is rounded to 9 decimals before ``ceil``: ``1.1 * 50`` is ``55.00000000000001``
-    in floating point, and 1.1 epochs of 50 steps are 55 steps, not 56.
+    in floating point, and 1.1 epochs of 50 steps are 55 steps, not 56. Any positive length is
+    at least one step (the rounding alone would make a tiny one none).
     """
-    total = math.ceil(round(epochs * steps_per_epoch, 9))
+    total = max(1, math.ceil(round(epochs * steps_per_epoch, 9)))
+    if total > _MAX_STEP:
+        raise ValueError(
+            f"epochs: expected at most {_MAX_STEP} steps in all (the step counter is int32), got "
+            f"{epochs!r} epochs of {steps_per_epoch} steps"
+        )
     return {"epochs": math.ceil(epochs), "max_steps": total}, total
 
 

@@ -216,6 +216,15 @@ def test_fractional_epochs_count_their_steps_exactly(epochs, steps_per_epoch, to
     assert steps == total and fields == {"epochs": math.ceil(epochs), "max_steps": total}
 
 
+def test_a_length_is_at_least_one_step_and_fits_the_int32_step_counter(rng):
+    images, labels = rng.integers(0, 256, (256, 28, 28, 1), dtype=np.uint8), np.zeros(256, int)
+    # 1e-10 epochs of 2 steps rounded to 0 steps and failed inside lookahead ("final_step");
+    # 1e10 epochs were accepted and failed at the first step with a raw OverflowError (int32)
+    assert recipes.prepare("mnist99", images, labels, epochs=1e-10).config.max_steps == 1
+    with pytest.raises(ValueError, match=r"^epochs: expected at most 2147483647 steps .* 2 steps"):
+        recipes.prepare("mnist99", images, labels, epochs=1e10)
+
+
 def test_prepare_takes_numbers_as_check_real_and_check_int_do(rng):
     images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
     # inf epochs failed with a raw OverflowError from math.ceil; NumPy float32 and 0-d JAX arrays
