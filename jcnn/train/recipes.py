@@ -114,6 +114,7 @@ class Prepared:
     def test_loader(self, images, labels, *, batch_size: int = 1000) -> Loader:
         """An evaluation loader over test images, standardized as the training images were."""
         _check_images(self.recipe, images, labels, "test_images", "test_labels")
+        batch_size = check_int(batch_size, "batch_size", low=1)
         return Loader(
             self.standardize(images),
             jnp.asarray(labels),

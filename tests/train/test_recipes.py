@@ -264,6 +264,17 @@ def test_recipe_images_are_checked_under_their_own_names(rng):
         prepared.test_loader(images[:0], labels[:0])
 
 
+def test_test_loader_names_a_batch_size_that_is_no_positive_int(rng):
+    images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
+    prepared = recipes.prepare("mnist99", images, labels)
+    # None failed with a raw "'<' not supported" from min(); 0 was reported against the test set
+    with pytest.raises(TypeError, match="^batch_size: expected an int >= 1, got None"):
+        prepared.test_loader(images, labels, batch_size=None)
+    with pytest.raises(ValueError, match="^batch_size: expected an int >= 1, got 0"):
+        prepared.test_loader(images, labels, batch_size=0)
+    assert prepared.test_loader(images[:5], labels[:5], batch_size=np.int64(64)).batch_size == 5
+
+
 def test_run_recipe_checks_name_and_config_changes_before_training(rng):
     images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
     sets = ((images, labels), (images, labels))
