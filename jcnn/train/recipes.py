@@ -354,13 +354,17 @@ def run_recipe(
         seed: as for ``prepare``.
         epochs: as for ``prepare``.
         **config_changes: ``TrainConfig`` fields to set besides the recipe's (e.g. ``out``,
-            ``progress``, ``test_every_epoch``); a field the recipe sets cannot be changed.
+            ``progress``, ``test_every_epoch``); a field the recipe sets cannot be changed (its
+            optimizer's settings and schedule, its length, standardization and validation split).
 
     Returns:
         ``fit``'s result with ``"test_accuracy"`` and ``"test_accuracy_tta"`` added (the latter
         ``None`` for a recipe without test-time views) and the ``"prepared"`` run.
     """
     recipe = _recipe(name)
+    # the recipe's optimizer brings its schedule, momentum and weight decay (fit would ignore
+    # ``schedule`` silently), its standardization is fit on all its training images, and its
+    # length counts their batches (a validation split would end the run before its schedule)
     owned = {
         "optimizer",
         "label_smoothing",
@@ -369,6 +373,17 @@ def run_recipe(
         "max_steps",
         "learning_rate",
         "no_grad",
+        "schedule",
+        "warmup_epochs",
+        "step_epochs",
+        "step_factor",
+        "decay_rate",
+        "weight_decay",
+        "momentum",
+        "clip_norm",
+        "val_split",
+        "val_split_seed",
+        "standardize",
     }
     for part, value in (("train", train), ("test", test)):
         if not isinstance(value, (tuple, list)) or len(value) != 2:

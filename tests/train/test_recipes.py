@@ -291,6 +291,18 @@ def test_run_recipe_checks_name_and_config_changes_before_training(rng):
         recipes.run_recipe("mnist99", sets[0], (images,))
 
 
+@pytest.mark.parametrize(
+    "change", [{"schedule": "linear"}, {"val_split": 0.5}, {"standardize": "per_channel"}]
+)
+def test_run_recipe_refuses_changes_to_what_its_optimizer_and_data_set(rng, change):
+    # schedule="linear" was ignored silently (the recipe's optimizer brings its own); val_split
+    # took batches from a run whose schedule and final lookahead step count all of them, so it
+    # ended before either did; standardize failed inside fit as "given fitted statistics"
+    images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
+    with pytest.raises(ValueError, match=f"^config_changes: mnist99 sets {next(iter(change))} "):
+        recipes.run_recipe("mnist99", (images, labels), (images, labels), **change)
+
+
 @pytest.mark.parametrize("train_or_test", ["train", "test"])
 def test_run_recipe_names_a_train_or_test_that_is_no_pair(rng, train_or_test):
     # a triple or None failed with raw "prepare() takes 3 positional arguments" / "Value after *"
