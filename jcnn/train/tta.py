@@ -164,8 +164,10 @@ def _check_weights(weights, count: int) -> tuple[float, ...]:
     values = tuple(check_real(w, "weights", low=0, low_open=True) for w in weights)
     if len(values) != count:
         raise ValueError(f"weights: expected one per view ({count}), got {len(values)}")
-    total = sum(values)
-    return tuple(v / total for v in values)
+    # scaled by the largest first: the sum of weights near float's maximum is inf
+    largest = max(values)
+    total = sum(v / largest for v in values)
+    return tuple(v / largest / total for v in values)
 
 
 def with_tta(

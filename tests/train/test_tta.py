@@ -209,3 +209,17 @@ def test_0d_jax_shifts_are_ints_and_a_scalar_weights_is_named():
             TypeError, match=r"weights: expected one positive weight per view \(2\)"
         ):
             with_tta(lambda variables, x, train=False: x, views, weights)
+
+
+def test_weights_near_the_float_maximum_are_a_weighted_mean(rng):
+    # their sum overflowed to inf and every normalized weight became 0: the logits were all zero
+    images = jnp.asarray(rng.normal(size=(3, 5, 7, 2)), jnp.float32)
+    views = flip_translate_views()
+
+    def predict(x):
+        return x.reshape(x.shape[0], -1)[:, :4]
+
+    got = tta_logits(predict, images, views, (1e308, 1e308, 5e307, 5e307, 5e307, 5e307))
+    pairs = zip((2, 2, 1, 1, 1, 1), views, strict=True)
+    want = sum(w * np.asarray(predict(v(images))) for w, v in pairs) / 8
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
