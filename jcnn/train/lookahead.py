@@ -78,6 +78,10 @@ def lookahead(
         slow_step_size = value
     if final_step is not None and (not is_int(final_step) or final_step < 1):
         raise ValueError(f"final_step: expected a positive int or None, got {final_step!r}")
+    if final_step is not None and final_step > 2**31 - 1:
+        raise ValueError(
+            f"final_step: expected at most 2**31 - 1 (the update count is int32), got {final_step}"
+        )
     final_step = None if final_step is None else int(final_step)
 
     def init(params):

@@ -96,3 +96,15 @@ def test_0d_jax_arrays_are_taken_as_numbers():
         lookahead(optax.sgd(0.1), 2, jnp.float32(float("nan")))
     with pytest.raises(TypeError, match="slow_step_size: expected a number or a schedule"):
         lookahead(optax.sgd(0.1), 2, jnp.full(2, 0.5))
+
+
+def test_a_final_step_past_the_int32_count_is_refused_up_front():
+    # 2**40 was accepted and the first update failed with a raw OverflowError inside jit
+    with pytest.raises(
+        ValueError, match=r"^final_step: expected at most 2\*\*31 - 1 .* 1099511627776"
+    ):
+        lookahead(optax.sgd(0.1), 2, 0.5, final_step=2**40)
+    tx = lookahead(optax.sgd(0.1), 2, 0.5, final_step=2**31 - 1)
+    params = jnp.ones(2)
+    updates, _ = jax.jit(tx.update)(jnp.ones(2), tx.init(params), params)
+    np.testing.assert_allclose(updates, -0.1 * np.ones(2))
