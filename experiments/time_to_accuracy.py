@@ -16,6 +16,7 @@ Run: ``python experiments/time_to_accuracy.py [--quick] [--recipes airbench94 mn
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def from_run_folder(folder: Path) -> dict:
                 f"--from-runs {folder}: a run of recipe {recipe['name']!r}, expected one of "
                 f"{', '.join(PUBLISHED)}"
             )
-        return {
+        run = {
             "recipe": recipe["name"],
             "seed": record["train"]["seed"],
             "source": f"`{summary.get('command', folder)}`",
@@ -159,9 +160,38 @@ def from_run_folder(folder: Path) -> dict:
             "curve": [h.get("test_accuracy") for h in history],
             "wall": summary.get("wall_seconds"),
         }
+        _check_record(run)
+        return run
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         reason = f"{type(error).__name__}: {error}"
         raise SystemExit(f"--from-runs {folder}: unreadable run record ({reason})") from None
+
+
+def _check_record(run: dict) -> None:
+    """A ``ValueError`` for a value of a read run record that the page cannot show or count (a
+    missing accuracy was shown as "None" and left out of nothing; a missing time stopped the
+    page with a raw NumPy error)."""
+
+    def number(value, low=0.0, high=math.inf):
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and low <= value <= high  # False for NaN
+        )
+
+    for key, field, optional in (
+        ("accuracy", "test_accuracy", False),
+        ("accuracy_tta", "test_accuracy_tta", True),
+    ):
+        if not (optional and run[key] is None) and not number(run[key], high=1.0):
+            raise ValueError(f"summary.json {field}: expected a number in [0, 1], got {run[key]!r}")
+    if run["wall"] is not None and not number(run["wall"]):
+        raise ValueError(f"summary.json wall_seconds: expected seconds, got {run['wall']!r}")
+    for i, seconds in enumerate(run["epoch_seconds"]):
+        if not number(seconds):
+            raise ValueError(f"history.json [{i}] seconds: expected seconds, got {seconds!r}")
+    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool):
+        raise ValueError(f"config.json train.seed: expected an int, got {run['seed']!r}")
 
 
 def goal_verdict(name: str, accuracies: list, walls: list) -> str:

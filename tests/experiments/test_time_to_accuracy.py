@@ -83,3 +83,26 @@ def test_help_lists_every_flag_and_seed_is_not_taken_for_seeds(script, capsys):
     with pytest.raises(SystemExit, match="--seed: this script runs one recipe run per seed"):
         script.parse_args(["--seed", "3", "--quick"])
     assert script.parse_args(["--seeds", "3", "--quick"]).seeds == [3]
+
+
+@pytest.mark.parametrize(
+    "file, key, value, says",
+    [
+        ("summary", "test_accuracy", None, "test_accuracy: expected a number in"),
+        ("summary", "test_accuracy", 5.0, "test_accuracy: expected a number in"),
+        ("summary", "wall_seconds", "12", "wall_seconds: expected seconds, got '12'"),
+        ("history", "seconds", None, r"history\.json \[0\] seconds: expected seconds, got None"),
+    ],
+)
+def test_a_run_record_with_values_the_page_cannot_use_is_refused(
+    script, tmp_path, file, key, value, says
+):
+    # a missing accuracy was shown as "None" in the table, and a missing or text time stopped
+    # the page with a raw NumPy TypeError after every other run had been read or trained
+    run = _run_folder(tmp_path / "run")
+    record = json.loads((run / f"{file}.json").read_text())
+    for entry in record if isinstance(record, list) else [record]:
+        entry[key] = value
+    (run / f"{file}.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=f"run: unreadable run record .*{says}"):
+        script.from_run_folder(run)
