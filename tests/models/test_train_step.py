@@ -3,8 +3,12 @@
 Small inputs (the ImageNet models at a small resolution, which their pooling allows) keep this
 fast. The step must return the loss of the parameters it started from and move the parameters by
 ``-learning_rate * gradient`` (plain SGD), the gradient computed separately; every value finite.
-A model in ``jcnn.models.__all__`` without a case fails ``test_every_model_has_a_case``.
+A model in ``jcnn.models.__all__`` without a case fails ``test_every_model_has_a_case``; a
+factory that only deepens or widens a case (resnet34 is resnet18's code path) is listed in
+``DEPTH_VARIANTS`` instead, which ``test_depth_variants_are_a_case_at_another_depth`` checks.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +20,7 @@ from jcnn.train import TrainState, optimizer, train_step
 from jcnn.train.steps import loss_and_logits
 
 LEARNING_RATE = 0.01
-# name -> [(model, input shape)], one entry per variant worth a step of its own.
+# name -> [(model, input shape)], one entry per code path worth a step of its own.
 CASES = {
     "LeNet5": [(models.LeNet5(), (2, 28, 28, 1)), (models.LeNet5(original=True), (2, 28, 28, 1))],
     "AlexNet": [
@@ -30,15 +34,27 @@ CASES = {
         # AlexNet's step covers the same 4096-wide head with dropout
         (models.VGG(depth=11, num_classes=5, small_input=True), (2, 32, 32, 3)),
     ],
-    "ResNet": [(models.ResNet(stage_sizes=(1, 1), widths=(4, 8), num_classes=5), (2, 16, 16, 3))],
-    "resnet18": [(models.resnet18(num_classes=5), (2, 32, 32, 3))],
-    "resnet34": [(models.resnet34(num_classes=5), (2, 32, 32, 3))],
-    "resnet50": [(models.resnet50(num_classes=5), (2, 32, 32, 3))],
-    "resnet20": [(models.resnet20(num_classes=5), (2, 16, 16, 3))],
-    "resnet56": [(models.resnet56(num_classes=5), (2, 8, 8, 3))],
+    "ResNet": [
+        (models.ResNet(stage_sizes=(1, 1), widths=(4, 8), num_classes=5), (2, 16, 16, 3)),
+        # the bottleneck path of resnet50: a projection in both stages, a stride in the second
+        (
+            models.ResNet(stage_sizes=(1, 1), block="bottleneck", widths=(4, 8), num_classes=5),
+            (2, 16, 16, 3),
+        ),
+    ],
+    "resnet20": [(models.resnet20(num_classes=5), (2, 16, 16, 3))],  # CIFAR stem, option A
     "AirbenchNet": [(models.AirbenchNet(num_classes=5), (2, 32, 32, 3))],
     "JarrettNet": [(models.JarrettNet(num_classes=5), (2, 16, 16, 3))],
     "FastMNISTNet": [(models.FastMNISTNet(num_classes=5, widths=(4, 6)), (3, 28, 28, 1))],
+}
+# Factories that build a case above at another depth and width: the same code path, whose step
+# took 17-30 s each to compile (resnet50 alone 30 s). Name -> (factory, the case it deepens);
+# test_depth_variants_are_a_case_at_another_depth checks that only depth and width differ.
+DEPTH_VARIANTS = {
+    "resnet18": (models.resnet18, ("ResNet", 0)),
+    "resnet34": (models.resnet34, ("ResNet", 0)),
+    "resnet50": (models.resnet50, ("ResNet", 1)),
+    "resnet56": (models.resnet56, ("resnet20", 0)),
 }
 # Building blocks and helpers of the models, exercised through them; and the networks whose
 # jitted training step has its own test (tests/models/test_{mobilenet,convnext,unet,c3d}.py).
@@ -58,7 +74,19 @@ NOT_MODELS = {"BasicBlock", "Bottleneck", "ConvGroup", "whitening_kernel"} | {
 
 
 def test_every_model_has_a_case():
-    assert set(CASES) | NOT_MODELS == set(models.__all__)
+    assert set(CASES) | set(DEPTH_VARIANTS) | NOT_MODELS == set(models.__all__)
+    assert not set(CASES) & set(DEPTH_VARIANTS)
+
+
+@pytest.mark.parametrize("name", sorted(DEPTH_VARIANTS))
+def test_depth_variants_are_a_case_at_another_depth(name):
+    factory, (case, index) = DEPTH_VARIANTS[name]
+    variant, (model, _) = factory(num_classes=5), CASES[case][index]
+    assert type(variant) is type(model)
+    differ = {"stage_sizes", "widths", "parent", "name"}
+    fields = [f for f in dataclasses.fields(model) if f.name not in differ]
+    assert fields and all(getattr(variant, f.name) == getattr(model, f.name) for f in fields)
+    assert len(variant.stage_sizes) == len(variant.widths) >= len(model.stage_sizes)
 
 
 @pytest.mark.parametrize(
