@@ -3,8 +3,9 @@
 For each name in ``F.__all__`` a small random case: the values under ``jit`` and ``jit(vmap)``
 equal the eager ones (vmap against a loop over examples), and the gradient (with respect to every
 floating argument) under ``jit(grad)`` and ``jit(vmap(grad))`` (per-example gradients) equals the
-eager ``grad``, itself checked against a central finite difference
-in float64. A new public op without a case here fails ``test_every_public_op_has_a_case``.
+eager one (``vjp``, the forward pass shared with the values), itself checked against a central
+finite difference in float64. Values and gradient compile as one program per transformation.
+A new public op without a case here fails ``test_every_public_op_has_a_case``.
 """
 
 import jax
@@ -99,17 +100,16 @@ NOT_DIFFERENTIABLE = {"accuracy"}  # piecewise constant: the gradient is 0 every
 BATCH = 2  # the leading axis vmap maps over
 
 
-def _loss(fn):
+def _scalar(outputs):
     """A scalar of all the outputs whose gradient has no symmetry to hide a wrong term behind."""
+    return sum(
+        jnp.sum(jnp.sin(leaf * (1.0 + 0.05 * jnp.arange(leaf.size).reshape(leaf.shape))))
+        for leaf in jax.tree.leaves(outputs)
+    )
 
-    def loss(*args):
-        leaves = jax.tree.leaves(fn(*args))
-        return sum(
-            jnp.sum(jnp.sin(leaf * (1.0 + 0.05 * jnp.arange(leaf.size).reshape(leaf.shape))))
-            for leaf in leaves
-        )
 
-    return loss
+def _loss(fn):
+    return lambda *args: _scalar(fn(*args))
 
 
 def _arrays(rng, shapes, batch=None, dtype=np.float32):
@@ -142,34 +142,49 @@ def test_transformations_equal_eager(name, rng):
     fn, shapes = CASES[name]
     argnums = tuple(range(len(shapes)))
     grad = jax.grad(_loss(fn), argnums=argnums)
-    jit_fn, jit_grad = jax.jit(fn), jax.jit(grad)
-    args = _arrays(rng, shapes)
-    _assert_trees_close(jit_fn(*args), fn(*args))
-    eager = grad(*args)
-    _assert_trees_close(jit_grad(*args), eager)
 
-    # vmap over a leading axis equals a loop over its entries (through the jitted functions just
-    # checked against eager, which keeps this fast).
+    # One jitted function returns the values and the gradient: compiling, not running, is this
+    # test's time, and one program per transformation halves it.
+    def value_and_grad(*args):
+        return fn(*args), grad(*args)
+
+    jit_both = jax.jit(value_and_grad)
+    args = _arrays(rng, shapes)
+    value, gradient = jit_both(*args)
+    # Eagerly, one forward pass gives the values and, pulled back, the gradient (what grad does).
+    eager_value, pullback = jax.vjp(fn, *args)
+    eager = pullback(jax.grad(_scalar)(eager_value))
+    _assert_trees_close(value, eager_value)
+    _assert_trees_close(gradient, eager)
+
+    # vmap over a leading axis equals a loop over its entries (through the jitted function just
+    # checked against eager, which keeps this fast); the gradients are per-example gradients.
     stacked = _arrays(rng, shapes, batch=BATCH)
     examples = [[a[i] for a in stacked] for i in range(BATCH)]
-    _assert_trees_close(jax.jit(jax.vmap(fn))(*stacked), _stack([jit_fn(*e) for e in examples]))
-    want = _stack([jit_grad(*e) for e in examples])
-    _assert_trees_close(jax.jit(jax.vmap(grad))(*stacked), want)  # per-example gradients
+    values, gradients = jax.jit(jax.vmap(value_and_grad))(*stacked)
+    looped = [jit_both(*e) for e in examples]
+    _assert_trees_close(values, _stack([v for v, _ in looped]))
+    _assert_trees_close(gradients, _stack([g for _, g in looped]))
 
     if name in NOT_DIFFERENTIABLE:
         assert all(not np.asarray(g).any() for g in eager)
         return
     assert any(np.asarray(g).any() for g in eager), "a gradient of 0 checks nothing"
     # The gradient itself against a central difference along a random direction, in float64.
+    h = 1e-6
+
+    @jax.jit
+    def difference_and_gradient(args, direction):
+        loss = _loss(fn)
+        plus = loss(*(a + h * d for a, d in zip(args, direction, strict=True)))
+        minus = loss(*(a - h * d for a, d in zip(args, direction, strict=True)))
+        return plus - minus, jax.grad(loss, argnums=argnums)(*args)
+
     with jax.enable_x64(True):
         args64 = [jnp.asarray(a, jnp.float64) for a in args]
         direction = [jnp.asarray(d, jnp.float64) for d in _arrays(rng, shapes)]
-        loss = jax.jit(_loss(fn))
-        h = 1e-6
-        plus = loss(*(a + h * d for a, d in zip(args64, direction, strict=True)))
-        minus = loss(*(a - h * d for a, d in zip(args64, direction, strict=True)))
-        numeric = float(plus - minus) / (2 * h)
-        gradient = jax.jit(jax.grad(_loss(fn), argnums=argnums))(*args64)
+        difference, gradient = difference_and_gradient(args64, direction)
+        numeric = float(difference) / (2 * h)
         analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(gradient, direction, strict=True))
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-6)
 
