@@ -3,7 +3,8 @@
 For each name in ``nn.__all__`` a small module and input: ``apply`` under ``jit`` and ``vmap`` (over
 examples, the variables shared) equals the eager result, and the gradient with respect to the
 parameters and the input under ``jit(grad)`` and ``jit(vmap(grad))`` (per-example gradients, as
-in DP-SGD) equals the eager one. Modules with running statistics run in training
+in DP-SGD) equals the eager one (``vjp``, the forward pass shared with the outputs); outputs and
+gradient compile as one program per transformation. Modules with running statistics run in training
 mode with ``mutable=["batch_stats"]`` (the updates are outputs too), dropout with a fixed key.
 A new public module without a case here fails ``test_every_public_module_has_a_case``.
 """
@@ -114,24 +115,32 @@ def test_transformations_equal_eager(name, rng):
         )
         return out
 
-    def loss(params, x):
-        leaves = jax.tree.leaves(forward(params, x))
+    def scalar(outputs):
         return sum(
             jnp.sum(jnp.sin(leaf * (1.0 + 0.05 * jnp.arange(leaf.size).reshape(leaf.shape))))
-            for leaf in leaves
+            for leaf in jax.tree.leaves(outputs)
         )
 
-    grad = jax.grad(loss, argnums=(0, 1))
-    jit_forward, jit_grad = jax.jit(forward), jax.jit(grad)
-    _assert_trees_close(jit_forward(params, x), forward(params, x))
-    eager = grad(params, x)
-    assert any(np.asarray(g).any() for g in jax.tree.leaves(eager))
-    _assert_trees_close(jit_grad(params, x), eager)
+    grad = jax.grad(lambda params, x: scalar(forward(params, x)), argnums=(0, 1))
 
-    # vmap over examples (variables shared) equals a loop, through the jitted functions above.
+    # One jitted function returns the outputs and the gradient: compiling, not running, is this
+    # test's time, and one program per transformation halves it.
+    def value_and_grad(params, x):
+        return forward(params, x), grad(params, x)
+
+    jit_both = jax.jit(value_and_grad)
+    value, gradient = jit_both(params, x)
+    # Eagerly, one forward pass gives the outputs and, pulled back, the gradient (what grad does).
+    eager_value, pullback = jax.vjp(forward, params, x)
+    eager = pullback(jax.grad(scalar)(eager_value))
+    _assert_trees_close(value, eager_value)
+    assert any(np.asarray(g).any() for g in jax.tree.leaves(eager))
+    _assert_trees_close(gradient, eager)
+
+    # vmap over examples (variables shared) equals a loop, through the jitted function above; the
+    # gradients are per-example gradients, as in DP-SGD.
     xs = jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32))
-    looped = _stack([jit_forward(params, xs[i]) for i in range(BATCH)])
-    _assert_trees_close(jax.jit(jax.vmap(forward, in_axes=(None, 0)))(params, xs), looped)
-    want = _stack([jit_grad(params, xs[i]) for i in range(BATCH)])
-    per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))  # as in DP-SGD
-    _assert_trees_close(per_example(params, xs), want)
+    values, gradients = jax.jit(jax.vmap(value_and_grad, in_axes=(None, 0)))(params, xs)
+    looped = [jit_both(params, xs[i]) for i in range(BATCH)]
+    _assert_trees_close(values, _stack([v for v, _ in looped]))
+    _assert_trees_close(gradients, _stack([g for _, g in looped]))
