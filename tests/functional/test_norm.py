@@ -780,27 +780,33 @@ def test_closed_form_derivative_equals_autodiff_of_the_statistics(rng, axes):
         scale = jnp.asarray(rng.normal(size=affine_shape))
         bias = jnp.asarray(rng.normal(size=affine_shape))
         normalize = partial(_normalize, axes=axes, eps=1e-3)
-        outputs, vjp = jax.vjp(normalize, x, scale, bias)
-        expected_outputs, expected_vjp = jax.vjp(textbook, x, scale, bias)
-        cotangents = tuple(jnp.asarray(rng.normal(size=o.shape)) for o in outputs)
-        for got, want in zip(outputs, expected_outputs, strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        for got, want in zip(vjp(cotangents), expected_vjp(cotangents), strict=True):
-            assert got.shape == want.shape
-            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        shapes = jax.eval_shape(normalize, x, scale, bias)
+        cotangents = tuple(jnp.asarray(rng.normal(size=o.shape)) for o in shapes)
         directions = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in (x, scale, bias))
-        _, got = jax.jvp(normalize, (x, scale, bias), directions)
-        _, want = jax.jvp(textbook, (x, scale, bias), directions)
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
         def gradient_norm(normalize, x, scale):
             loss = lambda x, scale: jnp.sum(jnp.sin(normalize(x, scale, bias)[0]))  # noqa: E731
             return sum(jnp.sum(d**2) for d in jax.grad(loss, argnums=(0, 1))(x, scale))
 
-        got = jax.grad(partial(gradient_norm, normalize), argnums=(0, 1))(x, scale)
-        want = jax.grad(partial(gradient_norm, textbook), argnums=(0, 1))(x, scale)
-        for a, b in zip(got, want, strict=True):
+        # Everything of one implementation in one compiled program (eagerly, each of its many
+        # small operations compiled on its own, which took most of this test's time).
+        @partial(jax.jit, static_argnums=0)
+        def derivatives(normalize, x, scale, bias):
+            outputs, vjp = jax.vjp(normalize, x, scale, bias)
+            _, tangents = jax.jvp(normalize, (x, scale, bias), directions)
+            second = jax.grad(partial(gradient_norm, normalize), argnums=(0, 1))(x, scale)
+            return outputs, vjp(cotangents), tangents, second
+
+        outputs, pulled, tangents, second = derivatives(normalize, x, scale, bias)
+        expected = derivatives(textbook, x, scale, bias)
+        for got, want in zip(outputs, expected[0], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        for got, want in zip(pulled, expected[1], strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        for a, b in zip(tangents, expected[2], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        for a, b in zip(second, expected[3], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
