@@ -716,23 +716,29 @@ def test_forward_mode_and_mixed_transformations_match_xla(case, transposed, rng,
     xs = rng.standard_normal((3, *x_shape)).astype(np.float32)
     ws = rng.standard_normal((2, *w_shape)).astype(np.float32)
 
-    def check(transform):  # each side one compiled program
-        actual = fast_jit(lambda: transform(lambda x, w: jnp.sum(jnp.sin(jcnn_op(x, w)))))()
-        expected = fast_jit(lambda: transform(lambda x, w: jnp.sum(jnp.sin(reference_op(x, w)))))()
-        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-            assert relative_error(a, e) < RELATIVE_TOLERANCE
+    transforms = [
+        lambda f: jax.jvp(f, (x, w), (tx, tw)),
+        lambda f: jax.linearize(f, x, w)[1](tx, tw),
+        lambda f: jax.jvp(jax.grad(f, argnums=(0, 1)), (x, w), (tx, tw))[1],
+        lambda f: jax.hessian(f, argnums=1)(x, w),
+        lambda f: jax.vmap(lambda x: jax.jvp(f, (x, w), (x, tw))[1])(xs),
+        lambda f: jax.jvp(lambda xs: jax.vmap(lambda x: f(x, w))(xs), (xs,), (xs,))[1],
+        lambda f: jax.grad(lambda w: jnp.sum(jax.vmap(lambda x: f(x, w))(xs)))(w),
+        lambda f: jax.vmap(jax.grad(f, argnums=1), in_axes=(0, None))(xs, w),
+        lambda f: jax.jacfwd(lambda ws: jax.vmap(lambda w: jax.vmap(f, (0, None))(xs, w))(ws))(ws),
+    ]
 
-    check(lambda f: jax.jvp(f, (x, w), (tx, tw)))
-    check(lambda f: jax.linearize(f, x, w)[1](tx, tw))
-    check(lambda f: jax.jvp(jax.grad(f, argnums=(0, 1)), (x, w), (tx, tw))[1])
-    check(lambda f: jax.hessian(f, argnums=1)(x, w))
-    check(lambda f: jax.vmap(lambda x: jax.jvp(f, (x, w), (x, tw))[1])(xs))
-    check(lambda f: jax.jvp(lambda xs: jax.vmap(lambda x: f(x, w))(xs), (xs,), (xs,))[1])
-    check(lambda f: jax.grad(lambda w: jnp.sum(jax.vmap(lambda x: f(x, w))(xs)))(w))
-    check(lambda f: jax.vmap(jax.grad(f, argnums=1), in_axes=(0, None))(xs, w))
-    check(
-        lambda f: jax.jacfwd(lambda ws: jax.vmap(lambda w: jax.vmap(f, (0, None))(xs, w))(ws))(ws)
-    )
+    def run_all(op):  # every transformation of one side in one compiled program
+        def loss(x, w):
+            return jnp.sum(jnp.sin(op(x, w)))
+
+        return fast_jit(lambda: [transform(loss) for transform in transforms])()
+
+    for index, (actual, expected) in enumerate(
+        zip(run_all(jcnn_op), run_all(reference_op), strict=True)
+    ):
+        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+            assert relative_error(a, e) < RELATIVE_TOLERANCE, index
 
 
 def test_convolutions_run_op_by_op_under_disable_jit(rng, conv_backend):
