@@ -60,12 +60,23 @@ def _relative_error(got, want):
 
 
 def _check_products(x, w, options, rng, conv=_onednn, tolerance=2e-6, context=()):
-    """``conv``'s value and both gradients (for a random cotangent) against the reference's."""
-    want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
-    got, got_vjp = jax.vjp(partial(conv, options=options), x, w)
-    assert got.shape == want.shape, options
-    g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
-    for name, a, b in zip(["y", "dx", "dw"], (got, *got_vjp(g)), (want, *want_vjp(g)), strict=True):
+    """``conv``'s value and both gradients (for a random cotangent) against the reference's.
+
+    Both sides in one jitted program: eagerly, every operation of a new shape compiled alone."""
+    y_shape = jax.eval_shape(partial(_reference, options=options), x, w).shape
+    assert jax.eval_shape(partial(conv, options=options), x, w).shape == y_shape, options
+    g = jnp.asarray(rng.standard_normal(y_shape).astype(np.float32))
+
+    @jax.jit
+    def products(x, w, g):
+        def value_and_vjp(f):
+            y, vjp = jax.vjp(partial(f, options=options), x, w)
+            return (y, *vjp(g))
+
+        return value_and_vjp(conv), value_and_vjp(_reference)
+
+    got, want = products(x, w, g)
+    for name, a, b in zip(["y", "dx", "dw"], got, want, strict=True):
         assert _relative_error(a, b) < tolerance, (name, *context, x.shape, w.shape, options)
 
 
@@ -84,8 +95,15 @@ def test_agrees_with_the_xla_formulations(onednn, rng):
     # Both CPU paths of F.conv, including the XLA path's own GEMM and col2im formulations.
     for _ in range(6):
         x, w, options = _random_problem(rng, 2)
-        got = jax.grad(_tanh_loss, argnums=(0, 1))(x, w, partial(_onednn, options=options))
-        want = jax.grad(_tanh_loss, argnums=(0, 1))(x, w, partial(_xla_path, options=options))
+
+        @jax.jit  # both gradients in one program: eagerly, each operation compiled on its own
+        def gradients(x, w, options=options):
+            return [
+                jax.grad(_tanh_loss, argnums=(0, 1))(x, w, partial(conv, options=options))
+                for conv in (_onednn, _xla_path)
+            ]
+
+        got, want = gradients(x, w)
         for a, b in zip(got, want, strict=True):
             assert _relative_error(a, b) < 2e-6, options
 
@@ -136,11 +154,15 @@ def _gradient_penalty(x, w, conv):
 
 
 def test_second_derivatives(onednn, rng):
+    penalty_grad = jax.grad(_gradient_penalty, argnums=(0, 1))
     for _ in range(3):
         x, w, options = _random_problem(rng, 2)
-        penalty_grad = jax.grad(_gradient_penalty, argnums=(0, 1))
-        got = penalty_grad(x, w, partial(_onednn, options=options))
-        want = penalty_grad(x, w, partial(_reference, options=options))
+
+        @jax.jit  # both sides in one program: eagerly, each operation compiled on its own
+        def both(x, w, options=options):
+            return [penalty_grad(x, w, partial(f, options=options)) for f in (_onednn, _reference)]
+
+        got, want = both(x, w)
         for a, b in zip(got, want, strict=True):
             assert _relative_error(a, b) < 1e-5, options
 
