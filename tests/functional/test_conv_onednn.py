@@ -215,10 +215,19 @@ def test_many_batched_problems_match_xla(onednn, rng, spatial_rank):
         # needs its own primitive
         one, one_vjp = jax.vjp(jax.vmap(conv), xs[:1], ws[:1])
         jax.block_until_ready(one_vjp(jnp.ones(one.shape)))
-        y, vjp = jax.vjp(jax.vmap(conv), xs, ws)
-        want, want_vjp = jax.vjp(jax.vmap(reference), xs, ws)
-        g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
-        grads = zip(*vjp(g), *want_vjp(g), strict=True)
+        y_shape = jax.eval_shape(jax.vmap(conv), xs, ws).shape
+        g = jnp.asarray(rng.standard_normal(y_shape).astype(np.float32))
+
+        @jax.jit  # both sides in one program: eagerly, each operation compiled on its own
+        def products(xs, ws, g, conv=conv, reference=reference):
+            def value_and_vjp(f):
+                y, vjp = jax.vjp(jax.vmap(f), xs, ws)
+                return y, vjp(g)
+
+            return value_and_vjp(conv), value_and_vjp(reference)
+
+        (y, got_grads), (want, want_grads) = products(xs, ws, g)
+        grads = zip(*got_grads, *want_grads, strict=True)
         for i, (got_dx, got_dw, want_dx, want_dw) in enumerate(grads):
             assert _relative_error(y[i], want[i]) < 2e-6, (i, options)
             assert _relative_error(got_dx, want_dx) < 2e-5, (i, options)
