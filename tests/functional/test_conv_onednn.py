@@ -368,11 +368,16 @@ def test_products_in_onednns_own_layout_match_xla(onednn, rng, spatial_rank):
     x, w, options = blocked
     count = 2 * (os.cpu_count() or 1) + 1
     xs = jnp.stack([x * (i + 1) for i in range(count)])
-    ys, vjp = jax.vjp(jax.vmap(partial(_onednn, options=options), in_axes=(0, None)), xs, w)
-    want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
-    g = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
-    dxs, dw = vjp(jnp.stack([g] * count))
-    want_dx, want_dw = want_vjp(g)
+    y_shape = jax.eval_shape(partial(_reference, options=options), x, w).shape
+    g = jnp.asarray(rng.standard_normal(y_shape).astype(np.float32))
+
+    @jax.jit  # both sides in one program: eagerly, each operation compiled on its own
+    def products(x, xs, w, g):
+        ys, vjp = jax.vjp(jax.vmap(partial(_onednn, options=options), in_axes=(0, None)), xs, w)
+        want, want_vjp = jax.vjp(partial(_reference, options=options), x, w)
+        return ys, vjp(jnp.stack([g] * count)), want, want_vjp(g)
+
+    ys, (dxs, dw), want, (want_dx, want_dw) = products(x, xs, w, g)
     for i in range(count):
         assert _relative_error(ys[i], want * (i + 1)) < 2e-6, i
         assert _relative_error(dxs[i], want_dx) < 2e-6, i
