@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jcnn import init
 from jcnn.functional._checks import (
     check_array,
+    check_bool,
     check_int,
     check_real,
     check_real_or_traced,
@@ -44,9 +45,10 @@ from jcnn.nn import GELU, BatchNorm, Conv, Dense, Flatten, MaxPool
 __all__ = ["AirbenchNet", "ConvGroup", "whitening_kernel"]
 
 
-def _check_norm_settings(bn_momentum, bn_eps) -> None:
+def _check_norm_settings(bn_momentum, bn_eps, bn_unbiased_running_var) -> None:
     check_bn_momentum(bn_momentum)
     check_real(bn_eps, "bn_eps", low=0, low_open=True)
+    check_bool(bn_unbiased_running_var, "bn_unbiased_running_var")
 
 
 class ConvGroup(nn.Module):
@@ -57,17 +59,20 @@ class ConvGroup(nn.Module):
         bn_momentum: decay of the BatchNorm running averages.
         bn_eps: BatchNorm epsilon.
         kernel_init: initializer of both conv kernels (``None``: ``Conv``'s default).
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
     """
 
     features: int
     bn_momentum: float = 0.6
     bn_eps: float = 1e-12
     kernel_init: Callable | None = None
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the group to ``x`` ``(N, H, W, C)``; halves H and W."""
-        _check_norm_settings(self.bn_momentum, self.bn_eps)
+        _check_norm_settings(self.bn_momentum, self.bn_eps, self.bn_unbiased_running_var)
         conv = functools.partial(
             Conv,
             self.features,
@@ -85,7 +90,13 @@ class ConvGroup(nn.Module):
         return GELU(name="gelu2")(x)
 
     def _norm(self, name: str) -> BatchNorm:
-        return BatchNorm(momentum=self.bn_momentum, eps=self.bn_eps, use_scale=False, name=name)
+        return BatchNorm(
+            momentum=self.bn_momentum,
+            eps=self.bn_eps,
+            unbiased_running_var=self.bn_unbiased_running_var,
+            use_scale=False,
+            name=name,
+        )
 
 
 class AirbenchNet(nn.Module):
@@ -101,6 +112,8 @@ class AirbenchNet(nn.Module):
             airbench94 uses ``init.with_dirac`` over PyTorch's default.
         whiten_init: initializer of the whitening kernel, e.g.
             ``init.from_array(whitening_kernel(images))`` (``None``: ``Conv``'s default).
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
 
     Example:
         >>> import jcnn
@@ -119,6 +132,7 @@ class AirbenchNet(nn.Module):
     bn_eps: float = 1e-12
     conv_init: Callable | None = None
     whiten_init: Callable | None = None
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -128,14 +142,19 @@ class AirbenchNet(nn.Module):
         widths = check_per_stage(self.widths, "widths")
         k = check_int(self.whiten_kernel_size, "whiten_kernel_size", low=1)
         check_real(self.scaling_factor, "scaling_factor")
-        _check_norm_settings(self.bn_momentum, self.bn_eps)
+        _check_norm_settings(self.bn_momentum, self.bn_eps, self.bn_unbiased_running_var)
         pools = [(2, 2, 0)] * len(widths)
         check_image_size(x, [(k, 1, 0), *pools, (3, 3, 0)], "AirbenchNet")
         x = Conv(2 * x.shape[-1] * k * k, (k, k), kernel_init=self.whiten_init, name="whiten")(x)
         x = GELU(name="gelu0")(x)
         for index, width in enumerate(widths, start=1):
             group = ConvGroup(
-                width, self.bn_momentum, self.bn_eps, self.conv_init, name=f"group{index}"
+                width,
+                self.bn_momentum,
+                self.bn_eps,
+                self.conv_init,
+                self.bn_unbiased_running_var,
+                name=f"group{index}",
             )
             x = group(x, train)
         x = MaxPool(3, name="pool")(x)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 
 from jcnn import init
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_bool
 from jcnn.models._checks import (
     check_bn_momentum,
     check_not_empty,
@@ -49,6 +49,8 @@ class SmallC3D(nn.Module):
         num_classes: number of outputs (logits).
         widths: channels of each stage.
         bn_momentum: decay of the BatchNorm running averages (0.9 is PyTorch's default 0.1).
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
 
     Example:
         >>> import jcnn
@@ -61,6 +63,7 @@ class SmallC3D(nn.Module):
     num_classes: int = 10
     widths: Sequence[int] = (32, 64, 128, 256)
     bn_momentum: float = 0.9
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -70,10 +73,15 @@ class SmallC3D(nn.Module):
         num_classes = check_num_classes(self.num_classes)
         widths = check_per_stage(self.widths, "widths")
         check_bn_momentum(self.bn_momentum)
+        check_bool(self.bn_unbiased_running_var, "bn_unbiased_running_var")
         _check_volume_size(x, len(widths))
         for stage, width in enumerate(widths, start=1):
             x = Conv(width, (3, 3, 3), padding=1, use_bias=False, name=f"conv{stage}")(x)
-            x = BatchNorm(momentum=self.bn_momentum, name=f"bn{stage}")(x, train)
+            x = BatchNorm(
+                momentum=self.bn_momentum,
+                unbiased_running_var=self.bn_unbiased_running_var,
+                name=f"bn{stage}",
+            )(x, train)
             x = ReLU(name=f"relu{stage}")(x)
             x = MaxPool((1, 2, 2) if stage == 1 else (2, 2, 2), name=f"pool{stage}")(x)
         x = GlobalAvgPool(name="avgpool")(x)

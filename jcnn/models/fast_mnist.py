@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import check_array, check_bool
 from jcnn.models._checks import (
     check_bn_momentum,
     check_image_size,
@@ -35,6 +35,8 @@ class FastMNISTNet(nn.Module):
         num_classes: number of outputs (logits).
         widths: output channels of the two convs.
         bn_momentum: decay of the BatchNorm running averages.
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
 
     Example:
         >>> import jcnn
@@ -50,6 +52,7 @@ class FastMNISTNet(nn.Module):
     num_classes: int = 10
     widths: Sequence[int] = (32, 64)
     bn_momentum: float = 0.9
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -60,11 +63,16 @@ class FastMNISTNet(nn.Module):
             raise ValueError(f"widths: expected two conv widths, got {widths}")
         num_classes = check_num_classes(self.num_classes)
         check_bn_momentum(self.bn_momentum)
+        check_bool(self.bn_unbiased_running_var, "bn_unbiased_running_var")
         check_image_size(x, [(5, 1, 0), (2, 2, 0)] * 2, "FastMNISTNet")
         for index, width in enumerate(widths, start=1):
             x = Conv(width, (5, 5), use_bias=False, name=f"conv{index}")(x)
             x = MaxPool(2, name=f"pool{index}")(x)
-            x = BatchNorm(momentum=self.bn_momentum, name=f"norm{index}")(x, train)
+            x = BatchNorm(
+                momentum=self.bn_momentum,
+                unbiased_running_var=self.bn_unbiased_running_var,
+                name=f"norm{index}",
+            )(x, train)
             x = ReLU(name=f"relu{index}")(x)
         x = Flatten(name="flatten")(x)
         return Dense(num_classes, name="head")(x)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jcnn import init
-from jcnn.functional._checks import check_array, check_int, check_real
+from jcnn.functional._checks import check_array, check_bool, check_int, check_real
 from jcnn.models._checks import (
     check_bn_momentum,
     check_dropout_rate,
@@ -81,6 +81,14 @@ def _relu6(x):
     return jnp.clip(x, 0.0, 6.0)
 
 
+def _batch_norm(module, name: str) -> BatchNorm:
+    return BatchNorm(
+        momentum=module.bn_momentum,
+        unbiased_running_var=module.bn_unbiased_running_var,
+        name=name,
+    )
+
+
 def _conv_init(groups: int = 1):
     return init.he_normal(mode="fan_out", groups=groups)
 
@@ -94,6 +102,8 @@ class InvertedResidual(nn.Module):
         expansion: hidden width as a multiple of the input channels (``t``; 1 skips the expand
             conv).
         bn_momentum: decay of the BatchNorm running averages (0.9 is PyTorch's default 0.1).
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
 
     Example:
         >>> import jcnn
@@ -108,6 +118,7 @@ class InvertedResidual(nn.Module):
     stride: int = 1
     expansion: int = 6
     bn_momentum: float = 0.9
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -117,6 +128,7 @@ class InvertedResidual(nn.Module):
         check_int(self.expansion, "expansion", low=1)
         check_int(self.stride, "stride", low=1)
         check_bn_momentum(self.bn_momentum)
+        check_bool(self.bn_unbiased_running_var, "bn_unbiased_running_var")
         c_in = x.shape[-1]
         hidden = int(round(c_in * self.expansion))
         y = x
@@ -124,7 +136,7 @@ class InvertedResidual(nn.Module):
             y = Conv(hidden, (1, 1), use_bias=False, kernel_init=_conv_init(), name="expand_conv")(
                 y
             )
-            y = _relu6(BatchNorm(momentum=self.bn_momentum, name="expand_bn")(y, train))
+            y = _relu6(_batch_norm(self, "expand_bn")(y, train))
         y = Conv(
             hidden,
             (3, 3),
@@ -135,11 +147,11 @@ class InvertedResidual(nn.Module):
             kernel_init=_conv_init(hidden),
             name="depthwise_conv",
         )(y)
-        y = _relu6(BatchNorm(momentum=self.bn_momentum, name="depthwise_bn")(y, train))
+        y = _relu6(_batch_norm(self, "depthwise_bn")(y, train))
         y = Conv(
             self.features, (1, 1), use_bias=False, kernel_init=_conv_init(), name="project_conv"
         )(y)
-        y = BatchNorm(momentum=self.bn_momentum, name="project_bn")(y, train)
+        y = _batch_norm(self, "project_bn")(y, train)
         if self.stride == 1 and c_in == self.features:
             return x + y
         return y
@@ -156,6 +168,8 @@ class MobileNetV2(nn.Module):
         stages: ``(t, c, n, s)`` of each stage (the paper's Table 2 by default).
         dropout_rate: dropout before the classifier (draws from the ``"dropout"`` rng in training).
         bn_momentum: decay of the BatchNorm running averages (0.9 is PyTorch's default 0.1).
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
 
     Example:
         >>> import jcnn
@@ -175,6 +189,7 @@ class MobileNetV2(nn.Module):
     stages: Sequence[tuple[int, int, int, int]] = MOBILENET_V2_STAGES
     dropout_rate: float = 0.2
     bn_momentum: float = 0.9
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -188,6 +203,7 @@ class MobileNetV2(nn.Module):
         _check_stages(self.stages)
         check_dropout_rate(self.dropout_rate)
         check_bn_momentum(self.bn_momentum)
+        check_bool(self.bn_unbiased_running_var, "bn_unbiased_running_var")
         cifar = self.stem == "cifar"
         x = Conv(
             make_divisible(32 * self.width_multiplier),
@@ -198,7 +214,7 @@ class MobileNetV2(nn.Module):
             kernel_init=_conv_init(),
             name="stem_conv",
         )(x)
-        x = _relu6(BatchNorm(momentum=self.bn_momentum, name="stem_bn")(x, train))
+        x = _relu6(_batch_norm(self, "stem_bn")(x, train))
         index = 1
         for stage, (expansion, channels, repeats, stride) in enumerate(self.stages):
             if cifar and stage == 1:
@@ -209,12 +225,13 @@ class MobileNetV2(nn.Module):
                     stride if repeat == 0 else 1,
                     expansion,
                     self.bn_momentum,
+                    self.bn_unbiased_running_var,
                     name=f"block{index}",
                 )(x, train)
                 index += 1
         last = make_divisible(1280 * max(1.0, self.width_multiplier))
         x = Conv(last, (1, 1), use_bias=False, kernel_init=_conv_init(), name="head_conv")(x)
-        x = _relu6(BatchNorm(momentum=self.bn_momentum, name="head_bn")(x, train))
+        x = _relu6(_batch_norm(self, "head_bn")(x, train))
         x = GlobalAvgPool(name="avgpool")(x)
         x = Dropout(self.dropout_rate, name="dropout")(x, train)
         return Dense(num_classes, kernel_init=init.normal(0.01), name="classifier")(x)

@@ -48,10 +48,13 @@ __all__ = [
 _SHORTCUTS = ("projection", "pad")
 
 
-def _check_block_settings(shortcut, bn_momentum, zero_init_residual) -> None:
+def _check_block_settings(
+    shortcut, bn_momentum, zero_init_residual, bn_unbiased_running_var
+) -> None:
     check_choice(shortcut, "shortcut", _SHORTCUTS)
     check_bn_momentum(bn_momentum)
     check_bool(zero_init_residual, "zero_init_residual")
+    check_bool(bn_unbiased_running_var, "bn_unbiased_running_var")
 
 
 def _pad_shortcut(x, features: int, stride: int):
@@ -68,11 +71,14 @@ class _Block(nn.Module):
     shortcut: str = "projection"
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
+    bn_unbiased_running_var: bool = False
 
     expansion = 1  # output channels per unit of ``features``
 
     def _check_settings(self) -> None:
-        _check_block_settings(self.shortcut, self.bn_momentum, self.zero_init_residual)
+        _check_block_settings(
+            self.shortcut, self.bn_momentum, self.zero_init_residual, self.bn_unbiased_running_var
+        )
 
 
 class BasicBlock(_Block):
@@ -84,6 +90,8 @@ class BasicBlock(_Block):
         shortcut: ``"projection"`` (1x1 conv + BN when the shape changes) or ``"pad"`` (option A).
         bn_momentum: decay of the BatchNorm running averages.
         zero_init_residual: start the last BN scale at zero, so the block starts as the identity.
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
     """
 
     @nn.compact
@@ -91,7 +99,7 @@ class BasicBlock(_Block):
         """Apply the block to ``x`` ``(N, H, W, C)``."""
         self._check_settings()
         y = Conv(self.features, (3, 3), self.stride, 1, use_bias=False, name="conv1")(x)
-        y = BatchNorm(momentum=self.bn_momentum, name="bn1")(y, train)
+        y = _batch_norm(self, "bn1")(y, train)
         y = ReLU(name="relu1")(y)
         y = Conv(self.features, (3, 3), 1, 1, use_bias=False, name="conv2")(y)
         y = _last_bn(self, "bn2")(y, train)
@@ -103,7 +111,8 @@ class Bottleneck(_Block):
 
     Attributes:
         features: width of the 3x3 conv; the block outputs ``4 * features`` channels.
-        stride, shortcut, bn_momentum, zero_init_residual: as in ``BasicBlock``.
+        stride, shortcut, bn_momentum, zero_init_residual, bn_unbiased_running_var: as in
+            ``BasicBlock``.
     """
 
     expansion = 4
@@ -114,19 +123,28 @@ class Bottleneck(_Block):
         self._check_settings()
         out = self.features * self.expansion
         y = Conv(self.features, (1, 1), use_bias=False, name="conv1")(x)
-        y = BatchNorm(momentum=self.bn_momentum, name="bn1")(y, train)
+        y = _batch_norm(self, "bn1")(y, train)
         y = ReLU(name="relu1")(y)
         y = Conv(self.features, (3, 3), self.stride, 1, use_bias=False, name="conv2")(y)
-        y = BatchNorm(momentum=self.bn_momentum, name="bn2")(y, train)
+        y = _batch_norm(self, "bn2")(y, train)
         y = ReLU(name="relu2")(y)
         y = Conv(out, (1, 1), use_bias=False, name="conv3")(y)
         y = _last_bn(self, "bn3")(y, train)
         return ReLU(name="relu3")(y + _shortcut(self, x, out, train))
 
 
+def _batch_norm(module, name: str, **options: Any) -> BatchNorm:
+    return BatchNorm(
+        momentum=module.bn_momentum,
+        unbiased_running_var=module.bn_unbiased_running_var,
+        name=name,
+        **options,
+    )
+
+
 def _last_bn(block, name: str) -> BatchNorm:
     scale_init = init.zeros if block.zero_init_residual else init.ones
-    return BatchNorm(momentum=block.bn_momentum, scale_init=scale_init, name=name)
+    return _batch_norm(block, name, scale_init=scale_init)
 
 
 def _shortcut(block, x, features: int, train: bool):
@@ -141,7 +159,7 @@ def _shortcut(block, x, features: int, train: bool):
             )
         return _pad_shortcut(x, features, block.stride)
     y = Conv(features, (1, 1), block.stride, use_bias=False, name="downsample_conv")(x)
-    return BatchNorm(momentum=block.bn_momentum, name="downsample_bn")(y, train)
+    return _batch_norm(block, "downsample_bn")(y, train)
 
 
 class ResNet(nn.Module):
@@ -156,6 +174,8 @@ class ResNet(nn.Module):
         shortcut: ``"projection"`` (option B) or ``"pad"`` (option A, parameter-free).
         bn_momentum: decay of the BatchNorm running averages (0.9 is PyTorch's default 0.1).
         zero_init_residual: start each block's last BN scale at zero.
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
 
     Example:
         >>> import jcnn
@@ -175,6 +195,7 @@ class ResNet(nn.Module):
     shortcut: str = "projection"
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -191,12 +212,14 @@ class ResNet(nn.Module):
         if len(widths) != stages:
             raise ValueError(f"widths: expected one width per stage ({stages}), got {widths}")
         num_classes = check_num_classes(self.num_classes)
-        _check_block_settings(self.shortcut, self.bn_momentum, self.zero_init_residual)
+        _check_block_settings(
+            self.shortcut, self.bn_momentum, self.zero_init_residual, self.bn_unbiased_running_var
+        )
         if self.stem == "imagenet":
             x = Conv(widths[0], (7, 7), 2, 3, use_bias=False, name="conv1")(x)
         else:
             x = Conv(widths[0], (3, 3), 1, 1, use_bias=False, name="conv1")(x)
-        x = BatchNorm(momentum=self.bn_momentum, name="bn1")(x, train)
+        x = _batch_norm(self, "bn1")(x, train)
         x = ReLU(name="relu")(x)
         if self.stem == "imagenet":
             x = MaxPool(3, 2, 1, name="maxpool")(x)
@@ -209,6 +232,7 @@ class ResNet(nn.Module):
                     shortcut=self.shortcut,
                     bn_momentum=self.bn_momentum,
                     zero_init_residual=self.zero_init_residual,
+                    bn_unbiased_running_var=self.bn_unbiased_running_var,
                     name=f"layer{stage}_{index}",
                 )(x, train)
         x = GlobalAvgPool(name="avgpool")(x)

@@ -35,10 +35,11 @@ __all__ = ["DoubleConv", "UNet"]
 _PADDINGS = {"same": 1, "valid": 0}
 
 
-def _check_settings(padding, batch_norm, bn_momentum) -> None:
+def _check_settings(padding, batch_norm, bn_momentum, bn_unbiased_running_var) -> None:
     check_choice(padding, "padding", tuple(_PADDINGS))
     check_bool(batch_norm, "batch_norm")
     check_bn_momentum(bn_momentum)
+    check_bool(bn_unbiased_running_var, "bn_unbiased_running_var")
 
 
 class DoubleConv(nn.Module):
@@ -49,19 +50,24 @@ class DoubleConv(nn.Module):
         padding: ``"same"`` (pad 1) or ``"valid"`` (no padding: each conv removes 2 pixels).
         batch_norm: add BatchNorm after each conv (the convs then have no bias).
         bn_momentum: decay of the BatchNorm running averages.
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
     """
 
     features: int
     padding: str = "same"
     batch_norm: bool = False
     bn_momentum: float = 0.9
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply both convs to ``x`` ``(N, H, W, C)``."""
         check_array(x, "x", ndim=4)
         check_not_empty(x, "DoubleConv")
-        _check_settings(self.padding, self.batch_norm, self.bn_momentum)
+        _check_settings(
+            self.padding, self.batch_norm, self.bn_momentum, self.bn_unbiased_running_var
+        )
         for i in (1, 2):
             x = Conv(
                 self.features,
@@ -71,7 +77,11 @@ class DoubleConv(nn.Module):
                 name=f"conv{i}",
             )(x)
             if self.batch_norm:
-                x = BatchNorm(momentum=self.bn_momentum, name=f"bn{i}")(x, train)
+                x = BatchNorm(
+                    momentum=self.bn_momentum,
+                    unbiased_running_var=self.bn_unbiased_running_var,
+                    name=f"bn{i}",
+                )(x, train)
             x = ReLU(name=f"relu{i}")(x)
         return x
 
@@ -91,6 +101,8 @@ class UNet(nn.Module):
         padding: ``"valid"`` (the paper's, output smaller than the input) or ``"same"``.
         batch_norm: BatchNorm after every 3x3 conv.
         bn_momentum: decay of the BatchNorm running averages.
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
 
     Example:
         >>> import jcnn
@@ -109,6 +121,7 @@ class UNet(nn.Module):
     padding: str = "valid"
     batch_norm: bool = False
     bn_momentum: float = 0.9
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -117,12 +130,15 @@ class UNet(nn.Module):
         check_not_empty(x, "UNet")
         widths = check_per_stage(self.widths, "widths")
         out_channels = check_int(self.out_channels, "out_channels", low=1)
-        _check_settings(self.padding, self.batch_norm, self.bn_momentum)
+        _check_settings(
+            self.padding, self.batch_norm, self.bn_momentum, self.bn_unbiased_running_var
+        )
         self._check_sizes(x.shape)
         options = {
             "padding": self.padding,
             "batch_norm": self.batch_norm,
             "bn_momentum": self.bn_momentum,
+            "bn_unbiased_running_var": self.bn_unbiased_running_var,
         }
         skips = []
         for level, width in enumerate(widths[:-1], start=1):

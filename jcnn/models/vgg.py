@@ -45,6 +45,8 @@ class VGG(nn.Module):
         small_input: CIFAR-size head (one dense layer) instead of the ImageNet one.
         dropout_rate: dropout of the ImageNet head (needs a ``"dropout"`` rng when training).
         bn_momentum: decay of the BatchNorm running averages (0.9 is PyTorch's default 0.1).
+        bn_unbiased_running_var: average the unbiased batch variance into the BatchNorm running
+            variance, as PyTorch does (default False: the biased one).
     """
 
     depth: int = 16
@@ -53,6 +55,7 @@ class VGG(nn.Module):
     small_input: bool = False
     dropout_rate: float = 0.5
     bn_momentum: float = 0.9
+    bn_unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -65,6 +68,7 @@ class VGG(nn.Module):
         num_classes = check_num_classes(self.num_classes)
         check_dropout_rate(self.dropout_rate)
         check_bn_momentum(self.bn_momentum)
+        check_bool(self.bn_unbiased_running_var, "bn_unbiased_running_var")
         check_image_size(x, [(2, 2, 0)] * len(_WIDTHS), "VGG")
         for stage, (convs, width) in enumerate(
             zip(_STAGE_DEPTHS[self.depth], _WIDTHS, strict=True), start=1
@@ -72,7 +76,11 @@ class VGG(nn.Module):
             for i in range(1, convs + 1):
                 x = Conv(width, (3, 3), padding=1, name=f"conv{stage}_{i}")(x)
                 if self.batch_norm:
-                    x = BatchNorm(momentum=self.bn_momentum, name=f"bn{stage}_{i}")(x, train)
+                    x = BatchNorm(
+                        momentum=self.bn_momentum,
+                        unbiased_running_var=self.bn_unbiased_running_var,
+                        name=f"bn{stage}_{i}",
+                    )(x, train)
                 x = ReLU(name=f"relu{stage}_{i}")(x)
             x = MaxPool(2, name=f"pool{stage}")(x)
         head_init = init.lecun_normal()

@@ -1,5 +1,6 @@
 """Tests of jcnn.analysis.torch_weights: PyTorch twins of LeNet5, VGG and ResNet give the same
-logits with converted weights; weights files are loaded as data and checked."""
+logits with converted weights, and the same running statistics after a training step with
+``bn_unbiased_running_var=True``; weights files are loaded as data and checked."""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from jcnn.analysis import (
     from_torchvision_state_dict,
     load_torch_weights,
 )
+from tests.models._zoo import check_running_stats_follow_torch
 
 
 def _randomize_norm_statistics(torch, net, rng):
@@ -309,6 +311,23 @@ def test_imagenet_resnet_logits_match_torch(torch, rng, bottleneck):
     block = "bottleneck" if bottleneck else "basic"
     model = jcnn.models.ResNet((2, 1), block, num_classes=5, widths=widths)
     _compare(torch, net, model, (2, 40, 40, 3), rng)
+
+
+@pytest.mark.parametrize(
+    "name, twin_settings, shape",
+    [
+        ("resnet18", ((2, 2, 2, 2), (64, 128, 256, 512), "imagenet", "projection"), (4, 64, 64, 3)),
+        ("resnet20", ((3, 3, 3), (16, 32, 64), "cifar", "pad"), (2, 32, 32, 3)),
+    ],
+)
+def test_resnet_running_statistics_follow_torch_in_training(torch, rng, name, twin_settings, shape):
+    """Imported weights, one train-mode step: PyTorch's running variance (unbiased) with
+    ``bn_unbiased_running_var=True``; the default's differs by the factor n / (n - 1)."""
+    torch.manual_seed(6)
+    twin = _randomize_norm_statistics(torch, _resnet_twin(torch, *twin_settings, False, 10), rng)
+    model = getattr(jcnn.models, name)(num_classes=10)
+    x = rng.normal(size=shape).astype(np.float32)
+    check_running_stats_follow_torch(torch, model, twin, x, from_torch_state_dict)
 
 
 def _airbench_twin(torch, widths):

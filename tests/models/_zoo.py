@@ -1,9 +1,13 @@
 """Shared by the tests of the modern networks: a jitted training step and PyTorch helpers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jcnn.nn import BatchNorm
 
 
 def check_training_step(model, x, labels, *, rngs=None):
@@ -66,3 +70,46 @@ def torch_forward(torch, module, x):
     with torch.no_grad():
         out = module(inputs).numpy()
     return np.moveaxis(out, 1, -1) if out.ndim > 2 else out
+
+
+def check_running_stats_follow_torch(torch, model, twin, x, convert, *, rngs=None):
+    """One train-mode forward of ``model`` and of its PyTorch ``twin`` on channels-last ``x``,
+    from the twin's weights (``convert(model, state_dict, shape)`` imports them): with
+    ``bn_unbiased_running_var=True`` every BatchNorm's new running mean and variance equal the
+    twin's; with the default the variance's batch term is the biased one, ``(n - 1) / n`` times
+    the twin's, ``n`` the values per channel that BatchNorm normalized."""
+    variables = convert(model, twin.state_dict(), x.shape)
+    twin.train()
+    with torch.no_grad():
+        twin(torch.from_numpy(np.moveaxis(x, -1, 1).copy()))
+    expected = jax.tree.leaves(convert(model, twin.state_dict(), x.shape)["batch_stats"])
+    old = jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
+    momentum = model.bn_momentum
+    tolerance = {"rtol": 1e-4, "atol": 1e-5}  # float32 drift over a deep train-mode forward
+    for unbiased in (True, False):
+        apply = functools.partial(
+            model.clone(bn_unbiased_running_var=unbiased).apply,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda module, _: isinstance(module, BatchNorm),
+        )
+        _, state = jax.jit(apply)(variables, jnp.asarray(x), rngs=rngs)
+        new = jax.tree.leaves(state["batch_stats"])
+        assert len(new) == len(old) == len(expected)
+        differs = False
+        for (path, before), after, torch_after in zip(old, new, expected, strict=True):
+            where = f"{jax.tree_util.keystr(path)} unbiased={unbiased}"
+            if path[-1].key == "var" and not unbiased:
+                differs |= not np.allclose(after, torch_after, **tolerance)
+                n = _normalized_per_channel(state["intermediates"], path[:-1])
+                torch_after = momentum * before + (torch_after - momentum * before) * (n - 1) / n
+            np.testing.assert_allclose(after, torch_after, err_msg=where, **tolerance)
+        if not unbiased:
+            assert differs, "the default running variance should differ from PyTorch's"
+
+
+def _normalized_per_channel(intermediates, path) -> int:
+    for key in path:
+        intermediates = intermediates[key.key]
+    (output,) = intermediates["__call__"]
+    return output.size // output.shape[-1]

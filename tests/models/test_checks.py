@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jcnn import models
+from jcnn.nn import BatchNorm
 
 # (model, channels, the smallest height and width it maps to logits: found by trying sizes)
 CASES = [
@@ -100,3 +101,59 @@ def test_integer_settings_given_as_numpy_or_0d_jax_integers_build_the_same_netwo
 def test_widths_of_another_type_are_named(model):
     with pytest.raises(TypeError, match=r"^widths: expected a list or tuple of .*, got 4"):
         _init(model, (1, 28, 28, 3))
+
+
+# Every zoo module with BatchNorms, built small (module, input shape).
+WITH_BATCH_NORM = [
+    (models.ResNet((1, 1), stem="cifar", widths=(4, 8)), (1, 16, 16, 3)),
+    (models.ResNet((1, 1), "bottleneck", widths=(4, 8)), (1, 32, 32, 3)),
+    (models.BasicBlock(8, stride=2), (1, 8, 8, 4)),
+    (models.Bottleneck(2, stride=2), (1, 8, 8, 4)),
+    (models.VGG(11, batch_norm=True, small_input=True), (1, 32, 32, 3)),
+    (models.MobileNetV2(3, 0.25, "cifar", stages=((1, 8, 1, 1), (6, 8, 2, 2))), (1, 8, 8, 3)),
+    (models.InvertedResidual(8), (1, 4, 4, 8)),
+    (models.AirbenchNet(widths=(4, 8, 8)), (1, 32, 32, 3)),
+    (models.ConvGroup(4), (1, 8, 8, 3)),
+    (models.FastMNISTNet(widths=(4, 8)), (1, 28, 28, 1)),
+    (models.SmallC3D(widths=(4, 4)), (1, 2, 4, 4, 3)),
+    (models.UNet(widths=(4, 8), padding="same", batch_norm=True), (1, 8, 8, 1)),
+    (models.DoubleConv(4, batch_norm=True), (1, 8, 8, 3)),
+]
+
+
+_NAMES = [type(module).__name__ for module, _ in WITH_BATCH_NORM]
+
+
+def test_every_module_with_bn_momentum_is_listed():
+    listed = {type(module) for module, _ in WITH_BATCH_NORM}
+    with_field = {
+        obj
+        for obj in vars(models).values()
+        if isinstance(obj, type) and "bn_momentum" in getattr(obj, "__dataclass_fields__", {})
+    }
+    assert with_field == listed
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("module, shape", WITH_BATCH_NORM, ids=_NAMES)
+def test_bn_unbiased_running_var_reaches_every_batch_norm(module, shape, unbiased):
+    flags = {}
+
+    def record(layer, _):
+        if isinstance(layer, BatchNorm):
+            flags["/".join(layer.path)] = layer.unbiased_running_var
+        return False
+
+    model = module.clone(bn_unbiased_running_var=True) if unbiased else module
+    jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(shape), capture_intermediates=record)
+    )
+    assert flags
+    assert flags == dict.fromkeys(flags, unbiased)
+
+
+@pytest.mark.parametrize("module, shape", WITH_BATCH_NORM, ids=_NAMES)
+def test_bn_unbiased_running_var_must_be_a_bool(module, shape):
+    assert module.bn_unbiased_running_var is False
+    with pytest.raises(TypeError, match=r"^bn_unbiased_running_var: expected a Python bool, got 1"):
+        _init(module.clone(bn_unbiased_running_var=1), shape)

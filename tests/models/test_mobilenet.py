@@ -10,7 +10,12 @@ from jcnn import analysis, models
 from jcnn.models.mobilenet import make_divisible
 
 from ._helpers import assert_refused, count_params, param_shapes
-from ._zoo import check_training_step, randomize_torch, torch_forward
+from ._zoo import (
+    check_running_stats_follow_torch,
+    check_training_step,
+    randomize_torch,
+    torch_forward,
+)
 
 # The stem, both kinds of block (t = 1 and t = 6), a strided and a residual block: enough to
 # exercise every layer while compiling in seconds.
@@ -251,3 +256,13 @@ def test_empty_images_are_blamed_on_x(model, shape):
     says = rf"^x: {type(model).__name__} expects at least one pixel and one channel, got shape"
     assert_refused(model, shape, ValueError, says)
     assert count_params(model, (1, 1, 1, shape[-1] or 3)) > 0  # a single pixel is enough
+
+
+def test_running_statistics_follow_torchvision_in_training(torch, rng):
+    twin = _torch_twin(torch, 0.35, 6, cifar=True)
+    randomize_torch(torch, twin, seed=2)
+    model = models.mobilenet_v2_cifar(6, 0.35)
+    x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
+    rngs = {"dropout": jax.random.key(0)}
+    convert = analysis.from_torchvision_state_dict
+    check_running_stats_follow_torch(torch, model, twin, x, convert, rngs=rngs)

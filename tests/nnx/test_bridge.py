@@ -16,6 +16,11 @@ from jcnn import nnx as jnnx
 
 ZOO = [
     pytest.param(lambda: models.resnet20(num_classes=4), (8, 12, 12, 3), id="resnet20"),
+    pytest.param(
+        lambda: models.resnet20(num_classes=4, bn_unbiased_running_var=True),
+        (8, 12, 12, 3),
+        id="resnet20-unbiased-running-var",
+    ),
     pytest.param(lambda: models.LeNet5(num_classes=4), (8, 28, 28, 1), id="lenet5"),
 ]
 
