@@ -944,7 +944,7 @@ def main(argv=None):
     parser.add_argument(
         "--only",
         choices=["lenet", "airbench", "resnet20", "per-example", "layers", "steps-per-call"],
-        nargs="*",
+        nargs="+",
         help="sections to run (default: all but layers, the per-layer conv GFLOP/s, and "
         "steps-per-call, train_steps against train_step)",
     )

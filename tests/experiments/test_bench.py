@@ -69,3 +69,12 @@ def test_counts_below_one_are_refused_before_any_work(load_benchmark, flag, caps
         bench.main([flag, "0"])
     assert exit_info.value.code == 2
     assert f"{flag}: expected an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_only_without_sections_is_refused(load_benchmark, capsys):
+    # `--only` alone ran every default section (minutes) as if it were absent
+    bench = load_benchmark("bench")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--only"])
+    assert exit_info.value.code == 2
+    assert "--only: expected at least one argument" in capsys.readouterr().err
