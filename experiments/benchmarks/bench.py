@@ -929,6 +929,19 @@ def layer_rows(rounds, steps, layers=LAYERS, batch=None, min_block=0.05):
     return rows
 
 
+def torch_device(text):
+    """``--torch-device``: a device this PyTorch build can allocate on, checked before any work
+    (a bad one failed with a raw traceback, or after the first sections on a CPU-only build)."""
+    try:
+        device = torch.device(text)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise argparse.ArgumentTypeError(
+            f"expected a device this PyTorch build can use (cpu, cuda, ...), got {text!r}: {error}"
+        ) from None
+    return device
+
+
 def markdown(rows):
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -953,6 +966,7 @@ def main(argv=None):
     )
     parser.add_argument(
         "--torch-device",
+        type=torch_device,
         default="cpu",
         help="where PyTorch runs, e.g. cuda (JAX runs on its default backend, printed first)",
     )
@@ -968,7 +982,7 @@ def main(argv=None):
     only = set(args.only or ["lenet", "airbench", "resnet20", "per-example"])
     batches = (8, 8, 4) if args.quick else (128, 256, 64)
     lenet_batch, cifar_batch, pe_batch = (args.scale * batch for batch in batches)
-    device = torch.device(args.torch_device)
+    device = args.torch_device
 
     matmul = matmul_runners(device, 256 if args.quick else 2048)
     print(

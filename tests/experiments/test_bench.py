@@ -78,3 +78,15 @@ def test_only_without_sections_is_refused(load_benchmark, capsys):
         bench.main(["--only"])
     assert exit_info.value.code == 2
     assert "--only: expected at least one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_unusable_torch_device_is_refused_before_any_work(load_benchmark, device, capsys):
+    # a bad name gave a raw RuntimeError; cuda on a CPU-only build failed deep inside torch
+    bench = load_benchmark("bench")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--torch-device", device])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --torch-device: expected a device this PyTorch build can use" in err
+    assert f"got {device!r}" in err
