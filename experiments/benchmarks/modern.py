@@ -739,7 +739,7 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every batch size")
     parser.add_argument(
         "--only",
-        nargs="*",
+        nargs="+",
         choices=["convs", "networks", "activations"],
         default=["convs", "networks", "activations"],
     )

@@ -104,6 +104,8 @@ def test_activation_sides_compute_the_same_gradients(bench, name):
         (["--steps", "-1"], "--steps: expected an int >= 1, got -1"),
         (["--scale", "0"], "--scale: expected a finite number > 0, got 0.0"),
         (["--scale", "nan"], "--scale: expected a finite number > 0, got nan"),
+        # a bare --only ran no section at all, silently
+        (["--only"], "--only: expected at least one argument"),
     ],
 )
 def test_bad_counts_and_scales_are_refused_before_any_work(bench, argv, message, capsys):
