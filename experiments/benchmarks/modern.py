@@ -80,6 +80,19 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def torch_device(text):
+    """``--torch-device``: a device this PyTorch build can allocate on, checked before any work
+    (a bad one failed with a raw traceback after the convolution table)."""
+    try:
+        device = torch.device(text)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise argparse.ArgumentTypeError(
+            f"expected a device this PyTorch build can use (cpu, cuda, ...), got {text!r}: {error}"
+        ) from None
+    return device
+
+
 def _batch(batch, scale):
     return max(1, int(round(batch * scale)))
 
@@ -750,6 +763,7 @@ def main(argv=None):
     )
     parser.add_argument(
         "--torch-device",
+        type=torch_device,
         default="cpu",
         help="where PyTorch runs, e.g. cuda (JAX runs on its default backend, printed first)",
     )
@@ -799,7 +813,7 @@ def main(argv=None):
         for spec in networks(args.quick):
             batch = _batch(spec["batch"], args.scale)
             runners, startup_s, n_params, twin_error = network_runners(
-                spec, batch, torch.device(args.torch_device)
+                spec, batch, args.torch_device
             )
             print(
                 f"{spec['name']}: the Flax twin's training logits equal jcnn's "

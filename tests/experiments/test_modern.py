@@ -106,6 +106,8 @@ def test_activation_sides_compute_the_same_gradients(bench, name):
         (["--scale", "nan"], "--scale: expected a finite number > 0, got nan"),
         # a bare --only ran no section at all, silently
         (["--only"], "--only: expected at least one argument"),
+        # an unknown device failed in a raw traceback after the convolution table
+        (["--torch-device", "bogus"], "expected a device this PyTorch build can use"),
     ],
 )
 def test_bad_counts_and_scales_are_refused_before_any_work(bench, argv, message, capsys):
