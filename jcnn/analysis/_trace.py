@@ -33,6 +33,7 @@ class LayerCall:
     parent: int | None = None
     is_leaf: bool = True
     source: int | None = None  # index of the call whose output is this call's input
+    train: object = None  # the call's ``train`` argument, where it was given one
     consumers: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -107,6 +108,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             input_shape=tuple(x.shape) if hasattr(x, "shape") else None,
             parent=stack[-1].index if stack else None,
             source=producer.get(id(x)),
+            train=kwargs.get("train", args[1] if len(args) > 1 else None),
         )
         if stack:
             stack[-1].is_leaf = False

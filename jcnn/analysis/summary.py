@@ -18,8 +18,9 @@ own vectors scale or shift elementwise and count 0). The receptive field of a un
 the input window it depends on, unclipped by the image border:
 ``r_out = r_in + (k_eff - 1) * j_in`` with ``k_eff = d (k - 1) + 1`` and the effective stride
 (jump) ``j_out = j_in * s``, composed from the input (``r = j = 1``). After a flatten, a global
-pool or a normalization with statistics over all positions (layer, group, instance and local
-contrast normalization, whose divisor involves the image's mean deviation) every unit sees the
+pool or a normalization with statistics over all positions (layer, group and instance
+normalization, the latter unless it uses its running statistics, and local contrast
+normalization, whose divisor involves the image's mean deviation) every unit sees the
 whole input window of the layer before it; after such a normalization the units of the map all see
 that same window (effective stride 0), and so do the units of the layers after it. Where tensors
 are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the largest
@@ -579,6 +580,8 @@ def _layer_field(call: LayerCall, field: ReceptiveField | None) -> ReceptiveFiel
         return None
     module = call.module
     spatial_in = _spatial(call.input_shape)
+    if isinstance(module, jnn.InstanceNorm) and module.track_running_stats and call.train is False:
+        return field  # normalized with its running statistics: per position, as a BatchNorm
     if isinstance(module, _GLOBAL):
         return _seen_whole(field, spatial_in, call.output_shape) if spatial_in else field
     reduced = _flax_reduced_axes(module, len(call.input_shape)) if call.input_shape else None

@@ -392,6 +392,21 @@ def test_layers_after_a_whole_map_normalization_keep_its_window(norm, rng):
     assert boxes == _predicted_box(field, centre, shape[1:-1]) == [(0, 11), (0, 11)]
 
 
+def test_instance_norm_with_running_statistics_keeps_the_field_in_evaluation(rng):
+    # summary runs the model with train=False, where such a norm uses its running statistics,
+    # position by position: it was taken for a whole-map one (a 12x12 field of stride 0)
+    model = nn.Sequential([nn.Conv(2, 3), nn.InstanceNorm(track_running_stats=True), nn.Conv(2, 3)])
+    shape = (1, 12, 12, 1)
+    field = receptive_field(model, shape)
+    assert field == ReceptiveField((5, 5), (1, 1), (0, 0))
+    assert summary(model, shape).rows[1].receptive_field == ReceptiveField((3, 3), (1, 1), (0, 0))
+    x = jnp.asarray(rng.uniform(0.5, 1.5, size=shape), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    grad = jax.grad(lambda x: model.apply(variables, x, train=False)[0, 4, 4, 0])(x)
+    rows, cols = np.nonzero(np.asarray(grad[0, ..., 0]))
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 8, 4, 8)
+
+
 def test_depthwise_conv_rows_equal_the_grouped_conv_rows():
     # DepthwiseConv is Conv with groups = C_in: the same shapes, parameters, MACs and field.
     options = {"stride": (2, 1), "padding": 1, "dilation": (1, 2)}
