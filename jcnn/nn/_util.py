@@ -19,7 +19,8 @@ from jcnn.nn._shared import (
 
 
 def window_and_check(window, x, name: str) -> tuple[int, ...]:
-    """The window as a tuple of ints, with ``x`` checked to be ``(N, *spatial, C)`` of its rank.
+    """The window as a tuple of ints, with ``x`` checked to be ``(N, *spatial, C)`` of its rank,
+    ``C >= 1`` (a kernel over no input channels cannot be built).
 
     An int window takes its spatial rank from ``x`` (rank 3, 4 or 5); a sequence fixes it.
     """
@@ -34,6 +35,10 @@ def window_and_check(window, x, name: str) -> tuple[int, ...]:
                 f"x: expected rank 3, 4 or 5 (N, *spatial, C), got rank {x.ndim} "
                 f"with shape {tuple(x.shape)}"
             )
+    if x.shape[-1] < 1:
+        raise ValueError(
+            f"x: expected at least one channel on the last axis, got shape {tuple(x.shape)}"
+        )
     return as_int_tuple(window, n, name, minimum=1)
 
 

@@ -142,10 +142,6 @@ class DepthwiseConv(nn.Module):
         check_positive_int(self.depth_multiplier, "depth_multiplier")
         window = window_and_check(self.kernel_size, x, "kernel_size")
         c_in = x.shape[-1]
-        if c_in < 1:
-            raise ValueError(
-                f"x: expected at least one channel on the last axis, got shape {tuple(x.shape)}"
-            )
         spec = depthwise_kernel(window, c_in, self.depth_multiplier)
         x, kernel, bias = kernel_and_bias(self, x, spec)
         return F.conv(

@@ -1,4 +1,5 @@
-"""What jcnn/nn/_util.py checks for every Linen module with parameters: ``param_dtype``."""
+"""What jcnn/nn/_util.py checks for every Linen module with parameters: ``param_dtype``, and for
+the windowed layers an input with channels."""
 
 import jax
 import jax.numpy as jnp
@@ -28,3 +29,14 @@ def test_param_dtype_is_checked_by_its_name(make):
             make(param_dtype=param_dtype).init(jax.random.key(0), x)
     params = make(param_dtype=jnp.bfloat16).init(jax.random.key(0), x)["params"]
     assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+
+
+WINDOWED = ("Conv", "DepthwiseConv", "ConvTranspose", "LocallyConnected")
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_an_input_without_channels_is_named(name):
+    # Conv, ConvTranspose and LocallyConnected blamed "shape" (their initializer's argument)
+    x = jnp.ones((1, 5, 5, 0))
+    with pytest.raises(ValueError, match=r"^x: expected at least one channel .* \(1, 5, 5, 0\)"):
+        WITH_PARAMETERS[name]().init(jax.random.key(0), x)
