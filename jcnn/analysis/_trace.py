@@ -34,6 +34,8 @@ class LayerCall:
     is_leaf: bool = True
     source: int | None = None  # index of the call whose output is this call's input
     train: object = None  # the call's ``train`` argument, where it was given one
+    # inside nn.scan or nn.vmap: traced once (or twice, to initialize), not once per step or slice
+    lifted: bool = False
     consumers: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -109,6 +111,10 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             parent=stack[-1].index if stack else None,
             source=producer.get(id(x)),
             train=kwargs.get("train", args[1] if len(args) > 1 else None),
+            lifted=any(
+                str(part).startswith(("scan(", "vmap("))
+                for part in getattr(context.module.scope, "debug_path", ())
+            ),
         )
         if stack:
             stack[-1].is_leaf = False

@@ -25,6 +25,9 @@ whole input window of the layer before it; after such a normalization the units 
 that same window (effective stride 0), and so do the units of the layers after it. Where tensors
 are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the largest
 receptive field among the layer outputs of the same spatial size inside the enclosing module.
+A layer inside ``nn.scan`` or ``nn.vmap`` shows ``?`` for its multiply-adds (the abstract run
+traces its body once, not once per step or slice), and so do the receptive fields from the first
+such layer on and of the modules holding it; its parameters (stacked) are counted.
 """
 
 from __future__ import annotations
@@ -197,7 +200,8 @@ class LayerRow:
         ``None`` for parameter-free layers.
       params: number of parameters of the layer (0 on the later calls of a shared layer).
       macs: multiply-adds for the whole batch, ``None`` for a layer with parameters whose type
-        ``summary`` does not know (not counted, rather than counted as 0).
+        ``summary`` does not know, and for a layer inside ``nn.scan`` or ``nn.vmap`` (run once in
+        the trace, not once per step or slice): not counted, rather than counted wrong.
       receptive_field: the field of the output units, ``None`` where unknown.
     """
 
@@ -554,6 +558,14 @@ def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
             fields[call.index] = _layer_field(call, input_fields[call.index])
     for call in calls:
         output_field(call.index)
+    lifted = [call.index for call in calls if call.lifted]
+    if lifted:  # a scan's or vmap's body was traced once: what follows or holds it is unknown
+        unknown = set(range(lifted[0], len(calls)))
+        for index in lifted:
+            while index is not None:
+                unknown.add(index)
+                index = calls[index].parent
+        fields.update(dict.fromkeys(unknown))
     return fields
 
 
@@ -649,9 +661,9 @@ def summary(
     for call in calls:
         if call.is_leaf:
             params = subtree(variables, "params", call.path)
-            macs = _macs(call.module, call)
-            if macs is None and not params:  # a parameter-free layer of its own: no products
-                macs = 0
+            macs = None if call.lifted else _macs(call.module, call)
+            if macs is None and not params and not call.lifted:
+                macs = 0  # a parameter-free layer of its own: no products
             layer = _describe(call.module)
             position = (call.index, 0, 0)
         else:

@@ -692,3 +692,45 @@ def test_own_matrices_are_not_counted_and_shared_layers_count_their_parameters_o
     table = summary(_SharedConv(), (1, 8, 8, 3))
     assert [(row.params, row.macs) for row in table.rows] == [(84, 5_184), (0, 5_184)]
     assert table.total_params == 84 and table.total_macs == 2 * 5_184
+
+
+def test_layers_inside_scan_or_vmap_are_unknown_not_undercounted():
+    # the trace runs a scanned body once: it reported a quarter of the products of a length-4
+    # scan and a receptive field of one step
+    class Step(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x, _):
+            return flax_nn.Conv(3, (3, 3), padding=1)(x), None
+
+    class Scanned(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            x = nn.Conv(3, 3, padding=1)(x)
+            scan = flax_nn.scan(
+                Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=4
+            )
+            x, _ = scan(name="blocks")(x, None)
+            return nn.Conv(3, 3, padding=1)(x)
+
+    table = summary(Scanned(), (2, 8, 8, 3))
+    by_name = {}
+    for row in table.rows:
+        by_name.setdefault(row.name, []).append(row)
+    assert table.total_params == 84 + 4 * 84 + 84
+    assert all(r.macs is None and r.receptive_field is None for r in by_name["blocks/Conv_0"])
+    assert [r.macs for r in by_name["Conv_0"] + by_name["Conv_1"]] == [2 * 64 * 27 * 3] * 2
+    assert by_name["Conv_0"][0].receptive_field.size == (3, 3)
+    assert by_name["Conv_1"][0].receptive_field is None  # 13 in truth: after the scan, unknown
+    assert table.total_macs == 2 * 2 * 64 * 27 * 3 and "blocks/Conv_0" in table.uncounted
+    assert receptive_field(Scanned(), (2, 8, 8, 3)) is None
+
+    class Mapped(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            dense = flax_nn.vmap(
+                flax_nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}
+            )
+            return dense(5, name="heads")(x)
+
+    (row,) = summary(Mapped(), (2, 3)).rows
+    assert row.params == 2 * (3 * 5 + 5) and row.macs is None
