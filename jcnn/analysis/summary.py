@@ -661,9 +661,12 @@ def summary(
     for call in calls:
         if call.is_leaf:
             params = subtree(variables, "params", call.path)
-            macs = None if call.lifted else _macs(call.module, call)
-            if macs is None and not params and not call.lifted:
-                macs = 0  # a parameter-free layer of its own: no products
+            if call.lifted:  # traced once, not once per step or slice
+                macs = None
+            else:
+                macs = _macs(call.module, call)
+                if macs is None and not params:  # a parameter-free layer of its own
+                    macs = 0
             layer = _describe(call.module)
             position = (call.index, 0, 0)
         else:
