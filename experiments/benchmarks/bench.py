@@ -930,8 +930,8 @@ def layer_rows(rounds, steps, layers=LAYERS, batch=None, min_block=0.05):
 
 
 def torch_device(text):
-    """``--torch-device``: a device this PyTorch build can allocate on, checked before any work
-    (a bad one failed with a raw traceback, or after the first sections on a CPU-only build)."""
+    """``--torch-device``: a device this PyTorch build can allocate on, checked while parsing,
+    before any work (a bad one failed with a raw traceback once PyTorch first ran)."""
     try:
         device = torch.device(text)
         torch.empty(0, device=device)

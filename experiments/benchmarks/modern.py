@@ -47,6 +47,7 @@ import numpy as np
 import optax
 import torch
 import torch.nn.functional as TF
+from bench import torch_device
 from jax import lax
 
 from jcnn import functional as F
@@ -78,19 +79,6 @@ def markdown(rows):
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def torch_device(text):
-    """``--torch-device``: a device this PyTorch build can allocate on, checked before any work
-    (a bad one failed with a raw traceback after the convolution table)."""
-    try:
-        device = torch.device(text)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise argparse.ArgumentTypeError(
-            f"expected a device this PyTorch build can use (cpu, cuda, ...), got {text!r}: {error}"
-        ) from None
-    return device
 
 
 def _batch(batch, scale):

@@ -27,9 +27,11 @@ def load_experiment():
 @pytest.fixture(scope="module")
 def load_benchmark():
     """``load(name)``: ``experiments/benchmarks/<name>.py`` as a module (registered in
-    ``sys.modules`` while the test module runs: dataclasses need their module known). A script
-    that compares with PyTorch skips without it, unless ``JCNN_REQUIRE_TORCH=1``."""
+    ``sys.modules`` while the test module runs: dataclasses need their module known), with
+    ``experiments/benchmarks/`` on ``sys.path`` (scripts import their siblings, as run from there).
+    A script that compares with PyTorch skips without it, unless ``JCNN_REQUIRE_TORCH=1``."""
     loaded = []
+    sys.path.insert(0, str(BENCHMARKS))
 
     def load(name: str, *, needs_torch: bool = True):
         if needs_torch:
@@ -46,6 +48,9 @@ def load_benchmark():
         spec.loader.exec_module(module)
         return module
 
-    yield load
-    for name in loaded:
-        sys.modules.pop(name, None)
+    try:
+        yield load
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for name in loaded:
+            sys.modules.pop(name, None)

@@ -13,11 +13,7 @@ from jcnn.functional import norm, pool
 
 @pytest.fixture(scope="module")
 def ablation(load_benchmark):
-    with pytest.MonkeyPatch.context() as patch:
-        from tests.experiments.conftest import BENCHMARKS
-
-        patch.syspath_prepend(str(BENCHMARKS))  # the script imports bench.py and modern.py
-        yield load_benchmark("step_ablation")
+    return load_benchmark("step_ablation")  # it imports bench.py and modern.py
 
 
 def test_one_pass_moments_equal_two_pass_far_from_zero(ablation, rng):
