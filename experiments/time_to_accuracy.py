@@ -194,6 +194,16 @@ def _check_record(run: dict) -> None:
         raise ValueError(f"config.json train.seed: expected an int, got {run['seed']!r}")
 
 
+def tta_label(runs: list) -> str:
+    """How the accuracies of ``runs`` were taken: runs of one recipe may differ in TTA."""
+    with_tta = sum(run["accuracy_tta"] is not None for run in runs)
+    if with_tta == len(runs):
+        return "with TTA"
+    if with_tta == 0:
+        return "no TTA"
+    return f"with TTA in {with_tta} of {len(runs)} runs, without in the others"
+
+
 def goal_verdict(name: str, accuracies: list, walls: list) -> str:
     """Whether the runs of recipe ``name`` meet the issue's goals (Markdown)."""
     target, runs_needed, seconds = GOALS[name]
@@ -278,7 +288,7 @@ def main(argv=None):
         walls = [run["wall"] for run in mine if run["wall"] is not None]
         page.text(
             f"Mean over {len(mine)} run(s): test accuracy {np.mean(accuracies):.4f} "
-            f"({'with TTA' if mine[0]['accuracy_tta'] is not None else 'no TTA'}), "
+            f"({tta_label(mine)}), "
             f"min {np.min(accuracies):.4f}"
             + (
                 f"; wall time {np.mean(walls):.1f} s (mean), {np.max(walls):.1f} s (max)."

@@ -106,3 +106,12 @@ def test_a_run_record_with_values_the_page_cannot_use_is_refused(
     (run / f"{file}.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match=f"run: unreadable run record .*{says}"):
         script.from_run_folder(run)
+
+
+def test_the_mean_says_how_many_of_its_runs_used_tta(script):
+    # the label was taken from the first run alone: a run without TTA first called a mean over
+    # TTA accuracies "no TTA"
+    runs = [{"accuracy_tta": value} for value in (None, 0.94, 0.95)]
+    assert script.tta_label(runs) == "with TTA in 2 of 3 runs, without in the others"
+    assert script.tta_label(runs[1:]) == "with TTA"
+    assert script.tta_label(runs[:1]) == "no TTA"
