@@ -29,6 +29,7 @@ import shlex
 import sys
 import tarfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -570,7 +571,30 @@ def load_tfds(
 
     Returns:
       ``(images, labels)``: ``uint8`` ``(N, H, W, C)`` and ``int32`` ``(N,)``.
+
+    Raises:
+      FileNotFoundError: ``manual_dir`` is not a folder.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
+    for arg, value in (("data_dir", data_dir), ("manual_dir", manual_dir)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(
+                f"{arg}: expected a folder (str or os.PathLike) or None, got {type(value).__name__}"
+            )
+    if not isinstance(download, bool):
+        raise TypeError(f"download: expected True or False, got {download!r}")
+    if download_options is not None and not isinstance(download_options, Mapping):
+        raise TypeError(
+            f"download_options: expected a dict of tfds.download.DownloadConfig fields or None, "
+            f"got {type(download_options).__name__}"
+        )
+    if manual_dir is not None and not Path(manual_dir).expanduser().is_dir():
+        # tfds ignores a missing manual_dir and goes to the network instead
+        raise FileNotFoundError(
+            f"manual_dir: expected a folder holding {name}'s original downloads, got "
+            f"{os.fspath(manual_dir)!r}, which is not a folder"
+        )
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
@@ -578,15 +602,28 @@ def load_tfds(
             f"dataset {name!r} is not read from original files by jcnn; loading it through "
             "tensorflow-datasets needs the optional extra: pip install 'jcnn[tfds]'"
         ) from err
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=None if manual_dir is None else os.fspath(manual_dir),
-        **(download_options or {}),
-    )
+    # a list of splits would make tfds return a list of datasets, not one (images, labels) pair
+    if not isinstance(split, (str, tfds.core.ReadInstruction)):
+        raise TypeError(
+            f"split: expected one tfds split such as 'train' or 'test[:10%]' (str or "
+            f"tfds.core.ReadInstruction), got {type(split).__name__}"
+        )
+    try:
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=None if manual_dir is None else os.fspath(Path(manual_dir).expanduser()),
+            **(download_options or {}),
+        )
+    except TypeError as err:
+        raise TypeError(
+            f"download_options: expected tfds.download.DownloadConfig fields, got "
+            f"{list(download_options)} ({err})"
+        ) from None
+    tfds_dir = None if data_dir is None else os.fspath(Path(data_dir).expanduser())
     try:
         data = tfds.load(
             name,
             split=split,
-            data_dir=None if data_dir is None else os.fspath(data_dir),
+            data_dir=tfds_dir,
             batch_size=-1,
             download=download,
             download_and_prepare_kwargs={"download_config": download_config},

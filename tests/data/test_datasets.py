@@ -3,6 +3,7 @@
 import gzip
 import io
 import os
+import re
 import shutil
 import struct
 import tarfile
@@ -257,6 +258,42 @@ def test_an_unknown_tfds_name_is_a_short_value_error(tmp_path):
         data.load_tfds("fashion_mnistt", "train", data_dir=tmp_path)
     assert len(str(caught.value)) < 400
     assert "did you mean 'fashion_mnist'?" in str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"name": 3}, TypeError, r"name: expected a dataset name \(str\), got int"),
+        ({"split": 3}, TypeError, "split: expected one tfds split .* got int"),
+        ({"split": ["train", "test"]}, TypeError, "split: expected one tfds split .* got list"),
+        ({"download": "no"}, TypeError, "download: expected True or False, got 'no'"),
+        ({"data_dir": 3}, TypeError, "data_dir: expected a folder .* got int"),
+        ({"manual_dir": 3}, TypeError, "manual_dir: expected a folder .* got int"),
+        ({"download_options": [1]}, TypeError, "download_options: expected a dict .* got list"),
+        (
+            {"download_options": {"bogus": 1}},
+            TypeError,
+            r"download_options: expected tfds.download.DownloadConfig fields, got \['bogus'\]",
+        ),
+    ],
+)
+def test_load_tfds_names_a_bad_argument(tmp_path, kwargs, error, message):
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    call = {"name": "fashion_mnist", "split": "test", "data_dir": tmp_path, "download": False}
+    with pytest.raises(error, match=message):
+        data.load_tfds(**{**call, **kwargs})
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_tfds_refuses_a_manual_dir_that_is_not_a_folder(tmp_path):
+    """tfds itself ignores a missing manual_dir and goes to the network instead."""
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    missing = tmp_path / "downloads"
+    with pytest.raises(
+        FileNotFoundError, match=f"manual_dir: .*'{re.escape(str(missing))}', which is not a folder"
+    ):
+        data.load_tfds("fashion_mnist", "test", data_dir=tmp_path / "tfds", manual_dir=missing)
     assert not list(tmp_path.iterdir())
 
 
