@@ -573,7 +573,8 @@ def load_tfds(
       ``(images, labels)``: ``uint8`` ``(N, H, W, C)`` and ``int32`` ``(N,)``.
 
     Raises:
-      FileNotFoundError: ``manual_dir`` is not a folder.
+      FileNotFoundError: with ``download=False``, the dataset is not prepared in ``data_dir``;
+        or ``manual_dir`` is not a folder.
     """
     if not isinstance(name, str):
         raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
@@ -620,6 +621,14 @@ def load_tfds(
         ) from None
     tfds_dir = None if data_dir is None else os.fspath(Path(data_dir).expanduser())
     try:
+        if not download:
+            builder = tfds.builder(name, data_dir=tfds_dir)
+            if not builder.is_prepared():
+                raise FileNotFoundError(
+                    f"{name} ({split}): not prepared in {builder.data_dir} (tensorflow-datasets' "
+                    f"data directory); pass download=True to prepare it (from manual_dir= where "
+                    "given, else from the network), or data_dir= where it is prepared"
+                )
         data = tfds.load(
             name,
             split=split,

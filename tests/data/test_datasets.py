@@ -297,6 +297,15 @@ def test_load_tfds_refuses_a_manual_dir_that_is_not_a_folder(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_load_tfds_without_download_names_where_the_dataset_is_not_prepared(tmp_path):
+    """Not tfds's AssertionError: the FileNotFoundError a missing dataset gives everywhere."""
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    with pytest.raises(FileNotFoundError, match="fashion_mnist") as caught:
+        data.load_tfds("fashion_mnist", "test", data_dir=tmp_path, download=False)
+    assert str(tmp_path) in str(caught.value) and "download=True" in str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_tfds_route_offline_gives_identical_arrays(tmp_path, data_dir, loaded):
     """tensorflow-datasets prepares Fashion-MNIST from the same files, without network.
