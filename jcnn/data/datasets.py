@@ -450,7 +450,8 @@ def load(
         with :func:`jcnn.data.download` (checked against the official SHA-256). Names read
         through tensorflow-datasets are downloaded by tfds itself.
       verify: also check the SHA-256 of every file's decompressed content against the official
-        data (robust to re-compression and re-packing, which change the archive's own checksum).
+        data (robust to re-compression and re-packing, which change the archive's own checksum);
+        only for the names read from original files.
 
     Returns:
       ``(images, labels)``: ``uint8`` array ``(N, H, W, C)`` and ``int32`` array ``(N,)``, in the
@@ -468,6 +469,12 @@ def load(
     if not isinstance(name, str):
         raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
     if name not in DATASETS:
+        if verify:
+            raise ValueError(
+                f"verify: only for the datasets read from their original files "
+                f"({', '.join(DATASETS)}), got verify=True for {name!r}, which is read through "
+                "tensorflow-datasets (it checks the checksums of its own downloads)"
+            )
         return load_tfds(name, split, data_dir=data_dir)
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test' for {name}, got {split!r}")

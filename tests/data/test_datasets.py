@@ -240,6 +240,15 @@ def test_other_names_go_through_tfds_and_say_how_to_get_it(monkeypatch):
         data.load("cifar100", "train")
 
 
+def test_verify_is_refused_for_a_name_read_through_tfds(monkeypatch):
+    """verify=True would otherwise be dropped silently: no content check, no error."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # never reached
+    with pytest.raises(ValueError, match="verify: only for .* got verify=True for 'cifar100'"):
+        data.load("cifar100", "train", verify=True)
+
+
 def test_bad_arguments(data_dir):
     with pytest.raises(ValueError, match="split: expected 'train' or 'test'"):
         data.load("mnist", "validation", data_dir=data_dir)
