@@ -30,7 +30,8 @@ machine, see ``experiments/benchmarks/README.md``):
   the course LeNet-5 ran inference at 16 ms with XLA's forward against 26-30 ms with it, and
   training at the same speed, so the default plan no longer picks it (selectable per call).
 * input gradient: XLA's transposed convolution, or for few input channels one GEMM against the
-  flattened kernel followed by col2im (a sum of strided pads, which XLA fuses into one loop).
+  flattened kernel followed by col2im (a sum of strided pads, which XLA fuses into one loop);
+  the latter too where XLA:CPU would abort compiling the former (``transpose_aborts_xla_cpu``).
 * depthwise (one input channel per group, ``groups > 1``, any channel multiplier; float32 and
   float64): all three products as shifted multiply-adds over channels-last arrays, which XLA fuses
   into one vectorized loop each. Forward: the sum over window offsets of (strided slice of the
@@ -64,7 +65,7 @@ from jax import lax
 from jcnn.functional._checks import as_int_tuple, check_array
 from jcnn.functional._conv_products import conv_products
 
-__all__ = ["conv_general", "native_conv", "plan", "ConvPlan"]
+__all__ = ["conv_general", "native_conv", "plan", "ConvPlan", "transpose_aborts_xla_cpu"]
 
 # Patches held per GEMM in the weight gradient: a few MB stays within L2/L3 on the measured
 # machine; larger chunks ran up to 2x slower, smaller ones pay per-iteration overhead.
@@ -141,12 +142,43 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
         weight_grad = "im2col"
     else:
         weight_grad = "xla"
+    aborts = transpose_aborts_xla_cpu(
+        window, stride, dilation, padding, x_shape[1:-1], out_sizes, groups
+    )
     return ConvPlan(
         forward="xla",
-        input_grad="shift" if few else "xla",
+        input_grad="shift" if few or aborts else "xla",
         weight_grad=weight_grad,
         chunk=chunk,
     )
+
+
+def transpose_aborts_xla_cpu(
+    window, stride, dilation, padding, in_sizes, out_sizes, groups
+) -> bool:
+    """Whether XLA:CPU (jaxlib 0.10.2) aborts the process compiling this convolution's
+    transpose (its input gradient, or ``F.conv_transpose``) written as a convolution.
+
+    Its algebraic simplifier swaps the operands of a convolution whose kernel is larger than its
+    input, and copies unchanged any dim it takes for a "group" dim (2 taps, base dilation 2,
+    stride 1, no padding), though the swapped kernel there is the input, of another size: the
+    check "Window dimensions do not match RHS shape" then fails. The transpose of an ungrouped
+    convolution has such a dim where the forward one has 2 undilated taps at stride 2 and its
+    transposed window needs no padding (a non-positive amount, which XLA turns into a slice).
+    ``in_sizes`` are the spatial sizes of the convolution's input, ``out_sizes`` of its output.
+    The swap also needs the kernel to be the larger operand; that is left out, so this may say
+    ``True`` where XLA would not abort.
+    """
+    if groups != 1:
+        return False
+    for k, s, d, (lo, _), size, n in zip(
+        window, stride, dilation, padding, in_sizes, out_sizes, strict=True
+    ):
+        low = d * (k - 1) - lo
+        high = size + d * (k - 1) - (n - 1) * s - 1 - low
+        if (k, s, d) == (2, 2, 1) and low <= 0 and high <= 0:
+            return True
+    return False
 
 
 def _depthwise(w_shape, groups) -> bool:

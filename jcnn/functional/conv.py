@@ -14,6 +14,7 @@ any order, and ``vmap``, stay on them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -380,6 +381,37 @@ def conv_transpose(
         return _add_bias(jnp.zeros((x.shape[0], *out_sizes, out_channels), x.dtype), b)
     if _transpose_on_onednn(x, w, *options):
         return _add_bias(_conv_onednn.conv_transpose(x, w, *options), b)
+    interleaved = partial(
+        _interleaved_transpose,
+        stride=stride,
+        pads=pads,
+        output_padding=output_padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    if not _conv_cpu.transpose_aborts_xla_cpu(
+        window, stride, dilation, pads, out_sizes, sizes, groups
+    ):
+        return _add_bias(interleaved(x, w), b)
+    # XLA:CPU would abort compiling that convolution. On CPU, scatter instead: the GEMM + col2im
+    # input gradient of the convolution this one transposes (kernel (*window, C_out, C_in), as
+    # groups == 1 here).
+    config = _conv_cpu._Config(stride, pads, dilation, groups, None)
+    out_shape = (x.shape[0], *out_sizes, out_channels)
+    y = lax.platform_dependent(
+        x,
+        w,
+        cpu=lambda x, w: _conv_cpu._shift_input_grad(x, jnp.swapaxes(w, -1, -2), out_shape, config),
+        default=interleaved,
+    )
+    return _add_bias(y, b)
+
+
+def _interleaved_transpose(x, w, *, stride, pads, output_padding, dilation, groups):
+    """``conv_transpose`` as a stride-1 convolution of the zero-interleaved input."""
+    spatial_rank = w.ndim - 2
+    window, in_channels = tuple(w.shape[:-2]), w.shape[-2]
+    out_channels = w.shape[-1] * groups
     # A stride-1 cross-correlation of the zero-interleaved input with the flipped kernel, whose
     # groups' (C_in // groups, C_out // groups) blocks are laid side by side along C_out.
     window_axes = tuple(range(spatial_rank))
@@ -398,5 +430,4 @@ def conv_transpose(
     ]
     x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *interleave, (0, 0, 0)])
     conv_pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in edges)
-    y = _conv_general(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)
-    return _add_bias(y, b)
+    return _conv_general(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)

@@ -9,6 +9,8 @@ PyTorch computing in float64, by the norm-wise relative error ``||jcnn - torch||
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from functools import partial
 
 import jax
@@ -781,6 +783,69 @@ def test_conv_transpose_is_the_input_gradient_of_conv(rng):
             cotangent, jnp.swapaxes(w, -1, -2), output_padding=output_padding, **keywords
         )
         assert relative_error(actual, expected) < 1e-6
+
+
+# Run in a child process, as compiling them once aborted the process (jaxlib 0.10.2's XLA:CPU:
+# "Window dimensions do not match RHS shape"). Each convolution has a dim with 2 undilated taps
+# at stride 2 whose transposed window needs no padding (_conv_cpu.transpose_aborts_xla_cpu).
+_ABORTING_TRANSPOSES = """
+import sys
+import jax
+import numpy as np
+from jcnn.functional import conv, conv_transpose
+jax.config.update("jax_enable_x64", True)
+arrays = dict(np.load(sys.argv[1]))
+results = {}
+for i, (stride, padding, dilation) in enumerate(%r):
+    x, w, dy = arrays[f"x{i}"], arrays[f"w{i}"], arrays[f"dy{i}"]
+    options = dict(stride=stride, padding=padding, dilation=dilation)
+    dx = jax.jit(jax.grad(lambda x: (conv(x, w, **options) * dy).sum()))(x)
+    plain = conv_transpose(dy, w.swapaxes(-1, -2), **options).shape[1:-1]
+    extra = tuple(a - b for a, b in zip(x.shape[1:-1], plain))
+    transpose = jax.jit(lambda dy: conv_transpose(dy, w.swapaxes(-1, -2), output_padding=extra,
+                                                  **options))
+    results[f"dx{i}"], results[f"y{i}"] = dx, transpose(dy)
+np.savez(sys.argv[2], **results)
+"""
+
+
+def test_transposes_that_abort_xla_cpu_compile_and_equal_torch(tmp_path, rng, torch):
+    configs = [  # (x shape, window, stride, padding, dilation); C_out = 3
+        ((2, 6, 6, 4), (3, 2), (2, 2), ((0, 0), (1, 1)), (2, 1)),
+        ((1, 5, 4, 4, 2), (3, 3, 2), (2, 2, 2), ((1, 1), (0, 1), (1, 2)), (2, 1, 1)),
+    ]
+    arrays, expected = {}, {}
+    for i, (x_shape, window, stride, padding, dilation) in enumerate(configs):
+        x = rng.standard_normal(x_shape)
+        w = rng.standard_normal((*window, x_shape[-1], 3))
+        x_torch = to_torch_layout(x, torch, grad=True)
+        padded = torch.nn.functional.pad(x_torch, torch_pad_widths(padding))
+        y = torch_conv_nd(torch, len(window))(
+            padded, kernel_to_torch(w, torch), stride=stride, dilation=dilation
+        )
+        dy = rng.standard_normal(tuple(y.shape))
+        (dx,) = torch.autograd.grad(y, x_torch, torch.tensor(dy))
+        arrays |= {f"x{i}": x, f"w{i}": w, f"dy{i}": np.moveaxis(dy, 1, -1)}
+        expected[i] = from_torch_layout(dx)
+    np.savez(tmp_path / "in.npz", **arrays)
+    configs_arg = [(stride, padding, dilation) for _, _, stride, padding, dilation in configs]
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _ABORTING_TRANSPOSES % (configs_arg,),
+            tmp_path / "in.npz",
+            tmp_path / "out.npz",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    results = np.load(tmp_path / "out.npz")
+    for i in expected:
+        assert relative_error(results[f"dx{i}"], expected[i]) < 1e-12
+        assert relative_error(results[f"y{i}"], expected[i]) < 1e-12
 
 
 def test_mixed_dtypes_promote_and_low_precision_is_kept(rng):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import export, lax
 
-from jcnn.functional._conv_cpu import ConvPlan, conv_general, plan
+from jcnn.functional._conv_cpu import ConvPlan, conv_general, plan, transpose_aborts_xla_cpu
 
 _LETTERS = {1: "W", 2: "HW", 3: "DHW"}
 _PLANS = [
@@ -90,6 +90,17 @@ def test_default_plan_uses_shift_for_few_channels_and_chunks_the_weight_gradient
     # 15*15*9*64 floats per image: 8 images of patches fill the 4 MiB chunk; 256 % 8 == 0.
     assert wide.chunk == 8
     assert plan((7, 4, 4, 8), (3, 3, 8, 8), (1, 1), ((1, 1),) * 2, (1, 1), 1).chunk == 7
+
+
+def test_default_plan_avoids_the_input_gradients_xla_cpu_aborts_on():
+    # 2 undilated taps at stride 2 with padding (1, 1) on 6 pixels: the transposed window needs
+    # no padding there, and XLA:CPU aborted compiling it as a convolution (test_conv.py runs it).
+    aborting = ((2, 6, 6, 4), (3, 2, 4, 3), (2, 2), ((0, 0), (1, 1)), (2, 1), 1)
+    assert plan(*aborting).input_grad == "shift"
+    assert transpose_aborts_xla_cpu((3, 2), (2, 2), (2, 1), ((0, 0), (1, 1)), (6, 6), (2, 4), 1)
+    # Without padding the transposed window pads by 1; grouped convolutions are not swapped.
+    assert plan((2, 6, 6, 4), (3, 2, 4, 3), (2, 2), ((0, 0),) * 2, (2, 1), 1).input_grad == "xla"
+    assert plan((2, 6, 6, 4), (3, 2, 2, 4), *aborting[2:5], 2).input_grad == "xla"
 
 
 def test_single_image_weight_gradient_avoids_xla_and_the_patch_matrix():
