@@ -54,6 +54,41 @@ _FIT_BATCH_NORM_MESSAGE = (
 )
 
 
+def _running_statistics_message(who: str, paths: list[str]) -> str:
+    return (
+        f"{who} keeps no running statistics, but the model updates running statistics in "
+        f"training mode ({', '.join(paths)}; e.g. InstanceNorm(track_running_stats=True)): "
+        "computed from the private examples they would be released without noise, and left at "
+        "their initial values they would be what evaluation normalizes with. Ways out: "
+        "InstanceNorm(track_running_stats=False), or those layers run with train=False"
+    )
+
+
+def _updated_statistics(state, images, labels, dropout_key, *, compute_dtype, loss_fn):
+    """The ``batch_stats`` paths that a training-mode pass updates: those whose traced new value
+    is not the old one passed through (the DP step keeps none of them)."""
+
+    def new_statistics(statistics):
+        return loss_and_logits(
+            state.params,
+            state.replace(batch_stats=statistics),
+            images,
+            labels,
+            train=True,
+            dropout_key=dropout_key,
+            compute_dtype=compute_dtype,
+            loss_fn=loss_fn,
+        )[1][1]
+
+    jaxpr = jax.make_jaxpr(new_statistics)(state.batch_stats).jaxpr
+    paths = jax.tree_util.tree_flatten_with_path(state.batch_stats)[0]
+    return [
+        jax.tree_util.keystr(path, simple=True, separator="/")
+        for (path, _), new, old in zip(paths, jaxpr.outvars, jaxpr.invars, strict=True)
+        if new is not old
+    ]
+
+
 def dp_enabled(config) -> bool:
     """Whether ``config`` asks for DP-SGD (a noise multiplier or a target epsilon)."""
     return config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
@@ -173,6 +208,10 @@ def dp_train_step(
         no_grad: as for ``train_step``: the named parameters are neither differentiated nor
             noised (they are public constants of the step; their private gradient is zero).
 
+    Raises:
+        ValueError: the model updates running statistics in training mode (BatchNorm, or
+            ``InstanceNorm(track_running_stats=True)``): the step keeps none.
+
     Returns:
         ``(new_state, metrics, logits)``: ``metrics`` has ``loss`` and ``accuracy`` (means over
         the real examples, before the update, in training mode), ``clipped_fraction`` (the share
@@ -211,6 +250,17 @@ def dp_train_step(
         weights=weights,
         denominator=denominator,
     )
+    # after private_grad, whose trace names the ways out of train-mode BatchNorm
+    updated = _updated_statistics(
+        state,
+        images[:1],
+        labels[:1],
+        example_keys[0],
+        compute_dtype=compute_dtype,
+        loss_fn=loss_fn,
+    )
+    if updated:
+        raise ValueError(_running_statistics_message("state: dp_train_step", updated))
     grad = fill(leaf_grads)
     updates, new_opt_state = state.tx.update(grad, state.opt_state, state.params)
 
@@ -318,7 +368,8 @@ class DPTraining:
     @staticmethod
     def check_model(state: TrainState, sample, *, compute_dtype=None, loss_fn=None) -> None:
         """Raise ``ValueError`` (naming the ways out) if the model computes BatchNorm statistics
-        in training mode; traces one example, computes nothing."""
+        or updates any running statistics in training mode; traces one example, computes
+        nothing."""
         example = tuple(a[:1] for a in sample)
         keys, _ = _example_keys(state, 1)
 
@@ -340,6 +391,12 @@ class DPTraining:
             if str(error) == _batch_norm_message("fit"):
                 raise ValueError(_FIT_BATCH_NORM_MESSAGE) from None
             raise
+        updated = _updated_statistics(
+            state, *example, keys[0], compute_dtype=compute_dtype, loss_fn=loss_fn
+        )
+        if updated:
+            who = "model: DP-SGD (config.dp_noise_multiplier / config.dp_target_epsilon)"
+            raise ValueError(_running_statistics_message(who, updated))
 
     def step(
         self,

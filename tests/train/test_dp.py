@@ -389,3 +389,24 @@ def test_dp_settings_take_0d_arrays_as_numbers_and_name_a_bad_devices():
     with pytest.raises(ValueError, match="config.devices: DP-SGD in fit runs on one device"):
         check_dp_config(_config(devices=np.int64(2)))
     check_dp_config(_config(devices="2"))  # make_mesh names it
+
+
+def test_a_model_that_updates_running_statistics_is_refused(tmp_path, rng):
+    # InstanceNorm(track_running_stats=True) is per example (its gradients are fine), but its
+    # running statistics were silently left at their initial values by the DP step, so the
+    # evaluation normalized with mean 0, variance 1; updated, they would release private data
+    # without noise.
+    images, labels = _data(rng, 32)
+    train = Loader(images, labels, batch_size=16, seed=1)
+    tracked = nn.Sequential(
+        [nn.Conv(4, 3), nn.InstanceNorm(track_running_stats=True), nn.Flatten(), nn.Dense(3)]
+    )
+    with pytest.raises(ValueError, match="model: DP-SGD .* updates running statistics") as error:
+        fit(tracked, train, None, _config(out=str(tmp_path / "run")))
+    assert "layers_1/mean" in str(error.value) and "track_running_stats=False" in str(error.value)
+    assert not (tmp_path / "run" / "config.json").exists()
+    state = TrainState.create(tracked, optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+    with pytest.raises(ValueError, match="state: dp_train_step .* updates running statistics"):
+        dp_train_step(state, (images, labels), l2_norm_clip=1.0, noise_multiplier=1.0)
+    untracked = nn.Sequential([nn.Conv(4, 3), nn.InstanceNorm(), nn.Flatten(), nn.Dense(3)])
+    assert np.isfinite(fit(untracked, train, None, _config(epochs=1))["history"][0]["train_loss"])
