@@ -161,7 +161,7 @@ def _example_keys(state: TrainState, size: int):
     """Each example's dropout key and the step's noise key, both from ``fold_in(key, step)``."""
     step_key = jax.random.fold_in(state.key, state.step)
     examples = jax.random.split(jax.random.fold_in(step_key, 0), size)
-    return examples, jax.random.wrap_key_data(jax.random.fold_in(step_key, 1))
+    return examples, jax.random.fold_in(step_key, 1)
 
 
 _DP_STEP_OPTIONS = {

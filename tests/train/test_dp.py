@@ -410,3 +410,19 @@ def test_a_model_that_updates_running_statistics_is_refused(tmp_path, rng):
         dp_train_step(state, (images, labels), l2_norm_clip=1.0, noise_multiplier=1.0)
     untracked = nn.Sequential([nn.Conv(4, 3), nn.InstanceNorm(), nn.Flatten(), nn.Dense(3)])
     assert np.isfinite(fit(untracked, train, None, _config(epochs=1))["history"][0]["train_loss"])
+
+
+def test_dp_step_takes_a_typed_key_as_train_step_does(rng):
+    # the noise key was wrapped with jax.random.wrap_key_data, which failed deep inside JAX
+    # ("invalid PRNG key data") on a state holding a typed key
+    images, labels = _data(rng, 6)
+    model = _model(dropout=0.3)
+
+    def step(key):
+        state = TrainState.create(model, optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+        state = state.replace(key=key)
+        new, _, _ = dp_train_step(state, (images, labels), l2_norm_clip=1.0, noise_multiplier=1.0)
+        return jax.tree.leaves(new.params)
+
+    for typed, raw in zip(step(jax.random.key(5)), step(jax.random.PRNGKey(5)), strict=True):
+        np.testing.assert_array_equal(typed, raw)
