@@ -75,16 +75,31 @@ def _metrics(out):
     ]
 
 
-def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
+def _run_here(out, *extra, capsys):
+    """``(exit status, stdout, stderr)`` of ``jcnn-train ARGS --out out extra`` in this process:
+    only the killed run needs a process of its own (the crash ends it), and starting one (imports,
+    compiling) costs seconds."""
+    from jcnn.train.cli import main
+
+    try:
+        code = main([*ARGS, "--out", str(out), *extra])
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(CRASH_AFTER_STEP_ENV, raising=False)
     full, broken = tmp_path / "full", tmp_path / "broken"
-    done = _cli(full)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = _run_here(full, capsys=capsys)
+    assert code == 0, err[-3000:]
     killed = _cli(broken, crash_after=7)
     assert killed.returncode == 17, killed.stderr[-3000:]
     assert CheckpointManager(broken / "checkpoints").latest_step() == 6
-    resumed = _cli(broken, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "step_00000006" in resumed.stdout
+    code, out, err = _run_here(broken, "--resume", capsys=capsys)
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out and "step_00000006" in out
 
     step_a, arrays_a = _final_arrays(full)
     step_b, arrays_b = _final_arrays(broken)
@@ -105,9 +120,9 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
     for path in (CheckpointManager(full / "checkpoints").path(8) / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    failed = _cli(full, "--resume")
-    assert failed.returncode == 3
-    assert "cannot resume" in failed.stderr and "step_00000008 is corrupt" in failed.stderr
+    code, _, err = _run_here(full, "--resume", capsys=capsys)
+    assert code == 3
+    assert "cannot resume" in err and "step_00000008 is corrupt" in err
 
 
 def test_parser_has_the_issue_flags():
