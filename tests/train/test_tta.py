@@ -100,6 +100,7 @@ def test_bad_views_and_shifts():
 
 def test_with_tta_averages_in_evaluation_only(rng):
     import jax
+    import optax
 
     from jcnn.models import AirbenchNet
     from jcnn.train import TrainState, evaluate
@@ -108,24 +109,26 @@ def test_with_tta_averages_in_evaluation_only(rng):
     model = AirbenchNet(widths=(8, 8, 8))
     images = jnp.asarray(rng.standard_normal((5, 32, 32, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 10, 5).astype(np.int32))
-    variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+    # one initialization (the state's) serves both checks: each compiles the model's init
+    state = TrainState.create(model, optax.sgd(0.1), jax.random.key(0), images[:1])
+    variables = state.variables()
     views = flip_translate_views()
     apply = with_tta(model.apply, views)
     forward = jax.jit(model.apply)
     want = np.mean([np.asarray(forward(variables, view(images))) for view in views], axis=0)
     np.testing.assert_allclose(jax.jit(apply)(variables, images), want, rtol=1e-5, atol=1e-6)
     in_training = {"train": True, "mutable": ["batch_stats"]}
-    trained, _ = jax.jit(lambda v, x: apply(v, x, **in_training))(variables, images)
-    direct, _ = jax.jit(lambda v, x: model.apply(v, x, **in_training))(variables, images)
+
+    @jax.jit  # one program for both training-mode calls
+    def in_training_both(v, x):
+        return apply(v, x, **in_training)[0], model.apply(v, x, **in_training)[0]
+
+    trained, direct = in_training_both(variables, images)
     np.testing.assert_array_equal(trained, direct)
     # evaluate() of a state with the TTA apply: accuracy of the averaged logits
-    import optax
-
-    state = TrainState.create(model, optax.sgd(0.1), jax.random.key(0), images[:1])
     tta_state = state.replace(apply_fn=with_tta(state.apply_fn, views))
-    averaged = np.mean([np.asarray(forward(state.variables(), view(images))) for view in views], 0)
     result = evaluate(tta_state, [(images, labels)])
-    assert result["accuracy"] == pytest.approx(np.mean(averaged.argmax(1) == np.asarray(labels)))
+    assert result["accuracy"] == pytest.approx(np.mean(want.argmax(1) == np.asarray(labels)))
     with pytest.raises(ValueError, match="views: expected at least one view"):
         with_tta(model.apply, [])
     with pytest.raises(TypeError, match="apply_fn: expected"):
