@@ -1,4 +1,5 @@
-"""Argument normalization and trace-time input checks shared by the functional ops.
+"""Argument normalization, trace-time input checks and the precision rule shared by the
+functional ops.
 
 Every check runs on static shapes and dtypes, so it costs nothing under ``jit`` and raises at trace
 time with a message naming the argument, what was expected and what came.
@@ -190,6 +191,19 @@ def float32_or_wider(dtype):
     type jcnn computes and accumulates in, rounding once to the input's type at the end, as
     PyTorch's CPU kernels do; in half precision every intermediate would be rounded."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``y + bias``, ``bias`` aligned with the trailing axes of ``y``, added in float32 or wider
+    and rounded once to the type the sum promotes to: the same values, but ``bias``'s gradient, a
+    sum over every other axis of ``y``, accumulates in float32 (summed in bfloat16 over a
+    64x16x16 output it came out 86% short)."""
+    if bias is None:
+        return y
+    dtype = jnp.result_type(y, bias)
+    wide = float32_or_wider(dtype)
+    aligned = bias.astype(wide).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    return (y.astype(wide) + aligned).astype(dtype)
 
 
 def check_dtype(dtype, name: str = "dtype"):

@@ -24,12 +24,12 @@ from jcnn import native
 from jcnn.functional import _conv_cpu, _conv_onednn
 from jcnn.functional._checks import (
     PaddingLike,
+    add_bias,
     as_int_tuple,
     check_array,
     check_bool,
     check_choice,
     check_positive_int,
-    float32_or_wider,
     normalize_padding,
 )
 
@@ -118,17 +118,6 @@ def _promote(x, w, b):
     dtype = jnp.result_type(*operands)
     x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
     return x, w, (None if b is None else jnp.asarray(b, dtype))
-
-
-def _add_bias(y, b):
-    """``y + b`` added in float32 or wider: the same rounded sum, but ``b``'s gradient, a sum
-    over every output pixel, accumulates in float32 instead of the half-precision dtype (in
-    bfloat16 it lost 86% of a 16,384-pixel sum)."""
-    if b is None:
-        return y
-    wide = float32_or_wider(y.dtype)
-    total = y.astype(wide) + b.astype(wide).reshape((1,) * (y.ndim - 1) + (-1,))
-    return total.astype(y.dtype)
 
 
 def conv(
@@ -244,7 +233,7 @@ def conv(
         x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
         pads = ((0, 0),) * spatial_rank
     y = _conv_general(x, w, stride, pads, dilation, groups)
-    return _add_bias(y, b)
+    return add_bias(y, b)
 
 
 def convolve(
@@ -384,9 +373,9 @@ def conv_transpose(
     if 0 in sizes:
         # Nothing scatters. The interleaving below would give an empty dim no (size - 1) * stride
         # term, stride - 1 longer than the formula above.
-        return _add_bias(jnp.zeros((x.shape[0], *out_sizes, out_channels), x.dtype), b)
+        return add_bias(jnp.zeros((x.shape[0], *out_sizes, out_channels), x.dtype), b)
     if _transpose_on_onednn(x, w, *options):
-        return _add_bias(_conv_onednn.conv_transpose(x, w, *options), b)
+        return add_bias(_conv_onednn.conv_transpose(x, w, *options), b)
     interleaved = partial(
         _interleaved_transpose,
         stride=stride,
@@ -398,7 +387,7 @@ def conv_transpose(
     if not _conv_cpu.transpose_aborts_xla_cpu(
         window, stride, dilation, pads, out_sizes, sizes, groups
     ):
-        return _add_bias(interleaved(x, w), b)
+        return add_bias(interleaved(x, w), b)
     # XLA:CPU would abort compiling that convolution. On CPU, scatter instead: the GEMM + col2im
     # input gradient of the convolution this one transposes (kernel (*window, C_out, C_in), as
     # groups == 1 here).
@@ -410,7 +399,7 @@ def conv_transpose(
         cpu=lambda x, w: _conv_cpu._shift_input_grad(x, jnp.swapaxes(w, -1, -2), out_shape, config),
         default=interleaved,
     )
-    return _add_bias(y, b)
+    return add_bias(y, b)
 
 
 def _interleaved_transpose(x, w, *, stride, pads, output_padding, dilation, groups):

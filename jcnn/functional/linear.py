@@ -6,7 +6,7 @@ import math
 
 import jax
 
-from jcnn.functional._checks import check_array
+from jcnn.functional._checks import add_bias, check_array
 
 __all__ = ["linear"]
 
@@ -45,4 +45,4 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> ja
     # (experiments/benchmarks/README.md).
     rows = math.prod(x.shape[:-1])
     y = (x.reshape(rows, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], features)
-    return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (features,))
+    return add_bias(y, bias)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jcnn.functional._checks import (
     PaddingLike,
+    add_bias,
     as_int_tuple,
     check_array,
     check_size_sequence,
@@ -155,6 +156,4 @@ def locally_connected(
     kernel = w.reshape(positions, taps_per_window, c_in, c_out)
     y = jnp.einsum("npkc,pkco->npo", patches, kernel)
     y = y.reshape(x.shape[0], *out, c_out)
-    if b is not None:
-        y = y + b.astype(dtype)[None]
-    return y
+    return add_bias(y, b)
