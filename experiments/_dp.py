@@ -415,9 +415,9 @@ def main(study: Study, argv=None) -> list[dict]:
     args.pad_multiple = max(32, args.batch_size // 16)
     if args.quick:
         train_set = tuple(a[:256] for a in train_set)
-        test_set = tuple(a[:300] for a in test_set)
+        test_set = tuple(a[:256] for a in test_set)
         args.epochs, args.batch_size, args.pad_multiple = 1, 32, 64
-        args.data_description += ", quick run: 256 training and 300 test images, 1 epoch"
+        args.data_description += ", quick run: 256 training and 256 test images, 1 epoch"
     if study.features:
         start = time.perf_counter()
         train_set, test_set = (
