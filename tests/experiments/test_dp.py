@@ -1,6 +1,7 @@
 """The DP-SGD studies (experiments/dp_*.py, experiments/_dp.py): quick runs end to end, their
 networks fit their datasets, and the rows of separate full runs accumulate on one page."""
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,20 @@ def scripts():
         yield {name: __import__(name) for name in SCRIPTS}
     finally:
         sys.path.remove(str(EXPERIMENTS))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _calibrate_once():
+    """The quick runs all calibrate the same noise (epsilon 2, 8 steps at rate 32/256): the
+    accountant's search (seconds of Python per run) runs once per process, its answer reused.
+    A pure function of its arguments, so every run still gets the sigma it would compute."""
+    from jcnn import analysis
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            analysis, "dp_noise_multiplier", functools.cache(analysis.dp_noise_multiplier)
+        )
+        yield
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
