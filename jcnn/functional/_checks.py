@@ -359,6 +359,15 @@ def is_int(value) -> bool:
     )
 
 
+def check_count(value, name: str) -> int:
+    """A positive int (``num_groups``, ``size``) as a Python int. Unlike a window, never a
+    sequence: ``(3,)`` is refused, as ``jcnn.nn``'s modules refuse it."""
+    if not is_int(value):
+        raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
+    (value,) = as_int_tuple(value, 1, name, minimum=1)
+    return value
+
+
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """``value`` as a Python int within ``[low, high]``: a Python or NumPy integer or a concrete
     0-d integer array, never a bool or a float (even an integral one).

@@ -38,10 +38,10 @@ from jcnn.functional import _norm_native
 from jcnn.functional._checks import (
     as_int_tuple,
     check_array,
+    check_count,
     check_min_rank,
     check_real,
     float32_or_wider,
-    is_int,
 )
 
 # While jcnn.analysis traces a per-example function (each example a batch of one), this holds the
@@ -242,7 +242,7 @@ def group_norm(
     _check_channel_param(scale, "scale", channels)
     _check_channel_param(bias, "bias", channels)
     eps = _check_positive(eps, "eps")
-    num_groups = _check_count(num_groups, "num_groups")
+    num_groups = check_count(num_groups, "num_groups")
     if channels % num_groups:
         raise ValueError(
             f"num_groups: must divide the number of channels C={channels}, got {num_groups}"
@@ -429,7 +429,7 @@ def local_response_norm(
     [[0.333, 0.25, 0.333]]
     """
     check_min_rank(x, "x", 2, "(N, ..., C)")
-    size = _check_count(size, "size")
+    size = check_count(size, "size")
     alpha = check_real(alpha, "alpha", low=0)
     beta = check_real(beta, "beta")
     k = _check_positive(k, "k")
@@ -744,15 +744,6 @@ def _check_running_options(train, momentum, eps, unbiased_running_var) -> tuple[
     eps = _check_positive(eps, "eps")
     _check_flag(unbiased_running_var, "unbiased_running_var")
     return momentum, eps
-
-
-def _check_count(value, name: str) -> int:
-    """A positive int (``num_groups``, ``size``) as a Python int. Unlike a window, never a
-    sequence: ``(3,)`` is refused, as ``jcnn.nn``'s modules refuse it."""
-    if not is_int(value):
-        raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
-    (value,) = as_int_tuple(value, 1, name, minimum=1)
-    return value
 
 
 def _check_flag(value, name: str) -> None:

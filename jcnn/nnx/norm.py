@@ -23,8 +23,8 @@ from flax.linen.dtypes import promote_dtype
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import (
-    as_int_tuple,
     check_bool,
+    check_count,
     check_dtype,
     check_min_rank,
     check_positive_int,
@@ -390,8 +390,7 @@ class LocalResponseNorm(nnx.Module):
     def __init__(
         self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
     ) -> None:
-        as_int_tuple(size, 1, "size", minimum=1)
-        self.size = static(size, "size")
+        self.size = check_count(size, "size")
         self.alpha = check_real(alpha, "alpha", low=0)
         self.beta, self.k = check_real(beta, "beta"), _check_positive(k, "k")
 

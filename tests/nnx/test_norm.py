@@ -138,3 +138,19 @@ def test_a_non_floating_compute_dtype_is_a_type_error(module):
 def test_a_non_callable_initializer_is_named_as_in_the_linen_twin(build, name, bad):
     with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
         build(nnx.Rngs(0), **{name: bad})
+
+
+@pytest.mark.parametrize("size", [2.5, True, None, "3", (3,)])
+def test_local_response_norm_refuses_a_non_int_size_with_the_linen_message(size):
+    # was "size: expected an int or a sequence of 1 ints" at construction, where the Linen twin
+    # (and F.local_response_norm) say "size: expected an int >= 1"
+    x = jnp.ones((2, 5))
+    with pytest.raises(TypeError) as linen_error:
+        nn.LocalResponseNorm(size).apply({}, x)
+    with pytest.raises(TypeError) as nnx_error:
+        jnnx.LocalResponseNorm(size)
+    assert (
+        str(nnx_error.value)
+        == str(linen_error.value)
+        == f"size: expected an int >= 1, got {size!r}"
+    )
