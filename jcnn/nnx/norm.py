@@ -76,8 +76,8 @@ class _Affine(nnx.Module):
         check_positive_int(num_features, "num_features")
         check_bool(use_scale, "use_scale")
         check_bool(use_bias, "use_bias")
-        check_initializer(scale_init, "scale_init")
-        check_initializer(bias_init, "bias_init")
+        scale_init = check_initializer(scale_init, "scale_init")
+        bias_init = check_initializer(bias_init, "bias_init")
         self.num_features, self.dtype = static(num_features, "num_features"), dtype
         shape = (self.num_features,)
         self.scale = param(rngs, scale_init, shape, param_dtype) if use_scale else None

@@ -154,3 +154,27 @@ def test_local_response_norm_refuses_a_non_int_size_with_the_linen_message(size)
         == str(linen_error.value)
         == f"size: expected an int >= 1, got {size!r}"
     )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda r, **kw: jnnx.BatchNorm(3, rngs=r, **kw),
+        lambda r, **kw: jnnx.LayerNorm(3, rngs=r, **kw),
+        lambda r, **kw: jnnx.GroupNorm(3, num_groups=1, rngs=r, **kw),
+        lambda r, **kw: jnnx.InstanceNorm(3, rngs=r, **kw),
+    ],
+)
+@pytest.mark.parametrize("name", ["scale_init", "bias_init"])
+def test_an_initializer_of_the_wrong_shape_is_named_at_construction(build, name):
+    # was accepted, the (2,) parameter then refused at the first call as "scale: expected shape
+    # (C,)=(3,)", where the Linen twin names the initializer at init
+    def wrong(key, shape, dtype):
+        return jnp.ones((2,), dtype)
+
+    message = (
+        rf"^{name}: expected init\(key, shape=\(3,\), dtype\) to return an array of that "
+        r"shape, got shape \(2,\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        build(nnx.Rngs(0), **{name: wrong})
