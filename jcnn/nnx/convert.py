@@ -85,7 +85,7 @@ def load_linen_variables(module: nnx.Module, variables: Mapping) -> None:
         given_value = given.pop(key)
         try:
             new = jnp.asarray(given_value)
-        except TypeError:
+        except (TypeError, ValueError):  # ValueError: None, a ragged list
             raise TypeError(
                 f"variables: {where} must be an array, got {type(given_value).__name__} "
                 f"{given_value!r:.60}"

@@ -445,3 +445,13 @@ def test_load_linen_variables_names_a_variable_that_is_not_an_array():
     with pytest.raises(TypeError, match="variables: params/bias must be an array, got str 'abc'"):
         jnnx.load_linen_variables(model, variables)  # was JAX's TypeError naming no variable
     np.testing.assert_array_equal(model.bias[...], np.zeros(3))
+
+
+@pytest.mark.parametrize("bad", [None, [[1.0, 2.0, 3.0], [4.0]]], ids=["None", "ragged"])
+def test_load_linen_variables_names_a_variable_jax_cannot_make_an_array_of(bad):
+    # was JAX's ValueError "None is not a valid value for jnp.array", naming no variable
+    model = jnnx.Dense(2, 3, rngs=nnx.Rngs(0))
+    variables = {"params": {"kernel": np.ones((2, 3), np.float32), "bias": bad}}
+    with pytest.raises(TypeError, match="^variables: params/bias must be an array, got "):
+        jnnx.load_linen_variables(model, variables)
+    np.testing.assert_array_equal(model.bias[...], np.zeros(3))
