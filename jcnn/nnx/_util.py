@@ -72,7 +72,14 @@ def param(rngs: nnx.Rngs, initializer: Initializer, shape: tuple[int, ...], dtyp
     """A parameter drawn by ``initializer(key, shape, dtype)`` with a key of the params stream;
     ``dtype`` is the module's ``param_dtype``, checked by that name."""
     check_dtype(dtype, "param_dtype")
-    return nnx.Param(initializer(rngs.params(), shape, dtype))
+    try:
+        stream = rngs["params"]  # Flax falls back on the "default" stream
+    except KeyError:
+        raise ValueError(
+            f"rngs: the nnx.Rngs has no 'params' stream (nor a 'default' one) to draw the initial "
+            f"{shape} parameter; give one, e.g. nnx.Rngs(seed) or nnx.Rngs(params=0, dropout=1)"
+        ) from None
+    return nnx.Param(initializer(stream(), shape, dtype))
 
 
 def kernel_and_bias(

@@ -338,3 +338,15 @@ def _message(error, build):
 def test_a_real_setting_is_checked_at_construction_with_the_op_message(error, module, op):
     x = jnp.ones((4, 2))
     assert _message(error, module) == _message(error, lambda: op(x))
+
+
+DRAWING = {name: make for name, make in WITH_PARAMETERS.items() if name != "PReLU"}  # constant
+
+
+@pytest.mark.parametrize("make", DRAWING.values(), ids=DRAWING)
+def test_rngs_without_a_params_stream_is_a_value_error_naming_rngs(make):
+    # was Flax's AttributeError "No RngStream named 'params' found in Rngs."
+    with pytest.raises(ValueError, match=r"^rngs: the nnx.Rngs has no 'params' stream \(nor a"):
+        make(nnx.Rngs(dropout=0))
+    layer = make(nnx.Rngs(params=3, dropout=0))
+    assert jax.tree.leaves(nnx.state(layer, nnx.Param))  # the params stream serves
