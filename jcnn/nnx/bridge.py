@@ -18,6 +18,8 @@ from flax import linen, nnx
 from flax.nnx import bridge
 from jax.typing import ArrayLike
 
+from jcnn.functional._checks import check_key
+
 __all__ = ["to_nnx"]
 
 
@@ -55,6 +57,8 @@ def to_nnx(
         )
     if not isinstance(rngs, (nnx.Rngs, jax.Array)):
         raise TypeError(f"rngs: expected nnx.Rngs or a jax key, got {type(rngs).__name__}")
+    if isinstance(rngs, jax.Array):
+        check_key(rngs, "rngs")
     try:
         takes_train = "train" in inspect.signature(linen_model.__call__).parameters
     except (TypeError, ValueError):

@@ -88,6 +88,12 @@ def test_to_nnx_checks_its_arguments():
         jnnx.to_nnx(jnnx.Flatten(), x, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="rngs"):
         jnnx.to_nnx(models.LeNet5(), x, rngs=0)
+    # an array that is not a key was Flax's "Invalid rng value", naming no argument
+    with pytest.raises(TypeError, match=r"^rngs: expected a jax.random key .*got dtype float32"):
+        jnnx.to_nnx(models.LeNet5(), x, rngs=jnp.ones(2))
+    with pytest.raises(ValueError, match=r"^rngs: expected a single jax.random key, got a batch"):
+        jnnx.to_nnx(models.LeNet5(), x, rngs=jax.random.split(jax.random.key(0)))
+    assert jnnx.to_nnx(models.LeNet5(), x, rngs=jax.random.PRNGKey(0))(x).shape == (1, 10)
 
 
 def test_load_linen_variables_refuses_a_mismatch_and_leaves_the_module_as_it_was():
