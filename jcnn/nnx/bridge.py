@@ -36,7 +36,8 @@ def to_nnx(
         linen_model: a Flax Linen module (e.g. ``jcnn.models.ResNet``).
         sample_input: an input of the shape the model will see (its values do not matter).
         rngs: ``nnx.Rngs`` (its ``params`` or default stream initializes; a ``dropout`` stream
-            feeds dropout in training calls) or a key for the parameters alone.
+            feeds dropout in training calls, else Flax's bridge draws the masks from the params
+            stream) or a key, the one stream for both.
         **init_kwargs: more arguments of the initializing call; ``train=False`` is added when
             the model's ``__call__`` takes ``train`` and none is given.
 
