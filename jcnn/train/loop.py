@@ -432,6 +432,17 @@ def _check_optimizer_update(tx, params) -> None:
         ) from error
 
 
+def _mesh(devices):
+    """The mesh of ``config.devices`` (``None``: no mesh); 0 or ``[]`` is refused, not taken as
+    ``None``."""
+    if devices is None:
+        return None
+    try:
+        return parallel.make_mesh(devices)
+    except (TypeError, ValueError) as error:  # make_mesh names its argument "devices"
+        raise type(error)(f"config.{error}") from None
+
+
 def _compute_dtype(config):
     if config.compute_dtype in ("float32", None):
         return None
@@ -1055,11 +1066,12 @@ def _fit(
     check_dp_config(config)
     no_grad_from = no_grad_epochs(config.no_grad, "config.no_grad")
     check_positive_int(config.steps_per_call, "config.steps_per_call")
-    if config.steps_per_call > 1 and (dp_enabled(config) or config.devices):
+    if config.steps_per_call > 1 and (dp_enabled(config) or config.devices is not None):
         raise ValueError(
             f"config.steps_per_call: expected 1 with DP-SGD or devices (their steps run one per "
             f"call), got {config.steps_per_call}"
         )
+    mesh = _mesh(config.devices)
     loss_fn = check_loss_fn(_either(loss, config.loss, "loss", None), "loss")
     if loss_fn is not None and config.label_smoothing:
         raise ValueError(
@@ -1128,7 +1140,6 @@ def _fit(
         private.check_model(
             state, (sample_images, sample_labels), compute_dtype=compute_dtype, loss_fn=loss_fn
         )
-    mesh = parallel.make_mesh(config.devices) if config.devices else None
 
     out = Path(config.out) if config.out else None
     manager = None
