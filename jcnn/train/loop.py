@@ -1058,6 +1058,10 @@ def _fit(
     check_int(config.seed, "config.seed", low=-(2**63), high=2**63 - 1)
     check_int(config.val_split_seed, "config.val_split_seed", low=0)
     check_real(config.label_smoothing, "config.label_smoothing", low=0, high=1)
+    if not isinstance(config.monitor, str):
+        raise TypeError(
+            f"config.monitor: expected a metric name such as 'val_accuracy', got {config.monitor!r}"
+        )
     if config.monitor_mode not in ("max", "min"):
         raise ValueError(
             f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"

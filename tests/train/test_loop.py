@@ -213,6 +213,8 @@ def test_bad_config_is_named(rng):
         ("step_factor", -1.0, ValueError),
         ("decay_rate", -1.0, ValueError),
         ("out", 3, TypeError),
+        ("monitor", None, TypeError),
+        ("monitor", 3, TypeError),
         ("devices", 0, ValueError),
         ("devices", [], ValueError),
         ("devices", 1.5, TypeError),
