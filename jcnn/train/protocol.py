@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from jcnn.data import Loader
+
 __all__ = ["TrainLoader", "check_train_loader", "check_eval_loader", "check_batch", "check_labels"]
 
 
@@ -73,7 +75,9 @@ def check_eval_loader(loader, name: str, *, repeated: bool = False) -> None:
 
     A pair of arrays ``(images, labels)`` (not batches) is a ``TypeError``, and so, with
     ``repeated`` (the loader is evaluated more than once), is a one-shot iterator such as a
-    generator, which would yield nothing from its second evaluation on.
+    generator, which would yield nothing from its second evaluation on. A ``jcnn.data.Loader``
+    that does not yield each of its examples once (``drop_remainder=True`` with a short last
+    batch, ``sampling="poisson"``) is a ``ValueError``.
     """
     has_epoch = callable(getattr(loader, "epoch", None))
     if not has_epoch and not hasattr(type(loader), "__iter__"):
@@ -102,6 +106,27 @@ def check_eval_loader(loader, name: str, *, repeated: bool = False) -> None:
         )
     if hasattr(type(loader), "__len__") and len(loader) == 0:
         raise ValueError(f"{name}: expected at least one (images, labels) batch, got none")
+    if isinstance(loader, Loader):
+        _check_covers_every_example(loader, name)
+
+
+def _check_covers_every_example(loader: Loader, name: str) -> None:
+    """Raise unless the ``Loader`` yields each of its examples once per pass: the means of an
+    evaluation are over the examples, and a dropped last batch or a Poisson draw would silently
+    leave some out (or count some twice)."""
+    advice = "build it with shuffle=False, drop_remainder=False"
+    if loader.sampling == "poisson":
+        raise ValueError(
+            f"{name}: expected a loader yielding each example once, got a Loader with "
+            f"sampling='poisson' (batches of randomly drawn examples); {advice}"
+        )
+    rest = loader.num_examples % loader.batch_size
+    if loader.drop_remainder and rest:
+        raise ValueError(
+            f"{name}: expected a loader yielding each example once, got a Loader with "
+            f"drop_remainder=True that leaves out {rest} of its {loader.num_examples} examples "
+            f"(batch_size {loader.batch_size}); {advice}"
+        )
 
 
 def check_batch(batch, name: str) -> tuple[Any, Any]:

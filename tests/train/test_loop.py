@@ -928,6 +928,25 @@ def test_evaluate_checks_its_loader_and_loss(rng):
         loop.evaluate(state, 5)
 
 
+def test_evaluate_is_a_mean_over_every_example_and_refuses_a_loader_dropping_some(tmp_path, rng):
+    images, labels = _data(rng, n=37)
+    state = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.key(0), images[:1])
+    logits = state.apply_fn(state.variables(), images, train=False)
+    loss = -jax.nn.log_softmax(logits)[np.arange(37), labels]
+    every = loop.evaluate(state, Loader(images, labels, batch_size=10, drop_remainder=False))
+    assert every["count"] == 37  # batches of 10, 10, 10 and 7, weighted by their sizes
+    assert every["loss"] == pytest.approx(float(jnp.mean(loss)), rel=1e-6)
+    assert every["accuracy"] == pytest.approx(float(jnp.mean(logits.argmax(-1) == labels)))
+    dropping = Loader(images, labels, batch_size=10, shuffle=False)  # was 30 examples, silently
+    with pytest.raises(ValueError, match="loader: .* leaves out 7 of its 37 examples"):
+        loop.evaluate(state, dropping)
+    train, _ = _loaders(*_data(rng))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="val_loader: .* leaves out 7 of its 37 examples"):
+        fit(TinyNet(), train, dropping, _config(out))
+    assert not out.exists()
+
+
 def test_an_unhashable_loss_given_to_fit_is_named_loss_and_explained(rng):
     @dataclasses.dataclass
     class Loss:

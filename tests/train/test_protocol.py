@@ -45,3 +45,23 @@ def test_a_batch_must_be_a_pair_of_arrays():
         check_batch((x, [0, 1]), "loader")
     with pytest.raises(TypeError, match=r"loader: .*of arrays, got a ndarray"):
         check_batch(x, "loader")
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({}, r"drop_remainder=True that leaves out 2 of its 10 examples \(batch_size 4\)"),
+        ({"sampling": "poisson"}, "sampling='poisson'"),
+    ],
+)
+def test_an_eval_loader_that_leaves_out_examples_is_named(options, says):
+    # evaluate() averaged over the 8 examples of the two full batches, without a word
+    images, labels = np.zeros((10, 4, 4, 1), np.float32), np.zeros(10, np.int32)
+    with pytest.raises(
+        ValueError,
+        match=rf"val_loader: expected a loader yielding each example "
+        rf"once, got a Loader with {says}",
+    ):
+        check_eval_loader(Loader(images, labels, batch_size=4, **options), "val_loader")
+    check_eval_loader(Loader(images, labels, batch_size=4, drop_remainder=False), "val_loader")
+    check_eval_loader(Loader(images, labels, batch_size=5), "val_loader")  # no remainder
