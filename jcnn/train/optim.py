@@ -5,7 +5,8 @@
 ==============  ==========================================================================
 ``sgd``         ``x -= α g``
 ``momentum``    ``v = ρ v + g;  x -= α v``
-``nesterov``    ``v' = ρ v − α g;  x += −ρ v + (1 + ρ) v'`` (the notes' change of variables)
+``nesterov``    ``v = ρ v + g;  x -= α (g + ρ v)`` (PyTorch's and Optax's form; for a constant
+                ``α`` the notes' change of variables ``v' = ρ v − α g;  x += −ρ v + (1 + ρ) v'``)
 ``adagrad``     ``s += g²;  x -= α g / (√s + ε)``
 ``rmsprop``     ``s = β s + (1 − β) g²;  x -= α g / (√s + ε)``
 ``adam``        bias-corrected moments, ``x -= α m̂ / (√v̂ + ε)``

@@ -322,3 +322,21 @@ def test_hyperparameters_sweep_under_vmap(name, rng):
         lane = float(rates[i]), float(decays[i]), float(betas[i])
         want = jax.jit(lambda lane=lane: trained(*lane))()
         np.testing.assert_allclose(swept[i], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov"])
+def test_momentum_methods_under_a_varying_rate_take_pytorchs_form(name, rng):
+    # the rate scales the step, not the velocity: v = ρ v + g; x -= α_t v (momentum) or
+    # x -= α_t (g + ρ v) (Nesterov), as torch.optim.SGD; the notes' change of variables for
+    # Nesterov, with α inside v, agrees only for a constant rate
+    rates = np.asarray([0.1, 0.02, 0.3, 0.05, 0.2])
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    target = rng.normal(size=(3, 4)).astype(np.float32)
+    tx = optim.optimizer(name, lambda t: jnp.asarray(rates, jnp.float32)[t], momentum=RHO)
+    got = _run(tx, x, target, steps=len(rates))
+    expected, v = x.astype(np.float64), np.zeros(x.shape)
+    for rate in rates:
+        g = _gradient(expected, target)
+        v = RHO * v + g
+        expected = expected - rate * (g + RHO * v if name == "nesterov" else v)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
