@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,22 @@ def _init_variables(model, rngs, sample_input):
     return (unoptimized if size <= _UNOPTIMIZED_INIT_UP_TO else optimized)(*args)
 
 
+def _check_takes_train(model) -> None:
+    """Raise a ``TypeError`` naming ``model`` unless its ``__call__`` takes ``train=`` (``create``
+    and every step pass it; Flax's own error names neither the argument nor the rule)."""
+    try:
+        signature = inspect.signature(type(model).__call__)
+    except (TypeError, ValueError):  # not introspectable: leave it to the call
+        return
+    kinds = {parameter.kind for parameter in signature.parameters.values()}
+    if "train" in signature.parameters or inspect.Parameter.VAR_KEYWORD in kinds:
+        return
+    raise TypeError(
+        f"model: expected a module whose __call__ takes (x, train: bool) (jcnn's training passes "
+        f"train=True or False), got {type(model).__name__}.__call__{signature}"
+    )
+
+
 @flax.struct.dataclass
 class TrainState:
     """Parameters, BatchNorm statistics, optimizer state, step count and a PRNG key.
@@ -105,6 +122,7 @@ class TrainState:
             )
         if not hasattr(model, "init") or not hasattr(model, "apply"):
             raise TypeError(f"model: expected a Flax module, got {type(model).__name__}")
+        _check_takes_train(model)
         if not isinstance(tx, optax.GradientTransformation):
             raise TypeError(
                 f"tx: expected an optax.GradientTransformation, got {type(tx).__name__}"

@@ -92,3 +92,22 @@ def test_create_names_a_model_class_given_for_an_instance():
     sample, tx = jnp.zeros((1, 28, 28, 1)), optimizer("sgd", 0.1)
     with pytest.raises(TypeError, match=r"model: expected a Flax module instance such as "):
         TrainState.create(models.LeNet5, tx, jax.random.PRNGKey(0), sample)
+
+
+class _NoTrainModel(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(2)(x)
+
+
+def test_create_names_a_model_whose_call_takes_no_train():
+    # Flax failed with "NoTrainModel.__call__() got an unexpected keyword argument 'train'",
+    # naming neither the argument nor what jcnn's training needs
+    sample, tx = jnp.zeros((1, 3)), optimizer("sgd", 0.1)
+    with pytest.raises(
+        TypeError,
+        match=r"model: expected a module whose __call__ takes \(x, train: bool\) .*got "
+        r"_NoTrainModel.__call__\(self, x\)",
+    ):
+        TrainState.create(_NoTrainModel(), tx, jax.random.PRNGKey(0), sample)
+    TrainState.create(_ListModel(widths=[2]), tx, jax.random.PRNGKey(0), sample)  # train=False
