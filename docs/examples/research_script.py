@@ -88,7 +88,9 @@ def main(argv=None) -> dict:
     # remaining training images only and applies it to the training, validation and test sets
     augment = functools.partial(data.augment.random_translate, max_shift=2)
     train_loader = data.Loader(images, labels, batch_size=64, seed=0, augment=augment)
-    test_loader = data.Loader(test_images, test_labels, batch_size=256, shuffle=False)
+    test_loader = data.Loader(
+        test_images, test_labels, batch_size=256, shuffle=False, drop_remainder=False
+    )
 
     steps = (args.train_images - 128) // 64
     schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup_steps=2, decay_steps=steps)
