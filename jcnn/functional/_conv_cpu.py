@@ -123,12 +123,23 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
     >>> plan((32, 28, 28, 256), (7, 7, 1, 256), (1, 1), ((3, 3), (3, 3)), (1, 1), 256)[:3]
     ('shift', 'flipped_shift', 'per_tap_sum')
     """
+    window = w_shape[:-2]
     if not all(isinstance(size, int) for size in x_shape):
         # Symbolic sizes (jax.export's shape polymorphism) cannot choose by size: XLA's own
-        # products take any.
-        return ConvPlan("xla", "xla", "xla", 1)
+        # products take any, except the input gradient XLA:CPU aborts on, which a symbolic batch
+        # (concrete spatial sizes) still reaches.
+        spatial = x_shape[1:-1]
+        aborts = all(isinstance(size, int) for size in spatial) and transpose_aborts_xla_cpu(
+            window,
+            stride,
+            dilation,
+            padding,
+            spatial,
+            _output_sizes(spatial, window, stride, padding, dilation),
+            groups,
+        )
+        return ConvPlan("xla", "shift" if aborts else "xla", "xla", 1)
     channels_per_group = w_shape[-2]
-    window = w_shape[:-2]
     few = channels_per_group < _FEW_CHANNELS
     out_sizes = _output_sizes(x_shape[1:-1], window, stride, padding, dilation)
     patch_bytes = math.prod(out_sizes) * math.prod(window) * x_shape[-1] * itemsize

@@ -1,5 +1,8 @@
 """jcnn.functional._conv_cpu: every CPU formulation equals lax.conv_general_dilated and its VJP."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,6 +104,41 @@ def test_default_plan_avoids_the_input_gradients_xla_cpu_aborts_on():
     # Without padding the transposed window pads by 1; grouped convolutions are not swapped.
     assert plan((2, 6, 6, 4), (3, 2, 4, 3), (2, 2), ((0, 0),) * 2, (2, 1), 1).input_grad == "xla"
     assert plan((2, 6, 6, 4), (3, 2, 2, 4), *aborting[2:5], 2).input_grad == "xla"
+
+
+# float64 keeps the default backend on these formulations (oneDNN takes float32 and bfloat16).
+_SYMBOLIC_BATCH_ABORT = """
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export
+from jcnn.functional._conv_cpu import conv_general
+jax.config.update("jax_enable_x64", True)
+rng = np.random.default_rng(0)
+x, w = rng.standard_normal((2, 6, 6, 4)), rng.standard_normal((3, 2, 4, 3))
+loss = lambda x: jnp.sum(conv_general(x, w, (2, 2), ((0, 0), (1, 1)), (2, 1), 1) ** 2)
+(batch,) = export.symbolic_shape("b")
+exported = export.export(jax.jit(jax.grad(loss)))(jax.ShapeDtypeStruct((batch, 6, 6, 4), x.dtype))
+print(float(np.max(np.abs(exported.call(x) - jax.grad(loss)(x)))))
+"""
+
+
+def test_symbolic_batch_avoids_the_input_gradient_xla_cpu_aborts_on():
+    """With a symbolic batch the plan keeps XLA's products, but not the input gradient XLA:CPU
+    aborted the process compiling once the exported program is called (in a child process)."""
+    (batch,) = export.symbolic_shape("b")
+    aborting = ((batch, 6, 6, 4), (3, 2, 4, 3), (2, 2), ((0, 0), (1, 1)), (2, 1), 1)
+    assert plan(*aborting)[:3] == ("xla", "shift", "xla")
+    assert plan((batch, 6, 6, 4), *aborting[1:3], ((0, 0),) * 2, *aborting[4:])[:3] == (
+        "xla",
+        "xla",
+        "xla",
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", _SYMBOLIC_BATCH_ABORT], capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert float(child.stdout) < 1e-12
 
 
 def test_single_image_weight_gradient_avoids_xla_and_the_patch_matrix():
