@@ -73,6 +73,8 @@ def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     (a ``vmap`` folds into it), so one answer covers the derivatives too.
     """
     static = config(x, w, stride, padding, dilation, groups)
+    if not all(isinstance(size, int) for size in x.shape):
+        return "oneDNN's primitives take concrete sizes, not jax.export's symbolic ones"
     dims = _problem(x.shape, w.shape, static)
     bfloat16 = x.dtype == jnp.bfloat16
     for op, product in _PRODUCTS.items():

@@ -285,6 +285,28 @@ def test_unsupported_problems_are_refused_and_routed_to_xla(onednn, monkeypatch,
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+def test_symbolic_batch_exports_on_the_xla_path(onednn, rng):
+    """jax.export with a symbolic batch: oneDNN needs concrete sizes, so F.conv and
+    F.conv_transpose route to the XLA path instead of failing to read the batch as an int."""
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)
+    options = ((2, 1), ((1, 0), (1, 1)), (1, 2), 1)
+    (batch,) = jax.export.symbolic_shape("b")
+    symbolic_x = jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype)
+    reason = _conv_onednn.unsupported_reason(symbolic_x, w, *options)
+    assert reason is not None and "symbolic" in reason
+
+    def loss(x, w):
+        y = _routed(x, w, options)
+        return jnp.sum(jnp.tanh(conv_transpose(y, jnp.swapaxes(w, -1, -2), stride=2)))
+
+    function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    exported = jax.export.export(function)(symbolic_x, w)
+    got, want = exported.call(x, w), function(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert _relative_error(a, b) < 1e-5
+
+
 def test_zero_size_kernels_are_refused_by_both_backends(onednn):
     x = jnp.ones((1, 5, 5, 2))
     for w_shape in [(0, 3, 2, 4), (3, 0, 2, 4), (3, 3, 2, 0)]:
