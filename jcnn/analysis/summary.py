@@ -546,9 +546,8 @@ def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
             ]
             if _same_grid(calls[ancestor].input_shape, call.input_shape):
                 candidates.append(input_fields[ancestor])
-            widest = _widest(candidates)
-            if widest is not None:
-                return widest
+            if candidates:
+                return _widest(candidates)
             ancestor = calls[ancestor].parent
         return None
 
@@ -574,8 +573,13 @@ def _same_grid(shape, other) -> bool:
 
 
 def _widest(fields) -> ReceptiveField | None:
-    known = [f for f in fields if f is not None]
-    return max(known, key=lambda f: f.size) if known else None
+    """The widest of ``fields``; None if there are none or one is unknown: the combined tensor
+    may come from that one (a transposed conv's output of an earlier map's shape), and an
+    earlier field would then be reported for it."""
+    fields = list(fields)
+    if not fields or any(f is None for f in fields):
+        return None
+    return max(fields, key=lambda f: f.size)
 
 
 def _descends(calls, call: LayerCall, ancestor: int) -> bool:

@@ -351,6 +351,19 @@ def test_receptive_field_unknown_for_transposed_conv():
     assert "?" in str(summary(model, (1, 8, 8, 1)))
 
 
+def test_receptive_field_stays_unknown_where_an_earlier_map_has_the_same_shape():
+    """The transposed conv's output (1, 7, 7, 2) has the shape of the first conv's: that conv's
+    field (3 at stride 2) must not stand in for the network's; nor, in a U-Net, the skip's for
+    the decoder's (its upsampled half comes through the transposed conv)."""
+    model = nn.Sequential([nn.Conv(2, 3, 2), nn.Conv(2, 3, 2), nn.ConvTranspose(2, 3, 2)])
+    assert receptive_field(model, (1, 16, 16, 2)) is None
+    unet = jcnn.models.UNet(4, (4, 8), "same")
+    assert receptive_field(unet, (1, 16, 16, 1)) is None
+    rows = {row.name: row for row in summary(unet, (1, 16, 16, 1)).rows}
+    assert rows["down1/conv2"].receptive_field.size == (5, 5)
+    assert rows["up1_block/conv1"].receptive_field is None
+
+
 def test_summary_input_checks():
     with pytest.raises(TypeError, match="input_shape: expected a shape tuple"):
         summary(jcnn.models.LeNet5(), 28)
