@@ -64,7 +64,12 @@ class FoldedModel(nn.Module):
                 return args[0]
             y = next_fun(*args, **kwargs)
             if path in added_bias:
-                bias = context.module.get_variable("params", "bias")
+                # The layer itself creates no bias: declared here, the folded model's init
+                # (summary, eval_shape, a second folding) makes one, and apply finds the folded
+                # one or names it when the variables lack it.
+                bias = context.module.scope.param(
+                    "bias", nn.initializers.zeros_init(), (y.shape[-1],), context.module.param_dtype
+                )
                 y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
             return y
 

@@ -146,6 +146,23 @@ def test_unfoldable_batch_norm_is_kept(rng):
     assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
 
 
+def test_folded_model_initializes_the_bias_it_adds(rng):
+    """A conv built without a bias gets one from the folding: the folded model's own init makes
+    it (the variables' structure equals the folded ones), and apply on variables lacking it
+    names it."""
+    model = jcnn.models.resnet20(widths=(4, 8, 8))
+    shape = (2, 16, 16, 3)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(_random_variables(model, x, rng), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    fresh = jax.eval_shape(folded_model.init, jax.random.key(0), x)
+    assert jax.tree.structure(fresh) == jax.tree.structure(folded)
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, folded)
+    del folded["params"]["conv1"]["bias"]
+    with pytest.raises(flax.errors.ScopeParamNotFoundError, match='"bias" in scope "/conv1"'):
+        folded_model.apply(folded, x)
+
+
 class _ConvOutputAlsoAdded(linen.Module):
     """``bn(conv(x)) + conv(x)``: the conv's output has a use that is no module call."""
 
