@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from jcnn import init
-from jcnn.functional._checks import check_array, check_bool
+from jcnn.functional._checks import check_array, check_bool, is_int
 from jcnn.models._checks import (
     check_bn_momentum,
     check_dropout_rate,
@@ -61,8 +61,13 @@ class VGG(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for images ``x`` ``(N, H, W, 3)``."""
         check_array(x, "x", ndim=4)
-        if self.depth not in _STAGE_DEPTHS:
-            raise ValueError(f"depth: expected one of {sorted(_STAGE_DEPTHS)}, got {self.depth!r}")
+        if not is_int(self.depth):  # 16.0 == 16 would pass the lookup below
+            raise TypeError(
+                f"depth: expected an int, one of {sorted(_STAGE_DEPTHS)}, got {self.depth!r}"
+            )
+        depth = int(self.depth)
+        if depth not in _STAGE_DEPTHS:
+            raise ValueError(f"depth: expected one of {sorted(_STAGE_DEPTHS)}, got {depth}")
         check_bool(self.batch_norm, "batch_norm")
         check_bool(self.small_input, "small_input")
         num_classes = check_num_classes(self.num_classes)
@@ -71,7 +76,7 @@ class VGG(nn.Module):
         check_bool(self.bn_unbiased_running_var, "bn_unbiased_running_var")
         check_image_size(x, [(2, 2, 0)] * len(_WIDTHS), "VGG")
         for stage, (convs, width) in enumerate(
-            zip(_STAGE_DEPTHS[self.depth], _WIDTHS, strict=True), start=1
+            zip(_STAGE_DEPTHS[depth], _WIDTHS, strict=True), start=1
         ):
             for i in range(1, convs + 1):
                 x = Conv(width, (3, 3), padding=1, name=f"conv{stage}_{i}")(x)

@@ -72,6 +72,14 @@ def test_small_input_vgg_with_batchnorm_forward(rng):
             r"bn_momentum: expected a number in \[0, 1\]",
         ),
         ({"bn_momentum": 1.5}, ValueError, r"bn_momentum: expected a number in \[0, 1\]"),
+        # 16.0 == 16: a float depth used to build VGG-16
+        (
+            {"depth": 16.0},
+            TypeError,
+            r"depth: expected an int, one of \[11, 13, 16, 19\], got 16.0",
+        ),
+        ({"depth": "16"}, TypeError, r"depth: expected an int, .*got '16'"),
+        ({"depth": 17}, ValueError, r"depth: expected one of \[11, 13, 16, 19\], got 17"),
     ],
 )
 def test_bad_settings_are_named_as_the_model_calls_them(setting, error, says):
