@@ -10,7 +10,9 @@ Layout of a checkpoint directory::
 A save writes orbax's checkpoint into ``step_XXXXXXXX.partial``, hashes every file it wrote, adds
 ``manifest.json`` and only then renames the folder to ``step_XXXXXXXX``: a crash at any point
 leaves at most a stray ``.partial`` folder, never a checkpoint without its manifest, and
-``steps()`` never lists a partial one.
+``steps()`` never lists a partial one. A checkpoint is deleted (pruned, or replaced by a save at
+its step) the same way backwards: renamed to ``step_XXXXXXXX.partial.old`` first, so a crash
+while its files are deleted never leaves a half-deleted checkpoint under its name.
 
 A restore first checks every file against the manifest (a missing, extra, truncated or changed
 file raises :class:`CheckpointError` naming it), then the state's structure against the arrays
@@ -440,7 +442,7 @@ class CheckpointManager:
             }
             _write_json_atomically(staging / _MANIFEST, _seal(manifest))
             if final.exists():
-                shutil.rmtree(final)
+                self._discard(final)
             os.rename(staging, final)
             _fsync_dir(self.directory)
             self._statuses.pop(step, None)
@@ -454,6 +456,16 @@ class CheckpointManager:
             if _PARTIAL_DIR.match(entry.name) and (prefix is None or entry.name.startswith(prefix)):
                 shutil.rmtree(entry, ignore_errors=True)
 
+    def _discard(self, folder: Path) -> None:
+        """Delete a checkpoint's folder: renamed out of ``steps()`` first (one atomic step), so
+        that a crash while its files go leaves a stray partial folder, not a checkpoint without
+        its manifest, which would stop every later open of the manager."""
+        trash = folder.with_name(folder.name + ".partial.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(folder, trash)
+        _fsync_dir(self.directory)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def _prune(self) -> None:
         steps = self.steps()
         keep = set(steps[-self.keep_last :])
@@ -462,7 +474,7 @@ class CheckpointManager:
         keep |= {s for s in (best, good) if s is not None}
         for step in steps:
             if step not in keep:
-                shutil.rmtree(self.path(step), ignore_errors=True)
+                self._discard(self.path(step))
                 self._statuses.pop(step, None)
         self._remove_partials()
 

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,42 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
     restored, _ = manager.restore({"w": jnp.zeros(6), "step": jnp.asarray(0)})
     np.testing.assert_array_equal(restored["w"], np.arange(6.0))
     assert int(restored["step"]) == 1
+
+
+class _Killed(BaseException):
+    """The process dying part-way through deleting a folder."""
+
+
+@pytest.mark.parametrize("deleted", ["pruned", "replaced"])
+def test_a_crash_while_a_checkpoint_is_deleted_leaves_the_others_usable(
+    tmp_path, rng, monkeypatch, deleted
+):
+    # Killed while pruning an old checkpoint (or while replacing one saved at the same step),
+    # after its manifest was deleted and before the rest: the folder must still open and
+    # restore, not stop every resume on a checkpoint without its manifest.
+    tree = _tree(rng)
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_best=False)
+    manager.save(1, tree, status="good")
+    manager.save(2, tree, status="good")
+    real_rmtree = shutil.rmtree
+
+    def killed_part_way(path, *args, **kwargs):
+        manifest = Path(path) / "manifest.json"
+        if not manifest.exists():  # a folder that was never there, or a staging one
+            return real_rmtree(path, *args, **kwargs)
+        manifest.unlink()
+        raise _Killed
+
+    monkeypatch.setattr(shutil, "rmtree", killed_part_way)
+    with pytest.raises(_Killed):
+        manager.save(3 if deleted == "pruned" else 2, tree, status="good")
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    reopened = CheckpointManager(tmp_path, keep_last=1, keep_best=False)
+    restored, _ = reopened.restore(tree)
+    _assert_bitwise_equal(restored, tree)
+    assert reopened.steps() == ([2, 3] if deleted == "pruned" else [1])
+    reopened.save(4, tree, status="good")  # the next save clears what the crash left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "step_00000004"]
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path, rng):
