@@ -126,6 +126,8 @@ LENGTH_FREE_SCHEDULES = frozenset(
 change ``epochs`` or ``max_steps`` (to extend a run). So may a run whose learning rate is a schedule
 of its own (a callable ``learning_rate``, or an ``optax`` optimizer bringing its rate)."""
 
+_RUN_FOLDERS = ("checkpoints", "best")
+"""The entries of :data:`RUN_FILES` that are folders."""
 _MISSING = "(absent)"
 _CHECKPOINT_DIR = re.compile(r"step_\d{8}")
 
@@ -648,6 +650,21 @@ def check_start(
             raise RunFolderError(
                 f"nothing to resume in {folder}: {what} (start a new run without resume, "
                 "or with overwrite to replace what is there)",
+                folder,
+            )
+        # a file the resumed run rewrites, found as a folder (or anything but a file), would
+        # stop it with a raw error once training started and config.json was rewritten
+        not_files = [
+            name
+            for name in RUN_FILES
+            if name not in _RUN_FOLDERS
+            and (folder / name).exists()
+            and not (folder / name).is_file()
+        ]
+        if not_files:
+            raise RunFolderError(
+                f"cannot resume {folder}: expected files, got a folder (or another kind of "
+                f"entry) at {', '.join(not_files)}; the run rewrites them: move them away",
                 folder,
             )
         if record is not None:

@@ -246,6 +246,26 @@ def test_resume_without_checkpoints_is_refused(run, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("name", ["run.json", "standardize.npz", "history.json", "summary.json"])
+def test_a_run_file_replaced_by_a_folder_stops_a_resume_before_anything_is_written(run, name):
+    path = run / name
+    if path.exists():
+        path.unlink()
+    path.mkdir()
+    before = _snapshot(run)
+    with pytest.raises(
+        RunFolderError, match=rf"cannot resume .*: expected files, got a folder .* at {name};"
+    ):
+        fit(
+            Net(),
+            _loader(),
+            None,
+            _config(run, resume=True),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before and path.is_dir()
+
+
 def test_a_new_run_into_a_used_folder_needs_overwrite(run):
     (run / "notes.txt").write_text("mine")
     before = _snapshot(run)
