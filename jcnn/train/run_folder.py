@@ -85,9 +85,12 @@ RUN_FILES = (
     "checkpoints",
     "best",
     BEST_FILE,
+    "evaluation.json",
+    "confusion_matrix.png",
 )
-"""What a run writes into its folder; ``overwrite`` deletes these, the folders ``best.json`` lists
-(see :func:`best_directories`) and nothing else."""
+"""What a run writes into its folder (``jcnn-eval``'s results included: they describe the run's
+checkpoints); ``overwrite`` deletes these, the folders ``best.json`` lists (see
+:func:`best_directories`) and nothing else."""
 
 MAY_CHANGE = frozenset(
     {

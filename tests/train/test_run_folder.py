@@ -280,6 +280,21 @@ def test_a_new_run_into_a_used_folder_needs_overwrite(run):
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files were replaced
 
 
+def test_overwrite_deletes_the_old_runs_jcnn_eval_results(run, tmp_path):
+    # jcnn-eval writes them into the run folder: left behind, they would report the old run's
+    # accuracy as the new one's
+    (run / "evaluation.json").write_text('{"accuracy": 0.99}')
+    (run / "confusion_matrix.png").write_bytes(b"\x89PNG")
+    fit(Net(width=5), _loader(), None, _config(run, overwrite=True))
+    assert not (run / "evaluation.json").exists()
+    assert not (run / "confusion_matrix.png").exists()
+    evaluated = tmp_path / "evaluated"
+    evaluated.mkdir()
+    (evaluated / "evaluation.json").write_text("{}")
+    with pytest.raises(RunFolderError, match=r"already holds a run \(evaluation.json\)"):
+        fit(Net(), _loader(), None, _config(evaluated))
+
+
 def test_a_callback_refusing_the_configuration_leaves_the_folder_as_it_was(run, tmp_path):
     before = _snapshot(run)
     with pytest.raises(ValueError, match="EarlyStopping.on_train_begin.*no validation set"):
