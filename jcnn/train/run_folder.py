@@ -522,10 +522,14 @@ def read_config(folder: str | os.PathLike) -> dict:
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``path`` through a temporary file and a rename: a crash leaves the old file or the
-    new one, never half of one."""
+    new one, never half of one. The file is on disk before the rename, so a power loss cannot
+    leave the new name on an empty file either."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    with open(tmp, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 

@@ -524,6 +524,19 @@ def test_write_atomically_replaces_whole_files_or_nothing(tmp_path, monkeypatch,
     assert path.read_bytes() == (data.encode() if isinstance(data, str) else data)
 
 
+def test_write_atomically_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
+    # without the sync, a power loss after the rename could leave the name on an empty file
+    events = []
+    fsync, replace = run_folder.os.fsync, run_folder.os.replace
+    monkeypatch.setattr(run_folder.os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(
+        run_folder.os, "replace", lambda *a: events.append("replace") or replace(*a)
+    )
+    run_folder.write_atomically(tmp_path / "history.json", "[]")
+    assert events == ["fsync", "replace"]
+    assert (tmp_path / "history.json").read_text() == "[]"
+
+
 def test_overwrite_deletes_the_best_checkpoints_wherever_they_were_saved(run, tmp_path):
     # a BestCheckpoint(directory=...) other than best/ was left behind by overwrite
     fit(
