@@ -124,16 +124,16 @@ def test_a_non_floating_compute_dtype_is_a_type_error(module):
         layer(jnp.ones((2, 4, 4, 3)))
 
 
+_AFFINE_NORMS = [
+    lambda r, **kw: jnnx.BatchNorm(3, rngs=r, **kw),
+    lambda r, **kw: jnnx.LayerNorm(3, rngs=r, **kw),
+    lambda r, **kw: jnnx.GroupNorm(3, num_groups=1, rngs=r, **kw),
+    lambda r, **kw: jnnx.InstanceNorm(3, rngs=r, **kw),
+]
+
+
 @pytest.mark.parametrize("bad", [5, 0, None, "ones"])
-@pytest.mark.parametrize(
-    "build",
-    [
-        lambda r, **kw: jnnx.BatchNorm(3, rngs=r, **kw),
-        lambda r, **kw: jnnx.LayerNorm(3, rngs=r, **kw),
-        lambda r, **kw: jnnx.GroupNorm(3, num_groups=1, rngs=r, **kw),
-        lambda r, **kw: jnnx.InstanceNorm(3, rngs=r, **kw),
-    ],
-)
+@pytest.mark.parametrize("build", _AFFINE_NORMS)
 @pytest.mark.parametrize("name", ["scale_init", "bias_init"])
 def test_a_non_callable_initializer_is_named_as_in_the_linen_twin(build, name, bad):
     with pytest.raises(TypeError, match=f"^{name}: expected an initializer init\\(key, shape"):
@@ -156,15 +156,7 @@ def test_local_response_norm_refuses_a_non_int_size_with_the_linen_message(size)
     )
 
 
-@pytest.mark.parametrize(
-    "build",
-    [
-        lambda r, **kw: jnnx.BatchNorm(3, rngs=r, **kw),
-        lambda r, **kw: jnnx.LayerNorm(3, rngs=r, **kw),
-        lambda r, **kw: jnnx.GroupNorm(3, num_groups=1, rngs=r, **kw),
-        lambda r, **kw: jnnx.InstanceNorm(3, rngs=r, **kw),
-    ],
-)
+@pytest.mark.parametrize("build", _AFFINE_NORMS)
 @pytest.mark.parametrize("name", ["scale_init", "bias_init"])
 def test_an_initializer_of_the_wrong_shape_is_named_at_construction(build, name):
     # was accepted, the (2,) parameter then refused at the first call as "scale: expected shape
