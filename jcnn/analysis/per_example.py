@@ -173,11 +173,10 @@ def _check_finite(value, name: str, *, allow_zero: bool = False) -> None:
     denominator of the DP functions."""
     if isinstance(value, jax.core.Tracer):
         return  # a traced value (an argument of a jitted function) is checked by its caller
-    # a real scalar: not a bool, a complex number or a 0-d array of bools or strings
-    if (
-        not _is_real_scalar(value)
-        or not (0 <= value if allow_zero else 0 < value)
-        or not value < math.inf
+    # a real scalar: not a bool, a complex number or a 0-d array of bools or strings; compared
+    # as a Python float, as a concrete array closed over by a jitted function would be traced
+    if not _is_real_scalar(value) or not (
+        (0 <= float(value) if allow_zero else 0 < float(value)) and float(value) < math.inf
     ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")

@@ -104,6 +104,25 @@ def test_private_grad_drives_any_optax_optimizer(problem):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_concrete_array_settings_closed_over_by_jit_are_taken(problem):
+    # jnp.float32(1.0) closed over by a jitted function was compared as an array, traced there:
+    # TracerBoolConversionError, though the same call ran eagerly
+    params, batch = problem
+    key = jax.random.key(0)
+    settings = dict(l2_norm_clip=jnp.float32(1.0), noise_multiplier=jnp.float32(0.5))
+    eager, _ = private_grad(_loss, params, batch, key, **settings, denominator=jnp.float32(6))
+    jitted, _ = jax.jit(
+        lambda p, b: private_grad(_loss, p, b, key, **settings, denominator=jnp.float32(6))
+    )(params, batch)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    negative = jnp.float32(-1.0)
+    with pytest.raises(ValueError, match="l2_norm_clip: expected a finite number > 0"):
+        jax.jit(
+            lambda p, b: private_grad(_loss, p, b, key, l2_norm_clip=negative, noise_multiplier=1)
+        )(params, batch)
+
+
 def test_private_grad_bad_input(problem):
     params, batch = problem
     key = jax.random.key(0)
