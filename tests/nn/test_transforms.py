@@ -3,8 +3,9 @@
 For each name in ``nn.__all__`` a small module and input: ``apply`` under ``jit`` and ``vmap`` (over
 examples, the variables shared) equals the eager result, and the gradient with respect to the
 parameters and the input under ``jit(grad)`` and ``jit(vmap(grad))`` (per-example gradients, as
-in DP-SGD) equals the eager one (``vjp``, the forward pass shared with the outputs); outputs and
-gradient compile as one program per transformation. Modules with running statistics run in training
+in DP-SGD) equals the eager one (``vjp``, the forward pass shared with the outputs), each example
+of the ``vmap`` against its own eager run; outputs and gradients, one example and the batch, compile
+as one program. Modules with running statistics run in training
 mode with ``mutable=["batch_stats"]`` (the updates are outputs too), dropout with a fixed key.
 A new public module without a case here fails ``test_every_public_module_has_a_case``.
 """
@@ -89,10 +90,6 @@ def _assert_trees_close(got, want, rtol=1e-4):
         np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=rtol * scale)
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
 def test_every_public_module_has_a_case():
     assert set(CASES) == set(nn.__all__)
 
@@ -100,9 +97,11 @@ def test_every_public_module_has_a_case():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_transformations_equal_eager(name, rng):
     module, shape, kwargs, mutable = CASES[name]
-    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    xs = jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32))
     init_kwargs = {k: v for k, v in kwargs.items() if k != "rngs"}
-    variables = module.init(jax.random.key(0), x, **init_kwargs)
+    # Initializing is not under test here (the module tests run it eagerly): compiled as one
+    # program, not op by op.
+    variables = jax.jit(lambda key, x: module.init(key, x, **init_kwargs))(jax.random.key(0), xs[0])
     params = variables.get("params", {})
     others = {k: v for k, v in variables.items() if k != "params"}
 
@@ -123,24 +122,28 @@ def test_transformations_equal_eager(name, rng):
 
     grad = jax.grad(lambda params, x: scalar(forward(params, x)), argnums=(0, 1))
 
-    # One jitted function returns the outputs and the gradient: compiling, not running, is this
-    # test's time, and one program per transformation halves it.
     def value_and_grad(params, x):
         return forward(params, x), grad(params, x)
 
-    jit_both = jax.jit(value_and_grad)
-    value, gradient = jit_both(params, x)
-    # Eagerly, one forward pass gives the outputs and, pulled back, the gradient (what grad does).
-    eager_value, pullback = jax.vjp(forward, params, x)
-    eager = pullback(jax.grad(scalar)(eager_value))
-    _assert_trees_close(value, eager_value)
-    assert any(np.asarray(g).any() for g in jax.tree.leaves(eager))
-    _assert_trees_close(gradient, eager)
+    # One jitted program returns the outputs and the gradient for one example (jit, jit(grad))
+    # and for all of them under vmap (examples mapped, variables shared; the gradients are
+    # per-example gradients, as in DP-SGD): compiling, not running, is this test's time.
+    def transformed(params, xs):
+        return value_and_grad(params, xs[0]), jax.vmap(value_and_grad, in_axes=(None, 0))(
+            params, xs
+        )
 
-    # vmap over examples (variables shared) equals a loop, through the jitted function above; the
-    # gradients are per-example gradients, as in DP-SGD.
-    xs = jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32))
-    values, gradients = jax.jit(jax.vmap(value_and_grad, in_axes=(None, 0)))(params, xs)
-    looped = [jit_both(params, xs[i]) for i in range(BATCH)]
-    _assert_trees_close(values, _stack([v for v, _ in looped]))
-    _assert_trees_close(gradients, _stack([g for _, g in looped]))
+    (value, gradient), (values, gradients) = jax.jit(transformed)(params, xs)
+    # The cotangent of the scalar is the test's own scaffolding, not under test: compiled once.
+    cotangent = jax.jit(jax.grad(scalar))
+    for i in range(BATCH):
+        # Eagerly, one forward pass gives the outputs and, pulled back, the gradient (what grad
+        # does). The operations compiled for the first example serve the others.
+        eager_value, pullback = jax.vjp(forward, params, xs[i])
+        eager = pullback(cotangent(eager_value))
+        assert any(np.asarray(g).any() for g in jax.tree.leaves(eager))
+        if i == 0:
+            _assert_trees_close(value, eager_value)
+            _assert_trees_close(gradient, eager)
+        _assert_trees_close(jax.tree.map(lambda leaf, i=i: leaf[i], values), eager_value)
+        _assert_trees_close(jax.tree.map(lambda leaf, i=i: leaf[i], gradients), eager)
