@@ -182,10 +182,11 @@ def test_frozen_statistics_mean_of_per_example_gradients_is_batch_gradient(probl
     params, stats, batch = problem
     loss = _loss(_net(), stats, False)
     grads = jax.jit(lambda p, b: per_example_grads(loss, p, b))(params, batch)
-    _assert_trees_close(jax.tree.map(lambda g: g.mean(0), grads), jax.grad(loss)(params, batch))
+    batch_grad = jax.jit(jax.grad(loss))  # compiled: eagerly, one small program per op
+    _assert_trees_close(jax.tree.map(lambda g: g.mean(0), grads), batch_grad(params, batch))
     # each example's gradient is the gradient of the model on that example alone
     i = 4
-    alone = jax.grad(loss)(params, jax.tree.map(lambda leaf: leaf[i : i + 1], batch))
+    alone = batch_grad(params, jax.tree.map(lambda leaf: leaf[i : i + 1], batch))
     _assert_trees_close(jax.tree.map(lambda g: g[i], grads), alone)
 
 
@@ -232,9 +233,11 @@ def test_shared_statistics_through_axis_name(problem):
     expected = jax.jit(jax.grad(total_loss))([params] * 6)
     _assert_trees_close(grads, jax.tree.map(lambda *g: jnp.stack(g), *expected))
     # The mean of the per-example gradients is the batch gradient (a mean loss).
-    batch_gradient = jax.grad(_loss(_net(), stats, True))(params, batch)
+    batch_gradient = jax.jit(jax.grad(_loss(_net(), stats, True)))(params, batch)
     _assert_trees_close(jax.tree.map(lambda g: g.mean(0), grads), batch_gradient)
-    norms = per_example_grad_norms(shared, params, batch, axis_name="examples")
+    norms = jax.jit(lambda p, b: per_example_grad_norms(shared, p, b, axis_name="examples"))(
+        params, batch
+    )
     expected = np.sqrt(sum((g.reshape(6, -1) ** 2).sum(1) for g in jax.tree.leaves(grads)))
     np.testing.assert_allclose(norms, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -278,7 +281,15 @@ def test_replace_batch_norm_refuses_flax_batch_norm_with_features_on_another_axi
 
 # (constructor, image size, whether to compare values: the large ones are checked on shapes only)
 _ZOO_WITH_BATCH_NORM = {
-    "resnet20": (lambda: models.resnet20(num_classes=10), (8, 8), True),
+    # resnet20's network (CIFAR stem, option-A shortcuts, three stages) with one block a stage:
+    # the same layers as resnet20's two more blocks a stage, a third of the program to compile.
+    "cifar_resnet": (
+        lambda: models.ResNet(
+            (1, 1, 1), num_classes=10, stem="cifar", widths=(16, 32, 64), shortcut="pad"
+        ),
+        (8, 8),
+        True,
+    ),
     "airbench": (lambda: models.AirbenchNet(widths=(8, 16, 16)), (32, 32), True),
     "resnet18": (lambda: models.resnet18(num_classes=5), (32, 32), False),
     "vgg11_bn": (
@@ -304,7 +315,10 @@ def test_replace_batch_norm_on_zoo_models(name, rng):
             return jax.jit(init)(jax.random.key(0), images[:1])
         return jax.eval_shape(init, jax.random.key(0), images[:1])
 
-    original = initialize(model, train=False)
+    # Only its shapes are used (the error and the replaced model's shapes): not compiled.
+    original = jax.eval_shape(
+        functools.partial(model.init, train=False), jax.random.key(0), images[:1]
+    )
     assert "batch_stats" in original
 
     def loss(model, stats):
