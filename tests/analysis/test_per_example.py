@@ -39,11 +39,14 @@ def problem(rng):
     return params, (images, labels)
 
 
+# One jitted gradient for the module: compiled once for all the tests (per shape and dtype).
+_GRAD = jax.jit(jax.grad(_loss))
+
+
 def _loop(params, batch):
     """Reference: one jax.grad per example, stacked."""
     images, labels = batch
-    grad = jax.jit(jax.grad(_loss))
-    grads = [grad(params, (images[i : i + 1], labels[i : i + 1])) for i in range(len(labels))]
+    grads = [_GRAD(params, (images[i : i + 1], labels[i : i + 1])) for i in range(len(labels))]
     return jax.tree.map(lambda *g: np.stack(g), *grads)
 
 
@@ -60,7 +63,7 @@ def test_per_example_grads_match_loop_and_chunks(problem):
     # 5 examples in chunks of 2: the last chunk is partial.
     _assert_trees_close(chunked, expected)
     # A mean loss: the batch gradient is the mean of the per-example ones.
-    full = jax.grad(_loss)(params, batch)
+    full = _GRAD(params, batch)
     _assert_trees_close(jax.tree.map(lambda g: g.mean(0), got), full)
 
 
@@ -70,7 +73,9 @@ def test_per_example_grad_norms_match_loop(problem):
     expected = np.sqrt(
         sum((leaf.reshape(leaf.shape[0], -1) ** 2).sum(1) for leaf in jax.tree.leaves(grads))
     )
-    np.testing.assert_allclose(per_example_grad_norms(_loss, params, batch), expected, rtol=1e-5)
+    # jitted: eagerly, one small program per operation
+    norms = jax.jit(lambda p, b: per_example_grad_norms(_loss, p, b))(params, batch)
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
     assert len(set(np.round(expected, 4))) == len(expected)  # distinct examples, distinct norms
 
 
@@ -115,9 +120,9 @@ def test_float64_norms_and_clipping_keep_float64_precision(rng):
     with jax.enable_x64(True):
         images = jnp.asarray(rng.normal(size=(3, 6, 6, 2)))
         labels = jnp.asarray(rng.integers(0, 4, size=3), jnp.int32)
-        params = jax.tree.map(
+        params = jax.tree.map(  # only the initializer's shapes: not run
             lambda leaf: jnp.asarray(rng.normal(size=leaf.shape)),
-            _MODEL.init(jax.random.key(0), images)["params"],
+            jax.eval_shape(_MODEL.init, jax.random.key(0), images)["params"],
         )
         grads = _loop(params, (images, labels))
         norms = np.sqrt(sum((g.reshape(3, -1) ** 2).sum(1) for g in jax.tree.leaves(grads)))
@@ -341,9 +346,9 @@ def test_per_example_grads_match_torch_func(torch, rng):
     odd batch with random weights (not the initializer's) so that no gradient is trivially 0."""
     images = jnp.asarray(rng.normal(size=(7, 6, 6, 2)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 4, size=7), jnp.int32)
-    params = jax.tree.map(
+    params = jax.tree.map(  # only the initializer's shapes: not run
         lambda leaf: jnp.asarray(rng.normal(size=leaf.shape), jnp.float32),
-        _MODEL.init(jax.random.key(0), images)["params"],
+        jax.eval_shape(_MODEL.init, jax.random.key(0), images)["params"],
     )
     got = jax.jit(lambda p, b: per_example_grads(_loss, p, b))(params, (images, labels))
 
