@@ -30,8 +30,13 @@ def problem(rng):
     return params, (images, labels)
 
 
+# jitted once for the module: eagerly, one small program per operation (per_example_grads runs
+# unjitted in tests/analysis/test_per_example.py and test_batch_norm.py)
+_PER_EXAMPLE = jax.jit(lambda params, batch: per_example_grads(_loss, params, batch))
+
+
 def _clipped_sum(params, batch, clip, weights):
-    clipped = clip_per_example(per_example_grads(_loss, params, batch), clip)
+    clipped = clip_per_example(_PER_EXAMPLE(params, batch), clip)
     return jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), clipped)
 
 
@@ -39,10 +44,7 @@ def _clipped_sum(params, batch, clip, weights):
 def test_private_grad_is_clipped_sum_plus_seeded_noise_over_denominator(problem, method):
     params, batch = problem
     norms = np.sqrt(
-        sum(
-            (g.reshape(6, -1) ** 2).sum(1)
-            for g in jax.tree.leaves(per_example_grads(_loss, params, batch))
-        )
+        sum((g.reshape(6, -1) ** 2).sum(1) for g in jax.tree.leaves(_PER_EXAMPLE(params, batch)))
     )
     clip = float(np.median(norms))
     weights = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
