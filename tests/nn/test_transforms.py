@@ -99,9 +99,7 @@ def test_transformations_equal_eager(name, rng):
     module, shape, kwargs, mutable = CASES[name]
     xs = jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32))
     init_kwargs = {k: v for k, v in kwargs.items() if k != "rngs"}
-    # Initializing is not under test here (the module tests run it eagerly): compiled as one
-    # program, not op by op.
-    variables = jax.jit(lambda key, x: module.init(key, x, **init_kwargs))(jax.random.key(0), xs[0])
+    variables = module.init(jax.random.key(0), xs[0], **init_kwargs)
     params = variables.get("params", {})
     others = {k: v for k, v in variables.items() if k != "params"}
 
