@@ -526,9 +526,8 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     leave the new name on an empty file either."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.flush()
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    with open(tmp, "rb") as handle:  # fsync takes any descriptor of the file
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
