@@ -52,6 +52,16 @@ def _config(out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+def _resume(run):
+    return fit(
+        Net(),
+        _loader(),
+        None,
+        _config(run, resume=True),
+        settings={"dataset": "toy", "data_dir": "/a"},
+    )
+
+
 def _snapshot(folder):
     """Every file under ``folder`` with its bytes and modification time."""
     return {
@@ -256,13 +266,7 @@ def test_a_run_file_replaced_by_a_folder_stops_a_resume_before_anything_is_writt
     with pytest.raises(
         RunFolderError, match=rf"cannot resume .*: expected files, got a folder .* at {name};"
     ):
-        fit(
-            Net(),
-            _loader(),
-            None,
-            _config(run, resume=True),
-            settings={"dataset": "toy", "data_dir": "/a"},
-        )
+        _resume(run)
     assert _snapshot(run) == before and path.is_dir()
 
 
@@ -499,13 +503,7 @@ def test_a_damaged_checkpoint_stops_a_resume_before_training(run, damage):
         says = "has no manifest.json"
     before = _snapshot(run)
     with pytest.raises(CheckpointError, match=says):
-        fit(
-            Net(),
-            _loader(),
-            None,
-            _config(run, resume=True),
-            settings={"dataset": "toy", "data_dir": "/a"},
-        )
+        _resume(run)
     assert _snapshot(run) == before
 
 
