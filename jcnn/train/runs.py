@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,7 @@ class Run:
         metadata: what the run recorded (e.g. ``{"dataset": "mnist"}`` for ``jcnn-train``).
         step: the checkpoint's step.
         which: ``"latest"``, ``"best"`` or the step asked for.
+        input_shape: the shape of one training image ``(H, W, C)`` as the run recorded it.
     """
 
     folder: Path
@@ -246,12 +248,18 @@ class Run:
     metadata: dict
     step: int
     which: str | int
+    input_shape: tuple[int, ...] | None = None
 
     def predict(
         self, images: np.ndarray | jax.Array, *, batch_size: int = 1000, standardized: bool = False
     ) -> np.ndarray:
         """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
         _check_images(images)
+        if self.input_shape is not None and len(images.shape) != len(self.input_shape) + 1:
+            raise ValueError(
+                f"images: expected a batch (N, {', '.join(map(str, self.input_shape))}) like the "
+                f"run's training images, got shape {tuple(images.shape)}"
+            )
         if hasattr(batch_size, "dtype") and getattr(batch_size, "shape", None) == ():
             batch_size = check_int(batch_size, "batch_size")  # a 0-d integer array: its int
         batch_size = check_positive_int(batch_size, "batch_size")
@@ -262,7 +270,15 @@ class Run:
             x = jnp.asarray(images[start : start + batch_size])
             if self.standardize is not None and not standardized:
                 x = self.standardize(x)
-            outputs.append(np.asarray(apply(self.variables, x), np.float32))
+            try:
+                logits = apply(self.variables, x)
+            except flax.errors.ScopeParamShapeError as error:  # images the weights cannot take
+                trained = "" if self.input_shape is None else f" on {tuple(self.input_shape)}"
+                raise ValueError(
+                    f"images: expected images the model trained{trained} can take, got shape "
+                    f"{tuple(images.shape)} ({str(error).split(' (https')[0]})"
+                ) from None
+            outputs.append(np.asarray(logits, np.float32))
         return np.concatenate(outputs)
 
     def evaluate(
@@ -528,4 +544,5 @@ def load_run(
         metadata=metadata,
         step=int(path.name.split("_")[-1]),
         which=which,
+        input_shape=tuple(int(d) for d in input_spec["shape"]),
     )

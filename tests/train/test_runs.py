@@ -484,3 +484,16 @@ def test_predict_refuses_images_that_are_not_numbers_and_which_may_be_a_numpy_st
         with pytest.raises(TypeError, match="images: expected an integer or floating array"):
             run.predict(bad)
     assert load_run(out, np.str_("latest")).step == run.step
+
+
+def test_predict_names_images_the_model_cannot_take(trained):
+    # a batch of the wrong rank, or channels the weights do not fit (standardization skipped or
+    # absent), came out of Flax as a raw ScopeParamShapeError, not a ValueError, and jcnn-eval
+    # crashed on it with a traceback
+    out, _, (images, _) = trained
+    run = load_run(out)
+    assert run.input_shape == (8, 8, 2)
+    with pytest.raises(ValueError, match=r"images: expected a batch \(N, 8, 8, 2\).*\(8, 8, 2\)"):
+        run.predict(images[0])
+    with pytest.raises(ValueError, match=r"images: .*trained on \(8, 8, 2\).*\(3, 8, 8, 3\)"):
+        run.predict(np.zeros((3, 8, 8, 3), np.float32), standardized=True)
