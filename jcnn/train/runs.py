@@ -32,7 +32,7 @@ import numpy as np
 from jcnn.functional._checks import check_bool, check_int, check_positive_int
 from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
-from jcnn.train.steps import batch_loss
+from jcnn.train.steps import batch_loss, check_loss_fn
 
 __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
 
@@ -303,6 +303,7 @@ class Run:
         from jcnn import functional as F
 
         _check_images(images)
+        loss = check_loss_fn(loss, "loss")  # before the predictions it would waste
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(

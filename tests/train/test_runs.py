@@ -497,3 +497,13 @@ def test_predict_names_images_the_model_cannot_take(trained):
         run.predict(images[0])
     with pytest.raises(ValueError, match=r"images: .*trained on \(8, 8, 2\).*\(3, 8, 8, 3\)"):
         run.predict(np.zeros((3, 8, 8, 3), np.float32), standardized=True)
+
+
+def test_evaluate_checks_its_loss_first_by_name(trained):
+    # a loss that is not a function was reported as "loss_fn", after the predictions were made
+    out, _, (images, labels) = trained
+    run = load_run(out)
+    with pytest.raises(TypeError, match="^loss: expected a callable"):
+        run.evaluate(images, labels, loss=3)
+    with pytest.raises(TypeError, match="^loss: "):
+        run.evaluate(images, labels, loss=lambda logits: logits)
