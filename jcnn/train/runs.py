@@ -511,6 +511,7 @@ def load_run(
             raise ValueError(f"{RUN_FILE}'s 'input' {input_spec}: {error!r}") from error
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _not_a_run(folder, f"unreadable config.json or {RUN_FILE}: {error}") from error
+    given_model = model is not None
     if model is None:
         if not entry.get("rebuildable"):
             raise RunFolderError(
@@ -530,9 +531,21 @@ def load_run(
         raise _not_a_run(folder, f"config.json's monitor_mode is {mode!r}, expected 'max' or 'min'")
     path = _verify(*_pick_step(folder, which, mode))
     key = jax.random.PRNGKey(0)
-    template = jax.eval_shape(
-        lambda: model.init({"params": key, "dropout": key}, sample, train=False)
-    )
+    try:
+        template = jax.eval_shape(
+            lambda: model.init({"params": key, "dropout": key}, sample, train=False)
+        )
+    except Exception as error:  # e.g. no train argument, or fields that no longer build it
+        problem = (
+            f"cannot be initialized on the run's input {sample.shape} {sample.dtype} with "
+            f"train=False ({type(error).__name__}: {str(error)[:300]})"
+        )
+        if given_model:
+            raise TypeError(f"model: {type(model).__name__} {problem}") from error
+        raise RunFolderError(
+            f"{folder}: the run's model {entry.get('class')}, rebuilt from {RUN_FILE}, {problem}; "
+            "pass it: load_run(folder, model=...)"
+        ) from error
     variables = _restore_variables(path, dict(template))
     stats_path = folder / STANDARDIZE_FILE
     stats = load_standardize(stats_path) if stats_path.exists() else None

@@ -507,3 +507,24 @@ def test_evaluate_checks_its_loss_first_by_name(trained):
         run.evaluate(images, labels, loss=3)
     with pytest.raises(TypeError, match="^loss: "):
         run.evaluate(images, labels, loss=lambda logits: logits)
+
+
+class _NoTrainArgument(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_a_model_that_cannot_be_initialized_on_the_runs_input_is_named(tmp_path, trained):
+    # model.init raised out of load_run as it came (a TypeError from __call__, Flax's errors
+    # from a run.json whose fields no longer build the model), not naming the model or the input
+    out, _, _ = trained
+    with pytest.raises(TypeError, match=r"model: _NoTrainArgument cannot be initialized .*train"):
+        load_run(out, model=_NoTrainArgument())
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    record = json.loads((copy / "run.json").read_text())
+    record["model"]["fields"]["features"] = "five"
+    (copy / "run.json").write_text(json.dumps(record))
+    with pytest.raises(RunFolderError, match=r"SmallNet, rebuilt from run.json, cannot be init"):
+        load_run(copy)
