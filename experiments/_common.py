@@ -38,9 +38,19 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return argument_parser(description).parse_args(argv)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Keeps the arguments it parsed as ``argv`` in the namespace, for the page's command line:
+    ``main(argv)`` called from Python is not what ``sys.argv`` holds."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        known, extras = super().parse_known_args(args, namespace)
+        known.argv = list(sys.argv[1:] if args is None else args)
+        return known, extras
+
+
 def argument_parser(description: str) -> argparse.ArgumentParser:
     """A parser of the arguments every experiment takes, for a script to add its own."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = _Parser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="smoke-sized run (seconds); the page says so"
     )
@@ -234,7 +244,8 @@ class Page:
                 plt.close(fig)
         wall = time.perf_counter() - self.started
         script = f"experiments/{self.name}.py"
-        command = " ".join(["python", script, *map(shlex.quote, sys.argv[1:])])
+        argv = getattr(self.args, "argv", sys.argv[1:])
+        command = " ".join(["python", script, *map(shlex.quote, argv)])
         full = f"python {script} --data-dir /path/to/data"
         head = [f"# {self.title}\n"]
         if self.args.quick:

@@ -81,3 +81,14 @@ def test_a_page_that_fails_to_write_leaves_the_earlier_one_whole(common, tmp_pat
     with pytest.raises(OSError, match="disk full"):
         second.write()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_page_records_the_arguments_main_was_called_with(common, tmp_path, monkeypatch):
+    # The command line was sys.argv, so `main(["--seed", "7", ...])` called from Python (a
+    # notebook, the smoke test) wrote a page whose command neither named its seed nor --quick
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])
+    args = common.parse_args("test", ["--quick", "--seed", "7", "--out", str(tmp_path / "a b")])
+    common.Page("probe", "Probe", args).write()
+    page = (tmp_path / "a b" / "probe.md").read_text()
+    expected = f"Command: `python experiments/probe.py --quick --seed 7 --out '{tmp_path}/a b'`"
+    assert expected in page, page
