@@ -96,6 +96,8 @@ def _out_folder(text: str) -> Path:
 
 def _data_folder(text: str) -> str:
     """``--data-dir``: an existing folder."""
+    if not text:  # Path("") is the current folder
+        raise argparse.ArgumentTypeError("expected a datasets folder, got ''")
     path = Path(text).expanduser()
     if not path.is_dir():
         got = "a file" if path.exists() else "no such folder"

@@ -90,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=_common.seed, default=0, help="an int in [0, 2**32)")
     args = parser.parse_args(argv)
     data_dir = args.data_dir
+    if data_dir == "":  # Path("") is the current folder
+        parser.error("argument --data-dir: expected a datasets folder, got ''")
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         parser.error(f"argument --data-dir: no such folder: {data_dir}")
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -35,6 +35,16 @@ def test_bad_arguments_are_one_line_naming_the_flag(script, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_data_dir_is_refused(script, tmp_path, capsys):
+    # --data-dir '' passed the folder check as the current folder (Path("") is ".")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--data-dir", "", "--out", str(tmp_path / "grid.png")])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("argument --data-dir: expected a datasets folder, got ''"), last
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_figure_that_fails_to_write_leaves_the_earlier_one_whole(script, tmp_path, monkeypatch):
     # The figure was saved in place: a write that stopped half way (a full disk) left a
     # truncated PNG where the earlier figure was

@@ -92,3 +92,13 @@ def test_the_page_records_the_arguments_main_was_called_with(common, tmp_path, m
     page = (tmp_path / "a b" / "probe.md").read_text()
     expected = f"Command: `python experiments/probe.py --quick --seed 7 --out '{tmp_path}/a b'`"
     assert expected in page, page
+
+
+def test_an_empty_data_dir_is_refused(common, capsys):
+    # --data-dir '' passed the folder check as the current folder (Path("") is "."), and the
+    # run then looked for the datasets wherever it was started
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args("test", ["--data-dir", ""])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("argument --data-dir: expected a datasets folder, got ''"), last
