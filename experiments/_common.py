@@ -94,6 +94,22 @@ def _out_folder(text: str) -> Path:
     return path
 
 
+def figure_path(text: str) -> Path:
+    """``--out`` of a script that draws one figure: a file path whose folder exists or can be
+    made (checked before any work: the figure is written at the end)."""
+    path = Path(text).expanduser()
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file path for the figure, got {text!r}")
+    for existing in path.parents:
+        if existing.exists():
+            if not existing.is_dir():
+                raise argparse.ArgumentTypeError(
+                    f"expected a file path for the figure, got {text!r} ({existing} is a file)"
+                )
+            break
+    return path
+
+
 def _data_folder(text: str) -> str:
     """``--data-dir``: an existing folder."""
     if not text:  # Path("") is the current folder

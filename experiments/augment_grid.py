@@ -70,13 +70,6 @@ def _image_count(text: str) -> int:
     return count
 
 
-def _png_path(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not text or path.is_dir():
-        raise argparse.ArgumentTypeError(f"expected a file path for the figure, got {text!r}")
-    return path
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -85,7 +78,7 @@ def main(argv=None):
         help="folder holding cifar10/ (default: ../shared/data where it exists, else "
         "JCNN_DATA_DIR, then the per-user cache)",
     )
-    parser.add_argument("--out", type=_png_path, default="docs/figures/augmentations.png")
+    parser.add_argument("--out", type=_common.figure_path, default="docs/figures/augmentations.png")
     parser.add_argument("--images", type=_image_count, default=6)
     parser.add_argument("--seed", type=_common.seed, default=0, help="an int in [0, 2**32)")
     args = parser.parse_args(argv)

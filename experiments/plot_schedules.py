@@ -7,6 +7,7 @@ import argparse
 import io
 from pathlib import Path
 
+import _common
 import matplotlib
 
 matplotlib.use("Agg")
@@ -23,7 +24,9 @@ FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "schedules.p
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=FIGURE, help=f"the PNG (default: {FIGURE})")
+    parser.add_argument(
+        "--out", type=_common.figure_path, default=FIGURE, help=f"the PNG (default: {FIGURE})"
+    )
     out = parser.parse_args(argv).out
     curves = {
         "constant": S.constant(ALPHA0),

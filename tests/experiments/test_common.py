@@ -102,3 +102,14 @@ def test_an_empty_data_dir_is_refused(common, capsys):
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.endswith("argument --data-dir: expected a datasets folder, got ''"), last
+
+
+def test_figure_path_refuses_a_folder_and_a_path_under_a_file(common, tmp_path):
+    import argparse
+
+    a_file = tmp_path / "file"
+    a_file.write_text("kept")
+    for text in (str(tmp_path), "", str(a_file / "sub" / "f.png")):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a file path for the fig"):
+            common.figure_path(text)
+    assert common.figure_path(str(tmp_path / "new" / "f.png")) == tmp_path / "new" / "f.png"
