@@ -1,7 +1,7 @@
 """Test-time augmentation: predictions averaged over transformed views of each image.
 
-``flip_translate_views`` gives the views airbench94 evaluates with (the image and its mirror,
-each also shifted by a pixel with reflect padding); ``tta_logits`` averages a prediction
+``flip_translate_views`` gives the views airbench94 evaluates with (the image shifted by a pixel
+with reflect padding or not, and the mirror of each); ``tta_logits`` averages a prediction
 function's outputs over any list of views; ``with_tta`` makes a model's ``apply`` do so in
 evaluation, so that ``jcnn.train.evaluate`` (and its loss and metrics) report the TTA accuracy:
 ``evaluate(state.replace(apply_fn=with_tta(state.apply_fn, views)), test_loader)``.
@@ -77,7 +77,11 @@ def flip_translate_views(
     flip: bool = True,
     pad_mode: str = "reflect",
 ) -> list[View]:
-    """Views ``{identity, horizontal mirror} x shifts`` (6 with the defaults, as airbench94)."""
+    """Views ``{identity, horizontal mirror} x shifts`` (6 with the defaults, as airbench94).
+
+    A mirrored view is the mirror of the shifted image, as airbench94 mirrors its translated
+    batches: ``flip(translate(x, dy, dx))``, which is ``translate(flip(x), dy, -dx)``.
+    """
     if isinstance(shifts, (str, bytes)) or not hasattr(shifts, "__iter__"):
         raise TypeError(f"shifts: expected a sequence of (shift_y, shift_x) pairs, got {shifts!r}")
     shifts = tuple(shifts)
@@ -95,11 +99,9 @@ def flip_translate_views(
         for shift_y, shift_x in shifts:
 
             def view(images, mirror=mirror, shift_y=shift_y, shift_x=shift_x):
-                if mirror:
-                    images = images[:, :, ::-1, :]
                 if shift_y or shift_x:
                     images = translate_batch(images, shift_y, shift_x, pad_mode=pad_mode)
-                return images
+                return images[:, :, ::-1, :] if mirror else images
 
             views.append(view)
     return views

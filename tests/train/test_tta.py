@@ -49,9 +49,9 @@ def test_flip_translate_views_and_their_mean(rng):
 
     want = np.zeros((3, 4), np.float32)
     for mirror in (False, True):
-        base = images[:, :, ::-1] if mirror else images
         for dy, dx in [(0, 0), (-1, -1), (1, 1)]:
-            want += np.asarray(predict(translate_batch(base, dy, dx))) / 6
+            shifted = translate_batch(images, dy, dx)
+            want += np.asarray(predict(shifted[:, :, ::-1] if mirror else shifted)) / 6
     np.testing.assert_allclose(tta_logits(predict, images, views), want, rtol=1e-5, atol=1e-5)
     assert len(flip_translate_views(flip=False)) == 3
     # airbench94's weighting: half on the (mirrored) image, half on its two translations
@@ -60,6 +60,26 @@ def test_flip_translate_views_and_their_mean(rng):
     for index, view in enumerate(views):
         want += airbench[index] / 8 * np.asarray(predict(view(images)))
     got = tta_logits(predict, images, views, weights=airbench)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_airbench94_views_and_weights_are_airbenchs_infer_mirror_translate(rng):
+    # airbench94's tta_level=2, written out in NumPy: the mirror of each translated batch. The
+    # mirrored views were the shifted mirrors (translate(flip(x), dy, dx), i.e. the anti-diagonal
+    # shifts of airbench's), which a predictor that is not mirror-symmetric tells apart.
+    images = rng.standard_normal((3, 8, 8, 2)).astype(np.float32)
+    weights = rng.standard_normal((8 * 8 * 2, 4)).astype(np.float32)
+
+    def predict(x):
+        return np.asarray(x).reshape(len(x), -1) @ weights
+
+    def infer_mirror(x):
+        return 0.5 * predict(x) + 0.5 * predict(x[:, :, ::-1])
+
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    translated = [infer_mirror(padded[:, 0:8, 0:8]), infer_mirror(padded[:, 2:10, 2:10])]
+    want = 0.5 * infer_mirror(images) + 0.5 * np.mean(translated, axis=0)
+    got = tta_logits(predict, jnp.asarray(images), flip_translate_views(), (2, 1, 1, 2, 1, 1))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
