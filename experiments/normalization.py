@@ -32,50 +32,67 @@ def stable(history):
         history[-1]["train_accuracy"] > 0.15)
 
 
-def batch_size_findings(errors, batch_sizes, n_train, epochs):
+def batch_size_findings(errors, batch_sizes, n_train, epochs, n_test):
     """What the BN/GN-by-batch-size table shows beside Wu & He, and where it differs (Markdown).
 
-    ``errors[norm][batch]`` is a test error in %; only the BN and GN columns are compared.
+    ``errors[norm][batch]`` is a test error in %; only the BN and GN columns are compared, each
+    difference against the noise of ``n_test`` test images (``_common.noise_level``).
     """
     bn, gn = errors["BN"], errors["GN (G=8)"]
     paper_bn, paper_gn = PUBLISHED["BN"], PUBLISHED["GN"]
     small, large = min(batch_sizes), max(b for b in batch_sizes if b <= 32)
+
+    def noise(*compared):
+        """Two standard errors, in points, of a difference of two errors near these."""
+        return 100 * _common.noise_level(1 - sum(compared) / len(compared) / 100, n_test)
+
     bn_growth, gn_growth = bn[small] - bn[large], gn[small] - gn[large]
+    # a difference of two differences: twice the variance of one
+    trend_noise = math.sqrt(2) * noise(bn[small], bn[large], gn[small], gn[large])
     lines = [
         f"From batch {large} to batch {small}, BN's error changes by {bn_growth:+.1f} points and "
         f"GN's by {gn_growth:+.1f} (Wu & He, batch 32 to 2: BN {paper_bn[2] - paper_bn[32]:+.1f}, "
         f"GN {paper_gn[2] - paper_gn[32]:+.1f}). "
         + ("The direction of the paper's trend shows: BN degrades at the smallest batch, GN "
-           "does not." if bn_growth > gn_growth + 2 else
-           "**The paper's trend does not show here.**")
+           f"does not (beyond the noise of ±{trend_noise:.1f} points on {n_test} test images)."
+           if bn_growth - gn_growth > trend_noise else
+           f"**The paper's trend does not show here**: BN's change exceeds GN's by "
+           f"{bn_growth - gn_growth:+.1f} points, not beyond the noise of ±{trend_noise:.1f} "
+           f"points on {n_test} test images.")
     ]
-    degraded = [b for b in batch_sizes if b < large and bn[b] - bn[large] > 2]
-    if degraded and len(degraded) < len([b for b in batch_sizes if b < large]):
+    smaller = [b for b in batch_sizes if b < large]
+    degraded = [b for b in smaller if bn[b] - bn[large] > noise(bn[b], bn[large])]
+    if degraded and len(degraded) < len(smaller):
         lines.append(
-            f"BN's error is more than 2 points above its batch-{large} value only at batch "
-            f"{', '.join(map(str, degraded))}; in the paper it is already "
+            f"BN's error is above its batch-{large} value beyond the noise of {n_test} test "
+            f"images only at batch {', '.join(map(str, degraded))}; in the paper it is already "
             f"{paper_bn[4] - paper_bn[32]:.1f} points higher at batch 4 and "
             f"{paper_bn[8] - paper_bn[32]:.1f} at batch 8.")
     gap = gn[large] - bn[large]
+    gap_noise = noise(bn[large], gn[large])
     lowest = min(e for column in errors.values() for e in column.values())
     lines.append(
         f"At batch {large} GN's error is {gap:+.1f} points from BN's (Wu & He at 32: "
         f"{paper_gn[32] - paper_bn[32]:+.1f}). "
-        + ("**Unlike the paper, GN is clearly worse than BN at the usual batch sizes here.** "
+        + ("**Unlike the paper, GN is clearly worse than BN at the usual batch sizes here** "
+           f"(beyond the noise of ±{gap_noise:.1f} points). "
            f"These networks are far from converged ({epochs} epochs on {n_train} images, the "
            f"lowest error in the table {lowest:.1f}%), while the paper compares ResNet-50s "
            "trained to convergence on "
            "ImageNet; that BN gets further in so short a training is the likely cause, not "
-           "something this run isolates." if gap > 2 else ""))
+           "something this run isolates." if gap > gap_noise else ""))
     above = [b for b in batch_sizes if b > large]
-    rising = [n for n in errors if above and all(errors[n][b] > errors[n][large] + 2
-                                                  for b in above)]
+    rising = [
+        n for n in errors
+        if above and all(errors[n][b] - errors[n][large] > noise(errors[n][b], errors[n][large])
+                         for b in above)
+    ]
     if rising:
         steps = n_train // max(above)
         lines.append(
-            f"Above batch {large} the error of {', '.join(rising)} rises: with the same number "
-            f"of epochs, batch {max(above)} takes only {steps} steps per epoch, too few "
-            "for these networks; the paper's table stops at 32 images per worker.")
+            f"Above batch {large} the error of {', '.join(rising)} rises beyond the noise: with "
+            f"the same number of epochs, batch {max(above)} takes only {steps} steps per epoch, "
+            "too few for these networks; the paper's table stops at 32 images per worker.")
     return "\n\n".join(lines)
 
 
@@ -143,7 +160,7 @@ def main(argv=None):
     headers = ["batch"] + list(norms) + ["Wu & He BN", "Wu & He GN"]
     page.table(headers, [[b, *(errors[n][b] for n in norms), PUBLISHED["BN"].get(b, ""),
                           PUBLISHED["GN"].get(b, "")] for b in batch_sizes])
-    page.text(batch_size_findings(errors, batch_sizes, n_train, epochs2))
+    page.text(batch_size_findings(errors, batch_sizes, n_train, epochs2, n_test))
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name in norms:
