@@ -273,6 +273,11 @@ def parse_args(study: Study, argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int")
     if not all(0 < eps < math.inf for eps in args.epsilons):
         parser.error(f"--epsilons: expected finite positive numbers, got {args.epsilons}")
+    repeated = sorted({eps for eps in args.epsilons if args.epsilons.count(eps) > 1})
+    if repeated:
+        parser.error(
+            f"--epsilons: expected distinct budgets, got {' '.join(map(str, repeated))} twice"
+        )
     if not 0 < args.clip < math.inf:
         parser.error(f"--clip: expected a finite number > 0, got {args.clip}")
     if not 0 <= args.lr < math.inf:

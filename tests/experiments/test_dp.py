@@ -185,6 +185,8 @@ def test_the_moving_average_is_what_is_evaluated(scripts, tmp_path):
         (["--lr", "nan"], "--lr: expected a finite number >= 0, got nan"),
         (["--lr", "-0.1"], "--lr: expected a finite number >= 0, got -0.1"),
         (["--momentum", "5"], "--momentum: expected a number in [0, 1), got 5.0"),
+        # trained twice for one budget and printed two rows of it
+        (["--epsilons", "3", "1", "3.0"], "--epsilons: expected distinct budgets, got 3.0 twice"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(scripts, argv, message, tmp_path, capsys):
