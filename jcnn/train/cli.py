@@ -759,6 +759,7 @@ def _main(argv) -> int:
     from jcnn.train import parallel, run_folder
     from jcnn.train.checkpoint import CheckpointError
     from jcnn.train.loop import NonFiniteLossError, evaluate, fit
+    from jcnn.train.splits import validation_size
     from jcnn.train.tta import with_tta
 
     if args.devices is not None and args.devices > jax.device_count():
@@ -784,6 +785,11 @@ def _main(argv) -> int:
                     f"{train_x.shape[0]} images"
                 )
             train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
+        if args.val_split is not None:  # before the batch size, which it may explain
+            try:
+                validation_size(args.val_split, train_x.shape[0], "--val-split")
+            except ValueError as error:
+                raise UsageError(str(error)) from None
         if args.recipe is None and args.batch_size > train_x.shape[0]:
             raise UsageError(
                 f"--batch-size {args.batch_size}: larger than the {train_x.shape[0]} training "

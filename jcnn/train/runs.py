@@ -264,11 +264,14 @@ class Run:
             batch_size = check_int(batch_size, "batch_size")  # a 0-d integer array: its int
         batch_size = check_positive_int(batch_size, "batch_size")
         standardized = check_bool(standardized, "standardized")
+        standardize = self.standardize is not None and not standardized
+        if standardize:  # its shape check, on the whole array rather than on its first batch
+            jax.eval_shape(self.standardize, jax.ShapeDtypeStruct(images.shape, images.dtype))
         apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
         outputs = []
         for start in range(0, images.shape[0], batch_size):
             x = jnp.asarray(images[start : start + batch_size])
-            if self.standardize is not None and not standardized:
+            if standardize:
                 x = self.standardize(x)
             try:
                 logits = apply(self.variables, x)

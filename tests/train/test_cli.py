@@ -782,6 +782,15 @@ def test_bad_val_split_is_refused_and_writes_nothing(tmp_path, capsys):
     assert "asks for 256 validation examples, but the training set has only 256" in err
     assert err.startswith("jcnn-train: error: --val-split: 256 asks"), err  # not val_split
     assert not out.exists()
+    code, err = _main([*SMALL_SPLIT, "--val-split", "0.9", "--out", str(out)], capsys)
+    assert code == 2 and not out.exists()
+    assert "--val-split: 0.9 leaves 26 training examples, fewer than the batch size 64" in err
+    # a split taking every image is named before the batch size (it was "--batch-size 128:
+    # larger than the 10 training images")
+    small = [*SMALL_SPLIT, "--limit-train", "10", "--batch-size", "128", "--val-split", "10"]
+    code, err = _main([*small, "--out", str(out)], capsys)
+    assert code == 2 and not out.exists()
+    assert err.startswith("jcnn-train: error: --val-split: 10 asks for 10 validation"), err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--val-split", "ten"])
     assert build_parser().parse_args(["--val-split", "0.1"]).val_split == 0.1

@@ -497,6 +497,9 @@ def test_predict_names_images_the_model_cannot_take(trained):
         run.predict(images[0])
     with pytest.raises(ValueError, match=r"images: .*trained on \(8, 8, 2\).*\(3, 8, 8, 3\)"):
         run.predict(np.zeros((3, 8, 8, 3), np.float32), standardized=True)
+    # the standardization's check names the array given, not its first batch
+    with pytest.raises(ValueError, match=r"expected shape \(\.\.\., H, W, 2\).*got \(5, 8, 8, 3\)"):
+        run.predict(np.zeros((5, 8, 8, 3), np.float32), batch_size=2)
 
 
 def test_evaluate_checks_its_loss_first_by_name(trained):
