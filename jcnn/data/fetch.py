@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import http.client
 import math
 import numbers
@@ -286,11 +287,12 @@ def download(
         ) from err
     for remote in source.files:
         target = folder / remote.filename
-        if target.exists() and not target.is_file():
-            raise DownloadError(
-                f"{name}: {target} exists and is not a file, so {remote.filename} cannot be "
-                "written there; move it away"
-            )
+        for path in (target, _part_file(target)):  # the download's partial file too
+            if path.exists() and not path.is_file():
+                raise DownloadError(
+                    f"{name}: {path} exists and is not a file, so {remote.filename} cannot be "
+                    "written there; move it away"
+                )
     with _folder_lock(folder), _progress_bar(progress) as bar:
         for remote in source.files:
             target = folder / remote.filename
@@ -352,17 +354,22 @@ class _AttemptFailed(Exception):
         self.keep_partial = keep_partial
 
 
+def _part_file(target: Path) -> Path:
+    return target.with_name(target.name + ".part")
+
+
 def _fetch_file(name, remote: RemoteFile, addresses, target: Path, timeout, bar) -> None:
-    part = target.with_name(target.name + ".part")
+    part = _part_file(target)
     failures = []
     task = bar.add_task(remote.filename, total=remote.size)
     for url in addresses:
         try:
             _fetch_into(name, url, remote, part, timeout, bar, task)
         except OSError as err:  # the local file, not the server (those are _AttemptFailed)
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
             raise DownloadError(
-                f"{name}: cannot write {part} ({err}); free some space or give another folder as "
-                "--data-dir (data_dir= in Python) or JCNN_DATA_DIR"
+                f"{name}: cannot write {part} ({err}); {'free some space or ' if full else ''}"
+                "give another folder as --data-dir (data_dir= in Python) or JCNN_DATA_DIR"
             ) from err
         except _AttemptFailed as failure:
             failures.append((url, str(failure)))

@@ -8,6 +8,7 @@ sends half and closes), ``corrupt`` (one byte changed), ``long`` (extra bytes, n
 (announces 1 TB), ``stall`` (half the body, then silence), ``silent`` (no answer at all).
 """
 
+import errno
 import filecmp
 import functools
 import hashlib
@@ -602,6 +603,34 @@ def test_unusable_data_folder_is_a_clear_error(tmp_path, server, monkeypatch):
     with pytest.raises(DownloadError, match=f"mnist/{LABELS} exists and is not a file.*move it"):
         data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")])
     assert server.requests == [] and (tmp_path / "mnist" / LABELS / "inside").is_dir()
+    # the same for its partial file: the download failed writing it and advised freeing space
+    (tmp_path / "mnist" / LABELS / "inside").rmdir()
+    (tmp_path / "mnist" / LABELS).rmdir()
+    (tmp_path / "mnist" / f"{LABELS}.part").mkdir()
+    with pytest.raises(DownloadError, match=f"mnist/{LABELS}.part exists and is not a file.*move"):
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")])
+    assert server.requests == []
+    (tmp_path / "mnist" / f"{LABELS}.part").rmdir()
+
+
+@pytest.mark.parametrize("code, advice", [(errno.ENOSPC, True), (errno.EACCES, False)])
+def test_a_partial_file_that_cannot_be_written_is_named_with_advice_that_fits(
+    tmp_path, server, monkeypatch, code, advice
+):
+    _only(monkeypatch, "mnist", LABELS)
+    opened = Path.open
+
+    def refuse_part_files(path, *args, **kwargs):
+        if path.name.endswith(".part"):
+            raise OSError(code, os.strerror(code))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse_part_files)
+    with pytest.raises(DownloadError, match=f"cannot write .*{LABELS}.part") as error:
+        data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")])
+    assert ("free some space" in str(error.value)) == advice
+    assert "give another folder as --data-dir" in str(error.value)
+    assert not (tmp_path / "mnist" / LABELS).exists()
 
 
 def test_mirror_serving_a_recompressed_copy(tmp_path, server, monkeypatch, data_dir):
