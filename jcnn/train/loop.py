@@ -69,6 +69,7 @@ from jcnn.train.protocol import (
     check_eval_loader,
     check_labels,
     check_train_loader,
+    loader_length,
 )
 from jcnn.train.splits import split_validation, validation_size
 from jcnn.train.state import TrainState
@@ -812,6 +813,13 @@ def _epoch_length_checked(
     would never end, or never be counted as complete). NumPy labels are checked against the
     ``classes`` here (unless ``None``), on the host; device arrays are not (that would wait for
     each batch)."""
+    try:
+        batches = iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"train_loader: expected epoch({epoch}, start_step={start}) to return an iterable of "
+            f"(images, labels) batches, got {type(batches).__name__}"
+        ) from None
     count = start
     for batch in batches:
         if count == total:
@@ -1108,7 +1116,7 @@ def _fit(
         raise ValueError(
             f"config.monitor: expected one of {', '.join(monitorable)}, got {config.monitor!r}"
         )
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = loader_length(train_loader)
     if steps_per_epoch < 1:
         raise ValueError("train_loader: expected at least one batch per epoch, got 0")
     compute_dtype = _compute_dtype(config)

@@ -18,6 +18,7 @@ An evaluation loader (validation, test) needs only ``epoch(0)`` or plain iterati
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,7 +26,14 @@ import numpy as np
 
 from jcnn.data import Loader
 
-__all__ = ["TrainLoader", "check_train_loader", "check_eval_loader", "check_batch", "check_labels"]
+__all__ = [
+    "TrainLoader",
+    "check_train_loader",
+    "check_eval_loader",
+    "check_batch",
+    "check_labels",
+    "loader_length",
+]
 
 
 @runtime_checkable
@@ -67,6 +75,24 @@ def check_train_loader(loader, name: str = "train_loader") -> None:
             f"batch(epoch, step) (see jcnn.train.protocol); {type(loader).__name__} lacks "
             f"{', '.join(missing)}"
         )
+    loader_length(loader, name)
+
+
+def loader_length(loader, name: str = "train_loader") -> int:
+    """``len(loader)`` checked: a ``TypeError`` or ``ValueError`` naming ``name`` unless it is an
+    int >= 0 (Python's ``len`` says only "'float' object cannot be interpreted as an integer")."""
+    length = type(loader).__len__(loader)
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+        raise TypeError(
+            f"{name}: expected len() to be the number of batches per epoch, an int, got "
+            f"{length!r} ({type(length).__name__})"
+        )
+    if length < 0:
+        raise ValueError(
+            f"{name}: expected len() to be the number of batches per epoch, an int >= 0, got "
+            f"{length}"
+        )
+    return int(length)
 
 
 def check_eval_loader(loader, name: str, *, repeated: bool = False) -> None:
@@ -104,7 +130,7 @@ def check_eval_loader(loader, name: str, *, repeated: bool = False) -> None:
             f"batches, or an object with epoch(0)), got a one-shot {type(loader).__name__}, "
             "which would yield nothing from its second evaluation on"
         )
-    if hasattr(type(loader), "__len__") and len(loader) == 0:
+    if hasattr(type(loader), "__len__") and loader_length(loader, name) == 0:
         raise ValueError(f"{name}: expected at least one (images, labels) batch, got none")
     if isinstance(loader, Loader):
         _check_covers_every_example(loader, name)
@@ -143,6 +169,12 @@ def check_batch(batch, name: str) -> tuple[Any, Any]:
         and len(batch) == 2
         and all(hasattr(part, "shape") for part in batch)
     ):
+        images, labels = batch
+        if len(images.shape) < 1 or tuple(images.shape[:1]) != tuple(labels.shape[:1]):
+            raise ValueError(
+                f"{name}: expected a batch of images (N, ...) with one label each, labels "
+                f"(N, ...), got images {tuple(images.shape)} and labels {tuple(labels.shape)}"
+            )
         return tuple(batch)
     if isinstance(batch, (tuple, list)):
         parts = ", ".join(type(part).__name__ for part in batch)

@@ -1384,3 +1384,17 @@ def test_an_optax_optimizer_holding_a_key_checkpoints_and_resumes_exactly(tmp_pa
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_an_epoch_that_returns_no_iterable_is_named(rng):
+    class NotIterable(Loader):
+        def epoch(self, epoch, *, start_step=0):
+            return len(self)
+
+    images, labels = _data(rng, n=32)
+    with pytest.raises(
+        TypeError,
+        match=r"^train_loader: expected epoch\(0, start_step=0\) to return an iterable of "
+        r"\(images, labels\) batches, got int$",
+    ):
+        fit(TinyNet(), NotIterable(images, labels, batch_size=16), None, _quiet())

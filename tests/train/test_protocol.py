@@ -65,3 +65,51 @@ def test_an_eval_loader_that_leaves_out_examples_is_named(options, says):
         check_eval_loader(Loader(images, labels, batch_size=4, **options), "val_loader")
     check_eval_loader(Loader(images, labels, batch_size=4, drop_remainder=False), "val_loader")
     check_eval_loader(Loader(images, labels, batch_size=5), "val_loader")  # no remainder
+
+
+class _Sized:
+    def __init__(self, length):
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def epoch(self, epoch, *, start_step=0):
+        return iter(())
+
+    def batch(self, epoch, step):
+        return None
+
+
+@pytest.mark.parametrize(
+    "length, error, says",
+    [
+        (2.5, TypeError, r"an int, got 2\.5 \(float\)"),
+        ("3", TypeError, r"an int, got '3' \(str\)"),
+        (None, TypeError, r"an int, got None \(NoneType\)"),
+        (-1, ValueError, r"an int >= 0, got -1"),
+    ],
+)
+def test_a_length_that_is_not_a_count_of_batches_is_named(length, error, says):
+    # Python's len() said only "'float' object cannot be interpreted as an integer"
+    from jcnn.train.protocol import check_train_loader
+
+    with pytest.raises(error, match=rf"^train_loader: expected len\(\) .*{says}"):
+        check_train_loader(_Sized(length))
+    with pytest.raises(error, match=rf"^val_loader: expected len\(\) .*{says}"):
+        check_eval_loader(_Sized(length), "val_loader")
+    check_train_loader(_Sized(np.int64(3)))
+
+
+def test_a_batch_with_a_label_count_other_than_its_image_count_is_named():
+    from jcnn.train.protocol import check_batch
+
+    x, y = np.zeros((4, 4, 4, 1), np.float32), np.zeros(3, np.int32)
+    with pytest.raises(
+        ValueError,
+        match=r"^val_loader: expected a batch of images \(N, \.\.\.\) with one label each, .*got "
+        r"images \(4, 4, 4, 1\) and labels \(3,\)",
+    ):
+        check_batch((x, y), "val_loader")
+    with pytest.raises(ValueError, match=r"got images \(\) and labels \(\)"):
+        check_batch((np.float32(1.0), np.int32(0)), "loader")
