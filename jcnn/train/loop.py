@@ -532,6 +532,8 @@ def _callback_states(callbacks) -> list[dict]:
         get = getattr(callback, "state_dict", None)
         try:
             state = get() if callable(get) else {}
+            if not isinstance(state, dict):
+                raise TypeError(f"it returned a {type(state).__name__}, {state!r}")
             json.dumps(state)
         except Exception as error:
             raise CallbackError(
@@ -1328,6 +1330,7 @@ def _fit(
     with progress, native.conv_backend_scope("xla" if several_devices else None):
         _call(callbacks, "on_train_begin", run)
         if out is not None:
+            _callback_states(callbacks)  # saved with each checkpoint: refused before any write
             # only now: a refused start (a callback's configuration mistake included) or a failed
             # restore leaves the folder as it was
             if config.overwrite and jax.process_index() == 0:

@@ -380,3 +380,26 @@ def test_a_damaged_best_checkpoint_record_stops_a_resume_before_anything_is_writ
     with pytest.raises(error, match=re.escape(str(path))):
         fit(TinyNet(), train, val, resume, callbacks=[BestCheckpoint("val_loss", mode="min")])
     assert _file_bytes(tmp_path) == before
+
+
+class NotADict(Callback):
+    def state_dict(self):
+        return [1, 2]
+
+
+@pytest.mark.parametrize(
+    "callback, says",
+    [
+        (Unsaveable(), "TypeError: Object of type ndarray is not JSON serializable"),
+        (NotADict(), r"TypeError: it returned a list, \[1, 2\]"),
+    ],
+)
+def test_a_callback_state_that_cannot_be_saved_is_refused_before_anything_is_written(
+    tmp_path, rng, callback, says
+):
+    # it failed at the first checkpoint, after history.json was written (or, a list, was saved)
+    train, val = _loaders(rng)
+    out = tmp_path / "run"
+    with pytest.raises(CallbackError, match=rf"state_dict: expected a JSON-serializable .*{says}"):
+        fit(TinyNet(), train, val, _config(out, epochs=1), callbacks=[callback])
+    assert not out.exists()
