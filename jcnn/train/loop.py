@@ -50,6 +50,7 @@ from jcnn import native
 from jcnn.data import Loader, Standardize
 from jcnn.data.standardize import MODES as STANDARDIZE_MODES
 from jcnn.functional._checks import (
+    check_array,
     check_bool,
     check_choice,
     check_int,
@@ -617,6 +618,7 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
     for batch in batches:
         batch = check_batch(batch, name)
+        check_array(batch[0], f"{name} images")
         on_host = isinstance(batch[1], np.ndarray)
         if mesh is not None:
             batch = _place_batch(batch, mesh)
@@ -635,6 +637,36 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
     if count == 0:
         raise ValueError(f"{name}: the evaluation loader yielded no batches")
     return {**{key: total / count for key, total in sums.items()}, "count": count}
+
+
+def _first_batch(loader):
+    """The first batch of an evaluation loader where taking it consumes nothing (a
+    ``jcnn.data.Loader``, a list of batches); ``None`` otherwise."""
+    if isinstance(loader, Loader):
+        return loader.batch(0, 0)
+    if isinstance(loader, (list, tuple)) and loader:
+        return loader[0]
+    return None
+
+
+def _check_evaluation_input(state, loader, name: str, train_images, **options) -> None:
+    """Raise, naming the loader, if the model (with the loss and metrics) cannot evaluate its
+    first batch: found before training, not at the first evaluation (a ``val_split`` loader gets
+    no ``augment``, so images the training loader's augment made floating arrive as they are)."""
+    first = _first_batch(loader)
+    if first is None:
+        return
+    images, labels = check_batch(first, name)
+    check_array(images, f"{name} images")
+    try:
+        jax.eval_shape(lambda s, b: eval_step(s, b, **options), state, (images, labels))
+    except Exception as error:
+        kind = type(error) if type(error) in (TypeError, ValueError) else ValueError
+        raise kind(
+            f"{name}: expected batches the model evaluates like the training images "
+            f"{tuple(np.shape(train_images))}, got images {tuple(images.shape)} and labels "
+            f"{tuple(labels.shape)} ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
 
 
 def _place_batch(batch, mesh):
@@ -1188,6 +1220,16 @@ def _fit(
             ),
             state,
             (sample_images, sample_labels),
+        )
+    for name, loader in (("val_loader", val_loader), ("test_loader", test_loader)):
+        _check_evaluation_input(
+            state,
+            loader,
+            name,
+            sample_images,
+            compute_dtype=compute_dtype,
+            loss_fn=loss_fn,
+            metrics=pairs,
         )
 
     history: list[dict] = []

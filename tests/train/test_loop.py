@@ -1398,3 +1398,42 @@ def test_an_epoch_that_returns_no_iterable_is_named(rng):
         r"\(images, labels\) batches, got int$",
     ):
         fit(TinyNet(), NotIterable(images, labels, batch_size=16), None, _quiet())
+
+
+class _CountSteps(Callback):
+    steps = 0
+
+    def on_step(self, run, metrics):
+        self.steps += 1
+
+
+def test_evaluation_batches_the_model_cannot_take_are_named_before_training(tmp_path, rng):
+    # found at the first evaluation, after an epoch of training, as "batch images: ..." or as
+    # Flax's ScopeParamShapeError
+    images, labels = _data(rng, n=48)
+    raw = np.clip(images * 20 + 128, 0, 255).astype(np.uint8)
+
+    def to_float(key, image):
+        return image.astype(jnp.float32) / 255
+
+    counter = _CountSteps()
+    train = Loader(raw, labels, batch_size=16, augment=to_float)  # val_split carves raw uint8
+    with pytest.raises(
+        TypeError, match=r"^val_loader images: expected a floating-point array, got dtype uint8"
+    ):
+        fit(TinyNet(), train, None, _quiet(val_split=16), callbacks=[counter])
+    two_channels = [(np.repeat(images[:8], 2, axis=-1), labels[:8])]
+    train, _ = _loaders(images, labels)
+    for loaders in ({"val_loader": two_channels}, {"test_loader": two_channels}):
+        name = next(iter(loaders))
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name}: expected batches the model evaluates like the training images "
+            r"\(16, 8, 8, 1\), got images \(8, 8, 8, 2\) and labels \(8,\) "
+            r"\(ScopeParamShapeError: ",
+        ):
+            fit(TinyNet(), train, config=_config(tmp_path / "run"), callbacks=[counter], **loaders)
+    assert counter.steps == 0 and not (tmp_path / "run").exists()
+    iterated = (batch for batch in [(raw[:8], labels[:8])])  # not looked at before: one-shot
+    with pytest.raises(TypeError, match=r"^test_loader images: expected a floating-point array"):
+        fit(TinyNet(), train, None, _quiet(), test_loader=iterated)
