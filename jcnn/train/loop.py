@@ -619,6 +619,8 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
     for batch in batches:
         batch = check_batch(batch, name)
         check_array(batch[0], f"{name} images")
+        if _batch_size(batch) == 0:  # its means are NaN, and NaN * 0 would poison every sum
+            continue
         on_host = isinstance(batch[1], np.ndarray)
         if mesh is not None:
             batch = _place_batch(batch, mesh)
@@ -635,7 +637,7 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
             sums[key] = sums.get(key, 0.0) + float(value) * n
         count += n
     if count == 0:
-        raise ValueError(f"{name}: the evaluation loader yielded no batches")
+        raise ValueError(f"{name}: expected at least one example, the loader yielded none")
     return {**{key: total / count for key, total in sums.items()}, "count": count}
 
 

@@ -1437,3 +1437,15 @@ def test_evaluation_batches_the_model_cannot_take_are_named_before_training(tmp_
     iterated = (batch for batch in [(raw[:8], labels[:8])])  # not looked at before: one-shot
     with pytest.raises(TypeError, match=r"^test_loader images: expected a floating-point array"):
         fit(TinyNet(), train, None, _quiet(), test_loader=iterated)
+
+
+def test_an_empty_evaluation_batch_counts_for_nothing(rng):
+    # its NaN means, weighted by 0, made every mean of the evaluation NaN
+    images, labels = _data(rng, n=16)
+    state = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+    whole = loop.evaluate(state, [(images, labels)])
+    parts = [(images[:6], labels[:6]), (images[:0], labels[:0]), (images[6:], labels[6:])]
+    split = loop.evaluate(state, parts)
+    assert split == pytest.approx(whole, rel=1e-6)
+    with pytest.raises(ValueError, match="^loader: expected at least one example, the loader"):
+        loop.evaluate(state, parts[1:2])
