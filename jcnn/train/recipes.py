@@ -160,10 +160,22 @@ def _airbench_lookahead(inner, total: int) -> optax.GradientTransformation:
     return lookahead(inner, 5, slow_step_size, final_step=total)
 
 
+def _per_channel_statistics(images) -> Standardize:
+    """``Standardize.fit(images)``, its refusal of a constant channel in the recipe's words (it
+    named ``train_images`` and advised a mode the recipe does not take)."""
+    try:
+        return Standardize.fit(images)
+    except ValueError as error:
+        reason = str(error).removeprefix("train_images: ").split(";")[0]
+        raise ValueError(
+            f"images: {reason}, and the recipe divides each channel by its standard deviation"
+        ) from None
+
+
 def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
     batch_size = RECIPES_BY_NAME["airbench94"].batch_size
     momentum, lr, weight_decay, bias_scaler = 0.85, 11.5, 0.0153, 64.0
-    stats = Standardize.fit(images)
+    stats = _per_channel_statistics(images)
     standardized = stats(images)
     kernel = models.whitening_kernel(standardized[:5000])
     pytorch_default = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -224,7 +236,7 @@ def _airbench94(images, labels, seed: int, epochs: float) -> Prepared:
 
 def _mnist99(images, labels, seed: int, epochs: float) -> Prepared:
     batch_size, momentum, peak = RECIPES_BY_NAME["mnist99"].batch_size, 0.9, 0.15
-    stats = Standardize.fit(images)
+    stats = _per_channel_statistics(images)
     loader = Loader(stats(images), jnp.asarray(labels), batch_size=batch_size, seed=seed)
     length, total = _length(epochs, len(loader))
     warmup = max(1, int(0.1 * total))
@@ -274,13 +286,14 @@ def _recipe(name) -> Recipe:
 
 
 def _check_images(recipe: Recipe, images, labels, name: str, labels_name: str) -> None:
-    shape = tuple(getattr(images, "shape", ()))
-    if len(shape) != 4 or shape[1:] != recipe.image_shape:
-        got = shape or type(images).__name__
-        raise ValueError(
-            f"{name}: {recipe.name} is built for {recipe.dataset} images (N, "
-            f"{', '.join(map(str, recipe.image_shape))}), got shape {got}"
+    expected = f"{recipe.dataset} images (N, {', '.join(map(str, recipe.image_shape))})"
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise TypeError(
+            f"{name}: {recipe.name} expected an array of {expected}, got {type(images).__name__}"
         )
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[1:] != recipe.image_shape:
+        raise ValueError(f"{name}: {recipe.name} is built for {expected}, got shape {shape}")
     dtype = images.dtype
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TypeError(f"{name}: expected integer or floating images, got dtype {dtype}")

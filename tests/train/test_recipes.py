@@ -257,6 +257,14 @@ def test_recipe_images_are_checked_under_their_own_names(rng):
         recipes.prepare("mnist99", images.astype(np.float64) * 1e300, labels)
     with pytest.raises(TypeError, match="^images: expected integer or floating images, got dtype"):
         recipes.prepare("mnist99", images > 0, labels)
+    # a constant channel was named train_images, with advice (mode='center') no recipe takes
+    with pytest.raises(
+        ValueError, match=r"^images: channel\(s\) \[0\] are constant \(std 0\), and"
+    ):
+        recipes.prepare("mnist99", np.zeros_like(images), labels)
+    # a list of images was a ValueError saying "got shape list"
+    with pytest.raises(TypeError, match=r"^images: mnist99 expected an array of mnist images"):
+        recipes.prepare("mnist99", images.tolist(), labels)
     prepared = recipes.prepare("mnist99", images, labels)
     with pytest.raises(ValueError, match="^test_images: expected finite values .* got 1 NaN"):
         prepared.test_loader(nan, labels)
