@@ -13,11 +13,11 @@ def validation_size(val_split: int | float, num_examples: int, name: str = "val_
     """The number of validation examples ``val_split`` asks for out of ``num_examples``.
 
     ``val_split`` is a count (an int ``1 <= n < num_examples``) or a fraction (a float in
-    ``(0, 1)``, rounded to the nearest count, at least 1). A split that leaves no training example
-    is an error.
+    ``(0, 1)``, rounded to the nearest count as Python's ``round`` does, a tie to the even count,
+    and at least 1). A split that leaves no training example is an error.
 
-    >>> validation_size(0.1, 512), validation_size(100, 512)
-    (51, 100)
+    >>> validation_size(0.1, 512), validation_size(100, 512), validation_size(0.5, 5)
+    (51, 100, 2)
     """
     if not _is_real_scalar(val_split):
         raise TypeError(
