@@ -215,6 +215,9 @@ class EarlyStopping(_Monitor):
         patience: evaluations without improvement tolerated before stopping (>= 1).
         min_delta: an improvement must exceed this much.
 
+    A run it stopped stays stopped when resumed, even with more epochs: the stop is part of the
+    checkpointed run (``fit``'s summary keeps its reason); train on in a new run from its weights.
+
     >>> stopper = EarlyStopping("val_loss", mode="min", patience=2)
     >>> stopper.state_dict()
     {'monitor': 'val_loss', 'mode': 'min', 'best': None, 'best_step': None, 'wait': 0}
