@@ -84,6 +84,18 @@ def check_input_dtype(dtype) -> None:
         )
 
 
+def variables_path(scope) -> tuple[str, ...]:
+    """Where a module's variables sit: the names up its chain of scopes. ``module.path`` can say
+    otherwise under ``nn.share_scope`` (a wrapper such as ``FoldedModel`` keeps its model's
+    variables in its own scope while the model's layers report paths under the model's name)."""
+    names = []
+    while scope.parent is not None:
+        names.append(scope.name)
+        scope = scope.parent
+    # a lifted transform (scan, vmap) runs its body in a root scope of its own, at its path
+    return tuple(scope.path) + tuple(reversed(names))
+
+
 def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     """Run ``model.init`` abstractly on zeros of ``input_shape``; returns ``(calls, variables)``.
 
@@ -105,7 +117,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
         x = args[0]
         call = LayerCall(
             index=len(calls),
-            path=tuple(context.module.path),
+            path=variables_path(context.module.scope),
             module=context.module,
             input_shape=tuple(x.shape) if hasattr(x, "shape") else None,
             parent=stack[-1].index if stack else None,

@@ -23,7 +23,13 @@ from jax.extend import core as jax_core
 
 from jcnn import functional as F
 from jcnn import nn as jnn
-from jcnn.analysis._trace import accepts_train, leaf_calls, subtree, trace_layers
+from jcnn.analysis._trace import (
+    accepts_train,
+    leaf_calls,
+    subtree,
+    trace_layers,
+    variables_path,
+)
 
 __all__ = ["FoldedModel", "fold_batch_norms"]
 
@@ -51,15 +57,12 @@ class FoldedModel(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> Any:
         """The folded network's output for ``x`` (``train`` reaches layers such as Dropout)."""
         skipped, added_bias = set(self.skipped), set(self.added_bias)
-        # The wrapped model's calls report paths under this module's attribute name ("model")
-        # even though its variables live in this module's (shared) scope.
-        prefix = (*self.path, "model")
+        own = variables_path(self.scope)  # the model's variables live in this (shared) scope
 
         def interceptor(next_fun, args, kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
-            path = tuple(context.module.path)
-            path = path[len(prefix) :] if path[: len(prefix)] == prefix else path
+            path = variables_path(context.module.scope)[len(own) :]
             if path in skipped:
                 return args[0]
             y = next_fun(*args, **kwargs)
@@ -125,7 +128,7 @@ def _used_outside_batch_norm(model, input_shape, pairs) -> list[bool]:
         def interceptor(next_fun, args, kw, context):
             if context.method_name != "__call__":
                 return next_fun(*args, **kw)
-            path = tuple(context.module.path)
+            path = variables_path(context.module.scope)
             if path in norms and args and id(args[0]) in untapped:
                 args = (untapped[id(args[0])], *args[1:])
             y = next_fun(*args, **kw)
@@ -225,6 +228,10 @@ def fold_batch_norms(
             f"{type(variables).__name__}"
         )
     pairs = _pairs(model, input_shape)
+    base, skipped, added_bias = model, (), ()
+    if isinstance(model, FoldedModel):  # folded again: one wrapper, and only what it left
+        base, skipped, added_bias = model.model, model.skipped, model.added_bias
+        pairs = [pair for pair in pairs if pair[1] not in skipped]
     folded = _plain(dict(variables))
     params = folded.setdefault("params", {})
     stats = folded.get("batch_stats", {})
@@ -248,8 +255,11 @@ def fold_batch_norms(
     if "batch_stats" in folded and not folded["batch_stats"]:
         del folded["batch_stats"]
     folded_model = FoldedModel(
-        model,
-        skipped=tuple(norm for _, norm, _, _, _ in pairs),
-        added_bias=tuple(layer for layer, _, has_bias, _, _ in pairs if not has_bias),
+        base,
+        skipped=skipped + tuple(norm for _, norm, _, _, _ in pairs),
+        added_bias=added_bias
+        + tuple(
+            layer for layer, _, has_bias, _, _ in pairs if not has_bias and layer not in added_bias
+        ),
     )
     return folded_model, folded

@@ -45,6 +45,7 @@ from jax.typing import DTypeLike
 
 from jcnn import nn as jnn
 from jcnn.analysis._trace import LayerCall, subtree, trace_layers
+from jcnn.analysis.fold import FoldedModel
 from jcnn.functional._checks import as_int_tuple, check_bool, normalize_padding
 
 __all__ = [
@@ -627,7 +628,13 @@ def _seen_whole(field: ReceptiveField, spatial_in, output_shape) -> ReceptiveFie
 def _own_params(calls: list[LayerCall], call: LayerCall, variables) -> dict:
     """The parameters of a composite module that sit in none of the modules it calls (e.g. a
     block's ``layer_scale`` vector)."""
-    children = {c.path[len(call.path)] for c in calls if c.parent == call.index}
+    # descendants, not only children: a child sharing this module's scope (``nn.share_scope``)
+    # has its path, and its own children hold the variables
+    children = {
+        c.path[len(call.path)]
+        for c in calls[call.index + 1 :]
+        if len(c.path) > len(call.path) and _descends(calls, c, call.index)
+    }
     params = subtree(variables, "params", call.path)
     return {name: value for name, value in params.items() if name not in children}
 
@@ -662,7 +669,10 @@ def summary(
     fields = _fields(calls)
     placed = []  # (position, row): a composite's own row goes after its last layer
     counted: set[tuple[str, ...]] = set()
+    folded_away = set(model.skipped) if isinstance(model, FoldedModel) else set()
     for call in calls:
+        if call.is_leaf and call.path in folded_away:
+            continue
         if call.is_leaf:
             params = subtree(variables, "params", call.path)
             if call.lifted:  # traced once, not once per step or slice

@@ -163,6 +163,45 @@ def test_folded_model_initializes_the_bias_it_adds(rng):
         folded_model.apply(folded, x)
 
 
+class _ConvKeptUnfolded(linen.Module):
+    """A BatchNorm after an add is not folded: a second folding must leave it too."""
+
+    @linen.compact
+    def __call__(self, x, train=False):
+        y = nn.BatchNorm(name="bn1")(
+            nn.Conv(3, 3, padding=1, use_bias=False, name="conv1")(x), train
+        )
+        y = nn.BatchNorm(name="bn2")(y + nn.Conv(3, 1, name="side")(x), train)
+        return nn.Dense(2, name="head")(nn.Flatten()(y))
+
+
+@pytest.mark.parametrize("model", [_ConvKeptUnfolded(), jcnn.models.resnet20(widths=(4, 8, 8))])
+def test_a_folded_model_is_summarized_and_folded_again(model, rng):
+    # its layers report paths under "model" while their variables sit in the folded model's
+    # (shared) scope: summary failed with an IndexError, and a second folding looked for the
+    # folded BatchNorms' statistics
+    shape = (2, 8, 8, 3)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(_random_variables(model, x, rng), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    table = summary(folded_model, shape)
+    original = summary(model, shape)
+    assert table.total_params == sum(p.size for p in jax.tree.leaves(folded["params"]))
+    skipped = {"/".join(path) for path in folded_model.skipped}
+    added_bias = {"/".join(path) for path in folded_model.added_bias}
+    kept = [row for row in original.rows if row.name not in skipped]
+    assert [row.name for row in table.rows] == [row.name for row in kept]
+    for row, before in zip(table.rows, kept, strict=True):
+        bias = before.output_shape[-1] if before.name in added_bias else 0
+        assert row.params == before.params + bias, row.name
+        assert row.macs == before.macs and row.output_shape == before.output_shape
+    again, refolded = fold_batch_norms(folded_model, folded, shape)
+    assert again.model is model  # one wrapper, not a FoldedModel of a FoldedModel
+    assert again.skipped == folded_model.skipped and again.added_bias == folded_model.added_bias
+    expected = model.apply(variables, x, train=False)
+    assert _relative_error(again.apply(refolded, x), expected) < 1e-5
+
+
 class _ConvOutputAlsoAdded(linen.Module):
     """``bn(conv(x)) + conv(x)``: the conv's output has a use that is no module call."""
 
