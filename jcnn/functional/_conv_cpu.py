@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcnn.functional._checks import as_int_tuple, check_array
+from jcnn.functional._checks import as_int_tuple, check_array, check_choice, check_positive_int
 from jcnn.functional._conv_products import conv_products
 
 __all__ = ["conv_general", "native_conv", "plan", "ConvPlan", "transpose_aborts_xla_cpu"]
@@ -218,6 +218,7 @@ def conv_general(x, w, stride, padding, dilation, groups, *, conv_plan: ConvPlan
       dilation: one positive int per spatial dim (kernel dilation).
       groups: feature groups; divides ``C`` and ``C_out``.
       conv_plan: force a formulation (tests and benchmarks); by default ``plan`` picks per shape.
+        ``"flipped_shift"`` and ``"per_tap_sum"`` need one input channel per group.
 
     Returns:
       ``(N, *out_spatial, C_out)``, as ``lax.conv_general_dilated`` computes it.
@@ -282,7 +283,34 @@ def _check(x, w, stride, padding, dilation, groups, conv_plan) -> _Config:
             f"w: dilated window {tuple(w.shape[:-2])} (dilation {dilation}) is larger than the "
             f"padded input {tuple(x.shape[1:-1])} with padding {padding}"
         )
+    if conv_plan is not None:
+        _check_plan(conv_plan, w.shape)
     return _Config(stride, padding, dilation, groups, conv_plan)
+
+
+_FORMULATIONS = {
+    "forward": ("xla", "shift"),
+    "input_grad": ("xla", "shift", "flipped_shift"),
+    "weight_grad": ("xla", "im2col", "taps_first", "per_tap", "per_tap_sum"),
+}
+# Formulations that spread each group's single input channel over its outputs.
+_ONE_CHANNEL_PER_GROUP = ("flipped_shift", "per_tap_sum")
+
+
+def _check_plan(conv_plan, w_shape) -> None:
+    """A forced plan names known formulations that apply to this kernel: an unknown name would
+    silently run XLA's product, a depthwise one on a wider kernel failed deep inside."""
+    if not isinstance(conv_plan, ConvPlan):
+        raise TypeError(f"conv_plan: expected a ConvPlan or None, got {type(conv_plan).__name__}")
+    for field, choices in _FORMULATIONS.items():
+        value = getattr(conv_plan, field)
+        check_choice(value, f"conv_plan.{field}", choices)
+        if value in _ONE_CHANNEL_PER_GROUP and w_shape[-2] != 1:
+            raise ValueError(
+                f"conv_plan.{field}: {value!r} needs one input channel per group "
+                f"(w.shape[-2] == 1), got w of shape {tuple(w_shape)}"
+            )
+    check_positive_int(conv_plan.chunk, "conv_plan.chunk")
 
 
 def _output_sizes(in_sizes, window, stride, padding, dilation):

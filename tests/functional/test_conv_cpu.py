@@ -264,6 +264,34 @@ def test_invalid_arguments_raise_naming_the_argument(
         conv_general(jnp.zeros(x_shape), jnp.zeros(w_shape), stride, padding, (1, 1), groups)
 
 
+@pytest.mark.parametrize(
+    ("conv_plan", "error", "match"),
+    [
+        (("xla", "xla", "xla", 1), TypeError, "conv_plan: expected a ConvPlan or None, got tuple"),
+        (ConvPlan("im2col", "xla", "xla", 1), ValueError, "conv_plan.forward: expected one of"),
+        (ConvPlan("xla", "col2im", "xla", 1), ValueError, "conv_plan.input_grad: .* 'col2im'"),
+        (ConvPlan("xla", "xla", "gemm", 1), ValueError, "conv_plan.weight_grad: .* 'gemm'"),
+        (ConvPlan("xla", "xla", "im2col", 0), ValueError, "conv_plan.chunk: .* got 0"),
+        (ConvPlan("xla", "xla", "im2col", 2.0), TypeError, "conv_plan.chunk: .* got 2.0"),
+        (
+            ConvPlan("xla", "flipped_shift", "xla", 1),
+            ValueError,
+            r"conv_plan.input_grad: 'flipped_shift' needs one input channel per group .*"
+            r"\(3, 3, 2, 4\)",
+        ),
+        (
+            ConvPlan("xla", "xla", "per_tap_sum", 1),
+            ValueError,
+            r"conv_plan.weight_grad: 'per_tap_sum' needs one input channel per group",
+        ),
+    ],
+)
+def test_a_forced_plan_that_cannot_run_is_refused_naming_the_field(conv_plan, error, match):
+    x, w = jnp.zeros((2, 5, 5, 4)), jnp.zeros((3, 3, 2, 4))
+    with pytest.raises(error, match=match):
+        conv_general(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 2, conv_plan=conv_plan)
+
+
 def test_mismatched_dtypes_raise():
     with pytest.raises(TypeError, match="w: expected the dtype of x"):
         conv_general(
