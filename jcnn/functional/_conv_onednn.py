@@ -66,13 +66,16 @@ def config(x, w, stride, padding, dilation, groups) -> _Config:
 
 
 def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
-    """Why oneDNN cannot run this convolution on this CPU (one of its three products has no
-    implementation for the dtype and shape, e.g. bfloat16 without AVX-512), or ``None``.
+    """Why oneDNN cannot run this convolution on this CPU (a dtype other than float32 and
+    bfloat16, or one of its three products has no implementation for the dtype and shape, e.g.
+    bfloat16 without AVX-512), or ``None``.
 
     Asked at trace time with the traced shapes; the batch size is irrelevant to oneDNN's choice
     (a ``vmap`` folds into it), so one answer covers the derivatives too.
     """
     static = config(x, w, stride, padding, dilation, groups)
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        return f"jcnn's oneDNN convolutions take float32 or bfloat16, not {x.dtype}"
     if not all(isinstance(size, int) for size in x.shape):
         return "oneDNN's primitives take concrete sizes, not jax.export's symbolic ones"
     dims = _problem(x.shape, w.shape, static)

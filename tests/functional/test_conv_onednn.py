@@ -259,6 +259,22 @@ def test_bad_options_are_reported_before_the_native_call(onednn):
         )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float64])
+def test_other_dtypes_are_refused_at_trace_time_naming_the_dtype(onednn, dtype):
+    # The native side takes float32 and bfloat16 only; it used to fail when the call ran, with
+    # an XLA runtime error, though unsupported_reason had said yes.
+    options = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    dtype_name = jnp.dtype(dtype).name
+    with jax.enable_x64(True):
+        x, w = jnp.ones((1, 5, 5, 3), dtype), jnp.ones((3, 3, 3, 4), dtype)
+        reason = _conv_onednn.unsupported_reason(x, w, *options)
+        assert reason is not None and dtype_name in reason
+        with pytest.raises(ValueError, match=f"float32 or bfloat16, not {dtype_name}"):
+            jax.eval_shape(partial(_onednn, options=options), x, w)
+        with pytest.raises(ValueError, match=f"float32 or bfloat16, not {dtype_name}"):
+            _conv_onednn.conv_transpose(x, w, *options, (5, 5))
+
+
 def test_float32_problems_are_supported_in_every_product(onednn, rng):
     # oneDNN's reference implementations cover every float32 problem on any x86-64 CPU.
     for spatial_rank in (1, 2, 3):
