@@ -990,6 +990,7 @@ def main(argv=None):
         f"on {args.torch_device} ({torch.get_num_threads()} CPU threads), "
         f"jcnn conv backend on CPU: {jcnn.native.conv_backend()}, "
         f"freed host memory: {jcnn.native.host_memory()}"
+        + (", QUICK MODE (smoke run: not a measurement)" if args.quick else "")
     )
     rows = []
     networks = {  # section: (name, jcnn model, Flax twin, torch twin, input, batch, steps)

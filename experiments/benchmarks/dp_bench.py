@@ -332,7 +332,8 @@ def main(argv=None) -> list[dict]:
             parser.error(f"--{option}: expected ints >= 1, got {getattr(args, name)}")
     if args.quick:
         args.batches, args.cifar_batches, args.rounds, args.calls = [16], [4], 1, 1
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    quick = ", QUICK MODE (smoke run: not a measurement)" if args.quick else ""
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}{quick}")
     if opacus is None:
         print(f"Opacus is not installed, its rows are left out ({MISSING_OPACUS})")
     else:

@@ -770,7 +770,8 @@ def main(argv=None):
         f"jcnn backend on CPU: {backend}; torch {torch.__version__} on {args.torch_device} "
         f"({torch.get_num_threads()} CPU threads); jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind}; rounds {args.rounds}, steps {args.steps}, "
-        f"batch scale {args.scale}",
+        f"batch scale {args.scale}"
+        + (", QUICK MODE (smoke run: not a measurement)" if args.quick else ""),
         flush=True,
     )
     if "convs" in args.only:

@@ -242,7 +242,8 @@ def main(argv=None):
     batch, rounds, steps = (8, 1, 1) if args.quick else (args.batch, args.rounds, args.steps)
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].device_kind}, jcnn conv backend on CPU: "
-        f"{jcnn.native.conv_backend()}",
+        f"{jcnn.native.conv_backend()}"
+        + (", QUICK MODE (smoke run: not a measurement)" if args.quick else ""),
         flush=True,
     )
     for net in args.nets:

@@ -87,6 +87,7 @@ def test_opacus_step_without_noise_is_jcnns_clipped_mean(bench, network):
 def test_quick_mode_prints_opacus_rows_and_the_ratio(bench, capsys):
     summaries = bench.main(["--quick"])
     printed = capsys.readouterr().out
+    assert "QUICK MODE (smoke run: not a measurement)" in printed.splitlines()[0]
     assert f"opacus {bench.opacus.__version__}" in printed
     for network, batch in (("LeNet-5", 16), ("CIFAR-10 CNN", 4)):
         rows = [

@@ -54,6 +54,7 @@ def test_transposed_kernels_need_the_flip(bench, rng):
 def test_quick_times_jcnn_flax_and_pytorch(bench, capsys):
     bench.main(["--quick"])
     out = capsys.readouterr().out
+    assert "QUICK MODE (smoke run: not a measurement)" in out.splitlines()[0]
     table = out[out.rindex("| network (training step)") :].strip().splitlines()
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     for column in ("jcnn ms", "Flax ms", "PyTorch ms", "jcnn vs Flax", "jcnn vs PyTorch"):

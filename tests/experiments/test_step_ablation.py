@@ -57,6 +57,7 @@ def test_quick_run_prints_every_variant(ablation, capsys):
     # script checks against the twin's: every swap traced into a real step, one compile each side
     ablation.main(["--quick", "--nets", "lenet", "--variants", "", "pool+norm1"])
     out = capsys.readouterr().out
+    assert "QUICK MODE (smoke run: not a measurement)" in out.splitlines()[0]
     assert "## LeNet-5 training step" in out and "AirbenchNet" not in out
     for label in ("| jcnn |", "| jcnn +pool +norm1 |", "| jcnn model, flax step |", "| flax |"):
         assert out.count(label) == 1
