@@ -137,18 +137,28 @@ def _flax_batch_norm_guard(where: str):
     return intercept
 
 
+# Part of jit's cache key: a jitted function that loss_fn calls (say a jax.jit-compiled forward
+# pass) is traced again inside the per-example functions, where the guard below sees its
+# BatchNorm, instead of reusing a trace made outside them (silently wrong gradients).
+_PER_EXAMPLE_JIT_KEY = jax.make_user_context(None) if hasattr(jax, "make_user_context") else None
+
+
 @contextlib.contextmanager
 def per_example_trace(where: str) -> Iterator[None]:
     """While tracing a per-example function: BatchNorm with batch statistics raises ``ValueError``.
 
     Covers ``F.batch_norm``/``jcnn.nn.BatchNorm`` (``train=True`` without ``axis_name``) and
     ``flax.linen.BatchNorm`` (``use_running_average=False`` without ``axis_name``), and either
-    with an ``axis_name`` that no enclosing map binds. ``where`` names the public function in the
-    message.
+    with an ``axis_name`` that no enclosing map binds, also inside a ``jax.jit``-compiled function
+    traced before outside (on JAX versions with ``jax.make_user_context``). ``where`` names the
+    public function in the message.
     """
     token = PER_EXAMPLE_TRACE.set(_batch_norm_message(where))
+    jit_key = contextlib.nullcontext()
+    if _PER_EXAMPLE_JIT_KEY is not None:
+        jit_key = _PER_EXAMPLE_JIT_KEY(where)
     try:
-        with linen.intercept_methods(_flax_batch_norm_guard(where)):
+        with jit_key, linen.intercept_methods(_flax_batch_norm_guard(where)):
             yield
     finally:
         PER_EXAMPLE_TRACE.reset(token)

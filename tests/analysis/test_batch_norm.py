@@ -178,6 +178,47 @@ def test_a_jitted_loss_already_traced_at_one_example_still_raises():
             fn(loss, variables["params"], (x, y))
 
 
+@pytest.mark.parametrize("flax_batch_norm", [False, True])
+def test_a_jitted_forward_pass_traced_before_inside_the_loss_still_raises(flax_batch_norm):
+    """A jitted function that the loss calls is not the loss itself: its trace cached at one
+    example outside the per-example functions must not hide its BatchNorm from the guard."""
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            x = nn.Conv(3, 3, padding=1)(x)
+            if flax_batch_norm:
+                x = linen.BatchNorm(use_running_average=False)(x)
+            else:
+                x = nn.BatchNorm()(x, train=True)
+            return nn.Dense(3)(nn.Flatten()(x))
+
+    model = Net()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 5, 2)), jnp.float32)
+    y = jnp.arange(4) % 3
+    variables = model.init(jax.random.key(0), x)
+
+    @jax.jit
+    def forward(params, images):
+        out, _ = model.apply({**variables, "params": params}, images, mutable=["batch_stats"])
+        return out
+
+    def loss(params, batch):
+        return F.cross_entropy(forward(params, batch[0]), batch[1])
+
+    forward(variables["params"], x[:1])  # traced and cached at one example
+    key = jax.random.key(0)
+    for fn in (
+        per_example_grads,
+        per_example_grad_norms,
+        ghost_norms,
+        functools.partial(ghost_clipped_sum, l2_norm_clip=1.0),
+        functools.partial(private_grad, key=key, l2_norm_clip=1.0, noise_multiplier=1.0),
+    ):
+        with pytest.raises(ValueError, match="BatchNorm statistics in training mode"):
+            fn(loss, variables["params"], (x, y))
+
+
 def test_frozen_statistics_mean_of_per_example_gradients_is_batch_gradient(problem):
     params, stats, batch = problem
     loss = _loss(_net(), stats, False)
