@@ -92,14 +92,7 @@ def private_grad(
     size = _batch_size(batch)
     if weights is not None:
         _check_weights(weights, size)
-        if not isinstance(weights, jax.core.Tracer):
-            values = np.asarray(weights)
-            if not ((values >= 0) & (values <= 1)).all():
-                raise ValueError(
-                    "weights: expected values in [0, 1] (1 a real example, 0 padding: larger or "
-                    f"negative ones break the sensitivity the noise is calibrated for), got "
-                    f"{values.min()} to {values.max()}"
-                )
+        _check_weight_values(weights)
         if denominator is None:
             raise ValueError(
                 "denominator: required with weights (the expected batch size, e.g. "
@@ -112,7 +105,7 @@ def private_grad(
                 "draw): the expected batch size, e.g. loader.batch_size"
             )
         denominator = size
-    _check_finite(denominator, "denominator")
+    _check_denominator(denominator)
 
     if method == "ghost":
         total, norms = ghost_clipped_sum(
@@ -127,6 +120,31 @@ def private_grad(
         total = jax.tree.map(lambda g: jnp.tensordot(factors.astype(g.dtype), g, axes=1), grads)
     noised = _add_gaussian_noise(key, total, noise_multiplier * l2_norm_clip)
     return jax.tree.map(lambda leaf: leaf / denominator, noised), norms
+
+
+def _check_weight_values(weights) -> None:
+    """``private_grad``'s ``weights`` in ``[0, 1]``, when concrete (a traced array is its caller's
+    to check)."""
+    if isinstance(weights, jax.core.Tracer):
+        return
+    values = np.asarray(weights)
+    if not ((values >= 0) & (values <= 1)).all():
+        raise ValueError(
+            "weights: expected values in [0, 1] (1 a real example, 0 padding: larger or "
+            f"negative ones break the sensitivity the noise is calibrated for), got "
+            f"{values.min()} to {values.max()}"
+        )
+
+
+def _check_denominator(denominator) -> None:
+    """``private_grad``'s ``denominator``: a scalar (also when traced), finite and > 0 when
+    concrete."""
+    if np.ndim(denominator) != 0:
+        raise ValueError(
+            f"denominator: expected a number (the expected batch size), got shape "
+            f"{np.shape(denominator)}"
+        )
+    _check_finite(denominator, "denominator")
 
 
 def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:

@@ -25,6 +25,7 @@ import optax
 
 from jcnn import functional as F
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
+from jcnn.analysis.dp import _check_denominator, _check_weight_values
 from jcnn.analysis.per_example import _batch_norm_message, per_example_trace
 from jcnn.functional._checks import _is_real_scalar, check_real
 from jcnn.train.param_groups import split_no_grad
@@ -171,7 +172,6 @@ _DP_STEP_OPTIONS = {
 }
 
 
-@jit_with_options(_DP_STEP_OPTIONS, donate_argnums=(0,))
 def dp_train_step(
     state: TrainState,
     batch,
@@ -210,7 +210,9 @@ def dp_train_step(
 
     Raises:
         ValueError: the model updates running statistics in training mode (BatchNorm, or
-            ``InstanceNorm(track_running_stats=True)``): the step keeps none.
+            ``InstanceNorm(track_running_stats=True)``): the step keeps none. Also weights
+            outside ``[0, 1]`` and a denominator that is not a finite number > 0 (when given
+            as concrete values: traced inside another ``jit``, only their shapes are checked).
 
     Returns:
         ``(new_state, metrics, logits)``: ``metrics`` has ``loss`` and ``accuracy`` (means over
@@ -219,6 +221,41 @@ def dp_train_step(
         gradient); ``logits`` are the ``(N, K)`` training-mode logits. Only the update is
         private: these values come from the raw data.
     """
+    # checked before the jit: inside it they are traced, and private_grad can check their
+    # shapes only (a weight of 2 or a denominator of 0 or -1 went through silently)
+    if weights is not None:
+        _check_weight_values(weights)
+    if denominator is not None:
+        _check_denominator(denominator)
+    return _dp_train_step(
+        state,
+        batch,
+        weights,
+        denominator,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        compute_dtype=compute_dtype,
+        label_smoothing=label_smoothing,
+        loss_fn=loss_fn,
+        no_grad=no_grad,
+    )
+
+
+@jit_with_options(_DP_STEP_OPTIONS, donate_argnums=(0,))
+def _dp_train_step(
+    state: TrainState,
+    batch,
+    weights,
+    denominator,
+    *,
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    compute_dtype=None,
+    label_smoothing: float = 0.0,
+    loss_fn=None,
+    no_grad: tuple[str, ...] = (),
+):
+    """``dp_train_step`` compiled, its values checked."""
     images, labels = _check_batch(state, batch)
     size = images.shape[0]
     example_keys, noise_key = _example_keys(state, size)

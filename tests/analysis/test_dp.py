@@ -183,6 +183,24 @@ def test_private_grad_bad_input(problem):
     jax.tree.map(np.testing.assert_array_equal, raw, typed)
 
 
+def test_a_traced_denominator_that_is_no_scalar_is_named(problem):
+    """Under jit its value is unknown, but its shape is: a (2,) one failed in a broadcast."""
+    params, batch = problem
+    step = jax.jit(
+        lambda d: private_grad(
+            _loss,
+            params,
+            batch,
+            jax.random.key(0),
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            denominator=d,
+        )
+    )
+    with pytest.raises(ValueError, match=r"denominator: expected a number .* shape \(2,\)"):
+        step(jnp.ones(2))
+
+
 def test_private_grad_of_an_empty_batch(problem):
     params, (images, labels) = problem
     empty, key = (images[:0], labels[:0]), jax.random.key(0)

@@ -2,6 +2,7 @@
 resume, the run folder's record, and bad settings named."""
 
 import json
+import math
 import shutil
 
 import flax.linen as linen
@@ -174,6 +175,34 @@ def test_bad_dp_step_options_are_named(rng, options, error, message):
     with pytest.raises(error, match=message):
         dp_train_step(
             state, (images, labels), **{"l2_norm_clip": 1.0, "noise_multiplier": 1.0, **options}
+        )
+
+
+@pytest.mark.parametrize(
+    "weights, denominator, message",
+    [
+        ([1.0, 2.0, 1.0, 0.0], 4.0, r"weights: expected values in \[0, 1\].* got 0.0 to 2.0"),
+        ([1.0, -1.0, 1.0, 0.0], 4.0, r"weights: expected values in \[0, 1\]"),
+        ([1.0, 1.0, 1.0, 0.0], 0.0, "denominator: expected a finite number > 0"),
+        (None, -4.0, "denominator: expected a finite number > 0"),
+        (None, math.inf, "denominator: expected a finite number > 0"),
+        ([1.0, 1.0, 1.0, 0.0], [4.0, 4.0], r"denominator: expected a number .* shape \(2,\)"),
+    ],
+)
+def test_bad_dp_step_weights_and_denominator_are_named(rng, weights, denominator, message):
+    """Arguments of the jitted step, traced there: a weight of 2 (twice an example's influence)
+    or a denominator of 0 (an infinite gradient) or -4 (a step uphill) went through silently."""
+    images, labels = _data(rng, 4)
+    state = TrainState.create(_model(), optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+    weights = None if weights is None else jnp.asarray(weights, jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        dp_train_step(
+            state,
+            (images, labels),
+            weights,
+            jnp.asarray(denominator, jnp.float32),
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
         )
 
 
