@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_real
+from jcnn.functional._checks import check_key, check_real
 from jcnn.nnx._util import check_flag, training
 
 __all__ = ["Dropout", "SpatialDropout"]
@@ -84,6 +84,7 @@ class _Dropout(nnx.Module):
         if not training(train, not self.deterministic) or self.rate == 0:
             return x
         if isinstance(rngs, jax.Array):
+            check_key(rngs, "rngs")  # by the name given here, not the op's "key"
             key = rngs
         elif isinstance(rngs, nnx.Rngs):
             key = self._named_stream(rngs, "rngs")()

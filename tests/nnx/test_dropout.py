@@ -68,3 +68,12 @@ def test_rngs_without_the_stream_is_a_value_error_naming_rngs(layer):
     with pytest.raises(ValueError, match="rngs: the nnx.Rngs has no 'noise' stream"):
         layer(0.5, rng_collection="noise", rngs=nnx.Rngs(dropout=0))
     assert layer(0.5, rngs=nnx.Rngs(3))(x).shape == x.shape  # the default stream serves
+
+
+@pytest.mark.parametrize("layer", [jnnx.Dropout, jnnx.SpatialDropout])
+def test_a_bad_key_at_the_call_is_named_rngs(layer):
+    x = jnp.ones((2, 3, 3, 4))
+    with pytest.raises(TypeError, match=r"^rngs: expected a jax.random key .*got dtype float32"):
+        layer(0.5)(x, rngs=jnp.ones(2))  # was named "key", the functional op's argument
+    with pytest.raises(ValueError, match=r"^rngs: expected a single jax.random key, .*\(2,\)"):
+        layer(0.5)(x, rngs=jax.random.split(jax.random.key(0), 2))
