@@ -10,12 +10,23 @@ from jcnn.functional._checks import check_array, check_bool, check_key, check_re
 __all__ = ["dropout", "spatial_dropout"]
 
 
-def _check_dropout_args(key, x, rate, train) -> float:
+def _check_dropout_args(key, x, rate, train, *, spatial: bool = False) -> float:
     """The checked arguments' ``rate`` as a Python float."""
     check_key(key)
-    check_array(x, "x")
+    check_input(x, spatial=spatial)
     check_bool(train, "train")
     return check_real(rate, "rate", low=0, high=1)
+
+
+def check_input(x, *, spatial: bool) -> None:
+    """Raise unless ``x`` is what ``dropout`` (``spatial``: ``spatial_dropout``) takes, in training
+    or not; the modules check it so in evaluation, where they call neither op."""
+    check_array(x, "x")
+    if spatial and x.ndim < 3:
+        raise ValueError(
+            f"x: expected rank >= 3 (N, *spatial, C) for spatial dropout, got rank {x.ndim} with "
+            f"shape {tuple(x.shape)}; use dropout for (N, C) features"
+        )
 
 
 def _drop(key, x, rate, mask_shape):
@@ -76,12 +87,7 @@ def spatial_dropout(key: jax.Array, x: jax.Array, rate: float, *, train: bool = 
     >>> bool(((y == 0).all(axis=(1, 2)) | (y == 2).all(axis=(1, 2))).all())
     True
     """
-    rate = _check_dropout_args(key, x, rate, train)
-    if x.ndim < 3:
-        raise ValueError(
-            f"x: expected rank >= 3 (N, *spatial, C) for spatial dropout, got rank {x.ndim} with "
-            f"shape {tuple(x.shape)}; use dropout for (N, C) features"
-        )
+    rate = _check_dropout_args(key, x, rate, train, spatial=True)
     if not train or rate == 0:
         return x
     return _drop(key, x, rate, (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))

@@ -12,19 +12,22 @@ import jax
 
 from jcnn import functional as F
 from jcnn.functional._checks import check_bool, check_real
+from jcnn.functional.dropout import check_input
 
 __all__ = ["Dropout", "SpatialDropout"]
 
 
-def _apply(module, drop, x, train: bool):
+def _apply(module, drop, x, train: bool, *, spatial: bool = False):
     """``drop(key, x, rate)`` with a key from the ``"dropout"`` rng collection, when ``train``.
 
-    The rate is checked here too, so that a bad one raises in evaluation (where ``drop`` is not
-    called and no rng is needed) as well.
+    The rate and ``x`` (``spatial``: as ``F.spatial_dropout`` takes it) are checked here too, so
+    that a bad one raises in evaluation (where ``drop`` is not called and no rng is needed) as
+    well.
     """
     rate = check_real(module.rate, "rate", low=0, high=1)
     check_bool(train, "train")
     if not train or rate == 0:
+        check_input(x, spatial=spatial)
         return x
     if not (module.has_rng("dropout") or module.has_rng("params")):  # Flax falls back on params
         raise ValueError(
@@ -71,4 +74,4 @@ class SpatialDropout(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Apply spatial dropout to ``x`` of shape ``(N, *spatial, C)`` when ``train``."""
-        return _apply(self, F.spatial_dropout, x, train)
+        return _apply(self, F.spatial_dropout, x, train, spatial=True)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jcnn import functional as F
 from jcnn.functional._checks import check_key, check_real
+from jcnn.functional.dropout import check_input
 from jcnn.nnx._util import check_flag, training
 
 __all__ = ["Dropout", "SpatialDropout"]
@@ -22,6 +23,7 @@ __all__ = ["Dropout", "SpatialDropout"]
 
 class _Dropout(nnx.Module):
     _drop = staticmethod(F.dropout)
+    _spatial = False
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class _Dropout(nnx.Module):
         ``rngs`` (an ``nnx.Rngs``, ``nnx.RngStream`` or key) overrides the construction's.
         """
         if not training(train, not self.deterministic) or self.rate == 0:
+            check_input(x, spatial=type(self)._spatial)
             return x
         if isinstance(rngs, jax.Array):
             check_key(rngs, "rngs")  # by the name given here, not the op's "key"
@@ -134,3 +137,4 @@ class SpatialDropout(_Dropout):
     """
 
     _drop = staticmethod(F.spatial_dropout)
+    _spatial = True

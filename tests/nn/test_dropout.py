@@ -52,3 +52,15 @@ def test_dropout_argument_errors():
 def test_training_without_a_dropout_rng_names_rngs(module):
     with pytest.raises(ValueError, match=r"^rngs: \w+ is training but has no randomness"):
         module.apply({}, jnp.ones((2, 3, 4)), train=True)
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.0])
+def test_evaluation_checks_x_as_the_functional_op_does(rate):
+    # the module returned x unchecked where F.dropout/F.spatial_dropout(train=False) raise
+    with pytest.raises(ValueError, match=r"^x: expected rank >= 3 .*shape \(2, 4\)"):
+        nn.SpatialDropout(rate).apply({}, jnp.ones((2, 4)), train=False)
+    for layer in (nn.Dropout(rate), nn.SpatialDropout(rate)):
+        with pytest.raises(TypeError, match="^x: expected an array, got list"):
+            layer.apply({}, [[[1.0]]], train=False)
+        with pytest.raises(TypeError, match="^x: expected a floating-point array, got dtype int32"):
+            layer.apply({}, jnp.ones((1, 1, 1), jnp.int32), train=False)

@@ -77,3 +77,15 @@ def test_a_bad_key_at_the_call_is_named_rngs(layer):
         layer(0.5)(x, rngs=jnp.ones(2))  # was named "key", the functional op's argument
     with pytest.raises(ValueError, match=r"^rngs: expected a single jax.random key, .*\(2,\)"):
         layer(0.5)(x, rngs=jax.random.split(jax.random.key(0), 2))
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.0])
+def test_evaluation_checks_x_as_the_functional_op_does(rate):
+    # the module returned x unchecked where F.dropout/F.spatial_dropout(train=False) raise
+    with pytest.raises(ValueError, match=r"^x: expected rank >= 3 .*shape \(2, 4\)"):
+        jnnx.SpatialDropout(rate, deterministic=True)(jnp.ones((2, 4)))
+    for layer in (jnnx.Dropout(rate), jnnx.SpatialDropout(rate)):
+        with pytest.raises(TypeError, match="^x: expected an array, got list"):
+            layer([[[1.0]]], train=False)
+        with pytest.raises(TypeError, match="^x: expected a floating-point array, got dtype int32"):
+            layer(jnp.ones((1, 1, 1), jnp.int32), train=False)
