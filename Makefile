@@ -1,5 +1,6 @@
 # Two commands from a fresh clone (Python >= 3.10 and a C++ compiler for the optional oneDNN build):
 #   make train   set up .venv and run the main job: LeNet-5 on MNIST to >= 99% test accuracy
+#                (again: TRAIN_FLAGS=--overwrite starts over, TRAIN_FLAGS=--resume continues)
 #   make test    set up .venv and run the test suite (what CI runs, through .ci/run)
 # Library users need neither: `pip install jcnn` (see README).
 
