@@ -75,12 +75,13 @@ def load_linen_variables(module: nnx.Module, variables: Mapping) -> None:
             f"variables: expected the Linen variables dict, got {type(variables).__name__}"
         )
     given = flatten_dict(_plain(variables))
+    held = dict(given)  # ``given`` loses each entry as it is used
     updates = []
     for key, variable in _variables(module):
         where = "/".join(key)
         if key not in given:
             raise ValueError(
-                f"variables: no {where} for {type(module).__name__}; got {_names(given)}"
+                f"variables: no {where} for {type(module).__name__}; {_near(held, key)}"
             )
         given_value = given.pop(key)
         try:
@@ -111,6 +112,16 @@ def _plain(tree):
     if isinstance(tree, Mapping):
         return {key: _plain(value) for key, value in tree.items()}
     return tree
+
+
+def _near(flat, key: tuple[str, ...]) -> str:
+    """What ``flat`` holds where ``key`` was looked for: the names under its parent path, else
+    the collections."""
+    parent = key[:-1]
+    siblings = sorted(name[-1] for name in flat if name[:-1] == parent)
+    if siblings:
+        return f"{'/'.join(parent)} holds {siblings}"
+    return f"the variables' collections are {sorted({name[0] for name in flat})}"
 
 
 def _names(flat) -> list[str]:

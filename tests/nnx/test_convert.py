@@ -455,3 +455,24 @@ def test_load_linen_variables_names_a_variable_jax_cannot_make_an_array_of(bad):
     with pytest.raises(TypeError, match="^variables: params/bias must be an array, got "):
         jnnx.load_linen_variables(model, variables)
     np.testing.assert_array_equal(model.bias[...], np.zeros(3))
+
+
+def test_load_linen_variables_says_what_the_variables_hold_where_one_is_missing():
+    # the message listed only the entries not yet matched ("got ['params/layers_1/scale']")
+    model = jnnx.Sequential(
+        [jnnx.Conv(2, 3, 3, rngs=nnx.Rngs(0)), jnnx.BatchNorm(3, rngs=nnx.Rngs(0))]
+    )
+    params = jnnx.linen_variables(model)["params"]
+    with pytest.raises(
+        ValueError,
+        match=r"^variables: no batch_stats/layers_1/mean for Sequential; the variables' "
+        r"collections are \['params'\]$",
+    ):
+        jnnx.load_linen_variables(model, {"params": params})
+    stats = {"layers_1": {"var": np.ones(3, np.float32), "count": np.ones(3, np.float32)}}
+    with pytest.raises(
+        ValueError,
+        match=r"^variables: no batch_stats/layers_1/mean .*; batch_stats/layers_1 "
+        r"holds \['count', 'var'\]$",
+    ):
+        jnnx.load_linen_variables(model, {"params": params, "batch_stats": stats})
