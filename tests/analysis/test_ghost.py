@@ -150,20 +150,40 @@ def _weights(rng, size):
 
 
 @pytest.mark.parametrize("name", sorted(_LAYERS))
-def test_every_layer_type_and_rule_matches_materialized_norms_and_sum(name, rng):
+def test_every_layer_type_and_rule_matches_materialized_norms_and_sum(name, rng, monkeypatch):
     loss, params, batch = _problem(*_LAYERS[name], rng)
     expected = _reference_norms(loss, params, batch)
     weights = _weights(rng, 5)
     clip, expected_sum = _reference_clipped_sum(loss, params, batch, weights)
     rules = ("mixed", "ghost", "direct")
+    # A convolution's window Gram matrix comes from its unfolded windows or from the Gram matrix
+    # of its padded positions, whichever is smaller: both forced, on every convolution option
+    # (read when traced, so each forced ghost_norms is traced under its own choice)
+    forced = (False, True) if "conv" in name else ()
+    chosen = []
 
-    @jax.jit  # one program for the four: one compile, not four
+    def choice(from_positions):
+        def smaller(*args):
+            chosen.append(from_positions)
+            return from_positions
+
+        return smaller
+
+    @jax.jit  # one program for them all: one compile, not one each
     def ghosted(p, b, w):
         sums = [ghost_clipped_sum(loss, p, b, clip, weights=w, layer_rule=r) for r in rules]
-        return ghost_norms(loss, p, b), sums
+        by_choice = []
+        for from_positions in forced:
+            with monkeypatch.context() as patch:
+                patch.setattr(ghost, "_positions_gram_is_smaller", choice(from_positions))
+                by_choice.append(ghost_norms(loss, p, b, layer_rule="ghost"))
+        return ghost_norms(loss, p, b), sums, by_choice
 
-    got, sums = ghosted(params, batch, weights)
+    got, sums, by_choice = ghosted(params, batch, weights)
     np.testing.assert_allclose(got, expected, rtol=2e-5)
+    assert sorted(set(chosen)) == list(forced)
+    for from_positions, norms in zip(forced, by_choice, strict=True):
+        np.testing.assert_allclose(norms, expected, rtol=2e-5, err_msg=f"{from_positions=}")
     for rule, (total, norms) in zip(rules, sums, strict=True):
         # the clipped sum's norms are ghost_norms' with rule
         np.testing.assert_allclose(norms, expected, rtol=2e-5, err_msg=rule)
@@ -181,17 +201,6 @@ def test_every_layer_type_and_rule_matches_materialized_norms_and_sum(name, rng)
     )
     materialized = {row.path for row in plan if row.kind == "parameter"}
     assert all(not p.endswith("['kernel']") for p in materialized)
-
-
-@pytest.mark.parametrize("name", sorted(n for n in _LAYERS if "conv" in n))
-@pytest.mark.parametrize("from_positions", [False, True])
-def test_ghost_norms_from_windows_and_from_positions(name, from_positions, rng, monkeypatch):
-    # A convolution's window Gram matrix comes from its unfolded windows or from the Gram matrix
-    # of its padded positions, whichever is smaller: both, on every convolution option.
-    monkeypatch.setattr(ghost, "_positions_gram_is_smaller", lambda *_: from_positions)
-    loss, params, batch = _problem(*_LAYERS[name], rng)
-    got = jax.jit(lambda p, b: ghost_norms(loss, p, b, layer_rule="ghost"))(params, batch)
-    np.testing.assert_allclose(got, _reference_norms(loss, params, batch), rtol=2e-5)
 
 
 @pytest.mark.parametrize("depth_multiplier, rule", [(1, "direct"), (4, "ghost")])
