@@ -90,6 +90,19 @@ def _assert_trees_close(got, want, rtol=1e-4):
         np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=rtol * scale)
 
 
+def _scalar(outputs):
+    """A scalar of all the outputs whose gradient has no symmetry to hide a wrong term behind."""
+    return sum(
+        jnp.sum(jnp.sin(leaf * (1.0 + 0.05 * jnp.arange(leaf.size).reshape(leaf.shape))))
+        for leaf in jax.tree.leaves(outputs)
+    )
+
+
+# The cotangent of the scalar is the test's own scaffolding, not under test: compiled once per
+# output shape for the whole module (a fresh function per test compiled it again for each).
+_cotangent = jax.jit(jax.grad(_scalar))
+
+
 def test_every_public_module_has_a_case():
     assert set(CASES) == set(nn.__all__)
 
@@ -99,7 +112,8 @@ def test_transformations_equal_eager(name, rng):
     module, shape, kwargs, mutable = CASES[name]
     xs = jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32))
     init_kwargs = {k: v for k, v in kwargs.items() if k != "rngs"}
-    variables = module.init(jax.random.key(0), xs[0], **init_kwargs)
+    # jitted (the initialization is not under test): eagerly, each operation compiled alone
+    variables = jax.jit(lambda key, x: module.init(key, x, **init_kwargs))(jax.random.key(0), xs[0])
     params = variables.get("params", {})
     others = {k: v for k, v in variables.items() if k != "params"}
 
@@ -112,13 +126,7 @@ def test_transformations_equal_eager(name, rng):
         )
         return out
 
-    def scalar(outputs):
-        return sum(
-            jnp.sum(jnp.sin(leaf * (1.0 + 0.05 * jnp.arange(leaf.size).reshape(leaf.shape))))
-            for leaf in jax.tree.leaves(outputs)
-        )
-
-    grad = jax.grad(lambda params, x: scalar(forward(params, x)), argnums=(0, 1))
+    grad = jax.grad(lambda params, x: _scalar(forward(params, x)), argnums=(0, 1))
 
     def value_and_grad(params, x):
         return forward(params, x), grad(params, x)
@@ -132,13 +140,11 @@ def test_transformations_equal_eager(name, rng):
         )
 
     (value, gradient), (values, gradients) = jax.jit(transformed)(params, xs)
-    # The cotangent of the scalar is the test's own scaffolding, not under test: compiled once.
-    cotangent = jax.jit(jax.grad(scalar))
     for i in range(BATCH):
         # Eagerly, one forward pass gives the outputs and, pulled back, the gradient (what grad
         # does). The operations compiled for the first example serve the others.
         eager_value, pullback = jax.vjp(forward, params, xs[i])
-        eager = pullback(cotangent(eager_value))
+        eager = pullback(_cotangent(eager_value))
         assert any(np.asarray(g).any() for g in jax.tree.leaves(eager))
         if i == 0:
             _assert_trees_close(value, eager_value)
