@@ -31,7 +31,8 @@ machine, see ``experiments/benchmarks/README.md``):
   training at the same speed, so the default plan no longer picks it (selectable per call).
 * input gradient: XLA's transposed convolution, or for few input channels one GEMM against the
   flattened kernel followed by col2im (a sum of strided pads, which XLA fuses into one loop);
-  the latter too where XLA:CPU would abort compiling the former (``transpose_aborts_xla_cpu``).
+  the latter too where XLA:CPU would abort compiling the former (``transpose_aborts_xla_cpu``)
+  or compute it wrongly (``transpose_pads_negative_xla_cpu``).
 * depthwise (one input channel per group, ``groups > 1``, any channel multiplier; float32 and
   float64): all three products as shifted multiply-adds over channels-last arrays, which XLA fuses
   into one vectorized loop each. Forward: the sum over window offsets of (strided slice of the
@@ -65,7 +66,14 @@ from jax import lax
 from jcnn.functional._checks import as_int_tuple, check_array, check_choice, check_positive_int
 from jcnn.functional._conv_products import conv_products
 
-__all__ = ["conv_general", "native_conv", "plan", "ConvPlan", "transpose_aborts_xla_cpu"]
+__all__ = [
+    "conv_general",
+    "native_conv",
+    "plan",
+    "ConvPlan",
+    "transpose_aborts_xla_cpu",
+    "transpose_pads_negative_xla_cpu",
+]
 
 # Patches held per GEMM in the weight gradient: a few MB stays within L2/L3 on the measured
 # machine; larger chunks ran up to 2x slower, smaller ones pay per-iteration overhead.
@@ -129,7 +137,7 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
         # products take any, except the input gradient XLA:CPU aborts on, which a symbolic batch
         # (concrete spatial sizes) still reaches.
         spatial = x_shape[1:-1]
-        aborts = all(isinstance(size, int) for size in spatial) and transpose_aborts_xla_cpu(
+        fails = all(isinstance(size, int) for size in spatial) and _transpose_fails_xla_cpu(
             window,
             stride,
             dilation,
@@ -138,7 +146,7 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
             _output_sizes(spatial, window, stride, padding, dilation),
             groups,
         )
-        return ConvPlan("xla", "shift" if aborts else "xla", "xla", 1)
+        return ConvPlan("xla", "shift" if fails else "xla", "xla", 1)
     channels_per_group = w_shape[-2]
     few = channels_per_group < _FEW_CHANNELS
     out_sizes = _output_sizes(x_shape[1:-1], window, stride, padding, dilation)
@@ -153,12 +161,12 @@ def plan(x_shape, w_shape, stride, padding, dilation, groups, itemsize=4) -> Con
         weight_grad = "im2col"
     else:
         weight_grad = "xla"
-    aborts = transpose_aborts_xla_cpu(
+    fails = _transpose_fails_xla_cpu(
         window, stride, dilation, padding, x_shape[1:-1], out_sizes, groups
     )
     return ConvPlan(
         forward="xla",
-        input_grad="shift" if few or aborts else "xla",
+        input_grad="shift" if few or fails else "xla",
         weight_grad=weight_grad,
         chunk=chunk,
     )
@@ -190,6 +198,30 @@ def transpose_aborts_xla_cpu(
         if (k, s, d) == (2, 2, 1) and low <= 0 and high <= 0:
             return True
     return False
+
+
+def transpose_pads_negative_xla_cpu(window, stride, dilation, padding, in_sizes, out_sizes) -> bool:
+    """Whether this convolution's input gradient, written as XLA's transposed convolution, pads
+    some dim by a negative amount below and a positive one above, which XLA:CPU (jaxlib 0.10.2)
+    computes wrongly from four input channels on: values far off, different from run to run (a
+    negative low padding comes from a padding beyond the dilated window's reach, e.g. 2 taps
+    padded by 3 below and 0 above). ``in_sizes``/``out_sizes`` as for
+    ``transpose_aborts_xla_cpu``."""
+    for k, s, d, (lo, _), size, n in zip(
+        window, stride, dilation, padding, in_sizes, out_sizes, strict=True
+    ):
+        low = d * (k - 1) - lo
+        high = size + d * (k - 1) - (n - 1) * s - 1 - low
+        if low < 0 < high:
+            return True
+    return False
+
+
+def _transpose_fails_xla_cpu(window, stride, dilation, padding, in_sizes, out_sizes, groups):
+    """Whether XLA:CPU would abort on or miscompute this convolution's input gradient."""
+    return transpose_aborts_xla_cpu(
+        window, stride, dilation, padding, in_sizes, out_sizes, groups
+    ) or transpose_pads_negative_xla_cpu(window, stride, dilation, padding, in_sizes, out_sizes)
 
 
 def _depthwise(w_shape, groups) -> bool:

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from jax import export, lax
 
-from jcnn.functional._conv_cpu import ConvPlan, conv_general, plan, transpose_aborts_xla_cpu
+from jcnn.functional._conv_cpu import (
+    ConvPlan,
+    conv_general,
+    plan,
+    transpose_aborts_xla_cpu,
+    transpose_pads_negative_xla_cpu,
+)
 
 _LETTERS = {1: "W", 2: "HW", 3: "DHW"}
 _PLANS = [
@@ -104,6 +110,37 @@ def test_default_plan_avoids_the_input_gradients_xla_cpu_aborts_on():
     # Without padding the transposed window pads by 1; grouped convolutions are not swapped.
     assert plan((2, 6, 6, 4), (3, 2, 4, 3), (2, 2), ((0, 0),) * 2, (2, 1), 1).input_grad == "xla"
     assert plan((2, 6, 6, 4), (3, 2, 2, 4), *aborting[2:5], 2).input_grad == "xla"
+
+
+@pytest.mark.parametrize(
+    "window, padding, spatial",
+    [((2,), ((3, 0),), (4,)), ((3, 2), ((3, 4), (3, 0)), (4, 3)), ((3,), ((4, 1),), (5,))],
+)
+def test_default_plan_avoids_the_input_gradients_xla_cpu_computes_wrongly(
+    rng, window, padding, spatial
+):
+    # a padding beyond the window's reach below and within it above: XLA's transposed
+    # convolution pads by (negative, positive) there, which XLA:CPU computed as garbage from four
+    # input channels on (dx off by 0.3 to 1e31, relative)
+    x = jnp.asarray(rng.normal(size=(2, *spatial, 9)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*window, 9, 11)), jnp.float32)
+    ones = (1,) * len(window)
+    chosen = plan(x.shape, w.shape, ones, padding, ones, 1)
+    assert chosen.input_grad == "shift"
+    out_sizes = [
+        s + lo + hi - k + 1 for s, (lo, hi), k in zip(spatial, padding, window, strict=True)
+    ]
+    assert transpose_pads_negative_xla_cpu(window, ones, ones, padding, spatial, out_sizes)
+    ours = jax.grad(lambda x: jnp.sum(conv_general(x, w, ones, padding, ones, 1) ** 2))(x)
+    # the reference pads explicitly: its convolution's transpose pads by positive amounts only
+    padded = lambda x: jnp.pad(x, ((0, 0), *padding, (0, 0)))  # noqa: E731
+    valid = ((0, 0),) * len(window)
+    reference = jax.grad(lambda x: jnp.sum(lax_conv(padded(x), w, ones, valid, ones, 1) ** 2))(
+        x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
+    )
+    np.testing.assert_allclose(ours, reference, rtol=2e-5, atol=2e-4)
+    # within the window's reach on both sides (or beyond it on both) XLA's own is kept
+    assert not transpose_pads_negative_xla_cpu((2,), (1,), (1,), ((1, 0),), (4,), (4,))
 
 
 # float64 keeps the default backend on these formulations (oneDNN takes float32 and bfloat16).
