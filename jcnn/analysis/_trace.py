@@ -99,8 +99,11 @@ def variables_path(scope) -> tuple[str, ...]:
 def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     """Run ``model.init`` abstractly on zeros of ``input_shape``; returns ``(calls, variables)``.
 
-    ``variables`` holds ``jax.ShapeDtypeStruct`` leaves (nothing is allocated).
+    ``variables`` holds ``jax.ShapeDtypeStruct`` leaves (nothing is allocated). A layer that a
+    ``FoldedModel`` (anywhere in ``model``) skips is no call: it runs as the identity.
     """
+    from jcnn.analysis.fold import FoldedModel  # here: fold imports this module
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
     input_shape = check_input_shape(input_shape)
@@ -110,14 +113,20 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     producer: dict[int, int] = {}
     # Keeps every traced array alive so that ``id`` stays unique during the run.
     alive: list = []
+    folded_away: set[tuple[str, ...]] = set()
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__" or not args:
             return next_fun(*args, **kwargs)
+        path = variables_path(context.module.scope)
+        if isinstance(context.module, FoldedModel):
+            folded_away.update(path + skipped for skipped in context.module.skipped)
+        if path in folded_away:
+            return next_fun(*args, **kwargs)
         x = args[0]
         call = LayerCall(
             index=len(calls),
-            path=variables_path(context.module.scope),
+            path=path,
             module=context.module,
             input_shape=tuple(x.shape) if hasattr(x, "shape") else None,
             parent=stack[-1].index if stack else None,

@@ -231,7 +231,6 @@ def fold_batch_norms(
     base, skipped, added_bias = model, (), ()
     if isinstance(model, FoldedModel):  # folded again: one wrapper, and only what it left
         base, skipped, added_bias = model.model, model.skipped, model.added_bias
-        pairs = [pair for pair in pairs if pair[1] not in skipped]
     folded = _plain(dict(variables))
     params = folded.setdefault("params", {})
     stats = folded.get("batch_stats", {})

@@ -45,7 +45,6 @@ from jax.typing import DTypeLike
 
 from jcnn import nn as jnn
 from jcnn.analysis._trace import LayerCall, subtree, trace_layers
-from jcnn.analysis.fold import FoldedModel
 from jcnn.functional._checks import as_int_tuple, check_bool, normalize_padding
 
 __all__ = [
@@ -669,10 +668,7 @@ def summary(
     fields = _fields(calls)
     placed = []  # (position, row): a composite's own row goes after its last layer
     counted: set[tuple[str, ...]] = set()
-    folded_away = set(model.skipped) if isinstance(model, FoldedModel) else set()
     for call in calls:
-        if call.is_leaf and call.path in folded_away:
-            continue
         if call.is_leaf:
             params = subtree(variables, "params", call.path)
             if call.lifted:  # traced once, not once per step or slice

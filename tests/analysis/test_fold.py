@@ -202,6 +202,49 @@ def test_a_folded_model_is_summarized_and_folded_again(model, rng):
     assert _relative_error(again.apply(refolded, x), expected) < 1e-5
 
 
+class _Wrapper(linen.Module):
+    """Calls ``inner`` as a submodule (a folded backbone inside a user's model)."""
+
+    inner: linen.Module
+
+    @linen.compact
+    def __call__(self, x, train=False):
+        return self.inner(x, train=train)
+
+
+def test_a_folded_model_inside_another_is_summarized_and_folded(rng):
+    # the BatchNorms a FoldedModel skips showed as rows of the wrapping model's table, and
+    # folding the wrapping model looked for their statistics (a ValueError on valid variables)
+    model = nn.Sequential([nn.Conv(3, 3, use_bias=False), nn.BatchNorm(), nn.ReLU()])
+    shape = (2, 6, 6, 2)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(model.init(jax.random.key(0), x, train=False), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    wrapped, wrapped_variables = _Wrapper(folded_model), {"params": {"inner": folded["params"]}}
+    table = summary(wrapped, shape)
+    assert [row.name for row in table.rows] == ["inner/layers_0", "inner/layers_2"]
+    assert table.total_params == 3 * 3 * 2 * 3 + 3
+    again, refolded = fold_batch_norms(wrapped, wrapped_variables, shape)
+    assert again.skipped == ()
+    assert jax.tree.all(jax.tree.map(np.array_equal, refolded, wrapped_variables))
+    expected = model.apply(variables, x, train=False)
+    assert _relative_error(again.apply(refolded, x), expected) < 1e-5
+
+
+def test_a_second_folding_folds_a_batch_norm_the_first_left_behind_another(rng):
+    # conv -> bn1 -> bn2: the first folding takes bn1 only; with bn1 gone, bn2 follows the conv
+    model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm(), nn.BatchNorm()])
+    shape = (2, 5, 5, 2)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(model.init(jax.random.key(0), x, train=False), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    assert folded_model.skipped == (("layers_1",),)
+    again, refolded = fold_batch_norms(folded_model, folded, shape)
+    assert again.skipped == (("layers_1",), ("layers_2",)) and "batch_stats" not in refolded
+    expected = model.apply(variables, x, train=False)
+    assert _relative_error(again.apply(refolded, x), expected) < 1e-5
+
+
 class _ConvOutputAlsoAdded(linen.Module):
     """``bn(conv(x)) + conv(x)``: the conv's output has a use that is no module call."""
 
