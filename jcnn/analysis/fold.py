@@ -237,16 +237,26 @@ def fold_batch_norms(
     for layer_path, norm_path, _, eps, groups in pairs:
         layer_params = _node(params, layer_path, "the layer's params")
         norm_params = subtree(folded, "params", norm_path)
-        norm_stats = _node(stats, norm_path, "the BatchNorm's batch_stats")
-        kernel, bias = _fold(
-            jnp.asarray(layer_params["kernel"]),
-            layer_params.get("bias"),
-            norm_params.get("scale"),
-            norm_params.get("bias"),
-            F.BatchNormState(jnp.asarray(norm_stats["mean"]), jnp.asarray(norm_stats["var"])),
-            eps,
-            groups,
-        )
+        _node(stats, norm_path, "the BatchNorm's batch_stats")
+        kernel = _node(params, (*layer_path, "kernel"), "the layer's kernel")
+        mean = _node(stats, (*norm_path, "mean"), "the BatchNorm's running mean")
+        var = _node(stats, (*norm_path, "var"), "the BatchNorm's running variance")
+        try:
+            kernel, bias = _fold(
+                jnp.asarray(kernel),
+                layer_params.get("bias"),
+                norm_params.get("scale"),
+                norm_params.get("bias"),
+                F.BatchNormState(jnp.asarray(mean), jnp.asarray(var)),
+                eps,
+                groups,
+            )
+        except (TypeError, ValueError) as error:
+            # F.fold_batch_norm names its own arguments (w, b, scale, state): say which layers
+            raise type(error)(
+                f"variables: the layer at {'/'.join(layer_path)!r} and the BatchNorm at "
+                f"{'/'.join(norm_path)!r} do not fold: {error}"
+            ) from error
         layer_params["kernel"], layer_params["bias"] = kernel, bias
         if norm_params:
             _delete(params, norm_path)

@@ -274,6 +274,29 @@ def test_fold_reports_missing_variables():
         fold_batch_norms(model, {"params": variables["params"]}, x.shape)
 
 
+def test_fold_names_a_missing_or_misshapen_variable_by_its_path():
+    # a missing kernel or running variance was a raw KeyError; a misshapen one was named by
+    # F.fold_batch_norm's argument only ("b: expected shape ..."), not by the layers
+    model = nn.Sequential([nn.Conv(2, 3), nn.BatchNorm()])
+    x = jnp.zeros((1, 5, 5, 1))
+    variables = _to_dict(model.init(jax.random.key(0), x, train=False))
+    without_kernel = _to_dict(variables)
+    del without_kernel["params"]["layers_0"]["kernel"]
+    with pytest.raises(ValueError, match="variables: expected the layer's kernel at 'layers_0/k"):
+        fold_batch_norms(model, without_kernel, x.shape)
+    without_var = _to_dict(variables)
+    del without_var["batch_stats"]["layers_1"]["var"]
+    with pytest.raises(ValueError, match="the BatchNorm's running variance at 'layers_1/var'"):
+        fold_batch_norms(model, without_var, x.shape)
+    wide = _to_dict(variables)
+    wide["params"]["layers_0"]["kernel"] = jnp.ones((3, 3, 1, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"the layer at 'layers_0' and the BatchNorm at 'layers_1' do not fold: b: .*\(2,\)",
+    ):
+        fold_batch_norms(model, wide, x.shape)
+
+
 def test_fold_names_variables_of_the_wrong_type():
     model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm()])
     x = jnp.zeros((1, 5, 5, 1))
