@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcnn import nn as jnn
+from jcnn.analysis.batch_norm import _GroupNormForBatchNorm
 from jcnn.functional._checks import check_size_sequence
 
 
@@ -40,7 +43,10 @@ class LayerCall:
 
 
 def accepts_train(model: nn.Module) -> bool:
-    """Whether ``model.__call__`` takes a ``train`` argument."""
+    """Whether ``model.__call__`` takes a ``train`` argument (``replace_batch_norm``'s wrapper
+    passes its arguments on: it takes one where its model does)."""
+    if isinstance(model, _GroupNormForBatchNorm):
+        return accepts_train(model.wrapped)
     try:
         return "train" in inspect.signature(model.__call__).parameters
     except (TypeError, ValueError):
@@ -100,7 +106,8 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     """Run ``model.init`` abstractly on zeros of ``input_shape``; returns ``(calls, variables)``.
 
     ``variables`` holds ``jax.ShapeDtypeStruct`` leaves (nothing is allocated). A layer that a
-    ``FoldedModel`` (anywhere in ``model``) skips is no call: it runs as the identity.
+    ``FoldedModel`` (anywhere in ``model``) skips is no call: it runs as the identity; a BatchNorm
+    that ``replace_batch_norm`` computes as a GroupNorm is recorded as that ``GroupNorm``.
     """
     from jcnn.analysis.fold import FoldedModel  # here: fold imports this module
 
@@ -114,6 +121,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     # Keeps every traced array alive so that ``id`` stays unique during the run.
     alive: list = []
     folded_away: set[tuple[str, ...]] = set()
+    group_norm_under: dict[tuple[str, ...], int] = {}  # replace_batch_norm's model paths
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__" or not args:
@@ -124,10 +132,24 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
         if path in folded_away:
             return next_fun(*args, **kwargs)
         x = args[0]
+        module = context.module
+        if isinstance(module, _GroupNormForBatchNorm):
+            group_norm_under[path] = module.num_groups
+        elif isinstance(module, (jnn.BatchNorm, nn.BatchNorm)) and hasattr(x, "shape"):
+            # replace_batch_norm computes it as a GroupNorm: the layer is that one
+            groups = [g for prefix, g in group_norm_under.items() if path[: len(prefix)] == prefix]
+            if groups:
+                module = jnn.GroupNorm(
+                    num_groups=math.gcd(groups[-1], x.shape[-1]),
+                    eps=module.epsilon if isinstance(module, nn.BatchNorm) else module.eps,
+                    use_scale=module.use_scale,
+                    use_bias=module.use_bias,
+                    parent=None,
+                )
         call = LayerCall(
             index=len(calls),
             path=path,
-            module=context.module,
+            module=module,
             input_shape=tuple(x.shape) if hasattr(x, "shape") else None,
             parent=stack[-1].index if stack else None,
             source=producer.get(id(x)),

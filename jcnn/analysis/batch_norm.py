@@ -24,15 +24,17 @@ __all__ = ["replace_batch_norm"]
 class _GroupNormForBatchNorm(linen.Module):
     """``model`` with each BatchNorm call computed as a GroupNorm (see ``replace_batch_norm``)."""
 
-    model: linen.Module
+    # not "model": FoldedModel's field, whose name a folded replaced model (or a replaced folded
+    # one) would reserve twice in the scope the two wrappers share
+    wrapped: linen.Module
     num_groups: int = 32
 
     def setup(self):
-        linen.share_scope(self, self.model)
+        linen.share_scope(self, self.wrapped)
 
     def __call__(self, *args, **kwargs):
         with linen.intercept_methods(partial(_group_norm_instead, self.num_groups)):
-            return self.model(*args, **kwargs)
+            return self.wrapped(*args, **kwargs)
 
 
 def _group_norm_instead(num_groups, next_fun, args, kwargs, context):

@@ -18,6 +18,8 @@ and the twins in the tests. Conversions:
   ``batch_stats`` ``mean``, ``var`` (``num_batches_tracked`` is ignored). A BatchNorm without a
   ``scale`` (``use_scale=False``, e.g. ``AirbenchNet``'s) takes a PyTorch weight of ones, one
   without a ``bias`` a PyTorch bias of zeros.
+- ``GroupNorm`` (and a BatchNorm that ``replace_batch_norm`` computes as one): ``weight``,
+  ``bias`` to ``scale``, ``bias``.
   A ``BatchNorm1d`` of the flattened feature map is permuted to NHWC order as the dense layer is
   (and the dense layer after it still is).
 
@@ -241,7 +243,14 @@ def _to_channels_last(vector: np.ndarray, flattened_from: tuple[int, ...]) -> np
     return moved.reshape(-1)
 
 
-_CONVERTED = (jnn.Conv, jnn.DepthwiseConv, jnn.ConvTranspose, jnn.Dense, jnn.BatchNorm)
+_CONVERTED = (
+    jnn.Conv,
+    jnn.DepthwiseConv,
+    jnn.ConvTranspose,
+    jnn.Dense,
+    jnn.BatchNorm,
+    jnn.GroupNorm,
+)
 
 
 def from_torch_state_dict(
@@ -274,8 +283,8 @@ def from_torch_state_dict(
         if not isinstance(call.module, _CONVERTED):
             raise ValueError(
                 f"model: layer {'/'.join(call.path)} ({type(call.module).__name__}) has no "
-                "PyTorch conversion (Conv, DepthwiseConv, ConvTranspose, Dense and BatchNorm are "
-                "supported)"
+                "PyTorch conversion (Conv, DepthwiseConv, ConvTranspose, Dense, BatchNorm and "
+                "GroupNorm are supported)"
             )
         layers.append((call, params, stats))
     groups = _group(state_dict)

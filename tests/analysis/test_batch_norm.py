@@ -403,3 +403,34 @@ def test_replace_batch_norm_on_zoo_models(name, rng):
     alone = batch_grad(params, (jnp.stack([images[2]] * 3), jnp.stack([labels[2]] * 3)))
     _assert_trees_close(jax.tree.map(lambda g: g[2], grads), alone, tol=1e-4)
     assert math.isfinite(float(sum(jnp.sum(g) for g in jax.tree.leaves(grads))))
+
+
+def test_a_replaced_model_is_summarized_folded_and_imported_as_group_norms(rng):
+    # the analysis tracer took the replaced layers for BatchNorms: summary, receptive_field and
+    # fold_batch_norms did not pass train to a model whose layers need it (the wrapper's
+    # __call__ takes **kwargs), the receptive field stopped at the conv's 3x3 (a GroupNorm
+    # output sees the whole map), and folding asked for BatchNorm statistics it has no more
+    torch = pytest.importorskip("torch")
+    from jcnn.analysis import fold_batch_norms, from_torch_state_dict, receptive_field, summary
+
+    model = replace_batch_norm(
+        nn.Sequential([nn.Conv(4, 3, use_bias=False), nn.BatchNorm(), nn.ReLU()]), num_groups=2
+    )
+    shape = (2, 9, 9, 1)
+    table = summary(model, shape)
+    assert [row.layer for row in table.rows][1] == "GroupNorm"
+    assert receptive_field(model, shape).size == (9, 9)
+    twin = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.GroupNorm(2, 4), torch.nn.ReLU()
+    )
+    with torch.no_grad():
+        twin[1].weight.uniform_(0.5, 1.5)
+        twin[1].bias.uniform_(-0.5, 0.5)
+    variables = from_torch_state_dict(model, twin.state_dict(), shape)
+    folded, folded_variables = fold_batch_norms(model, variables, shape)
+    assert folded.skipped == ()
+    x = rng.normal(size=shape).astype(np.float32)
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    got = folded.apply(folded_variables, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
