@@ -90,4 +90,11 @@ def replace_batch_norm(model: linen.Module, *, num_groups: int = 32) -> linen.Mo
     if not isinstance(model, linen.Module):
         raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
     num_groups = check_positive_int(num_groups, "num_groups")
+    from jcnn.analysis.fold import FoldedModel  # here: fold's tracer imports this module
+
+    if isinstance(model, FoldedModel):
+        # inside it: the BatchNorms it folded away must stay skipped, not become GroupNorms
+        return model.clone(
+            parent=None, model=replace_batch_norm(model.model, num_groups=num_groups)
+        )
     return _GroupNormForBatchNorm(model.clone(parent=None), num_groups)

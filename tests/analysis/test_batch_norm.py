@@ -13,12 +13,14 @@ import pytest
 from jcnn import functional as F
 from jcnn import models, nn
 from jcnn.analysis import (
+    fold_batch_norms,
     ghost_clipped_sum,
     ghost_norms,
     per_example_grad_norms,
     per_example_grads,
     private_grad,
     replace_batch_norm,
+    summary,
 )
 
 
@@ -434,3 +436,26 @@ def test_a_replaced_model_is_summarized_folded_and_imported_as_group_norms(rng):
         expected = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
     got = folded.apply(folded_variables, jnp.asarray(x), train=False)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_folded_model_keeps_its_folded_batch_norms_skipped_when_replaced(rng):
+    # the replacement ran before the folded model's skip: the BatchNorm folded into the conv
+    # became a GroupNorm whose parameters the folded variables no longer have
+    model = nn.Sequential(
+        [nn.Conv(6, 3, use_bias=False), nn.BatchNorm(), nn.ReLU(), nn.Flatten(), nn.BatchNorm()]
+    )
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+    folded, variables = fold_batch_norms(
+        model, model.init(jax.random.key(0), x, train=False), x.shape
+    )
+    assert folded.skipped == (("layers_1",),)  # the last BatchNorm follows a flatten: kept
+    replaced = replace_batch_norm(folded, num_groups=4)
+    ours = replaced.apply(variables, x, train=True)
+    params = variables["params"]
+    conv = F.conv(x, params["layers_0"]["kernel"], params["layers_0"]["bias"])
+    flat = jax.nn.relu(conv).reshape(2, -1)
+    expected = F.group_norm(
+        flat, params["layers_4"]["scale"], params["layers_4"]["bias"], num_groups=4, eps=1e-5
+    )
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    assert [row.layer for row in summary(replaced, x.shape).rows][-1] == "GroupNorm"
