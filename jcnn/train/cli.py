@@ -855,7 +855,7 @@ def _main(argv) -> int:
         }
         metadata = {
             "recipe": args.recipe,
-            "model": args.model,
+            "model": None if args.recipe else args.model,  # a recipe builds its own
             "dataset": args.dataset,
             "data_dir": args.data_dir,
             "manual_dir": args.manual_dir,

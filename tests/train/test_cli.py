@@ -896,6 +896,9 @@ def test_recipe_runs_into_a_run_folder_and_reports_it(tmp_path, capsys):
     record = json.loads((out / "config.json").read_text())
     assert record["settings"]["recipe"] == {"name": "mnist99", "steps": 4}
     assert record["model"]["class"] == "jcnn.models.fast_mnist.FastMNISTNet"
+    # the run's metadata named the --model default (lenet5) beside the recipe's network
+    metadata = json.loads((out / "run.json").read_text())["metadata"]
+    assert metadata["recipe"] == "mnist99" and metadata["model"] is None
     assert record["train"]["label_smoothing"] == 0.1
     assert (out / "standardize.npz").exists()  # the recipe's statistics, for load_run
     # the recipe's length is a setting of the run: a resume with another one is refused
