@@ -810,10 +810,9 @@ def test_depthwise_weight_gradient_routes_to_xla_where_it_measured_faster(
         assert lowered.count("jcnn_conv_backward_weights") == 1
 
 
-def test_depthwise_second_derivatives_and_per_example_gradients(onednn, rng):
-    x = jnp.asarray(rng.standard_normal((3, 11, 9, 6)).astype(np.float32))
-    w = jnp.asarray(rng.standard_normal((5, 3, 1, 12)).astype(np.float32))
-    options = ((2, 1), ((2, 1), (0, 2)), (1, 2), 6)
+def _check_second_order_and_per_example(x, w, options):
+    """The routed convolution's gradient-penalty derivatives and per-example weight gradients
+    equal the reference's."""
     penalty_grad = jax.grad(_gradient_penalty, argnums=(0, 1))
 
     def loss(w, example, conv):
@@ -832,6 +831,13 @@ def test_depthwise_second_derivatives_and_per_example_gradients(onednn, rng):
     for a, b in zip(got, want, strict=True):
         assert _relative_error(a, b) < 1e-5
     assert _relative_error(got_per_example, want_per_example) < 2e-6
+
+
+def test_depthwise_second_derivatives_and_per_example_gradients(onednn, rng):
+    x = jnp.asarray(rng.standard_normal((3, 11, 9, 6)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((5, 3, 1, 12)).astype(np.float32))
+    options = ((2, 1), ((2, 1), (0, 2)), (1, 2), 6)
+    _check_second_order_and_per_example(x, w, options)
 
 
 def _pretend_3d_weight_gradients_are_gemm(monkeypatch):
@@ -888,24 +894,7 @@ def test_3d_weight_gradient_per_depth_tap_keeps_every_derivative(onednn, rng, mo
     x = jnp.asarray(rng.standard_normal((3, 7, 5, 4, 4)).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((3, 2, 3, 2, 6)).astype(np.float32))
     options = ((2, 1, 2), ((2, 0), (1, 1), (0, 1)), (2, 1, 1), 2)
-    penalty_grad = jax.grad(_gradient_penalty, argnums=(0, 1))
-
-    def loss(w, example, conv):
-        return jnp.sum(jnp.tanh(conv(example[None], w)))
-
-    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, None))
-
-    @jax.jit  # both sides of both checks in one program: eagerly, each operation compiled alone
-    def both(x, w):
-        return [
-            (penalty_grad(x, w, conv), per_example(w, x, conv))
-            for conv in (partial(_routed, options=options), partial(_reference, options=options))
-        ]
-
-    (got, got_per_example), (want, want_per_example) = both(x, w)
-    for a, b in zip(got, want, strict=True):
-        assert _relative_error(a, b) < 1e-5
-    assert _relative_error(got_per_example, want_per_example) < 2e-6
+    _check_second_order_and_per_example(x, w, options)
     # the transposed 3-D convolution's kernel gradient is such a weight gradient too
     xt = jnp.asarray(rng.standard_normal((2, 4, 3, 3, 6)).astype(np.float32))
     wt = jnp.asarray(rng.standard_normal((3, 3, 3, 6, 4)).astype(np.float32))
