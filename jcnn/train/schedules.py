@@ -59,6 +59,16 @@ def _as_float(t) -> jnp.ndarray:
     return jnp.asarray(t, dtype=jnp.float32)
 
 
+def _half_cosine(remaining, length: int) -> jnp.ndarray:
+    """``½ (1 + cos(π (1 − r / L)))`` for ``r`` steps remaining of ``L``, clipped to ``[0, 1]``.
+
+    Written ``sin²(π r / 2L)``: the same value, but the ``1 + cos`` form cancels to a few
+    float32 ulps near the end, so its last rates were off by up to 0.25% (T = 1000) rather
+    than 4e-7, and it does not reach exactly 0 at ``r = 0``.
+    """
+    return jnp.sin(0.5 * jnp.pi * jnp.clip(remaining / length, 0.0, 1.0)) ** 2
+
+
 def constant(learning_rate: float) -> Schedule:
     """``α0`` at every step.
 
@@ -155,8 +165,7 @@ def cosine(learning_rate: float, total_steps: int) -> Schedule:
     total = check_positive_int(total_steps, "total_steps")
 
     def schedule(t):
-        progress = jnp.clip(_as_float(t) / total, 0.0, 1.0)
-        return 0.5 * lr * (1.0 + jnp.cos(jnp.pi * progress))
+        return lr * _half_cosine(total - _as_float(t), total)
 
     return schedule
 
@@ -266,8 +275,7 @@ def one_cycle(
     def schedule(t):
         t_float = _as_float(t)
         up = initial + (peak - initial) * jnp.clip(t_float / rise, 0.0, 1.0)
-        progress = jnp.clip((t_float - rise) / fall, 0.0, 1.0)
-        down = final + 0.5 * (peak - final) * (1.0 + jnp.cos(jnp.pi * progress))
+        down = final + (peak - final) * _half_cosine(total - t_float, fall)
         return jnp.where(t_float < rise, up, down)
 
     return schedule

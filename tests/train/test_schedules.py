@@ -188,3 +188,20 @@ def test_step_boundaries_beyond_the_int32_step_counter_are_named():
         S.step(1.0, [5, 2**31])
     sched = S.step(1.0, [np.int64(2**31 - 1)], factor=0.5)
     assert float(sched(0)) == 1.0
+
+
+def test_cosine_and_one_cycle_keep_their_relative_accuracy_to_the_last_step():
+    # the 1 + cos(π t / T) form cancelled near T: 0.25% off at T - 1 for T = 1000
+    total = 1000
+    t = np.arange(total + 2)
+    progress = np.minimum(t, total) / total
+    expected = 0.5 * 0.3 * (1 + np.cos(np.pi * progress))
+    got = np.asarray(jax.vmap(S.cosine(0.3, total))(jnp.asarray(t)))
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=0)
+    assert got[total] == 0.0
+
+    rise, final = 300, 0.3 / 25 / 1e4
+    one = np.asarray(jax.vmap(S.one_cycle(0.3, total))(jnp.asarray(t[rise:])))
+    fall = np.minimum(t[rise:] - rise, total - rise) / (total - rise)
+    expected = final + 0.5 * (0.3 - final) * (1 + np.cos(np.pi * fall))
+    np.testing.assert_allclose(one, expected, rtol=2e-6, atol=0)
