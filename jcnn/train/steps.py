@@ -253,6 +253,15 @@ def _check_batch(state, batch):
     return images, labels
 
 
+def _check_not_empty(images, name: str) -> None:
+    # the mean of no example is NaN: a train step would write it into the parameters (DP-SGD's
+    # empty Poisson batches are the exception, and go through dp_train_step)
+    if images.shape[:1] == (0,):
+        raise ValueError(
+            f"{name}: expected a batch (N, ...) of N >= 1 images, got shape {images.shape}"
+        )
+
+
 def _cast_floats(tree, dtype):
     return jax.tree.map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
@@ -363,6 +372,7 @@ def train_step(
         batch, before the update), ``metrics["grad_norm"]`` and one entry per extra metric.
     """
     images, labels = _check_batch(state, batch)
+    _check_not_empty(images, "batch images")
     return _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metrics, no_grad)
 
 
@@ -403,6 +413,7 @@ def train_steps(
         ``K``, one value per step.
     """
     images, labels = _check_batches(state, batches)
+    _check_not_empty(images[0], "batches images[0]")
 
     def one(state, batch):
         return _step(state, *batch, compute_dtype, label_smoothing, loss_fn, metrics, no_grad)
@@ -491,6 +502,7 @@ def eval_step(
         examples, so that means over a dataset are ``sum(count * value) / sum(count)``.
     """
     images, labels = _check_batch(state, batch)
+    _check_not_empty(images, "batch images")
     loss, (logits, _) = loss_and_logits(
         state.params,
         state,

@@ -459,3 +459,20 @@ def test_label_smoothing_with_a_custom_loss_is_refused(rng):
     with pytest.raises(ValueError, match=says):
         train_steps(_state(SmallNet()), stacked, loss_fn=loss, label_smoothing=0.3)
     train_step(_state(SmallNet()), _batch(rng), loss_fn=loss, label_smoothing=0.0)
+
+
+def test_an_empty_batch_is_refused_before_it_writes_nan_into_the_parameters(rng):
+    # the mean loss of no example is NaN: a step took it and set BatchNorm's scale to NaN
+    state = _state(SmallNet())
+    images, labels = _batch(rng)
+    empty = (images[:0], labels[:0])
+    message = (
+        r"batch images: expected a batch \(N, ...\) of N >= 1 images, got shape \(0, 6, 6, 2\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        train_step(state, empty)
+    with pytest.raises(ValueError, match=message):
+        eval_step(state, empty)
+    with pytest.raises(ValueError, match=r"batches images\[0\]: .* got shape \(0, 6, 6, 2\)"):
+        train_steps(state, (empty[0][None], empty[1][None]))
+    assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
