@@ -39,6 +39,7 @@ function of the params) chooses which parameters decay; the default decays only 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -90,12 +91,50 @@ def default_decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def _checked_schedule(schedule: Callable, name: str) -> Callable:
+    """``schedule`` with each rate it returns checked to be a real scalar (Optax would scale each
+    parameter by a rate vector silently, or fail inside its update on a string)."""
+    label = getattr(schedule, "__qualname__", None) or repr(schedule)
+    try:
+        inspect.signature(schedule).bind(0)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a number or a schedule taking the step, step -> rate, got "
+            f"{label}{inspect.signature(schedule)}"
+        ) from None
+    except ValueError:  # a builtin or C callable: its signature is unknown, trust it
+        pass
+
+    def checked(step):
+        rate = schedule(step)
+        try:
+            dtype = jnp.result_type(rate)
+        except TypeError:
+            dtype = None
+        real = dtype is not None and any(
+            jnp.issubdtype(dtype, kind) for kind in (jnp.floating, jnp.integer)
+        )
+        if rate is None or not real:
+            raise TypeError(
+                f"{name}: expected a schedule returning a real rate, got "
+                f"{type(rate).__name__} {rate!r} from {label}"
+            )
+        if jnp.shape(rate) != ():
+            raise ValueError(
+                f"{name}: expected a schedule returning a scalar rate, got shape "
+                f"{jnp.shape(rate)} from {label}"
+            )
+        return rate
+
+    return checked
+
+
 def _check_rate(value, name: str):
-    """A schedule (any callable) as it is, else a finite number >= 0 as a Python float (a NumPy
-    scalar or 0-d array is accepted; NaN, infinity, strings and ``None`` are not), or a traced
-    0-d real array as it is."""
+    """A schedule (a callable of the step, its rates checked to be real scalars), else a finite
+    number >= 0 as a Python float (a NumPy scalar or 0-d array is accepted; NaN, infinity,
+    strings and ``None`` are not), or a traced 0-d real array as it is."""
     if callable(value):
-        return value
+        return _checked_schedule(value, name)
     try:
         return check_real_or_traced(value, name, low=0)
     except TypeError:

@@ -340,3 +340,29 @@ def test_momentum_methods_under_a_varying_rate_take_pytorchs_form(name, rng):
         v = RHO * v + g
         expected = expected - rate * (g + RHO * v if name == "nesterov" else v)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "error", "message"),
+    [
+        (lambda t: jnp.full(3, 0.1), ValueError, r"scalar rate, got shape \(3,\) from <lambda>"),
+        (lambda t: "0.1", TypeError, "returning a real rate, got str '0.1' from <lambda>"),
+        (lambda t: None, TypeError, "returning a real rate, got NoneType None"),
+        (lambda: 0.1, TypeError, r"a schedule taking the step, step -> rate, got <lambda>\(\)"),
+    ],
+)
+def test_a_schedule_that_is_no_step_to_scalar_rate_is_named(schedule, error, message):
+    # a rate vector scaled each parameter's entries by it silently (or broke inside Optax for
+    # another shape); a string or None failed inside Optax's update with a bare error
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    with pytest.raises(error, match=f"^learning_rate: expected .*{message}"):
+        tx = optim.optimizer("sgd", schedule)
+        tx.update(params, tx.init(params), params)
+
+
+def test_a_checked_schedule_still_runs_traced_and_with_optax_schedules():
+    params = {"w": jnp.ones((2, 3))}
+    for schedule in (optax.cosine_decay_schedule(0.1, 10), lambda t: np.float32(0.1)):
+        tx = optim.optimizer("sgd", schedule)
+        updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+        np.testing.assert_allclose(updates["w"], -0.1 * np.ones((2, 3)), rtol=1e-6)
