@@ -384,11 +384,28 @@ class Loader:
         else:
             records = [self._source[i] for i in indices]
         pairs = [self._image_and_label(r, i) for r, i in zip(records, indices, strict=True)]
-        images = np.stack([np.asarray(image) for image, _ in pairs])[:count]
-        labels = np.stack([np.asarray(label) for _, label in pairs])[:count]
+        images = self._stack([image for image, _ in pairs], indices, "image")[:count]
+        labels = self._stack([label for _, label in pairs], indices, "label")[:count]
         if labels.dtype == np.int64:
             labels = labels.astype(np.int32)
         return jax.device_put(images), jax.device_put(labels)
+
+    @staticmethod
+    def _stack(values, indices, what):
+        """The records' images (or labels) as one array, or an error naming the first record that
+        differs in shape from the first one or that is not numeric."""
+        arrays = [np.asarray(value) for value in values]
+        for array, index in zip(arrays, indices, strict=True):
+            if array.shape != arrays[0].shape:
+                raise ValueError(
+                    f"source: expected every record's {what} to have the shape of record "
+                    f"{indices[0]}'s {arrays[0].shape}, got {array.shape} for record {index}"
+                )
+            if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+                raise TypeError(
+                    f"source: expected a numeric {what}, got dtype {array.dtype} for record {index}"
+                )
+        return np.stack(arrays)
 
     def _image_and_label(self, record, index):
         image_key, label_key = self._keys

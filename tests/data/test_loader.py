@@ -558,3 +558,33 @@ def test_an_empty_dataset_is_named(dataset):
         Loader(images[:0], labels[:0], batch_size=1)
     with pytest.raises(ValueError, match="^source: expected at least one record, got an empty"):
         Loader.from_source([], batch_size=1)
+
+
+@pytest.mark.parametrize(
+    "records, error, message",
+    [
+        (
+            [(np.zeros((3, 3, 1), np.uint8), 0), (np.zeros((4, 3, 1), np.uint8), 1)],
+            ValueError,
+            r"^source: expected every record's image to have the shape of record 0's \(3, 3, 1\), "
+            r"got \(4, 3, 1\) for record 1",
+        ),
+        (
+            [(np.zeros((3, 3, 1), np.uint8), 0), (np.zeros((3, 3, 1), np.uint8), [1, 2])],
+            ValueError,
+            r"^source: expected every record's label to have the shape of record 0's \(\), got "
+            r"\(2,\) for record 1",
+        ),
+        (
+            [(np.zeros((3, 3, 1), np.uint8), "cat"), (np.zeros((3, 3, 1), np.uint8), "dog")],
+            TypeError,
+            r"^source: expected a numeric label, got dtype <U3 for record 0",
+        ),
+    ],
+)
+def test_streaming_records_of_mismatched_shape_or_dtype_are_named(records, error, message):
+    # these ended in numpy's "all input arrays must have the same shape" or JAX's "Dtype <U3 is
+    # not a valid JAX array type", naming neither the source nor the record
+    loader = Loader.from_source(records, batch_size=2, shuffle=False)
+    with pytest.raises(error, match=message):
+        loader.batch(0, 0)
