@@ -442,7 +442,8 @@ def load(
 
     Args:
       name: ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"`` (read from the original files); any
-        other name is loaded through tensorflow-datasets with :func:`load_tfds`.
+        other name is loaded through tensorflow-datasets with :func:`load_tfds` (another
+        spelling of these three, such as ``"MNIST"``, is refused).
       split: ``"train"`` or ``"test"`` (the official split).
       data_dir: folder holding ``<name>/`` with the original files (or the files themselves);
         defaults to ``$JCNN_DATA_DIR``, then ``~/.cache/jcnn/data``.
@@ -469,6 +470,14 @@ def load(
     if not isinstance(name, str):
         raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
     if name not in DATASETS:
+        # tensorflow-datasets takes "MNIST" for its "mnist": a download, not the original files
+        spelled = {re.sub(r"[-_]", "", known): known for known in DATASETS}
+        known = spelled.get(re.sub(r"[-_]", "", name.lower()))
+        if known is not None:
+            raise ValueError(
+                f"name: expected {known!r} (read from its original files; names are lower case), "
+                f"got {name!r}"
+            )
         if verify:
             raise ValueError(
                 f"verify: only for the datasets read from their original files "

@@ -240,6 +240,19 @@ def test_other_names_go_through_tfds_and_say_how_to_get_it(monkeypatch):
         data.load("cifar100", "train")
 
 
+@pytest.mark.parametrize(
+    "name, known", [("MNIST", "mnist"), ("Fashion-MNIST", "fashion_mnist"), ("CIFAR-10", "cifar10")]
+)
+def test_another_spelling_of_a_known_name_is_refused(monkeypatch, name, known):
+    """tfds takes "MNIST" for its "mnist": it downloaded (or, offline, retried for minutes) into
+    the folder of the original files instead of reading them."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # never reached
+    with pytest.raises(ValueError, match=f"^name: expected '{known}' .* got '{name}'$"):
+        data.load(name, "train")
+
+
 def test_verify_is_refused_for_a_name_read_through_tfds(monkeypatch):
     """verify=True would otherwise be dropped silently: no content check, no error."""
     import sys
