@@ -709,7 +709,9 @@ def pattern(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     label-free images of high complexity.
     """
     check_key(key)
-    height, width, channels = check_size_sequence(shape, "shape", length=3, example="(H, W, C)")
+    height, width, channels = check_size_sequence(
+        shape, "shape", length=3, example="(H, W, C)", minimum=1
+    )
     k_kind, k1, k2, k3 = jax.random.split(key, 4)
     rows, cols = jnp.meshgrid(
         jnp.linspace(-1, 1, height), jnp.linspace(-1, 1, width), indexing="ij"

@@ -671,6 +671,8 @@ def test_traced_labels_outside_num_classes_give_nan_not_zero_targets(mix):
         ((8.0, 8, 3), TypeError),  # was a raw error from inside jax.random
         ((True, 8, 3), TypeError),
         ((-8, 8, 3), ValueError),  # was NumPy's "Number of samples, -8, must be non-negative"
+        ((0, 8, 3), ValueError),  # was an empty (0, 8, 3) picture, silently
+        ((8, 8, 0), ValueError),
     ],
 )
 def test_pattern_checks_its_shape(shape, error):
