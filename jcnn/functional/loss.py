@@ -51,6 +51,14 @@ def _check_logits(logits) -> None:
         )
 
 
+def _check_not_empty(logits, what: str) -> None:
+    """A mean over no example is NaN, not a loss or an accuracy: refuse it while it is a shape."""
+    if logits.size == 0:
+        raise ValueError(
+            f"logits: expected at least one example to {what}, got shape {tuple(logits.shape)}"
+        )
+
+
 def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -72,7 +80,7 @@ def cross_entropy(
         label_smoothing: ``eps`` in ``[0, 1]``; a traced 0-d value (to sweep it under ``vmap``)
             is applied unchecked.
         reduction: ``"mean"`` over every example (and position), ``"sum"``, or ``"none"`` for
-            the per-example losses ``(...)``.
+            the per-example losses ``(...)``. ``"mean"`` needs at least one example.
 
     Returns:
         A scalar, or an array ``logits.shape[:-1]`` for ``reduction="none"``.
@@ -89,6 +97,8 @@ def cross_entropy(
     # a traced value (a sweep under vmap or jit) is applied whatever it is
     smoothing = isinstance(label_smoothing, jax.core.Tracer) or label_smoothing > 0
     check_choice(reduction, "reduction", _REDUCTIONS)
+    if reduction == "mean":
+        _check_not_empty(logits, 'average (reduction="mean"); "sum" and "none" accept none')
 
     num_classes = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits.astype(float32_or_wider(logits.dtype)))
@@ -118,7 +128,7 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Args:
         logits: floating array ``(..., K)``.
         labels: integer classes ``(...)`` or class probabilities ``(..., K)`` (e.g. mixup or
-            smoothed targets), whose argmax is the class.
+            smoothed targets), whose argmax is the class. At least one example.
 
     Returns:
         A float32 scalar in ``[0, 1]``, the mean over every example (and position).
@@ -127,5 +137,6 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     0.5
     """
     _check_logits(logits)
+    _check_not_empty(logits, "score")
     classes = labels if _check_labels(logits, labels) else jnp.argmax(labels, axis=-1)
     return jnp.mean((jnp.argmax(logits, axis=-1) == classes).astype(jnp.float32))

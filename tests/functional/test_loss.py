@@ -172,3 +172,18 @@ def test_accuracy_against_numpy(rng):
 def test_bad_inputs_raise_naming_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_an_empty_batch_has_no_mean_loss_or_accuracy_but_sums_to_zero():
+    logits, labels = jnp.zeros((0, 3)), jnp.zeros(0, jnp.int32)
+    for call in (
+        lambda: cross_entropy(logits, labels),
+        lambda: cross_entropy(logits, jnp.zeros((0, 3))),
+        lambda: jax.jit(cross_entropy)(logits, labels),
+    ):
+        with pytest.raises(ValueError, match=r"logits: expected at least one example .*\(0, 3\)"):
+            call()
+    with pytest.raises(ValueError, match=r"logits: expected at least one example to score"):
+        accuracy(jnp.zeros((2, 0, 3)), jnp.zeros((2, 0), jnp.int32))
+    assert float(cross_entropy(logits, labels, reduction="sum")) == 0.0
+    assert cross_entropy(logits, labels, reduction="none").shape == (0,)
