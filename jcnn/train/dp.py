@@ -172,6 +172,14 @@ _DP_STEP_OPTIONS = {
 }
 
 
+def _check_values(arguments) -> None:
+    if arguments.get("weights") is not None:
+        _check_weight_values(arguments["weights"])
+    if arguments.get("denominator") is not None:
+        _check_denominator(arguments["denominator"])
+
+
+@jit_with_options(_DP_STEP_OPTIONS, donate_argnums=(0,), check_values=_check_values)
 def dp_train_step(
     state: TrainState,
     batch,
@@ -221,41 +229,6 @@ def dp_train_step(
         gradient); ``logits`` are the ``(N, K)`` training-mode logits. Only the update is
         private: these values come from the raw data.
     """
-    # checked before the jit: inside it they are traced, and private_grad can check their
-    # shapes only (a weight of 2 or a denominator of 0 or -1 went through silently)
-    if weights is not None:
-        _check_weight_values(weights)
-    if denominator is not None:
-        _check_denominator(denominator)
-    return _dp_train_step(
-        state,
-        batch,
-        weights,
-        denominator,
-        l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier,
-        compute_dtype=compute_dtype,
-        label_smoothing=label_smoothing,
-        loss_fn=loss_fn,
-        no_grad=no_grad,
-    )
-
-
-@jit_with_options(_DP_STEP_OPTIONS, donate_argnums=(0,))
-def _dp_train_step(
-    state: TrainState,
-    batch,
-    weights,
-    denominator,
-    *,
-    l2_norm_clip: float,
-    noise_multiplier: float,
-    compute_dtype=None,
-    label_smoothing: float = 0.0,
-    loss_fn=None,
-    no_grad: tuple[str, ...] = (),
-):
-    """``dp_train_step`` compiled, its values checked."""
     images, labels = _check_batch(state, batch)
     size = images.shape[0]
     example_keys, noise_key = _example_keys(state, size)
@@ -454,9 +427,9 @@ class DPTraining:
         if self.sampling == "poisson":
             (images, labels), weights = pad_batch((images, labels), self.pad_multiple)
             denominator = jnp.float32(self.batch_size)
-        # the compiled step itself: these weights and denominator are right by construction,
-        # and checking their values would wait for them each step
-        state, values, logits = _dp_train_step(
+        # these weights and denominator are right by construction, and checking their values
+        # would wait for them each step
+        state, values, logits = dp_train_step.unchecked(
             state,
             (images, labels),
             weights,

@@ -213,26 +213,41 @@ STEP_OPTIONS = {
 }
 
 
-def jit_with_options(options: Mapping[str, Callable], donate_argnums=()):
+def jit_with_options(
+    options: Mapping[str, Callable],
+    donate_argnums=(),
+    check_values: Callable[[Mapping[str, Any]], None] | None = None,
+):
     """``jax.jit`` with the keyword ``options`` static, each passed through its checker first.
 
     The checker turns what a user naturally writes (a list of patterns, a dict of metrics, a
     NumPy float) into the hashable value the program is compiled for, or raises an error naming
     the option, where JAX would refuse an unhashable static argument from deep inside ``jit``.
-    The result also has ``lower``, as a jitted function does.
+    ``check_values``, if given, receives the call's arguments by name before the jit, while they
+    are concrete values (inside it they are traced, and only their shapes can be checked).
+    The result also has ``lower``, as a jitted function does, and ``unchecked``, which skips
+    ``check_values`` for callers whose values are right by construction (checking them would
+    wait for each call's values).
     """
 
     def decorate(fun):
         jitted = jax.jit(fun, donate_argnums=donate_argnums, static_argnames=tuple(options))
+        signature = inspect.signature(fun)
 
         def checked(kwargs):
             return {k: options[k](v) if k in options else v for k, v in kwargs.items()}
 
-        @functools.wraps(fun)
-        def call(*args, **kwargs):
+        def unchecked(*args, **kwargs):
             return jitted(*args, **checked(kwargs))
 
+        @functools.wraps(fun)
+        def call(*args, **kwargs):
+            if check_values is not None:
+                check_values(signature.bind(*args, **kwargs).arguments)
+            return unchecked(*args, **kwargs)
+
         call.lower = lambda *args, **kwargs: jitted.lower(*args, **checked(kwargs))
+        call.unchecked = unchecked
         return call
 
     return decorate
