@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -19,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn import nn as jnn
-from jcnn.analysis.batch_norm import _GroupNormForBatchNorm
 from jcnn.functional._checks import check_size_sequence
 
 
@@ -43,9 +40,9 @@ class LayerCall:
 
 
 def accepts_train(model: nn.Module) -> bool:
-    """Whether ``model.__call__`` takes a ``train`` argument (``replace_batch_norm``'s wrapper
-    passes its arguments on: it takes one where its model does)."""
-    if isinstance(model, _GroupNormForBatchNorm):
+    """Whether ``model.__call__`` takes a ``train`` argument (a wrapper that passes its arguments
+    on to its ``wrapped`` module, as ``replace_batch_norm``'s does, takes one where it does)."""
+    if isinstance(getattr(model, "wrapped", None), nn.Module):
         return accepts_train(model.wrapped)
     try:
         return "train" in inspect.signature(model.__call__).parameters
@@ -105,12 +102,12 @@ def variables_path(scope) -> tuple[str, ...]:
 def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     """Run ``model.init`` abstractly on zeros of ``input_shape``; returns ``(calls, variables)``.
 
-    ``variables`` holds ``jax.ShapeDtypeStruct`` leaves (nothing is allocated). A layer that a
-    ``FoldedModel`` (anywhere in ``model``) skips is no call: it runs as the identity; a BatchNorm
-    that ``replace_batch_norm`` computes as a GroupNorm is recorded as that ``GroupNorm``.
+    ``variables`` holds ``jax.ShapeDtypeStruct`` leaves (nothing is allocated). A wrapper module
+    (``FoldedModel``, ``replace_batch_norm``'s) says what the layers it runs compute with a method
+    ``traced_as(path, module, x)``: the layer to record for ``module``'s call on ``x`` at ``path``
+    (relative to the wrapper's variables), or ``None`` where that call runs as the identity (it
+    is then no call).
     """
-    from jcnn.analysis.fold import FoldedModel  # here: fold imports this module
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
     input_shape = check_input_shape(input_shape)
@@ -120,32 +117,19 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     producer: dict[int, int] = {}
     # Keeps every traced array alive so that ``id`` stays unique during the run.
     alive: list = []
-    folded_away: set[tuple[str, ...]] = set()
-    group_norm_under: dict[tuple[str, ...], int] = {}  # replace_batch_norm's model paths
+    wrappers: list[tuple[tuple[str, ...], nn.Module]] = []  # the running ones, outermost first
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__" or not args:
             return next_fun(*args, **kwargs)
         path = variables_path(context.module.scope)
-        if isinstance(context.module, FoldedModel):
-            folded_away.update(path + skipped for skipped in context.module.skipped)
-        if path in folded_away:
-            return next_fun(*args, **kwargs)
         x = args[0]
         module = context.module
-        if isinstance(module, _GroupNormForBatchNorm):
-            group_norm_under[path] = module.num_groups
-        elif isinstance(module, (jnn.BatchNorm, nn.BatchNorm)) and hasattr(x, "shape"):
-            # replace_batch_norm computes it as a GroupNorm: the layer is that one
-            groups = [g for prefix, g in group_norm_under.items() if path[: len(prefix)] == prefix]
-            if groups:
-                module = jnn.GroupNorm(
-                    num_groups=math.gcd(groups[-1], x.shape[-1]),
-                    eps=module.epsilon if isinstance(module, nn.BatchNorm) else module.eps,
-                    use_scale=module.use_scale,
-                    use_bias=module.use_bias,
-                    parent=None,
-                )
+        for wrapper_path, wrapper in reversed(wrappers):
+            if path[: len(wrapper_path)] == wrapper_path:
+                module = wrapper.traced_as(path[len(wrapper_path) :], module, x)
+                if module is None:
+                    return next_fun(*args, **kwargs)
         call = LayerCall(
             index=len(calls),
             path=path,
@@ -165,10 +149,15 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             calls[call.source].consumers.append(call.index)
         calls.append(call)
         stack.append(call)
+        is_wrapper = callable(getattr(context.module, "traced_as", None))
+        if is_wrapper:
+            wrappers.append((path, context.module))
         try:
             y = next_fun(*args, **kwargs)
         finally:
             stack.pop()
+            if is_wrapper:
+                wrappers.pop()
         if hasattr(y, "shape"):
             call.output_shape = tuple(y.shape)
             producer[id(y)] = call.index

@@ -16,7 +16,7 @@ import flax.linen as linen
 
 from jcnn import functional as F
 from jcnn.functional._checks import check_positive_int
-from jcnn.nn.norm import BatchNorm
+from jcnn.nn.norm import BatchNorm, GroupNorm
 
 __all__ = ["replace_batch_norm"]
 
@@ -31,6 +31,18 @@ class _GroupNormForBatchNorm(linen.Module):
 
     def setup(self):
         linen.share_scope(self, self.wrapped)
+
+    def traced_as(self, path, module: linen.Module, x) -> linen.Module:
+        """For ``trace_layers``: a BatchNorm is the GroupNorm it computes."""
+        if not isinstance(module, (BatchNorm, linen.BatchNorm)) or not hasattr(x, "shape"):
+            return module
+        return GroupNorm(
+            num_groups=math.gcd(self.num_groups, x.shape[-1]),
+            eps=module.epsilon if isinstance(module, linen.BatchNorm) else module.eps,
+            use_scale=module.use_scale,
+            use_bias=module.use_bias,
+            parent=None,
+        )
 
     def __call__(self, *args, **kwargs):
         with linen.intercept_methods(partial(_group_norm_instead, self.num_groups)):

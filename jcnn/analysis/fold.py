@@ -54,6 +54,10 @@ class FoldedModel(nn.Module):
     def setup(self) -> None:
         nn.share_scope(self, self.model)
 
+    def traced_as(self, path: Path, module: nn.Module, x: jax.Array) -> nn.Module | None:
+        """For ``trace_layers``: a skipped BatchNorm runs as the identity."""
+        return None if path in self.skipped else module
+
     def __call__(self, x: jax.Array, train: bool = False) -> Any:
         """The folded network's output for ``x`` (``train`` reaches layers such as Dropout)."""
         skipped, added_bias = set(self.skipped), set(self.added_bias)
