@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_bool, check_int, check_positive_int
+from jcnn.data.standardize import MODES as STANDARDIZE_MODES
+from jcnn.functional._checks import check_bool, check_int, check_positive_int, is_int
 from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
 from jcnn.train.steps import batch_loss, check_loss_fn
@@ -203,6 +204,11 @@ def load_standardize(path: Path):
     try:
         with np.load(path) as stored:
             projection = stored["projection"] if "projection" in stored else None
+            for name in ("mean", "scale", "projection"):
+                if name in stored and not np.issubdtype(stored[name].dtype, np.floating):
+                    raise TypeError(
+                        f"{name}: expected floating statistics, got {stored[name].dtype}"
+                    )
             return Standardize(
                 jnp.asarray(stored["mean"]),
                 jnp.asarray(stored["scale"]),
@@ -447,6 +453,124 @@ def _read_json(path: Path):
         raise ValueError(f"{path.name}: {type(error).__name__}: {error}") from error
 
 
+_CONFIG_KEYS = {
+    "epochs": "a positive int",
+    "seed": "an int",
+    "monitor": "a metric's name",
+    "monitor_mode": "'max' or 'min'",
+    "standardize": f"null or one of {', '.join(map(repr, STANDARDIZE_MODES))}",
+}
+"""The ``TrainConfig`` fields every ``config.json`` fit wrote holds, that ``load_run`` reads."""
+
+
+def _config_key_ok(key: str, value) -> bool:
+    if key == "epochs":
+        return is_int(value) and value >= 1
+    if key == "seed":
+        return is_int(value)
+    if key == "monitor":
+        return isinstance(value, str) and bool(value)
+    if key == "monitor_mode":
+        return value in ("max", "min")
+    return value is None or value in STANDARDIZE_MODES
+
+
+def _check_config(record) -> dict:
+    """The ``TrainConfig`` table of a ``config.json`` record; ``ValueError`` naming the file and
+    the entry when it is not one fit wrote (no silent defaults for what a damaged file lacks)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"config.json holds a {type(record).__name__}, expected an object")
+    config = record.get("train", record)  # a run_folder record; older runs: the TrainConfig
+    where = "config.json's 'train'" if "train" in record else "config.json"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} holds a {type(config).__name__}, expected an object")
+    absent = [key for key in _CONFIG_KEYS if key not in config]
+    if absent:
+        raise ValueError(
+            f"{where} has no {', '.join(map(repr, absent))}: not the record of a run fit wrote"
+        )
+    for key, expected in _CONFIG_KEYS.items():
+        if not _config_key_ok(key, config[key]):
+            raise ValueError(f"{where}[{key!r}]: expected {expected}, got {config[key]!r}")
+    return config
+
+
+def _check_description(description) -> tuple[dict, dict, dict, jax.ShapeDtypeStruct]:
+    """``(model entry, input, metadata, sample)`` of ``run.json``; ``ValueError`` naming the entry
+    that is missing or of the wrong type."""
+    if not isinstance(description, dict):
+        raise ValueError(f"{RUN_FILE} holds a {type(description).__name__}, expected an object")
+    absent = [key for key in ("model", "input") if key not in description]
+    if absent:
+        raise ValueError(f"{RUN_FILE} has no {' or '.join(map(repr, absent))}")
+    entry, input_spec = description["model"], description["input"]
+    metadata = description.get("metadata", {})
+    for name, value in (("model", entry), ("input", input_spec), ("metadata", metadata)):
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"{RUN_FILE}'s {name!r} holds a {type(value).__name__}, expected an object"
+            )
+    if not isinstance(entry.get("class"), str):
+        raise ValueError(
+            f"{RUN_FILE}'s model 'class': expected a class path, got {entry.get('class')!r}"
+        )
+    if not isinstance(entry.get("rebuildable"), bool):
+        raise ValueError(
+            f"{RUN_FILE}'s model 'rebuildable': expected true or false, got "
+            f"{entry.get('rebuildable')!r}"
+        )
+    if entry["rebuildable"] and not isinstance(entry.get("fields"), dict):
+        raise ValueError(
+            f"{RUN_FILE}'s model 'fields': expected an object, got {entry.get('fields')!r}"
+        )
+    shape = input_spec.get("shape")
+    if not (isinstance(shape, list) and shape and all(is_int(d) and d >= 1 for d in shape)):
+        raise ValueError(
+            f"{RUN_FILE}'s 'input' shape: expected a list of positive ints, got {shape!r}"
+        )
+    try:
+        if not isinstance(input_spec.get("dtype"), str):  # jnp.dtype(None) is float32
+            raise TypeError("not a string")
+        dtype = jnp.dtype(input_spec["dtype"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{RUN_FILE}'s 'input' dtype: expected a dtype's name, got "
+            f"{input_spec.get('dtype')!r} ({error})"
+        ) from error
+    return entry, input_spec, metadata, jax.ShapeDtypeStruct((1, *shape), dtype)
+
+
+def _standardize_expected(record: dict, config: dict) -> bool:
+    """Whether the run standardized its images (``config.standardize``, or fitted statistics
+    given to ``fit``, which the record describes)."""
+    return config["standardize"] is not None or record.get("standardize") is not None
+
+
+def _check_standardize(stats, record: dict, config: dict, shape: tuple[int, ...], path: Path):
+    """``RunFolderError`` when ``standardize.npz`` does not hold the statistics the run applied
+    to images of ``shape`` (its mode, its description in ``config.json``, its shapes)."""
+    from jcnn.train.run_folder import describe
+
+    problem = None
+    if config["standardize"] is not None and stats.mode != config["standardize"]:
+        problem = f"mode {stats.mode!r}, but config.json records {config['standardize']!r}"
+    elif record.get("standardize") is not None and describe(stats) != record["standardize"]:
+        problem = "other statistics than config.json records"
+    else:
+        raw = tuple(stats.mean.shape) if stats.mode == "pca" else shape
+        try:
+            out = jax.eval_shape(stats, jax.ShapeDtypeStruct((1, *raw), jnp.float32)).shape[1:]
+        except (ValueError, TypeError):
+            out = None
+        if out != shape:
+            problem = (
+                f"statistics of mode {stats.mode!r} with mean {tuple(stats.mean.shape)}, which "
+                f"do not give the run's input {shape}"
+            )
+    if problem is not None:
+        raise RunFolderError(f"{path} is corrupt or of another run: it holds {problem}")
+
+
 def load_run(
     folder: str | os.PathLike, which: str | int = "latest", *, model: nn.Module | None = None
 ) -> Run:
@@ -465,8 +589,12 @@ def load_run(
         A ``Run``.
 
     Raises:
-        RunFolderError: the folder is not a run, its checkpoint fails its manifest (SHA-256 of
-            every file), is unreadable or does not fit the model (the message says which).
+        RunFolderError: the folder is not a run: ``config.json`` or ``run.json`` is unreadable,
+            truncated, lacks an entry fit writes or holds one of the wrong type;
+            ``standardize.npz`` is missing although the run standardized its images, unreadable
+            (its arrays carry CRC-32 checksums) or does not fit the run's record and input; or
+            its checkpoint fails its manifest (SHA-256 of every file), is unreadable or does not
+            fit the model. The message names the file.
     """
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder: expected a run folder (str or os.PathLike), got {folder!r}")
@@ -488,31 +616,9 @@ def load_run(
         raise _not_a_run(folder, f"missing {', '.join(missing)}")
     try:
         record = _read_json(folder / "config.json")
-        if not isinstance(record, dict):
-            raise ValueError(f"config.json holds a {type(record).__name__}, expected an object")
-        config = record.get("train", record)  # a run_folder record; older runs: the TrainConfig
-        if not isinstance(config, dict):
-            raise ValueError(
-                f"config.json's 'train' holds a {type(config).__name__}, expected an object"
-            )
-        description = _read_json(folder / RUN_FILE)
-        if not isinstance(description, dict):
-            raise ValueError(f"{RUN_FILE} holds a {type(description).__name__}, expected an object")
-        absent = [key for key in ("model", "input") if key not in description]
-        if absent:
-            raise ValueError(f"{RUN_FILE} has no {' or '.join(map(repr, absent))}")
-        entry, input_spec = description["model"], description["input"]
-        metadata = description.get("metadata", {})
-        for name, value in (("model", entry), ("input", input_spec), ("metadata", metadata)):
-            if not isinstance(value, dict):
-                raise ValueError(
-                    f"{RUN_FILE}'s {name!r} holds a {type(value).__name__}, expected an object"
-                )
-        try:
-            sample = jnp.zeros((1, *input_spec["shape"]), input_spec["dtype"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{RUN_FILE}'s 'input' {input_spec}: {error!r}") from error
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        config = _check_config(record)
+        entry, input_spec, metadata, sample = _check_description(_read_json(folder / RUN_FILE))
+    except (OSError, ValueError) as error:
         raise _not_a_run(folder, f"unreadable config.json or {RUN_FILE}: {error}") from error
     given_model = model is not None
     if model is None:
@@ -529,14 +635,17 @@ def load_run(
                 f"{RUN_FILE} ({type(error).__name__}: {error}); pass it: "
                 "load_run(folder, model=...)"
             ) from error
-    mode = config.get("monitor_mode", "max")
-    if mode not in ("max", "min"):
-        raise _not_a_run(folder, f"config.json's monitor_mode is {mode!r}, expected 'max' or 'min'")
-    path = _verify(*_pick_step(folder, which, mode))
+    path = _verify(*_pick_step(folder, which, config["monitor_mode"]))
+    stats_path = folder / STANDARDIZE_FILE
+    if _standardize_expected(record, config) and not stats_path.is_file():
+        raise RunFolderError(
+            f"{stats_path} is missing: the run standardized its images (config.json records it), "
+            "so its model cannot be applied without the statistics"
+        )
     key = jax.random.PRNGKey(0)
     try:
         template = jax.eval_shape(
-            lambda: model.init({"params": key, "dropout": key}, sample, train=False)
+            lambda x: model.init({"params": key, "dropout": key}, x, train=False), sample
         )
     except Exception as error:  # e.g. no train argument, or fields that no longer build it
         problem = (
@@ -550,8 +659,10 @@ def load_run(
             "pass it: load_run(folder, model=...)"
         ) from error
     variables = _restore_variables(path, dict(template))
-    stats_path = folder / STANDARDIZE_FILE
-    stats = load_standardize(stats_path) if stats_path.exists() else None
+    stats = None
+    if stats_path.exists():
+        stats = load_standardize(stats_path)
+        _check_standardize(stats, record, config, tuple(sample.shape[1:]), stats_path)
     return Run(
         folder=folder,
         model=model,

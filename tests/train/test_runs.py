@@ -160,7 +160,7 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path, trained):
         load_run(copy)
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
-    (empty / "config.json").write_text("{}")
+    (empty / "config.json").write_text((out / "config.json").read_text())
     (empty / "run.json").write_text((out / "run.json").read_text())
     with pytest.raises(RunFolderError, match="no checkpoint in checkpoints/"):
         load_run(empty)
@@ -302,6 +302,72 @@ def test_a_run_json_or_config_json_of_the_wrong_structure_is_named(tmp_path, tra
     (copy / "config.json").mkdir()
     with pytest.raises(RunFolderError, match="unreadable config.json or run.json"):
         load_run(copy)
+
+
+def test_a_config_run_json_or_standardize_npz_that_is_damaged_is_named_never_defaulted(
+    tmp_path, trained
+):
+    # config.json of {} (or without the entries fit writes) loaded with the default monitor_mode
+    # and an empty config; a missing standardize.npz gave a Run without standardization (its
+    # predictions on raw images silently wrong); statistics of the wrong shape or dtype, a
+    # 'rebuildable' of "no" or an input shape [8, 8, true] were taken as they were
+    out, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    record = json.loads((out / "config.json").read_text())
+    description = json.loads((out / "run.json").read_text())
+    stats = (out / "standardize.npz").read_bytes()
+    unreadable = r"not a jcnn run folder \(unreadable config.json or run.json: "
+    train = record["train"]
+    for bad, says in (
+        ({}, r"config.json has no 'epochs', 'seed', 'monitor', 'monitor_mode', 'standardize'"),
+        ({**record, "train": {}}, r"config.json's 'train' has no 'epochs'"),
+        ({**record, "train": {**train, "monitor_mode": None}}, r".*\['monitor_mode'\]: expected"),
+        ({**record, "train": {**train, "standardize": 1}}, r".*\['standardize'\]: expected null"),
+        ({**record, "train": {**train, "epochs": "2"}}, r".*\['epochs'\]: expected a positive int"),
+    ):
+        (copy / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(RunFolderError, match=unreadable + says):
+            load_run(copy)
+    (copy / "config.json").write_text(json.dumps(record)[:-40])  # truncated
+    with pytest.raises(RunFolderError, match=unreadable + "config.json: JSONDecodeError"):
+        load_run(copy)
+    (copy / "config.json").write_text(json.dumps(record))
+    model = description["model"]
+    for bad, says in (
+        ({**description, "model": {**model, "rebuildable": "no"}}, "'rebuildable': expected"),
+        ({**description, "model": {"rebuildable": True}}, "'class': expected a class path"),
+        ({**description, "model": {**model, "fields": [5]}}, "'fields': expected an object"),
+        ({**description, "input": {"shape": [8, 8, True], "dtype": "float32"}}, "shape: expected"),
+        ({**description, "input": {"shape": [8, 8, 2]}}, "dtype: expected a dtype's name"),
+    ):
+        (copy / "run.json").write_text(json.dumps(bad))
+        with pytest.raises(RunFolderError, match=unreadable + "run.json's .*" + says):
+            load_run(copy)
+    (copy / "run.json").write_text(json.dumps(description))
+    (copy / "standardize.npz").unlink()
+    with pytest.raises(RunFolderError, match=r"standardize.npz is missing: the run standardized"):
+        load_run(copy)
+    (copy / "standardize.npz").write_bytes(stats[: len(stats) // 2])
+    with pytest.raises(RunFolderError, match=r"standardize.npz is unreadable \(BadZipFile"):
+        load_run(copy)
+    data = bytearray(stats)
+    data[len(data) // 2] ^= 0x01  # inside an array: each carries a CRC-32 in the zip
+    (copy / "standardize.npz").write_bytes(bytes(data))
+    with pytest.raises(
+        RunFolderError, match=r"standardize.npz is unreadable \(BadZipFile: Bad CRC"
+    ):
+        load_run(copy)
+    for mode, mean, scale, says in (
+        ("per_channel", np.zeros(3, np.float32), np.ones(3, np.float32), r"mean \(3,\), which"),
+        ("center", np.zeros(2, np.float32), np.ones(2, np.float32), "mode 'center', but config"),
+        ("per_channel", np.zeros(2, np.int32), np.ones(2, np.int32), "expected floating"),
+    ):
+        np.savez(copy / "standardize.npz", mode=np.asarray(mode), mean=mean, scale=scale)
+        with pytest.raises(RunFolderError, match="standardize.npz is .*" + says):
+            load_run(copy)
+    (copy / "standardize.npz").write_bytes(stats)
+    assert load_run(copy).step == load_run(out).step
 
 
 def test_a_model_that_can_no_longer_be_rebuilt_is_named(tmp_path, trained):
