@@ -10,11 +10,16 @@ does not record it) and the accuracy of every class, and writes the confusion ma
 as a PNG (``<folder>/confusion_matrix.png`` unless ``--confusion``) and the numbers as JSON
 (``<folder>/evaluation.json`` unless ``--json``). The dataset is the one the run recorded
 (``jcnn-train`` records it); a run trained through ``fit`` names it with ``--dataset``.
+
+Writing into the run folder, ``jcnn-eval`` holds the folder's lock as ``jcnn-train`` does: while a
+run trains there it refuses at once (exit status 3), touching nothing; with ``--json`` and
+``--confusion`` outside the folder it only reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -95,6 +100,36 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from jcnn.train import run_folder
+    from jcnn.train.runs import RunFolderError
+
+    folder = Path(args.folder).expanduser()
+    confusion = (
+        folder / "confusion_matrix.png"
+        if args.confusion is None
+        else Path(args.confusion).expanduser()
+    )
+    results = folder / "evaluation.json" if args.json is None else Path(args.json).expanduser()
+    lock = contextlib.nullcontext()
+    if folder.is_dir() and any(_inside(path, folder) for path in (confusion, results)):
+        try:  # as jcnn-train does: a run writing the folder and this command exclude each other
+            lock = run_folder.claim(folder)
+        except RunFolderError as error:
+            print(
+                f"jcnn-eval: {error}; or write the results elsewhere with --json and --confusion",
+                file=sys.stderr,
+            )
+            return 3
+    with lock:
+        return _evaluate(args, folder, confusion, results)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (through any links)."""
+    return path.absolute().resolve().is_relative_to(folder.absolute().resolve())
+
+
+def _evaluate(args, folder: Path, confusion: Path, results: Path) -> int:
     from jcnn import data
     from jcnn.train import run_folder
     from jcnn.train.cli import DATASETS, load_dataset
@@ -131,13 +166,6 @@ def _main(argv) -> int:
     if problem is not None:
         print(f"jcnn-eval: {problem}", file=sys.stderr)
         return 2
-    folder = Path(args.folder).expanduser()
-    confusion = (
-        folder / "confusion_matrix.png"
-        if args.confusion is None
-        else Path(args.confusion).expanduser()
-    )
-    results = folder / "evaluation.json" if args.json is None else Path(args.json).expanduser()
     for flag, path in (("--confusion", confusion), ("--json", results)):  # before any work
         problem = (
             "is a folder, expected a file"
