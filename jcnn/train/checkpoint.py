@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     ckpt/step_00001200/state/...         the TrainState's arrays (orbax StandardSave)
     ckpt/step_00001200/meta/...          JSON: epoch, step in epoch, history, the tracked metric
     ckpt/step_00001200/manifest.json     SHA-256 and size of every file above, and of every array
+    ckpt/step_00001200/mark.json         the status recorded after the save (``mark``), if any
     ckpt/index.json                      each checkpoint's metric and status (rewritten atomically)
 
 A save writes orbax's checkpoint into ``step_XXXXXXXX.partial``, hashes every file it wrote, adds
@@ -24,7 +25,10 @@ Each checkpoint has a status: ``"good"`` when its arrays are finite and a finite
 from its parameters (``fit`` evaluates the batch it last trained on before saving), ``"bad"`` when
 its state holds NaN or infinity or its parameters produced a non-finite loss (given at save, or
 recorded later with :meth:`CheckpointManager.mark`), else ``"unverified"``. The newest good
-checkpoint is never pruned.
+checkpoint is never pruned. A mark is written into the checkpoint's own folder (``mark.json``,
+sealed with its SHA-256) as well as into ``index.json``, so an index that is deleted, or moved
+away because it was damaged, is rebuilt from the manifests and marks without forgetting that a
+checkpoint is bad.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _PARTIAL_DIR = re.compile(r"^step_\d{8}\.partial")
 _MANIFEST = "manifest.json"
 _INDEX = "index.json"
+_MARK = "mark.json"
 _FORMAT = 1
 STATUSES = ("unverified", "good", "bad")
 """A checkpoint's status: see the module docstring."""
@@ -77,11 +82,12 @@ def _sha256_file(path: Path) -> str:
 
 
 def _files(folder: Path) -> dict[str, Path]:
-    """Every regular file under ``folder`` but the manifest, by POSIX path relative to it."""
+    """Every regular file under ``folder`` but the manifest and the mark (written after it), by
+    POSIX path relative to it."""
     found = {}
     for path in folder.rglob("*"):
         relative = path.relative_to(folder).as_posix()
-        if relative != _MANIFEST and not path.is_dir():
+        if relative not in (_MANIFEST, _MARK, _MARK + ".tmp") and not path.is_dir():
             found[relative] = path
     return found
 
@@ -241,6 +247,9 @@ class CheckpointManager:
         self._statuses = self._read_index()
         for step in self.steps():
             self.manifest(step)
+            marks = {self._statuses.get(step), self._read_mark(step)}
+            if "bad" in marks or "good" in marks:
+                self._statuses[step] = "bad" if "bad" in marks else "good"
 
     def path(self, step: int) -> Path:
         """The folder of the checkpoint at ``step``."""
@@ -279,7 +288,8 @@ class CheckpointManager:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(
                 f"{index} is unreadable ({type(error).__name__}: {_short(error)}); the checkpoint "
-                "index is damaged. Move it away to rebuild it from the checkpoints' manifests."
+                "index is damaged. Move it away to rebuild it from the checkpoints' manifests and "
+                "marks."
             ) from error
 
     def manifest(self, step: int) -> dict:
@@ -318,6 +328,25 @@ class CheckpointManager:
             ) from error
         return manifest
 
+    def _read_mark(self, step: int) -> str | None:
+        """The status ``mark`` recorded in the checkpoint's folder, or ``None``."""
+        path = self.path(step) / _MARK
+        try:
+            mark = _unseal(json.loads(path.read_text()))
+            if mark.get("format") != _FORMAT or mark.get("step") != step:
+                raise ValueError(f"expected format {_FORMAT} for step {step}")
+            if mark.get("status") not in ("good", "bad"):
+                raise ValueError(f"unknown status {mark.get('status')!r}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            raise CheckpointError(
+                f"checkpoint {self.path(step)}: {_MARK} is unreadable "
+                f"({type(error).__name__}: {_short(error)}); it records whether the checkpoint "
+                "is good or bad"
+            ) from error
+        return mark["status"]
+
     def status(self, step: int) -> str:
         """``"unverified"``, ``"good"`` or ``"bad"`` (see the module docstring)."""
         manifest, marked = self.manifest(step), self._statuses.get(int(step))
@@ -326,7 +355,8 @@ class CheckpointManager:
         return "good" if "good" in (manifest["status"], marked) else "unverified"
 
     def mark(self, step: int, status: str) -> None:
-        """Record (in ``index.json``) that the checkpoint at ``step`` is ``"good"`` or ``"bad"``.
+        """Record (in the checkpoint's ``mark.json`` and in ``index.json``) that the checkpoint at
+        ``step`` is ``"good"`` or ``"bad"``.
 
         ``"good"``: a finite loss was computed from its parameters; ``"bad"``: a non-finite one.
         A ``"bad"`` checkpoint stays bad.
@@ -337,6 +367,8 @@ class CheckpointManager:
             return
         self._statuses[int(step)] = status
         if jax.process_index() == 0:
+            mark = {"format": _FORMAT, "step": int(step), "status": status}
+            _write_json_atomically(self.path(step) / _MARK, _seal(mark))
             self._write_index()
 
     def last_good_step(self) -> int | None:

@@ -311,6 +311,29 @@ def test_statuses_and_the_newest_good_checkpoint_survives_pruning(tmp_path, rng)
         manager.save(5, tree, status="fine")
 
 
+def test_a_bad_mark_survives_the_loss_of_the_index(tmp_path, rng):
+    # marks were recorded in index.json only: deleting it (or moving it away, as its "damaged"
+    # message advises) made a checkpoint marked bad restorable again, the one a resume chose
+    tree = _tree(rng)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(1, tree)
+    manager.save(2, tree)
+    manager.save(3, tree)
+    manager.mark(1, "good")
+    manager.mark(3, "bad")
+    (tmp_path / "index.json").unlink()
+    reopened = CheckpointManager(tmp_path, keep_last=3)
+    assert [reopened.status(s) for s in (1, 2, 3)] == ["good", "unverified", "bad"]
+    assert reopened.resume_step() == 2 and reopened.last_good_step() == 1
+    reopened.restore(tree, step=3)  # the mark is no file of the manifest: it still verifies
+    reopened.save(4, tree)  # the rebuilt index holds the marks
+    assert CheckpointManager(tmp_path).status(3) == "bad"
+    mark = reopened.path(3) / "mark.json"
+    mark.write_text(mark.read_text().replace("bad", "good"))
+    with pytest.raises(CheckpointError, match=r"step_00000003: mark.json is unreadable.*checksum"):
+        CheckpointManager(tmp_path)
+
+
 def test_bad_save_arguments_are_named_and_write_nothing(tmp_path, rng):
     tree = _tree(rng)
     manager = CheckpointManager(tmp_path)
