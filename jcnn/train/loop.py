@@ -62,7 +62,7 @@ from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, BestCheckpoint, Callback, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
-from jcnn.train.optim import OPTIMIZERS, optimizer
+from jcnn.train.optim import _USED_BY, OPTIMIZERS, optimizer
 from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
 from jcnn.train.protocol import (
     TrainLoader,
@@ -283,7 +283,7 @@ _SCHEDULE_SETTINGS = {
     "step_factor": ("step",),
     "decay_rate": ("exponential", "inverse_time"),
 }
-_USES_MOMENTUM = ("momentum", "nesterov", "lars")
+_USES_MOMENTUM = _USED_BY["momentum"]
 
 
 def _refuse_unused(config: TrainConfig, settings: Sequence[str], because: str) -> None:
@@ -401,18 +401,23 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
             f"config.optimizer: expected one of {', '.join(OPTIMIZERS)} or an "
             f"optax.GradientTransformation, got {chosen!r}"
         )
-    if chosen.lower() not in _USES_MOMENTUM:
-        _refuse_unused(config, ("momentum",), f"config.optimizer is {chosen!r}")
     # checked here so that a mistake names the config's field, not optimizer()'s argument
+    settings = {}
+    if chosen.lower() in _USES_MOMENTUM:
+        settings["momentum"] = check_real(
+            config.momentum, "config.momentum", low=0, high=1, high_open=True
+        )
+    else:
+        _refuse_unused(config, ("momentum",), f"config.optimizer is {chosen!r}")
     clip_norm = config.clip_norm
     if clip_norm is not None:
         clip_norm = check_real(clip_norm, "config.clip_norm", low=0, low_open=True)
     return optimizer(
         chosen,
         schedule,
-        momentum=check_real(config.momentum, "config.momentum", low=0, high=1, high_open=True),
         weight_decay=check_real(config.weight_decay, "config.weight_decay", low=0),
         clip_norm=clip_norm,
+        **settings,
     )
 
 

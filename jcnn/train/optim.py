@@ -55,6 +55,23 @@ __all__ = ["optimizer", "default_decay_mask", "scale_by_adagrad", "scale_by_rmsp
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb")
 """The names ``optimizer`` takes (``TrainConfig.optimizer``, ``jcnn-train --optimizer``)."""
 _DECOUPLED_BY_DEFAULT = ("adamw", "lars", "lamb")
+_ADAM_LIKE = ("adam", "adamw", "lamb")
+_USED_BY = {
+    "momentum": ("momentum", "nesterov", "lars"),
+    "beta1": _ADAM_LIKE,
+    "beta2": _ADAM_LIKE,
+    "decay": ("rmsprop",),
+    "eps": ("adagrad", "rmsprop", *_ADAM_LIKE),
+    "trust_coefficient": ("lars",),
+}
+"""The methods that read each method-specific setting of ``optimizer``."""
+
+
+class _Default(float):
+    """A default value of ``optimizer``, told apart from the same number given explicitly: a
+    setting given to a method that does not read it is refused, not ignored."""
+
+    __slots__ = ()
 
 
 class _AccumulatorState(NamedTuple):
@@ -196,16 +213,16 @@ def optimizer(
     name: str,
     learning_rate: float | Callable,
     *,
-    momentum: float = 0.9,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    decay: float = 0.9,
-    eps: float = 1e-7,
+    momentum: float = _Default(0.9),
+    beta1: float = _Default(0.9),
+    beta2: float = _Default(0.999),
+    decay: float = _Default(0.9),
+    eps: float = _Default(1e-7),
     weight_decay: float = 0.0,
     decoupled: bool | None = None,
     mask: Any | Callable | None = None,
     clip_norm: float | None = None,
-    trust_coefficient: float = 0.001,
+    trust_coefficient: float = _Default(0.001),
 ) -> optax.GradientTransformation:
     """An Optax optimizer following the notes' update rules.
 
@@ -218,7 +235,8 @@ def optimizer(
         beta1: Adam/AdamW/LAMB first-moment decay.
         beta2: Adam/AdamW/LAMB second-moment decay.
         decay: RMSProp's ``decay_rate`` of the squared-gradient average.
-        eps: added to the denominator of the adaptive methods (outside the square root).
+        eps: added to the denominator of AdaGrad, RMSProp, Adam, AdamW and LAMB (outside the
+            square root; LARS's trust ratio has none).
         weight_decay: ``λ``; 0 disables it.
         decoupled: ``True`` for decoupled decay ``x -= α λ x``, ``False`` for L2 (``g += λ x``);
             ``None`` picks decoupled for adamw/lars/lamb and coupled otherwise. LARS adds the
@@ -228,14 +246,29 @@ def optimizer(
         clip_norm: if given, clip the global gradient norm to this value first.
         trust_coefficient: LARS's trust coefficient ``η``.
 
+    ``momentum``, ``beta1``, ``beta2``, ``decay``, ``eps`` and ``trust_coefficient`` are read
+    only by the methods listed with them; given explicitly to another method (even at its
+    default value), a setting is refused with a ``ValueError`` rather than silently ignored.
+
     Returns:
         An ``optax.GradientTransformation``.
+
+    Raises:
+        ValueError: an unknown name, a setting out of its range, or a setting ``name`` does not
+            use (``optimizer("sgd", 0.1, momentum=0.9)``: use ``"momentum"``).
     """
     if not isinstance(name, str):
         raise TypeError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
     if name.lower() not in OPTIMIZERS:
         raise ValueError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
     name = name.lower()
+    explicit = {
+        setting: value
+        for setting, value in zip(
+            _USED_BY, (momentum, beta1, beta2, decay, eps, trust_coefficient), strict=True
+        )
+        if type(value) is not _Default
+    }
     learning_rate = _check_rate(learning_rate, "learning_rate")
     weight_decay = check_real_or_traced(weight_decay, "weight_decay", low=0)
     momentum, beta1, beta2, decay = (
@@ -253,6 +286,13 @@ def optimizer(
         clip_norm = check_real(clip_norm, "clip_norm", low=0, low_open=True)
     if decoupled is not None:
         decoupled = check_bool(decoupled, "decoupled")
+    # after the range checks, so that a bad value is reported as such whatever the method
+    for setting, value in explicit.items():
+        if name not in _USED_BY[setting]:
+            raise ValueError(
+                f"{setting}: not used by optimizer {name!r} (it would be ignored); it applies "
+                f"to {', '.join(_USED_BY[setting])}, got {setting}={value!r}"
+            )
     mask = _check_mask(mask)
     if decoupled is None:
         decoupled = name in _DECOUPLED_BY_DEFAULT

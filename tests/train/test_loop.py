@@ -296,7 +296,7 @@ def _optimizer_of(config):
     from jcnn.train.loop import build_schedule
     from jcnn.train.optim import optimizer
 
-    return optimizer(config.optimizer, build_schedule(config, 4), momentum=config.momentum)
+    return optimizer(config.optimizer, build_schedule(config, 4))
 
 
 # --- an open engine: optax optimizers, schedules, losses, metrics, limits, validation split ---

@@ -1,5 +1,6 @@
 """Each optimizer against the notes' pseudo-code, written out in NumPy, for a few steps."""
 
+import inspect
 import re
 
 import jax
@@ -74,7 +75,14 @@ def _run(tx, x, target, steps):
 def test_matches_notes_pseudocode(name, rng):
     x = rng.normal(size=(3, 4)).astype(np.float32)
     target = rng.normal(size=(3, 4)).astype(np.float32)
-    tx = optim.optimizer(name, LR, momentum=RHO, beta1=BETA1, beta2=BETA2, decay=DECAY, eps=EPS)
+    settings = {
+        "momentum": {"momentum": RHO},
+        "nesterov": {"momentum": RHO},
+        "adagrad": {"eps": EPS},
+        "rmsprop": {"decay": DECAY, "eps": EPS},
+        "adam": {"beta1": BETA1, "beta2": BETA2, "eps": EPS},
+    }
+    tx = optim.optimizer(name, LR, **settings.get(name, {}))
     got = _run(tx, x, target, steps=6)
     expected = _reference(name, x, target, steps=6)
     assert not np.allclose(expected, x, atol=1e-3)  # the steps moved
@@ -229,6 +237,40 @@ def test_every_option_is_checked(kwargs, error, message):
         optim.optimizer(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "name, setting",
+    [
+        ("sgd", {"momentum": 0.9}),  # the default value, given explicitly: still refused
+        ("adam", {"momentum": 0.5}),
+        ("sgd", {"beta1": 0.8}),
+        ("momentum", {"beta2": 0.99}),
+        ("adam", {"decay": 0.5}),
+        ("sgd", {"eps": 1e-3}),
+        ("lars", {"eps": 1e-3}),
+        ("lamb", {"momentum": 0.9}),
+        ("adamw", {"trust_coefficient": 0.01}),
+    ],
+)
+def test_a_setting_its_method_ignores_is_refused(name, setting):
+    ((key, value),) = setting.items()
+    message = f"{key}: not used by optimizer {name!r} (it would be ignored); it applies to "
+    with pytest.raises(ValueError, match=re.escape(message) + f".*got {key}={value!r}"):
+        optim.optimizer(name, 0.1, **setting)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_each_method_takes_the_settings_it_reads_and_keeps_their_defaults(name):
+    signature = inspect.signature(optim.optimizer).parameters
+    used = {k: signature[k].default for k, methods in optim._USED_BY.items() if name in methods}
+    params = {"w": jnp.ones((2, 2))}
+    explicit, implicit = optim.optimizer(name, 0.1, **used), optim.optimizer(name, 0.1)
+    grads = {"w": jnp.full((2, 2), 0.5)}
+    want, _ = implicit.update(grads, implicit.init(params), params)
+    got, _ = explicit.update(grads, explicit.init(params), params)
+    np.testing.assert_array_equal(got["w"], want["w"])
+    assert signature["momentum"].default == 0.9 and signature["beta2"].default == 0.999
+
+
 def test_numpy_scalars_are_valid_rates(rng):
     x = rng.normal(size=(3,)).astype(np.float32)
     target = np.zeros(3, np.float32)
@@ -308,8 +350,9 @@ def test_hyperparameters_sweep_under_vmap(name, rng):
     betas = jnp.asarray([0.8, 0.9], jnp.float32)
 
     def trained(lr, wd, beta):
-        kw = {"momentum": beta, "beta1": beta, "decay": beta, "weight_decay": wd}
-        tx = optim.optimizer(name, lr, **kw)
+        kw = {"momentum": beta, "beta1": beta, "decay": beta}
+        used = {k: v for k, v in kw.items() if name in optim._USED_BY[k]}
+        tx = optim.optimizer(name, lr, weight_decay=wd, **used)
         params = jnp.asarray(x)
         state = tx.init(params)
         for _ in range(3):
