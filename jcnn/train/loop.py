@@ -62,7 +62,7 @@ from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, BestCheckpoint, Callback, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
-from jcnn.train.optim import _USED_BY, OPTIMIZERS, optimizer
+from jcnn.train.optim import _USED_BY, OPTIMIZERS, _checked_schedule, optimizer
 from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
 from jcnn.train.protocol import (
     TrainLoader,
@@ -412,6 +412,8 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
     clip_norm = config.clip_norm
     if clip_norm is not None:
         clip_norm = check_real(clip_norm, "config.clip_norm", low=0, low_open=True)
+    if callable(config.learning_rate):
+        _checked_schedule(config.learning_rate, "config.learning_rate")
     return optimizer(
         chosen,
         schedule,

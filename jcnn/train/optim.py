@@ -40,6 +40,7 @@ function of the params) chooses which parameters decay; the default decays only 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -141,8 +142,17 @@ def _checked_schedule(schedule: Callable, name: str) -> Callable:
                 f"{name}: expected a schedule returning a scalar rate, got shape "
                 f"{jnp.shape(rate)} from {label}"
             )
+        if not isinstance(rate, jax.core.Tracer) and not 0 <= float(rate) < math.inf:
+            at = "" if isinstance(step, jax.core.Tracer) else f" at step {int(step)}"
+            raise ValueError(
+                f"{name}: expected a schedule returning finite rates >= 0 (a negative rate "
+                f"ascends the loss), got {float(rate):g}{at} from {label}"
+            )
         return rate
 
+    # the first rate now, as Optax will ask for it (an int32 count), so that a schedule that
+    # starts negative is refused before training; later rates where they are concrete (eager)
+    checked(jnp.zeros((), jnp.int32))
     return checked
 
 

@@ -25,9 +25,12 @@ that each is its formula and nothing else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcnn.functional._checks import check_int, check_positive_int, check_real
 
@@ -198,6 +201,23 @@ def inverse_sqrt(learning_rate: float) -> Schedule:
     return lambda t: lr / jnp.sqrt(jnp.maximum(_as_float(t), 1.0))
 
 
+def _check_peak(peak) -> None:
+    """``warmup``'s ``schedule(0)``, when concrete: a real scalar, finite and >= 0."""
+    if isinstance(peak, jax.core.Tracer):
+        return
+    array = np.asarray(peak)
+    if array.shape != () or array.dtype.kind not in "iuf":
+        raise TypeError(
+            f"schedule: expected a schedule returning a real scalar rate, got {peak!r} at step 0"
+        )
+    value = float(array)
+    if not 0 <= value < math.inf:
+        raise ValueError(
+            "schedule: expected a finite rate >= 0 at step 0 (the peak of the warmup; a "
+            f"negative rate ascends the loss), got {value:g}"
+        )
+
+
 def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
     """Linear warmup from 0 to ``schedule(0)`` over ``warmup_steps``, then ``schedule(t − W)``.
 
@@ -217,6 +237,7 @@ def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
         )
     ramp = check_positive_int(warmup_steps, "warmup_steps")
     peak = schedule(0)
+    _check_peak(peak)
 
     def warmed(t):
         t_float = _as_float(t)

@@ -218,6 +218,8 @@ def test_bad_config_is_named(rng):
         ("devices", 0, ValueError),
         ("devices", [], ValueError),
         ("devices", 1.5, TypeError),
+        ("learning_rate", lambda t: -0.1 + 0.0 * t, ValueError),
+        ("learning_rate", lambda t: "fast", TypeError),
     ],
 )
 def test_bad_settings_are_named_before_anything_is_written(tmp_path, rng, setting, value, error):

@@ -409,3 +409,29 @@ def test_a_checked_schedule_still_runs_traced_and_with_optax_schedules():
         tx = optim.optimizer("sgd", schedule)
         updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
         np.testing.assert_allclose(updates["w"], -0.1 * np.ones((2, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "schedule, at",
+    [
+        (lambda t: -0.1 + 0.0 * t, "got -0.1 at step 0"),
+        (optax.linear_schedule(-0.1, 0.0, 10), "got -0.1 at step 0"),
+        (lambda t: jnp.float32(np.nan), "got nan at step 0"),
+    ],
+)
+def test_a_schedule_starting_negative_is_refused_when_built(schedule, at):
+    # the rate ascended the loss from the first step, under jit as eagerly
+    with pytest.raises(ValueError, match=r"^learning_rate: expected a schedule returning finite "):
+        optim.optimizer("sgd", schedule)
+    with pytest.raises(ValueError, match=re.escape(at)):
+        optim.optimizer("adam", schedule)
+
+
+def test_a_schedule_turning_negative_is_refused_at_a_concrete_step():
+    tx = optim.optimizer("sgd", lambda t: 0.1 - 0.05 * t)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(params, state, params)
+    with pytest.raises(ValueError, match=re.escape("got -0.05 at step 3")):
+        tx.update(params, state, params)

@@ -205,3 +205,51 @@ def test_cosine_and_one_cycle_keep_their_relative_accuracy_to_the_last_step():
     fall = np.minimum(t[rise:] - rise, total - rise) / (total - rise)
     expected = final + 0.5 * (0.3 - final) * (1 + np.cos(np.pi * fall))
     np.testing.assert_allclose(one, expected, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda: S.constant(-0.1), "learning_rate"),
+        (lambda: S.step(-0.1, [3]), "learning_rate"),
+        (lambda: S.exponential(-0.1, 0.01), "learning_rate"),
+        (lambda: S.exponential(0.1, -0.01), "decay_rate"),
+        (lambda: S.inverse_time(-0.1, 0.01), "learning_rate"),
+        (lambda: S.inverse_time(0.1, -0.01), "decay_rate"),
+        (lambda: S.cosine(-0.1, 10), "learning_rate"),
+        (lambda: S.linear(-0.1, 10), "learning_rate"),
+        (lambda: S.inverse_sqrt(-0.1), "learning_rate"),
+        (lambda: S.one_cycle(-0.1, 10), "max_learning_rate"),
+        (lambda: S.one_cycle(0.1, 10, div_factor=-25.0), "div_factor"),
+        (lambda: S.one_cycle(0.1, 10, final_div_factor=-1e4), "final_div_factor"),
+    ],
+)
+def test_every_schedule_refuses_a_negative_rate_naming_its_argument(call, argument):
+    with pytest.raises(ValueError, match=f"^{argument}: expected a finite number >"):
+        call()
+
+
+@pytest.mark.parametrize(
+    "schedule, error, message",
+    [
+        (lambda t: -0.1 + 0.0 * t, ValueError, "a negative rate ascends the loss), got -0.1"),
+        (lambda t: float("nan"), ValueError, "schedule: expected a finite rate >= 0 at step 0"),
+        (lambda t: "0.1", TypeError, "schedule: expected a schedule returning a real scalar"),
+        (lambda t: jnp.ones(2), TypeError, "schedule: expected a schedule returning a real scalar"),
+    ],
+)
+def test_warmup_refuses_a_schedule_that_starts_negative_or_is_no_rate(schedule, error, message):
+    # the warmup ramps to schedule(0): a negative peak made every warmup step ascend the loss
+    with pytest.raises(error, match=re.escape(message)):
+        S.warmup(schedule, 5)
+
+
+def test_warmup_still_takes_traced_and_optax_schedules():
+    import optax
+
+    want = S.warmup(S.cosine(0.1, 10), 4)
+    got = S.warmup(optax.cosine_decay_schedule(0.1, 10), 4)
+    for t in (0, 2, 4, 9, 20):
+        assert float(got(t)) == pytest.approx(float(want(t)), rel=1e-5, abs=1e-7)
+    swept = jax.jit(jax.vmap(lambda lr: S.warmup(lambda t: lr * jnp.ones(()), 4)(2)))
+    np.testing.assert_allclose(swept(jnp.asarray([0.1, 0.2])), [0.05, 0.1], rtol=1e-6)
