@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.analysis.ghost import _check_weights, ghost_clipped_sum
+from jcnn.analysis.ghost import _check_weight_values, _check_weights, ghost_clipped_sum
 from jcnn.analysis.per_example import (
     _add_gaussian_noise,
     _batch_size,
@@ -120,20 +120,6 @@ def private_grad(
         total = jax.tree.map(lambda g: jnp.tensordot(factors.astype(g.dtype), g, axes=1), grads)
     noised = _add_gaussian_noise(key, total, noise_multiplier * l2_norm_clip)
     return jax.tree.map(lambda leaf: leaf / denominator, noised), norms
-
-
-def _check_weight_values(weights) -> None:
-    """``private_grad``'s ``weights`` in ``[0, 1]``, when concrete (a traced array is its caller's
-    to check)."""
-    if isinstance(weights, jax.core.Tracer):
-        return
-    values = np.asarray(weights)
-    if not ((values >= 0) & (values <= 1)).all():
-        raise ValueError(
-            "weights: expected values in [0, 1] (1 a real example, 0 padding: larger or "
-            f"negative ones break the sensitivity the noise is calibrated for), got "
-            f"{values.min()} to {values.max()}"
-        )
 
 
 def _check_denominator(denominator) -> None:

@@ -364,6 +364,20 @@ def _check_weights(weights, size: int) -> None:
         raise TypeError(f"weights: expected real numbers, got {dtype}")
 
 
+def _check_weight_values(weights) -> None:
+    """Per-example ``weights`` in ``[0, 1]``, when concrete (a traced array is its caller's to
+    check)."""
+    if isinstance(weights, jax.core.Tracer):
+        return
+    values = np.asarray(weights)
+    if not ((values >= 0) & (values <= 1)).all():
+        raise ValueError(
+            "weights: expected values in [0, 1] (1 a real example, 0 padding: a larger or "
+            "negative one breaks the bound l2_norm_clip on each example's contribution, which "
+            f"DP noise is calibrated for), got {values.min()} to {values.max()}"
+        )
+
+
 _LAYER_RULES = ("mixed", "ghost", "direct")
 
 
@@ -582,8 +596,9 @@ def ghost_clipped_sum(
     Args:
       loss_fn, params, batch, chunk_size, layer_rule: as in ``ghost_norms``.
       l2_norm_clip: the bound ``C`` > 0.
-      weights: optional ``(B,)`` per-example weights ``w_i`` (e.g. 0/1 for padding examples);
-        default 1.
+      weights: optional ``(B,)`` per-example weights ``w_i`` in ``[0, 1]`` (e.g. 0/1 for
+        padding examples), so that each term stays within ``C``; default 1. Concrete weights
+        outside ``[0, 1]`` are refused; traced ones are the caller's to check.
 
     Returns:
       ``(clipped_sum, norms)``: a pytree like ``params`` and the ``(B,)`` norms.
@@ -604,6 +619,7 @@ def ghost_clipped_sum(
     _check_params(params)
     if weights is not None:
         _check_weights(weights, size)
+        _check_weight_values(weights)
     loss_fn = _scalar_loss(loss_fn)
     if size == 0:
         zeros = jax.tree.map(lambda leaf: jnp.zeros_like(leaf, jnp.result_type(leaf)), params)

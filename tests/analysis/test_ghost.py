@@ -516,6 +516,23 @@ def test_empty_batch_has_no_norm_and_a_zero_sum(rng):
     _assert_trees_close(total, jax.tree.map(jnp.zeros_like, params))
 
 
+@pytest.mark.parametrize(
+    "weights, says",
+    [
+        ([1.0, 2.0, 1.0, 0.0, 1.0], "got 0.0 to 2.0"),
+        ([1.0, -1.0, 1.0, 0.0, 1.0], "got -1.0 to 1.0"),
+    ],
+)
+def test_weights_outside_zero_one_are_refused_when_concrete(rng, weights, says):
+    # w_i > 1 or < 0 broke the bound C on each example's term of the "clipped" sum, which DP
+    # noise is calibrated for; a traced weight stays unchecked (it is its caller's to check)
+    loss, params, batch = _problem(*_LAYERS["dense_tokens"], rng)
+    with pytest.raises(ValueError, match=r"weights: expected values in \[0, 1\].* " + says):
+        ghost_clipped_sum(loss, params, batch, 1.0, weights=jnp.asarray(weights))
+    traced = jax.jit(lambda w: ghost_clipped_sum(loss, params, batch, 1.0, weights=w)[1])
+    assert traced(jnp.asarray(weights)).shape == (5,)
+
+
 def test_bad_input(rng):
     loss, params, batch = _problem(*_LAYERS["dense_tokens"], rng)
     with pytest.raises(ValueError, match="layer_rule"):
