@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -70,7 +71,7 @@ _USED_BY = {
 
 class _Default(float):
     """A default value of ``optimizer``, told apart from the same number given explicitly: a
-    setting given to a method that does not read it is refused, not ignored."""
+    setting given to a method that does not read it is ignored with a warning, not silently."""
 
     __slots__ = ()
 
@@ -258,14 +259,14 @@ def optimizer(
 
     ``momentum``, ``beta1``, ``beta2``, ``decay``, ``eps`` and ``trust_coefficient`` are read
     only by the methods listed with them; given explicitly to another method (even at its
-    default value), a setting is refused with a ``ValueError`` rather than silently ignored.
+    default value), a setting is ignored with a ``UserWarning`` that says so (one set of
+    settings can be passed to every method in a sweep).
 
     Returns:
         An ``optax.GradientTransformation``.
 
     Raises:
-        ValueError: an unknown name, a setting out of its range, or a setting ``name`` does not
-            use (``optimizer("sgd", 0.1, momentum=0.9)``: use ``"momentum"``).
+        ValueError: an unknown name or a setting out of its range.
     """
     if not isinstance(name, str):
         raise TypeError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
@@ -296,12 +297,14 @@ def optimizer(
         clip_norm = check_real(clip_norm, "clip_norm", low=0, low_open=True)
     if decoupled is not None:
         decoupled = check_bool(decoupled, "decoupled")
-    # after the range checks, so that a bad value is reported as such whatever the method
+    # after the range checks, so that a bad value is refused whatever the method
     for setting, value in explicit.items():
         if name not in _USED_BY[setting]:
-            raise ValueError(
-                f"{setting}: not used by optimizer {name!r} (it would be ignored); it applies "
-                f"to {', '.join(_USED_BY[setting])}, got {setting}={value!r}"
+            warnings.warn(
+                f"{setting}: not used by optimizer {name!r}, ignored; it applies to "
+                f"{', '.join(_USED_BY[setting])}, got {setting}={value!r}",
+                UserWarning,
+                stacklevel=2,
             )
     mask = _check_mask(mask)
     if decoupled is None:
