@@ -5,9 +5,10 @@ container calls its layers. Written once here so that the twins cannot drift apa
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +34,29 @@ def window_rank(window, name: str) -> int | None:
             raise ValueError(f"{name}: expected 1, 2 or 3 spatial sizes, got {window!r}")
         return len(window)
     return None
+
+
+@contextlib.contextmanager
+def argument_names(**names: str) -> Iterator[None]:
+    """Within this block, a ``ValueError``/``TypeError`` whose message starts with one of the
+    functional op's argument names (a key, e.g. ``w`` or ``window``) names the module's argument
+    instead (its value, e.g. ``kernel_size``): a module's user reads the names they typed.
+
+    >>> with argument_names(w="kernel_size"):
+    ...     raise ValueError("w: the dilated window 9 is larger than the padded input 5")
+    Traceback (most recent call last):
+    ...
+    ValueError: kernel_size: the dilated window 9 is larger than the padded input 5
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        for old, new in names.items():
+            # Subclasses (JAX's tracer errors...) take other arguments; they pass unchanged.
+            if type(error) in (ValueError, TypeError) and message.startswith(f"{old}: "):
+                raise type(error)(f"{new}: {message[len(old) + 2 :]}") from None
+        raise
 
 
 def check_initializer(value, name: str, default: Initializer | None = None) -> Initializer:

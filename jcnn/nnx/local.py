@@ -24,7 +24,7 @@ from jcnn.functional._checks import (
     check_dtype,
     check_positive_int,
 )
-from jcnn.nn._shared import window_rank
+from jcnn.nn._shared import argument_names, window_rank
 from jcnn.nnx._util import (
     Initializer,
     check_initializer,
@@ -102,13 +102,14 @@ class LocallyConnected(nnx.Module):
         self.dtype = dtype
         self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
         self.dilation = static(dilation, "dilation")
-        out = F.locally_connected_output_shape(
-            self.input_size,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-        )
+        with argument_names(window="kernel_size"):
+            out = F.locally_connected_output_shape(
+                self.input_size,
+                self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+            )
         self.kernel = param(
             rngs,
             kernel_init,

@@ -325,7 +325,9 @@ def test_depthwise_conv_input_errors_name_the_argument():
         nn.DepthwiseConv(3).init(jax.random.key(0), jnp.ones((1, 5, 5, 0)))
     with pytest.raises(ValueError, match=r"kernel_size: .*got \(3, 0\)"):
         nn.DepthwiseConv((3, 0)).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
-    with pytest.raises(ValueError, match=r"w: the dilated window 5 \(kernel 3, dilation 2\)"):
+    with pytest.raises(
+        ValueError, match=r"kernel_size: the dilated window 5 \(kernel 3, dilation 2\)"
+    ):
         nn.DepthwiseConv(3, dilation=2).init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))
 
 
@@ -450,3 +452,18 @@ def test_a_factory_passed_uncalled_or_a_wrong_shape_is_named(bad, error, message
             layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
     layer = nn.Conv(4, 3, kernel_init=init.he_normal(), bias_init=jax.nn.initializers.normal())
     assert layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]["bias"].shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv(features=4, kernel_size=(9, 9)),
+        nn.DepthwiseConv(kernel_size=9),
+        nn.Conv(features=4, kernel_size=3, dilation=4),
+    ],
+    ids=["Conv", "DepthwiseConv", "dilated"],
+)
+def test_a_window_larger_than_the_input_is_named_kernel_size(layer):
+    # it was named `w`, F.conv's argument, which a module's user never typed
+    with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 \(kernel"):
+        layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))

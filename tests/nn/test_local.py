@@ -25,3 +25,9 @@ def test_dtype_sets_the_computation_dtype():
     assert half.apply(variables, x).dtype == jnp.bfloat16
     with pytest.raises(TypeError, match="^dtype: expected None or a floating dtype"):
         nn.LocallyConnected(4, 3, dtype=jnp.int32).init(jax.random.key(0), x)
+
+
+def test_a_window_larger_than_the_input_is_named_kernel_size():
+    # it was named `window`, F.locally_connected_output_shape's argument
+    with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 is larger"):
+        nn.LocallyConnected(4, 9).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))

@@ -34,3 +34,21 @@ def test_a_count_given_as_a_0d_jax_integer_builds_the_same_layer(name, setting, 
     np.testing.assert_array_equal(
         jax.jit(layer.apply)(variables, x), jax.jit(reference.apply)(want, x)
     )
+
+
+def test_argument_names_renames_only_the_named_arguments_of_plain_errors():
+    from jcnn.nn._shared import argument_names
+
+    with pytest.raises(TypeError, match=r"^kernel_size: bad$"):
+        with argument_names(w="kernel_size"):
+            raise TypeError("w: bad")
+    with pytest.raises(ValueError, match=r"^window: bad$"):  # not a name it was given
+        with argument_names(w="kernel_size"):
+            raise ValueError("window: bad")
+
+    class Special(ValueError):
+        pass
+
+    with pytest.raises(Special, match=r"^w: bad$"):  # a subclass may take other arguments
+        with argument_names(w="kernel_size"):
+            raise Special("w: bad")

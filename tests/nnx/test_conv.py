@@ -224,3 +224,18 @@ def test_a_factory_passed_uncalled_or_a_wrong_shape_is_named_as_in_the_linen_twi
     for name in ["kernel_init", "bias_init"]:
         with pytest.raises(error, match=f"^{name}: expected .*{message}"):
             jnnx.Conv(3, 4, 3, **{name: bad}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: jnnx.Conv(3, 4, (9, 9), rngs=nnx.Rngs(0)),
+        lambda: jnnx.DepthwiseConv(3, 9, rngs=nnx.Rngs(0)),
+        lambda: jnnx.Conv(3, 4, 3, dilation=4, rngs=nnx.Rngs(0)),
+    ],
+    ids=["Conv", "DepthwiseConv", "dilated"],
+)
+def test_a_window_larger_than_the_input_is_named_kernel_size(layer):
+    # it was named `w`, F.conv's argument, which a module's user never typed
+    with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 \(kernel"):
+        layer()(jnp.ones((1, 5, 5, 3)))
