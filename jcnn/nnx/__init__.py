@@ -6,7 +6,10 @@ Differences from the Linen twins, all NNX conventions:
 - Modules create their parameters at construction, so those with parameters take the input size
   first (``in_features`` for ``Conv``/``ConvTranspose``/``Dense``, ``num_features`` for the
   norms, as ``flax.nnx.Conv`` and ``flax.nnx.BatchNorm``) and ``rngs=nnx.Rngs(...)``. An int
-  ``kernel_size`` means 2-D unless ``spatial_dims`` says otherwise.
+  ``kernel_size`` means 2-D unless ``spatial_dims`` says otherwise. Every setting is checked at
+  construction too, a bad one refused under its name (the op's own checks run on an abstract
+  input that fits the window); only what depends on the input (its shape, a window larger than
+  it) waits for the call.
 - Train or evaluate: ``BatchNorm`` and ``InstanceNorm`` follow their ``use_running_average``
   attribute, ``Dropout`` and ``SpatialDropout`` their ``deterministic`` one, set for a whole
   model by ``model.train()``/``model.eval()`` (or ``nnx.view``); a call may still pass

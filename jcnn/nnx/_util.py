@@ -58,6 +58,38 @@ def static(value, name: str):
     return np.asarray(value).tolist() if value.ndim == 0 else tuple(np.asarray(value).tolist())
 
 
+def _largest(setting, default: int) -> int:
+    """The largest int in a setting (an int, or ints nested in sequences), at least ``default``;
+    ``default`` for anything else (the op's check names a bad setting)."""
+    if isinstance(setting, (int, np.integer)) and not isinstance(setting, bool):
+        return max(int(setting), default)
+    if isinstance(setting, tuple):
+        return max((_largest(item, default) for item in setting), default=default)
+    return default
+
+
+def settings_rank(*settings) -> int:
+    """The spatial rank that the first sequence among ``settings`` fixes (its length), else 2:
+    int settings apply to every rank alike."""
+    for setting in settings:
+        if isinstance(setting, tuple) and len(setting) in LAYOUT:
+            return len(setting)
+    return 2
+
+
+def check_settings(
+    module, spatial_rank: int, channels: int, *, window=1, dilation=1, padding=0
+) -> None:
+    """Run ``module`` on an abstract input ``(1, *spatial, channels)`` whose spatial sizes fit
+    ``window`` with its ``dilation`` and ``padding``: the op's own checks of every setting
+    (stride, padding form and mode, dilation, output_padding, dtype...) refuse a bad one at
+    construction, under the name the call would give, instead of at the first call. Nothing is
+    computed (``jax.eval_shape``)."""
+    size = (_largest(window, 1) - 1) * _largest(dilation, 1) + 2 * _largest(padding, 0) + 2
+    probe = jax.ShapeDtypeStruct((1, *(size,) * spatial_rank, channels), jnp.float32)
+    jax.eval_shape(lambda x: module(x), probe)
+
+
 def check_rngs(rngs, owner: str) -> nnx.Rngs:
     """``rngs`` if it is an ``nnx.Rngs``; a TypeError naming ``owner`` otherwise."""
     if not isinstance(rngs, nnx.Rngs):

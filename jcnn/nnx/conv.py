@@ -31,6 +31,7 @@ from jcnn.nnx._util import (
     Initializer,
     check_input,
     check_rngs,
+    check_settings,
     kernel_and_bias,
     spatial_window,
     static,
@@ -112,6 +113,14 @@ class Conv(_ConvBase):
         self.kernel, self.bias = kernel_and_bias(
             rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )
+        check_settings(
+            self,
+            len(self.kernel_size),
+            self.in_features,
+            window=self.kernel_size,
+            dilation=self.dilation,
+            padding=self.padding,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
@@ -183,6 +192,14 @@ class DepthwiseConv(_ConvBase):
         self.kernel, self.bias = kernel_and_bias(
             rngs, spec, use_bias, kernel_init, bias_init, param_dtype
         )
+        check_settings(
+            self,
+            len(self.kernel_size),
+            self.in_features,
+            window=self.kernel_size,
+            dilation=self.dilation,
+            padding=self.padding,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
@@ -253,6 +270,14 @@ class ConvTranspose(_ConvBase):
         spec = conv_transpose_kernel(self.kernel_size, self.in_features, self.features, self.groups)
         self.kernel, self.bias = kernel_and_bias(
             rngs, spec, use_bias, kernel_init, bias_init, param_dtype
+        )
+        check_settings(
+            self,
+            len(self.kernel_size),
+            self.in_features,
+            window=self.kernel_size,
+            dilation=self.dilation,
+            padding=self.padding,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

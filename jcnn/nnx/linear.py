@@ -60,7 +60,7 @@ class Dense(nnx.Module):
         check_positive_int(in_features, "in_features")
         check_positive_int(features, "features")
         self.in_features = static(in_features, "in_features")
-        self.features, self.dtype = static(features, "features"), dtype
+        self.features, self.dtype = static(features, "features"), check_dtype(dtype)
         spec = dense_kernel(self.in_features, self.features)
         self.kernel, self.bias = kernel_and_bias(
             rngs, spec, use_bias, kernel_init, bias_init, param_dtype

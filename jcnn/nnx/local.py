@@ -99,7 +99,7 @@ class LocallyConnected(nnx.Module):
         self.input_size = as_int_tuple(input_size, len(self.kernel_size), "input_size", minimum=1)
         self.in_features = static(in_features, "in_features")
         self.features = static(features, "features")
-        self.dtype = dtype
+        self.dtype = check_dtype(dtype)
         self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
         self.dilation = static(dilation, "dilation")
         with argument_names(window="kernel_size"):

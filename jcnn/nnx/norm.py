@@ -30,13 +30,16 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
 )
+from jcnn.functional.norm import _check_axis_name
 from jcnn.nn._shared import running_stats_dtype
 from jcnn.nnx._util import (
     Initializer,
     check_flag,
     check_initializer,
     check_rngs,
+    check_settings,
     param,
+    settings_rank,
     static,
     training,
     value,
@@ -78,7 +81,8 @@ class _Affine(nnx.Module):
         check_bool(use_bias, "use_bias")
         scale_init = check_initializer(scale_init, "scale_init")
         bias_init = check_initializer(bias_init, "bias_init")
-        self.num_features, self.dtype = static(num_features, "num_features"), dtype
+        self.num_features = static(num_features, "num_features")
+        self.dtype = check_dtype(dtype)
         shape = (self.num_features,)
         self.scale = param(rngs, scale_init, shape, param_dtype) if use_scale else None
         self.bias = param(rngs, bias_init, shape, param_dtype) if use_bias else None
@@ -172,6 +176,7 @@ class BatchNorm(_RunningStats):
         self.momentum = check_real(momentum, "momentum", low=0, high=1)
         self.eps = _check_positive(eps, "eps")
         self.axis_name = static(axis_name, "axis_name")
+        _check_axis_name(self.axis_name)
         self.unbiased_running_var = static(unbiased_running_var, "unbiased_running_var")
         self._make_stats(use_running_average, param_dtype)
 
@@ -373,6 +378,7 @@ class LocalContrastNorm(nnx.Module):
         self.size = static(size, "size")
         self.sigma = None if sigma is None else _check_positive(sigma, "sigma")
         self.eps = _check_positive(eps, "eps")
+        check_settings(self, settings_rank(self.size), 1, window=self.size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, *spatial, C)``."""

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jcnn import functional as F
 from jcnn.functional._checks import PaddingLike, check_real
-from jcnn.nnx._util import static
+from jcnn.nnx._util import check_settings, settings_rank, static
 
 __all__ = [
     "MaxPool",
@@ -50,6 +50,14 @@ class MaxPool(nnx.Module):
         self.window, self.stride = static(window, "window"), static(stride, "stride")
         self.padding, self.dilation = static(padding, "padding"), static(dilation, "dilation")
         self.ceil_mode = static(ceil_mode, "ceil_mode")
+        check_settings(
+            self,
+            settings_rank(self.window, self.stride, self.dilation, self.padding),
+            1,
+            window=self.window,
+            dilation=self.dilation,
+            padding=self.padding,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -81,6 +89,8 @@ class AvgPool(nnx.Module):
         self.window, self.stride = static(window, "window"), static(stride, "stride")
         self.padding, self.ceil_mode = static(padding, "padding"), static(ceil_mode, "ceil_mode")
         self.count_include_pad = static(count_include_pad, "count_include_pad")
+        rank = settings_rank(self.window, self.stride, self.padding)
+        check_settings(self, rank, 1, window=self.window, padding=self.padding)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -106,6 +116,7 @@ class LPPool(nnx.Module):
     ) -> None:
         self.p, self.window = check_real(p, "p", low=0, low_open=True), static(window, "window")
         self.stride = static(stride, "stride")
+        check_settings(self, settings_rank(self.window, self.stride), 1, window=self.window)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -137,6 +148,7 @@ class AdaptiveAvgPool(nnx.Module):
 
     def __init__(self, output_size: int | Sequence[int]) -> None:
         self.output_size = static(output_size, "output_size")
+        check_settings(self, settings_rank(self.output_size), 1, window=self.output_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
@@ -152,6 +164,7 @@ class AdaptiveMaxPool(nnx.Module):
 
     def __init__(self, output_size: int | Sequence[int]) -> None:
         self.output_size = static(output_size, "output_size")
+        check_settings(self, settings_rank(self.output_size), 1, window=self.output_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""

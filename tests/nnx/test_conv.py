@@ -188,9 +188,9 @@ def test_use_bias_must_be_a_bool_as_in_the_linen_twin(build):
 
 @pytest.mark.parametrize("dtype", [jnp.int32, "foo"])
 def test_a_non_floating_compute_dtype_is_a_type_error(dtype):
-    layer = jnnx.Conv(3, 2, 3, dtype=dtype, rngs=nnx.Rngs(0))
+    # refused at construction, as every setting of an NNX module (it was at the first call)
     with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
-        layer(jnp.ones((1, 5, 5, 3)))
+        jnnx.Conv(3, 2, 3, dtype=dtype, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("bad", [5, 0, "he_normal", jnp.ones(3)])
@@ -239,3 +239,46 @@ def test_a_window_larger_than_the_input_is_named_kernel_size(layer):
     # it was named `w`, F.conv's argument, which a module's user never typed
     with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 \(kernel"):
         layer()(jnp.ones((1, 5, 5, 3)))
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda r: jnnx.Conv(3, 4, 3, stride=0, rngs=r), ValueError, "stride: every entry"),
+        (lambda r: jnnx.Conv(3, 4, 3, dilation=0, rngs=r), ValueError, "dilation: every entry"),
+        (lambda r: jnnx.Conv(3, 4, 3, padding="FULL", rngs=r), ValueError, "padding: expected"),
+        (lambda r: jnnx.Conv(3, 4, 3, padding=(1, 1, 1), rngs=r), ValueError, "padding: "),
+        (lambda r: jnnx.Conv(3, 4, 3, padding_mode="mirror", rngs=r), ValueError, "padding_mode"),
+        (lambda r: jnnx.Conv(3, 4, 3, flip="yes", rngs=r), TypeError, "flip: expected a Python"),
+        (lambda r: jnnx.DepthwiseConv(3, 3, stride=-1, rngs=r), ValueError, "stride: every"),
+        (lambda r: jnnx.DepthwiseConv(3, 3, padding_mode=0, rngs=r), TypeError, "padding_mode"),
+        (
+            lambda r: jnnx.ConvTranspose(3, 4, 3, stride=2, output_padding=3, rngs=r),
+            ValueError,
+            r"output_padding: each entry must be smaller than the stride",
+        ),
+        (lambda r: jnnx.ConvTranspose(3, 4, 3, output_padding=-1, rngs=r), ValueError, "output_"),
+        (lambda r: jnnx.ConvTranspose(3, 4, 3, padding="SAME", rngs=r), ValueError, "padding: "),
+    ],
+)
+def test_every_setting_is_checked_at_construction(build, error, message):
+    # these were accepted until the first call (an NNX module builds its parameters at once)
+    with pytest.raises(error, match=f"^{message}"):
+        build(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda r: jnnx.Conv(3, 4, (7, 7), stride=2, padding=3, rngs=r),
+        lambda r: jnnx.Conv(3, 4, 5, padding="SAME", padding_mode="reflect", dilation=3, rngs=r),
+        lambda r: jnnx.Conv(3, 4, 3, padding=((2, 0), (0, 2)), padding_mode="circular", rngs=r),
+        lambda r: jnnx.Conv(3, 4, (3,), stride=5, padding=10, padding_mode="reflect", rngs=r),
+        lambda r: jnnx.DepthwiseConv(3, (3, 3, 3), padding=(1, 2, 3), dtype="bfloat16", rngs=r),
+        lambda r: jnnx.ConvTranspose(3, 4, 4, stride=2, padding=1, output_padding=1, rngs=r),
+        lambda r: jnnx.ConvTranspose(3, 4, 3, padding=5, dilation=3, rngs=r),
+    ],
+)
+def test_the_construction_checks_accept_any_valid_setting(build):
+    build(nnx.Rngs(0))
+    nnx.eval_shape(lambda: build(nnx.Rngs(0)))  # abstract construction checks them too

@@ -47,3 +47,9 @@ def test_a_window_larger_than_the_input_is_named_kernel_size():
     # it was named `window`, F.locally_connected_output_shape's argument
     with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 is larger"):
         jnnx.LocallyConnected(3, 4, 9, input_size=(5, 5), rngs=nnx.Rngs(0))
+
+
+def test_a_non_floating_compute_dtype_is_refused_at_construction():
+    # it was accepted until the first call
+    with pytest.raises(TypeError, match="^dtype: expected None or a floating dtype"):
+        jnnx.LocallyConnected(3, 4, 3, input_size=(5, 5), dtype=jnp.int32, rngs=nnx.Rngs(0))

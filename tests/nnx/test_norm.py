@@ -119,9 +119,9 @@ def test_flags_must_be_bools_as_in_the_linen_twin(build, name):
 
 @pytest.mark.parametrize("module", [jnnx.BatchNorm, jnnx.LayerNorm, jnnx.InstanceNorm])
 def test_a_non_floating_compute_dtype_is_a_type_error(module):
-    layer = module(3, dtype=jnp.int32, rngs=nnx.Rngs(0))
+    # refused at construction, as every setting of an NNX module (it was at the first call)
     with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
-        layer(jnp.ones((2, 4, 4, 3)))
+        module(3, dtype=jnp.int32, rngs=nnx.Rngs(0))
 
 
 _AFFINE_NORMS = [
@@ -170,3 +170,19 @@ def test_an_initializer_of_the_wrong_shape_is_named_at_construction(build, name)
     )
     with pytest.raises(ValueError, match=message):
         build(nnx.Rngs(0), **{name: wrong})
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: jnnx.LocalContrastNorm(4), ValueError, "size: expected odd window widths"),
+        (lambda: jnnx.LocalContrastNorm((3, 0)), ValueError, "size: every entry must be >= 1"),
+        (lambda: jnnx.LocalContrastNorm("a"), TypeError, "size: expected an int"),
+        (lambda: jnnx.BatchNorm(3, axis_name=5, rngs=nnx.Rngs(0)), TypeError, "axis_name: "),
+    ],
+)
+def test_every_setting_is_checked_at_construction(build, error, message):
+    # these were accepted until the first call
+    with pytest.raises(error, match=f"^{message}"):
+        build()
+    assert jnnx.LocalContrastNorm((3, 5, 7))(jnp.ones((1, 2, 3, 4, 1))).shape == (1, 2, 3, 4, 1)
