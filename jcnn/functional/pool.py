@@ -159,10 +159,10 @@ def max_pool(
 
     Returns:
       ``(N, *out_spatial, C)`` array, the maximum of each window (NaN where the window holds a
-      NaN). The gradient of a window goes to its first maximum in row-major order, as in
-      PyTorch. Where the window holds a NaN, PyTorch sends it to the last NaN; so does jcnn for
-      non-overlapping windows on CPU, while overlapping or dilated windows may send it to another
-      pixel of the window.
+      NaN, as in PyTorch). The gradient of a window goes to its first maximum in row-major
+      order, as in PyTorch. Where the window holds a NaN, the gradient goes to a NaN: PyTorch's
+      last NaN of the window for non-overlapping windows on CPU, else the first NaN (the same
+      where a window holds one; a ``+inf`` before the NaN takes it instead).
 
     The 2x2 max pool with stride 1 of the course notes:
 
@@ -183,16 +183,23 @@ def max_pool(
             return lax.platform_dependent(
                 x,
                 cpu=lambda x: _tiled_max_pool(x, window, pads, out_sizes),
-                default=lambda x: _reduce_window_max(x, window, window, pads),
+                default=lambda x: _route_nan_windows(
+                    lambda x: _reduce_window_max(x, window, window, pads), x
+                ),
             )
     elif all(d == 1 for d in dilation):
 
         def pool(x):
-            return _reduce_window_max(x, window, stride, pads)
+            return _route_nan_windows(lambda x: _reduce_window_max(x, window, stride, pads), x)
     else:
 
         def pool(x):
-            return _dilated_max_pool(x, _lowest(x.dtype), window, stride, dilation, pads, out_sizes)
+            return _route_nan_windows(
+                lambda x: _dilated_max_pool(
+                    x, _lowest(x.dtype), window, stride, dilation, pads, out_sizes
+                ),
+                x,
+            )
 
     if not any(lo or hi for lo, hi in pads):  # every window inside: its first pixel wins ties
         return pool(x)
@@ -217,6 +224,23 @@ def _route_minus_inf_windows_jvp(pool, primals, tangents):
     (x,), (x_tangent,) = primals, tangents
     lowest_finite = np.array(jnp.finfo(x.dtype).min, x.dtype)
     raised = jnp.where(x == -np.inf, lowest_finite, x)
+    return pool(x), jax.jvp(pool, (raised,), (x_tangent,))[1]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _route_nan_windows(pool, x):
+    """``pool(x)``, a ``reduce_window`` max pool, whose derivative sends the gradient of a window
+    holding a NaN to its first NaN, near PyTorch, which sends it to the last (the only one where
+    a window holds one). ``reduce_window``'s own derivative compares with ``>=``, false for a
+    NaN, and sent it to a pixel that is not the output. The derivative is taken at ``x`` with NaN
+    raised to ``+inf``: the window's first NaN wins, unless a ``+inf`` comes before it."""
+    return pool(x)
+
+
+@_route_nan_windows.defjvp
+def _route_nan_windows_jvp(pool, primals, tangents):
+    (x,), (x_tangent,) = primals, tangents
+    raised = jnp.where(jnp.isnan(x), np.array(np.inf, x.dtype), x)
     return pool(x), jax.jvp(pool, (raised,), (x_tangent,))[1]
 
 

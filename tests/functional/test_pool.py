@@ -708,3 +708,39 @@ def test_bad_inputs_raise_a_message_naming_the_argument(call, error, message):
 def test_checks_run_at_trace_time_under_jit():
     with pytest.raises(ValueError, match="larger than the padded input"):
         jax.jit(lambda x: avg_pool(x, 6))(X2)
+
+
+def test_max_pool_sends_a_nan_windows_gradient_to_the_nan_as_torch(torch, rng):
+    # Overlapping, dilated and padded windows (reduce_window's paths) with one NaN per image
+    # channel: the output is NaN as in PyTorch, and so was it before, but reduce_window's
+    # gradient went to another pixel of the window (its >= is false for a NaN), not the NaN.
+    x = _distinct_values(rng, (2, 7, 8, 3))
+    for n in range(2):
+        for c in range(3):
+            x[n, rng.integers(7), rng.integers(8), c] = np.nan
+    configs = [
+        dict(kernel_size=2, stride=1),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(3, 2), stride=1, dilation=2),
+        dict(kernel_size=3, stride=3, padding=1, ceil_mode=True),
+    ]
+    cases = [
+        (
+            functools.partial(
+                max_pool,
+                window=config["kernel_size"],
+                stride=config["stride"],
+                padding=config.get("padding", 0),
+                dilation=config.get("dilation", 1),
+                ceil_mode=config.get("ceil_mode", False),
+            ),
+            functools.partial(torch.nn.functional.max_pool2d, **config),
+            x,
+            f"NaN, {config}",
+        )
+        for config in configs
+    ]
+    _assert_parity(torch, cases, rng)
+    one_d = jnp.asarray([0.0, 5.0, np.nan, 1.0, 7.0], jnp.float32).reshape(1, 5, 1)
+    grad = jax.grad(lambda x: max_pool(x, 2, 1).sum())(one_d)
+    assert grad.ravel().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]  # not [0, 1, 1, 1, 1]
