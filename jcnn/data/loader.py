@@ -106,8 +106,13 @@ class Loader:
         ``NamedSharding(mesh, PartitionSpec("data"))`` for data-parallel training; every batch
         (the last one too, where ``drop_remainder=False``) must then divide evenly across its
         devices. With a ``NamedSharding`` the dataset is replicated on the mesh's devices and each
-        device gathers and augments its own part of the batch; the values are those of the
-        unsharded loader.
+        device gathers and augments its own part of the batch; the order, the labels and every
+        augmentation's random choices are those of the unsharded loader, and so are the values,
+        except that a ``batch_augment`` blending images (``mixup``'s ``lam x + (1 - lam) x'``)
+        may round differently in each device's compiled program: within one float32 step
+        (``np.testing.assert_array_max_ulp(sharded, unsharded, maxulp=1)``), as XLA may fuse a
+        product and a sum into one multiply-add in one program and not in the other. ``cutmix``
+        (a pasted box) and the per-example ops give identical values.
       sampling: ``"shuffle"`` (default): each epoch is a permutation cut into batches (every
         example once per epoch). ``"poisson"``: each batch takes each example independently with
         probability ``batch_size / num_examples`` (a batch of random size, ``batch_size`` on
