@@ -94,7 +94,9 @@ class Loader:
     Args:
       images: array ``(N, H, W, C)`` (typically ``uint8``), or any array-like indexable on axis 0.
       labels: array ``(N,)`` of integer labels (or ``(N, K)`` soft labels).
-      batch_size: examples per batch (the global batch when sharded).
+      batch_size: examples per batch (the global batch when sharded), from 1 to the number of
+        examples: a larger one is refused, with ``drop_remainder=False`` too (an epoch of no batch,
+        or of one batch smaller than asked, would hide the mistake).
       shuffle: a fresh permutation every epoch (from ``order_key``); else the stored order.
       seed: the root of every random choice (order and augmentations).
       augment: per-example op ``(key, image) -> image``, applied under ``vmap`` with one key per

@@ -575,6 +575,18 @@ def test_streaming_records_of_another_form_are_named(dataset, records, kw, error
         loader.batch(0, 0)
 
 
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_a_batch_larger_than_the_dataset_is_refused(dataset, drop_remainder):
+    # the docstring's contract, in memory and streaming: never an epoch of no batch
+    images, labels = dataset
+    message = r"^batch_size: expected 1\.\.5 \(the number of examples\), got 8$"
+    with pytest.raises(ValueError, match=message):
+        Loader(images[:5], labels[:5], batch_size=8, drop_remainder=drop_remainder)
+    records = list(zip(images[:5], labels[:5], strict=True))
+    with pytest.raises(ValueError, match=message):
+        Loader.from_source(records, batch_size=8, drop_remainder=drop_remainder)
+
+
 def test_an_empty_dataset_is_named(dataset):
     # both said "batch_size: expected 1..0 (the number of examples)", whatever the batch size
     images, labels = dataset
