@@ -246,7 +246,9 @@ def download(
 
     A file already there is kept when it is the official file (same SHA-256) or a faithful copy
     of its content (e.g. re-compressed); otherwise, or with ``force``, it is downloaded again and
-    replaced only once the new copy is verified.
+    replaced only once the new copy is verified. Where :func:`jcnn.data.load` already reads every
+    file elsewhere, verified (directly in ``data_dir``, or CIFAR-10's extracted folder), nothing
+    is downloaded (unless ``force``) and that folder is returned.
 
     Args:
       name: ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"``.
@@ -276,6 +278,10 @@ def download(
     force = check_bool(force, "force")
     addresses = urls(name, mirrors)
     folder = _resolve_folder(name, data_dir)
+    if not force:
+        held = _held_elsewhere(name, data_dir, folder)
+        if held is not None:
+            return held
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
@@ -300,6 +306,14 @@ def download(
                 continue
             _fetch_file(name, remote, addresses[remote.filename], target, timeout, bar)
     return folder
+
+
+def _held_elsewhere(name: str, data_dir, folder: Path) -> Path | None:
+    """The folder other than ``folder`` where :func:`jcnn.data.load` reads every file of ``name``,
+    each verified; ``None`` where there is none (then the files belong in ``folder``)."""
+    rows = _describe(name, data_dir)
+    where = rows[0][0].parent
+    return where if where != folder and all(ok for _, _, ok in rows) else None
 
 
 @contextlib.contextmanager
@@ -642,7 +656,7 @@ def main(argv=None) -> int:
             )
             return 2
         try:
-            download(
+            folder = download(
                 args.name,
                 data_dir=args.data_dir,
                 timeout=args.timeout,
@@ -655,6 +669,11 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("jcnn-data: interrupted; run the same command to resume", file=sys.stderr)
             return 130
+        if folder != _resolve_folder(args.name, args.data_dir):
+            print(
+                f"{args.name}: already in {folder}, where jcnn.data.load reads it; nothing "
+                "downloaded (--force to download anyway)"
+            )
     if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         print(f"jcnn-data: --data-dir {args.data_dir}: no such folder", file=sys.stderr)
         return 2

@@ -413,6 +413,30 @@ def test_faithful_repacked_copy_is_kept(tmp_path, server, data_dir):
     assert server.requests == []
 
 
+@pytest.mark.parametrize("home", [".", "mnist"])
+def test_files_where_load_reads_them_are_verified_not_downloaded_again(
+    tmp_path, server, monkeypatch, capsys, data_dir, home
+):
+    """Files directly in the data directory (or the dataset's folder given as it), where
+    data.load reads them, count as present: they were downloaded again into <dir>/mnist/."""
+    _only(monkeypatch, "mnist", LABELS)
+    given = tmp_path / home
+    given.mkdir(exist_ok=True)
+    shutil.copy(data_dir / "mnist" / LABELS, given / LABELS)
+    mirrors = [server.url("ok")]
+    assert data.download("mnist", data_dir=given, mirrors=mirrors, progress=False) == given
+    assert server.requests == [] and _listing(given) == [LABELS]
+    monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("ok"))
+    assert fetch.main(["download", "mnist", "--data-dir", str(given)]) == 0
+    out = capsys.readouterr().out
+    assert f"mnist: already in {given}, where jcnn.data.load reads it" in out
+    assert f"{given / LABELS}: ok: the official file" in out
+    assert server.requests == [] and _listing(given) == [LABELS]
+    (given / LABELS).write_bytes(b"not the labels")  # a wrong file there: the download goes on
+    target = data.download("mnist", data_dir=given, mirrors=mirrors, progress=False)
+    assert target == given / "mnist" and _listing(target) == [LABELS]
+
+
 def test_environment_mirrors_and_load_download(tmp_path, server, monkeypatch, loaded):
     """load(download=True) into an empty cache, mirrors from JCNN_DATA_MIRRORS (all MNIST)."""
     monkeypatch.setenv(fetch.MIRRORS_ENV, server.url("ok"))
