@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
             "%", "%%"
         ),
     )
+    p.add_argument(
+        "--recipe-any-dataset",
+        action="store_true",
+        help="with --recipe: train it on a --dataset other than the one it was built for "
+        "(images of the same shape; its published accuracy does not apply there)",
+    )
     p.add_argument("--model", default="lenet5", choices=sorted(MODELS))
     p.add_argument(
         "--dataset",
@@ -402,6 +408,18 @@ def _check_recipe(args, argv) -> set[str]:
             f"--recipe {args.recipe} is built for {recipe.dataset} "
             f"({'x'.join(map(str, recipe.image_shape))} images), not --dataset {args.dataset} "
             f"({'x'.join(map(str, shape))} images)"
+        )
+    trained_on = args.dataset.removeprefix("tfds:")
+    if trained_on not in (recipe.dataset, "synthetic"):
+        if not args.recipe_any_dataset:
+            raise UsageError(
+                f"--recipe {args.recipe} is built for {recipe.dataset} (its settings and "
+                f"published accuracy are for it), not --dataset {args.dataset}; add "
+                "--recipe-any-dataset to train it there anyway"
+            )
+        print(
+            f"note: --recipe {args.recipe} was built for {recipe.dataset}; training it on "
+            f"{args.dataset} (--recipe-any-dataset), where its published accuracy does not apply"
         )
     return given
 
@@ -740,6 +758,8 @@ def _on_interrupt(out: Path):
 def _main(argv) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.recipe_any_dataset and args.recipe is None:
+        raise UsageError("--recipe-any-dataset: only with --recipe")
     given = _check_recipe(args, argv) if args.recipe is not None else set()
     _check_combinations(args)
     name = args.recipe or args.model

@@ -292,6 +292,14 @@ def _assert_one_line(err):
             "--recipe airbench94 is built for cifar10 (32x32x3 images), not --dataset mnist "
             "(28x28x1 images)",
         ),
+        (
+            # ran: a recipe tuned for MNIST, on another dataset of the same shape, without a word
+            ["--recipe", "mnist99", "--dataset", "fashion_mnist"],
+            "--recipe mnist99 is built for mnist (its settings and published accuracy are for "
+            "it), not --dataset fashion_mnist; add --recipe-any-dataset to train it there anyway",
+        ),
+        (["--recipe", "airbench94", "--dataset", "tfds:cifar100"], "built for cifar10 (its"),
+        (["--recipe-any-dataset"], "--recipe-any-dataset: only with --recipe"),
         (["--recipe", "mnist99", "--model", "lenet5"], "--recipe mnist99 sets --model itself"),
         (["--recipe", "airbench94", "--no-grad", "head/*"], "--recipe airbench94 sets --no-grad"),
         (["--no-grad", "conv1/*@-1"], "--no-grad: expected PATTERN or PATTERN@EPOCH with an epoch"),
@@ -335,6 +343,19 @@ def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
     _assert_one_line(err)
     assert says in err
     assert not (tmp_path / "run").exists()
+
+
+def test_recipe_on_another_dataset_when_asked_says_so(capsys, tmp_path):
+    """--recipe-any-dataset lets a recipe train on another dataset of its shape, with a note."""
+    from jcnn.train.cli import main
+
+    argv = ["--recipe", "mnist99", "--dataset", "fashion_mnist", "--recipe-any-dataset"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--limit-train", "100", "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2
+    assert "mnist99 trains on batches of 128, got 100 images" in err  # past the dataset check
+    assert "note: --recipe mnist99 was built for mnist; training it on fashion_mnist" in out
 
 
 @pytest.mark.parametrize(
