@@ -78,16 +78,20 @@ def settings_rank(*settings) -> int:
 
 
 def check_settings(
-    module, spatial_rank: int, channels: int, *, window=1, dilation=1, padding=0
+    module, owner: type, spatial_rank: int, channels: int, *, window=1, dilation=1, padding=0
 ) -> None:
-    """Run ``module`` on an abstract input ``(1, *spatial, channels)`` whose spatial sizes fit
-    ``window`` with its ``dilation`` and ``padding``: the op's own checks of every setting
-    (stride, padding form and mode, dilation, output_padding, dtype...) refuse a bad one at
-    construction, under the name the call would give, instead of at the first call. Nothing is
-    computed (``jax.eval_shape``)."""
+    """Run ``owner.__call__`` on ``module`` and an abstract input ``(1, *spatial, channels)``
+    whose spatial sizes fit ``window`` with its ``dilation`` and ``padding``: the op's own checks
+    of every setting (stride, padding form and mode, dilation, output_padding, dtype...) refuse a
+    bad one at construction, under the name the call would give, instead of at the first call.
+    Nothing is computed (``jax.eval_shape``).
+
+    ``owner`` is the jcnn class whose ``__init__`` asks: a user's subclass may override
+    ``__call__`` with more arguments, or with attributes its own ``__init__`` sets only after
+    ``super().__init__()`` returns."""
     size = (_largest(window, 1) - 1) * _largest(dilation, 1) + 2 * _largest(padding, 0) + 2
     probe = jax.ShapeDtypeStruct((1, *(size,) * spatial_rank, channels), jnp.float32)
-    jax.eval_shape(lambda x: module(x), probe)
+    jax.eval_shape(lambda x: owner.__call__(module, x), probe)
 
 
 def check_rngs(rngs, owner: str) -> nnx.Rngs:

@@ -115,6 +115,7 @@ class Conv(_ConvBase):
         )
         check_settings(
             self,
+            Conv,
             len(self.kernel_size),
             self.in_features,
             window=self.kernel_size,
@@ -194,6 +195,7 @@ class DepthwiseConv(_ConvBase):
         )
         check_settings(
             self,
+            DepthwiseConv,
             len(self.kernel_size),
             self.in_features,
             window=self.kernel_size,
@@ -273,6 +275,7 @@ class ConvTranspose(_ConvBase):
         )
         check_settings(
             self,
+            ConvTranspose,
             len(self.kernel_size),
             self.in_features,
             window=self.kernel_size,

@@ -378,7 +378,7 @@ class LocalContrastNorm(nnx.Module):
         self.size = static(size, "size")
         self.sigma = None if sigma is None else _check_positive(sigma, "sigma")
         self.eps = _check_positive(eps, "eps")
-        check_settings(self, settings_rank(self.size), 1, window=self.size)
+        check_settings(self, LocalContrastNorm, settings_rank(self.size), 1, window=self.size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x`` of shape ``(N, *spatial, C)``."""

@@ -52,6 +52,7 @@ class MaxPool(nnx.Module):
         self.ceil_mode = static(ceil_mode, "ceil_mode")
         check_settings(
             self,
+            MaxPool,
             settings_rank(self.window, self.stride, self.dilation, self.padding),
             1,
             window=self.window,
@@ -90,7 +91,7 @@ class AvgPool(nnx.Module):
         self.padding, self.ceil_mode = static(padding, "padding"), static(ceil_mode, "ceil_mode")
         self.count_include_pad = static(count_include_pad, "count_include_pad")
         rank = settings_rank(self.window, self.stride, self.padding)
-        check_settings(self, rank, 1, window=self.window, padding=self.padding)
+        check_settings(self, AvgPool, rank, 1, window=self.window, padding=self.padding)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -116,7 +117,7 @@ class LPPool(nnx.Module):
     ) -> None:
         self.p, self.window = check_real(p, "p", low=0, low_open=True), static(window, "window")
         self.stride = static(stride, "stride")
-        check_settings(self, settings_rank(self.window, self.stride), 1, window=self.window)
+        check_settings(self, LPPool, settings_rank(self.window, self.stride), 1, window=self.window)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)``."""
@@ -148,7 +149,9 @@ class AdaptiveAvgPool(nnx.Module):
 
     def __init__(self, output_size: int | Sequence[int]) -> None:
         self.output_size = static(output_size, "output_size")
-        check_settings(self, settings_rank(self.output_size), 1, window=self.output_size)
+        check_settings(
+            self, AdaptiveAvgPool, settings_rank(self.output_size), 1, window=self.output_size
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""
@@ -164,7 +167,9 @@ class AdaptiveMaxPool(nnx.Module):
 
     def __init__(self, output_size: int | Sequence[int]) -> None:
         self.output_size = static(output_size, "output_size")
-        check_settings(self, settings_rank(self.output_size), 1, window=self.output_size)
+        check_settings(
+            self, AdaptiveMaxPool, settings_rank(self.output_size), 1, window=self.output_size
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Pool ``x`` of shape ``(N, *spatial, C)`` to ``(N, *output_size, C)``."""

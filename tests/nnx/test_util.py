@@ -350,3 +350,36 @@ def test_rngs_without_a_params_stream_is_a_value_error_naming_rngs(make):
         make(nnx.Rngs(dropout=0))
     layer = make(nnx.Rngs(params=3, dropout=0))
     assert jax.tree.leaves(nnx.state(layer, nnx.Param))  # the params stream serves
+
+
+CHECKED_AT_CONSTRUCTION = {
+    "Conv": (jnnx.Conv, (3, 2, 3), {"padding": 1, "rngs": nnx.Rngs(0)}),
+    "DepthwiseConv": (jnnx.DepthwiseConv, (3, 3), {"padding": 1, "rngs": nnx.Rngs(0)}),
+    "ConvTranspose": (jnnx.ConvTranspose, (3, 2, 3), {"rngs": nnx.Rngs(0)}),
+    "MaxPool": (jnnx.MaxPool, (2,), {}),
+    "AvgPool": (jnnx.AvgPool, (2,), {}),
+    "LPPool": (jnnx.LPPool, (2, 2), {}),
+    "AdaptiveAvgPool": (jnnx.AdaptiveAvgPool, (2,), {}),
+    "AdaptiveMaxPool": (jnnx.AdaptiveMaxPool, (2,), {}),
+    "LocalContrastNorm": (jnnx.LocalContrastNorm, (3,), {}),
+}
+
+
+@pytest.mark.parametrize(
+    ("base", "args", "kwargs"), CHECKED_AT_CONSTRUCTION.values(), ids=CHECKED_AT_CONSTRUCTION
+)
+def test_a_subclass_with_its_own_call_can_be_constructed(base, args, kwargs, rng):
+    # The settings check at construction runs the jcnn class's own __call__: a subclass's may
+    # take more arguments and read attributes set after super().__init__() (construction
+    # crashed with a TypeError or an AttributeError)
+    class Shifted(base):
+        def __init__(self):
+            super().__init__(*args, **kwargs)
+            self.shift = 1.0
+
+        def __call__(self, x, extra):
+            return super().__call__(x) + self.shift + extra
+
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
+    module = Shifted()
+    np.testing.assert_allclose(module(x, 2.0), base.__call__(module, x) + 3.0, rtol=1e-6)
