@@ -359,16 +359,21 @@ def _check_weights(weights, size: int) -> None:
         raise ValueError(
             f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
         )
+    _check_weight_dtype(weights)
+
+
+def _check_weight_dtype(weights) -> None:
     dtype = weights.dtype if hasattr(weights, "dtype") else np.asarray(weights).dtype
     if not any(jnp.issubdtype(dtype, kind) for kind in (jnp.bool_, jnp.integer, jnp.floating)):
         raise TypeError(f"weights: expected real numbers, got {dtype}")
 
 
 def _check_weight_values(weights) -> None:
-    """Per-example ``weights`` in ``[0, 1]``, when concrete (a traced array is its caller's to
-    check)."""
+    """Per-example real ``weights`` in ``[0, 1]``, when concrete (a traced array is its caller's
+    to check)."""
     if isinstance(weights, jax.core.Tracer):
         return
+    _check_weight_dtype(weights)
     values = np.asarray(weights)
     if not ((values >= 0) & (values <= 1)).all():
         raise ValueError(

@@ -232,6 +232,8 @@ def dp_train_step(
     images, labels = _check_batch(state, batch)
     size = images.shape[0]
     example_keys, noise_key = _example_keys(state, size)
+    if weights is not None:  # a list of weights reaches here as a list of traced scalars
+        weights = jnp.asarray(weights)
 
     def example_loss_and_logits(params, example):
         x, y, key = example

@@ -455,3 +455,28 @@ def test_dp_step_takes_a_typed_key_as_train_step_does(rng):
 
     for typed, raw in zip(step(jax.random.key(5)), step(jax.random.PRNGKey(5)), strict=True):
         np.testing.assert_array_equal(typed, raw)
+
+
+def test_dp_step_takes_weights_as_a_list_and_names_weights_that_are_not_numbers(rng):
+    # a list reached the jit as traced scalars (TracerArrayConversionError), and strings failed in
+    # a NumPy comparison before their type was checked
+    images, labels = _data(rng, 4)
+
+    def step(weights):
+        state = TrainState.create(_model(), optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+        new, _, _ = dp_train_step(
+            state,
+            (images, labels),
+            weights=weights,
+            denominator=3.0,
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+        )
+        return jax.tree.leaves(new.params)
+
+    listed, array = step([1, 1, 0, 1]), step(np.array([1, 1, 0, 1], np.float32))
+    for a, b in zip(listed, array, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="weights: expected real numbers, got <U1"):
+        step(["1", "1", "0", "1"])
+
