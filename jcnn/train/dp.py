@@ -262,12 +262,13 @@ def dp_train_step(
         weights=weights,
         denominator=denominator,
     )
-    # after private_grad, whose trace names the ways out of train-mode BatchNorm
+    # after private_grad, whose trace names the ways out of train-mode BatchNorm; traced only, so
+    # an empty batch (Poisson sampling draws them) is traced on a stand-in example and any key
+    first = jax.tree.map(lambda a: a[:1] if size else jnp.zeros((1, *a.shape[1:]), a.dtype), batch)
     updated = _updated_statistics(
         state,
-        images[:1],
-        labels[:1],
-        example_keys[0],
+        *first,
+        noise_key,
         compute_dtype=compute_dtype,
         loss_fn=loss_fn,
     )

@@ -480,3 +480,19 @@ def test_dp_step_takes_weights_as_a_list_and_names_weights_that_are_not_numbers(
     with pytest.raises(TypeError, match="weights: expected real numbers, got <U1"):
         step(["1", "1", "0", "1"])
 
+
+def test_dp_step_on_an_empty_poisson_batch_applies_the_noise_alone(rng):
+    # Poisson sampling draws empty batches; the step failed with an IndexError (its first
+    # example's key)
+    images, labels = _data(rng, 2)
+    state = TrainState.create(_model(), optax.sgd(0.5), jax.random.PRNGKey(0), images[:1])
+    params = jax.tree.map(np.array, state.params)
+    empty = (images[:0], labels[:0])
+    new, metrics, logits = dp_train_step(
+        state, empty, np.zeros(0), 4.0, l2_norm_clip=1.0, noise_multiplier=1.0
+    )
+    assert logits.shape == (0, 3) and float(metrics["loss"]) == 0.0
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), new.params, params)
+    assert all(
+        0 < m < np.inf for m in jax.tree.leaves(moved)
+    )  # noise only: sigma C / denominator per coordinate
