@@ -625,6 +625,7 @@ def ghost_clipped_sum(
     if weights is not None:
         _check_weights(weights, size)
         _check_weight_values(weights)
+        weights = jnp.asarray(weights)  # a list's numbers would be leaves of the chunks' pytree
     loss_fn = _scalar_loss(loss_fn)
     if size == 0:
         zeros = jax.tree.map(lambda leaf: jnp.zeros_like(leaf, jnp.result_type(leaf)), params)

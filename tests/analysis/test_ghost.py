@@ -533,6 +533,18 @@ def test_weights_outside_zero_one_are_refused_when_concrete(rng, weights, says):
     assert traced(jnp.asarray(weights)).shape == (5,)
 
 
+def test_weights_as_a_list_with_chunks(rng):
+    # a list's numbers became leaves of the chunks' pytree: "'int' object is not subscriptable"
+    loss, params, batch = _problem(*_LAYERS["dense_tokens"], rng)
+    weights = [1, 0, 1, 1, 0]
+    total, norms = ghost_clipped_sum(loss, params, batch, 0.5, weights=weights, chunk_size=2)
+    expected, expected_norms = ghost_clipped_sum(
+        loss, params, batch, 0.5, weights=np.array(weights)
+    )
+    _assert_trees_close(total, expected)
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-6)
+
+
 def test_bad_input(rng):
     loss, params, batch = _problem(*_LAYERS["dense_tokens"], rng)
     with pytest.raises(ValueError, match="layer_rule"):
