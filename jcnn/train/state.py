@@ -42,7 +42,11 @@ _INIT_PROGRAMS = _unoptimized_and_optimized(_init, static_argnames="model")
 
 def _init_variables(model, rngs, sample_input):
     """``model.init(rngs, sample_input, train=False)`` as one compiled program, reused for an
-    equal model (a model with unhashable attributes, e.g. a list, compiles each time)."""
+    equal model (a model with unhashable attributes, e.g. a list, compiles each time). Inside
+    another trace (the caller's ``jit`` or ``eval_shape``), the caller's program holds it: a
+    nested ``jit`` cannot take compiler options."""
+    if isinstance(jnp.zeros(()), jax.core.Tracer):
+        return _init(model, rngs, sample_input)
     try:
         hash(model)
     except TypeError:

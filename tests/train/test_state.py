@@ -54,6 +54,21 @@ def test_create_initializes_as_model_init(model, shape, optimized, monkeypatch, 
     assert int(state.step) == 0
 
 
+def test_create_runs_inside_a_callers_jit_and_eval_shape():
+    # the init program's compiler options made a nested jit fail: `compiler_options` can only be
+    # passed to top-level `jax.jit`
+    model, sample = models.LeNet5(), jnp.zeros((1, 28, 28, 1))
+    key = jax.random.key(5)
+    eager = TrainState.create(model, optimizer("sgd", 0.1), key, sample)
+    jitted = jax.jit(lambda k: TrainState.create(model, optimizer("sgd", 0.1), k, sample))(key)
+    for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    shapes = jax.eval_shape(
+        lambda k: TrainState.create(model, optimizer("sgd", 0.1), k, sample), key
+    )
+    assert jax.tree.map(lambda a: a.shape, shapes.params) == jax.tree.map(jnp.shape, eager.params)
+
+
 def test_create_names_a_bad_key():
     model, sample, tx = models.LeNet5(), jnp.zeros((1, 28, 28, 1)), optimizer("sgd", 0.1)
     for key, error, says in (
