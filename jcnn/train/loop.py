@@ -423,6 +423,12 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
     )
 
 
+def _rate_at(schedule, step: int) -> float:
+    """The rate of ``schedule`` at ``step``, asked as Optax asks (an int32 count): a schedule
+    written for it (``count.astype(...)``) may not take a Python int."""
+    return float(schedule(jnp.asarray(step, jnp.int32)))
+
+
 def _describe_fn(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
@@ -1436,7 +1442,7 @@ def _fit(
                 images_this_process += int(batch[0].shape[0])
                 if batch_index % 10 == 0 or batch_index == steps_per_epoch:
                     rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
-                    lr = f"lr {float(schedule(step)):.3g} " if schedule is not None else ""
+                    lr = f"lr {_rate_at(schedule, step):.3g} " if schedule is not None else ""
                     means = (
                         f"loss {running['loss'] / running['batches']:.4f} "
                         f"acc {running['accuracy'] / running['batches']:.4f} "
@@ -1473,7 +1479,7 @@ def _fit(
                 "step": step,
                 **_epoch_means(running, ("loss", "accuracy", *running_names)),
                 **dict.fromkeys(val_names),
-                "learning_rate": float(schedule(step)) if schedule is not None else None,
+                "learning_rate": _rate_at(schedule, step) if schedule is not None else None,
                 "seconds": seconds,
                 "images_per_second": images_this_process / max(seconds, 1e-9),
             }

@@ -331,6 +331,15 @@ def test_any_optax_optimizer_and_learning_rate_forms(rng):
             assert other["history"][0]["learning_rate"] is None  # the optimizer's own, unknown
 
 
+def test_a_schedule_written_for_optax_counts_is_logged_at_each_epoch(rng):
+    # Optax calls a schedule with an int32 array; the epoch's record (and the progress bar)
+    # must ask it the same way, not with a Python int it has no .astype for
+    train, _ = _loaders(*_data(rng, n=48))
+    decay = lambda count: 0.1 / (1 + count.astype(jnp.float32))  # noqa: E731
+    result = fit(_FlatNet(), train, None, _quiet(optimizer="sgd", learning_rate=decay))
+    assert result["history"][0]["learning_rate"] == pytest.approx(0.1 / 4)  # after 3 steps
+
+
 def test_bad_optimizer_and_learning_rate_are_named(rng):
     train, _ = _loaders(*_data(rng, n=48))
     with pytest.raises(TypeError, match=r"config.optimizer: expected a name .* or an optax"):
