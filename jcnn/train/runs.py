@@ -261,18 +261,22 @@ class Run:
     ) -> np.ndarray:
         """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
         _check_images(images)
-        if self.input_shape is not None and len(images.shape) != len(self.input_shape) + 1:
-            raise ValueError(
-                f"images: expected a batch (N, {', '.join(map(str, self.input_shape))}) like the "
-                f"run's training images, got shape {tuple(images.shape)}"
-            )
         if hasattr(batch_size, "dtype") and getattr(batch_size, "shape", None) == ():
             batch_size = check_int(batch_size, "batch_size")  # a 0-d integer array: its int
         batch_size = check_positive_int(batch_size, "batch_size")
         standardized = check_bool(standardized, "standardized")
         standardize = self.standardize is not None and not standardized
+        shape = tuple(images.shape)
         if standardize:  # its shape check, on the whole array rather than on its first batch
-            jax.eval_shape(self.standardize, jax.ShapeDtypeStruct(images.shape, images.dtype))
+            raw = jax.ShapeDtypeStruct(images.shape, images.dtype)
+            shape = tuple(jax.eval_shape(self.standardize, raw).shape)
+        # the model's input is the standardized images: "pca" flattens (N, H, W, C) to (N, K)
+        if self.input_shape is not None and len(shape) != len(self.input_shape) + 1:
+            became = f" (standardized to {shape})" if standardize else ""
+            raise ValueError(
+                f"images: expected a batch (N, {', '.join(map(str, self.input_shape))}) like the "
+                f"run's training images, got shape {tuple(images.shape)}{became}"
+            )
         apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
         outputs = []
         for start in range(0, images.shape[0], batch_size):

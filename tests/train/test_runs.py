@@ -216,6 +216,22 @@ def test_a_model_that_cannot_be_recorded_is_passed_back(tmp_path, rng):
     assert run.standardize is None and run.predict(images.astype(np.float32)).shape == (32, 3)
 
 
+def test_a_pca_run_predicts_and_evaluates_raw_images(tmp_path, rng):
+    # "pca" flattens the images: the model's input (N, K) has another rank than the raw images
+    # predict standardizes, which it refused before standardizing them
+    images, labels = _data(rng, 32)
+    model = ActivationNet(activation=jnp.tanh)
+    config = TrainConfig(epochs=1, out=str(tmp_path), progress=False, standardize="pca")
+    result = fit(model, Loader(images, labels, batch_size=16), None, config)
+    run = load_run(tmp_path)
+    assert run.input_shape == (8 * 8 * 2,)
+    expected = model.apply(result["state"].variables(), result["standardize"](images), train=False)
+    np.testing.assert_allclose(run.predict(images), expected, rtol=1e-5, atol=1e-5)
+    assert run.evaluate(images, labels)["count"] == 32
+    with pytest.raises(ValueError, match=r"images: expected shape \(\.\.\., 8, 8, 2\)"):
+        run.predict(images.reshape(32, -1))
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_cli_model_is_recorded_and_rebuilt(name):
     attribute, kwargs = MODELS[name]
