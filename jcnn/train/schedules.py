@@ -236,7 +236,8 @@ def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
             f"schedule: expected a callable step -> rate, got {type(schedule).__name__}"
         )
     ramp = check_positive_int(warmup_steps, "warmup_steps")
-    peak = schedule(0)
+    # asked as Optax asks (an int32 count): a schedule written for it may not take a Python int
+    peak = schedule(jnp.zeros((), jnp.int32))
     _check_peak(peak)
 
     def warmed(t):

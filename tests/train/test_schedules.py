@@ -253,3 +253,12 @@ def test_warmup_still_takes_traced_and_optax_schedules():
         assert float(got(t)) == pytest.approx(float(want(t)), rel=1e-5, abs=1e-7)
     swept = jax.jit(jax.vmap(lambda lr: S.warmup(lambda t: lr * jnp.ones(()), 4)(2)))
     np.testing.assert_allclose(swept(jnp.asarray([0.1, 0.2])), [0.05, 0.1], rtol=1e-6)
+
+
+def test_warmup_asks_its_schedule_as_optax_does():
+    # Optax calls a schedule with an int32 count; warmup asked for the peak with a Python 0,
+    # which a schedule written for Optax (count.astype...) could not take
+    decay = lambda count: 0.1 / jnp.sqrt(1.0 + count.astype(jnp.float32))  # noqa: E731
+    sched = S.warmup(decay, 10)
+    assert [float(sched(t)) for t in (0, 5, 10)] == pytest.approx([0.0, 0.05, 0.1])
+    assert float(sched(13)) == pytest.approx(0.05)
