@@ -355,9 +355,9 @@ def _weight_gradient(call: _Call, layer: dict, inputs, cotangent, *, stacked: bo
 
 def _check_weights(weights, size: int) -> None:
     """``(size,)`` real weights, one per example (their values are the caller's to check)."""
-    if jnp.shape(weights) != (size,):
+    if np.shape(weights) != (size,):
         raise ValueError(
-            f"weights: expected shape ({size},) (one per example), got {jnp.shape(weights)}"
+            f"weights: expected shape ({size},) (one per example), got {np.shape(weights)}"
         )
     _check_weight_dtype(weights)
 
