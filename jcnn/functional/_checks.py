@@ -186,6 +186,38 @@ def normalize_padding(
     return pairs
 
 
+def window_padding(
+    in_sizes: Sequence[int],
+    window: Sequence[int],
+    padding: PaddingLike,
+    stride: int | Sequence[int],
+    dilation: int | Sequence[int],
+    name: str,
+) -> tuple[tuple[int, int], ...]:
+    """``normalize_padding``'s ``((lo, hi), ...)`` once every dilated window is checked to fit
+    its padded input; a ValueError naming ``name`` (the window's argument as its caller calls it:
+    ``w`` for ``F.conv``, ``kernel_size`` for a module) otherwise.
+
+    >>> window_padding((5, 6), (3, 3), "SAME", 1, (1, 2), "w")
+    ((1, 1), (2, 2))
+    """
+    rank = len(window)
+    stride = as_int_tuple(stride, rank, "stride", minimum=1)
+    dilation = as_int_tuple(dilation, rank, "dilation", minimum=1)
+    pads = normalize_padding(padding, in_sizes, window, stride, dilation)
+    for dim, (size, k, d, (lo, hi)) in enumerate(
+        zip(in_sizes, window, dilation, pads, strict=True)
+    ):
+        span = d * (k - 1) + 1
+        if span > size + lo + hi:
+            raise ValueError(
+                f"{name}: the dilated window {span} (kernel {k}, dilation {d}) is larger than the "
+                f"padded input {size + lo + hi} (size {size} + padding {(lo, hi)}) along spatial "
+                f"dim {dim}"
+            )
+    return pads
+
+
 def float32_or_wider(dtype):
     """float32 for the half-precision floats, else ``dtype`` itself (float64 stays float64): the
     type jcnn computes and accumulates in, rounding once to the input's type at the end, as

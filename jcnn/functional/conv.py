@@ -31,6 +31,7 @@ from jcnn.functional._checks import (
     check_choice,
     check_positive_int,
     normalize_padding,
+    window_padding,
 )
 
 __all__ = ["conv", "convolve", "conv_transpose"]
@@ -197,8 +198,7 @@ def conv(
     check_choice(padding_mode, "padding_mode", tuple(_PAD_MODES))
     check_bool(flip, "flip")
     sizes = tuple(x.shape[1:-1])
-    window = tuple(w.shape[:-2])
-    pads = normalize_padding(padding, sizes, window, stride, dilation)
+    pads = window_padding(sizes, w.shape[:-2], padding, stride, dilation, "w")
     for dim, (size, (lo, hi)) in enumerate(zip(sizes, pads, strict=True)):
         if not (lo or hi):
             continue
@@ -217,15 +217,6 @@ def conv(
                 f"padding: 'circular' padding must be at most the input size, got {(lo, hi)} "
                 f"for size {size} along spatial dim {dim}"
             )
-    for dim, (size, k, d, (lo, hi)) in enumerate(zip(sizes, window, dilation, pads, strict=True)):
-        span = d * (k - 1) + 1
-        if span > size + lo + hi:
-            raise ValueError(
-                f"w: the dilated window {span} (kernel {k}, dilation {d}) is larger than the "
-                f"padded input {size + lo + hi} (size {size} + padding {(lo, hi)}) along spatial "
-                f"dim {dim}"
-            )
-
     x, w, b = _promote(x, w, b)
     if flip:
         w = jnp.flip(w, axis=tuple(range(spatial_rank)))

@@ -23,6 +23,7 @@ from jcnn.functional._checks import (
     check_array,
     check_size_sequence,
     normalize_padding,
+    window_padding,
 )
 
 __all__ = ["locally_connected", "locally_connected_output_shape"]
@@ -54,17 +55,11 @@ def locally_connected_output_shape(
     window = as_int_tuple(window, rank, "window", minimum=1)
     stride = as_int_tuple(stride, rank, "stride", minimum=1)
     dilation = as_int_tuple(dilation, rank, "dilation", minimum=1)
-    pads = normalize_padding(padding, in_spatial, window, stride, dilation)
-    out = []
-    for size, k, s, d, (lo, hi) in zip(in_spatial, window, stride, dilation, pads, strict=True):
-        span = size + lo + hi - d * (k - 1)
-        if span < 1:
-            raise ValueError(
-                f"window: the dilated window {d * (k - 1) + 1} is larger than the padded input "
-                f"{size + lo + hi} (spatial input {in_spatial}, window {window})"
-            )
-        out.append((span - 1) // s + 1)
-    return tuple(out)
+    pads = window_padding(in_spatial, window, padding, stride, dilation, "window")
+    return tuple(
+        (size + lo + hi - d * (k - 1) - 1) // s + 1
+        for size, k, s, d, (lo, hi) in zip(in_spatial, window, stride, dilation, pads, strict=True)
+    )
 
 
 def locally_connected(

@@ -5,10 +5,9 @@ container calls its layers. Written once here so that the twins cannot drift apa
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ from jcnn.functional._checks import (
     check_dtype,
     check_positive_int,
     float32_or_wider,
+    window_padding,
 )
 
 Initializer = Callable[..., Any]
@@ -36,27 +36,10 @@ def window_rank(window, name: str) -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def argument_names(**names: str) -> Iterator[None]:
-    """Within this block, a ``ValueError``/``TypeError`` whose message starts with one of the
-    functional op's argument names (a key, e.g. ``w`` or ``window``) names the module's argument
-    instead (its value, e.g. ``kernel_size``): a module's user reads the names they typed.
-
-    >>> with argument_names(w="kernel_size"):
-    ...     raise ValueError("w: the dilated window 9 is larger than the padded input 5")
-    Traceback (most recent call last):
-    ...
-    ValueError: kernel_size: the dilated window 9 is larger than the padded input 5
-    """
-    try:
-        yield
-    except (ValueError, TypeError) as error:
-        message = str(error)
-        for old, new in names.items():
-            # Subclasses (JAX's tracer errors...) take other arguments; they pass unchanged.
-            if type(error) in (ValueError, TypeError) and message.startswith(f"{old}: "):
-                raise type(error)(f"{new}: {message[len(old) + 2 :]}") from None
-        raise
+def check_kernel_fits(module, in_sizes: Sequence[int], window: Sequence[int]) -> None:
+    """A ValueError naming ``kernel_size`` where ``module``'s dilated window spans more than its
+    padded input (the functional op would name its own argument, ``w`` or ``window``)."""
+    window_padding(in_sizes, window, module.padding, module.stride, module.dilation, "kernel_size")
 
 
 def check_initializer(value, name: str, default: Initializer | None = None) -> Initializer:

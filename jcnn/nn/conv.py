@@ -18,8 +18,8 @@ from jcnn import functional as F
 from jcnn.functional._checks import PaddingLike, check_positive_int
 from jcnn.nn._shared import (
     Initializer,
-    argument_names,
     check_conv_channels,
+    check_kernel_fits,
     conv_kernel,
     conv_transpose_kernel,
     depthwise_kernel,
@@ -83,18 +83,18 @@ class Conv(nn.Module):
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
         spec = conv_kernel(*_window_and_channels(self, x), self.features, self.groups)
         x, kernel, bias = kernel_and_bias(self, x, spec)
-        with argument_names(w="kernel_size"):
-            return F.conv(
-                x,
-                kernel,
-                bias,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                groups=self.groups,
-                padding_mode=self.padding_mode,
-                flip=self.flip,
-            )
+        check_kernel_fits(self, x.shape[1:-1], kernel.shape[:-2])
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+            flip=self.flip,
+        )
 
 
 class DepthwiseConv(nn.Module):
@@ -146,17 +146,17 @@ class DepthwiseConv(nn.Module):
         c_in = x.shape[-1]
         spec = depthwise_kernel(window, c_in, self.depth_multiplier)
         x, kernel, bias = kernel_and_bias(self, x, spec)
-        with argument_names(w="kernel_size"):
-            return F.conv(
-                x,
-                kernel,
-                bias,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                groups=c_in,
-                padding_mode=self.padding_mode,
-            )
+        check_kernel_fits(self, x.shape[1:-1], kernel.shape[:-2])
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=c_in,
+            padding_mode=self.padding_mode,
+        )
 
 
 class ConvTranspose(nn.Module):
@@ -200,14 +200,13 @@ class ConvTranspose(nn.Module):
         """Apply the layer to ``x`` ``(N, *spatial, C_in)``; returns ``(N, *out, features)``."""
         spec = conv_transpose_kernel(*_window_and_channels(self, x), self.features, self.groups)
         x, kernel, bias = kernel_and_bias(self, x, spec)
-        with argument_names(w="kernel_size"):
-            return F.conv_transpose(
-                x,
-                kernel,
-                bias,
-                stride=self.stride,
-                padding=self.padding,
-                output_padding=self.output_padding,
-                dilation=self.dilation,
-                groups=self.groups,
-            )
+        return F.conv_transpose(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )

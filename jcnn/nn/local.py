@@ -18,7 +18,7 @@ from flax.linen.dtypes import promote_dtype
 from jcnn import functional as F
 from jcnn import init
 from jcnn.functional._checks import PaddingLike, check_bool, check_dtype, check_positive_int
-from jcnn.nn._shared import Initializer, argument_names, check_initializer
+from jcnn.nn._shared import Initializer, check_initializer, check_kernel_fits
 from jcnn.nn._util import param, window_and_check
 
 __all__ = ["LocallyConnected"]
@@ -67,14 +67,14 @@ class LocallyConnected(nn.Module):
             self.kernel_init, "kernel_init", init.he_normal_per_position()
         )
         bias_init = check_initializer(self.bias_init, "bias_init", init.zeros)
-        with argument_names(window="kernel_size"):
-            out = F.locally_connected_output_shape(
-                x.shape[1:-1],
-                window,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-            )
+        check_kernel_fits(self, x.shape[1:-1], window)
+        out = F.locally_connected_output_shape(
+            x.shape[1:-1],
+            window,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
         kernel = param(
             self,
             "kernel",

@@ -21,8 +21,8 @@ from flax.linen.dtypes import promote_dtype
 from jcnn import functional as F
 from jcnn.functional._checks import PaddingLike, check_dtype, check_positive_int
 from jcnn.nn._shared import (
-    argument_names,
     check_conv_channels,
+    check_kernel_fits,
     conv_kernel,
     conv_transpose_kernel,
     depthwise_kernel,
@@ -126,18 +126,18 @@ class Conv(_ConvBase):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
-        with argument_names(w="kernel_size"):
-            return F.conv(
-                x,
-                kernel,
-                bias,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                groups=self.groups,
-                padding_mode=self.padding_mode,
-                flip=self.flip,
-            )
+        check_kernel_fits(self, x.shape[1:-1], kernel.shape[:-2])
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+            flip=self.flip,
+        )
 
 
 class DepthwiseConv(_ConvBase):
@@ -206,17 +206,17 @@ class DepthwiseConv(_ConvBase):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
-        with argument_names(w="kernel_size"):
-            return F.conv(
-                x,
-                kernel,
-                bias,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                groups=self.in_features,
-                padding_mode=self.padding_mode,
-            )
+        check_kernel_fits(self, x.shape[1:-1], kernel.shape[:-2])
+        return F.conv(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.in_features,
+            padding_mode=self.padding_mode,
+        )
 
 
 class ConvTranspose(_ConvBase):
@@ -286,14 +286,13 @@ class ConvTranspose(_ConvBase):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to ``x`` ``(N, *spatial, in_features)``: ``(N, *out, features)``."""
         x, kernel, bias = self._operands(x)
-        with argument_names(w="kernel_size"):
-            return F.conv_transpose(
-                x,
-                kernel,
-                bias,
-                stride=self.stride,
-                padding=self.padding,
-                output_padding=self.output_padding,
-                dilation=self.dilation,
-                groups=self.groups,
-            )
+        return F.conv_transpose(
+            x,
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )

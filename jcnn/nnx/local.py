@@ -24,7 +24,7 @@ from jcnn.functional._checks import (
     check_dtype,
     check_positive_int,
 )
-from jcnn.nn._shared import argument_names, window_rank
+from jcnn.nn._shared import check_kernel_fits, window_rank
 from jcnn.nnx._util import (
     Initializer,
     check_initializer,
@@ -102,14 +102,14 @@ class LocallyConnected(nnx.Module):
         self.dtype = check_dtype(dtype)
         self.stride, self.padding = static(stride, "stride"), static(padding, "padding")
         self.dilation = static(dilation, "dilation")
-        with argument_names(window="kernel_size"):
-            out = F.locally_connected_output_shape(
-                self.input_size,
-                self.kernel_size,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-            )
+        check_kernel_fits(self, self.input_size, self.kernel_size)
+        out = F.locally_connected_output_shape(
+            self.input_size,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
         self.kernel = param(
             rngs,
             kernel_init,

@@ -102,8 +102,10 @@ def test_bad_inputs_name_the_argument():
         F.locally_connected(x, jnp.ones((3, 3, 3, 3, 2, 1)), jnp.ones((1,)))
     with pytest.raises(ValueError, match="x: expected rank 4"):
         F.locally_connected(jnp.ones((5, 5, 2)), jnp.ones((3, 3, 3, 3, 2, 1)))
-    with pytest.raises(ValueError, match="window"):
-        F.locally_connected_output_shape((2, 2), 3)
+    with pytest.raises(
+        ValueError, match=r"^window: the dilated window 5 \(kernel 3, dilation 2\) "
+    ):
+        F.locally_connected_output_shape((6, 2), 3, dilation=(1, 2), padding=(0, 1))
     with pytest.raises(TypeError, match="x"):
         F.locally_connected(np.ones((1, 5, 5, 2), np.int32), jnp.ones((3, 3, 3, 3, 2, 1)))
 

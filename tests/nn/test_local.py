@@ -29,5 +29,5 @@ def test_dtype_sets_the_computation_dtype():
 
 def test_a_window_larger_than_the_input_is_named_kernel_size():
     # it was named `window`, F.locally_connected_output_shape's argument
-    with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 is larger"):
+    with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 \(kernel 9, dil"):
         nn.LocallyConnected(4, 9).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))

@@ -36,19 +36,30 @@ def test_a_count_given_as_a_0d_jax_integer_builds_the_same_layer(name, setting, 
     )
 
 
-def test_argument_names_renames_only_the_named_arguments_of_plain_errors():
-    from jcnn.nn._shared import argument_names
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_check_kernel_fits_names_kernel_size_at_the_first_dim_that_does_not_fit(rank):
+    from types import SimpleNamespace
 
-    with pytest.raises(TypeError, match=r"^kernel_size: bad$"):
-        with argument_names(w="kernel_size"):
-            raise TypeError("w: bad")
-    with pytest.raises(ValueError, match=r"^window: bad$"):  # not a name it was given
-        with argument_names(w="kernel_size"):
-            raise ValueError("window: bad")
+    from jcnn.nn._shared import check_kernel_fits
 
-    class Special(ValueError):
-        pass
-
-    with pytest.raises(Special, match=r"^w: bad$"):  # a subclass may take other arguments
-        with argument_names(w="kernel_size"):
-            raise Special("w: bad")
+    rng = np.random.default_rng(rank)
+    for _ in range(20):
+        sizes = tuple(int(v) for v in rng.integers(1, 9, rank))
+        window = tuple(int(v) for v in rng.integers(1, 5, rank))
+        dilation = tuple(int(v) for v in rng.integers(1, 4, rank))
+        padding = tuple(int(v) for v in rng.integers(0, 3, rank))
+        module = SimpleNamespace(padding=padding, stride=1, dilation=dilation)
+        spans = [d * (k - 1) + 1 for k, d in zip(window, dilation, strict=True)]
+        padded = [n + 2 * p for n, p in zip(sizes, padding, strict=True)]
+        too_wide = [dim for dim in range(rank) if spans[dim] > padded[dim]]
+        if not too_wide:
+            check_kernel_fits(module, sizes, window)
+            continue
+        dim = too_wide[0]
+        with pytest.raises(
+            ValueError,
+            match=rf"^kernel_size: the dilated window {spans[dim]} \(kernel {window[dim]}, "
+            rf"dilation {dilation[dim]}\) is larger than the padded input {padded[dim]} .* "
+            rf"spatial dim {dim}$",
+        ):
+            check_kernel_fits(module, sizes, window)

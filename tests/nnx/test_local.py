@@ -45,7 +45,7 @@ def test_dtype_sets_the_computation_dtype():
 
 def test_a_window_larger_than_the_input_is_named_kernel_size():
     # it was named `window`, F.locally_connected_output_shape's argument
-    with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 is larger"):
+    with pytest.raises(ValueError, match=r"^kernel_size: the dilated window 9 \(kernel 9, dil"):
         jnnx.LocallyConnected(3, 4, 9, input_size=(5, 5), rngs=nnx.Rngs(0))
 
 
