@@ -125,7 +125,14 @@ def _checked_schedule(schedule: Callable, name: str) -> Callable:
         pass
 
     def checked(step):
-        rate = schedule(step)
+        try:
+            rate = schedule(step)
+        except jax.errors.ConcretizationTypeError as error:
+            raise TypeError(
+                f"{name}: the schedule {label} reads the step's value in Python (an if, int() or "
+                f"float() of the step), which a jitted update cannot give it: write it with jnp "
+                f"operations, e.g. jnp.where(step < 100, 0.1, 0.01), or an optax schedule"
+            ) from error
         try:
             dtype = jnp.result_type(rate)
         except TypeError:

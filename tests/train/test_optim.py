@@ -438,3 +438,21 @@ def test_a_schedule_turning_negative_is_refused_at_a_concrete_step():
         _, state = tx.update(params, state, params)
     with pytest.raises(ValueError, match=re.escape("got -0.05 at step 3")):
         tx.update(params, state, params)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda t: 0.1 if t < 100 else 0.01,
+        lambda t: [0.1, 0.01][int(t) // 100],
+        lambda t: 0.1 * 0.5 ** float(t),
+    ],
+    ids=["if", "int", "float"],
+)
+def test_a_schedule_reading_the_step_in_python_is_named_under_jit(schedule):
+    # built eagerly at step 0 it ran; the jitted update then failed with JAX's bare tracer error
+    params = {"w": jnp.ones(2)}
+    tx = optim.optimizer("momentum", schedule)
+    tx.update(params, tx.init(params), params)  # eager updates see a concrete step
+    with pytest.raises(TypeError, match=r"^learning_rate: the schedule <lambda> reads the step's"):
+        jax.jit(tx.update)(params, tx.init(params), params)
