@@ -1181,9 +1181,19 @@ def _fit(
         # an empty Poisson draw: the model is built and traced on a zero example of its shapes
         sample_images = np.zeros((1, *np.shape(sample_images)[1:]), sample_images.dtype)
         sample_labels = np.zeros((1, *np.shape(sample_labels)[1:]), sample_labels.dtype)
-    state = TrainState.create(
-        model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
-    )
+    try:
+        state = TrainState.create(
+            model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
+        )
+    except (TypeError, ValueError) as error:
+        if config.standardize != "pca":
+            raise
+        raise type(error)(
+            f"config.standardize: 'pca' gives the model each image as a vector of its "
+            f"{np.shape(sample_images)[-1]} principal components, shape "
+            f"{tuple(np.shape(sample_images))}, which the model refused (a convolution needs "
+            f"images: 'zca' whitens them and keeps their shape): {error}"
+        ) from error
     split_no_grad(state.params, tuple(no_grad_from), "config.no_grad")  # each names a parameter
     # a custom loss may read integer labels its own way (one logit and labels 0/1): unchecked
     classes = _output_width(state, sample_images) if loss_fn is None else None

@@ -537,6 +537,20 @@ def _uint8_data(rng, n):
     return (images * 20 + 100).clip(0, 255).astype(np.uint8), labels
 
 
+def test_pca_standardization_with_a_convolutional_model_is_named(tmp_path, rng):
+    # "pca" feeds the model vectors: TinyNet's first convolution refused them naming x, an
+    # argument the user never passed
+    images, labels = _data(rng, 32)
+    out = tmp_path / "run"
+    with pytest.raises(
+        ValueError,
+        match=r"^config.standardize: 'pca' gives the model each image as a vector of its 64 "
+        r"principal components, shape \(16, 64\), .*'zca' whitens them",
+    ):
+        fit(TinyNet(), Loader(images, labels, batch_size=16), None, _config(out, standardize="pca"))
+    assert not out.exists()
+
+
 def test_validation_split_is_carved_before_standardization(tmp_path, rng):
     images, labels = _uint8_data(rng, 80)
     test_images, test_labels = _uint8_data(rng, 24)
