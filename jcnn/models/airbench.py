@@ -191,6 +191,8 @@ def whitening_kernel(images: jax.Array, kernel_size: int = 2, eps: float = 5e-4)
     n, height, width, channels = images.shape
     if n == 0:
         raise ValueError(f"images: expected at least one image, got shape {images.shape}")
+    if channels == 0:
+        raise ValueError(f"images: expected at least one channel, got shape {images.shape}")
     k = kernel_size
     if not is_int(k) or not 1 <= k <= min(height, width):
         raise ValueError(

@@ -71,6 +71,8 @@ def test_whitening_kernel_whitens_patches(rng):
         # constant images: the second moment is singular, 1 / sqrt(0 + 0) was inf
         (np.ones((2, 4, 4, 3)), {"eps": 0.0}, ValueError, r"eps: expected a value > .*near zero"),
         (np.zeros((0, 4, 4, 3)), {}, ValueError, r"images: expected at least one image, got shape"),
+        # no channel: a raw ZeroDivisionError from a reshape deep inside
+        (np.zeros((2, 4, 4, 0)), {}, ValueError, r"images: expected at least one channel, got sh"),
         (np.full((2, 4, 4, 3), np.nan), {}, ValueError, r"images: expected finite values"),
         (np.full((2, 4, 4, 3), 1e30), {}, ValueError, r"images: .*1e\+30, whose squares overflow"),
     ],
