@@ -130,11 +130,13 @@ def tta_logits(
     total = None
     for view, weight in zip(views, weights, strict=True):
         transformed = view(images)
-        if transformed.shape != images.shape:
-            raise ValueError(
-                f"views: each view must keep the shape {images.shape}, got {transformed.shape}"
-            )
+        if getattr(transformed, "shape", None) != images.shape:
+            got = getattr(transformed, "shape", None) or _describe(transformed)
+            raise ValueError(f"views: each view must keep the shape {images.shape}, got {got}")
         out = predict(transformed)
+        if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+            # e.g. apply(..., mutable=[...]), which returns (outputs, updated collections)
+            raise TypeError(f"predict: expected it to return an array, got {_describe(out)}")
         out = weight * out.astype(float32_or_wider(out.dtype))
         total = out if total is None else total + out
     return total

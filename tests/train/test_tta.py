@@ -214,6 +214,16 @@ def test_tta_logits_checks_predict_and_views_up_front():
     np.testing.assert_allclose(tta_logits(lambda x: x.mean(axis=(1, 2)), images, views), 1.0)
 
 
+def test_tta_logits_names_a_predict_or_view_that_returns_no_array():
+    images = jnp.ones((2, 4, 4, 1))
+    views = flip_translate_views(shifts=((0, 0),))
+    # both failed with a raw "'tuple' object has no attribute 'astype'" (or 'shape')
+    with pytest.raises(TypeError, match=r"predict: expected it to return an array, got tuple"):
+        tta_logits(lambda x: (x.mean(axis=(1, 2)), {}), images, views)
+    with pytest.raises(ValueError, match=r"views: each view must keep the shape .*got list"):
+        tta_logits(lambda x: x, images, [lambda x: [x]])
+
+
 def test_0d_jax_shifts_are_ints_and_a_scalar_weights_is_named():
     images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
     # jnp.int32(1) as a shift was refused as "expected an int"; a single number as weights
