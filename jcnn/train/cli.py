@@ -900,10 +900,14 @@ def _main(argv) -> int:
             return 3
         except run_folder.RunFolderError as error:
             message = str(error)
-            if error.differences:
+            differences = error.differences
+            if any(key == "settings.recipe.steps" for key, _, _ in differences):
+                # the recipe builds its optimizer for its steps: --epochs is the difference
+                differences = [d for d in differences if d[0] != "train.optimizer"]
+            if differences:
                 message = (
                     f"cannot --resume {out} with other settings: "
-                    + run_folder.format_differences(error.differences, _flag_names())
+                    + run_folder.format_differences(differences, _flag_names())
                 )
             raise UsageError(_in_flags(message), code=3) from None
         except ValueError as error:  # a setting fit refuses, e.g. --val-split too large

@@ -599,9 +599,22 @@ def _length_free(train: dict) -> bool:
     return train.get("schedule") in LENGTH_FREE_SCHEDULES
 
 
-def _show(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:77] + "..."
+def _shown_apart(before, after) -> tuple[str, str]:
+    """Both values as text; a long one (a described optimizer...) from just before the first
+    character where the two differ, so that the message shows the difference."""
+    texts = [value if isinstance(value, str) else json.dumps(value) for value in (before, after)]
+    if max(map(len, texts)) <= 80:
+        return texts[0], texts[1]
+    common = next(
+        (i for i, (a, b) in enumerate(zip(*texts, strict=False)) if a != b), min(map(len, texts))
+    )
+    start = max(common - 20, 0)
+    return tuple(
+        ("..." if start else "")
+        + text[start : start + 60]
+        + ("..." if len(text) > start + 60 else "")
+        for text in texts
+    )
 
 
 def format_differences(found, names=None) -> str:
@@ -616,7 +629,8 @@ def format_differences(found, names=None) -> str:
         note = ""
         if key in LENGTH_SETTINGS:
             note = " (the schedule or the DP noise depends on the run's length)"
-        parts.append(f"{label}: {_show(before)} in the run, {_show(after)} now{note}")
+        before, after = _shown_apart(before, after)
+        parts.append(f"{label}: {before} in the run, {after} now{note}")
     return "; ".join(parts)
 
 

@@ -4,6 +4,7 @@ nothing touched by a refused start."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -405,6 +406,22 @@ def test_a_folder_has_one_owner(held):
             pass
         assert (folder / run_folder.LOCK_FILE).read_text().split()[0] == str(os.getpid())
     assert not (folder / run_folder.LOCK_FILE).exists()
+
+
+def test_a_long_setting_is_shown_where_the_run_and_now_differ():
+    # a described optimizer runs to thousands of characters; its first 77 were shown, the same
+    # on both sides, so the message named the setting but hid what changed
+    inner = [{"function": f"optax.step_{i}", "captured": [0.5]} for i in range(30)]
+    before = [{"function": "lookahead", "captured": [*inner, {"steps": 15}]}]
+    after = [{"function": "lookahead", "captured": [*inner, {"steps": 30}]}]
+    message = run_folder.format_differences([("train.optimizer", before, after)])
+    shown_before, shown_after = re.fullmatch(
+        r"optimizer: \.\.\.(.{1,60}?)(?:\.\.\.)? in the run, \.\.\.(.{1,60}?)(?:\.\.\.)? now",
+        message,
+    ).groups()
+    assert '{"steps": 15}' in shown_before and '{"steps": 30}' in shown_after
+    short = run_folder.format_differences([("train.lr", 2, 3), ("model.width", "a", "b")])
+    assert short == "lr: 2 in the run, 3 now; model.width: a in the run, b now"
 
 
 def test_describe_never_shows_a_memory_address():
