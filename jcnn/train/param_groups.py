@@ -72,8 +72,10 @@ def label_by_path(rules: Sequence[tuple[str, Hashable]], default: Hashable) -> C
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
         raise TypeError(f"rules: expected a sequence of (pattern, label) pairs, got {rules!r}")
     for rule in rules:
-        if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+        # a list pair is what a JSON or YAML config holds
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
             raise TypeError(f"rules: expected (pattern: str, label) pairs, got {rule!r}")
+    rules = [tuple(rule) for rule in rules]
 
     def labels(params):
         used = [False] * len(rules)

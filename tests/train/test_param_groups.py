@@ -1,5 +1,7 @@
 """Parameter groups for optax.multi_transform (jcnn/train/param_groups.py)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +86,16 @@ def test_a_shadowed_or_duplicate_rule_names_the_earlier_rule():
 def test_malformed_rules(rules, error):
     with pytest.raises(error, match="rules: expected"):
         label_by_path(rules, default="rest")
+
+
+def test_rules_read_from_json_as_lists_label_as_tuples():
+    params = {"head": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    rules = json.loads('[["*/bias", "no_decay"], ["head/*", "head"]]')
+    assert label_by_path(rules, default="rest")(params) == {
+        "head": {"kernel": "head", "bias": "no_decay"}
+    }
+    with pytest.raises(TypeError, match=r"rules: expected \(pattern: str, label\) pairs"):
+        label_by_path([["*/bias", "a", "b"]], default="rest")
 
 
 def test_active_for_freezes_after_the_given_updates():
