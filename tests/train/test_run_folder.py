@@ -473,6 +473,38 @@ def test_describe_lists_what_a_set_holds():
     assert run_folder.differences(older, new) == []
 
 
+def test_describe_tells_nested_optax_optimizers_apart():
+    # describe cut at depth 8, where multi_transform's groups hold their learning rates: a
+    # resume with another rate for a parameter group recorded the same and was accepted
+    import optax
+
+    from jcnn.train import label_by_path
+
+    def grouped(rate):
+        groups = {"kernels": optax.adam(rate), "rest": optax.sgd(1e-2)}
+        return optax.MultiSteps(
+            optax.multi_transform(groups, label_by_path([("*kernel", "kernels")], "rest")), 2
+        )
+
+    old = run_folder.run_record(TrainConfig(optimizer=grouped(1e-3), progress=False))
+    new = run_folder.run_record(TrainConfig(optimizer=grouped(0.5), progress=False))
+    assert "..." not in json.dumps(old)
+    assert [key for key, _, _ in run_folder.differences(old, new)] == ["train.optimizer.opt"]
+    # a record an older version cut short still resumes
+    cut = json.loads(json.dumps(old).replace("-0.001", '"..."'))
+    assert run_folder.differences(cut, new) == []
+
+
+def test_describe_names_a_closure_that_captures_itself():
+    def schedule(step):
+        return 0.1 if step < 1 else schedule(step - 1) / 2
+
+    assert run_folder.describe(schedule) == {
+        "function": f"{__name__}.{schedule.__qualname__}",
+        "captured": [f"<recursive {__name__}.{schedule.__qualname__}>"],
+    }
+
+
 def test_resume_and_overwrite_need_a_folder_and_a_resume_cannot_shrink_the_run(run):
     for flag in ("resume", "overwrite"):
         with pytest.raises(ValueError, match="config.resume, config.overwrite"):
