@@ -677,14 +677,16 @@ def check_start(
             for entry in checkpoints.iterdir()
         )
         if not has_checkpoint:
-            what = (
-                ("its checkpoints are gone" if present else "it holds no run")
-                if folder.is_dir()
-                else "it does not exist"
-            )
+            if present:  # a new run there is refused too: only overwrite starts one
+                raise RunFolderError(
+                    f"nothing to resume in {folder}: its checkpoints are gone (or the run "
+                    f"stopped before its first one); start over with overwrite (which deletes "
+                    f"{', '.join(present)})",
+                    folder,
+                )
+            what = "it holds no run" if folder.is_dir() else "it does not exist"
             raise RunFolderError(
-                f"nothing to resume in {folder}: {what} (start a new run without resume, "
-                "or with overwrite to replace what is there)",
+                f"nothing to resume in {folder}: {what} (start a new run without resume)",
                 folder,
             )
         # a file the resumed run rewrites, found as a folder (or anything but a file), would

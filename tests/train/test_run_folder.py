@@ -257,6 +257,26 @@ def test_resume_without_checkpoints_is_refused(run, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_advised_what_works(tmp_path):
+    # the refused resume advised "a new run without resume", which the folder refuses as well
+    from jcnn.train import Callback, CallbackError
+
+    class Boom(Callback):
+        def on_step(self, run, metrics):
+            raise RuntimeError("boom")
+
+    out = tmp_path / "run"
+    with pytest.raises(CallbackError, match="Boom.on_step"):
+        fit(Net(), _loader(), None, _config(out), callbacks=[Boom()])
+    with pytest.raises(RunFolderError, match="nothing to resume") as refused:
+        fit(Net(), _loader(), None, _config(out, resume=True))
+    assert "without resume" not in str(refused.value)
+    assert "start over with overwrite (which deletes config.json, run.json" in str(refused.value)
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        fit(Net(), _loader(), None, _config(out))
+    assert fit(Net(), _loader(), None, _config(out, overwrite=True))["summary"]["steps"] == 2
+
+
 @pytest.mark.parametrize("name", ["run.json", "standardize.npz", "history.json", "summary.json"])
 def test_a_run_file_replaced_by_a_folder_stops_a_resume_before_anything_is_written(run, name):
     path = run / name
