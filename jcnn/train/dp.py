@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jcnn import functional as F
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
 from jcnn.analysis.dp import _check_denominator, _check_weight_values
 from jcnn.analysis.per_example import _batch_norm_message, per_example_trace
@@ -33,6 +32,7 @@ from jcnn.train.state import TrainState
 from jcnn.train.steps import (
     STEP_OPTIONS,
     _check_batch,
+    batch_accuracy,
     batch_metrics,
     jit_with_options,
     loss_and_logits,
@@ -281,7 +281,7 @@ def dp_train_step(
         loss, logits = example_loss_and_logits(
             state.params, jax.tree.map(lambda leaf: leaf[None], example)
         )
-        hit = F.accuracy(logits, jax.tree.map(lambda leaf: leaf[None], example[1]))
+        hit = batch_accuracy(logits, jax.tree.map(lambda leaf: leaf[None], example[1]), loss_fn)
         return loss, hit, logits[0]
 
     losses, hits, logits = jax.vmap(one)(examples)

@@ -157,6 +157,7 @@ class TrainConfig:
         test_every_epoch: also evaluate the test loader at each epoch's end (reported as
             ``test_*`` in the history, never used to choose anything); needs a test loader.
         loss: ``(logits, labels) -> per-example (N,) or mean () loss``; ``None``: cross-entropy.
+            Accuracy is NaN for labels that are neither classes nor class probabilities.
         metrics: ``{name: fn(logits, labels) -> scalar}`` computed besides loss and accuracy
             (per batch in training, averaged over examples in evaluation).
         callbacks: callbacks (see ``jcnn.train.callbacks``).
@@ -953,9 +954,11 @@ def _summary(history, evaluations, test, stop_reason, wall, progress, private=No
     # no record: a callback stopped the run before its first step
     last = history[-1] if history else {"epoch": 0, "step": 0, "epsilon": 0.0}
     val_acc = [e["val_accuracy"] for e in evaluations]
-    val_loss = [e["val_loss"] for e in evaluations if not math.isnan(e["val_loss"])]  # NaN: worst
     if not val_acc:  # a run resumed from a checkpoint of an older version has no evaluations
         val_acc = [h["val_accuracy"] for h in history if h.get("val_accuracy") is not None]
+    # NaN: a diverged loss ranks worst; an accuracy undefined for a custom loss's labels, nowhere
+    val_acc = [a for a in val_acc if not math.isnan(a)]
+    val_loss = [e["val_loss"] for e in evaluations if not math.isnan(e["val_loss"])]
     summary = {
         "epochs": last["epoch"],
         "steps": last["step"],

@@ -84,6 +84,17 @@ def _as_array(value, what: str, expected: str) -> jax.Array:
         raise TypeError(f"{what}: expected {expected}, got {type(value).__name__}") from error
 
 
+def batch_accuracy(logits: jax.Array, labels: jax.Array, loss_fn: Callable | None) -> jax.Array:
+    """``F.accuracy``; NaN where a custom ``loss_fn`` reads labels that are neither class
+    indices nor class probabilities of the logits (a regression target, weights beside the
+    class): accuracy is undefined for them, and the loss alone is what the run reports."""
+    integer = jnp.issubdtype(labels.dtype, jnp.integer)
+    readable = labels.shape == logits.shape[: -1 if integer else None]
+    if loss_fn is not None and not readable:
+        return jnp.full((), jnp.nan, jnp.float32)
+    return F.accuracy(logits, labels)
+
+
 def batch_metrics(
     metrics: tuple[tuple[str, Callable[[jax.Array, jax.Array], jax.Array]], ...] | None,
     logits: jax.Array,
@@ -487,7 +498,7 @@ def _step(state, images, labels, compute_dtype, label_smoothing, loss_fn, metric
     )
     values = {
         "loss": loss,
-        "accuracy": F.accuracy(logits, labels),
+        "accuracy": batch_accuracy(logits, labels, loss_fn),
         "grad_norm": optax.tree.norm(grads),
         **batch_metrics(metrics, logits, labels),
     }
@@ -529,7 +540,7 @@ def eval_step(
     )
     return {
         "loss": loss,
-        "accuracy": F.accuracy(logits, labels),
+        "accuracy": batch_accuracy(logits, labels, loss_fn),
         **batch_metrics(metrics, logits, labels),
         "count": jnp.asarray(images.shape[0], jnp.int32),
     }

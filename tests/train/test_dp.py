@@ -496,3 +496,19 @@ def test_dp_step_on_an_empty_poisson_batch_applies_the_noise_alone(rng):
     assert all(
         0 < m < np.inf for m in jax.tree.leaves(moved)
     )  # noise only: sigma C / denominator per coordinate
+
+
+def test_dp_step_accuracy_is_nan_for_labels_a_custom_loss_reads_its_own_way(rng):
+    # labels (N, 2), the class and a weight: F.accuracy refused them inside the vmapped step
+    def weighted(logits, labels):
+        picked = jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), labels[:, 0].astype(int)]
+        return -labels[:, 1] * picked
+
+    images, classes = _data(rng, 8)
+    labels = np.stack([classes, rng.uniform(0.5, 2, 8)], axis=1).astype(np.float32)
+    state = TrainState.create(_model(), optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+    options = dict(l2_norm_clip=1.0, noise_multiplier=0.0, loss_fn=weighted)
+    _, metrics, logits = dp_train_step(state, (images, labels), **options)
+    assert np.isnan(metrics["accuracy"])
+    expected = np.mean(np.asarray(weighted(logits, jnp.asarray(labels))))
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)

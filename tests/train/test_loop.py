@@ -1477,3 +1477,27 @@ def test_an_empty_evaluation_batch_counts_for_nothing(rng):
     assert split == pytest.approx(whole, rel=1e-6)
     with pytest.raises(ValueError, match="^loader: expected at least one example, the loader"):
         loop.evaluate(state, parts[1:2])
+
+
+def test_a_regression_loss_trains_with_accuracy_undefined(tmp_path, rng):
+    # a target per image, no classes: the step's accuracy refused the labels, so fit could not run
+    images, _ = _data(rng, 48)
+    targets = images.mean(axis=(1, 2, 3)).astype(np.float32)
+
+    def squared_error(logits, labels):
+        return (logits[:, 0] - labels) ** 2
+
+    train = Loader(images, targets, batch_size=16, seed=3)
+    val = Loader(images, targets, batch_size=16, shuffle=False)
+    config = _config(
+        tmp_path, epochs=2, schedule="constant", monitor="val_loss", monitor_mode="min"
+    )
+    result = fit(_FlatNet(), train, val, config, loss=squared_error)
+    history = result["history"]
+    assert all(np.isnan(h["train_accuracy"]) and np.isnan(h["val_accuracy"]) for h in history)
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert result["summary"]["best_val_accuracy"] is None  # NaN ranks nowhere
+    assert result["summary"]["best_val_loss"] == pytest.approx(min(h["val_loss"] for h in history))
+    state = result["state"]
+    logits = state.apply_fn(state.variables(), images, train=False)
+    assert history[-1]["val_loss"] == pytest.approx(float(np.mean(squared_error(logits, targets))))

@@ -476,3 +476,42 @@ def test_an_empty_batch_is_refused_before_it_writes_nan_into_the_parameters(rng)
     with pytest.raises(ValueError, match=r"batches images\[0\]: .* got shape \(0, 6, 6, 2\)"):
         train_steps(state, (empty[0][None], empty[1][None]))
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
+
+
+def _weighted_loss(logits, labels):
+    # labels (N, 2): the class in column 0, the example's weight in column 1
+    log_probs = jax.nn.log_softmax(logits)
+    picked = log_probs[jnp.arange(logits.shape[0]), labels[:, 0].astype(jnp.int32)]
+    return -labels[:, 1] * picked
+
+
+def _squared_error(logits, labels):
+    return jnp.sum(logits, axis=-1) - labels  # a regression target (N,), no classes
+
+
+@pytest.mark.parametrize("loss_fn", [_weighted_loss, _squared_error])
+def test_accuracy_is_nan_for_labels_a_custom_loss_reads_its_own_way(rng, loss_fn):
+    # F.accuracy refused them ("class probabilities must have the logits' shape"), so a custom
+    # loss over labels that are not classes could not train at all
+    images, classes = _batch(rng)
+    weights = rng.uniform(0.5, 2.0, size=8).astype(np.float32)
+    if loss_fn is _weighted_loss:
+        labels = jnp.stack([classes.astype(jnp.float32), jnp.asarray(weights)], axis=1)
+    else:
+        labels = jnp.asarray(rng.normal(size=8), jnp.float32)
+    state = _state(SmallNet())
+    logits = state.apply_fn(state.variables(), images, train=False)
+    expected = float(jnp.mean(loss_fn(logits, labels)))
+    metrics = eval_step(state, (images, labels), loss_fn=loss_fn)
+    assert np.isnan(metrics["accuracy"]) and metrics["loss"] == pytest.approx(expected, rel=1e-5)
+    new_state, metrics = train_step(_copy(state), (images, labels), loss_fn=loss_fn)
+    assert np.isnan(metrics["accuracy"]) and np.isfinite(metrics["loss"])
+    assert int(new_state.step) == 1
+    # labels accuracy can read keep it, with a custom loss as with the default
+    soft = jax.nn.one_hot(classes, 3)
+    for loss, batch_labels in ((None, classes), (lambda lo, la: jnp.sum(lo * la, -1), soft)):
+        metrics = eval_step(state, (images, batch_labels), loss_fn=loss)
+        hit = np.mean(np.asarray(logits).argmax(-1) == np.asarray(classes))
+        assert float(metrics["accuracy"]) == pytest.approx(hit)
+    with pytest.raises(ValueError, match="labels: class probabilities must have the logits'"):
+        eval_step(state, (images, labels))  # the default loss reads classes: still refused
