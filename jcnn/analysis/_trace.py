@@ -33,6 +33,8 @@ class LayerCall:
     parent: int | None = None
     is_leaf: bool = True
     source: int | None = None  # index of the call whose output is this call's input
+    # with no source: the enclosing call that received this very input (a projection's x)
+    input_of: int | None = None
     train: object = None  # the call's ``train`` argument, where it was given one
     # inside nn.scan or nn.vmap: traced once (or twice, to initialize), not once per step or slice
     lifted: bool = False
@@ -114,6 +116,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     check_input_dtype(dtype)
     calls: list[LayerCall] = []
     stack: list[LayerCall] = []
+    inputs: list[tuple[int, int]] = []  # (index, id of its input) of each running call
     producer: dict[int, int] = {}
     # Keeps every traced array alive so that ``id`` stays unique during the run.
     alive: list = []
@@ -137,6 +140,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             input_shape=tuple(x.shape) if hasattr(x, "shape") else None,
             parent=stack[-1].index if stack else None,
             source=producer.get(id(x)),
+            input_of=next((index for index, i in reversed(inputs) if i == id(x)), None),
             train=kwargs.get("train", args[1] if len(args) > 1 else None),
             lifted=any(
                 str(part).startswith(("scan(", "vmap("))
@@ -149,6 +153,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             calls[call.source].consumers.append(call.index)
         calls.append(call)
         stack.append(call)
+        inputs.append((call.index, id(x)))
         is_wrapper = callable(getattr(context.module, "traced_as", None))
         if is_wrapper:
             wrappers.append((path, context.module))
@@ -156,6 +161,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             y = next_fun(*args, **kwargs)
         finally:
             stack.pop()
+            inputs.pop()
             if is_wrapper:
                 wrappers.pop()
         if hasattr(y, "shape"):

@@ -533,6 +533,8 @@ def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
     def input_field(call: LayerCall) -> ReceptiveField | None:
         if call.source is not None:
             return output_field(call.source)
+        if call.input_of is not None:
+            return input_fields[call.input_of]
         if call.parent is None:
             n = len(call.input_shape) - 2 if call.input_shape and len(call.input_shape) > 2 else 0
             return ReceptiveField((1,) * n, (1,) * n, (0,) * n)

@@ -328,6 +328,19 @@ def test_receptive_field_of_residual_blocks(rng):
     assert boxes == _predicted_box(field, centre, shape[1:-1])
 
 
+def test_receptive_field_of_a_projection_fed_the_model_input(rng):
+    """The projection of a first residual block takes the input itself (no layer made it): its
+    field is its own 5x5 window, not the body's 3x3 output grown by it."""
+    model = nn.Residual(nn.Conv(2, 3, padding=1), projection=nn.Conv(2, 5, padding=2))
+    shape = (1, 15, 15, 2)
+    rows = {row.name: row for row in summary(model, shape).rows}
+    assert rows["projection"].receptive_field == ReceptiveField((5, 5), (1, 1), (-2, -2))
+    field = receptive_field(model, shape)
+    assert field == ReceptiveField((5, 5), (1, 1), (-2, -2))
+    boxes, centre, _ = _dependency_box(model, shape, rng)
+    assert boxes == _predicted_box(field, centre, shape[1:-1])
+
+
 def test_receptive_field_of_max_pools_as_of_average_pools():
     """Global and adaptive max pools have the geometry of their average twins; an adaptive
     pool's None keeps that axis."""
