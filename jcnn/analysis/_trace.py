@@ -166,7 +166,9 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
                 wrappers.pop()
         if hasattr(y, "shape"):
             call.output_shape = tuple(y.shape)
-            producer[id(y)] = call.index
+            # an array a layer inside made (or an earlier layer, for an identity) keeps that
+            # producer: a container returning its last layer's output is not where it came from
+            producer.setdefault(id(y), call.index)
             alive.append(y)
         alive.append(x)
         return y

@@ -101,6 +101,22 @@ def test_dense_after_flatten_then_dropout_and_activation_gets_the_flatten_order(
     _compare(torch, net, model, (2, 6, 6, 2), rng)
 
 
+@pytest.mark.parametrize("nested", ["flatten", "activations"])
+def test_dense_after_a_flatten_inside_a_nested_container_gets_the_flatten_order(torch, rng, nested):
+    # the container returns its last layer's very array: that layer, not the container, made it
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.ReLU(), torch.nn.Linear(24, 2)
+    ).eval()
+    conv, flatten, relu = jcnn.nn.Conv(4, 3), jcnn.nn.Flatten(), jcnn.nn.ReLU()
+    if nested == "flatten":
+        layers = [jcnn.nn.Sequential([conv, flatten]), relu, jcnn.nn.Dense(2)]
+    else:
+        layers = [conv, flatten, jcnn.nn.Sequential([jcnn.nn.Dropout(0.5), relu])]
+        layers.append(jcnn.nn.Dense(2))
+    _compare(torch, net, jcnn.nn.Sequential(layers), (2, 4, 5, 3), rng)
+
+
 def test_depthwise_and_transposed_convs_match_torch(torch, rng):
     # they were refused as layers without a PyTorch conversion
     torch.manual_seed(3)
