@@ -13,7 +13,8 @@ and the twins in the tests. Conversions:
   C_out // groups)``; ``bias`` unchanged.
 - ``Dense``: weight ``(out, in)`` transposed; when the dense layer follows a ``Flatten`` of a
   feature map, its input axis is permuted from PyTorch's NCHW flatten order (W fastest) to jcnn's
-  NHWC order (C fastest).
+  NHWC order (C fastest). A flat input made outside the layers (``F.relu`` after the flatten, a
+  reshape) with as many values as an earlier feature map is refused: its order cannot be told.
 - ``BatchNorm``: ``weight``, ``bias`` to ``scale``, ``bias``; ``running_mean``, ``running_var`` to
   ``batch_stats`` ``mean``, ``var`` (``num_batches_tracked`` is ignored). A BatchNorm without a
   ``scale`` (``use_scale=False``, e.g. ``AirbenchNet``'s) takes a PyTorch weight of ones, one
@@ -33,6 +34,7 @@ ConvNeXt's layer scales.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -219,20 +221,50 @@ def _keeps_order(call) -> bool:
     return (elementwise or flat_norm) and call.input_shape == call.output_shape
 
 
-def _flattened_from(calls, call) -> tuple[int, ...] | None:
+def _flattened_from(calls, call, torch_key: str) -> tuple[int, ...] | None:
     """The ``(*spatial, C)`` feature map whose ``Flatten`` gives ``call``'s input (through
-    order-keeping layers), else None."""
+    order-keeping layers), else None; a ValueError naming ``torch_key`` where a flat input made
+    outside the layers could be a flattened map."""
     source = calls[call.source] if call.source is not None else None
     while source is not None and source.source is not None and _keeps_order(source):
         source = calls[source.source]
+    if source is None or (source.source is None and _keeps_order(source)):
+        _refuse_unknown_flatten(calls, call, torch_key)
+        return None
     if (
-        source is not None
-        and isinstance(source.module, jnn.Flatten)
+        isinstance(source.module, jnn.Flatten)
         and source.input_shape is not None
         and len(source.input_shape) > 2
     ):
         return tuple(source.input_shape[1:])
     return None
+
+
+def _refuse_unknown_flatten(calls, call, torch_key: str) -> None:
+    """Raise where ``call``'s flat input was made outside the layers (a function such as
+    ``F.relu``, a reshape) and an earlier layer made a feature map of as many values: that input
+    may be the map flattened, whose order (PyTorch's ``(C, *spatial)`` or jcnn's
+    ``(*spatial, C)``) cannot be told, and a wrong guess gives wrong outputs without an error."""
+    shape = call.input_shape
+    if shape is None or len(shape) != 2:
+        return
+    for earlier in reversed(calls[: call.index]):
+        out = earlier.output_shape
+        if (
+            earlier.is_leaf
+            and out is not None
+            and len(out) > 2
+            and math.prod(out[1:-1]) > 1
+            and math.prod(out[1:]) == shape[-1]
+        ):
+            raise ValueError(
+                f"{torch_key}: the input {shape} of jcnn layer {'/'.join(call.path)} was made "
+                "outside the layers (a function or a reshape) and may be the flattened "
+                f"{out} output of {'/'.join(earlier.path)}, whose PyTorch flatten order "
+                "(C, *spatial) differs from jcnn's (*spatial, C); flatten with jcnn.nn.Flatten "
+                "and put only layer modules (jcnn.nn.ReLU, not F.relu) between it and "
+                f"{'/'.join(call.path)}, so that the weight can be permuted"
+            )
 
 
 def _to_channels_last(vector: np.ndarray, flattened_from: tuple[int, ...]) -> np.ndarray:
@@ -305,12 +337,12 @@ def from_torch_state_dict(
         elif isinstance(module, jnn.Dense):
             # a Dropout, an activation or a BatchNorm1d between the Flatten and the layer keeps
             # the order
-            flattened_from = _flattened_from(calls, call)
+            flattened_from = _flattened_from(calls, call, f"{prefix}.weight")
             params = _convert_dense(group, prefix, call.path, params_shapes, flattened_from)
             stats = {}
         else:
             params, stats = _convert_norm(group, prefix, call.path, params_shapes, stats_shapes)
-            flattened_from = _flattened_from(calls, call)
+            flattened_from = _flattened_from(calls, call, prefix)
             if flattened_from is not None and len(call.input_shape) == 2:
                 # a BatchNorm1d after a Flatten: its features come in PyTorch's flatten order
                 params = {k: _to_channels_last(v, flattened_from) for k, v in params.items()}

@@ -2,6 +2,7 @@
 logits with converted weights, and the same running statistics after a training step with
 ``bn_unbiased_running_var=True``; weights files are loaded as data and checked."""
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +116,30 @@ def test_dense_after_a_flatten_inside_a_nested_container_gets_the_flatten_order(
         layers = [conv, flatten, jcnn.nn.Sequential([jcnn.nn.Dropout(0.5), relu])]
         layers.append(jcnn.nn.Dense(2))
     _compare(torch, net, jcnn.nn.Sequential(layers), (2, 4, 5, 3), rng)
+
+
+def test_dense_after_a_flatten_made_outside_the_layers_is_refused(rng):
+    # F.relu or a reshape between the map and the dense layer hides the flatten: its weight was
+    # imported unpermuted, the logits silently wrong
+    class Reshaped(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            x = jcnn.nn.Conv(4, 3, name="conv")(x)
+            return jcnn.nn.Dense(2, name="fc")(x.reshape(x.shape[0], -1))
+
+    functional = jcnn.nn.Sequential(
+        [jcnn.nn.Conv(4, 3), jcnn.nn.Flatten(), jcnn.functional.relu, jcnn.nn.Dense(2)]
+    )
+    weights = {"conv.weight": np.zeros((4, 3, 3, 3)), "conv.bias": np.zeros(4)}
+    weights |= {"fc.weight": np.zeros((2, 24)), "fc.bias": np.zeros(2)}
+    for model in (Reshaped(), functional):
+        with pytest.raises(ValueError, match=r"fc\.weight: .*\(2, 24\).*\(2, 2, 3, 4\)"):
+            from_torch_state_dict(model, weights, (2, 4, 5, 3))
+    # a flat input of the model itself has one order only
+    mlp = jcnn.nn.Sequential([jcnn.nn.Dense(3), jcnn.functional.relu, jcnn.nn.Dense(2)])
+    flat = {"0.weight": np.zeros((3, 5)), "0.bias": np.zeros(3)}
+    flat |= {"2.weight": np.zeros((2, 3)), "2.bias": np.zeros(2)}
+    assert from_torch_state_dict(mlp, flat, (2, 5))["params"]["layers_2"]["kernel"].shape == (3, 2)
 
 
 def test_depthwise_and_transposed_convs_match_torch(torch, rng):
