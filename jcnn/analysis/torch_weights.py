@@ -242,29 +242,28 @@ def _flattened_from(calls, call, torch_key: str) -> tuple[int, ...] | None:
 
 def _refuse_unknown_flatten(calls, call, torch_key: str) -> None:
     """Raise where ``call``'s flat input was made outside the layers (a function such as
-    ``F.relu``, a reshape) and an earlier layer made a feature map of as many values: that input
-    may be the map flattened, whose order (PyTorch's ``(C, *spatial)`` or jcnn's
-    ``(*spatial, C)``) cannot be told, and a wrong guess gives wrong outputs without an error."""
+    ``F.relu``, a reshape) and the latest feature map before it holds as many values: that input
+    is likely the map flattened, whose order (PyTorch's ``(C, *spatial)`` or jcnn's
+    ``(*spatial, C)``) cannot be told, and a wrong guess gives wrong outputs without an error. A
+    pooled map (``jnp.mean`` over its positions) holds fewer values and passes."""
     shape = call.input_shape
     if shape is None or len(shape) != 2:
         return
-    for earlier in reversed(calls[: call.index]):
-        out = earlier.output_shape
-        if (
-            earlier.is_leaf
-            and out is not None
-            and len(out) > 2
-            and math.prod(out[1:-1]) > 1
-            and math.prod(out[1:]) == shape[-1]
-        ):
-            raise ValueError(
-                f"{torch_key}: the input {shape} of jcnn layer {'/'.join(call.path)} was made "
-                "outside the layers (a function or a reshape) and may be the flattened "
-                f"{out} output of {'/'.join(earlier.path)}, whose PyTorch flatten order "
-                "(C, *spatial) differs from jcnn's (*spatial, C); flatten with jcnn.nn.Flatten "
-                "and put only layer modules (jcnn.nn.ReLU, not F.relu) between it and "
-                f"{'/'.join(call.path)}, so that the weight can be permuted"
-            )
+    maps = (
+        earlier.output_shape
+        for earlier in reversed(calls[: call.index])
+        if earlier.is_leaf and earlier.output_shape is not None and len(earlier.output_shape) > 2
+    )
+    latest = next(maps, None)
+    if latest is not None and math.prod(latest[1:-1]) > 1 and math.prod(latest[1:]) == shape[-1]:
+        raise ValueError(
+            f"{torch_key}: the input {shape} of jcnn layer {'/'.join(call.path)} was made "
+            f"outside the layers (a function or a reshape) and may be the flattened {latest} "
+            "feature map before it, whose PyTorch flatten order (C, *spatial) differs from "
+            "jcnn's (*spatial, C); flatten with jcnn.nn.Flatten and put only layer modules "
+            f"(jcnn.nn.ReLU, not F.relu) between it and {'/'.join(call.path)}, so that the "
+            "weight can be permuted"
+        )
 
 
 def _to_channels_last(vector: np.ndarray, flattened_from: tuple[int, ...]) -> np.ndarray:

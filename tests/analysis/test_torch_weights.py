@@ -135,6 +135,21 @@ def test_dense_after_a_flatten_made_outside_the_layers_is_refused(rng):
     for model in (Reshaped(), functional):
         with pytest.raises(ValueError, match=r"fc\.weight: .*\(2, 24\).*\(2, 2, 3, 4\)"):
             from_torch_state_dict(model, weights, (2, 4, 5, 3))
+    # a map pooled by a function holds fewer values than its map: imported, even where an
+    # earlier map held as many values as the pooled vector (6 channels at 2x2, 24 pooled)
+    pooled = jcnn.nn.Sequential(
+        [
+            jcnn.nn.Conv(6, 3, stride=2),
+            jcnn.nn.Conv(24, 1),
+            lambda x: jnp.mean(x, axis=(1, 2)),
+            jcnn.nn.Dense(2),
+        ]
+    )
+    head = {"0.weight": np.zeros((6, 3, 3, 3)), "0.bias": np.zeros(6)}
+    head |= {"1.weight": np.zeros((24, 6, 1, 1)), "1.bias": np.zeros(24)}
+    head |= {"3.weight": np.zeros((2, 24)), "3.bias": np.zeros(2)}
+    converted = from_torch_state_dict(pooled, head, (2, 5, 5, 3))
+    assert converted["params"]["layers_3"]["kernel"].shape == (24, 2)
     # a flat input of the model itself has one order only
     mlp = jcnn.nn.Sequential([jcnn.nn.Dense(3), jcnn.functional.relu, jcnn.nn.Dense(2)])
     flat = {"0.weight": np.zeros((3, 5)), "0.bias": np.zeros(3)}
