@@ -316,7 +316,8 @@ def implementation(op: int, bfloat16: bool, dims: tuple[int, ...], spatial: int)
 
 def _check_problem(op, bfloat16, dims, spatial) -> tuple[int, bool, tuple[int, ...], int]:
     """The arguments of :func:`unsupported_reason` checked: the library reads ``4 + 7 * spatial``
-    values from ``dims`` whatever its length, and trusts ``op`` and ``spatial``."""
+    values from ``dims`` whatever its length, trusts ``op`` and ``spatial``, divides by the groups
+    (``dims[3]``), and ctypes wraps ints outside int64 silently."""
     from jcnn.functional._checks import _describe, check_bool, check_int
 
     op = check_int(op, "op", low=0, high=2)
@@ -330,6 +331,10 @@ def _check_problem(op, bfloat16, dims, spatial) -> tuple[int, bool, tuple[int, .
             f"low and high), got {dims if isinstance(dims, (tuple, list)) else _describe(dims)}"
         )
     dims = tuple(check_int(d, f"dims[{i}]") for i, d in enumerate(dims))
+    for i, d in enumerate(dims):
+        low = 1 if i == 3 else -(2**63)
+        if not low <= d < 2**63:
+            raise ValueError(f"dims[{i}]: expected an int in [{low}, {2**63 - 1}], got {d}")
     return op, bfloat16, dims, spatial
 
 

@@ -235,6 +235,13 @@ def test_implementation_checks_the_problem_before_the_library_reads_it(monkeypat
             call(0, 1, plain, 2)
         with pytest.raises(TypeError, match=r"dims\[4\]: expected an int, got 8.0"):
             call(0, False, (*plain[:4], 8.0, *plain[5:]), 2)
+        # The library divides the channels by the groups: 0 (or 2**64, which ctypes wrapped to
+        # 0) killed the process with SIGFPE.
+        for groups in (0, 2**64):
+            with pytest.raises(ValueError, match=rf"dims\[3\]: expected an int in .*got {groups}"):
+                call(0, False, (*plain[:3], groups, *plain[4:]), 2)
+        with pytest.raises(ValueError, match=r"dims\[0\]: expected an int in .*got 18446744073"):
+            call(0, False, (2**64 + 4, *plain[1:]), 2)
 
 
 def test_build_command_self_checks(onednn, capsys):
