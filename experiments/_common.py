@@ -133,9 +133,13 @@ def load(args, name: str, split: str, limit: int | None = None):
     """``jcnn.data.load`` from ``--data-dir`` (or ``JCNN_DATA_DIR``), the first ``limit`` if given.
 
     Cached per process (read-only arrays), so that running several experiments in one process
-    (the smoke test) reads each file once.
+    (the smoke test) reads each file once. A dataset that is not there ends the run with
+    ``load``'s message (where it looked, how to download it), not a traceback.
     """
-    images, labels = _load_cached(name, split, args.data_dir)
+    try:
+        images, labels = _load_cached(name, split, args.data_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images, labels

@@ -113,3 +113,15 @@ def test_figure_path_refuses_a_folder_and_a_path_under_a_file(common, tmp_path):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a file path for the fig"):
             common.figure_path(text)
     assert common.figure_path(str(tmp_path / "new" / "f.png")) == tmp_path / "new" / "f.png"
+
+
+def test_a_missing_dataset_ends_the_run_with_loads_message(common, tmp_path):
+    # load raised data.load's FileNotFoundError through the script: its message (where it
+    # looked, how to download) came at the end of a traceback from inside jcnn.data
+    args = common.parse_args("test", ["--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        common.load(args, "cifar10", "test", 10)
+    message = exit_info.value.code
+    assert isinstance(message, str), message
+    assert message.startswith("cifar10 (test): expected") and str(tmp_path) in message, message
+    assert "jcnn-data download cifar10" in message, message
