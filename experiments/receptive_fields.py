@@ -54,6 +54,8 @@ def measured_field(model, size, key, channels=1):
 def main(argv=None):
     args = _common.parse_args(__doc__.splitlines()[0], argv)
     page = _common.Page("receptive_fields", "Receptive fields: measured vs predicted", args)
+    # the image is only drawn at the end: a missing dataset must stop the run before its minutes
+    images, _ = _common.load(args, "cifar10", "test", 100)
     key = jax.random.key(args.seed)
     depths = range(1, 2 if args.quick else 11)
     kernels = (3,) if args.quick else (3, 5, 7)
@@ -121,7 +123,6 @@ def main(argv=None):
     page.figure(fig, "growth", "Measured field (markers) vs 1 + L(K-1) (grey lines); pooling "
                 "and stride grow it geometrically")
 
-    images, _ = _common.load(args, "cifar10", "test", 100)
     stats = data.Standardize.fit(images)
     image = jnp.asarray(stats(images[:1]))
     panels = [("3 convs 3x3", stack(3, 3)), ("3 convs 3x3 + pools", stack(3, 3, pool_after=(1, 2))),

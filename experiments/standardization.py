@@ -37,6 +37,9 @@ def main(argv=None):
     args = _common.parse_args(__doc__.splitlines()[0], argv)
     quick = args.quick
     page = _common.Page("standardization", "Standardization: input scale and convergence", args)
+    n_train, epochs = (256, 1) if quick else (5000, 2)
+    # loaded before the regression part: a missing dataset must stop the run before its minutes
+    images, labels = _common.load(args, "cifar10", "train", n_train)
 
     # The notes' example: predict (say) a dose from body weight measured in kg or in mg.
     rng = np.random.default_rng(args.seed)
@@ -83,9 +86,7 @@ def main(argv=None):
            "**The standardized inputs are not the fastest here**, unlike the notes' argument."))
 
     # CIFAR-10 CNN: raw pixels (0..255) vs [0, 1] vs per-channel standardized.
-    n_train, epochs = (256, 1) if quick else (5000, 2)
     widths = (8, 16) if quick else (32, 64, 64)
-    images, labels = _common.load(args, "cifar10", "train", n_train)
     stats = data.Standardize.fit(images)
     variants = {"raw 0..255": images.astype(np.float32),
                 "scaled to [0, 1]": images.astype(np.float32) / 255,
