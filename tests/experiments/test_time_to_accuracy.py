@@ -115,3 +115,30 @@ def test_the_mean_says_how_many_of_its_runs_used_tta(script):
     assert script.tta_label(runs) == "with TTA in 2 of 3 runs, without in the others"
     assert script.tta_label(runs[1:]) == "with TTA"
     assert script.tta_label(runs[:1]) == "no TTA"
+
+
+def test_every_dataset_is_found_before_the_first_run(script, tmp_path, monkeypatch):
+    # Each run read its dataset when it started: with CIFAR-10 there and MNIST not,
+    # `--recipes airbench94 mnist99` trained airbench94 (an hour a run) and then stopped with
+    # a traceback from inside jcnn.data
+
+    def train_one(*args, **kwargs):
+        raise AssertionError("a recipe ran before every dataset was found")
+
+    monkeypatch.setattr(script, "train_one", train_one)
+    monkeypatch.setattr(script._common, "load", _only_cifar10(script._common.load))
+    argv = ["--recipes", "airbench94", "mnist99", "--seeds", "0", "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"mnist \(train\): expected"):
+        script.main([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def _only_cifar10(load):
+    """``_common.load`` as if the data folder held CIFAR-10 and nothing else."""
+
+    def fake(args, name, split, limit=None):
+        if name == "cifar10":
+            return None
+        return load(args, name, split, limit)
+
+    return fake
