@@ -32,6 +32,20 @@ def stable(history):
         history[-1]["train_accuracy"] > 0.15)
 
 
+def largest_stable_findings(results, lrs):
+    """The largest stable rate with and without BN beside the notes' claim (Markdown), from
+    ``results[(label, lr)] = (stable, history)``."""
+    largest = {label: max([lr for lr in lrs if results[(label, lr)][0]], default=None)
+               for label in ("no BN", "BN")}
+    shown = {label: f"**{lr:g}**" if lr is not None else f"none of {', '.join(map(str, lrs))}"
+             for label, lr in largest.items()}
+    return (f"Largest stable learning rate: without BN {shown['no BN']}, with BN "
+            f"{shown['BN']}. The notes (Ioffe & Szegedy 2015): BatchNorm allows much "
+            "higher learning rates and reaches a given accuracy in fewer steps."
+            + ("" if (largest["BN"] or 0) > (largest["no BN"] or 0) else
+               " **Here BN did not allow a larger rate than the plain network**; see the table."))
+
+
 def batch_size_findings(errors, batch_sizes, n_train, epochs, n_test):
     """What the BN/GN-by-batch-size table shows beside Wu & He, and where it differs (Markdown).
 
@@ -122,8 +136,6 @@ def main(argv=None):
             rows.append([label, lr, "yes" if ok else "no (diverged or stuck)",
                          f"{history[-1]['val_accuracy']:.3f}",
                          reached or f"> {epochs1}"])
-    largest = {label: max([lr for lr in lrs if results[(label, lr)][0]], default=None)
-               for label in ("no BN", "BN")}
     page.text(
         f"## A deeper CNN with and without BatchNorm\n{len(deep)} convs 3x3 (widths {deep}, a "
         "2x2 max pool after every second), SGD + momentum 0.9 at a constant learning rate, "
@@ -131,11 +143,7 @@ def main(argv=None):
         "and the training accuracy ended above 15%.")
     page.table(["network", "lr", "stable", "test accuracy", f"epochs to {target:.0%} test acc"],
                rows)
-    page.text(f"Largest stable learning rate: without BN **{largest['no BN']}**, with BN "
-              f"**{largest['BN']}**. The notes (Ioffe & Szegedy 2015): BatchNorm allows much "
-              "higher learning rates and reaches a given accuracy in fewer steps."
-              + ("" if (largest["BN"] or 0) > (largest["no BN"] or 0) else
-                 " **Here BN did not allow a larger rate than the plain network**; see the table."))
+    page.text(largest_stable_findings(results, lrs))
 
     # Part 2: BN / GN / LN / IN by batch size, learning rate scaled linearly with the batch.
     batch_sizes = (4,) if quick else (2, 4, 8, 16, 32, 64, 128)

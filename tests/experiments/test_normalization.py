@@ -41,3 +41,22 @@ def test_differences_beyond_the_noise_are_reported(script):
     # the smaller test set of a quick run is noisier: the same table shows nothing
     quick = script.batch_size_findings(errors, BATCHES, 256, 1, 50)
     assert "does not show here" in quick and "clearly worse" not in quick
+
+
+def test_the_largest_stable_rate_is_a_rate_or_says_none_was(script):
+    # with no stable rate the page printed Python's None: "without BN **None**, with BN **None**"
+    results = {("no BN", 0.1): (False, []), ("BN", 0.1): (False, [])}
+    text = script.largest_stable_findings(results, (0.1,))
+    assert text.startswith("Largest stable learning rate: without BN none of 0.1, with BN none of")
+    assert "None" not in text and "**Here BN did not allow a larger rate" in text
+    results = {
+        (label, lr): (ok, [])
+        for label, lr, ok in (
+            ("no BN", 0.1, True),
+            ("no BN", 0.3, False),
+            ("BN", 0.1, True),
+            ("BN", 0.3, True),
+        )
+    }
+    text = script.largest_stable_findings(results, (0.1, 0.3))
+    assert "without BN **0.1**, with BN **0.3**." in text and "did not allow" not in text
