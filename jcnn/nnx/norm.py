@@ -177,7 +177,7 @@ class BatchNorm(_RunningStats):
         self.eps = _check_positive(eps, "eps")
         self.axis_name = static(axis_name, "axis_name")
         _check_axis_name(self.axis_name)
-        self.unbiased_running_var = static(unbiased_running_var, "unbiased_running_var")
+        self.unbiased_running_var = check_bool(unbiased_running_var, "unbiased_running_var")
         self._make_stats(use_running_average, param_dtype)
 
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

@@ -110,6 +110,8 @@ def test_local_response_norm_gradient_matches_the_linen_twin_eagerly(rng):
         (lambda r: jnnx.LayerNorm(3, use_bias=1, rngs=r), "use_bias"),
         (lambda r: jnnx.GroupNorm(3, 1, use_scale=None, rngs=r), "use_scale"),
         (lambda r: jnnx.InstanceNorm(3, track_running_stats="yes", rngs=r), "track_running_stats"),
+        # was accepted until the first call
+        (lambda r: jnnx.BatchNorm(3, unbiased_running_var="no", rngs=r), "unbiased_running_var"),
     ],
 )
 def test_flags_must_be_bools_as_in_the_linen_twin(build, name):
