@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_key, check_real
+from jcnn.functional._checks import check_bool, check_key, check_real
 from jcnn.functional.dropout import check_input
 from jcnn.nnx._util import check_flag, training
 
@@ -34,7 +34,7 @@ class _Dropout(nnx.Module):
         rngs: nnx.Rngs | nnx.RngStream | None = None,
     ) -> None:
         rate = check_real(rate, "rate", low=0, high=1)  # as the Linen twin checks it
-        check_flag(deterministic, "deterministic")
+        deterministic = check_bool(deterministic, "deterministic")
         if not isinstance(rng_collection, str):
             raise TypeError(
                 f"rng_collection: expected the name of an nnx.Rngs stream (a str), got "

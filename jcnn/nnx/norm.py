@@ -99,8 +99,7 @@ class _Affine(nnx.Module):
 
 class _RunningStats(_Affine):
     def _make_stats(self, use_running_average, param_dtype):
-        check_flag(use_running_average, "use_running_average")
-        self.use_running_average = use_running_average
+        self.use_running_average = check_bool(use_running_average, "use_running_average")
         dtype = running_stats_dtype(param_dtype)
         self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), dtype))
         self.var = nnx.BatchStat(jnp.ones((self.num_features,), dtype))
@@ -342,8 +341,7 @@ class InstanceNorm(_RunningStats):
         if track_running_stats:
             self._make_stats(use_running_average, param_dtype)
         else:
-            check_flag(use_running_average, "use_running_average")
-            self.use_running_average = use_running_average
+            self.use_running_average = check_bool(use_running_average, "use_running_average")
 
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         """Normalize ``x`` ``(N, *spatial, C)``; ``train`` (when given) overrides the attribute."""

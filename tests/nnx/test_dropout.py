@@ -89,3 +89,11 @@ def test_evaluation_checks_x_as_the_functional_op_does(rate):
             layer([[[1.0]]], train=False)
         with pytest.raises(TypeError, match="^x: expected a floating-point array, got dtype int32"):
             layer(jnp.ones((1, 1, 1), jnp.int32), train=False)
+
+
+@pytest.mark.parametrize("layer", [jnnx.Dropout, jnnx.SpatialDropout])
+@pytest.mark.parametrize("bad", [None, 1, "yes"])
+def test_deterministic_must_be_a_bool(layer, bad):
+    # None was accepted and meant dropping, silently
+    with pytest.raises(TypeError, match=f"^deterministic: expected a Python bool, got {bad!r}"):
+        layer(0.5, deterministic=bad)

@@ -188,3 +188,17 @@ def test_every_setting_is_checked_at_construction(build, error, message):
     with pytest.raises(error, match=f"^{message}"):
         build()
     assert jnnx.LocalContrastNorm((3, 5, 7))(jnp.ones((1, 2, 3, 4, 1))).shape == (1, 2, 3, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda r: jnnx.BatchNorm(3, use_running_average=None, rngs=r),
+        lambda r: jnnx.InstanceNorm(3, use_running_average=None, rngs=r),
+        lambda r: jnnx.InstanceNorm(3, True, use_running_average=None, rngs=r),
+    ],
+)
+def test_use_running_average_must_be_a_bool(build):
+    # None was accepted and meant training, silently
+    with pytest.raises(TypeError, match="^use_running_average: expected a Python bool, got None"):
+        build(nnx.Rngs(0))
