@@ -69,17 +69,19 @@ def _sums_formula(t, x, mean, mean_residual, *, first_axis):
 
 
 def _sums_on_cpu(t, x, mean, mean_residual, *, first_axis):
-    """The native kernel, on operands broadcast to ``t``'s shape (``vmap`` may leave ``x`` or
-    the statistics with a unit axis where they are not mapped)."""
-    x = jnp.broadcast_to(x, t.shape)
-    kept = _kept(t.shape, first_axis)
+    """The native kernel, on operands broadcast to one shape (``vmap`` may leave any of them
+    with a unit axis where it is not mapped: ``t`` too, e.g. a zero tangent when only the scale
+    is differentiated per example)."""
+    shape = jnp.broadcast_shapes(t.shape, x.shape)
+    t, x = jnp.broadcast_to(t, shape), jnp.broadcast_to(x, shape)
+    kept = _kept(shape, first_axis)
     mean, mean_residual = (
-        jnp.broadcast_to(s, _keepdims(t.shape, first_axis)).reshape(kept)
+        jnp.broadcast_to(s, _keepdims(shape, first_axis)).reshape(kept)
         for s in (mean, mean_residual)
     )
     out = jax.ShapeDtypeStruct(kept, jnp.float32)
     sums = jax.ffi.ffi_call("jcnn_centered_sums", (out, out))(t, x, mean, mean_residual)
-    return [s.reshape(_keepdims(t.shape, first_axis)) for s in sums]
+    return [s.reshape(_keepdims(shape, first_axis)) for s in sums]
 
 
 def _affine_formula(a, b, x, mean, mean_residual, *, first_axis):

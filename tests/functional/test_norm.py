@@ -942,6 +942,28 @@ def test_one_pass_statistics_agree_with_xla_in_every_transformation(onednn, rng,
             assert_rel_close(got, want, tol=2e-5, name=f"{norm} norm {name}")
 
 
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_one_pass_statistics_per_example_gradients_of_scale_and_bias(onednn, rng, norm):
+    # Differentiated with respect to the scale and bias alone under vmap over examples, the
+    # derivative's tangent is an unmapped zero beside a mapped x: the native sums broadcast it
+    # (they raised "Incompatible types for broadcasting"), and equal a loop over the examples.
+    x = jnp.asarray(rng.normal(size=(4, 1, 3, 2, 5)), jnp.float32)
+    scale, bias = (jnp.asarray(a) for a in random_affine(rng, 5))
+
+    def loss(scale, bias, x):
+        if norm == "instance":
+            return jnp.sum(2.0 * instance_norm(x, scale, bias))
+        state = BatchNormState(jnp.zeros(5), jnp.ones(5))
+        return jnp.sum(2.0 * batch_norm(x, scale, bias, state, train=True)[0])
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    with onednn.conv_backend_scope("onednn"):
+        mapped = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(scale, bias, x)
+        looped = [jax.jit(grad)(scale, bias, example) for example in x]
+    for got, want in zip(mapped, zip(*looped, strict=True), strict=True):
+        assert_rel_close(got, np.stack(want), tol=1e-5, name=f"{norm} norm per-example gradient")
+
+
 def test_one_pass_statistics_outside_jit_equal_those_inside(onednn, rng):
     x = jnp.asarray(rng.normal(size=(5, 3, 4, 9)) + 3, jnp.float32)
     scale, bias = (jnp.asarray(a) for a in random_affine(rng, 9))
