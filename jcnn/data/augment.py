@@ -42,6 +42,7 @@ from jcnn.functional._checks import (
     check_real,
     check_real_or_traced,
     check_size_sequence,
+    is_int,
 )
 
 __all__ = [
@@ -146,10 +147,12 @@ def _restore(x, dtype) -> jax.Array:
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    """A positive int or a ``(height, width)`` pair of them (Python or NumPy ints)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    """A positive int or a ``(height, width)`` pair of them (Python or NumPy ints, or 0-d
+    integer arrays)."""
+    if is_int(value):
         value = (value, value)
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+    # a 0-d array has __len__ but len() raises on it
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or _is_scalar(value):
         raise TypeError(f"{name}: expected a positive int or (height, width), got {value!r}")
     if len(value) != 2:
         raise ValueError(f"{name}: expected a positive int or (height, width), got {value!r}")
@@ -158,7 +161,12 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 def _range(value, name: str, *, low=None, low_open=False, high=None) -> tuple[float, float]:
     """A ``(low, high)`` pair of finite numbers, ordered and within the given bounds."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+    if (
+        isinstance(value, (str, bytes))
+        or not hasattr(value, "__len__")
+        or _is_scalar(value)
+        or len(value) != 2
+    ):
         raise TypeError(f"{name}: expected a (low, high) pair of numbers, got {value!r}")
     pair = tuple(
         check_real(v, f"{name}[{i}]", low=low, low_open=low_open, high=high)
@@ -167,6 +175,10 @@ def _range(value, name: str, *, low=None, low_open=False, high=None) -> tuple[fl
     if pair[0] > pair[1]:
         raise ValueError(f"{name}: expected low <= high, got {value!r}")
     return pair
+
+
+def _is_scalar(value) -> bool:
+    return getattr(value, "shape", None) == ()
 
 
 def _probability(p, name: str = "p"):

@@ -687,6 +687,42 @@ def test_pattern_accepts_numpy_sizes():
         np.testing.assert_array_equal(A.pattern(key, shape), expected)
 
 
+@pytest.mark.parametrize("scalar", [np.array, jnp.int32])
+def test_crop_sizes_take_0d_integer_arrays_as_padding_does(scalar):
+    # a 0-d array has __len__, and len() of it was a raw "len() of unsized object"
+    image = jnp.arange(8 * 8 * 3, dtype=jnp.float32).reshape(8, 8, 3)
+    np.testing.assert_array_equal(
+        A.random_crop(_KEY, image, size=scalar(5), padding=scalar(2)),
+        A.random_crop(_KEY, image, size=5, padding=2),
+    )
+    np.testing.assert_array_equal(
+        A.random_resized_crop(_KEY, image, size=scalar(5)),
+        A.random_resized_crop(_KEY, image, size=5),
+    )
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: A.random_crop(_KEY, _IMAGE, size=jnp.float32(5)),
+            "size: expected a positive int or (height, width), got Array(5., dtype=float32)",
+        ),
+        (
+            lambda: A.random_resized_crop(_KEY, _IMAGE, size=4, scale=np.float64(0.5)),
+            "scale: expected a (low, high) pair of numbers, got np.float64(0.5)",
+        ),
+        (
+            lambda: A.random_resized_crop(_KEY, _IMAGE, size=4, ratio=jnp.float32(1)),
+            "ratio: expected a (low, high) pair of numbers, got Array(1., dtype=float32)",
+        ),
+    ],
+)
+def test_a_0d_array_where_a_pair_goes_is_named(call, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call()
+
+
 def test_affine_with_a_traced_matrix_is_not_checked_for_finiteness():
     image = jnp.arange(48.0).reshape(4, 4, 3) / 48
     identity = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
