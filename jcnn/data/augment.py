@@ -762,13 +762,16 @@ def pattern(key: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 
 def _mixing_weights(key, beta):
-    """Weights (a, b) of a PixMix step: an interpolating or (prob. 1/2) extrapolating pair."""
-    k_choice, k_a, k_b = jax.random.split(key, 3)
+    """Weights (a, b) of a PixMix step, as the reference ``get_ab``: interpolating,
+    ``a ~ Beta(beta, 1)``, ``b ~ Beta(1, beta)``, or (prob. 1/2) extrapolating,
+    ``a = 1 + Beta(1, beta)``, ``b = -Beta(1, beta)``; every draw independent."""
+    k_choice, k_a, k_b, k_extra = jax.random.split(key, 4)
     # Beta(beta, 1) and Beta(1, beta) by inverting their CDFs x^beta and 1 - (1 - x)^beta
     a_in = jax.random.uniform(k_a, ()) ** (1.0 / beta)
     b_in = 1.0 - jax.random.uniform(k_b, ()) ** (1.0 / beta)
+    a_out = 2.0 - jax.random.uniform(k_extra, ()) ** (1.0 / beta)
     extrapolate = jax.random.bernoulli(k_choice)
-    return jnp.where(extrapolate, 1.0 + b_in, a_in), jnp.where(extrapolate, -b_in, b_in)
+    return jnp.where(extrapolate, a_out, a_in), jnp.where(extrapolate, -b_in, b_in)
 
 
 def pixmix(

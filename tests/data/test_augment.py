@@ -334,6 +334,28 @@ def test_pixmix_and_patterns(rng):
     )
 
 
+@pytest.mark.parametrize("beta", [1.0, 3.0])
+def test_pixmix_weights_are_the_reference_independent_beta_draws(beta):
+    # PixMix's get_ab: a ~ Beta(beta, 1), b ~ Beta(1, beta), or with probability 1/2
+    # a = 1 + Beta(1, beta), b = -Beta(1, beta), every draw independent; jcnn's extrapolating
+    # pair reused one draw (a = 1 - b, always on the line through the two images)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    a, b = map(np.asarray, jax.jit(jax.vmap(lambda k: A._mixing_weights(k, beta)))(keys))
+    extrapolate = b < 0
+    assert abs(extrapolate.mean() - 0.5) < 0.03
+    inter_a, inter_b = a[~extrapolate], b[~extrapolate]
+    extra_a, extra_b = a[extrapolate] - 1, -b[extrapolate]
+    for sample, reference in (
+        (inter_a, stats.beta(beta, 1)),
+        (inter_b, stats.beta(1, beta)),
+        (extra_a, stats.beta(1, beta)),
+        (extra_b, stats.beta(1, beta)),
+    ):
+        assert stats.kstest(sample, reference.cdf).pvalue > P_MIN
+    for first, second in ((inter_a, inter_b), (extra_a, extra_b)):
+        assert abs(stats.pearsonr(first, second).statistic) < 0.1
+
+
 def test_policy_posterize_bits_are_torchvisions_bins():
     # torchvision's RandAugment / TrivialAugmentWide posterize bins: 8 - round(i / (30 / 4)) and
     # 8 - round(i / (30 / 6)) bits at magnitude i of 30; jcnn floored (8 bits at i = 4, not 7)
