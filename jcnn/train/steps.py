@@ -395,7 +395,8 @@ def train_step(
 
     Returns:
         ``(new_state, metrics)`` with scalar ``metrics["loss"]``, ``metrics["accuracy"]`` (on the
-        batch, before the update), ``metrics["grad_norm"]`` and one entry per extra metric.
+        batch, before the update; NaN for labels of a ``loss_fn``'s own form, see
+        ``batch_accuracy``), ``metrics["grad_norm"]`` and one entry per extra metric.
     """
     images, labels = _check_batch(state, batch)
     _check_not_empty(images, "batch images")
