@@ -5,11 +5,12 @@ Randomness (the contract exact resume relies on)::
     root        = jax.random.key(seed)
     order_key   = fold_in(fold_in(root, 0), epoch)              # the epoch's permutation
     step_key    = fold_in(fold_in(fold_in(root, 1), epoch), step)
-    example_keys = jax.random.split(fold_in(step_key, 0), batch_size)   # one per example
+    example_keys = jax.random.split(fold_in(step_key, 0), n)    # one per example of the batch
     batch_key   = fold_in(step_key, 1)                           # for mixup / cutmix
 
-so batch ``step`` of epoch ``epoch`` (its examples and every random augmentation applied to them)
-depends on nothing else: not on the batches before it, not on how many epochs ran in this process.
+(``n``: the batch's size, ``batch_size`` but for a last partial or a Poisson batch), so batch
+``step`` of epoch ``epoch`` (its examples and every random augmentation applied to them) depends
+on nothing else: not on the batches before it, not on how many epochs ran in this process.
 
 With ``sampling="poisson"`` the examples of a batch are drawn instead as::
 
