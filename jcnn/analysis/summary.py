@@ -40,12 +40,11 @@ import flax.linen as nn
 import flax.linen.linear as flax_linear
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import DTypeLike
 
 from jcnn import nn as jnn
 from jcnn.analysis._trace import LayerCall, subtree, trace_layers
-from jcnn.functional._checks import as_int_tuple, check_bool, normalize_padding
+from jcnn.functional._checks import as_int_tuple, check_bool, is_int, normalize_padding
 
 __all__ = [
     "conv_output_size",
@@ -59,6 +58,8 @@ __all__ = [
 
 
 def _check_sizes(size, kernel, stride, dilation, padding, kernel_name="kernel"):
+    """The five lengths as Python ints (a NumPy integer or a 0-d integer array is one)."""
+    checked = []
     for value, name, minimum in (
         (size, "size", 1),
         (kernel, kernel_name, 1),
@@ -66,10 +67,12 @@ def _check_sizes(size, kernel, stride, dilation, padding, kernel_name="kernel"):
         (dilation, "dilation", 1),
         (padding, "padding", 0),
     ):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        if not is_int(value):
             raise TypeError(f"{name}: expected an int, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+        if int(value) < minimum:
+            raise ValueError(f"{name}: expected an int >= {minimum}, got {int(value)}")
+        checked.append(int(value))
+    return checked
 
 
 def conv_output_size(
@@ -104,7 +107,7 @@ def conv_output_size(
     >>> conv_output_size(10, 3, dilation=2), conv_output_size(7, 2, stride=2, ceil_mode=True)
     (6, 4)
     """
-    _check_sizes(size, kernel, stride, dilation, padding)
+    size, kernel, stride, dilation, padding = _check_sizes(size, kernel, stride, dilation, padding)
     ceil_mode = check_bool(ceil_mode, "ceil_mode")
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     if span < 0:
@@ -140,7 +143,9 @@ def pool_output_size(
     """
     stride = window if stride is None else stride
     # the types first: the padding rule below would compare a string or None raw
-    _check_sizes(size, window, stride, dilation, padding, "window")
+    size, window, stride, dilation, padding = _check_sizes(
+        size, window, stride, dilation, padding, "window"
+    )
     if padding * 2 > window:
         raise ValueError(f"padding: expected at most half the window ({window}), got {padding}")
     return conv_output_size(size, window, stride, padding, dilation, ceil_mode)

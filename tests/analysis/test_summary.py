@@ -760,3 +760,16 @@ def test_layers_inside_scan_or_vmap_are_unknown_not_undercounted():
 
     (row,) = summary(Mapped(), (2, 3)).rows
     assert row.params == 2 * (3 * 5 + 5) and row.macs is None
+
+
+def test_output_sizes_take_numpy_and_0d_integers_and_give_python_ints():
+    for spell in (np.int64, jnp.asarray, np.asarray):
+        for function in (conv_output_size, pool_output_size):
+            out = function(spell(28), spell(2), spell(2), spell(1), spell(1))
+            assert out == 15 and type(out) is int
+    with pytest.raises(TypeError, match="size: expected an int, got"):
+        conv_output_size(jnp.asarray(2.0), 1)
+    with pytest.raises(TypeError, match="stride: expected an int, got"):
+        conv_output_size(8, 3, jnp.asarray([1]))
+    with pytest.raises(ValueError, match="stride: expected an int >= 1, got 0"):
+        pool_output_size(8, 2, np.asarray(0))
