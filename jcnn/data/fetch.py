@@ -637,6 +637,11 @@ def main(argv=None) -> int:
         except ValueError as err:
             print(f"jcnn-data: {err}", file=sys.stderr)
             return 2
+    given = None if args.data_dir is None else Path(args.data_dir).expanduser()
+    # a file there: list would show every file missing beneath it, download fail creating it
+    if given is not None and given.exists() and not given.is_dir():
+        print(f"jcnn-data: --data-dir {args.data_dir}: no such folder", file=sys.stderr)
+        return 2
     if args.command == "list":
         root = datasets.default_data_dir(args.data_dir)
         print(f"data directory: {root}")
@@ -674,7 +679,7 @@ def main(argv=None) -> int:
                 f"{args.name}: already in {folder}, where jcnn.data.load reads it; nothing "
                 "downloaded (--force to download anyway)"
             )
-    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+    if given is not None and not given.is_dir():
         print(f"jcnn-data: --data-dir {args.data_dir}: no such folder", file=sys.stderr)
         return 2
     rows = _describe(args.name, args.data_dir)

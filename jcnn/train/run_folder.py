@@ -617,7 +617,8 @@ def _length_free(train: dict) -> bool:
 def _shown_apart(before, after) -> tuple[str, str]:
     """Both values as text; a long one (a described optimizer...) from just before the first
     character where the two differ, so that the message shows the difference."""
-    texts = [value if isinstance(value, str) else json.dumps(value) for value in (before, after)]
+    # a string as it is, unless empty (quoted, to be seen)
+    texts = [v if isinstance(v, str) and v else json.dumps(v) for v in (before, after)]
     if max(map(len, texts)) <= 80:
         return texts[0], texts[1]
     common = next(

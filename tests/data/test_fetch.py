@@ -561,6 +561,16 @@ def test_cli_verify_names_a_data_dir_that_is_not_a_folder(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.parametrize("command", [["list"], ["download", "mnist"]])
+def test_cli_list_and_download_name_a_data_dir_that_is_a_file(tmp_path, capsys, command):
+    # list showed every file as missing beneath the file, exit 0; download failed creating it
+    (tmp_path / "file").write_bytes(b"x")
+    assert fetch.main([*command, "--data-dir", str(tmp_path / "file")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"jcnn-data: --data-dir {tmp_path / 'file'}: no such folder\n"
+    assert captured.out == "" and (tmp_path / "file").read_bytes() == b"x"
+
+
 def test_numpy_real_scalars_are_valid_timeouts(tmp_path, server, monkeypatch):
     _only(monkeypatch, "mnist", LABELS)
     for timeout in (np.float32(5), np.int64(5), np.float64(0.5)):  # np.float32(5) was refused

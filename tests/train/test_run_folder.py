@@ -442,6 +442,8 @@ def test_a_long_setting_is_shown_where_the_run_and_now_differ():
     assert '{"steps": 15}' in shown_before and '{"steps": 30}' in shown_after
     short = run_folder.format_differences([("train.lr", 2, 3), ("model.width", "a", "b")])
     assert short == "lr: 2 in the run, 3 now; model.width: a in the run, b now"
+    empty = run_folder.format_differences([("settings.augment", "", "random_hflip")])
+    assert empty == 'settings.augment: "" in the run, random_hflip now'  # was blank
 
 
 def test_describe_never_shows_a_memory_address():
