@@ -950,7 +950,7 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
     """``(model, train_loader, test_loader, TrainConfig)`` from the flags (no ``--recipe``)."""
     from jcnn import data, models
     from jcnn.train.callbacks import EarlyStopping
-    from jcnn.train.loop import TrainConfig
+    from jcnn.train.loop import TrainConfig, eval_batching
 
     example_aug, batch_aug = _augmenters(args.augment, num_classes, tuple(train_x.shape[1:]))
     train_loader = data.Loader(
@@ -964,13 +964,14 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
         sharding=sharding,
         sampling=(args.dp_sampling or "poisson") if _private(args) else "shuffle",
     )
+    test_batch, test_sharding = eval_batching(test_x.shape[0], 1000, sharding)
     test_loader = data.Loader(
         test_x,
         test_y,
-        batch_size=min(1000, test_x.shape[0]),
+        batch_size=test_batch,
         shuffle=False,
         drop_remainder=False,
-        sharding=sharding,
+        sharding=test_sharding,
     )
     callbacks = []
     if args.early_stopping is not None:

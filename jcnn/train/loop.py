@@ -637,7 +637,7 @@ def _evaluate(state, loader, name: str, compute_dtype, mesh, loss, pairs, classe
             continue
         on_host = isinstance(batch[1], np.ndarray)
         if mesh is not None:
-            batch = _place_batch(batch, mesh)
+            batch = _place_eval_batch(batch, mesh)
         values = jax.device_get(
             eval_step(state, batch, compute_dtype=compute_dtype, loss_fn=loss, metrics=pairs)
         )
@@ -690,6 +690,31 @@ def _place_batch(batch, mesh):
     if all(getattr(a, "sharding", None) == sharding for a in batch):
         return tuple(batch)
     return tuple(parallel.shard_batch(tuple(batch), mesh))
+
+
+def _place_eval_batch(batch, mesh):
+    """An evaluation batch on the mesh: sharded where it divides over the devices, else (the last
+    batch of a set whose size the device count does not divide) replicated, every device
+    evaluating all of it, so that no example is left out of the means."""
+    if _batch_size(batch) % mesh.devices.size and jax.process_count() == 1:
+        return tuple(parallel.replicate(tuple(batch), mesh))
+    return _place_batch(batch, mesh)
+
+
+def eval_batching(num_examples: int, batch_size: int, sharding) -> tuple[int, Any]:
+    """``(batch_size, sharding)`` for an evaluation ``Loader`` over ``num_examples`` (every
+    example, ``drop_remainder=False``): batches of at most ``batch_size``, a multiple of the devices
+    of ``sharding`` where there are several, and the sharding dropped where the last batch would
+    not divide over them (``evaluate`` replicates that batch instead)."""
+    batch = min(batch_size, num_examples)
+    if sharding is None:
+        return batch, None
+    pieces = len(sharding.device_set)
+    if batch >= pieces:
+        batch -= batch % pieces
+    if batch % pieces or num_examples % batch % pieces:
+        return batch, None
+    return batch, sharding
 
 
 class _Progress:
@@ -840,13 +865,16 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
         transform = stats
     train_loader = train_loader.with_examples(transform(images), labels)
     if config.val_split is not None:
+        batch_size, sharding = eval_batching(
+            val_images.shape[0], config.eval_batch_size, train_loader.sharding
+        )
         val_loader = Loader(
             transform(val_images),
             val_labels,
-            batch_size=min(config.eval_batch_size, val_images.shape[0]),
+            batch_size=batch_size,
             shuffle=False,
             drop_remainder=False,
-            sharding=train_loader.sharding,
+            sharding=sharding,
         )
     elif val_loader is not None and config.standardize is not None:
         val_loader = _restandardize(val_loader, transform, "val_loader")

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -45,6 +46,8 @@ ARGS = [
     "--seed",
     "5",
 ]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(out, *extra, crash_after=None):
@@ -1013,3 +1016,26 @@ def test_no_grad_flags_reach_fit_and_the_record(tmp_path, capsys):
     for name in ("kernel", "bias"):
         np.testing.assert_array_equal(params["conv1"][name], start.params["conv1"][name])
     assert not np.array_equal(params["conv2"]["kernel"], start.params["conv2"]["kernel"])
+
+
+def test_devices_that_do_not_divide_the_test_set_still_evaluate_all_of_it(tmp_path):
+    # 256 synthetic test images over 3 devices: the test loader was built with the training
+    # sharding and a batch of 256, which the Loader refused with a traceback before any step
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=3"
+    env.pop(CRASH_AFTER_STEP_ENV, None)
+    # this checkout's jcnn, not an installed one
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    argv = [*ARGS[:4], "--limit-train", "96", "--epochs", "1", "--batch-size", "96"]
+    code = "import sys; from jcnn.train.cli import main; sys.exit(main())"
+    run = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--devices", "3", "--no-progress"]
+        + ["--out", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= summary["test_accuracy"] <= 1

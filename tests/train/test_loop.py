@@ -3,8 +3,12 @@
 import csv
 import dataclasses
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -28,6 +32,8 @@ from jcnn.train import (
     split_validation,
 )
 from jcnn.train.loop import build_schedule
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class TinyNet(nn.Module):
@@ -1501,3 +1507,56 @@ def test_a_regression_loss_trains_with_accuracy_undefined(tmp_path, rng):
     state = result["state"]
     logits = state.apply_fn(state.variables(), images, train=False)
     assert history[-1]["val_loss"] == pytest.approx(float(np.mean(squared_error(logits, targets))))
+
+
+THREE_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from jcnn.data import Loader
+from jcnn.train import TrainConfig, TrainState, fit, optimizer, parallel
+from jcnn.train.loop import eval_batching, evaluate
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+mesh = parallel.make_mesh(3)
+sharding = parallel.data_sharding(mesh)
+assert eval_batching(10, 1000, sharding) == (9, None)
+assert eval_batching(12, 1000, sharding) == (12, sharding)
+assert eval_batching(2, 1000, sharding) == (2, None)
+assert eval_batching(1000, 8, sharding) == (6, None)
+assert eval_batching(10, 1000, None) == (10, None)
+rng = np.random.default_rng(0)
+images = rng.normal(size=(10, 6, 6, 2)).astype(np.float32)
+labels = rng.integers(0, 3, size=10).astype(np.int32)
+state = TrainState.create(Net(), optimizer("sgd", 0.1), jax.random.PRNGKey(0), images[:1])
+loader = Loader(images, labels, batch_size=6, shuffle=False, drop_remainder=False)
+one = evaluate(state, loader)
+three = evaluate(parallel.replicate(state, mesh), loader, mesh=mesh)
+assert one["count"] == three["count"] == 10, (one, three)
+np.testing.assert_allclose(three["loss"], one["loss"], rtol=1e-5)
+assert three["accuracy"] == one["accuracy"]
+images = rng.normal(size=(64, 6, 6, 2)).astype(np.float32)
+labels = rng.integers(0, 3, size=64).astype(np.int32)
+train = Loader(images, labels, batch_size=18, sharding=sharding)
+history = fit(Net(), train, None, TrainConfig(epochs=1, devices=3, val_split=10, progress=False))
+print("val_loss", history["history"][-1]["val_loss"])
+"""
+
+
+def test_evaluation_over_devices_that_do_not_divide_the_set_counts_every_example(tmp_path):
+    # 10 examples over 3 devices: the last batch (4) was refused by shard_batch, and fit's
+    # val_split loader (batch 10 with the training sharding) by the Loader, before any step
+    script = tmp_path / "three.py"
+    script.write_text(THREE_DEVICES)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=3"
+    # this checkout's jcnn, not an installed one
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "val_loss" in run.stdout
