@@ -787,6 +787,11 @@ def _main(argv) -> int:
             f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} "
             "device(s) are available"
         )
+    if args.devices is not None and args.recipe is None and args.batch_size % args.devices:
+        raise UsageError(
+            f"--batch-size {args.batch_size}: expected a multiple of --devices {args.devices} "
+            "(each batch is split evenly over the devices)"
+        )
     try:  # before the lock (which creates the folder), and again once the folder is ours
         run_folder.check_start(out, resume=args.resume, overwrite=args.overwrite)
         lock = run_folder.claim(out)

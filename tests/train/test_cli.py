@@ -1018,6 +1018,18 @@ def test_no_grad_flags_reach_fit_and_the_record(tmp_path, capsys):
     assert not np.array_equal(params["conv2"]["kernel"], start.params["conv2"]["kernel"])
 
 
+def test_a_batch_size_the_devices_do_not_divide_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    out = tmp_path / "run"
+    code, err = _main(["--devices", "3", "--batch-size", "64", "--out", str(out)], capsys)
+    assert code == 2, err
+    _assert_one_line(err)
+    assert "--batch-size 64: expected a multiple of --devices 3 (each batch is split evenly" in err
+    assert not out.exists()
+
+
 def test_devices_that_do_not_divide_the_test_set_still_evaluate_all_of_it(tmp_path):
     # 256 synthetic test images over 3 devices: the test loader was built with the training
     # sharding and a batch of 256, which the Loader refused with a traceback before any step
