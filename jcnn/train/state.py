@@ -112,7 +112,8 @@ class TrainState:
 
         Args:
             model: a Flax Linen module whose ``__call__`` takes ``(x, train: bool)``.
-            tx: an Optax optimizer (e.g. from ``jcnn.train.optimizer``).
+            tx: an Optax optimizer (e.g. from ``jcnn.train.optimizer``), or an
+                ``optax.MultiSteps`` (gradient accumulation) of one.
             key: a ``jax.random`` key; split into the init key and the state's dropout key.
             sample_input: an array with the input's shape and dtype (a batch of one is enough).
 
@@ -127,9 +128,12 @@ class TrainState:
         if not hasattr(model, "init") or not hasattr(model, "apply"):
             raise TypeError(f"model: expected a Flax module, got {type(model).__name__}")
         _check_takes_train(model)
+        if isinstance(tx, optax.MultiSteps):  # gradient accumulation, as fit takes it
+            tx = tx.gradient_transformation()
         if not isinstance(tx, optax.GradientTransformation):
             raise TypeError(
-                f"tx: expected an optax.GradientTransformation, got {type(tx).__name__}"
+                f"tx: expected an optax.GradientTransformation or optax.MultiSteps, got "
+                f"{type(tx).__name__}"
             )
         if not hasattr(sample_input, "shape"):
             raise TypeError(f"sample_input: expected an array, got {type(sample_input).__name__}")

@@ -126,3 +126,27 @@ def test_create_names_a_model_whose_call_takes_no_train():
     ):
         TrainState.create(_NoTrainModel(), tx, jax.random.PRNGKey(0), sample)
     TrainState.create(_ListModel(widths=[2]), tx, jax.random.PRNGKey(0), sample)  # train=False
+
+
+def test_create_takes_optax_multisteps_as_fit_does(rng):
+    # fit accepts optax.MultiSteps (gradient accumulation); create refused it as "not an
+    # optax.GradientTransformation", so a hand-written loop could not accumulate gradients
+    import optax
+
+    from jcnn.train import train_step
+
+    model = _ListModel(widths=[3])
+    sample = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    labels = jnp.array([0, 1, 2, 0])
+    state = TrainState.create(model, optax.MultiSteps(optax.sgd(0.1), 2), jax.random.key(0), sample)
+    start = jax.tree.map(np.asarray, state.params)  # the step donates the state
+    state, _ = train_step(state, (sample, labels))
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the first of 2 accumulated steps applies nothing
+    state, _ = train_step(state, (sample, labels))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(state.params), strict=True)
+    )
+    with pytest.raises(TypeError, match="tx: expected an optax.GradientTransformation or optax"):
+        TrainState.create(model, optax.sgd, jax.random.key(0), sample)
