@@ -430,7 +430,15 @@ def _restore_variables(path: Path, template: dict) -> dict:
     import orbax.checkpoint as ocp
 
     try:
-        arrays = ocp.StandardCheckpointer().restore(path / "state")
+        checkpointer = ocp.StandardCheckpointer()
+        # onto this process's first device: restored as saved, a checkpoint of a data-parallel run
+        # asks for the devices it was sharded over, and a machine with fewer cannot load it
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+            ocp.StandardCheckpointHandler().metadata(path / "state").tree,
+        )
+        arrays = checkpointer.restore(path / "state", target)
         restored = {"params": arrays["params"]}
         if template.get("batch_stats"):
             restored["batch_stats"] = arrays["batch_stats"]

@@ -1,7 +1,11 @@
 """load_run: a run folder back to a model, its variables and standardization, for inference."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -14,6 +18,8 @@ from jcnn.data import Loader
 from jcnn.train import CheckpointManager, RunFolderError, TrainConfig, fit, load_run
 from jcnn.train.cli import MODELS
 from jcnn.train.runs import _build, run_description
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class SmallNet(nn.Module):
@@ -613,3 +619,27 @@ def test_a_model_that_cannot_be_initialized_on_the_runs_input_is_named(tmp_path,
     (copy / "run.json").write_text(json.dumps(record))
     with pytest.raises(RunFolderError, match=r"SmallNet, rebuilt from run.json, cannot be init"):
         load_run(copy)
+
+
+def test_a_data_parallel_run_loads_on_a_machine_with_fewer_devices(tmp_path):
+    # orbax restores an array onto the devices it was saved from: a run trained with --devices 2
+    # was "corrupt or unreadable (Topology mismatch)" for load_run and jcnn-eval on one device
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    argv = ["--model", "lenet5_1998", "--dataset", "synthetic", "--limit-train", "64"]
+    argv += ["--batch-size", "64", "--epochs", "1", "--devices", "2", "--no-progress"]
+    code = "import sys; from jcnn.train.cli import main; sys.exit(main())"
+    trained = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--out", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert jax.device_count() == 1
+    run = load_run(tmp_path / "run")
+    images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.arange(4, dtype=np.int32)
+    assert run.predict(images).shape == (4, 10)
+    assert 0 <= run.evaluate(images, labels)["accuracy"] <= 1
