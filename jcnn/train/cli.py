@@ -947,7 +947,8 @@ def _config_in_flags(message: str) -> str:
     """A message of ``fit`` in the command's terms (``config.dp_delta`` is ``--dp-delta``)."""
     for setting, label in _flag_names().items():
         if setting.startswith("train.") and label.startswith("--"):
-            message = message.replace(f"config.{setting[len('train.') :]}:", f"{label}:")
+            field = re.escape(setting[len("train.") :])
+            message = re.sub(rf"\bconfig\.{field}\b", label, message)
     return message
 
 

@@ -204,6 +204,9 @@ def _main(argv, capsys):
     return code, err
 
 
+SMALL_SYNTHETIC = ["--dataset", "synthetic", "--limit-train", "64", "--epochs", "1"]
+
+
 def _assert_one_line(err):
     assert err.startswith("jcnn-train: "), err
     assert "\n" not in err and "Traceback" not in err, err
@@ -239,6 +242,15 @@ def _assert_one_line(err):
         (["--schedule", "step", "--step-epochs", "0"], "--step-epochs"),
         (["--schedule", "step"], "--schedule step needs --step-epochs"),
         (["--step-epochs", "2"], "--step-epochs applies to --schedule step only"),
+        (
+            [*SMALL_SYNTHETIC, "--batch-size", "32", "--schedule", "step", "--step-epochs", "5"],
+            "--step-epochs: 5 is not before the end of the run (--epochs 1, counted after 0",
+        ),
+        (
+            # fit's message named config.epochs: only "config.X:" was put in the flags' terms
+            [*SMALL_SYNTHETIC, "--batch-size", "64", "--schedule", "one_cycle"],
+            "got 1 (--epochs, --max-steps, --warmup-epochs)",
+        ),
         (["--model", "resnet1000"], "--model: invalid choice: 'resnet1000'"),
         (["--dataset", "imagenet"], "--dataset: expected one of mnist"),
         (["--dataset", "tfds:"], "or tfds:NAME, got 'tfds:'"),
