@@ -10,7 +10,8 @@ A callback is any object with some of these methods (missing ones are skipped; s
                                      {"step", "epoch", "val_loss", "val_accuracy", "val_<name>"...}
     on_epoch_end(run, record)        after each epoch's record (the row of history.json)
     on_train_end(run)                once, when training ends (finished or stopped)
-    state_dict() -> dict             JSON-serializable state saved with every checkpoint
+    state_dict() -> dict             JSON-serializable state saved with every checkpoint (lists,
+                                     not tuples, and str keys: it must read back as it is)
     load_state_dict(state)           restores it when ``fit`` resumes
 
 ``run`` is a ``RunContext``: the configuration, the current ``TrainState`` (read it during the call;

@@ -558,6 +558,7 @@ def _callback_states(callbacks) -> list[dict]:
             if not isinstance(state, dict):
                 raise TypeError(f"it returned a {type(state).__name__}, {state!r}")
             json.dumps(state)
+            _check_json_round_trip(state, "state")
         except Exception as error:
             raise CallbackError(
                 f"callback {type(callback).__name__}.state_dict: expected a JSON-serializable "
@@ -565,6 +566,24 @@ def _callback_states(callbacks) -> list[dict]:
             ) from error
         states.append({"name": type(callback).__name__, "state": state})
     return states
+
+
+def _check_json_round_trip(value, path: str) -> None:
+    """Raise unless ``value`` reads back from JSON as it is: a tuple would come back a list and a
+    key that is not a str would come back a str, so the resumed callback would differ."""
+    if isinstance(value, tuple):
+        raise TypeError(f"{path} is a tuple, {value!r}, which JSON reads back as a list")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_round_trip(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{path} has the key {key!r} ({type(key).__name__}), which JSON reads back "
+                    f"as the str {json.dumps({key: 0})[1:-4]}"
+                )
+            _check_json_round_trip(item, f"{path}[{key!r}]")
 
 
 def _restore_callbacks(callbacks, saved: list[dict]) -> None:

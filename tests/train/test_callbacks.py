@@ -387,11 +387,28 @@ class NotADict(Callback):
         return [1, 2]
 
 
+class TupleState(Callback):
+    def state_dict(self):
+        return {"best": [{"at": (3, 0.5)}]}
+
+
+class IntKeys(Callback):
+    def state_dict(self):
+        return {"per_step": {3: 0.5}}
+
+
 @pytest.mark.parametrize(
     "callback, says",
     [
         (Unsaveable(), "TypeError: Object of type ndarray is not JSON serializable"),
         (NotADict(), r"TypeError: it returned a list, \[1, 2\]"),
+        # JSON would give them back changed (a list, a str key): the resumed callback would differ
+        (TupleState(), r"state\['best'\]\[0\]\['at'\] is a tuple, \(3, 0.5\), which JSON reads"),
+        (
+            IntKeys(),
+            r"state\['per_step'\] has the key 3 \(int\), which JSON reads back as the "
+            r'str "3"',
+        ),
     ],
 )
 def test_a_callback_state_that_cannot_be_saved_is_refused_before_anything_is_written(
