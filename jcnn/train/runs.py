@@ -243,7 +243,8 @@ class Run:
         metadata: what the run recorded (e.g. ``{"dataset": "mnist"}`` for ``jcnn-train``).
         step: the checkpoint's step.
         which: ``"latest"``, ``"best"`` or the step asked for.
-        input_shape: the shape of one training image ``(H, W, C)`` as the run recorded it.
+        input_shape: the shape of one input of the model as the run recorded it: a training
+            image ``(H, W, C)``, or ``(K,)`` for a ``"pca"`` run (its principal components).
     """
 
     folder: Path
