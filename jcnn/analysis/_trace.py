@@ -35,6 +35,10 @@ class LayerCall:
     source: int | None = None  # index of the call whose output is this call's input
     # with no source: the enclosing call that received this very input (a projection's x)
     input_of: int | None = None
+    # the output is an array made before the call returned, returned as is: its very input, or
+    # the output of the call ``returns`` (a layer inside, or an earlier one for an identity)
+    returns_input: bool = False
+    returns: int | None = None
     train: object = None  # the call's ``train`` argument, where it was given one
     # inside nn.scan or nn.vmap: traced once (or twice, to initialize), not once per step or slice
     lifted: bool = False
@@ -166,6 +170,8 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
                 wrappers.pop()
         if hasattr(y, "shape"):
             call.output_shape = tuple(y.shape)
+            call.returns_input = y is x
+            call.returns = producer.get(id(y))
             # an array a layer inside made (or an earlier layer, for an identity) keeps that
             # producer: a container returning its last layer's output is not where it came from
             producer.setdefault(id(y), call.index)

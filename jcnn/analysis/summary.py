@@ -24,7 +24,8 @@ normalization, whose divisor involves the image's mean deviation) every unit see
 whole input window of the layer before it; after such a normalization the units of the map all see
 that same window (effective stride 0), and so do the units of the layers after it. Where tensors
 are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the largest
-receptive field among the layer outputs of the same spatial size inside the enclosing module.
+receptive field among the layer outputs of the same spatial size inside the enclosing module;
+a module that returns an array as is (its input, or a layer's output) gives it that array's field.
 A layer inside ``nn.scan`` or ``nn.vmap`` shows ``?`` for its multiply-adds (the abstract run
 traces its body once, not once per step or slice), and so do the receptive fields from the first
 such layer on and of the modules holding it; its parameters (stacked) are counted.
@@ -526,8 +527,15 @@ def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
 
     def output_field(index: int) -> ReceptiveField | None:
         if index not in fields:
-            # A container's output: the widest field among its calls' outputs of that shape.
             call = calls[index]
+            if call.returns_input:
+                fields[index] = input_fields[index]
+                return fields[index]
+            if call.returns is not None:  # a layer's very output: that layer's field
+                fields[index] = output_field(call.returns)
+                return fields[index]
+            # A container's own result (f(x) + x): the widest field among its calls' outputs
+            # of that shape.
             fields[index] = _widest(
                 output_field(c.index)
                 for c in calls[index + 1 :]
@@ -560,7 +568,7 @@ def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
 
     for call in calls:
         input_fields[call.index] = input_field(call)
-        if call.is_leaf:
+        if call.is_leaf and not call.returns_input:
             fields[call.index] = _layer_field(call, input_fields[call.index])
     for call in calls:
         output_field(call.index)

@@ -364,6 +364,51 @@ def test_receptive_field_unknown_for_transposed_conv():
     assert "?" in str(summary(model, (1, 8, 8, 1)))
 
 
+class _ReturnsInner(flax_nn.Module):
+    """Returns its inner container's output, which also feeds a wider conv it does not return."""
+
+    @flax_nn.compact
+    def __call__(self, x):
+        y = nn.Sequential([nn.Conv(2, 3, padding=1), nn.Conv(2, 3, padding=1)], name="inner")(x)
+        self.sow("intermediates", "wide", nn.Conv(2, 7, padding=3, name="wide")(y))
+        return y
+
+
+class _ReturnsInput(flax_nn.Module):
+    """Returns its very input, after a conv whose output is only recorded."""
+
+    @flax_nn.compact
+    def __call__(self, x):
+        self.sow("intermediates", "wide", nn.Conv(2, 9, padding=4, name="wide")(x))
+        return x
+
+
+class _Identity(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, x):
+        return x
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (_ReturnsInner(), ReceptiveField((5, 5), (1, 1), (-2, -2))),
+        (nn.Sequential([_ReturnsInput(), nn.Conv(2, 3)]), ReceptiveField((3, 3), (1, 1), (0, 0))),
+        (nn.Sequential([_Identity(), nn.Conv(2, 3)]), ReceptiveField((3, 3), (1, 1), (0, 0))),
+    ],
+    ids=["inner-output-also-used", "container-returns-its-input", "identity-layer-first"],
+)
+def test_receptive_field_of_a_module_returning_an_array_made_before(model, expected, rng):
+    """A module returning an array as is (its input, or a layer's output) has that array's
+    field: not the widest among its layers (the unreturned 7x7 and 9x9 convs), nor unknown for
+    an identity of unknown type."""
+    shape = (1, 15, 15, 2)
+    field = receptive_field(model, shape)
+    assert field == expected
+    boxes, centre, _ = _dependency_box(model, shape, rng)
+    assert boxes == _predicted_box(field, centre, shape[1:-1])
+
+
 def test_receptive_field_stays_unknown_where_an_earlier_map_has_the_same_shape():
     """The transposed conv's output (1, 7, 7, 2) has the shape of the first conv's: that conv's
     field (3 at stride 2) must not stand in for the network's; nor, in a U-Net, the skip's for
