@@ -101,10 +101,13 @@ def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float, int]]:
         if not isinstance(call.module, jnn.BatchNorm) or call.source is None:
             continue
         layer = calls[call.source]
+        # a container fed the layer's output passes it on to its layers (the BatchNorm among
+        # them); what it computes with it itself is found below, in the model's output
+        layer_consumers = [index for index in layer.consumers if calls[index].is_leaf]
         if (
             layer.is_leaf
             and type(layer.module) in _FOLDABLE
-            and layer.consumers == [call.index]
+            and layer_consumers == [call.index]
             and call_counts[layer.path] == 1
             and call_counts[call.path] == 1
         ):

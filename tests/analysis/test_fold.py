@@ -266,6 +266,22 @@ def test_layer_whose_output_is_also_used_elsewhere_is_not_folded(rng):
     assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
 
 
+def test_a_batch_norm_first_in_a_container_fed_the_layer_output_is_folded(rng):
+    """The container fed the conv's output is no second use of it: the BatchNorm it runs first
+    folds (a norm-activation block), and a residual that also adds that output does not."""
+    norm_act = nn.Sequential([nn.Conv(3, 3, padding=1), nn.Sequential([nn.BatchNorm(), nn.ReLU()])])
+    folded_model, _ = _check_fold(norm_act, (2, 6, 6, 2), rng, 1)
+    assert folded_model.skipped == (("layers_1", "layers_0"),)
+    residual = nn.Sequential([nn.Conv(2, 3, padding=1), nn.Residual(nn.BatchNorm())])
+    shape = (2, 6, 6, 2)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(_random_variables(residual, x, rng), rng)
+    folded_model, folded = fold_batch_norms(residual, variables, shape)
+    assert folded_model.skipped == ()
+    original = residual.apply(variables, x, train=False)
+    assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
+
+
 def test_fold_reports_missing_variables():
     model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm()])
     x = jnp.zeros((1, 5, 5, 1))
