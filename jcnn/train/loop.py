@@ -345,10 +345,10 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
         # rounded to 9 decimals first: 0.29 epochs of 100 steps is step 29, not 28.999... -> 28
         boundaries = [math.floor(round(e * steps_per_epoch, 9)) for e in epochs]
         after_warmup = math.floor(round(config.epochs * steps_per_epoch, 9)) - warmup
-        late = [e for e, b in zip(epochs, boundaries, strict=True) if b >= after_warmup]
+        late = [e for e, b in zip(epochs, boundaries, strict=True) if b > after_warmup]
         if late:
             raise ValueError(
-                f"config.step_epochs: {late[0]:g} is not before the end of the run "
+                f"config.step_epochs: {late[0]:g} is past the end of the run "
                 f"(config.epochs {config.epochs:g}, counted after {warmup_epochs:g} warmup "
                 f"epochs): the rate would never change there, got {tuple(epochs)}"
             )

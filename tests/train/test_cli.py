@@ -244,7 +244,7 @@ def _assert_one_line(err):
         (["--step-epochs", "2"], "--step-epochs applies to --schedule step only"),
         (
             [*SMALL_SYNTHETIC, "--batch-size", "32", "--schedule", "step", "--step-epochs", "5"],
-            "--step-epochs: 5 is not before the end of the run (--epochs 1, counted after 0",
+            "--step-epochs: 5 is past the end of the run (--epochs 1, counted after 0",
         ),
         (
             # fit's message named config.epochs: only "config.X:" was put in the flags' terms

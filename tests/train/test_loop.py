@@ -1563,9 +1563,9 @@ def test_evaluation_over_devices_that_do_not_divide_the_set_counts_every_example
 
 
 @pytest.mark.parametrize(
-    ("step_epochs", "warmup_epochs", "late"), [((5,), 0, "5"), ((1, 2), 0, "2"), ((1.5,), 1, "1.5")]
+    ("step_epochs", "warmup_epochs", "late"), [((5,), 0, "5"), ((1, 3), 0, "3"), ((1.5,), 1, "1.5")]
 )
-def test_a_step_boundary_at_or_past_the_end_of_the_run_is_refused(step_epochs, warmup_epochs, late):
+def test_a_step_boundary_past_the_end_of_the_run_is_refused(step_epochs, warmup_epochs, late):
     # the rate never changed there: accepted silently (--schedule step --step-epochs 5 --epochs 1)
     config = TrainConfig(
         epochs=2,
@@ -1574,7 +1574,7 @@ def test_a_step_boundary_at_or_past_the_end_of_the_run_is_refused(step_epochs, w
         step_epochs=step_epochs,
         warmup_epochs=warmup_epochs,
     )
-    with pytest.raises(ValueError, match=rf"^config.step_epochs: {late} is not before the end"):
+    with pytest.raises(ValueError, match=rf"^config.step_epochs: {late} is past the end"):
         build_schedule(config, steps_per_epoch=4)
     last = TrainConfig(epochs=2, learning_rate=1.0, schedule="step", step_epochs=(1.75,))
     schedule = build_schedule(last, steps_per_epoch=4)  # the last step (7) takes the drop
