@@ -129,6 +129,7 @@ def train_one(args, name: str, seed: int) -> dict:
         "accuracy": result["test_accuracy"],
         "accuracy_tta": result["test_accuracy_tta"],
         "epochs": len(history),
+        "epoch_fractions": epoch_fractions(history, len(result["prepared"].train_loader)),
         "epoch_seconds": [h["seconds"] for h in history],
         "curve": [h.get("test_accuracy") for h in history],
         "wall": wall,
@@ -156,6 +157,9 @@ def from_run_folder(folder: Path) -> dict:
             "accuracy": summary["test_accuracy"],
             "accuracy_tta": summary.get("test_accuracy_tta"),
             "epochs": len(history),
+            "epoch_fractions": epoch_fractions(
+                history, (record.get("train_loader") or {}).get("batches_per_epoch")
+            ),
             "epoch_seconds": [h["seconds"] for h in history],
             "curve": [h.get("test_accuracy") for h in history],
             "wall": summary.get("wall_seconds"),
@@ -165,6 +169,19 @@ def from_run_folder(folder: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         reason = f"{type(error).__name__}: {error}"
         raise SystemExit(f"--from-runs {folder}: unreadable run record ({reason})") from None
+
+
+def epoch_fractions(history: list, steps_per_epoch) -> list | None:
+    """The share of an epoch each entry of ``history`` trained (its steps over an epoch's): a
+    recipe's last epoch may end mid-way (mnist99's 1.2 epochs end 0.2 into the second), and its
+    time is not an epoch's. ``None`` where the record lacks the steps to tell."""
+    steps = [entry.get("step") for entry in history]
+    if not steps or steps_per_epoch is None or not all(isinstance(s, int) for s in steps):
+        return None
+    trained = np.diff([0, *steps])
+    if steps_per_epoch <= 0 or (trained <= 0).any():
+        return None
+    return [float(count) / steps_per_epoch for count in trained]
 
 
 def _check_record(run: dict) -> None:
@@ -254,15 +271,20 @@ def main(argv=None):
         page.text(f"## {name}\n\nPublished: {PUBLISHED[name]}.")
         rows = []
         for run in mine:
-            seconds = run["epoch_seconds"]
+            seconds, fractions = run["epoch_seconds"], run.get("epoch_fractions")
+            epochs = run["epochs"]
+            if fractions is not None and len(fractions) == len(seconds):
+                # a partial last epoch counts as its share, its seconds scaled to a whole epoch
+                epochs = round(float(np.sum(fractions)), 2)
+                seconds = [t / f for t, f in zip(seconds, fractions, strict=True)]
             rows.append(
                 [
                     run["seed"],
                     run["accuracy"],
                     run["accuracy_tta"] if run["accuracy_tta"] is not None else "-",
-                    run["epochs"],
+                    epochs,
                     float(np.median(seconds)) if seconds else "-",
-                    float(np.sum(seconds)) if seconds else "-",
+                    float(np.sum(run["epoch_seconds"])) if seconds else "-",
                     run["wall"] if run["wall"] is not None else "-",
                     run["source"],
                 ]

@@ -142,3 +142,26 @@ def _only_cifar10(load):
         return load(args, name, split, limit)
 
     return fake
+
+
+def test_a_recipe_ending_mid_epoch_shows_its_epochs_and_a_whole_epoch_s_time(script, tmp_path):
+    # mnist99 trains 1.2 epochs (563 steps of 469): the page said "2" epochs and took the median
+    # of a whole epoch's 6 s and the last 0.2 epoch's 1.2 s as the time of an epoch (3.6 s)
+    run = _run_folder(tmp_path / "run")
+    history = [
+        {"step": 469, "seconds": 6.0, "test_accuracy": None},
+        {"step": 563, "seconds": 1.2, "test_accuracy": 0.99},
+    ]
+    (run / "history.json").write_text(json.dumps(history))
+    config = json.loads((run / "config.json").read_text())
+    config["train_loader"] = {"batches_per_epoch": 469}
+    (run / "config.json").write_text(json.dumps(config))
+    record = script.from_run_folder(run)
+    assert record["epochs"] == 2 and record["epoch_fractions"][0] == 1.0
+    assert record["epoch_fractions"][1] == pytest.approx(94 / 469)
+    script.main(["--from-runs", str(run), "--out", str(tmp_path / "page")])
+    page = (tmp_path / "page" / "time_to_accuracy.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| 3 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[3] == "1.2" and float(cells[4]) == pytest.approx(6.0, rel=0.01)
+    assert float(cells[5]) == pytest.approx(7.2)
