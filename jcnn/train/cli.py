@@ -392,6 +392,15 @@ def _check_recipe(args, argv) -> set[str]:
             f"--recipe {args.recipe} trains without DP-SGD and keeps its BatchNorm; drop "
             + ", ".join(private)
         )
+    # these need a validation set, which a recipe never splits off (it sets --val-split)
+    validating = [
+        f for f in ("--early-stopping", "--eval-every-steps") if f[2:].replace("-", "_") in given
+    ]
+    if validating:
+        raise UsageError(
+            f"--recipe {args.recipe} trains on all its training images, without a validation set "
+            f"(--val-split); drop " + ", ".join(validating)
+        )
     clashes = [f"--{name.replace('_', '-')}" for name in RECIPE_SETS if name in given]
     if clashes:
         raise UsageError(

@@ -350,6 +350,12 @@ def _assert_one_line(err):
             "--recipe mnist99 trains without DP-SGD and keeps its BatchNorm; drop "
             "--dp-target-epsilon",
         ),
+        # "--early-stopping needs a validation set (--val-split N)", which the recipe refuses
+        (
+            ["--recipe", "mnist99", "--early-stopping", "2", "--eval-every-steps", "5"],
+            "--recipe mnist99 trains on all its training images, without a validation set "
+            "(--val-split); drop --early-stopping, --eval-every-steps",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, says, capsys, tmp_path):
