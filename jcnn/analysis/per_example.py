@@ -43,7 +43,12 @@ import optax
 from jax import lax
 from jax.extend import core as jax_core
 
-from jcnn.functional._checks import _is_real_scalar, check_int, float32_or_wider
+from jcnn.functional._checks import (
+    _is_real_scalar,
+    check_seed,
+    float32_or_wider,
+    seed_key,
+)
 from jcnn.functional.norm import PER_EXAMPLE_TRACE
 
 __all__ = [
@@ -579,11 +584,11 @@ def dp_aggregate(
     _check_finite(noise_multiplier, "noise_multiplier", allow_zero=True)
     _check_finite(l2_norm_clip, "l2_norm_clip")
     # checked here, not in init (where a float or a string failed inside jax.random.key)
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
 
     def init(params):
         del params
-        return DPAggregateState(jax.random.key(seed))
+        return DPAggregateState(seed_key(seed))
 
     def update(per_example, state, params=None):
         del params

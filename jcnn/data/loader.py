@@ -2,7 +2,7 @@
 
 Randomness (the contract exact resume relies on)::
 
-    root        = jax.random.key(seed)
+    root        = jax.random.key(seed)  # all 64 bits of seed kept (_checks.seed_key)
     order_key   = fold_in(fold_in(root, 0), epoch)              # the epoch's permutation
     step_key    = fold_in(fold_in(fold_in(root, 1), epoch), step)
     example_keys = jax.random.split(fold_in(step_key, 0), n)    # one per example of the batch
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_bool, check_int
+from jcnn.functional._checks import check_bool, check_int, check_seed, seed_key
 
 __all__ = ["Loader"]
 
@@ -59,16 +59,16 @@ def _batch_pieces(sharding: jax.sharding.Sharding) -> int:
 
 
 def _order_key(seed: int, epoch: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), epoch)
+    return jax.random.fold_in(jax.random.fold_in(seed_key(seed), 0), epoch)
 
 
 def _poisson_key(seed: int, epoch: int, step: int) -> jax.Array:
-    root = jax.random.fold_in(jax.random.key(seed), 2)
+    root = jax.random.fold_in(seed_key(seed), 2)
     return jax.random.fold_in(jax.random.fold_in(root, epoch), step)
 
 
 def _step_key(seed: int, epoch, step) -> jax.Array:
-    root = jax.random.fold_in(jax.random.key(seed), 1)
+    root = jax.random.fold_in(seed_key(seed), 1)
     return jax.random.fold_in(jax.random.fold_in(root, epoch), step)
 
 
@@ -281,11 +281,7 @@ class Loader:
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.shuffle = check_bool(shuffle, "shuffle")
-        self.seed = check_int(seed, "seed")
-        if not -(2**63) <= self.seed < 2**63:
-            raise ValueError(
-                f"seed: expected an int in [-2**63, 2**63 - 1] (jax.random.key's range), got {seed}"
-            )
+        self.seed = check_seed(seed)
         self.drop_remainder = check_bool(drop_remainder, "drop_remainder")
         if sharding is not None:
             pieces = _batch_pieces(sharding)
@@ -458,7 +454,7 @@ class Loader:
                 raise ValueError(
                     f"alternating_flip: expected images (N, H, W, C), got shape {images.shape}"
                 )
-            flip_root = jax.random.fold_in(jax.random.key(self.seed), 3)
+            flip_root = jax.random.fold_in(seed_key(self.seed), 3)
             first = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(flip_root, i)))
             flip = first(jnp.asarray(indices)) != (epoch % 2 == 1)
             images = jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)

@@ -283,6 +283,33 @@ def check_key(key, name: str = "key") -> None:
         )
 
 
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as a Python int in ``[-2**63, 2**63 - 1]``, the seeds :func:`seed_key` takes."""
+    seed = check_int(seed, name)
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"{name}: expected an int in [-2**63, 2**63 - 1], got {seed}")
+    return seed
+
+
+def seed_key(seed, name: str = "seed") -> jax.Array:
+    """The ``jax.random`` key of an int ``seed`` in ``[-2**63, 2**63 - 1]``, distinct for each.
+
+    ``jax.random.key`` keeps only a seed's low 32 bits unless 64-bit types are on, so seed
+    ``2**32 + s`` (or ``-1``, wrapping to ``2**32 - 1``) would silently repeat another seed's run.
+    A seed in ``[0, 2**32)`` gets ``jax.random.key(seed)`` itself; any other folds its high 32
+    bits into the key of its low ones, with 64-bit types on or off.
+
+    >>> bool((jax.random.key_data(seed_key(7)) == jax.random.key_data(jax.random.key(7))).all())
+    True
+    >>> bool((jax.random.key_data(seed_key(2**32 + 7)) == jax.random.key_data(seed_key(7))).all())
+    False
+    """
+    seed = check_seed(seed, name)
+    key = jax.random.key(seed % 2**32)
+    high = (seed >> 32) % 2**32
+    return key if high == 0 else jax.random.fold_in(key, high)
+
+
 def _is_real_scalar(value) -> bool:
     """A Python or NumPy real scalar, or a concrete 0-d real NumPy/JAX array; never a bool."""
     if isinstance(value, (bool, np.bool_)):

@@ -56,6 +56,8 @@ from jcnn.functional._checks import (
     check_int,
     check_positive_int,
     check_real,
+    check_seed,
+    seed_key,
 )
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
@@ -1170,7 +1172,7 @@ def _fit(
     _check_non_negative_int(config.checkpoint_every_epochs, "config.checkpoint_every_epochs")
     _check_non_negative_int(config.checkpoint_every_steps, "config.checkpoint_every_steps")
     check_positive_int(config.keep_last, "config.keep_last")
-    check_int(config.seed, "config.seed", low=-(2**63), high=2**63 - 1)
+    check_seed(config.seed, "config.seed")
     check_int(config.val_split_seed, "config.val_split_seed", low=0)
     check_real(config.label_smoothing, "config.label_smoothing", low=0, high=1)
     if not isinstance(config.monitor, str):
@@ -1241,7 +1243,10 @@ def _fit(
         sample_labels = np.zeros((1, *np.shape(sample_labels)[1:]), sample_labels.dtype)
     try:
         state = TrainState.create(
-            model, tx, jax.random.PRNGKey(config.seed), jnp.asarray(sample_images[:1])
+            model,
+            tx,
+            jax.random.key_data(seed_key(config.seed)),
+            jnp.asarray(sample_images[:1]),
         )
     except (TypeError, ValueError) as error:
         if config.standardize != "pca":

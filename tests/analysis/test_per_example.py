@@ -239,6 +239,11 @@ def test_input_checks(problem):
         with pytest.raises(TypeError, match=f"seed: expected an int, got {seed!r}"):
             dp_sgd(0.1, 1.0, 1.0, seed=seed)
     assert dp_aggregate(1.0, 1.0, seed=np.int64(3)).init(params).key.shape == ()
+    # past 64 bits: OverflowError inside jax.random.key at init; 2**32 + 3 drew seed 3's noise
+    with pytest.raises(ValueError, match=r"seed: expected an int in \[-2\*\*63, 2\*\*63 - 1\]"):
+        dp_aggregate(1.0, 1.0, seed=2**64)
+    keys = [dp_aggregate(1.0, 1.0, seed=seed).init(params).key for seed in (3, 2**32 + 3)]
+    assert not np.array_equal(*(jax.random.key_data(key) for key in keys))
 
 
 def test_integer_or_complex_parameter_leaves_are_named(problem):

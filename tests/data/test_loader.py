@@ -626,3 +626,13 @@ def test_streaming_records_of_mismatched_shape_or_dtype_are_named(records, error
     loader = Loader.from_source(records, batch_size=2, shuffle=False)
     with pytest.raises(error, match=message):
         loader.batch(0, 0)
+
+
+def test_seeds_apart_by_2_to_the_32_draw_apart(dataset):
+    # jax.random.key keeps a seed's low 32 bits: seed 2**32 + 5 drew seed 5's order and flips
+    images, labels = dataset
+    for seed, other in ((5, 2**32 + 5), (2**32 - 1, -1), (0, 2**63 - 1 - (2**32 - 1))):
+        a = Loader(images, labels, batch_size=10, seed=seed, augment=AUGMENT)
+        b = Loader(images, labels, batch_size=10, seed=other, augment=AUGMENT)
+        assert a.order(0).tolist() != b.order(0).tolist()
+        assert not np.array_equal(a.batch(0, 0)[0], b.batch(0, 0)[0])

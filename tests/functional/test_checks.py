@@ -18,6 +18,7 @@ from jcnn.functional._checks import (
     check_positive_int,
     check_real,
     check_size_sequence,
+    seed_key,
 )
 
 X4 = jnp.ones((2, 4, 4, 4))
@@ -479,3 +480,21 @@ def test_check_dtype_refuses_other_dtypes(dtype):
 
     with pytest.raises(TypeError, match="dtype: expected None or a floating dtype"):
         check_dtype(dtype, "dtype")
+
+
+def test_seed_key_keeps_all_64_bits_of_a_seed():
+    # jax.random.key keeps a seed's low 32 bits with 64-bit types off: 2**32 + 5 ran seed 5's run
+    def data(seed):
+        return tuple(np.asarray(jax.random.key_data(seed_key(seed))).tolist())
+
+    for seed in (0, 5, 2**31, 2**32 - 1):
+        assert data(seed) == tuple(np.asarray(jax.random.key_data(jax.random.key(seed))).tolist())
+    seeds = (0, 5, 2**32 - 1, 2**32, 2**32 + 5, 2**40, -1, -(2**32) + 5, 2**63 - 1, -(2**63))
+    keys = {data(seed) for seed in seeds}
+    assert len(keys) == len(seeds)
+    with jax.enable_x64(True):
+        assert {data(seed) for seed in seeds} == keys
+    for seed, error in ((2**63, ValueError), (-(2**63) - 1, ValueError), (1.0, TypeError)):
+        with pytest.raises(error, match="seed: expected an int"):
+            seed_key(seed)
+    assert data(np.int64(2**40)) == data(2**40)

@@ -321,3 +321,11 @@ def test_run_recipe_names_a_train_or_test_that_is_no_pair(rng, train_or_test):
             TypeError, match=rf"{train_or_test}: expected a pair \(images, labels\)"
         ):
             recipes.run_recipe("airbench94", sets["train"], sets["test"])
+
+
+def test_seeds_apart_by_2_to_the_32_prepare_apart_runs(rng):
+    # jax.random.key keeps a seed's low 32 bits: seed 2**32 + 5 trained exactly seed 5's run
+    images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
+    runs = [recipes.prepare("mnist99", images, labels, seed=seed) for seed in (5, 2**32 + 5)]
+    orders = [run.train_loader.order(0).tolist() for run in runs]
+    assert orders[0] != orders[1] and [run.config.seed for run in runs] == [5, 2**32 + 5]
