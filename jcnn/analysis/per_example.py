@@ -31,6 +31,7 @@ and divides by the batch size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NamedTuple
@@ -142,6 +143,36 @@ def _flax_batch_norm_guard(where: str):
     return intercept
 
 
+def _guard_nnx_batch_norm() -> None:
+    """Make ``flax.nnx.BatchNorm`` raise like ``_flax_batch_norm_guard`` while a per-example
+    function traces (NNX has no method interception). Installed once; outside those traces the
+    wrapper only calls the original."""
+    from flax import nnx
+
+    original = nnx.BatchNorm.__call__
+    if getattr(original, "_jcnn_per_example_guard", False):
+        return
+
+    def guarded(self, x, use_running_average=None, **kwargs):
+        message = PER_EXAMPLE_TRACE.get()
+        frozen = self.use_running_average if use_running_average is None else use_running_average
+        if message is not None and frozen is not None and not frozen:
+            if self.axis_name is None:
+                raise ValueError(message)
+            try:
+                lax.axis_size(self.axis_name)
+            except NameError as error:  # JAX's "unbound axis name: b"
+                raise ValueError(
+                    f"axis_name: flax.nnx.BatchNorm(axis_name={self.axis_name!r}) names no axis "
+                    f"mapped around the model ({error}); {message}"
+                ) from None
+        return original(self, x, use_running_average, **kwargs)
+
+    guarded._jcnn_per_example_guard = True
+    functools.update_wrapper(guarded, original)
+    nnx.BatchNorm.__call__ = guarded
+
+
 # Part of jit's cache key: a jitted function that loss_fn calls (say a jax.jit-compiled forward
 # pass) is traced again inside the per-example functions, where the guard below sees its
 # BatchNorm, instead of reusing a trace made outside them (silently wrong gradients).
@@ -153,11 +184,12 @@ def per_example_trace(where: str) -> Iterator[None]:
     """While tracing a per-example function: BatchNorm with batch statistics raises ``ValueError``.
 
     Covers ``F.batch_norm``/``jcnn.nn.BatchNorm`` (``train=True`` without ``axis_name``) and
-    ``flax.linen.BatchNorm`` (``use_running_average=False`` without ``axis_name``), and either
-    with an ``axis_name`` that no enclosing map binds, also inside a ``jax.jit``-compiled function
-    traced before outside (on JAX versions with ``jax.make_user_context``). ``where`` names the
+    ``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` (``use_running_average=False`` without
+    ``axis_name``), and each with an ``axis_name`` that no enclosing map binds, also inside a
+    ``jax.jit``-compiled function traced before outside (on JAX versions with ``jax.make_user_context``). ``where`` names the
     public function in the message.
     """
+    _guard_nnx_batch_norm()
     token = PER_EXAMPLE_TRACE.set(_batch_norm_message(where))
     jit_key = contextlib.nullcontext()
     if _PER_EXAMPLE_JIT_KEY is not None:

@@ -391,3 +391,51 @@ def test_per_example_grads_match_torch_func(torch, rng):
     }
     _assert_trees_close(got, expected, tol=1e-4)
     assert all(np.abs(leaf).min(axis=0).max() > 0 for leaf in jax.tree.leaves(expected))
+
+
+def test_flax_nnx_batch_norm_in_training_mode_raises_and_its_ways_out_work(rng):
+    # NNX has no method interception: an nnx.BatchNorm in training mode used to pass silently,
+    # each example normalized by its own statistics (the dense layer before it got zero gradients)
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, axis_name=None):
+            rngs = nnx.Rngs(0)
+            self.dense = nnx.Linear(4, 5, rngs=rngs)
+            self.bn = nnx.BatchNorm(5, axis_name=axis_name, rngs=rngs)
+            self.out = nnx.Linear(5, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.bn(self.dense(x)))
+
+    x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    y = jnp.arange(6) % 3
+
+    def problem(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, batch):
+            return F.cross_entropy(nnx.merge(graphdef, p, rest, copy=True)(batch[0]), batch[1])
+
+        return loss, params
+
+    loss, params = problem(Net())
+    for fn in (per_example_grads, per_example_grad_norms):
+        with pytest.raises(ValueError, match=f"{fn.__name__}: the model computes BatchNorm"):
+            fn(loss, params, (x, y))
+    with pytest.raises(ValueError, match="axis_name: flax.nnx.BatchNorm.*'b'.*unbound"):
+        per_example_grads(*problem(Net(axis_name="b")), (x, y))
+    # shared statistics: the mean of the per-example gradients is the batch gradient
+    loss, params = problem(Net(axis_name="b"))
+    shared = per_example_grads(loss, params, (x, y), axis_name="b")
+    batch_grad = jax.grad(problem(Net())[0])(params, (x, y))
+    for got, want in zip(jax.tree.leaves(shared), jax.tree.leaves(batch_grad), strict=True):
+        np.testing.assert_allclose(got.mean(axis=0), want, rtol=1e-5, atol=1e-6)
+    # frozen statistics: each example's gradient is its own
+    frozen = Net()
+    frozen.eval()
+    loss, params = problem(frozen)
+    per_example = per_example_grads(loss, params, (x, y))
+    expected = jax.grad(loss)(params, (x[2:3], y[2:3]))
+    for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got[2], want, rtol=1e-5, atol=1e-6)
