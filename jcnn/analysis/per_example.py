@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NamedTuple
@@ -117,12 +118,17 @@ def _batch_norm_message(where: str) -> str:
     )
 
 
+_LINEN_BATCH_NORM_CALL = inspect.unwrap(linen.BatchNorm.__call__)
+
+
 def _flax_batch_norm_guard(where: str):
     """Method interceptor raising on a train-mode ``flax.linen.BatchNorm`` without an axis name."""
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and type(module) is linen.BatchNorm:
+        # linen.BatchNorm's own __call__, also reached through a subclass (whose __call__ may
+        # take other arguments, and calls it through super())
+        if getattr(context.orig_method, "func", None) is _LINEN_BATCH_NORM_CALL:
             frozen = linen.merge_param(
                 "use_running_average",
                 module.use_running_average,
@@ -184,10 +190,10 @@ def per_example_trace(where: str) -> Iterator[None]:
     """While tracing a per-example function: BatchNorm with batch statistics raises ``ValueError``.
 
     Covers ``F.batch_norm``/``jcnn.nn.BatchNorm`` (``train=True`` without ``axis_name``) and
-    ``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` (``use_running_average=False`` without
-    ``axis_name``), and each with an ``axis_name`` that no enclosing map binds, also inside a
-    ``jax.jit``-compiled function traced before outside (on JAX versions with ``jax.make_user_context``). ``where`` names the
-    public function in the message.
+    ``flax.linen.BatchNorm`` (and its subclasses) and ``flax.nnx.BatchNorm``
+    (``use_running_average=False`` without ``axis_name``), and each with an ``axis_name`` that no
+    enclosing map binds, also inside a ``jax.jit``-compiled function traced before outside (on JAX
+    versions with ``jax.make_user_context``). ``where`` names the public function in the message.
     """
     _guard_nnx_batch_norm()
     token = PER_EXAMPLE_TRACE.set(_batch_norm_message(where))

@@ -3,6 +3,7 @@
 import math
 from functools import partial
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -439,3 +440,49 @@ def test_flax_nnx_batch_norm_in_training_mode_raises_and_its_ways_out_work(rng):
     expected = jax.grad(loss)(params, (x[2:3], y[2:3]))
     for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got[2], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_subclass_of_flax_batch_norm_in_training_mode_raises(rng):
+    # the guard looked for type(module) is linen.BatchNorm: a subclass passed silently, each
+    # example normalized by its own statistics; one whose __call__ takes `train` was misread
+    class Plain(linen.BatchNorm):
+        pass
+
+    class WithTrain(linen.BatchNorm):
+        def __call__(self, x, train):
+            return super().__call__(x, use_running_average=not train)
+
+    x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    y = jnp.arange(4) % 2
+
+    def problem(norm, *call):
+        class Net(linen.Module):
+            @linen.compact
+            def __call__(self, x):
+                return linen.Dense(2)(norm()(linen.Dense(3)(x), *call))
+
+        net = Net()
+        variables = net.init(jax.random.key(0), x)
+
+        def loss(params, batch):
+            logits, _ = net.apply(
+                {**variables, "params": params}, batch[0], mutable=["batch_stats"]
+            )
+            return F.cross_entropy(logits, batch[1])
+
+        return loss, variables["params"]
+
+    for loss, params in (
+        problem(lambda: Plain(use_running_average=False)),
+        problem(WithTrain, True),
+    ):
+        with pytest.raises(ValueError, match="per_example_grads: the model computes BatchNorm"):
+            per_example_grads(loss, params, (x, y))
+    for loss, params in (
+        problem(lambda: Plain(use_running_average=True)),
+        problem(WithTrain, False),
+    ):
+        per_example = per_example_grads(loss, params, (x, y))
+        expected = jax.grad(loss)(params, (x[1:2], y[1:2]))
+        for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-6)
