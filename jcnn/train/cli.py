@@ -891,7 +891,10 @@ def _main(argv) -> int:
             "recipe": args.recipe,
             "model": None if args.recipe else args.model,  # a recipe builds its own
             "dataset": args.dataset,
-            "data_dir": args.data_dir,
+            # absolute: jcnn-eval reads it from whatever folder it runs in
+            "data_dir": args.data_dir
+            if args.data_dir is None or args.dataset.startswith("tfds:")
+            else str(Path(args.data_dir).expanduser().absolute()),
             "manual_dir": args.manual_dir,
         }
         started = time.perf_counter()

@@ -1069,3 +1069,34 @@ def test_devices_that_do_not_divide_the_test_set_still_evaluate_all_of_it(tmp_pa
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_a_relative_data_dir_is_recorded_so_jcnn_eval_finds_it_from_another_folder(
+    tmp_path, monkeypatch, capsys
+):
+    # run.json kept --data-dir as typed ("mydata"): jcnn-eval run from any other folder looked
+    # for the dataset in its own ./mydata and failed (or downloaded it again)
+    from jcnn import data
+    from jcnn.train.cli import _synthetic, main
+    from jcnn.train.eval_cli import main as eval_main
+
+    calls = []
+
+    def fake_load(name, split, *, data_dir=None, download=False):
+        calls.append((name, split, data_dir))
+        return _synthetic(split, 0)
+
+    monkeypatch.setattr(data, "load", fake_load)
+    (tmp_path / "train_here" / "mydata").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "train_here")
+    out = tmp_path / "run"
+    args = [*SMALL_SPLIT[:2], "--dataset", "mnist", *SMALL_SPLIT[4:], "--max-steps", "1"]
+    assert main([*args, "--data-dir", "mydata", "--out", str(out)]) == 0
+    assert calls[-1] == ("mnist", "test", "mydata")
+    recorded = json.loads((out / "run.json").read_text())["metadata"]["data_dir"]
+    assert recorded == str(tmp_path / "train_here" / "mydata")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert eval_main([str(out)]) == 0
+    assert calls[-1] == ("mnist", "test", str(tmp_path / "train_here" / "mydata"))
+    assert "mnist test: accuracy" in capsys.readouterr().out
