@@ -686,3 +686,7 @@ def main(argv=None) -> int:
     for path, state, _ in rows:
         print(f"{path}: {state}")
     return 0 if all(ok for _, _, ok in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

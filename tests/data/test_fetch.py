@@ -786,3 +786,17 @@ def test_download_flags_must_be_bools(tmp_path, server, flag, bad):
     with pytest.raises(TypeError, match=f"{flag}: expected a Python bool, got {bad!r}"):
         data.download("mnist", data_dir=tmp_path, mirrors=[server.url("ok")], **{flag: bad})
     assert server.requests == [] and not (tmp_path / "mnist").exists()
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    # `python -m jcnn.data.fetch download mnist` did nothing and exited 0 (no __main__ guard),
+    # as jcnn-train's and jcnn-eval's modules do run
+    done = subprocess.run(
+        [sys.executable, "-m", "jcnn.data.fetch", "list", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"data directory: {tmp_path}" in done.stdout
+    assert "mnist:" in done.stdout and "missing" in done.stdout
