@@ -643,6 +643,25 @@ def _augmenters(spec: str, num_classes: int, image_shape=None):
     return (augment.compose(*per_example) if per_example else None), per_batch
 
 
+def _check_augmented_size(spec: str, example_aug, image_shape: tuple) -> None:
+    """``--augment`` ops that leave the training images another size are refused: the test
+    images, which are not augmented, would not fit the model."""
+    if example_aug is None:
+        return
+    import jax
+    import jax.numpy as jnp
+
+    shape = jax.eval_shape(example_aug, jax.random.PRNGKey(0), jnp.zeros(image_shape)).shape
+    if tuple(shape) != image_shape:
+        size = "x".join(map(str, image_shape))
+        raise UsageError(
+            f"--augment {spec}: turns the {size} training images into "
+            f"{'x'.join(map(str, shape))} ones, but the test images stay {size} (--augment "
+            "applies to the training images only); choose ops that keep the size, e.g. "
+            "random_crop:padding=4"
+        )
+
+
 def _top_level_split(text: str, separator: str) -> list[str]:
     """``text`` split at ``separator`` outside brackets, e.g. ``a:size=(28,28),b`` -> 2 items."""
     items, depth, current = [], 0, ""
@@ -971,6 +990,7 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
     from jcnn.train.loop import TrainConfig, eval_batching
 
     example_aug, batch_aug = _augmenters(args.augment, num_classes, tuple(train_x.shape[1:]))
+    _check_augmented_size(args.augment, example_aug, tuple(train_x.shape[1:]))
     train_loader = data.Loader(
         train_x,
         train_y,

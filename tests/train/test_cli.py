@@ -1100,3 +1100,22 @@ def test_a_relative_data_dir_is_recorded_so_jcnn_eval_finds_it_from_another_fold
     assert eval_main([str(out)]) == 0
     assert calls[-1] == ("mnist", "test", str(tmp_path / "train_here" / "mydata"))
     assert "mnist test: accuracy" in capsys.readouterr().out
+
+
+def test_an_augment_that_changes_the_image_size_is_refused_in_flag_terms(tmp_path, capsys):
+    # random_resized_crop:size=(32,32) on 28x28 images trained on 32x32 inputs, then failed at
+    # the test set with "test_loader: expected batches ... fc1 (Dense)"; an op chain that comes
+    # back to the images' size is fine
+    from jcnn.train.cli import main
+
+    out = tmp_path / "run"
+    for spec in ("random_resized_crop:size=(32,32)", "random_crop:size=24,random_hflip"):
+        with pytest.raises(SystemExit) as raised:
+            main([*SMALL_SPLIT, "--max-steps", "1", "--augment", spec, "--out", str(out)])
+        assert raised.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"jcnn-train: error: --augment {spec}: turns the 28x28x1 training")
+        assert "test images stay 28x28x1" in err and "\n" not in err
+        assert not out.exists()
+    back = "random_resized_crop:size=(32,32),random_crop:size=(28,28)"
+    assert main([*SMALL_SPLIT, "--max-steps", "1", "--augment", back, "--out", str(out)]) == 0
