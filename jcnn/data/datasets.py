@@ -619,6 +619,13 @@ def load_tfds(
             f"dataset {name!r} is not read from original files by jcnn; loading it through "
             "tensorflow-datasets needs the optional extra: pip install 'jcnn[tfds]'"
         ) from err
+    try:  # tfds's own message is a 20-line grammar of names
+        tfds.core.naming.parse_builder_name_kwargs(name)
+    except ValueError:
+        raise ValueError(
+            f"name: expected a tensorflow-datasets name such as 'cifar100' or "
+            f"'dataset/config:1.0.0', got {name!r}, which is not one"
+        ) from None
     # a list of splits would make tfds return a list of datasets, not one (images, labels) pair
     if not isinstance(split, (str, tfds.core.ReadInstruction)):
         raise TypeError(

@@ -283,6 +283,18 @@ def test_an_unknown_tfds_name_is_a_short_value_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_tfds_name_tfds_cannot_parse_is_a_one_line_value_error(tmp_path):
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    # tfds's own ValueError is a 20-line grammar of builder names (jcnn-train --dataset tfds:a/..)
+    for name in ("../../etc", "a b", ""):
+        with pytest.raises(ValueError) as raised:
+            data.load_tfds(name, "train", data_dir=tmp_path)
+        message = str(raised.value)
+        assert message.startswith("name: expected a tensorflow-datasets name such as 'cifar100'")
+        assert f"got {name!r}" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
