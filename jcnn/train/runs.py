@@ -33,7 +33,7 @@ from jcnn.data.standardize import MODES as STANDARDIZE_MODES
 from jcnn.functional._checks import check_bool, check_int, check_positive_int, is_int
 from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
-from jcnn.train.steps import batch_loss, check_loss_fn
+from jcnn.train.steps import _cast_floats, batch_loss, check_loss_fn
 
 __all__ = ["Run", "RunFolderError", "load_run", "describe_model", "STANDARDIZE_FILE"]
 
@@ -260,7 +260,8 @@ class Run:
     def predict(
         self, images: np.ndarray | jax.Array, *, batch_size: int = 1000, standardized: bool = False
     ) -> np.ndarray:
-        """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``)."""
+        """Logits ``(N, K)`` (float32) of ``images`` (raw, standardized here unless
+        ``standardized``), computed in the run's ``compute_dtype`` as its evaluations were."""
         _check_images(images)
         if hasattr(batch_size, "dtype") and getattr(batch_size, "shape", None) == ():
             batch_size = check_int(batch_size, "batch_size")  # a 0-d integer array: its int
@@ -278,7 +279,18 @@ class Run:
                 f"images: expected a batch (N, {', '.join(map(str, self.input_shape))}) like the "
                 f"run's training images, got shape {tuple(images.shape)}{became}"
             )
-        apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
+        compute_dtype = jnp.bfloat16 if self.config["compute_dtype"] == "bfloat16" else None
+
+        @jax.jit
+        def apply(variables, x):  # in one call, as eval_step casts (XLA may keep excess precision)
+            if compute_dtype is not None:  # the parameters only: not the BatchNorm statistics
+                variables = {
+                    **variables,
+                    "params": _cast_floats(variables["params"], compute_dtype),
+                }
+                x = x.astype(compute_dtype)
+            return self.model.apply(variables, x, train=False).astype(jnp.float32)
+
         outputs = []
         for start in range(0, images.shape[0], batch_size):
             x = jnp.asarray(images[start : start + batch_size])
@@ -472,6 +484,7 @@ _CONFIG_KEYS = {
     "monitor": "a metric's name",
     "monitor_mode": "'max' or 'min'",
     "standardize": f"null or one of {', '.join(map(repr, STANDARDIZE_MODES))}",
+    "compute_dtype": "'float32' or 'bfloat16'",
 }
 """The ``TrainConfig`` fields every ``config.json`` fit wrote holds, that ``load_run`` reads."""
 
@@ -485,6 +498,8 @@ def _config_key_ok(key: str, value) -> bool:
         return isinstance(value, str) and bool(value)
     if key == "monitor_mode":
         return value in ("max", "min")
+    if key == "compute_dtype":
+        return value in ("float32", "bfloat16")
     return value is None or value in STANDARDIZE_MODES
 
 

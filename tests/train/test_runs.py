@@ -643,3 +643,33 @@ def test_a_data_parallel_run_loads_on_a_machine_with_fewer_devices(tmp_path):
     images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.arange(4, dtype=np.int32)
     assert run.predict(images).shape == (4, 10)
     assert 0 <= run.evaluate(images, labels)["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_evaluate_reproduces_the_runs_own_test_figures_in_its_compute_dtype(
+    tmp_path, compute_dtype
+):
+    # a bfloat16 run was evaluated in float32: its loss differed from the run's in the third digit
+    rng = np.random.default_rng(3)
+    (images, labels), (test_x, test_y) = _data(rng, 64), _data(rng, 40)
+    config = TrainConfig(
+        epochs=1,
+        learning_rate=0.05,
+        standardize="per_channel",
+        compute_dtype=compute_dtype,
+        out=str(tmp_path),
+        progress=False,
+    )
+    result = fit(
+        SmallNet(features=6),
+        Loader(images, labels, batch_size=16, seed=0),
+        None,
+        config,
+        test_loader=Loader(test_x, test_y, batch_size=40, shuffle=False),
+    )
+    run = load_run(tmp_path)
+    assert run.config["compute_dtype"] == compute_dtype
+    report = run.evaluate(test_x, test_y, batch_size=40)
+    rel = 1e-6
+    assert report["loss"] == pytest.approx(result["summary"]["test_loss"], rel=rel)
+    assert report["accuracy"] == pytest.approx(result["summary"]["test_accuracy"], rel=1e-6)
