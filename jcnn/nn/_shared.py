@@ -6,6 +6,7 @@ container calls its layers. Written once here so that the twins cannot drift apa
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -146,9 +147,14 @@ def conv_transpose_kernel(
     window: tuple[int, ...], in_channels: int, features: int, groups: int
 ) -> KernelSpec:
     """``ConvTranspose``'s kernel ``(*window, C_in, features // groups)``, He normal with
-    ``fan_in = prod(window) * C_in``."""
+    ``fan_in = prod(window) * C_in // groups``: an output channel sees its group's inputs only."""
     in_channels, features, groups = _plain(in_channels, features, groups)
-    return KernelSpec((*window, in_channels, features // groups), features, init.he_normal())
+    he = init.he_normal()  # fan_in = prod(window) * C_in, from the kernel's shape
+
+    def he_per_group(key, shape, dtype=jnp.float32):
+        return he(key, shape, dtype) * math.sqrt(groups)
+
+    return KernelSpec((*window, in_channels, features // groups), features, he_per_group)
 
 
 def dense_kernel(in_features: int, features: int) -> KernelSpec:

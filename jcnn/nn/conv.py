@@ -171,7 +171,7 @@ class ConvTranspose(nn.Module):
         kernel_size: window size, an int or one int per spatial dim.
         stride, padding, output_padding, dilation, groups: as in ``F.conv_transpose``.
         kernel_init: initializer of ``kernel`` (default He normal with
-            ``fan_in = prod(window) * C_in``).
+            ``fan_in = prod(window) * C_in // groups``).
         use_bias, bias_init, dtype, param_dtype: as in ``Conv``.
 
     Example:

@@ -231,7 +231,8 @@ class ConvTranspose(_ConvBase):
         kernel_size: window size, an int or one int per spatial dim.
         stride, padding, output_padding, dilation, groups: as in ``F.conv_transpose``.
         use_bias, kernel_init, bias_init, dtype, param_dtype, spatial_dims, rngs: as in ``Conv``
-            (the default kernel initializer is He normal with ``fan_in = prod(window) * C_in``).
+            (the default kernel initializer is He normal with
+            ``fan_in = prod(window) * C_in // groups``).
 
     Example:
         >>> import jcnn

@@ -63,3 +63,22 @@ def test_check_kernel_fits_names_kernel_size_at_the_first_dim_that_does_not_fit(
             rf"spatial dim {dim}$",
         ):
             check_kernel_fits(module, sizes, window)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_conv_transpose_default_init_is_he_over_the_inputs_of_one_group(groups):
+    # an output channel of a grouped transposed conv sums C_in // groups input channels: the
+    # kernel's std was sqrt(2 / (9 * C_in)) whatever the groups (4x too small a variance at 4)
+    from flax import nnx
+
+    from jcnn import nnx as jnnx
+
+    fan_in = 9 * 64 // groups
+    linen = nn.ConvTranspose(32, 3, groups=groups)
+    kernels = [
+        linen.init(jax.random.key(0), jnp.zeros((1, 4, 4, 64)))["params"]["kernel"],
+        jnnx.ConvTranspose(64, 32, 3, groups=groups, rngs=nnx.Rngs(0)).kernel[...],
+    ]
+    for kernel in kernels:
+        assert kernel.shape == (3, 3, 64, 32 // groups)
+        assert abs(float(kernel.std()) / np.sqrt(2 / fan_in) - 1) < 0.05
