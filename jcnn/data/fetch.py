@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from jcnn._cli import OneLineParser
+from jcnn._cli import OneLineParser, quiet_when_the_reader_leaves
 from jcnn.data import datasets
 from jcnn.functional._checks import check_bool
 
@@ -630,6 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of ``jcnn-data``; returns the exit status."""
+    with quiet_when_the_reader_leaves():
+        return _main(argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("list", "download"):
         try:

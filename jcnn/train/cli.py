@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from jcnn._cli import OneLineParser
+from jcnn._cli import OneLineParser, quiet_when_the_reader_leaves
 
 __all__ = ["main", "build_parser", "MODELS"]
 
@@ -747,7 +747,8 @@ def main(argv=None) -> int:
     non-finite loss, 3 when its checkpoint cannot be restored; a mistake in the command prints
     one line and raises ``SystemExit`` (see the module docstring)."""
     try:
-        return _main(argv)
+        with quiet_when_the_reader_leaves():
+            return _main(argv)
     except UsageError as error:
         print(f"jcnn-train: error: {error.message}", file=sys.stderr)
         raise SystemExit(error.exit_status) from None

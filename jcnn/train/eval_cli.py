@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from jcnn._cli import OneLineParser
+from jcnn._cli import OneLineParser, quiet_when_the_reader_leaves
 
 __all__ = ["main", "build_parser", "plot_confusion"]
 
@@ -92,7 +92,8 @@ def plot_confusion(path, confusion, title: str) -> None:
 def main(argv=None) -> int:
     """Entry point of ``jcnn-eval``; returns the exit status (130 on Ctrl-C)."""
     try:
-        return _main(argv)
+        with quiet_when_the_reader_leaves():
+            return _main(argv)
     except KeyboardInterrupt:  # the results are written atomically: none or whole
         print("jcnn-eval: interrupted", file=sys.stderr)
         return 130
