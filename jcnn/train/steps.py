@@ -13,7 +13,7 @@ import optax
 from jax.typing import DTypeLike
 
 from jcnn import functional as F
-from jcnn.functional._checks import check_array, check_dtype, check_real
+from jcnn.functional._checks import check_array, check_dtype, check_real, float32_or_wider
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
 
@@ -60,7 +60,8 @@ def batch_loss(
         raise TypeError(
             f"loss {_describe(loss_fn)}: expected a floating loss, got dtype {value.dtype}"
         )
-    return jnp.mean(value.astype(jnp.float32)) if value.ndim else value.astype(jnp.float32)
+    value = value.astype(float32_or_wider(value.dtype))  # float64 stays float64
+    return jnp.mean(value) if value.ndim else value
 
 
 def _traced_call(fn, what: str, logits: jax.Array, labels: jax.Array):
@@ -316,7 +317,8 @@ def loss_and_logits(
         train: training mode (batch statistics, dropout) or evaluation mode (running statistics).
         dropout_key: the key of the ``dropout`` RNG stream (training only).
         compute_dtype: e.g. ``jnp.bfloat16`` to run the model in that dtype; parameters stay float32
-            (they are cast inside, so gradients come back in float32) and the loss is float32.
+            (they are cast inside, so gradients come back in float32) and the loss is float32
+            (float64 for a float64 model under ``jax_enable_x64``: its logits are not rounded).
         label_smoothing: passed to ``F.cross_entropy``; with ``loss_fn`` it must be 0.
         loss_fn: ``(logits, labels) -> per-example (N,) or mean loss`` (see ``batch_loss``); the
             default ``None`` is ``F.cross_entropy`` with ``label_smoothing``.
@@ -353,7 +355,7 @@ def loss_and_logits(
         new_stats = state.batch_stats
     # BN statistics keep the dtype they are stored in whatever the compute dtype.
     new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats, state.batch_stats)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(float32_or_wider(logits.dtype))
     if loss_fn is None:
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     else:
