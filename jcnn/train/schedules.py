@@ -58,8 +58,14 @@ def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return check_real(value, name, low=0, low_open=not allow_zero)
 
 
+def _float():
+    """float32, or float64 under ``jax_enable_x64``: a float64 model's rate is not rounded to
+    float32 (Optax casts the rate to each parameter's dtype, so float32 models are unchanged)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def _as_float(t) -> jnp.ndarray:
-    return jnp.asarray(t, dtype=jnp.float32)
+    return jnp.asarray(t, dtype=_float())
 
 
 def _half_cosine(remaining, length: int) -> jnp.ndarray:
@@ -82,7 +88,7 @@ def constant(learning_rate: float) -> Schedule:
         A schedule ``t -> α0``.
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
-    return lambda t: jnp.full((), lr, jnp.float32) + 0.0 * _as_float(t)
+    return lambda t: jnp.full((), lr, _float()) + 0.0 * _as_float(t)
 
 
 def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -> Schedule:
@@ -119,7 +125,7 @@ def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -
 
     def schedule(t):
         passed = jnp.sum(jnp.asarray(t, jnp.int32) >= bounds_array)
-        return lr * jnp.power(jnp.float32(factor), passed.astype(jnp.float32))
+        return lr * jnp.power(jnp.asarray(factor, _float()), passed.astype(_float()))
 
     return schedule
 

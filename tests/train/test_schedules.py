@@ -262,3 +262,28 @@ def test_warmup_asks_its_schedule_as_optax_does():
     sched = S.warmup(decay, 10)
     assert [float(sched(t)) for t in (0, 5, 10)] == pytest.approx([0.0, 0.05, 0.1])
     assert float(sched(13)) == pytest.approx(0.05)
+
+
+def _schedules_at_7():
+    return {
+        "constant": (S.constant(0.1), 0.1),
+        "step": (S.step(0.1, [3, 6], factor=0.3), 0.1 * 0.3**2),
+        "exponential": (S.exponential(0.1, 0.01), 0.1 * math.exp(-0.07)),
+        "inverse_time": (S.inverse_time(0.1, 0.01), 0.1 / 1.07),
+        "cosine": (S.cosine(0.1, 100), 0.05 * (1 + math.cos(math.pi * 7 / 100))),
+        "linear": (S.linear(0.1, 100), 0.1 * 0.93),
+        "inverse_sqrt": (S.inverse_sqrt(0.1), 0.1 / math.sqrt(7)),
+        "warmup": (S.warmup(S.constant(0.1), 10), 0.07),
+    }
+
+
+def test_rates_are_float64_under_x64_and_float32_otherwise():
+    """A float64 model's learning rate is not rounded to float32 under jax_enable_x64 (0.1 was
+    0.10000000149, a 1.5e-8 relative change of every update); without x64 rates stay float32."""
+    with jax.enable_x64(True):
+        for name, (schedule, expected) in _schedules_at_7().items():
+            for rate in (schedule(7), jax.jit(schedule)(jnp.int32(7))):
+                assert rate.dtype == jnp.float64, name
+                assert float(rate) == pytest.approx(expected, rel=1e-14, abs=0), name
+    for name, (schedule, _) in _schedules_at_7().items():
+        assert schedule(7).dtype == jnp.float32, name
