@@ -30,7 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcnn.data.standardize import MODES as STANDARDIZE_MODES
-from jcnn.functional._checks import check_bool, check_int, check_positive_int, is_int
+from jcnn.functional._checks import (
+    check_bool,
+    check_int,
+    check_positive_int,
+    float32_or_wider,
+    is_int,
+)
 from jcnn.train.protocol import check_labels
 from jcnn.train.run_folder import BEST_FILE, RunFolderError, best_directories
 from jcnn.train.steps import _cast_floats, batch_loss, check_loss_fn
@@ -260,8 +266,9 @@ class Run:
     def predict(
         self, images: np.ndarray | jax.Array, *, batch_size: int = 1000, standardized: bool = False
     ) -> np.ndarray:
-        """Logits ``(N, K)`` (float32) of ``images`` (raw, standardized here unless
-        ``standardized``), computed in the run's ``compute_dtype`` as its evaluations were."""
+        """Logits ``(N, K)`` of ``images`` (raw, standardized here unless ``standardized``),
+        computed in the run's ``compute_dtype`` as its evaluations were: float32, or float64 for a
+        float64 model (``jax_enable_x64``)."""
         _check_images(images)
         if hasattr(batch_size, "dtype") and getattr(batch_size, "shape", None) == ():
             batch_size = check_int(batch_size, "batch_size")  # a 0-d integer array: its int
@@ -289,7 +296,8 @@ class Run:
                     "params": _cast_floats(variables["params"], compute_dtype),
                 }
                 x = x.astype(compute_dtype)
-            return self.model.apply(variables, x, train=False).astype(jnp.float32)
+            logits = self.model.apply(variables, x, train=False)
+            return logits.astype(float32_or_wider(logits.dtype))
 
         outputs = []
         for start in range(0, images.shape[0], batch_size):
@@ -304,7 +312,7 @@ class Run:
                     f"images: expected images the model trained{trained} can take, got shape "
                     f"{tuple(images.shape)} ({str(error).split(' (https')[0]})"
                 ) from None
-            outputs.append(np.asarray(logits, np.float32))
+            outputs.append(np.asarray(logits))
         return np.concatenate(outputs)
 
     def evaluate(

@@ -673,3 +673,31 @@ def test_evaluate_reproduces_the_runs_own_test_figures_in_its_compute_dtype(
     rel = 1e-6
     assert report["loss"] == pytest.approx(result["summary"]["test_loss"], rel=rel)
     assert report["accuracy"] == pytest.approx(result["summary"]["test_accuracy"], rel=1e-6)
+
+
+class Float64Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(3, (3, 3), strides=2, param_dtype=jnp.float64)(x)
+        x = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64)(x)
+        return nn.Dense(3, param_dtype=jnp.float64)(jnp.mean(jnp.tanh(x), axis=(1, 2)))
+
+
+def test_a_float64_run_reloads_bit_exactly_and_predicts_float64_logits(tmp_path, rng):
+    """Under jax_enable_x64 a float64 run's checkpoint reloads with its dtypes and bits, and
+    predict returns the model's float64 logits (they were rounded to float32)."""
+    with jax.enable_x64(True):
+        images = rng.normal(size=(24, 8, 8, 2))
+        labels = rng.integers(0, 3, size=24).astype(np.int32)
+        config = TrainConfig(epochs=1, out=str(tmp_path / "run"), progress=False)
+        result = fit(Float64Net(), Loader(images, labels, batch_size=8, seed=0), None, config)
+        run = load_run(tmp_path / "run")
+        state = result["state"].variables()
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(run.variables), strict=True):
+            assert b.dtype == a.dtype
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        assert {str(leaf.dtype) for leaf in jax.tree.leaves(run.variables["params"])} == {"float64"}
+        logits = run.predict(images[:5], batch_size=2)
+        expected = Float64Net().apply(run.variables, jnp.asarray(images[:5]), train=False)
+        assert logits.dtype == np.float64
+        np.testing.assert_allclose(logits, expected, rtol=1e-14, atol=1e-15)
