@@ -4,7 +4,10 @@
 and returns, in call order, one ``LayerCall`` per module ``__call__``: the module (with its
 attributes), its path, its input and output shapes and whether it called other modules (a leaf
 calls none). Tensors are matched by identity while tracing, so a call also knows which earlier
-call produced its input.
+call produced its input. An array made outside the layers (a residual sum, a function such as
+``flax.linen.avg_pool`` between two layers) is followed in the traced program back to the layer
+outputs it comes from: ``LayerCall.pointwise`` says whether only per-position operations (sums,
+products, activations, channel concatenation) made it from them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.extend import core as jax_core
 
 from jcnn.functional._checks import check_size_sequence
 
@@ -42,6 +47,9 @@ class LayerCall:
     train: object = None  # the call's ``train`` argument, where it was given one
     # inside nn.scan or nn.vmap: traced once (or twice, to initialize), not once per step or slice
     lifted: bool = False
+    # False where the input (with no source and no input_of) or the output (a new array of a
+    # module that calls others) was made outside the layers by an operation that mixes positions
+    pointwise: bool = True
     consumers: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -157,6 +165,10 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             calls[call.source].consumers.append(call.index)
         calls.append(call)
         stack.append(call)
+        if call.source is None and call.input_of is None and call.parent is not None:
+            if hasattr(x, "shape") and hasattr(x, "dtype"):  # made outside the layers
+                x = checkpoint_name(x, f"{_MARK}in-{call.index}")
+                args = (x, *args[1:])
         inputs.append((call.index, id(x)))
         is_wrapper = callable(getattr(context.module, "traced_as", None))
         if is_wrapper:
@@ -172,6 +184,9 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             call.output_shape = tuple(y.shape)
             call.returns_input = y is x
             call.returns = producer.get(id(y))
+            if not call.returns_input and call.returns is None and hasattr(y, "dtype"):
+                # a new array (a layer's result, or one a container made): marked in the program
+                y = checkpoint_name(y, f"{_MARK}out-{call.index}")
             # an array a layer inside made (or an earlier layer, for an identity) keeps that
             # producer: a container returning its last layer's output is not where it came from
             producer.setdefault(id(y), call.index)
@@ -185,9 +200,136 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
         with nn.intercept_methods(interceptor):
             return model.init(jax.random.key(0), x, **kwargs)
 
-    variables = jax.eval_shape(init, jax.ShapeDtypeStruct(input_shape, dtype))
+    program, variables = jax.make_jaxpr(init, return_shape=True)(
+        jax.ShapeDtypeStruct(input_shape, dtype)
+    )
     alive.clear()
+    _check_pointwise(calls, program.jaxpr)
     return calls, variables
+
+
+_MARK = "jcnn-trace-"
+# Call-like primitives: their body is followed as if inlined.
+_CALL_PRIMITIVES = {
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "remat2",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+}
+# Operations that compute each output position from the same position of their operands.
+_ELEMENTWISE = {
+    *"add sub mul div rem max min neg abs sign exp exp2 log log1p expm1 tanh logistic".split(),
+    *"sin cos tan sqrt rsqrt cbrt pow integer_pow square erf erfc erf_inv atan2 floor".split(),
+    *"ceil round clamp select_n convert_element_type reduce_precision copy copy_p".split(),
+    *"stop_gradient is_finite eq ne lt le gt ge and or not xor name broadcast_in_dim".split(),
+    "squeeze",
+}
+
+
+def _body(eqn):
+    """The jaxpr of a call-like equation, None for other equations."""
+    if eqn.primitive.name not in _CALL_PRIMITIVES:
+        return None
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        body = eqn.params.get(key)
+        if body is not None:
+            body = getattr(body, "jaxpr", body)
+            return body if len(body.invars) == len(eqn.invars) else None
+    return None
+
+
+def _keeps_positions(eqn) -> bool:
+    """Whether ``eqn`` maps positions to the same positions (channels-last arrays)."""
+    name = eqn.primitive.name
+    if name in _ELEMENTWISE:
+        return True
+    shapes = [getattr(v.aval, "shape", ()) for v in eqn.invars]
+    if name == "concatenate":  # along the channels only
+        return eqn.params["dimension"] == len(shapes[0]) - 1
+    if name == "slice":  # channels, or a subsampling from the first position (x[:, ::2, ::2])
+        start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+        return all(a == 0 for a in start[:-1]) and tuple(limit[:-1]) == tuple(shapes[0][:-1])
+    if name == "pad":  # channels only (a shortcut's zero channels)
+        return all(tuple(c) == (0, 0, 0) for c in eqn.params["padding_config"][:-1])
+    if name == "reshape":  # the channel axis split into several
+        shape, out = shapes[0], eqn.outvars[0].aval.shape
+        return len(out) >= len(shape) and tuple(out[: len(shape) - 1]) == tuple(shape[:-1])
+    return False
+
+
+def _dependent(jaxpr, dependent_inputs, found: set) -> None:
+    """Add to ``found`` the variables of ``jaxpr`` computed from its dependent inputs."""
+    found.update(v for v, d in zip(jaxpr.invars, dependent_inputs, strict=True) if d)
+    for eqn in jaxpr.eqns:
+        ins = [isinstance(v, jax_core.Var) and v in found for v in eqn.invars]
+        body = _body(eqn)
+        if body is not None:
+            _dependent(body, ins, found)
+            outs = [isinstance(v, jax_core.Var) and v in found for v in body.outvars]
+        else:
+            outs = [any(ins)] * len(eqn.outvars)
+        found.update(v for v, d in zip(eqn.outvars, outs, strict=True) if d)
+
+
+def _reached(jaxpr, var, dependent) -> set[int] | None:
+    """The inputs of ``jaxpr`` that ``var`` is computed from by per-position operations, back to
+    the marked outputs of layers; None where another operation (a pool, a reduction, a roll)
+    sits on the way."""
+    producers = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    stack, seen, reached = [var], set(), set()
+    while stack:
+        v = stack.pop()
+        if not isinstance(v, jax_core.Var) or v in seen or v not in dependent:
+            continue
+        seen.add(v)
+        eqn = producers.get(v)
+        if eqn is None:
+            if v in jaxpr.invars:
+                reached.add(jaxpr.invars.index(v))
+            continue
+        if eqn.primitive.name == "name" and str(eqn.params["name"]).startswith(f"{_MARK}out-"):
+            continue  # a layer's output
+        body = _body(eqn)
+        if body is not None:
+            inner = _reached(body, body.outvars[eqn.outvars.index(v)], dependent)
+            if inner is None:
+                return None
+            stack.extend(eqn.invars[i] for i in inner)
+        elif _keeps_positions(eqn):
+            stack.extend(eqn.invars)
+        else:
+            return None
+    return reached
+
+
+def _check_pointwise(calls: list[LayerCall], jaxpr) -> None:
+    """Set ``pointwise`` of the calls whose marked input or output was made outside the layers
+    from the layers' outputs (or the model's input) by an operation that mixes positions."""
+    dependent: set = set()
+    _dependent(jaxpr, [True] * len(jaxpr.invars), dependent)
+
+    def visit(program):
+        for eqn in program.eqns:
+            name = str(eqn.params.get("name", "")) if eqn.primitive.name == "name" else ""
+            if name.startswith(_MARK):
+                kind, index = name[len(_MARK) :].split("-")
+                call = calls[int(index)]
+                if kind == "in" or not call.is_leaf:
+                    var = eqn.invars[0]
+                    if _reached(program, var, dependent) is None:
+                        call.pointwise = False
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if isinstance(sub, jax_core.Jaxpr):
+                        visit(sub)
+
+    visit(jaxpr)
 
 
 def subtree(variables, collection: str, path: Sequence[str]):

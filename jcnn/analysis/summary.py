@@ -24,7 +24,9 @@ normalization, whose divisor involves the image's mean deviation) every unit see
 whole input window of the layer before it; after such a normalization the units of the map all see
 that same window (effective stride 0), and so do the units of the layers after it. Where tensors
 are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the largest
-receptive field among the layer outputs of the same spatial size inside the enclosing module;
+receptive field among the layer outputs of the same spatial size inside the enclosing module
+(unknown where something other than per-position operations made it, e.g. a pool function
+such as ``flax.linen.avg_pool`` between two layers);
 a module that returns an array as is (its input, or a layer's output) gives it that array's field.
 A layer inside ``nn.scan`` or ``nn.vmap`` shows ``?`` for its multiply-adds (the abstract run
 traces its body once, not once per step or slice), and so do the receptive fields from the first
@@ -535,7 +537,10 @@ def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
                 fields[index] = output_field(call.returns)
                 return fields[index]
             # A container's own result (f(x) + x): the widest field among its calls' outputs
-            # of that shape.
+            # of that shape; unknown where it was made by more than per-position operations.
+            if not call.pointwise:
+                fields[index] = None
+                return None
             fields[index] = _widest(
                 output_field(c.index)
                 for c in calls[index + 1 :]
@@ -551,7 +556,10 @@ def _fields(calls: list[LayerCall]) -> dict[int, ReceptiveField | None]:
         if call.parent is None:
             n = len(call.input_shape) - 2 if call.input_shape and len(call.input_shape) > 2 else 0
             return ReceptiveField((1,) * n, (1,) * n, (0,) * n)
-        # Combined outside the layers (e.g. f(x) + x): the widest candidate of the same size.
+        # Combined outside the layers (e.g. f(x) + x): the widest candidate of the same size;
+        # unknown where an operation that mixes positions (a pool function) made it.
+        if not call.pointwise:
+            return None
         ancestor = call.parent
         while ancestor is not None:
             candidates = [

@@ -818,3 +818,23 @@ def test_output_sizes_take_numpy_and_0d_integers_and_give_python_ints():
         conv_output_size(8, 3, jnp.asarray([1]))
     with pytest.raises(ValueError, match="stride: expected an int >= 1, got 0"):
         pool_output_size(8, 2, np.asarray(0))
+
+
+def test_receptive_field_unknown_where_a_function_mixes_positions_between_layers():
+    # nn.avg_pool keeps the map's size: the layer after it must not take the earlier field
+    pooled = flax_nn.Sequential(
+        [
+            flax_nn.Conv(3, (3, 3)),
+            lambda x: flax_nn.avg_pool(x, (3, 3), padding="SAME"),
+            flax_nn.Conv(2, (3, 3)),
+        ]
+    )
+    assert receptive_field(pooled, (1, 17, 19, 2)) is None
+    assert summary(pooled, (1, 17, 19, 2)).rows[-1].receptive_field is None
+
+    class Residual(flax_nn.Module):  # a per-position combination keeps its field
+        @flax_nn.compact
+        def __call__(self, x):
+            return x + jax.nn.relu(nn.Conv(2, 3, padding=1)(x)) * 2.0
+
+    assert receptive_field(nn.Sequential([Residual(), Residual()]), (1, 9, 9, 2)).size == (5, 5)
