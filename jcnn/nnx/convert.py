@@ -3,8 +3,9 @@
 A ``jcnn.nnx`` module keeps its variables under the names of its ``jcnn.nn`` twin: ``kernel``,
 ``bias``, ``scale``, ``alpha`` as ``nnx.Param`` (the Linen ``params`` collection) and ``mean``,
 ``var`` as ``nnx.BatchStat`` (``batch_stats``). Submodules keep their attribute names; the one
-difference is a list of layers, whose entries NNX addresses as ``layers/0`` and Linen names
-``layers_0``. A module from :func:`jcnn.nnx.to_nnx` already uses the Linen names.
+difference is a list or dict of layers, whose entries NNX addresses as ``layers/0`` or ``head/a``
+and Linen names ``layers_0`` or ``head_a``. A module from :func:`jcnn.nnx.to_nnx` already uses
+the Linen names.
 
 So ``load_linen_variables(nnx_model, linen_model.init(...))`` gives the NNX twin the Linen model's
 exact parameters and statistics, and ``linen_variables(nnx_model)`` gives them back for
@@ -37,11 +38,17 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 __all__ = ["linen_variables", "load_linen_variables"]
 
 
-def _linen_path(path) -> tuple[str, ...]:
-    """An NNX state path as the Linen twin names it (``("layers", 0)`` -> ``("layers_0",)``)."""
+# Containers of submodules: Linen joins an entry's key or index onto the attribute's name.
+_CONTAINERS = (nnx.List, nnx.Dict, list, tuple, dict)
+
+
+def _linen_path(path, nodes: Mapping) -> tuple[str, ...]:
+    """An NNX state path as the Linen twin names it: an entry of a list or dict of layers is
+    joined onto its attribute (``("layers", 0)`` -> ``("layers_0",)``, ``("head", "a")`` ->
+    ``("head_a",)``); ``nodes`` maps the module's graph paths to their nodes."""
     names: list[str] = []
-    for key in path:
-        if isinstance(key, int) and names:
+    for depth, key in enumerate(path):
+        if names and isinstance(nodes.get(path[:depth]), _CONTAINERS):
             names[-1] = f"{names[-1]}_{key}"
         else:
             names.append(str(key))
@@ -52,10 +59,11 @@ def _variables(module: nnx.Module):
     """``((collection, *linen_path), variable)`` for every variable of ``module`` but rng state."""
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module: expected an nnx.Module, got {type(module).__name__}")
-    for path, node in nnx.iter_graph(module):
+    nodes = dict(nnx.iter_graph(module))
+    for path, node in nodes.items():
         if isinstance(node, nnx.Variable) and not isinstance(node, nnx.RngState):
             collection = variablelib.variable_name_from_type(type(node), allow_register=True)
-            yield (collection, *_linen_path(path)), node
+            yield (collection, *_linen_path(path, nodes)), node
 
 
 def linen_variables(module: nnx.Module) -> dict:

@@ -476,3 +476,36 @@ def test_load_linen_variables_says_what_the_variables_hold_where_one_is_missing(
         r"holds \['count', 'var'\]$",
     ):
         jnnx.load_linen_variables(model, {"params": params, "batch_stats": stats})
+
+
+def test_dicts_and_lists_of_layers_take_the_linen_names(rng):
+    # a dict entry was named head/a where Linen names it head_a: loading found no params/head/a
+    class LinenNet(linen.Module):
+        def setup(self):
+            self.stem = [nn.Dense(3)]
+            self.head = {"a": nn.Dense(4), "b": [nn.Dense(2), nn.Dense(2)]}
+
+        def __call__(self, x):
+            x = self.head["a"](self.stem[0](x))
+            return self.head["b"][1](self.head["b"][0](x))
+
+    class NNXNet(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = nnx.List([jnnx.Dense(5, 3, rngs=rngs)])
+            self.head = nnx.Dict(
+                a=jnnx.Dense(3, 4, rngs=rngs),
+                b=nnx.List([jnnx.Dense(4, 2, rngs=rngs), jnnx.Dense(2, 2, rngs=rngs)]),
+            )
+
+        def __call__(self, x):
+            x = self.head["a"](self.stem[0](x))
+            return self.head["b"][1](self.head["b"][0](x))
+
+    x = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    variables = LinenNet().init(jax.random.key(1), x)
+    twin = NNXNet(nnx.Rngs(0))
+    jnnx.load_linen_variables(twin, variables)
+    np.testing.assert_array_equal(twin(x), LinenNet().apply(variables, x))
+    back = jnnx.linen_variables(twin)
+    assert jax.tree.structure(back) == jax.tree.structure(variables)
+    assert sorted(back["params"]) == ["head_a", "head_b_0", "head_b_1", "stem_0"]
