@@ -105,6 +105,33 @@ def scale_by_rmsprop(decay: float = 0.9, eps: float = 1e-7) -> optax.GradientTra
     return _scale_by_accumulated_squares(lambda s, g: decay * s + (1.0 - decay) * g * g, eps)
 
 
+def _clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale the updates to a global norm of at most ``max_norm``, the norm computed over
+    ``g / max|g|``: Optax's sum of squares overflows float32 for gradients of about 1e19 and
+    underflows for about 1e-23, so a huge gradient came out as zeros and a tiny one unclipped."""
+
+    def update(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        if not leaves:
+            return updates, state
+        largest = jnp.max(jnp.stack([jnp.max(jnp.abs(g), initial=0) for g in leaves]))
+        unit = jnp.where(largest > 0, largest, 1.0)
+        squares = sum(jnp.sum(jnp.square(g / unit.astype(g.dtype))) for g in leaves)
+        # >= 1 unless every entry is 0 (the largest one is ±1 here); at 0, no NaN derivative
+        ratio = jnp.sqrt(jnp.maximum(squares, 1.0))
+        trigger = largest * ratio <= max_norm
+        ratio = jnp.where(trigger, 1.0, ratio)
+
+        def clip(g):
+            clipped = g / unit.astype(g.dtype) / ratio.astype(g.dtype) * max_norm
+            return jax.lax.select(trigger, g, clipped)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def default_decay_mask(params: Any) -> Any:
     """``True`` for the parameters that should decay: arrays of rank >= 2 (kernels)."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
@@ -321,7 +348,7 @@ def optimizer(
 
     chain = []
     if clip_norm is not None:
-        chain.append(optax.clip_by_global_norm(clip_norm))
+        chain.append(_clip_by_global_norm(clip_norm))
     if decays and not decoupled:
         chain.append(optax.add_decayed_weights(weight_decay, mask))
 

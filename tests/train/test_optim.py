@@ -120,6 +120,29 @@ def test_clip_norm_clips_the_global_norm(rng):
     assert norm == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e-24])
+def test_clip_norm_of_huge_and_tiny_gradients(scale):
+    # float32 sums of squares overflow (a huge gradient came out as zeros) or underflow (a tiny
+    # one was left unclipped); the float64 reference scales the gradient to the limit
+    grads = {"a": jnp.asarray([3.0, 4.0], jnp.float32) * scale, "b": jnp.float32(-12.0) * scale}
+    params = jax.tree.map(jnp.zeros_like, grads)
+    limit = 0.5 * scale * 1e-3
+    tx = optim.optimizer("sgd", 1.0, clip_norm=limit)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    want = -np.array([3.0, 4.0, -12.0]) / 13.0 * limit
+    got = np.append(np.asarray(updates["a"]), updates["b"])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_clip_norm_has_a_derivative_at_zero_gradients():
+    def clipped(g):
+        tx = optim.optimizer("sgd", 1.0, clip_norm=1.0)
+        params = {"w": jnp.zeros(3)}
+        return jnp.sum(tx.update({"w": g}, tx.init(params), params)[0]["w"] * jnp.arange(3.0))
+
+    np.testing.assert_allclose(jax.grad(clipped)(jnp.zeros(3)), [0.0, -1.0, -2.0])
+
+
 def test_schedule_as_learning_rate():
     sched = S.step(1.0, [2], 0.1)
     tx = optim.optimizer("sgd", sched)
