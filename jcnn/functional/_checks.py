@@ -380,7 +380,10 @@ def check_real(
     expected = _range_text(low, high, low_open, high_open, finite)
     if not _is_real_scalar(value):
         raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a Python int beyond float's range: infinite as a float
+        number = math.inf if value > 0 else -math.inf
     shown = value if isinstance(value, (int, float)) else number
     if math.isnan(number) or (finite and math.isinf(number)):
         raise ValueError(f"{name}: expected {expected}, got {shown!r}")

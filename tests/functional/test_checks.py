@@ -329,6 +329,15 @@ def test_check_helpers():
         jax.jit(lambda v: check_real(v, "x"))(1.0)
 
 
+def test_check_real_names_an_int_beyond_floats_range():
+    # float() of such an int raised a bare OverflowError from inside the check
+    with pytest.raises(ValueError, match="^lr: expected a finite number >= 0, got 1000"):
+        check_real(10**400, "lr", low=0)
+    with pytest.raises(ValueError, match="^x: expected a number >= 0, got -1000"):
+        check_real(-(10**400), "x", low=0, finite=False)
+    assert check_real(10**400, "x", finite=False) == math.inf
+
+
 def test_check_size_sequence():
     assert check_size_sequence([np.int64(4), 5], "in_spatial") == (4, 5)
     assert check_size_sequence(np.array([6, 5, 3]), "shape", length=3) == (6, 5, 3)
