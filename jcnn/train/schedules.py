@@ -124,7 +124,10 @@ def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -
     bounds_array = jnp.asarray(bounds, dtype=jnp.int32)
 
     def schedule(t):
-        passed = jnp.sum(jnp.asarray(t, jnp.int32) >= bounds_array)
+        t = jnp.asarray(t, jnp.int32)
+        # per step: an array of steps gets an array of rates, as from every other schedule
+        bounds = bounds_array.reshape((1,) * t.ndim + (-1,))
+        passed = jnp.sum(t[..., None] >= bounds, axis=-1)
         return lr * jnp.power(jnp.asarray(factor, _float()), passed.astype(_float()))
 
     return schedule

@@ -56,6 +56,18 @@ def test_step_schedule_classic_resnet():
     np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-5)
 
 
+@pytest.mark.parametrize("boundaries", [[3], [3, 6], []])
+def test_step_takes_an_array_of_steps_as_every_schedule_does(boundaries):
+    # one boundary counted the passed boundaries over the whole array: a scalar came back
+    steps = np.arange(9)
+    want = [0.5 ** sum(t >= b for b in boundaries) for t in steps]
+    for sched in (S.step(1.0, boundaries, 0.5), S.warmup(S.step(1.0, boundaries, 0.5), 1)):
+        got = sched(jnp.asarray(steps))
+        assert got.shape == (9,)
+        np.testing.assert_allclose(got, [float(sched(int(t))) for t in steps])
+    np.testing.assert_allclose(S.step(1.0, boundaries, 0.5)(steps.reshape(3, 3)).ravel(), want)
+
+
 def test_warmup_wraps_any_schedule(rng):
     _, _, _, pairs = _formulas(rng)
     ramp = int(rng.integers(3, 15))
