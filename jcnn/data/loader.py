@@ -2,7 +2,7 @@
 
 Randomness (the contract exact resume relies on)::
 
-    root        = jax.random.key(seed)  # all 64 bits of seed kept (_checks.seed_key)
+    root        = seed_key(seed)     # jax.random.key(seed) for a seed in [0, 2**32)
     order_key   = fold_in(fold_in(root, 0), epoch)              # the epoch's permutation
     step_key    = fold_in(fold_in(fold_in(root, 1), epoch), step)
     example_keys = jax.random.split(fold_in(step_key, 0), n)    # one per example of the batch
@@ -11,6 +11,8 @@ Randomness (the contract exact resume relies on)::
 (``n``: the batch's size, ``batch_size`` but for a last partial or a Poisson batch), so batch
 ``step`` of epoch ``epoch`` (its examples and every random augmentation applied to them) depends
 on nothing else: not on the batches before it, not on how many epochs ran in this process.
+(``seed_key`` keeps all 64 bits of a seed: ``jax.random.key`` alone keeps 32 of them unless
+64-bit types are on.)
 
 With ``sampling="poisson"`` the examples of a batch are drawn instead as::
 
