@@ -280,3 +280,22 @@ def test_readme_airbench94_figures_are_those_of_the_run_records():
     assert [float(v) for v in quoted.group(3).split(", ")] == [round(v, 2) for v in plain]
     mean = re.search(r"\*\*mean ([\d.]+)%\*\*", row)
     assert float(mean.group(1)) == round(sum(tta) / len(tta), 2)
+
+
+def test_training_page_lists_every_jcnn_train_flag():
+    """The "Flags:" paragraph of ``docs/training.md`` names every flag of ``jcnn-train``
+    (``--dp-*`` stands for the DP flags), and no flag that ``jcnn-train`` does not have."""
+    from jcnn.train.cli import build_parser
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    paragraph = text[text.index("Flags: `") : text.index("(`jcnn-train --help`")]
+    listed = set(re.findall(r"--[a-z][a-z-]*[a-z]", paragraph))
+    flags = {
+        option
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+    covered = {f for f in flags if f in listed or (f.startswith("--dp-") and "--dp-*" in paragraph)}
+    assert flags == covered, f"not listed: {sorted(flags - covered)}"
+    assert listed <= flags, f"not flags of jcnn-train: {sorted(listed - flags)}"
