@@ -299,3 +299,47 @@ def test_training_page_lists_every_jcnn_train_flag():
     covered = {f for f in flags if f in listed or (f.startswith("--dp-") and "--dp-*" in paragraph)}
     assert flags == covered, f"not listed: {sorted(flags - covered)}"
     assert listed <= flags, f"not flags of jcnn-train: {sorted(listed - flags)}"
+
+
+def _documented_signature_problems(func, shown):
+    """What differs between a signature written in the docs (``"key, image, *, p=0.5"``) and
+    ``func``'s: parameter names and order, the keyword-only marker ``*``, and defaults."""
+    params = [
+        p for p in inspect.signature(func).parameters.values() if p.kind is not p.VAR_POSITIONAL
+    ]
+    parts = [a.strip() for a in re.split(r",\s*(?![^()]*\))", shown) if a.strip()]
+    problems, keyword_only, i = [], False, 0
+    for part in parts:
+        if part == "*":
+            keyword_only = True
+            continue
+        name, _, default = (s.strip() for s in part.partition("="))
+        if i >= len(params) or params[i].name != name:
+            there = params[i].name if i < len(params) else None
+            problems.append(f"{name}: the parameter there is {there}")
+            break
+        param = params[i]
+        if (param.kind is param.KEYWORD_ONLY) != keyword_only:
+            problems.append(f"{name}: keyword-only is {param.kind is param.KEYWORD_ONLY}")
+        if default and eval(default.split(" \\|")[0]) != param.default:
+            problems.append(f"{name}: default {param.default!r}, shown {default}")
+        i += 1
+    return problems
+
+
+def test_data_page_augmentation_table_shows_the_real_signatures():
+    """Each signature in ``docs/data.md``'s table of augmentation ops is the op's own: a call
+    written from the table (``A.random_translate(key, image, max_shift=2)``) runs."""
+    from jcnn.data import augment as A
+
+    text = (ROOT / "docs" / "data.md").read_text()
+    table = text[text.index("| op | what it does |") :].split("\n\n")[0]
+    first_cells = "\n".join(re.split(r" \| (?!\")", row)[0] for row in table.splitlines()[2:])
+    shown = re.findall(r"`([a-z_]+)\(([^`]*)\)`", first_cells)
+    assert len(shown) >= 15
+    problems = {
+        name: p
+        for name, args in shown
+        if name != "compose" and (p := _documented_signature_problems(getattr(A, name), args))
+    }
+    assert not problems, problems
