@@ -264,7 +264,8 @@ def load_jcnn_params(module: torch.nn.Module, params) -> None:
 
 def check_logits(model, variables, twin, images, what: str, tolerance: float = 2e-3) -> float:
     """jcnn's and the twin's training-mode logits on ``images`` (NHWC float32) agree."""
-    ours, _ = model.apply(variables, jnp.asarray(images), train=True, mutable=["batch_stats"])
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    ours = forward(variables, jnp.asarray(images))  # one compile, not one per operation
     twin.train()
     with torch.no_grad():
         theirs = twin(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous())
