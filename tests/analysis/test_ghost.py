@@ -537,10 +537,14 @@ def test_weights_as_a_list_with_chunks(rng):
     # a list's numbers became leaves of the chunks' pytree: "'int' object is not subscriptable"
     loss, params, batch = _problem(*_LAYERS["dense_tokens"], rng)
     weights = [1, 0, 1, 1, 0]
-    total, norms = ghost_clipped_sum(loss, params, batch, 0.5, weights=weights, chunk_size=2)
-    expected, expected_norms = ghost_clipped_sum(
-        loss, params, batch, 0.5, weights=np.array(weights)
-    )
+    # jitted (the list closed over, as a Python list at trace time): one compile each, not one
+    # per operation
+    total, norms = jax.jit(
+        lambda p, b: ghost_clipped_sum(loss, p, b, 0.5, weights=weights, chunk_size=2)
+    )(params, batch)
+    expected, expected_norms = jax.jit(
+        lambda p, b: ghost_clipped_sum(loss, p, b, 0.5, weights=np.array(weights))
+    )(params, batch)
     _assert_trees_close(total, expected)
     np.testing.assert_allclose(norms, expected_norms, rtol=1e-6)
 
