@@ -118,39 +118,42 @@ def _batch_norm_message(where: str) -> str:
     )
 
 
+def _need_mapped_axis(layer: str, axis_name) -> None:
+    """A Flax BatchNorm with batch statistics in a per-example trace: a ``ValueError`` unless its
+    ``axis_name`` names an axis mapped around the model."""
+    message = PER_EXAMPLE_TRACE.get()
+    if axis_name is None:
+        raise ValueError(message)
+    try:
+        lax.axis_size(axis_name)
+    except NameError as error:  # JAX's "unbound axis name: b"
+        raise ValueError(
+            f"axis_name: {layer}(axis_name={axis_name!r}) names no axis mapped around the model "
+            f"({error}); {message}"
+        ) from None
+
+
 _LINEN_BATCH_NORM_CALL = inspect.unwrap(linen.BatchNorm.__call__)
 
 
-def _flax_batch_norm_guard(where: str):
+def _guard_flax_batch_norm(next_fun, args, kwargs, context):
     """Method interceptor raising on a train-mode ``flax.linen.BatchNorm`` without an axis name."""
-
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        # linen.BatchNorm's own __call__, also reached through a subclass (whose __call__ may
-        # take other arguments, and calls it through super())
-        if getattr(context.orig_method, "func", None) is _LINEN_BATCH_NORM_CALL:
-            frozen = linen.merge_param(
-                "use_running_average",
-                module.use_running_average,
-                kwargs.get("use_running_average", args[1] if len(args) > 1 else None),
-            )
-            if not frozen and module.axis_name is None:
-                raise ValueError(_batch_norm_message(where))
-            if not frozen:
-                try:
-                    lax.axis_size(module.axis_name)
-                except NameError as error:  # JAX's "unbound axis name: b"
-                    raise ValueError(
-                        f"axis_name: flax.linen.BatchNorm(axis_name={module.axis_name!r}) names no "
-                        f"axis mapped around the model ({error}); {_batch_norm_message(where)}"
-                    ) from None
-        return next_fun(*args, **kwargs)
-
-    return intercept
+    module = context.module
+    # linen.BatchNorm's own __call__, also reached through a subclass (whose __call__ may take
+    # other arguments, and calls it through super())
+    if getattr(context.orig_method, "func", None) is _LINEN_BATCH_NORM_CALL:
+        frozen = linen.merge_param(
+            "use_running_average",
+            module.use_running_average,
+            kwargs.get("use_running_average", args[1] if len(args) > 1 else None),
+        )
+        if not frozen:
+            _need_mapped_axis("flax.linen.BatchNorm", module.axis_name)
+    return next_fun(*args, **kwargs)
 
 
 def _guard_nnx_batch_norm() -> None:
-    """Make ``flax.nnx.BatchNorm`` raise like ``_flax_batch_norm_guard`` while a per-example
+    """Make ``flax.nnx.BatchNorm`` raise like ``_guard_flax_batch_norm`` while a per-example
     function traces (NNX has no method interception). Installed once; outside those traces the
     wrapper only calls the original."""
     from flax import nnx
@@ -160,18 +163,9 @@ def _guard_nnx_batch_norm() -> None:
         return
 
     def guarded(self, x, use_running_average=None, **kwargs):
-        message = PER_EXAMPLE_TRACE.get()
         frozen = self.use_running_average if use_running_average is None else use_running_average
-        if message is not None and frozen is not None and not frozen:
-            if self.axis_name is None:
-                raise ValueError(message)
-            try:
-                lax.axis_size(self.axis_name)
-            except NameError as error:  # JAX's "unbound axis name: b"
-                raise ValueError(
-                    f"axis_name: flax.nnx.BatchNorm(axis_name={self.axis_name!r}) names no axis "
-                    f"mapped around the model ({error}); {message}"
-                ) from None
+        if PER_EXAMPLE_TRACE.get() is not None and frozen is not None and not frozen:
+            _need_mapped_axis("flax.nnx.BatchNorm", self.axis_name)
         return original(self, x, use_running_average, **kwargs)
 
     guarded._jcnn_per_example_guard = True
@@ -201,7 +195,7 @@ def per_example_trace(where: str) -> Iterator[None]:
     if _PER_EXAMPLE_JIT_KEY is not None:
         jit_key = _PER_EXAMPLE_JIT_KEY(where)
     try:
-        with jit_key, linen.intercept_methods(_flax_batch_norm_guard(where)):
+        with jit_key, linen.intercept_methods(_guard_flax_batch_norm):
             yield
     finally:
         PER_EXAMPLE_TRACE.reset(token)
