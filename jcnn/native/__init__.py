@@ -399,7 +399,9 @@ def conv_backend_scope(backend: str | None) -> Iterator[None]:
     """Within the block, functions traced use ``backend`` (one of ``auto``, ``onednn``, ``xla``)
     instead of ``JCNN_CONV_BACKEND``; ``None`` leaves the choice as it is.
 
-    Only tracing reads it: a function jitted and traced before the block keeps its backend.
+    Only tracing reads it, and the scope is part of ``jax.jit``'s cache key: a function jitted
+    and traced before the block is traced again inside it (on JAX versions with
+    ``jax.make_user_context``; before them, it keeps the backend it was traced with).
 
     >>> with conv_backend_scope("xla"):
     ...     print(conv_backend())
@@ -411,10 +413,24 @@ def conv_backend_scope(backend: str | None) -> Iterator[None]:
         yield
         return
     token = _SCOPED_BACKEND.set(backend)
+    jit_key = (
+        contextlib.nullcontext() if _backend_jit_key() is None else _backend_jit_key()(backend)
+    )
     try:
-        yield
+        with jit_key:
+            yield
     finally:
         _SCOPED_BACKEND.reset(token)
+
+
+@functools.cache
+def _backend_jit_key():
+    """Part of jit's cache key: a function jitted and traced outside a ``conv_backend_scope`` is
+    traced again inside it, not run with the other backend (``None`` before
+    ``jax.make_user_context``)."""
+    import jax
+
+    return jax.make_user_context(None) if hasattr(jax, "make_user_context") else None
 
 
 def portable(fun: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -425,7 +441,8 @@ def portable(fun: Callable[_P, _R]) -> Callable[_P, _R]:
 
         exported = jax.export.export(jax.jit(native.portable(f)))(x, w)
 
-    Pass the plain Python function: a function already jitted and traced keeps its cached trace.
+    A function already jitted is traced again on XLA's path (on JAX versions with
+    ``jax.make_user_context``; before them it keeps its cached trace: pass the plain function).
     Calling the result directly works too and runs the XLA path.
 
     >>> portable(conv_backend)()

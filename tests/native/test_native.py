@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jcnn.functional as F
@@ -262,6 +263,28 @@ def test_conv_backend_scope_overrides_the_environment(onednn, monkeypatch):
     with pytest.raises(ValueError, match="backend: expected one of auto, onednn, xla or None"):
         with native.conv_backend_scope("cudnn"):
             pass
+
+
+def test_a_function_jitted_before_a_scope_runs_the_scopes_backend_inside_it(onednn, monkeypatch):
+    # jit's cache kept the first trace: inside conv_backend_scope("xla") (so under
+    # native.portable, or fit on several devices) a function jitted before ran oneDNN's calls
+    monkeypatch.setenv("JCNN_CONV_BACKEND", "onednn")
+    x, w = jnp.ones((2, 7, 7, 3)), jnp.ones((3, 3, 3, 5))
+    traced = []
+
+    @jax.jit
+    def conv(x, w):
+        traced.append(native.conv_backend())
+        return F.conv(x, w, padding=1)
+
+    expected = conv(x, w)
+    with native.conv_backend_scope("xla"):
+        np.testing.assert_allclose(conv(x, w), expected, rtol=1e-6)
+        assert "jcnn_conv_" not in conv.lower(x, w).as_text()
+        exported = jax.export.export(jax.jit(native.portable(conv)))(x, w)
+    assert traced[:2] == ["onednn", "xla"]
+    assert "jcnn_conv_" not in exported.mlir_module()
+    assert "jcnn_conv_" in conv.lower(x, w).as_text()
 
 
 @pytest.mark.skipif(
