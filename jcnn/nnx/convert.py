@@ -43,12 +43,22 @@ _CONTAINERS = (nnx.List, nnx.Dict, list, tuple, dict)
 
 
 def _linen_path(path, nodes: Mapping) -> tuple[str, ...]:
-    """An NNX state path as the Linen twin names it: an entry of a list or dict of layers is
-    joined onto its attribute (``("layers", 0)`` -> ``("layers_0",)``, ``("head", "a")`` ->
-    ``("head_a",)``); ``nodes`` maps the module's graph paths to their nodes."""
+    """A variable's NNX state path as the Linen twin names it. On the way to the layer holding
+    it, an entry of a list or dict of layers is joined onto its attribute (``("layers", 0)`` ->
+    ``("layers_0",)``, ``("head", "a")`` -> ``("head_a",)``); below the layer (the nested dicts of
+    a ``to_nnx`` module, already Linen's names) only a list index is. ``nodes`` maps the module's
+    graph paths to their nodes."""
+    layer = max(
+        depth
+        for depth in range(len(path))
+        if isinstance(nodes.get(path[:depth]), nnx.Module)
+        and not isinstance(nodes.get(path[:depth]), _CONTAINERS)
+    )
     names: list[str] = []
     for depth, key in enumerate(path):
-        if names and isinstance(nodes.get(path[:depth]), _CONTAINERS):
+        parent = nodes.get(path[:depth])
+        joined = isinstance(parent, _CONTAINERS) if depth < layer else isinstance(key, int)
+        if names and joined:
             names[-1] = f"{names[-1]}_{key}"
         else:
             names.append(str(key))
