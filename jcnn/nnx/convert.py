@@ -48,12 +48,13 @@ def _linen_path(path, nodes: Mapping) -> tuple[str, ...]:
     ``("layers_0",)``, ``("head", "a")`` -> ``("head_a",)``); below the layer (the nested dicts of
     a ``to_nnx`` module, already Linen's names) only a list index is. ``nodes`` maps the module's
     graph paths to their nodes."""
-    layer = max(
+    layers = [
         depth
         for depth in range(len(path))
         if isinstance(nodes.get(path[:depth]), nnx.Module)
         and not isinstance(nodes.get(path[:depth]), _CONTAINERS)
-    )
+    ]
+    layer = max(layers, default=0)
     names: list[str] = []
     for depth, key in enumerate(path):
         parent = nodes.get(path[:depth])
