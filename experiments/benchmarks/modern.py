@@ -700,7 +700,10 @@ def network_runners(spec, batch, device):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, *spec["shape"])), jnp.float32)
     model, twin = spec["jcnn"](), spec["flax"]()
-    variables = model.init(jax.random.key(0), x[:1])
+    # one program, unoptimized (as TrainState.create does): eagerly every operation compiled its
+    # own, and XLA's optimizations cost more compile time than they save (outside any timing)
+    init = jax.jit(model.init, compiler_options={"xla_backend_optimization_level": 0})
+    variables = init(jax.random.key(0), x[:1])
     twin_variables = flax_variables(variables, spec["transposed"])
     twin_error = check_twin(spec["name"], model, twin, variables, twin_variables, x)
     out_shape = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x).shape
