@@ -180,7 +180,14 @@ def ablation_rows(net, variants, batch, rounds, steps):
     x = jnp.asarray(rng.standard_normal((batch, *image_shape)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
     model = make_model()
-    variables = model.init(jax.random.key(0), x[:2], train=False)
+    # one program, unoptimized (as TrainState.create does): eagerly every operation compiled its
+    # own, and XLA's optimizations cost more compile time than they save (outside any timing)
+    init = jax.jit(
+        model.init,
+        static_argnames="train",
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+    variables = init(jax.random.key(0), x[:2], train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     sides = {}
     for variant in variants:
