@@ -238,7 +238,10 @@ def bench(network: str, batch: int, rounds: int, calls: int) -> tuple[list, dict
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-    params = model.init(jax.random.key(0), images[:1])["params"]
+    # one program, unoptimized (as TrainState.create does): eagerly every operation compiled its
+    # own, and XLA's optimizations cost more compile time than they save (outside any timing)
+    init = jax.jit(model.init, compiler_options={"xla_backend_optimization_level": 0})
+    params = init(jax.random.key(0), images[:1])["params"]
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = tx.init(params)
     key = jax.random.key(1)
