@@ -483,7 +483,10 @@ def _first_max_jvp(axis, primals, tangents):
         jnp.isnan(x), -1 - order, jnp.where(x == jnp.expand_dims(peak, axis), order, length)
     )
     wins = order == jnp.argmin(rank, axis=axis, keepdims=True)
-    return peak, jnp.sum(jnp.where(wins, x_tangent, jnp.zeros((), x_tangent.dtype)), axis=axis)
+    # The primal output through _first_max itself, not jnp.max: differentiating this rule (second
+    # derivatives) must route to the same winner, where jnp.max's derivative splits among ties.
+    tangent = jnp.sum(jnp.where(wins, x_tangent, jnp.zeros((), x_tangent.dtype)), axis=axis)
+    return _first_max(x, axis), tangent
 
 
 def _first_max_over(x, axes: Sequence[int]):

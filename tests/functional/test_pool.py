@@ -608,6 +608,30 @@ def test_global_pools_reduce_every_spatial_dim(rng, rank):
     assert global_avg_pool(x).shape == (2, 4)
 
 
+@pytest.mark.parametrize(
+    "pool",
+    [global_max_pool, lambda x: adaptive_max_pool(x, 2)],
+    ids=["global_max_pool", "adaptive_max_pool"],
+)
+def test_max_reductions_second_derivatives_reach_the_first_of_tied_maxima(pool):
+    """The second derivative goes to the winner the gradient goes to (PyTorch's too): for
+    ``sum(pool(x) ** 2)`` the Hessian-vector product is ``2 v[winner]`` at the winner, not the
+    tied maxima's mean ``jnp.max``'s derivative would give."""
+    x = jnp.array([1.0, 2.0, 2.0, 2.0, 0.0, 3.0, -0.0, 3.0]).reshape(1, 8, 1)
+    direction = jnp.arange(1.0, 9.0).reshape(1, 8, 1)
+
+    def grad(x):
+        return jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
+
+    y, pullback = jax.vjp(pool, x)
+    routed = pullback(2 * jax.jvp(pool, (x,), (direction,))[1])[0]
+    hvp_forward = jax.jvp(grad, (x,), (direction,))[1]
+    hvp_reverse = jax.grad(lambda x: jnp.vdot(grad(x), direction))(x)
+    assert np.count_nonzero(routed) == y.size  # one winner per output
+    np.testing.assert_array_equal(hvp_forward, routed)
+    np.testing.assert_array_equal(hvp_reverse, routed)
+
+
 def test_half_precision_average_accumulates_in_float32(rng):
     x32 = rng.uniform(1.0, 1.01, (1, 32, 32, 2)).astype(np.float32)
     x = jnp.asarray(x32, jnp.bfloat16)
