@@ -285,6 +285,39 @@ def claim(folder: str | os.PathLike) -> RunLock:
     return lock
 
 
+def _refuse_if_held(folder: Path) -> None:
+    """Raise :func:`claim`'s "in use" error if another process, or another thread of this one,
+    holds ``folder``; reads only (the lock file is probed, never created or written)."""
+    import fcntl
+
+    key = str(folder.resolve()) if folder.exists() else None
+    if key in _HELD and _HELD[key]._handle is not None:
+        if _HELD[key]._thread != threading.get_ident():
+            raise RunFolderError(
+                f"run folder {folder} is in use by another thread of this process; wait for its "
+                "run to end or choose another folder",
+                folder,
+            )
+        return  # held by this very claim: checked again once the folder is ours
+    try:
+        handle = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody holds the folder
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(handle)
+        raise RunFolderError(
+            f"run folder {folder} is in use by another process{holder}; wait for it to end "
+            "or choose another folder",
+            folder,
+        ) from None
+    except OSError:
+        return
+    finally:
+        os.close(handle)  # closing drops a lock this probe took
+
+
 def _read_holder(handle: int) -> str:
     try:
         pid, host = os.pread(handle, 256, 0).decode().split()[:2]
@@ -669,6 +702,7 @@ def check_start(
     folder = Path(folder).absolute()
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other", folder)
+    _refuse_if_held(folder)  # a busy folder is named as such, whatever it holds so far
     present = holds_run(folder)
     if resume:
         checkpoints = folder / "checkpoints"

@@ -658,6 +658,21 @@ def test_a_lock_file_that_cannot_be_opened_is_named(tmp_path):
     assert (tmp_path / run_folder.LOCK_FILE).is_dir()
 
 
+@pytest.mark.parametrize("start", ["new", "resume", "overwrite"])
+def test_a_busy_folder_is_named_in_use_whatever_it_holds_so_far(held, finished_run, start):
+    # the checks before the lock answered first: "holds no run" to a resume while the owner had
+    # written nothing yet, "already holds a run" to a new run once it had written its files
+    folder, holder = held
+    flags = {"resume": start == "resume", "overwrite": start == "overwrite"}
+    with pytest.raises(RunFolderError, match=f"in use by another process \\(pid {holder.pid}"):
+        fit(Net(), _loader(), None, _config(folder, **flags))
+    shutil.copytree(finished_run, folder, dirs_exist_ok=True)  # the owner's run, written
+    before = _snapshot(folder)
+    with pytest.raises(RunFolderError, match=f"in use by another process \\(pid {holder.pid}"):
+        fit(Net(), _loader(), None, _config(folder, **flags))
+    assert _snapshot(folder) == before
+
+
 def test_two_threads_of_one_process_cannot_share_a_folder(tmp_path):
     # claim was reentrant for the whole process: two fit calls in two threads wrote one folder
     import threading
