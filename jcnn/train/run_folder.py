@@ -602,6 +602,14 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     found = []
     for key in sorted(flat_old.keys() | flat_new.keys()):
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
+        if {} in (before, after) and _MISSING in (before, after):
+            # an empty table on one side, its entries (flattened apart) on the other: one setting
+            if before == _MISSING:
+                before = _entries(flat_old, key)
+            else:
+                after = _entries(flat_new, key)
+        elif any({} in (flat_old.get(name), flat_new.get(name)) for name in _parents(key)):
+            continue  # an entry of a table empty on the other side: reported with the table
         if _same(before, after) or _may_change(key):
             continue
         if before == _MISSING and (key in RECORDED_LATER or after in ADDED_LATER.get(key, ())):
@@ -610,6 +618,19 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
             continue
         found.append((key, before, after))
     return found
+
+
+def _entries(flat: dict, key: str) -> dict:
+    """The entries of the table ``key`` of a flattened record, by their names within it."""
+    return {
+        name[len(key) + 1 :]: value for name, value in flat.items() if name.startswith(key + ".")
+    }
+
+
+def _parents(key: str) -> list[str]:
+    """The tables a flattened ``key`` lies in (``a.b.c``: ``a``, ``a.b``)."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 _OLD_SETS = ("<builtins.set>", "<builtins.frozenset>")

@@ -191,6 +191,24 @@ def test_a_cli_run_recorded_before_no_grad_existed_resumes():
     assert changed == [("train.no_grad.conv/*", "(absent)", 0)]
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "shown"),
+    [
+        ({}, {"conv1/kernel": 0}, '--no-grad: {} in the run, {"conv1/kernel": 0} now'),
+        ({"fc/bias": 1}, {}, '--no-grad: {"fc/bias": 1} in the run, {} now'),
+    ],
+)
+def test_a_table_emptied_or_filled_on_resume_is_one_setting(before, after, shown):
+    # an empty --no-grad against a given one was two settings, one of them false:
+    # "--no-grad: {} in the run, (absent) now; no_grad.conv1/kernel: (absent) in the run, 0 now"
+    train = {"schedule": "cosine", "epochs": 4}
+    found = run_folder.differences(
+        {"train": {**train, "no_grad": before}}, {"train": {**train, "no_grad": after}}
+    )
+    assert found == [("train.no_grad", before, after)]
+    assert run_folder.format_differences(found, {"train.no_grad": "--no-grad"}) == shown
+
+
 def test_epochs_may_not_change_when_the_schedule_depends_on_them():
     old = {"train": {"schedule": "cosine", "epochs": 4}}
     assert run_folder.differences(old, {"train": {"schedule": "cosine", "epochs": 8}})
