@@ -139,9 +139,12 @@ ADDED_LATER = {"train.no_grad": ([], {})}
 meant (``no_grad=()`` records ``[]``, jcnn-train's empty mapping ``{}``): a resume with one of
 those values is the same run."""
 
-RECORDED_LATER = frozenset({"train_loader.examples"})
+RECORDED_LATER = frozenset(
+    {"train_loader.examples", "train_loader.augment", "train_loader.batch_augment"}
+)
 """Facts newer than some run folders that a record without them did not state: any value
-resumes such a folder."""
+resumes such a folder (a data.Loader's augmentation went unrecorded while its attributes were
+public and the record read the private ones)."""
 
 
 class RunFolderError(ValueError, RuntimeError):
@@ -450,9 +453,11 @@ def _describe_loader(loader) -> dict | None:
             record[attribute] = describe(getattr(loader, attribute))
     if hasattr(loader, "__len__"):
         record["batches_per_epoch"] = len(loader)
-    for attribute in ("augment", "batch_augment"):
-        if hasattr(loader, "_" + attribute):
-            record[attribute] = describe(getattr(loader, "_" + attribute))
+    for attribute in ("augment", "batch_augment"):  # public on data.Loader, once private
+        for name in (attribute, "_" + attribute):
+            if hasattr(loader, name):
+                record[attribute] = describe(getattr(loader, name))
+                break
     from jcnn.data import Loader
 
     if isinstance(loader, Loader) and not loader.streaming:
@@ -612,7 +617,8 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
             continue  # an entry of a table empty on the other side: reported with the table
         if _same(before, after) or _may_change(key):
             continue
-        if before == _MISSING and (key in RECORDED_LATER or after in ADDED_LATER.get(key, ())):
+        later = key in RECORDED_LATER or any(name in RECORDED_LATER for name in _parents(key))
+        if before == _MISSING and (later or after in ADDED_LATER.get(key, ())):
             continue
         if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
             continue

@@ -149,6 +149,35 @@ def test_resume_with_other_settings_is_refused_and_touches_nothing(run, change, 
     assert _snapshot(run) == before
 
 
+def test_a_loader_with_other_augmentation_is_refused_on_resume(run):
+    # the record read data.Loader's private _augment after it became public: no augmentation was
+    # recorded, and a resume that added one (or changed it) went on silently
+    from jcnn.data import augment
+
+    assert json.loads((run / "config.json").read_text())["train_loader"]["augment"] is None
+    images, labels = _loader().examples
+    flipped = Loader(images, labels, batch_size=16, seed=3, augment=augment.random_hflip)
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match="train_loader.augment: null in the run, jcnn.data"):
+        fit(
+            Net(),
+            flipped,
+            None,
+            _config(run, resume=True),
+            settings={"dataset": "toy", "data_dir": "/a"},
+        )
+    assert _snapshot(run) == before
+
+
+def test_a_folder_recorded_without_the_augmentation_resumes(run):
+    record = json.loads((run / "config.json").read_text())
+    del record["train_loader"]["augment"], record["train_loader"]["batch_augment"]
+    (run / "config.json").write_text(json.dumps(record, indent=1))
+    config = _config(run, resume=True, epochs=2)
+    result = fit(Net(), _loader(), None, config, settings={"dataset": "toy", "data_dir": "/a"})
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
 def test_a_folder_recorded_before_the_examples_were_resumes(run):
     record = json.loads((run / "config.json").read_text())
     del record["train_loader"]["examples"]
