@@ -1490,8 +1490,9 @@ def _fit(
                 if not math.isfinite(loss_value):
                     check_labels(batch[1], classes, f"train_loader.epoch({epoch}) labels")
                     kept = ""
+                    finite_inputs = _all_finite(batch)
                     if manager is not None:
-                        if pending == step - 1 and _all_finite(batch):
+                        if pending == step - 1 and finite_inputs:
                             manager.mark(pending, "bad")  # its parameters gave this loss
                         last = manager.last_good_step()
                         kept = (
@@ -1499,9 +1500,17 @@ def _fit(
                             if last is not None
                             else "; no checkpoint is known good"
                         )
+                    cause = (
+                        ""
+                        if finite_inputs
+                        else (
+                            "; the batch itself holds NaN or infinite values (the training data's "
+                            "fault, not the learning rate's)"
+                        )
+                    )
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, batch "
-                        f"{batch_index + 1}); training stopped{kept}"
+                        f"{batch_index + 1}); training stopped{kept}{cause}"
                     )
                 if pending is not None:
                     if pending == step - 1 and _batch_size(batch) > 0:  # a loss of examples

@@ -162,6 +162,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
     assert manager.latest_step() == 2
 
 
+def test_a_non_finite_loss_from_non_finite_data_says_so(tmp_path, rng):
+    # the message read as a diverged run ("training stopped"), with nothing to say that the batch
+    # itself held a NaN; a loss gone NaN on finite data says nothing of the data
+    train, val = _loaders(*_data(rng, poison_batch=2), shuffle=False)
+    with pytest.raises(NonFiniteLossError, match=r"batch 3\).*holds NaN or infinite values"):
+        fit(TinyNet(), train, val, _config(tmp_path / "poisoned"))
+    train, val = _loaders(*_data(rng), shuffle=False)
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(TinyNet(), train, val, _config(tmp_path / "diverged", learning_rate=1e38))
+    assert "NaN or infinite values" not in str(error.value)
+
+
 def test_build_schedule_converts_epochs_to_steps():
     config = TrainConfig(
         epochs=10, learning_rate=1.0, schedule="step", step_epochs=(3, 6), warmup_epochs=1
