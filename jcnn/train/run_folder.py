@@ -247,11 +247,7 @@ def claim(folder: str | os.PathLike) -> RunLock:
     key = str(folder.resolve())
     if key in _HELD and _HELD[key]._handle is not None:
         if _HELD[key]._thread != threading.get_ident():  # two runs of one process
-            raise RunFolderError(
-                f"run folder {folder} is in use by another thread of this process; wait for its "
-                "run to end or choose another folder",
-                folder,
-            )
+            raise _in_use(folder, "another thread of this process")
         _HELD[key]._count += 1
         return _HELD[key]
     path = folder / LOCK_FILE
@@ -269,11 +265,7 @@ def claim(folder: str | os.PathLike) -> RunLock:
         except BlockingIOError:
             holder = _read_holder(handle)
             os.close(handle)
-            raise RunFolderError(
-                f"run folder {folder} is in use by another process{holder}; wait for it to end "
-                "or choose another folder",
-                folder,
-            ) from None
+            raise _in_use(folder, f"another process{holder}") from None
         try:
             same = os.fstat(handle).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -296,11 +288,7 @@ def _refuse_if_held(folder: Path) -> None:
     key = str(folder.resolve()) if folder.exists() else None
     if key in _HELD and _HELD[key]._handle is not None:
         if _HELD[key]._thread != threading.get_ident():
-            raise RunFolderError(
-                f"run folder {folder} is in use by another thread of this process; wait for its "
-                "run to end or choose another folder",
-                folder,
-            )
+            raise _in_use(folder, "another thread of this process")
         return  # held by this very claim: checked again once the folder is ours
     try:
         handle = os.open(folder / LOCK_FILE, os.O_RDONLY)
@@ -309,16 +297,18 @@ def _refuse_if_held(folder: Path) -> None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_holder(handle)
-        raise RunFolderError(
-            f"run folder {folder} is in use by another process{holder}; wait for it to end "
-            "or choose another folder",
-            folder,
-        ) from None
+        raise _in_use(folder, f"another process{_read_holder(handle)}") from None
     except OSError:
         return
     finally:
         os.close(handle)  # closing drops a lock this probe took
+
+
+def _in_use(folder: Path, holder: str) -> RunFolderError:
+    return RunFolderError(
+        f"run folder {folder} is in use by {holder}; wait for it to end or choose another folder",
+        folder,
+    )
 
 
 def _read_holder(handle: int) -> str:
@@ -453,11 +443,9 @@ def _describe_loader(loader) -> dict | None:
             record[attribute] = describe(getattr(loader, attribute))
     if hasattr(loader, "__len__"):
         record["batches_per_epoch"] = len(loader)
-    for attribute in ("augment", "batch_augment"):  # public on data.Loader, once private
-        for name in (attribute, "_" + attribute):
-            if hasattr(loader, name):
-                record[attribute] = describe(getattr(loader, name))
-                break
+    for attribute in ("augment", "batch_augment"):
+        if hasattr(loader, attribute):
+            record[attribute] = describe(getattr(loader, attribute))
     from jcnn.data import Loader
 
     if isinstance(loader, Loader) and not loader.streaming:
