@@ -3,17 +3,8 @@
 import atexit
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zlib
-
-
-def _xla_knows(flag: str) -> bool:
-    """Whether XLA starts with ``flag`` (asked in a child process: an unknown flag aborts)."""
-    probe = [sys.executable, "-c", "import jax; jax.devices()"]
-    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(probe, env=env, capture_output=True).returncode == 0
 
 
 def _compile_faster():
@@ -24,10 +15,6 @@ def _compile_faster():
     - LLVM's -O0 (``--xla_backend_optimization_level=0``): about 40% less compile time. Values
       differ from the default level's by rounding only (where LLVM fuses a multiply and an add),
       which every comparison's tolerance allows.
-    - XLA:CPU's older loop emitters for fusions (``--xla_cpu_use_fusion_emitters=false``): a
-      third less time for the suite's small programs, most of it compiling (tests/train/
-      test_steps.py with test_pool.py and nn/test_transforms.py: 181 against 121 s). Where the
-      installed jaxlib does not know the flag (it aborts on unknown ones), it is left out.
     - one compilation cache for the session, in a fresh temporary folder removed at its end: a
       program another test or worker already compiled is loaded, not compiled again.
 
@@ -35,11 +22,7 @@ def _compile_faster():
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:
-        flags = f"{flags} --xla_backend_optimization_level=0".strip()
-    loop_emitters = "--xla_cpu_use_fusion_emitters=false"
-    if "xla_cpu_use_fusion_emitters" not in flags and _xla_knows(loop_emitters):
-        flags = f"{flags} {loop_emitters}"
-    os.environ["XLA_FLAGS"] = flags
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         folder = tempfile.mkdtemp(prefix="jcnn-tests-xla-cache-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
