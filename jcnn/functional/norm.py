@@ -227,7 +227,7 @@ def group_norm(
       x: ``(N, *spatial, C)`` floating array (rank >= 2).
       scale: ``(C,)`` or ``None``.
       bias: ``(C,)`` or ``None``.
-      num_groups: positive int dividing ``C``.
+      num_groups: positive int dividing ``C``; each group must hold more than one value.
       eps: added to the variance before the square root; must be > 0.
 
     Returns:
@@ -248,6 +248,12 @@ def group_norm(
             f"num_groups: must divide the number of channels C={channels}, got {num_groups}"
         )
 
+    group_size = math.prod(x.shape[1:-1]) * (channels // num_groups)
+    if group_size == 1 and x.size:  # every output would be the bias (the value minus itself)
+        raise ValueError(
+            f"x: expected more than 1 value per group, got 1 (x has shape {tuple(x.shape)} and "
+            f"num_groups={num_groups}); statistics over one value normalize it to 0"
+        )
     xf = x.astype(float32_or_wider(x.dtype))
     grouped = xf.reshape(*x.shape[:-1], num_groups, channels // num_groups)
     reduce_axes = (*range(1, x.ndim - 1), x.ndim)

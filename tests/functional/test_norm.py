@@ -413,6 +413,29 @@ def test_group_norm_matches_torch(torch, rng, rank):
         assert_rel_close(g, g_ref, name=f"{name}, {num_groups} groups")
 
 
+@pytest.mark.parametrize(
+    ("shape", "num_groups"), [((1, 4), 4), ((3, 1, 1, 6), 6), ((2, 1, 1, 1, 5), 5), ((1, 1), 1)]
+)
+def test_group_norm_with_one_value_per_group_is_refused_as_in_torch(torch, shape, num_groups):
+    # every output was the bias (the value minus itself) and the gradient for x zero; PyTorch
+    # refuses it for a batch of one (it counts the batch in, so a larger batch passes there)
+    x = np.ones(shape, np.float32)
+    if shape[0] == 1:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            torch.nn.functional.group_norm(torch.movedim(torch.tensor(x), -1, 1), num_groups)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"x: expected more than 1 value per group, got 1 (x has shape {shape} and "
+            f"num_groups={num_groups})"
+        ),
+    ):
+        group_norm(jnp.asarray(x), None, None, num_groups=num_groups)
+    two = group_norm(jnp.array([[1.0, 3.0]]), None, None, num_groups=1)  # two values: fine
+    np.testing.assert_allclose(two, [[-1.0, 1.0]], rtol=1e-5)
+    assert group_norm(jnp.zeros((0, 4)), None, None, num_groups=4).shape == (0, 4)
+
+
 @pytest.mark.parametrize("rank", [3, 4, 5])
 def test_instance_norm_with_running_stats_matches_torch(torch, rng, rank):
     shape = random_shape(rng, rank)
