@@ -26,7 +26,8 @@ window offsets of entries of it.
 
 Layers are found with Flax's method interception: every call of ``jcnn.nn.Dense``, ``jcnn.nn.Conv``,
 ``jcnn.nn.DepthwiseConv``, ``jcnn.nn.ConvTranspose`` or ``flax.linen.Dense`` whose parameters are
-leaves of ``params`` used by no other call. One pass gives everything: the model runs on each
+leaves of ``params`` used by no other call (a subclass with its own ``__call__`` computes another
+map: materialized). One pass gives everything: the model runs on each
 example (``vmap``), the inputs of those layers are recorded and their outputs get a zero "tap" whose
 gradient is the output cotangent; the pass differentiates only the taps and the other leaves, so no
 layer kernel gets a per-example gradient there. Every other parameter (norm scales and biases, PReLU
@@ -101,15 +102,29 @@ class _Call(NamedTuple):
     output_dtype: Any
 
 
+_LAYER_KINDS = (
+    (Dense, "Dense"),
+    (linen.Dense, "Dense"),
+    (Conv, "Conv"),
+    (DepthwiseConv, "DepthwiseConv"),
+    (ConvTranspose, "ConvTranspose"),
+)
+
+
 def _layer_kind(module) -> str | None:
-    if isinstance(module, (Dense, linen.Dense)):
-        return "Dense"
-    if isinstance(module, Conv):
-        return "Conv"
-    if isinstance(module, DepthwiseConv):
-        return "DepthwiseConv"
-    if isinstance(module, ConvTranspose) and not isinstance(module.padding, str):
-        return "ConvTranspose"
+    """The supported layer ``module`` is, or None. A subclass that defines its own ``__call__``
+    (a kernel transformed before use, another map) is not that layer: its parameters are
+    materialized, as is a ``flax.linen.Dense`` with its own ``dot_general``."""
+    for cls, kind in _LAYER_KINDS:
+        if isinstance(module, cls) and type(module).__call__ is cls.__call__:
+            if kind == "ConvTranspose" and isinstance(module.padding, str):
+                return None
+            if cls is linen.Dense and (
+                module.dot_general not in (None, jax.lax.dot_general)
+                or module.dot_general_cls is not None
+            ):
+                return None
+            return kind
     return None
 
 

@@ -283,6 +283,53 @@ def test_shared_layer_is_materialized_not_ghosted(rng):
     _assert_trees_close(total, expected_sum)
 
 
+class _SquaredKernelDense(nn.Dense):
+    """A Dense subclass with its own ``__call__``: its map is not ``x @ kernel``."""
+
+    @linen.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", linen.initializers.normal(), (x.shape[-1], self.features))
+        return x @ (kernel * kernel)
+
+
+class _StandardizedConv(nn.Conv):
+    """Weight standardization: the kernel is transformed before the convolution uses it."""
+
+    @linen.compact
+    def __call__(self, x):
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", linen.initializers.normal(), shape)
+        kernel = (kernel - kernel.mean()) / (kernel.std() + 1e-5)
+        return F.conv(x, kernel, None, padding=self.padding)
+
+
+class _QuantizedFlaxDense(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        def dot_general(a, b, *args, **kwargs):  # another map than the matrix product
+            return jax.lax.dot_general(jnp.tanh(a), b, *args, **kwargs)
+
+        return linen.Dense(3, dot_general=dot_general)(x)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (_SquaredKernelDense(3, use_bias=False), (4,)),
+        (_StandardizedConv(3, (3, 3), padding=1, use_bias=False), (5, 5, 2)),
+        (_QuantizedFlaxDense(), (4,)),
+    ],
+)
+def test_a_layer_subclass_with_its_own_call_is_materialized_not_ghosted(layer, shape, rng):
+    # taken for the layer it subclasses, its norm was the ghost norm of another map (silently
+    # 65x off for the squared kernel)
+    loss, params, batch = _problem([layer], shape, rng, batch=3)
+    plan = ghost_plan(loss, params, batch)
+    assert {row.rule for row in plan if "layers_0" in row.path} == {"per-example gradient"}
+    norms = jax.jit(lambda p, b: ghost_norms(loss, p, b, layer_rule="ghost"))(params, batch)
+    np.testing.assert_allclose(norms, _reference_norms(loss, params, batch), rtol=2e-5)
+
+
 def test_a_jitted_loss_is_planned_like_its_python_function(rng):
     model = nn.Sequential([nn.Conv(3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
     x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)), jnp.float32)
