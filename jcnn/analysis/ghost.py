@@ -69,6 +69,7 @@ from jcnn.analysis.per_example import (
     _check_params,
     _in_chunks,
     _scalar_loss,
+    _sqrt_of_square,
     _widened,
     per_example_trace,
 )
@@ -527,7 +528,7 @@ def _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule: st
         loss_fn, params, batch, layer_rule, "ghost_clipped_sum", keep=True
     )
     leaves, treedef, calls, ghost, materialized = plan
-    norms = jnp.sqrt(square)
+    norms = _sqrt_of_square(square)
     factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
     if weights is not None:
         factors = factors * jnp.asarray(weights, factors.dtype)
@@ -593,7 +594,7 @@ def ghost_norms(
     def norms(params, batch):
         with per_example_trace("ghost_norms"):
             _, square = _tapped_pass(loss_fn, params, batch, layer_rule, "ghost_norms", keep=False)
-            return jnp.sqrt(square)
+            return _sqrt_of_square(square)
 
     if chunk_size is None or chunk_size >= size:
         return norms(params, batch)

@@ -455,6 +455,14 @@ def _widened(leaf) -> jax.Array:
     return leaf.astype(float32_or_wider(leaf.dtype))
 
 
+def _sqrt_of_square(square) -> jax.Array:
+    """``sqrt(square)`` whose derivative at ``square == 0`` is 0, not ``inf``: an example whose
+    gradient is exactly zero would otherwise put ``0 * inf = NaN`` into the derivative of its norm
+    and of every clipped sum (its clip factor, 1, is locally constant there)."""
+    positive = square > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1)), 0).astype(square.dtype)
+
+
 def _norms(per_example, size: int | None = None) -> jax.Array:
     """The ``(B,)`` L2 norms of the examples' gradients; ``size`` gives ``B`` for a pytree
     without leaves (parameters without any leaf: every norm is 0)."""
@@ -466,7 +474,7 @@ def _norms(per_example, size: int | None = None) -> jax.Array:
         jnp.sum(jnp.square(_widened(leaf)).reshape(size, math.prod(leaf.shape[1:])), axis=1)
         for leaf in leaves
     ]
-    return jnp.sqrt(sum(squares, jnp.zeros(size, jnp.float32)))
+    return _sqrt_of_square(sum(squares, jnp.zeros(size, jnp.float32)))
 
 
 def per_example_grad_norms(

@@ -554,6 +554,30 @@ def test_float64_norms_and_clipped_sum_keep_float64_precision(rng):
             )
 
 
+def test_an_example_with_a_zero_gradient_gives_no_nan_in_derivatives_of_norms_and_sum():
+    # the first example is fitted exactly (zero gradient, nonzero Hessian): sqrt(0)'s infinite
+    # derivative put NaN into the derivatives of its norm and of the clipped sum
+    model = nn.Dense(1, use_bias=False)
+    x, y = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.5, 0.5]]), jnp.array([2.0, 0.0, 0.0])
+    params = {"kernel": jnp.array([[2.0], [1.0]])}
+
+    def loss(params, batch):
+        return jnp.mean((model.apply({"params": params}, batch[0])[:, 0] - batch[1]) ** 2)
+
+    def clipped_sum(params):  # no example is clipped at C = 100: the sum of the gradients
+        return ghost_clipped_sum(loss, params, (x, y), 100.0, layer_rule="ghost")[0]["kernel"]
+
+    def unclipped_sum(params):
+        return jax.grad(lambda p: sum(loss(p, (x[i : i + 1], y[i : i + 1])) for i in range(3)))(
+            params
+        )["kernel"]
+
+    got = jax.jacobian(clipped_sum)(params)["kernel"]
+    np.testing.assert_allclose(got, jax.jacobian(unclipped_sum)(params)["kernel"], rtol=1e-6)
+    norms = jax.grad(lambda p: jnp.sum(ghost_norms(loss, p, (x, y), layer_rule="ghost")))(params)
+    assert np.isfinite(norms["kernel"]).all()
+
+
 def test_empty_batch_has_no_norm_and_a_zero_sum(rng):
     loss, params, (images, labels) = _problem(*_LAYERS["conv2d_groups_reflect"], rng)
     empty = (images[:0], labels[:0])

@@ -140,6 +140,34 @@ def test_float64_norms_and_clipping_keep_float64_precision(rng):
         _assert_trees_close(mean, expected, tol=1e-12)
 
 
+def _zero_gradient_problem():
+    """A least-squares fit whose first example is fitted exactly: its gradient is zero, its
+    Hessian is not."""
+    x = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.5, 0.5]])
+    y = jnp.array([2.0, 0.0, 0.0])
+
+    def loss(w, batch):
+        return jnp.mean((batch[0] @ w - batch[1]) ** 2)
+
+    return loss, jnp.array([2.0, 1.0]), (x, y)
+
+
+def test_an_example_with_a_zero_gradient_gives_no_nan_in_derivatives_of_norms_and_clipping():
+    # sqrt(0)'s derivative is inf: 0 * inf put NaN into every derivative of the clipped sum
+    loss, w, batch = _zero_gradient_problem()
+    assert per_example_grad_norms(loss, w, batch)[0] == 0
+
+    def clipped_sum(w):  # no example is clipped at C = 100: the sum of the gradients
+        return jnp.sum(clip_per_example(per_example_grads(loss, w, batch), 100.0), axis=0)
+
+    def unclipped_sum(w):
+        return jax.grad(lambda w: sum(loss(w, (x[None], y[None])) for x, y in zip(*batch)))(w)
+
+    np.testing.assert_allclose(jax.jacobian(clipped_sum)(w), jax.jacobian(unclipped_sum)(w))
+    got = jax.grad(lambda w: jnp.sum(per_example_grad_norms(loss, w, batch)))(w)
+    assert np.isfinite(got).all()
+
+
 def test_dp_noise_has_the_stated_scale_and_is_reproducible():
     clip, sigma, size = 0.5, 2.0, 8
     zeros = {"w": jnp.zeros((size, 20_000))}
