@@ -161,7 +161,9 @@ def test_an_example_with_a_zero_gradient_gives_no_nan_in_derivatives_of_norms_an
         return jnp.sum(clip_per_example(per_example_grads(loss, w, batch), 100.0), axis=0)
 
     def unclipped_sum(w):
-        return jax.grad(lambda w: sum(loss(w, (x[None], y[None])) for x, y in zip(*batch)))(w)
+        return jax.grad(
+            lambda w: sum(loss(w, (x[None], y[None])) for x, y in zip(*batch, strict=True))
+        )(w)
 
     np.testing.assert_allclose(jax.jacobian(clipped_sum)(w), jax.jacobian(unclipped_sum)(w))
     got = jax.grad(lambda w: jnp.sum(per_example_grad_norms(loss, w, batch)))(w)
