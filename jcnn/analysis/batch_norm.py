@@ -57,11 +57,19 @@ def _group_norm_instead(num_groups, next_fun, args, kwargs, context):
     x = args[0] if args else kwargs["x"]
     if isinstance(module, linen.BatchNorm) and module.axis not in (-1, x.ndim - 1, (-1,)):
         raise ValueError(
-            f"model: flax.linen.BatchNorm {'/'.join(module.path)!r} has its features on axis "
+            f"model: flax.linen.BatchNorm {'/'.join(module.path[1:])!r} has its features on axis "
             f"{module.axis!r}; replace_batch_norm computes GroupNorm over the channels of the "
             "last axis (channels-last), expected axis=-1"
         )
     channels = x.shape[-1]
+    groups = math.gcd(num_groups, channels)
+    if math.prod(x.shape[1:-1]) * (channels // groups) == 1 and x.size:
+        raise ValueError(
+            f"num_groups: {num_groups} gives BatchNorm {'/'.join(module.path[1:])!r} on x of shape "
+            f"{tuple(x.shape)} {groups} groups of one value each (every output would be its "
+            "bias); expected num_groups whose gcd with the channels leaves more than one value "
+            "per group"
+        )
     scale = bias = None
     if module.use_scale:
         scale = module.param("scale", module.scale_init, (channels,), module.param_dtype)
@@ -71,7 +79,7 @@ def _group_norm_instead(num_groups, next_fun, args, kwargs, context):
         x,
         scale,
         bias,
-        num_groups=math.gcd(num_groups, channels),
+        num_groups=groups,
         eps=module.epsilon if isinstance(module, linen.BatchNorm) else module.eps,
     )
 
@@ -94,8 +102,8 @@ def replace_batch_norm(model: linen.Module, *, num_groups: int = 32) -> linen.Mo
       A Flax Linen module with the same parameter tree as ``model`` less ``batch_stats``.
 
     >>> import jcnn
-    >>> net = replace_batch_norm(jcnn.nn.Sequential([jcnn.nn.Dense(4), jcnn.nn.BatchNorm()]))
-    >>> variables = net.init(jax.random.key(0), jnp.ones((2, 3)), train=True)
+    >>> net = replace_batch_norm(jcnn.nn.Sequential([jcnn.nn.Conv(4, 3), jcnn.nn.BatchNorm()]))
+    >>> variables = net.init(jax.random.key(0), jnp.ones((2, 5, 5, 3)), train=True)
     >>> sorted(variables), sorted(variables["params"]["layers_1"])
     (['params'], ['bias', 'scale'])
     """

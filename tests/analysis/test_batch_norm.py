@@ -311,6 +311,20 @@ def test_replace_batch_norm_computes_group_norm_with_the_same_parameters(rng):
         replace_batch_norm(lambda x: x)
 
 
+def test_replace_batch_norm_refuses_groups_of_one_value_naming_the_layer():
+    # a BatchNorm after Dense(4) got gcd(32, 4) = 4 groups of one value: its output was the bias
+    model = nn.Sequential([nn.Dense(4), nn.BatchNorm()])
+    x = jnp.ones((3, 5))
+    with pytest.raises(
+        ValueError,
+        match=r"num_groups: 32 gives BatchNorm 'layers_1' on x of shape \(3, 4\) 4 groups of "
+        "one value each",
+    ):
+        replace_batch_norm(model).init(jax.random.key(0), x, train=True)
+    variables = replace_batch_norm(model, num_groups=2).init(jax.random.key(0), x, train=True)
+    assert sorted(variables["params"]["layers_1"]) == ["bias", "scale"]
+
+
 def test_replace_batch_norm_refuses_flax_batch_norm_with_features_on_another_axis(rng):
     class ChannelsFirst(linen.Module):
         @linen.compact
