@@ -228,8 +228,6 @@ def claim(folder: str | os.PathLike) -> RunLock:
         RunFolderError: another process, or another thread of this one, holds the folder (the
             message names it), or ``folder`` is not a directory.
     """
-    import fcntl
-
     folder = Path(folder).absolute()
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run folder {folder} exists and is not a directory", folder)
@@ -245,11 +243,10 @@ def claim(folder: str | os.PathLike) -> RunLock:
             folder,
         ) from error
     key = str(folder.resolve())
-    if key in _HELD and _HELD[key]._handle is not None:
-        if _HELD[key]._thread != threading.get_ident():  # two runs of one process
-            raise _in_use(folder, "another thread of this process")
-        _HELD[key]._count += 1
-        return _HELD[key]
+    held = _held_by_this_thread(folder, key)
+    if held is not None:
+        held._count += 1
+        return held
     path = folder / LOCK_FILE
     while True:
         try:
@@ -260,12 +257,7 @@ def claim(folder: str | os.PathLike) -> RunLock:
                 f"({type(error).__name__}: {error.strerror})",
                 folder,
             ) from error
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(handle)
-            os.close(handle)
-            raise _in_use(folder, f"another process{holder}") from None
+        _lock_or_refuse(folder, handle)
         try:
             same = os.fstat(handle).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -283,25 +275,43 @@ def claim(folder: str | os.PathLike) -> RunLock:
 def _refuse_if_held(folder: Path) -> None:
     """Raise :func:`claim`'s "in use" error if another process, or another thread of this one,
     holds ``folder``; reads only (the lock file is probed, never created or written)."""
-    import fcntl
-
-    key = str(folder.resolve()) if folder.exists() else None
-    if key in _HELD and _HELD[key]._handle is not None:
-        if _HELD[key]._thread != threading.get_ident():
-            raise _in_use(folder, "another thread of this process")
+    if folder.exists() and _held_by_this_thread(folder, str(folder.resolve())) is not None:
         return  # held by this very claim: checked again once the folder is ours
     try:
         handle = os.open(folder / LOCK_FILE, os.O_RDONLY)
     except OSError:
         return  # no lock file: nobody holds the folder
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _in_use(folder, f"another process{_read_holder(handle)}") from None
+        _lock_or_refuse(folder, handle)
     except OSError:
         return
-    finally:
-        os.close(handle)  # closing drops a lock this probe took
+    os.close(handle)  # closing drops the lock this probe took
+
+
+def _held_by_this_thread(folder: Path, key: str) -> RunLock | None:
+    """The claim this thread holds on ``folder`` (resolved to ``key``), if any; raises if
+    another thread of this process holds it (two runs of one process)."""
+    held = _HELD.get(key)
+    if held is None or held._handle is None:
+        return None
+    if held._thread != threading.get_ident():
+        raise _in_use(folder, "another thread of this process")
+    return held
+
+
+def _lock_or_refuse(folder: Path, handle: int) -> None:
+    """Take the lock on the open lock file ``handle``, or close it and raise "in use" naming
+    the process that holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = _read_holder(handle) if isinstance(error, BlockingIOError) else None
+        os.close(handle)
+        if holder is None:
+            raise
+        raise _in_use(folder, f"another process{holder}") from None
 
 
 def _in_use(folder: Path, holder: str) -> RunFolderError:
@@ -595,17 +605,18 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     found = []
     for key in sorted(flat_old.keys() | flat_new.keys()):
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
+        parents = _parents(key)
         if {} in (before, after) and _MISSING in (before, after):
             # an empty table on one side, its entries (flattened apart) on the other: one setting
             if before == _MISSING:
                 before = _entries(flat_old, key)
             else:
                 after = _entries(flat_new, key)
-        elif any({} in (flat_old.get(name), flat_new.get(name)) for name in _parents(key)):
+        elif any({} in (flat_old.get(name), flat_new.get(name)) for name in parents):
             continue  # an entry of a table empty on the other side: reported with the table
         if _same(before, after) or _may_change(key):
             continue
-        later = key in RECORDED_LATER or any(name in RECORDED_LATER for name in _parents(key))
+        later = key in RECORDED_LATER or any(name in RECORDED_LATER for name in parents)
         if before == _MISSING and (later or after in ADDED_LATER.get(key, ())):
             continue
         if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
