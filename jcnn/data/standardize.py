@@ -26,6 +26,15 @@ MODES = ("per_channel", "center", "mean_image", "pca", "zca")
 _CHUNK = 4096  # examples per chunk when accumulating statistics in float64
 
 
+def _statistics_dtype(dtype) -> np.dtype:
+    """float64 for float64 images under ``jax_enable_x64`` (their statistics and standardized
+    values are not rounded to float32), else float32: integer, half-precision and float32 images,
+    and float64 images without x64, where JAX holds no float64."""
+    if np.dtype(dtype) == np.float64:
+        return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+    return np.dtype(np.float32)
+
+
 def _float64_chunks(images):
     """``images`` in consecutive chunks of ``_CHUNK`` examples, each as a float64 NumPy array."""
     for start in range(0, images.shape[0], _CHUNK):
@@ -138,7 +147,8 @@ class Standardize:
           num_components: ``"pca"`` only: keep the top ``K`` components (all where None).
 
         Returns:
-          The fitted :class:`Standardize`.
+          The fitted :class:`Standardize`: float32 statistics, float64 for float64 images under
+          ``jax_enable_x64``.
 
         >>> images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
         >>> stats = Standardize.fit(images)
@@ -168,6 +178,7 @@ class Standardize:
         if mode != "pca" and num_components is not None:
             raise ValueError(f"num_components: only meaningful for mode='pca', got mode={mode!r}")
         _check_real_images(train_images, "train_images")
+        dtype = _statistics_dtype(train_images.dtype)
         n = train_images.shape[0]
         total = np.zeros(train_images.shape[1:], np.float64)
         for start, chunk in zip(range(0, n, _CHUNK), _float64_chunks(train_images), strict=True):
@@ -178,7 +189,7 @@ class Standardize:
                     f"train_images: expected finite values, got {int((~finite).sum())} NaN or "
                     f"infinite value(s) (first in image {index}); statistics of them would be NaN"
                 )
-            too_large = np.abs(chunk) > np.finfo(np.float32).max
+            too_large = np.abs(chunk) > np.finfo(dtype).max
             if too_large.any():
                 index = start + int(np.argwhere(too_large)[0][0])
                 raise ValueError(
@@ -202,12 +213,10 @@ class Standardize:
                         f"train_images: channel(s) {np.flatnonzero(scale == 0).tolist()} are "
                         "constant (std 0); use mode='center'"
                     )
-            return cls(
-                jnp.asarray(channel_mean, jnp.float32), jnp.asarray(scale, jnp.float32), None, mode
-            )
-        ones = jnp.ones((channels,), jnp.float32)
+            return cls(jnp.asarray(channel_mean, dtype), jnp.asarray(scale, dtype), None, mode)
+        ones = jnp.ones((channels,), dtype)
         if mode == "mean_image":
-            return cls(jnp.asarray(mean_image, jnp.float32), ones, None, mode)
+            return cls(jnp.asarray(mean_image, dtype), ones, None, mode)
         dim = mean_image.size
         flat_mean = mean_image.reshape(-1)
         covariance = np.zeros((dim, dim))
@@ -234,12 +243,11 @@ class Standardize:
         projection = eigenvectors / np.sqrt(eigenvalues + eps)
         if mode == "zca":
             projection = projection @ eigenvectors.T
-        return cls(
-            jnp.asarray(mean_image, jnp.float32), ones, jnp.asarray(projection, jnp.float32), mode
-        )
+        return cls(jnp.asarray(mean_image, dtype), ones, jnp.asarray(projection, dtype), mode)
 
     def __call__(self, *args: np.ndarray | jax.Array) -> jax.Array:
-        """``images`` standardized, as ``float32`` (works under ``jit`` and ``vmap``).
+        """``images`` standardized, as ``float32``, or ``float64`` for float64 images under
+        ``jax_enable_x64`` (works under ``jit`` and ``vmap``).
 
         Called as ``stats(images)``, or with the signature of an augmentation op,
         ``stats(key, image)`` (the key is not used), so that it can end an
@@ -250,7 +258,8 @@ class Standardize:
             training images' ``H, W, C`` (``C`` only for the per-channel modes).
 
         Returns:
-          ``(..., H, W, C)`` float32; ``(..., K)`` for ``"pca"``.
+          ``(..., H, W, C)`` float32 (float64 for float64 images under x64); ``(..., K)`` for
+          ``"pca"``.
 
         Example:
           >>> from jcnn import data
@@ -279,15 +288,16 @@ class Standardize:
                 f"images: expected shape (..., {', '.join(map(str, self._image_shape()))}) as in "
                 f"the training images, got {tuple(images.shape)}"
             )
-        x = jnp.asarray(images).astype(jnp.float32)
+        dtype = _statistics_dtype(images.dtype)
+        x = jnp.asarray(images).astype(dtype)
         lead = (1,) * (x.ndim - self.mean.ndim)
-        mean = self.mean.reshape(lead + self.mean.shape)
+        mean = self.mean.astype(dtype).reshape(lead + self.mean.shape)
         if self.projection is None:
-            scale = self.scale.reshape((1,) * (x.ndim - 1) + self.scale.shape)
+            scale = self.scale.astype(dtype).reshape((1,) * (x.ndim - 1) + self.scale.shape)
             return (x - mean) / scale
         batch_shape = x.shape[: x.ndim - 3]
         flat = (x - mean).reshape(*batch_shape, -1)
-        out = flat @ self.projection
+        out = flat @ self.projection.astype(dtype)
         if self.mode == "zca":
             return out.reshape(x.shape)
         return out
