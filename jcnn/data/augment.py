@@ -4,7 +4,8 @@ Conventions:
 
 - An image is ``(H, W, C)``; ``uint8`` images take values ``0..255``, floating images ``[0, 1]``
   (the "maximum value" below). Every op returns the dtype it was given (rounding and clipping
-  ``uint8`` results), except :func:`mixup`, which returns ``float32`` in the input's units.
+  ``uint8`` results), except :func:`mixup`, which returns ``float32`` in the input's units
+  (``float64`` for float64 images under ``jax_enable_x64``).
 - A random per-example op has the signature ``op(key, image, **options) -> image``; bind its options
   with ``functools.partial`` and chain ops with :func:`compose`. A batch gets one key per example:
   :func:`apply_batch` (or :class:`jcnn.data.Loader`) splits a key and ``vmap``s the op.
@@ -42,6 +43,7 @@ from jcnn.functional._checks import (
     check_real,
     check_real_or_traced,
     check_size_sequence,
+    float32_or_wider,
     is_int,
 )
 
@@ -659,14 +661,16 @@ def mixup(
     batch; ``images = lam x + (1 - lam) x[perm]`` and the labels likewise.
 
     Returns:
-      ``(images float32 in the input's units, soft labels (N, K) float32)``.
+      ``(images float32 in the input's units, soft labels (N, K) float32)``; both float64 for
+      float64 images under ``jax_enable_x64``.
     """
     check_key(key)
     soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
+    dtype = float32_or_wider(images.dtype)
     k_lam, k_perm = jax.random.split(key)
-    lam = jax.random.beta(k_lam, alpha, alpha)
+    lam = jax.random.beta(k_lam, alpha, alpha, dtype=dtype)
     perm = jax.random.permutation(k_perm, images.shape[0])
-    x = images.astype(jnp.float32)
+    x, soft = images.astype(dtype), soft.astype(dtype)
     return lam * x + (1 - lam) * x[perm], lam * soft + (1 - lam) * soft[perm]
 
 
@@ -686,13 +690,16 @@ def cutmix(
     the image (after clipping), the rest stays with the example's own label.
 
     Returns:
-      ``(images, same dtype; soft labels (N, K) float32)``.
+      ``(images, same dtype; soft labels (N, K) float32)``, the labels float64 for float64 images
+      under ``jax_enable_x64``.
     """
     check_key(key)
     soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
+    dtype = float32_or_wider(images.dtype)
+    soft = soft.astype(dtype)
     height, width = images.shape[1:3]
     k_lam, k_perm, k_y, k_x = jax.random.split(key, 4)
-    lam = jax.random.beta(k_lam, alpha, alpha)
+    lam = jax.random.beta(k_lam, alpha, alpha, dtype=dtype)
     cut = jnp.sqrt(1.0 - lam)
     cut_h = jnp.floor(height * cut).astype(jnp.int32)
     cut_w = jnp.floor(width * cut).astype(jnp.int32)
@@ -705,7 +712,7 @@ def cutmix(
     box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
     perm = jax.random.permutation(k_perm, images.shape[0])
     mixed = jnp.where(box[None, :, :, None], images[perm], images)
-    pasted = ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
+    pasted = ((bottom - top) * (right - left)).astype(dtype) / (height * width)
     return mixed, (1 - pasted) * soft + pasted * soft[perm]
 
 

@@ -301,6 +301,33 @@ def test_cutmix_label_weights_equal_pasted_area():
     assert pasted.max() > 0.5 and pasted.min() == 0
 
 
+@pytest.mark.parametrize("mix", [A.mixup, A.cutmix])
+def test_mixing_keeps_float64_under_x64_and_float32_otherwise(mix):
+    # under jax_enable_x64 mixup rounded float64 images to float32 before mixing them with a
+    # float64 lambda (float64 output, float32 values), gave float32 images float64 outputs, and
+    # cutmix's label weights stayed float32 for float64 images
+    images = np.random.default_rng(0).uniform(0, 1, (5, 6, 4, 2))
+    labels = np.arange(5)
+    with jax.enable_x64(True):
+        mixed, soft = mix(jax.random.key(1), jnp.asarray(images), labels, num_classes=5)
+        mixed32, soft32 = mix(
+            jax.random.key(1), jnp.asarray(images, jnp.float32), labels, num_classes=5
+        )
+    assert (mixed.dtype, soft.dtype) == (np.float64, np.float64)
+    assert (mixed32.dtype, soft32.dtype) == (np.float32, np.float32)
+    mixed, soft = np.asarray(mixed), np.asarray(soft)
+    own = soft[labels, labels]
+    partner = np.argmax(soft - np.eye(5), axis=-1)
+    assert (own < 1).any()
+    if mix is A.mixup:  # lam x + (1 - lam) x[perm], with lam the label weight, in float64
+        expected = own[:, None, None, None] * images + (1 - own[:, None, None, None]) * images[
+            partner
+        ]
+        np.testing.assert_allclose(mixed, expected, rtol=0, atol=1e-15)
+    else:  # the label weight is the image's own area, an exact fraction of 24 pixels
+        np.testing.assert_array_equal(own, (mixed == images).all(-1).sum((1, 2)) / 24)
+
+
 def test_mixing_ops_need_num_classes_for_integer_labels():
     images = jnp.zeros((2, 4, 4, 1))
     with pytest.raises(ValueError, match="num_classes"):
