@@ -768,15 +768,16 @@ def pattern(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     return out.astype(jnp.float32)
 
 
-def _mixing_weights(key, beta):
+def _mixing_weights(key, beta, dtype=jnp.float32):
     """Weights (a, b) of a PixMix step, as the reference ``get_ab``: interpolating,
     ``a ~ Beta(beta, 1)``, ``b ~ Beta(1, beta)``, or (prob. 1/2) extrapolating,
-    ``a = 1 + Beta(1, beta)``, ``b = -Beta(1, beta)``; every draw independent."""
+    ``a = 1 + Beta(1, beta)``, ``b = -Beta(1, beta)``; every draw independent, in ``dtype`` (the
+    image's: a float64 draw under x64 changed the float32 image's type inside the loop)."""
     k_choice, k_a, k_b, k_extra = jax.random.split(key, 4)
     # Beta(beta, 1) and Beta(1, beta) by inverting their CDFs x^beta and 1 - (1 - x)^beta
-    a_in = jax.random.uniform(k_a, ()) ** (1.0 / beta)
-    b_in = 1.0 - jax.random.uniform(k_b, ()) ** (1.0 / beta)
-    a_out = 2.0 - jax.random.uniform(k_extra, ()) ** (1.0 / beta)
+    a_in = jax.random.uniform(k_a, (), dtype) ** (1.0 / beta)
+    b_in = 1.0 - jax.random.uniform(k_b, (), dtype) ** (1.0 / beta)
+    a_out = 2.0 - jax.random.uniform(k_extra, (), dtype) ** (1.0 / beta)
     extrapolate = jax.random.bernoulli(k_choice)
     return jnp.where(extrapolate, a_out, a_in), jnp.where(extrapolate, -b_in, b_in)
 
@@ -840,7 +841,7 @@ def pixmix(
         if augment is not None:
             augmented = _to_float(augment(k_aug, image)) / max_value
             partner = jnp.where(jax.random.bernoulli(k_pick), augmented, partner)
-        a, b = _mixing_weights(k_weights, beta)
+        a, b = _mixing_weights(k_weights, beta, x_mixed.dtype)
         added = ((a * (2 * x_mixed - 1) + b * (2 * partner - 1)) + 1) / 2
         multiplied = (
             jnp.power(jnp.maximum(2 * x_mixed, 1e-6), a)

@@ -328,6 +328,16 @@ def test_mixing_keeps_float64_under_x64_and_float32_otherwise(mix):
         np.testing.assert_array_equal(own, (mixed == images).all(-1).sum((1, 2)) / 24)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.uint8])
+def test_pixmix_keeps_the_image_dtype_under_x64(dtype):
+    # under jax_enable_x64 the mixing weights were float64 draws, so the float32 image of the
+    # mixing loop became float64 and lax.fori_loop failed with a raw carry-type TypeError
+    image = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (6, 5, 3)) * (255 if dtype == jnp.uint8 else 1), dtype)
+    with jax.enable_x64(True):
+        out = A.pixmix(jax.random.key(0), image, k=4)
+    assert out.dtype == dtype and out.shape == image.shape
+
+
 def test_mixing_ops_need_num_classes_for_integer_labels():
     images = jnp.zeros((2, 4, 4, 1))
     with pytest.raises(ValueError, match="num_classes"):
