@@ -137,8 +137,14 @@ def _max_value(dtype) -> float:
     return 255.0 if dtype == jnp.uint8 else 1.0
 
 
+def _float_dtype(image):
+    """The type an op computes ``image`` in: float32, or float64 for float64 images (under
+    ``jax_enable_x64``), never rounded to float32 on the way."""
+    return float32_or_wider(image.dtype)
+
+
 def _to_float(image) -> jax.Array:
-    return image.astype(jnp.float32)
+    return image.astype(_float_dtype(image))
 
 
 def _restore(x, dtype) -> jax.Array:
@@ -193,7 +199,7 @@ def _grayscale(x) -> jax.Array:
         return x
     if x.shape[-1] != 3:
         raise ValueError(f"image: colour ops expect 1 or 3 channels, got {x.shape[-1]}")
-    weights = jnp.array([0.299, 0.587, 0.114], jnp.float32)
+    weights = jnp.array([0.299, 0.587, 0.114], x.dtype)
     return jnp.sum(x * weights.reshape(1, 1, 3), axis=-1, keepdims=True)
 
 
@@ -252,14 +258,15 @@ def affine(image: jax.Array, matrix: ArrayLike, *, fill: ArrayLike = 0.0) -> jax
     """
     _check_image(image)
     height, width = image.shape[:2]
+    dtype = _float_dtype(image)
     rows, cols = jnp.meshgrid(
-        jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+        jnp.arange(height, dtype=dtype), jnp.arange(width, dtype=dtype), indexing="ij"
     )
     cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
     x_out, y_out = cols - cx, cy - rows
     if getattr(matrix, "shape", None) is None and not isinstance(matrix, (list, tuple)):
         raise TypeError(f"matrix: expected a (2, 3) array, got {type(matrix).__name__}")
-    matrix = jnp.asarray(matrix, jnp.float32)
+    matrix = jnp.asarray(matrix, dtype)
     if matrix.shape != (2, 3):
         raise ValueError(f"matrix: expected shape (2, 3), got {tuple(matrix.shape)}")
     if not isinstance(matrix, jax.core.Tracer) and not np.isfinite(matrix).all():
@@ -280,7 +287,8 @@ def rotate(image: jax.Array, angle: ArrayLike, *, fill: ArrayLike = 0.0) -> jax.
     >>> rotate(image, 90)[..., 0].tolist() == jnp.rot90(image)[..., 0].tolist()
     True
     """
-    theta = jnp.deg2rad(jnp.asarray(check_real_or_traced(angle, "angle"), jnp.float32))
+    angle = check_real_or_traced(angle, "angle")
+    theta = jnp.deg2rad(jnp.asarray(angle, _float_dtype(image)))
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     # the output point p samples the input point R(-angle) p
     matrix = jnp.stack([jnp.stack([cos, sin, 0.0 * cos]), jnp.stack([-sin, cos, 0.0 * cos])])
@@ -291,16 +299,18 @@ def translate(
     image: jax.Array, shift_y: ArrayLike, shift_x: ArrayLike, *, fill: ArrayLike = 0.0
 ) -> jax.Array:
     """``image`` moved down by ``shift_y``, right by ``shift_x`` pixels (bilinear if fractional)."""
-    one, zero = jnp.float32(1), jnp.float32(0)
-    sx = jnp.asarray(check_real_or_traced(shift_x, "shift_x"), jnp.float32)
-    sy = jnp.asarray(check_real_or_traced(shift_y, "shift_y"), jnp.float32)
+    dtype = _float_dtype(image)
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    sx = jnp.asarray(check_real_or_traced(shift_x, "shift_x"), dtype)
+    sy = jnp.asarray(check_real_or_traced(shift_y, "shift_y"), dtype)
     matrix = jnp.stack([jnp.stack([one, zero, -sx]), jnp.stack([zero, one, sy])])
     return affine(image, matrix, fill=fill)
 
 
 def _shear(image, shear, axis, fill=0.0):
-    one, zero = jnp.float32(1), jnp.float32(0)
-    s = jnp.asarray(shear, jnp.float32)
+    dtype = _float_dtype(image)
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    s = jnp.asarray(shear, dtype)
     if axis == "x":
         matrix = jnp.stack([jnp.stack([one, s, zero]), jnp.stack([zero, one, zero])])
     else:
@@ -420,8 +430,9 @@ def random_resized_crop(
     box_h = jnp.clip(jnp.sqrt(area / aspect), 1.0, height)
     top = jax.random.uniform(k_top, ()) * (height - box_h)
     left = jax.random.uniform(k_left, ()) * (width - box_w)
-    rows = top + (jnp.arange(out_h, dtype=jnp.float32) + 0.5) * box_h / out_h - 0.5
-    cols = left + (jnp.arange(out_w, dtype=jnp.float32) + 0.5) * box_w / out_w - 0.5
+    dtype = _float_dtype(image)
+    rows = top + (jnp.arange(out_h, dtype=dtype) + 0.5) * box_h / out_h - 0.5
+    cols = left + (jnp.arange(out_w, dtype=dtype) + 0.5) * box_w / out_w - 0.5
     grid_r, grid_c = jnp.meshgrid(rows, cols, indexing="ij")
     out = _bilinear(_to_float(image), grid_r, grid_c, edge=True)
     return _restore(out, image.dtype)
@@ -448,7 +459,7 @@ def cutout(key: jax.Array, image: jax.Array, *, size: int, fill: ArrayLike = 0) 
     top, left = cy - size // 2, cx - size // 2
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
     return jnp.where(
-        inside[..., None], _restore(jnp.asarray(fill, jnp.float32), image.dtype), image
+        inside[..., None], _restore(jnp.asarray(fill, _float_dtype(image)), image.dtype), image
     )
 
 
@@ -490,8 +501,8 @@ def posterize(image: jax.Array, bits: int | jax.Array) -> jax.Array:
     mask = (jnp.left_shift(jnp.int32(0xFF), 8 - bits) & 0xFF).astype(jnp.uint8)
     if image.dtype == jnp.uint8:
         return image & mask
-    levels = jnp.round(jnp.clip(image.astype(jnp.float32), 0, 1) * 255).astype(jnp.uint8)
-    return ((levels & mask).astype(jnp.float32) / 255).astype(image.dtype)
+    levels = jnp.round(jnp.clip(_to_float(image), 0, 1) * 255).astype(jnp.uint8)
+    return ((levels & mask).astype(_float_dtype(image)) / 255).astype(image.dtype)
 
 
 def solarize(image: jax.Array, threshold: ArrayLike) -> jax.Array:
@@ -503,7 +514,7 @@ def solarize(image: jax.Array, threshold: ArrayLike) -> jax.Array:
     _check_image(image)
     threshold = check_real_or_traced(threshold, "threshold")
     inverted = jnp.asarray(_max_value(image.dtype), image.dtype) - image
-    above = image.astype(jnp.float32) >= jnp.asarray(threshold, jnp.float32)
+    above = _to_float(image) >= jnp.asarray(threshold, _float_dtype(image))
     return jnp.where(above, inverted, image)
 
 
@@ -666,7 +677,7 @@ def mixup(
     """
     check_key(key)
     soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
-    dtype = float32_or_wider(images.dtype)
+    dtype = _float_dtype(images)
     k_lam, k_perm = jax.random.split(key)
     lam = jax.random.beta(k_lam, alpha, alpha, dtype=dtype)
     perm = jax.random.permutation(k_perm, images.shape[0])
@@ -695,7 +706,7 @@ def cutmix(
     """
     check_key(key)
     soft, alpha = _mixing_labels(images, labels, alpha, num_classes)
-    dtype = float32_or_wider(images.dtype)
+    dtype = _float_dtype(images)
     soft = soft.astype(dtype)
     height, width = images.shape[1:3]
     k_lam, k_perm, k_y, k_x = jax.random.split(key, 4)

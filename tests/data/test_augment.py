@@ -320,9 +320,9 @@ def test_mixing_keeps_float64_under_x64_and_float32_otherwise(mix):
     partner = np.argmax(soft - np.eye(5), axis=-1)
     assert (own < 1).any()
     if mix is A.mixup:  # lam x + (1 - lam) x[perm], with lam the label weight, in float64
-        expected = own[:, None, None, None] * images + (1 - own[:, None, None, None]) * images[
-            partner
-        ]
+        expected = (
+            own[:, None, None, None] * images + (1 - own[:, None, None, None]) * images[partner]
+        )
         np.testing.assert_allclose(mixed, expected, rtol=0, atol=1e-15)
     else:  # the label weight is the image's own area, an exact fraction of 24 pixels
         np.testing.assert_array_equal(own, (mixed == images).all(-1).sum((1, 2)) / 24)
@@ -332,7 +332,10 @@ def test_mixing_keeps_float64_under_x64_and_float32_otherwise(mix):
 def test_pixmix_keeps_the_image_dtype_under_x64(dtype):
     # under jax_enable_x64 the mixing weights were float64 draws, so the float32 image of the
     # mixing loop became float64 and lax.fori_loop failed with a raw carry-type TypeError
-    image = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (6, 5, 3)) * (255 if dtype == jnp.uint8 else 1), dtype)
+    image = jnp.asarray(
+        np.random.default_rng(0).uniform(0, 1, (6, 5, 3)) * (255 if dtype == jnp.uint8 else 1),
+        dtype,
+    )
     with jax.enable_x64(True):
         out = A.pixmix(jax.random.key(0), image, k=4)
     assert out.dtype == dtype and out.shape == image.shape
@@ -857,3 +860,36 @@ def test_an_image_without_pixels_is_named(shape, call):
     # divided by the zero area: labels of NaN
     with pytest.raises(ValueError, match=r"images?: expected .*at least 1 x 1 pixels, got shape"):
         call(jnp.zeros(shape, jnp.uint8))
+
+
+def test_float64_images_under_x64_are_augmented_in_float64():
+    # every op computed in float32 (its sampling grid, matrix, blend and threshold too) and cast
+    # the result back: float64 output holding float32-rounded values
+    rng = np.random.default_rng(0)
+    image = 0.1 + 0.8 * rng.uniform(size=(5, 7, 3))
+    image[0, 0] = 0.3 + np.array([0.0, 1e-12, -1e-12])  # apart only in float64
+    with jax.enable_x64(True):
+        x = jnp.asarray(image)
+        brightened = A.adjust_brightness(x, 1.3)
+        shifted = A.translate(x, 0.0, 0.25)
+        solarized = A.solarize(x, 0.3 + 5e-13)
+        cut = A.cutout(jax.random.key(0), x, size=3, fill=0.1)
+        others = [
+            A.rotate(x, 30.0),
+            A.affine(x, np.array([[0.9, 0.1, 0.3], [-0.2, 1.1, 0.25]])),
+            A.random_resized_crop(jax.random.key(1), x, size=4),
+            A.autocontrast(x),
+            A.posterize(x, 3),
+            A.adjust_contrast(x, 0.7),
+            A.adjust_saturation(x, 0.6),
+            A.adjust_sharpness(x, 1.7),
+        ]
+    for out in (brightened, shifted, solarized, cut, *others):
+        assert out.dtype == np.float64
+    np.testing.assert_allclose(brightened, np.clip(1.3 * image, 0, 1), rtol=0, atol=1e-15)
+    left = np.pad(image, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # a quarter pixel right, 0 fill
+    np.testing.assert_allclose(shifted, 0.75 * image + 0.25 * left, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(solarized, np.where(image >= 0.3 + 5e-13, 1 - image, image))
+    assert (np.asarray(solarized[0, 0]) != image[0, 0]).tolist() == [False, True, False]
+    erased = np.asarray(cut) != image
+    assert erased.any() and (np.asarray(cut)[erased] == 0.1).all()
