@@ -23,10 +23,10 @@ normalization, the latter unless it uses its running statistics, and local contr
 normalization, whose divisor involves the image's mean deviation) every unit sees the
 whole input window of the layer before it; after such a normalization the units of the map all see
 that same window (effective stride 0), and so do the units of the layers after it. Where tensors
-are combined outside the layers (a residual ``f(x) + x``) the combined tensor takes the largest
-receptive field among the layer outputs of the same spatial size inside the enclosing module
-(unknown where something other than per-position operations made it, e.g. a pool function
-such as ``flax.linen.avg_pool`` between two layers);
+are combined outside the layers (a residual ``f(x) + x``) the combined tensor sees the union of
+the windows of the layer outputs of the same spatial size inside the enclosing module (unknown
+where something other than per-position operations made it, e.g. a pool function such as
+``flax.linen.avg_pool`` between two layers, or where their effective strides differ);
 a module that returns an array as is (its input, or a layer's output) gives it that array's field.
 A layer inside ``nn.scan`` or ``nn.vmap`` shows ``?`` for its multiply-adds (the abstract run
 traces its body once, not once per step or slice), and so do the receptive fields from the first
@@ -596,13 +596,21 @@ def _same_grid(shape, other) -> bool:
 
 
 def _widest(fields) -> ReceptiveField | None:
-    """The widest of ``fields``; None if there are none or one is unknown: the combined tensor
-    may come from that one (a transposed conv's output of an earlier map's shape), and an
-    earlier field would then be reported for it."""
+    """The union of ``fields``' windows, per axis (branches padded differently, e.g. a causal
+    and a centred conv summed, see windows that do not hold one another); None if there are
+    none, if one is unknown (the combined tensor may come from that one: a transposed conv's
+    output of an earlier map's shape, and an earlier field would then be reported for it), or
+    if their effective strides differ (neighbouring units' unions are then not one window
+    shifted)."""
     fields = list(fields)
     if not fields or any(f is None for f in fields):
         return None
-    return max(fields, key=lambda f: f.size)
+    if len({f.stride for f in fields}) > 1:
+        return None
+    start = [min(f.start[axis] for f in fields) for axis in range(len(fields[0].start))]
+    end = [max(f.start[axis] + f.size[axis] for f in fields) for axis in range(len(start))]
+    size = tuple(e - a for a, e in zip(start, end, strict=True))
+    return ReceptiveField(size, fields[0].stride, tuple(start))
 
 
 def _descends(calls, call: LayerCall, ancestor: int) -> bool:

@@ -838,3 +838,29 @@ def test_receptive_field_unknown_where_a_function_mixes_positions_between_layers
             return x + jax.nn.relu(nn.Conv(2, 3, padding=1)(x)) * 2.0
 
     assert receptive_field(nn.Sequential([Residual(), Residual()]), (1, 9, 9, 2)).size == (5, 5)
+
+
+def test_receptive_field_of_branches_is_the_union_of_their_windows(rng):
+    # a causal and a centred conv see [i-2, i] and [i-1, i+1]: their sum sees [i-2, i+1]
+    class CausalPlusSame(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            causal = flax_nn.Conv(2, (3,), padding="CAUSAL")(x)
+            return causal + flax_nn.Conv(2, (3,), padding="SAME")(x)
+
+    assert receptive_field(CausalPlusSame(), (1, 12, 1)) == ReceptiveField((4,), (1,), (-2,))
+
+    # windows 3x7 and 7x3 (the larger by a tuple comparison lost an axis) and shifted ones
+    class Branches(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            a = nn.Conv(2, (3, 7), padding=(1, 3))(x)
+            b = nn.Conv(2, (7, 3), padding=(3, 1))(x)
+            c = nn.Conv(2, 3, padding=((2, 0), (0, 2)))(x)
+            return a + b + c
+
+    shape = (1, 15, 15, 2)
+    field = receptive_field(Branches(), shape)
+    assert field == ReceptiveField((7, 7), (1, 1), (-3, -3))
+    boxes, centre, _ = _dependency_box(Branches(), shape, rng)
+    assert boxes == _predicted_box(field, centre, shape[1:-1])
