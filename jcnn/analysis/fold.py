@@ -4,7 +4,8 @@
 ``DepthwiseConv``, ``ConvTranspose`` or ``Dense`` whose output goes only into a
 ``jcnn.nn.BatchNorm`` (by running the model abstractly), folds the
 BatchNorm's running statistics and affine map into the layer's kernel and bias with
-``F.fold_batch_norm``, and returns a ``FoldedModel``: the same network with those BatchNorms
+``F.fold_batch_norm`` (a pair inside ``nn.scan`` or ``nn.vmap``, whose variables are stacked,
+is left as it is), and returns a ``FoldedModel``: the same network with those BatchNorms
 skipped, and parameters at the same paths (the BatchNorms' entries removed, a ``bias`` added to
 convs built with ``use_bias=False``). The folded network computes the original's eval-mode
 (``train=False``) function with one layer less per pair; it is meant for inference.
@@ -106,6 +107,8 @@ def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float, int]]:
         layer_consumers = [index for index in layer.consumers if calls[index].is_leaf]
         if (
             layer.is_leaf
+            # inside nn.scan or nn.vmap the variables are stacked, one slice per step or slice
+            and not (layer.lifted or call.lifted)
             and type(layer.module) in _FOLDABLE
             and layer_consumers == [call.index]
             and call_counts[layer.path] == 1

@@ -331,3 +331,36 @@ def test_fold_names_variables_of_the_wrong_type():
     np.testing.assert_allclose(
         folded.apply(folded_variables, x + 1), model.apply(variables, x + 1, train=False), atol=1e-5
     )
+
+
+def test_a_pair_inside_nn_vmap_is_kept_and_the_rest_folded(rng):
+    """Inside nn.vmap a pair's variables are stacked (one slice per copy): it is
+    kept, where it was folded as one layer and refused with a shape error about 'scale'."""
+
+    class Block(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return nn.BatchNorm()(nn.Conv(3, 3, padding=1, use_bias=False)(x), False)
+
+    class Model(linen.Module):
+        @linen.compact
+        def __call__(self, x, train=False):
+            x = nn.BatchNorm()(nn.Conv(3, 1)(x), train)
+            lifted = linen.vmap(
+                Block,
+                variable_axes={"params": 0, "batch_stats": 0},
+                split_rngs={"params": True},
+                in_axes=1,
+                out_axes=1,
+            )
+            return lifted(name="copies")(x)
+
+    shape = (2, 2, 5, 4, 3)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    model = Model()
+    variables = _randomize_batch_norms(model.init(jax.random.key(0), x, train=False), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    assert folded_model.skipped == (("BatchNorm_0",),)
+    assert list(folded["batch_stats"]) == ["copies"]
+    original = model.apply(variables, x, train=False)
+    assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
