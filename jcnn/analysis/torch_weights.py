@@ -13,8 +13,10 @@ and the twins in the tests. Conversions:
   C_out // groups)``; ``bias`` unchanged.
 - ``Dense``: weight ``(out, in)`` transposed; when the dense layer follows a ``Flatten`` of a
   feature map, its input axis is permuted from PyTorch's NCHW flatten order (W fastest) to jcnn's
-  NHWC order (C fastest). A flat input made outside the layers (``F.relu`` after the flatten, a
-  reshape) with as many values as an earlier feature map is refused: its order cannot be told.
+  NHWC order (C fastest), unless a dense layer made that map (PyTorch's ``Linear`` keeps the
+  features last, e.g. a ``(N, T, F)`` sequence). A flat input made outside the layers (``F.relu``
+  after the flatten, a reshape) with as many values as an earlier feature map is refused: its
+  order cannot be told.
 - ``BatchNorm``: ``weight``, ``bias`` to ``scale``, ``bias``; ``running_mean``, ``running_var`` to
   ``batch_stats`` ``mean``, ``var`` (``num_batches_tracked`` is ignored). A BatchNorm without a
   ``scale`` (``use_scale=False``, e.g. ``AirbenchNet``'s) takes a PyTorch weight of ones, one
@@ -235,9 +237,20 @@ def _flattened_from(calls, call, torch_key: str) -> tuple[int, ...] | None:
         isinstance(source.module, jnn.Flatten)
         and source.input_shape is not None
         and len(source.input_shape) > 2
+        and not _made_by_dense(calls, source)
     ):
         return tuple(source.input_shape[1:])
     return None
+
+
+def _made_by_dense(calls, flatten) -> bool:
+    """Whether the array ``flatten`` flattens comes (through order-keeping layers) from a dense
+    layer: PyTorch's ``Linear`` acts on the last axis too, so its twin's features are last as in
+    jcnn (a ``(N, T, F)`` sequence) and its flatten order is jcnn's."""
+    source = calls[flatten.source] if flatten.source is not None else None
+    while source is not None and source.source is not None and _keeps_order(source):
+        source = calls[source.source]
+    return source is not None and isinstance(source.module, jnn.Dense)
 
 
 def _refuse_unknown_flatten(calls, call, torch_key: str) -> None:

@@ -214,6 +214,28 @@ def test_batch_norm_1d_after_flatten_gets_the_flatten_order(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_dense_after_a_flatten_of_a_dense_layers_output_keeps_its_order(torch, rng):
+    """Linear over a (N, T, F) sequence, Flatten, Linear: PyTorch's features are last as jcnn's,
+    so the second weight is not permuted (it was, as if the sequence were a channels-first map,
+    and the logits were wrong)."""
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(5 * 4, 3),
+    ).eval()
+    model = jcnn.nn.Sequential(
+        [jcnn.nn.Dense(4), jcnn.nn.ReLU(), jcnn.nn.Flatten(), jcnn.nn.Dense(3)]
+    )
+    x = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    variables = from_torch_state_dict(model, net.state_dict(), x.shape)
+    got = model.apply(variables, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_parameters_take_the_models_param_dtype(rng):
     # every converted array was float32, whatever the model's param_dtype
     bf16 = jnp.bfloat16
