@@ -58,6 +58,7 @@ from jcnn.functional._conv_products import conv_products, problems
 __all__ = ["config", "conv_general", "conv_transpose", "transposed_problem", "unsupported_reason"]
 
 _PRODUCTS = {0: "forward", 1: "input gradient", 2: "weight gradient"}
+_MAX_ELEMENTS = 2**31
 
 
 def config(x, w, stride, padding, dilation, groups) -> _Config:
@@ -67,8 +68,8 @@ def config(x, w, stride, padding, dilation, groups) -> _Config:
 
 def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     """Why oneDNN cannot run this convolution on this CPU (a dtype other than float32 and
-    bfloat16, or one of its three products has no implementation for the dtype and shape, e.g.
-    bfloat16 without AVX-512), or ``None``.
+    bfloat16, a tensor of ``2**31`` elements or more, or one of its three products has no
+    implementation for the dtype and shape, e.g. bfloat16 without AVX-512), or ``None``.
 
     Asked at trace time with the traced shapes; the batch size is irrelevant to oneDNN's choice
     (a ``vmap`` folds into it), so one answer covers the derivatives too.
@@ -79,6 +80,11 @@ def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     if not all(isinstance(size, int) for size in x.shape):
         return "oneDNN's primitives take concrete sizes, not jax.export's symbolic ones"
     dims = _problem(x.shape, w.shape, static)
+    out_shape = (x.shape[0], *dims[4 + len(x.shape) - 2 : 4 + 2 * (len(x.shape) - 2)], w.shape[-1])
+    if max(np.prod(s, dtype=object) for s in (x.shape, w.shape, out_shape)) >= _MAX_ELEMENTS:
+        # oneDNN's primitive creation divided by zero (SIGFPE, the process killed) on some such
+        # problems, e.g. a (1, 2**32, 1, 1) input with a 1x1 kernel
+        return f"jcnn keeps tensors of {_MAX_ELEMENTS} elements or more off oneDNN"
     bfloat16 = x.dtype == jnp.bfloat16
     for op, product in _PRODUCTS.items():
         if op == 1 and _single_input_channel(w, static):

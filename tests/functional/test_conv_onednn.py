@@ -3,6 +3,8 @@
 import itertools
 import os
 import re
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -973,3 +975,31 @@ def test_conv_transpose_output_padding_beyond_the_stride_keeps_the_interleaved_p
     assert _conv_onednn.transposed_problem(x, w, (1,), ((0, 0),), (2,), 1, (10,)) is None
     with pytest.raises(ValueError, match="out_sizes: .* routes such output paddings to XLA"):
         _conv_onednn.conv_transpose(x, w, (1,), ((0, 0),), (2,), 1, (10,))
+
+
+_HUGE_INPUT = """
+import jax, jax.numpy as jnp
+from jcnn import functional as F
+from jcnn.functional import _conv_onednn
+x = jax.ShapeDtypeStruct((1, 2**32, 1, 1), jnp.float32)
+w = jax.ShapeDtypeStruct((1, 1, 1, 4), jnp.float32)
+print(_conv_onednn.unsupported_reason(x, w, (1, 1), ((0, 0), (0, 0)), (1, 1), 1))
+print(jax.eval_shape(F.conv, x, w).shape)
+"""
+
+
+def test_tensors_of_2_31_elements_or_more_stay_off_onednn(onednn):
+    """oneDNN's primitive creation divided by zero on a (1, 2**32, 1, 1) input: the process was
+    killed by SIGFPE while tracing (``analysis.summary`` of a huge input shape too); such
+    problems go to the XLA path (in a child process: the crash would end the test run)."""
+    child = subprocess.run(
+        [sys.executable, "-c", _HUGE_INPUT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    reason, shape = child.stdout.splitlines()
+    assert reason == "jcnn keeps tensors of 2147483648 elements or more off oneDNN"
+    assert shape == str((1, 2**32, 1, 4))
