@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -390,7 +391,15 @@ def load_torch_weights(
     path = os.fspath(path)
     import torch
 
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # pickled code, refused by weights_only: torch's message
+        raise
+    except (RuntimeError, EOFError) as error:  # a truncated zip, an empty file
+        raise ValueError(
+            f"path: {path} is not a readable PyTorch weights file (truncated or corrupt?): "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
     if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, Mapping):

@@ -516,6 +516,19 @@ def test_pickled_code_is_refused(torch, tmp_path):
     assert not marker.exists()
 
 
+def test_a_truncated_or_empty_weights_file_is_a_value_error_naming_it(torch, tmp_path):
+    # torch's own errors (a RuntimeError from its zip reader, a bare EOFError) named no file
+    model = jcnn.nn.Sequential([jcnn.nn.Conv(2, 3)])
+    torch.save(torch.nn.Conv2d(1, 2, 3).state_dict(), tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("truncated.pt", "empty.pt"):
+        with pytest.raises(ValueError, match=f"path: .*{name} is not a readable PyTorch weights"):
+            load_torch_weights(tmp_path / name, model, (1, 5, 5, 1))
+    assert set(load_torch_weights(tmp_path / "whole.pt", model, (1, 5, 5, 1))) == {"params"}
+
+
 @pytest.mark.parametrize("dtype_name", ["complex64", "complex128", "bool"])
 @pytest.mark.parametrize("as_numpy", [False, True])
 def test_complex_or_boolean_tensors_are_refused(torch, dtype_name, as_numpy):
