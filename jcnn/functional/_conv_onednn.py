@@ -80,7 +80,8 @@ def unsupported_reason(x, w, stride, padding, dilation, groups) -> str | None:
     if not all(isinstance(size, int) for size in x.shape):
         return "oneDNN's primitives take concrete sizes, not jax.export's symbolic ones"
     dims = _problem(x.shape, w.shape, static)
-    out_shape = (x.shape[0], *dims[4 + len(x.shape) - 2 : 4 + 2 * (len(x.shape) - 2)], w.shape[-1])
+    spatial = len(x.shape) - 2
+    out_shape = (x.shape[0], *dims[4 + spatial : 4 + 2 * spatial], w.shape[-1])
     if max(np.prod(s, dtype=object) for s in (x.shape, w.shape, out_shape)) >= _MAX_ELEMENTS:
         # oneDNN's primitive creation divided by zero (SIGFPE, the process killed) on some such
         # problems, e.g. a (1, 2**32, 1, 1) input with a 1x1 kernel
