@@ -369,6 +369,12 @@ def _weight_gradient(call: _Call, layer: dict, inputs, cotangent, *, stacked: bo
     return vjp(cotangent)[0]
 
 
+def _norms_dtype(params):
+    """The norms' dtype, as ``per_example_grad_norms`` gives it: float32, or float64 for float64
+    parameters."""
+    return jnp.result_type(jnp.float32, *jax.tree.leaves(params))
+
+
 def _check_weights(weights, size: int) -> None:
     """``(size,)`` real weights, one per example (their values are the caller's to check)."""
     if np.shape(weights) != (size,):
@@ -589,7 +595,7 @@ def ghost_norms(
     _check_params(params)
     loss_fn = _scalar_loss(loss_fn)
     if size == 0:  # as in per_example_grads: no example, no model run
-        return jnp.zeros(0, jnp.float32)
+        return jnp.zeros(0, _norms_dtype(params))
 
     def norms(params, batch):
         with per_example_trace("ghost_norms"):
@@ -645,7 +651,7 @@ def ghost_clipped_sum(
     loss_fn = _scalar_loss(loss_fn)
     if size == 0:
         zeros = jax.tree.map(lambda leaf: jnp.zeros_like(leaf, jnp.result_type(leaf)), params)
-        return zeros, jnp.zeros(0, jnp.float32)
+        return zeros, jnp.zeros(0, _norms_dtype(params))
 
     def clipped_sum(params, batch, weights):
         with per_example_trace("ghost_clipped_sum"):

@@ -14,6 +14,7 @@ from jcnn.analysis import (
     ghost_clipped_sum,
     ghost_norms,
     ghost_plan,
+    per_example_grad_norms,
     per_example_grads,
     replace_batch_norm,
 )
@@ -585,6 +586,29 @@ def test_empty_batch_has_no_norm_and_a_zero_sum(rng):
     total, norms = ghost_clipped_sum(loss, params, empty, 1.0)
     assert norms.shape == (0,)
     _assert_trees_close(total, jax.tree.map(jnp.zeros_like, params))
+
+
+def test_empty_batch_norms_take_the_dtype_of_float64_parameters():
+    # an empty batch's norms were float32 whatever the parameters, where every other batch's
+    # (and per_example_grad_norms', empty or not) are float64 for float64 parameters
+    layer = nn.Dense(3, param_dtype=jnp.float64)
+
+    def loss(params, example):
+        x, y = example
+        return F.cross_entropy(layer.apply({"params": params}, x[None]), y[None])
+
+    with jax.enable_x64(True):
+        params = layer.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+        for size in (2, 0):
+            batch = (jnp.ones((size, 5), jnp.float64), jnp.zeros(size, jnp.int32))
+            total, clipped_norms = ghost_clipped_sum(loss, params, batch, 1.0)
+            dtypes = {
+                ghost_norms(loss, params, batch).dtype,
+                clipped_norms.dtype,
+                total["kernel"].dtype,
+                per_example_grad_norms(loss, params, batch).dtype,
+            }
+            assert dtypes == {np.dtype(np.float64)}, size
 
 
 @pytest.mark.parametrize(
