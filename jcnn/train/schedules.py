@@ -194,7 +194,9 @@ def linear(learning_rate: float, total_steps: int) -> Schedule:
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
     total = check_positive_int(total_steps, "total_steps")
-    return lambda t: lr * (1.0 - jnp.clip(_as_float(t) / total, 0.0, 1.0))
+    # ``(T − t) / T``: the same value, but ``1 − t / T`` cancels to a few float32 ulps near the
+    # end, so its last rates were off by up to 2e-4 (T = 10000) rather than 1e-7
+    return lambda t: lr * (jnp.clip(total - _as_float(t), 0.0, total) / total)
 
 
 def inverse_sqrt(learning_rate: float) -> Schedule:

@@ -219,6 +219,19 @@ def test_cosine_and_one_cycle_keep_their_relative_accuracy_to_the_last_step():
     np.testing.assert_allclose(one, expected, rtol=2e-6, atol=0)
 
 
+def test_linear_keeps_its_relative_accuracy_to_the_last_step():
+    # 1 - t / T cancelled near T: 1.7e-4 off at the end for T = 10000, and jit differed from eager
+    total = 10000
+    t = np.arange(total - 50, total + 2)
+    expected = 0.3 * (total - np.minimum(t, total)) / total
+    sched = S.linear(0.3, total)
+    got = np.asarray(jax.jit(jax.vmap(sched))(jnp.asarray(t)))
+    np.testing.assert_allclose(got, expected, rtol=2e-7, atol=0)
+    eager = np.array([float(sched(int(step))) for step in t[-5:]])
+    np.testing.assert_allclose(eager, expected[-5:], rtol=2e-7, atol=0)
+    assert got[-2] == 0.0 and got[-1] == 0.0
+
+
 @pytest.mark.parametrize(
     "call, argument",
     [
