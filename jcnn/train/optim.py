@@ -80,6 +80,16 @@ class _AccumulatorState(NamedTuple):
     accumulator: Any
 
 
+def _root(s):
+    """``√s`` of an accumulator ``s >= 0``, its derivative taken as 0 at ``s = 0``: ``jnp.sqrt``'s
+    is infinite there, and the chain rule's ``∞ · 0`` made every derivative through an update
+    (with respect to the rate, say) NaN as soon as one entry had a zero gradient so far. The
+    value is ``jnp.sqrt``'s, and so is the derivative of ``g / (√s + ε)`` in ``g`` (``1/ε`` at
+    0)."""
+    positive = s > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), 0)
+
+
 def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTransformation:
     """The direction ``g / (√s + ε)`` with ``s = accumulate(s, g)`` per leaf, starting at 0."""
 
@@ -89,10 +99,24 @@ def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTrans
     def update(updates, state, params=None):
         del params
         accumulator = jax.tree.map(accumulate, state.accumulator, updates)
-        scaled = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, accumulator)
+        scaled = jax.tree.map(lambda g, s: g / (_root(s) + eps), updates, accumulator)
         return scaled, _AccumulatorState(accumulator)
 
     return optax.GradientTransformation(init, update)
+
+
+def _scale_by_adam(b1, b2, eps) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` (its state and moments), the direction ``m̂ / (√v̂ + ε)`` taken with
+    ``_root``, so that derivatives through it stay finite where a gradient entry is 0."""
+    inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def update(updates, state, params=None):
+        _, state = inner.update(updates, state, params)
+        mu_hat = optax.tree.bias_correction(state.mu, b1, state.count)
+        nu_hat = optax.tree.bias_correction(state.nu, b2, state.count)
+        return jax.tree.map(lambda m, v: m / (_root(v) + eps), mu_hat, nu_hat), state
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def scale_by_adagrad(eps: float = 1e-7) -> optax.GradientTransformation:
@@ -364,9 +388,12 @@ def optimizer(
                 trust_ratio_mask=mask,
                 momentum=momentum,
             )
-        else:
-            base = optax.lamb(
-                learning_rate, b1=beta1, b2=beta2, eps=eps, weight_decay=decay_here, mask=mask
+        else:  # optax.lamb, with the Adam direction above
+            base = optax.chain(
+                _scale_by_adam(beta1, beta2, eps),
+                optax.add_decayed_weights(decay_here, mask),
+                optax.scale_by_trust_ratio(),
+                optax.scale_by_learning_rate(learning_rate),
             )
         return optax.chain(*chain, base)
 
@@ -376,8 +403,8 @@ def optimizer(
         "nesterov": lambda: optax.trace(decay=momentum, nesterov=True),
         "adagrad": lambda: scale_by_adagrad(eps=eps),
         "rmsprop": lambda: scale_by_rmsprop(decay=decay, eps=eps),
-        "adam": lambda: optax.scale_by_adam(b1=beta1, b2=beta2, eps=eps),
-        "adamw": lambda: optax.scale_by_adam(b1=beta1, b2=beta2, eps=eps),
+        "adam": lambda: _scale_by_adam(beta1, beta2, eps),
+        "adamw": lambda: _scale_by_adam(beta1, beta2, eps),
     }
     chain.append(directions[name]())
     if decays and decoupled:

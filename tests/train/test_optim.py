@@ -479,3 +479,30 @@ def test_a_schedule_reading_the_step_in_python_is_named_under_jit(schedule):
     tx.update(params, tx.init(params), params)  # eager updates see a concrete step
     with pytest.raises(TypeError, match=r"^learning_rate: the schedule <lambda> reads the step's"):
         jax.jit(tx.update)(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_derivatives_through_updates_stay_finite_where_a_gradient_is_zero(name):
+    # √s of AdaGrad/RMSProp/Adam/AdamW/LAMB had an infinite slope at s = 0: the derivative of the
+    # trained loss with respect to the rate was NaN once one entry's gradient was 0 (∞ · 0)
+    x0 = jnp.asarray([[1.0, -2.0, 0.5]])
+    live = jnp.asarray([[1.0, 1.0, 0.0]])  # the last entry never gets a gradient
+
+    def trained_loss(lr):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tx = optim.optimizer(name, lr)
+        params = {"w": x0}
+        state = tx.init(params)
+        for _ in range(2):
+            grads = {"w": 2 * params["w"] * live}
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        return jnp.sum(params["w"] ** 2 * live) + jnp.sum(params["w"])
+
+    first = jax.grad(trained_loss)(0.1)
+    second = jax.grad(jax.grad(trained_loss))(0.1)
+    h = 1e-3
+    difference = (trained_loss(0.1 + h) - trained_loss(0.1 - h)) / (2 * h)
+    assert np.isfinite(float(first)) and np.isfinite(float(second))
+    np.testing.assert_allclose(float(first), float(difference), rtol=1e-2, atol=1e-3)
