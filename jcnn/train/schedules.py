@@ -58,6 +58,17 @@ def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return check_real(value, name, low=0, low_open=not allow_zero)
 
 
+def _check_steps(value, name: str) -> int:
+    """A positive int of steps that the int32 step counter can reach (a larger one overflowed
+    inside the schedule's first call, with a raw error naming neither it nor the limit)."""
+    steps = check_positive_int(value, name)
+    if steps > _MAX_STEP:
+        raise ValueError(
+            f"{name}: expected a step <= {_MAX_STEP} (the step counter is int32), got {steps}"
+        )
+    return steps
+
+
 def _float():
     """float32, or float64 under ``jax_enable_x64``: a float64 model's rate is not rounded to
     float32 (Optax casts the rate to each parameter's dtype, so float32 models are unchanged)."""
@@ -174,7 +185,7 @@ def cosine(learning_rate: float, total_steps: int) -> Schedule:
         The schedule.
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
-    total = check_positive_int(total_steps, "total_steps")
+    total = _check_steps(total_steps, "total_steps")
 
     def schedule(t):
         return lr * _half_cosine(total - _as_float(t), total)
@@ -193,7 +204,7 @@ def linear(learning_rate: float, total_steps: int) -> Schedule:
         The schedule.
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
-    total = check_positive_int(total_steps, "total_steps")
+    total = _check_steps(total_steps, "total_steps")
     # ``(T − t) / T``: the same value, but ``1 − t / T`` cancels to a few float32 ulps near the
     # end, so its last rates were off by up to 2e-4 (T = 10000) rather than 1e-7
     return lambda t: lr * (jnp.clip(total - _as_float(t), 0.0, total) / total)
@@ -246,7 +257,7 @@ def warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
         raise TypeError(
             f"schedule: expected a callable step -> rate, got {type(schedule).__name__}"
         )
-    ramp = check_positive_int(warmup_steps, "warmup_steps")
+    ramp = _check_steps(warmup_steps, "warmup_steps")
     # asked as Optax asks (an int32 count): a schedule written for it may not take a Python int
     peak = schedule(jnp.zeros((), jnp.int32))
     _check_peak(peak)
@@ -287,7 +298,7 @@ def one_cycle(
         The schedule.
     """
     peak = _check_positive(max_learning_rate, "max_learning_rate")
-    total = check_positive_int(total_steps, "total_steps")
+    total = _check_steps(total_steps, "total_steps")
     pct_start = check_real(pct_start, "pct_start", low=0, high=1, low_open=True, high_open=True)
     initial = peak / _check_positive(div_factor, "div_factor")
     final = initial / _check_positive(final_div_factor, "final_div_factor")

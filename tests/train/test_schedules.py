@@ -219,6 +219,24 @@ def test_cosine_and_one_cycle_keep_their_relative_accuracy_to_the_last_step():
     np.testing.assert_allclose(one, expected, rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize(
+    "build, argument",
+    [
+        (lambda n: S.cosine(0.1, n), "total_steps"),
+        (lambda n: S.linear(0.1, n), "total_steps"),
+        (lambda n: S.one_cycle(0.1, n), "total_steps"),
+        (lambda n: S.warmup(S.constant(0.1), n), "warmup_steps"),
+    ],
+)
+def test_step_counts_beyond_the_int32_step_counter_are_named(build, argument):
+    # they were accepted, and the first call failed with a raw OverflowError from inside jax
+    with pytest.raises(
+        ValueError, match=rf"{argument}: expected a step <= 2147483647 .*got 2147483648"
+    ):
+        build(2**31)
+    assert 0 <= float(build(2**31 - 1)(5)) <= 0.1 * (1 + 1e-6)
+
+
 def test_linear_keeps_its_relative_accuracy_to_the_last_step():
     # 1 - t / T cancelled near T: 1.7e-4 off at the end for T = 10000, and jit differed from eager
     total = 10000
