@@ -12,7 +12,7 @@
 ``adam``        bias-corrected moments, ``x -= α m̂ / (√v̂ + ε)``
 ``adamw``       Adam with decoupled weight decay (Loshchilov & Hutter)
 ``lars``        layer-wise trust ratio on SGD+momentum (You et al. 2017), via ``optax.lars``
-``lamb``        layer-wise trust ratio on Adam (You et al. 2019), via ``optax.lamb``
+``lamb``        layer-wise trust ratio on Adam (You et al. 2019), as ``optax.lamb``
 ==============  ==========================================================================
 
 Differences from Optax's defaults, all to follow the notes: AdaGrad and RMSProp add ``ε`` *outside*
@@ -23,7 +23,9 @@ Weight decay ``λ`` is *coupled* (``g += λ x`` before the optimizer, i.e. L2 re
 every optimizer except ``adamw``, ``lars`` and ``lamb``, where it is *decoupled*
 (``x -= α (update + λ x)``); ``decoupled=`` overrides. LARS is the exception: as in You et al.
 it always adds ``λ x`` to the gradient before its trust ratio and momentum, so ``decoupled``
-changes nothing there. A ``mask`` (a pytree of bools or a
+changes nothing there. Its trust ratio is Optax's ``η ‖x‖ / ‖g + λ x‖`` (the paper writes
+``η ‖x‖ / (‖g‖ + λ ‖x‖)``, whose denominator bounds Optax's from above: equal when ``g`` points
+the way ``x`` does, otherwise Optax's steps are larger). A ``mask`` (a pytree of bools or a
 function of the params) chooses which parameters decay; the default decays only arrays of rank
 >= 2 (conv and dense kernels), never biases or BatchNorm scales/offsets.
 ``clip_norm`` clips the global gradient norm before anything else.

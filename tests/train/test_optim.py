@@ -164,8 +164,9 @@ def test_layerwise_optimizers_decrease_loss(name, rng):
 
 
 def _layerwise_reference(name, x, target, steps, weight_decay, decoupled):
-    """LARS (You et al. 2017: trust ratio eta ||x|| / ||g + lambda x||, then momentum) and LAMB
-    (You et al. 2019: ratio ||x|| / ||r|| of the Adam direction r, plus lambda x if decoupled)."""
+    """LARS (You et al. 2017, with Optax's trust ratio eta ||x|| / ||g + lambda x||, then
+    momentum) and LAMB (You et al. 2019: ratio ||x|| / ||r|| of the Adam direction r, plus
+    lambda x if decoupled)."""
     x = x.astype(np.float64).copy()
     v, m, s = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
     for t in range(1, steps + 1):
