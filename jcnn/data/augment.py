@@ -991,14 +991,15 @@ def rand_augment(
 
 
 def trivial_augment(key: jax.Array, image: jax.Array) -> jax.Array:
-    """TrivialAugment (Müller & Hutter 2021): one op from :data:`POLICY_OPS` at a uniformly random
-    strength over its wide range, with a random sign.
+    """TrivialAugment (Müller & Hutter 2021): one op from :data:`POLICY_OPS` at a strength drawn
+    uniformly from the paper's 31 levels ``m / 30``, ``m`` in ``0..30`` (torchvision's bins), over
+    its wide range, with a random sign.
     """
     check_key(key)
     _check_image(image)
     max_value = _max_value(image.dtype)
     k_step, k_mag = jax.random.split(key)
-    magnitude = jax.random.uniform(k_mag, ())
+    magnitude = jax.random.randint(k_mag, (), 0, 31) / 30.0
     x = _policy_step(k_step, _to_float(image), magnitude, max_value, True)
     return _restore(jnp.clip(x, 0, max_value), image.dtype)
 

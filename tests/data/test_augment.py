@@ -428,6 +428,28 @@ def test_policies_cover_every_op_and_are_reproducible(rng):
     assert set(chosen) == set(range(len(A.POLICY_OPS)))
 
 
+def test_trivial_augment_draws_op_sign_and_one_of_31_strengths_uniformly(monkeypatch):
+    # Mueller & Hutter 2021 (and torchvision's TrivialAugmentWide): strength m uniform on
+    # {0, ..., 30}, i.e. m / 30 of the op's range; jcnn drew a continuous uniform strength.
+    # Each stand-in op writes (its index, the strength, the sign) into the image.
+    def recorder(i):
+        def op(x, m, sign, max_value, wide):
+            values = jnp.stack([jnp.float32(i) / 20, jnp.float32(m), (sign + 1) / 2])
+            return jnp.broadcast_to(values, x.shape)
+
+        return op
+
+    monkeypatch.setattr(A, "POLICY_OPS", tuple((f"op{i}", recorder(i)) for i in range(14)))
+    keys = jax.random.split(jax.random.key(3), 6200)
+    out = np.asarray(jax.vmap(lambda k: A.trivial_augment(k, jnp.zeros((1, 1, 3))))(keys))[:, 0, 0]
+    ops, levels = np.round(out[:, 0] * 20).astype(int), out[:, 1] * 30
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+    counts = np.bincount(np.round(levels).astype(int), minlength=31)
+    assert len(counts) == 31 and stats.chisquare(counts).pvalue > 1e-6
+    assert stats.chisquare(np.bincount(ops, minlength=14)).pvalue > 1e-6
+    assert stats.binomtest(int(out[:, 2].sum()), len(out), 0.5).pvalue > 1e-6
+
+
 def test_compose_random_apply_and_batches(rng):
     image = jnp.asarray(rng.random((6, 6, 1)), jnp.float32)
     key = jax.random.key(5)
