@@ -886,12 +886,12 @@ def _op_shear_y(x, m, sign, max_value, wide):
 
 def _op_translate_x(x, m, sign, max_value, wide):
     limit = 32.0 if wide else 150.0 / 331.0 * x.shape[1]
-    return translate(x, 0.0, jnp.round(sign * m * limit))
+    return translate(x, 0.0, jnp.trunc(sign * m * limit))  # torchvision: int(magnitude)
 
 
 def _op_translate_y(x, m, sign, max_value, wide):
     limit = 32.0 if wide else 150.0 / 331.0 * x.shape[0]
-    return translate(x, jnp.round(sign * m * limit), 0.0)
+    return translate(x, jnp.trunc(sign * m * limit), 0.0)
 
 
 def _op_rotate(x, m, sign, max_value, wide):

@@ -409,6 +409,26 @@ def test_policy_posterize_bits_are_torchvisions_bins():
             np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{i}/30, wide={wide}")
 
 
+def test_policy_translations_truncate_the_magnitude_as_torchvision():
+    # torchvision's RandAugment / TrivialAugmentWide shift by int(magnitude) pixels (toward 0),
+    # magnitude i / 30 of 150/331 of the size (wide: 32 pixels); jcnn rounded (15 at i = 14 wide)
+    ops = dict(A.POLICY_OPS)
+    image = jnp.arange(1.0, 1.0 + 40 * 40).reshape(40, 40, 1)
+    for wide in (False, True):
+        for i in (0, 1, 5, 14, 22, 29, 30):
+            for sign in (1.0, -1.0):
+                pixels = i * 32 // 30 if wide else int(i / 30 * 150 / 331 * 40)
+                got_x = ops["translate_x"](image, i / 30, sign, 255.0, wide)
+                got_y = ops["translate_y"](image, i / 30, sign, 255.0, wide)
+                where = f"{i}/30, sign {sign}, wide={wide}"
+                np.testing.assert_array_equal(
+                    got_x, A.translate(image, 0, sign * pixels), err_msg=where
+                )
+                np.testing.assert_array_equal(
+                    got_y, A.translate(image, sign * pixels, 0), err_msg=where
+                )
+
+
 def test_policies_cover_every_op_and_are_reproducible(rng):
     image = jnp.asarray(rng.integers(0, 256, (10, 10, 3)), jnp.uint8)
     # one RandAugment op at a fixed magnitude: 3 sign-free ops + 11 ops with 2 signs = 25 outcomes;
