@@ -308,13 +308,17 @@ def translate(
 
 
 def _shear(image, shear, axis, fill=0.0):
+    """``image`` sheared along ``axis`` about its top edge (x) or left edge (y), as the
+    AutoAugment/RandAugment references (PIL's, torchvision's ``center=[0, 0]``) do: the rows
+    move by ``shear`` times their distance from the top edge (the columns from the left edge)."""
     dtype = _float_dtype(image)
     one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
     s = jnp.asarray(shear, dtype)
-    if axis == "x":
-        matrix = jnp.stack([jnp.stack([one, s, zero]), jnp.stack([zero, one, zero])])
-    else:
-        matrix = jnp.stack([jnp.stack([one, zero, zero]), jnp.stack([s, one, zero])])
+    height, width = image.shape[:2]
+    if axis == "x":  # centred coordinates, y up: the top edge is y = H / 2
+        matrix = jnp.stack([jnp.stack([one, s, -s * height / 2]), jnp.stack([zero, one, zero])])
+    else:  # the left edge is x = -W / 2
+        matrix = jnp.stack([jnp.stack([one, zero, zero]), jnp.stack([s, one, s * width / 2])])
     return affine(image, matrix, fill=fill)
 
 

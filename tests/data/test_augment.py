@@ -429,6 +429,34 @@ def test_policy_translations_truncate_the_magnitude_as_torchvision():
                 )
 
 
+def test_policy_shears_turn_about_the_top_left_corner_as_the_references(rng):
+    # AutoAugment's PIL shear and torchvision's (center=[0, 0]) keep the top edge in place for
+    # x (the left edge for y); jcnn sheared about the centre, moving the top rows by s H / 2
+    ops = dict(A.POLICY_OPS)
+    image = rng.uniform(size=(9, 12, 2))
+    rows, cols = np.meshgrid(np.arange(9.0), np.arange(12.0), indexing="ij")
+    for wide in (False, True):
+        for i, sign in ((7, 1.0), (30, -1.0), (18, 1.0)):
+            s = sign * i / 30 * (0.99 if wide else 0.3)
+            for name, coordinates in (
+                ("shear_x", (rows, cols - s * (rows + 0.5))),
+                ("shear_y", (rows - s * (cols + 0.5), cols)),
+            ):
+                want = np.stack(
+                    [
+                        ndimage.map_coordinates(
+                            image[..., c], coordinates, order=1, mode="grid-constant"
+                        )
+                        for c in range(2)
+                    ],
+                    axis=-1,
+                )
+                got = ops[name](jnp.asarray(image, jnp.float32), i / 30, sign, 1.0, wide)
+                np.testing.assert_allclose(
+                    got, want, rtol=0, atol=1e-5, err_msg=f"{name} {i}/30 wide={wide}"
+                )
+
+
 def test_policies_cover_every_op_and_are_reproducible(rng):
     image = jnp.asarray(rng.integers(0, 256, (10, 10, 3)), jnp.uint8)
     # one RandAugment op at a fixed magnitude: 3 sign-free ops + 11 ops with 2 signs = 25 outcomes;
