@@ -545,17 +545,18 @@ def _read_some(response, room: int, received: int, total, timeout) -> bytes:
 
 
 def _start_offset(response, have: int) -> int:
-    """Where the response's body starts in the file: ``have`` for a matching 206, else 0."""
+    """Where the response's body starts in the file: the first byte its ``Content-Range`` names
+    for a 206 (``have``, or earlier: the bytes from there on are written again), else 0."""
     if response.status != 206:
         return 0
     match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-    if match is None or int(match[1]) != have:
+    if match is None or int(match[1]) > have:
         raise _AttemptFailed(
             f"a partial answer for another range ({response.headers.get('Content-Range')!r}) "
             f"than asked (bytes={have}-)",
             keep_partial=True,
         )
-    return have
+    return int(match[1])
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -58,7 +58,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
         start = 0
         wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if wanted and mode == "ok":
+        if wanted and mode == "whole206":  # a partial answer that starts at byte 0 anyway
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
+        elif wanted and mode == "ok":
             start = int(wanted[1])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -316,6 +319,22 @@ def test_resume_of_a_partial_file(tmp_path, server, monkeypatch, mode):
         (f"/{mode}/fashion_mnist/t10k-images-idx3-ubyte.gz", "bytes=1000003-")
     ]
     assert server.sent == [len(original) - 1_000_003 if mode == "ok" else len(original)]
+
+
+def test_a_partial_answer_from_byte_0_to_a_resume_replaces_the_kept_bytes(
+    tmp_path, server, monkeypatch
+):
+    """A server answering ``Range: bytes=N-`` with a 206 whose Content-Range starts at byte 0
+    sends the whole file: it is written from byte 0 (the kept .part used to be refused forever)."""
+    _only(monkeypatch, "mnist", LABELS)
+    original = (server.root / "mnist" / LABELS).read_bytes()
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / (LABELS + ".part")).write_bytes(original[:1000])
+    data.download("mnist", data_dir=tmp_path, mirrors=[server.url("whole206")], progress=False)
+    assert (folder / LABELS).read_bytes() == original
+    assert _listing(folder) == [LABELS]
+    assert server.requests == [(f"/whole206/mnist/{LABELS}", "bytes=1000-")]
 
 
 def test_resume_after_a_truncated_download(tmp_path, server, monkeypatch):
