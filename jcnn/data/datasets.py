@@ -669,5 +669,15 @@ def load_tfds(
             f"name: expected a tensorflow-datasets dataset name, got {name!r}, which "
             f"tensorflow-datasets does not know{hint}; tfds.list_builders() lists them"
         ) from None
+    except Exception as err:
+        # e.g. a manual_dir holding other files: tfds's multi-line NonMatchingChecksumError
+        if type(err).__name__ != "NonMatchingChecksumError":
+            raise
+        lines = [line.strip().rstrip(":") for line in str(err).splitlines() if line.strip()]
+        details = "; ".join(line for line in lines if not line.startswith("To debug"))
+        raise CorruptFileError(
+            f"{name} ({split}): a file is not the one tensorflow-datasets expects: {details}"
+            + (f" (check manual_dir {os.fspath(manual_dir)!r})" if manual_dir is not None else "")
+        ) from None
     images, labels = tfds.as_numpy(data)
     return np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int32)

@@ -331,6 +331,21 @@ def test_load_tfds_refuses_a_manual_dir_that_is_not_a_folder(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_load_tfds_with_a_manual_dir_of_other_files_is_a_one_line_corrupt_file_error(
+    tmp_path, data_dir
+):
+    """tfds's NonMatchingChecksumError (a multi-line message, a traceback through jcnn-train
+    --dataset tfds:mnist --manual-dir <the Fashion-MNIST files>) is a CorruptFileError."""
+    pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
+    wrong = os.path.join(data_dir, "fashion_mnist")
+    with pytest.raises(data.CorruptFileError) as info:
+        data.load_tfds("mnist", "test", data_dir=tmp_path / "tfds", manual_dir=wrong)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("mnist (test): a file is not the one tensorflow-datasets expects")
+    assert "wrong checksum" in message and str(wrong) in message
+
+
 def test_load_tfds_without_download_names_where_the_dataset_is_not_prepared(tmp_path):
     """Not tfds's AssertionError: the FileNotFoundError a missing dataset gives everywhere."""
     pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
