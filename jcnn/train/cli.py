@@ -695,6 +695,8 @@ def _load_dataset(args):
     except (FileNotFoundError, data.DownloadError, data.CorruptFileError) as error:
         raise SystemExit(f"jcnn-train: {error}") from None
     except ValueError as error:
+        if str(error).startswith(f"{data.fetch.MIRRORS_ENV}:"):  # a bad mirror list to download
+            raise UsageError(str(error)) from None
         if not tfds:  # jcnn's own datasets raise ValueError only for a programming mistake
             raise
         # an unknown name, or a dataset without a train or test split

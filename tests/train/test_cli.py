@@ -432,6 +432,19 @@ def test_missing_dataset_names_data_dir_and_the_download_location(dataset, capsy
     assert not (tmp_path / "run").exists() and list(empty.iterdir()) == []
 
 
+@pytest.mark.parametrize("mirrors", ["ftp://mirror.lan/", "http://127.0.0.1:99999/"])
+def test_a_bad_mirror_list_to_download_from_is_one_line(mirrors, capsys, tmp_path, monkeypatch):
+    """With no files in the cache jcnn-train downloads; a bad $JCNN_DATA_MIRRORS was a traceback."""
+    monkeypatch.setenv("JCNN_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JCNN_DATA_MIRRORS", mirrors)
+    code, err = _main(["--dataset", "mnist", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2, err
+    _assert_one_line(err)
+    assert "JCNN_DATA_MIRRORS:" in err and mirrors in err
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "cache" / "mnist").exists()
+
+
 SMALL = [
     "--model",
     "lenet5_1998",
