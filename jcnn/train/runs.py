@@ -614,7 +614,8 @@ def load_run(
 
     Args:
         folder: the run folder (``TrainConfig.out`` / ``--out``).
-        which: ``"latest"`` (the last checkpoint: the final state of a finished run), ``"best"``
+        which: ``"latest"`` (the last checkpoint: the final state of a finished run; one that
+            holds non-finite values or produced a non-finite loss is passed over), ``"best"``
             (a ``BestCheckpoint`` callback's checkpoint if the run had one, else the checkpoint
             ranked best by ``config.monitor``), the ``directory`` of one of the run's
             ``BestCheckpoint`` callbacks (as ``best.json`` records them), or a step.
