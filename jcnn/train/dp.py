@@ -250,6 +250,20 @@ def dp_train_step(
         )
         return loss, logits
 
+    if size:  # the labels checked against the batch's logits (per example: a batch of one's)
+        jax.eval_shape(
+            lambda: loss_and_logits(
+                state.params,
+                state,
+                images,
+                labels,
+                train=True,
+                dropout_key=noise_key,
+                compute_dtype=compute_dtype,
+                label_smoothing=label_smoothing,
+                loss_fn=loss_fn,
+            )
+        )
     examples = (images, labels, example_keys)
     leaves, merge, fill = split_no_grad(state.params, no_grad)
     leaf_grads, norms = private_grad(

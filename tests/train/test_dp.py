@@ -441,6 +441,19 @@ def test_a_model_that_updates_running_statistics_is_refused(tmp_path, rng):
     assert np.isfinite(fit(untracked, train, None, _config(epochs=1))["history"][0]["train_loss"])
 
 
+def test_dp_step_names_labels_that_do_not_fit_the_logits_in_the_batchs_shapes(rng):
+    # the check ran per example only, so the message named a batch of one: "(1, 3), got (1,)"
+    images, labels = _data(rng, 6)
+    state = TrainState.create(_model(), optax.sgd(0.1), jax.random.PRNGKey(0), images[:1])
+    with pytest.raises(ValueError, match=r"labels: .*logits' shape \(6, 3\), got \(6,\)"):
+        dp_train_step(
+            state,
+            (images, labels.astype(np.float32)),
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+        )
+
+
 def test_dp_step_takes_a_typed_key_as_train_step_does(rng):
     # the noise key was wrapped with jax.random.wrap_key_data, which failed deep inside JAX
     # ("invalid PRNG key data") on a state holding a typed key
