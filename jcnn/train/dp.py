@@ -26,7 +26,7 @@ import optax
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
 from jcnn.analysis.dp import _check_denominator, _check_weight_values
 from jcnn.analysis.per_example import _batch_norm_message, per_example_trace
-from jcnn.functional._checks import _is_real_scalar, check_real
+from jcnn.functional._checks import _is_real_scalar, check_real, is_int
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
 from jcnn.train.steps import (
@@ -356,11 +356,13 @@ class DPTraining:
         """
         batch_size = getattr(loader, "batch_size", None)
         num_examples = getattr(loader, "num_examples", None)
-        if not isinstance(batch_size, int) or not isinstance(num_examples, int):
+        if not (is_int(batch_size) and is_int(num_examples)):
             raise TypeError(
                 "train_loader: DP-SGD's accounting needs the loader's batch_size and num_examples "
-                f"(the sampling rate), which {type(loader).__name__} lacks; use jcnn.data.Loader"
+                f"(the sampling rate) as ints; {type(loader).__name__} has batch_size="
+                f"{batch_size!r}, num_examples={num_examples!r}; use jcnn.data.Loader"
             )
+        batch_size, num_examples = int(batch_size), int(num_examples)
         if getattr(loader, "batch_augment", None) is not None:
             raise ValueError(
                 "train_loader: its batch_augment mixes examples (mixup, cutmix), so one example "

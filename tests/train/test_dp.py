@@ -400,6 +400,31 @@ def test_loaders_dp_cannot_account_for_are_refused(rng):
         fit(_model(), Plain(), None, _config())
 
 
+def test_a_loader_counting_in_numpy_ints_is_accounted_for(rng):
+    # a custom loader whose batch_size and num_examples were NumPy ints was refused as lacking
+    # them; its sampling rate is theirs
+    images, labels = _data(rng, 32)
+
+    class Counted:
+        batch_size, num_examples = np.int64(16), np.int64(32)
+
+        def __len__(self):
+            return 2
+
+        def epoch(self, epoch, *, start_step=0):
+            for step in range(start_step, 2):
+                yield self.batch(epoch, step)
+
+        def batch(self, epoch, step):
+            return images[16 * step : 16 * step + 16], labels[16 * step : 16 * step + 16]
+
+    summary = fit(_model(), Counted(), None, _config(epochs=1))["summary"]
+    assert summary["dp_sampling_rate"] == 0.5 and type(summary["dp_sampling_rate"]) is float
+    Counted.batch_size = 16.0
+    with pytest.raises(TypeError, match="as ints; Counted has batch_size=16.0, num_examples="):
+        fit(_model(), Counted(), None, _config(epochs=1))
+
+
 def test_dp_settings_take_0d_arrays_as_numbers_and_name_a_bad_devices():
     # a concrete 0-d JAX array (jnp.float32(1.1)) was refused as "expected a number", unlike
     # check_real and dp_epsilon; a str devices failed with a raw "'>' not supported"
