@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -393,8 +392,6 @@ def load_torch_weights(
 
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # pickled code, refused by weights_only: torch's message
-        raise
     except (RuntimeError, EOFError) as error:  # a truncated zip, an empty file
         raise ValueError(
             f"path: {path} is not a readable PyTorch weights file (truncated or corrupt?): "
