@@ -375,6 +375,24 @@ def test_batch_norm_in_training_mode_is_refused_naming_the_ways_out(tmp_path, rn
     DPTraining.check_model(state, (images, labels))  # no error
 
 
+class _TwoBatches:
+    """The loader protocol over two batches of 16, without a batch size or a number of
+    examples."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return 2
+
+    def epoch(self, epoch, *, start_step=0):
+        for step in range(start_step, 2):
+            yield self.batch(epoch, step)
+
+    def batch(self, epoch, step):
+        return self.images[16 * step : 16 * step + 16], self.labels[16 * step : 16 * step + 16]
+
+
 def test_loaders_dp_cannot_account_for_are_refused(rng):
     images, labels = _data(rng, 32)
 
@@ -385,19 +403,8 @@ def test_loaders_dp_cannot_account_for_are_refused(rng):
     with pytest.raises(ValueError, match="train_loader: its batch_augment mixes examples"):
         fit(_model(), mixed, None, _config())
 
-    class Plain:  # the loader protocol, without a batch size or a number of examples
-        def __len__(self):
-            return 2
-
-        def epoch(self, epoch, *, start_step=0):
-            for step in range(start_step, 2):
-                yield self.batch(epoch, step)
-
-        def batch(self, epoch, step):
-            return images[16 * step : 16 * step + 16], labels[16 * step : 16 * step + 16]
-
     with pytest.raises(TypeError, match="train_loader: DP-SGD's accounting needs"):
-        fit(_model(), Plain(), None, _config())
+        fit(_model(), _TwoBatches(images, labels), None, _config())
 
 
 def test_a_loader_counting_in_numpy_ints_is_accounted_for(rng):
@@ -405,24 +412,14 @@ def test_a_loader_counting_in_numpy_ints_is_accounted_for(rng):
     # them; its sampling rate is theirs
     images, labels = _data(rng, 32)
 
-    class Counted:
+    class Counted(_TwoBatches):
         batch_size, num_examples = np.int64(16), np.int64(32)
 
-        def __len__(self):
-            return 2
-
-        def epoch(self, epoch, *, start_step=0):
-            for step in range(start_step, 2):
-                yield self.batch(epoch, step)
-
-        def batch(self, epoch, step):
-            return images[16 * step : 16 * step + 16], labels[16 * step : 16 * step + 16]
-
-    summary = fit(_model(), Counted(), None, _config(epochs=1))["summary"]
+    summary = fit(_model(), Counted(images, labels), None, _config(epochs=1))["summary"]
     assert summary["dp_sampling_rate"] == 0.5 and type(summary["dp_sampling_rate"]) is float
     Counted.batch_size = 16.0
     with pytest.raises(TypeError, match="as ints; Counted has batch_size=16.0, num_examples="):
-        fit(_model(), Counted(), None, _config(epochs=1))
+        fit(_model(), Counted(images, labels), None, _config(epochs=1))
 
 
 def test_dp_settings_take_0d_arrays_as_numbers_and_name_a_bad_devices():
