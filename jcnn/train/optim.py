@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jcnn.analysis.per_example import _sqrt_of_square
 from jcnn.functional._checks import check_bool, check_real, check_real_or_traced
 
 __all__ = ["optimizer", "default_decay_mask", "scale_by_adagrad", "scale_by_rmsprop", "OPTIMIZERS"]
@@ -82,18 +83,10 @@ class _AccumulatorState(NamedTuple):
     accumulator: Any
 
 
-def _root(s):
-    """``√s`` of an accumulator ``s >= 0``, its derivative taken as 0 at ``s = 0``: ``jnp.sqrt``'s
-    is infinite there, and the chain rule's ``∞ · 0`` made every derivative through an update
-    (with respect to the rate, say) NaN as soon as one entry had a zero gradient so far. The
-    value is ``jnp.sqrt``'s, and so is the derivative of ``g / (√s + ε)`` in ``g`` (``1/ε`` at
-    0)."""
-    positive = s > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), 0)
-
-
 def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTransformation:
-    """The direction ``g / (√s + ε)`` with ``s = accumulate(s, g)`` per leaf, starting at 0."""
+    """The direction ``g / (√s + ε)`` with ``s = accumulate(s, g)`` per leaf, starting at 0; the
+    root's derivative is 0 at ``s = 0`` (``jnp.sqrt``'s infinite one made every derivative through
+    an update NaN once an entry had had only zero gradients)."""
 
     def init(params):
         return _AccumulatorState(jax.tree.map(jnp.zeros_like, params))
@@ -101,7 +94,7 @@ def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTrans
     def update(updates, state, params=None):
         del params
         accumulator = jax.tree.map(accumulate, state.accumulator, updates)
-        scaled = jax.tree.map(lambda g, s: g / (_root(s) + eps), updates, accumulator)
+        scaled = jax.tree.map(lambda g, s: g / (_sqrt_of_square(s) + eps), updates, accumulator)
         return scaled, _AccumulatorState(accumulator)
 
     return optax.GradientTransformation(init, update)
@@ -109,14 +102,14 @@ def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTrans
 
 def _scale_by_adam(b1, b2, eps) -> optax.GradientTransformation:
     """``optax.scale_by_adam`` (its state and moments), the direction ``m̂ / (√v̂ + ε)`` taken with
-    ``_root``, so that derivatives through it stay finite where a gradient entry is 0."""
+    ``_sqrt_of_square``, so that derivatives through it stay finite where a gradient entry is 0."""
     inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
     def update(updates, state, params=None):
         _, state = inner.update(updates, state, params)
         mu_hat = optax.tree.bias_correction(state.mu, b1, state.count)
         nu_hat = optax.tree.bias_correction(state.nu, b2, state.count)
-        return jax.tree.map(lambda m, v: m / (_root(v) + eps), mu_hat, nu_hat), state
+        return jax.tree.map(lambda m, v: m / (_sqrt_of_square(v) + eps), mu_hat, nu_hat), state
 
     return optax.GradientTransformation(inner.init, update)
 
