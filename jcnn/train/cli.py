@@ -948,7 +948,7 @@ def _main(argv) -> int:
                     f"cannot --resume {out} with other settings: "
                     + run_folder.format_differences(differences, _flag_names())
                 )
-            raise UsageError(_in_flags(message), code=3) from None
+            raise UsageError(_in_flags(_config_in_flags(message)), code=3) from None
         except ValueError as error:  # a setting fit refuses, e.g. --val-split too large
             raise UsageError(_config_in_flags(str(error))) from None
         summary = dict(result["summary"])

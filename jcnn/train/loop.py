@@ -1342,13 +1342,15 @@ def _fit(
         if epoch > config.epochs:
             raise run_folder.RunFolderError(
                 f"cannot resume {out}: it has already trained {epoch} epochs, more than the "
-                f"{config.epochs} asked for",
+                f"{config.epochs} asked for (config.epochs); a resume may extend a run, not "
+                "shorten it",
                 out,
             )
         if config.max_steps is not None and int(state.step) > config.max_steps:
             raise run_folder.RunFolderError(
                 f"cannot resume {out}: it has already trained {int(state.step)} steps, more than "
-                f"max_steps={config.max_steps}",
+                f"max_steps={config.max_steps} (config.max_steps); a resume may extend a run, "
+                "not shorten it",
                 out,
             )
         if "callbacks" in meta:

@@ -551,6 +551,24 @@ def test_used_folder_needs_resume_or_overwrite(small_run, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_resume_that_would_shorten_the_run_names_the_flag(tmp_path, capsys):
+    # with a constant rate --epochs and --max-steps may change on resume, but not below what the
+    # run has trained: the refusal names the flag (it said "max_steps=1", fit's spelling)
+    run = tmp_path / "run"
+    flags = [*SMALL, "--schedule", "constant", "--epochs", "2"]
+    assert _main([*flags, "--out", str(run)], capsys)[0] == 0
+    before = _snapshot(run)
+    for extra, named in (
+        (["--max-steps", "1"], "--max-steps"),
+        (["--epochs", "1"], "--epochs"),
+    ):
+        code, err = _main([*flags, *extra, "--out", str(run), "--resume"], capsys)
+        assert code == 3, err
+        _assert_one_line(err)
+        assert "already trained" in err and named in err and "config." not in err
+        assert _snapshot(run) == before
+
+
 def test_second_process_on_the_same_out_fails_at_once(tmp_path, capsys):
     holder = subprocess.Popen(
         [
