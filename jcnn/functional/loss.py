@@ -127,8 +127,10 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Args:
         logits: floating array ``(..., K)``.
-        labels: integer classes ``(...)`` or class probabilities ``(..., K)`` (e.g. mixup or
-            smoothed targets), whose argmax is the class. At least one example.
+        labels: integer classes ``(...)`` in ``[0, K)`` (a label outside that range makes the
+            accuracy NaN, as it makes ``cross_entropy`` NaN, instead of counting as a miss), or
+            class probabilities ``(..., K)`` (e.g. mixup or smoothed targets), whose argmax is
+            the class. At least one example.
 
     Returns:
         A float32 scalar in ``[0, 1]``, the mean over every example (and position).
@@ -138,5 +140,8 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """
     _check_logits(logits)
     _check_not_empty(logits, "score")
-    classes = labels if _check_labels(logits, labels) else jnp.argmax(labels, axis=-1)
-    return jnp.mean((jnp.argmax(logits, axis=-1) == classes).astype(jnp.float32))
+    if not _check_labels(logits, labels):
+        labels = jnp.argmax(labels, axis=-1)
+    hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    return jnp.mean(jnp.where(in_range, hits, jnp.nan))

@@ -127,6 +127,19 @@ def test_accuracy_against_numpy(rng):
     assert float(accuracy(jnp.asarray(segmentation), jnp.asarray(masks))) == pytest.approx(expected)
 
 
+def test_accuracy_of_a_label_outside_the_classes_is_nan_as_the_loss():
+    # it counted as a miss (0.5 here), a number where cross_entropy says NaN: a wrong label
+    # range (1-based classes, an ignore index) passed unnoticed
+    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    for labels in ([0, 3], [0, -1]):
+        labels = jnp.array(labels)
+        assert np.isnan(float(accuracy(logits, labels)))
+        assert np.isnan(float(jax.jit(accuracy)(logits, labels)))
+        assert np.isnan(float(cross_entropy(logits, labels)))
+    assert float(accuracy(logits, jnp.array([0, 2]))) == 0.5
+    assert float(jax.vmap(accuracy)(logits[:, None], jnp.array([[0], [7]]))[0]) == 1.0
+
+
 @pytest.mark.parametrize(
     "call, error, message",
     [
