@@ -195,6 +195,19 @@ def _unseal(payload) -> dict:
     return body
 
 
+def _check_format_and_step(record: dict, step: int) -> None:
+    """A ``ValueError`` unless ``record`` is of this format and names ``step``, the step of the
+    folder it was read from (a checkpoint folder copied or renamed to another step names its
+    own)."""
+    if record.get("format") != _FORMAT:
+        raise ValueError(f"expected format {_FORMAT}, got {record.get('format')!r}")
+    if record.get("step") != step:
+        raise ValueError(
+            f"it records step {record.get('step')!r}, not the step {step} its folder's name "
+            "says (copied or renamed from another step?)"
+        )
+
+
 def _write_json_atomically(path: Path, payload) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
@@ -306,8 +319,7 @@ class CheckpointManager:
         path = self.path(step) / _MANIFEST
         try:
             manifest = _unseal(json.loads(path.read_text()))
-            if manifest.get("format") != _FORMAT or manifest.get("step") != step:
-                raise ValueError(f"expected format {_FORMAT} for step {step}")
+            _check_format_and_step(manifest, step)
             for key in ("files", "arrays", "non_finite"):
                 if not isinstance(manifest[key], (dict if key == "files" else list)):
                     raise ValueError(f"{key!r} has the wrong type")
@@ -333,8 +345,7 @@ class CheckpointManager:
         path = self.path(step) / _MARK
         try:
             mark = _unseal(json.loads(path.read_text()))
-            if mark.get("format") != _FORMAT or mark.get("step") != step:
-                raise ValueError(f"expected format {_FORMAT} for step {step}")
+            _check_format_and_step(mark, step)
             if mark.get("status") not in ("good", "bad"):
                 raise ValueError(f"unknown status {mark.get('status')!r}")
         except FileNotFoundError:

@@ -234,6 +234,15 @@ def test_missing_or_garbage_manifest(tmp_path, rng):
             CheckpointManager(manager.directory)
 
 
+def test_a_checkpoint_copied_to_another_step_is_named_as_such(tmp_path, rng):
+    manager, _ = _saved(tmp_path, rng, steps=(4,))
+    shutil.copytree(manager.path(4), manager.path(7))
+    with pytest.raises(CheckpointError, match=r"records step 4, not the step 7 its folder"):
+        manager.manifest(7)
+    with pytest.raises(CheckpointError, match=r"records step 4, not the step 7 its folder"):
+        CheckpointManager(manager.directory)
+
+
 @pytest.mark.parametrize(
     "garbage",
     ["", "not json", "[]", '{"format": 1}', '{"metrics": {"1": 0.5}}', '{"format": 1, "che'],
