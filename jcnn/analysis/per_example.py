@@ -458,9 +458,10 @@ def _widened(leaf) -> jax.Array:
 def _sqrt_of_square(square) -> jax.Array:
     """``sqrt(square)`` whose derivative at ``square == 0`` is 0, not ``inf``: an example whose
     gradient is exactly zero would otherwise put ``0 * inf = NaN`` into the derivative of its norm
-    and of every clipped sum (its clip factor, 1, is locally constant there)."""
-    positive = square > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1)), 0).astype(square.dtype)
+    and of every clipped sum (its clip factor, 1, is locally constant there). A NaN stays NaN
+    (an example whose gradient has a NaN has no norm, not norm 0)."""
+    zero = square == 0
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, square))).astype(square.dtype)
 
 
 def _norms(per_example, size: int | None = None) -> jax.Array:

@@ -170,6 +170,16 @@ def test_an_example_with_a_zero_gradient_gives_no_nan_in_derivatives_of_norms_an
     assert np.isfinite(got).all()
 
 
+def test_an_example_whose_gradient_has_a_nan_has_a_nan_norm_not_zero():
+    # the zero-gradient root took NaN > 0 as False and reported such an example's norm as 0
+    loss, w, (x, y) = _zero_gradient_problem()
+    batch = (x.at[1, 0].set(jnp.nan), y)
+    norms = per_example_grad_norms(loss, w, batch)
+    assert norms[0] == 0 and np.isnan(norms[1])
+    grads = per_example_grads(loss, w, batch)
+    assert np.isnan(clip_per_example(grads, 1.0)[1]).all()
+
+
 def test_dp_noise_has_the_stated_scale_and_is_reproducible():
     clip, sigma, size = 0.5, 2.0, 8
     zeros = {"w": jnp.zeros((size, 20_000))}
