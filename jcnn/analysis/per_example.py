@@ -81,7 +81,7 @@ def _batch_size(batch, name: str = "batch") -> int:
     return sizes.pop()
 
 
-def _check_params(params) -> None:
+def _check_params(params, name: str = "params", why: str = "each is differentiated") -> None:
     """Every leaf of ``params`` real floating point: each is differentiated (``jax.grad`` failed
     on an integer leaf without naming it) and its gradient's squared norm is ``g ** 2``."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -90,7 +90,7 @@ def _check_params(params) -> None:
             dtype = np.asarray(leaf).dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
-                "params: expected real floating-point leaves (each is differentiated), got "
+                f"{name}: expected real floating-point leaves ({why}), got "
                 f"{dtype} at {jax.tree_util.keystr(path) or 'the root'}"
             )
 
@@ -517,6 +517,8 @@ def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     """
     _check_finite(l2_norm_clip, "l2_norm_clip")
     _batch_size(per_example, "per_example")
+    # an integer leaf would be scaled by a factor truncated to 0 (silently all zeros)
+    _check_params(per_example, "per_example", "gradients, scaled by the clip factors")
     factor = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(_norms(per_example), 1e-12))
 
     def scale(leaf):

@@ -299,6 +299,21 @@ def test_integer_or_complex_parameter_leaves_are_named(problem):
                 fn(_loss, with_bad, batch)
 
 
+def test_integer_or_complex_per_example_gradients_are_refused_by_clipping():
+    # an int32 leaf was scaled by the clip factor cast to int32: all zeros, silently
+    state = dp_aggregate(1.0, 0.0).init(None)
+    for bad, dtype in (
+        (jnp.ones((2, 3), jnp.int32), "int32"),
+        (jnp.ones((2, 3), jnp.complex64), "complex64"),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"per_example: expected real .* got {dtype} at \['k'\]"
+        ):
+            clip_per_example({"k": bad}, 1.0)
+        with pytest.raises(TypeError, match=rf"per_example: expected real .* got {dtype}"):
+            dp_aggregate(1.0, 0.0).update({"k": bad}, state)
+
+
 def _random_outer_product(rng):
     """Random ``dot_general`` operands whose contracted dims have size 1, axes in random order."""
     num_batch, lhs_free, rhs_free = rng.integers(0, 3), rng.integers(0, 3), rng.integers(1, 3)
