@@ -294,7 +294,13 @@ def _check_images(recipe: Recipe, images, labels, name: str, labels_name: str) -
     shape = tuple(images.shape)
     if len(shape) != 4 or shape[1:] != recipe.image_shape:
         raise ValueError(f"{name}: {recipe.name} is built for {expected}, got shape {shape}")
-    dtype = images.dtype
+    try:
+        dtype = np.dtype(images.dtype)
+    except TypeError:  # e.g. a torch tensor: "Cannot interpret 'torch.uint8' as a data type"
+        raise TypeError(
+            f"{name}: {recipe.name} expected a NumPy or JAX array of {expected}, got "
+            f"{type(images).__name__} of dtype {images.dtype}"
+        ) from None
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TypeError(f"{name}: expected integer or floating images, got dtype {dtype}")
     if not shape[0]:

@@ -329,3 +329,13 @@ def test_seeds_apart_by_2_to_the_32_prepare_apart_runs(rng):
     runs = [recipes.prepare("mnist99", images, labels, seed=seed) for seed in (5, 2**32 + 5)]
     orders = [run.train_loader.order(0).tolist() for run in runs]
     assert orders[0] != orders[1] and [run.config.seed for run in runs] == [5, 2**32 + 5]
+
+
+def test_images_whose_dtype_is_no_numpy_dtype_are_named(rng, torch):
+    images, labels = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8), np.zeros(128, int)
+    # a torch tensor failed with a raw "Cannot interpret 'torch.uint8' as a data type"
+    with pytest.raises(TypeError, match=r"^images: mnist99 expected a NumPy or JAX array .*Tensor"):
+        recipes.prepare("mnist99", torch.from_numpy(images), labels)
+    prepared = recipes.prepare("mnist99", images, labels)
+    with pytest.raises(TypeError, match=r"^test_images: mnist99 expected a NumPy or JAX array"):
+        prepared.test_loader(torch.from_numpy(images), labels)
