@@ -150,6 +150,18 @@ def from_run_folder(folder: Path) -> dict:
                 f"--from-runs {folder}: a run of recipe {recipe['name']!r}, expected one of "
                 f"{', '.join(PUBLISHED)}"
             )
+        # a run on another dataset (--recipe-any-dataset, synthetic) or on part of it
+        # (--limit-train) was counted towards the recipe's mean beside its published figure
+        settings = record.get("settings") or {}
+        dataset = settings.get("dataset", DATASETS[recipe["name"]])
+        limit = settings.get("limit_train")
+        if dataset != DATASETS[recipe["name"]] or limit is not None:
+            part = "" if limit is None else f" --limit-train {limit}"
+            raise SystemExit(
+                f"--from-runs {folder}: a run of {recipe['name']} on --dataset {dataset}{part}, "
+                f"expected one on all of {DATASETS[recipe['name']]} (the published figures are "
+                "for it)"
+            )
         run = {
             "recipe": recipe["name"],
             "seed": record["train"]["seed"],

@@ -165,3 +165,25 @@ def test_a_recipe_ending_mid_epoch_shows_its_epochs_and_a_whole_epoch_s_time(scr
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[3] == "1.2" and float(cells[4]) == pytest.approx(6.0, rel=0.01)
     assert float(cells[5]) == pytest.approx(7.2)
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        ({"dataset": "fashion_mnist"}, "on --dataset fashion_mnist, expected one on all of mnist"),
+        ({"dataset": "synthetic"}, "on --dataset synthetic, expected"),
+        ({"dataset": "mnist", "limit_train": 1024}, "on --dataset mnist --limit-train 1024"),
+    ],
+)
+def test_a_run_on_another_or_part_of_the_dataset_is_refused(script, tmp_path, changes, says):
+    # jcnn-train --recipe mnist99 --dataset fashion_mnist --recipe-any-dataset (or --limit-train)
+    # was counted towards mnist99's mean and goals beside the published figures
+    run = _run_folder(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["settings"].update(changes)
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=says):
+        script.from_run_folder(run)
+    config["settings"].update(dataset="mnist", limit_train=None)
+    (run / "config.json").write_text(json.dumps(config))
+    assert script.from_run_folder(run)["accuracy"] == 0.991
