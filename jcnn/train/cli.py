@@ -892,7 +892,8 @@ def _main(argv) -> int:
             "recipe": None
             if prepared is None
             else {"name": args.recipe, "steps": prepared.config.max_steps},
-            "model": args.model,
+            # a recipe builds its own network and batches (--model and --batch-size are refused)
+            "model": None if prepared is not None else args.model,
             "dataset": args.dataset,
             "data_dir": None
             if args.dataset == "synthetic"
@@ -902,7 +903,7 @@ def _main(argv) -> int:
             "manual_dir": args.manual_dir,
             "limit_train": args.limit_train,
             "augment": args.augment,
-            "batch_size": args.batch_size,
+            "batch_size": None if prepared is not None else args.batch_size,
             "group_norm": args.group_norm,
             "train_images": int(train_x.shape[0]),
             "num_classes": num_classes,

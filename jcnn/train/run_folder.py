@@ -139,6 +139,12 @@ ADDED_LATER = {"train.no_grad": ([], {})}
 meant (``no_grad=()`` records ``[]``, jcnn-train's empty mapping ``{}``): a resume with one of
 those values is the same run."""
 
+CORRECTED_LATER = {"settings.model": ("lenet5", None), "settings.batch_size": (128, None)}
+"""Entries that older ``jcnn-train --recipe`` records held wrongly, ``(old value, value now)``:
+the ``--model`` and ``--batch-size`` defaults, which a recipe refuses and does not use (it builds
+its own network and batches), now recorded as ``None``. A run without a recipe records a name and
+a number there, so only such a record has the old value beside the new: the same run."""
+
 RECORDED_LATER = frozenset(
     {"train_loader.examples", "train_loader.augment", "train_loader.batch_augment"}
 )
@@ -618,6 +624,8 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
             continue
         later = key in RECORDED_LATER or any(name in RECORDED_LATER for name in parents)
         if before == _MISSING and (later or after in ADDED_LATER.get(key, ())):
+            continue
+        if CORRECTED_LATER.get(key) == (before, after):
             continue
         if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
             continue

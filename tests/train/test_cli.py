@@ -1150,3 +1150,22 @@ def test_an_augment_that_changes_the_image_size_is_refused_in_flag_terms(tmp_pat
         assert not out.exists()
     back = "random_resized_crop:size=(32,32),random_crop:size=(28,28)"
     assert main([*SMALL_SPLIT, "--max-steps", "1", "--augment", back, "--out", str(out)]) == 0
+
+
+def test_recipe_run_records_no_model_or_batch_size_of_the_flags_and_resumes_old_records(
+    tmp_path, capsys
+):
+    # config.json's settings of an airbench94 or mnist99 run said model "lenet5" and batch_size
+    # 128: the defaults of --model and --batch-size, which a recipe refuses and does not use
+    out = tmp_path / "run"
+    argv = ["--recipe", "mnist99", "--dataset", "synthetic", "--no-progress", "--out", str(out)]
+    code, err = _main([*argv, "--epochs", "1"], capsys)
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())
+    assert record["settings"]["model"] is None and record["settings"]["batch_size"] is None
+    assert record["train_loader"]["batch_size"] == 128  # the recipe's, recorded where it applies
+    # a folder recorded before (the flags' defaults there) resumes as the same run
+    record["settings"].update(model="lenet5", batch_size=128)
+    (out / "config.json").write_text(json.dumps(record))
+    code, err = _main([*argv, "--epochs", "1", "--resume"], capsys)
+    assert code == 0, err

@@ -739,3 +739,20 @@ def _claim_into(folder, errors):
         run_folder.claim(folder).release()
     except RunFolderError as error:
         errors.append(error)
+
+
+def test_a_recipe_record_of_the_flags_defaults_resumes_as_the_same_run():
+    from jcnn.train.run_folder import differences
+
+    # jcnn-train --recipe recorded the --model and --batch-size defaults (lenet5, 128), which a
+    # recipe does not use; it now records None there: an old record resumes
+    old = {"settings": {"recipe": {"name": "mnist99"}, "model": "lenet5", "batch_size": 128}}
+    new = {"settings": {"recipe": {"name": "mnist99"}, "model": None, "batch_size": None}}
+    assert differences(old, new) == []
+    # any other change of those settings is still one
+    other = {"settings": {"recipe": {"name": "mnist99"}, "model": "resnet20", "batch_size": 64}}
+    assert differences(old, other) == [
+        ("settings.batch_size", 128, 64),
+        ("settings.model", "lenet5", "resnet20"),
+    ]
+    assert [d[0] for d in differences(new, old)] == ["settings.batch_size", "settings.model"]
