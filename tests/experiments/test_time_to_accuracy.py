@@ -187,3 +187,17 @@ def test_a_run_on_another_or_part_of_the_dataset_is_refused(script, tmp_path, ch
     config["settings"].update(dataset="mnist", limit_train=None)
     (run / "config.json").write_text(json.dumps(config))
     assert script.from_run_folder(run)["accuracy"] == 0.991
+
+
+def test_a_resumed_run_has_no_wall_time_and_the_time_goal_is_not_judged(script, tmp_path):
+    # its summary's wall time is its last process's: a resumed mnist99 run met the 20 s goal
+    # on the seconds after the resume alone
+    folder = _run_folder(tmp_path / "run")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["command"] = "jcnn-train --recipe mnist99 --seed 3 --resume"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    record = script.from_run_folder(folder)
+    assert record["wall"] is None
+    verdict = script.goal_verdict("mnist99", [0.991, 0.992], [9.0, None])
+    assert "per run: not measured (1 of 2 run(s) without a wall time" in verdict
+    assert "**met** (slowest" in script.goal_verdict("mnist99", [0.991], [9.0])
