@@ -558,6 +558,19 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _network_error(error: BaseException | None) -> BaseException | None:
+    """The failed connection ``error`` is or wraps, else ``None``: tfds downloads through
+    ``requests``, whose errors are no ``ConnectionError`` of Python's own."""
+    while error is not None:
+        modules = {cls.__module__.split(".")[0] for cls in type(error).__mro__}
+        if isinstance(error, (ConnectionError, TimeoutError)) or modules & {"requests", "urllib3"}:
+            return error
+        if type(error).__name__ == "URLError":
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def load_tfds(
     name: str,
     split: str,
@@ -591,6 +604,8 @@ def load_tfds(
     Raises:
       FileNotFoundError: with ``download=False``, the dataset is not prepared in ``data_dir``;
         or ``manual_dir`` is not a folder.
+      DownloadError: preparing it needed the network, and the download failed.
+      CorruptFileError: a file (e.g. in ``manual_dir``) is not the one tfds expects.
     """
     if not isinstance(name, str):
         raise TypeError(f"name: expected a dataset name (str), got {type(name).__name__}")
@@ -670,6 +685,16 @@ def load_tfds(
             f"tensorflow-datasets does not know{hint}; tfds.list_builders() lists them"
         ) from None
     except Exception as err:
+        network = _network_error(err)
+        if network is not None:  # requests' or urllib's many-line traceback, no dataset named
+            from jcnn.data.fetch import DownloadError
+
+            reason = " ".join(str(network).split())[:300]
+            raise DownloadError(
+                f"{name} ({split}): tensorflow-datasets could not download it "
+                f"({type(network).__name__}: {reason}); check the network, or prepare it where it "
+                "can be reached and pass data_dir= (--data-dir) or manual_dir= (--manual-dir)"
+            ) from None
         # e.g. a manual_dir holding other files: tfds's multi-line NonMatchingChecksumError
         if type(err).__name__ != "NonMatchingChecksumError":
             raise

@@ -346,6 +346,46 @@ def test_load_tfds_with_a_manual_dir_of_other_files_is_a_one_line_corrupt_file_e
     assert "wrong checksum" in message and str(wrong) in message
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_tfds_download_without_network_is_a_one_line_download_error(
+    tmp_path, monkeypatch, wrapped
+):
+    """tfds downloads through requests: offline, jcnn-train --dataset tfds:svhn_cropped ended in
+    a raw many-line requests.exceptions.ConnectionError traceback naming no dataset."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    requests = pytest.importorskip("requests")
+
+    def offline(*args, **kwargs):
+        error = requests.exceptions.ConnectionError(
+            "HTTPConnectionPool(host='example.org', port=80): Max retries exceeded\nwith url"
+        )
+        if not wrapped:
+            raise error
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("tfds gave up") from inner
+
+    monkeypatch.setattr(tfds, "load", offline)
+    with pytest.raises(data.DownloadError) as caught:
+        data.load_tfds("svhn_cropped", "train", data_dir=tmp_path)
+    message = str(caught.value)
+    assert message.startswith("svhn_cropped (train): tensorflow-datasets could not download it")
+    assert "Max retries exceeded with url" in message and "\n" not in message
+    assert "data_dir=" in message and "manual_dir=" in message
+
+
+def test_a_tfds_error_that_is_no_network_error_is_not_disguised_as_one(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug of tfds's own")
+
+    monkeypatch.setattr(tfds, "load", broken)
+    with pytest.raises(KeyError, match="a bug of tfds's own"):
+        data.load_tfds("svhn_cropped", "train", data_dir=tmp_path)
+
+
 def test_load_tfds_without_download_names_where_the_dataset_is_not_prepared(tmp_path):
     """Not tfds's AssertionError: the FileNotFoundError a missing dataset gives everywhere."""
     pytest.importorskip("tensorflow_datasets", reason="the tfds route needs: pip install .[tfds]")
