@@ -52,6 +52,10 @@ def locally_connected_output_shape(
     """
     in_spatial = check_size_sequence(in_spatial, "in_spatial", example="(H, W)")
     rank = len(in_spatial)
+    if rank > 3:  # locally_connected takes 1-, 2- or 3-D inputs
+        raise ValueError(
+            f"in_spatial: expected 1 to 3 spatial sizes such as (H, W), got {in_spatial!r}"
+        )
     window = as_int_tuple(window, rank, "window", minimum=1)
     stride = as_int_tuple(stride, rank, "stride", minimum=1)
     dilation = as_int_tuple(dilation, rank, "dilation", minimum=1)

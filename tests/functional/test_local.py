@@ -127,6 +127,15 @@ def test_output_shape_checks_in_spatial(in_spatial, error):
         F.locally_connected_output_shape(in_spatial, 3)
 
 
+def test_output_shape_refuses_more_than_three_spatial_dims():
+    # it returned (5, 5, 5, 5), a kernel shape locally_connected refuses (1- to 3-D only)
+    with pytest.raises(
+        ValueError, match=r"^in_spatial: expected 1 to 3 spatial sizes such as \(H, W\), got "
+    ):
+        F.locally_connected_output_shape((5, 5, 5, 5), 1)
+    assert F.locally_connected_output_shape((5, 5, 5), 1) == (5, 5, 5)
+
+
 def test_output_shape_accepts_numpy_sizes():
     assert F.locally_connected_output_shape([np.int64(7), np.int32(6)], 3) == (5, 4)
     assert F.locally_connected_output_shape(np.array([7, 6]), 3) == (5, 4)
