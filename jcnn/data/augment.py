@@ -144,7 +144,9 @@ def _float_dtype(image):
 
 
 def _to_float(image) -> jax.Array:
-    return image.astype(_float_dtype(image))
+    # a NumPy image (as data.load returns) becomes a JAX array: NumPy can neither be indexed by
+    # traced positions nor updated with .at
+    return jnp.asarray(image).astype(_float_dtype(image))
 
 
 def _restore(x, dtype) -> jax.Array:

@@ -963,3 +963,21 @@ def test_float64_images_under_x64_are_augmented_in_float64():
     assert (np.asarray(solarized[0, 0]) != image[0, 0]).tolist() == [False, True, False]
     erased = np.asarray(cut) != image
     assert erased.any() and (np.asarray(cut)[erased] == 0.1).all()
+
+
+def test_numpy_images_as_data_load_returns_them_work_in_every_op(rng):
+    # adjust_sharpness called .at on a NumPy image; the bilinear ops indexed it by traced
+    # positions under jit/vmap (TracerArrayConversionError)
+    image = rng.integers(0, 256, (9, 10, 3)).astype(np.uint8)
+    as_jax = jnp.asarray(image)
+    np.testing.assert_array_equal(A.adjust_sharpness(image, 1.5), A.adjust_sharpness(as_jax, 1.5))
+    keys = jax.random.split(jax.random.key(0), 3)
+    ops = {
+        "rotate": lambda k, x: A.rotate(x, jax.random.uniform(k, (), minval=-40, maxval=40)),
+        "adjust_sharpness": lambda k, x: A.adjust_sharpness(x, jax.random.uniform(k, ())),
+        "random_resized_crop": functools.partial(A.random_resized_crop, size=5),
+    }
+    for name, op in ops.items():
+        both = jax.jit(jax.vmap(lambda k, op=op: (op(k, image), op(k, as_jax))))
+        ours, expected = both(keys)
+        np.testing.assert_array_equal(ours, expected, err_msg=name)
