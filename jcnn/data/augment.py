@@ -687,7 +687,8 @@ def mixup(
     k_lam, k_perm = jax.random.split(key)
     lam = jax.random.beta(k_lam, alpha, alpha, dtype=dtype)
     perm = jax.random.permutation(k_perm, images.shape[0])
-    x, soft = images.astype(dtype), soft.astype(dtype)
+    # a NumPy batch cannot be indexed by the permutation where it is traced (jit, vmap)
+    x, soft = jnp.asarray(images).astype(dtype), soft.astype(dtype)
     return lam * x + (1 - lam) * x[perm], lam * soft + (1 - lam) * soft[perm]
 
 
@@ -728,6 +729,7 @@ def cutmix(
     cols = jnp.arange(width)[None, :]
     box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
     perm = jax.random.permutation(k_perm, images.shape[0])
+    images = jnp.asarray(images)  # a NumPy batch cannot be indexed by a traced permutation
     mixed = jnp.where(box[None, :, :, None], images[perm], images)
     pasted = ((bottom - top) * (right - left)).astype(dtype) / (height * width)
     return mixed, (1 - pasted) * soft + pasted * soft[perm]
@@ -852,7 +854,7 @@ def pixmix(
         k_src, k_pick, k_aug, k_op, k_weights = jax.random.split(jax.random.fold_in(keys[3], i), 5)
         if mixing_images is not None:
             index = jax.random.randint(k_src, (), 0, mixing_images.shape[0])
-            partner = _to_float(mixing_images[index]) / max_value
+            partner = _to_float(jnp.asarray(mixing_images)[index]) / max_value
         else:
             partner = pattern(k_src, image.shape)
         if augment is not None:

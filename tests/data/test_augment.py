@@ -981,3 +981,30 @@ def test_numpy_images_as_data_load_returns_them_work_in_every_op(rng):
         both = jax.jit(jax.vmap(lambda k, op=op: (op(k, image), op(k, as_jax))))
         ours, expected = both(keys)
         np.testing.assert_array_equal(ours, expected, err_msg=name)
+
+
+def test_numpy_batches_and_mixing_images_under_jit_and_vmap(rng):
+    # mixup, cutmix and pixmix's mixing_images indexed a NumPy array by a traced permutation or
+    # index (TracerArrayConversionError) when the key was traced and the arrays were not
+    images = rng.integers(0, 256, (6, 5, 4, 3)).astype(np.uint8)
+    labels = np.arange(6, dtype=np.int32)  # soft label j of example i: the weight of image j
+    mixup, cutmix, mixed = jax.jit(
+        lambda k: (
+            A.mixup(k, images, labels, num_classes=6),
+            A.cutmix(k, images, labels, num_classes=6),
+            A.pixmix(k, images[0], k=1, mixing_images=images),
+        )
+    )(jax.random.key(2))
+    flat = images.reshape(6, -1).astype(np.float64)
+    np.testing.assert_allclose(
+        np.asarray(mixup[0]).reshape(6, -1), np.asarray(mixup[1]) @ flat, rtol=1e-5
+    )
+    weights = np.asarray(cutmix[1])
+    for i, (image, row) in enumerate(zip(np.asarray(cutmix[0]), weights, strict=True)):
+        sources = np.flatnonzero(row)
+        pasted = np.isin(np.arange(6), sources) & (np.arange(6) != i)
+        partner = images[np.flatnonzero(pasted)[0]] if pasted.any() else images[i]
+        from_partner = (image == partner).all(-1) & (image != images[i]).any(-1)
+        assert ((image == images[i]).all(-1) | (image == partner).all(-1)).all()
+        assert from_partner.mean() <= 1 - row[i] + 1e-6
+    assert mixed.shape == images[0].shape and mixed.dtype == np.uint8
