@@ -289,6 +289,7 @@ def rotate(image: jax.Array, angle: ArrayLike, *, fill: ArrayLike = 0.0) -> jax.
     >>> rotate(image, 90)[..., 0].tolist() == jnp.rot90(image)[..., 0].tolist()
     True
     """
+    _check_image(image)  # before its dtype is read
     angle = check_real_or_traced(angle, "angle")
     theta = jnp.deg2rad(jnp.asarray(angle, _float_dtype(image)))
     cos, sin = jnp.cos(theta), jnp.sin(theta)
@@ -301,6 +302,7 @@ def translate(
     image: jax.Array, shift_y: ArrayLike, shift_x: ArrayLike, *, fill: ArrayLike = 0.0
 ) -> jax.Array:
     """``image`` moved down by ``shift_y``, right by ``shift_x`` pixels (bilinear if fractional)."""
+    _check_image(image)  # before its dtype is read
     dtype = _float_dtype(image)
     one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
     sx = jnp.asarray(check_real_or_traced(shift_x, "shift_x"), dtype)

@@ -1008,3 +1008,17 @@ def test_numpy_batches_and_mixing_images_under_jit_and_vmap(rng):
         assert ((image == images[i]).all(-1) | (image == partner).all(-1)).all()
         assert from_partner.mean() <= 1 - row[i] + 1e-6
     assert mixed.shape == images[0].shape and mixed.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda image: A.rotate(image, 30.0),
+        lambda image: A.translate(image, 1.0, 2.0),
+        lambda image: A.random_rotate(jax.random.key(0), image, degrees=10),
+    ],
+)
+def test_rotate_and_translate_name_an_image_that_is_not_an_array(call):
+    # they read image.dtype first: AttributeError: 'list' object has no attribute 'dtype'
+    with pytest.raises(TypeError, match=r"image: expected an array \(H, W, C\), got list"):
+        call([[[0.0]]])
