@@ -386,7 +386,12 @@ class Loader:
         if not count:  # an empty Poisson batch: one record read for its shapes, none kept
             indices = [0]
         if hasattr(self._source, "__getitems__"):
-            records = self._source.__getitems__(indices)
+            records = list(self._source.__getitems__(indices))
+            if len(records) != len(indices):
+                raise ValueError(
+                    f"source: expected __getitems__ to return one record per index, got "
+                    f"{len(records)} records for {len(indices)} indices"
+                )
         else:
             records = [self._source[i] for i in indices]
         pairs = [self._image_and_label(r, i) for r, i in zip(records, indices, strict=True)]

@@ -638,3 +638,22 @@ def test_seeds_apart_by_2_to_the_32_draw_apart(dataset):
         b = Loader(images, labels, batch_size=10, seed=other, augment=AUGMENT)
         assert a.order(0).tolist() != b.order(0).tolist()
         assert not np.array_equal(a.batch(0, 0)[0], b.batch(0, 0)[0])
+
+
+@pytest.mark.parametrize("drop", [1, -1])
+def test_a_source_whose_getitems_returns_too_few_or_many_records_is_named(dataset, drop):
+    # a raw "zip() argument 2 is longer than argument 1" from inside the loader
+    images, labels = dataset
+    source = _ListSource(images, labels, batched_reads=True)
+    records = source.__getitems__
+    if drop == 1:
+        source.__getitems__ = lambda idx: records(idx)[:-1]
+    else:
+        source.__getitems__ = lambda idx: records(idx) + records(idx[:1])
+    loader = Loader.from_source(source, batch_size=8)
+    with pytest.raises(
+        ValueError,
+        match=r"source: expected __getitems__ to return one record "
+        r"per index, got (7|9) records for 8 indices",
+    ):
+        loader.batch(0, 0)
