@@ -153,7 +153,7 @@ def _restore(x, dtype) -> jax.Array:
     """``x`` (float, in the units of ``dtype``) back to ``dtype``: uint8 is rounded and clipped."""
     if dtype == jnp.uint8:
         return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
-    return x.astype(dtype)
+    return x.astype(jax.dtypes.canonicalize_dtype(dtype))  # a NumPy float64 image without x64
 
 
 def _pair(value, name: str) -> tuple[int, int]:

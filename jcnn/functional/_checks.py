@@ -221,8 +221,10 @@ def window_padding(
 def float32_or_wider(dtype):
     """float32 for the half-precision floats, else ``dtype`` itself (float64 stays float64): the
     type jcnn computes and accumulates in, rounding once to the input's type at the end, as
-    PyTorch's CPU kernels do; in half precision every intermediate would be rounded."""
-    return jnp.promote_types(dtype, jnp.float32)
+    PyTorch's CPU kernels do; in half precision every intermediate would be rounded. A NumPy
+    float64 input is computed in float32 unless ``jax_enable_x64`` is on (JAX holds no float64
+    then, and asking for it warns)."""
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:

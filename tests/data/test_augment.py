@@ -2,6 +2,7 @@
 
 import functools
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -981,6 +982,29 @@ def test_numpy_images_as_data_load_returns_them_work_in_every_op(rng):
         both = jax.jit(jax.vmap(lambda k, op=op: (op(k, image), op(k, as_jax))))
         ours, expected = both(keys)
         np.testing.assert_array_equal(ours, expected, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda key, x: A.autocontrast(x),
+        lambda key, x: A.equalize(x),
+        lambda key, x: A.rotate(x, 30.0),
+        lambda key, x: A.trivial_augment(key, x),
+        lambda key, x: A.rand_augment(key, x),
+        lambda key, x: A.pixmix(key, x, k=1),
+    ],
+    ids=["autocontrast", "equalize", "rotate", "trivial_augment", "rand_augment", "pixmix"],
+)
+def test_a_numpy_float64_image_is_computed_in_float32_without_x64_and_no_warning(rng, op):
+    # images / 255.0 in NumPy is float64: ops asked JAX for float64, which it cannot hold without
+    # jax_enable_x64 ("Explicitly requested dtype float64 ... truncated" at every call)
+    image = rng.random((8, 9, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = op(jax.random.key(0), image)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, op(jax.random.key(0), image.astype(np.float32)))
 
 
 def test_numpy_batches_and_mixing_images_under_jit_and_vmap(rng):
