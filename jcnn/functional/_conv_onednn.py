@@ -257,6 +257,8 @@ def _backward_data(dy, w, config, x_shape):
 
 
 def _backward_weights(x, dy, config, w_shape):
+    if x.dtype == jnp.bfloat16 and len(w_shape) == 5:
+        return _float32_weight_grad(x, dy, config, w_shape)
     if _one_channel_per_group(x, config, w_shape):
         return _call("jcnn_depthwise_weight_grad", w_shape, x, dy, config)
     if _depthwise_weight_grad_on_xla(x, dy, config, w_shape):
@@ -266,6 +268,17 @@ def _backward_weights(x, dy, config, w_shape):
     if _dense_weight_grad_on_xla(x, dy, config, w_shape):
         return _native_weight_grad(x, dy, config, w_shape)
     return _call("jcnn_conv_backward_weights", w_shape, x, dy, config)
+
+
+def _float32_weight_grad(x, dy, config, w_shape):
+    """A bfloat16 3-D weight gradient as the float32 one of the same values, rounded once to
+    bfloat16 (what oneDNN's bfloat16 kernels compute). oneDNN 3.2's bfloat16 3-D weight gradient
+    (``jit_bf16``, channels-last), run by one thread (per-example gradients, ``OMP_NUM_THREADS=1``),
+    returned wrong values, uninitialized memory among them, where the depth padding leaves few
+    output depths: e.g. a (1, 2, 2, 2, 16) input under a 3x3x3 window with padding 1 (AVX-512
+    EPYC with AVX512-BF16, and capped at ``AVX512_CORE``)."""
+    wide = (v.astype(jnp.float32) for v in (x, dy))
+    return _backward_weights(*wide, config, w_shape).astype(jnp.bfloat16)
 
 
 def _dense_weight_grad_on_xla(x, dy, config, w_shape) -> bool:
