@@ -28,6 +28,7 @@ import re
 import shlex
 import sys
 import tarfile
+import urllib.error
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -563,9 +564,8 @@ def _network_error(error: BaseException | None) -> BaseException | None:
     ``requests``, whose errors are no ``ConnectionError`` of Python's own."""
     while error is not None:
         modules = {cls.__module__.split(".")[0] for cls in type(error).__mro__}
-        if isinstance(error, (ConnectionError, TimeoutError)) or modules & {"requests", "urllib3"}:
-            return error
-        if type(error).__name__ == "URLError":
+        network = (ConnectionError, TimeoutError, urllib.error.URLError)
+        if isinstance(error, network) or modules & {"requests", "urllib3"}:
             return error
         error = error.__cause__ or error.__context__
     return None
