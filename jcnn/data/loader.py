@@ -69,6 +69,15 @@ def _poisson_key(seed: int, epoch: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(root, epoch), step)
 
 
+def _rows(array: np.ndarray, count: int, rows: int) -> np.ndarray:
+    """The first ``count`` rows of ``array``, then zero rows up to ``rows``."""
+    if rows == count:
+        return array[:count]
+    out = np.zeros((rows, *array.shape[1:]), array.dtype)
+    out[:count] = array[:count]
+    return out
+
+
 def _step_key(seed: int, epoch, step) -> jax.Array:
     root = jax.random.fold_in(seed_key(seed), 1)
     return jax.random.fold_in(jax.random.fold_in(root, epoch), step)
@@ -125,8 +134,9 @@ class Loader:
         the Poisson subsampling that DP-SGD's privacy accounting assumes (``dp_epsilon`` with
         ``sampling_rate = batch_size / num_examples``); the batches are smaller or larger than
         ``batch_size``, so a jitted step compiles once per size (``jcnn.analysis.pad_batch``
-        pads them to a few sizes). ``shuffle`` and ``drop_remainder`` do not apply; not with
-        ``sharding``.
+        pads them to a few sizes; the loader's own ``augment`` runs on a few padded sizes,
+        ``batch_augment`` once per size). ``shuffle`` and ``drop_remainder`` do not apply; not
+        with ``sharding``.
       alternating_flip: mirror (left-right) a random half of the examples in even epochs and
         exactly the other half in odd epochs, before ``augment`` (Jordan 2024, airbench94: every
         pair of consecutive epochs shows each image both ways, where independent random flips
@@ -195,7 +205,7 @@ class Loader:
         self._make_batch = jax.jit(
             self._gather_and_transform, static_argnames="size", out_shardings=out_shardings
         )
-        self._make_indexed_batch = jax.jit(self._gather_indices_and_transform)
+        self._make_indexed_examples = jax.jit(self._gather_indices_and_transform_examples)
 
     @classmethod
     def from_source(
@@ -246,6 +256,7 @@ class Loader:
         loader._source = source
         loader._keys = (image_key, label_key)
         loader._make_batch = jax.jit(loader._transform)
+        loader._make_examples = jax.jit(loader._transform_examples)
         return loader
 
     def _configure(
@@ -307,6 +318,7 @@ class Loader:
             raise ValueError(f"alternating_flip: expected images (N, H, W, C), got shape {shape}")
         self.augment = augment
         self.batch_augment = batch_augment
+        self._make_mixed = jax.jit(self._mix)
         self._next_epoch = 0
 
     @property
@@ -377,10 +389,39 @@ class Loader:
         )
         return np.flatnonzero(np.asarray(members))
 
-    def _gather_indices_and_transform(self, all_images, all_labels, indices, epoch, step):
-        return self._transform(all_images[indices], all_labels[indices], epoch, step, indices)
+    def _gather_indices_and_transform_examples(self, all_images, all_labels, indices, epoch, step):
+        images = self._transform_examples(all_images[indices], epoch, step, indices)
+        return images, all_labels[indices]
 
-    def _read_source(self, indices):
+    def _poisson_size(self, count: int) -> int:
+        """The size a Poisson batch of ``count`` examples is augmented at: a multiple of
+        ``max(32, batch_size // 8)``, so its random sizes compile a few programs, not one each.
+        Padding keeps the documented example keys only where ``split`` gives the same first keys
+        at any count (JAX's default partitionable Threefry); elsewhere no padding."""
+        if not jax.config.jax_threefry_partitionable:
+            return count
+        multiple = max(32, self.batch_size // 8)
+        return max(multiple, -(-count // multiple) * multiple)
+
+    def _poisson_batch(self, indices, epoch, step):
+        count = len(indices)
+        padded = np.zeros(self._poisson_size(count), np.int32)  # example 0 stands in for padding
+        padded[:count] = indices
+        if self._source is None:
+            images, labels = self._make_indexed_examples(
+                self._images, self._labels, jnp.asarray(padded), epoch, step
+            )
+        else:
+            images, labels = self._read_source(indices, size=len(padded))
+            images = self._make_examples(images, epoch, step, padded)
+        images, labels = images[:count], labels[:count]
+        if self.batch_augment is not None:  # mixes examples: on the real ones only
+            images, labels = self._make_mixed(images, labels, epoch, step)
+        return images, labels
+
+    def _read_source(self, indices, size=None):
+        """The records at ``indices`` on the device; with ``size``, followed by zeros to that
+        many rows."""
         indices = np.asarray(indices).tolist()
         count = len(indices)
         if not count:  # an empty Poisson batch: one record read for its shapes, none kept
@@ -395,10 +436,12 @@ class Loader:
         else:
             records = [self._source[i] for i in indices]
         pairs = [self._image_and_label(r, i) for r, i in zip(records, indices, strict=True)]
-        images = self._stack([image for image, _ in pairs], indices, "image")[:count]
-        labels = self._stack([label for _, label in pairs], indices, "label")[:count]
+        images = self._stack([image for image, _ in pairs], indices, "image")
+        labels = self._stack([label for _, label in pairs], indices, "label")
         if labels.dtype == np.int64:
             labels = labels.astype(np.int32)
+        rows = count if size is None else size
+        images, labels = (_rows(array, count, rows) for array in (images, labels))
         return jax.device_put(images), jax.device_put(labels)
 
     @staticmethod
@@ -438,12 +481,7 @@ class Loader:
 
     def _make(self, order, epoch, step):
         if self.sampling == "poisson":
-            indices = self.poisson_indices(epoch, step)
-            if self._source is None:
-                return self._make_indexed_batch(
-                    self._images, self._labels, jnp.asarray(indices, jnp.int32), epoch, step
-                )
-            return self._make_batch(*self._read_source(indices), epoch, step, indices)
+            return self._poisson_batch(self.poisson_indices(epoch, step), epoch, step)
         start = step * self.batch_size
         size = min(self.batch_size, self.num_examples - start)
         if self._source is None:
@@ -456,6 +494,13 @@ class Loader:
         return batch
 
     def _transform(self, images, labels, epoch, step, indices):
+        images = self._transform_examples(images, epoch, step, indices)
+        if self.batch_augment is not None:
+            images, labels = self._mix(images, labels, epoch, step)
+        return images, labels
+
+    def _transform_examples(self, images, epoch, step, indices):
+        """``alternating_flip`` and ``augment``: each example on its own."""
         if self.alternating_flip:
             if images.ndim != 4:
                 raise ValueError(
@@ -465,13 +510,17 @@ class Loader:
             first = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(flip_root, i)))
             flip = first(jnp.asarray(indices)) != (epoch % 2 == 1)
             images = jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
-        step_key = _step_key(self.seed, epoch, step)
         if self.augment is not None:
+            step_key = _step_key(self.seed, epoch, step)
             keys = jax.random.split(jax.random.fold_in(step_key, 0), images.shape[0])
             images = jax.vmap(self.augment)(keys, images)
-        if self.batch_augment is not None:
-            images, labels = self.batch_augment(jax.random.fold_in(step_key, 1), images, labels)
-        return images, labels
+        return images
+
+    def _mix(self, images, labels, epoch, step):
+        """``batch_augment``, which mixes the examples of the batch."""
+        return self.batch_augment(
+            jax.random.fold_in(_step_key(self.seed, epoch, step), 1), images, labels
+        )
 
     def batch(self, epoch: int, step: int) -> tuple[jax.Array, jax.Array]:
         """Batch ``step`` of ``epoch``: exactly the one ``epoch(epoch)`` yields at that step."""

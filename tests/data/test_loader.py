@@ -364,6 +364,37 @@ def test_poisson_sampling_draws_each_example_independently(dataset):
     np.testing.assert_array_equal(y1, y2)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_poisson_batches_of_many_sizes_compile_few_programs_with_the_documented_keys(
+    dataset, streaming
+):
+    # each size compiled the augmentation again (~1.5 s a size for a CIFAR-10 crop and flip,
+    # about a hundred sizes in a batch-256 epoch); the example keys must stay split(key, n)
+    images, labels = dataset
+    traces = []
+
+    def augment(key, image):
+        traces.append(image.shape)
+        return AUGMENT(key, image)
+
+    settings = dict(batch_size=10, sampling="poisson", seed=5, augment=augment)
+    if streaming:
+        loader = Loader.from_source(_ListSource(images, labels, True), **settings)
+    else:
+        loader = Loader(images, labels, **settings)
+    sizes = set()
+    for epoch in range(3):
+        for step, (x, y) in enumerate(_epoch(loader, epoch)):
+            sizes.add(len(y))
+            step_key = jax.random.fold_in(
+                jax.random.fold_in(jax.random.fold_in(jax.random.key(5), 1), epoch), step
+            )
+            keys = jax.random.split(jax.random.fold_in(step_key, 0), len(y))
+            expected = jax.vmap(AUGMENT)(keys, jnp.asarray(images[y]))
+            np.testing.assert_array_equal(x, expected)
+    assert len(sizes) >= 5 and len(traces) <= 2, (sorted(sizes), len(traces))
+
+
 @pytest.mark.parametrize("batched_reads", [False, True])
 def test_poisson_empty_batches_stream_like_in_memory(dataset, batched_reads):
     """At a low rate some Poisson batches are empty; a streaming loader yields them too."""
