@@ -205,12 +205,19 @@ class Standardize:
             scale = np.ones(channels)
             if mode == "per_channel":
                 sq = np.zeros(channels)
+                # constant: every value equal to the first; a float64 mean of them can miss the
+                # value by an ulp, and its std of ~1e-17 would scale rounding error up to +-1
+                first = np.asarray(train_images[:1], np.float64).reshape(-1, channels)[0]
+                constant = np.ones(channels, bool)
                 for chunk in _float64_chunks(train_images):
-                    sq += ((chunk - channel_mean) ** 2).reshape(-1, channels).sum(0)
+                    values = chunk.reshape(-1, channels)
+                    sq += ((values - channel_mean) ** 2).sum(0)
+                    constant &= (values == first).all(0)
                 scale = np.sqrt(sq / (n * np.prod(train_images.shape[1:-1])))
-                if np.any(scale == 0):
+                constant |= scale == 0
+                if np.any(constant):
                     raise ValueError(
-                        f"train_images: channel(s) {np.flatnonzero(scale == 0).tolist()} are "
+                        f"train_images: channel(s) {np.flatnonzero(constant).tolist()} are "
                         "constant (std 0); use mode='center'"
                     )
             return cls(jnp.asarray(channel_mean, dtype), jnp.asarray(scale, dtype), None, mode)

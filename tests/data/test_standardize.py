@@ -343,3 +343,16 @@ def test_float64_images_under_x64_are_standardized_in_float64(mode):
         if mode == "pca":  # each component up to its sign
             expected = expected * np.sign(expected[0] * out[0])
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9)
+
+
+def test_a_float64_constant_channel_is_refused_though_its_mean_misses_it_by_an_ulp(rng):
+    """Float64 images whose channel holds one value (0.1) that the float64 mean misses by an ulp:
+    its std came out ~3e-17, not 0, and the channel was standardized to rounding error scaled
+    up to +-1 instead of being refused as constant."""
+    with jax.enable_x64(True):
+        images = rng.normal(size=(10, 5, 5, 2))
+        images[..., 1] = 0.1
+        with pytest.raises(ValueError, match=r"channel\(s\) \[1\] are constant"):
+            Standardize.fit(images)
+        images[0, 0, 0, 1] = 0.2  # one value apart: not constant, fit as before
+        assert float(Standardize.fit(images).scale[1]) > 0
