@@ -455,9 +455,9 @@ def _restore_variables(path: Path, template: dict) -> dict:
         # onto this process's first device: restored as saved, a checkpoint of a data-parallel run
         # asks for the devices it was sharded over, and a machine with fewer cannot load it
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = ocp.StandardCheckpointHandler().metadata(path / "state").tree
         target = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-            ocp.StandardCheckpointHandler().metadata(path / "state").tree,
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved
         )
         arrays = checkpointer.restore(path / "state", target)
         restored = {"params": arrays["params"]}
@@ -467,6 +467,18 @@ def _restore_variables(path: Path, template: dict) -> dict:
         raise RunFolderError(
             f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {error})"
         ) from error
+    # a float64 run's variables without jax_enable_x64 would come back rounded to float32
+    too_wide = [
+        f"{jax.tree_util.keystr(k)} ({np.dtype(leaf.dtype)})"
+        for k, leaf in jax.tree_util.tree_flatten_with_path({k: saved[k] for k in restored})[0]
+        if jax.dtypes.canonicalize_dtype(leaf.dtype) != np.dtype(leaf.dtype)
+    ]
+    if too_wide:
+        raise RunFolderError(
+            f"checkpoint {path} holds 64-bit variables, which JAX would round to 32 bits without "
+            f"jax_enable_x64: {', '.join(too_wide[:3])}{', ...' if len(too_wide) > 3 else ''}; "
+            "load it with jax.config.update('jax_enable_x64', True) (or jax.enable_x64(True))"
+        )
     want = jax.tree_util.tree_flatten_with_path({k: template[k] for k in restored})[0]
     got = jax.tree_util.tree_flatten_with_path(restored)[0]
     describe = lambda leaves: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}  # noqa: E731

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import flax.linen as nn
@@ -701,3 +702,21 @@ def test_a_float64_run_reloads_bit_exactly_and_predicts_float64_logits(tmp_path,
         expected = Float64Net().apply(run.variables, jnp.asarray(images[:5]), train=False)
         assert logits.dtype == np.float64
         np.testing.assert_allclose(logits, expected, rtol=1e-14, atol=1e-15)
+
+
+def test_a_float64_run_loaded_without_x64_is_refused_not_rounded_to_float32(tmp_path, rng):
+    """Without jax_enable_x64, JAX holds no float64: load_run returned the float64 run's
+    variables rounded to float32 (and float32 logits), with only JAX's dtype warnings."""
+    with jax.enable_x64(True):
+        images = rng.normal(size=(16, 8, 8, 2))
+        labels = rng.integers(0, 3, size=16).astype(np.int32)
+        config = TrainConfig(epochs=1, out=str(tmp_path / "run"), progress=False)
+        fit(Float64Net(), Loader(images, labels, batch_size=8, seed=0), None, config)
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # JAX's, on the model's float64 init
+        with pytest.raises(RunFolderError, match=r"64-bit variables.*jax_enable_x64") as caught:
+            load_run(tmp_path / "run", model=Float64Net())
+    assert "['params']['BatchNorm_0']['bias'] (float64)" in str(caught.value)
+    with jax.enable_x64(True):
+        run = load_run(tmp_path / "run", model=Float64Net())
+        assert run.predict(images[:2]).dtype == np.float64
