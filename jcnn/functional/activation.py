@@ -394,7 +394,25 @@ def tanh(x: jax.Array) -> jax.Array:
         An array like ``x`` with values in ``[-1, 1]``.
     """
     check_array(x, "x")
-    return jnp.tanh(x.astype(float32_or_wider(x.dtype))).astype(x.dtype)
+    return _tanh(x.astype(float32_or_wider(x.dtype))).astype(x.dtype)
+
+
+@jax.custom_jvp
+def _tanh(x: jax.Array) -> jax.Array:
+    """``jnp.tanh`` whose derivative is ``sech(x)**2 = 4 e / (1 + e)**2``, ``e = exp(-2 |x|)``,
+    from ``|x| = 1`` on. JAX's is ``1 - y**2``, which cancels where ``|y|`` nears 1: 10% off at
+    ``x = -17`` in float64 and 0 from ``|x| = 9`` in float32, where PyTorch's is exact."""
+    return jnp.tanh(x)
+
+
+@_tanh.defjvp
+def _tanh_jvp(primals, tangents):
+    (x,), (x_tangent,) = primals, tangents
+    y = _tanh(x)
+    e = jnp.exp(-2 * jnp.abs(x))
+    # 1 - y**2 where it does not cancel (its own derivative stays exact near 0 too)
+    slope = jnp.where(jnp.abs(x) < 1, 1 - jnp.square(y), 4 * e / jnp.square(1 + e))
+    return y, slope * x_tangent
 
 
 def softplus(x: jax.Array, beta: ArrayLike = 1.0, threshold: ArrayLike | None = 20.0) -> jax.Array:

@@ -340,3 +340,26 @@ def test_exact_gelu_keeps_every_derivative_of_the_plain_expression(rng):
     )
     for got, want in zip(jitted_ours, jitted_plain, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tanh_derivatives_keep_their_relative_accuracy_in_the_tails():
+    """sech(x)**2 and -2 tanh(x) sech(x)**2 to float64 rounding, against mpmath at 50 digits.
+    JAX's derivative 1 - tanh(x)**2 cancels where tanh(x) nears +-1: 10% off at x = -17 in
+    float64, and 0 from |x| = 9 in float32 (PyTorch's is exact)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    points = [-40.0, -17.0, -9.0, -1.0, -0.3, 0.0, 1e-8, 0.999, 1.0, 5.0, 17.0]
+    with jax.enable_x64(True):
+        x = jnp.asarray(points, jnp.float64)
+        first = np.asarray(jax.vmap(jax.grad(A.tanh))(x))
+        second = np.asarray(jax.jit(jax.vmap(jax.grad(jax.grad(A.tanh))))(x))
+    sech2 = [mpmath.sech(mpmath.mpf(v)) ** 2 for v in points]
+    expected_first = np.array([float(s) for s in sech2])
+    expected_second = np.array(
+        [float(-2 * mpmath.tanh(mpmath.mpf(v)) * s) for v, s in zip(points, sech2, strict=True)]
+    )
+    np.testing.assert_allclose(first, expected_first, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(second, expected_second, rtol=1e-14, atol=0)
+    slope = jax.grad(A.tanh)(jnp.float32(-9.0))  # was 0
+    assert slope.dtype == jnp.float32
+    np.testing.assert_allclose(slope, float(sech2[2]), rtol=1e-6)
