@@ -12,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jcnn.functional._checks import check_key
 
@@ -124,6 +125,12 @@ class TrainState:
             raise TypeError(
                 f"model: expected a Flax module instance such as {model.__name__}(...), got the "
                 f"class {model.__name__}"
+            )
+        if isinstance(model, nnx.Module):  # to_nnx's has an `init` too, and failed deep in Flax
+            raise TypeError(
+                f"model: expected a Flax Linen module (jcnn's training runs its init and apply), "
+                f"got the NNX module {type(model).__name__}; train an NNX model with "
+                "nnx.Optimizer under nnx.jit (docs/nnx.md), or give fit its Linen twin"
             )
         if not hasattr(model, "init") or not hasattr(model, "apply"):
             raise TypeError(f"model: expected a Flax module, got {type(model).__name__}")

@@ -150,3 +150,22 @@ def test_create_takes_optax_multisteps_as_fit_does(rng):
     )
     with pytest.raises(TypeError, match="tx: expected an optax.GradientTransformation or optax"):
         TrainState.create(model, optax.sgd, jax.random.key(0), sample)
+
+
+def test_create_names_an_nnx_model():
+    # a native jcnn.nnx model was "expected a Flax module, got Sequential" (it is one); a to_nnx
+    # model passed the duck-type check and failed deep in Flax with a TraceContextError
+    from flax import nnx
+
+    from jcnn import nnx as jnnx
+
+    sample, tx = jnp.zeros((1, 4, 4, 1)), optimizer("sgd", 0.1)
+    native = jnnx.Sequential([jnnx.Flatten(), jnnx.Dense(16, 2, rngs=nnx.Rngs(0))])
+    bridged = jnnx.to_nnx(nn.Sequential([nn.Flatten(), nn.Dense(2)]), sample, rngs=nnx.Rngs(0))
+    for model in (native, bridged):
+        with pytest.raises(
+            TypeError,
+            match=rf"model: expected a Flax Linen module .*got the NNX module "
+            rf"{type(model).__name__}; train an NNX model with nnx.Optimizer",
+        ):
+            TrainState.create(model, tx, jax.random.key(0), sample)
