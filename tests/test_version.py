@@ -35,3 +35,17 @@ def test_license_and_typing_marker_ship_with_the_package():
     assert re.search(r'^"jcnn" = \[.*"py\.typed".*\]$', package_data, flags=re.M)
     assert (ROOT / "jcnn" / "py.typed").is_file()
     assert resources.files("jcnn").joinpath("py.typed").is_file()
+
+
+def test_build_backend_floor_reads_the_license_string():
+    # `license = "Apache-2.0"` (an SPDX expression, PEP 639) is valid from setuptools 77 on;
+    # setuptools 68-76, which the floor allowed, refuse the whole pyproject.toml ("`project.license`
+    # must be valid exactly by one definition") where build isolation does not fetch a newer one
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(project["project"]["license"], str)
+    floors = [
+        re.fullmatch(r"setuptools\s*>=\s*(\d+)(?:\.\d+)*", requirement)
+        for requirement in project["build-system"]["requires"]
+    ]
+    assert [int(floor.group(1)) for floor in floors if floor] >= [77], floors
