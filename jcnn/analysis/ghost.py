@@ -33,7 +33,8 @@ gradient is the output cotangent; the pass differentiates only the taps and the 
 layer kernel gets a per-example gradient there. Every other parameter (norm scales and biases, PReLU
 slopes, the parameters of any other layer, or of the layers above when shared) gets its per-example
 gradient in the same backward pass, materialized: small for norms and activations; ``ghost_plan``
-lists which rule each parameter gets.
+lists which rule each parameter gets. An NNX model's layers are not Linen modules, so none is
+found and all of its parameters are materialized (right numbers, ``per_example_grads``' memory).
 
 The clipped sum comes from the same pass (Book-Keeping, Bu et al. 2023; no second backward pass):
 with ``c_i = w_i min(1, C / ||g_i||)``, a ghost layer's clipped kernel and bias gradient is its
