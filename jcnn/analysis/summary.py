@@ -111,12 +111,17 @@ def conv_output_size(
     (6, 4)
     """
     size, kernel, stride, dilation, padding = _check_sizes(size, kernel, stride, dilation, padding)
+    return _output_size(size, kernel, stride, padding, dilation, ceil_mode, "kernel")
+
+
+def _output_size(size, kernel, stride, padding, dilation, ceil_mode, kernel_name):
+    """``conv_output_size`` of checked ints; errors name the window ``kernel_name``."""
     ceil_mode = check_bool(ceil_mode, "ceil_mode")
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     if span < 0:
         raise ValueError(
-            f"kernel: the dilated window {dilation * (kernel - 1) + 1} is larger than the padded "
-            f"input {size + 2 * padding}"
+            f"{kernel_name}: the dilated window {dilation * (kernel - 1) + 1} is larger than the "
+            f"padded input {size + 2 * padding}"
         )
     if not ceil_mode:
         return span // stride + 1
@@ -151,7 +156,7 @@ def pool_output_size(
     )
     if padding * 2 > window:
         raise ValueError(f"padding: expected at most half the window ({window}), got {padding}")
-    return conv_output_size(size, window, stride, padding, dilation, ceil_mode)
+    return _output_size(size, window, stride, padding, dilation, ceil_mode, "window")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,14 @@ def test_output_size_checks_name_the_argument_of_any_type():
         assert function(7, 2, 2, ceil_mode=np.bool_(True)) == 4
 
 
+def test_pool_output_size_names_its_window_when_the_window_does_not_fit():
+    message = r"^window: the dilated window 3 is larger than the padded input 2$"
+    with pytest.raises(ValueError, match=message):
+        pool_output_size(2, 3)
+    with pytest.raises(ValueError, match=r"^kernel: the dilated window 5 is larger"):
+        conv_output_size(4, 3, dilation=2)
+
+
 def test_course_conv_example():
     """001: ten 5x5 filters, stride 1, pad 2 on 3x32x32: 760 parameters, 768,000 MACs."""
     table = summary(nn.Conv(10, (5, 5), stride=1, padding=2), (1, 32, 32, 3))
