@@ -342,6 +342,27 @@ def test_exact_gelu_keeps_every_derivative_of_the_plain_expression(rng):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_sigmoid_derivatives_keep_their_relative_accuracy_in_the_tails():
+    """s (1 - s) and s (1 - s) (1 - 2 s) to float64 rounding, against mpmath at 50 digits.
+    JAX's derivative y (1 - y) cancels where y nears 1: 0 from x = 37 in float64 and from
+    x = 17 in float32, where the slope is exp(-x)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    points = [-40.0, -17.0, -1.0, -0.3, 0.0, 1.0, 5.0, 17.0, 30.0, 37.0, 40.0]
+    with jax.enable_x64(True):
+        x = jnp.asarray(points, jnp.float64)
+        first = np.asarray(jax.vmap(jax.grad(A.sigmoid))(x))
+        second = np.asarray(jax.jit(jax.vmap(jax.grad(jax.grad(A.sigmoid))))(x))
+    s = [1 / (1 + mpmath.exp(-mpmath.mpf(v))) for v in points]
+    expected_first = np.array([float(v * (1 - v)) for v in s])
+    expected_second = np.array([float(v * (1 - v) * (1 - 2 * v)) for v in s])
+    np.testing.assert_allclose(first, expected_first, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(second, expected_second, rtol=1e-14, atol=0)
+    slope = jax.grad(A.sigmoid)(jnp.float32(17.0))  # was 0
+    assert slope.dtype == jnp.float32
+    np.testing.assert_allclose(slope, expected_first[7], rtol=1e-6)
+
+
 def test_tanh_derivatives_keep_their_relative_accuracy_in_the_tails():
     """sech(x)**2 and -2 tanh(x) sech(x)**2 to float64 rounding, against mpmath at 50 digits.
     JAX's derivative 1 - tanh(x)**2 cancels where tanh(x) nears +-1: 10% off at x = -17 in
