@@ -40,7 +40,9 @@ from jcnn.nn import GELU, Conv, Dense, GlobalAvgPool, LayerNorm
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "convnext_tiny", "convnext_cifar"]
 
 _LAYER_NORM_EPS = 1e-6
-_weight_init = jax.nn.initializers.truncated_normal(0.02)
+# torchvision's trunc_normal_(std=0.02): bounds +-2 absolute, +-100 standard deviations (JAX's
+# default bounds, +-2 standard deviations, gave a standard deviation of 0.0176, 12% low)
+_weight_init = jax.nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 
 
 def _channel_norm(x, name: str):

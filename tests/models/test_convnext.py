@@ -31,6 +31,25 @@ def test_published_parameter_counts():
     assert cifar == _convnext_count((3, 3, 9, 3), (48, 96, 192, 384), 2, 3, 10) == 7_055_482
 
 
+def test_kernels_start_as_torchvisions_trunc_normal_std_0_02():
+    # torchvision: trunc_normal_(w, std=0.02) with bounds +-2 (absolute), i.e. N(0, 0.02^2);
+    # JAX's truncated_normal(0.02) cuts at +-2 standard deviations: std 0.0176
+    from scipy import stats
+
+    model = models.ConvNeXt((1, 1), (32, 64), num_classes=10, patch_size=2)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    kernels = [
+        np.asarray(leaf, np.float64).ravel()
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if jax.tree_util.keystr(path).endswith("['kernel']")
+    ]
+    assert len(kernels) == 9  # stem, downsample, head and 3 per block
+    for kernel in kernels:
+        assert stats.kstest(kernel / 0.02, "norm").pvalue > 1e-6
+    w = np.concatenate(kernels) / 0.02
+    assert abs(w.std() - 1) < 0.02 and np.abs(w).max() > 3.5
+
+
 def test_structure_and_names():
     params = param_shapes(models.convnext_tiny(), (1, 224, 224, 3))
     assert params["stem_conv"]["kernel"].shape == (4, 4, 3, 96)
