@@ -386,17 +386,33 @@ def random_crop(
     padded_h, padded_w = height + 2 * padding, width + 2 * padding
     if size[0] > padded_h or size[1] > padded_w:
         raise ValueError(f"size: crop {size} larger than the padded image {(padded_h, padded_w)}")
-    pads = ((padding, padding), (padding, padding), (0, 0))
-    padded = jnp.pad(image, pads, mode="constant" if pad_mode == "zeros" else "reflect")
+    if max(padded_h - size[0], padded_w - size[1]) >= 2**31 - 1:  # the offsets are int32
+        raise ValueError(
+            f"padding: expected the padded image {(padded_h, padded_w)} to leave fewer than "
+            f"2**31 - 1 crop offsets per axis, got padding={padding}"
+        )
     key_y, key_x = jax.random.split(key)
     top = jax.random.randint(key_y, (), 0, padded_h - size[0] + 1)
     left = jax.random.randint(key_x, (), 0, padded_w - size[1] + 1)
-    return jax.lax.dynamic_slice(padded, (top, left, 0), (*size, channels))
+    if pad_mode == "reflect":
+        pads = ((padding, padding), (padding, padding), (0, 0))
+        padded = jnp.pad(image, pads, mode="reflect")
+        return jax.lax.dynamic_slice(padded, (top, left, 0), (*size, channels))
+    # zeros: the crop's pixels gathered from the image, 0 outside it; the padded image is never
+    # built (a padding of 10**5 asked XLA for 480 GB, one of 10**12 aborted the process)
+    rows = top - padding + jnp.arange(size[0])
+    cols = left - padding + jnp.arange(size[1])
+    inside = ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+    crop = jnp.asarray(image)[jnp.clip(rows, 0, height - 1)[:, None], jnp.clip(cols, 0, width - 1)]
+    return jnp.where(inside[..., None], crop, jnp.zeros((), image.dtype))
 
 
 def random_translate(key: jax.Array, image: jax.Array, *, max_shift: int) -> jax.Array:
     """``image`` shifted by whole pixels, each axis uniform on ``-max_shift..max_shift``, 0 fill."""
-    return random_crop(key, image, padding=check_int(max_shift, "max_shift", low=0))
+    max_shift = check_int(max_shift, "max_shift", low=0)
+    if max_shift >= 2**30:  # 2 max_shift + 1 offsets per axis, drawn as int32
+        raise ValueError(f"max_shift: expected an int < 2**30, got {max_shift}")
+    return random_crop(key, image, padding=max_shift)
 
 
 def random_rotate(

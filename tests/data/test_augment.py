@@ -169,6 +169,38 @@ def test_crop_smaller_size_and_translate_range():
     assert set(zero_rows) == {0, 1, 2}
 
 
+def test_zero_padded_crop_never_builds_the_padded_image():
+    # the crop was sliced from jnp.pad(image): a padding of 10**6 asked XLA for 48 TB
+    # (RESOURCE_EXHAUSTED), one of 10**12 aborted the process (static extent overflow)
+    image = (jnp.arange(12, dtype=jnp.float32) + 1).reshape(3, 4, 1)
+    padding = 10**6
+    keys = jax.random.split(jax.random.key(0), 4000)
+    crop = functools.partial(A.random_crop, size=(2, 3), padding=padding)
+    out = np.asarray(jax.jit(jax.vmap(crop, in_axes=(0, None)))(keys, image))
+    assert out.shape == (4000, 2, 3, 1)
+    # each crop is its offsets' window of the zero-padded image: the same keys' offsets
+    offsets = [jax.random.split(k) for k in keys[:200]]
+    for i, (key_y, key_x) in enumerate(offsets):
+        top = int(jax.random.randint(key_y, (), 0, 3 + 2 * padding - 1)) - padding
+        left = int(jax.random.randint(key_x, (), 0, 4 + 2 * padding - 2)) - padding
+        expected = np.zeros((2, 3, 1), np.float32)
+        for r in range(2):
+            for c in range(3):
+                if 0 <= top + r < 3 and 0 <= left + c < 4:
+                    expected[r, c] = image[top + r, left + c]
+        np.testing.assert_array_equal(out[i], expected)
+    shifted = A.random_translate(jax.random.key(1), image, max_shift=padding)
+    assert shifted.shape == image.shape
+
+
+def test_paddings_beyond_int32_offsets_are_refused_by_name():
+    image = jnp.zeros((8, 8, 3))
+    with pytest.raises(ValueError, match=r"^padding: expected the padded image .* got padding="):
+        A.random_crop(_KEY, image, padding=10**12)
+    with pytest.raises(ValueError, match=r"^max_shift: expected an int < 2\*\*30, got 10+$"):
+        A.random_translate(_KEY, image, max_shift=10**12)
+
+
 def test_cutout_area_matches_exact_expectation():
     height, width, size = 9, 7, 4
     n = 4000
