@@ -475,6 +475,9 @@ def cutout(key: jax.Array, image: jax.Array, *, size: int, fill: ArrayLike = 0) 
     size = check_positive_int(size, "size")
     fill = check_real_or_traced(fill, "fill")
     height, width = image.shape[:2]
+    # a square of 2 max(H, W) + 1 covers the image from any centre: a larger one erases the same
+    # pixels (and size // 2 beyond int32 failed to reach the traced centre)
+    size = min(size, 2 * max(height, width) + 1)
     key_y, key_x = jax.random.split(key)
     cy = jax.random.randint(key_y, (), 0, height)
     cx = jax.random.randint(key_x, (), 0, width)

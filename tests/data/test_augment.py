@@ -201,6 +201,14 @@ def test_paddings_beyond_int32_offsets_are_refused_by_name():
         A.random_translate(_KEY, image, max_shift=10**12)
 
 
+def test_cutout_larger_than_twice_the_image_erases_it_all():
+    # size // 2 beyond int32 failed with an OverflowError from inside jit
+    image = jnp.ones((5, 3, 2), jnp.uint8)
+    for size in (11, 2**31, 10**12):
+        out = A.cutout(_KEY, image, size=size, fill=7)
+        np.testing.assert_array_equal(out, np.full((5, 3, 2), 7, np.uint8))
+
+
 def test_cutout_area_matches_exact_expectation():
     height, width, size = 9, 7, 4
     n = 4000
