@@ -845,6 +845,8 @@ def pixmix(
     check_key(key)
     _check_image(image)
     k = check_int(k, "k", low=0)
+    if k >= 2**31 - 1:  # the round count, 0..k, is drawn as an int32
+        raise ValueError(f"k: expected an int < 2**31 - 1, got {k}")
     beta = check_real(beta, "beta", low=0, low_open=True)
     if augment is not None and not callable(augment):
         raise TypeError(f"augment: expected a callable (key, image) -> image, got {augment!r}")

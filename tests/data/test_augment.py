@@ -395,6 +395,12 @@ def test_mixing_ops_need_num_classes_for_integer_labels():
 # ---- PixMix, policies, composition ------------------------------------------------------------
 
 
+def test_pixmix_round_counts_beyond_int32_are_refused_by_name():
+    # k + 1 went to an int32 randint: an OverflowError from inside jit
+    with pytest.raises(ValueError, match=r"^k: expected an int < 2\*\*31 - 1, got 10+$"):
+        A.pixmix(_KEY, jnp.zeros((8, 8, 3)), k=10**12)
+
+
 def test_pixmix_and_patterns(rng):
     image = jnp.asarray(rng.integers(0, 256, (12, 12, 3)), jnp.uint8)
     out = _many(A.pixmix, image, 64)
