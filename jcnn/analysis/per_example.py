@@ -46,6 +46,7 @@ from jax import lax
 from jax.extend import core as jax_core
 
 from jcnn.functional._checks import (
+    NOISE_STREAM,
     _is_real_scalar,
     check_seed,
     float32_or_wider,
@@ -619,7 +620,8 @@ def dp_aggregate(
     Args:
       l2_norm_clip: the per-example bound ``C`` > 0.
       noise_multiplier: ``sigma`` >= 0 (0 gives clipping alone).
-      seed: seed of the noise; each update draws with a fresh key.
+      seed: seed of the noise (its key ``fold_in(seed_key(seed), 5)``, a stream no loader or
+        model of the same seed draws from); each update draws with a fresh key.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -631,7 +633,7 @@ def dp_aggregate(
 
     def init(params):
         del params
-        return DPAggregateState(seed_key(seed))
+        return DPAggregateState(jax.random.fold_in(seed_key(seed), NOISE_STREAM))
 
     def update(per_example, state, params=None):
         del params

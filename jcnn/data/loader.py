@@ -22,6 +22,10 @@ With ``sampling="poisson"`` the examples of a batch are drawn instead as::
 With ``alternating_flip=True`` example ``i`` is mirrored in epoch ``epoch`` when::
 
     bernoulli(fold_in(fold_in(root, 3), i)) != (epoch % 2 == 1)
+
+``fit``'s model (initialization and dropout) draws from ``fold_in(root, 4)`` and
+``dp_aggregate``'s noise from ``fold_in(root, 5)``: a loader, a model and DP noise given the
+same seed share no key.
 """
 
 from __future__ import annotations

@@ -312,6 +312,14 @@ def seed_key(seed, name: str = "seed") -> jax.Array:
     return key if high == 0 else jax.random.fold_in(key, high)
 
 
+# One seed's independent streams, ``fold_in(seed_key(seed), stream)``: ``jcnn.data.Loader`` draws
+# from 0-3 (order, augmentation, Poisson membership, alternating flips), ``fit``'s model (its
+# initialization and dropout) from MODEL_STREAM, ``dp_aggregate``'s noise from NOISE_STREAM, so
+# a loader, a model and DP noise given the same seed (as jcnn-train gives them) share no key.
+MODEL_STREAM = 4
+NOISE_STREAM = 5
+
+
 def _is_real_scalar(value) -> bool:
     """A Python or NumPy real scalar, or a concrete 0-d real NumPy/JAX array; never a bool."""
     if isinstance(value, (bool, np.bool_)):

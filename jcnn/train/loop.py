@@ -50,6 +50,7 @@ from jcnn import native
 from jcnn.data import Loader, Standardize
 from jcnn.data.standardize import MODES as STANDARDIZE_MODES
 from jcnn.functional._checks import (
+    MODEL_STREAM,
     check_array,
     check_bool,
     check_choice,
@@ -125,7 +126,8 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing (the default loss only), in training;
             evaluations (``val_loss``, ``test_loss``) report the unsmoothed cross-entropy.
         compute_dtype: ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
-        seed: initializes the model and the dropout keys (the loader has its own seed).
+        seed: initializes the model and the dropout keys, from ``fold_in(seed_key(seed), 4)``
+            (the loader has its own seed; its streams never meet this one, even at the same seed).
         devices: data-parallel over this many devices (``None``: one device, no mesh).
         out: run folder; ``None`` writes nothing (no checkpoints, no history files).
         checkpoint_every_epochs: save at the end of every that many epochs (0: only when training
@@ -1245,7 +1247,7 @@ def _fit(
         state = TrainState.create(
             model,
             tx,
-            jax.random.key_data(seed_key(config.seed)),
+            jax.random.key_data(jax.random.fold_in(seed_key(config.seed), MODEL_STREAM)),
             jnp.asarray(sample_images[:1]),
         )
     except (TypeError, ValueError) as error:

@@ -541,3 +541,25 @@ def test_a_subclass_of_flax_batch_norm_in_training_mode_raises(rng):
         expected = jax.grad(loss)(params, (x[1:2], y[1:2]))
         for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_dp_noise_and_a_loader_given_one_seed_draw_no_key_alike():
+    # both default to seed 0: the first noise key was split(seed_key(0))[0], which is
+    # fold_in(root, 0), the loader's root of every epoch's order
+    def bits(key):
+        return tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    tx = dp_aggregate(1.0, 1.0, seed=0)
+    state = tx.init(None)
+    noise = set()
+    for _ in range(5):
+        key, next_key = jax.random.split(state.key)  # the key each update draws with
+        noise |= {bits(state.key), bits(key)}
+        _, state = tx.update({"w": jnp.ones((2, 3))}, state)
+        assert bits(state.key) == bits(next_key)
+    root = jax.random.key(0)
+    loader = {bits(jax.random.fold_in(root, tag)) for tag in range(4)}
+    loader |= {
+        bits(jax.random.fold_in(jax.random.fold_in(root, t), e)) for t in range(4) for e in range(6)
+    }
+    assert not noise & loader

@@ -1591,3 +1591,34 @@ def test_a_step_boundary_past_the_end_of_the_run_is_refused(step_epochs, warmup_
     last = TrainConfig(epochs=2, learning_rate=1.0, schedule="step", step_epochs=(1.75,))
     schedule = build_schedule(last, steps_per_epoch=4)  # the last step (7) takes the drop
     assert float(schedule(6)) == 1.0 and float(schedule(7)) == pytest.approx(0.1)
+
+
+def _key_bits(key):
+    return tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def test_a_model_and_a_loader_given_one_seed_draw_no_key_alike(rng):
+    # jcnn-train gives both the same --seed: the model's key was split(seed_key(seed))[1], which
+    # is fold_in(root, 1), the loader's root of every step key (a dropout key of step t was the
+    # loader's epoch-t key, DP noise its (t, 1) step key): one draw reused for two purposes
+    images, labels = _data(rng)
+    train = Loader(images, labels, batch_size=16, seed=7)
+    result = fit(TinyNet(), train, None, _no_folder(epochs=2, seed=7))
+    key = jax.random.wrap_key_data(result["state"].key)
+    steps = int(result["state"].step)
+    model = {_key_bits(key)}
+    for t in range(steps):
+        step_key = jax.random.fold_in(key, t)  # dropout, or DP-SGD's examples' and noise keys
+        model |= {_key_bits(step_key)} | {
+            _key_bits(jax.random.fold_in(step_key, j)) for j in (0, 1)
+        }
+    root = jax.random.key(7)
+    loader = set()
+    for tag in range(4):
+        stream = jax.random.fold_in(root, tag)
+        loader.add(_key_bits(stream))
+        for epoch in range(2):
+            epoch_key = jax.random.fold_in(stream, epoch)
+            loader.add(_key_bits(epoch_key))
+            loader |= {_key_bits(jax.random.fold_in(epoch_key, s)) for s in range(len(train))}
+    assert steps == 2 * len(train) and not model & loader
