@@ -1057,9 +1057,8 @@ def test_no_grad_flags_reach_fit_and_the_record(tmp_path, capsys):
     record = json.loads((out / "config.json").read_text())
     assert record["train"]["no_grad"] == {"conv1/*": 0, "fc*/bias": 1}
     run = load_run(out)
-    start = TrainState.create(
-        run.model, optax.sgd(0.1), jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
-    )
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(0), 4))  # fit's model stream
+    start = TrainState.create(run.model, optax.sgd(0.1), key, jnp.zeros((1, 28, 28, 1)))
     params = run.variables["params"]
     # plain SGD from the run's seed: the parameters without a gradient never moved
     for name in ("kernel", "bias"):
