@@ -113,8 +113,13 @@ class ConvNeXtBlock(nn.Module):
         y = Dense(expansion * channels, kernel_init=_weight_init, name="pwconv1")(y)
         y = GELU(name="gelu")(y)
         y = Dense(channels, kernel_init=_weight_init, name="pwconv2")(y)
+        # float32 as every other parameter (the initializer's default dtype is float64 under
+        # jax_enable_x64, which would promote a float32 network's output to float64)
         scale = self.param(
-            "layer_scale", jax.nn.initializers.constant(self.layer_scale_init), (channels,)
+            "layer_scale",
+            jax.nn.initializers.constant(self.layer_scale_init),
+            (channels,),
+            jnp.float32,
         )
         y = y * scale.reshape(1, 1, 1, channels)
         if train and rate > 0:

@@ -271,3 +271,14 @@ def test_empty_images_are_blamed_on_x(model, shape):
     # the first conv used to blame its own kernel ("w: ...") or its features
     says = rf"^x: {type(model).__name__} expects at least one pixel and one channel, got shape"
     assert_refused(model, shape, ValueError, says)
+
+
+def test_layer_scale_is_float32_under_x64():
+    # Every parameter is float32 as in the other layers; a float64 layer scale (the constant
+    # initializer's default under x64) promoted a float32 network's logits to float64.
+    model = models.ConvNeXt((1, 1), (8, 16), 3, patch_size=2)
+    x = jnp.ones((2, 8, 8, 3), jnp.float32)
+    with jax.enable_x64(True):
+        variables = model.init(jax.random.key(0), x)
+        assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+        assert model.apply(variables, x).dtype == jnp.float32
