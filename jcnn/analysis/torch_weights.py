@@ -561,6 +561,13 @@ def from_torchvision_state_dict(
                 {leaf_name: value},
                 {leaf_name: leaf},
             )
+    # a num_batches_tracked is skipped only beside the running statistics of its BatchNorm
+    remaining = list(remaining) + [
+        key
+        for key in state_dict
+        if key.rpartition(".")[2] in _SKIPPED_KEYS
+        and f"{key.rpartition('.')[0]}.running_mean" not in state_dict
+    ]
     if remaining:
         raise ValueError(
             f"state_dict: {', '.join(remaining)}: no jcnn parameter of {type(model).__name__} "
