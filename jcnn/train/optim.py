@@ -11,7 +11,7 @@
 ``rmsprop``     ``s = β s + (1 − β) g²;  x -= α g / (√s + ε)``
 ``adam``        bias-corrected moments, ``x -= α m̂ / (√v̂ + ε)``
 ``adamw``       Adam with decoupled weight decay (Loshchilov & Hutter)
-``lars``        layer-wise trust ratio on SGD+momentum (You et al. 2017), via ``optax.lars``
+``lars``        layer-wise trust ratio on SGD+momentum (You et al. 2017), as ``optax.lars``
 ``lamb``        layer-wise trust ratio on Adam (You et al. 2019), as ``optax.lamb``
 ==============  ==========================================================================
 
@@ -149,6 +149,37 @@ def _clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         return jax.tree.map(clip, updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _norm(x) -> jax.Array:
+    """``‖x‖``, computed over ``x / max|x|`` (the sum of squares of a float32 gradient of about
+    1e20 overflows and one of about 1e-23 underflows), with a derivative of 0, not NaN, at 0."""
+    if x.size == 0:
+        return jnp.zeros((), x.dtype)
+    largest = jnp.max(jnp.abs(x))
+    unit = jnp.where(largest > 0, largest, 1).astype(x.dtype)
+    return largest * _sqrt_of_square(jnp.sum(jnp.square(x / unit)))
+
+
+def _scale_by_trust_ratio(trust_coefficient=1.0, mask=None) -> optax.GradientTransformation:
+    """``optax.scale_by_trust_ratio`` (``u · η ‖x‖ / ‖u‖``, 1 where either norm is 0) on the
+    leaves ``mask`` selects, its norms taken with ``_norm``: Optax's made every derivative through
+    the update NaN once a leaf's update was 0, and its step 0 for a gradient of 1e20."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax._src.base.NO_PARAMS_MSG)
+
+        def scale(u, x):
+            x_norm, u_norm = _norm(x), _norm(u)
+            zero = (x_norm == 0) | (u_norm == 0)
+            ratio = trust_coefficient * x_norm / jnp.where(zero, 1, u_norm)
+            return u * jnp.where(zero, 1, ratio).astype(u.dtype)
+
+        return jax.tree.map(scale, updates, params), state
+
+    inner = optax.GradientTransformation(optax.init_empty_state, update)
+    return inner if mask is None else optax.masked(inner, mask)
 
 
 def default_decay_mask(params: Any) -> Any:
@@ -374,20 +405,18 @@ def optimizer(
     if name in ("lars", "lamb"):
         decay_here = weight_decay if decoupled else 0.0
         if name == "lars":
-            base = optax.lars(
-                learning_rate,
-                weight_decay=decay_here,
-                weight_decay_mask=mask,
-                trust_coefficient=trust_coefficient,
-                eps=0.0,
-                trust_ratio_mask=mask,
-                momentum=momentum,
+            # optax.lars, with the trust ratio above
+            base = optax.chain(
+                optax.add_decayed_weights(decay_here, mask),
+                _scale_by_trust_ratio(trust_coefficient, mask),
+                optax.scale_by_learning_rate(learning_rate),
+                optax.trace(decay=momentum, nesterov=False),
             )
         else:  # optax.lamb, with the Adam direction above
             base = optax.chain(
                 _scale_by_adam(beta1, beta2, eps),
                 optax.add_decayed_weights(decay_here, mask),
-                optax.scale_by_trust_ratio(),
+                _scale_by_trust_ratio(),
                 optax.scale_by_learning_rate(learning_rate),
             )
         return optax.chain(*chain, base)

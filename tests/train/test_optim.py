@@ -507,3 +507,34 @@ def test_derivatives_through_updates_stay_finite_where_a_gradient_is_zero(name):
     difference = (trained_loss(0.1 + h) - trained_loss(0.1 - h)) / (2 * h)
     assert np.isfinite(float(first)) and np.isfinite(float(second))
     np.testing.assert_allclose(float(first), float(difference), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_derivatives_through_the_trust_ratio_stay_finite_where_a_leaf_gets_no_gradient(name):
+    # Optax's trust ratio ||x|| / ||u|| of a leaf whose update is 0 was inf in jnp.where's unused
+    # branch: every derivative through the update was NaN
+    params = {"b": jnp.asarray([0.5, -0.2]), "w": jnp.asarray([[0.3, 0.4], [0.1, -0.2]])}
+    live = {"b": jnp.ones(2), "w": jnp.zeros((2, 2))}  # w never gets a gradient
+    mask = {"b": True, "w": True}
+
+    def trained_loss(p):
+        tx = optim.optimizer(name, 0.1, weight_decay=0.0, mask=mask)
+        grads = jax.tree.map(lambda a, b: 2 * a * b, p, live)
+        updates, _ = tx.update(grads, tx.init(p), p)
+        return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(optax.apply_updates(p, updates)))
+
+    gradient = jax.grad(trained_loss)(params)
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(gradient))
+    np.testing.assert_allclose(gradient["w"], np.ones((2, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_lars_trust_ratio_of_huge_and_tiny_gradients(scale):
+    # ||g|| overflowed float32 at 1e20 (a step of 0) and underflowed at 1e-25 (ratio 1, a step of
+    # lr * g): the trust ratio makes the step eta lr ||x|| g / ||g|| whatever the scale of g
+    x = np.asarray([[0.3, 0.4], [0.1, -0.2]], np.float32)
+    g = np.asarray([[1.0, 2.0], [3.0, 4.0]])
+    tx = optim.optimizer("lars", 0.1)
+    updates, _ = tx.update({"w": jnp.asarray(g * scale, jnp.float32)}, tx.init({"w": x}), {"w": x})
+    want = -0.1 * 0.001 * np.linalg.norm(x) * g / np.linalg.norm(g)
+    np.testing.assert_allclose(updates["w"], want, rtol=1e-5)
