@@ -62,6 +62,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import tracers
 
 from jcnn.analysis.per_example import (
     _batch_size,
@@ -142,9 +143,14 @@ def _discover(loss_fn, leaves, treedef, example) -> list[_Call]:
 
     def trace(leaves, example):
         index_of = {id(leaf): i for i, leaf in enumerate(leaves)}
+        level = tracers.current_trace()
 
         def intercept(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
+            if tracers.current_trace() != level:
+                # inside a transformation (flax.linen.vmap, scan, remat): the layer's input and
+                # output are that transformation's values, not the example's; materialized
+                return out
             module = context.module
             kind = _layer_kind(module) if context.method_name == "__call__" else None
             kernel = _leaf_index(module, "kernel", index_of) if kind else None

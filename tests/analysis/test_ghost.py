@@ -331,6 +331,42 @@ def test_a_layer_subclass_with_its_own_call_is_materialized_not_ghosted(layer, s
     np.testing.assert_allclose(norms, _reference_norms(loss, params, batch), rtol=2e-5)
 
 
+class _LiftedDense(linen.Module):
+    """Layers inside Flax's lifted transformations: one Dense mapped over positions."""
+
+    @linen.compact
+    def __call__(self, x):
+        mapped = linen.vmap(
+            nn.Dense,
+            in_axes=1,
+            out_axes=1,
+            variable_axes={"params": None},
+            split_rngs={"params": False},
+        )
+        x = mapped(4, name="mapped")(x.reshape(x.shape[0], -1, 3))
+        return linen.remat(nn.Dense)(2, name="head")(jnp.tanh(x).reshape(x.shape[0], -1))
+
+
+def test_layers_inside_lifted_transformations_are_materialized(rng):
+    # a layer called inside flax.linen.vmap was ghosted with its input recorded inside the lifted
+    # vmap: ghost_norms crashed with an UnexpectedTracerError (so did DP-SGD in fit)
+    model = _LiftedDense()
+    x = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(params, x):
+        return jnp.sum(model.apply({"params": params}, x) ** 2)
+
+    assert {row.rule for row in ghost_plan(loss, params, x)} == {"per-example gradient"}
+    weights = _weights(rng, 4)
+    clip, expected_sum = _reference_clipped_sum(loss, params, x, weights)
+    norms, (total, _) = jax.jit(
+        lambda p, b, w: (ghost_norms(loss, p, b), ghost_clipped_sum(loss, p, b, clip, weights=w))
+    )(params, x, weights)
+    np.testing.assert_allclose(norms, _reference_norms(loss, params, x), rtol=2e-5)
+    _assert_trees_close(total, expected_sum)
+
+
 def test_a_jitted_loss_is_planned_like_its_python_function(rng):
     model = nn.Sequential([nn.Conv(3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
     x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)), jnp.float32)
