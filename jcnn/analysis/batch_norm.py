@@ -15,6 +15,7 @@ from functools import partial
 import flax.linen as linen
 
 from jcnn import functional as F
+from jcnn.analysis.per_example import BATCH_NORM_REPLACED
 from jcnn.functional._checks import check_positive_int
 from jcnn.nn.norm import BatchNorm, GroupNorm
 
@@ -45,8 +46,12 @@ class _GroupNormForBatchNorm(linen.Module):
         )
 
     def __call__(self, *args, **kwargs):
-        with linen.intercept_methods(partial(_group_norm_instead, self.num_groups)):
-            return self.wrapped(*args, **kwargs)
+        token = BATCH_NORM_REPLACED.set(True)  # per-example functions' guard: not a BatchNorm
+        try:
+            with linen.intercept_methods(partial(_group_norm_instead, self.num_groups)):
+                return self.wrapped(*args, **kwargs)
+        finally:
+            BATCH_NORM_REPLACED.reset(token)
 
 
 def _group_norm_instead(num_groups, next_fun, args, kwargs, context):

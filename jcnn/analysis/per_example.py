@@ -31,6 +31,7 @@ and divides by the batch size.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
@@ -137,12 +138,22 @@ def _need_mapped_axis(layer: str, axis_name) -> None:
 _LINEN_BATCH_NORM_CALL = inspect.unwrap(linen.BatchNorm.__call__)
 
 
+# True while a ``replace_batch_norm`` model runs: its interceptor (which runs after the guard
+# below) computes every BatchNorm call as a GroupNorm, so none computes batch statistics.
+BATCH_NORM_REPLACED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "BATCH_NORM_REPLACED", default=False
+)
+
+
 def _guard_flax_batch_norm(next_fun, args, kwargs, context):
     """Method interceptor raising on a train-mode ``flax.linen.BatchNorm`` without an axis name."""
     module = context.module
     # linen.BatchNorm's own __call__, also reached through a subclass (whose __call__ may take
     # other arguments, and calls it through super())
-    if getattr(context.orig_method, "func", None) is _LINEN_BATCH_NORM_CALL:
+    if (
+        getattr(context.orig_method, "func", None) is _LINEN_BATCH_NORM_CALL
+        and not BATCH_NORM_REPLACED.get()
+    ):
         frozen = linen.merge_param(
             "use_running_average",
             module.use_running_average,

@@ -311,6 +311,35 @@ def test_replace_batch_norm_computes_group_norm_with_the_same_parameters(rng):
         replace_batch_norm(lambda x: x)
 
 
+def test_replace_batch_norm_of_flax_batch_norm_gives_per_example_gradients(rng):
+    # the guard against train-mode flax.linen.BatchNorm ran before replace_batch_norm's
+    # interceptor: the replaced model, the way out the error names, raised that same error
+    class Mixed(linen.Module):
+        @linen.compact
+        def __call__(self, x, train=False):
+            x = linen.BatchNorm(use_running_average=not train)(linen.Conv(4, (3, 3))(x))
+            x = nn.BatchNorm()(nn.Conv(4, 3)(jnp.tanh(x)), train=train)
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    model = replace_batch_norm(Mixed(), num_groups=2)
+    x = jnp.asarray(rng.normal(size=(3, 5, 5, 2)), jnp.float32)
+    y = jnp.arange(3) % 3
+    params = model.init(jax.random.key(0), x, train=True)["params"]
+
+    def loss(params, batch):
+        return F.cross_entropy(model.apply({"params": params}, batch[0], train=True), batch[1])
+
+    grad = jax.jit(jax.grad(loss))
+    expected = [grad(params, (x[i : i + 1], y[i : i + 1])) for i in range(3)]
+    expected = jax.tree.map(lambda *g: jnp.stack(g), *expected)
+    grads, norms = jax.jit(  # one program, not many small ones run eagerly
+        lambda p, b: (per_example_grads(loss, p, b), ghost_norms(loss, p, b))
+    )(params, (x, y))
+    _assert_trees_close(grads, expected)
+    expected_norms = sum(np.sum(np.square(g).reshape(3, -1), 1) for g in jax.tree.leaves(expected))
+    np.testing.assert_allclose(norms, np.sqrt(expected_norms), rtol=2e-5)
+
+
 def test_replace_batch_norm_refuses_groups_of_one_value_naming_the_layer():
     # a BatchNorm after Dense(4) got gcd(32, 4) = 4 groups of one value: its output was the bias
     model = nn.Sequential([nn.Dense(4), nn.BatchNorm()])
