@@ -40,6 +40,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each XLA CPU program maps its code into the process (three mappings), and a process may
+    hold at most ``vm.max_map_count`` of them (65,530 by default): a worker that kept every
+    program of its half of the suite neared that and crashed inside the compiler. A module's
+    programs are released after it; the compilation cache above still saves compiling them
+    again."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def torch():
     """PyTorch CPU, the independent oracle of the parity tests.
