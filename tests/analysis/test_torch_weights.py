@@ -582,27 +582,7 @@ def test_imported_variables_do_not_share_memory_with_the_tensors(torch, rng):
         net[0].bias.add_(1.0)
     jax.tree.map(np.testing.assert_array_equal, variables, before)
 
-    widths = (4, 16)  # a one-block ConvNeXt with torchvision's names, as NumPy arrays
-    shapes = {
-        "features.0.0.weight": (4, 3, 2, 2),
-        "features.0.0.bias": (4,),
-        "features.0.1.weight": (4,),
-        "features.0.1.bias": (4,),
-        "features.1.0.block.0.weight": (4, 1, 7, 7),
-        "features.1.0.block.0.bias": (4,),
-        "features.1.0.block.2.weight": (4,),
-        "features.1.0.block.2.bias": (4,),
-        "features.1.0.block.3.weight": widths[::-1],
-        "features.1.0.block.3.bias": (16,),
-        "features.1.0.block.5.weight": widths,
-        "features.1.0.block.5.bias": (4,),
-        "features.1.0.layer_scale": (4, 1, 1),
-        "classifier.0.weight": (4,),
-        "classifier.0.bias": (4,),
-        "classifier.2.weight": (2, 4),
-        "classifier.2.bias": (2,),
-    }
-    state = {key: rng.normal(size=shape).astype(np.float32) for key, shape in shapes.items()}
+    state = _one_block_convnext_state(rng)
     convnext = jcnn.models.ConvNeXt((1,), (4,), num_classes=2, patch_size=2)
     variables = from_torchvision_state_dict(convnext, state, (1, 4, 4, 3))
     before = jax.tree.map(np.array, variables)
@@ -614,6 +594,17 @@ def test_imported_variables_do_not_share_memory_with_the_tensors(torch, rng):
 def test_torchvision_stray_num_batches_tracked_is_named(rng):
     # a num_batches_tracked belongs to a BatchNorm; one without its BatchNorm's running
     # statistics (another network's, a ConvNeXt has none) was dropped without a word
+    state = _one_block_convnext_state(rng)
+    convnext = jcnn.models.ConvNeXt((1,), (4,), num_classes=2, patch_size=2)
+    from_torchvision_state_dict(convnext, state, (1, 4, 4, 3))
+    state["features.1.0.block.1.num_batches_tracked"] = np.array(3)
+    with pytest.raises(ValueError, match=r"features\.1\.0\.block\.1\.num_batches_tracked"):
+        from_torchvision_state_dict(convnext, state, (1, 4, 4, 3))
+
+
+def _one_block_convnext_state(rng):
+    """A one-block ConvNeXt's state dict with torchvision's names, as NumPy arrays (widths 4, 16;
+    for ``ConvNeXt((1,), (4,), num_classes=2, patch_size=2)``)."""
     shapes = {
         "features.0.0.weight": (4, 3, 2, 2),
         "features.0.0.bias": (4,),
@@ -633,9 +624,4 @@ def test_torchvision_stray_num_batches_tracked_is_named(rng):
         "classifier.2.weight": (2, 4),
         "classifier.2.bias": (2,),
     }
-    state = {key: rng.normal(size=shape).astype(np.float32) for key, shape in shapes.items()}
-    convnext = jcnn.models.ConvNeXt((1,), (4,), num_classes=2, patch_size=2)
-    from_torchvision_state_dict(convnext, state, (1, 4, 4, 3))
-    state["features.1.0.block.1.num_batches_tracked"] = np.array(3)
-    with pytest.raises(ValueError, match=r"features\.1\.0\.block\.1\.num_batches_tracked"):
-        from_torchvision_state_dict(convnext, state, (1, 4, 4, 3))
+    return {key: rng.normal(size=shape).astype(np.float32) for key, shape in shapes.items()}
