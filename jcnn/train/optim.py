@@ -168,7 +168,10 @@ def _scale_by_trust_ratio(trust_coefficient=1.0, mask=None) -> optax.GradientTra
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError(optax._src.base.NO_PARAMS_MSG)
+            raise ValueError(
+                "params: expected the parameters (the trust ratio scales by their norms); call "
+                "update(updates, state, params)"
+            )
 
         def scale(u, x):
             x_norm, u_norm = _norm(x), _norm(u)
