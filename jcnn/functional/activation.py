@@ -415,8 +415,8 @@ def tanh(x: jax.Array) -> jax.Array:
 @jax.custom_jvp
 def _tanh(x: jax.Array) -> jax.Array:
     """``jnp.tanh`` whose derivative is ``sech(x)**2 = 4 e / (1 + e)**2``, ``e = exp(-2 |x|)``,
-    from ``|x| = 1`` on. JAX's is ``1 - y**2``, which cancels where ``|y|`` nears 1: 10% off at
-    ``x = -17`` in float64 and 0 from ``|x| = 9`` in float32, where PyTorch's is exact."""
+    from ``|x| = 1`` on. JAX's (and PyTorch's) is ``1 - y**2``, which cancels where ``|y|``
+    nears 1: 10% off at ``x = -17`` in float64 and 0 from ``|x| = 9`` in float32."""
     return jnp.tanh(x)
 
 
