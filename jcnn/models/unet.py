@@ -162,6 +162,12 @@ class UNet(nn.Module):
             current = size
             for level in range(len(self.widths) - 1):
                 current -= shrink
+                if current < 1:
+                    raise ValueError(
+                        f"x: {axis} {size} is too small for a U-Net of {len(self.widths)} levels "
+                        f"with {self.padding!r} padding (level {level + 1}'s convolutions would "
+                        "leave an empty map)"
+                    )
                 if current < 2 or current % 2:
                     raise ValueError(
                         f"x: {axis} {size} does not fit a U-Net of {len(self.widths)} levels with "

@@ -167,6 +167,8 @@ def test_training_step_segmentation_loss(rng):
         ((1, 20, 20, 1), "valid", "too small"),
         ((1, 32, 44, 1), "valid", "height 32 is too small .* decoder's map at level 2"),
         ((1, 44, 40, 1), "valid", "width 40 is too small .* decoder's map at level 1"),
+        # the message gave the pooled map a negative size ("a map of height -1")
+        ((1, 3, 40, 1), "valid", r"height 3 is too small .*level 1's convolutions would leave"),
     ],
 )
 def test_sizes_that_do_not_fit_are_named(shape, padding, message):
