@@ -594,7 +594,18 @@ def _augmenters(spec: str, num_classes: int, image_shape=None):
                     raise ValueError("no setting name")
                 if key.strip() in kwargs:
                     raise UsageError(f"--augment {name}: {key.strip()} given twice")
-                kwargs[key.strip()] = ast.literal_eval(value)
+                try:
+                    kwargs[key.strip()] = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    # a word for a setting that takes one (pad_mode=reflect): no quotes needed
+                    wanted = inspect.signature(fn).parameters.get(key.strip())
+                    if not (
+                        wanted is not None
+                        and isinstance(wanted.default, str)
+                        and re.fullmatch(r"[A-Za-z_][\w-]*", value.strip())
+                    ):
+                        raise
+                    kwargs[key.strip()] = value.strip()
         except (ValueError, SyntaxError) as error:
             raise UsageError(f"--augment: cannot parse {item!r} as name:key=value") from error
         params = list(inspect.signature(fn).parameters.values())

@@ -186,6 +186,28 @@ def test_augment_flag_builds_ops_with_settings():
         _augmenters("random_translate:max_shift=two", 10)
 
 
+def test_augment_flag_takes_a_word_for_a_string_setting_without_quotes():
+    import jax
+    import jax.numpy as jnp
+
+    from jcnn.train.cli import _augmenters
+
+    image = jnp.arange(1.0, 37.0).reshape(6, 6, 1)
+    bare, _ = _augmenters("random_crop:padding=2:pad_mode=reflect", 10, (6, 6, 1))
+    quoted, _ = _augmenters("random_crop:padding=2:pad_mode='reflect'", 10, (6, 6, 1))
+    for seed in range(8):
+        key = jax.random.PRNGKey(seed)
+        out = bare(key, image)
+        assert jnp.array_equal(out, quoted(key, image))
+        assert float(out.min()) >= 1.0  # reflected, never zero-padded
+    with pytest.raises(
+        SystemExit, match="pad_mode: expected one of 'zeros', 'reflect', got 'mirror'"
+    ):
+        _augmenters("random_crop:pad_mode=mirror", 10, (6, 6, 1))
+    with pytest.raises(SystemExit, match="cannot parse"):  # a number's setting takes no word
+        _augmenters("random_crop:padding=four", 10, (6, 6, 1))
+
+
 # ---- user mistakes: one line in the command's terms, a non-zero exit, nothing touched ---------
 
 
