@@ -427,8 +427,9 @@ def _pick_step(folder: Path, which, mode: str):
         step = manager.best_step()
         if step is None:
             raise RunFolderError(
-                f"which='best': {folder} has no best checkpoint (the run had no validation "
-                "metric to rank by); use which='latest'"
+                f"which='best': {folder} has no best checkpoint (no checkpoint has a validation "
+                "metric to rank by: the run had no validation set, or stopped before its first "
+                "validation); use which='latest'"
             )
         return manager, step
     named = "".join(f", {d!r}" for d in directories if d != "best")  # "best" is listed already

@@ -223,6 +223,28 @@ def test_a_model_that_cannot_be_recorded_is_passed_back(tmp_path, rng):
     assert run.standardize is None and run.predict(images.astype(np.float32)).shape == (32, 3)
 
 
+def test_no_best_checkpoint_of_a_run_stopped_before_its_first_validation_says_so(tmp_path, rng):
+    # a validation set, but a non-finite loss stopped the run before the end of its first epoch
+    from jcnn.train import NonFiniteLossError
+
+    images, labels = _data(rng, 64)
+    config = TrainConfig(
+        epochs=1,
+        optimizer="sgd",
+        learning_rate=1e30,
+        schedule="constant",
+        val_split=16,
+        standardize="per_channel",
+        checkpoint_every_steps=1,
+        out=str(tmp_path),
+        progress=False,
+    )
+    with pytest.raises(NonFiniteLossError):
+        fit(SmallNet(), Loader(images, labels, batch_size=8, seed=0), None, config)
+    with pytest.raises(RunFolderError, match="stopped before its first validation"):
+        load_run(tmp_path, which="best")
+
+
 def test_a_pca_run_predicts_and_evaluates_raw_images(tmp_path, rng):
     # "pca" flattens the images: the model's input (N, K) has another rank than the raw images
     # predict standardizes, which it refused before standardizing them
