@@ -346,6 +346,10 @@ def _ghost_square_norm(call: _Call, activation, cotangent):
     """Squared norm of one example's gradient of the layer's kernel and bias (in float32, or
     wider for wider inputs), from its input and output cotangent (two Gram matrices, no
     gradient)."""
+    # A loss linear in the layer's output gives a cotangent XLA sees as a broadcast; XLA:CPU's
+    # YNNPACK reduce fusion (jaxlib 0.10) computes Gram matrices of broadcasts wrongly (wrong
+    # numbers, NaN) under jit. The barrier makes both arrays real buffers before the products.
+    activation, cotangent = jax.lax.optimization_barrier((activation, cotangent))
     activation = _widened(activation)
     cotangent = _widened(cotangent)
     square = _grams_inner(call, activation, cotangent)

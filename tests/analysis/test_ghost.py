@@ -555,6 +555,43 @@ def test_under_jit_scan_and_chunks(rng):
     _assert_trees_close(jax.tree.map(lambda s: s[1], sums), expected_half)
 
 
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv(16, 3, padding=1, groups=2), (3, 3, 16)),
+        (nn.Conv(16, 3, padding=1, groups=2), (4, 4, 2, 32)),
+        (nn.Conv(16, 3, padding=2, dilation=2, groups=2), (5, 5, 64)),
+        (nn.DepthwiseConv(3, padding=1, depth_multiplier=2), (4, 4, 16)),
+    ],
+)
+def test_jitted_loss_linear_in_the_layer_output(layer, shape, rng):
+    """The output cotangent of a loss linear in the layer's output is one number per example,
+    broadcast: XLA:CPU's YNNPACK fusion gave wrong or NaN Gram products of it under jit (on the
+    positions' and the patches' route alike) where ghost and direct rules must agree with the
+    materialized gradients."""
+    model = nn.Sequential([layer])
+    images = jnp.asarray(rng.normal(size=(5, *shape)), jnp.float32)
+    targets = jnp.asarray(rng.normal(size=5), jnp.float32)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+
+    def loss(params, batch):
+        out = model.apply({"params": params}, batch[0])
+        return jnp.mean((out.reshape(out.shape[0], -1).sum(1) - batch[1]) ** 2)
+
+    batch = (images, targets)
+    expected = _reference_norms(loss, params, batch)
+    clip, expected_sum = _reference_clipped_sum(loss, params, batch, jnp.ones(5))
+    for rule in ("ghost", "direct"):
+        norms, (total, _) = jax.jit(
+            lambda p, b, rule=rule: (
+                ghost_norms(loss, p, b, layer_rule=rule),
+                ghost_clipped_sum(loss, p, b, clip, layer_rule=rule),
+            )
+        )(params, batch)
+        np.testing.assert_allclose(norms, expected, rtol=2e-5, err_msg=rule)
+        _assert_trees_close(total, expected_sum, err_msg=rule)
+
+
 def test_float64_norms_and_clipped_sum_keep_float64_precision(rng):
     """float64 parameters and inputs (jax_enable_x64): float64 norms and clipped sum, for the
     ghost, direct and materialized rules alike, equal to the materialized float64 ones."""
