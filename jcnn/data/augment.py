@@ -641,6 +641,23 @@ def color_jitter(
 # ---- batch mixing -----------------------------------------------------------------------------
 
 
+def _check_soft_labels(labels) -> None:
+    """Concrete soft labels must be rows of class probabilities: finite, >= 0, summing to 1 (to
+    the rounding of their dtype); mixing anything else gives targets no loss reads as meant."""
+    values = np.asarray(labels, np.float64)
+    sums = values.sum(axis=1)
+    tolerance = 1e-3 + values.shape[1] * float(jnp.finfo(labels.dtype).eps)
+    wrong = ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1)
+    wrong |= ~(np.abs(sums - 1.0) <= tolerance)
+    if wrong.any():
+        raise ValueError(
+            "labels: expected soft labels whose rows are class probabilities (finite, >= 0, "
+            f"summing to 1), got rows {np.flatnonzero(wrong)[:5].tolist()} summing to "
+            f"{[float(v) for v in sums[wrong][:5]]} (min value "
+            f"{float(np.nanmin(values[wrong])) if not np.isnan(values[wrong]).all() else 'nan'})"
+        )
+
+
 def _mixing_labels(images, labels, alpha, num_classes):
     """The checked batch's labels as soft labels ``(N, K)`` float32 (mixup and cutmix), and
     ``alpha`` as a float.
@@ -664,6 +681,8 @@ def _mixing_labels(images, labels, alpha, num_classes):
                 f"num_classes: {num_classes} differs from the soft labels' {labels.shape[1]} "
                 f"classes (shape {tuple(labels.shape)})"
             )
+        if not isinstance(labels, jax.core.Tracer):
+            _check_soft_labels(labels)
         return labels.astype(jnp.float32), alpha
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels: expected integer class labels (N,), got dtype {labels.dtype}")
