@@ -396,8 +396,11 @@ def test_mixing_ops_refuse_soft_labels_that_are_not_probabilities():
     # integer labels outside num_classes were already refused; soft rows of another sum,
     # negative or NaN entries were mixed into targets silently
     images = jnp.zeros((2, 4, 4, 1))
-    for soft in ([[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]], [[2.0, -1.0, 0.0], [0.0, 1.0, 0.0]],
-                 [[jnp.nan, 0.5, 0.5], [0.0, 1.0, 0.0]]):
+    for soft in (
+        [[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]],
+        [[2.0, -1.0, 0.0], [0.0, 1.0, 0.0]],
+        [[jnp.nan, 0.5, 0.5], [0.0, 1.0, 0.0]],
+    ):
         for op in (A.mixup, A.cutmix):
             with pytest.raises(ValueError, match=r"labels: expected soft labels .* got rows \[0\]"):
                 op(jax.random.key(0), images, jnp.array(soft))
