@@ -167,10 +167,25 @@ def _evaluate(args, folder: Path, confusion: Path, results: Path) -> int:
     if problem is not None:
         print(f"jcnn-eval: {problem}", file=sys.stderr)
         return 2
-    for flag, path in (("--confusion", confusion), ("--json", results)):  # before any work
+    # the run's own files (config.json, checkpoints/...) are never a destination: writing the
+    # results over one of them would break the run
+    own = {run_folder.LOCK_FILE, *run_folder.RUN_FILES, *run_folder.best_directories(folder)}
+    for flag, path, default in (
+        ("--confusion", confusion, "confusion_matrix.png"),
+        ("--json", results, "evaluation.json"),
+    ):  # before any work
+        part = (
+            path.absolute().resolve().relative_to(folder.absolute().resolve()).parts[:1]
+            if folder.is_dir() and _inside(path, folder)
+            else ()
+        )
         problem = (
             "is a folder, expected a file"
             if path.is_dir()
+            else f"would overwrite the run's own {part[0]}; expected a path outside the run's files"
+            if part and part[0] in own - {default}
+            else "is the path of the other result (--json and --confusion must differ)"
+            if flag == "--json" and path.absolute().resolve() == confusion.absolute().resolve()
             else None
             if path.absolute().parent.is_dir()
             else "its folder does not exist"
