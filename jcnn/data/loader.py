@@ -82,6 +82,12 @@ def _rows(array: np.ndarray, count: int, rows: int) -> np.ndarray:
     return out
 
 
+def poisson_pad_multiple(batch_size: int) -> int:
+    """The multiple a Poisson batch of expected size ``batch_size`` is padded to (the loader's
+    augmentation, DP-SGD's step): its random sizes then compile a few programs, not one each."""
+    return max(32, batch_size // 8)
+
+
 def _step_key(seed: int, epoch, step) -> jax.Array:
     root = jax.random.fold_in(seed_key(seed), 1)
     return jax.random.fold_in(jax.random.fold_in(root, epoch), step)
@@ -399,12 +405,12 @@ class Loader:
 
     def _poisson_size(self, count: int) -> int:
         """The size a Poisson batch of ``count`` examples is augmented at: a multiple of
-        ``max(32, batch_size // 8)``, so its random sizes compile a few programs, not one each.
-        Padding keeps the documented example keys only where ``split`` gives the same first keys
-        at any count (JAX's default partitionable Threefry); elsewhere no padding."""
+        ``poisson_pad_multiple(batch_size)``. Padding keeps the documented example keys only
+        where ``split`` gives the same first keys at any count (JAX's default partitionable
+        Threefry); elsewhere no padding."""
         if not jax.config.jax_threefry_partitionable:
             return count
-        multiple = max(32, self.batch_size // 8)
+        multiple = poisson_pad_multiple(self.batch_size)
         return max(multiple, -(-count // multiple) * multiple)
 
     def _poisson_batch(self, indices, epoch, step):

@@ -26,6 +26,7 @@ import optax
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
 from jcnn.analysis.dp import _check_denominator, _check_weight_values
 from jcnn.analysis.per_example import _batch_norm_message, per_example_trace
+from jcnn.data.loader import poisson_pad_multiple
 from jcnn.functional._checks import _is_real_scalar, check_real, is_int
 from jcnn.train.param_groups import split_no_grad
 from jcnn.train.state import TrainState
@@ -342,8 +343,7 @@ class DPTraining:
         self.clip_norm = float(clip_norm)
         self.delta = float(delta)
         self.accountant = accountant
-        # Poisson batches padded to a multiple of this: a few shapes, a few compilations
-        self.pad_multiple = max(32, self.batch_size // 8)
+        self.pad_multiple = poisson_pad_multiple(self.batch_size)
 
     @classmethod
     def create(cls, config, loader, total_steps: int) -> DPTraining:
