@@ -559,7 +559,15 @@ def equalize(image: jax.Array) -> jax.Array:
         cdf = jnp.cumsum(hist)
         cdf_min = cdf[jnp.argmax(hist > 0)]
         total = level.size
-        lut = jnp.round(255.0 * (cdf - cdf_min) / jnp.maximum(total - cdf_min, 1))
+        if 2 * 255 * total < 2**31:
+            # in integers, exact (round half to even) whether jitted or run op by op, where float32
+            # rounded 255 (cdf - cdf_min) / (n - cdf_min) differently under jit and eagerly
+            denominator = jnp.maximum(total - cdf_min, 1)
+            quotient, rest = jnp.divmod(255 * (cdf - cdf_min), denominator)
+            up = (2 * rest > denominator) | ((2 * rest == denominator) & (quotient % 2 == 1))
+            lut = (quotient + up).astype(jnp.float32)
+        else:  # more than 4,210,752 pixels: 255 * n overflows int32
+            lut = jnp.round(255.0 * (cdf - cdf_min) / jnp.maximum(total - cdf_min, 1))
         lut = jnp.where(total > cdf_min, lut, jnp.arange(256, dtype=jnp.float32))
         return lut[level]
 

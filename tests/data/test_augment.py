@@ -88,6 +88,17 @@ def test_autocontrast_and_equalize(rng):
     )
 
 
+def test_equalize_rounds_a_tie_alike_eagerly_and_under_jit():
+    # 30 pixels at level 0, 5 at 1, 25 at 2: level 1 maps to 255 * 5 / 30 = 42.5, a tie that
+    # rounds to even (42) under jit and op by op alike; op by op, float32 gave 43
+    image = np.zeros((6, 10, 1), np.uint8)
+    image.reshape(-1)[30:35] = 1
+    image.reshape(-1)[35:] = 2
+    expected = np.where(image == 0, 0, np.where(image == 1, 42, 255))
+    np.testing.assert_array_equal(A.equalize(image), expected)
+    np.testing.assert_array_equal(jax.jit(A.equalize)(image), expected)
+
+
 def test_colour_adjustments(rng):
     image = rng.random((4, 5, 3)).astype(np.float32)
     x = jnp.asarray(image)
