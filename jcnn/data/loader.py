@@ -248,6 +248,11 @@ class Loader:
                 f"source: expected a random-access source (len() and [i]), got "
                 f"{type(source).__name__}"
             )
+        if isinstance(source, (str, bytes)):  # a dataset's name is no source of its records
+            raise TypeError(
+                f"source: expected a random-access source of records (e.g. "
+                f"tfds.data_source(name, split=...)), got {type(source).__name__} {source!r}"
+            )
         if len(source) == 0:
             raise ValueError("source: expected at least one record, got an empty source")
         loader = cls.__new__(cls)

@@ -629,6 +629,9 @@ def test_an_empty_dataset_is_named(dataset):
         Loader(images[:0], labels[:0], batch_size=1)
     with pytest.raises(ValueError, match="^source: expected at least one record, got an empty"):
         Loader.from_source([], batch_size=1)
+    # a dataset's name has a len() and [i] too: its characters are no records
+    with pytest.raises(TypeError, match=r"^source: expected a random-access source of records"):
+        Loader.from_source("imagenet2012", batch_size=2)
 
 
 @pytest.mark.parametrize(
