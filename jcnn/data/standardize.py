@@ -162,8 +162,12 @@ class Standardize:
         eps = check_real(eps, "eps", low=0)
         if num_components is not None:
             num_components = check_positive_int(num_components, "num_components")
-        if not hasattr(train_images, "shape") or len(train_images.shape) != 4:
-            shape = getattr(train_images, "shape", type(train_images).__name__)
+        if not hasattr(train_images, "shape"):
+            raise TypeError(
+                f"train_images: expected an array (N, H, W, C), got {type(train_images).__name__}"
+            )
+        if len(train_images.shape) != 4:
+            shape = train_images.shape
             raise ValueError(f"train_images: expected rank 4 (N, H, W, C), got {shape}")
         if 0 in train_images.shape[1:]:
             raise ValueError(

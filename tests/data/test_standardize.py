@@ -96,6 +96,9 @@ def test_argument_checks(splits):
         Standardize.fit(train, mode="minmax")
     with pytest.raises(ValueError, match=r"train_images: expected rank 4 \(N, H, W, C\)"):
         Standardize.fit(train[0])
+    # a list is the wrong type, as it is for stats(images): not a wrong rank
+    with pytest.raises(TypeError, match=r"train_images: expected an array \(N, H, W, C\), got"):
+        Standardize.fit(train.tolist())
     constant = np.zeros((4, 2, 2, 2), np.uint8)
     with pytest.raises(ValueError, match=r"channel\(s\) \[0, 1\] are constant"):
         Standardize.fit(constant)
