@@ -535,11 +535,21 @@ def posterize(image: jax.Array, bits: int | jax.Array) -> jax.Array:
 def solarize(image: jax.Array, threshold: ArrayLike) -> jax.Array:
     """Invert every value at or above ``threshold``: ``v -> max_value - v``.
 
+    ``threshold`` is in the image's units: 0..256 for uint8 (256 inverts nothing), 0..1 for a
+    float image (checked where concrete).
+
     >>> solarize(jnp.array([[[10, 128, 200]]], jnp.uint8), 128).tolist()
     [[[10, 127, 55]]]
     """
     _check_image(image)
     threshold = check_real_or_traced(threshold, "threshold")
+    # in the image's units: 128 on a float image in [0, 1] would silently invert nothing
+    high = 256 if image.dtype == jnp.uint8 else 1
+    if not isinstance(threshold, jax.core.Tracer) and not 0 <= threshold <= high:
+        raise ValueError(
+            f"threshold: expected a number in [0, {high}] for a {image.dtype} image (its values "
+            f"are in [0, {_max_value(image.dtype):g}]), got {threshold:g}"
+        )
     inverted = jnp.asarray(_max_value(image.dtype), image.dtype) - image
     above = _to_float(image) >= jnp.asarray(threshold, _float_dtype(image))
     return jnp.where(above, inverted, image)

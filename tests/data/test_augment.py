@@ -73,6 +73,14 @@ def test_solarize_formula_all_values():
     np.testing.assert_allclose(
         A.solarize(jnp.asarray(floats), 0.5), np.where(floats >= 0.5, 1 - floats, floats), atol=1e-7
     )
+    # a threshold outside the image's values inverts all or nothing: refused, not ignored
+    for image, threshold, message in [
+        (floats, 128, r"\[0, 1\] for a float32 image \(its values are in \[0, 1\]\), got 128"),
+        (values.astype(np.uint8), 300, r"\[0, 256\] for a uint8 image .* got 300"),
+        (values.astype(np.uint8), -1, r"\[0, 256\] for a uint8 image .* got -1"),
+    ]:
+        with pytest.raises(ValueError, match=r"^threshold: expected a number in " + message):
+            A.solarize(jnp.asarray(image), threshold)
 
 
 def test_autocontrast_and_equalize(rng):
