@@ -367,6 +367,12 @@ def _read_tar_members(
             tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20))
             for member in tar:
                 path = _safe_member_name(member, archive)
+                if path.name in wanted and not member.isfile():
+                    kind = "a directory" if member.isdir() else "not a regular file"
+                    raise CorruptFileError(
+                        f"{archive}:{member.name}: {kind}, where the batch file {path.name} "
+                        "was expected"
+                    )
                 if member.isfile() and path.name in wanted:
                     source = f"{archive}:{member.name}"
                     if path.name in found:

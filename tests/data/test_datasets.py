@@ -215,6 +215,22 @@ def test_a_bad_member_is_named_by_its_path_in_the_archive(tmp_path, small_cifar_
     assert str(info.value).startswith(f"{archive}:renamed/test_batch.bin: ")
 
 
+def test_a_directory_member_in_place_of_a_batch_file_is_named(tmp_path):
+    # it was reported as missing from the archive, which holds an entry of that name
+    (tmp_path / "cifar10").mkdir()
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-bin/test_batch.bin")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    with pytest.raises(CorruptFileError) as info:
+        data.load("cifar10", "test", data_dir=tmp_path)
+    assert str(info.value) == (
+        f"{archive}:cifar-10-batches-bin/test_batch.bin: a directory, where the batch file "
+        "test_batch.bin was expected"
+    )
+
+
 @pytest.mark.parametrize("evil", ["../escaped.bin", "/tmp/jcnn_escaped_absolute.bin"])
 def test_archive_member_outside_target_is_refused(tmp_path, small_cifar_record, evil):
     target = tmp_path / "data"
