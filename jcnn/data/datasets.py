@@ -280,7 +280,8 @@ def _load_idx(name: str, spec: _IdxDataset, split: str, data_dir, verify: bool):
     images = _parse_idx(raw_images, folder / image_file, 3, count, spec.shape[:2])
     labels = _parse_idx(raw_labels, folder / label_file, 1, count, ())
     _check_labels(labels, spec.num_classes, str(folder / label_file))
-    return images.reshape(count, *spec.shape), labels.astype(np.int32)
+    # a copy: np.frombuffer's view of the bytes is read-only (images[i] = ... failed)
+    return images.reshape(count, *spec.shape).copy(), labels.astype(np.int32)
 
 
 def _verify_file_content(name: str, filename: str, path: Path) -> None:
@@ -427,14 +428,18 @@ def _load_cifar(name: str, spec: _CifarDataset, split: str, data_dir, verify: bo
     if contents is None:
         expected = [spec.archive, f"{spec.folder}/{{{','.join(members)}}}"]
         raise _missing(name, split, expected, data_dir)
-    images, labels = [], []
-    for member in members:
+    # one C-contiguous array filled batch by batch: np.concatenate of the transposed batches kept
+    # their (N, C, H, W) memory order, strided as (N, H, W, C)
+    count = spec.records_per_file
+    images = np.empty((len(members) * count, *spec.shape), np.uint8)
+    labels = []
+    for i, member in enumerate(members):
         if verify:
             _verify_content(name, member, contents[member], sources[member])
         batch_images, batch_labels = _parse_cifar(contents[member], sources[member], spec)
-        images.append(batch_images)
+        images[i * count : (i + 1) * count] = batch_images
         labels.append(batch_labels)
-    return np.concatenate(images), np.concatenate(labels)
+    return images, np.concatenate(labels)
 
 
 def load(

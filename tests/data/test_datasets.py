@@ -78,6 +78,15 @@ def test_cifar_extracted_folder_equals_tarball(tmp_path, loaded):
     assert labels[0] == 3 and (folder / "test_batch.bin").read_bytes()[0] == 3
 
 
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_loaded_arrays_are_writable_and_c_contiguous(name, loaded):
+    # MNIST's images were np.frombuffer's read-only view of the bytes (images[0] = 0 failed) and
+    # CIFAR-10's kept the (N, C, H, W) memory order of the files behind (N, H, W, C) strides
+    images, labels = loaded(name, "test")
+    for array in (images, labels):
+        assert array.flags.writeable and array.flags.c_contiguous
+
+
 def test_checksums(data_dir):
     results = data.verify_sha256sums(data_dir / "SHA256SUMS")
     assert len(results) == 9 and all(results.values()), results
