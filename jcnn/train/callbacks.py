@@ -106,8 +106,14 @@ class RunContext:
     def request_stop(self, reason: str = "stopped by a callback") -> None:
         """End training after the current step (its record and checkpoint are still written);
         with ``TrainConfig.steps_per_call`` above 1, after the last step of the current call."""
+        if not isinstance(reason, str) or not reason.strip():
+            error = TypeError if not isinstance(reason, str) else ValueError
+            raise error(
+                f"reason: expected a non-empty string (it is logged and saved as the run's stop "
+                f"reason), got {type(reason).__name__} {reason!r}"
+            )
         if self.stop_reason is None:
-            self.stop_reason = str(reason)
+            self.stop_reason = reason
 
 
 class Callback:

@@ -581,7 +581,10 @@ def _augmenters(spec: str, num_classes: int, image_shape=None):
     from jcnn.data import augment
 
     per_example, per_batch = [], None
-    for item in _top_level_split(spec, ","):
+    items = _top_level_split(spec, ",") if spec.strip() else []
+    if "" in items:
+        raise UsageError(f"--augment {spec}: an empty op between commas; expected name[:k=v],...")
+    for item in items:
         name, *settings = item.split(":")
         fn = getattr(augment, name, None) if not name.startswith("_") else None
         if fn is None or not inspect.isfunction(fn):
@@ -685,7 +688,7 @@ def _top_level_split(text: str, separator: str) -> list[str]:
         else:
             current += char
     items.append(current)
-    return [item.strip() for item in items if item.strip()]
+    return [item.strip() for item in items]
 
 
 def _load_dataset(args):

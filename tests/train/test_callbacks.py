@@ -213,6 +213,17 @@ class StopAtOnce(Callback):
         run.request_stop("nothing to do")
 
 
+def test_a_stop_reason_must_be_a_non_empty_string():
+    run = _context()
+    for reason, error in ((3, TypeError), (None, TypeError), (b"x", TypeError), ("  ", ValueError)):
+        with pytest.raises(error, match="reason: expected a non-empty string"):
+            run.request_stop(reason)
+    assert run.stop_reason is None
+    run.request_stop("first")
+    run.request_stop("second")  # the first reason stands
+    assert run.stop_reason == "first"
+
+
 def test_a_run_stopped_before_its_first_step_still_summarizes(tmp_path, rng):
     train, val = _loaders(rng)
     result = fit(

@@ -184,6 +184,9 @@ def test_augment_flag_builds_ops_with_settings():
         _augmenters("warp", 10)
     with pytest.raises(SystemExit, match="cannot parse"):
         _augmenters("random_translate:max_shift=two", 10)
+    for spec in ("random_hflip,,random_vflip", "random_hflip,", ",random_hflip", " , "):
+        with pytest.raises(SystemExit, match="an empty op between commas"):
+            _augmenters(spec, 10)
 
 
 def test_augment_flag_takes_a_word_for_a_string_setting_without_quotes():
