@@ -1251,6 +1251,12 @@ def _fit(
             jnp.asarray(sample_images[:1]),
         )
     except (TypeError, ValueError) as error:
+        if config.standardize is None and np.issubdtype(sample_images.dtype, np.integer):
+            raise type(error)(
+                f"train_loader: its images are {sample_images.dtype}, which the model refused; "
+                "set config.standardize (e.g. 'per_channel') or give the loader float images "
+                f"(e.g. images / 255): {error}"
+            ) from error
         if config.standardize != "pca":
             raise
         raise type(error)(

@@ -569,6 +569,19 @@ def test_pca_standardization_with_a_convolutional_model_is_named(tmp_path, rng):
     assert not out.exists()
 
 
+def test_integer_images_the_model_refuses_point_to_standardize(tmp_path, rng):
+    import jcnn
+
+    model = jcnn.nn.Sequential([jcnn.nn.Conv(4, 3), jcnn.nn.GlobalAvgPool(), jcnn.nn.Dense(3)])
+    images, labels = _uint8_data(rng, 32)
+    out = tmp_path / "run"
+    with pytest.raises(
+        TypeError, match=r"^train_loader: its images are uint8, .*set config.standardize"
+    ):
+        fit(model, Loader(images, labels, batch_size=16), None, _config(out))
+    assert not out.exists()
+
+
 def test_validation_split_is_carved_before_standardization(tmp_path, rng):
     images, labels = _uint8_data(rng, 80)
     test_images, test_labels = _uint8_data(rng, 24)
