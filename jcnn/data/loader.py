@@ -178,6 +178,11 @@ class Loader:
                 raise ValueError(
                     f"{name}: expected an array with one row per example, got shape ()"
                 )
+            if 0 in array.shape[1:]:  # examples without values: nothing to learn from
+                raise ValueError(
+                    f"{name}: expected at least one value per example, got shape "
+                    f"{tuple(array.shape)}"
+                )
             dtype = getattr(array, "dtype", None)
             kinds = (jnp.integer, jnp.floating, *((jnp.bool_,) if name == "labels" else ()))
             if dtype is None or not any(jnp.issubdtype(dtype, kind) for kind in kinds):

@@ -294,6 +294,10 @@ def test_argument_checks(dataset):
         Loader(images, np.int32(3), batch_size=5)
     with pytest.raises(ValueError, match=r"images: expected an array with one row per example"):
         Loader(np.float32(3), labels, batch_size=5)
+    with pytest.raises(ValueError, match=r"images: expected at least one value per example, got"):
+        Loader(np.zeros((len(labels), 0, 4, 1), np.float32), labels, batch_size=5)
+    with pytest.raises(ValueError, match=r"labels: expected at least one value per example, got"):
+        Loader(images, np.zeros((len(images), 0), np.float32), batch_size=5)
     with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2147483647\]"):
         loader.batch(2**31, 0)
     with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2147483647\]"):
