@@ -30,6 +30,8 @@ same seed share no key.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -86,6 +88,25 @@ def poisson_pad_multiple(batch_size: int) -> int:
     """The multiple a Poisson batch of expected size ``batch_size`` is padded to (the loader's
     augmentation, DP-SGD's step): its random sizes then compile a few programs, not one each."""
     return max(32, batch_size // 8)
+
+
+def _check_call(fn, name: str, arguments: tuple[str, ...]) -> None:
+    """Refuse ``fn`` when its signature cannot take ``arguments`` positionally (e.g.
+    ``augment.hflip``, which takes the image alone): it would fail at the first batch."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (a builtin): left to the first batch
+        return
+    try:
+        signature.bind(*arguments)
+    except TypeError:
+        label = getattr(fn, "__qualname__", type(fn).__name__)
+        module = sys.modules.get(getattr(fn, "__module__", None) or "")
+        random_op = getattr(module, f"random_{label}", None) if module else None
+        raise TypeError(
+            f"{name}: expected a function of ({', '.join(arguments)}), got {label}{signature}"
+            + (f"; the random op is random_{label}" if random_op is not None else "")
+        ) from None
 
 
 def _step_key(seed: int, epoch, step) -> jax.Array:
@@ -304,9 +325,14 @@ class Loader:
             raise ValueError(
                 f"batch_size: expected 1..{num_examples} (the number of examples), got {batch_size}"
             )
-        for name, fn in (("augment", augment), ("batch_augment", batch_augment)):
+        for name, fn, arguments in (
+            ("augment", augment, ("key", "image")),
+            ("batch_augment", batch_augment, ("key", "images", "labels")),
+        ):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable or None, got {type(fn).__name__}")
+            if fn is not None:
+                _check_call(fn, name, arguments)
         if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
             raise TypeError(
                 f"sharding: expected a jax.sharding.Sharding or None, got {type(sharding).__name__}"

@@ -294,6 +294,14 @@ def test_argument_checks(dataset):
         Loader(images, np.int32(3), batch_size=5)
     with pytest.raises(ValueError, match=r"images: expected an array with one row per example"):
         Loader(np.float32(3), labels, batch_size=5)
+    with pytest.raises(
+        TypeError, match=r"augment: expected a function of \(key, image\), got hflip"
+    ):
+        Loader(images, labels, batch_size=5, augment=A.hflip)  # takes the image alone
+    with pytest.raises(
+        TypeError, match=r"batch_augment: expected a function of \(key, images, lab"
+    ):
+        Loader(images, labels, batch_size=5, batch_augment=lambda key, images: images)
     with pytest.raises(ValueError, match=r"images: expected at least one value per example, got"):
         Loader(np.zeros((len(labels), 0, 4, 1), np.float32), labels, batch_size=5)
     with pytest.raises(ValueError, match=r"labels: expected at least one value per example, got"):
