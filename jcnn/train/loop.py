@@ -318,7 +318,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
     if callable(config.learning_rate):
         _refuse_unused(
             config,
-            ("schedule", "warmup_epochs", *_SCHEDULE_SETTINGS),
+            ("warmup_epochs", *_SCHEDULE_SETTINGS),
             "config.learning_rate is a schedule, used as it is",
         )
         return config.learning_rate
@@ -388,7 +388,7 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
         if not callable(config.learning_rate):
             _refuse_unused(
                 config,
-                ("schedule", "warmup_epochs", "momentum", *_SCHEDULE_SETTINGS),
+                ("warmup_epochs", "momentum", *_SCHEDULE_SETTINGS),
                 "config.optimizer is an optax.GradientTransformation, used as it is",
             )
         if config.weight_decay or config.clip_norm is not None:

@@ -957,18 +957,6 @@ def test_a_schedule_with_an_optax_optimizer_is_refused(rng):
         fit(TinyNet(), train, val, config)
 
 
-def test_a_schedule_name_that_would_be_ignored_is_refused(rng):
-    # an optax optimizer brings its own rate, a callable learning_rate is the schedule itself:
-    # config.schedule is then not read, and was silently ignored
-    train, val = _loaders(*_data(rng))
-    for config in (
-        _no_folder(optimizer=optax.sgd(0.1), schedule="constant"),
-        _no_folder(optimizer="sgd", learning_rate=lambda step: 0.1, schedule="linear"),
-    ):
-        with pytest.raises(ValueError, match="config.schedule: does not apply when .* ignored"):
-            fit(TinyNet(), train, val, config)
-
-
 def test_a_one_shot_or_array_pair_evaluation_loader_is_named(rng):
     images, labels = _data(rng)
     train, _ = _loaders(images, labels)
