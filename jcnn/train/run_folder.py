@@ -608,18 +608,23 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``[(setting, in old, in new)]`` for every entry of two records that may not differ on
     resume (absent entries show as ``"(absent)"``)."""
     flat_old, flat_new = _flatten(old), _flatten(new)
+    tables_old = {name for key in flat_old for name in _parents(key)}
+    tables_new = {name for key in flat_new for name in _parents(key)}
     found = []
     for key in sorted(flat_old.keys() | flat_new.keys()):
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
         parents = _parents(key)
-        if {} in (before, after) and _MISSING in (before, after):
-            # an empty table on one side, its entries (flattened apart) on the other: one setting
-            if before == _MISSING:
-                before = _entries(flat_old, key)
-            else:
-                after = _entries(flat_new, key)
-        elif any({} in (flat_old.get(name), flat_new.get(name)) for name in parents):
-            continue  # an entry of a table empty on the other side: reported with the table
+        # a value (an empty table, None) on one side, a table's entries (flattened apart) on the
+        # other: one setting, reported with the table's entries
+        if before is _MISSING and key in tables_old:
+            before = _entries(flat_old, key)
+        elif after is _MISSING and key in tables_new:
+            after = _entries(flat_new, key)
+        elif any(
+            (name in flat_old and name in tables_new) or (name in flat_new and name in tables_old)
+            for name in parents
+        ):
+            continue  # an entry of a table that is a value on the other side: reported there
         if _same(before, after) or _may_change(key):
             continue
         later = key in RECORDED_LATER or any(name in RECORDED_LATER for name in parents)

@@ -225,6 +225,10 @@ def test_a_cli_run_recorded_before_no_grad_existed_resumes():
     [
         ({}, {"conv1/kernel": 0}, '--no-grad: {} in the run, {"conv1/kernel": 0} now'),
         ({"fc/bias": 1}, {}, '--no-grad: {"fc/bias": 1} in the run, {} now'),
+        # a value where the other side has a table (no augmentation, then one): was
+        # "null in the run, (absent) now" and the table's entries apart
+        (None, {"function": "f"}, '--no-grad: null in the run, {"function": "f"} now'),
+        ({"function": "f"}, 3, '--no-grad: {"function": "f"} in the run, 3 now'),
     ],
 )
 def test_a_table_emptied_or_filled_on_resume_is_one_setting(before, after, shown):
