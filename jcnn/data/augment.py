@@ -671,8 +671,7 @@ def _check_soft_labels(labels) -> None:
         raise ValueError(
             "labels: expected soft labels whose rows are class probabilities (finite, >= 0, "
             f"summing to 1), got rows {np.flatnonzero(wrong)[:5].tolist()} summing to "
-            f"{[float(v) for v in sums[wrong][:5]]} (min value "
-            f"{float(np.nanmin(values[wrong])) if not np.isnan(values[wrong]).all() else 'nan'})"
+            f"{[float(v) for v in sums[wrong][:5]]} (smallest entry {np.min(values[wrong]):g})"
         )
 
 

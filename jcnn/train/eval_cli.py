@@ -130,6 +130,25 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.absolute().resolve().is_relative_to(folder.absolute().resolve())
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    return a.absolute().resolve() == b.absolute().resolve()
+
+
+def _destination_problem(path: Path, folder: Path, default: str, run_folder) -> str | None:
+    """Why ``path`` cannot take a result, or ``None``. The run's own files (``config.json``,
+    ``checkpoints/``...) are never a destination: the result written over one breaks the run."""
+    if path.is_dir():
+        return "is a folder, expected a file"
+    if folder.is_dir() and _inside(path, folder):
+        top = path.absolute().resolve().relative_to(folder.absolute().resolve()).parts[0]
+        own = {run_folder.LOCK_FILE, *run_folder.RUN_FILES, *run_folder.best_directories(folder)}
+        if top in own - {default}:
+            return f"would overwrite the run's own {top}; expected a path outside the run's files"
+    if not path.absolute().parent.is_dir():
+        return "its folder does not exist"
+    return None
+
+
 def _evaluate(args, folder: Path, confusion: Path, results: Path) -> int:
     from jcnn import data
     from jcnn.train import run_folder
@@ -167,29 +186,13 @@ def _evaluate(args, folder: Path, confusion: Path, results: Path) -> int:
     if problem is not None:
         print(f"jcnn-eval: {problem}", file=sys.stderr)
         return 2
-    # the run's own files (config.json, checkpoints/...) are never a destination: writing the
-    # results over one of them would break the run
-    own = {run_folder.LOCK_FILE, *run_folder.RUN_FILES, *run_folder.best_directories(folder)}
     for flag, path, default in (
         ("--confusion", confusion, "confusion_matrix.png"),
         ("--json", results, "evaluation.json"),
     ):  # before any work
-        part = (
-            path.absolute().resolve().relative_to(folder.absolute().resolve()).parts[:1]
-            if folder.is_dir() and _inside(path, folder)
-            else ()
-        )
-        problem = (
-            "is a folder, expected a file"
-            if path.is_dir()
-            else f"would overwrite the run's own {part[0]}; expected a path outside the run's files"
-            if part and part[0] in own - {default}
-            else "is the path of the other result (--json and --confusion must differ)"
-            if flag == "--json" and path.absolute().resolve() == confusion.absolute().resolve()
-            else None
-            if path.absolute().parent.is_dir()
-            else "its folder does not exist"
-        )
+        problem = _destination_problem(path, folder, default, run_folder)
+        if problem is None and flag == "--json" and _same_path(path, confusion):
+            problem = "is the path of the other result (--json and --confusion must differ)"
         if problem is not None:
             print(f"jcnn-eval: {flag} {path}: {problem}", file=sys.stderr)
             return 2
