@@ -45,7 +45,9 @@ class LayerCall:
     returns_input: bool = False
     returns: int | None = None
     train: object = None  # the call's ``train`` argument, where it was given one
-    # inside nn.scan or nn.vmap: traced once (or twice, to initialize), not once per step or slice
+    # inside nn.scan or nn.vmap: traced once (or twice, to initialize), not once per step or slice;
+    # inside nn.cond, nn.switch or nn.while_loop: traced in every branch, run in one (or a body
+    # traced once, run any number of times)
     lifted: bool = False
     # False where the input (with no source and no input_of) or the output (a new array of a
     # module that calls others) was made outside the layers by an operation that mixes positions
@@ -205,6 +207,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     )
     alive.clear()
     _check_pointwise(calls, program.jaxpr)
+    _mark_branches(calls, program.jaxpr)
     return calls, variables
 
 
@@ -330,6 +333,27 @@ def _check_pointwise(calls: list[LayerCall], jaxpr) -> None:
                         visit(sub)
 
     visit(jaxpr)
+
+
+# Control flow whose traced bodies say nothing of how often they run: a ``cond`` (nn.cond,
+# nn.switch) traces every branch and runs one, a ``while`` (nn.while_loop) runs its body any
+# number of times.
+_BRANCHING = {"cond", "while"}
+
+
+def _mark_branches(calls: list[LayerCall], jaxpr, inside: bool = False) -> None:
+    """Set ``lifted`` of the calls whose marked output or input sits inside a ``cond`` branch or a
+    ``while`` body: what they count would be summed over branches that never run together."""
+    for eqn in jaxpr.eqns:
+        name = str(eqn.params.get("name", "")) if eqn.primitive.name == "name" else ""
+        if inside and name.startswith(_MARK):
+            calls[int(name[len(_MARK) :].split("-")[1])].lifted = True
+        branching = inside or eqn.primitive.name in _BRANCHING
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax_core.Jaxpr):
+                    _mark_branches(calls, sub, branching)
 
 
 def subtree(variables, collection: str, path: Sequence[str]):

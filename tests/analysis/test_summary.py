@@ -815,6 +815,43 @@ def test_layers_inside_scan_or_vmap_are_unknown_not_undercounted():
     assert row.params == 2 * (3 * 5 + 5) and row.macs is None
 
 
+def test_layers_inside_cond_or_switch_are_unknown_not_summed_over_branches():
+    # Flax's pattern: every branch calls the same named layer; the trace ran both branches and
+    # counted the conv's products twice (2,700 for the 1,350 one call computes)
+    class Branches(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            def positive(module, x):
+                return nn.Conv(2, 3, padding=1, name="conv")(x)
+
+            def negative(module, x):
+                return -nn.Conv(2, 3, padding=1, name="conv")(x)
+
+            x = nn.Conv(3, 1, name="stem")(x)
+            return flax_nn.cond(x.sum() > 0, positive, negative, self, x)
+
+    table = summary(Branches(), (1, 5, 5, 3))
+    stem, *branches = table.rows
+    assert stem.macs == 25 * 3 * 3 and stem.receptive_field.size == (1, 1)
+    assert [row.name for row in branches] == ["conv", "conv"]
+    assert all(row.macs is None and row.receptive_field is None for row in branches)
+    assert table.total_params == 12 + 56 and table.total_macs == 25 * 3 * 3
+    assert "conv" in table.uncounted
+    assert receptive_field(Branches(), (1, 5, 5, 3)) is None
+
+    class Switched(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            branches = [
+                lambda module, x: nn.Dense(2, name="head")(x),
+                lambda module, x: 2 * nn.Dense(2, name="head")(x),
+            ]
+            return flax_nn.switch(jnp.int32(1), branches, self, x)
+
+    table = summary(Switched(), (4, 3))
+    assert [row.macs for row in table.rows] == [None, None] and table.total_params == 8
+
+
 def test_output_sizes_take_numpy_and_0d_integers_and_give_python_ints():
     for spell in (np.int64, jnp.asarray, np.asarray):
         for function in (conv_output_size, pool_output_size):
