@@ -47,7 +47,8 @@ class LayerCall:
     train: object = None  # the call's ``train`` argument, where it was given one
     # inside nn.scan or nn.vmap: traced once (or twice, to initialize), not once per step or slice;
     # inside nn.cond, nn.switch or nn.while_loop: traced in every branch, run in one (or a body
-    # traced once, run any number of times)
+    # traced once, run any number of times); inside nn.map_variables: run twice by an initializing
+    # call (init=True: once to create the variables, once on the mapped ones), once by apply
     lifted: bool = False
     # False where the input (with no source and no input_of) or the output (a new array of a
     # module that calls others) was made outside the layers by an operation that mixes positions
@@ -157,7 +158,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
             input_of=next((index for index, i in reversed(inputs) if i == id(x)), None),
             train=kwargs.get("train", args[1] if len(args) > 1 else None),
             lifted=any(
-                str(part).startswith(("scan(", "vmap("))
+                str(part).startswith(("scan(", "vmap(", "map_variables("))
                 for part in getattr(context.module.scope, "debug_path", ())
             ),
         )

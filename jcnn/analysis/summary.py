@@ -30,8 +30,9 @@ where something other than per-position operations made it, e.g. a pool function
 a module that returns an array as is (its input, or a layer's output) gives it that array's field.
 A layer inside ``nn.scan`` or ``nn.vmap`` shows ``?`` for its multiply-adds (the abstract run
 traces its body once, not once per step or slice), as does one inside ``nn.cond``, ``nn.switch``
-or ``nn.while_loop`` (every branch is traced, one runs; a loop's body runs any number of times),
-and so do the receptive fields from the first such layer on and of the modules holding it; its
+or ``nn.while_loop`` (every branch is traced, one runs; a loop's body runs any number of times)
+or ``nn.map_variables`` (e.g. weight standardization: run twice by the initializing run), and so
+do the receptive fields from the first such layer on and of the modules holding it; its
 parameters (stacked) are counted.
 """
 
@@ -216,8 +217,9 @@ class LayerRow:
       params: number of parameters of the layer (0 on the later calls of a shared layer).
       macs: multiply-adds for the whole batch, ``None`` for a layer with parameters whose type
         ``summary`` does not know, and for a layer inside ``nn.scan`` or ``nn.vmap`` (run once in
-        the trace, not once per step or slice) or ``nn.cond``/``nn.switch``/``nn.while_loop``
-        (every branch traced, one run): not counted, rather than counted wrong.
+        the trace, not once per step or slice), ``nn.cond``/``nn.switch``/``nn.while_loop``
+        (every branch traced, one run) or ``nn.map_variables`` (run twice by the initializing
+        run): not counted, rather than counted wrong.
       receptive_field: the field of the output units, ``None`` where unknown.
     """
 

@@ -852,6 +852,27 @@ def test_layers_inside_cond_or_switch_are_unknown_not_summed_over_branches():
     assert [row.macs for row in table.rows] == [None, None] and table.total_params == 8
 
 
+def test_layers_inside_map_variables_are_unknown_not_counted_twice():
+    # weight standardization through nn.map_variables(init=True): the initializing run calls
+    # the conv twice (to create its kernel, then on the mapped one); summary counted both
+    def standardized(variables):
+        params = dict(variables["params"])
+        kernel = params["kernel"]
+        params["kernel"] = (kernel - kernel.mean()) / (kernel.std() + 1e-5)
+        return {**variables, "params": params}
+
+    class WeightStandardized(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            conv = flax_nn.map_variables(nn.Conv, "params", trans_in_fn=standardized, init=True)
+            return nn.Dense(2, name="head")(conv(4, 3, padding=1, name="conv")(x))
+
+    table = summary(WeightStandardized(), (2, 7, 9, 3))
+    convs = [row for row in table.rows if row.layer.startswith("Conv")]
+    assert convs and all(row.macs is None and row.receptive_field is None for row in convs)
+    assert table.total_params == 112 + 10 and table.total_macs == 2 * 7 * 9 * 2 * 4
+
+
 def test_output_sizes_take_numpy_and_0d_integers_and_give_python_ints():
     for spell in (np.int64, jnp.asarray, np.asarray):
         for function in (conv_output_size, pool_output_size):
