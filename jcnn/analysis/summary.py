@@ -432,7 +432,8 @@ def _flax_conv_geometry(module, spatial_in):
 def _macs(module, call: LayerCall) -> int | None:
     """The layer's multiply-adds; None for a layer type whose products are not known here."""
     if call.output_shape is None or call.input_shape is None:
-        return 0
+        # a tuple or dict in or out: products unknown (0 for a parameter-free layer, by the caller)
+        return None
     if isinstance(module, (jnn.Conv, jnn.LocallyConnected)):  # the latter: unshared weights
         window = _kernel_volume(module, call)
         groups = getattr(module, "groups", 1)

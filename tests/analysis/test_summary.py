@@ -873,6 +873,34 @@ def test_layers_inside_map_variables_are_unknown_not_counted_twice():
     assert table.total_params == 112 + 10 and table.total_macs == 2 * 7 * 9 * 2 * 4
 
 
+def test_a_layer_with_parameters_taking_or_returning_a_tuple_has_unknown_products():
+    # its shapes are not one array's: it showed 0 multiply-adds and the total claimed them all
+    class TwoHeads(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            w = self.param("w", flax_nn.initializers.normal(), (x.shape[-1], 4))
+            return x @ w, x @ w[:, :3]
+
+    class Bilinear(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, pair):
+            x, y = pair
+            w = self.param("w", flax_nn.initializers.normal(), (x.shape[-1], y.shape[-1]))
+            return jnp.einsum("bi,ij,bj->b", x, w, y)
+
+    class Model(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            a, _ = TwoHeads(name="heads")(x)
+            pairs = flax_nn.Sequential([lambda x: (x, x)], name="pairs")(a)  # no parameters
+            return Bilinear(name="bilinear")(pairs)
+
+    table = summary(Model(), (2, 5))
+    macs = {row.name: row.macs for row in table.rows}
+    assert macs["heads"] is None and macs["bilinear"] is None
+    assert table.total_macs == 0 and set(table.uncounted) == {"heads", "bilinear"}
+
+
 def test_output_sizes_take_numpy_and_0d_integers_and_give_python_ints():
     for spell in (np.int64, jnp.asarray, np.asarray):
         for function in (conv_output_size, pool_output_size):
