@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -392,10 +393,22 @@ def load_torch_weights(
 
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as error:  # a truncated zip, an empty file
+    except (RuntimeError, EOFError, KeyError) as error:  # a truncated zip, an empty file, text
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, KeyError):  # torch's legacy reader on bytes of no known format
+            detail = f"neither a zip archive nor a pickle (KeyError {error})"
         raise ValueError(
-            f"path: {path} is not a readable PyTorch weights file (truncated or corrupt?): "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            f"path: {path} is not a readable PyTorch weights file (truncated or corrupt?): {detail}"
+        ) from error
+    except pickle.UnpicklingError as error:
+        # pickled code, or bytes that are no pickle at all (a corrupt file): torch's message
+        # advises weights_only=False, which would run whatever the file holds
+        _, _, reason = str(error).partition("WeightsUnpickler error:")
+        reason = " ".join(reason.split()).split(" Please use ")[0].split(" Check the doc")[0]
+        raise ValueError(
+            f"path: {path} is not a plain PyTorch weights file (corrupt, or pickled objects "
+            f"other than tensors): torch.load(weights_only=True) refused it (Weights only load "
+            f"failed: {reason or type(error).__name__}); jcnn reads weights as data, never code"
         ) from error
     if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
         state_dict = state_dict["state_dict"]

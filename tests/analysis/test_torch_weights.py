@@ -529,6 +529,22 @@ def test_a_truncated_or_empty_weights_file_is_a_value_error_naming_it(torch, tmp
     assert set(load_torch_weights(tmp_path / "whole.pt", model, (1, 5, 5, 1))) == {"params"}
 
 
+def test_a_corrupt_or_foreign_weights_file_is_a_value_error_naming_it(torch, tmp_path):
+    # torch raised a bare KeyError (text) or an UnpicklingError (random bytes, a flipped byte in
+    # the pickle) whose advice was to load with weights_only=False, i.e. run the file's code
+    model = jcnn.nn.Sequential([jcnn.nn.Conv(2, 3)])
+    torch.save(torch.nn.Conv2d(1, 2, 3).state_dict(), tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    start = data.index(b"\x80\x02c")  # the pickle record's first byte (its protocol)
+    flipped = data[:start] + bytes([data[start] ^ 0xFF]) + data[start + 1 :]
+    (tmp_path / "flipped.pt").write_bytes(flipped)
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(100))
+    (tmp_path / "text.pt").write_text("hello world")
+    for name in ("flipped.pt", "random.pt", "text.pt"):
+        with pytest.raises(ValueError, match=f"path: .*{name} is not a (readable|plain) PyTorch"):
+            load_torch_weights(tmp_path / name, model, (1, 5, 5, 1))
+
+
 @pytest.mark.parametrize("dtype_name", ["complex64", "complex128", "bool"])
 @pytest.mark.parametrize("as_numpy", [False, True])
 def test_complex_or_boolean_tensors_are_refused(torch, dtype_name, as_numpy):
