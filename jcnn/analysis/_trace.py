@@ -67,6 +67,22 @@ def accepts_train(model: nn.Module) -> bool:
         return False
 
 
+def check_linen_model(model) -> None:
+    """Refuse what is not a Flax Linen module, naming an NNX module as such (its class name
+    alone, ``Conv``, reads like the Linen layer that was expected)."""
+    if isinstance(model, nn.Module):
+        return
+    kind = type(model)
+    if any(base.__module__.startswith("flax.nnx") for base in kind.__mro__):
+        raise TypeError(
+            f"model: expected a flax.linen.Module, got the NNX module {kind.__module__}."
+            f"{kind.__qualname__}; this tool traces Linen models: pass the Linen model (jcnn.nn "
+            "has a twin of every jcnn.nnx module, and jcnn.nnx.linen_variables gives its "
+            "variables)"
+        )
+    raise TypeError(f"model: expected a flax.linen.Module, got {kind.__name__}")
+
+
 def check_input_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints (batch axis included); a 1-D integer array
     (``np.array(x.shape)``) is a shape too."""
@@ -125,8 +141,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     (relative to the wrapper's variables), or ``None`` where that call runs as the identity (it
     is then no call).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
+    check_linen_model(model)
     input_shape = check_input_shape(input_shape)
     check_input_dtype(dtype)
     calls: list[LayerCall] = []

@@ -15,6 +15,7 @@ from functools import partial
 import flax.linen as linen
 
 from jcnn import functional as F
+from jcnn.analysis._trace import check_linen_model
 from jcnn.analysis.per_example import BATCH_NORM_REPLACED
 from jcnn.functional._checks import check_positive_int
 from jcnn.nn.norm import BatchNorm, GroupNorm
@@ -112,8 +113,7 @@ def replace_batch_norm(model: linen.Module, *, num_groups: int = 32) -> linen.Mo
     >>> sorted(variables), sorted(variables["params"]["layers_1"])
     (['params'], ['bias', 'scale'])
     """
-    if not isinstance(model, linen.Module):
-        raise TypeError(f"model: expected a flax.linen.Module, got {type(model).__name__}")
+    check_linen_model(model)
     num_groups = check_positive_int(num_groups, "num_groups")
     from jcnn.analysis.fold import FoldedModel  # here: fold's tracer imports this module
 

@@ -901,6 +901,18 @@ def test_a_layer_with_parameters_taking_or_returning_a_tuple_has_unknown_product
     assert table.total_macs == 0 and set(table.uncounted) == {"heads", "bilinear"}
 
 
+def test_an_nnx_model_is_refused_as_such():
+    # the message said "got Conv" for a jcnn.nnx.Conv, which reads like the expected Linen layer
+    from flax import nnx as flax_nnx
+
+    model = jcnn.nnx.Conv(3, 4, 3, rngs=flax_nnx.Rngs(0))
+    for tool in (summary, receptive_field):
+        with pytest.raises(TypeError, match=r"got the NNX module jcnn\.nnx\..*Conv; .*jcnn\.nn"):
+            tool(model, (1, 5, 5, 3))
+    with pytest.raises(TypeError, match="model: expected a flax.linen.Module, got the NNX module"):
+        jcnn.analysis.replace_batch_norm(model)
+
+
 def test_output_sizes_take_numpy_and_0d_integers_and_give_python_ints():
     for spell in (np.int64, jnp.asarray, np.asarray):
         for function in (conv_output_size, pool_output_size):
