@@ -66,13 +66,20 @@ def _linen_path(path, nodes: Mapping) -> tuple[str, ...]:
     return tuple(names)
 
 
+# Not state to move: rng streams, and values a call sowed (``nnx.Intermediate``, a tuple per
+# name; Linen's ``intermediates`` collection), which are outputs of a call, not of the model.
+_NOT_MOVED = (nnx.RngState, nnx.Intermediate)
+_INTERMEDIATES = "intermediates"
+
+
 def _variables(module: nnx.Module):
-    """``((collection, *linen_path), variable)`` for every variable of ``module`` but rng state."""
+    """``((collection, *linen_path), variable)`` for every variable of ``module`` but rng state
+    and sown intermediates."""
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module: expected an nnx.Module, got {type(module).__name__}")
     nodes = dict(nnx.iter_graph(module))
     for path, node in nodes.items():
-        if isinstance(node, nnx.Variable) and not isinstance(node, nnx.RngState):
+        if isinstance(node, nnx.Variable) and not isinstance(node, _NOT_MOVED):
             collection = variablelib.variable_name_from_type(type(node), allow_register=True)
             yield (collection, *_linen_path(path, nodes)), node
 
@@ -87,13 +94,15 @@ def load_linen_variables(module: nnx.Module, variables: Mapping) -> None:
     """Set every variable of ``module`` (in place) from the Linen twin's ``variables``.
 
     Every variable of ``module`` must be found with its shape and dtype, and every array of
-    ``variables`` must be used: a mismatch raises and leaves ``module`` as it was.
+    ``variables`` must be used: a mismatch raises and leaves ``module`` as it was. Sown values
+    (Linen's ``intermediates``, NNX's ``nnx.Intermediate``) are outputs, not moved either way.
     """
     if not isinstance(variables, Mapping):
         raise TypeError(
             f"variables: expected the Linen variables dict, got {type(variables).__name__}"
         )
-    given = flatten_dict(_plain(variables))
+    # what a Linen call sowed (init returns it) is no variable of the twin
+    given = flatten_dict(_plain({k: v for k, v in variables.items() if k != _INTERMEDIATES}))
     held = dict(given)  # ``given`` loses each entry as it is used
     updates = []
     for key, variable in _variables(module):

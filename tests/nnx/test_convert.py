@@ -509,3 +509,34 @@ def test_dicts_and_lists_of_layers_take_the_linen_names(rng):
     back = jnnx.linen_variables(twin)
     assert jax.tree.structure(back) == jax.tree.structure(variables)
     assert sorted(back["params"]) == ["head_a", "head_b_0", "head_b_1", "stem_0"]
+
+
+def test_sown_intermediates_are_not_moved_either_way():
+    # an NNX module that had sown a value (a tuple in an nnx.Intermediate) made linen_variables
+    # fail with "tuple indices must be integers or slices, not ellipsis"
+    class Twin(nnx.Module):
+        def __init__(self, rngs):
+            self.c = jnnx.Conv(3, 4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            y = self.c(x)
+            self.sow(nnx.Intermediate, "features", y)
+            return y
+
+    class Linen(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            y = nn.Conv(4, 3, name="c")(x)
+            self.sow("intermediates", "features", y)
+            return y
+
+    x = jnp.ones((1, 5, 5, 3))
+    twin = Twin(nnx.Rngs(0))
+    twin(x)
+    variables = jnnx.linen_variables(twin)
+    assert list(variables) == ["params"]
+    np.testing.assert_array_equal(Linen().apply(variables, x), twin(x))
+    params = Linen().init(jax.random.key(1), x)
+    _, sown = Linen().apply(params, x, mutable=["intermediates"])
+    jnnx.load_linen_variables(twin, {**params, **sown})  # what apply sowed is no variable
+    np.testing.assert_array_equal(twin(x), Linen().apply(params, x))
