@@ -25,6 +25,7 @@ from jax.extend import core as jax_core
 from jcnn import functional as F
 from jcnn import nn as jnn
 from jcnn.analysis._trace import (
+    _body,
     accepts_train,
     leaf_calls,
     subtree,
@@ -156,11 +157,28 @@ def _used_outside_batch_norm(model, input_shape, pairs) -> list[bool]:
     taps = [jax.ShapeDtypeStruct((), jnp.float32) for _ in pairs]
     closed = jax.make_jaxpr(run)(taps, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
     jaxpr = closed.jaxpr
-    live = {var for var in jaxpr.outvars if isinstance(var, jax_core.Var)}
+    return _live_inputs(jaxpr, [True] * len(jaxpr.outvars))[: len(pairs)]
+
+
+def _live_inputs(jaxpr, live_outputs: Sequence[bool]) -> list[bool]:
+    """Per input of ``jaxpr``, whether an output in ``live_outputs`` (or an effect) depends on
+    it. A call-like equation (``nn.remat``'s checkpoint, ``nn.jit``'s pjit) is followed into its
+    body: taken whole, every tap passed into a rematerialized block would look used."""
+    live = {v for v, keep in zip(jaxpr.outvars, live_outputs, strict=True) if keep and _is_var(v)}
     for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(var in live for var in eqn.outvars):
-            live.update(var for var in eqn.invars if isinstance(var, jax_core.Var))
-    return [var in live for var in jaxpr.invars[: len(pairs)]]
+        outputs = [_is_var(v) and v in live for v in eqn.outvars]
+        if not (eqn.effects or any(outputs)):
+            continue
+        body = _body(eqn)
+        inputs = [True] * len(eqn.invars)
+        if body is not None and not eqn.effects:
+            inputs = _live_inputs(body, outputs)
+        live.update(v for v, keep in zip(eqn.invars, inputs, strict=True) if keep and _is_var(v))
+    return [v in live for v in jaxpr.invars]
+
+
+def _is_var(value) -> bool:
+    return isinstance(value, jax_core.Var) and not isinstance(value, jax_core.Literal)
 
 
 def _node(tree, path: Sequence[str], name: str):

@@ -364,3 +364,38 @@ def test_a_pair_inside_nn_vmap_is_kept_and_the_rest_folded(rng):
     assert list(folded["batch_stats"]) == ["copies"]
     original = model.apply(variables, x, train=False)
     assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
+
+
+class _ConvBatchNorm(linen.Module):
+    also_added: bool = False
+
+    @linen.compact
+    def __call__(self, x, train):
+        y = nn.Conv(3, 3, padding=1, use_bias=False)(x)
+        z = nn.BatchNorm()(y, train)
+        return z + y if self.also_added else z
+
+
+def test_pairs_inside_nn_remat_or_nn_jit_are_folded(rng):
+    # a tap passed into a rematerialized (or jitted) block looked used by the whole block's
+    # output, so fold_batch_norms folded nothing in a remat network
+    class Network(linen.Module):
+        @linen.compact
+        def __call__(self, x, train=False):
+            x = linen.remat(_ConvBatchNorm, static_argnums=(2,))()(x, train)
+            x = linen.jit(_ConvBatchNorm, static_argnums=(2,))()(x, train)
+            return linen.remat(_ConvBatchNorm, static_argnums=(2,))(also_added=True)(x, train)
+
+    model = Network()
+    shape = (2, 7, 6, 2)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = _randomize_batch_norms(_random_variables(model, x, rng), rng)
+    folded_model, folded = fold_batch_norms(model, variables, shape)
+    # the third block adds the conv's output to its BatchNorm's: it stays as it is
+    assert sorted(path[0] for path in folded_model.skipped) == [
+        "Checkpoint_ConvBatchNorm_0",
+        "Jit_ConvBatchNorm_0",
+    ]
+    assert list(folded["batch_stats"]) == ["Checkpoint_ConvBatchNorm_1"]
+    original = model.apply(variables, x, train=False)
+    assert _relative_error(folded_model.apply(folded, x), original) < 1e-5
