@@ -4,7 +4,9 @@ The layers of the jcnn model, in the order they run, are matched with the module
 ``state_dict``, in the order PyTorch registered them (a module is the key up to its last dot:
 ``layer1.0.conv1.weight`` belongs to ``layer1.0.conv1``). This holds for networks written the
 usual way (modules defined in the order ``forward`` uses them), e.g. torchvision's VGG and ResNet
-and the twins in the tests. Conversions:
+and the twins in the tests. Where every layer's path, dotted (``block/conv1`` as ``block.conv1``),
+names a module of the ``state_dict`` and no module is left over, layers are matched by name
+instead, whatever the order. Conversions:
 
 - ``Conv``: weight ``(C_out, C_in // groups, *window)`` (OIHW) to kernel ``(*window, C_in // groups,
   C_out)`` (HWIO); ``bias`` unchanged. ``DepthwiseConv`` is PyTorch's ``Conv`` with
@@ -333,6 +335,12 @@ def from_torch_state_dict(
             )
         layers.append((call, params, stats))
     groups = _group(state_dict)
+    names = [".".join(call.path) for call, _, _ in layers]
+    if set(names) == {prefix for prefix, _ in groups} and len(names) == len(groups):
+        # every layer is named as a PyTorch module: the names say which is which, whatever
+        # order the twin registered its modules in (a ``setup`` may define them in another)
+        by_name = dict(groups)
+        groups = [(name, by_name[name]) for name in names]
     if len(groups) != len(layers):
         raise ValueError(
             f"state_dict: expected {len(layers)} modules with parameters for "

@@ -641,3 +641,32 @@ def _one_block_convnext_state(rng):
         "classifier.2.bias": (2,),
     }
     return {key: rng.normal(size=shape).astype(np.float32) for key, shape in shapes.items()}
+
+
+def test_layers_named_as_the_twins_modules_are_matched_by_name(torch):
+    # a setup (or a twin) defining its modules in another order than they run: matched by order,
+    # the two same-shaped convs swapped weights silently
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Conv2d(3, 3, 3, padding=1)  # registered first, runs last
+            self.stem = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.stem(x)))
+
+    class Model(flax_nn.Module):
+        def setup(self):
+            self.stem = jcnn.nn.Conv(3, 3, padding=1)
+            self.head = jcnn.nn.Conv(3, 3, padding=1)
+
+        def __call__(self, x):
+            return self.head(jax.nn.relu(self.stem(x)))
+
+    torch.manual_seed(0)
+    twin = Twin().eval()
+    variables = from_torch_state_dict(Model(), twin.state_dict(), (1, 6, 5, 3))
+    x = np.random.default_rng(0).normal(size=(1, 6, 5, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(Model().apply(variables, jnp.asarray(x)), want, atol=1e-5)
