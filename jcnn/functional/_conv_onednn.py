@@ -257,7 +257,7 @@ def _backward_data(dy, w, config, x_shape):
 
 
 def _backward_weights(x, dy, config, w_shape):
-    if x.dtype == jnp.bfloat16 and len(w_shape) == 5:
+    if x.dtype == jnp.bfloat16 and (len(w_shape) == 5 or _strided_single_output(dy, config)):
         return _float32_weight_grad(x, dy, config, w_shape)
     if _one_channel_per_group(x, config, w_shape):
         return _call("jcnn_depthwise_weight_grad", w_shape, x, dy, config)
@@ -279,6 +279,14 @@ def _float32_weight_grad(x, dy, config, w_shape):
     EPYC with AVX512-BF16, and capped at ``AVX512_CORE``)."""
     wide = (v.astype(jnp.float32) for v in (x, dy))
     return _backward_weights(*wide, config, w_shape).astype(jnp.bfloat16)
+
+
+def _strided_single_output(dy, config) -> bool:
+    """Whether the output is 1 pixel long along a dimension with a stride above 1. There oneDNN
+    3.2's 1-D and 2-D bfloat16 weight gradient (``jit_bf16``, AVX-512 EPYC with AVX512-BF16)
+    returned wrong values, uninitialized memory among them (e.g. a (1, 2, 16) input, a window of 3,
+    stride 3, padding (1, 0)); with stride 1, or 2 outputs or more, it was right."""
+    return any(o == 1 and s > 1 for o, s in zip(dy.shape[1:-1], config.stride, strict=True))
 
 
 def _dense_weight_grad_on_xla(x, dy, config, w_shape) -> bool:

@@ -174,6 +174,27 @@ def test_bfloat16_3d_weight_gradient_where_depth_padding_leaves_few_outputs(oned
         assert got.dtype == jnp.bfloat16 and float(jnp.max(excess)) <= 1e-6, (sizes, window)
 
 
+def test_bfloat16_weight_gradient_of_one_output_pixel_under_a_stride(onednn, rng):
+    # oneDNN's 1-D and 2-D bfloat16 weight gradient gave wrong values (uninitialized memory among
+    # them, inf) where the output is 1 pixel long along a strided dimension; the bound above.
+    for sizes, window, stride, padding in [
+        ((2,), (3,), (3,), ((1, 0),)),
+        ((2,), (5,), (4,), ((3, 1),)),
+        ((2, 5), (3, 3), (3, 1), ((1, 0), (1, 0))),
+    ]:
+        x = jnp.asarray(rng.standard_normal((1, *sizes, 16)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((*window, 16, 16)), jnp.bfloat16)
+        options = (stride, padding, (1,) * len(sizes), 1)
+        y = jax.eval_shape(partial(_reference, options=options), x, w)
+        g = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+        got = jax.vjp(partial(_routed, options=options), x, w)[1](g)[1]
+        wide = [a.astype(jnp.float32) for a in (x, w, g)]
+        exact = _float32_products(options, *wide)[2]
+        magnitude = _float32_products(options, *(jnp.abs(a) for a in wide))[2]
+        excess = jnp.abs(got.astype(jnp.float32) - exact) - 2**-7 * magnitude
+        assert got.dtype == jnp.bfloat16 and float(jnp.max(excess)) <= 1e-6, (sizes, stride)
+
+
 def test_wide_layers_use_blocked_kernels_correctly(onednn, rng):
     # 64 channels: oneDNN reorders the kernel into its blocked layout in all three products.
     x = jnp.asarray(rng.standard_normal((3, 9, 9, 64)).astype(np.float32))
