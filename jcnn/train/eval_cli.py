@@ -134,9 +134,11 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.absolute().resolve() == b.absolute().resolve()
 
 
-def _destination_problem(path: Path, folder: Path, default: str, run_folder) -> str | None:
+def _destination_problem(path: Path, folder: Path, default: str) -> str | None:
     """Why ``path`` cannot take a result, or ``None``. The run's own files (``config.json``,
     ``checkpoints/``...) are never a destination: the result written over one breaks the run."""
+    from jcnn.train import run_folder
+
     if path.is_dir():
         return "is a folder, expected a file"
     if folder.is_dir() and _inside(path, folder):
@@ -190,7 +192,7 @@ def _evaluate(args, folder: Path, confusion: Path, results: Path) -> int:
         ("--confusion", confusion, "confusion_matrix.png"),
         ("--json", results, "evaluation.json"),
     ):  # before any work
-        problem = _destination_problem(path, folder, default, run_folder)
+        problem = _destination_problem(path, folder, default)
         if problem is None and flag == "--json" and _same_path(path, confusion):
             problem = "is the path of the other result (--json and --confusion must differ)"
         if problem is not None:
