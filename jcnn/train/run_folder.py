@@ -10,7 +10,9 @@
   shuffling, number of examples, augmentation, and a SHA-256 of the examples an in-memory
   ``jcnn.data.Loader`` holds, so a resume on other data is refused), the caller's ``settings``
   (``jcnn-train`` adds the dataset, data directory, ``--limit-train``, ``--augment`` and the
-  standardization statistics) and the jcnn version. It is saved as ``config.json``.
+  standardization statistics), the jcnn version, and a digest of the code of the researcher's own
+  functions and model classes among them (``code``: not jcnn's, nor an installed package's), so a
+  resume with an edited loss or model is refused. It is saved as ``config.json``.
 - **Resume into the same run only.** :func:`check_start` refuses a resume whose record differs
   from the folder's ``config.json`` (naming each differing setting, old and new), a resume of a
   folder without checkpoints, and a new run into a folder that already holds one unless
@@ -29,15 +31,21 @@ DP-SGD at a target epsilon (``dp_target_epsilon``), whose noise is calibrated to
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+import hashlib
+import inspect
 import json
 import math
 import os
 import re
 import shutil
 import socket
+import sys
+import sysconfig
 import threading
+import types
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -385,6 +393,7 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
             "keywords": {k: describe(v, depth + 1, _within) for k, v in value.keywords.items()},
         }
     if isinstance(value, type):
+        _note_code(value)
         return _qualified(value)
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         import hashlib
@@ -407,6 +416,7 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
         fields = {k.lstrip("_"): describe(v, depth + 1, _within) for k, v in vars(value).items()}
         return {"class": _qualified(type(value)), **fields}
     if dataclasses.is_dataclass(value):
+        _note_code(type(value))
         fields = {
             f.name: describe(getattr(value, f.name, None), depth + 1, _within)
             for f in dataclasses.fields(value)
@@ -417,9 +427,11 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
         cells = getattr(value, "__closure__", None) or ()
         captured = [describe(c.cell_contents, depth + 1, _within) for c in cells if _filled(c)]
         name = _qualified(value)
+        _note_code(value)
         return {"function": name, "captured": captured} if captured else name
     if hasattr(value, "name") and isinstance(value.name, str):  # e.g. a NumPy dtype
         return value.name
+    _note_code(type(value))
     return f"<{_qualified(type(value))}>"
 
 
@@ -440,6 +452,74 @@ def _qualified(obj) -> str:
     module = getattr(obj, "__module__", None)
     name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", repr(obj))
     return f"{module}.{name}" if module else name
+
+
+_CODE = contextvars.ContextVar("jcnn_run_folder_code", default=None)
+"""While :func:`run_record` describes a run: the digests of the researcher's own code met so far,
+``{qualified name: [digest, ...]}``."""
+
+_LIBRARY_PATHS = tuple(
+    {
+        os.path.realpath(sysconfig.get_paths()[name]) + os.sep
+        for name in ("stdlib", "purelib", "platlib")
+    }
+)
+
+
+def _note_code(value) -> None:
+    """Record the digest of ``value``'s code (a function's, or a class's own methods') when it is
+    the researcher's own: not jcnn's, nor the standard library's or an installed package's."""
+    codes = _CODE.get()
+    if codes is None or not _is_own(value):
+        return
+    if isinstance(value, type):
+        for base in value.__bases__:
+            _note_code(base)
+        members = [getattr(m, "__func__", m) for _, m in sorted(vars(value).items())]
+        functions = [inspect.unwrap(m) for m in members if callable(m)]
+        # the methods written in the class, not those dataclasses and Flax generate
+        prefix = value.__qualname__ + "."
+        functions = [f for f in functions if getattr(f, "__qualname__", "").startswith(prefix)]
+    else:
+        functions = [inspect.unwrap(value)]
+    functions = [f for f in functions if isinstance(getattr(f, "__code__", None), types.CodeType)]
+    if not functions:
+        return
+    digest = hashlib.sha256()
+    for function in functions:
+        _feed_code(digest, function.__code__)
+        defaults = [function.__defaults__, function.__kwdefaults__]
+        digest.update(json.dumps(describe(defaults), sort_keys=True).encode())
+    entry = f"{sys.implementation.cache_tag} sha256:{digest.hexdigest()[:16]}"
+    digests = codes.setdefault(_qualified(value), [])
+    if entry not in digests:
+        digests.append(entry)
+        digests.sort()
+
+
+def _is_own(value) -> bool:
+    module = sys.modules.get(getattr(value, "__module__", None) or "")
+    if module is None or module.__name__.split(".")[0] == "jcnn":
+        return False
+    path = getattr(module, "__file__", None)
+    return path is None or not os.path.realpath(path).startswith(_LIBRARY_PATHS)
+
+
+def _feed_code(digest, code: types.CodeType) -> None:
+    """What a function computes, for :func:`_note_code`: its bytecode, the names it reads and its
+    constants (nested functions' too); not its line numbers, local names or docstring."""
+    digest.update(code.co_code)
+    digest.update(repr(code.co_names).encode())
+    constants = code.co_consts
+    if not code.co_name.startswith("<") and constants and isinstance(constants[0], str):
+        constants = constants[1:]  # the docstring
+    for constant in constants:
+        if isinstance(constant, types.CodeType):
+            _feed_code(digest, constant)
+        elif isinstance(constant, frozenset):  # in an order that does not depend on the process
+            digest.update(repr(sorted(map(repr, constant))).encode())
+        else:
+            digest.update(repr(constant).encode())
 
 
 def _describe_loader(loader) -> dict | None:
@@ -493,13 +573,21 @@ def run_record(
     """The plain-JSON record of a run that ``config.json`` holds (see the module docstring)."""
     from jcnn import __version__
 
-    record = {
-        "jcnn_version": __version__,
-        "train": {f.name: describe(getattr(config, f.name)) for f in dataclasses.fields(config)},
-        "model": describe(model) if model is not None else None,
-        "train_loader": _describe_loader(train_loader),
-        "settings": describe(dict(settings or {})),
-    }
+    codes = {}
+    token = _CODE.set(codes)
+    try:
+        record = {
+            "jcnn_version": __version__,
+            "train": {
+                f.name: describe(getattr(config, f.name)) for f in dataclasses.fields(config)
+            },
+            "model": describe(model) if model is not None else None,
+            "train_loader": _describe_loader(train_loader),
+            "settings": describe(dict(settings or {})),
+        }
+    finally:
+        _CODE.reset(token)
+    record["code"] = dict(sorted(codes.items()))
     return json.loads(json.dumps(record))  # exactly what config.json will give back
 
 
@@ -606,7 +694,10 @@ def _flatten(record, prefix="") -> dict[str, Any]:
 
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``[(setting, in old, in new)]`` for every entry of two records that may not differ on
-    resume (absent entries show as ``"(absent)"``)."""
+    resume (absent entries show as ``"(absent)"``). The code of the researcher's own functions
+    (``code``) is compared where both records hold a digest made by the same Python version."""
+    old, new = dict(old), dict(new)
+    code = _code_differences(old.pop("code", None) or {}, new.pop("code", None) or {})
     flat_old, flat_new = _flatten(old), _flatten(new)
     tables_old = {name for key in flat_old for name in _parents(key)}
     tables_new = {name for key in flat_new for name in _parents(key)}
@@ -635,6 +726,20 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
         if key in LENGTH_SETTINGS and _length_free(new.get("train", {})):
             continue
         found.append((key, before, after))
+    return found + code
+
+
+def _code_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``[("code of NAME", digests in old, digests in new)]`` for the functions and classes both
+    records name whose code differs. A function only one record names differs in a setting
+    already; a digest from another Python version (its bytecode differs) tells nothing."""
+    found = []
+    for name in sorted(old.keys() & new.keys()):
+        before, after = old[name], new[name]
+        versions = {entry.split(" ")[0] for entry in [*before, *after]}
+        if before != after and len(versions) == 1:
+            shown = [", ".join(entry.split(" ")[1] for entry in side) for side in (before, after)]
+            found.append((f"code of {name}", *shown))
     return found
 
 

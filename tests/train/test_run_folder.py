@@ -578,6 +578,119 @@ def test_describe_names_a_closure_that_captures_itself():
     }
 
 
+_OWN_CODE = """
+import jax.numpy as jnp
+import flax.linen as nn
+
+def scale(x, k=2.0):
+    "Scales x."
+    return x * k
+
+loss = lambda logits, labels: scale(logits)[:, 0]
+
+def in_set(name):
+    return name in {"alpha", "beta", "gamma", "delta", "epsilon"}
+
+class Model(nn.Module):
+    width: int = 3
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dense(self.width)(jnp.mean(x, axis=(1, 2)))
+"""
+
+
+def _own_module(monkeypatch, tmp_path, source):
+    """``source`` as the researcher's module ``own_study`` (a file of theirs, not a package)."""
+    path = tmp_path / "own_study.py"
+    path.write_text(source)
+    module = type(sys)("own_study")
+    module.__file__ = str(path)
+    monkeypatch.setitem(sys.modules, "own_study", module)
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module
+
+
+def _own_record(monkeypatch, tmp_path, source):
+    module = _own_module(monkeypatch, tmp_path, source)
+    config = TrainConfig(progress=False, loss=module.loss)
+    return run_folder.run_record(config, module.Model(), settings={"transform": module.scale})
+
+
+def test_the_code_of_the_researchers_own_functions_and_model_is_compared(monkeypatch, tmp_path):
+    # config.json named functions only: a resume with an edited lambda, an edited function of the
+    # same name, another default argument or an edited model class recorded the same and resumed
+    old = _own_record(monkeypatch, tmp_path, _OWN_CODE)
+    # jcnn's, jax's and flax's own code is not digested
+    assert set(old["code"]) == {"own_study.<lambda>", "own_study.scale", "own_study.Model"}
+    unchanged = [
+        _OWN_CODE,
+        _OWN_CODE.replace('"Scales x."', '"Multiplies x by k."  # a comment'),
+        _OWN_CODE.replace("(x, k=2.0)", "(values, k=2.0)").replace("x * k", "values * k"),
+        "# moved down\n\n\n" + _OWN_CODE,
+    ]
+    for source in unchanged:
+        assert run_folder.differences(old, _own_record(monkeypatch, tmp_path, source)) == []
+    edits = {
+        "own_study.scale": [("k=2.0", "k=3.0"), ("x * k", "x + k")],
+        "own_study.<lambda>": [("[:, 0]", "[:, 1]"), ("scale(logits)", "scale(-logits)")],
+        "own_study.Model": [("jnp.mean(x", "jnp.max(x"), ("axis=(1, 2)", "axis=(2, 1)")],
+    }
+    for owner, replacements in edits.items():
+        for before, after in replacements:
+            new = _own_record(monkeypatch, tmp_path, _OWN_CODE.replace(before, after))
+            (found,) = run_folder.differences(old, new)
+            assert found[0] == f"code of {owner}", (before, after)
+            assert re.fullmatch(r"sha256:[0-9a-f]{16}", found[1]) and found[1] != found[2]
+    # a record from before digests, or from another Python version, compares names only
+    older = {key: value for key, value in old.items() if key != "code"}
+    edited = _own_record(monkeypatch, tmp_path, _OWN_CODE.replace("x * k", "x + k"))
+    assert run_folder.differences(older, edited) == []
+    other_python = json.loads(json.dumps(old).replace(sys.implementation.cache_tag, "cpython-399"))
+    assert run_folder.differences(other_python, edited) == []
+
+
+def test_the_code_digest_is_the_same_in_every_process(monkeypatch, tmp_path):
+    # a set literal compiles to a frozenset constant, whose order depends on the process's hash seed
+    module = _own_module(monkeypatch, tmp_path, _OWN_CODE)
+    ours = run_folder.run_record(TrainConfig(progress=False), settings={"keep": module.in_set})
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import own_study
+        from jcnn.train import TrainConfig, run_folder
+        settings = {{"keep": own_study.in_set}}
+        record = run_folder.run_record(TrainConfig(progress=False), settings=settings)
+        print(json.dumps(record["code"]))
+        """
+    )
+    environment = {**os.environ, "PYTHONHASHSEED": "12345"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ours["code"] != {}
+
+
+def test_a_resume_with_an_edited_loss_is_refused(run):
+    def loss(logits, labels):
+        return jnp.mean(logits**2, axis=-1)
+
+    def edited(logits, labels):
+        return jnp.mean(logits**4, axis=-1)
+
+    edited.__qualname__ = loss.__qualname__
+    settings = {"dataset": "toy", "data_dir": "/a"}
+    shutil.rmtree(run)
+    fit(Net(), _loader(), None, _config(run, loss=loss), settings=settings)
+    before = _snapshot(run)
+    with pytest.raises(RunFolderError, match=r"code of .*\.loss: sha256:\w+ in the run"):
+        fit(Net(), _loader(), None, _config(run, resume=True, loss=edited), settings=settings)
+    assert _snapshot(run) == before
+    fit(Net(), _loader(), None, _config(run, resume=True, epochs=2, loss=loss), settings=settings)
+
+
 def test_resume_and_overwrite_need_a_folder_and_a_resume_cannot_shrink_the_run(run):
     for flag in ("resume", "overwrite"):
         with pytest.raises(ValueError, match="config.resume, config.overwrite"):
