@@ -174,10 +174,13 @@ class Standardize:
                 f"train_images: expected images of non-zero H, W and C, got shape "
                 f"{tuple(train_images.shape)}"
             )
-        if train_images.shape[0] < 2:
+        # per channel, the pixels of one image are a sample; the other modes' statistics are
+        # across images
+        fewest = 1 if mode in ("per_channel", "center") else 2
+        if train_images.shape[0] < fewest:
             raise ValueError(
-                f"train_images: expected at least 2 images to fit statistics, got "
-                f"{train_images.shape[0]}"
+                f"train_images: expected at least {fewest} image{'s' * (fewest > 1)} to fit "
+                f"mode={mode!r} statistics, got {train_images.shape[0]}"
             )
         if mode != "pca" and num_components is not None:
             raise ValueError(f"num_components: only meaningful for mode='pca', got mode={mode!r}")

@@ -318,6 +318,28 @@ def test_fitting_images_of_zero_size_is_refused(shape):
         Standardize.fit(np.zeros(shape, np.uint8))
 
 
+@pytest.mark.parametrize("mode", ["per_channel", "center"])
+def test_per_channel_statistics_fit_one_image(mode):
+    # one image was refused ("expected at least 2 images"), though its pixels are the sample of a
+    # channel's mean and std
+    image = np.random.default_rng(3).normal(5.0, 3.0, (1, 7, 5, 2))
+    stats = Standardize.fit(image, mode=mode)
+    np.testing.assert_allclose(stats.mean, image.mean((0, 1, 2)), rtol=1e-6)
+    expected = image.std((0, 1, 2)) if mode == "per_channel" else np.ones(2)
+    np.testing.assert_allclose(stats.scale, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"train_images: expected at least 1 image to fit"):
+        Standardize.fit(image[:0], mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["mean_image", "pca", "zca"])
+def test_statistics_across_images_need_two(mode):
+    image = np.random.default_rng(3).normal(5.0, 3.0, (1, 3, 3, 2))
+    with pytest.raises(
+        ValueError, match=f"train_images: expected at least 2 images to fit mode='{mode}'"
+    ):
+        Standardize.fit(image, mode=mode)
+
+
 @pytest.mark.parametrize("mode", ["per_channel", "center", "mean_image", "pca", "zca"])
 def test_float64_images_under_x64_are_standardized_in_float64(mode):
     # float64 statistics were rounded to float32 and float64 images standardized in float32
