@@ -477,9 +477,15 @@ def _note_code(value) -> None:
             _note_code(base)
         members = [getattr(m, "__func__", m) for _, m in sorted(vars(value).items())]
         functions = [inspect.unwrap(m) for m in members if callable(m)]
-        # the methods written in the class, not those dataclasses and Flax generate
+        # the methods written in the class, not those dataclasses generate (``exec``'d from a
+        # "<string>": they change with the Python and Flax versions, not with the researcher)
         prefix = value.__qualname__ + "."
-        functions = [f for f in functions if getattr(f, "__qualname__", "").startswith(prefix)]
+        functions = [
+            f
+            for f in functions
+            if getattr(f, "__qualname__", "").startswith(prefix)
+            and getattr(getattr(f, "__code__", None), "co_filename", "<string>") != "<string>"
+        ]
     else:
         functions = [inspect.unwrap(value)]
     functions = [f for f in functions if isinstance(getattr(f, "__code__", None), types.CodeType)]
