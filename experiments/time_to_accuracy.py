@@ -263,6 +263,27 @@ def goal_verdict(name: str, accuracies: list, walls: list) -> str:
     return "Goals: " + "; ".join(parts) + "."
 
 
+def _seeds(args, name: str) -> list:
+    """The seeds this script trains recipe ``name`` with."""
+    if args.seeds is not None:
+        return args.seeds
+    return [0] if args.quick else ([0, 1, 2, 3, 4] if name == "mnist99" else [])
+
+
+def _check_distinct_seeds(runs: list, planned: dict) -> None:
+    """A ``SystemExit`` where a recipe would have two runs of one seed (two ``--from-runs`` folders,
+    or a folder and ``--seeds``): the goals count runs with different seeds, and the same seed
+    twice is one run counted twice."""
+    for name in dict.fromkeys([*(run["recipe"] for run in runs), *planned]):
+        seeds = [run["seed"] for run in runs if run["recipe"] == name] + planned.get(name, [])
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            raise SystemExit(
+                f"--from-runs/--seeds: {name} seed(s) {', '.join(map(str, repeated))} twice or "
+                "more (the goals count runs with different seeds); give each seed once"
+            )
+
+
 def main(argv=None):
     args = parse_args(argv)
     page = _common.Page("time_to_accuracy", "Time to accuracy: airbench94 and mnist99", args)
@@ -272,16 +293,15 @@ def main(argv=None):
     names = (
         ["mnist99"] if args.quick and args.recipes == ["airbench94", "mnist99"] else args.recipes
     )
+    planned = {name: _seeds(args, name) for name in names}
+    _check_distinct_seeds(runs, planned)
     # a dataset missing for a later recipe failed after the earlier ones had trained (an hour a
     # run of airbench94), with a traceback: every one is read once before the first run
     for name in names:
         for split in ("train", "test"):
             _common.load(args, DATASETS[name], split, 1)
     for name in names:
-        seeds = args.seeds
-        if seeds is None:
-            seeds = [0] if args.quick else ([0, 1, 2, 3, 4] if name == "mnist99" else [])
-        for seed in seeds:
+        for seed in planned[name]:
             runs.append(train_one(args, name, seed))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -201,3 +201,24 @@ def test_a_resumed_run_has_no_wall_time_and_the_time_goal_is_not_judged(script, 
     verdict = script.goal_verdict("mnist99", [0.991, 0.992], [9.0, None])
     assert "per run: not measured (1 of 2 run(s) without a wall time" in verdict
     assert "**met** (slowest" in script.goal_verdict("mnist99", [0.991], [9.0])
+
+
+def test_two_runs_of_one_seed_are_refused_before_any_run(script, tmp_path, monkeypatch):
+    # two --from-runs folders of one seed, or a folder and --seeds with its seed, were counted as
+    # two runs towards "at least 3 runs with different seeds"
+    def train_one(*args, **kwargs):
+        raise AssertionError("a recipe ran before the seeds were checked")
+
+    monkeypatch.setattr(script, "train_one", train_one)
+    first, second = _run_folder(tmp_path / "a", seed=3), _run_folder(tmp_path / "b", seed=3)
+    out = tmp_path / "out"
+    for argv in (
+        ["--from-runs", str(first), str(second)],
+        ["--from-runs", str(first), "--recipes", "mnist99", "--seeds", "1", "3"],
+    ):
+        with pytest.raises(SystemExit, match=r"mnist99 seed\(s\) 3 twice or more"):
+            script.main([*argv, "--out", str(out)])
+    assert not out.exists()
+    other = _run_folder(tmp_path / "c", recipe="airbench94", seed=3)
+    script.main(["--from-runs", str(first), str(other), "--out", str(out)])
+    assert (out / "time_to_accuracy.md").exists()
