@@ -162,6 +162,7 @@ def from_run_folder(folder: Path) -> dict:
                 f"expected one on all of {DATASETS[recipe['name']]} (the published figures are "
                 "for it)"
             )
+        _check_length(folder, recipe, summary, record)
         resumed = "--resume" in str(summary.get("command", "")).split()
         run = {
             "recipe": recipe["name"],
@@ -183,6 +184,30 @@ def from_run_folder(folder: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         reason = f"{type(error).__name__}: {error}"
         raise SystemExit(f"--from-runs {folder}: unreadable run record ({reason})") from None
+
+
+def _check_length(folder: Path, recipe: dict, summary: dict, record: dict) -> None:
+    """A ``SystemExit`` for a run shorter or longer than its recipe (``jcnn-train --recipe NAME
+    --epochs N``), or one that stopped before its last step: it was counted towards the recipe's
+    mean and goals beside the published figures. Records without the step counts pass."""
+    name, steps = recipe["name"], recipe.get("steps")
+    per_epoch = (record.get("train_loader") or {}).get("batches_per_epoch")
+    epochs = recipes.RECIPES_BY_NAME[name].epochs
+    if isinstance(steps, int) and isinstance(per_epoch, int) and per_epoch > 0:
+        # the recipe's own length, as recipes.prepare counts it
+        expected = max(1, math.ceil(round(epochs * per_epoch, 9)))
+        if steps != expected:
+            raise SystemExit(
+                f"--from-runs {folder}: a run of {name} for {steps} steps (--epochs), expected "
+                f"its own {epochs:g} epochs ({expected} steps of {per_epoch}; the published "
+                "figures are for them)"
+            )
+    trained = summary.get("steps")
+    if isinstance(steps, int) and isinstance(trained, int) and trained < steps:
+        raise SystemExit(
+            f"--from-runs {folder}: a run of {name} that stopped after {trained} of its {steps} "
+            "steps, expected a finished one"
+        )
 
 
 def epoch_fractions(history: list, steps_per_epoch) -> list | None:

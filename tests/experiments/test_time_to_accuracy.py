@@ -222,3 +222,28 @@ def test_two_runs_of_one_seed_are_refused_before_any_run(script, tmp_path, monke
     other = _run_folder(tmp_path / "c", recipe="airbench94", seed=3)
     script.main(["--from-runs", str(first), str(other), "--out", str(out)])
     assert (out / "time_to_accuracy.md").exists()
+
+
+@pytest.mark.parametrize(
+    "steps, trained, says",
+    [
+        (47, 47, "for 47 steps \\(--epochs\\), expected its own 1.2 epochs \\(563 steps of 469"),
+        (563, 400, "stopped after 400 of its 563 steps"),
+    ],
+)
+def test_a_run_of_another_length_or_unfinished_is_refused(script, tmp_path, steps, trained, says):
+    # jcnn-train --recipe mnist99 --epochs 1 (or a run stopped early) was counted towards
+    # mnist99's mean and goals beside the published figures
+    run = _run_folder(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["settings"]["recipe"]["steps"] = steps
+    config["train_loader"] = {"batches_per_epoch": 469}
+    (run / "config.json").write_text(json.dumps(config))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "steps": trained}))
+    with pytest.raises(SystemExit, match=says):
+        script.from_run_folder(run)
+    config["settings"]["recipe"]["steps"] = 563
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "summary.json").write_text(json.dumps({**summary, "steps": 563}))
+    assert script.from_run_folder(run)["accuracy"] == 0.991
