@@ -17,7 +17,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 import jax
 import jax.numpy as jnp
@@ -158,7 +158,7 @@ def _check_weights(weights, count: int) -> tuple[float, ...]:
     if weights is None:
         return (1.0 / count,) * count
     if (
-        isinstance(weights, (str, bytes))
+        isinstance(weights, (str, bytes, Mapping, Set))  # a mapping's keys, a set's hash order
         or not isinstance(weights, Iterable)
         or getattr(weights, "ndim", None) == 0
     ):

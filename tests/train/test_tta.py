@@ -233,7 +233,8 @@ def test_0d_jax_shifts_are_ints_and_a_scalar_weights_is_named():
     )
     views = flip_translate_views(shifts=((jnp.int32(1), 0),))
     np.testing.assert_array_equal(views[0](images), translate_batch(images, 1, 0))
-    for weights in (2.0, jnp.float32(2.0), "12"):
+    # a dict gave its keys as the weights, a set its hash order
+    for weights in (2.0, jnp.float32(2.0), "12", {1.0: "mirror", 2.0: "plain"}, {1.0, 3.0}):
         with pytest.raises(
             TypeError, match=r"weights: expected one positive weight per view \(2\)"
         ):
