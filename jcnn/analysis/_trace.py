@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import re
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -54,6 +56,12 @@ class LayerCall:
     # module that calls others) was made outside the layers by an operation that mixes positions
     pointwise: bool = True
     consumers: list[int] = dataclasses.field(default_factory=list)
+    # the multiply-adds of the matrix products and convolutions the call's own code computes from
+    # the model's input, not counting the modules it calls (an attention's QK^T, a Gram matrix);
+    # None where one runs inside a loop or branch, or convolves an input-dilated array
+    products: int | None = 0
+    # what they are: "matmul", "conv"
+    product_kinds: set[str] = dataclasses.field(default_factory=set)
 
 
 def accepts_train(model: nn.Module) -> bool:
@@ -192,7 +200,8 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
         if is_wrapper:
             wrappers.append((path, context.module))
         try:
-            y = next_fun(*args, **kwargs)
+            with jax.named_scope(f"{_MARK}call-{call.index}"):  # its products say whose they are
+                y = next_fun(*args, **kwargs)
         finally:
             stack.pop()
             inputs.pop()
@@ -224,6 +233,7 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
     alive.clear()
     _check_pointwise(calls, program.jaxpr)
     _mark_branches(calls, program.jaxpr)
+    _count_products(calls, program.jaxpr)
     return calls, variables
 
 
@@ -370,6 +380,63 @@ def _mark_branches(calls: list[LayerCall], jaxpr, inside: bool = False) -> None:
                 sub = getattr(sub, "jaxpr", sub)
                 if isinstance(sub, jax_core.Jaxpr):
                     _mark_branches(calls, sub, branching)
+
+
+_CALL_SCOPE = re.compile(re.escape(_MARK) + r"call-(\d+)")
+
+
+def _count_products(calls: list[LayerCall], jaxpr) -> None:
+    """Set each call's ``products`` and ``product_kinds`` from the matrix products and
+    convolutions of the traced program computed from the model's input (not the initializers'),
+    given to the innermost call whose scope they ran in."""
+    dependent: set = set()
+    _dependent(jaxpr, [True] * len(jaxpr.invars), dependent)
+
+    def add(index: int, kind: str, macs: int | None) -> None:
+        call = calls[index]
+        call.product_kinds.add(kind)
+        call.products = None if call.products is None or macs is None else call.products + macs
+
+    def visit(program, outer: str, looped: bool) -> None:
+        for eqn in program.eqns:
+            scope = f"{outer}/{eqn.source_info.name_stack}"
+            reads_input = looped or any(
+                isinstance(v, jax_core.Var) and v in dependent for v in eqn.invars
+            )
+            body = _body(eqn)
+            if body is not None:
+                visit(body, scope, looped)
+                continue
+            kind = _PRODUCTS.get(eqn.primitive.name)
+            owners = _CALL_SCOPE.findall(scope)
+            if kind is not None and reads_input and owners:
+                add(int(owners[-1]), kind, None if looped else _multiply_adds(eqn))
+            for value in eqn.params.values():  # a scan's, loop's or branch's body
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if isinstance(sub, jax_core.Jaxpr) and reads_input:
+                        visit(sub, scope, True)
+
+    visit(jaxpr, "", False)
+
+
+_PRODUCTS = {"dot_general": "matmul", "conv_general_dilated": "conv"}
+
+
+def _multiply_adds(eqn) -> int | None:
+    """Multiply-adds of a ``dot_general`` or ``conv_general_dilated`` equation: each output value
+    sums over the contracted axes (a conv: its window and input channels per group); None for a
+    conv over an input-dilated array, whose products with the inserted zeros are not computed
+    work."""
+    out = math.prod(eqn.outvars[0].aval.shape)
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    if eqn.primitive.name == "dot_general":
+        (contracting, _), _ = eqn.params["dimension_numbers"]
+        return out * math.prod(lhs[axis] for axis in contracting)
+    if any(d != 1 for d in eqn.params["lhs_dilation"]):
+        return None
+    out_features = eqn.params["dimension_numbers"].rhs_spec[0]
+    return out * math.prod(rhs) // rhs[out_features]
 
 
 def subtree(variables, collection: str, path: Sequence[str]):

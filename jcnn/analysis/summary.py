@@ -210,13 +210,16 @@ class LayerRow:
     Attributes:
       name: the module's path (``layer1_0/conv1``).
       layer: its type and main attributes (``Conv(20, k=5, s=1, p=2)``); for the parameters a
-        composite module holds itself, its type and their names (``ConvNeXtBlock(layer_scale)``).
+        composite module holds itself, its type and their names (``ConvNeXtBlock(layer_scale)``),
+        and for the products its own code computes between its layers, its type and their kinds
+        (``NonLocal(matmul)``).
       input_shape, output_shape: channels-last shapes with the batch axis.
       weight_shape: shape of ``kernel`` (conv HWIO, dense ``(in, out)``) or of the first parameter,
         ``None`` for parameter-free layers.
       params: number of parameters of the layer (0 on the later calls of a shared layer).
       macs: multiply-adds for the whole batch, ``None`` for a layer with parameters whose type
-        ``summary`` does not know, and for a layer inside ``nn.scan`` or ``nn.vmap`` (run once in
+        ``summary`` does not know, for products computed inside a loop or branch, and for a
+        layer inside ``nn.scan`` or ``nn.vmap`` (run once in
         the trace, not once per step or slice), ``nn.cond``/``nn.switch``/``nn.while_loop``
         (every branch traced, one run) or ``nn.map_variables`` (run twice by the initializing
         run): not counted, rather than counted wrong.
@@ -718,17 +721,20 @@ def summary(
             else:
                 macs = _macs(call.module, call)
                 if macs is None and not params:  # a parameter-free layer of its own
-                    macs = 0
+                    macs = call.products
             layer = _describe(call.module)
             position = (call.index, 0, 0)
         else:
             params = _own_params(calls, call, variables)
-            if not params or call.path in counted:
+            if (not params or call.path in counted) and call.products == 0:
                 continue
-            # per-channel scales or shifts act elementwise (no products, as a bias); a matrix
-            # used outside the layers has products this table cannot see
-            macs = 0 if all(len(p.shape) <= 1 for p in jax.tree.leaves(params)) else None
-            layer = f"{type(call.module).__name__}({', '.join(params)})"
+            # per-channel scales or shifts act elementwise (no products, as a bias), beside the
+            # products of its own code (an attention's QK^T); a matrix used outside the layers
+            # has products this table does not attribute
+            per_channel = all(len(p.shape) <= 1 for p in jax.tree.leaves(params))
+            macs = call.products if per_channel else None
+            own = list(params) or sorted(call.product_kinds)
+            layer = f"{type(call.module).__name__}({', '.join(own)})"
             descendants = [
                 c.index for c in calls[call.index + 1 :] if _descends(calls, c, call.index)
             ]

@@ -773,6 +773,71 @@ def test_own_matrices_are_not_counted_and_shared_layers_count_their_parameters_o
     assert table.total_params == 84 and table.total_macs == 2 * 5_184
 
 
+class _Gram(flax_nn.Module):  # no parameters, no layers: a Gram matrix per image
+    def __call__(self, x):
+        features = x.reshape(x.shape[0], -1, x.shape[-1])
+        return jnp.einsum("bnc,bnd->bcd", features, features)
+
+
+class _NonLocal(flax_nn.Module):  # attention between positions, outside its layers
+    @flax_nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        query = nn.Conv(4, 1)(x).reshape(b, h * w, 4)
+        key = nn.Conv(4, 1)(x).reshape(b, h * w, 4)
+        weights = jax.nn.softmax(query @ key.transpose(0, 2, 1))
+        return x + (weights @ x.reshape(b, h * w, c)).reshape(b, h, w, c)
+
+
+def test_products_computed_outside_the_layers_are_counted():
+    # an attention's QK^T and a Gram matrix were counted as 0 (the Gram module) or not at all
+    # (the attention: a module without parameters of its own had no row)
+    class Net(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, 3, padding=1)(x)
+            x = _NonLocal()(_NonLocal()(x))
+            return nn.Dense(3)(_Gram()(x).reshape(x.shape[0], -1))
+
+    n, h, w = 2, 6, 5
+    table = summary(Net(), (n, h, w, 3))
+    rows = {row.name: row for row in table.rows}
+    attention = n * (h * w) ** 2 * 4 + n * (h * w) ** 2 * 8  # QK^T, then the weights times x
+    for name in ("_NonLocal_0", "_NonLocal_1"):
+        assert (rows[name].layer, rows[name].params, rows[name].macs) == (
+            "_NonLocal(matmul)",
+            0,
+            attention,
+        )
+        assert [r.name for r in table.rows].index(name) > [r.name for r in table.rows].index(
+            f"{name}/Conv_1"
+        )  # after its layers
+    assert rows["_Gram_0"].macs == n * 8 * 8 * h * w
+    layers = n * h * w * (8 * 27 + 2 * 2 * 4 * 8) + n * 3 * 64
+    assert table.total_macs == layers + 2 * attention + n * 8 * 8 * h * w
+    assert table.uncounted == ()
+    # the initializers' products (an orthogonal kernel's QR) are not the model's
+    orthogonal = nn.Dense(4, kernel_init=jax.nn.initializers.orthogonal())
+    assert summary(orthogonal, (2, 6)).total_macs == 2 * 4 * 6
+
+
+def test_products_outside_the_layers_inside_a_loop_are_unknown():
+    class Power(flax_nn.Module):  # x (x^T x)^3: three products a loop runs
+        def __call__(self, x):
+            gram = x.T @ x
+            return jax.lax.fori_loop(0, 3, lambda i, y: y @ gram, x)
+
+    class Net(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(Power()(nn.Dense(4)(x)))
+
+    table = summary(Net(), (5, 3))
+    power = next(row for row in table.rows if row.name == "Power_0")
+    assert power.macs is None and table.uncounted == ("Power_0",)
+    assert table.total_macs == 5 * 4 * 3 + 5 * 2 * 4
+
+
 def test_layers_inside_scan_or_vmap_are_unknown_not_undercounted():
     # the trace runs a scanned body once: it reported a quarter of the products of a length-4
     # scan and a receptive field of one step
