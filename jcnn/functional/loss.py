@@ -76,7 +76,8 @@ def cross_entropy(
         logits: floating array ``(..., K)``: class scores on the last axis, e.g. ``(N, K)`` or a
             segmentation map ``(N, H, W, K)``.
         labels: integer classes ``(...)`` in ``[0, K)`` (a label outside that range gives a NaN
-            loss for its example), or floating class probabilities ``(..., K)``.
+            loss for its example), or floating class probabilities ``(..., K)`` (a class of
+            probability 0 adds nothing, even with a ``-inf`` logit).
         label_smoothing: ``eps`` in ``[0, 1]``; a traced 0-d value (to sweep it under ``vmap``)
             is applied unchecked.
         reduction: ``"mean"`` over every example (and position), ``"sum"``, or ``"none"`` for
@@ -113,7 +114,10 @@ def cross_entropy(
         target = labels.astype(log_probs.dtype)
         if smoothing:
             target = (1 - label_smoothing) * target + label_smoothing / num_classes
-        losses = -jnp.sum(target * log_probs, axis=-1)
+        # a class of probability 0 adds nothing, even where its logit is -inf (0 log 0 = 0, the
+        # masked classes of a soft target); elsewhere -target * log_prob as it is, gradients too
+        terms = jnp.where((target == 0) & jnp.isneginf(log_probs), 0, target * log_probs)
+        losses = -jnp.sum(terms, axis=-1)
 
     if reduction == "mean":
         return jnp.mean(losses)

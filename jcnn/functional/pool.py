@@ -417,7 +417,9 @@ def lp_pool(
 
     ``p = 1`` is sum pooling and a large ``p`` approaches max pooling. As in PyTorch, ``x**p`` is
     not ``|x|**p``: a negative sum with a fractional root gives NaN (use non-negative inputs, e.g.
-    after a ReLU, or an even integer ``p``). No padding.
+    after a ReLU, or an even integer ``p``). No padding. A window of zeros has output 0 and, for
+    ``p >= 1``, gradient 0 as in PyTorch; for ``p < 1`` its gradient is NaN, as in PyTorch
+    (``x**p`` has an infinite slope at 0).
 
     Args:
       x: ``(N, *spatial, C)`` floating array.
@@ -448,7 +450,8 @@ def lp_pool(
         "VALID",
     )
     # A window of zeros (after a ReLU, say) has output 0 and, as in PyTorch, gradient 0 rather
-    # than the NaN of the root's infinite slope times the power's zero slope.
+    # than the NaN of the root's infinite slope times the power's zero slope (p >= 1; below 1
+    # the power's own slope at 0 is infinite).
     nonzero = sums != 0
     root = jnp.where(nonzero, jnp.where(nonzero, sums, 1) ** (1.0 / float(p)), 0)
     return root.astype(x.dtype)

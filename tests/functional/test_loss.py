@@ -74,6 +74,31 @@ def test_stable_for_huge_logits(torch, rng):
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_soft_labels_ignore_masked_classes_of_probability_zero(rng, reduction):
+    # a class masked with a -inf logit and given probability 0 made the loss NaN (0 * -inf);
+    # it adds nothing, as if it were not there, values and gradients
+    logits = rng.normal(size=(4, 5)).astype(np.float32)
+    target = rng.dirichlet(np.ones(5), size=4).astype(np.float32)
+    masked = np.insert(logits, 2, -np.inf, axis=1)
+    zero = np.insert(target, 2, 0.0, axis=1)
+    kept = [0, 1, 3, 4, 5]
+
+    def loss(x, t):
+        return jnp.sum(cross_entropy(x, t, reduction=reduction))
+
+    np.testing.assert_allclose(loss(masked, zero), loss(logits, target), rtol=1e-6)
+    grad_logits, grad_target = jax.grad(loss, argnums=(0, 1))(masked, zero)
+    expected_logits, expected_target = jax.grad(loss, argnums=(0, 1))(logits, target)
+    np.testing.assert_allclose(grad_logits[:, kept], expected_logits, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(grad_logits[:, 2], 0.0)
+    np.testing.assert_allclose(grad_target[:, kept], expected_target, rtol=1e-6)
+    # a masked class given probability is impossible: an infinite loss, not a hidden one
+    assert np.isposinf(loss(masked, np.insert(target * 0.9, 2, 0.1, axis=1)))
+    # with label smoothing every class has probability: the masked one's loss is infinite
+    assert np.isposinf(jnp.sum(cross_entropy(masked, zero, label_smoothing=0.1)))
+
+
 def test_low_precision_logits_give_a_float32_loss(rng):
     logits = rng.standard_normal((5, 3)).astype(np.float32)
     labels = jnp.asarray(rng.integers(0, 3, 5))
