@@ -466,12 +466,25 @@ _LIBRARY_PATHS = tuple(
 )
 
 
+_NOTING = contextvars.ContextVar("jcnn_run_folder_noting", default=frozenset())
+"""The ids of the functions and classes :func:`_note_code` is digesting, around the current one (a
+default argument may name its own function, or one whose default names it back)."""
+
+
 def _note_code(value) -> None:
     """Record the digest of ``value``'s code (a function's, or a class's own methods') when it is
     the researcher's own: not jcnn's, nor the standard library's or an installed package's."""
-    codes = _CODE.get()
-    if codes is None or not _is_own(value):
+    codes, noting = _CODE.get(), _NOTING.get()
+    if codes is None or id(value) in noting or not _is_own(value):
         return
+    token = _NOTING.set(noting | {id(value)})
+    try:
+        _digest_code(value, codes)
+    finally:
+        _NOTING.reset(token)
+
+
+def _digest_code(value, codes: dict) -> None:
     if isinstance(value, type):
         for base in value.__bases__:
             _note_code(base)

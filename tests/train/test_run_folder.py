@@ -876,3 +876,35 @@ def test_a_recipe_record_of_the_flags_defaults_resumes_as_the_same_run():
         ("settings.model", "lenet5", "resnet20"),
     ]
     assert [d[0] for d in differences(new, old)] == ["settings.batch_size", "settings.model"]
+
+
+def test_code_whose_default_arguments_name_it_back_is_recorded(monkeypatch, tmp_path):
+    # a default argument naming its own function, a pair naming each other, or a method's default
+    # naming its class: the digest recursed until RecursionError
+    source = textwrap.dedent(
+        """
+        def own(x, again=None):
+            return x
+
+        def first(x, other=None):
+            return x
+
+        def second(x, other=first):
+            return x
+
+        class Net:
+            def make(self, kind=None):
+                return kind
+
+        own.__defaults__ = (own,)
+        first.__defaults__ = (second,)
+        Net.make.__defaults__ = (Net,)
+        """
+    )
+    module = _own_module(monkeypatch, tmp_path, source)
+    settings = {"a": module.own, "b": module.first, "c": module.Net}
+    record = run_folder.run_record(TrainConfig(progress=False), settings=settings)
+    names = {"own_study.own", "own_study.first", "own_study.second", "own_study.Net"}
+    assert set(record["code"]) == names
+    again = run_folder.run_record(TrainConfig(progress=False), settings=settings)
+    assert run_folder.differences(record, again) == []
