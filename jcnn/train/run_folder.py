@@ -531,7 +531,9 @@ def _feed_code(digest, code: types.CodeType) -> None:
     digest.update(repr(code.co_names).encode())
     constants = code.co_consts
     if not code.co_name.startswith("<") and constants and isinstance(constants[0], str):
-        constants = constants[1:]  # the docstring
+        # the docstring, in the slot a function without one fills with None (so adding or
+        # removing a docstring changes nothing)
+        constants = (None, *constants[1:])
     for constant in constants:
         if isinstance(constant, types.CodeType):
             _feed_code(digest, constant)

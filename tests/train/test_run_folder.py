@@ -908,3 +908,16 @@ def test_code_whose_default_arguments_name_it_back_is_recorded(monkeypatch, tmp_
     assert set(record["code"]) == names
     again = run_folder.run_record(TrainConfig(progress=False), settings=settings)
     assert run_folder.differences(record, again) == []
+
+
+def test_adding_or_removing_a_docstring_keeps_the_code_digest(monkeypatch, tmp_path):
+    # a docstring added to a function, a nested function or a model's method refused the resume
+    old = _own_record(monkeypatch, tmp_path, _OWN_CODE.replace('    "Scales x."\n', ""))
+    documented = _OWN_CODE.replace(
+        "def __call__(self, x, train: bool):\n",
+        'def __call__(self, x, train: bool):\n        """The logits."""\n',
+    )
+    assert run_folder.differences(old, _own_record(monkeypatch, tmp_path, documented)) == []
+    # a string the function returns is still its code
+    edited = _OWN_CODE.replace('    "Scales x."\n', '    return "x"\n')
+    assert [k for k, _, _ in run_folder.differences(old, _own_record(monkeypatch, tmp_path, edited))]
