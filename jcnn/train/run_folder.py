@@ -488,7 +488,17 @@ def _digest_code(value, codes: dict) -> None:
     if isinstance(value, type):
         for base in value.__bases__:
             _note_code(base)
-        members = [getattr(m, "__func__", m) for _, m in sorted(vars(value).items())]
+        members = []
+        for _, member in sorted(vars(value).items()):
+            wrapped = getattr(member, "wrapped", None)  # how Flax wraps a Module's descriptors
+            if isinstance(wrapped, (property, functools.cached_property)):
+                member = wrapped
+            if isinstance(member, property):  # its getter, setter and deleter
+                members += [f for f in (member.fget, member.fset, member.fdel) if f is not None]
+            elif isinstance(member, functools.cached_property):
+                members.append(member.func)
+            else:
+                members.append(getattr(member, "__func__", member))
         functions = [inspect.unwrap(m) for m in members if callable(m)]
         # the methods written in the class, not those dataclasses generate (``exec``'d from a
         # "<string>": they change with the Python and Flax versions, not with the researcher)

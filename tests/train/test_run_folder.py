@@ -921,3 +921,19 @@ def test_adding_or_removing_a_docstring_keeps_the_code_digest(monkeypatch, tmp_p
     # a string the function returns is still its code
     edited = _OWN_CODE.replace('    "Scales x."\n', '    return "x"\n')
     assert [k for k, _, _ in run_folder.differences(old, _own_record(monkeypatch, tmp_path, edited))]
+
+
+def test_an_edited_property_of_the_model_is_refused(monkeypatch, tmp_path):
+    # a property's getter is code of the class, like a method; it was left out of the digest
+    source = _OWN_CODE.replace(
+        "    @nn.compact\n",
+        "    @property\n    def features(self):\n        return self.width * 1\n\n"
+        "    @functools.cached_property\n    def scale(self):\n        return 1.0\n\n"
+        "    @nn.compact\n",
+    ).replace("nn.Dense(self.width)", "nn.Dense(self.features)")
+    source = "import functools\n" + source
+    old = _own_record(monkeypatch, tmp_path, source)
+    assert run_folder.differences(old, _own_record(monkeypatch, tmp_path, source)) == []
+    for before, after in [("self.width * 1", "self.width * 2"), ("return 1.0", "return 2.0")]:
+        new = _own_record(monkeypatch, tmp_path, source.replace(before, after))
+        assert [key for key, _, _ in run_folder.differences(old, new)] == ["code of own_study.Model"]
