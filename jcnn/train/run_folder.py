@@ -11,8 +11,8 @@
   ``jcnn.data.Loader`` holds, so a resume on other data is refused), the caller's ``settings``
   (``jcnn-train`` adds the dataset, data directory, ``--limit-train``, ``--augment`` and the
   standardization statistics), the jcnn version, and a digest of the code of the researcher's own
-  functions and model classes among them (``code``: not jcnn's, nor an installed package's), so a
-  resume with an edited loss or model is refused. It is saved as ``config.json``.
+  functions and model classes among them and those their code names (``code``: not jcnn's, nor an
+  installed package's), so a resume with an edited loss, model or submodule is refused. It is saved as ``config.json``.
 - **Resume into the same run only.** :func:`check_start` refuses a resume whose record differs
   from the folder's ``config.json`` (naming each differing setting, old and new), a resume of a
   folder without checkpoints, and a new run into a folder that already holds one unless
@@ -524,6 +524,23 @@ def _digest_code(value, codes: dict) -> None:
     if entry not in digests:
         digests.append(entry)
         digests.sort()
+    # the researcher's functions and classes this code names (a model's submodules, a loss's
+    # helper): an edit of theirs changes the run as much
+    for function in functions:
+        scope = getattr(function, "__globals__", None) or {}
+        for name in sorted(_names_read(function.__code__)):
+            named = scope.get(name)
+            if isinstance(named, (type, types.FunctionType)) or hasattr(named, "__wrapped__"):
+                _note_code(named)
+
+
+def _names_read(code: types.CodeType) -> set[str]:
+    """The global (and attribute) names ``code`` and the functions nested in it read."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _names_read(constant)
+    return names
 
 
 def _is_own(value) -> bool:

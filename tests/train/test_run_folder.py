@@ -937,3 +937,45 @@ def test_an_edited_property_of_the_model_is_refused(monkeypatch, tmp_path):
     for before, after in [("self.width * 1", "self.width * 2"), ("return 1.0", "return 2.0")]:
         new = _own_record(monkeypatch, tmp_path, source.replace(before, after))
         assert [key for key, _, _ in run_folder.differences(old, new)] == ["code of own_study.Model"]
+
+
+_SUBMODULE_CODE = """
+import jax.numpy as jnp
+import flax.linen as nn
+
+def helper(logits):
+    return logits[:, 0]
+
+loss = lambda logits, labels: helper(logits) ** 2
+
+class Block(nn.Module):
+    width: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.width)(x)
+
+class Model(nn.Module):
+    def setup(self):
+        self.block = Block(3)
+
+    def __call__(self, x, train: bool):
+        return self.block(jnp.mean(x, axis=(1, 2)))
+"""
+
+
+def test_an_edited_submodule_or_helper_of_the_researchers_code_is_refused(monkeypatch, tmp_path):
+    # the model's own submodule classes and the functions a loss calls were not digested: only
+    # the classes and functions named in the configuration
+    def record(source):
+        module = _own_module(monkeypatch, tmp_path, source)
+        return run_folder.run_record(TrainConfig(progress=False, loss=module.loss), module.Model())
+
+    old = record(_SUBMODULE_CODE)
+    assert {"own_study.Block", "own_study.helper"} <= set(old["code"])
+    assert run_folder.differences(old, record(_SUBMODULE_CODE)) == []
+    edits = {"own_study.Block": ("(self.width)(x)", "(self.width)(2 * x)"),
+             "own_study.helper": ("[:, 0]", "[:, 1]")}
+    for owner, (before, after) in edits.items():
+        new = record(_SUBMODULE_CODE.replace(before, after))
+        assert [key for key, _, _ in run_folder.differences(old, new)] == [f"code of {owner}"]
