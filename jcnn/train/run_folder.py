@@ -500,14 +500,13 @@ def _digest_code(value, codes: dict) -> None:
             else:
                 members.append(getattr(member, "__func__", member))
         functions = [inspect.unwrap(m) for m in members if callable(m)]
-        # the methods written in the class, not those dataclasses generate (``exec``'d from a
-        # "<string>": they change with the Python and Flax versions, not with the researcher)
+        # the methods written in the class, not those dataclasses generate (they change with the
+        # Python and Flax versions, not with the researcher)
         prefix = value.__qualname__ + "."
         functions = [
             f
             for f in functions
-            if getattr(f, "__qualname__", "").startswith(prefix)
-            and getattr(getattr(f, "__code__", None), "co_filename", "<string>") != "<string>"
+            if getattr(f, "__qualname__", "").startswith(prefix) and not _generated(f)
         ]
     else:
         functions = [inspect.unwrap(value)]
@@ -532,6 +531,17 @@ def _digest_code(value, codes: dict) -> None:
             named = scope.get(name)
             if isinstance(named, (type, types.FunctionType)) or hasattr(named, "__wrapped__"):
                 _note_code(named)
+
+
+def _generated(function) -> bool:
+    """Whether ``function`` is a method ``dataclasses`` generated: ``exec``'d from a "<string>"
+    inside its ``__create_fn__`` (a class written in ``python -c`` or ``exec`` has "<string>" code
+    too, and is the researcher's)."""
+    code = getattr(function, "__code__", None)
+    if getattr(code, "co_filename", "<string>") != "<string>":
+        return False
+    qualified = getattr(code, "co_qualname", None)  # Python 3.11 and newer
+    return qualified is None or qualified.startswith("__create_fn__")
 
 
 def _names_read(code: types.CodeType) -> set[str]:

@@ -979,3 +979,24 @@ def test_an_edited_submodule_or_helper_of_the_researchers_code_is_refused(monkey
     for owner, (before, after) in edits.items():
         new = record(_SUBMODULE_CODE.replace(before, after))
         assert [key for key, _, _ in run_folder.differences(old, new)] == [f"code of {owner}"]
+
+
+def test_a_model_written_in_python_c_is_digested(monkeypatch):
+    # ``python -c`` and ``exec`` compile from "<string>", which was taken for the methods
+    # dataclasses generate: such a model's methods were left out, and an edit of them resumed
+    def record(source):
+        module = type(sys)("own_string_study")
+        monkeypatch.setitem(sys.modules, "own_string_study", module)
+        exec(compile(source, "<string>", "exec"), module.__dict__)
+        return run_folder.run_record(TrainConfig(progress=False), module.Model(width=3))
+
+    old = record(_OWN_CODE)
+    assert old["code"].keys() == {"own_string_study.Model"}
+    assert run_folder.differences(old, record(_OWN_CODE)) == []
+    # the methods dataclasses generate still are not (they change with a field's default)
+    generated = record(_OWN_CODE.replace("width: int = 3", "width: int = 5"))
+    assert run_folder.differences(old, generated) == []
+    new = record(_OWN_CODE.replace("jnp.mean(x", "jnp.max(x"))
+    assert [key for key, _, _ in run_folder.differences(old, new)] == [
+        "code of own_string_study.Model"
+    ]
