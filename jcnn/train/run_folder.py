@@ -46,7 +46,7 @@ import sys
 import sysconfig
 import threading
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -384,7 +384,7 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
     if isinstance(value, (set, frozenset)):
         # in an order that does not depend on the process (string hashes are salted)
         return sorted((describe(v, depth + 1, _within) for v in value), key=_sort_key)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # a dict, or Flax's FrozenDict (``bridge.to_linen``'s kwargs)
         return {str(k): describe(v, depth + 1, _within) for k, v in value.items()}
     if isinstance(value, functools.partial):
         return {
@@ -818,6 +818,11 @@ _OLD_SETS = ("<builtins.set>", "<builtins.frozenset>")
 """How records written before ``describe`` listed a set's members showed any set."""
 
 
+_OLD_MAPPING = re.compile(r"<[\w.]+>")
+"""How records written before ``describe`` listed a mapping that is not a dict (a FrozenDict)
+showed it: by its class, as any object it does not know."""
+
+
 def _same(before, after) -> bool:
     """``before == after``, where a set recorded by an older version (which did not say what it
     held) is the same as any set described now (a list), and what an older version cut short
@@ -826,6 +831,8 @@ def _same(before, after) -> bool:
         return True
     if isinstance(before, str) and before in _OLD_SETS:
         return isinstance(after, list)
+    if isinstance(before, str) and _OLD_MAPPING.fullmatch(before) and isinstance(after, dict):
+        return "class" not in after  # a mapping an older version named only, listed now
     if isinstance(before, list) and isinstance(after, list):
         return len(before) == len(after) and all(map(_same, before, after))
     if isinstance(before, dict) and isinstance(after, dict):

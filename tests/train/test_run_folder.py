@@ -1000,3 +1000,22 @@ def test_a_model_written_in_python_c_is_digested(monkeypatch):
     assert [key for key, _, _ in run_folder.differences(old, new)] == [
         "code of own_string_study.Model"
     ]
+
+
+def test_a_frozen_dict_setting_is_recorded_by_its_entries():
+    # bridge.to_linen keeps an NNX model's keyword arguments in a FrozenDict, which was recorded
+    # as "<flax.core.frozen_dict.FrozenDict>": a resume with other arguments was not refused
+    from flax.core import FrozenDict
+
+    def record(width):
+        settings = {"kwargs": FrozenDict({"width": width, "rates": FrozenDict(drop=0.1)})}
+        return run_folder.run_record(TrainConfig(progress=False), settings=settings)
+
+    old, new = record(3), record(4)
+    assert old["settings"]["kwargs"] == {"width": 3, "rates": {"drop": 0.1}}
+    assert run_folder.differences(old, new) == [("settings.kwargs.width", 3, 4)]
+    assert run_folder.differences(old, record(3)) == []
+    # a record written before lists the FrozenDict by its class only, and still resumes
+    older = json.loads(json.dumps(old))
+    older["settings"]["kwargs"] = "<flax.core.frozen_dict.FrozenDict>"
+    assert run_folder.differences(older, new) == []
