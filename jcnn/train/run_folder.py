@@ -428,11 +428,28 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
         captured = [describe(c.cell_contents, depth + 1, _within) for c in cells if _filled(c)]
         name = _qualified(value)
         _note_code(value)
-        return {"function": name, "captured": captured} if captured else name
+        described = {"function": name, "captured": captured} if captured else name
+        owner = getattr(value, "__self__", None)
+        if inspect.ismethod(value) and _is_own_object(owner):  # the settings its object holds
+            function = described if captured else {"function": name}
+            described = {**function, "self": describe(owner, depth + 1, _within)}
+        return described
     if hasattr(value, "name") and isinstance(value.name, str):  # e.g. a NumPy dtype
         return value.name
     _note_code(type(value))
+    if _is_own_object(value):  # e.g. a loss written as a class: the settings it holds
+        fields = {k: describe(v, depth + 1, _within) for k, v in sorted(vars(value).items())}
+        return {"class": _qualified(type(value)), **fields}
     return f"<{_qualified(type(value))}>"
+
+
+def _is_own_object(value) -> bool:
+    """Whether ``value`` is an instance of one of the researcher's own classes, with attributes."""
+    return (
+        not isinstance(value, (type, types.ModuleType))
+        and isinstance(getattr(value, "__dict__", None), dict)
+        and _is_own(type(value))
+    )
 
 
 def _sort_key(described) -> tuple:
@@ -832,7 +849,13 @@ def _same(before, after) -> bool:
     if isinstance(before, str) and before in _OLD_SETS:
         return isinstance(after, list)
     if isinstance(before, str) and _OLD_MAPPING.fullmatch(before) and isinstance(after, dict):
-        return "class" not in after  # a mapping an older version named only, listed now
+        # a mapping or an object of the researcher's class, which an older version named only
+        return "class" not in after or before == f"<{after['class']}>"
+    own = [k for k in after if k.split(".")[0] == "self"] if isinstance(after, dict) else []
+    if own and isinstance(before, (str, dict)) and "function" in after:
+        # a bound method, whose object an older version did not describe (its entries flattened)
+        function = {k: v for k, v in after.items() if k not in own}
+        return _same(before, function["function"] if len(function) == 1 else function)
     if isinstance(before, list) and isinstance(after, list):
         return len(before) == len(after) and all(map(_same, before, after))
     if isinstance(before, dict) and isinstance(after, dict):

@@ -1019,3 +1019,40 @@ def test_a_frozen_dict_setting_is_recorded_by_its_entries():
     older = json.loads(json.dumps(old))
     older["settings"]["kwargs"] = "<flax.core.frozen_dict.FrozenDict>"
     assert run_folder.differences(older, new) == []
+
+
+def test_the_settings_held_by_the_researchers_own_loss_object_are_recorded(monkeypatch, tmp_path):
+    # a loss written as a class (an instance, or a bound method of one) was recorded by its name
+    # only: a resume with another smoothing was accepted
+    source = textwrap.dedent(
+        """
+        class Smoothed:
+            def __init__(self, smoothing):
+                self.smoothing = smoothing
+
+            def __call__(self, logits, labels):
+                return logits[:, 0] * self.smoothing
+
+            def loss(self, logits, labels):
+                return logits[:, 0] * self.smoothing
+        """
+    )
+    module = _own_module(monkeypatch, tmp_path, source)
+
+    def record(loss):
+        return run_folder.run_record(TrainConfig(progress=False, loss=loss))
+
+    for method in (lambda s: module.Smoothed(s), lambda s: module.Smoothed(s).loss):
+        old, new = record(method(0.1)), record(method(0.2))
+        assert run_folder.differences(old, record(method(0.1))) == []
+        ((key, before, after),) = run_folder.differences(old, new)
+        assert key.startswith("train.loss.") and (before, after) == (0.1, 0.2)
+    # a record written before names them only, and still resumes
+    for older, loss in [
+        ("<own_study.Smoothed>", module.Smoothed(0.1)),
+        ("own_study.Smoothed.loss", module.Smoothed(0.1).loss),
+    ]:
+        new = record(loss)
+        old = json.loads(json.dumps(new))
+        old["train"]["loss"] = older
+        assert run_folder.differences(old, new) == []
