@@ -429,6 +429,13 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
         name = _qualified(value)
         _note_code(value)
         described = {"function": name, "captured": captured} if captured else name
+        if not hasattr(value, "__closure__") and hasattr(value, "__wrapped__"):
+            # a wrapper without a closure of its own (``jax.jit``'s): what the function it wraps
+            # captured (a recorded key apart, so that older records, without it, still resume)
+            cells = getattr(_unwrapped(value), "__closure__", None) or ()
+            within = [describe(c.cell_contents, depth + 1, _within) for c in cells if _filled(c)]
+            if within:
+                described = {"function": name, "wrapped_captured": within}
         owner = getattr(value, "__self__", None)
         if inspect.ismethod(value) and _is_own_object(owner):  # the settings its object holds
             function = described if captured else {"function": name}
@@ -441,6 +448,13 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
         fields = {k: describe(v, depth + 1, _within) for k, v in sorted(vars(value).items())}
         return {"class": _qualified(type(value)), **fields}
     return f"<{_qualified(type(value))}>"
+
+
+def _unwrapped(value):
+    try:
+        return inspect.unwrap(value)
+    except ValueError:  # a cycle of __wrapped__
+        return value
 
 
 def _is_own_object(value) -> bool:
@@ -851,6 +865,8 @@ def _same(before, after) -> bool:
     if isinstance(before, str) and _OLD_MAPPING.fullmatch(before) and isinstance(after, dict):
         # a mapping or an object of the researcher's class, which an older version named only
         return "class" not in after or before == f"<{after['class']}>"
+    if isinstance(after, dict) and after.keys() == {"function", "wrapped_captured"}:
+        return before == after["function"]  # an older version did not look inside a wrapper
     own = [k for k in after if k.split(".")[0] == "self"] if isinstance(after, dict) else []
     if own and isinstance(before, (str, dict)) and "function" in after:
         # a bound method, whose object an older version did not describe (its entries flattened)

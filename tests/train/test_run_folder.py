@@ -1056,3 +1056,23 @@ def test_the_settings_held_by_the_researchers_own_loss_object_are_recorded(monke
         old = json.loads(json.dumps(new))
         old["train"]["loss"] = older
         assert run_folder.differences(old, new) == []
+
+
+def test_what_a_jitted_closure_captured_is_recorded():
+    # jax.jit's wrapper has no __closure__: the weight a jitted loss captured was not recorded
+    def make_loss(weight):
+        @jax.jit
+        def loss(logits, labels):
+            return jnp.mean(logits, axis=-1) * weight
+
+        return loss
+
+    def record(weight):
+        return run_folder.run_record(TrainConfig(progress=False, loss=make_loss(weight)))
+
+    old, new = record(1.0), record(2.0)
+    assert run_folder.differences(old, record(1.0)) == []
+    assert run_folder.differences(old, new) == [("train.loss.wrapped_captured", [1.0], [2.0])]
+    older = json.loads(json.dumps(old))
+    older["train"]["loss"] = old["train"]["loss"]["function"]  # written before: the name only
+    assert run_folder.differences(older, new) == []
