@@ -530,7 +530,7 @@ def _digest_code(value, codes: dict) -> None:
                 members.append(member.func)
             else:
                 members.append(getattr(member, "__func__", member))
-        functions = [inspect.unwrap(m) for m in members if callable(m)]
+        functions = [_unwrapped(m) for m in members if callable(m)]
         # the methods written in the class, not those dataclasses generate (they change with the
         # Python and Flax versions, not with the researcher)
         prefix = value.__qualname__ + "."
@@ -540,7 +540,7 @@ def _digest_code(value, codes: dict) -> None:
             if getattr(f, "__qualname__", "").startswith(prefix) and not _generated(f)
         ]
     else:
-        functions = [inspect.unwrap(value)]
+        functions = [_unwrapped(value)]
     functions = [f for f in functions if isinstance(getattr(f, "__code__", None), types.CodeType)]
     if not functions:
         return

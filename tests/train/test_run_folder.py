@@ -1076,3 +1076,11 @@ def test_what_a_jitted_closure_captured_is_recorded():
     older = json.loads(json.dumps(old))
     older["train"]["loss"] = old["train"]["loss"]["function"]  # written before: the name only
     assert run_folder.differences(older, new) == []
+
+
+def test_a_function_whose_wrapped_chain_loops_is_recorded(monkeypatch, tmp_path):
+    # inspect.unwrap raised "wrapper loop" out of run_record
+    source = "def own(x):\n    return x\n\nown.__wrapped__ = own\n"
+    module = _own_module(monkeypatch, tmp_path, source)
+    record = run_folder.run_record(TrainConfig(progress=False), settings={"f": module.own})
+    assert list(record["code"]) == ["own_study.own"]
