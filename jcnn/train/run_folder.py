@@ -12,7 +12,8 @@
   (``jcnn-train`` adds the dataset, data directory, ``--limit-train``, ``--augment`` and the
   standardization statistics), the jcnn version, and a digest of the code of the researcher's own
   functions and model classes among them and those their code names (``code``: not jcnn's, nor an
-  installed package's), so a resume with an edited loss, model or submodule is refused. It is saved as ``config.json``.
+  installed package's), so a resume with an edited loss, model or submodule is refused. It is
+  saved as ``config.json``.
 - **Resume into the same run only.** :func:`check_start` refuses a resume whose record differs
   from the folder's ``config.json`` (naming each differing setting, old and new), a resume of a
   folder without checkpoints, and a new run into a folder that already holds one unless
@@ -367,6 +368,13 @@ def describe(value: Any, depth: int = 0, _within: frozenset = frozenset()) -> An
     >>> describe(functools.partial(round, ndigits=2))
     {'function': 'builtins.round', 'args': [], 'keywords': {'ndigits': 2}}
     """
+    try:
+        return _describe(value, depth, _within)
+    except Exception as error:  # e.g. a deleted jax array, an attribute that raises
+        return f"<{_qualified(type(value))}: not described, {type(error).__name__}>"
+
+
+def _describe(value: Any, depth: int, _within: frozenset) -> Any:
     if depth > _MAX_DEPTH:
         return _CUT
     if id(value) in _within:

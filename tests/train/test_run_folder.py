@@ -920,7 +920,9 @@ def test_adding_or_removing_a_docstring_keeps_the_code_digest(monkeypatch, tmp_p
     assert run_folder.differences(old, _own_record(monkeypatch, tmp_path, documented)) == []
     # a string the function returns is still its code
     edited = _OWN_CODE.replace('    "Scales x."\n', '    return "x"\n')
-    assert [k for k, _, _ in run_folder.differences(old, _own_record(monkeypatch, tmp_path, edited))]
+    assert [
+        k for k, _, _ in run_folder.differences(old, _own_record(monkeypatch, tmp_path, edited))
+    ]
 
 
 def test_an_edited_property_of_the_model_is_refused(monkeypatch, tmp_path):
@@ -936,7 +938,9 @@ def test_an_edited_property_of_the_model_is_refused(monkeypatch, tmp_path):
     assert run_folder.differences(old, _own_record(monkeypatch, tmp_path, source)) == []
     for before, after in [("self.width * 1", "self.width * 2"), ("return 1.0", "return 2.0")]:
         new = _own_record(monkeypatch, tmp_path, source.replace(before, after))
-        assert [key for key, _, _ in run_folder.differences(old, new)] == ["code of own_study.Model"]
+        assert [key for key, _, _ in run_folder.differences(old, new)] == [
+            "code of own_study.Model"
+        ]
 
 
 _SUBMODULE_CODE = """
@@ -974,8 +978,10 @@ def test_an_edited_submodule_or_helper_of_the_researchers_code_is_refused(monkey
     old = record(_SUBMODULE_CODE)
     assert {"own_study.Block", "own_study.helper"} <= set(old["code"])
     assert run_folder.differences(old, record(_SUBMODULE_CODE)) == []
-    edits = {"own_study.Block": ("(self.width)(x)", "(self.width)(2 * x)"),
-             "own_study.helper": ("[:, 0]", "[:, 1]")}
+    edits = {
+        "own_study.Block": ("(self.width)(x)", "(self.width)(2 * x)"),
+        "own_study.helper": ("[:, 0]", "[:, 1]"),
+    }
     for owner, (before, after) in edits.items():
         new = record(_SUBMODULE_CODE.replace(before, after))
         assert [key for key, _, _ in run_folder.differences(old, new)] == [f"code of {owner}"]
@@ -1084,3 +1090,25 @@ def test_a_function_whose_wrapped_chain_loops_is_recorded(monkeypatch, tmp_path)
     module = _own_module(monkeypatch, tmp_path, source)
     record = run_folder.run_record(TrainConfig(progress=False), settings={"f": module.own})
     assert list(record["code"]) == ["own_study.own"]
+
+
+def test_a_setting_that_cannot_be_described_is_named_not_raised():
+    # a deleted jax array (donated to a jitted call) raised "Array has been deleted" out of
+    # run_record, as did an object whose attribute raises
+    class Raises:
+        shape = (2,)
+
+        @property
+        def dtype(self):
+            raise RuntimeError("no dtype")
+
+    deleted = jnp.ones((5, 5))
+    deleted.delete()
+    settings = {"deleted": deleted, "raises": Raises()}
+    record = run_folder.run_record(TrainConfig(progress=False), settings=settings)
+    assert re.fullmatch(
+        r"<.*ArrayImpl: not described, RuntimeError>", record["settings"]["deleted"]
+    )
+    assert record["settings"]["raises"].endswith("Raises: not described, RuntimeError>")
+    again = run_folder.run_record(TrainConfig(progress=False), settings=settings)
+    assert run_folder.differences(record, again) == []
