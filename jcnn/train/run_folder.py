@@ -557,6 +557,15 @@ def _digest_code(value, codes: dict) -> None:
         _feed_code(digest, function.__code__)
         defaults = [function.__defaults__, function.__kwdefaults__]
         digest.update(json.dumps(describe(defaults), sort_keys=True).encode())
+        # the values of the module's constants it reads (``TEMPERATURE = 2.0``, a table, an array)
+        scope = getattr(function, "__globals__", None) or {}
+        constants = {
+            name: describe(scope[name])
+            for name in sorted(_names_read(function.__code__))
+            if not name.startswith("__") and _is_constant(scope.get(name))
+        }
+        if constants:
+            digest.update(json.dumps(constants, sort_keys=True).encode())
     entry = f"{sys.implementation.cache_tag} sha256:{digest.hexdigest()[:16]}"
     digests = codes.setdefault(_qualified(value), [])
     if entry not in digests:
@@ -581,6 +590,17 @@ def _generated(function) -> bool:
         return False
     qualified = getattr(code, "co_qualname", None)  # Python 3.11 and newer
     return qualified is None or qualified.startswith("__create_fn__")
+
+
+_CONSTANT_TYPES = (bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
+
+
+def _is_constant(value) -> bool:
+    """Whether a module global is a value (a number, a string, a container, an array), not a
+    module, function, class or other object."""
+    if isinstance(value, _CONSTANT_TYPES):
+        return True
+    return hasattr(value, "dtype") and hasattr(value, "shape") and not isinstance(value, type)
 
 
 def _names_read(code: types.CodeType) -> set[str]:

@@ -1112,3 +1112,31 @@ def test_a_setting_that_cannot_be_described_is_named_not_raised():
     assert record["settings"]["raises"].endswith("Raises: not described, RuntimeError>")
     again = run_folder.run_record(TrainConfig(progress=False), settings=settings)
     assert run_folder.differences(record, again) == []
+
+
+def test_an_edited_module_constant_the_code_reads_is_refused(monkeypatch, tmp_path):
+    # the code digest named the globals a function reads, not their values: a script's
+    # TEMPERATURE = 2.0 edited to 3.0 between a run and its resume was accepted
+    source = textwrap.dedent(
+        """
+        import numpy as np
+
+        TEMPERATURE = 2.0
+        TABLE = {"classes": [1, 2], "names": {"b", "a"}}
+        WEIGHTS = np.arange(40.0).reshape(5, 8)
+
+        def own(logits):
+            return logits / TEMPERATURE * TABLE["classes"][0] * WEIGHTS.sum()
+        """
+    )
+
+    def record(text):
+        module = _own_module(monkeypatch, tmp_path, text)
+        return run_folder.run_record(TrainConfig(progress=False), settings={"f": module.own})
+
+    old = record(source)
+    assert run_folder.differences(old, record(source + "\nUNUSED = 1\n")) == []
+    edits = [("= 2.0", "= 3.0"), ("[1, 2]", "[1, 3]"), ("arange(40.0)", "arange(1.0, 41.0)")]
+    for before, after in edits:
+        found = run_folder.differences(old, record(source.replace(before, after)))
+        assert [key for key, _, _ in found] == ["code of own_study.own"], before
