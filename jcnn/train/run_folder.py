@@ -539,6 +539,14 @@ def _digest_code(value, codes: dict) -> None:
             else:
                 members.append(getattr(member, "__func__", member))
         functions = [_unwrapped(m) for m in members if callable(m)]
+        # its own constants (``SCALE = 2.0`` in the class body), not the dataclass fields (their
+        # values are recorded apart) nor private or special names (Flax's bookkeeping)
+        fields = getattr(value, "__dataclass_fields__", {})
+        attributes = {
+            name: describe(member)
+            for name, member in sorted(vars(value).items())
+            if not name.startswith("_") and name not in fields and _is_constant(member)
+        }
         # the methods written in the class, not those dataclasses generate (they change with the
         # Python and Flax versions, not with the researcher)
         prefix = value.__qualname__ + "."
@@ -548,11 +556,13 @@ def _digest_code(value, codes: dict) -> None:
             if getattr(f, "__qualname__", "").startswith(prefix) and not _generated(f)
         ]
     else:
-        functions = [_unwrapped(value)]
+        functions, attributes = [_unwrapped(value)], {}
     functions = [f for f in functions if isinstance(getattr(f, "__code__", None), types.CodeType)]
     if not functions:
         return
     digest = hashlib.sha256()
+    if attributes:
+        digest.update(json.dumps(attributes, sort_keys=True).encode())
     for function in functions:
         _feed_code(digest, function.__code__)
         defaults = [function.__defaults__, function.__kwdefaults__]

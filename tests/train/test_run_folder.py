@@ -1140,3 +1140,16 @@ def test_an_edited_module_constant_the_code_reads_is_refused(monkeypatch, tmp_pa
     for before, after in edits:
         found = run_folder.differences(old, record(source.replace(before, after)))
         assert [key for key, _, _ in found] == ["code of own_study.own"], before
+
+
+def test_an_edited_class_constant_of_the_model_is_refused(monkeypatch, tmp_path):
+    # a constant in the model's class body (not a field) was left out of its code digest
+    source = _OWN_CODE.replace("    width: int = 3\n", "    width: int = 3\n    SCALE = 2.0\n")
+    source = source.replace("(jnp.mean(x", "(self.SCALE * jnp.mean(x")
+    old = _own_record(monkeypatch, tmp_path, source)
+    assert run_folder.differences(old, _own_record(monkeypatch, tmp_path, source)) == []
+    # a field's default is recorded apart, and does not enter the digest
+    field = source.replace("width: int = 3", "width: int = 4")
+    assert run_folder.differences(old, _own_record(monkeypatch, tmp_path, field)) == []
+    new = _own_record(monkeypatch, tmp_path, source.replace("SCALE = 2.0", "SCALE = 3.0"))
+    assert [key for key, _, _ in run_folder.differences(old, new)] == ["code of own_study.Model"]
