@@ -602,12 +602,14 @@ def _generated(function) -> bool:
     return qualified is None or qualified.startswith("__create_fn__")
 
 
-_CONSTANT_TYPES = (bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
+_CONSTANT_TYPES = (bool, int, float, complex, str, bytes, tuple, frozenset)
 
 
 def _is_constant(value) -> bool:
-    """Whether a module global is a value (a number, a string, a container, an array), not a
-    module, function, class or other object."""
+    """Whether a module global is a constant value (a number, a string, a tuple, an array), not a
+    module, function, class or other object. Not a list, dict or set: a script's global that a
+    function appends to while it trains (a trace counter) would refuse a resume in the same
+    process."""
     if isinstance(value, _CONSTANT_TYPES):
         return True
     return hasattr(value, "dtype") and hasattr(value, "shape") and not isinstance(value, type)
@@ -706,16 +708,31 @@ def run_record(
         record = {
             "jcnn_version": __version__,
             "train": {
-                f.name: describe(getattr(config, f.name)) for f in dataclasses.fields(config)
+                f.name: _describe_setting(getattr(config, f.name), f"train.{f.name}")
+                for f in dataclasses.fields(config)
             },
             "model": describe(model) if model is not None else None,
             "train_loader": _describe_loader(train_loader),
-            "settings": describe(dict(settings or {})),
+            "settings": {
+                str(k): _describe_setting(v, f"settings.{k}") for k, v in (settings or {}).items()
+            },
         }
     finally:
         _CODE.reset(token)
     record["code"] = dict(sorted(codes.items()))
     return json.loads(json.dumps(record))  # exactly what config.json will give back
+
+
+def _describe_setting(value, key: str):
+    """``describe(value)``; the code of a setting that may change on resume (a callback's) is not
+    digested."""
+    if key not in MAY_CHANGE:
+        return describe(value)
+    token = _CODE.set(None)
+    try:
+        return describe(value)
+    finally:
+        _CODE.reset(token)
 
 
 # ---- folder state ------------------------------------------------------------------------------

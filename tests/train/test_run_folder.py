@@ -1122,11 +1122,13 @@ def test_an_edited_module_constant_the_code_reads_is_refused(monkeypatch, tmp_pa
         import numpy as np
 
         TEMPERATURE = 2.0
-        TABLE = {"classes": [1, 2], "names": {"b", "a"}}
+        CLASSES = (1, 2)
         WEIGHTS = np.arange(40.0).reshape(5, 8)
+        TRACES = []
 
         def own(logits):
-            return logits / TEMPERATURE * TABLE["classes"][0] * WEIGHTS.sum()
+            TRACES.append(logits.shape)  # a list it fills as it runs: not a constant
+            return logits / TEMPERATURE * CLASSES[0] * WEIGHTS.sum()
         """
     )
 
@@ -1136,10 +1138,35 @@ def test_an_edited_module_constant_the_code_reads_is_refused(monkeypatch, tmp_pa
 
     old = record(source)
     assert run_folder.differences(old, record(source + "\nUNUSED = 1\n")) == []
-    edits = [("= 2.0", "= 3.0"), ("[1, 2]", "[1, 3]"), ("arange(40.0)", "arange(1.0, 41.0)")]
+    assert run_folder.differences(old, record(source + "\nTRACES.append(1)\n")) == []
+    edits = [("= 2.0", "= 3.0"), ("(1, 2)", "(1, 3)"), ("arange(40.0)", "arange(1.0, 41.0)")]
     for before, after in edits:
         found = run_folder.differences(old, record(source.replace(before, after)))
         assert [key for key, _, _ in found] == ["code of own_study.own"], before
+
+
+def test_the_code_of_a_callback_may_change_on_resume(monkeypatch, tmp_path):
+    # callbacks may change on resume (they do not enter the computations), but their code was
+    # digested with the rest, so an edited callback refused the resume
+    source = _OWN_CODE + textwrap.dedent(
+        """
+        from jcnn.train import Callback
+
+        class Report(Callback):
+            def on_epoch_end(self, state, record):
+                print(record["train_loss"])
+        """
+    )
+
+    def record(text):
+        module = _own_module(monkeypatch, tmp_path, text)
+        config = TrainConfig(progress=False, callbacks=(module.Report(),))
+        return run_folder.run_record(config, module.Model(width=3))
+
+    old = record(source)
+    assert "own_study.Report" not in old["code"] and "own_study.Model" in old["code"]
+    edited = source.replace('record["train_loss"]', 'record["train_loss"] * 2')
+    assert run_folder.differences(old, record(edited)) == []
 
 
 def test_an_edited_class_constant_of_the_model_is_refused(monkeypatch, tmp_path):
