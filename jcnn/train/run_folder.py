@@ -567,7 +567,7 @@ def _digest_code(value, codes: dict) -> None:
         _feed_code(digest, function.__code__)
         defaults = [function.__defaults__, function.__kwdefaults__]
         digest.update(json.dumps(describe(defaults), sort_keys=True).encode())
-        # the values of the module's constants it reads (``TEMPERATURE = 2.0``, a table, an array)
+        # the values of the module's constants it reads (``TEMPERATURE = 2.0``, a tuple, an array)
         scope = getattr(function, "__globals__", None) or {}
         constants = {
             name: describe(scope[name])
