@@ -219,10 +219,10 @@ class LayerRow:
       params: number of parameters of the layer (0 on the later calls of a shared layer).
       macs: multiply-adds for the whole batch, ``None`` for a layer with parameters whose type
         ``summary`` does not know, for products computed inside a loop or branch, and for a
-        layer inside ``nn.scan`` or ``nn.vmap`` (run once in
-        the trace, not once per step or slice), ``nn.cond``/``nn.switch``/``nn.while_loop``
-        (every branch traced, one run) or ``nn.map_variables`` (run twice by the initializing
-        run): not counted, rather than counted wrong.
+        layer inside ``nn.scan`` or ``nn.vmap`` (run once in the trace, not once per step or
+        slice), ``nn.cond``/``nn.switch``/``nn.while_loop`` (every branch traced, one run) or
+        ``nn.map_variables`` (run twice by the initializing run): not counted, rather than
+        counted wrong.
       receptive_field: the field of the output units, ``None`` where unknown.
     """
 
