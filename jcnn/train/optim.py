@@ -28,7 +28,8 @@ changes nothing there. Its trust ratio is Optax's ``η ‖x‖ / ‖g + λ x‖`
 the way ``x`` does, otherwise Optax's steps are larger). A ``mask`` (a pytree of bools or a
 function of the params) chooses which parameters decay; the default decays only arrays of rank
 >= 2 (conv and dense kernels), never biases or BatchNorm scales/offsets.
-``clip_norm`` clips the global gradient norm before anything else.
+``clip_value`` clips each gradient entry to ``[−c, c]`` before anything else; ``clip_norm``
+then clips the global gradient norm.
 
 >>> import jax.numpy as jnp
 >>> tx = optimizer("momentum", 0.1, momentum=0.9)
@@ -320,6 +321,7 @@ def optimizer(
     decoupled: bool | None = None,
     mask: Any | Callable | None = None,
     clip_norm: float | None = None,
+    clip_value: float | None = None,
     trust_coefficient: float = _Default(0.001),
 ) -> optax.GradientTransformation:
     """An Optax optimizer following the notes' update rules.
@@ -342,6 +344,8 @@ def optimizer(
         mask: which parameters decay: a pytree of bools or a function of the params;
             default ``default_decay_mask`` (kernels only).
         clip_norm: if given, clip the global gradient norm to this value first.
+        clip_value: if given, clip each gradient entry to ``[-clip_value, clip_value]`` first
+            (before ``clip_norm``).
         trust_coefficient: LARS's trust coefficient ``η``.
 
     ``momentum``, ``beta1``, ``beta2``, ``decay``, ``eps`` and ``trust_coefficient`` are read
@@ -382,6 +386,8 @@ def optimizer(
     trust_coefficient = check_real(trust_coefficient, "trust_coefficient", low=0, low_open=True)
     if clip_norm is not None:
         clip_norm = check_real(clip_norm, "clip_norm", low=0, low_open=True)
+    if clip_value is not None:
+        clip_value = check_real(clip_value, "clip_value", low=0, low_open=True)
     if decoupled is not None:
         decoupled = check_bool(decoupled, "decoupled")
     # after the range checks, so that a bad value is refused whatever the method
@@ -400,6 +406,8 @@ def optimizer(
     decays = isinstance(weight_decay, jax.core.Tracer) or weight_decay > 0
 
     chain = []
+    if clip_value is not None:
+        chain.append(optax.clip(clip_value))
     if clip_norm is not None:
         chain.append(_clip_by_global_norm(clip_norm))
     if decays and not decoupled:

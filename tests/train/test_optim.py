@@ -143,6 +143,29 @@ def test_clip_norm_has_a_derivative_at_zero_gradients():
     np.testing.assert_allclose(jax.grad(clipped)(jnp.zeros(3)), [0.0, -1.0, -2.0])
 
 
+def test_clip_value_clips_each_entry_before_the_norm():
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(())}
+    grads = {"a": jnp.asarray([5.0, -0.25, -7.0]), "b": jnp.asarray(2.0)}
+    tx = optim.optimizer("sgd", 1.0, clip_value=1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["a"], [-1.0, 0.25, 1.0])
+    np.testing.assert_allclose(updates["b"], -1.0)
+    # entries first ([1, -0.25, -1, 1], norm 1.7854...), then the global norm to 0.5
+    tx = optim.optimizer("sgd", 1.0, clip_value=1.0, clip_norm=0.5)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    want = -np.array([1.0, -0.25, -1.0, 1.0]) / np.sqrt(3.0625) * 0.5
+    np.testing.assert_allclose(np.append(updates["a"], updates["b"]), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), ("1", TypeError)],
+)
+def test_clip_value_refuses_bad_values(value, error):
+    with pytest.raises(error, match="clip_value: expected a finite number > 0"):
+        optim.optimizer("adam", 0.1, clip_value=value)
+
+
 def test_schedule_as_learning_rate():
     sched = S.step(1.0, [2], 0.1)
     tx = optim.optimizer("sgd", sched)
