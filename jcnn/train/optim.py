@@ -84,6 +84,13 @@ class _AccumulatorState(NamedTuple):
     accumulator: Any
 
 
+def _divide(numerator, denominator):
+    """``numerator / denominator``, with a denominator of 0 (``eps = 0`` and an entry whose
+    gradients have all been 0) read as 1: the step there is 0, where ``0 / 0`` made the parameter
+    NaN (and, through LAMB's trust ratio, its whole layer)."""
+    return numerator / jnp.where(denominator == 0, 1, denominator)
+
+
 def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTransformation:
     """The direction ``g / (√s + ε)`` with ``s = accumulate(s, g)`` per leaf, starting at 0; the
     root's derivative is 0 at ``s = 0`` (``jnp.sqrt``'s infinite one made every derivative through
@@ -95,7 +102,9 @@ def _scale_by_accumulated_squares(accumulate, eps: float) -> optax.GradientTrans
     def update(updates, state, params=None):
         del params
         accumulator = jax.tree.map(accumulate, state.accumulator, updates)
-        scaled = jax.tree.map(lambda g, s: g / (_sqrt_of_square(s) + eps), updates, accumulator)
+        scaled = jax.tree.map(
+            lambda g, s: _divide(g, _sqrt_of_square(s) + eps), updates, accumulator
+        )
         return scaled, _AccumulatorState(accumulator)
 
     return optax.GradientTransformation(init, update)
@@ -110,7 +119,9 @@ def _scale_by_adam(b1, b2, eps) -> optax.GradientTransformation:
         _, state = inner.update(updates, state, params)
         mu_hat = optax.tree.bias_correction(state.mu, b1, state.count)
         nu_hat = optax.tree.bias_correction(state.nu, b2, state.count)
-        return jax.tree.map(lambda m, v: m / (_sqrt_of_square(v) + eps), mu_hat, nu_hat), state
+        return jax.tree.map(
+            lambda m, v: _divide(m, _sqrt_of_square(v) + eps), mu_hat, nu_hat
+        ), state
 
     return optax.GradientTransformation(inner.init, update)
 

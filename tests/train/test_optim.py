@@ -166,6 +166,18 @@ def test_clip_value_refuses_bad_values(value, error):
         optim.optimizer("adam", 0.1, clip_value=value)
 
 
+@pytest.mark.parametrize("name", ["adagrad", "rmsprop", "adam", "adamw", "lamb"])
+def test_eps_zero_leaves_entries_with_zero_gradients_finite(name):
+    # eps = 0 is allowed; an entry whose gradients are all 0 had 0 / 0 = NaN (LAMB: its layer)
+    tx = optim.optimizer(name, 0.1, eps=0.0)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = tx.update({"w": jnp.asarray([0.0, 1.0])}, state, params)
+        assert float(updates["w"][0]) == 0.0
+        assert float(updates["w"][1]) < 0
+
+
 def test_schedule_as_learning_rate():
     sched = S.step(1.0, [2], 0.1)
     tx = optim.optimizer("sgd", sched)
