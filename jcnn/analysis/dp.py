@@ -116,7 +116,12 @@ def private_grad(
         norms = _norms(grads, size)
         factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
         if weights is not None:
-            factors = factors * jnp.asarray(weights, factors.dtype)
+            # a weight-0 example (padding) adds nothing, even with a gradient that is not finite
+            real = jnp.asarray(weights) > 0
+            factors = jnp.where(real, factors * jnp.asarray(weights, factors.dtype), 0)
+            grads = jax.tree.map(
+                lambda g: jnp.where(real.reshape(-1, *(1,) * (g.ndim - 1)), g, 0), grads
+            )
         total = jax.tree.map(lambda g: jnp.tensordot(factors.astype(g.dtype), g, axes=1), grads)
     noised = _add_gaussian_noise(key, total, noise_multiplier * l2_norm_clip)
     return jax.tree.map(lambda leaf: leaf / denominator, noised), norms

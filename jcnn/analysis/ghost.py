@@ -548,17 +548,24 @@ def _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule: st
     norms = _sqrt_of_square(square)
     factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
     if weights is not None:
-        factors = factors * jnp.asarray(weights, factors.dtype)
+        factors = jnp.where(weights > 0, factors * jnp.asarray(weights, factors.dtype), 0)
+
+    def only_weighted(values):
+        # a weight-0 example (padding) adds nothing, even with a gradient that is not finite
+        # (a zero example through x / ||x||): 0 * NaN would make the whole sum NaN
+        if weights is None:
+            return values
+        return jnp.where((weights > 0).reshape(-1, *(1,) * (values.ndim - 1)), values, 0)
 
     def weighted_sum(grads):
-        return jnp.tensordot(factors.astype(grads.dtype), grads, axes=1)
+        return jnp.tensordot(factors.astype(grads.dtype), only_weighted(grads), axes=1)
 
     total = list(leaves)
     for index, grads in zip(materialized, free_grads, strict=True):
         total[index] = weighted_sum(grads)
     for call, is_ghost, layer_kept in zip(calls, ghost, kept, strict=True):
         if is_ghost:
-            a, g = layer_kept
+            a, g = only_weighted(layer_kept[0]), only_weighted(layer_kept[1])
             scaled = g * factors.astype(g.dtype).reshape(-1, *(1,) * (g.ndim - 1))
             grads = _weight_gradient(call, _layer_params(call, leaves), a, scaled, stacked=True)
         else:

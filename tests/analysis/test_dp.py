@@ -245,3 +245,36 @@ def test_pad_batch():
     assert pad_batch(batch, np.int64(4))[0][0].shape == (8, 2)
     with pytest.raises(ValueError, match="multiple"):
         pad_batch(batch, 0)
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_private_grad_padding_with_a_nan_gradient_adds_nothing(method):
+    # a zero padding example through x / ||x|| has a NaN gradient; weighted 0 it must add
+    # nothing (0 * NaN made the whole private gradient NaN)
+    model = nn.Dense(2)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+
+    def loss(p, x):
+        return jnp.mean(
+            model.apply({"params": p}, x / jnp.linalg.norm(x, axis=-1, keepdims=True)) ** 2
+        )
+
+    x = jax.random.normal(jax.random.key(1), (3, 3))
+    padded, mask = pad_batch(x, 4)
+    key = jax.random.key(2)
+    got, _ = private_grad(
+        loss,
+        params,
+        padded,
+        key,
+        l2_norm_clip=1.0,
+        noise_multiplier=0.0,
+        weights=mask,
+        denominator=3.0,
+        method=method,
+    )
+    want, _ = private_grad(
+        loss, params, x, key, l2_norm_clip=1.0, noise_multiplier=0.0, method=method
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

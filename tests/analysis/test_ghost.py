@@ -737,3 +737,26 @@ def test_bad_input(rng):
     for fn in (ghost_norms, ghost_plan, lambda *a: ghost_clipped_sum(*a, 1.0)):
         with pytest.raises(TypeError, match=r"params: .* got int32 at \['count'\]"):
             fn(loss, with_int, batch)
+
+
+@pytest.mark.parametrize("layer_rule", ["ghost", "direct"])
+def test_clipped_sum_weight_zero_example_with_nan_gradient_adds_nothing(layer_rule):
+    # a weight-0 (padding) example whose gradient is NaN must not make the sum NaN
+    model = nn.Dense(2)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+
+    def loss(p, x):
+        return jnp.mean(
+            model.apply({"params": p}, x / jnp.linalg.norm(x, axis=-1, keepdims=True)) ** 2
+        )
+
+    x = jax.random.normal(jax.random.key(1), (3, 3))
+    padded = jnp.concatenate([x, jnp.zeros((1, 3))])
+    weights = jnp.array([1.0, 1.0, 1.0, 0.0])
+    for chunk_size in (None, 2):
+        got, _ = ghost_clipped_sum(
+            loss, params, padded, 1.0, weights=weights, chunk_size=chunk_size, layer_rule=layer_rule
+        )
+        want, _ = ghost_clipped_sum(loss, params, x, 1.0, layer_rule=layer_rule)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
