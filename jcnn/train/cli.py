@@ -65,6 +65,8 @@ RECIPE_SETS = (
     "schedule",
     "warmup_epochs",
     "step_epochs",
+    "step_factor",
+    "decay_rate",
     "weight_decay",
     "momentum",
     "clip_norm",
@@ -233,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=_number("a number >= 0", low=0), default=0.0)
     p.add_argument(
         "--step-epochs", type=_epoch_list, default=(), help="for --schedule step: e.g. 30,60,90"
+    )
+    p.add_argument(
+        "--step-factor",
+        type=_number("a number > 0", low=0, low_open=True),
+        help="for --schedule step: the factor at each of --step-epochs (default 0.1)",
+    )
+    p.add_argument(
+        "--decay-rate",
+        type=_number("a number >= 0", low=0),
+        help="for --schedule exponential or inverse_time: k per epoch (default 0.1)",
     )
     p.add_argument("--weight-decay", type=_number("a number >= 0", low=0), default=0.0)
     p.add_argument(
@@ -439,6 +451,13 @@ def _check_combinations(args) -> None:
         raise UsageError(f"--step-epochs applies to --schedule step only, not {args.schedule}")
     if args.schedule == "step" and not args.step_epochs:
         raise UsageError("--schedule step needs --step-epochs (e.g. --step-epochs 30,60)")
+    if args.step_factor is not None and args.schedule != "step":
+        raise UsageError(f"--step-factor applies to --schedule step only, not {args.schedule}")
+    if args.decay_rate is not None and args.schedule not in ("exponential", "inverse_time"):
+        raise UsageError(
+            f"--decay-rate applies to --schedule exponential or inverse_time only, not "
+            f"{args.schedule}"
+        )
     if args.momentum is not None and args.optimizer not in USES_MOMENTUM:
         raise UsageError(
             f"--momentum applies to --optimizer {', '.join(USES_MOMENTUM)}, not {args.optimizer}"
@@ -727,6 +746,8 @@ def _flag_names() -> dict:
         "schedule",
         "warmup_epochs",
         "step_epochs",
+        "step_factor",
+        "decay_rate",
         "weight_decay",
         "momentum",
         "clip_norm",
@@ -1054,6 +1075,8 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
         schedule=args.schedule,
         warmup_epochs=args.warmup_epochs,
         step_epochs=args.step_epochs,
+        step_factor=0.1 if args.step_factor is None else args.step_factor,
+        decay_rate=0.1 if args.decay_rate is None else args.decay_rate,
         weight_decay=args.weight_decay,
         momentum=0.9 if args.momentum is None else args.momentum,
         clip_norm=args.clip_norm,

@@ -267,6 +267,11 @@ def _assert_one_line(err):
         (["--schedule", "step", "--step-epochs", "0"], "--step-epochs"),
         (["--schedule", "step"], "--schedule step needs --step-epochs"),
         (["--step-epochs", "2"], "--step-epochs applies to --schedule step only"),
+        (["--step-factor", "0.5"], "--step-factor applies to --schedule step only"),
+        (["--schedule", "step", "--step-epochs", "1", "--step-factor", "0"], "--step-factor"),
+        (["--decay-rate", "0.5"], "--decay-rate applies to --schedule exponential or"),
+        (["--schedule", "exponential", "--decay-rate", "-1"], "--decay-rate"),
+        (["--schedule", "inverse_time", "--decay-rate", "nan"], "--decay-rate"),
         (
             [*SMALL_SYNTHETIC, "--batch-size", "32", "--schedule", "step", "--step-epochs", "5"],
             "--step-epochs: 5 is past the end of the run (--epochs 1, counted after 0",
@@ -512,6 +517,29 @@ def _snapshot(folder):
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+@pytest.mark.parametrize(
+    "flags, ratio",
+    [
+        (["--schedule", "exponential", "--decay-rate", "0.5"], np.exp(-0.5)),
+        (["--schedule", "step", "--step-epochs", "1", "--step-factor", "0.25"], 0.25),
+    ],
+)
+def test_decay_rate_and_step_factor_set_the_schedule(tmp_path, capsys, flags, ratio):
+    # jcnn-train had no flag for them: --schedule exponential and inverse_time decayed at k = 0.1
+    # per epoch and step at a factor of 0.1, whatever the researcher wanted
+    out = tmp_path / "run"
+    argv = [*SMALL_SYNTHETIC, "--epochs", "2", "--batch-size", "32", "--out", str(out), *flags]
+    assert _main([*argv, "--no-progress"], capsys)[0] == 0
+    rates = [entry["learning_rate"] for entry in json.loads((out / "history.json").read_text())]
+    # each epoch records the rate its last step left for the next: one epoch in, --lr 0.001 times
+    # e^(-k) for exponential, times the factor for a step at epoch 1
+    assert rates[0] == pytest.approx(0.001 * ratio, rel=1e-5)
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert (train["decay_rate"], train["step_factor"]) == (
+        (0.5, 0.1) if "--decay-rate" in flags else (0.1, 0.25)
+    )
 
 
 def test_config_json_records_the_command_line_settings(small_run):
