@@ -404,8 +404,6 @@ def _describe(value: Any, depth: int, _within: frozenset) -> Any:
         _note_code(value)
         return _qualified(value)
     if hasattr(value, "dtype") and hasattr(value, "shape"):
-        import hashlib
-
         import jax
         import numpy as np
 
@@ -563,16 +561,21 @@ def _digest_code(value, codes: dict) -> None:
     digest = hashlib.sha256()
     if attributes:
         digest.update(json.dumps(attributes, sort_keys=True).encode())
+    named = []  # what each function reads from its module
     for function in functions:
         _feed_code(digest, function.__code__)
         defaults = [function.__defaults__, function.__kwdefaults__]
         digest.update(json.dumps(describe(defaults), sort_keys=True).encode())
-        # the values of the module's constants it reads (``TEMPERATURE = 2.0``, a tuple, an array)
         scope = getattr(function, "__globals__", None) or {}
+        read = {
+            name: scope[name] for name in sorted(_names_read(function.__code__)) if name in scope
+        }
+        named += read.values()
+        # the values of the module's constants it reads (``TEMPERATURE = 2.0``, a tuple, an array)
         constants = {
-            name: describe(scope[name])
-            for name in sorted(_names_read(function.__code__))
-            if not name.startswith("__") and _is_constant(scope.get(name))
+            name: describe(read[name])
+            for name in read
+            if not name.startswith("__") and _is_constant(read[name])
         }
         if constants:
             digest.update(json.dumps(constants, sort_keys=True).encode())
@@ -583,12 +586,9 @@ def _digest_code(value, codes: dict) -> None:
         digests.sort()
     # the researcher's functions and classes this code names (a model's submodules, a loss's
     # helper): an edit of theirs changes the run as much
-    for function in functions:
-        scope = getattr(function, "__globals__", None) or {}
-        for name in sorted(_names_read(function.__code__)):
-            named = scope.get(name)
-            if isinstance(named, (type, types.FunctionType)) or hasattr(named, "__wrapped__"):
-                _note_code(named)
+    for other in named:
+        if isinstance(other, (type, types.FunctionType)) or hasattr(other, "__wrapped__"):
+            _note_code(other)
 
 
 def _generated(function) -> bool:
@@ -681,8 +681,6 @@ def _describe_loader(loader) -> dict | None:
 def _describe_examples(images, labels) -> str:
     """The examples a loader holds: their count and the SHA-256 of their shapes, dtypes and bytes
     (the shapes are in the rest of the record)."""
-    import hashlib
-
     import numpy as np
 
     digest = hashlib.sha256()
