@@ -70,6 +70,7 @@ RECIPE_SETS = (
     "weight_decay",
     "momentum",
     "clip_norm",
+    "clip_value",
     "label_smoothing",
     "compute_dtype",
     "augment",
@@ -255,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--clip-norm", type=_number("a positive number", low=0, low_open=True), default=None
+    )
+    p.add_argument(
+        "--clip-value",
+        type=_number("a positive number", low=0, low_open=True),
+        default=None,
+        help="clip each gradient entry to [-c, c] (before --clip-norm)",
     )
     p.add_argument(
         "--label-smoothing",
@@ -751,6 +758,7 @@ def _flag_names() -> dict:
         "weight_decay",
         "momentum",
         "clip_norm",
+        "clip_value",
         "label_smoothing",
         "compute_dtype",
         "seed",
@@ -1080,6 +1088,7 @@ def _plain_run(args, train_x, train_y, test_x, test_y, num_classes, sharding, ru
         weight_decay=args.weight_decay,
         momentum=0.9 if args.momentum is None else args.momentum,
         clip_norm=args.clip_norm,
+        clip_value=args.clip_value,
         label_smoothing=args.label_smoothing,
         compute_dtype=args.compute_dtype,
         seed=args.seed,

@@ -101,8 +101,9 @@ class TrainConfig:
             its own learning rate, so ``learning_rate`` and ``schedule`` are not used,
             ``warmup_epochs``, ``momentum`` and the schedules' settings are refused away from
             their defaults, a schedule as ``learning_rate`` is refused, and
-            ``weight_decay``/``clip_norm`` must stay off (chain ``optax.add_decayed_weights`` or
-            ``optax.clip_by_global_norm`` into it instead). Its ``update`` is called as
+            ``weight_decay``/``clip_norm``/``clip_value`` must stay off (chain
+            ``optax.add_decayed_weights``, ``optax.clip_by_global_norm`` or ``optax.clip`` into
+            it instead). Its ``update`` is called as
             ``update(grads, opt_state, params)``.
         learning_rate: the base rate ``α0`` (the peak for ``one_cycle``): a number (Python or
             NumPy), or a schedule ``step -> rate`` used as it is (then ``schedule`` is not used,
@@ -123,6 +124,8 @@ class TrainConfig:
         momentum: momentum of momentum/nesterov/lars (refused with another optimizer unless
             left at its default).
         clip_norm: global gradient-norm clipping, or ``None``.
+        clip_value: clips each gradient entry to ``[-clip_value, clip_value]`` (before
+            ``clip_norm``), or ``None``.
         label_smoothing: cross-entropy label smoothing (the default loss only), in training;
             evaluations (``val_loss``, ``test_loss``) report the unsmoothed cross-entropy.
         compute_dtype: ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
@@ -206,6 +209,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     clip_norm: float | None = None
+    clip_value: float | None = None
     label_smoothing: float = 0.0
     compute_dtype: str = "float32"
     seed: int = 0
@@ -391,11 +395,12 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
                 ("warmup_epochs", "momentum", *_SCHEDULE_SETTINGS),
                 "config.optimizer is an optax.GradientTransformation, used as it is",
             )
-        if config.weight_decay or config.clip_norm is not None:
+        if config.weight_decay or config.clip_norm is not None or config.clip_value is not None:
             raise ValueError(
                 "config.optimizer: an optax.GradientTransformation is used as it is; "
-                "weight_decay and clip_norm apply to the named optimizers only (chain "
-                "optax.add_decayed_weights / optax.clip_by_global_norm into yours)"
+                "weight_decay and clip_norm apply to the named optimizers only, as does "
+                "clip_value (chain optax.add_decayed_weights / optax.clip_by_global_norm / "
+                "optax.clip into yours)"
             )
         if callable(config.learning_rate):
             raise ValueError(
@@ -422,16 +427,19 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
         )
     else:
         _refuse_unused(config, ("momentum",), f"config.optimizer is {chosen!r}")
-    clip_norm = config.clip_norm
-    if clip_norm is not None:
-        clip_norm = check_real(clip_norm, "config.clip_norm", low=0, low_open=True)
+    clipping = {}
+    for name in ("clip_norm", "clip_value"):
+        if getattr(config, name) is not None:
+            clipping[name] = check_real(
+                getattr(config, name), f"config.{name}", low=0, low_open=True
+            )
     if callable(config.learning_rate):
         _checked_schedule(config.learning_rate, "config.learning_rate")
     return optimizer(
         chosen,
         schedule,
         weight_decay=check_real(config.weight_decay, "config.weight_decay", low=0),
-        clip_norm=clip_norm,
+        **clipping,
         **settings,
     )
 

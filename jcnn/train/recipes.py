@@ -400,6 +400,7 @@ def run_recipe(
         "weight_decay",
         "momentum",
         "clip_norm",
+        "clip_value",
         "val_split",
         "val_split_seed",
         "standardize",

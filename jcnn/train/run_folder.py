@@ -143,10 +143,10 @@ _RUN_FOLDERS = ("checkpoints", "best")
 _MISSING = "(absent)"
 _CHECKPOINT_DIR = re.compile(r"step_\d{8}")
 
-ADDED_LATER = {"train.no_grad": ([], {})}
+ADDED_LATER = {"train.no_grad": ([], {}), "train.clip_value": (None,)}
 """Settings newer than some run folders, with the values that mean what a record without them
-meant (``no_grad=()`` records ``[]``, jcnn-train's empty mapping ``{}``): a resume with one of
-those values is the same run."""
+meant (``no_grad=()`` records ``[]``, jcnn-train's empty mapping ``{}``; no ``clip_value`` is
+``None``): a resume with one of those values is the same run."""
 
 CORRECTED_LATER = {"settings.model": ("lenet5", None), "settings.batch_size": (128, None)}
 """Entries that older ``jcnn-train --recipe`` records held wrongly, ``(old value, value now)``:

@@ -261,6 +261,9 @@ def _assert_one_line(err):
         (["--optimizer", "momentum", "--momentum", "1.0"], "--momentum"),
         (["--momentum", "0.5"], "--momentum applies to --optimizer momentum"),
         (["--clip-norm", "0"], "--clip-norm"),
+        (["--clip-value", "0"], "--clip-value: expected a positive number, got 0"),
+        (["--clip-value", "-1"], "--clip-value"),
+        (["--clip-value", "inf"], "--clip-value"),
         (["--label-smoothing", "1"], "--label-smoothing"),
         (["--schedule", "step", "--step-epochs", "1,x"], "--step-epochs: expected comma-sep"),
         (["--schedule", "step", "--step-epochs", "3,2"], "--step-epochs: expected increasing"),
@@ -346,6 +349,7 @@ def _assert_one_line(err):
         (["--recipe", "airbench94", "--dataset", "tfds:cifar100"], "built for cifar10 (its"),
         (["--recipe-any-dataset"], "--recipe-any-dataset: only with --recipe"),
         (["--recipe", "mnist99", "--model", "lenet5"], "--recipe mnist99 sets --model itself"),
+        (["--recipe", "mnist99", "--clip-value", "1"], "--recipe mnist99 sets --clip-value"),
         (["--recipe", "airbench94", "--no-grad", "head/*"], "--recipe airbench94 sets --no-grad"),
         (["--no-grad", "conv1/*@-1"], "--no-grad: expected PATTERN or PATTERN@EPOCH with an epoch"),
         (["--no-grad", "conv1/*@x"], "got 'conv1/*@x'"),
@@ -517,6 +521,19 @@ def _snapshot(folder):
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def test_clip_value_is_recorded_and_another_one_does_not_resume(tmp_path, capsys):
+    # jcnn-train had no flag for it (train.optimizer's clip_value); what it does to the
+    # gradients is tested through fit in tests/train/test_loop.py
+    out = tmp_path / "run"
+    argv = [*SMALL_SYNTHETIC, "--batch-size", "32", "--out", str(out), "--clip-value", "0.5"]
+    assert _main([*argv, "--no-progress"], capsys)[0] == 0
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert train["clip_value"] == 0.5 and train["clip_norm"] is None
+    argv[-1] = "0.25"
+    code, err = _main([*argv, "--no-progress", "--resume"], capsys)
+    assert code != 0 and "--clip-value: 0.5 in the run, 0.25 now" in err
 
 
 @pytest.mark.parametrize(

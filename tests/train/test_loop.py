@@ -372,6 +372,33 @@ def test_bad_optimizer_and_learning_rate_are_named(rng):
         fit(TinyNet(), train, None, _quiet(optimizer=optax.sgd(0.1), weight_decay=1e-4))
 
 
+def test_clip_value_clips_each_entry_before_clip_norm(rng):
+    # TrainConfig had clip_norm only: clip_value was reachable through optimizer() alone
+    train, _ = _loaders(*_data(rng, n=48))
+    sgd = dict(optimizer="sgd", learning_rate=1.0, schedule="constant", max_steps=1)
+
+    class Start(Callback):
+        def on_train_begin(self, run):
+            self.params = [np.asarray(p) for p in jax.tree.leaves(run.state.params)]
+
+    start = Start()
+    clipped = fit(_FlatNet(), train, None, _quiet(**sgd, clip_value=1e-4, callbacks=(start,)))
+    for before, after in zip(start.params, _final_params(clipped), strict=True):
+        moved = np.abs(after - before)
+        assert moved.max() <= 1e-4 * (1 + 1e-3) and moved.max() > 0.5e-4
+    both = _quiet(**sgd, clip_value=1e-4, clip_norm=1e-5)
+    reference = optax.chain(optax.clip(1e-4), optax.clip_by_global_norm(1e-5), optax.sgd(1.0))
+    theirs = _quiet(optimizer=reference, max_steps=1)
+    for a, b in zip(
+        _final_params(fit(_FlatNet(), train, None, both)),
+        _final_params(fit(_FlatNet(), train, None, theirs)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="named optimizers only, as does clip_value"):
+        fit(_FlatNet(), train, None, _quiet(optimizer=optax.sgd(0.1), clip_value=1.0))
+
+
 @pytest.mark.parametrize(
     "setting, error, says",
     [
@@ -379,6 +406,9 @@ def test_bad_optimizer_and_learning_rate_are_named(rng):
         (dict(weight_decay=-1.0), ValueError, "config.weight_decay: expected a finite number >= 0"),
         (dict(optimizer="momentum", momentum=1.5), ValueError, r"config.momentum: .* \[0, 1\)"),
         (dict(clip_norm=0.0), ValueError, "config.clip_norm: expected a finite number > 0"),
+        (dict(clip_value=-1.0), ValueError, "config.clip_value: expected a finite number > 0"),
+        (dict(clip_value=float("inf")), ValueError, "config.clip_value: expected a finite"),
+        (dict(clip_value="1"), TypeError, "config.clip_value: expected a finite number > 0"),
         (dict(standardize="z"), ValueError, "config.standardize: expected one of 'per_channel'"),
         (dict(standardize=1), TypeError, "config.standardize: expected one of 'per_channel'"),
     ],

@@ -211,6 +211,13 @@ def test_a_run_recorded_before_no_grad_existed_resumes_only_without_it():
     assert run_folder.differences(recorded, {"train": {**old["train"], "no_grad": []}})
 
 
+def test_a_run_recorded_before_clip_value_existed_resumes_only_without_it():
+    old = {"train": {"schedule": "cosine", "clip_norm": None}}
+    assert not run_folder.differences(old, {"train": {**old["train"], "clip_value": None}})
+    changed = run_folder.differences(old, {"train": {**old["train"], "clip_value": 0.5}})
+    assert changed == [("train.clip_value", "(absent)", 0.5)]
+
+
 def test_a_cli_run_recorded_before_no_grad_existed_resumes():
     # jcnn-train records no --no-grad as an empty mapping ({}), not []: its run folders from
     # before no_grad existed were refused on --resume ("--no-grad: (absent) in the run, {} now")
