@@ -144,6 +144,8 @@ class Maxout(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply maxout to ``x`` of shape ``(N, ..., C)``."""
         if self.linear is not None:
+            # checked here, so that a wrong size names Maxout and not its inner Dense
+            check_input(x, None, self.linear.in_features, "Maxout")
             x = self.linear(x)
         return F.maxout(x, self.num_pieces)
 

@@ -68,3 +68,12 @@ def test_prelu_arguments_are_checked_as_in_the_linen_twin():
         jnnx.PReLU(alpha_init="a")
     with pytest.raises(TypeError, match="^channelwise: expected a Python bool, got 'no'$"):
         jnnx.PReLU(channelwise="no", num_features=3)
+
+
+def test_maxout_wrong_input_size_names_maxout():
+    # the learned Maxout's inner Dense is an implementation detail: the error names Maxout
+    layer = jnnx.Maxout(3, 2, in_features=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x: Maxout was built for 4 features .*\(5, 3\)"):
+        layer(jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match="rank >= 1 .* for Maxout"):
+        layer(jnp.float32(1.0))
