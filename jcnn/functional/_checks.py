@@ -218,6 +218,25 @@ def window_padding(
     return pads
 
 
+# XLA computes an array's size in bytes as a signed 64-bit integer; a larger shape aborts the
+# process (a C++ "overflow in static extent product"), where a merely too large one is a
+# catchable out-of-memory error.
+_MAX_BYTES = 2**63 - 1
+
+
+def check_extent(shape: Sequence[int], dtype, name: str, what: str) -> None:
+    """Raise a ValueError naming ``name`` when an array ``shape`` of ``dtype`` (the ``what`` an op
+    would build, e.g. "padded input") has more bytes than XLA can count, instead of XLA aborting
+    the process. A symbolic dimension (``jax.export`` shape polymorphism) counts as 1.
+    """
+    known = [int(n) if isinstance(n, (int, np.integer)) else 1 for n in shape]
+    if math.prod(known) * np.dtype(dtype).itemsize > _MAX_BYTES:
+        raise ValueError(
+            f"{name}: the {what} would have shape {tuple(shape)}, more than 2**63 - 1 bytes of "
+            f"{np.dtype(dtype).name}"
+        )
+
+
 def float32_or_wider(dtype):
     """float32 for the half-precision floats, else ``dtype`` itself (float64 stays float64): the
     type jcnn computes and accumulates in, rounding once to the input's type at the end, as

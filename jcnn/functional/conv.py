@@ -29,6 +29,7 @@ from jcnn.functional._checks import (
     check_array,
     check_bool,
     check_choice,
+    check_extent,
     check_positive_int,
     normalize_padding,
     window_padding,
@@ -217,6 +218,13 @@ def conv(
                 f"padding: 'circular' padding must be at most the input size, got {(lo, hi)} "
                 f"for size {size} along spatial dim {dim}"
             )
+    padded = [size + lo + hi for size, (lo, hi) in zip(sizes, pads, strict=True)]
+    out_sizes = [
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, s, d in zip(padded, w.shape[:-2], stride, dilation, strict=True)
+    ]
+    check_extent((x.shape[0], *padded, in_channels), x.dtype, "padding", "padded input")
+    check_extent((x.shape[0], *out_sizes, out_channels), x.dtype, "padding", "output")
     x, w, b = _promote(x, w, b)
     if flip:
         w = jnp.flip(w, axis=tuple(range(spatial_rank)))
@@ -359,6 +367,9 @@ def conv_transpose(
                 f"(size {size}, kernel {k}, stride {s}, dilation {d}, output_padding {extra})"
             )
 
+    dilated = [(size - 1) * s + 1 for size, s in zip(sizes, stride, strict=True)]
+    check_extent((x.shape[0], *dilated, x.shape[-1]), x.dtype, "stride", "input spread by stride")
+    check_extent((x.shape[0], *out_sizes, out_channels), x.dtype, "dilation", "output")
     x, w, b = _promote(x, w, b)
     options = (stride, pads, dilation, groups, tuple(out_sizes))
     if 0 in sizes:

@@ -1163,3 +1163,34 @@ def test_output_padding_below_the_stride_or_the_dilation_is_accepted(backend, re
     )
     assert y.shape == (2, 10, 10, 4)
     np.testing.assert_allclose(y, np.moveaxis(expected.numpy(), 1, -1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "op, kwargs, name",
+    [
+        (conv, {"padding": 10**12}, "padding"),
+        (conv, {"padding": 380_000_000}, "padding"),  # elements fit int64, bytes do not
+        (conv_transpose, {"stride": 10**12}, "stride"),
+    ],
+)
+def test_a_shape_xla_cannot_count_is_a_value_error(op, kwargs, name):
+    # XLA aborted the whole process ("overflow in static extent product") when compiling these;
+    # traced abstractly here, so that the test cannot abort without the check
+    x = jax.ShapeDtypeStruct((2, 9, 9, 4), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32)
+    with pytest.raises(ValueError, match=rf"^{name}: the .* would have shape .*2\*\*63 - 1 bytes"):
+        jax.eval_shape(lambda x, w: op(x, w, **kwargs), x, w)
+
+
+def test_the_size_check_accepts_symbolic_shapes():
+    # jax.export with shape polymorphism: the symbolic sizes cannot be counted and pass
+    from jax import export
+
+    b, h, w = export.symbolic_shape("b, h, w")
+    kernel = jnp.ones((3, 3, 3, 4))
+    for op, channels in ((partial(conv, padding=1, stride=2), 3), (conv_transpose, 4)):
+        weights = kernel if channels == 3 else kernel.transpose(0, 1, 3, 2)
+        exported = export.export(jax.jit(lambda x, op=op, weights=weights: op(x, weights)))(
+            jax.ShapeDtypeStruct((b, h, w, channels), jnp.float32)
+        )
+        assert exported.out_avals[0].shape[0] == b
