@@ -52,6 +52,16 @@ def to_nnx(
         >>> model(x).shape
         (2, 10)
     """
+    if isinstance(linen_model, type):
+        raise TypeError(
+            f"linen_model: expected a Flax Linen module instance such as "
+            f"{linen_model.__name__}(...), got the class {linen_model.__name__}"
+        )
+    if isinstance(linen_model, nnx.Module):  # its class name alone reads like the Linen twin's
+        raise TypeError(
+            f"linen_model: expected a flax.linen.Module, got the NNX module "
+            f"{type(linen_model).__name__}; it is NNX already: use it as it is"
+        )
     if not isinstance(linen_model, linen.Module):
         raise TypeError(
             f"linen_model: expected a flax.linen.Module, got {type(linen_model).__name__}"

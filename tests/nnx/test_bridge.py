@@ -129,3 +129,12 @@ def test_load_linen_variables_refuses_a_mismatch_and_leaves_the_module_as_it_was
         jnnx.linen_variables({"params": {}})
     jnnx.load_linen_variables(model, good)
     _assert_trees_close(jnnx.linen_variables(model), good, rtol=0)
+
+
+def test_to_nnx_names_a_class_and_an_nnx_module():
+    # "got type" and "got Flatten" (an NNX module named like its Linen twin) said neither
+    x = jnp.zeros((1, 28, 28, 1))
+    with pytest.raises(TypeError, match=r"^linen_model: .* LeNet5\(\.\.\.\), got the class"):
+        jnnx.to_nnx(models.LeNet5, x, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"^linen_model: .*got the NNX module Flatten"):
+        jnnx.to_nnx(jnnx.Flatten(), x, rngs=nnx.Rngs(0))
