@@ -422,9 +422,16 @@ def _interleaved_transpose(x, w, *, stride, pads, output_padding, dilation, grou
         (d * (k - 1) - lo, d * (k - 1) - hi + extra)
         for k, d, (lo, hi), extra in zip(window, dilation, pads, output_padding, strict=True)
     ]
-    interleave = [
-        (min(lo, 0), min(hi, 0), s - 1) for (lo, hi), s in zip(edges, stride, strict=True)
-    ]
+    interleave, conv_pads = [], []
+    for size, (lo, hi), s in zip(x.shape[1:-1], edges, stride, strict=True):
+        if (size - 1) * s + 1 + min(lo, 0) + min(hi, 0) < 0:
+            # The crop reaches past the input into the other side's padding (a large padding
+            # beside an output_padding): lax.pad applies both edges at once.
+            interleave.append((lo, hi, s - 1))
+            conv_pads.append((0, 0))
+        else:
+            interleave.append((min(lo, 0), min(hi, 0), s - 1))
+            conv_pads.append((max(lo, 0), max(hi, 0)))
     x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *interleave, (0, 0, 0)])
-    conv_pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in edges)
+    conv_pads = tuple(conv_pads)
     return _conv_general(x, forward_w, (1,) * spatial_rank, conv_pads, dilation, groups)

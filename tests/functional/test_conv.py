@@ -1143,6 +1143,30 @@ def test_conv_transpose_of_a_spatially_empty_input_has_the_documented_size_at_an
     np.testing.assert_array_equal(dw, np.zeros_like(w))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
+def test_conv_transpose_padding_that_crops_into_the_output_padding(backend, dtype, request):
+    # The full output of 4 pixels, kernel 3, stride 3, output_padding 2 has 14 pixels, the last
+    # two from output_padding; padding (13, 0) keeps only the last: the bias. XLA's path cropped
+    # 11 pixels from an interleaved input of 10 and lax.pad raised a raw error.
+    from jcnn import native
+
+    if backend == "onednn":
+        request.getfixturevalue("onednn")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 3, 2)).astype(dtype)
+    w = rng.standard_normal((3, 2, 2, 3)).astype(dtype)
+    b = np.arange(3, dtype=dtype)
+    options = {"stride": (3, 1), "padding": ((13, 0), (1, 0)), "output_padding": (2, 0)}
+    with jax.enable_x64(dtype == "float64"), native.conv_backend_scope(backend):
+        y = conv_transpose(x, w, b, **options)
+        dx, dw = jax.grad(lambda x, w: conv_transpose(x, w, **options).sum(), (0, 1))(x, w)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, np.broadcast_to(np.arange(3), (2, 1, 3, 3)))
+    np.testing.assert_array_equal(dx, np.zeros_like(x))
+    np.testing.assert_array_equal(dw, np.zeros_like(w))
+
+
 @pytest.mark.parametrize("backend", ["xla", "onednn"])
 def test_output_padding_below_the_stride_or_the_dilation_is_accepted(backend, request, torch, rng):
     # The boundary of the rule above: output_padding 1 < stride 2 in one dim, 2 < dilation 3 in
