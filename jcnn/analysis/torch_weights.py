@@ -549,6 +549,11 @@ def from_torchvision_state_dict(
 
     _check_state_dict(state_dict)
     input_shape = check_input_shape(input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(
+            f"input_shape: expected (N, H, W, C) with the batch axis, e.g. (1, 224, 224, 3), "
+            f"got {input_shape}"
+        )
     shapes = jax.eval_shape(
         model.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32)
     )

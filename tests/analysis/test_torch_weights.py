@@ -584,6 +584,14 @@ def test_torchvision_input_shape_is_checked():
         from_torchvision_state_dict(model, {}, np.array([1, 32, 32, 3]))
 
 
+def test_torchvision_input_shape_without_the_batch_axis_is_named():
+    # (32, 32, 3) was traced as the model's input and blamed "x: expected rank 4"
+    model = jcnn.models.MobileNetV2(num_classes=3)
+    for shape in ((32, 32, 3), (1, 1, 32, 32, 3)):
+        with pytest.raises(ValueError, match=r"input_shape: expected \(N, H, W, C\)"):
+            from_torchvision_state_dict(model, {}, shape)
+
+
 def test_imported_variables_do_not_share_memory_with_the_tensors(torch, rng):
     # on CPU the variables aliased the tensors: a training-mode forward of the PyTorch twin
     # (running statistics) or an optimizer step then changed the imported jcnn variables
