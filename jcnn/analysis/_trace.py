@@ -227,9 +227,19 @@ def trace_layers(model: nn.Module, input_shape, dtype=jnp.float32):
         with nn.intercept_methods(interceptor):
             return model.init(jax.random.key(0), x, **kwargs)
 
-    program, variables = jax.make_jaxpr(init, return_shape=True)(
-        jax.ShapeDtypeStruct(input_shape, dtype)
-    )
+    try:
+        program, variables = jax.make_jaxpr(init, return_shape=True)(
+            jax.ShapeDtypeStruct(input_shape, dtype)
+        )
+    except (ValueError, TypeError) as error:
+        # a layer refusing its input ("x: ...") refuses the shape the caller chose, often one
+        # without the batch axis: name the argument they passed, not the layer's
+        if type(error) not in (ValueError, TypeError) or not str(error).startswith("x:"):
+            raise
+        raise type(error)(
+            f"input_shape: the model refused an input of shape {input_shape} (input_shape "
+            f"includes the batch axis): {error}"
+        ) from error
     alive.clear()
     _check_pointwise(calls, program.jaxpr)
     _mark_branches(calls, program.jaxpr)

@@ -446,6 +446,10 @@ def test_summary_input_checks():
         summary(lambda x: x, (1, 4, 4, 1))
     with pytest.raises(ValueError, match="x: expected rank 4"):
         summary(jcnn.models.LeNet5(), (28, 28, 1))
+    # the layer's "x:" named an argument nobody passed: the shape is the caller's input_shape
+    for tool in (summary, receptive_field):
+        with pytest.raises(ValueError, match=r"^input_shape: the model refused an input of shape"):
+            tool(jcnn.models.LeNet5(), (28, 28, 1))
 
 
 def test_local_contrast_norm_depends_on_the_whole_image(rng):
