@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.analysis.ghost import _check_weight_values, _check_weights, ghost_clipped_sum
+from jcnn.analysis.ghost import _check_weight_values, _check_weights, _ghost_clipped_sum
 from jcnn.analysis.per_example import (
     _add_gaussian_noise,
     _batch_size,
     _check_finite,
     _norms,
-    per_example_grads,
+    _per_example_grads,
 )
 from jcnn.functional._checks import check_key
 
@@ -108,11 +108,11 @@ def private_grad(
     _check_denominator(denominator)
 
     if method == "ghost":
-        total, norms = ghost_clipped_sum(
-            loss_fn, params, batch, l2_norm_clip, weights=weights, chunk_size=chunk_size
+        total, norms = _ghost_clipped_sum(
+            loss_fn, params, batch, l2_norm_clip, weights, chunk_size, "mixed", "private_grad"
         )
     else:
-        grads = per_example_grads(loss_fn, params, batch, chunk_size=chunk_size)
+        grads = _per_example_grads(loss_fn, params, batch, chunk_size, None, "private_grad")
         norms = _norms(grads, size)
         factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
         if weights is not None:

@@ -536,13 +536,13 @@ def _tapped_pass(loss_fn, params, batch, layer_rule: str, where: str, keep: bool
     return plan, jax.vmap(per_example, in_axes=(None, None, 0))(free, leaves, batch)
 
 
-def _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule: str):
+def _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule: str, where: str):
     """``(sum_i w_i c_i g_i, norms)`` with ``c_i = min(1, C / ||g_i||)`` from the single pass of
     ``_tapped_pass`` (Book-Keeping). A ghost layer's clipped kernel and bias gradient is its
     batched weight gradient with each example's output cotangent scaled by ``w_i c_i``; a direct
     layer's and a materialized leaf's is ``sum_i w_i c_i grad_i`` of the gradients at hand."""
     plan, (square, free_grads, kept) = _tapped_pass(
-        loss_fn, params, batch, layer_rule, "ghost_clipped_sum", keep=True
+        loss_fn, params, batch, layer_rule, where, keep=True
     )
     leaves, treedef, calls, ghost, materialized = plan
     norms = _sqrt_of_square(square)
@@ -657,6 +657,15 @@ def ghost_clipped_sum(
     >>> np.round(total["kernel"][:, 0], 3).tolist(), norms.tolist()  # two unit gradients
     ([0.6, 1.8], [70.0, 2.0])
     """
+    return _ghost_clipped_sum(
+        loss_fn, params, batch, l2_norm_clip, weights, chunk_size, layer_rule, "ghost_clipped_sum"
+    )
+
+
+def _ghost_clipped_sum(
+    loss_fn, params, batch, l2_norm_clip, weights, chunk_size, layer_rule, where
+):
+    """``ghost_clipped_sum``, its errors naming ``where`` (the public function called)."""
     _check_finite(l2_norm_clip, "l2_norm_clip")
     size = _batch_size(batch)
     _check_chunk_size(chunk_size, None, size)
@@ -672,8 +681,8 @@ def ghost_clipped_sum(
         return zeros, jnp.zeros(0, _norms_dtype(params))
 
     def clipped_sum(params, batch, weights):
-        with per_example_trace("ghost_clipped_sum"):
-            return _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule)
+        with per_example_trace(where):
+            return _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule, where)
 
     if chunk_size is None or chunk_size >= size:
         return clipped_sum(params, batch, weights)

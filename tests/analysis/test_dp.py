@@ -278,3 +278,30 @@ def test_private_grad_padding_with_a_nan_gradient_adds_nothing(method):
     )
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_train_mode_batch_norm_is_refused_naming_private_grad(method):
+    # the refusal named the function private_grad called (ghost_clipped_sum or
+    # per_example_grads), whose advice (per_example_grads' axis_name) has no DP guarantee
+    model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm(), nn.Flatten(), nn.Dense(2)])
+    images = jnp.ones((3, 4, 4, 1))
+    variables = model.init(jax.random.key(0), images, train=False)
+
+    def loss(params, batch):
+        out, _ = model.apply(
+            {**variables, "params": params}, batch, train=True, mutable=["batch_stats"]
+        )
+        return jnp.mean(out)
+
+    with pytest.raises(ValueError, match=r"^private_grad: the model computes BatchNorm") as error:
+        private_grad(
+            loss,
+            variables["params"],
+            images,
+            jax.random.key(1),
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            method=method,
+        )
+    assert "(private_grad takes no axis_name)" in str(error.value)
