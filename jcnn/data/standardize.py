@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_choice, check_positive_int, check_real
+from jcnn.functional._checks import check_choice, check_key, check_positive_int, check_real
 
 __all__ = ["Standardize", "MODES"]
 
@@ -287,7 +287,16 @@ class Standardize:
         if len(args) == 1:
             (images,) = args
         elif len(args) == 2:
-            _, images = args
+            key, images = args
+            try:
+                check_key(key)
+            except ValueError:
+                pass  # a batch of keys beside a batch of images: the key is not used anyway
+            except TypeError as error:
+                raise TypeError(
+                    f"{error} (Standardize takes (images), or (key, image) as an augmentation op; "
+                    "stats(a, b) does not standardize two arrays)"
+                ) from None
         else:
             raise TypeError(
                 f"Standardize: expected (images) or (key, image) as an augmentation op, got "

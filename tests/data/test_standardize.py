@@ -128,6 +128,20 @@ def test_standardize_as_the_last_op_of_an_augmentation_pipeline(rng):
         stats(key, images, images)
 
 
+def test_two_arrays_are_not_read_as_a_key_and_an_image(rng):
+    """``stats(train, test)`` used to drop ``train`` silently as an unused key."""
+    from jcnn import data
+
+    images = rng.integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
+    stats = data.Standardize.fit(images)
+    for first in (images, images.astype(np.float32), 3, "key"):
+        with pytest.raises(TypeError, match=r"key: expected a jax.random key.*Standardize takes"):
+            stats(first, images)
+    # keys of both kinds, alone or batched beside a batch, are still accepted
+    for key in (jax.random.key(0), jax.random.PRNGKey(0), jax.random.split(jax.random.key(0), 4)):
+        np.testing.assert_array_equal(stats(key, images), stats(images))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("mode", ["per_channel", "center", "mean_image", "pca", "zca"])
 def test_non_finite_training_data_is_refused(mode, bad):
