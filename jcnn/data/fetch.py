@@ -267,6 +267,11 @@ def download(
       DownloadError: every address failed for a file; the message lists each address with its
         failure, and how to place the files by hand.
     """
+    return _download(name, data_dir, mirrors, timeout, progress, force)[0]
+
+
+def _download(name, data_dir, mirrors, timeout, progress, force) -> tuple[Path, list[str]]:
+    """``download``, and the names of the files it fetched (none where all were there)."""
     source = _source(name)
     # numbers.Real takes NumPy's real scalars too (np.float32(5)), not bools or arrays
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -281,7 +286,7 @@ def download(
     if not force:
         held = _held_elsewhere(name, data_dir, folder)
         if held is not None:
-            return held
+            return held, []
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
@@ -299,13 +304,15 @@ def download(
                     f"{name}: {path} exists and is not a file, so {remote.filename} cannot be "
                     "written there; move it away"
                 )
+    fetched = []
     with _folder_lock(folder), _progress_bar(progress) as bar:
         for remote in source.files:
             target = folder / remote.filename
             if not force and target.is_file() and _mismatch(name, remote, target) is None:
                 continue
             _fetch_file(name, remote, addresses[remote.filename], target, timeout, bar)
-    return folder
+            fetched.append(remote.filename)
+    return folder, fetched
 
 
 def _held_elsewhere(name: str, data_dir, folder: Path) -> Path | None:
@@ -667,12 +674,13 @@ def _main(argv) -> int:
             )
             return 2
         try:
-            folder = download(
+            folder, fetched = _download(
                 args.name,
-                data_dir=args.data_dir,
-                timeout=args.timeout,
-                progress=not args.no_progress and sys.stderr.isatty(),
-                force=args.force,
+                args.data_dir,
+                None,
+                args.timeout,
+                not args.no_progress and sys.stderr.isatty(),
+                args.force,
             )
         except DownloadError as err:
             print(f"jcnn-data: {err}", file=sys.stderr)
@@ -685,6 +693,13 @@ def _main(argv) -> int:
                 f"{args.name}: already in {folder}, where jcnn.data.load reads it; nothing "
                 "downloaded (--force to download anyway)"
             )
+        elif not fetched:
+            print(
+                f"{args.name}: every file already in {folder}, verified; nothing downloaded "
+                "(--force to download anyway)"
+            )
+        else:
+            print(f"{args.name}: downloaded {', '.join(fetched)} into {folder}")
     if given is not None and not given.is_dir():
         print(f"jcnn-data: --data-dir {args.data_dir}: no such folder", file=sys.stderr)
         return 2

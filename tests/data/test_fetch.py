@@ -489,6 +489,19 @@ def test_cli_download_verify_list(tmp_path, server, monkeypatch, capsys, data_di
     assert fetch.main(["download", "fashion_mnist", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("ok: the official file") == 4
+    folder = tmp_path / "fashion_mnist"
+    files = ", ".join(f.filename for f in fetch.SOURCES["fashion_mnist"].files)
+    assert f"fashion_mnist: downloaded {files} into {folder}" in out
+    # again: the ok lines alone did not say whether anything was fetched
+    fetched = len(server.requests)
+    assert fetch.main(["download", "fashion_mnist", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert len(server.requests) == fetched
+    assert f"fashion_mnist: every file already in {folder}, verified; nothing downloaded" in out
+    first = fetch.SOURCES["fashion_mnist"].files[0].filename
+    (folder / first).unlink()
+    assert fetch.main(["download", "fashion_mnist", "--data-dir", str(tmp_path)]) == 0
+    assert f"fashion_mnist: downloaded {first} into {folder}\n" in capsys.readouterr().out
     assert fetch.main(["verify", "mnist", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
     assert (
