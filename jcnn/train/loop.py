@@ -76,7 +76,7 @@ from jcnn.train.protocol import (
     loader_length,
 )
 from jcnn.train.splits import split_validation, validation_size
-from jcnn.train.state import TrainState
+from jcnn.train.state import TrainState, check_model
 from jcnn.train.steps import check_loss_fn, eval_step, metric_pairs, train_step, train_steps
 
 __all__ = ["TrainConfig", "fit", "evaluate", "build_schedule", "NonFiniteLossError"]
@@ -1162,6 +1162,7 @@ def _fit(
     metadata,
     settings,
 ) -> dict:
+    check_model(model)  # first, as the first argument: an NNX model's loader may be none of fit's
     check_train_loader(train_loader)
     check_positive_int(config.epochs, "config.epochs")
     _check_non_negative_int(config.eval_every_steps, "config.eval_every_steps")

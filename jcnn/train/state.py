@@ -61,6 +61,25 @@ def _init_variables(model, rngs, sample_input):
     return (unoptimized if size <= _UNOPTIMIZED_INIT_UP_TO else optimized)(*args)
 
 
+def check_model(model) -> None:
+    """Refuse what jcnn's training cannot run: a class, an NNX module, an object without Flax's
+    ``init``/``apply``, a module whose ``__call__`` takes no ``train``."""
+    if isinstance(model, type):
+        raise TypeError(
+            f"model: expected a Flax module instance such as {model.__name__}(...), got the "
+            f"class {model.__name__}"
+        )
+    if isinstance(model, nnx.Module):  # to_nnx's has an `init` too, and failed deep in Flax
+        raise TypeError(
+            f"model: expected a Flax Linen module (jcnn's training runs its init and apply), "
+            f"got the NNX module {type(model).__name__}; train an NNX model with "
+            "nnx.Optimizer under nnx.jit (docs/nnx.md), or give fit its Linen twin"
+        )
+    if not hasattr(model, "init") or not hasattr(model, "apply"):
+        raise TypeError(f"model: expected a Flax module, got {type(model).__name__}")
+    _check_takes_train(model)
+
+
 def _check_takes_train(model) -> None:
     """Raise a ``TypeError`` naming ``model`` unless its ``__call__`` takes ``train=`` (``create``
     and every step pass it; Flax's own error names neither the argument nor the rule)."""
@@ -121,20 +140,7 @@ class TrainState:
         Returns:
             A ``TrainState`` at step 0.
         """
-        if isinstance(model, type):
-            raise TypeError(
-                f"model: expected a Flax module instance such as {model.__name__}(...), got the "
-                f"class {model.__name__}"
-            )
-        if isinstance(model, nnx.Module):  # to_nnx's has an `init` too, and failed deep in Flax
-            raise TypeError(
-                f"model: expected a Flax Linen module (jcnn's training runs its init and apply), "
-                f"got the NNX module {type(model).__name__}; train an NNX model with "
-                "nnx.Optimizer under nnx.jit (docs/nnx.md), or give fit its Linen twin"
-            )
-        if not hasattr(model, "init") or not hasattr(model, "apply"):
-            raise TypeError(f"model: expected a Flax module, got {type(model).__name__}")
-        _check_takes_train(model)
+        check_model(model)
         if isinstance(tx, optax.MultiSteps):  # gradient accumulation, as fit takes it
             tx = tx.gradient_transformation()
         if not isinstance(tx, optax.GradientTransformation):

@@ -372,6 +372,23 @@ def test_bad_optimizer_and_learning_rate_are_named(rng):
         fit(TinyNet(), train, None, _quiet(optimizer=optax.sgd(0.1), weight_decay=1e-4))
 
 
+def test_a_model_fit_cannot_train_is_named_before_the_loader():
+    # an NNX model's data is often a plain list of batches: fit reported the list ("train_loader:
+    # expected a loader ...") and only after a fix of it the model
+    from flax import nnx
+
+    from jcnn import nnx as jnnx
+
+    batches = [(np.zeros((2, 4), np.float32), np.zeros(2, np.int32))]
+    for model, says in (
+        (jnnx.Dense(4, 2, rngs=nnx.Rngs(0)), "got the NNX module Dense"),
+        (TinyNet, "got the class TinyNet"),
+        (lambda x, train: x, "expected a Flax module, got function"),
+    ):
+        with pytest.raises(TypeError, match=f"^model: .*{says}"):
+            fit(model, batches, None, _quiet())
+
+
 def test_clip_value_clips_each_entry_before_clip_norm(rng):
     # TrainConfig had clip_norm only: clip_value was reachable through optimizer() alone
     train, _ = _loaders(*_data(rng, n=48))
