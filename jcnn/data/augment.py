@@ -921,11 +921,9 @@ def pixmix(
             partner = jnp.where(jax.random.bernoulli(k_pick), augmented, partner)
         a, b = _mixing_weights(k_weights, beta, x_mixed.dtype)
         added = ((a * (2 * x_mixed - 1) + b * (2 * partner - 1)) + 1) / 2
-        multiplied = (
-            jnp.power(jnp.maximum(2 * x_mixed, 1e-6), a)
-            * jnp.power(jnp.maximum(2 * partner, 1e-6), b)
-            / 2
-        )
+        # as the reference: only the partner is clipped (b may be negative), at 1e-37, so that a
+        # black partner pixel darkens the image where b > 0 (a clip at 1e-6 left 1e-6^b)
+        multiplied = jnp.power(2 * x_mixed, a) * jnp.power(jnp.maximum(2 * partner, 1e-37), b) / 2
         step = jnp.where(jax.random.bernoulli(k_op), added, multiplied)
         return jnp.clip(jnp.where(i < rounds, step, x_mixed), 0.0, 1.0)
 

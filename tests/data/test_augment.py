@@ -1,6 +1,7 @@
 """Tests of jcnn.data.augment: exact tests of deterministic ops, statistics of random ones."""
 
 import functools
+import math
 import re
 import warnings
 
@@ -1127,3 +1128,19 @@ def test_rotate_and_translate_name_an_image_that_is_not_an_array(call):
     # they read image.dtype first: AttributeError: 'list' object has no attribute 'dtype'
     with pytest.raises(TypeError, match=r"image: expected an array \(H, W, C\), got list"):
         call([[[0.0]]])
+
+
+def test_pixmix_multiplies_by_a_black_partner_as_the_reference():
+    # PixMix's multiply: (2u)^a (2v)^b / 2 with only the partner clipped, at 1e-37 (the reference
+    # code's img2.clip(1e-37)): a black partner pixel darkens the image to about 0 where b > 0.
+    # jcnn clipped both at 1e-6, so a black partner only scaled a pixel by 1e-6^b (0.5 at b = 0.05).
+    # Image 0.5, partner 0, k = 1: one round with probability 1/2, multiplicative and
+    # interpolating (b ~ Beta(1, 3)) each 1/2; 0.5 * 1e-37^b < 0.01 where b > log10(50) / 37.
+    n = 4000
+    keys = jax.random.split(jax.random.key(0), n)
+    image = jnp.full((2, 2, 1), 0.5, jnp.float32)
+    black = jnp.zeros((1, 2, 2, 1), jnp.float32)
+    out = jax.jit(jax.vmap(lambda k: A.pixmix(k, image, k=1, beta=3.0, mixing_images=black)))(keys)
+    dark = int((np.asarray(out)[:, 0, 0, 0] < 0.01).sum())
+    expected = (1 - math.log10(50) / 37) ** 3 / 8
+    assert stats.binomtest(dark, n, expected).pvalue > P_MIN, (dark / n, expected)
