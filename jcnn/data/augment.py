@@ -871,9 +871,11 @@ def pixmix(
     multiplicatively, a random number of times.
 
     Starting from the image (or ``augment(image)``, with probability 1/2 where ``augment`` is
-    given), up to ``k`` rounds (the count uniform on ``0..k``) each mix in a partner: a
-    :func:`pattern`, a random one of ``mixing_images`` (``(M, H, W, C)`` in the image's units),
-    or, with probability 1/2 where ``augment`` is given, a fresh ``augment(image)``. Each round is
+    given), up to ``k`` rounds (the count uniform on ``0..k``) each mix in a partner: the image's
+    mixing picture, or, with probability 1/2 where ``augment`` is given, a fresh
+    ``augment(image)``. As in the paper, the mixing picture is drawn once per image and mixed in at
+    every such round: a :func:`pattern`, or a random one of ``mixing_images`` (``(M, H, W, C)`` in
+    the image's units). Each round is
     additive, ``a u + b v`` on values mapped to ``[-1, 1]``, or multiplicative,
     ``(2u)^a (2v)^b / 2``, with probability 1/2; ``(a, b)`` come from Beta draws with parameter
     ``beta``. The result is clipped to the value range.
@@ -901,7 +903,12 @@ def pixmix(
             )
     max_value = _max_value(image.dtype)
     x = _to_float(image) / max_value
-    keys = jax.random.split(key, 4)
+    keys = jax.random.split(key, 5)
+    if mixing_images is not None:
+        index = jax.random.randint(keys[4], (), 0, mixing_images.shape[0])
+        mixing_picture = _to_float(jnp.asarray(mixing_images)[index]) / max_value
+    else:
+        mixing_picture = pattern(keys[4], image.shape)
     if augment is not None:
         start = _to_float(augment(keys[0], image)) / max_value
         x_mixed = jnp.where(jax.random.bernoulli(keys[1]), start, x)
@@ -910,12 +917,8 @@ def pixmix(
     rounds = jax.random.randint(keys[2], (), 0, k + 1)
 
     def mix_round(i, x_mixed):
-        k_src, k_pick, k_aug, k_op, k_weights = jax.random.split(jax.random.fold_in(keys[3], i), 5)
-        if mixing_images is not None:
-            index = jax.random.randint(k_src, (), 0, mixing_images.shape[0])
-            partner = _to_float(jnp.asarray(mixing_images)[index]) / max_value
-        else:
-            partner = pattern(k_src, image.shape)
+        k_pick, k_aug, k_op, k_weights = jax.random.split(jax.random.fold_in(keys[3], i), 4)
+        partner = mixing_picture
         if augment is not None:
             augmented = _to_float(augment(k_aug, image)) / max_value
             partner = jnp.where(jax.random.bernoulli(k_pick), augmented, partner)

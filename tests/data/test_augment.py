@@ -1144,3 +1144,22 @@ def test_pixmix_multiplies_by_a_black_partner_as_the_reference():
     dark = int((np.asarray(out)[:, 0, 0, 0] < 0.01).sum())
     expected = (1 - math.log10(50) / 37) ** 3 / 8
     assert stats.binomtest(dark, n, expected).pvalue > P_MIN, (dark / n, expected)
+
+
+def test_pixmix_mixes_one_mixing_picture_per_image_as_the_paper():
+    # PixMix (Algorithm 1 and the reference code) takes one mixing picture per image and mixes it
+    # in at every round that does not mix in augment(image); jcnn drew a new one each round.
+    # Image 0.5 and mixing picture m: 1.0 in channel m, 0.5 elsewhere. A round with a 0.5
+    # partner leaves a 0.5 value exactly (additive: (a 0 + b 0 + 1) / 2; multiplicative:
+    # 1^a 1^b / 2), so only the channel of the image's one picture may change.
+    count = 6
+    mixing = jnp.full((count, 2, 2, count), 0.5, jnp.float32)
+    mixing = mixing.at[jnp.arange(count), :, :, jnp.arange(count)].set(1.0)
+    image = jnp.full((2, 2, count), 0.5, jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 3000)
+    out = jax.jit(jax.vmap(lambda k: A.pixmix(k, image, k=4, mixing_images=mixing)))(keys)
+    changed = np.asarray(out)[:, 0, 0, :] != 0.5
+    assert changed.sum(axis=1).max() == 1
+    picked = changed[changed.any(axis=1)].argmax(axis=1)
+    assert len(picked) > 1500  # at least one round: 4/5
+    assert stats.chisquare(np.bincount(picked, minlength=count)).pvalue > P_MIN
