@@ -925,8 +925,11 @@ def pixmix(
         a, b = _mixing_weights(k_weights, beta, x_mixed.dtype)
         added = ((a * (2 * x_mixed - 1) + b * (2 * partner - 1)) + 1) / 2
         # as the reference: only the partner is clipped (b may be negative), at 1e-37, so that a
-        # black partner pixel darkens the image where b > 0 (a clip at 1e-6 left 1e-6^b)
-        multiplied = jnp.power(2 * x_mixed, a) * jnp.power(jnp.maximum(2 * partner, 1e-37), b) / 2
+        # black partner pixel darkens the image where b > 0 (a clip at 1e-6 left 1e-6^b); a black
+        # pixel of the image stays 0 (0^a), with a zero derivative instead of 0 * inf = NaN
+        positive = x_mixed > 0
+        image_power = jnp.where(positive, jnp.power(2 * jnp.where(positive, x_mixed, 1), a), 0)
+        multiplied = image_power * jnp.power(jnp.maximum(2 * partner, 1e-37), b) / 2
         step = jnp.where(jax.random.bernoulli(k_op), added, multiplied)
         return jnp.clip(jnp.where(i < rounds, step, x_mixed), 0.0, 1.0)
 

@@ -1163,3 +1163,19 @@ def test_pixmix_mixes_one_mixing_picture_per_image_as_the_paper():
     picked = changed[changed.any(axis=1)].argmax(axis=1)
     assert len(picked) > 1500  # at least one round: 4/5
     assert stats.chisquare(np.bincount(picked, minlength=count)).pvalue > P_MIN
+
+
+def test_pixmix_has_finite_gradients_at_black_image_pixels():
+    # the multiply's (2u)^a has an infinite derivative at u = 0 for a < 1: a black pixel of the
+    # image gave NaN gradients (0 * inf), also where the round was additive (jnp.where's branch)
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.uniform(size=(4, 4, 3)), jnp.float32).at[:2].set(0.0)
+    mixing = jnp.asarray(rng.uniform(size=(2, 4, 4, 3)), jnp.float32)
+
+    def total(x, seed, given):
+        return A.pixmix(jax.random.key(seed), x, k=4, mixing_images=given).sum()
+
+    for seed in range(8):
+        for given in (None, mixing):
+            grad = jax.grad(total)(image, seed, given)
+            assert np.isfinite(np.asarray(grad)).all(), seed
