@@ -1682,3 +1682,27 @@ def test_a_model_and_a_loader_given_one_seed_draw_no_key_alike(rng):
             loader.add(_key_bits(epoch_key))
             loader |= {_key_bits(jax.random.fold_in(epoch_key, s)) for s in range(len(train))}
     assert steps == 2 * len(train) and not model & loader
+
+
+def test_augmentation_acts_on_the_raw_images_then_standardization(rng):
+    # color_jitter (like trivial_augment, rand_augment, pixmix) works in the images' own units and
+    # clips to them: run on standardized images it clipped every training image to [0, 1] while
+    # the validation and test images kept their standardized range
+    import functools
+
+    from jcnn.data import augment
+    from jcnn.train.loop import _prepare_data
+
+    images, labels = _uint8_data(rng, 48)
+    jitter = functools.partial(augment.color_jitter, brightness=1e-6)  # a factor of ~1: identity
+    config = _quiet(standardize="per_channel", val_split=16)
+    plain, val, _, stats = _prepare_data(
+        config, Loader(images, labels, batch_size=16, seed=3), None, None, None
+    )
+    jittered, _, _, _ = _prepare_data(
+        config, Loader(images, labels, batch_size=16, seed=3, augment=jitter), None, None, None
+    )
+    for step in range(len(plain)):
+        expected, got = plain.batch(0, step)[0], jittered.batch(0, step)[0]
+        assert float(jnp.min(got)) < 0  # standardized, not clipped to [0, 1]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
