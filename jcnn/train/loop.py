@@ -150,8 +150,9 @@ class TrainConfig:
             ``val_split``.
         standardize: a ``jcnn.data.Standardize`` mode (``"per_channel"``...) fit on the training
             examples (after the validation split: never on validation or test examples) and
-            applied to the train, validation and test loaders; saved in the run folder.
-            ``None``: the loaders' images are used as they are.
+            applied to the train, validation and test loaders (to the training images after
+            the training loader's ``augment``, whose ops work in the raw images' units); saved in
+            the run folder. ``None``: the loaders' images are used as they are.
         eval_every_steps: also evaluate the validation set every that many steps (0: each epoch
             only); needs a validation set.
         eval_batch_size: batch size of the validation loader carved by ``val_split`` (only
