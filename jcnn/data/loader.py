@@ -48,6 +48,7 @@ BatchAugment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.
 
 
 _MAX_EPOCH = 2**31 - 1  # the jitted batch takes the epoch as an int32
+_SAME = object()  # with_examples: keep the loader's own augment
 
 
 def _batch_pieces(sharding: jax.sharding.Sharding) -> int:
@@ -384,17 +385,22 @@ class Loader:
         return self._images, self._labels
 
     def with_examples(
-        self, images: np.ndarray | jax.Array, labels: np.ndarray | jax.Array
+        self,
+        images: np.ndarray | jax.Array,
+        labels: np.ndarray | jax.Array,
+        *,
+        augment: ExampleAugment | None | object = _SAME,
     ) -> Loader:
         """A loader with these settings (batch size, order, seed, augmentations, sharding) over
-        other examples, e.g. the training part of a split or standardized images."""
+        other examples, e.g. the training part of a split or standardized images; ``augment``,
+        where given, replaces the per-example augmentation (``None``: none)."""
         return type(self)(
             images,
             labels,
             batch_size=self.batch_size,
             shuffle=self.shuffle,
             seed=self.seed,
-            augment=self.augment,
+            augment=self.augment if augment is _SAME else augment,
             batch_augment=self.batch_augment,
             drop_remainder=self.drop_remainder,
             sharding=self.sharding,

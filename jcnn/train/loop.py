@@ -908,19 +908,8 @@ def _prepare_data(config, train_loader, val_loader, test_loader, stats):
         # the ops work in the images' own units (uint8 0..255, float [0, 1]: color_jitter,
         # trivial_augment... clip there): they augment the raw examples, then the statistics
         # standardize what they made, as the validation and test images are
-        train_loader = Loader(
-            images,
-            labels,
-            batch_size=train_loader.batch_size,
-            shuffle=train_loader.shuffle,
-            seed=train_loader.seed,
-            augment=compose(train_loader.augment, stats),
-            batch_augment=train_loader.batch_augment,
-            drop_remainder=train_loader.drop_remainder,
-            sharding=train_loader.sharding,
-            sampling=train_loader.sampling,
-            alternating_flip=train_loader.alternating_flip,
-        )
+        augment = compose(train_loader.augment, stats)
+        train_loader = train_loader.with_examples(images, labels, augment=augment)
     else:
         train_loader = train_loader.with_examples(transform(images), labels)
     if config.val_split is not None:

@@ -341,6 +341,9 @@ def test_with_examples_keeps_every_setting(dataset):
         np.testing.assert_array_equal(y, y2)
     with pytest.raises(ValueError, match="batch_size: expected 1..5"):
         loader.with_examples(images[:5], labels[:5])
+    for augment in (None, lambda key, image: image * 2):
+        other = loader.with_examples(images[:20], labels[:20], augment=augment)
+        assert other.augment is augment and other.seed == 4 and len(other) == 3
     streaming = Loader.from_source(list(zip(images, labels, strict=True)), batch_size=8)
     with pytest.raises(TypeError, match="examples: a streaming loader"):
         _ = streaming.examples

@@ -1706,3 +1706,23 @@ def test_augmentation_acts_on_the_raw_images_then_standardization(rng):
         expected, got = plain.batch(0, step)[0], jittered.batch(0, step)[0]
         assert float(jnp.min(got)) < 0  # standardized, not clipped to [0, 1]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_crop_pads_raw_black_before_standardization(rng):
+    # as torchvision's RandomCrop(padding=4) before Normalize: the padding is a black pixel (0 in
+    # the raw units, (0 - mean) / std once standardized), not the mean (0 after standardizing)
+    import functools
+
+    from jcnn.data import augment
+    from jcnn.train.loop import _prepare_data
+
+    images, labels = _uint8_data(rng, 32)  # values 20..180 or so: no pixel is black
+    crop = functools.partial(augment.random_crop, padding=4)
+    config = _quiet(standardize="per_channel")
+    loader = Loader(images, labels, batch_size=32, seed=1, augment=crop)
+    cropped, _, _, stats = _prepare_data(config, loader, None, None, None)
+    black = np.asarray(stats(np.zeros((1, *images.shape[1:]), np.uint8)))[0, 0, 0]
+    batch = np.asarray(cropped.batch(0, 0)[0])
+    padded = np.all(np.isclose(batch, black, atol=1e-5), axis=-1)
+    assert padded.any(axis=(1, 2)).sum() > 16  # most of 32 crops reach into the padding
+    assert not np.isclose(batch, 0.0, atol=1e-6).all(axis=-1).any()
