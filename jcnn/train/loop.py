@@ -104,8 +104,7 @@ class TrainConfig:
             their defaults, a schedule as ``learning_rate`` is refused, and
             ``weight_decay``/``clip_norm``/``clip_value`` must stay off (chain
             ``optax.add_decayed_weights``, ``optax.clip_by_global_norm`` or ``optax.clip`` into
-            it instead). Its ``update`` is called as
-            ``update(grads, opt_state, params)``.
+            it instead). Its ``update`` is called as ``update(grads, opt_state, params)``.
         learning_rate: the base rate ``α0`` (the peak for ``one_cycle``): a number (Python or
             NumPy), or a schedule ``step -> rate`` used as it is (then ``schedule`` is not used,
             and ``warmup_epochs``, ``step_epochs``, ``step_factor``, ``decay_rate`` are refused
