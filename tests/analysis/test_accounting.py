@@ -91,6 +91,16 @@ def test_calibration_logs_no_unconverged_order_warnings_and_other_warnings_pass(
     assert not absl.filters
 
 
+def test_huge_noise_multiplier_logs_no_rounding_warnings(caplog):
+    # at sigma 1e9 each Renyi order's divergence rounds below zero; dp-accounting takes it as 0
+    # and logged a warning per order (dozens per fit epoch); epsilon is 0 (delta exceeds the
+    # distributions' total variation), as dp-accounting computes it
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        epsilon = dp_epsilon(1e9, 0.2, 5, 1e-5)
+    assert epsilon == 0.0
+    assert [record.getMessage() for record in caplog.records] == []
+
+
 def test_bad_input_names_the_argument():
     q, steps = 0.01, 100
     for delta in (0.0, 1.0, -0.1, 2.0):
