@@ -94,10 +94,10 @@ def test_ghost_and_dp_functions_name_the_function_that_shares_statistics(problem
             assert "replace_batch_norm" in message and "train=False" in message, message
             if where == "per_example_grads":
                 assert "per_example_grads(..., axis_name=NAME)" in message
-            else:
-                inner = "ghost_clipped_sum" if where == "private_grad" else where
-                assert f"{inner}(..., axis_name" not in message
-                assert f"per_example_grads(..., axis_name=NAME) ({inner} takes no axis_name)" in (
+            else:  # private_grad names itself, not the ghost_clipped_sum it calls
+                assert message.startswith((f"{where}: ", "axis_name: "))
+                assert f"{where}(..., axis_name" not in message
+                assert f"per_example_grads(..., axis_name=NAME) ({where} takes no axis_name)" in (
                     message
                 )
             if axis_name:
