@@ -244,9 +244,9 @@ class TrainConfig:
 
 
 def _check_non_negative_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    return int(value)
+    """``value`` as an int >= 0: a ``TypeError`` for a bool or a float (even ``2.0``), as every
+    other count of the config, a ``ValueError`` for a negative int."""
+    return check_int(value, name, low=0)
 
 
 def _base_rate(value) -> float:
