@@ -195,6 +195,25 @@ def _unseal(payload) -> dict:
     return body
 
 
+def _check_json_round_trip(value, path: str) -> None:
+    """Raise unless ``value`` reads back from JSON as it is: a tuple would come back a list and a
+    key that is not a str would come back a str, so what is restored (a checkpoint's ``meta``, a
+    callback's state) would differ from what was saved."""
+    if isinstance(value, tuple):
+        raise TypeError(f"{path} is a tuple, {value!r}, which JSON reads back as a list")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_round_trip(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{path} has the key {key!r} ({type(key).__name__}), which JSON reads back "
+                    f"as the str {json.dumps({key: 0})[1:-4]}"
+                )
+            _check_json_round_trip(item, f"{path}[{key!r}]")
+
+
 def _check_format_and_step(record: dict, step: int) -> None:
     """A ``ValueError`` unless ``record`` is of this format and names ``step``, the step of the
     folder it was read from (a checkpoint folder copied or renamed to another step names its
@@ -429,7 +448,8 @@ class CheckpointManager:
         Args:
             step: the global step (names the folder; an existing one is replaced).
             state: a ``TrainState`` (its arrays are saved) or any pytree of arrays.
-            meta: JSON-serializable extras (epoch, history, config...).
+            meta: JSON-serializable extras (epoch, history, config...), restored as given: str
+                keys and lists (a tuple or a key of another type is a ``TypeError``).
             metric: the value ``keep_best`` ranks by (``None``, NaN or infinity: not a candidate).
             status: ``"good"`` if the caller computed a finite loss from these parameters,
                 ``"bad"`` if a non-finite one, else ``"unverified"``. Arrays holding NaN or
@@ -452,6 +472,7 @@ class CheckpointManager:
             json.dumps(dict(meta or {}))
         except (TypeError, ValueError) as error:
             raise TypeError(f"meta: expected a JSON-serializable dict ({error})") from error
+        _check_json_round_trip(dict(meta or {}), "meta")  # restore gives back what was saved
         arrays = _storable(
             _key_data(state.arrays() if hasattr(state, "arrays") else state), "state"
         )

@@ -64,7 +64,7 @@ from jcnn.functional._checks import (
 from jcnn.train import parallel, run_folder, runs
 from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, BestCheckpoint, Callback, CallbackError, RunContext
-from jcnn.train.checkpoint import CheckpointError, CheckpointManager
+from jcnn.train.checkpoint import CheckpointError, CheckpointManager, _check_json_round_trip
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
 from jcnn.train.optim import _USED_BY, OPTIMIZERS, _checked_schedule, optimizer
 from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
@@ -579,24 +579,6 @@ def _callback_states(callbacks) -> list[dict]:
             ) from error
         states.append({"name": type(callback).__name__, "state": state})
     return states
-
-
-def _check_json_round_trip(value, path: str) -> None:
-    """Raise unless ``value`` reads back from JSON as it is: a tuple would come back a list and a
-    key that is not a str would come back a str, so the resumed callback would differ."""
-    if isinstance(value, tuple):
-        raise TypeError(f"{path} is a tuple, {value!r}, which JSON reads back as a list")
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_json_round_trip(item, f"{path}[{i}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(
-                    f"{path} has the key {key!r} ({type(key).__name__}), which JSON reads back "
-                    f"as the str {json.dumps({key: 0})[1:-4]}"
-                )
-            _check_json_round_trip(item, f"{path}[{key!r}]")
 
 
 def _restore_callbacks(callbacks, saved: list[dict]) -> None:

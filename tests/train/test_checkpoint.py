@@ -361,6 +361,23 @@ def test_bad_save_arguments_are_named_and_write_nothing(tmp_path, rng):
         manager.restore(tree, 1.0)
 
 
+@pytest.mark.parametrize(
+    "meta, says",
+    [
+        ({1: "a"}, r"meta has the key 1 \(int\), which JSON reads back as the str \"1\""),
+        ({"best": {None: 0.5}}, r"meta\['best'\] has the key None"),
+        ({"shape": (2, 3)}, r"meta\['shape'\] is a tuple, \(2, 3\), which JSON reads back"),
+        ({"runs": [{"lr": 0.1}, {True: 1}]}, r"meta\['runs'\]\[1\] has the key True"),
+    ],
+)
+def test_meta_that_json_would_read_back_as_something_else_is_refused(tmp_path, rng, meta, says):
+    tree = _tree(rng)
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(TypeError, match=says):
+        manager.save(1, tree, meta)
+    assert manager.steps() == [] and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_nan_or_infinite_metric_is_saved_as_no_candidate(tmp_path, rng):
     # save() meant a non-finite metric to rank nowhere, but refused NaN ("metric: expected a
     # number, got nan"), so a diverged val_loss as fit's monitor crashed the epoch's checkpoint
