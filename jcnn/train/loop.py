@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -1444,19 +1445,29 @@ def _fit(
         )
         options["no_grad"] = no_grad_at(no_grad_from, epoch)
         for group in _calls(batches, int(state.step), config.steps_per_call, call_ends_after):
-            if len(group) > 1:
-                stacked = tuple(jnp.stack(parts) for parts in zip(*group, strict=True))
-                state, step_metrics = train_steps(state, stacked, **options)
-                columns = jax.device_get(step_metrics)
-                per_step = [{k: float(v[i]) for k, v in columns.items()} for i in range(len(group))]
-            else:
-                if mesh is not None:
-                    group = [_place_batch(group[0], mesh)]
-                if private is not None:
-                    state, step_metrics = private.step(state, group[0], **options)
+            try:
+                if len(group) > 1:
+                    stacked = tuple(jnp.stack(parts) for parts in zip(*group, strict=True))
+                    state, step_metrics = train_steps(state, stacked, **options)
+                    columns = jax.device_get(step_metrics)
+                    per_step = [
+                        {k: float(v[i]) for k, v in columns.items()} for i in range(len(group))
+                    ]
                 else:
-                    state, step_metrics = train_step(state, tuple(group[0]), **options)
-                per_step = [{k: float(v) for k, v in jax.device_get(step_metrics).items()}]
+                    if mesh is not None:
+                        group = [_place_batch(group[0], mesh)]
+                    if private is not None:
+                        state, step_metrics = private.step(state, group[0], **options)
+                    else:
+                        state, step_metrics = train_step(state, tuple(group[0]), **options)
+                    per_step = [{k: float(v) for k, v in jax.device_get(step_metrics).items()}]
+            except flax.errors.ScopeParamShapeError as error:  # images the weights cannot take
+                raise ValueError(
+                    f"train_loader.epoch({epoch}): expected batches the model trains on like "
+                    f"its first, images {tuple(np.shape(sample_images))}, got images "
+                    f"{tuple(np.shape(group[0][0]))}, which its parameters cannot take "
+                    f"({str(error).split(' (https')[0]})"
+                ) from None
             first_step = int(state.step) - len(group)
             for offset, (batch, values) in enumerate(zip(group, per_step, strict=True)):
                 yield batch, values, first_step + offset + 1, offset == len(group) - 1

@@ -984,6 +984,20 @@ def test_an_epoch_of_another_length_than_len_is_named(rng, length, says, steps_p
     assert fit(TinyNet(), _LyingLoader(batches, 3), None, config)["summary"]["steps"] == 2
 
 
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_a_training_batch_of_other_shapes_is_named(rng, steps_per_call):
+    images, labels = _data(rng)
+    batches = [(images[i : i + 16], labels[i : i + 16]) for i in range(0, 64, 16)]
+    batches[2] = (np.repeat(batches[2][0], 2, axis=-1), batches[2][1])  # 2 channels, not 1
+    config = TrainConfig(epochs=1, progress=False, steps_per_call=steps_per_call)
+    says = (  # was flax's ScopeParamShapeError from inside the step
+        r"train_loader.epoch\(0\): expected batches the model trains on like its first, "
+        r"images \(16, 8, 8, 1\), got images \(16, 8, 8, 2\), which its parameters cannot take"
+    )
+    with pytest.raises(ValueError, match=says):
+        fit(TinyNet(), _LyingLoader(batches, 4), None, config)
+
+
 def _no_folder(**kw):
     return dataclasses.replace(_config(None, **kw), out=None)
 
