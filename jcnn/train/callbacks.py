@@ -32,14 +32,12 @@ had never stopped.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from jcnn.functional._checks import check_int, check_real
 from jcnn.train.run_folder import LOCK_FILE, RUN_FILES, best_directories, record_best_directory
 
 if TYPE_CHECKING:
@@ -167,15 +165,10 @@ class _Monitor(Callback):
         if not isinstance(monitor, str):
             raise TypeError(f"monitor: expected a metric name (str), got {type(monitor).__name__}")
         _check_mode(mode)
-        if (
-            isinstance(min_delta, (bool, np.bool_))
-            or not isinstance(min_delta, (numbers.Real, np.integer, np.floating))
-            or not (0 <= min_delta < math.inf)
-        ):
-            raise ValueError(f"min_delta: expected a finite number >= 0, got {min_delta!r}")
+        min_delta = check_real(min_delta, "min_delta", low=0)
         self.monitor = monitor
         self.mode = mode
-        self.min_delta = float(min_delta)
+        self.min_delta = min_delta
         self.best: float | None = None
         self.best_step: int | None = None
 
@@ -239,13 +232,7 @@ class EarlyStopping(_Monitor):
         min_delta: float = 0.0,
     ) -> None:
         super().__init__(monitor, mode, min_delta)
-        if (
-            isinstance(patience, (bool, np.bool_))
-            or not isinstance(patience, (int, np.integer))
-            or patience < 1
-        ):
-            raise ValueError(f"patience: expected an int >= 1, got {patience!r}")
-        self.patience = int(patience)
+        self.patience = check_int(patience, "patience", low=1)
         self.wait = 0
 
     def on_evaluation(self, run: RunContext, metrics: dict) -> None:

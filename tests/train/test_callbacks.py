@@ -131,6 +131,13 @@ def test_monitor_callbacks_check_their_settings():
         BestCheckpoint(min_delta=-1)
     with pytest.raises(TypeError, match="monitor: expected a metric name"):
         BestCheckpoint(monitor=3)
+    # a value of the wrong type is a TypeError, as everywhere else (these were ValueErrors)
+    for bad in (1.5, 2.0, True, "3", None):
+        with pytest.raises(TypeError, match=r"patience: expected an int >= 1, got "):
+            EarlyStopping(patience=bad)
+    for bad in ("0.1", None, True, [0.1]):
+        with pytest.raises(TypeError, match=r"min_delta: expected a finite number >= 0, got "):
+            BestCheckpoint(min_delta=bad)
     with pytest.raises(ValueError, match="directory"):
         BestCheckpoint(directory="/abs")
     with pytest.raises(ValueError, match="EarlyStopping: monitors 'val_loss' but the run has no"):
@@ -329,7 +336,7 @@ def test_monitor_callbacks_take_numpy_settings_and_refuse_infinite_delta():
     assert BestCheckpoint(min_delta=np.float64(0.1)).min_delta == pytest.approx(0.1)
     with pytest.raises(ValueError, match="min_delta: expected a finite number >= 0, got inf"):
         EarlyStopping(min_delta=float("inf"))
-    with pytest.raises(ValueError, match="patience"):
+    with pytest.raises(TypeError, match="patience"):  # a bool is no count (was a ValueError)
         EarlyStopping(patience=np.bool_(True))
 
 
