@@ -1094,7 +1094,8 @@ def fit(
         standardize: the fitted ``jcnn.data.Standardize`` already applied to the loaders' images,
             saved in the run folder so that ``load_run`` can apply it to new images (with
             ``config.standardize`` fit computes and saves it itself).
-        metadata: JSON-serializable facts saved in ``run.json`` (e.g. the dataset's name).
+        metadata: JSON-serializable facts saved in ``run.json`` (e.g. the dataset's name): a dict
+            with str keys and lists (not tuples), which ``load_run`` gives back as it is.
         settings: what else defines the run and ``fit`` cannot see (dataset, data directory...):
             plain JSON values recorded in ``config.json`` and compared on resume (``data_dir``
             and ``command`` may change).
@@ -1211,11 +1212,16 @@ def _fit(
             "standardize: expected a fitted jcnn.data.Standardize, got "
             f"{type(standardize).__name__}"
         )
-    if metadata is not None:
+    if metadata is not None:  # load_run refuses a run.json whose metadata is not a dict
+        if not isinstance(metadata, dict):
+            raise TypeError(
+                f"metadata: expected a JSON-serializable dict, got {type(metadata).__name__}"
+            )
         try:
             json.dumps(metadata)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise TypeError(f"metadata: expected a JSON-serializable dict ({error})") from error
+        _check_json_round_trip(metadata, "metadata")  # load_run gives back what was given
     given_train_loader = train_loader
     train_loader, val_loader, test_loader, stats = _prepare_data(
         config, train_loader, val_loader, test_loader, standardize

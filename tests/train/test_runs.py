@@ -223,6 +223,30 @@ def test_a_model_that_cannot_be_recorded_is_passed_back(tmp_path, rng):
     assert run.standardize is None and run.predict(images.astype(np.float32)).shape == (32, 3)
 
 
+@pytest.mark.parametrize(
+    "metadata, error, says",
+    [  # a list trained a whole run that load_run then refused; the others came back changed
+        ([1], TypeError, r"metadata: expected a JSON-serializable dict, got list"),
+        ({1: "x"}, TypeError, r"metadata has the key 1 \(int\), which JSON reads back as"),
+        ({"shape": (8, 8)}, TypeError, r"metadata\['shape'\] is a tuple, \(8, 8\), which JSON"),
+        ({"x": float("nan")}, None, None),
+    ],
+)
+def test_metadata_that_load_run_would_not_give_back_is_refused_before_training(
+    tmp_path, rng, metadata, error, says
+):
+    images, labels = _data(rng, 32)
+    config = TrainConfig(epochs=1, out=str(tmp_path / "run"), progress=False)
+    train = Loader(images.astype(np.float32), labels, batch_size=16)
+    if error is None:  # JSON's NaN: read back as NaN
+        fit(SmallNet(features=5), train, None, config, metadata=metadata)
+        assert np.isnan(load_run(tmp_path / "run").metadata["x"])
+        return
+    with pytest.raises(error, match=says):
+        fit(SmallNet(features=5), train, None, config, metadata=metadata)
+    assert not (tmp_path / "run").exists()
+
+
 def test_no_best_checkpoint_of_a_run_stopped_before_its_first_validation_says_so(tmp_path, rng):
     # a validation set, but a non-finite loss stopped the run before the end of its first epoch
     from jcnn.train import NonFiniteLossError
