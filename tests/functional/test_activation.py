@@ -342,6 +342,27 @@ def test_exact_gelu_keeps_every_derivative_of_the_plain_expression(rng):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_tanh_keeps_its_relative_accuracy_for_negative_inputs():
+    # 0.5 x (1 + tanh(u)) to 50 digits (mpmath); 1 + tanh(u) cancels in float32, which gave 0.2%
+    # error at -4 and 0 from -5 (PyTorch: 30% off at -5)
+    x = jnp.array([-4.0, -5.0, -6.0, -8.0])
+    want = [
+        -7.024594819237268e-05,
+        -2.291796196629506e-07,
+        -8.439646700762297e-11,
+        -3.107782937501111e-21,
+    ]
+    np.testing.assert_allclose(A.gelu(x, approximate=True), want, rtol=1e-5)
+    slopes = [
+        -3.351231971226708e-04,
+        -1.5463619875325946e-06,
+        -7.709973930953696e-10,
+        -4.714784504106841e-20,
+    ]
+    slope = jax.vmap(jax.grad(partial(A.gelu, approximate=True)))(x)
+    np.testing.assert_allclose(slope, slopes, rtol=1e-5)
+
+
 def test_sigmoid_derivatives_keep_their_relative_accuracy_in_the_tails():
     """s (1 - s) and s (1 - s) (1 - 2 s) to float64 rounding, against mpmath at 50 digits.
     JAX's derivative y (1 - y) cancels where y nears 1: 0 from x = 37 in float64 and from
