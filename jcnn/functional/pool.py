@@ -8,10 +8,11 @@ Windows, strides, padding, ``dilation``, ``ceil_mode`` and ``count_include_pad``
 mean in ``torch.nn.functional`` (max pooling pads with ``-inf``; in ``ceil_mode`` a last window
 that would start in the right padding is dropped; the average never counts the ``ceil_mode``
 overhang past the right padding), and the results agree with PyTorch's to float rounding.
-Differences: padding may also be ``"SAME"``/``"VALID"`` or ``(lo, hi)`` pairs; two are stricter:
-a window that sees only padding (possible with a large ``dilation``) is an error where PyTorch
-returns ``-inf``, and so is a dilated window wider than the padded input, which PyTorch's
-``ceil_mode`` lets overhang (``max_pool1d`` of length 3 with window 3, dilation 2).
+A window wider than the padded input is an error, as in PyTorch, except in ``ceil_mode`` when it
+is wider by less than the stride: it overhangs the right edge as in PyTorch (``max_pool1d`` of
+length 3 with window 4, stride 2).
+Differences: padding may also be ``"SAME"``/``"VALID"`` or ``(lo, hi)`` pairs, and a window that
+sees only padding (possible with a large ``dilation``) is an error where PyTorch returns ``-inf``.
 
 Gradients follow the course notes: a max pool sends each output's gradient to the winning input
 only (the first one in window order on ties, as PyTorch does, and for a window of ``-inf`` its
@@ -109,14 +110,14 @@ def _window_geometry(
         zip(in_sizes, window, stride, dilation, pads, strict=True)
     ):
         span = (k - 1) * d + 1
-        if span > size + lo + hi:
+        room = size + lo + hi - span
+        out = (-(-room // s) if ceil_mode else room // s) + 1
+        if out < 1:  # in ceil_mode a window may overhang the right edge by less than the stride
             raise ValueError(
                 f"window: the window spans {span} pixels (window {k}, dilation {d}) in spatial dim "
                 f"{dim}, larger than the padded input {size + lo + hi} (size {size}, padding "
-                f"{(lo, hi)})"
+                f"{(lo, hi)})" + (f" by {-room}, not less than the stride {s}" if ceil_mode else "")
             )
-        room = size + lo + hi - span
-        out = (-(-room // s) if ceil_mode else room // s) + 1
         if ceil_mode and (out - 1) * s >= size + lo:
             out -= 1
         pixels = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :] * d

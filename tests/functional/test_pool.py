@@ -729,6 +729,77 @@ def test_bad_inputs_raise_a_message_naming_the_argument(call, error, message):
         call()
 
 
+def test_ceil_mode_windows_wider_than_the_padded_input_overhang_as_torch(torch, rng):
+    # Without ceil_mode such a window is an error (there is no output), in PyTorch too; with it
+    # PyTorch gives one window per dim that overhangs the right edge, which jcnn refused.
+    def wide_config(rank):
+        while True:
+            window = rng.integers(2, 6, rank)
+            dilation = rng.integers(1, 3, rank)
+            padding = np.array([rng.integers(0, k // 2 + 1) for k in window])
+            room = (window - 1) * dilation + 1 - 2 * padding  # sizes below it are too small
+            if (room < 2).any():
+                continue
+            sizes = np.array([rng.integers(max(r - 2, 1), r) for r in room])
+            sees_input = all(  # the one window must see a pixel (else PyTorch gives -inf)
+                any(0 <= j * d - p < n for j in range(k))
+                for n, k, d, p in zip(sizes, window, dilation, padding, strict=True)
+            )
+            if sees_input:
+                as_tuple = lambda a: tuple(int(v) for v in a)  # noqa: E731
+                stride = as_tuple(
+                    room - sizes + rng.integers(1, 3, rank)
+                )  # wider than the overhang
+                return (
+                    as_tuple(sizes),
+                    as_tuple(window),
+                    stride,
+                    as_tuple(padding),
+                    as_tuple(dilation),
+                )
+
+    cases = []
+    for rank in (1, 2, 3):
+        for _ in range(5):
+            sizes, window, stride, pad, dilation = wide_config(rank)
+            x = _distinct_values(rng, (2, *sizes, 3))
+            context = f"sizes {sizes} window {window} stride {stride} padding {pad}"
+            geometry = dict(window=window, stride=stride, padding=pad, ceil_mode=True)
+            torch_geometry = dict(kernel_size=window, stride=stride, padding=pad, ceil_mode=True)
+            cases.append(
+                (
+                    functools.partial(max_pool, dilation=dilation, **geometry),
+                    functools.partial(
+                        getattr(torch.nn.functional, f"max_pool{rank}d"),
+                        dilation=dilation,
+                        **torch_geometry,
+                    ),
+                    x,
+                    f"max {context} dilation {dilation}",
+                )
+            )
+            # PyTorch's avg_pool3d refuses an input smaller than the window, padded or not
+            for include in (True, False) if rank < 3 else ():
+                cases.append(
+                    (
+                        functools.partial(avg_pool, count_include_pad=include, **geometry),
+                        functools.partial(
+                            getattr(torch.nn.functional, f"avg_pool{rank}d"),
+                            count_include_pad=include,
+                            **torch_geometry,
+                        ),
+                        x,
+                        f"avg {context} count_include_pad={include}",
+                    )
+                )
+    _assert_parity(torch, cases, rng)
+    # Wider by the stride or more, no window starts inside the input: an error, in PyTorch too.
+    with pytest.raises(ValueError, match=r"larger than the padded input 3 .* by 2, not less than "):
+        max_pool(jnp.ones((1, 3, 1)), 5, 2, 0, ceil_mode=True)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.max_pool1d(torch.ones(1, 1, 3), 5, 2, 0, ceil_mode=True)
+
+
 def test_checks_run_at_trace_time_under_jit():
     with pytest.raises(ValueError, match="larger than the padded input"):
         jax.jit(lambda x: avg_pool(x, 6))(X2)
