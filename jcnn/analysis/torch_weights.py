@@ -63,8 +63,25 @@ def _as_numpy(value, key: str) -> np.ndarray:
                 f"state_dict[{key!r}]: expected a real tensor, got dtype {value.dtype}; jcnn "
                 "parameters are real and the imaginary part would be lost"
             )
+        if str(getattr(value, "device", "")) == "meta":
+            raise ValueError(
+                f"state_dict[{key!r}]: a tensor on the meta device holds no values (a model "
+                "built on device='meta' has shapes only); load or initialize its weights first"
+            )
+        if getattr(value, "is_quantized", False):
+            raise TypeError(
+                f"state_dict[{key!r}]: expected a real tensor, got the quantized dtype "
+                f"{value.dtype}; a jcnn layer computes in floating point: pass "
+                "tensor.dequantize() if that is the network meant"
+            )
         value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widen exactly
+        if str(getattr(value, "layout", "torch.strided")) != "torch.strided":
+            value = value.to_dense()  # a sparse tensor: its values, exactly
+        if getattr(value, "is_floating_point", lambda: False)() and str(value.dtype) not in (
+            "torch.float16",
+            "torch.float32",
+            "torch.float64",
+        ):  # NumPy has no bfloat16 or float8: widen exactly
             value = value.float()
         value = value.numpy()
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):

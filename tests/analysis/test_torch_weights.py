@@ -2,6 +2,8 @@
 logits with converted weights, and the same running statistics after a training step with
 ``bn_unbiased_running_var=True``; weights files are loaded as data and checked."""
 
+import warnings
+
 import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
@@ -568,6 +570,27 @@ def test_bfloat16_and_float64_tensors_are_converted_exactly(torch, rng):
     got = from_torch_state_dict(jcnn.models.LeNet5(), narrow, (1, 28, 28, 1))
     rounded = {k: v.bfloat16().float().numpy() for k, v in net.state_dict().items()}
     np.testing.assert_array_equal(got["params"]["conv1"]["bias"], rounded["conv1.bias"])
+
+
+def test_meta_quantized_sparse_and_float8_tensors(torch):
+    # each raised torch's own error (NotImplementedError "Cannot copy out of meta tensor",
+    # TypeError "Got unsupported ScalarType", "can't convert Sparse layout") naming no key
+    model = jcnn.nn.Sequential([jcnn.nn.Dense(3)])
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 4), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"state_dict\['0.weight'\]: a tensor on the meta device"):
+        from_torch_state_dict(model, {"0.weight": weight.to("meta"), "0.bias": bias}, (1, 4))
+    with warnings.catch_warnings():  # torch deprecates creating quantized tensors
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(weight, 0.1, 0, torch.qint8)
+    with pytest.raises(TypeError, match=r"state_dict\['0.weight'\]: .*quantized dtype"):
+        from_torch_state_dict(model, {"0.weight": quantized, "0.bias": bias}, (1, 4))
+    # a sparse tensor holds its values exactly, a float8 one widens exactly to float32
+    got = from_torch_state_dict(model, {"0.weight": weight.to_sparse(), "0.bias": bias}, (1, 4))
+    np.testing.assert_array_equal(got["params"]["layers_0"]["kernel"], weight.numpy().T)
+    narrow = weight.to(torch.float8_e4m3fn)
+    got = from_torch_state_dict(model, {"0.weight": narrow, "0.bias": bias}, (1, 4))
+    np.testing.assert_array_equal(got["params"]["layers_0"]["kernel"], narrow.float().numpy().T)
 
 
 def test_torchvision_input_shape_is_checked():
