@@ -90,10 +90,10 @@ class FoldedModel(nn.Module):
 _FOLDABLE = (jnn.Conv, jnn.DepthwiseConv, jnn.ConvTranspose, jnn.Dense)
 
 
-def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float, int]]:
+def _pairs(model, input_shape) -> tuple[list[tuple[Path, Path, bool, float, int]], Any]:
     """``(layer path, BatchNorm path, layer has a bias, BatchNorm eps, transposed conv's groups
-    (1 for the other layers))`` per foldable pair."""
-    calls, _ = trace_layers(model, input_shape)
+    (1 for the other layers))`` per foldable pair, and the variables' shapes on ``input_shape``."""
+    calls, shapes = trace_layers(model, input_shape)
     leaves = leaf_calls(calls)
     call_counts: dict[Path, int] = {}
     for call in leaves:
@@ -118,9 +118,9 @@ def _pairs(model, input_shape) -> list[tuple[Path, Path, bool, float, int]]:
             groups = layer.module.groups if type(layer.module) is jnn.ConvTranspose else 1
             pairs.append((layer.path, call.path, layer.module.use_bias, call.module.eps, groups))
     if not pairs:
-        return pairs
+        return pairs, shapes
     shared = _used_outside_batch_norm(model, input_shape, pairs)
-    return [pair for pair, used in zip(pairs, shared, strict=True) if not used]
+    return [pair for pair, used in zip(pairs, shared, strict=True) if not used], shapes
 
 
 def _used_outside_batch_norm(model, input_shape, pairs) -> list[bool]:
@@ -255,7 +255,7 @@ def fold_batch_norms(
             "'batch_stats': ...} (model.init's result), got "
             f"{type(variables).__name__}"
         )
-    pairs = _pairs(model, input_shape)
+    pairs, shapes = _pairs(model, input_shape)
     base, skipped, added_bias = model, (), ()
     if isinstance(model, FoldedModel):  # folded again: one wrapper, and only what it left
         base, skipped, added_bias = model.model, model.skipped, model.added_bias
@@ -267,6 +267,17 @@ def fold_batch_norms(
         norm_params = subtree(folded, "params", norm_path)
         _node(stats, norm_path, "the BatchNorm's batch_stats")
         kernel = _node(params, (*layer_path, "kernel"), "the layer's kernel")
+        expected = tuple(subtree(shapes, "params", layer_path)["kernel"].shape)
+        shape = getattr(kernel, "shape", None)  # a kernel of another type is refused below
+        if shape is not None and tuple(shape)[:-1] != expected[:-1]:
+            # folded as given, the kernel came back misshapen and only apply refused it (its
+            # output channels against the BatchNorm's are F.fold_batch_norm's check, below)
+            raise ValueError(
+                f"variables: the kernel at {'/'.join((*layer_path, 'kernel'))!r} has shape "
+                f"{tuple(shape)}, but {type(model).__name__} on input_shape "
+                f"{tuple(input_shape)} makes one of shape {expected}: the variables and "
+                "input_shape do not belong together"
+            )
         mean = _node(stats, (*norm_path, "mean"), "the BatchNorm's running mean")
         var = _node(stats, (*norm_path, "var"), "the BatchNorm's running variance")
         try:

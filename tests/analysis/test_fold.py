@@ -313,6 +313,19 @@ def test_fold_names_a_missing_or_misshapen_variable_by_its_path():
         fold_batch_norms(model, wide, x.shape)
 
 
+def test_fold_names_variables_that_do_not_fit_input_shape():
+    # variables of another input width were folded as given, into a folded model that only
+    # refused them in apply (flax's ScopeParamShapeError)
+    model = nn.Sequential([nn.Conv(2, 3), nn.BatchNorm()])
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)), train=False)
+    with pytest.raises(
+        ValueError,
+        match=r"variables: the kernel at 'layers_0/kernel' has shape \(3, 3, 1, 2\), but "
+        r"Sequential on input_shape \(1, 5, 5, 3\) makes one of shape \(3, 3, 3, 2\)",
+    ):
+        fold_batch_norms(model, variables, (1, 5, 5, 3))
+
+
 def test_fold_names_variables_of_the_wrong_type():
     model = nn.Sequential([nn.Conv(3, 3), nn.BatchNorm()])
     x = jnp.zeros((1, 5, 5, 1))
