@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from jcnn.functional._checks import check_int
+from jcnn.train.schedules import _MAX_STEP
 
 __all__ = [
     "label_by_path",
@@ -210,7 +211,10 @@ def no_grad_at(value, epoch: int) -> tuple[str, ...]:
 def active_for(transform: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
     """``transform`` for its first ``steps`` updates, zero updates after (the parameters freeze).
 
-    The wrapped transformation's state keeps advancing; only its output is masked.
+    The wrapped transformation's state keeps advancing; only its output is masked (replaced by
+    zeros, so that an infinite or NaN gradient after the freeze leaves the parameters as they are,
+    as PyTorch's ``requires_grad=False`` does). ``steps`` is at most ``2**31 - 1``, the largest
+    update count (optax counts in int32).
     """
     if not all(callable(getattr(transform, name, None)) for name in ("init", "update")):
         raise TypeError(
@@ -220,4 +224,22 @@ def active_for(transform: optax.GradientTransformation, steps: int) -> optax.Gra
         steps = check_int(steps, "steps", low=0)
     except (TypeError, ValueError):
         raise ValueError(f"steps: expected a non-negative int, got {steps!r}") from None
-    return optax.chain(transform, optax.scale_by_schedule(lambda count: (count < steps) * 1.0))
+    if steps > _MAX_STEP:
+        raise ValueError(
+            f"steps: expected at most {_MAX_STEP} (the update count is int32), got {steps}"
+        )
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        # where, not a product with 0: 0 * inf and 0 * nan are nan, which moved the "frozen"
+        # parameters (and a momentum buffer that once held inf would keep doing so)
+        active = state.count < steps
+        updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+    # the state of the optax.scale_by_schedule this replaces: checkpoints keep their structure
+    return optax.chain(transform, optax.GradientTransformation(init, update))

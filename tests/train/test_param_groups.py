@@ -144,3 +144,27 @@ def test_active_for_takes_a_0d_jax_int():
         assert got == [-1.0, -1.0, 0.0]
     with pytest.raises(ValueError, match="steps: expected a non-negative int"):
         active_for(optax.sgd(1.0), jnp.float32(2.0))
+
+
+def test_active_for_leaves_frozen_parameters_alone_whatever_their_gradient():
+    # the freeze multiplied the updates by 0: an inf or NaN gradient (or a momentum buffer that
+    # held one) made the "frozen" parameters NaN; PyTorch's requires_grad=False leaves them be
+    tx = active_for(optax.sgd(0.1, momentum=0.9), steps=1)
+    params = jnp.ones(3)
+    state = tx.init(params)
+    updates, state = tx.update(jnp.array([1.0, jnp.inf, 2.0]), state, params)
+    assert updates[0] == jnp.float32(-0.1) and float(updates[1]) == -jnp.inf
+    for grads in (jnp.array([jnp.inf, jnp.nan, -jnp.inf]), jnp.ones(3)):
+        updates, state = tx.update(grads, state, params)
+        assert updates.tolist() == [0.0, 0.0, 0.0]
+    assert updates.dtype == jnp.float32
+    half = active_for(optax.sgd(0.1), steps=0)
+    updates, _ = half.update(jnp.full(2, jnp.inf, jnp.float16), half.init(jnp.ones(2, jnp.float16)))
+    assert updates.dtype == jnp.float16 and updates.tolist() == [0.0, 0.0]
+
+
+def test_active_for_refuses_a_length_past_the_int32_update_count_up_front():
+    # an OverflowError from inside the jitted update at the first step before
+    active_for(optax.sgd(0.1), 2**31 - 1)
+    with pytest.raises(ValueError, match=r"steps: expected at most 2147483647 \(the update count"):
+        active_for(optax.sgd(0.1), 2**31)
