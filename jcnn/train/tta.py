@@ -181,8 +181,9 @@ def with_tta(
 
     Calls with ``train=False`` (the default; ``train`` is the third argument, as in jcnn's
     models' ``__call__(x, train)``) return ``tta_logits`` of the model over the views; calls with
-    ``train=True``, or that ask for mutable collections or captured intermediates (which make
-    ``apply`` return a pair), are passed through unchanged, so training is never augmented by it.
+    ``train=True``, or that pass ``mutable`` (anything but ``False``, ``[]`` included) or ask for
+    captured intermediates (which make ``apply`` return a pair), are passed through unchanged, so
+    training is never augmented by it.
 
     Args:
         apply_fn: the model's ``apply`` (``TrainState.apply_fn``).
@@ -196,7 +197,9 @@ def with_tta(
 
     def apply(variables, images, train: bool = False, *args, **kwargs):
         train = check_bool(train, "train")
-        if train or kwargs.get("mutable") or kwargs.get("capture_intermediates"):
+        # Flax returns a pair for any ``mutable`` but False, an empty list included
+        pair = kwargs.get("mutable", False) is not False or kwargs.get("capture_intermediates")
+        if train or pair:
             return apply_fn(variables, images, *args, train=train, **kwargs)
         return tta_logits(
             lambda x: apply_fn(variables, x, *args, train=False, **kwargs), images, views, weights

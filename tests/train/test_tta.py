@@ -257,3 +257,27 @@ def test_weights_near_the_float_maximum_are_a_weighted_mean(rng):
     pairs = zip((2, 2, 1, 1, 1, 1), views, strict=True)
     want = sum(w * np.asarray(predict(v(images))) for w, v in pairs) / 8
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mutable", [[], (), ["batch_stats"]])
+def test_with_tta_passes_any_mutable_but_false_through_as_flax_returns_a_pair(rng, mutable):
+    import jax
+
+    from jcnn.models import FastMNISTNet
+
+    model = FastMNISTNet(widths=(2, 4))
+    images = jnp.asarray(rng.standard_normal((2, 28, 28, 1)).astype(np.float32))
+    variables = model.init(jax.random.key(0), images)
+    apply = with_tta(model.apply, flip_translate_views(shifts=((0, 0),)))
+    # mutable=[] (or ()) makes Flax's apply return (logits, {}): with_tta averaged it
+    # and raised "predict: expected it to return an array, got tuple"
+    logits, collections = apply(variables, images, mutable=mutable)
+    want, want_collections = model.apply(variables, images, mutable=mutable)
+    np.testing.assert_array_equal(logits, want)
+    assert jax.tree.structure(collections) == jax.tree.structure(want_collections)
+    np.testing.assert_allclose(
+        apply(variables, images, mutable=False),
+        np.mean([model.apply(variables, x) for x in (images, images[:, :, ::-1])], 0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
