@@ -45,7 +45,9 @@ def lookahead(
     final_step: int | None = None,
 ) -> optax.GradientTransformation:
     """Wrap ``inner``: after every ``sync_period``-th update, ``slow += α (fast - slow)`` and the
-    parameters become ``slow``.
+    parameters become ``slow``: the update is ``slow - params``, so ``apply_updates`` gives
+    ``slow`` to the rounding of that sum (a float32 step of ``params``, not of ``slow``, where
+    ``slow`` is much smaller; the slow weights themselves are kept exactly).
 
     Args:
         inner: the optimizer of the fast weights.

@@ -25,8 +25,12 @@ feature, so a recipe is also a worked example of how to assemble one's own.
     ``λ / B``; airbench's "decoupled" choice ``λ = wd / η`` makes the decay per step
     ``η λ = wd`` whatever the rate, which is why the BatchNorm biases (rate x64) get ``λ / 64``.
     jcnn trains on the mean loss with these equivalent values, so the reported losses are means.
-    One difference remains: airbench's lookahead also averages the BatchNorm running statistics;
-    ``lookahead`` averages the parameters only.
+    Three differences remain: airbench's lookahead also averages the BatchNorm running
+    statistics, ``lookahead`` the parameters only; airbench's linear head starts from PyTorch's
+    default ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, ``AirbenchNet``'s from ``lecun_normal``
+    (``sqrt(3)`` times the spread); and its BatchNorm keeps the unbiased running variance,
+    the recipe the biased one (a factor ``n / (n - 1)``, ``n`` the thousands of values per
+    channel in a batch).
 
 ``mnist99``
     MNIST to 99% in seconds on a CPU: ``models.FastMNISTNet(widths=(16, 64))`` (two stages of a
