@@ -107,6 +107,12 @@ def check_array(x, name: str, *, ndim: int | Sequence[int] | None = None) -> Non
         raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+    if not getattr(x.dtype, "isnative", True):
+        # JAX refuses such arrays deep inside with the whole array in the message
+        raise TypeError(
+            f"{name}: expected an array in native byte order, got dtype {x.dtype.str} "
+            f"(convert with x.astype(x.dtype.newbyteorder('='))"
+        )
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.ndim not in allowed:

@@ -329,6 +329,19 @@ def test_check_helpers():
         jax.jit(lambda v: check_real(v, "x"))(1.0)
 
 
+def test_byte_swapped_arrays_are_refused_naming_the_argument():
+    # JAX refuses them deep inside, printing the whole array; conv did so from lax.
+    swapped = np.ones((1, 4, 4, 2), ">f4")
+    with pytest.raises(
+        TypeError, match=r"^x: expected an array in native byte order, got dtype >f4"
+    ):
+        F.conv(swapped, jnp.ones((3, 3, 2, 2)))
+    with pytest.raises(TypeError, match=r"^w: expected an array in native byte order"):
+        F.conv(jnp.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 2), ">f4"))
+    native = swapped.astype(swapped.dtype.newbyteorder("="))
+    assert float(F.conv(native, jnp.ones((3, 3, 2, 2))).sum()) == 8 * 18
+
+
 def test_check_real_names_an_int_beyond_floats_range():
     # float() of such an int raised a bare OverflowError from inside the check
     with pytest.raises(ValueError, match="^lr: expected a finite number >= 0, got 1000"):
