@@ -737,19 +737,17 @@ def test_ceil_mode_windows_wider_than_the_padded_input_overhang_as_torch(torch, 
             window = rng.integers(2, 6, rank)
             dilation = rng.integers(1, 3, rank)
             padding = np.array([rng.integers(0, k // 2 + 1) for k in window])
-            room = (window - 1) * dilation + 1 - 2 * padding  # sizes below it are too small
-            if (room < 2).any():
+            fits = (window - 1) * dilation + 1 - 2 * padding  # the smallest size the window fits
+            if (fits < 2).any():
                 continue
-            sizes = np.array([rng.integers(max(r - 2, 1), r) for r in room])
+            sizes = np.array([rng.integers(max(r - 2, 1), r) for r in fits])
             sees_input = all(  # the one window must see a pixel (else PyTorch gives -inf)
                 any(0 <= j * d - p < n for j in range(k))
                 for n, k, d, p in zip(sizes, window, dilation, padding, strict=True)
             )
             if sees_input:
                 as_tuple = lambda a: tuple(int(v) for v in a)  # noqa: E731
-                stride = as_tuple(
-                    room - sizes + rng.integers(1, 3, rank)
-                )  # wider than the overhang
+                stride = as_tuple(fits - sizes + rng.integers(1, 3, rank))  # > the overhang
                 return (
                     as_tuple(sizes),
                     as_tuple(window),
