@@ -38,6 +38,7 @@ from jcnn.functional import _norm_native
 from jcnn.functional._checks import (
     as_int_tuple,
     check_array,
+    check_bool,
     check_count,
     check_min_rank,
     check_real,
@@ -745,18 +746,11 @@ def _check_axis_name(axis_name) -> None:
 def _check_running_options(train, momentum, eps, unbiased_running_var) -> tuple[float, float]:
     """The keyword arguments shared by ``batch_norm`` and ``instance_norm``: ``(momentum, eps)``
     as Python floats."""
-    _check_flag(train, "train")
+    check_bool(train, "train")
     momentum = check_real(momentum, "momentum", low=0, high=1)
     eps = _check_positive(eps, "eps")
-    _check_flag(unbiased_running_var, "unbiased_running_var")
+    check_bool(unbiased_running_var, "unbiased_running_var")
     return momentum, eps
-
-
-def _check_flag(value, name: str) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"{name}: expected a Python bool (it selects the computation), got {value!r}"
-        )
 
 
 def _check_positive(value, name: str) -> float:

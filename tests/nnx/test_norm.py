@@ -119,6 +119,20 @@ def test_flags_must_be_bools_as_in_the_linen_twin(build, name):
         build(nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("bad", [1, "no", (True,)])
+def test_batch_norm_unbiased_running_var_is_refused_with_the_linen_message(bad):
+    # the Linen BatchNorm's came from F.batch_norm's own flag check, "expected a Python bool (it
+    # selects the computation), got 1", where the NNX twin (and nn.InstanceNorm) said "expected
+    # a Python bool, got 1"
+    x = jnp.ones((2, 3))
+    with pytest.raises(TypeError) as linen_error:
+        nn.BatchNorm(unbiased_running_var=bad).init(jax.random.key(0), x, train=True)
+    with pytest.raises(TypeError) as nnx_error:
+        jnnx.BatchNorm(3, unbiased_running_var=bad, rngs=nnx.Rngs(0))
+    assert str(nnx_error.value) == str(linen_error.value)
+    assert str(linen_error.value).startswith("unbiased_running_var: expected a Python bool, got")
+
+
 @pytest.mark.parametrize("module", [jnnx.BatchNorm, jnnx.LayerNorm, jnnx.InstanceNorm])
 def test_a_non_floating_compute_dtype_is_a_type_error(module):
     # refused at construction, as every setting of an NNX module (it was at the first call)
