@@ -43,6 +43,8 @@ def static(value, name: str):
     """
     if isinstance(value, (list, tuple)):
         return tuple(static(item, name) for item in value)
+    if isinstance(value, np.floating):  # never a valid setting: the op names it as Linen's does
+        return value
     if isinstance(value, np.generic):
         return value.item()
     if not isinstance(value, (np.ndarray, jax.Array)):

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from jcnn import functional as F
+from jcnn import nn
 from jcnn import nnx as jnnx
 
 WITH_PARAMETERS = {
@@ -383,3 +384,34 @@ def test_a_subclass_with_its_own_call_can_be_constructed(base, args, kwargs, rng
     x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
     module = Shifted()
     np.testing.assert_allclose(module(x, 2.0), base.__call__(module, x) + 3.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("linen", "twin", "shape"),
+    [
+        (
+            lambda: nn.Conv(4, 3, stride=np.float32(2)),
+            lambda: jnnx.Conv(3, 4, 3, stride=np.float32(2), rngs=nnx.Rngs(0)),
+            (1, 6, 6, 3),
+        ),
+        (
+            lambda: nn.MaxPool(np.float64(2.0)),
+            lambda: jnnx.MaxPool(np.float64(2.0)),
+            (1, 6, 6, 3),
+        ),
+        (
+            lambda: nn.AdaptiveAvgPool(np.float32(0.5)),
+            lambda: jnnx.AdaptiveAvgPool(np.float32(0.5)),
+            (1, 6, 6, 3),
+        ),
+    ],
+)
+def test_a_numpy_float_setting_is_refused_with_the_linen_message(linen, twin, shape):
+    # static() made it a Python float first, so the NNX message read "stride: ... got 2.0" where
+    # the Linen twin's read "got np.float32(2.0)"
+    x = jnp.ones(shape)
+    with pytest.raises(TypeError) as linen_error:
+        linen().init(jax.random.key(0), x)
+    with pytest.raises(TypeError) as nnx_error:
+        twin()
+    assert str(nnx_error.value) == str(linen_error.value)
