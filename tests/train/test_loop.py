@@ -1051,6 +1051,18 @@ def test_evaluate_checks_its_loader_and_loss(rng):
         loop.evaluate(state, 5)
 
 
+def test_evaluate_accuracy_is_the_fraction_correct_to_the_last_digit(rng):
+    # float32 batch accuracies times the batch sizes were summed: 15 of 37 came out 0.40540540822
+    images, labels = _data(rng, n=37)
+    state = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.key(0), images[:1])
+    logits = state.apply_fn(state.variables(), images, train=False)
+    correct = int(np.sum(np.asarray(logits).argmax(-1) == labels))
+    soft = np.eye(3, dtype=np.float32)[labels]
+    for targets in (labels, soft):
+        loader = Loader(images, targets, batch_size=10, drop_remainder=False)
+        assert loop.evaluate(state, loader)["accuracy"] == correct / 37
+
+
 def test_evaluate_is_a_mean_over_every_example_and_refuses_a_loader_dropping_some(tmp_path, rng):
     images, labels = _data(rng, n=37)
     state = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.key(0), images[:1])
