@@ -1561,6 +1561,9 @@ def _fit(
                     pending = None
                 batch_index += 1
                 if _batch_size(batch) > 0:  # an empty (Poisson) batch has no mean to count
+                    # the batch's fraction correct as its count makes it (float32's k/n is not)
+                    n = _batch_size(batch)
+                    values["accuracy"] = _correct(values["accuracy"] * n, batch[1]) / n
                     for name in ("loss", "accuracy", *running_names):
                         running[name] += values[name]
                     running["batches"] += 1

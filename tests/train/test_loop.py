@@ -1063,6 +1063,16 @@ def test_evaluate_accuracy_is_the_fraction_correct_to_the_last_digit(rng):
         assert loop.evaluate(state, loader)["accuracy"] == correct / 37
 
 
+def test_train_accuracy_is_a_mean_of_exact_batch_fractions(rng):
+    # float32 batch accuracies (3/10 as 0.30000001192...) were averaged: 40 images in batches of
+    # 10 gave a train_accuracy that was no count of 40
+    train = Loader(*_data(rng, n=40), batch_size=10, seed=3)
+    config = _quiet(epochs=2, learning_rate=0.02, schedule="constant")
+    for record in fit(TinyNet(), train, None, config)["history"]:
+        correct = record["train_accuracy"] * 40
+        assert correct == pytest.approx(round(correct), abs=1e-12)
+
+
 def test_evaluate_is_a_mean_over_every_example_and_refuses_a_loader_dropping_some(tmp_path, rng):
     images, labels = _data(rng, n=37)
     state = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.key(0), images[:1])
