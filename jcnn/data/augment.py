@@ -1094,7 +1094,8 @@ def compose(*ops: Op) -> Op:
 
 
 def random_apply(op: Op, p: float) -> Op:
-    """An op applying ``op`` with probability ``p`` (else the image unchanged)."""
+    """An op applying ``op`` with probability ``p`` (else the image unchanged); ``op`` must keep
+    the image's shape and dtype."""
     if not callable(op):
         raise TypeError(f"op: expected a callable (key, image) -> image, got {op!r}")
     p = check_real(p, "p", low=0, high=1)
@@ -1102,7 +1103,22 @@ def random_apply(op: Op, p: float) -> Op:
     def maybe(key, image):
         check_key(key)
         k_apply, k_op = jax.random.split(key)
-        return jnp.where(jax.random.bernoulli(k_apply, p), op(k_op, image), image)
+        out = op(k_op, image)
+        # either image comes back: another shape was broadcast (or refused from inside jnp.where)
+        # and another dtype mixed the units of the two (a standardized image or a uint8 one)
+        # (a NumPy float64 image comes back float32 without x64)
+        same = (image.shape, jax.dtypes.canonicalize_dtype(image.dtype))
+        if not hasattr(out, "shape") or (out.shape, out.dtype) != same:
+            got = (
+                f"shape {tuple(out.shape)} {out.dtype}"
+                if hasattr(out, "shape")
+                else type(out).__name__
+            )
+            raise ValueError(
+                f"op: expected an op keeping the image's shape and dtype (random_apply returns "
+                f"either), got {got} for an image of shape {tuple(image.shape)} {image.dtype}"
+            )
+        return jnp.where(jax.random.bernoulli(k_apply, p), out, image)
 
     return maybe
 

@@ -1179,3 +1179,31 @@ def test_pixmix_has_finite_gradients_at_black_image_pixels():
         for given in (None, mixing):
             grad = jax.grad(total)(image, seed, given)
             assert np.isfinite(np.asarray(grad)).all(), seed
+
+
+@pytest.mark.parametrize(
+    "op, got",
+    [
+        (functools.partial(A.random_resized_crop, size=(8, 1)), "shape (8, 1, 3) uint8"),
+        (functools.partial(A.random_crop, size=4), "shape (4, 4, 3) uint8"),
+        (lambda key, image: image.astype(jnp.float32) / 255, "shape (8, 8, 3) float32"),
+    ],
+)
+def test_random_apply_refuses_an_op_changing_shape_or_dtype(op, got):
+    # either the image or op's result comes back: a (8, 1, 3) result was broadcast to (8, 8, 3),
+    # a float one in [0, 1] mixed with the unchanged image's 0..255 values
+    image = jnp.zeros((8, 8, 3), jnp.uint8)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "op: expected an op keeping the image's shape and dtype (random_apply returns "
+            f"either), got {got} for an image of shape (8, 8, 3) uint8"
+        ),
+    ):
+        A.random_apply(op, 0.5)(jax.random.key(0), image)
+
+
+def test_random_apply_keeps_a_numpy_float64_image_op_computed_in_float32():
+    image = np.random.default_rng(0).random((5, 5, 1))  # float64; float32 out without x64
+    out = A.random_apply(A.random_hflip, 1.0)(jax.random.key(1), image)
+    assert out.dtype == jax.dtypes.canonicalize_dtype(np.float64)
