@@ -103,7 +103,9 @@ def _check_image(image, name: str = "image") -> None:
 
 
 def _check_images(images, name: str = "images") -> None:
-    if not hasattr(images, "ndim") or images.ndim != 4:
+    if not hasattr(images, "ndim") or not hasattr(images, "dtype"):
+        raise TypeError(f"{name}: expected an array (N, H, W, C), got {type(images).__name__}")
+    if images.ndim != 4:
         raise ValueError(f"{name}: expected rank 4 (N, H, W, C), got {_shape_or_type(images)}")
     if not (jnp.issubdtype(images.dtype, jnp.floating) or images.dtype == jnp.uint8):
         raise TypeError(f"{name}: expected uint8 or floating dtype, got {images.dtype}")
@@ -115,11 +117,12 @@ def _check_images(images, name: str = "images") -> None:
 
 def _check_batch(images, labels) -> None:
     _check_images(images)
-    if (
-        not hasattr(labels, "ndim")
-        or labels.ndim not in (1, 2)
-        or labels.shape[0] != images.shape[0]
-    ):
+    if not hasattr(labels, "ndim") or not hasattr(labels, "dtype"):
+        raise TypeError(
+            f"labels: expected an array ({images.shape[0]},) or ({images.shape[0]}, K), got "
+            f"{type(labels).__name__}"
+        )
+    if labels.ndim not in (1, 2) or labels.shape[0] != images.shape[0]:
         raise ValueError(
             f"labels: expected ({images.shape[0]},) integer labels or ({images.shape[0]}, K) soft "
             f"labels, got {_shape_or_type(labels)}"

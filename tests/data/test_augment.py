@@ -787,13 +787,23 @@ _LABELS = jnp.array([0, 1, 2, 1], jnp.int32)
         ),
         (
             lambda: A.mixup(_KEY, _IMAGES, [0, 1, 2, 1], num_classes=3),  # the values as a shape
-            ValueError,
-            "labels: expected (4,) integer labels or (4, K) soft labels, got list",
+            TypeError,
+            "labels: expected an array (4,) or (4, K), got list",
         ),
         (
             lambda: A.cutmix(_KEY, [[0.0]], _LABELS, num_classes=3),
-            ValueError,
-            "images: expected rank 4 (N, H, W, C), got list",
+            TypeError,
+            "images: expected an array (N, H, W, C), got list",
+        ),
+        (
+            lambda: A.apply_batch(A.hflip, _KEY, [[[[0.0]]]]),
+            TypeError,
+            "images: expected an array (N, H, W, C), got list",
+        ),
+        (
+            lambda: A.pixmix(_KEY, _IMAGE, mixing_images=[[[[0.0]]]]),
+            TypeError,
+            "mixing_images: expected an array (N, H, W, C), got list",
         ),
         (
             lambda: A.mixup(_KEY, _IMAGES, _LABELS, num_classes=0),
