@@ -497,6 +497,10 @@ def load(
                 "tensorflow-datasets (it checks the checksums of its own downloads)"
             )
         return load_tfds(name, split, data_dir=data_dir)
+    if not isinstance(split, str):  # as load_tfds: a list of splits is no split
+        raise TypeError(
+            f"split: expected 'train' or 'test' for {name}, got {type(split).__name__} {split!r}"
+        )
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test' for {name}, got {split!r}")
     spec = DATASETS[name]

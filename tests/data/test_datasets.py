@@ -296,6 +296,10 @@ def test_bad_arguments(data_dir):
         data.load("mnist", "test", data_dir=data_dir, verify="no")
     with pytest.raises(TypeError, match="data_dir: expected a folder .* got int"):
         data.load("mnist", "test", data_dir=3)
+    # a split that is no str is a TypeError, as load_tfds says for the other names
+    for split, got in ((None, "NoneType None"), (["test"], "list ['test']"), (0, "int 0")):
+        with pytest.raises(TypeError, match=re.escape(f"or 'test' for cifar10, got {got}")):
+            data.load("cifar10", split, data_dir=data_dir)
 
 
 def test_an_unknown_tfds_name_is_a_short_value_error(tmp_path):
