@@ -28,6 +28,7 @@ from jcnn.analysis.per_example import (
     _add_gaussian_noise,
     _batch_size,
     _check_finite,
+    _clip_factors,
     _norms,
     _per_example_grads,
 )
@@ -114,7 +115,7 @@ def private_grad(
     else:
         grads = _per_example_grads(loss_fn, params, batch, chunk_size, None, "private_grad")
         norms = _norms(grads, size)
-        factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
+        factors = _clip_factors(norms, l2_norm_clip)
         if weights is not None:
             # a weight-0 example (padding) adds nothing, even with a gradient that is not finite
             real = jnp.asarray(weights) > 0

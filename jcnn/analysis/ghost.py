@@ -69,6 +69,7 @@ from jcnn.analysis.per_example import (
     _check_chunk_size,
     _check_finite,
     _check_params,
+    _clip_factors,
     _in_chunks,
     _scalar_loss,
     _sqrt_of_square,
@@ -546,7 +547,7 @@ def _book_kept_sum(loss_fn, params, batch, weights, l2_norm_clip, layer_rule: st
     )
     leaves, treedef, calls, ghost, materialized = plan
     norms = _sqrt_of_square(square)
-    factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12))
+    factors = _clip_factors(norms, l2_norm_clip)
     if weights is not None:
         factors = jnp.where(weights > 0, factors * jnp.asarray(weights, factors.dtype), 0)
 

@@ -517,6 +517,15 @@ def per_example_grad_norms(
     )
 
 
+def _clip_factors(norms: jax.Array, l2_norm_clip) -> jax.Array:
+    """The ``(B,)`` factors ``min(1, C / ||g_i||)`` that clip each example's gradient to norm at
+    most ``C``, the quotient lowered by two units in the last place of the norms' type: scaling
+    every value of ``g_i`` by ``C / ||g_i||`` rounds, and the clipped gradient's norm came out one
+    unit above ``C`` for about half of the examples clipped (a quarter measured in float32)."""
+    margin = 1 - 2 * np.finfo(norms.dtype).eps
+    return jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12) * margin)
+
+
 def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     """Scale each example's gradient to L2 norm at most ``l2_norm_clip`` (all leaves together).
 
@@ -531,7 +540,7 @@ def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     _batch_size(per_example, "per_example")
     # an integer leaf would be scaled by a factor truncated to 0 (silently all zeros)
     _check_params(per_example, "per_example", "gradients, scaled by the clip factors")
-    factor = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(_norms(per_example), 1e-12))
+    factor = _clip_factors(_norms(per_example), l2_norm_clip)
 
     def scale(leaf):
         return leaf * factor.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
