@@ -320,8 +320,8 @@ class Standardize:
             return (x - mean) / scale
         batch_shape = x.shape[: x.ndim - 3]
         flat = (x - mean).reshape(*batch_shape, -1)
-        # HIGHEST: on a GPU the default float32 matmul rounds its inputs to TF32 (10-bit
-        # mantissa), which put whitened values ~1e-3 off; preprocessing is no place to trade
+        # HIGHEST: on a GPU the default float32 matmul may round its inputs to TF32 (a 10-bit
+        # mantissa); preprocessing is no place to trade accuracy for speed
         out = jnp.matmul(flat, self.projection.astype(dtype), precision=jax.lax.Precision.HIGHEST)
         if self.mode == "zca":
             return out.reshape(x.shape)
