@@ -121,15 +121,14 @@ def _output_size(size, kernel, stride, padding, dilation, ceil_mode, kernel_name
     """``conv_output_size`` of checked ints; errors name the window ``kernel_name``."""
     ceil_mode = check_bool(ceil_mode, "ceil_mode")
     span = size + 2 * padding - dilation * (kernel - 1) - 1
-    if span < 0:
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if out < 1:  # in ceil_mode a window may overhang the right edge by less than the stride
         raise ValueError(
             f"{kernel_name}: the dilated window {dilation * (kernel - 1) + 1} is larger than the "
             f"padded input {size + 2 * padding}"
+            + (f" by {-span}, not less than the stride {stride}" if ceil_mode else "")
         )
-    if not ceil_mode:
-        return span // stride + 1
-    out = -(-span // stride) + 1
-    if (out - 1) * stride >= size + padding:
+    if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out
 

@@ -70,6 +70,27 @@ def test_output_size_checks_name_the_argument_of_any_type():
         assert function(7, 2, 2, ceil_mode=np.bool_(True)) == 4
 
 
+def test_ceil_mode_sizes_of_windows_wider_than_the_padded_input_match_torch(torch, rng):
+    # PyTorch's ceil_mode keeps one window overhanging the right edge by less than the stride
+    for _ in range(200):
+        kernel, dilation = int(rng.integers(2, 6)), int(rng.integers(1, 3))
+        padding = int(rng.integers(0, kernel // 2 + 1))
+        fits = dilation * (kernel - 1) + 1 - 2 * padding  # the smallest input the window fits
+        if fits < 2:
+            continue
+        size, stride = int(rng.integers(max(fits - 3, 1), fits)), int(rng.integers(1, 5))
+        try:
+            pooled = torch.nn.functional.max_pool1d(
+                torch.zeros(1, 1, size), kernel, stride, padding, dilation=dilation, ceil_mode=True
+            )
+        except RuntimeError:  # no window starts inside the input
+            with pytest.raises(ValueError, match=f"not less than the stride {stride}$"):
+                pool_output_size(size, kernel, stride, padding, dilation, ceil_mode=True)
+            continue
+        want = pooled.shape[-1]
+        assert pool_output_size(size, kernel, stride, padding, dilation, ceil_mode=True) == want
+
+
 def test_pool_output_size_names_its_window_when_the_window_does_not_fit():
     message = r"^window: the dilated window 3 is larger than the padded input 2$"
     with pytest.raises(ValueError, match=message):
