@@ -399,8 +399,8 @@ def test_a_float64_constant_channel_is_refused_though_its_mean_misses_it_by_an_u
 
 @pytest.mark.parametrize("mode", ["pca", "zca"])
 def test_whitening_projection_runs_at_full_float32_precision(mode):
-    # the default precision lets a GPU round the matmul's inputs to TF32 (~1e-3 relative error
-    # in the whitened values); CPU computes float32 either way, so the jaxpr is what is checked
+    # the default precision lets a GPU round the matmul's inputs to TF32; CPU computes float32
+    # either way, so the jaxpr is what is checked
     images = np.random.default_rng(0).random((20, 2, 2, 3)).astype(np.float32)
     stats = Standardize.fit(images, mode=mode)
     dots = [
