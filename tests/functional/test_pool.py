@@ -764,30 +764,18 @@ def test_ceil_mode_windows_wider_than_the_padded_input_overhang_as_torch(torch, 
             context = f"sizes {sizes} window {window} stride {stride} padding {pad}"
             geometry = dict(window=window, stride=stride, padding=pad, ceil_mode=True)
             torch_geometry = dict(kernel_size=window, stride=stride, padding=pad, ceil_mode=True)
-            cases.append(
-                (
-                    functools.partial(max_pool, dilation=dilation, **geometry),
-                    functools.partial(
-                        getattr(torch.nn.functional, f"max_pool{rank}d"),
-                        dilation=dilation,
-                        **torch_geometry,
-                    ),
-                    x,
-                    f"max {context} dilation {dilation}",
-                )
-            )
+            options = [("max", max_pool, dict(dilation=dilation))]
             # PyTorch's avg_pool3d refuses an input smaller than the window, padded or not
-            for include in (True, False) if rank < 3 else ():
+            if rank < 3:
+                options += [("avg", avg_pool, dict(count_include_pad=b)) for b in (True, False)]
+            for kind, ours, extra in options:
+                theirs = getattr(torch.nn.functional, f"{kind}_pool{rank}d")
                 cases.append(
                     (
-                        functools.partial(avg_pool, count_include_pad=include, **geometry),
-                        functools.partial(
-                            getattr(torch.nn.functional, f"avg_pool{rank}d"),
-                            count_include_pad=include,
-                            **torch_geometry,
-                        ),
+                        functools.partial(ours, **geometry, **extra),
+                        functools.partial(theirs, **torch_geometry, **extra),
                         x,
-                        f"avg {context} count_include_pad={include}",
+                        f"{kind} {context} {extra}",
                     )
                 )
     _assert_parity(torch, cases, rng)
