@@ -823,11 +823,29 @@ def _correct(total: float, labels) -> float:
     return round(hits) / positions
 
 
+def _running_weight(running: dict) -> str:
+    """The key of ``running`` counting what its sums are sums over: ``examples`` (each batch's
+    means weighted by its size), or ``batches`` in a checkpoint written before that, whose epoch
+    stays a mean over batches to its end."""
+    return "batches" if "batches" in running else "examples"
+
+
+def _add_batch(running: dict, values: dict, names, size: int, correct: float) -> None:
+    """Add a batch of ``size`` examples, ``correct`` of them classified right, and its means
+    ``values`` of ``names`` (accuracy aside) to the epoch's ``running`` sums."""
+    weight_key = _running_weight(running)
+    weight = size if weight_key == "examples" else 1
+    for name in names:
+        running[name] += values[name] * weight
+    running["accuracy"] += correct if weight_key == "examples" else correct / size
+    running[weight_key] += weight
+
+
 def _epoch_means(running: dict, names) -> dict:
-    """``train_<name>``: the mean over the epoch's batches that held examples (``None`` if every
-    batch was an empty Poisson draw)."""
-    batches = running["batches"]
-    return {f"train_{n}": running[n] / batches if batches else None for n in names}
+    """``train_<name>``: the epoch's mean over its examples (``None`` if every batch was an empty
+    Poisson draw)."""
+    total = running[_running_weight(running)]
+    return {f"train_{n}": running[n] / total if total else None for n in names}
 
 
 def _batch_size(batch) -> int:
@@ -845,8 +863,9 @@ def _all_finite(batch) -> bool:
 
 
 def _new_running(names=()) -> dict:
-    """The sums behind an epoch's running train loss, accuracy, metrics (saved in checkpoints)."""
-    return {"loss": 0.0, "accuracy": 0.0, **{name: 0.0 for name in names}, "batches": 0}
+    """The sums behind an epoch's running train loss, accuracy, metrics (saved in checkpoints):
+    each batch's means times its size, and the number of examples."""
+    return {"loss": 0.0, "accuracy": 0.0, **{name: 0.0 for name in names}, "examples": 0}
 
 
 def _loader_kind(loader) -> str:
@@ -1563,18 +1582,17 @@ def _fit(
                 if _batch_size(batch) > 0:  # an empty (Poisson) batch has no mean to count
                     # the batch's fraction correct as its count makes it (float32's k/n is not)
                     n = _batch_size(batch)
-                    values["accuracy"] = _correct(values["accuracy"] * n, batch[1]) / n
-                    for name in ("loss", "accuracy", *running_names):
-                        running[name] += values[name]
-                    running["batches"] += 1
+                    correct = _correct(values["accuracy"] * n, batch[1])
+                    values["accuracy"] = correct / n
+                    _add_batch(running, values, ("loss", *running_names), n, correct)
                 images_this_process += int(batch[0].shape[0])
                 if batch_index % 10 == 0 or batch_index == steps_per_epoch:
                     rate = images_this_process / max(time.perf_counter() - epoch_start, 1e-9)
                     lr = f"lr {_rate_at(schedule, step):.3g} " if schedule is not None else ""
+                    total = running[_running_weight(running)]
                     means = (
-                        f"loss {running['loss'] / running['batches']:.4f} "
-                        f"acc {running['accuracy'] / running['batches']:.4f} "
-                        if running["batches"]
+                        f"loss {running['loss'] / total:.4f} acc {running['accuracy'] / total:.4f} "
+                        if total
                         else "no examples yet "
                     )
                     progress.update(batch_index, f"{means}{lr}{rate:,.0f} img/s")

@@ -1063,14 +1063,57 @@ def test_evaluate_accuracy_is_the_fraction_correct_to_the_last_digit(rng):
         assert loop.evaluate(state, loader)["accuracy"] == correct / 37
 
 
-def test_train_accuracy_is_a_mean_of_exact_batch_fractions(rng):
-    # float32 batch accuracies (3/10 as 0.30000001192...) were averaged: 40 images in batches of
-    # 10 gave a train_accuracy that was no count of 40
-    train = Loader(*_data(rng, n=40), batch_size=10, seed=3)
+class _BatchLog(Callback):
+    """Records each on_step's loss and accuracy."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step(self, run, metrics):
+        self.seen.append((metrics["loss"], metrics["accuracy"]))
+
+
+def _uneven_batches(rng):
+    """40 examples in batches of 16, 16 and 8, and those sizes."""
+    train = Loader(*_data(rng, n=40), batch_size=16, drop_remainder=False, seed=3)
+    return train, np.array([16, 16, 8])
+
+
+def test_train_means_are_over_examples_each_batch_weighted_by_its_size(rng):
+    # they were means over batches, the last batch's 8 examples counting as much as 16; and the
+    # float32 batch accuracies (3/10 as 0.30000001192...) gave a train_accuracy no count of 40
+    train, sizes = _uneven_batches(rng)
+    log = _BatchLog()
     config = _quiet(epochs=2, learning_rate=0.02, schedule="constant")
-    for record in fit(TinyNet(), train, None, config)["history"]:
-        correct = record["train_accuracy"] * 40
-        assert correct == pytest.approx(round(correct), abs=1e-12)
+    history = fit(TinyNet(), train, None, config, callbacks=[log])["history"]
+    for epoch, record in enumerate(history):
+        losses, accuracies = np.array(log.seen[3 * epoch : 3 * epoch + 3]).T
+        assert record["train_loss"] == pytest.approx(losses @ sizes / 40, rel=1e-12)
+        correct = accuracies @ sizes
+        assert correct == pytest.approx(round(correct), abs=1e-9)
+        assert record["train_accuracy"] == round(correct) / 40
+
+
+def test_a_checkpoint_of_batch_means_ends_its_epoch_as_batch_means(tmp_path, rng, monkeypatch):
+    # a checkpoint written before the means were over examples holds sums of batch means and a
+    # count of batches: its epoch ends as the uninterrupted old run's did, the next over examples
+    train, _ = _uneven_batches(rng)
+    config = _config(tmp_path / "new", epochs=3, optimizer="sgd", schedule="constant")
+
+    def run(**changes):
+        return fit(_FlatNet(), train, None, dataclasses.replace(config, **changes))["history"]
+
+    new = run()
+    with monkeypatch.context() as patch:
+        old_running = {"loss": 0.0, "accuracy": 0.0, "batches": 0}
+        patch.setattr(loop, "_new_running", lambda names=(): dict(old_running))
+        old = run(out=str(tmp_path / "old"))
+        run(out=str(tmp_path / "resumed"), max_steps=4)
+    resumed = run(out=str(tmp_path / "resumed"), resume=True)
+    train_means = [[h["train_loss"], h["train_accuracy"]] for h in (*old, *new, *resumed)]
+    old, new, resumed = np.array(train_means).reshape(3, 3, 2)
+    assert (old != new).any(axis=1).all()  # batch means, not example means, in every epoch
+    assert resumed.tolist() == [*old[:2].tolist(), new[2].tolist()]
 
 
 def test_evaluate_is_a_mean_over_every_example_and_refuses_a_loader_dropping_some(tmp_path, rng):
@@ -1426,8 +1469,8 @@ def test_the_epoch_means_leave_out_empty_poisson_batches(rng):
         optimizer="sgd", learning_rate=0.01, schedule="constant", dp_noise_multiplier=1.0
     )
     record = fit(_FlatNet(), train, None, config, callbacks=[log])["history"][0]
-    losses = [loss for (_, loss), size in zip(log.seen, sizes, strict=True) if size > 0]
-    assert record["train_loss"] == pytest.approx(np.mean(losses), rel=1e-12)
+    losses = np.array([loss for _, loss in log.seen])
+    assert record["train_loss"] == pytest.approx(losses @ sizes / sum(sizes), rel=1e-12)
 
 
 def test_an_epoch_of_only_empty_poisson_batches_has_no_training_means(tmp_path, rng):
