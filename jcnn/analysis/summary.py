@@ -50,7 +50,13 @@ from jax.typing import DTypeLike
 
 from jcnn import nn as jnn
 from jcnn.analysis._trace import LayerCall, subtree, trace_layers
-from jcnn.functional._checks import as_int_tuple, check_bool, is_int, normalize_padding
+from jcnn.functional._checks import (
+    as_int_tuple,
+    check_bool,
+    is_int,
+    normalize_padding,
+    window_count,
+)
 
 __all__ = [
     "conv_output_size",
@@ -120,16 +126,15 @@ def conv_output_size(
 def _output_size(size, kernel, stride, padding, dilation, ceil_mode, kernel_name):
     """``conv_output_size`` of checked ints; errors name the window ``kernel_name``."""
     ceil_mode = check_bool(ceil_mode, "ceil_mode")
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    span = dilation * (kernel - 1) + 1
+    out = window_count(size, span, stride, padding, padding, ceil_mode)
     if out < 1:  # in ceil_mode a window may overhang the right edge by less than the stride
+        excess = span - (size + 2 * padding)
         raise ValueError(
-            f"{kernel_name}: the dilated window {dilation * (kernel - 1) + 1} is larger than the "
-            f"padded input {size + 2 * padding}"
-            + (f" by {-span}, not less than the stride {stride}" if ceil_mode else "")
+            f"{kernel_name}: the dilated window {span} is larger than the padded input "
+            f"{size + 2 * padding}"
+            + (f" by {excess}, not less than the stride {stride}" if ceil_mode else "")
         )
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
     return out
 
 

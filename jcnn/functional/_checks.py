@@ -224,6 +224,22 @@ def window_padding(
     return pads
 
 
+def window_count(size: int, span: int, stride: int, lo: int, hi: int, ceil_mode: bool) -> int:
+    """The number of windows ``span`` pixels wide, ``stride`` apart, over ``size`` pixels padded
+    ``(lo, hi)``, counted as PyTorch does: with ``ceil_mode`` a last partial window is kept,
+    overhanging the right edge, when it starts inside the input or the left padding. Below 1
+    where no window fits.
+
+    >>> window_count(5, 2, 2, 0, 0, False), window_count(5, 2, 2, 0, 0, True)
+    (2, 3)
+    """
+    room = size + lo + hi - span
+    out = (-(-room // stride) if ceil_mode else room // stride) + 1
+    if ceil_mode and out > 1 and (out - 1) * stride >= size + lo:
+        out -= 1
+    return out
+
+
 # XLA computes an array's size in bytes as a signed 64-bit integer; a larger shape aborts the
 # process (a C++ "overflow in static extent product"), where a merely too large one is a
 # catchable out-of-memory error.

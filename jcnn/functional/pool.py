@@ -40,6 +40,7 @@ from jcnn.functional._checks import (
     is_int,
     normalize_padding,
     plain_ints,
+    window_count,
 )
 
 __all__ = [
@@ -110,16 +111,14 @@ def _window_geometry(
         zip(in_sizes, window, stride, dilation, pads, strict=True)
     ):
         span = (k - 1) * d + 1
-        room = size + lo + hi - span
-        out = (-(-room // s) if ceil_mode else room // s) + 1
+        out = window_count(size, span, s, lo, hi, ceil_mode)
         if out < 1:  # in ceil_mode a window may overhang the right edge by less than the stride
+            over = span - (size + lo + hi)
             raise ValueError(
                 f"window: the window spans {span} pixels (window {k}, dilation {d}) in spatial dim "
                 f"{dim}, larger than the padded input {size + lo + hi} (size {size}, padding "
-                f"{(lo, hi)})" + (f" by {-room}, not less than the stride {s}" if ceil_mode else "")
+                f"{(lo, hi)})" + (f" by {over}, not less than the stride {s}" if ceil_mode else "")
             )
-        if ceil_mode and (out - 1) * s >= size + lo:
-            out -= 1
         pixels = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :] * d
         blind = ~((pixels >= 0) & (pixels < size)).any(axis=1)
         if blind.any():

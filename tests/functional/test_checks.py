@@ -19,6 +19,7 @@ from jcnn.functional._checks import (
     check_real,
     check_size_sequence,
     seed_key,
+    window_count,
 )
 
 X4 = jnp.ones((2, 4, 4, 4))
@@ -520,3 +521,25 @@ def test_seed_key_keeps_all_64_bits_of_a_seed():
         with pytest.raises(error, match="seed: expected an int"):
             seed_key(seed)
     assert data(np.int64(2**40)) == data(2**40)
+
+
+def test_window_count_counts_the_windows_pytorch_keeps(rng):
+    # windows start at multiples of the stride; floor: each that ends inside the padded input;
+    # ceil_mode: each that starts inside the input or the left padding and overhangs the padded
+    # input's end by less than the stride (PyTorch's padding is at most half the window)
+    for _ in range(1000):
+        size, span, stride = (int(v) for v in rng.integers(1, 10, 3))
+        lo, hi = (int(v) for v in rng.integers(0, span // 2 + 1, 2))
+        padded = size + lo + hi
+        for ceil_mode in (False, True):
+            kept = [
+                start
+                for start in range(0, padded, stride)
+                if (
+                    start < size + lo and start + span - stride < padded
+                    if ceil_mode
+                    else start + span <= padded
+                )
+            ]
+            got = window_count(size, span, stride, lo, hi, ceil_mode)
+            assert got == len(kept) if kept else got < 1, (size, span, stride, lo, hi, ceil_mode)
