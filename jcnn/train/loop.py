@@ -67,7 +67,13 @@ from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, BestCheckpoint, Callback, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager, _check_json_round_trip
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
-from jcnn.train.optim import _USED_BY, OPTIMIZERS, _checked_schedule, optimizer
+from jcnn.train.optim import (
+    _USED_BY,
+    OPTIMIZERS,
+    _check_float32_rate,
+    _checked_schedule,
+    optimizer,
+)
 from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
 from jcnn.train.protocol import (
     TrainLoader,
@@ -261,7 +267,7 @@ def _base_rate(value) -> float:
     rate = float(value)
     if not (math.isfinite(rate) and rate >= 0):
         raise ValueError(f"config.learning_rate: expected a finite number >= 0, got {value!r}")
-    return rate
+    return _check_float32_rate(rate, "config.learning_rate")
 
 
 def _refuse_without_evaluation(config: TrainConfig, val_loader, test_loader) -> None:

@@ -263,11 +263,26 @@ def _check_rate(value, name: str):
     if callable(value):
         return _checked_schedule(value, name)
     try:
-        return check_real_or_traced(value, name, low=0)
+        rate = check_real_or_traced(value, name, low=0)
     except TypeError:
         raise TypeError(
             f"{name}: expected a finite number >= 0 or a schedule step -> rate, got {value!r}"
         ) from None
+    return _check_float32_rate(rate, name) if isinstance(rate, float) else rate
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_float32_rate(rate: float, name: str) -> float:
+    """``rate``, a float >= 0, if float32 holds it: the update computes in float32, where a
+    larger rate (``1e308``) is infinite."""
+    if rate > _FLOAT32_MAX:
+        raise ValueError(
+            f"{name}: expected a finite number >= 0 within float32's range (the update computes "
+            f"in float32), got {rate!r}"
+        )
+    return rate
 
 
 _MASK_FORMS = "a pytree of bools or a function params -> pytree of bools"

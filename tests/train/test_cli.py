@@ -425,6 +425,10 @@ def test_recipe_on_another_dataset_when_asked_says_so(capsys, tmp_path):
             "got shape (512, 28, 28, 1)",
         ),
         (
+            ["--lr", "1e308"],  # infinite in float32: named as the flag, not as the schedule
+            "--lr: expected a finite number >= 0 within float32's range",
+        ),
+        (
             ["--recipe", "mnist99", "--limit-train", "100"],
             "--recipe mnist99: images: mnist99 trains on batches of 128, got 100 images",
         ),

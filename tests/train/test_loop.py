@@ -373,6 +373,9 @@ def test_bad_optimizer_and_learning_rate_are_named(rng):
         fit(TinyNet(), train, None, _quiet(learning_rate="fast"))
     with pytest.raises(ValueError, match="config.learning_rate: expected a finite number"):
         fit(TinyNet(), train, None, _quiet(learning_rate=float("nan")))
+    for schedule in ("constant", "cosine", "one_cycle"):  # not the schedule's infinite rate
+        with pytest.raises(ValueError, match=r"learning_rate: .* float32's range .*1e\+308"):
+            fit(TinyNet(), train, None, _quiet(learning_rate=1e308, schedule=schedule))
     with pytest.raises(ValueError, match="weight_decay and clip_norm"):
         fit(TinyNet(), train, None, _quiet(optimizer=optax.sgd(0.1), weight_decay=1e-4))
 

@@ -254,6 +254,11 @@ def test_bad_arguments_are_named():
             ValueError,
             "learning_rate: expected a finite number >= 0, got inf",
         ),
+        (  # infinite in float32, where the update computes
+            {"learning_rate": 1e308},
+            ValueError,
+            "learning_rate: expected a finite number >= 0 within float32's range",
+        ),
         (
             {"learning_rate": "0.1"},
             TypeError,
