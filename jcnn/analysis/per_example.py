@@ -259,6 +259,11 @@ def per_example_grads(
     (``train=False``), share the batch's statistics (``axis_name``, below) or
     ``replace_batch_norm``; see docs/privacy.md.
 
+    A random key ``loss_fn`` closes over is the same key for every example: each draws the same
+    dropout mask, where a batched forward pass draws one mask per example. Put one key per
+    example in ``batch`` (``(images, labels, jax.random.split(key, B))``) to draw as the batch
+    would, each example its own mask (as ``fit``'s DP-SGD steps do).
+
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: the parameters (any pytree).

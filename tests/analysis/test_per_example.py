@@ -591,3 +591,17 @@ def test_dp_noise_and_a_loader_given_one_seed_draw_no_key_alike():
         bits(jax.random.fold_in(jax.random.fold_in(root, t), e)) for t in range(4) for e in range(6)
     }
     assert not noise & loader
+
+
+def test_a_closed_over_dropout_key_gives_every_example_the_same_mask_keys_in_the_batch_do_not():
+    # the docstring's advice: under vmap a key the loss closes over draws one mask for all
+    x = jnp.ones((6, 32))
+
+    def loss(w, images, key):  # the images of one example: a batch of 1
+        return jnp.sum(F.dropout(key, images * w[None], 0.5))
+
+    shared = per_example_grads(lambda w, b: loss(w, b, jax.random.key(0)), jnp.ones(32), x)
+    assert (shared == shared[:1]).all() and 0 < int((shared[0] == 0).sum()) < 32
+    keys = jax.random.split(jax.random.key(0), 6)
+    own = per_example_grads(lambda w, b: loss(w, b[0], b[1][0]), jnp.ones(32), (x, keys))
+    assert len({tuple(np.asarray(g).tolist()) for g in own}) == 6
