@@ -72,3 +72,5 @@ def test_quick_mode_writes_its_page(name, tmp_path, experiments_on_path, monkeyp
     for figure in figures:
         assert (tmp_path / figure).stat().st_size > 1000, figure
     assert "|" in page  # a results table
+    if name == "receptive_fields":  # the measured fields agree with the formulas
+        assert "**0 mismatch(es)**" in page
