@@ -74,3 +74,41 @@ def test_quick_mode_writes_its_page(name, tmp_path, experiments_on_path, monkeyp
     assert "|" in page  # a results table
     if name == "receptive_fields":  # the measured fields agree with the formulas
         assert "**0 mismatch(es)**" in page
+
+
+@pytest.mark.parametrize(
+    "name, compared",
+    [
+        # the rate sweep of part 1 (constant rates), the batch sizes of part 2
+        ("normalization", [("learning_rate", "constant"), ("batch_size", "cosine")]),
+        # decay vs constant, the batch sizes of the scaling rule
+        ("schedules", [("schedule", None), ("batch_size", None)]),
+    ],
+)
+def test_quick_mode_compares_what_its_page_concludes_about(
+    name, compared, experiments_on_path, monkeypatch, tmp_path
+):
+    """The quick page states a largest stable rate, a trend over batch sizes, the spread of the
+    linear scaling rule and decay vs a constant rate: each needs two settings or more. With one
+    (quick mode's single rate and batch size) the page concluded from nothing, e.g. "the rule
+    did not reduce the spread" from a spread of 0 vs 0."""
+    import numpy as np
+
+    module = importlib.import_module(name)
+    common = module._common
+    x = np.zeros((8, 32, 32, 3), np.float32)
+    y = np.zeros(8, np.int32)
+    monkeypatch.setattr(common, "standardized", lambda *args, **kwargs: (x, y, x, y))
+    calls = []
+
+    def run_fit(model, train_xy, test_xy, *, epochs, batch_size, seed=0, **config):
+        calls.append({"batch_size": batch_size, **config})
+        record = {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}
+        return [{"epoch": e + 1, **record} for e in range(epochs)], None
+
+    monkeypatch.setattr(common, "run_fit", run_fit)
+    monkeypatch.setattr(common.Page, "write", lambda self: None)
+    module.main(["--quick", "--out", str(tmp_path)])
+    for key, schedule in compared:
+        values = {c[key] for c in calls if schedule in (None, c.get("schedule"))}
+        assert len(values) >= 2, (key, values)
