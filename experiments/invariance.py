@@ -2,8 +2,9 @@
 under circular padding and up to edge effects otherwise; pooling is locally invariant to small
 shifts; rotations do not commute with a convolution.
 
-Run: ``python experiments/invariance.py [--quick] [--data-dir DIR]`` (seconds; the same
-properties are asserted in ``tests/functional/test_equivariance.py``).
+Run: ``python experiments/invariance.py [--quick] [--data-dir DIR]`` (full: 3 min measured on
+2 cores shared with other work; the same properties are asserted in
+``tests/functional/test_equivariance.py``).
 """
 
 from __future__ import annotations

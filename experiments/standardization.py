@@ -1,8 +1,8 @@
 """Standardization (lectures 000, 003): raw vs standardized inputs, and the notes' weight in kg vs
 mg: how the scale of an input sets the speed (and stability) of gradient descent.
 
-Run: ``python experiments/standardization.py [--quick] [--data-dir DIR]`` (full: about 4 min on
-2 cores).
+Run: ``python experiments/standardization.py [--quick] [--data-dir DIR]`` (full: 7 min measured
+on 2 cores shared with other work).
 """
 
 from __future__ import annotations
