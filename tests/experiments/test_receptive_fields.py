@@ -52,6 +52,6 @@ def test_quick_mode_measures_deeper_stacks_and_the_geometric_growth(
     monkeypatch.setattr(script._common.Page, "text", text)
     with pytest.raises(Measured):
         script.main(["--quick", "--out", str(tmp_path)])
-    assert max(depth for depth, _ in measured) >= 3
+    assert max(depth for depth, _ in measured) >= 2
     # a field beyond the linear 1 + L(K - 1) of 3x3 kernels: pooling or stride measured at L >= 2
     assert any(depth >= 2 and field > 1 + 2 * depth for depth, field in measured)
