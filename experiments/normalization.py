@@ -43,7 +43,10 @@ def largest_stable_findings(results, lrs):
             f"{shown['BN']}. The notes (Ioffe & Szegedy 2015): BatchNorm allows much "
             "higher learning rates and reaches a given accuracy in fewer steps."
             + ("" if (largest["BN"] or 0) > (largest["no BN"] or 0) else
-               " **Here BN did not allow a larger rate than the plain network**; see the table."))
+               " **No rate trained stably here, with or without BN: this run cannot compare "
+               "them**; see the table." if largest["BN"] is None and largest["no BN"] is None
+               else " **Here BN did not allow a larger rate than the plain network**; see the "
+               "table."))
 
 
 def batch_size_findings(errors, batch_sizes, n_train, epochs, n_test):

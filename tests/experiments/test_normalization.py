@@ -48,7 +48,12 @@ def test_the_largest_stable_rate_is_a_rate_or_says_none_was(script):
     results = {("no BN", 0.1): (False, []), ("BN", 0.1): (False, [])}
     text = script.largest_stable_findings(results, (0.1,))
     assert text.startswith("Largest stable learning rate: without BN none of 0.1, with BN none of")
-    assert "None" not in text and "**Here BN did not allow a larger rate" in text
+    # and it concluded "BN did not allow a larger rate" from two runs that both failed
+    assert "None" not in text and "did not allow" not in text
+    assert "**No rate trained stably here, with or without BN: this run cannot compare" in text
+    results[("no BN", 0.1)] = (True, [])
+    text = script.largest_stable_findings(results, (0.1,))
+    assert "**Here BN did not allow a larger rate than the plain network**" in text
     results = {
         (label, lr): (ok, [])
         for label, lr, ok in (
