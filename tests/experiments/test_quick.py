@@ -74,6 +74,9 @@ def test_quick_mode_writes_its_page(name, tmp_path, experiments_on_path, monkeyp
     assert "|" in page  # a results table
     if name == "receptive_fields":  # the measured fields agree with the formulas
         assert "**0 mismatch(es)**" in page
+    if name == "time_to_accuracy":  # one batch of training left it at chance: it timed no learning
+        accuracy = float(re.search(r"test accuracy (0\.\d+)", page).group(1))
+        assert accuracy > 0.5, page
 
 
 @pytest.mark.parametrize(
