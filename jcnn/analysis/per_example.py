@@ -49,6 +49,8 @@ from jax.extend import core as jax_core
 from jcnn.functional._checks import (
     NOISE_STREAM,
     _is_real_scalar,
+    check_bool,
+    check_real_or_traced,
     check_seed,
     float32_or_wider,
     seed_key,
@@ -689,9 +691,10 @@ def dp_sgd(
     """DP-SGD: ``dp_aggregate`` followed by ``optax.sgd``; feed it per-example gradients.
 
     Args:
-      learning_rate: a float or an optax schedule.
+      learning_rate: a finite number >= 0 or an optax schedule.
       l2_norm_clip, noise_multiplier, seed: as in ``dp_aggregate``.
-      momentum, nesterov: as in ``optax.sgd``.
+      momentum, nesterov: as in ``optax.sgd``: ``momentum`` None (none) or in [0, 1), ``nesterov``
+        a bool, True only with a momentum.
 
     Returns:
       An ``optax.GradientTransformation``: ``updates, state = tx.update(per_example_grads(...),
@@ -705,7 +708,17 @@ def dp_sgd(
     >>> [round(u, 3) for u in updates.tolist()]  # -0.1 * mean of the unit-norm clipped gradients
     [-0.03, -0.09]
     """
+    from jcnn.train.optim import _check_rate  # jcnn.train imports this module's package
+
+    aggregate = dp_aggregate(l2_norm_clip, noise_multiplier, seed)
+    # checked as jcnn.train.optimizer checks them: Optax took None or NaN as a rate, momentum 2
+    # (diverging), nesterov=1 or "yes", and failed inside its update on a string
+    learning_rate = _check_rate(learning_rate, "learning_rate")
+    if momentum is not None:
+        momentum = check_real_or_traced(momentum, "momentum", low=0, high=1, high_open=True)
+    if check_bool(nesterov, "nesterov") and momentum is None:
+        raise ValueError("nesterov: Nesterov momentum needs a momentum, got momentum=None")
     return optax.chain(
-        dp_aggregate(l2_norm_clip, noise_multiplier, seed),
+        aggregate,
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )

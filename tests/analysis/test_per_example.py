@@ -254,6 +254,27 @@ def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype(impl):
     assert np.all(np.isfinite(stream)) and np.abs(stream).max() < 7
 
 
+def test_dp_sgd_checks_its_sgd_arguments():
+    # Optax took these: None or NaN as a rate (NaN updates), momentum 2 (diverging), nesterov=1 or
+    # "yes" read by truth, nesterov without a momentum ignored; a string failed inside its update
+    with pytest.raises(TypeError, match="learning_rate: expected a finite number >= 0"):
+        dp_sgd("0.1", 1.0, 1.0)
+    with pytest.raises(TypeError, match="learning_rate: expected a finite number >= 0"):
+        dp_sgd(None, 1.0, 1.0)
+    with pytest.raises(ValueError, match="learning_rate: expected a finite number >= 0, got nan"):
+        dp_sgd(math.nan, 1.0, 1.0)
+    with pytest.raises(TypeError, match=r"momentum: expected a number in \[0, 1\), got '0.9'"):
+        dp_sgd(0.1, 1.0, 1.0, momentum="0.9")
+    with pytest.raises(ValueError, match=r"momentum: expected a number in \[0, 1\), got 2.0"):
+        dp_sgd(0.1, 1.0, 1.0, momentum=2.0)
+    for bad in (1, "yes"):
+        with pytest.raises(TypeError, match=f"nesterov: expected a Python bool, got {bad!r}"):
+            dp_sgd(0.1, 1.0, 1.0, momentum=0.9, nesterov=bad)
+    with pytest.raises(ValueError, match="nesterov: Nesterov momentum needs a momentum"):
+        dp_sgd(0.1, 1.0, 1.0, nesterov=True)
+    assert dp_sgd(optax.constant_schedule(0.1), 1.0, 1.0, momentum=0.9, nesterov=True) is not None
+
+
 def test_dp_noise_under_vmap_is_each_keys_own_noise():
     keys = jax.random.split(jax.random.key(3), 3)
     tree = {"large": jnp.zeros((300, 250)), "small": jnp.zeros((7,))}
