@@ -51,6 +51,9 @@ def as_int_tuple(value, n: int, name: str, *, minimum: int | None = None) -> tup
         raise TypeError(f"{name}: expected an int or a sequence of {n} ints, got {value!r}")
     if minimum is not None and any(v < minimum for v in values):
         raise ValueError(f"{name}: every entry must be >= {minimum}, got {value!r}")
+    if any(not -(2**63) <= v < 2**63 for v in values):
+        # XLA and NumPy hold sizes as int64: past it an OverflowError or a message from inside
+        raise ValueError(f"{name}: every entry must be an int64 (< 2**63), got {value!r}")
     return values
 
 

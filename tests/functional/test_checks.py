@@ -352,6 +352,22 @@ def test_check_real_names_an_int_beyond_floats_range():
     assert check_real(10**400, "x", finite=False) == math.inf
 
 
+def test_sizes_past_int64_are_refused_naming_the_argument():
+    # 2**63 as a stride: OverflowError inside max_pool, "dims[10]: ..." from conv, a TypeError
+    # from lax.reduce_window for local_response_norm's size
+    huge = 2**63
+    for call, name in (
+        (lambda: F.max_pool(X4, 2, huge), "stride"),
+        (lambda: F.avg_pool(X4, 2, (1, huge)), "stride"),
+        (lambda: F.conv(X4, W, stride=huge), "stride"),
+        (lambda: F.local_response_norm(X4, huge), "size"),
+        (lambda: F.subsample(X4, (huge, 1)), "stride"),
+    ):
+        with pytest.raises(ValueError, match=f"^{name}: every entry must be an int64"):
+            call()
+    assert F.max_pool(X4, 2, huge - 1).shape == (2, 1, 1, 4)  # the largest int64 stride works
+
+
 def test_check_size_sequence():
     assert check_size_sequence([np.int64(4), 5], "in_spatial") == (4, 5)
     assert check_size_sequence(np.array([6, 5, 3]), "shape", length=3) == (6, 5, 3)
