@@ -32,7 +32,7 @@ from jcnn.analysis.per_example import (
     _norms,
     _per_example_grads,
 )
-from jcnn.functional._checks import check_key
+from jcnn.functional._checks import check_extent, check_key
 
 __all__ = ["private_grad", "pad_batch"]
 
@@ -163,6 +163,10 @@ def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:
     multiple = int(multiple)
     size = _batch_size(batch)
     padded_size = max(multiple, math.ceil(size / multiple) * multiple)
+    # a huge multiple (2**63 - 1) aborted the whole process inside XLA
+    check_extent((padded_size,), jnp.float32, "multiple", "mask")
+    for leaf in jax.tree.leaves(batch):
+        check_extent((padded_size, *leaf.shape[1:]), leaf.dtype, "multiple", "padded batch")
 
     def pad(leaf):
         widths = [(0, padded_size - size)] + [(0, 0)] * (leaf.ndim - 1)

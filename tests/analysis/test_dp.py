@@ -245,6 +245,11 @@ def test_pad_batch():
     assert pad_batch(batch, np.int64(4))[0][0].shape == (8, 2)
     with pytest.raises(ValueError, match="multiple"):
         pad_batch(batch, 0)
+    # padded to 2**63 - 1 examples the process aborted inside XLA
+    with pytest.raises(ValueError, match=r"^multiple: the mask would have shape \(9223372036854"):
+        pad_batch(batch, 2**63 - 1)
+    with pytest.raises(ValueError, match="^multiple: the padded batch would have shape"):
+        pad_batch(batch, 2**60)  # (2**60, 2) float32: 2**63 bytes
 
 
 @pytest.mark.parametrize("method", ["ghost", "materialize"])
