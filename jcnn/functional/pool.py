@@ -35,6 +35,7 @@ from jcnn.functional._checks import (
     as_int_tuple,
     check_array,
     check_bool,
+    check_extent,
     check_real,
     float32_or_wider,
     is_int,
@@ -549,6 +550,9 @@ def _adaptive_sizes(x, output_size) -> tuple[int, ...]:
                 f"output_size: expected positive ints (or None to keep an input size), "
                 f"got {output_size!r}"
             )
+    # a huge size (2**31 per dim) built its bin tables in NumPy until the process was killed
+    out_shape = (x.shape[0], *sizes, x.shape[-1])
+    check_extent(out_shape, float32_or_wider(x.dtype), "output_size", "output")
     return tuple(sizes)
 
 

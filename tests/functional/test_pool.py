@@ -251,6 +251,18 @@ def test_adaptive_pool_none_keeps_the_input_size(rng):
     np.testing.assert_allclose(y, adaptive_avg_pool(x, (2, 7)), rtol=0, atol=0)
 
 
+def test_adaptive_pool_to_an_impossible_size_is_refused_naming_output_size():
+    # NumPy built the bins' tables first: a bare "Maximum allowed size exceeded" at 2**62, at
+    # 2**31 per dim of a 2-D input the process was killed for memory
+    x = jnp.ones((1, 5, 2))
+    for pool in (adaptive_avg_pool, adaptive_max_pool):
+        for size in (2**62, 2**63):
+            with pytest.raises(ValueError, match=r"^output_size: the output would have shape"):
+                pool(x, size)
+        with pytest.raises(ValueError, match=r"^output_size: the output would have shape"):
+            pool(jnp.ones((1, 5, 5, 2)), 2**31)
+
+
 def test_a_window_seeing_only_padding_is_an_error_where_torch_returns_minus_inf(torch):
     x = np.arange(4, dtype=np.float32).reshape(1, 2, 2, 1)
     options = dict(stride=1, padding=1, dilation=3)
