@@ -442,8 +442,13 @@ def local_response_norm(
     k = _check_positive(k, "k")
 
     xf = x.astype(float32_or_wider(x.dtype))
-    window = (1,) * (x.ndim - 1) + (size,)
-    padding = ((0, 0),) * (x.ndim - 1) + ((size // 2, (size - 1) // 2),)
+    # a window reaching past every channel sums the same channels as one reaching just past
+    # them: clipped there (exactly, the rest is zero padding), a size of 2**62 no longer sums
+    # 2**62 zeros per output (it ran without end)
+    reach = max(x.shape[-1] - 1, 0)
+    before, after = min(size // 2, reach), min((size - 1) // 2, reach)
+    window = (1,) * (x.ndim - 1) + (before + after + 1,)
+    padding = ((0, 0),) * (x.ndim - 1) + ((before, after),)
     # A NumPy (concrete) init value: lax then picks its differentiable windowed-sum primitive. A
     # traced jnp zero, as under jit, selects the generic reduce_window, which has no JVP.
     sum_squares = lax.reduce_window(

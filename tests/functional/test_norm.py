@@ -506,6 +506,17 @@ def test_local_response_norm_is_alexnet_formula(rng):
     assert_rel_close(local_response_norm(x, n, alpha=alpha, beta=beta, k=k), expected)
 
 
+def test_local_response_norm_window_wider_than_the_channels(rng):
+    # every size from 2C - 1 up sums all C channels; 2**62 summed 2**62 zeros per output and
+    # never returned
+    x = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    expected = local_response_norm(x, 9, alpha=0.1)
+    for size in (10, 2**20, 2**62, 2**63 - 1):
+        np.testing.assert_array_equal(local_response_norm(x, size, alpha=0.1), expected)
+    even = local_response_norm(x, 4, alpha=0.1)  # channels c - 2 .. c + 1, as before
+    assert not np.array_equal(even, expected)
+
+
 def lcn_reference(x, window, sigmas, eps):
     """Jarrett et al.'s formula summed term by term, weights renormalized inside the image."""
     x = np.asarray(x, np.float64)
