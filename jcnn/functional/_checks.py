@@ -101,6 +101,8 @@ def check_positive_int(value, name: str) -> int:
     value = int(value)
     if value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value}")
+    if value >= 2**63:  # as a shape, a TypeError from deep inside JAX that names nothing
+        raise ValueError(f"{name}: expected a positive int below 2**63, got {value}")
     return int(value)
 
 

@@ -10,7 +10,10 @@ from jcnn.functional._checks import check_int, check_real
 
 
 def check_num_classes(value) -> int:
-    return check_int(value, "num_classes", low=1)
+    value = check_int(value, "num_classes", low=1)
+    if value >= 2**63:  # as a shape, a TypeError from deep inside JAX that names nothing
+        raise ValueError(f"num_classes: expected an int >= 1 below 2**63, got {value}")
+    return value
 
 
 def check_bn_momentum(value) -> float:

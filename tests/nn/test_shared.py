@@ -82,3 +82,18 @@ def test_conv_transpose_default_init_is_he_over_the_inputs_of_one_group(groups):
     for kernel in kernels:
         assert kernel.shape == (3, 3, 64, 32 // groups)
         assert abs(float(kernel.std()) / np.sqrt(2 / fan_in) - 1) < 0.05
+
+
+def test_a_count_past_int64_is_refused_naming_it():
+    # features=2**63 failed inside JAX's shape parsing ("get(): incompatible function arguments")
+    from jcnn import models
+
+    images, pictures = jnp.ones((1, 4, 4, 3)), jnp.ones((1, 32, 32, 1))
+    for module, name, x in (
+        (nn.Dense(2**63), "features", images),
+        (nn.Conv(2**63, 3), "features", images),
+        (nn.Maxout(2, features=2**63), "features", images),
+        (models.LeNet5(num_classes=2**63), "num_classes", pictures),
+    ):
+        with pytest.raises(ValueError, match=f"^{name}: expected .*below 2\\*\\*63, got {2**63}"):
+            module.init(jax.random.key(0), x)
