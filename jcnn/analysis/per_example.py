@@ -530,6 +530,8 @@ def _clip_factors(norms: jax.Array, l2_norm_clip) -> jax.Array:
     every value of ``g_i`` by ``C / ||g_i||`` rounds, and the clipped gradient's norm came out one
     unit above ``C`` for about half of the examples clipped (a quarter measured in float32)."""
     margin = 1 - 2 * np.finfo(norms.dtype).eps
+    if isinstance(l2_norm_clip, int):  # a Python int past int32 overflowed as a JAX argument
+        l2_norm_clip = float(l2_norm_clip)
     return jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, 1e-12) * margin)
 
 

@@ -254,6 +254,19 @@ def test_dp_noise_is_independent_across_leaves_of_any_shape_and_dtype(impl):
     assert np.all(np.isfinite(stream)) and np.abs(stream).max() < 7
 
 
+def test_a_python_int_clip_bound_past_int32_is_a_number():
+    # 2**63, a finite bound: "An overflow was encountered while parsing an argument to a jitted
+    # computation" from inside JAX; as a float it clips nothing, as any bound above the norms
+    per_example = {"a": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+    for bound in (2**40, 2**63):
+        clipped = clip_per_example(per_example, bound)
+        np.testing.assert_array_equal(clipped["a"], per_example["a"])
+    assert clip_per_example(per_example, 1)["a"][0].tolist() == pytest.approx([0.6, 0.8])
+    tx = dp_aggregate(2**63, 0.0)
+    mean, _ = tx.update(per_example, tx.init({"a": jnp.ones(2)}))
+    np.testing.assert_allclose(mean["a"], [1.65, 2.2], rtol=1e-6)
+
+
 def test_dp_sgd_checks_its_sgd_arguments():
     # Optax took these: None or NaN as a rate (NaN updates), momentum 2 (diverging), nesterov=1 or
     # "yes" read by truth, nesterov without a momentum ignored; a string failed inside its update
