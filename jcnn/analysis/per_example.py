@@ -50,6 +50,7 @@ from jcnn.functional._checks import (
     NOISE_STREAM,
     _is_real_scalar,
     check_bool,
+    check_rate,
     check_real_or_traced,
     check_seed,
     float32_or_wider,
@@ -710,12 +711,10 @@ def dp_sgd(
     >>> [round(u, 3) for u in updates.tolist()]  # -0.1 * mean of the unit-norm clipped gradients
     [-0.03, -0.09]
     """
-    from jcnn.train.optim import _check_rate  # jcnn.train imports this module's package
-
     aggregate = dp_aggregate(l2_norm_clip, noise_multiplier, seed)
     # checked as jcnn.train.optimizer checks them: Optax took None or NaN as a rate, momentum 2
     # (diverging), nesterov=1 or "yes", and failed inside its update on a string
-    learning_rate = _check_rate(learning_rate, "learning_rate")
+    learning_rate = check_rate(learning_rate, "learning_rate")
     if momentum is not None:
         momentum = check_real_or_traced(momentum, "momentum", low=0, high=1, high_open=True)
     if check_bool(nesterov, "nesterov") and momentum is None:

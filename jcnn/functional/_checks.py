@@ -7,8 +7,9 @@ time with a message naming the argument, what was expected and what came.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -462,6 +463,89 @@ def check_real_or_traced(value, name: str, **bounds):
             )
         return value
     return check_real(value, name, **bounds)
+
+
+def checked_schedule(schedule: Callable, name: str) -> Callable:
+    """``schedule`` with each rate it returns checked to be a real scalar (Optax would scale each
+    parameter by a rate vector silently, or fail inside its update on a string)."""
+    label = getattr(schedule, "__qualname__", None) or repr(schedule)
+    try:
+        inspect.signature(schedule).bind(0)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a number or a schedule taking the step, step -> rate, got "
+            f"{label}{inspect.signature(schedule)}"
+        ) from None
+    except ValueError:  # a builtin or C callable: its signature is unknown, trust it
+        pass
+
+    def checked(step):
+        try:
+            rate = schedule(step)
+        except jax.errors.ConcretizationTypeError as error:
+            raise TypeError(
+                f"{name}: the schedule {label} reads the step's value in Python (an if, int() or "
+                f"float() of the step), which a jitted update cannot give it: write it with jnp "
+                f"operations, e.g. jnp.where(step < 100, 0.1, 0.01), or an optax schedule"
+            ) from error
+        try:
+            dtype = jnp.result_type(rate)
+        except TypeError:
+            dtype = None
+        real = dtype is not None and any(
+            jnp.issubdtype(dtype, kind) for kind in (jnp.floating, jnp.integer)
+        )
+        if rate is None or not real:
+            raise TypeError(
+                f"{name}: expected a schedule returning a real rate, got "
+                f"{type(rate).__name__} {rate!r} from {label}"
+            )
+        if jnp.shape(rate) != ():
+            raise ValueError(
+                f"{name}: expected a schedule returning a scalar rate, got shape "
+                f"{jnp.shape(rate)} from {label}"
+            )
+        if not isinstance(rate, jax.core.Tracer) and not 0 <= float(rate) < math.inf:
+            at = "" if isinstance(step, jax.core.Tracer) else f" at step {int(step)}"
+            raise ValueError(
+                f"{name}: expected a schedule returning finite rates >= 0 (a negative rate "
+                f"ascends the loss), got {float(rate):g}{at} from {label}"
+            )
+        return rate
+
+    # the first rate now, as Optax will ask for it (an int32 count), so that a schedule that
+    # starts negative is refused before training; later rates where they are concrete (eager)
+    checked(jnp.zeros((), jnp.int32))
+    return checked
+
+
+def check_rate(value, name: str):
+    """A schedule (a callable of the step, its rates checked to be real scalars), else a finite
+    number >= 0 as a Python float (a NumPy scalar or 0-d array is accepted; NaN, infinity,
+    strings and ``None`` are not), or a traced 0-d real array as it is."""
+    if callable(value):
+        return checked_schedule(value, name)
+    try:
+        rate = check_real_or_traced(value, name, low=0)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a finite number >= 0 or a schedule step -> rate, got {value!r}"
+        ) from None
+    return check_float32_rate(rate, name) if isinstance(rate, float) else rate
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_rate(rate: float, name: str) -> float:
+    """``rate``, a float >= 0, if float32 holds it: the update computes in float32, where a
+    larger rate (``1e308``) is infinite."""
+    if rate > FLOAT32_MAX:
+        raise ValueError(
+            f"{name}: expected a finite number >= 0 within float32's range (the update computes "
+            f"in float32), got {rate!r}"
+        )
+    return rate
 
 
 def is_int(value) -> bool:

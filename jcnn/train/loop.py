@@ -56,10 +56,12 @@ from jcnn.functional._checks import (
     check_array,
     check_bool,
     check_choice,
+    check_float32_rate,
     check_int,
     check_positive_int,
     check_real,
     check_seed,
+    checked_schedule,
     seed_key,
 )
 from jcnn.train import parallel, run_folder, runs
@@ -67,13 +69,7 @@ from jcnn.train import schedules as S
 from jcnn.train.callbacks import HOOKS, BestCheckpoint, Callback, CallbackError, RunContext
 from jcnn.train.checkpoint import CheckpointError, CheckpointManager, _check_json_round_trip
 from jcnn.train.dp import DPTraining, check_dp_config, dp_enabled
-from jcnn.train.optim import (
-    _USED_BY,
-    OPTIMIZERS,
-    _check_float32_rate,
-    _checked_schedule,
-    optimizer,
-)
+from jcnn.train.optim import _USED_BY, OPTIMIZERS, optimizer
 from jcnn.train.param_groups import no_grad_at, no_grad_epochs, split_no_grad
 from jcnn.train.protocol import (
     TrainLoader,
@@ -267,7 +263,7 @@ def _base_rate(value) -> float:
     rate = float(value)
     if not (math.isfinite(rate) and rate >= 0):
         raise ValueError(f"config.learning_rate: expected a finite number >= 0, got {value!r}")
-    return _check_float32_rate(rate, "config.learning_rate")
+    return check_float32_rate(rate, "config.learning_rate")
 
 
 def _refuse_without_evaluation(config: TrainConfig, val_loader, test_loader) -> None:
@@ -442,7 +438,7 @@ def _build_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformat
                 getattr(config, name), f"config.{name}", low=0, low_open=True
             )
     if callable(config.learning_rate):
-        _checked_schedule(config.learning_rate, "config.learning_rate")
+        checked_schedule(config.learning_rate, "config.learning_rate")
     return optimizer(
         chosen,
         schedule,

@@ -42,8 +42,6 @@ then clips the global gradient norm.
 
 from __future__ import annotations
 
-import inspect
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -54,7 +52,7 @@ import numpy as np
 import optax
 
 from jcnn.analysis.per_example import _sqrt_of_square
-from jcnn.functional._checks import check_bool, check_real, check_real_or_traced
+from jcnn.functional._checks import check_bool, check_rate, check_real, check_real_or_traced
 
 __all__ = ["optimizer", "default_decay_mask", "scale_by_adagrad", "scale_by_rmsprop", "OPTIMIZERS"]
 
@@ -202,89 +200,6 @@ def default_decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def _checked_schedule(schedule: Callable, name: str) -> Callable:
-    """``schedule`` with each rate it returns checked to be a real scalar (Optax would scale each
-    parameter by a rate vector silently, or fail inside its update on a string)."""
-    label = getattr(schedule, "__qualname__", None) or repr(schedule)
-    try:
-        inspect.signature(schedule).bind(0)
-    except TypeError:
-        raise TypeError(
-            f"{name}: expected a number or a schedule taking the step, step -> rate, got "
-            f"{label}{inspect.signature(schedule)}"
-        ) from None
-    except ValueError:  # a builtin or C callable: its signature is unknown, trust it
-        pass
-
-    def checked(step):
-        try:
-            rate = schedule(step)
-        except jax.errors.ConcretizationTypeError as error:
-            raise TypeError(
-                f"{name}: the schedule {label} reads the step's value in Python (an if, int() or "
-                f"float() of the step), which a jitted update cannot give it: write it with jnp "
-                f"operations, e.g. jnp.where(step < 100, 0.1, 0.01), or an optax schedule"
-            ) from error
-        try:
-            dtype = jnp.result_type(rate)
-        except TypeError:
-            dtype = None
-        real = dtype is not None and any(
-            jnp.issubdtype(dtype, kind) for kind in (jnp.floating, jnp.integer)
-        )
-        if rate is None or not real:
-            raise TypeError(
-                f"{name}: expected a schedule returning a real rate, got "
-                f"{type(rate).__name__} {rate!r} from {label}"
-            )
-        if jnp.shape(rate) != ():
-            raise ValueError(
-                f"{name}: expected a schedule returning a scalar rate, got shape "
-                f"{jnp.shape(rate)} from {label}"
-            )
-        if not isinstance(rate, jax.core.Tracer) and not 0 <= float(rate) < math.inf:
-            at = "" if isinstance(step, jax.core.Tracer) else f" at step {int(step)}"
-            raise ValueError(
-                f"{name}: expected a schedule returning finite rates >= 0 (a negative rate "
-                f"ascends the loss), got {float(rate):g}{at} from {label}"
-            )
-        return rate
-
-    # the first rate now, as Optax will ask for it (an int32 count), so that a schedule that
-    # starts negative is refused before training; later rates where they are concrete (eager)
-    checked(jnp.zeros((), jnp.int32))
-    return checked
-
-
-def _check_rate(value, name: str):
-    """A schedule (a callable of the step, its rates checked to be real scalars), else a finite
-    number >= 0 as a Python float (a NumPy scalar or 0-d array is accepted; NaN, infinity,
-    strings and ``None`` are not), or a traced 0-d real array as it is."""
-    if callable(value):
-        return _checked_schedule(value, name)
-    try:
-        rate = check_real_or_traced(value, name, low=0)
-    except TypeError:
-        raise TypeError(
-            f"{name}: expected a finite number >= 0 or a schedule step -> rate, got {value!r}"
-        ) from None
-    return _check_float32_rate(rate, name) if isinstance(rate, float) else rate
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _check_float32_rate(rate: float, name: str) -> float:
-    """``rate``, a float >= 0, if float32 holds it: the update computes in float32, where a
-    larger rate (``1e308``) is infinite."""
-    if rate > _FLOAT32_MAX:
-        raise ValueError(
-            f"{name}: expected a finite number >= 0 within float32's range (the update computes "
-            f"in float32), got {rate!r}"
-        )
-    return rate
-
-
 _MASK_FORMS = "a pytree of bools or a function params -> pytree of bools"
 
 
@@ -397,7 +312,7 @@ def optimizer(
         )
         if type(value) is not _Default
     }
-    learning_rate = _check_rate(learning_rate, "learning_rate")
+    learning_rate = check_rate(learning_rate, "learning_rate")
     weight_decay = check_real_or_traced(weight_decay, "weight_decay", low=0)
     momentum, beta1, beta2, decay = (
         check_real_or_traced(value, label, low=0, high=1, high_open=True)
