@@ -391,10 +391,13 @@ def local_contrast_norm(
         sigmas = (_check_positive(sigma, "sigma"),) * num_spatial
     eps = _check_positive(eps, "eps")
 
-    taps = [_gaussian_taps(k, s) for k, s in zip(window, sigmas, strict=True)]
+    spatial_shape = x.shape[1:-1]
+    taps = [
+        _gaussian_taps(k, s, max(n - 1, 0))
+        for k, s, n in zip(window, sigmas, spatial_shape, strict=True)
+    ]
     compute_dtype = float32_or_wider(x.dtype)
     xf = x.astype(compute_dtype)
-    spatial_shape = x.shape[1:-1]
     mass = _separable_filter(jnp.ones((1, *spatial_shape), compute_dtype), taps)
 
     # Removing the example's global mean first changes nothing mathematically (the renormalized
@@ -681,8 +684,12 @@ def _update_running(state: BatchNormState, mean, var, momentum: float) -> BatchN
     return BatchNormState(blend(state.mean, mean), blend(state.var, var))
 
 
-def _gaussian_taps(width: int, sigma: float) -> np.ndarray:
-    offsets = np.arange(width) - width // 2
+def _gaussian_taps(width: int, sigma: float, reach: int) -> np.ndarray:
+    """The normalized Gaussian taps of a window ``width`` wide, cut to the offsets within
+    ``reach`` of its centre: farther ones only ever weigh zero padding, whose weight the border
+    renormalization divides out (a window of 2**31 taps no longer fills the memory)."""
+    half = min(width // 2, reach)
+    offsets = np.arange(-half, half + 1)
     taps = np.exp(-0.5 * (offsets / sigma) ** 2)
     return taps / taps.sum()
 

@@ -565,6 +565,20 @@ def test_local_contrast_norm_matches_formula(rng, shape, size, sigma):
     assert_rel_close(y, expected)
 
 
+def test_local_contrast_norm_window_wider_than_the_image(rng):
+    # the reference's window of every width (its own Gaussian): taps past the image weigh only
+    # padding; 2**31 + 1 taps filled the memory building them, 2**63 - 1 failed inside XLA
+    x = (rng.normal(size=(2, 5, 4, 3)) + 5.0).astype(np.float32)
+    for size, sigma in ((9, 3.0), ((13, 21), None), (41, None)):
+        window = (size,) * 2 if isinstance(size, int) else size
+        sigmas = tuple(k / 4 for k in window) if sigma is None else (sigma,) * 2
+        expected, _, _ = lcn_reference(x, window, sigmas, 1e-4)
+        assert_rel_close(local_contrast_norm(x, size=size, sigma=sigma), expected)
+    flat_window = lcn_reference(x, (9, 7), (1e9, 1e9), 1e-4)[0]  # the whole image, equal weights
+    for size in (2**31 + 1, 2**63 - 1):
+        assert_rel_close(local_contrast_norm(x, size=size), flat_window)
+
+
 def test_local_contrast_norm_flat_input_gives_zero_and_finite_gradient():
     x = jnp.full((1, 6, 6, 2), 1000.0)
     y, grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(local_contrast_norm(x, size=5) ** 2)))(x)
