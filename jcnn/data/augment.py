@@ -37,6 +37,7 @@ from jax.typing import ArrayLike
 
 from jcnn.functional._checks import (
     check_choice,
+    check_extent,
     check_int,
     check_key,
     check_positive_int,
@@ -445,6 +446,10 @@ def random_resized_crop(
     check_key(key)
     _check_image(image)
     out_h, out_w = _pair(size, "size")
+    if max(out_h, out_w) >= 2**31:  # the sampling grid's rows and columns are counted in int32
+        raise ValueError(f"size: expected sides < 2**31, got {(out_h, out_w)}")
+    dtype = _float_dtype(image)
+    check_extent((out_h, out_w, image.shape[-1]), dtype, "size", "resized crop")
     scale = _range(scale, "scale", low=0, low_open=True, high=1)
     ratio = _range(ratio, "ratio", low=0, low_open=True)
     height, width = image.shape[:2]
@@ -457,7 +462,6 @@ def random_resized_crop(
     box_h = jnp.clip(jnp.sqrt(area / aspect), 1.0, height)
     top = jax.random.uniform(k_top, ()) * (height - box_h)
     left = jax.random.uniform(k_left, ()) * (width - box_w)
-    dtype = _float_dtype(image)
     rows = top + (jnp.arange(out_h, dtype=dtype) + 0.5) * box_h / out_h - 0.5
     cols = left + (jnp.arange(out_w, dtype=dtype) + 0.5) * box_w / out_w - 0.5
     grid_r, grid_c = jnp.meshgrid(rows, cols, indexing="ij")

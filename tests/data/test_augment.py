@@ -1217,3 +1217,18 @@ def test_random_apply_keeps_a_numpy_float64_image_op_computed_in_float32():
     image = np.random.default_rng(0).random((5, 5, 1))  # float64; float32 out without x64
     out = A.random_apply(A.random_hflip, 1.0)(jax.random.key(1), image)
     assert out.dtype == jax.dtypes.canonicalize_dtype(np.float64)
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        (2**30, r"size: the resized crop would have shape \(1073741824, 1073741824, 3\)"),
+        ((1, 2**31), r"size: expected sides < 2\*\*31, got \(1, 2147483648\)"),
+        (2**63, r"size: expected sides < 2\*\*31"),
+    ],
+)
+def test_random_resized_crop_output_too_large_is_named(size, message):
+    # 2**31 failed inside JAX parsing a jitted argument, 2**63 inside MLIR's shape parsing, and
+    # 2**62 aborted the process (an XLA "overflow in static extent product")
+    with pytest.raises(ValueError, match=message):
+        A.random_resized_crop(_KEY, jnp.zeros((8, 8, 3), jnp.uint8), size=size)
