@@ -315,6 +315,8 @@ class Loader:
         alternating_flip=False,
         shape=None,
     ):
+        if not isinstance(sampling, str):
+            raise TypeError(f"sampling: expected 'shuffle' or 'poisson', got {sampling!r}")
         if sampling not in ("shuffle", "poisson"):
             raise ValueError(f"sampling: expected 'shuffle' or 'poisson', got {sampling!r}")
         if sampling == "poisson" and sharding is not None:

@@ -141,6 +141,8 @@ class Callback:
 
 
 def _check_mode(mode):
+    if not isinstance(mode, str):
+        raise TypeError(f"mode: expected 'min' or 'max', got {mode!r}")
     if mode not in ("min", "max"):
         raise ValueError(f"mode: expected 'min' or 'max', got {mode!r}")
 
@@ -285,6 +287,10 @@ class BestCheckpoint(_Monitor):
     ) -> None:
         super().__init__(monitor, mode, min_delta)
         taken = {LOCK_FILE, *RUN_FILES} - {"best"}
+        if not isinstance(directory, str):
+            raise TypeError(
+                f"directory: expected a folder name (str) inside the run folder, got {directory!r}"
+            )
         parts = Path(directory).parts if isinstance(directory, str) else ()
         if not parts or Path(directory).is_absolute() or ".." in parts or parts[0] in taken:
             raise ValueError(

@@ -67,7 +67,9 @@ _PAD_MODES = {"reflect": "reflect", "edge": "edge", "zeros": "constant"}
 
 
 def _check_pad_mode(pad_mode) -> None:
-    if not isinstance(pad_mode, str) or pad_mode not in _PAD_MODES:
+    if not isinstance(pad_mode, str):
+        raise TypeError(f"pad_mode: expected one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
+    if pad_mode not in _PAD_MODES:
         raise ValueError(f"pad_mode: expected one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
 
 

@@ -341,12 +341,23 @@ def test_monitor_callbacks_take_numpy_settings_and_refuse_infinite_delta():
 
 
 @pytest.mark.parametrize(
-    "directory", ["../elsewhere", "checkpoints", "best.json", ".lock", "", 3, "latest"]
+    "directory", ["../elsewhere", "checkpoints", "best.json", ".lock", "", "latest"]
 )
 def test_best_checkpoint_directory_stays_out_of_the_runs_own_files(directory):
     # "checkpoints" mixed its checkpoints with the run's; "../elsewhere" wrote outside the folder
     with pytest.raises(ValueError, match="directory: expected a folder name inside the run folder"):
         BestCheckpoint(directory=directory)
+
+
+@pytest.mark.parametrize("bad", [3, None, True, ["best"], b"best"])
+def test_a_mode_or_directory_of_the_wrong_type_is_a_type_error(bad):
+    # mode and directory took any non-string (None, 3, a list) as a wrong value: a ValueError
+    with pytest.raises(TypeError, match="mode: expected 'min' or 'max'"):
+        EarlyStopping(mode=bad)
+    with pytest.raises(TypeError, match="mode: expected 'min' or 'max'"):
+        BestCheckpoint(mode=bad)
+    with pytest.raises(TypeError, match=r"directory: expected a folder name \(str\)"):
+        BestCheckpoint(directory=bad)
 
 
 def test_best_checkpoint_directory_may_be_nested():

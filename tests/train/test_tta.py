@@ -103,6 +103,11 @@ def test_bad_views_and_shifts():
         flip_translate_views(shifts=((0, 0), (1,)))
     with pytest.raises(ValueError, match="pad_mode: expected one of reflect, edge, zeros"):
         flip_translate_views(pad_mode="wrap")  # refused now, not at the first shifted view
+    for bad in (None, 0, True, ["reflect"]):  # a wrong type, not a wrong value (a ValueError)
+        with pytest.raises(TypeError, match="pad_mode: expected one of reflect, edge, zeros"):
+            flip_translate_views(pad_mode=bad)
+        with pytest.raises(TypeError, match="pad_mode: expected one of reflect, edge, zeros"):
+            translate_batch(images, 1, 1, pad_mode=bad)
     with pytest.raises(TypeError, match="views: expected a sequence of functions"):
         with_tta(lambda *args, **kwargs: None, None)
     with pytest.raises(TypeError, match=r"views\[1\]: expected a function"):
