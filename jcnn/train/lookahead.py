@@ -66,8 +66,15 @@ def lookahead(
         raise TypeError(
             f"inner: expected an optax.GradientTransformation, got {type(inner).__name__}"
         )
-    if not is_int(sync_period) or sync_period < 1:
+    if not is_int(sync_period):
+        raise TypeError(f"sync_period: expected a positive int, got {sync_period!r}")
+    if sync_period < 1:
         raise ValueError(f"sync_period: expected a positive int, got {sync_period!r}")
+    if sync_period > 2**31 - 1:  # past it the first update failed inside JAX (an int32 modulus)
+        raise ValueError(
+            f"sync_period: expected at most 2**31 - 1 (the update count is int32), got "
+            f"{sync_period}"
+        )
     sync_period = int(sync_period)
     if not callable(slow_step_size):
         if not _is_real_scalar(slow_step_size):
@@ -78,7 +85,9 @@ def lookahead(
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"slow_step_size: expected a value in [0, 1], got {value!r}")
         slow_step_size = value
-    if final_step is not None and (not is_int(final_step) or final_step < 1):
+    if final_step is not None and not is_int(final_step):
+        raise TypeError(f"final_step: expected a positive int or None, got {final_step!r}")
+    if final_step is not None and final_step < 1:
         raise ValueError(f"final_step: expected a positive int or None, got {final_step!r}")
     if final_step is not None and final_step > 2**31 - 1:
         raise ValueError(

@@ -222,8 +222,8 @@ def active_for(transform: optax.GradientTransformation, steps: int) -> optax.Gra
         )
     try:
         steps = check_int(steps, "steps", low=0)
-    except (TypeError, ValueError):
-        raise ValueError(f"steps: expected a non-negative int, got {steps!r}") from None
+    except (TypeError, ValueError) as error:  # a wrong type stays a TypeError
+        raise type(error)(f"steps: expected a non-negative int, got {steps!r}") from None
     if steps > _MAX_STEP:
         raise ValueError(
             f"steps: expected at most {_MAX_STEP} (the update count is int32), got {steps}"

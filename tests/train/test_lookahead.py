@@ -90,7 +90,8 @@ def test_0d_jax_arrays_are_taken_as_numbers():
         lookahead(optax.sgd(0.1), jnp.int32(2), jnp.float32(0.5), final_step=jnp.int32(3))
     )
     np.testing.assert_array_equal(arrays, python)
-    with pytest.raises(ValueError, match="sync_period: expected a positive int"):
+    # a float, even integral, is a wrong type: a TypeError (it was a ValueError)
+    with pytest.raises(TypeError, match="sync_period: expected a positive int"):
         lookahead(optax.sgd(0.1), jnp.float32(2.0), 0.5)
     with pytest.raises(ValueError, match=r"slow_step_size: expected a value in \[0, 1\], got nan"):
         lookahead(optax.sgd(0.1), 2, jnp.float32(float("nan")))
@@ -108,3 +109,25 @@ def test_a_final_step_past_the_int32_count_is_refused_up_front():
     params = jnp.ones(2)
     updates, _ = jax.jit(tx.update)(jnp.ones(2), tx.init(params), params)
     np.testing.assert_allclose(updates, -0.1 * np.ones(2))
+
+
+def test_a_sync_period_past_the_int32_count_is_refused_up_front():
+    # 2**31 was accepted and the first update failed with a raw OverflowError inside jit
+    with pytest.raises(
+        ValueError, match=r"^sync_period: expected at most 2\*\*31 - 1 .* 2147483648"
+    ):
+        lookahead(optax.sgd(0.1), 2**31, 0.5)
+    tx = lookahead(optax.sgd(0.1), 2**31 - 1, 0.5)
+    params = jnp.ones(2)
+    updates, _ = jax.jit(tx.update)(jnp.ones(2), tx.init(params), params)
+    np.testing.assert_allclose(updates, -0.1)
+
+
+@pytest.mark.parametrize("bad", [2.0, "2", True, None, [2]])
+def test_a_sync_period_or_final_step_of_the_wrong_type_is_a_type_error(bad):
+    # these were ValueErrors, as a wrong value
+    with pytest.raises(TypeError, match="sync_period: expected a positive int"):
+        lookahead(optax.sgd(0.1), bad, 0.5)
+    if bad is not None:  # None: no final step
+        with pytest.raises(TypeError, match="final_step: expected a positive int or None"):
+            lookahead(optax.sgd(0.1), 2, 0.5, final_step=bad)

@@ -111,8 +111,10 @@ def test_active_for_freezes_after_the_given_updates():
     np.testing.assert_allclose(seen, [-0.1, -0.19, -0.271, 0.0, 0.0, 0.0], rtol=1e-6)
     with pytest.raises(ValueError, match="steps: expected a non-negative int, got -1"):
         active_for(optax.sgd(0.1), -1)
-    with pytest.raises(ValueError, match="steps: expected a non-negative int, got 1.5"):
-        active_for(optax.sgd(0.1), 1.5)
+    # a wrong type is a TypeError (1.5, "3", True and None were ValueErrors)
+    for bad in (1.5, "3", True, None):
+        with pytest.raises(TypeError, match=f"steps: expected a non-negative int, got {bad!r}"):
+            active_for(optax.sgd(0.1), bad)
 
 
 def test_active_for_refuses_what_is_no_transformation():
@@ -142,7 +144,7 @@ def test_active_for_takes_a_0d_jax_int():
             updates, state = tx.update(jnp.ones(1), state, params)
             got.append(float(updates[0]))
         assert got == [-1.0, -1.0, 0.0]
-    with pytest.raises(ValueError, match="steps: expected a non-negative int"):
+    with pytest.raises(TypeError, match="steps: expected a non-negative int"):
         active_for(optax.sgd(1.0), jnp.float32(2.0))
 
 
