@@ -121,7 +121,11 @@ def step(learning_rate: float, boundaries: Sequence[int], factor: float = 0.1) -
     """
     lr = _check_positive(learning_rate, "learning_rate", allow_zero=True)
     factor = _check_positive(factor, "factor")
-    if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__iter__"):
+    if (
+        isinstance(boundaries, (str, bytes))
+        or not hasattr(boundaries, "__iter__")
+        or getattr(boundaries, "ndim", 1) == 0  # a 0-d array: iterating it raises
+    ):
         raise TypeError(f"boundaries: expected a sequence of int steps, got {boundaries!r}")
     bounds = [check_int(b, f"boundaries[{i}]", low=0) for i, b in enumerate(boundaries)]
     for i, b in enumerate(bounds):

@@ -202,6 +202,14 @@ def test_step_boundaries_beyond_the_int32_step_counter_are_named():
     assert float(sched(0)) == 1.0
 
 
+def test_step_boundaries_as_a_0d_array_are_named():
+    # NumPy's "iteration over a 0-d array", naming nothing; a 1-D array is a sequence
+    for bad in (np.array(10), jnp.array(10)):
+        with pytest.raises(TypeError, match="boundaries: expected a sequence of int steps"):
+            S.step(1.0, bad)
+    assert float(S.step(1.0, np.array([2]), factor=0.5)(2)) == 0.5
+
+
 def test_cosine_and_one_cycle_keep_their_relative_accuracy_to_the_last_step():
     # the 1 + cos(π t / T) form cancelled near T: 0.25% off at T - 1 for T = 1000
     total = 1000
