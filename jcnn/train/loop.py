@@ -303,8 +303,8 @@ def _refuse_unused(config: TrainConfig, settings: Sequence[str], because: str) -
     for setting in settings:
         value = getattr(config, setting)
         default = TrainConfig.__dataclass_fields__[setting].default
-        if setting == "step_epochs":
-            unchanged = hasattr(value, "__len__") and len(value) == 0
+        if setting == "step_epochs":  # a 0-d array has __len__, but len() raises on it
+            unchanged = hasattr(value, "__len__") and getattr(value, "ndim", 1) and len(value) == 0
         else:
             try:
                 unchanged = bool(value == default)
@@ -341,6 +341,8 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
     warmup = int(round(warmup_epochs * steps_per_epoch))
     horizon = max(1, total - warmup)
     name = config.schedule
+    if not isinstance(name, str):
+        raise TypeError(f"config.schedule: expected one of {', '.join(S.SCHEDULES)}, got {name!r}")
     for setting, used_by in _SCHEDULE_SETTINGS.items():
         if name not in used_by:
             _refuse_unused(config, (setting,), f"config.schedule is {name!r}")
@@ -348,7 +350,11 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
         schedule = S.constant(lr)
     elif name == "step":
         epochs = config.step_epochs
-        if isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__iter__"):
+        if (
+            isinstance(epochs, (str, bytes))
+            or not hasattr(epochs, "__iter__")
+            or getattr(epochs, "ndim", 1) == 0  # a 0-d array: iterating it raises
+        ):
             raise TypeError(f"config.step_epochs: expected a sequence of epochs, got {epochs!r}")
         epochs = [check_real(e, f"config.step_epochs[{i}]", low=0) for i, e in enumerate(epochs)]
         if any(a >= b for a, b in zip(epochs[:-1], epochs[1:], strict=True)):
@@ -484,6 +490,10 @@ def _mesh(devices):
 
 
 def _compute_dtype(config):
+    if config.compute_dtype is not None and not isinstance(config.compute_dtype, str):
+        raise TypeError(
+            f"config.compute_dtype: expected 'float32' or 'bfloat16', got {config.compute_dtype!r}"
+        )
     if config.compute_dtype in ("float32", None):
         return None
     if config.compute_dtype == "bfloat16":
@@ -1219,6 +1229,10 @@ def _fit(
     if not isinstance(config.monitor, str):
         raise TypeError(
             f"config.monitor: expected a metric name such as 'val_accuracy', got {config.monitor!r}"
+        )
+    if not isinstance(config.monitor_mode, str):
+        raise TypeError(
+            f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
         )
     if config.monitor_mode not in ("max", "min"):
         raise ValueError(

@@ -231,6 +231,7 @@ def test_bad_config_is_named(rng):
         ("warmup_epochs", float("nan"), ValueError),
         ("warmup_epochs", "1", TypeError),
         ("step_epochs", 3, TypeError),
+        ("step_epochs", np.array(3), TypeError),  # failed in len() or iter(), naming nothing
         ("step_epochs", (-1,), ValueError),
         ("step_epochs", (2, 1), ValueError),
         ("step_factor", -1.0, ValueError),
@@ -238,6 +239,10 @@ def test_bad_config_is_named(rng):
         ("out", 3, TypeError),
         ("monitor", None, TypeError),
         ("monitor", 3, TypeError),
+        # a wrong type was a ValueError, as a wrong value
+        ("monitor_mode", None, TypeError),
+        ("schedule", None, TypeError),
+        ("compute_dtype", 16, TypeError),
         ("devices", 0, ValueError),
         ("devices", [], ValueError),
         ("devices", 1.5, TypeError),
