@@ -21,6 +21,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jcnn.analysis import dp_epsilon, dp_noise_multiplier, pad_batch, private_grad
@@ -123,7 +124,8 @@ def check_dp_config(config) -> None:
     if not dp_enabled(config):
         for name, default in (("dp_clip_norm", _DEFAULT_CLIP_NORM), ("dp_delta", _DEFAULT_DELTA)):
             value = getattr(config, name)
-            if value != default:
+            # True equals the default clip norm 1.0, but is no clip norm: set, and refused
+            if isinstance(value, (bool, np.bool_)) or value != default:
                 raise ValueError(
                     f"config.{name}: applies to DP-SGD only (set config.dp_noise_multiplier or "
                     f"config.dp_target_epsilon), got {value!r}"

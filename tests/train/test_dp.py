@@ -328,6 +328,10 @@ def test_target_epsilon_fixes_the_runs_length_on_resume(tmp_path, rng):
             dict(dp_noise_multiplier=None, dp_clip_norm=1.0),
             "config.dp_delta: applies to DP-SGD only",
         ),
+        (  # True == 1.0, the default clip norm: it passed as unset
+            dict(dp_noise_multiplier=None, dp_clip_norm=True, dp_delta=1e-5),
+            "config.dp_clip_norm: applies to DP-SGD only",
+        ),
     ],
 )
 def test_bad_dp_settings_are_named_and_write_nothing(tmp_path, rng, settings, says):
