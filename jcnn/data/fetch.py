@@ -33,6 +33,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -278,6 +279,11 @@ def _download(name, data_dir, mirrors, timeout, progress, force) -> tuple[Path, 
         raise TypeError(f"timeout: expected a number of seconds, got {type(timeout).__name__}")
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout: expected a finite number of seconds > 0, got {timeout!r}")
+    if timeout > threading.TIMEOUT_MAX:  # a socket raised OverflowError at the first connection
+        raise ValueError(
+            f"timeout: expected at most {threading.TIMEOUT_MAX:g} seconds (the longest a socket "
+            f"waits), got {timeout!r}"
+        )
     timeout = float(timeout)
     progress = check_bool(progress, "progress")
     force = check_bool(force, "force")

@@ -185,6 +185,17 @@ def test_mirror_list_resolution(monkeypatch):
         data.download("mnist", timeout=0)
 
 
+@pytest.mark.parametrize("timeout", [1e10, 2**63, 1e300])
+def test_a_timeout_longer_than_a_socket_waits_is_named_before_anything_is_written(
+    tmp_path, timeout
+):
+    # a socket refuses it with a raw OverflowError ("timestamp out of range for platform
+    # time_t") at the first connection, after the folder was made
+    with pytest.raises(ValueError, match="timeout: expected at most .* seconds"):
+        data.download("mnist", data_dir=tmp_path / "x", timeout=timeout, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_bad_mirrors_variable_is_named_in_the_error(monkeypatch):
     # Errors in JCNN_DATA_MIRRORS said "mirrors:", an argument never passed, and a value with no
     # address in it (",") silently meant the built-in addresses.
