@@ -147,10 +147,11 @@ def spatial_window(kernel_size, spatial_dims: int | None, owner: str) -> tuple[i
     """
     spatial_dims = static(spatial_dims, "spatial_dims")
     if spatial_dims is not None and (
-        isinstance(spatial_dims, bool)
+        isinstance(spatial_dims, (bool, np.bool_))
         or not isinstance(spatial_dims, (int, np.integer))
-        or spatial_dims not in LAYOUT
     ):
+        raise TypeError(f"spatial_dims: expected 1, 2 or 3, got {spatial_dims!r}")
+    if spatial_dims is not None and spatial_dims not in LAYOUT:
         raise ValueError(f"spatial_dims: expected 1, 2 or 3, got {spatial_dims!r}")
     n = window_rank(kernel_size, "kernel_size")
     if n is None:

@@ -66,11 +66,13 @@ def test_conv_checks_its_arguments_and_input():
         jnnx.Conv(3, 4, (3, 3), spatial_dims=1, rngs=rngs)
     with pytest.raises(ValueError, match="spatial_dims"):
         jnnx.Conv(3, 4, 3, spatial_dims=4, rngs=rngs)
-    for taken_as_one in (True, 1.0):  # both equal 1, and were taken for a 1-D window
+    # True and 1.0 both equal 1, and were taken for a 1-D window; a wrong type is a TypeError
+    # (these, "2" and (1, 2) were ValueErrors, as a wrong value)
+    for taken_as_one in (True, np.bool_(True), 1.0, "2", (1, 2)):
         for layer in (jnnx.Conv, jnnx.ConvTranspose):
-            with pytest.raises(ValueError, match="spatial_dims: expected 1, 2 or 3"):
+            with pytest.raises(TypeError, match="spatial_dims: expected 1, 2 or 3"):
                 layer(3, 4, 3, spatial_dims=taken_as_one, rngs=rngs)
-        with pytest.raises(ValueError, match="spatial_dims: expected 1, 2 or 3"):
+        with pytest.raises(TypeError, match="spatial_dims: expected 1, 2 or 3"):
             jnnx.DepthwiseConv(3, 3, spatial_dims=taken_as_one, rngs=rngs)
     assert jnnx.Conv(3, 4, 3, spatial_dims=np.int64(1), rngs=rngs).kernel[...].shape == (3, 3, 4)
     with pytest.raises(ValueError, match="in_features"):
