@@ -654,6 +654,9 @@ def load_run(
         and not isinstance(which, str)
     ):
         which = check_int(which, "which")  # a NumPy or 0-d JAX integer: a step
+    if isinstance(which, bool) or not isinstance(which, (str, int)):
+        # before the run is read: a float step or None was a ValueError once the model was built
+        raise TypeError(f"which: expected 'latest', 'best' or a step (int), got {which!r}")
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(
             f"model: expected None or a Flax module instance such as MyNet(...), got {model!r}"

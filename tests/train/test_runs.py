@@ -500,6 +500,9 @@ def test_a_step_and_a_batch_size_may_be_0d_arrays(trained):
     np.testing.assert_array_equal(logits, run.predict(images, batch_size=8))
     with pytest.raises(TypeError, match="which: expected an int"):
         load_run(out, jnp.float32(step))
+    for bad in (float(step), True, None, [step]):  # ValueErrors, as a wrong value, before
+        with pytest.raises(TypeError, match=r"which: expected 'latest', 'best' or a step \(int\)"):
+            load_run(out, bad)
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):
         run.predict(images, batch_size=np.array(0))
 
