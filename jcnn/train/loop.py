@@ -306,8 +306,10 @@ def _refuse_unused(config: TrainConfig, settings: Sequence[str], because: str) -
         if setting == "step_epochs":  # a 0-d array has __len__, but len() raises on it
             unchanged = hasattr(value, "__len__") and getattr(value, "ndim", 1) and len(value) == 0
         else:
+            # a bool for a number is set, even where it equals the default (False == 0.0)
+            flag = isinstance(value, (bool, np.bool_)) and not isinstance(default, bool)
             try:
-                unchanged = bool(value == default)
+                unchanged = not flag and bool(value == default)
             except (TypeError, ValueError):  # an array of several values
                 unchanged = False
         if not unchanged:

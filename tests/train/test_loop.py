@@ -1374,6 +1374,10 @@ def test_a_warmup_longer_than_the_run_is_refused():
         ({"schedule": "cosine", "decay_rate": np.float64(0.3)}, "decay_rate"),
         ({"learning_rate": lambda step: 0.1, "warmup_epochs": 1.0}, "warmup_epochs"),
         ({"learning_rate": lambda step: 0.1, "step_epochs": (1,)}, "step_epochs"),
+        # False == 0.0, the default: it passed as unset
+        ({"learning_rate": lambda step: 0.1, "warmup_epochs": False}, "warmup_epochs"),
+        ({"learning_rate": lambda step: 0.1, "warmup_epochs": np.False_}, "warmup_epochs"),
+        ({"schedule": "cosine", "step_epochs": np.array(3)}, "step_epochs"),
         ({"optimizer": "adam", "momentum": 0.5}, "momentum"),
         ({"optimizer": optax.sgd(0.1), "momentum": 0.5}, "momentum"),
         ({"optimizer": optax.sgd(0.1), "warmup_epochs": 0.5}, "warmup_epochs"),
