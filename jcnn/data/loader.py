@@ -282,6 +282,14 @@ class Loader:
             )
         if len(source) == 0:
             raise ValueError("source: expected at least one record, got an empty source")
+        for name, key in (("image_key", image_key), ("label_key", label_key)):
+            try:  # a list was refused by the first record's lookup: "unhashable type: 'list'"
+                hash(key)
+            except TypeError:
+                raise TypeError(
+                    f"{name}: expected a record key such as 'image', got {type(key).__name__} "
+                    f"{key!r}"
+                ) from None
         loader = cls.__new__(cls)
         loader._configure(
             len(source),

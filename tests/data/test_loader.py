@@ -626,6 +626,17 @@ def test_streaming_records_of_another_form_are_named(dataset, records, kw, error
         loader.batch(0, 0)
 
 
+@pytest.mark.parametrize("name", ["image_key", "label_key"])
+def test_an_unhashable_record_key_is_named(dataset, name):
+    # a list failed at the first batch with a bare "unhashable type: 'list'"
+    images, labels = dataset
+    records = [{"image": a, "label": b} for a, b in zip(images, labels, strict=True)]
+    with pytest.raises(
+        TypeError, match=rf"^{name}: expected a record key such as 'image', got list"
+    ):
+        Loader.from_source(records, batch_size=10, **{name: ["image"]})
+
+
 @pytest.mark.parametrize("drop_remainder", [True, False])
 def test_a_batch_larger_than_the_dataset_is_refused(dataset, drop_remainder):
     # the docstring's contract, in memory and streaming: never an epoch of no batch
