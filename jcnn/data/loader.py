@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcnn.functional._checks import check_bool, check_int, check_seed, seed_key
+from jcnn.functional._checks import check_bool, check_choice, check_int, check_seed, seed_key
 
 __all__ = ["Loader"]
 
@@ -323,10 +323,7 @@ class Loader:
         alternating_flip=False,
         shape=None,
     ):
-        if not isinstance(sampling, str):
-            raise TypeError(f"sampling: expected 'shuffle' or 'poisson', got {sampling!r}")
-        if sampling not in ("shuffle", "poisson"):
-            raise ValueError(f"sampling: expected 'shuffle' or 'poisson', got {sampling!r}")
+        check_choice(sampling, "sampling", ("shuffle", "poisson"))
         if sampling == "poisson" and sharding is not None:
             raise ValueError(
                 "sharding: not available with sampling='poisson' (batches of random size)"

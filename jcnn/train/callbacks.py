@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jcnn.functional._checks import check_int, check_real
+from jcnn.functional._checks import check_choice, check_int, check_real
 from jcnn.train.run_folder import LOCK_FILE, RUN_FILES, best_directories, record_best_directory
 
 if TYPE_CHECKING:
@@ -141,10 +141,7 @@ class Callback:
 
 
 def _check_mode(mode):
-    if not isinstance(mode, str):
-        raise TypeError(f"mode: expected 'min' or 'max', got {mode!r}")
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode: expected 'min' or 'max', got {mode!r}")
+    check_choice(mode, "mode", ("min", "max"))
 
 
 def _check_monitor(monitor, run: RunContext, owner: str):

@@ -342,9 +342,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
         )
     warmup = int(round(warmup_epochs * steps_per_epoch))
     horizon = max(1, total - warmup)
-    name = config.schedule
-    if not isinstance(name, str):
-        raise TypeError(f"config.schedule: expected one of {', '.join(S.SCHEDULES)}, got {name!r}")
+    name = check_choice(config.schedule, "config.schedule", tuple(S.SCHEDULES))
     for setting, used_by in _SCHEDULE_SETTINGS.items():
         if name not in used_by:
             _refuse_unused(config, (setting,), f"config.schedule is {name!r}")
@@ -391,8 +389,6 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> S.Schedule:
                 "config.warmup_epochs)"
             )
         schedule = S.one_cycle(lr, horizon)
-    else:
-        raise ValueError(f"config.schedule: expected one of {', '.join(S.SCHEDULES)}, got {name!r}")
     return S.warmup(schedule, warmup) if warmup > 0 else schedule
 
 
@@ -492,17 +488,10 @@ def _mesh(devices):
 
 
 def _compute_dtype(config):
-    if config.compute_dtype is not None and not isinstance(config.compute_dtype, str):
-        raise TypeError(
-            f"config.compute_dtype: expected 'float32' or 'bfloat16', got {config.compute_dtype!r}"
-        )
-    if config.compute_dtype in ("float32", None):
+    if config.compute_dtype is None:
         return None
-    if config.compute_dtype == "bfloat16":
-        return jnp.bfloat16
-    raise ValueError(
-        f"config.compute_dtype: expected 'float32' or 'bfloat16', got {config.compute_dtype!r}"
-    )
+    name = check_choice(config.compute_dtype, "config.compute_dtype", ("float32", "bfloat16"))
+    return jnp.bfloat16 if name == "bfloat16" else None
 
 
 def _either(given, configured, name: str, empty):
@@ -1232,14 +1221,7 @@ def _fit(
         raise TypeError(
             f"config.monitor: expected a metric name such as 'val_accuracy', got {config.monitor!r}"
         )
-    if not isinstance(config.monitor_mode, str):
-        raise TypeError(
-            f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
-        )
-    if config.monitor_mode not in ("max", "min"):
-        raise ValueError(
-            f"config.monitor_mode: expected 'max' or 'min', got {config.monitor_mode!r}"
-        )
+    check_choice(config.monitor_mode, "config.monitor_mode", ("max", "min"))
     _refuse_without_evaluation(config, val_loader, test_loader)
     check_dp_config(config)
     no_grad_from = no_grad_epochs(config.no_grad, "config.no_grad")

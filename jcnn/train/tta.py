@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jcnn.functional._checks import (
     _describe,
     check_bool,
+    check_choice,
     check_real,
     float32_or_wider,
     is_int,
@@ -67,10 +68,7 @@ _PAD_MODES = {"reflect": "reflect", "edge": "edge", "zeros": "constant"}
 
 
 def _check_pad_mode(pad_mode) -> None:
-    if not isinstance(pad_mode, str):
-        raise TypeError(f"pad_mode: expected one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
-    if pad_mode not in _PAD_MODES:
-        raise ValueError(f"pad_mode: expected one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
+    check_choice(pad_mode, "pad_mode", tuple(_PAD_MODES))
 
 
 def flip_translate_views(

@@ -443,7 +443,7 @@ def test_poisson_sampling_argument_checks(dataset):
     with pytest.raises(ValueError, match="sampling"):
         Loader(images, labels, batch_size=10, sampling="uniform")
     for bad in (None, 1, True, ["poisson"]):  # a wrong type, not a wrong value (a ValueError)
-        with pytest.raises(TypeError, match="sampling: expected 'shuffle' or 'poisson'"):
+        with pytest.raises(TypeError, match="sampling: expected one of 'shuffle', 'poisson'"):
             Loader(images, labels, batch_size=10, sampling=bad)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

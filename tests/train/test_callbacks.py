@@ -125,7 +125,7 @@ def test_resuming_with_monitors_in_another_order_is_refused(tmp_path, rng):
 def test_monitor_callbacks_check_their_settings():
     with pytest.raises(ValueError, match="patience: expected an int >= 1"):
         EarlyStopping(patience=0)
-    with pytest.raises(ValueError, match="mode: expected 'min' or 'max'"):
+    with pytest.raises(ValueError, match="mode: expected one of 'min', 'max'"):
         EarlyStopping(mode="up")
     with pytest.raises(ValueError, match="min_delta"):
         BestCheckpoint(min_delta=-1)
@@ -352,9 +352,9 @@ def test_best_checkpoint_directory_stays_out_of_the_runs_own_files(directory):
 @pytest.mark.parametrize("bad", [3, None, True, ["best"], b"best"])
 def test_a_mode_or_directory_of_the_wrong_type_is_a_type_error(bad):
     # mode and directory took any non-string (None, 3, a list) as a wrong value: a ValueError
-    with pytest.raises(TypeError, match="mode: expected 'min' or 'max'"):
+    with pytest.raises(TypeError, match="mode: expected one of 'min', 'max'"):
         EarlyStopping(mode=bad)
-    with pytest.raises(TypeError, match="mode: expected 'min' or 'max'"):
+    with pytest.raises(TypeError, match="mode: expected one of 'min', 'max'"):
         BestCheckpoint(mode=bad)
     with pytest.raises(TypeError, match=r"directory: expected a folder name \(str\)"):
         BestCheckpoint(directory=bad)

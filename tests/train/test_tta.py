@@ -95,18 +95,18 @@ def test_bad_views_and_shifts():
         tta_logits(lambda x: x, images, [lambda x: x] * 2, weights=(1, 0))
     with pytest.raises(ValueError, match=r"shift_x: expected an int with \|shift_x\| < 4, got 4"):
         translate_batch(images, 0, 4)
-    with pytest.raises(ValueError, match="pad_mode: expected one of reflect, edge, zeros"):
+    with pytest.raises(ValueError, match="pad_mode: expected one of 'reflect', 'edge', 'zeros'"):
         translate_batch(images, 1, 1, pad_mode="wrap")
     with pytest.raises(ValueError, match="shifts: expected at least one"):
         flip_translate_views(shifts=())
     with pytest.raises(ValueError, match=r"shifts\[1\]: expected a pair of ints.*got \(1,\)"):
         flip_translate_views(shifts=((0, 0), (1,)))
-    with pytest.raises(ValueError, match="pad_mode: expected one of reflect, edge, zeros"):
+    with pytest.raises(ValueError, match="pad_mode: expected one of 'reflect', 'edge', 'zeros'"):
         flip_translate_views(pad_mode="wrap")  # refused now, not at the first shifted view
     for bad in (None, 0, True, ["reflect"]):  # a wrong type, not a wrong value (a ValueError)
-        with pytest.raises(TypeError, match="pad_mode: expected one of reflect, edge, zeros"):
+        with pytest.raises(TypeError, match="pad_mode: expected one of 'reflect', 'edge', 'zeros'"):
             flip_translate_views(pad_mode=bad)
-        with pytest.raises(TypeError, match="pad_mode: expected one of reflect, edge, zeros"):
+        with pytest.raises(TypeError, match="pad_mode: expected one of 'reflect', 'edge', 'zeros'"):
             translate_batch(images, 1, 1, pad_mode=bad)
     with pytest.raises(TypeError, match="views: expected a sequence of functions"):
         with_tta(lambda *args, **kwargs: None, None)
