@@ -22,6 +22,7 @@ from jcnn.functional._checks import (
     as_int_tuple,
     check_array,
     check_size_sequence,
+    float32_or_wider,
     normalize_padding,
     window_padding,
 )
@@ -153,6 +154,8 @@ def locally_connected(
     taps_per_window = len(taps)
     patches = jnp.stack(taps, axis=-2).reshape(x.shape[0], positions, taps_per_window, c_in)
     kernel = w.reshape(positions, taps_per_window, c_in, c_out)
-    y = jnp.einsum("npkc,pkco->npo", patches, kernel)
+    # With a bias, a half-precision product stays float32 until the bias is added (rounded once).
+    wide = None if b is None else float32_or_wider(dtype)
+    y = jnp.einsum("npkc,pkco->npo", patches, kernel, preferred_element_type=wide)
     y = y.reshape(x.shape[0], *out, c_out)
-    return add_bias(y, b)
+    return add_bias(y, b).astype(dtype)

@@ -161,3 +161,16 @@ def test_module_parameters_and_output(rng):
         (1, 1),
     )
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_output_with_bias_is_the_float32_result_rounded_once(dtype, rng):
+    # The product was rounded to bfloat16 before the bias was added (up to 30% off where the
+    # bias cancels it); it is now the float32 result rounded once.
+    x = jnp.asarray(rng.standard_normal((4, 6, 6, 8)), dtype)
+    w = jnp.asarray(rng.standard_normal((4, 4, 3, 3, 8, 5)), dtype)
+    b = jnp.asarray(5 * rng.standard_normal((4, 4, 5)), dtype)
+    y = F.locally_connected(x, w, b)
+    expected = F.locally_connected(*(v.astype(jnp.float32) for v in (x, w, b))).astype(dtype)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(expected, np.float32))
