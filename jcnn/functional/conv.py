@@ -243,7 +243,12 @@ def conv(
     if flip:
         w = jnp.flip(w, axis=tuple(range(spatial_rank)))
     if padding_mode != "zeros" and any(lo or hi for lo, hi in pads):
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
+        # In float32 or wider, rounded once at the end: the input gradient sums each pixel's
+        # cotangent with its copies' (summed in half precision, a bfloat16 input gradient came
+        # out up to 50 ulps from the float32 one rounded).
+        wide = float32_or_wider(x.dtype)
+        x = jnp.pad(x.astype(wide), ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[padding_mode])
+        w = w.astype(wide)
         pads = ((0, 0),) * spatial_rank
     y = _conv_general(x, w, stride, pads, dilation, groups)
     return add_bias(y, b).astype(dtype)
