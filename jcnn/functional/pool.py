@@ -202,9 +202,20 @@ def max_pool(
                 x,
             )
 
-    if not any(lo or hi for lo, hi in pads):  # every window inside: its first pixel wins ties
-        return pool(x)
-    return _route_minus_inf_windows(pool, x)
+    def padded_pool(x):
+        if not any(lo or hi for lo, hi in pads):  # every window inside: its first pixel wins ties
+            return pool(x)
+        return _route_minus_inf_windows(pool, x)
+
+    accumulate = float32_or_wider(x.dtype)
+    if accumulate != x.dtype and any(
+        s < (k - 1) * d + 1 for k, s, d in zip(window, stride, dilation, strict=True)
+    ):
+        # Overlapping windows: a pixel's gradient sums the cotangents of every window it wins,
+        # summed in half precision up to 640 ulps from the float32 gradient rounded. The same
+        # maxima in float32, the gradient rounded once.
+        return padded_pool(x.astype(accumulate)).astype(x.dtype)
+    return padded_pool(x)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -837,3 +837,26 @@ def test_max_pool_sends_a_nan_windows_gradient_to_the_nan_as_torch(torch, rng):
     one_d = jnp.asarray([0.0, 5.0, np.nan, 1.0, 7.0], jnp.float32).reshape(1, 5, 1)
     grad = jax.grad(lambda x: max_pool(x, 2, 1).sum())(one_d)
     assert grad.ravel().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]  # not [0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_overlapping_max_pool_half_precision_gradient_is_the_float32_one_rounded_once(dtype, rng):
+    # A pixel's gradient sums the cotangents of every window it wins: summed in half precision,
+    # up to 640 ulps from the float32 gradient rounded.
+    x = jnp.asarray(rng.standard_normal((2, 10, 10, 4)), dtype)
+    for options in (
+        {"stride": 1, "padding": 1},
+        {"stride": 2, "padding": 1},
+        {"stride": 1, "dilation": 2},
+    ):
+        y, vjp = jax.vjp(lambda x, options=options: max_pool(x, 3, **options), x)
+        y32, vjp32 = jax.vjp(
+            lambda x, options=options: max_pool(x, 3, **options), x.astype(jnp.float32)
+        )
+        cotangent = jnp.asarray(rng.standard_normal(y.shape), dtype)
+        (grad,), (want,) = vjp(cotangent), vjp32(cotangent.astype(jnp.float32))
+        assert y.dtype == grad.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y32, np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(grad, np.float32), np.asarray(want.astype(dtype), np.float32)
+        )
