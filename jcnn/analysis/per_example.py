@@ -553,7 +553,12 @@ def clip_per_example(per_example: Any, l2_norm_clip: float) -> Any:
     factor = _clip_factors(_norms(per_example), l2_norm_clip)
 
     def scale(leaf):
-        return leaf * factor.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+        # in float32 or wider, rounded once: a factor rounded to bfloat16 first put half of the
+        # clipped norms up to 0.46% above C (the float32 product rounded: 0.4% at most)
+        wide = _widened(leaf)
+        return (wide * factor.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(wide.dtype)).astype(
+            leaf.dtype
+        )
 
     return jax.tree.map(scale, per_example)
 
