@@ -657,3 +657,24 @@ def test_clip_per_example_half_precision_is_the_float32_clip_rounded_once(dtype)
         np.testing.assert_array_equal(
             np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32)
         )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dp_aggregate_half_precision_is_the_float32_mean_rounded_once(dtype):
+    # The clipped gradients were summed, noised and divided by B each rounded to the half type:
+    # half of the entries were up to 12 ulps from the float32 mean rounded.
+    rng = np.random.default_rng(0)
+    grads = {
+        "a": jnp.asarray(3 * rng.standard_normal((256, 30)), dtype),
+        "b": jnp.asarray(rng.standard_normal((256, 4, 5)), dtype),
+    }
+    aggregate = dp_aggregate(1.0, 0.5, seed=3)
+    mean, _ = aggregate.update(grads, aggregate.init(None))
+    wide, _ = aggregate.update(
+        jax.tree.map(lambda g: g.astype(jnp.float32), grads), aggregate.init(None)
+    )
+    for got, want in zip(jax.tree.leaves(mean), jax.tree.leaves(wide), strict=True):
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(
+            np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32)
+        )
