@@ -641,40 +641,28 @@ def test_a_closed_over_dropout_key_gives_every_example_the_same_mask_keys_in_the
     assert len({tuple(np.asarray(g).tolist()) for g in own}) == 6
 
 
+def _dp_aggregate_mean(grads):
+    aggregate = dp_aggregate(1.0, 0.5, seed=3)
+    return aggregate.update(grads, aggregate.init(None))[0]
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_clip_per_example_half_precision_is_the_float32_clip_rounded_once(dtype):
-    # The clip factor was rounded to the half type before scaling: a quarter of the entries were
-    # not the float32 result rounded, and half of the clipped norms up to 0.46% above C.
+@pytest.mark.parametrize(
+    "compute", [partial(clip_per_example, l2_norm_clip=1.0), _dp_aggregate_mean]
+)
+def test_half_precision_clipping_and_aggregation_are_the_float32_ones_rounded_once(compute, dtype):
+    # clip_per_example rounded the clip factor to the half type before scaling (a quarter of the
+    # entries not the float32 result rounded, half the clipped norms up to 0.46% above C);
+    # dp_aggregate summed, noised and divided by B each rounded (entries up to 12 ulps off)
     rng = np.random.default_rng(0)
     grads = {
         "a": jnp.asarray(3 * rng.standard_normal((512, 30)), dtype),
         "b": jnp.asarray(rng.standard_normal((512, 4, 5)), dtype),
     }
-    clipped = clip_per_example(grads, 1.0)
-    wide = clip_per_example(jax.tree.map(lambda g: g.astype(jnp.float32), grads), 1.0)
-    for got, want in zip(jax.tree.leaves(clipped), jax.tree.leaves(wide), strict=True):
-        assert got.dtype == dtype
+    got = compute(grads)
+    want = compute(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+    for half, wide in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert half.dtype == dtype
         np.testing.assert_array_equal(
-            np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32)
-        )
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_dp_aggregate_half_precision_is_the_float32_mean_rounded_once(dtype):
-    # The clipped gradients were summed, noised and divided by B each rounded to the half type:
-    # half of the entries were up to 12 ulps from the float32 mean rounded.
-    rng = np.random.default_rng(0)
-    grads = {
-        "a": jnp.asarray(3 * rng.standard_normal((256, 30)), dtype),
-        "b": jnp.asarray(rng.standard_normal((256, 4, 5)), dtype),
-    }
-    aggregate = dp_aggregate(1.0, 0.5, seed=3)
-    mean, _ = aggregate.update(grads, aggregate.init(None))
-    wide, _ = aggregate.update(
-        jax.tree.map(lambda g: g.astype(jnp.float32), grads), aggregate.init(None)
-    )
-    for got, want in zip(jax.tree.leaves(mean), jax.tree.leaves(wide), strict=True):
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(
-            np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32)
+            np.asarray(half, np.float32), np.asarray(wide.astype(dtype), np.float32)
         )
